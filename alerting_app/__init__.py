@@ -1,0 +1,1 @@
+"""alerting-app: multi-tenant alert routing on Faust."""

@@ -1,0 +1,53 @@
+"""The one Faust App, with its topics. Agents, tables and web views register on it.
+
+Importing this module reads and validates the settings, so a bad variable stops any command
+before it touches a service.
+"""
+from __future__ import annotations
+
+import faust
+
+from alerting_app.settings import load_settings
+
+settings = load_settings()
+
+app = faust.App(
+    settings.app_id,
+    # Listing commands (`agents`, `tables`) work without a broker; `worker` insists on one.
+    broker=f"kafka://{settings.kafka_bootstrap_servers or 'localhost:9092'}",
+    store=settings.store_url,
+    datadir=str(settings.data_dir / "faust"),
+    topic_partitions=settings.topic_partitions,
+    topic_replication_factor=settings.topic_replication_factor,
+    # A new consumer group starts at the beginning: alerts accepted before a worker ever ran are not lost.
+    consumer_auto_offset_reset="earliest",
+    broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
+    broker_session_timeout=settings.broker_session_timeout_s,
+    broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
+    web_port=settings.web_port,
+    web_bind=settings.web_bind,
+    web_enabled=True,
+    producer_acks=-1,
+)
+
+
+def _raw_topic(name: str) -> faust.TopicT:
+    # Values are decoded by our contracts (pydantic), not by Faust, so that a bad message becomes a
+    # dead letter with a reason instead of an exception inside the stream.
+    return app.topic(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.topic_partitions,
+    )
+
+
+alerts_new = _raw_topic("alerts.new")
+rule_changed = _raw_topic("rule.changed")
+alerts_matched = _raw_topic("alerts.matched")
+notifications_ready = _raw_topic("notifications.ready")
+
+PIPELINE_TOPICS = (alerts_new, rule_changed, alerts_matched, notifications_ready)
+DEAD_LETTER_TOPICS = {t.get_topic_name(): _raw_topic(f"{t.get_topic_name()}.dlq") for t in PIPELINE_TOPICS}

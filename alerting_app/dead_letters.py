@@ -1,0 +1,60 @@
+"""Decoding of incoming messages, and the dead-letter path for those that fail.
+
+A message that cannot be decoded or validated must not stop the worker, and must not vanish:
+it goes to `<topic>.dlq` with the reason and is counted.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+from pydantic import ValidationError
+
+from alerting_app import metrics
+from alerting_app.app import DEAD_LETTER_TOPICS
+from alerting_app.contracts import Contract, DeadLetter
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=Contract)
+
+
+class UndecodableMessage(ValueError):
+    """The message is not valid JSON for its contract; `str(self)` is the reason."""
+
+
+def decode(contract: type[C], raw: bytes | None) -> C:
+    if raw is None:
+        raise UndecodableMessage("empty message (no value)")
+    try:
+        return contract.model_validate_json(raw)
+    except ValidationError as exc:
+        raise UndecodableMessage(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "message"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def dead_letter_for(topic: str, raw: bytes | None, reason: str, *, key: bytes | None = None,
+                    partition: int | None = None, offset: int | None = None) -> DeadLetter:
+    return DeadLetter(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key.decode("utf-8", "replace") if key is not None else None,
+        reason=reason,
+        payload=(raw or b"").decode("utf-8", "replace"),
+    )
+
+
+async def send_dead_letter(letter: DeadLetter) -> None:
+    log.warning("dead letter from %s[%s]@%s: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+    metrics.dead_letters.labels(topic=letter.topic).inc()
+    await DEAD_LETTER_TOPICS[letter.topic].send(
+        key=letter.key.encode() if letter.key is not None else None, value=letter.encode()
+    )
