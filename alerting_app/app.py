@@ -10,6 +10,8 @@ import faust
 from alerting_app.settings import load_settings
 
 settings = load_settings()
+# Faust creates its own folder inside DATA_DIR but not DATA_DIR itself.
+settings.data_dir.mkdir(parents=True, exist_ok=True)
 
 app = faust.App(
     settings.app_id,

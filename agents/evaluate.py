@@ -1,0 +1,96 @@
+"""evaluate: keeps the rules table current from `rule.changed` and matches every alert of
+`alerts.new` against it, emitting one `alerts.matched` per matching client.
+
+Each agent is a thin loop that yields what its input produced; its sink sends that. So what an
+agent decided is exactly what Faust's test driver records as its results, and sending stays one
+small function.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+from faust.types import EventT, StreamT
+
+from alerting_app import metrics
+from alerting_app.app import alerts_matched, alerts_new, app, rule_changed
+from alerting_app.contracts import Alert, AlertMatched, DeadLetter, RuleChanged
+from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
+from alerting_app.matching import matched_messages
+from tables.rules import apply_rule_change, rule_index
+
+# Alerts are matched in batches so that the sends of a batch are acknowledged together; a batch
+# waits at most ALERT_BATCH_WITHIN_S for more alerts when traffic is low.
+ALERT_BATCH_SIZE = 500
+ALERT_BATCH_WITHIN_S = 0.05
+
+
+def _dead_letter(event: EventT, reason: str) -> DeadLetter:
+    message = event.message
+    return dead_letter_for(message.topic, message.value, reason, key=message.key,
+                           partition=message.partition, offset=message.offset)
+
+
+@dataclass(frozen=True)
+class RuleChangeOutcome:
+    """What one `rule.changed` message did: applied (newer than held), ignored, or dead-lettered."""
+
+    applied: bool
+    dead_letter: DeadLetter | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one batch of `alerts.new` messages produced."""
+
+    matched: list[AlertMatched] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
+    """Decode each alert and match it against the rule index; undecodable ones become dead letters."""
+    evaluation = Evaluation()
+    for event in events:
+        metrics.alerts_consumed.inc()
+        try:
+            alert = decode(Alert, event.message.value)
+        except UndecodableMessage as exc:
+            evaluation.dead_letters.append(_dead_letter(event, str(exc)))
+            continue
+        evaluation.matched.extend(matched_messages(alert, rule_index))
+    return evaluation
+
+
+async def publish_rule_change_outcome(outcome: RuleChangeOutcome) -> None:
+    if outcome.dead_letter is not None:
+        await send_dead_letter(outcome.dead_letter)
+
+
+async def publish_evaluation(evaluation: Evaluation) -> None:
+    pending = [
+        await alerts_matched.send(key=matched.client_id.encode(), value=matched.encode())
+        for matched in evaluation.matched
+    ]
+    for letter in evaluation.dead_letters:
+        await send_dead_letter(letter)
+    # One wait for the whole batch: its alerts are acknowledged only once every match is on the broker.
+    await asyncio.gather(*pending)
+    metrics.alerts_matched.inc(len(evaluation.matched))
+
+
+@app.agent(rule_changed, sink=[publish_rule_change_outcome])
+async def apply_rule_changes(stream: StreamT) -> AsyncIterator[RuleChangeOutcome]:
+    async for event in stream.events():
+        try:
+            change = decode(RuleChanged, event.message.value)
+        except UndecodableMessage as exc:
+            yield RuleChangeOutcome(applied=False, dead_letter=_dead_letter(event, str(exc)))
+            continue
+        yield RuleChangeOutcome(applied=apply_rule_change(change))
+
+
+@app.agent(alerts_new, sink=[publish_evaluation])
+async def match_alerts(stream: StreamT) -> AsyncIterator[Evaluation]:
+    async for events in stream.take_events(ALERT_BATCH_SIZE, within=ALERT_BATCH_WITHIN_S):
+        yield evaluate_alerts(events)

@@ -1,0 +1,73 @@
+"""Creation of the pipeline topics and their dead-letter topics, before any worker starts.
+
+They must exist up-front with TOPIC_PARTITIONS partitions: a broker that auto-creates a topic on
+first use picks its own partition count, and Faust requires co-partitioned topics (a source and
+its table changelog) to have the same count. Existing topics are never altered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import for_code
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+@dataclass
+class TopicReport:
+    created: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    # name -> the partition count the topic has, for existing topics that differ from the setting
+    mismatched: dict[str, int] = field(default_factory=dict)
+
+    def mismatch_message(self, partitions: int) -> str:
+        return "; ".join(
+            f"topic {name} has {actual} partitions but TOPIC_PARTITIONS={partitions} (left unchanged)"
+            for name, actual in self.mismatched.items()
+        )
+
+
+def topic_names() -> list[str]:
+    # Imported here: alerting_app.app reads the settings, which callers may still be preparing.
+    from alerting_app.app import DEAD_LETTER_TOPICS, PIPELINE_TOPICS
+
+    names = [topic.get_topic_name() for topic in PIPELINE_TOPICS]
+    return names + [DEAD_LETTER_TOPICS[name].get_topic_name() for name in names]
+
+
+async def create_topics(bootstrap: str, partitions: int, replication: int) -> TopicReport:
+    report = TopicReport()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        wanted = topic_names()
+        present = set(await admin.list_topics())
+        missing = [name for name in wanted if name not in present]
+        if missing:
+            new_topics = [NewTopic(name, partitions, replication) for name in missing]
+            response = await admin.create_topics(new_topics)
+            for name, code, message in _topic_errors(response):
+                if code == 0:
+                    report.created.append(name)
+                elif code == _TOPIC_ALREADY_EXISTS:  # created meanwhile by another process
+                    present.add(name)
+                else:
+                    raise for_code(code)(f"creating topic {name}: {message}")
+        report.existing = [name for name in wanted if name in present]
+        # Only describe topics known to exist: a metadata request for an unknown topic may create it.
+        if report.existing:
+            for topic in await admin.describe_topics(report.existing):
+                if len(topic["partitions"]) != partitions:
+                    report.mismatched[topic["topic"]] = len(topic["partitions"])
+    finally:
+        await admin.close()
+    return report
+
+
+def _topic_errors(response) -> list[tuple[str, int, str | None]]:
+    # The response's field layout differs between protocol versions; its object form does not.
+    return [
+        (entry["topic"], entry["error_code"], entry.get("error_message"))
+        for entry in response.to_object()["topic_errors"]
+    ]

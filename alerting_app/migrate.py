@@ -1,0 +1,103 @@
+"""Schema migrations: `migrations/NNN_name.sql`, applied once each, in numeric order.
+
+Each file runs in its own transaction together with its row in `schema_migrations`, so a file is
+either applied and recorded or not at all. A Postgres advisory lock serialises concurrent runs (two
+workers starting at once). An applied file must never change: its checksum is compared on every
+run and a difference stops the run, because the database would no longer match the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+# Any fixed 64-bit number works; every process must use the same one.
+_ADVISORY_LOCK_KEY = 0x616C6572745F6D67  # "alert_mg"
+_FILE_NAME = re.compile(r"^(?P<version>\d+)_(?P<name>\w[\w\-]*)\.sql$")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class MigrationError(RuntimeError):
+    """The migration files or the recorded history are not in a state we can apply."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str  # the file name without `.sql`, e.g. `001_initial`
+    sql: str
+    checksum: str
+
+
+def default_migrations_dir() -> Path:
+    """MIGRATIONS_DIR, else `migrations/` beside the package (the repository, installed editable)."""
+    configured = os.environ.get("MIGRATIONS_DIR")
+    return Path(configured) if configured else Path(__file__).resolve().parent.parent / "migrations"
+
+
+def read_migrations(directory: Path) -> list[Migration]:
+    if not directory.is_dir():
+        raise MigrationError(f"migrations folder {directory} does not exist (set MIGRATIONS_DIR)")
+    migrations = []
+    for path in directory.glob("*.sql"):
+        match = _FILE_NAME.match(path.name)
+        if match is None:
+            raise MigrationError(f"{path.name}: migration files are named NNN_name.sql")
+        raw = path.read_bytes()
+        checksum = hashlib.sha256(raw).hexdigest()
+        migrations.append(Migration(int(match["version"]), path.stem, raw.decode(), checksum))
+    migrations.sort(key=lambda m: m.version)
+    for earlier, later in zip(migrations, migrations[1:]):
+        if earlier.version == later.version:
+            raise MigrationError(f"{earlier.name} and {later.name} have the same version number")
+    return migrations
+
+
+async def apply_migrations(database_url: str, migrations_dir: Path | None = None) -> list[str]:
+    """Apply the migrations not applied yet; return their names (empty when up to date)."""
+    migrations = read_migrations(migrations_dir or default_migrations_dir())
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Session-level lock, released when the connection closes, even if we fail half-way.
+        await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY)
+        await conn.execute(_CREATE_TABLE)
+        rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+        recorded = {row["version"]: row for row in rows}
+        _check_unchanged(migrations, recorded)
+        applied = []
+        for migration in migrations:
+            if migration.version in recorded:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version, migration.name, migration.checksum,
+                )
+            applied.append(migration.name)
+        return applied
+    finally:
+        await conn.close()
+
+
+def _check_unchanged(migrations: list[Migration], recorded: dict[int, asyncpg.Record]) -> None:
+    for migration in migrations:
+        row = recorded.get(migration.version)
+        if row is not None and row["checksum"] != migration.checksum:
+            raise MigrationError(
+                f"{migration.name}.sql was changed after it was applied as {row['name']} "
+                f"(checksum {row['checksum'][:12]}… recorded, {migration.checksum[:12]}… now); "
+                "add a new migration instead of editing an applied one"
+            )

@@ -1,0 +1,191 @@
+"""`alerting-app up`: the whole platform on one machine, with nothing installed but Python.
+
+For each of KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL that is not set, an embedded
+service is started under DATA_DIR; then the schema is migrated, the topics are created and a worker
+(agents + web API) runs as a child process. Ctrl-C or SIGTERM stops the worker first, then the
+embedded services, so the worker never loses its services while it is still committing.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from alerting_app.embedded import ChildProcess, EmbeddedServices, port_accepts
+from alerting_app.kafka_admin import create_topics
+from alerting_app.migrate import apply_migrations
+from alerting_app.settings import Settings
+
+_WORKER_READY_TIMEOUT_S = 300.0
+_WORKER_READY_LINE = "[^Worker]: Ready"
+
+
+def alerting_app_executable() -> str:
+    # The console script installed beside this interpreter, so the worker runs the same install.
+    script = Path(sys.executable).parent / "alerting-app"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: is alerting-app installed in this environment?")
+    return str(script)
+
+
+class WorkerProcess:
+    """`alerting-app worker -l info` as a child process, its output in `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = int(env["WEB_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log_offset = log_path.stat().st_size if log_path.exists() else 0  # the log may be appended to
+        argv = [alerting_app_executable(), "worker", "-l", "info"]
+        self.child = ChildProcess("worker", argv, log_path, env=env)
+
+    def __enter__(self) -> "WorkerProcess":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def wait_until_ready(self, timeout: float = _WORKER_READY_TIMEOUT_S) -> None:
+        # Faust serves HTTP from the start, but logs "Ready" only once the worker has joined its
+        # consumer group and recovered its tables: both together mean it is processing.
+        self.child.wait_until(
+            lambda: _http_answers(self.url) and _WORKER_READY_LINE in self.log(),
+            f"ready and serving HTTP on port {self.port}", timeout,
+        )
+
+    def log(self) -> str:
+        """What this worker wrote (not what earlier runs appended to the same file)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            return log.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def _http_answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer, even 404, means the server is up
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def persistent_admin_token(data_dir: Path) -> str:
+    """A generated ADMIN_TOKEN, kept in DATA_DIR so a restart does not invalidate the one printed."""
+    path = data_dir / "admin-token"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # Further signals are ignored so that they cannot cut the orderly shutdown short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def run_up(settings: Settings) -> int:
+    data_dir = settings.data_dir.resolve()
+    if port_accepts(settings.web_port):
+        raise SystemExit(f"WEB_PORT {settings.web_port} is already in use; set WEB_PORT to a free port.")
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with EmbeddedServices(data_dir / "services") as services:
+            missing = _missing(settings)
+            if any(missing.values()):
+                names = ", ".join(service for service, wanted in missing.items() if wanted)
+                print(f"starting embedded {names} under {services.folder}…", flush=True)
+            env = {**os.environ, **services.start(**missing)}
+            env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
+            env.setdefault("ADMIN_TOKEN", persistent_admin_token(data_dir))
+            env.setdefault("ALLOW_PRIVATE_ENDPOINTS", "true")  # the local run's webhooks are local
+            _prepare(env, settings)
+            with WorkerProcess(env, data_dir / "worker.log") as worker:
+                print(f"starting the worker (log: {worker.log_path})…", flush=True)
+                worker.wait_until_ready()
+                print(_instructions(env, worker.url, data_dir), flush=True)
+                print("ready", flush=True)
+                code = worker.child.process.wait()
+                print(f"the worker exited with code {code}; see {worker.log_path}", file=sys.stderr)
+                return code or 1  # the worker is meant to run until we stop it
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+        return 0
+
+
+def _missing(settings: Settings) -> dict[str, bool]:
+    return {
+        "kafka": settings.kafka_bootstrap_servers is None,
+        "postgres": settings.database_url is None,
+        "redis": settings.redis_url is None,
+    }
+
+
+def _prepare(env: dict[str, str], settings: Settings) -> None:
+    applied = asyncio.run(apply_migrations(env["DATABASE_URL"]))
+    print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}", flush=True)
+    report = asyncio.run(create_topics(
+        env["KAFKA_BOOTSTRAP_SERVERS"], settings.topic_partitions, settings.topic_replication_factor
+    ))
+    if report.mismatched:
+        raise SystemExit(report.mismatch_message(settings.topic_partitions))
+    print(f"topics created: {', '.join(report.created) or 'none (all present)'}", flush=True)
+
+
+def _example_alert(alert_id: str) -> str:
+    alert = {"alert_id": alert_id, "event_ts": 1700000000, "severity": "HIGH", "source": "payments",
+             "name": "CheckoutLatency"}
+    return json.dumps(alert, separators=(",", ":"))
+
+
+def _instructions(env: dict[str, str], api_url: str, data_dir: Path) -> str:
+    token, kafka = env["ADMIN_TOKEN"], env["KAFKA_BOOTSTRAP_SERVERS"]
+    json_field = "python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])'"
+    post = "curl -sf -X POST -H 'Content-Type: application/json'"
+    first, second = (_example_alert(alert_id) for alert_id in ("a-1", "a-2"))
+    return f"""
+alerting-app is up.
+  API             {api_url}/api/v1      (metrics at {api_url}/metrics)
+  Kafka           {kafka}
+  PostgreSQL      {env["DATABASE_URL"]}
+  Redis           {env["REDIS_URL"]}
+  data and logs   {data_dir}
+  ADMIN_TOKEN     {token}
+
+Try it (in another shell):
+  API={api_url}/api/v1 ADMIN_TOKEN={shlex.quote(token)}
+  # a client; its API key is shown only in this answer
+  KEY=$({post} $API/clients -H "Authorization: Bearer $ADMIN_TOKEN" \\
+      -d '{{"name":"acme"}}' | {json_field} api_key)
+  # a rule of that client: severity=HIGH, source=payments, any name
+  RULE=$({post} $API/rules -H "Authorization: Bearer $KEY" \\
+      -d '{{"severity":"HIGH","source":"payments","name":"*"}}' | {json_field} rule_id)
+  # a webhook endpoint on the rule (any URL that accepts a POST)
+  {post} $API/endpoints -H "Authorization: Bearer $KEY" \\
+      -d '{{"rule_id":"'$RULE'","type":"webhook","value":"http://127.0.0.1:9000/hook"}}'
+  # an alert, over HTTP ...
+  {post} $API/alerts -H "Authorization: Bearer $ADMIN_TOKEN" -d '{first}'
+  # ... or with any Kafka client, on topic alerts.new keyed by alert_id
+  KAFKA_BOOTSTRAP_SERVERS={kafka} {alerting_app_executable()} send alerts.new \\
+      --key-serializer raw --value-serializer raw --key a-2 '{second}'
+  # what was notified
+  curl -s $API/notifications -H "Authorization: Bearer $KEY"
+
+Ctrl-C stops the worker and the embedded services.
+"""

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""The two commands of a fresh machine (Python 3.11+ and the package registries, nothing else).
+
+    python3 dev.py run                 # install, then `alerting-app up`: the whole platform locally
+    python3 dev.py test [pytest args]  # install, then the whole test suite
+
+Both create `.venv` when it is missing and (re)install the project into it whenever pyproject.toml
+changed since the last install. Standard library only: this runs before anything is installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+# Records what the virtualenv was installed from; a different pyproject.toml means reinstall.
+STAMP = VENV / ".installed-from"
+
+
+def _install_fingerprint() -> str:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
+    digest.update(sys.version.encode())
+    return digest.hexdigest()
+
+
+def ensure_installed() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"alerting-app needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not (BIN / "python").exists():
+        print(f"creating {VENV}", flush=True)
+        try:
+            venv.create(VENV, with_pip=True)
+        except subprocess.CalledProcessError:
+            shutil.rmtree(VENV)  # half made: the next attempt must start over
+            sys.exit("could not create the virtualenv with pip (Debian/Ubuntu: apt install python3-venv)")
+    fingerprint = _install_fingerprint()
+    if STAMP.exists() and STAMP.read_text() == fingerprint:
+        return
+    print("installing alerting-app and its test dependencies into .venv", flush=True)
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "-e", ".[test]"], cwd=ROOT, check=True)
+    STAMP.write_text(fingerprint)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in ("run", "test"):
+        sys.exit(__doc__)
+    ensure_installed()
+    os.chdir(ROOT)
+    if argv[0] == "run":
+        os.execv(BIN / "alerting-app", ["alerting-app", "up"])
+    os.execv(BIN / "python", [str(BIN / "python"), "-m", "pytest", *argv[1:]])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,193 @@
+"""The test session's services, and the fixtures that reach them.
+
+`pytest_configure` runs before any test module is imported, so the environment it sets is what
+`alerting_app.app` reads. KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL are used when set;
+otherwise an embedded Tansu broker, PostgreSQL or redis-server is started in a temporary folder.
+Either way the session gets a fresh, migrated database of its own and a unique APP_ID (consumer
+group), so sessions never see each other's rows or offsets.
+
+Fixtures: `services` (session), `clean_db`, `empty_database`, `start_worker`; `free_port()` is
+`alerting_app.embedded.free_port`.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+
+import asyncpg
+import pytest
+
+from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, with_database
+from alerting_app.migrate import apply_migrations
+
+if TYPE_CHECKING:
+    from alerting_app.up import WorkerProcess
+
+__all__ = ["free_port"]
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+_SESSION = pytest.StashKey["_Session"]()
+
+
+@dataclass(frozen=True)
+class SessionServices:
+    kafka_bootstrap_servers: str
+    database: str  # the session's own migrated database ...
+    database_url: str  # ... and its URL
+    server_url: str  # a database on the same server, to create and drop others from
+    redis_url: str
+    admin_token: str
+    app_id: str
+    data_dir: Path
+
+
+@dataclass
+class _Session:
+    folder: Path
+    embedded: EmbeddedServices
+    services: SessionServices | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.help:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="alerting-test-"))
+    session = _Session(folder, EmbeddedServices(folder / "services"))
+    config.stash[_SESSION] = session
+    try:
+        session.services = _prepare(session)
+    except BaseException:
+        del config.stash[_SESSION]  # finished here; pytest_unconfigure has nothing left to do
+        _finish(session)
+        raise
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(_SESSION, None)
+    if session is not None:
+        _finish(session)
+
+
+def _prepare(session: _Session) -> SessionServices:
+    given = {name: os.environ.get(name) for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL")}
+    urls = {name: value for name, value in given.items() if value}
+    urls.update(session.embedded.start(
+        kafka="KAFKA_BOOTSTRAP_SERVERS" not in urls,
+        postgres="DATABASE_URL" not in urls,
+        redis="REDIS_URL" not in urls,
+    ))
+    suffix = secrets.token_hex(4)
+    database = f"alerting_test_{suffix}"
+    asyncio.run(create_database(urls["DATABASE_URL"], database))
+    services = SessionServices(
+        kafka_bootstrap_servers=urls["KAFKA_BOOTSTRAP_SERVERS"],
+        database=database,
+        database_url=with_database(urls["DATABASE_URL"], database),
+        server_url=urls["DATABASE_URL"],
+        redis_url=urls["REDIS_URL"],
+        admin_token=ADMIN_TOKEN,
+        app_id=f"alerting-test-{suffix}",
+        data_dir=session.folder / "data",
+    )
+    session.services = services  # from here on, _finish drops the database
+    asyncio.run(apply_migrations(services.database_url))
+    os.environ.update(
+        KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap_servers,
+        DATABASE_URL=services.database_url,
+        REDIS_URL=services.redis_url,
+        ADMIN_TOKEN=services.admin_token,
+        APP_ID=services.app_id,
+        DATA_DIR=str(services.data_dir),
+        STORE_URL="memory://",
+        # A fresh consumer group joins only after the rebalance timeout: keep it short.
+        BROKER_REBALANCE_TIMEOUT_S="2",
+        BROKER_SESSION_TIMEOUT_S="6",
+        ALLOW_PRIVATE_ENDPOINTS="true",  # the tests' webhook receivers listen on 127.0.0.1
+    )
+    # Imported only now: it imports alerting_app.app, which reads the environment just set.
+    from alerting_app.app import settings
+    from alerting_app.kafka_admin import create_topics
+
+    report = asyncio.run(create_topics(
+        services.kafka_bootstrap_servers, settings.topic_partitions, settings.topic_replication_factor
+    ))
+    if report.mismatched:
+        raise pytest.UsageError(report.mismatch_message(settings.topic_partitions))
+    return services
+
+
+def _finish(session: _Session) -> None:
+    try:
+        if session.services is not None:
+            asyncio.run(drop_database(session.services.server_url, session.services.database))
+    finally:
+        session.embedded.stop()
+        shutil.rmtree(session.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def services(pytestconfig: pytest.Config) -> SessionServices:
+    return pytestconfig.stash[_SESSION].services
+
+
+@pytest.fixture
+async def clean_db(services: SessionServices) -> str:
+    """Empties every app table (not schema_migrations) before the test; returns DATABASE_URL."""
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+        )
+        if tables:
+            names = ", ".join(f'"{row["tablename"]}"' for row in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+    return services.database_url
+
+
+@pytest.fixture
+async def empty_database(services: SessionServices) -> AsyncIterator[str]:
+    """The URL of a new database with nothing in it, dropped after the test."""
+    name = f"alerting_empty_{secrets.token_hex(4)}"
+    await create_database(services.server_url, name)
+    try:
+        yield with_database(services.server_url, name)
+    finally:
+        await drop_database(services.server_url, name)
+
+
+@pytest.fixture
+def start_worker(services: SessionServices, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """`start_worker(**env) -> WorkerProcess`: a real `alerting-app worker -l info` subprocess.
+
+    It runs with the session's environment, a free WEB_PORT and its own DATA_DIR, overridden by
+    `env` (e.g. `start_worker(APP_ID="other-group")`); its log is `worker.log_path`. The call
+    returns once the worker is ready and serving HTTP at `worker.url`; teardown stops it.
+    """
+    from alerting_app.up import WorkerProcess  # after pytest_configure set the environment
+
+    workers: list[WorkerProcess] = []
+
+    def start(**env: str) -> WorkerProcess:
+        number = len(workers)
+        environment = {
+            **os.environ,
+            "WEB_PORT": str(free_port()),
+            "DATA_DIR": str(tmp_path / f"worker-{number}"),
+            **{name.upper(): str(value) for name, value in env.items()},
+        }
+        worker = WorkerProcess(environment, tmp_path / f"worker-{number}.log")
+        workers.append(worker)
+        worker.wait_until_ready()
+        return worker
+
+    yield start
+    for worker in reversed(workers):
+        worker.stop()

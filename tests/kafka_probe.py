@@ -1,0 +1,91 @@
+"""Talking to the real broker from tests: produce, read a topic, and wait for a consumer group.
+
+Waiting on the group's committed offsets, rather than sleeping, is what lets a test say
+"nothing more was sent" with certainty: once the worker has committed past every message, every
+message has been fully processed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+
+
+async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(topic, value=value, key=key)
+    finally:
+        await producer.stop()
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition aiokafka's default partitioner (murmur2, like Kafka's) picks for a key."""
+    return DefaultPartitioner()(key, list(range(partitions)), list(range(partitions)))
+
+
+def key_on_same_partition(key: bytes, prefix: str, partitions: int) -> bytes:
+    target = partition_of(key, partitions)
+    n = 0
+    while True:
+        candidate = f"{prefix}-{n}".encode()
+        if partition_of(candidate, partitions) == target:
+            return candidate
+        n += 1
+
+
+async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes]]:
+    """Every message on the topic right now, from the beginning, in partition order."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[tuple[bytes | None, bytes]] = []
+        for tp in tps:
+            while await consumer.position(tp) < ends[tp]:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                for record in batch.get(tp, []):
+                    out.append((record.key, record.value))
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_json(bootstrap: str, topic: str) -> list[dict]:
+    return [json.loads(value) for _, value in await read_topic(bootstrap, topic)]
+
+
+async def wait_until_consumed(bootstrap: str, group: str, topics: list[str], timeout: float = 60.0) -> None:
+    """Block until `group` has committed every message now on `topics` (all partitions)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            await consumer._client.force_metadata_update()
+            tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+            ends = await consumer.end_offsets(tps)
+            behind = []
+            for tp in tps:
+                committed = await consumer.committed(tp) or 0
+                if committed < ends[tp]:
+                    behind.append(f"{tp.topic}[{tp.partition}] {committed}/{ends[tp]}")
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group {group} still behind: {', '.join(behind)}")
+            await asyncio.sleep(0.5)
+    finally:
+        await consumer.stop()

@@ -1,0 +1,208 @@
+"""The evaluate agents through Faust's test driver: rule changes feed the rules table and its index,
+alerts are matched and one `alerts.matched` per client reaches the real broker.
+
+The rules table and index are process-wide, so every test uses its own clients, rules and alert
+source: no test can match another test's rules.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from faust.types import Message
+
+from agents.evaluate import apply_rule_changes, match_alerts
+from alerting_app.contracts import Alert, Rule, RuleChanged
+from tables.rules import rule_index, rules_table
+from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
+
+pytestmark = AGENT_LOOP
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def upsert(rule_id: str, client_id: str, version: int = 1, *, severity: str = "HIGH", source: str,
+           name: str = "*", enabled: bool = True):
+    rule = Rule(rule_id=rule_id, client_id=client_id, version=version, severity=severity, source=source,
+                name=name, enabled=enabled)
+    return RuleChanged(rule_id=rule_id, client_id=client_id, version=version, action="upsert", rule=rule)
+
+
+def delete(rule_id: str, client_id: str, version: int):
+    return RuleChanged(rule_id=rule_id, client_id=client_id, version=version, action="delete")
+
+
+def alert(source: str, severity: str = "HIGH", name: str = "CheckoutLatency", alert_id: str | None = None):
+    return Alert(alert_id=alert_id or new_id(), event_ts=time.time(), severity=severity, source=source,
+                 name=name)
+
+
+async def apply_changes(*changes) -> list:
+    async with apply_rule_changes.test_context() as agent:
+        for change in changes:
+            await agent.put(change.encode(), key=change.rule_id.encode())
+        return [agent.results[i] for i in range(len(changes))]
+
+
+async def evaluate(*values: bytes, key: str = "alert-key", partition: int = 0) -> list:
+    """Each value is put on alerts.new and waited for: one Evaluation per value."""
+    async with match_alerts.test_context() as agent:
+        for value in values:
+            await agent.put(value, key=key.encode(), partition=partition)
+        return [agent.results[i] for i in range(len(values))]
+
+
+def matches(evaluation) -> list[tuple[str, list[str]]]:
+    return [(m.client_id, m.rule_ids) for m in evaluation.matched]
+
+
+async def test_matching_alert_emits_one_alerts_matched_to_the_broker(pipeline):
+    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
+    await apply_changes(upsert(rule, client, source=source))
+    the_alert = alert(source)
+
+    [evaluation] = await evaluate(the_alert.encode())
+
+    assert matches(evaluation) == [(client, [rule])]
+    assert evaluation.matched[0].alert == the_alert
+    assert evaluation.dead_letters == []
+    [on_broker] = await sent_to("alerts.matched", client)
+    assert on_broker["client_id"] == client
+    assert on_broker["rule_ids"] == [rule]
+    assert on_broker["alert"]["alert_id"] == the_alert.alert_id
+
+
+async def test_alert_matching_several_rules_emits_one_message_per_client(pipeline):
+    source = f"payments-{new_id()}"
+    client_a, client_b = new_id(), new_id()
+    a1, a2, b1, b_other = new_id(), new_id(), new_id(), new_id()
+    await apply_changes(
+        upsert(a1, client_a, source=source),
+        upsert(a2, client_a, severity="*", source=source, name="CheckoutLatency"),
+        upsert(b1, client_b, source=source, name="CheckoutLatency"),
+        upsert(b_other, client_b, source=source, name="DiskFull"),
+    )
+
+    [evaluation] = await evaluate(alert(source).encode())
+
+    assert sorted(matches(evaluation)) == sorted([(client_a, sorted([a1, a2])), (client_b, [b1])])
+    assert len(await sent_to("alerts.matched", client_a)) == 1
+    assert len(await sent_to("alerts.matched", client_b)) == 1
+
+
+async def test_alert_matching_no_rule_emits_nothing(pipeline):
+    client, source = new_id(), f"payments-{new_id()}"
+    await apply_changes(upsert(new_id(), client, source=source))
+
+    [evaluation] = await evaluate(alert(source, severity="LOW").encode())
+
+    assert evaluation.matched == [] and evaluation.dead_letters == []
+    assert await sent_to("alerts.matched", client) == []
+
+
+async def test_disabled_rule_no_longer_matches(pipeline):
+    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
+    outcomes = await apply_changes(upsert(rule, client, 1, source=source),
+                                   upsert(rule, client, 2, source=source, enabled=False))
+
+    [evaluation] = await evaluate(alert(source).encode())
+
+    assert [o.applied for o in outcomes] == [True, True]
+    assert evaluation.matched == []
+
+
+async def test_stale_rule_change_is_ignored_and_the_table_keeps_the_newest(pipeline):
+    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
+    newest = upsert(rule, client, 2, source=source, name="CheckoutLatency")
+    outcomes = await apply_changes(newest, upsert(rule, client, 1, source=source, name="DiskFull"))
+
+    assert [o.applied for o in outcomes] == [True, False]
+    assert RuleChanged.model_validate_json(rules_table[rule]) == newest
+    [evaluation] = await evaluate(alert(source, name="DiskFull").encode())
+    assert evaluation.matched == []
+
+
+async def test_deleted_rule_is_kept_as_a_tombstone_that_blocks_a_late_older_upsert(pipeline):
+    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
+    outcomes = await apply_changes(upsert(rule, client, 1, source=source), delete(rule, client, 2),
+                                   upsert(rule, client, 1, source=source))
+
+    assert [o.applied for o in outcomes] == [True, True, False]
+    held = RuleChanged.model_validate_json(rules_table[rule])
+    assert (held.action, held.version, held.rule) == ("delete", 2, None)
+    [evaluation] = await evaluate(alert(source).encode())
+    assert evaluation.matched == []
+
+
+async def test_restarted_worker_rebuilds_its_index_from_the_rules_table(pipeline):
+    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
+    await apply_changes(upsert(rule, client, source=source))
+    # A restarted worker has the table recovered from its changelog, and an empty index.
+    rule_index.rebuild([])
+    [before] = await evaluate(alert(source).encode())
+
+    await rules_table.call_recover_callbacks()
+
+    [after] = await evaluate(alert(source).encode())
+    assert before.matched == []
+    assert matches(after) == [(client, [rule])]
+
+
+async def test_rule_change_read_from_the_changelog_reaches_the_index(pipeline):
+    """A change applied by another worker arrives here only through the table's changelog."""
+    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
+    change = upsert(rule, client, source=source)
+    record = Message(topic=rules_table.changelog_topic_name, partition=0, offset=0, timestamp=time.time(),
+                     timestamp_type=0, headers=None, key=f'"{rule}"'.encode(), value=change.encode(),
+                     checksum=None)
+
+    await rules_table.on_changelog_event(await rules_table.changelog_topic.decode(record))
+
+    [evaluation] = await evaluate(alert(source).encode())
+    assert matches(evaluation) == [(client, [rule])]
+
+
+@pytest.mark.parametrize(("value", "reason_names"), [
+    (b"this is not json", "Invalid JSON"),
+    (b'{"alert_id": "a-1", "event_ts": 1700000000, "severity": "URGENT", "source": "s", "name": "n"}',
+     "severity: Input should be 'LOW', 'MEDIUM', 'HIGH' or 'CRITICAL'"),
+    (b'{"alert_id": "a-1", "event_ts": 1700000000, "severity": "HIGH", "source": "s"}',
+     "name: Field required"),
+])
+async def test_undecodable_alert_goes_to_the_dead_letter_topic_and_the_next_alert_is_matched(
+        pipeline, value, reason_names):
+    client, rule, source, key = new_id(), new_id(), f"payments-{new_id()}", f"alert-{new_id()}"
+    await apply_changes(upsert(rule, client, source=source))
+
+    bad, good = await evaluate(value, alert(source).encode(), key=key, partition=4)
+
+    [letter] = bad.dead_letters
+    assert reason_names in letter.reason
+    assert (letter.topic, letter.partition, letter.offset, letter.key, letter.payload) == (
+        "alerts.new", 4, 0, key, value.decode())
+    assert bad.matched == []
+    assert matches(good) == [(client, [rule])]
+    [on_broker] = await sent_to("alerts.new.dlq", key)
+    assert (on_broker["reason"], on_broker["payload"]) == (letter.reason, value.decode())
+
+
+@pytest.mark.parametrize(("value", "reason_names"), [
+    (b"\xff\xfe", "Invalid JSON"),
+    (b'{"rule_id": "r", "client_id": "c", "action": "upsert"}', "version: Field required"),
+    (b'{"rule_id": "r", "client_id": "c", "version": 1, "action": "rename"}', "action"),
+])
+async def test_undecodable_rule_change_goes_to_the_dead_letter_topic(pipeline, value, reason_names):
+    key = f"rule-{new_id()}"
+    async with apply_rule_changes.test_context() as agent:
+        await agent.put(value, key=key.encode(), partition=2)
+        outcome = agent.results[0]
+
+    assert outcome.applied is False
+    assert reason_names in outcome.dead_letter.reason
+    assert (outcome.dead_letter.topic, outcome.dead_letter.partition, outcome.dead_letter.key) == (
+        "rule.changed", 2, key)
+    [on_broker] = await sent_to("rule.changed.dlq", key)
+    assert on_broker["reason"] == outcome.dead_letter.reason

@@ -1,0 +1,118 @@
+"""Driving the agents for tests: Faust's in-memory test driver in, the real broker and Postgres out.
+
+Each agent is run with `agent.test_context()` and fed with `put()`. Its sink is the real one, so
+what it yields is what was sent to the real broker (and, for aggregate, recorded as emitted);
+`put()` returns once the sink is done. Faust's producer and the asyncpg pool stay bound to the
+event loop that first used them, so these tests share the session's loop (`pytestmark =
+AGENT_LOOP`, as the API tests do) and each module hands both back when it is done.
+
+This module holds no tests; the test_agent_* modules import its fixtures and helpers.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from kafka_probe import read_topic
+
+AGENT_LOOP = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def pipeline(services):
+    """The app with its agents registered, sending to the real broker; released after the module."""
+    import agents  # noqa: F401  (registers the agents)
+    from alerting_app import db
+    from alerting_app.app import app
+    from tables.rules import rules_table
+
+    # As a worker does when the table starts: the changelog gets the table's partition count,
+    # instead of whatever count the broker would auto-create it with on the first write.
+    await rules_table.changelog_topic.maybe_declare()
+    yield app
+    await db.close()
+    await app.producer.stop()
+    # Lets a later module start the producer again, in whatever loop it runs.
+    app.producer.service_reset()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pool(pipeline):
+    from alerting_app import db
+
+    return await db.pool()
+
+
+async def sent_to(topic: str, key: str) -> list[dict]:
+    """Every message with this key on the real broker's topic, decoded."""
+    from alerting_app.app import settings
+
+    return [json.loads(value) for k, value in await read_topic(settings.kafka_bootstrap_servers, topic)
+            if k == key.encode()]
+
+
+async def insert_client(pool) -> str:
+    client_id = str(uuid.uuid4())
+    await pool.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, $2, $3)",
+                       client_id, f"client {client_id[:8]}", uuid.uuid4().hex)
+    return client_id
+
+
+async def insert_rule(pool, client_id: str, severity: str = "HIGH", source: str = "payments",
+                      name: str = "*") -> str:
+    rule_id = str(uuid.uuid4())
+    await pool.execute(
+        "INSERT INTO rules (rule_id, client_id, severity, source, name) VALUES ($1, $2, $3, $4, $5)",
+        rule_id, client_id, severity, source, name)
+    return rule_id
+
+
+async def insert_endpoint(pool, client_id: str, rule_id: str, type_: str, value: str,
+                          enabled: bool = True) -> str:
+    endpoint_id = str(uuid.uuid4())
+    await pool.execute(
+        "INSERT INTO endpoints (endpoint_id, rule_id, client_id, type, value, enabled)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        endpoint_id, rule_id, client_id, type_, value, enabled)
+    return endpoint_id
+
+
+@dataclass
+class ReceivedPost:
+    path: str
+    headers: dict[str, str]
+    body: dict
+
+
+class WebhookReceiver:
+    """A real HTTP server on 127.0.0.1 that records every POST; `/status/<code>` answers <code>."""
+
+    def __init__(self) -> None:
+        self.posts: list[ReceivedPost] = []
+        application = web.Application()
+        application.router.add_post("/status/{code}", self._receive)
+        self.server = TestServer(application, host="127.0.0.1")
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        self.posts.append(ReceivedPost(request.path, dict(request.headers), await request.json()))
+        return web.Response(status=int(request.match_info["code"]))
+
+    def url(self, status: int) -> str:
+        return str(self.server.make_url(f"/status/{status}"))
+
+    def posts_to(self, status: int) -> list[ReceivedPost]:
+        return [post for post in self.posts if post.path == f"/status/{status}"]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def webhook():
+    receiver = WebhookReceiver()
+    await receiver.server.start_server()
+    yield receiver
+    await receiver.server.close()

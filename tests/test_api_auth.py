@@ -1,0 +1,90 @@
+"""Who may call the API: the admin token, or a client's own key, and nobody else."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+
+pytestmark = API_LOOP
+
+UNKNOWN = "00000000-0000-4000-8000-000000000000"
+
+DOCUMENTED_ROUTES = {
+    ("POST", "/api/v1/clients"), ("GET", "/api/v1/clients"),
+    ("GET", "/api/v1/clients/{client_id}"), ("PATCH", "/api/v1/clients/{client_id}"),
+    ("DELETE", "/api/v1/clients/{client_id}"),
+    ("POST", "/api/v1/rules"), ("GET", "/api/v1/rules"),
+    ("GET", "/api/v1/rules/{rule_id}"), ("PUT", "/api/v1/rules/{rule_id}"),
+    ("PATCH", "/api/v1/rules/{rule_id}"), ("DELETE", "/api/v1/rules/{rule_id}"),
+    ("POST", "/api/v1/endpoints"), ("GET", "/api/v1/endpoints"),
+    ("GET", "/api/v1/endpoints/{endpoint_id}"), ("PATCH", "/api/v1/endpoints/{endpoint_id}"),
+    ("DELETE", "/api/v1/endpoints/{endpoint_id}"),
+    ("GET", "/api/v1/notifications"), ("GET", "/api/v1/notifications/{notification_id}"),
+    ("POST", "/api/v1/alerts"),
+}
+
+
+def served_api_routes() -> set[tuple[str, str]]:
+    import web  # noqa: F401  (registers the views)
+    from alerting_app.app import app
+
+    return {
+        (method, path)
+        for path, view in app.web.views.items() if path.startswith("/api/v1")
+        for method in view.get_methods() - {"HEAD"}
+    }
+
+
+async def test_the_api_serves_exactly_the_documented_routes():
+    assert served_api_routes() == DOCUMENTED_ROUTES
+
+
+async def test_every_api_route_answers_401_without_a_token(api):
+    for method, template in sorted(served_api_routes()):
+        path = template.format(client_id=UNKNOWN, rule_id=UNKNOWN, endpoint_id=UNKNOWN, notification_id=UNKNOWN)
+        reply = await api.call(method, path, None, {})
+        assert reply.status == 401, (method, path, reply.body)
+        assert reply.body == {"error": "unauthorized"}
+        assert reply.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("authorization", ["Bearer not-a-key", "Basic YWRtaW46YWRtaW4=", "Bearer ", "token"])
+async def test_a_wrong_or_malformed_authorization_header_answers_401(api, authorization):
+    async with api.client.get("/api/v1/rules", headers={"Authorization": authorization}) as response:
+        assert response.status == 401
+
+
+async def test_the_admin_token_is_accepted(api):
+    reply = await api.call("GET", "/api/v1/clients", api.admin_token)
+    assert reply.status == 200
+
+
+async def test_a_client_key_is_accepted_and_only_its_hash_is_stored(api, tenant):
+    from alerting_app import db
+
+    reply = await api.call("GET", f"/api/v1/clients/{tenant.client_id}", tenant.key)
+    assert reply.status == 200
+    pool = await db.pool()
+    stored = await pool.fetchval("SELECT api_key_hash FROM clients WHERE client_id = $1", tenant.client_id)
+    assert stored == hashlib.sha256(tenant.key.encode()).hexdigest()
+    assert tenant.key.startswith("alk_")
+
+
+async def test_a_client_key_cannot_create_clients(api, tenant):
+    reply = await api.call("POST", "/api/v1/clients", tenant.key, {"name": "sneaky"})
+    assert reply.status == 403
+    assert reply.body == {"error": "forbidden"}
+
+
+async def test_a_client_key_cannot_post_alerts(api, tenant):
+    alert = {"alert_id": "a-1", "event_ts": 1.0, "severity": "HIGH", "source": "s", "name": "n"}
+    reply = await api.call("POST", "/api/v1/alerts", tenant.key, alert)
+    assert reply.status == 403
+
+
+async def test_the_key_of_a_deleted_client_stops_working(api, tenant):
+    assert (await api.call("DELETE", f"/api/v1/clients/{tenant.client_id}", api.admin_token)).status == 204
+    reply = await api.call("GET", "/api/v1/rules", tenant.key)
+    assert reply.status == 401

@@ -1,0 +1,123 @@
+"""Every rule change reaches `rule.changed` through the outbox, in order, with its version.
+
+The API writes the RuleChanged event in the change's own transaction; the relay sends it to the
+real broker and deletes the row once the broker acknowledged it.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from alerting_app.contracts import RuleChanged
+from kafka_probe import read_topic
+from test_api_support import API_LOOP, api, broker, other_tenant, tenant  # noqa: F401  (fixtures)
+
+pytestmark = API_LOOP
+
+
+async def outbox_events(rule_id: str) -> list[RuleChanged]:
+    from alerting_app import db
+
+    pool = await db.pool()
+    rows = await pool.fetch("SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id", rule_id)
+    return [RuleChanged.model_validate(row["payload"]) for row in rows]
+
+
+async def published_events(broker: str, rule_id: str) -> list[RuleChanged]:
+    return [RuleChanged.model_validate_json(value)
+            for key, value in await read_topic(broker, "rule.changed") if key == rule_id.encode()]
+
+
+def summary(events: list[RuleChanged]) -> list[tuple[str, int, bool | None]]:
+    return [(e.action, e.version, e.rule.enabled if e.rule else None) for e in events]
+
+
+async def test_creating_a_rule_writes_an_upsert_carrying_the_whole_rule(api, tenant):
+    rule = await api.new_rule(tenant, "CRITICAL", "checkout", "Latency")
+    [event] = await outbox_events(rule["rule_id"])
+    assert (event.action, event.rule_id, event.client_id, event.version) == ("upsert", rule["rule_id"], tenant.client_id, 1)
+    assert event.rule.model_dump() == {
+        "rule_id": rule["rule_id"], "client_id": tenant.client_id, "severity": "CRITICAL",
+        "source": "checkout", "name": "Latency", "enabled": True, "version": 1,
+    }
+
+
+async def test_update_toggle_and_delete_each_write_an_event_with_the_next_version(api, tenant):
+    rule = await api.new_rule(tenant)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    replaced = await api.call("PUT", path, tenant.key,
+                              {"version": 1, "severity": "HIGH", "source": "payments", "name": "Checkout", "enabled": True})
+    assert replaced.status == 200
+    assert (await api.call("PATCH", path, tenant.key, {"version": 2, "enabled": False})).status == 200
+    assert (await api.call("PATCH", path, tenant.key, {"version": 3, "enabled": True})).status == 200
+    assert (await api.call("DELETE", path, tenant.key)).status == 204
+    events = await outbox_events(rule["rule_id"])
+    assert summary(events) == [
+        ("upsert", 1, True), ("upsert", 2, True), ("upsert", 3, False), ("upsert", 4, True), ("delete", 5, None),
+    ]
+    assert events[1].rule.name == "Checkout"
+
+
+async def test_a_refused_change_writes_no_event(api, tenant):
+    rule = await api.new_rule(tenant)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    assert (await api.call("PATCH", path, tenant.key, {"version": 7, "enabled": False})).status == 409
+    assert (await api.call("PATCH", path, tenant.key, {"version": 1, "severity": "*", "source": "*"})).status == 422
+    again = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": "payments", "name": "*"})
+    assert again.status == 409
+    assert summary(await outbox_events(rule["rule_id"])) == [("upsert", 1, True)]
+
+
+async def test_deleting_a_client_writes_a_delete_event_for_each_of_its_rules(api, tenant, other_tenant):
+    first = await api.new_rule(tenant, source="a")
+    second = await api.new_rule(tenant, source="b")
+    bystander = await api.new_rule(other_tenant)
+    assert (await api.call("PATCH", f"/api/v1/rules/{second['rule_id']}", tenant.key,
+                           {"version": 1, "enabled": False})).status == 200
+    assert (await api.call("DELETE", f"/api/v1/clients/{tenant.client_id}", api.admin_token)).status == 204
+    assert summary(await outbox_events(first["rule_id"])) == [("upsert", 1, True), ("delete", 2, None)]
+    assert summary(await outbox_events(second["rule_id"])) == [
+        ("upsert", 1, True), ("upsert", 2, False), ("delete", 3, None),
+    ]
+    assert summary(await outbox_events(bystander["rule_id"])) == [("upsert", 1, True)]
+
+
+async def test_the_relay_sends_events_to_rule_changed_in_order_then_deletes_them(api, tenant, broker):
+    from agents.rule_outbox import relay_pending
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    assert (await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False})).status == 200
+    assert (await api.call("DELETE", path, tenant.key)).status == 204
+    written = await outbox_events(rule["rule_id"])
+
+    pool = await db.pool()
+    while await relay_pending(pool, batch_size=2):
+        pass
+
+    assert await outbox_events(rule["rule_id"]) == []
+    assert await published_events(broker, rule["rule_id"]) == written
+    assert summary(written) == [("upsert", 1, True), ("upsert", 2, False), ("delete", 3, None)]
+
+
+async def test_the_running_relay_publishes_a_change_made_through_the_api(api, tenant, broker):
+    from agents.rule_outbox import relay_rule_outbox
+
+    relay = asyncio.create_task(relay_rule_outbox())
+    try:
+        rule = await api.new_rule(tenant)
+        await wait_until_relayed(rule["rule_id"])
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+    # Rows are deleted only after the broker acknowledged them, so the event is there by now.
+    [event] = await published_events(broker, rule["rule_id"])
+    assert (event.action, event.version, event.client_id) == ("upsert", 1, tenant.client_id)
+
+
+async def wait_until_relayed(rule_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pending := await outbox_events(rule_id):
+        assert time.monotonic() < deadline, f"{len(pending)} events for {rule_id} still in the outbox"
+        await asyncio.sleep(0.1)

@@ -1,0 +1,195 @@
+"""/api/v1/rules: criteria validated like the contract, versions guard concurrent changes."""
+from __future__ import annotations
+
+import pytest
+
+from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+
+pytestmark = API_LOOP
+
+
+async def test_a_client_creates_a_rule_for_itself_at_version_1(api, tenant):
+    reply = await api.call("POST", "/api/v1/rules", tenant.key,
+                           {"severity": "HIGH", "source": "payments", "name": "*"})
+    assert reply.status == 201
+    assert reply.body["client_id"] == tenant.client_id
+    assert (reply.body["severity"], reply.body["source"], reply.body["name"]) == ("HIGH", "payments", "*")
+    assert reply.body["enabled"] is True
+    assert reply.body["version"] == 1
+    read = await api.call("GET", f"/api/v1/rules/{reply.body['rule_id']}", tenant.key)
+    assert read.body == reply.body
+
+
+async def test_the_admin_creates_a_rule_for_the_client_named_in_the_body(api, tenant):
+    reply = await api.call("POST", "/api/v1/rules", api.admin_token,
+                           {"client_id": tenant.client_id, "severity": "LOW", "source": "*", "name": "Disk"})
+    assert reply.status == 201
+    assert reply.body["client_id"] == tenant.client_id
+
+
+async def test_the_admin_must_name_the_client_of_a_new_rule(api):
+    reply = await api.call("POST", "/api/v1/rules", api.admin_token, {"severity": "LOW", "source": "a", "name": "b"})
+    assert reply.failing_fields() == {"client_id"}
+
+
+async def test_a_rule_for_a_client_that_does_not_exist_is_refused(api):
+    body = {"client_id": "00000000-0000-4000-8000-000000000000", "severity": "LOW", "source": "a", "name": "b"}
+    reply = await api.call("POST", "/api/v1/rules", api.admin_token, body)
+    assert reply.failing_fields() == {"client_id"}
+
+
+async def test_a_client_key_cannot_create_a_rule_for_another_client(api, tenant, other_tenant):
+    body = {"client_id": other_tenant.client_id, "severity": "LOW", "source": "a", "name": "b"}
+    reply = await api.call("POST", "/api/v1/rules", tenant.key, body)
+    assert reply.status == 403
+    listed = await api.call("GET", "/api/v1/rules", other_tenant.key)
+    assert listed.body["items"] == []
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"severity": "URGENT", "source": "payments", "name": "*"}, "severity"),
+    ({"severity": "high", "source": "payments", "name": "*"}, "severity"),
+    ({"source": "payments", "name": "*"}, "severity"),
+    ({"severity": "HIGH", "name": "*"}, "source"),
+    ({"severity": "HIGH", "source": "", "name": "*"}, "source"),
+    ({"severity": "HIGH", "source": "p" * 201, "name": "*"}, "source"),
+    ({"severity": "HIGH", "source": "payments", "name": 7}, "name"),
+    ({"severity": "HIGH", "source": "payments", "name": "*", "enabled": "sometimes"}, "enabled"),
+])
+async def test_an_invalid_rule_is_refused_with_422_naming_the_field(api, tenant, body, field):
+    reply = await api.call("POST", "/api/v1/rules", tenant.key, body)
+    assert reply.failing_fields() == {field}
+
+
+async def test_a_rule_of_only_wildcards_is_refused_naming_its_criteria(api, tenant):
+    reply = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "*", "source": "*", "name": "*"})
+    assert reply.failing_fields() == {"severity", "source", "name"}
+    assert "at least one" in reply.body["fields"][0]["message"]
+
+
+async def test_a_second_rule_with_the_same_criteria_for_the_client_is_a_conflict(api, tenant, other_tenant):
+    await api.new_rule(tenant, "HIGH", "payments", "*")
+    again = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": "payments", "name": "*"})
+    assert again.status == 409
+    assert again.body["error"] == "conflict"
+    # The same criteria for another client are that client's own rule.
+    await api.new_rule(other_tenant, "HIGH", "payments", "*")
+
+
+async def test_replacing_a_rule_with_its_current_version_increments_the_version(api, tenant):
+    rule = await api.new_rule(tenant)
+    reply = await api.call("PUT", f"/api/v1/rules/{rule['rule_id']}", tenant.key,
+                           {"version": 1, "severity": "CRITICAL", "source": "checkout", "name": "Latency",
+                            "enabled": True})
+    assert reply.status == 200
+    assert reply.body["version"] == 2
+    assert (reply.body["severity"], reply.body["source"], reply.body["name"]) == ("CRITICAL", "checkout", "Latency")
+
+
+async def test_a_change_carrying_a_stale_version_is_a_conflict_and_changes_nothing(api, tenant):
+    rule = await api.new_rule(tenant)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    assert (await api.call("PATCH", path, tenant.key, {"version": 1, "name": "First"})).status == 200
+    stale_patch = await api.call("PATCH", path, tenant.key, {"version": 1, "name": "Second"})
+    stale_put = await api.call("PUT", path, tenant.key,
+                               {"version": 1, "severity": "LOW", "source": "x", "name": "Third", "enabled": True})
+    assert (stale_patch.status, stale_put.status) == (409, 409)
+    current = await api.call("GET", path, tenant.key)
+    assert (current.body["name"], current.body["version"]) == ("First", 2)
+
+
+async def test_a_change_must_carry_the_version(api, tenant):
+    rule = await api.new_rule(tenant)
+    reply = await api.call("PATCH", f"/api/v1/rules/{rule['rule_id']}", tenant.key, {"enabled": False})
+    assert reply.failing_fields() == {"version"}
+
+
+async def test_disabling_and_enabling_a_rule_each_increment_its_version(api, tenant):
+    rule = await api.new_rule(tenant)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    off = await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False})
+    assert (off.status, off.body["enabled"], off.body["version"]) == (200, False, 2)
+    on = await api.call("PATCH", path, tenant.key, {"version": 2, "enabled": True})
+    assert (on.status, on.body["enabled"], on.body["version"]) == (200, True, 3)
+
+
+async def test_patching_a_rule_into_only_wildcards_is_refused(api, tenant):
+    rule = await api.new_rule(tenant, "HIGH", "*", "*")
+    reply = await api.call("PATCH", f"/api/v1/rules/{rule['rule_id']}", tenant.key, {"version": 1, "severity": "*"})
+    assert reply.failing_fields() == {"severity", "source", "name"}
+    assert (await api.call("GET", f"/api/v1/rules/{rule['rule_id']}", tenant.key)).body["version"] == 1
+
+
+async def test_changing_a_rule_into_a_duplicate_of_another_is_a_conflict(api, tenant):
+    await api.new_rule(tenant, "HIGH", "payments", "*")
+    other = await api.new_rule(tenant, "LOW", "payments", "*")
+    reply = await api.call("PATCH", f"/api/v1/rules/{other['rule_id']}", tenant.key, {"version": 1, "severity": "HIGH"})
+    assert reply.status == 409
+
+
+async def test_a_deleted_rule_is_no_longer_found(api, tenant):
+    rule = await api.new_rule(tenant)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    assert (await api.call("DELETE", path, tenant.key)).status == 204
+    assert (await api.call("GET", path, tenant.key)).status == 404
+    assert (await api.call("DELETE", path, tenant.key)).status == 404
+    assert (await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False})).status == 404
+
+
+async def test_another_clients_key_can_neither_see_nor_change_a_rule(api, tenant, other_tenant):
+    rule = await api.new_rule(tenant)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    replace = {"version": 1, "severity": "LOW", "source": "x", "name": "y", "enabled": False}
+    assert (await api.call("GET", path, other_tenant.key)).status == 404
+    assert (await api.call("PUT", path, other_tenant.key, replace)).status == 404
+    assert (await api.call("PATCH", path, other_tenant.key, {"version": 1, "enabled": False})).status == 404
+    assert (await api.call("DELETE", path, other_tenant.key)).status == 404
+    assert (await api.call("GET", "/api/v1/rules", other_tenant.key)).body["items"] == []
+    filtered = await api.call("GET", "/api/v1/rules", other_tenant.key, params={"client_id": tenant.client_id})
+    assert filtered.body["items"] == []
+    assert (await api.call("GET", path, tenant.key)).body == rule
+
+
+async def test_rules_are_listed_in_pages_that_together_hold_every_rule_once(api, tenant):
+    created = [await api.new_rule(tenant, "HIGH", f"source-{i}", "*") for i in range(5)]
+    pages, cursor = [], None
+    while True:
+        params = {"limit": "2", "client_id": tenant.client_id, **({"cursor": cursor} if cursor else {})}
+        reply = await api.call("GET", "/api/v1/rules", tenant.key, params=params)
+        assert reply.status == 200
+        pages.append([r["rule_id"] for r in reply.body["items"]])
+        cursor = reply.body["next_cursor"]
+        if cursor is None:
+            break
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [rule_id for page in pages for rule_id in page] == [r["rule_id"] for r in created]
+
+
+async def test_the_admin_filters_rules_by_client(api, tenant, other_tenant):
+    mine = await api.new_rule(tenant)
+    await api.new_rule(other_tenant)
+    reply = await api.call("GET", "/api/v1/rules", api.admin_token, params={"client_id": tenant.client_id})
+    assert [r["rule_id"] for r in reply.body["items"]] == [mine["rule_id"]]
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"limit": "0"}, "limit"),
+    ({"limit": "501"}, "limit"),
+    ({"limit": "ten"}, "limit"),
+    ({"cursor": "bm90LWEtY3Vyc29y"}, "cursor"),
+    ({"cursor": "%%%"}, "cursor"),
+    ({"client_id": "acme"}, "client_id"),
+    ({"sort": "name"}, "sort"),
+])
+async def test_bad_list_parameters_are_refused_with_422_naming_them(api, tenant, params, field):
+    reply = await api.call("GET", "/api/v1/rules", tenant.key, params=params)
+    assert reply.failing_fields() == {field}
+
+
+async def test_a_repeated_list_parameter_is_refused(api, tenant):
+    reply = await api.call("GET", "/api/v1/rules", tenant.key, params=[("limit", "1"), ("limit", "2")])
+    assert reply.failing_fields() == {"limit"}
+
+
+async def test_an_unknown_rule_is_not_found(api, tenant):
+    assert (await api.call("GET", "/api/v1/rules/00000000-0000-4000-8000-000000000000", tenant.key)).status == 404

@@ -1,0 +1,110 @@
+"""Embedded services start in one folder, answer real requests, and leave no process behind."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import asyncpg
+import psutil
+import pytest
+import redis
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from alerting_app.embedded import EmbeddedServiceError, EmbeddedServices
+
+
+def _processes_using(folder) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(folder) in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+async def _postgres_round_trip(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS kept (value int)")
+        await conn.execute("INSERT INTO kept VALUES (42)")
+        return await conn.fetchval("SELECT count(*) FROM kept")
+    finally:
+        await conn.close()
+
+
+async def _kafka_round_trip(bootstrap: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("probe", 3, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        first = await producer.send_and_wait("probe", b"one", partition=1)
+        second = await producer.send_and_wait("probe", b"two", partition=1)
+        return second.offset - first.offset
+    finally:
+        await producer.stop()
+
+
+def test_services_answer_and_stop_leaves_no_process(tmp_path):
+    folder = tmp_path / "services"
+    with EmbeddedServices(folder) as services:
+        urls = services.start()
+        pids = [child.pid for child in services.children]
+
+        assert asyncio.run(_postgres_round_trip(urls["DATABASE_URL"])) == 1
+        with redis.Redis.from_url(urls["REDIS_URL"]) as client:
+            client.set("greeting", "hello")
+            assert client.get("greeting") == b"hello"
+        assert asyncio.run(_kafka_round_trip(urls["KAFKA_BOOTSTRAP_SERVERS"])) == 1
+        assert sorted(path.name for path in folder.iterdir()) == [".lock", "kafka", "postgres", "redis"]
+
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    assert _processes_using(folder) == []
+
+
+def test_restart_keeps_the_database(tmp_path):
+    folder = tmp_path / "services"
+    for expected_rows in (1, 2):
+        with EmbeddedServices(folder) as services:
+            urls = services.start(kafka=False, redis=False)
+            assert asyncio.run(_postgres_round_trip(urls["DATABASE_URL"])) == expected_rows
+
+
+def test_second_user_of_a_folder_is_refused(tmp_path):
+    with EmbeddedServices(tmp_path) as first:
+        first.start(kafka=False, postgres=False)
+
+        with pytest.raises(EmbeddedServiceError, match="in use by another process"):
+            EmbeddedServices(tmp_path).start(kafka=False, postgres=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on Linux parent-death signals")
+def test_run_after_a_killed_run_starts_cleanly(tmp_path):
+    folder = tmp_path / "services"
+    script = textwrap.dedent(f"""
+        import time
+        from alerting_app.embedded import EmbeddedServices
+        EmbeddedServices({str(folder)!r}).start(kafka=False)
+        print("started", flush=True)
+        time.sleep(600)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "started"
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+
+    with EmbeddedServices(folder) as services:
+        urls = services.start(kafka=False, redis=False)
+        assert asyncio.run(_postgres_round_trip(urls["DATABASE_URL"])) == 1
+
+    # The killed run's services went with it (parent-death signal), and ours are stopped.
+    psutil.wait_procs(_processes_using(folder), timeout=30)
+    assert _processes_using(folder) == []

@@ -1,0 +1,103 @@
+"""Migrations apply each file once, in numeric order, and refuse an applied file that changed."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from alerting_app.migrate import MigrationError, apply_migrations, default_migrations_dir
+
+APP_TABLES = {"clients", "rules", "endpoints", "rule_outbox", "notifications", "deliveries"}
+
+
+async def _fetch(url: str, sql: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql)
+    finally:
+        await conn.close()
+
+
+def _copy_of_migrations(tmp_path: Path) -> Path:
+    folder = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), folder)
+    return folder
+
+
+async def test_fresh_database_gets_every_migration_then_none(empty_database):
+    every_file = sorted(path.stem for path in default_migrations_dir().glob("*.sql"))
+
+    first = await apply_migrations(empty_database)
+    second = await apply_migrations(empty_database)
+
+    assert first == every_file
+    assert second == []
+    tables = {row["tablename"] for row in await _fetch(empty_database, "SELECT tablename FROM pg_tables")}
+    assert APP_TABLES <= tables
+    recorded = await _fetch(empty_database, "SELECT name, checksum, applied_at FROM schema_migrations")
+    assert sorted(row["name"] for row in recorded) == every_file
+    assert all(len(row["checksum"]) == 64 and row["applied_at"] for row in recorded)
+
+
+async def test_changed_applied_migration_is_refused(empty_database, tmp_path):
+    folder = _copy_of_migrations(tmp_path)
+    await apply_migrations(empty_database, folder)
+    initial = folder / "001_initial.sql"
+    initial.write_text(initial.read_text() + "\nCREATE TABLE sneaked_in (id int);\n")
+
+    with pytest.raises(MigrationError, match="001_initial.sql was changed"):
+        await apply_migrations(empty_database, folder)
+
+    tables = {row["tablename"] for row in await _fetch(empty_database, "SELECT tablename FROM pg_tables")}
+    assert "sneaked_in" not in tables
+
+
+async def test_new_migration_is_applied_after_the_existing_ones(empty_database, tmp_path):
+    folder = _copy_of_migrations(tmp_path)
+    await apply_migrations(empty_database, folder)
+    (folder / "999_add_note.sql").write_text("ALTER TABLE clients ADD COLUMN note text;")
+
+    assert await apply_migrations(empty_database, folder) == ["999_add_note"]
+    columns = await _fetch(
+        empty_database,
+        "SELECT 1 FROM information_schema.columns WHERE table_name = 'clients' AND column_name = 'note'",
+    )
+    assert len(columns) == 1
+
+
+async def test_files_run_in_numeric_not_alphabetical_order(empty_database, tmp_path):
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "10_second.sql").write_text("INSERT INTO steps VALUES ('10_second');")  # needs 2_first
+    (folder / "2_first.sql").write_text("CREATE TABLE steps (name text);")
+
+    assert await apply_migrations(empty_database, folder) == ["2_first", "10_second"]
+
+
+async def test_failing_migration_leaves_no_trace(empty_database, tmp_path):
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "1_broken.sql").write_text("CREATE TABLE half (id int); SELECT no_such_function();")
+
+    with pytest.raises(asyncpg.PostgresError):
+        await apply_migrations(empty_database, folder)
+
+    assert await _fetch(empty_database, "SELECT 1 FROM pg_tables WHERE tablename = 'half'") == []
+    assert await _fetch(empty_database, "SELECT 1 FROM schema_migrations") == []
+
+
+async def test_concurrent_runs_apply_each_file_once(empty_database):
+    results = await asyncio.gather(*(apply_migrations(empty_database) for _ in range(3)))
+
+    every_file = sorted(path.stem for path in default_migrations_dir().glob("*.sql"))
+    assert sorted(results, key=len) == [[], [], every_file]
+
+
+def test_badly_named_file_is_refused(tmp_path):
+    (tmp_path / "initial.sql").write_text("SELECT 1;")
+
+    with pytest.raises(MigrationError, match="NNN_name.sql"):
+        asyncio.run(apply_migrations("postgresql://unused", tmp_path))

@@ -1,0 +1,90 @@
+"""Who is calling: the admin (ADMIN_TOKEN) or one client (its own API key).
+
+Client keys are stored only as sha256 hashes; the key itself is shown once, when the client is
+created. Every /api/v1 view derives from `ApiView`, so no handler runs unauthenticated.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from aiohttp.web import RequestKey
+from faust.web import Request, Response, View
+from faust.web.exceptions import WebError
+
+from alerting_app import db
+from alerting_app.app import settings
+from web.errors import Forbidden, Unauthorized
+
+# Recognisable in logs and by secret scanners.
+API_KEY_PREFIX = "alk_"
+
+
+@dataclass(frozen=True)
+class Caller:
+    client_id: UUID | None  # None for the admin
+
+    @property
+    def is_admin(self) -> bool:
+        return self.client_id is None
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            raise Forbidden()
+
+
+ADMIN = Caller(client_id=None)
+
+# Where ApiView keeps the authenticated caller on the (aiohttp) request.
+CALLER = RequestKey("caller", Caller)
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_token(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized()
+    return token.strip()
+
+
+async def authenticate(request: Request) -> Caller:
+    token = bearer_token(request.headers.get("Authorization"))
+    admin_token = settings.admin_token
+    if admin_token is not None and hmac.compare_digest(token.encode(), admin_token.encode()):
+        return ADMIN
+    # Looking up the hash, not the key, keeps the comparison independent of the key's bytes.
+    pool = await db.pool()
+    client_id = await pool.fetchval("SELECT client_id FROM clients WHERE api_key_hash = $1", hash_api_key(token))
+    if client_id is None:
+        raise Unauthorized()
+    return Caller(client_id=client_id)
+
+
+class ApiView(View):
+    """Base of every /api/v1 view: authenticates the caller before any handler runs."""
+
+    async def dispatch(self, request: Any) -> Any:
+        try:
+            request[CALLER] = await authenticate(request)
+        except Unauthorized as exc:
+            return await self.on_request_error(request, exc)
+        return await super().dispatch(request)
+
+    async def on_request_error(self, request: Request, exc: WebError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.code == Unauthorized.code else None
+        return self.error(exc.code, exc.detail, headers=headers, **exc.extra_context)
+
+    @staticmethod
+    def caller(request: Request) -> Caller:
+        return request[CALLER]  # type: ignore[index]

@@ -1,0 +1,102 @@
+"""/api/v1/clients: tenants. Only the admin creates them; a client key sees only its own record."""
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID, uuid4
+
+from faust.web import Request, Response
+
+from agents.rule_outbox import record_rule_change, wake_up
+from alerting_app import db
+from alerting_app.app import app
+from alerting_app.contracts import RuleChanged
+from web.auth import ApiView, Caller, hash_api_key, new_api_key
+from web.errors import NotFound
+from web.pagination import PageQuery, page_of
+from web.schemas import ClientCreate, ClientCreated, ClientOut, ClientPatch
+from web.validation import parse_body, parse_query, path_id
+
+COLUMNS = "client_id, name, created_at, updated_at"
+
+# $1 is the caller's own client_id, NULL for the admin: every query is scoped by it.
+LIST = f"""
+    SELECT {COLUMNS} FROM clients
+    WHERE ($1::uuid IS NULL OR client_id = $1)
+      AND ($2::timestamptz IS NULL OR (created_at, client_id) > ($2, $3::uuid))
+    ORDER BY created_at, client_id
+    LIMIT $4
+"""
+GET = f"SELECT {COLUMNS} FROM clients WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
+INSERT = f"INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, $2, $3) RETURNING {COLUMNS}"
+RENAME = f"""
+    UPDATE clients SET name = $3, updated_at = now()
+    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+    RETURNING {COLUMNS}
+"""
+LOCK_CLIENT = "SELECT 1 FROM clients WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) FOR UPDATE"
+LOCK_RULES = "SELECT rule_id, version FROM rules WHERE client_id = $1 ORDER BY rule_id FOR UPDATE"
+DELETE = "DELETE FROM clients WHERE client_id = $1"
+
+
+def client_out(row: Any) -> ClientOut:
+    return ClientOut.model_validate(dict(row))
+
+
+async def delete_client(client_id: UUID, caller: Caller) -> bool:
+    """Delete the client, its rules (each announced on rule.changed), endpoints and notifications."""
+    pool = await db.pool()
+    async with pool.acquire() as conn, conn.transaction():
+        # Locking the client first makes a concurrent rule insert for it wait, then fail its foreign
+        # key: no rule can appear after its delete event was written.
+        if await conn.fetchval(LOCK_CLIENT, client_id, caller.client_id) is None:
+            return False
+        for rule in await conn.fetch(LOCK_RULES, client_id):
+            await record_rule_change(conn, RuleChanged(
+                rule_id=str(rule["rule_id"]), client_id=str(client_id),
+                version=rule["version"] + 1, action="delete",
+            ))
+        await conn.execute(DELETE, client_id)
+    wake_up()
+    return True
+
+
+@app.page("/api/v1/clients")
+class ClientsView(ApiView):
+    async def post(self, request: Request) -> Response:
+        self.caller(request).require_admin()
+        body = parse_body(await self.read_request_content(request), ClientCreate)
+        api_key = new_api_key()
+        pool = await db.pool()
+        row = await pool.fetchrow(INSERT, uuid4(), body.name, hash_api_key(api_key))
+        created = ClientCreated(**client_out(row).model_dump(), api_key=api_key)
+        return self.json(created.model_dump(mode="json"), status=201)
+
+    async def get(self, request: Request) -> Response:
+        query = parse_query(request, PageQuery)
+        pool = await db.pool()
+        rows = await pool.fetch(LIST, self.caller(request).client_id, *query.after, query.limit + 1)
+        return self.json(page_of(rows, query, client_out, "client_id").model_dump(mode="json"))
+
+
+@app.page("/api/v1/clients/{client_id}")
+class ClientView(ApiView):
+    async def get(self, request: Request, client_id: str) -> Response:
+        pool = await db.pool()
+        row = await pool.fetchrow(GET, path_id(client_id), self.caller(request).client_id)
+        if row is None:
+            raise NotFound()
+        return self.json(client_out(row).model_dump(mode="json"))
+
+    async def patch(self, request: Request, client_id: str) -> Response:
+        id_ = path_id(client_id)
+        body = parse_body(await self.read_request_content(request), ClientPatch)
+        pool = await db.pool()
+        row = await pool.fetchrow(RENAME, id_, self.caller(request).client_id, body.name)
+        if row is None:
+            raise NotFound()
+        return self.json(client_out(row).model_dump(mode="json"))
+
+    async def delete(self, request: Request, client_id: str) -> Response:
+        if not await delete_client(path_id(client_id), self.caller(request)):
+            raise NotFound()
+        return self.bytes(b"", status=204)

@@ -1,0 +1,60 @@
+"""The API's error answers, as Faust web errors: a view raises one and Faust renders it as JSON.
+
+Every body is `{"error": <code>, ...}`; a 422 also lists the failing fields.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from faust.web.exceptions import WebError
+from pydantic import ValidationError
+
+
+class Unauthorized(WebError):
+    code = HTTPStatus.UNAUTHORIZED
+    detail = "unauthorized"
+
+
+class Forbidden(WebError):
+    code = HTTPStatus.FORBIDDEN
+    detail = "forbidden"
+
+
+class NotFound(WebError):
+    code = HTTPStatus.NOT_FOUND
+    detail = "not_found"
+
+
+class Conflict(WebError):
+    code = HTTPStatus.CONFLICT
+    detail = "conflict"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)
+
+
+class BrokerUnavailable(WebError):
+    code = HTTPStatus.SERVICE_UNAVAILABLE
+    detail = "broker_unavailable"
+
+
+class ValidationFailed(WebError):
+    code = HTTPStatus.UNPROCESSABLE_ENTITY
+    detail = "validation_failed"
+
+    def __init__(self, fields: list[dict[str, str]]) -> None:
+        super().__init__(fields=fields)
+
+    @classmethod
+    def field(cls, name: str, message: str) -> "ValidationFailed":
+        return cls([{"field": name, "message": message}])
+
+    @classmethod
+    def from_pydantic(cls, exc: ValidationError, *, whole: str = "body") -> "ValidationFailed":
+        """One entry per failing field, named by its dotted path (`0.severity` inside a list)."""
+        fields: list[dict[str, Any]] = []
+        for error in exc.errors(include_url=False):
+            name = ".".join(str(part) for part in error["loc"]) or whole
+            fields.append({"field": name, "message": error["msg"]})
+        return cls(fields)

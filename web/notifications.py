@@ -1,0 +1,66 @@
+"""/api/v1/notifications: what was notified, newest first, with each endpoint's delivery."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import asyncpg
+from faust.web import Request, Response
+
+from alerting_app import db
+from alerting_app.app import app
+from web.auth import ApiView
+from web.errors import NotFound
+from web.pagination import page_of
+from web.schemas import DeliveryOut, NotificationOut, NotificationQuery
+from web.validation import parse_query, path_id
+
+COLUMNS = "notification_id, client_id, alert_id, alerts, rule_ids, status, detail, created_at, updated_at"
+
+# Newest first; the tie-break on notification_id follows the index (client_id, created_at DESC,
+# notification_id).
+LIST = f"""
+    SELECT {COLUMNS} FROM notifications
+    WHERE ($1::uuid IS NULL OR client_id = $1)
+      AND ($2::uuid IS NULL OR client_id = $2)
+      AND ($3::text IS NULL OR status = $3)
+      AND ($4::timestamptz IS NULL OR created_at < $4 OR (created_at = $4 AND notification_id > $5::uuid))
+    ORDER BY created_at DESC, notification_id
+    LIMIT $6
+"""
+GET = f"SELECT {COLUMNS} FROM notifications WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
+DELIVERIES = """
+    SELECT notification_id, endpoint_id, channel, status, attempts, last_error FROM deliveries
+    WHERE notification_id = ANY($1::uuid[])
+    ORDER BY notification_id, endpoint_id
+"""
+
+
+async def with_deliveries(pool: asyncpg.Pool, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    by_notification: dict[Any, list[DeliveryOut]] = defaultdict(list)
+    for delivery in await pool.fetch(DELIVERIES, [row["notification_id"] for row in rows]):
+        by_notification[delivery["notification_id"]].append(DeliveryOut.model_validate(dict(delivery)))
+    return [{**dict(row), "deliveries": by_notification[row["notification_id"]]} for row in rows]
+
+
+@app.page("/api/v1/notifications")
+class NotificationsView(ApiView):
+    async def get(self, request: Request) -> Response:
+        query = parse_query(request, NotificationQuery)
+        pool = await db.pool()
+        rows = await pool.fetch(LIST, self.caller(request).client_id, query.client_id, query.status,
+                                *query.after, query.limit + 1)
+        page = page_of(await with_deliveries(pool, rows), query, NotificationOut.model_validate,
+                       "notification_id")
+        return self.json(page.model_dump(mode="json"))
+
+
+@app.page("/api/v1/notifications/{notification_id}")
+class NotificationView(ApiView):
+    async def get(self, request: Request, notification_id: str) -> Response:
+        pool = await db.pool()
+        row = await pool.fetchrow(GET, path_id(notification_id), self.caller(request).client_id)
+        if row is None:
+            raise NotFound()
+        [notification] = await with_deliveries(pool, [row])
+        return self.json(NotificationOut.model_validate(notification).model_dump(mode="json"))

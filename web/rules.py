@@ -1,0 +1,184 @@
+"""/api/v1/rules: a client's matching rules.
+
+Every change bumps the rule's version and writes its RuleChanged event to the outbox in the same
+transaction; the relay (agents/rule_outbox.py) carries it to `rule.changed`.
+"""
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+from faust.web import Request, Response
+from pydantic import ValidationError
+
+from agents.rule_outbox import record_rule_change, wake_up
+from alerting_app import db
+from alerting_app.app import app
+from alerting_app.contracts import Rule, RuleChanged, RuleCriteria
+from web.auth import ApiView, Caller
+from web.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from web.pagination import page_of
+from web.schemas import RuleCreate, RuleOut, RulePatch, RuleQuery, RuleReplace
+from web.validation import parse_body, parse_query, path_id
+
+COLUMNS = "rule_id, client_id, severity, source, name, enabled, version, created_at, updated_at"
+CRITERIA = ("severity", "source", "name")
+
+# $N "scope" parameters are the caller's own client_id, NULL for the admin.
+LIST = f"""
+    SELECT {COLUMNS} FROM rules
+    WHERE ($1::uuid IS NULL OR client_id = $1)
+      AND ($2::uuid IS NULL OR client_id = $2)
+      AND ($3::timestamptz IS NULL OR (created_at, rule_id) > ($3, $4::uuid))
+    ORDER BY created_at, rule_id
+    LIMIT $5
+"""
+GET = f"SELECT {COLUMNS} FROM rules WHERE rule_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
+LOCK = GET + " FOR UPDATE"
+INSERT = f"""
+    INSERT INTO rules (rule_id, client_id, severity, source, name, enabled)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    RETURNING {COLUMNS}
+"""
+UPDATE = f"""
+    UPDATE rules SET severity = $2, source = $3, name = $4, enabled = $5,
+                     version = version + 1, updated_at = now()
+    WHERE rule_id = $1
+    RETURNING {COLUMNS}
+"""
+DELETE = """
+    DELETE FROM rules WHERE rule_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+    RETURNING rule_id, client_id, version
+"""
+
+DUPLICATE = "this client already has a rule with the same severity, source and name"
+
+
+def rule_out(row: Any) -> RuleOut:
+    return RuleOut.model_validate(dict(row))
+
+
+def criteria_of(values: dict[str, Any]) -> dict[str, str]:
+    """The criteria as stored, checked with the contract's own rule (not all three `*`)."""
+    try:
+        criteria = RuleCriteria(**{field: values[field] for field in CRITERIA})
+    except ValidationError as exc:
+        # Each field was checked on its own already; what is left concerns the three together.
+        message = "; ".join(error["msg"] for error in exc.errors(include_url=False))
+        raise ValidationFailed([{"field": field, "message": message} for field in CRITERIA]) from None
+    return criteria.model_dump(mode="json")
+
+
+def upsert_event(row: Any) -> RuleChanged:
+    rule = Rule(
+        rule_id=str(row["rule_id"]), client_id=str(row["client_id"]), severity=row["severity"],
+        source=row["source"], name=row["name"], enabled=row["enabled"], version=row["version"],
+    )
+    return RuleChanged(rule_id=rule.rule_id, client_id=rule.client_id, version=rule.version,
+                       action="upsert", rule=rule)
+
+
+def owner_for_new_rule(caller: Caller, requested: UUID | None) -> UUID:
+    if caller.client_id is None:
+        if requested is None:
+            raise ValidationFailed.field("client_id", "required when creating a rule with the admin token")
+        return requested
+    if requested is not None and requested != caller.client_id:
+        raise Forbidden()
+    return caller.client_id
+
+
+async def create_rule(caller: Caller, body: RuleCreate) -> Any:
+    client_id = owner_for_new_rule(caller, body.client_id)
+    criteria = criteria_of(body.model_dump())
+    pool = await db.pool()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(INSERT, uuid4(), client_id, *criteria.values(), body.enabled)
+            await record_rule_change(conn, upsert_event(row))
+    except asyncpg.UniqueViolationError:
+        raise Conflict(DUPLICATE) from None
+    except asyncpg.ForeignKeyViolationError:
+        raise ValidationFailed.field("client_id", "no such client") from None
+    wake_up()
+    return row
+
+
+async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict[str, Any]) -> Any:
+    """Apply `changes` if the rule is still at `version` (optimistic concurrency)."""
+    pool = await db.pool()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchrow(LOCK, rule_id, caller.client_id)
+            if current is None:
+                raise NotFound()
+            if current["version"] != version:
+                raise Conflict(f"the rule is at version {current['version']}, not {version}; read it again")
+            merged = {**dict(current), **changes}
+            criteria = criteria_of(merged)
+            row = await conn.fetchrow(UPDATE, rule_id, *criteria.values(), merged["enabled"])
+            await record_rule_change(conn, upsert_event(row))
+    except asyncpg.UniqueViolationError:
+        raise Conflict(DUPLICATE) from None
+    wake_up()
+    return row
+
+
+async def delete_rule(rule_id: UUID, caller: Caller) -> bool:
+    pool = await db.pool()
+    async with pool.acquire() as conn, conn.transaction():
+        deleted = await conn.fetchrow(DELETE, rule_id, caller.client_id)
+        if deleted is None:
+            return False
+        # The deletion marker takes the next version, so it supersedes every upsert before it.
+        await record_rule_change(conn, RuleChanged(
+            rule_id=str(deleted["rule_id"]), client_id=str(deleted["client_id"]),
+            version=deleted["version"] + 1, action="delete",
+        ))
+    wake_up()
+    return True
+
+
+@app.page("/api/v1/rules")
+class RulesView(ApiView):
+    async def post(self, request: Request) -> Response:
+        body = parse_body(await self.read_request_content(request), RuleCreate)
+        row = await create_rule(self.caller(request), body)
+        return self.json(rule_out(row).model_dump(mode="json"), status=201)
+
+    async def get(self, request: Request) -> Response:
+        query = parse_query(request, RuleQuery)
+        pool = await db.pool()
+        rows = await pool.fetch(LIST, self.caller(request).client_id, query.client_id, *query.after,
+                                query.limit + 1)
+        return self.json(page_of(rows, query, rule_out, "rule_id").model_dump(mode="json"))
+
+
+@app.page("/api/v1/rules/{rule_id}")
+class RuleView(ApiView):
+    async def get(self, request: Request, rule_id: str) -> Response:
+        pool = await db.pool()
+        row = await pool.fetchrow(GET, path_id(rule_id), self.caller(request).client_id)
+        if row is None:
+            raise NotFound()
+        return self.json(rule_out(row).model_dump(mode="json"))
+
+    async def put(self, request: Request, rule_id: str) -> Response:
+        id_ = path_id(rule_id)
+        body = parse_body(await self.read_request_content(request), RuleReplace)
+        row = await change_rule(id_, self.caller(request), body.version, body.model_dump(exclude={"version"}))
+        return self.json(rule_out(row).model_dump(mode="json"))
+
+    async def patch(self, request: Request, rule_id: str) -> Response:
+        id_ = path_id(rule_id)
+        body = parse_body(await self.read_request_content(request), RulePatch)
+        # null counts as "not given": every rule field is required in the stored rule.
+        changes = body.model_dump(exclude={"version"}, exclude_none=True)
+        row = await change_rule(id_, self.caller(request), body.version, changes)
+        return self.json(rule_out(row).model_dump(mode="json"))
+
+    async def delete(self, request: Request, rule_id: str) -> Response:
+        if not await delete_rule(path_id(rule_id), self.caller(request)):
+            raise NotFound()
+        return self.bytes(b"", status=204)
