@@ -65,7 +65,7 @@ async def relay_pending(pool: asyncpg.Pool, topic: TopicT = rule_changed, batch_
         ]
         await asyncio.gather(*acks)
         await conn.execute(
-            "SELECT $1::bigint[]", [row["outbox_id"] for row in rows]
+            "DELETE FROM rule_outbox WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
         )
     return len(rows)
 
