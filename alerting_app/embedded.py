@@ -136,8 +136,8 @@ class ChildProcess:
 class EmbeddedServices:
     """Starts the services that are asked for, under `folder`; `stop()` (or leaving `with`) stops them.
 
-    `start()` returns the environment the app needs to reach them: KAFKA_BOOTSTRAP_SERVERS,
-    DATABASE_URL and REDIS_URL, each only for a service it started.
+    Call `start()` once per instance; it returns the environment the app needs to reach them:
+    KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL, each only for a service it started.
     """
 
     def __init__(self, folder: Path):

@@ -15,6 +15,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,6 @@ from alerting_app.migrate import apply_migrations
 
 if TYPE_CHECKING:
     from alerting_app.up import WorkerProcess
-
-__all__ = ["free_port"]
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 _SESSION = pytest.StashKey["_Session"]()
@@ -57,6 +56,7 @@ class _Session:
 def pytest_configure(config: pytest.Config) -> None:
     if config.option.help:
         return
+    signal.signal(signal.SIGTERM, _interrupt)
     folder = Path(tempfile.mkdtemp(prefix="alerting-test-"))
     session = _Session(folder, EmbeddedServices(folder / "services"))
     config.stash[_SESSION] = session
@@ -66,6 +66,12 @@ def pytest_configure(config: pytest.Config) -> None:
         del config.stash[_SESSION]  # finished here; pytest_unconfigure has nothing left to do
         _finish(session)
         raise
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # A CI timeout sends SIGTERM: as an interrupt, pytest still reports where it was and the
+    # session still drops its database and stops its services.
+    raise KeyboardInterrupt
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
