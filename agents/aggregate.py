@@ -37,11 +37,6 @@ FROM notifications WHERE client_id = $1 AND alert_id = $2
 """
 
 
-def _dead_letter(event: EventT, reason: str) -> DeadLetter:
-    message = event.message
-    return dead_letter_for(message.topic, message.value, reason, key=message.key,
-                           partition=message.partition, offset=message.offset)
-
 
 def decode_matched(raw: bytes | None) -> AlertMatched:
     """Decode an `alerts.matched` message whose ids fit the notifications table (UUIDs)."""
@@ -113,11 +108,11 @@ async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggre
             matched = decode_matched(event.message.value)
             ready = await record_first_match(conn, matched)
         except UndecodableMessage as exc:
-            aggregation.dead_letters.append(_dead_letter(event, str(exc)))
+            aggregation.dead_letters.append(dead_letter_for(event.message, str(exc)))
             continue
         except asyncpg.ForeignKeyViolationError:
             reason = f"client_id: no such client {matched.client_id}"
-            aggregation.dead_letters.append(_dead_letter(event, reason))
+            aggregation.dead_letters.append(dead_letter_for(event.message, reason))
             continue
         # A match redelivered within the batch finds the row still unemitted: emit it once.
         if ready is not None and ready.notification_id not in to_emit:

@@ -176,11 +176,6 @@ async def deliver_notification(conn: asyncpg.Pool, session: aiohttp.ClientSessio
     return DeliveryReport(notification.notification_id, status, detail, outcomes)
 
 
-def _dead_letter(event: EventT, reason: str) -> DeadLetter:
-    message = event.message
-    return dead_letter_for(message.topic, message.value, reason, key=message.key,
-                           partition=message.partition, offset=message.offset)
-
 
 def decode_notification(raw: bytes | None) -> NotificationReady:
     """Decode a `notifications.ready` message whose ids fit the tables (UUIDs)."""
@@ -200,9 +195,9 @@ async def deliver_event(conn: asyncpg.Pool, session: aiohttp.ClientSession, even
         notification = decode_notification(event.message.value)
         return DeliverOutcome(report=await deliver_notification(conn, session, notification))
     except UndecodableMessage as exc:
-        return DeliverOutcome(dead_letter=_dead_letter(event, str(exc)))
+        return DeliverOutcome(dead_letter=dead_letter_for(event.message, str(exc)))
     except UnknownNotification as exc:
-        return DeliverOutcome(dead_letter=_dead_letter(event, f"notification_id: no such notification {exc}"))
+        return DeliverOutcome(dead_letter=dead_letter_for(event.message, f"notification_id: no such notification {exc}"))
 
 
 async def publish_deliver_outcome(outcome: DeliverOutcome) -> None:

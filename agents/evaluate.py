@@ -1,5 +1,5 @@
-"""evaluate: keeps the rules table current from `rule.changed` and matches every alert of
-`alerts.new` against it, emitting one `alerts.matched` per matching client.
+"""evaluate: matches every alert of `alerts.new` against every rule (tables/rules.py keeps them
+current from `rule.changed`), emitting one `alerts.matched` per matching client.
 
 Each agent is a thin loop that yields what its input produced; its sink sends that. So what an
 agent decided is exactly what Faust's test driver records as its results, and sending stays one
@@ -14,30 +14,17 @@ from dataclasses import dataclass, field
 from faust.types import EventT, StreamT
 
 from alerting_app import metrics
-from alerting_app.app import alerts_matched, alerts_new, app, rule_changed
-from alerting_app.contracts import Alert, AlertMatched, DeadLetter, RuleChanged
+from alerting_app.app import alerts_matched, alerts_new, app
+from alerting_app.contracts import Alert, AlertMatched, DeadLetter
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
 from alerting_app.matching import matched_messages
-from tables.rules import apply_rule_change, rule_index
+from tables.rules import rule_index, rule_replica
 
 # Alerts are matched in batches so that the sends of a batch are acknowledged together; a batch
 # waits at most ALERT_BATCH_WITHIN_S for more alerts when traffic is low.
 ALERT_BATCH_SIZE = 500
 ALERT_BATCH_WITHIN_S = 0.05
 
-
-def _dead_letter(event: EventT, reason: str) -> DeadLetter:
-    message = event.message
-    return dead_letter_for(message.topic, message.value, reason, key=message.key,
-                           partition=message.partition, offset=message.offset)
-
-
-@dataclass(frozen=True)
-class RuleChangeOutcome:
-    """What one `rule.changed` message did: applied (newer than held), ignored, or dead-lettered."""
-
-    applied: bool
-    dead_letter: DeadLetter | None = None
 
 
 @dataclass(frozen=True)
@@ -56,15 +43,10 @@ def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
         try:
             alert = decode(Alert, event.message.value)
         except UndecodableMessage as exc:
-            evaluation.dead_letters.append(_dead_letter(event, str(exc)))
+            evaluation.dead_letters.append(dead_letter_for(event.message, str(exc)))
             continue
         evaluation.matched.extend(matched_messages(alert, rule_index))
     return evaluation
-
-
-async def publish_rule_change_outcome(outcome: RuleChangeOutcome) -> None:
-    if outcome.dead_letter is not None:
-        await send_dead_letter(outcome.dead_letter)
 
 
 async def publish_evaluation(evaluation: Evaluation) -> None:
@@ -79,18 +61,9 @@ async def publish_evaluation(evaluation: Evaluation) -> None:
     metrics.alerts_matched.inc(len(evaluation.matched))
 
 
-@app.agent(rule_changed, sink=[publish_rule_change_outcome])
-async def apply_rule_changes(stream: StreamT) -> AsyncIterator[RuleChangeOutcome]:
-    async for event in stream.events():
-        try:
-            change = decode(RuleChanged, event.message.value)
-        except UndecodableMessage as exc:
-            yield RuleChangeOutcome(applied=False, dead_letter=_dead_letter(event, str(exc)))
-            continue
-        yield RuleChangeOutcome(applied=apply_rule_change(change))
-
-
 @app.agent(alerts_new, sink=[publish_evaluation])
 async def match_alerts(stream: StreamT) -> AsyncIterator[Evaluation]:
+    # Matching against a partial rule set would silently drop notifications: wait for the replica.
+    await rule_replica.wait_until_caught_up()
     async for events in stream.take_events(ALERT_BATCH_SIZE, within=ALERT_BATCH_WITHIN_S):
         yield evaluate_alerts(events)

@@ -17,7 +17,7 @@ from faust.types import TopicT
 
 from alerting_app import db
 from alerting_app.app import app, rule_changed
-from alerting_app.contracts import RuleChanged
+from alerting_app.contracts import Rule, RuleChanged
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,22 @@ async def record_rule_change(conn: asyncpg.Connection, event: RuleChanged) -> No
         event.rule_id,
         event.model_dump(mode="json"),
     )
+
+
+async def republish_all_rules(pool: asyncpg.Pool) -> int:
+    """Queue every rule in Postgres, at its current version, for rule.changed; return how many.
+
+    Postgres is the source of truth and the topic its transport: when the topic starts empty (a
+    new cluster, or the in-memory dev broker restarted) this puts the rules back on it. Replicas
+    that hold a rule already ignore the repeat, since its version is not newer.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch("SELECT rule_id, client_id, severity, source, name, enabled, version FROM rules")
+        events = [RuleChanged.upsert(Rule(**{**dict(row), "rule_id": str(row["rule_id"]),
+                                            "client_id": str(row["client_id"])})) for row in rows]
+        await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
+                               [(event.rule_id, event.model_dump(mode="json")) for event in events])
+    return len(events)
 
 
 def wake_up() -> None:

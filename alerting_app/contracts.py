@@ -79,6 +79,10 @@ class RuleChanged(Contract):
     rule: Rule | None = None
     changed_at: float = Field(default_factory=time.time)
 
+    @classmethod
+    def upsert(cls, rule: Rule) -> "RuleChanged":
+        return cls(rule_id=rule.rule_id, client_id=rule.client_id, version=rule.version, action="upsert", rule=rule)
+
     @model_validator(mode="after")
     def _rule_matches_action(self) -> "RuleChanged":
         if self.action == "upsert":

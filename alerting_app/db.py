@@ -12,7 +12,7 @@ _pool: asyncpg.Pool | None = None
 _lock = asyncio.Lock()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
@@ -22,7 +22,7 @@ async def pool() -> asyncpg.Pool:
         async with _lock:
             if _pool is None:
                 _pool = await asyncpg.create_pool(
-                    settings.database_url, min_size=1, max_size=10, init=_init_connection
+                    settings.database_url, min_size=1, max_size=10, init=init_connection
                 )
     return _pool
 

@@ -6,7 +6,7 @@ it goes to `<topic>.dlq` with the reason and is counted.
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -40,15 +40,16 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def dead_letter_for(topic: str, raw: bytes | None, reason: str, *, key: bytes | None = None,
-                    partition: int | None = None, offset: int | None = None) -> DeadLetter:
+def dead_letter_for(message: Any, reason: str) -> DeadLetter:
+    """The dead letter for a consumed message: a Faust `Message` or an aiokafka `ConsumerRecord`
+    (both carry topic, partition, offset, key and value)."""
     return DeadLetter(
-        topic=topic,
-        partition=partition,
-        offset=offset,
-        key=key.decode("utf-8", "replace") if key is not None else None,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key.decode("utf-8", "replace") if message.key is not None else None,
         reason=reason,
-        payload=(raw or b"").decode("utf-8", "replace"),
+        payload=(message.value or b"").decode("utf-8", "replace"),
     )
 
 

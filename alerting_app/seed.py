@@ -74,9 +74,8 @@ async def seed(pool: asyncpg.Pool, *, clients: int, rules_per_client: int, mix: 
         for severity, source, name in rule_criteria(rng, rules_per_client, mix):
             rule_id = uuid4()
             rule_rows.append((rule_id, client_id, severity, source, name, True, 1))
-            event = RuleChanged(rule_id=str(rule_id), client_id=str(client_id), version=1, action="upsert",
-                                rule=Rule(rule_id=str(rule_id), client_id=str(client_id), severity=severity,
-                                          source=source, name=name, enabled=True, version=1))
+            event = RuleChanged.upsert(Rule(rule_id=str(rule_id), client_id=str(client_id), severity=severity,
+                                            source=source, name=name, enabled=True, version=1))
             outbox_rows.append((rule_id, json.loads(event.model_dump_json())))
             if webhook_url:
                 endpoint_rows.append((uuid4(), rule_id, client_id, "webhook", webhook_url, True))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from alerting_app.embedded import ChildProcess, EmbeddedServices, port_accepts
 from alerting_app.kafka_admin import create_topics
+from alerting_app.load import republish
 from alerting_app.migrate import apply_migrations
 from alerting_app.settings import Settings
 
@@ -146,6 +147,10 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     if report.mismatched:
         raise SystemExit(report.mismatch_message(settings.topic_partitions))
     print(f"topics created: {', '.join(report.created) or 'none (all present)'}", flush=True)
+    if "rule.changed" in report.created:
+        # A new (or restarted in-memory) broker: put the rules Postgres holds back on the topic.
+        count = asyncio.run(republish(env["DATABASE_URL"]))
+        print(f"rules queued for rule.changed from Postgres: {count}", flush=True)
 
 
 def _example_alert(alert_id: str) -> str:

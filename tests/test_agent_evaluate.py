@@ -1,20 +1,22 @@
-"""The evaluate agents through Faust's test driver: rule changes feed the rules table and its index,
-alerts are matched and one `alerts.matched` per client reaches the real broker.
+"""The evaluate agent through Faust's test driver: rules arrive through the real rule.changed topic
+and the worker's rule replica, alerts are matched and one `alerts.matched` per client reaches the
+real broker.
 
 The rules table and index are process-wide, so every test uses its own clients, rules and alert
 source: no test can match another test's rules.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 import pytest
-from faust.types import Message
 
-from agents.evaluate import apply_rule_changes, match_alerts
+from agents.evaluate import match_alerts
 from alerting_app.contracts import Alert, Rule, RuleChanged
-from tables.rules import rule_index, rules_table
+from kafka_probe import produce
+from tables.rules import rule_index
 from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
 
 pytestmark = AGENT_LOOP
@@ -40,11 +42,19 @@ def alert(source: str, severity: str = "HIGH", name: str = "CheckoutLatency", al
                  name=name)
 
 
-async def apply_changes(*changes) -> list:
-    async with apply_rule_changes.test_context() as agent:
-        for change in changes:
-            await agent.put(change.encode(), key=change.rule_id.encode())
-        return [agent.results[i] for i in range(len(changes))]
+async def apply_changes(*changes: RuleChanged) -> None:
+    """Publish the changes on the real rule.changed topic; return once the replica has read them."""
+    from alerting_app.app import settings
+
+    await produce(settings.kafka_bootstrap_servers, "rule.changed",
+                  [(change.rule_id.encode(), change.encode()) for change in changes])
+    newest = {}
+    for change in changes:
+        newest[change.rule_id] = max(newest.get(change.rule_id, 0), change.version)
+    deadline = time.monotonic() + 30
+    while any(rule_index.held_version(rule_id) != version for rule_id, version in newest.items()):
+        assert time.monotonic() < deadline, "the rule replica did not read the changes"
+        await asyncio.sleep(0.05)
 
 
 async def evaluate(*values: bytes, key: str = "alert-key", partition: int = 0) -> list:
@@ -105,64 +115,20 @@ async def test_alert_matching_no_rule_emits_nothing(pipeline):
 
 async def test_disabled_rule_no_longer_matches(pipeline):
     client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
-    outcomes = await apply_changes(upsert(rule, client, 1, source=source),
-                                   upsert(rule, client, 2, source=source, enabled=False))
+    await apply_changes(upsert(rule, client, 1, source=source), upsert(rule, client, 2, source=source, enabled=False))
 
     [evaluation] = await evaluate(alert(source).encode())
 
-    assert [o.applied for o in outcomes] == [True, True]
     assert evaluation.matched == []
 
 
-async def test_stale_rule_change_is_ignored_and_the_table_keeps_the_newest(pipeline):
+async def test_deleted_rule_no_longer_matches(pipeline):
     client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
-    newest = upsert(rule, client, 2, source=source, name="CheckoutLatency")
-    outcomes = await apply_changes(newest, upsert(rule, client, 1, source=source, name="DiskFull"))
-
-    assert [o.applied for o in outcomes] == [True, False]
-    assert RuleChanged.model_validate_json(rules_table[rule]) == newest
-    [evaluation] = await evaluate(alert(source, name="DiskFull").encode())
-    assert evaluation.matched == []
-
-
-async def test_deleted_rule_is_kept_as_a_tombstone_that_blocks_a_late_older_upsert(pipeline):
-    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
-    outcomes = await apply_changes(upsert(rule, client, 1, source=source), delete(rule, client, 2),
-                                   upsert(rule, client, 1, source=source))
-
-    assert [o.applied for o in outcomes] == [True, True, False]
-    held = RuleChanged.model_validate_json(rules_table[rule])
-    assert (held.action, held.version, held.rule) == ("delete", 2, None)
-    [evaluation] = await evaluate(alert(source).encode())
-    assert evaluation.matched == []
-
-
-async def test_restarted_worker_rebuilds_its_index_from_the_rules_table(pipeline):
-    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
-    await apply_changes(upsert(rule, client, source=source))
-    # A restarted worker has the table recovered from its changelog, and an empty index.
-    rule_index.rebuild([])
-    [before] = await evaluate(alert(source).encode())
-
-    await rules_table.call_recover_callbacks()
-
-    [after] = await evaluate(alert(source).encode())
-    assert before.matched == []
-    assert matches(after) == [(client, [rule])]
-
-
-async def test_rule_change_read_from_the_changelog_reaches_the_index(pipeline):
-    """A change applied by another worker arrives here only through the table's changelog."""
-    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
-    change = upsert(rule, client, source=source)
-    record = Message(topic=rules_table.changelog_topic_name, partition=0, offset=0, timestamp=time.time(),
-                     timestamp_type=0, headers=None, key=f'"{rule}"'.encode(), value=change.encode(),
-                     checksum=None)
-
-    await rules_table.on_changelog_event(await rules_table.changelog_topic.decode(record))
+    await apply_changes(upsert(rule, client, 1, source=source), delete(rule, client, 2))
 
     [evaluation] = await evaluate(alert(source).encode())
-    assert matches(evaluation) == [(client, [rule])]
+
+    assert evaluation.matched == []
 
 
 @pytest.mark.parametrize(("value", "reason_names"), [
@@ -187,22 +153,3 @@ async def test_undecodable_alert_goes_to_the_dead_letter_topic_and_the_next_aler
     assert matches(good) == [(client, [rule])]
     [on_broker] = await sent_to("alerts.new.dlq", key)
     assert (on_broker["reason"], on_broker["payload"]) == (letter.reason, value.decode())
-
-
-@pytest.mark.parametrize(("value", "reason_names"), [
-    (b"\xff\xfe", "Invalid JSON"),
-    (b'{"rule_id": "r", "client_id": "c", "action": "upsert"}', "version: Field required"),
-    (b'{"rule_id": "r", "client_id": "c", "version": 1, "action": "rename"}', "action"),
-])
-async def test_undecodable_rule_change_goes_to_the_dead_letter_topic(pipeline, value, reason_names):
-    key = f"rule-{new_id()}"
-    async with apply_rule_changes.test_context() as agent:
-        await agent.put(value, key=key.encode(), partition=2)
-        outcome = agent.results[0]
-
-    assert outcome.applied is False
-    assert reason_names in outcome.dead_letter.reason
-    assert (outcome.dead_letter.topic, outcome.dead_letter.partition, outcome.dead_letter.key) == (
-        "rule.changed", 2, key)
-    [on_broker] = await sent_to("rule.changed.dlq", key)
-    assert on_broker["reason"] == outcome.dead_letter.reason

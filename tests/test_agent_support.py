@@ -10,6 +10,7 @@ This module holds no tests; the test_agent_* modules import its fixtures and hel
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass
@@ -29,13 +30,18 @@ async def pipeline(services):
     """The app with its agents registered, sending to the real broker; released after the module."""
     import agents  # noqa: F401  (registers the agents)
     from alerting_app import db
-    from alerting_app.app import app
-    from tables.rules import rules_table
+    from alerting_app.app import app, settings
+    from tables.rule_replica import RuleStore
+    from tables.rules import rule_replica, rule_store_path
 
-    # As a worker does when the table starts: the changelog gets the table's partition count,
-    # instead of whatever count the broker would auto-create it with on the first write.
-    await rules_table.changelog_topic.maybe_declare()
+    # The worker's rule replica, reading the real rule.changed topic, as evaluate needs it.
+    store = RuleStore(rule_store_path())
+    replica = asyncio.ensure_future(rule_replica.run(settings.kafka_bootstrap_servers, "rule.changed", store))
+    await rule_replica.wait_until_caught_up()
     yield app
+    replica.cancel()
+    await asyncio.gather(replica, return_exceptions=True)
+    store.close()
     await db.close()
     await app.producer.stop()
     # Lets a later module start the producer again, in whatever loop it runs.

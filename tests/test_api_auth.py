@@ -23,6 +23,7 @@ DOCUMENTED_ROUTES = {
     ("DELETE", "/api/v1/endpoints/{endpoint_id}"),
     ("GET", "/api/v1/notifications"), ("GET", "/api/v1/notifications/{notification_id}"),
     ("POST", "/api/v1/alerts"),
+    ("GET", "/api/v1/worker/rules"), ("POST", "/api/v1/worker/match"),
 }
 
 

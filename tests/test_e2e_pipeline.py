@@ -16,11 +16,12 @@ import pytest
 from aiohttp import web
 
 from alerting_app.embedded import free_port
-from kafka_probe import produce, read_json, wait_until_consumed
+from kafka_probe import produce, read_json, retire_rules_left_on_topic, wait_until_consumed
+from worker_probe import wait_until_workers_hold_postgres_rules
 
 pytestmark = pytest.mark.e2e
 
-PIPELINE = ["alerts.new", "rule.changed", "alerts.matched", "notifications.ready"]
+STAGES = ["alerts.new", "alerts.matched", "notifications.ready"]
 
 
 class WebhookReceiver:
@@ -55,8 +56,11 @@ class WebhookReceiver:
 class Platform:
     """The worker's API and the broker, as a tenant and a monitored system see them."""
 
-    def __init__(self, http: aiohttp.ClientSession, base_url: str, bootstrap: str, group: str) -> None:
+    def __init__(self, http: aiohttp.ClientSession, base_url: str, bootstrap: str, group: str,
+                 admin_token: str, database_url: str) -> None:
         self.http = http
+        self.admin_token = admin_token
+        self.database_url = database_url
         self.base_url = base_url
         self.bootstrap = bootstrap
         self.group = group
@@ -77,10 +81,11 @@ class Platform:
         await produce(self.bootstrap, "alerts.new", messages)
 
     async def settle(self) -> None:
-        """Wait until the worker has fully processed everything now on the pipeline's topics."""
-        # The rule relay and the stages feed each other, so two quiet rounds in a row mean done.
-        await wait_until_consumed(self.bootstrap, self.group, PIPELINE)
-        await wait_until_consumed(self.bootstrap, self.group, PIPELINE)
+        """Wait until the worker holds Postgres's rules and has fully processed every stage's messages."""
+        await wait_until_workers_hold_postgres_rules(self.http, self.admin_token, [self.base_url], self.database_url)
+        # Each stage feeds the next: committed past everything twice in a row means nothing is in flight.
+        await wait_until_consumed(self.bootstrap, self.group, STAGES)
+        await wait_until_consumed(self.bootstrap, self.group, STAGES)
 
 
 def alert(alert_id: str, severity: str = "HIGH", source: str = "payments", name: str = "CheckoutLatency") -> dict:
@@ -90,10 +95,12 @@ def alert(alert_id: str, severity: str = "HIGH", source: str = "payments", name:
 
 @pytest.fixture
 async def platform(services, clean_db, start_worker):
+    await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
     group = f"e2e-{secrets.token_hex(4)}"
     worker = start_worker(APP_ID=group)
     async with aiohttp.ClientSession() as http:
-        yield Platform(http, worker.url, services.kafka_bootstrap_servers, group)
+        yield Platform(http, worker.url, services.kafka_bootstrap_servers, group, services.admin_token,
+                       services.database_url)
 
 
 async def create_tenant_with_webhook(platform: Platform, admin: str, webhook_url: str) -> tuple[str, str, dict]:

@@ -7,25 +7,21 @@ each step asks every worker what it holds and how it matches.
 """
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import secrets
 import time
 
 import aiohttp
-import asyncpg
 import pytest
+
+from kafka_probe import retire_rules_left_on_topic
+from web.worker_state import rules_digest
+from worker_probe import wait_until_workers_hold_postgres_rules
 
 pytestmark = pytest.mark.e2e
 
 SOURCES = ["payments", "search", "auth", "billing"]
 NAMES = ["Latency", "Errors", "Saturation"]
-
-
-def expected_digest(versions: dict[str, int]) -> str:
-    text = "\n".join(f"{rule_id}:{version}" for rule_id, version in sorted(versions.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Api:
@@ -40,30 +36,8 @@ class Api:
             return response.status, (json.loads(text) if text else None)
 
 
-async def enabled_rules_in_postgres(database_url: str) -> dict[str, int]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch("SELECT rule_id::text, version FROM rules WHERE enabled")
-        return {row["rule_id"]: row["version"] for row in rows}
-    finally:
-        await conn.close()
-
-
-async def wait_until_workers_hold(api: Api, workers, database_url: str, timeout: float = 60.0) -> str:
-    """Wait until every worker's enabled rules equal Postgres's; return the common digest."""
-    deadline = time.monotonic() + timeout
-    while True:
-        want = expected_digest(await enabled_rules_in_postgres(database_url))
-        held = {}
-        for worker in workers:
-            status, body = await api.call(worker.url, "GET", "/api/v1/worker/rules")
-            assert status == 200, body
-            held[worker.url] = body["digest"]
-        if all(digest == want for digest in held.values()):
-            return want
-        if time.monotonic() > deadline:
-            raise AssertionError(f"workers diverge from Postgres ({want}): {held}")
-        await asyncio.sleep(0.3)
+async def wait_until_workers_hold(api: Api, workers, database_url: str) -> str:
+    return await wait_until_workers_hold_postgres_rules(api.http, api.token, [w.url for w in workers], database_url)
 
 
 async def change_rules(api: Api, base_url: str, key: str, rules: list[dict], rng_seed: int) -> None:
@@ -107,6 +81,7 @@ def probe_alerts() -> list[dict]:
 
 
 async def test_every_worker_holds_every_rule_through_changes_and_rebalances(services, clean_db, start_worker):
+    await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
     group = f"rules-everywhere-{secrets.token_hex(4)}"
     first, second = start_worker(APP_ID=group), start_worker(APP_ID=group)
     async with aiohttp.ClientSession() as http:
@@ -118,7 +93,7 @@ async def test_every_worker_holds_every_rule_through_changes_and_rebalances(serv
 
         await change_rules(api, first.url, key, rules, rng_seed=0)
         digest = await wait_until_workers_hold(api, [first, second], services.database_url)
-        assert digest != expected_digest({})
+        assert digest != rules_digest({})
 
         running = [first, second]
         for round_number in (1, 2):

@@ -75,8 +75,7 @@ def upsert_event(row: Any) -> RuleChanged:
         rule_id=str(row["rule_id"]), client_id=str(row["client_id"]), severity=row["severity"],
         source=row["source"], name=row["name"], enabled=row["enabled"], version=row["version"],
     )
-    return RuleChanged(rule_id=rule.rule_id, client_id=rule.client_id, version=rule.version,
-                       action="upsert", rule=rule)
+    return RuleChanged.upsert(rule)
 
 
 def owner_for_new_rule(caller: Caller, requested: UUID | None) -> UUID:

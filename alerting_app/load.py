@@ -1,0 +1,54 @@
+"""The `seed`, `produce-alerts` and `republish-rules` commands: data in, outside any worker."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from agents.rule_outbox import republish_all_rules
+from alerting_app.db import init_connection
+from alerting_app.seed import SeedReport, alert_stream, seed
+
+
+async def _pool(database_url: str) -> asyncpg.Pool:
+    return await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
+
+
+async def seed_database(database_url: str, **options) -> SeedReport:
+    pool = await _pool(database_url)
+    try:
+        return await seed(pool, **options)
+    finally:
+        await pool.close()
+
+
+async def republish(database_url: str) -> int:
+    pool = await _pool(database_url)
+    try:
+        return await republish_all_rules(pool)
+    finally:
+        await pool.close()
+
+
+async def produce_alerts(bootstrap: str, *, count: int, rate: float, random_seed: int = 7) -> tuple[int, float]:
+    """Send `count` generated alerts to alerts.new at about `rate` per second (0: as fast as possible)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        pending = []
+        for n, alert in enumerate(alert_stream(count, random_seed=random_seed)):
+            pending.append(await producer.send("alerts.new", key=alert.alert_id.encode(), value=alert.encode()))
+            if rate > 0:
+                ahead = (n + 1) / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if len(pending) >= 1000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return count, time.perf_counter() - started

@@ -1,0 +1,143 @@
+"""The rule replica against the real broker: it reads every partition of a rule.changed topic, keeps
+the newest version of each rule, persists what it read, and a restart continues from disk.
+
+Each test uses a topic of its own, so the offsets it checks are its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from alerting_app.contracts import Rule, RuleChanged
+from alerting_app.matching import RuleIndex
+from kafka_probe import produce, read_topic
+from tables.rule_replica import RuleReplica, RuleStore
+
+PARTITIONS = 3
+
+
+@pytest.fixture
+async def topic(services):
+    name = f"rule.changed.test-{secrets.token_hex(4)}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1), NewTopic(f"{name}.dlq", 1, 1)])
+    finally:
+        await admin.close()
+    return name
+
+
+def upsert(rule_id: str, version: int, *, enabled: bool = True, source: str = "payments") -> RuleChanged:
+    rule = Rule(rule_id=rule_id, client_id="c1", version=version, severity="HIGH", source=source, name="*",
+                enabled=enabled)
+    return RuleChanged(rule_id=rule_id, client_id="c1", version=version, action="upsert", rule=rule)
+
+
+def delete(rule_id: str, version: int) -> RuleChanged:
+    return RuleChanged(rule_id=rule_id, client_id="c1", version=version, action="delete")
+
+
+class RunningReplica:
+    def __init__(self, services, topic: str, store_path) -> None:
+        self.index = RuleIndex()
+        self.replica = RuleReplica(self.index)
+        self.store = RuleStore(store_path)
+        self._task = asyncio.ensure_future(
+            self.replica.run(services.kafka_bootstrap_servers, topic, self.store, poll_ms=50))
+
+    async def __aenter__(self) -> "RunningReplica":
+        await asyncio.wait_for(self.replica.wait_until_caught_up(), 30)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.store.close()
+
+    async def wait_for_versions(self, versions: dict[str, int]) -> None:
+        deadline = time.monotonic() + 30
+        while any(self.index.held_version(r) != v for r, v in versions.items()):
+            assert time.monotonic() < deadline, f"replica holds {self.index._versions}, want {versions}"
+            await asyncio.sleep(0.02)
+
+
+async def publish(services, topic: str, *changes: RuleChanged) -> None:
+    await produce(services.kafka_bootstrap_servers, topic,
+                  [(c.rule_id.encode(), c.encode()) for c in changes])
+
+
+def enabled_versions(index: RuleIndex) -> dict[str, int]:
+    return {rule_id: rule.version for rule_id, rule in index.rules().items() if rule.enabled}
+
+
+async def test_replica_reads_every_partition_and_keeps_the_newest_version(services, topic, tmp_path):
+    async with RunningReplica(services, topic, tmp_path / "store") as running:
+        changes = [upsert(f"rule-{n}", 1) for n in range(30)]
+        changes += [upsert("rule-0", 3), upsert("rule-0", 2), delete("rule-1", 2), upsert("rule-1", 1),
+                    upsert("rule-2", 2, enabled=False)]
+        await publish(services, topic, *changes)
+        await running.wait_for_versions({"rule-0": 3, "rule-1": 2, "rule-2": 2, "rule-29": 1})
+
+        held = enabled_versions(running.index)
+        assert held["rule-0"] == 3
+        assert "rule-1" not in held and "rule-2" not in held
+        assert len(held) == 28
+        assert {record[0] for record in await read_topic(services.kafka_bootstrap_servers, topic)} >= {
+            f"rule-{n}".encode() for n in range(30)}
+
+
+async def test_restarted_replica_loads_its_rules_from_disk_and_reads_only_what_it_missed(
+        services, topic, tmp_path):
+    async with RunningReplica(services, topic, tmp_path / "store") as running:
+        await publish(services, topic, *[upsert(f"rule-{n}", 1) for n in range(10)])
+        await running.wait_for_versions({f"rule-{n}": 1 for n in range(10)})
+
+    await publish(services, topic, upsert("rule-0", 2, source="search"), upsert("rule-10", 1))
+
+    restarted = RunningReplica(services, topic, tmp_path / "store")
+    loaded = RuleIndex()
+    loaded.rebuild(restarted.store.load()[0])
+    assert set(enabled_versions(loaded)) == {f"rule-{n}" for n in range(10)}, "rules come from disk"
+    async with restarted:
+        await restarted.wait_for_versions({"rule-0": 2, "rule-10": 1})
+        assert restarted.index.rules()["rule-0"].source == "search"
+        assert len(enabled_versions(restarted.index)) == 11
+
+
+async def test_store_ahead_of_the_topic_is_rebuilt_from_the_topic(services, topic, tmp_path):
+    """A recreated topic (an in-memory dev broker restarted) holds less than the store has read."""
+    store = RuleStore(tmp_path / "store")
+    store.save({"ghost": upsert("ghost", 1).encode()}, {0: 1000, 1: 1000, 2: 1000})
+    store.close()
+    await publish(services, topic, upsert("real", 1))
+
+    async with RunningReplica(services, topic, tmp_path / "store") as running:
+        await running.wait_for_versions({"real": 1})
+        assert set(running.index.rules()) == {"real"}
+
+
+async def test_undecodable_rule_change_becomes_a_dead_letter_and_later_changes_apply(
+        services, topic, tmp_path):
+    running = RunningReplica(services, topic, tmp_path / "store")
+    letters = []
+
+    async def collect(letter):
+        letters.append(letter)
+
+    running.replica._on_dead_letter = collect  # the app's producer is not running in this test
+    async with running:
+        await produce(services.kafka_bootstrap_servers, topic, [
+            (b"bad-1", b"not json"),
+            (b"bad-2", b'{"rule_id": "r", "client_id": "c", "action": "upsert"}'),
+        ])
+        await publish(services, topic, upsert("after-bad", 1))
+        await running.wait_for_versions({"after-bad": 1})
+
+    assert {letter.key: letter.reason.split(":")[0] for letter in letters} == {"bad-1": "message", "bad-2": "version"}
+    assert {letter.topic for letter in letters} == {topic}
+    assert set(enabled_versions(running.index)) == {"after-bad"}
