@@ -37,7 +37,6 @@ FROM notifications WHERE client_id = $1 AND alert_id = $2
 """
 
 
-
 def decode_matched(raw: bytes | None) -> AlertMatched:
     """Decode an `alerts.matched` message whose ids fit the notifications table (UUIDs)."""
     matched = decode(AlertMatched, raw)

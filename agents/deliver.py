@@ -176,7 +176,6 @@ async def deliver_notification(conn: asyncpg.Pool, session: aiohttp.ClientSessio
     return DeliveryReport(notification.notification_id, status, detail, outcomes)
 
 
-
 def decode_notification(raw: bytes | None) -> NotificationReady:
     """Decode a `notifications.ready` message whose ids fit the tables (UUIDs)."""
     notification = decode(NotificationReady, raw)

@@ -26,7 +26,6 @@ ALERT_BATCH_SIZE = 500
 ALERT_BATCH_WITHIN_S = 0.05
 
 
-
 @dataclass(frozen=True)
 class Evaluation:
     """What one batch of `alerts.new` messages produced."""
