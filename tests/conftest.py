@@ -170,6 +170,18 @@ async def empty_database(services: SessionServices) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+def service_folder() -> Iterator[Path]:
+    """A folder for embedded services started by a test, outside pytest's basetemp.
+
+    Embedded Postgres runs as another user, who must traverse every parent folder; another pytest
+    session starting meanwhile resets pytest's basetemp root to mode 0700, which would lock it out.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="alerting-services-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 def start_worker(services: SessionServices, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """`start_worker(**env) -> WorkerProcess`: a real `alerting-app worker -l info` subprocess.
 

@@ -53,8 +53,8 @@ async def _kafka_round_trip(bootstrap: str) -> int:
         await producer.stop()
 
 
-def test_services_answer_and_stop_leaves_no_process(tmp_path):
-    folder = tmp_path / "services"
+def test_services_answer_and_stop_leaves_no_process(service_folder):
+    folder = service_folder
     with EmbeddedServices(folder) as services:
         urls = services.start()
         pids = [child.pid for child in services.children]
@@ -70,25 +70,25 @@ def test_services_answer_and_stop_leaves_no_process(tmp_path):
     assert _processes_using(folder) == []
 
 
-def test_restart_keeps_the_database(tmp_path):
-    folder = tmp_path / "services"
+def test_restart_keeps_the_database(service_folder):
+    folder = service_folder
     for expected_rows in (1, 2):
         with EmbeddedServices(folder) as services:
             urls = services.start(kafka=False, redis=False)
             assert asyncio.run(_postgres_round_trip(urls["DATABASE_URL"])) == expected_rows
 
 
-def test_second_user_of_a_folder_is_refused(tmp_path):
-    with EmbeddedServices(tmp_path) as first:
+def test_second_user_of_a_folder_is_refused(service_folder):
+    with EmbeddedServices(service_folder) as first:
         first.start(kafka=False, postgres=False)
 
         with pytest.raises(EmbeddedServiceError, match="in use by another process"):
-            EmbeddedServices(tmp_path).start(kafka=False, postgres=False)
+            EmbeddedServices(service_folder).start(kafka=False, postgres=False)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on Linux parent-death signals")
-def test_run_after_a_killed_run_starts_cleanly(tmp_path):
-    folder = tmp_path / "services"
+def test_run_after_a_killed_run_starts_cleanly(service_folder):
+    folder = service_folder
     script = textwrap.dedent(f"""
         import time
         from alerting_app.embedded import EmbeddedServices
