@@ -13,6 +13,10 @@ from aiokafka.errors import for_code
 
 _TOPIC_ALREADY_EXISTS = 36
 
+# rule.changed is the changelog every worker rebuilds its rules from: keep the newest event of each
+# rule for ever (a new worker on an empty disk must still see rules created years ago).
+TOPIC_CONFIGS = {"rule.changed": {"cleanup.policy": "compact", "retention.ms": "-1"}}
+
 
 @dataclass
 class TopicReport:
@@ -45,7 +49,8 @@ async def create_topics(bootstrap: str, partitions: int, replication: int) -> To
         present = set(await admin.list_topics())
         missing = [name for name in wanted if name not in present]
         if missing:
-            new_topics = [NewTopic(name, partitions, replication) for name in missing]
+            new_topics = [NewTopic(name, partitions, replication, topic_configs=TOPIC_CONFIGS.get(name, {}))
+                          for name in missing]
             response = await admin.create_topics(new_topics)
             for name, code, message in _topic_errors(response):
                 if code == 0:
