@@ -1,0 +1,73 @@
+# Two roles: the execution role (ECS itself: pull the image, write logs, read the secrets into the
+# environment) and the task role (the application: it calls no AWS API, so it holds no policy).
+
+data "aws_iam_policy_document" "ecs_tasks_assume" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["ecs-tasks.amazonaws.com"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [data.aws_caller_identity.current.account_id]
+    }
+  }
+}
+
+resource "aws_iam_role" "execution" {
+  name               = "${var.name}-ecs-execution"
+  assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+}
+
+resource "aws_iam_role_policy_attachment" "execution" {
+  role       = aws_iam_role.execution.name
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
+}
+
+locals {
+  secret_arns         = distinct(values(local.secrets))
+  secretsmanager_arns = [for arn in local.secret_arns : arn if strcontains(arn, ":secretsmanager:")]
+  ssm_parameter_arns  = [for arn in local.secret_arns : arn if strcontains(arn, ":ssm:")]
+}
+
+data "aws_iam_policy_document" "read_secrets" {
+  dynamic "statement" {
+    for_each = length(local.secretsmanager_arns) > 0 ? [1] : []
+    content {
+      sid       = "ReadTheConfiguredSecrets"
+      actions   = ["secretsmanager:GetSecretValue"]
+      resources = local.secretsmanager_arns
+    }
+  }
+
+  dynamic "statement" {
+    for_each = length(local.ssm_parameter_arns) > 0 ? [1] : []
+    content {
+      sid       = "ReadTheConfiguredParameters"
+      actions   = ["ssm:GetParameters"]
+      resources = local.ssm_parameter_arns
+    }
+  }
+
+  dynamic "statement" {
+    for_each = var.secrets_kms_key_arn == null ? [] : [var.secrets_kms_key_arn]
+    content {
+      sid       = "DecryptTheConfiguredSecrets"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "execution_reads_secrets" {
+  name   = "read-secrets"
+  role   = aws_iam_role.execution.id
+  policy = data.aws_iam_policy_document.read_secrets.json
+}
+
+resource "aws_iam_role" "task" {
+  name               = "${var.name}-ecs-task"
+  assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+}
