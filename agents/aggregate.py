@@ -137,4 +137,6 @@ async def publish_aggregation(aggregation: Aggregation) -> None:
 @app.agent(alerts_matched, sink=[publish_aggregation])
 async def aggregate_matches(stream: StreamT) -> AsyncIterator[Aggregation]:
     async for events in stream.take_events(MATCH_BATCH_SIZE, within=MATCH_BATCH_WITHIN_S):
-        yield await aggregate_batch(await db.pool(), events)
+        # The sink runs before the generator resumes: the time covers recording and sending.
+        with metrics.stage_seconds.labels(stage="aggregate_batch").time():
+            yield await aggregate_batch(await db.pool(), events)

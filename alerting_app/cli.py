@@ -1,36 +1,68 @@
-"""The `alerting-app` command: Faust's CLI bound to our app, plus `migrate`, `create-topics` and `up`.
+"""The `alerting-app` command: Faust's CLI bound to our app, plus `migrate`, `create-topics`, `up`,
+`topics`, `tail` and the load commands.
 
 `alerting-app worker|agents|tables|send|models` are Faust's own commands; `worker` additionally
-refuses to start until the services it needs are configured.
+refuses to start until the services it needs are configured, waits until they answer, and runs
+only the agents of its `--roles`.
 """
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from typing import Any, ClassVar
 
 import asyncpg
 from aiokafka.errors import KafkaError
 import click
-from faust.cli import AppCommand, option
+from faust.cli import AppCommand, argument, option
 from faust.cli.worker import worker as FaustWorkerCommand
 
 import agents  # noqa: F401  registers the agents on the app
 import web  # noqa: F401  registers the web views on the app
-from alerting_app import kafka_admin, load
+import web.operations  # noqa: F401  registers /healthz, /readyz and /metrics
+from alerting_app import kafka_admin, load, topic_inspection
 from alerting_app.app import app, settings
 from alerting_app.embedded import EmbeddedServiceError
+from alerting_app.json_logs import faust_logging_config, log_to_stderr
 from alerting_app.migrate import MigrationError, apply_migrations
+from alerting_app.roles import apply_roles, parse_roles
 from alerting_app.seed import MIXES
-from alerting_app.settings import ConfigurationError, require_services
+from alerting_app.settings import ROLE_NAMES, ConfigurationError, require_services, roles_of
+from alerting_app.startup_wait import wait_before_start
 from alerting_app.up import run_up
 
 
 class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command name; it replaces Faust's
-    """Start a worker: the agents and the web API on WEB_PORT."""
+    """Start a worker: the agents of its roles (default: all) and the web server on WEB_PORT.
+
+    It first waits for the broker, Postgres and Redis (alerting_app/startup_wait.py): Faust itself
+    exits when the broker is not there yet.
+    """
+
+    options = FaustWorkerCommand.options + [
+        option("--roles", default=None, show_default=False,
+               help=f"what this worker runs: all, or some of {', '.join(ROLE_NAMES)} (default: ROLES, else all)"),
+    ]
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         require_services(settings)
+        roles = self.kwargs.pop("roles", None)
+        if roles is not None:
+            try:
+                settings.roles = roles_of(roles)
+            except ValueError as exc:
+                raise ConfigurationError(f"Invalid configuration:\n  --roles: {exc} (got {roles!r})") from None
+        log_to_stderr(settings.log_format, self.loglevel)
+        if settings.log_format == "json":
+            app.conf.logging_config = faust_logging_config(settings.log_format)
+        apply_roles(app, parse_roles(settings.roles))
+        wait_before_start(settings, kafka_admin.topic_names())
         super().__call__(*args, **kwargs)
+
+    def on_worker_created(self, worker: Any) -> None:
+        if settings.log_format == "text":  # Faust's banner is a table: not for a JSON log stream
+            super().on_worker_created(worker)
 
 
 class _ForegroundCommand(AppCommand):
@@ -40,7 +72,9 @@ class _ForegroundCommand(AppCommand):
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         try:
-            code = self.run(*args, **kwargs)
+            # The decorated function itself, given the parsed options (as a method, `run` would
+            # take the first option for `self`).
+            code = type(self).__wrapped__(*self.args, **{**self.kwargs, **kwargs})
         except (OSError, KafkaError, asyncpg.PostgresError, MigrationError, EmbeddedServiceError) as exc:
             # A service that cannot be reached or a refused migration is a message, not a traceback.
             raise SystemExit(f"{self.__class__.__name__} failed: {exc}") from None
@@ -117,6 +151,52 @@ def republish_rules() -> int:
     count = asyncio.run(load.republish(_required(settings.database_url, "DATABASE_URL")))
     print(f"queued {count} rules for rule.changed; a running worker relays them")
     return 0
+
+
+@app.command(
+    option("--partitions", "by_partition", is_flag=True, default=False,
+           help="also one line per partition: start, end, committed offset, lag"),
+    option("--json", "as_json", is_flag=True, default=False, help="one JSON document, per partition too"),
+    base=_ForegroundCommand,
+)
+def topics(by_partition: bool, as_json: bool) -> int:
+    """Each topic: partitions, end offsets and the lag of this app's consumer group (APP_ID)."""
+    bootstrap = _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    figures = asyncio.run(topic_inspection.topic_figures(bootstrap, settings.app_id))
+    if as_json:
+        print(json.dumps({"group": settings.app_id, "topics": [f.as_json() for f in figures]}))
+    else:
+        print(topic_inspection.figures_table(figures, settings.app_id, by_partition=by_partition))
+    return 0
+
+
+@app.command(
+    argument("topic"),
+    option("--from-beginning", is_flag=True, default=False,
+           help="start at the oldest message instead of the newest"),
+    option("--limit", type=click.IntRange(min=1), default=None, show_default=False,
+           help="stop after N messages (default: follow until Ctrl-C)"),
+    base=_ForegroundCommand,
+)
+def tail(topic: str, from_beginning: bool, limit: int | None) -> int:
+    """Print the messages of TOPIC, decoded, one JSON object per line (key, partition, offset, value)."""
+    bootstrap = _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    try:
+        asyncio.run(_tail(bootstrap, topic, from_beginning, limit))
+    except topic_inspection.UnknownTopic as exc:
+        raise SystemExit(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _tail(bootstrap: str, topic: str, from_beginning: bool, limit: int | None) -> None:
+    async with topic_inspection.TopicTail(bootstrap, topic, from_beginning=from_beginning) as tail:
+        # On stderr, so stdout stays one JSON object per line; it also says when producing is safe.
+        where = "the oldest message" if from_beginning else "the end"
+        print(f"tailing {topic} ({len(tail.partitions)} partitions) from {where}", file=sys.stderr, flush=True)
+        async for message in tail.messages(limit):
+            print(json.dumps(message), flush=True)
 
 
 def main() -> None:

@@ -144,6 +144,7 @@ class EmbeddedServices:
         self.folder = Path(folder).resolve()
         self.children: list[ChildProcess] = []
         self._lock_file: IO | None = None
+        self._postgres_port: int | None = None
 
     def __enter__(self) -> "EmbeddedServices":
         return self
@@ -212,10 +213,21 @@ class EmbeddedServices:
                          "answering Kafka requests")
         return bootstrap
 
-    def _start_postgres(self) -> str:
+    def stop_postgres(self) -> None:
+        """Stop only PostgreSQL, keeping its cluster and port (tests of what a worker does meanwhile)."""
+        child = next(child for child in self.children if child.name == "PostgreSQL")
+        child.stop()
+        self.children.remove(child)
+
+    def start_postgres_again(self) -> str:
+        """Start the PostgreSQL stopped by `stop_postgres` on its former port; returns the same URL."""
+        return self._start_postgres(port=self._postgres_port)
+
+    def _start_postgres(self, port: int | None = None) -> str:
         data = self.folder / "postgres" / "data"
         user = _prepare_postgres_cluster(data)
-        port = free_port()
+        port = port or free_port()
+        self._postgres_port = port
         child = self._start(
             "PostgreSQL",
             # TCP only (-k ''): a unix socket path under a deep folder can exceed the 107-byte limit.

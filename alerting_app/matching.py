@@ -7,18 +7,44 @@ number of dictionary lookups whatever the number of rules.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import sys
 from collections.abc import Iterable
-from itertools import product
+from typing import NamedTuple
 
 from alerting_app.contracts import WILDCARD, Alert, AlertMatched, Rule, RuleChanged, Severity
 
 Criteria = tuple[str, str, str]
 
 
-def _criteria_of(rule: Rule) -> Criteria:
-    severity = rule.severity.value if isinstance(rule.severity, Severity) else rule.severity
-    return (severity, rule.source, rule.name)
+class HeldRule(NamedTuple):
+    """A rule as the index holds it.
+
+    A tuple of strings, ints and bools, not a pydantic `Rule`: at 450,000 rules a model instance
+    per rule costs about 1 KB and three objects the garbage collector scans on every full
+    collection; tuples of atomic values take a fifth of that and the collector stops tracking them.
+    """
+
+    client_id: str
+    severity: str
+    source: str
+    name: str
+    enabled: bool
+    version: int
+
+    @classmethod
+    def of(cls, rule: Rule) -> "HeldRule":
+        severity = rule.severity.value if isinstance(rule.severity, Severity) else rule.severity
+        # Interned: 28,800 rules share 100 client ids and a few hundred criteria values.
+        return cls(sys.intern(rule.client_id), sys.intern(severity), sys.intern(rule.source),
+                   sys.intern(rule.name), rule.enabled, rule.version)
+
+    @property
+    def criteria(self) -> Criteria:
+        return (self.severity, self.source, self.name)
+
+    def as_rule(self, rule_id: str) -> Rule:
+        return Rule(rule_id=rule_id, client_id=self.client_id, severity=self.severity, source=self.source,
+                    name=self.name, enabled=self.enabled, version=self.version)
 
 
 class RuleIndex:
@@ -31,9 +57,9 @@ class RuleIndex:
 
     def __init__(self, changes: Iterable[RuleChanged] = ()) -> None:
         self._versions: dict[str, int] = {}
-        self._rules: dict[str, Rule] = {}
+        self._rules: dict[str, HeldRule] = {}
         # criteria -> {rule_id: client_id}, enabled rules only: disabled rules never match.
-        self._by_criteria: dict[Criteria, dict[str, str]] = defaultdict(dict)
+        self._by_criteria: dict[Criteria, dict[str, str]] = {}
         for change in changes:
             self.apply(change)
 
@@ -46,9 +72,10 @@ class RuleIndex:
         self._unindex(change.rule_id)
         if change.action == "upsert":
             assert change.rule is not None  # guaranteed by the contract
-            self._rules[change.rule_id] = change.rule
-            if change.rule.enabled:
-                self._by_criteria[_criteria_of(change.rule)][change.rule_id] = change.rule.client_id
+            rule = HeldRule.of(change.rule)
+            self._rules[change.rule_id] = rule
+            if rule.enabled:
+                self._by_criteria.setdefault(rule.criteria, {})[change.rule_id] = rule.client_id
         return True
 
     def rebuild(self, changes: Iterable[RuleChanged]) -> None:
@@ -59,30 +86,51 @@ class RuleIndex:
     def _unindex(self, rule_id: str) -> None:
         old = self._rules.pop(rule_id, None)
         if old is not None:
-            criteria = _criteria_of(old)
-            bucket = self._by_criteria.get(criteria)
+            bucket = self._by_criteria.get(old.criteria)
             if bucket is not None:
                 bucket.pop(rule_id, None)
                 if not bucket:
-                    del self._by_criteria[criteria]
+                    del self._by_criteria[old.criteria]
+
+    def __len__(self) -> int:
+        """How many rules are held, enabled or not (deleted ones not counted)."""
+        return len(self._rules)
 
     def held_version(self, rule_id: str) -> int | None:
         """The newest version seen for the rule, a delete included; None if never seen."""
         return self._versions.get(rule_id)
 
+    def enabled_versions(self) -> dict[str, int]:
+        """rule_id -> version of every enabled rule: what two workers must agree on.
+
+        Cheaper than `rules()`, which builds a contract object per rule (seconds at 450,000 rules).
+        """
+        return {rule_id: rule.version for rule_id, rule in self._rules.items() if rule.enabled}
+
     def rules(self) -> dict[str, Rule]:
-        """Every rule currently held (enabled or not), by rule_id."""
-        return dict(self._rules)
+        """Every rule currently held (enabled or not), by rule_id, as contract objects."""
+        return {rule_id: rule.as_rule(rule_id) for rule_id, rule in self._rules.items()}
 
     def match(self, alert: Alert) -> dict[str, list[str]]:
         """client_id -> sorted rule_ids of that client's enabled rules matching the alert."""
-        by_client: dict[str, list[str]] = defaultdict(list)
-        # Each field either exact or `*`: 8 lookups (the all-`*` one never holds a rule).
-        for criteria in product((alert.severity.value, WILDCARD), (alert.source, WILDCARD),
-                                (alert.name, WILDCARD)):
-            for rule_id, client_id in self._by_criteria.get(criteria, {}).items():
-                by_client[client_id].append(rule_id)
-        return {client_id: sorted(rule_ids) for client_id, rule_ids in by_client.items()}
+        severity, source, name = alert.severity.value, alert.source, alert.name
+        by_client: dict[str, list[str]] = {}
+        lookup = self._by_criteria.get
+        # Each field either exact or `*`: 7 lookups, most of them finding nothing.
+        for criteria in ((severity, source, name), (severity, source, WILDCARD), (severity, WILDCARD, name),
+                         (severity, WILDCARD, WILDCARD), (WILDCARD, source, name), (WILDCARD, source, WILDCARD),
+                         (WILDCARD, WILDCARD, name)):  # (*, *, *) is refused by the contract
+            bucket = lookup(criteria)
+            if bucket:
+                for rule_id, client_id in bucket.items():
+                    rule_ids = by_client.get(client_id)
+                    if rule_ids is None:
+                        by_client[client_id] = [rule_id]
+                    else:
+                        rule_ids.append(rule_id)
+        for rule_ids in by_client.values():
+            rule_ids.sort()
+        return by_client
 
 
 def matched_messages(alert: Alert, index: RuleIndex) -> list[AlertMatched]:

@@ -1,8 +1,47 @@
-"""Process-wide Prometheus counters; the worker's web server exposes them at /metrics."""
-from prometheus_client import Counter
+"""Process-wide Prometheus metrics; the worker's web server exposes them at /metrics (web/operations.py).
+
+docs/operations.md explains how to read them.
+"""
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# The `_created` timestamp series double what a scrape carries and no dashboard of ours reads them.
+disable_created_metrics()
 
 dead_letters = Counter("alerting_dead_letters_total", "Messages sent to a dead-letter topic", ["topic"])
 alerts_consumed = Counter("alerting_alerts_consumed_total", "Alerts read from alerts.new")
 alerts_matched = Counter("alerting_alerts_matched_total", "alerts.matched messages emitted (one per client)")
 notifications_emitted = Counter("alerting_notifications_emitted_total", "notifications.ready messages emitted")
 deliveries = Counter("alerting_deliveries_total", "Delivery attempts by outcome", ["channel", "status"])
+
+CHANNELS = ("webhook", "slack", "email")
+
+# Per endpoint of a notification: one notification to three endpoints counts three times.
+notifications_sent = Counter("alerting_notifications_sent_total",
+                             "Notifications delivered to an endpoint", ["channel"])
+notifications_failed = Counter("alerting_notifications_failed_total",
+                               "Notifications given up for an endpoint (permanent error or last attempt)", ["channel"])
+notifications_retried = Counter("alerting_notifications_retried_total",
+                                "Delivery attempts scheduled again after a retryable failure", ["channel"])
+notifications_suppressed = Counter("alerting_notifications_suppressed_total",
+                                   "Notifications not emitted because they repeat one already sent")
+notifications_silenced = Counter("alerting_notifications_silenced_total",
+                                 "Notifications not emitted because a silence covers them")
+for _channel in CHANNELS:
+    # Known label values are exported at 0 from the start, so rates and alerts see the series at once.
+    for _counter in (notifications_sent, notifications_failed, notifications_retried):
+        _counter.labels(channel=_channel)
+
+# Observed by the agents: one evaluate or aggregate batch (stream.take_events), one delivery.
+STAGES = ("evaluate_batch", "aggregate_batch", "deliver")
+stage_seconds = Histogram(
+    "alerting_stage_duration_seconds", "Time one pipeline stage spends on one batch or delivery", ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+for _stage in STAGES:
+    stage_seconds.labels(stage=_stage)
+
+# Set when /metrics is scraped (web/operations.py).
+consumer_lag = Gauge("alerting_consumer_lag_messages",
+                     "Messages on this worker's assigned partitions not yet fetched (highwater - position)",
+                     ["topic"])
+rules_held = Gauge("alerting_rules_held", "Rules in this worker's rule index, enabled or not")

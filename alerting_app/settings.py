@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -37,6 +37,23 @@ KafkaServers = Annotated[str, AfterValidator(_kafka_servers)]
 PostgresUrl = Annotated[str, AfterValidator(_url_with_scheme("postgresql", "postgres"))]
 RedisUrl = Annotated[str, AfterValidator(_url_with_scheme("redis", "rediss", "unix"))]
 
+# What a worker runs (`alerting-app worker --roles`, docs/operations.md): each pipeline role is one
+# agent (evaluate also keeps the rule replica); `api` alone runs no agent, only the web server.
+ROLE_NAMES = ("evaluate", "aggregate", "deliver", "relay", "api")
+
+
+def roles_of(value: str) -> str:
+    """`all`, or a comma-separated subset of ROLE_NAMES, normalised to ROLE_NAMES order."""
+    names = {name.strip().lower() for name in value.split(",") if name.strip()}
+    if names == {"all"}:
+        return ",".join(ROLE_NAMES)
+    if not names or not names <= set(ROLE_NAMES):
+        raise ValueError(f"must be all or a comma-separated list of {', '.join(ROLE_NAMES)}")
+    return ",".join(name for name in ROLE_NAMES if name in names)
+
+
+Roles = Annotated[str, AfterValidator(roles_of)]
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
@@ -58,9 +75,59 @@ class Settings(BaseSettings):
     # Short rebalance timeouts keep a dev broker (Tansu) joining quickly; Kafka/MSK can use more.
     broker_rebalance_timeout_s: float = Field(default=10.0, gt=0, le=600)
     broker_session_timeout_s: float = Field(default=10.0, gt=0, le=600)
-    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
     allow_private_endpoints: bool = False
     log_level: str = Field(default="info", pattern=r"^(?i:debug|info|warning|error)$")
+    # json: one JSON object per log line, for log collectors (CloudWatch, Loki); text: for people.
+    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    roles: Roles = Field(default="all", validate_default=True)
+
+    # --- delivery (docs/delivery.md) ---
+    # One HTTP request (webhook, Slack), connect to response, before it counts as a retryable failure.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    delivery_max_attempts: int = Field(default=8, ge=1, le=100)
+    # Exponential backoff with jitter: after attempt n, initial * 2**(n-1) plus up to `initial` at
+    # random, capped at the max; a 429's Retry-After, when longer, is waited instead.
+    delivery_backoff_initial_s: float = Field(default=1.0, gt=0, le=3600)
+    delivery_backoff_max_s: float = Field(default=300.0, gt=0, le=86_400)
+    # Sends in flight per worker, and per endpoint per worker: a hanging endpoint holds at most its share.
+    delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
+    delivery_endpoint_concurrency: int = Field(default=16, ge=1, le=1_000)
+    # Deliveries one worker holds in memory, per endpoint and in all (sending, or waiting for a token
+    # or a retry); beyond that they wait in Postgres, so one endpoint's backlog never fills a worker.
+    delivery_endpoint_backlog: int = Field(default=1_000, ge=1, le=1_000_000)
+    delivery_max_held: int = Field(default=20_000, ge=1, le=10_000_000)
+    # A worker renews the leases of the deliveries it holds; a dead worker's expire and any worker
+    # resumes them. The sweep also picks up deliveries waiting in Postgres.
+    delivery_lease_s: float = Field(default=60.0, ge=1, le=3_600)
+    delivery_sweep_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # Outcomes are written to Postgres in batches collected for at most this long.
+    delivery_record_interval_s: float = Field(default=0.05, gt=0, le=300)
+    # How long Redis remembers that a delivery was sent; it must outlive a crash's recovery
+    # (a lease) by far, after which Postgres has the record.
+    delivery_sent_marker_ttl_s: int = Field(default=3_600, ge=60, le=30 * 86_400)
+    # Token bucket per endpoint (an endpoint's own rate_limit_per_s overrides it); 0 means unlimited.
+    endpoint_rate_limit_per_s: float = Field(default=100.0, ge=0, le=100_000)
+    # Bucket size as seconds of the rate: how large a burst is let through at once.
+    endpoint_rate_burst_s: float = Field(default=1.0, gt=0, le=3_600)
+    # One bucket for all email, whatever the recipient: what the SMTP relay accepts; 0 means unlimited.
+    email_rate_limit_per_s: float = Field(default=10.0, ge=0, le=10_000)
+
+    # --- email (SMTP via aiosmtplib) ---
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_starttls: bool = False
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    smtp_from: str = "alerting@localhost"
+    smtp_timeout_s: float = Field(default=30.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _smtp_login_is_complete(self) -> "Settings":
+        if (self.smtp_user is None) != (self.smtp_password is None):
+            raise ValueError("SMTP_USER and SMTP_PASSWORD are set together or not at all")
+        if self.delivery_backoff_initial_s > self.delivery_backoff_max_s:
+            raise ValueError("DELIVERY_BACKOFF_INITIAL_S must not exceed DELIVERY_BACKOFF_MAX_S")
+        return self
 
 
 class ConfigurationError(SystemExit):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -46,14 +46,21 @@ class RuleStore:
         self.path = path
         self._db = Rdict(str(path))
 
-    def load(self) -> tuple[list[RuleChanged], dict[int, int]]:
-        changes, offsets = [], {}
-        for key, value in self._db.items():
-            if key.startswith(_RULE):
-                changes.append(RuleChanged.model_validate_json(value))
-            elif key.startswith(_OFFSET):
-                offsets[int(key[len(_OFFSET):])] = value
-        return changes, offsets
+    def load(self) -> tuple[Iterator[RuleChanged], dict[int, int]]:
+        """(the stored events, the next offset per partition).
+
+        The events are decoded one at a time as they are iterated: at 450,000 rules a list of them
+        would hold every decoded event at once, doubling the worker's memory at start-up.
+        """
+        offsets = {int(key[len(_OFFSET):]): value for key, value in self._prefixed(_OFFSET)}
+        return (RuleChanged.model_validate_json(value) for _, value in self._prefixed(_RULE)), offsets
+
+    def _prefixed(self, prefix: str) -> Iterator[tuple[str, object]]:
+        # Keys are kept sorted: the entries of one prefix are contiguous from the prefix itself.
+        for key, value in self._db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                return
+            yield key, value
 
     def save(self, changes: dict[str, bytes], offsets: dict[int, int]) -> None:
         batch = WriteBatch()
@@ -90,7 +97,7 @@ class RuleReplica:
     def load(self, store: RuleStore) -> dict[int, int]:
         changes, offsets = store.load()
         self.index.rebuild(changes)
-        log.info("rule replica loaded %d rules from %s", len(self.index.rules()), store.path)
+        log.info("rule replica loaded %d rules from %s", len(self.index), store.path)
         return offsets
 
     def apply_records(self, records) -> tuple[dict[str, bytes], list]:
@@ -134,7 +141,7 @@ class RuleReplica:
     async def _consume(self, consumer, tps, ends, store: RuleStore, poll_ms: int) -> None:
         while True:
             if not self.is_caught_up and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
-                log.info("rule replica caught up: %d rules", len(self.index.rules()))
+                log.info("rule replica caught up: %d rules", len(self.index))
                 self._caught_up.set()
             batches = await consumer.getmany(timeout_ms=poll_ms, max_records=5000)
             if not batches:

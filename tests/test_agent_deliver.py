@@ -1,48 +1,104 @@
-"""The deliver agent through Faust's test driver, against the real Postgres and a real local
-webhook receiver: each enabled endpoint is delivered to once, and every outcome is recorded."""
+"""The deliver agent through Faust's test driver, against the real Postgres, Redis and broker and
+real local endpoints: every enabled endpoint gets the notification once, failures are retried or
+dead-lettered, and one endpoint's trouble holds up nobody else's deliveries."""
 from __future__ import annotations
 
-import socket
+import asyncio
+import hashlib
+import hmac
+import time
 import uuid
 
 import pytest
+import pytest_asyncio
 
-from agents.deliver import deliver_notifications
+from agents.deliver import deliver_notifications, sweep
 from alerting_app.contracts import Alert, NotificationReady
+from delivery_receivers import Answer, Receiver, SmtpServer
 from test_agent_support import (  # noqa: F401  (fixtures)
-    AGENT_LOOP, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to, webhook,
+    AGENT_LOOP, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to,
 )
 
 pytestmark = AGENT_LOOP
 
 
-async def pending_notification(pool, client_id: str, rule_ids: list[str]) -> NotificationReady:
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def dispatcher(pipeline):
+    """This process's delivery dispatcher, as the agent uses it; closed after the module."""
+    from alerting_app import redis_client
+    from alerting_app.delivery.dispatcher import close_dispatcher, dispatcher
+
+    yield dispatcher()
+    await close_dispatcher()
+    await redis_client.close()
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", 0.01)
+    monkeypatch.setattr(settings, "delivery_backoff_max_s", 0.05)
+    monkeypatch.setattr(settings, "delivery_max_attempts", 4)
+    monkeypatch.setattr(settings, "delivery_record_interval_s", 0.01)
+    return settings
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def receiver():
+    async with Receiver() as running:
+        yield running
+
+
+async def pending_notification(pool, client_id: str, rule_ids: list[str], **context: str) -> NotificationReady:
     """A notification as aggregate leaves it: a PENDING row, and its notifications.ready message."""
     alert = Alert(alert_id=str(uuid.uuid4()), event_ts=1_700_000_000.5, severity="HIGH", source="payments",
-                  name="CheckoutLatency", context={"region": "eu-west-1"})
-    notification = NotificationReady(client_id=client_id, alerts=[alert], rule_ids=rule_ids)
+                  name="CheckoutLatency", context=context or {"region": "eu-west-1"})
+    notification = NotificationReady(client_id=client_id, alerts=[alert], rule_ids=rule_ids,
+                                     created_at=round(time.time(), 6))
     await pool.execute(
-        "INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, emitted)"
-        " VALUES ($1, $2, $3, $4, $5, true)",
-        notification.notification_id, client_id, alert.alert_id, [alert.model_dump(mode="json")], rule_ids)
+        "INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, emitted)"
+        " VALUES ($1, $2, $3, $4, $5, to_timestamp($6), true)",
+        notification.notification_id, client_id, alert.alert_id, [alert.model_dump(mode="json")], rule_ids,
+        notification.created_at)
     return notification
 
 
-async def deliver(*values: bytes, key: str = "client-key", partition: int = 0) -> list:
-    """Each value is put on notifications.ready and waited for: one DeliverOutcome per value."""
+async def tenant_with_endpoint(pool, type_: str, value: str, **rule) -> tuple[str, str, str]:
+    client = await insert_client(pool)
+    rule_id = await insert_rule(pool, client, **rule)
+    return client, rule_id, await insert_endpoint(pool, client, rule_id, type_, value)
+
+
+async def put(*values: bytes, key: str = "client-key", partition: int = 0) -> list:
+    """Each value is put on notifications.ready and taken in: one Intake per value."""
     async with deliver_notifications.test_context() as agent:
         for value in values:
             await agent.put(value, key=key.encode(), partition=partition)
         return [agent.results[i] for i in range(len(values))]
 
 
+async def deliver(dispatcher, *values: bytes, **put_options) -> list:
+    """Put the values on notifications.ready and wait until their deliveries are done and recorded."""
+    intakes = await put(*values, **put_options)
+    await dispatcher.drained()
+    return intakes
+
+
 async def deliveries(pool, notification_id: str) -> dict[str, tuple]:
     rows = await pool.fetch(
         "SELECT endpoint_id::text, channel, status, attempts, last_error,"
-        " first_attempt_at IS NOT NULL AS attempted"
+        " first_attempt_at IS NOT NULL AND last_attempt_at >= first_attempt_at AS attempted"
         " FROM deliveries WHERE notification_id = $1", notification_id)
     columns = ("channel", "status", "attempts", "last_error", "attempted")
     return {row["endpoint_id"]: tuple(row[c] for c in columns) for row in rows}
+
+
+async def until_settled(pool, notification_id: str, timeout: float = 30.0) -> None:
+    """Wait until the notification is no longer PENDING; a bound, not a measurement."""
+    async with asyncio.timeout(timeout):
+        while (await notification_state(pool, notification_id))[0] == "PENDING":
+            await asyncio.sleep(0.01)
 
 
 async def notification_state(pool, notification_id: str) -> tuple[str, str | None]:
@@ -51,158 +107,255 @@ async def notification_state(pool, notification_id: str) -> tuple[str, str | Non
     return row["status"], row["detail"]
 
 
-async def test_webhook_answering_2xx_receives_the_exact_payload_and_is_recorded_sent(pool, webhook):
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    endpoint = await insert_endpoint(pool, client, rule, "webhook", webhook.url(204))
+async def test_webhook_receives_the_signed_payload_once_and_is_recorded_sent(pool, dispatcher, receiver):
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])
 
-    [outcome] = await deliver(notification.encode())
+    [intake] = await deliver(dispatcher, notification.encode())
 
-    [post] = webhook.posts
-    assert post.body == {
-        "version": 1,
-        "notification_id": notification.notification_id,
-        "client_id": client,
-        "rule_ids": [rule],
-        "alerts": [{"alert_id": notification.alerts[0].alert_id, "schema_version": 1,
-                    "event_ts": 1_700_000_000.5, "severity": "HIGH", "source": "payments",
-                    "name": "CheckoutLatency", "context": {"region": "eu-west-1"}}],
-        "created_at": notification.created_at,
-    }
-    assert post.headers["Content-Type"] == "application/json"
+    [post] = receiver.posts
+    assert post.body["notification_id"] == notification.notification_id
+    assert post.body["alerts"] == [notification.alerts[0].model_dump(mode="json")]
+    secret = await pool.fetchval("SELECT secret FROM endpoints WHERE endpoint_id = $1", endpoint)
+    assert post.headers["X-Alerting-Signature"] == "sha256=" + hmac.new(
+        secret.encode(), post.raw, hashlib.sha256).hexdigest()
     assert post.headers["Idempotency-Key"] == f"{notification.notification_id}:{endpoint}"
-    assert outcome.report.status == "SENT" and outcome.dead_letter is None
-    assert await deliveries(pool, notification.notification_id) == {
-        endpoint: ("webhook", "SENT", 1, None, True)}
+    assert [job.endpoint_id for job in intake.started] == [endpoint] and intake.dead_letters == []
+    assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "SENT", 1, None, True)}
     assert await notification_state(pool, notification.notification_id) == ("SENT", None)
 
 
-async def test_webhook_answering_500_is_recorded_failed(pool, webhook):
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    endpoint = await insert_endpoint(pool, client, rule, "webhook", webhook.url(500))
+async def test_endpoint_answering_500_twice_then_200_is_sent_with_three_attempts(pool, dispatcher, receiver):
+    receiver.answer("hook", 500, 500, 200)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])
 
-    [outcome] = await deliver(notification.encode())
+    await deliver(dispatcher, notification.encode())
 
-    assert len(webhook.posts) == 1
-    assert outcome.report.status == "FAILED"
+    assert len(receiver.posts) == 3
+    assert len(receiver.idempotency_keys()) == 1  # one key for every attempt
+    assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "SENT", 3, None, True)}
+    assert await notification_state(pool, notification.notification_id) == ("SENT", None)
+
+
+async def test_endpoint_answering_400_fails_after_one_attempt_and_is_dead_lettered(pool, dispatcher, receiver):
+    receiver.answer("hook", 400)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+
+    await deliver(dispatcher, notification.encode())
+
+    assert len(receiver.posts) == 1
     assert await deliveries(pool, notification.notification_id) == {
-        endpoint: ("webhook", "FAILED", 1, "HTTP 500", True)}
+        endpoint: ("webhook", "FAILED", 1, "HTTP 400", True)}
     status, detail = await notification_state(pool, notification.notification_id)
-    assert status == "FAILED"
-    assert f"{endpoint}: HTTP 500" in detail
+    assert (status, detail) == ("FAILED", f"1 of 1 deliveries failed: {endpoint}: HTTP 400")
+    [letter] = await sent_to("notifications.ready.dlq", client)
+    assert letter["reason"] == f"endpoint {endpoint} (webhook): HTTP 400; FAILED after 1 attempt(s)"
+    assert NotificationReady.model_validate_json(letter["payload"]) == notification
 
 
-async def test_unreachable_webhook_is_recorded_failed_with_the_error(pool):
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    endpoint = await insert_endpoint(pool, client, rule, "webhook", f"http://127.0.0.1:{closed_port}/hook")
+async def test_endpoint_failing_every_attempt_is_failed_after_the_last_and_dead_lettered(
+        pool, dispatcher, receiver, quick_retries):
+    receiver.answer("hook", 503)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])
 
-    [outcome] = await deliver(notification.encode())
+    await deliver(dispatcher, notification.encode())
 
-    [(channel, status, attempts, error, _)] = (await deliveries(pool, notification.notification_id)).values()
-    assert (channel, status, attempts) == ("webhook", "FAILED", 1)
-    assert "ClientConnectorError" in error
-    assert outcome.report.status == "FAILED"
-    assert endpoint in outcome.report.detail
-
-
-async def test_redelivered_notification_posts_again_only_to_the_endpoints_not_yet_sent(pool, webhook):
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    ok = await insert_endpoint(pool, client, rule, "webhook", webhook.url(200))
-    failing = await insert_endpoint(pool, client, rule, "webhook", webhook.url(503))
-    notification = await pending_notification(pool, client, [rule])
-
-    first, redelivered = await deliver(notification.encode(), notification.encode())
-
-    assert len(webhook.posts_to(200)) == 1
-    assert len(webhook.posts_to(503)) == 2
-    assert [o.endpoint_id for o in redelivered.report.outcomes] == [failing]
+    assert len(receiver.posts) == quick_retries.delivery_max_attempts == 4
     assert await deliveries(pool, notification.notification_id) == {
-        ok: ("webhook", "SENT", 1, None, True),
-        failing: ("webhook", "FAILED", 2, "HTTP 503", True),
-    }
-    assert first.report.status == redelivered.report.status == "FAILED"
+        endpoint: ("webhook", "FAILED", 4, "HTTP 503", True)}
+    [letter] = await sent_to("notifications.ready.dlq", client)
+    assert letter["reason"].endswith("HTTP 503; FAILED after 4 attempt(s)")
 
 
-async def test_redelivered_notification_already_sent_everywhere_posts_nothing(pool, webhook):
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    await insert_endpoint(pool, client, rule, "webhook", webhook.url(200))
+async def test_a_429_is_retried_no_sooner_than_its_retry_after(pool, dispatcher, receiver):
+    receiver.answer("hook", Answer(429, {"Retry-After": "1"}), 200)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])
 
-    first, redelivered = await deliver(notification.encode(), notification.encode())
+    await deliver(dispatcher, notification.encode())
 
-    assert len(webhook.posts) == 1
-    assert redelivered.report.outcomes == []
-    assert first.report.status == redelivered.report.status == "SENT"
+    first, second = receiver.posts
+    # The backoff alone would have retried within 0.05 s.
+    assert second.received_at - first.received_at >= 1.0
+    assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "SENT", 2, None, True)}
 
 
-async def test_slack_and_email_endpoints_are_recorded_unsupported(pool, webhook):
+async def test_slack_and_email_endpoints_are_delivered(pool, dispatcher, receiver, monkeypatch, quick_retries):
     client = await insert_client(pool)
     rule = await insert_rule(pool, client)
-    hook = await insert_endpoint(pool, client, rule, "webhook", webhook.url(200))
-    slack = await insert_endpoint(pool, client, rule, "slack", "https://hooks.slack.com/services/T/B/X")
+    slack = await insert_endpoint(pool, client, rule, "slack", receiver.url("services/T0/B0/X"))
     email = await insert_endpoint(pool, client, rule, "email", "oncall@example.com")
     notification = await pending_notification(pool, client, [rule])
+    with SmtpServer() as smtp:
+        monkeypatch.setattr(quick_retries, "smtp_host", "127.0.0.1")
+        monkeypatch.setattr(quick_retries, "smtp_port", smtp.port)
 
-    [outcome] = await deliver(notification.encode())
+        await deliver(dispatcher, notification.encode())
 
+        [message] = smtp.messages
+    assert message["Subject"] == "[HIGH] payments: CheckoutLatency"
+    [post] = receiver.posts_to("services/T0/B0/X")
+    assert post.body["text"] == "[HIGH] payments: CheckoutLatency"
     assert await deliveries(pool, notification.notification_id) == {
-        hook: ("webhook", "SENT", 1, None, True),
-        slack: ("slack", "UNSUPPORTED", 0, "slack delivery is not yet supported", False),
-        email: ("email", "UNSUPPORTED", 0, "email delivery is not yet supported", False),
-    }
-    assert len(webhook.posts) == 1
-    assert outcome.report.status == "SENT"
-    assert await notification_state(pool, notification.notification_id) == (
-        "SENT", "not yet supported: email, slack")
+        slack: ("slack", "SENT", 1, None, True), email: ("email", "SENT", 1, None, True)}
+    assert await notification_state(pool, notification.notification_id) == ("SENT", None)
 
 
-async def test_notification_with_only_unsupported_endpoints_is_failed(pool):
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    await insert_endpoint(pool, client, rule, "email", "oncall@example.com")
-    notification = await pending_notification(pool, client, [rule])
-
-    await deliver(notification.encode())
-
-    assert await notification_state(pool, notification.notification_id) == (
-        "FAILED", "no deliverable endpoint (not yet supported: email)")
-
-
-async def test_only_enabled_endpoints_of_the_notifications_rules_are_called(pool, webhook):
+async def test_only_enabled_endpoints_of_the_notifications_rules_are_called(pool, dispatcher, receiver):
     client = await insert_client(pool)
     matched_rule = await insert_rule(pool, client)
     other_rule = await insert_rule(pool, client, source="search")
-    await insert_endpoint(pool, client, matched_rule, "webhook", webhook.url(200))
-    await insert_endpoint(pool, client, matched_rule, "webhook", webhook.url(201), enabled=False)
-    await insert_endpoint(pool, client, other_rule, "webhook", webhook.url(202))
+    await insert_endpoint(pool, client, matched_rule, "webhook", receiver.url("enabled"))
+    await insert_endpoint(pool, client, matched_rule, "webhook", receiver.url("disabled"), enabled=False)
+    await insert_endpoint(pool, client, other_rule, "webhook", receiver.url("other-rule"))
     notification = await pending_notification(pool, client, [matched_rule])
 
-    await deliver(notification.encode())
+    await deliver(dispatcher, notification.encode())
 
-    assert [post.path for post in webhook.posts] == ["/status/200"]
+    assert [post.path for post in receiver.posts] == ["enabled"]
 
 
-async def test_notification_without_any_endpoint_is_failed(pool, webhook):
+async def test_notification_without_any_endpoint_is_failed(pool, dispatcher, receiver):
     client = await insert_client(pool)
     rule = await insert_rule(pool, client)
     notification = await pending_notification(pool, client, [rule])
 
-    [outcome] = await deliver(notification.encode())
+    [intake] = await deliver(dispatcher, notification.encode())
 
-    assert webhook.posts == []
-    assert outcome.report.outcomes == []
+    assert receiver.posts == [] and intake.started == []
     assert await notification_state(pool, notification.notification_id) == (
         "FAILED", "no enabled endpoint on the matched rules")
+
+
+async def test_redelivered_notification_already_sent_posts_nothing(pool, dispatcher, receiver):
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+
+    await deliver(dispatcher, notification.encode())
+    [redelivered] = await deliver(dispatcher, notification.encode())
+
+    assert len(receiver.posts) == 1
+    assert redelivered.started == []
+    assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "SENT", 1, None, True)}
+
+
+async def test_notification_redelivered_while_its_delivery_is_in_hand_is_posted_once(pool, dispatcher, receiver):
+    release = receiver.hold("hook")
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+
+    first, redelivered = await put(notification.encode(), notification.encode())
+    await receiver.wait_for_posts(1)
+    release.set()
+    await dispatcher.drained()
+
+    assert len(first.started) == 1 and redelivered.started == []
+    assert len(receiver.posts) == 1
+    assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "SENT", 1, None, True)}
+
+
+async def test_a_hanging_endpoint_does_not_hold_up_another_tenants_notification_on_the_same_partition(
+        pool, dispatcher, receiver):
+    release_slow = receiver.hold("slow")
+    slow_client, slow_rule, slow_endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url("slow"))
+    fast_client, fast_rule, fast_endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url("fast"))
+    slow = await pending_notification(pool, slow_client, [slow_rule])
+    fast = await pending_notification(pool, fast_client, [fast_rule])
+
+    # Same partition, the hanging tenant's notification first.
+    await put(slow.encode(), fast.encode(), partition=3)
+    await until_settled(pool, fast.notification_id)
+
+    # The fast tenant is delivered and recorded while the slow one's request still hangs.
+    assert receiver.in_flight["slow"] == 1
+    assert await deliveries(pool, fast.notification_id) == {fast_endpoint: ("webhook", "SENT", 1, None, True)}
+    assert (await deliveries(pool, slow.notification_id))[slow_endpoint][1] == "PENDING"
+    release_slow.set()
+    await dispatcher.drained()
+    assert await deliveries(pool, slow.notification_id) == {slow_endpoint: ("webhook", "SENT", 1, None, True)}
+
+
+async def test_deliveries_beyond_an_endpoints_backlog_wait_in_postgres_and_are_swept_up_later(
+        pool, dispatcher, receiver, monkeypatch, quick_retries):
+    monkeypatch.setattr(quick_retries, "delivery_endpoint_backlog", 1)
+    release = receiver.hold("hook")
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notifications = [await pending_notification(pool, client, [rule]) for _ in range(3)]
+
+    intakes = await put(*(n.encode() for n in notifications))
+    await receiver.wait_for_posts(1)
+
+    assert [len(intake.started) for intake in intakes] == [1, 0, 0]
+    waiting = await pool.fetchval("SELECT count(*) FROM deliveries WHERE endpoint_id = $1"
+                                  " AND status = 'PENDING' AND lease_until IS NULL", endpoint)
+    assert waiting == 2
+    assert await sweep(pool, dispatcher) == []  # the endpoint is still full here
+    release.set()
+    while len(receiver.posts) < 3:
+        await dispatcher.drained()
+        await sweep(pool, dispatcher)
+    await dispatcher.drained()
+    assert sorted(post.body["notification_id"] for post in receiver.posts) == sorted(
+        n.notification_id for n in notifications)
+
+
+async def open_abandoned_delivery(pool, notification: NotificationReady, endpoint: str, attempts: int = 0) -> None:
+    """The row a worker killed mid-delivery leaves: PENDING, leased by it, the lease run out."""
+    await pool.execute(
+        "INSERT INTO deliveries (notification_id, endpoint_id, channel, status, attempts, leased_by, lease_until)"
+        " VALUES ($1, $2, 'webhook', 'PENDING', $3, 'dead-worker', now() - interval '1 second')",
+        notification.notification_id, endpoint, attempts)
+
+
+async def test_sweep_resumes_a_delivery_whose_worker_died_counting_its_attempts(pool, dispatcher, receiver):
+    receiver.answer("hook", 503, 200)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    await open_abandoned_delivery(pool, notification, endpoint, attempts=2)
+
+    [job] = await sweep(pool, dispatcher)
+    await dispatcher.drained()
+
+    assert job.key == (notification.notification_id, endpoint)
+    assert [post.body["notification_id"] for post in receiver.posts] == [notification.notification_id] * 2
+    assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "SENT", 4, None, True)}
+    assert await notification_state(pool, notification.notification_id) == ("SENT", None)
+
+
+async def test_a_delivery_sent_but_not_recorded_is_recorded_sent_without_posting_again(pool, dispatcher, receiver):
+    from alerting_app import redis_client
+    from alerting_app.delivery.claims import SENT_MARK, claim_key
+
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    # The dead worker got its answer and marked the key, but died before recording it.
+    await open_abandoned_delivery(pool, notification, endpoint, attempts=0)
+    await redis_client.redis().set(claim_key(notification.notification_id, endpoint), SENT_MARK, ex=60)
+
+    await sweep(pool, dispatcher)
+    [redelivered] = await deliver(dispatcher, notification.encode())
+
+    assert receiver.posts == [] and redelivered.started == []
+    [(channel, status, _, error, _)] = (await deliveries(pool, notification.notification_id)).values()
+    assert (channel, status, error) == ("webhook", "SENT", None)
+    assert await notification_state(pool, notification.notification_id) == ("SENT", None)
+
+
+async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, dispatcher, receiver):
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    await open_abandoned_delivery(pool, notification, endpoint)
+    await pool.execute("DELETE FROM endpoints WHERE endpoint_id = $1", endpoint)
+
+    await sweep(pool, dispatcher)
+    await dispatcher.drained()
+
+    assert receiver.posts == []
+    assert await deliveries(pool, notification.notification_id) == {
+        endpoint: ("webhook", "FAILED", 0, "endpoint was deleted", False)}
 
 
 def _ready(**fields) -> bytes:
@@ -219,21 +372,19 @@ def _ready(**fields) -> bytes:
     (_ready(rule_ids=["r-1"]), "rule_ids: not a UUID"),
     (_ready(), "notification_id: no such notification"),
 ])
-async def test_undecodable_notification_goes_to_the_dead_letter_topic(pool, webhook, value, reason_names):
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    await insert_endpoint(pool, client, rule, "webhook", webhook.url(200))
+async def test_undecodable_notification_goes_to_the_dead_letter_topic(pool, dispatcher, receiver, value,
+                                                                      reason_names):
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url())
     valid = await pending_notification(pool, client, [rule])
     key = f"dlq-{uuid.uuid4()}"
 
-    bad, good = await deliver(value, valid.encode(), key=key, partition=7)
+    bad, good = await deliver(dispatcher, value, valid.encode(), key=key, partition=7)
 
-    assert bad.report is None
-    assert reason_names in bad.dead_letter.reason
-    letter = bad.dead_letter
+    [letter] = bad.dead_letters
+    assert reason_names in letter.reason
     assert (letter.topic, letter.partition, letter.offset, letter.payload) == (
         "notifications.ready", 7, 0, value.decode())
-    assert good.report.status == "SENT"
-    assert [post.body["notification_id"] for post in webhook.posts] == [valid.notification_id]
+    assert len(good.started) == 1
+    assert [post.body["notification_id"] for post in receiver.posts] == [valid.notification_id]
     [on_broker] = await sent_to("notifications.ready.dlq", key)
-    assert on_broker["reason"] == bad.dead_letter.reason
+    assert on_broker["reason"] == letter.reason

@@ -6,6 +6,7 @@ Each test uses a topic of its own, so the offsets it checks are its own.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
 
@@ -16,6 +17,7 @@ from alerting_app.contracts import Rule, RuleChanged
 from alerting_app.matching import RuleIndex
 from kafka_probe import produce, read_topic
 from tables.rule_replica import RuleReplica, RuleStore
+from web.worker_state import rules_digest
 
 PARTITIONS = 3
 
@@ -141,3 +143,86 @@ async def test_undecodable_rule_change_becomes_a_dead_letter_and_later_changes_a
     assert {letter.key: letter.reason.split(":")[0] for letter in letters} == {"bad-1": "message", "bad-2": "version"}
     assert {letter.topic for letter in letters} == {topic}
     assert set(enabled_versions(running.index)) == {"after-bad"}
+
+
+def relayed_history(seed: int, rules: int = 40) -> list[RuleChanged]:
+    """Every version of `rules` rules, published the way our outbox relays can publish them.
+
+    Each rule lives through versions 1..n (criteria changes, disables and re-enables, and for some
+    a final delete). Two relays may publish one rule's versions out of order and a relay that
+    crashes before deleting its outbox rows publishes them again, so stale versions and exact
+    duplicates are mixed in.
+    """
+    rng = random.Random(seed)
+    published: list[RuleChanged] = []
+    for n in range(rules):
+        rule_id = f"rule-{n}"
+        versions = [upsert(rule_id, v, enabled=rng.random() < 0.7, source=rng.choice(["payments", "search", "auth"]))
+                    for v in range(1, rng.randint(1, 6) + 1)]
+        if rng.random() < 0.3:
+            versions.append(delete(rule_id, len(versions) + 1))
+        for position, change in enumerate(versions):
+            published.append(change)
+            roll = rng.random()
+            if roll < 0.2:
+                published.append(change)  # duplicate
+            elif roll < 0.4 and position > 0:
+                published.append(versions[rng.randrange(position)])  # stale
+    # Rules interleave on the topic; one rule's events keep their (already disordered) order.
+    by_rule: dict[str, list[RuleChanged]] = {}
+    for change in published:
+        by_rule.setdefault(change.rule_id, []).append(change)
+    interleaved = []
+    while by_rule:
+        rule_id = rng.choice(sorted(by_rule))
+        interleaved.append(by_rule[rule_id].pop(0))
+        if not by_rule[rule_id]:
+            del by_rule[rule_id]
+    return interleaved
+
+
+def newest_versions(changes: list[RuleChanged]) -> dict[str, int]:
+    newest: dict[str, int] = {}
+    for change in changes:
+        newest[change.rule_id] = max(change.version, newest.get(change.rule_id, 0))
+    return newest
+
+
+def held_versions(index: RuleIndex, rule_ids) -> dict[str, int | None]:
+    """The version held for each rule, deletes (tombstones) included."""
+    return {rule_id: index.held_version(rule_id) for rule_id in rule_ids}
+
+
+async def test_replaying_the_whole_topic_builds_the_index_the_live_replica_holds(services, topic, tmp_path):
+    history = relayed_history(seed=3)
+    newest = newest_versions(history)
+    expected_enabled = {change.rule_id: change.version for change in history
+                        if change.version == newest[change.rule_id] and change.action == "upsert"
+                        and change.rule.enabled}
+    assert len(history) > len(newest), "the history must hold stale or duplicate events"
+    assert len(expected_enabled) < len(newest), "the history must end with deleted or disabled rules"
+
+    async with RunningReplica(services, topic, tmp_path / "live") as live:
+        # Published in rounds, so the live replica applies the history in many small steps.
+        rounds = [history[start:start + 25] for start in range(0, len(history), 25)]
+        for number, changes in enumerate(rounds, 1):
+            await publish(services, topic, *changes)
+            await live.wait_for_versions(newest_versions([c for r in rounds[:number] for c in r]))
+        live_rules, live_versions = live.index.rules(), held_versions(live.index, newest)
+
+    async with RunningReplica(services, topic, tmp_path / "replay") as replay:
+        # Caught up means it has read the whole topic, every stale and duplicate event included.
+        replay_rules, replay_versions = replay.index.rules(), held_versions(replay.index, newest)
+
+    from_disk = RuleIndex()
+    store = RuleStore(tmp_path / "live")
+    from_disk.rebuild(store.load()[0])
+    store.close()
+
+    assert live_versions == newest, "the live replica holds the newest version of every rule"
+    assert enabled_versions(live.index) == expected_enabled
+    assert rules_digest(enabled_versions(replay.index)) == rules_digest(enabled_versions(live.index))
+    assert replay_versions == live_versions
+    assert replay_rules == live_rules
+    assert held_versions(from_disk, newest) == live_versions, "the store keeps tombstones too"
+    assert from_disk.rules() == live_rules

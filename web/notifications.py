@@ -30,7 +30,9 @@ LIST = f"""
 """
 GET = f"SELECT {COLUMNS} FROM notifications WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
 DELIVERIES = """
-    SELECT notification_id, endpoint_id, channel, status, attempts, last_error FROM deliveries
+    SELECT notification_id, endpoint_id, channel, status, attempts, last_error, created_at, first_attempt_at,
+           last_attempt_at, CASE WHEN status = 'PENDING' THEN next_attempt_at END AS next_attempt_at
+    FROM deliveries
     WHERE notification_id = ANY($1::uuid[])
     ORDER BY notification_id, endpoint_id
 """

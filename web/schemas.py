@@ -98,17 +98,24 @@ class RuleQuery(PageQuery):
 
 # --- endpoints -----------------------------------------------------------------------------------
 
+RateLimit = Field(default=None, gt=0, le=100_000,
+                  description="deliveries per second to this endpoint, shared by all workers; "
+                              "null: the ENDPOINT_RATE_LIMIT_PER_S default")
+
+
 class EndpointCreate(RequestBody):
     rule_id: UUID
     type: EndpointType
     value: str = Field(min_length=1, max_length=2000)
     enabled: bool = True
+    rate_limit_per_s: float | None = RateLimit
 
 
 class EndpointPatch(RequestBody):
     type: EndpointType | None = None
     value: str | None = Field(default=None, min_length=1, max_length=2000)
     enabled: bool | None = None
+    rate_limit_per_s: float | None = RateLimit
 
 
 class EndpointOut(BaseModel):
@@ -118,8 +125,13 @@ class EndpointOut(BaseModel):
     type: str
     value: str
     enabled: bool
+    rate_limit_per_s: float | None
     created_at: datetime
     updated_at: datetime
+
+
+class EndpointCreated(EndpointOut):
+    secret: str = Field(description="the HMAC-SHA256 key of X-Alerting-Signature; shown only in this response")
 
 
 class EndpointQuery(PageQuery):
@@ -129,11 +141,17 @@ class EndpointQuery(PageQuery):
 # --- notifications -------------------------------------------------------------------------------
 
 class DeliveryOut(BaseModel):
+    """One endpoint's delivery of a notification: PENDING until SENT or FAILED."""
+
     endpoint_id: UUID
     channel: str
     status: str
     attempts: int
     last_error: str | None
+    created_at: datetime
+    first_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None = Field(description="when a PENDING delivery is tried next")
 
 
 class NotificationOut(BaseModel):

@@ -1,0 +1,59 @@
+"""Email channel: a plain-text message sent through the SMTP relay of the settings (aiosmtplib)."""
+from __future__ import annotations
+
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
+from alerting_app.channels.summary import describe, event_time, headline
+from alerting_app.contracts import NotificationReady
+from alerting_app.settings import Settings
+
+
+def email_message(notification: NotificationReady, sender: str, recipient: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = recipient
+    message["Subject"] = headline(notification)
+    lines = [headline(notification), ""]
+    for alert in notification.alerts:
+        lines += [
+            f"{alert.severity.value}  {describe(alert)}",
+            f"  when:     {event_time(alert)}",
+            f"  alert_id: {alert.alert_id}",
+        ]
+        lines += [f"  {key}: {value}" for key, value in sorted(alert.context.items())]
+        lines.append("")
+    lines += [f"notification {notification.notification_id}", f"rules {', '.join(notification.rule_ids)}"]
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
+async def send_email(settings: Settings, recipient: str, notification: NotificationReady) -> None:
+    message = email_message(notification, settings.smtp_from, recipient)
+    try:
+        await aiosmtplib.send(
+            message,
+            hostname=settings.smtp_host,
+            port=settings.smtp_port,
+            start_tls=settings.smtp_starttls,
+            username=settings.smtp_user,
+            password=settings.smtp_password,
+            timeout=settings.smtp_timeout_s,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        raise _by_reply_code(min(r.code for r in exc.recipients), str(exc)) from None
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _by_reply_code(exc.code, f"SMTP {exc.code}: {exc.message}") from None
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        # Connection refused or lost, timeouts, and a relay that lacks what the settings require
+        # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.
+        raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _by_reply_code(code: int, reason: str) -> Exception:
+    # SMTP replies 4xx for transient conditions and 5xx for permanent ones (RFC 5321 4.2.1).
+    if 400 <= code < 500:
+        return RetryableDeliveryError(reason)
+    return PermanentDeliveryError(reason)

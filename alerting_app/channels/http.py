@@ -1,0 +1,55 @@
+"""One HTTP POST for the HTTP channels (webhook, Slack), its outcome as a delivery error."""
+from __future__ import annotations
+
+import time
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+
+from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
+
+# Enough of an answer to keep the connection reusable; a receiver's body is never used.
+_MAX_ANSWER_BYTES = 64 * 1024
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+               timeout_s: float) -> None:
+    """POST `body`; return on 2xx, else raise a retryable or permanent `DeliveryError`."""
+    try:
+        # Redirects are not followed: the endpoint's URL was checked at creation, where it
+        # redirects to was not.
+        async with session.post(url, data=body, headers=headers, allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            await response.content.read(_MAX_ANSWER_BYTES)
+            status, retry_after = response.status, response.headers.get("Retry-After")
+    except TimeoutError:
+        raise RetryableDeliveryError(f"timed out after {timeout_s:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
+    raise_for_status(status, retry_after)
+
+
+def raise_for_status(status: int, retry_after: str | None = None) -> None:
+    if 200 <= status < 300:
+        return
+    if status == 429:
+        raise RetryableDeliveryError("HTTP 429", retry_after_seconds(retry_after))
+    if 500 <= status < 600:
+        raise RetryableDeliveryError(f"HTTP {status}")
+    if 300 <= status < 400:
+        raise PermanentDeliveryError(f"HTTP {status} (redirects are not followed)")
+    raise PermanentDeliveryError(f"HTTP {status}")
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110); None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))

@@ -1,0 +1,50 @@
+"""Webhook channel: the notification as versioned JSON, signed with the endpoint's secret.
+
+Receivers verify `X-Alerting-Signature` (HMAC-SHA256 of the raw body) and drop repeats by
+`Idempotency-Key`, which is the same for every attempt to deliver one notification to one endpoint.
+docs/delivery.md documents the payload.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+import aiohttp
+
+from alerting_app.channels.http import post
+from alerting_app.contracts import NotificationReady
+
+PAYLOAD_VERSION = 1
+SIGNATURE_HEADER = "X-Alerting-Signature"
+
+
+def webhook_body(notification: NotificationReady) -> bytes:
+    payload = {
+        "version": PAYLOAD_VERSION,
+        "notification_id": notification.notification_id,
+        "client_id": notification.client_id,
+        "rule_ids": notification.rule_ids,
+        "alerts": [alert.model_dump(mode="json") for alert in notification.alerts],
+        "created_at": notification.created_at,
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def idempotency_key(notification_id: str, endpoint_id: str) -> str:
+    return f"{notification_id}:{endpoint_id}"
+
+
+async def send_webhook(session: aiohttp.ClientSession, url: str, secret: str, endpoint_id: str,
+                       notification: NotificationReady, timeout_s: float) -> None:
+    body = webhook_body(notification)
+    headers = {
+        "Content-Type": "application/json",
+        "Idempotency-Key": idempotency_key(notification.notification_id, endpoint_id),
+        SIGNATURE_HEADER: signature(secret, body),
+    }
+    await post(session, url, body, headers, timeout_s)

@@ -1,0 +1,187 @@
+"""One delivery: wait for a token, claim the idempotency key, send, and retry what may succeed later.
+
+Retries follow tenacity: exponential backoff with jitter for retryable failures (a 429's
+Retry-After is waited when longer), at most DELIVERY_MAX_ATTEMPTS in all, counting the attempts
+an earlier worker made. Waiting (for a token or a retry) holds no send slot: only the send does.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from redis.asyncio import Redis
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_base, wait_exponential_jitter
+
+from alerting_app import metrics
+from alerting_app.channels.email import send_email
+from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from alerting_app.channels.slack import send_slack
+from alerting_app.channels.webhook import send_webhook
+from alerting_app.contracts import DeadLetter
+from alerting_app.delivery import claims
+from alerting_app.delivery.jobs import DeliveryJob
+from alerting_app.delivery.rate_limits import EMAIL_BUCKET, RateLimits
+from alerting_app.delivery.recorder import FAILED, PENDING, SENT, Recorder
+from alerting_app.delivery.records import DeliveryChange
+from alerting_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A claim outlives its send by this much, so that only a dead holder's claim ever expires.
+_CLAIM_MARGIN_S = 5.0
+
+
+@dataclass
+class DeliveryContext:
+    """What a delivery uses of its worker."""
+
+    settings: Settings
+    session: aiohttp.ClientSession
+    redis: Redis
+    rate_limits: RateLimits
+    recorder: Recorder
+    send_slots: Callable[[str], "SendSlots"]  # endpoint_id -> the slots a send holds
+
+
+class SendSlots:
+    """A global and a per-endpoint semaphore, held together for the duration of one send."""
+
+    def __init__(self, worker: asyncio.Semaphore, endpoint: asyncio.Semaphore) -> None:
+        self._worker, self._endpoint = worker, endpoint
+
+    async def __aenter__(self) -> None:
+        # The endpoint's slot first: a hanging endpoint's queue never holds a worker slot.
+        await self._endpoint.acquire()
+        try:
+            await self._worker.acquire()
+        except BaseException:
+            self._endpoint.release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._worker.release()
+        self._endpoint.release()
+
+
+class AlreadySent(Exception):
+    """Redis says an earlier attempt, perhaps of a dead worker, delivered it."""
+
+
+class ClaimedElsewhere(Exception):
+    def __init__(self, busy_for_s: float) -> None:
+        super().__init__(f"claimed by another attempt for {busy_for_s:.1f}s more")
+        self.busy_for_s = busy_for_s
+
+
+class wait_backoff_or_retry_after(wait_base):  # noqa: N801  (tenacity's naming of wait strategies)
+    """Exponential backoff with jitter, or the endpoint's Retry-After when that is longer."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self._backoff = wait_exponential_jitter(initial=initial_s, max=max_s, jitter=initial_s)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        backoff = self._backoff(retry_state)
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        asked = getattr(exc, "retry_after", None)
+        return max(backoff, asked) if asked is not None else backoff
+
+
+async def send(job: DeliveryJob, ctx: DeliveryContext) -> None:
+    endpoint, settings = job.endpoint, ctx.settings
+    if endpoint.channel == "webhook":
+        await send_webhook(ctx.session, endpoint.value, endpoint.secret, endpoint.endpoint_id, job.notification,
+                           settings.webhook_timeout_s)
+    elif endpoint.channel == "slack":
+        await send_slack(ctx.session, endpoint.value, job.notification, settings.webhook_timeout_s)
+    elif endpoint.channel == "email":
+        await send_email(settings, endpoint.value, job.notification)
+    else:
+        raise PermanentDeliveryError(f"unknown channel {endpoint.channel!r}")
+
+
+def _send_timeout_s(job: DeliveryJob, settings: Settings) -> float:
+    return settings.smtp_timeout_s if job.endpoint.channel == "email" else settings.webhook_timeout_s
+
+
+async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
+    """One attempt; raises AlreadySent, ClaimedElsewhere or a DeliveryError when it did not send."""
+    endpoint, settings = job.endpoint, ctx.settings
+    rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
+    await ctx.rate_limits.take(f"endpoint:{endpoint.endpoint_id}", rate)
+    if endpoint.channel == "email":
+        await ctx.rate_limits.take(EMAIL_BUCKET, settings.email_rate_limit_per_s)
+    async with ctx.send_slots(endpoint.endpoint_id):
+        claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
+        if claim.state is claims.ClaimState.SENT:
+            raise AlreadySent()
+        if claim.state is claims.ClaimState.BUSY:
+            raise ClaimedElsewhere(claim.busy_for_s)
+        try:
+            await send(job, ctx)
+        except DeliveryError:
+            await claims.release(claim)
+            raise
+        await claims.mark_sent(ctx.redis, claim, settings.delivery_sent_marker_ttl_s)
+
+
+def _failure_letter(job: DeliveryJob, reason: str, attempts: int) -> DeadLetter:
+    return DeadLetter(
+        topic="notifications.ready",
+        key=job.notification.client_id,
+        reason=f"endpoint {job.endpoint_id} ({job.endpoint.channel if job.endpoint else 'deleted'}): {reason};"
+               f" FAILED after {attempts} attempt(s)",
+        payload=job.notification.encode().decode(),
+    )
+
+
+async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
+    """Deliver `job`, retrying as the settings say, and record every attempt and the outcome."""
+    settings, recorder = ctx.settings, ctx.recorder
+    channel = job.endpoint.channel if job.endpoint else "unknown"
+
+    def record(status: str, attempts: int = 0, error: str | None = None, at: float | None = None, **extra) -> None:
+        change = DeliveryChange(*job.key, status, attempts, error, at, at, **extra)
+        letter = _failure_letter(job, error or "", job.attempts + attempts_made) if status == FAILED else None
+        recorder.record(change, channel, letter)
+
+    attempts_made = 0
+    if job.endpoint is None or not job.endpoint.enabled:
+        record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
+        return
+    started = time.time()
+
+    def failed_attempt(retry_state: RetryCallState) -> None:
+        metrics.notifications_retried.labels(channel=channel).inc()
+        record(PENDING, 1, str(retry_state.outcome.exception()), started)
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(max(1, settings.delivery_max_attempts - job.attempts)),
+        wait=wait_backoff_or_retry_after(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s),
+        retry=retry_if_exception_type(RetryableDeliveryError),
+        before_sleep=failed_attempt,
+        reraise=True,
+    )
+    try:
+        async for retry in retrying:
+            with retry:
+                attempts_made += 1
+                started = time.time()
+                await attempt(job, ctx)
+        record(SENT, 1, None, started)
+    except AlreadySent:
+        attempts_made -= 1
+        record(SENT)
+    except ClaimedElsewhere as busy:
+        attempts_made -= 1
+        record(PENDING, next_attempt_at=time.time() + busy.busy_for_s, release=True)
+    except DeliveryError as exc:
+        record(FAILED, 1, str(exc), started)
+    except Exception:
+        # Redis or Postgres trouble, not the endpoint's: no attempt counted; any worker retries later.
+        log.exception("delivery %s to %s interrupted; retrying later", *job.key)
+        record(PENDING, next_attempt_at=time.time() + settings.delivery_backoff_initial_s, release=True)

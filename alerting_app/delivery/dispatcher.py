@@ -1,0 +1,137 @@
+"""The deliveries one worker holds, each run as a background task, within bounds.
+
+A delivery is held from its lease until its outcome is recorded. Bounds, all per worker: sends in
+flight (DELIVERY_CONCURRENCY), sends in flight per endpoint (DELIVERY_ENDPOINT_CONCURRENCY), and
+deliveries held per endpoint (DELIVERY_ENDPOINT_BACKLOG) and in all (DELIVERY_MAX_HELD). An
+endpoint that hangs or fails fills its own share only: other endpoints' deliveries start at once.
+What does not fit waits in Postgres, unleased, for the sweep.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections import defaultdict
+from collections.abc import Iterable
+
+import aiohttp
+
+from alerting_app import db, metrics, redis_client
+from alerting_app.delivery import records
+from alerting_app.delivery.attempts import DeliveryContext, SendSlots, deliver
+from alerting_app.delivery.jobs import DeliveryJob
+from alerting_app.delivery.rate_limits import RateLimits
+from alerting_app.delivery.recorder import Recorder
+from alerting_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_CLOSE_WRITE_TIMEOUT_S = 10.0
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # Names this worker's leases; unique per process, so a restarted worker is a new owner.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._held: dict[tuple[str, str], asyncio.Task] = {}
+        self._held_per_endpoint: defaultdict[str, int] = defaultdict(int)
+        self._worker_slots = asyncio.Semaphore(settings.delivery_concurrency)
+        self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.recorder = Recorder(lambda: settings.delivery_record_interval_s)
+        # One connection pool for every HTTP delivery of this worker: connections are reused.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.delivery_concurrency))
+        self._context = DeliveryContext(settings, self._session, redis_client.redis(),
+                                        RateLimits(settings.redis_url, settings.endpoint_rate_burst_s),
+                                        self.recorder, self._send_slots)
+
+    def _send_slots(self, endpoint_id: str) -> SendSlots:
+        if endpoint_id not in self._endpoint_slots:
+            self._endpoint_slots[endpoint_id] = asyncio.Semaphore(self.settings.delivery_endpoint_concurrency)
+        return SendSlots(self._worker_slots, self._endpoint_slots[endpoint_id])
+
+    @property
+    def room(self) -> int:
+        """How many more deliveries this worker takes now."""
+        return max(0, self.settings.delivery_max_held - len(self._held))
+
+    def full_endpoints(self) -> list[str]:
+        """Endpoints this worker holds as many deliveries of as it may: lease no more of them."""
+        backlog = self.settings.delivery_endpoint_backlog
+        return [endpoint_id for endpoint_id, held in self._held_per_endpoint.items() if held >= backlog]
+
+    def held_keys(self) -> list[tuple[str, str]]:
+        return list(self._held)
+
+    def submit(self, jobs: Iterable[DeliveryJob]) -> list[DeliveryJob]:
+        """Start delivering `jobs`; return those refused for lack of room (their leases are to be released)."""
+        refused = []
+        backlog = self.settings.delivery_endpoint_backlog
+        for job in jobs:
+            if job.key in self._held:
+                continue  # already in hand here (a redelivered message)
+            if len(self._held) >= self.settings.delivery_max_held or self._held_per_endpoint[job.endpoint_id] >= backlog:
+                refused.append(job)
+                continue
+            self._held_per_endpoint[job.endpoint_id] += 1
+            self._held[job.key] = asyncio.ensure_future(self._run(job))
+            self._idle.clear()
+        return refused
+
+    async def _run(self, job: DeliveryJob) -> None:
+        try:
+            with metrics.stage_seconds.labels(stage="deliver").time():
+                await deliver(job, self._context)
+        finally:
+            del self._held[job.key]
+            self._held_per_endpoint[job.endpoint_id] -= 1
+            if not self._held_per_endpoint[job.endpoint_id]:
+                del self._held_per_endpoint[job.endpoint_id]
+                self._endpoint_slots.pop(job.endpoint_id, None)
+            if not self._held:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once every held delivery has finished and its outcome is in Postgres."""
+        await self._idle.wait()
+        await self.recorder.written()
+
+    async def close(self) -> None:
+        """Stop: what is recorded is written, and what is held is handed back to the other workers."""
+        interrupted = self.held_keys()
+        tasks = list(self._held.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.recorder.written(), _CLOSE_WRITE_TIMEOUT_S)
+            await records.release(await db.pool(), self.owner, interrupted)
+        except Exception:
+            # Their leases then expire on their own, after DELIVERY_LEASE_S.
+            log.exception("could not hand back %d deliveries on close", len(interrupted))
+        await self.recorder.close()
+        await self._session.close()
+
+
+_dispatcher: Dispatcher | None = None
+
+
+def dispatcher() -> Dispatcher:
+    """This worker's dispatcher, created on first use inside the running event loop."""
+    global _dispatcher
+    if _dispatcher is None:
+        from alerting_app.app import settings
+
+        _dispatcher = Dispatcher(settings)
+    return _dispatcher
+
+
+async def close_dispatcher() -> None:
+    global _dispatcher
+    if _dispatcher is not None:
+        await _dispatcher.close()
+        _dispatcher = None

@@ -1,0 +1,28 @@
+"""What a worker needs to deliver one notification to one endpoint."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alerting_app.contracts import NotificationReady
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    endpoint_id: str
+    channel: str  # webhook | slack | email
+    value: str  # URL or email address
+    secret: str
+    rate_limit_per_s: float | None  # None: ENDPOINT_RATE_LIMIT_PER_S
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    notification: NotificationReady
+    endpoint_id: str
+    endpoint: Endpoint | None  # None: the endpoint was deleted since the delivery was opened
+    attempts: int  # attempts already recorded, by this or an earlier worker
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.notification.notification_id, self.endpoint_id

@@ -1,0 +1,103 @@
+"""Delivery outcomes, written to Postgres in batches; final failures go to notifications.ready.dlq.
+
+Recording is a moment behind sending: the Redis mark (claims.py) covers that moment. A batch
+that cannot be written (Postgres away) is kept and tried again, merged with what came since.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from alerting_app import db, metrics
+from alerting_app.contracts import DeadLetter
+from alerting_app.dead_letters import send_dead_letter
+from alerting_app.delivery.records import DeliveryChange, settle_notifications, write_changes
+
+log = logging.getLogger(__name__)
+
+SENT, FAILED, PENDING = "SENT", "FAILED", "PENDING"
+_RETRY_WRITE_S = 1.0
+
+
+def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
+    """Two changes of one delivery as one: attempts add up, the later state and error win."""
+    return DeliveryChange(
+        later.notification_id, later.endpoint_id, later.status,
+        attempts=earlier.attempts + later.attempts,
+        last_error=later.last_error,
+        first_attempt_at=earlier.first_attempt_at or later.first_attempt_at,
+        last_attempt_at=later.last_attempt_at or earlier.last_attempt_at,
+        next_attempt_at=later.next_attempt_at,
+        release=later.release,
+    )
+
+
+class Recorder:
+    def __init__(self, interval_s: Callable[[], float]) -> None:
+        self._interval_s = interval_s  # read at each batch, so a test may change it
+        self._changes: dict[tuple[str, str], DeliveryChange] = {}
+        self._letters: list[DeadLetter] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+
+    def record(self, change: DeliveryChange, channel: str, dead_letter: DeadLetter | None = None) -> None:
+        key = (change.notification_id, change.endpoint_id)
+        earlier = self._changes.get(key)
+        self._changes[key] = change if earlier is None else merge(earlier, change)
+        if dead_letter is not None:
+            self._letters.append(dead_letter)
+        if change.status == SENT:
+            metrics.notifications_sent.labels(channel=channel).inc()
+        elif change.status == FAILED:
+            metrics.notifications_failed.labels(channel=channel).inc()
+        if change.attempts or change.status != PENDING:
+            metrics.deliveries.labels(channel=channel, status=change.status).inc()
+        self._idle.clear()
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def written(self) -> None:
+        """Return once everything recorded so far is in Postgres (and its dead letters sent)."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self._interval_s())
+            self._wake.clear()
+            changes, self._changes = self._changes, {}
+            letters, self._letters = self._letters, []
+            try:
+                # Dead letters first: a crash in between repeats a letter rather than losing it.
+                while letters:
+                    await send_dead_letter(letters[0])
+                    letters.pop(0)
+                await self._write(list(changes.values()))
+            except Exception:
+                log.exception("recording %d delivery outcomes failed; retrying", len(changes))
+                for key, change in changes.items():
+                    newer = self._changes.get(key)
+                    self._changes[key] = change if newer is None else merge(change, newer)
+                self._letters = letters + self._letters
+                self._wake.set()
+                await asyncio.sleep(_RETRY_WRITE_S)
+                continue
+            if not self._changes and not self._letters:
+                self._idle.set()
+
+    @staticmethod
+    async def _write(changes: list[DeliveryChange]) -> None:
+        pool = await db.pool()
+        async with pool.acquire() as conn, conn.transaction():
+            await write_changes(conn, changes)
+            await settle_notifications(conn, sorted({c.notification_id for c in changes if c.status != PENDING}))

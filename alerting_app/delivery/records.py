@@ -1,0 +1,208 @@
+"""The delivery rows in Postgres: opened PENDING, leased to one worker at a time, then SENT or FAILED.
+
+Every function here is one statement for a whole batch: delivering thousands a second leaves no
+room for a round trip per delivery.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from alerting_app.contracts import Alert, NotificationReady
+from alerting_app.delivery.jobs import DeliveryJob, Endpoint
+
+Conn = asyncpg.Pool | asyncpg.Connection
+
+_KNOWN = """
+SELECT n.notification_id::text
+FROM unnest($1::uuid[], $2::uuid[]) AS b(notification_id, client_id)
+JOIN notifications n ON n.notification_id = b.notification_id AND n.client_id = b.client_id
+"""
+
+# One row per (notification, enabled endpoint of its matched rules). A row already there is
+# leased again only if it is still PENDING, due, and nobody holds it: a redelivered message
+# resumes what a dead worker left and leaves alone what is SENT, FAILED or in hand elsewhere.
+# Endpoints in $5 (those this worker holds enough of) get an unleased row, for the sweep; with no
+# owner ($4 NULL: the worker is full) every row is left for the sweep.
+_OPEN = """
+WITH wanted AS (
+    SELECT DISTINCT b.notification_id, e.endpoint_id, e.type
+    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS b(notification_id, client_id, rule_id)
+    JOIN endpoints e ON e.rule_id = b.rule_id AND e.client_id = b.client_id AND e.enabled
+), opened AS (
+    INSERT INTO deliveries AS d (notification_id, endpoint_id, channel, status, leased_by, lease_until)
+    SELECT notification_id, endpoint_id, type, 'PENDING',
+           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) THEN NULL ELSE $4 END,
+           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) THEN NULL
+                ELSE now() + make_interval(secs => $6) END
+    FROM wanted
+    ON CONFLICT (notification_id, endpoint_id) DO UPDATE
+        SET leased_by = EXCLUDED.leased_by, lease_until = EXCLUDED.lease_until
+        WHERE d.status = 'PENDING' AND EXCLUDED.leased_by IS NOT NULL AND d.next_attempt_at <= now()
+          AND (d.lease_until IS NULL OR d.lease_until < now())
+    RETURNING d.notification_id, d.endpoint_id, d.attempts, d.leased_by
+)
+SELECT o.notification_id::text, o.attempts, e.endpoint_id::text, e.type, e.value, e.secret,
+       e.rate_limit_per_s, e.enabled
+FROM opened o JOIN endpoints e ON e.endpoint_id = o.endpoint_id
+WHERE o.leased_by = $4
+"""
+
+# Due rows nobody holds, oldest first; SKIP LOCKED lets every worker sweep at once.
+_LEASE_DUE = """
+WITH due AS (
+    SELECT notification_id, endpoint_id FROM deliveries
+    WHERE status = 'PENDING' AND next_attempt_at <= now()
+      AND (lease_until IS NULL OR lease_until < now())
+      AND NOT (endpoint_id = ANY($3::uuid[]))
+    ORDER BY next_attempt_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE deliveries d SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
+    FROM due WHERE d.notification_id = due.notification_id AND d.endpoint_id = due.endpoint_id
+    RETURNING d.notification_id, d.endpoint_id, d.attempts
+)
+SELECT l.notification_id::text, l.attempts, l.endpoint_id::text, e.type, e.value, e.secret,
+       e.rate_limit_per_s, e.enabled,
+       n.client_id::text, n.alerts, n.rule_ids::text[], extract(epoch FROM n.created_at)::float8 AS created_at
+FROM leased l
+JOIN notifications n ON n.notification_id = l.notification_id
+LEFT JOIN endpoints e ON e.endpoint_id = l.endpoint_id
+"""
+
+_RELEASE = """
+UPDATE deliveries d SET lease_until = NULL
+FROM unnest($2::uuid[], $3::uuid[]) AS k(notification_id, endpoint_id)
+WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id AND d.leased_by = $1
+"""
+
+_RENEW = """
+UPDATE deliveries d SET lease_until = now() + make_interval(secs => $2)
+FROM unnest($3::uuid[], $4::uuid[]) AS k(notification_id, endpoint_id)
+WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
+  AND d.leased_by = $1 AND d.status = 'PENDING'
+"""
+
+_WRITE = """
+UPDATE deliveries d SET
+    status = c.status,
+    attempts = d.attempts + c.attempts,
+    last_error = c.last_error,
+    first_attempt_at = coalesce(d.first_attempt_at, to_timestamp(c.first_attempt_at)),
+    last_attempt_at = coalesce(to_timestamp(c.last_attempt_at), d.last_attempt_at),
+    next_attempt_at = coalesce(to_timestamp(c.next_attempt_at), d.next_attempt_at),
+    lease_until = CASE WHEN c.release THEN NULL ELSE d.lease_until END
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::float8[], $7::float8[],
+            $8::float8[], $9::bool[])
+    AS c(notification_id, endpoint_id, status, attempts, last_error, first_attempt_at, last_attempt_at,
+         next_attempt_at, release)
+WHERE d.notification_id = c.notification_id AND d.endpoint_id = c.endpoint_id AND d.status = 'PENDING'
+"""
+
+# A notification is SENT when every delivery is, FAILED when every delivery is final and one
+# failed, or when it has no delivery at all (no enabled endpoint on its rules).
+_SETTLE = """
+WITH summary AS (
+    SELECT n.notification_id,
+           count(d.endpoint_id) AS total,
+           count(*) FILTER (WHERE d.status = 'PENDING') AS pending,
+           count(*) FILTER (WHERE d.status = 'FAILED') AS failed,
+           string_agg(d.endpoint_id || ': ' || d.last_error, '; ' ORDER BY d.endpoint_id)
+               FILTER (WHERE d.status = 'FAILED') AS reasons
+    FROM notifications n LEFT JOIN deliveries d ON d.notification_id = n.notification_id
+    WHERE n.notification_id = ANY($1::uuid[]) AND n.status = 'PENDING'
+    GROUP BY n.notification_id
+)
+UPDATE notifications n SET
+    status = CASE WHEN s.total = 0 OR s.failed > 0 THEN 'FAILED' ELSE 'SENT' END,
+    detail = CASE WHEN s.total = 0 THEN 'no enabled endpoint on the matched rules'
+                  WHEN s.failed > 0 THEN s.failed || ' of ' || s.total || ' deliveries failed: ' || s.reasons
+             END,
+    updated_at = now()
+FROM summary s
+WHERE n.notification_id = s.notification_id AND s.pending = 0
+"""
+
+
+@dataclass
+class DeliveryChange:
+    """What to write for one delivery; `attempts` counts the attempts since the last write."""
+
+    notification_id: str
+    endpoint_id: str
+    status: str  # PENDING (to be retried), SENT or FAILED
+    attempts: int = 0
+    last_error: str | None = None
+    first_attempt_at: float | None = None
+    last_attempt_at: float | None = None
+    next_attempt_at: float | None = None
+    release: bool = False  # give the lease up: any worker may take the row when it is due
+
+
+def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[str], list[str]]:
+    notification_ids, client_ids, rule_ids = [], [], []
+    for notification in notifications:
+        for rule_id in notification.rule_ids:
+            notification_ids.append(notification.notification_id)
+            client_ids.append(notification.client_id)
+            rule_ids.append(rule_id)
+    return notification_ids, client_ids, rule_ids
+
+
+def _endpoint(row: asyncpg.Record) -> Endpoint | None:
+    if row["type"] is None:
+        return None
+    return Endpoint(row["endpoint_id"], row["type"], row["value"], row["secret"], row["rate_limit_per_s"],
+                    row["enabled"])
+
+
+async def known_notifications(conn: Conn, notifications: Sequence[NotificationReady]) -> set[str]:
+    rows = await conn.fetch(_KNOWN, [n.notification_id for n in notifications], [n.client_id for n in notifications])
+    return {row[0] for row in rows}
+
+
+async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady], owner: str | None,
+                          lease_s: float, unleased_endpoints: Sequence[str]) -> list[DeliveryJob]:
+    """Open a PENDING row per endpoint to deliver to; return the jobs now leased to `owner`."""
+    by_id = {n.notification_id: n for n in notifications}
+    rows = await conn.fetch(_OPEN, *_pairs(notifications), owner, list(unleased_endpoints), lease_s)
+    return [DeliveryJob(by_id[row["notification_id"]], row["endpoint_id"], _endpoint(row), row["attempts"])
+            for row in rows]
+
+
+async def lease_due(conn: Conn, owner: str, lease_s: float, skip_endpoints: Sequence[str],
+                    limit: int) -> list[DeliveryJob]:
+    rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(skip_endpoints), limit)
+    jobs = []
+    for row in rows:
+        notification = NotificationReady(
+            notification_id=row["notification_id"], client_id=row["client_id"],
+            alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
+            created_at=row["created_at"],
+        )
+        jobs.append(DeliveryJob(notification, row["endpoint_id"], _endpoint(row), row["attempts"]))
+    return jobs
+
+
+async def release(conn: Conn, owner: str, keys: Sequence[tuple[str, str]]) -> None:
+    if keys:
+        await conn.execute(_RELEASE, owner, [k[0] for k in keys], [k[1] for k in keys])
+
+
+async def renew_leases(conn: Conn, owner: str, lease_s: float, keys: Sequence[tuple[str, str]]) -> None:
+    if keys:
+        await conn.execute(_RENEW, owner, lease_s, [k[0] for k in keys], [k[1] for k in keys])
+
+
+async def write_changes(conn: Conn, changes: Sequence[DeliveryChange]) -> None:
+    columns = ("notification_id", "endpoint_id", "status", "attempts", "last_error", "first_attempt_at",
+               "last_attempt_at", "next_attempt_at", "release")
+    await conn.execute(_WRITE, *([getattr(change, column) for change in changes] for column in columns))
+
+
+async def settle_notifications(conn: Conn, notification_ids: Sequence[str]) -> None:
+    if notification_ids:
+        await conn.execute(_SETTLE, list(notification_ids))

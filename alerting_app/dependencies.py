@@ -1,0 +1,83 @@
+"""Can this process reach the services it depends on? Cheap probes, each bounded by a timeout.
+
+Used twice: by `alerting-app worker` before it hands over to Faust (which exits at once when the
+broker is absent; see alerting_app/startup_wait.py), and by `/readyz` on a running worker.
+A probe never raises: whatever goes wrong, the answer is a `DependencyState` saying what.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+
+import asyncpg
+from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
+
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class DependencyState:
+    name: str
+    ok: bool
+    detail: str
+
+    def as_json(self) -> dict:
+        return {"ok": self.ok, "detail": self.detail}
+
+
+async def probe(name: str, check: Awaitable[str | None], timeout: float = PROBE_TIMEOUT_S) -> DependencyState:
+    """Run `check`; it returns None when all is well, or says what is missing."""
+    try:
+        missing = await asyncio.wait_for(check, timeout)
+    except asyncio.TimeoutError:
+        return DependencyState(name, False, f"no answer within {timeout:g}s")
+    except Exception as exc:  # any failure means "not reachable"; the detail says which
+        return DependencyState(name, False, _described(exc))
+    return DependencyState(name, missing is None, missing or "ok")
+
+
+def _described(exc: Exception) -> str:
+    text, kind = str(exc), type(exc).__name__
+    # aiokafka's messages already start with the class name.
+    return text if text.startswith(kind) else f"{kind}: {text}".rstrip(": ")
+
+
+async def broker_topics_missing(bootstrap: str, topics: Iterable[str] = (),
+                                timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the broker answers a metadata request and every topic in `topics` exists."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+        # list_topics, not a metadata request naming topics: that would auto-create them.
+        present = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    missing = sorted(set(topics) - present)
+    if missing:
+        return f"topics missing: {', '.join(missing)} (run `alerting-app create-topics`)"
+    return None
+
+
+async def postgres_answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A fresh connection and SELECT 1 (before the app's pool exists)."""
+    conn = await asyncpg.connect(url, timeout=timeout)
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()
+
+
+async def pool_answers(pool: Awaitable[asyncpg.Pool]) -> None:
+    """SELECT 1 through the app's pool: what the agents and the API use."""
+    await (await pool).fetchval("SELECT 1")
+
+
+async def redis_answers(client: Redis) -> None:
+    await client.ping()
+
+
+def redis_probe_client(url: str, timeout: float = PROBE_TIMEOUT_S) -> Redis:
+    # Its own client with socket timeouts, so that a probe never waits on the app's connections.
+    return Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)

@@ -1,0 +1,108 @@
+"""`alerting-app worker` waits for the broker, Postgres and Redis before Faust starts.
+
+Start-up order must not matter (compose and ECS start containers in any order), but Faust's
+worker exits at once when the broker does not answer ("Unable to bootstrap"), and it serves HTTP
+only once its producer is connected. So the worker first waits here, retrying with backoff and
+logging what it waits for, until all three answer and the pipeline topics exist. Meanwhile it
+answers on WEB_PORT: /healthz 200 (the process is alive: a container health check must not kill
+a worker that only waits) and /readyz 503 with each dependency's state. Then it closes that port
+and hands over to Faust, whose web server serves the same paths from then on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from alerting_app.dependencies import (
+    DependencyState,
+    broker_topics_missing,
+    postgres_answers,
+    probe,
+    redis_answers,
+    redis_probe_client,
+)
+from alerting_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FIRST_DELAY_S = 0.5
+MAX_DELAY_S = 10.0
+WAITING = "waiting_for_dependencies"
+
+
+async def dependency_states(settings: Settings, topics: Iterable[str]) -> list[DependencyState]:
+    redis = redis_probe_client(settings.redis_url)
+    try:
+        return list(await asyncio.gather(
+            probe("broker", broker_topics_missing(settings.kafka_bootstrap_servers, topics)),
+            probe("postgres", postgres_answers(settings.database_url)),
+            probe("redis", redis_answers(redis)),
+        ))
+    finally:
+        await redis.aclose()
+
+
+class _Probes:
+    """/healthz and /readyz while waiting, from the latest round of checks."""
+
+    def __init__(self, states: list[DependencyState]) -> None:
+        self.states = states
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "phase": WAITING})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        body = {"status": "not_ready", "phase": WAITING,
+                "dependencies": {state.name: state.as_json() for state in self.states}}
+        return web.json_response(body, status=503)
+
+    async def serve(self, bind: str, port: int) -> web.AppRunner:
+        application = web.Application()
+        application.router.add_get("/healthz", self.healthz)
+        application.router.add_get("/readyz", self.readyz)
+        runner = web.AppRunner(application, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, bind, port).start()
+        return runner
+
+
+async def wait_for_dependencies(settings: Settings, topics: Iterable[str]) -> None:
+    # aiokafka logs an ERROR for every refused connection; our warning already says what is missing.
+    kafka_log = logging.getLogger("aiokafka")
+    kafka_level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
+    try:
+        await _wait(settings, list(topics))
+    finally:
+        kafka_log.setLevel(kafka_level)
+
+
+async def _wait(settings: Settings, topics: list[str]) -> None:
+    states = await dependency_states(settings, topics)
+    if all(state.ok for state in states):
+        return
+    probes = _Probes(states)
+    runner = await probes.serve(settings.web_bind, settings.web_port)
+    try:
+        delay = FIRST_DELAY_S
+        while not all(state.ok for state in probes.states):
+            waiting = "; ".join(f"{state.name} ({state.detail})" for state in probes.states if not state.ok)
+            log.warning("waiting for %s; retrying in %.1fs", waiting, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY_S)
+            probes.states = await dependency_states(settings, topics)
+        log.info("broker, postgres and redis answer; starting the worker")
+    finally:
+        await runner.cleanup()
+
+
+def wait_before_start(settings: Settings, topics: Iterable[str]) -> None:
+    """Block until the services answer, on a loop of its own, closed before Faust makes its own."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(wait_for_dependencies(settings, topics))
+    finally:
+        loop.close()

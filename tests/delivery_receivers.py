@@ -1,0 +1,161 @@
+"""Real local endpoints for the delivery tests: an HTTP receiver and an SMTP server.
+
+`Receiver` is an aiohttp server on 127.0.0.1 that records every POST. Each path answers from its
+script (`answer(path, 500, 500, 200)`: one status per request, the last one repeating; 200 when
+unscripted), and a path can be held (`hold(path)`: requests wait, unanswered, until released).
+`SmtpServer` is aiosmtpd's SMTP server in its own thread, keeping every message it accepts.
+
+This module holds no tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiohttp import web
+from aiosmtpd.controller import Controller
+
+from alerting_app.embedded import free_port
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Post:
+    path: str
+    headers: dict[str, str]
+    raw: bytes
+    received_at: float  # time.monotonic()
+    status: int  # what the receiver answers (or will, once released)
+
+    @property
+    def body(self) -> Any:
+        return json.loads(self.raw)
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.posts: list[Post] = []
+        self.port = free_port()
+        self._scripts: dict[str, list[Answer]] = {}
+        self._held: dict[str, asyncio.Event] = {}
+        self.in_flight: Counter[str] = Counter()  # requests per path received and not yet answered
+        self._arrived = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> "Receiver":
+        application = web.Application()
+        application.router.add_post("/{path:.*}", self._receive)
+        self._runner = web.AppRunner(application)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for gate in self._held.values():
+            gate.set()
+        await self._runner.cleanup()
+
+    def url(self, path: str = "hook") -> str:
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    def answer(self, path: str, *answers: int | Answer) -> None:
+        self._scripts[path] = [a if isinstance(a, Answer) else Answer(a) for a in answers]
+
+    def hold(self, path: str) -> asyncio.Event:
+        """Requests to `path` wait unanswered until the returned event is set."""
+        self._held[path] = asyncio.Event()
+        return self._held[path]
+
+    def posts_to(self, path: str = "hook") -> list[Post]:
+        return [post for post in self.posts if post.path == path]
+
+    def idempotency_keys(self) -> Counter[str]:
+        return Counter(post.headers["Idempotency-Key"] for post in self.posts)
+
+    def accepted(self) -> Counter[str]:
+        """POSTs answered 2xx, by Idempotency-Key: the deliveries, as the receiver counts them."""
+        return Counter(post.headers["Idempotency-Key"] for post in self.posts if 200 <= post.status < 300)
+
+    async def wait_for_posts(self, count: int, path: str | None = None, timeout: float = 60.0) -> list[Post]:
+        """Wait until `count` POSTs (to `path`, if given) have arrived; a bound, not a measurement."""
+        def arrived() -> list[Post]:
+            return self.posts if path is None else self.posts_to(path)
+
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(lambda: len(arrived()) >= count), timeout)
+        return arrived()
+
+    async def wait_until_disconnected(self, timeout: float = 30.0) -> None:
+        """Wait until no client holds a connection: whatever a client sent before it went away has
+        been answered (a connection is only closed after the requests buffered on it)."""
+        async with asyncio.timeout(timeout):
+            while self._runner.server.connections:
+                await asyncio.sleep(0.01)
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        raw = await request.read()
+        script = self._scripts.get(path) or [Answer(200)]
+        answer = script.pop(0) if len(script) > 1 else script[0]
+        self.posts.append(Post(path, dict(request.headers), raw, time.monotonic(), answer.status))
+        async with self._arrived:
+            self._arrived.notify_all()
+        if path in self._held:
+            self.in_flight[path] += 1
+            try:
+                await self._held[path].wait()
+            finally:
+                self.in_flight[path] -= 1
+        return web.Response(status=answer.status, headers=answer.headers)
+
+
+class _KeepMessages:
+    """aiosmtpd handler: accepts mail, except to recipients given a reply in `replies`."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.replies: dict[str, str] = {}
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802 (aiosmtpd's name)
+        reply = self.replies.get(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+        return "250 Message accepted for delivery"
+
+
+class SmtpServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._handler = _KeepMessages()
+        self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> "SmtpServer":
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._controller.stop()
+
+    @property
+    def messages(self) -> list[EmailMessage]:
+        return self._handler.messages
+
+    def refuse(self, recipient: str, reply: str) -> None:
+        """Answer RCPT TO for `recipient` with `reply` (e.g. "550 5.1.1 no such user")."""
+        self._handler.replies[recipient] = reply

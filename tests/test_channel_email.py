@@ -1,0 +1,79 @@
+"""The email channel against a real SMTP server (aiosmtpd) started by the test."""
+from __future__ import annotations
+
+import pytest
+
+from alerting_app.channels.email import send_email
+from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
+from alerting_app.contracts import Alert, NotificationReady
+from alerting_app.embedded import free_port
+from alerting_app.settings import Settings
+from delivery_receivers import SmtpServer
+
+
+def notification(*alerts: Alert) -> NotificationReady:
+    return NotificationReady(notification_id="6f1c2a34-0000-4000-8000-000000000002",
+                             client_id="0c3f5d6e-0000-4000-8000-000000000003",
+                             alerts=list(alerts) or [Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH",
+                                                           source="payments", name="CheckoutLatency",
+                                                           context={"region": "eu-west-1"})],
+                             rule_ids=["1d2e3f40-0000-4000-8000-000000000004"])
+
+
+def smtp_settings(port: int) -> Settings:
+    return Settings(smtp_host="127.0.0.1", smtp_port=port, smtp_from="alerts@alerting.example",
+                    smtp_timeout_s=5)
+
+
+async def test_email_arrives_with_the_alert_in_subject_and_plain_text_body():
+    with SmtpServer() as smtp:
+        await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+
+        [message] = smtp.messages
+        assert message["Subject"] == "[HIGH] payments: CheckoutLatency"
+        assert (message["From"], message["To"]) == ("alerts@alerting.example", "oncall@example.com")
+        assert message.get_content_type() == "text/plain"
+        body = message.get_content()
+        for expected in ("HIGH  payments: CheckoutLatency", "when:     2023-11-14 22:13:20 UTC",
+                         "alert_id: a-1", "region: eu-west-1",
+                         "notification 6f1c2a34-0000-4000-8000-000000000002"):
+            assert expected in body
+
+
+async def test_a_grouped_notification_lists_every_alert_and_counts_them_in_the_subject():
+    alerts = [Alert(alert_id=f"a-{n}", event_ts=1_700_000_000, severity=severity, source="search", name=f"Slow{n}")
+              for n, severity in enumerate(["LOW", "CRITICAL"], start=1)]
+    with SmtpServer() as smtp:
+        await send_email(smtp_settings(smtp.port), "oncall@example.com", notification(*alerts))
+
+        [message] = smtp.messages
+        assert message["Subject"] == "[CRITICAL] 2 alerts: search: Slow1, +1 more"
+        body = message.get_content()
+        assert "LOW  search: Slow1" in body and "CRITICAL  search: Slow2" in body
+
+
+async def test_a_recipient_refused_for_good_is_permanent():
+    with SmtpServer() as smtp:
+        smtp.refuse("gone@example.com", "550 5.1.1 no such user")
+        with pytest.raises(PermanentDeliveryError, match="no such user"):
+            await send_email(smtp_settings(smtp.port), "gone@example.com", notification())
+
+
+async def test_a_recipient_refused_for_now_is_retryable():
+    with SmtpServer() as smtp:
+        smtp.refuse("busy@example.com", "451 4.3.0 try again later")
+        with pytest.raises(RetryableDeliveryError, match="try again later"):
+            await send_email(smtp_settings(smtp.port), "busy@example.com", notification())
+
+
+async def test_an_smtp_server_that_is_not_there_is_retryable():
+    with pytest.raises(RetryableDeliveryError):
+        await send_email(smtp_settings(free_port()), "oncall@example.com", notification())
+
+
+async def test_requiring_starttls_from_a_server_without_it_sends_nothing_in_clear():
+    with SmtpServer() as smtp:
+        settings = smtp_settings(smtp.port).model_copy(update={"smtp_starttls": True})
+        with pytest.raises(RetryableDeliveryError, match="STARTTLS"):
+            await send_email(settings, "oncall@example.com", notification())
+        assert smtp.messages == []

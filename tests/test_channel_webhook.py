@@ -1,0 +1,129 @@
+"""The webhook channel against a real local receiver: payload, signature, idempotency key,
+timeout, and which failures are worth retrying."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+from email.utils import formatdate
+
+import aiohttp
+import pytest
+
+from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
+from alerting_app.channels.http import retry_after_seconds
+from alerting_app.channels.webhook import send_webhook
+from alerting_app.contracts import Alert, NotificationReady
+from delivery_receivers import Answer, Receiver
+
+SECRET = "s3cret-of-the-endpoint"
+ENDPOINT_ID = "7a1b4c9e-0000-4000-8000-000000000001"
+
+
+def notification() -> NotificationReady:
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000.5, severity="HIGH", source="payments",
+                  name="CheckoutLatency", context={"region": "eu-west-1"})
+    return NotificationReady(notification_id="6f1c2a34-0000-4000-8000-000000000002",
+                             client_id="0c3f5d6e-0000-4000-8000-000000000003", alerts=[alert],
+                             rule_ids=["1d2e3f40-0000-4000-8000-000000000004"], created_at=1_700_000_001.25)
+
+
+async def send(url: str, timeout_s: float = 5.0) -> None:
+    async with aiohttp.ClientSession() as session:
+        await send_webhook(session, url, SECRET, ENDPOINT_ID, notification(), timeout_s)
+
+
+async def test_webhook_posts_the_versioned_payload_signed_with_the_endpoints_secret():
+    async with Receiver() as receiver:
+        await send(receiver.url())
+
+        [post] = receiver.posts
+        assert post.body == {
+            "version": 1,
+            "notification_id": "6f1c2a34-0000-4000-8000-000000000002",
+            "client_id": "0c3f5d6e-0000-4000-8000-000000000003",
+            "rule_ids": ["1d2e3f40-0000-4000-8000-000000000004"],
+            "alerts": [{"alert_id": "a-1", "schema_version": 1, "event_ts": 1_700_000_000.5, "severity": "HIGH",
+                        "source": "payments", "name": "CheckoutLatency", "context": {"region": "eu-west-1"}}],
+            "created_at": 1_700_000_001.25,
+        }
+        assert post.headers["Content-Type"] == "application/json"
+        # What a receiver does to verify: HMAC-SHA256 of the raw body with the endpoint's secret.
+        expected = hmac.new(SECRET.encode(), post.raw, hashlib.sha256).hexdigest()
+        assert post.headers["X-Alerting-Signature"] == f"sha256={expected}"
+        assert post.headers["Idempotency-Key"] == f"6f1c2a34-0000-4000-8000-000000000002:{ENDPOINT_ID}"
+
+
+async def test_a_tampered_body_does_not_match_the_signature():
+    async with Receiver() as receiver:
+        await send(receiver.url())
+        [post] = receiver.posts
+        tampered = json.dumps({**post.body, "client_id": "someone-else"}).encode()
+        forged = "sha256=" + hmac.new(SECRET.encode(), tampered, hashlib.sha256).hexdigest()
+        assert forged != post.headers["X-Alerting-Signature"]
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+async def test_any_2xx_is_a_delivery(status):
+    async with Receiver() as receiver:
+        receiver.answer("hook", status)
+        await send(receiver.url())
+        assert len(receiver.posts) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_a_5xx_is_retryable(status):
+    async with Receiver() as receiver:
+        receiver.answer("hook", status)
+        with pytest.raises(RetryableDeliveryError, match=f"HTTP {status}"):
+            await send(receiver.url())
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 413, 422])
+async def test_a_4xx_other_than_429_is_permanent(status):
+    async with Receiver() as receiver:
+        receiver.answer("hook", status)
+        with pytest.raises(PermanentDeliveryError, match=f"HTTP {status}"):
+            await send(receiver.url())
+
+
+async def test_a_redirect_is_not_followed_and_is_permanent():
+    async with Receiver() as receiver:
+        receiver.answer("hook", Answer(301, {"Location": receiver.url("elsewhere")}))
+        with pytest.raises(PermanentDeliveryError, match="HTTP 301"):
+            await send(receiver.url())
+        assert [post.path for post in receiver.posts] == ["hook"]
+
+
+async def test_a_429_is_retryable_after_the_delay_it_asks_for():
+    async with Receiver() as receiver:
+        receiver.answer("hook", Answer(429, {"Retry-After": "7"}))
+        with pytest.raises(RetryableDeliveryError, match="HTTP 429") as raised:
+            await send(receiver.url())
+        assert raised.value.retry_after == 7.0
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date():
+    now = 1_700_000_000.0
+    assert retry_after_seconds("120", now) == 120.0
+    assert retry_after_seconds(formatdate(now + 30, usegmt=True), now) == 30.0
+    assert retry_after_seconds(formatdate(now - 30, usegmt=True), now) == 0.0
+    assert retry_after_seconds("soon", now) is None
+    assert retry_after_seconds(None, now) is None
+
+
+async def test_an_endpoint_that_does_not_answer_in_time_is_a_retryable_timeout():
+    async with Receiver() as receiver:
+        release = receiver.hold("hook")
+        with pytest.raises(RetryableDeliveryError, match="timed out after 0.3s"):
+            await send(receiver.url(), timeout_s=0.3)
+        release.set()
+
+
+async def test_a_refused_connection_is_retryable():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RetryableDeliveryError, match="ClientConnectorError"):
+        await send(f"http://127.0.0.1:{port}/hook")

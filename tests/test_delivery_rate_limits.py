@@ -1,0 +1,51 @@
+"""Token buckets in the real Redis, shared by every worker: excess waits for its token."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from alerting_app.delivery.rate_limits import RateLimits
+
+
+async def take_all(limits: list[RateLimits], bucket: str, rate: float, count: int) -> float:
+    """Take `count` tokens spread over `limits` (one per worker) at once; return how long it took."""
+    started = time.monotonic()
+    await asyncio.gather(*(limits[n % len(limits)].take(bucket, rate) for n in range(count)))
+    return time.monotonic() - started
+
+
+async def test_two_workers_share_one_bucket_and_the_excess_waits(services):
+    # Each RateLimits has its own Redis connections, as two worker processes would.
+    workers = [RateLimits(services.redis_url, burst_s=0.25) for _ in range(2)]
+    bucket = f"endpoint:{uuid.uuid4()}"
+
+    took = await take_all(workers, bucket, rate=20.0, count=25)
+
+    # A bucket of 5 (0.25 s of 20/s) lets 5 through at once; the other 20 need a second.
+    assert took >= (25 - 5) / 20.0 * 0.95
+
+
+async def test_a_fractional_rate_is_kept(services):
+    limits = RateLimits(services.redis_url, burst_s=0.4)
+    took = await take_all([limits], f"endpoint:{uuid.uuid4()}", rate=2.5, count=4)
+    # A bucket of 1 token: the three after the first wait 0.4 s each.
+    assert took >= 3 / 2.5 * 0.95
+
+
+async def test_buckets_are_independent(services):
+    limits = RateLimits(services.redis_url, burst_s=1.0)
+    busy = f"endpoint:{uuid.uuid4()}"
+    await take_all([limits], busy, rate=1.0, count=1)  # empties the busy endpoint's bucket of one
+
+    # Another endpoint's token is there at once; the busy one would wait a second.
+    other = asyncio.ensure_future(limits.take(f"endpoint:{uuid.uuid4()}", 1.0))
+    waiting = asyncio.ensure_future(limits.take(busy, 1.0))
+    done, _ = await asyncio.wait({other, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {other}
+    await waiting
+
+
+async def test_a_rate_of_zero_is_unlimited(services):
+    limits = RateLimits("redis://127.0.0.1:1/0", burst_s=1.0)  # never asked: nothing listens there
+    await take_all([limits], "email", rate=0, count=1000)

@@ -1,0 +1,75 @@
+"""Health and readiness of a real worker process: the image's health-check command, and /readyz
+following Postgres as it stops and comes back, without restarting the worker.
+
+The session's shared Postgres is never stopped: the Postgres test points its worker at a private
+embedded one.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+
+import pytest
+
+from alerting_app.embedded import EmbeddedServices, free_port
+from alerting_app.migrate import apply_migrations
+from alerting_app.up import WorkerProcess
+from operations_support import get_json, health_check, readiness, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def test_health_check_command_passes_against_a_running_worker(start_worker):
+    worker = start_worker(APP_ID=f"ops-probes-{secrets.token_hex(4)}")
+    # Faust says "Ready" once it has joined its group; matching waits for the rule replica too.
+    wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
+
+    live, ready = health_check(worker.port), health_check(worker.port, "ready")
+
+    assert live.returncode == 0, live.stderr
+    assert ready.returncode == 0, ready.stderr
+    assert get_json(worker.url + "/healthz") == (200, {"status": "alive"})
+    status, body = get_json(worker.url + "/readyz")
+    assert status == 200 and body["status"] == "ready"
+    assert {name: state["ok"] for name, state in body["dependencies"].items()} == {
+        "broker": True, "postgres": True, "redis": True, "worker": True, "rules": True}
+    assert body["roles"] == sorted(["evaluate", "aggregate", "deliver", "relay", "api"])
+
+
+def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(services, service_folder, tmp_path):
+    postgres = EmbeddedServices(service_folder)
+    worker = None
+    try:
+        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
+        asyncio.run(apply_migrations(database_url))
+        postgres.stop_postgres()
+
+        # Started while its Postgres is down: it waits, says so, and answers the probes meanwhile.
+        env = {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
+               "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"ops-pg-{secrets.token_hex(4)}"}
+        worker = WorkerProcess(env, tmp_path / "worker.log")
+        wait_until(lambda: "waiting for postgres" in worker.log(), "logging that it waits for postgres")
+        status, states = wait_until(lambda: (r := readiness(worker.url))[0] and r, "answering /readyz")
+        assert (status, states) == (503, {"broker": True, "postgres": False, "redis": True})
+        assert health_check(worker.port).returncode == 0  # alive: no reason to restart it
+        assert health_check(worker.port, "ready").returncode == 1
+
+        postgres.start_postgres_again()
+        worker.wait_until_ready()
+        assert wait_until(lambda: (r := readiness(worker.url))[0] == 200 and r, "ready") == (
+            200, {"broker": True, "postgres": True, "redis": True, "worker": True, "rules": True})
+
+        postgres.stop_postgres()
+        status, states = wait_until(lambda: (r := readiness(worker.url))[0] == 503 and r, "503 without Postgres")
+        assert states == {"broker": True, "postgres": False, "redis": True, "worker": True, "rules": True}
+        assert health_check(worker.port).returncode == 0
+
+        postgres.start_postgres_again()
+        wait_until(lambda: readiness(worker.url)[0] == 200, "ready again once Postgres is back")
+        assert worker.child.running()  # the same process throughout: no restart
+        assert health_check(worker.port, "ready").returncode == 0
+    finally:
+        if worker is not None:
+            worker.stop()
+        postgres.stop()

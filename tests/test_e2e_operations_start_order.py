@@ -1,0 +1,66 @@
+"""Start-up order does not matter: a worker started before its broker waits for it, becomes ready
+once it is up (and its topics exist), and then processes alerts end to end."""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections import Counter
+
+import aiohttp
+import pytest
+
+from alerting_app.app import settings
+from alerting_app.embedded import free_port
+from alerting_app.kafka_admin import create_topics
+from alerting_app.up import WorkerProcess
+from operations_support import get_json, health_check, readiness, start_tansu, wait_until
+from test_e2e_pipeline import Platform, WebhookReceiver, alert, create_tenant_with_webhook
+
+pytestmark = pytest.mark.e2e
+
+
+async def deliver_one_alert(worker_url: str, bootstrap: str, group: str, services) -> Counter:
+    """A tenant with a webhook, one matching alert on the broker: what the webhook received."""
+    async with aiohttp.ClientSession() as http, WebhookReceiver() as receiver:
+        platform = Platform(http, worker_url, bootstrap, group, services.admin_token, services.database_url)
+        await create_tenant_with_webhook(platform, services.admin_token, receiver.url)
+        await platform.settle()
+        await platform.produce_alerts(alert("after-the-broker-came-up"))
+        await platform.settle()
+        return receiver.alert_ids()
+
+
+def test_worker_started_before_the_broker_becomes_ready_and_processes_alerts(services, clean_db, tmp_path):
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    group = f"ops-order-{secrets.token_hex(4)}"
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "WEB_PORT": str(free_port()),
+           "DATA_DIR": str(tmp_path / "worker"), "APP_ID": group}
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    broker = None
+    try:
+        wait_until(lambda: "waiting for broker" in worker.log(), "logging that it waits for the broker")
+        status, states = wait_until(lambda: (r := readiness(worker.url))[0] and r, "answering /readyz")
+        assert (status, states) == (503, {"broker": False, "postgres": True, "redis": True})
+        assert get_json(worker.url + "/healthz")[0] == 200
+        assert health_check(worker.port).returncode == 0
+
+        broker = start_tansu(port, tmp_path / "kafka")
+        # Up, but without its topics the worker keeps waiting: Faust would have them auto-created
+        # with the broker's partition count.
+        wait_until(lambda: "topics missing" in get_json(worker.url + "/readyz")[1]["dependencies"]["broker"]["detail"],
+                   "waiting for the topics")
+        report = asyncio.run(create_topics(bootstrap, settings.topic_partitions, settings.topic_replication_factor))
+        assert "alerts.new" in report.created
+
+        worker.wait_until_ready()
+        assert wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
+        assert worker.child.running()
+
+        assert asyncio.run(deliver_one_alert(worker.url, bootstrap, group, services)) == Counter(
+            {"after-the-broker-came-up": 1})
+    finally:
+        worker.stop()
+        if broker is not None:
+            broker.stop()

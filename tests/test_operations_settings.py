@@ -1,0 +1,107 @@
+"""LOG_FORMAT and ROLES are validated like every setting; JSON log lines are one object each; the
+health-check command needs nothing but Python."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from alerting_app.embedded import free_port
+from alerting_app.healthcheck import probe_url
+from alerting_app.json_logs import JsonLogFormatter
+from alerting_app.settings import ConfigurationError, load_settings
+from alerting_app.up import alerting_app_executable
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("LOG_FORMAT", "yaml"),
+    ("ROLES", "evaluate,notify"),
+    ("ROLES", " , "),
+])
+def test_bad_log_format_or_roles_stops_start_up_naming_the_variable(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert f"{variable}:" in str(error.value)
+    assert repr(value) in str(error.value)
+
+
+@pytest.mark.parametrize(("value", "roles"), [
+    ("all", "evaluate,aggregate,deliver,relay,api"),
+    (" Deliver , evaluate", "evaluate,deliver"),
+    ("api", "api"),
+])
+def test_roles_are_read_in_any_order_and_case(monkeypatch, value, roles):
+    monkeypatch.setenv("ROLES", value)
+
+    assert load_settings().roles == roles
+
+
+def test_roles_and_log_format_default_to_everything_and_text(monkeypatch):
+    monkeypatch.delenv("ROLES", raising=False)
+    monkeypatch.delenv("LOG_FORMAT", raising=False)
+
+    settings = load_settings()
+
+    assert (settings.roles, settings.log_format) == ("evaluate,aggregate,deliver,relay,api", "text")
+
+
+def test_a_json_log_line_is_one_object_with_the_message_and_the_exception():
+    logger = logging.getLogger("alerting.test")
+    try:
+        raise ValueError("broken\nacross lines")
+    except ValueError:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "delivery to %s failed",
+                                   ("endpoint-1",), sys.exc_info())
+
+    line = JsonLogFormatter().format(record)
+
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "ERROR"
+    assert entry["logger"] == "alerting.test"
+    assert entry["message"] == "delivery to endpoint-1 failed"
+    assert entry["exception"].startswith("Traceback") and "ValueError: broken\nacross lines" in entry["exception"]
+    assert entry["ts"].endswith("+00:00")
+
+
+def test_health_check_asks_loopback_on_web_port_unless_bound_to_one_address():
+    assert probe_url({"WEB_PORT": "7001"}, "live") == "http://127.0.0.1:7001/healthz"
+    assert probe_url({}, "ready") == "http://127.0.0.1:6066/readyz"
+    assert probe_url({"WEB_PORT": "7001", "WEB_BIND": "10.0.3.7"}, "ready") == "http://10.0.3.7:7001/readyz"
+
+
+def _health_check(*args: str, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alerting_app.healthcheck", *args],
+                          env={"WEB_PORT": str(port), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_health_check_fails_when_no_worker_answers():
+    port = free_port()
+
+    result = _health_check(port=port)
+
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}/healthz" in result.stderr
+
+
+def test_health_check_refuses_an_unknown_check():
+    result = _health_check("deep", port=free_port())
+
+    assert result.returncode == 1
+    assert "usage:" in result.stderr
+
+
+def test_worker_refuses_unknown_roles_naming_the_option():
+    result = subprocess.run([alerting_app_executable(), "worker", "--roles", "evaluate,notify"],
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1
+    assert "--roles: must be all or a comma-separated list of evaluate, aggregate" in result.stderr
+    assert "'evaluate,notify'" in result.stderr

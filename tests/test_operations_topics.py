@@ -1,0 +1,152 @@
+"""`alerting-app topics` and `alerting-app tail`, run as commands against the real broker."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from alerting_app.up import alerting_app_executable
+
+COMMAND_TIMEOUT_S = 120
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([alerting_app_executable(), *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+
+
+async def create_topic(bootstrap: str, partitions: int) -> str:
+    name = f"ops-test-{secrets.token_hex(4)}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+    return name
+
+
+async def produce(bootstrap: str, topic: str, messages: list[tuple[int, bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for partition, key, value in messages:
+            await producer.send_and_wait(topic, value=value, key=key, partition=partition)
+    finally:
+        await producer.stop()
+
+
+async def commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
+
+
+async def list_topics(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def test_topics_prints_partitions_end_offsets_and_the_groups_lag(services):
+    bootstrap = services.kafka_bootstrap_servers
+    topic = await create_topic(bootstrap, partitions=3)
+    await produce(bootstrap, topic, [(0, b"k", b"{}")] * 2 + [(1, b"k", b"{}")] * 3)
+    group = f"ops-group-{secrets.token_hex(4)}"
+    # The group has processed one message of partition 0 and none of partition 1.
+    await commit(bootstrap, group, {TopicPartition(topic, 0): 1})
+
+    result = run("topics", "--json", APP_ID=group)
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["group"] == group
+    figures = {entry["topic"]: entry for entry in report["topics"]}
+    assert figures[topic]["partitions"] == 3
+    assert figures[topic]["end_offsets"] == 5
+    assert figures[topic]["lag"] == 1 + 3
+    assert [(p["end_offset"], p["committed"], p["lag"]) for p in figures[topic]["by_partition"]] == [
+        (2, 1, 1), (3, None, 3), (0, None, 0)]
+    assert figures["alerts.new"]["lag"] is None  # this group does not read alerts.new
+    assert figures["alerts.new"]["partitions"] == 9
+
+    table = run("topics", APP_ID=group)
+
+    assert table.returncode == 0, table.stderr
+    assert f"consumer group: {group}" in table.stdout
+    assert [line.split() for line in table.stdout.splitlines() if line.startswith(topic)] == [[topic, "3", "5", "4"]]
+    assert ["alerts.new", "9"] == next(line.split()[:2] for line in table.stdout.splitlines()
+                                      if line.startswith("alerts.new "))
+
+
+async def test_tail_from_the_beginning_prints_each_message_as_one_json_line(services):
+    bootstrap = services.kafka_bootstrap_servers
+    topic = await create_topic(bootstrap, partitions=1)
+    await produce(bootstrap, topic, [(0, b"a-1", b'{"alert_id": "a-1"}'), (0, None, b"[1, 2]"),
+                                     (0, b"a-3", b"not json")])
+
+    result = run("tail", topic, "--from-beginning", "--limit", "3")
+
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(m["partition"], m["offset"], m["key"]) for m in lines] == [(0, 0, "a-1"), (0, 1, None), (0, 2, "a-3")]
+    assert lines[0]["value"] == {"alert_id": "a-1"}
+    assert lines[1]["value"] == [1, 2]
+    assert lines[2]["value_raw"] == "not json" and "value" not in lines[2]
+    assert all(m["topic"] == topic for m in lines)
+
+
+async def test_tail_alerts_new_prints_the_alerts_produced_after_it_started(services):
+    bootstrap = services.kafka_bootstrap_servers
+    tail = subprocess.Popen([alerting_app_executable(), "tail", "alerts.new", "--limit", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The command says on stderr when it is positioned at the end; what follows is what it prints.
+        first_line = tail.stderr.readline()
+        assert first_line.startswith("tailing alerts.new (9 partitions) from the end"), first_line
+        alerts = [{"alert_id": f"tail-{n}-{secrets.token_hex(3)}", "schema_version": 1, "event_ts": time.time(),
+                   "severity": "LOW", "source": "ops-test", "name": "Tail"} for n in range(3)]
+        await produce(bootstrap, "alerts.new", [(None, a["alert_id"].encode(), json.dumps(a).encode())
+                                                for a in alerts])
+        out, err = tail.communicate(timeout=COMMAND_TIMEOUT_S)
+    finally:
+        tail.kill()
+        tail.wait()
+
+    assert tail.returncode == 0, err
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert sorted((m["key"], m["value"]["alert_id"]) for m in printed) == sorted(
+        (a["alert_id"], a["alert_id"]) for a in alerts)
+    assert all(m["topic"] == "alerts.new" and 0 <= m["partition"] < 9 for m in printed)
+
+
+async def test_tail_of_an_unknown_topic_fails_without_creating_it(services):
+    name = f"ops-no-such-{secrets.token_hex(4)}"
+
+    result = run("tail", name, "--limit", "1")
+
+    assert result.returncode == 1
+    assert f"no such topic: {name}" in result.stderr
+    assert "alerts.new" in result.stderr  # the message lists the topics there are
+    assert name not in await list_topics(services.kafka_bootstrap_servers)
+
+
+@pytest.mark.parametrize("limit", ["0", "many"])
+def test_tail_refuses_a_limit_that_is_not_a_positive_number(limit):
+    result = run("tail", "alerts.new", "--limit", limit)
+
+    assert result.returncode == 2
+    assert "--limit" in result.stderr

@@ -1,0 +1,151 @@
+"""Probes and metrics on every worker's web server, without auth (probes and scrapers hold no token).
+
+- `/healthz`: the process is alive and its event loop answers. A container health check uses this
+  one (`python -m alerting_app.healthcheck`): restarting a worker whose database is down would
+  not bring the database back, only a deployment loop.
+- `/readyz`: 200 when the broker, Postgres and Redis answer, the rule replica has caught up (on a
+  worker that evaluates) and the Faust worker has fully started; otherwise 503. The JSON says the
+  state of each, so the answer explains itself.
+- `/metrics`: Prometheus text format, alerting_app/metrics.py plus the process and platform
+  collectors of prometheus-client; consumer lag is computed at scrape time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from aiokafka.errors import KafkaError
+from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
+from faust.types.transports import ConsumerT
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, REGISTRY, generate_latest
+from redis.asyncio import Redis
+
+from alerting_app import db, metrics
+from alerting_app.app import app, settings
+from alerting_app.dependencies import (
+    PROBE_TIMEOUT_S,
+    DependencyState,
+    broker_topics_missing,
+    pool_answers,
+    probe,
+    redis_answers,
+    redis_probe_client,
+)
+from alerting_app.roles import parse_roles
+from tables.rules import rule_index, rule_replica
+
+log = logging.getLogger(__name__)
+
+_started = asyncio.Event()
+_redis: Redis | None = None
+
+# len(), not rules(): rules() builds an object per rule, seconds at 450,000 rules.
+metrics.rules_held.set_function(lambda: len(rule_index))
+
+
+@app.task
+async def mark_worker_started() -> None:
+    # Faust starts tasks once the worker has joined its group and recovered: it is processing.
+    _started.set()
+
+
+def _redis_client() -> Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis_probe_client(settings.redis_url)
+    return _redis
+
+
+def roles() -> frozenset[str]:
+    return parse_roles(settings.roles)
+
+
+async def readiness() -> list[DependencyState]:
+    states = list(await asyncio.gather(
+        probe("broker", broker_topics_missing(settings.kafka_bootstrap_servers)),
+        probe("postgres", pool_answers(db.pool())),
+        probe("redis", redis_answers(_redis_client())),
+    ))
+    states.append(DependencyState("worker", _started.is_set(), "started" if _started.is_set() else "starting"))
+    if "evaluate" in roles():
+        caught_up = rule_replica.is_caught_up
+        states.append(DependencyState("rules", caught_up, "caught up" if caught_up else "replica catching up"))
+    return states
+
+
+@app.page("/healthz")
+class HealthView(View):
+    async def get(self, request: Request) -> Response:
+        return self.json({"status": "alive"})
+
+
+@app.page("/readyz")
+class ReadinessView(View):
+    async def get(self, request: Request) -> Response:
+        states = await readiness()
+        ready = all(state.ok for state in states)
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "dependencies": {state.name: state.as_json() for state in states},
+            # What this worker does, for operators checking a role split.
+            "roles": sorted(roles()),
+            "agents": sorted(app.agents),
+            "assignment": assigned_partitions(),
+        }
+        return self.json(body, status=200 if ready else 503)
+
+
+def assigned_partitions() -> dict[str, list[int]]:
+    """The partitions this worker consumes, by topic (none without agents or before joining)."""
+    if app.producer_only:
+        return {}
+    try:
+        assignment = app.consumer.assignment()
+    except ConsumerNotStarted:
+        return {}
+    by_topic: dict[str, list[int]] = {}
+    for tp in assignment:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return {topic: sorted(partitions) for topic, partitions in sorted(by_topic.items())}
+
+
+async def consumer_lag(consumer: ConsumerT, partitions: Iterable[TP]) -> dict[str, int]:
+    """Per topic: messages on the given partitions the consumer has not fetched yet."""
+    lag: dict[str, int] = {}
+    for tp in partitions:
+        highwater = consumer.highwater(tp)  # known once the partition has been fetched from
+        try:
+            position = await consumer.position(tp)
+        except KafkaError:  # revoked meanwhile by a rebalance
+            continue
+        if highwater is not None and position is not None:
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(highwater - position, 0)
+    return lag
+
+
+async def _update_consumer_lag() -> None:
+    if app.producer_only:  # a worker without agents has no consumer
+        return
+    try:
+        partitions = app.consumer.assignment()
+    except ConsumerNotStarted:
+        return
+    try:
+        lag = await asyncio.wait_for(consumer_lag(app.consumer, partitions), PROBE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        log.warning("consumer lag not updated: positions not known within %gs", PROBE_TIMEOUT_S)
+        return
+    metrics.consumer_lag.clear()  # topics no longer assigned disappear
+    for topic, messages in lag.items():
+        metrics.consumer_lag.labels(topic=topic).set(messages)
+
+
+@app.page("/metrics")
+class MetricsView(View):
+    async def get(self, request: Request) -> Response:
+        await _update_consumer_lag()
+        # Set as a header: aiohttp refuses a charset inside its content_type argument.
+        return self.bytes(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
