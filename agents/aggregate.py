@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import asyncpg
 from faust.types import EventT, StreamT
 
+from agents.evaluate import send_batched
 from alerting_app import db, metrics
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
 
-MATCH_BATCH_SIZE = 100
+MATCH_BATCH_SIZE = 1000
 MATCH_BATCH_WITHIN_S = 0.05
 
 _INSERT_NOTIFICATION = """
@@ -29,6 +30,26 @@ INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_id
 VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
 ON CONFLICT (client_id, alert_id) DO NOTHING
 RETURNING notification_id
+"""
+
+# One statement for a whole batch: per-row round trips to Postgres were the aggregate stage's cost.
+# Arrays of text, cast in SQL, because asyncpg has no codec for arrays of arrays (rule_ids).
+_INSERT_NOTIFICATIONS = """
+INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at)
+SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[], to_timestamp(n.created_at)
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[])
+    AS n(notification_id, client_id, alert_id, alerts, rule_ids, created_at)
+ON CONFLICT (client_id, alert_id) DO NOTHING
+RETURNING notification_id::text
+"""
+
+# The rows of matches that were not inserted (seen before) and not yet emitted, by the match's position.
+_UNEMITTED_NOTIFICATIONS = """
+SELECT m.position, x.notification_id::text, x.alerts, x.rule_ids::text[],
+       extract(epoch FROM x.created_at)::float8 AS created_at
+FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS m(client_id, alert_id, position)
+JOIN notifications x ON x.client_id = m.client_id AND x.alert_id = m.alert_id
+WHERE NOT x.emitted
 """
 
 _EXISTING_NOTIFICATION = """
@@ -82,6 +103,52 @@ async def record_first_match(conn: asyncpg.Connection | asyncpg.Pool,
     )
 
 
+async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
+                               matches: list[AlertMatched]) -> list[NotificationReady]:
+    """`record_first_match` for a whole batch, in two statements: the notifications to emit, in order.
+
+    A match repeated within the batch gives one notification. Raises ForeignKeyViolationError
+    (inserting nothing) when a match names an unknown client.
+    """
+    created_at = round(time.time(), 6)  # microseconds, as Postgres stores it (see record_first_match)
+    firsts: dict[tuple[str, str], NotificationReady] = {}
+    for matched in matches:
+        firsts.setdefault((matched.client_id, matched.alert.alert_id), NotificationReady(
+            client_id=matched.client_id, alerts=[matched.alert], rule_ids=matched.rule_ids, created_at=created_at))
+    candidates = list(firsts.values())
+    inserted = {row[0] for row in await conn.fetch(
+        _INSERT_NOTIFICATIONS,
+        [ready.notification_id for ready in candidates],
+        [ready.client_id for ready in candidates],
+        [ready.alerts[0].alert_id for ready in candidates],
+        ["[" + ready.alerts[0].model_dump_json() + "]" for ready in candidates],
+        # UUIDs (checked by decode_matched), so the array literal needs no quoting.
+        ["{" + ",".join(ready.rule_ids) + "}" for ready in candidates],
+        [created_at] * len(candidates),
+    )}
+    seen_before = [(position, ready) for position, ready in enumerate(candidates, 1)
+                   if ready.notification_id not in inserted]
+    unemitted: dict[int, NotificationReady] = {}
+    if seen_before:
+        rows = await conn.fetch(_UNEMITTED_NOTIFICATIONS, [ready.client_id for _, ready in seen_before],
+                                [ready.alerts[0].alert_id for _, ready in seen_before])
+        for row in rows:
+            # Rebuilt from the row, as in record_first_match, so the retry is the notification first built.
+            match = seen_before[row["position"] - 1][1]
+            unemitted[row["position"]] = NotificationReady(
+                notification_id=row["notification_id"], client_id=match.client_id,
+                alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
+                created_at=row["created_at"])
+    to_emit: dict[str, NotificationReady] = {}
+    for position, ready in enumerate(candidates, 1):
+        if ready.notification_id in inserted:
+            to_emit[ready.notification_id] = ready
+        elif position in unemitted:
+            # Two spellings of one client's UUID in a batch find the same row: emit it once.
+            to_emit.setdefault(unemitted[position].notification_id, unemitted[position])
+    return list(to_emit.values())
+
+
 async def mark_emitted(conn: asyncpg.Connection | asyncpg.Pool, notification_ids: list[str]) -> None:
     await conn.execute(
         "UPDATE notifications SET emitted = true, updated_at = now() "
@@ -99,16 +166,29 @@ class Aggregation:
 
 
 async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggregation:
-    """Record each match; collect the notifications to emit and the dead letters."""
+    """Record the batch's matches; collect the notifications to emit and the dead letters."""
     aggregation = Aggregation()
-    to_emit: set[str] = set()
+    decoded: list[tuple[EventT, AlertMatched]] = []
     for event in events:
         try:
-            matched = decode_matched(event.message.value)
-            ready = await record_first_match(conn, matched)
+            decoded.append((event, decode_matched(event.message.value)))
         except UndecodableMessage as exc:
             aggregation.dead_letters.append(dead_letter_for(event.message, str(exc)))
-            continue
+    try:
+        aggregation.ready.extend(await record_first_matches(conn, [matched for _, matched in decoded]))
+    except asyncpg.ForeignKeyViolationError:
+        # Some match names an unknown client and the batch statement inserted nothing: record the
+        # matches one by one, so only that one becomes a dead letter.
+        await record_one_by_one(conn, decoded, aggregation)
+    return aggregation
+
+
+async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
+                            aggregation: Aggregation) -> None:
+    to_emit: set[str] = set()
+    for event, matched in decoded:
+        try:
+            ready = await record_first_match(conn, matched)
         except asyncpg.ForeignKeyViolationError:
             reason = f"client_id: no such client {matched.client_id}"
             aggregation.dead_letters.append(dead_letter_for(event.message, reason))
@@ -117,14 +197,11 @@ async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggre
         if ready is not None and ready.notification_id not in to_emit:
             to_emit.add(ready.notification_id)
             aggregation.ready.append(ready)
-    return aggregation
 
 
 async def publish_aggregation(aggregation: Aggregation) -> None:
-    pending = [
-        await notifications_ready.send(key=ready.client_id.encode(), value=ready.encode())
-        for ready in aggregation.ready
-    ]
+    pending = await send_batched(notifications_ready,
+                                 ((ready.client_id.encode(), ready.encode()) for ready in aggregation.ready))
     for letter in aggregation.dead_letters:
         await send_dead_letter(letter)
     # Marked emitted only once the broker holds them; a crash before leaves them to be re-emitted.

@@ -15,6 +15,7 @@ import logging
 import asyncpg
 from faust.types import TopicT
 
+from agents.evaluate import send_batched
 from alerting_app import db
 from alerting_app.app import app, rule_changed
 from alerting_app.contracts import Rule, RuleChanged
@@ -22,7 +23,7 @@ from alerting_app.contracts import Rule, RuleChanged
 log = logging.getLogger(__name__)
 
 RELAY_INTERVAL_S = 0.5
-BATCH_SIZE = 100
+BATCH_SIZE = 1000
 
 _wake_up = asyncio.Event()
 
@@ -75,10 +76,9 @@ async def relay_pending(pool: asyncpg.Pool, topic: TopicT = rule_changed, batch_
             return 0
         # Sent as stored: a payload the consumer cannot decode goes to its dead-letter topic
         # there, instead of blocking every later change here.
-        acks = [
-            await topic.send(key=str(row["rule_id"]).encode(), value=json.dumps(row["payload"]).encode())
-            for row in rows
-        ]
+        # In record batches: per-message Topic.send made relaying 450,000 seeded rules take a minute.
+        acks = await send_batched(topic, ((str(row["rule_id"]).encode(), json.dumps(row["payload"]).encode())
+                                          for row in rows))
         await asyncio.gather(*acks)
         await conn.execute(
             "DELETE FROM rule_outbox WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]

@@ -32,14 +32,18 @@ async def republish(database_url: str) -> int:
         await pool.close()
 
 
-async def produce_alerts(bootstrap: str, *, count: int, rate: float, random_seed: int = 7) -> tuple[int, float]:
-    """Send `count` generated alerts to alerts.new at about `rate` per second (0: as fast as possible)."""
+async def produce_alerts(bootstrap: str, *, count: int, rate: float, random_seed: int = 7,
+                         prefix: str | None = None) -> tuple[int, float]:
+    """Send `count` generated alerts to alerts.new at about `rate` per second (0: as fast as possible).
+
+    Alert ids are `<prefix>-<n>` (a random prefix by default), so a run's alerts can be told apart.
+    """
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     started = time.perf_counter()
     try:
         pending = []
-        for n, alert in enumerate(alert_stream(count, random_seed=random_seed)):
+        for n, alert in enumerate(alert_stream(count, random_seed=random_seed, prefix=prefix)):
             pending.append(await producer.send("alerts.new", key=alert.alert_id.encode(), value=alert.encode()))
             if rate > 0:
                 ahead = (n + 1) / rate - (time.perf_counter() - started)

@@ -10,7 +10,7 @@ and tail). Two measurements:
 
 1. The deliver stage alone: for each alert, a notification for each of `--clients-per-alert`
    clients (one of its rules, so one POST each) is written as aggregate writes it and put on
-   notifications.ready; a worker running only the deliver agent (bench/stage_worker.py) delivers
+   notifications.ready; a worker running only the deliver agent (ROLES=deliver) delivers
    them.
 2. The whole pipeline: one full worker (every agent); the alerts are put on alerts.new as fast as
    the producer goes, and matched by the rules themselves (about 6.5 clients an alert).
@@ -232,7 +232,7 @@ def main() -> None:
         rules = report.rules
         print(f"seeded {report.clients} clients, {rules} rules, {report.endpoints} webhook endpoints")
         print("\n1. the deliver stage alone")
-        worker = stack.start_stage_worker("deliver-only", ["deliver"], ALLOW_PRIVATE_ENDPOINTS="true")
+        worker = stack.start_worker("deliver-only", roles="deliver", ALLOW_PRIVATE_ENDPOINTS="true")
         measure(stack, worker, port, receiver.pid, args.alerts,
                 lambda: asyncio.run(put_notifications(stack, args.alerts, args.clients_per_alert)))
         stack.stop_worker(worker)

@@ -17,6 +17,7 @@ import os
 import platform
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -28,6 +29,8 @@ import psutil
 # alerting_app.app (imported below, via alerting_app.db) reads the settings once and creates DATA_DIR:
 # keep the benchmark process's own DATA_DIR out of the working tree.
 os.environ.setdefault("DATA_DIR", str(Path(tempfile.gettempdir()) / "alerting-bench-process"))
+# Figures appear as they are measured, also when the output goes to a file (bench/run_all.py).
+sys.stdout.reconfigure(line_buffering=True)
 
 from alerting_app.db import init_connection
 from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, \

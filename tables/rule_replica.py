@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -121,7 +122,7 @@ class RuleReplica:
         try:
             tps = await _all_partitions(consumer, topic)
             consumer.assign(tps)
-            ends = await consumer.end_offsets(tps)
+            ends = await _end_offsets(bootstrap, tps)
             if any(offsets.get(tp.partition, 0) > ends[tp] for tp in tps):
                 log.warning("rule.changed holds fewer messages than the local rule store has read: "
                             "the topic was recreated; rebuilding the store from the topic")
@@ -167,6 +168,31 @@ async def _connected_consumer(bootstrap: str, poll_ms: int) -> AIOKafkaConsumer:
             log.warning("rule replica waiting for the broker (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+async def _end_offsets(bootstrap: str, tps: list[TopicPartition], timeout_s: float = 10.0) -> dict[TopicPartition, int]:
+    """The offset after the last message of each partition.
+
+    Asked with ListOffsets, and raised to the high watermark of a fetch from there: the Tansu broker
+    answers ListOffsets with the first offset of the partition's last record batch + 1, which is
+    below the true end whenever that batch holds several messages. Taken as the end, it made a
+    restarted worker think the topic was recreated and throw its store away, and could let
+    matching start before the last rules were read.
+    """
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+    await probe.start()
+    try:
+        probe.assign(tps)
+        ends = await probe.end_offsets(tps)
+        for tp in tps:
+            probe.seek(tp, ends[tp])
+        deadline = time.monotonic() + timeout_s
+        # Every fetch response carries the partition's high watermark, records or not.
+        while any(probe.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
+            await probe.getmany(*tps, timeout_ms=50)
+        return {tp: max(ends[tp], probe.highwater(tp) or 0) for tp in tps}
+    finally:
+        await probe.stop()
 
 
 async def _all_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -1,5 +1,6 @@
 """Delivering notifications to endpoints: durable, retried, rate-limited, sent once.
 
+- `jobs`: what one delivery needs (the notification, the endpoint, the attempts made).
 - `records`: the delivery rows in Postgres (PENDING until SENT or FAILED), leased to one worker.
 - `claims`: the Redis idempotency key per (notification, endpoint), claimed around every send.
 - `rate_limits`: token buckets in Redis, per endpoint and for all email, shared by every worker.

@@ -153,7 +153,6 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     if job.endpoint is None or not job.endpoint.enabled:
         record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
         return
-    started = time.time()
 
     def failed_attempt(retry_state: RetryCallState) -> None:
         metrics.notifications_retried.labels(channel=channel).inc()
@@ -174,10 +173,8 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 await attempt(job, ctx)
         record(SENT, 1, None, started)
     except AlreadySent:
-        attempts_made -= 1
         record(SENT)
     except ClaimedElsewhere as busy:
-        attempts_made -= 1
         record(PENDING, next_attempt_at=time.time() + busy.busy_for_s, release=True)
     except DeliveryError as exc:
         record(FAILED, 1, str(exc), started)

@@ -1,0 +1,156 @@
+"""End to end, alerts.new -> notifications.ready (dedup insert included), with 28,800 rules.
+
+    .venv/bin/python bench/end_to_end.py [--workers 1] [--rates 1000,2000,3200] [--seconds 60]
+
+Pipeline workers run `alerting-app worker` with ROLES=evaluate,aggregate,relay (delivery is not
+part of this path; production runs it as its own role). A producer process offers generated alerts
+at a fixed rate (alerting_app.load.produce_alerts); this process consumes notifications.ready and
+measures, per notification, the time from the alert's `event_ts` to its arrival here.
+
+Per offered rate it prints the rate achieved (notifications per second divided by the mean number
+of notifications per alert, known from the seeded rules) and p50/p99/max latency. The last phase
+offers alerts as fast as the producer can and reports the drain rate between 10% and 90% of the
+expected notifications: the maximum sustained throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stack import BenchStack, machine_summary, percentile, rss_mib, wait_until_worker_holds
+
+
+def produce(bootstrap: str, count: int, rate: float, prefix: str) -> None:
+    """The producer process: a process of its own, so that consuming here cannot slow it down."""
+    from alerting_app.load import produce_alerts
+
+    asyncio.run(produce_alerts(bootstrap, count=count, rate=rate, prefix=prefix))
+
+
+def expected_notifications(database_url: str, count: int) -> int:
+    """How many notifications `count` generated alerts must give, by matching them here."""
+    import asyncpg
+
+    from alerting_app.contracts import Rule, RuleChanged
+    from alerting_app.matching import RuleIndex
+    from alerting_app.seed import alert_stream
+
+    async def rules() -> list:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await conn.fetch("SELECT rule_id::text, client_id::text, severity, source, name, enabled, version "
+                                    "FROM rules")
+        finally:
+            await conn.close()
+
+    index = RuleIndex(RuleChanged.upsert(Rule(**dict(row))) for row in asyncio.run(rules()))
+    return sum(len(index.match(alert)) for alert in alert_stream(count))
+
+
+@dataclass
+class Arrivals:
+    """(arrival time, latency) of each notification of one phase, in arrival order."""
+
+    times: list[float]
+    latencies: list[float]
+
+
+async def collect(bootstrap: str, prefix: str, expected: int, timeout: float) -> Arrivals:
+    """Read notifications.ready until `expected` notifications of this phase's alerts arrived."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20,
+                                max_partition_fetch_bytes=4 * 2**20)
+    await consumer.start()
+    arrivals = Arrivals([], [])
+    try:
+        tps = [TopicPartition("notifications.ready", p)
+               for p in sorted(consumer.partitions_for_topic("notifications.ready") or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)  # earlier phases' notifications are skipped by prefix too
+        marker = f'"alert_id":"{prefix}-'.encode()
+        deadline = time.monotonic() + timeout
+        while len(arrivals.times) < expected and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            now = time.time()
+            for records in batches.values():
+                for record in records:
+                    if marker in record.value:
+                        notification = json.loads(record.value)
+                        arrivals.times.append(now)
+                        arrivals.latencies.append(now - notification["alerts"][0]["event_ts"])
+    finally:
+        await consumer.stop()
+    return arrivals
+
+
+def run_phase(stack: BenchStack, rate: float, count: int, expected: int) -> Arrivals:
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    producer = multiprocessing.get_context("spawn").Process(target=produce,
+                                                             args=(stack.bootstrap, count, rate, prefix))
+
+    async def phase() -> Arrivals:
+        collecting = asyncio.ensure_future(collect(stack.bootstrap, prefix, expected, timeout=count / 200 + 120))
+        await asyncio.sleep(1.0)  # the consumer is assigned and at the end before the first alert
+        producer.start()
+        return await collecting
+
+    arrivals = asyncio.run(phase())
+    producer.join()
+    return arrivals
+
+
+def report(label: str, arrivals: Arrivals, expected: int, fan_out: float) -> None:
+    got = len(arrivals.times)
+    if got < 10:
+        print(f"{label}: only {got} of {expected} notifications arrived")
+        return
+    # Steady state: between the 10% and 90% arrivals (start-up and the tail are not the rate).
+    low, high = got // 10, got * 9 // 10
+    rate = (high - low) / fan_out / (arrivals.times[high] - arrivals.times[low])
+    lat = arrivals.latencies
+    print(f"{label}: {rate:,.0f} alerts/s achieved ({got:,} of {expected:,} notifications), latency "
+          f"p50 {percentile(lat, 0.5) * 1000:,.0f} ms, p99 {percentile(lat, 0.99) * 1000:,.0f} ms, "
+          f"max {max(lat) * 1000:,.0f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rules-per-client", type=int, default=288)
+    parser.add_argument("--workers", type=int, default=1, help="pipeline worker processes")
+    parser.add_argument("--rates", default="1000,2000,3200", help="offered alerts/s, one phase each")
+    parser.add_argument("--seconds", type=float, default=60, help="length of each fixed-rate phase")
+    parser.add_argument("--max-alerts", type=int, default=100_000, help="alerts of the as-fast-as-possible phase")
+    args = parser.parse_args()
+    rules = args.clients * args.rules_per_client
+    print(f"machine: {machine_summary()}")
+
+    with BenchStack("end-to-end") as stack:
+        report_ = stack.seed(args.clients, args.rules_per_client)
+        workers = [stack.start_worker(f"pipeline-{n}", roles="evaluate,aggregate,relay")
+                   for n in range(args.workers)]
+        relayed_s = stack.wait_until_outbox_empty()
+        for worker in workers:
+            wait_until_worker_holds(worker, rules)
+        print(f"seeded {report_.rules:,} rules, relayed in {relayed_s:.1f}s; {args.workers} pipeline worker(s) "
+              f"(ROLES=evaluate,aggregate,relay) hold them")
+
+        phases = [(float(rate), int(float(rate) * args.seconds)) for rate in args.rates.split(",") if rate]
+        phases.append((0.0, args.max_alerts))
+        for rate, count in phases:
+            expected = expected_notifications(stack.database_url, count)
+            fan_out = expected / count
+            arrivals = run_phase(stack, rate, count, expected)
+            label = f"offered {rate:,.0f} alerts/s" if rate else "offered as fast as possible"
+            report(f"{label}, {count:,} alerts ({fan_out:.2f} notifications each)", arrivals, expected, fan_out)
+            print(f"    worker RSS: {', '.join(f'{rss_mib(w):.0f} MiB' for w in workers)}")
+
+
+if __name__ == "__main__":
+    main()

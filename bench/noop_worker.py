@@ -1,0 +1,22 @@
+"""`alerting-app worker` whose only agent reads alerts.new in batches and does nothing with them.
+
+Run by bench/faust_ceiling.py: what Faust's consumer costs per message, before any work of ours.
+"""
+from __future__ import annotations
+
+from alerting_app.app import alerts_new, app
+from alerting_app.cli import main
+
+for name in list(app.agents):
+    del app.agents[name]
+app._app_tasks.clear()  # no rule replica, no outbox relay: nothing but the agent below
+
+
+@app.agent(alerts_new)
+async def read_alerts(stream):
+    async for _events in stream.take_events(500, within=0.05):
+        pass
+
+
+if __name__ == "__main__":
+    main()
