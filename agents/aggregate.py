@@ -116,15 +116,18 @@ async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
         firsts.setdefault((matched.client_id, matched.alert.alert_id), NotificationReady(
             client_id=matched.client_id, alerts=[matched.alert], rule_ids=matched.rule_ids, created_at=created_at))
     candidates = list(firsts.values())
+    # Inserted in key order: two workers inserting the same keys (a partition handed over during a
+    # rebalance) then wait for each other instead of deadlocking on each other's rows.
+    in_key_order = sorted(candidates, key=lambda ready: (ready.client_id, ready.alerts[0].alert_id))
     inserted = {row[0] for row in await conn.fetch(
         _INSERT_NOTIFICATIONS,
-        [ready.notification_id for ready in candidates],
-        [ready.client_id for ready in candidates],
-        [ready.alerts[0].alert_id for ready in candidates],
-        ["[" + ready.alerts[0].model_dump_json() + "]" for ready in candidates],
+        [ready.notification_id for ready in in_key_order],
+        [ready.client_id for ready in in_key_order],
+        [ready.alerts[0].alert_id for ready in in_key_order],
+        ["[" + ready.alerts[0].model_dump_json() + "]" for ready in in_key_order],
         # UUIDs (checked by decode_matched), so the array literal needs no quoting.
-        ["{" + ",".join(ready.rule_ids) + "}" for ready in candidates],
-        [created_at] * len(candidates),
+        ["{" + ",".join(ready.rule_ids) + "}" for ready in in_key_order],
+        [created_at] * len(in_key_order),
     )}
     seen_before = [(position, ready) for position, ready in enumerate(candidates, 1)
                    if ready.notification_id not in inserted]

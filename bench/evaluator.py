@@ -4,17 +4,18 @@
 
 1. In process: the evaluate agent's own functions (decode, match, build and encode each
    `alerts.matched`) over pre-encoded alerts, no broker: the ceiling of the matching code.
-2. On a real worker: N alerts are preloaded on alerts.new, then a worker process running only the
-   evaluate agent (bench/stage_worker.py) starts with a new consumer group; the figure is how fast
+2. On a real worker: N alerts are preloaded on alerts.new, then `alerting-app worker` with
+   ROLES=evaluate (the evaluate agent and the rule replica) starts with a new consumer group; the figure is how fast
    the group's committed offset on alerts.new advances (between 10% and 90% of N), so every alert
    counted was matched and its `alerts.matched` messages acknowledged by the broker.
-3. The same with a full worker (every agent in one process, as `alerting-app worker` runs), for
-   comparison: there the evaluator shares its process with aggregate and deliver.
+3. The same with ROLES=all (every agent in one process), for comparison: there the evaluator
+   shares its process with aggregate and deliver, which work through the matches it emits.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import time
 from types import SimpleNamespace
@@ -28,7 +29,7 @@ def in_process_rate(clients: int, rules_per_client: int, mix: str, alerts: int) 
     import random
     import uuid
 
-    from agents.evaluate import evaluate_alerts
+    from agents.evaluate import GC_YOUNG_THRESHOLD, evaluate_alerts
     from alerting_app.contracts import Rule, RuleChanged
     from alerting_app.seed import alert_stream, rule_criteria
     from tables.rules import rule_index
@@ -41,6 +42,7 @@ def in_process_rate(clients: int, rules_per_client: int, mix: str, alerts: int) 
             changes.append(RuleChanged.upsert(Rule(rule_id=str(uuid.uuid4()), client_id=client_id,
                                                    severity=severity, source=source, name=name, version=1)))
     rule_index.rebuild(changes)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])  # as the agent does
     # What Faust hands the agent: events whose message value is the raw bytes.
     events = [SimpleNamespace(message=SimpleNamespace(value=alert.encode())) for alert in alert_stream(alerts)]
     rates, matched = [], 0
@@ -54,13 +56,10 @@ def in_process_rate(clients: int, rules_per_client: int, mix: str, alerts: int) 
     return statistics.median(rates), matched / (3 * len(events))
 
 
-def worker_rate(stack: BenchStack, name: str, alerts: int, agents: list[str] | None) -> tuple[float, float]:
+def worker_rate(stack: BenchStack, name: str, roles: str) -> tuple[float, float]:
     """(alerts/s between 10% and 90%, seconds from process start to the last commit) of a new worker."""
     already = asyncio.run(end_offsets(stack.bootstrap, "alerts.new"))
-    if agents is None:
-        worker = stack.start_worker(name, wait=False)
-    else:
-        worker = stack.start_stage_worker(name, agents, wait=False)
+    worker = stack.start_worker(name, roles=roles, wait=False)
     progress = asyncio.run(watch_commits(stack.bootstrap, f"bench-{name}", "alerts.new", already, timeout=900))
     stack.stop_worker(worker)
     low, high = int(already * 0.1), int(already * 0.9)
@@ -95,11 +94,11 @@ def main() -> None:
         sent, seconds = asyncio.run(produce_alerts(stack.bootstrap, count=args.alerts, rate=0))
         print(f"preloaded {sent:,} alerts on alerts.new in {seconds:.1f}s")
 
-        rate, total_s = worker_rate(stack, "evaluator", sent, ["evaluate"])
+        rate, total_s = worker_rate(stack, "evaluator", "evaluate")
         print(f"worker running only evaluate: {rate:,.0f} alerts/s (committed offsets, 10%-90%); "
               f"all {sent:,} done {total_s:.1f}s after process start")
         if not args.skip_full_worker:
-            rate, total_s = worker_rate(stack, "full", sent, None)
+            rate, total_s = worker_rate(stack, "full", "all")
             print(f"full worker (evaluate + aggregate + deliver in one process): evaluate at {rate:,.0f} alerts/s; "
                   f"all {sent:,} done {total_s:.1f}s after process start")
 

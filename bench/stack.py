@@ -5,6 +5,8 @@ one the benchmark may fill: its topics are shared); otherwise an embedded Tansu 
 and redis-server are started in a temporary folder, removed at the end. Either way the run gets a
 database of its own, dropped at the end.
 
+BENCH_KEEP=1 keeps the temporary folder (the workers' logs) after the run.
+
 Workers are real `alerting-app worker` processes (alerting_app.up.WorkerProcess), each with its
 own APP_ID (consumer group), DATA_DIR and WEB_PORT, and the ROLES asked for (e.g. `evaluate` alone,
 to measure one pipeline stage per process).
@@ -40,6 +42,7 @@ from alerting_app.up import WorkerProcess
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 REPLICA_CAUGHT_UP_LINE = "rule replica caught up"
+_EXPORTED = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "STORE_URL", "APP_ID")
 
 
 def machine_summary() -> str:
@@ -62,6 +65,7 @@ class BenchStack:
         self.workers: list = []
         self._server_url: str | None = None
         self._database: str | None = None
+        self._saved_env: dict[str, str | None] = {}
 
     def __enter__(self) -> "BenchStack":
         try:
@@ -85,7 +89,8 @@ class BenchStack:
         self.database_url = with_database(self._server_url, self._database)
         self.bootstrap = urls["KAFKA_BOOTSTRAP_SERVERS"]
         asyncio.run(apply_migrations(self.database_url))
-        # The workers inherit these (bench/stack.py passes os.environ on).
+        # The workers inherit these (worker_env passes os.environ on); stop() puts the old values back.
+        self._saved_env = {name: os.environ.get(name) for name in _EXPORTED}
         os.environ.update(
             KAFKA_BOOTSTRAP_SERVERS=self.bootstrap, DATABASE_URL=self.database_url, REDIS_URL=urls["REDIS_URL"],
             ADMIN_TOKEN=ADMIN_TOKEN, STORE_URL="memory://",
@@ -104,13 +109,22 @@ class BenchStack:
         for worker in reversed(self.workers):
             worker.stop()
         self.workers.clear()
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env = {}
         try:
             if self._database is not None:
                 asyncio.run(drop_database(self._server_url, self._database))
                 self._database = None
         finally:
             self.embedded.stop()
-            shutil.rmtree(self.folder, ignore_errors=True)
+            if os.environ.get("BENCH_KEEP"):
+                print(f"kept (BENCH_KEEP): workers' logs and data under {self.folder}")
+            else:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
     # --- workers -------------------------------------------------------------------------------
 
