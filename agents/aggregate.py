@@ -36,7 +36,8 @@ RETURNING notification_id
 # Arrays of text, cast in SQL, because asyncpg has no codec for arrays of arrays (rule_ids).
 _INSERT_NOTIFICATIONS = """
 INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at)
-SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[], to_timestamp(n.created_at)
+SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[],
+       to_timestamp(n.created_at)
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[])
     AS n(notification_id, client_id, alert_id, alerts, rule_ids, created_at)
 ON CONFLICT (client_id, alert_id) DO NOTHING
@@ -114,7 +115,8 @@ async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
     firsts: dict[tuple[str, str], NotificationReady] = {}
     for matched in matches:
         firsts.setdefault((matched.client_id, matched.alert.alert_id), NotificationReady(
-            client_id=matched.client_id, alerts=[matched.alert], rule_ids=matched.rule_ids, created_at=created_at))
+            client_id=matched.client_id, alerts=[matched.alert], rule_ids=matched.rule_ids,
+            created_at=created_at))
     candidates = list(firsts.values())
     # Inserted in key order: two workers inserting the same keys (a partition handed over during a
     # rebalance) then wait for each other instead of deadlocking on each other's rows.

@@ -92,8 +92,8 @@ async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes]]) -
 
 
 async def publish_evaluation(evaluation: Evaluation) -> None:
-    pending = await send_batched(alerts_matched,
-                                 ((matched.client_id.encode(), matched.encode()) for matched in evaluation.matched))
+    pending = await send_batched(
+        alerts_matched, ((matched.client_id.encode(), matched.encode()) for matched in evaluation.matched))
     for letter in evaluation.dead_letters:
         await send_dead_letter(letter)
     # One wait for the whole batch: its alerts are acknowledged only once every match is on the broker.

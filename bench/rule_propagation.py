@@ -72,7 +72,7 @@ def main() -> None:
     print(f"machine: {machine_summary()}")
     with BenchStack("rule-propagation") as stack:
         stack.seed(args.clients, args.rules_per_client)
-        workers = [stack.start_worker(f"worker-{n}") for n in range(2)]
+        workers = [stack.start_worker(f"worker-{n}", group="workers") for n in range(2)]
         stack.wait_until_outbox_empty()
         for worker in workers:
             wait_until_worker_holds(worker, rules)

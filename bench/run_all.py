@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, each on a private platform of its own.
 
-    .venv/bin/python bench/run_all.py            # about 25 minutes on a 2-core machine
+    .venv/bin/python bench/run_all.py            # about 30 minutes on a 2-core machine
 
 Each script prints its figures (and the machine) as it measures them; docs/performance.md
 records a run and what the figures mean. The scripts can be run on their own, with options.
@@ -13,18 +13,27 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCRIPTS = ["faust_ceiling.py", "evaluator.py", "end_to_end.py", "rule_propagation.py", "fast_start.py"]
+RUNS = [
+    ["faust_ceiling.py"],
+    ["evaluator.py"],
+    ["bare_evaluator.py"],
+    ["end_to_end.py", "--workers", "1"],
+    ["end_to_end.py", "--workers", "2"],
+    ["rule_propagation.py"],
+    ["fast_start.py"],
+]
 
 
 def main() -> int:
     failed = []
-    for script in SCRIPTS:
-        print(f"\n=== bench/{script}", flush=True)
+    for script, *options in RUNS:
+        command = " ".join([f"bench/{script}", *options])
+        print(f"\n=== {command}", flush=True)
         started = time.monotonic()
-        code = subprocess.call([sys.executable, str(BENCH_DIR / script)])
-        print(f"=== bench/{script}: exit code {code} after {time.monotonic() - started:.0f}s", flush=True)
+        code = subprocess.call([sys.executable, str(BENCH_DIR / script), *options])
+        print(f"=== {command}: exit code {code} after {time.monotonic() - started:.0f}s", flush=True)
         if code != 0:
-            failed.append(script)
+            failed.append(command)
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -128,21 +128,23 @@ class BenchStack:
 
     # --- workers -------------------------------------------------------------------------------
 
-    def worker_env(self, name: str, **env: str) -> dict[str, str]:
+    def worker_env(self, name: str, group: str | None = None, **env: str) -> dict[str, str]:
         return {
             **os.environ,
-            "APP_ID": f"bench-{name}",
+            # Workers of one group share the APP_ID (the consumer group) and split its partitions.
+            "APP_ID": f"bench-{group or name}",
             "DATA_DIR": str(self.folder / "workers" / name),
             "WEB_PORT": str(free_port()),
             "STORE_URL": "memory://",
             "BROKER_REBALANCE_TIMEOUT_S": "2",
-            "BROKER_SESSION_TIMEOUT_S": "6",
             **{key.upper(): str(value) for key, value in env.items()},
         }
 
-    def start_worker(self, name: str, *, roles: str = "all", wait: bool = True, **env: str):
-        """`alerting-app worker` named `name` (APP_ID bench-<name>), running `roles` (ROLES)."""
-        worker = WorkerProcess(self.worker_env(name, ROLES=roles, **env), self.folder / "logs" / f"{name}.log")
+    def start_worker(self, name: str, *, group: str | None = None, roles: str = "all", wait: bool = True,
+                     **env: str):
+        """`alerting-app worker` named `name`, running `roles` (ROLES), in consumer group APP_ID
+        bench-<group> (default: a group of its own, bench-<name>)."""
+        worker = WorkerProcess(self.worker_env(name, group, ROLES=roles, **env), self.folder / "logs" / f"{name}.log")
         worker.started_at = time.monotonic()
         self.workers.append(worker)
         if wait:

@@ -170,7 +170,8 @@ async def _connected_consumer(bootstrap: str, poll_ms: int) -> AIOKafkaConsumer:
             delay = min(delay * 2, 10.0)
 
 
-async def _end_offsets(bootstrap: str, tps: list[TopicPartition], timeout_s: float = 10.0) -> dict[TopicPartition, int]:
+async def _end_offsets(bootstrap: str, tps: list[TopicPartition],
+                       timeout_s: float = 10.0) -> dict[TopicPartition, int]:
     """The offset after the last message of each partition.
 
     Asked with ListOffsets, and raised to the high watermark of a fetch from there: the Tansu broker
