@@ -17,23 +17,19 @@ import argparse
 import time
 from datetime import datetime
 
-import psutil
-
 from stack import REPLICA_CAUGHT_UP_LINE, BenchStack, machine_summary, rss_mib, wait_until_worker_holds
 
 
-def log_seconds(worker, text: str, since: float) -> float | None:
-    """Seconds from `since` (wall clock) to the first log line containing `text`."""
+def log_time(worker, text: str) -> float | None:
+    """The wall-clock time of the first line of the worker's log containing `text`."""
     for line in worker.log().splitlines():
         if text in line and line.startswith("["):
-            stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
-            return stamp.timestamp() - since
+            return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     return None
 
 
 def timed_start(stack: BenchStack, name: str, rules: int) -> dict[str, float]:
     worker = stack.start_worker(name, roles="evaluate", wait=False)
-    process_started = psutil.Process(worker.child.pid).create_time()
     while REPLICA_CAUGHT_UP_LINE not in worker.log():
         if not worker.child.running():
             raise RuntimeError(f"worker exited:\n{worker.child.log_tail()}")
@@ -46,10 +42,10 @@ def timed_start(stack: BenchStack, name: str, rules: int) -> dict[str, float]:
     wait_until_worker_holds(worker, rules, poll_s=0.05)
     api_s = time.monotonic() - worker.started_at
     rss_after_api = rss_mib(worker)
-    # Where the start-up time went, from the worker's own log.
-    phases = {"worker_ready_s": log_seconds(worker, "[^Worker]: Ready", process_started),
-              "replica_loaded_s": log_seconds(worker, "rule replica loaded", process_started),
-              "replica_caught_up_s": log_seconds(worker, REPLICA_CAUGHT_UP_LINE, process_started)}
+    # Where the start-up time went, from the worker's own log (one clock: the log's).
+    starting, ready, loaded, caught_up = (log_time(worker, text) for text in (
+        "[^Worker]: Starting", "[^Worker]: Ready", "rule replica loaded", REPLICA_CAUGHT_UP_LINE))
+    phases = {"join_s": ready - starting, "load_s": loaded - ready, "catch_up_s": caught_up - loaded}
     stack.stop_worker(worker)
     return {"caught_up_s": caught_up_s, "api_s": api_s, "rss_caught_up": rss_caught_up,
             "rss_after_api": rss_after_api, **phases}
@@ -76,9 +72,9 @@ def main() -> None:
                       f"/api/v1/worker/rules shows all {rules:,} at {figures['api_s']:.1f}s; "
                       f"RSS {figures['rss_caught_up']:.0f} MiB caught up, "
                       f"{figures['rss_after_api']:.0f} MiB after GET /api/v1/worker/rules")
-                print(f"    from the worker's log: Faust worker ready {figures['worker_ready_s']:.1f}s, replica "
-                      f"loaded its store {figures['replica_loaded_s']:.1f}s, caught up "
-                      f"{figures['replica_caught_up_s']:.1f}s after process start")
+                print(f"    from the worker's log: Faust start to worker ready (consumer group joined) "
+                      f"{figures['join_s']:.1f}s, then the replica loaded its store in {figures['load_s']:.1f}s "
+                      f"and caught up with the topic in {figures['catch_up_s']:.1f}s")
 
 
 if __name__ == "__main__":
