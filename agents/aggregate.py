@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ from agents.evaluate import send_batched
 from alerting_app import db, metrics
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
-from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
+from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letter
 
 MATCH_BATCH_SIZE = 1000
 MATCH_BATCH_WITHIN_S = 0.05
@@ -62,12 +61,7 @@ FROM notifications WHERE client_id = $1 AND alert_id = $2
 def decode_matched(raw: bytes | None) -> AlertMatched:
     """Decode an `alerts.matched` message whose ids fit the notifications table (UUIDs)."""
     matched = decode(AlertMatched, raw)
-    for name, values in (("client_id", [matched.client_id]), ("rule_ids", matched.rule_ids)):
-        for value in values:
-            try:
-                uuid.UUID(value)
-            except ValueError:
-                raise UndecodableMessage(f"{name}: not a UUID: {value!r}") from None
+    require_uuids(client_id=[matched.client_id], rule_ids=matched.rule_ids)
     return matched
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from mode import Service
 from alerting_app import db
 from alerting_app.app import app, notifications_ready, settings
 from alerting_app.contracts import DeadLetter, NotificationReady
-from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
+from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letter
 from alerting_app.delivery import records
 from alerting_app.delivery.dispatcher import Dispatcher, close_dispatcher, dispatcher
 from alerting_app.delivery.jobs import DeliveryJob
@@ -46,13 +45,8 @@ class Intake:
 def decode_notification(raw: bytes | None) -> NotificationReady:
     """Decode a `notifications.ready` message whose ids fit the tables (UUIDs)."""
     notification = decode(NotificationReady, raw)
-    for name, values in (("notification_id", [notification.notification_id]),
-                         ("client_id", [notification.client_id]), ("rule_ids", notification.rule_ids)):
-        for value in values:
-            try:
-                uuid.UUID(value)
-            except ValueError:
-                raise UndecodableMessage(f"{name}: not a UUID: {value!r}") from None
+    require_uuids(notification_id=[notification.notification_id], client_id=[notification.client_id],
+                  rule_ids=notification.rule_ids)
     return notification
 
 

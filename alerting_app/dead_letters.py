@@ -6,6 +6,7 @@ it goes to `<topic>.dlq` with the reason and is counted.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -30,6 +31,16 @@ def decode(contract: type[C], raw: bytes | None) -> C:
         return contract.model_validate_json(raw)
     except ValidationError as exc:
         raise UndecodableMessage(describe_validation_error(exc)) from None
+
+
+def require_uuids(**fields: list[str]) -> None:
+    """Refuse ids our tables cannot hold: the reason names the first field that is not a UUID."""
+    for name, values in fields.items():
+        for value in values:
+            try:
+                uuid.UUID(value)
+            except ValueError:
+                raise UndecodableMessage(f"{name}: not a UUID: {value!r}") from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
