@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import asyncpg
 from faust.types import EventT, StreamT
 
-from agents.evaluate import send_batched
 from alerting_app import db, metrics
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letter
+from alerting_app.sending import send_batched
 
 MATCH_BATCH_SIZE = 1000
 MATCH_BATCH_WITHIN_S = 0.05

@@ -11,16 +11,15 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from aiokafka.partitioner import DefaultPartitioner
-from faust.types import EventT, StreamT, TopicT
+from faust.types import EventT, StreamT
 
 from alerting_app import metrics
 from alerting_app.app import alerts_matched, alerts_new, app
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
 from alerting_app.matching import matched_messages
+from alerting_app.sending import send_batched
 from tables.rules import rule_index, rule_replica
 
 # Alerts are matched in batches so that the sends of a batch are acknowledged together; a batch
@@ -50,45 +49,6 @@ def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
             continue
         evaluation.matched.extend(matched_messages(alert, rule_index))
     return evaluation
-
-
-_partitioner = DefaultPartitioner()
-
-
-@lru_cache(maxsize=100_000)
-def partition_for(key: bytes, partitions: tuple[int, ...]) -> int:
-    """The partition Kafka's default partitioner (murmur2 of the key) picks, as Topic.send would.
-
-    Cached: keys repeat (a few thousand client ids), and murmur2 in pure Python costs microseconds.
-    """
-    return _partitioner(key, list(partitions), list(partitions))
-
-
-async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes]]) -> list[asyncio.Future]:
-    """Queue keyed messages as one record batch per partition; return the broker acknowledgements.
-
-    Faust's `Topic.send` costs about 40 us per message (a future, callbacks and sensor calls per
-    message), which made it most of the evaluator's time at six or seven messages per alert.
-    aiokafka's batch API appends each message in C (about 3 us) to the partition its key hashes
-    to, so messages land where `Topic.send` would have put them, in the same order per key.
-    """
-    producer = (await app.maybe_start_producer())._ensure_producer()  # faust has no public accessor
-    name = topic.get_topic_name()
-    partitions = tuple(sorted(await producer.partitions_for(name)))
-    batches: dict[int, object] = {}
-    acks = []
-    for key, value in messages:
-        partition = partition_for(key, partitions)
-        batch = batches.get(partition)
-        if batch is None:
-            batch = batches[partition] = producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
-            acks.append(await producer.send_batch(batch, name, partition=partition))
-            batch = batches[partition] = producer.create_batch()
-            batch.append(key=key, value=value, timestamp=None)
-    for partition, batch in batches.items():
-        acks.append(await producer.send_batch(batch, name, partition=partition))
-    return acks
 
 
 async def publish_evaluation(evaluation: Evaluation) -> None:

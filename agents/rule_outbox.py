@@ -15,10 +15,10 @@ import logging
 import asyncpg
 from faust.types import TopicT
 
-from agents.evaluate import send_batched
 from alerting_app import db
 from alerting_app.app import app, rule_changed
 from alerting_app.contracts import Rule, RuleChanged
+from alerting_app.sending import send_batched
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,12 @@ topic's dead-letter topic with the reason) and serialises them on the way out.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from collections.abc import Iterable
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 WILDCARD = "*"
 
 Text = Field(min_length=1, max_length=200)
+# Grouping and repeat suppression (issue 5): seconds, 0 meaning "off".
+GroupWindow = Field(default=0, ge=0, le=86_400, description="seconds alerts are collected into one "
+                                                            "notification; 0 notifies at once")
+RepeatInterval = Field(default=0, ge=0, le=604_800, description="seconds within which the same fingerprint "
+                                                                "is suppressed; 0 never suppresses")
+ContextKey = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class Severity(str, Enum):
@@ -63,6 +72,21 @@ class Rule(RuleCriteria):
     client_id: str
     enabled: bool = True
     version: int = Field(ge=1)
+    group_window_s: int = GroupWindow
+    repeat_interval_s: int = RepeatInterval
+    fingerprint_keys: list[ContextKey] = Field(default_factory=list, max_length=20,
+                                               description="context keys that join severity, source and name "
+                                                           "in the repeat-suppression fingerprint")
+
+
+def fingerprint_of(client_id: str, alert: Alert, context_keys: Iterable[str]) -> str:
+    """What repeat suppression compares: client, severity, source, name and the chosen context values.
+
+    A missing context key and an empty value differ (null vs ""), and key order does not matter.
+    """
+    parts = [client_id, alert.severity.value, alert.source, alert.name,
+             [[key, alert.context.get(key)] for key in sorted(set(context_keys))]]
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 
 
 class RuleChanged(Contract):
@@ -106,6 +130,14 @@ class AlertMatched(Contract):
     client_id: str
     rule_ids: list[str] = Field(min_length=1)
     matched_at: float = Field(default_factory=time.time)
+    # Of the matching rule with the shortest group window (tie: smallest rule_id): the alert joins
+    # that rule's group, so an urgent rule is never delayed by a digest rule.
+    group_rule_id: str | None = None
+    group_window_s: int = GroupWindow
+    repeat_interval_s: int = RepeatInterval
+    fingerprint: str | None = None
+    # An active silence of this client that matches the alert (set by the evaluator).
+    silenced_by: str | None = None
 
 
 class NotificationReady(Contract):
@@ -116,6 +148,9 @@ class NotificationReady(Contract):
     alerts: list[Alert] = Field(min_length=1)
     rule_ids: list[str] = Field(min_length=1)
     created_at: float = Field(default_factory=time.time)
+    # A grouped notification lists at most a configured number of alerts and counts the rest here.
+    truncated_alerts: int = Field(default=0, ge=0)
+    group_rule_id: str | None = None
 
 
 class DeadLetter(Contract):
