@@ -21,6 +21,7 @@ from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decod
 from alerting_app.matching import matched_messages
 from alerting_app.sending import send_batched
 from tables.rules import rule_index, rule_replica
+from tables.silences import silence_index, silence_replica
 
 # Alerts are matched in batches so that the sends of a batch are acknowledged together; a batch
 # waits at most ALERT_BATCH_WITHIN_S for more alerts when traffic is low.
@@ -47,7 +48,7 @@ def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
         except UndecodableMessage as exc:
             evaluation.dead_letters.append(dead_letter_for(event.message, str(exc)))
             continue
-        evaluation.matched.extend(matched_messages(alert, rule_index))
+        evaluation.matched.extend(matched_messages(alert, rule_index, silenced_by=silence_index.silencing))
     return evaluation
 
 
@@ -64,7 +65,9 @@ async def publish_evaluation(evaluation: Evaluation) -> None:
 @app.agent(alerts_new, sink=[publish_evaluation])
 async def match_alerts(stream: StreamT) -> AsyncIterator[Evaluation]:
     # Matching against a partial rule set would silently drop notifications: wait for the replica.
+    # Likewise for silences, or alerts a tenant silenced would be delivered after each restart.
     await rule_replica.wait_until_caught_up()
+    await silence_replica.wait_until_caught_up()
     # A batch holds thousands of short-lived objects (decoded alerts, one message per match); with
     # the default threshold (700) the collector scans and promotes them several times per batch,
     # which cost a quarter of the evaluator's time (docs/performance.md). Collected rarely, most

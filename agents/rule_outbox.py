@@ -1,9 +1,10 @@
-"""Outbox relay: rule changes written by the API reach `rule.changed`.
+"""Outbox relay: rule and silence changes written by the API reach `rule.changed` and `silence.changed`.
 
-The API writes each change's RuleChanged event into `rule_outbox` in the same transaction as the
-change (`record_rule_change`), so an accepted change is never lost when the broker is down. This
-relay sends the rows, oldest first, keyed by rule_id, waits for the broker's acknowledgement and
-only then deletes them: a crash in between sends a row twice, which consumers ignore by version.
+The API writes each change's event into an outbox table in the same transaction as the change
+(`record_rule_change` into `rule_outbox`, `record_silence_change` into `silence_outbox`), so an
+accepted change is never lost when the broker is down. This relay sends each outbox's rows, oldest
+first, keyed by their id, waits for the broker's acknowledgement and only then deletes them: a crash
+in between sends a row twice, which consumers ignore by version.
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 
 import asyncpg
 from faust.types import TopicT
 
 from alerting_app import db
-from alerting_app.app import app, rule_changed
-from alerting_app.contracts import Rule, RuleChanged
+from alerting_app.app import app, rule_changed, silence_changed
+from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
+from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
 from alerting_app.sending import send_batched
 
 log = logging.getLogger(__name__)
@@ -28,11 +31,34 @@ BATCH_SIZE = 1000
 _wake_up = asyncio.Event()
 
 
+@dataclass(frozen=True)
+class Outbox:
+    """An outbox table, the column its messages are keyed by, and the topic it is relayed to."""
+
+    table: str
+    key_column: str
+    topic: TopicT
+
+
+RULE_OUTBOX = Outbox("rule_outbox", "rule_id", rule_changed)
+SILENCE_OUTBOX = Outbox("silence_outbox", "silence_id", silence_changed)
+OUTBOXES = (RULE_OUTBOX, SILENCE_OUTBOX)
+
+
 async def record_rule_change(conn: asyncpg.Connection, event: RuleChanged) -> None:
     """Queue `event` for rule.changed; call inside the transaction that makes the change."""
     await conn.execute(
         "INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
         event.rule_id,
+        event.model_dump(mode="json"),
+    )
+
+
+async def record_silence_change(conn: asyncpg.Connection, event: SilenceChanged) -> None:
+    """Queue `event` for silence.changed; call inside the transaction that makes the change."""
+    await conn.execute(
+        "INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
+        event.silence_id,
         event.model_dump(mode="json"),
     )
 
@@ -45,11 +71,25 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
     that hold a rule already ignore the repeat, since its version is not newer.
     """
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch("SELECT rule_id, client_id, severity, source, name, enabled, version FROM rules")
+        rows = await conn.fetch("SELECT rule_id, client_id, severity, source, name, enabled, version,"
+                                " group_window_s, repeat_interval_s, fingerprint_keys FROM rules")
         events = [RuleChanged.upsert(Rule(**{**dict(row), "rule_id": str(row["rule_id"]),
                                             "client_id": str(row["client_id"])})) for row in rows]
         await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
                                [(event.rule_id, event.model_dump(mode="json")) for event in events])
+    return len(events)
+
+
+async def republish_all_silences(pool: asyncpg.Pool) -> int:
+    """Queue every silence in Postgres, at its current version, for silence.changed; return how many.
+
+    As for rules: when the topic starts empty, this puts the silences back on it.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences")
+        events = [SilenceChanged.upsert(silence_of_row(row)) for row in rows]
+        await conn.executemany("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
+                               [(event.silence_id, event.model_dump(mode="json")) for event in events])
     return len(events)
 
 
@@ -58,17 +98,21 @@ def wake_up() -> None:
     _wake_up.set()
 
 
-async def relay_pending(pool: asyncpg.Pool, topic: TopicT = rule_changed, batch_size: int = BATCH_SIZE) -> int:
-    """Send one batch of outbox rows to `topic`; return how many were sent (and deleted).
+async def relay_pending(pool: asyncpg.Pool, batch_size: int = BATCH_SIZE,
+                        outboxes: tuple[Outbox, ...] = OUTBOXES) -> int:
+    """Send one batch of rows of each outbox to its topic; return how many were sent (and deleted)."""
+    return sum([await _relay_batch(pool, outbox, batch_size) for outbox in outboxes])
 
-    SKIP LOCKED lets every worker relay at once without two sending the same row; the rows stay
+
+async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> int:
+    """SKIP LOCKED lets every worker relay at once without two sending the same row; the rows stay
     locked until the broker has acknowledged them, and a failure leaves them for the next try.
-    Two workers may then publish one rule's versions out of order, which consumers tolerate:
-    they keep the highest version (and delete tombstones) and ignore older ones.
+    Two workers may then publish one rule's (or silence's) versions out of order, which consumers
+    tolerate: they keep the highest version (and delete tombstones) and ignore older ones.
     """
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
-            "SELECT outbox_id, rule_id, payload FROM rule_outbox"
+            f"SELECT outbox_id, {outbox.key_column} AS key, payload FROM {outbox.table}"
             " ORDER BY outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED",
             batch_size,
         )
@@ -77,11 +121,11 @@ async def relay_pending(pool: asyncpg.Pool, topic: TopicT = rule_changed, batch_
         # Sent as stored: a payload the consumer cannot decode goes to its dead-letter topic
         # there, instead of blocking every later change here.
         # In record batches: per-message Topic.send made relaying 450,000 seeded rules take a minute.
-        acks = await send_batched(topic, ((str(row["rule_id"]).encode(), json.dumps(row["payload"]).encode())
-                                          for row in rows))
+        acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), json.dumps(row["payload"]).encode())
+                                                 for row in rows))
         await asyncio.gather(*acks)
         await conn.execute(
-            "DELETE FROM rule_outbox WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
+            f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
         )
     return len(rows)
 
@@ -92,11 +136,11 @@ async def relay_rule_outbox() -> None:
     while not app.should_stop:
         try:
             pool = await db.pool()
-            while await relay_pending(pool) == BATCH_SIZE:
-                pass  # a full batch means more may be waiting
+            while await relay_pending(pool) > 0:
+                pass  # until every outbox is empty
         except Exception:
             # Broker or database unavailable: the rows stay in the outbox and the next tick retries.
-            log.exception("rule outbox relay failed; retrying")
+            log.exception("outbox relay failed; retrying")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(_wake_up.wait(), RELAY_INTERVAL_S)
         _wake_up.clear()

@@ -14,8 +14,10 @@ from aiokafka.errors import for_code
 _TOPIC_ALREADY_EXISTS = 36
 
 # rule.changed is the changelog every worker rebuilds its rules from: keep the newest event of each
-# rule for ever (a new worker on an empty disk must still see rules created years ago).
-TOPIC_CONFIGS = {"rule.changed": {"cleanup.policy": "compact", "retention.ms": "-1"}}
+# rule for ever (a new worker on an empty disk must still see rules created years ago). The same
+# holds for silence.changed, which every worker reads from its beginning at each start.
+_CHANGELOG = {"cleanup.policy": "compact", "retention.ms": "-1"}
+TOPIC_CONFIGS = {"rule.changed": _CHANGELOG, "silence.changed": _CHANGELOG}
 
 
 @dataclass

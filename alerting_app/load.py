@@ -24,10 +24,11 @@ async def seed_database(database_url: str, **options) -> SeedReport:
         await pool.close()
 
 
-async def republish(database_url: str) -> int:
+async def republish(database_url: str, queue_all=republish_all_rules) -> int:
+    """Queue every rule (or, with republish_all_silences, every silence) for its topic; return how many."""
     pool = await _pool(database_url)
     try:
-        return await republish_all_rules(pool)
+        return await queue_all(pool)
     finally:
         await pool.close()
 

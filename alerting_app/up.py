@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from agents.rule_outbox import republish_all_silences
 from alerting_app.embedded import ChildProcess, EmbeddedServices, port_accepts
 from alerting_app.kafka_admin import create_topics
 from alerting_app.load import republish
@@ -151,6 +152,9 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
         # A new (or restarted in-memory) broker: put the rules Postgres holds back on the topic.
         count = asyncio.run(republish(env["DATABASE_URL"]))
         print(f"rules queued for rule.changed from Postgres: {count}", flush=True)
+    if "silence.changed" in report.created:
+        count = asyncio.run(republish(env["DATABASE_URL"], republish_all_silences))
+        print(f"silences queued for silence.changed from Postgres: {count}", flush=True)
 
 
 def _example_alert(alert_id: str) -> str:

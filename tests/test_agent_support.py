@@ -33,14 +33,18 @@ async def pipeline(services):
     from alerting_app.app import app, settings
     from tables.rule_replica import RuleStore
     from tables.rules import rule_replica, rule_store_path
+    from tables.silences import silence_replica
 
-    # The worker's rule replica, reading the real rule.changed topic, as evaluate needs it.
+    # The worker's rule and silence replicas, reading the real topics, as evaluate needs them.
     store = RuleStore(rule_store_path())
-    replica = asyncio.ensure_future(rule_replica.run(settings.kafka_bootstrap_servers, "rule.changed", store))
+    replicas = [asyncio.ensure_future(rule_replica.run(settings.kafka_bootstrap_servers, "rule.changed", store)),
+                asyncio.ensure_future(silence_replica.run(settings.kafka_bootstrap_servers, "silence.changed"))]
     await rule_replica.wait_until_caught_up()
+    await silence_replica.wait_until_caught_up()
     yield app
-    replica.cancel()
-    await asyncio.gather(replica, return_exceptions=True)
+    for replica in replicas:
+        replica.cancel()
+    await asyncio.gather(*replicas, return_exceptions=True)
     store.close()
     await db.close()
     await app.producer.stop()

@@ -22,8 +22,10 @@ DOCUMENTED_ROUTES = {
     ("GET", "/api/v1/endpoints/{endpoint_id}"), ("PATCH", "/api/v1/endpoints/{endpoint_id}"),
     ("DELETE", "/api/v1/endpoints/{endpoint_id}"),
     ("GET", "/api/v1/notifications"), ("GET", "/api/v1/notifications/{notification_id}"),
+    ("POST", "/api/v1/silences"), ("GET", "/api/v1/silences"),
+    ("GET", "/api/v1/silences/{silence_id}"), ("DELETE", "/api/v1/silences/{silence_id}"),
     ("POST", "/api/v1/alerts"),
-    ("GET", "/api/v1/worker/rules"), ("POST", "/api/v1/worker/match"),
+    ("GET", "/api/v1/worker/rules"), ("GET", "/api/v1/worker/silences"), ("POST", "/api/v1/worker/match"),
 }
 
 
@@ -44,7 +46,8 @@ async def test_the_api_serves_exactly_the_documented_routes():
 
 async def test_every_api_route_answers_401_without_a_token(api):
     for method, template in sorted(served_api_routes()):
-        path = template.format(client_id=UNKNOWN, rule_id=UNKNOWN, endpoint_id=UNKNOWN, notification_id=UNKNOWN)
+        path = template.format(client_id=UNKNOWN, rule_id=UNKNOWN, endpoint_id=UNKNOWN, notification_id=UNKNOWN,
+                               silence_id=UNKNOWN)
         reply = await api.call(method, path, None, {})
         assert reply.status == 401, (method, path, reply.body)
         assert reply.body == {"error": "unauthorized"}

@@ -33,7 +33,8 @@ def test_health_check_command_passes_against_a_running_worker(start_worker):
     status, body = get_json(worker.url + "/readyz")
     assert status == 200 and body["status"] == "ready"
     assert {name: state["ok"] for name, state in body["dependencies"].items()} == {
-        "broker": True, "postgres": True, "redis": True, "worker": True, "rules": True}
+        "broker": True, "postgres": True, "redis": True, "worker": True, "rules": True,
+        "silences": True}
     assert body["roles"] == sorted(["evaluate", "aggregate", "deliver", "relay", "api"])
 
 
@@ -58,11 +59,13 @@ def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(servic
         postgres.start_postgres_again()
         worker.wait_until_ready()
         assert wait_until(lambda: (r := readiness(worker.url))[0] == 200 and r, "ready") == (
-            200, {"broker": True, "postgres": True, "redis": True, "worker": True, "rules": True})
+            200, {"broker": True, "postgres": True, "redis": True, "worker": True, "rules": True,
+                  "silences": True})
 
         postgres.stop_postgres()
         status, states = wait_until(lambda: (r := readiness(worker.url))[0] == 503 and r, "503 without Postgres")
-        assert states == {"broker": True, "postgres": False, "redis": True, "worker": True, "rules": True}
+        assert states == {"broker": True, "postgres": False, "redis": True, "worker": True, "rules": True,
+                          "silences": True}
         assert health_check(worker.port).returncode == 0
 
         postgres.start_postgres_again()

@@ -14,6 +14,7 @@ from web.auth import ApiView, Caller, hash_api_key, new_api_key
 from web.errors import NotFound
 from web.pagination import PageQuery, page_of
 from web.schemas import ClientCreate, ClientCreated, ClientOut, ClientPatch
+from web.silences import record_silence_deletes
 from web.validation import parse_body, parse_query, path_id
 
 COLUMNS = "client_id, name, created_at, updated_at"
@@ -43,7 +44,7 @@ def client_out(row: Any) -> ClientOut:
 
 
 async def delete_client(client_id: UUID, caller: Caller) -> bool:
-    """Delete the client, its rules (each announced on rule.changed), endpoints and notifications."""
+    """Delete the client, its rules and silences (each announced), endpoints and notifications."""
     pool = await db.pool()
     async with pool.acquire() as conn, conn.transaction():
         # Locking the client first makes a concurrent rule insert for it wait, then fail its foreign
@@ -55,6 +56,7 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
                 rule_id=str(rule["rule_id"]), client_id=str(client_id),
                 version=rule["version"] + 1, action="delete",
             ))
+        await record_silence_deletes(conn, client_id)
         await conn.execute(DELETE, client_id)
     wake_up()
     return True

@@ -3,7 +3,7 @@
 - `/healthz`: the process is alive and its event loop answers. A container health check uses this
   one (`python -m alerting_app.healthcheck`): restarting a worker whose database is down would
   not bring the database back, only a deployment loop.
-- `/readyz`: 200 when the broker, Postgres and Redis answer, the rule replica has caught up (on a
+- `/readyz`: 200 when the broker, Postgres and Redis answer, the rule and silence replicas have caught up (on a
   worker that evaluates) and the Faust worker has fully started; otherwise 503. The JSON says the
   state of each, so the answer explains itself.
 - `/metrics`: Prometheus text format, alerting_app/metrics.py plus the process and platform
@@ -36,6 +36,7 @@ from alerting_app.dependencies import (
 )
 from alerting_app.roles import parse_roles
 from tables.rules import rule_index, rule_replica
+from tables.silences import silence_replica
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ async def readiness() -> list[DependencyState]:
     if "evaluate" in roles():
         caught_up = rule_replica.is_caught_up
         states.append(DependencyState("rules", caught_up, "caught up" if caught_up else "replica catching up"))
+        caught_up = silence_replica.is_caught_up
+        states.append(DependencyState("silences", caught_up, "caught up" if caught_up else "replica catching up"))
     return states
 
 

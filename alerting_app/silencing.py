@@ -1,0 +1,78 @@
+"""Which silence mutes an alert for a client: plain data structures, no Faust.
+
+Silences arrive as `silence.changed` events (upserts and deletes, each with the silence's
+version). Unlike rules they are few (a tenant silences a handful of things during an incident),
+so `SilenceIndex` keeps them per client and checks a client's silences one by one.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from alerting_app.contracts import Alert, Silence, SilenceChanged
+
+# The columns of a `silences` row that make its Silence contract.
+SILENCE_COLUMNS = ("silence_id, client_id, severity, source, name, context_matchers, starts_at, ends_at, comment, "
+                   "created_by, version")
+
+
+def silence_of_row(row: Mapping[str, Any]) -> Silence:
+    """The Silence contract of a `silences` row (ids as text, times as unix seconds)."""
+    return Silence(
+        silence_id=str(row["silence_id"]), client_id=str(row["client_id"]), severity=row["severity"],
+        source=row["source"], name=row["name"], context_matchers=row["context_matchers"],
+        starts_at=row["starts_at"].timestamp(), ends_at=row["ends_at"].timestamp(), comment=row["comment"],
+        created_by=row["created_by"], version=row["version"],
+    )
+
+
+class SilenceIndex:
+    """The newest version of every silence, by client.
+
+    `apply` is idempotent and order-independent, as for rules: an event whose version is not newer
+    than the one held is ignored, and a delete keeps its version so a late upsert cannot revive it.
+    Expired silences stay held (an expiry is an upsert): they are few, and `silencing` skips them.
+    """
+
+    def __init__(self, changes: Iterable[SilenceChanged] = ()) -> None:
+        self._versions: dict[str, int] = {}
+        self._silences: dict[str, Silence] = {}
+        self._by_client: dict[str, dict[str, Silence]] = {}
+        for change in changes:
+            self.apply(change)
+
+    def apply(self, change: SilenceChanged) -> bool:
+        """Apply the change if it is newer than what is held; True when it changed the index."""
+        held = self._versions.get(change.silence_id)
+        if held is not None and change.version <= held:
+            return False
+        self._versions[change.silence_id] = change.version
+        old = self._silences.pop(change.silence_id, None)
+        if old is not None:
+            bucket = self._by_client[old.client_id]
+            del bucket[change.silence_id]
+            if not bucket:
+                del self._by_client[old.client_id]
+        if change.action == "upsert":
+            assert change.silence is not None  # guaranteed by the contract
+            self._silences[change.silence_id] = change.silence
+            self._by_client.setdefault(change.client_id, {})[change.silence_id] = change.silence
+        return True
+
+    def silencing(self, client_id: str, alert: Alert, at: float | None = None) -> str | None:
+        """The smallest silence_id of the client's silences active at `at` (default now) matching the alert."""
+        silences = self._by_client.get(client_id)
+        if not silences:
+            return None
+        at = time.time() if at is None else at
+        matching = [silence_id for silence_id, silence in silences.items()
+                    if silence.is_active(at) and silence.matches(alert)]
+        return min(matching) if matching else None
+
+    def versions(self) -> dict[str, int]:
+        """silence_id -> version of every held silence (deleted ones not included): what workers compare."""
+        return {silence_id: silence.version for silence_id, silence in self._silences.items()}
+
+    def __len__(self) -> int:
+        return len(self._silences)

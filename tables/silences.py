@@ -1,0 +1,55 @@
+"""The silences every worker checks before notifying: a replica of the `silence.changed` changelog.
+
+`silence_index` is what the evaluator reads; `silence_replica` keeps it current from every
+partition of `silence.changed`, read outside the consumer group like the rules (tables/
+changelog_replica.py). Silences are few, so there is no local store: each start reads the
+compacted topic from its beginning into memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from alerting_app.app import app, settings, silence_changed
+from alerting_app.contracts import DeadLetter, SilenceChanged
+from alerting_app.silencing import SilenceIndex
+from tables.changelog_replica import Batches, ChangelogReplica, records_of
+
+log = logging.getLogger(__name__)
+
+
+class SilenceReplica(ChangelogReplica):
+    contract = SilenceChanged
+    key_field = "silence_id"
+    name = "silence replica"
+    index: SilenceIndex
+
+    async def run(self, bootstrap: str, topic: str, *, poll_ms: int = 100) -> None:
+        """Read every partition of `topic` from its beginning, for ever.
+
+        A restart (after a failure) reads everything again into the same index: the events it held
+        already are stale versions, ignored, so matching meanwhile sees no silence disappear.
+        """
+        def on_batches(batches: Batches) -> list[DeadLetter]:
+            return self.apply_records(records_of(batches))[1]
+
+        await self.follow(bootstrap, topic, start_at=lambda ends: {}, on_batches=on_batches, poll_ms=poll_ms)
+
+
+silence_index = SilenceIndex()
+silence_replica = SilenceReplica(silence_index)
+
+
+@app.task
+async def replicate_silences() -> None:
+    delay = 1.0
+    while not app.should_stop:
+        try:
+            await silence_replica.run(settings.kafka_bootstrap_servers, silence_changed.get_topic_name())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Must not die quietly: silences created later would never mute anything.
+            log.exception("silence replica failed; restarting in %.0fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
