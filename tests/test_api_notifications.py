@@ -6,6 +6,7 @@ stages store them.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -15,7 +16,9 @@ pytestmark = API_LOOP
 
 
 async def store_notification(client_id: str, rule_id: str, alert_id: str, status: str = "PENDING",
-                             deliveries: tuple[tuple[str, str, str, int, str | None], ...] = ()) -> str:
+                             deliveries: tuple[tuple[str, str, str, int, str | None], ...] = (), *,
+                             created_at: datetime | None = None, truncated_alerts: int = 0,
+                             group_rule_id: str | None = None) -> str:
     from alerting_app import db
 
     notification_id = str(uuid.uuid4())
@@ -24,9 +27,11 @@ async def store_notification(client_id: str, rule_id: str, alert_id: str, status
     pool = await db.pool()
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
-            "INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, status)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
-            notification_id, client_id, alert_id, [alert], [rule_id], status,
+            "INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, status,"
+            " created_at, truncated_alerts, group_rule_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), $8, $9)",
+            notification_id, client_id, alert_id, [alert], [rule_id], status, created_at, truncated_alerts,
+            group_rule_id,
         )
         for endpoint_id, channel, delivery_status, attempts, last_error in deliveries:
             await conn.execute(
@@ -102,7 +107,111 @@ async def test_another_clients_key_sees_none_of_a_clients_notifications(api, ten
     assert filtered.body["items"] == []
 
 
-@pytest.mark.parametrize("params, field", [({"status": "DONE"}, "status"), ({"limit": "-1"}, "limit")])
+@pytest.mark.parametrize("params, field", [
+    ({"status": "DONE"}, "status"),
+    ({"status": "sent"}, "status"),
+    ({"limit": "-1"}, "limit"),
+    ({"since": "yesterday"}, "since"),
+    ({"since": "2026-11-26T10:00:00"}, "since"),  # no UTC offset: which instant is meant is unknown
+    ({"until": "2026-13-01T00:00:00Z"}, "until"),
+    ({"since": "2026-11-26T10:00:00Z", "until": "2026-11-26T10:00:00Z"}, "until"),
+    ({"since": "2026-11-26T10:00:00Z", "until": "2026-11-26T11:00:00+02:00"}, "until"),
+])
 async def test_bad_notification_filters_are_refused(api, tenant, params, field):
     reply = await api.call("GET", "/api/v1/notifications", tenant.key, params=params)
     assert reply.failing_fields() == {field}
+
+
+# --- statuses, time windows and grouping (issue 5) -----------------------------------------------
+
+STATUSES = ["PENDING", "SENT", "FAILED", "SUPPRESSED", "SILENCED"]
+T0 = datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+async def listed_ids(api, key: str, **params: str) -> list[str]:
+    reply = await api.call("GET", "/api/v1/notifications", key, params=params)
+    assert reply.status == 200, reply.body
+    return [n["notification_id"] for n in reply.body["items"]]
+
+
+async def all_pages(api, key: str, limit: int, **params: str) -> list[list[str]]:
+    pages, cursor = [], None
+    while True:
+        page_params = {"limit": str(limit), **params, **({"cursor": cursor} if cursor else {})}
+        reply = await api.call("GET", "/api/v1/notifications", key, params=page_params)
+        assert reply.status == 200, reply.body
+        pages.append([n["notification_id"] for n in reply.body["items"]])
+        cursor = reply.body["next_cursor"]
+        if cursor is None:
+            return pages
+
+
+async def test_every_status_is_shown_and_filtered_on(api, tenant):
+    rule = await api.new_rule(tenant)
+    by_status = {status: await store_notification(tenant.client_id, rule["rule_id"], f"a-{status}", status,
+                                                  created_at=T0 + timedelta(minutes=n))
+                 for n, status in enumerate(STATUSES)}
+
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key)
+
+    assert [(n["notification_id"], n["status"]) for n in reply.body["items"]] == [
+        (by_status[status], status) for status in reversed(STATUSES)]
+    for status in STATUSES:
+        assert await listed_ids(api, tenant.key, status=status) == [by_status[status]]
+
+
+async def test_notifications_are_filtered_by_creation_time_since_inclusive_until_exclusive(api, tenant):
+    rule = await api.new_rule(tenant)
+    hourly = [await store_notification(tenant.client_id, rule["rule_id"], f"a-{hour}",
+                                       created_at=T0 + timedelta(hours=hour)) for hour in range(4)]
+    newest_first = list(reversed(hourly))
+
+    assert await listed_ids(api, tenant.key, since=iso(T0 + timedelta(hours=1))) == newest_first[:3]
+    assert await listed_ids(api, tenant.key, until=iso(T0 + timedelta(hours=2))) == newest_first[2:]
+    assert await listed_ids(api, tenant.key, since=iso(T0 + timedelta(hours=1)),
+                            until=iso(T0 + timedelta(hours=3))) == [hourly[2], hourly[1]]
+    # The same instant written with another UTC offset, and with Z.
+    assert await listed_ids(api, tenant.key, since="2026-11-26T13:00:00+02:00") == newest_first[:3]
+    assert await listed_ids(api, tenant.key, since="2026-11-26T12:30:00Z") == newest_first[:1]
+    assert await listed_ids(api, tenant.key, since=iso(T0 + timedelta(hours=4))) == []
+
+
+async def test_pages_of_a_filtered_list_together_hold_each_match_once_newest_first(api, tenant):
+    rule = await api.new_rule(tenant)
+    expected = []
+    for n in range(12):
+        status = STATUSES[n % 2]  # PENDING and SENT alternately
+        # Pairs share a creation time: the cursor must break ties on notification_id.
+        created_at = T0 + timedelta(minutes=n // 2)
+        notification_id = await store_notification(tenant.client_id, rule["rule_id"], f"a-{n}", status,
+                                                    created_at=created_at)
+        if status == "SENT" and created_at >= T0 + timedelta(minutes=1):
+            expected.append((created_at, notification_id))
+    expected.sort(key=lambda row: (-row[0].timestamp(), row[1]))
+
+    pages = await all_pages(api, tenant.key, 2, status="SENT", since=iso(T0 + timedelta(minutes=1)))
+
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [notification_id for page in pages for notification_id in page] == [n for _, n in expected]
+    every = await all_pages(api, tenant.key, 5)
+    assert [len(page) for page in every] == [5, 5, 2]
+    assert len({notification_id for page in every for notification_id in page}) == 12
+
+
+async def test_a_grouped_notification_shows_its_group_rule_and_the_alerts_left_out(api, tenant):
+    rule = await api.new_rule(tenant, group_window_s=300)
+    grouped = await store_notification(tenant.client_id, rule["rule_id"], "a-grouped", truncated_alerts=42,
+                                       group_rule_id=rule["rule_id"])
+    at_once = await store_notification(tenant.client_id, rule["rule_id"], "a-at-once")
+
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key)
+    items = {n["notification_id"]: n for n in reply.body["items"]}
+
+    assert (items[grouped]["truncated_alerts"], items[grouped]["group_rule_id"]) == (42, rule["rule_id"])
+    assert (items[at_once]["truncated_alerts"], items[at_once]["group_rule_id"]) == (0, None)
+    single = await api.call("GET", f"/api/v1/notifications/{grouped}", tenant.key)
+    assert single.body == items[grouped]

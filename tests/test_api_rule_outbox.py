@@ -39,6 +39,7 @@ async def test_creating_a_rule_writes_an_upsert_carrying_the_whole_rule(api, ten
     assert event.rule.model_dump() == {
         "rule_id": rule["rule_id"], "client_id": tenant.client_id, "severity": "CRITICAL",
         "source": "checkout", "name": "Latency", "enabled": True, "version": 1,
+        "group_window_s": 0, "repeat_interval_s": 0, "fingerprint_keys": [],
     }
 
 

@@ -193,3 +193,102 @@ async def test_a_repeated_list_parameter_is_refused(api, tenant):
 
 async def test_an_unknown_rule_is_not_found(api, tenant):
     assert (await api.call("GET", "/api/v1/rules/00000000-0000-4000-8000-000000000000", tenant.key)).status == 404
+
+
+# --- grouping and repeat suppression (issue 5) ---------------------------------------------------
+
+GROUPING = {"group_window_s": 300, "repeat_interval_s": 3600, "fingerprint_keys": ["host", "region"]}
+
+
+async def last_outbox_rule(rule_id: str):
+    from alerting_app import db
+    from alerting_app.contracts import RuleChanged
+
+    pool = await db.pool()
+    payload = await pool.fetchval(
+        "SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id DESC LIMIT 1", rule_id)
+    return RuleChanged.model_validate(payload).rule
+
+
+async def test_a_rule_without_grouping_settings_notifies_at_once_and_never_suppresses(api, tenant):
+    rule = await api.new_rule(tenant)
+    assert (rule["group_window_s"], rule["repeat_interval_s"], rule["fingerprint_keys"]) == (0, 0, [])
+
+
+async def test_grouping_settings_are_stored_returned_and_published(api, tenant):
+    rule = await api.new_rule(tenant, **GROUPING)
+    assert {field: rule[field] for field in GROUPING} == GROUPING
+    read = await api.call("GET", f"/api/v1/rules/{rule['rule_id']}", tenant.key)
+    assert {field: read.body[field] for field in GROUPING} == GROUPING
+    published = await last_outbox_rule(rule["rule_id"])
+    assert (published.group_window_s, published.repeat_interval_s, published.fingerprint_keys) == (
+        300, 3600, ["host", "region"])
+
+
+async def test_patching_only_a_grouping_setting_bumps_the_version_and_publishes_it(api, tenant):
+    rule = await api.new_rule(tenant, **GROUPING)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+
+    reply = await api.call("PATCH", path, tenant.key, {"version": 1, "group_window_s": 0})
+
+    assert (reply.status, reply.body["version"], reply.body["group_window_s"]) == (200, 2, 0)
+    # What was not given stays as it was.
+    assert (reply.body["repeat_interval_s"], reply.body["fingerprint_keys"]) == (3600, ["host", "region"])
+    published = await last_outbox_rule(rule["rule_id"])
+    assert (published.version, published.group_window_s, published.repeat_interval_s) == (2, 0, 3600)
+    keys = await api.call("PATCH", path, tenant.key, {"version": 2, "fingerprint_keys": []})
+    assert (keys.body["version"], keys.body["fingerprint_keys"]) == (3, [])
+    assert (await last_outbox_rule(rule["rule_id"])).fingerprint_keys == []
+
+
+async def test_a_put_without_grouping_settings_turns_them_off(api, tenant):
+    rule = await api.new_rule(tenant, **GROUPING)
+    reply = await api.call("PUT", f"/api/v1/rules/{rule['rule_id']}", tenant.key,
+                           {"version": 1, "severity": "HIGH", "source": "payments", "name": "*", "enabled": True})
+    assert (reply.body["version"], reply.body["group_window_s"], reply.body["repeat_interval_s"],
+            reply.body["fingerprint_keys"]) == (2, 0, 0, [])
+    replaced = await api.call("PUT", f"/api/v1/rules/{rule['rule_id']}", tenant.key,
+                              {"version": 2, "severity": "HIGH", "source": "payments", "name": "*", "enabled": True,
+                               "group_window_s": 86_400, "repeat_interval_s": 604_800, "fingerprint_keys": ["k"] * 20})
+    assert (replaced.status, replaced.body["group_window_s"], replaced.body["repeat_interval_s"]) == (
+        200, 86_400, 604_800)
+
+
+BAD_GROUPING = [
+    ({"group_window_s": -1}, "group_window_s"),
+    ({"group_window_s": 86_401}, "group_window_s"),
+    ({"group_window_s": "soon"}, "group_window_s"),
+    ({"group_window_s": 1.5}, "group_window_s"),
+    ({"repeat_interval_s": -1}, "repeat_interval_s"),
+    ({"repeat_interval_s": 604_801}, "repeat_interval_s"),
+    ({"fingerprint_keys": "host"}, "fingerprint_keys"),
+    ({"fingerprint_keys": [f"k{n}" for n in range(21)]}, "fingerprint_keys"),
+    ({"fingerprint_keys": ["host", ""]}, "fingerprint_keys.1"),
+    ({"fingerprint_keys": ["h" * 201]}, "fingerprint_keys.0"),
+    ({"fingerprint_keys": [7]}, "fingerprint_keys.0"),
+]
+
+
+@pytest.mark.parametrize("settings, field", BAD_GROUPING)
+async def test_invalid_grouping_settings_are_refused_naming_the_field(api, tenant, settings, field):
+    create = await api.call("POST", "/api/v1/rules", tenant.key,
+                            {"severity": "HIGH", "source": "payments", "name": "*", **settings})
+    assert create.failing_fields() == {field}
+    rule = await api.new_rule(tenant, source=f"s-{field}-{len(str(settings))}")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    patch = await api.call("PATCH", path, tenant.key, {"version": 1, **settings})
+    put = await api.call("PUT", path, tenant.key, {"version": 1, "severity": "HIGH", "source": "x", "name": "*",
+                                                   "enabled": True, **settings})
+    assert patch.failing_fields() == put.failing_fields() == {field}
+    assert (await api.call("GET", path, tenant.key)).body["version"] == 1
+
+
+async def test_republishing_all_rules_carries_their_grouping_settings(api, tenant):
+    from agents.rule_outbox import republish_all_rules
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant, **GROUPING)
+    assert await republish_all_rules(await db.pool()) >= 1
+    published = await last_outbox_rule(rule["rule_id"])
+    assert (published.version, published.group_window_s, published.repeat_interval_s,
+            published.fingerprint_keys) == (1, 300, 3600, ["host", "region"])

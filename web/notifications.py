@@ -1,4 +1,9 @@
-"""/api/v1/notifications: what was notified, newest first, with each endpoint's delivery."""
+"""/api/v1/notifications: what was notified, newest first, with each endpoint's delivery.
+
+Filters: `client_id` (admin), `status` (PENDING, SENT, FAILED, SUPPRESSED, SILENCED), and the
+creation time, `since` inclusive and `until` exclusive, so consecutive windows never overlap. A
+cursor continues the same query: send the same filters with it.
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -15,7 +20,8 @@ from web.pagination import page_of
 from web.schemas import DeliveryOut, NotificationOut, NotificationQuery
 from web.validation import parse_query, path_id
 
-COLUMNS = "notification_id, client_id, alert_id, alerts, rule_ids, status, detail, created_at, updated_at"
+COLUMNS = ("notification_id, client_id, alert_id, alerts, rule_ids, status, detail, created_at, updated_at,"
+           " truncated_alerts, group_rule_id")
 
 # Newest first; the tie-break on notification_id follows the index (client_id, created_at DESC,
 # notification_id).
@@ -24,9 +30,11 @@ LIST = f"""
     WHERE ($1::uuid IS NULL OR client_id = $1)
       AND ($2::uuid IS NULL OR client_id = $2)
       AND ($3::text IS NULL OR status = $3)
-      AND ($4::timestamptz IS NULL OR created_at < $4 OR (created_at = $4 AND notification_id > $5::uuid))
+      AND ($4::timestamptz IS NULL OR created_at >= $4)
+      AND ($5::timestamptz IS NULL OR created_at < $5)
+      AND ($6::timestamptz IS NULL OR created_at < $6 OR (created_at = $6 AND notification_id > $7::uuid))
     ORDER BY created_at DESC, notification_id
-    LIMIT $6
+    LIMIT $8
 """
 GET = f"SELECT {COLUMNS} FROM notifications WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
 DELIVERIES = """
@@ -51,7 +59,7 @@ class NotificationsView(ApiView):
         query = parse_query(request, NotificationQuery)
         pool = await db.pool()
         rows = await pool.fetch(LIST, self.caller(request).client_id, query.client_id, query.status,
-                                *query.after, query.limit + 1)
+                                query.since, query.until, *query.after, query.limit + 1)
         page = page_of(await with_deliveries(pool, rows), query, NotificationOut.model_validate,
                        "notification_id")
         return self.json(page.model_dump(mode="json"))

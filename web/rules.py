@@ -22,8 +22,11 @@ from web.pagination import page_of
 from web.schemas import RuleCreate, RuleOut, RulePatch, RuleQuery, RuleReplace
 from web.validation import parse_body, parse_query, path_id
 
-COLUMNS = "rule_id, client_id, severity, source, name, enabled, version, created_at, updated_at"
+COLUMNS = ("rule_id, client_id, severity, source, name, enabled, version, group_window_s, repeat_interval_s,"
+           " fingerprint_keys, created_at, updated_at")
 CRITERIA = ("severity", "source", "name")
+# What a rule does besides matching: written as given, each validated on its own by the body model.
+SETTINGS = ("enabled", "group_window_s", "repeat_interval_s", "fingerprint_keys")
 
 # $N "scope" parameters are the caller's own client_id, NULL for the admin.
 LIST = f"""
@@ -37,13 +40,14 @@ LIST = f"""
 GET = f"SELECT {COLUMNS} FROM rules WHERE rule_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
 LOCK = GET + " FOR UPDATE"
 INSERT = f"""
-    INSERT INTO rules (rule_id, client_id, severity, source, name, enabled)
-    VALUES ($1, $2, $3, $4, $5, $6)
+    INSERT INTO rules (rule_id, client_id, severity, source, name, enabled, group_window_s, repeat_interval_s,
+                       fingerprint_keys)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
     RETURNING {COLUMNS}
 """
 UPDATE = f"""
-    UPDATE rules SET severity = $2, source = $3, name = $4, enabled = $5,
-                     version = version + 1, updated_at = now()
+    UPDATE rules SET severity = $2, source = $3, name = $4, enabled = $5, group_window_s = $6,
+                     repeat_interval_s = $7, fingerprint_keys = $8, version = version + 1, updated_at = now()
     WHERE rule_id = $1
     RETURNING {COLUMNS}
 """
@@ -74,6 +78,8 @@ def upsert_event(row: Any) -> RuleChanged:
     rule = Rule(
         rule_id=str(row["rule_id"]), client_id=str(row["client_id"]), severity=row["severity"],
         source=row["source"], name=row["name"], enabled=row["enabled"], version=row["version"],
+        group_window_s=row["group_window_s"], repeat_interval_s=row["repeat_interval_s"],
+        fingerprint_keys=row["fingerprint_keys"],
     )
     return RuleChanged.upsert(rule)
 
@@ -94,7 +100,8 @@ async def create_rule(caller: Caller, body: RuleCreate) -> Any:
     pool = await db.pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(INSERT, uuid4(), client_id, *criteria.values(), body.enabled)
+            row = await conn.fetchrow(INSERT, uuid4(), client_id, *criteria.values(),
+                                      *(getattr(body, setting) for setting in SETTINGS))
             await record_rule_change(conn, upsert_event(row))
     except asyncpg.UniqueViolationError:
         raise Conflict(DUPLICATE) from None
@@ -116,7 +123,7 @@ async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict
                 raise Conflict(f"the rule is at version {current['version']}, not {version}; read it again")
             merged = {**dict(current), **changes}
             criteria = criteria_of(merged)
-            row = await conn.fetchrow(UPDATE, rule_id, *criteria.values(), merged["enabled"])
+            row = await conn.fetchrow(UPDATE, rule_id, *criteria.values(), *(merged[setting] for setting in SETTINGS))
             await record_rule_change(conn, upsert_event(row))
     except asyncpg.UniqueViolationError:
         raise Conflict(DUPLICATE) from None

@@ -7,12 +7,12 @@ can carry.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from alerting_app.contracts import WILDCARD, Severity
+from alerting_app.contracts import WILDCARD, Rule, Severity
 from web.pagination import PageQuery
 
 Name = Field(min_length=1, max_length=200)
@@ -20,6 +20,21 @@ Name = Field(min_length=1, max_length=200)
 # Literal rather than `Severity | Literal["*"]`, so that an error names just the field.
 SeverityCriterion = Literal[tuple(s.value for s in Severity) + (WILDCARD,)]  # type: ignore[valid-type]
 TextCriterion = Field(min_length=1, max_length=200)
+
+
+def as_in_rule(field: str) -> Any:
+    """The type of contracts.Rule's `field` with the contract's bounds, defined there once.
+
+    Annotated rather than the contract's Field object so that PATCH can wrap it in `| None`.
+    """
+    info = Rule.model_fields[field]
+    return Annotated[info.annotation, *info.metadata]
+
+
+# Grouping and repeat suppression (issue 5); docs/contracts.md says what they do.
+GroupWindowSeconds = as_in_rule("group_window_s")
+RepeatIntervalSeconds = as_in_rule("repeat_interval_s")
+FingerprintKeys = as_in_rule("fingerprint_keys")
 
 EndpointType = Literal["webhook", "slack", "email"]
 NotificationStatus = Literal["PENDING", "SENT", "FAILED", "SUPPRESSED", "SILENCED"]
@@ -58,16 +73,22 @@ class RuleCreate(RequestBody):
     source: str = TextCriterion
     name: str = TextCriterion
     enabled: bool = True
+    group_window_s: GroupWindowSeconds = 0
+    repeat_interval_s: RepeatIntervalSeconds = 0
+    fingerprint_keys: FingerprintKeys = Field(default_factory=list)
 
 
 class RuleReplace(RequestBody):
-    """PUT: the whole rule, with the version the caller last read."""
+    """PUT: the whole rule, with the version the caller last read; omitted grouping settings are off."""
 
     version: int = Field(ge=1)
     severity: SeverityCriterion
     source: str = TextCriterion
     name: str = TextCriterion
     enabled: bool
+    group_window_s: GroupWindowSeconds = 0
+    repeat_interval_s: RepeatIntervalSeconds = 0
+    fingerprint_keys: FingerprintKeys = Field(default_factory=list)
 
 
 class RulePatch(RequestBody):
@@ -78,6 +99,9 @@ class RulePatch(RequestBody):
     source: str | None = Field(default=None, min_length=1, max_length=200)
     name: str | None = Field(default=None, min_length=1, max_length=200)
     enabled: bool | None = None
+    group_window_s: GroupWindowSeconds | None = None
+    repeat_interval_s: RepeatIntervalSeconds | None = None
+    fingerprint_keys: FingerprintKeys | None = None
 
 
 class RuleOut(BaseModel):
@@ -88,6 +112,9 @@ class RuleOut(BaseModel):
     name: str
     enabled: bool
     version: int
+    group_window_s: int
+    repeat_interval_s: int
+    fingerprint_keys: list[str]
     created_at: datetime
     updated_at: datetime
 
@@ -164,12 +191,27 @@ class NotificationOut(BaseModel):
     detail: str | None
     created_at: datetime
     updated_at: datetime
+    truncated_alerts: int = Field(description="alerts of the group beyond those listed in `alerts`")
+    group_rule_id: UUID | None = Field(description="the rule whose group window collected the alerts; "
+                                                   "null when notified at once")
     deliveries: list[DeliveryOut]
 
 
 class NotificationQuery(PageQuery):
     client_id: UUID | None = None
     status: NotificationStatus | None = None
+    # ISO 8601 with a UTC offset (or unix seconds): without an offset the instant would depend on
+    # the server's time zone.
+    since: AwareDatetime | None = Field(default=None, description="created at or after")
+    until: AwareDatetime | None = Field(default=None, description="created before")
+
+    @field_validator("until")
+    @classmethod
+    def _after_since(cls, until: datetime | None, info: ValidationInfo) -> datetime | None:
+        since = info.data.get("since")
+        if until is not None and since is not None and until <= since:
+            raise ValueError("must be later than since")
+        return until
 
 
 # --- alerts --------------------------------------------------------------------------------------
