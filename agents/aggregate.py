@@ -4,10 +4,15 @@ The Postgres unique constraint on (client_id, alert_id) is the durable boundary:
 insert emits `notifications.ready`. The row is marked `emitted` once the broker acknowledged the
 message; a row left unemitted (the worker died in between) is emitted again, with the same
 notification_id, when its `alerts.matched` message is redelivered.
+
+Issue 5 (docs/grouping.md): silenced, repeat-checked and grouped matches need more state; they
+are recorded by agents/match_outcomes.py, and groups are closed by agents/close_groups.py. Matches
+with none of these take the one-statement path above.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -15,18 +20,22 @@ from dataclasses import dataclass, field
 import asyncpg
 from faust.types import EventT, StreamT
 
+from agents.match_outcomes import groups_lock, needs_state, record_stateful
 from alerting_app import db, metrics
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letter
 from alerting_app.sending import send_batched
 
+log = logging.getLogger(__name__)
+
 MATCH_BATCH_SIZE = 1000
 MATCH_BATCH_WITHIN_S = 0.05
 
 _INSERT_NOTIFICATION = """
 INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at)
-VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
+SELECT $1, $2, $3, $4, $5, to_timestamp($6)
+WHERE NOT EXISTS (SELECT 1 FROM notification_alerts a WHERE a.client_id = $2 AND a.alert_id = $3)
 ON CONFLICT (client_id, alert_id) DO NOTHING
 RETURNING notification_id
 """
@@ -39,6 +48,8 @@ SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::
        to_timestamp(n.created_at)
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[])
     AS n(notification_id, client_id, alert_id, alerts, rule_ids, created_at)
+-- An alert that joined a group is notified by its group (tables/groups.py), not again at once.
+WHERE NOT EXISTS (SELECT 1 FROM notification_alerts a WHERE a.client_id = n.client_id AND a.alert_id = n.alert_id)
 ON CONFLICT (client_id, alert_id) DO NOTHING
 RETURNING notification_id::text
 """
@@ -49,11 +60,12 @@ SELECT m.position, x.notification_id::text, x.alerts, x.rule_ids::text[],
        extract(epoch FROM x.created_at)::float8 AS created_at
 FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS m(client_id, alert_id, position)
 JOIN notifications x ON x.client_id = m.client_id AND x.alert_id = m.alert_id
-WHERE NOT x.emitted
+WHERE NOT x.emitted AND x.group_rule_id IS NULL  -- a group's notification is the closer's to emit
 """
 
 _EXISTING_NOTIFICATION = """
-SELECT notification_id, alerts, rule_ids, extract(epoch FROM created_at)::float8 AS created_at, emitted
+SELECT notification_id, alerts, rule_ids, extract(epoch FROM created_at)::float8 AS created_at,
+       emitted OR group_rule_id IS NOT NULL AS emitted
 FROM notifications WHERE client_id = $1 AND alert_id = $2
 """
 
@@ -62,6 +74,8 @@ def decode_matched(raw: bytes | None) -> AlertMatched:
     """Decode an `alerts.matched` message whose ids fit the notifications table (UUIDs)."""
     matched = decode(AlertMatched, raw)
     require_uuids(client_id=[matched.client_id], rule_ids=matched.rule_ids)
+    if matched.group_rule_id is not None:
+        require_uuids(group_rule_id=[matched.group_rule_id])
     return matched
 
 
@@ -148,6 +162,20 @@ async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
     return list(to_emit.values())
 
 
+async def unemitted_notifications(conn: asyncpg.Connection | asyncpg.Pool,
+                                  matches: list[AlertMatched]) -> list[NotificationReady]:
+    """The notifications of these matches, notified at once earlier, that were never emitted."""
+    rows = await conn.fetch(_UNEMITTED_NOTIFICATIONS, [m.client_id for m in matches],
+                            [m.alert.alert_id for m in matches])
+    found = {}
+    for row in rows:
+        found.setdefault(row["notification_id"], NotificationReady(
+            notification_id=row["notification_id"], client_id=matches[row["position"] - 1].client_id,
+            alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
+            created_at=row["created_at"]))
+    return list(found.values())
+
+
 async def mark_emitted(conn: asyncpg.Connection | asyncpg.Pool, notification_ids: list[str]) -> None:
     await conn.execute(
         "UPDATE notifications SET emitted = true, updated_at = now() "
@@ -173,12 +201,26 @@ async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggre
             decoded.append((event, decode_matched(event.message.value)))
         except UndecodableMessage as exc:
             aggregation.dead_letters.append(dead_letter_for(event.message, str(exc)))
-    try:
-        aggregation.ready.extend(await record_first_matches(conn, [matched for _, matched in decoded]))
-    except asyncpg.ForeignKeyViolationError:
-        # Some match names an unknown client and the batch statement inserted nothing: record the
-        # matches one by one, so only that one becomes a dead letter.
-        await record_one_by_one(conn, decoded, aggregation)
+    # Most matches take the one-statement path of before; silenced, grouped and repeat-checked
+    # ones need the aggregate state (record_stateful).
+    plain = [(event, matched) for event, matched in decoded if not needs_state(matched)]
+    stateful = [(event, matched) for event, matched in decoded if needs_state(matched)]
+    if plain:
+        try:
+            aggregation.ready.extend(await record_first_matches(conn, [matched for _, matched in plain]))
+        except asyncpg.ForeignKeyViolationError:
+            # Some match names an unknown client and the batch statement inserted nothing: record the
+            # matches one by one, so only that one becomes a dead letter.
+            await record_one_by_one(conn, plain, aggregation)
+    if stateful:
+        async with groups_lock:
+            seen_before = await record_stateful(conn, stateful, aggregation)
+            if seen_before:
+                # Notified at once before, possibly never emitted (the worker died in between).
+                emitted = {ready.notification_id for ready in aggregation.ready}
+                for ready in await unemitted_notifications(conn, seen_before):
+                    if ready.notification_id not in emitted:
+                        aggregation.ready.append(ready)
     return aggregation
 
 
@@ -196,6 +238,7 @@ async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, Aler
         if ready is not None and ready.notification_id not in to_emit:
             to_emit.add(ready.notification_id)
             aggregation.ready.append(ready)
+
 
 
 async def publish_aggregation(aggregation: Aggregation) -> None:
@@ -216,3 +259,4 @@ async def aggregate_matches(stream: StreamT) -> AsyncIterator[Aggregation]:
         # The sink runs before the generator resumes: the time covers recording and sending.
         with metrics.stage_seconds.labels(stage="aggregate_batch").time():
             yield await aggregate_batch(await db.pool(), events)
+

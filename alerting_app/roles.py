@@ -26,10 +26,14 @@ log = logging.getLogger(__name__)
 MODULE_ROLES: Mapping[str, str] = {
     "agents.evaluate": "evaluate",
     "tables.rules": "evaluate",  # the rule replica: matching needs it, nothing else does
+    "tables.silences": "evaluate",  # likewise the silence replica
     "agents.aggregate": "aggregate",
+    "agents.close_groups": "aggregate",  # closes the groups the aggregate agent opens, in its table
     "agents.deliver": "deliver",
     "agents.rule_outbox": "relay",
 }
+# Tables, by name, and the role whose agent writes them.
+TABLE_ROLES: Mapping[str, str] = {"notification-groups": "aggregate"}
 # Modules whose tasks every worker runs, whatever its roles.
 EVERY_ROLE = frozenset({"web.operations"})
 
@@ -71,6 +75,12 @@ def apply_roles(app: faust.App, roles: frozenset[str], module_roles: Mapping[str
     # starts them once the worker is ready; it has no public way to unregister one.
     app._app_tasks[:] = [task for task in app._app_tasks if kept(task.__module__)]
     app._extra_services[:] = [service for service in app._extra_services if kept(service.__module__)]
+    # A table's changelog partitions are assigned with the topics of the workers subscribed to it:
+    # held by a worker without its agent, they would not follow that agent's partitions.
+    for name, role in TABLE_ROLES.items():
+        if role not in roles and name in app.tables:
+            table = app.tables.pop(name)
+            app.tables._changelogs.pop(table.changelog_topic.get_topic_name(), None)  # no public way either
     if not app.agents:
         app.producer_only = True
     log.info("roles: %s; agents: %s", ",".join(name for name in ROLE_NAMES if name in roles),

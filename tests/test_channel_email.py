@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from alerting_app.channels.email import send_email
+from alerting_app.channels.email import email_message, send_email
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
 from alerting_app.contracts import Alert, NotificationReady
 from alerting_app.embedded import free_port
@@ -50,6 +50,17 @@ async def test_a_grouped_notification_lists_every_alert_and_counts_them_in_the_s
         assert message["Subject"] == "[CRITICAL] 2 alerts: search: Slow1, +1 more"
         body = message.get_content()
         assert "LOW  search: Slow1" in body and "CRITICAL  search: Slow2" in body
+
+
+def test_a_truncated_group_counts_its_unlisted_alerts_in_subject_and_body():
+    alerts = [Alert(alert_id=f"a-{n}", event_ts=1_700_000_000, severity="HIGH", source="search", name=f"Slow{n}")
+              for n in range(1, 3)]
+    grouped = notification(*alerts).model_copy(update={"truncated_alerts": 30})
+
+    message = email_message(grouped, "alerts@example.com", "oncall@example.com")
+
+    assert message["Subject"] == "[HIGH] 32 alerts: search: Slow1, +31 more"
+    assert "... and 30 more alerts in this group, not listed" in message.get_content()
 
 
 async def test_a_recipient_refused_for_good_is_permanent():

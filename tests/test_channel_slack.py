@@ -97,3 +97,15 @@ async def test_slack_answering_5xx_is_retryable():
         receiver.answer("hook", 503)
         with pytest.raises(RetryableDeliveryError, match="HTTP 503"):
             await send_slack(session, receiver.url(), notification(alert()), 5.0)
+
+
+def test_a_truncated_group_counts_the_alerts_it_does_not_list():
+    grouped = notification(alert(1), alert(2)).model_copy(update={"truncated_alerts": 30})
+
+    message = slack_message(grouped)
+
+    assert_valid_incoming_webhook_message(message)
+    text = str(message["blocks"])
+    assert "*32 alerts* grouped in this notification" in text
+    assert "and 30 more not shown" in text
+    assert message["text"].startswith("[HIGH] 32 alerts:")

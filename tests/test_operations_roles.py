@@ -41,8 +41,8 @@ def _app_with_one_of_each(modules: list[str]) -> faust.App:
     return app
 
 
-MODULES = ["agents.evaluate", "tables.rules", "agents.aggregate", "agents.deliver", "agents.rule_outbox",
-           "web.operations"]
+MODULES = ["agents.evaluate", "tables.rules", "agents.aggregate", "agents.close_groups", "agents.deliver",
+           "agents.rule_outbox", "web.operations"]
 
 
 def _kept(app: faust.App) -> tuple[set, set, set]:
@@ -67,6 +67,14 @@ def test_evaluate_keeps_the_rule_replica_and_relay_the_outbox():
     apply_roles(app, parse_roles("evaluate,relay"))
 
     assert _kept(app)[1] == {"agents.evaluate", "tables.rules", "agents.rule_outbox", "web.operations"}
+
+
+def test_an_aggregate_worker_keeps_the_closer_of_its_groups():
+    app = _app_with_one_of_each(MODULES)
+
+    apply_roles(app, parse_roles("aggregate"))
+
+    assert _kept(app)[1] == {"agents.aggregate", "agents.close_groups", "web.operations"}
 
 
 def test_an_api_worker_runs_no_agent_and_starts_no_consumer():

@@ -25,6 +25,8 @@ def email_message(notification: NotificationReady, sender: str, recipient: str) 
         ]
         lines += [f"  {key}: {value}" for key, value in sorted(alert.context.items())]
         lines.append("")
+    if notification.truncated_alerts:
+        lines += [f"... and {notification.truncated_alerts} more alerts in this group, not listed", ""]
     lines += [f"notification {notification.notification_id}", f"rules {', '.join(notification.rule_ids)}"]
     message.set_content("\n".join(lines) + "\n")
     return message

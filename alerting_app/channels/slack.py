@@ -10,7 +10,7 @@ import json
 import aiohttp
 
 from alerting_app.channels.http import post
-from alerting_app.channels.summary import event_time, headline
+from alerting_app.channels.summary import alert_count, event_time, headline
 from alerting_app.contracts import Alert, NotificationReady
 
 # Slack allows 50 blocks a message; each shown alert takes two, and four frame the message.
@@ -45,16 +45,17 @@ def _alert_blocks(alert: Alert) -> list[dict]:
 
 def slack_message(notification: NotificationReady) -> dict:
     title = headline(notification)
-    count = len(notification.alerts)
+    count = alert_count(notification)
     blocks: list[dict] = [{"type": "header", "text": {"type": "plain_text", "text": _clip(title, _HEADER_LIMIT)}}]
     if count > 1:
         blocks.append({"type": "context", "elements": [
             {"type": "mrkdwn", "text": f"*{count} alerts* grouped in this notification"}]})
     for alert in notification.alerts[:MAX_ALERTS_SHOWN]:
         blocks.extend(_alert_blocks(alert))
-    if count > MAX_ALERTS_SHOWN:
+    shown = min(len(notification.alerts), MAX_ALERTS_SHOWN)
+    if count > shown:
         blocks.append({"type": "context", "elements": [
-            {"type": "mrkdwn", "text": f"and {count - MAX_ALERTS_SHOWN} more not shown"}]})
+            {"type": "mrkdwn", "text": f"and {count - shown} more not shown"}]})
     blocks.append({"type": "context", "elements": [
         {"type": "mrkdwn", "text": f"notification `{notification.notification_id}`"}]})
     return {"text": escape(title), "blocks": blocks}

@@ -16,9 +16,14 @@ def describe(alert: Alert) -> str:
     return f"{alert.source}: {alert.name}"
 
 
+def alert_count(notification: NotificationReady) -> int:
+    """How many alerts the notification stands for: those listed and those a full group left out."""
+    return len(notification.alerts) + notification.truncated_alerts
+
+
 def headline(notification: NotificationReady) -> str:
     """`[HIGH] payments: CheckoutLatency`, or for a group `[CRITICAL] 3 alerts: payments: Checkout…, +2 more`."""
-    first, count = notification.alerts[0], len(notification.alerts)
+    first, count = notification.alerts[0], alert_count(notification)
     severity = highest_severity(notification).value
     if count == 1:
         return f"[{severity}] {describe(first)}"

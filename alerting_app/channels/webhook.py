@@ -28,6 +28,8 @@ def webhook_body(notification: NotificationReady) -> bytes:
         "alerts": [alert.model_dump(mode="json") for alert in notification.alerts],
         "created_at": notification.created_at,
     }
+    if notification.group_rule_id is not None:  # a grouped notification (docs/grouping.md)
+        payload.update(group_rule_id=notification.group_rule_id, truncated_alerts=notification.truncated_alerts)
     return json.dumps(payload, separators=(",", ":")).encode()
 
 

@@ -67,7 +67,8 @@ WITH due AS (
 )
 SELECT l.notification_id::text, l.attempts, l.endpoint_id::text, e.type, e.value, e.secret,
        e.rate_limit_per_s, e.enabled,
-       n.client_id::text, n.alerts, n.rule_ids::text[], extract(epoch FROM n.created_at)::float8 AS created_at
+       n.client_id::text, n.alerts, n.rule_ids::text[], extract(epoch FROM n.created_at)::float8 AS created_at,
+       n.truncated_alerts, n.group_rule_id::text
 FROM leased l
 JOIN notifications n ON n.notification_id = l.notification_id
 LEFT JOIN endpoints e ON e.endpoint_id = l.endpoint_id
@@ -181,7 +182,8 @@ async def lease_due(conn: Conn, owner: str, lease_s: float, skip_endpoints: Sequ
         notification = NotificationReady(
             notification_id=row["notification_id"], client_id=row["client_id"],
             alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
-            created_at=row["created_at"],
+            created_at=row["created_at"], truncated_alerts=row["truncated_alerts"],
+            group_rule_id=row["group_rule_id"],
         )
         jobs.append(DeliveryJob(notification, row["endpoint_id"], _endpoint(row), row["attempts"]))
     return jobs

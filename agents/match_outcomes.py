@@ -1,0 +1,236 @@
+"""The matches of the aggregate stage that need state: silenced, suppressed, or joining a group.
+
+Issue 5 (docs/grouping.md): a silenced match is recorded SILENCED and a repeat of a fingerprint
+notified within its rule's repeat interval SUPPRESSED, neither emitted; a match of a grouping rule
+joins its group (tables/groups.py), which the closer (agents/close_groups.py) emits as one
+notification when the window has passed. The agent (agents/aggregate.py) sends the matches with
+none of these down its one-statement path and the others here, in batches.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import asyncpg
+from faust.types import EventT
+
+from alerting_app import metrics
+from alerting_app.app import settings
+from alerting_app.contracts import AlertMatched, NotificationReady
+from alerting_app.dead_letters import dead_letter_for
+from tables import groups
+
+if TYPE_CHECKING:
+    from agents.aggregate import Aggregation  # only a type here: agents.aggregate imports this module
+
+
+def is_grouped(matched: AlertMatched) -> bool:
+    return matched.group_window_s > 0 and matched.group_rule_id is not None
+
+
+def is_repeat_checked(matched: AlertMatched) -> bool:
+    return matched.repeat_interval_s > 0 and matched.fingerprint is not None
+
+
+def needs_state(matched: AlertMatched) -> bool:
+    """Whether a match needs more than the one-statement path: silenced, grouped or repeat-checked."""
+    return matched.silenced_by is not None or is_grouped(matched) or is_repeat_checked(matched)
+
+
+# Serialises the agent's stateful batches with the closer: a group is never joined while it closes.
+groups_lock = asyncio.Lock()
+# Groups this worker has closed whose key may still be in the table (see tables/groups.py).
+closed_here: set[str] = set()
+
+_KNOWN_CLIENTS = "SELECT client_id::text FROM clients WHERE client_id = ANY($1::uuid[])"
+
+# What is recorded already for each match: the group it joined (and whether that group is closed),
+# or its own notification row.
+_RECORDED = """
+SELECT b.position, a.notification_id::text AS member_of,
+       EXISTS (SELECT 1 FROM notifications g WHERE g.notification_id = a.notification_id) AS member_closed,
+       n.notification_id IS NOT NULL AS notified
+FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS b(client_id, alert_id, position)
+LEFT JOIN notification_alerts a ON a.client_id = b.client_id AND a.alert_id = b.alert_id
+LEFT JOIN notifications n ON n.client_id = b.client_id AND n.alert_id = b.alert_id
+"""
+
+_LAST_NOTIFIED = """
+SELECT f.client_id::text, f.fingerprint, extract(epoch FROM f.last_notified_at)::float8
+FROM fingerprints f JOIN unnest($1::uuid[], $2::text[]) AS b(client_id, fingerprint)
+    ON f.client_id = b.client_id AND f.fingerprint = b.fingerprint
+"""
+
+_REMEMBER_NOTIFIED = """
+INSERT INTO fingerprints AS f (client_id, fingerprint, last_notified_at)
+SELECT client_id, fingerprint, to_timestamp(at) FROM unnest($1::uuid[], $2::text[], $3::float8[])
+    AS b(client_id, fingerprint, at)
+ON CONFLICT (client_id, fingerprint) DO UPDATE SET last_notified_at = EXCLUDED.last_notified_at
+"""
+
+# Notified at once (PENDING), or recorded and settled here (SILENCED, SUPPRESSED: nothing to emit).
+_INSERT_OUTCOMES = """
+INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, status, detail,
+                           emitted)
+SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[], to_timestamp($6),
+       n.status, n.detail, n.status <> 'PENDING'
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $7::text[], $8::text[])
+    AS n(notification_id, client_id, alert_id, alerts, rule_ids, status, detail)
+ON CONFLICT (client_id, alert_id) DO NOTHING
+RETURNING notification_id::text, status
+"""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What Postgres already holds for one match (see _RECORDED)."""
+
+    member_of: str | None = None
+    member_closed: bool = False
+    notified: bool = False
+
+
+@dataclass
+class Outcome:
+    """What to write for the stateful matches of one batch."""
+
+    rows: list[tuple[AlertMatched, str, str | None]] = field(default_factory=list)  # (match, status, detail)
+    joins: list[groups.Join] = field(default_factory=list)
+    notified_fingerprints: dict[tuple[str, str], float] = field(default_factory=dict)
+    seen_before: list[AlertMatched] = field(default_factory=list)  # notified at once earlier: maybe unemitted
+
+
+def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified: dict[tuple[str, str], float],
+           now: float) -> Outcome:
+    """Silenced, suppressed, grouped or notified at once: each match's fate, in order.
+
+    A match recorded before keeps its first fate (a member of an open group stays in it). Then a
+    silence wins; then a fingerprint notified within the repeat interval (earlier in this batch
+    too) is suppressed; what is left joins its group or is notified at once, and its fingerprint
+    counts as notified from now.
+    """
+    outcome = Outcome()
+    seen: set[tuple[str, str]] = set()
+    for matched, before in zip(matches, recorded):
+        client = str(uuid.UUID(matched.client_id))
+        if (client, matched.alert.alert_id) in seen:
+            continue
+        seen.add((client, matched.alert.alert_id))
+        if before.member_of is not None:
+            if not before.member_closed:
+                outcome.joins.append(groups.Join(matched, before.member_of))
+        elif before.notified:
+            outcome.seen_before.append(matched)
+        elif matched.silenced_by is not None:
+            outcome.rows.append((matched, "SILENCED", f"silenced by {matched.silenced_by}"))
+        elif is_repeat_checked(matched) and (client, matched.fingerprint) in last_notified and (
+                now - last_notified[(client, matched.fingerprint)] < matched.repeat_interval_s):
+            outcome.rows.append((matched, "SUPPRESSED", f"repeats fingerprint {matched.fingerprint} notified "
+                                                       f"within {matched.repeat_interval_s}s"))
+        else:
+            if is_repeat_checked(matched):
+                last_notified[(client, matched.fingerprint)] = now
+                outcome.notified_fingerprints[(client, matched.fingerprint)] = now
+            if is_grouped(matched):
+                outcome.joins.append(groups.Join(matched))
+            else:
+                outcome.rows.append((matched, "PENDING", None))
+    return outcome
+
+
+async def known_clients(conn: asyncpg.Pool, client_ids: Iterable[str]) -> set[str]:
+    return {row[0] for row in await conn.fetch(_KNOWN_CLIENTS, list(set(client_ids)))}
+
+
+async def read_recorded(conn: asyncpg.Pool, matches: list[AlertMatched]) -> list[Recorded]:
+    rows = await conn.fetch(_RECORDED, [m.client_id for m in matches], [m.alert.alert_id for m in matches])
+    by_position = {row["position"]: Recorded(row["member_of"], row["member_closed"], row["notified"])
+                   for row in rows}
+    return [by_position[position] for position in range(1, len(matches) + 1)]
+
+
+async def read_last_notified(conn: asyncpg.Pool, matches: list[AlertMatched]) -> dict[tuple[str, str], float]:
+    checked = [m for m in matches if is_repeat_checked(m)]
+    if not checked:
+        return {}
+    rows = await conn.fetch(_LAST_NOTIFIED, [m.client_id for m in checked], [m.fingerprint for m in checked])
+    return {(row[0], row[1]): row[2] for row in rows}
+
+
+async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups.JoinPlan,
+                        created_at: float) -> list[tuple[NotificationReady, str]]:
+    """Write the rows, memberships and fingerprints in one transaction; the rows inserted, with status."""
+    built = [(NotificationReady(client_id=m.client_id, alerts=[m.alert], rule_ids=m.rule_ids, created_at=created_at),
+              status, detail) for m, status, detail in outcome.rows]
+    async with conn.transaction():
+        inserted = {}
+        if built:
+            inserted = dict(await conn.fetch(
+                _INSERT_OUTCOMES,
+                [ready.notification_id for ready, _, _ in built],
+                [ready.client_id for ready, _, _ in built],
+                [ready.alerts[0].alert_id for ready, _, _ in built],
+                ["[" + ready.alerts[0].model_dump_json() + "]" for ready, _, _ in built],
+                ["{" + ",".join(ready.rule_ids) + "}" for ready, _, _ in built],
+                created_at,
+                [status for _, status, _ in built],
+                [detail for _, _, detail in built],
+            ))
+        await groups.record_memberships(conn, plan.memberships)
+        if outcome.notified_fingerprints:
+            keys = list(outcome.notified_fingerprints)
+            await conn.execute(_REMEMBER_NOTIFIED, [k[0] for k in keys], [k[1] for k in keys],
+                               [outcome.notified_fingerprints[k] for k in keys])
+    return [(ready, status) for ready, status, _ in built if ready.notification_id in inserted]
+
+
+async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
+                          aggregation: Aggregation) -> list[AlertMatched]:
+    """Record silenced, suppressed and grouped matches (and the repeat-checked notified at once).
+
+    Runs under `groups_lock`. The table is written after the transaction commits: a crash in
+    between leaves members in Postgres that the redelivered messages put back in their group.
+    Returns the matches notified at once before, whose notification may never have been emitted:
+    emitting them again is the one-statement path's business (agents/aggregate.py).
+    """
+    known = await known_clients(pool, [m.client_id for _, m in decoded])
+    accepted: list[tuple[EventT, AlertMatched]] = []
+    for event, matched in decoded:
+        if str(uuid.UUID(matched.client_id)) not in known:
+            reason = f"client_id: no such client {matched.client_id}"
+        elif is_grouped(matched) and event.message.key != matched.client_id.encode():
+            # The group table is keyed, and partitioned, by the client_id (tables/groups.py).
+            reason = "key: a grouped match must be keyed by its client_id"
+        else:
+            accepted.append((event, matched))
+            continue
+        aggregation.dead_letters.append(dead_letter_for(event.message, reason))
+    if not accepted:
+        return []
+    matches = [matched for _, matched in accepted]
+    now = time.time()
+    outcome = decide(matches, await read_recorded(pool, matches), await read_last_notified(pool, matches), now)
+    keys = {join.matched.client_id.encode() for join in outcome.joins}
+    current = {key: groups.open_groups.get(key) for key in keys}
+    closed = await groups.closed_groups(pool, current.values())
+    plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
+    async with pool.acquire() as conn:
+        inserted = await write_outcome(conn, outcome, plan, round(now, 6))
+    events_by_key = {event.message.key: event for event, _ in accepted}
+    if plan.values:
+        await groups.prepare_writes()
+    for key, value in plan.values.items():
+        if value != current[key]:
+            groups.write_value(key, value, events_by_key[key])
+    closed_here.difference_update(closed)  # pruned from the table just now
+    for ready, status in inserted:
+        if status == "PENDING":
+            aggregation.ready.append(ready)
+    metrics.notifications_silenced.inc(sum(status == "SILENCED" for _, status in inserted))
+    metrics.notifications_suppressed.inc(sum(status == "SUPPRESSED" for _, status in inserted))
+    return outcome.seen_before
+

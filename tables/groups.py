@@ -1,0 +1,208 @@
+"""Open notification groups: a changelog-backed table of windows, one key per client.
+
+A group opens at the first alert a grouping rule collects for a client and closes `window_s`
+later (Alertmanager's group_wait), whatever else arrives; then it becomes ONE notification listing
+up to GROUP_MAX_ALERTS of its alerts and counting the rest as truncated. docs/grouping.md says
+why this is not a Faust windowed table, and why a group is emitted exactly once.
+
+The key is the client_id as raw bytes, so the changelog partition is the client's `alerts.matched`
+partition (both murmur2 of the same bytes) and recovers on the worker that processes the client.
+The value (JSON) maps each open group's rule_id to the group:
+`{"notification_id", "opened_at", "window_s", "alerts": [alert, ...], "rule_ids": [...]}`.
+`alerts` holds at most GROUP_MAX_ALERTS, so a changelog message stays small; the members
+themselves (all of them) are rows of `notification_alerts` in Postgres.
+
+A closed group may stay in its client's value until the agent next writes that key, or until all
+the client's groups are closed and the closer deletes the key: Faust's RocksDB store files a
+write under the current stream event's partition, so a timer, which has no event, may only delete.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+from faust.streams import _current_event  # no public setter; see write_value
+from faust.types import EventT
+
+from alerting_app.app import app, settings
+from alerting_app.contracts import Alert, AlertMatched, NotificationReady
+
+open_groups = app.Table(
+    "notification-groups",
+    key_type=bytes,  # raw bytes; values are JSON (Faust's default)
+    partitions=settings.topic_partitions,
+    # Writes find their changelog partition from the key, not from the current event: the closer
+    # deletes keys from a timer, outside any stream event.
+    use_partitioner=True,
+)
+
+Group = dict  # one open group, as stored (see the module docstring)
+ClientGroups = dict  # rule_id -> Group
+
+
+def open_group(notification_id: str, window_s: int, now: float) -> Group:
+    return {"notification_id": notification_id, "opened_at": now, "window_s": window_s, "alerts": [],
+            "rule_ids": []}
+
+
+def deadline(group: Group) -> float:
+    return group["opened_at"] + group["window_s"]
+
+
+def add_member(group: Group, matched: AlertMatched, max_alerts: int) -> None:
+    """List the alert (while there is room) and its rules; adding it again changes nothing."""
+    listed = {alert["alert_id"] for alert in group["alerts"]}
+    if matched.alert.alert_id not in listed and len(group["alerts"]) < max_alerts:
+        group["alerts"].append(matched.alert.model_dump(mode="json"))
+    group["rule_ids"] = sorted(set(group["rule_ids"]) | set(matched.rule_ids))
+
+
+@dataclass(frozen=True)
+class Join:
+    """An alert that joins its group rule's group, and the group it was a member of before, if any
+    (a member of a group the table lost in a crash is moved to the group open now)."""
+
+    matched: AlertMatched
+    member_of: str | None = None
+
+
+@dataclass
+class JoinPlan:
+    values: dict[bytes, ClientGroups]  # the table values to write, by key
+    memberships: list[tuple[str, str, str]]  # (client_id, alert_id, notification_id) to upsert
+
+
+def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join], closed: set[str], now: float,
+               max_alerts: int) -> JoinPlan:
+    """Put each alert in the open group of its client and group rule, opening one if none is open.
+
+    `current` holds the table values of the clients concerned; groups in `closed` (their
+    notification exists) are dropped from them. A group opened for an alert that was a member of a
+    lost group reuses that group's notification_id.
+    """
+    values: dict[bytes, ClientGroups] = {}
+    for key, value in current.items():
+        values[key] = {rule_id: group for rule_id, group in copy.deepcopy(value or {}).items()
+                       if group["notification_id"] not in closed}
+    memberships = []
+    for join in joins:
+        matched = join.matched
+        groups = values.setdefault(matched.client_id.encode(), {})
+        group = groups.get(matched.group_rule_id)
+        if group is None:
+            group = groups[matched.group_rule_id] = open_group(join.member_of or str(uuid.uuid4()),
+                                                               matched.group_window_s, now)
+        add_member(group, matched, max_alerts)
+        memberships.append((matched.client_id, matched.alert.alert_id, group["notification_id"]))
+    return JoinPlan(values, memberships)
+
+
+# A membership moves only while its notification does not exist: once a group is closed, its
+# members are final.
+_UPSERT_MEMBERSHIPS = """
+INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[])
+ON CONFLICT (client_id, alert_id) DO UPDATE SET notification_id = EXCLUDED.notification_id
+    WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
+"""
+
+_CLOSED = "SELECT notification_id::text FROM notifications WHERE notification_id = ANY($1::uuid[])"
+
+
+async def record_memberships(conn: asyncpg.Connection, memberships: Sequence[tuple[str, str, str]]) -> None:
+    if memberships:
+        await conn.execute(_UPSERT_MEMBERSHIPS, *(list(column) for column in zip(*memberships)))
+
+
+async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterable[ClientGroups | None]) -> set[str]:
+    """The notification_ids of these groups that are closed (their notification exists)."""
+    ids = [group["notification_id"] for value in values for group in (value or {}).values()]
+    return {row[0] for row in await conn.fetch(_CLOSED, ids)} if ids else set()
+
+
+@dataclass(frozen=True)
+class DueGroup:
+    key: bytes
+    group_rule_id: str
+    group: Group
+
+
+def due_groups(items: Iterable[tuple[bytes, ClientGroups]], now: float, skip: set[str]) -> list[DueGroup]:
+    return [DueGroup(key, rule_id, group)
+            for key, value in items for rule_id, group in (value or {}).items()
+            if deadline(group) <= now and group["notification_id"] not in skip and group["alerts"]]
+
+
+# The truncated count is taken from the members in Postgres, not from the table: a member whose
+# table write was lost in a crash is still counted. Inserted once; closing again changes nothing.
+_INSERT_GROUP_NOTIFICATIONS = """
+INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at,
+                           truncated_alerts, group_rule_id)
+SELECT g.notification_id, g.client_id, g.alert_id, g.alerts::jsonb, g.rule_ids::uuid[], to_timestamp(g.created_at),
+       greatest(0, (SELECT count(*) FROM notification_alerts a WHERE a.notification_id = g.notification_id)
+                   - g.listed),
+       g.group_rule_id
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::int[], $8::uuid[])
+    AS g(notification_id, client_id, alert_id, alerts, rule_ids, created_at, listed, group_rule_id)
+ON CONFLICT DO NOTHING
+"""
+
+# What to emit: the rows as stored, so a group closed again after a crash emits what it first built.
+_UNEMITTED_GROUPS = """
+SELECT notification_id::text, client_id::text, alerts, rule_ids::text[],
+       extract(epoch FROM created_at)::float8 AS created_at, truncated_alerts, group_rule_id::text
+FROM notifications WHERE notification_id = ANY($1::uuid[]) AND NOT emitted
+"""
+
+
+async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
+                               now: float) -> list[NotificationReady]:
+    """Insert the notifications of these groups (once); return those not emitted yet."""
+    if not due:
+        return []
+    created_at = round(now, 6)  # microseconds, as Postgres stores it
+    await conn.execute(
+        _INSERT_GROUP_NOTIFICATIONS,
+        [d.group["notification_id"] for d in due],
+        [d.key.decode() for d in due],
+        [d.group["alerts"][0]["alert_id"] for d in due],
+        [json.dumps(d.group["alerts"], separators=(",", ":")) for d in due],
+        ["{" + ",".join(d.group["rule_ids"]) + "}" for d in due],
+        [created_at] * len(due),
+        [len(d.group["alerts"]) for d in due],
+        [d.group_rule_id for d in due],
+    )
+    rows = await conn.fetch(_UNEMITTED_GROUPS, [d.group["notification_id"] for d in due])
+    return [NotificationReady(notification_id=row["notification_id"], client_id=row["client_id"],
+                              alerts=[Alert.model_validate(alert) for alert in row["alerts"]],
+                              rule_ids=row["rule_ids"], created_at=row["created_at"],
+                              truncated_alerts=row["truncated_alerts"], group_rule_id=row["group_rule_id"])
+            for row in rows]
+
+
+async def prepare_writes() -> None:
+    """Have the producer know the changelog's partitions: a table write picks its partition at once
+    (`send_soon`, eagerly partitioned) and fails on a topic the producer has no metadata for."""
+    producer = (await app.maybe_start_producer())._ensure_producer()  # faust has no public accessor
+    await producer.partitions_for(open_groups.changelog_topic.get_topic_name())
+
+
+def write_value(key: bytes, value: ClientGroups, event: EventT) -> None:
+    """Write (or, when no group is left, delete) a client's groups from the agent.
+
+    Set under the event that carried the client's message: Faust's RocksDB store files a write
+    under the current event's partition, and a batch holds events of several partitions.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        if value:
+            open_groups[key] = value
+        elif key in open_groups:
+            del open_groups[key]
+    finally:
+        _current_event.reset(token)

@@ -1,0 +1,354 @@
+"""The aggregate stage's issue-5 decisions: silenced, suppressed, grouped (and closed once).
+
+The plain functions directly; the agent through Faust's test driver against the real Postgres and
+broker, with the group table in memory and the closer called directly (tests/test_grouping_worker.py
+runs both in a real worker, and kills it).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import pytest_asyncio
+
+from agents.aggregate import aggregate_matches
+from agents.close_groups import close_due_groups
+from agents.match_outcomes import Recorded, decide
+from alerting_app import metrics
+from alerting_app.app import settings
+from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
+from tables import groups
+from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def group_changelog(pipeline):
+    """The table's changelog topic, which a worker creates at start-up."""
+    await groups.open_groups.changelog_topic.maybe_declare()
+
+ALL_PARTITIONS = set(range(64))
+
+
+def alert(n: int = 0, alert_id: str | None = None) -> Alert:
+    return Alert(alert_id=alert_id or str(uuid.uuid4()), event_ts=time.time(), severity="HIGH", source="payments",
+                 name="CheckoutLatency", context={"n": str(n)})
+
+
+def matched(client_id: str, rule_ids: list[str], the_alert: Alert | None = None, **fields) -> AlertMatched:
+    return AlertMatched(alert=the_alert or alert(), client_id=client_id, rule_ids=rule_ids, **fields)
+
+
+def grouped(client_id: str, rule_id: str, window_s: int = 5, the_alert: Alert | None = None,
+            rule_ids: list[str] | None = None) -> AlertMatched:
+    return matched(client_id, rule_ids or [rule_id], the_alert, group_rule_id=rule_id, group_window_s=window_s)
+
+
+def repeating(client_id: str, rule_id: str, interval_s: int = 60, the_alert: Alert | None = None,
+              **fields) -> AlertMatched:
+    the_alert = the_alert or alert()
+    return matched(client_id, [rule_id], the_alert, group_rule_id=rule_id, repeat_interval_s=interval_s,
+                   fingerprint=fingerprint_of(client_id, the_alert, []), **fields)
+
+
+async def aggregate(*matches: AlertMatched) -> list:
+    async with aggregate_matches.test_context() as agent:
+        for match in matches:
+            await agent.put(match.encode(), key=match.client_id.encode())
+        return [agent.results[i] for i in range(len(matches))]
+
+
+async def rows_of(pool, client_id: str) -> list:
+    return await pool.fetch(
+        "SELECT notification_id::text, alert_id, alerts, rule_ids::text[], status, detail, emitted, "
+        "truncated_alerts, group_rule_id::text FROM notifications WHERE client_id = $1 ORDER BY created_at",
+        client_id)
+
+
+# --- plain functions -------------------------------------------------------------------------------
+
+def test_plan_joins_opens_one_group_per_client_and_rule_and_lists_up_to_the_maximum():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    joins = [groups.Join(grouped(client, rule, the_alert=alert(n))) for n in range(5)]
+
+    plan = groups.plan_joins({}, joins, set(), now=100.0, max_alerts=3)
+
+    [(key, value)] = plan.values.items()
+    assert key == client.encode() and list(value) == [rule]
+    group = value[rule]
+    assert (group["opened_at"], group["window_s"], groups.deadline(group)) == (100.0, 5, 105.0)
+    assert [a["alert_id"] for a in group["alerts"]] == [j.matched.alert.alert_id for j in joins[:3]]
+    # Every member is recorded, listed or not: the truncated count comes from these.
+    assert [m[1] for m in plan.memberships] == [j.matched.alert.alert_id for j in joins]
+    assert {m[2] for m in plan.memberships} == {group["notification_id"]}
+
+
+def test_plan_joins_is_idempotent_per_alert_and_collects_every_rule():
+    client, rule, other_rule = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    first = grouped(client, rule)
+    plan = groups.plan_joins({}, [groups.Join(first)], set(), now=1.0, max_alerts=10)
+    again = grouped(client, rule, the_alert=first.alert, rule_ids=sorted([rule, other_rule]))
+
+    replan = groups.plan_joins(plan.values, [groups.Join(again)], set(), now=2.0, max_alerts=10)
+
+    group = replan.values[client.encode()][rule]
+    assert len(group["alerts"]) == 1 and group["opened_at"] == 1.0
+    assert group["rule_ids"] == sorted([rule, other_rule])
+    assert plan.values[client.encode()][rule]["rule_ids"] == [rule]  # the current value is not changed
+
+
+def test_plan_joins_drops_closed_groups_and_reopens_a_lost_group_with_its_notification_id():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    closed = groups.plan_joins({}, [groups.Join(grouped(client, rule))], set(), now=1.0, max_alerts=10)
+    closed_id = closed.values[client.encode()][rule]["notification_id"]
+    lost_id = str(uuid.uuid4())
+
+    plan = groups.plan_joins(closed.values, [groups.Join(grouped(client, rule), member_of=lost_id)], {closed_id},
+                             now=9.0, max_alerts=10)
+
+    group = plan.values[client.encode()][rule]
+    assert group["notification_id"] == lost_id and group["opened_at"] == 9.0
+
+
+def test_due_groups_are_those_whose_window_has_passed():
+    client, fast, slow = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, fast, window_s=5)),
+                                  groups.Join(grouped(client, slow, window_s=60))], set(), now=0.0, max_alerts=10)
+    items = list(plan.values.items())
+
+    assert groups.due_groups(items, 4.9, set()) == []
+    assert [d.group_rule_id for d in groups.due_groups(items, 5.0, set())] == [fast]
+    fast_id = plan.values[client.encode()][fast]["notification_id"]
+    assert groups.due_groups(items, 5.0, {fast_id}) == []
+
+
+def test_decide_silence_wins_then_repeats_are_suppressed_then_grouped_or_at_once():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    silenced = repeating(client, rule, silenced_by="s-1")
+    first = repeating(client, rule)
+    repeat = repeating(client, rule, the_alert=alert())  # same fingerprint: n=0 like the first
+    grouped_one = grouped(client, rule)
+    matches = [silenced, first, repeat, grouped_one, first]  # the first again: decided once
+
+    outcome = decide(matches, [Recorded()] * len(matches), {}, now=1000.0)
+
+    assert [(m.alert.alert_id, status) for m, status, _ in outcome.rows] == [
+        (silenced.alert.alert_id, "SILENCED"), (first.alert.alert_id, "PENDING"),
+        (repeat.alert.alert_id, "SUPPRESSED")]
+    assert [j.matched for j in outcome.joins] == [grouped_one]
+    assert outcome.notified_fingerprints == {(client, first.fingerprint): 1000.0}
+
+
+def test_decide_suppresses_only_within_the_repeat_interval():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    match = repeating(client, rule, interval_s=60)
+    last = {(client, match.fingerprint): 1000.0}
+
+    within = decide([match], [Recorded()], dict(last), now=1059.0)
+    after = decide([match], [Recorded()], dict(last), now=1060.0)
+
+    assert [status for _, status, _ in within.rows] == ["SUPPRESSED"]
+    assert [status for _, status, _ in after.rows] == ["PENDING"]
+
+
+def test_decide_keeps_what_was_recorded_before():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    member, closed_member, notified = grouped(client, rule), grouped(client, rule), repeating(client, rule)
+
+    outcome = decide([member, closed_member, notified],
+                     [Recorded(member_of="g-1"), Recorded(member_of="g-0", member_closed=True),
+                      Recorded(notified=True)],
+                     {}, now=1.0)
+
+    assert [(j.matched, j.member_of) for j in outcome.joins] == [(member, "g-1")]
+    assert outcome.rows == [] and outcome.seen_before == [notified]
+
+
+# --- the agent, with the real Postgres and broker ------------------------------------------------------
+
+@AGENT_LOOP
+async def test_silenced_match_is_recorded_silenced_and_not_emitted(pool):
+    client = await insert_client(pool)
+    silence_id = str(uuid.uuid4())
+    before = metrics.notifications_silenced._value.get()
+
+    [aggregation] = await aggregate(matched(client, [str(uuid.uuid4())], silenced_by=silence_id))
+
+    assert aggregation.ready == []
+    [row] = await rows_of(pool, client)
+    assert (row["status"], row["emitted"], row["detail"]) == ("SILENCED", True, f"silenced by {silence_id}")
+    assert metrics.notifications_silenced._value.get() == before + 1
+    assert await sent_to("notifications.ready", client) == []
+
+
+@AGENT_LOOP
+async def test_same_fingerprint_ten_times_is_notified_once_and_suppressed_nine_times(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    before = metrics.notifications_suppressed._value.get()
+
+    aggregations = await aggregate(*[repeating(client, rule, interval_s=60) for _ in range(10)])
+
+    assert sum(len(a.ready) for a in aggregations) == 1
+    statuses = [row["status"] for row in await rows_of(pool, client)]
+    assert sorted(statuses) == ["PENDING"] + ["SUPPRESSED"] * 9
+    assert metrics.notifications_suppressed._value.get() == before + 9
+    assert len(await sent_to("notifications.ready", client)) == 1
+
+
+@AGENT_LOOP
+async def test_redelivered_repeat_checked_match_is_neither_suppressed_nor_notified_again(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    match = repeating(client, rule)
+
+    first, redelivered = await aggregate(match, match)
+
+    assert len(first.ready) == 1 and redelivered.ready == []
+    assert [row["status"] for row in await rows_of(pool, client)] == ["PENDING"]
+
+
+@AGENT_LOOP
+async def test_grouped_matches_become_one_notification_when_the_window_closes(pool):
+    client, rule, other_rule = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
+    matches.append(grouped(client, rule, window_s=5, rule_ids=sorted([rule, other_rule])))
+
+    aggregations = await aggregate(*matches)
+    opened = time.time()
+
+    assert [a.ready for a in aggregations] == [[]] * 5
+    assert await rows_of(pool, client) == []
+    assert await close_due_groups(pool, opened, ALL_PARTITIONS) == []  # not due yet
+    [ready] = await close_due_groups(pool, opened + 5, ALL_PARTITIONS)
+    assert ready.alerts == [m.alert for m in matches]
+    assert (ready.rule_ids, ready.group_rule_id, ready.truncated_alerts) == (sorted([rule, other_rule]), rule, 0)
+    [row] = await rows_of(pool, client)
+    assert (row["notification_id"], row["status"], row["emitted"], row["group_rule_id"]) == (
+        ready.notification_id, "PENDING", True, rule)
+    assert [m["notification_id"] for m in await sent_to("notifications.ready", client)] == [ready.notification_id]
+    assert groups.open_groups.get(client.encode()) is None
+    assert await close_due_groups(pool, opened + 10, ALL_PARTITIONS) == []
+
+
+@AGENT_LOOP
+async def test_a_group_lists_at_most_the_maximum_and_counts_the_rest_as_truncated(pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 20)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, the_alert=alert(n)) for n in range(50)]
+
+    await aggregate(*matches)
+    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+
+    assert ready.alerts == [m.alert for m in matches[:20]]
+    assert ready.truncated_alerts == 30
+    [row] = await rows_of(pool, client)
+    assert (len(row["alerts"]), row["truncated_alerts"]) == (20, 30)
+
+
+@AGENT_LOOP
+async def test_grouped_alert_already_notified_at_once_does_not_join_and_the_reverse(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    at_once = matched(client, [rule])
+    member = grouped(client, rule)
+
+    await aggregate(at_once, grouped(client, rule, the_alert=at_once.alert), member,
+                    matched(client, [rule], the_alert=member.alert))
+    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+
+    assert ready.alerts == [member.alert]
+    assert sorted(row["alert_id"] for row in await rows_of(pool, client)) == sorted(
+        [at_once.alert.alert_id, member.alert.alert_id])
+
+
+@AGENT_LOOP
+async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    await aggregate(grouped(client, rule))
+    value = groups.open_groups.get(client.encode())
+    [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
+    # The closer inserted the notification and died before it was sent.
+    first_built = await groups.record_closed_groups(pool, [due], time.time() + 5)
+
+    [ready] = await close_due_groups(pool, time.time() + 6, ALL_PARTITIONS)
+
+    assert [ready] == first_built
+    assert len(await rows_of(pool, client)) == 1
+
+
+@AGENT_LOOP
+async def test_grouped_match_keyed_by_something_else_is_a_dead_letter(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    async with aggregate_matches.test_context() as agent:
+        await agent.put(grouped(client, rule).encode(), key=b"not-the-client")
+        [aggregation] = [agent.results[0]]
+
+    [letter] = aggregation.dead_letters
+    assert "key: a grouped match must be keyed by its client_id" in letter.reason
+
+
+def test_a_worker_without_the_aggregate_role_does_not_hold_the_group_table():
+    import faust
+
+    from alerting_app.roles import apply_roles
+
+    def app_with_table() -> faust.App:
+        other = faust.App(f"roles-{uuid.uuid4()}", broker="kafka://localhost:1")
+        other.Table(groups.open_groups.name, key_type=bytes, partitions=3, use_partitioner=True)
+        return other
+
+    deliver_only, aggregating = app_with_table(), app_with_table()
+    apply_roles(deliver_only, frozenset({"deliver"}))
+    apply_roles(aggregating, frozenset({"aggregate"}))
+
+    assert list(deliver_only.tables) == [] and deliver_only.tables.changelog_topics == set()
+    assert list(aggregating.tables) == [groups.open_groups.name]
+
+
+@AGENT_LOOP
+async def test_the_group_of_a_client_deleted_while_it_was_open_is_dropped(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    other_client = await insert_client(pool)
+    await aggregate(grouped(client, rule), grouped(other_client, rule))
+    await pool.execute("DELETE FROM clients WHERE client_id = $1", client)
+
+    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+
+    assert ready.client_id == other_client
+    assert groups.open_groups.get(client.encode()) is None
+
+
+@AGENT_LOOP
+async def test_the_closer_leaves_alone_the_groups_of_partitions_this_worker_does_not_own(pool):
+    from alerting_app.sending import partition_for
+
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    await aggregate(grouped(client, rule))
+    partitions = tuple(range(settings.topic_partitions))
+    own = partition_for(client.encode(), partitions)
+
+    assert await close_due_groups(pool, time.time() + 5, set(partitions) - {own}) == []  # a standby copy
+    assert await rows_of(pool, client) == []
+    [ready] = await close_due_groups(pool, time.time() + 5, {own})
+    assert ready.client_id == client
+
+
+@pytest.mark.parametrize(("variable", "value"), [("GROUP_MAX_ALERTS", "0"), ("GROUP_MAX_ALERTS", "many"),
+                                                 ("GROUP_CLOSE_INTERVAL_S", "0"), ("GROUP_CLOSE_INTERVAL_S", "-1")])
+def test_a_bad_grouping_setting_stops_start_up_naming_the_variable(monkeypatch, variable, value):
+    from alerting_app.settings import ConfigurationError, load_settings
+
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert f"{variable}:" in str(error.value)
+
+
+def test_grouping_settings_default_to_the_documented_values(monkeypatch):
+    from alerting_app.settings import load_settings
+
+    monkeypatch.delenv("GROUP_MAX_ALERTS", raising=False)
+    monkeypatch.delenv("GROUP_CLOSE_INTERVAL_S", raising=False)
+
+    settings = load_settings()
+
+    assert (settings.group_max_alerts, settings.group_close_interval_s) == (100, 0.5)

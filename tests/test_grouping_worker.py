@@ -1,0 +1,143 @@
+"""Groups in a real worker: the changelog-backed table, the closer, and a SIGKILL in an open window.
+
+`alerts.matched` messages are produced directly (no evaluator needed), keyed by client_id as the
+evaluator keys them; what the stage did is read from Postgres and from `notifications.ready`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+
+import asyncpg
+import pytest
+
+from alerting_app.contracts import Alert, AlertMatched
+from kafka_probe import produce, read_json, wait_until_consumed
+
+pytestmark = pytest.mark.e2e
+
+
+async def new_client(database_url: str) -> str:
+    client_id = str(uuid.uuid4())
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'grouping', $2)",
+                           client_id, uuid.uuid4().hex)
+    finally:
+        await conn.close()
+    return client_id
+
+
+def grouped_matches(client_id: str, rule_id: str, count: int, window_s: int) -> list[AlertMatched]:
+    return [AlertMatched(alert=Alert(alert_id=f"alert-{n}-{uuid.uuid4()}", event_ts=time.time(), severity="HIGH",
+                                     source="payments", name="CheckoutLatency", context={"n": str(n)}),
+                         client_id=client_id, rule_ids=[rule_id], group_rule_id=rule_id, group_window_s=window_s)
+            for n in range(count)]
+
+
+async def produce_matches(bootstrap: str, matches: list[AlertMatched]) -> None:
+    await produce(bootstrap, "alerts.matched", [(m.client_id.encode(), m.encode()) for m in matches])
+
+
+async def fetch(database_url: str, query: str, *args) -> list:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+async def wait_for_rows(database_url: str, query: str, *args, count: int, timeout: float = 90.0) -> list:
+    """Wait until `query` returns `count` rows (a bound, not a measurement); return them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await fetch(database_url, query, *args)
+        if len(rows) >= count:
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(rows)} rows, expected {count}: {query}")
+        await asyncio.sleep(0.2)
+
+
+NOTIFICATIONS = ("SELECT notification_id::text, alerts, truncated_alerts, group_rule_id::text, emitted "
+                 "FROM notifications WHERE client_id = $1")
+MEMBERS = "SELECT alert_id FROM notification_alerts WHERE client_id = $1"
+
+
+async def ready_for(bootstrap: str, client_id: str) -> list[dict]:
+    return [m for m in await read_json(bootstrap, "notifications.ready") if m.get("client_id") == client_id]
+
+
+async def test_fifty_alerts_in_one_window_are_one_notification_of_twenty_and_thirty_truncated(
+        services, clean_db, start_worker):
+    group = f"grouping-{secrets.token_hex(4)}"
+    start_worker(APP_ID=group, GROUP_MAX_ALERTS="20", ROLES="aggregate")
+    client, rule = await new_client(services.database_url), str(uuid.uuid4())
+    matches = grouped_matches(client, rule, 50, window_s=5)
+
+    await produce_matches(services.kafka_bootstrap_servers, matches)
+    [row] = await wait_for_rows(services.database_url, NOTIFICATIONS, client, count=1)
+    await wait_until_consumed(services.kafka_bootstrap_servers, group, ["alerts.matched"], timeout=120)
+    await wait_for_rows(services.database_url, NOTIFICATIONS + " AND emitted", client, count=1)
+
+    assert [a["alert_id"] for a in row["alerts"]] == [m.alert.alert_id for m in matches[:20]]
+    assert (row["truncated_alerts"], row["group_rule_id"]) == (30, rule)
+    [ready] = await ready_for(services.kafka_bootstrap_servers, client)
+    assert (ready["notification_id"], len(ready["alerts"]), ready["truncated_alerts"]) == (
+        row["notification_id"], 20, 30)
+    assert len(await fetch(services.database_url, NOTIFICATIONS, client)) == 1
+
+
+async def test_a_worker_killed_in_an_open_window_and_restarted_emits_the_group_once_complete(
+        services, clean_db, start_worker):
+    group = f"grouping-crash-{secrets.token_hex(4)}"
+    bootstrap = services.kafka_bootstrap_servers
+    worker = start_worker(APP_ID=group, ROLES="aggregate")
+    client, rule = await new_client(services.database_url), str(uuid.uuid4())
+    # Long enough that the window is still open at the kill, whatever the machine's load.
+    matches = grouped_matches(client, rule, 40, window_s=40)
+
+    # The first half is committed (so in the changelog: Faust flushes it before committing) ...
+    await produce_matches(bootstrap, matches[:20])
+    await wait_until_consumed(bootstrap, group, ["alerts.matched"], timeout=120)
+    # ... the second half is recorded in Postgres, perhaps not yet in the changelog nor committed.
+    await produce_matches(bootstrap, matches[20:])
+    await wait_for_rows(services.database_url, MEMBERS, client, count=40)
+    assert await fetch(services.database_url, NOTIFICATIONS, client) == []  # the window is still open
+    worker.child.process.kill()
+    worker.child.process.wait()
+
+    start_worker(APP_ID=group, ROLES="aggregate")
+    [row] = await wait_for_rows(services.database_url, NOTIFICATIONS + " AND emitted", client, count=1)
+    await wait_until_consumed(bootstrap, group, ["alerts.matched"], timeout=120)
+
+    assert sorted(a["alert_id"] for a in row["alerts"]) == sorted(m.alert.alert_id for m in matches)
+    assert row["truncated_alerts"] == 0
+    assert len(await fetch(services.database_url, NOTIFICATIONS, client)) == 1
+    assert {m["notification_id"] for m in await ready_for(bootstrap, client)} == {row["notification_id"]}
+
+
+async def test_two_workers_share_the_clients_and_emit_each_group_once_and_complete(services, clean_db, start_worker):
+    group = f"grouping-pair-{secrets.token_hex(4)}"
+    bootstrap = services.kafka_bootstrap_servers
+    start_worker(APP_ID=group, ROLES="aggregate")
+    start_worker(APP_ID=group, ROLES="aggregate")  # each also holds a standby copy of the other's groups
+    clients = [await new_client(services.database_url) for _ in range(12)]
+    rule = str(uuid.uuid4())
+
+    for client in clients:
+        await produce_matches(bootstrap, grouped_matches(client, rule, 3, window_s=3))
+    rows = await wait_for_rows(services.database_url,
+                               "SELECT client_id::text FROM notifications"
+                               " WHERE emitted AND client_id = ANY($1::uuid[])",
+                               clients, count=len(clients))
+    await wait_until_consumed(bootstrap, group, ["alerts.matched"], timeout=120)
+
+    assert sorted(row["client_id"] for row in rows) == sorted(clients)
+    emitted = [m for m in await read_json(bootstrap, "notifications.ready") if m.get("client_id") in set(clients)]
+    assert sorted(m["client_id"] for m in emitted) == sorted(clients)
+    assert all(len(m["alerts"]) == 3 for m in emitted)
