@@ -1,11 +1,19 @@
-"""Which addresses an endpoint may point at when private endpoints are not allowed."""
+"""Which addresses an endpoint may point at when private endpoints are not allowed: checked at
+creation, and again when a delivery connects (real local receivers on 127.0.0.1)."""
 from __future__ import annotations
 
 import ipaddress
 
+import aiohttp
 import pytest
 
-from alerting_app.channels.addresses import RefusedAddress, check_public_host, non_public_kind
+from alerting_app.channels.addresses import PublicAddressResolver, RefusedAddress, check_public_host, non_public_kind
+from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError
+from alerting_app.channels.http import endpoint_session
+from alerting_app.channels.slack import send_slack
+from alerting_app.channels.webhook import send_webhook
+from alerting_app.contracts import Alert, NotificationReady
+from delivery_receivers import Receiver
 
 
 @pytest.mark.parametrize(("address", "kind"), [
@@ -21,3 +29,68 @@ async def test_a_host_name_is_checked_by_every_address_it_resolves_to():
     with pytest.raises(RefusedAddress, match="localhost resolves to"):
         await check_public_host("localhost", 80)
     await check_public_host("93.184.216.34", 443)
+
+
+# --- at send time: the delivery session connects to public addresses only ---------------------------
+
+def notification() -> NotificationReady:
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000.5, severity="HIGH", source="payments",
+                  name="CheckoutLatency")
+    return NotificationReady(notification_id="6f1c2a34-0000-4000-8000-000000000002",
+                             client_id="0c3f5d6e-0000-4000-8000-000000000003", alerts=[alert],
+                             rule_ids=["1d2e3f40-0000-4000-8000-000000000004"], created_at=1_700_000_001.25)
+
+
+async def send_to_webhook(session: aiohttp.ClientSession, url: str, timeout_s: float = 5.0) -> None:
+    await send_webhook(session, url, "s3cret-of-the-endpoint", "7a1b4c9e-0000-4000-8000-000000000001",
+                       notification(), timeout_s)
+
+
+async def send_to_slack(session: aiohttp.ClientSession, url: str) -> None:
+    await send_slack(session, url, notification(), 5.0)
+
+
+@pytest.mark.parametrize("send", [send_to_webhook, send_to_slack], ids=["webhook", "slack"])
+async def test_a_name_resolving_to_a_private_address_is_refused_when_sending(send):
+    """What DNS rebinding looks like to the worker: a name whose address is private *now*."""
+    async with Receiver() as receiver, endpoint_session(concurrency=4, allow_private=False) as session:
+        with pytest.raises(PermanentDeliveryError) as refused:
+            await send(session, f"http://localhost:{receiver.port}/hook")
+        assert receiver.posts == []
+    assert "localhost resolves to 127.0.0.1, which is a loopback address" in str(refused.value)
+    assert "ALLOW_PRIVATE_ENDPOINTS is off" in str(refused.value)
+
+
+@pytest.mark.parametrize("send", [send_to_webhook, send_to_slack], ids=["webhook", "slack"])
+async def test_a_private_address_in_the_url_is_refused_when_sending(send):
+    """An endpoint created while ALLOW_PRIVATE_ENDPOINTS was on is refused once it is off."""
+    async with Receiver() as receiver, endpoint_session(concurrency=4, allow_private=False) as session:
+        with pytest.raises(PermanentDeliveryError, match="127.0.0.1 is a loopback address"):
+            await send(session, receiver.url())
+        assert receiver.posts == []
+
+
+async def test_the_same_sends_reach_a_private_receiver_when_private_endpoints_are_allowed():
+    async with Receiver() as receiver, endpoint_session(concurrency=4, allow_private=True) as session:
+        await send_to_webhook(session, f"http://localhost:{receiver.port}/hook")
+        await send_to_slack(session, receiver.url())
+        assert len(receiver.posts) == 2
+
+
+async def test_a_public_address_is_not_refused_when_sending():
+    # Nothing of ours listens there, and this machine may have no route out: the send may fail as
+    # any unreachable or unwilling endpoint does, but not as a refused address.
+    async with endpoint_session(concurrency=4, allow_private=False) as session:
+        try:
+            await send_to_webhook(session, "http://93.184.216.34:9/hook", timeout_s=1.0)
+        except DeliveryError as exc:
+            assert "ALLOW_PRIVATE_ENDPOINTS" not in str(exc)
+
+
+async def test_the_resolver_refuses_a_name_with_a_private_address():
+    resolver = PublicAddressResolver()
+    try:
+        with pytest.raises(RefusedAddress, match="localhost resolves to"):
+            await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()

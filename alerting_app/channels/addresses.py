@@ -2,12 +2,21 @@
 
 Without this, a tenant could make our workers POST into our own network (the metadata service at
 169.254.169.254, Postgres on 10.x, the worker's own port on 127.0.0.1).
+
+Checked twice: when an endpoint is created (`check_public_host`, a 422 naming the field), and when a
+delivery connects (`PublicAddressResolver`, `refuse_non_public_literal`), because a name that
+resolved to a public address at creation may resolve into our network later (DNS rebinding).
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Iterable
+
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -39,10 +48,53 @@ async def check_public_host(host: str, port: int) -> None:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise RefusedAddress(f"{host} does not resolve ({exc.strerror})") from None
-        # The scope of an IPv6 link-local address ("fe80::1%eth0") is not part of the address.
-        addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
+        addresses = {_address(info[4][0]) for info in infos}
+    refuse_non_public(host, addresses)
+
+
+def refuse_non_public(host: str, addresses: Iterable[IPAddress]) -> None:
+    """Raise RefusedAddress if any of the addresses `host` stands for is not public."""
+    literal = host.strip("[]")
     for ip in sorted(addresses, key=str):
         kind = non_public_kind(ip)
         if kind is not None:
             where = literal if str(ip) == literal else f"{host} resolves to {ip}, which"
             raise RefusedAddress(f"{where} is a {kind} address")
+
+
+def _address(text: str) -> IPAddress:
+    # The scope of an IPv6 link-local address ("fe80::1%eth0") is not part of the address.
+    return ipaddress.ip_address(text.split("%")[0])
+
+
+class PublicAddressResolver(AbstractResolver):
+    """aiohttp's resolver for delivery connections, refusing a name if any address it resolves to
+    is not public (RefusedAddress, raised out of the request).
+
+    Wraps aiohttp's ThreadedResolver (its default without aiodns, which we do not install): the
+    system's getaddrinfo, the lookup `check_public_host` makes at creation (/etc/hosts included).
+    The connector caches only answers this returned (10 s by default): a refusal is not cached.
+    """
+
+    def __init__(self) -> None:
+        self._resolver = ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        refuse_non_public(host, {_address(result["host"]) for result in results})
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+async def refuse_non_public_literal(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+    """aiohttp client middleware: an IP address written in the URL never reaches the resolver."""
+    host = request.url.host or ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return await handler(request)  # a name: PublicAddressResolver checks it when connecting
+    refuse_non_public(host, [ip])
+    return await handler(request)

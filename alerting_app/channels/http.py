@@ -1,4 +1,5 @@
-"""One HTTP POST for the HTTP channels (webhook, Slack), its outcome as a delivery error."""
+"""One HTTP POST for the HTTP channels (webhook, Slack), its outcome as a delivery error, and the
+session those POSTs share."""
 from __future__ import annotations
 
 import time
@@ -6,10 +7,25 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 
+from alerting_app.channels.addresses import PublicAddressResolver, RefusedAddress, refuse_non_public_literal
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
 
 # Enough of an answer to keep the connection reusable; a receiver's body is never used.
 _MAX_ANSWER_BYTES = 64 * 1024
+
+
+def endpoint_session(*, concurrency: int, allow_private: bool) -> aiohttp.ClientSession:
+    """The session every HTTP delivery of a worker shares (one connection pool).
+
+    Unless `allow_private` (ALLOW_PRIVATE_ENDPOINTS), it connects to public addresses only, checked
+    as it connects: the endpoint's URL was checked at creation, but its name may resolve elsewhere
+    now (alerting_app/channels/addresses.py).
+    """
+    if allow_private:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, resolver=PublicAddressResolver()),
+        middlewares=(refuse_non_public_literal,))
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
@@ -22,6 +38,11 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
             await response.content.read(_MAX_ANSWER_BYTES)
             status, retry_after = response.status, response.headers.get("Retry-After")
+    except RefusedAddress as exc:
+        # Where a name points may change back, but a tenant's endpoint aimed into our network is not
+        # a failure worth retrying eight times.
+        raise PermanentDeliveryError(
+            f"{exc}; endpoints must be public addresses (ALLOW_PRIVATE_ENDPOINTS is off)") from None
     except TimeoutError:
         raise RetryableDeliveryError(f"timed out after {timeout_s:g}s") from None
     except aiohttp.ClientError as exc:

@@ -16,9 +16,8 @@ import socket
 from collections import defaultdict
 from collections.abc import Iterable
 
-import aiohttp
-
 from alerting_app import db, metrics, redis_client
+from alerting_app.channels.http import endpoint_session
 from alerting_app.delivery import records
 from alerting_app.delivery.attempts import DeliveryContext, SendSlots, deliver
 from alerting_app.delivery.jobs import DeliveryJob
@@ -44,7 +43,8 @@ class Dispatcher:
         self._idle.set()
         self.recorder = Recorder(lambda: settings.delivery_record_interval_s)
         # One connection pool for every HTTP delivery of this worker: connections are reused.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.delivery_concurrency))
+        self._session = endpoint_session(concurrency=settings.delivery_concurrency,
+                                         allow_private=settings.allow_private_endpoints)
         self._context = DeliveryContext(settings, self._session, redis_client.redis(),
                                         RateLimits(settings.redis_url, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots)
