@@ -123,6 +123,95 @@ class RuleChanged(Contract):
         return self
 
 
+class SilenceMatchers(Contract):
+    """What a silence mutes: severity, source, name (each exact or `*`) and context values.
+
+    A context matcher's value is compared exactly; `*` means "the key is present, any value".
+    A silence must narrow something: all three `*` with no context matcher would mute every alert
+    of the tenant, which is what disabling its rules is for.
+    """
+
+    severity: Severity | Literal["*"]
+    source: str = Text
+    name: str = Text
+    context_matchers: dict[ContextKey, Annotated[str, Text]] = Field(default_factory=dict, max_length=20)
+
+    @model_validator(mode="after")
+    def _not_everything(self) -> "SilenceMatchers":
+        if (self.severity == WILDCARD and self.source == WILDCARD and self.name == WILDCARD
+                and not self.context_matchers):
+            raise ValueError("at least one of severity, source, name must not be '*', or a context matcher given")
+        return self
+
+    def matches(self, alert: Alert) -> bool:
+        if self.severity != WILDCARD and self.severity != alert.severity:
+            return False
+        if self.source != WILDCARD and self.source != alert.source:
+            return False
+        if self.name != WILDCARD and self.name != alert.name:
+            return False
+        for key, wanted in self.context_matchers.items():
+            value = alert.context.get(key)
+            if value is None or (wanted != WILDCARD and value != wanted):
+                return False
+        return True
+
+
+class Silence(SilenceMatchers):
+    """A tenant's silence: its matching alerts are recorded SILENCED, not delivered, while active."""
+
+    silence_id: str
+    client_id: str
+    starts_at: float = Field(gt=0, description="unix seconds")
+    # Equal to starts_at only for a silence expired before it started (its window is empty).
+    ends_at: float = Field(gt=0, description="unix seconds; active while starts_at <= now < ends_at")
+    comment: str = Field(min_length=1, max_length=1000)
+    created_by: str = Text
+    version: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ends_after_start(self) -> "Silence":
+        if self.ends_at < self.starts_at:
+            raise ValueError("ends_at must not be before starts_at")
+        return self
+
+    def is_active(self, at: float) -> bool:
+        return self.starts_at <= at < self.ends_at
+
+
+class SilenceChanged(Contract):
+    """`silence.changed`, key `silence_id`: the whole silence (upsert) or a deletion marker, with its version.
+
+    Like RuleChanged: each event stands on its own, an older version than the one held is ignored.
+    Expiring a silence is an upsert (its ends_at moves to the expiry time); a delete is sent only
+    when the silence itself is gone (its client was deleted).
+    """
+
+    silence_id: str
+    client_id: str
+    version: int = Field(ge=1)
+    action: Literal["upsert", "delete"]
+    silence: Silence | None = None
+    changed_at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def upsert(cls, silence: Silence) -> "SilenceChanged":
+        return cls(silence_id=silence.silence_id, client_id=silence.client_id, version=silence.version,
+                   action="upsert", silence=silence)
+
+    @model_validator(mode="after")
+    def _silence_matches_action(self) -> "SilenceChanged":
+        if self.action == "upsert":
+            if self.silence is None:
+                raise ValueError("an upsert carries the silence")
+            if (self.silence.silence_id, self.silence.client_id, self.silence.version) != (
+                    self.silence_id, self.client_id, self.version):
+                raise ValueError("silence_id, client_id and version must equal the silence's")
+        elif self.silence is not None:
+            raise ValueError("a delete carries no silence")
+        return self
+
+
 class AlertMatched(Contract):
     """`alerts.matched`, key `client_id`: one message per matching client, listing all its rules."""
 

@@ -1,5 +1,6 @@
 """The rule replica against the real broker: it reads every partition of a rule.changed topic, keeps
-the newest version of each rule, persists what it read, and a restart continues from disk.
+the newest version of each rule, persists what it read, and a restart continues from disk (or, when
+the topic was recreated, starts over from it).
 
 Each test uses a topic of its own, so the offsets it checks are its own.
 """
@@ -12,6 +13,7 @@ import time
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 from alerting_app.contracts import Rule, RuleChanged
 from alerting_app.matching import RuleIndex
@@ -44,10 +46,22 @@ def delete(rule_id: str, version: int) -> RuleChanged:
     return RuleChanged(rule_id=rule_id, client_id="c1", version=version, action="delete")
 
 
+class RecordingReplica(RuleReplica):
+    """A rule replica that notes (partition, offset) of every record it reads from the topic."""
+
+    def __init__(self, index: RuleIndex) -> None:
+        super().__init__(index)
+        self.read: list[tuple[int, int]] = []
+
+    def apply_records(self, records):
+        self.read.extend((record.partition, record.offset) for record in records)
+        return super().apply_records(records)
+
+
 class RunningReplica:
     def __init__(self, services, topic: str, store_path) -> None:
         self.index = RuleIndex()
-        self.replica = RuleReplica(self.index)
+        self.replica = RecordingReplica(self.index)
         self.store = RuleStore(store_path)
         self._task = asyncio.ensure_future(
             self.replica.run(services.kafka_bootstrap_servers, topic, self.store, poll_ms=50))
@@ -93,34 +107,78 @@ async def test_replica_reads_every_partition_and_keeps_the_newest_version(servic
             f"rule-{n}".encode() for n in range(30)}
 
 
+def stored(store_path) -> tuple[dict[str, int], dict[int, int]]:
+    """(rule_id -> version, next offset per partition) as the RocksDB store holds them."""
+    store = RuleStore(store_path)
+    try:
+        changes, offsets = store.load()
+        return {change.rule_id: change.version for change in changes}, offsets
+    finally:
+        store.close()
+
+
+async def recreate(services, topic: str) -> None:
+    """Delete the topic and create it again, empty (what an in-memory dev broker's restart does)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+                return
+            except TopicAlreadyExistsError:  # the delete is not finished yet
+                assert time.monotonic() < deadline, f"{topic} was not deleted"
+                await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
 async def test_restarted_replica_loads_its_rules_from_disk_and_reads_only_what_it_missed(
         services, topic, tmp_path):
     async with RunningReplica(services, topic, tmp_path / "store") as running:
         await publish(services, topic, *[upsert(f"rule-{n}", 1) for n in range(10)])
         await running.wait_for_versions({f"rule-{n}": 1 for n in range(10)})
+    rules_on_disk, offsets_on_disk = stored(tmp_path / "store")
+    assert rules_on_disk == {f"rule-{n}": 1 for n in range(10)}
+    first_read = running.replica.read
+    assert len(first_read) == 10
+    assert offsets_on_disk == {partition: max(o for p, o in first_read if p == partition) + 1
+                               for partition, _ in first_read}, "the next offset of each partition read"
 
-    await publish(services, topic, upsert("rule-0", 2, source="search"), upsert("rule-10", 1))
+    missed = [upsert("rule-0", 2, source="search"), upsert("rule-10", 1)]
+    await publish(services, topic, *missed)
 
     restarted = RunningReplica(services, topic, tmp_path / "store")
-    loaded = RuleIndex()
-    loaded.rebuild(restarted.store.load()[0])
-    assert set(enabled_versions(loaded)) == {f"rule-{n}" for n in range(10)}, "rules come from disk"
     async with restarted:
         await restarted.wait_for_versions({"rule-0": 2, "rule-10": 1})
+        read = list(restarted.replica.read)
         assert restarted.index.rules()["rule-0"].source == "search"
-        assert len(enabled_versions(restarted.index)) == 11
+        assert enabled_versions(restarted.index) == {**{f"rule-{n}": 1 for n in range(1, 11)}, "rule-0": 2}
+
+    # Two records read, eleven rules held: the other nine came from the store.
+    assert len(read) == len(missed), f"read {read}: only what was published after the stop"
+    assert all(offset >= offsets_on_disk.get(partition, 0) for partition, offset in read)
+    assert stored(tmp_path / "store")[0] == {**rules_on_disk, "rule-0": 2, "rule-10": 1}
 
 
-async def test_store_ahead_of_the_topic_is_rebuilt_from_the_topic(services, topic, tmp_path):
-    """A recreated topic (an in-memory dev broker restarted) holds less than the store has read."""
-    store = RuleStore(tmp_path / "store")
-    store.save({"ghost": upsert("ghost", 1).encode()}, {0: 1000, 1: 1000, 2: 1000})
-    store.close()
+async def test_store_ahead_of_a_recreated_topic_is_discarded_and_rebuilt_from_the_topic(
+        services, topic, tmp_path):
+    async with RunningReplica(services, topic, tmp_path / "store") as running:
+        await publish(services, topic, *[upsert(f"old-{n}", 1) for n in range(10)])
+        await running.wait_for_versions({f"old-{n}": 1 for n in range(10)})
+    await recreate(services, topic)
     await publish(services, topic, upsert("real", 1))
 
-    async with RunningReplica(services, topic, tmp_path / "store") as running:
-        await running.wait_for_versions({"real": 1})
-        assert set(running.index.rules()) == {"real"}
+    async with RunningReplica(services, topic, tmp_path / "store") as rebuilt:
+        await rebuilt.wait_for_versions({"real": 1})
+        assert set(rebuilt.index.rules()) == {"real"}, "nothing of the discarded store is matched"
+        assert rebuilt.replica.read == [(rebuilt.replica.read[0][0], 0)], "the new topic read from its start"
+
+    rules_on_disk, offsets_on_disk = stored(tmp_path / "store")
+    assert rules_on_disk == {"real": 1}
+    assert sum(offsets_on_disk.values()) == 1
 
 
 async def test_undecodable_rule_change_becomes_a_dead_letter_and_later_changes_apply(

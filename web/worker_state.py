@@ -29,7 +29,7 @@ def rules_digest(versions: dict[str, int]) -> str:
 class WorkerRulesView(ApiView):
     async def get(self, request: Request) -> Response:
         self.caller(request).require_admin()
-        enabled = {rule_id: rule.version for rule_id, rule in rule_index.rules().items() if rule.enabled}
+        enabled = rule_index.enabled_versions()
         return self.json({"enabled_rules": len(enabled), "digest": rules_digest(enabled), "versions": enabled})
 
 
