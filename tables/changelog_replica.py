@@ -157,3 +157,20 @@ async def _all_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicP
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)
         await consumer._client.force_metadata_update()
+
+
+async def keep_running(name: str, run_once: Callable[[], Awaitable[None]], should_stop: Callable[[], bool]) -> None:
+    """Run a replica until the worker stops, restarting it after a failure with a growing pause.
+
+    A replica must not die quietly: matching would go on with rules or silences that no longer change.
+    """
+    delay = 1.0
+    while not should_stop():
+        try:
+            await run_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; restarting in %.0fs", name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)

@@ -7,15 +7,12 @@ compacted topic from its beginning into memory.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
 
 from alerting_app.app import app, settings, silence_changed
 from alerting_app.contracts import DeadLetter, SilenceChanged
 from alerting_app.silencing import SilenceIndex
-from tables.changelog_replica import Batches, ChangelogReplica, records_of
+from tables.changelog_replica import Batches, ChangelogReplica, keep_running, records_of
 
-log = logging.getLogger(__name__)
 
 
 class SilenceReplica(ChangelogReplica):
@@ -42,14 +39,7 @@ silence_replica = SilenceReplica(silence_index)
 
 @app.task
 async def replicate_silences() -> None:
-    delay = 1.0
-    while not app.should_stop:
-        try:
-            await silence_replica.run(settings.kafka_bootstrap_servers, silence_changed.get_topic_name())
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Must not die quietly: silences created later would never mute anything.
-            log.exception("silence replica failed; restarting in %.0fs", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    async def run_once() -> None:
+        await silence_replica.run(settings.kafka_bootstrap_servers, silence_changed.get_topic_name())
+
+    await keep_running("silence replica", run_once, lambda: app.should_stop)
