@@ -7,12 +7,10 @@ compacted topic from its beginning into memory.
 """
 from __future__ import annotations
 
-
 from alerting_app.app import app, settings, silence_changed
 from alerting_app.contracts import DeadLetter, SilenceChanged
 from alerting_app.silencing import SilenceIndex
 from tables.changelog_replica import Batches, ChangelogReplica, keep_running, records_of
-
 
 
 class SilenceReplica(ChangelogReplica):
