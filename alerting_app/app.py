@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import faust
 
+from alerting_app.broker_transport import Transport
+from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
 from alerting_app.settings import load_settings
 
 settings = load_settings()
@@ -30,7 +32,10 @@ app = faust.App(
     web_bind=settings.web_bind,
     web_enabled=True,
     producer_acks=-1,
+    **FAUST_TUNING,  # less of Faust's own per-message cost: see the module
 )
+# Set before anything touches `app.transport` (declaring a topic does): see the module for why.
+app.transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms)
 
 
 def _raw_topic(name: str) -> faust.TopicT:
@@ -48,8 +53,9 @@ def _raw_topic(name: str) -> faust.TopicT:
 
 alerts_new = _raw_topic("alerts.new")
 rule_changed = _raw_topic("rule.changed")
+silence_changed = _raw_topic("silence.changed")
 alerts_matched = _raw_topic("alerts.matched")
 notifications_ready = _raw_topic("notifications.ready")
 
-PIPELINE_TOPICS = (alerts_new, rule_changed, alerts_matched, notifications_ready)
+PIPELINE_TOPICS = (alerts_new, rule_changed, silence_changed, alerts_matched, notifications_ready)
 DEAD_LETTER_TOPICS = {t.get_topic_name(): _raw_topic(f"{t.get_topic_name()}.dlq") for t in PIPELINE_TOPICS}

@@ -4,8 +4,18 @@ Run by bench/faust_ceiling.py: what Faust's consumer costs per message, before a
 """
 from __future__ import annotations
 
+import os
+import warnings
+
+from faust.sensors import Monitor
+
 from alerting_app.app import alerts_new, app
 from alerting_app.cli import main
+
+if os.environ.get("BENCH_FAUST_MONITOR") == "faust":  # faust_ceiling.py --compare-monitor
+    with warnings.catch_warnings():  # Faust warns that the setting was given before; the Monitor is made at start
+        warnings.simplefilter("ignore")
+        app.conf.Monitor = Monitor
 
 for name in list(app.agents):
     del app.agents[name]

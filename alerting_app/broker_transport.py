@@ -1,0 +1,181 @@
+"""Faust's Kafka transport with two overrides: the worker consumer's fetch wait comes from our
+settings, and a message is handed to its stream without Faust's per-message `wait_first` when the
+hand-over cannot block (`Consumer._drain_messages`; tests/test_broker_transport.py fails when the
+installed Faust no longer matches the copied method).
+
+The fetch wait. Why: every stage hop (alerts.new -> evaluate, alerts.matched -> aggregate) waits for a fetch, and
+Faust (faust-streaming 0.15.3) creates its worker consumer with `fetch_max_wait_ms=1500` written
+literally, not read from any setting (faust/transport/drivers/aiokafka.py,
+`AIOKafkaConsumerThread._create_worker_consumer`). Kafka answers a fetch as soon as data arrives,
+but the Tansu broker we run in development, tests and benchmarks holds a fetch that found no data
+for up to its max wait, so each hop could add up to 1.5 s (docs/performance.md).
+
+The other fetch knobs need no override: `fetch_min_bytes` is aiokafka's default of 1 (answer as
+soon as there is anything), and the per-partition fetch size (`consumer_max_fetch_size`) and the
+stream buffer (`stream_buffer_maxsize`) are public Faust settings whose defaults suit us.
+
+The drain loop. Faust awaits `wait_first(callback(message), suspend_flow.wait())` for every
+message, so that a rebalance can interrupt a put into a full stream queue; that creates four tasks
+and cancels three, 33-41 us per message, about a third of a no-op agent's cost. Where the put cannot
+wait (no lock held, flow active, the stream queues have room) the callback is awaited directly;
+otherwise the original path runs. Measured: 83-93 -> 57-65 us CPU per message for a no-op agent,
+6,065-6,424 -> 6,885-7,087 alerts/s for an evaluate worker (docs/performance.md).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, cast
+
+import aiokafka
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import Message
+from mode import Service, ServiceT
+
+
+class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: "Transport") -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # The consumer is not started yet: AIOKafkaConsumer.start() hands this attribute (set from its
+        # `fetch_max_wait_ms` argument) to the Fetcher it creates. tests/test_broker_transport.py fails
+        # if an upgrade of aiokafka or Faust stops that.
+        consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
+        return consumer
+
+
+class Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _delivery_cannot_wait(self, message: Message) -> bool:
+        """True when handing `message` to the streams completes without ever suspending.
+
+        What the callback does (faust-streaming 0.15.3, the Cython `ConductorHandler` it installs):
+        takes the Conductor's `_tp_to_callback_lock`, waits while flow control is suspended
+        (rebalances) and while the producer buffer holds more than `max_messages`, decodes (our
+        topics are raw bytes: synchronous), then `put_nowait`s into each subscribed channel's queue,
+        or, if one is full, awaits a blocking put. Each check below is one of those waits.
+        """
+        app = self.app
+        conductor = app.topics
+        lock = conductor._tp_to_callback_lock
+        # asyncio.Lock.acquire() also waits when unlocked but a released waiter has not run yet.
+        if lock.locked() or lock._waiters or app.client_only or not app.flow_control.is_active():
+            return False
+        buffer = app.producer.buffer
+        if buffer.size > buffer.max_messages:
+            return False
+        # Without Faust's Cython handler the callback is a closure we cannot inspect: safe path.
+        channels = getattr(conductor._tp_to_callback.get(message.tp), "channels", None)
+        if not channels:
+            return False
+        return not any(channel.queue.full() for channel in channels)
+
+    # A copy of faust-streaming 0.15.3's `Consumer._drain_messages` (faust/transport/consumer.py)
+    # with one change, marked below. Why: for every message Faust awaits
+    # `wait_first(callback(message), suspend_flow.wait())`, which creates four tasks, runs
+    # asyncio.wait and cancels three, 33-41 us per message, a third of a no-op agent's cost
+    # (docs/performance.md, "Faust consumer overhead"). The wait_first exists so that a rebalance
+    # (`suspend_flow`) can interrupt a callback blocked on a full stream queue; a callback that
+    # cannot block completes in the same step either way, so it is awaited directly.
+    # tests/test_broker_transport.py fails when the installed Faust's method differs from 0.15.3's.
+    async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover
+        # This is the background thread started by Fetcher, used to
+        # constantly read messages using Consumer.getmany.
+        # It takes Fetcher as argument, because we must be able to
+        # stop it using `await Fetcher.stop()`.
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = cast(Service, self)._stopped.is_set
+        fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        flag_consumer_fetching = CONSUMER_FETCHING
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+
+        yield_every = 100
+        num_since_yield = 0
+        sleep = asyncio.sleep
+
+        # Changed: only the Conductor's callback is one whose waits we know.
+        callback_is_conductors = callback is self.app.topics.on_message
+        suspend_flow_is_set = self.suspend_flow.is_set
+        delivery_cannot_wait = self._delivery_cannot_wait
+
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(flag_consumer_fetching)
+                ait = cast(AsyncIterator, getmany(timeout=1.0))
+
+                # Sleeping because sometimes getmany is called in a loop
+                # never releasing to the event loop
+                await self.sleep(0)
+                if not self.should_stop:
+                    async for tp, message in ait:
+                        num_since_yield += 1
+                        if num_since_yield > yield_every:
+                            await sleep(0)
+                            num_since_yield = 0
+
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            # We have a gap in income messages
+                            if gap > 1 and r_offset:
+                                acks_enabled = acks_enabled_for(message.topic)
+                                if acks_enabled:
+                                    await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None:
+                                if self._n_acked >= commit_every:
+                                    self._n_acked = 0
+                                    await self.commit()
+                            # Changed: awaited directly when it cannot block (see above).
+                            if (callback_is_conductors and not suspend_flow_is_set()
+                                    and delivery_cannot_wait(message)):
+                                await callback(message)
+                            else:
+                                await self.wait_first(
+                                    callback(message), self.suspend_flow.wait()
+                                )
+                            set_read_offset(tp, offset)
+                        else:
+                            self.log.dev(
+                                "DROPPED MESSAGE ROFF %r: k=%r v=%r",
+                                offset,
+                                message.key,
+                                message.value,
+                            )
+                    unset_flag(flag_consumer_fetching)
+
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                # we're already stopping so ignore
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                # we're already stopping so ignore
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(flag_consumer_fetching)
+
+
+class Transport(faust_aiokafka.Transport):
+    """Faust's aiokafka Transport whose worker consumer waits at most `fetch_max_wait_ms` per fetch."""
+
+    Consumer = Consumer
+
+    def __init__(self, *args, fetch_max_wait_ms: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetch_max_wait_ms = fetch_max_wait_ms
