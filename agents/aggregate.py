@@ -76,6 +76,8 @@ def decode_matched(raw: bytes | None) -> AlertMatched:
     require_uuids(client_id=[matched.client_id], rule_ids=matched.rule_ids)
     if matched.group_rule_id is not None:
         require_uuids(group_rule_id=[matched.group_rule_id])
+    if matched.silenced_by is not None:
+        require_uuids(silenced_by=[matched.silenced_by])
     return matched
 
 

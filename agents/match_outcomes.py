@@ -20,7 +20,7 @@ from faust.types import EventT
 
 from alerting_app import metrics
 from alerting_app.app import settings
-from alerting_app.contracts import AlertMatched, NotificationReady
+from alerting_app.contracts import MAX_REPEAT_INTERVAL_S, AlertMatched, NotificationReady
 from alerting_app.dead_letters import dead_letter_for
 from tables import groups
 
@@ -71,6 +71,16 @@ SELECT client_id, fingerprint, to_timestamp(at) FROM unnest($1::uuid[], $2::text
     AS b(client_id, fingerprint, at)
 ON CONFLICT (client_id, fingerprint) DO UPDATE SET last_notified_at = EXCLUDED.last_notified_at
 """
+
+# No rule suppresses for longer than MAX_REPEAT_INTERVAL_S: an older fingerprint can suppress nothing.
+_PRUNE_FINGERPRINTS = "DELETE FROM fingerprints WHERE last_notified_at < now() - make_interval(secs => $1)"
+
+
+async def prune_fingerprints(pool: asyncpg.Pool) -> int:
+    """Forget the fingerprints too old to suppress anything; return how many."""
+    status = await pool.execute(_PRUNE_FINGERPRINTS, float(MAX_REPEAT_INTERVAL_S))
+    return int(status.split()[-1])
+
 
 # Notified at once (PENDING), or recorded and settled here (SILENCED, SUPPRESSED: nothing to emit).
 _INSERT_OUTCOMES = """
@@ -217,15 +227,25 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     keys = {join.matched.client_id.encode() for join in outcome.joins}
     current = {key: groups.open_groups.get(key) for key in keys}
     closed = await groups.closed_groups(pool, current.values())
+    if closed:
+        # A closed group is about to be dropped from the table; if its closer died after inserting
+        # its notification and before emitting it, no closer would ever see it again: emit it here.
+        emitting = {ready.notification_id for ready in aggregation.ready}
+        aggregation.ready.extend(ready for ready in await groups.unemitted_groups(pool, sorted(closed))
+                                 if ready.notification_id not in emitting)
     plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
     async with pool.acquire() as conn:
         inserted = await write_outcome(conn, outcome, plan, round(now, 6))
     events_by_key = {event.message.key: event for event, _ in accepted}
     if plan.values:
         await groups.prepare_writes()
+    written = False
     for key, value in plan.values.items():
         if value != current[key]:
             groups.write_value(key, value, events_by_key[key])
+            written = True
+    if written:
+        await groups.wait_until_written()
     closed_here.difference_update(closed)  # pruned from the table just now
     for ready, status in inserted:
         if status == "PENDING":

@@ -21,9 +21,13 @@ Text = Field(min_length=1, max_length=200)
 # Grouping and repeat suppression (issue 5): seconds, 0 meaning "off".
 GroupWindow = Field(default=0, ge=0, le=86_400, description="seconds alerts are collected into one "
                                                             "notification; 0 notifies at once")
-RepeatInterval = Field(default=0, ge=0, le=604_800, description="seconds within which the same fingerprint "
-                                                                "is suppressed; 0 never suppresses")
+MAX_REPEAT_INTERVAL_S = 604_800  # a week
+RepeatInterval = Field(default=0, ge=0, le=MAX_REPEAT_INTERVAL_S,
+                       description="seconds within which the same fingerprint is suppressed; 0 never suppresses")
 ContextKey = Annotated[str, Field(min_length=1, max_length=200)]
+# Bounded so that one alert cannot outgrow a message: alerts travel in notifications and group tables.
+ContextValue = Annotated[str, Field(max_length=2000)]
+MAX_CONTEXT_ENTRIES = 64
 
 
 class Severity(str, Enum):
@@ -50,7 +54,7 @@ class Alert(Contract):
     severity: Severity
     source: str = Text
     name: str = Text
-    context: dict[str, str] = Field(default_factory=dict)
+    context: dict[ContextKey, ContextValue] = Field(default_factory=dict, max_length=MAX_CONTEXT_ENTRIES)
 
 
 class RuleCriteria(Contract):
@@ -224,7 +228,9 @@ class AlertMatched(Contract):
     group_rule_id: str | None = None
     group_window_s: int = GroupWindow
     repeat_interval_s: int = RepeatInterval
-    fingerprint: str | None = None
+    # contracts.fingerprint_of: hex SHA-256 (bounded, so a bad message is a dead letter, not a key
+    # Postgres refuses to index).
+    fingerprint: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
     # An active silence of this client that matches the alert (set by the evaluator).
     silenced_by: str | None = None
 

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
 
     # --- grouping (docs/grouping.md) ---
     # Alerts one grouped notification lists; the rest are counted in its truncated_alerts.
-    group_max_alerts: int = Field(default=100, ge=1, le=10_000)
+    group_max_alerts: int = Field(default=100, ge=1, le=1_000)
     # How often each worker closes the groups whose window has passed: how late a group may close.
     group_close_interval_s: float = Field(default=0.5, gt=0, le=60)
 

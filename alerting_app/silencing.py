@@ -32,7 +32,8 @@ class SilenceIndex:
 
     `apply` is idempotent and order-independent, as for rules: an event whose version is not newer
     than the one held is ignored, and a delete keeps its version so a late upsert cannot revive it.
-    Expired silences stay held (an expiry is an upsert): they are few, and `silencing` skips them.
+    Expired silences stay held (an expiry is an upsert) for `versions()`, but `silencing` stops
+    scanning them once it has seen them expired.
     """
 
     def __init__(self, changes: Iterable[SilenceChanged] = ()) -> None:
@@ -49,9 +50,9 @@ class SilenceIndex:
             return False
         self._versions[change.silence_id] = change.version
         old = self._silences.pop(change.silence_id, None)
-        if old is not None:
-            bucket = self._by_client[old.client_id]
-            del bucket[change.silence_id]
+        bucket = self._by_client.get(old.client_id) if old is not None else None
+        if bucket is not None:  # None: no longer scanned, since `silencing` saw it expired
+            bucket.pop(change.silence_id, None)
             if not bucket:
                 del self._by_client[old.client_id]
         if change.action == "upsert":
@@ -65,9 +66,18 @@ class SilenceIndex:
         silences = self._by_client.get(client_id)
         if not silences:
             return None
+        asked_now = at is None
         at = time.time() if at is None else at
         matching = [silence_id for silence_id, silence in silences.items()
                     if silence.is_active(at) and silence.matches(alert)]
+        if asked_now:
+            # Time only moves on: a silence expired now can only come back as a newer version (which
+            # `apply` indexes again), so stop scanning it, or a tenant creating a silence per deploy
+            # slows every match down. It stays in `versions()`, which workers compare.
+            for silence_id in [silence_id for silence_id, silence in silences.items() if silence.ends_at <= at]:
+                del silences[silence_id]
+            if not silences:
+                del self._by_client[client_id]
         return min(matching) if matching else None
 
     def versions(self) -> dict[str, int]:

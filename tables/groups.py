@@ -54,11 +54,22 @@ def deadline(group: Group) -> float:
     return group["opened_at"] + group["window_s"]
 
 
+# A group lists alerts only up to this much JSON, whatever GROUP_MAX_ALERTS says: a client's table
+# value holds all its open groups, and a changelog message must stay under the broker's message size
+# limit (1 MB by default), or every write of that client would fail. The rest are counted as truncated.
+MAX_LISTED_BYTES = 64 * 1024
+
+
 def add_member(group: Group, matched: AlertMatched, max_alerts: int) -> None:
     """List the alert (while there is room) and its rules; adding it again changes nothing."""
     listed = {alert["alert_id"] for alert in group["alerts"]}
     if matched.alert.alert_id not in listed and len(group["alerts"]) < max_alerts:
-        group["alerts"].append(matched.alert.model_dump(mode="json"))
+        alert = matched.alert.model_dump(mode="json")
+        size = len(json.dumps(alert, separators=(",", ":")))
+        # The first alert is always listed: a notification lists at least one.
+        if not group["alerts"] or group.get("listed_bytes", 0) + size <= MAX_LISTED_BYTES:
+            group["alerts"].append(alert)
+            group["listed_bytes"] = group.get("listed_bytes", 0) + size
     group["rule_ids"] = sorted(set(group["rule_ids"]) | set(matched.rule_ids))
 
 
@@ -177,7 +188,13 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
         [len(d.group["alerts"]) for d in due],
         [d.group_rule_id for d in due],
     )
-    rows = await conn.fetch(_UNEMITTED_GROUPS, [d.group["notification_id"] for d in due])
+    return await unemitted_groups(conn, [d.group["notification_id"] for d in due])
+
+
+async def unemitted_groups(conn: asyncpg.Connection | asyncpg.Pool,
+                           notification_ids: Sequence[str]) -> list[NotificationReady]:
+    """The closed groups among these whose notification was inserted but not emitted yet."""
+    rows = await conn.fetch(_UNEMITTED_GROUPS, list(notification_ids))
     return [NotificationReady(notification_id=row["notification_id"], client_id=row["client_id"],
                               alerts=[Alert.model_validate(alert) for alert in row["alerts"]],
                               rule_ids=row["rule_ids"], created_at=row["created_at"],
@@ -190,6 +207,21 @@ async def prepare_writes() -> None:
     (`send_soon`, eagerly partitioned) and fails on a topic the producer has no metadata for."""
     producer = (await app.maybe_start_producer())._ensure_producer()  # faust has no public accessor
     await producer.partitions_for(open_groups.changelog_topic.get_topic_name())
+
+
+async def wait_until_written() -> None:
+    """Return once the table's changelog writes made so far are acknowledged by the broker.
+
+    Faust flushes its producer before committing offsets, but that flush gives up, silently, when no
+    message went out within 0.1 s (`ProducerBuffer.flush_atmost`, faust-streaming 0.15.3), so under
+    load a commit could overtake a changelog write, and a crash then would lose a group's members.
+    The agent waits here before its batch is acknowledged instead of relying on that.
+    """
+    producer = app.producer
+    while True:
+        await producer.flush()
+        if not producer.buffer.size:
+            return
 
 
 def write_value(key: bytes, value: ClientGroups, event: EventT) -> None:

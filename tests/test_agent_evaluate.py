@@ -137,6 +137,11 @@ async def test_deleted_rule_no_longer_matches(pipeline):
      "severity: Input should be 'LOW', 'MEDIUM', 'HIGH' or 'CRITICAL'"),
     (b'{"alert_id": "a-1", "event_ts": 1700000000, "severity": "HIGH", "source": "s"}',
      "name: Field required"),
+    # An alert must fit in a message however it is grouped: context is bounded.
+    (b'{"alert_id": "a-1", "event_ts": 1700000000, "severity": "HIGH", "source": "s", "name": "n", '
+     b'"context": {"k": "' + b"x" * 2001 + b'"}}', "context.k: String should have at most 2000 characters"),
+    (b'{"alert_id": "a-1", "event_ts": 1700000000, "severity": "HIGH", "source": "s", "name": "n", "context": {'
+     + b",".join(b'"k%d": "v"' % i for i in range(65)) + b'}}', "context: Dictionary should have at most 64 items"),
 ])
 async def test_undecodable_alert_goes_to_the_dead_letter_topic_and_the_next_alert_is_matched(
         pipeline, value, reason_names):

@@ -6,6 +6,7 @@ runs both in a real worker, and kills it).
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -14,7 +15,7 @@ import pytest_asyncio
 
 from agents.aggregate import aggregate_matches
 from agents.close_groups import close_due_groups
-from agents.match_outcomes import Recorded, decide
+from agents.match_outcomes import Recorded, decide, prune_fingerprints
 from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
@@ -80,6 +81,21 @@ def test_plan_joins_opens_one_group_per_client_and_rule_and_lists_up_to_the_maxi
     # Every member is recorded, listed or not: the truncated count comes from these.
     assert [m[1] for m in plan.memberships] == [j.matched.alert.alert_id for j in joins]
     assert {m[2] for m in plan.memberships} == {group["notification_id"]}
+
+
+def test_a_group_lists_alerts_only_up_to_its_byte_budget_and_counts_the_rest():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    big = {"detail": "x" * 1900}
+    joins = [groups.Join(grouped(client, rule, the_alert=alert(n).model_copy(update={"context": big})))
+             for n in range(100)]
+
+    plan = groups.plan_joins({}, joins, set(), now=100.0, max_alerts=1_000)
+
+    [group] = plan.values[client.encode()].values()
+    listed = len(group["alerts"])
+    assert 1 < listed < 100
+    assert len(json.dumps(group["alerts"])) <= groups.MAX_LISTED_BYTES + 2 * listed  # json.dumps adds spaces
+    assert len(plan.memberships) == 100  # every member recorded: the rest are counted as truncated
 
 
 def test_plan_joins_is_idempotent_per_alert_and_collects_every_rule():
@@ -274,6 +290,26 @@ async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(po
 
 
 @AGENT_LOOP
+async def test_a_group_closed_but_not_emitted_is_emitted_by_the_agent_that_drops_it(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    await aggregate(grouped(client, rule, the_alert=alert(1)))
+    value = groups.open_groups.get(client.encode())
+    [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
+    # The closer inserted the notification and died before it was sent; after the restart the agent
+    # sees a new alert of the client before any closer runs, and drops the closed group.
+    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5)
+
+    [aggregation] = await aggregate(grouped(client, rule, the_alert=alert(2)))
+
+    assert first_built in aggregation.ready
+    [row] = [r for r in await rows_of(pool, client) if r["notification_id"] == first_built.notification_id]
+    assert row["emitted"]
+    assert first_built.notification_id not in {
+        group["notification_id"] for group in (groups.open_groups.get(client.encode()) or {}).values()}
+    await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # the second alert's group: leave none open
+
+
+@AGENT_LOOP
 async def test_grouped_match_keyed_by_something_else_is_a_dead_letter(pool):
     client, rule = await insert_client(pool), str(uuid.uuid4())
     async with aggregate_matches.test_context() as agent:
@@ -282,6 +318,38 @@ async def test_grouped_match_keyed_by_something_else_is_a_dead_letter(pool):
 
     [letter] = aggregation.dead_letters
     assert "key: a grouped match must be keyed by its client_id" in letter.reason
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("fingerprint", "x" * 5000, "fingerprint: String should match pattern"),
+    ("silenced_by", "not-a-silence", "silenced_by: not a UUID"),
+    ("group_rule_id", "not-a-rule", "group_rule_id: not a UUID"),
+])
+async def test_a_match_with_a_malformed_state_field_is_a_dead_letter(pool, field, value, reason):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    message = json.loads(repeating(client, rule).encode())
+    message[field] = value
+    async with aggregate_matches.test_context() as agent:
+        await agent.put(json.dumps(message).encode(), key=client.encode())
+        aggregation = agent.results[0]
+
+    [letter] = aggregation.dead_letters
+    assert reason in letter.reason
+    assert await rows_of(pool, client) == []
+
+
+@AGENT_LOOP
+async def test_fingerprints_too_old_to_suppress_anything_are_forgotten(pool):
+    client = await insert_client(pool)
+    await pool.execute(
+        "INSERT INTO fingerprints (client_id, fingerprint, last_notified_at) VALUES "
+        "($1, 'old', now() - interval '8 days'), ($1, 'recent', now() - interval '6 days')", client)
+
+    assert await prune_fingerprints(pool) >= 1
+
+    kept = await pool.fetch("SELECT fingerprint FROM fingerprints WHERE client_id = $1", client)
+    assert [row["fingerprint"] for row in kept] == ["recent"]
 
 
 def test_a_worker_without_the_aggregate_role_does_not_hold_the_group_table():

@@ -1,6 +1,8 @@
 """Which silence mutes an alert (SilenceIndex), as plain functions: no Faust, no broker."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,6 +99,18 @@ def test_an_expiry_is_an_upsert_with_an_earlier_end():
     assert index.silencing("client-a", alert(), at=T0 + 4) == "s1"
     assert index.silencing("client-a", alert(), at=T0 + 5) is None
     assert index.versions() == {"s1": 2}
+
+
+def test_an_expired_silence_is_no_longer_scanned_but_still_held_and_can_come_back():
+    now = time.time()
+    expired = silence(starts_at=now - 20, ends_at=now - 10)
+    index = SilenceIndex([SilenceChanged.upsert(expired)])
+
+    assert index.silencing("client-a", alert()) is None
+    assert index._by_client == {}  # no longer scanned
+    assert index.versions() == {"s1": 1}  # still held: workers compare it
+    assert index.apply(upsert(version=2, starts_at=now - 20, ends_at=now + 60))
+    assert index.silencing("client-a", alert()) == "s1"
 
 
 def test_a_silence_that_would_mute_everything_is_refused_by_the_contract():
