@@ -123,3 +123,29 @@ async def test_a_worker_evaluates_every_alert_of_a_partition_in_order_and_commit
                if message["client_id"] == client["client_id"]]
     assert matched == [key.decode() for key in keys]
     assert "Drain messages raised" not in worker.log()
+
+
+async def test_a_commit_the_broker_refused_is_not_recorded_as_done(monkeypatch):
+    # faust-streaming 0.15.3 records refused commits as done (upstream PR #692); our Consumer puts
+    # the record back so that the next commit interval tries again (alerting_app/broker_transport.py).
+    from faust.types import TP
+
+    consumer = app.consumer
+    tp, unseen = TP("alerts.new", 0), TP("alerts.new", 1)
+    monkeypatch.setattr(consumer, "assignment", lambda: {tp, unseen})
+    monkeypatch.setattr(app.tables, "on_commit", lambda offsets: None)
+    consumer._committed_offset[tp] = 5
+
+    async def refused(offsets):
+        return False
+
+    monkeypatch.setattr(consumer, "_commit", refused)
+    assert not await consumer._commit_offsets({tp: 9, unseen: 3})
+    assert consumer._committed_offset[tp] == 5 and unseen not in consumer._committed_offset
+
+    async def accepted(offsets):
+        return True
+
+    monkeypatch.setattr(consumer, "_commit", accepted)
+    assert await consumer._commit_offsets({tp: 9, unseen: 3})
+    assert (consumer._committed_offset[tp], consumer._committed_offset[unseen]) == (9, 3)
