@@ -68,8 +68,12 @@ async def read_json(bootstrap: str, topic: str) -> list[dict]:
     return [json.loads(value) for _, value in await read_topic(bootstrap, topic)]
 
 
-async def wait_until_consumed(bootstrap: str, group: str, topics: list[str], timeout: float = 60.0) -> None:
-    """Block until `group` has committed every message now on `topics` (all partitions)."""
+async def wait_until_consumed(bootstrap: str, group: str, topics: list[str], timeout: float = 180.0) -> None:
+    """Block until `group` has committed every message now on `topics` (all partitions).
+
+    A new group first reads every earlier test's messages, thousands of them by the end of the suite,
+    on a CI machine of 2 shared cores: the bound is generous (it only limits a wait, it times nothing).
+    """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
