@@ -6,6 +6,7 @@ it goes to `<topic>.dlq` with the reason and is counted.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any, TypeVar
 
@@ -33,10 +34,15 @@ def decode(contract: type[C], raw: bytes | None) -> C:
         raise UndecodableMessage(describe_validation_error(exc)) from None
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def require_uuids(**fields: list[str]) -> None:
     """Refuse ids our tables cannot hold: the reason names the first field that is not a UUID."""
     for name, values in fields.items():
         for value in values:
+            if _CANONICAL_UUID.fullmatch(value):
+                continue  # the usual form, checked without building a UUID (that showed in profiles)
             try:
                 uuid.UUID(value)
             except ValueError:

@@ -1,7 +1,7 @@
 """Delivered webhook notifications per second to a local receiver, with 28,800 rules.
 
     .venv/bin/python bench/deliveries.py [--clients 100] [--rules-per-client 288] [--alerts 10000]
-                                         [--clients-per-alert 8]
+                                         [--clients-per-alert 8] [--workers 1]
 
 The seeded rules (realistic mix) each have a webhook endpoint on one local receiver, a separate
 process that answers 200 at once and notes when each POST arrived. The figure is the receiver's:
@@ -163,10 +163,10 @@ def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return totals
 
 
-def service_processes(stack: BenchStack, worker, receiver_pid: int) -> dict[str, list[psutil.Process]]:
-    """The processes to account CPU to: the worker, the receiver, and the embedded services (their
+def service_processes(stack: BenchStack, workers: list, receiver_pid: int) -> dict[str, list[psutil.Process]]:
+    """The processes to account CPU to: the workers, the receiver, and the embedded services (their
     main processes, found by the run's folder on their command line; children are counted with them)."""
-    groups: dict[str, list[psutil.Process]] = {"worker": [psutil.Process(worker.child.pid)],
+    groups: dict[str, list[psutil.Process]] = {"worker": [psutil.Process(w.child.pid) for w in workers],
                                                "receiver": [psutil.Process(receiver_pid)]}
     for process in psutil.process_iter(["cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
@@ -179,12 +179,12 @@ def service_processes(stack: BenchStack, worker, receiver_pid: int) -> dict[str,
     return groups
 
 
-def measure(stack: BenchStack, worker, port: int, receiver_pid: int, alerts: int, start) -> None:
+def measure(stack: BenchStack, workers: list, port: int, receiver_pid: int, alerts: int, start) -> None:
     """Call `start`, wait until every notification it caused is settled and every SENT delivery
     received, and print the figures."""
     forget_arrivals(port)
     since = time.time() - 1
-    processes = service_processes(stack, worker, receiver_pid)
+    processes = service_processes(stack, workers, receiver_pid)
     cpu_before, machine_before = cpu_seconds(processes), psutil.cpu_times()
     start()
     last_progress, seen = time.monotonic(), -1
@@ -210,6 +210,8 @@ def measure(stack: BenchStack, worker, port: int, receiver_pid: int, alerts: int
     print(f"delivered webhook notifications/s: {steady:,.0f} steady (10th-90th percentile of arrivals), "
           f"{len(times) / span:,.0f} over the whole run ({span:.1f}s)")
     print(f"CPU seconds during the run: {machine_busy:.1f} busy on the machine (all processes), of which:")
+    print(f"  (worker: {len(workers)} process(es) together; per delivery "
+          f"{1000 * (cpu_after['worker'] - cpu_before['worker']) / max(1, len(times)):.2f} ms)")
     for name in sorted(cpu_after):
         print(f"  {name:10s} {cpu_after[name] - cpu_before.get(name, 0.0):7.1f}")
 
@@ -220,6 +222,8 @@ def main() -> None:
     parser.add_argument("--rules-per-client", type=int, default=288)
     parser.add_argument("--alerts", type=int, default=10_000)
     parser.add_argument("--clients-per-alert", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes in each measurement, one consumer group (default 1)")
     args = parser.parse_args()
 
     print(f"machine: {machine_summary()}")
@@ -231,17 +235,20 @@ def main() -> None:
                                                 f"http://127.0.0.1:{port}/hook"))
         rules = report.rules
         print(f"seeded {report.clients} clients, {rules} rules, {report.endpoints} webhook endpoints")
-        print("\n1. the deliver stage alone")
-        worker = stack.start_worker("deliver-only", roles="deliver", ALLOW_PRIVATE_ENDPOINTS="true")
-        measure(stack, worker, port, receiver.pid, args.alerts,
+        print(f"\n1. the deliver stage alone ({args.workers} worker process(es))")
+        workers = [stack.start_worker(f"deliver-only-{n}", group="deliver-only", roles="deliver",
+                                      ALLOW_PRIVATE_ENDPOINTS="true") for n in range(args.workers)]
+        measure(stack, workers, port, receiver.pid, args.alerts,
                 lambda: asyncio.run(put_notifications(stack, args.alerts, args.clients_per_alert)))
-        stack.stop_worker(worker)
+        for worker in workers:
+            stack.stop_worker(worker)
 
-        print("\n2. the whole pipeline, alerts.new to the receiver")
-        worker = stack.start_worker("deliveries", ALLOW_PRIVATE_ENDPOINTS="true")
-        held_after = wait_until_worker_holds(worker, rules)
-        print(f"worker holds the rules after {held_after:.1f}s")
-        measure(stack, worker, port, receiver.pid, args.alerts,
+        print(f"\n2. the whole pipeline, alerts.new to the receiver ({args.workers} worker process(es))")
+        workers = [stack.start_worker(f"deliveries-{n}", group="deliveries", ALLOW_PRIVATE_ENDPOINTS="true")
+                   for n in range(args.workers)]
+        held_after = max(wait_until_worker_holds(worker, rules) for worker in workers)
+        print(f"workers hold the rules after {held_after:.1f}s")
+        measure(stack, workers, port, receiver.pid, args.alerts,
                 lambda: print(f"produced {args.alerts} alerts in "
                               f"{asyncio.run(produce(stack.bootstrap, args.alerts)):.1f}s"))
     receiver.terminate()

@@ -5,7 +5,17 @@ import asyncio
 import time
 import uuid
 
+from datetime import timedelta
+
+from redis.asyncio import Redis
+from throttled.asyncio import RateLimiterType, Throttled, rate_limiter, store
+
 from alerting_app.delivery.rate_limits import RateLimits
+from alerting_app.redis_pipelining import PipelinedRedis
+
+
+def rate_limits(redis_url: str, burst_s: float) -> RateLimits:
+    return RateLimits(PipelinedRedis(Redis.from_url(redis_url)), burst_s=burst_s)
 
 
 async def take_all(limits: list[RateLimits], bucket: str, rate: float, count: int) -> float:
@@ -17,7 +27,7 @@ async def take_all(limits: list[RateLimits], bucket: str, rate: float, count: in
 
 async def test_two_workers_share_one_bucket_and_the_excess_waits(services):
     # Each RateLimits has its own Redis connections, as two worker processes would.
-    workers = [RateLimits(services.redis_url, burst_s=0.25) for _ in range(2)]
+    workers = [rate_limits(services.redis_url, burst_s=0.25) for _ in range(2)]
     bucket = f"endpoint:{uuid.uuid4()}"
 
     took = await take_all(workers, bucket, rate=20.0, count=25)
@@ -27,14 +37,14 @@ async def test_two_workers_share_one_bucket_and_the_excess_waits(services):
 
 
 async def test_a_fractional_rate_is_kept(services):
-    limits = RateLimits(services.redis_url, burst_s=0.4)
+    limits = rate_limits(services.redis_url, burst_s=0.4)
     took = await take_all([limits], f"endpoint:{uuid.uuid4()}", rate=2.5, count=4)
     # A bucket of 1 token: the three after the first wait 0.4 s each.
     assert took >= 3 / 2.5 * 0.95
 
 
 async def test_buckets_are_independent(services):
-    limits = RateLimits(services.redis_url, burst_s=1.0)
+    limits = rate_limits(services.redis_url, burst_s=1.0)
     busy = f"endpoint:{uuid.uuid4()}"
     await take_all([limits], busy, rate=1.0, count=1)  # empties the busy endpoint's bucket of one
 
@@ -47,5 +57,20 @@ async def test_buckets_are_independent(services):
 
 
 async def test_a_rate_of_zero_is_unlimited(services):
-    limits = RateLimits("redis://127.0.0.1:1/0", burst_s=1.0)  # never asked: nothing listens there
+    limits = rate_limits("redis://127.0.0.1:1/0", burst_s=1.0)  # never asked: nothing listens there
     await take_all([limits], "email", rate=0, count=1000)
+
+
+async def test_the_buckets_are_throttled_pys_own(services):
+    """Tokens are taken with the library's script and key: a bucket drained through the library's own
+    limiter is drained for us, and the other way round."""
+    bucket = f"endpoint:{uuid.uuid4()}"
+    ours = rate_limits(services.redis_url, burst_s=2.0)  # 1/s, a bucket of 2
+    quota = rate_limiter.per_duration(timedelta(seconds=1), 1, 2)
+    library = Throttled(using=RateLimiterType.GCRA.value, quota=quota,
+                        store=store.RedisStore(server=services.redis_url))
+
+    assert not (await library.limit(bucket)).limited
+    assert await ours._try(bucket, 1.0) == 0.0  # the second token of two
+    assert (await library.limit(bucket)).limited
+    assert 0.5 < await ours._try(bucket, 1.0) <= 1.0  # the next token is a second after the first

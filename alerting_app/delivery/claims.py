@@ -2,8 +2,10 @@
 
 Postgres records a delivery SENT in a batch a moment after the send. A worker killed in that
 moment leaves the row PENDING; whoever resumes it finds the key marked sent here and records it
-without sending again. The claim (SET NX with a TTL, through redis-py's Lock) keeps two workers
-from sending at once; its TTL outlives one attempt, so a claim whose holder died frees itself.
+without sending again. The claim (SET NX with a TTL and a random token; released by redis-py's
+Lock compare-and-delete) keeps two workers from sending at once; its TTL outlives one attempt, so a
+claim whose holder died frees itself. The calls go through `PipelinedRedis`: the claims and marks
+of concurrent deliveries share round trips.
 
 What no claim can settle is a worker killed after the request left and before the answer was
 marked: the receiver may or may not have it. The claim then expires and the delivery is sent
@@ -11,13 +13,14 @@ again, with the same Idempotency-Key, so the receiver can drop it (docs/delivery
 """
 from __future__ import annotations
 
-import contextlib
 import enum
+import secrets
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
+
+from alerting_app.redis_pipelining import PipelinedRedis
 
 SENT_MARK = b"sent"
 
@@ -31,7 +34,8 @@ class ClaimState(enum.Enum):
 @dataclass
 class Claim:
     state: ClaimState
-    lock: Lock | None = None
+    key: str
+    token: bytes = b""  # what the key holds while this attempt owns it
     busy_for_s: float = 0.0
 
 
@@ -39,26 +43,30 @@ def claim_key(notification_id: str, endpoint_id: str) -> str:
     return f"alerting:delivery:{notification_id}:{endpoint_id}"
 
 
-async def claim(redis: Redis, notification_id: str, endpoint_id: str, ttl_s: float) -> Claim:
-    lock = Lock(redis, claim_key(notification_id, endpoint_id), timeout=ttl_s, blocking=False)
-    if await lock.acquire():
-        return Claim(ClaimState.CLAIMED, lock)
-    async with redis.pipeline(transaction=False) as pipe:
-        value, ttl_ms = await pipe.get(lock.name).pttl(lock.name).execute()
+async def claim(redis: PipelinedRedis, notification_id: str, endpoint_id: str, ttl_s: float) -> Claim:
+    key, token = claim_key(notification_id, endpoint_id), secrets.token_hex(16).encode()
+    ttl_ms = int(ttl_s * 1000)
+    if await redis.call(lambda pipe: pipe.set(key, token, nx=True, px=ttl_ms)):
+        return Claim(ClaimState.CLAIMED, key, token)
+    value, ttl_left = redis.call(lambda pipe: pipe.get(key)), redis.call(lambda pipe: pipe.pttl(key))
+    value, ttl_left_ms = await value, await ttl_left  # both queued first: one round trip
     if value == SENT_MARK:
-        return Claim(ClaimState.SENT)
-    # The key may have vanished between the two calls (ttl_ms < 0): try again soon.
-    return Claim(ClaimState.BUSY, busy_for_s=max(ttl_ms, 100) / 1000)
+        return Claim(ClaimState.SENT, key)
+    # The key may have vanished between the two calls (ttl_left_ms < 0): try again soon.
+    return Claim(ClaimState.BUSY, key, busy_for_s=max(ttl_left_ms, 100) / 1000)
 
 
-async def mark_sent(redis: Redis, claimed: Claim, ttl_s: int) -> None:
+async def mark_sent(redis: PipelinedRedis, claimed: Claim, ttl_s: int) -> None:
     # Overwrites the claim's token: from now on the key says "sent" and nobody can release it.
-    await redis.set(claimed.lock.name, SENT_MARK, ex=ttl_s)
+    await redis.call(lambda pipe: pipe.set(claimed.key, SENT_MARK, ex=ttl_s))
 
 
-async def release(claimed: Claim) -> None:
+async def release(redis: PipelinedRedis, claimed: Claim) -> None:
     """The attempt failed: the next attempt, here or on another worker, may claim again."""
-    # Lock.release deletes the key only if it still holds our token (an atomic compare-and-delete);
-    # a claim that expired meanwhile is already free.
-    with contextlib.suppress(LockError):
-        await claimed.lock.release()
+    # redis-py's Lock deletes the key only if it still holds our token (an atomic compare-and-delete);
+    # a claim that expired meanwhile is already free. Failures are rare: no pipelining needed.
+    lock = Lock(redis.redis, claimed.key, timeout=1)
+    try:
+        await lock.do_release(claimed.token)
+    except LockError:
+        pass

@@ -23,6 +23,7 @@ from alerting_app.delivery.attempts import DeliveryContext, SendSlots, deliver
 from alerting_app.delivery.jobs import DeliveryJob
 from alerting_app.delivery.rate_limits import RateLimits
 from alerting_app.delivery.recorder import Recorder
+from alerting_app.redis_pipelining import PipelinedRedis
 from alerting_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ class Dispatcher:
         # One connection pool for every HTTP delivery of this worker: connections are reused.
         self._session = endpoint_session(concurrency=settings.delivery_concurrency,
                                          allow_private=settings.allow_private_endpoints)
-        self._context = DeliveryContext(settings, self._session, redis_client.redis(),
-                                        RateLimits(settings.redis_url, settings.endpoint_rate_burst_s),
+        # Tokens, claims and sent marks of concurrent deliveries share Redis round trips.
+        redis = PipelinedRedis(redis_client.redis())
+        self._context = DeliveryContext(settings, self._session, redis,
+                                        RateLimits(redis, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots)
 
     def _send_slots(self, endpoint_id: str) -> SendSlots:

@@ -5,43 +5,69 @@ throttled-py's GCRA limiter: GCRA is the token bucket written as "virtual schedu
 exactly what a bucket of `burst` tokens refilled at `rate` admits), in one atomic Lua call timed
 by Redis's clock, with sub-second precision. (throttled-py's own TOKEN_BUCKET refills in whole
 seconds, too coarse for a few per second.) Excess waits for its token; nothing is dropped.
+
+Each token is throttled-py's own GCRA Lua script and key, called through `PipelinedRedis`, so the
+tokens of concurrent deliveries share one round trip (tests/test_delivery_rate_limits.py checks that
+these buckets are the library's: a bucket drained by one is drained for the other).
 """
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from datetime import timedelta
 from fractions import Fraction
 
 from throttled.asyncio import RateLimiterType, Throttled, rate_limiter, store
+from throttled.rate_limiter.gcra import RedisLimitAtomicActionSpec
+
+from alerting_app.redis_pipelining import PipelinedRedis
 
 EMAIL_BUCKET = "email"
 
 
 class RateLimits:
-    def __init__(self, redis_url: str, burst_s: float) -> None:
-        self._store = store.RedisStore(server=redis_url)
+    def __init__(self, redis: PipelinedRedis, burst_s: float) -> None:
+        self._redis = redis
         self._burst_s = burst_s
-        self._throttles: dict[tuple[int, int, int], Throttled] = {}
+        self._script = redis.redis.register_script(RedisLimitAtomicActionSpec.SCRIPTS)
+        # The library's limiters, for their key and quota arithmetic only: tokens are taken below.
+        self._limiters: dict[tuple[int, int, int], rate_limiter.BaseRateLimiter] = {}
         # One waiter per bucket in this worker polls Redis; the others queue behind it here, so
         # a backlog costs Redis one call per token, not one per waiting delivery.
-        self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # bucket -> its lock, how many want it
 
-    def _throttle(self, rate_per_s: float) -> Throttled:
+    def _limiter(self, rate_per_s: float):
         # The library counts whole requests per whole seconds: 2.5/s is 5 per 2 s.
         rate = Fraction(rate_per_s).limit_denominator(3600)
         burst = max(1, round(rate_per_s * self._burst_s))
         quota_key = (rate.numerator, rate.denominator, burst)
-        if quota_key not in self._throttles:
+        if quota_key not in self._limiters:
             quota = rate_limiter.per_duration(timedelta(seconds=rate.denominator), rate.numerator, burst)
-            self._throttles[quota_key] = Throttled(using=RateLimiterType.GCRA.value, quota=quota, store=self._store)
-        return self._throttles[quota_key]
+            throttle = Throttled(using=RateLimiterType.GCRA.value, quota=quota, store=store.MemoryStore())
+            self._limiters[quota_key] = throttle.limiter
+        return self._limiters[quota_key]
+
+    async def _try(self, bucket: str, rate_per_s: float) -> float:
+        """Take a token if there is one: 0.0, else the seconds until there is."""
+        key, emission_interval, capacity = self._limiter(rate_per_s)._prepare(bucket)
+        limited, _remaining, _reset_after, retry_after = await self._redis.script(
+            self._script, [key], [emission_interval, capacity, 1])
+        return float(retry_after) if limited else 0.0
 
     async def take(self, bucket: str, rate_per_s: float) -> None:
         """Wait for a token of `bucket` (a rate of 0 is unlimited)."""
         if rate_per_s <= 0:
             return
-        throttle = self._throttle(rate_per_s)
-        async with self._turns[bucket]:
-            while (result := await throttle.limit(bucket)).limited:
-                await asyncio.sleep(result.state.retry_after)
+        turn, waiting = self._turns.get(bucket, (None, 0))
+        if turn is None:
+            turn = asyncio.Lock()
+        self._turns[bucket] = (turn, waiting + 1)
+        try:
+            async with turn:
+                while wait_s := await self._try(bucket, rate_per_s):
+                    await asyncio.sleep(wait_s)
+        finally:
+            turn, waiting = self._turns[bucket]
+            if waiting == 1:
+                del self._turns[bucket]  # nobody else waits: no lock kept per endpoint ever seen
+            else:
+                self._turns[bucket] = (turn, waiting - 1)
