@@ -23,9 +23,11 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import time
 import urllib.request
 import uuid
+from urllib.parse import urlsplit
 
 import asyncpg
 import psutil
@@ -168,12 +170,12 @@ def service_processes(stack: BenchStack, workers: list, receiver_pid: int) -> di
     main processes, found by the run's folder on their command line; children are counted with them)."""
     groups: dict[str, list[psutil.Process]] = {"worker": [psutil.Process(w.child.pid) for w in workers],
                                                "receiver": [psutil.Process(receiver_pid)]}
+    # Redis rewrites its process title to "redis-server host:port"; Tansu is told its listener URL.
+    ports = {"redis": urlsplit(os.environ["REDIS_URL"]).port, "broker": urlsplit(f"//{stack.bootstrap}").port}
     for process in psutil.process_iter(["cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
-        if str(stack.folder) not in command:
-            continue
         for name, marker in (("postgres", "postgres"), ("redis", "redis-server"), ("broker", "broker")):
-            if marker in command:
+            if marker in command and (str(stack.folder) in command or f":{ports.get(name)}" in command):
                 groups.setdefault(name, []).append(process)
                 break
     return groups
