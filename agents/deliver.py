@@ -58,9 +58,13 @@ async def start_deliveries(pool: asyncpg.Pool, delivery: Dispatcher,
                                          delivery.full_endpoints())
     refused = {job.key for job in delivery.submit(jobs)}
     await records.release(pool, delivery.owner, list(refused))
-    # Settles what has nothing (left) to deliver: no enabled endpoint, or all done before.
-    await records.settle_notifications(pool, [n.notification_id for n in notifications])
-    return [job for job in jobs if job.key not in refused]
+    started = [job for job in jobs if job.key not in refused]
+    # Settles what has nothing (left) to deliver: no enabled endpoint, or all done before. A
+    # notification with a delivery just started has one PENDING: settling it would change nothing.
+    in_hand = {job.notification.notification_id for job in started}
+    await records.settle_notifications(pool, [n.notification_id for n in notifications
+                                              if n.notification_id not in in_hand])
+    return started
 
 
 async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[EventT]) -> Intake:
