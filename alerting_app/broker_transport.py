@@ -1,7 +1,9 @@
-"""Faust's Kafka transport with two overrides: the worker consumer's fetch wait comes from our
-settings, and a message is handed to its stream without Faust's per-message `wait_first` when the
-hand-over cannot block (`Consumer._drain_messages`; tests/test_broker_transport.py fails when the
-installed Faust no longer matches the copied method).
+"""Faust's Kafka transport with overrides: the worker consumer's fetch wait comes from our
+settings; a message is handed to its stream without Faust's per-message `wait_first` when the
+hand-over cannot block; stream records fetched while a rebalance ends are held, not thrown away
+(`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is not recorded as done
+(`Consumer._commit_offsets`). tests/test_broker_transport.py fails when the installed Faust no
+longer matches what these rely on.
 
 The fetch wait. Why: every stage hop (alerts.new -> evaluate, alerts.matched -> aggregate) waits for a fetch, and
 Faust (faust-streaming 0.15.3) creates its worker consumer with `fetch_max_wait_ms=1500` written
@@ -24,6 +26,7 @@ otherwise the original path runs. Measured: 83-93 -> 57-65 us CPU per message fo
 from __future__ import annotations
 
 import asyncio
+from functools import cached_property
 from typing import AsyncIterator, Mapping, cast
 
 import aiokafka
@@ -69,6 +72,38 @@ class Consumer(faust_aiokafka.Consumer):
                 else:
                     self._committed_offset[tp] = offset
         return did_commit
+
+    # Stream records fetched while a rebalance is in progress, by partition and offset.
+    #
+    # Why: when a rebalance ends, Faust's recovery (faust/tables/recovery.py, `on_recovery_completed`
+    # and `_resume_streams`, 0.15.3) resumes the stream partitions, awaits `perform_seek()`, and
+    # only then calls `app.flow_control.resume()`, which CLEARS every stream queue (mode's
+    # FlowControlEvent.resume). The flow is already active by then (recovery resumed it to read
+    # changelogs), so records fetched in between are handed to the streams and then thrown away.
+    # For a partition with a committed offset, `perform_seek` usually seeks back and they are read
+    # again; for a partition without one (a new group, or a partition nothing was committed on
+    # yet) nothing seeks back: those records are never processed, and the next commit on that
+    # partition silently passes over them. Seen in tests/test_e2e_grouping_crash.py as offsets
+    # never committed after a restart, and proven by tests/test_e2e_backlog_at_assignment.py.
+    # Holding them until `app.rebalancing` is over (`on_rebalance_end`, after the clear) and
+    # handing them over then, in offset order, loses none. Changelog records are never held:
+    # recovery reads them during the rebalance. Upstream: faust-streaming issue #596 (open).
+    @cached_property
+    def _held_during_rebalance(self) -> dict[TP, dict[int, Message]]:
+        return {}
+
+    async def _release_held(self) -> AsyncIterator[tuple[TP, Message]]:
+        """The held records of partitions still assigned, in offset order, past what was committed."""
+        records = dict(self._held_during_rebalance)
+        self._held_during_rebalance.clear()
+        assigned = self.assignment()
+        for tp, by_offset in records.items():
+            if tp not in assigned:
+                continue  # revoked meanwhile: its new owner reads it from the committed offset
+            committed = self._committed_offset.get(tp)
+            for offset in sorted(by_offset):
+                if committed is None or offset >= committed:
+                    yield tp, by_offset[offset]
 
     def _delivery_cannot_wait(self, message: Message) -> bool:
         """True when handing `message` to the streams completes without ever suspending.
@@ -129,10 +164,19 @@ class Consumer(faust_aiokafka.Consumer):
         suspend_flow_is_set = self.suspend_flow.is_set
         delivery_cannot_wait = self._delivery_cannot_wait
 
+        # Changed: stream records that arrive while a rebalance is in progress are held, then
+        # released in offset order once it is over (see `_held_during_rebalance`).
+        held = self._held_during_rebalance
+        app = self.app
+        changelogs = app.tables._changelogs
+
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(flag_consumer_fetching)
-                ait = cast(AsyncIterator, getmany(timeout=1.0))
+                if held and not app.rebalancing:
+                    ait = self._release_held()
+                else:
+                    ait = cast(AsyncIterator, getmany(timeout=1.0))
 
                 # Sleeping because sometimes getmany is called in a loop
                 # never releasing to the event loop
@@ -145,6 +189,11 @@ class Consumer(faust_aiokafka.Consumer):
                             num_since_yield = 0
 
                         offset = message.offset
+                        # Changed: held (see above); a partition with held records keeps holding
+                        # until they are released, so its records stay in order.
+                        if (app.rebalancing or tp in held) and tp.topic not in changelogs:
+                            held.setdefault(tp, {})[offset] = message
+                            continue
                         r_offset = get_read_offset(tp)
                         if r_offset is None or offset >= r_offset:
                             gap = offset - (r_offset or 0)

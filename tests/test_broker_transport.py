@@ -16,6 +16,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from faust.app.base import App as FaustApp
+from faust.tables.recovery import Recovery
 from faust.transport import conductor as faust_conductor
 from faust.transport import consumer as faust_consumer_module
 from faust.transport.producer import ProducerBuffer
@@ -57,8 +59,10 @@ def test_fetch_wait_is_read_from_the_environment_and_validated(monkeypatch):
         load_settings()
 
 
-# What `Consumer._drain_messages` in alerting_app/broker_transport.py copies (faust-streaming 0.15.3)
-# and what its `_delivery_cannot_wait` knows of the callback's waits, by sha256 of the source.
+# What `Consumer._drain_messages` in alerting_app/broker_transport.py copies (faust-streaming 0.15.3),
+# what its `_delivery_cannot_wait` knows of the callback's waits, and the end of a rebalance that
+# `_held_during_rebalance` works around (resume, seek, then a queue-clearing resume; `rebalancing`
+# cleared last), by sha256 of the source.
 _SOURCES_THE_DRAIN_OVERRIDE_RELIES_ON = {
     "faust Consumer._drain_messages (copied)": "44a2500309e83c63",
     "faust Conductor._compile_message_handler": "9fbc0538097aa4ec",
@@ -66,6 +70,11 @@ _SOURCES_THE_DRAIN_OVERRIDE_RELIES_ON = {
     "mode FlowControlEvent.acquire": "ed0208e866e64d0b",
     "faust ProducerBuffer.wait_until_ebb": "758dd5744044071b",
     "asyncio.Lock.acquire": "54bbd184d16df3a1",
+    "faust Recovery.on_recovery_completed": "6ef567acf072e46d",
+    "faust Recovery._resume_streams": "d986a6710c1aca98",
+    "mode FlowControlEvent.resume": "4dcdc1253fd0dcb4",
+    "faust App.on_rebalance_start": "5c1e23de30674082",
+    "faust App.on_rebalance_end": "b7ff69e1e3772f30",
 }
 
 
@@ -79,6 +88,11 @@ def _installed_sources() -> dict[str, str]:
         "mode FlowControlEvent.acquire": inspect.getsource(FlowControlEvent.acquire),
         "faust ProducerBuffer.wait_until_ebb": inspect.getsource(ProducerBuffer.wait_until_ebb),
         "asyncio.Lock.acquire": inspect.getsource(asyncio.Lock.acquire),
+        "faust Recovery.on_recovery_completed": inspect.getsource(Recovery.on_recovery_completed),
+        "faust Recovery._resume_streams": inspect.getsource(Recovery._resume_streams),
+        "mode FlowControlEvent.resume": inspect.getsource(FlowControlEvent.resume),
+        "faust App.on_rebalance_start": inspect.getsource(FaustApp.on_rebalance_start),
+        "faust App.on_rebalance_end": inspect.getsource(FaustApp.on_rebalance_end),
     }
 
 
@@ -149,3 +163,26 @@ async def test_a_commit_the_broker_refused_is_not_recorded_as_done(monkeypatch):
     monkeypatch.setattr(consumer, "_commit", accepted)
     assert await consumer._commit_offsets({tp: 9, unseen: 3})
     assert (consumer._committed_offset[tp], consumer._committed_offset[unseen]) == (9, 3)
+
+
+async def test_records_held_during_a_rebalance_are_released_in_order_past_the_commit(monkeypatch):
+    # What the drain loop hands over once `app.rebalancing` is over (alerting_app/broker_transport.py,
+    # `_held_during_rebalance`): partitions still assigned, offsets ascending, none already committed.
+    from faust.types import TP
+
+    consumer = app.consumer
+    kept, uncommitted, revoked = TP("alerts.new", 0), TP("alerts.new", 1), TP("alerts.new", 2)
+    monkeypatch.setattr(consumer, "assignment", lambda: {kept, uncommitted})
+    monkeypatch.setitem(consumer._committed_offset, kept, 5)
+    consumer._committed_offset.pop(uncommitted, None)
+    held = consumer._held_during_rebalance
+    held[kept] = {7: "k7", 4: "k4", 5: "k5", 6: "k6"}  # fetched twice around a seek: offsets, not arrival
+    held[uncommitted] = {2: "u2", 0: "u0", 1: "u1"}
+    held[revoked] = {9: "r9"}
+
+    released = [(tp, record) async for tp, record in consumer._release_held()]
+
+    assert [r for tp, r in released if tp == kept] == ["k5", "k6", "k7"]
+    assert [r for tp, r in released if tp == uncommitted] == ["u0", "u1", "u2"]
+    assert all(tp != revoked for tp, _ in released)
+    assert not consumer._held_during_rebalance  # the next records of these partitions flow again
