@@ -93,6 +93,18 @@ def fingerprint_of(client_id: str, alert: Alert, context_keys: Iterable[str]) ->
     return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 
 
+def check_versioned_change(action: str, noun: str, item: object | None, event_ids: tuple, item_ids: tuple | None) -> None:
+    """What `rule.changed` and `silence.changed` events share: an upsert carries the whole item, with
+    the event's id, client_id and version; a delete carries none."""
+    if action == "upsert":
+        if item is None:
+            raise ValueError(f"an upsert carries the {noun}")
+        if item_ids != event_ids:
+            raise ValueError(f"{noun}_id, client_id and version must equal the {noun}'s")
+    elif item is not None:
+        raise ValueError(f"a delete carries no {noun}")
+
+
 class RuleChanged(Contract):
     """`rule.changed`, key `rule_id`: the whole rule (upsert) or a deletion marker, with its version.
 
@@ -113,17 +125,9 @@ class RuleChanged(Contract):
 
     @model_validator(mode="after")
     def _rule_matches_action(self) -> "RuleChanged":
-        if self.action == "upsert":
-            if self.rule is None:
-                raise ValueError("an upsert carries the rule")
-            if (self.rule.rule_id, self.rule.client_id, self.rule.version) != (
-                self.rule_id,
-                self.client_id,
-                self.version,
-            ):
-                raise ValueError("rule_id, client_id and version must equal the rule's")
-        elif self.rule is not None:
-            raise ValueError("a delete carries no rule")
+        rule = self.rule
+        check_versioned_change(self.action, "rule", rule, (self.rule_id, self.client_id, self.version),
+                               rule and (rule.rule_id, rule.client_id, rule.version))
         return self
 
 
@@ -205,14 +209,9 @@ class SilenceChanged(Contract):
 
     @model_validator(mode="after")
     def _silence_matches_action(self) -> "SilenceChanged":
-        if self.action == "upsert":
-            if self.silence is None:
-                raise ValueError("an upsert carries the silence")
-            if (self.silence.silence_id, self.silence.client_id, self.silence.version) != (
-                    self.silence_id, self.client_id, self.version):
-                raise ValueError("silence_id, client_id and version must equal the silence's")
-        elif self.silence is not None:
-            raise ValueError("a delete carries no silence")
+        silence = self.silence
+        check_versioned_change(self.action, "silence", silence, (self.silence_id, self.client_id, self.version),
+                               silence and (silence.silence_id, silence.client_id, silence.version))
         return self
 
 

@@ -1,0 +1,45 @@
+"""rule.changed and silence.changed share one shape: an upsert carries the whole item with the event's
+id, client_id and version; a delete carries none. Anything else is refused when decoded."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from alerting_app.contracts import RuleChanged, SilenceChanged
+from test_matching import upsert as rule_upsert
+from test_silencing import silence as a_silence
+
+RULE = rule_upsert("r1").rule
+SILENCE = a_silence("s1")
+
+
+@pytest.mark.parametrize("event, reason", [
+    (dict(rule_id="r1", client_id="client-a", version=1, action="upsert"), "an upsert carries the rule"),
+    (dict(rule_id="r1", client_id="client-b", version=1, action="upsert", rule=RULE),
+     "rule_id, client_id and version must equal the rule's"),
+    (dict(rule_id="r1", client_id="client-a", version=2, action="upsert", rule=RULE),
+     "rule_id, client_id and version must equal the rule's"),
+    (dict(rule_id="r1", client_id="client-a", version=1, action="delete", rule=RULE), "a delete carries no rule"),
+])
+def test_malformed_rule_changes_are_refused(event, reason):
+    with pytest.raises(ValidationError, match=reason):
+        RuleChanged(**event)
+
+
+@pytest.mark.parametrize("event, reason", [
+    (dict(silence_id="s1", client_id="client-a", version=1, action="upsert"), "an upsert carries the silence"),
+    (dict(silence_id="s2", client_id="client-a", version=1, action="upsert", silence=SILENCE),
+     "silence_id, client_id and version must equal the silence's"),
+    (dict(silence_id="s1", client_id="client-a", version=1, action="delete", silence=SILENCE),
+     "a delete carries no silence"),
+])
+def test_malformed_silence_changes_are_refused(event, reason):
+    with pytest.raises(ValidationError, match=reason):
+        SilenceChanged(**event)
+
+
+def test_well_formed_changes_are_accepted():
+    assert RuleChanged.upsert(RULE).rule == RULE
+    assert RuleChanged(rule_id="r1", client_id="client-a", version=2, action="delete").rule is None
+    assert SilenceChanged.upsert(SILENCE).silence == SILENCE
+    assert SilenceChanged(silence_id="s1", client_id="client-a", version=2, action="delete").silence is None
