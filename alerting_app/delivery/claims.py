@@ -13,6 +13,7 @@ again, with the same Idempotency-Key, so the receiver can drop it (docs/delivery
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import secrets
 from dataclasses import dataclass
@@ -65,8 +66,5 @@ async def release(redis: PipelinedRedis, claimed: Claim) -> None:
     """The attempt failed: the next attempt, here or on another worker, may claim again."""
     # redis-py's Lock deletes the key only if it still holds our token (an atomic compare-and-delete);
     # a claim that expired meanwhile is already free. Failures are rare: no pipelining needed.
-    lock = Lock(redis.redis, claimed.key, timeout=1)
-    try:
-        await lock.do_release(claimed.token)
-    except LockError:
-        pass
+    with contextlib.suppress(LockError):
+        await Lock(redis.redis, claimed.key, timeout=1).do_release(claimed.token)
