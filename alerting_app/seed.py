@@ -90,6 +90,11 @@ async def seed(pool: asyncpg.Pool, *, clients: int, rules_per_client: int, mix: 
                                              columns=["endpoint_id", "rule_id", "client_id", "type", "value",
                                                       "enabled"])
         await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)", outbox_rows)
+    # Planner statistics now, not at autovacuum's next round: without them the deliver stage's
+    # endpoint lookup by rule was planned for a table of unknown size (a bitmap AND with the
+    # client's 288 endpoints for every rule).
+    async with pool.acquire() as conn:
+        await conn.execute("ANALYZE clients, rules, endpoints")
     return SeedReport(len(client_rows), len(rule_rows), len(endpoint_rows), time.perf_counter() - started)
 
 
