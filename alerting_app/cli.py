@@ -24,6 +24,7 @@ import web.operations  # noqa: F401  registers /healthz, /readyz and /metrics
 from alerting_app import kafka_admin, load, topic_inspection
 from alerting_app.app import app, settings
 from alerting_app.embedded import EmbeddedServiceError
+from alerting_app.gc_tuning import tune_garbage_collector
 from alerting_app.json_logs import faust_logging_config, log_to_stderr
 from alerting_app.migrate import MigrationError, apply_migrations
 from alerting_app.roles import apply_roles, parse_roles
@@ -58,6 +59,7 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
             app.conf.logging_config = faust_logging_config(settings.log_format)
         apply_roles(app, parse_roles(settings.roles))
         wait_before_start(settings, kafka_admin.topic_names())
+        tune_garbage_collector()
         super().__call__(*args, **kwargs)
 
     def on_worker_created(self, worker: Any) -> None:
