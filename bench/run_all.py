@@ -21,6 +21,9 @@ RUNS = [
     ["end_to_end.py", "--workers", "2"],
     ["rule_propagation.py"],
     ["fast_start.py"],
+    ["deliveries.py", "--alerts", "4000"],
+    ["deliveries.py", "--alerts", "4000", "--workers", "2"],
+    ["http_floor.py"],
 ]
 
 
