@@ -12,6 +12,8 @@ DROP INDEX IF EXISTS deliveries_lease_idx;
 -- first; this index gives that order without mentioning status. The client's list keeps
 -- notifications_client_idx.
 DROP INDEX IF EXISTS notifications_status_idx;
+-- Built in the migration's transaction, so not CONCURRENTLY: on a large notifications table it holds
+-- up writes to it while it builds; apply it at a quiet time.
 CREATE INDEX IF NOT EXISTS notifications_created_idx ON notifications (created_at DESC, notification_id);
 
 -- Room on each page for the updated versions of its rows (settled, emitted), so that those
