@@ -8,7 +8,6 @@ small function.
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -27,7 +26,6 @@ from tables.silences import silence_index, silence_replica
 # waits at most ALERT_BATCH_WITHIN_S for more alerts when traffic is low.
 ALERT_BATCH_SIZE = 500
 ALERT_BATCH_WITHIN_S = 0.05
-GC_YOUNG_THRESHOLD = 50_000
 
 
 @dataclass(frozen=True)
@@ -68,11 +66,7 @@ async def match_alerts(stream: StreamT) -> AsyncIterator[Evaluation]:
     # Likewise for silences, or alerts a tenant silenced would be delivered after each restart.
     await rule_replica.wait_until_caught_up()
     await silence_replica.wait_until_caught_up()
-    # A batch holds thousands of short-lived objects (decoded alerts, one message per match); with
-    # the default threshold (700) the collector scans and promotes them several times per batch,
-    # which cost a quarter of the evaluator's time (docs/performance.md). Collected rarely, most
-    # of them are freed by reference counting before any scan.
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    # The worker's GC thresholds suit batches of thousands of short-lived objects: alerting_app/gc_tuning.py.
     async for events in stream.take_events(ALERT_BATCH_SIZE, within=ALERT_BATCH_WITHIN_S):
         # The sink runs before the generator resumes: the time covers matching and sending.
         with metrics.stage_seconds.labels(stage="evaluate_batch").time():

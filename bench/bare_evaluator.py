@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import multiprocessing
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ async def evaluate_from_bare_consumer(bootstrap: str, alerts: int, store_path: P
     """(alerts/s between 10% and 90%, CPU microseconds per alert) over `alerts` preloaded alerts."""
     from aiokafka import AIOKafkaConsumer
 
-    from agents.evaluate import GC_YOUNG_THRESHOLD, evaluate_alerts, publish_evaluation
+    from agents.evaluate import evaluate_alerts, publish_evaluation
+    from alerting_app.gc_tuning import tune_garbage_collector
     from alerting_app.app import app
     from tables.rule_replica import RuleStore
     from tables.rules import rule_replica
@@ -33,7 +33,7 @@ async def evaluate_from_bare_consumer(bootstrap: str, alerts: int, store_path: P
     store = RuleStore(store_path)
     replica = asyncio.ensure_future(rule_replica.run(bootstrap, "rule.changed", store))
     await rule_replica.wait_until_caught_up()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    tune_garbage_collector()  # as a worker does
     consumer = AIOKafkaConsumer("alerts.new", bootstrap_servers=bootstrap, group_id="bench-bare-evaluator",
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import statistics
 import time
 from types import SimpleNamespace
@@ -29,7 +28,8 @@ def in_process_rate(clients: int, rules_per_client: int, mix: str, alerts: int) 
     import random
     import uuid
 
-    from agents.evaluate import GC_YOUNG_THRESHOLD, evaluate_alerts
+    from agents.evaluate import evaluate_alerts
+    from alerting_app.gc_tuning import tune_garbage_collector
     from alerting_app.contracts import Rule, RuleChanged
     from alerting_app.seed import alert_stream, rule_criteria
     from tables.rules import rule_index
@@ -42,7 +42,7 @@ def in_process_rate(clients: int, rules_per_client: int, mix: str, alerts: int) 
             changes.append(RuleChanged.upsert(Rule(rule_id=str(uuid.uuid4()), client_id=client_id,
                                                    severity=severity, source=source, name=name, version=1)))
     rule_index.rebuild(changes)
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])  # as the agent does
+    tune_garbage_collector()  # as a worker does
     # What Faust hands the agent: events whose message value is the raw bytes.
     events = [SimpleNamespace(message=SimpleNamespace(value=alert.encode())) for alert in alert_stream(alerts)]
     rates, matched = [], 0
