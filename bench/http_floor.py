@@ -68,6 +68,8 @@ def main() -> None:
     receiver.start()
     try:
         while not port_accepts(port):
+            if not receiver.is_alive():
+                raise SystemExit(f"the receiver exited (code {receiver.exitcode}) before listening on {port}")
             time.sleep(0.05)
         ready, endpoint_ids = notifications(args.posts), [str(uuid.uuid4()) for _ in range(args.posts)]
         asyncio.run(send_all(f"http://127.0.0.1:{port}/hook", ready[:500], endpoint_ids, args.concurrency))  # warm-up
