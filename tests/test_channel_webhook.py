@@ -13,7 +13,7 @@ import pytest
 
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
 from alerting_app.channels.http import retry_after_seconds
-from alerting_app.channels.webhook import send_webhook
+from alerting_app.channels.webhook import send_webhook, webhook_body
 from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Answer, Receiver
 
@@ -127,3 +127,17 @@ async def test_a_refused_connection_is_retryable():
         port = probe.getsockname()[1]
     with pytest.raises(RetryableDeliveryError, match="ClientConnectorError"):
         await send(f"http://127.0.0.1:{port}/hook")
+
+
+def test_the_body_keeps_the_documented_field_order_and_sends_text_as_utf8():
+    alert = notification().alerts[0].model_copy(update={"context": {"site": "Zürich ☃"}})
+    ungrouped = notification().model_copy(update={"alerts": [alert]})
+    body = webhook_body(ungrouped)
+    assert list(json.loads(body)) == ["version", "notification_id", "client_id", "rule_ids", "alerts", "created_at"]
+    assert "Zürich ☃".encode() in body
+    assert json.loads(body)["alerts"][0]["context"] == {"site": "Zürich ☃"}
+
+    grouped = ungrouped.model_copy(update={"group_rule_id": "1d2e3f40-0000-4000-8000-000000000004",
+                                           "truncated_alerts": 0})
+    assert list(json.loads(webhook_body(grouped)))[-2:] == ["group_rule_id", "truncated_alerts"]
+    assert json.loads(webhook_body(grouped))["truncated_alerts"] == 0
