@@ -178,12 +178,22 @@ async def unemitted_notifications(conn: asyncpg.Connection | asyncpg.Pool,
     return list(found.values())
 
 
+# Rows locked in notification_id order, as every statement that updates many notifications does
+# (records._SETTLE): two of them on the same rows then wait for each other instead of deadlocking.
+_MARK_EMITTED = """
+WITH locked AS (
+    SELECT notification_id FROM notifications
+    WHERE notification_id = ANY($1::uuid[]) AND NOT emitted
+    ORDER BY notification_id
+    FOR UPDATE
+)
+UPDATE notifications n SET emitted = true, updated_at = now()
+FROM locked WHERE n.notification_id = locked.notification_id
+"""
+
+
 async def mark_emitted(conn: asyncpg.Connection | asyncpg.Pool, notification_ids: list[str]) -> None:
-    await conn.execute(
-        "UPDATE notifications SET emitted = true, updated_at = now() "
-        "WHERE notification_id = ANY($1::uuid[]) AND NOT emitted",
-        notification_ids,
-    )
+    await conn.execute(_MARK_EMITTED, notification_ids)
 
 
 @dataclass(frozen=True)

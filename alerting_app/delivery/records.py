@@ -104,17 +104,23 @@ WHERE d.notification_id = c.notification_id AND d.endpoint_id = c.endpoint_id AN
 """
 
 # A notification is SENT when every delivery is, FAILED when every delivery is final and one
-# failed, or when it has no delivery at all (no enabled endpoint on its rules).
+# failed, or when it has no delivery at all (no enabled endpoint on its rules). The rows are locked
+# in notification_id order first, as aggregate's emitted mark locks them: two statements on the
+# same rows that each locked them in their own plan's order deadlocked (tests/test_notification_lock_order.py).
 _SETTLE = """
-WITH summary AS (
+WITH locked AS (
+    SELECT notification_id FROM notifications
+    WHERE notification_id = ANY($1::uuid[]) AND status = 'PENDING'
+    ORDER BY notification_id
+    FOR UPDATE
+), summary AS (
     SELECT n.notification_id,
            count(d.endpoint_id) AS total,
            count(*) FILTER (WHERE d.status = 'PENDING') AS pending,
            count(*) FILTER (WHERE d.status = 'FAILED') AS failed,
            string_agg(d.endpoint_id || ': ' || d.last_error, '; ' ORDER BY d.endpoint_id)
                FILTER (WHERE d.status = 'FAILED') AS reasons
-    FROM notifications n LEFT JOIN deliveries d ON d.notification_id = n.notification_id
-    WHERE n.notification_id = ANY($1::uuid[]) AND n.status = 'PENDING'
+    FROM locked n LEFT JOIN deliveries d ON d.notification_id = n.notification_id
     GROUP BY n.notification_id
 )
 UPDATE notifications n SET
