@@ -261,7 +261,8 @@ async def publish_aggregation(aggregation: Aggregation) -> None:
     # Marked emitted only once the broker holds them; a crash before leaves them to be re-emitted.
     await asyncio.gather(*pending)
     if aggregation.ready:
-        await mark_emitted(await db.pool(), [ready.notification_id for ready in aggregation.ready])
+        emitted = [ready.notification_id for ready in aggregation.ready]
+        await db.retry_transient(lambda pool: mark_emitted(pool, emitted), "marking notifications emitted")
         metrics.notifications_emitted.inc(len(aggregation.ready))
 
 
@@ -270,5 +271,5 @@ async def aggregate_matches(stream: StreamT) -> AsyncIterator[Aggregation]:
     async for events in stream.take_events(MATCH_BATCH_SIZE, within=MATCH_BATCH_WITHIN_S):
         # The sink runs before the generator resumes: the time covers recording and sending.
         with metrics.stage_seconds.labels(stage="aggregate_batch").time():
-            yield await aggregate_batch(await db.pool(), events)
+            yield await db.retry_transient(lambda pool: aggregate_batch(pool, events), "aggregating a batch of matches")
 

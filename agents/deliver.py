@@ -95,7 +95,7 @@ async def publish_intake(intake: Intake) -> None:
 async def deliver_notifications(stream: StreamT) -> AsyncIterator[Intake]:
     # take_events acknowledges a batch after the sink has run, once its rows are in Postgres.
     async for events in stream.take_events(NOTIFICATION_BATCH_SIZE, within=NOTIFICATION_BATCH_WITHIN_S):
-        yield await take_in(await db.pool(), dispatcher(), events)
+        yield await db.retry_transient(lambda pool: take_in(pool, dispatcher(), events), "taking in notifications")
 
 
 async def sweep(pool: asyncpg.Pool, delivery: Dispatcher) -> list[DeliveryJob]:

@@ -1,12 +1,34 @@
-"""The Postgres connection pool, created on first use inside the running event loop."""
+"""The Postgres connection pool, created on first use inside the running event loop, and the
+retry of a stage's batch after a transient Postgres error."""
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity.wait import wait_exponential_jitter
 
 from alerting_app.app import settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors after which the same statements may well succeed: Postgres rolled the transaction back
+# (deadlock, serialization failure), the connection was lost or refused, the server is restarting
+# or out of connection slots. OSError covers refused connections and timeouts.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.TransactionRollbackError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    OSError,
+)
 
 _pool: asyncpg.Pool | None = None
 _lock = asyncio.Lock()
@@ -32,3 +54,28 @@ async def close() -> None:
     if _pool is not None:
         await _pool.close()
         _pool = None
+
+
+async def retry_transient(operation: Callable[[asyncpg.Pool], Awaitable[T]], what: str, *,
+                          initial_wait_s: float = 0.1, max_wait_s: float = 5.0) -> T:
+    """`operation(pool)`, awaited again after each transient Postgres error until it succeeds (the
+    pool's creation included: Postgres may be away when a worker starts).
+
+    Why: an agent whose batch raises is restarted by Faust, but the events of that batch are never
+    acknowledged, so the partition's committed offset stays there until the worker restarts (seen:
+    the aggregate agent after a deadlock). Every stage's batch step is idempotent, because a
+    redelivered message must be handled anyway, so running it again is safe; while Postgres is
+    away the stage waits, and nothing is lost. Other errors propagate at once.
+    """
+    def log_retry(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        log.warning("%s failed (attempt %d, %s: %s); trying again in %.2fs", what, state.attempt_number,
+                    type(failure).__name__, failure, state.upcoming_sleep)
+
+    async for attempt in AsyncRetrying(retry=retry_if_exception_type(TRANSIENT_ERRORS),
+                                       wait=wait_exponential_jitter(initial=initial_wait_s, max=max_wait_s,
+                                                                    jitter=initial_wait_s),
+                                       before_sleep=log_retry, reraise=True):
+        with attempt:
+            return await operation(await pool())
+    raise AssertionError("unreachable: tenacity retries until the operation returns or raises")

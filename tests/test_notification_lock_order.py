@@ -14,7 +14,6 @@ import random
 import uuid
 
 import asyncpg
-import pytest
 
 from agents.aggregate import mark_emitted
 from alerting_app.db import init_connection

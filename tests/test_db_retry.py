@@ -1,0 +1,101 @@
+"""retry_transient: a stage's batch is run again after a transient Postgres error (here a real
+deadlock, and a refused connection), and not after any other error."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from alerting_app import db
+from alerting_app.embedded import free_port
+
+
+@pytest.fixture
+async def table(clean_db):
+    conn = await asyncpg.connect(clean_db)
+    name = f"retry_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, n int NOT NULL DEFAULT 0)")
+    await conn.execute(f"INSERT INTO {name} (id) VALUES (1), (2)")
+    try:
+        yield name
+    finally:
+        await conn.execute(f"DROP TABLE {name}")
+        await conn.close()
+
+
+async def test_the_victim_of_a_real_deadlock_is_run_again_and_succeeds(clean_db, table):
+    other = await asyncpg.connect(clean_db)
+    # The other transaction outwaits ours, so Postgres picks ours as the deadlock's victim.
+    await other.execute("SET deadlock_timeout = '30s'")
+    calls = []
+
+    async def update_both(_pool) -> str:
+        calls.append(len(calls) + 1)
+        conn = await asyncpg.connect(clean_db)
+        try:
+            await conn.execute("SET deadlock_timeout = '50ms'")
+            async with conn.transaction():
+                await conn.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 1")
+                if len(calls) == 1:
+                    # Row 2 is the other's, which then waits for our row 1: a deadlock.
+                    await other_holds_row_2.wait()
+                    other_wants_row_1.set()
+                    await asyncio.sleep(0.2)  # let the other's wait begin before ours
+                await conn.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 2")
+            return "done"
+        finally:
+            await conn.close()
+
+    other_holds_row_2, other_wants_row_1 = asyncio.Event(), asyncio.Event()
+
+    async def other_transaction() -> None:
+        async with other.transaction():
+            await other.execute(f"UPDATE {table} SET n = n + 10 WHERE id = 2")
+            other_holds_row_2.set()
+            await other_wants_row_1.wait()
+            await other.execute(f"UPDATE {table} SET n = n + 10 WHERE id = 1")
+
+    try:
+        result, _ = await asyncio.gather(
+            db.retry_transient(update_both, "a test batch", initial_wait_s=0.05), other_transaction())
+        assert result == "done" and calls == [1, 2]
+        # The victim's first attempt was rolled back: each transaction counted once.
+        assert dict(await other.fetch(f"SELECT id, n FROM {table}")) == {1: 11, 2: 11}
+    finally:
+        await other.close()
+
+
+async def test_a_refused_connection_is_tried_again(clean_db):
+    closed_port = free_port()
+    attempts = []
+
+    async def connect(_pool) -> int:
+        attempts.append(1)
+        # The first two attempts find nothing listening; the third reaches Postgres.
+        url = clean_db if len(attempts) == 3 else f"postgresql://postgres@127.0.0.1:{closed_port}/x"
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return await conn.fetchval("SELECT 42")
+        finally:
+            await conn.close()
+
+    assert await db.retry_transient(connect, "a test batch", initial_wait_s=0.01) == 42
+    assert len(attempts) == 3
+
+
+async def test_any_other_error_is_raised_at_once(clean_db, table):
+    attempts = []
+
+    async def insert_twice(_pool) -> None:
+        attempts.append(1)
+        conn = await asyncpg.connect(clean_db)
+        try:
+            await conn.execute(f"INSERT INTO {table} (id) VALUES (1)")
+        finally:
+            await conn.close()
+
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await db.retry_transient(insert_twice, "a test batch", initial_wait_s=0.01)
+    assert len(attempts) == 1
