@@ -57,9 +57,11 @@ async def close() -> None:
 
 
 async def retry_transient(operation: Callable[[asyncpg.Pool], Awaitable[T]], what: str, *,
+                          get_pool: Callable[[], Awaitable[asyncpg.Pool]] = pool,
                           initial_wait_s: float = 0.1, max_wait_s: float = 5.0) -> T:
     """`operation(pool)`, awaited again after each transient Postgres error until it succeeds (the
-    pool's creation included: Postgres may be away when a worker starts).
+    pool's creation included: Postgres may be away when a worker starts). `get_pool` is the
+    worker's pool unless a test passes its own.
 
     Why: an agent whose batch raises is restarted by Faust, but the events of that batch are never
     acknowledged, so the partition's committed offset stays there until the worker restarts (seen:
@@ -77,5 +79,5 @@ async def retry_transient(operation: Callable[[asyncpg.Pool], Awaitable[T]], wha
                                                                     jitter=initial_wait_s),
                                        before_sleep=log_retry, reraise=True):
         with attempt:
-            return await operation(await pool())
+            return await operation(await get_pool())
     raise AssertionError("unreachable: tenacity retries until the operation returns or raises")

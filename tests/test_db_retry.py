@@ -13,6 +13,18 @@ from alerting_app.embedded import free_port
 
 
 @pytest.fixture
+async def own_pool(clean_db):
+    """A pool of this test's event loop (the worker's global pool belongs to another loop)."""
+    test_pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2)
+
+    async def get_pool() -> asyncpg.Pool:
+        return test_pool
+
+    yield get_pool
+    await test_pool.close()
+
+
+@pytest.fixture
 async def table(clean_db):
     conn = await asyncpg.connect(clean_db)
     name = f"retry_{uuid.uuid4().hex[:8]}"
@@ -25,7 +37,7 @@ async def table(clean_db):
         await conn.close()
 
 
-async def test_the_victim_of_a_real_deadlock_is_run_again_and_succeeds(clean_db, table):
+async def test_the_victim_of_a_real_deadlock_is_run_again_and_succeeds(clean_db, table, own_pool):
     other = await asyncpg.connect(clean_db)
     # The other transaction outwaits ours, so Postgres picks ours as the deadlock's victim.
     await other.execute("SET deadlock_timeout = '30s'")
@@ -59,7 +71,8 @@ async def test_the_victim_of_a_real_deadlock_is_run_again_and_succeeds(clean_db,
 
     try:
         result, _ = await asyncio.gather(
-            db.retry_transient(update_both, "a test batch", initial_wait_s=0.05), other_transaction())
+            db.retry_transient(update_both, "a test batch", get_pool=own_pool, initial_wait_s=0.05),
+            other_transaction())
         assert result == "done" and calls == [1, 2]
         # The victim's first attempt was rolled back: each transaction counted once.
         assert dict(await other.fetch(f"SELECT id, n FROM {table}")) == {1: 11, 2: 11}
@@ -67,7 +80,7 @@ async def test_the_victim_of_a_real_deadlock_is_run_again_and_succeeds(clean_db,
         await other.close()
 
 
-async def test_a_refused_connection_is_tried_again(clean_db):
+async def test_a_refused_connection_is_tried_again(clean_db, own_pool):
     closed_port = free_port()
     attempts = []
 
@@ -81,11 +94,11 @@ async def test_a_refused_connection_is_tried_again(clean_db):
         finally:
             await conn.close()
 
-    assert await db.retry_transient(connect, "a test batch", initial_wait_s=0.01) == 42
+    assert await db.retry_transient(connect, "a test batch", get_pool=own_pool, initial_wait_s=0.01) == 42
     assert len(attempts) == 3
 
 
-async def test_any_other_error_is_raised_at_once(clean_db, table):
+async def test_any_other_error_is_raised_at_once(clean_db, table, own_pool):
     attempts = []
 
     async def insert_twice(_pool) -> None:
@@ -97,5 +110,5 @@ async def test_any_other_error_is_raised_at_once(clean_db, table):
             await conn.close()
 
     with pytest.raises(asyncpg.UniqueViolationError):
-        await db.retry_transient(insert_twice, "a test batch", initial_wait_s=0.01)
+        await db.retry_transient(insert_twice, "a test batch", get_pool=own_pool, initial_wait_s=0.01)
     assert len(attempts) == 1
