@@ -2,7 +2,8 @@
 settings; a message is handed to its stream without Faust's per-message `wait_first` when the
 hand-over cannot block; stream records fetched while a rebalance ends are held, not thrown away
 (`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is not recorded as done
-(`Consumer._commit_offsets`). tests/test_broker_transport.py fails when the installed Faust no
+(`Consumer._commit_offsets`); an agent that crashed is counted and logged as what it means
+(`Consumer.on_task_error`). tests/test_broker_transport.py fails when the installed Faust no
 longer matches what these rely on.
 
 The fetch wait. Why: every stage hop (alerts.new -> evaluate, alerts.matched -> aggregate) waits for a fetch, and
@@ -26,6 +27,7 @@ otherwise the original path runs. Measured: 83-93 -> 57-65 us CPU per message fo
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import cached_property
 from typing import AsyncIterator, Mapping, cast
 
@@ -34,6 +36,10 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from mode import Service, ServiceT
+
+from alerting_app import metrics
+
+log = logging.getLogger(__name__)
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -52,6 +58,19 @@ _NOT_RECORDED = object()
 class Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def on_task_error(self, exc: BaseException) -> None:
+        """Called by Faust when an agent raised (`App._on_agent_error`), before it restarts the agent.
+
+        Faust logs the traceback, but the batch the agent held is never acknowledged, so the committed
+        offsets of its partitions stay where they are until the worker restarts (its successor reads
+        the batch again). Counted and said plainly, so that an operator sees it and restarts the
+        worker. Transient Postgres errors never get here: the stages retry them (db.retry_transient).
+        """
+        metrics.agent_crashes.inc()
+        log.error("an agent crashed (%s: %s): the partitions of the batch it held commit no further "
+                  "until this worker restarts", type(exc).__name__, exc)
+        await super().on_task_error(exc)
 
     async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
         """Faust's commit, except that a commit that failed is not recorded as done.

@@ -31,6 +31,10 @@ for _channel in CHANNELS:
     for _counter in (notifications_sent, notifications_failed, notifications_retried):
         _counter.labels(channel=_channel)
 
+# Faust restarts a crashed agent but never acknowledges the batch it held (broker_transport.Consumer.on_task_error).
+agent_crashes = Counter("alerting_agent_crashes_total",
+                        "Agents that raised: the partitions of the batch they held commit no further until a restart")
+
 # Observed by the agents: one evaluate or aggregate batch (stream.take_events), one delivery.
 STAGES = ("evaluate_batch", "aggregate_batch", "deliver")
 stage_seconds = Histogram(

@@ -165,6 +165,25 @@ async def test_a_commit_the_broker_refused_is_not_recorded_as_done(monkeypatch):
     assert (consumer._committed_offset[tp], consumer._committed_offset[unseen]) == (9, 3)
 
 
+async def test_a_crashed_agent_is_counted_and_logged_and_faust_still_commits(monkeypatch, caplog):
+    # Faust's own path for an agent that raised: App._on_agent_error -> consumer.on_task_error.
+    from alerting_app import metrics
+
+    consumer = app.consumer
+    commits = []
+
+    async def commit(*args, **kwargs):
+        commits.append(args)
+        return True
+
+    monkeypatch.setattr(consumer, "commit", commit)
+    before = metrics.agent_crashes._value.get()
+    await app._on_agent_error(object(), RuntimeError("boom"))
+    assert metrics.agent_crashes._value.get() == before + 1
+    assert commits == [()]  # what Faust's on_task_error does, still done
+    assert "an agent crashed (RuntimeError: boom)" in caplog.text
+
+
 async def test_records_held_during_a_rebalance_are_released_in_order_past_the_commit(monkeypatch):
     # What the drain loop hands over once `app.rebalancing` is over (alerting_app/broker_transport.py,
     # `_held_during_rebalance`): partitions still assigned, offsets ascending, none already committed.
