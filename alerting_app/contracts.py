@@ -17,17 +17,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 WILDCARD = "*"
 
-Text = Field(min_length=1, max_length=200)
+# Postgres's text and jsonb cannot hold the NUL character (U+0000): a string carrying one would be
+# accepted here and refused by a later stage's insert, where it stops the partition it sits on. So
+# every string that may reach Postgres refuses it at the door (a 422, or a dead letter with the reason).
+NO_NUL = r"^[^\x00]*$"
+Text = Field(min_length=1, max_length=200, pattern=NO_NUL)
 # Grouping and repeat suppression (issue 5): seconds, 0 meaning "off".
 GroupWindow = Field(default=0, ge=0, le=86_400, description="seconds alerts are collected into one "
                                                             "notification; 0 notifies at once")
 MAX_REPEAT_INTERVAL_S = 604_800  # a week
 RepeatInterval = Field(default=0, ge=0, le=MAX_REPEAT_INTERVAL_S,
                        description="seconds within which the same fingerprint is suppressed; 0 never suppresses")
-ContextKey = Annotated[str, Field(min_length=1, max_length=200)]
+ContextKey = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
 # Bounded so that one alert cannot outgrow a message: alerts travel in notifications and group tables.
-ContextValue = Annotated[str, Field(max_length=2000)]
+ContextValue = Annotated[str, Field(max_length=2000, pattern=NO_NUL)]
 MAX_CONTEXT_ENTRIES = 64
+# 9999-12-31T23:59:59Z, the last second Python's datetime (and so every time shown in a Slack message
+# or an email) can represent. Milliseconds since the epoch, a common mistake, lie beyond it.
+MAX_UNIX_S = 253_402_300_800
 
 
 class Severity(str, Enum):
@@ -39,7 +46,9 @@ class Severity(str, Enum):
 
 class Contract(BaseModel):
     # Unknown fields are ignored so producers can add fields ahead of consumers; known ones are strict.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # No float is infinite or NaN: JSON has no such numbers, so they could not be passed on
+    # (json.loads reads 1e400 as infinity; re-encoded it becomes null and fails one stage later).
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
@@ -50,7 +59,7 @@ class Alert(Contract):
 
     alert_id: str = Text
     schema_version: Literal[1] = 1
-    event_ts: float = Field(gt=0, description="unix seconds")
+    event_ts: float = Field(gt=0, lt=MAX_UNIX_S, description="unix seconds (not milliseconds)")
     severity: Severity
     source: str = Text
     name: str = Text
@@ -173,7 +182,7 @@ class Silence(SilenceMatchers):
     starts_at: float = Field(gt=0, description="unix seconds")
     # Equal to starts_at only for a silence expired before it started (its window is empty).
     ends_at: float = Field(gt=0, description="unix seconds; active while starts_at <= now < ends_at")
-    comment: str = Field(min_length=1, max_length=1000)
+    comment: str = Field(min_length=1, max_length=1000, pattern=NO_NUL)
     created_by: str = Text
     version: int = Field(ge=1)
 

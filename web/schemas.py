@@ -12,14 +12,14 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from alerting_app.contracts import WILDCARD, Rule, Severity
+from alerting_app.contracts import NO_NUL, WILDCARD, Rule, Severity
 from web.pagination import PageQuery
 
-Name = Field(min_length=1, max_length=200)
+Name = Field(min_length=1, max_length=200, pattern=NO_NUL)  # NO_NUL: Postgres text cannot hold U+0000
 # Criteria fields as in contracts.RuleCriteria: an exact value or "*", 1..200 characters. One
 # Literal rather than `Severity | Literal["*"]`, so that an error names just the field.
 SeverityCriterion = Literal[tuple(s.value for s in Severity) + (WILDCARD,)]  # type: ignore[valid-type]
-TextCriterion = Field(min_length=1, max_length=200)
+TextCriterion = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
 def as_in_rule(field: str) -> Any:
@@ -96,8 +96,8 @@ class RulePatch(RequestBody):
 
     version: int = Field(ge=1)
     severity: SeverityCriterion | None = None
-    source: str | None = Field(default=None, min_length=1, max_length=200)
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    source: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
+    name: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
     enabled: bool | None = None
     group_window_s: GroupWindowSeconds | None = None
     repeat_interval_s: RepeatIntervalSeconds | None = None
@@ -125,22 +125,25 @@ class RuleQuery(PageQuery):
 
 # --- endpoints -----------------------------------------------------------------------------------
 
-RateLimit = Field(default=None, gt=0, le=100_000,
-                  description="deliveries per second to this endpoint, shared by all workers; "
+# At least one delivery per 1,000 s: a smaller rate would hold a delivery longer than any retry
+# schedule, and the token bucket counts whole deliveries per whole seconds (rate_limits.py).
+MIN_RATE_LIMIT_PER_S = 0.001
+RateLimit = Field(default=None, ge=MIN_RATE_LIMIT_PER_S, le=100_000,
+                  description="deliveries per second to this endpoint, shared by all workers, at least 0.001; "
                               "null: the ENDPOINT_RATE_LIMIT_PER_S default")
 
 
 class EndpointCreate(RequestBody):
     rule_id: UUID
     type: EndpointType
-    value: str = Field(min_length=1, max_length=2000)
+    value: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
     enabled: bool = True
     rate_limit_per_s: float | None = RateLimit
 
 
 class EndpointPatch(RequestBody):
     type: EndpointType | None = None
-    value: str | None = Field(default=None, min_length=1, max_length=2000)
+    value: str | None = Field(default=None, min_length=1, max_length=2000, pattern=NO_NUL)
     enabled: bool | None = None
     rate_limit_per_s: float | None = RateLimit
 

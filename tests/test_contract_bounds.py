@@ -1,0 +1,100 @@
+"""Strings Postgres cannot hold and numbers JSON cannot carry are refused where they come in.
+
+A NUL character (U+0000) in an alert passed the contract, went through evaluate, and then failed
+aggregate's insert (Postgres text and jsonb refuse it), crashing the agent on every redelivery: one
+message stopped a partition. An infinite event_ts was re-encoded as null and failed a stage later;
+one in milliseconds broke every Slack and email delivery of it. They are now a 422 at the API and a
+dead letter with the reason on `alerts.new`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from alerting_app.contracts import Alert, Silence
+from alerting_app.dead_letters import UndecodableMessage, decode
+from test_api_support import API_LOOP, api, tenant  # noqa: F401  (fixtures)
+
+GOOD = {"alert_id": "a-1", "event_ts": 1764000000.5, "severity": "HIGH", "source": "payments",
+        "name": "CheckoutLatency", "context": {"region": "eu-west-1"}}
+
+
+def refused_fields(**changes) -> set[str]:
+    with pytest.raises(ValidationError) as refused:
+        Alert.model_validate({**GOOD, **changes})
+    return {".".join(str(part) for part in error["loc"]) for error in refused.value.errors()}
+
+
+def test_a_good_alert_is_accepted():
+    assert Alert.model_validate(GOOD).event_ts == 1764000000.5
+
+
+@pytest.mark.parametrize("field", ["alert_id", "source", "name"])
+def test_a_nul_character_in_a_text_field_is_refused_naming_it(field):
+    assert refused_fields(**{field: "pay\x00ments"}) == {field}
+
+
+def test_a_nul_character_in_a_context_key_or_value_is_refused():
+    assert refused_fields(context={"region": "eu\x00west"}) == {"context.region"}
+    assert refused_fields(context={"re\x00gion": "eu"}) == {"context.re\x00gion.[key]"}
+
+
+@pytest.mark.parametrize("event_ts", [math.inf, -math.inf, math.nan, 1764000000500.0, 0.0])
+def test_an_event_ts_that_is_not_finite_unix_seconds_is_refused(event_ts):
+    assert refused_fields(event_ts=event_ts) == {"event_ts"}
+
+
+def test_an_infinite_event_ts_on_alerts_new_is_undecodable_with_the_reason():
+    # json.loads and pydantic's parser both read 1e400 as infinity.
+    raw = json.dumps({**GOOD, "event_ts": 0}).replace('"event_ts": 0', '"event_ts": 1e400').encode()
+    with pytest.raises(UndecodableMessage, match="event_ts"):
+        decode(Alert, raw)
+
+
+def test_a_nul_character_in_a_silence_comment_is_refused():
+    fields = dict(silence_id=str(uuid.uuid4()), client_id=str(uuid.uuid4()), severity="*", source="payments", name="*",
+                  starts_at=1.0, ends_at=2.0, created_by="ops", version=1)
+    assert Silence.model_validate({**fields, "comment": "ok"}).comment == "ok"
+    with pytest.raises(ValidationError, match="comment"):
+        Silence.model_validate({**fields, "comment": "bad\x00"})
+
+
+@API_LOOP
+async def test_the_api_refuses_an_alert_with_a_nul_character_naming_the_field(api):
+    reply = await api.call("POST", "/api/v1/alerts", api.admin_token,
+                           {**GOOD, "alert_id": f"a-{uuid.uuid4()}", "context": {"region": "eu\x00"}})
+    assert reply.failing_fields() == {"context.region"}
+
+
+@API_LOOP
+async def test_the_api_refuses_an_event_ts_in_milliseconds_or_infinite(api):
+    reply = await api.call("POST", "/api/v1/alerts", api.admin_token, {**GOOD, "event_ts": 1764000000500})
+    assert reply.failing_fields() == {"event_ts"}
+    raw = json.dumps({**GOOD, "event_ts": 0}).replace('"event_ts": 0', '"event_ts": 1e400').encode()
+    reply = await api.call("POST", "/api/v1/alerts", api.admin_token, data=raw)
+    assert reply.failing_fields() == {"event_ts"}
+
+
+@API_LOOP
+async def test_the_api_refuses_nul_characters_in_client_rule_and_endpoint_fields(api, tenant):
+    assert (await api.call("POST", "/api/v1/clients", api.admin_token, {"name": "Ac\x00me"})).failing_fields() == {"name"}
+    reply = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": "pay\x00", "name": "*"})
+    assert reply.failing_fields() == {"source"}
+    rule = await api.new_rule(tenant)
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {"rule_id": rule["rule_id"], "type": "email", "value": "ops\x00@example.com"})
+    assert reply.failing_fields() == {"value"}
+
+
+@API_LOOP
+async def test_the_api_refuses_an_endpoint_rate_limit_below_one_per_thousand_seconds(api, tenant):
+    rule = await api.new_rule(tenant)
+    body = {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/alerts"}
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key, {**body, "rate_limit_per_s": 0.0001})
+    assert reply.failing_fields() == {"rate_limit_per_s"}
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key, {**body, "rate_limit_per_s": 0.001})
+    assert reply.status == 201, reply.body
