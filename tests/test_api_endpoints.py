@@ -107,3 +107,94 @@ async def test_deleting_a_rule_deletes_its_endpoints(api, tenant):
     endpoint = await api.new_endpoint(tenant, rule["rule_id"])
     assert (await api.call("DELETE", f"/api/v1/rules/{rule['rule_id']}", tenant.key)).status == 204
     assert (await api.call("GET", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key)).status == 404
+
+
+# --- the stored URL is the one checked ------------------------------------------------------------
+
+@pytest.fixture
+def private_endpoints_refused(monkeypatch):
+    """The production setting; the test session itself allows private endpoints (local receivers)."""
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "allow_private_endpoints", False)
+
+
+@pytest.mark.parametrize("given, stored", [
+    # WHATWG parsing reads the backslash as a path separator: the host checked is example.com, and
+    # a delivery must not read the raw text as user "example.com\" at host 10.0.0.1.
+    ("http://example.com\\@10.0.0.1/", "http://example.com/@10.0.0.1/"),
+    ("HTTPS://Hooks.Example.COM", "https://hooks.example.com/"),
+    ("https://hooks.example.com:443/a b", "https://hooks.example.com/a%20b"),
+])
+async def test_a_url_is_stored_normalised_as_it_was_checked(api, tenant, given, stored):
+    rule = await api.new_rule(tenant)
+    created = await api.new_endpoint(tenant, rule["rule_id"], "webhook", given)
+    other = await api.new_endpoint(tenant, rule["rule_id"], "email", "ops@example.com")
+    patched = await api.call("PATCH", f"/api/v1/endpoints/{other['endpoint_id']}", tenant.key,
+                             {"type": "slack", "value": given})
+    assert (created["value"], patched.body["value"]) == (stored, stored)
+
+
+@pytest.mark.parametrize("private", ["allowed", "refused"])
+@pytest.mark.parametrize("url", ["http://a..com/hook", f"http://{'a' * 64}.example.com/hook"])
+async def test_a_host_that_is_not_a_valid_dns_name_is_refused(api, tenant, monkeypatch, url, private):
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "allow_private_endpoints", private == "allowed")
+    rule = await api.new_rule(tenant)
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {"rule_id": rule["rule_id"], "type": "webhook", "value": url})
+    assert reply.failing_fields() == {"value"}
+    assert "not a valid DNS name" in reply.body["fields"][0]["message"]
+
+
+async def test_a_changed_address_is_resolved_before_the_endpoint_is_locked(api, tenant, private_endpoints_refused,
+                                                                           monkeypatch):
+    """A slow DNS answer must not hold the row lock (nor a pool connection) that delivery waits on."""
+    import asyncpg
+
+    import web.endpoints
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant)
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://93.184.216.34/hook")
+    pool = await db.pool()
+    lock_free_while_resolving = []
+
+    async def resolving(host: str, port: int) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            try:
+                await conn.execute("SELECT 1 FROM endpoints WHERE endpoint_id = $1 FOR UPDATE NOWAIT",
+                                   endpoint["endpoint_id"])
+                lock_free_while_resolving.append(True)
+            except asyncpg.LockNotAvailableError:
+                lock_free_while_resolving.append(False)
+
+    monkeypatch.setattr(web.endpoints, "check_public_host", resolving)
+    reply = await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                           {"value": "https://hooks.example.com/new"})
+    assert (reply.status, reply.body["value"]) == (200, "https://hooks.example.com/new")
+    assert lock_free_while_resolving == [True]
+
+
+async def test_an_address_changed_meanwhile_is_checked_again_before_it_is_stored(api, tenant,
+                                                                                  private_endpoints_refused,
+                                                                                  monkeypatch):
+    import web.endpoints
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant)
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://93.184.216.34/hook")
+    pool = await db.pool()
+    resolved = []
+
+    async def resolving(host: str, port: int) -> None:
+        if not resolved:  # another change makes it a Slack endpoint while the first lookup runs
+            await pool.execute("UPDATE endpoints SET type = 'slack' WHERE endpoint_id = $1", endpoint["endpoint_id"])
+        resolved.append(host)
+
+    monkeypatch.setattr(web.endpoints, "check_public_host", resolving)
+    reply = await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                           {"value": "https://hooks.example.com/new"})
+    assert (reply.status, reply.body["type"], reply.body["value"]) == (200, "slack", "https://hooks.example.com/new")
+    assert resolved == ["hooks.example.com", "hooks.example.com"]

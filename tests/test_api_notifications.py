@@ -116,10 +116,19 @@ async def test_another_clients_key_sees_none_of_a_clients_notifications(api, ten
     ({"until": "2026-13-01T00:00:00Z"}, "until"),
     ({"since": "2026-11-26T10:00:00Z", "until": "2026-11-26T10:00:00Z"}, "until"),
     ({"since": "2026-11-26T10:00:00Z", "until": "2026-11-26T11:00:00+02:00"}, "until"),
+    # Valid ISO 8601, but in UTC year 0 and year 10000, which no datetime (nor Postgres query) holds.
+    ({"since": "0001-01-01T00:00:00+01:00"}, "since"),
+    ({"until": "9999-12-31T23:59:59-01:00"}, "until"),
 ])
 async def test_bad_notification_filters_are_refused(api, tenant, params, field):
     reply = await api.call("GET", "/api/v1/notifications", tenant.key, params=params)
     assert reply.failing_fields() == {field}
+
+
+async def test_the_first_and_last_second_of_the_calendar_in_utc_are_valid_filters(api, tenant):
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key,
+                           params={"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59Z"})
+    assert (reply.status, reply.body["items"]) == (200, [])
 
 
 # --- statuses, time windows and grouping (issue 5) -----------------------------------------------

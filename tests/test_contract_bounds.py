@@ -98,3 +98,11 @@ async def test_the_api_refuses_an_endpoint_rate_limit_below_one_per_thousand_sec
     assert reply.failing_fields() == {"rate_limit_per_s"}
     reply = await api.call("POST", "/api/v1/endpoints", tenant.key, {**body, "rate_limit_per_s": 0.001})
     assert reply.status == 201, reply.body
+
+
+@API_LOOP
+async def test_the_api_refuses_nul_characters_in_silence_fields(api, tenant):
+    body = {"source": "payments", "ends_at": "2999-01-01T00:00:00Z", "comment": "deploy", "created_by": "ops"}
+    for field in ("source", "comment", "created_by"):
+        reply = await api.call("POST", "/api/v1/silences", tenant.key, {**body, field: "x\x00y"})
+        assert reply.failing_fields() == {field}

@@ -31,6 +31,13 @@ async def test_a_host_name_is_checked_by_every_address_it_resolves_to():
     await check_public_host("93.184.216.34", 443)
 
 
+@pytest.mark.parametrize("host", ["a..com", "a" * 64 + ".example.com", ".example.com"])
+async def test_a_host_that_is_not_a_valid_dns_name_is_refused(host):
+    # The IDNA codec raises UnicodeError, not gaierror, before any lookup.
+    with pytest.raises(RefusedAddress, match="is not a valid DNS name"):
+        await check_public_host(host, 80)
+
+
 # --- at send time: the delivery session connects to public addresses only ---------------------------
 
 def notification() -> NotificationReady:

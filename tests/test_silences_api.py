@@ -94,6 +94,27 @@ async def test_an_invalid_silence_is_refused_with_422_naming_the_field(api, tena
     assert reply.failing_fields() == failing
 
 
+@pytest.mark.parametrize("fields, failing", [
+    # Python can parse these, but not carry them to UTC (year 0, year 10000), nor can Postgres.
+    ({"starts_at": "0001-01-01T00:00:00+01:00"}, {"starts_at"}),
+    ({"ends_at": "9999-12-31T23:59:59-01:00"}, {"ends_at"}),
+    # silence.changed carries times as positive unix seconds.
+    ({"starts_at": "1970-01-01T00:00:00+00:00"}, {"starts_at"}),
+    ({"starts_at": "1969-12-31T23:00:00+00:00"}, {"starts_at"}),
+    ({"starts_at": "0001-01-01T00:00:00+00:00"}, {"starts_at"}),
+])
+async def test_a_silence_window_outside_storable_times_is_refused_naming_the_field(api, tenant, fields, failing):
+    reply = await api.call("POST", "/api/v1/silences", tenant.key, body(**fields))
+    assert reply.failing_fields() == failing
+
+
+async def test_a_silence_may_start_just_after_1970_and_end_at_the_last_second_of_9999(api, tenant):
+    silence = await new_silence(api, tenant, starts_at="1970-01-01T00:00:01+00:00",
+                                ends_at="9999-12-31T23:59:59+00:00")
+    assert datetime.fromisoformat(silence["starts_at"]).timestamp() == 1
+    assert datetime.fromisoformat(silence["ends_at"]) == datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+
+
 async def test_missing_ends_at_comment_and_creator_are_each_named(api, tenant):
     reply = await api.call("POST", "/api/v1/silences", tenant.key, {"source": "payments"})
     assert reply.failing_fields() == {"ends_at", "comment", "created_by"}

@@ -15,7 +15,7 @@ from pydantic import HttpUrl, TypeAdapter, ValidationError
 
 from alerting_app import db
 from alerting_app.app import app, settings
-from alerting_app.channels.addresses import RefusedAddress, check_public_host
+from alerting_app.channels.addresses import RefusedAddress, check_public_host, refuse_invalid_name
 from web.auth import ApiView, Caller
 from web.errors import NotFound, ValidationFailed
 from web.pagination import page_of
@@ -57,7 +57,11 @@ def endpoint_out(row: Any) -> EndpointOut:
 
 
 async def checked_value(type_: str, value: str) -> str:
-    """The endpoint's address as stored (an email address normalised), or a 422 saying what is wrong."""
+    """The endpoint's address as stored, normalised, or a 422 saying what is wrong.
+
+    A URL is stored as parsed (`HTTPS://Hooks.Example.com` becomes `https://hooks.example.com/`),
+    so delivery connects to the very host that was checked, however the raw text would be read.
+    """
     if type_ == "email":
         try:
             # Syntax only: whether the domain takes mail is the SMTP relay's business, at delivery.
@@ -69,13 +73,18 @@ async def checked_value(type_: str, value: str) -> str:
     except ValidationError as exc:
         reason = "; ".join(error["msg"] for error in exc.errors(include_url=False))
         raise ValidationFailed.field("value", f"must be an http(s) URL for a {type_} endpoint: {reason}") from None
+    try:
+        # Even where private addresses are allowed: a delivery to such a name could not even start.
+        refuse_invalid_name(url.host)
+    except RefusedAddress as exc:
+        raise ValidationFailed.field("value", str(exc)) from None
     if not settings.allow_private_endpoints:
         try:
             await check_public_host(url.host, url.port)
         except RefusedAddress as exc:
             raise ValidationFailed.field(
                 "value", f"{exc}; endpoints must be public addresses (ALLOW_PRIVATE_ENDPOINTS is off)") from None
-    return value
+    return str(url)
 
 
 async def create_endpoint(caller: Caller, body: EndpointCreate) -> Any:
@@ -89,17 +98,33 @@ async def create_endpoint(caller: Caller, body: EndpointCreate) -> Any:
     return row
 
 
+def address_after(current: Any, changes: dict[str, Any]) -> tuple[str, str]:
+    """The endpoint's (type, value) once `changes` apply to the row `current`."""
+    return changes.get("type", current["type"]), changes.get("value", current["value"])
+
+
 async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, Any]) -> Any:
     pool = await db.pool()
-    async with pool.acquire() as conn, conn.transaction():
-        current = await conn.fetchrow(GET + " FOR UPDATE", endpoint_id, caller.client_id)
+    while True:
+        # The address is checked (a DNS lookup, for a URL) before the row is locked: a slow resolver
+        # must hold neither a pool connection nor the lock that delivery and other changes wait on.
+        current = await pool.fetchrow(GET, endpoint_id, caller.client_id)
         if current is None:
             raise NotFound()
-        merged = {**dict(current), **changes}
-        if "type" in changes or "value" in changes:
-            merged["value"] = await checked_value(merged["type"], merged["value"])
-        return await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
-                                   merged["rate_limit_per_s"])
+        readdressed = "type" in changes or "value" in changes
+        address = address_after(current, changes)
+        checked = await checked_value(*address) if readdressed else None
+        async with pool.acquire() as conn, conn.transaction():
+            locked = await conn.fetchrow(GET + " FOR UPDATE", endpoint_id, caller.client_id)
+            if locked is None:
+                raise NotFound()
+            merged = {**dict(locked), **changes}
+            if readdressed:
+                if address_after(locked, changes) != address:
+                    continue  # changed by someone else since it was checked: check the new address
+                merged["value"] = checked
+            return await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
+                                       merged["rate_limit_per_s"])
 
 
 @app.page("/api/v1/endpoints")

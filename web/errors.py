@@ -34,6 +34,14 @@ class Conflict(WebError):
         super().__init__(message=message)
 
 
+class PayloadTooLarge(WebError):
+    code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    detail = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(message=f"the request body is larger than {limit} bytes")
+
+
 class BrokerUnavailable(WebError):
     code = HTTPStatus.SERVICE_UNAVAILABLE
     detail = "broker_unavailable"

@@ -14,6 +14,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from web.validation import in_utc
+
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
 
@@ -27,14 +29,18 @@ def encode_cursor(created_at: datetime, row_id: UUID) -> str:
 
 
 def decode_cursor(cursor: str) -> Position:
+    """The position a cursor names; ValueError for anything this API would not have encoded."""
     try:
         created_at, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        position = (datetime.fromisoformat(created_at), UUID(row_id))
-    except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+        # A forged cursor may hold any JSON: UUID() and fromisoformat() take strings only.
+        if not (isinstance(created_at, str) and isinstance(row_id, str)):
+            raise ValueError
+        after = datetime.fromisoformat(created_at)
+        if after.tzinfo is None:
+            raise ValueError
+        return in_utc(after), UUID(row_id)
+    except (binascii.Error, UnicodeDecodeError, TypeError, ValueError, RecursionError):
         raise ValueError("not a cursor returned by this API") from None
-    if position[0].tzinfo is None:
-        raise ValueError("not a cursor returned by this API")
-    return position
 
 
 class PageQuery(BaseModel):

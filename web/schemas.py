@@ -10,10 +10,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from alerting_app.contracts import NO_NUL, WILDCARD, Rule, Severity
 from web.pagination import PageQuery
+from web.validation import StorableDatetime
 
 Name = Field(min_length=1, max_length=200, pattern=NO_NUL)  # NO_NUL: Postgres text cannot hold U+0000
 # Criteria fields as in contracts.RuleCriteria: an exact value or "*", 1..200 characters. One
@@ -205,8 +206,8 @@ class NotificationQuery(PageQuery):
     status: NotificationStatus | None = None
     # ISO 8601 with a UTC offset (or unix seconds): without an offset the instant would depend on
     # the server's time zone.
-    since: AwareDatetime | None = Field(default=None, description="created at or after")
-    until: AwareDatetime | None = Field(default=None, description="created before")
+    since: StorableDatetime | None = Field(default=None, description="created at or after")
+    until: StorableDatetime | None = Field(default=None, description="created before")
 
     @field_validator("until")
     @classmethod

@@ -14,24 +14,24 @@ from uuid import UUID, uuid4
 
 import asyncpg
 from faust.web import Request, Response
-from pydantic import AwareDatetime, BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from agents.rule_outbox import record_silence_change, wake_up
 from alerting_app import db
 from alerting_app.app import app
-from alerting_app.contracts import WILDCARD, ContextKey, SilenceChanged, SilenceMatchers, Text
+from alerting_app.contracts import NO_NUL, WILDCARD, ContextKey, SilenceChanged, SilenceMatchers, Text
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
 from tables.silences import silence_index
 from web.auth import ApiView, Caller
 from web.errors import Forbidden, NotFound, ValidationFailed
 from web.pagination import PageQuery, page_of
 from web.schemas import RequestBody, SeverityCriterion
-from web.validation import parse_body, parse_query, path_id
+from web.validation import StorableDatetime, parse_body, parse_query, path_id
 from web.worker_state import rules_digest
 
 MATCHERS = ("severity", "source", "name", "context_matchers")
 State = Literal["active", "pending", "expired"]
-Matcher = Field(default=WILDCARD, min_length=1, max_length=200)
+Matcher = Field(default=WILDCARD, min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class SilenceCreate(RequestBody):
@@ -42,10 +42,10 @@ class SilenceCreate(RequestBody):
     name: str = Matcher
     context_matchers: dict[ContextKey, Annotated[str, Text]] = Field(
         default_factory=dict, max_length=20, description="context key -> exact value, or '*' for the key's presence")
-    starts_at: AwareDatetime | None = Field(default=None, description="default: now")
-    ends_at: AwareDatetime
-    comment: str = Field(min_length=1, max_length=1000)
-    created_by: str = Field(min_length=1, max_length=200)
+    starts_at: StorableDatetime | None = Field(default=None, description="default: now; after 1970-01-01")
+    ends_at: StorableDatetime
+    comment: str = Field(min_length=1, max_length=1000, pattern=NO_NUL)
+    created_by: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class SilenceOut(BaseModel):
@@ -122,8 +122,14 @@ def matchers_of(body: SilenceCreate) -> dict[str, Any]:
     return matchers.model_dump(mode="json")
 
 
+# The silence.changed contract carries times as positive unix seconds.
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def window_of(body: SilenceCreate, now: datetime) -> tuple[datetime, datetime]:
     starts_at = body.starts_at or now
+    if starts_at <= EPOCH:
+        raise ValidationFailed.field("starts_at", "must be after 1970-01-01T00:00:00Z")
     if body.ends_at <= starts_at:
         raise ValidationFailed.field("ends_at", "must be after starts_at")
     if body.ends_at <= now:

@@ -44,12 +44,25 @@ async def check_public_host(host: str, port: int) -> None:
     try:
         addresses = {ipaddress.ip_address(literal)}
     except ValueError:
+        refuse_invalid_name(host)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise RefusedAddress(f"{host} does not resolve ({exc.strerror})") from None
         addresses = {_address(info[4][0]) for info in infos}
     refuse_non_public(host, addresses)
+
+
+def refuse_invalid_name(host: str) -> None:
+    """Raise RefusedAddress if no lookup could take `host`.
+
+    Every lookup first encodes the name with the IDNA codec, which raises UnicodeError (not
+    gaierror) for an empty label ("a..com") or one longer than 63 characters.
+    """
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise RefusedAddress(f"{host} is not a valid DNS name") from None
 
 
 def refuse_non_public(host: str, addresses: Iterable[IPAddress]) -> None:

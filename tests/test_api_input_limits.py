@@ -1,0 +1,127 @@
+"""Hostile or malformed input answers a 4xx naming what is wrong, never a 500: oversized bodies,
+undecodable headers, forged cursors, datetimes Postgres cannot hold, JSON nested too deeply."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+
+import pytest
+
+from test_api_support import API_LOOP, Tenant, api, tenant  # noqa: F401  (fixtures)
+from web.validation import MAX_BODY_BYTES
+
+pytestmark = API_LOOP
+
+
+def padded_client_body(size: int) -> bytes:
+    """A valid ClientCreate body of exactly `size` bytes (JSON allows trailing whitespace)."""
+    body = json.dumps({"name": "padded"}).encode()
+    return body + b" " * (size - len(body))
+
+
+# --- request body size ----------------------------------------------------------------------------
+
+async def test_a_body_of_the_limit_is_read_and_one_byte_more_is_413(api):
+    accepted = await api.call("POST", "/api/v1/clients", api.admin_token, data=padded_client_body(MAX_BODY_BYTES))
+    refused = await api.call("POST", "/api/v1/clients", api.admin_token,
+                             data=padded_client_body(MAX_BODY_BYTES + 1))
+    assert accepted.status == 201, accepted.body
+    api.tenants.append(Tenant(accepted.body["client_id"], accepted.body["api_key"]))  # deleted with the module
+    assert (refused.status, refused.body["error"]) == (413, "payload_too_large")
+    assert str(MAX_BODY_BYTES) in refused.body["message"]
+
+
+async def test_a_chunked_body_without_length_is_cut_off_at_the_limit(api):
+    async def chunks():
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536
+
+    headers = {"Authorization": f"Bearer {api.admin_token}", "Content-Type": "application/json"}
+    async with api.client.post("/api/v1/alerts", data=chunks(), headers=headers) as response:
+        assert response.status == 413
+        assert (await response.json())["error"] == "payload_too_large"
+
+
+async def test_a_compressed_body_is_limited_by_its_decompressed_size(api):
+    # 2 MiB of spaces compress to a few KB: Content-Length alone would let it through.
+    compressed = gzip.compress(b"[" + b" " * (2 * MAX_BODY_BYTES) + b"]")
+    assert len(compressed) < MAX_BODY_BYTES
+    headers = {"Authorization": f"Bearer {api.admin_token}", "Content-Type": "application/json",
+               "Content-Encoding": "gzip"}
+    async with api.client.post("/api/v1/alerts", data=compressed, headers=headers) as response:
+        assert response.status == 413
+
+
+# --- Authorization header -------------------------------------------------------------------------
+
+async def raw_request(api, request: bytes) -> bytes:
+    url = api.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.read(65536)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("token", [b"\xff", b"alk_\xc3\x28", b"\xe2\x82"])
+async def test_an_authorization_header_that_is_not_utf8_answers_401(api, token):
+    answer = await raw_request(api, b"GET /api/v1/rules HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer "
+                               + token + b"\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
+# --- pagination cursors ---------------------------------------------------------------------------
+
+def forged_cursor(content: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(content).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("content", [
+    ["2024-01-01T00:00:00+00:00", 5],
+    ["2024-01-01T00:00:00+00:00", ["8a3f1a52-0000-4000-8000-000000000000"]],
+    ["2024-01-01T00:00:00+00:00", True],
+    [5, "8a3f1a52-0000-4000-8000-000000000000"],
+    ["0001-01-01T00:00:00+01:00", "8a3f1a52-0000-4000-8000-000000000000"],
+    ["9999-12-31T23:59:59-01:00", "8a3f1a52-0000-4000-8000-000000000000"],
+    {"created_at": 1, "id": 2},
+])
+@pytest.mark.parametrize("path", ["/api/v1/rules", "/api/v1/notifications", "/api/v1/silences"])
+async def test_a_forged_cursor_is_refused_naming_the_cursor(api, tenant, path, content):
+    reply = await api.call("GET", path, tenant.key, params={"cursor": forged_cursor(content)})
+    assert reply.failing_fields() == {"cursor"}
+
+
+async def test_a_cursor_nested_too_deeply_is_refused_naming_the_cursor(api, tenant):
+    cursor = base64.urlsafe_b64encode(b"[" * 1500 + b"]" * 1500).decode().rstrip("=")
+    reply = await api.call("GET", "/api/v1/rules", tenant.key, params={"cursor": cursor})
+    assert reply.failing_fields() == {"cursor"}
+
+
+async def test_a_cursor_near_the_ends_of_the_calendar_in_utc_is_accepted(api, tenant):
+    for created_at in ("0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59+00:00"):
+        cursor = forged_cursor([created_at, "8a3f1a52-0000-4000-8000-000000000000"])
+        reply = await api.call("GET", "/api/v1/notifications", tenant.key, params={"cursor": cursor})
+        assert reply.status == 200, reply.body
+
+
+# --- deeply nested JSON ---------------------------------------------------------------------------
+
+DEEP = b"[" * 1000 + b"]" * 1000
+
+
+@pytest.mark.parametrize("path", ["/api/v1/alerts", "/api/v1/worker/match", "/api/v1/clients", "/api/v1/rules"])
+async def test_json_nested_a_thousand_levels_deep_is_refused_as_invalid(api, path):
+    reply = await api.call("POST", path, api.admin_token, data=DEEP)
+    assert reply.failing_fields() == {"body"}
+
+
+async def test_an_alert_with_a_deeply_nested_context_value_is_refused(api):
+    alert = b'{"alert_id": "a", "event_ts": 1700000000, "severity": "HIGH", "source": "s", "name": "n", ' \
+            b'"context": {"k": ' + DEEP + b"}}"
+    reply = await api.call("POST", "/api/v1/alerts", api.admin_token, data=alert)
+    assert reply.status == 422, reply.body
