@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -24,7 +24,7 @@ from agents.match_outcomes import groups_lock, needs_state, record_stateful
 from alerting_app import db, metrics
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
-from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letter
+from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
 from alerting_app.sending import send_batched
 
 log = logging.getLogger(__name__)
@@ -143,14 +143,15 @@ async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
     )}
     seen_before = [(position, ready) for position, ready in enumerate(candidates, 1)
                    if ready.notification_id not in inserted]
-    unemitted: dict[int, NotificationReady] = {}
+    unemitted: dict[int, NotificationReady] = {}  # by position in `candidates`
     if seen_before:
         rows = await conn.fetch(_UNEMITTED_NOTIFICATIONS, [ready.client_id for _, ready in seen_before],
                                 [ready.alerts[0].alert_id for _, ready in seen_before])
         for row in rows:
+            # The row's position is within `seen_before`, not within `candidates`.
+            position, match = seen_before[row["position"] - 1]
             # Rebuilt from the row, as in record_first_match, so the retry is the notification first built.
-            match = seen_before[row["position"] - 1][1]
-            unemitted[row["position"]] = NotificationReady(
+            unemitted[position] = NotificationReady(
                 notification_id=row["notification_id"], client_id=match.client_id,
                 alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
                 created_at=row["created_at"])
@@ -204,6 +205,12 @@ class Aggregation:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
+# What Postgres (or asyncpg, encoding it) refuses in a match that decoded: a NUL in a text or JSON
+# string, say. The contracts should refuse it first; this backstop keeps one such message from
+# crashing the agent on every redelivery and so blocking its partition for ever.
+REFUSED_BY_POSTGRES: tuple[type[Exception], ...] = (asyncpg.DataError, ValueError)
+
+
 async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggregation:
     """Record the batch's matches; collect the notifications to emit and the dead letters."""
     aggregation = Aggregation()
@@ -213,6 +220,13 @@ async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggre
             decoded.append((event, decode_matched(event.message.value)))
         except UndecodableMessage as exc:
             aggregation.dead_letters.append(dead_letter_for(event.message, str(exc)))
+    await record_matches(conn, decoded, aggregation)
+    return aggregation
+
+
+async def record_matches(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
+                         aggregation: Aggregation) -> None:
+    """Record decoded matches into `aggregation`: its notifications in input order, its dead letters."""
     # Most matches take the one-statement path of before; silenced, grouped and repeat-checked
     # ones need the aggregate state (record_stateful).
     plain = [(event, matched) for event, matched in decoded if not needs_state(matched)]
@@ -220,20 +234,44 @@ async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggre
     if plain:
         try:
             aggregation.ready.extend(await record_first_matches(conn, [matched for _, matched in plain]))
-        except asyncpg.ForeignKeyViolationError:
-            # Some match names an unknown client and the batch statement inserted nothing: record the
-            # matches one by one, so only that one becomes a dead letter.
+        except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES):
+            # Some match names an unknown client, or holds what Postgres refuses, and the batch
+            # statement inserted nothing: record the matches one by one, so only that one becomes a
+            # dead letter.
             await record_one_by_one(conn, plain, aggregation)
     if stateful:
         async with groups_lock:
-            seen_before = await record_stateful(conn, stateful, aggregation)
+            seen_before = await record_stateful_isolating(conn, stateful, aggregation)
             if seen_before:
                 # Notified at once before, possibly never emitted (the worker died in between).
                 emitted = {ready.notification_id for ready in aggregation.ready}
                 for ready in await unemitted_notifications(conn, seen_before):
                     if ready.notification_id not in emitted:
                         aggregation.ready.append(ready)
-    return aggregation
+    # The two paths above ran one after the other; notifications.ready must still carry each
+    # client's notifications in the order of their matches (docs/architecture.md).
+    aggregation.ready.sort(key=input_order([matched for _, matched in decoded]))
+
+
+def input_order(matches: list[AlertMatched]) -> Callable[[NotificationReady], int]:
+    """A sort key putting each notification at the position of its match's first occurrence.
+
+    A closed group's notification, re-emitted here because its closer died before emitting it,
+    goes first: its alerts arrived before anything of this batch.
+    """
+    positions: dict[tuple[str, str], int] = {}
+    for position, matched in enumerate(matches):
+        positions.setdefault((matched.client_id, matched.alert.alert_id), position)
+
+    def position_of(ready: NotificationReady) -> int:
+        if ready.group_rule_id is not None:
+            return -1
+        return positions.get((ready.client_id, ready.alerts[0].alert_id), -1)
+    return position_of
+
+
+def refused_reason(exc: Exception) -> str:
+    return f"refused by Postgres: {type(exc).__name__}: {exc}"
 
 
 async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
@@ -246,18 +284,52 @@ async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, Aler
             reason = f"client_id: no such client {matched.client_id}"
             aggregation.dead_letters.append(dead_letter_for(event.message, reason))
             continue
+        except REFUSED_BY_POSTGRES as exc:
+            aggregation.dead_letters.append(dead_letter_for(event.message, refused_reason(exc)))
+            continue
         # A match redelivered within the batch finds the row still unemitted: emit it once.
         if ready is not None and ready.notification_id not in to_emit:
             to_emit.add(ready.notification_id)
             aggregation.ready.append(ready)
 
 
+async def record_stateful_isolating(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
+                                    aggregation: Aggregation) -> list[AlertMatched]:
+    """`record_stateful` for the batch; if Postgres refuses some match, for each match on its own,
+    so that only the refused ones become dead letters. Runs under `groups_lock`.
+
+    Safe to repeat: record_stateful writes Postgres in one transaction, which a refusal rolls back,
+    and the groups table only after it; a batch of one is what a quiet partition gives anyway.
+    """
+    try:
+        return await _record_stateful_or_nothing(conn, decoded, aggregation)
+    except REFUSED_BY_POSTGRES:
+        log.warning("Postgres refused a batch of %d stateful matches; recording them one by one", len(decoded))
+    seen_before: list[AlertMatched] = []
+    for event, matched in decoded:
+        try:
+            seen_before.extend(await _record_stateful_or_nothing(conn, [(event, matched)], aggregation))
+        except REFUSED_BY_POSTGRES as exc:
+            aggregation.dead_letters.append(dead_letter_for(event.message, refused_reason(exc)))
+    return seen_before
+
+
+async def _record_stateful_or_nothing(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
+                                      aggregation: Aggregation) -> list[AlertMatched]:
+    """`record_stateful`, adding its notifications and dead letters to `aggregation` only if it succeeds."""
+    attempt = Aggregation(ready=list(aggregation.ready))  # it skips closed groups being emitted already
+    seen_before = await record_stateful(conn, decoded, attempt)
+    aggregation.ready[:] = attempt.ready
+    aggregation.dead_letters.extend(attempt.dead_letters)
+    return seen_before
+
 
 async def publish_aggregation(aggregation: Aggregation) -> None:
     pending = await send_batched(notifications_ready,
                                  ((ready.client_id.encode(), ready.encode()) for ready in aggregation.ready))
-    for letter in aggregation.dead_letters:
-        await send_dead_letter(letter)
+    # Acknowledged by the broker before the batch is: a refused letter fails the sink, and the batch
+    # stays unacknowledged rather than losing the message.
+    await send_dead_letters(aggregation.dead_letters)
     # Marked emitted only once the broker holds them; a crash before leaves them to be re-emitted.
     await asyncio.gather(*pending)
     if aggregation.ready:

@@ -16,7 +16,7 @@ from faust.types import EventT, StreamT
 from alerting_app import metrics
 from alerting_app.app import alerts_matched, alerts_new, app
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter
-from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
+from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letters
 from alerting_app.matching import matched_messages
 from alerting_app.sending import send_batched
 from tables.rules import rule_index, rule_replica
@@ -53,8 +53,9 @@ def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
 async def publish_evaluation(evaluation: Evaluation) -> None:
     pending = await send_batched(
         alerts_matched, ((matched.client_id.encode(), matched.encode()) for matched in evaluation.matched))
-    for letter in evaluation.dead_letters:
-        await send_dead_letter(letter)
+    # Acknowledged by the broker before the batch is: a refused letter fails the sink, and the batch
+    # stays unacknowledged rather than losing the message.
+    await send_dead_letters(evaluation.dead_letters)
     # One wait for the whole batch: its alerts are acknowledged only once every match is on the broker.
     await asyncio.gather(*pending)
     metrics.alerts_matched.inc(len(evaluation.matched))

@@ -5,6 +5,11 @@ The API writes each change's event into an outbox table in the same transaction 
 accepted change is never lost when the broker is down. This relay sends each outbox's rows, oldest
 first, keyed by their id, waits for the broker's acknowledgement and only then deletes them: a crash
 in between sends a row twice, which consumers ignore by version.
+
+Order matters beyond consumers that follow the topic: the topics are compacted, keeping the last
+record of each key, so a replica reading from scratch sees only the version published last. Hence
+one relay at a time per outbox, across workers (`_relay_batch`), and each key's rows in version
+order in the outbox, republished ones included (`republish_all_rules`).
 """
 from __future__ import annotations
 
@@ -71,8 +76,13 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
     that hold a rule already ignore the repeat, since its version is not newer.
     """
     async with pool.acquire() as conn, conn.transaction():
+        # FOR SHARE: a change in flight commits first and is read at its new version, and a later
+        # one waits for this transaction, so no rule is queued here at an older version behind a
+        # newer one (which compaction would then keep). In key order, as the API locks them
+        # (web/clients.py), so a client's deletion and this wait for each other without deadlock.
         rows = await conn.fetch("SELECT rule_id, client_id, severity, source, name, enabled, version,"
-                                " group_window_s, repeat_interval_s, fingerprint_keys FROM rules")
+                                " group_window_s, repeat_interval_s, fingerprint_keys FROM rules"
+                                " ORDER BY rule_id FOR SHARE")
         events = [RuleChanged.upsert(Rule(**{**dict(row), "rule_id": str(row["rule_id"]),
                                             "client_id": str(row["client_id"])})) for row in rows]
         await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
@@ -83,10 +93,11 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
 async def republish_all_silences(pool: asyncpg.Pool) -> int:
     """Queue every silence in Postgres, at its current version, for silence.changed; return how many.
 
-    As for rules: when the topic starts empty, this puts the silences back on it.
+    As for rules: when the topic starts empty, this puts the silences back on it, and no silence
+    is queued at an older version behind a newer one.
     """
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences")
+        rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences ORDER BY silence_id FOR SHARE")
         events = [SilenceChanged.upsert(silence_of_row(row)) for row in rows]
         await conn.executemany("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
                                [(event.silence_id, event.model_dump(mode="json")) for event in events])
@@ -104,16 +115,25 @@ async def relay_pending(pool: asyncpg.Pool, batch_size: int = BATCH_SIZE,
     return sum([await _relay_batch(pool, outbox, batch_size) for outbox in outboxes])
 
 
+async def lock_relay(conn: asyncpg.Connection, outbox: Outbox) -> None:
+    """Wait until no other relay of `outbox` runs, in any worker; held until the transaction ends."""
+    # The outbox table's oid is a key no other advisory lock of this database uses.
+    await conn.execute("SELECT pg_advisory_xact_lock($1::text::regclass::oid::bigint)", outbox.table)
+
+
 async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> int:
-    """SKIP LOCKED lets every worker relay at once without two sending the same row; the rows stay
-    locked until the broker has acknowledged them, and a failure leaves them for the next try.
-    Two workers may then publish one rule's (or silence's) versions out of order, which consumers
-    tolerate: they keep the highest version (and delete tombstones) and ignore older ones.
+    """One relay at a time per outbox, across workers: two relays sending batches at once could put
+    a key's newer version on the topic before its older one, and compaction would then keep the
+    older. The rows stay locked until the broker has acknowledged them, and a failure leaves them
+    for the next try.
     """
     async with pool.acquire() as conn, conn.transaction():
+        await lock_relay(conn, outbox)
+        # Read after the lock is held, so the rows the previous relay deleted are gone. FOR UPDATE
+        # (not SKIP LOCKED): a relay of an older release holding rows is waited for, not overtaken.
         rows = await conn.fetch(
             f"SELECT outbox_id, {outbox.key_column} AS key, payload FROM {outbox.table}"
-            " ORDER BY outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            " ORDER BY outbox_id LIMIT $1 FOR UPDATE",
             batch_size,
         )
         if not rows:
@@ -121,6 +141,7 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
         # Sent as stored: a payload the consumer cannot decode goes to its dead-letter topic
         # there, instead of blocking every later change here.
         # In record batches: per-message Topic.send made relaying 450,000 seeded rules take a minute.
+        # One key's rows keep their order: send_batched appends them to one partition's batches in turn.
         acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), json.dumps(row["payload"]).encode())
                                                  for row in rows))
         await asyncio.gather(*acks)

@@ -1,19 +1,23 @@
 """Decoding of incoming messages, and the dead-letter path for those that fail.
 
 A message that cannot be decoded or validated must not stop the worker, and must not vanish:
-it goes to `<topic>.dlq` with the reason and is counted.
+it goes to `<topic>.dlq` with the reason and is counted. Sending waits for the broker's
+acknowledgement, so a letter the broker refuses raises before the source message is acknowledged;
+and a letter is cut to what the producer accepts, or it would be refused on every redelivery.
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import re
-import uuid
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from alerting_app import metrics
-from alerting_app.app import DEAD_LETTER_TOPICS
+from alerting_app.app import DEAD_LETTER_TOPICS, app
 from alerting_app.contracts import Contract, DeadLetter
 
 log = logging.getLogger(__name__)
@@ -38,15 +42,17 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 
 
 def require_uuids(**fields: list[str]) -> None:
-    """Refuse ids our tables cannot hold: the reason names the first field that is not a UUID."""
+    """Refuse ids our tables cannot hold: the reason names the first field that is not a UUID.
+
+    Only the canonical form (lowercase, hyphenated: what Postgres and our producers write) passes.
+    Python's UUID also reads `{...}`, `urn:uuid:...` and unhyphenated forms, which asyncpg refuses
+    later, inside a batch's statement; and an id in another form than the stored one would not be
+    found by the comparisons that join rows by their text.
+    """
     for name, values in fields.items():
         for value in values:
-            if _CANONICAL_UUID.fullmatch(value):
-                continue  # the usual form, checked without building a UUID (that showed in profiles)
-            try:
-                uuid.UUID(value)
-            except ValueError:
-                raise UndecodableMessage(f"{name}: not a UUID: {value!r}") from None
+            if not _CANONICAL_UUID.fullmatch(value):
+                raise UndecodableMessage(f"{name}: not a UUID in canonical form (lowercase, hyphenated): {value!r}")
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -59,8 +65,8 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def dead_letter_for(message: Any, reason: str) -> DeadLetter:
     """The dead letter for a consumed message: a Faust `Message` or an aiokafka `ConsumerRecord`
-    (both carry topic, partition, offset, key and value)."""
-    return DeadLetter(
+    (both carry topic, partition, offset, key and value), cut to what the producer accepts."""
+    letter = DeadLetter(
         topic=message.topic,
         partition=message.partition,
         offset=message.offset,
@@ -68,11 +74,89 @@ def dead_letter_for(message: Any, reason: str) -> DeadLetter:
         reason=reason,
         payload=(message.value or b"").decode("utf-8", "replace"),
     )
+    return bounded(letter, original_key=message.key, original_value=message.value or b"")
+
+
+# The producer refuses a record bigger than its max_request_size (Faust's producer_max_request_size,
+# 1,000,000 bytes by default), the same letter on every retry. A letter's key and value stay this
+# far under it, for the record's own framing.
+_RECORD_FRAMING_BYTES = 1024
+MAX_KEY_CHARS = 1000
+MAX_REASON_CHARS = 10_000  # a reason may quote the bad value (require_uuids does)
+
+
+def max_letter_bytes() -> int:
+    return app.conf.producer_max_request_size - _RECORD_FRAMING_BYTES
+
+
+def bounded(letter: DeadLetter, *, limit: int | None = None, original_key: bytes | None = None,
+            original_value: bytes | None = None) -> DeadLetter:
+    """`letter`, or, when its key and encoded value exceed `limit` bytes, the letter with its
+    payload (and a long key or reason) cut, the reason saying so with the original's length in
+    bytes and its sha256. The topic, partition and offset still point to the original.
+
+    `original_key` and `original_value` are the consumed bytes, when there are any: the letter's
+    strings were decoded from them with replacement.
+    """
+    limit = max_letter_bytes() if limit is None else limit
+    if _record_bytes(letter) <= limit:
+        return letter
+    key, reason, notes = letter.key, letter.reason, []
+    if key is not None and len(key) > MAX_KEY_CHARS:
+        notes.append(_cut_note("key", original_key if original_key is not None else key.encode()))
+        key = key[:MAX_KEY_CHARS]
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS] + "..."
+
+    def with_notes(*more: str) -> str:
+        return f"{reason} [{'; '.join([*notes, *more])}]" if notes or more else reason
+
+    payload_note = _cut_note("payload", original_value if original_value is not None else letter.payload.encode())
+    cut = letter.model_copy(update={"key": key, "reason": with_notes(payload_note), "payload": ""})
+    # The longest prefix of the payload that fits: JSON escaping makes a character 1 to 6 bytes,
+    # so search rather than guess. At least one byte a character bounds the search by `limit`.
+    fits, too_long = 0, min(len(letter.payload), limit) + 1
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if _record_bytes(cut.model_copy(update={"payload": letter.payload[:middle]})) <= limit:
+            fits = middle
+        else:
+            too_long = middle
+    if fits == len(letter.payload):  # the key or the reason was what did not fit
+        return letter.model_copy(update={"key": key, "reason": with_notes()})
+    return cut.model_copy(update={"payload": letter.payload[:fits]})
+
+
+def _cut_note(what: str, original: bytes) -> str:
+    return f"{what} truncated: the original was {len(original)} bytes, sha256 {hashlib.sha256(original).hexdigest()}"
+
+
+def _record_bytes(letter: DeadLetter) -> int:
+    return len(letter.encode()) + (len(letter.key.encode()) if letter.key is not None else 0)
+
+
+async def send_dead_letters(letters: Iterable[DeadLetter]) -> None:
+    """Send each letter to its topic's `.dlq`; return once the broker acknowledged them all.
+
+    Raises when the broker refuses one or cannot be reached in time: the caller must then not
+    acknowledge the message the letter stands for (an agent's sink raising leaves its batch
+    unacknowledged; the delivery recorder keeps the letter and tries again).
+    """
+    letters = [bounded(letter) for letter in letters]
+    acks = []
+    for letter in letters:
+        log.warning("dead letter from %s[%s]@%s: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+        # force: never attached to the event being processed (Faust's stream_publish_on_commit),
+        # whose future would resolve only when the event is committed, after this returns.
+        acks.append(await DEAD_LETTER_TOPICS[letter.topic].send(
+            key=letter.key.encode() if letter.key is not None else None, value=letter.encode(), force=True))
+    results = await asyncio.gather(*acks, return_exceptions=True)  # every outcome retrieved, none left unseen
+    failures = [result for result in results if isinstance(result, BaseException)]
+    if failures:
+        raise failures[0]
+    for letter in letters:
+        metrics.dead_letters.labels(topic=letter.topic).inc()
 
 
 async def send_dead_letter(letter: DeadLetter) -> None:
-    log.warning("dead letter from %s[%s]@%s: %s", letter.topic, letter.partition, letter.offset, letter.reason)
-    metrics.dead_letters.labels(topic=letter.topic).inc()
-    await DEAD_LETTER_TOPICS[letter.topic].send(
-        key=letter.key.encode() if letter.key is not None else None, value=letter.encode()
-    )
+    await send_dead_letters([letter])

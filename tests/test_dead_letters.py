@@ -8,9 +8,16 @@ import pytest
 from alerting_app.dead_letters import UndecodableMessage, require_uuids
 
 
-@pytest.mark.parametrize("form", [str, lambda u: str(u).upper(), lambda u: u.hex, lambda u: "{%s}" % u])
-def test_every_form_of_a_uuid_passes(form):
-    require_uuids(client_id=[form(uuid.uuid4())])
+def test_the_canonical_form_of_a_uuid_passes():
+    require_uuids(client_id=[str(uuid.uuid4())])
+
+
+@pytest.mark.parametrize("form", [lambda u: str(u).upper(), lambda u: u.hex, lambda u: "{%s}" % u, lambda u: u.urn])
+def test_other_forms_python_reads_are_refused_as_the_tables_would_not_join_them(form):
+    # asyncpg refuses `{...}` and `urn:uuid:...` inside a batch's statement; an upper-case id would
+    # not equal the stored text form it is compared with.
+    with pytest.raises(UndecodableMessage, match=r"^client_id: not a UUID in canonical form"):
+        require_uuids(client_id=[form(uuid.uuid4())])
 
 
 @pytest.mark.parametrize("value", ["", "not-a-uuid", str(uuid.uuid4())[:-1], str(uuid.uuid4()) + "0",

@@ -1,0 +1,94 @@
+"""The aggregate stage's batch functions against the real Postgres: a notification left unemitted
+is emitted on redelivery wherever it sits in the batch, one client's notifications come out in the
+order of its matches, and a match Postgres refuses becomes a dead letter without stopping the rest."""
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from types import SimpleNamespace
+
+from agents.aggregate import Aggregation, aggregate_batch, record_first_match, record_first_matches, record_matches
+from alerting_app.contracts import Alert, AlertMatched
+from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
+
+pytestmark = AGENT_LOOP
+
+
+def matched(client_id: str, *, repeat_checked: bool = False) -> AlertMatched:
+    alert = Alert(alert_id=str(uuid.uuid4()), event_ts=time.time(), severity="HIGH", source="payments",
+                  name="CheckoutLatency", context={"region": "eu-west-1"})
+    if not repeat_checked:
+        return AlertMatched(alert=alert, client_id=client_id, rule_ids=[str(uuid.uuid4())])
+    # Stateful: aggregate records it through match_outcomes (PENDING, since its fingerprint is new).
+    return AlertMatched(alert=alert, client_id=client_id, rule_ids=[str(uuid.uuid4())], repeat_interval_s=60,
+                        fingerprint=hashlib.sha256(uuid.uuid4().bytes).hexdigest())
+
+
+def with_nul_in_context(match: AlertMatched) -> AlertMatched:
+    """The match with a NUL in a context value, which Postgres refuses in jsonb (built without
+    validation: the contracts may refuse it, and this is about what happens if they do not)."""
+    alert = match.alert.model_copy(update={"context": {"region": "a\u0000b"}})
+    return match.model_copy(update={"alert": alert})
+
+
+def event(match: AlertMatched, offset: int) -> SimpleNamespace:
+    """What aggregate reads of a Faust event: its message."""
+    return SimpleNamespace(message=SimpleNamespace(
+        topic="alerts.matched", partition=0, offset=offset, key=match.client_id.encode(),
+        value=match.model_dump_json().encode()))
+
+
+def alert_ids(readies) -> list[str]:
+    return [ready.alerts[0].alert_id for ready in readies]
+
+
+async def test_a_notification_left_unemitted_is_emitted_when_redelivered_behind_a_new_match(pool):
+    client = await insert_client(pool)
+    new, redelivered = matched(client), matched(client)
+    # A worker inserted B's notification and died before marking it emitted.
+    first_built = await record_first_match(pool, redelivered)
+
+    ready = await record_first_matches(pool, [new, redelivered])
+
+    assert alert_ids(ready) == [new.alert.alert_id, redelivered.alert.alert_id]
+    assert ready[1] == first_built
+
+
+async def test_a_clients_notifications_come_out_in_the_order_of_its_matches(pool):
+    client = await insert_client(pool)
+    # Stateful, plain, stateful: the two kinds are recorded by different paths.
+    matches = [matched(client, repeat_checked=True), matched(client), matched(client, repeat_checked=True)]
+    # A notification left unemitted, redelivered last, comes out last.
+    left_unemitted = matched(client)
+    await record_first_match(pool, left_unemitted)
+    matches.append(left_unemitted)
+
+    aggregation = await aggregate_batch(pool, [event(match, offset) for offset, match in enumerate(matches)])
+
+    assert aggregation.dead_letters == []
+    assert alert_ids(aggregation.ready) == [match.alert.alert_id for match in matches]
+
+
+async def test_a_plain_match_postgres_refuses_is_a_dead_letter_and_the_others_are_recorded(pool):
+    await assert_refused_match_is_isolated(pool, repeat_checked=False)
+
+
+async def test_a_stateful_match_postgres_refuses_is_a_dead_letter_and_the_others_are_recorded(pool):
+    await assert_refused_match_is_isolated(pool, repeat_checked=True)
+
+
+async def assert_refused_match_is_isolated(pool, *, repeat_checked: bool) -> None:
+    client = await insert_client(pool)
+    matches = [matched(client, repeat_checked=repeat_checked),
+               with_nul_in_context(matched(client, repeat_checked=repeat_checked)),
+               matched(client, repeat_checked=repeat_checked)]
+    aggregation = Aggregation()
+
+    await record_matches(pool, [(event(match, offset), match) for offset, match in enumerate(matches)], aggregation)
+
+    [letter] = aggregation.dead_letters
+    assert letter.offset == 1 and letter.reason.startswith("refused by Postgres: UntranslatableCharacterError")
+    assert alert_ids(aggregation.ready) == [matches[0].alert.alert_id, matches[2].alert.alert_id]
+    stored = await pool.fetch("SELECT alert_id FROM notifications WHERE client_id = $1", client)
+    assert sorted(row[0] for row in stored) == sorted(alert_ids(aggregation.ready))

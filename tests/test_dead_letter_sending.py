@@ -1,0 +1,88 @@
+"""Sending dead letters: a letter too big for the producer is cut to fit and says so, a letter the
+real broker takes is acknowledged before the send returns, and a refused one raises."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from alerting_app.contracts import DeadLetter
+from alerting_app.dead_letters import bounded, dead_letter_for, max_letter_bytes, send_dead_letter
+from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
+
+
+def consumed(key: bytes | None, value: bytes) -> SimpleNamespace:
+    return SimpleNamespace(topic="alerts.new", partition=3, offset=42, key=key, value=value)
+
+
+def record_bytes(letter: DeadLetter) -> int:
+    return len(letter.encode()) + len((letter.key or "").encode())
+
+
+def test_a_small_letter_is_kept_whole():
+    message = consumed(b"k", b'{"alert_id": 1}')
+    letter = dead_letter_for(message, "alert_id: Input should be a valid string")
+    assert (letter.key, letter.payload, letter.reason) == ("k", '{"alert_id": 1}',
+                                                          "alert_id: Input should be a valid string")
+
+
+# NULs are escaped as \u0000 (6 bytes each): the worst case for JSON escaping.
+@pytest.mark.parametrize("value", [b"x" * 3_000_000, b"\x00" * 400_000, "\u00e9".encode() * 700_000])
+def test_a_huge_payload_is_cut_to_fit_and_the_reason_says_what_it_was(value):
+    letter = dead_letter_for(consumed(b"k", value), "Invalid JSON")
+
+    assert record_bytes(letter) <= max_letter_bytes()
+    assert value.decode().startswith(letter.payload) and len(letter.payload) < len(value.decode())
+    assert letter.reason == (f"Invalid JSON [payload truncated: the original was {len(value)} bytes,"
+                             f" sha256 {hashlib.sha256(value).hexdigest()}]")
+    assert (letter.topic, letter.partition, letter.offset, letter.key) == ("alerts.new", 3, 42, "k")
+
+
+def test_a_huge_key_is_cut_too():
+    key = b"k" * 2_000_000
+    letter = dead_letter_for(consumed(key, b"{}"), "key too long")
+
+    assert record_bytes(letter) <= max_letter_bytes()
+    assert letter.key == "k" * 1000 and letter.payload == "{}"
+    assert letter.reason == (f"key too long [key truncated: the original was {len(key)} bytes,"
+                             f" sha256 {hashlib.sha256(key).hexdigest()}]")
+
+
+def test_the_payload_kept_is_the_longest_that_fits():
+    letter = DeadLetter(topic="alerts.new", reason="bad", payload="p" * 5000, failed_at=1.0)
+    cut = bounded(letter, limit=2000)
+    assert record_bytes(cut) <= 2000
+    assert record_bytes(cut.model_copy(update={"payload": "p" * (len(cut.payload) + 1)})) > 2000
+
+
+@AGENT_LOOP
+async def test_a_letter_too_big_for_the_producer_is_acknowledged_by_the_broker_cut(pipeline):
+    key = f"huge-{uuid.uuid4()}"
+    value = b'{"alert_id": "' + b"\x01" * 2_000_000 + b'"}'
+
+    await send_dead_letter(dead_letter_for(consumed(key.encode(), value), "Invalid JSON"))
+
+    [on_broker] = await sent_to("alerts.new.dlq", key)
+    assert "payload truncated: the original was 2000016 bytes" in on_broker["reason"]
+    assert len(json.dumps(on_broker)) <= max_letter_bytes()
+
+
+@AGENT_LOOP
+async def test_a_letter_the_broker_refuses_raises(pipeline, monkeypatch):
+    from alerting_app import dead_letters
+
+    class RefusingTopic:
+        """Stands in for the broker's answer, which a test broker cannot be made to refuse on demand."""
+
+        async def send(self, **message) -> asyncio.Future:
+            refused = asyncio.get_running_loop().create_future()
+            refused.set_exception(RuntimeError("broker refused the record"))
+            return refused
+
+    monkeypatch.setitem(dead_letters.DEAD_LETTER_TOPICS, "alerts.new", RefusingTopic())
+    with pytest.raises(RuntimeError, match="broker refused the record"):
+        await send_dead_letter(dead_letter_for(consumed(b"k", b"{"), "Invalid JSON"))

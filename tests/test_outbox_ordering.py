@@ -1,0 +1,114 @@
+"""Each rule's versions reach rule.changed in version order, however many relays run and whatever
+is republished meanwhile: the topic is compacted, so the version published last is the one a
+replica reading from scratch keeps.
+
+Against a database of their own (so relaying and republishing touch only these rows), the real
+broker and the app's producer.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest_asyncio
+
+from agents.rule_outbox import RULE_OUTBOX, lock_relay, record_rule_change, relay_pending, republish_all_rules
+from alerting_app import db
+from alerting_app.app import settings
+from alerting_app.contracts import Rule, RuleChanged
+from alerting_app.migrate import apply_migrations
+from kafka_probe import read_topic
+from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
+
+pytestmark = AGENT_LOOP
+
+VERSIONS = 6
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_pool(empty_database):
+    await apply_migrations(empty_database)
+    pool = await asyncpg.create_pool(empty_database, min_size=1, max_size=6, init=db.init_connection)
+    yield pool
+    await pool.close()
+
+
+def rule_versions(rule_id: str, client_id: str) -> list[RuleChanged]:
+    """Upserts 1..VERSIONS-1, then a delete: nothing is left for later tests' alerts to match."""
+    upserts = [RuleChanged.upsert(Rule(rule_id=rule_id, client_id=client_id, severity="HIGH",
+                                       source="outbox-ordering", name=f"v{version}", version=version))
+               for version in range(1, VERSIONS)]
+    return [*upserts, RuleChanged(rule_id=rule_id, client_id=client_id, version=VERSIONS, action="delete")]
+
+
+async def queue_versions(pool, rule_ids: list[str]) -> None:
+    """Each rule's versions queued in a burst, one transaction each, as the API would: concurrent
+    relays then hold several versions of one rule at once."""
+    client_id = str(uuid.uuid4())
+    for rule_id in rule_ids:
+        for version in range(VERSIONS):
+            async with pool.acquire() as conn, conn.transaction():
+                await record_rule_change(conn, rule_versions(rule_id, client_id)[version])
+
+
+async def published_versions(rule_id: str) -> list[int]:
+    return [RuleChanged.model_validate_json(value).version
+            for key, value in await read_topic(settings.kafka_bootstrap_servers, "rule.changed")
+            if key == rule_id.encode()]
+
+
+async def relay_until_empty(pool) -> None:
+    while await relay_pending(pool, batch_size=1):
+        pass
+
+
+async def test_a_relay_waits_for_another_relay_mid_batch_instead_of_overtaking_it(pipeline, own_pool):
+    rule_id = str(uuid.uuid4())
+    await queue_versions(own_pool, [rule_id])
+
+    async with own_pool.acquire() as other, other.transaction():
+        # What another worker's relay holds while the broker acknowledges its batch of version 1.
+        await lock_relay(other, RULE_OUTBOX)
+        await other.fetch("SELECT outbox_id FROM rule_outbox ORDER BY outbox_id LIMIT 1 FOR UPDATE")
+        relay = asyncio.create_task(relay_until_empty(own_pool))
+        await asyncio.sleep(1.0)
+        assert not relay.done(), "the relay went ahead while another held the outbox"
+    # The other relay died without sending: its row is still there, for this relay, first.
+    await asyncio.wait_for(relay, 60)
+
+    assert await published_versions(rule_id) == list(range(1, VERSIONS + 1))
+
+
+async def test_concurrent_relays_publish_each_rules_versions_in_version_order(pipeline, own_pool):
+    rule_ids = [str(uuid.uuid4()) for _ in range(4)]
+    await queue_versions(own_pool, rule_ids)
+
+    await asyncio.gather(*(relay_until_empty(own_pool) for _ in range(4)))
+
+    assert await own_pool.fetchval("SELECT count(*) FROM rule_outbox") == 0
+    for rule_id in rule_ids:
+        assert await published_versions(rule_id) == list(range(1, VERSIONS + 1))
+
+
+async def test_republishing_during_a_change_queues_the_changed_version_last(own_pool):
+    client_id, rule_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await own_pool.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'c', $2)",
+                           client_id, uuid.uuid4().hex)
+    await own_pool.execute("INSERT INTO rules (rule_id, client_id, severity, source, name) "
+                           "VALUES ($1, $2, 'HIGH', 'outbox-ordering', 'v1')", rule_id, client_id)
+
+    async with own_pool.acquire() as api, api.transaction():
+        # The API changing the rule, as web/rules.py does: lock, update, queue version 2 ...
+        row = await api.fetchrow("UPDATE rules SET name = 'v2', version = version + 1 WHERE rule_id = $1 "
+                                 "RETURNING rule_id::text, client_id::text, severity, source, name, version",
+                                 rule_id)
+        await record_rule_change(api, RuleChanged.upsert(Rule(**dict(row))))
+        # ... while a republish starts, before the change commits.
+        republish = asyncio.create_task(republish_all_rules(own_pool))
+        await asyncio.sleep(1.0)
+        assert not republish.done(), "the republish read the rule while its change was in flight"
+    assert await asyncio.wait_for(republish, 60) == 1
+
+    queued = await own_pool.fetch("SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id", rule_id)
+    assert [entry["payload"]["version"] for entry in queued] == [2, 2]
