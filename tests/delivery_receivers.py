@@ -3,7 +3,8 @@
 `Receiver` is an aiohttp server on 127.0.0.1 that records every POST. Each path answers from its
 script (`answer(path, 500, 500, 200)`: one status per request, the last one repeating; 200 when
 unscripted), and a path can be held (`hold(path)`: requests wait, unanswered, until released).
-`SmtpServer` is aiosmtpd's SMTP server in its own thread, keeping every message it accepts.
+`SmtpServer` is aiosmtpd's SMTP server in its own thread, keeping every message it accepts; it can
+refuse a recipient (`refuse`) or answer slowly (`stall`).
 
 This module holds no tests.
 """
@@ -121,13 +122,22 @@ class Receiver:
 
 
 class _KeepMessages:
-    """aiosmtpd handler: accepts mail, except to recipients given a reply in `replies`."""
+    """aiosmtpd handler: accepts mail, except to recipients given a reply in `replies`; waits
+    `stall_s` before answering MAIL, RCPT and DATA."""
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
         self.replies: dict[str, str] = {}
+        self.stall_s = 0.0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802 (aiosmtpd's name)
+        await asyncio.sleep(self.stall_s)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802 (aiosmtpd's name)
+        await asyncio.sleep(self.stall_s)
         reply = self.replies.get(address)
         if reply is not None:
             return reply
@@ -135,6 +145,7 @@ class _KeepMessages:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        await asyncio.sleep(self.stall_s)
         self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
         return "250 Message accepted for delivery"
 
@@ -159,3 +170,7 @@ class SmtpServer:
     def refuse(self, recipient: str, reply: str) -> None:
         """Answer RCPT TO for `recipient` with `reply` (e.g. "550 5.1.1 no such user")."""
         self._handler.replies[recipient] = reply
+
+    def stall(self, seconds: float) -> None:
+        """Wait `seconds` before each reply to MAIL, RCPT and DATA: a slow relay."""
+        self._handler.stall_s = seconds

@@ -170,7 +170,31 @@ async def test_endpoint_failing_every_attempt_is_failed_after_the_last_and_dead_
     assert letter["reason"].endswith("HTTP 503; FAILED after 4 attempt(s)")
 
 
-async def test_a_429_is_retried_no_sooner_than_its_retry_after(pool, dispatcher, receiver):
+async def test_a_send_that_raises_unexpectedly_is_failed_once_with_its_reason_and_dead_lettered(
+        pool, dispatcher, receiver, monkeypatch):
+    from alerting_app.delivery import attempts
+
+    async def broken_send(*args, **kwargs):
+        raise RuntimeError("cannot format this notification")
+
+    monkeypatch.setattr(attempts, "send_webhook", broken_send)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+
+    await deliver(dispatcher, notification.encode())
+
+    reason = "RuntimeError: cannot format this notification"
+    assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "FAILED", 1, reason, True)}
+    assert await notification_state(pool, notification.notification_id) == (
+        "FAILED", f"1 of 1 deliveries failed: {endpoint}: {reason}")
+    [letter] = await sent_to("notifications.ready.dlq", client)
+    assert letter["reason"] == f"endpoint {endpoint} (webhook): {reason}; FAILED after 1 attempt(s)"
+
+
+async def test_a_429_is_retried_no_sooner_than_its_retry_after(pool, dispatcher, receiver, monkeypatch,
+                                                              quick_retries):
+    # Retry-After is waited up to DELIVERY_BACKOFF_MAX_S; the backoff itself stays at 0.01-0.02 s.
+    monkeypatch.setattr(quick_retries, "delivery_backoff_max_s", 2.0)
     receiver.answer("hook", Answer(429, {"Retry-After": "1"}), 200)
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])

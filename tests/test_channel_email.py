@@ -1,6 +1,8 @@
 """The email channel against a real SMTP server (aiosmtpd) started by the test."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from alerting_app.channels.email import email_message, send_email
@@ -88,3 +90,26 @@ async def test_requiring_starttls_from_a_server_without_it_sends_nothing_in_clea
         with pytest.raises(RetryableDeliveryError, match="STARTTLS"):
             await send_email(settings, "oncall@example.com", notification())
         assert smtp.messages == []
+
+
+@pytest.mark.parametrize("line_break", ["\n", "\r", "\r\n", "\u2028", "\x85", "\x0b", "\x0c"])
+def test_line_breaks_in_an_alert_become_spaces_in_the_subject(line_break):
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source=f"pay{line_break}ments",
+                  name=f"Checkout{line_break}{line_break}Latency")
+
+    message = email_message(notification(alert), "alerts@example.com", "oncall@example.com")
+
+    assert message["Subject"] == "[HIGH] pay ments: Checkout Latency"
+    message.as_bytes()  # what aiosmtplib sends
+
+
+async def test_a_relay_that_answers_every_command_just_in_time_is_bounded_by_the_timeout_as_a_whole():
+    # Each reply takes 0.6 s, within aiosmtplib's per-command timeout of 1 s; the conversation
+    # (MAIL, RCPT, DATA) takes 1.8 s, beyond SMTP_TIMEOUT_S.
+    with SmtpServer() as smtp:
+        smtp.stall(0.6)
+        settings = smtp_settings(smtp.port).model_copy(update={"smtp_timeout_s": 1})
+        started = time.monotonic()
+        with pytest.raises(RetryableDeliveryError, match="timed out after 1s"):
+            await send_email(settings, "oncall@example.com", notification())
+        assert time.monotonic() - started < 1.5

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
-from alerting_app.channels.http import retry_after_seconds
+from alerting_app.channels.http import raise_for_status, retry_after_seconds
 from alerting_app.channels.webhook import send_webhook, webhook_body
 from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Answer, Receiver
@@ -111,6 +111,22 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
     assert retry_after_seconds(formatdate(now - 30, usegmt=True), now) == 0.0
     assert retry_after_seconds("soon", now) is None
     assert retry_after_seconds(None, now) is None
+
+
+@pytest.mark.parametrize("value", [
+    "²", "١٢",  # digits to str.isdigit, not to float()
+    "Sun, 06 Nov 99999999999999999999 08:49:37 GMT",  # a year too large for a C long
+    "12.5", "-3",
+])
+def test_a_retry_after_that_is_no_delay_is_ignored_not_raised(value):
+    assert retry_after_seconds(value, 1_700_000_000.0) is None
+    with pytest.raises(RetryableDeliveryError) as raised:
+        raise_for_status(429, value)
+    assert raised.value.retry_after is None
+
+
+def test_a_huge_retry_after_is_infinite_for_the_retry_to_cap():
+    assert retry_after_seconds("9" * 400) == float("inf")
 
 
 async def test_an_endpoint_that_does_not_answer_in_time_is_a_retryable_timeout():

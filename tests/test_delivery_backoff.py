@@ -29,3 +29,10 @@ def test_tenacitys_count_continues_after_the_attempts_made_before_it():
     state.attempt_number = 2  # tenacity's second attempt: the delivery's third
     for _ in range(50):
         assert 4 <= wait(state) <= 5
+
+
+@pytest.mark.parametrize("asked", [301.0, float("inf")])
+def test_a_retry_after_beyond_the_longest_backoff_waits_the_longest_backoff(asked):
+    # A Retry-After of '9' * 400 is infinity: waiting it would park the delivery for good.
+    wait = wait_backoff_or_retry_after(1.0, 300.0)
+    assert wait.after_attempt(1, RetryableDeliveryError("HTTP 429", asked)) == 300.0

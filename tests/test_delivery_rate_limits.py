@@ -74,3 +74,12 @@ async def test_the_buckets_are_throttled_pys_own(services):
     assert await ours._try(bucket, 1.0) == 0.0  # the second token of two
     assert (await library.limit(bucket)).limited
     assert 0.5 < await ours._try(bucket, 1.0) <= 1.0  # the next token is a second after the first
+
+
+async def test_a_rate_below_one_an_hour_is_one_an_hour(services):
+    # 1e-5/s rounds to 0 per 3,600 s, which the library divides by.
+    limits = rate_limits(services.redis_url, burst_s=1.0)
+    bucket = f"endpoint:{uuid.uuid4()}"
+
+    assert await limits._try(bucket, 1e-5) == 0.0  # the bucket's one token
+    assert 3590 < await limits._try(bucket, 1e-5) <= 3600

@@ -1,6 +1,7 @@
 """Email channel: a plain-text message sent through the SMTP relay of the settings (aiosmtplib)."""
 from __future__ import annotations
 
+import asyncio
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -15,7 +16,7 @@ def email_message(notification: NotificationReady, sender: str, recipient: str) 
     message = EmailMessage()
     message["From"] = sender
     message["To"] = recipient
-    message["Subject"] = headline(notification)
+    message["Subject"] = one_line(headline(notification))
     lines = [headline(notification), ""]
     for alert in notification.alerts:
         lines += [
@@ -32,22 +33,41 @@ def email_message(notification: NotificationReady, sender: str, recipient: str) 
     return message
 
 
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace, line breaks included, as one space.
+
+    A header may not hold a line break (EmailMessage refuses \\n, \\r, \\v, \\x85, \\u2028 and the
+    other separators of str.splitlines), and an alert's source or name may.
+    """
+    return " ".join(text.split())
+
+
 async def send_email(settings: Settings, recipient: str, notification: NotificationReady) -> None:
-    message = email_message(notification, settings.smtp_from, recipient)
     try:
-        await aiosmtplib.send(
-            message,
-            hostname=settings.smtp_host,
-            port=settings.smtp_port,
-            start_tls=settings.smtp_starttls,
-            username=settings.smtp_user,
-            password=settings.smtp_password,
-            timeout=settings.smtp_timeout_s,
-        )
+        message = email_message(notification, settings.smtp_from, recipient)
+    except (ValueError, TypeError) as exc:
+        # The same notification would make the same message again: not worth a retry.
+        raise PermanentDeliveryError(f"the message could not be built: {type(exc).__name__}: {exc}") from None
+    try:
+        # aiosmtplib's `timeout` bounds each command; SMTP_TIMEOUT_S is for the whole conversation,
+        # so a relay answering every command just in time cannot hold a delivery for many times it.
+        async with asyncio.timeout(settings.smtp_timeout_s):
+            await aiosmtplib.send(
+                message,
+                hostname=settings.smtp_host,
+                port=settings.smtp_port,
+                start_tls=settings.smtp_starttls,
+                username=settings.smtp_user,
+                password=settings.smtp_password,
+                timeout=settings.smtp_timeout_s,
+            )
     except aiosmtplib.SMTPRecipientsRefused as exc:
         raise _by_reply_code(min(r.code for r in exc.recipients), str(exc)) from None
     except aiosmtplib.SMTPResponseException as exc:
         raise _by_reply_code(exc.code, f"SMTP {exc.code}: {exc.message}") from None
+    except TimeoutError:
+        # Ours or one of aiosmtplib's per-command timeouts (SMTPTimeoutError is a TimeoutError too).
+        raise RetryableDeliveryError(f"timed out after {settings.smtp_timeout_s:g}s") from None
     except (aiosmtplib.SMTPException, OSError) as exc:
         # Connection refused or lost, timeouts, and a relay that lacks what the settings require
         # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.

@@ -63,14 +63,19 @@ def raise_for_status(status: int, retry_after: str | None = None) -> None:
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110); None if unusable."""
+    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110); None if unusable.
+
+    Whatever the header holds, this returns: it is the receiver's text. Delta-seconds are ASCII
+    digits only ("²" is a digit to str.isdigit, not to float); a huge number may come back as
+    infinity, which the retry's wait caps (DELIVERY_BACKOFF_MAX_S).
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return max(0.0, when - (time.time() if now is None else now))

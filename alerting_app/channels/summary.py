@@ -31,4 +31,9 @@ def headline(notification: NotificationReady) -> str:
 
 
 def event_time(alert: Alert) -> str:
-    return datetime.fromtimestamp(alert.event_ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    """The alert's time in UTC, or its raw number when that is no date Python can print (e.g.
+    milliseconds given as seconds): a message with an odd time beats no message at all."""
+    try:
+        return datetime.fromtimestamp(alert.event_ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{alert.event_ts!r} (unix seconds, out of range)"

@@ -1,8 +1,10 @@
-"""One delivery: wait for a token, claim the idempotency key, send, and retry what may succeed later.
+"""One delivery: take the endpoint's send slot, wait for a token, take a worker send slot, claim the
+idempotency key, send, and retry what may succeed later.
 
 Retries follow tenacity: exponential backoff with jitter for retryable failures (a 429's
-Retry-After is waited when longer), at most DELIVERY_MAX_ATTEMPTS in all, counting the attempts
-an earlier worker made. Waiting (for a token or a retry) holds no send slot: only the send does.
+Retry-After is waited when longer, up to DELIVERY_BACKOFF_MAX_S), at most DELIVERY_MAX_ATTEMPTS
+in all, counting the attempts an earlier worker made. Waiting for a retry holds no send slot;
+waiting for a token holds the endpoint's slot only, never a worker slot.
 """
 from __future__ import annotations
 
@@ -49,24 +51,18 @@ class DeliveryContext:
     send_slots: Callable[[str], "SendSlots"]  # endpoint_id -> the slots a send holds
 
 
+@dataclass(frozen=True)
 class SendSlots:
-    """A global and a per-endpoint semaphore, held together for the duration of one send."""
+    """The two semaphores a send holds: its endpoint's, taken first and held while it waits for its
+    token, then the worker's, for the send itself.
 
-    def __init__(self, worker: asyncio.Semaphore, endpoint: asyncio.Semaphore) -> None:
-        self._worker, self._endpoint = worker, endpoint
+    Endpoint first: a hanging endpoint's queue never holds a worker slot. Token inside the
+    endpoint's slot: deliveries queued behind a hanging endpoint hold no tokens, so when it
+    recovers they go out at its rate, not all at once.
+    """
 
-    async def __aenter__(self) -> None:
-        # The endpoint's slot first: a hanging endpoint's queue never holds a worker slot.
-        await self._endpoint.acquire()
-        try:
-            await self._worker.acquire()
-        except BaseException:
-            self._endpoint.release()
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._worker.release()
-        self._endpoint.release()
+    worker: asyncio.Semaphore
+    endpoint: asyncio.Semaphore
 
 
 class AlreadySent(Exception):
@@ -88,12 +84,17 @@ class wait_backoff_or_retry_after(wait_base):  # noqa: N801  (tenacity's naming 
 
     def __init__(self, initial_s: float, max_s: float, earlier_attempts: int = 0) -> None:
         self._backoff = wait_exponential_jitter(initial=initial_s, max=max_s, jitter=initial_s)
+        self._max_s = max_s
         self._earlier = earlier_attempts
 
     def after_attempt(self, attempt_number: int, failure: BaseException | None) -> float:
         backoff = self._backoff(_AttemptNumber(attempt_number))
         asked = getattr(failure, "retry_after", None)
-        return max(backoff, asked) if asked is not None else backoff
+        if asked is None:
+            return backoff
+        # Capped like the backoff: a Retry-After of years (or '9' * 400, infinity) would park the
+        # delivery, and its place in the endpoint's backlog, for good.
+        return min(max(backoff, asked), self._max_s)
 
     def __call__(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -131,24 +132,57 @@ def _send_timeout_s(job: DeliveryJob, settings: Settings) -> float:
 
 
 async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
-    """One attempt; raises AlreadySent, ClaimedElsewhere or a DeliveryError when it did not send."""
+    """One attempt; raises AlreadySent, ClaimedElsewhere or a DeliveryError when it did not send.
+
+    Any other exception of the send is a PermanentDeliveryError naming it: a message the code
+    cannot format or send fails the same way on every retry. Exceptions before the send (Redis
+    trouble taking the token or the claim) pass through, for `deliver` to retry later.
+    """
     endpoint, settings = job.endpoint, ctx.settings
     rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
-    await ctx.rate_limits.take(f"endpoint:{endpoint.endpoint_id}", rate)
-    if endpoint.channel == "email":
-        await ctx.rate_limits.take(EMAIL_BUCKET, settings.email_rate_limit_per_s)
-    async with ctx.send_slots(endpoint.endpoint_id):
-        claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
-        if claim.state is claims.ClaimState.SENT:
-            raise AlreadySent()
-        if claim.state is claims.ClaimState.BUSY:
-            raise ClaimedElsewhere(claim.busy_for_s)
-        try:
-            await send(job, ctx)
-        except DeliveryError:
-            await claims.release(ctx.redis, claim)
-            raise
-        await claims.mark_sent(ctx.redis, claim, settings.delivery_sent_marker_ttl_s)
+    slots = ctx.send_slots(endpoint.endpoint_id)
+    async with slots.endpoint:
+        await ctx.rate_limits.take(f"endpoint:{endpoint.endpoint_id}", rate)
+        if endpoint.channel == "email":
+            await ctx.rate_limits.take(EMAIL_BUCKET, settings.email_rate_limit_per_s)
+        async with slots.worker:
+            claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
+            if claim.state is claims.ClaimState.SENT:
+                raise AlreadySent()
+            if claim.state is claims.ClaimState.BUSY:
+                raise ClaimedElsewhere(claim.busy_for_s)
+            await _send_claimed(job, ctx, claim)
+
+
+async def _send_claimed(job: DeliveryJob, ctx: DeliveryContext, claim: claims.Claim) -> None:
+    try:
+        await send(job, ctx)
+    except asyncio.CancelledError:
+        # The worker is stopping: the request may have left, so the claim stays until its TTL, as a
+        # dead worker's would, and the resend (if any) carries the same Idempotency-Key.
+        raise
+    except DeliveryError:
+        await _release(ctx, claim)
+        raise
+    except Exception as exc:
+        await _release(ctx, claim)
+        log.exception("delivery %s to %s: the send raised %s", *job.key, type(exc).__name__)
+        raise PermanentDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        await claims.mark_sent(ctx.redis, claim, ctx.settings.delivery_sent_marker_ttl_s)
+    except Exception:
+        # It is sent whatever Redis says: recording it PENDING would send it again. Postgres records
+        # SENT in a moment; only a worker dying within that moment could send it twice now.
+        log.warning("delivery %s to %s sent, but marking it sent in Redis failed", *job.key, exc_info=True)
+
+
+async def _release(ctx: DeliveryContext, claim: claims.Claim) -> None:
+    """Free the claim of an attempt that sent nothing, so that the next attempt need not wait for its TTL."""
+    try:
+        await claims.release(ctx.redis, claim)
+    except Exception:
+        # Redis trouble: the claim then expires on its own, and the failure itself is what to report.
+        log.warning("could not release the claim %s; it expires by itself", claim.key, exc_info=True)
 
 
 def _failure_letter(job: DeliveryJob, reason: str, attempts: int) -> DeadLetter:
@@ -215,7 +249,13 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         record(PENDING, next_attempt_at=time.time() + busy.busy_for_s, release=True)
     except DeliveryError as exc:
         record(FAILED, 1, str(exc), started)
-    except Exception:
-        # Redis or Postgres trouble, not the endpoint's: no attempt counted; any worker retries later.
+    except Exception as exc:
+        # Redis trouble before the send (the token, the claim), not the endpoint's: nothing was sent
+        # and no claim is left held (the claim is the last step before the send). Counted as an
+        # attempt, with its reason, and retried after that attempt's backoff by any worker: trouble
+        # that lasts shows in the delivery's record and backs off instead of spinning. It never
+        # fails the delivery by itself.
         log.exception("delivery %s to %s interrupted; retrying later", *job.key)
-        record(PENDING, next_attempt_at=time.time() + settings.delivery_backoff_initial_s, release=True)
+        wait_s = backoff.after_attempt(max(1, job.attempts + attempts_made), None)
+        record(PENDING, 1, f"before sending: {type(exc).__name__}: {exc}", started,
+               next_attempt_at=time.time() + wait_s, release=True)

@@ -67,6 +67,10 @@ class Dispatcher:
         backlog = self.settings.delivery_endpoint_backlog
         return [endpoint_id for endpoint_id, held in self._held_per_endpoint.items() if held >= backlog]
 
+    def held_per_endpoint(self) -> dict[str, int]:
+        """How many deliveries this worker holds per endpoint (only endpoints it holds any of)."""
+        return dict(self._held_per_endpoint)
+
     def held_keys(self) -> list[tuple[str, str]]:
         return list(self._held)
 

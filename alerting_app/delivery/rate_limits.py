@@ -22,6 +22,8 @@ from throttled.rate_limiter.gcra import RedisLimitAtomicActionSpec
 from alerting_app.redis_pipelining import PipelinedRedis
 
 EMAIL_BUCKET = "email"
+_LONGEST_PERIOD_S = 3600
+_SLOWEST_RATE = Fraction(1, _LONGEST_PERIOD_S)  # per second
 
 
 class RateLimits:
@@ -36,8 +38,10 @@ class RateLimits:
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # bucket -> its lock, how many want it
 
     def _limiter(self, rate_per_s: float):
-        # The library counts whole requests per whole seconds: 2.5/s is 5 per 2 s.
-        rate = Fraction(rate_per_s).limit_denominator(3600)
+        # The library counts whole requests per whole seconds: 2.5/s is 5 per 2 s. Below one per
+        # hour the fraction would round to 0 (a division by zero in the library): the slowest
+        # rate kept is one per hour.
+        rate = max(Fraction(rate_per_s).limit_denominator(_LONGEST_PERIOD_S), _SLOWEST_RATE)
         burst = max(1, round(rate_per_s * self._burst_s))
         quota_key = (rate.numerator, rate.denominator, burst)
         if quota_key not in self._limiters:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from alerting_app import db, metrics
 from alerting_app.contracts import DeadLetter
 from alerting_app.dead_letters import send_dead_letter
-from alerting_app.delivery.records import DeliveryChange, settle_notifications, write_changes
+from alerting_app.delivery.records import DeliveryChange, write_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,5 @@ class Recorder:
     @staticmethod
     async def _write(changes: list[DeliveryChange]) -> None:
         pool = await db.pool()
-        async with pool.acquire() as conn, conn.transaction():
-            await write_changes(conn, changes)
-            await settle_notifications(conn, sorted({c.notification_id for c in changes if c.status != PENDING}))
+        async with pool.acquire() as conn:
+            await write_outcomes(conn, changes)

@@ -5,7 +5,7 @@ room for a round trip per delivery.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -50,16 +50,33 @@ FROM opened o JOIN endpoints e ON e.endpoint_id = o.endpoint_id
 WHERE o.leased_by = $4
 """
 
-# Due rows nobody holds, oldest first; SKIP LOCKED lets every worker sweep at once.
+# Due rows nobody holds, oldest first, and of each endpoint no more than the room this worker has
+# for it ($5, DELIVERY_ENDPOINT_BACKLOG, less what it holds: $3/$4): one endpoint with a large
+# backlog would otherwise take the whole batch every sweep and other endpoints' due rows would wait.
+# SKIP LOCKED lets every worker sweep at once. Postgres allows no FOR UPDATE beside a window
+# function, so the rows are ranked first and locked after; a row a concurrent sweep leased in
+# between is checked again against the outer WHERE (READ COMMITTED re-checks a locked row's
+# conditions) and dropped. Rows another sweep holds locked are skipped, so an endpoint may get
+# fewer than its room, never more.
 _LEASE_DUE = """
-WITH due AS (
-    SELECT notification_id, endpoint_id FROM deliveries
-    WHERE status = 'PENDING' AND next_attempt_at <= now()
-      AND (lease_until IS NULL OR lease_until < now())
-      AND NOT (endpoint_id = ANY($3::uuid[]))
-    ORDER BY next_attempt_at
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED
+WITH held AS (
+    SELECT * FROM unnest($3::uuid[], $4::int[]) AS h(endpoint_id, held)
+), ranked AS (
+    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at,
+           row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at) AS nth,
+           $5::int - coalesce(h.held, 0) AS room
+    FROM deliveries d LEFT JOIN held h ON h.endpoint_id = d.endpoint_id
+    WHERE d.status = 'PENDING' AND d.next_attempt_at <= now()
+      AND (d.lease_until IS NULL OR d.lease_until < now())
+), due AS (
+    SELECT d.notification_id, d.endpoint_id
+    FROM ranked r JOIN deliveries d ON d.notification_id = r.notification_id AND d.endpoint_id = r.endpoint_id
+    WHERE r.nth <= r.room
+      AND d.status = 'PENDING' AND d.next_attempt_at <= now()
+      AND (d.lease_until IS NULL OR d.lease_until < now())
+    ORDER BY r.next_attempt_at
+    LIMIT $6
+    FOR UPDATE OF d SKIP LOCKED
 ), leased AS (
     UPDATE deliveries d SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
     FROM due WHERE d.notification_id = due.notification_id AND d.endpoint_id = due.endpoint_id
@@ -101,6 +118,15 @@ FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::float
     AS c(notification_id, endpoint_id, status, attempts, last_error, first_attempt_at, last_attempt_at,
          next_attempt_at, release)
 WHERE d.notification_id = c.notification_id AND d.endpoint_id = c.endpoint_id AND d.status = 'PENDING'
+"""
+
+# The notifications `write_outcomes` settles, locked in notification_id order (the order of the
+# emitted mark and of _SETTLE) before the outcomes are written.
+_LOCK_FOR_SETTLE = """
+SELECT notification_id FROM notifications
+WHERE notification_id = ANY($1::uuid[]) AND status = 'PENDING'
+ORDER BY notification_id
+FOR UPDATE
 """
 
 # A notification is SENT when every delivery is, FAILED when every delivery is final and one
@@ -180,9 +206,10 @@ async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady]
             for row in rows]
 
 
-async def lease_due(conn: Conn, owner: str, lease_s: float, skip_endpoints: Sequence[str],
+async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, int], backlog: int,
                     limit: int) -> list[DeliveryJob]:
-    rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(skip_endpoints), limit)
+    """Lease up to `limit` due rows nobody holds, at most `backlog - held[endpoint]` of an endpoint."""
+    rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(held), list(held.values()), backlog, limit)
     jobs = []
     for row in rows:
         notification = NotificationReady(
@@ -214,3 +241,21 @@ async def write_changes(conn: Conn, changes: Sequence[DeliveryChange]) -> None:
 async def settle_notifications(conn: Conn, notification_ids: Sequence[str]) -> None:
     if notification_ids:
         await conn.execute(_SETTLE, list(notification_ids))
+
+
+async def write_outcomes(conn: asyncpg.Connection, changes: Sequence[DeliveryChange]) -> None:
+    """Write a batch of outcomes and settle the notifications they finish, in one transaction.
+
+    The notifications of final outcomes are locked first, in a statement of their own. In READ
+    COMMITTED each statement sees what was committed when it started: a settle that first waited
+    for another worker's lock on the notification would judge its deliveries as of before that
+    wait, so two workers finishing a notification's last two deliveries at once would each see the
+    other's PENDING and leave it PENDING for good. Taking the locks first makes the write and the
+    settle start after the other worker committed.
+    """
+    settling = sorted({change.notification_id for change in changes if change.status != "PENDING"})
+    async with conn.transaction():
+        if settling:
+            await conn.execute(_LOCK_FOR_SETTLE, settling)
+        await write_changes(conn, changes)
+        await settle_notifications(conn, settling)

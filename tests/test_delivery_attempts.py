@@ -1,0 +1,157 @@
+"""One delivery's attempts against the real Redis and a real local receiver: what ends it, what is
+recorded, what happens to its claim, and the order in which it takes its slots and its token.
+
+The outcomes are collected by a stand-in for the recorder (the recorder's writes to Postgres are
+tested with the agent, tests/test_agent_deliver.py)."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from alerting_app.channels.errors import RetryableDeliveryError
+from alerting_app.contracts import Alert, DeadLetter, NotificationReady
+from alerting_app.delivery import attempts, claims
+from alerting_app.delivery.attempts import DeliveryContext, SendSlots, attempt, deliver
+from alerting_app.delivery.jobs import DeliveryJob, Endpoint
+from alerting_app.delivery.rate_limits import RateLimits
+from alerting_app.delivery.records import DeliveryChange
+from alerting_app.redis_pipelining import PipelinedRedis
+from alerting_app.settings import Settings
+from delivery_receivers import Receiver
+
+
+@dataclass
+class Outcomes:
+    """Stands in for the recorder: keeps what `deliver` records."""
+
+    changes: list[DeliveryChange] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+
+    def record(self, change: DeliveryChange, channel: str, dead_letter: DeadLetter | None = None) -> None:
+        self.changes.append(change)
+        if dead_letter is not None:
+            self.letters.append(dead_letter)
+
+
+@asynccontextmanager
+async def delivery_context(redis_url: str, *, endpoint_concurrency: int = 16, burst_s: float = 1.0,
+                           token_redis_url: str | None = None):
+    """What a worker gives its deliveries; tokens may come from another Redis (one that is down)."""
+    settings = Settings(delivery_backoff_initial_s=1.0, delivery_backoff_max_s=300.0, delivery_max_attempts=1)
+    redis = PipelinedRedis(Redis.from_url(redis_url))
+    token_redis = PipelinedRedis(Redis.from_url(token_redis_url)) if token_redis_url else redis
+    slots = SendSlots(asyncio.Semaphore(256), asyncio.Semaphore(endpoint_concurrency))
+    async with aiohttp.ClientSession() as session:
+        try:
+            yield DeliveryContext(settings, session, redis, RateLimits(token_redis, burst_s), Outcomes(),
+                                  lambda endpoint_id: slots)
+        finally:
+            await redis.redis.aclose()
+            if token_redis is not redis:
+                await token_redis.redis.aclose()
+
+
+def job_for(endpoint: Endpoint, attempts_made: int = 0) -> DeliveryJob:
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
+    notification = NotificationReady(client_id=str(uuid.uuid4()), alerts=[alert], rule_ids=[str(uuid.uuid4())])
+    return DeliveryJob(notification, endpoint.endpoint_id, endpoint, attempts_made)
+
+
+def webhook(url: str, rate_limit_per_s: float | None = None) -> Endpoint:
+    return Endpoint(str(uuid.uuid4()), "webhook", url, "secret", rate_limit_per_s)
+
+
+async def claim_is_free(ctx: DeliveryContext, job: DeliveryJob) -> bool:
+    claim = await claims.claim(ctx.redis, *job.key, ttl_s=5)
+    await claims.release(ctx.redis, claim)
+    return claim.state is claims.ClaimState.CLAIMED
+
+
+async def test_a_send_that_raises_unexpectedly_fails_at_once_naming_the_error_and_frees_its_claim(
+        services, monkeypatch):
+    async def broken_send(*args, **kwargs):
+        raise RuntimeError("cannot format this notification")
+
+    monkeypatch.setattr(attempts, "send_webhook", broken_send)
+    async with delivery_context(services.redis_url) as ctx:
+        job = job_for(webhook("http://127.0.0.1:1/hook"), attempts_made=2)
+
+        await deliver(job, ctx)
+
+        [change] = ctx.recorder.changes
+        assert (change.status, change.attempts, change.last_error) == (
+            "FAILED", 1, "RuntimeError: cannot format this notification")
+        [letter] = ctx.recorder.letters
+        assert letter.reason.endswith("RuntimeError: cannot format this notification; FAILED after 3 attempt(s)")
+        assert await claim_is_free(ctx, job)
+
+
+async def test_a_failed_send_frees_its_claim_for_the_next_attempt(services):
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        receiver.answer("hook", 503)
+        job = job_for(webhook(receiver.url()))
+
+        with pytest.raises(RetryableDeliveryError):
+            await attempt(job, ctx)
+
+        assert await claim_is_free(ctx, job)
+
+
+async def test_a_delivery_whose_sent_mark_fails_is_recorded_sent_not_sent_again(services, monkeypatch):
+    async def redis_gone(*args, **kwargs):
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(claims, "mark_sent", redis_gone)
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        job = job_for(webhook(receiver.url()))
+
+        await deliver(job, ctx)
+
+        assert len(receiver.posts) == 1
+        [change] = ctx.recorder.changes
+        assert (change.status, change.attempts, change.last_error) == ("SENT", 1, None)
+
+
+@pytest.mark.parametrize("attempts_before, low, high", [(0, 1, 2), (3, 8, 9)])
+async def test_redis_trouble_before_the_send_counts_an_attempt_and_backs_off(services, attempts_before, low, high):
+    # Tokens come from a Redis that is not there; claims from the real one.
+    async with Receiver() as receiver, delivery_context(services.redis_url,
+                                                        token_redis_url="redis://127.0.0.1:1/0") as ctx:
+        job = job_for(webhook(receiver.url(), rate_limit_per_s=10), attempts_made=attempts_before)
+
+        before = time.time()
+        await deliver(job, ctx)
+
+        assert receiver.posts == []
+        [change] = ctx.recorder.changes
+        assert (change.status, change.attempts, change.release) == ("PENDING", 1, True)
+        assert change.last_error.startswith("before sending: ConnectionError")
+        # The backoff after the delivery's attempt (attempts_before + 1), not a fixed second.
+        assert before + low <= change.next_attempt_at <= time.time() + high
+        assert await claim_is_free(ctx, job)
+
+
+async def test_deliveries_queued_behind_a_hanging_endpoint_hold_no_tokens_and_go_out_at_its_rate(services):
+    async with Receiver() as receiver, delivery_context(services.redis_url, endpoint_concurrency=1,
+                                                        burst_s=0.25) as ctx:
+        release = receiver.hold("hook")
+        endpoint = webhook(receiver.url(), rate_limit_per_s=4.0)  # a bucket of one token, one per 0.25 s
+        sending = [asyncio.ensure_future(attempt(job_for(endpoint), ctx)) for _ in range(3)]
+        await receiver.wait_for_posts(1)
+        # Long enough for the two queued deliveries to have taken tokens, had they been allowed to.
+        await asyncio.sleep(1.0)
+
+        release.set()
+        await asyncio.gather(*sending)
+
+        _, second, third = receiver.posts
+        # Tokens taken while queued would let both go the moment the endpoint recovered.
+        assert third.received_at - second.received_at >= 0.2

@@ -1,0 +1,121 @@
+"""The delivery rows in the real Postgres, with concurrent connections where the behaviour is about
+what one transaction sees of another: settling a notification whose last deliveries finish on two
+workers at once, and what a sweep leases of each endpoint."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import pytest_asyncio
+
+from alerting_app.db import init_connection
+from alerting_app.delivery.records import DeliveryChange, lease_due, write_outcomes
+
+CLIENT_NAME = "test_delivery_records"
+ALERTS = json.dumps([{"alert_id": "a", "severity": "HIGH", "source": "s", "name": "n", "event_ts": 1}])
+
+
+@pytest_asyncio.fixture
+async def conn(clean_db):
+    connection = await asyncpg.connect(clean_db)
+    await connection.execute("SET lock_timeout = '60s'")  # a broken test fails rather than hangs
+    yield connection
+    # Due rows left behind would be swept up by later tests' workers.
+    await connection.execute("DELETE FROM clients WHERE name = $1", CLIENT_NAME)
+    await connection.close()
+
+
+async def insert_client(conn: asyncpg.Connection) -> str:
+    client_id = str(uuid.uuid4())
+    await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, $2, $3)",
+                       client_id, CLIENT_NAME, uuid.uuid4().hex)
+    return client_id
+
+
+async def insert_notification(conn: asyncpg.Connection, client_id: str) -> str:
+    notification_id = str(uuid.uuid4())
+    await conn.execute("INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids)"
+                       " VALUES ($1, $2, $3, $4::text::jsonb, ARRAY[gen_random_uuid()])",
+                       notification_id, client_id, notification_id, ALERTS)
+    return notification_id
+
+
+async def insert_endpoint(conn: asyncpg.Connection, client_id: str) -> str:
+    rule_id, endpoint_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await conn.execute("INSERT INTO rules (rule_id, client_id, severity, source, name)"
+                       " VALUES ($1, $2, 'HIGH', $3, '*')", rule_id, client_id, rule_id)
+    await conn.execute("INSERT INTO endpoints (endpoint_id, rule_id, client_id, type, value)"
+                       " VALUES ($1, $2, $3, 'webhook', 'http://127.0.0.1:1/hook')", endpoint_id, rule_id, client_id)
+    return endpoint_id
+
+
+async def open_delivery(conn: asyncpg.Connection, notification_id: str, endpoint_id: str,
+                        due_seconds_ago: float = 0.0) -> None:
+    await conn.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at)"
+                       " VALUES ($1, $2, 'webhook', 'PENDING', now() - make_interval(secs => $3))",
+                       notification_id, endpoint_id, due_seconds_ago)
+
+
+async def blocked_on_a_lock(observer: asyncpg.Connection, pid: int) -> None:
+    async with asyncio.timeout(30):
+        while await observer.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
+            await asyncio.sleep(0.01)
+
+
+async def test_two_workers_finishing_a_notifications_last_deliveries_at_once_settle_it(clean_db, conn):
+    client_id = await insert_client(conn)
+    notification_id = await insert_notification(conn, client_id)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    for endpoint_id in (first, second):
+        await open_delivery(conn, notification_id, endpoint_id)
+    worker_a, worker_b = await asyncpg.connect(clean_db), await asyncpg.connect(clean_db)
+    try:
+        # A writes its outcome and holds its transaction open; B writes the other one meanwhile.
+        a_transaction = worker_a.transaction()
+        await a_transaction.start()
+        await write_outcomes(worker_a, [DeliveryChange(notification_id, first, "SENT", 1)])
+        b_writing = asyncio.ensure_future(
+            write_outcomes(worker_b, [DeliveryChange(notification_id, second, "SENT", 1)]))
+        await blocked_on_a_lock(conn, worker_b.get_server_pid())
+        await a_transaction.commit()
+        await b_writing
+    finally:
+        await worker_a.close()
+        await worker_b.close()
+
+    # Each saw the other's delivery PENDING, had B judged the deliveries as of before its wait.
+    assert await conn.fetchval("SELECT status FROM notifications WHERE notification_id = $1",
+                               notification_id) == "SENT"
+
+
+async def test_a_sweep_leases_no_more_of_an_endpoint_than_the_room_it_has_for_it(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    crowded, other = await insert_endpoint(conn, client_id), await insert_endpoint(conn, client_id)
+    # The crowded endpoint's 50 due rows are older than the other's 5.
+    for endpoint_id, count, age in ((crowded, 50, 60.0), (other, 5, 30.0)):
+        for _ in range(count):
+            await open_delivery(conn, await insert_notification(conn, client_id), endpoint_id, due_seconds_ago=age)
+
+    # This worker holds 95 of the crowded endpoint's deliveries, of a backlog of 100.
+    jobs = await lease_due(conn, "this-worker", 60.0, {crowded: 95}, backlog=100, limit=20)
+
+    leased = [job.endpoint_id for job in jobs]
+    assert (leased.count(crowded), leased.count(other)) == (5, 5)
+    assert await conn.fetchval("SELECT count(*) FROM deliveries WHERE leased_by = 'this-worker'") == 10
+
+
+async def test_a_sweep_leases_nothing_of_a_full_endpoint_and_the_oldest_first_of_the_others(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    full, other = await insert_endpoint(conn, client_id), await insert_endpoint(conn, client_id)
+    await open_delivery(conn, await insert_notification(conn, client_id), full, due_seconds_ago=90.0)
+    oldest = await insert_notification(conn, client_id)
+    await open_delivery(conn, oldest, other, due_seconds_ago=60.0)
+    await open_delivery(conn, await insert_notification(conn, client_id), other, due_seconds_ago=30.0)
+
+    [job] = await lease_due(conn, "this-worker", 60.0, {full: 3}, backlog=3, limit=1)
+
+    assert job.key == (oldest, other)
