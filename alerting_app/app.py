@@ -1,7 +1,9 @@
 """The one Faust App, with its topics. Agents, tables and web views register on it.
 
 Importing this module reads and validates the settings, so a bad variable stops any command
-before it touches a service.
+before it touches a service. Faust gets its configuration from those settings only: left to
+itself it would also read its own environment variables (BROKER_URL, PRODUCER_ACKS, WEB_PORT, ...),
+which would override the validated values without a word.
 """
 from __future__ import annotations
 
@@ -9,14 +11,15 @@ import faust
 
 from alerting_app.broker_transport import Transport
 from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
-from alerting_app.settings import load_settings
+from alerting_app.settings import BROKER_REQUEST_TIMEOUT_S, load_settings
 
 settings = load_settings()
-# Faust creates its own folder inside DATA_DIR but not DATA_DIR itself.
-settings.data_dir.mkdir(parents=True, exist_ok=True)
 
 app = faust.App(
     settings.app_id,
+    # An empty environment: Faust reads none of os.environ for its settings (not even
+    # APP_ENV_PREFIX), so only what is passed here, from `settings`, reaches it.
+    env={},
     # Listing commands (`agents`, `tables`) work without a broker; `worker` insists on one.
     broker=f"kafka://{settings.kafka_bootstrap_servers or 'localhost:9092'}",
     store=settings.store_url,
@@ -27,10 +30,15 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
     broker_session_timeout=settings.broker_session_timeout_s,
+    broker_request_timeout=BROKER_REQUEST_TIMEOUT_S,  # Settings keeps the session timeout within it
     broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
     web_port=settings.web_port,
     web_bind=settings.web_bind,
     web_enabled=True,
+    # Faust's own /router and /table views answer without a token, and /table lists table contents
+    # (the tenants' open groups): our web server serves only our views.
+    web_router_enabled=False,
+    web_tables_enabled=False,
     producer_acks=-1,
     **FAUST_TUNING,  # less of Faust's own per-message cost: see the module
 )

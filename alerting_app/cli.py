@@ -1,5 +1,5 @@
 """The `alerting-app` command: Faust's CLI bound to our app, plus `migrate`, `create-topics`, `up`,
-`topics`, `tail` and the load commands.
+`republish-rules`, `republish-silences`, `topics`, `tail` and the load commands.
 
 `alerting-app worker|agents|tables|send|models` are Faust's own commands; `worker` additionally
 refuses to start until the services it needs are configured, waits until they answer, and runs
@@ -15,10 +15,12 @@ from typing import Any, ClassVar
 import asyncpg
 from aiokafka.errors import KafkaError
 import click
+from click.core import ParameterSource
 from faust.cli import AppCommand, argument, option
 from faust.cli.worker import worker as FaustWorkerCommand
 
 import agents  # noqa: F401  registers the agents on the app
+from agents.rule_outbox import republish_all_silences
 import web  # noqa: F401  registers the web views on the app
 import web.operations  # noqa: F401  registers /healthz, /readyz and /metrics
 from alerting_app import kafka_admin, load, topic_inspection
@@ -54,10 +56,14 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
                 settings.roles = roles_of(roles)
             except ValueError as exc:
                 raise ConfigurationError(f"Invalid configuration:\n  --roles: {exc} (got {roles!r})") from None
+        if not _loglevel_given(self.ctx):
+            self.loglevel = settings.log_level.upper()
         log_to_stderr(settings.log_format, self.loglevel)
         if settings.log_format == "json":
             app.conf.logging_config = faust_logging_config(settings.log_format)
         apply_roles(app, parse_roles(settings.roles))
+        # Only the worker keeps state on disk; Faust creates its folder inside DATA_DIR, not DATA_DIR.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         wait_before_start(settings, kafka_admin.topic_names())
         tune_garbage_collector()
         super().__call__(*args, **kwargs)
@@ -65,6 +71,18 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
     def on_worker_created(self, worker: Any) -> None:
         if settings.log_format == "text":  # Faust's banner is a table: not for a JSON log stream
             super().on_worker_created(worker)
+
+
+def _loglevel_given(ctx: click.Context | None) -> bool:
+    """Was -l/--loglevel given, before or after `worker`? Else LOG_LEVEL applies.
+
+    Asked of click, not of Faust's state, which cannot tell `-l warn` from no option at all.
+    """
+    while ctx is not None:
+        if ctx.get_parameter_source("loglevel") not in (None, ParameterSource.DEFAULT):
+            return True
+        ctx = ctx.parent
+    return False
 
 
 class _ForegroundCommand(AppCommand):
@@ -152,6 +170,14 @@ def republish_rules() -> int:
     """Queue every rule in Postgres for rule.changed (after the topic was recreated or emptied)."""
     count = asyncio.run(load.republish(_required(settings.database_url, "DATABASE_URL")))
     print(f"queued {count} rules for rule.changed; a running worker relays them")
+    return 0
+
+
+@app.command(base=_ForegroundCommand)
+def republish_silences() -> int:
+    """Queue every silence in Postgres for silence.changed (after the topic was recreated or emptied)."""
+    count = asyncio.run(load.republish(_required(settings.database_url, "DATABASE_URL"), republish_all_silences))
+    print(f"queued {count} silences for silence.changed; a running worker relays them")
     return 0
 
 

@@ -7,12 +7,15 @@ A probe never raises: whatever goes wrong, the answer is a `DependencyState` say
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
+
+from alerting_app.migrate import MigrationError, default_migrations_dir, read_migrations
 
 PROBE_TIMEOUT_S = 2.0
 
@@ -60,18 +63,44 @@ async def broker_topics_missing(bootstrap: str, topics: Iterable[str] = (),
     return None
 
 
-async def postgres_answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """A fresh connection and SELECT 1 (before the app's pool exists)."""
+async def postgres_ready(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """A fresh connection (before the app's pool exists) answers, and the schema is migrated."""
     conn = await asyncpg.connect(url, timeout=timeout)
     try:
-        await conn.fetchval("SELECT 1")
+        return await schema_behind(conn)
     finally:
         await conn.close()
 
 
-async def pool_answers(pool: Awaitable[asyncpg.Pool]) -> None:
-    """SELECT 1 through the app's pool: what the agents and the API use."""
-    await (await pool).fetchval("SELECT 1")
+async def pool_ready(pool: Awaitable[asyncpg.Pool]) -> str | None:
+    """The app's pool, what the agents and the API use, answers, and the schema is migrated."""
+    return await schema_behind(await pool)
+
+
+async def schema_behind(db: asyncpg.Connection | asyncpg.Pool) -> str | None:
+    """None when the newest migration applied is at least the newest this release ships.
+
+    A worker on an older schema would start and then fail its batches on missing tables or
+    columns. A newer one is fine: migrations are additive, so a rolled-back release runs on it.
+    """
+    needed = shipped_schema_version()
+    try:
+        applied = await db.fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        applied = None
+    if applied is None or applied < needed:
+        return (f"schema at migration {applied if applied is not None else 'none'}, this release needs "
+                f"{needed} (run `alerting-app migrate`)")
+    return None
+
+
+@functools.cache
+def shipped_schema_version() -> int:
+    """The version of the newest migration file of this release (MIGRATIONS_DIR)."""
+    migrations = read_migrations(default_migrations_dir())
+    if not migrations:
+        raise MigrationError(f"no migration files in {default_migrations_dir()} (set MIGRATIONS_DIR)")
+    return migrations[-1].version
 
 
 async def redis_answers(client: Redis) -> None:

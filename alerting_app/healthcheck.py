@@ -2,8 +2,8 @@
 
 Python itself, standard library only, so it works in any image that runs the app (the system we
 replace called `wget`, which its Alpine image lacked). It asks this container's worker on
-127.0.0.1:$WEB_PORT and exits 0 when the answer is 200, 1 otherwise (ECS and Docker read only
-the exit code; the printed line is for `docker inspect`).
+$WEB_BIND:$WEB_PORT (loopback when it listens on every address) and exits 0 when the answer is
+200, 1 otherwise (ECS and Docker read only the exit code; the printed line is for `docker inspect`).
 
 - `live` (default): /healthz, the process is alive. Use it for the container health check: a
   worker that waits for Postgres is still healthy, and restarting it would not help.
@@ -23,11 +23,22 @@ TIMEOUT_S = 5.0  # the worker's own probes answer within ~2 s
 
 
 def probe_url(environ: Mapping[str, str], check: str) -> str:
-    port = environ.get("WEB_PORT") or "6066"
-    # A worker bound to one address answers only there; bound to all, loopback is the sure one.
-    bind = environ.get("WEB_BIND") or "0.0.0.0"
-    host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
-    return f"http://{host}:{port}{PATHS[check]}"
+    """The URL of this container's worker; ValueError when WEB_PORT is not a port."""
+    port = (environ.get("WEB_PORT") or "").strip() or "6066"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"WEB_PORT {port!r} is not a port")
+    return f"http://{_probe_host(environ.get('WEB_BIND') or '')}:{int(port)}{PATHS[check]}"
+
+
+def _probe_host(bind: str) -> str:
+    # A worker bound to one address answers only there; bound to all, loopback is the sure one:
+    # IPv4's for 0.0.0.0, IPv6's for :: (asyncio binds :: to IPv6 only).
+    bind = bind.strip().removeprefix("[").removesuffix("]")
+    if bind in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind == "::":
+        return "[::1]"
+    return f"[{bind}]" if ":" in bind else bind
 
 
 def main(argv: list[str]) -> int:
@@ -35,13 +46,17 @@ def main(argv: list[str]) -> int:
     if check not in PATHS or len(argv) > 1:
         print(f"usage: python -m alerting_app.healthcheck [{'|'.join(PATHS)}]", file=sys.stderr)
         return 1  # Docker reserves exit code 2
-    url = probe_url(os.environ, check)
+    try:
+        url = probe_url(os.environ, check)
+    except ValueError as exc:
+        print(f"{check}: {exc}", file=sys.stderr)
+        return 1
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:  # 503 and the like: an answer, with its body
         status, body = exc.code, exc.read()
-    except (OSError, ValueError) as exc:  # nothing listens, timeout, bad WEB_PORT
+    except (OSError, ValueError) as exc:  # nothing listens, timeout, a WEB_BIND that is no host
         print(f"{check}: {url}: {exc}", file=sys.stderr)
         return 1
     print(f"{check}: {url}: {status} {body.decode(errors='replace')}")

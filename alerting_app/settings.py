@@ -8,11 +8,13 @@ refuses to start without them (see `require_services`).
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio.connection import parse_url as parse_redis_url
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
@@ -33,9 +35,83 @@ def _url_with_scheme(*schemes: str):
     return check
 
 
+# What asyncpg accepts for these query parameters; any other key becomes a server setting.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+_IPV6_ADDRESS = re.compile(r"^\[[0-9A-Fa-f:.%]+\]$")
+
+
+def _port_in_range(text: str) -> bool:
+    return text.isdigit() and 0 < int(text) < 65536
+
+
+def _is_host_and_port(text: str) -> bool:
+    """host, host:port, [ipv6] or [ipv6]:port (URL-encoded, as in a URL)."""
+    if text.startswith("["):
+        address, _, rest = text.partition("]")
+        return bool(_IPV6_ADDRESS.match(address + "]")) and (not rest or (rest[0] == ":" and _port_in_range(rest[1:])))
+    name, colon, port = text.partition(":")
+    return bool(name) and (not colon or _port_in_range(port))
+
+
+def _postgres_url(value: str) -> str:
+    """What asyncpg would refuse only when connecting (or read otherwise than meant), refused now.
+
+    asyncpg's own DSN parser is private; this checks the same parts: hosts and ports (several,
+    comma-separated, are allowed), one database name, and the values of the query keys it knows.
+    """
+    _url_with_scheme("postgresql", "postgres")(value)
+    parsed = urllib.parse.urlsplit(value)
+    try:
+        query = dict(urllib.parse.parse_qsl(parsed.query, strict_parsing=True)) if parsed.query else {}
+    except ValueError:
+        raise ValueError("its query must be key=value pairs joined by &") from None
+    hosts = parsed.netloc.partition("@")[2] if "@" in parsed.netloc else parsed.netloc
+    if not hosts and "host" not in query:
+        raise ValueError("must name a host: postgresql://user:password@host:5432/database")
+    for host in hosts.split(",") if hosts else []:
+        if not _is_host_and_port(host):
+            raise ValueError(f"{host!r} is not host, host:port or [ipv6]:port (a port is 1-65535)")
+    if "port" in query and not all(_port_in_range(port) for port in query["port"].split(",")):
+        raise ValueError(f"port={query['port']!r} is not a port (1-65535)")
+    if "/" in parsed.path[1:]:
+        raise ValueError(f"{parsed.path[1:]!r} is not one database name")
+    if "sslmode" in query and query["sslmode"].replace("_", "-") not in _SSLMODES:
+        raise ValueError(f"sslmode={query['sslmode']!r} is not one of {', '.join(_SSLMODES)}")
+    if "target_session_attrs" in query and query["target_session_attrs"] not in _SESSION_ATTRS:
+        raise ValueError(f"target_session_attrs={query['target_session_attrs']!r} is not one of "
+                         f"{', '.join(_SESSION_ATTRS)}")
+    return value
+
+
+def _redis_url(value: str) -> str:
+    """Parsed as redis-py parses it, plus what it would read silently otherwise than meant."""
+    _url_with_scheme("redis", "rediss", "unix")(value)
+    parse_redis_url(value)  # its ValueError says what is wrong (a port, an option's value)
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme == "unix":
+        if not parsed.path:
+            raise ValueError("must name the socket: unix:///path/to/redis.sock")
+    elif not parsed.hostname:
+        raise ValueError("must name a host: redis://host:6379/0")
+    elif parsed.path not in ("", "/") and not parsed.path[1:].isdigit():
+        # redis-py ignores a database that is not a number and uses database 0.
+        raise ValueError(f"database {parsed.path[1:]!r} is not a number")
+    return value
+
+
+def _digits_only(value: object) -> object:
+    # As the image's health check reads it (alerting_app/healthcheck.py), which must find the same
+    # port: pydantic alone would also take "6066.0", "+6066" or "6_066".
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError("must be a whole number, digits only")
+    return value
+
+
 KafkaServers = Annotated[str, AfterValidator(_kafka_servers)]
-PostgresUrl = Annotated[str, AfterValidator(_url_with_scheme("postgresql", "postgres"))]
-RedisUrl = Annotated[str, AfterValidator(_url_with_scheme("redis", "rediss", "unix"))]
+WebPort = Annotated[int, BeforeValidator(_digits_only)]
+PostgresUrl = Annotated[str, AfterValidator(_postgres_url)]
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 # What a worker runs (`alerting-app worker --roles`, docs/operations.md): each pipeline role is one
 # agent (evaluate also keeps the rule replica); `api` alone runs no agent, only the web server.
@@ -54,6 +130,9 @@ def roles_of(value: str) -> str:
 
 Roles = Annotated[str, AfterValidator(roles_of)]
 
+# How long the worker's Kafka clients wait for any broker answer (Faust's default, passed to it).
+BROKER_REQUEST_TIMEOUT_S = 90.0
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
@@ -63,7 +142,7 @@ class Settings(BaseSettings):
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)
 
-    web_port: int = Field(default=6066, ge=1, le=65535)
+    web_port: WebPort = Field(default=6066, ge=1, le=65535)
     web_bind: str = "0.0.0.0"
     topic_partitions: int = Field(default=9, ge=1, le=10_000)
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
@@ -74,7 +153,9 @@ class Settings(BaseSettings):
     store_url: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     # Short rebalance timeouts keep a dev broker (Tansu) joining quickly; Kafka/MSK can use more.
     broker_rebalance_timeout_s: float = Field(default=10.0, gt=0, le=600)
-    broker_session_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # Kafka refuses sessions shorter than its group.min.session.timeout.ms (6 s by default), and
+    # Faust refuses one longer than its request timeout (BROKER_REQUEST_TIMEOUT_S, passed to it).
+    broker_session_timeout_s: float = Field(default=10.0, ge=6, le=BROKER_REQUEST_TIMEOUT_S)
     # How long the broker may hold a worker's fetch that found no data: on Tansu, which holds it in
     # full, up to this much per stage hop; Faust alone would fix 1,500 ms (alerting_app/broker_transport.py).
     # 20 gave p99 383 ms vs 993 ms at 100 (docs/performance.md); the price is ~50 empty fetches/s when idle.
@@ -132,16 +213,43 @@ class Settings(BaseSettings):
     smtp_timeout_s: float = Field(default=30.0, gt=0, le=300)
 
     @model_validator(mode="after")
-    def _smtp_login_is_complete(self) -> "Settings":
+    def _settings_agree_with_each_other(self) -> "Settings":
         if (self.smtp_user is None) != (self.smtp_password is None):
             raise ValueError("SMTP_USER and SMTP_PASSWORD are set together or not at all")
         if self.delivery_backoff_initial_s > self.delivery_backoff_max_s:
             raise ValueError("DELIVERY_BACKOFF_INITIAL_S must not exceed DELIVERY_BACKOFF_MAX_S")
+        # Leases are renewed once per sweep loop, when a third of the lease has passed: a lease
+        # shorter than three sweeps expires under a live worker, and another worker sends again.
+        if self.delivery_lease_s < 3 * self.delivery_sweep_interval_s:
+            raise ValueError(
+                f"DELIVERY_LEASE_S ({self.delivery_lease_s:g}) must be at least 3 x DELIVERY_SWEEP_INTERVAL_S "
+                f"({self.delivery_sweep_interval_s:g}): leases are renewed once per sweep"
+            )
+        # The sent marker covers a crash between sending and recording until the lease expires and
+        # another worker resumes the delivery: a marker gone before that lets it send again.
+        if self.delivery_sent_marker_ttl_s < self.delivery_lease_s:
+            raise ValueError(
+                f"DELIVERY_SENT_MARKER_TTL_S ({self.delivery_sent_marker_ttl_s}) must be at least "
+                f"DELIVERY_LEASE_S ({self.delivery_lease_s:g}): the marker must outlive a lease"
+            )
         return self
 
 
 class ConfigurationError(SystemExit):
     """Start-up stops with a readable message naming each bad variable."""
+
+
+_SECRETS = ("ADMIN_TOKEN", "SMTP_PASSWORD")
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+
+
+def _shown(variable: str, value: object) -> str:
+    """A bad value as the error shows it: secrets, and passwords inside URLs, left out of logs."""
+    if variable in _SECRETS:
+        return "a value that is not shown"
+    if isinstance(value, str):
+        value = _URL_PASSWORD.sub(r"\1***@", value)
+    return repr(value)
 
 
 def load_settings() -> Settings:
@@ -150,8 +258,13 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            variable = str(error["loc"][0]).upper() if error["loc"] else "?"
-            lines.append(f"  {variable}: {error['msg']} (got {error.get('input')!r})")
+            if error["loc"]:
+                variable = str(error["loc"][0]).upper()
+                lines.append(f"  {variable}: {error['msg']} (got {_shown(variable, error.get('input'))})")
+            else:
+                # A check across settings: its message names the variables, and its input would be
+                # every setting given, secrets included.
+                lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
         raise ConfigurationError("Invalid configuration:\n" + "\n".join(lines)) from None
 
 

@@ -3,7 +3,8 @@
 Start-up order must not matter (compose and ECS start containers in any order), but Faust's
 worker exits at once when the broker does not answer ("Unable to bootstrap"), and it serves HTTP
 only once its producer is connected. So the worker first waits here, retrying with backoff and
-logging what it waits for, until all three answer and the pipeline topics exist. Meanwhile it
+logging what it waits for, until all three answer, the pipeline topics exist and the schema is
+migrated (at least to the newest migration this release ships). Meanwhile it
 answers on WEB_PORT: /healthz 200 (the process is alive: a container health check must not kill
 a worker that only waits) and /readyz 503 with each dependency's state. Then it closes that port
 and hands over to Faust, whose web server serves the same paths from then on.
@@ -19,7 +20,7 @@ from aiohttp import web
 from alerting_app.dependencies import (
     DependencyState,
     broker_topics_missing,
-    postgres_answers,
+    postgres_ready,
     probe,
     redis_answers,
     redis_probe_client,
@@ -38,7 +39,7 @@ async def dependency_states(settings: Settings, topics: Iterable[str]) -> list[D
     try:
         return list(await asyncio.gather(
             probe("broker", broker_topics_missing(settings.kafka_bootstrap_servers, topics)),
-            probe("postgres", postgres_answers(settings.database_url)),
+            probe("postgres", postgres_ready(settings.database_url)),
             probe("redis", redis_answers(redis)),
         ))
     finally:

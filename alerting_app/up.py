@@ -103,6 +103,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def run_up(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
     if port_accepts(settings.web_port):
         raise SystemExit(f"WEB_PORT {settings.web_port} is already in use; set WEB_PORT to a free port.")
     signal.signal(signal.SIGINT, _interrupt)

@@ -1,5 +1,6 @@
-"""Health and readiness of a real worker process: the image's health-check command, and /readyz
-following Postgres as it stops and comes back, without restarting the worker.
+"""Health and readiness of a real worker process: the image's health-check command, /readyz
+following Postgres as it stops and comes back, without restarting the worker, and a worker that
+waits for its schema to be migrated.
 
 The session's shared Postgres is never stopped: the Postgres test points its worker at a private
 embedded one.
@@ -9,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import urllib.error
+import urllib.request
 
 import pytest
 
-from alerting_app.embedded import EmbeddedServices, free_port
+from alerting_app.dependencies import shipped_schema_version
+from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, with_database
 from alerting_app.migrate import apply_migrations
 from alerting_app.up import WorkerProcess
 from operations_support import get_json, health_check, readiness, wait_until
+from test_operations_dependencies import older_migrations
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +41,17 @@ def test_health_check_command_passes_against_a_running_worker(start_worker):
         "broker": True, "postgres": True, "redis": True, "worker": True, "rules": True,
         "silences": True}
     assert body["roles"] == sorted(["evaluate", "aggregate", "deliver", "relay", "api"])
+    # Faust's own views answer without a token (/table lists the tenants' open groups): not served.
+    for path in ("/router/", "/table/notification-groups/"):
+        assert _status(worker.url + path) == 404, path
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(services, service_folder, tmp_path):
@@ -76,3 +92,35 @@ def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(servic
         if worker is not None:
             worker.stop()
         postgres.stop()
+
+
+def test_a_worker_on_an_unmigrated_schema_waits_and_starts_once_migrated(services, tmp_path):
+    # Without the check it became ready and then failed its batches on missing tables.
+    name = f"alerting_old_{secrets.token_hex(4)}"
+    asyncio.run(create_database(services.server_url, name))
+    database_url = with_database(services.server_url, name)
+    worker = None
+    try:
+        folder, older = older_migrations(tmp_path / "migrations")
+        asyncio.run(apply_migrations(database_url, folder))
+        env = {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
+               "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"ops-schema-{secrets.token_hex(4)}"}
+        worker = WorkerProcess(env, tmp_path / "worker.log")
+
+        wait_until(lambda: "alerting-app migrate" in worker.log(), "logging that it waits for the migration")
+        status, body = wait_until(lambda: (r := get_json(worker.url + "/readyz"))[0] and r, "answering /readyz")
+        assert status == 503
+        assert body["dependencies"]["postgres"] == {
+            "ok": False,
+            "detail": f"schema at migration {older}, this release needs {shipped_schema_version()} "
+                      "(run `alerting-app migrate`)"}
+        assert health_check(worker.port).returncode == 0  # alive: it only waits
+
+        asyncio.run(apply_migrations(database_url))
+        worker.wait_until_ready()
+        assert wait_until(lambda: (r := readiness(worker.url))[0] == 200 and r, "ready")[1]["postgres"] is True
+    finally:
+        if worker is not None:
+            worker.stop()
+        asyncio.run(drop_database(services.server_url, name))
+

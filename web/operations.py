@@ -3,9 +3,11 @@
 - `/healthz`: the process is alive and its event loop answers. A container health check uses this
   one (`python -m alerting_app.healthcheck`): restarting a worker whose database is down would
   not bring the database back, only a deployment loop.
-- `/readyz`: 200 when the broker, Postgres and Redis answer, the rule and silence replicas have caught up (on a
+- `/readyz`: 200 when the broker, Postgres and Redis answer, Postgres's schema is migrated at
+  least to this release's newest migration, the rule and silence replicas have caught up (on a
   worker that evaluates) and the Faust worker has fully started; otherwise 503. The JSON says the
-  state of each, so the answer explains itself.
+  state of each, so the answer explains itself. (That the pipeline topics exist is checked once,
+  before the worker starts: alerting_app/startup_wait.py.)
 - `/metrics`: Prometheus text format, alerting_app/metrics.py plus the process and platform
   collectors of prometheus-client; consumer lag is computed at scrape time.
 """
@@ -29,7 +31,7 @@ from alerting_app.dependencies import (
     PROBE_TIMEOUT_S,
     DependencyState,
     broker_topics_missing,
-    pool_answers,
+    pool_ready,
     probe,
     redis_answers,
     redis_probe_client,
@@ -67,7 +69,7 @@ def roles() -> frozenset[str]:
 async def readiness() -> list[DependencyState]:
     states = list(await asyncio.gather(
         probe("broker", broker_topics_missing(settings.kafka_bootstrap_servers)),
-        probe("postgres", pool_answers(db.pool())),
+        probe("postgres", pool_ready(db.pool())),
         probe("redis", redis_answers(_redis_client())),
     ))
     states.append(DependencyState("worker", _started.is_set(), "started" if _started.is_set() else "starting"))

@@ -1,7 +1,8 @@
 # Task definitions and services. Every service runs the same image; only the command differs.
 
 locals {
-  worker_command = ["alerting-app", "worker", "-l", "info"]
+  # No -l: the worker logs at LOG_LEVEL (default info; set it in extra_environment).
+  worker_command = ["alerting-app", "worker"]
 
   # Services whose tasks join the consumer group, and so are bounded by the partition count. An
   # API-only (or relay-only) service runs no agent and starts no Kafka consumer.

@@ -81,7 +81,7 @@ variable "api_ingress_security_group_ids" {
 }
 
 variable "webhook_egress_ports" {
-  description = "TCP ports the workers may reach on any address: webhook, Slack and SMTP hosts, and AWS APIs without VPC endpoints."
+  description = "TCP ports the workers may reach on any address: webhook, Slack and SMTP hosts, and AWS APIs without VPC endpoints. Add SMTP_PORT when e-mail is on (e.g. 587, as for SES)."
   type        = list(number)
   default     = [443, 80]
 }

@@ -1,0 +1,74 @@
+"""The health-check command finds the worker wherever WEB_BIND and WEB_PORT put it: IPv6 addresses,
+padded values, and loopback when the worker listens on every address."""
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from alerting_app.healthcheck import probe_url
+
+
+@pytest.mark.parametrize(("env", "url"), [
+    ({"WEB_BIND": "::1", "WEB_PORT": "7001"}, "http://[::1]:7001/healthz"),
+    ({"WEB_BIND": "[fd00::7]", "WEB_PORT": "7001"}, "http://[fd00::7]:7001/healthz"),
+    ({"WEB_BIND": "::", "WEB_PORT": "7001"}, "http://[::1]:7001/healthz"),
+    ({"WEB_BIND": " 0.0.0.0 ", "WEB_PORT": " 7001 "}, "http://127.0.0.1:7001/healthz"),
+    ({"WEB_BIND": " 10.0.3.7\n", "WEB_PORT": "7001\n"}, "http://10.0.3.7:7001/healthz"),
+    ({"WEB_BIND": "", "WEB_PORT": ""}, "http://127.0.0.1:6066/healthz"),
+])
+def test_the_probe_url_is_a_valid_url_for_every_bind_address(env, url):
+    assert probe_url(env, "live") == url
+
+
+@pytest.mark.parametrize("port", ["http", "0", "70000", "6066.0"])
+def test_a_bad_web_port_fails_the_check_naming_it(port):
+    result = _health_check(WEB_PORT=port)
+
+    assert result.returncode == 1
+    assert "WEB_PORT" in result.stderr and repr(port.strip()) in result.stderr
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+        self.wfile.write(b'{"status": "alive"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _IPv6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+@pytest.fixture
+def ipv6_worker() -> Iterator[int]:
+    """A stand-in for a worker's /healthz, listening on [::1] only; yields its port."""
+    server = _IPv6Server(("::1", 0), _Healthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("bind", ["::1", "::", " ::1 "])
+def test_the_check_passes_against_a_worker_listening_on_ipv6(ipv6_worker, bind):
+    result = _health_check(WEB_BIND=bind, WEB_PORT=f" {ipv6_worker} ")
+
+    assert result.returncode == 0, result.stderr
+    assert f"[::1]:{ipv6_worker}/healthz: 200" in result.stdout
+
+
+def _health_check(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alerting_app.healthcheck"],
+                          env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60)
