@@ -108,7 +108,7 @@ async def record_first_match(conn: asyncpg.Connection | asyncpg.Pool,
     return NotificationReady(
         notification_id=str(row["notification_id"]),
         client_id=matched.client_id,
-        alerts=[Alert.model_validate(alert) for alert in row["alerts"]],
+        alerts=[Alert.from_stored(alert) for alert in row["alerts"]],
         rule_ids=[str(rule_id) for rule_id in row["rule_ids"]],
         created_at=row["created_at"],
     )
@@ -153,7 +153,7 @@ async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
             # Rebuilt from the row, as in record_first_match, so the retry is the notification first built.
             unemitted[position] = NotificationReady(
                 notification_id=row["notification_id"], client_id=match.client_id,
-                alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
+                alerts=[Alert.from_stored(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
                 created_at=row["created_at"])
     to_emit: dict[str, NotificationReady] = {}
     for position, ready in enumerate(candidates, 1):
@@ -174,7 +174,7 @@ async def unemitted_notifications(conn: asyncpg.Connection | asyncpg.Pool,
     for row in rows:
         found.setdefault(row["notification_id"], NotificationReady(
             notification_id=row["notification_id"], client_id=matches[row["position"] - 1].client_id,
-            alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
+            alerts=[Alert.from_stored(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
             created_at=row["created_at"]))
     return list(found.values())
 

@@ -65,6 +65,16 @@ class Alert(Contract):
     name: str = Text
     context: dict[ContextKey, ContextValue] = Field(default_factory=dict, max_length=MAX_CONTEXT_ENTRIES)
 
+    @classmethod
+    def from_stored(cls, data: dict) -> "Alert":
+        """An alert as a notification row holds it, rebuilt without validating it again.
+
+        It was validated when it came in. A row stored under an earlier, looser contract (an
+        event_ts in milliseconds, say) must still load: the sweep, the closer and re-emits rebuild
+        many rows at once, and one such row would otherwise stop them for everyone.
+        """
+        return cls.model_construct(**{**data, "severity": Severity(data["severity"])})
+
 
 class RuleCriteria(Contract):
     """What a rule matches: each field an exact value or `*`; at least one is not `*`."""

@@ -196,7 +196,7 @@ async def unemitted_groups(conn: asyncpg.Connection | asyncpg.Pool,
     """The closed groups among these whose notification was inserted but not emitted yet."""
     rows = await conn.fetch(_UNEMITTED_GROUPS, list(notification_ids))
     return [NotificationReady(notification_id=row["notification_id"], client_id=row["client_id"],
-                              alerts=[Alert.model_validate(alert) for alert in row["alerts"]],
+                              alerts=[Alert.from_stored(alert) for alert in row["alerts"]],
                               rule_ids=row["rule_ids"], created_at=row["created_at"],
                               truncated_alerts=row["truncated_alerts"], group_rule_id=row["group_rule_id"])
             for row in rows]

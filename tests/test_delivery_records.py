@@ -34,11 +34,11 @@ async def insert_client(conn: asyncpg.Connection) -> str:
     return client_id
 
 
-async def insert_notification(conn: asyncpg.Connection, client_id: str) -> str:
+async def insert_notification(conn: asyncpg.Connection, client_id: str, alerts: str = ALERTS) -> str:
     notification_id = str(uuid.uuid4())
     await conn.execute("INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids)"
                        " VALUES ($1, $2, $3, $4::text::jsonb, ARRAY[gen_random_uuid()])",
-                       notification_id, client_id, notification_id, ALERTS)
+                       notification_id, client_id, notification_id, alerts)
     return notification_id
 
 
@@ -119,3 +119,20 @@ async def test_a_sweep_leases_nothing_of_a_full_endpoint_and_the_oldest_first_of
     [job] = await lease_due(conn, "this-worker", 60.0, {full: 3}, backlog=3, limit=1)
 
     assert job.key == (oldest, other)
+
+
+async def test_a_sweep_loads_a_row_stored_under_an_earlier_looser_contract(clean_db, conn):
+    # Before event_ts was bounded, an alert in milliseconds was accepted and stored. Rebuilding it
+    # with today's validation raised, and one such row made every sweep fail, for every tenant.
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    legacy = json.dumps([{"alert_id": "a", "severity": "HIGH", "source": "s", "name": "n", "event_ts": 1.7e12}])
+    notification_id = await insert_notification(conn, client_id, legacy)
+    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+
+    [job] = await lease_due(conn, "this-worker", 60.0, {}, backlog=10, limit=10)
+
+    assert job.key == (notification_id, endpoint_id)
+    assert job.notification.alerts[0].event_ts == 1.7e12
+    assert job.notification.alerts[0].severity.value == "HIGH"

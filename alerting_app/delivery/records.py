@@ -214,7 +214,7 @@ async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, i
     for row in rows:
         notification = NotificationReady(
             notification_id=row["notification_id"], client_id=row["client_id"],
-            alerts=[Alert.model_validate(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
+            alerts=[Alert.from_stored(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
             created_at=row["created_at"], truncated_alerts=row["truncated_alerts"],
             group_rule_id=row["group_rule_id"],
         )
