@@ -25,6 +25,28 @@ def test_addresses_are_classified_public_or_not(address, kind):
     assert non_public_kind(ipaddress.ip_address(address)) == kind
 
 
+@pytest.mark.parametrize(("address", "kind"), [
+    ("64:ff9b::a00:5", "private"), ("64:ff9b::7f00:1", "loopback"), ("64:ff9b::a9fe:a9fe", "link-local"),
+    ("64:ff9b::808:808", None),  # NAT64 of 8.8.8.8
+    ("2002:a00:1::", "private"), ("2002:7f00:1::1", "loopback"), ("2002:808:808::1", None),  # 6to4
+    ("::7f00:1", "loopback"), ("::a00:5", "private"), ("::808:808", None),  # IPv4-compatible
+    ("::", "unspecified"), ("::1", "loopback"),
+])
+def test_an_ipv6_address_that_carries_an_ipv4_address_is_judged_by_it(address, kind):
+    assert non_public_kind(ipaddress.ip_address(address)) == kind
+
+
+@pytest.mark.parametrize("address", ["64:ff9b:1::1", "64:ff9b:1::808:808", "64:ff9b:1:ffff::a00:5"])
+def test_a_local_use_nat64_address_is_refused_whatever_it_carries(address):
+    assert non_public_kind(ipaddress.ip_address(address)) == "local-use NAT64"
+
+
+@pytest.mark.parametrize("host", ["[64:ff9b::a00:5]", "[2002:a00:1::]", "[::7f00:1]", "[64:ff9b:1::1]"])
+async def test_an_endpoint_at_an_ipv6_form_of_an_internal_address_is_refused(host):
+    with pytest.raises(RefusedAddress, match="is a"):
+        await check_public_host(host, 443)
+
+
 async def test_a_host_name_is_checked_by_every_address_it_resolves_to():
     with pytest.raises(RefusedAddress, match="localhost resolves to"):
         await check_public_host("localhost", 80)

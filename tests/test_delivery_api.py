@@ -122,9 +122,10 @@ async def test_a_notification_shows_each_endpoints_delivery_state(api, tenant):
     await pool.execute("INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids)"
                        " VALUES ($1, $2, $3, $4, $5)", notification.notification_id, tenant.client_id, "a-1",
                        [alert.model_dump(mode="json")], [rule["rule_id"]])
-    await open_deliveries(pool, [notification], f"test-{uuid.uuid4()}", 60, [])
+    owner = f"test-{uuid.uuid4()}"
+    await open_deliveries(pool, [notification], owner, 60, [])
     now = time.time()
-    await write_changes(pool, [
+    await write_changes(pool, owner, [
         DeliveryChange(notification.notification_id, hook["endpoint_id"], "PENDING", 2, "HTTP 503", now - 5, now,
                        next_attempt_at=now + 30),
         DeliveryChange(notification.notification_id, mail["endpoint_id"], "SENT", 1, None, now, now),

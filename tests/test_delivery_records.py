@@ -75,9 +75,9 @@ async def test_two_workers_finishing_a_notifications_last_deliveries_at_once_set
         # A writes its outcome and holds its transaction open; B writes the other one meanwhile.
         a_transaction = worker_a.transaction()
         await a_transaction.start()
-        await write_outcomes(worker_a, [DeliveryChange(notification_id, first, "SENT", 1)])
+        await write_outcomes(worker_a, "worker-a", [DeliveryChange(notification_id, first, "SENT", 1)])
         b_writing = asyncio.ensure_future(
-            write_outcomes(worker_b, [DeliveryChange(notification_id, second, "SENT", 1)]))
+            write_outcomes(worker_b, "worker-b", [DeliveryChange(notification_id, second, "SENT", 1)]))
         await blocked_on_a_lock(conn, worker_b.get_server_pid())
         await a_transaction.commit()
         await b_writing
@@ -136,3 +136,95 @@ async def test_a_sweep_loads_a_row_stored_under_an_earlier_looser_contract(clean
     assert job.key == (notification_id, endpoint_id)
     assert job.notification.alerts[0].event_ts == 1.7e12
     assert job.notification.alerts[0].severity.value == "HIGH"
+
+
+async def lease_of(conn: asyncpg.Connection, notification_id: str, endpoint_id: str) -> asyncpg.Record:
+    return await conn.fetchrow("SELECT status, attempts, leased_by, lease_until IS NOT NULL AS leased,"
+                               " next_attempt_at <= now() AS due FROM deliveries"
+                               " WHERE notification_id = $1 AND endpoint_id = $2", notification_id, endpoint_id)
+
+
+async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    notification_id = await insert_notification(conn, client_id)
+    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    [_] = await lease_due(conn, "old-holder", 60.0, {}, backlog=10, limit=10)
+    # The old holder's lease runs out mid-send; the sweep gives the row to the new holder.
+    await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'")
+    [_] = await lease_due(conn, "new-holder", 60.0, {}, backlog=10, limit=10)
+
+    # The old holder meets the new holder's claim and hands the delivery back for later.
+    await write_outcomes(conn, "old-holder", [DeliveryChange(notification_id, endpoint_id, "PENDING", 1, "HTTP 503",
+                                                             next_attempt_at=0.0, release=True)])
+
+    row = await lease_of(conn, notification_id, endpoint_id)
+    assert (row["leased_by"], row["leased"], row["attempts"]) == ("new-holder", True, 1)
+    assert await lease_due(conn, "third-worker", 60.0, {}, backlog=10, limit=10) == []
+
+    # The holder's own hand-back does give the lease up and schedule the next attempt.
+    await write_outcomes(conn, "new-holder", [DeliveryChange(notification_id, endpoint_id, "PENDING",
+                                                             next_attempt_at=0.0, release=True)])
+    row = await lease_of(conn, notification_id, endpoint_id)
+    assert (row["leased"], row["due"]) == (False, True)
+
+
+async def test_a_send_recorded_by_a_worker_whose_lease_ran_out_is_recorded_sent(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    notification_id = await insert_notification(conn, client_id)
+    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    await conn.execute("UPDATE deliveries SET leased_by = 'new-holder', lease_until = now() + interval '1 minute'")
+
+    await write_outcomes(conn, "old-holder", [DeliveryChange(notification_id, endpoint_id, "SENT", 1)])
+
+    assert (await lease_of(conn, notification_id, endpoint_id))["status"] == "SENT"
+    assert await conn.fetchval("SELECT status FROM notifications WHERE notification_id = $1",
+                               notification_id) == "SENT"
+
+
+async def test_a_sweep_leases_other_endpoints_rows_behind_a_full_endpoints_older_backlog(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    full, other = await insert_endpoint(conn, client_id), await insert_endpoint(conn, client_id)
+    # More of the full endpoint's rows are older than the others than a sweep ranks.
+    for _ in range(20):
+        await open_delivery(conn, await insert_notification(conn, client_id), full, due_seconds_ago=90.0)
+    waiting = await insert_notification(conn, client_id)
+    await open_delivery(conn, waiting, other, due_seconds_ago=30.0)
+
+    [job] = await lease_due(conn, "this-worker", 60.0, {full: 3}, backlog=3, limit=1)
+
+    assert job.key == (waiting, other)
+
+
+def rows_read(plan: dict) -> int:
+    """Rows the plan's scans of `deliveries` produced, over every loop."""
+    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == "deliveries" else 0
+    return own + sum(rows_read(child) for child in plan.get("Plans", []))
+
+
+async def test_a_sweep_reads_a_bounded_part_of_a_large_due_backlog(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoints = [await insert_endpoint(conn, client_id) for _ in range(10)]
+    await conn.execute(
+        "WITH n AS (INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids)"
+        "  SELECT gen_random_uuid(), $1, i::text, $2::text::jsonb, ARRAY[gen_random_uuid()]"
+        "  FROM generate_series(1, 2000) i RETURNING notification_id, alert_id::int AS i)"
+        " INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at)"
+        " SELECT n.notification_id, ($3::uuid[])[1 + n.i % 10], 'webhook', 'PENDING', now() - make_interval(secs => n.i)"
+        " FROM n", client_id, ALERTS, endpoints)
+    await conn.execute("ANALYZE deliveries")
+
+    from alerting_app.delivery import records
+    async with conn.transaction():
+        [plan] = json.loads(await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + records._LEASE_DUE,
+            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE))
+
+    # Ten leased of 2,000 due: what the sweep reads is bounded by what it may lease, not the backlog.
+    assert await conn.fetchval("SELECT count(*) FROM deliveries WHERE leased_by = 'this-worker'") == 10
+    assert rows_read(plan["Plan"]) <= 200

@@ -25,10 +25,37 @@ class RefusedAddress(ValueError):
     """`str(self)` says which address was refused and why."""
 
 
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches, where it is one that carries it.
+
+    IPv4-mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::a.b.c.d: a NAT64 gateway on our network connects
+    to a.b.c.d), 6to4 (2002:AABB:CCDD::, bits 16-48: a relay forwards to AA.BB.CC.DD) and the
+    deprecated IPv4-compatible form (::a.b.c.d, which some stacks still route as IPv4). Python 3.11
+    judges only the mapped form by its IPv4 address: the others pass as public, whatever they embed.
+    """
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.is_unspecified or ip.is_loopback:
+        return None  # :: and ::1 are IPv4-compatible in form only, and judged as what they are
+    if ip in _NAT64_WELL_KNOWN or ip in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def non_public_kind(ip: IPAddress) -> str | None:
     """What kind of non-public address `ip` is, or None when it is a public one."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL_USE:
+            # Local-use NAT64 prefixes (RFC 8215) lead wherever the operator's translator is set to.
+            return "local-use NAT64"
+        ip = embedded_ipv4(ip) or ip
     for kind, flag in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
                        ("link-local", ip.is_link_local), ("private", ip.is_private),
                        ("multicast", ip.is_multicast)):

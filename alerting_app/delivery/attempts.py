@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,6 +50,9 @@ class DeliveryContext:
     rate_limits: RateLimits
     recorder: Recorder
     send_slots: Callable[[str], "SendSlots"]  # endpoint_id -> the slots a send holds
+    # (notification_id, endpoint_id) -> the span of a send, from its request to its sent mark: a
+    # worker that stops lets a send in it finish (dispatcher.close), and cancels anything else.
+    sending: Callable[[tuple[str, str]], AbstractContextManager] = lambda key: nullcontext()
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,8 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 raise AlreadySent()
             if claim.state is claims.ClaimState.BUSY:
                 raise ClaimedElsewhere(claim.busy_for_s)
-            await _send_claimed(job, ctx, claim)
+            with ctx.sending(job.key):
+                await _send_claimed(job, ctx, claim)
 
 
 async def _send_claimed(job: DeliveryJob, ctx: DeliveryContext, claim: claims.Claim) -> None:

@@ -14,7 +14,8 @@ import os
 import secrets
 import socket
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from alerting_app import db, metrics, redis_client
 from alerting_app.channels.http import endpoint_session
@@ -29,6 +30,8 @@ from alerting_app.settings import Settings
 log = logging.getLogger(__name__)
 
 _CLOSE_WRITE_TIMEOUT_S = 10.0
+# How long a stop waits at most for sends in flight: their own timeout, but not past this.
+_CLOSE_SEND_GRACE_MAX_S = 30.0
 
 
 class Dispatcher:
@@ -42,7 +45,10 @@ class Dispatcher:
         self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self.recorder = Recorder(lambda: settings.delivery_record_interval_s)
+        self._sending: set[tuple[str, str]] = set()  # deliveries whose request may be on the wire
+        self._send_ended = asyncio.Event()
+        self._stopping = False
+        self.recorder = Recorder(self.owner, lambda: settings.delivery_record_interval_s)
         # One connection pool for every HTTP delivery of this worker: connections are reused.
         self._session = endpoint_session(concurrency=settings.delivery_concurrency,
                                          allow_private=settings.allow_private_endpoints)
@@ -50,12 +56,21 @@ class Dispatcher:
         redis = PipelinedRedis(redis_client.redis())
         self._context = DeliveryContext(settings, self._session, redis,
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
-                                        self.recorder, self._send_slots)
+                                        self.recorder, self._send_slots, self._in_send)
 
     def _send_slots(self, endpoint_id: str) -> SendSlots:
         if endpoint_id not in self._endpoint_slots:
             self._endpoint_slots[endpoint_id] = asyncio.Semaphore(self.settings.delivery_endpoint_concurrency)
         return SendSlots(self._worker_slots, self._endpoint_slots[endpoint_id])
+
+    @contextmanager
+    def _in_send(self, key: tuple[str, str]) -> Iterator[None]:
+        self._sending.add(key)
+        try:
+            yield
+        finally:
+            self._sending.discard(key)
+            self._send_ended.set()
 
     @property
     def room(self) -> int:
@@ -76,6 +91,8 @@ class Dispatcher:
 
     def submit(self, jobs: Iterable[DeliveryJob]) -> list[DeliveryJob]:
         """Start delivering `jobs`; return those refused for lack of room (their leases are to be released)."""
+        if self._stopping:
+            return [job for job in jobs if job.key not in self._held]
         refused = []
         backlog = self.settings.delivery_endpoint_backlog
         for job in jobs:
@@ -108,8 +125,19 @@ class Dispatcher:
         await self.recorder.written()
 
     async def close(self) -> None:
-        """Stop: what is recorded is written, and what is held is handed back to the other workers."""
+        """Stop: sends in flight finish and are recorded, what is recorded is written, and what is
+        held is handed back to the other workers.
+
+        A send is let finish (up to its own timeout): cancelling it would leave its request
+        perhaps received, its claim to expire, and the delivery to be sent again. Everything else
+        (waiting for a slot, a token or a retry) is cancelled at once: none of it has sent anything.
+        """
+        self._stopping = True
         interrupted = self.held_keys()
+        for key, task in self._held.items():
+            if key not in self._sending:
+                task.cancel()
+        await self._sends_finished(self._send_grace_s())
         tasks = list(self._held.values())
         for task in tasks:
             task.cancel()
@@ -122,6 +150,25 @@ class Dispatcher:
             log.exception("could not hand back %d deliveries on close", len(interrupted))
         await self.recorder.close()
         await self._session.close()
+
+    def _send_grace_s(self) -> float:
+        longest = max(self.settings.webhook_timeout_s, self.settings.smtp_timeout_s)
+        return min(longest, _CLOSE_SEND_GRACE_MAX_S)
+
+    async def _sends_finished(self, timeout_s: float) -> None:
+        """Wait until no send is in flight, or `timeout_s`.
+
+        A delivery whose send ends records its outcome before it next waits (for a retry's
+        backoff, say), so when this returns every finished send is recorded, and what its task
+        does next is cancelled by the caller.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._sending:
+                    self._send_ended.clear()
+                    await self._send_ended.wait()
+        except TimeoutError:
+            log.warning("stopping: %d sends still in flight after %.0fs are cancelled", len(self._sending), timeout_s)
 
 
 _dispatcher: Dispatcher | None = None

@@ -34,7 +34,8 @@ def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
 
 
 class Recorder:
-    def __init__(self, interval_s: Callable[[], float]) -> None:
+    def __init__(self, owner: str, interval_s: Callable[[], float]) -> None:
+        self.owner = owner  # the worker whose leases the outcomes may change (records._WRITE)
         self._interval_s = interval_s  # read at each batch, so a test may change it
         self._changes: dict[tuple[str, str], DeliveryChange] = {}
         self._letters: list[DeadLetter] = []
@@ -95,8 +96,7 @@ class Recorder:
             if not self._changes and not self._letters:
                 self._idle.set()
 
-    @staticmethod
-    async def _write(changes: list[DeliveryChange]) -> None:
+    async def _write(self, changes: list[DeliveryChange]) -> None:
         pool = await db.pool()
         async with pool.acquire() as conn:
-            await write_outcomes(conn, changes)
+            await write_outcomes(conn, self.owner, changes)

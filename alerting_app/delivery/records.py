@@ -50,24 +50,38 @@ FROM opened o JOIN endpoints e ON e.endpoint_id = o.endpoint_id
 WHERE o.leased_by = $4
 """
 
+# How many due rows a sweep ranks per row it may lease: room for the rows a concurrent sweep holds
+# locked (skipped) and for endpoints' caps, without reading the whole backlog.
+_CANDIDATES_PER_LEASE = 4
+
 # Due rows nobody holds, oldest first, and of each endpoint no more than the room this worker has
 # for it ($5, DELIVERY_ENDPOINT_BACKLOG, less what it holds: $3/$4): one endpoint with a large
 # backlog would otherwise take the whole batch every sweep and other endpoints' due rows would wait.
-# SKIP LOCKED lets every worker sweep at once. Postgres allows no FOR UPDATE beside a window
-# function, so the rows are ranked first and locked after; a row a concurrent sweep leased in
-# between is checked again against the outer WHERE (READ COMMITTED re-checks a locked row's
-# conditions) and dropped. Rows another sweep holds locked are skipped, so an endpoint may get
-# fewer than its room, never more.
+# Only the oldest $7 due rows of endpoints with room are ranked (`candidates`, read in the order of
+# deliveries_due_idx and stopped there): ranking every due row cost each sweep of each worker, every
+# second, a read and a sort of the whole waiting backlog (docs/delivery.md, "The sweep's cost").
+# An endpoint without room is left out of the candidates, so a full endpoint's old backlog cannot
+# fill them and starve the others. SKIP LOCKED lets every worker sweep at once. Postgres allows no
+# FOR UPDATE beside a window function, so the rows are ranked first and locked after; a row a
+# concurrent sweep leased in between is checked again against the outer WHERE (READ COMMITTED
+# re-checks a locked row's conditions) and dropped. Rows another sweep holds locked are skipped, so
+# an endpoint may get fewer than its room, never more.
 _LEASE_DUE = """
 WITH held AS (
     SELECT * FROM unnest($3::uuid[], $4::int[]) AS h(endpoint_id, held)
-), ranked AS (
-    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at,
-           row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at) AS nth,
-           $5::int - coalesce(h.held, 0) AS room
-    FROM deliveries d LEFT JOIN held h ON h.endpoint_id = d.endpoint_id
+), candidates AS (
+    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at
+    FROM deliveries d
     WHERE d.status = 'PENDING' AND d.next_attempt_at <= now()
       AND (d.lease_until IS NULL OR d.lease_until < now())
+      AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = d.endpoint_id AND h.held >= $5)
+    ORDER BY d.next_attempt_at
+    LIMIT $7
+), ranked AS (
+    SELECT c.notification_id, c.endpoint_id, c.next_attempt_at,
+           row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS nth,
+           $5::int - coalesce(h.held, 0) AS room
+    FROM candidates c LEFT JOIN held h ON h.endpoint_id = c.endpoint_id
 ), due AS (
     SELECT d.notification_id, d.endpoint_id
     FROM ranked r JOIN deliveries d ON d.notification_id = r.notification_id AND d.endpoint_id = r.endpoint_id
@@ -104,6 +118,11 @@ WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
   AND d.leased_by = $1 AND d.status = 'PENDING'
 """
 
+# What happened ($1-$7: status, attempts, error, times) is written whoever writes it: a SENT from
+# any worker is the truth, and an attempt made was made. The schedule and the lease (next attempt,
+# release) belong to the row's holder ($10) alone: a worker whose lease ran out while it sent (the
+# sweep gave the row to another, whose claim it then met) must not move the new holder's next
+# attempt or drop its lease, or a third worker would lease the row while the second still holds it.
 _WRITE = """
 UPDATE deliveries d SET
     status = c.status,
@@ -111,8 +130,9 @@ UPDATE deliveries d SET
     last_error = c.last_error,
     first_attempt_at = coalesce(d.first_attempt_at, to_timestamp(c.first_attempt_at)),
     last_attempt_at = coalesce(to_timestamp(c.last_attempt_at), d.last_attempt_at),
-    next_attempt_at = coalesce(to_timestamp(c.next_attempt_at), d.next_attempt_at),
-    lease_until = CASE WHEN c.release THEN NULL ELSE d.lease_until END
+    next_attempt_at = CASE WHEN d.leased_by = $10 THEN coalesce(to_timestamp(c.next_attempt_at), d.next_attempt_at)
+                           ELSE d.next_attempt_at END,
+    lease_until = CASE WHEN c.release AND d.leased_by = $10 THEN NULL ELSE d.lease_until END
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::float8[], $7::float8[],
             $8::float8[], $9::bool[])
     AS c(notification_id, endpoint_id, status, attempts, last_error, first_attempt_at, last_attempt_at,
@@ -209,7 +229,8 @@ async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady]
 async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, int], backlog: int,
                     limit: int) -> list[DeliveryJob]:
     """Lease up to `limit` due rows nobody holds, at most `backlog - held[endpoint]` of an endpoint."""
-    rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(held), list(held.values()), backlog, limit)
+    rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(held), list(held.values()), backlog, limit,
+                            limit * _CANDIDATES_PER_LEASE)
     jobs = []
     for row in rows:
         notification = NotificationReady(
@@ -232,10 +253,11 @@ async def renew_leases(conn: Conn, owner: str, lease_s: float, keys: Sequence[tu
         await conn.execute(_RENEW, owner, lease_s, [k[0] for k in keys], [k[1] for k in keys])
 
 
-async def write_changes(conn: Conn, changes: Sequence[DeliveryChange]) -> None:
+async def write_changes(conn: Conn, owner: str, changes: Sequence[DeliveryChange]) -> None:
+    """Write `changes` as `owner` wrote them: their schedule and lease only where `owner` holds the row."""
     columns = ("notification_id", "endpoint_id", "status", "attempts", "last_error", "first_attempt_at",
                "last_attempt_at", "next_attempt_at", "release")
-    await conn.execute(_WRITE, *([getattr(change, column) for change in changes] for column in columns))
+    await conn.execute(_WRITE, *([getattr(change, column) for change in changes] for column in columns), owner)
 
 
 async def settle_notifications(conn: Conn, notification_ids: Sequence[str]) -> None:
@@ -243,8 +265,8 @@ async def settle_notifications(conn: Conn, notification_ids: Sequence[str]) -> N
         await conn.execute(_SETTLE, list(notification_ids))
 
 
-async def write_outcomes(conn: asyncpg.Connection, changes: Sequence[DeliveryChange]) -> None:
-    """Write a batch of outcomes and settle the notifications they finish, in one transaction.
+async def write_outcomes(conn: asyncpg.Connection, owner: str, changes: Sequence[DeliveryChange]) -> None:
+    """Write a batch of `owner`'s outcomes and settle the notifications they finish, in one transaction.
 
     The notifications of final outcomes are locked first, in a statement of their own. In READ
     COMMITTED each statement sees what was committed when it started: a settle that first waited
@@ -257,5 +279,5 @@ async def write_outcomes(conn: asyncpg.Connection, changes: Sequence[DeliveryCha
     async with conn.transaction():
         if settling:
             await conn.execute(_LOCK_FOR_SETTLE, settling)
-        await write_changes(conn, changes)
+        await write_changes(conn, owner, changes)
         await settle_notifications(conn, settling)

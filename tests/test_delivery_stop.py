@@ -1,0 +1,104 @@
+"""A worker that stops mid-delivery (Dispatcher.close), against the real Postgres, Redis and a real
+local endpoint: a send already on the wire finishes and is recorded, so it is never sent again;
+what has sent nothing (a delivery waiting for its retry) is handed back at once."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import pytest_asyncio
+
+from alerting_app.delivery import records
+from delivery_receivers import Receiver
+from test_agent_deliver import pending_notification, tenant_with_endpoint
+from test_agent_support import AGENT_LOOP, pipeline, pool  # noqa: F401  (fixtures)
+
+pytestmark = AGENT_LOOP
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "delivery_record_interval_s", 0.01)
+    monkeypatch.setattr(settings, "webhook_timeout_s", 10.0)
+    return settings
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def receiver():
+    async with Receiver() as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def redis_closed_after_the_module(pipeline):
+    from alerting_app import redis_client
+
+    yield
+    await redis_client.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def opened(pool):
+    """Notifications a test delivers; their rows are deleted after it, or a later module's sweeps
+    would take up a delivery left PENDING here once it comes due."""
+    notification_ids: list[str] = []
+    yield notification_ids
+    await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])", notification_ids)
+
+
+async def delivering(pool, settings, opened, url: str):
+    """A worker's dispatcher delivering one new notification to `url`; returns both."""
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", url)
+    notification = await pending_notification(pool, client, [rule])
+    opened.append(notification.notification_id)
+    dispatcher = Dispatcher(settings)
+    jobs = await records.open_deliveries(pool, [notification], dispatcher.owner, settings.delivery_lease_s, [])
+    assert dispatcher.submit(jobs) == []
+    return dispatcher, notification
+
+
+async def delivery_row(pool, notification_id: str):
+    return await pool.fetchrow("SELECT status, attempts, lease_until IS NOT NULL AS leased FROM deliveries"
+                               " WHERE notification_id = $1", notification_id)
+
+
+async def test_a_stop_during_a_slow_post_records_it_sent_and_does_not_send_it_again(pool, settings, receiver, opened):
+    answer = receiver.hold("slow")
+    dispatcher, notification = await delivering(pool, settings, opened, receiver.url("slow"))
+    await receiver.wait_for_posts(1, "slow")
+
+    closing = asyncio.ensure_future(dispatcher.close())
+    await asyncio.sleep(0.5)
+    assert not closing.done()  # the stop waits for the request the receiver already has
+    answer.set()
+    await asyncio.wait_for(closing, 20)
+
+    row = await delivery_row(pool, notification.notification_id)
+    assert (row["status"], row["attempts"]) == ("SENT", 1)
+    # A SENT row is never leased again: no worker sends it a second time, even once the claim expires.
+    assert await pool.fetchval("SELECT status FROM notifications WHERE notification_id = $1",
+                               notification.notification_id) == "SENT"
+    assert len(receiver.posts_to("slow")) == 1
+
+
+async def test_a_stop_hands_a_delivery_waiting_for_its_retry_back_at_once(pool, settings, receiver, opened, monkeypatch):
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", 30.0)
+    monkeypatch.setattr(settings, "delivery_backoff_max_s", 60.0)
+    receiver.answer("failing", 503)
+    dispatcher, notification = await delivering(pool, settings, opened, receiver.url("failing"))
+    async with asyncio.timeout(20):  # the failed attempt recorded: the delivery waits for its retry
+        while (await delivery_row(pool, notification.notification_id))["attempts"] == 0:
+            await asyncio.sleep(0.01)
+
+    started = time.monotonic()
+    await asyncio.wait_for(dispatcher.close(), 20)
+
+    # Not the send grace (WEBHOOK_TIMEOUT_S, 10 s) nor the backoff: a retry's wait has sent nothing.
+    assert time.monotonic() - started < 5.0
+    row = await delivery_row(pool, notification.notification_id)
+    assert (row["status"], row["attempts"], row["leased"]) == ("PENDING", 1, False)
