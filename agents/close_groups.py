@@ -8,17 +8,18 @@ emitted exactly once, across crashes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 
 import asyncpg
 
-from agents.aggregate import Aggregation, publish_aggregation
+from agents.aggregate import REFUSED_BY_POSTGRES, Aggregation, publish_aggregation
 from agents.match_outcomes import closed_here, groups_lock, known_clients, prune_fingerprints
 from alerting_app import db
 from alerting_app.app import alerts_matched, app, settings
-from alerting_app.contracts import NotificationReady
+from alerting_app.contracts import DeadLetter, NotificationReady
 from alerting_app.sending import partition_for
 from tables import groups
 
@@ -40,30 +41,98 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int]) -> l
 
     Runs under `groups_lock`. The notification row (fixed notification_id) is inserted once, sent,
     marked emitted, and only then the key deleted: a closer that dies in between sends the same
-    notification again, which the deliver stage delivers once per endpoint.
+    notification again, which the deliver stage delivers once per endpoint. A group Postgres
+    refuses becomes a dead letter and is removed from the table, so it does not stop the others.
     """
     partitions = tuple(range(settings.topic_partitions))
     items = [(key, value) for key, value in groups.open_groups.items()
              if partition_for(key, partitions) in owned]
     due = groups.due_groups(items, now, closed_here)
+    refused: list[tuple[groups.DueGroup, Exception]] = []
     if due:
+        # A key that is no UUID cannot name a client (asyncpg would refuse the whole lookup below).
+        refused = [(d, ValueError(f"client_id: not a UUID: {d.key!r}")) for d in due if not is_uuid(d.key)]
+        due = [d for d in due if is_uuid(d.key)]
         # A client deleted while its group was open took its members along (ON DELETE CASCADE):
         # its group is dropped, not left to fail every close.
-        known = await known_clients(pool, [d.key.decode() for d in due])
+        known = await known_clients(pool, [str(uuid.UUID(d.key.decode())) for d in due])
         gone = [d for d in due if str(uuid.UUID(d.key.decode())) not in known]
         due = [d for d in due if d not in gone]
         closed_here.update(d.group["notification_id"] for d in gone)
-    ready = await groups.record_closed_groups(pool, due, now)
-    await publish_aggregation(Aggregation(ready=ready))
-    closed_here.update(d.group["notification_id"] for d in due)
+    ready, refused_now = await record_due_groups(pool, due, now)
+    refused += refused_now
+    await publish_aggregation(Aggregation(ready=ready, dead_letters=[refused_letter(d, exc) for d, exc in refused]))
+    closed_here.update(d.group["notification_id"] for d in due)  # the refused ones too: they are removed
+    closed_here.update(d.group["notification_id"] for d, _ in refused)
     if items:
         await groups.prepare_writes()
+    refused_keys = {d.key for d, _ in refused}
+    written = False
     for key, value in items:
         ids = {group["notification_id"] for group in (value or {}).values()}
         if ids <= closed_here:
             del groups.open_groups[key]
-            closed_here.difference_update(ids)
+        elif key in refused_keys:
+            # Other groups of the client are still open: write its value without the closed ones.
+            groups.write_value_of_partition(key, {rule_id: group for rule_id, group in value.items()
+                                                  if group["notification_id"] not in closed_here},
+                                            partition_for(key, partitions))
+        else:
+            continue
+        closed_here.difference_update(ids)
+        written = True
+    if written:
+        # A failed write leaves the group in the changelog: closed again after a restart, it finds
+        # its notification emitted and sends nothing (a refused group is a dead letter again).
+        await groups.wait_until_written()
     return ready
+
+
+def is_uuid(key: bytes) -> bool:
+    try:
+        uuid.UUID(key.decode())
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return True
+
+
+async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now: float
+                            ) -> tuple[list[NotificationReady], list[tuple[groups.DueGroup, Exception]]]:
+    """Insert the due groups' notifications: those to emit, and the groups Postgres refused.
+
+    One statement for all of them; if Postgres refuses it (a NUL in an alert, an id it cannot
+    read), one group at a time, so that only the refused groups are left out. Transient errors
+    propagate: the timer tries again.
+    """
+    try:
+        return await groups.record_closed_groups(pool, due, now), []
+    except REFUSED_BY_POSTGRES as exc:
+        log.warning("Postgres refused closing %d groups at once (%s: %s); closing them one by one",
+                    len(due), type(exc).__name__, exc)
+    ready: list[NotificationReady] = []
+    refused: list[tuple[groups.DueGroup, Exception]] = []
+    for d in due:
+        try:
+            ready.extend(await groups.record_closed_groups(pool, [d], now))
+        except REFUSED_BY_POSTGRES as exc:
+            refused.append((d, exc))
+    return ready, refused
+
+
+def refused_letter(due: groups.DueGroup, exc: Exception) -> DeadLetter:
+    """The dead letter of a group Postgres refuses: groups are built from `alerts.matched`, so it
+    goes to that topic's dead-letter topic, with the group as its payload."""
+    client = due.key.decode("utf-8", "replace")
+    log.error("dropping group %s (group rule %s) of client %s: Postgres refuses it: %s: %s",
+              due.group["notification_id"], due.group_rule_id, client, type(exc).__name__, exc)
+    return DeadLetter(
+        topic=alerts_matched.get_topic_name(),
+        partition=partition_for(due.key, tuple(range(settings.topic_partitions))),
+        key=client,
+        reason=f"group {due.group['notification_id']} (group rule {due.group_rule_id}) of client {client}: "
+               f"refused by Postgres: {type(exc).__name__}: {exc}",
+        payload=json.dumps(due.group, separators=(",", ":")),
+    )
 
 
 @app.timer(interval=settings.group_close_interval_s)

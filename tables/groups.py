@@ -9,37 +9,70 @@ The key is the client_id as raw bytes, so the changelog partition is the client'
 partition (both murmur2 of the same bytes) and recovers on the worker that processes the client.
 The value (JSON) maps each open group's rule_id to the group:
 `{"notification_id", "opened_at", "window_s", "alerts": [alert, ...], "rule_ids": [...]}`.
-`alerts` holds at most GROUP_MAX_ALERTS, so a changelog message stays small; the members
-themselves (all of them) are rows of `notification_alerts` in Postgres.
+`alerts` holds at most GROUP_MAX_ALERTS, within byte budgets (MAX_VALUE_BYTES), so a changelog
+message stays under the broker's limit; the members themselves (all of them) are rows of
+`notification_alerts` in Postgres.
 
 A closed group may stay in its client's value until the agent next writes that key, or until all
 the client's groups are closed and the closer deletes the key: Faust's RocksDB store files a
-write under the current stream event's partition, so a timer, which has no event, may only delete.
+write under the current stream event's partition, and a timer has no event. The one write the
+closer makes is removing a group Postgres refuses (write_value_of_partition names the partition).
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import logging
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import faust
 from faust.streams import _current_event  # no public setter; see write_value
 from faust.types import EventT
+from faust.types.tuples import FutureMessage
 
 from alerting_app.app import app, settings
 from alerting_app.contracts import Alert, AlertMatched, NotificationReady
 
-open_groups = app.Table(
-    "notification-groups",
+log = logging.getLogger(__name__)
+
+
+class ChangelogWriteFailed(Exception):
+    """The broker refused (or the producer could not send) a write of the group table's changelog."""
+
+
+class ChangelogCheckedTable(faust.Table):
+    """A table that keeps the futures of its changelog writes until `wait_until_written` checks them.
+
+    Faust's `on_key_set`/`on_key_del` drop the future `send_changelog` returns, and the producer's
+    flush returns whether or not a write failed: without these, a refused write would go unnoticed.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.unchecked_writes: list[FutureMessage] = []
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
+        sent = super().send_changelog(*args, **kwargs)
+        self.unchecked_writes.append(sent)
+        return sent
+
+
+open_groups: ChangelogCheckedTable = app.tables.add(ChangelogCheckedTable(
+    app,
+    name="notification-groups",
+    beacon=app.tables.beacon,
     key_type=bytes,  # raw bytes; values are JSON (Faust's default)
     partitions=settings.topic_partitions,
     # Writes find their changelog partition from the key, not from the current event: the closer
     # deletes keys from a timer, outside any stream event.
     use_partitioner=True,
-)
+))
 
 Group = dict  # one open group, as stored (see the module docstring)
 ClientGroups = dict  # rule_id -> Group
@@ -54,23 +87,50 @@ def deadline(group: Group) -> float:
     return group["opened_at"] + group["window_s"]
 
 
-# A group lists alerts only up to this much JSON, whatever GROUP_MAX_ALERTS says: a client's table
-# value holds all its open groups, and a changelog message must stay under the broker's message size
-# limit (1 MB by default), or every write of that client would fail. The rest are counted as truncated.
+# A changelog message holds a client's whole value (all its open groups) and must stay under the
+# broker's message size limit (the producer's max_request_size, 1,000,000 bytes by default), or every
+# write of that client would fail and crash the worker on each redelivery. Sizes are of the value as
+# the table encodes it (Faust's JSON codec escapes every non-ASCII character, so an emoji costs 12
+# bytes). An alert is listed in full only while its group's listing stays within MAX_LISTED_BYTES
+# (so one group does not take the client's whole budget) and the client's value within
+# MAX_VALUE_BYTES; the rest are counted as truncated. The first alert of a group is always listed
+# (a notification lists at least one), without its context if it does not fit: what is left of an
+# alert is bounded by the contract (a few KB at most), and the margin between MAX_VALUE_BYTES and
+# the limit holds those of many groups.
 MAX_LISTED_BYTES = 64 * 1024
+MAX_VALUE_BYTES = 512 * 1024
 
 
-def add_member(group: Group, matched: AlertMatched, max_alerts: int) -> None:
-    """List the alert (while there is room) and its rules; adding it again changes nothing."""
+def encoded_size(value: object) -> int:
+    """Bytes of `value` as the table stores it and writes it to its changelog."""
+    return len(app.serializers.dumps_value(None, value, serializer=open_groups.value_serializer))
+
+
+def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room: int) -> int:
+    """List the alert (while there is room) and its rules; adding it again changes nothing.
+
+    `value_room` is how many bytes the client's value may still grow by; returns how many it grew.
+    """
+    added = 0
     listed = {alert["alert_id"] for alert in group["alerts"]}
     if matched.alert.alert_id not in listed and len(group["alerts"]) < max_alerts:
         alert = matched.alert.model_dump(mode="json")
-        size = len(json.dumps(alert, separators=(",", ":")))
-        # The first alert is always listed: a notification lists at least one.
-        if not group["alerts"] or group.get("listed_bytes", 0) + size <= MAX_LISTED_BYTES:
+        size = encoded_size(alert) + 1  # and the comma that separates it from the previous one
+        if group.get("listed_bytes", 0) + size <= MAX_LISTED_BYTES and size <= value_room:
             group["alerts"].append(alert)
             group["listed_bytes"] = group.get("listed_bytes", 0) + size
-    group["rule_ids"] = sorted(set(group["rule_ids"]) | set(matched.rule_ids))
+            added = size
+        elif not group["alerts"]:
+            shortened = {**alert, "context": {}}
+            group["alerts"].append(shortened)
+            added = encoded_size(shortened) + 1
+            log.warning("alert %r of client %s is too large for its group's listing (%d bytes): listed without "
+                        "its context", matched.alert.alert_id, matched.client_id, size)
+    rule_ids = sorted(set(group["rule_ids"]) | set(matched.rule_ids))
+    if rule_ids != group["rule_ids"]:
+        added += encoded_size(rule_ids) - encoded_size(group["rule_ids"])
+        group["rule_ids"] = rule_ids
+    return added
 
 
 @dataclass(frozen=True)
@@ -101,14 +161,19 @@ def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join],
         values[key] = {rule_id: group for rule_id, group in copy.deepcopy(value or {}).items()
                        if group["notification_id"] not in closed}
     memberships = []
+    sizes: dict[bytes, int] = {}  # the encoded size of each value, kept up to date as alerts are added
     for join in joins:
         matched = join.matched
-        groups = values.setdefault(matched.client_id.encode(), {})
+        key = matched.client_id.encode()
+        groups = values.setdefault(key, {})
         group = groups.get(matched.group_rule_id)
         if group is None:
             group = groups[matched.group_rule_id] = open_group(join.member_of or str(uuid.uuid4()),
                                                                matched.group_window_s, now)
-        add_member(group, matched, max_alerts)
+            sizes.pop(key, None)  # measured again below, with the new group
+        if key not in sizes:
+            sizes[key] = encoded_size(groups)
+        sizes[key] += add_member(group, matched, max_alerts, MAX_VALUE_BYTES - sizes[key])
         memberships.append((matched.client_id, matched.alert.alert_id, group["notification_id"]))
     return JoinPlan(values, memberships)
 
@@ -210,18 +275,35 @@ async def prepare_writes() -> None:
 
 
 async def wait_until_written() -> None:
-    """Return once the table's changelog writes made so far are acknowledged by the broker.
+    """Return once the table's changelog writes made so far are acknowledged by the broker; raise
+    ChangelogWriteFailed if one of them failed.
 
     Faust flushes its producer before committing offsets, but that flush gives up, silently, when no
     message went out within 0.1 s (`ProducerBuffer.flush_atmost`, faust-streaming 0.15.3), so under
     load a commit could overtake a changelog write, and a crash then would lose a group's members.
-    The agent waits here before its batch is acknowledged instead of relying on that.
+    And no flush raises for a failed write: the broker's refusal only reaches the write's future
+    (`Topic._on_published`), and a send the producer refuses at once (a record over its
+    max_request_size) kills the buffer's sending task (`ProducerBuffer._handle_pending`), leaving
+    that future unresolved. The agent waits here before its batch is acknowledged instead.
     """
+    writes, open_groups.unchecked_writes = open_groups.unchecked_writes, []
     producer = app.producer
     while True:
         await producer.flush()
         if not producer.buffer.size:
-            return
+            break
+        if producer.buffer.crashed:
+            raise ChangelogWriteFailed(f"the producer's buffer crashed: {producer.buffer.crash_reason!r}")
+    pending = set(writes)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending and producer.buffer.crashed:
+            raise ChangelogWriteFailed(f"the producer's buffer crashed: {producer.buffer.crash_reason!r}")
+    failures = [asyncio.CancelledError("the write was cancelled") if write.cancelled() else write.exception()
+                for write in writes if write.cancelled() or write.exception() is not None]
+    if failures:
+        raise ChangelogWriteFailed(f"{len(failures)} of {len(writes)} changelog writes failed: "
+                                   f"{type(failures[0]).__name__}: {failures[0]}") from failures[0]
 
 
 def write_value(key: bytes, value: ClientGroups, event: EventT) -> None:
@@ -238,3 +320,22 @@ def write_value(key: bytes, value: ClientGroups, event: EventT) -> None:
             del open_groups[key]
     finally:
         _current_event.reset(token)
+
+
+@dataclass(frozen=True)
+class _Message:
+    partition: int
+
+
+@dataclass(frozen=True)
+class _PartitionEvent:
+    """What the RocksDB store reads of the current event (`message.partition`), for a write made
+    outside any stream event: the closer removing a group that Postgres refuses."""
+
+    message: _Message
+
+
+def write_value_of_partition(key: bytes, value: ClientGroups, partition: int) -> None:
+    """`write_value` from a timer: `partition` is the key's partition of `alerts.matched`, which is
+    also its changelog partition (see the module docstring)."""
+    write_value(key, value, _PartitionEvent(_Message(partition)))  # type: ignore[arg-type]

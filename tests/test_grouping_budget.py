@@ -1,0 +1,109 @@
+"""A client's table value stays under the broker's message size limit (tables/groups.py).
+
+Faust's JSON codec escapes every non-ASCII character (an emoji is 12 bytes), and a client's value
+holds all its open groups: the budget is on the whole value as the table encodes it, the first
+alert of a group included. The plain functions, then the agent and closer against the real broker
+and Postgres (a value over the limit is refused by the producer there).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest_asyncio
+
+from agents.aggregate import aggregate_matches
+from agents.close_groups import close_due_groups
+from alerting_app.contracts import MAX_CONTEXT_ENTRIES, Alert, AlertMatched
+from tables import groups
+from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
+
+BROKER_MESSAGE_LIMIT = 1_000_000  # Faust's producer_max_request_size, the smaller of the two limits
+EMOJI = "\U0001F525"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def group_changelog(pipeline):
+    """The table's changelog topic, which a worker creates at start-up."""
+    await groups.open_groups.changelog_topic.maybe_declare()
+
+
+def emoji_alert() -> Alert:
+    """The largest alert the contract accepts, as the table encodes it: about 1.7 MB."""
+    return Alert(alert_id=str(uuid.uuid4()), event_ts=time.time(), severity="HIGH", source="payments",
+                 name="CheckoutLatency",
+                 context={f"{n}{EMOJI * 190}": EMOJI * 2000 for n in range(MAX_CONTEXT_ENTRIES)})
+
+
+def grouped(client_id: str, rule_id: str, the_alert: Alert) -> AlertMatched:
+    return AlertMatched(alert=the_alert, client_id=client_id, rule_ids=[rule_id], group_rule_id=rule_id,
+                        group_window_s=5)
+
+
+def sized_alert(n: int) -> Alert:
+    return Alert(alert_id=str(uuid.uuid4()), event_ts=time.time(), severity="HIGH", source="payments",
+                 name="CheckoutLatency", context={"n": str(n), "detail": "x" * 1900})
+
+
+def test_an_alert_too_large_alone_opens_its_group_listed_without_its_context():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    big = emoji_alert()
+    assert groups.encoded_size(big.model_dump(mode="json")) > BROKER_MESSAGE_LIMIT
+
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, rule, big))], set(), now=1.0, max_alerts=100)
+
+    value = plan.values[client.encode()]
+    assert groups.encoded_size(value) <= groups.MAX_VALUE_BYTES
+    [listed] = value[rule]["alerts"]
+    assert (listed["alert_id"], listed["name"], listed["context"]) == (big.alert_id, big.name, {})
+    assert [m[1] for m in plan.memberships] == [big.alert_id]
+
+
+def test_many_groups_of_large_alerts_stay_within_the_value_budget_and_count_the_rest():
+    client = str(uuid.uuid4())
+    rules = [str(uuid.uuid4()) for _ in range(40)]
+    joins = [groups.Join(grouped(client, rule, sized_alert(n))) for n in range(30) for rule in rules]
+
+    plan = groups.plan_joins({}, joins, set(), now=1.0, max_alerts=1_000)
+
+    value = plan.values[client.encode()]
+    assert groups.encoded_size(value) <= groups.MAX_VALUE_BYTES
+    assert sorted(value) == sorted(rules)  # every group exists, with at least one alert listed
+    assert all(group["alerts"] for group in value.values())
+    listed = sum(len(group["alerts"]) for group in value.values())
+    assert listed < len(joins) and len(plan.memberships) == len(joins)  # the rest are counted as truncated
+
+
+def test_a_value_near_its_budget_lists_a_new_groups_first_alert_without_context():
+    client = str(uuid.uuid4())
+    rules = [str(uuid.uuid4()) for _ in range(12)]
+    full = groups.plan_joins({}, [groups.Join(grouped(client, rule, sized_alert(n)))
+                                  for n in range(40) for rule in rules[:10]], set(), now=1.0, max_alerts=1_000)
+    late_rule = rules[11]
+
+    plan = groups.plan_joins(full.values, [groups.Join(grouped(client, late_rule, sized_alert(0)))], set(),
+                             now=2.0, max_alerts=1_000)
+
+    value = plan.values[client.encode()]
+    assert groups.encoded_size(value) <= groups.MAX_VALUE_BYTES + 1_000
+    [listed] = value[late_rule]["alerts"]
+    assert listed["context"] == {}
+
+
+@AGENT_LOOP
+async def test_the_agent_groups_and_the_closer_notifies_an_alert_too_large_for_a_message(pool, group_changelog):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    big = emoji_alert()
+    match = grouped(client, rule, big)
+
+    async with aggregate_matches.test_context() as agent:
+        # Sent as the broker would deliver it: the evaluator's message is compact UTF-8, under the limit.
+        await agent.put(match.encode(), key=client.encode())
+        [aggregation] = [agent.results[0]]
+    assert aggregation.dead_letters == []
+    await groups.wait_until_written()  # the changelog write was accepted by the producer and broker
+
+    [ready] = await close_due_groups(pool, time.time() + 5, set(range(64)))
+
+    assert [a.alert_id for a in ready.alerts] == [big.alert_id] and ready.truncated_alerts == 0
+    assert groups.open_groups.get(client.encode()) is None

@@ -1,0 +1,121 @@
+"""A group Postgres refuses does not stop the others from closing (agents/close_groups.py).
+
+The contracts refuse the known triggers at intake (a NUL character, an id that is no canonical
+UUID), so the bad groups here are written into the table directly, as an older version of the app,
+or a trigger nobody foresaw, may have left them in a changelog. Real Postgres and broker.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest_asyncio
+
+from agents.close_groups import close_due_groups
+from alerting_app.contracts import Alert, AlertMatched
+from alerting_app.sending import partition_for
+from tables import groups
+from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
+
+ALL_PARTITIONS = set(range(64))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def group_changelog(pipeline):
+    """The table's changelog topic, which a worker creates at start-up."""
+    await groups.open_groups.changelog_topic.maybe_declare()
+
+
+def grouped(client_id: str, rule_id: str, window_s: int = 5, context: dict | None = None) -> AlertMatched:
+    the_alert = Alert(alert_id=str(uuid.uuid4()), event_ts=time.time(), severity="HIGH", source="payments",
+                      name="CheckoutLatency", context=context or {"n": "1"})
+    return AlertMatched(alert=the_alert, client_id=client_id, rule_ids=[rule_id], group_rule_id=rule_id,
+                        group_window_s=window_s)
+
+
+async def open_directly(pool, key: bytes, value: groups.ClientGroups) -> None:
+    """Put a client's groups in the table (and their members in Postgres), as the agent would have."""
+    await groups.prepare_writes()
+    groups.write_value_of_partition(key, value, partition_for(key, tuple(range(64))))
+    members = [(key.decode(), a["alert_id"], g["notification_id"]) for g in value.values() for a in g["alerts"]]
+    await groups.record_memberships(pool, members)
+
+
+def with_nul_in_context(value: groups.ClientGroups, rule_id: str) -> None:
+    value[rule_id]["alerts"][0]["context"]["detail"] = "before\x00after"
+
+
+@AGENT_LOOP
+async def test_a_group_postgres_refuses_is_a_dead_letter_and_the_other_groups_close(pool):
+    client, other_client = await insert_client(pool), await insert_client(pool)
+    good_rule, bad_rule, slow_rule = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    now = time.time()
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, good_rule)), groups.Join(grouped(client, bad_rule)),
+                                  groups.Join(grouped(client, slow_rule, window_s=600)),
+                                  groups.Join(grouped(other_client, good_rule))], set(), now, max_alerts=10)
+    value = plan.values[client.encode()]
+    with_nul_in_context(value, bad_rule)
+    bad_group = value[bad_rule]
+    for key, client_value in plan.values.items():
+        await open_directly(pool, key, client_value)
+
+    ready = await close_due_groups(pool, now + 5, ALL_PARTITIONS)
+
+    assert sorted((r.client_id, r.group_rule_id) for r in ready) == sorted(
+        [(client, good_rule), (other_client, good_rule)])
+    [letter] = await sent_to("alerts.matched.dlq", client)
+    assert letter["topic"] == "alerts.matched"
+    assert bad_group["notification_id"] in letter["reason"] and client in letter["reason"]
+    assert "refused by Postgres" in letter["reason"] and bad_rule in letter["reason"]
+    assert json.loads(letter["payload"]) == bad_group  # its content is kept, NUL included
+    # Removed from the table; the client's group still open is kept.
+    assert list(groups.open_groups.get(client.encode())) == [slow_rule]
+    assert groups.open_groups.get(other_client.encode()) is None
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE notification_id = $1",
+                               bad_group["notification_id"]) == 0
+
+    # Closing again refuses nothing more: the bad group is gone, not retried for ever.
+    assert await close_due_groups(pool, now + 6, ALL_PARTITIONS) == []
+    assert len(await sent_to("alerts.matched.dlq", client)) == 1
+    [slow] = await close_due_groups(pool, now + 600, ALL_PARTITIONS)
+    assert slow.group_rule_id == slow_rule
+
+
+@AGENT_LOOP
+async def test_a_group_with_an_id_asyncpg_cannot_encode_does_not_stop_the_others(pool):
+    client, other_client = await insert_client(pool), await insert_client(pool)
+    rule = str(uuid.uuid4())
+    now = time.time()
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, rule)), groups.Join(grouped(other_client, rule))],
+                             set(), now, max_alerts=10)
+    value = plan.values[client.encode()]
+    value[rule]["rule_ids"] = ["not-a-uuid"]  # asyncpg's encoding raises ValueError (or Postgres a DataError)
+    for key, client_value in plan.values.items():
+        await open_directly(pool, key, client_value)
+
+    [ready] = await close_due_groups(pool, now + 5, ALL_PARTITIONS)
+
+    assert ready.client_id == other_client
+    [letter] = await sent_to("alerts.matched.dlq", client)
+    assert value[rule]["notification_id"] in letter["reason"]
+    assert groups.open_groups.get(client.encode()) is None
+
+
+@AGENT_LOOP
+async def test_a_group_whose_key_is_no_uuid_is_a_dead_letter_and_the_others_close(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    now = time.time()
+    good = groups.plan_joins({}, [groups.Join(grouped(client, rule))], set(), now, max_alerts=10)
+    bad_key = b"not-a-client-" + uuid.uuid4().hex.encode()
+    bad_value = {rule: good.values[client.encode()][rule] | {"notification_id": str(uuid.uuid4())}}
+    await open_directly(pool, client.encode(), good.values[client.encode()])
+    await groups.prepare_writes()
+    groups.write_value_of_partition(bad_key, bad_value, partition_for(bad_key, tuple(range(64))))
+
+    [ready] = await close_due_groups(pool, now + 5, ALL_PARTITIONS)
+
+    assert ready.client_id == client
+    [letter] = await sent_to("alerts.matched.dlq", bad_key.decode())
+    assert "not a UUID" in letter["reason"] and bad_value[rule]["notification_id"] in letter["reason"]
+    assert groups.open_groups.get(bad_key) is None
