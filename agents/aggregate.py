@@ -303,12 +303,16 @@ async def record_stateful_isolating(conn: asyncpg.Pool, decoded: list[tuple[Even
     """
     try:
         return await _record_stateful_or_nothing(conn, decoded, aggregation)
-    except REFUSED_BY_POSTGRES:
+    except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES):
+        # A refusal, or a client deleted after record_stateful checked it was known.
         log.warning("Postgres refused a batch of %d stateful matches; recording them one by one", len(decoded))
     seen_before: list[AlertMatched] = []
     for event, matched in decoded:
         try:
             seen_before.extend(await _record_stateful_or_nothing(conn, [(event, matched)], aggregation))
+        except asyncpg.ForeignKeyViolationError:
+            reason = f"client_id: no such client {matched.client_id}"
+            aggregation.dead_letters.append(dead_letter_for(event.message, reason))
         except REFUSED_BY_POSTGRES as exc:
             aggregation.dead_letters.append(dead_letter_for(event.message, refused_reason(exc)))
     return seen_before

@@ -92,3 +92,25 @@ async def assert_refused_match_is_isolated(pool, *, repeat_checked: bool) -> Non
     assert alert_ids(aggregation.ready) == [matches[0].alert.alert_id, matches[2].alert.alert_id]
     stored = await pool.fetch("SELECT alert_id FROM notifications WHERE client_id = $1", client)
     assert sorted(row[0] for row in stored) == sorted(alert_ids(aggregation.ready))
+
+
+async def test_a_client_deleted_while_its_stateful_match_is_recorded_is_a_dead_letter(pool, monkeypatch):
+    # The race: record_stateful finds the client known, then the client is deleted before the write,
+    # which then violates the foreign key. Stood in for by a client that exists only in that check.
+    from agents import match_outcomes
+
+    client, deleted = await insert_client(pool), str(uuid.uuid4())
+    real_known_clients = match_outcomes.known_clients
+
+    async def known_clients(conn, client_ids):
+        return await real_known_clients(conn, client_ids) | {deleted}
+
+    monkeypatch.setattr(match_outcomes, "known_clients", known_clients)
+    matches = [matched(client, repeat_checked=True), matched(deleted, repeat_checked=True)]
+    aggregation = Aggregation()
+
+    await record_matches(pool, [(event(match, offset), match) for offset, match in enumerate(matches)], aggregation)
+
+    [letter] = aggregation.dead_letters
+    assert letter.offset == 1 and letter.reason == f"client_id: no such client {deleted}"
+    assert alert_ids(aggregation.ready) == [matches[0].alert.alert_id]
