@@ -2,7 +2,7 @@
 settings; a message is handed to its stream without Faust's per-message `wait_first` when the
 hand-over cannot block; stream records fetched while a rebalance ends are held, not thrown away
 (`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is not recorded as done
-(`Consumer._commit_offsets`); an agent that crashed is counted and logged as what it means
+(`Consumer._commit_offsets`); after an agent crashed the worker commits nothing more and stops
 (`Consumer.on_task_error`). tests/test_broker_transport.py fails when the installed Faust no
 longer matches what these rely on.
 
@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from functools import cached_property
 from typing import AsyncIterator, Mapping, cast
 
@@ -59,18 +61,30 @@ class Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    # Set at the first agent crash (see on_task_error): from then on this worker commits nothing.
+    crashed_agent: str | None = None
+
     async def on_task_error(self, exc: BaseException) -> None:
         """Called by Faust when an agent raised (`App._on_agent_error`), before it restarts the agent.
 
-        Faust logs the traceback, but the batch the agent held is never acknowledged, so the committed
-        offsets of its partitions stay where they are until the worker restarts (its successor reads
-        the batch again). Counted and said plainly, so that an operator sees it and restarts the
-        worker. Transient Postgres errors never get here: the stages retry them (db.retry_transient).
+        The batch the crashed agent held was not processed, yet Faust acknowledges it: `take_events`
+        acks its buffered events in a `finally`, which runs as soon as the crashed agent lets go of
+        the iterator, and the next commit would pass over messages nobody processed (lost). So from
+        the first crash on, this worker commits no offset at all (not even the commit Faust makes
+        here), and it stops: restarted (by ECS, compose or whoever runs it), it reads everything past
+        the last commit again, which every stage handles (a redelivered message finds its rows).
+        Transient Postgres errors never get here: the stages retry them (db.retry_transient).
         """
+        self.crashed_agent = f"{type(exc).__name__}: {exc}"
         metrics.agent_crashes.inc()
-        log.error("an agent crashed (%s: %s): the partitions of the batch it held commit no further "
-                  "until this worker restarts", type(exc).__name__, exc)
+        log.error("an agent crashed (%s): this worker commits no further offsets and stops, so that the "
+                  "batch it held is read again when it is restarted", self.crashed_agent)
         await super().on_task_error(exc)
+        self.stop_worker()
+
+    def stop_worker(self) -> None:
+        # As `docker stop` would: the worker stops gracefully (deliveries in hand are handed back).
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
         """Faust's commit, except that a commit that failed is not recorded as done.
@@ -82,6 +96,8 @@ class Consumer(faust_aiokafka.Consumer):
         not released); until then, what a failed commit recorded is put back, and the next commit
         interval tries again. Committing the same offsets twice is harmless.
         """
+        if self.crashed_agent is not None:
+            return False  # an agent crashed: what Faust acknowledged since may not be done (on_task_error)
         before = {tp: self._committed_offset.get(tp, _NOT_RECORDED) for tp in offsets}
         did_commit = await super()._commit_offsets(offsets, start_new_transaction)
         if not did_commit:

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from faust.agents.agent import Agent
 from faust.app.base import App as FaustApp
+from faust.streams import Stream
 from faust.tables.recovery import Recovery
 from faust.transport import conductor as faust_conductor
 from faust.transport import consumer as faust_consumer_module
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
 from mode.utils.queues import FlowControlEvent
 
@@ -62,7 +65,7 @@ def test_fetch_wait_is_read_from_the_environment_and_validated(monkeypatch):
 # What `Consumer._drain_messages` in alerting_app/broker_transport.py copies (faust-streaming 0.15.3),
 # what its `_delivery_cannot_wait` knows of the callback's waits, and the end of a rebalance that
 # `_held_during_rebalance` works around (resume, seek, then a queue-clearing resume; `rebalancing`
-# cleared last), by sha256 of the source.
+# cleared last), and what `on_task_error` guards against, by sha256 of the source.
 _SOURCES_THE_DRAIN_OVERRIDE_RELIES_ON = {
     "faust Consumer._drain_messages (copied)": "44a2500309e83c63",
     "faust Conductor._compile_message_handler": "9fbc0538097aa4ec",
@@ -75,6 +78,9 @@ _SOURCES_THE_DRAIN_OVERRIDE_RELIES_ON = {
     "mode FlowControlEvent.resume": "4dcdc1253fd0dcb4",
     "faust App.on_rebalance_start": "5c1e23de30674082",
     "faust App.on_rebalance_end": "b7ff69e1e3772f30",
+    # Consumer.on_task_error: take_events acks its batch in a finally; a crashed actor is replaced.
+    "faust Stream.take_events": "607d48aead118ba8",
+    "faust Agent._execute_actor": "c750b828d2bda93e",
 }
 
 
@@ -93,6 +99,8 @@ def _installed_sources() -> dict[str, str]:
         "mode FlowControlEvent.resume": inspect.getsource(FlowControlEvent.resume),
         "faust App.on_rebalance_start": inspect.getsource(FaustApp.on_rebalance_start),
         "faust App.on_rebalance_end": inspect.getsource(FaustApp.on_rebalance_end),
+        "faust Stream.take_events": inspect.getsource(Stream.take_events),
+        "faust Agent._execute_actor": inspect.getsource(Agent._execute_actor),
     }
 
 
@@ -165,23 +173,46 @@ async def test_a_commit_the_broker_refused_is_not_recorded_as_done(monkeypatch):
     assert (consumer._committed_offset[tp], consumer._committed_offset[unseen]) == (9, 3)
 
 
-async def test_a_crashed_agent_is_counted_and_logged_and_faust_still_commits(monkeypatch, caplog):
-    # Faust's own path for an agent that raised: App._on_agent_error -> consumer.on_task_error.
+async def test_after_an_agent_crashed_the_worker_commits_nothing_more_and_stops(monkeypatch, caplog):
+    # Faust's own path for an agent that raised: App._on_agent_error -> consumer.on_task_error. The
+    # batch the agent held was not processed, but Faust's take_events acknowledges it as soon as the
+    # crashed agent drops the iterator; committing after that would pass over it for good.
+    from faust.types import TP
+
     from alerting_app import metrics
 
     consumer = app.consumer
-    commits = []
+    monkeypatch.setattr(consumer, "crashed_agent", None)  # restored after the test
+    stops = []
+    monkeypatch.setattr(consumer, "stop_worker", lambda: stops.append(True))
+    broker_commits = []
+
+    async def commit_at_broker(self, offsets, start_new_transaction=True):
+        broker_commits.append(dict(offsets))
+        return True
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "_commit_offsets", commit_at_broker)
+    # Faust's on_task_error commits (Consumer.commit, which ends in _commit_offsets); its bookkeeping
+    # needs a running consumer, so only the call is recorded here.
+    commit_calls = []
 
     async def commit(*args, **kwargs):
-        commits.append(args)
+        commit_calls.append(args)
         return True
 
     monkeypatch.setattr(consumer, "commit", commit)
+    tp = TP("alerts.new", 0)
+    assert await consumer._commit_offsets({tp: 5}) is True  # before any crash: Faust's commit runs
     before = metrics.agent_crashes._value.get()
+
     await app._on_agent_error(object(), RuntimeError("boom"))
+
     assert metrics.agent_crashes._value.get() == before + 1
-    assert commits == [()]  # what Faust's on_task_error does, still done
     assert "an agent crashed (RuntimeError: boom)" in caplog.text
+    assert stops == [True]
+    assert commit_calls == [()]
+    assert await consumer._commit_offsets({tp: 9}) is False
+    assert broker_commits == [{tp: 5}]  # nothing reached the broker after the crash
 
 
 async def test_records_held_during_a_rebalance_are_released_in_order_past_the_commit(monkeypatch):
