@@ -88,9 +88,16 @@ class RuleIndex:
 
     def rebuild(self, changes: Iterable[RuleChanged]) -> None:
         """Replace the whole index by the one the given changes produce (after table recovery)."""
-        fresh = RuleIndex(changes)
-        self._versions, self._rules, self._by_criteria = fresh._versions, fresh._rules, fresh._by_criteria
-        self._grouping = fresh._grouping
+        self.take_over(RuleIndex(changes))
+
+    def take_over(self, other: RuleIndex) -> None:
+        """Hold what `other` holds from now on, in one step: readers of this index never see a mix.
+
+        The replica builds a fresh index while this one serves, then swaps it in; `other` must not
+        be changed afterwards (the two share their contents).
+        """
+        self._versions, self._rules, self._by_criteria = other._versions, other._rules, other._by_criteria
+        self._grouping = other._grouping
 
     def _unindex(self, rule_id: str) -> None:
         self._grouping.pop(rule_id, None)
@@ -145,9 +152,15 @@ class RuleIndex:
         lookup = self._by_criteria.get
         # Each field either exact or `*`: 7 lookups, most of them finding nothing ((*, *, *) is refused
         # by the contract).
-        for criteria in ((severity, source, name), (severity, source, WILDCARD), (severity, WILDCARD, name),
-                         (severity, WILDCARD, WILDCARD), (WILDCARD, source, name),
-                         (WILDCARD, source, WILDCARD), (WILDCARD, WILDCARD, name)):
+        lookups = ((severity, source, name), (severity, source, WILDCARD), (severity, WILDCARD, name),
+                   (severity, WILDCARD, WILDCARD), (WILDCARD, source, name),
+                   (WILDCARD, source, WILDCARD), (WILDCARD, WILDCARD, name))
+        if source == WILDCARD or name == WILDCARD:
+            # An alert whose source or name is literally `*` makes some lookups the same: each bucket
+            # is read once, or its rules would be listed twice. (A rule sits in one bucket only, so
+            # distinct lookups give distinct rule_ids.) Checked here, off the common path.
+            lookups = tuple(dict.fromkeys(lookups))
+        for criteria in lookups:
             bucket = lookup(criteria)
             if bucket:
                 for rule_id, client_id in bucket.items():

@@ -27,13 +27,17 @@ def silence_of_row(row: Mapping[str, Any]) -> Silence:
     )
 
 
+# How long after its end a silence stops being scanned (see `SilenceIndex.silencing`).
+PRUNE_AFTER_EXPIRY_S = 600.0
+
+
 class SilenceIndex:
     """The newest version of every silence, by client.
 
     `apply` is idempotent and order-independent, as for rules: an event whose version is not newer
     than the one held is ignored, and a delete keeps its version so a late upsert cannot revive it.
     Expired silences stay held (an expiry is an upsert) for `versions()`, but `silencing` stops
-    scanning them once it has seen them expired.
+    scanning them once it has seen them expired for PRUNE_AFTER_EXPIRY_S.
     """
 
     def __init__(self, changes: Iterable[SilenceChanged] = ()) -> None:
@@ -71,10 +75,15 @@ class SilenceIndex:
         matching = [silence_id for silence_id, silence in silences.items()
                     if silence.is_active(at) and silence.matches(alert)]
         if asked_now:
-            # Time only moves on: a silence expired now can only come back as a newer version (which
-            # `apply` indexes again), so stop scanning it, or a tenant creating a silence per deploy
-            # slows every match down. It stays in `versions()`, which workers compare.
-            for silence_id in [silence_id for silence_id, silence in silences.items() if silence.ends_at <= at]:
+            # A silence long expired can only come back as a newer version (which `apply` indexes
+            # again), so stop scanning it, or a tenant creating a silence per deploy slows every
+            # match down. It stays in `versions()`, which workers compare. Only once it is
+            # PRUNE_AFTER_EXPIRY_S past its end: the wall clock can jump forward and back (an NTP
+            # step), and a silence dropped at a jumped-ahead clock would never be checked again.
+            # The active check above stays exact: a silence past its end never mutes.
+            prune_before = at - PRUNE_AFTER_EXPIRY_S
+            for silence_id in [silence_id for silence_id, silence in silences.items()
+                               if silence.ends_at <= prune_before]:
                 del silences[silence_id]
             if not silences:
                 del self._by_client[client_id]

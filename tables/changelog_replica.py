@@ -5,6 +5,13 @@ Rules (tables/rule_replica.py, which says why this is not a Faust GlobalTable) a
 consumes. `ChangelogReplica` holds what the two share: connecting, finding every partition and its
 end offset, reading for ever, applying each event to an index that ignores stale versions, and
 saying when it has read up to the end offsets it saw at start (`wait_until_caught_up`).
+
+An event is applied only if it is keyed by the id it carries and its ids are canonical UUIDs:
+compaction keeps the last record per *key*, so an event under another key would stay in the
+replicas that read it and vanish from those that start later; and a non-UUID id would poison every
+match it takes part in downstream. Such an event, like an undecodable one, goes to the topic's
+dead-letter topic; the letters of a batch are acknowledged by the broker before the batch counts as
+read (`apply_batches`), so a refused letter is sent again after the restart.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from alerting_app.contracts import Contract, DeadLetter
-from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letter
+from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +40,24 @@ class ChangeIndex(Protocol):
 
 
 class ChangelogReplica:
-    """Follows one changelog topic into `index`; subclasses name the event contract and its key field."""
+    """Follows one changelog topic into `index`; subclasses name the event contract and its key field.
+
+    `index` is what matching reads. Records are applied to `filling`: `index` itself, or a fresh
+    index the rule replica rebuilds while `index` keeps serving (tables/rule_replica.py).
+    """
 
     contract: type[Contract]
     key_field: str
+    # The event's id fields, which must be canonical UUIDs (the key field among them).
+    id_fields: tuple[str, ...]
     # In the log: bench/stack.py waits for "rule replica caught up".
     name: str
 
     def __init__(self, index: ChangeIndex,
-                 on_dead_letter: Callable[[DeadLetter], Awaitable[None]] = send_dead_letter) -> None:
+                 on_dead_letters: Callable[[list[DeadLetter]], Awaitable[None]] = send_dead_letters) -> None:
         self.index = index
-        self._on_dead_letter = on_dead_letter
+        self.filling = index
+        self._on_dead_letters = on_dead_letters
         self._caught_up = asyncio.Event()
         self.caught_up_at_offsets: dict[int, int] = {}
 
@@ -54,27 +68,57 @@ class ChangelogReplica:
     async def wait_until_caught_up(self) -> None:
         await self._caught_up.wait()
 
+    @classmethod
+    def checked(cls, change: Contract) -> Contract:
+        """`change`, if its ids are canonical UUIDs; raises UndecodableMessage naming the first that is not."""
+        require_uuids(**{field: [getattr(change, field)] for field in cls.id_fields})
+        return change
+
     def apply_records(self, records) -> tuple[dict[str, bytes], list[DeadLetter]]:
-        """Apply records to the index; return (key -> raw event that changed the index, dead letters)."""
+        """Apply records to `filling`; return (key -> raw event that changed it, dead letters)."""
         changed: dict[str, bytes] = {}
         dead = []
         for record in records:
             try:
-                change = decode(self.contract, record.value)
+                change = self.checked(decode(self.contract, record.value))
             except UndecodableMessage as exc:
                 dead.append(dead_letter_for(record, str(exc)))
                 continue
-            if self.index.apply(change):
-                changed[getattr(change, self.key_field)] = record.value
+            change_id = getattr(change, self.key_field)
+            if record.key != change_id.encode():
+                key = record.key.decode("utf-8", "replace") if record.key is not None else None
+                dead.append(dead_letter_for(
+                    record, f"key: the record's key {key!r} is not the {self.key_field} it carries ({change_id!r})"))
+                continue
+            if self.filling.apply(change):
+                changed[change_id] = record.value
         return changed, dead
+
+    async def apply_batches(self, batches: Batches) -> dict[str, bytes]:
+        """Apply a batch read; return key -> raw event that changed `filling`.
+
+        Returns only once the broker acknowledged the batch's dead letters: the caller may then
+        record the batch as read. Raises if one is refused, so the batch is read again after the
+        restart and its letters sent again.
+        """
+        changed, dead = self.apply_records(records_of(batches))
+        if dead:
+            await self._on_dead_letters(dead)
+        return changed
+
+    def reached_end_offsets(self) -> None:
+        """Called once per run, when `filling` has read up to the end offsets seen at its start."""
+        if not self.is_caught_up:
+            log.info("%s caught up: %d held", self.name, len(self.index))
+        self._caught_up.set()
 
     async def follow(self, bootstrap: str, topic: str, *,
                      start_at: Callable[[dict[TopicPartition, int]], dict[int, int]],
-                     on_batches: Callable[[Batches], list[DeadLetter]], poll_ms: int = 100) -> None:
+                     on_batches: Callable[[Batches], Awaitable[object]], poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever.
 
         `start_at(end offsets)` gives the offset to start each partition from (absent: its
-        beginning); `on_batches` handles each batch read and returns its dead letters.
+        beginning); `on_batches` handles each batch read (see `apply_batches`).
         """
         consumer = await _connected_consumer(bootstrap, poll_ms)
         try:
@@ -88,15 +132,15 @@ class ChangelogReplica:
                 else:
                     await consumer.seek_to_beginning(tp)
             self.caught_up_at_offsets = {tp.partition: ends[tp] for tp in tps}
+            # Per run: a restart inside a running worker must reach the end offsets again too.
+            reached_end = False
             while True:
-                if not self.is_caught_up and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
-                    log.info("%s caught up: %d held", self.name, len(self.index))
-                    self._caught_up.set()
+                if not reached_end and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                    reached_end = True
+                    self.reached_end_offsets()
                 batches = await consumer.getmany(timeout_ms=poll_ms, max_records=5000)
-                if not batches:
-                    continue
-                for letter in on_batches(batches):
-                    await self._on_dead_letter(letter)
+                if batches:
+                    await on_batches(batches)
         finally:
             await consumer.stop()
 

@@ -12,10 +12,15 @@ what it read in a local RocksDB store:
 - the store holds the newest event per rule and the next offset per partition, written together
   in one batch, so a restarted worker loads its rules from disk and reads only what it missed;
 - if the broker holds fewer messages than the store has read (the topic was recreated, e.g. an
-  in-memory dev broker restarted), the store is discarded and rebuilt from the topic.
+  in-memory dev broker restarted), or the store holds an entry the current contract refuses (it
+  would fail every start alike), the store is discarded and rebuilt from the topic.
 
 Matching must not start before the replica has read up to the end offsets it saw at start-up
-(`wait_until_caught_up`), or alerts would be matched against a partial rule set.
+(`wait_until_caught_up`), or alerts would be matched against a partial rule set. Nor may a
+restart inside a running worker (`keep_running`, after any failure) hand matching a partial set:
+each run loads the store into a fresh index and reads on into it, and only once it has reached the
+end offsets does it take the place of the served one (`RuleIndex.take_over`, in one step). Until
+then matching goes on with the rules it had. The cost: two indexes in memory during that catch-up.
 """
 from __future__ import annotations
 
@@ -27,9 +32,10 @@ from pathlib import Path
 from aiokafka import TopicPartition
 from rocksdict import Rdict, WriteBatch
 
-from alerting_app.contracts import DeadLetter, RuleChanged
+from alerting_app.contracts import RuleChanged
+from alerting_app.dead_letters import UndecodableMessage, decode
 from alerting_app.matching import RuleIndex
-from tables.changelog_replica import Batches, ChangelogReplica, records_of
+from tables.changelog_replica import Batches, ChangelogReplica
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +55,11 @@ class RuleStore:
         """(the stored events, the next offset per partition).
 
         The events are decoded one at a time as they are iterated: at 450,000 rules a list of them
-        would hold every decoded event at once, doubling the worker's memory at start-up.
+        would hold every decoded event at once, doubling the worker's memory at start-up. Iterating
+        raises UndecodableMessage, naming the entry, at one the rule contract refuses.
         """
         offsets = {int(key[len(_OFFSET):]): value for key, value in self._prefixed(_OFFSET)}
-        return (RuleChanged.model_validate_json(value) for _, value in self._prefixed(_RULE)), offsets
+        return (_stored_change(key, value) for key, value in self._prefixed(_RULE)), offsets
 
     def _prefixed(self, prefix: str) -> Iterator[tuple[str, object]]:
         # Keys are kept sorted: the entries of one prefix are contiguous from the prefix itself.
@@ -78,34 +85,66 @@ class RuleStore:
         self._db.close()
 
 
+def _stored_change(key: str, raw: object) -> RuleChanged:
+    try:
+        return RuleReplica.checked(decode(RuleChanged, raw))
+    except UndecodableMessage as exc:
+        raise UndecodableMessage(f"stored entry {key!r}: {exc}") from None
+
+
 class RuleReplica(ChangelogReplica):
     contract = RuleChanged
     key_field = "rule_id"
+    id_fields = ("rule_id", "client_id")
     name = "rule replica"
     index: RuleIndex
+    filling: RuleIndex
 
-    def load(self, store: RuleStore) -> dict[int, int]:
+    def load(self, store: RuleStore) -> tuple[RuleIndex, dict[int, int]]:
+        """(a fresh index of the stored rules, the next offset per partition), or, when the store holds
+        an entry the contract refuses, (an empty index, no offsets) and the store emptied."""
         changes, offsets = store.load()
-        self.index.rebuild(changes)
-        log.info("rule replica loaded %d rules from %s", len(self.index), store.path)
-        return offsets
+        try:
+            loaded = RuleIndex(changes)
+        except UndecodableMessage as exc:
+            refused = str(exc)
+        else:
+            log.info("rule replica loaded %d rules from %s", len(loaded), store.path)
+            return loaded, offsets
+        # Discarded out of the except block: its traceback holds the store's open iterator, and
+        # RocksDB keeps its lock while an iterator lives.
+        del changes
+        log.error("the local rule store %s holds an entry the rule contract refuses (%s); "
+                  "discarding the store and rebuilding it from the topic", store.path, refused)
+        store.discard()
+        return RuleIndex(), {}
+
+    def reached_end_offsets(self) -> None:
+        if self.filling is not self.index:
+            if self.is_caught_up:
+                log.info("rule replica caught up again: %d rules now matched (were %d)",
+                         len(self.filling), len(self.index))
+            self.index.take_over(self.filling)
+            self.filling = self.index
+        super().reached_end_offsets()
 
     async def run(self, bootstrap: str, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever, keeping the index and the store current."""
-        offsets = self.load(store)
+        self.filling, offsets = self.load(store)
 
         def start_at(ends: dict[TopicPartition, int]) -> dict[int, int]:
             if any(offsets.get(tp.partition, 0) > end for tp, end in ends.items()):
                 log.warning("rule.changed holds fewer messages than the local rule store has read: "
                             "the topic was recreated; rebuilding the store from the topic")
                 store.discard()
-                self.index.rebuild([])
+                self.filling = RuleIndex()
                 return {}
             return offsets
 
-        def on_batches(batches: Batches) -> list[DeadLetter]:
-            to_store, dead = self.apply_records(records_of(batches))
+        async def on_batches(batches: Batches) -> None:
+            # Saved only once the batch's dead letters are acknowledged: offsets past a record whose
+            # letter was lost would never read it again.
+            to_store = await self.apply_batches(batches)
             store.save(to_store, {tp.partition: tp_records[-1].offset + 1 for tp, tp_records in batches.items()})
-            return dead
 
         await self.follow(bootstrap, topic, start_at=start_at, on_batches=on_batches, poll_ms=poll_ms)

@@ -8,14 +8,15 @@ compacted topic from its beginning into memory.
 from __future__ import annotations
 
 from alerting_app.app import app, settings, silence_changed
-from alerting_app.contracts import DeadLetter, SilenceChanged
+from alerting_app.contracts import SilenceChanged
 from alerting_app.silencing import SilenceIndex
-from tables.changelog_replica import Batches, ChangelogReplica, keep_running, records_of
+from tables.changelog_replica import ChangelogReplica, keep_running
 
 
 class SilenceReplica(ChangelogReplica):
     contract = SilenceChanged
     key_field = "silence_id"
+    id_fields = ("silence_id", "client_id")
     name = "silence replica"
     index: SilenceIndex
 
@@ -25,10 +26,7 @@ class SilenceReplica(ChangelogReplica):
         A restart (after a failure) reads everything again into the same index: the events it held
         already are stale versions, ignored, so matching meanwhile sees no silence disappear.
         """
-        def on_batches(batches: Batches) -> list[DeadLetter]:
-            return self.apply_records(records_of(batches))[1]
-
-        await self.follow(bootstrap, topic, start_at=lambda ends: {}, on_batches=on_batches, poll_ms=poll_ms)
+        await self.follow(bootstrap, topic, start_at=lambda ends: {}, on_batches=self.apply_batches, poll_ms=poll_ms)
 
 
 silence_index = SilenceIndex()

@@ -157,6 +157,28 @@ def test_rebuild_replaces_everything_held():
     assert index.held_version("r1") is None
 
 
+@pytest.mark.parametrize(("source", "name"), [(WILDCARD, WILDCARD), (WILDCARD, "CheckoutLatency"),
+                                             ("payments", WILDCARD)])
+def test_an_alert_whose_source_or_name_is_a_literal_star_lists_each_rule_once(source, name):
+    # Each rule's bucket is reached by two of the alert's lookups.
+    index = RuleIndex([upsert("r1", source=WILDCARD, name=WILDCARD), upsert("r2", source=source, name=name),
+                       upsert("r3", "client-b", source=source, name=WILDCARD)])
+
+    assert index.match(alert(source=source, name=name)) == {"client-a": ["r1", "r2"], "client-b": ["r3"]}
+    [message_a, message_b] = matched_messages(alert(source=source, name=name), index)
+    assert message_a.rule_ids == ["r1", "r2"] and message_b.rule_ids == ["r3"]
+
+
+def test_take_over_swaps_in_everything_the_other_index_holds():
+    index = RuleIndex([upsert("r1")])
+    fresh = RuleIndex([upsert("r2", "client-b", group_window_s=60)])
+
+    index.take_over(fresh)
+
+    assert index.match(alert()) == {"client-b": ["r2"]}
+    assert index.held_version("r1") is None and set(index.grouping_rules) == {"r2"}
+
+
 # --- grouping, repeat suppression and silences (issue 5) -----------------------------------------
 
 def test_the_alert_joins_the_group_of_the_clients_rule_with_the_shortest_window():

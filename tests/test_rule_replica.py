@@ -7,21 +7,29 @@ Each test uses a topic of its own, so the offsets it checks are its own.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import secrets
 import time
+import uuid
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from alerting_app.contracts import Rule, RuleChanged
+from alerting_app.contracts import DeadLetter, Rule, RuleChanged
 from alerting_app.matching import RuleIndex
 from kafka_probe import produce, read_topic
 from tables.rule_replica import RuleReplica, RuleStore
 from web.worker_state import rules_digest
 
 PARTITIONS = 3
+CLIENT = "5f0c5a4e-3b1f-4f7e-9a57-2a3c1d0e9b11"
+
+
+def rid(name: str) -> str:
+    """The rule_id a test names `name`: a canonical UUID, as the replica requires."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
 @pytest.fixture
@@ -37,43 +45,67 @@ async def topic(services):
 
 
 def upsert(rule_id: str, version: int, *, enabled: bool = True, source: str = "payments") -> RuleChanged:
-    rule = Rule(rule_id=rule_id, client_id="c1", version=version, severity="HIGH", source=source, name="*",
+    rule = Rule(rule_id=rule_id, client_id=CLIENT, version=version, severity="HIGH", source=source, name="*",
                 enabled=enabled)
-    return RuleChanged(rule_id=rule_id, client_id="c1", version=version, action="upsert", rule=rule)
+    return RuleChanged(rule_id=rule_id, client_id=CLIENT, version=version, action="upsert", rule=rule)
 
 
 def delete(rule_id: str, version: int) -> RuleChanged:
-    return RuleChanged(rule_id=rule_id, client_id="c1", version=version, action="delete")
+    return RuleChanged(rule_id=rule_id, client_id=CLIENT, version=version, action="delete")
 
 
 class RecordingReplica(RuleReplica):
-    """A rule replica that notes (partition, offset) of every record it reads from the topic."""
+    """A rule replica that notes (partition, offset) of every record it reads from the topic, and
+    keeps its dead letters (the app's producer is not running in these tests)."""
 
     def __init__(self, index: RuleIndex) -> None:
-        super().__init__(index)
+        super().__init__(index, on_dead_letters=self.collect)
         self.read: list[tuple[int, int]] = []
+        self.letters: list[DeadLetter] = []
 
     def apply_records(self, records):
         self.read.extend((record.partition, record.offset) for record in records)
         return super().apply_records(records)
 
+    async def collect(self, letters: list[DeadLetter]) -> None:
+        self.letters.extend(letters)
+
 
 class RunningReplica:
-    def __init__(self, services, topic: str, store_path) -> None:
-        self.index = RuleIndex()
-        self.replica = RecordingReplica(self.index)
+    """`replica.run` in a task; a replica and an index may be passed in to run again what ran before."""
+
+    def __init__(self, services, topic: str, store_path, replica: RecordingReplica | None = None) -> None:
+        self.replica = replica or RecordingReplica(RuleIndex())
+        self.index = self.replica.index
         self.store = RuleStore(store_path)
         self._task = asyncio.ensure_future(
             self.replica.run(services.kafka_bootstrap_servers, topic, self.store, poll_ms=50))
 
     async def __aenter__(self) -> "RunningReplica":
-        await asyncio.wait_for(self.replica.wait_until_caught_up(), 30)
+        try:
+            await self.caught_up()
+        except BaseException:
+            await self.stop()
+            raise
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def caught_up(self) -> None:
+        """Return once the replica is caught up; raise what it failed with if it stops first."""
+        waiting = asyncio.ensure_future(self.replica.wait_until_caught_up())
+        await asyncio.wait([waiting, self._task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if self._task.done():
+            self._task.result()  # raises the replica's failure
+            raise AssertionError("the replica stopped")
+        assert self.replica.is_caught_up, "the replica did not catch up in 30s"
+
+    async def stop(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self.store.close()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
 
     async def wait_for_versions(self, versions: dict[str, int]) -> None:
         deadline = time.monotonic() + 30
@@ -93,18 +125,19 @@ def enabled_versions(index: RuleIndex) -> dict[str, int]:
 
 async def test_replica_reads_every_partition_and_keeps_the_newest_version(services, topic, tmp_path):
     async with RunningReplica(services, topic, tmp_path / "store") as running:
-        changes = [upsert(f"rule-{n}", 1) for n in range(30)]
-        changes += [upsert("rule-0", 3), upsert("rule-0", 2), delete("rule-1", 2), upsert("rule-1", 1),
-                    upsert("rule-2", 2, enabled=False)]
+        changes = [upsert(rid(f"rule-{n}"), 1) for n in range(30)]
+        changes += [upsert(rid("rule-0"), 3), upsert(rid("rule-0"), 2), delete(rid("rule-1"), 2),
+                    upsert(rid("rule-1"), 1), upsert(rid("rule-2"), 2, enabled=False)]
         await publish(services, topic, *changes)
-        await running.wait_for_versions({"rule-0": 3, "rule-1": 2, "rule-2": 2, "rule-29": 1})
+        await running.wait_for_versions(
+            {rid("rule-0"): 3, rid("rule-1"): 2, rid("rule-2"): 2, rid("rule-29"): 1})
 
         held = enabled_versions(running.index)
-        assert held["rule-0"] == 3
-        assert "rule-1" not in held and "rule-2" not in held
+        assert held[rid("rule-0")] == 3
+        assert rid("rule-1") not in held and rid("rule-2") not in held
         assert len(held) == 28
         assert {record[0] for record in await read_topic(services.kafka_bootstrap_servers, topic)} >= {
-            f"rule-{n}".encode() for n in range(30)}
+            rid(f"rule-{n}").encode() for n in range(30)}
 
 
 def stored(store_path) -> tuple[dict[str, int], dict[int, int]]:
@@ -138,69 +171,173 @@ async def recreate(services, topic: str) -> None:
 async def test_restarted_replica_loads_its_rules_from_disk_and_reads_only_what_it_missed(
         services, topic, tmp_path):
     async with RunningReplica(services, topic, tmp_path / "store") as running:
-        await publish(services, topic, *[upsert(f"rule-{n}", 1) for n in range(10)])
-        await running.wait_for_versions({f"rule-{n}": 1 for n in range(10)})
+        await publish(services, topic, *[upsert(rid(f"rule-{n}"), 1) for n in range(10)])
+        await running.wait_for_versions({rid(f"rule-{n}"): 1 for n in range(10)})
     rules_on_disk, offsets_on_disk = stored(tmp_path / "store")
-    assert rules_on_disk == {f"rule-{n}": 1 for n in range(10)}
+    assert rules_on_disk == {rid(f"rule-{n}"): 1 for n in range(10)}
     first_read = running.replica.read
     assert len(first_read) == 10
     assert offsets_on_disk == {partition: max(o for p, o in first_read if p == partition) + 1
                                for partition, _ in first_read}, "the next offset of each partition read"
 
-    missed = [upsert("rule-0", 2, source="search"), upsert("rule-10", 1)]
+    missed = [upsert(rid("rule-0"), 2, source="search"), upsert(rid("rule-10"), 1)]
     await publish(services, topic, *missed)
 
     restarted = RunningReplica(services, topic, tmp_path / "store")
     async with restarted:
-        await restarted.wait_for_versions({"rule-0": 2, "rule-10": 1})
+        await restarted.wait_for_versions({rid("rule-0"): 2, rid("rule-10"): 1})
         read = list(restarted.replica.read)
-        assert restarted.index.rules()["rule-0"].source == "search"
-        assert enabled_versions(restarted.index) == {**{f"rule-{n}": 1 for n in range(1, 11)}, "rule-0": 2}
+        assert restarted.index.rules()[rid("rule-0")].source == "search"
+        assert enabled_versions(restarted.index) == {
+            **{rid(f"rule-{n}"): 1 for n in range(1, 11)}, rid("rule-0"): 2}
 
     # Two records read, eleven rules held: the other nine came from the store.
     assert len(read) == len(missed), f"read {read}: only what was published after the stop"
     assert all(offset >= offsets_on_disk.get(partition, 0) for partition, offset in read)
-    assert stored(tmp_path / "store")[0] == {**rules_on_disk, "rule-0": 2, "rule-10": 1}
+    assert stored(tmp_path / "store")[0] == {**rules_on_disk, rid("rule-0"): 2, rid("rule-10"): 1}
 
 
 async def test_store_ahead_of_a_recreated_topic_is_discarded_and_rebuilt_from_the_topic(
         services, topic, tmp_path):
     async with RunningReplica(services, topic, tmp_path / "store") as running:
-        await publish(services, topic, *[upsert(f"old-{n}", 1) for n in range(10)])
-        await running.wait_for_versions({f"old-{n}": 1 for n in range(10)})
+        await publish(services, topic, *[upsert(rid(f"old-{n}"), 1) for n in range(10)])
+        await running.wait_for_versions({rid(f"old-{n}"): 1 for n in range(10)})
     await recreate(services, topic)
-    await publish(services, topic, upsert("real", 1))
+    await publish(services, topic, upsert(rid("real"), 1))
 
     async with RunningReplica(services, topic, tmp_path / "store") as rebuilt:
-        await rebuilt.wait_for_versions({"real": 1})
-        assert set(rebuilt.index.rules()) == {"real"}, "nothing of the discarded store is matched"
+        await rebuilt.wait_for_versions({rid("real"): 1})
+        assert set(rebuilt.index.rules()) == {rid("real")}, "nothing of the discarded store is matched"
         assert rebuilt.replica.read == [(rebuilt.replica.read[0][0], 0)], "the new topic read from its start"
 
     rules_on_disk, offsets_on_disk = stored(tmp_path / "store")
-    assert rules_on_disk == {"real": 1}
+    assert rules_on_disk == {rid("real"): 1}
     assert sum(offsets_on_disk.values()) == 1
 
 
 async def test_undecodable_rule_change_becomes_a_dead_letter_and_later_changes_apply(
         services, topic, tmp_path):
     running = RunningReplica(services, topic, tmp_path / "store")
-    letters = []
-
-    async def collect(letter):
-        letters.append(letter)
-
-    running.replica._on_dead_letter = collect  # the app's producer is not running in this test
+    letters = running.replica.letters
     async with running:
         await produce(services.kafka_bootstrap_servers, topic, [
             (b"bad-1", b"not json"),
             (b"bad-2", b'{"rule_id": "r", "client_id": "c", "action": "upsert"}'),
+            # Compaction of "other-key" would remove this rule from replicas that start later.
+            (b"other-key", upsert(rid("keyed-wrong"), 1).encode()),
+            (b"not-a-uuid", upsert("not-a-uuid", 1).encode()),
         ])
-        await publish(services, topic, upsert("after-bad", 1))
-        await running.wait_for_versions({"after-bad": 1})
+        await publish(services, topic, upsert(rid("after-bad"), 1))
+        await running.wait_for_versions({rid("after-bad"): 1})
+        deadline = time.monotonic() + 30
+        while len(letters) < 4:
+            assert time.monotonic() < deadline, f"letters: {letters}"
+            await asyncio.sleep(0.02)
 
-    assert {letter.key: letter.reason.split(":")[0] for letter in letters} == {"bad-1": "message", "bad-2": "version"}
+    assert {letter.key: letter.reason.split(":")[0] for letter in letters} == {
+        "bad-1": "message", "bad-2": "version", "other-key": "key", "not-a-uuid": "rule_id"}
+    [wrong_key] = [letter for letter in letters if letter.key == "other-key"]
+    assert "'other-key'" in wrong_key.reason and rid("keyed-wrong") in wrong_key.reason
     assert {letter.topic for letter in letters} == {topic}
-    assert set(enabled_versions(running.index)) == {"after-bad"}
+    assert set(enabled_versions(running.index)) == {rid("after-bad")}
+    assert stored(tmp_path / "store")[0] == {rid("after-bad"): 1}, "nor stored"
+
+
+class RefusedLetter(Exception):
+    pass
+
+
+class RefusingFirstLetters(RecordingReplica):
+    """Its first dead letters are refused, as by a broker that cannot take them."""
+
+    refused = False
+
+    async def collect(self, letters: list[DeadLetter]) -> None:
+        if not self.refused:
+            self.refused = True
+            raise RefusedLetter()
+        await super().collect(letters)
+
+
+async def test_a_dead_letter_the_broker_refuses_is_sent_again_after_the_restart(services, topic, tmp_path):
+    await produce(services.kafka_bootstrap_servers, topic, [(b"bad", b"not json")])
+    replica = RefusingFirstLetters(RuleIndex())
+
+    with pytest.raises(RefusedLetter):
+        async with RunningReplica(services, topic, tmp_path / "store", replica):
+            pass
+    assert stored(tmp_path / "store") == ({}, {}), "nothing recorded as read past the refused letter"
+
+    await publish(services, topic, upsert(rid("good"), 1))
+    async with RunningReplica(services, topic, tmp_path / "store", replica) as restarted:
+        await restarted.wait_for_versions({rid("good"): 1})
+    assert [letter.key for letter in replica.letters] == ["bad"]
+    assert stored(tmp_path / "store")[0] == {rid("good"): 1}
+
+
+class ServedSizes(RecordingReplica):
+    """Notes how many rules the served index holds each time a batch is applied."""
+
+    def __init__(self, index: RuleIndex) -> None:
+        super().__init__(index)
+        self.served_sizes: list[int] = []
+
+    def apply_records(self, records):
+        self.served_sizes.append(len(self.index))
+        return super().apply_records(records)
+
+
+async def test_a_restart_that_finds_the_topic_recreated_matches_the_old_rules_until_the_new_ones_are_read(
+        services, topic, tmp_path):
+    # More rules before than after: the stored offsets are past the new topic's ends, which is how
+    # the replica sees that the topic was recreated.
+    old = {rid(f"old-{n}"): 1 for n in range(300)}
+    new = {rid(f"new-{n}"): 1 for n in range(10)}
+    replica = ServedSizes(RuleIndex())
+    async with RunningReplica(services, topic, tmp_path / "store", replica) as running:
+        await publish(services, topic, *[upsert(rule_id, 1) for rule_id in old])
+        await running.wait_for_versions(old)
+    await recreate(services, topic)
+    await publish(services, topic, *[upsert(rule_id, 1) for rule_id in new])
+    replica.served_sizes.clear()
+
+    # The same replica runs again, as `keep_running` restarts it after a failure: it was caught up,
+    # so matching goes on meanwhile, and must never see a partial rule set.
+    async with RunningReplica(services, topic, tmp_path / "store", replica) as restarted:
+        await restarted.wait_for_versions(new)
+        assert set(restarted.index.rules()) == set(new)
+
+    assert replica.served_sizes and set(replica.served_sizes) == {len(old)}, (
+        "while the new topic was read, matching saw the old rules, not an empty or partial set")
+    assert replica.is_caught_up
+    assert stored(tmp_path / "store")[0] == new
+
+
+async def test_a_stored_rule_the_contract_refuses_makes_the_store_be_rebuilt_from_the_topic(
+        services, topic, tmp_path):
+    refused = upsert(rid("refused"), 1).model_dump(mode="json")
+    refused["version"] = refused["rule"]["version"] = 0  # what an older contract may have let through
+    store = RuleStore(tmp_path / "store")
+    store.save({rid("stored"): upsert(rid("stored"), 1).encode(), rid("refused"): json.dumps(refused).encode()}, {})
+    store.close()
+    await publish(services, topic, upsert(rid("on-topic"), 1))
+
+    async with RunningReplica(services, topic, tmp_path / "store") as running:
+        await running.wait_for_versions({rid("on-topic"): 1})
+        assert set(running.index.rules()) == {rid("on-topic")}
+
+    assert stored(tmp_path / "store")[0] == {rid("on-topic"): 1}, "the store was rebuilt from the topic"
+
+
+def test_a_stored_rule_with_an_id_that_is_not_a_uuid_is_refused_too(tmp_path):
+    store = RuleStore(tmp_path / "store")
+    store.save({rid("stored"): upsert(rid("stored"), 1).encode(), "r-1": upsert("r-1", 1).encode()}, {0: 7})
+    try:
+        loaded, offsets = RuleReplica(RuleIndex()).load(store)
+        assert (len(loaded), offsets) == (0, {})
+        assert store.load()[1] == {} and list(store.load()[0]) == [], "the store was emptied"
+    finally:
+        store.close()
 
 
 def relayed_history(seed: int, rules: int = 40) -> list[RuleChanged]:
@@ -214,7 +351,7 @@ def relayed_history(seed: int, rules: int = 40) -> list[RuleChanged]:
     rng = random.Random(seed)
     published: list[RuleChanged] = []
     for n in range(rules):
-        rule_id = f"rule-{n}"
+        rule_id = rid(f"rule-{n}")
         versions = [upsert(rule_id, v, enabled=rng.random() < 0.7, source=rng.choice(["payments", "search", "auth"]))
                     for v in range(1, rng.randint(1, 6) + 1)]
         if rng.random() < 0.3:

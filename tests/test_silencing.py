@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from alerting_app.contracts import WILDCARD, Alert, Silence, SilenceChanged, SilenceMatchers
-from alerting_app.silencing import SilenceIndex
+from alerting_app import silencing
+from alerting_app.silencing import PRUNE_AFTER_EXPIRY_S, SilenceIndex
 
 T0 = 1_700_000_000.0
 
@@ -101,9 +102,9 @@ def test_an_expiry_is_an_upsert_with_an_earlier_end():
     assert index.versions() == {"s1": 2}
 
 
-def test_an_expired_silence_is_no_longer_scanned_but_still_held_and_can_come_back():
+def test_a_long_expired_silence_is_no_longer_scanned_but_still_held_and_can_come_back():
     now = time.time()
-    expired = silence(starts_at=now - 20, ends_at=now - 10)
+    expired = silence(starts_at=now - PRUNE_AFTER_EXPIRY_S - 20, ends_at=now - PRUNE_AFTER_EXPIRY_S - 10)
     index = SilenceIndex([SilenceChanged.upsert(expired)])
 
     assert index.silencing("client-a", alert()) is None
@@ -111,6 +112,20 @@ def test_an_expired_silence_is_no_longer_scanned_but_still_held_and_can_come_bac
     assert index.versions() == {"s1": 1}  # still held: workers compare it
     assert index.apply(upsert(version=2, starts_at=now - 20, ends_at=now + 60))
     assert index.silencing("client-a", alert()) == "s1"
+
+
+def test_a_silence_seen_expired_by_a_clock_stepped_ahead_mutes_again_once_the_clock_is_back(monkeypatch):
+    index = SilenceIndex([upsert(starts_at=T0, ends_at=T0 + 3600)])
+    clock = [T0 + 3600 + 300]  # an NTP step puts the clock 5 minutes past the silence's end
+    monkeypatch.setattr(silencing.time, "time", lambda: clock[0])
+
+    assert index.silencing("client-a", alert()) is None, "past its end by the clock: it does not mute"
+    clock[0] = T0 + 1800  # the clock is stepped back
+    assert index.silencing("client-a", alert()) == "s1"
+
+    clock[0] = T0 + 3600 + PRUNE_AFTER_EXPIRY_S
+    assert index.silencing("client-a", alert()) is None
+    assert index._by_client == {}, "long past its end: no longer scanned"
 
 
 def test_a_silence_that_would_mute_everything_is_refused_by_the_contract():
