@@ -69,7 +69,10 @@ _REMEMBER_NOTIFIED = """
 INSERT INTO fingerprints AS f (client_id, fingerprint, last_notified_at)
 SELECT client_id, fingerprint, to_timestamp(at) FROM unnest($1::uuid[], $2::text[], $3::float8[])
     AS b(client_id, fingerprint, at)
-ON CONFLICT (client_id, fingerprint) DO UPDATE SET last_notified_at = EXCLUDED.last_notified_at
+ON CONFLICT (client_id, fingerprint) DO UPDATE
+    -- Never back in time: two workers (a rebalance overlap) or a clock stepped back must not make a
+    -- fingerprint look notified earlier than it was, which would let a repeat through.
+    SET last_notified_at = GREATEST(f.last_notified_at, EXCLUDED.last_notified_at)
 """
 
 # No rule suppresses for longer than MAX_REPEAT_INTERVAL_S: an older fingerprint can suppress nothing.

@@ -352,6 +352,21 @@ async def test_fingerprints_too_old_to_suppress_anything_are_forgotten(pool):
     assert [row["fingerprint"] for row in kept] == ["recent"]
 
 
+@AGENT_LOOP
+async def test_a_fingerprint_is_never_remembered_as_notified_earlier_than_it_was(pool):
+    # Two workers in a rebalance overlap, or a clock stepped back, write an older time last.
+    from agents.match_outcomes import _REMEMBER_NOTIFIED
+
+    client = await insert_client(pool)
+    now = time.time()
+    await pool.execute(_REMEMBER_NOTIFIED, [client], ["fp"], [now])
+    await pool.execute(_REMEMBER_NOTIFIED, [client], ["fp"], [now - 3600])
+
+    last = await pool.fetchval("SELECT extract(epoch FROM last_notified_at) FROM fingerprints"
+                               " WHERE client_id = $1 AND fingerprint = 'fp'", client)
+    assert float(last) == pytest.approx(now, abs=1e-3)
+
+
 def test_a_worker_without_the_aggregate_role_does_not_hold_the_group_table():
     import faust
 
