@@ -22,7 +22,7 @@ from mode import Service
 from alerting_app import db
 from alerting_app.app import app, notifications_ready, settings
 from alerting_app.contracts import DeadLetter, NotificationReady
-from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letter
+from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
 from alerting_app.delivery import records
 from alerting_app.delivery.dispatcher import Dispatcher, close_dispatcher, dispatcher
 from alerting_app.delivery.jobs import DeliveryJob
@@ -87,8 +87,8 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
 
 
 async def publish_intake(intake: Intake) -> None:
-    for letter in intake.dead_letters:
-        await send_dead_letter(letter)
+    # All at once, each acknowledged by the broker before the batch is.
+    await send_dead_letters(intake.dead_letters)
 
 
 @app.agent(notifications_ready, sink=[publish_intake])

@@ -156,7 +156,3 @@ async def send_dead_letters(letters: Iterable[DeadLetter]) -> None:
         raise failures[0]
     for letter in letters:
         metrics.dead_letters.labels(topic=letter.topic).inc()
-
-
-async def send_dead_letter(letter: DeadLetter) -> None:
-    await send_dead_letters([letter])

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from alerting_app.contracts import DeadLetter
-from alerting_app.dead_letters import bounded, dead_letter_for, max_letter_bytes, send_dead_letter
+from alerting_app.dead_letters import bounded, dead_letter_for, max_letter_bytes, send_dead_letters
 from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
 
 
@@ -64,7 +64,7 @@ async def test_a_letter_too_big_for_the_producer_is_acknowledged_by_the_broker_c
     key = f"huge-{uuid.uuid4()}"
     value = b'{"alert_id": "' + b"\x01" * 2_000_000 + b'"}'
 
-    await send_dead_letter(dead_letter_for(consumed(key.encode(), value), "Invalid JSON"))
+    await send_dead_letters([dead_letter_for(consumed(key.encode(), value), "Invalid JSON")])
 
     [on_broker] = await sent_to("alerts.new.dlq", key)
     assert "payload truncated: the original was 2000016 bytes" in on_broker["reason"]
@@ -85,4 +85,4 @@ async def test_a_letter_the_broker_refuses_raises(pipeline, monkeypatch):
 
     monkeypatch.setitem(dead_letters.DEAD_LETTER_TOPICS, "alerts.new", RefusingTopic())
     with pytest.raises(RuntimeError, match="broker refused the record"):
-        await send_dead_letter(dead_letter_for(consumed(b"k", b"{"), "Invalid JSON"))
+        await send_dead_letters([dead_letter_for(consumed(b"k", b"{"), "Invalid JSON")])

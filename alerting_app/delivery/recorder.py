@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from alerting_app import db, metrics
 from alerting_app.contracts import DeadLetter
-from alerting_app.dead_letters import send_dead_letter
+from alerting_app.dead_letters import send_dead_letters
 from alerting_app.delivery.records import DeliveryChange, write_outcomes
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,10 @@ class Recorder:
             changes, self._changes = self._changes, {}
             letters, self._letters = self._letters, []
             try:
-                # Dead letters first: a crash in between repeats a letter rather than losing it.
-                while letters:
-                    await send_dead_letter(letters[0])
-                    letters.pop(0)
+                # Dead letters first, all at once and acknowledged: a crash or a failure in between
+                # sends them again rather than losing them.
+                await send_dead_letters(letters)
+                letters = []
                 await self._write(list(changes.values()))
             except Exception:
                 log.exception("recording %d delivery outcomes failed; retrying", len(changes))
