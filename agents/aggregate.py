@@ -160,7 +160,7 @@ async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
         if ready.notification_id in inserted:
             to_emit[ready.notification_id] = ready
         elif position in unemitted:
-            # Two spellings of one client's UUID in a batch find the same row: emit it once.
+            # A match repeated within the batch finds the same row: emit it once.
             to_emit.setdefault(unemitted[position].notification_id, unemitted[position])
     return list(to_emit.values())
 
@@ -249,8 +249,10 @@ async def record_matches(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMa
                     if ready.notification_id not in emitted:
                         aggregation.ready.append(ready)
     # The two paths above ran one after the other; notifications.ready must still carry each
-    # client's notifications in the order of their matches (docs/architecture.md).
-    aggregation.ready.sort(key=input_order([matched for _, matched in decoded]))
+    # client's notifications in the order of their matches (docs/architecture.md). The plain path
+    # alone keeps that order already.
+    if stateful:
+        aggregation.ready.sort(key=input_order([matched for _, matched in decoded]))
 
 
 def input_order(matches: list[AlertMatched]) -> Callable[[NotificationReady], int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -129,7 +128,7 @@ def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified:
     outcome = Outcome()
     seen: set[tuple[str, str]] = set()
     for matched, before in zip(matches, recorded):
-        client = str(uuid.UUID(matched.client_id))
+        client = matched.client_id  # canonical: aggregate refuses any other form (require_uuids)
         if (client, matched.alert.alert_id) in seen:
             continue
         seen.add((client, matched.alert.alert_id))
@@ -213,7 +212,7 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     known = await known_clients(pool, [m.client_id for _, m in decoded])
     accepted: list[tuple[EventT, AlertMatched]] = []
     for event, matched in decoded:
-        if str(uuid.UUID(matched.client_id)) not in known:
+        if matched.client_id not in known:
             reason = f"client_id: no such client {matched.client_id}"
         elif is_grouped(matched) and event.message.key != matched.client_id.encode():
             # The group table is keyed, and partitioned, by the client_id (tables/groups.py).
