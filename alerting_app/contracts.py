@@ -28,7 +28,8 @@ GroupWindow = Field(default=0, ge=0, le=86_400, description="seconds alerts are 
 MAX_REPEAT_INTERVAL_S = 604_800  # a week
 RepeatInterval = Field(default=0, ge=0, le=MAX_REPEAT_INTERVAL_S,
                        description="seconds within which the same fingerprint is suppressed; 0 never suppresses")
-ContextKey = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+ContextKey = Annotated[str, Text]
+Comment = Field(min_length=1, max_length=1000, pattern=NO_NUL)
 # Bounded so that one alert cannot outgrow a message: alerts travel in notifications and group tables.
 ContextValue = Annotated[str, Field(max_length=2000, pattern=NO_NUL)]
 MAX_CONTEXT_ENTRIES = 64
@@ -192,7 +193,7 @@ class Silence(SilenceMatchers):
     starts_at: float = Field(gt=0, description="unix seconds")
     # Equal to starts_at only for a silence expired before it started (its window is empty).
     ends_at: float = Field(gt=0, description="unix seconds; active while starts_at <= now < ends_at")
-    comment: str = Field(min_length=1, max_length=1000, pattern=NO_NUL)
+    comment: str = Comment
     created_by: str = Text
     version: int = Field(ge=1)
 

@@ -12,15 +12,15 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from alerting_app.contracts import NO_NUL, WILDCARD, Rule, Severity
+from alerting_app.contracts import NO_NUL, WILDCARD, Rule, Severity, Text
 from web.pagination import PageQuery
 from web.validation import StorableDatetime
 
-Name = Field(min_length=1, max_length=200, pattern=NO_NUL)  # NO_NUL: Postgres text cannot hold U+0000
+Name = Text  # as the contracts' text fields: 1-200 characters, no NUL (Postgres cannot store it)
 # Criteria fields as in contracts.RuleCriteria: an exact value or "*", 1..200 characters. One
 # Literal rather than `Severity | Literal["*"]`, so that an error names just the field.
 SeverityCriterion = Literal[tuple(s.value for s in Severity) + (WILDCARD,)]  # type: ignore[valid-type]
-TextCriterion = Field(min_length=1, max_length=200, pattern=NO_NUL)
+TextCriterion = Text
 
 
 def as_in_rule(field: str) -> Any:
@@ -97,8 +97,8 @@ class RulePatch(RequestBody):
 
     version: int = Field(ge=1)
     severity: SeverityCriterion | None = None
-    source: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
-    name: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
+    source: Annotated[str, Text] | None = None
+    name: Annotated[str, Text] | None = None
     enabled: bool | None = None
     group_window_s: GroupWindowSeconds | None = None
     repeat_interval_s: RepeatIntervalSeconds | None = None

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from agents.rule_outbox import record_silence_change, wake_up
 from alerting_app import db
 from alerting_app.app import app
-from alerting_app.contracts import NO_NUL, WILDCARD, ContextKey, SilenceChanged, SilenceMatchers, Text
+from alerting_app.contracts import NO_NUL, WILDCARD, Comment, ContextKey, SilenceChanged, SilenceMatchers, Text
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
 from tables.silences import silence_index
 from web.auth import ApiView, Caller
@@ -44,8 +44,8 @@ class SilenceCreate(RequestBody):
         default_factory=dict, max_length=20, description="context key -> exact value, or '*' for the key's presence")
     starts_at: StorableDatetime | None = Field(default=None, description="default: now; after 1970-01-01")
     ends_at: StorableDatetime
-    comment: str = Field(min_length=1, max_length=1000, pattern=NO_NUL)
-    created_by: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    comment: str = Comment
+    created_by: str = Text
 
 
 class SilenceOut(BaseModel):
