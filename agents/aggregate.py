@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from faust.types import EventT, StreamT
 
-from agents.match_outcomes import groups_lock, needs_state, record_stateful
+from agents.match_outcomes import groups_lock, needs_state, record_stateful, unknown_client
 from alerting_app import db, metrics
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
@@ -276,18 +276,22 @@ def refused_reason(exc: Exception) -> str:
     return f"refused by Postgres: {type(exc).__name__}: {exc}"
 
 
+def refused_letter(event: EventT, matched: AlertMatched, exc: Exception) -> DeadLetter:
+    """The dead letter of a match recorded on its own that Postgres refused: its client is unknown
+    (or was deleted meanwhile), or it holds what Postgres cannot store."""
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return dead_letter_for(event.message, unknown_client(matched.client_id))
+    return dead_letter_for(event.message, refused_reason(exc))
+
+
 async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
                             aggregation: Aggregation) -> None:
     to_emit: set[str] = set()
     for event, matched in decoded:
         try:
             ready = await record_first_match(conn, matched)
-        except asyncpg.ForeignKeyViolationError:
-            reason = f"client_id: no such client {matched.client_id}"
-            aggregation.dead_letters.append(dead_letter_for(event.message, reason))
-            continue
-        except REFUSED_BY_POSTGRES as exc:
-            aggregation.dead_letters.append(dead_letter_for(event.message, refused_reason(exc)))
+        except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES) as exc:
+            aggregation.dead_letters.append(refused_letter(event, matched, exc))
             continue
         # A match redelivered within the batch finds the row still unemitted: emit it once.
         if ready is not None and ready.notification_id not in to_emit:
@@ -312,11 +316,8 @@ async def record_stateful_isolating(conn: asyncpg.Pool, decoded: list[tuple[Even
     for event, matched in decoded:
         try:
             seen_before.extend(await _record_stateful_or_nothing(conn, [(event, matched)], aggregation))
-        except asyncpg.ForeignKeyViolationError:
-            reason = f"client_id: no such client {matched.client_id}"
-            aggregation.dead_letters.append(dead_letter_for(event.message, reason))
-        except REFUSED_BY_POSTGRES as exc:
-            aggregation.dead_letters.append(dead_letter_for(event.message, refused_reason(exc)))
+        except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES) as exc:
+            aggregation.dead_letters.append(refused_letter(event, matched, exc))
     return seen_before
 
 

@@ -154,6 +154,11 @@ def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified:
     return outcome
 
 
+def unknown_client(client_id: str) -> str:
+    """The dead-letter reason of a match whose client does not exist (any more)."""
+    return f"client_id: no such client {client_id}"
+
+
 async def known_clients(conn: asyncpg.Pool, client_ids: Iterable[str]) -> set[str]:
     return {row[0] for row in await conn.fetch(_KNOWN_CLIENTS, list(set(client_ids)))}
 
@@ -213,7 +218,7 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     accepted: list[tuple[EventT, AlertMatched]] = []
     for event, matched in decoded:
         if matched.client_id not in known:
-            reason = f"client_id: no such client {matched.client_id}"
+            reason = unknown_client(matched.client_id)
         elif is_grouped(matched) and event.message.key != matched.client_id.encode():
             # The group table is keyed, and partitioned, by the client_id (tables/groups.py).
             reason = "key: a grouped match must be keyed by its client_id"
