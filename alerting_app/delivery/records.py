@@ -153,13 +153,8 @@ FOR UPDATE
 # failed, or when it has no delivery at all (no enabled endpoint on its rules). The rows are locked
 # in notification_id order first, as aggregate's emitted mark locks them: two statements on the
 # same rows that each locked them in their own plan's order deadlocked (tests/test_notification_lock_order.py).
-_SETTLE = """
-WITH locked AS (
-    SELECT notification_id FROM notifications
-    WHERE notification_id = ANY($1::uuid[]) AND status = 'PENDING'
-    ORDER BY notification_id
-    FOR UPDATE
-), summary AS (
+_SETTLE = f"""
+WITH locked AS ({_LOCK_FOR_SETTLE}), summary AS (
     SELECT n.notification_id,
            count(d.endpoint_id) AS total,
            count(*) FILTER (WHERE d.status = 'PENDING') AS pending,
