@@ -16,7 +16,7 @@ import uuid
 import asyncpg
 
 from agents.aggregate import REFUSED_BY_POSTGRES, Aggregation, publish_aggregation
-from agents.match_outcomes import closed_here, groups_lock, known_clients, prune_fingerprints
+from agents.match_outcomes import closed_here, groups_lock, known_clients
 from alerting_app import db
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import DeadLetter, NotificationReady
@@ -147,18 +147,3 @@ async def close_groups() -> None:
     except Exception:
         log.exception("closing groups failed; trying again")
 
-
-FINGERPRINT_PRUNE_INTERVAL_S = 600.0
-
-
-@app.timer(interval=FINGERPRINT_PRUNE_INTERVAL_S)
-async def forget_old_fingerprints() -> None:
-    """Keep the fingerprints table from growing for ever (every aggregate worker; the DELETE is idempotent)."""
-    try:
-        pruned = await prune_fingerprints(await db.pool())
-        if pruned:
-            log.info("forgot %d fingerprints too old to suppress anything", pruned)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("pruning fingerprints failed; trying again in %.0fs", FINGERPRINT_PRUNE_INTERVAL_S)

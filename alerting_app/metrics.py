@@ -30,6 +30,8 @@ for _channel in CHANNELS:
     # Known label values are exported at 0 from the start, so rates and alerts see the series at once.
     for _counter in (notifications_sent, notifications_failed, notifications_retried):
         _counter.labels(channel=_channel)
+notifications_pruned = Counter("alerting_notifications_pruned_total",
+                               "Settled notifications deleted, with their deliveries, past NOTIFICATION_RETENTION_DAYS")
 
 # Faust restarts a crashed agent but never acknowledges the batch it held (broker_transport.Consumer.on_task_error).
 agent_crashes = Counter("alerting_agent_crashes_total",

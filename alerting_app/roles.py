@@ -29,6 +29,7 @@ MODULE_ROLES: Mapping[str, str] = {
     "tables.silences": "evaluate",  # likewise the silence replica
     "agents.aggregate": "aggregate",
     "agents.close_groups": "aggregate",  # closes the groups the aggregate agent opens, in its table
+    "agents.retention": "aggregate",  # deletes what the aggregate stage wrote, once old enough
     "agents.deliver": "deliver",
     "agents.rule_outbox": "relay",
 }

@@ -202,6 +202,10 @@ class Settings(BaseSettings):
     group_max_alerts: int = Field(default=100, ge=1, le=1_000)
     # How often each worker closes the groups whose window has passed: how late a group may close.
     group_close_interval_s: float = Field(default=0.5, gt=0, le=60)
+    # Settled notifications (with their deliveries and group memberships) older than this are
+    # deleted (agents/retention.py); 0 keeps them for ever. It is also the deduplication window:
+    # an alert matched again after its notification is gone is notified again.
+    notification_retention_days: float = Field(default=30, ge=0, le=3_650)
 
     # --- email (SMTP via aiosmtplib) ---
     smtp_host: str = "localhost"
@@ -231,6 +235,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DELIVERY_SENT_MARKER_TTL_S ({self.delivery_sent_marker_ttl_s}) must be at least "
                 f"DELIVERY_LEASE_S ({self.delivery_lease_s:g}): the marker must outlive a lease"
+            )
+        # A day at least: a redelivered alerts.matched (minutes behind at worst) must still find its
+        # notification, or it would be notified twice.
+        if 0 < self.notification_retention_days < 1:
+            raise ValueError(
+                f"NOTIFICATION_RETENTION_DAYS ({self.notification_retention_days:g}) must be 0 (keep for ever) "
+                "or at least 1: it is also how long an alert is remembered as notified"
             )
         return self
 

@@ -41,8 +41,8 @@ def _app_with_one_of_each(modules: list[str]) -> faust.App:
     return app
 
 
-MODULES = ["agents.evaluate", "tables.rules", "agents.aggregate", "agents.close_groups", "agents.deliver",
-           "agents.rule_outbox", "web.operations"]
+MODULES = ["agents.evaluate", "tables.rules", "agents.aggregate", "agents.close_groups", "agents.retention",
+           "agents.deliver", "agents.rule_outbox", "web.operations"]
 
 
 def _kept(app: faust.App) -> tuple[set, set, set]:
@@ -69,12 +69,12 @@ def test_evaluate_keeps_the_rule_replica_and_relay_the_outbox():
     assert _kept(app)[1] == {"agents.evaluate", "tables.rules", "agents.rule_outbox", "web.operations"}
 
 
-def test_an_aggregate_worker_keeps_the_closer_of_its_groups():
+def test_an_aggregate_worker_keeps_the_closer_of_its_groups_and_the_retention_of_its_rows():
     app = _app_with_one_of_each(MODULES)
 
     apply_roles(app, parse_roles("aggregate"))
 
-    assert _kept(app)[1] == {"agents.aggregate", "agents.close_groups", "web.operations"}
+    assert _kept(app)[1] == {"agents.aggregate", "agents.close_groups", "agents.retention", "web.operations"}
 
 
 def test_an_api_worker_runs_no_agent_and_starts_no_consumer():

@@ -1,0 +1,130 @@
+"""Notification retention (agents/retention.py): what is old and settled goes, with its deliveries and
+memberships; nothing still in the pipeline's hands does. Against the real Postgres."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from agents.retention import prune_notifications
+from alerting_app import metrics
+from alerting_app.settings import ConfigurationError, load_settings
+from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
+
+DAY_S = 86_400.0
+
+
+async def notification(pool, client_id: str, *, age_days: float, status: str = "SENT", emitted: bool = True,
+                       deliveries: int = 1, members: int = 0) -> str:
+    """A notifications row `age_days` old, with delivery rows and group memberships pointing at it."""
+    notification_id = str(uuid.uuid4())
+    await pool.execute(
+        "INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, status, emitted,"
+        " created_at) VALUES ($1, $2, $3, '[]', '{}', $4, $5, now() - make_interval(secs => $6))",
+        notification_id, client_id, f"alert-{notification_id}", status, emitted, age_days * DAY_S)
+    for _ in range(deliveries):
+        await pool.execute(
+            "INSERT INTO deliveries (notification_id, endpoint_id, channel, status, attempts)"
+            " VALUES ($1, $2, 'webhook', $3, 1)",
+            notification_id, str(uuid.uuid4()), "PENDING" if status == "PENDING" else "SENT")
+    for n in range(members):
+        await member(pool, client_id, notification_id, f"member-{n}-{notification_id}")
+    return notification_id
+
+
+async def member(pool, client_id: str, notification_id: str, alert_id: str) -> None:
+    await pool.execute("INSERT INTO notification_alerts (client_id, alert_id, notification_id) VALUES ($1, $2, $3)",
+                       client_id, alert_id, notification_id)
+
+
+async def left_of(pool, client_id: str) -> tuple[set, int, set]:
+    """The client's notification ids, how many delivery rows, and the notification ids of its memberships."""
+    notifications = {row[0] for row in await pool.fetch(
+        "SELECT notification_id::text FROM notifications WHERE client_id = $1", client_id)}
+    deliveries = await pool.fetchval(
+        "SELECT count(*) FROM deliveries d JOIN notifications n USING (notification_id) WHERE n.client_id = $1",
+        client_id)
+    members = {row[0] for row in await pool.fetch(
+        "SELECT notification_id::text FROM notification_alerts WHERE client_id = $1", client_id)}
+    return notifications, deliveries, members
+
+
+@AGENT_LOOP
+async def test_old_settled_notifications_go_with_their_deliveries_and_memberships(pool):
+    client = await insert_client(pool)
+    old = [await notification(pool, client, age_days=31, status=status, members=2)
+           for status in ("SENT", "FAILED", "SUPPRESSED", "SILENCED")]
+    recent = await notification(pool, client, age_days=29, members=2)
+    before = metrics.notifications_pruned._value.get()
+
+    pruned = await prune_notifications(pool, 30 * DAY_S)
+
+    assert pruned >= len(old)  # other tests' old rows may go too
+    assert metrics.notifications_pruned._value.get() - before == pruned
+    assert await left_of(pool, client) == ({recent}, 1, {recent})
+    orphans = await pool.fetchval(
+        "SELECT count(*) FROM deliveries WHERE notification_id = ANY($1::uuid[])", old)
+    assert orphans == 0
+
+
+@AGENT_LOOP
+async def test_what_the_pipeline_still_holds_is_kept_however_old(pool):
+    client = await insert_client(pool)
+    pending = await notification(pool, client, age_days=40, status="PENDING")  # deliveries still to make
+    unemitted = await notification(pool, client, age_days=40, status="SENT", emitted=False)
+    # A group still open: its members are recorded, its notification row does not exist yet.
+    open_group = str(uuid.uuid4())
+    await member(pool, client, open_group, "in-an-open-group")
+
+    await prune_notifications(pool, 30 * DAY_S)
+
+    assert await left_of(pool, client) == ({pending, unemitted}, 2, {open_group})
+
+
+@AGENT_LOOP
+async def test_a_backlog_goes_in_batches_until_none_is_left(pool):
+    client = await insert_client(pool)
+    for _ in range(7):
+        await notification(pool, client, age_days=100)
+
+    assert await prune_notifications(pool, 30 * DAY_S, batch_size=2) >= 7
+
+    assert await left_of(pool, client) == (set(), 0, set())
+
+
+@AGENT_LOOP
+async def test_a_row_another_transaction_holds_is_skipped_not_waited_for(pool, services):
+    client = await insert_client(pool)
+    held = await notification(pool, client, age_days=31)
+    free = await notification(pool, client, age_days=31)
+    other = await asyncpg.connect(services.database_url)
+    try:
+        async with other.transaction():
+            # As the recorder holds a notification it settles (records._LOCK_FOR_SETTLE).
+            await other.execute("SELECT 1 FROM notifications WHERE notification_id = $1 FOR UPDATE", held)
+            await asyncio.wait_for(prune_notifications(pool, 30 * DAY_S), timeout=30)
+            assert (await left_of(pool, client))[0] == {held}
+    finally:
+        await other.close()
+    assert free not in (await left_of(pool, client))[0]
+
+    await prune_notifications(pool, 30 * DAY_S)
+
+    assert await left_of(pool, client) == (set(), 0, set())
+
+
+@pytest.mark.parametrize("days", ["0.5", "-1", "3651"])
+def test_a_retention_shorter_than_a_day_or_absurd_is_refused_by_name(monkeypatch, days):
+    monkeypatch.setenv("NOTIFICATION_RETENTION_DAYS", days)
+
+    with pytest.raises(ConfigurationError, match="NOTIFICATION_RETENTION_DAYS"):
+        load_settings()
+
+
+@pytest.mark.parametrize("days", ["0", "1", "30"])
+def test_no_retention_or_a_day_or_more_is_accepted(monkeypatch, days):
+    monkeypatch.setenv("NOTIFICATION_RETENTION_DAYS", days)
+
+    assert load_settings().notification_retention_days == float(days)
