@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -46,6 +47,27 @@ groups_lock = asyncio.Lock()
 closed_here: set[str] = set()
 
 _KNOWN_CLIENTS = "SELECT client_id::text FROM clients WHERE client_id = ANY($1::uuid[])"
+
+# Two workers may record the same client at once (a rebalance overlap: the partition's old owner
+# finishing a batch while its new owner starts), and `groups_lock` serialises one worker only. Each
+# takes this transaction lock per client before reading what is recorded and notified, so the
+# second reads what the first wrote: a repeat it would otherwise notify too is suppressed.
+# The two-int form of the key: the other advisory locks of the codebase (migrate, rule_outbox)
+# take the one-bigint form, which Postgres keeps apart, so no key here can collide with theirs.
+# The array is locked in its order, which lock_clients sorts: two workers never deadlock.
+_CLIENT_LOCK_CLASS = 0x61676772  # "aggr"
+_LOCK_CLIENTS = "SELECT pg_advisory_xact_lock($1::int4, key) FROM unnest($2::int4[]) AS key"
+
+
+def client_lock_key(client_id: str) -> int:
+    """The int4 advisory lock key of a client: 32 random bits of its UUID (two clients sharing a key
+    only wait for each other)."""
+    return int.from_bytes(uuid.UUID(client_id).bytes[-4:], "big", signed=True)
+
+
+async def lock_clients(conn: asyncpg.Connection, client_ids: Iterable[str]) -> None:
+    """Hold these clients' advisory locks until the transaction of `conn` ends, taken in key order."""
+    await conn.execute(_LOCK_CLIENTS, _CLIENT_LOCK_CLASS, sorted({client_lock_key(c) for c in client_ids}))
 
 # What is recorded already for each match: the group it joined (and whether that group is closed),
 # or its own notification row.
@@ -180,28 +202,30 @@ async def read_last_notified(conn: asyncpg.Pool, matches: list[AlertMatched]) ->
 
 async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups.JoinPlan,
                         created_at: float) -> list[tuple[NotificationReady, str]]:
-    """Write the rows, memberships and fingerprints in one transaction; the rows inserted, with status."""
+    """Write the rows, memberships and fingerprints; the rows inserted, with status.
+
+    In the caller's transaction (record_stateful's), which holds the clients' locks.
+    """
     built = [(NotificationReady(client_id=m.client_id, alerts=[m.alert], rule_ids=m.rule_ids, created_at=created_at),
               status, detail) for m, status, detail in outcome.rows]
-    async with conn.transaction():
-        inserted = {}
-        if built:
-            inserted = dict(await conn.fetch(
-                _INSERT_OUTCOMES,
-                [ready.notification_id for ready, _, _ in built],
-                [ready.client_id for ready, _, _ in built],
-                [ready.alerts[0].alert_id for ready, _, _ in built],
-                ["[" + ready.alerts[0].model_dump_json() + "]" for ready, _, _ in built],
-                ["{" + ",".join(ready.rule_ids) + "}" for ready, _, _ in built],
-                created_at,
-                [status for _, status, _ in built],
-                [detail for _, _, detail in built],
-            ))
-        await groups.record_memberships(conn, plan.memberships)
-        if outcome.notified_fingerprints:
-            keys = list(outcome.notified_fingerprints)
-            await conn.execute(_REMEMBER_NOTIFIED, [k[0] for k in keys], [k[1] for k in keys],
-                               [outcome.notified_fingerprints[k] for k in keys])
+    inserted = {}
+    if built:
+        inserted = dict(await conn.fetch(
+            _INSERT_OUTCOMES,
+            [ready.notification_id for ready, _, _ in built],
+            [ready.client_id for ready, _, _ in built],
+            [ready.alerts[0].alert_id for ready, _, _ in built],
+            ["[" + ready.alerts[0].model_dump_json() + "]" for ready, _, _ in built],
+            ["{" + ",".join(ready.rule_ids) + "}" for ready, _, _ in built],
+            created_at,
+            [status for _, status, _ in built],
+            [detail for _, _, detail in built],
+        ))
+    await groups.record_memberships(conn, plan.memberships)
+    if outcome.notified_fingerprints:
+        keys = list(outcome.notified_fingerprints)
+        await conn.execute(_REMEMBER_NOTIFIED, [k[0] for k in keys], [k[1] for k in keys],
+                           [outcome.notified_fingerprints[k] for k in keys])
     return [(ready, status) for ready, status, _ in built if ready.notification_id in inserted]
 
 
@@ -209,7 +233,8 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
                           aggregation: Aggregation) -> list[AlertMatched]:
     """Record silenced, suppressed and grouped matches (and the repeat-checked notified at once).
 
-    Runs under `groups_lock`. The table is written after the transaction commits: a crash in
+    Runs under `groups_lock`; reads, decides and writes Postgres in one transaction holding the
+    clients' advisory locks (see _LOCK_CLIENTS). The table is written after it commits: a crash in
     between leaves members in Postgres that the redelivered messages put back in their group.
     Returns the matches notified at once before, whose notification may never have been emitted:
     emitting them again is the one-statement path's business (agents/aggregate.py).
@@ -229,19 +254,22 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     if not accepted:
         return []
     matches = [matched for _, matched in accepted]
-    now = time.time()
-    outcome = decide(matches, await read_recorded(pool, matches), await read_last_notified(pool, matches), now)
-    keys = {join.matched.client_id.encode() for join in outcome.joins}
-    current = {key: groups.open_groups.get(key) for key in keys}
-    closed = await groups.closed_groups(pool, current.values())
-    if closed:
-        # A closed group is about to be dropped from the table; if its closer died after inserting
-        # its notification and before emitting it, no closer would ever see it again: emit it here.
-        emitting = {ready.notification_id for ready in aggregation.ready}
-        aggregation.ready.extend(ready for ready in await groups.unemitted_groups(pool, sorted(closed))
-                                 if ready.notification_id not in emitting)
-    plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction():
+        # Read, decided and written under the clients' locks (see _LOCK_CLIENTS): across workers,
+        # not just within this one.
+        await lock_clients(conn, [m.client_id for m in matches])
+        now = time.time()
+        outcome = decide(matches, await read_recorded(conn, matches), await read_last_notified(conn, matches), now)
+        keys = {join.matched.client_id.encode() for join in outcome.joins}
+        current = {key: groups.open_groups.get(key) for key in keys}
+        closed = await groups.closed_groups(conn, current.values())
+        if closed:
+            # A closed group is about to be dropped from the table; if its closer died after inserting
+            # its notification and before emitting it, no closer would ever see it again: emit it here.
+            emitting = {ready.notification_id for ready in aggregation.ready}
+            aggregation.ready.extend(ready for ready in await groups.unemitted_groups(conn, sorted(closed))
+                                     if ready.notification_id not in emitting)
+        plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
         inserted = await write_outcome(conn, outcome, plan, round(now, 6))
     events_by_key = {event.message.key: event for event, _ in accepted}
     if plan.values:
