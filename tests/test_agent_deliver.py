@@ -155,6 +155,33 @@ async def test_endpoint_answering_400_fails_after_one_attempt_and_is_dead_letter
     assert NotificationReady.model_validate_json(letter["payload"]) == notification
 
 
+async def test_a_failed_notification_retried_by_its_tenant_is_delivered_to_the_endpoint_that_failed(
+        pool, dispatcher, receiver):
+    from alerting_app.delivery import records
+
+    receiver.answer("hook", 400, 200)  # then the tenant fixes the endpoint
+    client, rule, failing = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    working = await insert_endpoint(pool, client, rule, "webhook", receiver.url("other"))
+    notification = await pending_notification(pool, client, [rule])
+    await deliver(dispatcher, notification.encode())
+    assert (await notification_state(pool, notification.notification_id))[0] == "FAILED"
+
+    async with pool.acquire() as conn:
+        assert await records.retry_failed(conn, notification.notification_id, client)
+    assert await deliveries(pool, notification.notification_id) == {
+        failing: ("webhook", "PENDING", 0, "HTTP 400", True), working: ("webhook", "SENT", 1, None, True)}
+    async with asyncio.timeout(30):
+        while not receiver.posts_to("hook")[1:]:
+            await sweep(pool, dispatcher)
+            await dispatcher.drained()
+    await until_settled(pool, notification.notification_id)
+
+    assert [len(receiver.posts_to(path)) for path in ("hook", "other")] == [2, 1]  # the SENT one is not sent again
+    assert await deliveries(pool, notification.notification_id) == {
+        failing: ("webhook", "SENT", 1, None, True), working: ("webhook", "SENT", 1, None, True)}
+    assert await notification_state(pool, notification.notification_id) == ("SENT", None)
+
+
 async def test_endpoint_failing_every_attempt_is_failed_after_the_last_and_dead_lettered(
         pool, dispatcher, receiver, quick_retries):
     receiver.answer("hook", 503)

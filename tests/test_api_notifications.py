@@ -224,3 +224,60 @@ async def test_a_grouped_notification_shows_its_group_rule_and_the_alerts_left_o
     assert (items[at_once]["truncated_alerts"], items[at_once]["group_rule_id"]) == (0, None)
     single = await api.call("GET", f"/api/v1/notifications/{grouped}", tenant.key)
     assert single.body == items[grouped]
+
+
+# --- POST /api/v1/notifications/{notification_id}/retry ---------------------------------------------
+
+async def test_retrying_a_failed_notification_makes_its_failed_deliveries_due_again(api, tenant):
+    rule = await api.new_rule(tenant)
+    hook = await api.new_endpoint(tenant, rule["rule_id"])
+    mail = await api.new_endpoint(tenant, rule["rule_id"], "email", "ops@example.com")
+    notification_id = await store_notification(
+        tenant.client_id, rule["rule_id"], "retry-1", "FAILED",
+        ((hook["endpoint_id"], "webhook", "FAILED", 8, "HTTP 502"), (mail["endpoint_id"], "email", "SENT", 1, None)))
+
+    reply = await api.call("POST", f"/api/v1/notifications/{notification_id}/retry", tenant.key)
+
+    assert (reply.status, reply.body["status"], reply.body["detail"]) == (202, "PENDING", None)
+    states = {d["endpoint_id"]: (d["status"], d["attempts"]) for d in reply.body["deliveries"]}
+    assert states == {hook["endpoint_id"]: ("PENDING", 0), mail["endpoint_id"]: ("SENT", 1)}
+    [due] = [d for d in reply.body["deliveries"] if d["status"] == "PENDING"]
+    assert due["next_attempt_at"] is not None
+    # Retried once, it is PENDING: not retried again until it has failed again.
+    again = await api.call("POST", f"/api/v1/notifications/{notification_id}/retry", tenant.key)
+    assert (again.status, again.body["message"]) == (409, "the notification is PENDING; only a FAILED one can be retried")
+
+
+@pytest.mark.parametrize("status", ["SENT", "SUPPRESSED", "SILENCED"])
+async def test_only_a_failed_notification_can_be_retried(api, tenant, status):
+    rule = await api.new_rule(tenant)
+    notification_id = await store_notification(tenant.client_id, rule["rule_id"], f"retry-{status}", status)
+
+    reply = await api.call("POST", f"/api/v1/notifications/{notification_id}/retry", tenant.key)
+
+    assert (reply.status, reply.body["message"]) == (409, f"the notification is {status}; only a FAILED one can be retried")
+
+
+async def test_a_notification_that_failed_for_want_of_an_endpoint_has_nothing_to_retry(api, tenant):
+    rule = await api.new_rule(tenant)
+    notification_id = await store_notification(tenant.client_id, rule["rule_id"], "retry-none", "FAILED")
+
+    reply = await api.call("POST", f"/api/v1/notifications/{notification_id}/retry", tenant.key)
+
+    assert reply.status == 409 and "no enabled endpoint" in reply.body["message"]
+    shown = await api.call("GET", f"/api/v1/notifications/{notification_id}", tenant.key)
+    assert shown.body["status"] == "FAILED"  # left as it was
+
+
+async def test_another_clients_notification_cannot_be_retried_and_the_admin_may(api, tenant, other_tenant):
+    rule = await api.new_rule(tenant)
+    hook = await api.new_endpoint(tenant, rule["rule_id"])
+    notification_id = await store_notification(
+        tenant.client_id, rule["rule_id"], "retry-other", "FAILED",
+        ((hook["endpoint_id"], "webhook", "FAILED", 1, "HTTP 400"),))
+    path = f"/api/v1/notifications/{notification_id}/retry"
+
+    assert (await api.call("POST", path, other_tenant.key)).status == 404
+    assert (await api.call("POST", f"/api/v1/notifications/{uuid.uuid4()}/retry", tenant.key)).status == 404
+    assert (await api.call("POST", "/api/v1/notifications/not-an-id/retry", tenant.key)).status == 404
+    assert (await api.call("POST", path, api.admin_token)).status == 202

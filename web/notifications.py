@@ -1,5 +1,9 @@
 """/api/v1/notifications: what was notified, newest first, with each endpoint's delivery.
 
+POST /api/v1/notifications/{notification_id}/retry delivers a FAILED notification again to the
+endpoints that failed (once the tenant has fixed them): they are PENDING and due at once, with a
+fresh DELIVERY_MAX_ATTEMPTS, and any deliver worker's sweep sends them (alerting_app/delivery/records.py).
+
 Filters: `client_id` (admin), `status` (PENDING, SENT, FAILED, SUPPRESSED, SILENCED), and the
 creation time, `since` inclusive and `until` exclusive, so consecutive windows never overlap. A
 cursor continues the same query: send the same filters with it.
@@ -8,14 +12,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any, Sequence
+from uuid import UUID
 
 import asyncpg
 from faust.web import Request, Response
 
 from alerting_app import db
+from alerting_app.delivery import records
 from alerting_app.app import app
 from web.auth import ApiView
-from web.errors import NotFound
+from web.errors import Conflict, NotFound
 from web.pagination import page_of
 from web.schemas import DeliveryOut, NotificationOut, NotificationQuery
 from web.validation import parse_query, path_id
@@ -68,9 +74,28 @@ class NotificationsView(ApiView):
 @app.page("/api/v1/notifications/{notification_id}")
 class NotificationView(ApiView):
     async def get(self, request: Request, notification_id: str) -> Response:
+        return self.json(await notification_out(await db.pool(), path_id(notification_id),
+                                                self.caller(request).client_id))
+
+
+async def notification_out(pool: asyncpg.Pool, notification_id: UUID, client_id: str | None) -> dict[str, Any]:
+    row = await pool.fetchrow(GET, notification_id, client_id)
+    if row is None:
+        raise NotFound()
+    [notification] = await with_deliveries(pool, [row])
+    return NotificationOut.model_validate(notification).model_dump(mode="json")
+
+
+@app.page("/api/v1/notifications/{notification_id}/retry")
+class NotificationRetryView(ApiView):
+    async def post(self, request: Request, notification_id: str) -> Response:
+        notification_id, client_id = path_id(notification_id), self.caller(request).client_id
         pool = await db.pool()
-        row = await pool.fetchrow(GET, path_id(notification_id), self.caller(request).client_id)
-        if row is None:
+        async with pool.acquire() as conn:
+            try:
+                found = await records.retry_failed(conn, notification_id, client_id)
+            except records.NotRetryable as exc:
+                raise Conflict(str(exc)) from None
+        if not found:
             raise NotFound()
-        [notification] = await with_deliveries(pool, [row])
-        return self.json(NotificationOut.model_validate(notification).model_dump(mode="json"))
+        return self.json(await notification_out(pool, notification_id, client_id), status=202)

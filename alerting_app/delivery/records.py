@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from uuid import UUID
 
 import asyncpg
 
@@ -173,6 +174,44 @@ UPDATE notifications n SET
 FROM summary s
 WHERE n.notification_id = s.notification_id AND s.pending = 0
 """
+
+# A tenant's retry of a FAILED notification (POST /api/v1/notifications/{id}/retry): its failed
+# deliveries become PENDING and due now, with a fresh attempt budget, and nobody's lease; any
+# worker's sweep takes them. The notification is locked first, as the recorder locks it.
+_LOCK_FOR_RETRY = """
+SELECT status FROM notifications
+WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+FOR UPDATE
+"""
+_REOPEN_FAILED = """
+UPDATE deliveries SET status = 'PENDING', attempts = 0, next_attempt_at = now(), leased_by = NULL,
+                      lease_until = NULL
+WHERE notification_id = $1 AND status = 'FAILED'
+"""
+_REOPEN_NOTIFICATION = """
+UPDATE notifications SET status = 'PENDING', detail = NULL, updated_at = now() WHERE notification_id = $1
+"""
+
+
+class NotRetryable(Exception):
+    """The notification is not FAILED, or failed with no delivery to try again; the message says which."""
+
+
+async def retry_failed(conn: asyncpg.Connection, notification_id: str | UUID, client_id: str | None) -> bool:
+    """Make a FAILED notification's failed deliveries due again; False if there is no such notification
+    (of `client_id`, unless None). Raises NotRetryable when there is nothing to retry."""
+    async with conn.transaction():
+        status = await conn.fetchval(_LOCK_FOR_RETRY, notification_id, client_id)
+        if status is None:
+            return False
+        if status != "FAILED":
+            raise NotRetryable(f"the notification is {status}; only a FAILED one can be retried")
+        reopened = int((await conn.execute(_REOPEN_FAILED, notification_id)).split()[-1])
+        if not reopened:
+            # Settled FAILED with no delivery at all: no enabled endpoint on its rules when it came.
+            raise NotRetryable("no delivery of this notification failed: it had no enabled endpoint")
+        await conn.execute(_REOPEN_NOTIFICATION, notification_id)
+    return True
 
 
 @dataclass
