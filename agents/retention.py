@@ -2,7 +2,7 @@
 
 Two timers on every worker with the aggregate role, each a plain function run every
 RETENTION_INTERVAL_S:
-- notifications settled longer ago than NOTIFICATION_RETENTION_DAYS are deleted, with their
+- settled notifications created longer ago than NOTIFICATION_RETENTION_DAYS are deleted, with their
   deliveries (ON DELETE CASCADE) and their group memberships (`notification_alerts`);
 - fingerprints too old to suppress anything are forgotten (`prune_fingerprints`).
 
@@ -48,7 +48,7 @@ DELETE FROM notifications n USING doomed d WHERE n.notification_id = d.notificat
 
 
 async def prune_notifications(pool: asyncpg.Pool, older_than_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
-    """Delete the notifications settled more than `older_than_s` ago, a batch per transaction; how many.
+    """Delete the settled notifications created more than `older_than_s` ago, a batch per transaction; how many.
 
     Small batches keep each transaction, and the locks and WAL it holds, short, so the first run
     over a large backlog does not stall the pipeline's own writes.
