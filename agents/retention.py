@@ -1,10 +1,13 @@
-"""retention: keep the aggregate stage's history from growing for ever.
+"""retention: keep what the pipeline records from growing for ever.
 
-Two timers on every worker with the aggregate role, each a plain function run every
+Timers on every worker with the aggregate role, each a plain function run every
 RETENTION_INTERVAL_S:
 - settled notifications created longer ago than NOTIFICATION_RETENTION_DAYS are deleted, with their
   deliveries (ON DELETE CASCADE) and their group memberships (`notification_alerts`);
-- fingerprints too old to suppress anything are forgotten (`prune_fingerprints`).
+- fingerprints too old to suppress anything are forgotten (`prune_fingerprints`);
+- silences ended longer ago than SILENCE_RETENTION_DAYS are deleted, and their deletion is
+  announced on `silence.changed` (through the outbox, as the API announces changes), so every
+  worker's silence replica lets go of them too.
 
 The notifications row is also the deduplication record (one per client and alert): an alert whose
 notification was deleted would be notified again if it were matched again, so the retention is
@@ -18,8 +21,10 @@ import logging
 import asyncpg
 
 from agents.match_outcomes import prune_fingerprints
+from agents.rule_outbox import record_silence_change, wake_up
 from alerting_app import db, metrics
 from alerting_app.app import app, settings
+from alerting_app.contracts import SilenceChanged
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,41 @@ async def prune_notifications(pool: asyncpg.Pool, older_than_s: float, batch_siz
             return pruned
 
 
+# Locked, so an API change of the same silence waits and then finds it gone; SKIP LOCKED, so a
+# silence the API holds is simply left for the next round.
+_LOCK_ENDED_SILENCES = """
+SELECT silence_id::text, client_id::text, version FROM silences
+WHERE ends_at < now() - make_interval(secs => $1)
+ORDER BY ends_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+_DELETE_SILENCES = "DELETE FROM silences WHERE silence_id = ANY($1::uuid[])"
+
+
+async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+    """Delete the silences that ended more than `ended_before_s` ago; how many.
+
+    Each deletion is queued for silence.changed in the same transaction (a delete event, one
+    version up, as when a client is deleted): replicas drop the silence, and a replica reading the
+    topic from scratch later never sees it at all once the topic is compacted.
+    """
+    pruned = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            ended = await conn.fetch(_LOCK_ENDED_SILENCES, float(ended_before_s), batch_size)
+            for row in ended:
+                await record_silence_change(conn, SilenceChanged(
+                    silence_id=row["silence_id"], client_id=row["client_id"], version=row["version"] + 1,
+                    action="delete"))
+            await conn.execute(_DELETE_SILENCES, [row["silence_id"] for row in ended])
+        pruned += len(ended)
+        if ended:
+            wake_up()  # the relay, when this worker runs it
+        if len(ended) < batch_size:
+            return pruned
+
+
 async def _run_logged(what: str, prune) -> None:
     try:
         pruned = await db.retry_transient(prune, what)
@@ -82,6 +122,14 @@ async def forget_old_notifications() -> None:
 
     await _run_logged("deleting notifications past NOTIFICATION_RETENTION_DAYS",
                       lambda pool: prune_notifications(pool, settings.notification_retention_days * 86_400))
+
+
+@app.timer(interval=RETENTION_INTERVAL_S)
+async def forget_old_silences() -> None:
+    if not settings.silence_retention_days:
+        return  # 0: keep for ever
+    await _run_logged("deleting silences ended more than SILENCE_RETENTION_DAYS ago",
+                      lambda pool: prune_silences(pool, settings.silence_retention_days * 86_400))
 
 
 @app.timer(interval=RETENTION_INTERVAL_S)

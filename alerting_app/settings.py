@@ -206,6 +206,9 @@ class Settings(BaseSettings):
     # deleted (agents/retention.py); 0 keeps them for ever. It is also the deduplication window:
     # an alert matched again after its notification is gone is notified again.
     notification_retention_days: float = Field(default=30, ge=0, le=3_650)
+    # Silences ended longer ago than this are deleted, in Postgres and on every worker (agents/
+    # retention.py); 0 keeps them for ever. Alertmanager's default is 5 days too.
+    silence_retention_days: float = Field(default=5, ge=0, le=3_650)
 
     # --- email (SMTP via aiosmtplib) ---
     smtp_host: str = "localhost"

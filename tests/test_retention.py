@@ -8,8 +8,10 @@ import uuid
 import asyncpg
 import pytest
 
-from agents.retention import prune_notifications
+from agents.retention import prune_notifications, prune_silences
 from alerting_app import metrics
+from alerting_app.contracts import SilenceChanged
+from alerting_app.silencing import SilenceIndex, silence_of_row
 from alerting_app.settings import ConfigurationError, load_settings
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
 
@@ -115,11 +117,49 @@ async def test_a_row_another_transaction_holds_is_skipped_not_waited_for(pool, s
     assert await left_of(pool, client) == (set(), 0, set())
 
 
+async def silence(pool, client_id: str, *, ended_days_ago: float, version: int = 1) -> str:
+    silence_id = str(uuid.uuid4())
+    await pool.execute(
+        "INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at, ends_at, comment,"
+        " created_by, version) VALUES ($1, $2, 'HIGH', 'payments', '*', now() - make_interval(secs => $3),"
+        " now() - make_interval(secs => $4), 'deploy', 'test', $5)",
+        silence_id, client_id, (ended_days_ago + 1) * DAY_S, ended_days_ago * DAY_S, version)
+    return silence_id
+
+
+@AGENT_LOOP
+async def test_silences_ended_long_ago_are_deleted_and_their_deletion_announced_to_the_replicas(pool):
+    client = await insert_client(pool)
+    old = await silence(pool, client, ended_days_ago=6, version=3)
+    recent = await silence(pool, client, ended_days_ago=4)
+    active = await silence(pool, client, ended_days_ago=-1)  # ends tomorrow
+    # A replica holding all three, as every worker does.
+    rows = await pool.fetch("SELECT * FROM silences WHERE client_id = $1", client)
+    index = SilenceIndex(SilenceChanged.upsert(silence_of_row(row)) for row in rows)
+
+    assert await prune_silences(pool, 5 * DAY_S) >= 1
+
+    kept = {row[0] for row in await pool.fetch("SELECT silence_id::text FROM silences WHERE client_id = $1", client)}
+    assert kept == {recent, active}
+    [queued] = await pool.fetch("SELECT payload FROM silence_outbox WHERE silence_id = $1", old)
+    event = SilenceChanged.model_validate(queued["payload"])
+    assert (event.action, event.version, event.client_id) == ("delete", 4, client)
+    assert index.apply(event) and set(index.versions()) == {recent, active}
+
+
 @pytest.mark.parametrize("days", ["0.5", "-1", "3651"])
 def test_a_retention_shorter_than_a_day_or_absurd_is_refused_by_name(monkeypatch, days):
     monkeypatch.setenv("NOTIFICATION_RETENTION_DAYS", days)
 
     with pytest.raises(ConfigurationError, match="NOTIFICATION_RETENTION_DAYS"):
+        load_settings()
+
+
+@pytest.mark.parametrize("days", ["-1", "3651", "a week"])
+def test_a_silence_retention_out_of_range_is_refused_by_name(monkeypatch, days):
+    monkeypatch.setenv("SILENCE_RETENTION_DAYS", days)
+
+    with pytest.raises(ConfigurationError, match="SILENCE_RETENTION_DAYS"):
         load_settings()
 
 
