@@ -22,6 +22,7 @@ DOCUMENTED_ROUTES = {
     ("GET", "/api/v1/endpoints/{endpoint_id}"), ("PATCH", "/api/v1/endpoints/{endpoint_id}"),
     ("DELETE", "/api/v1/endpoints/{endpoint_id}"),
     ("GET", "/api/v1/notifications"), ("GET", "/api/v1/notifications/{notification_id}"),
+    ("POST", "/api/v1/notifications/{notification_id}/retry"),
     ("POST", "/api/v1/silences"), ("GET", "/api/v1/silences"),
     ("GET", "/api/v1/silences/{silence_id}"), ("DELETE", "/api/v1/silences/{silence_id}"),
     ("POST", "/api/v1/alerts"),
