@@ -28,6 +28,7 @@ from alerting_app.app import app, settings
 from alerting_app.embedded import EmbeddedServiceError
 from alerting_app.gc_tuning import tune_garbage_collector
 from alerting_app.json_logs import faust_logging_config, log_to_stderr
+from alerting_app.kafka_connection import KafkaConnection, kafka_connection
 from alerting_app.migrate import MigrationError, apply_migrations
 from alerting_app.roles import apply_roles, parse_roles
 from alerting_app.seed import MIXES
@@ -107,6 +108,11 @@ def _required(value: Any, variable: str) -> Any:
     return value
 
 
+def _broker() -> KafkaConnection:
+    _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    return kafka_connection(settings)
+
+
 @app.command(base=_ForegroundCommand)
 def migrate() -> int:
     """Apply the migrations/*.sql files not applied yet (recorded in schema_migrations)."""
@@ -119,7 +125,7 @@ def migrate() -> int:
 def create_topics() -> int:
     """Create the pipeline and dead-letter topics with TOPIC_PARTITIONS partitions."""
     report = asyncio.run(kafka_admin.create_topics(
-        _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"),
+        _broker(),
         settings.topic_partitions,
         settings.topic_replication_factor,
     ))
@@ -160,7 +166,7 @@ def seed(clients: int, rules_per_client: int, mix: str, webhook_url: str | None)
 def produce_alerts(count: int, rate: float) -> int:
     """Send generated alerts (over the seeded sources and names) to alerts.new."""
     sent, seconds = asyncio.run(load.produce_alerts(
-        _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"), count=count, rate=rate))
+        _broker(), count=count, rate=rate))
     print(f"sent {sent} alerts in {seconds:.2f}s ({sent / seconds:,.0f}/s)")
     return 0
 
@@ -189,8 +195,7 @@ def republish_silences() -> int:
 )
 def topics(by_partition: bool, as_json: bool) -> int:
     """Each topic: partitions, end offsets and the lag of this app's consumer group (APP_ID)."""
-    bootstrap = _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
-    figures = asyncio.run(topic_inspection.topic_figures(bootstrap, settings.app_id))
+    figures = asyncio.run(topic_inspection.topic_figures(_broker(), settings.app_id))
     if as_json:
         print(json.dumps({"group": settings.app_id, "topics": [f.as_json() for f in figures]}))
     else:
@@ -208,9 +213,8 @@ def topics(by_partition: bool, as_json: bool) -> int:
 )
 def tail(topic: str, from_beginning: bool, limit: int | None) -> int:
     """Print the messages of TOPIC, decoded, one JSON object per line (key, partition, offset, value)."""
-    bootstrap = _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
     try:
-        asyncio.run(_tail(bootstrap, topic, from_beginning, limit))
+        asyncio.run(_tail(_broker(), topic, from_beginning, limit))
     except topic_inspection.UnknownTopic as exc:
         raise SystemExit(str(exc)) from None
     except KeyboardInterrupt:
@@ -218,8 +222,8 @@ def tail(topic: str, from_beginning: bool, limit: int | None) -> int:
     return 0
 
 
-async def _tail(bootstrap: str, topic: str, from_beginning: bool, limit: int | None) -> None:
-    async with topic_inspection.TopicTail(bootstrap, topic, from_beginning=from_beginning) as tail:
+async def _tail(broker: KafkaConnection, topic: str, from_beginning: bool, limit: int | None) -> None:
+    async with topic_inspection.TopicTail(broker, topic, from_beginning=from_beginning) as tail:
         # On stderr, so stdout stays one JSON object per line; it also says when producing is safe.
         where = "the oldest message" if from_beginning else "the end"
         print(f"tailing {topic} ({len(tail.partitions)} partitions) from {where}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
+from alerting_app.kafka_connection import Broker, client_args
 from alerting_app.migrate import MigrationError, default_migrations_dir, read_migrations
 
 PROBE_TIMEOUT_S = 2.0
@@ -47,10 +48,10 @@ def _described(exc: Exception) -> str:
     return text if text.startswith(kind) else f"{kind}: {text}".rstrip(": ")
 
 
-async def broker_topics_missing(bootstrap: str, topics: Iterable[str] = (),
+async def broker_topics_missing(broker: Broker, topics: Iterable[str] = (),
                                 timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the broker answers a metadata request and every topic in `topics` exists."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(**client_args(broker), request_timeout_ms=int(timeout * 1000))
     try:
         await admin.start()
         # list_topics, not a metadata request naming topics: that would auto-create them.

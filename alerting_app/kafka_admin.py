@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
+from alerting_app.kafka_connection import Broker, client_args
+
 _TOPIC_ALREADY_EXISTS = 36
 
 # rule.changed is the changelog every worker rebuilds its rules from: keep the newest event of each
@@ -42,9 +44,9 @@ def topic_names() -> list[str]:
     return names + [DEAD_LETTER_TOPICS[name].get_topic_name() for name in names]
 
 
-async def create_topics(bootstrap: str, partitions: int, replication: int) -> TopicReport:
+async def create_topics(broker: Broker, partitions: int, replication: int) -> TopicReport:
     report = TopicReport()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_args(broker))
     await admin.start()
     try:
         wanted = topic_names()

@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaProducer
 
 from agents.rule_outbox import republish_all_rules
 from alerting_app.db import init_connection
+from alerting_app.kafka_connection import Broker, client_args
 from alerting_app.seed import SeedReport, alert_stream, seed
 
 
@@ -33,13 +34,13 @@ async def republish(database_url: str, queue_all=republish_all_rules) -> int:
         await pool.close()
 
 
-async def produce_alerts(bootstrap: str, *, count: int, rate: float, random_seed: int = 7,
+async def produce_alerts(broker: Broker, *, count: int, rate: float, random_seed: int = 7,
                          prefix: str | None = None) -> tuple[int, float]:
     """Send `count` generated alerts to alerts.new at about `rate` per second (0: as fast as possible).
 
     Alert ids are `<prefix>-<n>` (a random prefix by default), so a run's alerts can be told apart.
     """
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(**client_args(broker), acks="all", linger_ms=5)
     await producer.start()
     started = time.perf_counter()
     try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Annotated
+import ssl
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -138,6 +139,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     kafka_bootstrap_servers: KafkaServers | None = None
+    # PLAINTEXT, or SSL: TLS to the brokers, checked against the CA file (default: the system's
+    # CAs), optionally with a client certificate (alerting_app/kafka_connection.py).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
     database_url: PostgresUrl | None = None
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)
@@ -218,6 +225,38 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_from: str = "alerting@localhost"
     smtp_timeout_s: float = Field(default=30.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _kafka_tls_can_be_used(self) -> "Settings":
+        files = {"KAFKA_SSL_CAFILE": self.kafka_ssl_cafile, "KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+                 "KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile}
+        if self.kafka_security_protocol == "PLAINTEXT":
+            if any(files.values()):
+                raise ValueError(f"{', '.join(name for name, path in files.items() if path)} set, but "
+                                 "KAFKA_SECURITY_PROTOCOL is PLAINTEXT: set it to SSL to use TLS")
+            return self
+        if self.kafka_bootstrap_servers is None:
+            raise ValueError("KAFKA_SECURITY_PROTOCOL=SSL needs KAFKA_BOOTSTRAP_SERVERS: the embedded broker "
+                             "that `up` starts otherwise speaks plaintext")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE are set together or not at all")
+        # Loaded now, so a missing or unreadable file stops start-up with its variable named
+        # instead of failing the first connection.
+        from alerting_app.kafka_connection import tls_context
+
+        try:
+            tls_context(str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None, None, None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"KAFKA_SSL_CAFILE ({self.kafka_ssl_cafile}) cannot be loaded as CA certificates: "
+                             f"{exc}") from None
+        if self.kafka_ssl_certfile is not None:
+            try:
+                tls_context(None, str(self.kafka_ssl_certfile), str(self.kafka_ssl_keyfile))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"KAFKA_SSL_CERTFILE ({self.kafka_ssl_certfile}) and KAFKA_SSL_KEYFILE "
+                                 f"({self.kafka_ssl_keyfile}) cannot be loaded as a certificate and its key: "
+                                 f"{exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _settings_agree_with_each_other(self) -> "Settings":

@@ -25,6 +25,7 @@ from alerting_app.dependencies import (
     redis_answers,
     redis_probe_client,
 )
+from alerting_app.kafka_connection import kafka_connection
 from alerting_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ async def dependency_states(settings: Settings, topics: Iterable[str]) -> list[D
     redis = redis_probe_client(settings.redis_url)
     try:
         return list(await asyncio.gather(
-            probe("broker", broker_topics_missing(settings.kafka_bootstrap_servers, topics)),
+            probe("broker", broker_topics_missing(kafka_connection(settings), topics)),
             probe("postgres", postgres_ready(settings.database_url)),
             probe("redis", redis_answers(redis)),
         ))

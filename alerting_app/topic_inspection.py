@@ -14,6 +14,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from alerting_app.kafka_connection import Broker, client_args
+
 POLL_MS = 500
 
 
@@ -73,9 +75,9 @@ class TopicFigures:
         }
 
 
-async def topic_partitions(bootstrap: str) -> dict[str, list[int]]:
+async def topic_partitions(broker: Broker) -> dict[str, list[int]]:
     """Every topic on the broker (internal `__` ones aside) and its partitions, from one metadata request."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_args(broker))
     await admin.start()
     try:
         # No topic named: the broker describes all of them and creates none.
@@ -89,12 +91,12 @@ async def topic_partitions(bootstrap: str) -> dict[str, list[int]]:
     }
 
 
-async def topic_figures(bootstrap: str, group: str) -> list[TopicFigures]:
+async def topic_figures(broker: Broker, group: str) -> list[TopicFigures]:
     """Each topic's partitions, start and end offsets, and `group`'s committed offsets."""
-    partitions = await topic_partitions(bootstrap)
+    partitions = await topic_partitions(broker)
     tps = [TopicPartition(topic, p) for topic, numbers in sorted(partitions.items()) for p in numbers]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(**client_args(broker))
+    consumer = AIOKafkaConsumer(**client_args(broker), enable_auto_commit=False)
     await admin.start()
     await consumer.start()
     try:
@@ -143,19 +145,19 @@ class TopicTail:
     """`async with TopicTail(...) as tail`: positioned on entry (at the start or the end of every
     partition), so whatever is produced after entering is read; `messages()` yields them."""
 
-    def __init__(self, bootstrap: str, topic: str, *, from_beginning: bool) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, broker: Broker, topic: str, *, from_beginning: bool) -> None:
+        self.broker = broker
         self.topic = topic
         self.from_beginning = from_beginning
         self.partitions: list[TopicPartition] = []
         self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> "TopicTail":
-        known = await topic_partitions(self.bootstrap)
+        known = await topic_partitions(self.broker)
         if self.topic not in known:
             raise UnknownTopic(self.topic, sorted(known))
         self.partitions = [TopicPartition(self.topic, p) for p in known[self.topic]]
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+        self._consumer = AIOKafkaConsumer(**client_args(self.broker), enable_auto_commit=False,
                                           fetch_max_wait_ms=POLL_MS)
         await self._consumer.start()
         try:

@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 
 from alerting_app.contracts import Contract, DeadLetter
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
+from alerting_app.kafka_connection import Broker, client_args
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class ChangelogReplica:
             log.info("%s caught up: %d held", self.name, len(self.index))
         self._caught_up.set()
 
-    async def follow(self, bootstrap: str, topic: str, *,
+    async def follow(self, broker: Broker, topic: str, *,
                      start_at: Callable[[dict[TopicPartition, int]], dict[int, int]],
                      on_batches: Callable[[Batches], Awaitable[object]], poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever.
@@ -120,11 +121,11 @@ class ChangelogReplica:
         `start_at(end offsets)` gives the offset to start each partition from (absent: its
         beginning); `on_batches` handles each batch read (see `apply_batches`).
         """
-        consumer = await _connected_consumer(bootstrap, poll_ms)
+        consumer = await _connected_consumer(broker, poll_ms)
         try:
             tps = await _all_partitions(consumer, topic)
             consumer.assign(tps)
-            ends = await _end_offsets(bootstrap, tps)
+            ends = await _end_offsets(broker, tps)
             offsets = start_at(ends)
             for tp in tps:
                 if tp.partition in offsets:
@@ -149,11 +150,11 @@ def records_of(batches: Batches) -> list[Any]:
     return [record for tp_records in batches.values() for record in tp_records]
 
 
-async def _connected_consumer(bootstrap: str, poll_ms: int) -> AIOKafkaConsumer:
+async def _connected_consumer(broker: Broker, poll_ms: int) -> AIOKafkaConsumer:
     """A consumer outside any group, started once the broker answers (start-up order must not matter)."""
     delay = 0.5
     while True:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(**client_args(broker), enable_auto_commit=False,
                                     auto_offset_reset="earliest", fetch_max_wait_ms=poll_ms)
         try:
             await consumer.start()
@@ -165,7 +166,7 @@ async def _connected_consumer(bootstrap: str, poll_ms: int) -> AIOKafkaConsumer:
             delay = min(delay * 2, 10.0)
 
 
-async def _end_offsets(bootstrap: str, tps: list[TopicPartition],
+async def _end_offsets(broker: Broker, tps: list[TopicPartition],
                        timeout_s: float = 10.0) -> dict[TopicPartition, int]:
     """The offset after the last message of each partition.
 
@@ -175,7 +176,7 @@ async def _end_offsets(bootstrap: str, tps: list[TopicPartition],
     restarted worker think the topic was recreated and throw its store away, and could let
     matching start before the last rules were read.
     """
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+    probe = AIOKafkaConsumer(**client_args(broker), enable_auto_commit=False, fetch_max_wait_ms=10)
     await probe.start()
     try:
         probe.assign(tps)

@@ -34,6 +34,7 @@ from rocksdict import Rdict, WriteBatch
 
 from alerting_app.contracts import RuleChanged
 from alerting_app.dead_letters import UndecodableMessage, decode
+from alerting_app.kafka_connection import Broker
 from alerting_app.matching import RuleIndex
 from tables.changelog_replica import Batches, ChangelogReplica
 
@@ -128,7 +129,7 @@ class RuleReplica(ChangelogReplica):
             self.filling = self.index
         super().reached_end_offsets()
 
-    async def run(self, bootstrap: str, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:
+    async def run(self, broker: Broker, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever, keeping the index and the store current."""
         self.filling, offsets = self.load(store)
 
@@ -147,4 +148,4 @@ class RuleReplica(ChangelogReplica):
             to_store = await self.apply_batches(batches)
             store.save(to_store, {tp.partition: tp_records[-1].offset + 1 for tp, tp_records in batches.items()})
 
-        await self.follow(bootstrap, topic, start_at=start_at, on_batches=on_batches, poll_ms=poll_ms)
+        await self.follow(broker, topic, start_at=start_at, on_batches=on_batches, poll_ms=poll_ms)

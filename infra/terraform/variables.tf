@@ -87,9 +87,20 @@ variable "webhook_egress_ports" {
 }
 
 variable "kafka_ports" {
-  description = "Broker ports inside the VPC (MSK: 9092 plaintext; 9094 TLS, 9096 SASL/SCRAM, 9098 IAM)."
+  description = "Broker ports inside the VPC (MSK: 9094 TLS, 9092 plaintext; 9096 SASL/SCRAM and 9098 IAM are not supported)."
   type        = list(number)
-  default     = [9092]
+  default     = [9094]
+}
+
+variable "kafka_security_protocol" {
+  description = "KAFKA_SECURITY_PROTOCOL: SSL (TLS to the brokers, checked against the system's CAs, which MSK's certificates chain to) or PLAINTEXT."
+  type        = string
+  default     = "SSL"
+
+  validation {
+    condition     = contains(["SSL", "PLAINTEXT"], var.kafka_security_protocol)
+    error_message = "kafka_security_protocol: SSL or PLAINTEXT."
+  }
 }
 
 variable "postgres_port" {
@@ -107,7 +118,7 @@ variable "redis_port" {
 # --- services the workers use (created elsewhere) ---------------------------------------------
 
 variable "kafka_bootstrap_servers" {
-  description = "KAFKA_BOOTSTRAP_SERVERS: host:port[,host:port] of the MSK brokers (plaintext listener, see docs/operations.md)."
+  description = "KAFKA_BOOTSTRAP_SERVERS: host:port[,host:port] of the MSK brokers (their TLS listener, 9094, with kafka_security_protocol SSL)."
   type        = string
 
   validation {

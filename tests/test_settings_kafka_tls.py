@@ -1,0 +1,95 @@
+"""KAFKA_SECURITY_PROTOCOL and the KAFKA_SSL_* files are checked at start-up, each error naming its
+variable; what they give every Kafka client (alerting_app/kafka_connection.py)."""
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trustme
+
+from alerting_app.kafka_connection import KafkaConnection, client_args, kafka_connection, tls_context_of
+from alerting_app.settings import ConfigurationError, load_settings
+
+
+@pytest.fixture
+def files(tmp_path):
+    ca = trustme.CA()
+    client = ca.issue_cert("worker")
+    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "client.pem", "key": tmp_path / "client.key",
+             "junk": tmp_path / "junk.pem"}
+    ca.cert_pem.write_to_path(paths["ca"])
+    client.cert_chain_pems[0].write_to_path(paths["cert"])
+    client.private_key_pem.write_to_path(paths["key"])
+    paths["junk"].write_text("not a certificate\n")
+    return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture
+def tls_env(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "b-1.msk.example.com:9094")
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+    for name in ("KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def refusal() -> str:
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    return str(refused.value)
+
+
+def test_tls_with_the_systems_cas_checks_the_brokers_certificate_and_name(tls_env):
+    context = tls_context_of(load_settings())
+
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert kafka_connection(load_settings()).bootstrap_servers == "b-1.msk.example.com:9094"
+
+
+def test_tls_with_a_ca_file_and_a_client_certificate_is_accepted(tls_env, files):
+    for name, key in (("KAFKA_SSL_CAFILE", "ca"), ("KAFKA_SSL_CERTFILE", "cert"), ("KAFKA_SSL_KEYFILE", "key")):
+        tls_env.setenv(name, files[key])
+
+    args = client_args(kafka_connection(load_settings()))
+
+    assert (args["bootstrap_servers"], args["security_protocol"]) == ("b-1.msk.example.com:9094", "SSL")
+    assert isinstance(args["ssl_context"], ssl.SSLContext)
+
+
+def test_a_bootstrap_string_is_plaintext():
+    assert client_args("127.0.0.1:9092") == {"bootstrap_servers": "127.0.0.1:9092"}
+    assert client_args(KafkaConnection("127.0.0.1:9092")) == {"bootstrap_servers": "127.0.0.1:9092"}
+
+
+def test_a_ca_file_that_is_missing_or_not_pem_is_refused_by_name(tls_env, files, tmp_path):
+    tls_env.setenv("KAFKA_SSL_CAFILE", str(tmp_path / "absent.pem"))
+    assert "KAFKA_SSL_CAFILE" in refusal()
+    tls_env.setenv("KAFKA_SSL_CAFILE", files["junk"])
+    assert "KAFKA_SSL_CAFILE" in refusal()
+
+
+def test_a_client_certificate_needs_its_key_and_both_must_load(tls_env, files):
+    tls_env.setenv("KAFKA_SSL_CERTFILE", files["cert"])
+    assert "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE are set together" in refusal()
+    tls_env.setenv("KAFKA_SSL_KEYFILE", files["junk"])
+    assert "KAFKA_SSL_KEYFILE" in refusal()
+
+
+def test_tls_files_without_ssl_are_refused_rather_than_ignored(tls_env, files):
+    tls_env.setenv("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    tls_env.setenv("KAFKA_SSL_CAFILE", files["ca"])
+
+    assert "KAFKA_SSL_CAFILE set, but KAFKA_SECURITY_PROTOCOL is PLAINTEXT" in refusal()
+
+
+def test_ssl_needs_a_broker_of_its_own_since_the_embedded_one_is_plaintext(tls_env):
+    tls_env.delenv("KAFKA_BOOTSTRAP_SERVERS")
+
+    assert "KAFKA_SECURITY_PROTOCOL=SSL needs KAFKA_BOOTSTRAP_SERVERS" in refusal()
+
+
+@pytest.mark.parametrize("protocol", ["TLS", "SASL_SSL", "ssl "])
+def test_an_unknown_security_protocol_is_refused_by_name(tls_env, protocol):
+    tls_env.setenv("KAFKA_SECURITY_PROTOCOL", protocol)
+
+    assert "KAFKA_SECURITY_PROTOCOL" in refusal()
