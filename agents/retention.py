@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -103,7 +104,7 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
             return pruned
 
 
-async def _run_logged(what: str, prune) -> None:
+async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]) -> None:
     try:
         pruned = await db.retry_transient(prune, what)
     except asyncio.CancelledError:
@@ -119,7 +120,6 @@ async def _run_logged(what: str, prune) -> None:
 async def forget_old_notifications() -> None:
     if not settings.notification_retention_days:
         return  # 0: keep for ever
-
     await _run_logged("deleting notifications past NOTIFICATION_RETENTION_DAYS",
                       lambda pool: prune_notifications(pool, settings.notification_retention_days * 86_400))
 

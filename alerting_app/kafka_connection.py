@@ -43,10 +43,6 @@ def client_args(broker: Broker) -> dict[str, Any]:
     return args
 
 
-def bootstrap_of(broker: Broker) -> str:
-    return broker if isinstance(broker, str) else broker.bootstrap_servers
-
-
 def tls_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
     """The client TLS context; raises ssl.SSLError or OSError for a file that is missing or not PEM."""
     return create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)

@@ -8,9 +8,9 @@ refuses to start without them (see `require_services`).
 from __future__ import annotations
 
 import re
+import ssl
 import urllib.parse
 from pathlib import Path
-import ssl
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator

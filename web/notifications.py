@@ -78,7 +78,7 @@ class NotificationView(ApiView):
                                                 self.caller(request).client_id))
 
 
-async def notification_out(pool: asyncpg.Pool, notification_id: UUID, client_id: str | None) -> dict[str, Any]:
+async def notification_out(pool: asyncpg.Pool, notification_id: UUID, client_id: UUID | None) -> dict[str, Any]:
     row = await pool.fetchrow(GET, notification_id, client_id)
     if row is None:
         raise NotFound()

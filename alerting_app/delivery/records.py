@@ -197,7 +197,7 @@ class NotRetryable(Exception):
     """The notification is not FAILED, or failed with no delivery to try again; the message says which."""
 
 
-async def retry_failed(conn: asyncpg.Connection, notification_id: str | UUID, client_id: str | None) -> bool:
+async def retry_failed(conn: asyncpg.Connection, notification_id: str | UUID, client_id: str | UUID | None) -> bool:
     """Make a FAILED notification's failed deliveries due again; False if there is no such notification
     (of `client_id`, unless None). Raises NotRetryable when there is nothing to retry."""
     async with conn.transaction():
