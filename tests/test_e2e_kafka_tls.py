@@ -21,7 +21,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import trustme
 
 from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import free_port
@@ -29,6 +28,7 @@ from alerting_app.kafka_connection import KafkaConnection, tls_context
 from alerting_app.up import WorkerProcess, alerting_app_executable
 from operations_support import readiness, start_tansu, wait_until
 from test_e2e_pipeline import WebhookReceiver
+from tls_certificates import certificate_files
 from worker_probe import wait_until_workers_hold_postgres_rules
 
 pytestmark = pytest.mark.e2e
@@ -82,16 +82,7 @@ class TlsTerminator:
 @pytest.fixture
 def certificates(tmp_path: Path) -> dict[str, str]:
     """A CA, the broker's certificate (for 127.0.0.1) and the worker's client certificate, as files."""
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("alerting-app-worker")
-    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "client.pem", "key": tmp_path / "client.key",
-             "server": tmp_path / "server.pem"}
-    ca.cert_pem.write_to_path(paths["ca"])
-    client.cert_chain_pems[0].write_to_path(paths["cert"])
-    client.private_key_pem.write_to_path(paths["key"])
-    server.private_key_and_cert_chain_pem.write_to_path(paths["server"])
-    return {name: str(path) for name, path in paths.items()}
+    return certificate_files(tmp_path)
 
 
 def server_context(certificates: dict[str, str]) -> ssl.SSLContext:

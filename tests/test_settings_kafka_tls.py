@@ -5,23 +5,16 @@ from __future__ import annotations
 import ssl
 
 import pytest
-import trustme
 
 from alerting_app.kafka_connection import KafkaConnection, client_args, kafka_connection, tls_context_of
 from alerting_app.settings import ConfigurationError, load_settings
+from tls_certificates import certificate_files
 
 
 @pytest.fixture
 def files(tmp_path):
-    ca = trustme.CA()
-    client = ca.issue_cert("worker")
-    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "client.pem", "key": tmp_path / "client.key",
-             "junk": tmp_path / "junk.pem"}
-    ca.cert_pem.write_to_path(paths["ca"])
-    client.cert_chain_pems[0].write_to_path(paths["cert"])
-    client.private_key_pem.write_to_path(paths["key"])
-    paths["junk"].write_text("not a certificate\n")
-    return {name: str(path) for name, path in paths.items()}
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    return {**certificate_files(tmp_path), "junk": str(tmp_path / "junk.pem")}
 
 
 @pytest.fixture
