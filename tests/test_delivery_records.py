@@ -228,3 +228,78 @@ async def test_a_sweep_reads_a_bounded_part_of_a_large_due_backlog(clean_db, con
     # Ten leased of 2,000 due: what the sweep reads is bounded by what it may lease, not the backlog.
     assert await conn.fetchval("SELECT count(*) FROM deliveries WHERE leased_by = 'this-worker'") == 10
     assert rows_read(plan["Plan"]) <= 200
+
+
+async def test_a_failure_from_a_worker_that_no_longer_holds_the_row_does_not_end_it(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    notification_id = await insert_notification(conn, client_id)
+    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    [_] = await lease_due(conn, "old-holder", 60.0, {}, backlog=10, limit=10)
+    await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'")
+    [_] = await lease_due(conn, "new-holder", 60.0, {}, backlog=10, limit=10)
+
+    await write_outcomes(conn, "old-holder", [DeliveryChange(notification_id, endpoint_id, "FAILED", 1, "HTTP 400")])
+
+    row = await lease_of(conn, notification_id, endpoint_id)
+    assert (row["status"], row["attempts"], row["leased_by"]) == ("PENDING", 1, "new-holder")
+    assert await conn.fetchval("SELECT status FROM notifications WHERE notification_id = $1",
+                               notification_id) == "PENDING"
+    # The holder's own failure does end it.
+    await write_outcomes(conn, "new-holder", [DeliveryChange(notification_id, endpoint_id, "FAILED", 1, "HTTP 400")])
+    assert (await lease_of(conn, notification_id, endpoint_id))["status"] == "FAILED"
+
+
+async def test_a_late_failure_from_before_a_tenants_retry_does_not_undo_the_retry(clean_db, conn):
+    from alerting_app.delivery.records import retry_failed
+
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    notification_id = await insert_notification(conn, client_id)
+    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    [_] = await lease_due(conn, "worker-a", 60.0, {}, backlog=10, limit=10)
+    failure = DeliveryChange(notification_id, endpoint_id, "FAILED", 1, "HTTP 400")
+    await write_outcomes(conn, "worker-a", [failure])
+    assert await retry_failed(conn, notification_id, None)
+
+    # The same batch written again (its first commit's acknowledgement was lost), after the retry.
+    await write_outcomes(conn, "worker-a", [failure])
+
+    assert (await lease_of(conn, notification_id, endpoint_id))["status"] == "PENDING"
+    [job] = await lease_due(conn, "worker-b", 60.0, {}, backlog=10, limit=10)  # the retry goes ahead
+    assert job.key == (notification_id, endpoint_id)
+
+
+async def test_a_retry_and_a_redelivered_notification_opening_a_new_endpoint_do_not_deadlock(clean_db, conn):
+    from alerting_app.delivery.records import retry_failed
+
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    failed, added = await insert_endpoint(conn, client_id), await insert_endpoint(conn, client_id)
+    notification_id = await insert_notification(conn, client_id)
+    await open_delivery(conn, notification_id, failed)
+    await conn.execute("UPDATE deliveries SET status = 'FAILED'")
+    await conn.execute("UPDATE notifications SET status = 'FAILED' WHERE notification_id = $1", notification_id)
+    opener, retrier = await asyncpg.connect(clean_db), await asyncpg.connect(clean_db)
+    try:
+        await init_connection(retrier)
+        async with opener.transaction():
+            # As records._OPEN does for a redelivered notifications.ready: its ON CONFLICT locks the
+            # existing (FAILED) row, then it inserts the row of an endpoint added since.
+            await opener.execute(
+                "INSERT INTO deliveries AS d (notification_id, endpoint_id, channel, status) VALUES ($1, $2, 'webhook',"
+                " 'PENDING') ON CONFLICT (notification_id, endpoint_id) DO UPDATE SET leased_by = EXCLUDED.leased_by"
+                " WHERE d.status = 'PENDING'", notification_id, failed)
+            retry = asyncio.create_task(retry_failed(retrier, notification_id, None))
+            await blocked_on_a_lock(conn, retrier.get_server_pid())  # holds the notification, waits for the row
+            await opener.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status)"
+                                 " VALUES ($1, $2, 'webhook', 'PENDING')", notification_id, added)
+        assert await asyncio.wait_for(retry, 30)
+    finally:
+        await opener.close()
+        await retrier.close()
+    statuses = dict(await conn.fetch("SELECT endpoint_id::text, status FROM deliveries WHERE notification_id = $1",
+                                     notification_id))
+    assert statuses == {failed: "PENDING", added: "PENDING"}

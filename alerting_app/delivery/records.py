@@ -124,9 +124,13 @@ WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
 # release) belong to the row's holder ($10) alone: a worker whose lease ran out while it sent (the
 # sweep gave the row to another, whose claim it then met) must not move the new holder's next
 # attempt or drop its lease, or a third worker would lease the row while the second still holds it.
+# So does FAILED, which ends the delivery: from a worker that no longer holds the row (its lease
+# was taken over, or a tenant's retry reopened the row since: retry_failed clears the holder; or
+# the recorder writing a batch again whose first commit was not acknowledged) it would end the
+# attempts of whoever holds the row now, so it leaves the row PENDING; the attempt still counts.
 _WRITE = """
 UPDATE deliveries d SET
-    status = c.status,
+    status = CASE WHEN c.status = 'FAILED' AND d.leased_by IS DISTINCT FROM $10 THEN d.status ELSE c.status END,
     attempts = d.attempts + c.attempts,
     last_error = c.last_error,
     first_attempt_at = coalesce(d.first_attempt_at, to_timestamp(c.first_attempt_at)),
@@ -177,11 +181,16 @@ WHERE n.notification_id = s.notification_id AND s.pending = 0
 
 # A tenant's retry of a FAILED notification (POST /api/v1/notifications/{id}/retry): its failed
 # deliveries become PENDING and due now, with a fresh attempt budget, and nobody's lease; any
-# worker's sweep takes them. The notification is locked first, as the recorder locks it.
+# worker's sweep takes them (and a late FAILED from an earlier holder cannot end them: _WRITE).
+# The notification is locked first, as the recorder locks it, but FOR NO KEY UPDATE: a
+# redelivered notifications.ready opening a delivery for an endpoint added since (_OPEN) holds the
+# FAILED row (its ON CONFLICT) and then needs the notification's FOR KEY SHARE (the foreign key);
+# FOR UPDATE would block that while waiting for the row: a deadlock. The recorder's FOR UPDATE
+# still waits for this lock, and this one for it.
 _LOCK_FOR_RETRY = """
 SELECT status FROM notifications
 WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
-FOR UPDATE
+FOR NO KEY UPDATE
 """
 _REOPEN_FAILED = """
 UPDATE deliveries SET status = 'PENDING', attempts = 0, next_attempt_at = now(), leased_by = NULL,
