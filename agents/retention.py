@@ -33,9 +33,11 @@ RETENTION_INTERVAL_S = 600.0
 PRUNE_BATCH_SIZE = 5_000
 
 # Only settled notifications go: a PENDING one still has deliveries to make, and one not yet
-# emitted is still the aggregate stage's to send. SKIP LOCKED: a row the recorder or the emitted
-# mark holds is simply left for the next round, so this never waits on the pipeline and can take
-# no part in a deadlock with it; workers pruning at once take different rows.
+# emitted is still the aggregate stage's to send. SKIP LOCKED: a notification the recorder, the
+# emitted mark or a retry holds is left for the next round, and workers pruning at once take
+# different rows. The cascade to its deliveries and the delete of its memberships can still wait
+# for a row lock (a redelivered message opening deliveries, say); a deadlock there is detected by
+# Postgres and the batch runs again (db.retry_transient).
 # Memberships go in the same statement as their notification: a membership whose notification row
 # is missing means "group still open" (agents/match_outcomes.py `_RECORDED`), so one left behind
 # would reopen a group for a redelivered member.

@@ -110,6 +110,17 @@ def _digits_only(value: object) -> object:
 
 
 KafkaServers = Annotated[str, AfterValidator(_kafka_servers)]
+
+
+def _unset_if_empty(value: object) -> object:
+    # VAR= in a compose file or a task definition means "not set", not the current directory.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
+SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL"],
+                             BeforeValidator(lambda value: value.strip().upper() if isinstance(value, str) else value)]
+MIN_NOTIFICATION_RETENTION_DAYS = 2
 WebPort = Annotated[int, BeforeValidator(_digits_only)]
 PostgresUrl = Annotated[str, AfterValidator(_postgres_url)]
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]
@@ -141,10 +152,10 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: KafkaServers | None = None
     # PLAINTEXT, or SSL: TLS to the brokers, checked against the CA file (default: the system's
     # CAs), optionally with a client certificate (alerting_app/kafka_connection.py).
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"
-    kafka_ssl_cafile: Path | None = None
-    kafka_ssl_certfile: Path | None = None
-    kafka_ssl_keyfile: Path | None = None
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_ssl_cafile: OptionalFile = None
+    kafka_ssl_certfile: OptionalFile = None
+    kafka_ssl_keyfile: OptionalFile = None
     database_url: PostgresUrl | None = None
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)
@@ -278,12 +289,16 @@ class Settings(BaseSettings):
                 f"DELIVERY_SENT_MARKER_TTL_S ({self.delivery_sent_marker_ttl_s}) must be at least "
                 f"DELIVERY_LEASE_S ({self.delivery_lease_s:g}): the marker must outlive a lease"
             )
-        # A day at least: a redelivered alerts.matched (minutes behind at worst) must still find its
-        # notification, or it would be notified twice.
-        if 0 < self.notification_retention_days < 1:
+        # Two days at least. A redelivered alerts.matched (minutes behind at worst) must still find
+        # its notification, or it would be notified twice; and a closed group can stay in its
+        # client's table value while another group of the client is open (a window is at most a
+        # day: contracts.GroupWindow): the closer takes a group whose notification row is gone for
+        # one never closed, and would send it again.
+        if 0 < self.notification_retention_days < MIN_NOTIFICATION_RETENTION_DAYS:
             raise ValueError(
                 f"NOTIFICATION_RETENTION_DAYS ({self.notification_retention_days:g}) must be 0 (keep for ever) "
-                "or at least 1: it is also how long an alert is remembered as notified"
+                f"or at least {MIN_NOTIFICATION_RETENTION_DAYS}: it is also how long an alert is remembered as "
+                "notified, and a closed group as closed"
             )
         return self
 

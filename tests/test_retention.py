@@ -147,8 +147,8 @@ async def test_silences_ended_long_ago_are_deleted_and_their_deletion_announced_
     assert index.apply(event) and set(index.versions()) == {recent, active}
 
 
-@pytest.mark.parametrize("days", ["0.5", "-1", "3651"])
-def test_a_retention_shorter_than_a_day_or_absurd_is_refused_by_name(monkeypatch, days):
+@pytest.mark.parametrize("days", ["0.5", "1.9", "-1", "3651"])
+def test_a_retention_shorter_than_two_days_or_absurd_is_refused_by_name(monkeypatch, days):
     monkeypatch.setenv("NOTIFICATION_RETENTION_DAYS", days)
 
     with pytest.raises(ConfigurationError, match="NOTIFICATION_RETENTION_DAYS"):
@@ -163,8 +163,8 @@ def test_a_silence_retention_out_of_range_is_refused_by_name(monkeypatch, days):
         load_settings()
 
 
-@pytest.mark.parametrize("days", ["0", "1", "30"])
-def test_no_retention_or_a_day_or_more_is_accepted(monkeypatch, days):
+@pytest.mark.parametrize("days", ["0", "2", "30"])
+def test_no_retention_or_two_days_or_more_is_accepted(monkeypatch, days):
     monkeypatch.setenv("NOTIFICATION_RETENTION_DAYS", days)
 
     assert load_settings().notification_retention_days == float(days)

@@ -81,8 +81,17 @@ def test_ssl_needs_a_broker_of_its_own_since_the_embedded_one_is_plaintext(tls_e
     assert "KAFKA_SECURITY_PROTOCOL=SSL needs KAFKA_BOOTSTRAP_SERVERS" in refusal()
 
 
-@pytest.mark.parametrize("protocol", ["TLS", "SASL_SSL", "ssl "])
+@pytest.mark.parametrize("protocol", ["TLS", "SASL_SSL", "SSL,PLAINTEXT"])
 def test_an_unknown_security_protocol_is_refused_by_name(tls_env, protocol):
     tls_env.setenv("KAFKA_SECURITY_PROTOCOL", protocol)
 
     assert "KAFKA_SECURITY_PROTOCOL" in refusal()
+
+
+def test_the_protocol_is_read_in_any_case_and_an_empty_file_variable_is_unset(tls_env):
+    tls_env.setenv("KAFKA_SECURITY_PROTOCOL", " ssl")
+    tls_env.setenv("KAFKA_SSL_CAFILE", "")
+
+    settings = load_settings()
+
+    assert (settings.kafka_security_protocol, settings.kafka_ssl_cafile) == ("SSL", None)
