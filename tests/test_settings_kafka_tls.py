@@ -3,6 +3,7 @@ variable; what they give every Kafka client (alerting_app/kafka_connection.py)."
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,14 @@ def test_the_protocol_is_read_in_any_case_and_an_empty_file_variable_is_unset(tl
     settings = load_settings()
 
     assert (settings.kafka_security_protocol, settings.kafka_ssl_cafile) == ("SSL", None)
+
+
+def test_every_kafka_client_of_the_app_takes_its_connection_from_client_args():
+    # A client given bootstrap_servers= directly would connect in plaintext whatever the settings say.
+    # The one exception probes the embedded broker, which is plaintext (Settings refuses SSL without
+    # KAFKA_BOOTSTRAP_SERVERS).
+    root = Path(__file__).parent.parent
+    direct = [str(path.relative_to(root)) for folder in ("alerting_app", "agents", "tables", "web")
+              for path in sorted((root / folder).rglob("*.py"))
+              for line in path.read_text().splitlines() if "bootstrap_servers=" in line]
+    assert direct == ["alerting_app/embedded.py"]
