@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     database_url: PostgresUrl | None = None
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)
+    # A token that may only send alerts (POST /api/v1/alerts), for the monitored systems: they need
+    # not hold the admin token, which can delete tenants.
+    ingest_token: str | None = Field(default=None, min_length=16)
 
     web_port: WebPort = Field(default=6066, ge=1, le=65535)
     web_bind: str = "0.0.0.0"
@@ -271,6 +274,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _settings_agree_with_each_other(self) -> "Settings":
+        if self.ingest_token is not None and self.ingest_token == self.admin_token:
+            raise ValueError("INGEST_TOKEN must differ from ADMIN_TOKEN: it is the token that may only send alerts")
         if (self.smtp_user is None) != (self.smtp_password is None):
             raise ValueError("SMTP_USER and SMTP_PASSWORD are set together or not at all")
         if self.delivery_backoff_initial_s > self.delivery_backoff_max_s:
@@ -307,7 +312,7 @@ class ConfigurationError(SystemExit):
     """Start-up stops with a readable message naming each bad variable."""
 
 
-_SECRETS = ("ADMIN_TOKEN", "SMTP_PASSWORD")
+_SECRETS = ("ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD")
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
 
 

@@ -75,3 +75,40 @@ async def test_a_client_key_may_not_post_alerts_and_nothing_is_sent(api, tenant,
     alert = an_alert()
     assert (await api.call("POST", "/api/v1/alerts", tenant.key, alert)).status == 403
     assert await published(broker, {alert["alert_id"]}) == {}
+
+
+INGEST_TOKEN = "ingest-" + uuid.uuid4().hex
+
+
+def with_ingest_token(monkeypatch) -> str:
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "ingest_token", INGEST_TOKEN)
+    return INGEST_TOKEN
+
+
+async def test_an_alert_source_with_the_ingest_token_sends_alerts(api, broker, monkeypatch):
+    token = with_ingest_token(monkeypatch)
+    alert = an_alert()
+
+    reply = await api.call("POST", "/api/v1/alerts", token, alert)
+
+    assert reply.status == 202
+    assert set(await published(broker, {alert["alert_id"]})) == {alert["alert_id"]}
+
+
+async def test_the_ingest_token_opens_no_other_route(api, tenant, monkeypatch):
+    from test_api_auth import UNKNOWN, served_api_routes
+
+    token = with_ingest_token(monkeypatch)
+    for method, template in sorted(served_api_routes() - {("POST", "/api/v1/alerts")}):
+        path = template.format(client_id=tenant.client_id, rule_id=UNKNOWN, endpoint_id=UNKNOWN,
+                               notification_id=UNKNOWN, silence_id=UNKNOWN)
+        reply = await api.call(method, path, token, {})
+        assert (reply.status, reply.body) == (403, {"error": "forbidden"}), (method, path)
+
+
+async def test_without_an_ingest_token_set_none_is_accepted(api):
+    reply = await api.call("POST", "/api/v1/alerts", INGEST_TOKEN, an_alert())
+
+    assert reply.status == 401

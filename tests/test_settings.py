@@ -190,3 +190,18 @@ def test_commands_that_keep_no_state_create_no_data_folder(tmp_path):
         assert result.returncode == 0, result.stderr
 
     assert list(tmp_path.iterdir()) == []  # no ./.alerting-data
+
+
+def test_an_ingest_token_is_a_secret_of_its_own(monkeypatch):
+    monkeypatch.setenv("ADMIN_TOKEN", "admin-token-of-the-platform")
+    monkeypatch.setenv("INGEST_TOKEN", "tiny-secret")
+    with pytest.raises(ConfigurationError, match="INGEST_TOKEN") as short:
+        load_settings()
+    assert "tiny-secret" not in str(short.value)  # not shown, like the admin token
+
+    monkeypatch.setenv("INGEST_TOKEN", "admin-token-of-the-platform")
+    with pytest.raises(ConfigurationError, match="INGEST_TOKEN must differ from ADMIN_TOKEN"):
+        load_settings()
+
+    monkeypatch.setenv("INGEST_TOKEN", "ingest-token-of-the-monitors")
+    assert load_settings().ingest_token == "ingest-token-of-the-monitors"

@@ -1,6 +1,7 @@
 """POST /api/v1/alerts: alerts from monitored systems over HTTP, published to `alerts.new`.
 
-Admin token only: alerts describe monitored systems, not any one tenant.
+The admin token, or INGEST_TOKEN (which may do nothing else): alerts describe monitored systems,
+not any one tenant.
 """
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ async def publish_alerts(alerts: list[Alert]) -> None:
 
 @app.page("/api/v1/alerts")
 class AlertsView(ApiView):
+    accepts_alert_sources = True
+
     async def post(self, request: Request) -> Response:
-        self.caller(request).require_admin()
+        caller = self.caller(request)
+        if not caller.alert_source:
+            caller.require_admin()
         data = parse_json(await self.read_request_content(request))
         alerts = validate_as(data, _many) if isinstance(data, list) else [validate_as(data, _one)]
         try:

@@ -1,4 +1,5 @@
-"""Who is calling: the admin (ADMIN_TOKEN) or one client (its own API key).
+"""Who is calling: the admin (ADMIN_TOKEN), one client (its own API key), or an alert source
+(INGEST_TOKEN), which may only send alerts.
 
 Client keys are stored only as sha256 hashes; the key itself is shown once, when the client is
 created. Every /api/v1 view derives from `ApiView`, so no handler runs unauthenticated, and none reads
@@ -28,11 +29,12 @@ API_KEY_PREFIX = "alk_"
 
 @dataclass(frozen=True)
 class Caller:
-    client_id: UUID | None  # None for the admin
+    client_id: UUID | None  # None for the admin (and an alert source, which reaches no view but one)
+    alert_source: bool = False  # INGEST_TOKEN: only views with `accepts_alert_sources` serve it
 
     @property
     def is_admin(self) -> bool:
-        return self.client_id is None
+        return self.client_id is None and not self.alert_source
 
     def require_admin(self) -> None:
         if not self.is_admin:
@@ -40,6 +42,7 @@ class Caller:
 
 
 ADMIN = Caller(client_id=None)
+ALERT_SOURCE = Caller(client_id=None, alert_source=True)
 
 # Where ApiView keeps the authenticated caller on the (aiohttp) request.
 CALLER = RequestKey("caller", Caller)
@@ -72,6 +75,9 @@ async def authenticate(request: Request) -> Caller:
     admin_token = settings.admin_token
     if admin_token is not None and hmac.compare_digest(token.encode(), admin_token.encode()):
         return ADMIN
+    ingest_token = settings.ingest_token
+    if ingest_token is not None and hmac.compare_digest(token.encode(), ingest_token.encode()):
+        return ALERT_SOURCE
     # Looking up the hash, not the key, keeps the comparison independent of the key's bytes.
     pool = await db.pool()
     client_id = await pool.fetchval("SELECT client_id FROM clients WHERE api_key_hash = $1", hash_api_key(token))
@@ -83,11 +89,19 @@ async def authenticate(request: Request) -> Caller:
 class ApiView(View):
     """Base of every /api/v1 view: authenticates the caller before any handler runs."""
 
+    # Whether an alert source (INGEST_TOKEN) may call this view at all. Its Caller has no
+    # client_id, which the views' queries read as "every client": it is refused here, before any
+    # handler, everywhere but where it is meant to go.
+    accepts_alert_sources = False
+
     async def dispatch(self, request: Any) -> Any:
         try:
-            request[CALLER] = await authenticate(request)
-        except Unauthorized as exc:
+            caller = await authenticate(request)
+            if caller.alert_source and not self.accepts_alert_sources:
+                raise Forbidden()
+        except (Unauthorized, Forbidden) as exc:
             return await self.on_request_error(request, exc)
+        request[CALLER] = caller
         return await super().dispatch(request)
 
     async def read_request_content(self, request: Request) -> bytes:
