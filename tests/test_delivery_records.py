@@ -144,16 +144,21 @@ async def lease_of(conn: asyncpg.Connection, notification_id: str, endpoint_id: 
                                " WHERE notification_id = $1 AND endpoint_id = $2", notification_id, endpoint_id)
 
 
-async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(clean_db, conn):
+async def taken_over_delivery(conn: asyncpg.Connection) -> tuple[str, str]:
+    """A delivery leased by "old-holder", whose lease ran out mid-send: the sweep gave it to "new-holder"."""
     await init_connection(conn)
     client_id = await insert_client(conn)
     endpoint_id = await insert_endpoint(conn, client_id)
     notification_id = await insert_notification(conn, client_id)
     await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
     [_] = await lease_due(conn, "old-holder", 60.0, {}, backlog=10, limit=10)
-    # The old holder's lease runs out mid-send; the sweep gives the row to the new holder.
     await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'")
     [_] = await lease_due(conn, "new-holder", 60.0, {}, backlog=10, limit=10)
+    return notification_id, endpoint_id
+
+
+async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(clean_db, conn):
+    notification_id, endpoint_id = await taken_over_delivery(conn)
 
     # The old holder meets the new holder's claim and hands the delivery back for later.
     await write_outcomes(conn, "old-holder", [DeliveryChange(notification_id, endpoint_id, "PENDING", 1, "HTTP 503",
@@ -231,14 +236,7 @@ async def test_a_sweep_reads_a_bounded_part_of_a_large_due_backlog(clean_db, con
 
 
 async def test_a_failure_from_a_worker_that_no_longer_holds_the_row_does_not_end_it(clean_db, conn):
-    await init_connection(conn)
-    client_id = await insert_client(conn)
-    endpoint_id = await insert_endpoint(conn, client_id)
-    notification_id = await insert_notification(conn, client_id)
-    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
-    [_] = await lease_due(conn, "old-holder", 60.0, {}, backlog=10, limit=10)
-    await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'")
-    [_] = await lease_due(conn, "new-holder", 60.0, {}, backlog=10, limit=10)
+    notification_id, endpoint_id = await taken_over_delivery(conn)
 
     await write_outcomes(conn, "old-holder", [DeliveryChange(notification_id, endpoint_id, "FAILED", 1, "HTTP 400")])
 
