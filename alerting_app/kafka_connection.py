@@ -14,6 +14,7 @@ KAFKA_SSL_KEYFILE add a client certificate (MSK's mutual TLS). SASL is not suppo
 """
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,8 +44,14 @@ def client_args(broker: Broker) -> dict[str, Any]:
     return args
 
 
+@functools.lru_cache(maxsize=8)
 def tls_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
-    """The client TLS context; raises ssl.SSLError or OSError for a file that is missing or not PEM."""
+    """The client TLS context; raises ssl.SSLError or OSError for a file that is missing or not PEM.
+
+    One per set of files for the process (a context serves any number of connections): the
+    settings' check, Faust, the replicas and every readiness probe share it instead of each loading
+    the CA bundle again. Certificates replaced on disk are read at the next start.
+    """
     return create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
 

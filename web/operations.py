@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Iterable
 
@@ -37,7 +36,7 @@ from alerting_app.dependencies import (
     redis_answers,
     redis_probe_client,
 )
-from alerting_app.kafka_connection import KafkaConnection, kafka_connection
+from alerting_app.kafka_connection import kafka_connection
 from alerting_app.roles import parse_roles
 from tables.rules import rule_index, rule_replica
 from tables.silences import silence_replica
@@ -46,11 +45,6 @@ log = logging.getLogger(__name__)
 
 _started = asyncio.Event()
 _redis: Redis | None = None
-
-
-@functools.cache
-def _broker() -> KafkaConnection:
-    return kafka_connection(settings)  # its TLS context loaded once, not per probe
 
 # len(), not rules(): rules() builds an object per rule, seconds at 450,000 rules.
 metrics.rules_held.set_function(lambda: len(rule_index))
@@ -75,7 +69,7 @@ def roles() -> frozenset[str]:
 
 async def readiness() -> list[DependencyState]:
     states = list(await asyncio.gather(
-        probe("broker", broker_topics_missing(_broker())),
+        probe("broker", broker_topics_missing(kafka_connection(settings))),
         probe("postgres", pool_ready(db.pool())),
         probe("redis", redis_answers(_redis_client())),
     ))
