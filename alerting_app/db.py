@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.wait import wait_exponential_jitter
 
 from alerting_app.app import settings
@@ -29,6 +29,22 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     OSError,
 )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """One of TRANSIENT_ERRORS, or asyncpg's report of a connection that Postgres dropped mid-statement.
+
+    When Postgres goes away in the middle of a statement, asyncpg may report it not as a connection
+    error but as InternalClientError "cannot switch to state N; another operation (M) is in
+    progress", raised by the pool resetting the broken connection as it is released (asyncpg issue
+    784, open); the pool then terminates that connection, so the next attempt gets a fresh one.
+    Seen here when a worker's Postgres was stopped under it: the aggregate agent crashed, and the
+    worker stopped itself, where waiting for Postgres was right. Other InternalClientErrors are bugs
+    and propagate.
+    """
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    return isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc)
 
 _pool: asyncpg.Pool | None = None
 _lock = asyncio.Lock()
@@ -74,7 +90,7 @@ async def retry_transient(operation: Callable[[asyncpg.Pool], Awaitable[T]], wha
         log.warning("%s failed (attempt %d, %s: %s); trying again in %.2fs", what, state.attempt_number,
                     type(failure).__name__, failure, state.upcoming_sleep)
 
-    async for attempt in AsyncRetrying(retry=retry_if_exception_type(TRANSIENT_ERRORS),
+    async for attempt in AsyncRetrying(retry=retry_if_exception(is_transient),
                                        wait=wait_exponential_jitter(initial=initial_wait_s, max=max_wait_s,
                                                                     jitter=initial_wait_s),
                                        before_sleep=log_retry, reraise=True):

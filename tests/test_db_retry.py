@@ -112,3 +112,31 @@ async def test_any_other_error_is_raised_at_once(clean_db, table, own_pool):
     with pytest.raises(asyncpg.UniqueViolationError):
         await db.retry_transient(insert_twice, "a test batch", get_pool=own_pool, initial_wait_s=0.01)
     assert len(attempts) == 1
+
+
+async def test_asyncpgs_report_of_a_connection_dropped_mid_statement_is_transient(own_pool):
+    # What a worker's aggregate agent raised when its Postgres was stopped under it (asyncpg issue 784):
+    # the pool's reset of the broken connection, as it was released.
+    dropped = asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+    calls = []
+
+    async def batch(pool) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise dropped
+        return await pool.fetchval("SELECT 1")
+
+    assert await db.retry_transient(batch, "a test batch", get_pool=own_pool, initial_wait_s=0.01) == 1
+    assert len(calls) == 2
+
+
+async def test_any_other_internal_client_error_is_a_bug_and_propagates(own_pool):
+    calls = []
+
+    async def batch(pool) -> None:
+        calls.append(1)
+        raise asyncpg.InternalClientError("unexpected codec state")
+
+    with pytest.raises(asyncpg.InternalClientError):
+        await db.retry_transient(batch, "a test batch", get_pool=own_pool, initial_wait_s=0.01)
+    assert len(calls) == 1
