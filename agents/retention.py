@@ -22,10 +22,9 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from agents.match_outcomes import prune_fingerprints
-from agents.rule_outbox import record_silence_change, wake_up
+from agents.rule_outbox import record_silence_deleted, wake_up
 from alerting_app import db, metrics
 from alerting_app.app import app, settings
-from alerting_app.contracts import SilenceChanged
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +94,7 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
         async with pool.acquire() as conn, conn.transaction():
             ended = await conn.fetch(_LOCK_ENDED_SILENCES, float(ended_before_s), batch_size)
             for row in ended:
-                await record_silence_change(conn, SilenceChanged(
-                    silence_id=row["silence_id"], client_id=row["client_id"], version=row["version"] + 1,
-                    action="delete"))
+                await record_silence_deleted(conn, row["silence_id"], row["client_id"], row["version"])
             await conn.execute(_DELETE_SILENCES, [row["silence_id"] for row in ended])
         pruned += len(ended)
         if ended:

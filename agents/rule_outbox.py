@@ -68,6 +68,13 @@ async def record_silence_change(conn: asyncpg.Connection, event: SilenceChanged)
     )
 
 
+async def record_silence_deleted(conn: asyncpg.Connection, silence_id: str, client_id: str, version: int) -> None:
+    """Queue the deletion of a silence held at `version` (its delete event is one version up, so no
+    late upsert revives it); call inside the transaction that deletes the row."""
+    await record_silence_change(conn, SilenceChanged(
+        silence_id=silence_id, client_id=client_id, version=version + 1, action="delete"))
+
+
 async def republish_all_rules(pool: asyncpg.Pool) -> int:
     """Queue every rule in Postgres, at its current version, for rule.changed; return how many.
 

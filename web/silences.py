@@ -16,7 +16,7 @@ import asyncpg
 from faust.web import Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from agents.rule_outbox import record_silence_change, wake_up
+from agents.rule_outbox import record_silence_change, record_silence_deleted, wake_up
 from alerting_app import db
 from alerting_app.app import app
 from alerting_app.contracts import NO_NUL, WILDCARD, Comment, ContextKey, SilenceChanged, SilenceMatchers, Text
@@ -178,10 +178,7 @@ async def expire_silence(silence_id: UUID, caller: Caller) -> bool:
 async def record_silence_deletes(conn: asyncpg.Connection, client_id: UUID) -> None:
     """Announce the deletion of every silence of a client being deleted, inside that transaction."""
     for silence in await conn.fetch(LOCK_CLIENT_SILENCES, client_id):
-        await record_silence_change(conn, SilenceChanged(
-            silence_id=str(silence["silence_id"]), client_id=str(client_id),
-            version=silence["version"] + 1, action="delete",
-        ))
+        await record_silence_deleted(conn, str(silence["silence_id"]), str(client_id), silence["version"])
 
 
 @app.page("/api/v1/silences")
