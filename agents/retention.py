@@ -1,7 +1,7 @@
 """retention: keep what the pipeline records from growing for ever.
 
-Timers on every worker with the aggregate role, each a plain function run every
-RETENTION_INTERVAL_S:
+A timer on every worker with the aggregate role runs, every RETENTION_INTERVAL_S, a plain
+function for each kind of record:
 - settled notifications created longer ago than NOTIFICATION_RETENTION_DAYS are deleted, with their
   deliveries (ON DELETE CASCADE) and their group memberships (`notification_alerts`);
 - fingerprints too old to suppress anything are forgotten (`prune_fingerprints`);
@@ -116,21 +116,12 @@ async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]
 
 
 @app.timer(interval=RETENTION_INTERVAL_S)
-async def forget_old_notifications() -> None:
-    if not settings.notification_retention_days:
-        return  # 0: keep for ever
-    await _run_logged("deleting notifications past NOTIFICATION_RETENTION_DAYS",
-                      lambda pool: prune_notifications(pool, settings.notification_retention_days * 86_400))
-
-
-@app.timer(interval=RETENTION_INTERVAL_S)
-async def forget_old_silences() -> None:
-    if not settings.silence_retention_days:
-        return  # 0: keep for ever
-    await _run_logged("deleting silences ended more than SILENCE_RETENTION_DAYS ago",
-                      lambda pool: prune_silences(pool, settings.silence_retention_days * 86_400))
-
-
-@app.timer(interval=RETENTION_INTERVAL_S)
-async def forget_old_fingerprints() -> None:
+async def forget_old_records() -> None:
+    # Each kind on its own: one failing is logged and the others still run. A retention of 0 keeps for ever.
+    if settings.notification_retention_days:
+        await _run_logged("deleting notifications past NOTIFICATION_RETENTION_DAYS",
+                          lambda pool: prune_notifications(pool, settings.notification_retention_days * 86_400))
+    if settings.silence_retention_days:
+        await _run_logged("deleting silences ended more than SILENCE_RETENTION_DAYS ago",
+                          lambda pool: prune_silences(pool, settings.silence_retention_days * 86_400))
     await _run_logged("forgetting fingerprints too old to suppress anything", prune_fingerprints)
