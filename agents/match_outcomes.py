@@ -136,6 +136,7 @@ class Outcome:
     joins: list[groups.Join] = field(default_factory=list)
     notified_fingerprints: dict[tuple[str, str], float] = field(default_factory=dict)
     seen_before: list[AlertMatched] = field(default_factory=list)  # notified at once earlier: maybe unemitted
+    closed_groups: set[str] = field(default_factory=set)  # groups of members seen before: maybe unemitted
 
 
 def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified: dict[tuple[str, str], float],
@@ -157,6 +158,8 @@ def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified:
         if before.member_of is not None:
             if not before.member_closed:
                 outcome.joins.append(groups.Join(matched, before.member_of))
+            else:
+                outcome.closed_groups.add(before.member_of)
         elif before.notified:
             outcome.seen_before.append(matched)
         elif matched.silenced_by is not None:
@@ -263,14 +266,22 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         keys = {join.matched.client_id.encode() for join in outcome.joins}
         current = {key: groups.open_groups.get(key) for key in keys}
         closed = await groups.closed_groups(conn, current.values())
-        if closed:
-            # A closed group is about to be dropped from the table; if its closer died after inserting
-            # its notification and before emitting it, no closer would ever see it again: emit it here.
+        if closed or outcome.closed_groups:
+            # A closed group is about to be dropped from the table, or a member of a closed group is
+            # delivered again; if the group's notification was inserted and its emitter died before
+            # emitting it (the closer, or this agent closing it early), no closer would ever see it
+            # again: emit it here.
             emitting = {ready.notification_id for ready in aggregation.ready}
-            aggregation.ready.extend(ready for ready in await groups.unemitted_groups(conn, sorted(closed))
-                                     if ready.notification_id not in emitting)
+            aggregation.ready.extend(
+                ready for ready in await groups.unemitted_groups(conn, sorted(closed | outcome.closed_groups))
+                if ready.notification_id not in emitting)
         plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
+        # A client with too many open groups for one changelog message has its oldest closed now.
+        closed_early = groups.close_early(plan.values)
         inserted = await write_outcome(conn, outcome, plan, round(now, 6))
+        if closed_early:
+            aggregation.ready.extend(await groups.record_closed_groups(conn, closed_early, now))
+    metrics.groups_closed_early.inc(len(closed_early))
     events_by_key = {event.message.key: event for event, _ in accepted}
     if plan.values:
         await groups.prepare_writes()

@@ -30,6 +30,9 @@ for _channel in CHANNELS:
     # Known label values are exported at 0 from the start, so rates and alerts see the series at once.
     for _counter in (notifications_sent, notifications_failed, notifications_retried):
         _counter.labels(channel=_channel)
+groups_closed_early = Counter("alerting_groups_closed_early_total",
+                              "Notification groups closed before their window ended: their client's open "
+                              "groups outgrew one changelog message")
 notifications_pruned = Counter("alerting_notifications_pruned_total",
                                "Settled notifications deleted, with their deliveries, past NOTIFICATION_RETENTION_DAYS")
 

@@ -214,6 +214,35 @@ def due_groups(items: Iterable[tuple[bytes, ClientGroups]], now: float, skip: se
             if deadline(group) <= now and group["notification_id"] not in skip and group["alerts"]]
 
 
+# Past this, a client's value closes its oldest groups at once, before their window ends. The byte
+# budgets bound each group's listing, not how many groups a client has open: each holds at least its
+# first alert (without context, up to about 7.5 KB as encoded) and its rule_ids, so about 130 groups
+# of the largest alerts the contract accepts, or a few thousand of typical ones, would outgrow the
+# broker's limit; the client's writes would then fail on every redelivery and stop its partition.
+CLOSE_EARLY_BYTES = 768 * 1024
+
+
+def close_early(values: dict[bytes, ClientGroups]) -> list[DueGroup]:
+    """Take the oldest groups out of each value larger than CLOSE_EARLY_BYTES until it is back within
+    MAX_VALUE_BYTES; return them, to be closed now (their members notified early, not lost)."""
+    taken: list[DueGroup] = []
+    for key, value in values.items():
+        size = encoded_size(value)
+        if size <= CLOSE_EARLY_BYTES:
+            continue
+        log.warning("client %s has %d bytes of open groups (more than %d): closing its oldest groups before "
+                    "their windows end", key.decode("utf-8", "replace"), size, CLOSE_EARLY_BYTES)
+        for rule_id, group in sorted(value.items(), key=lambda item: (item[1]["opened_at"], item[0])):
+            if size <= MAX_VALUE_BYTES:
+                break
+            del value[rule_id]
+            taken.append(DueGroup(key, rule_id, group))
+            # The entry's own bytes less its braces, plus the comma that separated it; measuring the
+            # whole value again after each removal would be quadratic in its size.
+            size -= encoded_size({rule_id: group}) - 1
+    return taken
+
+
 # The truncated count is taken from the members in Postgres, not from the table: a member whose
 # table write was lost in a crash is still counted. Inserted once; closing again changes nothing.
 _INSERT_GROUP_NOTIFICATIONS = """

@@ -19,6 +19,7 @@ from agents.match_outcomes import Recorded, decide, prune_fingerprints
 from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
+from alerting_app.sending import partition_for
 from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 
@@ -177,6 +178,7 @@ def test_decide_keeps_what_was_recorded_before():
 
     assert [(j.matched, j.member_of) for j in outcome.joins] == [(member, "g-1")]
     assert outcome.rows == [] and outcome.seen_before == [notified]
+    assert outcome.closed_groups == {"g-0"}  # its notification may never have been emitted
 
 
 # --- the agent, with the real Postgres and broker ------------------------------------------------------
@@ -307,6 +309,27 @@ async def test_a_group_closed_but_not_emitted_is_emitted_by_the_agent_that_drops
     assert first_built.notification_id not in {
         group["notification_id"] for group in (groups.open_groups.get(client.encode()) or {}).values()}
     await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # the second alert's group: leave none open
+
+
+@AGENT_LOOP
+async def test_a_member_delivered_again_emits_its_closed_group_if_it_never_was(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    member = grouped(client, rule, the_alert=alert(1))
+    await aggregate(member)
+    value = groups.open_groups.get(client.encode())
+    [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
+    # Closed (by the closer, or early by the agent) and not sent; then the table lost the group (the
+    # agent closing it early had not written its value yet) and the member's message comes again.
+    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5)
+    groups.write_value_of_partition(client.encode(), {}, partition_for(client.encode(), tuple(range(settings.topic_partitions))))
+
+    [aggregation] = await aggregate(member)
+
+    assert aggregation.ready == [first_built]
+    [row] = await rows_of(pool, client)
+    assert row["emitted"]
+    [again] = await aggregate(member)  # emitted now: nothing more
+    assert again.ready == []
 
 
 @AGENT_LOOP

@@ -107,3 +107,68 @@ async def test_the_agent_groups_and_the_closer_notifies_an_alert_too_large_for_a
 
     assert [a.alert_id for a in ready.alerts] == [big.alert_id] and ready.truncated_alerts == 0
     assert groups.open_groups.get(client.encode()) is None
+
+
+def crowded_alert(n: int) -> Alert:
+    """An alert with no context whose texts are all emoji: about 7.3 KB as the table encodes it, so
+    about 135 groups opened by such alerts fill a changelog message."""
+    return Alert(alert_id=(f"{n}-" + EMOJI * 200)[:200], event_ts=time.time(), severity="HIGH",
+                 source=EMOJI * 200, name=EMOJI * 200)
+
+
+def test_a_value_too_large_for_a_message_gives_up_its_oldest_groups_and_no_more():
+    client = str(uuid.uuid4())
+    rules = [str(uuid.uuid4()) for _ in range(150)]
+    values: dict = {}
+    for n, rule in enumerate(rules):  # one group opened per second, the first the oldest
+        values = groups.plan_joins(values, [groups.Join(grouped(client, rule, crowded_alert(n)))], set(),
+                                   now=float(n), max_alerts=100).values
+    value = values[client.encode()]
+    assert groups.encoded_size(value) > BROKER_MESSAGE_LIMIT
+
+    taken = groups.close_early(values)
+
+    assert groups.encoded_size(value) <= groups.MAX_VALUE_BYTES
+    assert [d.group_rule_id for d in taken] == rules[:len(taken)]
+    assert sorted(value) == sorted(rules[len(taken):])
+    # No more than needed: with the last group taken back, the value would be over its budget.
+    assert groups.encoded_size({**value, taken[-1].group_rule_id: taken[-1].group}) > groups.MAX_VALUE_BYTES
+
+
+def test_a_value_within_a_message_keeps_all_its_groups():
+    client = str(uuid.uuid4())
+    rules = [str(uuid.uuid4()) for _ in range(90)]
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, rule, crowded_alert(n))) for n, rule in enumerate(rules)],
+                             set(), now=1.0, max_alerts=100)
+    assert groups.MAX_VALUE_BYTES < groups.encoded_size(plan.values[client.encode()]) <= groups.CLOSE_EARLY_BYTES
+
+    assert groups.close_early(plan.values) == []
+    assert sorted(plan.values[client.encode()]) == sorted(rules)
+
+
+@AGENT_LOOP
+async def test_a_client_whose_open_groups_outgrow_a_message_has_the_oldest_notified_early_and_loses_no_alert(
+        pool, group_changelog):
+    client = await insert_client(pool)
+    rules = [str(uuid.uuid4()) for _ in range(150)]
+    alerts = [crowded_alert(n) for n in range(len(rules))]
+
+    async with aggregate_matches.test_context() as agent:
+        for rule, the_alert in zip(rules, alerts):
+            await agent.put(grouped(client, rule, the_alert).encode(), key=client.encode())
+        aggregations = [agent.results[i] for i in range(len(rules))]
+    assert [letter for a in aggregations for letter in a.dead_letters] == []
+    early = [ready for a in aggregations for ready in a.ready]
+    assert early, "no group was closed early"
+    assert [ready.group_rule_id for ready in early] == rules[:len(early)]  # the oldest, in order
+    value = groups.open_groups[client.encode()]
+    assert groups.encoded_size(value) <= groups.CLOSE_EARLY_BYTES
+    assert sorted(value) == sorted(rules[len(early):])
+
+    closed = [ready for ready in await close_due_groups(pool, time.time() + 5, set(range(64)))
+              if ready.client_id == client]
+
+    notified = [a.alert_id for ready in early + closed for a in ready.alerts]
+    assert sorted(notified) == sorted(a.alert_id for a in alerts)  # each alert once, none lost
+    emitted = await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1 AND emitted", client)
+    assert emitted == len(rules)
