@@ -11,11 +11,10 @@ import faust
 
 from alerting_app.broker_transport import Transport
 from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
-from alerting_app.kafka_connection import tls_context_of
+from alerting_app.kafka_connection import faust_credentials
 from alerting_app.settings import BROKER_REQUEST_TIMEOUT_S, load_settings
 
 settings = load_settings()
-_tls = tls_context_of(settings)
 
 app = faust.App(
     settings.app_id,
@@ -24,8 +23,8 @@ app = faust.App(
     env={},
     # Listing commands (`agents`, `tables`) work without a broker; `worker` insists on one.
     broker=f"kafka://{settings.kafka_bootstrap_servers or 'localhost:9092'}",
-    # Faust's consumer, producer and admin requests all take their TLS from here.
-    broker_credentials=faust.SSLCredentials(_tls) if _tls is not None else None,
+    # Faust's consumer, producer and admin requests all take their TLS and SASL login from here.
+    broker_credentials=faust_credentials(settings),
     store=settings.store_url,
     datadir=str(settings.data_dir / "faust"),
     topic_partitions=settings.topic_partitions,

@@ -1,24 +1,28 @@
-"""Where and how every Kafka client of ours connects: plaintext, or TLS (KAFKA_SECURITY_PROTOCOL=SSL).
+"""Where and how every Kafka client of ours connects: plaintext, TLS (KAFKA_SECURITY_PROTOCOL=SSL),
+or a SASL login, with TLS (SASL_SSL) or without (SASL_PLAINTEXT).
 
-Faust's own consumer and producer get the TLS context as its `broker_credentials`
-(alerting_app/app.py); our other clients (the replicas' consumers, topic creation, probes, topic
-inspection, the load generator) take a `Broker`: a bootstrap string (plaintext, as tests and the
-embedded broker use) or a `KafkaConnection`, built once from the settings. `client_args` turns
-either into aiokafka's keyword arguments, so no client can be created without the TLS settings
-by accident of a forgotten parameter.
+Faust's own consumer and producer get the TLS context and the login as its `broker_credentials`
+(`faust_credentials`, alerting_app/app.py); our other clients (the replicas' consumers, topic
+creation, probes, topic inspection, the load generator) take a `Broker`: a bootstrap string
+(plaintext, as tests and the embedded broker use) or a `KafkaConnection`, built once from the
+settings. `client_args` turns either into aiokafka's keyword arguments, so no client can be created
+without the TLS or SASL settings by accident of a forgotten parameter.
 
 TLS covers Amazon MSK's TLS listener (port 9094) and any Kafka with an SSL listener: the broker's
 certificate is checked against KAFKA_SSL_CAFILE (default: the system's trusted CAs, which include
 the Amazon roots MSK's certificates chain to), with its host name; KAFKA_SSL_CERTFILE and
-KAFKA_SSL_KEYFILE add a client certificate (MSK's mutual TLS). SASL is not supported.
+KAFKA_SSL_KEYFILE add a client certificate (MSK's mutual TLS). SASL covers MSK's SCRAM listener
+(SASL_SSL, SCRAM-SHA-512, port 9096) and any Kafka with SCRAM-SHA-256/512 or PLAIN logins; MSK's
+IAM login (a signed OAUTHBEARER token) is not supported.
 """
 from __future__ import annotations
 
 import functools
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import faust
 from aiokafka.helpers import create_ssl_context
 
 if TYPE_CHECKING:
@@ -26,21 +30,33 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class SaslLogin:
+    mechanism: str  # SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN
+    username: str
+    password: str = field(repr=False)  # kept out of logs and tracebacks
+
+
+@dataclass(frozen=True)
 class KafkaConnection:
     bootstrap_servers: str
-    ssl_context: ssl.SSLContext | None = None  # None: plaintext
+    ssl_context: ssl.SSLContext | None = None  # None: no TLS
+    sasl: SaslLogin | None = None  # None: no login
 
 
 Broker = str | KafkaConnection
 
 
 def client_args(broker: Broker) -> dict[str, Any]:
-    """aiokafka's connection arguments (bootstrap_servers, and the TLS ones) for `broker`."""
+    """aiokafka's connection arguments (bootstrap_servers, and the TLS and SASL ones) for `broker`."""
     if isinstance(broker, str):
         return {"bootstrap_servers": broker}
     args: dict[str, Any] = {"bootstrap_servers": broker.bootstrap_servers}
     if broker.ssl_context is not None:
         args.update(security_protocol="SSL", ssl_context=broker.ssl_context)
+    if broker.sasl is not None:
+        args.update(security_protocol="SASL_SSL" if broker.ssl_context is not None else "SASL_PLAINTEXT",
+                    sasl_mechanism=broker.sasl.mechanism, sasl_plain_username=broker.sasl.username,
+                    sasl_plain_password=broker.sasl.password)
     return args
 
 
@@ -56,14 +72,31 @@ def tls_context(cafile: str | None, certfile: str | None, keyfile: str | None) -
 
 
 def tls_context_of(settings: Settings) -> ssl.SSLContext | None:
-    if settings.kafka_security_protocol != "SSL":
+    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
         return None
     return tls_context(*(str(path) if path else None for path in
                          (settings.kafka_ssl_cafile, settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)))
 
 
-def kafka_connection(settings: Settings) -> KafkaConnection:
-    """The settings' broker, with the settings' TLS."""
-    if settings.kafka_bootstrap_servers is None:
+def sasl_login_of(settings: Settings) -> SaslLogin | None:
+    if not settings.kafka_security_protocol.startswith("SASL_"):
+        return None
+    assert settings.kafka_sasl_username and settings.kafka_sasl_password  # the settings check it
+    return SaslLogin(settings.kafka_sasl_mechanism, settings.kafka_sasl_username, settings.kafka_sasl_password)
+
+
+def kafka_connection(settings: Settings, bootstrap_servers: str | None = None) -> KafkaConnection:
+    """The settings' broker (or `bootstrap_servers`), with the settings' TLS and SASL login."""
+    bootstrap_servers = bootstrap_servers or settings.kafka_bootstrap_servers
+    if bootstrap_servers is None:
         raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set")
-    return KafkaConnection(settings.kafka_bootstrap_servers, tls_context_of(settings))
+    return KafkaConnection(bootstrap_servers, tls_context_of(settings), sasl_login_of(settings))
+
+
+def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust's `broker_credentials` for the settings: what `client_args` gives our own clients."""
+    tls, login = tls_context_of(settings), sasl_login_of(settings)
+    if login is not None:
+        return faust.SASLCredentials(username=login.username, password=login.password, ssl_context=tls,
+                                     mechanism=login.mechanism)
+    return faust.SSLCredentials(tls) if tls is not None else None

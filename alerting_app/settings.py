@@ -118,8 +118,10 @@ def _unset_if_empty(value: object) -> object:
 
 
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
-SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL"],
-                             BeforeValidator(lambda value: value.strip().upper() if isinstance(value, str) else value)]
+_UPPER = BeforeValidator(lambda value: value.strip().upper() if isinstance(value, str) else value)
+SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT"], _UPPER]
+SaslMechanism = Annotated[Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"], _UPPER]
+OptionalText = Annotated[str | None, BeforeValidator(_unset_if_empty)]
 MIN_NOTIFICATION_RETENTION_DAYS = 2
 WebPort = Annotated[int, BeforeValidator(_digits_only)]
 PostgresUrl = Annotated[str, AfterValidator(_postgres_url)]
@@ -150,12 +152,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     kafka_bootstrap_servers: KafkaServers | None = None
-    # PLAINTEXT, or SSL: TLS to the brokers, checked against the CA file (default: the system's
-    # CAs), optionally with a client certificate (alerting_app/kafka_connection.py).
+    # PLAINTEXT; SSL: TLS to the brokers, checked against the CA file (default: the system's CAs),
+    # optionally with a client certificate; SASL_SSL: the same TLS and a SASL login (MSK's SCRAM
+    # listener); SASL_PLAINTEXT: a SASL login without TLS (alerting_app/kafka_connection.py).
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_ssl_cafile: OptionalFile = None
     kafka_ssl_certfile: OptionalFile = None
     kafka_ssl_keyfile: OptionalFile = None
+    kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    kafka_sasl_username: OptionalText = None
+    kafka_sasl_password: OptionalText = None
     database_url: PostgresUrl | None = None
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)
@@ -241,17 +247,29 @@ class Settings(BaseSettings):
     smtp_timeout_s: float = Field(default=30.0, gt=0, le=300)
 
     @model_validator(mode="after")
-    def _kafka_tls_can_be_used(self) -> "Settings":
+    def _kafka_connection_can_be_made(self) -> "Settings":
+        protocol = self.kafka_security_protocol
         files = {"KAFKA_SSL_CAFILE": self.kafka_ssl_cafile, "KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
                  "KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile}
-        if self.kafka_security_protocol == "PLAINTEXT":
+        login = {"KAFKA_SASL_USERNAME": self.kafka_sasl_username, "KAFKA_SASL_PASSWORD": self.kafka_sasl_password}
+        if protocol.startswith("SASL_"):
+            if not all(login.values()):
+                raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and "
+                                 "KAFKA_SASL_PASSWORD")
+        elif any(login.values()):
+            raise ValueError(f"{', '.join(name for name, value in login.items() if value)} set, but "
+                             f"KAFKA_SECURITY_PROTOCOL is {protocol}: set it to SASL_SSL to log in with SASL")
+        if protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
             if any(files.values()):
                 raise ValueError(f"{', '.join(name for name, path in files.items() if path)} set, but "
-                                 "KAFKA_SECURITY_PROTOCOL is PLAINTEXT: set it to SSL to use TLS")
-            return self
+                                 f"KAFKA_SECURITY_PROTOCOL is {protocol}: set it to SSL or SASL_SSL to use TLS")
+            if protocol == "PLAINTEXT":
+                return self
         if self.kafka_bootstrap_servers is None:
-            raise ValueError("KAFKA_SECURITY_PROTOCOL=SSL needs KAFKA_BOOTSTRAP_SERVERS: the embedded broker "
-                             "that `up` starts otherwise speaks plaintext")
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_BOOTSTRAP_SERVERS: the embedded "
+                             "broker that `up` starts otherwise speaks plaintext, with no login")
+        if protocol == "SASL_PLAINTEXT":
+            return self
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             raise ValueError("KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE are set together or not at all")
         # Loaded now, so a missing or unreadable file stops start-up with its variable named
@@ -312,7 +330,7 @@ class ConfigurationError(SystemExit):
     """Start-up stops with a readable message naming each bad variable."""
 
 
-_SECRETS = ("ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD")
+_SECRETS = ("ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD")
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from agents.rule_outbox import republish_all_silences
 from alerting_app.embedded import ChildProcess, EmbeddedServices, port_accepts
 from alerting_app.kafka_admin import create_topics
-from alerting_app.kafka_connection import KafkaConnection, tls_context_of
+from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import republish
 from alerting_app.migrate import apply_migrations
 from alerting_app.settings import Settings
@@ -144,9 +144,9 @@ def _missing(settings: Settings) -> dict[str, bool]:
 def _prepare(env: dict[str, str], settings: Settings) -> None:
     applied = asyncio.run(apply_migrations(env["DATABASE_URL"]))
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}", flush=True)
-    # TLS only for a broker of the settings: the embedded one speaks plaintext (Settings refuses
-    # KAFKA_SECURITY_PROTOCOL=SSL without KAFKA_BOOTSTRAP_SERVERS).
-    broker = KafkaConnection(env["KAFKA_BOOTSTRAP_SERVERS"], tls_context_of(settings))
+    # TLS and SASL only for a broker of the settings: the embedded one speaks plaintext (Settings
+    # refuses any other KAFKA_SECURITY_PROTOCOL without KAFKA_BOOTSTRAP_SERVERS).
+    broker = kafka_connection(settings, env["KAFKA_BOOTSTRAP_SERVERS"])
     report = asyncio.run(create_topics(broker, settings.topic_partitions, settings.topic_replication_factor))
     if report.mismatched:
         raise SystemExit(report.mismatch_message(settings.topic_partitions))

@@ -100,7 +100,7 @@ def refused(broker) -> bool:
     return False
 
 
-async def alert_reaches_webhook(worker_url: str, services) -> list[str]:
+async def alert_reaches_webhook(worker_url: str, services, alert_id: str = "over-tls") -> list[str]:
     admin = {"Authorization": f"Bearer {services.admin_token}"}
     async with aiohttp.ClientSession() as http, WebhookReceiver() as receiver:
         async def call(method: str, path: str, token_headers: dict, body: dict | list) -> dict:
@@ -108,14 +108,14 @@ async def alert_reaches_webhook(worker_url: str, services) -> list[str]:
                 assert response.status in (201, 202), await response.text()
                 return await response.json()
 
-        client = await call("POST", "/api/v1/clients", admin, {"name": "Acme over TLS"})
+        client = await call("POST", "/api/v1/clients", admin, {"name": f"Acme {alert_id}"})
         key = {"Authorization": f"Bearer {client['api_key']}"}
         rule = await call("POST", "/api/v1/rules", key, {"severity": "HIGH", "source": "payments", "name": "*"})
         await call("POST", "/api/v1/endpoints", key, {"rule_id": rule["rule_id"], "type": "webhook",
                                                       "value": receiver.url})
         await wait_until_workers_hold_postgres_rules(http, services.admin_token, [worker_url], services.database_url)
         await call("POST", "/api/v1/alerts", admin, {
-            "alert_id": "over-tls", "schema_version": 1, "event_ts": time.time(), "severity": "HIGH",
+            "alert_id": alert_id, "schema_version": 1, "event_ts": time.time(), "severity": "HIGH",
             "source": "payments", "name": "CheckoutLatency", "context": {}})
         async with asyncio.timeout(120):  # a bound, not a measurement
             while not receiver.posts:

@@ -87,19 +87,19 @@ variable "webhook_egress_ports" {
 }
 
 variable "kafka_ports" {
-  description = "Broker ports inside the VPC (MSK: 9094 TLS, 9092 plaintext; 9096 SASL/SCRAM and 9098 IAM are not supported)."
+  description = "Broker ports inside the VPC (MSK: 9094 TLS, 9096 SASL/SCRAM over TLS, 9092 plaintext; 9098 IAM is not supported)."
   type        = list(number)
   default     = [9094]
 }
 
 variable "kafka_security_protocol" {
-  description = "KAFKA_SECURITY_PROTOCOL: SSL (TLS to the brokers, checked against the system's CAs, which MSK's certificates chain to) or PLAINTEXT."
+  description = "KAFKA_SECURITY_PROTOCOL: SSL (TLS to the brokers, checked against the system's CAs, which MSK's certificates chain to), SASL_SSL (the same TLS and a SCRAM login: KAFKA_SASL_USERNAME in extra_environment, KAFKA_SASL_PASSWORD in extra_secrets), or PLAINTEXT."
   type        = string
   default     = "SSL"
 
   validation {
-    condition     = contains(["SSL", "PLAINTEXT"], var.kafka_security_protocol)
-    error_message = "kafka_security_protocol: SSL or PLAINTEXT."
+    condition     = contains(["SSL", "SASL_SSL", "PLAINTEXT"], var.kafka_security_protocol)
+    error_message = "kafka_security_protocol: SSL, SASL_SSL or PLAINTEXT."
   }
 }
 

@@ -1,0 +1,145 @@
+"""A SASL login in front of Tansu, for the tests of KAFKA_SECURITY_PROTOCOL=SASL_SSL / SASL_PLAINTEXT.
+
+Tansu 0.6.0 cannot be given SCRAM users here (it refuses to create them with its memory storage),
+so the login is checked in front of it, as a broker's SASL listener checks it: each connection
+may ask for the broker's API versions (passed on to Tansu), must then complete a SaslHandshake and
+SaslAuthenticate exchange with a user of `users` (the server side of SCRAM is scramp's, as
+pg8000's), and only then is it joined to Tansu, in plaintext. Any other request before the login
+closes the connection, as Kafka does. Optionally with TLS first (SASL_SSL), without a client
+certificate, as MSK's SCRAM listener.
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+import threading
+
+import scramp
+
+API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
+UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE, SASL_AUTHENTICATION_FAILED = 33, 34, 58
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    (size,) = struct.unpack(">i", await reader.readexactly(4))
+    return await reader.readexactly(size)
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">i", len(body)) + body
+
+
+def string(text: str | None) -> bytes:
+    if text is None:
+        return struct.pack(">h", -1)
+    data = text.encode()
+    return struct.pack(">h", len(data)) + data
+
+
+class SaslLoginBroker:
+    """`port` takes SASL logins (`mechanism`, users by name and password) and then forwards to
+    `upstream_port`; `logins` lists the users who logged in, `refusals` counts failed logins."""
+
+    def __init__(self, port: int, upstream_port: int, users: dict[str, str], *, mechanism: str = "SCRAM-SHA-512",
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.port, self.upstream_port, self.mechanism, self.tls = port, upstream_port, mechanism, tls
+        self._scram = scramp.ScramMechanism(mechanism)
+        self._auth_info = {user: self._scram.make_auth_info(password, iteration_count=4096)
+                           for user, password in users.items()}
+        self.logins: list[str] = []
+        self.refusals = 0
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sasl-login-broker", daemon=True)
+
+    async def _log_in(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter) -> bool:
+        """The exchange before the login; True once a user has logged in."""
+        server = None
+        while True:
+            body = await read_frame(reader)
+            api_key, api_version, correlation_id, client_id_length = struct.unpack(">hhih", body[:10])
+            payload = body[10 + max(client_id_length, 0):]
+            header = struct.pack(">i", correlation_id)
+            if api_key == API_VERSIONS:
+                upstream_writer.write(frame(body))
+                writer.write(frame(await read_frame(upstream_reader)))
+            elif api_key == SASL_HANDSHAKE and api_version <= 1:
+                (length,) = struct.unpack(">h", payload[:2])
+                asked = payload[2:2 + length].decode()
+                error = 0 if asked == self.mechanism else UNSUPPORTED_SASL_MECHANISM
+                writer.write(frame(header + struct.pack(">hi", error, 1) + string(self.mechanism)))
+                if error:
+                    return False
+                users: list[str] = []
+
+                def auth_info(user: str, users: list[str] = users) -> tuple:
+                    users.append(user)
+                    return self._auth_info[user]  # KeyError: no such user
+                server = self._scram.make_server(auth_info)
+            elif api_key == SASL_AUTHENTICATE and api_version <= 1 and server is not None:
+                (length,) = struct.unpack(">i", payload[:4])
+                message = payload[4:4 + length].decode()
+                try:
+                    if server.stage is None:
+                        server.set_client_first(message)
+                        answer, done = server.get_server_first(), False
+                    else:
+                        server.set_client_final(message)
+                        answer, done = server.get_server_final(), True
+                except (scramp.ScramException, KeyError) as exc:
+                    self.refusals += 1
+                    reply = struct.pack(">h", SASL_AUTHENTICATION_FAILED) + string(f"Authentication failed: {exc}")
+                    writer.write(frame(header + reply + struct.pack(">i", 0) + (b"\0" * 8 if api_version else b"")))
+                    return False
+                reply = struct.pack(">h", 0) + string(None) + struct.pack(">i", len(answer)) + answer.encode()
+                writer.write(frame(header + reply + (struct.pack(">q", 0) if api_version else b"")))
+                if done:
+                    self.logins.append(users[0])
+                    return True
+            else:  # anything else before the login: Kafka closes the connection
+                return False
+            await writer.drain()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        try:
+            logged_in = await self._log_in(reader, writer, upstream_reader, upstream_writer)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            logged_in = False
+        if not logged_in:
+            writer.close()
+            upstream_writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._connection, "127.0.0.1", self.port, ssl=self.tls))
+        self._started.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+
+    def __enter__(self) -> "SaslLoginBroker":
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

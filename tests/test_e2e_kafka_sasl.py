@@ -1,0 +1,88 @@
+"""Kafka with a SASL login (KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT), end to end: our
+own clients and a worker's Faust clients log in with SCRAM, and an alert goes from the API to a
+webhook through a broker that lets nobody else in.
+
+Tansu 0.6.0 cannot hold SCRAM users here, so the login is checked in front of it
+(tests/kafka_sasl_proxy.py): the broker listens in plaintext on a port this test alone knows and
+advertises the login port, so every client, after its first request, is sent back to log in.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import ssl
+import subprocess
+
+import pytest
+
+from alerting_app.dependencies import broker_topics_missing
+from alerting_app.embedded import free_port
+from alerting_app.kafka_connection import KafkaConnection, SaslLogin, tls_context
+from alerting_app.up import WorkerProcess, alerting_app_executable
+from kafka_sasl_proxy import SaslLoginBroker
+from operations_support import readiness, start_tansu, wait_until
+from test_e2e_kafka_tls import alert_reaches_webhook, certificates, refused  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.e2e
+
+USER, PASSWORD = "alerting-app", "a-scram-password-" + secrets.token_hex(8)
+
+
+def test_our_kafka_clients_log_in_with_scram_and_nothing_else_gets_in(tmp_path):
+    plaintext_port, login_port = free_port(), free_port()
+    address = f"127.0.0.1:{login_port}"
+    logged_in = KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", USER, PASSWORD))
+    with SaslLoginBroker(login_port, plaintext_port, {USER: PASSWORD}, mechanism="SCRAM-SHA-256") as login:
+        broker = start_tansu(plaintext_port, tmp_path / "kafka", advertised_port=login_port, probe=logged_in)
+        try:
+            assert "alerts.new" in asyncio.run(broker_topics_missing(logged_in, ["alerts.new"]))
+            assert login.logins and set(login.logins) == {USER}
+
+            assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", USER, "not-the-password")))
+            assert login.refusals > 0
+            assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", "someone-else", PASSWORD)))
+            assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-512", USER, PASSWORD)))  # wrong mechanism
+            assert refused(address)  # no login at all
+        finally:
+            broker.stop()
+
+
+def test_a_worker_and_the_commands_log_in_with_scram_over_tls_end_to_end(services, clean_db, tmp_path, certificates):
+    plaintext_port, login_port = free_port(), free_port()
+    address = f"127.0.0.1:{login_port}"
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certificates["server"])  # MSK's SCRAM listener: TLS, no client certificate
+    logged_in = KafkaConnection(address, tls_context(certificates["ca"], None, None),
+                                SaslLogin("SCRAM-SHA-512", USER, PASSWORD))
+    group = f"sasl-{secrets.token_hex(4)}"
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": address, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+           "KAFKA_SSL_CAFILE": certificates["ca"], "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+           "KAFKA_SASL_USERNAME": USER, "KAFKA_SASL_PASSWORD": PASSWORD, "WEB_PORT": str(free_port()),
+           "DATA_DIR": str(tmp_path / "worker"), "APP_ID": group}
+    with SaslLoginBroker(login_port, plaintext_port, {USER: PASSWORD}, tls=server_tls) as login:
+        broker = start_tansu(plaintext_port, tmp_path / "kafka", advertised_port=login_port, probe=logged_in)
+        worker = None
+        try:
+            created = subprocess.run([alerting_app_executable(), "create-topics"], env=env, capture_output=True,
+                                     text=True, timeout=120)
+            assert created.returncode == 0, created.stderr
+            assert "alerts.new" in created.stdout.split("\n")[0]
+
+            worker = WorkerProcess(env, tmp_path / "worker.log")
+            worker.wait_until_ready()
+            assert wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
+
+            assert asyncio.run(alert_reaches_webhook(worker.url, services, alert_id="over-sasl")) == ["over-sasl"]
+
+            tailed = subprocess.run([alerting_app_executable(), "tail", "alerts.new", "--from-beginning",
+                                     "--limit", "1"], env=env, capture_output=True, text=True, timeout=120)
+            assert tailed.returncode == 0, tailed.stderr
+            assert json.loads(tailed.stdout)["value"]["alert_id"] == "over-sasl"
+            assert login.refusals == 0 and set(login.logins) == {USER}
+            assert PASSWORD not in worker.log_path.read_text()
+        finally:
+            if worker is not None:
+                worker.stop()
+            broker.stop()
