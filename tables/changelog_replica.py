@@ -16,6 +16,7 @@ read (`apply_batches`), so a refused letter is sent again after the restart.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -114,19 +115,20 @@ class ChangelogReplica:
         self._caught_up.set()
 
     async def follow(self, broker: Broker, topic: str, *,
-                     start_at: Callable[[dict[TopicPartition, int]], dict[int, int]],
+                     start_at: Callable[[AIOKafkaConsumer, dict[TopicPartition, int]], Awaitable[dict[int, int]]],
                      on_batches: Callable[[Batches], Awaitable[object]], poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever.
 
-        `start_at(end offsets)` gives the offset to start each partition from (absent: its
-        beginning); `on_batches` handles each batch read (see `apply_batches`).
+        `start_at(consumer, end offsets)` gives the offset to start each partition from (absent:
+        its beginning), and may read with the consumer, assigned every partition, first;
+        `on_batches` handles each batch read (see `apply_batches`).
         """
         consumer = await _connected_consumer(broker, poll_ms)
         try:
             tps = await _all_partitions(consumer, topic)
             consumer.assign(tps)
             ends = await _end_offsets(broker, tps)
-            offsets = start_at(ends)
+            offsets = await start_at(consumer, ends)
             for tp in tps:
                 if tp.partition in offsets:
                     consumer.seek(tp, offsets[tp.partition])
@@ -148,6 +150,34 @@ class ChangelogReplica:
 
 def records_of(batches: Batches) -> list[Any]:
     return [record for tp_records in batches.values() for record in tp_records]
+
+
+async def from_the_beginning(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> dict[int, int]:
+    return {}
+
+
+def record_mark(record: Any) -> str:
+    """What identifies one record of a partition: its offset, timestamp and content. The same
+    offset of a recreated topic holds another record, or the same content written at another time."""
+    digest = hashlib.blake2b(repr((record.key, record.value)).encode(), digest_size=16).hexdigest()
+    return f"{record.offset}:{record.timestamp}:{digest}"
+
+
+async def records_at(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int],
+                     timeout_s: float = 10.0) -> dict[TopicPartition, Any]:
+    """The first record at or after each position, read with `consumer` (each position must be below
+    its partition's end); a partition that gives none within `timeout_s` is left out. The consumer
+    is left wherever the reads took it: seek before reading on."""
+    for tp, offset in positions.items():
+        consumer.seek(tp, offset)
+    found: dict[TopicPartition, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(found) < len(positions) and time.monotonic() < deadline:
+        batches = await consumer.getmany(*(tp for tp in positions if tp not in found), timeout_ms=100)
+        for tp, tp_records in batches.items():
+            if tp_records and tp not in found:
+                found[tp] = tp_records[0]
+    return found
 
 
 async def _connected_consumer(broker: Broker, poll_ms: int) -> AIOKafkaConsumer:

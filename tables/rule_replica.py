@@ -11,9 +11,13 @@ what it read in a local RocksDB store:
   version, so applying one is idempotent and a stale one is ignored;
 - the store holds the newest event per rule and the next offset per partition, written together
   in one batch, so a restarted worker loads its rules from disk and reads only what it missed;
-- if the broker holds fewer messages than the store has read (the topic was recreated, e.g. an
-  in-memory dev broker restarted), or the store holds an entry the current contract refuses (it
-  would fail every start alike), the store is discarded and rebuilt from the topic.
+- if the topic is not the one the store read (recreated, e.g. an in-memory dev broker restarted):
+  a partition holds fewer messages than the store has read, or the last message the store read of
+  a partition is no longer at its offset (another record there, or the same content written at
+  another time); or if the store holds an entry the current contract refuses (it would fail every
+  start alike), the store is discarded and rebuilt from the topic. Compaction can also remove that
+  last message (once a newer one of the same rule is written after it): the store is then rebuilt
+  without need, which costs one read of the compacted topic and nothing else.
 
 Matching must not start before the replica has read up to the end offsets it saw at start-up
 (`wait_until_caught_up`), or alerts would be matched against a partial rule set. Nor may a
@@ -28,20 +32,22 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from rocksdict import Rdict, WriteBatch
 
 from alerting_app.contracts import RuleChanged
 from alerting_app.dead_letters import UndecodableMessage, decode
 from alerting_app.kafka_connection import Broker
 from alerting_app.matching import RuleIndex
-from tables.changelog_replica import Batches, ChangelogReplica
+from tables.changelog_replica import Batches, ChangelogReplica, record_mark, records_at
 
 log = logging.getLogger(__name__)
 
 _RULE = "rule:"
 _OFFSET = "offset:"
+_LAST_READ = "last-read:"  # record_mark of the last record read, per partition
 
 
 class RuleStore:
@@ -69,12 +75,19 @@ class RuleStore:
                 return
             yield key, value
 
-    def save(self, changes: dict[str, bytes], offsets: dict[int, int]) -> None:
+    def last_read(self) -> dict[int, str]:
+        """The mark (changelog_replica.record_mark) of the last record read, per partition; a store
+        written before marks were kept has none."""
+        return {int(key[len(_LAST_READ):]): value for key, value in self._prefixed(_LAST_READ)}
+
+    def save(self, changes: dict[str, bytes], last_read: dict[int, Any]) -> None:
+        """Store the changes, and each partition's last record read: its next offset and its mark."""
         batch = WriteBatch()
         for rule_id, raw in changes.items():
             batch.put(_RULE + rule_id, raw)
-        for partition, offset in offsets.items():
-            batch.put(_OFFSET + str(partition), offset)
+        for partition, record in last_read.items():
+            batch.put(_OFFSET + str(partition), record.offset + 1)
+            batch.put(_LAST_READ + str(partition), record_mark(record))
         self._db.write(batch)
 
     def discard(self) -> None:
@@ -133,19 +146,30 @@ class RuleReplica(ChangelogReplica):
         """Read every partition of `topic` for ever, keeping the index and the store current."""
         self.filling, offsets = self.load(store)
 
-        def start_at(ends: dict[TopicPartition, int]) -> dict[int, int]:
+        def rebuild(reason: str) -> dict[int, int]:
+            log.warning("%s: the topic was recreated; rebuilding the local rule store from the topic", reason)
+            store.discard()
+            self.filling = RuleIndex()
+            return {}
+
+        async def start_at(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> dict[int, int]:
             if any(offsets.get(tp.partition, 0) > end for tp, end in ends.items()):
-                log.warning("rule.changed holds fewer messages than the local rule store has read: "
-                            "the topic was recreated; rebuilding the store from the topic")
-                store.discard()
-                self.filling = RuleIndex()
-                return {}
+                return rebuild(f"{topic} holds fewer messages than the local rule store has read")
+            marks = store.last_read()
+            last = {tp: offsets[tp.partition] - 1 for tp in ends if offsets.get(tp.partition, 0) > 0
+                    and tp.partition in marks}
+            found = await records_at(consumer, last)
+            moved = sorted(tp.partition for tp in last
+                           if tp not in found or record_mark(found[tp]) != marks[tp.partition])
+            if moved:
+                return rebuild(f"the last message the local rule store read of {topic} is not at its offset any "
+                               f"more (partitions {', '.join(map(str, moved))})")
             return offsets
 
         async def on_batches(batches: Batches) -> None:
             # Saved only once the batch's dead letters are acknowledged: offsets past a record whose
             # letter was lost would never read it again.
             to_store = await self.apply_batches(batches)
-            store.save(to_store, {tp.partition: tp_records[-1].offset + 1 for tp, tp_records in batches.items()})
+            store.save(to_store, {tp.partition: tp_records[-1] for tp, tp_records in batches.items() if tp_records})
 
         await self.follow(broker, topic, start_at=start_at, on_batches=on_batches, poll_ms=poll_ms)

@@ -11,7 +11,7 @@ from alerting_app.app import app, settings, silence_changed
 from alerting_app.contracts import SilenceChanged
 from alerting_app.kafka_connection import Broker, kafka_connection
 from alerting_app.silencing import SilenceIndex
-from tables.changelog_replica import ChangelogReplica, keep_running
+from tables.changelog_replica import ChangelogReplica, from_the_beginning, keep_running
 
 
 class SilenceReplica(ChangelogReplica):
@@ -27,7 +27,7 @@ class SilenceReplica(ChangelogReplica):
         A restart (after a failure) reads everything again into the same index: the events it held
         already are stale versions, ignored, so matching meanwhile sees no silence disappear.
         """
-        await self.follow(broker, topic, start_at=lambda ends: {}, on_batches=self.apply_batches, poll_ms=poll_ms)
+        await self.follow(broker, topic, start_at=from_the_beginning, on_batches=self.apply_batches, poll_ms=poll_ms)
 
 
 silence_index = SilenceIndex()

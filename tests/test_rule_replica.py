@@ -16,9 +16,11 @@ import uuid
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import ConsumerRecord
 
 from alerting_app.contracts import DeadLetter, Rule, RuleChanged
 from alerting_app.matching import RuleIndex
+from alerting_app.sending import partition_for
 from kafka_probe import produce, read_topic
 from tables.rule_replica import RuleReplica, RuleStore
 from web.worker_state import rules_digest
@@ -215,6 +217,29 @@ async def test_store_ahead_of_a_recreated_topic_is_discarded_and_rebuilt_from_th
     assert sum(offsets_on_disk.values()) == 1
 
 
+async def test_store_behind_a_recreated_topic_that_holds_as_many_messages_or_more_is_rebuilt_too(
+        services, topic, tmp_path):
+    old = [upsert(rid(f"old-{n}"), 1) for n in range(3)]
+    async with RunningReplica(services, topic, tmp_path / "store") as running:
+        await publish(services, topic, *old)
+        await running.wait_for_versions({rid(f"old-{n}"): 1 for n in range(3)})
+    await recreate(services, topic)
+    # More messages than before in every partition the store had read: its offsets are all within
+    # the new topic, and only what it last read there tells that these are other messages.
+    partitions = tuple(range(PARTITIONS))
+    read_before = {partition_for(change.rule_id.encode(), partitions) for change in old}
+    new = [upsert(rid(f"new-{n}"), 1) for n in range(200)]
+    per_partition = {p: sum(partition_for(c.rule_id.encode(), partitions) == p for c in new) for p in read_before}
+    assert all(count >= 2 for count in per_partition.values()), per_partition
+    await publish(services, topic, *new)
+
+    async with RunningReplica(services, topic, tmp_path / "store") as rebuilt:
+        await rebuilt.wait_for_versions({change.rule_id: 1 for change in new})
+        assert set(rebuilt.index.rules()) == {change.rule_id for change in new}, "no rule of the old topic is left"
+
+    assert stored(tmp_path / "store")[0] == {change.rule_id: 1 for change in new}
+
+
 async def test_undecodable_rule_change_becomes_a_dead_letter_and_later_changes_apply(
         services, topic, tmp_path):
     running = RunningReplica(services, topic, tmp_path / "store")
@@ -331,7 +356,10 @@ async def test_a_stored_rule_the_contract_refuses_makes_the_store_be_rebuilt_fro
 
 def test_a_stored_rule_with_an_id_that_is_not_a_uuid_is_refused_too(tmp_path):
     store = RuleStore(tmp_path / "store")
-    store.save({rid("stored"): upsert(rid("stored"), 1).encode(), "r-1": upsert("r-1", 1).encode()}, {0: 7})
+    last_read = ConsumerRecord(topic="rule.changed", partition=0, offset=6, timestamp=1, timestamp_type=0,
+                               key=b"r-1", value=b"", checksum=None, serialized_key_size=3, serialized_value_size=0,
+                               headers=())
+    store.save({rid("stored"): upsert(rid("stored"), 1).encode(), "r-1": upsert("r-1", 1).encode()}, {0: last_read})
     try:
         loaded, offsets = RuleReplica(RuleIndex()).load(store)
         assert (len(loaded), offsets) == (0, {})
