@@ -44,6 +44,7 @@ class SilenceIndex:
         self._versions: dict[str, int] = {}
         self._silences: dict[str, Silence] = {}
         self._by_client: dict[str, dict[str, Silence]] = {}
+        self._pruned_at = float("-inf")  # the latest clock reading at which `silencing` pruned one
         for change in changes:
             self.apply(change)
 
@@ -67,27 +68,39 @@ class SilenceIndex:
 
     def silencing(self, client_id: str, alert: Alert, at: float | None = None) -> str | None:
         """The smallest silence_id of the client's silences active at `at` (default now) matching the alert."""
+        asked_now = at is None
+        at = time.time() if at is None else at
+        if asked_now and at < self._pruned_at - PRUNE_AFTER_EXPIRY_S:
+            self._scan_all_again()
         silences = self._by_client.get(client_id)
         if not silences:
             return None
-        asked_now = at is None
-        at = time.time() if at is None else at
         matching = [silence_id for silence_id, silence in silences.items()
                     if silence.is_active(at) and silence.matches(alert)]
         if asked_now:
             # A silence long expired can only come back as a newer version (which `apply` indexes
             # again), so stop scanning it, or a tenant creating a silence per deploy slows every
             # match down. It stays in `versions()`, which workers compare. Only once it is
-            # PRUNE_AFTER_EXPIRY_S past its end: the wall clock can jump forward and back (an NTP
-            # step), and a silence dropped at a jumped-ahead clock would never be checked again.
-            # The active check above stays exact: a silence past its end never mutes.
+            # PRUNE_AFTER_EXPIRY_S past its end, so the wall clock's small steps (NTP) cannot drop
+            # one still in force; a larger step back has every held silence scanned again
+            # (_scan_all_again). The active check above stays exact: a silence past its end never mutes.
             prune_before = at - PRUNE_AFTER_EXPIRY_S
-            for silence_id in [silence_id for silence_id, silence in silences.items()
-                               if silence.ends_at <= prune_before]:
+            pruned = [silence_id for silence_id, silence in silences.items() if silence.ends_at <= prune_before]
+            for silence_id in pruned:
                 del silences[silence_id]
+            if pruned:
+                self._pruned_at = max(self._pruned_at, at)
             if not silences:
                 del self._by_client[client_id]
         return min(matching) if matching else None
+
+    def _scan_all_again(self) -> None:
+        """Scan every held silence again: the clock went back by more than PRUNE_AFTER_EXPIRY_S
+        behind a reading that pruned some, which may be in force again at the clock's time now."""
+        self._by_client = {}
+        for silence_id, silence in self._silences.items():
+            self._by_client.setdefault(silence.client_id, {})[silence_id] = silence
+        self._pruned_at = float("-inf")
 
     def versions(self) -> dict[str, int]:
         """silence_id -> version of every held silence (deleted ones not included): what workers compare."""

@@ -128,6 +128,22 @@ def test_a_silence_seen_expired_by_a_clock_stepped_ahead_mutes_again_once_the_cl
     assert index._by_client == {}, "long past its end: no longer scanned"
 
 
+def test_a_silence_dropped_from_the_scan_by_a_clock_far_ahead_mutes_again_once_the_clock_is_back(monkeypatch):
+    index = SilenceIndex([upsert(starts_at=T0, ends_at=T0 + 3600)])
+    clock = [T0 + 3600 + PRUNE_AFTER_EXPIRY_S + 60]  # a step of more than PRUNE_AFTER_EXPIRY_S past its end
+    monkeypatch.setattr(silencing.time, "time", lambda: clock[0])
+    assert index.silencing("client-a", alert()) is None
+    assert index._by_client == {}, "dropped from the scan at that clock"
+
+    clock[0] = T0 + 1800  # the clock is stepped back, inside the silence
+    assert index.silencing("client-a", alert()) == "s1"
+    assert index.silencing("client-b", alert()) is None  # another client's silence does not apply
+
+    clock[0] = T0 + 3600 + PRUNE_AFTER_EXPIRY_S
+    assert index.silencing("client-a", alert()) is None
+    assert index._by_client == {}
+
+
 def test_a_silence_that_would_mute_everything_is_refused_by_the_contract():
     with pytest.raises(ValidationError, match="must not be"):
         SilenceMatchers(severity=WILDCARD, source=WILDCARD, name=WILDCARD)
