@@ -135,6 +135,20 @@ def test_a_value_too_large_for_a_message_gives_up_its_oldest_groups_and_no_more(
     assert groups.encoded_size({**value, taken[-1].group_rule_id: taken[-1].group}) > groups.MAX_VALUE_BYTES
 
 
+def test_one_group_too_large_for_a_message_through_its_rule_ids_is_closed_at_once():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    every_rule = sorted(str(uuid.uuid4()) for _ in range(25_000))
+    match = AlertMatched(alert=sized_alert(0), client_id=client, rule_ids=every_rule, group_rule_id=rule,
+                         group_window_s=5)
+    plan = groups.plan_joins({}, [groups.Join(match)], set(), now=1.0, max_alerts=100)
+    assert groups.encoded_size(plan.values[client.encode()]) > groups.CLOSE_EARLY_BYTES
+
+    [taken] = groups.close_early(plan.values)
+
+    assert (taken.group_rule_id, taken.group["rule_ids"]) == (rule, every_rule)
+    assert plan.values[client.encode()] == {}  # the key is deleted when written
+
+
 def test_a_value_within_a_message_keeps_all_its_groups():
     client = str(uuid.uuid4())
     rules = [str(uuid.uuid4()) for _ in range(90)]
