@@ -205,10 +205,7 @@ class Aggregation:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
-# What Postgres (or asyncpg, encoding it) refuses in a match that decoded: a NUL in a text or JSON
-# string, say. The contracts should refuse it first; this backstop keeps one such message from
-# crashing the agent on every redelivery and so blocking its partition for ever.
-REFUSED_BY_POSTGRES: tuple[type[Exception], ...] = (asyncpg.DataError, ValueError)
+REFUSED_BY_POSTGRES = db.REFUSED_BY_POSTGRES
 
 
 async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggregation:
@@ -325,10 +322,15 @@ async def _record_stateful_or_nothing(conn: asyncpg.Pool, decoded: list[tuple[Ev
                                       aggregation: Aggregation) -> list[AlertMatched]:
     """`record_stateful`, adding its notifications and dead letters to `aggregation` only if it succeeds."""
     attempt = Aggregation(ready=list(aggregation.ready))  # it skips closed groups being emitted already
-    seen_before = await record_stateful(conn, decoded, attempt)
+    seen_before = await record_stateful(conn, decoded, attempt, emit_now)
     aggregation.ready[:] = attempt.ready
     aggregation.dead_letters.extend(attempt.dead_letters)
     return seen_before
+
+
+async def emit_now(ready: list[NotificationReady], dead_letters: list[DeadLetter]) -> None:
+    """Emit before the batch's own notifications (groups closed early, record_stateful)."""
+    await publish_aggregation(Aggregation(ready=ready, dead_letters=dead_letters))
 
 
 async def publish_aggregation(aggregation: Aggregation) -> None:

@@ -8,18 +8,18 @@ emitted exactly once, across crashes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 
 import asyncpg
 
-from agents.aggregate import REFUSED_BY_POSTGRES, Aggregation, publish_aggregation
+from agents.aggregate import Aggregation, publish_aggregation
 from agents.match_outcomes import closed_here, groups_lock, known_clients
 from alerting_app import db
+from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.app import alerts_matched, app, settings
-from alerting_app.contracts import DeadLetter, NotificationReady
+from alerting_app.contracts import NotificationReady
 from alerting_app.sending import partition_for
 from tables import groups
 
@@ -61,7 +61,7 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int]) -> l
         closed_here.update(d.group["notification_id"] for d in gone)
     ready, refused_now = await record_due_groups(pool, due, now)
     refused += refused_now
-    await publish_aggregation(Aggregation(ready=ready, dead_letters=[refused_letter(d, exc) for d, exc in refused]))
+    await publish_aggregation(Aggregation(ready=ready, dead_letters=[groups.refused_letter(d, exc) for d, exc in refused]))
     closed_here.update(d.group["notification_id"] for d in due)  # the refused ones too: they are removed
     closed_here.update(d.group["notification_id"] for d, _ in refused)
     if items:
@@ -117,22 +117,6 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
         except REFUSED_BY_POSTGRES as exc:
             refused.append((d, exc))
     return ready, refused
-
-
-def refused_letter(due: groups.DueGroup, exc: Exception) -> DeadLetter:
-    """The dead letter of a group Postgres refuses: groups are built from `alerts.matched`, so it
-    goes to that topic's dead-letter topic, with the group as its payload."""
-    client = due.key.decode("utf-8", "replace")
-    log.error("dropping group %s (group rule %s) of client %s: Postgres refuses it: %s: %s",
-              due.group["notification_id"], due.group_rule_id, client, type(exc).__name__, exc)
-    return DeadLetter(
-        topic=alerts_matched.get_topic_name(),
-        partition=partition_for(due.key, tuple(range(settings.topic_partitions))),
-        key=client,
-        reason=f"group {due.group['notification_id']} (group rule {due.group_rule_id}) of client {client}: "
-               f"refused by Postgres: {type(exc).__name__}: {exc}",
-        payload=json.dumps(due.group, separators=(",", ":")),
-    )
 
 
 @app.timer(interval=settings.group_close_interval_s)

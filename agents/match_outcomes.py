@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ from faust.types import EventT
 
 from alerting_app import metrics
 from alerting_app.app import settings
-from alerting_app.contracts import MAX_REPEAT_INTERVAL_S, AlertMatched, NotificationReady
+from alerting_app.contracts import MAX_REPEAT_INTERVAL_S, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import dead_letter_for
 from tables import groups
 
@@ -232,13 +232,21 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
     return [(ready, status) for ready, status, _ in built if ready.notification_id in inserted]
 
 
+# Sends notifications and dead letters to the broker and marks the notifications emitted
+# (agents/aggregate.py publish_aggregation); passed in, as that module imports this one.
+Emit = Callable[[list[NotificationReady], list[DeadLetter]], Awaitable[None]]
+
+
 async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
-                          aggregation: Aggregation) -> list[AlertMatched]:
+                          aggregation: Aggregation, emit: Emit) -> list[AlertMatched]:
     """Record silenced, suppressed and grouped matches (and the repeat-checked notified at once).
 
     Runs under `groups_lock`; reads, decides and writes Postgres in one transaction holding the
     clients' advisory locks (see _LOCK_CLIENTS). The table is written after it commits: a crash in
     between leaves members in Postgres that the redelivered messages put back in their group.
+    Groups closed early (tables/groups.py close_early) are emitted with `emit` between the two: the
+    table forgets them only once they are emitted, so until then a redelivered batch finds them in
+    the table, closed, and emits them (the check of `closed` below).
     Returns the matches notified at once before, whose notification may never have been emitted:
     emitting them again is the one-statement path's business (agents/aggregate.py).
     """
@@ -279,9 +287,10 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         # A client with too many open groups for one changelog message has its oldest closed now.
         closed_early = groups.close_early(plan.values)
         inserted = await write_outcome(conn, outcome, plan, round(now, 6))
-        if closed_early:
-            aggregation.ready.extend(await groups.record_closed_groups(conn, closed_early, now))
-    metrics.groups_closed_early.inc(len(closed_early))
+        closed_early_ready, refused = await groups.record_closed_groups_apart(conn, closed_early, now)
+    if closed_early:
+        await emit(closed_early_ready, [groups.refused_letter(d, exc) for d, exc in refused])
+        metrics.groups_closed_early.inc(len(closed_early))
     events_by_key = {event.message.key: event for event, _ in accepted}
     if plan.values:
         await groups.prepare_writes()

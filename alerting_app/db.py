@@ -31,6 +31,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# What Postgres (or asyncpg, encoding it) refuses in data that was accepted: a NUL in a text or JSON
+# string, say. The contracts should refuse it first; this backstop keeps one such message (or
+# group) from crashing an agent on every redelivery and so blocking its partition for ever.
+REFUSED_BY_POSTGRES: tuple[type[Exception], ...] = (asyncpg.DataError, ValueError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """One of TRANSIENT_ERRORS, or asyncpg's report of a connection that Postgres dropped mid-statement.
 

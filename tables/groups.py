@@ -36,8 +36,10 @@ from faust.streams import _current_event  # no public setter; see write_value
 from faust.types import EventT
 from faust.types.tuples import FutureMessage
 
-from alerting_app.app import app, settings
-from alerting_app.contracts import Alert, AlertMatched, NotificationReady
+from alerting_app.app import alerts_matched, app, settings
+from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
+from alerting_app.db import REFUSED_BY_POSTGRES
+from alerting_app.sending import partition_for
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +285,46 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
         [d.group_rule_id for d in due],
     )
     return await unemitted_groups(conn, [d.group["notification_id"] for d in due])
+
+
+async def record_closed_groups_apart(conn: asyncpg.Connection, due: Sequence[DueGroup], now: float
+                                    ) -> tuple[list[NotificationReady], list[tuple[DueGroup, Exception]]]:
+    """`record_closed_groups` inside the caller's transaction: the groups to emit, and those Postgres
+    refused. All in one statement; if Postgres refuses it, one group at a time, each in a savepoint,
+    so that a refused group neither aborts the caller's transaction nor keeps the others out."""
+    if not due:
+        return [], []
+    try:
+        async with conn.transaction():
+            return await record_closed_groups(conn, due, now), []
+    except REFUSED_BY_POSTGRES as exc:
+        log.warning("Postgres refused closing %d groups at once (%s: %s); closing them one by one",
+                    len(due), type(exc).__name__, exc)
+    ready: list[NotificationReady] = []
+    refused: list[tuple[DueGroup, Exception]] = []
+    for d in due:
+        try:
+            async with conn.transaction():
+                ready.extend(await record_closed_groups(conn, [d], now))
+        except REFUSED_BY_POSTGRES as exc:
+            refused.append((d, exc))
+    return ready, refused
+
+
+def refused_letter(due: DueGroup, exc: Exception) -> DeadLetter:
+    """The dead letter of a group Postgres refuses: groups are built from `alerts.matched`, so it
+    goes to that topic's dead-letter topic, with the group as its payload."""
+    client = due.key.decode("utf-8", "replace")
+    log.error("dropping group %s (group rule %s) of client %s: Postgres refuses it: %s: %s",
+              due.group["notification_id"], due.group_rule_id, client, type(exc).__name__, exc)
+    return DeadLetter(
+        topic=alerts_matched.get_topic_name(),
+        partition=partition_for(due.key, tuple(range(settings.topic_partitions))),
+        key=client,
+        reason=f"group {due.group['notification_id']} (group rule {due.group_rule_id}) of client {client}: "
+               f"refused by Postgres: {type(exc).__name__}: {exc}",
+        payload=json.dumps(due.group, separators=(",", ":")),
+    )
 
 
 async def unemitted_groups(conn: asyncpg.Connection | asyncpg.Pool,

@@ -12,6 +12,7 @@ import uuid
 
 import pytest_asyncio
 
+from agents import aggregate
 from agents.aggregate import aggregate_matches
 from agents.close_groups import close_due_groups
 from alerting_app.contracts import MAX_CONTEXT_ENTRIES, Alert, AlertMatched
@@ -172,9 +173,12 @@ async def test_a_client_whose_open_groups_outgrow_a_message_has_the_oldest_notif
             await agent.put(grouped(client, rule, the_alert).encode(), key=client.encode())
         aggregations = [agent.results[i] for i in range(len(rules))]
     assert [letter for a in aggregations for letter in a.dead_letters] == []
-    early = [ready for a in aggregations for ready in a.ready]
+    # Emitted by the agent as it closed them (emit_now), before the batch's own notifications.
+    early = await pool.fetch("SELECT group_rule_id::text, alerts, emitted FROM notifications WHERE client_id = $1 "
+                             "ORDER BY created_at, group_rule_id", client)
     assert early, "no group was closed early"
-    assert [ready.group_rule_id for ready in early] == rules[:len(early)]  # the oldest, in order
+    assert all(row["emitted"] for row in early)
+    assert sorted(row["group_rule_id"] for row in early) == sorted(rules[:len(early)])  # the oldest
     value = groups.open_groups[client.encode()]
     assert groups.encoded_size(value) <= groups.CLOSE_EARLY_BYTES
     assert sorted(value) == sorted(rules[len(early):])
@@ -182,7 +186,46 @@ async def test_a_client_whose_open_groups_outgrow_a_message_has_the_oldest_notif
     closed = [ready for ready in await close_due_groups(pool, time.time() + 5, set(range(64)))
               if ready.client_id == client]
 
-    notified = [a.alert_id for ready in early + closed for a in ready.alerts]
+    notified = [a["alert_id"] for row in early for a in row["alerts"]] + [a.alert_id for r in closed for a in r.alerts]
     assert sorted(notified) == sorted(a.alert_id for a in alerts)  # each alert once, none lost
     emitted = await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1 AND emitted", client)
     assert emitted == len(rules)
+
+
+@AGENT_LOOP
+async def test_groups_closed_early_whose_emit_never_happened_are_emitted_by_the_clients_next_batch(
+        pool, group_changelog, monkeypatch):
+    client = await insert_client(pool)
+    # Small budgets, so that a few dozen groups of ordinary alerts outgrow them.
+    monkeypatch.setattr(groups, "MAX_VALUE_BYTES", 16 * 1024)
+    monkeypatch.setattr(groups, "CLOSE_EARLY_BYTES", 24 * 1024)
+
+    async def worker_dies(ready, dead_letters):
+        raise RuntimeError("the worker died after the commit, before emitting")
+    monkeypatch.setattr(aggregate, "emit_now", worker_dies)
+    died = False
+    async with aggregate_matches.test_context() as agent:
+        for n in range(200):
+            try:
+                await agent.put(grouped(client, str(uuid.uuid4()), sized_alert(n)).encode(), key=client.encode())
+            except RuntimeError:
+                died = True
+                break
+    assert died, "no group was closed early"
+    closed = {row[0] for row in await pool.fetch(
+        "SELECT notification_id::text FROM notifications WHERE client_id = $1 AND NOT emitted", client)}
+    assert closed, "the early close was not committed"
+    # The table forgets a group only once it is emitted: it still holds these.
+    assert closed <= {group["notification_id"] for group in groups.open_groups[client.encode()].values()}
+
+    monkeypatch.undo()
+    # The client's next batch (after a restart, the same batch again; here another alert will do).
+    async with aggregate_matches.test_context() as agent:
+        await agent.put(grouped(client, str(uuid.uuid4()), sized_alert(999)).encode(), key=client.encode())
+        aggregation = agent.results[0]
+
+    assert closed <= {ready.notification_id for ready in aggregation.ready}
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE notification_id = ANY($1::uuid[]) "
+                               "AND emitted", list(closed)) == len(closed)
+    assert not closed & {group["notification_id"] for group in groups.open_groups[client.encode()].values()}
+    await close_due_groups(pool, time.time() + 5, set(range(64)))  # leave no group open

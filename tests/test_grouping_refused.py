@@ -12,6 +12,7 @@ import uuid
 
 import pytest_asyncio
 
+from agents.aggregate import aggregate_matches
 from agents.close_groups import close_due_groups
 from alerting_app.contracts import Alert, AlertMatched
 from alerting_app.sending import partition_for
@@ -119,3 +120,40 @@ async def test_a_group_whose_key_is_no_uuid_is_a_dead_letter_and_the_others_clos
     [letter] = await sent_to("alerts.matched.dlq", bad_key.decode())
     assert "not a UUID" in letter["reason"] and bad_value[rule]["notification_id"] in letter["reason"]
     assert groups.open_groups.get(bad_key) is None
+
+
+@AGENT_LOOP
+async def test_a_group_postgres_refuses_as_the_agent_closes_it_early_is_a_dead_letter_and_the_match_goes_on(
+        pool, monkeypatch):
+    client = await insert_client(pool)
+    bad_rule, good_rules, new_rule = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)], str(uuid.uuid4())
+    now = time.time()
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, rule, window_s=600)) for rule in [bad_rule, *good_rules]],
+                             set(), now, max_alerts=10)
+    value = plan.values[client.encode()]
+    with_nul_in_context(value, bad_rule)
+    value[bad_rule]["opened_at"] = now - 10  # the oldest: closed first
+    await open_directly(pool, client.encode(), value)
+    # Budgets such that the next alert makes the agent close the oldest groups at once.
+    monkeypatch.setattr(groups, "CLOSE_EARLY_BYTES", groups.encoded_size(value))
+    monkeypatch.setattr(groups, "MAX_VALUE_BYTES", groups.encoded_size(value) // 3)
+
+    [aggregation] = await aggregate(grouped(client, new_rule, window_s=600))
+
+    assert aggregation.dead_letters == []  # the match itself is recorded
+    [letter] = await sent_to("alerts.matched.dlq", client)
+    assert value[bad_rule]["notification_id"] in letter["reason"] and "refused by Postgres" in letter["reason"]
+    closed_early = await pool.fetch("SELECT group_rule_id::text, emitted FROM notifications WHERE client_id = $1",
+                                    client)
+    assert closed_early and all(row["emitted"] for row in closed_early)
+    assert {row["group_rule_id"] for row in closed_early} <= set(good_rules)
+    held = groups.open_groups.get(client.encode())
+    assert bad_rule not in held and new_rule in held
+    await close_due_groups(pool, time.time() + 600, ALL_PARTITIONS)  # leave no group open
+
+
+async def aggregate(*matches: AlertMatched) -> list:
+    async with aggregate_matches.test_context() as agent:
+        for match in matches:
+            await agent.put(match.encode(), key=match.client_id.encode())
+        return [agent.results[i] for i in range(len(matches))]

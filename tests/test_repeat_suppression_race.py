@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import asyncpg
 import pytest_asyncio
 
-from agents.aggregate import Aggregation
+from agents.aggregate import Aggregation, emit_now
 from agents.match_outcomes import client_lock_key, lock_clients, record_stateful
 from alerting_app.contracts import Alert, AlertMatched
 from alerting_app.db import init_connection
@@ -83,7 +83,7 @@ async def test_two_workers_notify_a_repeated_fingerprint_once_and_suppress_the_o
     holder = observer.transaction()
     await holder.start()
     await observer.execute("LOCK TABLE fingerprints IN EXCLUSIVE MODE")
-    recording = [asyncio.ensure_future(record_stateful(pool, [(event(match), match)], aggregation))
+    recording = [asyncio.ensure_future(record_stateful(pool, [(event(match), match)], aggregation, emit_now))
                  for pool, match, aggregation in zip(worker_pools, (first, second), aggregations)]
     try:
         await both_workers_wait_on_a_lock(observer)
@@ -119,7 +119,7 @@ async def test_two_workers_recording_the_same_clients_in_opposite_orders_do_not_
     try:
         for worker in ("race-worker-b", "race-worker-a"):
             recording.append(asyncio.ensure_future(record_stateful(
-                pools[worker], [(event(match), match) for match in batches[worker]], Aggregation())))
+                pools[worker], [(event(match), match) for match in batches[worker]], Aggregation(), emit_now)))
             await worker_waits_on_a_lock(observer, worker)
     finally:
         await holder.commit()
