@@ -163,16 +163,29 @@ def record_mark(record: Any) -> str:
     return f"{record.offset}:{record.timestamp}:{digest}"
 
 
+class BrokerTooSlow(KafkaError):
+    """The broker did not answer a read in time (`keep_running` tries the replica again)."""
+
+
 async def records_at(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int],
-                     timeout_s: float = 10.0) -> dict[TopicPartition, Any]:
-    """The first record at or after each position, read with `consumer` (each position must be below
-    its partition's end); a partition that gives none within `timeout_s` is left out. The consumer
-    is left wherever the reads took it: seek before reading on."""
+                     timeout_s: float = 30.0) -> dict[TopicPartition, Any]:
+    """The first record at or after each position, read with `consumer` (positions below their
+    partition's end, where there should be one). A partition whose fetches the broker answered
+    with no record within `timeout_s` is left out (compaction removed what was there); one the
+    broker did not answer at all raises BrokerTooSlow. The consumer is left wherever the reads
+    took it: seek before reading on."""
     for tp, offset in positions.items():
         consumer.seek(tp, offset)
     found: dict[TopicPartition, Any] = {}
     deadline = time.monotonic() + timeout_s
-    while len(found) < len(positions) and time.monotonic() < deadline:
+    while len(found) < len(positions):
+        if time.monotonic() >= deadline:
+            # Every fetch answer carries the partition's high watermark, records or not.
+            unanswered = [tp for tp in positions if tp not in found and consumer.highwater(tp) is None]
+            if unanswered:
+                raise BrokerTooSlow(f"no fetch answered within {timeout_s:g}s for "
+                                    f"{', '.join(f'{tp.topic}[{tp.partition}]' for tp in unanswered)}")
+            return found
         batches = await consumer.getmany(*(tp for tp in positions if tp not in found), timeout_ms=100)
         for tp, tp_records in batches.items():
             if tp_records and tp not in found:

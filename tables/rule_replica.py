@@ -158,6 +158,8 @@ class RuleReplica(ChangelogReplica):
             marks = store.last_read()
             last = {tp: offsets[tp.partition] - 1 for tp in ends if offsets.get(tp.partition, 0) > 0
                     and tp.partition in marks}
+            # A broker too slow to answer raises (the replica is run again), rather than counting as
+            # a recreated topic and throwing a good store away.
             found = await records_at(consumer, last)
             moved = sorted(tp.partition for tp in last
                            if tp not in found or record_mark(found[tp]) != marks[tp.partition])

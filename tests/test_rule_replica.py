@@ -7,6 +7,7 @@ Each test uses a topic of its own, so the offsets it checks are its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import secrets
@@ -14,14 +15,18 @@ import time
 import uuid
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
 from alerting_app.contracts import DeadLetter, Rule, RuleChanged
 from alerting_app.matching import RuleIndex
 from alerting_app.sending import partition_for
+from alerting_app.embedded import free_port
 from kafka_probe import produce, read_topic
+from operations_support import start_tansu
+from tables.changelog_replica import BrokerTooSlow, records_at
 from tables.rule_replica import RuleReplica, RuleStore
 from web.worker_state import rules_digest
 
@@ -449,3 +454,34 @@ async def test_replaying_the_whole_topic_builds_the_index_the_live_replica_holds
     assert replay_rules == live_rules
     assert held_versions(from_disk, newest) == live_versions, "the store keeps tombstones too"
     assert from_disk.rules() == live_rules
+
+
+async def test_a_broker_that_does_not_answer_is_not_taken_for_a_recreated_topic(tmp_path):
+    port = free_port()
+    broker = await asyncio.to_thread(start_tansu, port, tmp_path / "kafka")  # it waits with its own loop
+    address = f"127.0.0.1:{port}"
+    tp = TopicPartition("rule.changed", 0)
+    consumers = [AIOKafkaConsumer(bootstrap_servers=address, enable_auto_commit=False) for _ in range(2)]
+    try:
+        admin = AIOKafkaAdminClient(bootstrap_servers=address)
+        await admin.start()
+        await admin.create_topics([NewTopic(tp.topic, 1, 1)])
+        await admin.close()
+        await produce(address, tp.topic, [(b"k", b"v")])
+        answered, unanswered = consumers
+        for consumer in consumers:
+            await consumer.start()
+        answered.assign([tp])
+        [record] = (await records_at(answered, {tp: 0})).values()
+        assert (record.key, record.value) == (b"k", b"v")
+
+        broker.stop()
+        unanswered.assign([tp])  # its fetches go to a broker that is gone
+        with pytest.raises(BrokerTooSlow, match=r"rule.changed\[0\]"):
+            await records_at(unanswered, {tp: 0}, timeout_s=2)
+    finally:
+        for consumer in consumers:
+            # With its broker gone, aiokafka's fetcher lets its own fetch task's cancellation out of stop().
+            with contextlib.suppress(KafkaError, asyncio.CancelledError):
+                await consumer.stop()
+        broker.stop()
