@@ -82,7 +82,8 @@ def sasl_login_of(settings: Settings) -> SaslLogin | None:
     if not settings.kafka_security_protocol.startswith("SASL_"):
         return None
     assert settings.kafka_sasl_username and settings.kafka_sasl_password  # the settings check it
-    return SaslLogin(settings.kafka_sasl_mechanism, settings.kafka_sasl_username, settings.kafka_sasl_password)
+    return SaslLogin(settings.kafka_sasl_mechanism, settings.kafka_sasl_username,
+                     settings.kafka_sasl_password.get_secret_value())
 
 
 def kafka_connection(settings: Settings, bootstrap_servers: str | None = None) -> KafkaConnection:

@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.connection import parse_url as parse_redis_url
 
@@ -122,6 +122,7 @@ _UPPER = BeforeValidator(lambda value: value.strip().upper() if isinstance(value
 SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT"], _UPPER]
 SaslMechanism = Annotated[Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"], _UPPER]
 OptionalText = Annotated[str | None, BeforeValidator(_unset_if_empty)]
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_if_empty)]  # shown as ********
 MIN_NOTIFICATION_RETENTION_DAYS = 2
 WebPort = Annotated[int, BeforeValidator(_digits_only)]
 PostgresUrl = Annotated[str, AfterValidator(_postgres_url)]
@@ -161,7 +162,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: OptionalFile = None
     kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
     kafka_sasl_username: OptionalText = None
-    kafka_sasl_password: OptionalText = None
+    kafka_sasl_password: OptionalSecret = None
     database_url: PostgresUrl | None = None
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)

@@ -108,7 +108,10 @@ def test_sasl_needs_a_broker_of_the_settings(sasl_env):
     assert "KAFKA_SECURITY_PROTOCOL=SASL_SSL needs KAFKA_BOOTSTRAP_SERVERS" in refusal()
 
 
-def test_the_password_stays_out_of_the_connections_repr(sasl_env):
-    connection = kafka_connection(load_settings())
+def test_the_password_stays_out_of_the_reprs_of_the_settings_and_the_connection(sasl_env):
+    settings = load_settings()
+    connection = kafka_connection(settings)
 
     assert PASSWORD not in repr(connection) and "alerting" in repr(connection)
+    assert PASSWORD not in repr(settings) and PASSWORD not in str(settings.model_dump())
+    assert PASSWORD not in repr(faust_credentials(settings))

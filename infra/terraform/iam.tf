@@ -27,9 +27,12 @@ resource "aws_iam_role_policy_attachment" "execution" {
 }
 
 locals {
-  secret_arns         = distinct(values(local.secrets))
-  secretsmanager_arns = [for arn in local.secret_arns : arn if strcontains(arn, ":secretsmanager:")]
-  ssm_parameter_arns  = [for arn in local.secret_arns : arn if strcontains(arn, ":ssm:")]
+  secret_arns = distinct(values(local.secrets))
+  # A Secrets Manager reference may name one key of a JSON secret (`<secret ARN>:password::`, as for
+  # MSK's SCRAM secrets); IAM grants on the secret's ARN, its first seven fields.
+  secretsmanager_arns = distinct([for arn in local.secret_arns : join(":", slice(split(":", arn), 0, 7))
+  if strcontains(arn, ":secretsmanager:")])
+  ssm_parameter_arns = [for arn in local.secret_arns : arn if strcontains(arn, ":ssm:")]
 }
 
 data "aws_iam_policy_document" "read_secrets" {

@@ -156,7 +156,7 @@ variable "extra_environment" {
 }
 
 variable "extra_secrets" {
-  description = "More environment variables read from Secrets Manager or SSM: NAME => ARN (e.g. SMTP_PASSWORD)."
+  description = "More environment variables read from Secrets Manager or SSM: NAME => ARN (e.g. SMTP_PASSWORD), or a Secrets Manager ARN followed by :json-key:: to read one key of a JSON secret (e.g. KAFKA_SASL_PASSWORD from MSK's SCRAM secret, ...:password::)."
   type        = map(string)
   default     = {}
 }
