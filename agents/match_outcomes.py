@@ -285,7 +285,7 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
                 if ready.notification_id not in emitting)
         plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
         # A client with too many open groups for one changelog message has its oldest closed now.
-        closed_early = groups.close_early(plan.values)
+        closed_early = groups.close_early(plan)
         inserted = await write_outcome(conn, outcome, plan, round(now, 6))
         closed_early_ready, refused = await groups.record_closed_groups_apart(conn, closed_early, now)
     if closed_early:

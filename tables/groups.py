@@ -27,7 +27,7 @@ import logging
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -148,6 +148,7 @@ class Join:
 class JoinPlan:
     values: dict[bytes, ClientGroups]  # the table values to write, by key
     memberships: list[tuple[str, str, str]]  # (client_id, alert_id, notification_id) to upsert
+    sizes: dict[bytes, int] = field(default_factory=dict)  # the encoded size of each value joined to
 
 
 def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join], closed: set[str], now: float,
@@ -177,7 +178,7 @@ def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join],
             sizes[key] = encoded_size(groups)
         sizes[key] += add_member(group, matched, max_alerts, MAX_VALUE_BYTES - sizes[key])
         memberships.append((matched.client_id, matched.alert.alert_id, group["notification_id"]))
-    return JoinPlan(values, memberships)
+    return JoinPlan(values, memberships, sizes)
 
 
 # A membership moves only while its notification does not exist: once a group is closed, its
@@ -224,12 +225,15 @@ def due_groups(items: Iterable[tuple[bytes, ClientGroups]], now: float, skip: se
 CLOSE_EARLY_BYTES = 768 * 1024
 
 
-def close_early(values: dict[bytes, ClientGroups]) -> list[DueGroup]:
-    """Take the oldest groups out of each value larger than CLOSE_EARLY_BYTES until it is back within
-    MAX_VALUE_BYTES; return them, to be closed now (their members notified early, not lost)."""
+def close_early(plan: JoinPlan) -> list[DueGroup]:
+    """Take the oldest groups out of each of the plan's values larger than CLOSE_EARLY_BYTES until it
+    is back within MAX_VALUE_BYTES; return them, to be closed now (their members notified early,
+    not lost)."""
     taken: list[DueGroup] = []
-    for key, value in values.items():
-        size = encoded_size(value)
+    for key, value in plan.values.items():
+        # As plan_joins kept it up to date: measuring every value again would cost every batch an
+        # encoding of its clients' whole values.
+        size = plan.sizes[key] if key in plan.sizes else encoded_size(value)
         if size <= CLOSE_EARLY_BYTES:
             continue
         log.warning("client %s has %d bytes of open groups (more than %d): closing its oldest groups before "

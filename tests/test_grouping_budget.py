@@ -120,14 +120,15 @@ def crowded_alert(n: int) -> Alert:
 def test_a_value_too_large_for_a_message_gives_up_its_oldest_groups_and_no_more():
     client = str(uuid.uuid4())
     rules = [str(uuid.uuid4()) for _ in range(150)]
-    values: dict = {}
+    plan = groups.JoinPlan({}, [])
     for n, rule in enumerate(rules):  # one group opened per second, the first the oldest
-        values = groups.plan_joins(values, [groups.Join(grouped(client, rule, crowded_alert(n)))], set(),
-                                   now=float(n), max_alerts=100).values
-    value = values[client.encode()]
+        plan = groups.plan_joins(plan.values, [groups.Join(grouped(client, rule, crowded_alert(n)))], set(),
+                                 now=float(n), max_alerts=100)
+    value = plan.values[client.encode()]
     assert groups.encoded_size(value) > BROKER_MESSAGE_LIMIT
+    assert abs(plan.sizes[client.encode()] - groups.encoded_size(value)) <= len(rules)  # kept up to date
 
-    taken = groups.close_early(values)
+    taken = groups.close_early(plan)
 
     assert groups.encoded_size(value) <= groups.MAX_VALUE_BYTES
     assert [d.group_rule_id for d in taken] == rules[:len(taken)]
@@ -144,7 +145,7 @@ def test_one_group_too_large_for_a_message_through_its_rule_ids_is_closed_at_onc
     plan = groups.plan_joins({}, [groups.Join(match)], set(), now=1.0, max_alerts=100)
     assert groups.encoded_size(plan.values[client.encode()]) > groups.CLOSE_EARLY_BYTES
 
-    [taken] = groups.close_early(plan.values)
+    [taken] = groups.close_early(plan)
 
     assert (taken.group_rule_id, taken.group["rule_ids"]) == (rule, every_rule)
     assert plan.values[client.encode()] == {}  # the key is deleted when written
@@ -157,7 +158,7 @@ def test_a_value_within_a_message_keeps_all_its_groups():
                              set(), now=1.0, max_alerts=100)
     assert groups.MAX_VALUE_BYTES < groups.encoded_size(plan.values[client.encode()]) <= groups.CLOSE_EARLY_BYTES
 
-    assert groups.close_early(plan.values) == []
+    assert groups.close_early(plan) == []
     assert sorted(plan.values[client.encode()]) == sorted(rules)
 
 
