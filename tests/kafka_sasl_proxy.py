@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
-import threading
 
 import scramp
 
+from broker_front import BrokerFront, join
+
 API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
-UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE, SASL_AUTHENTICATION_FAILED = 33, 34, 58
+UNSUPPORTED_SASL_MECHANISM, SASL_AUTHENTICATION_FAILED = 33, 58
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes:
@@ -37,21 +38,19 @@ def string(text: str | None) -> bytes:
     return struct.pack(">h", len(data)) + data
 
 
-class SaslLoginBroker:
+class SaslLoginBroker(BrokerFront):
     """`port` takes SASL logins (`mechanism`, users by name and password) and then forwards to
     `upstream_port`; `logins` lists the users who logged in, `refusals` counts failed logins."""
 
     def __init__(self, port: int, upstream_port: int, users: dict[str, str], *, mechanism: str = "SCRAM-SHA-512",
                  tls: ssl.SSLContext | None = None) -> None:
-        self.port, self.upstream_port, self.mechanism, self.tls = port, upstream_port, mechanism, tls
+        super().__init__(port, upstream_port, tls)
+        self.mechanism = mechanism
         self._scram = scramp.ScramMechanism(mechanism)
         self._auth_info = {user: self._scram.make_auth_info(password, iteration_count=4096)
                            for user, password in users.items()}
         self.logins: list[str] = []
         self.refusals = 0
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sasl-login-broker", daemon=True)
 
     async def _log_in(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter) -> bool:
@@ -102,16 +101,6 @@ class SaslLoginBroker:
                 return False
             await writer.drain()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         try:
@@ -123,23 +112,4 @@ class SaslLoginBroker:
             writer.close()
             upstream_writer.close()
             return
-        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._connection, "127.0.0.1", self.port, ssl=self.tls))
-        self._started.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
-
-    def __enter__(self) -> "SaslLoginBroker":
-        self._thread.start()
-        self._started.wait(10)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        await join(reader, writer, upstream_reader, upstream_writer)

@@ -9,21 +9,19 @@ advertises the login port, so every client, after its first request, is sent bac
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import ssl
-import subprocess
 
 import pytest
 
 from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import free_port
 from alerting_app.kafka_connection import KafkaConnection, SaslLogin, tls_context
-from alerting_app.up import WorkerProcess, alerting_app_executable
 from kafka_sasl_proxy import SaslLoginBroker
-from operations_support import readiness, start_tansu, wait_until
-from test_e2e_kafka_tls import alert_reaches_webhook, certificates, refused  # noqa: F401  (fixture)
+from operations_support import start_tansu
+from test_e2e_kafka_tls import (  # noqa: F401  (certificates: a fixture)
+    alert_reaches_webhook, certificates, first_alert_on_the_topic, refused, topics_created_and_worker_ready)
 
 pytestmark = pytest.mark.e2e
 
@@ -65,21 +63,10 @@ def test_a_worker_and_the_commands_log_in_with_scram_over_tls_end_to_end(service
         broker = start_tansu(plaintext_port, tmp_path / "kafka", advertised_port=login_port, probe=logged_in)
         worker = None
         try:
-            created = subprocess.run([alerting_app_executable(), "create-topics"], env=env, capture_output=True,
-                                     text=True, timeout=120)
-            assert created.returncode == 0, created.stderr
-            assert "alerts.new" in created.stdout.split("\n")[0]
-
-            worker = WorkerProcess(env, tmp_path / "worker.log")
-            worker.wait_until_ready()
-            assert wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
+            worker = topics_created_and_worker_ready(env, tmp_path)
 
             assert asyncio.run(alert_reaches_webhook(worker.url, services, alert_id="over-sasl")) == ["over-sasl"]
-
-            tailed = subprocess.run([alerting_app_executable(), "tail", "alerts.new", "--from-beginning",
-                                     "--limit", "1"], env=env, capture_output=True, text=True, timeout=120)
-            assert tailed.returncode == 0, tailed.stderr
-            assert json.loads(tailed.stdout)["value"]["alert_id"] == "over-sasl"
+            assert first_alert_on_the_topic(env) == "over-sasl"
             assert login.refusals == 0 and set(login.logins) == {USER}
             assert PASSWORD not in worker.log_path.read_text()
         finally:

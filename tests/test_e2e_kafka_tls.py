@@ -15,7 +15,6 @@ import os
 import secrets
 import ssl
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import free_port
 from alerting_app.kafka_connection import KafkaConnection, tls_context
 from alerting_app.up import WorkerProcess, alerting_app_executable
+from broker_front import BrokerFront, join
 from operations_support import readiness, start_tansu, wait_until
 from test_e2e_pipeline import WebhookReceiver
 from tls_certificates import certificate_files
@@ -34,49 +34,16 @@ from worker_probe import wait_until_workers_hold_postgres_rules
 pytestmark = pytest.mark.e2e
 
 
-class TlsTerminator:
+class TlsTerminator(BrokerFront):
     """TLS on `port`, requiring a client certificate of `ca`, forwarded in plaintext to `upstream_port`."""
 
     def __init__(self, port: int, upstream_port: int, server_context: ssl.SSLContext) -> None:
-        self.port, self.upstream_port, self.context = port, upstream_port, server_context
+        super().__init__(port, upstream_port, server_context)
         self.handshakes = 0
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tls-terminator", daemon=True)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.handshakes += 1  # only connections whose TLS handshake (client certificate included) passed
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._connection, "127.0.0.1", self.port, ssl=self.context))
-        self._started.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
-
-    def __enter__(self) -> "TlsTerminator":
-        self._thread.start()
-        self._started.wait(10)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        await join(reader, writer, *await asyncio.open_connection("127.0.0.1", self.upstream_port))
 
 
 @pytest.fixture
@@ -123,6 +90,30 @@ async def alert_reaches_webhook(worker_url: str, services, alert_id: str = "over
         return list(receiver.alert_ids())
 
 
+def topics_created_and_worker_ready(env: dict[str, str], tmp_path: Path) -> WorkerProcess:
+    """`create-topics`, then a worker, each with the broker settings of `env`; the worker is ready."""
+    created = subprocess.run([alerting_app_executable(), "create-topics"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert created.returncode == 0, created.stderr
+    assert "alerts.new" in created.stdout.split("\n")[0]
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        worker.wait_until_ready()
+        assert wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
+
+
+def first_alert_on_the_topic(env: dict[str, str]) -> str:
+    """The alert_id of the first message of alerts.new, as `alerting-app tail` reads it with `env`."""
+    tailed = subprocess.run([alerting_app_executable(), "tail", "alerts.new", "--from-beginning", "--limit", "1"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert tailed.returncode == 0, tailed.stderr
+    return json.loads(tailed.stdout)["value"]["alert_id"]
+
+
 def test_a_worker_and_the_commands_use_tls_with_a_client_certificate_end_to_end(
         services, clean_db, tmp_path, certificates):
     plaintext_port, tls_port = free_port(), free_port()
@@ -142,14 +133,7 @@ def test_a_worker_and_the_commands_use_tls_with_a_client_certificate_end_to_end(
             assert refused(tls_address)
             assert refused(KafkaConnection(tls_address, tls_context(certificates["ca"], None, None)))
 
-            created = subprocess.run([alerting_app_executable(), "create-topics"], env=env, capture_output=True,
-                                     text=True, timeout=120)
-            assert created.returncode == 0, created.stderr
-            assert "alerts.new" in created.stdout.split("\n")[0]
-
-            worker = WorkerProcess(env, tmp_path / "worker.log")
-            worker.wait_until_ready()
-            assert wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
+            worker = topics_created_and_worker_ready(env, tmp_path)
 
             assert asyncio.run(alert_reaches_webhook(worker.url, services)) == ["over-tls"]
 
@@ -158,10 +142,7 @@ def test_a_worker_and_the_commands_use_tls_with_a_client_certificate_end_to_end(
             assert listed.returncode == 0, listed.stderr
             [alerts_new] = [t for t in json.loads(listed.stdout)["topics"] if t["topic"] == "alerts.new"]
             assert alerts_new["end_offsets"] == 1
-            tailed = subprocess.run([alerting_app_executable(), "tail", "alerts.new", "--from-beginning",
-                                     "--limit", "1"], env=env, capture_output=True, text=True, timeout=120)
-            assert tailed.returncode == 0, tailed.stderr
-            assert json.loads(tailed.stdout)["value"]["alert_id"] == "over-tls"
+            assert first_alert_on_the_topic(env) == "over-tls"
             assert terminator.handshakes > 0
         finally:
             if worker is not None:

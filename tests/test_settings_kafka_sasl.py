@@ -9,7 +9,8 @@ import faust
 import pytest
 
 from alerting_app.kafka_connection import client_args, faust_credentials, kafka_connection
-from alerting_app.settings import ConfigurationError, load_settings
+from alerting_app.settings import load_settings
+from test_settings_kafka_tls import refusal
 from tls_certificates import certificate_files
 
 PASSWORD = "correct-horse-battery-staple"
@@ -24,12 +25,6 @@ def sasl_env(monkeypatch):
     for name in ("KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE", "KAFKA_SASL_MECHANISM"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-def refusal() -> str:
-    with pytest.raises(ConfigurationError) as refused:
-        load_settings()
-    return str(refused.value)
 
 
 def test_sasl_ssl_logs_in_with_scram_sha_512_over_tls_by_default(sasl_env):
