@@ -12,17 +12,20 @@ TLS covers Amazon MSK's TLS listener (port 9094) and any Kafka with an SSL liste
 certificate is checked against KAFKA_SSL_CAFILE (default: the system's trusted CAs, which include
 the Amazon roots MSK's certificates chain to), with its host name; KAFKA_SSL_CERTFILE and
 KAFKA_SSL_KEYFILE add a client certificate (MSK's mutual TLS). SASL covers MSK's SCRAM listener
-(SASL_SSL, SCRAM-SHA-512, port 9096) and any Kafka with SCRAM-SHA-256/512 or PLAIN logins; MSK's
-IAM login (a signed OAUTHBEARER token) is not supported.
+(SASL_SSL, SCRAM-SHA-512, port 9096) and any Kafka with SCRAM-SHA-256/512 or PLAIN logins, and
+MSK's IAM login (SASL_SSL, AWS_MSK_IAM, port 9098): an OAUTHBEARER token that AWS's signer
+(aws-msk-iam-sasl-signer-python) makes from the environment's AWS credentials, an ECS task's role.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import faust
+from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
 if TYPE_CHECKING:
@@ -36,11 +39,36 @@ class SaslLogin:
     password: str = field(repr=False)  # kept out of logs and tracebacks
 
 
+class MskIamToken(AbstractTokenProvider):
+    """MSK's IAM login: a token signed with the AWS credentials of the environment, at each connection
+    (a token is valid 15 minutes; a connection signs in once)."""
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+
+    async def token(self) -> str:
+        # Imported here: boto3 takes 0.4 s to import, which no command without this login should pay.
+        from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
+
+        # Signing may first fetch credentials (an ECS task's role, over HTTP): off the event loop.
+        token, _expires_ms = await asyncio.to_thread(MSKAuthTokenProvider.generate_auth_token, self.region)
+        return token
+
+    def __repr__(self) -> str:
+        return f"MskIamToken(region={self.region!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MskIamToken) and other.region == self.region
+
+    def __hash__(self) -> int:
+        return hash(self.region)
+
+
 @dataclass(frozen=True)
 class KafkaConnection:
     bootstrap_servers: str
     ssl_context: ssl.SSLContext | None = None  # None: no TLS
-    sasl: SaslLogin | None = None  # None: no login
+    sasl: SaslLogin | MskIamToken | None = None  # None: no login
 
 
 Broker = str | KafkaConnection
@@ -53,7 +81,9 @@ def client_args(broker: Broker) -> dict[str, Any]:
     args: dict[str, Any] = {"bootstrap_servers": broker.bootstrap_servers}
     if broker.ssl_context is not None:
         args.update(security_protocol="SSL", ssl_context=broker.ssl_context)
-    if broker.sasl is not None:
+    if isinstance(broker.sasl, MskIamToken):
+        args.update(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER", sasl_oauth_token_provider=broker.sasl)
+    elif broker.sasl is not None:
         args.update(security_protocol="SASL_SSL" if broker.ssl_context is not None else "SASL_PLAINTEXT",
                     sasl_mechanism=broker.sasl.mechanism, sasl_plain_username=broker.sasl.username,
                     sasl_plain_password=broker.sasl.password)
@@ -78,9 +108,12 @@ def tls_context_of(settings: Settings) -> ssl.SSLContext | None:
                          (settings.kafka_ssl_cafile, settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)))
 
 
-def sasl_login_of(settings: Settings) -> SaslLogin | None:
+def sasl_login_of(settings: Settings) -> SaslLogin | MskIamToken | None:
     if not settings.kafka_security_protocol.startswith("SASL_"):
         return None
+    if settings.kafka_sasl_mechanism == "AWS_MSK_IAM":
+        assert settings.kafka_aws_region  # the settings check it
+        return MskIamToken(settings.kafka_aws_region)
     assert settings.kafka_sasl_username and settings.kafka_sasl_password  # the settings check it
     return SaslLogin(settings.kafka_sasl_mechanism, settings.kafka_sasl_username,
                      settings.kafka_sasl_password.get_secret_value())
@@ -97,6 +130,8 @@ def kafka_connection(settings: Settings, bootstrap_servers: str | None = None) -
 def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
     """Faust's `broker_credentials` for the settings: what `client_args` gives our own clients."""
     tls, login = tls_context_of(settings), sasl_login_of(settings)
+    if isinstance(login, MskIamToken):
+        return faust.OAuthCredentials(oauth_cb=login, ssl_context=tls)
     if login is not None:
         return faust.SASLCredentials(username=login.username, password=login.password, ssl_context=tls,
                                      mechanism=login.mechanism)

@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.connection import parse_url as parse_redis_url
 
@@ -120,7 +120,7 @@ def _unset_if_empty(value: object) -> object:
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
 _UPPER = BeforeValidator(lambda value: value.strip().upper() if isinstance(value, str) else value)
 SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT"], _UPPER]
-SaslMechanism = Annotated[Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"], _UPPER]
+SaslMechanism = Annotated[Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN", "AWS_MSK_IAM"], _UPPER]
 OptionalText = Annotated[str | None, BeforeValidator(_unset_if_empty)]
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_if_empty)]  # shown as ********
 MIN_NOTIFICATION_RETENTION_DAYS = 2
@@ -163,6 +163,10 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
     kafka_sasl_username: OptionalText = None
     kafka_sasl_password: OptionalSecret = None
+    # AWS_MSK_IAM signs in with the AWS credentials of the environment (an ECS task's role) for
+    # this region; ECS sets AWS_REGION in every task.
+    kafka_aws_region: OptionalText = Field(default=None, validation_alias=AliasChoices(
+        "KAFKA_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
     database_url: PostgresUrl | None = None
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)
@@ -253,7 +257,18 @@ class Settings(BaseSettings):
         files = {"KAFKA_SSL_CAFILE": self.kafka_ssl_cafile, "KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
                  "KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile}
         login = {"KAFKA_SASL_USERNAME": self.kafka_sasl_username, "KAFKA_SASL_PASSWORD": self.kafka_sasl_password}
-        if protocol.startswith("SASL_"):
+        if protocol.startswith("SASL_") and self.kafka_sasl_mechanism == "AWS_MSK_IAM":
+            if protocol != "SASL_SSL":
+                raise ValueError("KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL: "
+                                 "MSK's IAM listener speaks TLS")
+            if any(login.values()):
+                raise ValueError(f"{', '.join(name for name, value in login.items() if value)} set, but "
+                                 "KAFKA_SASL_MECHANISM=AWS_MSK_IAM signs in with the AWS credentials of the "
+                                 "environment, not a user and password")
+            if self.kafka_aws_region is None:
+                raise ValueError("KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs the cluster's region: KAFKA_AWS_REGION "
+                                 "(or AWS_REGION, which ECS sets)")
+        elif protocol.startswith("SASL_"):
             if not all(login.values()):
                 raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and "
                                  "KAFKA_SASL_PASSWORD")

@@ -3,8 +3,9 @@
 Tansu 0.6.0 cannot be given SCRAM users here (it refuses to create them with its memory storage),
 so the login is checked in front of it, as a broker's SASL listener checks it: each connection
 may ask for the broker's API versions (passed on to Tansu), must then complete a SaslHandshake and
-SaslAuthenticate exchange with a user of `users` (the server side of SCRAM is scramp's, as
-pg8000's), and only then is it joined to Tansu, in plaintext. Any other request before the login
+SaslAuthenticate exchange (SCRAM with a user of `users`, the server side being scramp's, as
+pg8000's; or OAUTHBEARER with a token the test checks), and only then is it joined to Tansu, in
+plaintext. Any other request before the login
 closes the connection, as Kafka does. Optionally with TLS first (SASL_SSL), without a client
 certificate, as MSK's SCRAM listener.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+from collections.abc import Callable
 
 import scramp
 
@@ -38,24 +40,75 @@ def string(text: str | None) -> bytes:
     return struct.pack(">h", len(data)) + data
 
 
-class SaslLoginBroker(BrokerFront):
-    """`port` takes SASL logins (`mechanism`, users by name and password) and then forwards to
-    `upstream_port`; `logins` lists the users who logged in, `refusals` counts failed logins."""
+class LoginRefused(Exception):
+    pass
 
-    def __init__(self, port: int, upstream_port: int, users: dict[str, str], *, mechanism: str = "SCRAM-SHA-512",
+
+class ScramExchange:
+    """The server side of one SCRAM login (scramp's), against `auth_info` by user."""
+
+    def __init__(self, scram: scramp.ScramMechanism, auth_info: dict[str, tuple]) -> None:
+        self.user: str | None = None
+
+        def lookup(user: str) -> tuple:
+            self.user = user
+            return auth_info[user]  # KeyError: no such user
+        self._server = scram.make_server(lookup)
+
+    def step(self, message: str) -> tuple[str, bool]:
+        """(the answer, whether the login is complete); raises LoginRefused."""
+        try:
+            if self._server.stage is None:
+                self._server.set_client_first(message)
+                return self._server.get_server_first(), False
+            self._server.set_client_final(message)
+            return self._server.get_server_final(), True
+        except (scramp.ScramException, KeyError) as exc:
+            raise LoginRefused(str(exc)) from None
+
+
+class BearerExchange:
+    """One OAUTHBEARER login (RFC 7628): the client's first message carries the token, which
+    `check_token` accepts (returning who it names) or refuses (raising LoginRefused)."""
+
+    def __init__(self, check_token: Callable[[str], str]) -> None:
+        self.user: str | None = None
+        self._check_token = check_token
+
+    def step(self, message: str) -> tuple[str, bool]:
+        fields = dict(field.split("=", 1) for field in message.split("\x01")[1:] if "=" in field)
+        scheme, _, token = fields.get("auth", "").partition(" ")
+        if scheme != "Bearer" or not token:
+            raise LoginRefused("no bearer token")
+        self.user = self._check_token(token)
+        return "", True
+
+
+class SaslLoginBroker(BrokerFront):
+    """`port` takes SASL logins and then forwards to `upstream_port`: `mechanism` SCRAM-SHA-256/512
+    with `users` (name -> password), or OAUTHBEARER with tokens `check_token` accepts. `logins` lists
+    who logged in, `refusals` counts failed logins."""
+
+    def __init__(self, port: int, upstream_port: int, users: dict[str, str] | None = None, *,
+                 mechanism: str = "SCRAM-SHA-512", check_token: Callable[[str], str] | None = None,
                  tls: ssl.SSLContext | None = None) -> None:
         super().__init__(port, upstream_port, tls)
         self.mechanism = mechanism
-        self._scram = scramp.ScramMechanism(mechanism)
-        self._auth_info = {user: self._scram.make_auth_info(password, iteration_count=4096)
-                           for user, password in users.items()}
+        if mechanism == "OAUTHBEARER":
+            assert check_token is not None
+            self._exchange: Callable[[], ScramExchange | BearerExchange] = lambda: BearerExchange(check_token)
+        else:
+            scram = scramp.ScramMechanism(mechanism)
+            auth_info = {user: scram.make_auth_info(password, iteration_count=4096)
+                         for user, password in (users or {}).items()}
+            self._exchange = lambda: ScramExchange(scram, auth_info)
         self.logins: list[str] = []
         self.refusals = 0
 
     async def _log_in(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter) -> bool:
         """The exchange before the login; True once a user has logged in."""
-        server = None
+        exchange = None
         while True:
             body = await read_frame(reader)
             api_key, api_version, correlation_id, client_id_length = struct.unpack(">hhih", body[:10])
@@ -71,31 +124,21 @@ class SaslLoginBroker(BrokerFront):
                 writer.write(frame(header + struct.pack(">hi", error, 1) + string(self.mechanism)))
                 if error:
                     return False
-                users: list[str] = []
-
-                def auth_info(user: str, users: list[str] = users) -> tuple:
-                    users.append(user)
-                    return self._auth_info[user]  # KeyError: no such user
-                server = self._scram.make_server(auth_info)
-            elif api_key == SASL_AUTHENTICATE and api_version <= 1 and server is not None:
+                exchange = self._exchange()
+            elif api_key == SASL_AUTHENTICATE and api_version <= 1 and exchange is not None:
                 (length,) = struct.unpack(">i", payload[:4])
-                message = payload[4:4 + length].decode()
+                session_lifetime = struct.pack(">q", 0) if api_version else b""
                 try:
-                    if server.stage is None:
-                        server.set_client_first(message)
-                        answer, done = server.get_server_first(), False
-                    else:
-                        server.set_client_final(message)
-                        answer, done = server.get_server_final(), True
-                except (scramp.ScramException, KeyError) as exc:
+                    answer, done = exchange.step(payload[4:4 + length].decode())
+                except LoginRefused as exc:
                     self.refusals += 1
                     reply = struct.pack(">h", SASL_AUTHENTICATION_FAILED) + string(f"Authentication failed: {exc}")
-                    writer.write(frame(header + reply + struct.pack(">i", 0) + (b"\0" * 8 if api_version else b"")))
+                    writer.write(frame(header + reply + struct.pack(">i", 0) + session_lifetime))
                     return False
                 reply = struct.pack(">h", 0) + string(None) + struct.pack(">i", len(answer)) + answer.encode()
-                writer.write(frame(header + reply + (struct.pack(">q", 0) if api_version else b"")))
+                writer.write(frame(header + reply + session_lifetime))
                 if done:
-                    self.logins.append(users[0])
+                    self.logins.append(exchange.user)
                     return True
             else:  # anything else before the login: Kafka closes the connection
                 return False

@@ -1,6 +1,6 @@
 """Kafka with a SASL login (KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT), end to end: our
-own clients and a worker's Faust clients log in with SCRAM, and an alert goes from the API to a
-webhook through a broker that lets nobody else in.
+own clients and a worker's Faust clients log in with SCRAM, or with MSK's IAM token, and an alert
+goes from the API to a webhook through a broker that lets nobody else in.
 
 Tansu 0.6.0 cannot hold SCRAM users here, so the login is checked in front of it
 (tests/kafka_sasl_proxy.py): the broker listens in plaintext on a port this test alone knows and
@@ -9,16 +9,20 @@ advertises the login port, so every client, after its first request, is sent bac
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import re
 import secrets
 import ssl
+import urllib.parse
+from collections.abc import Callable
 
 import pytest
 
 from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import free_port
-from alerting_app.kafka_connection import KafkaConnection, SaslLogin, tls_context
-from kafka_sasl_proxy import SaslLoginBroker
+from alerting_app.kafka_connection import KafkaConnection, MskIamToken, SaslLogin, tls_context
+from kafka_sasl_proxy import LoginRefused, SaslLoginBroker
 from operations_support import start_tansu
 from test_e2e_kafka_tls import (  # noqa: F401  (certificates: a fixture)
     alert_reaches_webhook, certificates, first_alert_on_the_topic, refused, topics_created_and_worker_ready)
@@ -69,6 +73,62 @@ def test_a_worker_and_the_commands_log_in_with_scram_over_tls_end_to_end(service
             assert first_alert_on_the_topic(env) == "over-sasl"
             assert login.refusals == 0 and set(login.logins) == {USER}
             assert PASSWORD not in worker.log_path.read_text()
+        finally:
+            if worker is not None:
+                worker.stop()
+            broker.stop()
+
+
+ACCESS_KEY_ID = "AKIAALERTINGTEST0001"
+
+
+def msk_iam_token_check(region: str) -> Callable[[str], str]:
+    """What MSK checks of an IAM token, as far as a test can without AWS: a URL signed with SigV4 for
+    `kafka-cluster:Connect` in `region`, with the access key of the environment; names that key."""
+    def check(token: str) -> str:
+        url = urllib.parse.urlsplit(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode())
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if url.hostname != f"kafka.{region}.amazonaws.com" or query.get("Action") != "kafka-cluster:Connect":
+            raise LoginRefused(f"not an MSK IAM token for {region}: {url.geturl()}")
+        access_key, _date, token_region, service, _ = query["X-Amz-Credential"].split("/")
+        if (token_region, service, query.get("X-Amz-Algorithm")) != (region, "kafka-cluster", "AWS4-HMAC-SHA256"):
+            raise LoginRefused(f"signed for {token_region}/{service}")
+        if not re.fullmatch(r"[0-9a-f]{64}", query.get("X-Amz-Signature", "")):
+            raise LoginRefused("no signature")
+        return access_key
+    return check
+
+
+def test_a_worker_and_the_commands_sign_in_to_msk_with_iam_end_to_end(services, clean_db, tmp_path, certificates,
+                                                                      monkeypatch):
+    plaintext_port, login_port = free_port(), free_port()
+    address = f"127.0.0.1:{login_port}"
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certificates["server"])
+    aws = {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+           "AWS_REGION": "eu-west-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    for name, value in aws.items():
+        monkeypatch.setenv(name, value)  # for this process's own probes, as for the worker
+    tls = tls_context(certificates["ca"], None, None)
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": address, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+           "KAFKA_SSL_CAFILE": certificates["ca"], "KAFKA_SASL_MECHANISM": "AWS_MSK_IAM",
+           "WEB_PORT": str(free_port()), "DATA_DIR": str(tmp_path / "worker"),
+           "APP_ID": f"iam-{secrets.token_hex(4)}"}
+    with SaslLoginBroker(login_port, plaintext_port, mechanism="OAUTHBEARER",
+                         check_token=msk_iam_token_check("eu-west-1"), tls=server_tls) as login:
+        broker = start_tansu(plaintext_port, tmp_path / "kafka", advertised_port=login_port,
+                             probe=KafkaConnection(address, tls, MskIamToken("eu-west-1")))
+        worker = None
+        try:
+            assert refused(KafkaConnection(address, tls, MskIamToken("us-east-1")))  # signed for another region
+            assert login.refusals > 0
+
+            worker = topics_created_and_worker_ready(env, tmp_path)
+
+            assert asyncio.run(alert_reaches_webhook(worker.url, services, alert_id="over-iam")) == ["over-iam"]
+            assert first_alert_on_the_topic(env) == "over-iam"
+            assert set(login.logins) == {ACCESS_KEY_ID}
+            assert aws["AWS_SECRET_ACCESS_KEY"] not in worker.log_path.read_text()
         finally:
             if worker is not None:
                 worker.stop()

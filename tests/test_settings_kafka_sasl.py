@@ -8,7 +8,7 @@ import ssl
 import faust
 import pytest
 
-from alerting_app.kafka_connection import client_args, faust_credentials, kafka_connection
+from alerting_app.kafka_connection import MskIamToken, client_args, faust_credentials, kafka_connection
 from alerting_app.settings import load_settings
 from test_settings_kafka_tls import refusal
 from tls_certificates import certificate_files
@@ -110,3 +110,38 @@ def test_the_password_stays_out_of_the_reprs_of_the_settings_and_the_connection(
     assert PASSWORD not in repr(connection) and "alerting" in repr(connection)
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings.model_dump())
     assert PASSWORD not in repr(faust_credentials(settings))
+
+
+@pytest.fixture
+def iam_env(sasl_env):
+    for name in ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "KAFKA_AWS_REGION", "AWS_DEFAULT_REGION"):
+        sasl_env.delenv(name, raising=False)
+    sasl_env.setenv("KAFKA_SASL_MECHANISM", "aws_msk_iam")
+    sasl_env.setenv("AWS_REGION", "eu-west-1")  # as ECS sets it
+    return sasl_env
+
+
+def test_msk_iam_signs_in_with_an_oauthbearer_token_for_the_tasks_region(iam_env):
+    settings = load_settings()
+
+    args = client_args(kafka_connection(settings))
+    assert (args["security_protocol"], args["sasl_mechanism"]) == ("SASL_SSL", "OAUTHBEARER")
+    provider = args["sasl_oauth_token_provider"]
+    assert isinstance(provider, MskIamToken) and provider.region == "eu-west-1"
+    credentials = faust_credentials(settings)
+    assert isinstance(credentials, faust.OAuthCredentials)
+    assert (credentials.protocol.value, credentials.oauth_cb) == ("SASL_SSL", provider)
+    iam_env.setenv("KAFKA_AWS_REGION", "us-east-2")  # the cluster's region, when it is not the task's
+    assert client_args(kafka_connection(load_settings()))["sasl_oauth_token_provider"].region == "us-east-2"
+
+
+def test_msk_iam_is_refused_without_a_region_without_tls_or_with_a_password(iam_env):
+    iam_env.delenv("AWS_REGION")
+    assert "KAFKA_AWS_REGION" in refusal()
+    iam_env.setenv("AWS_REGION", "eu-west-1")
+    iam_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    assert "needs KAFKA_SECURITY_PROTOCOL=SASL_SSL" in refusal()
+    iam_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    iam_env.setenv("KAFKA_SASL_PASSWORD", PASSWORD)
+    message = refusal()
+    assert "KAFKA_SASL_PASSWORD set" in message and PASSWORD not in message

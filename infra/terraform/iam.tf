@@ -1,5 +1,6 @@
 # Two roles: the execution role (ECS itself: pull the image, write logs, read the secrets into the
-# environment) and the task role (the application: it calls no AWS API, so it holds no policy).
+# environment) and the task role (the application: it calls no AWS API, so it holds no policy,
+# except MSK's IAM login when msk_iam_cluster_arn is set).
 
 data "aws_iam_policy_document" "ecs_tasks_assume" {
   statement {
@@ -73,4 +74,39 @@ resource "aws_iam_role_policy" "execution_reads_secrets" {
 resource "aws_iam_role" "task" {
   name               = "${var.name}-ecs-task"
   assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+}
+
+locals {
+  # arn:<partition>:kafka:<region>:<account>:cluster/<name>/<uuid> -> its topics and groups.
+  msk_topics = var.msk_iam_cluster_arn == null ? null : "${replace(var.msk_iam_cluster_arn, ":cluster/", ":topic/")}/*"
+  msk_groups = var.msk_iam_cluster_arn == null ? null : "${replace(var.msk_iam_cluster_arn, ":cluster/", ":group/")}/*"
+}
+
+# What the workers and the migrate task (create-topics) do on the cluster, and nothing else.
+data "aws_iam_policy_document" "msk_iam" {
+  count = var.msk_iam_cluster_arn == null ? 0 : 1
+
+  statement {
+    sid       = "ConnectToTheCluster"
+    actions   = ["kafka-cluster:Connect", "kafka-cluster:DescribeCluster"]
+    resources = [var.msk_iam_cluster_arn]
+  }
+  statement {
+    sid = "UseItsTopics"
+    actions = ["kafka-cluster:DescribeTopic", "kafka-cluster:CreateTopic", "kafka-cluster:ReadData",
+    "kafka-cluster:WriteData", "kafka-cluster:DescribeTopicDynamicConfiguration"]
+    resources = [local.msk_topics]
+  }
+  statement {
+    sid       = "UseItsConsumerGroups"
+    actions   = ["kafka-cluster:AlterGroup", "kafka-cluster:DescribeGroup"]
+    resources = [local.msk_groups]
+  }
+}
+
+resource "aws_iam_role_policy" "task_signs_in_to_msk" {
+  count  = var.msk_iam_cluster_arn == null ? 0 : 1
+  name   = "msk-iam"
+  role   = aws_iam_role.task.id
+  policy = data.aws_iam_policy_document.msk_iam[0].json
 }

@@ -87,7 +87,7 @@ variable "webhook_egress_ports" {
 }
 
 variable "kafka_ports" {
-  description = "Broker ports inside the VPC (MSK: 9094 TLS, 9096 SASL/SCRAM over TLS, 9092 plaintext; 9098 IAM is not supported)."
+  description = "Broker ports inside the VPC (MSK: 9094 TLS, 9096 SASL/SCRAM over TLS, 9098 IAM over TLS, 9092 plaintext)."
   type        = list(number)
   default     = [9094]
 }
@@ -100,6 +100,17 @@ variable "kafka_security_protocol" {
   validation {
     condition     = contains(["SSL", "SASL_SSL", "PLAINTEXT"], var.kafka_security_protocol)
     error_message = "kafka_security_protocol: SSL, SASL_SSL or PLAINTEXT."
+  }
+}
+
+variable "msk_iam_cluster_arn" {
+  description = "The MSK cluster's ARN, to sign in with IAM (port 9098, kafka_security_protocol = SASL_SSL): the task role may then connect and use the cluster's topics and consumer groups, and the workers sign in with its credentials (KAFKA_SASL_MECHANISM=AWS_MSK_IAM)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.msk_iam_cluster_arn == null || can(regex("^arn:[^:]+:kafka:[^:]+:[0-9]+:cluster/[^/]+/[^/]+$", var.msk_iam_cluster_arn))
+    error_message = "msk_iam_cluster_arn: arn:aws:kafka:<region>:<account>:cluster/<name>/<uuid>."
   }
 }
 
