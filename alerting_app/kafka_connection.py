@@ -112,8 +112,8 @@ def sasl_login_of(settings: Settings) -> SaslLogin | MskIamToken | None:
     if not settings.kafka_security_protocol.startswith("SASL_"):
         return None
     if settings.kafka_sasl_mechanism == "AWS_MSK_IAM":
-        assert settings.kafka_aws_region  # the settings check it
-        return MskIamToken(settings.kafka_aws_region)
+        assert settings.msk_region  # the settings check it
+        return MskIamToken(settings.msk_region)
     assert settings.kafka_sasl_username and settings.kafka_sasl_password  # the settings check it
     return SaslLogin(settings.kafka_sasl_mechanism, settings.kafka_sasl_username,
                      settings.kafka_sasl_password.get_secret_value())

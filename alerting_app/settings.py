@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.connection import parse_url as parse_redis_url
 
@@ -163,10 +163,11 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
     kafka_sasl_username: OptionalText = None
     kafka_sasl_password: OptionalSecret = None
-    # AWS_MSK_IAM signs in with the AWS credentials of the environment (an ECS task's role) for
-    # this region; ECS sets AWS_REGION in every task.
-    kafka_aws_region: OptionalText = Field(default=None, validation_alias=AliasChoices(
-        "KAFKA_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
+    # AWS_MSK_IAM signs in with the AWS credentials of the environment (an ECS task's role) for the
+    # cluster's region: KAFKA_AWS_REGION, else the task's own (`msk_region`); ECS sets AWS_REGION.
+    kafka_aws_region: OptionalText = None
+    aws_region: OptionalText = None
+    aws_default_region: OptionalText = None
     database_url: PostgresUrl | None = None
     redis_url: RedisUrl | None = None
     admin_token: str | None = Field(default=None, min_length=16)
@@ -257,17 +258,17 @@ class Settings(BaseSettings):
         files = {"KAFKA_SSL_CAFILE": self.kafka_ssl_cafile, "KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
                  "KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile}
         login = {"KAFKA_SASL_USERNAME": self.kafka_sasl_username, "KAFKA_SASL_PASSWORD": self.kafka_sasl_password}
-        if protocol.startswith("SASL_") and self.kafka_sasl_mechanism == "AWS_MSK_IAM":
+        if self.kafka_sasl_mechanism == "AWS_MSK_IAM":
             if protocol != "SASL_SSL":
-                raise ValueError("KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL: "
-                                 "MSK's IAM listener speaks TLS")
+                raise ValueError(f"KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL (not "
+                                 f"{protocol}): MSK's IAM login is made over TLS")
             if any(login.values()):
                 raise ValueError(f"{', '.join(name for name, value in login.items() if value)} set, but "
                                  "KAFKA_SASL_MECHANISM=AWS_MSK_IAM signs in with the AWS credentials of the "
                                  "environment, not a user and password")
-            if self.kafka_aws_region is None:
+            if self.msk_region is None:
                 raise ValueError("KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs the cluster's region: KAFKA_AWS_REGION "
-                                 "(or AWS_REGION, which ECS sets)")
+                                 "(or AWS_REGION, which ECS sets, or AWS_DEFAULT_REGION)")
         elif protocol.startswith("SASL_"):
             if not all(login.values()):
                 raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and "
@@ -305,6 +306,13 @@ class Settings(BaseSettings):
                                  f"({self.kafka_ssl_keyfile}) cannot be loaded as a certificate and its key: "
                                  f"{exc}") from None
         return self
+
+    @property
+    def msk_region(self) -> str | None:
+        """The region MSK's IAM login signs for: the first of KAFKA_AWS_REGION, AWS_REGION and
+        AWS_DEFAULT_REGION that is set (AWS's region names are lower case)."""
+        region = self.kafka_aws_region or self.aws_region or self.aws_default_region
+        return region.strip().lower() if region else None
 
     @model_validator(mode="after")
     def _settings_agree_with_each_other(self) -> "Settings":

@@ -170,22 +170,27 @@ class BrokerTooSlow(KafkaError):
 async def records_at(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int],
                      timeout_s: float = 30.0) -> dict[TopicPartition, Any]:
     """The first record at or after each position, read with `consumer` (positions below their
-    partition's end, where there should be one). A partition whose fetches the broker answered
-    with no record within `timeout_s` is left out (compaction removed what was there); one the
-    broker did not answer at all raises BrokerTooSlow. The consumer is left wherever the reads
-    took it: seek before reading on."""
+    partition's end, where there should be one). A partition the broker answered from there with
+    no record (compaction removed what was there) is left out; one with neither within `timeout_s`
+    (a broker slow to answer) raises BrokerTooSlow. The consumer is left wherever the reads took
+    it: seek before reading on."""
+    began_ms = time.time() * 1000
     for tp, offset in positions.items():
         consumer.seek(tp, offset)
     found: dict[TopicPartition, Any] = {}
     deadline = time.monotonic() + timeout_s
-    while len(found) < len(positions):
+
+    def answered_empty(tp: TopicPartition) -> bool:
+        # Each fetch answer stamps the partition and carries its high watermark, records or not;
+        # answers to fetches before this call (the consumer fetches as soon as it is assigned) do not count.
+        polled_ms, highwater = consumer.last_poll_timestamp(tp), consumer.highwater(tp)
+        return polled_ms is not None and polled_ms >= began_ms and highwater is not None and positions[tp] >= highwater
+
+    while len(found) + sum(answered_empty(tp) for tp in positions if tp not in found) < len(positions):
         if time.monotonic() >= deadline:
-            # Every fetch answer carries the partition's high watermark, records or not.
-            unanswered = [tp for tp in positions if tp not in found and consumer.highwater(tp) is None]
-            if unanswered:
-                raise BrokerTooSlow(f"no fetch answered within {timeout_s:g}s for "
-                                    f"{', '.join(f'{tp.topic}[{tp.partition}]' for tp in unanswered)}")
-            return found
+            unread = [tp for tp in positions if tp not in found and not answered_empty(tp)]
+            raise BrokerTooSlow(f"nothing read within {timeout_s:g}s at " + ", ".join(
+                f"{tp.topic}[{tp.partition}]@{positions[tp]}" for tp in unread))
         batches = await consumer.getmany(*(tp for tp in positions if tp not in found), timeout_ms=100)
         for tp, tp_records in batches.items():
             if tp_records and tp not in found:

@@ -80,7 +80,12 @@ class BearerExchange:
         scheme, _, token = fields.get("auth", "").partition(" ")
         if scheme != "Bearer" or not token:
             raise LoginRefused("no bearer token")
-        self.user = self._check_token(token)
+        try:
+            self.user = self._check_token(token)
+        except LoginRefused:
+            raise
+        except Exception as exc:  # a token `check_token` cannot even read is refused like a wrong one
+            raise LoginRefused(f"unreadable token: {type(exc).__name__}: {exc}") from None
         return "", True
 
 

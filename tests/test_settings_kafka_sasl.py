@@ -131,16 +131,22 @@ def test_msk_iam_signs_in_with_an_oauthbearer_token_for_the_tasks_region(iam_env
     credentials = faust_credentials(settings)
     assert isinstance(credentials, faust.OAuthCredentials)
     assert (credentials.protocol.value, credentials.oauth_cb) == ("SASL_SSL", provider)
-    iam_env.setenv("KAFKA_AWS_REGION", "us-east-2")  # the cluster's region, when it is not the task's
+    iam_env.setenv("KAFKA_AWS_REGION", " US-East-2 ")  # the cluster's region, when it is not the task's
     assert client_args(kafka_connection(load_settings()))["sasl_oauth_token_provider"].region == "us-east-2"
+    iam_env.setenv("KAFKA_AWS_REGION", "")  # VAR= means not set: the task's region again
+    assert client_args(kafka_connection(load_settings()))["sasl_oauth_token_provider"].region == "eu-west-1"
+    iam_env.delenv("AWS_REGION")
+    iam_env.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    assert client_args(kafka_connection(load_settings()))["sasl_oauth_token_provider"].region == "ap-south-1"
 
 
 def test_msk_iam_is_refused_without_a_region_without_tls_or_with_a_password(iam_env):
     iam_env.delenv("AWS_REGION")
     assert "KAFKA_AWS_REGION" in refusal()
     iam_env.setenv("AWS_REGION", "eu-west-1")
-    iam_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
-    assert "needs KAFKA_SECURITY_PROTOCOL=SASL_SSL" in refusal()
+    for protocol in ("SASL_PLAINTEXT", "SSL", "PLAINTEXT"):  # never a silent connection without the login
+        iam_env.setenv("KAFKA_SECURITY_PROTOCOL", protocol)
+        assert f"needs KAFKA_SECURITY_PROTOCOL=SASL_SSL (not {protocol})" in refusal()
     iam_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     iam_env.setenv("KAFKA_SASL_PASSWORD", PASSWORD)
     message = refusal()

@@ -105,15 +105,15 @@ resource "aws_ecs_task_definition" "migrate" {
 resource "aws_ecs_service" "this" {
   for_each = var.services
 
-  name                   = each.key
-  cluster                = aws_ecs_cluster.this.id
-  task_definition        = aws_ecs_task_definition.service[each.key].arn
-  desired_count          = each.value.desired_count
-  launch_type            = "FARGATE"
-  platform_version       = "LATEST"
-  propagate_tags         = "SERVICE"
+  name                    = each.key
+  cluster                 = aws_ecs_cluster.this.id
+  task_definition         = aws_ecs_task_definition.service[each.key].arn
+  desired_count           = each.value.desired_count
+  launch_type             = "FARGATE"
+  platform_version        = "LATEST"
+  propagate_tags          = "SERVICE"
   enable_ecs_managed_tags = true
-  wait_for_steady_state  = var.wait_for_steady_state
+  wait_for_steady_state   = var.wait_for_steady_state
 
   # New tasks must become healthy before old ones stop; a revision whose tasks keep failing their
   # health check stops the deployment and rolls back to the last one that completed, instead of

@@ -39,8 +39,9 @@ locals {
       BROKER_SESSION_TIMEOUT_S   = "30"
     },
     var.redis_url == null ? {} : { REDIS_URL = var.redis_url },
-    # MSK's IAM login: the task role's credentials sign the token (iam.tf grants the cluster's actions).
-    var.msk_iam_cluster_arn == null ? {} : { KAFKA_SASL_MECHANISM = "AWS_MSK_IAM" },
+    # MSK's IAM login, over TLS whatever kafka_security_protocol says: the task role's credentials
+    # sign the token (iam.tf grants the cluster's actions).
+    var.msk_iam_cluster_arn == null ? {} : { KAFKA_SECURITY_PROTOCOL = "SASL_SSL", KAFKA_SASL_MECHANISM = "AWS_MSK_IAM" },
     var.extra_environment,
   )
   secrets = merge(

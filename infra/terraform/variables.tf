@@ -93,7 +93,7 @@ variable "kafka_ports" {
 }
 
 variable "kafka_security_protocol" {
-  description = "KAFKA_SECURITY_PROTOCOL: SSL (TLS to the brokers, checked against the system's CAs, which MSK's certificates chain to), SASL_SSL (the same TLS and a SCRAM login: KAFKA_SASL_USERNAME in extra_environment, KAFKA_SASL_PASSWORD in extra_secrets), or PLAINTEXT."
+  description = "KAFKA_SECURITY_PROTOCOL: SSL (TLS to the brokers, checked against the system's CAs, which MSK's certificates chain to), SASL_SSL (the same TLS and a SASL login: SCRAM with KAFKA_SASL_USERNAME in extra_environment and KAFKA_SASL_PASSWORD in extra_secrets, or MSK's IAM login, which msk_iam_cluster_arn sets up, SASL_SSL included), or PLAINTEXT."
   type        = string
   default     = "SSL"
 
@@ -104,7 +104,7 @@ variable "kafka_security_protocol" {
 }
 
 variable "msk_iam_cluster_arn" {
-  description = "The MSK cluster's ARN, to sign in with IAM (port 9098, kafka_security_protocol = SASL_SSL): the task role may then connect and use the cluster's topics and consumer groups, and the workers sign in with its credentials (KAFKA_SASL_MECHANISM=AWS_MSK_IAM)."
+  description = "The MSK cluster's ARN, to sign in with IAM (port 9098; KAFKA_SECURITY_PROTOCOL is then SASL_SSL): the task role may then connect and use the cluster's topics and consumer groups, and the workers sign in with its credentials (KAFKA_SASL_MECHANISM=AWS_MSK_IAM)."
   type        = string
   default     = null
 
