@@ -58,6 +58,16 @@ async def open_delivery(conn: asyncpg.Connection, notification_id: str, endpoint
                        notification_id, endpoint_id, due_seconds_ago)
 
 
+async def one_due_delivery(conn: asyncpg.Connection) -> tuple[str, str]:
+    """(notification_id, endpoint_id) of a PENDING delivery due a second ago, of a new client."""
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    notification_id = await insert_notification(conn, client_id)
+    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    return notification_id, endpoint_id
+
+
 async def blocked_on_a_lock(observer: asyncpg.Connection, pid: int) -> None:
     async with asyncio.timeout(30):
         while await observer.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
@@ -146,11 +156,7 @@ async def lease_of(conn: asyncpg.Connection, notification_id: str, endpoint_id: 
 
 async def taken_over_delivery(conn: asyncpg.Connection) -> tuple[str, str]:
     """A delivery leased by "old-holder", whose lease ran out mid-send: the sweep gave it to "new-holder"."""
-    await init_connection(conn)
-    client_id = await insert_client(conn)
-    endpoint_id = await insert_endpoint(conn, client_id)
-    notification_id = await insert_notification(conn, client_id)
-    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    notification_id, endpoint_id = await one_due_delivery(conn)
     [_] = await lease_due(conn, "old-holder", 60.0, {}, backlog=10, limit=10)
     await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'")
     [_] = await lease_due(conn, "new-holder", 60.0, {}, backlog=10, limit=10)
@@ -176,11 +182,7 @@ async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(
 
 
 async def test_a_send_recorded_by_a_worker_whose_lease_ran_out_is_recorded_sent(clean_db, conn):
-    await init_connection(conn)
-    client_id = await insert_client(conn)
-    endpoint_id = await insert_endpoint(conn, client_id)
-    notification_id = await insert_notification(conn, client_id)
-    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    notification_id, endpoint_id = await one_due_delivery(conn)
     await conn.execute("UPDATE deliveries SET leased_by = 'new-holder', lease_until = now() + interval '1 minute'")
 
     await write_outcomes(conn, "old-holder", [DeliveryChange(notification_id, endpoint_id, "SENT", 1)])
@@ -252,11 +254,7 @@ async def test_a_failure_from_a_worker_that_no_longer_holds_the_row_does_not_end
 async def test_a_late_failure_from_before_a_tenants_retry_does_not_undo_the_retry(clean_db, conn):
     from alerting_app.delivery.records import retry_failed
 
-    await init_connection(conn)
-    client_id = await insert_client(conn)
-    endpoint_id = await insert_endpoint(conn, client_id)
-    notification_id = await insert_notification(conn, client_id)
-    await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
+    notification_id, endpoint_id = await one_due_delivery(conn)
     [_] = await lease_due(conn, "worker-a", 60.0, {}, backlog=10, limit=10)
     failure = DeliveryChange(notification_id, endpoint_id, "FAILED", 1, "HTTP 400")
     await write_outcomes(conn, "worker-a", [failure])
