@@ -22,6 +22,7 @@ from faust.types import EventT, StreamT
 
 from agents.match_outcomes import groups_lock, needs_state, record_stateful, unknown_client
 from alerting_app import db, metrics
+from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
@@ -203,9 +204,6 @@ class Aggregation:
 
     ready: list[NotificationReady] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-
-
-REFUSED_BY_POSTGRES = db.REFUSED_BY_POSTGRES
 
 
 async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggregation:

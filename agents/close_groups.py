@@ -17,7 +17,6 @@ import asyncpg
 from agents.aggregate import Aggregation, publish_aggregation
 from agents.match_outcomes import closed_here, groups_lock, known_clients
 from alerting_app import db
-from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import NotificationReady
 from alerting_app.sending import partition_for
@@ -98,25 +97,14 @@ def is_uuid(key: bytes) -> bool:
 
 async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now: float
                             ) -> tuple[list[NotificationReady], list[tuple[groups.DueGroup, Exception]]]:
-    """Insert the due groups' notifications: those to emit, and the groups Postgres refused.
-
-    One statement for all of them; if Postgres refuses it (a NUL in an alert, an id it cannot
-    read), one group at a time, so that only the refused groups are left out. Transient errors
-    propagate: the timer tries again.
+    """Insert the due groups' notifications: those to emit, and the groups Postgres refused (a NUL
+    in an alert, an id it cannot read), each group then on its own (`record_closed_groups_apart`,
+    as the agent closes groups early). Transient errors propagate: the timer tries again.
     """
-    try:
-        return await groups.record_closed_groups(pool, due, now), []
-    except REFUSED_BY_POSTGRES as exc:
-        log.warning("Postgres refused closing %d groups at once (%s: %s); closing them one by one",
-                    len(due), type(exc).__name__, exc)
-    ready: list[NotificationReady] = []
-    refused: list[tuple[groups.DueGroup, Exception]] = []
-    for d in due:
-        try:
-            ready.extend(await groups.record_closed_groups(pool, [d], now))
-        except REFUSED_BY_POSTGRES as exc:
-            refused.append((d, exc))
-    return ready, refused
+    if not due:
+        return [], []
+    async with pool.acquire() as conn:
+        return await groups.record_closed_groups_apart(conn, due, now)
 
 
 @app.timer(interval=settings.group_close_interval_s)
