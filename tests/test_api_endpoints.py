@@ -109,6 +109,34 @@ async def test_deleting_a_rule_deletes_its_endpoints(api, tenant):
     assert (await api.call("GET", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key)).status == 404
 
 
+async def test_an_endpoint_created_while_its_rule_is_deleted_is_refused_for_its_rule(api, tenant):
+    """The insert reads the rule, then its foreign key waits on the delete's lock and finds the rule
+    gone: a 422 naming rule_id, as for any unknown rule, not a 500."""
+    import asyncio
+
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant)
+    pool = await db.pool()
+    async with pool.acquire() as deleting:
+        transaction = deleting.transaction()
+        await transaction.start()
+        await deleting.execute("DELETE FROM rules WHERE rule_id = $1", rule["rule_id"])
+        creating = asyncio.ensure_future(api.call(
+            "POST", "/api/v1/endpoints", tenant.key,
+            {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://93.184.216.34/hook"}))
+        # The delete commits only once the insert is waiting on its lock (else the insert would
+        # not see the rule at all, the case every other test covers).
+        while not await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%INSERT INTO endpoints%'"):
+            assert not creating.done(), (await creating).body
+            await asyncio.sleep(0.02)
+        await transaction.commit()
+    reply = await creating
+    assert reply.failing_fields() == {"rule_id"}, reply.body
+
+
 # --- the stored URL is the one checked ------------------------------------------------------------
 
 @pytest.fixture
@@ -133,6 +161,23 @@ async def test_a_url_is_stored_normalised_as_it_was_checked(api, tenant, given, 
     patched = await api.call("PATCH", f"/api/v1/endpoints/{other['endpoint_id']}", tenant.key,
                              {"type": "slack", "value": given})
     assert (created["value"], patched.body["value"]) == (stored, stored)
+
+
+async def test_a_url_too_long_once_normalised_is_refused(api, tenant):
+    """362 characters as given, 2,062 once each `é` is percent-encoded: over the column's 2,000."""
+    rule = await api.new_rule(tenant)
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://93.184.216.34/hook")
+    long_url = "https://93.184.216.34/" + "\u00e9" * 340
+    created = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                             {"rule_id": rule["rule_id"], "type": "webhook", "value": long_url})
+    patched = await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                             {"value": long_url})
+    for reply in (created, patched):
+        assert reply.failing_fields() == {"value"}, reply.body
+        assert "2062" in reply.body["fields"][0]["message"]
+    fits = "https://93.184.216.34/" + "\u00e9" * 329  # 22 + 329 * 6 = 1,996 characters
+    assert (await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                           {"value": fits})).body["value"] == "https://93.184.216.34/" + "%C3%A9" * 329
 
 
 @pytest.mark.parametrize("private", ["allowed", "refused"])

@@ -134,17 +134,21 @@ RateLimit = Field(default=None, ge=MIN_RATE_LIMIT_PER_S, le=100_000,
                               "null: the ENDPOINT_RATE_LIMIT_PER_S default")
 
 
+# endpoints.value's CHECK (migrations/001); web/endpoints.py checks the stored, normalised form too.
+MAX_ENDPOINT_VALUE_CHARS = 2000
+
+
 class EndpointCreate(RequestBody):
     rule_id: UUID
     type: EndpointType
-    value: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+    value: str = Field(min_length=1, max_length=MAX_ENDPOINT_VALUE_CHARS, pattern=NO_NUL)
     enabled: bool = True
     rate_limit_per_s: float | None = RateLimit
 
 
 class EndpointPatch(RequestBody):
     type: EndpointType | None = None
-    value: str | None = Field(default=None, min_length=1, max_length=2000, pattern=NO_NUL)
+    value: str | None = Field(default=None, min_length=1, max_length=MAX_ENDPOINT_VALUE_CHARS, pattern=NO_NUL)
     enabled: bool | None = None
     rate_limit_per_s: float | None = RateLimit
 
