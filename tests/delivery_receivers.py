@@ -127,7 +127,7 @@ class _KeepMessages:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
-        self.replies: dict[str, str] = {}
+        self.replies: dict[str, str | bytes] = {}
         self.stall_s = 0.0
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802 (aiosmtpd's name)
@@ -167,8 +167,9 @@ class SmtpServer:
     def messages(self) -> list[EmailMessage]:
         return self._handler.messages
 
-    def refuse(self, recipient: str, reply: str) -> None:
-        """Answer RCPT TO for `recipient` with `reply` (e.g. "550 5.1.1 no such user")."""
+    def refuse(self, recipient: str, reply: str | bytes) -> None:
+        """Answer RCPT TO for `recipient` with `reply` (e.g. "550 5.1.1 no such user"); bytes go out as
+        they are, as a relay that does not speak UTF-8 sends them."""
         self._handler.replies[recipient] = reply
 
     def stall(self, seconds: float) -> None:

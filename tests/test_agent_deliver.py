@@ -255,6 +255,30 @@ async def test_slack_and_email_endpoints_are_delivered(pool, dispatcher, receive
     assert await notification_state(pool, notification.notification_id) == ("SENT", None)
 
 
+async def test_a_relay_refusing_in_bytes_postgres_cannot_hold_fails_the_delivery_and_its_neighbours_are_recorded(
+        pool, dispatcher, receiver, monkeypatch, quick_retries):
+    """A Latin-1 byte (a lone surrogate once aiosmtplib has decoded it) and a NUL in the relay's
+    reply: recorded as U+FFFD. Postgres refusing the text would have held back, for ever, every
+    outcome written in the same batch, the webhook's too."""
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    email = await insert_endpoint(pool, client, rule, "email", "gone@example.com")
+    webhook = await insert_endpoint(pool, client, rule, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    with SmtpServer() as smtp:
+        monkeypatch.setattr(quick_retries, "smtp_host", "127.0.0.1")
+        monkeypatch.setattr(quick_retries, "smtp_port", smtp.port)
+        smtp.refuse("gone@example.com", b"550 5.1.1 caf\xe9 \x00 unknown")
+
+        await deliver(dispatcher, notification.encode())
+
+    reason = "SMTP 550: 5.1.1 caf\ufffd \ufffd unknown"
+    assert await deliveries(pool, notification.notification_id) == {
+        email: ("email", "FAILED", 1, reason, True), webhook: ("webhook", "SENT", 1, None, True)}
+    [letter] = await sent_to("notifications.ready.dlq", client)
+    assert letter["reason"] == f"endpoint {email} (email): {reason}; FAILED after 1 attempt(s)"
+
+
 async def test_only_enabled_endpoints_of_the_notifications_rules_are_called(pool, dispatcher, receiver):
     client = await insert_client(pool)
     matched_rule = await insert_rule(pool, client)

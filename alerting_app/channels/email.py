@@ -62,7 +62,9 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
                 timeout=settings.smtp_timeout_s,
             )
     except aiosmtplib.SMTPRecipientsRefused as exc:
-        raise _by_reply_code(min(r.code for r in exc.recipients), str(exc)) from None
+        # One recipient per message here; the reply the relay gave, not the exception's repr.
+        refusal = min(exc.recipients, key=lambda refused: refused.code)
+        raise _by_reply_code(refusal.code, f"SMTP {refusal.code}: {refusal.message}") from None
     except aiosmtplib.SMTPResponseException as exc:
         raise _by_reply_code(exc.code, f"SMTP {exc.code}: {exc.message}") from None
     except TimeoutError:

@@ -22,7 +22,7 @@ from tenacity.wait import wait_base, wait_exponential_jitter
 
 from alerting_app import metrics
 from alerting_app.channels.email import send_email
-from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError, recordable
 from alerting_app.channels.slack import send_slack
 from alerting_app.channels.webhook import send_webhook
 from alerting_app.contracts import DeadLetter
@@ -206,6 +206,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     channel = job.endpoint.channel if job.endpoint else "unknown"
 
     def record(status: str, attempts: int = 0, error: str | None = None, at: float | None = None, **extra) -> None:
+        error = None if error is None else recordable(error)
         change = DeliveryChange(*job.key, status, attempts, error, at, at, **extra)
         letter = _failure_letter(job, error or "", job.attempts + attempts_made) if status == FAILED else None
         recorder.record(change, channel, letter)
