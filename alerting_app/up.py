@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import sys
 import urllib.error
@@ -151,6 +152,8 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     if report.mismatched:
         raise SystemExit(report.mismatch_message(settings.topic_partitions))
     print(f"topics created: {', '.join(report.created) or 'none (all present)'}", flush=True)
+    if report.created:
+        discard_table_state_of_another_broker(Path(env["DATA_DIR"]))
     if "rule.changed" in report.created:
         # A new (or restarted in-memory) broker: put the rules Postgres holds back on the topic.
         count = asyncio.run(republish(env["DATABASE_URL"]))
@@ -158,6 +161,21 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     if "silence.changed" in report.created:
         count = asyncio.run(republish(env["DATABASE_URL"], republish_all_silences))
         print(f"silences queued for silence.changed from Postgres: {count}", flush=True)
+
+
+def discard_table_state_of_another_broker(data_dir: Path) -> None:
+    """Remove the worker's Faust table state (DATA_DIR/faust) when the topics had to be created.
+
+    New topics mean a new broker (the embedded one keeps messages in memory, so every run starts
+    one) and an empty changelog. The local tables remember offsets of the old changelog, higher than
+    the new one's end, and Faust refuses to start on that (ConsistencyError): a second run crashed
+    once any group had been written. What the old state held (open groups) went with the old broker.
+    """
+    faust_state = data_dir / "faust"
+    if faust_state.exists():
+        shutil.rmtree(faust_state)
+        print(f"the broker is new: removed the worker's table state of the previous one ({faust_state})",
+              flush=True)
 
 
 def _example_alert(alert_id: str) -> str:

@@ -1,0 +1,32 @@
+"""`alerting-app up`'s preparation: a worker's table state of a broker that is gone is not kept.
+
+The embedded broker keeps messages in memory, so each run of `up` starts a new one with empty
+changelogs; Faust refuses to start on table state that remembers offsets past their end.
+"""
+from __future__ import annotations
+
+import os
+
+from alerting_app.embedded import EmbeddedServices
+from alerting_app.settings import Settings
+from alerting_app.up import _prepare
+
+
+def test_the_table_state_is_kept_for_the_same_broker_and_removed_for_a_new_one(services, tmp_path):
+    data_dir = tmp_path / "data"
+    table_file = data_dir / "faust" / "alerting-app-data" / "v1" / "tables" / "notification-groups-8.db" / "CURRENT"
+    rule_store_file = data_dir / "rules" / "alerting-app" / "CURRENT"
+    for path in (table_file, rule_store_file):
+        path.parent.mkdir(parents=True)
+        path.write_text("MANIFEST-000001\n")
+    env = {**os.environ, "DATA_DIR": str(data_dir)}
+
+    _prepare(env, Settings())  # the test session's broker: every topic is there already
+    assert table_file.exists()
+
+    with EmbeddedServices(tmp_path / "services") as new_broker:
+        env.update(new_broker.start(postgres=False, redis=False))
+        _prepare(env, Settings())
+    assert not (data_dir / "faust").exists()
+    # The rule store checks by itself which broker it read (tables/rule_replica.py).
+    assert rule_store_file.exists()
