@@ -4,13 +4,14 @@ what has sent nothing (a delivery waiting for its retry) is handed back at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 import pytest_asyncio
 
 from alerting_app.delivery import records
-from delivery_receivers import Receiver
+from delivery_receivers import Answer, Receiver
 from test_agent_deliver import pending_notification, tenant_with_endpoint
 from test_agent_support import AGENT_LOOP, pipeline, pool  # noqa: F401  (fixtures)
 
@@ -49,8 +50,9 @@ async def opened(pool):
     await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])", notification_ids)
 
 
-async def delivering(pool, settings, opened, url: str):
-    """A worker's dispatcher delivering one new notification to `url`; returns both."""
+async def delivering(pool, settings, opened, url: str, attempts_before: int = 0):
+    """A worker's dispatcher delivering one new notification to `url` (as a delivery taken up again
+    after `attempts_before` recorded attempts, if any); returns both."""
     from alerting_app.delivery.dispatcher import Dispatcher
 
     client, rule, _ = await tenant_with_endpoint(pool, "webhook", url)
@@ -58,6 +60,10 @@ async def delivering(pool, settings, opened, url: str):
     opened.append(notification.notification_id)
     dispatcher = Dispatcher(settings)
     jobs = await records.open_deliveries(pool, [notification], dispatcher.owner, settings.delivery_lease_s, [])
+    if attempts_before:
+        await pool.execute("UPDATE deliveries SET attempts = $2 WHERE notification_id = $1",
+                           notification.notification_id, attempts_before)
+        jobs = [dataclasses.replace(job, attempts=attempts_before) for job in jobs]
     assert dispatcher.submit(jobs) == []
     return dispatcher, notification
 
@@ -102,3 +108,50 @@ async def test_a_stop_hands_a_delivery_waiting_for_its_retry_back_at_once(pool, 
     assert time.monotonic() - started < 5.0
     row = await delivery_row(pool, notification.notification_id)
     assert (row["status"], row["attempts"], row["leased"]) == ("PENDING", 1, False)
+
+
+async def stopped_while_waiting_for_a_retry(pool, dispatcher, notification_id: str, attempts: int) -> float:
+    """Stop `dispatcher` once the delivery's failed attempt is recorded; the seconds from the stop
+    until the row says the next attempt is due."""
+    async with asyncio.timeout(20):
+        while (await delivery_row(pool, notification_id))["attempts"] < attempts:
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(dispatcher.close(), 20)
+    row = await pool.fetchrow("SELECT status, lease_until IS NULL AS released,"
+                              " extract(epoch FROM next_attempt_at - now())::float8 AS due_in_s"
+                              " FROM deliveries WHERE notification_id = $1", notification_id)
+    assert (row["status"], row["released"]) == ("PENDING", True)
+    return row["due_in_s"]
+
+
+@pytest.mark.parametrize("answer, backoff_initial_s, retry_wait_s", [
+    (503, 30.0, (30.0, 60.0)),  # the backoff: DELIVERY_BACKOFF_INITIAL_S plus up to as much jitter
+    (Answer(429, {"Retry-After": "45"}), 1.0, (45.0, 45.0)),  # longer than the backoff: it wins
+])
+async def test_a_delivery_handed_back_at_a_stop_waits_out_its_retry_with_the_next_worker(
+        pool, settings, receiver, opened, monkeypatch, answer, backoff_initial_s, retry_wait_s):
+    """Handed back, it is anyone's, but only once its retry is due: not at once (the next worker's
+    sweep within a second, a Retry-After ignored across every rolling deploy)."""
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", backoff_initial_s)
+    monkeypatch.setattr(settings, "delivery_backoff_max_s", 60.0)
+    receiver.answer("failing", answer)
+    dispatcher, notification = await delivering(pool, settings, opened, receiver.url("failing"))
+
+    due_in_s = await stopped_while_waiting_for_a_retry(pool, dispatcher, notification.notification_id, 1)
+
+    low, high = retry_wait_s
+    assert low - 5 < due_in_s <= high
+
+
+async def test_a_delivery_taken_up_again_goes_on_with_its_backoff_schedule(pool, settings, receiver, opened,
+                                                                           monkeypatch):
+    """Its 6th attempt failing waits as a 6th attempt's backoff does (32-33 s here), not a first's (1-2 s)."""
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", 1.0)
+    monkeypatch.setattr(settings, "delivery_backoff_max_s", 300.0)
+    monkeypatch.setattr(settings, "delivery_max_attempts", 8)
+    receiver.answer("failing", 503)
+    dispatcher, notification = await delivering(pool, settings, opened, receiver.url("failing"), attempts_before=5)
+
+    due_in_s = await stopped_while_waiting_for_a_retry(pool, dispatcher, notification.notification_id, 6)
+
+    assert 27 < due_in_s <= 33

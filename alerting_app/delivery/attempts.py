@@ -112,10 +112,11 @@ class _AttemptNumber:
     attempt_number: int
 
 
-@functools.lru_cache(maxsize=8)
-def _backoff(initial_s: float, max_s: float) -> wait_backoff_or_retry_after:
-    # Built once per setting: building it per delivery cost more than the rest of the retry logic.
-    return wait_backoff_or_retry_after(initial_s, max_s, earlier_attempts=1)
+@functools.lru_cache(maxsize=64)
+def _backoff(initial_s: float, max_s: float, earlier_attempts: int) -> wait_backoff_or_retry_after:
+    # Built once per setting and attempt count: building it per delivery cost more than the rest of
+    # the retry logic.
+    return wait_backoff_or_retry_after(initial_s, max_s, earlier_attempts=earlier_attempts)
 
 
 async def send(job: DeliveryJob, ctx: DeliveryContext) -> None:
@@ -216,9 +217,11 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
         return
 
-    def failed_attempt(failure: BaseException) -> None:
+    def failed_attempt(failure: BaseException, wait_s: float) -> None:
         metrics.notifications_retried.labels(channel=channel).inc()
-        record(PENDING, 1, str(failure), started)
+        # The retry's time goes into the row: a worker that stops (handing the delivery back) or
+        # dies before it retries leaves the next one to wait for it too, Retry-After included.
+        record(PENDING, 1, str(failure), started, next_attempt_at=time.time() + wait_s)
 
     async def attempt_once() -> None:
         nonlocal attempts_made, started
@@ -227,7 +230,9 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         await attempt(job, ctx)
 
     allowed = max(1, settings.delivery_max_attempts - job.attempts)
-    backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s)
+    # A delivery taken up again (by a sweep) goes on with its schedule: its first attempt here is
+    # its attempt job.attempts + 1, and tenacity's attempt n is its attempt n + job.attempts + 1.
+    backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s, job.attempts + 1)
     started = time.time()
     try:
         try:
@@ -237,13 +242,14 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         except RetryableDeliveryError as failure:
             if allowed == 1:
                 raise
-            failed_attempt(failure)
-            await asyncio.sleep(backoff.after_attempt(1, failure))
+            wait_s = backoff.after_attempt(job.attempts + 1, failure)
+            failed_attempt(failure, wait_s)
+            await asyncio.sleep(wait_s)
             async for retry in AsyncRetrying(
                 stop=stop_after_attempt(allowed - 1),
                 wait=backoff,
                 retry=retry_if_exception_type(RetryableDeliveryError),
-                before_sleep=lambda retry_state: failed_attempt(retry_state.outcome.exception()),
+                before_sleep=lambda state: failed_attempt(state.outcome.exception(), state.upcoming_sleep),
                 reraise=True,
             ):
                 with retry:
