@@ -207,9 +207,11 @@ class Settings(BaseSettings):
     # random, capped at the max; a 429's Retry-After, when longer, is waited instead.
     delivery_backoff_initial_s: float = Field(default=1.0, gt=0, le=3600)
     delivery_backoff_max_s: float = Field(default=300.0, gt=0, le=86_400)
-    # Sends in flight per worker, and per endpoint per worker: a hanging endpoint holds at most its share.
+    # Sends in flight per worker, per endpoint and per client (tenant) per worker: a hanging endpoint
+    # holds at most its share, and a tenant whose many endpoints hang at most a quarter of the worker.
     delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
     delivery_endpoint_concurrency: int = Field(default=16, ge=1, le=1_000)
+    delivery_client_concurrency: int = Field(default=64, ge=1, le=10_000)
     # Deliveries one worker holds in memory, per endpoint and in all (sending, or waiting for a token
     # or a retry); beyond that they wait in Postgres, so one endpoint's backlog never fills a worker.
     delivery_endpoint_backlog: int = Field(default=1_000, ge=1, le=1_000_000)

@@ -43,16 +43,17 @@ class Outcomes:
 
 @asynccontextmanager
 async def delivery_context(redis_url: str, *, endpoint_concurrency: int = 16, burst_s: float = 1.0,
-                           token_redis_url: str | None = None):
+                           token_redis_url: str | None = None, worker_concurrency: int = 256):
     """What a worker gives its deliveries; tokens may come from another Redis (one that is down)."""
     settings = Settings(delivery_backoff_initial_s=1.0, delivery_backoff_max_s=300.0, delivery_max_attempts=1)
     redis = PipelinedRedis(Redis.from_url(redis_url))
     token_redis = PipelinedRedis(Redis.from_url(token_redis_url)) if token_redis_url else redis
-    slots = SendSlots(asyncio.Semaphore(256), asyncio.Semaphore(endpoint_concurrency))
+    slots = SendSlots(asyncio.Semaphore(worker_concurrency), asyncio.Semaphore(endpoint_concurrency),
+                      asyncio.Semaphore(worker_concurrency))
     async with aiohttp.ClientSession() as session:
         try:
             yield DeliveryContext(settings, session, redis, RateLimits(token_redis, burst_s), Outcomes(),
-                                  lambda endpoint_id: slots)
+                                  lambda job: slots)
         finally:
             await redis.redis.aclose()
             if token_redis is not redis:
@@ -155,3 +156,23 @@ async def test_deliveries_queued_behind_a_hanging_endpoint_hold_no_tokens_and_go
         _, second, third = receiver.posts
         # Tokens taken while queued would let both go the moment the endpoint recovered.
         assert third.received_at - second.received_at >= 0.2
+
+
+async def test_deliveries_that_waited_for_a_full_worker_go_out_at_their_endpoints_rate(services):
+    """Tokens taken while every worker slot was busy (here: the one slot, held by another tenant's
+    hanging endpoint) must not all be spent the moment a slot frees up."""
+    async with Receiver() as receiver, delivery_context(services.redis_url, burst_s=0.25,
+                                                        worker_concurrency=1) as ctx:
+        release = receiver.hold("hanging")
+        hanging = asyncio.ensure_future(attempt(job_for(webhook(receiver.url("hanging"))), ctx))
+        await receiver.wait_for_posts(1, "hanging")
+        limited = webhook(receiver.url("limited"), rate_limit_per_s=4.0)  # a bucket of one token, one per 0.25 s
+        sending = [asyncio.ensure_future(attempt(job_for(limited), ctx)) for _ in range(4)]
+        await asyncio.sleep(1.5)  # time enough for all four to have taken their tokens, and waited
+
+        release.set()
+        await asyncio.gather(hanging, *sending)
+
+        arrivals = [post.received_at for post in receiver.posts_to("limited")]
+        assert len(arrivals) == 4
+        assert min(later - earlier for earlier, later in zip(arrivals, arrivals[1:])) >= 0.2, arrivals

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -49,7 +49,7 @@ class DeliveryContext:
     redis: PipelinedRedis
     rate_limits: RateLimits
     recorder: Recorder
-    send_slots: Callable[[str], "SendSlots"]  # endpoint_id -> the slots a send holds
+    send_slots: Callable[[DeliveryJob], "SendSlots"]  # the slots a send of the job holds
     # (notification_id, endpoint_id) -> the span of a send, from its request to its sent mark: a
     # worker that stops lets a send in it finish (dispatcher.close), and cancels anything else.
     sending: Callable[[tuple[str, str]], AbstractContextManager] = lambda key: nullcontext()
@@ -57,16 +57,23 @@ class DeliveryContext:
 
 @dataclass(frozen=True)
 class SendSlots:
-    """The two semaphores a send holds: its endpoint's, taken first and held while it waits for its
-    token, then the worker's, for the send itself.
+    """The semaphores a send holds: its endpoint's, taken first and held while it waits for its
+    token, then its client's and the worker's, for the send itself.
 
     Endpoint first: a hanging endpoint's queue never holds a worker slot. Token inside the
     endpoint's slot: deliveries queued behind a hanging endpoint hold no tokens, so when it
-    recovers they go out at its rate, not all at once.
+    recovers they go out at its rate, not all at once. The client's slot: a tenant whose many
+    endpoints hang fills its own share of the worker's slots, not all of them. Tokens before those
+    two slots, taken again if a slot was not free (`_send_slots_with_fresh_tokens`): the same, for a
+    full worker.
     """
 
     worker: asyncio.Semaphore
     endpoint: asyncio.Semaphore
+    client: asyncio.Semaphore
+
+    def for_the_send(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+        return self.client, self.worker
 
 
 class AlreadySent(Exception):
@@ -145,12 +152,13 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     """
     endpoint, settings = job.endpoint, ctx.settings
     rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
-    slots = ctx.send_slots(endpoint.endpoint_id)
+    buckets = [(f"endpoint:{endpoint.endpoint_id}", rate)]
+    if endpoint.channel == "email":
+        buckets.append((EMAIL_BUCKET, settings.email_rate_limit_per_s))
+    slots = ctx.send_slots(job)
     async with slots.endpoint:
-        await ctx.rate_limits.take(f"endpoint:{endpoint.endpoint_id}", rate)
-        if endpoint.channel == "email":
-            await ctx.rate_limits.take(EMAIL_BUCKET, settings.email_rate_limit_per_s)
-        async with slots.worker:
+        await _send_slots_with_fresh_tokens(slots.for_the_send(), ctx.rate_limits, [b for b in buckets if b[1] > 0])
+        try:
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
             if claim.state is claims.ClaimState.SENT:
                 raise AlreadySent()
@@ -158,6 +166,42 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 raise ClaimedElsewhere(claim.busy_for_s)
             with ctx.sending(job.key):
                 await _send_claimed(job, ctx, claim)
+        finally:
+            for slot in slots.for_the_send():
+                slot.release()
+
+
+async def _send_slots_with_fresh_tokens(send_slots: Sequence[asyncio.Semaphore], rate_limits: RateLimits,
+                                        buckets: list[tuple[str, float]]) -> None:
+    """Take the buckets' tokens, then the send's slots in order; return holding the slots, with
+    tokens taken no earlier than the slots were free.
+
+    Tokens are waited for outside these slots, so a rate-limited endpoint's queue holds none of
+    them. But tokens taken while the worker (or the client's share) is full would be spent when
+    slots free up, all at once: a burst over the endpoint's rate at the receiver. So a delivery that
+    had to wait for a slot takes its tokens again, without waiting, and gives the slots back if they
+    are not there yet. The tokens it took first are wasted: the endpoint goes slower than its rate
+    while the worker is full, never faster.
+    """
+    while True:
+        for bucket, rate in buckets:
+            await rate_limits.take(bucket, rate)
+        # Checked before taking any: slots that are free are taken without the event loop running
+        # anything else in between, so nothing can make the tokens old meanwhile.
+        waited = any(slot.locked() for slot in send_slots)
+        held: list[asyncio.Semaphore] = []
+        try:
+            for slot in send_slots:
+                await slot.acquire()
+                held.append(slot)
+            if not waited or all([await rate_limits.try_take(bucket, rate) for bucket, rate in buckets]):
+                return
+        except BaseException:
+            for slot in reversed(held):
+                slot.release()
+            raise
+        for slot in reversed(held):
+            slot.release()
 
 
 async def _send_claimed(job: DeliveryJob, ctx: DeliveryContext, claim: claims.Claim) -> None:

@@ -1,9 +1,10 @@
 """The deliveries one worker holds, each run as a background task, within bounds.
 
 A delivery is held from its lease until its outcome is recorded. Bounds, all per worker: sends in
-flight (DELIVERY_CONCURRENCY), sends in flight per endpoint (DELIVERY_ENDPOINT_CONCURRENCY), and
-deliveries held per endpoint (DELIVERY_ENDPOINT_BACKLOG) and in all (DELIVERY_MAX_HELD). An
-endpoint that hangs or fails fills its own share only: other endpoints' deliveries start at once.
+flight (DELIVERY_CONCURRENCY), sends in flight per endpoint (DELIVERY_ENDPOINT_CONCURRENCY) and per
+client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held per endpoint (DELIVERY_ENDPOINT_BACKLOG) and
+in all (DELIVERY_MAX_HELD). An endpoint that hangs or fails fills its own share only, a tenant whose
+endpoints all do its own: other deliveries start at once.
 What does not fit waits in Postgres, unleased, for the sweep.
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Dispatcher:
         self._held_per_endpoint: defaultdict[str, int] = defaultdict(int)
         self._worker_slots = asyncio.Semaphore(settings.delivery_concurrency)
         self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
+        self._client_slots: dict[str, asyncio.Semaphore] = {}
+        self._held_per_client: defaultdict[str, int] = defaultdict(int)
         self._idle = asyncio.Event()
         self._idle.set()
         self._sending: set[tuple[str, str]] = set()  # deliveries whose request may be on the wire
@@ -58,10 +61,13 @@ class Dispatcher:
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots, self._in_send)
 
-    def _send_slots(self, endpoint_id: str) -> SendSlots:
+    def _send_slots(self, job: DeliveryJob) -> SendSlots:
+        endpoint_id, client_id = job.endpoint_id, job.notification.client_id
         if endpoint_id not in self._endpoint_slots:
             self._endpoint_slots[endpoint_id] = asyncio.Semaphore(self.settings.delivery_endpoint_concurrency)
-        return SendSlots(self._worker_slots, self._endpoint_slots[endpoint_id])
+        if client_id not in self._client_slots:
+            self._client_slots[client_id] = asyncio.Semaphore(self.settings.delivery_client_concurrency)
+        return SendSlots(self._worker_slots, self._endpoint_slots[endpoint_id], self._client_slots[client_id])
 
     @contextmanager
     def _in_send(self, key: tuple[str, str]) -> Iterator[None]:
@@ -102,6 +108,7 @@ class Dispatcher:
                 refused.append(job)
                 continue
             self._held_per_endpoint[job.endpoint_id] += 1
+            self._held_per_client[job.notification.client_id] += 1
             self._held[job.key] = asyncio.ensure_future(self._run(job))
             self._idle.clear()
         return refused
@@ -116,6 +123,11 @@ class Dispatcher:
             if not self._held_per_endpoint[job.endpoint_id]:
                 del self._held_per_endpoint[job.endpoint_id]
                 self._endpoint_slots.pop(job.endpoint_id, None)
+            client_id = job.notification.client_id
+            self._held_per_client[client_id] -= 1
+            if not self._held_per_client[client_id]:
+                del self._held_per_client[client_id]
+                self._client_slots.pop(client_id, None)
             if not self._held:
                 self._idle.set()
 

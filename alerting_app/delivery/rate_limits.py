@@ -57,6 +57,10 @@ class RateLimits:
             self._script, [key], [emission_interval, capacity, 1])
         return float(retry_after) if limited else 0.0
 
+    async def try_take(self, bucket: str, rate_per_s: float) -> bool:
+        """Take a token of `bucket` if there is one now; whether there was (a rate of 0 is unlimited)."""
+        return rate_per_s <= 0 or not await self._try(bucket, rate_per_s)
+
     async def take(self, bucket: str, rate_per_s: float) -> None:
         """Wait for a token of `bucket` (a rate of 0 is unlimited)."""
         if rate_per_s <= 0:

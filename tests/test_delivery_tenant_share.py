@@ -1,0 +1,64 @@
+"""One tenant's many hanging endpoints against another tenant's delivery, in one worker's
+dispatcher, with the real Postgres, Redis and a real local endpoint: the first tenant fills its
+own share of the worker's send slots (DELIVERY_CLIENT_CONCURRENCY), not all of them."""
+from __future__ import annotations
+
+import pytest
+import pytest_asyncio
+
+from alerting_app.delivery import records
+from delivery_receivers import Receiver
+from test_agent_deliver import pending_notification
+from test_agent_support import AGENT_LOOP, insert_client, insert_endpoint, insert_rule, pipeline, pool  # noqa: F401
+
+pytestmark = AGENT_LOOP
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "delivery_record_interval_s", 0.01)
+    monkeypatch.setattr(settings, "webhook_timeout_s", 30.0)
+    monkeypatch.setattr(settings, "delivery_concurrency", 4)
+    monkeypatch.setattr(settings, "delivery_client_concurrency", 2)
+    return settings
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def redis_closed_after_the_module(pipeline):
+    from alerting_app import redis_client
+
+    yield
+    await redis_client.close()
+
+
+async def test_a_tenant_whose_endpoints_all_hang_leaves_the_worker_room_for_another_tenant(pool, settings):
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    async with Receiver() as receiver:
+        hanging_tenant = await insert_client(pool)
+        rule = await insert_rule(pool, hanging_tenant)
+        hung = [receiver.hold(f"hanging-{n}") for n in range(4)]  # as many endpoints as the worker has slots
+        for n in range(4):
+            await insert_endpoint(pool, hanging_tenant, rule, "webhook", receiver.url(f"hanging-{n}"))
+        other_tenant = await insert_client(pool)
+        other_rule = await insert_rule(pool, other_tenant)
+        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
+        notifications = [await pending_notification(pool, hanging_tenant, [rule]),
+                         await pending_notification(pool, other_tenant, [other_rule])]
+        dispatcher = Dispatcher(settings)
+        try:
+            jobs = await records.open_deliveries(pool, notifications, dispatcher.owner, settings.delivery_lease_s, [])
+            jobs.sort(key=lambda job: job.notification.client_id != hanging_tenant)  # the hanging ones first
+            assert dispatcher.submit(jobs) == []
+
+            # Well within WEBHOOK_TIMEOUT_S (30 s), the hanging sends' own bound.
+            await receiver.wait_for_posts(1, "other", timeout=10.0)
+            assert sum(len(receiver.posts_to(f"hanging-{n}")) for n in range(4)) == 2  # its share, no more
+        finally:
+            for held in hung:
+                held.set()
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in notifications])
