@@ -155,3 +155,38 @@ async def test_a_delivery_taken_up_again_goes_on_with_its_backoff_schedule(pool,
     due_in_s = await stopped_while_waiting_for_a_retry(pool, dispatcher, notification.notification_id, 6)
 
     assert 27 < due_in_s <= 33
+
+
+async def test_a_send_failing_during_a_stop_is_not_retried_while_the_stop_waits_for_another(
+        pool, settings, receiver, opened, monkeypatch):
+    """The stop lets sends in flight finish. One of them failing must not start its retry (and
+    perhaps be cut off in the middle of it) while the stop still waits for the other."""
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", 0.05)
+    monkeypatch.setattr(settings, "delivery_backoff_max_s", 0.1)
+    slow_answer, failing_answer = receiver.hold("slow"), receiver.hold("failing")
+    receiver.answer("failing", 503, 503, 503)
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    dispatcher = Dispatcher(settings)
+    notifications = []
+    for path in ("slow", "failing"):
+        client, rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url(path))
+        notifications.append(await pending_notification(pool, client, [rule]))
+        opened.append(notifications[-1].notification_id)
+    jobs = await records.open_deliveries(pool, notifications, dispatcher.owner, settings.delivery_lease_s, [])
+    assert dispatcher.submit(jobs) == []
+    await receiver.wait_for_posts(2)
+
+    closing = asyncio.ensure_future(dispatcher.close())
+    await asyncio.sleep(0.2)
+    failing_answer.set()  # 503: retryable, and its retry would be due in 0.05-0.1 s
+    await asyncio.sleep(1.0)
+    assert not closing.done()  # still waiting for the slow send
+    assert len(receiver.posts_to("failing")) == 1
+    slow_answer.set()
+    await asyncio.wait_for(closing, 20)
+
+    row = await pool.fetchrow("SELECT status, attempts, lease_until IS NULL AS released FROM deliveries"
+                              " WHERE notification_id = $1", notifications[1].notification_id)
+    assert (row["status"], row["attempts"], row["released"]) == ("PENDING", 1, True)
+    assert len(receiver.posts_to("failing")) == 1

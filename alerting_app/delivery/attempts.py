@@ -53,6 +53,9 @@ class DeliveryContext:
     # (notification_id, endpoint_id) -> the span of a send, from its request to its sent mark: a
     # worker that stops lets a send in it finish (dispatcher.close), and cancels anything else.
     sending: Callable[[tuple[str, str]], AbstractContextManager] = lambda key: nullcontext()
+    # Whether the worker is stopping: then no new send starts (a retry's, say, while the stop waits
+    # for other sends in flight); the delivery is handed back instead.
+    stopping: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class SendSlots:
 
 class AlreadySent(Exception):
     """Redis says an earlier attempt, perhaps of a dead worker, delivered it."""
+
+
+class WorkerStopping(Exception):
+    """The worker began to stop before this attempt's send: nothing was sent."""
 
 
 class ClaimedElsewhere(Exception):
@@ -144,7 +151,7 @@ def _send_timeout_s(job: DeliveryJob, settings: Settings) -> float:
 
 
 async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
-    """One attempt; raises AlreadySent, ClaimedElsewhere or a DeliveryError when it did not send.
+    """One attempt; raises AlreadySent, ClaimedElsewhere, WorkerStopping or a DeliveryError when it did not send.
 
     Any other exception of the send is a PermanentDeliveryError naming it: a message the code
     cannot format or send fails the same way on every retry. Exceptions before the send (Redis
@@ -164,6 +171,10 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 raise AlreadySent()
             if claim.state is claims.ClaimState.BUSY:
                 raise ClaimedElsewhere(claim.busy_for_s)
+            if ctx.stopping():
+                # Checked with nothing awaited before the send begins: no send starts once a stop has.
+                await _release(ctx, claim)
+                raise WorkerStopping()
             with ctx.sending(job.key):
                 await _send_claimed(job, ctx, claim)
         finally:
@@ -299,6 +310,8 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 with retry:
                     await attempt_once()
         record(SENT, 1, None, started)
+    except WorkerStopping:
+        pass  # the stop hands it back (Dispatcher.close), due when its last failed attempt said
     except AlreadySent:
         record(SENT)
     except ClaimedElsewhere as busy:

@@ -59,7 +59,8 @@ class Dispatcher:
         redis = PipelinedRedis(redis_client.redis())
         self._context = DeliveryContext(settings, self._session, redis,
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
-                                        self.recorder, self._send_slots, self._in_send)
+                                        self.recorder, self._send_slots, self._in_send,
+                                        lambda: self._stopping)
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
         endpoint_id, client_id = job.endpoint_id, job.notification.client_id
