@@ -31,9 +31,21 @@ def _url_with_scheme(*schemes: str):
     def check(value: str) -> str:
         if not value.startswith(tuple(f"{s}://" for s in schemes)):
             raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
+        _login_is_encoded(value)
         return value
 
     return check
+
+
+def _login_is_encoded(url: str) -> None:
+    """Refuse a user or password with '@', '/', '?' or '#' as they are: a URL parser ends the login
+    at the first of them, so the rest of the password would be read as the host (asyncpg then waits
+    for ever for a host named after it), and an error about that "host" would show it."""
+    rest = url.partition("://")[2]
+    login = rest.rpartition("@")[0]
+    if any(mark in login for mark in "@/?#"):
+        raise ValueError("the user or password holds '@', '/', '?' or '#' as it is: URL-encode them "
+                         "(%40, %2F, %3F, %23)")
 
 
 # What asyncpg accepts for these query parameters; any other key becomes a server setting.
@@ -249,8 +261,9 @@ class Settings(BaseSettings):
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_starttls: bool = False
-    smtp_user: str | None = None
-    smtp_password: str | None = None
+    # Empty (SMTP_USER= in a compose file) is "not set": no login, not a login with empty credentials.
+    smtp_user: OptionalText = None
+    smtp_password: OptionalSecret = None
     smtp_from: str = "alerting@localhost"
     smtp_timeout_s: float = Field(default=30.0, gt=0, le=300)
 
@@ -357,7 +370,8 @@ class ConfigurationError(SystemExit):
 
 
 _SECRETS = ("ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD")
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+# Up to the last '@': a password may hold another (not URL-encoded, which the check refuses).
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
 
 
 def _shown(variable: str, value: object) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from alerting_app.embedded import free_port
 
@@ -151,10 +152,23 @@ class _KeepMessages:
 
 
 class SmtpServer:
-    def __init__(self) -> None:
+    def __init__(self, logins: dict[str, str] | None = None) -> None:
+        """With `logins` (user -> password), mail is taken only after AUTH with one of them (over
+        plain TCP: this is a local test relay); `logged_in` lists who did."""
         self.port = free_port()
         self._handler = _KeepMessages()
-        self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port)
+        self.logged_in: list[str] = []
+        auth = {}
+        if logins is not None:
+            def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
+                user, password = auth_data.login.decode(), auth_data.password.decode()
+                if logins.get(user) != password:
+                    return AuthResult(success=False, handled=False)
+                self.logged_in.append(user)
+                return AuthResult(success=True)
+
+            auth = {"authenticator": authenticate, "auth_required": True, "auth_require_tls": False}
+        self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port, **auth)
 
     def __enter__(self) -> "SmtpServer":
         self._controller.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from pydantic import SecretStr
 
 from alerting_app.channels.email import email_message, send_email
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
@@ -63,6 +64,29 @@ def test_a_truncated_group_counts_its_unlisted_alerts_in_subject_and_body():
 
     assert message["Subject"] == "[HIGH] 32 alerts: search: Slow1, +31 more"
     assert "... and 30 more alerts in this group, not listed" in message.get_content()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # a local test relay
+async def test_with_smtp_user_and_password_the_relay_is_logged_in_to():
+    with SmtpServer(logins={"alerts": "s3cret"}) as smtp:
+        settings = smtp_settings(smtp.port).model_copy(update={"smtp_user": "alerts",
+                                                               "smtp_password": SecretStr("s3cret")})
+        await send_email(settings, "oncall@example.com", notification())
+        assert smtp.logged_in == ["alerts"] and len(smtp.messages) == 1
+
+
+def test_empty_smtp_user_and_password_are_no_login(monkeypatch):
+    """SMTP_USER= and SMTP_PASSWORD= (as a compose file or task definition writes "unset") are no
+    login at all: a login with empty credentials fails at every relay that takes mail without one."""
+    monkeypatch.setenv("SMTP_USER", "")
+    monkeypatch.setenv("SMTP_PASSWORD", "")
+    settings = Settings()
+    assert (settings.smtp_user, settings.smtp_password) == (None, None)
+
+
+def test_the_smtp_password_is_not_shown_with_the_settings():
+    settings = Settings(smtp_user="alerts", smtp_password="s3cret")
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
 
 
 async def test_a_recipient_refused_for_good_is_permanent():

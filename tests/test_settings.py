@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -78,8 +79,27 @@ def test_a_bad_service_url_is_shown_without_its_password(monkeypatch):
     assert "s3cret" not in str(error.value)
 
 
+@pytest.mark.parametrize(("variable", "url", "password"), [
+    ("DATABASE_URL", "postgresql://alerting:Xq7z/Wk3v@db/alerting", "Xq7z/Wk3v"),
+    ("DATABASE_URL", "postgresql://alerting:Xq7z@Wk3v@db/alerting", "Xq7z@Wk3v"),
+    ("DATABASE_URL", "postgresql://alerting:Xq7z?Wk3v#Jm5r@db/alerting", "Xq7z?Wk3v#Jm5r"),
+    ("REDIS_URL", "rediss://:Xq7z/Wk3v@cache.example.com:6379/0", "Xq7z/Wk3v"),
+])
+def test_a_password_that_is_not_url_encoded_is_refused_without_showing_any_of_it(monkeypatch, variable, url,
+                                                                                 password):
+    monkeypatch.setenv(variable, url)
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    message = str(error.value)
+    assert f"{variable}:" in message and "URL-encode" in message
+    assert not any(part in message for part in re.split(r"[@/?#]", password)), message
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("DATABASE_URL", "postgresql://alerting:pw@db.example.com:5432/alerting?sslmode=require"),
+    ("DATABASE_URL", "postgresql://alerting:p%40ss%2Fw@db.example.com/alerting"),
     ("DATABASE_URL", "postgres://alerting@[::1]:5432/alerting"),
     ("DATABASE_URL", "postgresql://alerting@db1:5432,db2:5433/alerting?target_session_attrs=read-write"),
     ("DATABASE_URL", "postgresql:///alerting?host=/var/run/postgresql&application_name=worker"),

@@ -58,7 +58,7 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
                 port=settings.smtp_port,
                 start_tls=settings.smtp_starttls,
                 username=settings.smtp_user,
-                password=settings.smtp_password,
+                password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
                 timeout=settings.smtp_timeout_s,
             )
     except aiosmtplib.SMTPRecipientsRefused as exc:
