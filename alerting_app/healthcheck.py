@@ -9,6 +9,8 @@ $WEB_BIND:$WEB_PORT (loopback when it listens on every address) and exits 0 when
   worker that waits for Postgres is still healthy, and restarting it would not help.
 - `ready`: /readyz, every dependency answers. Use it where traffic is routed (a load balancer's
   target group), not to decide restarts.
+- `started`: /startedz, the worker has been ready at least once: a deployment's check (ECS's
+  default). A release that never gets ready fails it; a dependency's outage later does not.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 import urllib.error
 import urllib.request
 
-PATHS = {"live": "/healthz", "ready": "/readyz"}
+PATHS = {"live": "/healthz", "ready": "/readyz", "started": "/startedz"}
 TIMEOUT_S = 5.0  # the worker's own probes answer within ~2 s
 
 

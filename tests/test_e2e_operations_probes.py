@@ -71,6 +71,7 @@ def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(servic
         assert (status, states) == (503, {"broker": True, "postgres": False, "redis": True})
         assert health_check(worker.port).returncode == 0  # alive: no reason to restart it
         assert health_check(worker.port, "ready").returncode == 1
+        assert health_check(worker.port, "started").returncode == 1  # never ready yet: a deployment fails
 
         postgres.start_postgres_again()
         worker.wait_until_ready()
@@ -83,6 +84,7 @@ def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(servic
         assert states == {"broker": True, "postgres": False, "redis": True, "worker": True, "rules": True,
                           "silences": True}
         assert health_check(worker.port).returncode == 0
+        assert health_check(worker.port, "started").returncode == 0  # ready once: an outage restarts nothing
 
         postgres.start_postgres_again()
         wait_until(lambda: readiness(worker.url)[0] == 200, "ready again once Postgres is back")

@@ -399,6 +399,9 @@ def test_ecs_health_check_runs_the_same_command_as_the_image():
     commands = terraform_locals()["health_check_commands"]
     assert commands["live"] == ["CMD", *healthcheck_argv()]
     assert commands["ready"] == ["CMD", *healthcheck_argv(), "ready"]
+    assert commands["started"] == ["CMD", *healthcheck_argv(), "started"]
+    [health_check] = [block["health_check"] for block in terraform_blocks("variable") if "health_check" in block]
+    assert health_check["default"] == "started"
     definitions = terraform_resources("aws_ecs_task_definition")
     assert "healthCheck = {command = local.health_check_commands[var.health_check]" in (
         definitions["service"]["container_definitions"])

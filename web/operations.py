@@ -8,6 +8,9 @@
   worker that evaluates) and the Faust worker has fully started; otherwise 503. The JSON says the
   state of each, so the answer explains itself. (That the pipeline topics exist is checked once,
   before the worker starts: alerting_app/startup_wait.py.)
+- `/startedz`: 200 once this worker has been ready (as /readyz says) at least once, whatever its
+  dependencies do since; 503 before. ECS's health check uses it by default: a revision that never
+  gets ready is rolled back, and an outage of Postgres, Redis or the broker later restarts nothing.
 - `/metrics`: Prometheus text format, alerting_app/metrics.py plus the process and platform
   collectors of prometheus-client; consumer lag is computed at scrape time.
 """
@@ -44,6 +47,7 @@ from tables.silences import silence_replica
 log = logging.getLogger(__name__)
 
 _started = asyncio.Event()
+_ready_once = asyncio.Event()  # this process has been ready at least once (/startedz)
 _redis: Redis | None = None
 
 # len(), not rules(): rules() builds an object per rule, seconds at 450,000 rules.
@@ -88,11 +92,26 @@ class HealthView(View):
         return self.json({"status": "alive"})
 
 
+@app.page("/startedz")
+class StartedView(View):
+    async def get(self, request: Request) -> Response:
+        if _ready_once.is_set():
+            return self.json({"status": "started"})
+        states = await readiness()
+        if all(state.ok for state in states):
+            _ready_once.set()
+            return self.json({"status": "started"})
+        return self.json({"status": "starting", "dependencies": {state.name: state.as_json() for state in states}},
+                         status=503)
+
+
 @app.page("/readyz")
 class ReadinessView(View):
     async def get(self, request: Request) -> Response:
         states = await readiness()
         ready = all(state.ok for state in states)
+        if ready:
+            _ready_once.set()
         body = {
             "status": "ready" if ready else "not_ready",
             "dependencies": {state.name: state.as_json() for state in states},

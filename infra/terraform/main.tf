@@ -14,8 +14,9 @@ locals {
   # The HEALTHCHECK command of infra/Dockerfile (tests/test_infra.py compares them): Python itself,
   # never curl or wget, which a slim image does not have. `live` asks /healthz, `ready` /readyz.
   health_check_commands = {
-    live  = ["CMD", "python", "-m", "alerting_app.healthcheck"]
-    ready = ["CMD", "python", "-m", "alerting_app.healthcheck", "ready"]
+    live    = ["CMD", "python", "-m", "alerting_app.healthcheck"]
+    ready   = ["CMD", "python", "-m", "alerting_app.healthcheck", "ready"]
+    started = ["CMD", "python", "-m", "alerting_app.healthcheck", "started"]
   }
 
   # Runs before every deployment, as a one-off task (see outputs.run_migrations_command).

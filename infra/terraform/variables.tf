@@ -240,13 +240,13 @@ variable "services" {
 }
 
 variable "health_check" {
-  description = "What the ECS container health check asks: \"ready\" (/readyz: broker, Postgres, Redis and rules; a revision that never gets ready is rolled back) or \"live\" (/healthz: the process answers). See docs/operations.md."
+  description = "What the ECS container health check asks: \"started\" (/startedz: the worker has been ready once; a revision that never gets ready is rolled back, a later outage of its dependencies restarts nothing), \"ready\" (/readyz: broker, Postgres, Redis and rules, now) or \"live\" (/healthz: the process answers). See docs/operations.md."
   type        = string
-  default     = "ready"
+  default     = "started"
 
   validation {
-    condition     = contains(["ready", "live"], var.health_check)
-    error_message = "health_check: ready or live."
+    condition     = contains(["started", "ready", "live"], var.health_check)
+    error_message = "health_check: started, ready or live."
   }
 }
 
