@@ -421,6 +421,20 @@ def test_ecs_tasks_get_only_variables_that_settings_read_and_every_required_one(
     assert {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "DATA_DIR"} <= names
 
 
+def test_a_plan_without_redis_url_fails_at_plan_time():
+    """REDIS_URL may come from three variables (a plain URL, a secret, the extra environment); the
+    services refuse a plan that sets none or several, rather than deploy tasks that exit."""
+    [service] = terraform_resources("aws_ecs_service").values()
+    conditions = " ".join(check["condition"] for check in service["lifecycle"][0]["precondition"])
+    for source in ("var.redis_url", 'keys(var.extra_secrets), "REDIS_URL"', 'keys(var.extra_environment), "REDIS_URL"'):
+        assert source in conditions
+
+
+def test_compose_gives_a_stopping_worker_the_time_ecs_gives_it():
+    stop_timeout = re.search(r"stopTimeout\s*=\s*(\d+)", terraform_text()).group(1)
+    assert compose()["services"]["worker"]["stop_grace_period"] == f"{stop_timeout}s"
+
+
 def test_migration_task_runs_what_the_compose_setup_job_runs():
     assert terraform_locals()["migrate_command"] == compose()["services"]["setup"]["command"]
     assert "migrate" in terraform_resources("aws_ecs_task_definition")

@@ -149,6 +149,12 @@ resource "aws_ecs_service" "this" {
       condition     = !contains(local.consuming_services, each.key) || each.value.max_count <= var.topic_partitions
       error_message = "services.${each.key}: max_count ${each.value.max_count} exceeds topic_partitions ${var.topic_partitions}; tasks beyond the partition count would only idle in the consumer group."
     }
+
+    # Caught at plan time, not by the first deployment's tasks exiting with "Missing configuration".
+    precondition {
+      condition     = length([for given in [var.redis_url != null, contains(keys(var.extra_secrets), "REDIS_URL"), contains(keys(var.extra_environment), "REDIS_URL")] : given if given]) == 1
+      error_message = "REDIS_URL: set exactly one of redis_url, extra_secrets.REDIS_URL (a URL with a password) or extra_environment.REDIS_URL."
+    }
   }
 
   depends_on = [aws_iam_role_policy.execution_reads_secrets]
