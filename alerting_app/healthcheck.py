@@ -26,10 +26,16 @@ TIMEOUT_S = 5.0  # the worker's own probes answer within ~2 s
 
 def probe_url(environ: Mapping[str, str], check: str) -> str:
     """The URL of this container's worker; ValueError when WEB_PORT is not a port."""
+    return worker_url(environ) + PATHS[check]
+
+
+def worker_url(environ: Mapping[str, str]) -> str:
+    """Where a worker given `environ` (WEB_BIND, WEB_PORT) answers on this machine; ValueError when
+    WEB_PORT is not a port."""
     port = (environ.get("WEB_PORT") or "").strip() or "6066"
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"WEB_PORT {port!r} is not a port")
-    return f"http://{_probe_host(environ.get('WEB_BIND') or '')}:{int(port)}{PATHS[check]}"
+    return f"http://{_probe_host(environ.get('WEB_BIND') or '')}:{int(port)}"
 
 
 def _probe_host(bind: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from agents.rule_outbox import republish_all_silences
 from alerting_app.embedded import ChildProcess, EmbeddedServices, port_accepts
+from alerting_app.healthcheck import worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import republish
@@ -44,7 +45,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = int(env["WEB_PORT"])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = worker_url(env)  # where it listens (WEB_BIND), as the health check asks it
         self.log_path = log_path
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0  # the log may be appended to
         argv = [alerting_app_executable(), "worker", "-l", "info"]
@@ -120,6 +121,9 @@ def run_up(settings: Settings) -> int:
             env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
             env.setdefault("ADMIN_TOKEN", persistent_admin_token(data_dir))
             env.setdefault("ALLOW_PRIVATE_ENDPOINTS", "true")  # the local run's webhooks are local
+            # This machine only, unless asked: with private endpoints allowed, the API would let
+            # anyone who reaches it make the worker POST into this machine's network.
+            env.setdefault("WEB_BIND", "127.0.0.1")
             _prepare(env, settings)
             with WorkerProcess(env, data_dir / "worker.log") as worker:
                 print(f"starting the worker (log: {worker.log_path})…", flush=True)

@@ -46,6 +46,15 @@ def test_health_check_command_passes_against_a_running_worker(start_worker):
         assert _status(worker.url + path) == 404, path
 
 
+def test_a_worker_bound_to_one_address_is_waited_for_there(start_worker):
+    """`up` (and these tests) wait for a worker where it listens: one bound to [::1] alone does not
+    answer on 127.0.0.1, where they asked before, for five minutes, and then gave up."""
+    worker = start_worker(APP_ID=f"ops-bind-{secrets.token_hex(4)}", WEB_BIND="::1")
+
+    assert worker.url == f"http://[::1]:{worker.port}"
+    assert get_json(worker.url + "/healthz") == (200, {"status": "alive"})
+
+
 def _status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
