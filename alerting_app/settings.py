@@ -38,14 +38,22 @@ def _url_with_scheme(*schemes: str):
 
 
 def _login_is_encoded(url: str) -> None:
-    """Refuse a user or password with '@', '/', '?' or '#' as they are: a URL parser ends the login
-    at the first of them, so the rest of the password would be read as the host (asyncpg then waits
-    for ever for a host named after it), and an error about that "host" would show it."""
-    rest = url.partition("://")[2]
-    login = rest.rpartition("@")[0]
-    if any(mark in login for mark in "@/?#"):
-        raise ValueError("the user or password holds '@', '/', '?' or '#' as it is: URL-encode them "
-                         "(%40, %2F, %3F, %23)")
+    """Refuse a user or password with '@', '/', '?' or '#' as it is, without showing any of it.
+
+    A second '@' before the host: asyncpg ends the login at the first, so the rest of the password
+    would be the host, and the worker would wait for ever for it. A '/', '?' or '#': every parser
+    ends the host there, so the login's first part would be read as host:port and an error about
+    that "host" would show it. ('@' after the host, in a query value, is fine.)
+    """
+    netloc = urllib.parse.urlsplit(url).netloc
+    if netloc.count("@") > 1:
+        raise ValueError("the user or password holds '@' as it is: URL-encode it (%40)")
+    rest = url.partition("://")[2][len(netloc):]
+    looks_like_a_login = ":" in netloc and not netloc.startswith("[") and not all(
+        host.rpartition(":")[2].isdigit() for host in netloc.split(","))
+    if "@" not in netloc and "@" in rest and looks_like_a_login:
+        raise ValueError("the user or password holds '/', '?' or '#' as it is: URL-encode them "
+                         "(%2F, %3F, %23)")
 
 
 # What asyncpg accepts for these query parameters; any other key becomes a server setting.
@@ -372,6 +380,7 @@ class ConfigurationError(SystemExit):
 _SECRETS = ("ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD")
 # Up to the last '@': a password may hold another (not URL-encoded, which the check refuses).
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
+_QUERY_PASSWORD = re.compile(r"(password=)[^&#]*")  # postgresql://db/alerts?user=app&password=...
 
 
 def _shown(variable: str, value: object) -> str:
@@ -379,7 +388,7 @@ def _shown(variable: str, value: object) -> str:
     if variable in _SECRETS:
         return "a value that is not shown"
     if isinstance(value, str):
-        value = _URL_PASSWORD.sub(r"\1***@", value)
+        value = _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", value))
     return repr(value)
 
 

@@ -156,9 +156,8 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     if report.mismatched:
         raise SystemExit(report.mismatch_message(settings.topic_partitions))
     print(f"topics created: {', '.join(report.created) or 'none (all present)'}", flush=True)
-    if report.created:
-        discard_table_state_of_another_broker(Path(env["DATA_DIR"]))
     if "rule.changed" in report.created:
+        discard_table_state_of_another_broker(Path(env["DATA_DIR"]))
         # A new (or restarted in-memory) broker: put the rules Postgres holds back on the topic.
         count = asyncio.run(republish(env["DATABASE_URL"]))
         print(f"rules queued for rule.changed from Postgres: {count}", flush=True)
@@ -168,10 +167,10 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
 
 
 def discard_table_state_of_another_broker(data_dir: Path) -> None:
-    """Remove the worker's Faust table state (DATA_DIR/faust) when the topics had to be created.
+    """Remove the worker's Faust table state (DATA_DIR/faust) when rule.changed had to be created.
 
-    New topics mean a new broker (the embedded one keeps messages in memory, so every run starts
-    one) and an empty changelog. The local tables remember offsets of the old changelog, higher than
+    A new rule.changed means a new broker (the embedded one keeps messages in memory, so every run
+    starts one) and an empty changelog. The local tables remember offsets of the old changelog, higher than
     the new one's end, and Faust refuses to start on that (ConsistencyError): a second run crashed
     once any group had been written. What the old state held (open groups) went with the old broker.
     """

@@ -176,3 +176,31 @@ async def test_deliveries_that_waited_for_a_full_worker_go_out_at_their_endpoint
         arrivals = [post.received_at for post in receiver.posts_to("limited")]
         assert len(arrivals) == 4
         assert min(later - earlier for earlier, later in zip(arrivals, arrivals[1:])) >= 0.2, arrivals
+
+
+async def test_a_rate_limited_endpoint_is_served_at_its_rate_while_the_worker_stays_full(services):
+    """A full worker whose slots free up again within milliseconds (others' quick sends): the
+    rate-limited endpoint's deliveries still get their turn, one per token, and none is starved."""
+    async with Receiver() as receiver, delivery_context(services.redis_url, burst_s=0.25,
+                                                        worker_concurrency=1) as ctx:
+        busy = webhook(receiver.url("busy"), rate_limit_per_s=0.0)  # unlimited: nothing but the slot slows it
+        stop = asyncio.Event()
+
+        async def keep_the_worker_full() -> None:
+            while not stop.is_set():
+                await attempt(job_for(busy), ctx)
+
+        # Eight senders for one slot: seven of them always wait for it.
+        filling = [asyncio.ensure_future(keep_the_worker_full()) for _ in range(8)]
+        await receiver.wait_for_posts(8, "busy")
+        limited = webhook(receiver.url("limited"), rate_limit_per_s=4.0)
+        try:
+            # Four tokens at 4/s: about 0.75 s; the bound is for a starved endpoint, not a measurement.
+            await asyncio.wait_for(asyncio.gather(*(attempt(job_for(limited), ctx) for _ in range(4))), 20)
+        finally:
+            stop.set()
+            await asyncio.gather(*filling)
+
+        arrivals = [post.received_at for post in receiver.posts_to("limited")]
+        assert len(arrivals) == 4
+        assert min(later - earlier for earlier, later in zip(arrivals, arrivals[1:])) >= 0.2, arrivals

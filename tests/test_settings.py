@@ -97,9 +97,23 @@ def test_a_password_that_is_not_url_encoded_is_refused_without_showing_any_of_it
     assert not any(part in message for part in re.split(r"[@/?#]", password)), message
 
 
+def test_a_password_in_the_query_is_not_shown_with_an_error(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db.internal/alerts?user=app&password=Xq7z@Wk3v&sslmode=maybe")
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert "sslmode" in str(error.value) and "Xq7z" not in str(error.value) and "Wk3v" not in str(error.value)
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("DATABASE_URL", "postgresql://alerting:pw@db.example.com:5432/alerting?sslmode=require"),
     ("DATABASE_URL", "postgresql://alerting:p%40ss%2Fw@db.example.com/alerting"),
+    # '@' after the host, in a query value, is no login
+    ("DATABASE_URL", "postgresql://app:pw@db/alerts?application_name=worker@eu-1"),
+    ("DATABASE_URL", "postgresql://app:pw@db/alerts?sslrootcert=/certs/ca@2024.pem"),
+    ("DATABASE_URL", "postgresql://db.internal/alerts?user=app&password=s3cr@t"),
+    ("REDIS_URL", "redis://cache:6379/0?client_name=alerting@eu"),
     ("DATABASE_URL", "postgres://alerting@[::1]:5432/alerting"),
     ("DATABASE_URL", "postgresql://alerting@db1:5432,db2:5433/alerting?target_session_attrs=read-write"),
     ("DATABASE_URL", "postgresql:///alerting?host=/var/run/postgresql&application_name=worker"),

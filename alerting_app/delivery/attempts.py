@@ -12,8 +12,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass
 
 import aiohttp
@@ -66,9 +66,8 @@ class SendSlots:
     Endpoint first: a hanging endpoint's queue never holds a worker slot. Token inside the
     endpoint's slot: deliveries queued behind a hanging endpoint hold no tokens, so when it
     recovers they go out at its rate, not all at once. The client's slot: a tenant whose many
-    endpoints hang fills its own share of the worker's slots, not all of them. Tokens before those
-    two slots, taken again if a slot was not free (`_send_slots_with_fresh_tokens`): the same, for a
-    full worker.
+    endpoints hang fills its own share of the worker's slots, not all of them. Tokens between the
+    client's slot and the worker's (`_send_slots_with_tokens`): the same, for a full worker.
     """
 
     worker: asyncio.Semaphore
@@ -164,7 +163,7 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
         buckets.append((EMAIL_BUCKET, settings.email_rate_limit_per_s))
     slots = ctx.send_slots(job)
     async with slots.endpoint:
-        await _send_slots_with_fresh_tokens(slots.for_the_send(), ctx.rate_limits, [b for b in buckets if b[1] > 0])
+        await _send_slots_with_tokens(slots, ctx.rate_limits, [b for b in buckets if b[1] > 0])
         try:
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
             if claim.state is claims.ClaimState.SENT:
@@ -182,37 +181,40 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 slot.release()
 
 
-async def _send_slots_with_fresh_tokens(send_slots: Sequence[asyncio.Semaphore], rate_limits: RateLimits,
-                                        buckets: list[tuple[str, float]]) -> None:
-    """Take the buckets' tokens, then the send's slots in order; return holding the slots, with
-    tokens taken no earlier than the slots were free.
+async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, buckets: list[tuple[str, float]]) -> None:
+    """Return holding the client's and the worker's send slots, with a token of each bucket taken
+    for this send.
 
-    Tokens are waited for outside these slots, so a rate-limited endpoint's queue holds none of
-    them. But tokens taken while the worker (or the client's share) is full would be spent when
-    slots free up, all at once: a burst over the endpoint's rate at the receiver. So a delivery that
-    had to wait for a slot takes its tokens again, without waiting, and gives the slots back if they
-    are not there yet. The tokens it took first are wasted: the endpoint goes slower than its rate
-    while the worker is full, never faster.
+    The client's slot first, without any bucket's turn: a tenant whose share is full keeps only its
+    own deliveries waiting, not other tenants' email. Then, in each bucket's turn, the token, then
+    the worker's slot: a delivery waiting for a full worker holds its endpoint's turn, so the next
+    delivery of that endpoint takes no token meanwhile; tokens taken while the worker was full
+    would otherwise all be spent the moment slots freed up, a burst over the endpoint's rate. The
+    token is dated when it was taken, not when it is spent: one that waited longer than the
+    bucket's interval for the worker's slot is dated again by taking another now, if there is one
+    (the first is wasted: the endpoint goes slower than its rate while the worker is full, never
+    faster). Never a wait while holding the worker's slot.
     """
-    while True:
-        for bucket, rate in buckets:
-            await rate_limits.take(bucket, rate)
-        # Checked before taking any: slots that are free are taken without the event loop running
-        # anything else in between, so nothing can make the tokens old meanwhile.
-        waited = any(slot.locked() for slot in send_slots)
-        held: list[asyncio.Semaphore] = []
-        try:
-            for slot in send_slots:
-                await slot.acquire()
-                held.append(slot)
-            if not waited or all([await rate_limits.try_take(bucket, rate) for bucket, rate in buckets]):
-                return
-        except BaseException:
-            for slot in reversed(held):
-                slot.release()
-            raise
-        for slot in reversed(held):
-            slot.release()
+    await slots.client.acquire()
+    try:
+        async with AsyncExitStack() as turns:
+            for bucket, _ in sorted(buckets):  # one order everywhere: no two deliveries wait on each other
+                await turns.enter_async_context(rate_limits.turn(bucket))
+            for bucket, rate in buckets:
+                await rate_limits.take_in_turn(bucket, rate)
+            taken_at = time.monotonic()
+            await slots.worker.acquire()
+            try:
+                waited_s = time.monotonic() - taken_at
+                for bucket, rate in buckets:
+                    if waited_s > 1 / rate:
+                        await rate_limits.try_take(bucket, rate)
+            except BaseException:
+                slots.worker.release()
+                raise
+    except BaseException:
+        slots.client.release()
+        raise
 
 
 async def _send_claimed(job: DeliveryJob, ctx: DeliveryContext, claim: claims.Claim) -> None:
@@ -304,7 +306,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 stop=stop_after_attempt(allowed - 1),
                 wait=backoff,
                 retry=retry_if_exception_type(RetryableDeliveryError),
-                before_sleep=lambda state: failed_attempt(state.outcome.exception(), state.upcoming_sleep),
+                before_sleep=lambda state: failed_attempt(state.outcome.exception(), state.next_action.sleep),
                 reraise=True,
             ):
                 with retry:

@@ -13,6 +13,8 @@ these buckets are the library's: a bucket drained by one is drained for the othe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from fractions import Fraction
 
@@ -61,21 +63,32 @@ class RateLimits:
         """Take a token of `bucket` if there is one now; whether there was (a rate of 0 is unlimited)."""
         return rate_per_s <= 0 or not await self._try(bucket, rate_per_s)
 
-    async def take(self, bucket: str, rate_per_s: float) -> None:
-        """Wait for a token of `bucket` (a rate of 0 is unlimited)."""
-        if rate_per_s <= 0:
-            return
-        turn, waiting = self._turns.get(bucket, (None, 0))
-        if turn is None:
-            turn = asyncio.Lock()
-        self._turns[bucket] = (turn, waiting + 1)
+    @asynccontextmanager
+    async def turn(self, bucket: str) -> AsyncIterator[None]:
+        """This worker's turn at `bucket`: one delivery at a time waits for its token (and, in
+        attempts.py, for the send slot it spends it in); the others queue here."""
+        lock, waiting = self._turns.get(bucket, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._turns[bucket] = (lock, waiting + 1)
         try:
-            async with turn:
-                while wait_s := await self._try(bucket, rate_per_s):
-                    await asyncio.sleep(wait_s)
+            async with lock:
+                yield
         finally:
-            turn, waiting = self._turns[bucket]
+            lock, waiting = self._turns[bucket]
             if waiting == 1:
                 del self._turns[bucket]  # nobody else waits: no lock kept per endpoint ever seen
             else:
-                self._turns[bucket] = (turn, waiting - 1)
+                self._turns[bucket] = (lock, waiting - 1)
+
+    async def take_in_turn(self, bucket: str, rate_per_s: float) -> None:
+        """Wait for a token of `bucket`, holding its turn (a rate of 0 is unlimited)."""
+        if rate_per_s <= 0:
+            return
+        while wait_s := await self._try(bucket, rate_per_s):
+            await asyncio.sleep(wait_s)
+
+    async def take(self, bucket: str, rate_per_s: float) -> None:
+        """Wait for a token of `bucket` (a rate of 0 is unlimited)."""
+        async with self.turn(bucket):
+            await self.take_in_turn(bucket, rate_per_s)
