@@ -197,23 +197,35 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, buc
     """
     await slots.client.acquire()
     try:
-        async with AsyncExitStack() as turns:
-            for bucket, _ in sorted(buckets):  # one order everywhere: no two deliveries wait on each other
-                await turns.enter_async_context(rate_limits.turn(bucket))
-            for bucket, rate in buckets:
-                await rate_limits.take_in_turn(bucket, rate)
-            taken_at = time.monotonic()
-            await slots.worker.acquire()
-            try:
-                waited_s = time.monotonic() - taken_at
-                for bucket, rate in buckets:
-                    if waited_s > 1 / rate:
-                        await rate_limits.try_take(bucket, rate)
-            except BaseException:
-                slots.worker.release()
-                raise
+        if not buckets:  # no rate limit
+            await _tokens_then_worker_slot(slots.worker, rate_limits, buckets)
+        elif len(buckets) == 1:  # nearly every delivery: no exit stack (a third of this function's cost)
+            async with rate_limits.turn(buckets[0][0]):
+                await _tokens_then_worker_slot(slots.worker, rate_limits, buckets)
+        else:
+            async with AsyncExitStack() as turns:
+                for bucket, _ in sorted(buckets):  # one order everywhere: no two deliveries wait on each other
+                    await turns.enter_async_context(rate_limits.turn(bucket))
+                await _tokens_then_worker_slot(slots.worker, rate_limits, buckets)
     except BaseException:
         slots.client.release()
+        raise
+
+
+async def _tokens_then_worker_slot(worker_slots: asyncio.Semaphore, rate_limits: RateLimits,
+                                   buckets: list[tuple[str, float]]) -> None:
+    """In the buckets' turns: their tokens, then the worker's slot, held on return."""
+    for bucket, rate in buckets:
+        await rate_limits.take_in_turn(bucket, rate)
+    taken_at = time.monotonic()
+    await worker_slots.acquire()
+    try:
+        waited_s = time.monotonic() - taken_at
+        for bucket, rate in buckets:
+            if waited_s > 1 / rate:
+                await rate_limits.try_take(bucket, rate)
+    except BaseException:
+        worker_slots.release()
         raise
 
 
