@@ -10,6 +10,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,7 +26,7 @@ from alerting_app.delivery.rate_limits import RateLimits
 from alerting_app.delivery.records import DeliveryChange
 from alerting_app.redis_pipelining import PipelinedRedis
 from alerting_app.settings import Settings
-from delivery_receivers import Receiver
+from delivery_receivers import Receiver, SmtpServer
 
 
 @dataclass
@@ -43,13 +44,16 @@ class Outcomes:
 
 @asynccontextmanager
 async def delivery_context(redis_url: str, *, endpoint_concurrency: int = 16, burst_s: float = 1.0,
-                           token_redis_url: str | None = None, worker_concurrency: int = 256):
+                           token_redis_url: str | None = None, worker_concurrency: int = 256,
+                           client_concurrency: int = 64, **settings: Any):
     """What a worker gives its deliveries; tokens may come from another Redis (one that is down)."""
-    settings = Settings(delivery_backoff_initial_s=1.0, delivery_backoff_max_s=300.0, delivery_max_attempts=1)
+    settings = Settings(delivery_backoff_initial_s=1.0, delivery_backoff_max_s=300.0, delivery_max_attempts=1,
+                        **settings)
     redis = PipelinedRedis(Redis.from_url(redis_url))
     token_redis = PipelinedRedis(Redis.from_url(token_redis_url)) if token_redis_url else redis
+    # One client's slots: every delivery of the context is of one tenant.
     slots = SendSlots(asyncio.Semaphore(worker_concurrency), asyncio.Semaphore(endpoint_concurrency),
-                      asyncio.Semaphore(worker_concurrency))
+                      asyncio.Semaphore(client_concurrency))
     async with aiohttp.ClientSession() as session:
         try:
             yield DeliveryContext(settings, session, redis, RateLimits(token_redis, burst_s), Outcomes(),
@@ -204,3 +208,36 @@ async def test_a_rate_limited_endpoint_is_served_at_its_rate_while_the_worker_st
         arrivals = [post.received_at for post in receiver.posts_to("limited")]
         assert len(arrivals) == 4
         assert min(later - earlier for earlier, later in zip(arrivals, arrivals[1:])) >= 0.2, arrivals
+
+
+async def test_a_tenants_slow_email_endpoint_keeps_no_other_tenants_email_waiting(services):
+    """The endpoint's own token is waited for before the turn at the all-email bucket: tenant A's
+    second email, waiting two seconds for its endpoint's 0.5/s, must not hold up tenant B's."""
+    with SmtpServer() as smtp:
+        async with delivery_context(services.redis_url, smtp_host="127.0.0.1", smtp_port=smtp.port,
+                                    smtp_timeout_s=5) as ctx:
+            slow = Endpoint(str(uuid.uuid4()), "email", "a@example.com", "secret", 0.5)  # a bucket of one token
+            other = Endpoint(str(uuid.uuid4()), "email", "b@example.com", "secret", None)
+            await attempt(job_for(slow), ctx)
+            second_of_slow = asyncio.ensure_future(attempt(job_for(slow), ctx))
+            await asyncio.sleep(0.2)  # it waits for its endpoint's next token, due in about 2 s
+            await asyncio.wait_for(attempt(job_for(other), ctx), 1.5)
+            await second_of_slow
+        assert [message["To"] for message in smtp.messages] == ["a@example.com", "b@example.com", "a@example.com"]
+
+
+async def test_deliveries_waiting_for_their_endpoints_tokens_hold_none_of_their_clients_slots(services):
+    """A tenant's rate-limited endpoint with a backlog must not keep the tenant's other endpoints
+    waiting for tokens they do not need: the client's slot is taken after the endpoint's token."""
+    async with Receiver() as receiver, delivery_context(services.redis_url, client_concurrency=2) as ctx:
+        limited = webhook(receiver.url("limited"), rate_limit_per_s=0.5)  # a bucket of one token, one per 2 s
+        await attempt(job_for(limited), ctx)
+        backlog = [asyncio.ensure_future(attempt(job_for(limited), ctx)) for _ in range(2)]
+        await asyncio.sleep(0.2)  # both wait for the limited endpoint's next tokens, in 2 and 4 s
+        try:
+            await asyncio.wait_for(attempt(job_for(webhook(receiver.url("pager"), rate_limit_per_s=0.0)), ctx), 1.5)
+        finally:
+            for waiting in backlog:
+                waiting.cancel()
+            await asyncio.gather(*backlog, return_exceptions=True)
+        assert len(receiver.posts_to("pager")) == 1

@@ -1,10 +1,11 @@
-"""One delivery: take the endpoint's send slot, wait for a token, take a worker send slot, claim the
-idempotency key, send, and retry what may succeed later.
+"""One delivery: take the endpoint's send slot, wait for a token, take the client's and a worker's
+send slots, claim the idempotency key, send, and retry what may succeed later.
 
 Retries follow tenacity: exponential backoff with jitter for retryable failures (a 429's
 Retry-After is waited when longer, up to DELIVERY_BACKOFF_MAX_S), at most DELIVERY_MAX_ATTEMPTS
 in all, counting the attempts an earlier worker made. Waiting for a retry holds no send slot;
-waiting for a token holds the endpoint's slot only, never a worker slot.
+waiting for the endpoint's token holds the endpoint's slot only; no token is waited for while
+holding a worker slot.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import aiohttp
@@ -66,8 +67,8 @@ class SendSlots:
     Endpoint first: a hanging endpoint's queue never holds a worker slot. Token inside the
     endpoint's slot: deliveries queued behind a hanging endpoint hold no tokens, so when it
     recovers they go out at its rate, not all at once. The client's slot: a tenant whose many
-    endpoints hang fills its own share of the worker's slots, not all of them. Tokens between the
-    client's slot and the worker's (`_send_slots_with_tokens`): the same, for a full worker.
+    endpoints hang fills its own share of the worker's slots, not all of them. The order of the
+    tokens between them: `_send_slots_with_tokens`.
     """
 
     worker: asyncio.Semaphore
@@ -158,12 +159,12 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     """
     endpoint, settings = job.endpoint, ctx.settings
     rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
-    buckets = [(f"endpoint:{endpoint.endpoint_id}", rate)]
-    if endpoint.channel == "email":
-        buckets.append((EMAIL_BUCKET, settings.email_rate_limit_per_s))
+    own = (f"endpoint:{endpoint.endpoint_id}", rate) if rate > 0 else None
+    email_rate = settings.email_rate_limit_per_s
+    shared = (EMAIL_BUCKET, email_rate) if endpoint.channel == "email" and email_rate > 0 else None
     slots = ctx.send_slots(job)
     async with slots.endpoint:
-        await _send_slots_with_tokens(slots, ctx.rate_limits, [b for b in buckets if b[1] > 0])
+        await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared)
         try:
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
             if claim.state is claims.ClaimState.SENT:
@@ -181,52 +182,79 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 slot.release()
 
 
-async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, buckets: list[tuple[str, float]]) -> None:
-    """Return holding the client's and the worker's send slots, with a token of each bucket taken
-    for this send.
+Bucket = tuple[str, float]  # a rate limit's Redis bucket and its rate per second
 
-    The client's slot first, without any bucket's turn: a tenant whose share is full keeps only its
-    own deliveries waiting, not other tenants' email. Then, in each bucket's turn, the token, then
-    the worker's slot: a delivery waiting for a full worker holds its endpoint's turn, so the next
-    delivery of that endpoint takes no token meanwhile; tokens taken while the worker was full
-    would otherwise all be spent the moment slots freed up, a burst over the endpoint's rate. The
-    token is dated when it was taken, not when it is spent: one that waited longer than the
-    bucket's interval for the worker's slot is dated again by taking another now, if there is one
-    (the first is wasted: the endpoint goes slower than its rate while the worker is full, never
-    faster). Never a wait while holding the worker's slot.
+
+async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own: Bucket | None,
+                                  shared: Bucket | None) -> None:
+    """Return holding the client's and the worker's send slots, with a token of the endpoint's own
+    bucket and of the shared one (all email), where there are limits, taken for this send.
+
+    In this order, each waited for while holding what comes before it: the endpoint's token (in
+    its turn: one delivery of the endpoint at a time takes one), the client's slot, the shared
+    token (in its turn), the worker's slot. So waiting for an endpoint's token holds nothing of its
+    client's or of anyone's (a tenant's slow endpoint does not keep its own other endpoints, nor
+    other tenants' email, waiting), and a tenant whose share is full does not hold the shared
+    turn. The turns are kept until the worker's slot is held: the next delivery of the endpoint
+    takes no token while this one waits for a full worker, or the tokens taken meanwhile would
+    all be spent the moment slots freed up, a burst over the rate.
     """
+    taken: list[list] = []  # [bucket, rate, when its token was taken]
+    if own is None:
+        await _client_then_shared(slots, rate_limits, shared, taken)
+        return
+    async with rate_limits.turn(own[0]):
+        await rate_limits.take_in_turn(*own)
+        taken.append([*own, time.monotonic()])
+        await _client_then_shared(slots, rate_limits, shared, taken)
+
+
+async def _client_then_shared(slots: SendSlots, rate_limits: RateLimits, shared: Bucket | None,
+                              taken: list[list]) -> None:
     await slots.client.acquire()
     try:
-        if not buckets:  # no rate limit
-            await _tokens_then_worker_slot(slots.worker, rate_limits, buckets)
-        elif len(buckets) == 1:  # nearly every delivery: no exit stack (a third of this function's cost)
-            async with rate_limits.turn(buckets[0][0]):
-                await _tokens_then_worker_slot(slots.worker, rate_limits, buckets)
+        if shared is None:
+            await _worker_slot_with_fresh_tokens(slots.worker, rate_limits, taken)
         else:
-            async with AsyncExitStack() as turns:
-                for bucket, _ in sorted(buckets):  # one order everywhere: no two deliveries wait on each other
-                    await turns.enter_async_context(rate_limits.turn(bucket))
-                await _tokens_then_worker_slot(slots.worker, rate_limits, buckets)
+            async with rate_limits.turn(shared[0]):
+                await rate_limits.take_in_turn(*shared)
+                taken.append([*shared, time.monotonic()])
+                await _worker_slot_with_fresh_tokens(slots.worker, rate_limits, taken)
     except BaseException:
         slots.client.release()
         raise
 
 
-async def _tokens_then_worker_slot(worker_slots: asyncio.Semaphore, rate_limits: RateLimits,
-                                   buckets: list[tuple[str, float]]) -> None:
-    """In the buckets' turns: their tokens, then the worker's slot, held on return."""
-    for bucket, rate in buckets:
-        await rate_limits.take_in_turn(bucket, rate)
-    taken_at = time.monotonic()
-    await worker_slots.acquire()
-    try:
-        waited_s = time.monotonic() - taken_at
-        for bucket, rate in buckets:
-            if waited_s > 1 / rate:
-                await rate_limits.try_take(bucket, rate)
-    except BaseException:
+async def _worker_slot_with_fresh_tokens(worker_slots: asyncio.Semaphore, rate_limits: RateLimits,
+                                         taken: list[list]) -> None:
+    """The worker's slot, with every token spent at most one interval of its bucket after it was
+    taken (still in their turns).
+
+    A token dated when it was taken, spent much later, lets the bucket hand out the next at once:
+    two sends closer than the rate. One that waited longer than its interval is dated again by
+    taking another now (the first is wasted: the endpoint goes slower than its rate while the
+    worker is full, never faster). When there is none now (another worker took it), the slot is
+    given back and the token waited for again: never a wait for a token while holding the slot.
+    """
+    while True:
+        await worker_slots.acquire()
+        stale = None
+        try:
+            for entry in taken:
+                bucket, rate, taken_at = entry
+                if time.monotonic() - taken_at > 1 / rate:
+                    if not await rate_limits.try_take(bucket, rate):
+                        stale = entry
+                        break
+                    entry[2] = time.monotonic()
+        except BaseException:
+            worker_slots.release()
+            raise
+        if stale is None:
+            return
         worker_slots.release()
-        raise
+        await rate_limits.take_in_turn(stale[0], stale[1])
+        stale[2] = time.monotonic()
 
 
 async def _send_claimed(job: DeliveryJob, ctx: DeliveryContext, claim: claims.Claim) -> None:
