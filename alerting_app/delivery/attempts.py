@@ -199,18 +199,18 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own
     takes no token while this one waits for a full worker, or the tokens taken meanwhile would
     all be spent the moment slots freed up, a burst over the rate.
     """
-    taken: list[list] = []  # [bucket, rate, when its token was taken]
+    taken: list[tuple[str, float, float]] = []  # bucket, rate, when its token was taken
     if own is None:
         await _client_then_shared(slots, rate_limits, shared, taken)
         return
     async with rate_limits.turn(own[0]):
         await rate_limits.take_in_turn(*own)
-        taken.append([*own, time.monotonic()])
+        taken.append((*own, time.monotonic()))
         await _client_then_shared(slots, rate_limits, shared, taken)
 
 
 async def _client_then_shared(slots: SendSlots, rate_limits: RateLimits, shared: Bucket | None,
-                              taken: list[list]) -> None:
+                              taken: list[tuple[str, float, float]]) -> None:
     await slots.client.acquire()
     try:
         if shared is None:
@@ -218,7 +218,7 @@ async def _client_then_shared(slots: SendSlots, rate_limits: RateLimits, shared:
         else:
             async with rate_limits.turn(shared[0]):
                 await rate_limits.take_in_turn(*shared)
-                taken.append([*shared, time.monotonic()])
+                taken.append((*shared, time.monotonic()))
                 await _worker_slot_with_fresh_tokens(slots.worker, rate_limits, taken)
     except BaseException:
         slots.client.release()
@@ -226,35 +226,26 @@ async def _client_then_shared(slots: SendSlots, rate_limits: RateLimits, shared:
 
 
 async def _worker_slot_with_fresh_tokens(worker_slots: asyncio.Semaphore, rate_limits: RateLimits,
-                                         taken: list[list]) -> None:
-    """The worker's slot, with every token spent at most one interval of its bucket after it was
-    taken (still in their turns).
+                                         taken: list[tuple[str, float, float]]) -> None:
+    """The worker's slot, with the tokens that waited longer than their bucket's interval for it
+    dated again (still in their turns).
 
     A token dated when it was taken, spent much later, lets the bucket hand out the next at once:
-    two sends closer than the rate. One that waited longer than its interval is dated again by
+    two sends closer than the rate. So one that waited longer than its interval is dated again by
     taking another now (the first is wasted: the endpoint goes slower than its rate while the
-    worker is full, never faster). When there is none now (another worker took it), the slot is
-    given back and the token waited for again: never a wait for a token while holding the slot.
+    worker is full, never faster). When there is none now (another worker took it), the send goes
+    ahead all the same: waiting for one again would hold what this delivery holds (its client's
+    slot, the all-email turn) for an interval, and could starve it while the worker stays full. The
+    bound that leaves: one send per worker sooner than the rate, each time its slots were full.
     """
-    while True:
-        await worker_slots.acquire()
-        stale = None
-        try:
-            for entry in taken:
-                bucket, rate, taken_at = entry
-                if time.monotonic() - taken_at > 1 / rate:
-                    if not await rate_limits.try_take(bucket, rate):
-                        stale = entry
-                        break
-                    entry[2] = time.monotonic()
-        except BaseException:
-            worker_slots.release()
-            raise
-        if stale is None:
-            return
+    await worker_slots.acquire()
+    try:
+        for bucket, rate, taken_at in taken:
+            if time.monotonic() - taken_at > 1 / rate:
+                await rate_limits.try_take(bucket, rate)
+    except BaseException:
         worker_slots.release()
-        await rate_limits.take_in_turn(stale[0], stale[1])
-        stale[2] = time.monotonic()
+        raise
 
 
 async def _send_claimed(job: DeliveryJob, ctx: DeliveryContext, claim: claims.Claim) -> None:
