@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ import agents  # noqa: F401  registers the agents on the app
 from agents.rule_outbox import republish_all_silences
 import web  # noqa: F401  registers the web views on the app
 import web.operations  # noqa: F401  registers /healthz, /readyz and /metrics
-from alerting_app import kafka_admin, load, topic_inspection
+from alerting_app import api_call, kafka_admin, load, topic_inspection
 from alerting_app.app import app, settings
 from alerting_app.embedded import EmbeddedServiceError
 from alerting_app.gc_tuning import tune_garbage_collector
@@ -229,6 +230,34 @@ async def _tail(broker: KafkaConnection, topic: str, from_beginning: bool, limit
         print(f"tailing {topic} ({len(tail.partitions)} partitions) from {where}", file=sys.stderr, flush=True)
         async for message in tail.messages(limit):
             print(json.dumps(message), flush=True)
+
+
+@app.command(
+    argument("method", type=click.Choice(api_call.METHODS, case_sensitive=False)),
+    argument("url"),
+    argument("body", required=False),
+    option("--token", default=None, help="the bearer token (default: $ADMIN_TOKEN)"),
+    option("--field", default=None, help="print only this field of the JSON answer (e.g. api_key)"),
+    base=_ForegroundCommand,
+)
+def api(method: str, url: str, body: str | None, token: str | None, field: str | None) -> int:
+    """One request to the REST API: METHOD URL [JSON BODY]; URL may be a path (/api/v1/clients) on
+    this machine's worker. Prints the JSON answer; exits 1 unless it is a 2xx."""
+    try:
+        status, answer = api_call.request(method, api_call.target(url, os.environ), body,
+                                          token if token is not None else os.environ.get("ADMIN_TOKEN"))
+    except ValueError as exc:
+        raise SystemExit(f"api: {exc}") from None
+    if not 200 <= status < 300:
+        print(f"HTTP {status}: {json.dumps(answer) if not isinstance(answer, str) else answer}", file=sys.stderr)
+        return 1
+    if field is not None:
+        if not isinstance(answer, dict) or field not in answer:
+            raise SystemExit(f"api: the answer has no field {field!r}: {json.dumps(answer)}")
+        answer = answer[field]
+    if answer is not None:
+        print(answer if isinstance(answer, str) else json.dumps(answer, indent=2))
+    return 0
 
 
 def main() -> None:

@@ -189,9 +189,8 @@ def _example_alert(alert_id: str) -> str:
 
 def _instructions(env: dict[str, str], api_url: str, data_dir: Path) -> str:
     token, kafka = env["ADMIN_TOKEN"], env["KAFKA_BOOTSTRAP_SERVERS"]
-    json_field = "python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])'"
-    post = "curl -sf -X POST -H 'Content-Type: application/json'"
     first, second = (_example_alert(alert_id) for alert_id in ("a-1", "a-2"))
+    # `alerting-app api`, not curl: Python is all a fresh machine is sure to have.
     return f"""
 alerting-app is up.
   API             {api_url}/api/v1      (metrics at {api_url}/metrics)
@@ -202,23 +201,22 @@ alerting-app is up.
   ADMIN_TOKEN     {token}
 
 Try it (in another shell):
-  API={api_url}/api/v1 ADMIN_TOKEN={shlex.quote(token)}
+  APP={shlex.quote(alerting_app_executable())} API={api_url}/api/v1 ADMIN_TOKEN={shlex.quote(token)}
   # a client; its API key is shown only in this answer
-  KEY=$({post} $API/clients -H "Authorization: Bearer $ADMIN_TOKEN" \\
-      -d '{{"name":"acme"}}' | {json_field} api_key)
+  KEY=$($APP api POST $API/clients '{{"name":"acme"}}' --token "$ADMIN_TOKEN" --field api_key)
   # a rule of that client: severity=HIGH, source=payments, any name
-  RULE=$({post} $API/rules -H "Authorization: Bearer $KEY" \\
-      -d '{{"severity":"HIGH","source":"payments","name":"*"}}' | {json_field} rule_id)
+  RULE=$($APP api POST $API/rules '{{"severity":"HIGH","source":"payments","name":"*"}}' \\
+      --token "$KEY" --field rule_id)
   # a webhook endpoint on the rule (any URL that accepts a POST)
-  {post} $API/endpoints -H "Authorization: Bearer $KEY" \\
-      -d '{{"rule_id":"'$RULE'","type":"webhook","value":"http://127.0.0.1:9000/hook"}}'
+  $APP api POST $API/endpoints '{{"rule_id":"'$RULE'","type":"webhook","value":"http://127.0.0.1:9000/hook"}}' \\
+      --token "$KEY"
   # an alert, over HTTP ...
-  {post} $API/alerts -H "Authorization: Bearer $ADMIN_TOKEN" -d '{first}'
+  $APP api POST $API/alerts '{first}' --token "$ADMIN_TOKEN"
   # ... or with any Kafka client, on topic alerts.new keyed by alert_id
-  KAFKA_BOOTSTRAP_SERVERS={kafka} {alerting_app_executable()} send alerts.new \\
+  KAFKA_BOOTSTRAP_SERVERS={kafka} $APP send alerts.new \\
       --key-serializer raw --value-serializer raw --key a-2 '{second}'
   # what was notified
-  curl -s $API/notifications -H "Authorization: Bearer $KEY"
+  $APP api GET $API/notifications --token "$KEY"
 
 Ctrl-C stops the worker and the embedded services.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -18,14 +19,14 @@ import pytest
 from alerting_app.dependencies import shipped_schema_version
 from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, with_database
 from alerting_app.migrate import apply_migrations
-from alerting_app.up import WorkerProcess
+from alerting_app.up import WorkerProcess, _instructions
 from operations_support import get_json, health_check, readiness, wait_until
 from test_operations_dependencies import older_migrations
 
 pytestmark = pytest.mark.e2e
 
 
-def test_health_check_command_passes_against_a_running_worker(start_worker):
+def test_health_check_command_passes_against_a_running_worker(start_worker, tmp_path):
     worker = start_worker(APP_ID=f"ops-probes-{secrets.token_hex(4)}")
     # Faust says "Ready" once it has joined its group; matching waits for the rule replica too.
     wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
@@ -44,6 +45,18 @@ def test_health_check_command_passes_against_a_running_worker(start_worker):
     # Faust's own views answer without a token (/table lists the tenants' open groups): not served.
     for path in ("/router/", "/table/notification-groups/"):
         assert _status(worker.url + path) == 404, path
+
+    # What `up` prints to try the platform runs as printed, with nothing but Python: no curl.
+    script = _instructions(dict(os.environ), worker.url, tmp_path).split("Try it (in another shell):\n")[1]
+    script = script.split("\nCtrl-C stops")[0]
+    no_tools = tmp_path / "no-tools"  # the PATH of a machine with no curl, no python3 on it even
+    no_tools.mkdir()
+    tried = subprocess.run(["/bin/bash", "-euo", "pipefail", "-c", script + '\necho "client key: $KEY, rule: $RULE"'],
+                           env={"PATH": str(no_tools)}, capture_output=True, text=True, timeout=300)
+    assert tried.returncode == 0, tried.stderr
+    key, rule = tried.stdout.rsplit("client key: ", 1)[1].strip().split(", rule: ")
+    assert len(key) > 20 and len(rule) == 36, tried.stdout
+    assert '"items"' in tried.stdout  # the notifications list, as the tenant sees it
 
 
 def test_a_worker_bound_to_one_address_is_waited_for_there(start_worker):

@@ -1,0 +1,48 @@
+"""`alerting-app api`: one request to a worker's REST API, with Python alone.
+
+What `up` prints to try the platform uses it rather than curl, which slim images and fresh machines
+may not have (the system we replace failed its health checks on exactly that: a tool the image
+lacked).
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+from alerting_app.healthcheck import worker_url
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def target(url_or_path: str, environ: Mapping[str, str]) -> str:
+    """A full URL as it is; a path (`/api/v1/clients`) on this machine's worker (WEB_BIND, WEB_PORT)."""
+    return worker_url(environ) + url_or_path if url_or_path.startswith("/") else url_or_path
+
+
+def request(method: str, url: str, body: str | None, token: str | None, timeout_s: float = 30.0) -> tuple[int, Any]:
+    """(status, the answer's JSON, or its text when it is not JSON, or None when empty)."""
+    if body is not None:
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise ValueError(f"the body is not JSON: {exc}") from None
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    call = urllib.request.Request(url, data=None if body is None else body.encode(), method=method.upper(),
+                                  headers=headers)
+    try:
+        with urllib.request.urlopen(call, timeout=timeout_s) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:  # 4xx and 5xx: an answer, with its body
+        status, raw = exc.code, exc.read()
+    if not raw:
+        return status, None
+    text = raw.decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
