@@ -255,9 +255,12 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     for event, matched in decoded:
         if matched.client_id not in known:
             reason = unknown_client(matched.client_id)
-        elif is_grouped(matched) and event.message.key != matched.client_id.encode():
-            # The group table is keyed, and partitioned, by the client_id (tables/groups.py).
-            reason = "key: a grouped match must be keyed by its client_id"
+        elif event.message.key != matched.client_id.encode():
+            # The group table is keyed, and partitioned, by the client_id (tables/groups.py), and any
+            # match recorded here may join a group: a grouped one, or one whose alert is a member of
+            # an open group (its client changed its rules since); written under another key's event,
+            # its client's value would go to the wrong changelog partition.
+            reason = "key: a match must be keyed by its client_id (docs/contracts.md)"
         else:
             accepted.append((event, matched))
             continue

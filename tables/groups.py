@@ -156,8 +156,11 @@ def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join],
     """Put each alert in the open group of its client and group rule, opening one if none is open.
 
     `current` holds the table values of the clients concerned; groups in `closed` (their
-    notification exists) are dropped from them. A group opened for an alert that was a member of a
-    lost group reuses that group's notification_id.
+    notification exists) are dropped from them. An alert that is a member of an open group
+    (`member_of`) stays in it, whatever its group rule is now (its client changed its rules since):
+    moved to the group of its current rule, it would be notified by both, or its first group
+    reopened under the new rule with its notification_id, a second group of that id. Only when
+    the table lost its group is one opened for it, under that notification_id.
     """
     values: dict[bytes, ClientGroups] = {}
     for key, value in current.items():
@@ -169,16 +172,32 @@ def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join],
         matched = join.matched
         key = matched.client_id.encode()
         groups = values.setdefault(key, {})
-        group = groups.get(matched.group_rule_id)
+        group = _group_of(groups, join)
         if group is None:
-            group = groups[matched.group_rule_id] = open_group(join.member_of or str(uuid.uuid4()),
-                                                               matched.group_window_s, now)
+            group = groups[_rule_key(matched)] = open_group(join.member_of or str(uuid.uuid4()),
+                                                            matched.group_window_s, now)
             sizes.pop(key, None)  # measured again below, with the new group
         if key not in sizes:
             sizes[key] = encoded_size(groups)
         sizes[key] += add_member(group, matched, max_alerts, MAX_VALUE_BYTES - sizes[key])
         memberships.append((matched.client_id, matched.alert.alert_id, group["notification_id"]))
     return JoinPlan(values, memberships, sizes)
+
+
+def _group_of(groups: ClientGroups, join: Join) -> Group | None:
+    """The open group the joining alert belongs in: the one it is a member of, else its rule's (a
+    member of a lost group joins the group open for its rule now: the lost one is never notified)."""
+    if join.member_of is not None:
+        for group in groups.values():
+            if group["notification_id"] == join.member_of:
+                return group
+    return groups.get(_rule_key(join.matched))
+
+
+def _rule_key(matched: AlertMatched) -> str:
+    # A member of a lost group that its rules no longer group (a rule changed since) is keyed by one
+    # of the rules it matched; its group_window_s is 0, so that group is due at once.
+    return matched.group_rule_id or matched.rule_ids[0]
 
 
 # A membership moves only while its notification does not exist: once a group is closed, its

@@ -126,6 +126,35 @@ def test_plan_joins_drops_closed_groups_and_reopens_a_lost_group_with_its_notifi
     assert group["notification_id"] == lost_id and group["opened_at"] == 9.0
 
 
+@pytest.mark.parametrize("new_group_rule, its_group_open", [
+    ("another grouping rule", True),  # moved there, it was notified by both groups
+    ("another grouping rule", False),  # its group reopened under that rule: two groups of one id
+    ("no grouping rule any more", False),
+])
+def test_a_member_of_an_open_group_stays_in_it_when_its_clients_rules_changed(new_group_rule, its_group_open):
+    """Re-sent after its client added or changed a rule, an alert keeps its first group."""
+    client, first_rule, new_rule = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    members = [grouped(client, first_rule, window_s=300) for _ in range(2)]
+    joins = [groups.Join(m) for m in members]
+    if its_group_open:
+        joins.append(groups.Join(grouped(client, new_rule, window_s=60)))  # another alert opens that group
+    plan = groups.plan_joins({}, joins, set(), now=1.0, max_alerts=10)
+    first_group = plan.values[client.encode()][first_rule]
+    resent = (grouped(client, new_rule, window_s=60, the_alert=members[0].alert)
+              if new_group_rule == "another grouping rule" else matched(client, [new_rule], members[0].alert))
+
+    replan = groups.plan_joins(plan.values, [groups.Join(resent, member_of=first_group["notification_id"])],
+                               set(), now=2.0, max_alerts=10)
+
+    assert replan.memberships == [(client, members[0].alert.alert_id, first_group["notification_id"])]
+    value = replan.values[client.encode()]
+    assert [a["alert_id"] for a in value[first_rule]["alerts"]] == [m.alert.alert_id for m in members]
+    listed = [a["alert_id"] for group in value.values() for a in group["alerts"]]
+    assert listed.count(members[0].alert.alert_id) == 1
+    assert len({group["notification_id"] for group in value.values()}) == len(value)  # no id twice
+    assert len(value) == (2 if its_group_open else 1)
+
+
 def test_due_groups_are_those_whose_window_has_passed():
     client, fast, slow = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
     plan = groups.plan_joins({}, [groups.Join(grouped(client, fast, window_s=5)),
@@ -247,6 +276,23 @@ async def test_grouped_matches_become_one_notification_when_the_window_closes(po
 
 
 @AGENT_LOOP
+async def test_an_alert_resent_after_its_client_added_a_grouping_rule_is_notified_once(pool):
+    client, first_rule, new_rule = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    members = [grouped(client, first_rule, window_s=300, the_alert=alert(n)) for n in range(2)]
+    other = grouped(client, new_rule, window_s=60)
+    await aggregate(*members)
+    await aggregate(other)  # the client's new rule groups too, shorter
+    opened = time.time()
+
+    await aggregate(grouped(client, new_rule, window_s=60, the_alert=members[0].alert))  # the source sends it again
+
+    [sooner] = await close_due_groups(pool, opened + 60, ALL_PARTITIONS)
+    [later] = await close_due_groups(pool, opened + 300, ALL_PARTITIONS)
+    assert sooner.alerts == [other.alert]
+    assert later.alerts == [m.alert for m in members]
+
+
+@AGENT_LOOP
 async def test_a_group_lists_at_most_the_maximum_and_counts_the_rest_as_truncated(pool, monkeypatch):
     monkeypatch.setattr(settings, "group_max_alerts", 20)
     client, rule = await insert_client(pool), str(uuid.uuid4())
@@ -333,14 +379,24 @@ async def test_a_member_delivered_again_emits_its_closed_group_if_it_never_was(p
 
 
 @AGENT_LOOP
-async def test_grouped_match_keyed_by_something_else_is_a_dead_letter(pool):
+@pytest.mark.parametrize("kind", ["grouped", "silenced member of an open group"])
+async def test_a_stateful_match_keyed_by_something_else_is_a_dead_letter(pool, kind):
+    """A silenced match can join a group too (its alert is a member of an open one): keyed by anything
+    but its client, its client's table value has no event to be written under."""
     client, rule = await insert_client(pool), str(uuid.uuid4())
+    member = grouped(client, rule)
+    if kind == "grouped":
+        match = member
+    else:
+        await aggregate(member)
+        match = matched(client, [rule], member.alert, silenced_by=str(uuid.uuid4()))
     async with aggregate_matches.test_context() as agent:
-        await agent.put(grouped(client, rule).encode(), key=b"not-the-client")
+        await agent.put(match.encode(), key=b"not-the-client")
         [aggregation] = [agent.results[0]]
 
     [letter] = aggregation.dead_letters
-    assert "key: a grouped match must be keyed by its client_id" in letter.reason
+    assert "key: a match must be keyed by its client_id" in letter.reason
+    await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # the member's group: no other test's
 
 
 @AGENT_LOOP
