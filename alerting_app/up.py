@@ -203,20 +203,20 @@ alerting-app is up.
 Try it (in another shell):
   APP={shlex.quote(alerting_app_executable())} API={api_url}/api/v1 ADMIN_TOKEN={shlex.quote(token)}
   # a client; its API key is shown only in this answer
-  KEY=$($APP api POST $API/clients '{{"name":"acme"}}' --token "$ADMIN_TOKEN" --field api_key)
+  KEY=$("$APP" api POST $API/clients '{{"name":"acme"}}' --token "$ADMIN_TOKEN" --field api_key)
   # a rule of that client: severity=HIGH, source=payments, any name
-  RULE=$($APP api POST $API/rules '{{"severity":"HIGH","source":"payments","name":"*"}}' \\
+  RULE=$("$APP" api POST $API/rules '{{"severity":"HIGH","source":"payments","name":"*"}}' \\
       --token "$KEY" --field rule_id)
   # a webhook endpoint on the rule (any URL that accepts a POST)
-  $APP api POST $API/endpoints '{{"rule_id":"'$RULE'","type":"webhook","value":"http://127.0.0.1:9000/hook"}}' \\
+  "$APP" api POST $API/endpoints '{{"rule_id":"'$RULE'","type":"webhook","value":"http://127.0.0.1:9000/hook"}}' \\
       --token "$KEY"
   # an alert, over HTTP ...
-  $APP api POST $API/alerts '{first}' --token "$ADMIN_TOKEN"
+  "$APP" api POST $API/alerts '{first}' --token "$ADMIN_TOKEN"
   # ... or with any Kafka client, on topic alerts.new keyed by alert_id
-  KAFKA_BOOTSTRAP_SERVERS={kafka} $APP send alerts.new \\
+  KAFKA_BOOTSTRAP_SERVERS={kafka} "$APP" send alerts.new \\
       --key-serializer raw --value-serializer raw --key a-2 '{second}'
   # what was notified
-  $APP api GET $API/notifications --token "$KEY"
+  "$APP" api GET $API/notifications --token "$KEY"
 
 Ctrl-C stops the worker and the embedded services.
 """

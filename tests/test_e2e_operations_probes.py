@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shlex
 import subprocess
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ import pytest
 from alerting_app.dependencies import shipped_schema_version
 from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, with_database
 from alerting_app.migrate import apply_migrations
-from alerting_app.up import WorkerProcess, _instructions
+from alerting_app.up import WorkerProcess, _instructions, alerting_app_executable
 from operations_support import get_json, health_check, readiness, wait_until
 from test_operations_dependencies import older_migrations
 
@@ -48,6 +49,11 @@ def test_health_check_command_passes_against_a_running_worker(start_worker, tmp_
 
     # What `up` prints to try the platform runs as printed, with nothing but Python: no curl.
     script = _instructions(dict(os.environ), worker.url, tmp_path).split("Try it (in another shell):\n")[1]
+    # Run from an install whose path holds a space (a checkout under "My Projects", say).
+    spaced = tmp_path / "My Projects"
+    spaced.mkdir()
+    (spaced / "alerting-app").symlink_to(alerting_app_executable())
+    script = script.replace(shlex.quote(alerting_app_executable()), shlex.quote(str(spaced / "alerting-app")), 1)
     script = script.split("\nCtrl-C stops")[0]
     no_tools = tmp_path / "no-tools"  # the PATH of a machine with no curl, no python3 on it even
     no_tools.mkdir()
