@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import socket
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -41,11 +40,9 @@ class Dispatcher:
         # Names this worker's leases; unique per process, so a restarted worker is a new owner.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._held: dict[tuple[str, str], asyncio.Task] = {}
-        self._held_per_endpoint: defaultdict[str, int] = defaultdict(int)
         self._worker_slots = asyncio.Semaphore(settings.delivery_concurrency)
-        self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
-        self._client_slots: dict[str, asyncio.Semaphore] = {}
-        self._held_per_client: defaultdict[str, int] = defaultdict(int)
+        self._per_endpoint = _SlotsPerKey(settings.delivery_endpoint_concurrency)
+        self._per_client = _SlotsPerKey(settings.delivery_client_concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
         self._sending: set[tuple[str, str]] = set()  # deliveries whose request may be on the wire
@@ -63,12 +60,8 @@ class Dispatcher:
                                         lambda: self._stopping)
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
-        endpoint_id, client_id = job.endpoint_id, job.notification.client_id
-        if endpoint_id not in self._endpoint_slots:
-            self._endpoint_slots[endpoint_id] = asyncio.Semaphore(self.settings.delivery_endpoint_concurrency)
-        if client_id not in self._client_slots:
-            self._client_slots[client_id] = asyncio.Semaphore(self.settings.delivery_client_concurrency)
-        return SendSlots(self._worker_slots, self._endpoint_slots[endpoint_id], self._client_slots[client_id])
+        return SendSlots(self._worker_slots, self._per_endpoint.slots(job.endpoint_id),
+                         self._per_client.slots(job.notification.client_id))
 
     @contextmanager
     def _in_send(self, key: tuple[str, str]) -> Iterator[None]:
@@ -87,11 +80,11 @@ class Dispatcher:
     def full_endpoints(self) -> list[str]:
         """Endpoints this worker holds as many deliveries of as it may: lease no more of them."""
         backlog = self.settings.delivery_endpoint_backlog
-        return [endpoint_id for endpoint_id, held in self._held_per_endpoint.items() if held >= backlog]
+        return [endpoint_id for endpoint_id, held in self._per_endpoint.held.items() if held >= backlog]
 
     def held_per_endpoint(self) -> dict[str, int]:
         """How many deliveries this worker holds per endpoint (only endpoints it holds any of)."""
-        return dict(self._held_per_endpoint)
+        return dict(self._per_endpoint.held)
 
     def held_keys(self) -> list[tuple[str, str]]:
         return list(self._held)
@@ -105,11 +98,12 @@ class Dispatcher:
         for job in jobs:
             if job.key in self._held:
                 continue  # already in hand here (a redelivered message)
-            if len(self._held) >= self.settings.delivery_max_held or self._held_per_endpoint[job.endpoint_id] >= backlog:
+            endpoint_full = self._per_endpoint.held.get(job.endpoint_id, 0) >= backlog
+            if len(self._held) >= self.settings.delivery_max_held or endpoint_full:
                 refused.append(job)
                 continue
-            self._held_per_endpoint[job.endpoint_id] += 1
-            self._held_per_client[job.notification.client_id] += 1
+            self._per_endpoint.hold(job.endpoint_id)
+            self._per_client.hold(job.notification.client_id)
             self._held[job.key] = asyncio.ensure_future(self._run(job))
             self._idle.clear()
         return refused
@@ -120,15 +114,8 @@ class Dispatcher:
                 await deliver(job, self._context)
         finally:
             del self._held[job.key]
-            self._held_per_endpoint[job.endpoint_id] -= 1
-            if not self._held_per_endpoint[job.endpoint_id]:
-                del self._held_per_endpoint[job.endpoint_id]
-                self._endpoint_slots.pop(job.endpoint_id, None)
-            client_id = job.notification.client_id
-            self._held_per_client[client_id] -= 1
-            if not self._held_per_client[client_id]:
-                del self._held_per_client[client_id]
-                self._client_slots.pop(client_id, None)
+            self._per_endpoint.let_go(job.endpoint_id)
+            self._per_client.let_go(job.notification.client_id)
             if not self._held:
                 self._idle.set()
 
@@ -182,6 +169,31 @@ class Dispatcher:
                     await self._send_ended.wait()
         except TimeoutError:
             log.warning("stopping: %d sends still in flight after %.0fs are cancelled", len(self._sending), timeout_s)
+
+
+class _SlotsPerKey:
+    """How many deliveries this worker holds per key (an endpoint, a client), and a semaphore of
+    `size` send slots per key, both kept only while it holds any: none kept per key ever seen."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self.held: dict[str, int] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    def hold(self, key: str) -> None:
+        self.held[key] = self.held.get(key, 0) + 1
+
+    def let_go(self, key: str) -> None:
+        if self.held[key] > 1:
+            self.held[key] -= 1
+        else:
+            del self.held[key]
+            self._slots.pop(key, None)
+
+    def slots(self, key: str) -> asyncio.Semaphore:
+        if key not in self._slots:
+            self._slots[key] = asyncio.Semaphore(self._size)
+        return self._slots[key]
 
 
 _dispatcher: Dispatcher | None = None
