@@ -7,7 +7,7 @@ notification_id, when its `alerts.matched` message is redelivered.
 
 Issue 5 (docs/grouping.md): silenced, repeat-checked and grouped matches need more state; they
 are recorded by agents/match_outcomes.py, and groups are closed by agents/close_groups.py. Matches
-with none of these take the one-statement path above.
+with none of these take the plain path above.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import asyncpg
 from faust.types import EventT, StreamT
 
-from agents.match_outcomes import groups_lock, needs_state, record_stateful, unknown_client
+from agents.match_outcomes import groups_lock, lock_clients_shared, needs_state, record_stateful, unknown_client
 from alerting_app import db, metrics
 from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.app import alerts_matched, app, notifications_ready
@@ -82,12 +83,36 @@ def decode_matched(raw: bytes | None) -> AlertMatched:
     return matched
 
 
+@asynccontextmanager
+async def under_client_locks(conn: asyncpg.Connection | asyncpg.Pool,
+                             client_ids: Iterable[str]) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction holding these clients' locks shared (agents/match_outcomes.py `_LOCK_CLIENTS`).
+
+    Without them, during a rebalance overlap, one worker could notify an alert at once while the
+    other, recording it as a group's member, did not see that uncommitted row: the alert notified
+    twice, and if it was the group's first, the group's notification refused as its duplicate.
+    """
+    async with AsyncExitStack() as stack:
+        if isinstance(conn, asyncpg.Pool):
+            conn = await stack.enter_async_context(conn.acquire())
+        await stack.enter_async_context(conn.transaction())
+        # A statement of its own: the insert's snapshot must be taken once the lock is held, so that
+        # it sees what a stateful batch holding the lock committed.
+        await lock_clients_shared(conn, client_ids)
+        yield conn
+
+
 async def record_first_match(conn: asyncpg.Connection | asyncpg.Pool,
                              matched: AlertMatched) -> NotificationReady | None:
     """The notification to emit for this match, or None when it was emitted already.
 
     `conn` must come from `db.pool()` (jsonb codec installed).
     """
+    async with under_client_locks(conn, [matched.client_id]) as locked:
+        return await _record_first_match(locked, matched)
+
+
+async def _record_first_match(conn: asyncpg.Connection, matched: AlertMatched) -> NotificationReady | None:
     # Microsecond precision, as Postgres stores it, so that a re-emitted notification is identical.
     ready = NotificationReady(client_id=matched.client_id, alerts=[matched.alert], rule_ids=matched.rule_ids,
                               created_at=round(time.time(), 6))
@@ -122,6 +147,11 @@ async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
     A match repeated within the batch gives one notification. Raises ForeignKeyViolationError
     (inserting nothing) when a match names an unknown client.
     """
+    async with under_client_locks(conn, [matched.client_id for matched in matches]) as locked:
+        return await _record_first_matches(locked, matches)
+
+
+async def _record_first_matches(conn: asyncpg.Connection, matches: list[AlertMatched]) -> list[NotificationReady]:
     created_at = round(time.time(), 6)  # microseconds, as Postgres stores it (see record_first_match)
     firsts: dict[tuple[str, str], NotificationReady] = {}
     for matched in matches:
@@ -222,7 +252,7 @@ async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggre
 async def record_matches(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
                          aggregation: Aggregation) -> None:
     """Record decoded matches into `aggregation`: its notifications in input order, its dead letters."""
-    # Most matches take the one-statement path of before; silenced, grouped and repeat-checked
+    # Most matches take the plain path; silenced, grouped and repeat-checked
     # ones need the aggregate state (record_stateful).
     plain = [(event, matched) for event, matched in decoded if not needs_state(matched)]
     stateful = [(event, matched) for event, matched in decoded if needs_state(matched)]

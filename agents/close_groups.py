@@ -80,6 +80,11 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int]) -> l
             continue
         closed_here.difference_update(ids)
         written = True
+    # Forget the closed groups that are in no value of this worker's partitions any more: their
+    # partition was taken away before their value was rewritten. Forgetting is safe: a group
+    # closed again finds its notification emitted and sends nothing.
+    in_table = {group["notification_id"] for _, value in items for group in (value or {}).values()}
+    closed_here.intersection_update(in_table)
     if written:
         # A failed write leaves the group in the changelog: closed again after a restart, it finds
         # its notification emitted and sends nothing (a refused group is a dead letter again).

@@ -4,7 +4,7 @@ Issue 5 (docs/grouping.md): a silenced match is recorded SILENCED and a repeat o
 notified within its rule's repeat interval SUPPRESSED, neither emitted; a match of a grouping rule
 joins its group (tables/groups.py), which the closer (agents/close_groups.py) emits as one
 notification when the window has passed. The agent (agents/aggregate.py) sends the matches with
-none of these down its one-statement path and the others here, in batches.
+none of these down its plain path and the others here, in batches.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def is_repeat_checked(matched: AlertMatched) -> bool:
 
 
 def needs_state(matched: AlertMatched) -> bool:
-    """Whether a match needs more than the one-statement path: silenced, grouped or repeat-checked."""
+    """Whether a match needs more than the plain path: silenced, grouped or repeat-checked."""
     return matched.silenced_by is not None or is_grouped(matched) or is_repeat_checked(matched)
 
 
@@ -57,6 +57,10 @@ _KNOWN_CLIENTS = "SELECT client_id::text FROM clients WHERE client_id = ANY($1::
 # The array is locked in its order, which lock_clients sorts: two workers never deadlock.
 _CLIENT_LOCK_CLASS = 0x61676772  # "aggr"
 _LOCK_CLIENTS = "SELECT pg_advisory_xact_lock($1::int4, key) FROM unnest($2::int4[]) AS key"
+# The plain path (agents/aggregate.py) takes the same locks shared: plain batches never wait for
+# each other, but a stateful batch and a plain one of the same client take turns, so an alert is
+# never notified at once by one worker while another adds it to a group.
+_LOCK_CLIENTS_SHARED = "SELECT pg_advisory_xact_lock_shared($1::int4, key) FROM unnest($2::int4[]) AS key"
 
 
 def client_lock_key(client_id: str) -> int:
@@ -68,6 +72,11 @@ def client_lock_key(client_id: str) -> int:
 async def lock_clients(conn: asyncpg.Connection, client_ids: Iterable[str]) -> None:
     """Hold these clients' advisory locks until the transaction of `conn` ends, taken in key order."""
     await conn.execute(_LOCK_CLIENTS, _CLIENT_LOCK_CLASS, sorted({client_lock_key(c) for c in client_ids}))
+
+
+async def lock_clients_shared(conn: asyncpg.Connection, client_ids: Iterable[str]) -> None:
+    """`lock_clients`, shared: held with other shared holders, never with an exclusive one."""
+    await conn.execute(_LOCK_CLIENTS_SHARED, _CLIENT_LOCK_CLASS, sorted({client_lock_key(c) for c in client_ids}))
 
 # What is recorded already for each match: the group it joined (and whether that group is closed),
 # or its own notification row.
@@ -248,7 +257,7 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     table forgets them only once they are emitted, so until then a redelivered batch finds them in
     the table, closed, and emits them (the check of `closed` below).
     Returns the matches notified at once before, whose notification may never have been emitted:
-    emitting them again is the one-statement path's business (agents/aggregate.py).
+    emitting them again is the plain path's business (agents/aggregate.py).
     """
     known = await known_clients(pool, [m.client_id for _, m in decoded])
     accepted: list[tuple[EventT, AlertMatched]] = []

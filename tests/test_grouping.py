@@ -6,16 +6,18 @@ runs both in a real worker, and kills it).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
-from agents.aggregate import aggregate_matches
+from agents.aggregate import aggregate_matches, record_first_matches
 from agents.close_groups import close_due_groups
-from agents.match_outcomes import Recorded, decide, prune_fingerprints
+from agents.match_outcomes import Recorded, closed_here, decide, prune_fingerprints
 from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
@@ -322,6 +324,43 @@ async def test_grouped_alert_already_notified_at_once_does_not_join_and_the_reve
         [at_once.alert.alert_id, member.alert.alert_id])
 
 
+async def a_lock_is_awaited(observer: asyncpg.Connection, condition: str) -> bool:
+    return await observer.fetchval(f"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND {condition}")
+
+
+@AGENT_LOOP
+async def test_an_alert_one_worker_adds_to_a_group_is_not_notified_at_once_by_another(pool, services):
+    """A rebalance overlap: the partition's new owner adds an alert to a group (its client has a
+    grouping rule now) while the old owner, with the rules of before, notifies it at once."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    member = grouped(client, rule)
+    at_once = matched(client, [str(uuid.uuid4())], the_alert=member.alert)
+    observer = await asyncpg.connect(services.database_url)
+    await observer.execute("SET lock_timeout = '60s'")  # a broken test fails rather than hangs
+    holder = observer.transaction()
+    await holder.start()
+    try:
+        # The membership write waits for the test, inside the transaction that holds the client's lock.
+        await observer.execute("LOCK TABLE notification_alerts IN EXCLUSIVE MODE")
+        joining = asyncio.ensure_future(aggregate(member))
+        async with asyncio.timeout(30):
+            while not await a_lock_is_awaited(observer, "relation = 'notification_alerts'::regclass"):
+                await asyncio.sleep(0.01)
+        notifying = asyncio.ensure_future(record_first_matches(pool, [at_once]))
+        async with asyncio.timeout(30):
+            while not (notifying.done() or await a_lock_is_awaited(observer, "locktype = 'advisory' AND mode = 'ShareLock'")):
+                await asyncio.sleep(0.01)
+    finally:
+        await holder.commit()
+        await observer.close()
+    await joining
+
+    assert await notifying == []
+    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+    assert ready.alerts == [member.alert]
+    assert [row["notification_id"] for row in await rows_of(pool, client)] == [ready.notification_id]
+
+
 @AGENT_LOOP
 async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(pool):
     client, rule = await insert_client(pool), str(uuid.uuid4())
@@ -490,6 +529,26 @@ async def test_the_closer_leaves_alone_the_groups_of_partitions_this_worker_does
     assert await rows_of(pool, client) == []
     [ready] = await close_due_groups(pool, time.time() + 5, {own})
     assert ready.client_id == client
+
+
+@AGENT_LOOP
+async def test_the_closer_forgets_the_closed_groups_of_a_partition_taken_away(pool):
+    client, soon, later = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    await aggregate(grouped(client, soon, window_s=5), grouped(client, later, window_s=300))
+    opened = time.time()
+    [closed] = await close_due_groups(pool, opened + 5, ALL_PARTITIONS)
+    assert closed.notification_id in closed_here  # its client's value still holds the later group
+
+    own = partition_for(client.encode(), tuple(range(settings.topic_partitions)))
+    await close_due_groups(pool, opened + 5, ALL_PARTITIONS - {own})  # the partition was taken away
+    assert closed.notification_id not in closed_here
+
+    # Given back, the value still lists the closed group: closed again, it sends nothing.
+    assert await close_due_groups(pool, opened + 6, ALL_PARTITIONS) == []
+    [last] = await close_due_groups(pool, opened + 300, ALL_PARTITIONS)
+    assert last.group_rule_id == later
+    assert groups.open_groups.get(client.encode()) is None
+    assert closed.notification_id not in closed_here
 
 
 @pytest.mark.parametrize(("variable", "value"), [("GROUP_MAX_ALERTS", "0"), ("GROUP_MAX_ALERTS", "many"),
