@@ -34,16 +34,44 @@ async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes]]) -
     name = topic.get_topic_name()
     partitions = tuple(sorted(await producer.partitions_for(name)))
     batches: dict[int, object] = {}
-    acks = []
-    for key, value in messages:
-        partition = partition_for(key, partitions)
-        batch = batches.get(partition)
-        if batch is None:
-            batch = batches[partition] = producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+    acks: list[asyncio.Future] = []
+    try:
+        for key, value in messages:
+            partition = partition_for(key, partitions)
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+                acks.append(await producer.send_batch(batch, name, partition=partition))
+                batch = batches[partition] = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        for partition, batch in batches.items():
             acks.append(await producer.send_batch(batch, name, partition=partition))
-            batch = batches[partition] = producer.create_batch()
-            batch.append(key=key, value=value, timestamp=None)
-    for partition, batch in batches.items():
-        acks.append(await producer.send_batch(batch, name, partition=partition))
+    except Exception:
+        # The batches queued before the failure are still on their way: see all_acknowledged.
+        if acks:
+            await asyncio.wait(acks)
+        raise
     return acks
+
+
+async def all_acknowledged(acks: list[asyncio.Future]) -> None:
+    """Wait for the broker's answer to every one of `acks`, then raise the first failure.
+
+    Unlike `asyncio.gather`, which raises at the first failure, this returns or raises only once
+    nothing of these sends is in flight any more. A caller holding a lock that orders its sends
+    (the outbox relay) must not let the next holder send while its own may still land after.
+    If the wait is cancelled (the worker stops), it still waits for the answers first.
+    """
+    if not acks:
+        return
+    try:
+        await asyncio.wait(acks)  # never cancels the acks themselves, as gather would
+    except asyncio.CancelledError:
+        await asyncio.wait(acks)
+        raise
+    for ack in acks:
+        if ack.cancelled():
+            raise asyncio.CancelledError("a send was cancelled")
+        if ack.exception() is not None:
+            raise ack.exception()

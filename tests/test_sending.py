@@ -1,0 +1,46 @@
+"""alerting_app/sending.py `all_acknowledged`: nothing of a batch of sends is still in flight when it
+returns or raises (the outbox relay releases its ordering lock right after, agents/rule_outbox.py)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from alerting_app.sending import all_acknowledged
+
+
+class BrokerRefused(Exception):
+    pass
+
+
+async def test_a_failed_send_is_raised_only_once_every_other_send_is_answered():
+    loop = asyncio.get_running_loop()
+    failed, still_in_flight = loop.create_future(), loop.create_future()
+    failed.set_exception(BrokerRefused("partition 1 has no leader"))
+    waiting = asyncio.ensure_future(all_acknowledged([failed, still_in_flight]))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # gather would have raised already, with partition 0 still in flight
+
+    still_in_flight.set_result("acknowledged")
+    with pytest.raises(BrokerRefused):
+        await waiting
+
+
+async def test_cancelled_it_still_waits_for_the_sends_in_flight_and_leaves_them_alone():
+    in_flight = asyncio.get_running_loop().create_future()
+    waiting = asyncio.ensure_future(all_acknowledged([in_flight]))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and not in_flight.cancelled()
+
+    in_flight.set_result("acknowledged")
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_all_answered_it_returns():
+    answered = asyncio.get_running_loop().create_future()
+    answered.set_result("acknowledged")
+    await all_acknowledged([answered])
+    await all_acknowledged([])
