@@ -26,7 +26,7 @@ from alerting_app import db
 from alerting_app.app import app, rule_changed, silence_changed
 from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
-from alerting_app.sending import send_batched
+from alerting_app.sending import all_acknowledged, send_batched
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ SILENCE_OUTBOX = Outbox("silence_outbox", "silence_id", silence_changed)
 OUTBOXES = (RULE_OUTBOX, SILENCE_OUTBOX)
 
 
+# A deletion is also kept (migrations/007_deletions.sql), for republishing.
+_REMEMBER_DELETION = """
+INSERT INTO {table} AS d ({key_column}, client_id, version) VALUES ($1, $2, $3)
+ON CONFLICT ({key_column}) DO UPDATE SET version = GREATEST(d.version, EXCLUDED.version)
+"""
+
+
 async def record_rule_change(conn: asyncpg.Connection, event: RuleChanged) -> None:
     """Queue `event` for rule.changed; call inside the transaction that makes the change."""
     await conn.execute(
@@ -57,6 +64,9 @@ async def record_rule_change(conn: asyncpg.Connection, event: RuleChanged) -> No
         event.rule_id,
         event.model_dump(mode="json"),
     )
+    if event.action == "delete":
+        await conn.execute(_REMEMBER_DELETION.format(table="deleted_rules", key_column="rule_id"),
+                           event.rule_id, event.client_id, event.version)
 
 
 async def record_silence_change(conn: asyncpg.Connection, event: SilenceChanged) -> None:
@@ -66,6 +76,9 @@ async def record_silence_change(conn: asyncpg.Connection, event: SilenceChanged)
         event.silence_id,
         event.model_dump(mode="json"),
     )
+    if event.action == "delete":
+        await conn.execute(_REMEMBER_DELETION.format(table="deleted_silences", key_column="silence_id"),
+                           event.silence_id, event.client_id, event.version)
 
 
 async def record_silence_deleted(conn: asyncpg.Connection, silence_id: str, client_id: str, version: int) -> None:
@@ -76,11 +89,14 @@ async def record_silence_deleted(conn: asyncpg.Connection, silence_id: str, clie
 
 
 async def republish_all_rules(pool: asyncpg.Pool) -> int:
-    """Queue every rule in Postgres, at its current version, for rule.changed; return how many.
+    """Queue every rule in Postgres, at its current version, and every deleted rule's deletion, for
+    rule.changed; return how many events.
 
     Postgres is the source of truth and the topic its transport: when the topic starts empty (a
     new cluster, or the in-memory dev broker restarted) this puts the rules back on it. Replicas
-    that hold a rule already ignore the repeat, since its version is not newer.
+    that hold a rule already ignore the repeat, since its version is not newer. The deletions go
+    too: a replica holding a rule deleted since (its deletion relayed to another cluster, or lost
+    with the topic) must not keep matching it.
     """
     async with pool.acquire() as conn, conn.transaction():
         # FOR SHARE: a change in flight commits first and is read at its new version, and a later
@@ -92,13 +108,17 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
                                 " ORDER BY rule_id FOR SHARE")
         events = [RuleChanged.upsert(Rule(**{**dict(row), "rule_id": str(row["rule_id"]),
                                             "client_id": str(row["client_id"])})) for row in rows]
+        events += [RuleChanged(rule_id=str(row["rule_id"]), client_id=str(row["client_id"]),
+                               version=row["version"], action="delete")
+                   for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules ORDER BY rule_id")]
         await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
                                [(event.rule_id, event.model_dump(mode="json")) for event in events])
     return len(events)
 
 
 async def republish_all_silences(pool: asyncpg.Pool) -> int:
-    """Queue every silence in Postgres, at its current version, for silence.changed; return how many.
+    """Queue every silence in Postgres, at its current version, and every deleted silence's deletion,
+    for silence.changed; return how many events.
 
     As for rules: when the topic starts empty, this puts the silences back on it, and no silence
     is queued at an older version behind a newer one.
@@ -106,6 +126,10 @@ async def republish_all_silences(pool: asyncpg.Pool) -> int:
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences ORDER BY silence_id FOR SHARE")
         events = [SilenceChanged.upsert(silence_of_row(row)) for row in rows]
+        events += [SilenceChanged(silence_id=str(row["silence_id"]), client_id=str(row["client_id"]),
+                                  version=row["version"], action="delete")
+                   for row in await conn.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
+                                               " ORDER BY silence_id")]
         await conn.executemany("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
                                [(event.silence_id, event.model_dump(mode="json")) for event in events])
     return len(events)
@@ -151,7 +175,9 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
         # One key's rows keep their order: send_batched appends them to one partition's batches in turn.
         acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), json.dumps(row["payload"]).encode())
                                                  for row in rows))
-        await asyncio.gather(*acks)
+        # Every answer before the lock is released, failures included: a batch still in flight when
+        # the next relay sends the same keys' newer versions could land after them.
+        await all_acknowledged(acks)
         await conn.execute(
             f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
         )

@@ -176,7 +176,8 @@ def produce_alerts(count: int, rate: float) -> int:
 def republish_rules() -> int:
     """Queue every rule in Postgres for rule.changed (after the topic was recreated or emptied)."""
     count = asyncio.run(load.republish(_required(settings.database_url, "DATABASE_URL")))
-    print(f"queued {count} rules for rule.changed; a running worker relays them")
+    print(f"queued {count} events (every rule, and every deleted rule's deletion) for rule.changed; "
+          "a running worker relays them")
     return 0
 
 
@@ -184,7 +185,8 @@ def republish_rules() -> int:
 def republish_silences() -> int:
     """Queue every silence in Postgres for silence.changed (after the topic was recreated or emptied)."""
     count = asyncio.run(load.republish(_required(settings.database_url, "DATABASE_URL"), republish_all_silences))
-    print(f"queued {count} silences for silence.changed; a running worker relays them")
+    print(f"queued {count} events (every silence, and every deleted silence's deletion) for silence.changed; "
+          "a running worker relays them")
     return 0
 
 

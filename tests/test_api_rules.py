@@ -1,6 +1,8 @@
 """/api/v1/rules: criteria validated like the contract, versions guard concurrent changes."""
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
@@ -292,3 +294,30 @@ async def test_republishing_all_rules_carries_their_grouping_settings(api, tenan
     published = await last_outbox_rule(rule["rule_id"])
     assert (published.version, published.group_window_s, published.repeat_interval_s,
             published.fingerprint_keys) == (1, 300, 3600, ["host", "region"])
+
+
+async def test_republishing_all_rules_queues_the_deletion_of_every_deleted_rule(api, tenant):
+    """A topic filled again from Postgres (a new cluster) must carry deletions too: a replica that
+    holds the rule, or read its upsert there, would otherwise match it for ever."""
+    from agents.rule_outbox import republish_all_rules
+    from alerting_app import db
+    from alerting_app.contracts import RuleChanged
+
+    deleted, kept = await api.new_rule(tenant, source="deleted"), await api.new_rule(tenant, source="kept")
+    assert (await api.call("DELETE", f"/api/v1/rules/{deleted['rule_id']}", tenant.key)).status == 204
+    gone_with_its_client = await api.new_tenant(f"gone-{uuid.uuid4().hex[:8]}")
+    its_rule = await api.new_rule(gone_with_its_client, source="gone")
+    assert (await api.call("DELETE", f"/api/v1/clients/{gone_with_its_client.client_id}",
+                           api.admin_token)).status == 204
+    pool = await db.pool()
+    await pool.execute("DELETE FROM rule_outbox")  # relayed long ago, to a topic since lost
+
+    await republish_all_rules(pool)
+
+    queued = {}
+    for row in await pool.fetch("SELECT rule_id::text, payload FROM rule_outbox ORDER BY outbox_id"):
+        event = RuleChanged.model_validate(row["payload"])
+        queued[row["rule_id"]] = (event.action, event.version, event.client_id)
+    assert queued[deleted["rule_id"]] == ("delete", 2, tenant.client_id)
+    assert queued[its_rule["rule_id"]] == ("delete", 2, gone_with_its_client.client_id)
+    assert queued[kept["rule_id"]] == ("upsert", 1, tenant.client_id)

@@ -1,37 +1,44 @@
 """`alerting-app republish-silences`: after silence.changed was recreated or emptied, every silence
-in Postgres is queued again for it (as `republish-rules` does for rules)."""
+in Postgres, and the deletion of every silence deleted, is queued again for it (as
+`republish-rules` does for rules)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import uuid
 
 import asyncpg
 
+from agents.rule_outbox import record_silence_deleted
+from alerting_app.db import init_connection
 from alerting_app.migrate import apply_migrations
 from alerting_app.up import alerting_app_executable
 
 
 async def test_republish_silences_queues_every_silence_at_its_current_version(empty_database):
     await apply_migrations(empty_database)
-    client_id, silence_id = uuid.uuid4(), uuid.uuid4()
+    client_id, silence_id, deleted_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     conn = await asyncpg.connect(empty_database)
+    await init_connection(conn)  # the jsonb codec, as the app's pool has it
     try:
         await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'acme', 'hash')", client_id)
         await conn.execute(
             "INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at, ends_at, comment,"
             " created_by, version) VALUES ($1, $2, 'HIGH', 'payments', '*', now(), now() + interval '1 hour',"
             " 'maintenance', 'ops', 3)", silence_id, client_id)
+        async with conn.transaction():  # as deleting its client does (web/silences.py)
+            await record_silence_deleted(conn, str(deleted_id), str(uuid.uuid4()), 4)
+        await conn.execute("DELETE FROM silence_outbox")  # relayed long ago, to a topic since lost
 
         result = subprocess.run([alerting_app_executable(), "republish-silences"],
                                 env={**os.environ, "DATABASE_URL": empty_database},
                                 capture_output=True, text=True, timeout=120)
 
         assert result.returncode == 0, result.stderr
-        assert "queued 1 silences for silence.changed" in result.stdout
-        rows = await conn.fetch("SELECT silence_id, payload FROM silence_outbox")
-        assert [row["silence_id"] for row in rows] == [silence_id]
-        assert json.loads(rows[0]["payload"])["version"] == 3
+        assert "queued 2 events" in result.stdout
+        rows = await conn.fetch("SELECT silence_id, payload FROM silence_outbox ORDER BY outbox_id")
+        assert [row["silence_id"] for row in rows] == [silence_id, deleted_id]
+        assert [(row["payload"]["action"], row["payload"]["version"]) for row in rows] == [
+            ("upsert", 3), ("delete", 5)]
     finally:
         await conn.close()
