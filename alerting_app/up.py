@@ -29,7 +29,6 @@ from alerting_app.migrate import apply_migrations
 from alerting_app.settings import Settings
 
 _WORKER_READY_TIMEOUT_S = 300.0
-_WORKER_READY_LINE = "[^Worker]: Ready"
 
 
 def alerting_app_executable() -> str:
@@ -41,14 +40,14 @@ def alerting_app_executable() -> str:
 
 
 class WorkerProcess:
-    """`alerting-app worker -l info` as a child process, its output in `log_path`."""
+    """`alerting-app worker` as a child process, its output in `log_path`; it logs at LOG_LEVEL."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = int(env["WEB_PORT"])
         self.url = worker_url(env)  # where it listens (WEB_BIND), as the health check asks it
         self.log_path = log_path
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0  # the log may be appended to
-        argv = [alerting_app_executable(), "worker", "-l", "info"]
+        argv = [alerting_app_executable(), "worker"]
         self.child = ChildProcess("worker", argv, log_path, env=env)
 
     def __enter__(self) -> "WorkerProcess":
@@ -58,12 +57,10 @@ class WorkerProcess:
         self.stop()
 
     def wait_until_ready(self, timeout: float = _WORKER_READY_TIMEOUT_S) -> None:
-        # Faust serves HTTP from the start, but logs "Ready" only once the worker has joined its
-        # consumer group and recovered its tables: both together mean it is processing.
-        self.child.wait_until(
-            lambda: _http_answers(self.url) and _WORKER_READY_LINE in self.log(),
-            f"ready and serving HTTP on port {self.port}", timeout,
-        )
+        # /startedz, not Faust's "Ready" log line, which a LOG_LEVEL above info leaves out: 200 once
+        # the worker has joined its group, recovered its tables and found its dependencies ready.
+        self.child.wait_until(lambda: _answers_200(self.url + "/startedz"),
+                              f"ready and serving HTTP on port {self.port}", timeout)
 
     def log(self) -> str:
         """What this worker wrote (not what earlier runs appended to the same file)."""
@@ -75,12 +72,10 @@ class WorkerProcess:
         self.child.stop()
 
 
-def _http_answers(url: str) -> bool:
+def _answers_200(url: str) -> bool:
     try:
         urllib.request.urlopen(url, timeout=2).close()
-    except urllib.error.HTTPError:
-        return True  # any HTTP answer, even 404, means the server is up
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # HTTPError (a 503) included
         return False
     return True
 

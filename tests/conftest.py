@@ -185,7 +185,7 @@ def service_folder() -> Iterator[Path]:
 
 @pytest.fixture
 def start_worker(services: SessionServices, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """`start_worker(**env) -> WorkerProcess`: a real `alerting-app worker -l info` subprocess.
+    """`start_worker(**env) -> WorkerProcess`: a real `alerting-app worker` subprocess.
 
     It runs with the session's environment, a free WEB_PORT and its own DATA_DIR, overridden by
     `env` (e.g. `start_worker(APP_ID="other-group")`); its log is `worker.log_path`. The call

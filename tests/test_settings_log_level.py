@@ -52,3 +52,11 @@ def test_the_loglevel_option_wins_over_log_level_before_or_after_worker():
         log = _log_until_first_wait_warning(*args, LOG_LEVEL="debug")
 
         assert "[DEBUG]" not in log, args
+
+
+def test_the_worker_up_starts_logs_at_log_level_and_is_still_seen_ready(start_worker):
+    # `up` (and the tests) used to start `worker -l info` and wait for Faust's "Ready" line at info.
+    worker = start_worker(LOG_LEVEL="warning", LOG_FORMAT="text")
+
+    log = worker.log()
+    assert "[INFO]" not in log and "[^Worker]: Ready" not in log, log
