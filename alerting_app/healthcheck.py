@@ -1,4 +1,4 @@
-"""The container health check: `python -m alerting_app.healthcheck [live|ready]`.
+"""The container health check: `python -m alerting_app.healthcheck [live|ready|started]`.
 
 Python itself, standard library only, so it works in any image that runs the app (the system we
 replace called `wget`, which its Alpine image lacked). It asks this container's worker on

@@ -14,8 +14,11 @@ import uuid
 import asyncpg
 import pytest
 
+from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched
+from alerting_app.sending import partition_for
 from kafka_probe import produce, read_json, wait_until_consumed
+from operations_support import get_json
 
 pytestmark = pytest.mark.e2e
 
@@ -122,12 +125,31 @@ async def test_a_worker_killed_in_an_open_window_and_restarted_emits_the_group_o
     assert {m["notification_id"] for m in await ready_for(bootstrap, client)} == {row["notification_id"]}
 
 
+async def both_hold_partitions_of_alerts_matched(workers) -> list[set[int]]:
+    """Each worker's partitions of alerts.matched, once the group has given both some (their
+    /readyz `assignment`), all nine between them."""
+    every = set(range(settings.topic_partitions))
+    async with asyncio.timeout(120):
+        while True:
+            bodies = [(await asyncio.to_thread(get_json, worker.url + "/readyz"))[1] for worker in workers]
+            held = [set(body.get("assignment", {}).get("alerts.matched", [])) if isinstance(body, dict) else set()
+                    for body in bodies]
+            if all(held) and not held[0] & held[1] and held[0] | held[1] == every:
+                return held
+            await asyncio.sleep(0.5)
+
+
 async def test_two_workers_share_the_clients_and_emit_each_group_once_and_complete(services, clean_db, start_worker):
     group = f"grouping-pair-{secrets.token_hex(4)}"
     bootstrap = services.kafka_bootstrap_servers
-    start_worker(APP_ID=group, ROLES="aggregate")
-    start_worker(APP_ID=group, ROLES="aggregate")  # each also holds a standby copy of the other's groups
+    workers = [start_worker(APP_ID=group, ROLES="aggregate"),
+               start_worker(APP_ID=group, ROLES="aggregate")]  # each also holds a standby copy of the other's groups
+    partitions = await both_hold_partitions_of_alerts_matched(workers)
     clients = [await new_client(services.database_url) for _ in range(12)]
+    # Both workers have clients to group (12 random clients on 9 partitions: almost always).
+    every = tuple(range(settings.topic_partitions))
+    while not all(any(partition_for(client.encode(), every) in held for client in clients) for held in partitions):
+        clients.append(await new_client(services.database_url))
     rule = str(uuid.uuid4())
     # The new group starts at the beginning of alerts.matched, behind every earlier test's matches
     # (dead letters here, their clients are unknown). Through that backlog a client's three matches

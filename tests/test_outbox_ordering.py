@@ -112,3 +112,53 @@ async def test_republishing_during_a_change_queues_the_changed_version_last(own_
 
     queued = await own_pool.fetch("SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id", rule_id)
     assert [entry["payload"]["version"] for entry in queued] == [2, 2]
+
+
+class BrokerRefused(Exception):
+    pass
+
+
+async def test_a_relay_whose_send_failed_keeps_its_lock_until_its_other_sends_are_answered(own_pool, monkeypatch):
+    """The broker failed one partition's batch while another partition's was still being retried
+    (aiokafka fails a batch whose partition has no leader for too long). Released at the failure,
+    the lock would let the next relay send newer versions that the late batch then lands after.
+
+    The broker here cannot be made to fail one partition while it keeps another in flight, so the
+    relay's sends answer with futures the test settles; the lock and the outbox are Postgres's.
+    """
+    from agents import rule_outbox
+
+    rule_id = str(uuid.uuid4())
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, rule_versions(rule_id, str(uuid.uuid4()))[0])
+    loop = asyncio.get_running_loop()
+    failed, in_flight = loop.create_future(), loop.create_future()
+    failed.set_exception(BrokerRefused("partition 1: no leader"))
+
+    async def two_batches(topic, messages):
+        list(messages)
+        two_batches.called = True
+        return [failed, in_flight]
+    two_batches.called = False
+    monkeypatch.setattr(rule_outbox, "send_batched", two_batches)
+    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+    async with own_pool.acquire() as other:
+        async def relay_lock_is_free() -> bool:
+            async with other.transaction():  # taken only for this transaction, if free
+                return await other.fetchval("SELECT pg_try_advisory_xact_lock('rule_outbox'::regclass::oid::bigint)")
+
+        async with asyncio.timeout(30):
+            while not two_batches.called:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert not await relay_lock_is_free()  # still held: a batch is in flight
+        in_flight.set_result("acknowledged")
+        try:
+            await relaying
+        except BrokerRefused:
+            pass
+        else:
+            raise AssertionError("the relay hid the broker's refusal")
+        assert await relay_lock_is_free()
+    assert await own_pool.fetchval("SELECT count(*) FROM rule_outbox WHERE rule_id = $1", rule_id) == 1
+    await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)

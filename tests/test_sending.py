@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from alerting_app.sending import all_acknowledged
+from alerting_app.sending import all_acknowledged, send_batched
+from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
 
 class BrokerRefused(Exception):
@@ -44,3 +45,35 @@ async def test_all_answered_it_returns():
     answered.set_result("acknowledged")
     await all_acknowledged([answered])
     await all_acknowledged([])
+
+
+class SourceFailed(Exception):
+    pass
+
+
+@AGENT_LOOP
+async def test_send_batched_raises_only_once_the_batches_it_queued_are_answered(pipeline, monkeypatch):
+    """A failure while queueing (here the messages' source) comes after full batches went out: they
+    are answered, not left in flight, when the caller sees the failure. Real broker and producer;
+    the test only records what send_batch returned."""
+    from alerting_app.app import app
+
+    topic = app.topic("sending-test", partitions=1)
+    await topic.maybe_declare()
+    producer = (await app.maybe_start_producer())._ensure_producer()
+    queued: list[asyncio.Future] = []
+    real_send_batch = producer.send_batch
+
+    async def recording_send_batch(*args, **kwargs):
+        queued.append(await real_send_batch(*args, **kwargs))
+        return queued[-1]
+    monkeypatch.setattr(producer, "send_batch", recording_send_batch)
+
+    def messages():
+        for _ in range(200):  # 200 KB: several full batches of one partition
+            yield b"sending-test", b"x" * 1000
+        raise SourceFailed("the source broke off")
+
+    with pytest.raises(SourceFailed):
+        await send_batched(topic, messages())
+    assert queued and all(ack.done() and ack.exception() is None for ack in queued)

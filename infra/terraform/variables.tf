@@ -240,7 +240,7 @@ variable "services" {
 }
 
 variable "health_check" {
-  description = "What the ECS container health check asks: \"started\" (/startedz: the worker has been ready once; a revision that never gets ready is rolled back, a later outage of its dependencies restarts nothing), \"ready\" (/readyz: broker, Postgres, Redis and rules, now) or \"live\" (/healthz: the process answers). See docs/operations.md."
+  description = "What the ECS container health check asks: \"started\" (/startedz: the worker has been ready once; a revision that never gets ready is rolled back, a later outage of its dependencies restarts nothing), \"ready\" (/readyz: broker, Postgres and its schema, Redis, the rule and silence replicas, now) or \"live\" (/healthz: the process answers). See docs/operations.md."
   type        = string
   default     = "started"
 
