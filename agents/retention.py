@@ -80,6 +80,11 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED
 """
 _DELETE_SILENCES = "DELETE FROM silences WHERE silence_id = ANY($1::uuid[])"
+# The remembered deletions (for republishing, migrations/007_deletions.sql) of silences are kept only
+# as long as ended silences: a silence deleted by retention had ended, and one deleted with its
+# client can mute nothing once that client's rules are gone, so a replica that never hears of its
+# deletion matches no differently; it only keeps a little memory.
+_FORGET_SILENCE_DELETIONS = "DELETE FROM deleted_silences WHERE deleted_at < now() - make_interval(secs => $1)"
 
 
 async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
@@ -100,6 +105,7 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
         if ended:
             wake_up()  # the relay, when this worker runs it
         if len(ended) < batch_size:
+            await pool.execute(_FORGET_SILENCE_DELETIONS, float(ended_before_s))
             return pruned
 
 

@@ -51,6 +51,7 @@ async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes]]) -
         # The batches queued before the failure are still on their way: see all_acknowledged.
         if acks:
             await asyncio.wait(acks)
+            _failures(acks)  # read, so that asyncio does not log them as never retrieved
         raise
     return acks
 
@@ -69,9 +70,19 @@ async def all_acknowledged(acks: list[asyncio.Future]) -> None:
         await asyncio.wait(acks)  # never cancels the acks themselves, as gather would
     except asyncio.CancelledError:
         await asyncio.wait(acks)
+        _failures(acks)
         raise
-    for ack in acks:
-        if ack.cancelled():
-            raise asyncio.CancelledError("a send was cancelled")
-        if ack.exception() is not None:
-            raise ack.exception()
+    failures = _failures(acks)
+    if failures:
+        raise failures[0]
+
+
+class SendCancelled(Exception):
+    """A send's acknowledgement was cancelled, by something other than its waiter: an ordinary
+    failure for the caller, not the cancellation of the caller's own task."""
+
+
+def _failures(acks: list[asyncio.Future]) -> list[BaseException]:
+    """The failures of these settled acks, each read (asyncio logs an exception never retrieved)."""
+    return [SendCancelled("a send was cancelled") if ack.cancelled() else ack.exception()
+            for ack in acks if ack.cancelled() or ack.exception() is not None]

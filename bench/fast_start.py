@@ -29,7 +29,8 @@ def log_time(worker, text: str) -> float | None:
 
 
 def timed_start(stack: BenchStack, name: str, rules: int) -> dict[str, float]:
-    worker = stack.start_worker(name, roles="evaluate", wait=False)
+    # At info: the phases below are read from the worker's info lines, whatever LOG_LEVEL says.
+    worker = stack.start_worker(name, roles="evaluate", wait=False, log_level="info")
     while REPLICA_CAUGHT_UP_LINE not in worker.log():
         if not worker.child.running():
             raise RuntimeError(f"worker exited:\n{worker.child.log_tail()}")

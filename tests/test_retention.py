@@ -147,6 +147,20 @@ async def test_silences_ended_long_ago_are_deleted_and_their_deletion_announced_
     assert index.apply(event) and set(index.versions()) == {recent, active}
 
 
+@AGENT_LOOP
+async def test_remembered_silence_deletions_are_forgotten_after_the_silence_retention(pool):
+    old, recent = str(uuid.uuid4()), str(uuid.uuid4())
+    await pool.execute("INSERT INTO deleted_silences (silence_id, client_id, version, deleted_at)"
+                       " VALUES ($1, $3, 2, now() - interval '6 days'), ($2, $3, 2, now() - interval '4 days')",
+                       old, recent, str(uuid.uuid4()))
+
+    await prune_silences(pool, 5 * DAY_S)
+
+    remembered = {row[0] for row in await pool.fetch(
+        "SELECT silence_id::text FROM deleted_silences WHERE silence_id = ANY($1::uuid[])", [old, recent])}
+    assert remembered == {recent}
+
+
 @pytest.mark.parametrize("days", ["0.5", "1.9", "-1", "3651"])
 def test_a_retention_shorter_than_two_days_or_absurd_is_refused_by_name(monkeypatch, days):
     monkeypatch.setenv("NOTIFICATION_RETENTION_DAYS", days)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from alerting_app.sending import all_acknowledged, send_batched
+from alerting_app.sending import SendCancelled, all_acknowledged, send_batched
 from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
 
@@ -38,6 +38,15 @@ async def test_cancelled_it_still_waits_for_the_sends_in_flight_and_leaves_them_
     in_flight.set_result("acknowledged")
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+async def test_an_ack_cancelled_by_someone_else_is_a_failure_not_the_callers_cancellation():
+    # The outbox relay's loop goes on after an Exception; a CancelledError would end it for good.
+    cancelled = asyncio.get_running_loop().create_future()
+    cancelled.cancel()
+
+    with pytest.raises(SendCancelled):
+        await all_acknowledged([cancelled])
 
 
 async def test_all_answered_it_returns():
