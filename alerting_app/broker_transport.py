@@ -1,8 +1,8 @@
 """Faust's Kafka transport with overrides: the worker consumer's fetch wait comes from our
 settings; a message is handed to its stream without Faust's per-message `wait_first` when the
 hand-over cannot block; stream records fetched while a rebalance ends are held, not thrown away
-(`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is not recorded as done
-(`Consumer._commit_offsets`); after an agent crashed the worker commits nothing more and stops
+(`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is made again at the
+next commit (`Consumer._commit_offsets`); after an agent crashed the worker commits nothing more and stops
 (`Consumer.on_task_error`). tests/test_broker_transport.py fails when the installed Faust no
 longer matches what these rely on.
 
@@ -31,7 +31,7 @@ import logging
 import os
 import signal
 from functools import cached_property
-from typing import AsyncIterator, Mapping, cast
+from typing import AsyncIterator, Iterable, Mapping, cast
 
 import aiokafka
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -52,9 +52,6 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # if an upgrade of aiokafka or Faust stops that.
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
         return consumer
-
-
-_NOT_RECORDED = object()
 
 
 class Consumer(faust_aiokafka.Consumer):
@@ -86,26 +83,43 @@ class Consumer(faust_aiokafka.Consumer):
         # As `docker stop` would: the worker stops gracefully (deliveries in hand are handed back).
         os.kill(os.getpid(), signal.SIGTERM)
 
+    # Offsets the broker refused to commit, by partition, to be committed at the next commit.
+    @cached_property
+    def _refused_commits(self) -> dict[TP, int]:
+        return {}
+
+    def _filter_committable_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """Faust's offsets to commit, plus those the broker refused last time (see _commit_offsets)."""
+        offsets = super()._filter_committable_offsets(tps)
+        assigned = self.assignment()
+        for tp, offset in list(self._refused_commits.items()):
+            if tp not in assigned:
+                del self._refused_commits[tp]  # its new owner reads it from what was committed
+            elif offset > offsets.get(tp, -1):
+                offsets[tp] = offset
+        return offsets
+
     async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
-        """Faust's commit, except that a commit that failed is not recorded as done.
+        """Faust's commit, except that offsets the broker refused are committed again next time.
 
         faust-streaming 0.15.3 records the offsets as committed even when the broker refused the
         commit (typically during a rebalance, e.g. right after a restart while the dead member is
-        still in the group); it then never commits them again until newer messages arrive, so
-        consumer lag looks stuck and a later rebalance reprocesses them. Fixed upstream (PR #692,
-        not released); until then, what a failed commit recorded is put back, and the next commit
-        interval tries again. Committing the same offsets twice is harmless.
+        still in the group), and by then it has also dropped the acknowledgements they covered
+        (`_new_offset`): it never commits them again until newer messages arrive, so consumer lag
+        looks stuck and a later rebalance reprocesses them. Fixed upstream (PR #692, not released).
+        Putting back the old committed offset instead would leave Faust's bookkeeping with a gap
+        below its acknowledgements, and no later commit of that partition would happen at all; so
+        Faust's records stay as they are, and the refused offsets are added to the next commit
+        (`_filter_committable_offsets`). Committing the same offsets twice is harmless.
         """
         if self.crashed_agent is not None:
             return False  # an agent crashed: what Faust acknowledged since may not be done (on_task_error)
-        before = {tp: self._committed_offset.get(tp, _NOT_RECORDED) for tp in offsets}
         did_commit = await super()._commit_offsets(offsets, start_new_transaction)
-        if not did_commit:
-            for tp, offset in before.items():
-                if offset is _NOT_RECORDED:
-                    self._committed_offset.pop(tp, None)
-                else:
-                    self._committed_offset[tp] = offset
+        for tp, offset in offsets.items():
+            if not did_commit:
+                self._refused_commits[tp] = max(offset, self._refused_commits.get(tp, offset))
+            elif self._refused_commits.get(tp, offset) <= offset:
+                self._refused_commits.pop(tp, None)
         return did_commit
 
     # Stream records fetched while a rebalance is in progress, by partition and offset.
@@ -129,15 +143,23 @@ class Consumer(faust_aiokafka.Consumer):
         return {}
 
     async def _release_held(self) -> AsyncIterator[tuple[TP, Message]]:
-        """The held records of partitions still assigned, in offset order, past what was committed."""
+        """The held records of partitions still assigned, in offset order, past what was committed,
+        fetched in the consumer's current generation."""
         records = dict(self._held_during_rebalance)
         self._held_during_rebalance.clear()
         assigned = self.assignment()
+        generation = self.app.consumer_generation_id
         for tp, by_offset in records.items():
             if tp not in assigned:
                 continue  # revoked meanwhile: its new owner reads it from the committed offset
             committed = self._committed_offset.get(tp)
             for offset in sorted(by_offset):
+                # One of an earlier generation (a second rebalance began before the release) would
+                # be skipped by its stream after the drain loop counted it as read, and the records
+                # fetched again up to it dropped as already read: each rebalance seeks every
+                # assigned partition back to its commit, so it is fetched again instead.
+                if by_offset[offset].generation_id != generation:
+                    continue
                 if committed is None or offset >= committed:
                     yield tp, by_offset[offset]
 

@@ -13,6 +13,7 @@ import inspect
 import json
 import secrets
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -147,30 +148,50 @@ async def test_a_worker_evaluates_every_alert_of_a_partition_in_order_and_commit
     assert "Drain messages raised" not in worker.log()
 
 
-async def test_a_commit_the_broker_refused_is_not_recorded_as_done(monkeypatch):
-    # faust-streaming 0.15.3 records refused commits as done (upstream PR #692); our Consumer puts
-    # the record back so that the next commit interval tries again (alerting_app/broker_transport.py).
+async def test_offsets_the_broker_refused_to_commit_are_committed_at_the_next_commit(monkeypatch):
+    # faust-streaming 0.15.3 records refused commits as done (upstream PR #692) and drops the
+    # acknowledgements they covered; our Consumer commits them again next time, with or without
+    # newer acknowledgements, and later commits go on (alerting_app/broker_transport.py).
     from faust.types import TP
 
     consumer = app.consumer
-    tp, unseen = TP("alerts.new", 0), TP("alerts.new", 1)
-    monkeypatch.setattr(consumer, "assignment", lambda: {tp, unseen})
+    tp = TP("alerts.matched", 0)
+    monkeypatch.setattr(consumer, "assignment", lambda: {tp})
+    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)
     monkeypatch.setattr(app.tables, "on_commit", lambda offsets: None)
-    consumer._committed_offset[tp] = 5
 
-    async def refused(offsets):
-        return False
+    async def flush():
+        pass
+    monkeypatch.setattr(app.producer, "flush", flush)
+    answers = iter([True, False, True, True])
+    at_broker = []
 
-    monkeypatch.setattr(consumer, "_commit", refused)
-    assert not await consumer._commit_offsets({tp: 9, unseen: 3})
-    assert consumer._committed_offset[tp] == 5 and unseen not in consumer._committed_offset
+    async def broker_commit(offsets):
+        accepted = next(answers)
+        at_broker.append((dict(offsets), accepted))
+        return accepted
+    monkeypatch.setattr(consumer, "_commit", broker_commit)
+    for name in ("_acked", "_acked_index", "_committed_offset", "_gap"):
+        monkeypatch.setattr(consumer, name, type(getattr(consumer, name))(getattr(consumer, name).default_factory))
 
-    async def accepted(offsets):
-        return True
+    class Record:  # what Consumer.ack reads of a message (it keeps a weak reference)
+        def __init__(self, offset: int) -> None:
+            self.acked, self.tp, self.offset, self.topic = False, tp, offset, tp.topic
 
-    monkeypatch.setattr(consumer, "_commit", accepted)
-    assert await consumer._commit_offsets({tp: 9, unseen: 3})
-    assert (consumer._committed_offset[tp], consumer._committed_offset[unseen]) == (9, 3)
+    def acknowledge(offsets: range) -> None:
+        for offset in offsets:
+            consumer.ack(Record(offset))
+
+    acknowledge(range(0, 10))
+    assert await consumer.commit()  # accepted: 10
+    acknowledge(range(10, 20))
+    assert not await consumer.commit()  # refused: 20
+    assert await consumer.commit()  # nothing new acknowledged: 20 again
+    acknowledge(range(20, 30))
+    assert await consumer.commit()  # 30: later commits go on
+
+    assert at_broker == [({tp: 10}, True), ({tp: 20}, False), ({tp: 20}, True), ({tp: 30}, True)]
+    assert not consumer._refused_commits
 
 
 async def test_after_an_agent_crashed_the_worker_commits_nothing_more_and_stops(monkeypatch, caplog):
@@ -226,13 +247,20 @@ async def test_records_held_during_a_rebalance_are_released_in_order_past_the_co
     monkeypatch.setitem(consumer._committed_offset, kept, 5)
     consumer._committed_offset.pop(uncommitted, None)
     held = consumer._held_during_rebalance
-    held[kept] = {7: "k7", 4: "k4", 5: "k5", 6: "k6"}  # fetched twice around a seek: offsets, not arrival
-    held[uncommitted] = {2: "u2", 0: "u0", 1: "u1"}
-    held[revoked] = {9: "r9"}
+    now, before = app.consumer_generation_id, app.consumer_generation_id - 1
 
-    released = [(tp, record) async for tp, record in consumer._release_held()]
+    def record(name: str, generation: int = now) -> SimpleNamespace:
+        return SimpleNamespace(name=name, generation_id=generation)
+    held[kept] = {7: record("k7"), 4: record("k4"), 5: record("k5"), 6: record("k6")}  # fetched twice around a seek
+    # A second rebalance began before the release: fetched again from the commit up to 1, not yet
+    # up to 2; released, the 2 of the first generation would count as read, and the 2 fetched
+    # again dropped.
+    held[uncommitted] = {2: record("u2-first", before), 0: record("u0"), 1: record("u1")}
+    held[revoked] = {9: record("r9")}
+
+    released = [(tp, record.name) async for tp, record in consumer._release_held()]
 
     assert [r for tp, r in released if tp == kept] == ["k5", "k6", "k7"]
-    assert [r for tp, r in released if tp == uncommitted] == ["u0", "u1", "u2"]
+    assert [r for tp, r in released if tp == uncommitted] == ["u0", "u1"]
     assert all(tp != revoked for tp, _ in released)
     assert not consumer._held_during_rebalance  # the next records of these partitions flow again
