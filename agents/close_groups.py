@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 
@@ -35,13 +36,25 @@ def owned_partitions() -> set[int]:
     return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
 
 
-async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int]) -> list[NotificationReady]:
+def writable_partitions() -> set[int]:
+    """The partitions whose groups this worker may write now: those it owns, none while the table
+    is not current."""
+    return owned_partitions() if table_is_current() else set()
+
+
+async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int],
+                           still_owned: Callable[[], set[int]] | None = None) -> list[NotificationReady]:
     """Emit each due group of the clients whose partition this worker owns, exactly once.
 
     Runs under `groups_lock`. The notification row (fixed notification_id) is inserted once, sent,
     marked emitted, and only then the key deleted: a closer that dies in between sends the same
     notification again, which the deliver stage delivers once per endpoint. A group Postgres
     refuses becomes a dead letter and is removed from the table, so it does not stop the others.
+
+    `still_owned()` (default: `owned`) is asked again after the awaits, just before the table is
+    written: a rebalance may have moved a partition meanwhile (Faust does not wait for timers), and
+    its new owner may have written the client's value since. Only partitions still owned are
+    written, each from the value the table holds now, not from the one read before the awaits.
     """
     partitions = tuple(range(settings.topic_partitions))
     items = [(key, value) for key, value in groups.open_groups.items()
@@ -65,10 +78,18 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int]) -> l
     closed_here.update(d.group["notification_id"] for d, _ in refused)
     if items:
         await groups.prepare_writes()
+    writable = still_owned() if still_owned is not None else owned
     refused_keys = {d.key for d, _ in refused}
     written = False
-    for key, value in items:
-        ids = {group["notification_id"] for group in (value or {}).values()}
+    in_table: set[str] = set()
+    for key, _ in items:
+        if partition_for(key, partitions) not in writable:
+            continue  # moved away (or moving) meanwhile: left to its owner, and this set forgets it
+        value = groups.open_groups.get(key)
+        if not value:
+            continue
+        ids = {group["notification_id"] for group in value.values()}
+        in_table |= ids
         if ids <= closed_here:
             del groups.open_groups[key]
         elif key in refused_keys:
@@ -83,7 +104,6 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int]) -> l
     # Forget the closed groups that are in no value of this worker's partitions any more: their
     # partition was taken away before their value was rewritten. Forgetting is safe: a group
     # closed again finds its notification emitted and sends nothing.
-    in_table = {group["notification_id"] for _, value in items for group in (value or {}).values()}
     closed_here.intersection_update(in_table)
     if written:
         # A failed write leaves the group in the changelog: closed again after a restart, it finds
@@ -118,7 +138,7 @@ async def close_groups() -> None:
         return
     try:
         async with groups_lock:
-            await close_due_groups(await db.pool(), time.time(), owned_partitions())
+            await close_due_groups(await db.pool(), time.time(), owned_partitions(), writable_partitions)
     except asyncio.CancelledError:
         raise
     except Exception:

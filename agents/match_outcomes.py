@@ -306,12 +306,13 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     events_by_key = {event.message.key: event for event, _ in accepted}
     if plan.values:
         await groups.prepare_writes()
-    written = False
+    # Written even when the table holds the value already: after a crash that came before the
+    # broker had a batch's changelog write, the local store (RocksDB) may still hold that value, and
+    # the redelivered batch rebuilds exactly it; not written again, it would be in no changelog,
+    # and the partition's next owner would recover the table without it.
     for key, value in plan.values.items():
-        if value != current[key]:
-            groups.write_value(key, value, events_by_key[key])
-            written = True
-    if written:
+        groups.write_value(key, value, events_by_key[key])
+    if plan.values:
         await groups.wait_until_written()
     closed_here.difference_update(closed)  # pruned from the table just now
     for ready, status in inserted:

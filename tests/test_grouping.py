@@ -22,6 +22,7 @@ from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
 from alerting_app.sending import partition_for
+from kafka_probe import read_topic
 from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 
@@ -362,6 +363,28 @@ async def test_an_alert_one_worker_adds_to_a_group_is_not_notified_at_once_by_an
 
 
 @AGENT_LOOP
+async def test_a_member_delivered_again_writes_its_clients_groups_to_the_changelog_again(pool, services):
+    """The worker wrote its table and died before the broker had the changelog write: restarted, its
+    local store (RocksDB) holds the value, the changelog does not. The redelivered member rebuilds the
+    same value, which must still reach the changelog, or the partition's next owner loses the group."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    member = grouped(client, rule)
+    await aggregate(member)
+    changelog = groups.open_groups.changelog_topic.get_topic_name()
+
+    async def changelog_values() -> list:
+        return [json.loads(value) for key, value in await read_topic(services.kafka_bootstrap_servers, changelog)
+                if key == client.encode()]
+    before = await changelog_values()
+
+    await aggregate(member)
+
+    after = await changelog_values()
+    assert len(after) == len(before) + 1 and after[-1] == groups.open_groups.get(client.encode())
+    await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # leave none open
+
+
+@AGENT_LOOP
 async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(pool):
     client, rule = await insert_client(pool), str(uuid.uuid4())
     await aggregate(grouped(client, rule))
@@ -549,6 +572,23 @@ async def test_the_closer_forgets_the_closed_groups_of_a_partition_taken_away(po
     assert last.group_rule_id == later
     assert groups.open_groups.get(client.encode()) is None
     assert closed.notification_id not in closed_here
+
+
+@AGENT_LOOP
+async def test_the_closer_leaves_the_table_alone_for_a_partition_moved_away_while_it_closed(pool):
+    # Faust does not wait for timers in a rebalance: the partition may have a new owner, which may
+    # have written the client's value, by the time the closer's notification is acknowledged.
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    await aggregate(grouped(client, rule))
+    value = groups.open_groups.get(client.encode())
+
+    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS, still_owned=set)
+
+    assert groups.open_groups.get(client.encode()) == value  # not deleted: its owner's to write now
+    assert ready.notification_id not in closed_here
+    # Given back: closed again, it sends nothing, and the value is removed.
+    assert await close_due_groups(pool, time.time() + 6, ALL_PARTITIONS) == []
+    assert groups.open_groups.get(client.encode()) is None
 
 
 @pytest.mark.parametrize(("variable", "value"), [("GROUP_MAX_ALERTS", "0"), ("GROUP_MAX_ALERTS", "many"),
