@@ -46,7 +46,8 @@ def ensure_installed() -> None:
     print("installing alerting-app and its test dependencies into .venv", flush=True)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet"]
     if subprocess.run([*pip, "-e", ".[test,embedded]"], cwd=ROOT).returncode != 0:
-        sys.exit("pip install failed (see above); nothing was run")
+        sys.exit(f"pip install failed (see above); nothing was run. If .venv itself is broken (an "
+                 f"interrupted set-up), delete {VENV} and run this again.")
     STAMP.write_text(fingerprint)
 
 

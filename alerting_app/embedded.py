@@ -329,6 +329,8 @@ def _initdb(data: Path, user: str | None) -> None:
         [str(_postgres_binary("initdb")), "-D", str(staging), "-U", "postgres", "--auth=trust",
          "--encoding=UTF8", "--no-locale", "--no-instructions"],
         user=user, capture_output=True, text=True,
+        # Killed with us: a new run clears the staging folder, which an orphan would go on writing.
+        preexec_fn=_die_with_parent(signal.SIGKILL),
     )
     if result.returncode != 0:
         raise EmbeddedServiceError(f"initdb failed ({result.returncode}):\n{result.stdout}{result.stderr}")

@@ -172,7 +172,8 @@ BROKER_REQUEST_TIMEOUT_S = 90.0
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
-    kafka_bootstrap_servers: KafkaServers | None = None
+    # Empty (`VAR=`) is unset, as for every optional setting: `alerting-app up` then starts one.
+    kafka_bootstrap_servers: Annotated[KafkaServers | None, BeforeValidator(_unset_if_empty)] = None
     # PLAINTEXT; SSL: TLS to the brokers, checked against the CA file (default: the system's CAs),
     # optionally with a client certificate; SASL_SSL: the same TLS and a SASL login (MSK's SCRAM
     # listener); SASL_PLAINTEXT: a SASL login without TLS (alerting_app/kafka_connection.py).
@@ -188,8 +189,8 @@ class Settings(BaseSettings):
     kafka_aws_region: OptionalText = None
     aws_region: OptionalText = None
     aws_default_region: OptionalText = None
-    database_url: PostgresUrl | None = None
-    redis_url: RedisUrl | None = None
+    database_url: Annotated[PostgresUrl | None, BeforeValidator(_unset_if_empty)] = None
+    redis_url: Annotated[RedisUrl | None, BeforeValidator(_unset_if_empty)] = None
     admin_token: str | None = Field(default=None, min_length=16)
     # A token that may only send alerts (POST /api/v1/alerts), for the monitored systems: they need
     # not hold the admin token, which can delete tenants.

@@ -8,6 +8,7 @@ embedded services, so the worker never loses its services while it is still comm
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from agents.rule_outbox import republish_all_silences
 from alerting_app.embedded import ChildProcess, EmbeddedServices, port_accepts
@@ -99,9 +101,27 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _lock_data_dir(data_dir: Path) -> IO:
+    """Hold DATA_DIR for this run: a second `up` on it, with or without embedded services, would
+    share the worker's table state (RocksDB) and log with the first."""
+    lock_file = open(data_dir / ".up.lock", "w")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`); "
+                         "stop that one, or set DATA_DIR to another folder.") from None
+    return lock_file
+
+
 def run_up(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    with _lock_data_dir(data_dir):  # the lock goes with the file: closed, or this process gone
+        return _run_up(settings, data_dir)
+
+
+def _run_up(settings: Settings, data_dir: Path) -> int:
     if port_accepts(settings.web_port):
         raise SystemExit(f"WEB_PORT {settings.web_port} is already in use; set WEB_PORT to a free port.")
     signal.signal(signal.SIGINT, _interrupt)
@@ -114,7 +134,8 @@ def run_up(settings: Settings) -> int:
                 print(f"starting embedded {names} under {services.folder}…", flush=True)
             env = {**os.environ, **services.start(**missing)}
             env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
-            env.setdefault("ADMIN_TOKEN", persistent_admin_token(data_dir))
+            if not env.get("ADMIN_TOKEN"):  # the one printed; not written when one is set
+                env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
             env.setdefault("ALLOW_PRIVATE_ENDPOINTS", "true")  # the local run's webhooks are local
             # This machine only, unless asked: with private endpoints allowed, the API would let
             # anyone who reaches it make the worker POST into this machine's network.

@@ -239,3 +239,11 @@ def test_an_ingest_token_is_a_secret_of_its_own(monkeypatch):
 
     monkeypatch.setenv("INGEST_TOKEN", "ingest-token-of-the-monitors")
     assert load_settings().ingest_token == "ingest-token-of-the-monitors"
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS"])
+def test_a_service_url_set_empty_counts_as_unset(monkeypatch, variable):
+    # As for every optional setting (VAR= in a compose file): `alerting-app up` then starts one.
+    monkeypatch.setenv(variable, "  ")
+
+    assert getattr(load_settings(), variable.lower()) is None

@@ -30,3 +30,24 @@ def test_the_table_state_is_kept_for_the_same_broker_and_removed_for_a_new_one(s
     assert not (data_dir / "faust").exists()
     # The rule store checks by itself which broker it read (tables/rule_replica.py).
     assert rule_store_file.exists()
+
+
+def test_a_second_up_on_the_same_data_dir_stops_at_once_and_says_why(services, tmp_path):
+    # Even with every service given (nothing embedded, so no services folder is locked): two
+    # workers would share DATA_DIR's table state and log.
+    import fcntl
+    import subprocess
+
+    from alerting_app.embedded import free_port
+    from alerting_app.up import alerting_app_executable
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with open(data_dir / ".up.lock", "w") as running:  # what the first `up` holds
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = subprocess.run([alerting_app_executable(), "up"], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port())})
+
+    assert second.returncode != 0
+    assert f"DATA_DIR {data_dir} is in use by another `alerting-app up`" in second.stderr, second.stderr
+    assert not (data_dir / "worker.log").exists()
