@@ -88,6 +88,10 @@ async def record_silence_deleted(conn: asyncpg.Connection, silence_id: str, clie
         silence_id=silence_id, client_id=client_id, version=version + 1, action="delete"))
 
 
+# Each item's current state, or its remembered deletion; all of them when the ids are NULL.
+_ONLY = "($1::uuid[] IS NULL OR {key} = ANY($1::uuid[]))"
+
+
 async def republish_all_rules(pool: asyncpg.Pool) -> int:
     """Queue every rule in Postgres, at its current version, and every deleted rule's deletion, for
     rule.changed; return how many events.
@@ -98,6 +102,12 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
     too: a replica holding a rule deleted since (its deletion relayed to another cluster, or lost
     with the topic) must not keep matching it.
     """
+    return await republish_rules(pool, None)
+
+
+async def republish_rules(pool: asyncpg.Pool, rule_ids: list[str] | None) -> int:
+    """`republish_all_rules` for these rules only (None: all)."""
+    only = _ONLY.format(key="rule_id")
     async with pool.acquire() as conn, conn.transaction():
         # FOR SHARE: a change in flight commits first and is read at its new version, and a later
         # one waits for this transaction, so no rule is queued here at an older version behind a
@@ -105,12 +115,13 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
         # (web/clients.py), so a client's deletion and this wait for each other without deadlock.
         rows = await conn.fetch("SELECT rule_id, client_id, severity, source, name, enabled, version,"
                                 " group_window_s, repeat_interval_s, fingerprint_keys FROM rules"
-                                " ORDER BY rule_id FOR SHARE")
+                                f" WHERE {only} ORDER BY rule_id FOR SHARE", rule_ids)
         events = [RuleChanged.upsert(Rule(**{**dict(row), "rule_id": str(row["rule_id"]),
                                             "client_id": str(row["client_id"])})) for row in rows]
         events += [RuleChanged(rule_id=str(row["rule_id"]), client_id=str(row["client_id"]),
                                version=row["version"], action="delete")
-                   for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules ORDER BY rule_id")]
+                   for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules"
+                                               f" WHERE {only} ORDER BY rule_id", rule_ids)]
         await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
                                [(event.rule_id, event.model_dump(mode="json")) for event in events])
     return len(events)
@@ -123,16 +134,26 @@ async def republish_all_silences(pool: asyncpg.Pool) -> int:
     As for rules: when the topic starts empty, this puts the silences back on it, and no silence
     is queued at an older version behind a newer one.
     """
+    return await republish_silences(pool, None)
+
+
+async def republish_silences(pool: asyncpg.Pool, silence_ids: list[str] | None) -> int:
+    """`republish_all_silences` for these silences only (None: all)."""
+    only = _ONLY.format(key="silence_id")
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences ORDER BY silence_id FOR SHARE")
+        rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences WHERE {only} ORDER BY silence_id FOR SHARE",
+                                silence_ids)
         events = [SilenceChanged.upsert(silence_of_row(row)) for row in rows]
         events += [SilenceChanged(silence_id=str(row["silence_id"]), client_id=str(row["client_id"]),
                                   version=row["version"], action="delete")
                    for row in await conn.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
-                                               " ORDER BY silence_id")]
+                                               f" WHERE {only} ORDER BY silence_id", silence_ids)]
         await conn.executemany("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
                                [(event.silence_id, event.model_dump(mode="json")) for event in events])
     return len(events)
+
+
+_REPUBLISH = {RULE_OUTBOX.table: republish_rules, SILENCE_OUTBOX.table: republish_silences}
 
 
 def wake_up() -> None:
@@ -157,7 +178,32 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
     a key's newer version on the topic before its older one, and compaction would then keep the
     older. The rows stay locked until the broker has acknowledged them, and a failure leaves them
     for the next try.
+
+    If the transaction fails transiently once everything was sent (its Postgres session was lost,
+    say), the lock may have gone with the session while the sends were in flight: another relay may have
+    sent newer versions of the same keys meanwhile, which ours then landed after. Each key's
+    current version is queued again, so that it comes last.
     """
+    sent_keys: list[str] = []
+    try:
+        return await _send_and_delete(pool, outbox, batch_size, sent_keys)
+    except Exception as exc:
+        if not (sent_keys and db.is_transient(exc)):  # a lost session, an aborted transaction
+            raise
+        log.warning("the %s relay's transaction failed after its %d keys were sent; queuing their current "
+                    "versions again, so that they come last on %s", outbox.table, len(sent_keys),
+                    outbox.topic.get_topic_name(), exc_info=True)
+
+    async def same_pool() -> asyncpg.Pool:
+        return pool
+    await db.retry_transient(lambda p: _REPUBLISH[outbox.table](p, sent_keys), f"queuing {outbox.table} keys again",
+                             get_pool=same_pool)
+    return 0
+
+
+async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, sent_keys: list[str]) -> int:
+    """One batch: locked, sent, acknowledged, deleted. `sent_keys` gets the batch's keys once the
+    broker has acknowledged every send."""
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
         # Read after the lock is held, so the rows the previous relay deleted are gone. FOR UPDATE
@@ -178,6 +224,7 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
         # Every answer before the lock is released, failures included: a batch still in flight when
         # the next relay sends the same keys' newer versions could land after them.
         await all_acknowledged(acks)
+        sent_keys.extend(sorted({str(row["key"]) for row in rows}))
         await conn.execute(
             f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
         )

@@ -46,9 +46,13 @@ def is_transient(exc: BaseException) -> bool:
     784, open); the pool then terminates that connection, so the next attempt gets a fresh one.
     Seen here when a worker's Postgres was stopped under it: the aggregate agent crashed, and the
     worker stopped itself, where waiting for Postgres was right. Other InternalClientErrors are bugs
-    and propagate.
+    and propagate. Ending a transaction on such a connection raises InterfaceError "... the
+    underlying connection is closed" in its place: transient too (seen when the session was
+    terminated during a transaction, tests/test_outbox_ordering.py).
     """
     if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
         return True
     return isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc)
 

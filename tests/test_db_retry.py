@@ -130,6 +130,22 @@ async def test_asyncpgs_report_of_a_connection_dropped_mid_statement_is_transien
     assert len(calls) == 2
 
 
+async def test_a_transaction_on_a_terminated_session_is_tried_again_on_a_new_one(own_pool):
+    # Ending the transaction raises InterfaceError "... the underlying connection is closed" (the
+    # outbox relay's session lost while it waited for the broker, tests/test_outbox_ordering.py).
+    calls = []
+
+    async def batch(pool) -> int:
+        calls.append(1)
+        async with pool.acquire() as conn, conn.transaction():
+            if len(calls) == 1:
+                await pool.fetchval("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+            return await conn.fetchval("SELECT 1")
+
+    assert await db.retry_transient(batch, "a test batch", get_pool=own_pool, initial_wait_s=0.01) == 1
+    assert len(calls) == 2
+
+
 async def test_any_other_internal_client_error_is_a_bug_and_propagates(own_pool):
     calls = []
 

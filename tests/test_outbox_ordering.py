@@ -162,3 +162,38 @@ async def test_a_relay_whose_send_failed_keeps_its_lock_until_its_other_sends_ar
         assert await relay_lock_is_free()
     assert await own_pool.fetchval("SELECT count(*) FROM rule_outbox WHERE rule_id = $1", rule_id) == 1
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
+
+
+async def test_a_relay_that_lost_its_session_while_sending_queues_the_keys_current_versions_again(
+        own_pool, monkeypatch):
+    """Its lock went with the session while its sends were in flight: another relay may have sent
+    the same keys' newer versions meanwhile, and ours landed after them. Queued again, each key's
+    current version (here the rule's deletion) comes last on the topic."""
+    from agents import rule_outbox
+
+    rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, rule_versions(rule_id, client_id)[0])  # version 1, then deleted:
+        await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
+    await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1 AND payload->>'action' = 'delete'", rule_id)
+    in_flight = asyncio.get_running_loop().create_future()
+
+    async def sending(topic, messages):
+        list(messages)
+        return [in_flight]
+    monkeypatch.setattr(rule_outbox, "send_batched", sending)
+    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+    async with asyncio.timeout(30):
+        while not (relay := await own_pool.fetchval(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND objid = 'rule_outbox'::regclass::oid")):
+            await asyncio.sleep(0.01)
+    assert await own_pool.fetchval("SELECT pg_terminate_backend($1)", relay)  # the session is lost
+    in_flight.set_result("acknowledged")
+
+    await relaying
+
+    queued = [RuleChanged.model_validate(row["payload"]) for row in await own_pool.fetch(
+        "SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id", rule_id)]
+    assert [(event.action, event.version) for event in queued] == [("upsert", 1), ("delete", 2)]
+    await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
