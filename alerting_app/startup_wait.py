@@ -65,6 +65,7 @@ class _Probes:
         application = web.Application()
         application.router.add_get("/healthz", self.healthz)
         application.router.add_get("/readyz", self.readyz)
+        application.router.add_get("/startedz", self.readyz)  # never ready yet: not started either
         runner = web.AppRunner(application, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, bind, port).start()

@@ -97,6 +97,7 @@ def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(servic
         wait_until(lambda: "waiting for postgres" in worker.log(), "logging that it waits for postgres")
         status, states = wait_until(lambda: (r := readiness(worker.url))[0] and r, "answering /readyz")
         assert (status, states) == (503, {"broker": True, "postgres": False, "redis": True})
+        assert get_json(worker.url + "/startedz")[0] == 503
         assert health_check(worker.port).returncode == 0  # alive: no reason to restart it
         assert health_check(worker.port, "ready").returncode == 1
         assert health_check(worker.port, "started").returncode == 1  # never ready yet: a deployment fails

@@ -441,6 +441,19 @@ def test_a_plan_without_redis_url_fails_at_plan_time():
         assert source in conditions
 
 
+def test_an_apply_whose_deployment_was_rolled_back_fails_and_plans_that_cannot_work_fail_early():
+    """Parsed only: Terraform has not been planned or applied here (no AWS access)."""
+    [service] = terraform_resources("aws_ecs_service").values()
+    [lifecycle] = service["lifecycle"]
+    [rolled_back] = lifecycle["postcondition"]
+    assert rolled_back["condition"] == (
+        "${!var.wait_for_steady_state || self.task_definition == aws_ecs_task_definition.service[each.key].arn}")
+    conditions = " ".join(check["condition"] for check in lifecycle["precondition"])
+    assert "contains(var.kafka_ports, 9098)" in conditions  # MSK's IAM login port
+    assert "length(var.api_ingress_cidr_blocks) + length(var.api_ingress_security_group_ids) > 0" in conditions
+    assert terraform_resources("aws_ecs_task_definition")["service"]["skip_destroy"] is True
+
+
 def test_compose_gives_a_stopping_worker_the_time_ecs_gives_it():
     stop_timeout = re.search(r"stopTimeout\s*=\s*(\d+)", terraform_text()).group(1)
     assert compose()["services"]["worker"]["stop_grace_period"] == f"{stop_timeout}s"

@@ -39,7 +39,10 @@ locals {
 resource "aws_ecs_task_definition" "service" {
   for_each = var.services
 
-  family                   = "${var.name}-${each.key}"
+  family = "${var.name}-${each.key}"
+  # A new revision does not deregister the previous one: it stays ACTIVE, so the circuit breaker's
+  # rollback and a manual `-var image=$PREVIOUS_IMAGE` have a revision to return to.
+  skip_destroy             = true
   requires_compatibilities = ["FARGATE"]
   network_mode             = "awsvpc"
   cpu                      = each.value.cpu
@@ -154,6 +157,26 @@ resource "aws_ecs_service" "this" {
     precondition {
       condition     = length([for given in [var.redis_url != null, contains(keys(var.extra_secrets), "REDIS_URL"), contains(keys(var.extra_environment), "REDIS_URL")] : given if given]) == 1
       error_message = "REDIS_URL: set exactly one of redis_url, extra_secrets.REDIS_URL (a URL with a password) or extra_environment.REDIS_URL."
+    }
+
+    # MSK's IAM login listens on 9098; the tasks' security group lets out only kafka_ports.
+    precondition {
+      condition     = var.msk_iam_cluster_arn == null || contains(var.kafka_ports, 9098)
+      error_message = "msk_iam_cluster_arn is set: kafka_ports must include 9098, the port of MSK's IAM login (it is ${jsonencode(var.kafka_ports)})."
+    }
+
+    # A load balancer reaches the tasks only through the API ingress rules.
+    precondition {
+      condition     = each.value.target_group_arn == null || length(var.api_ingress_cidr_blocks) + length(var.api_ingress_security_group_ids) > 0
+      error_message = "services.${each.key}: target_group_arn is set but api_ingress_cidr_blocks and api_ingress_security_group_ids are empty; the load balancer could not reach the tasks (add its security group)."
+    }
+
+    # wait_for_steady_state returns once the service is stable, and a deployment the circuit breaker
+    # rolled back is stable too (hashicorp/terraform-provider-aws#20858): without this, an apply
+    # whose release never got healthy would succeed, running the previous revision.
+    postcondition {
+      condition     = !var.wait_for_steady_state || self.task_definition == aws_ecs_task_definition.service[each.key].arn
+      error_message = "services.${each.key}: the deployment was rolled back; the service runs ${self.task_definition}, not the new revision (see its events and the stopped tasks' reasons)."
     }
   }
 

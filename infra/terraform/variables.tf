@@ -187,7 +187,7 @@ variable "topic_partitions" {
 }
 
 variable "topic_replication_factor" {
-  description = "TOPIC_REPLICATION_FACTOR for the topics `create-topics` makes (3 on a three-broker MSK cluster)."
+  description = "TOPIC_REPLICATION_FACTOR for the topics `create-topics` makes (3 on a three-broker MSK cluster; at most the cluster's broker count, or create-topics fails)."
   type        = number
   default     = 3
 }
