@@ -190,6 +190,11 @@ def republish_silences() -> int:
     return 0
 
 
+def _agent_topics() -> frozenset[str]:
+    """The topics the app's agents consume: read by its group even before it committed on them."""
+    return frozenset(name for agent in app.agents.values() for name in getattr(agent.channel, "topics", ()))
+
+
 @app.command(
     option("--partitions", "by_partition", is_flag=True, default=False,
            help="also one line per partition: start, end, committed offset, lag"),
@@ -198,7 +203,7 @@ def republish_silences() -> int:
 )
 def topics(by_partition: bool, as_json: bool) -> int:
     """Each topic: partitions, end offsets and the lag of this app's consumer group (APP_ID)."""
-    figures = asyncio.run(topic_inspection.topic_figures(_broker(), settings.app_id))
+    figures = asyncio.run(topic_inspection.topic_figures(_broker(), settings.app_id, _agent_topics()))
     if as_json:
         print(json.dumps({"group": settings.app_id, "topics": [f.as_json() for f in figures]}))
     else:
@@ -211,7 +216,8 @@ def topics(by_partition: bool, as_json: bool) -> int:
     option("--from-beginning", is_flag=True, default=False,
            help="start at the oldest message instead of the newest"),
     option("--limit", type=click.IntRange(min=1), default=None, show_default=False,
-           help="stop after N messages (default: follow until Ctrl-C)"),
+           help="stop after N messages, or with --from-beginning once every message there was is printed "
+                "(default: follow until Ctrl-C)"),
     base=_ForegroundCommand,
 )
 def tail(topic: str, from_beginning: bool, limit: int | None) -> int:
@@ -230,7 +236,8 @@ async def _tail(broker: KafkaConnection, topic: str, from_beginning: bool, limit
         # On stderr, so stdout stays one JSON object per line; it also says when producing is safe.
         where = "the oldest message" if from_beginning else "the end"
         print(f"tailing {topic} ({len(tail.partitions)} partitions) from {where}", file=sys.stderr, flush=True)
-        async for message in tail.messages(limit):
+        # --from-beginning --limit N on a topic holding fewer (a few dead letters): print them and end.
+        async for message in tail.messages(limit, until_end=from_beginning and limit is not None):
             print(json.dumps(message), flush=True)
 
 

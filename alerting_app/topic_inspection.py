@@ -35,8 +35,9 @@ class PartitionFigures:
         """Messages the group has still to process; None when the group does not read the topic."""
         if not consumed:
             return None
-        # A partition the group never committed is read from its start (auto_offset_reset=earliest).
-        position = self.start_offset if self.committed is None else self.committed
+        # A partition the group never committed is read from its start (auto_offset_reset=earliest);
+        # a commit below the start (retention deleted messages since) is read from the start too.
+        position = self.start_offset if self.committed is None else max(self.committed, self.start_offset)
         return max(self.end_offset - position, 0)
 
 
@@ -44,11 +45,13 @@ class PartitionFigures:
 class TopicFigures:
     topic: str
     partitions: list[PartitionFigures]
+    read_by_design: bool = False  # one of the topics the app's agents consume
 
     @property
     def consumed(self) -> bool:
-        """The group reads this topic: it has committed an offset on one of its partitions."""
-        return any(p.committed is not None for p in self.partitions)
+        """The group reads this topic: its agents consume it (whether or not the group has committed
+        on it yet: a new group's backlog is its whole topic), or it has committed an offset on it."""
+        return self.read_by_design or any(p.committed is not None for p in self.partitions)
 
     @property
     def end_offsets(self) -> int:
@@ -91,19 +94,22 @@ async def topic_partitions(broker: Broker) -> dict[str, list[int]]:
     }
 
 
-async def topic_figures(broker: Broker, group: str) -> list[TopicFigures]:
-    """Each topic's partitions, start and end offsets, and `group`'s committed offsets."""
+async def topic_figures(broker: Broker, group: str, read: frozenset[str] = frozenset()) -> list[TopicFigures]:
+    """Each topic's partitions, start and end offsets, and `group`'s committed offsets; `read`: the
+    topics the group consumes, committed on or not."""
     partitions = await topic_partitions(broker)
     tps = [TopicPartition(topic, p) for topic, numbers in sorted(partitions.items()) for p in numbers]
+    if not tps:
+        return []  # no topic yet (before create-topics); aiokafka's consumer cannot stop at once
     admin = AIOKafkaAdminClient(**client_args(broker))
     consumer = AIOKafkaConsumer(**client_args(broker), enable_auto_commit=False)
     await admin.start()
     await consumer.start()
     try:
         # Partitions named: Tansu's answer to "all of the group's offsets" does not decode.
-        committed = await admin.list_consumer_group_offsets(group, partitions=tps) if tps else {}
-        starts = await consumer.beginning_offsets(tps) if tps else {}
-        ends = await consumer.end_offsets(tps) if tps else {}
+        committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+        starts = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
         await admin.close()
@@ -112,7 +118,7 @@ async def topic_figures(broker: Broker, group: str) -> list[TopicFigures]:
             PartitionFigures(p, starts[TopicPartition(topic, p)], ends[TopicPartition(topic, p)],
                              _offset(committed.get(TopicPartition(topic, p))))
             for p in numbers
-        ])
+        ], read_by_design=topic in read)
         for topic, numbers in sorted(partitions.items())
     ]
 
@@ -137,7 +143,9 @@ def decoded(record: ConsumerRecord) -> dict[str, Any]:
         # Not JSON (dead-letter material): shown as text instead of hidden.
         message["value_raw"] = record.value.decode(errors="backslashreplace")
     if record.headers:
-        message["headers"] = {name: value.decode(errors="backslashreplace") for name, value in record.headers}
+        # A header's value may be null; a name given twice keeps its last value.
+        message["headers"] = {name: None if value is None else value.decode(errors="backslashreplace")
+                              for name, value in record.headers}
     return message
 
 
@@ -150,6 +158,7 @@ class TopicTail:
         self.topic = topic
         self.from_beginning = from_beginning
         self.partitions: list[TopicPartition] = []
+        self.ends_at_entry: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> "TopicTail":
@@ -169,6 +178,7 @@ class TopicTail:
             for tp in self.partitions:
                 # Seeking is lazy; resolving the positions now makes "the end" mean this moment.
                 await self._consumer.position(tp)
+            self.ends_at_entry = await self._consumer.end_offsets(self.partitions)
         except BaseException:
             await self._consumer.stop()
             raise
@@ -178,11 +188,14 @@ class TopicTail:
         assert self._consumer is not None
         await self._consumer.stop()
 
-    async def messages(self, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Decoded messages, partition by partition within each fetch, until `limit` (None: for ever)."""
+    async def messages(self, limit: int | None = None, *, until_end: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Decoded messages, partition by partition within each fetch, until `limit` (None: for ever);
+        with `until_end`, also stop once every message there was at entry is read."""
         assert self._consumer is not None, "use inside `async with`"
         count = 0
         while limit is None or count < limit:
+            if until_end and await self._read_to_the_end_at_entry():
+                return
             batches = await self._consumer.getmany(timeout_ms=POLL_MS)
             for tp in sorted(batches, key=lambda tp: tp.partition):
                 for record in batches[tp]:
@@ -190,6 +203,13 @@ class TopicTail:
                     count += 1
                     if limit is not None and count >= limit:
                         return
+
+    async def _read_to_the_end_at_entry(self) -> bool:
+        assert self._consumer is not None
+        for tp in self.partitions:
+            if await self._consumer.position(tp) < self.ends_at_entry.get(tp, 0):
+                return False
+        return True
 
 
 def figures_table(figures: list[TopicFigures], group: str, *, by_partition: bool = False) -> str:

@@ -32,12 +32,13 @@ async def create_topic(bootstrap: str, partitions: int) -> str:
     return name
 
 
-async def produce(bootstrap: str, topic: str, messages: list[tuple[int, bytes | None, bytes]]) -> None:
+async def produce(bootstrap: str, topic: str, messages: list[tuple[int, bytes | None, bytes]],
+                  headers: list[tuple[str, bytes | None]] | None = None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         for partition, key, value in messages:
-            await producer.send_and_wait(topic, value=value, key=key, partition=partition)
+            await producer.send_and_wait(topic, value=value, key=key, partition=partition, headers=headers)
     finally:
         await producer.stop()
 
@@ -80,8 +81,11 @@ async def test_topics_prints_partitions_end_offsets_and_the_groups_lag(services)
     assert figures[topic]["lag"] == 1 + 3
     assert [(p["end_offset"], p["committed"], p["lag"]) for p in figures[topic]["by_partition"]] == [
         (2, 1, 1), (3, None, 3), (0, None, 0)]
-    assert figures["alerts.new"]["lag"] is None  # this group does not read alerts.new
-    assert figures["alerts.new"]["partitions"] == 9
+    # The app's agents read alerts.new: a group that has committed nothing there yet (a new one)
+    # has all of it still to process, not "does not read it".
+    alerts_new = figures["alerts.new"]
+    assert alerts_new["lag"] == sum(p["end_offset"] - p["start_offset"] for p in alerts_new["by_partition"])
+    assert alerts_new["partitions"] == 9
 
     table = run("topics", APP_ID=group)
 
@@ -107,6 +111,21 @@ async def test_tail_from_the_beginning_prints_each_message_as_one_json_line(serv
     assert lines[1]["value"] == [1, 2]
     assert lines[2]["value_raw"] == "not json" and "value" not in lines[2]
     assert all(m["topic"] == topic for m in lines)
+
+
+async def test_tail_from_the_beginning_ends_when_the_topic_holds_fewer_than_the_limit(services):
+    # The dead-letter check of docs/operations.md: `tail <topic>.dlq --from-beginning --limit 20`.
+    bootstrap = services.kafka_bootstrap_servers
+    topic = await create_topic(bootstrap, partitions=3)
+    await produce(bootstrap, topic, [(0, b"one", b"1"), (2, b"two", b"2")],
+                  headers=[("reason", b"refused"), ("empty", None)])  # a header's value may be null
+
+    result = run("tail", topic, "--from-beginning", "--limit", "20")
+
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(m["key"] for m in lines) == ["one", "two"]
+    assert all(m["headers"] == {"reason": "refused", "empty": None} for m in lines)
 
 
 async def test_tail_alerts_new_prints_the_alerts_produced_after_it_started(services):
@@ -150,3 +169,15 @@ def test_tail_refuses_a_limit_that_is_not_a_positive_number(limit):
 
     assert result.returncode == 2
     assert "--limit" in result.stderr
+
+
+def test_topics_on_a_broker_without_topics_prints_none_and_succeeds(tmp_path):
+    # What an operator sees before `create-topics` has run.
+    from alerting_app.embedded import EmbeddedServices
+
+    with EmbeddedServices(tmp_path / "services") as empty:
+        bootstrap = empty.start(postgres=False, redis=False)["KAFKA_BOOTSTRAP_SERVERS"]
+        result = run("topics", "--json", KAFKA_BOOTSTRAP_SERVERS=bootstrap)
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["topics"] == []

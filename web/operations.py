@@ -138,16 +138,28 @@ def assigned_partitions() -> dict[str, list[int]]:
 
 
 async def consumer_lag(consumer: ConsumerT, partitions: Iterable[TP]) -> dict[str, int]:
-    """Per topic: messages on the given partitions the consumer has not fetched yet."""
+    """Per topic: messages on the given partitions past this worker's last commit (processed and
+    acknowledged), or past its position where it has committed nothing.
+
+    The end offsets are asked of the broker at each scrape. The high-water mark the consumer learns
+    from its fetches stands still when its stages are stuck (aiokafka fetches nothing more for a
+    partition while what it fetched is unread), which would freeze the gauge as the backlog grows.
+    """
+    partitions = list(partitions)
+    if not partitions:
+        return {}
+    ends = await consumer.highwaters(*partitions)
     lag: dict[str, int] = {}
     for tp in partitions:
-        highwater = consumer.highwater(tp)  # known once the partition has been fetched from
-        try:
-            position = await consumer.position(tp)
-        except KafkaError:  # revoked meanwhile by a rebalance
-            continue
-        if highwater is not None and position is not None:
-            lag[tp.topic] = lag.get(tp.topic, 0) + max(highwater - position, 0)
+        done = consumer._committed_offset.get(tp)  # faust has no public accessor
+        if done is None:
+            try:
+                done = await consumer.position(tp)
+            except (KafkaError, AssertionError):  # revoked meanwhile ("Partition is not assigned")
+                continue
+        end = ends.get(tp)
+        if end is not None and done is not None:
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(end - done, 0)
     return lag
 
 
@@ -160,8 +172,10 @@ async def _update_consumer_lag() -> None:
         return
     try:
         lag = await asyncio.wait_for(consumer_lag(app.consumer, partitions), PROBE_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        log.warning("consumer lag not updated: positions not known within %gs", PROBE_TIMEOUT_S)
+    except (asyncio.TimeoutError, KafkaError, ConsumerNotStarted) as exc:
+        # The scrape still answers, with the lag of the last one that could ask the broker.
+        log.warning("consumer lag not updated: the broker's end offsets not known within %gs (%s)",
+                    PROBE_TIMEOUT_S, type(exc).__name__)
         return
     metrics.consumer_lag.clear()  # topics no longer assigned disappear
     for topic, messages in lag.items():
