@@ -299,3 +299,26 @@ async def test_a_retry_and_a_redelivered_notification_opening_a_new_endpoint_do_
     statuses = dict(await conn.fetch("SELECT endpoint_id::text, status FROM deliveries WHERE notification_id = $1",
                                      notification_id))
     assert statuses == {failed: "PENDING", added: "PENDING"}
+
+
+async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_db):
+    # AlreadySent (the Redis mark of a send recorded by another worker, or before a crash) is
+    # recorded SENT with no attempt; summed over workers, the counter must count the send once.
+    from alerting_app import metrics
+    from alerting_app.delivery.recorder import Recorder
+
+    def sent() -> float:
+        return metrics.notifications_sent.labels(channel="webhook")._value.get()
+
+    def attempted() -> float:
+        return metrics.deliveries.labels(channel="webhook", status="SENT")._value.get()
+
+    recorder = Recorder("test-recorder", lambda: 0.01)
+    before = (sent(), attempted())
+    try:
+        recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT"), "webhook")
+        assert (sent(), attempted()) == before
+        recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT", attempts=1), "webhook")
+        assert (sent(), attempted()) == (before[0] + 1, before[1] + 1)
+    finally:
+        await recorder.close()

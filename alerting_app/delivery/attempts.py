@@ -358,6 +358,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         # that lasts shows in the delivery's record and backs off instead of spinning. It never
         # fails the delivery by itself.
         log.exception("delivery %s to %s interrupted; retrying later", *job.key)
+        metrics.notifications_retried.labels(channel=channel).inc()
         wait_s = backoff.after_attempt(max(1, job.attempts + attempts_made), None)
         record(PENDING, 1, f"before sending: {type(exc).__name__}: {exc}", started,
                next_attempt_at=time.time() + wait_s, release=True)

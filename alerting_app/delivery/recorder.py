@@ -50,11 +50,13 @@ class Recorder:
         self._changes[key] = change if earlier is None else merge(earlier, change)
         if dead_letter is not None:
             self._letters.append(dead_letter)
-        if change.status == SENT:
+        # A SENT without an attempt is a delivery found sent already (its Redis mark: a redelivered
+        # notification, a sweep after a crash): counted when it was sent, not again.
+        if change.status == SENT and change.attempts:
             metrics.notifications_sent.labels(channel=channel).inc()
         elif change.status == FAILED:
             metrics.notifications_failed.labels(channel=channel).inc()
-        if change.attempts or change.status != PENDING:
+        if change.attempts or change.status == FAILED:
             metrics.deliveries.labels(channel=channel, status=change.status).inc()
         self._idle.clear()
         self._wake.set()
