@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Annotated, Literal
 from uuid import uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 WILDCARD = "*"
 
@@ -46,7 +46,9 @@ class Severity(str, Enum):
 
 
 class Contract(BaseModel):
-    # Unknown fields are ignored so producers can add fields ahead of consumers; known ones are strict.
+    # Unknown fields are ignored so producers can add fields ahead of consumers; known ones are strict:
+    # numbers and booleans must be JSON numbers and booleans (`"event_ts": true` or `"version": "2"`
+    # are refused, not read as 1.0 and 2), an integer field takes no 2.0.
     # No float is infinite or NaN: JSON has no such numbers, so they could not be passed on
     # (json.loads reads 1e400 as infinity; re-encoded it becomes null and fails one stage later).
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
@@ -59,8 +61,8 @@ class Alert(Contract):
     """`alerts.new`, key `alert_id`."""
 
     alert_id: str = Text
-    schema_version: Literal[1] = 1
-    event_ts: float = Field(gt=0, lt=MAX_UNIX_S, description="unix seconds (not milliseconds)")
+    schema_version: StrictInt = Field(default=1, ge=1, le=1, description="1, the only version so far")
+    event_ts: StrictFloat = Field(gt=0, lt=MAX_UNIX_S, description="unix seconds (not milliseconds)")
     severity: Severity
     source: str = Text
     name: str = Text
@@ -94,10 +96,10 @@ class RuleCriteria(Contract):
 class Rule(RuleCriteria):
     rule_id: str
     client_id: str
-    enabled: bool = True
-    version: int = Field(ge=1)
-    group_window_s: int = GroupWindow
-    repeat_interval_s: int = RepeatInterval
+    enabled: StrictBool = True
+    version: StrictInt = Field(ge=1)
+    group_window_s: StrictInt = GroupWindow
+    repeat_interval_s: StrictInt = RepeatInterval
     fingerprint_keys: list[ContextKey] = Field(default_factory=list, max_length=20,
                                                description="context keys that join severity, source and name "
                                                            "in the repeat-suppression fingerprint")
@@ -134,10 +136,10 @@ class RuleChanged(Contract):
 
     rule_id: str
     client_id: str
-    version: int = Field(ge=1)
+    version: StrictInt = Field(ge=1)
     action: Literal["upsert", "delete"]
     rule: Rule | None = None
-    changed_at: float = Field(default_factory=time.time)
+    changed_at: StrictFloat = Field(default_factory=time.time)
 
     @classmethod
     def upsert(cls, rule: Rule) -> "RuleChanged":
@@ -190,12 +192,12 @@ class Silence(SilenceMatchers):
 
     silence_id: str
     client_id: str
-    starts_at: float = Field(gt=0, description="unix seconds")
+    starts_at: StrictFloat = Field(gt=0, description="unix seconds")
     # Equal to starts_at only for a silence expired before it started (its window is empty).
-    ends_at: float = Field(gt=0, description="unix seconds; active while starts_at <= now < ends_at")
+    ends_at: StrictFloat = Field(gt=0, description="unix seconds; active while starts_at <= now < ends_at")
     comment: str = Comment
     created_by: str = Text
-    version: int = Field(ge=1)
+    version: StrictInt = Field(ge=1)
 
     @model_validator(mode="after")
     def _ends_after_start(self) -> "Silence":
@@ -217,10 +219,10 @@ class SilenceChanged(Contract):
 
     silence_id: str
     client_id: str
-    version: int = Field(ge=1)
+    version: StrictInt = Field(ge=1)
     action: Literal["upsert", "delete"]
     silence: Silence | None = None
-    changed_at: float = Field(default_factory=time.time)
+    changed_at: StrictFloat = Field(default_factory=time.time)
 
     @classmethod
     def upsert(cls, silence: Silence) -> "SilenceChanged":
@@ -241,12 +243,12 @@ class AlertMatched(Contract):
     alert: Alert
     client_id: str
     rule_ids: list[str] = Field(min_length=1)
-    matched_at: float = Field(default_factory=time.time)
+    matched_at: StrictFloat = Field(default_factory=time.time)
     # Of the matching rule with the shortest group window (tie: smallest rule_id): the alert joins
     # that rule's group, so an urgent rule is never delayed by a digest rule.
     group_rule_id: str | None = None
-    group_window_s: int = GroupWindow
-    repeat_interval_s: int = RepeatInterval
+    group_window_s: StrictInt = GroupWindow
+    repeat_interval_s: StrictInt = RepeatInterval
     # contracts.fingerprint_of: hex SHA-256 (bounded, so a bad message is a dead letter, not a key
     # Postgres refuses to index).
     fingerprint: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
@@ -261,9 +263,9 @@ class NotificationReady(Contract):
     client_id: str
     alerts: list[Alert] = Field(min_length=1)
     rule_ids: list[str] = Field(min_length=1)
-    created_at: float = Field(default_factory=time.time)
+    created_at: StrictFloat = Field(default_factory=time.time)
     # A grouped notification lists at most a configured number of alerts and counts the rest here.
-    truncated_alerts: int = Field(default=0, ge=0)
+    truncated_alerts: StrictInt = Field(default=0, ge=0)
     group_rule_id: str | None = None
 
 
@@ -271,9 +273,9 @@ class DeadLetter(Contract):
     """`<topic>.dlq`: what could not be processed, why, and the original bytes."""
 
     topic: str
-    partition: int | None = None
-    offset: int | None = None
+    partition: StrictInt | None = None
+    offset: StrictInt | None = None
     key: str | None = None
     reason: str
     payload: str = Field(description="the original value, decoded as UTF-8 with replacement")
-    failed_at: float = Field(default_factory=time.time)
+    failed_at: StrictFloat = Field(default_factory=time.time)

@@ -55,6 +55,29 @@ def test_an_infinite_event_ts_on_alerts_new_is_undecodable_with_the_reason():
         decode(Alert, raw)
 
 
+@pytest.mark.parametrize("field, value", [("event_ts", True), ("event_ts", "1764000000.5"), ("schema_version", 1.0),
+                                          ("schema_version", "1")])
+def test_a_number_given_as_a_boolean_string_or_float_is_undecodable_naming_it(field, value):
+    # Read loosely, `"event_ts": true` was an alert of 1970, and "1764000000.5" passed as a number.
+    with pytest.raises(UndecodableMessage, match=field):
+        decode(Alert, json.dumps({**GOOD, field: value}).encode())
+
+
+@pytest.mark.parametrize("field, value", [("version", "2"), ("version", 2.0), ("enabled", "off"), ("enabled", 1),
+                                          ("group_window_s", "60")])
+def test_a_rule_change_with_a_loosely_typed_field_is_undecodable_naming_it(field, value):
+    from alerting_app.contracts import RuleChanged
+
+    rule = {"rule_id": str(uuid.UUID(int=1)), "client_id": str(uuid.UUID(int=2)), "severity": "HIGH",
+            "source": "payments", "name": "*", "version": 2}
+    event = {"rule_id": rule["rule_id"], "client_id": rule["client_id"], "version": 2, "action": "upsert",
+             "rule": {**rule, field: value}}
+    if field == "version":
+        event["version"] = value
+    with pytest.raises(UndecodableMessage, match=field):
+        decode(RuleChanged, json.dumps(event).encode())
+
+
 def test_a_nul_character_in_a_silence_comment_is_refused():
     fields = dict(silence_id=str(uuid.uuid4()), client_id=str(uuid.uuid4()), severity="*", source="payments", name="*",
                   starts_at=1.0, ends_at=2.0, created_by="ops", version=1)
