@@ -193,6 +193,14 @@ async def test_a_host_that_is_not_a_valid_dns_name_is_refused(api, tenant, monke
     assert "not a valid DNS name" in reply.body["fields"][0]["message"]
 
 
+async def test_a_url_on_port_0_is_refused(api, tenant):
+    rule = await api.new_rule(tenant, source="port-zero")
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://93.184.216.34:0/hook"})
+    assert reply.failing_fields() == {"value"}
+    assert "port 0" in reply.body["fields"][0]["message"]
+
+
 async def test_a_changed_address_is_resolved_before_the_endpoint_is_locked(api, tenant, private_endpoints_refused,
                                                                            monkeypatch):
     """A slow DNS answer must not hold the row lock (nor a pool connection) that delivery waits on."""

@@ -54,6 +54,44 @@ async def test_a_compressed_body_is_limited_by_its_decompressed_size(api):
         assert response.status == 413
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_its_content_encoding_does_not_undo_is_refused_naming_the_body(api, encoding):
+    headers = {"Authorization": f"Bearer {api.admin_token}", "Content-Type": "application/json",
+               "Content-Encoding": encoding}
+    async with api.client.post("/api/v1/alerts", data=b"not compressed at all", headers=headers) as response:
+        assert response.status == 422
+        [failure] = (await response.json())["fields"]
+        assert failure["field"] == "body" and failure["message"].startswith("cannot be read")
+
+
+async def test_a_key_given_twice_is_refused_naming_it_not_read_as_its_last_value(api, tenant):
+    rule = await api.new_rule(tenant, source="duplicate-keys")
+    patched = await api.call("PATCH", f"/api/v1/rules/{rule['rule_id']}", tenant.key,
+                             data=b'{"version": 1, "enabled": true, "enabled": false}')
+    alerts = await api.call("POST", "/api/v1/alerts", api.admin_token,
+                            data=b'{"alert_id": "a-1", "alert_id": "a-2", "event_ts": 1764000000, '
+                                 b'"severity": "HIGH", "source": "s", "name": "n"}')
+
+    for reply in (patched, alerts):
+        assert reply.status == 422
+        assert reply.body["fields"] == [{"field": "body", "message": reply.body["fields"][0]["message"]}]
+    assert "'enabled' is given more than once" in patched.body["fields"][0]["message"]
+    assert (await api.call("GET", f"/api/v1/rules/{rule['rule_id']}", tenant.key)).body["enabled"] is True
+
+
+async def test_a_patch_giving_null_where_null_means_nothing_is_refused_naming_the_field(api, tenant):
+    rule = await api.new_rule(tenant, source="null-patch")
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"])
+
+    rule_reply = await api.call("PATCH", f"/api/v1/rules/{rule['rule_id']}", tenant.key,
+                                {"version": 1, "enabled": None, "source": None})
+    endpoint_reply = await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                                    {"value": None, "rate_limit_per_s": None})
+
+    assert rule_reply.failing_fields() == {"enabled", "source"}
+    assert endpoint_reply.failing_fields() == {"value"}  # a null rate limit means: the default
+
+
 # --- Authorization header -------------------------------------------------------------------------
 
 async def raw_request(api, request: bytes) -> bytes:

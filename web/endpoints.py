@@ -87,6 +87,8 @@ async def _normalised_value(type_: str, value: str) -> str:
     except ValidationError as exc:
         reason = "; ".join(error["msg"] for error in exc.errors(include_url=False))
         raise ValidationFailed.field("value", f"must be an http(s) URL for a {type_} endpoint: {reason}") from None
+    if url.port == 0:
+        raise ValidationFailed.field("value", "port 0 cannot be connected to")
     try:
         # Even where private addresses are allowed: a delivery to such a name could not even start.
         refuse_invalid_name(url.host)

@@ -7,7 +7,7 @@ can carry.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -43,6 +43,20 @@ NotificationStatus = Literal["PENDING", "SENT", "FAILED", "SUPPRESSED", "SILENCE
 
 class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PatchBody(RequestBody):
+    """PATCH: only the given fields change. A field given as null is refused, unless null means
+    something for it (NULLABLE): silently ignored, it would look accepted."""
+
+    NULLABLE: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*")
+    @classmethod
+    def _null_only_where_it_means_something(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name not in cls.NULLABLE:
+            raise ValueError("may not be null: leave the field out to keep its value")
+        return value
 
 
 # --- clients -------------------------------------------------------------------------------------
@@ -92,7 +106,7 @@ class RuleReplace(RequestBody):
     fingerprint_keys: FingerprintKeys = Field(default_factory=list)
 
 
-class RulePatch(RequestBody):
+class RulePatch(PatchBody):
     """PATCH: only the given fields change; `version` is the one the caller last read."""
 
     version: int = Field(ge=1)
@@ -146,7 +160,9 @@ class EndpointCreate(RequestBody):
     rate_limit_per_s: float | None = RateLimit
 
 
-class EndpointPatch(RequestBody):
+class EndpointPatch(PatchBody):
+    NULLABLE = frozenset({"rate_limit_per_s"})  # null: back to the default
+
     type: EndpointType | None = None
     value: str | None = Field(default=None, min_length=1, max_length=MAX_ENDPOINT_VALUE_CHARS, pattern=NO_NUL)
     enabled: bool | None = None

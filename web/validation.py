@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
+from aiohttp.web_protocol import RequestPayloadError
 from faust.web import Request
 from pydantic import AfterValidator, AwareDatetime, BaseModel, TypeAdapter, ValidationError
 
@@ -32,10 +33,14 @@ async def read_body(request: Request) -> bytes:
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise PayloadTooLarge(MAX_BODY_BYTES)
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(MAX_BODY_BYTES)
+    try:
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise PayloadTooLarge(MAX_BODY_BYTES)
+    except RequestPayloadError as exc:
+        # A body its Content-Encoding does not undo (gzip that is not gzip), or one cut short.
+        raise ValidationFailed.field("body", f"cannot be read: {exc}") from None
     return bytes(body)
 
 
@@ -48,12 +53,34 @@ def in_utc(value: datetime) -> datetime:
         raise ValueError("out of range: must lie between years 1 and 9999 in UTC") from None
 
 
+def before_the_last_instant(value: datetime) -> datetime:
+    """A time to store: asyncpg writes the last instant Python can hold (9999-12-31T23:59:59.999999)
+    as Postgres's infinity, and reads it back without a time zone."""
+    if value.replace(tzinfo=None) == datetime.max:
+        raise ValueError("out of range: must be before 9999-12-31T23:59:59.999999Z")
+    return value
+
+
 # A timestamptz given by a client: with a UTC offset, and storable.
-StorableDatetime = Annotated[AwareDatetime, AfterValidator(in_utc)]
+StorableDatetime = Annotated[AwareDatetime, AfterValidator(in_utc), AfterValidator(before_the_last_instant)]
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) < len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(name for name, _ in pairs if name in seen or seen.add(name)))
+    return result
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:
-    # Invalid JSON fails here too (pydantic's json_invalid, reported against "body").
+    # Ambiguous JSON first (a key given twice: pydantic and json.loads would keep the last); then
+    # invalid JSON fails here too (pydantic's json_invalid, reported against "body").
+    parse_json(raw)
     try:
         return model.model_validate_json(raw or b"")
     except ValidationError as exc:
@@ -62,7 +89,9 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 
 def parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw or b"")
+        return json.loads(raw or b"", object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise ValidationFailed.field("body", f"the key {str(exc)!r} is given more than once") from None
     except ValueError as exc:
         raise ValidationFailed.field("body", f"invalid JSON: {exc}") from None
     except RecursionError:
