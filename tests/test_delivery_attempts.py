@@ -6,6 +6,7 @@ tested with the agent, tests/test_agent_deliver.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -47,8 +48,8 @@ async def delivery_context(redis_url: str, *, endpoint_concurrency: int = 16, bu
                            token_redis_url: str | None = None, worker_concurrency: int = 256,
                            client_concurrency: int = 64, **settings: Any):
     """What a worker gives its deliveries; tokens may come from another Redis (one that is down)."""
-    settings = Settings(delivery_backoff_initial_s=1.0, delivery_backoff_max_s=300.0, delivery_max_attempts=1,
-                        **settings)
+    settings = Settings(**{"delivery_backoff_initial_s": 1.0, "delivery_backoff_max_s": 300.0,
+                           "delivery_max_attempts": 1, **settings})
     redis = PipelinedRedis(Redis.from_url(redis_url))
     token_redis = PipelinedRedis(Redis.from_url(token_redis_url)) if token_redis_url else redis
     # One client's slots: every delivery of the context is of one tenant.
@@ -241,3 +242,27 @@ async def test_deliveries_waiting_for_their_endpoints_tokens_hold_none_of_their_
                 waiting.cancel()
             await asyncio.gather(*backlog, return_exceptions=True)
         assert len(receiver.posts_to("pager")) == 1
+
+
+@pytest.mark.parametrize("change", ["fixed", "disabled", "deleted"])
+async def test_a_retry_goes_to_the_endpoint_as_the_tenant_has_it_now(services, change):
+    """Read again before each retry (the worker reads Postgres, records.endpoint_now): a fixed URL
+    gets the retry; a disabled or deleted endpoint none, and the delivery fails saying why."""
+    async with Receiver() as receiver, delivery_context(services.redis_url, delivery_max_attempts=3,
+                                                        delivery_backoff_initial_s=0.05) as ctx:
+        receiver.answer("broken", 503, 503, 503)
+        endpoint = webhook(receiver.url("broken"))
+        now = {"fixed": dataclasses.replace(endpoint, value=receiver.url("fixed")),
+               "disabled": dataclasses.replace(endpoint, enabled=False), "deleted": None}[change]
+
+        async def endpoint_now(job):
+            return now
+        ctx.endpoint_now = endpoint_now
+        await deliver(job_for(endpoint), ctx)
+
+    paths = [post.path for post in receiver.posts]
+    outcomes = [(c.status, c.last_error) for c in ctx.recorder.changes]
+    if change == "fixed":
+        assert paths == ["broken", "fixed"] and outcomes[-1] == ("SENT", None)
+    else:
+        assert paths == ["broken"] and outcomes[-1] == ("FAILED", f"endpoint was {change}")

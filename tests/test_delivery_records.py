@@ -313,7 +313,11 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
     def attempted() -> float:
         return metrics.deliveries.labels(channel="webhook", status="SENT")._value.get()
 
-    recorder = Recorder("test-recorder", lambda: 0.01)
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+
+    async def own_pool() -> asyncpg.Pool:
+        return pool
+    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
     before = (sent(), attempted())
     try:
         recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT"), "webhook")
@@ -322,3 +326,69 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
         assert (sent(), attempted()) == (before[0] + 1, before[1] + 1)
     finally:
         await recorder.close()
+        await pool.close()
+
+
+async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_written(clean_db, conn, monkeypatch):
+    """A FAILED outcome waits for its dead letter; the others must not wait with it, or while the
+    broker is down no outcome reaches Postgres, every lease lapses and other workers send again.
+    The test session's broker cannot be stopped under its producer: the letters' sending is made to
+    fail, as the broker's refusal would; Postgres is real."""
+    from alerting_app.contracts import DeadLetter
+    from alerting_app.delivery import recorder as recorder_module
+    from alerting_app.delivery.recorder import Recorder
+
+    sent_key, failed_key = await one_due_delivery(conn), await one_due_delivery(conn)
+    for key in (sent_key, failed_key):  # leased by the recorder's worker, as the sweep leases them
+        await conn.execute("UPDATE deliveries SET leased_by = 'test-recorder', lease_until = now() + interval '1 minute'"
+                           " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    broker_up, letters_sent = asyncio.Event(), []
+
+    async def send_dead_letters(letters):
+        if letters and not broker_up.is_set():
+            raise ConnectionRefusedError("the broker is down")
+        letters_sent.extend(letters)
+    monkeypatch.setattr(recorder_module, "send_dead_letters", send_dead_letters)
+    monkeypatch.setattr(recorder_module, "_RETRY_WRITE_S", 0.05)
+
+    async def status(key: tuple[str, str]) -> str:
+        return await conn.fetchval("SELECT status FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2",
+                                   *key)
+
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+
+    async def own_pool() -> asyncpg.Pool:
+        return pool
+    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
+    try:
+        recorder.record(DeliveryChange(*sent_key, "SENT", 1), "webhook")
+        recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook",
+                        DeadLetter(topic="notifications.ready", reason="400 Bad Request", payload="{}"))
+        async with asyncio.timeout(30):
+            while await status(sent_key) != "SENT":
+                await asyncio.sleep(0.02)
+        assert await status(failed_key) == "PENDING" and letters_sent == []
+        assert recorder.pending_keys() == [failed_key]  # its lease is renewed meanwhile (Dispatcher.held_keys)
+
+        broker_up.set()
+        async with asyncio.timeout(30):
+            await recorder.written()
+        assert await status(failed_key) == "FAILED" and len(letters_sent) == 1
+    finally:
+        await recorder.close()
+        await pool.close()
+
+
+async def test_endpoint_now_reads_the_endpoint_as_it_is_and_none_once_deleted(clean_db, conn):
+    from alerting_app.delivery.records import endpoint_now
+
+    await init_connection(conn)
+    endpoint_id = await insert_endpoint(conn, await insert_client(conn))
+    await conn.execute("UPDATE endpoints SET value = 'https://hooks.example.com/fixed', enabled = false"
+                       " WHERE endpoint_id = $1", endpoint_id)
+
+    endpoint = await endpoint_now(conn, endpoint_id)
+    assert (endpoint.endpoint_id, endpoint.value, endpoint.enabled) == (endpoint_id, "https://hooks.example.com/fixed",
+                                                                        False)
+    await conn.execute("DELETE FROM endpoints WHERE endpoint_id = $1", endpoint_id)
+    assert await endpoint_now(conn, endpoint_id) is None

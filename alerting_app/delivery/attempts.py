@@ -13,7 +13,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from alerting_app.channels.slack import send_slack
 from alerting_app.channels.webhook import send_webhook
 from alerting_app.contracts import DeadLetter
 from alerting_app.delivery import claims
-from alerting_app.delivery.jobs import DeliveryJob
+from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 from alerting_app.delivery.rate_limits import EMAIL_BUCKET, RateLimits
 from alerting_app.delivery.recorder import FAILED, PENDING, SENT, Recorder
 from alerting_app.delivery.records import DeliveryChange
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 # A claim outlives its send by this much, so that only a dead holder's claim ever expires.
 _CLAIM_MARGIN_S = 5.0
+
+
+async def _as_taken_up(job: DeliveryJob) -> Endpoint | None:
+    return job.endpoint
 
 
 @dataclass
@@ -57,6 +62,9 @@ class DeliveryContext:
     # Whether the worker is stopping: then no new send starts (a retry's, say, while the stop waits
     # for other sends in flight); the delivery is handed back instead.
     stopping: Callable[[], bool] = lambda: False
+    # The job's endpoint as it is now (None: deleted), read before each retry: the tenant may have
+    # fixed its URL, or disabled or deleted it, since the delivery was taken up.
+    endpoint_now: Callable[[DeliveryJob], Awaitable[Endpoint | None]] = _as_taken_up
 
 
 @dataclass(frozen=True)
@@ -317,6 +325,20 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         started = time.time()
         await attempt(job, ctx)
 
+    async def endpoint_as_it_is_now() -> None:
+        """Before a retry: the endpoint as the tenant has it now, or no retry if it is gone."""
+        nonlocal job
+        try:
+            endpoint = await ctx.endpoint_now(job)
+        except Exception:
+            log.warning("could not read endpoint %s again; retrying it as it was", job.endpoint_id, exc_info=True)
+            return
+        if endpoint is None:
+            raise PermanentDeliveryError("endpoint was deleted")
+        if not endpoint.enabled:
+            raise PermanentDeliveryError("endpoint was disabled")
+        job = dataclasses.replace(job, endpoint=endpoint)
+
     allowed = max(1, settings.delivery_max_attempts - job.attempts)
     # A delivery taken up again (by a sweep) goes on with its schedule: its first attempt here is
     # its attempt job.attempts + 1, and tenacity's attempt n is its attempt n + job.attempts + 1.
@@ -341,6 +363,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 reraise=True,
             ):
                 with retry:
+                    await endpoint_as_it_is_now()
                     await attempt_once()
         record(SENT, 1, None, started)
     except WorkerStopping:

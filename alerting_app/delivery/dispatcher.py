@@ -34,6 +34,10 @@ _CLOSE_WRITE_TIMEOUT_S = 10.0
 _CLOSE_SEND_GRACE_MAX_S = 30.0
 
 
+
+async def _endpoint_now(job: DeliveryJob):
+    return await records.endpoint_now(await db.pool(), job.endpoint_id)
+
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -57,7 +61,7 @@ class Dispatcher:
         self._context = DeliveryContext(settings, self._session, redis,
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots, self._in_send,
-                                        lambda: self._stopping)
+                                        lambda: self._stopping, _endpoint_now)
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
         return SendSlots(self._worker_slots, self._per_endpoint.slots(job.endpoint_id),
@@ -87,7 +91,10 @@ class Dispatcher:
         return dict(self._per_endpoint.held)
 
     def held_keys(self) -> list[tuple[str, str]]:
-        return list(self._held)
+        """The deliveries whose leases this worker renews: those in hand, and those whose outcome
+        the recorder has not written yet (a FAILED one waits for its dead letter while the broker
+        is down)."""
+        return list(dict.fromkeys([*self._held, *self.recorder.pending_keys()]))
 
     def submit(self, jobs: Iterable[DeliveryJob]) -> list[DeliveryJob]:
         """Start delivering `jobs`; return those refused for lack of room (their leases are to be released)."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+import asyncpg
 
 from alerting_app import db, metrics
 from alerting_app.contracts import DeadLetter
@@ -34,11 +36,15 @@ def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
 
 
 class Recorder:
-    def __init__(self, owner: str, interval_s: Callable[[], float]) -> None:
+    def __init__(self, owner: str, interval_s: Callable[[], float],
+                 get_pool: Callable[[], Awaitable[asyncpg.Pool]] = db.pool) -> None:
         self.owner = owner  # the worker whose leases the outcomes may change (records._WRITE)
         self._interval_s = interval_s  # read at each batch, so a test may change it
+        self._get_pool = get_pool  # the worker's pool unless a test passes its own
         self._changes: dict[tuple[str, str], DeliveryChange] = {}
-        self._letters: list[DeadLetter] = []
+        # The dead letter of each delivery that failed, by delivery: its FAILED outcome is written
+        # only once the letter is acknowledged (a crash in between sends it again, never loses it).
+        self._letters: dict[tuple[str, str], DeadLetter] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -49,7 +55,7 @@ class Recorder:
         earlier = self._changes.get(key)
         self._changes[key] = change if earlier is None else merge(earlier, change)
         if dead_letter is not None:
-            self._letters.append(dead_letter)
+            self._letters[key] = dead_letter
         # A SENT without an attempt is a delivery found sent already (its Redis mark: a redelivered
         # notification, a sweep after a crash): counted when it was sent, not again.
         if change.status == SENT and change.attempts:
@@ -62,6 +68,11 @@ class Recorder:
         self._wake.set()
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
+
+    def pending_keys(self) -> list[tuple[str, str]]:
+        """The deliveries whose outcome is not written yet: their leases must stay renewed, or
+        another worker's sweep would take them up again (and send again) meanwhile."""
+        return list(self._changes)
 
     async def written(self) -> None:
         """Return once everything recorded so far is in Postgres (and its dead letters sent)."""
@@ -79,19 +90,30 @@ class Recorder:
             await asyncio.sleep(self._interval_s())
             self._wake.clear()
             changes, self._changes = self._changes, {}
-            letters, self._letters = self._letters, []
+            letters, self._letters = self._letters, {}
             try:
                 # Dead letters first, all at once and acknowledged: a crash or a failure in between
                 # sends them again rather than losing them.
-                await send_dead_letters(letters)
-                letters = []
-                await self._write(list(changes.values()))
+                await send_dead_letters(list(letters.values()))
+                letters = {}
+            except Exception:
+                log.exception("sending %d dead letters failed; their FAILED outcomes wait for them", len(letters))
+            # Every outcome without a letter waiting is written now: while the broker is down, the
+            # SENT and PENDING ones must still reach Postgres, or their leases would lapse and other
+            # workers send them again.
+            waiting = {key: change for key, change in changes.items() if key in letters}
+            try:
+                ready = [change for key, change in changes.items() if key not in letters]
+                if ready:
+                    await self._write(ready)
             except Exception:
                 log.exception("recording %d delivery outcomes failed; retrying", len(changes))
-                for key, change in changes.items():
+                waiting = changes
+            if waiting or letters:
+                for key, change in waiting.items():
                     newer = self._changes.get(key)
                     self._changes[key] = change if newer is None else merge(change, newer)
-                self._letters = letters + self._letters
+                self._letters = {**letters, **self._letters}
                 self._wake.set()
                 await asyncio.sleep(_RETRY_WRITE_S)
                 continue
@@ -99,6 +121,6 @@ class Recorder:
                 self._idle.set()
 
     async def _write(self, changes: list[DeliveryChange]) -> None:
-        pool = await db.pool()
+        pool = await self._get_pool()
         async with pool.acquire() as conn:
             await write_outcomes(conn, self.owner, changes)

@@ -248,6 +248,17 @@ def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[
     return notification_ids, client_ids, rule_ids
 
 
+_ENDPOINT_NOW = """
+SELECT endpoint_id::text, type, value, secret, rate_limit_per_s, enabled FROM endpoints WHERE endpoint_id = $1
+"""
+
+
+async def endpoint_now(conn: Conn, endpoint_id: str) -> Endpoint | None:
+    """The endpoint as it is now; None once deleted."""
+    row = await conn.fetchrow(_ENDPOINT_NOW, endpoint_id)
+    return None if row is None else _endpoint(row)
+
+
 def _endpoint(row: asyncpg.Record) -> Endpoint | None:
     if row["type"] is None:
         return None
