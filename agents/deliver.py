@@ -55,7 +55,7 @@ async def start_deliveries(pool: asyncpg.Pool, delivery: Dispatcher,
     """Open the deliveries of `notifications` and start those this worker has room for."""
     owner = delivery.owner if delivery.room else None
     jobs = await records.open_deliveries(pool, notifications, owner, settings.delivery_lease_s,
-                                         delivery.full_endpoints())
+                                         delivery.full_endpoints(), delivery.full_clients())
     refused = {job.key for job in delivery.submit(jobs)}
     await records.release(pool, delivery.owner, list(refused))
     started = [job for job in jobs if job.key not in refused]
@@ -103,9 +103,11 @@ async def sweep(pool: asyncpg.Pool, delivery: Dispatcher) -> list[DeliveryJob]:
     fit when opened) as far as this worker has room, and start them."""
     if not delivery.room:
         return []
-    # Of each endpoint no more than it has room for here: what would be refused is not leased.
+    # Of each endpoint and each client no more than it has room for here: what would be refused is
+    # not leased.
     jobs = await records.lease_due(pool, delivery.owner, settings.delivery_lease_s, delivery.held_per_endpoint(),
-                                   settings.delivery_endpoint_backlog, min(delivery.room, SWEEP_BATCH_SIZE))
+                                   settings.delivery_endpoint_backlog, min(delivery.room, SWEEP_BATCH_SIZE),
+                                   delivery.held_per_client(), settings.delivery_client_backlog)
     refused = {job.key for job in delivery.submit(jobs)}
     await records.release(pool, delivery.owner, list(refused))
     return [job for job in jobs if job.key not in refused]

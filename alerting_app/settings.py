@@ -233,9 +233,11 @@ class Settings(BaseSettings):
     delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
     delivery_endpoint_concurrency: int = Field(default=16, ge=1, le=1_000)
     delivery_client_concurrency: int = Field(default=64, ge=1, le=10_000)
-    # Deliveries one worker holds in memory, per endpoint and in all (sending, or waiting for a token
-    # or a retry); beyond that they wait in Postgres, so one endpoint's backlog never fills a worker.
+    # Deliveries one worker holds in memory, per endpoint, per client and in all (sending, or waiting
+    # for a token or a retry); beyond that they wait in Postgres, so neither one endpoint's backlog
+    # nor one tenant's many failing endpoints fill a worker.
     delivery_endpoint_backlog: int = Field(default=1_000, ge=1, le=1_000_000)
+    delivery_client_backlog: int = Field(default=5_000, ge=1, le=10_000_000)
     delivery_max_held: int = Field(default=20_000, ge=1, le=10_000_000)
     # A worker renews the leases of the deliveries it holds; a dead worker's expire and any worker
     # resumes them. The sweep also picks up deliveries waiting in Postgres.

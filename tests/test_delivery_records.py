@@ -117,6 +117,27 @@ async def test_a_sweep_leases_no_more_of_an_endpoint_than_the_room_it_has_for_it
     assert await conn.fetchval("SELECT count(*) FROM deliveries WHERE leased_by = 'this-worker'") == 10
 
 
+async def test_a_sweep_leases_no_more_of_a_client_than_the_room_it_has_for_it(clean_db, conn):
+    # One tenant whose many endpoints all fail must not fill the worker: its backlog is older and
+    # the sweep serves the oldest first, so without a per-client room it would take every lease.
+    await init_connection(conn)
+    failing, other = await insert_client(conn), await insert_client(conn)
+    failing_endpoints = [await insert_endpoint(conn, failing) for _ in range(5)]
+    other_endpoint = await insert_endpoint(conn, other)
+    for endpoint_id in failing_endpoints:
+        for _ in range(10):
+            await open_delivery(conn, await insert_notification(conn, failing), endpoint_id, due_seconds_ago=60.0)
+    for _ in range(5):
+        await open_delivery(conn, await insert_notification(conn, other), other_endpoint, due_seconds_ago=30.0)
+
+    # This worker holds 37 of the failing client's deliveries, of a client backlog of 40.
+    jobs = await lease_due(conn, "this-worker", 60.0, {}, backlog=100, limit=20,
+                           held_by_client={failing: 37}, client_backlog=40)
+
+    clients = [job.notification.client_id for job in jobs]
+    assert (clients.count(failing), clients.count(other)) == (3, 5)
+
+
 async def test_a_sweep_leases_nothing_of_a_full_endpoint_and_the_oldest_first_of_the_others(clean_db, conn):
     await init_connection(conn)
     client_id = await insert_client(conn)
@@ -230,7 +251,7 @@ async def test_a_sweep_reads_a_bounded_part_of_a_large_due_backlog(clean_db, con
     async with conn.transaction():
         [plan] = json.loads(await conn.fetchval(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + records._LEASE_DUE,
-            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE))
+            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE, [], [], 5000))
 
     # Ten leased of 2,000 due: what the sweep reads is bounded by what it may lease, not the backlog.
     assert await conn.fetchval("SELECT count(*) FROM deliveries WHERE leased_by = 'this-worker'") == 10

@@ -62,3 +62,48 @@ async def test_a_tenant_whose_endpoints_all_hang_leaves_the_worker_room_for_anot
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                [n.notification_id for n in notifications])
+
+
+async def test_a_tenant_holding_its_backlog_of_deliveries_gets_no_more_and_another_tenant_does(pool, settings,
+                                                                                                 monkeypatch):
+    """DELIVERY_CLIENT_BACKLOG: a tenant whose many endpoints fail fills its own share of the
+    deliveries a worker holds; its next deliveries wait in Postgres, unleased, and another tenant's
+    are taken and delivered."""
+    from agents.deliver import start_deliveries
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_client_backlog", 3)
+    async with Receiver() as receiver:
+        failing_tenant = await insert_client(pool)
+        rule = await insert_rule(pool, failing_tenant)
+        hung = [receiver.hold(f"failing-{n}") for n in range(4)]
+        for n in range(4):
+            await insert_endpoint(pool, failing_tenant, rule, "webhook", receiver.url(f"failing-{n}"))
+        other_tenant = await insert_client(pool)
+        other_rule = await insert_rule(pool, other_tenant)
+        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
+        first, later = (await pending_notification(pool, failing_tenant, [rule]),
+                        await pending_notification(pool, failing_tenant, [rule]))
+        other = await pending_notification(pool, other_tenant, [other_rule])
+        dispatcher = Dispatcher(settings)
+        try:
+            started = await start_deliveries(pool, dispatcher, [first])
+            assert len(started) == 3  # of its 4 endpoints: its backlog; the 4th waits unleased
+            started = await start_deliveries(pool, dispatcher, [later, other])
+
+            assert [job.notification.notification_id for job in started] == [other.notification_id]
+            await receiver.wait_for_posts(1, "other", timeout=10.0)
+            unleased = await pool.fetchval(
+                "SELECT count(*) FROM deliveries WHERE notification_id = ANY($1::uuid[]) AND lease_until IS NULL",
+                [first.notification_id, later.notification_id])
+            assert unleased == 1 + 4
+            jobs = await records.lease_due(pool, dispatcher.owner, settings.delivery_lease_s,
+                                           dispatcher.held_per_endpoint(), settings.delivery_endpoint_backlog, 10,
+                                           dispatcher.held_per_client(), settings.delivery_client_backlog)
+            assert jobs == []  # the sweep takes none of them either
+        finally:
+            for held in hung:
+                held.set()
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in (first, later, other)])

@@ -86,6 +86,15 @@ class Dispatcher:
         backlog = self.settings.delivery_endpoint_backlog
         return [endpoint_id for endpoint_id, held in self._per_endpoint.held.items() if held >= backlog]
 
+    def full_clients(self) -> list[str]:
+        """Clients (tenants) this worker holds as many deliveries of as it may: lease no more of them."""
+        backlog = self.settings.delivery_client_backlog
+        return [client_id for client_id, held in self._per_client.held.items() if held >= backlog]
+
+    def held_per_client(self) -> dict[str, int]:
+        """How many deliveries this worker holds per client (only clients it holds any of)."""
+        return dict(self._per_client.held)
+
     def held_per_endpoint(self) -> dict[str, int]:
         """How many deliveries this worker holds per endpoint (only endpoints it holds any of)."""
         return dict(self._per_endpoint.held)
@@ -106,7 +115,9 @@ class Dispatcher:
             if job.key in self._held:
                 continue  # already in hand here (a redelivered message)
             endpoint_full = self._per_endpoint.held.get(job.endpoint_id, 0) >= backlog
-            if len(self._held) >= self.settings.delivery_max_held or endpoint_full:
+            client_full = (self._per_client.held.get(job.notification.client_id, 0)
+                           >= self.settings.delivery_client_backlog)
+            if len(self._held) >= self.settings.delivery_max_held or endpoint_full or client_full:
                 refused.append(job)
                 continue
             self._per_endpoint.hold(job.endpoint_id)

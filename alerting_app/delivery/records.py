@@ -25,18 +25,19 @@ JOIN notifications n ON n.notification_id = b.notification_id AND n.client_id = 
 # One row per (notification, enabled endpoint of its matched rules). A row already there is
 # leased again only if it is still PENDING, due, and nobody holds it: a redelivered message
 # resumes what a dead worker left and leaves alone what is SENT, FAILED or in hand elsewhere.
-# Endpoints in $5 (those this worker holds enough of) get an unleased row, for the sweep; with no
-# owner ($4 NULL: the worker is full) every row is left for the sweep.
+# Endpoints in $5 and clients in $7 (those this worker holds enough of) get an unleased row, for the
+# sweep; with no owner ($4 NULL: the worker is full) every row is left for the sweep.
 _OPEN = """
 WITH wanted AS (
-    SELECT DISTINCT b.notification_id, e.endpoint_id, e.type
+    SELECT DISTINCT b.notification_id, e.endpoint_id, e.type, b.client_id
     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS b(notification_id, client_id, rule_id)
     JOIN endpoints e ON e.rule_id = b.rule_id AND e.client_id = b.client_id AND e.enabled
 ), opened AS (
     INSERT INTO deliveries AS d (notification_id, endpoint_id, channel, status, leased_by, lease_until)
     SELECT notification_id, endpoint_id, type, 'PENDING',
-           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) THEN NULL ELSE $4 END,
-           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) THEN NULL
+           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) OR client_id = ANY($7::uuid[]) THEN NULL
+                ELSE $4 END,
+           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) OR client_id = ANY($7::uuid[]) THEN NULL
                 ELSE now() + make_interval(secs => $6) END
     FROM wanted
     ON CONFLICT (notification_id, endpoint_id) DO UPDATE
@@ -70,23 +71,29 @@ _CANDIDATES_PER_LEASE = 4
 _LEASE_DUE = """
 WITH held AS (
     SELECT * FROM unnest($3::uuid[], $4::int[]) AS h(endpoint_id, held)
+), held_by_client AS (
+    SELECT * FROM unnest($8::uuid[], $9::int[]) AS h(client_id, held)
 ), candidates AS (
-    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at
-    FROM deliveries d
+    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at, n.client_id
+    FROM deliveries d JOIN notifications n ON n.notification_id = d.notification_id
     WHERE d.status = 'PENDING' AND d.next_attempt_at <= now()
       AND (d.lease_until IS NULL OR d.lease_until < now())
       AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = d.endpoint_id AND h.held >= $5)
+      AND NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = n.client_id AND h.held >= $10)
     ORDER BY d.next_attempt_at
     LIMIT $7
 ), ranked AS (
     SELECT c.notification_id, c.endpoint_id, c.next_attempt_at,
            row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS nth,
-           $5::int - coalesce(h.held, 0) AS room
+           $5::int - coalesce(h.held, 0) AS room,
+           row_number() OVER (PARTITION BY c.client_id ORDER BY c.next_attempt_at) AS nth_of_client,
+           $10::int - coalesce(hc.held, 0) AS client_room
     FROM candidates c LEFT JOIN held h ON h.endpoint_id = c.endpoint_id
+                      LEFT JOIN held_by_client hc ON hc.client_id = c.client_id
 ), due AS (
     SELECT d.notification_id, d.endpoint_id
     FROM ranked r JOIN deliveries d ON d.notification_id = r.notification_id AND d.endpoint_id = r.endpoint_id
-    WHERE r.nth <= r.room
+    WHERE r.nth <= r.room AND r.nth_of_client <= r.client_room
       AND d.status = 'PENDING' AND d.next_attempt_at <= now()
       AND (d.lease_until IS NULL OR d.lease_until < now())
     ORDER BY r.next_attempt_at
@@ -272,19 +279,25 @@ async def known_notifications(conn: Conn, notifications: Sequence[NotificationRe
 
 
 async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady], owner: str | None,
-                          lease_s: float, unleased_endpoints: Sequence[str]) -> list[DeliveryJob]:
+                          lease_s: float, unleased_endpoints: Sequence[str],
+                          unleased_clients: Sequence[str] = ()) -> list[DeliveryJob]:
     """Open a PENDING row per endpoint to deliver to; return the jobs now leased to `owner`."""
     by_id = {n.notification_id: n for n in notifications}
-    rows = await conn.fetch(_OPEN, *_pairs(notifications), owner, list(unleased_endpoints), lease_s)
+    rows = await conn.fetch(_OPEN, *_pairs(notifications), owner, list(unleased_endpoints), lease_s,
+                            list(unleased_clients))
     return [DeliveryJob(by_id[row["notification_id"]], row["endpoint_id"], _endpoint(row), row["attempts"])
             for row in rows]
 
 
 async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, int], backlog: int,
-                    limit: int) -> list[DeliveryJob]:
-    """Lease up to `limit` due rows nobody holds, at most `backlog - held[endpoint]` of an endpoint."""
+                    limit: int, held_by_client: Mapping[str, int] | None = None,
+                    client_backlog: int = 2**31 - 1) -> list[DeliveryJob]:
+    """Lease up to `limit` due rows nobody holds, at most `backlog - held[endpoint]` of an endpoint
+    and `client_backlog - held_by_client[client]` of a client."""
+    held_by_client = held_by_client or {}
     rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(held), list(held.values()), backlog, limit,
-                            limit * _CANDIDATES_PER_LEASE)
+                            limit * _CANDIDATES_PER_LEASE, list(held_by_client), list(held_by_client.values()),
+                            client_backlog)
     jobs = []
     for row in rows:
         notification = NotificationReady(
