@@ -105,10 +105,11 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
     return await republish_rules(pool, None)
 
 
-async def republish_rules(pool: asyncpg.Pool, rule_ids: list[str] | None) -> int:
-    """`republish_all_rules` for these rules only (None: all)."""
+async def republish_rules(pool: asyncpg.Pool, rule_ids: list[str] | None, replacing: list[int] = ()) -> int:
+    """`republish_all_rules` for these rules only (None: all), deleting the outbox rows `replacing`."""
     only = _ONLY.format(key="rule_id")
     async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM rule_outbox WHERE outbox_id = ANY($1::bigint[])", list(replacing))
         # FOR SHARE: a change in flight commits first and is read at its new version, and a later
         # one waits for this transaction, so no rule is queued here at an older version behind a
         # newer one (which compaction would then keep). In key order, as the API locks them
@@ -137,10 +138,11 @@ async def republish_all_silences(pool: asyncpg.Pool) -> int:
     return await republish_silences(pool, None)
 
 
-async def republish_silences(pool: asyncpg.Pool, silence_ids: list[str] | None) -> int:
-    """`republish_all_silences` for these silences only (None: all)."""
+async def republish_silences(pool: asyncpg.Pool, silence_ids: list[str] | None, replacing: list[int] = ()) -> int:
+    """`republish_all_silences` for these silences only (None: all), deleting the outbox rows `replacing`."""
     only = _ONLY.format(key="silence_id")
     async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM silence_outbox WHERE outbox_id = ANY($1::bigint[])", list(replacing))
         rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences WHERE {only} ORDER BY silence_id FOR SHARE",
                                 silence_ids)
         events = [SilenceChanged.upsert(silence_of_row(row)) for row in rows]
@@ -185,8 +187,9 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
     current version is queued again, so that it comes last.
     """
     sent_keys: list[str] = []
+    sent_rows: list[int] = []
     try:
-        return await _send_and_delete(pool, outbox, batch_size, sent_keys)
+        return await _send_and_delete(pool, outbox, batch_size, sent_keys, sent_rows)
     except Exception as exc:
         if not (sent_keys and db.is_transient(exc)):  # a lost session, an aborted transaction
             raise
@@ -196,14 +199,17 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
 
     async def same_pool() -> asyncpg.Pool:
         return pool
-    await db.retry_transient(lambda p: _REPUBLISH[outbox.table](p, sent_keys), f"queuing {outbox.table} keys again",
-                             get_pool=same_pool)
+    # In place of the rows just sent (they are on the topic): a failure that keeps coming back
+    # after the sends sends the same keys again each time, and never grows the outbox.
+    await db.retry_transient(lambda p: _REPUBLISH[outbox.table](p, sent_keys, sent_rows),
+                             f"queuing {outbox.table} keys again", get_pool=same_pool)
     return 0
 
 
-async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, sent_keys: list[str]) -> int:
-    """One batch: locked, sent, acknowledged, deleted. `sent_keys` gets the batch's keys once the
-    broker has acknowledged every send."""
+async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, sent_keys: list[str],
+                           sent_rows: list[int]) -> int:
+    """One batch: locked, sent, acknowledged, deleted. `sent_keys` and `sent_rows` get the batch's
+    keys and outbox ids once the broker has acknowledged every send."""
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
         # Read after the lock is held, so the rows the previous relay deleted are gone. FOR UPDATE
@@ -225,6 +231,7 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
         # the next relay sends the same keys' newer versions could land after them.
         await all_acknowledged(acks)
         sent_keys.extend(sorted({str(row["key"]) for row in rows}))
+        sent_rows.extend(row["outbox_id"] for row in rows)
         await conn.execute(
             f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
         )

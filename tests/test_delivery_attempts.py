@@ -266,3 +266,4 @@ async def test_a_retry_goes_to_the_endpoint_as_the_tenant_has_it_now(services, c
         assert paths == ["broken", "fixed"] and outcomes[-1] == ("SENT", None)
     else:
         assert paths == ["broken"] and outcomes[-1] == ("FAILED", f"endpoint was {change}")
+        assert ctx.recorder.changes[-1].attempts == 0  # the one attempt made was recorded before

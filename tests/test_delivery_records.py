@@ -8,6 +8,7 @@ import json
 import uuid
 
 import asyncpg
+import pytest
 import pytest_asyncio
 
 from alerting_app.db import init_connection
@@ -350,7 +351,9 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
         await pool.close()
 
 
-async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_written(clean_db, conn, monkeypatch):
+@pytest.mark.parametrize("broker", ["refuses", "hangs"])
+async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_written(clean_db, conn, monkeypatch,
+                                                                                     broker):
     """A FAILED outcome waits for its dead letter; the others must not wait with it, or while the
     broker is down no outcome reaches Postgres, every lease lapses and other workers send again.
     The test session's broker cannot be stopped under its producer: the letters' sending is made to
@@ -367,7 +370,9 @@ async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_wr
 
     async def send_dead_letters(letters):
         if letters and not broker_up.is_set():
-            raise ConnectionRefusedError("the broker is down")
+            if broker == "refuses":
+                raise ConnectionRefusedError("the broker is down")
+            await broker_up.wait()  # unreachable: the producer waits up to its request timeout
         letters_sent.extend(letters)
     monkeypatch.setattr(recorder_module, "send_dead_letters", send_dead_letters)
     monkeypatch.setattr(recorder_module, "_RETRY_WRITE_S", 0.05)
@@ -413,3 +418,18 @@ async def test_endpoint_now_reads_the_endpoint_as_it_is_and_none_once_deleted(cl
                                                                         False)
     await conn.execute("DELETE FROM endpoints WHERE endpoint_id = $1", endpoint_id)
     assert await endpoint_now(conn, endpoint_id) is None
+
+
+async def test_an_endpoint_without_room_does_not_use_up_its_clients_room(clean_db, conn):
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    nearly_full, other = await insert_endpoint(conn, client_id), await insert_endpoint(conn, client_id)
+    for endpoint_id, age in ((nearly_full, 60.0), (other, 30.0)):  # the nearly full one's rows are older
+        for _ in range(10):
+            await open_delivery(conn, await insert_notification(conn, client_id), endpoint_id, due_seconds_ago=age)
+
+    jobs = await lease_due(conn, "this-worker", 60.0, {nearly_full: 99}, backlog=100, limit=20,
+                           held_by_client={client_id: 94}, client_backlog=100)
+
+    leased = [job.endpoint_id for job in jobs]
+    assert (leased.count(nearly_full), leased.count(other)) == (1, 5)

@@ -176,24 +176,37 @@ async def test_a_relay_that_lost_its_session_while_sending_queues_the_keys_curre
         await record_rule_change(conn, rule_versions(rule_id, client_id)[0])  # version 1, then deleted:
         await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1 AND payload->>'action' = 'delete'", rule_id)
-    in_flight = asyncio.get_running_loop().create_future()
+    sent: list[list[bytes]] = []
+    in_flight: list[asyncio.Future] = []
 
     async def sending(topic, messages):
-        list(messages)
-        return [in_flight]
+        sent.append([value for _, value in messages])
+        in_flight.append(asyncio.get_running_loop().create_future())
+        return [in_flight[-1]]
     monkeypatch.setattr(rule_outbox, "send_batched", sending)
-    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
-    async with asyncio.timeout(30):
-        while not (relay := await own_pool.fetchval(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND objid = 'rule_outbox'::regclass::oid")):
-            await asyncio.sleep(0.01)
-    assert await own_pool.fetchval("SELECT pg_terminate_backend($1)", relay)  # the session is lost
-    in_flight.set_result("acknowledged")
 
-    await relaying
+    async def relay_losing_its_session() -> None:
+        rounds = len(in_flight)
+        relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+        async with asyncio.timeout(30):
+            while len(in_flight) == rounds:  # until this round's batch is in flight, the lock held
+                await asyncio.sleep(0.01)
+        relay = await own_pool.fetchval("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                                        " AND objid = 'rule_outbox'::regclass::oid")
+        assert relay and await own_pool.fetchval("SELECT pg_terminate_backend($1)", relay)  # the session is lost
+        in_flight[-1].set_result("acknowledged")
+        await relaying
 
-    queued = [RuleChanged.model_validate(row["payload"]) for row in await own_pool.fetch(
-        "SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id", rule_id)]
-    assert [(event.action, event.version) for event in queued] == [("upsert", 1), ("delete", 2)]
+    async def queued() -> list[tuple[str, int]]:
+        return [(event.action, event.version) for event in (RuleChanged.model_validate(row["payload"]) for row in
+                await own_pool.fetch("SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id",
+                                     rule_id))]
+
+    await relay_losing_its_session()
+    # Its current version (the deletion) queued in place of the row sent: the next relay sends it last.
+    assert await queued() == [("delete", 2)]
+    # Failing so again and again, it sends that version each time, and the outbox does not grow.
+    await relay_losing_its_session()
+    assert await queued() == [("delete", 2)]
+    assert [len(batch) for batch in sent] == [1, 1]
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)

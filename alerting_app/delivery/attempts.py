@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 _CLAIM_MARGIN_S = 5.0
 
 
+ENDPOINT_READ_TIMEOUT_S = 5.0
+
+
+class EndpointGone(PermanentDeliveryError):
+    """Before a retry: the tenant disabled or deleted the endpoint since the delivery was taken up."""
+
+
 async def _as_taken_up(job: DeliveryJob) -> Endpoint | None:
     return job.endpoint
 
@@ -329,14 +336,15 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         """Before a retry: the endpoint as the tenant has it now, or no retry if it is gone."""
         nonlocal job
         try:
-            endpoint = await ctx.endpoint_now(job)
+            # Bounded: retries did not need Postgres before, and must not stall on it now.
+            endpoint = await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
         except Exception:
             log.warning("could not read endpoint %s again; retrying it as it was", job.endpoint_id, exc_info=True)
             return
         if endpoint is None:
-            raise PermanentDeliveryError("endpoint was deleted")
+            raise EndpointGone("endpoint was deleted")
         if not endpoint.enabled:
-            raise PermanentDeliveryError("endpoint was disabled")
+            raise EndpointGone("endpoint was disabled")
         job = dataclasses.replace(job, endpoint=endpoint)
 
     allowed = max(1, settings.delivery_max_attempts - job.attempts)
@@ -372,6 +380,8 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         record(SENT)
     except ClaimedElsewhere as busy:
         record(PENDING, next_attempt_at=time.time() + busy.busy_for_s, release=True)
+    except EndpointGone as gone:
+        record(FAILED, 0, str(gone))  # no attempt was made
     except DeliveryError as exc:
         record(FAILED, 1, str(exc), started)
     except Exception as exc:

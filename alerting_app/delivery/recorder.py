@@ -45,6 +45,7 @@ class Recorder:
         # The dead letter of each delivery that failed, by delivery: its FAILED outcome is written
         # only once the letter is acknowledged (a crash in between sends it again, never loses it).
         self._letters: dict[tuple[str, str], DeadLetter] = {}
+        self._in_hand: dict[tuple[str, str], DeliveryChange] = {}  # the batch being written
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -70,9 +71,9 @@ class Recorder:
             self._task = asyncio.ensure_future(self._run())
 
     def pending_keys(self) -> list[tuple[str, str]]:
-        """The deliveries whose outcome is not written yet: their leases must stay renewed, or
-        another worker's sweep would take them up again (and send again) meanwhile."""
-        return list(self._changes)
+        """The deliveries whose outcome is not written yet (being written included): their leases
+        must stay renewed, or another worker's sweep would take them up again (and send again)."""
+        return list(dict.fromkeys([*self._in_hand, *self._changes]))
 
     async def written(self) -> None:
         """Return once everything recorded so far is in Postgres (and its dead letters sent)."""
@@ -91,26 +92,13 @@ class Recorder:
             self._wake.clear()
             changes, self._changes = self._changes, {}
             letters, self._letters = self._letters, {}
+            self._in_hand = changes  # pending_keys() reports them until they are written
             try:
-                # Dead letters first, all at once and acknowledged: a crash or a failure in between
-                # sends them again rather than losing them.
-                await send_dead_letters(list(letters.values()))
-                letters = {}
-            except Exception:
-                log.exception("sending %d dead letters failed; their FAILED outcomes wait for them", len(letters))
-            # Every outcome without a letter waiting is written now: while the broker is down, the
-            # SENT and PENDING ones must still reach Postgres, or their leases would lapse and other
-            # workers send them again.
-            waiting = {key: change for key, change in changes.items() if key in letters}
-            try:
-                ready = [change for key, change in changes.items() if key not in letters]
-                if ready:
-                    await self._write(ready)
-            except Exception:
-                log.exception("recording %d delivery outcomes failed; retrying", len(changes))
-                waiting = changes
-            if waiting or letters:
-                for key, change in waiting.items():
+                put_back, letters = await self._write_batch(changes, letters)
+            finally:
+                self._in_hand = {}
+            if put_back or letters:
+                for key, change in put_back.items():
                     newer = self._changes.get(key)
                     self._changes[key] = change if newer is None else merge(change, newer)
                 self._letters = {**letters, **self._letters}
@@ -119,6 +107,39 @@ class Recorder:
                 continue
             if not self._changes and not self._letters:
                 self._idle.set()
+
+    async def _write_batch(self, changes: dict[tuple[str, str], DeliveryChange],
+                           letters: dict[tuple[str, str], DeadLetter]
+                           ) -> tuple[dict[tuple[str, str], DeliveryChange], dict[tuple[str, str], DeadLetter]]:
+        """Write a batch; what is left to write again, and the letters left to send.
+
+        The outcomes without a dead letter are written first: while the broker is down (refusing,
+        or slow to answer for as long as the producer's request timeout), SENT and PENDING outcomes
+        must still reach Postgres. A FAILED outcome only once its letter is acknowledged: a crash
+        in between sends the letter again rather than losing it.
+        """
+        ready = [change for key, change in changes.items() if key not in letters]
+        try:
+            if ready:
+                await self._write(ready)
+        except Exception:
+            log.exception("recording %d delivery outcomes failed; retrying", len(changes))
+            return changes, letters
+        failed = {key: change for key, change in changes.items() if key in letters}
+        self._in_hand = failed  # the others are written
+        if not letters:
+            return {}, {}
+        try:
+            await send_dead_letters(list(letters.values()))
+        except Exception:
+            log.exception("sending %d dead letters failed; their FAILED outcomes wait for them", len(letters))
+            return failed, letters
+        try:
+            await self._write(list(failed.values()))
+        except Exception:
+            log.exception("recording %d delivery outcomes failed; retrying", len(failed))
+            return failed, {}  # the letters are sent: not again
+        return {}, {}
 
     async def _write(self, changes: list[DeliveryChange]) -> None:
         pool = await self._get_pool()

@@ -83,17 +83,23 @@ WITH held AS (
     ORDER BY d.next_attempt_at
     LIMIT $7
 ), ranked AS (
-    SELECT c.notification_id, c.endpoint_id, c.next_attempt_at,
+    SELECT c.notification_id, c.endpoint_id, c.next_attempt_at, c.client_id,
            row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS nth,
-           $5::int - coalesce(h.held, 0) AS room,
-           row_number() OVER (PARTITION BY c.client_id ORDER BY c.next_attempt_at) AS nth_of_client,
-           $10::int - coalesce(hc.held, 0) AS client_room
+           $5::int - coalesce(h.held, 0) AS room
     FROM candidates c LEFT JOIN held h ON h.endpoint_id = c.endpoint_id
-                      LEFT JOIN held_by_client hc ON hc.client_id = c.client_id
+), within_endpoint_room AS (
+    -- Ranked per client among the rows its endpoints have room for: a full endpoint's rows must
+    -- not use up its client's room, leaving the client's other endpoints nothing.
+    SELECT r.notification_id, r.endpoint_id, r.next_attempt_at,
+           row_number() OVER (PARTITION BY r.client_id ORDER BY r.next_attempt_at) AS nth_of_client,
+           $10::int - coalesce(hc.held, 0) AS client_room
+    FROM ranked r LEFT JOIN held_by_client hc ON hc.client_id = r.client_id
+    WHERE r.nth <= r.room
 ), due AS (
     SELECT d.notification_id, d.endpoint_id
-    FROM ranked r JOIN deliveries d ON d.notification_id = r.notification_id AND d.endpoint_id = r.endpoint_id
-    WHERE r.nth <= r.room AND r.nth_of_client <= r.client_room
+    FROM within_endpoint_room r JOIN deliveries d ON d.notification_id = r.notification_id
+                                                 AND d.endpoint_id = r.endpoint_id
+    WHERE r.nth_of_client <= r.client_room
       AND d.status = 'PENDING' AND d.next_attempt_at <= now()
       AND (d.lease_until IS NULL OR d.lease_until < now())
     ORDER BY r.next_attempt_at
