@@ -186,30 +186,30 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
     sent newer versions of the same keys meanwhile, which ours then landed after. Each key's
     current version is queued again, so that it comes last.
     """
-    sent_keys: list[str] = []
-    sent_rows: list[int] = []
+    sent: list[asyncpg.Record] = []
     try:
-        return await _send_and_delete(pool, outbox, batch_size, sent_keys, sent_rows)
+        return await _send_and_delete(pool, outbox, batch_size, sent)
     except Exception as exc:
-        if not (sent_keys and db.is_transient(exc)):  # a lost session, an aborted transaction
+        if not (sent and db.is_transient(exc)):  # a lost session, an aborted transaction
             raise
+        keys = sorted({str(row["key"]) for row in sent})
         log.warning("the %s relay's transaction failed after its %d keys were sent; queuing their current "
-                    "versions again, so that they come last on %s", outbox.table, len(sent_keys),
+                    "versions again, so that they come last on %s", outbox.table, len(keys),
                     outbox.topic.get_topic_name(), exc_info=True)
 
     async def same_pool() -> asyncpg.Pool:
         return pool
     # In place of the rows just sent (they are on the topic): a failure that keeps coming back
     # after the sends sends the same keys again each time, and never grows the outbox.
-    await db.retry_transient(lambda p: _REPUBLISH[outbox.table](p, sent_keys, sent_rows),
+    replacing = [row["outbox_id"] for row in sent]
+    await db.retry_transient(lambda p: _REPUBLISH[outbox.table](p, keys, replacing),
                              f"queuing {outbox.table} keys again", get_pool=same_pool)
     return 0
 
 
-async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, sent_keys: list[str],
-                           sent_rows: list[int]) -> int:
-    """One batch: locked, sent, acknowledged, deleted. `sent_keys` and `sent_rows` get the batch's
-    keys and outbox ids once the broker has acknowledged every send."""
+async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, sent: list[asyncpg.Record]) -> int:
+    """One batch: locked, sent, acknowledged, deleted. `sent` gets the batch's rows once the broker
+    has acknowledged every send."""
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
         # Read after the lock is held, so the rows the previous relay deleted are gone. FOR UPDATE
@@ -230,8 +230,7 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
         # Every answer before the lock is released, failures included: a batch still in flight when
         # the next relay sends the same keys' newer versions could land after them.
         await all_acknowledged(acks)
-        sent_keys.extend(sorted({str(row["key"]) for row in rows}))
-        sent_rows.extend(row["outbox_id"] for row in rows)
+        sent.extend(rows)
         await conn.execute(
             f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
         )

@@ -13,10 +13,9 @@ import asyncio
 import functools
 import logging
 import time
-import dataclasses
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -345,7 +344,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
             raise EndpointGone("endpoint was deleted")
         if not endpoint.enabled:
             raise EndpointGone("endpoint was disabled")
-        job = dataclasses.replace(job, endpoint=endpoint)
+        job = replace(job, endpoint=endpoint)
 
     allowed = max(1, settings.delivery_max_attempts - job.attempts)
     # A delivery taken up again (by a sweep) goes on with its schedule: its first attempt here is

@@ -21,7 +21,7 @@ from alerting_app import db, metrics, redis_client
 from alerting_app.channels.http import endpoint_session
 from alerting_app.delivery import records
 from alerting_app.delivery.attempts import DeliveryContext, SendSlots, deliver
-from alerting_app.delivery.jobs import DeliveryJob
+from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 from alerting_app.delivery.rate_limits import RateLimits
 from alerting_app.delivery.recorder import Recorder
 from alerting_app.redis_pipelining import PipelinedRedis
@@ -34,9 +34,10 @@ _CLOSE_WRITE_TIMEOUT_S = 10.0
 _CLOSE_SEND_GRACE_MAX_S = 30.0
 
 
-
-async def _endpoint_now(job: DeliveryJob):
+async def _endpoint_now(job: DeliveryJob) -> Endpoint | None:
+    """The job's endpoint as it is in Postgres now (read before a retry, attempts.deliver)."""
     return await records.endpoint_now(await db.pool(), job.endpoint_id)
+
 
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
@@ -83,13 +84,11 @@ class Dispatcher:
 
     def full_endpoints(self) -> list[str]:
         """Endpoints this worker holds as many deliveries of as it may: lease no more of them."""
-        backlog = self.settings.delivery_endpoint_backlog
-        return [endpoint_id for endpoint_id, held in self._per_endpoint.held.items() if held >= backlog]
+        return self._per_endpoint.holding_at_least(self.settings.delivery_endpoint_backlog)
 
     def full_clients(self) -> list[str]:
         """Clients (tenants) this worker holds as many deliveries of as it may: lease no more of them."""
-        backlog = self.settings.delivery_client_backlog
-        return [client_id for client_id, held in self._per_client.held.items() if held >= backlog]
+        return self._per_client.holding_at_least(self.settings.delivery_client_backlog)
 
     def held_per_client(self) -> dict[str, int]:
         """How many deliveries this worker holds per client (only clients it holds any of)."""
@@ -110,14 +109,12 @@ class Dispatcher:
         if self._stopping:
             return [job for job in jobs if job.key not in self._held]
         refused = []
-        backlog = self.settings.delivery_endpoint_backlog
         for job in jobs:
             if job.key in self._held:
                 continue  # already in hand here (a redelivered message)
-            endpoint_full = self._per_endpoint.held.get(job.endpoint_id, 0) >= backlog
-            client_full = (self._per_client.held.get(job.notification.client_id, 0)
-                           >= self.settings.delivery_client_backlog)
-            if len(self._held) >= self.settings.delivery_max_held or endpoint_full or client_full:
+            if (len(self._held) >= self.settings.delivery_max_held
+                    or self._per_endpoint.held.get(job.endpoint_id, 0) >= self.settings.delivery_endpoint_backlog
+                    or self._per_client.held.get(job.notification.client_id, 0) >= self.settings.delivery_client_backlog):
                 refused.append(job)
                 continue
             self._per_endpoint.hold(job.endpoint_id)
@@ -207,6 +204,9 @@ class _SlotsPerKey:
         else:
             del self.held[key]
             self._slots.pop(key, None)
+
+    def holding_at_least(self, count: int) -> list[str]:
+        return [key for key, held in self.held.items() if held >= count]
 
     def slots(self, key: str) -> asyncio.Semaphore:
         if key not in self._slots:
