@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from faust.types import EventT, StreamT
 
-from agents.match_outcomes import groups_lock, lock_clients_shared, needs_state, record_stateful, unknown_client
+from agents.match_outcomes import groups_lock, lock_clients, needs_state, record_stateful, unknown_client
 from alerting_app import db, metrics
 from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.app import alerts_matched, app, notifications_ready
@@ -98,7 +98,7 @@ async def under_client_locks(conn: asyncpg.Connection | asyncpg.Pool,
         await stack.enter_async_context(conn.transaction())
         # A statement of its own: the insert's snapshot must be taken once the lock is held, so that
         # it sees what a stateful batch holding the lock committed.
-        await lock_clients_shared(conn, client_ids)
+        await lock_clients(conn, client_ids, shared=True)
         yield conn
 
 

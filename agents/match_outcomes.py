@@ -69,14 +69,11 @@ def client_lock_key(client_id: str) -> int:
     return int.from_bytes(uuid.UUID(client_id).bytes[-4:], "big", signed=True)
 
 
-async def lock_clients(conn: asyncpg.Connection, client_ids: Iterable[str]) -> None:
-    """Hold these clients' advisory locks until the transaction of `conn` ends, taken in key order."""
-    await conn.execute(_LOCK_CLIENTS, _CLIENT_LOCK_CLASS, sorted({client_lock_key(c) for c in client_ids}))
-
-
-async def lock_clients_shared(conn: asyncpg.Connection, client_ids: Iterable[str]) -> None:
-    """`lock_clients`, shared: held with other shared holders, never with an exclusive one."""
-    await conn.execute(_LOCK_CLIENTS_SHARED, _CLIENT_LOCK_CLASS, sorted({client_lock_key(c) for c in client_ids}))
+async def lock_clients(conn: asyncpg.Connection, client_ids: Iterable[str], *, shared: bool = False) -> None:
+    """Hold these clients' advisory locks until the transaction of `conn` ends, taken in key order;
+    `shared`: held with other shared holders, never with an exclusive one."""
+    await conn.execute(_LOCK_CLIENTS_SHARED if shared else _LOCK_CLIENTS, _CLIENT_LOCK_CLASS,
+                       sorted({client_lock_key(c) for c in client_ids}))
 
 # What is recorded already for each match: the group it joined (and whether that group is closed),
 # or its own notification row.
