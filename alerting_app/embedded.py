@@ -67,6 +67,18 @@ def port_accepts(port: int) -> bool:
         return False
 
 
+def hold_lock(path: Path) -> IO | None:
+    """An exclusive lock on the file `path`, held until the returned file is closed or this process
+    ends; None when another process holds it."""
+    lock_file = open(path, "w")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        return None
+    return lock_file
+
+
 def _die_with_parent(sig: int) -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -182,15 +194,10 @@ class EmbeddedServices:
     def _lock_folder(self) -> None:
         # Two runs on one folder would fight over the Postgres cluster; the second one stops clearly.
         self.folder.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.folder / ".lock", "w")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
+        self._lock_file = hold_lock(self.folder / ".lock")
+        if self._lock_file is None:
             raise EmbeddedServiceError(
-                f"{self.folder} is in use by another process (is `alerting-app up` already running?)"
-            ) from None
-        self._lock_file = lock_file
+                f"{self.folder} is in use by another process (is `alerting-app up` already running?)")
 
     def _start(self, name: str, argv: list[str], log_path: Path, **kwargs) -> ChildProcess:
         child = ChildProcess(name, argv, log_path, **kwargs)

@@ -8,7 +8,6 @@ embedded services, so the worker never loses its services while it is still comm
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import secrets
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from agents.rule_outbox import republish_all_silences
-from alerting_app.embedded import ChildProcess, EmbeddedServices, port_accepts
+from alerting_app.embedded import ChildProcess, EmbeddedServices, hold_lock, port_accepts
 from alerting_app.healthcheck import worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
@@ -104,13 +103,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def _lock_data_dir(data_dir: Path) -> IO:
     """Hold DATA_DIR for this run: a second `up` on it, with or without embedded services, would
     share the worker's table state (RocksDB) and log with the first."""
-    lock_file = open(data_dir / ".up.lock", "w")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
+    lock_file = hold_lock(data_dir / ".up.lock")
+    if lock_file is None:
         raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`); "
-                         "stop that one, or set DATA_DIR to another folder.") from None
+                         "stop that one, or set DATA_DIR to another folder.")
     return lock_file
 
 

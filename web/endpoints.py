@@ -173,9 +173,8 @@ class EndpointView(ApiView):
     async def patch(self, request: Request, endpoint_id: str) -> Response:
         id_ = path_id(endpoint_id)
         body = parse_body(await self.read_request_content(request), EndpointPatch)
-        # A null rate_limit_per_s returns the endpoint to the default; other fields cannot be null.
-        changes = {name: value for name, value in body.model_dump(exclude_unset=True).items()
-                   if value is not None or name == "rate_limit_per_s"}
+        # The fields given; only rate_limit_per_s may be null (EndpointPatch): back to the default.
+        changes = body.model_dump(exclude_unset=True)
         row = await change_endpoint(id_, self.caller(request), changes)
         return self.json(endpoint_out(row).model_dump(mode="json"))
 

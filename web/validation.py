@@ -72,8 +72,8 @@ class _DuplicateKey(ValueError):
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) < len(pairs):
-        seen: set[str] = set()
-        raise _DuplicateKey(next(name for name, _ in pairs if name in seen or seen.add(name)))
+        names = [name for name, _ in pairs]
+        raise _DuplicateKey(next(name for name in names if names.count(name) > 1))
     return result
 
 
