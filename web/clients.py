@@ -34,6 +34,12 @@ RENAME = f"""
     WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
     RETURNING {COLUMNS}
 """
+# A new key replaces the old one at once: authentication looks the hash up on every request.
+NEW_KEY = f"""
+    UPDATE clients SET api_key_hash = $3, updated_at = now()
+    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+    RETURNING {COLUMNS}
+"""
 LOCK_CLIENT = "SELECT 1 FROM clients WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) FOR UPDATE"
 LOCK_RULES = "SELECT rule_id, version FROM rules WHERE client_id = $1 ORDER BY rule_id FOR UPDATE"
 DELETE = "DELETE FROM clients WHERE client_id = $1"
@@ -102,3 +108,19 @@ class ClientView(ApiView):
         if not await delete_client(path_id(client_id), self.caller(request)):
             raise NotFound()
         return self.bytes(b"", status=204)
+
+
+@app.page("/api/v1/clients/{client_id}/key")
+class ClientKeyView(ApiView):
+    """A new API key for the client (the admin, or the client's own key), shown once; the old key
+    answers 401 from now on. For a leaked key: before this, deleting the client was the only way."""
+
+    async def post(self, request: Request, client_id: str) -> Response:
+        api_key = new_api_key()
+        pool = await db.pool()
+        row = await pool.fetchrow(NEW_KEY, path_id(client_id), self.caller(request).client_id,
+                                  hash_api_key(api_key))
+        if row is None:
+            raise NotFound()
+        created = ClientCreated(**client_out(row).model_dump(), api_key=api_key)
+        return self.json(created.model_dump(mode="json"))

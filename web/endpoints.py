@@ -20,6 +20,7 @@ from alerting_app.channels.addresses import RefusedAddress, check_public_host, r
 from web.auth import ApiView, Caller
 from web.errors import NotFound, ValidationFailed
 from web.pagination import page_of
+from web.quotas import ENDPOINTS, check_quota, lock_client
 from web.schemas import (MAX_ENDPOINT_VALUE_CHARS, EndpointCreate, EndpointCreated, EndpointOut, EndpointPatch,
                          EndpointQuery)
 from web.validation import parse_body, parse_query, path_id
@@ -47,10 +48,17 @@ INSERT = f"""
     WHERE rule_id = $2 AND ($6::uuid IS NULL OR client_id = $6)
     RETURNING {COLUMNS}, secret
 """
+RULE_OWNER = "SELECT client_id FROM rules WHERE rule_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
 UPDATE = f"""
     UPDATE endpoints SET type = $2, value = $3, enabled = $4, rate_limit_per_s = $5, updated_at = now()
     WHERE endpoint_id = $1
     RETURNING {COLUMNS}
+"""
+# A new secret from the column's default (migrations/002), as at creation.
+NEW_SECRET = f"""
+    UPDATE endpoints SET secret = DEFAULT, updated_at = now()
+    WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+    RETURNING {COLUMNS}, secret
 """
 DELETE = "DELETE FROM endpoints WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2) RETURNING 1"
 
@@ -105,15 +113,21 @@ async def _normalised_value(type_: str, value: str) -> str:
 
 async def create_endpoint(caller: Caller, body: EndpointCreate) -> Any:
     value = await checked_value(body.type, body.value)
+    # Unknown and other clients' rules answer alike, so a key learns nothing about other clients.
+    no_such_rule = ValidationFailed.field("rule_id", "no such rule")
     pool = await db.pool()
     try:
-        row = await pool.fetchrow(INSERT, uuid4(), body.rule_id, body.type, value, body.enabled, caller.client_id,
-                                  body.rate_limit_per_s)
+        async with pool.acquire() as conn, conn.transaction():
+            owner = await conn.fetchval(RULE_OWNER, body.rule_id, caller.client_id)
+            if owner is None or not await lock_client(conn, owner):
+                raise no_such_rule
+            await check_quota(conn, ENDPOINTS, body.rule_id)
+            row = await conn.fetchrow(INSERT, uuid4(), body.rule_id, body.type, value, body.enabled,
+                                      caller.client_id, body.rate_limit_per_s)
     except asyncpg.ForeignKeyViolationError:
         row = None  # the rule (or its client) was deleted while the insert waited on it
     if row is None:
-        # Unknown and other clients' rules answer alike, so a key learns nothing about other clients.
-        raise ValidationFailed.field("rule_id", "no such rule")
+        raise no_such_rule
     return row
 
 
@@ -183,3 +197,17 @@ class EndpointView(ApiView):
         if await pool.fetchval(DELETE, path_id(endpoint_id), self.caller(request).client_id) is None:
             raise NotFound()
         return self.bytes(b"", status=204)
+
+
+@app.page("/api/v1/endpoints/{endpoint_id}/secret")
+class EndpointSecretView(ApiView):
+    """A new signing secret for the endpoint, shown once. A delivery a worker had already taken up
+    makes its first attempt with the secret it read then; every retry reads the endpoint again and
+    signs with the new one. A receiver accepts both secrets for a while (docs/delivery.md)."""
+
+    async def post(self, request: Request, endpoint_id: str) -> Response:
+        pool = await db.pool()
+        row = await pool.fetchrow(NEW_SECRET, path_id(endpoint_id), self.caller(request).client_id)
+        if row is None:
+            raise NotFound()
+        return self.json(EndpointCreated.model_validate(dict(row)).model_dump(mode="json"))

@@ -19,6 +19,7 @@ from alerting_app.contracts import Rule, RuleChanged, RuleCriteria
 from web.auth import ApiView, Caller
 from web.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from web.pagination import page_of
+from web.quotas import RULES, check_quota, lock_client
 from web.schemas import RuleCreate, RuleOut, RulePatch, RuleQuery, RuleReplace
 from web.validation import parse_body, parse_query, path_id
 
@@ -100,6 +101,9 @@ async def create_rule(caller: Caller, body: RuleCreate) -> Any:
     pool = await db.pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
+            if not await lock_client(conn, client_id):
+                raise ValidationFailed.field("client_id", "no such client")
+            await check_quota(conn, RULES, client_id)
             row = await conn.fetchrow(INSERT, uuid4(), client_id, *criteria.values(),
                                       *(getattr(body, setting) for setting in SETTINGS))
             await record_rule_change(conn, upsert_event(row))

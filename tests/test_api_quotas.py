@@ -1,0 +1,123 @@
+"""Per-tenant quotas (web/quotas.py) and replacing a leaked client key or endpoint secret."""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+
+pytestmark = API_LOOP
+
+
+def _silence(minutes: int = 60) -> dict:
+    ends_at = datetime.now(timezone.utc) + timedelta(minutes=minutes)
+    return {"source": "payments", "ends_at": ends_at.isoformat(), "comment": "maintenance", "created_by": "ops"}
+
+
+async def test_a_client_at_its_rule_quota_gets_409_and_others_are_not_held(api, tenant, other_tenant, monkeypatch):
+    from alerting_app.app import settings
+    monkeypatch.setattr(settings, "max_rules_per_client", 2)
+    first = await api.new_rule(tenant, source="a")
+    await api.new_rule(tenant, source="b")
+
+    refused = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": "c", "name": "*"})
+    assert refused.status == 409, refused.body
+    assert "MAX_RULES_PER_CLIENT" in refused.body["message"]
+    # The admin creating for the client is held to the same quota.
+    as_admin = await api.call("POST", "/api/v1/rules", api.admin_token,
+                              {"client_id": tenant.client_id, "severity": "HIGH", "source": "c", "name": "*"})
+    assert as_admin.status == 409, as_admin.body
+    await api.new_rule(other_tenant, source="c")  # another tenant's quota is its own
+
+    listed = await api.call("GET", "/api/v1/rules", tenant.key)
+    assert len(listed.body["items"]) == 2
+    assert (await api.call("DELETE", f"/api/v1/rules/{first['rule_id']}", tenant.key)).status == 204
+    await api.new_rule(tenant, source="c")
+
+
+async def test_concurrent_creations_stop_exactly_at_the_quota(api, tenant, monkeypatch):
+    from alerting_app.app import settings
+    monkeypatch.setattr(settings, "max_rules_per_client", 3)
+    replies = await asyncio.gather(*(
+        api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": f"s{n}", "name": "*"})
+        for n in range(12)))
+    assert sorted(reply.status for reply in replies) == [201] * 3 + [409] * 9
+
+
+async def test_silences_that_ended_do_not_count_against_the_quota(api, tenant, monkeypatch):
+    from alerting_app.app import settings
+    monkeypatch.setattr(settings, "max_silences_per_client", 2)
+    first = await api.call("POST", "/api/v1/silences", tenant.key, _silence())
+    assert first.status == 201, first.body
+    # One that has not started yet counts: it will hold the workers' memory when it does.
+    later = dict(_silence(120), starts_at=(datetime.now(timezone.utc) + timedelta(minutes=60)).isoformat())
+    assert (await api.call("POST", "/api/v1/silences", tenant.key, later)).status == 201
+
+    refused = await api.call("POST", "/api/v1/silences", tenant.key, _silence())
+    assert refused.status == 409, refused.body
+    assert "MAX_SILENCES_PER_CLIENT" in refused.body["message"]
+
+    # Expiring one (DELETE ends it now) makes room.
+    assert (await api.call("DELETE", f"/api/v1/silences/{first.body['silence_id']}", tenant.key)).status == 204
+    assert (await api.call("POST", "/api/v1/silences", tenant.key, _silence())).status == 201
+
+
+async def test_a_rule_at_its_endpoint_quota_gets_409(api, tenant, monkeypatch):
+    from alerting_app.app import settings
+    monkeypatch.setattr(settings, "max_endpoints_per_rule", 2)
+    rule, other_rule = await api.new_rule(tenant, source="a"), await api.new_rule(tenant, source="b")
+    for n in range(2):
+        await api.new_endpoint(tenant, rule["rule_id"], value=f"https://hooks.example.com/{n}")
+
+    refused = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                             {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/2"})
+    assert refused.status == 409, refused.body
+    assert "MAX_ENDPOINTS_PER_RULE" in refused.body["message"]
+    await api.new_endpoint(tenant, other_rule["rule_id"])  # the quota is per rule
+
+
+async def test_an_unknown_client_is_still_a_422_naming_client_id(api):
+    missing = "00000000-0000-4000-8000-000000000000"
+    rule = await api.call("POST", "/api/v1/rules", api.admin_token,
+                          {"client_id": missing, "severity": "HIGH", "source": "a", "name": "*"})
+    assert rule.failing_fields() == {"client_id"}
+    silence = await api.call("POST", "/api/v1/silences", api.admin_token, dict(_silence(), client_id=missing))
+    assert silence.failing_fields() == {"client_id"}
+
+
+async def test_a_client_replaces_its_own_key_and_the_old_one_stops_working(api, tenant, other_tenant):
+    replaced = await api.call("POST", f"/api/v1/clients/{tenant.client_id}/key", tenant.key)
+    assert replaced.status == 200, replaced.body
+    new_key = replaced.body["api_key"]
+    assert new_key.startswith("alk_") and new_key != tenant.key
+    assert replaced.body["client_id"] == tenant.client_id
+
+    assert (await api.call("GET", "/api/v1/rules", tenant.key)).status == 401
+    assert (await api.call("GET", f"/api/v1/clients/{tenant.client_id}", new_key)).status == 200
+
+    # Another client's key cannot, and learns nothing: 404 as for an unknown client.
+    assert (await api.call("POST", f"/api/v1/clients/{tenant.client_id}/key", other_tenant.key)).status == 404
+    by_admin = await api.call("POST", f"/api/v1/clients/{tenant.client_id}/key", api.admin_token)
+    assert by_admin.status == 200
+    assert (await api.call("GET", "/api/v1/rules", new_key)).status == 401
+    assert (await api.call("GET", "/api/v1/rules", by_admin.body["api_key"])).status == 200
+
+
+async def test_an_endpoint_gets_a_new_secret_which_deliveries_sign_with(api, tenant, other_tenant):
+    from alerting_app import db
+    from alerting_app.delivery.records import endpoint_now
+
+    rule = await api.new_rule(tenant)
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"])
+    path = f"/api/v1/endpoints/{endpoint['endpoint_id']}/secret"
+
+    assert (await api.call("POST", path, other_tenant.key)).status == 404
+    replaced = await api.call("POST", path, tenant.key)
+    assert replaced.status == 200, replaced.body
+    assert replaced.body["secret"] != endpoint["secret"]
+    assert replaced.body["endpoint_id"] == endpoint["endpoint_id"]
+
+    pool = await db.pool()
+    async with pool.acquire() as conn:
+        assert (await endpoint_now(conn, endpoint["endpoint_id"])).secret == replaced.body["secret"]
+    assert "secret" not in (await api.call("GET", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key)).body

@@ -1,0 +1,57 @@
+"""Per-tenant quotas: how many rules, silences not yet ended, and endpoints per rule a client may have.
+
+Every worker that evaluates holds every rule and every silence that has not ended, and checks each
+alert against them. Without a bound, one tenant's key could fill every worker's memory and slow
+every other tenant's alerts. The limits are settings (MAX_RULES_PER_CLIENT, MAX_SILENCES_PER_CLIENT,
+MAX_ENDPOINTS_PER_RULE); going past one answers 409 and creates nothing.
+
+Each check runs inside the creating transaction, after `lock_client`. Two creations for one client
+then count one after the other, so concurrent requests cannot both pass at the limit. The client's
+row is locked first, as deleting a client does (web/clients.py), so the two queue instead of
+deadlocking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+import asyncpg
+
+from alerting_app.app import settings
+from web.errors import Conflict
+
+# NO KEY UPDATE: other clients' creations, whose foreign keys share-lock the row, are not held up;
+# creations for this client, and its deletion (FOR UPDATE), wait for this transaction.
+LOCK_CLIENT = "SELECT 1 FROM clients WHERE client_id = $1 FOR NO KEY UPDATE"
+
+
+@dataclass(frozen=True)
+class Quota:
+    count: str  # the statement counting what the limit bounds, for its one argument
+    setting: str  # the Settings field holding the limit
+    holds: str  # what holds too many of what, for the message
+    remedy: str
+
+
+RULES = Quota("SELECT count(*) FROM rules WHERE client_id = $1", "max_rules_per_client",
+              "the client has {count} rules", "delete one first")
+# now() is the transaction's start: a silence ending while this runs still counts, which errs safe.
+SILENCES = Quota("SELECT count(*) FROM silences WHERE client_id = $1 AND ends_at > now()",
+                 "max_silences_per_client", "the client has {count} silences that have not ended",
+                 "expire one first")
+ENDPOINTS = Quota("SELECT count(*) FROM endpoints WHERE rule_id = $1", "max_endpoints_per_rule",
+                  "the rule has {count} endpoints", "delete one first")
+
+
+async def lock_client(conn: asyncpg.Connection, client_id: UUID) -> bool:
+    """Lock the client's row for this transaction; False if there is no such client."""
+    return await conn.fetchval(LOCK_CLIENT, client_id) is not None
+
+
+async def check_quota(conn: asyncpg.Connection, quota: Quota, owner_id: UUID) -> None:
+    """Raise 409 if `owner_id` (a client, or a rule for ENDPOINTS) already holds its limit."""
+    limit = getattr(settings, quota.setting)
+    count = await conn.fetchval(quota.count, owner_id)
+    if count >= limit:
+        raise Conflict(f"{quota.holds.format(count=count)}, the most {quota.setting.upper()} allows "
+                       f"({limit}); {quota.remedy}")
