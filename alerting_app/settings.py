@@ -280,7 +280,10 @@ class Settings(BaseSettings):
     # --- email (SMTP via aiosmtplib) ---
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=25, ge=1, le=65535)
-    smtp_starttls: bool = False
+    # Unset (the default): STARTTLS whenever the relay offers it, and required once there is a
+    # login, so a password never crosses in clear; true: always required; false: never (a relay
+    # on the same host, say), the login included.
+    smtp_starttls: Annotated[bool | None, BeforeValidator(_unset_if_empty)] = None
     # Empty (SMTP_USER= in a compose file) is "not set": no login, not a login with empty credentials.
     smtp_user: OptionalText = None
     smtp_password: OptionalSecret = None

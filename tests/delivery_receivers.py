@@ -11,6 +11,7 @@ This module holds no tests.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import json
 import time
 from collections import Counter
@@ -128,6 +129,7 @@ class _KeepMessages:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        self.over_tls: list[bool] = []  # for each message, whether its session had switched to TLS
         self.replies: dict[str, str | bytes] = {}
         self.stall_s = 0.0
 
@@ -148,17 +150,19 @@ class _KeepMessages:
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
         await asyncio.sleep(self.stall_s)
         self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+        self.over_tls.append(session.ssl is not None)
         return "250 Message accepted for delivery"
 
 
 class SmtpServer:
-    def __init__(self, logins: dict[str, str] | None = None) -> None:
-        """With `logins` (user -> password), mail is taken only after AUTH with one of them (over
-        plain TCP: this is a local test relay); `logged_in` lists who did."""
+    def __init__(self, logins: dict[str, str] | None = None, starttls: ssl.SSLContext | None = None) -> None:
+        """With `logins` (user -> password), mail is taken only after AUTH with one of them;
+        `logged_in` lists who did. With `starttls` (the server's TLS context), STARTTLS is offered,
+        not required; a login is then taken over TLS only. `over_tls` says which messages came over TLS."""
         self.port = free_port()
         self._handler = _KeepMessages()
         self.logged_in: list[str] = []
-        auth = {}
+        options: dict = {"tls_context": starttls} if starttls is not None else {}
         if logins is not None:
             def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
                 user, password = auth_data.login.decode(), auth_data.password.decode()
@@ -167,8 +171,9 @@ class SmtpServer:
                 self.logged_in.append(user)
                 return AuthResult(success=True)
 
-            auth = {"authenticator": authenticate, "auth_required": True, "auth_require_tls": False}
-        self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port, **auth)
+            options |= {"authenticator": authenticate, "auth_required": True,
+                        "auth_require_tls": starttls is not None}
+        self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port, **options)
 
     def __enter__(self) -> "SmtpServer":
         self._controller.start()
@@ -180,6 +185,10 @@ class SmtpServer:
     @property
     def messages(self) -> list[EmailMessage]:
         return self._handler.messages
+
+    @property
+    def over_tls(self) -> list[bool]:
+        return self._handler.over_tls
 
     def refuse(self, recipient: str, reply: str | bytes) -> None:
         """Answer RCPT TO for `recipient` with `reply` (e.g. "550 5.1.1 no such user"); bytes go out as

@@ -1,9 +1,11 @@
 """The email channel against a real SMTP server (aiosmtpd) started by the test."""
 from __future__ import annotations
 
+import ssl
 import time
 
 import pytest
+import trustme
 from pydantic import SecretStr
 
 from alerting_app.channels.email import email_message, send_email
@@ -66,13 +68,68 @@ def test_a_truncated_group_counts_its_unlisted_alerts_in_subject_and_body():
     assert "... and 30 more alerts in this group, not listed" in message.get_content()
 
 
-@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # a local test relay
-async def test_with_smtp_user_and_password_the_relay_is_logged_in_to():
-    with SmtpServer(logins={"alerts": "s3cret"}) as smtp:
-        settings = smtp_settings(smtp.port).model_copy(update={"smtp_user": "alerts",
-                                                               "smtp_password": SecretStr("s3cret")})
+@pytest.fixture
+def relay_tls(tmp_path, monkeypatch) -> ssl.SSLContext:
+    """A relay's TLS context, from a throwaway CA that this process's TLS clients trust: OpenSSL
+    reads SSL_CERT_FILE whenever a default context is made, as aiosmtplib makes one per send."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+def with_login(settings: Settings, password: str = "s3cret", **changes) -> Settings:
+    return settings.model_copy(update={"smtp_user": "alerts", "smtp_password": SecretStr(password), **changes})
+
+
+async def test_mail_goes_over_tls_whenever_the_relay_offers_starttls(relay_tls):
+    with SmtpServer(starttls=relay_tls) as smtp:
+        await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+        assert smtp.over_tls == [True]
+
+
+async def test_smtp_starttls_false_keeps_the_conversation_in_clear(relay_tls):
+    with SmtpServer(starttls=relay_tls) as smtp:
+        settings = smtp_settings(smtp.port).model_copy(update={"smtp_starttls": False})
         await send_email(settings, "oncall@example.com", notification())
-        assert smtp.logged_in == ["alerts"] and len(smtp.messages) == 1
+        assert smtp.over_tls == [False]
+
+
+async def test_with_smtp_user_and_password_the_relay_is_logged_in_to_over_tls(relay_tls):
+    with SmtpServer(logins={"alerts": "s3cret"}, starttls=relay_tls) as smtp:
+        await send_email(with_login(smtp_settings(smtp.port)), "oncall@example.com", notification())
+        assert smtp.logged_in == ["alerts"] and smtp.over_tls == [True]
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # a relay without TLS
+async def test_a_password_is_sent_in_clear_only_when_smtp_starttls_is_false():
+    with SmtpServer(logins={"alerts": "s3cret"}) as smtp:
+        with pytest.raises(RetryableDeliveryError, match="STARTTLS"):
+            await send_email(with_login(smtp_settings(smtp.port)), "oncall@example.com", notification())
+        assert smtp.logged_in == [] and smtp.messages == []
+
+        await send_email(with_login(smtp_settings(smtp.port), smtp_starttls=False), "oncall@example.com",
+                         notification())
+        assert smtp.logged_in == ["alerts"] and smtp.over_tls == [False]
+
+
+async def test_a_refused_login_is_retried_and_names_the_settings(relay_tls):
+    # The relay's operator or ours can fix a login; failing the notification for good would not.
+    with SmtpServer(logins={"alerts": "s3cret"}, starttls=relay_tls) as smtp:
+        with pytest.raises(RetryableDeliveryError, match=r"SMTP 535: .*check the SMTP_\* settings"):
+            await send_email(with_login(smtp_settings(smtp.port), password="wrong"), "oncall@example.com",
+                             notification())
+        assert smtp.messages == []
+
+
+def test_smtp_starttls_unset_or_empty_is_opportunistic(monkeypatch):
+    monkeypatch.setenv("SMTP_STARTTLS", "")
+    assert Settings().smtp_starttls is None
+    monkeypatch.setenv("SMTP_STARTTLS", "maybe")
+    with pytest.raises(ValueError, match="smtp_starttls"):
+        Settings()
 
 
 def test_empty_smtp_user_and_password_are_no_login(monkeypatch):

@@ -56,7 +56,7 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
                 message,
                 hostname=settings.smtp_host,
                 port=settings.smtp_port,
-                start_tls=settings.smtp_starttls,
+                start_tls=start_tls(settings),
                 username=settings.smtp_user,
                 password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
                 timeout=settings.smtp_timeout_s,
@@ -66,6 +66,10 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         refusal = min(exc.recipients, key=lambda refused: refused.code)
         raise _by_reply_code(refusal.code, f"SMTP {refusal.code}: {refusal.message}") from None
     except aiosmtplib.SMTPResponseException as exc:
+        if exc.code in _RELAY_SETTINGS_REPLIES:
+            # The relay refused our login or asks for TLS: SMTP_* settings its operator can fix,
+            # not this message's fault, so it is retried like a relay that is down.
+            raise RetryableDeliveryError(f"SMTP {exc.code}: {exc.message} (check the SMTP_* settings)") from None
         raise _by_reply_code(exc.code, f"SMTP {exc.code}: {exc.message}") from None
     except TimeoutError:
         # Ours or one of aiosmtplib's per-command timeouts (SMTPTimeoutError is a TimeoutError too).
@@ -74,6 +78,18 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         # Connection refused or lost, timeouts, and a relay that lacks what the settings require
         # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.
         raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
+
+
+# RFC 4954 and 3207: 530 authentication (or STARTTLS) required, 534 mechanism too weak, 535
+# credentials invalid, 538 encryption required for the mechanism.
+_RELAY_SETTINGS_REPLIES = frozenset({530, 534, 535, 538})
+
+
+def start_tls(settings: Settings) -> bool | None:
+    """aiosmtplib's `start_tls`: None upgrades when the relay offers STARTTLS; True requires it."""
+    if settings.smtp_starttls is None and settings.smtp_user is not None:
+        return True  # a password is never sent in clear unless SMTP_STARTTLS=false says so
+    return settings.smtp_starttls
 
 
 def _by_reply_code(code: int, reason: str) -> Exception:
