@@ -19,7 +19,7 @@ from delivery_receivers import Receiver
 @pytest.mark.parametrize(("address", "kind"), [
     ("8.8.8.8", None), ("2001:4860:4860::8888", None), ("127.0.0.53", "loopback"), ("fe80::1", "link-local"),
     ("172.16.5.4", "private"), ("fd00::1", "private"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
-    ("192.0.2.1", "private"), ("::ffff:127.0.0.1", "loopback"),
+    ("192.0.2.1", "private"), ("::ffff:127.0.0.1", "loopback"), ("fec0::1", "site-local"),
 ])
 def test_addresses_are_classified_public_or_not(address, kind):
     assert non_public_kind(ipaddress.ip_address(address)) == kind
@@ -30,6 +30,7 @@ def test_addresses_are_classified_public_or_not(address, kind):
     ("64:ff9b::808:808", None),  # NAT64 of 8.8.8.8
     ("2002:a00:1::", "private"), ("2002:7f00:1::1", "loopback"), ("2002:808:808::1", None),  # 6to4
     ("::7f00:1", "loopback"), ("::a00:5", "private"), ("::808:808", None),  # IPv4-compatible
+    ("::ffff:0:7f00:1", "loopback"), ("::ffff:0:a00:5", "private"), ("::ffff:0:808:808", None),  # SIIT
     ("::", "unspecified"), ("::1", "loopback"),
 ])
 def test_an_ipv6_address_that_carries_an_ipv4_address_is_judged_by_it(address, kind):
@@ -41,7 +42,8 @@ def test_a_local_use_nat64_address_is_refused_whatever_it_carries(address):
     assert non_public_kind(ipaddress.ip_address(address)) == "local-use NAT64"
 
 
-@pytest.mark.parametrize("host", ["[64:ff9b::a00:5]", "[2002:a00:1::]", "[::7f00:1]", "[64:ff9b:1::1]"])
+@pytest.mark.parametrize("host", ["[64:ff9b::a00:5]", "[2002:a00:1::]", "[::7f00:1]", "[64:ff9b:1::1]",
+                                  "[::ffff:0:7f00:1]", "[fec0::1]"])
 async def test_an_endpoint_at_an_ipv6_form_of_an_internal_address_is_refused(host):
     with pytest.raises(RefusedAddress, match="is a"):
         await check_public_host(host, 443)

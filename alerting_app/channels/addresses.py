@@ -28,6 +28,7 @@ class RefusedAddress(ValueError):
 _NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT (RFC 2765): ::ffff:0:a.b.c.d
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -35,7 +36,8 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
     IPv4-mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::a.b.c.d: a NAT64 gateway on our network connects
     to a.b.c.d), 6to4 (2002:AABB:CCDD::, bits 16-48: a relay forwards to AA.BB.CC.DD) and the
-    deprecated IPv4-compatible form (::a.b.c.d, which some stacks still route as IPv4). Python 3.11
+    deprecated IPv4-compatible form (::a.b.c.d, which some stacks still route as IPv4), and the
+    IPv4-translated form of stateless translators (::ffff:0:a.b.c.d). Python 3.11
     judges only the mapped form by its IPv4 address: the others pass as public, whatever they embed.
     """
     if ip.ipv4_mapped is not None:
@@ -44,7 +46,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.sixtofour
     if ip.is_unspecified or ip.is_loopback:
         return None  # :: and ::1 are IPv4-compatible in form only, and judged as what they are
-    if ip in _NAT64_WELL_KNOWN or ip in _IPV4_COMPATIBLE:
+    if ip in _NAT64_WELL_KNOWN or ip in _IPV4_COMPATIBLE or ip in _IPV4_TRANSLATED:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -55,6 +57,10 @@ def non_public_kind(ip: IPAddress) -> str | None:
         if ip in _NAT64_LOCAL_USE:
             # Local-use NAT64 prefixes (RFC 8215) lead wherever the operator's translator is set to.
             return "local-use NAT64"
+        if ip.is_site_local:
+            # fec0::/10: deprecated (RFC 3879) but still routed inside some networks; Python 3.11
+            # counts it as global.
+            return "site-local"
         ip = embedded_ipv4(ip) or ip
     for kind, flag in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
                        ("link-local", ip.is_link_local), ("private", ip.is_private),
