@@ -2,10 +2,12 @@
 timeout, and which failures are worth retrying."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import socket
+import time
 from email.utils import formatdate
 
 import aiohttp
@@ -157,3 +159,72 @@ def test_the_body_keeps_the_documented_field_order_and_sends_text_as_utf8():
                                            "truncated_alerts": 0})
     assert list(json.loads(webhook_body(grouped)))[-2:] == ["group_rule_id", "truncated_alerts"]
     assert json.loads(webhook_body(grouped))["truncated_alerts"] == 0
+
+
+class RawReceiver:
+    """A receiver that writes `answer` (raw bytes, in parts 0.1 s apart) once it has the request,
+    then keeps the connection open without a word more: the body a status line promised may never come."""
+
+    def __init__(self, *answer: bytes) -> None:
+        self.answer = answer
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> "RawReceiver":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._server.close()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/{path}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        for part in self.answer:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("answer", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",),  # the body never comes: the read times out
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\n"),  # a broken chunked body
+], ids=["stalled body", "broken body"])
+async def test_a_2xx_is_a_delivery_whatever_its_body_does_after_it(answer):
+    async with RawReceiver(*answer) as receiver:
+        await send(receiver.url("hook"), timeout_s=0.5)
+
+
+async def test_a_5xx_whose_body_stalls_is_reported_by_its_status():
+    async with RawReceiver(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n") as receiver:
+        with pytest.raises(RetryableDeliveryError, match="HTTP 503"):
+            await send(receiver.url("hook"), timeout_s=0.5)
+
+
+async def test_a_failure_reason_does_not_carry_the_urls_path():
+    # A Slack webhook's path is its credential; reasons go to the API and the dead-letter topic.
+    async with RawReceiver(b"NOT HTTP AT ALL\r\n\r\n") as receiver:
+        url = receiver.url("services/T000/B000/XXXXSECRETXXXX")
+        with pytest.raises(RetryableDeliveryError) as raised:
+            await send(url, timeout_s=0.5)
+    reason = str(raised.value)
+    assert "ClientResponseError" in reason and "SECRET" not in reason, reason
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Los_Angeles"])
+def test_an_http_date_without_a_zone_is_utc_whatever_the_workers_time_zone(zone, monkeypatch):
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        now = 1_700_000_000.0
+        asctime = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(now + 30))  # RFC 9110's third form
+        assert retry_after_seconds(asctime, now) == 30.0
+        assert retry_after_seconds(formatdate(now + 30), now) == 30.0  # "-0000": UTC, zone unknown
+    finally:
+        monkeypatch.undo()
+        time.tzset()

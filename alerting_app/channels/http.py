@@ -2,10 +2,13 @@
 session those POSTs share."""
 from __future__ import annotations
 
+import contextlib
 import time
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+from yarl import URL
 
 from alerting_app.channels.addresses import PublicAddressResolver, RefusedAddress, refuse_non_public_literal
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
@@ -36,8 +39,11 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         # redirects to was not.
         async with session.post(url, data=body, headers=headers, allow_redirects=False,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-            await response.content.read(_MAX_ANSWER_BYTES)
             status, retry_after = response.status, response.headers.get("Retry-After")
+            # The answer is its status. A body that stalls or breaks after it changes nothing: a
+            # 2xx stays delivered, not sent again. The connection is then dropped, not reused.
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                await response.content.read(_MAX_ANSWER_BYTES)
     except RefusedAddress as exc:
         # Where a name points may change back, but a tenant's endpoint aimed into our network is not
         # a failure worth retrying eight times.
@@ -46,8 +52,16 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
     except TimeoutError:
         raise RetryableDeliveryError(f"timed out after {timeout_s:g}s") from None
     except aiohttp.ClientError as exc:
-        raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
+        raise RetryableDeliveryError(f"{type(exc).__name__}: {error_text(exc, url)}") from None
     raise_for_status(status, retry_after)
+
+
+def error_text(exc: aiohttp.ClientError, url: str) -> str:
+    """The error without the URL's path and query: a Slack webhook's path is its credential, and a
+    delivery's reason is shown by the API and sent to the dead-letter topic."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{exc.status}, message={exc.message!r}"  # its str() ends with url='...'
+    return str(exc).replace(url, str(URL(url).origin()))
 
 
 def raise_for_status(status: int, retry_after: str | None = None) -> None:
@@ -75,7 +89,15 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     if value.isascii() and value.isdigit():
         return float(value)
     try:
-        when = parsedate_to_datetime(value).timestamp()
+        when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        # asctime dates and "-0000" parse without a zone; HTTP dates are UTC (RFC 9110 5.6.7),
+        # whatever the worker's local time zone.
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        when = when.timestamp()
+    except (ValueError, OverflowError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
