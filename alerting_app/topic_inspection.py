@@ -128,6 +128,11 @@ def _offset(committed: Any) -> int | None:
     return committed.offset if committed is not None and committed.offset >= 0 else None
 
 
+def _not_json(constant: str) -> Any:
+    # json.loads takes NaN and Infinity, which are not JSON, and json.dumps would print them back.
+    raise ValueError(f"{constant} is not JSON")
+
+
 def decoded(record: ConsumerRecord) -> dict[str, Any]:
     """One message as JSON: where it is, its key, and its value (parsed when it is JSON)."""
     message: dict[str, Any] = {
@@ -138,9 +143,10 @@ def decoded(record: ConsumerRecord) -> dict[str, Any]:
         "key": None if record.key is None else record.key.decode(errors="backslashreplace"),
     }
     try:
-        message["value"] = json.loads(record.value) if record.value is not None else None
-    except ValueError:
-        # Not JSON (dead-letter material): shown as text instead of hidden.
+        message["value"] = json.loads(record.value, parse_constant=_not_json) if record.value is not None else None
+    except (ValueError, RecursionError):
+        # Not JSON (dead-letter material: NaN, nesting deeper than Python parses): shown as text
+        # instead of hidden, and the line stays JSON.
         message["value_raw"] = record.value.decode(errors="backslashreplace")
     if record.headers:
         # A header's value may be null; a name given twice keeps its last value.

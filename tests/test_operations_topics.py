@@ -181,3 +181,16 @@ def test_topics_on_a_broker_without_topics_prints_none_and_succeeds(tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["topics"] == []
+
+
+@pytest.mark.parametrize("value", [b'{"event_ts": NaN}', b'{"a": Infinity}', b"[" * 100_000 + b"]" * 100_000])
+def test_a_value_that_is_not_json_after_all_is_shown_raw_and_the_line_stays_json(value):
+    from aiokafka.structs import ConsumerRecord
+
+    from alerting_app.topic_inspection import decoded
+
+    record = ConsumerRecord(topic="alerts.new", partition=0, offset=7, timestamp=0, timestamp_type=0, key=b"k",
+                            value=value, checksum=None, serialized_key_size=1, serialized_value_size=len(value),
+                            headers=())
+    line = json.dumps(decoded(record), allow_nan=False)
+    assert json.loads(line)["value_raw"] == value.decode()
