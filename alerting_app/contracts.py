@@ -93,11 +93,17 @@ class RuleCriteria(Contract):
         return self
 
 
+
+# A rule's or silence's version: Postgres's `integer` column bounds what the API can ever write. An
+# event above it (only a hand-written one can be) would outrank every later change the API makes.
+Version = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+
+
 class Rule(RuleCriteria):
     rule_id: str
     client_id: str
     enabled: StrictBool = True
-    version: StrictInt = Field(ge=1)
+    version: Version
     group_window_s: StrictInt = GroupWindow
     repeat_interval_s: StrictInt = RepeatInterval
     fingerprint_keys: list[ContextKey] = Field(default_factory=list, max_length=20,
@@ -136,7 +142,7 @@ class RuleChanged(Contract):
 
     rule_id: str
     client_id: str
-    version: StrictInt = Field(ge=1)
+    version: Version
     action: Literal["upsert", "delete"]
     rule: Rule | None = None
     changed_at: StrictFloat = Field(default_factory=time.time)
@@ -197,7 +203,7 @@ class Silence(SilenceMatchers):
     ends_at: StrictFloat = Field(gt=0, description="unix seconds; active while starts_at <= now < ends_at")
     comment: str = Comment
     created_by: str = Text
-    version: StrictInt = Field(ge=1)
+    version: Version
 
     @model_validator(mode="after")
     def _ends_after_start(self) -> "Silence":
@@ -219,7 +225,7 @@ class SilenceChanged(Contract):
 
     silence_id: str
     client_id: str
-    version: StrictInt = Field(ge=1)
+    version: Version
     action: Literal["upsert", "delete"]
     silence: Silence | None = None
     changed_at: StrictFloat = Field(default_factory=time.time)

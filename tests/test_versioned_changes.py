@@ -27,6 +27,9 @@ SILENCE = a_silence("s1")
      "silence_id, client_id and version must equal the silence's"),
     (SilenceChanged, dict(silence_id="s1", client_id="client-a", version=1, action="delete", silence=SILENCE),
      "a delete carries no silence"),
+    # Above Postgres's integer: every later change the API makes would be ignored as older.
+    (RuleChanged, dict(rule_id="r1", client_id="client-a", version=2**31, action="delete"), "version"),
+    (SilenceChanged, dict(silence_id="s1", client_id="client-a", version=2**40, action="delete"), "version"),
 ])
 def test_malformed_changes_are_refused(contract, event, reason):
     with pytest.raises(ValidationError, match=reason):
