@@ -285,3 +285,7 @@ class DeadLetter(Contract):
     reason: str
     payload: str = Field(description="the original value, decoded as UTF-8 with replacement")
     failed_at: StrictFloat = Field(default_factory=time.time)
+    # The record was already on its topic when this worker began reading it: rule.changed and
+    # silence.changed are read again by every worker at every start, so the same letter may have
+    # been sent before, by this worker or another. Counted apart, so a start is no new alarm.
+    from_history: StrictBool = False

@@ -155,4 +155,4 @@ async def send_dead_letters(letters: Iterable[DeadLetter]) -> None:
     if failures:
         raise failures[0]
     for letter in letters:
-        metrics.dead_letters.labels(topic=letter.topic).inc()
+        metrics.dead_letters.labels(topic=letter.topic, from_history=str(letter.from_history).lower()).inc()

@@ -7,7 +7,9 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 # The `_created` timestamp series double what a scrape carries and no dashboard of ours reads them.
 disable_created_metrics()
 
-dead_letters = Counter("alerting_dead_letters_total", "Messages sent to a dead-letter topic", ["topic"])
+# from_history: the letter's record was already on a replica's topic when the worker started
+# (DeadLetter.from_history): the same letter may have been counted before, at an earlier start.
+dead_letters = Counter("alerting_dead_letters_total", "Messages sent to a dead-letter topic", ["topic", "from_history"])
 alerts_consumed = Counter("alerting_alerts_consumed_total", "Alerts read from alerts.new")
 alerts_matched = Counter("alerting_alerts_matched_total", "alerts.matched messages emitted (one per client)")
 notifications_emitted = Counter("alerting_notifications_emitted_total", "notifications.ready messages emitted")

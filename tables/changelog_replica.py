@@ -105,8 +105,15 @@ class ChangelogReplica:
         """
         changed, dead = self.apply_records(records_of(batches))
         if dead:
-            await self._on_dead_letters(dead)
+            await self._on_dead_letters([self.marked_if_from_history(letter) for letter in dead])
         return changed
+
+    def marked_if_from_history(self, letter: DeadLetter) -> DeadLetter:
+        """The letter, `from_history` when its record was on the topic before this run began
+        reading: every start reads those again, and every worker does."""
+        if letter.offset < self.caught_up_at_offsets.get(letter.partition, 0):
+            return letter.model_copy(update={"from_history": True})
+        return letter
 
     def reached_end_offsets(self) -> None:
         """Called once per run, when `filling` has read up to the end offsets seen at its start."""

@@ -51,7 +51,7 @@ async def test_metrics_move_as_alerts_flow_through_the_pipeline(services, clean_
     assert receiver.alert_ids() == Counter({"metrics-1": 1, "metrics-2": 1})
     assert moved(before, after, "alerting_alerts_consumed_total") == 4
     assert moved(before, after, "alerting_alerts_matched_total") == 2
-    assert moved(before, after, "alerting_dead_letters_total", topic="alerts.new") == 1
+    assert moved(before, after, "alerting_dead_letters_total", topic="alerts.new", from_history="false") == 1
     assert moved(before, after, "alerting_notifications_emitted_total") == 2
     assert moved(before, after, "alerting_deliveries_total", channel="webhook", status="SENT") == 2
     for stage in ("evaluate_batch", "aggregate_batch"):  # batches, so one or more per stage

@@ -269,6 +269,7 @@ async def test_undecodable_rule_change_becomes_a_dead_letter_and_later_changes_a
     [wrong_key] = [letter for letter in letters if letter.key == "other-key"]
     assert "'other-key'" in wrong_key.reason and rid("keyed-wrong") in wrong_key.reason
     assert {letter.topic for letter in letters} == {topic}
+    assert not any(letter.from_history for letter in letters), "produced while the replica ran: new letters"
     assert set(enabled_versions(running.index)) == {rid("after-bad")}
     assert stored(tmp_path / "store")[0] == {rid("after-bad"): 1}, "nor stored"
 
@@ -302,6 +303,9 @@ async def test_a_dead_letter_the_broker_refuses_is_sent_again_after_the_restart(
     async with RunningReplica(services, topic, tmp_path / "store", replica) as restarted:
         await restarted.wait_for_versions({rid("good"): 1})
     assert [letter.key for letter in replica.letters] == ["bad"]
+    # On the topic before the replica started: every start (and every worker) reads it again, so
+    # its letter is marked, and counted apart (alerting_dead_letters_total{from_history="true"}).
+    assert [letter.from_history for letter in replica.letters] == [True]
     assert stored(tmp_path / "store")[0] == {rid("good"): 1}
 
 
