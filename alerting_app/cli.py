@@ -66,7 +66,7 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
         apply_roles(app, parse_roles(settings.roles))
         # Only the worker keeps state on disk; Faust creates its folder inside DATA_DIR, not DATA_DIR.
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        wait_before_start(settings, kafka_admin.topic_names())
+        wait_before_start(settings, kafka_admin.topic_names(), kafka_admin.changelog_topic_names())
         tune_garbage_collector()
         super().__call__(*args, **kwargs)
 

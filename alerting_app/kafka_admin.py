@@ -64,14 +64,42 @@ async def create_topics(broker: Broker, partitions: int, replication: int) -> To
                 else:
                     raise for_code(code)(f"creating topic {name}: {message}")
         report.existing = [name for name in wanted if name in present]
-        # Only describe topics known to exist: a metadata request for an unknown topic may create it.
-        if report.existing:
-            for topic in await admin.describe_topics(report.existing):
-                if len(topic["partitions"]) != partitions:
-                    report.mismatched[topic["topic"]] = len(topic["partitions"])
+        report.mismatched = await _mismatched(admin, report.existing, partitions)
     finally:
         await admin.close()
     return report
+
+
+def changelog_topic_names() -> list[str]:
+    """The changelogs of the app's tables (`<APP_ID>-<table>-changelog`), which Faust creates."""
+    from alerting_app.app import app
+
+    return [table.changelog_topic.get_topic_name() for table in app.tables.values()]
+
+
+async def partition_mismatch(broker: Broker, names: list[str], partitions: int) -> str | None:
+    """None when every topic of `names` that exists has `partitions` partitions, else what differs.
+
+    A worker whose TOPIC_PARTITIONS differs from the topics' would create its table changelogs with
+    its own count, and write a client's open group to a changelog partition that is not its
+    `alerts.matched` partition: the group is then never closed, and nothing says so.
+    """
+    admin = AIOKafkaAdminClient(**client_args(broker))
+    await admin.start()
+    try:
+        present = set(await admin.list_topics())
+        report = TopicReport(mismatched=await _mismatched(admin, [n for n in names if n in present], partitions))
+    finally:
+        await admin.close()
+    return report.mismatch_message(partitions) or None
+
+
+async def _mismatched(admin: AIOKafkaAdminClient, existing: list[str], partitions: int) -> dict[str, int]:
+    # Only topics known to exist are described: a metadata request for an unknown topic may create it.
+    if not existing:
+        return {}
+    return {topic["topic"]: len(topic["partitions"]) for topic in await admin.describe_topics(existing)
+            if len(topic["partitions"]) != partitions}
 
 
 def _topic_errors(response) -> list[tuple[str, int, str | None]]:

@@ -25,8 +25,9 @@ from alerting_app.dependencies import (
     redis_answers,
     redis_probe_client,
 )
+from alerting_app.kafka_admin import partition_mismatch
 from alerting_app.kafka_connection import kafka_connection
-from alerting_app.settings import Settings
+from alerting_app.settings import ConfigurationError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,18 @@ async def _wait(settings: Settings, topics: list[str]) -> None:
         await runner.cleanup()
 
 
-def wait_before_start(settings: Settings, topics: Iterable[str]) -> None:
-    """Block until the services answer, on a loop of its own, closed before Faust makes its own."""
+def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Iterable[str] = ()) -> None:
+    """Block until the services answer, on a loop of its own, closed before Faust makes its own;
+    then stop, naming TOPIC_PARTITIONS, if `topics` or the existing `changelogs` have another
+    partition count (waiting would not change it)."""
+    topics = list(topics)
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(wait_for_dependencies(settings, topics))
+        mismatch = loop.run_until_complete(
+            partition_mismatch(kafka_connection(settings), [*topics, *changelogs], settings.topic_partitions))
     finally:
         loop.close()
+    if mismatch:
+        raise ConfigurationError(f"Invalid configuration:\n  TOPIC_PARTITIONS: {mismatch}. Every worker must use the "
+                                 "partition count the topics were created with (`alerting-app topics` shows it).")

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
 from collections import Counter
 
 import aiohttp
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from alerting_app.app import settings
 from alerting_app.embedded import free_port
 from alerting_app.kafka_admin import create_topics
-from alerting_app.up import WorkerProcess
+from alerting_app.up import WorkerProcess, alerting_app_executable
 from operations_support import get_json, health_check, readiness, start_tansu, wait_until
 from test_e2e_pipeline import Platform, WebhookReceiver, alert, create_tenant_with_webhook
 
@@ -64,3 +66,40 @@ def test_worker_started_before_the_broker_becomes_ready_and_processes_alerts(ser
         worker.stop()
         if broker is not None:
             broker.stop()
+
+
+def start_worker_until_it_exits(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([alerting_app_executable(), "worker"], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_worker_whose_topic_partitions_differ_from_the_topics_stops_naming_the_setting(services, tmp_path):
+    # It would create its table changelogs with its own count, and a client's open group would be
+    # written where no closer of that client's partition reads it: never notified, nothing said.
+    wrong = settings.topic_partitions + 1
+    result = start_worker_until_it_exits({"TOPIC_PARTITIONS": str(wrong), "APP_ID": f"ops-parts-{secrets.token_hex(4)}",
+                                          "DATA_DIR": str(tmp_path / "worker"), "WEB_PORT": str(free_port())})
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert (f"TOPIC_PARTITIONS: topic alerts.new has {settings.topic_partitions} partitions but "
+            f"TOPIC_PARTITIONS={wrong}") in result.stderr
+
+
+def test_a_worker_stops_on_a_table_changelog_with_another_partition_count(services, tmp_path):
+    group = f"ops-parts-{secrets.token_hex(4)}"
+    changelog = f"{group}-notification-groups-changelog"
+
+    async def create_changelog() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(changelog, settings.topic_partitions + 2, 1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create_changelog())
+    result = start_worker_until_it_exits({"APP_ID": group, "DATA_DIR": str(tmp_path / "worker"),
+                                          "WEB_PORT": str(free_port())})
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"topic {changelog} has {settings.topic_partitions + 2} partitions" in result.stderr
