@@ -81,7 +81,9 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
     for notification_id, (_, event) in decoded.items():
         if notification_id not in known:
             letters.append(dead_letter_for(event.message, f"notification_id: no such notification {notification_id}"))
-    notifications = [n for n, _ in decoded.values() if n.notification_id in known]
+    # A settled one (SENT, FAILED, ...) has nothing left to deliver: the message is a redelivery or
+    # a replay, and is acknowledged without a send.
+    notifications = [n for n, _ in decoded.values() if known.get(n.notification_id) == "PENDING"]
     started = await start_deliveries(pool, delivery, notifications) if notifications else []
     return Intake(started, letters)
 

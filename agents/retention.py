@@ -44,6 +44,10 @@ _PRUNE_NOTIFICATIONS = """
 WITH doomed AS (
     SELECT notification_id FROM notifications
     WHERE created_at < now() - make_interval(secs => $1) AND status <> 'PENDING' AND emitted
+      -- Settled, yet with a delivery still PENDING (opened as it settled: a race records._OPEN
+      -- narrows but cannot close): kept until that delivery is done.
+      AND NOT EXISTS (SELECT 1 FROM deliveries d
+                      WHERE d.notification_id = notifications.notification_id AND d.status = 'PENDING')
     ORDER BY created_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED

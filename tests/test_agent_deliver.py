@@ -317,6 +317,64 @@ async def test_redelivered_notification_already_sent_posts_nothing(pool, dispatc
     assert await deliveries(pool, notification.notification_id) == {endpoint: ("webhook", "SENT", 1, None, True)}
 
 
+@pytest.mark.parametrize("first_answer", [200, 400], ids=["sent", "failed"])
+async def test_a_settled_notification_replayed_sends_nothing_to_an_endpoint_added_since(
+        pool, dispatcher, receiver, first_answer):
+    # docs/operations.md, "Replay a topic": a replay notifies nobody again, new endpoints included.
+    receiver.answer("hook", first_answer)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    await deliver(dispatcher, notification.encode())
+    settled = await notification_state(pool, notification.notification_id)
+    assert settled[0] == ("SENT" if first_answer == 200 else "FAILED")
+
+    await insert_endpoint(pool, client, rule, "webhook", receiver.url("added"))
+    [replayed] = await deliver(dispatcher, notification.encode())
+
+    assert replayed.started == [] and receiver.posts_to("added") == []
+    assert set(await deliveries(pool, notification.notification_id)) == {endpoint}
+    assert await notification_state(pool, notification.notification_id) == settled
+
+
+async def test_a_settled_notification_gets_no_new_delivery_row_even_past_the_intake_check(pool):
+    from alerting_app.delivery import records
+
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", "http://127.0.0.1:1/hook")
+    notification = await pending_notification(pool, client, [rule])
+    await pool.execute("UPDATE notifications SET status = 'SENT' WHERE notification_id = $1",
+                       notification.notification_id)
+
+    # Settled by another worker after this one's intake read it PENDING: _OPEN checks again.
+    assert await records.open_deliveries(pool, [notification], "worker-a", 60.0, []) == []
+    assert await deliveries(pool, notification.notification_id) == {}
+
+
+async def test_a_retry_reopens_only_deliveries_whose_endpoint_is_still_there_and_enabled(pool, dispatcher, receiver):
+    from alerting_app.delivery import records
+
+    receiver.answer("gone", 400)
+    receiver.answer("off", 400)
+    client, rule, gone = await tenant_with_endpoint(pool, "webhook", receiver.url("gone"))
+    off = await insert_endpoint(pool, client, rule, "webhook", receiver.url("off"))
+    notification = await pending_notification(pool, client, [rule])
+    await deliver(dispatcher, notification.encode())
+    assert (await notification_state(pool, notification.notification_id))[0] == "FAILED"
+
+    await pool.execute("DELETE FROM endpoints WHERE endpoint_id = $1", gone)
+    await pool.execute("UPDATE endpoints SET enabled = false WHERE endpoint_id = $1", off)
+    async with pool.acquire() as conn:
+        with pytest.raises(records.NotRetryable, match="deleted or disabled"):
+            await records.retry_failed(conn, notification.notification_id, client)
+        assert (await notification_state(pool, notification.notification_id))[0] == "FAILED"
+
+        await pool.execute("UPDATE endpoints SET enabled = true WHERE endpoint_id = $1", off)
+        assert await records.retry_failed(conn, notification.notification_id, client)
+    reopened = await deliveries(pool, notification.notification_id)
+    assert (reopened[gone][1], reopened[off][1]) == ("FAILED", "PENDING")
+    # Left due, it would be swept up by the tests that follow.
+    await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)
+
+
 async def test_notification_redelivered_while_its_delivery_is_in_hand_is_posted_once(pool, dispatcher, receiver):
     release = receiver.hold("hook")
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())

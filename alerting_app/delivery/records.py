@@ -17,20 +17,23 @@ from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 Conn = asyncpg.Pool | asyncpg.Connection
 
 _KNOWN = """
-SELECT n.notification_id::text
+SELECT n.notification_id::text, n.status
 FROM unnest($1::uuid[], $2::uuid[]) AS b(notification_id, client_id)
 JOIN notifications n ON n.notification_id = b.notification_id AND n.client_id = b.client_id
 """
 
-# One row per (notification, enabled endpoint of its matched rules). A row already there is
-# leased again only if it is still PENDING, due, and nobody holds it: a redelivered message
-# resumes what a dead worker left and leaves alone what is SENT, FAILED or in hand elsewhere.
+# One row per (notification, enabled endpoint of its matched rules), while the notification is
+# PENDING: a settled one gets no new row, so a redelivered or replayed message does not send it
+# to an endpoint added since. A row already there is leased again only if it is still PENDING,
+# due, and nobody holds it: a redelivered message resumes what a dead worker left and leaves alone
+# what is SENT, FAILED or in hand elsewhere.
 # Endpoints in $5 and clients in $7 (those this worker holds enough of) get an unleased row, for the
 # sweep; with no owner ($4 NULL: the worker is full) every row is left for the sweep.
 _OPEN = """
 WITH wanted AS (
     SELECT DISTINCT b.notification_id, e.endpoint_id, e.type, b.client_id
     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS b(notification_id, client_id, rule_id)
+    JOIN notifications n ON n.notification_id = b.notification_id AND n.status = 'PENDING'
     JOIN endpoints e ON e.rule_id = b.rule_id AND e.client_id = b.client_id AND e.enabled
 ), opened AS (
     INSERT INTO deliveries AS d (notification_id, endpoint_id, channel, status, leased_by, lease_until)
@@ -205,11 +208,15 @@ SELECT status FROM notifications
 WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
 FOR NO KEY UPDATE
 """
+# Only deliveries whose endpoint is still there and enabled: one deleted or disabled since would
+# fail again at once, and the tenant would have been told 202 for nothing.
 _REOPEN_FAILED = """
-UPDATE deliveries SET status = 'PENDING', attempts = 0, next_attempt_at = now(), leased_by = NULL,
-                      lease_until = NULL
-WHERE notification_id = $1 AND status = 'FAILED'
+UPDATE deliveries d SET status = 'PENDING', attempts = 0, next_attempt_at = now(), leased_by = NULL,
+                        lease_until = NULL
+FROM endpoints e
+WHERE d.notification_id = $1 AND d.status = 'FAILED' AND e.endpoint_id = d.endpoint_id AND e.enabled
 """
+_ANY_FAILED = "SELECT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = $1 AND status = 'FAILED')"
 _REOPEN_NOTIFICATION = """
 UPDATE notifications SET status = 'PENDING', detail = NULL, updated_at = now() WHERE notification_id = $1
 """
@@ -230,6 +237,9 @@ async def retry_failed(conn: asyncpg.Connection, notification_id: str | UUID, cl
             raise NotRetryable(f"the notification is {status}; only a FAILED one can be retried")
         reopened = int((await conn.execute(_REOPEN_FAILED, notification_id)).split()[-1])
         if not reopened:
+            if await conn.fetchval(_ANY_FAILED, notification_id):
+                raise NotRetryable("every endpoint this notification failed to reach has since been deleted "
+                                   "or disabled")
             # Settled FAILED with no delivery at all: no enabled endpoint on its rules when it came.
             raise NotRetryable("no delivery of this notification failed: it had no enabled endpoint")
         await conn.execute(_REOPEN_NOTIFICATION, notification_id)
@@ -279,9 +289,10 @@ def _endpoint(row: asyncpg.Record) -> Endpoint | None:
                     row["enabled"])
 
 
-async def known_notifications(conn: Conn, notifications: Sequence[NotificationReady]) -> set[str]:
+async def known_notifications(conn: Conn, notifications: Sequence[NotificationReady]) -> dict[str, str]:
+    """notification_id -> status, of those of `notifications` that are in Postgres (for their client)."""
     rows = await conn.fetch(_KNOWN, [n.notification_id for n in notifications], [n.client_id for n in notifications])
-    return {row[0] for row in rows}
+    return {row[0]: row[1] for row in rows}
 
 
 async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady], owner: str | None,
