@@ -34,7 +34,7 @@ from alerting_app.migrate import MigrationError, apply_migrations
 from alerting_app.roles import apply_roles, parse_roles
 from alerting_app.seed import MIXES
 from alerting_app.settings import ROLE_NAMES, ConfigurationError, require_services, roles_of
-from alerting_app.startup_wait import wait_before_start
+from alerting_app.startup_wait import check_before_waiting, wait_before_start
 from alerting_app.up import run_up
 
 
@@ -65,7 +65,12 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
             app.conf.logging_config = faust_logging_config(settings.log_format)
         apply_roles(app, parse_roles(settings.roles))
         # Only the worker keeps state on disk; Faust creates its folder inside DATA_DIR, not DATA_DIR.
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: cannot create {settings.data_dir}: "
+                                     f"{exc.strerror or exc}") from None
+        check_before_waiting(settings)
         wait_before_start(settings, kafka_admin.topic_names(), kafka_admin.changelog_topic_names())
         tune_garbage_collector()
         super().__call__(*args, **kwargs)

@@ -7,9 +7,11 @@ refuses to start without them (see `require_services`).
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -58,6 +60,14 @@ def _login_is_encoded(url: str) -> None:
 
 # What asyncpg accepts for these query parameters; any other key becomes a server setting.
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq connection options asyncpg's DSN parser does not take: it sends any key it does not know
+# to the server as a run-time setting, and the server refuses these.
+_LIBPQ_ONLY = frozenset({
+    "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+    "tcp_user_timeout", "channel_binding", "gssencmode", "gssdelegation", "requiressl", "sslcompression",
+    "sslsni", "sslcertmode", "sslkeylogfile", "hostaddr", "fallback_application_name", "load_balance_hosts",
+    "require_auth",
+})
 _SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 _IPV6_ADDRESS = re.compile(r"^\[[0-9A-Fa-f:.%]+\]$")
 
@@ -99,6 +109,10 @@ def _postgres_url(value: str) -> str:
         raise ValueError(f"{parsed.path[1:]!r} is not one database name")
     if "sslmode" in query and query["sslmode"].replace("_", "-") not in _SSLMODES:
         raise ValueError(f"sslmode={query['sslmode']!r} is not one of {', '.join(_SSLMODES)}")
+    libpq_only = sorted(set(query) & _LIBPQ_ONLY)
+    if libpq_only:
+        raise ValueError(f"{', '.join(libpq_only)}: libpq options asyncpg does not read (it would pass them to the "
+                         "server as settings, which refuses them, so no connection could be made); remove them")
     if "target_session_attrs" in query and query["target_session_attrs"] not in _SESSION_ATTRS:
         raise ValueError(f"target_session_attrs={query['target_session_attrs']!r} is not one of "
                          f"{', '.join(_SESSION_ATTRS)}")
@@ -137,7 +151,34 @@ def _unset_if_empty(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _default_if_empty(default: str) -> Callable[[object], object]:
+    # DATA_DIR= would otherwise be Path(""), the current directory.
+    return lambda value: default if isinstance(value, str) and not value.strip() else value
+
+
+def _stripped_or_unset(value: object) -> object:
+    # A token read from a secret store or an env file often ends in a newline, which no
+    # Authorization header can carry: kept, it would lock its holder out without a word.
+    return (value.strip() or None) if isinstance(value, str) else value
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _listen_address(value: str) -> str:
+    """An IP address or a host name; whether this machine has it is checked when the worker starts."""
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        if not _HOST_NAME.match(value):
+            raise ValueError("must be an IP address (0.0.0.0, 127.0.0.1, ::) or a host name") from None
+        return value
+    return value.strip("[]")
+
+
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
+Token = Annotated[Annotated[str, Field(min_length=16)] | None, BeforeValidator(_stripped_or_unset)]
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 _UPPER = BeforeValidator(lambda value: value.strip().upper() if isinstance(value, str) else value)
 SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT"], _UPPER]
 SaslMechanism = Annotated[Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN", "AWS_MSK_IAM"], _UPPER]
@@ -191,19 +232,19 @@ class Settings(BaseSettings):
     aws_default_region: OptionalText = None
     database_url: Annotated[PostgresUrl | None, BeforeValidator(_unset_if_empty)] = None
     redis_url: Annotated[RedisUrl | None, BeforeValidator(_unset_if_empty)] = None
-    admin_token: str | None = Field(default=None, min_length=16)
+    admin_token: Token = None
     # A token that may only send alerts (POST /api/v1/alerts), for the monitored systems: they need
     # not hold the admin token, which can delete tenants.
-    ingest_token: str | None = Field(default=None, min_length=16)
+    ingest_token: Token = None
 
     web_port: WebPort = Field(default=6066, ge=1, le=65535)
-    web_bind: str = "0.0.0.0"
+    web_bind: ListenAddress = "0.0.0.0"
     topic_partitions: int = Field(default=9, ge=1, le=10_000)
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
 
     # The Faust application id is also the Kafka consumer group and the prefix of table changelogs.
     app_id: str = Field(default="alerting-app", pattern=r"^[A-Za-z0-9._\-]+$")
-    data_dir: Path = Path(".alerting-data")
+    data_dir: Annotated[Path, BeforeValidator(_default_if_empty(".alerting-data"))] = Path(".alerting-data")
     store_url: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     # Short rebalance timeouts keep a dev broker (Tansu) joining quickly; Kafka/MSK can use more.
     broker_rebalance_timeout_s: float = Field(default=10.0, gt=0, le=600)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -24,9 +25,11 @@ from alerting_app.dependencies import (
     probe,
     redis_answers,
     redis_probe_client,
+    shipped_schema_version,
 )
 from alerting_app.kafka_admin import partition_mismatch
 from alerting_app.kafka_connection import kafka_connection
+from alerting_app.migrate import MigrationError
 from alerting_app.settings import ConfigurationError, Settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,24 @@ async def _wait(settings: Settings, topics: list[str]) -> None:
         log.info("broker, postgres and redis answer; starting the worker")
     finally:
         await runner.cleanup()
+
+
+def check_before_waiting(settings: Settings) -> None:
+    """What waiting would never fix, refused at once naming the variable: an address or port this
+    machine cannot listen on (WEB_BIND, WEB_PORT), and a migrations folder without migrations."""
+    try:
+        infos = socket.getaddrinfo(settings.web_bind, settings.web_port, type=socket.SOCK_STREAM)
+        family, kind, protocol, _, address = infos[0]
+        with socket.socket(family, kind, protocol) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's server does
+            listener.bind(address)
+    except OSError as exc:
+        raise ConfigurationError(f"Invalid configuration:\n  WEB_BIND, WEB_PORT: cannot listen on "
+                                 f"{settings.web_bind} port {settings.web_port}: {exc.strerror or exc}") from None
+    try:
+        shipped_schema_version()
+    except MigrationError as exc:
+        raise ConfigurationError(f"Invalid configuration:\n  MIGRATIONS_DIR: {exc}") from None
 
 
 def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Iterable[str] = ()) -> None:

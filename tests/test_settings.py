@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 
 import pytest
@@ -44,6 +45,12 @@ BAD_VALUES = [
     ("REDIS_URL", "redis://cache:6379/first"),
     ("REDIS_URL", "redis://"),
     ("REDIS_URL", "redis://cache:6379/0?socket_timeout=soon"),
+    # libpq options asyncpg would send to the server as settings: the worker would wait for ever.
+    ("DATABASE_URL", "postgresql://alerting@db/alerting?connect_timeout=10"),
+    ("DATABASE_URL", "postgresql://alerting@db/alerting?sslmode=require&keepalives=1"),
+    # The worker failed to listen with a traceback, after 200 lines of log.
+    ("WEB_BIND", "not an address"),
+    ("WEB_BIND", "-leading.example"),
 ]
 
 
@@ -247,3 +254,42 @@ def test_a_service_url_set_empty_counts_as_unset(monkeypatch, variable):
     monkeypatch.setenv(variable, "  ")
 
     assert getattr(load_settings(), variable.lower()) is None
+
+
+@pytest.mark.parametrize("variable", ["ADMIN_TOKEN", "INGEST_TOKEN"])
+def test_a_token_set_empty_is_unset_and_one_with_a_trailing_newline_is_stripped(monkeypatch, variable):
+    # README: `up` generates ADMIN_TOKEN when it is not set, and VAR= is "not set" everywhere.
+    monkeypatch.setenv(variable, "")
+    assert getattr(load_settings(), variable.lower()) is None
+    # From a secret store or an env file: no Authorization header can carry the newline, so the
+    # token kept as given could never be presented.
+    monkeypatch.setenv(variable, "token-from-a-secret-file\n")
+    assert getattr(load_settings(), variable.lower()) == "token-from-a-secret-file"
+
+
+def test_data_dir_set_empty_is_the_default_not_the_current_folder(monkeypatch):
+    monkeypatch.setenv("DATA_DIR", "")
+    assert str(load_settings().data_dir) == ".alerting-data"
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"WEB_BIND": "192.0.2.1"}, "WEB_BIND, WEB_PORT: cannot listen on 192.0.2.1"),  # not this machine's
+    ({"MIGRATIONS_DIR": "/nonexistent/migrations"}, "MIGRATIONS_DIR: migrations folder /nonexistent/migrations"),
+    ({"DATA_DIR": "/proc/no-such-folder"}, "DATA_DIR: cannot create /proc/no-such-folder"),
+])
+def test_worker_stops_at_once_naming_what_waiting_would_not_fix(env, named, tmp_path):
+    result = _run_worker(**{"DATA_DIR": str(tmp_path / "data"), **env})
+
+    assert result.returncode == 1
+    assert named in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_worker_stops_naming_web_port_when_another_process_listens_on_it():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_worker(WEB_BIND="127.0.0.1", WEB_PORT=str(port))
+
+    assert result.returncode == 1
+    assert f"WEB_BIND, WEB_PORT: cannot listen on 127.0.0.1 port {port}" in result.stderr, result.stderr[-2000:]
