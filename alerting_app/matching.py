@@ -31,7 +31,7 @@ SilenceLookup = Callable[[str, Alert], str | None]
 # once the inner tuple of keys is.
 HeldRule = tuple[str, str, str, str, bool, int, int, int, tuple[str, ...]]
 # Positions in a HeldRule read on the matching path.
-_CLIENT_ID, _GROUP_WINDOW_S = 0, 6
+_CLIENT_ID, _GROUP_WINDOW_S, _REPEAT_INTERVAL_S, _FINGERPRINT_KEYS = 0, 6, 7, 8
 # (group_window_s, repeat_interval_s, fingerprint_keys) of a rule that neither groups nor suppresses.
 _AT_ONCE: tuple[int, int, tuple[str, ...]] = (0, 0, ())
 
@@ -177,30 +177,33 @@ class RuleIndex:
 def matched_messages(alert: Alert, index: RuleIndex, silenced_by: SilenceLookup | None = None) -> list[AlertMatched]:
     """One `alerts.matched` message per matching client, listing all of its matching rules.
 
-    Each carries the settings of the client's group rule: of its matching rules the one with the
-    shortest group window, so an urgent rule is never delayed by a digest rule; ties go to the
-    smallest rule_id. Also the repeat fingerprint when that rule suppresses repeats (None otherwise:
-    hashing costs, and nothing would compare it), and the silence that mutes the alert for that
-    client, if `silenced_by` finds one.
+    Each carries the group window of the client's group rule: of its matching rules the one with
+    the shortest group window, so an urgent rule is never delayed by a digest rule; ties go to the
+    smallest rule_id. Its repeat setting is `repeat_setting`'s, with the repeat fingerprint when
+    there is one (None otherwise: hashing costs, and nothing would compare it), and the silence that
+    mutes the alert for that client, if `silenced_by` finds one.
     """
     grouping = index.grouping_rules
     messages = []
     for client_id, rule_ids in sorted(index.match(alert).items()):
         if len(rule_ids) == 1:
             group_rule_id = rule_ids[0]
+            held = grouping.get(group_rule_id)
+            group_window_s, repeat_interval_s, fingerprint_keys = held[6:] if held is not None else _AT_ONCE
         else:
             # min() keeps the first of equal windows, and rule_ids are sorted: the smallest rule_id.
             group_rule_id = min(rule_ids, key=lambda rule_id: (grouping[rule_id][_GROUP_WINDOW_S]
                                                                if rule_id in grouping else 0))
-        held = grouping.get(group_rule_id)
+            held = grouping.get(group_rule_id)
+            group_window_s = held[_GROUP_WINDOW_S] if held is not None else 0
+            repeat_interval_s, fingerprint_keys = repeat_setting(rule_ids, grouping)
         silence_id = silenced_by(client_id, alert) if silenced_by is not None else None
-        if held is None and silence_id is None:
+        if not group_window_s and not repeat_interval_s and silence_id is None:
             # The common case, other fields left at their defaults: every field given is validated,
             # and validating all of them cost the evaluator a tenth of its matching time.
             messages.append(AlertMatched(alert=alert, client_id=client_id, rule_ids=rule_ids,
                                          group_rule_id=group_rule_id))
             continue
-        group_window_s, repeat_interval_s, fingerprint_keys = held[6:] if held is not None else _AT_ONCE
         messages.append(AlertMatched(
             alert=alert, client_id=client_id, rule_ids=rule_ids, group_rule_id=group_rule_id,
             group_window_s=group_window_s, repeat_interval_s=repeat_interval_s,
@@ -208,3 +211,22 @@ def matched_messages(alert: Alert, index: RuleIndex, silenced_by: SilenceLookup 
             silenced_by=silence_id,
         ))
     return messages
+
+
+def repeat_setting(rule_ids: list[str], grouping: Mapping[str, HeldRule]) -> tuple[int, tuple[str, ...]]:
+    """(repeat_interval_s, fingerprint_keys) of one client's notification of an alert its rules
+    `rule_ids` (sorted) all match.
+
+    The notification goes to the endpoints of every one of them, so a repeat is suppressed only
+    when every one suppresses repeats: one rule that asks for every alert gets it, whichever rule_ids
+    the rules were given. Then the shortest interval applies, with that rule's fingerprint keys (tie:
+    the smallest rule_id): the least suppression any of them asked for.
+    """
+    chosen = None
+    for rule_id in rule_ids:
+        held = grouping.get(rule_id)
+        if held is None or not held[_REPEAT_INTERVAL_S]:
+            return 0, ()
+        if chosen is None or held[_REPEAT_INTERVAL_S] < chosen[_REPEAT_INTERVAL_S]:
+            chosen = held
+    return chosen[_REPEAT_INTERVAL_S], chosen[_FINGERPRINT_KEYS]

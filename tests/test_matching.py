@@ -191,7 +191,8 @@ def test_the_alert_joins_the_group_of_the_clients_rule_with_the_shortest_window(
     [message] = matched_messages(alert(), index)
 
     assert message.rule_ids == ["r1", "r2", "r3"]
-    assert (message.group_rule_id, message.group_window_s, message.repeat_interval_s) == ("r2", 300, 900)
+    # r3 suppresses no repeat, so none is suppressed (repeat_setting).
+    assert (message.group_rule_id, message.group_window_s, message.repeat_interval_s) == ("r2", 300, 0)
 
 
 def test_an_immediate_rule_wins_over_any_digest_rule_of_the_client():
@@ -237,21 +238,46 @@ def test_without_repeat_suppression_no_fingerprint_is_computed():
     assert (message.repeat_interval_s, message.fingerprint) == (0, None)
 
 
-def test_the_fingerprint_uses_the_group_rules_context_keys():
+def test_the_fingerprint_uses_the_context_keys_of_the_rule_with_the_shortest_repeat_interval():
     index = RuleIndex([
-        upsert("r1", repeat_interval_s=600, fingerprint_keys=("host",)),
-        upsert("r2", name=WILDCARD, group_window_s=60, repeat_interval_s=60, fingerprint_keys=("region",)),
+        upsert("r1", repeat_interval_s=60, fingerprint_keys=("host",)),
+        upsert("r2", name=WILDCARD, group_window_s=60, repeat_interval_s=600, fingerprint_keys=("region",)),
     ])
     on_web_1 = alert(context={"host": "web-1", "region": "eu"})
 
     [message] = matched_messages(on_web_1, index)
 
-    assert message.group_rule_id == "r1"
+    assert (message.group_rule_id, message.repeat_interval_s) == ("r1", 60)
     assert message.fingerprint == fingerprint_of("client-a", on_web_1, ["host"])
     [same_host_other_region] = matched_messages(alert(alert_id="a2", context={"host": "web-1", "region": "us"}), index)
     [other_host] = matched_messages(alert(alert_id="a3", context={"host": "web-2", "region": "eu"}), index)
     assert same_host_other_region.fingerprint == message.fingerprint
     assert other_host.fingerprint != message.fingerprint
+
+
+@pytest.mark.parametrize(("plain", "suppressing"), [("r1", "r2"), ("r2", "r1")])
+def test_a_repeat_is_not_suppressed_while_another_matching_rule_asks_for_every_alert(plain, suppressing):
+    # One notification goes to both rules' endpoints: suppressing it would hide the repeat from the
+    # rule that wants every alert. Whichever rule_id sorts first.
+    index = RuleIndex([upsert(plain, name=WILDCARD),
+                       upsert(suppressing, repeat_interval_s=3600, fingerprint_keys=("host",))])
+
+    [message] = matched_messages(alert(context={"host": "web-1"}), index)
+
+    assert (message.repeat_interval_s, message.fingerprint) == (0, None)
+
+
+@pytest.mark.parametrize("ids", [("r1", "r2"), ("r2", "r1")])
+def test_when_every_matching_rule_suppresses_the_shortest_interval_applies_whatever_the_ids(ids):
+    long_id, short_id = ids
+    index = RuleIndex([upsert(long_id, repeat_interval_s=3600, fingerprint_keys=("region",)),
+                       upsert(short_id, name=WILDCARD, repeat_interval_s=300, fingerprint_keys=("host",))])
+    on_web_1 = alert(context={"host": "web-1", "region": "eu"})
+
+    [message] = matched_messages(on_web_1, index)
+
+    assert message.repeat_interval_s == 300
+    assert message.fingerprint == fingerprint_of("client-a", on_web_1, ["host"])
 
 
 def test_the_same_alert_has_a_different_fingerprint_for_each_client():
