@@ -254,8 +254,17 @@ async def record_matches(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMa
     """Record decoded matches into `aggregation`: its notifications in input order, its dead letters."""
     # Most matches take the plain path; silenced, grouped and repeat-checked
     # ones need the aggregate state (record_stateful).
-    plain = [(event, matched) for event, matched in decoded if not needs_state(matched)]
-    stateful = [(event, matched) for event, matched in decoded if needs_state(matched)]
+    stateful_paths = [needs_state(matched) for _, matched in decoded]
+    if any(stateful_paths):
+        # An alert takes the path of its first match in the batch. The plain path runs first, so a
+        # later match of an alert first silenced or grouped (sent again once the silence ended, or
+        # the rule changed) would otherwise be notified before the first one's fate was recorded.
+        first_path: dict[tuple[str, str], bool] = {}
+        for (_, matched), stateful_path in zip(decoded, stateful_paths):
+            first_path.setdefault((matched.client_id, matched.alert.alert_id), stateful_path)
+        stateful_paths = [first_path[(matched.client_id, matched.alert.alert_id)] for _, matched in decoded]
+    plain = [pair for pair, stateful_path in zip(decoded, stateful_paths) if not stateful_path]
+    stateful = [pair for pair, stateful_path in zip(decoded, stateful_paths) if stateful_path]
     if plain:
         try:
             aggregation.ready.extend(await record_first_matches(conn, [matched for _, matched in plain]))

@@ -114,3 +114,46 @@ async def test_a_client_deleted_while_its_stateful_match_is_recorded_is_a_dead_l
     [letter] = aggregation.dead_letters
     assert letter.offset == 1 and letter.reason == f"client_id: no such client {deleted}"
     assert alert_ids(aggregation.ready) == [matches[0].alert.alert_id]
+
+
+async def test_an_alert_silenced_and_matched_again_in_one_batch_keeps_its_first_fate(pool):
+    # Sent again once its silence ended, both matches in one batch (aggregate lagging): the plain
+    # path runs first, and used to notify the second before the first was recorded SILENCED.
+    client = await insert_client(pool)
+    silenced = matched(client).model_copy(update={"silenced_by": str(uuid.uuid4())})
+    again = silenced.model_copy(update={"silenced_by": None})
+
+    aggregation = await aggregate_batch(pool, [event(silenced, 0), event(again, 1)])
+
+    assert aggregation.ready == []
+    assert [row["status"] for row in await pool.fetch(
+        "SELECT status FROM notifications WHERE client_id = $1", client)] == ["SILENCED"]
+
+
+class TableEvent:
+    """An event the group table can file a write under (it keeps a weak reference to it)."""
+
+    def __init__(self, message: SimpleNamespace) -> None:
+        self.message = message
+
+
+async def test_an_alert_grouped_and_matched_again_at_once_in_one_batch_stays_in_its_group(pool, pipeline):
+    from test_grouping import grouped
+    from test_grouping import matched as match_of
+
+    client = await insert_client(pool)
+    in_group = grouped(client, str(uuid.uuid4()), window_s=300)
+    # Its rule's window set to 0 meanwhile: the alert sent again is a plain match.
+    again = match_of(client, in_group.rule_ids, in_group.alert)
+
+    aggregation = await aggregate_batch(pool, [TableEvent(event(in_group, 0).message),
+                                               TableEvent(event(again, 1).message)])
+
+    assert aggregation.ready == []
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", client) == 0
+    assert await pool.fetchval("SELECT count(*) FROM notification_alerts WHERE client_id = $1", client) == 1
+    # Closed here, as its window would: the group lists the alert once (and no later test finds it open).
+    from agents.close_groups import close_due_groups
+    from test_grouping import ALL_PARTITIONS
+    closed = await close_due_groups(pool, time.time() + 301, ALL_PARTITIONS)
+    assert [ready.alerts for ready in closed if ready.client_id == client] == [[in_group.alert]]
