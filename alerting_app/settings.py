@@ -63,6 +63,7 @@ _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 # libpq connection options asyncpg's DSN parser does not take: it sends any key it does not know
 # to the server as a run-time setting, and the server refuses these.
 _LIBPQ_ONLY = frozenset({
+    "sslcrldir",
     "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
     "tcp_user_timeout", "channel_binding", "gssencmode", "gssdelegation", "requiressl", "sslcompression",
     "sslsni", "sslcertmode", "sslkeylogfile", "hostaddr", "fallback_application_name", "load_balance_hosts",
@@ -325,6 +326,9 @@ class Settings(BaseSettings):
     # login, so a password never crosses in clear; true: always required; false: never (a relay
     # on the same host, say), the login included.
     smtp_starttls: Annotated[bool | None, BeforeValidator(_unset_if_empty)] = None
+    # PEM CA certificates to check the relay's certificate against when TLS is required (a login,
+    # or SMTP_STARTTLS=true): a relay with a private CA. Default: the system's CAs.
+    smtp_ssl_cafile: OptionalFile = None
     # Empty (SMTP_USER= in a compose file) is "not set": no login, not a login with empty credentials.
     smtp_user: OptionalText = None
     smtp_password: OptionalSecret = None
@@ -399,6 +403,12 @@ class Settings(BaseSettings):
             raise ValueError("INGEST_TOKEN must differ from ADMIN_TOKEN: it is the token that may only send alerts")
         if (self.smtp_user is None) != (self.smtp_password is None):
             raise ValueError("SMTP_USER and SMTP_PASSWORD are set together or not at all")
+        if self.smtp_ssl_cafile is not None:
+            try:
+                ssl.create_default_context(cafile=str(self.smtp_ssl_cafile))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"SMTP_SSL_CAFILE ({self.smtp_ssl_cafile}) cannot be loaded as CA certificates: "
+                                 f"{exc}") from None
         if self.delivery_backoff_initial_s > self.delivery_backoff_max_s:
             raise ValueError("DELIVERY_BACKOFF_INITIAL_S must not exceed DELIVERY_BACKOFF_MAX_S")
         # Leases are renewed once per sweep loop, when a third of the lease has passed: a lease

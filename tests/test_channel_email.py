@@ -80,6 +80,16 @@ def relay_tls(tmp_path, monkeypatch) -> ssl.SSLContext:
     return context
 
 
+@pytest.fixture
+def untrusted_relay_tls(tmp_path) -> tuple[ssl.SSLContext, str]:
+    """A relay's TLS context from a CA nobody here trusts (a self-signed relay), and that CA's file."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "private-ca.pem")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context, str(tmp_path / "private-ca.pem")
+
+
 def with_login(settings: Settings, password: str = "s3cret", **changes) -> Settings:
     return settings.model_copy(update={"smtp_user": "alerts", "smtp_password": SecretStr(password), **changes})
 
@@ -88,6 +98,33 @@ async def test_mail_goes_over_tls_whenever_the_relay_offers_starttls(relay_tls):
     with SmtpServer(starttls=relay_tls) as smtp:
         await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
         assert smtp.over_tls == [True]
+
+
+async def test_opportunistic_tls_takes_a_relays_certificate_nobody_here_trusts(untrusted_relay_tls):
+    # As mail servers do with each other: encrypted rather than in clear, whoever the relay is.
+    context, _ = untrusted_relay_tls
+    with SmtpServer(starttls=context) as smtp:
+        await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+        assert smtp.over_tls == [True]
+
+
+async def test_a_login_needs_the_relays_certificate_to_check_out_against_smtp_ssl_cafile(untrusted_relay_tls):
+    context, private_ca = untrusted_relay_tls
+    with SmtpServer(logins={"alerts": "s3cret"}, starttls=context) as smtp:
+        with pytest.raises(RetryableDeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
+            await send_email(with_login(smtp_settings(smtp.port)), "oncall@example.com", notification())
+        assert smtp.logged_in == []
+
+        await send_email(with_login(smtp_settings(smtp.port), smtp_ssl_cafile=private_ca), "oncall@example.com",
+                         notification())
+        assert smtp.logged_in == ["alerts"] and smtp.over_tls == [True]
+
+
+def test_an_smtp_ca_file_that_is_not_one_stops_start_up_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "not-a-ca.pem").write_text("not a certificate")
+    monkeypatch.setenv("SMTP_SSL_CAFILE", str(tmp_path / "not-a-ca.pem"))
+    with pytest.raises(ValueError, match="SMTP_SSL_CAFILE"):
+        Settings()
 
 
 async def test_smtp_starttls_false_keeps_the_conversation_in_clear(relay_tls):

@@ -53,8 +53,8 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
     """Delete the client, its rules and silences (each announced), endpoints and notifications."""
     pool = await db.pool()
     async with pool.acquire() as conn, conn.transaction():
-        # Locking the client first makes a concurrent rule insert for it wait, then fail its foreign
-        # key: no rule can appear after its delete event was written.
+        # Locking the client first makes a concurrent rule insert for it wait (web/quotas.py), then
+        # find no client: no rule can appear after its delete event was written.
         if await conn.fetchval(LOCK_CLIENT, client_id, caller.client_id) is None:
             return False
         for rule in await conn.fetch(LOCK_RULES, client_id):

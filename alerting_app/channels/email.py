@@ -57,6 +57,11 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
                 hostname=settings.smtp_host,
                 port=settings.smtp_port,
                 start_tls=start_tls(settings),
+                # Opportunistic TLS (no setting, no login) encrypts without checking whose
+                # certificate it is, as mail servers do with each other: a relay's self-signed
+                # certificate must not stop mail that would otherwise go in clear.
+                validate_certs=start_tls(settings) is not None,
+                cert_bundle=str(settings.smtp_ssl_cafile) if settings.smtp_ssl_cafile else None,
                 username=settings.smtp_user,
                 password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
                 timeout=settings.smtp_timeout_s,
@@ -86,7 +91,9 @@ _RELAY_SETTINGS_REPLIES = frozenset({530, 534, 535, 538})
 
 
 def start_tls(settings: Settings) -> bool | None:
-    """aiosmtplib's `start_tls`: None upgrades when the relay offers STARTTLS; True requires it."""
+    """aiosmtplib's `start_tls`: None upgrades when the relay offers STARTTLS (then the certificate
+    is not checked); True requires it, and the relay's certificate must be valid for SMTP_HOST
+    (against SMTP_SSL_CAFILE, else the system's CAs)."""
     if settings.smtp_starttls is None and settings.smtp_user is not None:
         return True  # a password is never sent in clear unless SMTP_STARTTLS=false says so
     return settings.smtp_starttls
