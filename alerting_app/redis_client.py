@@ -5,14 +5,26 @@ from redis.asyncio import Redis
 
 from alerting_app.app import settings
 
+# A Redis that stops answering (a paused VM, a failover that leaves the connection open) must fail
+# the calls waiting on it, so that their deliveries are retried later, not hold them and the send
+# slots they hold for ever while the sweep keeps their leases alive. A pipeline of a few hundred
+# small commands answers in milliseconds. A query option of REDIS_URL (`?socket_timeout=10`)
+# overrides these: redis-py lets the URL's options win.
+REDIS_TIMEOUT_S = 5.0
+
 _client: Redis | None = None
+
+
+def client_for(url: str) -> Redis:
+    return Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                          socket_keepalive=True, health_check_interval=30)
 
 
 def redis() -> Redis:
     # redis.asyncio connects lazily, per command, so creating the client needs no await.
     global _client
     if _client is None:
-        _client = Redis.from_url(settings.redis_url)
+        _client = client_for(settings.redis_url)
     return _client
 
 

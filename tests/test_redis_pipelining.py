@@ -3,11 +3,13 @@ caller gets its own answer or its own error."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
 
 from alerting_app.redis_pipelining import PipelinedRedis
 
@@ -65,3 +67,25 @@ async def test_a_script_redis_does_not_know_is_loaded_and_run(redis):
     script = redis.register_script(f"-- {uuid.uuid4()}\nreturn ARGV[1] .. KEYS[1]")
     assert await pipelined.script(script, ["k"], ["v"]) == b"vk"
     assert await pipelined.script(script, ["k2"], ["v"]) == b"vk2"
+
+
+async def test_a_redis_that_stops_answering_fails_its_callers_instead_of_holding_them(tmp_path):
+    # A paused Redis VM, or a failover that leaves the connection open: the deliveries waiting on
+    # it must fail (to be retried later), not hold their send slots for ever.
+    from alerting_app import redis_client
+    from alerting_app.embedded import EmbeddedServices
+
+    with EmbeddedServices(tmp_path) as services:
+        url = services.start(kafka=False, postgres=False)["REDIS_URL"]
+        [server] = services.children
+        client = redis_client.client_for(url)
+        pipelined = PipelinedRedis(client)
+        assert await pipelined.call(lambda pipe: pipe.ping())
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(60):  # a guard for the suite; REDIS_TIMEOUT_S fails it far sooner
+                with pytest.raises(RedisTimeoutError):
+                    await pipelined.call(lambda pipe: pipe.set("test:paused", 1, ex=60))
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+            await client.aclose()
