@@ -477,6 +477,45 @@ async def test_a_delivery_sent_but_not_recorded_is_recorded_sent_without_posting
     assert await notification_state(pool, notification.notification_id) == ("SENT", None)
 
 
+async def test_a_delivery_taken_over_is_found_sent_before_it_waits_for_its_endpoints_token(pool, dispatcher,
+                                                                                            receiver):
+    # Its sent mark lasts DELIVERY_SENT_MARKER_TTL_S; the token of a slow endpoint can take longer.
+    # Looked for only after that wait, the mark would be gone, and the claim would send it again.
+    from alerting_app import redis_client
+    from alerting_app.delivery.claims import SENT_MARK, claim_key
+
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    await pool.execute("UPDATE endpoints SET rate_limit_per_s = 0.001 WHERE endpoint_id = $1", endpoint)  # 1 in 1,000 s
+    first = await pending_notification(pool, client, [rule])
+    await deliver(dispatcher, first.encode())  # takes the endpoint's one token
+    taken_over = await pending_notification(pool, client, [rule])
+    await open_abandoned_delivery(pool, taken_over, endpoint, attempts=0)
+    await redis_client.redis().set(claim_key(taken_over.notification_id, endpoint), SENT_MARK, ex=60)
+
+    async with asyncio.timeout(30):  # a guard: waiting for the token would take 1,000 s
+        [job] = await sweep(pool, dispatcher)
+        await dispatcher.drained()
+        await until_settled(pool, taken_over.notification_id)
+
+    assert job.resumed
+    assert [post.body["notification_id"] for post in receiver.posts] == [first.notification_id]
+    assert await notification_state(pool, taken_over.notification_id) == ("SENT", None)
+
+
+async def test_a_row_a_redelivered_message_finds_is_resumed_and_a_new_one_is_not(pool):
+    from alerting_app.delivery import records
+
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", "http://127.0.0.1:1/hook")
+    notification = await pending_notification(pool, client, [rule])
+    [opened] = await records.open_deliveries(pool, [notification], "worker-a", 60.0, [])
+    await pool.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'"
+                       " WHERE notification_id = $1", notification.notification_id)
+    [found] = await records.open_deliveries(pool, [notification], "worker-b", 60.0, [])
+
+    assert (opened.resumed, found.resumed) == (False, True)
+    await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)
+
+
 async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, dispatcher, receiver):
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])

@@ -352,6 +352,11 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s, job.attempts + 1)
     started = time.time()
     try:
+        if job.resumed and await claims.is_sent(ctx.redis, *job.key):
+            # Sent by the row's earlier holder, which died before recording it. Looked for before
+            # the wait for slots and tokens: the claim after that wait (a rate-limited backlog can
+            # take hours) may find the mark expired, and send again.
+            raise AlreadySent()
         try:
             # The first attempt without the retry machinery: nearly every delivery needs no more,
             # and a tenacity loop per delivery was a tenth of the worker's CPU.

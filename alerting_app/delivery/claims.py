@@ -57,6 +57,11 @@ async def claim(redis: PipelinedRedis, notification_id: str, endpoint_id: str, t
     return Claim(ClaimState.BUSY, key, busy_for_s=max(ttl_left_ms, 100) / 1000)
 
 
+async def is_sent(redis: PipelinedRedis, notification_id: str, endpoint_id: str) -> bool:
+    """Whether the delivery is marked sent, without claiming it."""
+    return await redis.call(lambda pipe: pipe.get(claim_key(notification_id, endpoint_id))) == SENT_MARK
+
+
 async def mark_sent(redis: PipelinedRedis, claimed: Claim, ttl_s: int) -> None:
     # Overwrites the claim's token: from now on the key says "sent" and nobody can release it.
     await redis.call(lambda pipe: pipe.set(claimed.key, SENT_MARK, ex=ttl_s))

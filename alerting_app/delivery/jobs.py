@@ -22,6 +22,10 @@ class DeliveryJob:
     endpoint_id: str
     endpoint: Endpoint | None  # None: the endpoint was deleted since the delivery was opened
     attempts: int  # attempts already recorded, by this or an earlier worker
+    # Taken up again: a row an earlier holder had (the sweep), or one a redelivered message found.
+    # That holder may have sent it and died before recording it: its sent mark is looked for
+    # first, before the wait for slots and tokens, which may outlast the mark (attempts.deliver).
+    resumed: bool = False
 
     @property
     def key(self) -> tuple[str, str]:

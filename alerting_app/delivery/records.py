@@ -47,10 +47,11 @@ WITH wanted AS (
         SET leased_by = EXCLUDED.leased_by, lease_until = EXCLUDED.lease_until
         WHERE d.status = 'PENDING' AND EXCLUDED.leased_by IS NOT NULL AND d.next_attempt_at <= now()
           AND (d.lease_until IS NULL OR d.lease_until < now())
-    RETURNING d.notification_id, d.endpoint_id, d.attempts, d.leased_by
+    -- xmax is 0 on a row this statement inserted, set on one it updated (found already there).
+    RETURNING d.notification_id, d.endpoint_id, d.attempts, d.leased_by, d.xmax::text <> '0' AS resumed
 )
 SELECT o.notification_id::text, o.attempts, e.endpoint_id::text, e.type, e.value, e.secret,
-       e.rate_limit_per_s, e.enabled
+       e.rate_limit_per_s, e.enabled, o.resumed
 FROM opened o JOIN endpoints e ON e.endpoint_id = o.endpoint_id
 WHERE o.leased_by = $4
 """
@@ -99,7 +100,7 @@ WITH held AS (
     FROM ranked r LEFT JOIN held_by_client hc ON hc.client_id = r.client_id
     WHERE r.nth <= r.room
 ), due AS (
-    SELECT d.notification_id, d.endpoint_id
+    SELECT d.notification_id, d.endpoint_id, d.leased_by IS NOT NULL AS resumed
     FROM within_endpoint_room r JOIN deliveries d ON d.notification_id = r.notification_id
                                                  AND d.endpoint_id = r.endpoint_id
     WHERE r.nth_of_client <= r.client_room
@@ -111,10 +112,10 @@ WITH held AS (
 ), leased AS (
     UPDATE deliveries d SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
     FROM due WHERE d.notification_id = due.notification_id AND d.endpoint_id = due.endpoint_id
-    RETURNING d.notification_id, d.endpoint_id, d.attempts
+    RETURNING d.notification_id, d.endpoint_id, d.attempts, due.resumed
 )
 SELECT l.notification_id::text, l.attempts, l.endpoint_id::text, e.type, e.value, e.secret,
-       e.rate_limit_per_s, e.enabled,
+       e.rate_limit_per_s, e.enabled, l.resumed,
        n.client_id::text, n.alerts, n.rule_ids::text[], extract(epoch FROM n.created_at)::float8 AS created_at,
        n.truncated_alerts, n.group_rule_id::text
 FROM leased l
@@ -302,8 +303,8 @@ async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady]
     by_id = {n.notification_id: n for n in notifications}
     rows = await conn.fetch(_OPEN, *_pairs(notifications), owner, list(unleased_endpoints), lease_s,
                             list(unleased_clients))
-    return [DeliveryJob(by_id[row["notification_id"]], row["endpoint_id"], _endpoint(row), row["attempts"])
-            for row in rows]
+    return [DeliveryJob(by_id[row["notification_id"]], row["endpoint_id"], _endpoint(row), row["attempts"],
+                        row["resumed"]) for row in rows]
 
 
 async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, int], backlog: int,
@@ -323,7 +324,7 @@ async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, i
             created_at=row["created_at"], truncated_alerts=row["truncated_alerts"],
             group_rule_id=row["group_rule_id"],
         )
-        jobs.append(DeliveryJob(notification, row["endpoint_id"], _endpoint(row), row["attempts"]))
+        jobs.append(DeliveryJob(notification, row["endpoint_id"], _endpoint(row), row["attempts"], row["resumed"]))
     return jobs
 
 
