@@ -516,6 +516,25 @@ async def test_a_row_a_redelivered_message_finds_is_resumed_and_a_new_one_is_not
     await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)
 
 
+async def test_a_rate_the_tenant_raises_reaches_a_delivery_already_waiting_for_its_token(pool, dispatcher, receiver,
+                                                                                          monkeypatch):
+    from alerting_app.delivery import rate_limits
+
+    monkeypatch.setattr(rate_limits, "RATE_RECHECK_S", 0.2)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    await pool.execute("UPDATE endpoints SET rate_limit_per_s = 0.001 WHERE endpoint_id = $1", endpoint)  # 1 in 1,000 s
+    first, second = [await pending_notification(pool, client, [rule]) for _ in range(2)]
+    await put(first.encode(), second.encode())
+    await receiver.wait_for_posts(1)  # the first took the one token; the second waits 1,000 s for the next
+
+    await pool.execute("UPDATE endpoints SET rate_limit_per_s = 100 WHERE endpoint_id = $1", endpoint)  # PATCHed
+    async with asyncio.timeout(30):
+        await until_settled(pool, second.notification_id)
+
+    assert sorted(post.body["notification_id"] for post in receiver.posts) == sorted(
+        [first.notification_id, second.notification_id])
+
+
 async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, dispatcher, receiver):
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])

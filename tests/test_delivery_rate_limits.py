@@ -83,3 +83,40 @@ async def test_a_rate_below_one_an_hour_is_one_an_hour(services):
 
     assert await limits._try(bucket, 1e-5) == 0.0  # the bucket's one token
     assert 3590 < await limits._try(bucket, 1e-5) <= 3600
+
+
+async def test_a_rate_raised_while_a_delivery_waits_for_its_token_reaches_it(services, monkeypatch):
+    # One an hour, raised by PATCH to 100/s: the held deliveries used to wait out the hour, on the
+    # old rate's schedule in Redis.
+    from alerting_app.delivery import rate_limits as module
+
+    monkeypatch.setattr(module, "RATE_RECHECK_S", 0.2)
+    limits = rate_limits(services.redis_url, burst_s=1.0)
+    bucket, slow = f"endpoint:{uuid.uuid4()}", 1 / 3600
+    assert await limits.take_in_turn(bucket, slow) == slow  # the bucket's one token
+    answers = iter([None])  # the first read fails (None: unknown), the next sees the new rate
+
+    async def rate_now() -> float | None:
+        return next(answers, 100.0)
+
+    async with asyncio.timeout(30):  # a guard: the old rate's next token is an hour away
+        assert await limits.take_in_turn(bucket, slow, rate_now) == 100.0
+        # A delivery taken up with the old rate, after that: the new one, without reading it again.
+        assert await limits.take_in_turn(bucket, slow) == 100.0
+    # One taken up with the rate as it is now is not overridden.
+    assert await limits.take_in_turn(bucket, 50.0) == 50.0
+
+
+async def test_a_rate_changed_to_unlimited_while_waiting_lets_the_delivery_go(services, monkeypatch):
+    from alerting_app.delivery import rate_limits as module
+
+    monkeypatch.setattr(module, "RATE_RECHECK_S", 0.2)
+    limits = rate_limits(services.redis_url, burst_s=1.0)
+    bucket, slow = f"endpoint:{uuid.uuid4()}", 1 / 3600
+    await limits.take_in_turn(bucket, slow)
+
+    async def unlimited() -> float:
+        return 0.0
+
+    async with asyncio.timeout(30):
+        assert await limits.take_in_turn(bucket, slow, unlimited) == 0.0

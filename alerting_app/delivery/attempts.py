@@ -178,7 +178,7 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     shared = (EMAIL_BUCKET, email_rate) if endpoint.channel == "email" and email_rate > 0 else None
     slots = ctx.send_slots(job)
     async with slots.endpoint:
-        await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared)
+        await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared, lambda: _rate_now(job, ctx))
         try:
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
             if claim.state is claims.ClaimState.SENT:
@@ -199,8 +199,21 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
 Bucket = tuple[str, float]  # a rate limit's Redis bucket and its rate per second
 
 
+async def _rate_now(job: DeliveryJob, ctx: DeliveryContext) -> float | None:
+    """The endpoint's rate as the tenant has it now (read while a token is far off); None if unknown."""
+    try:
+        endpoint = await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
+    except Exception:
+        log.warning("could not read endpoint %s's rate again; keeping its rate", job.endpoint_id, exc_info=True)
+        return None
+    if endpoint is None:
+        return None
+    return endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else ctx.settings.endpoint_rate_limit_per_s
+
+
 async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own: Bucket | None,
-                                  shared: Bucket | None) -> None:
+                                  shared: Bucket | None,
+                                  own_rate_now: Callable[[], Awaitable[float | None]] | None = None) -> None:
     """Return holding the client's and the worker's send slots, with a token of the endpoint's own
     bucket and of the shared one (all email), where there are limits, taken for this send.
 
@@ -218,8 +231,9 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own
         await _client_then_shared(slots, rate_limits, shared, taken)
         return
     async with rate_limits.turn(own[0]):
-        await rate_limits.take_in_turn(*own)
-        taken.append((*own, time.monotonic()))
+        rate = await rate_limits.take_in_turn(*own, own_rate_now)
+        if rate > 0:  # 0: the tenant lifted the limit while this delivery waited
+            taken.append((own[0], rate, time.monotonic()))
         await _client_then_shared(slots, rate_limits, shared, taken)
 
 

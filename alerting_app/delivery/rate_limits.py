@@ -13,6 +13,7 @@ these buckets are the library's: a bucket drained by one is drained for the othe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from fractions import Fraction
 
@@ -22,6 +23,9 @@ from throttled.rate_limiter.gcra import RedisLimitAtomicActionSpec
 from alerting_app.redis_pipelining import PipelinedRedis
 
 EMAIL_BUCKET = "email"
+# A token further off than this is waited for in steps of it, the bucket's rate read again between
+# them (`take_in_turn`): a tenant who raises a slow endpoint's rate does not wait out the old one.
+RATE_RECHECK_S = 5.0
 _LONGEST_PERIOD_S = 3600
 _SLOWEST_RATE = Fraction(1, _LONGEST_PERIOD_S)  # per second
 
@@ -36,6 +40,9 @@ class RateLimits:
         # One waiter per bucket in this worker polls Redis; the others queue behind it here, so
         # a backlog costs Redis one call per token, not one per waiting delivery.
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # bucket -> its lock, how many want it
+        # bucket -> (the rate deliveries were taken up with, the rate read since): deliveries
+        # already held with the old rate use the new one, without reading it again themselves.
+        self._rates_read: dict[str, tuple[float, float]] = {}
 
     def _limiter(self, rate_per_s: float):
         # The library counts whole requests per whole seconds: 2.5/s is 5 per 2 s. Below one per
@@ -57,21 +64,44 @@ class RateLimits:
             self._script, [key], [emission_interval, capacity, 1])
         return float(retry_after) if limited else 0.0
 
+    async def _try_at(self, bucket: str, rate_per_s: float) -> float:
+        # Each rate a bucket has had gets a Redis key of its own, so a changed rate starts on a
+        # schedule of its own, not on the old rate's (one an hour, raised, would wait out the hour).
+        return await self._try(f"{bucket}:{rate_per_s:g}", rate_per_s)
+
     async def try_take(self, bucket: str, rate_per_s: float) -> bool:
         """Take a token of `bucket` if there is one now; whether there was (a rate of 0 is unlimited)."""
-        return rate_per_s <= 0 or not await self._try(bucket, rate_per_s)
+        return rate_per_s <= 0 or not await self._try_at(bucket, rate_per_s)
 
     def turn(self, bucket: str) -> "_Turn":
         """This worker's turn at `bucket` (`async with`): one delivery at a time waits for its token
         (and, in attempts.py, for the send slot it spends it in); the others queue here."""
         return _Turn(self._turns, bucket)
 
-    async def take_in_turn(self, bucket: str, rate_per_s: float) -> None:
-        """Wait for a token of `bucket`, holding its turn (a rate of 0 is unlimited)."""
-        if rate_per_s <= 0:
-            return
-        while wait_s := await self._try(bucket, rate_per_s):
-            await asyncio.sleep(wait_s)
+    async def take_in_turn(self, bucket: str, rate_per_s: float,
+                           rate_now: Callable[[], Awaitable[float | None]] | None = None) -> float:
+        """Wait for a token of `bucket`, holding its turn; the rate it was taken at (0: unlimited).
+
+        With `rate_now` (the rate as it is now; None: unknown), a wait longer than RATE_RECHECK_S is
+        taken in steps, reading the rate again between them.
+        """
+        taken_up_with = rate_per_s
+        read = self._rates_read.get(bucket)
+        if read is not None and read[0] == taken_up_with:
+            rate_per_s = read[1]
+        while rate_per_s > 0:
+            wait_s = await self._try_at(bucket, rate_per_s)
+            if not wait_s:
+                return rate_per_s
+            if rate_now is None or wait_s <= RATE_RECHECK_S:
+                await asyncio.sleep(wait_s)
+                continue
+            await asyncio.sleep(RATE_RECHECK_S)
+            rate = await rate_now()
+            if rate is not None and rate != rate_per_s:
+                rate_per_s = rate
+                self._rates_read[bucket] = (taken_up_with, rate)
+        return 0.0
 
     async def take(self, bucket: str, rate_per_s: float) -> None:
         """Wait for a token of `bucket` (a rate of 0 is unlimited)."""
