@@ -120,3 +120,17 @@ async def test_a_rate_changed_to_unlimited_while_waiting_lets_the_delivery_go(se
 
     async with asyncio.timeout(30):
         assert await limits.take_in_turn(bucket, slow, unlimited) == 0.0
+
+
+async def test_deployments_sharing_one_redis_share_no_bucket(services):
+    # Staging and production on one Redis: each keeps its own all-email limit and endpoint buckets.
+    from alerting_app.delivery.rate_limits import email_bucket, endpoint_bucket
+
+    limits = rate_limits(services.redis_url, burst_s=1.0)
+    staging, production = f"staging-{uuid.uuid4()}", f"production-{uuid.uuid4()}"
+    assert await limits.try_take(email_bucket(staging), 1.0)
+    assert not await limits.try_take(email_bucket(staging), 1.0)  # staging's one token is spent
+    assert await limits.try_take(email_bucket(production), 1.0)
+    endpoint_id = str(uuid.uuid4())
+    assert await limits.try_take(endpoint_bucket(staging, endpoint_id), 1.0)
+    assert await limits.try_take(endpoint_bucket(production, endpoint_id), 1.0)

@@ -29,7 +29,7 @@ from alerting_app.channels.webhook import send_webhook
 from alerting_app.contracts import DeadLetter
 from alerting_app.delivery import claims
 from alerting_app.delivery.jobs import DeliveryJob, Endpoint
-from alerting_app.delivery.rate_limits import EMAIL_BUCKET, RateLimits
+from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint_bucket
 from alerting_app.delivery.recorder import FAILED, PENDING, SENT, Recorder
 from alerting_app.delivery.records import DeliveryChange
 from alerting_app.redis_pipelining import PipelinedRedis
@@ -173,9 +173,9 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     """
     endpoint, settings = job.endpoint, ctx.settings
     rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
-    own = (f"endpoint:{endpoint.endpoint_id}", rate) if rate > 0 else None
+    own = (endpoint_bucket(settings.app_id, endpoint.endpoint_id), rate) if rate > 0 else None
     email_rate = settings.email_rate_limit_per_s
-    shared = (EMAIL_BUCKET, email_rate) if endpoint.channel == "email" and email_rate > 0 else None
+    shared = (email_bucket(settings.app_id), email_rate) if endpoint.channel == "email" and email_rate > 0 else None
     slots = ctx.send_slots(job)
     async with slots.endpoint:
         await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared, lambda: _rate_now(job, ctx))

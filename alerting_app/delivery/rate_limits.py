@@ -22,7 +22,15 @@ from throttled.rate_limiter.gcra import RedisLimitAtomicActionSpec
 
 from alerting_app.redis_pipelining import PipelinedRedis
 
-EMAIL_BUCKET = "email"
+def endpoint_bucket(app_id: str, endpoint_id: str) -> str:
+    # APP_ID first: deployments sharing one Redis (staging and production, say) share no bucket.
+    return f"{app_id}:endpoint:{endpoint_id}"
+
+
+def email_bucket(app_id: str) -> str:
+    return f"{app_id}:email"
+
+
 # A token further off than this is waited for in steps of it, the bucket's rate read again between
 # them (`take_in_turn`): a tenant who raises a slow endpoint's rate does not wait out the old one.
 RATE_RECHECK_S = 5.0
