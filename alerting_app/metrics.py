@@ -53,6 +53,6 @@ for _stage in STAGES:
 
 # Set when /metrics is scraped (web/operations.py).
 consumer_lag = Gauge("alerting_consumer_lag_messages",
-                     "Messages on this worker's assigned partitions not yet fetched (highwater - position)",
+                     "Messages on this worker's assigned partitions past the group's last commit (end offset - committed)",
                      ["topic"])
 rules_held = Gauge("alerting_rules_held", "Rules in this worker's rule index, enabled or not")
