@@ -41,6 +41,11 @@ async def pipeline(services):
                 asyncio.ensure_future(silence_replica.run(settings.kafka_bootstrap_servers, "silence.changed"))]
     await rule_replica.wait_until_caught_up()
     await silence_replica.wait_until_caught_up()
+    # The table changelogs, which a worker creates at start-up, with TOPIC_PARTITIONS partitions:
+    # a test writing a table first would have the broker create one with its own count, and every
+    # later worker of this APP_ID would refuse to start on it (alerting_app/startup_wait.py).
+    for table in app.tables.values():
+        await table.changelog_topic.maybe_declare()
     yield app
     for replica in replicas:
         replica.cancel()
