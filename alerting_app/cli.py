@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 import click
 from click.core import ParameterSource
 from faust.cli import AppCommand, argument, option
+from faust.cli.send import send as FaustSendCommand
 from faust.cli.worker import worker as FaustWorkerCommand
 
 import agents  # noqa: F401  registers the agents on the app
@@ -78,6 +79,17 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
     def on_worker_created(self, worker: Any) -> None:
         if settings.log_format == "text":  # Faust's banner is a table: not for a JSON log stream
             super().on_worker_created(worker)
+
+
+class send(FaustSendCommand):  # noqa: N801  the class name is the command name; it replaces Faust's
+    """Send a message to a topic (Faust's `send`), to the broker of KAFKA_BOOTSTRAP_SERVERS.
+
+    Without the variable Faust would try its own default, localhost:9092, and end in a traceback.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+        return super().__call__(*args, **kwargs)
 
 
 def _loglevel_given(ctx: click.Context | None) -> bool:

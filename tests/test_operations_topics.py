@@ -194,3 +194,25 @@ def test_a_value_that_is_not_json_after_all_is_shown_raw_and_the_line_stays_json
                             headers=())
     line = json.dumps(decoded(record), allow_nan=False)
     assert json.loads(line)["value_raw"] == value.decode()
+
+
+async def test_send_puts_a_corrected_message_on_a_topic_as_docs_operations_says(services):
+    # docs/operations.md, "Dead-letter topics": a corrected message is sent again with `send`.
+    topic = await create_topic(services.kafka_bootstrap_servers, partitions=1)
+
+    sent = run("send", topic, "--key-serializer", "raw", "--value-serializer", "raw", "--key", "a-1",
+               '{"alert_id": "a-1"}')
+    assert sent.returncode == 0, sent.stderr[-2000:]
+
+    tailed = run("tail", topic, "--from-beginning", "--limit", "1")
+    [line] = [json.loads(line) for line in tailed.stdout.splitlines()]
+    assert (line["key"], line["value"]) == ("a-1", {"alert_id": "a-1"})
+
+
+def test_send_without_a_broker_set_stops_naming_the_variable():
+    environment = {name: value for name, value in os.environ.items() if name != "KAFKA_BOOTSTRAP_SERVERS"}
+    result = subprocess.run([alerting_app_executable(), "send", "alerts.new", "{}"], env=environment,
+                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+
+    assert result.returncode == 1
+    assert "KAFKA_BOOTSTRAP_SERVERS must be set" in result.stderr and "Traceback" not in result.stderr
