@@ -40,8 +40,20 @@ def faust_logging_config(log_format: str) -> dict | None:
     }
 
 
+# Loggers kept at or above a level whatever the worker's: aiokafka logs every request it sends at
+# DEBUG, the SASL login's included, and with SASL PLAIN that request holds the password in clear.
+QUIETER_LOGGERS = {"aiokafka.conn": logging.INFO}
+
+
+def quiet_credential_loggers() -> None:
+    # A logger's own level outlives Faust's logging set-up, which configures the root and its handlers.
+    for name, level in QUIETER_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def log_to_stderr(log_format: str, level: str | int) -> None:
     """Logging before Faust sets up its own (the worker's wait for its services)."""
+    quiet_credential_loggers()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.root.handlers[:] = [handler]

@@ -47,13 +47,16 @@ def _login_is_encoded(url: str) -> None:
     ends the host there, so the login's first part would be read as host:port and an error about
     that "host" would show it. ('@' after the host, in a query value, is fine.)
     """
-    netloc = urllib.parse.urlsplit(url).netloc
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
     if netloc.count("@") > 1:
         raise ValueError("the user or password holds '@' as it is: URL-encode it (%40)")
     rest = url.partition("://")[2][len(netloc):]
     looks_like_a_login = ":" in netloc and not netloc.startswith("[") and not all(
         host.rpartition(":")[2].isdigit() for host in netloc.split(","))
-    if "@" not in netloc and "@" in rest and looks_like_a_login:
+    # An '@' in the path is one too, even where the login's start looks like host:port
+    # (`user:1234/5678@host`): an error about the path would show the rest of the password.
+    if "@" not in netloc and ("@" in parts.path or ("@" in rest and looks_like_a_login)):
         raise ValueError("the user or password holds '/', '?' or '#' as it is: URL-encode them "
                          "(%2F, %3F, %23)")
 
@@ -449,12 +452,17 @@ _URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
 _QUERY_PASSWORD = re.compile(r"(password=)[^&#]*")  # postgresql://db/alerts?user=app&password=...
 
 
+def without_passwords(text: str) -> str:
+    """`text` with the passwords of the URLs in it (`user:***@`, `password=***`) left out."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
 def _shown(variable: str, value: object) -> str:
     """A bad value as the error shows it: secrets, and passwords inside URLs, left out of logs."""
     if variable in _SECRETS:
         return "a value that is not shown"
     if isinstance(value, str):
-        value = _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", value))
+        value = without_passwords(value)
     return repr(value)
 
 
@@ -466,7 +474,9 @@ def load_settings() -> Settings:
         for error in exc.errors():
             if error["loc"]:
                 variable = str(error["loc"][0]).upper()
-                lines.append(f"  {variable}: {error['msg']} (got {_shown(variable, error.get('input'))})")
+                # The message may quote part of the value too (a URL's database, say).
+                message = "a value that is not shown" if variable in _SECRETS else without_passwords(error["msg"])
+                lines.append(f"  {variable}: {message} (got {_shown(variable, error.get('input'))})")
             else:
                 # A check across settings: its message names the variables, and its input would be
                 # every setting given, secrets included.

@@ -27,7 +27,7 @@ from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import republish
 from alerting_app.migrate import apply_migrations
-from alerting_app.settings import Settings
+from alerting_app.settings import Settings, without_passwords
 
 _WORKER_READY_TIMEOUT_S = 300.0
 
@@ -130,7 +130,8 @@ def _run_up(settings: Settings, data_dir: Path) -> int:
                 print(f"starting embedded {names} under {services.folder}…", flush=True)
             env = {**os.environ, **services.start(**missing)}
             env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
-            if not env.get("ADMIN_TOKEN"):  # the one printed; not written when one is set
+            token_generated = not env.get("ADMIN_TOKEN")
+            if token_generated:  # the one printed; not written when one is set
                 env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
             env.setdefault("ALLOW_PRIVATE_ENDPOINTS", "true")  # the local run's webhooks are local
             # This machine only, unless asked: with private endpoints allowed, the API would let
@@ -140,7 +141,7 @@ def _run_up(settings: Settings, data_dir: Path) -> int:
             with WorkerProcess(env, data_dir / "worker.log") as worker:
                 print(f"starting the worker (log: {worker.log_path})…", flush=True)
                 worker.wait_until_ready()
-                print(_instructions(env, worker.url, data_dir), flush=True)
+                print(_instructions(env, worker.url, data_dir, token_generated), flush=True)
                 print("ready", flush=True)
                 code = worker.child.process.wait()
                 print(f"the worker exited with code {code}; see {worker.log_path}", file=sys.stderr)
@@ -199,21 +200,28 @@ def _example_alert(alert_id: str) -> str:
     return json.dumps(alert, separators=(",", ":"))
 
 
-def _instructions(env: dict[str, str], api_url: str, data_dir: Path) -> str:
-    token, kafka = env["ADMIN_TOKEN"], env["KAFKA_BOOTSTRAP_SERVERS"]
+def _instructions(env: dict[str, str], api_url: str, data_dir: Path, token_generated: bool = True) -> str:
+    """What `up` prints once the platform is up. A token or password the user set is not printed:
+    the output may go to a shared terminal or a CI log. (The embedded services have no password.)"""
+    kafka = env["KAFKA_BOOTSTRAP_SERVERS"]
+    if token_generated:
+        shown_token, token_setting = env["ADMIN_TOKEN"], f"ADMIN_TOKEN={shlex.quote(env['ADMIN_TOKEN'])}"
+    else:
+        shown_token = "yours, from the environment (not shown)"
+        token_setting = 'ADMIN_TOKEN="${ADMIN_TOKEN:?export your ADMIN_TOKEN first}"'
     first, second = (_example_alert(alert_id) for alert_id in ("a-1", "a-2"))
     # `alerting-app api`, not curl: Python is all a fresh machine is sure to have.
     return f"""
 alerting-app is up.
   API             {api_url}/api/v1      (metrics at {api_url}/metrics)
   Kafka           {kafka}
-  PostgreSQL      {env["DATABASE_URL"]}
-  Redis           {env["REDIS_URL"]}
+  PostgreSQL      {without_passwords(env["DATABASE_URL"])}
+  Redis           {without_passwords(env["REDIS_URL"])}
   data and logs   {data_dir}
-  ADMIN_TOKEN     {token}
+  ADMIN_TOKEN     {shown_token}
 
 Try it (in another shell):
-  APP={shlex.quote(alerting_app_executable())} API={api_url}/api/v1 ADMIN_TOKEN={shlex.quote(token)}
+  APP={shlex.quote(alerting_app_executable())} API={api_url}/api/v1 {token_setting}
   # a client; its API key is shown only in this answer
   KEY=$("$APP" api POST $API/clients '{{"name":"acme"}}' --token "$ADMIN_TOKEN" --field api_key)
   # a rule of that client: severity=HIGH, source=payments, any name

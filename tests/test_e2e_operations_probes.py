@@ -155,3 +155,19 @@ def test_a_worker_on_an_unmigrated_schema_waits_and_starts_once_migrated(service
             worker.stop()
         asyncio.run(drop_database(services.server_url, name))
 
+
+
+def test_what_up_prints_shows_no_password_and_no_token_the_user_set(tmp_path):
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092", "ADMIN_TOKEN": "the-users-own-admin-token",
+           "DATABASE_URL": "postgresql://app:PgS3cret@db.internal:5432/alerts",
+           "REDIS_URL": "redis://:R3disPw@cache.internal:6379/0"}
+
+    printed = _instructions(env, "http://127.0.0.1:6066", tmp_path, token_generated=False)
+
+    assert not any(secret in printed for secret in ("PgS3cret", "R3disPw", "the-users-own-admin-token")), printed
+    assert "postgresql://app:***@db.internal:5432/alerts" in printed
+    # The lines to try still work in a shell where the user exported the token.
+    assert 'ADMIN_TOKEN="${ADMIN_TOKEN:?' in printed
+    # A token `up` generated is the user's only way to learn it: that one is printed.
+    assert "generated-token" in _instructions({**env, "ADMIN_TOKEN": "generated-token"}, "http://127.0.0.1:6066",
+                                              tmp_path)

@@ -60,3 +60,22 @@ def test_the_worker_up_starts_logs_at_log_level_and_is_still_seen_ready(start_wo
 
     log = worker.log()
     assert "[INFO]" not in log and "[^Worker]: Ready" not in log, log
+
+
+
+def test_at_log_level_debug_the_kafka_connections_requests_are_not_logged():
+    # aiokafka logs every request at DEBUG, the SASL login's included: with PLAIN, its password.
+    import logging
+
+    from alerting_app.json_logs import log_to_stderr
+
+    root_level, root_handlers = logging.root.level, logging.root.handlers[:]
+    try:
+        log_to_stderr("text", "debug")
+        assert logging.root.isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("aiokafka.conn").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("aiokafka.conn").isEnabledFor(logging.INFO)
+    finally:
+        logging.root.setLevel(root_level)
+        logging.root.handlers[:] = root_handlers
+        logging.getLogger("aiokafka.conn").setLevel(logging.NOTSET)
