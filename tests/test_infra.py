@@ -470,3 +470,18 @@ def test_terraform_keeps_logs_and_exposes_what_operators_need():
     outputs = {name for block in terraform_blocks("output") for name in block}
     assert {"cluster_name", "service_names", "migrate_task_definition_arn", "run_migrations_command",
             "log_group_name", "security_group_id"} <= outputs
+
+
+def test_terraform_refuses_secrets_in_plain_environment_variables():
+    # Plain environment variables are readable in the task definition and in the Terraform state.
+    variables = {name: body for block in terraform_blocks("variable") for name, body in block.items()}
+    [redis_check] = [check["condition"] for check in variables["redis_url"]["validation"]]
+    extra_checks = [check["condition"] for check in variables["extra_environment"]["validation"]]
+    password_in_url = re.compile(re.search(r'regex\("([^"]+)"', redis_check).group(1))
+    assert password_in_url.search("rediss://:s3cret@master.x.cache.amazonaws.com:6379/0")
+    assert password_in_url.search("redis://user:s3cret@cache:6379/0")
+    assert not password_in_url.search("rediss://master.x.cache.amazonaws.com:6379/0")
+    assert any(password_in_url.pattern in check and "REDIS_URL" in check for check in extra_checks)
+    forbidden = set(re.findall(r'"([A-Z_]+)"', next(check for check in extra_checks if "setintersection" in check)))
+    settings_secrets = {"ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD", "DATABASE_URL"}
+    assert settings_secrets <= forbidden

@@ -152,6 +152,12 @@ variable "redis_url" {
   description = "REDIS_URL of ElastiCache, e.g. rediss://master.xxx.cache.amazonaws.com:6379/0. If it carries a password, put it in extra_secrets as REDIS_URL instead and leave this null."
   type        = string
   default     = null
+
+  validation {
+    # In clear in the task definition and the state: a password belongs in extra_secrets.
+    condition     = var.redis_url == null || !can(regex("://[^/@]*:[^/@]*@", var.redis_url))
+    error_message = "redis_url carries a password: put the URL in extra_secrets as REDIS_URL (an ARN) and leave redis_url null."
+  }
 }
 
 variable "secrets_kms_key_arn" {
@@ -161,9 +167,19 @@ variable "secrets_kms_key_arn" {
 }
 
 variable "extra_environment" {
-  description = "More environment variables for every container (e.g. SMTP_HOST, LOG_LEVEL, WEBHOOK_TIMEOUT_S)."
+  description = "More environment variables for every container (e.g. SMTP_HOST, LOG_LEVEL, WEBHOOK_TIMEOUT_S). Secrets go in extra_secrets."
   type        = map(string)
   default     = {}
+
+  validation {
+    # Plain environment variables are readable in the task definition and the Terraform state.
+    condition     = length(setintersection(keys(var.extra_environment), ["ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD", "DATABASE_URL"])) == 0
+    error_message = "ADMIN_TOKEN, INGEST_TOKEN, SMTP_PASSWORD, KAFKA_SASL_PASSWORD and DATABASE_URL are secrets: give them in extra_secrets (or their own *_secret_arn variable), not extra_environment."
+  }
+  validation {
+    condition     = !can(regex("://[^/@]*:[^/@]*@", lookup(var.extra_environment, "REDIS_URL", "")))
+    error_message = "extra_environment.REDIS_URL carries a password: give it in extra_secrets instead."
+  }
 }
 
 variable "extra_secrets" {
