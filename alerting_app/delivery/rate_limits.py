@@ -22,6 +22,7 @@ from throttled.rate_limiter.gcra import RedisLimitAtomicActionSpec
 
 from alerting_app.redis_pipelining import PipelinedRedis
 
+
 def endpoint_bucket(app_id: str, endpoint_id: str) -> str:
     # APP_ID first: deployments sharing one Redis (staging and production, say) share no bucket.
     return f"{app_id}:endpoint:{endpoint_id}"
