@@ -13,7 +13,6 @@ import uuid
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from agents.aggregate import aggregate_matches, record_first_matches
 from agents.close_groups import close_due_groups
@@ -26,11 +25,7 @@ from kafka_probe import read_topic
 from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
-async def group_changelog(pipeline):
-    """The table's changelog topic, which a worker creates at start-up."""
-    await groups.open_groups.changelog_topic.maybe_declare()
-
+# The group table's changelog is created by the `pipeline` fixture (test_agent_support.py).
 ALL_PARTITIONS = set(range(64))
 
 

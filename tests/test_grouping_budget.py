@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import uuid
 
-import pytest_asyncio
 
 from agents import aggregate
 from agents.aggregate import aggregate_matches
@@ -21,12 +20,6 @@ from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa
 
 BROKER_MESSAGE_LIMIT = 1_000_000  # Faust's producer_max_request_size, the smaller of the two limits
 EMOJI = "\U0001F525"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def group_changelog(pipeline):
-    """The table's changelog topic, which a worker creates at start-up."""
-    await groups.open_groups.changelog_topic.maybe_declare()
 
 
 def emoji_alert() -> Alert:
@@ -92,7 +85,7 @@ def test_a_value_near_its_budget_lists_a_new_groups_first_alert_without_context(
 
 
 @AGENT_LOOP
-async def test_the_agent_groups_and_the_closer_notifies_an_alert_too_large_for_a_message(pool, group_changelog):
+async def test_the_agent_groups_and_the_closer_notifies_an_alert_too_large_for_a_message(pool):
     client, rule = await insert_client(pool), str(uuid.uuid4())
     big = emoji_alert()
     match = grouped(client, rule, big)
@@ -164,7 +157,7 @@ def test_a_value_within_a_message_keeps_all_its_groups():
 
 @AGENT_LOOP
 async def test_a_client_whose_open_groups_outgrow_a_message_has_the_oldest_notified_early_and_loses_no_alert(
-        pool, group_changelog):
+        pool):
     client = await insert_client(pool)
     rules = [str(uuid.uuid4()) for _ in range(150)]
     alerts = [crowded_alert(n) for n in range(len(rules))]
@@ -195,7 +188,7 @@ async def test_a_client_whose_open_groups_outgrow_a_message_has_the_oldest_notif
 
 @AGENT_LOOP
 async def test_groups_closed_early_whose_emit_never_happened_are_emitted_by_the_clients_next_batch(
-        pool, group_changelog, monkeypatch):
+        pool, monkeypatch):
     client = await insert_client(pool)
     # Small budgets, so that a few dozen groups of ordinary alerts outgrow them.
     monkeypatch.setattr(groups, "MAX_VALUE_BYTES", 16 * 1024)

@@ -21,8 +21,7 @@ from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
 async def group_changelog(pipeline):
-    await groups.open_groups.changelog_topic.maybe_declare()
-    await groups.prepare_writes()
+    await groups.prepare_writes()  # the changelog itself is created by the `pipeline` fixture
 
 
 def a_value() -> groups.ClientGroups:

@@ -10,7 +10,6 @@ import json
 import time
 import uuid
 
-import pytest_asyncio
 
 from agents.aggregate import aggregate_matches
 from agents.close_groups import close_due_groups
@@ -20,12 +19,6 @@ from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 
 ALL_PARTITIONS = set(range(64))
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
-async def group_changelog(pipeline):
-    """The table's changelog topic, which a worker creates at start-up."""
-    await groups.open_groups.changelog_topic.maybe_declare()
 
 
 def grouped(client_id: str, rule_id: str, window_s: int = 5, context: dict | None = None) -> AlertMatched:
