@@ -199,14 +199,22 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
 Bucket = tuple[str, float]  # a rate limit's Redis bucket and its rate per second
 
 
+async def _endpoint_read_again(job: DeliveryJob, ctx: DeliveryContext) -> tuple[bool, Endpoint | None]:
+    """(whether it could be read, the endpoint as the tenant has it now: None once deleted).
+
+    Bounded: a delivery did not need Postgres before, and must not stall on it now.
+    """
+    try:
+        return True, await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
+    except Exception:
+        log.warning("could not read endpoint %s again; going on with it as it was", job.endpoint_id, exc_info=True)
+        return False, None
+
+
 async def _rate_now(job: DeliveryJob, ctx: DeliveryContext) -> float | None:
     """The endpoint's rate as the tenant has it now (read while a token is far off); None if unknown."""
-    try:
-        endpoint = await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
-    except Exception:
-        log.warning("could not read endpoint %s's rate again; keeping its rate", job.endpoint_id, exc_info=True)
-        return None
-    if endpoint is None:
+    read, endpoint = await _endpoint_read_again(job, ctx)
+    if not read or endpoint is None:
         return None
     return endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else ctx.settings.endpoint_rate_limit_per_s
 
@@ -348,11 +356,8 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     async def endpoint_as_it_is_now() -> None:
         """Before a retry: the endpoint as the tenant has it now, or no retry if it is gone."""
         nonlocal job
-        try:
-            # Bounded: retries did not need Postgres before, and must not stall on it now.
-            endpoint = await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
-        except Exception:
-            log.warning("could not read endpoint %s again; retrying it as it was", job.endpoint_id, exc_info=True)
+        read, endpoint = await _endpoint_read_again(job, ctx)
+        if not read:
             return
         if endpoint is None:
             raise EndpointGone("endpoint was deleted")
