@@ -56,7 +56,7 @@ def _login_is_encoded(url: str) -> None:
         host.rpartition(":")[2].isdigit() for host in netloc.split(","))
     # An '@' in the path is one too, even where the login's start looks like host:port
     # (`user:1234/5678@host`): an error about the path would show the rest of the password.
-    if "@" not in netloc and ("@" in parts.path or ("@" in rest and looks_like_a_login)):
+    if "@" not in netloc and ("@" in parts.path or "@" in parts.fragment or ("@" in rest and looks_like_a_login)):
         raise ValueError("the user or password holds '/', '?' or '#' as it is: URL-encode them "
                          "(%2F, %3F, %23)")
 

@@ -535,6 +535,46 @@ async def test_a_rate_the_tenant_raises_reaches_a_delivery_already_waiting_for_i
         [first.notification_id, second.notification_id])
 
 
+async def test_an_endpoint_disabled_while_a_delivery_waits_for_its_token_gets_no_send(pool, dispatcher, receiver,
+                                                                                     monkeypatch):
+    from alerting_app.delivery import rate_limits
+
+    monkeypatch.setattr(rate_limits, "RATE_RECHECK_S", 0.2)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    await pool.execute("UPDATE endpoints SET rate_limit_per_s = 0.001 WHERE endpoint_id = $1", endpoint)
+    first, second = [await pending_notification(pool, client, [rule]) for _ in range(2)]
+    await put(first.encode(), second.encode())
+    await receiver.wait_for_posts(1)  # the second waits 1,000 s for its token
+
+    await pool.execute("UPDATE endpoints SET enabled = false WHERE endpoint_id = $1", endpoint)
+    async with asyncio.timeout(30):
+        await until_settled(pool, second.notification_id)
+
+    assert [post.body["notification_id"] for post in receiver.posts] == [first.notification_id]
+    assert await deliveries(pool, second.notification_id) == {
+        endpoint: ("webhook", "FAILED", 0, "endpoint was disabled", False)}
+
+
+async def test_a_sent_mark_redis_cannot_be_asked_for_is_no_attempt_and_no_error():
+    from alerting_app.delivery.attempts import DeliveryContext, _marked_sent
+    from alerting_app.delivery.jobs import DeliveryJob
+    from alerting_app.embedded import free_port
+    from alerting_app.redis_pipelining import PipelinedRedis
+    from redis.asyncio import Redis
+
+    unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    ctx = DeliveryContext(settings=None, session=None, redis=PipelinedRedis(unreachable), rate_limits=None,
+                          recorder=None, send_slots=None)
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000.5, severity="HIGH", source="payments", name="n")
+    notification = NotificationReady(client_id=str(uuid.uuid4()), alerts=[alert], rule_ids=[str(uuid.uuid4())])
+    job = DeliveryJob(notification=notification, endpoint_id=str(uuid.uuid4()), endpoint=None, attempts=0,
+                      resumed=True)
+    try:
+        assert await _marked_sent(job, ctx) is False
+    finally:
+        await unreachable.aclose()
+
+
 async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, dispatcher, receiver):
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])

@@ -7,6 +7,8 @@ import uuid
 
 from datetime import timedelta
 
+import pytest
+
 from redis.asyncio import Redis
 from throttled.asyncio import RateLimiterType, Throttled, rate_limiter, store
 
@@ -105,6 +107,9 @@ async def test_a_rate_raised_while_a_delivery_waits_for_its_token_reaches_it(ser
         assert await limits.take_in_turn(bucket, slow) == 100.0
     # One taken up with the rate as it is now is not overridden.
     assert await limits.take_in_turn(bucket, 50.0) == 50.0
+    # Nor one whose endpoint was read after the new rate was: the tenant set the old rate back.
+    with pytest.raises(TimeoutError):  # it waits for the old rate's next token, an hour away
+        await asyncio.wait_for(limits.take_in_turn(bucket, slow, read_at=time.monotonic()), 1.0)
 
 
 async def test_a_rate_changed_to_unlimited_while_waiting_lets_the_delivery_go(services, monkeypatch):

@@ -94,6 +94,7 @@ def test_a_bad_service_url_is_shown_without_its_password(monkeypatch):
     # A password whose part before the '/' is digits: the login looked like host:port.
     ("REDIS_URL", "redis://user:1234/5678@host:6379/0", "1234/5678"),
     ("DATABASE_URL", "postgresql://app:1234/pw99@db:5432/alerts", "1234/pw99"),
+    ("DATABASE_URL", "postgresql://app:1234#5678@db.example/alerts", "1234#5678"),
 ])
 def test_a_password_that_is_not_url_encoded_is_refused_without_showing_any_of_it(monkeypatch, variable, url,
                                                                                  password):

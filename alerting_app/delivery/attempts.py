@@ -178,7 +178,7 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     shared = (email_bucket(settings.app_id), email_rate) if endpoint.channel == "email" and email_rate > 0 else None
     slots = ctx.send_slots(job)
     async with slots.endpoint:
-        await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared, lambda: _rate_now(job, ctx))
+        await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared, lambda: _rate_now(job, ctx), job.read_at)
         try:
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
             if claim.state is claims.ClaimState.SENT:
@@ -199,29 +199,47 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
 Bucket = tuple[str, float]  # a rate limit's Redis bucket and its rate per second
 
 
-async def _endpoint_read_again(job: DeliveryJob, ctx: DeliveryContext) -> tuple[bool, Endpoint | None]:
-    """(whether it could be read, the endpoint as the tenant has it now: None once deleted).
+async def _endpoint_read_again(job: DeliveryJob, ctx: DeliveryContext) -> Endpoint | None:
+    """The endpoint as the tenant has it now; None if it could not be read (go on as it was).
 
-    Bounded: a delivery did not need Postgres before, and must not stall on it now.
+    Raises EndpointGone once the tenant deleted or disabled it: the delivery then fails, and no
+    attempt is counted. Bounded: a delivery did not need Postgres before, and must not stall on it.
     """
     try:
-        return True, await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
+        endpoint = await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
     except Exception:
         log.warning("could not read endpoint %s again; going on with it as it was", job.endpoint_id, exc_info=True)
-        return False, None
+        return None
+    if endpoint is None:
+        raise EndpointGone("endpoint was deleted")
+    if not endpoint.enabled:
+        raise EndpointGone("endpoint was disabled")
+    return endpoint
+
+
+async def _marked_sent(job: DeliveryJob, ctx: DeliveryContext) -> bool:
+    """Whether Redis marks the delivery sent; False when Redis cannot say (the claim, which comes
+    later, is what decides: a look that failed is no attempt)."""
+    try:
+        return await claims.is_sent(ctx.redis, *job.key)
+    except Exception:
+        log.warning("could not look for delivery %s to %s's sent mark; the claim will", *job.key, exc_info=True)
+        return False
 
 
 async def _rate_now(job: DeliveryJob, ctx: DeliveryContext) -> float | None:
-    """The endpoint's rate as the tenant has it now (read while a token is far off); None if unknown."""
-    read, endpoint = await _endpoint_read_again(job, ctx)
-    if not read or endpoint is None:
+    """The endpoint's rate as the tenant has it now (read while a token is far off); None if unknown.
+    Raises EndpointGone if it was deleted or disabled meanwhile: no send after the wait."""
+    endpoint = await _endpoint_read_again(job, ctx)
+    if endpoint is None:
         return None
     return endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else ctx.settings.endpoint_rate_limit_per_s
 
 
 async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own: Bucket | None,
                                   shared: Bucket | None,
-                                  own_rate_now: Callable[[], Awaitable[float | None]] | None = None) -> None:
+                                  own_rate_now: Callable[[], Awaitable[float | None]] | None = None,
+                                  read_at: float = 0.0) -> None:
     """Return holding the client's and the worker's send slots, with a token of the endpoint's own
     bucket and of the shared one (all email), where there are limits, taken for this send.
 
@@ -239,7 +257,7 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own
         await _client_then_shared(slots, rate_limits, shared, taken)
         return
     async with rate_limits.turn(own[0]):
-        rate = await rate_limits.take_in_turn(*own, own_rate_now)
+        rate = await rate_limits.take_in_turn(*own, own_rate_now, read_at)
         if rate > 0:  # 0: the tenant lifted the limit while this delivery waited
             taken.append((own[0], rate, time.monotonic()))
         await _client_then_shared(slots, rate_limits, shared, taken)
@@ -356,14 +374,9 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     async def endpoint_as_it_is_now() -> None:
         """Before a retry: the endpoint as the tenant has it now, or no retry if it is gone."""
         nonlocal job
-        read, endpoint = await _endpoint_read_again(job, ctx)
-        if not read:
-            return
-        if endpoint is None:
-            raise EndpointGone("endpoint was deleted")
-        if not endpoint.enabled:
-            raise EndpointGone("endpoint was disabled")
-        job = replace(job, endpoint=endpoint)
+        endpoint = await _endpoint_read_again(job, ctx)
+        if endpoint is not None:
+            job = replace(job, endpoint=endpoint, read_at=time.monotonic())
 
     allowed = max(1, settings.delivery_max_attempts - job.attempts)
     # A delivery taken up again (by a sweep) goes on with its schedule: its first attempt here is
@@ -371,7 +384,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s, job.attempts + 1)
     started = time.time()
     try:
-        if job.resumed and await claims.is_sent(ctx.redis, *job.key):
+        if job.resumed and await _marked_sent(job, ctx):
             # Sent by the row's earlier holder, which died before recording it. Looked for before
             # the wait for slots and tokens: the claim after that wait (a rate-limited backlog can
             # take hours) may find the mark expired, and send again.

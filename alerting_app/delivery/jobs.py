@@ -1,7 +1,8 @@
 """What a worker needs to deliver one notification to one endpoint."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from alerting_app.contracts import NotificationReady
 
@@ -26,6 +27,9 @@ class DeliveryJob:
     # That holder may have sent it and died before recording it: its sent mark is looked for
     # first, before the wait for slots and tokens, which may outlast the mark (attempts.deliver).
     resumed: bool = False
+    # When its endpoint was read (time.monotonic()): a rate read since, by another delivery of the
+    # endpoint, is newer than this job's (rate_limits.take_in_turn).
+    read_at: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -13,6 +13,7 @@ these buckets are the library's: a bucket drained by one is drained for the othe
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from fractions import Fraction
@@ -49,9 +50,9 @@ class RateLimits:
         # One waiter per bucket in this worker polls Redis; the others queue behind it here, so
         # a backlog costs Redis one call per token, not one per waiting delivery.
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # bucket -> its lock, how many want it
-        # bucket -> (the rate deliveries were taken up with, the rate read since): deliveries
-        # already held with the old rate use the new one, without reading it again themselves.
-        self._rates_read: dict[str, tuple[float, float]] = {}
+        # bucket -> (the rate read, when, the rate it replaced): deliveries whose endpoint was read
+        # before that, with the replaced rate, use the new one without reading it again themselves.
+        self._rates_read: dict[str, tuple[float, float, float]] = {}
 
     def _limiter(self, rate_per_s: float):
         # The library counts whole requests per whole seconds: 2.5/s is 5 per 2 s. Below one per
@@ -88,16 +89,18 @@ class RateLimits:
         return _Turn(self._turns, bucket)
 
     async def take_in_turn(self, bucket: str, rate_per_s: float,
-                           rate_now: Callable[[], Awaitable[float | None]] | None = None) -> float:
+                           rate_now: Callable[[], Awaitable[float | None]] | None = None,
+                           read_at: float = 0.0) -> float:
         """Wait for a token of `bucket`, holding its turn; the rate it was taken at (0: unlimited).
 
-        With `rate_now` (the rate as it is now; None: unknown), a wait longer than RATE_RECHECK_S is
-        taken in steps, reading the rate again between them.
+        `rate_per_s` is the rate as read at `read_at` (time.monotonic()). With `rate_now` (the rate
+        as it is now; None: unknown), a wait longer than RATE_RECHECK_S is taken in steps, reading
+        the rate again between them.
         """
         taken_up_with = rate_per_s
         read = self._rates_read.get(bucket)
-        if read is not None and read[0] == taken_up_with:
-            rate_per_s = read[1]
+        if read is not None and read_at < read[1] and read[2] == taken_up_with:
+            rate_per_s = read[0]  # read after this delivery's: newer
         while rate_per_s > 0:
             wait_s = await self._try_at(bucket, rate_per_s)
             if not wait_s:
@@ -108,8 +111,8 @@ class RateLimits:
             await asyncio.sleep(RATE_RECHECK_S)
             rate = await rate_now()
             if rate is not None and rate != rate_per_s:
+                self._rates_read[bucket] = (rate, time.monotonic(), taken_up_with)
                 rate_per_s = rate
-                self._rates_read[bucket] = (taken_up_with, rate)
         return 0.0
 
     async def take(self, bucket: str, rate_per_s: float) -> None:
