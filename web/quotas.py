@@ -18,7 +18,7 @@ from uuid import UUID
 import asyncpg
 
 from alerting_app.app import settings
-from web.errors import Conflict
+from web.errors import Conflict, ValidationFailed
 
 # NO KEY UPDATE: other clients' creations, whose foreign keys share-lock the row, are not held up;
 # creations for this client, and its deletion (FOR UPDATE), wait for this transaction.
@@ -46,6 +46,15 @@ ENDPOINTS = Quota("SELECT count(*) FROM endpoints WHERE rule_id = $1", "max_endp
 async def lock_client(conn: asyncpg.Connection, client_id: UUID) -> bool:
     """Lock the client's row for this transaction; False if there is no such client."""
     return await conn.fetchval(LOCK_CLIENT, client_id) is not None
+
+
+async def lock_client_within_quota(conn: asyncpg.Connection, client_id: UUID, quota: Quota) -> None:
+    """Lock the client's row, then check `quota` for it: 422 naming client_id if there is no such
+    client, 409 at the limit. Held until the transaction ends, the lock also keeps the client from
+    being deleted meanwhile, so the insert that follows cannot fail its foreign key."""
+    if not await lock_client(conn, client_id):
+        raise ValidationFailed.field("client_id", "no such client")
+    await check_quota(conn, quota, client_id)
 
 
 async def check_quota(conn: asyncpg.Connection, quota: Quota, owner_id: UUID) -> None:

@@ -19,7 +19,7 @@ from alerting_app.contracts import Rule, RuleChanged, RuleCriteria
 from web.auth import ApiView, Caller
 from web.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from web.pagination import page_of
-from web.quotas import RULES, check_quota, lock_client
+from web.quotas import RULES, lock_client_within_quota
 from web.schemas import RuleCreate, RuleOut, RulePatch, RuleQuery, RuleReplace
 from web.validation import parse_body, parse_query, path_id
 
@@ -101,16 +101,12 @@ async def create_rule(caller: Caller, body: RuleCreate) -> Any:
     pool = await db.pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
-            if not await lock_client(conn, client_id):
-                raise ValidationFailed.field("client_id", "no such client")
-            await check_quota(conn, RULES, client_id)
+            await lock_client_within_quota(conn, client_id, RULES)
             row = await conn.fetchrow(INSERT, uuid4(), client_id, *criteria.values(),
                                       *(getattr(body, setting) for setting in SETTINGS))
             await record_rule_change(conn, upsert_event(row))
     except asyncpg.UniqueViolationError:
         raise Conflict(DUPLICATE) from None
-    except asyncpg.ForeignKeyViolationError:
-        raise ValidationFailed.field("client_id", "no such client") from None
     wake_up()
     return row
 

@@ -25,7 +25,7 @@ from tables.silences import silence_index
 from web.auth import ApiView, Caller
 from web.errors import Forbidden, NotFound, ValidationFailed
 from web.pagination import PageQuery, page_of
-from web.quotas import SILENCES, check_quota, lock_client
+from web.quotas import SILENCES, lock_client_within_quota
 from web.schemas import RequestBody, SeverityCriterion
 from web.validation import StorableDatetime, parse_body, parse_query, path_id
 from web.worker_state import rules_digest
@@ -153,16 +153,11 @@ async def create_silence(caller: Caller, body: SilenceCreate) -> Any:
     matchers = matchers_of(body)
     starts_at, ends_at = window_of(body, datetime.now(timezone.utc))
     pool = await db.pool()
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            if not await lock_client(conn, client_id):
-                raise ValidationFailed.field("client_id", "no such client")
-            await check_quota(conn, SILENCES, client_id)
-            row = await conn.fetchrow(INSERT, uuid4(), client_id, *matchers.values(), starts_at, ends_at,
-                                      body.comment, body.created_by)
-            await record_silence_change(conn, upsert_event(row))
-    except asyncpg.ForeignKeyViolationError:
-        raise ValidationFailed.field("client_id", "no such client") from None
+    async with pool.acquire() as conn, conn.transaction():
+        await lock_client_within_quota(conn, client_id, SILENCES)
+        row = await conn.fetchrow(INSERT, uuid4(), client_id, *matchers.values(), starts_at, ends_at,
+                                  body.comment, body.created_by)
+        await record_silence_change(conn, upsert_event(row))
     wake_up()
     return row
 
