@@ -59,7 +59,7 @@ async def test_a_rate_limit_must_be_a_positive_number(api, tenant, rate):
 
 @pytest.mark.parametrize(("url", "kind"), [
     ("http://127.0.0.1:8080/hook", "127.0.0.1 is a loopback address"),
-    ("http://localhost/hook", "resolves to 127.0.0.1, which is a loopback address"),
+    ("http://localhost/hook", "localhost resolves to a loopback address"),
     ("http://169.254.169.254/latest/meta-data", "169.254.169.254 is a link-local address"),
     ("https://10.1.2.3/hook", "10.1.2.3 is a private address"),
     ("https://192.168.0.10/hook", "192.168.0.10 is a private address"),
@@ -75,6 +75,17 @@ async def test_endpoints_pointing_into_private_networks_are_refused(api, tenant,
     assert reply.failing_fields() == {"value"}
     assert kind in reply.body["fields"][0]["message"]
     assert "ALLOW_PRIVATE_ENDPOINTS" in reply.body["fields"][0]["message"]
+
+
+async def test_without_a_rule_of_its_own_a_key_gets_no_answer_about_an_address(api, tenant, private_endpoints_refused):
+    # Otherwise a tenant could have our resolver look up names inside our network for it.
+    someone_elses = await api.new_rule(await api.new_tenant("Other"))
+    for rule_id in (someone_elses["rule_id"], str(uuid.uuid4())):
+        for url in ("http://localhost/hook", "http://no-such-name.invalid/hook"):
+            reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                                   {"rule_id": rule_id, "type": "webhook", "value": url})
+            assert reply.failing_fields() == {"rule_id"}, reply.body
+            assert reply.body["fields"][0]["message"] == "no such rule"
 
 
 async def test_an_endpoint_cannot_be_moved_into_a_private_network_either(api, tenant, private_endpoints_refused):

@@ -112,10 +112,14 @@ async def _normalised_value(type_: str, value: str) -> str:
 
 
 async def create_endpoint(caller: Caller, body: EndpointCreate) -> Any:
-    value = await checked_value(body.type, body.value)
     # Unknown and other clients' rules answer alike, so a key learns nothing about other clients.
     no_such_rule = ValidationFailed.field("rule_id", "no such rule")
     pool = await db.pool()
+    # Checked before the address too: without a rule of its own, a key must not get our resolver
+    # to look names up for it (which internal names exist, and what kind of address they have).
+    if await pool.fetchval(RULE_OWNER, body.rule_id, caller.client_id) is None:
+        raise no_such_rule
+    value = await checked_value(body.type, body.value)
     try:
         async with pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchval(RULE_OWNER, body.rule_id, caller.client_id)

@@ -104,8 +104,12 @@ def refuse_non_public(host: str, addresses: Iterable[IPAddress]) -> None:
     for ip in sorted(addresses, key=str):
         kind = non_public_kind(ip)
         if kind is not None:
-            where = literal if str(ip) == literal else f"{host} resolves to {ip}, which"
-            raise RefusedAddress(f"{where} is a {kind} address")
+            # Not which address a name resolves to: the reason reaches the tenant (a 422, a
+            # delivery's last error), and our network's addresses are none of its business.
+            a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
+            if str(ip) == literal:
+                raise RefusedAddress(f"{literal} is {a_kind}")
+            raise RefusedAddress(f"{host} resolves to {a_kind}")
 
 
 def _address(text: str) -> IPAddress:
