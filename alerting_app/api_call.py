@@ -22,6 +22,16 @@ def target(url_or_path: str, environ: Mapping[str, str]) -> str:
     return worker_url(environ) + url_or_path if url_or_path.startswith("/") else url_or_path
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # urllib would follow a redirect with our Authorization header to whatever host it names, and
+    # turn a POST into a GET that "succeeds": a 3xx is the answer, shown and exiting 1 like a 4xx.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
 def request(method: str, url: str, body: str | None, token: str | None, timeout_s: float = 30.0) -> tuple[int, Any]:
     """(status, the answer's JSON, or its text when it is not JSON, or None when empty)."""
     if body is not None:
@@ -35,9 +45,9 @@ def request(method: str, url: str, body: str | None, token: str | None, timeout_
     call = urllib.request.Request(url, data=None if body is None else body.encode(), method=method.upper(),
                                   headers=headers)
     try:
-        with urllib.request.urlopen(call, timeout=timeout_s) as response:
+        with _opener.open(call, timeout=timeout_s) as response:
             status, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:  # 4xx and 5xx: an answer, with its body
+    except urllib.error.HTTPError as exc:  # 3xx, 4xx and 5xx: an answer, with its body
         status, raw = exc.code, exc.read()
     if not raw:
         return status, None

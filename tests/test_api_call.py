@@ -1,0 +1,71 @@
+"""`alerting-app api` (alerting_app/api_call.py) against real local HTTP servers."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from alerting_app.api_call import request
+
+
+@contextmanager
+def server(answer) -> Iterator[tuple[str, list[dict]]]:
+    """A local server answering every request with `answer(handler)`; yields its URL and the requests it got."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            seen.append({"method": self.command, "path": self.path, "authorization": self.headers.get("Authorization"),
+                         "body": self.rfile.read(length)})
+            answer(self)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def json_answer(status: int, body: dict):
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        raw = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(raw)))
+        handler.end_headers()
+        handler.wfile.write(raw)
+    return answer
+
+
+def test_a_request_sends_the_body_and_the_token_and_returns_the_json_answer():
+    with server(json_answer(201, {"client_id": "c1"})) as (url, seen):
+        assert request("post", url + "/api/v1/clients", '{"name": "acme"}', "T0KEN") == (201, {"client_id": "c1"})
+    assert seen == [{"method": "POST", "path": "/api/v1/clients", "authorization": "Bearer T0KEN",
+                     "body": b'{"name": "acme"}'}]
+
+
+def test_a_redirect_is_the_answer_not_followed_with_the_token():
+    with server(json_answer(200, {"stolen": True})) as (elsewhere, seen_elsewhere):
+        def redirect(handler: BaseHTTPRequestHandler) -> None:
+            handler.send_response(302)
+            handler.send_header("Location", elsewhere + "/collect")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        with server(redirect) as (url, seen):
+            status, _ = request("POST", url + "/api/v1/clients", '{"name": "acme"}', "ADMIN-SECRET")
+
+    assert status == 302  # not 2xx: the command exits 1
+    assert len(seen) == 1
+    assert seen_elsewhere == []  # the token went nowhere else
