@@ -321,3 +321,47 @@ async def test_republishing_all_rules_queues_the_deletion_of_every_deleted_rule(
     assert queued[deleted["rule_id"]] == ("delete", 2, tenant.client_id)
     assert queued[its_rule["rule_id"]] == ("delete", 2, gone_with_its_client.client_id)
     assert queued[kept["rule_id"]] == ("upsert", 1, tenant.client_id)
+
+
+# --- pagination while rows are created ---------------------------------------------------------
+
+async def test_a_create_that_waited_for_its_clients_lock_is_not_behind_a_page_already_read(api, tenant, other_tenant):
+    # A rule is dated when it is inserted, after its client's lock (web/quotas.py), not when its
+    # transaction began: otherwise it lands before rows committed while it waited, behind a cursor
+    # a reader already holds, and that reader never sees it.
+    import asyncio
+
+    from alerting_app import db
+
+    pool = await db.pool()
+    async with pool.acquire() as holder:
+        locked = holder.transaction()
+        await locked.start()
+        # What a concurrent create, rename or key rotation of the tenant holds meanwhile.
+        await holder.execute("SELECT 1 FROM clients WHERE client_id = $1 FOR NO KEY UPDATE", tenant.client_id)
+        waiting = asyncio.ensure_future(api.call("POST", "/api/v1/rules", tenant.key,
+                                                 {"severity": "HIGH", "source": "payments", "name": "late"}))
+        while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND query LIKE '%FOR NO KEY UPDATE%'"):
+            assert not waiting.done(), waiting.result().body
+            await asyncio.sleep(0.02)
+        seen = await api.new_rule(other_tenant, name="meanwhile")
+        listed = await api.call("GET", "/api/v1/rules", api.admin_token, params={"limit": 500})
+        while listed.body["items"][-1]["rule_id"] != seen["rule_id"]:
+            listed = await api.call("GET", "/api/v1/rules", api.admin_token,
+                                    params={"limit": 500, "cursor": listed.body["next_cursor"]})
+        cursor = listed.body["next_cursor"] or _cursor_after(listed.body["items"][-1])
+        await locked.commit()
+    late = await waiting
+    assert late.status == 201, late.body
+
+    following = await api.call("GET", "/api/v1/rules", api.admin_token, params={"limit": 500, "cursor": cursor})
+    assert late.body["rule_id"] in [item["rule_id"] for item in following.body["items"]]
+
+
+def _cursor_after(item: dict) -> str:
+    from datetime import datetime
+
+    from web.pagination import encode_cursor
+
+    return encode_cursor(datetime.fromisoformat(item["created_at"]), uuid.UUID(item["rule_id"]))
