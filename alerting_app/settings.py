@@ -315,12 +315,12 @@ class Settings(BaseSettings):
     silence_retention_days: float = Field(default=5, ge=0, le=3_650)
 
     # --- per-tenant quotas (web/quotas.py) ---
-    # Every worker holds every rule and every silence that has not ended, and checks each alert
-    # against them: without a bound, one tenant's key could fill every worker's memory and slow
+    # Every worker holds every rule and every silence (an ended one until retention deletes it),
+    # and checks each alert against them: without a bound, one tenant's key could fill every worker's memory and slow
     # every tenant's alerts. Creating past a quota answers 409; the defaults leave room for 35 times
     # the benchmark's 288 rules per tenant.
     max_rules_per_client: int = Field(default=10_000, ge=1, le=1_000_000)
-    max_silences_per_client: int = Field(default=1_000, ge=1, le=1_000_000)  # those not yet ended
+    max_silences_per_client: int = Field(default=1_000, ge=1, le=1_000_000)  # ended ones included
     max_endpoints_per_rule: int = Field(default=20, ge=1, le=1_000)
 
     # --- email (SMTP via aiosmtplib) ---

@@ -44,7 +44,11 @@ async def test_concurrent_creations_stop_exactly_at_the_quota(api, tenant, monke
     assert sorted(reply.status for reply in replies) == [201] * 3 + [409] * 9
 
 
-async def test_silences_that_ended_do_not_count_against_the_quota(api, tenant, monkeypatch):
+async def test_silences_count_against_the_quota_until_retention_deletes_them(api, tenant, monkeypatch):
+    # Every worker holds an ended silence until then: were they not counted, a key could create and
+    # expire silences without bound.
+    from agents.retention import prune_silences
+    from alerting_app import db
     from alerting_app.app import settings
     monkeypatch.setattr(settings, "max_silences_per_client", 2)
     first = await api.call("POST", "/api/v1/silences", tenant.key, _silence())
@@ -57,8 +61,12 @@ async def test_silences_that_ended_do_not_count_against_the_quota(api, tenant, m
     assert refused.status == 409, refused.body
     assert "MAX_SILENCES_PER_CLIENT" in refused.body["message"]
 
-    # Expiring one (DELETE ends it now) makes room.
+    # Expiring one (DELETE ends it now) makes no room: the workers still hold it.
     assert (await api.call("DELETE", f"/api/v1/silences/{first.body['silence_id']}", tenant.key)).status == 204
+    assert (await api.call("POST", "/api/v1/silences", tenant.key, _silence())).status == 409
+    # Retention deleting it does.
+    await asyncio.sleep(0.01)  # ended strictly before the prune's "now"
+    assert await prune_silences(await db.pool(), 0) >= 1
     assert (await api.call("POST", "/api/v1/silences", tenant.key, _silence())).status == 201
 
 

@@ -1,7 +1,7 @@
-"""Per-tenant quotas: how many rules, silences not yet ended, and endpoints per rule a client may have.
+"""Per-tenant quotas: how many rules, silences, and endpoints per rule a client may have.
 
-Every worker that evaluates holds every rule and every silence that has not ended, and checks each
-alert against them. Without a bound, one tenant's key could fill every worker's memory and slow
+Every worker that evaluates holds every rule and every silence (ended ones too, until retention
+deletes them), and checks each alert against them. Without a bound, one tenant's key could fill every worker's memory and slow
 every other tenant's alerts. The limits are settings (MAX_RULES_PER_CLIENT, MAX_SILENCES_PER_CLIENT,
 MAX_ENDPOINTS_PER_RULE); going past one answers 409 and creates nothing.
 
@@ -35,10 +35,12 @@ class Quota:
 
 RULES = Quota("SELECT count(*) FROM rules WHERE client_id = $1", "max_rules_per_client",
               "the client has {count} rules", "delete one first")
-# now() is the transaction's start: a silence ending while this runs still counts, which errs safe.
-SILENCES = Quota("SELECT count(*) FROM silences WHERE client_id = $1 AND ends_at > now()",
-                 "max_silences_per_client", "the client has {count} silences that have not ended",
-                 "expire one first")
+# Ended ones count too, as Alertmanager's --silences.max-silences counts expired ones: every worker
+# holds a silence until retention deletes it (SILENCE_RETENTION_DAYS after its end), and counting
+# only those not ended let a key create and expire silences without bound.
+SILENCES = Quota("SELECT count(*) FROM silences WHERE client_id = $1", "max_silences_per_client",
+                 "the client has {count} silences (ended ones count until SILENCE_RETENTION_DAYS after their "
+                 "end, when retention deletes them)", "wait for that, or ask for a higher limit")
 ENDPOINTS = Quota("SELECT count(*) FROM endpoints WHERE rule_id = $1", "max_endpoints_per_rule",
                   "the rule has {count} endpoints", "delete one first")
 
