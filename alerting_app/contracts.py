@@ -170,7 +170,9 @@ class SilenceMatchers(Contract):
     severity: Severity | Literal["*"]
     source: str = Text
     name: str = Text
-    context_matchers: dict[ContextKey, Annotated[str, Text]] = Field(default_factory=dict, max_length=20)
+    # Values as an alert's context values may be (empty, up to 2,000 characters): a silence can name
+    # any value an alert can carry.
+    context_matchers: dict[ContextKey, ContextValue] = Field(default_factory=dict, max_length=20)
 
     @model_validator(mode="after")
     def _not_everything(self) -> "SilenceMatchers":

@@ -72,6 +72,14 @@ async def test_a_client_key_cannot_silence_another_client(api, tenant, other_ten
     assert reply.status == 403
 
 
+async def test_a_context_matcher_takes_any_value_an_alert_can_carry(api, tenant):
+    # An alert's context value may be empty or up to 2,000 characters: a silence must be able to name it.
+    matchers = {"url": "u" * 2000, "canary": ""}
+    reply = await api.call("POST", "/api/v1/silences", tenant.key, body(context_matchers=matchers))
+    assert reply.status == 201, reply.body
+    assert reply.body["context_matchers"] == matchers
+
+
 @pytest.mark.parametrize("fields, failing", [
     ({"ends_at": iso(-60), "starts_at": iso(-120)}, {"ends_at"}),
     ({"starts_at": iso(600), "ends_at": iso(300)}, {"ends_at"}),
@@ -84,7 +92,8 @@ async def test_a_client_key_cannot_silence_another_client(api, tenant, other_ten
     ({"comment": ""}, {"comment"}),
     ({"comment": "c" * 1001}, {"comment"}),
     ({"created_by": ""}, {"created_by"}),
-    ({"context_matchers": {"region": ""}}, {"context_matchers.region"}),
+    ({"context_matchers": {"region": "r" * 2001}}, {"context_matchers.region"}),  # longer than any alert's
+    ({"context_matchers": {"region": "eu\u0000"}}, {"context_matchers.region"}),
     ({"context_matchers": ["region"]}, {"context_matchers"}),
     ({"muted": True}, {"muted"}),
     ({"source": "*"}, {"severity", "source", "name", "context_matchers"}),

@@ -74,6 +74,16 @@ def test_context_matchers_need_the_value_or_with_star_just_the_key():
     assert index.silencing("client-a", alert(), at=T0) is None
 
 
+def test_a_context_matcher_can_name_any_value_an_alert_can_carry():
+    long_value = "https://grafana.example.com/d/" + "x" * 1970  # 2,000 characters, the most an alert carries
+    index = SilenceIndex([upsert("long", source=WILDCARD, context={"url": long_value}),
+                          upsert("empty", source=WILDCARD, context={"canary": ""})])
+
+    assert index.silencing("client-a", alert(context={"url": long_value}), at=T0) == "long"
+    assert index.silencing("client-a", alert(context={"canary": ""}), at=T0) == "empty"
+    assert index.silencing("client-a", alert(context={"canary": "yes"}), at=T0) is None
+
+
 def test_of_several_matching_silences_the_smallest_id_is_named():
     index = SilenceIndex([upsert("s2"), upsert("s1", severity="HIGH")])
 

@@ -9,7 +9,7 @@ why stays readable.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field, ValidationError
 from agents.rule_outbox import record_silence_change, record_silence_deleted, wake_up
 from alerting_app import db
 from alerting_app.app import app
-from alerting_app.contracts import NO_NUL, WILDCARD, Comment, ContextKey, SilenceChanged, SilenceMatchers, Text
+from alerting_app.contracts import (NO_NUL, WILDCARD, Comment, ContextKey, ContextValue, SilenceChanged,
+                                    SilenceMatchers, Text)
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
 from tables.silences import silence_index
 from web.auth import ApiView, Caller
@@ -41,7 +42,7 @@ class SilenceCreate(RequestBody):
     severity: SeverityCriterion = WILDCARD
     source: str = Matcher
     name: str = Matcher
-    context_matchers: dict[ContextKey, Annotated[str, Text]] = Field(
+    context_matchers: dict[ContextKey, ContextValue] = Field(
         default_factory=dict, max_length=20, description="context key -> exact value, or '*' for the key's presence")
     starts_at: StorableDatetime | None = Field(default=None, description="default: now; after 1970-01-01")
     ends_at: StorableDatetime
