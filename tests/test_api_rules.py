@@ -365,3 +365,22 @@ def _cursor_after(item: dict) -> str:
     from web.pagination import encode_cursor
 
     return encode_cursor(datetime.fromisoformat(item["created_at"]), uuid.UUID(item["rule_id"]))
+
+
+@pytest.mark.parametrize("fields, failing", [
+    ({"enabled": "off"}, "enabled"),
+    ({"enabled": 0}, "enabled"),
+    ({"group_window_s": 300.0}, "group_window_s"),
+    ({"group_window_s": "300"}, "group_window_s"),
+])
+async def test_the_api_is_as_strict_about_types_as_the_contract(api, tenant, fields, failing):
+    # rule.changed refuses these (docs/contracts.md); accepted here, "off" was stored as false.
+    reply = await api.call("POST", "/api/v1/rules", tenant.key,
+                           {"severity": "HIGH", "source": "payments", "name": "*", **fields})
+    assert reply.failing_fields() == {failing}, reply.body
+
+
+async def test_a_version_given_as_text_is_refused(api, tenant):
+    rule = await api.new_rule(tenant)
+    reply = await api.call("PATCH", f"/api/v1/rules/{rule['rule_id']}", tenant.key, {"version": "1", "enabled": False})
+    assert reply.failing_fields() == {"version"}, reply.body

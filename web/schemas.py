@@ -42,7 +42,9 @@ NotificationStatus = Literal["PENDING", "SENT", "FAILED", "SUPPRESSED", "SILENCE
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict, as the contracts are (docs/contracts.md): "enabled": "off" or 0, "version": "2",
+    # 300.0 for a number of seconds are refused naming the field, not read as what they might mean.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PatchBody(RequestBody):
