@@ -93,3 +93,14 @@ async def test_the_key_of_a_deleted_client_stops_working(api, tenant):
     assert (await api.call("DELETE", f"/api/v1/clients/{tenant.client_id}", api.admin_token)).status == 204
     reply = await api.call("GET", "/api/v1/rules", tenant.key)
     assert reply.status == 401
+
+
+async def test_no_such_route_and_a_method_a_route_does_not_take_answer_json_errors(api, tenant):
+    unknown = await api.call("GET", "/api/v1/nothing-here", tenant.key)
+    assert (unknown.status, unknown.body) == (404, {"error": "not_found"})
+    assert unknown.headers["Content-Type"].startswith("application/json")
+
+    wrong_method = await api.call("PUT", "/api/v1/clients", api.admin_token, {"name": "x"})
+    assert wrong_method.status == 405
+    assert wrong_method.body == {"error": "method_not_allowed"}
+    assert "POST" in wrong_method.headers["Allow"]
