@@ -354,6 +354,7 @@ async def test_a_create_that_waited_for_its_clients_lock_is_not_behind_a_page_al
         await locked.commit()
     late = await waiting
     assert late.status == 201, late.body
+    assert late.body["created_at"] == late.body["updated_at"]  # one time, for both
 
     following = await api.call("GET", "/api/v1/rules", api.admin_token, params={"limit": 500, "cursor": cursor})
     assert late.body["rule_id"] in [item["rule_id"] for item in following.body["items"]]

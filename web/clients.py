@@ -28,7 +28,12 @@ LIST = f"""
     LIMIT $4
 """
 GET = f"SELECT {COLUMNS} FROM clients WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
-INSERT = f"INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, $2, $3) RETURNING {COLUMNS}"
+# Dated when inserted (clock_timestamp), as rules are (web/rules.py says why).
+INSERT = f"""
+    INSERT INTO clients (client_id, name, api_key_hash, created_at, updated_at)
+    SELECT $1, $2, $3, at, at FROM clock_timestamp() AS at
+    RETURNING {COLUMNS}
+"""
 RENAME = f"""
     UPDATE clients SET name = $3, updated_at = now()
     WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)

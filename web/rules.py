@@ -40,10 +40,13 @@ LIST = f"""
 """
 GET = f"SELECT {COLUMNS} FROM rules WHERE rule_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
 LOCK = GET + " FOR UPDATE"
+# Dated when inserted (clock_timestamp), after the client's lock, not when the transaction began
+# (now()): a create that waited for that lock would otherwise land behind rows committed while it
+# waited, behind a page a reader has already read (docs/api.md, "Cursors and times").
 INSERT = f"""
     INSERT INTO rules (rule_id, client_id, severity, source, name, enabled, group_window_s, repeat_interval_s,
-                       fingerprint_keys)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                       fingerprint_keys, created_at, updated_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, at, at FROM clock_timestamp() AS at
     RETURNING {COLUMNS}
 """
 UPDATE = f"""

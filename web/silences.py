@@ -89,10 +89,13 @@ LIST = f"""
     LIMIT $6
 """
 GET = f"SELECT {COLUMNS} FROM silences WHERE silence_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
+# Dated when inserted (clock_timestamp), after the client's lock, not when the transaction began
+# (now()): a create that waited for that lock would otherwise land behind rows committed while it
+# waited, behind a page a reader has already read (docs/api.md, "Cursors and times").
 INSERT = f"""
     INSERT INTO silences (silence_id, client_id, severity, source, name, context_matchers, starts_at, ends_at,
-                          comment, created_by)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                          comment, created_by, created_at, updated_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, at, at FROM clock_timestamp() AS at
     RETURNING {COLUMNS}
 """
 # A pending silence expired before it started keeps an empty window (starts_at = ends_at).
