@@ -163,3 +163,26 @@ async def test_an_alert_with_a_deeply_nested_context_value_is_refused(api):
             b'"context": {"k": ' + DEEP + b"}}"
     reply = await api.call("POST", "/api/v1/alerts", api.admin_token, data=alert)
     assert reply.status == 422, reply.body
+
+
+@pytest.mark.parametrize("encoding", ["foo", "gzip, br", "compress"])
+async def test_a_content_encoding_the_api_does_not_undo_is_415_not_read_as_it_is(api, encoding):
+    # aiohttp hands these over still encoded: read as JSON, a plain body was accepted.
+    headers = {"Authorization": f"Bearer {api.admin_token}", "Content-Type": "application/json",
+               "Content-Encoding": encoding}
+    async with api.client.post("/api/v1/clients", data=b'{"name": "encoded"}', headers=headers) as response:
+        assert response.status == 415
+        body = await response.json()
+    assert body["error"] == "unsupported_media_type" and encoding in body["message"]
+
+
+@pytest.mark.parametrize("encoding", ["identity", "GZIP"])
+async def test_the_content_encodings_the_api_undoes_are_read(api, encoding):
+    data = b'{"name": "encoded"}'
+    headers = {"Authorization": f"Bearer {api.admin_token}", "Content-Type": "application/json",
+               "Content-Encoding": encoding}
+    async with api.client.post("/api/v1/clients", data=gzip.compress(data) if encoding == "GZIP" else data,
+                               headers=headers) as response:
+        assert response.status == 201, await response.text()
+        created = await response.json()
+    api.tenants.append(Tenant(created["client_id"], created["api_key"]))  # deleted with the module

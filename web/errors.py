@@ -42,6 +42,14 @@ class PayloadTooLarge(WebError):
         super().__init__(message=f"the request body is larger than {limit} bytes")
 
 
+class UnsupportedMediaType(WebError):
+    code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    detail = "unsupported_media_type"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)
+
+
 class BrokerUnavailable(WebError):
     code = HTTPStatus.SERVICE_UNAVAILABLE
     detail = "broker_unavailable"

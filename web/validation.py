@@ -13,7 +13,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from faust.web import Request
 from pydantic import AfterValidator, AwareDatetime, BaseModel, TypeAdapter, ValidationError
 
-from web.errors import NotFound, PayloadTooLarge, ValidationFailed
+from web.errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -23,6 +23,10 @@ T = TypeVar("T")
 # alerts is a few hundred KB); without a bound one request could make the worker buffer gigabytes.
 MAX_BODY_BYTES = 1024 * 1024
 
+# What aiohttp undoes for us. It takes the header as one coding: another one, or a list ("gzip,
+# br"), it hands over still encoded, which would then be read as if it were JSON.
+READABLE_ENCODINGS = ("", "identity", "gzip", "deflate")
+
 
 async def read_body(request: Request) -> bytes:
     """The whole body, or PayloadTooLarge (413) once it exceeds MAX_BODY_BYTES.
@@ -30,6 +34,10 @@ async def read_body(request: Request) -> bytes:
     Read in chunks rather than trusting Content-Length alone: a chunked or compressed body has no
     length that bounds what it decodes to.
     """
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in READABLE_ENCODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not read here: send the body as it is, "
+                                   "or gzip- or deflate-compressed")
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise PayloadTooLarge(MAX_BODY_BYTES)
     body = bytearray()
