@@ -97,6 +97,33 @@ async def test_notifications_are_paged_newest_first(api, tenant):
     assert seen == list(reversed(stored))
 
 
+async def test_a_page_stops_at_its_bytes_of_alerts_and_the_next_page_goes_on(api, tenant, monkeypatch):
+    # A notification may list a hundred alerts of ~150 KB each: a page of 500 is bounded by size too.
+    from alerting_app import db
+    import web.notifications
+
+    rule = await api.new_rule(tenant)
+    stored = [await store_notification(tenant.client_id, rule["rule_id"], f"sized-{i}") for i in range(5)]
+    one = await (await db.pool()).fetchval("SELECT octet_length(alerts::text) FROM notifications "
+                                           "WHERE notification_id = $1", stored[0])
+    monkeypatch.setattr(web.notifications, "PAGE_ALERT_BYTES", int(one * 2.5))  # the third starts within it
+
+    pages = await all_pages(api, tenant.key, limit=100)
+
+    assert [len(page) for page in pages] == [3, 2]
+    assert [n for page in pages for n in page] == list(reversed(stored))
+
+
+async def test_one_notification_larger_than_a_page_is_still_listed(api, tenant, monkeypatch):
+    import web.notifications
+
+    rule = await api.new_rule(tenant)
+    stored = [await store_notification(tenant.client_id, rule["rule_id"], f"large-{i}") for i in range(2)]
+    monkeypatch.setattr(web.notifications, "PAGE_ALERT_BYTES", 1)
+
+    assert await all_pages(api, tenant.key, limit=100) == [[stored[1]], [stored[0]]]
+
+
 async def test_another_clients_key_sees_none_of_a_clients_notifications(api, tenant, other_tenant):
     rule = await api.new_rule(tenant)
     notification_id = await store_notification(tenant.client_id, rule["rule_id"], "alert-x")

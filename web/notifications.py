@@ -29,18 +29,34 @@ from web.validation import parse_query, path_id
 COLUMNS = ("notification_id, client_id, alert_id, alerts, rule_ids, status, detail, created_at, updated_at,"
            " truncated_alerts, group_rule_id")
 
+# A page holds at most `limit` notifications, and stops at the first one starting past this many
+# bytes of alerts (at least one is listed). A notification lists up to GROUP_MAX_ALERTS alerts of up
+# to ~150 KB each: 500 of them could otherwise be gigabytes, held by the worker while it answers.
+PAGE_ALERT_BYTES = 8 * 1024 * 1024
+
 # Newest first; the tie-break on notification_id follows the index (client_id, created_at DESC,
-# notification_id).
+# notification_id). `alerts_from`: the bytes of alerts of the rows before this one. Returned: the
+# rows starting within $9 bytes, and the first one past them, which only says that more follow.
 LIST = f"""
-    SELECT {COLUMNS} FROM notifications
-    WHERE ($1::uuid IS NULL OR client_id = $1)
-      AND ($2::uuid IS NULL OR client_id = $2)
-      AND ($3::text IS NULL OR status = $3)
-      AND ($4::timestamptz IS NULL OR created_at >= $4)
-      AND ($5::timestamptz IS NULL OR created_at < $5)
-      AND ($6::timestamptz IS NULL OR created_at < $6 OR (created_at = $6 AND notification_id > $7::uuid))
+    SELECT * FROM (
+        SELECT *, lag(alerts_from, 1, 0) OVER (ORDER BY created_at DESC, notification_id) AS previous_from
+        FROM (
+            SELECT {COLUMNS},
+                   sum(octet_length(alerts::text)) OVER (ORDER BY created_at DESC, notification_id)
+                   - octet_length(alerts::text) AS alerts_from
+            FROM notifications
+            WHERE ($1::uuid IS NULL OR client_id = $1)
+              AND ($2::uuid IS NULL OR client_id = $2)
+              AND ($3::text IS NULL OR status = $3)
+              AND ($4::timestamptz IS NULL OR created_at >= $4)
+              AND ($5::timestamptz IS NULL OR created_at < $5)
+              AND ($6::timestamptz IS NULL OR created_at < $6 OR (created_at = $6 AND notification_id > $7::uuid))
+            ORDER BY created_at DESC, notification_id
+            LIMIT $8
+        ) limited
+    ) page
+    WHERE previous_from < $9
     ORDER BY created_at DESC, notification_id
-    LIMIT $8
 """
 GET = f"SELECT {COLUMNS} FROM notifications WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
 DELIVERIES = """
@@ -65,9 +81,10 @@ class NotificationsView(ApiView):
         query = parse_query(request, NotificationQuery)
         pool = await db.pool()
         rows = await pool.fetch(LIST, self.caller(request).client_id, query.client_id, query.status,
-                                query.since, query.until, *query.after, query.limit + 1)
-        page = page_of(await with_deliveries(pool, rows), query, NotificationOut.model_validate,
-                       "notification_id")
+                                query.since, query.until, *query.after, query.limit + 1, PAGE_ALERT_BYTES)
+        within = [row for row in rows if row["alerts_from"] < PAGE_ALERT_BYTES]
+        page = page_of(await with_deliveries(pool, within), query, NotificationOut.model_validate,
+                       "notification_id", more=len(within) < len(rows))
         return self.json(page.model_dump(mode="json"))
 
 

@@ -67,10 +67,12 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None
 
 
-def page_of(rows: Sequence[Any], query: PageQuery, item: Callable[[Any], T], id_column: str) -> Page[T]:
-    """Build a page from up to `limit + 1` rows: the extra row only says that more follow."""
+def page_of(rows: Sequence[Any], query: PageQuery, item: Callable[[Any], T], id_column: str,
+            more: bool = False) -> Page[T]:
+    """Build a page from up to `limit + 1` rows: the extra row only says that more follow (as
+    `more` does, when the caller cut the page short for another reason)."""
     shown = rows[: query.limit]
-    more = len(rows) > query.limit
+    more = more or len(rows) > query.limit
     last = shown[-1] if shown else None
     next_cursor = encode_cursor(last["created_at"], last[id_column]) if more and last is not None else None
     return Page(items=[item(row) for row in shown], next_cursor=next_cursor)
