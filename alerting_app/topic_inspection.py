@@ -14,6 +14,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from alerting_app.end_offsets import end_offsets
 from alerting_app.kafka_connection import Broker, client_args
 
 POLL_MS = 500
@@ -109,7 +110,7 @@ async def topic_figures(broker: Broker, group: str, read: frozenset[str] = froze
         # Partitions named: Tansu's answer to "all of the group's offsets" does not decode.
         committed = await admin.list_consumer_group_offsets(group, partitions=tps)
         starts = await consumer.beginning_offsets(tps)
-        ends = await consumer.end_offsets(tps)
+        ends = await end_offsets(broker, tps)
     finally:
         await consumer.stop()
         await admin.close()
@@ -184,7 +185,7 @@ class TopicTail:
             for tp in self.partitions:
                 # Seeking is lazy; resolving the positions now makes "the end" mean this moment.
                 await self._consumer.position(tp)
-            self.ends_at_entry = await self._consumer.end_offsets(self.partitions)
+            self.ends_at_entry = await end_offsets(self.broker, self.partitions)
         except BaseException:
             await self._consumer.stop()
             raise

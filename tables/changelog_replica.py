@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 
 from alerting_app.contracts import Contract, DeadLetter
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
+from alerting_app.end_offsets import end_offsets
 from alerting_app.kafka_connection import Broker, client_args
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class ChangelogReplica:
         try:
             tps = await _all_partitions(consumer, topic)
             consumer.assign(tps)
-            ends = await _end_offsets(broker, tps)
+            ends = await end_offsets(broker, tps)
             offsets = await start_at(consumer, ends)
             for tp in tps:
                 if tp.partition in offsets:
@@ -219,32 +220,6 @@ async def _connected_consumer(broker: Broker, poll_ms: int) -> AIOKafkaConsumer:
             log.warning("changelog replica waiting for the broker (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
-
-
-async def _end_offsets(broker: Broker, tps: list[TopicPartition],
-                       timeout_s: float = 10.0) -> dict[TopicPartition, int]:
-    """The offset after the last message of each partition.
-
-    Asked with ListOffsets, and raised to the high watermark of a fetch from there: the Tansu broker
-    answers ListOffsets with the first offset of the partition's last record batch + 1, which is
-    below the true end whenever that batch holds several messages. Taken as the end, it made a
-    restarted worker think the topic was recreated and throw its store away, and could let
-    matching start before the last rules were read.
-    """
-    probe = AIOKafkaConsumer(**client_args(broker), enable_auto_commit=False, fetch_max_wait_ms=10)
-    await probe.start()
-    try:
-        probe.assign(tps)
-        ends = await probe.end_offsets(tps)
-        for tp in tps:
-            probe.seek(tp, ends[tp])
-        deadline = time.monotonic() + timeout_s
-        # Every fetch response carries the partition's high watermark, records or not.
-        while any(probe.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
-            await probe.getmany(*tps, timeout_ms=50)
-        return {tp: max(ends[tp], probe.highwater(tp) or 0) for tp in tps}
-    finally:
-        await probe.stop()
 
 
 async def _all_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

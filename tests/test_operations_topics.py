@@ -1,6 +1,7 @@
 """`alerting-app topics` and `alerting-app tail`, run as commands against the real broker."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -94,6 +95,26 @@ async def test_topics_prints_partitions_end_offsets_and_the_groups_lag(services)
     assert [line.split() for line in table.stdout.splitlines() if line.startswith(topic)] == [[topic, "3", "5", "4"]]
     assert ["alerts.new", "9"] == next(line.split()[:2] for line in table.stdout.splitlines()
                                       if line.startswith("alerts.new "))
+
+
+async def test_topics_counts_every_message_of_a_batch(services):
+    # Tansu answers ListOffsets with the first offset of the last batch + 1: messages sent in one
+    # batch showed as one.
+    bootstrap = services.kafka_bootstrap_servers
+    topic = await create_topic(bootstrap, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=200)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value=b"{}", partition=0) for _ in range(20)]  # one batch
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+    result = run("topics", "--json", APP_ID=f"ops-fresh-{secrets.token_hex(4)}")
+
+    assert result.returncode == 0, result.stderr
+    [figures] = [entry for entry in json.loads(result.stdout)["topics"] if entry["topic"] == topic]
+    assert (figures["end_offsets"], figures["by_partition"][0]["end_offset"]) == (20, 20)
 
 
 async def test_tail_from_the_beginning_prints_each_message_as_one_json_line(services):

@@ -1,0 +1,36 @@
+"""The end offsets of partitions, as they are: what `alerting-app topics` and `tail` show and the
+replicas (tables/changelog_replica.py) read up to."""
+from __future__ import annotations
+
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from alerting_app.kafka_connection import Broker, client_args
+
+
+async def end_offsets(broker: Broker, tps: list[TopicPartition],
+                      timeout_s: float = 10.0) -> dict[TopicPartition, int]:
+    """The offset after the last message of each partition.
+
+    Asked with ListOffsets, and raised to the high watermark of a fetch from there: the Tansu broker
+    answers ListOffsets with the first offset of the partition's last record batch + 1, which is
+    below the true end whenever that batch holds several messages. Taken as the end, it made a
+    restarted worker think the topic was recreated and throw its store away, could let
+    matching start before the last rules were read, and had `alerting-app topics` show an end of
+    9 for 200 messages (and a committed offset past the end).
+    """
+    probe = AIOKafkaConsumer(**client_args(broker), enable_auto_commit=False, fetch_max_wait_ms=10)
+    await probe.start()
+    try:
+        probe.assign(tps)
+        ends = await probe.end_offsets(tps)
+        for tp in tps:
+            probe.seek(tp, ends[tp])
+        deadline = time.monotonic() + timeout_s
+        # Every fetch response carries the partition's high watermark, records or not.
+        while any(probe.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
+            await probe.getmany(*tps, timeout_ms=50)
+        return {tp: max(ends[tp], probe.highwater(tp) or 0) for tp in tps}
+    finally:
+        await probe.stop()
