@@ -2,7 +2,7 @@
 
 For each of KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL that is not set, an embedded
 service is started under DATA_DIR; then the schema is migrated, the topics are created and a worker
-(agents + web API) runs as a child process. Ctrl-C or SIGTERM stops the worker first, then the
+(agents + web API) runs as a child process. Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the worker first, then the
 embedded services, so the worker never loses its services while it is still committing.
 """
 from __future__ import annotations
@@ -85,18 +85,35 @@ def persistent_admin_token(data_dir: Path) -> str:
     """A generated ADMIN_TOKEN, kept in DATA_DIR so a restart does not invalidate the one printed."""
     path = data_dir / "admin-token"
     if path.exists():
-        return path.read_text().strip()
+        kept = path.read_text().strip()
+        if len(kept) >= _GENERATED_TOKEN_CHARS:
+            return kept
+        # Empty or cut short (a run killed while writing it, or a hand edit): every later run
+        # would fail on it, so it is replaced, and the new one printed.
     data_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n")
+    # Written whole or not at all: a file created, then renamed over the old one.
+    written = path.with_name(path.name + ".new")
+    written.unlink(missing_ok=True)
+    with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(token + "\n")
+    os.replace(written, path)
     return token
+
+
+_GENERATED_TOKEN_CHARS = 43  # secrets.token_urlsafe(32)
+
+
+# Ctrl-C, a stop, and a closed terminal (SIGHUP) all stop the platform in order: the worker first,
+# then the services it uses (unhandled, SIGHUP killed `up` and the kernel then stopped them all at
+# once, the database under the worker still writing to it).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     # Further signals are ignored so that they cannot cut the orderly shutdown short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -120,8 +137,8 @@ def run_up(settings: Settings) -> int:
 def _run_up(settings: Settings, data_dir: Path) -> int:
     if port_accepts(settings.web_port):
         raise SystemExit(f"WEB_PORT {settings.web_port} is already in use; set WEB_PORT to a free port.")
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, _interrupt)
     try:
         with EmbeddedServices(data_dir / "services") as services:
             missing = _missing(settings)
@@ -130,7 +147,8 @@ def _run_up(settings: Settings, data_dir: Path) -> int:
                 print(f"starting embedded {names} under {services.folder}…", flush=True)
             env = {**os.environ, **services.start(**missing)}
             env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
-            token_generated = not env.get("ADMIN_TOKEN")
+            # As the worker reads it: "" or whitespace is unset (settings.py), and gets a token.
+            token_generated = settings.admin_token is None
             if token_generated:  # the one printed; not written when one is set
                 env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
             env.setdefault("ALLOW_PRIVATE_ENDPOINTS", "true")  # the local run's webhooks are local

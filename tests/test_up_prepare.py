@@ -51,3 +51,50 @@ def test_a_second_up_on_the_same_data_dir_stops_at_once_and_says_why(services, t
     assert second.returncode != 0
     assert f"DATA_DIR {data_dir} is in use by another `alerting-app up`" in second.stderr, second.stderr
     assert not (data_dir / "worker.log").exists()
+
+
+def test_the_generated_admin_token_is_kept_and_one_cut_short_is_replaced(tmp_path):
+    from alerting_app.up import persistent_admin_token
+
+    token = persistent_admin_token(tmp_path)
+    assert persistent_admin_token(tmp_path) == token  # a restart keeps the one printed
+    assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+
+    (tmp_path / "admin-token").write_text("\n")  # a run killed while writing it
+    replaced = persistent_admin_token(tmp_path)
+    assert len(replaced) >= 32 and replaced != token
+    assert (tmp_path / "admin-token").read_text() == replaced + "\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["admin-token"]
+
+
+def test_up_with_a_blank_admin_token_generates_one_and_a_closed_terminal_stops_it_in_order(services, tmp_path):
+    # ADMIN_TOKEN=" " is unset to the worker (settings.py): `up` must see it the same way, or the
+    # worker refuses to start. SIGHUP (the terminal closed) stops it like Ctrl-C: worker first.
+    import signal
+    import subprocess
+
+    from alerting_app.embedded import free_port
+    from alerting_app.up import alerting_app_executable
+
+    data_dir = tmp_path / "data"
+    up = subprocess.Popen([alerting_app_executable(), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port()),
+                                          "ADMIN_TOKEN": " ", "APP_ID": f"up-hup-{os.getpid()}"})
+    try:
+        output = []
+        for line in up.stdout:  # until it is up, or it ends
+            output.append(line)
+            if line.strip() == "ready":
+                break
+        assert output and output[-1].strip() == "ready", "".join(output)
+        printed = next(line.split()[1] for line in output if line.strip().startswith("ADMIN_TOKEN "))
+        assert printed == (data_dir / "admin-token").read_text().strip()
+
+        up.send_signal(signal.SIGHUP)
+        rest = up.stdout.read()
+        assert up.wait(timeout=120) == 0, rest
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert rest.strip().endswith("stopped"), rest
+    assert "Traceback" not in (data_dir / "worker.log").read_text()
