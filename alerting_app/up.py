@@ -2,8 +2,9 @@
 
 For each of KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL that is not set, an embedded
 service is started under DATA_DIR; then the schema is migrated, the topics are created and a worker
-(agents + web API) runs as a child process. Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the worker first, then the
-embedded services, so the worker never loses its services while it is still committing.
+(agents + web API) runs as a child process. Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops
+the worker first, then the embedded services, so the worker never loses its services while it is
+still committing.
 """
 from __future__ import annotations
 
