@@ -68,15 +68,42 @@ def port_accepts(port: int) -> bool:
 
 
 def hold_lock(path: Path) -> IO | None:
-    """An exclusive lock on the file `path`, held until the returned file is closed or this process
-    ends; None when another process holds it."""
-    lock_file = open(path, "w")
+    """An exclusive lock on the file `path`, held until the returned file is closed (in this process
+    and in any child it was passed to) or they end; None when another process holds it. The file
+    then holds the pid of the process that took it (`lock_holder`)."""
+    lock_file = open(path, "a+")  # not "w": that would empty the holder's pid before asking
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock_file.close()
         return None
+    lock_file.truncate(0)
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
     return lock_file
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid written by the process that took the lock on `path` (it may have ended since)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        # /proc/<pid>/stat: "pid (name) state ...", the name in parentheses may hold spaces.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): as far as we can tell, it runs
 
 
 def _die_with_parent(sig: int) -> Callable[[], None] | None:
@@ -95,7 +122,7 @@ class ChildProcess:
     """A service process we started: output to a log file, stopped by its own graceful signal."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, *, stop_signal: int = signal.SIGTERM,
-                 env: dict[str, str] | None = None, user: str | None = None):
+                 env: dict[str, str] | None = None, user: str | None = None, pass_fds: tuple[int, ...] = ()):
         self.name = name
         self.log_path = log_path
         self.stop_signal = stop_signal
@@ -103,7 +130,7 @@ class ChildProcess:
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, user=user,
-                start_new_session=True, preexec_fn=_die_with_parent(stop_signal),
+                start_new_session=True, preexec_fn=_die_with_parent(stop_signal), pass_fds=pass_fds,
             )
 
     @property

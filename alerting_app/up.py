@@ -16,13 +16,15 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO
 
 from agents.rule_outbox import republish_all_silences
-from alerting_app.embedded import ChildProcess, EmbeddedServices, hold_lock, port_accepts
+from alerting_app.embedded import (ChildProcess, EmbeddedServices, hold_lock, lock_holder, port_accepts,
+                                   process_alive)
 from alerting_app.healthcheck import worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
@@ -44,13 +46,15 @@ def alerting_app_executable() -> str:
 class WorkerProcess:
     """`alerting-app worker` as a child process, its output in `log_path`; it logs at LOG_LEVEL."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, holding: IO | None = None):
         self.port = int(env["WEB_PORT"])
         self.url = worker_url(env)  # where it listens (WEB_BIND), as the health check asks it
         self.log_path = log_path
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0  # the log may be appended to
         argv = [alerting_app_executable(), "worker"]
-        self.child = ChildProcess("worker", argv, log_path, env=env)
+        # `holding`: a lock file the worker keeps open, so the lock lasts as long as the worker does.
+        self.child = ChildProcess("worker", argv, log_path, env=env,
+                                  pass_fds=(holding.fileno(),) if holding is not None else ())
 
     def __enter__(self) -> "WorkerProcess":
         return self
@@ -118,24 +122,43 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+_PREVIOUS_WORKER_STOP_S = 30.0
+
+
 def _lock_data_dir(data_dir: Path) -> IO:
     """Hold DATA_DIR for this run: a second `up` on it, with or without embedded services, would
-    share the worker's table state (RocksDB) and log with the first."""
-    lock_file = hold_lock(data_dir / ".up.lock")
-    if lock_file is None:
-        raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`); "
-                         "stop that one, or set DATA_DIR to another folder.")
+    share the worker's table state (RocksDB) and log with the first.
+
+    The worker holds the lock too (it inherits the file), so it is free only once both are gone.
+    An `up` killed outright (kill -9) leaves its worker stopping on its own for a few seconds: a
+    new run waits for that, rather than clearing the table state under it and starting a second
+    worker beside it. Another `up` still running is refused at once.
+    """
+    path = data_dir / ".up.lock"
+    deadline = None
+    while (lock_file := hold_lock(path)) is None:
+        holder = lock_holder(path)
+        if holder is None or process_alive(holder):
+            raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`); "
+                             "stop that one, or set DATA_DIR to another folder.")
+        if deadline is None:
+            print("waiting for the worker of a run that ended to stop…", flush=True)
+            deadline = time.monotonic() + _PREVIOUS_WORKER_STOP_S
+        elif time.monotonic() > deadline:
+            raise SystemExit(f"DATA_DIR {data_dir} is still held by the worker of a run that ended "
+                             f"{_PREVIOUS_WORKER_STOP_S:.0f}s ago (its `alerting-app worker` process); stop it.")
+        time.sleep(0.2)
     return lock_file
 
 
 def run_up(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    with _lock_data_dir(data_dir):  # the lock goes with the file: closed, or this process gone
-        return _run_up(settings, data_dir)
+    with _lock_data_dir(data_dir) as lock_file:  # the lock goes with the file: closed, or this process gone
+        return _run_up(settings, data_dir, lock_file)
 
 
-def _run_up(settings: Settings, data_dir: Path) -> int:
+def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
     if port_accepts(settings.web_port):
         raise SystemExit(f"WEB_PORT {settings.web_port} is already in use; set WEB_PORT to a free port.")
     for stop in _STOP_SIGNALS:
@@ -157,7 +180,7 @@ def _run_up(settings: Settings, data_dir: Path) -> int:
             # anyone who reaches it make the worker POST into this machine's network.
             env.setdefault("WEB_BIND", "127.0.0.1")
             _prepare(env, settings)
-            with WorkerProcess(env, data_dir / "worker.log") as worker:
+            with WorkerProcess(env, data_dir / "worker.log", holding=lock_file) as worker:
                 print(f"starting the worker (log: {worker.log_path})…", flush=True)
                 worker.wait_until_ready()
                 print(_instructions(env, worker.url, data_dir, token_generated), flush=True)

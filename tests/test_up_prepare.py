@@ -98,3 +98,48 @@ def test_up_with_a_blank_admin_token_generates_one_and_a_closed_terminal_stops_i
             up.kill()
     assert rest.strip().endswith("stopped"), rest
     assert "Traceback" not in (data_dir / "worker.log").read_text()
+
+
+def test_after_up_is_killed_a_new_run_waits_for_its_worker_to_stop(services, tmp_path):
+    # kill -9 of `up` leaves its worker stopping on its own (PR_SET_PDEATHSIG): a new run must not
+    # clear the table state under it, nor start a second worker beside it, until it is gone.
+    import signal
+    import subprocess
+    import threading
+
+    from alerting_app.embedded import free_port, process_alive
+    from alerting_app.up import _lock_data_dir, alerting_app_executable
+
+    data_dir = tmp_path / "data"
+    first = subprocess.Popen([alerting_app_executable(), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port()),
+                                             "APP_ID": f"up-kill-{os.getpid()}"})
+    worker = None
+    try:
+        output = []
+        for line in first.stdout:
+            output.append(line)
+            if line.strip() == "ready":
+                break
+        assert output[-1].strip() == "ready", "".join(output)
+        [worker] = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True,
+                                                       text=True).stdout.split()]
+        os.kill(worker, signal.SIGSTOP)  # so that it is surely still there when the next run starts
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+        taken = []
+        next_run = threading.Thread(target=lambda: taken.append(_lock_data_dir(data_dir)), daemon=True)
+        next_run.start()
+        next_run.join(2.0)
+        assert not taken and process_alive(worker)  # waiting for the worker, not refused, not taken
+
+        os.kill(worker, signal.SIGCONT)  # it now stops, on the signal its parent's death sent
+        next_run.join(60)
+        assert taken and not process_alive(worker)
+        taken[0].close()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if worker is not None and process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
