@@ -130,6 +130,7 @@ class _KeepMessages:
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
         self.over_tls: list[bool] = []  # for each message, whether its session had switched to TLS
+        self.received_at: list[float] = []  # for each message, time.monotonic() when its DATA was taken
         self.replies: dict[str, str | bytes] = {}
         self.stall_s = 0.0
 
@@ -151,6 +152,7 @@ class _KeepMessages:
         await asyncio.sleep(self.stall_s)
         self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
         self.over_tls.append(session.ssl is not None)
+        self.received_at.append(time.monotonic())
         return "250 Message accepted for delivery"
 
 
@@ -189,6 +191,11 @@ class SmtpServer:
     @property
     def over_tls(self) -> list[bool]:
         return self._handler.over_tls
+
+    @property
+    def received_at(self) -> list[float]:
+        """time.monotonic() at each message's arrival, in the order of `messages`."""
+        return self._handler.received_at
 
     def refuse(self, recipient: str, reply: str | bytes) -> None:
         """Answer RCPT TO for `recipient` with `reply` (e.g. "550 5.1.1 no such user"); bytes go out as

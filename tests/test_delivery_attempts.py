@@ -227,6 +227,25 @@ async def test_a_tenants_slow_email_endpoint_keeps_no_other_tenants_email_waitin
         assert [message["To"] for message in smtp.messages] == ["a@example.com", "b@example.com", "a@example.com"]
 
 
+async def test_email_to_many_endpoints_goes_out_at_the_all_email_rate(services):
+    """EMAIL_RATE_LIMIT_PER_S protects the relay from all email together: six endpoints with no
+    limit of their own, sent to at once, still share one bucket, measured at the SMTP server."""
+    rate, count = 4.0, 6
+    with SmtpServer() as smtp:
+        # A bucket of one token (burst_s * rate); an app_id of its own, so no other test's email shares it.
+        async with delivery_context(services.redis_url, burst_s=0.25, smtp_host="127.0.0.1", smtp_port=smtp.port,
+                                    smtp_timeout_s=5, email_rate_limit_per_s=rate,
+                                    app_id=f"email-rate-{uuid.uuid4().hex[:8]}") as ctx:
+            endpoints = [Endpoint(str(uuid.uuid4()), "email", f"oncall{n}@example.com", "secret", 0.0)
+                         for n in range(count)]
+            await asyncio.gather(*(attempt(job_for(endpoint), ctx) for endpoint in endpoints))
+        arrivals = smtp.received_at
+        assert len(arrivals) == count
+        # After the one token of the burst, each email waits its turn at `rate`: the last can come no
+        # sooner than this after the first (5% off for arrival jitter). Unshared, all come at once.
+        assert max(arrivals) - min(arrivals) >= (count - 1) / rate * 0.95, arrivals
+
+
 async def test_deliveries_waiting_for_their_endpoints_tokens_hold_none_of_their_clients_slots(services):
     """A tenant's rate-limited endpoint with a backlog must not keep the tenant's other endpoints
     waiting for tokens they do not need: the client's slot is taken after the endpoint's token."""
