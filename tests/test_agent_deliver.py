@@ -458,6 +458,24 @@ async def test_sweep_resumes_a_delivery_whose_worker_died_counting_its_attempts(
     assert await notification_state(pool, notification.notification_id) == ("SENT", None)
 
 
+async def test_a_resumed_delivery_fails_after_the_attempts_its_dead_worker_left_it(pool, dispatcher, receiver,
+                                                                                    quick_retries):
+    # DELIVERY_MAX_ATTEMPTS counts the whole delivery: with 2 of 4 made, a failing endpoint gets 2 more, not 4.
+    receiver.answer("hook", 503)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    await open_abandoned_delivery(pool, notification, endpoint, attempts=2)
+
+    await sweep(pool, dispatcher)
+    await dispatcher.drained()
+
+    assert len(receiver.posts) == quick_retries.delivery_max_attempts - 2 == 2
+    assert await deliveries(pool, notification.notification_id) == {
+        endpoint: ("webhook", "FAILED", 4, "HTTP 503", True)}
+    [letter] = await sent_to("notifications.ready.dlq", client)
+    assert letter["reason"].endswith("HTTP 503; FAILED after 4 attempt(s)")
+
+
 async def test_a_delivery_sent_but_not_recorded_is_recorded_sent_without_posting_again(pool, dispatcher, receiver):
     from alerting_app import redis_client
     from alerting_app.delivery.claims import SENT_MARK, claim_key
