@@ -187,6 +187,8 @@ async def taken_over_delivery(conn: asyncpg.Connection) -> tuple[str, str]:
 
 async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(clean_db, conn):
     notification_id, endpoint_id = await taken_over_delivery(conn)
+    next_attempt_sql = "SELECT next_attempt_at FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2"
+    scheduled = await conn.fetchval(next_attempt_sql, notification_id, endpoint_id)
 
     # The old holder meets the new holder's claim and hands the delivery back for later.
     await write_outcomes(conn, "old-holder", [DeliveryChange(notification_id, endpoint_id, "PENDING", 1, "HTTP 503",
@@ -194,6 +196,8 @@ async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(
 
     row = await lease_of(conn, notification_id, endpoint_id)
     assert (row["leased_by"], row["leased"], row["attempts"]) == ("new-holder", True, 1)
+    # The schedule is the holder's too: the old holder's "due at once" would set it for the new one.
+    assert await conn.fetchval(next_attempt_sql, notification_id, endpoint_id) == scheduled
     assert await lease_due(conn, "third-worker", 60.0, {}, backlog=10, limit=10) == []
 
     # The holder's own hand-back does give the lease up and schedule the next attempt.
