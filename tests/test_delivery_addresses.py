@@ -7,7 +7,9 @@ import ipaddress
 import aiohttp
 import pytest
 
-from alerting_app.channels.addresses import PublicAddressResolver, RefusedAddress, check_public_host, non_public_kind
+from alerting_app.channels.addresses import (
+    PublicAddressResolver, RefusedAddress, check_public_host, non_public_kind, refuse_non_public,
+)
 from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError
 from alerting_app.channels.http import endpoint_session
 from alerting_app.channels.slack import send_slack
@@ -53,6 +55,10 @@ async def test_a_host_name_is_checked_by_every_address_it_resolves_to():
     with pytest.raises(RefusedAddress, match="localhost resolves to"):
         await check_public_host("localhost", 80)
     await check_public_host("93.184.216.34", 443)
+    # localhost resolves to loopback only; a name with a public address first (in the checked
+    # order) and a private one after it must be refused for the private one.
+    with pytest.raises(RefusedAddress, match="h.example resolves to a private address"):
+        refuse_non_public("h.example", {ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("192.168.0.1")})
 
 
 @pytest.mark.parametrize("host", ["a..com", "a" * 64 + ".example.com", ".example.com"])
