@@ -126,6 +126,7 @@ def forged_cursor(content: object) -> str:
     [5, "8a3f1a52-0000-4000-8000-000000000000"],
     ["0001-01-01T00:00:00+01:00", "8a3f1a52-0000-4000-8000-000000000000"],
     ["9999-12-31T23:59:59-01:00", "8a3f1a52-0000-4000-8000-000000000000"],
+    ["2024-01-01T00:00:00", "8a3f1a52-0000-4000-8000-000000000000"],  # no zone: this API writes UTC offsets
     {"created_at": 1, "id": 2},
 ])
 @pytest.mark.parametrize("path", ["/api/v1/rules", "/api/v1/notifications", "/api/v1/silences"])
