@@ -48,8 +48,8 @@ async def test_an_endpoint_has_its_own_rate_limit_until_reset_to_the_default(api
     assert (reset.body["rate_limit_per_s"], reset.body["enabled"]) == (None, False)
 
 
-@pytest.mark.parametrize("rate", [0, -1, "fast", True, "2"])
-async def test_a_rate_limit_must_be_a_positive_number(api, tenant, rate):
+@pytest.mark.parametrize("rate", [0, -1, "fast", True, "2", 100_001])
+async def test_a_rate_limit_must_be_a_positive_number_up_to_100000(api, tenant, rate):
     rule = await api.new_rule(tenant)
     reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
                            {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/a",
