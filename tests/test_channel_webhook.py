@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
-from alerting_app.channels.http import raise_for_status, retry_after_seconds
+from alerting_app.channels.http import error_text, raise_for_status, retry_after_seconds
 from alerting_app.channels.webhook import send_webhook, webhook_body
 from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Answer, Receiver
@@ -220,6 +220,12 @@ async def test_a_failure_reason_does_not_carry_the_urls_path():
             await send(url, timeout_s=0.5)
     reason = str(raised.value)
     assert "ClientResponseError" in reason and "SECRET" not in reason, reason
+
+
+def test_the_text_of_an_error_that_is_no_answer_keeps_only_the_urls_origin():
+    # aiohttp names the URL in some errors of their own (InvalidURL's text is the URL itself).
+    url = "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX?token=XXXXSECRETXXXX"
+    assert error_text(aiohttp.InvalidURL(url), url) == "https://hooks.slack.com"
 
 
 @pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Los_Angeles"])
