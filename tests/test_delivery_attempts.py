@@ -111,6 +111,22 @@ async def test_a_failed_send_frees_its_claim_for_the_next_attempt(services):
         assert await claim_is_free(ctx, job)
 
 
+async def test_a_claim_outlives_the_longest_its_send_may_still_take(services):
+    """Only a dead holder's claim may expire: one that ran out while its send still waited for an
+    answer would let another worker claim and send it again. So, while the endpoint has the request,
+    the claim lasts longer than the whole send timeout, with a second at least to mark it sent."""
+    timeout_s = 30.0  # far longer than the claim's margin: a claim of the margin alone falls short too
+    async with Receiver() as receiver, delivery_context(services.redis_url, webhook_timeout_s=timeout_s) as ctx:
+        release = receiver.hold("hook")
+        job = job_for(webhook(receiver.url()))
+        sending = asyncio.ensure_future(attempt(job, ctx))
+        await receiver.wait_for_posts(1)
+        claim_left_ms = await ctx.redis.redis.pttl(claims.claim_key(*job.key))
+        release.set()
+        await sending
+    assert claim_left_ms >= (timeout_s + 1) * 1000, claim_left_ms
+
+
 async def test_a_delivery_whose_sent_mark_fails_is_recorded_sent_not_sent_again(services, monkeypatch):
     async def redis_gone(*args, **kwargs):
         raise RedisConnectionError("Connection reset by peer")
