@@ -23,7 +23,7 @@ from alerting_app.contracts import Alert, DeadLetter, NotificationReady
 from alerting_app.delivery import attempts, claims
 from alerting_app.delivery.attempts import DeliveryContext, SendSlots, attempt, deliver
 from alerting_app.delivery.jobs import DeliveryJob, Endpoint
-from alerting_app.delivery.rate_limits import RateLimits
+from alerting_app.delivery.rate_limits import RateLimits, endpoint_bucket
 from alerting_app.delivery.records import DeliveryChange
 from alerting_app.redis_pipelining import PipelinedRedis
 from alerting_app.settings import Settings
@@ -79,6 +79,16 @@ async def claim_is_free(ctx: DeliveryContext, job: DeliveryJob) -> bool:
     claim = await claims.claim(ctx.redis, *job.key, ttl_s=5)
     await claims.release(ctx.redis, claim)
     return claim.state is claims.ClaimState.CLAIMED
+
+
+async def waiting_for_a_token(ctx: DeliveryContext, endpoint: Endpoint, deliveries: int) -> None:
+    """Return once `deliveries` deliveries of `endpoint` are at its token: in its turn, one waiting
+    for the token and the others for the turn (RateLimits keeps the bucket's turn only while anyone
+    wants it). Polled: the state a test needs before it sends past them, not a guessed sleep."""
+    bucket = endpoint_bucket(ctx.settings.app_id, endpoint.endpoint_id)
+    async with asyncio.timeout(60):  # a guard against hanging only
+        while ctx.rate_limits._turns.get(bucket, (None, 0))[1] < deliveries:
+            await asyncio.sleep(0.01)
 
 
 async def test_a_send_that_raises_unexpectedly_fails_at_once_naming_the_error_and_frees_its_claim(
@@ -229,18 +239,23 @@ async def test_a_rate_limited_endpoint_is_served_at_its_rate_while_the_worker_st
 
 async def test_a_tenants_slow_email_endpoint_keeps_no_other_tenants_email_waiting(services):
     """The endpoint's own token is waited for before the turn at the all-email bucket: tenant A's
-    second email, waiting two seconds for its endpoint's 0.5/s, must not hold up tenant B's."""
+    second email, waiting twenty seconds for its endpoint's 0.05/s, must not hold up tenant B's."""
     with SmtpServer() as smtp:
         async with delivery_context(services.redis_url, smtp_host="127.0.0.1", smtp_port=smtp.port,
                                     smtp_timeout_s=5) as ctx:
-            slow = Endpoint(str(uuid.uuid4()), "email", "a@example.com", "secret", 0.5)  # a bucket of one token
+            slow = Endpoint(str(uuid.uuid4()), "email", "a@example.com", "secret", 0.05)  # a bucket of one token
             other = Endpoint(str(uuid.uuid4()), "email", "b@example.com", "secret", None)
             await attempt(job_for(slow), ctx)
             second_of_slow = asyncio.ensure_future(attempt(job_for(slow), ctx))
-            await asyncio.sleep(0.2)  # it waits for its endpoint's next token, due in about 2 s
-            await asyncio.wait_for(attempt(job_for(other), ctx), 1.5)
-            await second_of_slow
-        assert [message["To"] for message in smtp.messages] == ["a@example.com", "b@example.com", "a@example.com"]
+            try:
+                await waiting_for_a_token(ctx, slow, 1)  # its endpoint's next, due in about 20 s
+                await asyncio.wait_for(attempt(job_for(other), ctx), 60)  # a guard against hanging only
+                # B's email went while A's second still waits for its token: it was not queued behind it.
+                assert not second_of_slow.done()
+            finally:
+                second_of_slow.cancel()
+                await asyncio.gather(second_of_slow, return_exceptions=True)
+        assert [message["To"] for message in smtp.messages] == ["a@example.com", "b@example.com"]
 
 
 async def test_email_to_many_endpoints_goes_out_at_the_all_email_rate(services):
@@ -266,17 +281,20 @@ async def test_deliveries_waiting_for_their_endpoints_tokens_hold_none_of_their_
     """A tenant's rate-limited endpoint with a backlog must not keep the tenant's other endpoints
     waiting for tokens they do not need: the client's slot is taken after the endpoint's token."""
     async with Receiver() as receiver, delivery_context(services.redis_url, client_concurrency=2) as ctx:
-        limited = webhook(receiver.url("limited"), rate_limit_per_s=0.5)  # a bucket of one token, one per 2 s
+        limited = webhook(receiver.url("limited"), rate_limit_per_s=0.05)  # a bucket of one token, one per 20 s
         await attempt(job_for(limited), ctx)
         backlog = [asyncio.ensure_future(attempt(job_for(limited), ctx)) for _ in range(2)]
-        await asyncio.sleep(0.2)  # both wait for the limited endpoint's next tokens, in 2 and 4 s
         try:
-            await asyncio.wait_for(attempt(job_for(webhook(receiver.url("pager"), rate_limit_per_s=0.0)), ctx), 1.5)
+            await waiting_for_a_token(ctx, limited, 2)  # the limited endpoint's next tokens, in 20 and 40 s
+            await asyncio.wait_for(attempt(job_for(webhook(receiver.url("pager"), rate_limit_per_s=0.0)), ctx),
+                                   60)  # a guard against hanging only
+            # The pager's post went while the backlog still waits: it took none of the client's two slots.
+            assert not any(waiting.done() for waiting in backlog)
         finally:
             for waiting in backlog:
                 waiting.cancel()
             await asyncio.gather(*backlog, return_exceptions=True)
-        assert len(receiver.posts_to("pager")) == 1
+        assert [post.path for post in receiver.posts] == ["limited", "pager"]
 
 
 @pytest.mark.parametrize("change", ["fixed", "disabled", "deleted"])
