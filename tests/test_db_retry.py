@@ -54,13 +54,25 @@ async def test_the_victim_of_a_real_deadlock_is_run_again_and_succeeds(clean_db,
                     # Row 2 is the other's, which then waits for our row 1: a deadlock.
                     await other_holds_row_2.wait()
                     other_wants_row_1.set()
-                    await asyncio.sleep(0.2)  # let the other's wait begin before ours
+                    await other_waits_on_a_lock()  # the other's wait begins before ours
                 await conn.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 2")
             return "done"
         finally:
             await conn.close()
 
     other_holds_row_2, other_wants_row_1 = asyncio.Event(), asyncio.Event()
+
+    async def other_waits_on_a_lock() -> None:
+        # Seen from a third connection: a transaction sees pg_stat_activity as it was when it
+        # first looked. Polled, with a guard against hanging only.
+        observer = await asyncpg.connect(clean_db)
+        try:
+            async with asyncio.timeout(30):
+                while not await observer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
+                                                  " AND wait_event_type = 'Lock'", other.get_server_pid()):
+                    await asyncio.sleep(0.01)
+        finally:
+            await observer.close()
 
     async def other_transaction() -> None:
         async with other.transaction():
