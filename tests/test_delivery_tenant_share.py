@@ -3,6 +3,8 @@ dispatcher, with the real Postgres, Redis and a real local endpoint: the first t
 own share of the worker's send slots (DELIVERY_CLIENT_CONCURRENCY), not all of them."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import pytest_asyncio
 
@@ -33,8 +35,12 @@ async def redis_closed_after_the_module(pipeline):
     await redis_client.close()
 
 
-async def test_a_tenant_whose_endpoints_all_hang_leaves_the_worker_room_for_another_tenant(pool, settings):
+async def test_a_tenant_whose_endpoints_all_hang_leaves_the_worker_room_for_another_tenant(pool, settings,
+                                                                                          monkeypatch):
     from alerting_app.delivery.dispatcher import Dispatcher
+
+    # The hanging sends hang for the whole test: none times out to make room for the others.
+    monkeypatch.setattr(settings, "webhook_timeout_s", 300.0)
 
     async with Receiver() as receiver:
         hanging_tenant = await insert_client(pool)
@@ -53,9 +59,18 @@ async def test_a_tenant_whose_endpoints_all_hang_leaves_the_worker_room_for_anot
             jobs.sort(key=lambda job: job.notification.client_id != hanging_tenant)  # the hanging ones first
             assert dispatcher.submit(jobs) == []
 
-            # Well within WEBHOOK_TIMEOUT_S (30 s), the hanging sends' own bound.
-            await receiver.wait_for_posts(1, "other", timeout=10.0)
-            assert sum(len(receiver.posts_to(f"hanging-{n}")) for n in range(4)) == 2  # its share, no more
+            def hanging_posts() -> int:
+                return sum(len(receiver.posts_to(f"hanging-{n}")) for n in range(4))
+
+            # The hanging tenant's share of the slots (2 of 4) is taken: both its sends are held.
+            async with asyncio.timeout(60):  # a guard against hanging only
+                while hanging_posts() < 2:
+                    await asyncio.sleep(0.01)
+            # The other tenant's post gets through while they hang (were the worker's slots all the
+            # hanging tenant's, it would wait for good, and the guard fail) ...
+            await receiver.wait_for_posts(1, "other", timeout=60)
+            # ... and the hanging tenant's other deliveries still wait for its share: no more sent.
+            assert hanging_posts() == 2
         finally:
             for held in hung:
                 held.set()
