@@ -81,7 +81,12 @@ async def apply_migrations(database_url: str, migrations_dir: Path | None = None
             if migration.version in recorded:
                 continue
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                try:
+                    await conn.execute(migration.sql)
+                except asyncpg.PostgresError as exc:
+                    # Postgres's message alone ("relation "a" already exists") does not say which file.
+                    raise MigrationError(f"{migration.name}.sql failed, nothing of it applied: "
+                                         f"{type(exc).__name__}: {exc}") from exc
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                     migration.version, migration.name, migration.checksum,

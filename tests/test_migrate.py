@@ -82,7 +82,7 @@ async def test_failing_migration_leaves_no_trace(empty_database, tmp_path):
     folder.mkdir()
     (folder / "1_broken.sql").write_text("CREATE TABLE half (id int); SELECT no_such_function();")
 
-    with pytest.raises(asyncpg.PostgresError):
+    with pytest.raises(MigrationError, match=r"^1_broken\.sql failed, nothing of it applied: UndefinedFunctionError"):
         await apply_migrations(empty_database, folder)
 
     assert await _fetch(empty_database, "SELECT 1 FROM pg_tables WHERE tablename = 'half'") == []
