@@ -216,7 +216,9 @@ BROKER_REQUEST_TIMEOUT_S = 90.0
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+    # env_ignore_empty: VAR= (a compose file's or task definition's way of leaving it out) is not
+    # set, for every variable: the default, as the image's health check reads WEB_BIND and WEB_PORT.
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_ignore_empty=True)
 
     # Empty (`VAR=`) is unset, as for every optional setting: `alerting-app up` then starts one.
     kafka_bootstrap_servers: Annotated[KafkaServers | None, BeforeValidator(_unset_if_empty)] = None

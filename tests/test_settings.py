@@ -271,6 +271,17 @@ def test_a_token_set_empty_is_unset_and_one_with_a_trailing_newline_is_stripped(
     assert getattr(load_settings(), variable.lower()) == "token-from-a-secret-file"
 
 
+@pytest.mark.parametrize(("variable", "field", "default"), [
+    ("WEB_PORT", "web_port", 6066), ("WEB_BIND", "web_bind", "0.0.0.0"), ("LOG_LEVEL", "log_level", "info"),
+    ("TOPIC_PARTITIONS", "topic_partitions", 9),
+])
+def test_any_variable_set_empty_is_its_default(monkeypatch, variable, field, default):
+    # VAR= in a compose file or a task definition; the health check (healthcheck.py) reads
+    # WEB_BIND and WEB_PORT the same way, so the two agree on where the worker listens.
+    monkeypatch.setenv(variable, "")
+    assert getattr(load_settings(), field) == default
+
+
 def test_data_dir_set_empty_is_the_default_not_the_current_folder(monkeypatch):
     monkeypatch.setenv("DATA_DIR", "")
     assert str(load_settings().data_dir) == ".alerting-data"
