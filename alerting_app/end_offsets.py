@@ -5,8 +5,13 @@ from __future__ import annotations
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from alerting_app.kafka_connection import Broker, client_args
+
+
+class EndOffsetsUnknown(KafkaError):
+    """The broker answered no fetch for some partition in time: their ends are not known."""
 
 
 async def end_offsets(broker: Broker, tps: list[TopicPartition],
@@ -31,6 +36,11 @@ async def end_offsets(broker: Broker, tps: list[TopicPartition],
         # Every fetch response carries the partition's high watermark, records or not.
         while any(probe.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
             await probe.getmany(*tps, timeout_ms=50)
-        return {tp: max(ends[tp], probe.highwater(tp) or 0) for tp in tps}
+        unknown = sorted(f"{tp.topic}[{tp.partition}]" for tp in tps if probe.highwater(tp) is None)
+        if unknown:
+            # ListOffsets alone may be short of the end (above): a replica taking it would count
+            # itself caught up before the last rules were read. Its caller tries again instead.
+            raise EndOffsetsUnknown(f"no fetch answer within {timeout_s:g}s for {', '.join(unknown)}")
+        return {tp: max(ends[tp], probe.highwater(tp)) for tp in tps}
     finally:
         await probe.stop()
