@@ -115,6 +115,13 @@ _GENERATED_TOKEN_CHARS = 43  # secrets.token_urlsafe(32)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _stop_on_signals() -> None:
+    for stop in _STOP_SIGNALS:
+        # Not over an ignore: under `nohup`, a closed terminal must leave the platform running.
+        if signal.getsignal(stop) is not signal.SIG_IGN:
+            signal.signal(stop, _interrupt)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     # Further signals are ignored so that they cannot cut the orderly shutdown short.
     for stop in _STOP_SIGNALS:
@@ -161,8 +168,7 @@ def run_up(settings: Settings) -> int:
 def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
     if port_accepts(settings.web_port):
         raise SystemExit(f"WEB_PORT {settings.web_port} is already in use; set WEB_PORT to a free port.")
-    for stop in _STOP_SIGNALS:
-        signal.signal(stop, _interrupt)
+    _stop_on_signals()
     try:
         with EmbeddedServices(data_dir / "services") as services:
             missing = _missing(settings)
@@ -189,7 +195,10 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
                 print(f"the worker exited with code {code}; see {worker.log_path}", file=sys.stderr)
                 return code or 1  # the worker is meant to run until we stop it
     except KeyboardInterrupt:
-        print("stopped", flush=True)
+        try:
+            print("stopped", flush=True)
+        except OSError:  # the terminal it was printing to is gone (SIGHUP)
+            pass
         return 0
 
 

@@ -70,6 +70,21 @@ async def test_silences_count_against_the_quota_until_retention_deletes_them(api
     assert (await api.call("POST", "/api/v1/silences", tenant.key, _silence())).status == 201
 
 
+async def test_with_silences_kept_for_ever_only_those_not_ended_count(api, tenant, monkeypatch):
+    # SILENCE_RETENTION_DAYS=0: retention never deletes one, so counting ended ones would refuse
+    # the client's silences for good once it had made MAX_SILENCES_PER_CLIENT.
+    from alerting_app.app import settings
+    monkeypatch.setattr(settings, "max_silences_per_client", 1)
+    monkeypatch.setattr(settings, "silence_retention_days", 0)
+    first = await api.call("POST", "/api/v1/silences", tenant.key, _silence())
+    refused = await api.call("POST", "/api/v1/silences", tenant.key, _silence())
+    assert (first.status, refused.status) == (201, 409)
+    assert "that have not ended" in refused.body["message"]
+
+    assert (await api.call("DELETE", f"/api/v1/silences/{first.body['silence_id']}", tenant.key)).status == 204
+    assert (await api.call("POST", "/api/v1/silences", tenant.key, _silence())).status == 201
+
+
 async def test_a_rule_at_its_endpoint_quota_gets_409(api, tenant, monkeypatch):
     from alerting_app.app import settings
     monkeypatch.setattr(settings, "max_endpoints_per_rule", 2)

@@ -143,3 +143,19 @@ def test_after_up_is_killed_a_new_run_waits_for_its_worker_to_stop(services, tmp
             first.kill()
         if worker is not None and process_alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_under_nohup_a_closed_terminal_leaves_up_running():
+    import signal
+
+    from alerting_app.up import _interrupt, _stop_on_signals
+
+    saved = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+        _stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is _interrupt and signal.getsignal(signal.SIGINT) is _interrupt
+    finally:
+        for stop, handler in saved.items():
+            signal.signal(stop, handler)

@@ -41,6 +41,16 @@ RULES = Quota("SELECT count(*) FROM rules WHERE client_id = $1", "max_rules_per_
 SILENCES = Quota("SELECT count(*) FROM silences WHERE client_id = $1", "max_silences_per_client",
                  "the client has {count} silences (ended ones count until SILENCE_RETENTION_DAYS after their "
                  "end, when retention deletes them)", "wait for that, or ask for a higher limit")
+# With SILENCE_RETENTION_DAYS=0 (kept for ever) nothing would ever make room again: only those not
+# ended count, and the operator who keeps every silence accepts the memory that takes.
+# now() is the transaction's start: a silence ending while this runs still counts, which errs safe.
+SILENCES_NOT_ENDED = Quota("SELECT count(*) FROM silences WHERE client_id = $1 AND ends_at > now()",
+                           "max_silences_per_client", "the client has {count} silences that have not ended",
+                           "expire one first")
+
+
+def silences_quota() -> Quota:
+    return SILENCES if settings.silence_retention_days else SILENCES_NOT_ENDED
 ENDPOINTS = Quota("SELECT count(*) FROM endpoints WHERE rule_id = $1", "max_endpoints_per_rule",
                   "the rule has {count} endpoints", "delete one first")
 

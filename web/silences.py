@@ -26,7 +26,7 @@ from tables.silences import silence_index
 from web.auth import ApiView, Caller
 from web.errors import Forbidden, NotFound, ValidationFailed
 from web.pagination import PageQuery, page_of
-from web.quotas import SILENCES, lock_client_within_quota
+from web.quotas import lock_client_within_quota, silences_quota
 from web.schemas import RequestBody, SeverityCriterion
 from web.validation import StorableDatetime, parse_body, parse_query, path_id
 from web.worker_state import rules_digest
@@ -158,7 +158,7 @@ async def create_silence(caller: Caller, body: SilenceCreate) -> Any:
     starts_at, ends_at = window_of(body, datetime.now(timezone.utc))
     pool = await db.pool()
     async with pool.acquire() as conn, conn.transaction():
-        await lock_client_within_quota(conn, client_id, SILENCES)
+        await lock_client_within_quota(conn, client_id, silences_quota())
         row = await conn.fetchrow(INSERT, uuid4(), client_id, *matchers.values(), starts_at, ends_at,
                                   body.comment, body.created_by)
         await record_silence_change(conn, upsert_event(row))
