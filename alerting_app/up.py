@@ -129,7 +129,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-_PREVIOUS_WORKER_STOP_S = 30.0
+_PREVIOUS_WORKER_STOP_S = 60.0  # its stop, its services gone with the killed `up`, may wait on their timeouts
 
 
 def _lock_data_dir(data_dir: Path) -> IO:
