@@ -16,7 +16,7 @@ from collections.abc import Callable
 import asyncpg
 
 from agents.aggregate import Aggregation, publish_aggregation
-from agents.match_outcomes import closed_here, groups_lock, known_clients
+from agents.match_outcomes import closed_here, groups_lock, known_clients, lock_clients
 from alerting_app import db
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import NotificationReady
@@ -128,7 +128,13 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
     """
     if not due:
         return [], []
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction():
+        # The clients' locks, as the agent takes them (agents/match_outcomes.py): during a
+        # rebalance another worker's agent may be adding an alert to one of these groups. Without
+        # them, its member could commit after this insert counted the group's members: in a closed
+        # group, neither listed nor counted, and never notified. With them, either that alert is
+        # committed first and counted, or its batch waits, finds the group closed and opens another.
+        await lock_clients(conn, [d.key.decode() for d in due])
         return await groups.record_closed_groups_apart(conn, due, now)
 
 

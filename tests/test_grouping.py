@@ -358,6 +358,41 @@ async def test_an_alert_one_worker_adds_to_a_group_is_not_notified_at_once_by_an
 
 
 @AGENT_LOOP
+async def test_an_alert_joining_a_group_while_another_worker_closes_it_is_counted_or_grouped_again(pool, services):
+    """A rebalance overlap: the new owner adds an alert to a group while the old owner's closer
+    closes it. The closer takes the client's lock as the agent does, so the alert is either counted
+    in the closed group or finds it closed and opens a new one: never a member of a closed group
+    that neither lists nor counts it (and, that group closed, never notified)."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    first, second = grouped(client, rule, the_alert=alert(1)), grouped(client, rule, the_alert=alert(2))
+    await aggregate(first)
+    observer = await asyncpg.connect(services.database_url)
+    await observer.execute("SET lock_timeout = '60s'")  # a broken test fails rather than hangs
+    holder = observer.transaction()
+    await holder.start()
+    try:
+        # The second alert's membership write waits for the test, after its batch read the group open.
+        await observer.execute("LOCK TABLE notification_alerts IN EXCLUSIVE MODE")
+        joining = asyncio.ensure_future(aggregate(second))
+        async with asyncio.timeout(30):
+            while not await a_lock_is_awaited(observer, "relation = 'notification_alerts'::regclass"):
+                await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(close_due_groups(pool, time.time() + 5, ALL_PARTITIONS))
+        async with asyncio.timeout(30):
+            while not (closing.done() or await a_lock_is_awaited(observer, "locktype = 'advisory'")):
+                await asyncio.sleep(0.01)
+    finally:
+        await holder.commit()
+        await observer.close()
+    await joining
+    await closing
+    await close_due_groups(pool, time.time() + 3600, ALL_PARTITIONS)  # whatever is still open
+
+    rows = await rows_of(pool, client)
+    assert sum(len(row["alerts"]) + row["truncated_alerts"] for row in rows) == 2, [dict(row) for row in rows]
+
+
+@AGENT_LOOP
 async def test_a_member_delivered_again_writes_its_clients_groups_to_the_changelog_again(pool, services):
     """The worker wrote its table and died before the broker had the changelog write: restarted, its
     local store (RocksDB) holds the value, the changelog does not. The redelivered member rebuilds the
