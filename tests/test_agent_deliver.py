@@ -571,6 +571,9 @@ async def test_an_endpoint_disabled_while_a_delivery_waits_for_its_token_gets_no
     assert [post.body["notification_id"] for post in receiver.posts] == [first.notification_id]
     assert await deliveries(pool, second.notification_id) == {
         endpoint: ("webhook", "FAILED", 0, "endpoint was disabled", False)}
+    [letter] = [letter for letter in await sent_to("notifications.ready.dlq", client)
+                if second.notification_id in letter["payload"]]
+    assert letter["reason"].endswith("endpoint was disabled; FAILED after 0 attempt(s)")  # as recorded
 
 
 async def test_a_sent_mark_redis_cannot_be_asked_for_is_no_attempt_and_no_error():
@@ -637,3 +640,27 @@ async def test_undecodable_notification_goes_to_the_dead_letter_topic(pool, disp
     assert [post.body["notification_id"] for post in receiver.posts] == [valid.notification_id]
     [on_broker] = await sent_to("notifications.ready.dlq", key)
     assert on_broker["reason"] == letter.reason
+
+
+async def test_a_delivery_sent_by_a_dead_worker_stays_sent_though_its_endpoint_was_disabled_since(
+        pool, dispatcher, receiver):
+    # The dead worker had the 2xx and its sent mark in Redis, not yet the SENT row; the tenant then
+    # disabled the endpoint. It was delivered: not FAILED, and no dead letter saying so.
+    from alerting_app import redis_client
+    from alerting_app.delivery.claims import SENT_MARK, claim_key
+
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    await open_abandoned_delivery(pool, notification, endpoint, attempts=0)
+    await redis_client.redis().set(claim_key(notification.notification_id, endpoint), SENT_MARK, ex=60)
+    await pool.execute("UPDATE endpoints SET enabled = false WHERE endpoint_id = $1", endpoint)
+
+    await sweep(pool, dispatcher)
+    await dispatcher.drained()
+
+    [(_, status, _, error, _)] = (await deliveries(pool, notification.notification_id)).values()
+    assert (status, error) == ("SENT", None)
+    assert receiver.posts == []  # not sent again
+    assert await notification_state(pool, notification.notification_id) == ("SENT", None)
+    assert not [letter for letter in await sent_to("notifications.ready.dlq", client)
+                if notification.notification_id in letter["payload"]]

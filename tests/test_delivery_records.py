@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from alerting_app.db import init_connection
-from alerting_app.delivery.records import DeliveryChange, lease_due, write_outcomes
+from alerting_app.delivery.records import DeliveryChange, lease_due, release, renew_leases, write_outcomes
 
 CLIENT_NAME = "test_delivery_records"
 ALERTS = json.dumps([{"alert_id": "a", "severity": "HIGH", "source": "s", "name": "n", "event_ts": 1}])
@@ -205,6 +205,18 @@ async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(
                                                              next_attempt_at=0.0, release=True)])
     row = await lease_of(conn, notification_id, endpoint_id)
     assert (row["leased"], row["due"]) == (False, True)
+
+
+async def test_renewing_leases_does_not_take_back_a_delivery_handed_back_meanwhile(clean_db, conn):
+    # The sweep lists what it holds, then renews: a hand-back that lands in between must stay one.
+    notification_id, endpoint_id = await one_due_delivery(conn)
+    [_] = await lease_due(conn, "worker", 60.0, {}, backlog=10, limit=10)
+    await release(conn, "worker", [(notification_id, endpoint_id)])
+
+    await renew_leases(conn, "worker", 60.0, [(notification_id, endpoint_id)])
+
+    assert (await lease_of(conn, notification_id, endpoint_id))["leased"] is False
+    assert len(await lease_due(conn, "other-worker", 60.0, {}, backlog=10, limit=10)) == 1
 
 
 async def test_a_send_recorded_by_a_worker_whose_lease_ran_out_is_recorded_sent(clean_db, conn):

@@ -356,7 +356,12 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
 
     attempts_made = 0
     if job.endpoint is None or not job.endpoint.enabled:
-        record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
+        if job.resumed and await _marked_sent(job, ctx):
+            # Sent by the row's earlier holder, which died before recording it; the tenant
+            # disabled or deleted the endpoint since. It was delivered: not FAILED, no dead letter.
+            record(SENT)
+        else:
+            record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
         return
 
     def failed_attempt(failure: BaseException, wait_s: float) -> None:
@@ -369,7 +374,11 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         nonlocal attempts_made, started
         attempts_made += 1
         started = time.time()
-        await attempt(job, ctx)
+        try:
+            await attempt(job, ctx)
+        except EndpointGone:
+            attempts_made -= 1  # found gone during the wait for its token: nothing was sent
+            raise
 
     async def endpoint_as_it_is_now() -> None:
         """Before a retry: the endpoint as the tenant has it now, or no retry if it is gone."""

@@ -129,11 +129,14 @@ FROM unnest($2::uuid[], $3::uuid[]) AS k(notification_id, endpoint_id)
 WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id AND d.leased_by = $1
 """
 
+# Only a lease still held: the sweep renews what it listed a moment before, and a delivery handed
+# back since (lease_until NULL, leased_by kept) would otherwise be leased again by a worker that no
+# longer holds it, and wait out DELIVERY_LEASE_S before any sweep took it up.
 _RENEW = """
 UPDATE deliveries d SET lease_until = now() + make_interval(secs => $2)
 FROM unnest($3::uuid[], $4::uuid[]) AS k(notification_id, endpoint_id)
 WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
-  AND d.leased_by = $1 AND d.status = 'PENDING'
+  AND d.leased_by = $1 AND d.status = 'PENDING' AND d.lease_until IS NOT NULL
 """
 
 # What happened ($1-$7: status, attempts, error, times) is written whoever writes it: a SENT from
