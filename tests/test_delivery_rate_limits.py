@@ -112,6 +112,28 @@ async def test_a_rate_raised_while_a_delivery_waits_for_its_token_reaches_it(ser
         await asyncio.wait_for(limits.take_in_turn(bucket, slow, read_at=time.monotonic()), 1.0)
 
 
+async def test_a_rate_read_is_kept_only_while_the_buckets_turn_is_held_or_awaited(services, monkeypatch):
+    # Not one entry per endpoint ever rate-changed, for the worker's lifetime.
+    from alerting_app.delivery import rate_limits as module
+
+    monkeypatch.setattr(module, "RATE_RECHECK_S", 0.2)
+    limits = rate_limits(services.redis_url, burst_s=1.0)
+    bucket, slow = f"endpoint:{uuid.uuid4()}", 1 / 3600
+    await limits.take_in_turn(bucket, slow)  # the bucket's one token
+
+    async def raised() -> float:
+        return 100.0
+
+    async with asyncio.timeout(30):
+        async with limits.turn(bucket):
+            later = limits.turn(bucket)  # another delivery, waiting for the turn
+            assert await limits.take_in_turn(bucket, slow, raised) == 100.0
+            assert bucket in limits._rates_read
+        async with later:
+            assert await limits.take_in_turn(bucket, slow) == 100.0  # read before: the new rate
+    assert bucket not in limits._rates_read and bucket not in limits._turns
+
+
 async def test_a_rate_changed_to_unlimited_while_waiting_lets_the_delivery_go(services, monkeypatch):
     from alerting_app.delivery import rate_limits as module
 

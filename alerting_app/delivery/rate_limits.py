@@ -38,6 +38,7 @@ def email_bucket(app_id: str) -> str:
 RATE_RECHECK_S = 5.0
 _LONGEST_PERIOD_S = 3600
 _SLOWEST_RATE = Fraction(1, _LONGEST_PERIOD_S)  # per second
+_LIMITERS_KEPT = 1_000
 
 
 class RateLimits:
@@ -52,6 +53,8 @@ class RateLimits:
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # bucket -> its lock, how many want it
         # bucket -> (the rate read, when, the rate it replaced): deliveries whose endpoint was read
         # before that, with the replaced rate, use the new one without reading it again themselves.
+        # Kept while anyone holds or waits for the bucket's turn (as `_turns`): not per endpoint
+        # ever seen. A delivery coming later with the old rate reads the rate again itself.
         self._rates_read: dict[str, tuple[float, float, float]] = {}
 
     def _limiter(self, rate_per_s: float):
@@ -62,6 +65,8 @@ class RateLimits:
         burst = max(1, round(rate_per_s * self._burst_s))
         quota_key = (rate.numerator, rate.denominator, burst)
         if quota_key not in self._limiters:
+            if len(self._limiters) >= _LIMITERS_KEPT:
+                self._limiters.clear()  # tenants choose rates: not one kept per rate ever set
             quota = rate_limiter.per_duration(timedelta(seconds=rate.denominator), rate.numerator, burst)
             throttle = Throttled(using=RateLimiterType.GCRA.value, quota=quota, store=store.MemoryStore())
             self._limiters[quota_key] = throttle.limiter
@@ -86,7 +91,7 @@ class RateLimits:
     def turn(self, bucket: str) -> "_Turn":
         """This worker's turn at `bucket` (`async with`): one delivery at a time waits for its token
         (and, in attempts.py, for the send slot it spends it in); the others queue here."""
-        return _Turn(self._turns, bucket)
+        return _Turn(self._turns, bucket, self._rates_read)
 
     async def take_in_turn(self, bucket: str, rate_per_s: float,
                            rate_now: Callable[[], Awaitable[float | None]] | None = None,
@@ -126,10 +131,11 @@ class _Turn:
     endpoint ever seen). A class rather than a generator-based context manager: it is entered once
     per delivery, and this costs a third as much."""
 
-    __slots__ = ("_turns", "_bucket", "_lock")
+    __slots__ = ("_turns", "_bucket", "_lock", "_rates_read")
 
-    def __init__(self, turns: dict[str, tuple[asyncio.Lock, int]], bucket: str) -> None:
-        self._turns, self._bucket = turns, bucket
+    def __init__(self, turns: dict[str, tuple[asyncio.Lock, int]], bucket: str,
+                 rates_read: dict[str, tuple[float, float, float]]) -> None:
+        self._turns, self._bucket, self._rates_read = turns, bucket, rates_read
         lock, waiting = turns.get(bucket, (None, 0))
         self._lock = lock or asyncio.Lock()
         turns[bucket] = (self._lock, waiting + 1)
@@ -149,5 +155,6 @@ class _Turn:
         lock, waiting = self._turns[self._bucket]
         if waiting == 1:
             del self._turns[self._bucket]
+            self._rates_read.pop(self._bucket, None)
         else:
             self._turns[self._bucket] = (lock, waiting - 1)
