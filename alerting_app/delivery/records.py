@@ -78,13 +78,20 @@ WITH held AS (
 ), held_by_client AS (
     SELECT * FROM unnest($8::uuid[], $9::int[]) AS h(client_id, held)
 ), candidates AS (
-    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at, n.client_id
-    FROM deliveries d JOIN notifications n ON n.notification_id = d.notification_id
-    WHERE d.status = 'PENDING' AND d.next_attempt_at <= now()
-      AND (d.lease_until IS NULL OR d.lease_until < now())
-      AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = d.endpoint_id AND h.held >= $5)
-      AND NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = n.client_id AND h.held >= $10)
-    ORDER BY d.next_attempt_at
+    SELECT * FROM (
+        -- The client by a scalar subquery, not a join: a join lets the planner start from
+        -- notifications (when they are about as many as the due rows, say) and read every due
+        -- row before the LIMIT; a subquery per row keeps the scan on deliveries_due_idx, stopped
+        -- at the LIMIT.
+        SELECT d.notification_id, d.endpoint_id, d.next_attempt_at,
+               (SELECT n.client_id FROM notifications n WHERE n.notification_id = d.notification_id) AS client_id
+        FROM deliveries d
+        WHERE d.status = 'PENDING' AND d.next_attempt_at <= now()
+          AND (d.lease_until IS NULL OR d.lease_until < now())
+          AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = d.endpoint_id AND h.held >= $5)
+        ORDER BY d.next_attempt_at
+    ) due_rows
+    WHERE NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = due_rows.client_id AND h.held >= $10)
     LIMIT $7
 ), ranked AS (
     SELECT c.notification_id, c.endpoint_id, c.next_attempt_at, c.client_id,
