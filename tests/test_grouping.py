@@ -7,6 +7,7 @@ runs both in a real worker, and kills it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -324,6 +325,27 @@ async def a_lock_is_awaited(observer: asyncpg.Connection, condition: str) -> boo
     return await observer.fetchval(f"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND {condition}")
 
 
+@contextlib.asynccontextmanager
+async def membership_write_held(services, member: AlertMatched):
+    """Aggregate `member` (a new group member) until its membership write, inside the transaction
+    that holds its client's lock, and hold it there until the block ends: (the observer connection
+    holding it, the aggregation's task)."""
+    observer = await asyncpg.connect(services.database_url)
+    await observer.execute("SET lock_timeout = '60s'")  # a broken test fails rather than hangs
+    holder = observer.transaction()
+    await holder.start()
+    try:
+        await observer.execute("LOCK TABLE notification_alerts IN EXCLUSIVE MODE")
+        joining = asyncio.ensure_future(aggregate(member))
+        async with asyncio.timeout(30):
+            while not await a_lock_is_awaited(observer, "relation = 'notification_alerts'::regclass"):
+                await asyncio.sleep(0.01)
+        yield observer, joining
+    finally:
+        await holder.commit()
+        await observer.close()
+
+
 @AGENT_LOOP
 async def test_an_alert_one_worker_adds_to_a_group_is_not_notified_at_once_by_another(pool, services):
     """A rebalance overlap: the partition's new owner adds an alert to a group (its client has a
@@ -331,24 +353,11 @@ async def test_an_alert_one_worker_adds_to_a_group_is_not_notified_at_once_by_an
     client, rule = await insert_client(pool), str(uuid.uuid4())
     member = grouped(client, rule)
     at_once = matched(client, [str(uuid.uuid4())], the_alert=member.alert)
-    observer = await asyncpg.connect(services.database_url)
-    await observer.execute("SET lock_timeout = '60s'")  # a broken test fails rather than hangs
-    holder = observer.transaction()
-    await holder.start()
-    try:
-        # The membership write waits for the test, inside the transaction that holds the client's lock.
-        await observer.execute("LOCK TABLE notification_alerts IN EXCLUSIVE MODE")
-        joining = asyncio.ensure_future(aggregate(member))
-        async with asyncio.timeout(30):
-            while not await a_lock_is_awaited(observer, "relation = 'notification_alerts'::regclass"):
-                await asyncio.sleep(0.01)
+    async with membership_write_held(services, member) as (observer, joining):
         notifying = asyncio.ensure_future(record_first_matches(pool, [at_once]))
         async with asyncio.timeout(30):
             while not (notifying.done() or await a_lock_is_awaited(observer, "locktype = 'advisory' AND mode = 'ShareLock'")):
                 await asyncio.sleep(0.01)
-    finally:
-        await holder.commit()
-        await observer.close()
     await joining
 
     assert await notifying == []
@@ -366,24 +375,11 @@ async def test_an_alert_joining_a_group_while_another_worker_closes_it_is_counte
     client, rule = await insert_client(pool), str(uuid.uuid4())
     first, second = grouped(client, rule, the_alert=alert(1)), grouped(client, rule, the_alert=alert(2))
     await aggregate(first)
-    observer = await asyncpg.connect(services.database_url)
-    await observer.execute("SET lock_timeout = '60s'")  # a broken test fails rather than hangs
-    holder = observer.transaction()
-    await holder.start()
-    try:
-        # The second alert's membership write waits for the test, after its batch read the group open.
-        await observer.execute("LOCK TABLE notification_alerts IN EXCLUSIVE MODE")
-        joining = asyncio.ensure_future(aggregate(second))
-        async with asyncio.timeout(30):
-            while not await a_lock_is_awaited(observer, "relation = 'notification_alerts'::regclass"):
-                await asyncio.sleep(0.01)
+    async with membership_write_held(services, second) as (observer, joining):
         closing = asyncio.ensure_future(close_due_groups(pool, time.time() + 5, ALL_PARTITIONS))
         async with asyncio.timeout(30):
             while not (closing.done() or await a_lock_is_awaited(observer, "locktype = 'advisory'")):
                 await asyncio.sleep(0.01)
-    finally:
-        await holder.commit()
-        await observer.close()
     await joining
     await closing
     await close_due_groups(pool, time.time() + 3600, ALL_PARTITIONS)  # whatever is still open
