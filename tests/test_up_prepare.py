@@ -79,7 +79,9 @@ def test_up_with_a_blank_admin_token_generates_one_and_a_closed_terminal_stops_i
     data_dir = tmp_path / "data"
     up = subprocess.Popen([alerting_app_executable(), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port()),
-                                          "ADMIN_TOKEN": " ", "APP_ID": f"up-hup-{os.getpid()}"})
+                                          "ADMIN_TOKEN": " ", "APP_ID": f"up-hup-{os.getpid()}"},
+                          # As from a terminal: the suite itself may run under nohup, which `up` respects.
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         output = []
         for line in up.stdout:  # until it is up, or it ends
@@ -91,8 +93,8 @@ def test_up_with_a_blank_admin_token_generates_one_and_a_closed_terminal_stops_i
         assert printed == (data_dir / "admin-token").read_text().strip()
 
         up.send_signal(signal.SIGHUP)
-        rest = up.stdout.read()
-        assert up.wait(timeout=120) == 0, rest
+        rest, _ = up.communicate(timeout=120)  # a guard: ignored, SIGHUP would leave it running
+        assert up.returncode == 0, rest
     finally:
         if up.poll() is None:
             up.kill()
