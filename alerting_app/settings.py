@@ -318,9 +318,9 @@ class Settings(BaseSettings):
 
     # --- per-tenant quotas (web/quotas.py) ---
     # Every worker holds every rule and every silence (an ended one until retention deletes it),
-    # and checks each alert against them: without a bound, one tenant's key could fill every worker's memory and slow
-    # every tenant's alerts. Creating past a quota answers 409; the defaults leave room for 35 times
-    # the benchmark's 288 rules per tenant.
+    # and checks each alert against them: without a bound, one tenant's key could fill every
+    # worker's memory and slow every tenant's alerts. Creating past a quota answers 409; the
+    # defaults leave room for 35 times the benchmark's 288 rules per tenant.
     max_rules_per_client: int = Field(default=10_000, ge=1, le=1_000_000)
     max_silences_per_client: int = Field(default=1_000, ge=1, le=1_000_000)  # ended ones included
     max_endpoints_per_rule: int = Field(default=20, ge=1, le=1_000)

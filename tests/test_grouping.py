@@ -356,7 +356,8 @@ async def test_an_alert_one_worker_adds_to_a_group_is_not_notified_at_once_by_an
     async with membership_write_held(services, member) as (observer, joining):
         notifying = asyncio.ensure_future(record_first_matches(pool, [at_once]))
         async with asyncio.timeout(30):
-            while not (notifying.done() or await a_lock_is_awaited(observer, "locktype = 'advisory' AND mode = 'ShareLock'")):
+            while not (notifying.done()
+                       or await a_lock_is_awaited(observer, "locktype = 'advisory' AND mode = 'ShareLock'")):
                 await asyncio.sleep(0.01)
     await joining
 

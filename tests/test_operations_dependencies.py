@@ -53,7 +53,8 @@ async def test_unreachable_services_are_each_named_with_the_reason(services):
 
 def test_a_redis_database_the_server_does_not_have_is_a_configuration_error_not_a_wait(services):
     # Its server refuses to select it until restarted with more `databases`: no wait fixes that.
-    settings = settings_for(services, redis_url=urllib.parse.urlsplit(services.redis_url)._replace(path="/9999").geturl())
+    no_such_database = urllib.parse.urlsplit(services.redis_url)._replace(path="/9999").geturl()
+    settings = settings_for(services, redis_url=no_such_database)
 
     states = by_name(asyncio.run(dependency_states(settings, topic_names())))
 

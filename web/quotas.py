@@ -1,8 +1,8 @@
 """Per-tenant quotas: how many rules, silences, and endpoints per rule a client may have.
 
 Every worker that evaluates holds every rule and every silence (ended ones too, until retention
-deletes them), and checks each alert against them. Without a bound, one tenant's key could fill every worker's memory and slow
-every other tenant's alerts. The limits are settings (MAX_RULES_PER_CLIENT, MAX_SILENCES_PER_CLIENT,
+deletes them), and checks each alert against them. Without a bound, one tenant's key could fill
+every worker's memory and slow every other tenant's alerts. The limits are settings (MAX_RULES_PER_CLIENT, MAX_SILENCES_PER_CLIENT,
 MAX_ENDPOINTS_PER_RULE); going past one answers 409 and creates nothing.
 
 Each check runs inside the creating transaction, after `lock_client`. Two creations for one client
