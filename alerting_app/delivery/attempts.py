@@ -355,13 +355,15 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         recorder.record(change, channel, letter)
 
     attempts_made = 0
+    if job.resumed and await _marked_sent(job, ctx):
+        # Sent by the row's earlier holder, which died before recording it: SENT, even if the
+        # tenant disabled or deleted the endpoint since. Looked for before the wait for slots and
+        # tokens too: the claim after that wait (a rate-limited backlog can take hours) may find
+        # the mark expired, and send again.
+        record(SENT)
+        return
     if job.endpoint is None or not job.endpoint.enabled:
-        if job.resumed and await _marked_sent(job, ctx):
-            # Sent by the row's earlier holder, which died before recording it; the tenant
-            # disabled or deleted the endpoint since. It was delivered: not FAILED, no dead letter.
-            record(SENT)
-        else:
-            record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
+        record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
         return
 
     def failed_attempt(failure: BaseException, wait_s: float) -> None:
@@ -393,11 +395,6 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s, job.attempts + 1)
     started = time.time()
     try:
-        if job.resumed and await _marked_sent(job, ctx):
-            # Sent by the row's earlier holder, which died before recording it. Looked for before
-            # the wait for slots and tokens: the claim after that wait (a rate-limited backlog can
-            # take hours) may find the mark expired, and send again.
-            raise AlreadySent()
         try:
             # The first attempt without the retry machinery: nearly every delivery needs no more,
             # and a tenacity loop per delivery was a tenth of the worker's CPU.
