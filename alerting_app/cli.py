@@ -207,11 +207,6 @@ def republish_silences() -> int:
     return 0
 
 
-def _agent_topics() -> frozenset[str]:
-    """The topics the app's agents consume: read by its group even before it committed on them."""
-    return frozenset(name for agent in app.agents.values() for name in getattr(agent.channel, "topics", ()))
-
-
 @app.command(
     option("--partitions", "by_partition", is_flag=True, default=False,
            help="also one line per partition: start, end, committed offset, lag"),
@@ -220,7 +215,8 @@ def _agent_topics() -> frozenset[str]:
 )
 def topics(by_partition: bool, as_json: bool) -> int:
     """Each topic: partitions, end offsets and the lag of this app's consumer group (APP_ID)."""
-    figures = asyncio.run(topic_inspection.topic_figures(_broker(), settings.app_id, _agent_topics()))
+    figures = asyncio.run(topic_inspection.topic_figures(_broker(), settings.app_id,
+                                                         web.operations.agent_topics()))
     if as_json:
         print(json.dumps({"group": settings.app_id, "topics": [f.as_json() for f in figures]}))
     else:

@@ -163,13 +163,23 @@ async def consumer_lag(consumer: ConsumerT, partitions: Iterable[TP]) -> dict[st
     return lag
 
 
+def agent_topics() -> frozenset[str]:
+    """The topics the app's agents consume: read by its group even before it committed on them."""
+    return frozenset(name for agent in app.agents.values() for name in getattr(agent.channel, "topics", ()))
+
+
 async def _update_consumer_lag() -> None:
     if app.producer_only:  # a worker without agents has no consumer
         return
     try:
-        partitions = app.consumer.assignment()
+        assignment = app.consumer.assignment()
     except ConsumerNotStarted:
         return
+    # Only the topics the stages consume. The assignment also holds the tables' changelog partitions,
+    # which this group never commits and, once recovered, never reads again: their "lag" would grow
+    # with every table write, a stage seemingly falling behind that is not.
+    consumed = agent_topics()
+    partitions = [tp for tp in assignment if tp.topic in consumed]
     try:
         lag = await asyncio.wait_for(consumer_lag(app.consumer, partitions), PROBE_TIMEOUT_S)
     except (asyncio.TimeoutError, KafkaError, ConsumerNotStarted) as exc:
