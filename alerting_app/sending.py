@@ -47,8 +47,10 @@ async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes]]) -
                 batch.append(key=key, value=value, timestamp=None)
         for partition, batch in batches.items():
             acks.append(await producer.send_batch(batch, name, partition=partition))
-    except Exception:
-        # The batches queued before the failure are still on their way: see all_acknowledged.
+    except (Exception, asyncio.CancelledError):
+        # The batches queued before the failure are still on their way: see all_acknowledged. A
+        # cancellation (the worker stopping) waits for them too, as all_acknowledged does: the outbox
+        # relay releases its ordering lock as soon as this returns, and what it queued must not land after.
         if acks:
             await asyncio.wait(acks)
             _failures(acks)  # read, so that asyncio does not log them as never retrieved

@@ -1,12 +1,18 @@
-"""alerting_app/sending.py `all_acknowledged`: nothing of a batch of sends is still in flight when it
-returns or raises (the outbox relay releases its ordering lock right after, agents/rule_outbox.py)."""
+"""alerting_app/sending.py `all_acknowledged` and `send_batched`: nothing of a batch of sends is still in flight
+when they return or raise, cancelled or not (the outbox relay releases its ordering lock right after,
+agents/rule_outbox.py)."""
 from __future__ import annotations
 
 import asyncio
 
+import faust
 import pytest
 
+from alerting_app import sending
+from alerting_app.embedded import free_port
 from alerting_app.sending import SendCancelled, all_acknowledged, send_batched
+from broker_front import BrokerFront, pipe
+from operations_support import start_tansu
 from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
 
@@ -86,3 +92,91 @@ async def test_send_batched_raises_only_once_the_batches_it_queued_are_answered(
     with pytest.raises(SourceFailed):
         await send_batched(topic, messages())
     assert queued and all(ack.done() and ack.exception() is None for ack in queued)
+
+
+class AnswerHoldingFront(BrokerFront):
+    """Passes requests on to the broker at once; its answers wait while `hold()` is in force, until `release()`:
+    a broker slow to acknowledge, on demand."""
+
+    def __init__(self, port: int, upstream_port: int) -> None:
+        super().__init__(port, upstream_port)
+        self._answers_flow = asyncio.Event()
+        self._answers_flow.set()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        await asyncio.gather(pipe(reader, upstream_writer), self._answers(upstream_reader, writer))
+
+    async def _answers(self, upstream_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await upstream_reader.read(65536):
+                await self._answers_flow.wait()
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def hold(self) -> None:
+        self._in_own_loop(self._answers_flow.clear)
+
+    def release(self) -> None:
+        self._in_own_loop(self._answers_flow.set)
+
+    def _in_own_loop(self, change) -> None:
+        async def apply() -> None:
+            change()
+        # Waits until applied: an answer arriving right after hold() returns is held.
+        asyncio.run_coroutine_threadsafe(apply(), self._loop).result(10)
+
+
+async def test_send_batched_cancelled_while_queueing_returns_only_once_the_batches_it_queued_are_answered(
+        tmp_path, monkeypatch):
+    """The worker stopping cancels the outbox relay, perhaps while send_batch waits for a partition's
+    earlier batch: the relay releases its ordering lock once the cancellation is through, so the
+    batches already queued must be answered by then, not land after another relay's newer versions.
+    A private broker behind a front that holds its answers; a Faust app of its own sending to it."""
+    broker_port, front_port = free_port(), free_port()
+    with AnswerHoldingFront(front_port, broker_port) as front:
+        broker = await asyncio.to_thread(start_tansu, broker_port, tmp_path, advertised_port=front_port)
+        sending_app = faust.App("send-batched-cancel", env={}, broker=f"kafka://127.0.0.1:{front_port}",
+                                datadir=str(tmp_path / "faust"))
+        monkeypatch.setattr(sending, "app", sending_app)
+        try:
+            topic = sending_app.topic("send-batched-cancel", partitions=1)
+            await topic.maybe_declare()
+            # Connected to the partition's leader, metadata known: what follows waits only on answers.
+            await all_acknowledged(await send_batched(topic, [(b"warm-up", b"x")]))
+
+            producer = (await sending_app.maybe_start_producer())._ensure_producer()
+            entered: list[None] = []
+            queued: list[asyncio.Future] = []
+            real_send_batch = producer.send_batch
+
+            async def recording_send_batch(*args, **kwargs):
+                entered.append(None)
+                queued.append(await real_send_batch(*args, **kwargs))
+                return queued[-1]
+            monkeypatch.setattr(producer, "send_batch", recording_send_batch)
+
+            front.hold()
+            # 200 KB to one partition: several full batches, each queued only once the one before it is sent,
+            # which waits for the answer to the one before that.
+            sending_task = asyncio.ensure_future(send_batched(topic, [(b"cancelled", b"x" * 1000)] * 200))
+            async with asyncio.timeout(30):  # a bound, not a measurement
+                while not (queued and len(entered) > len(queued)):
+                    await asyncio.sleep(0.01)
+            sending_task.cancel()
+            await asyncio.sleep(0.5)
+            assert not sending_task.done()  # waiting for the answers the front holds
+            assert not any(ack.done() for ack in queued)
+
+            front.release()
+            with pytest.raises(asyncio.CancelledError):
+                await sending_task
+            assert all(ack.done() and not ack.cancelled() and ack.exception() is None for ack in queued)
+        finally:
+            front.release()
+            await sending_app.producer.stop()
+            broker.stop()
