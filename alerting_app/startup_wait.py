@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from aiohttp import web
 
@@ -139,11 +140,34 @@ def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Ite
     topics = list(topics)
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(wait_for_dependencies(settings, topics))
-        mismatch = loop.run_until_complete(
-            partition_mismatch(kafka_connection(settings), [*topics, *changelogs], settings.topic_partitions))
+        mismatch = loop.run_until_complete(_stopped_by_sigterm(loop, _wait_and_compare(settings, topics, changelogs)))
     finally:
         loop.close()
     if mismatch:
         raise ConfigurationError(f"Invalid configuration:\n  TOPIC_PARTITIONS: {mismatch}. Every worker must use the "
                                  "partition count the topics were created with (`alerting-app topics` shows it).")
+
+
+async def _wait_and_compare(settings: Settings, topics: list[str], changelogs: Iterable[str]) -> str | None:
+    await wait_for_dependencies(settings, topics)
+    return await partition_mismatch(kafka_connection(settings), [*topics, *changelogs], settings.topic_partitions)
+
+
+async def _stopped_by_sigterm(loop: asyncio.AbstractEventLoop, waiting: Awaitable[str | None]) -> str | None:
+    """`waiting`, ended by SIGTERM: the process exits (143, as killed by it) after closing its port.
+
+    Without a handler of its own, PID 1 of a container that has no init (compose, Kubernetes,
+    `docker run`) never gets SIGTERM: the kernel drops it, and a worker still waiting would be
+    killed only after the stop timeout. (Faust installs its own handler once it runs.)
+    """
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # ignored or handled by whoever started us
+        return await waiting
+    task = asyncio.ensure_future(waiting)
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        log.warning("SIGTERM while waiting for the services: stopping")
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)  # back to the default: Faust installs its own

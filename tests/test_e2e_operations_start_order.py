@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import signal
+import socket
 import subprocess
+import time
 from collections import Counter
 
 import aiohttp
+import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -103,3 +108,40 @@ def test_a_worker_stops_on_a_table_changelog_with_another_partition_count(servic
 
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"topic {changelog} has {settings.topic_partitions + 2} partitions" in result.stderr
+
+
+def test_a_waiting_worker_that_is_pid_1_stops_on_sigterm(tmp_path):
+    """In a container without an init (compose, Kubernetes, `docker run`) the worker is PID 1, and the
+    kernel delivers to PID 1 only the signals it handles: a worker still waiting for its services must
+    handle SIGTERM itself, or `docker compose stop` waits out the stop timeout and then kills it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1) to run the worker as PID 1 of a PID namespace")
+    as_root = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    port = free_port()
+    closed = free_port()  # nothing listens there: the worker keeps waiting
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed}", "WEB_PORT": str(port),
+           "DATABASE_URL": f"postgresql://alerting@127.0.0.1:{closed}/alerting",
+           "REDIS_URL": f"redis://127.0.0.1:{closed}/0", "DATA_DIR": str(tmp_path / "worker")}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        namespace = subprocess.Popen([unshare, *as_root, "--pid", "--fork", "--kill-child",
+                                      alerting_app_executable(), "worker"], env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: "waiting for" in log_path.read_text() or namespace.poll() is not None,
+                   "waiting for its services")
+        if namespace.poll() is not None:
+            pytest.skip(f"cannot make a PID namespace here: {log_path.read_text()[-500:]}")
+        [worker] = psutil.Process(namespace.pid).children()
+        worker.send_signal(signal.SIGTERM)  # from outside its namespace, as Docker sends it
+        deadline = time.monotonic() + 15
+        while namespace.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert namespace.poll() == 128 + signal.SIGTERM, log_path.read_text()[-2000:]
+        with socket.socket() as listener:  # the waiting worker's probe port was closed on the way out
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("0.0.0.0", port))
+    finally:
+        if namespace.poll() is None:
+            namespace.kill()  # --kill-child: the worker goes with it
+            namespace.wait()
