@@ -485,3 +485,11 @@ def test_terraform_refuses_secrets_in_plain_environment_variables():
     forbidden = set(re.findall(r'"([A-Z_]+)"', next(check for check in extra_checks if "setintersection" in check)))
     settings_secrets = {"ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD", "DATABASE_URL"}
     assert settings_secrets <= forbidden
+
+
+def test_compose_publishes_no_host_port_a_local_postgres_or_redis_already_uses():
+    # A developer machine often runs its own PostgreSQL and Redis (this one does): publishing the
+    # containers' ports there would make `docker compose up` fail with "port is already allocated".
+    published = {str(mapping).split(":")[-2] for service in compose()["services"].values()
+                 for mapping in service.get("ports", [])}
+    assert published and not published & {"5432", "6379"}
