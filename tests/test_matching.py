@@ -405,10 +405,13 @@ def brute_force_messages(changes: list[RuleChanged], an_alert: Alert) -> list[tu
     expected = []
     for client_id, rules in sorted(brute_force_matching_rules(changes, an_alert).items()):
         group = sorted(rules, key=lambda rule: (rule.group_window_s, rule.rule_id))[0]
-        fingerprint = (fingerprint_of(client_id, an_alert, group.fingerprint_keys) if group.repeat_interval_s
-                       else None)
+        # A repeat is suppressed only if every matching rule suppresses repeats; then the shortest
+        # interval applies, with its rule's fingerprint keys (tie: the smallest rule_id).
+        repeat = (None if any(not rule.repeat_interval_s for rule in rules)
+                  else sorted(rules, key=lambda rule: (rule.repeat_interval_s, rule.rule_id))[0])
+        fingerprint = fingerprint_of(client_id, an_alert, repeat.fingerprint_keys) if repeat else None
         expected.append((client_id, sorted(rule.rule_id for rule in rules), group.rule_id, group.group_window_s,
-                         group.repeat_interval_s, fingerprint))
+                         repeat.repeat_interval_s if repeat else 0, fingerprint))
     return expected
 
 
