@@ -18,7 +18,7 @@ from alerting_app.app import alerts_matched, alerts_new, app
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, send_dead_letters
 from alerting_app.matching import matched_messages
-from alerting_app.sending import send_batched
+from alerting_app.sending import max_record_bytes, send_batched
 from tables.rules import rule_index, rule_replica
 from tables.silences import silence_index, silence_replica
 
@@ -39,6 +39,7 @@ class Evaluation:
 def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
     """Decode each alert and match it against the rule index; undecodable ones become dead letters."""
     evaluation = Evaluation()
+    limit = max_record_bytes()  # read once a batch: Faust's settings cost a microsecond a read
     for event in events:
         metrics.alerts_consumed.inc()
         try:
@@ -46,8 +47,38 @@ def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
         except UndecodableMessage as exc:
             evaluation.dead_letters.append(dead_letter_for(event.message, str(exc)))
             continue
-        evaluation.matched.extend(matched_messages(alert, rule_index, silenced_by=silence_index.silencing))
+        for matched in matched_messages(alert, rule_index, silenced_by=silence_index.silencing):
+            too_big = oversized(matched, len(event.message.value), limit)
+            if too_big is None:
+                evaluation.matched.append(matched)
+            else:
+                evaluation.dead_letters.append(dead_letter_for(event.message, too_big))
     return evaluation
+
+
+# A match carries the alert and every matching rule of its client: thousands of one client's rules
+# matching a large alert make a message the broker refuses, on every redelivery of the batch, which
+# would stop the partition for every tenant. Such a match is a dead letter (the alert's other
+# clients still get theirs; replaying the letter matches them again, which aggregate ignores).
+# The notification aggregate builds from a match is smaller than the match, so it fits too.
+# An upper bound of its size: the alert as received (re-encoding adds a few bytes at most: the
+# defaults of missing fields) plus its rule ids (a quoted UUID and a comma each) and the other fields.
+_RULE_ID_BYTES = 39
+_MATCH_FIELDS_BYTES = 1024
+
+
+def oversized(matched: AlertMatched, alert_bytes: int, limit: int) -> str | None:
+    """The dead-letter reason of a match over `limit` bytes (key and value), or None when it fits.
+
+    Encoded only when the cheap upper bound does not fit: alerts of a few hundred bytes never are.
+    """
+    if alert_bytes + _RULE_ID_BYTES * len(matched.rule_ids) + _MATCH_FIELDS_BYTES <= limit:
+        return None
+    size = len(matched.encode()) + len(matched.client_id.encode())
+    if size <= limit:
+        return None
+    return (f"alerts.matched: the match for client {matched.client_id} ({len(matched.rule_ids)} matching rules) "
+            f"would be {size} bytes, more than the {limit} one message may hold")
 
 
 async def publish_evaluation(evaluation: Evaluation) -> None:

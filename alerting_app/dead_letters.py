@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from alerting_app import metrics
-from alerting_app.app import DEAD_LETTER_TOPICS, app
+from alerting_app.app import DEAD_LETTER_TOPICS
 from alerting_app.contracts import Contract, DeadLetter
+from alerting_app.sending import max_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,13 @@ def dead_letter_for(message: Any, reason: str) -> DeadLetter:
     return bounded(letter, original_key=message.key, original_value=message.value or b"")
 
 
-# The producer refuses a record bigger than its max_request_size (Faust's producer_max_request_size,
-# 1,000,000 bytes by default), the same letter on every retry. A letter's key and value stay this
-# far under it, for the record's own framing.
-_RECORD_FRAMING_BYTES = 1024
+# A letter too big for the producer would be refused on every retry: cut to sending.max_record_bytes.
 MAX_KEY_CHARS = 1000
 MAX_REASON_CHARS = 10_000  # a reason may quote the bad value (require_uuids does)
 
 
 def max_letter_bytes() -> int:
-    return app.conf.producer_max_request_size - _RECORD_FRAMING_BYTES
+    return max_record_bytes()
 
 
 def bounded(letter: DeadLetter, *, limit: int | None = None, original_key: bytes | None = None,

@@ -158,3 +158,27 @@ async def test_undecodable_alert_goes_to_the_dead_letter_topic_and_the_next_aler
     assert matches(good) == [(client, [rule])]
     [on_broker] = await sent_to("alerts.new.dlq", key)
     assert (on_broker["reason"], on_broker["payload"]) == (letter.reason, value.decode())
+
+
+async def test_a_match_too_large_for_one_message_is_a_dead_letter_and_other_clients_still_match(pipeline):
+    # The largest alert the contract takes (64 context values of 2,000 control characters, each
+    # escaped to 6 bytes: about 850 KB) matched by 6,000 rules of one client (234 KB of rule ids)
+    # makes an alerts.matched message over the producer's 1,000,000 bytes and a broker's default
+    # 1,048,588 (the test broker takes it): refused on every redelivery, it would stop the partition.
+    source, key = f"payments-{new_id()}", f"alert-{new_id()}"
+    crowded, other, other_rule = new_id(), new_id(), new_id()
+    await apply_changes(*(upsert(new_id(), crowded, source=source) for _ in range(6000)),
+                        upsert(other_rule, other, source=source))
+    huge = Alert(alert_id=new_id(), event_ts=time.time(), severity="HIGH", source=source, name="CheckoutLatency",
+                 context={f"k{i}": "\x01" * 2000 for i in range(64)})
+
+    [evaluation] = await evaluate(huge.encode(), key=key)
+
+    assert matches(evaluation) == [(other, [other_rule])]
+    [letter] = evaluation.dead_letters
+    assert f"client {crowded}" in letter.reason and "6000 matching rules" in letter.reason
+    assert letter.payload == huge.encode().decode()
+    assert len(await sent_to("alerts.matched", other)) == 1
+    assert await sent_to("alerts.matched", crowded) == []
+    [on_broker] = await sent_to("alerts.new.dlq", key)
+    assert on_broker["reason"] == letter.reason
