@@ -45,6 +45,10 @@ class Intake:
 def decode_notification(raw: bytes | None) -> NotificationReady:
     """Decode a `notifications.ready` message whose ids fit the tables (UUIDs)."""
     notification = decode(NotificationReady, raw)
+    # The contract makes up a fresh id for a producer that builds a notification; one that arrives
+    # without its id is undecodable, not a notification "no such notification <that made-up id>".
+    if "notification_id" not in notification.model_fields_set:
+        raise UndecodableMessage("notification_id: Field required")
     require_uuids(notification_id=[notification.notification_id], client_id=[notification.client_id],
                   rule_ids=notification.rule_ids)
     return notification

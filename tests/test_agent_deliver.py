@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import time
 import uuid
 
@@ -623,6 +624,10 @@ def _ready(**fields) -> bytes:
     (_ready(notification_id="n-1"), "notification_id: not a UUID"),
     (_ready(rule_ids=["r-1"]), "rule_ids: not a UUID"),
     (_ready(), "notification_id: no such notification"),
+    # Not a fresh id of the contract's default, which the reason would then name as unknown.
+    (json.dumps({"client_id": str(uuid.uuid4()), "rule_ids": [str(uuid.uuid4())], "alerts": [json.loads(
+        Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout").encode())]}
+                ).encode(), "notification_id: Field required"),
 ])
 async def test_undecodable_notification_goes_to_the_dead_letter_topic(pool, dispatcher, receiver, value,
                                                                       reason_names):
