@@ -146,6 +146,7 @@ class ChangelogReplica:
             # Per run: a restart inside a running worker must reach the end offsets again too.
             reached_end = False
             while True:
+                stop_if_cancelled()
                 if not reached_end and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
                     reached_end = True
                     self.reached_end_offsets()
@@ -206,6 +207,19 @@ async def records_at(consumer: AIOKafkaConsumer, positions: dict[TopicPartition,
     return found
 
 
+def stop_if_cancelled() -> None:
+    """Raise the cancellation of this task that something it awaited swallowed.
+
+    Cancelling a replica whose start was still in aiokafka's requests (a worker stopping just after
+    it started) was seen to leave the task marked as cancelling but running: the CancelledError
+    never reached the replica, which then read on for ever and held up the stop. A task whose
+    cancellation was handled as meant (asyncio.timeout, TaskGroup) is no longer marked.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _connected_consumer(broker: Broker, poll_ms: int) -> AIOKafkaConsumer:
     """A consumer outside any group, started once the broker answers (start-up order must not matter)."""
     delay = 0.5
@@ -246,6 +260,7 @@ async def keep_running(name: str, run_once: Callable[[], Awaitable[None]], shoul
         except asyncio.CancelledError:
             raise
         except Exception:
+            stop_if_cancelled()  # a cancellation that surfaced as another error stops it, not restarts it
             log.exception("%s failed; restarting in %.0fs", name, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)

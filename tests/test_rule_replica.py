@@ -26,7 +26,7 @@ from alerting_app.sending import partition_for
 from alerting_app.embedded import free_port
 from kafka_probe import produce, read_topic
 from operations_support import start_tansu
-from tables.changelog_replica import BrokerTooSlow, records_at
+from tables.changelog_replica import BrokerTooSlow, keep_running, records_at
 from tables.rule_replica import RuleReplica, RuleStore
 from web.worker_state import rules_digest
 
@@ -307,6 +307,45 @@ async def test_a_dead_letter_the_broker_refuses_is_sent_again_after_the_restart(
     # its letter is marked, and counted apart (alerting_dead_letters_total{from_history="true"}).
     assert [letter.from_history for letter in replica.letters] == [True]
     assert stored(tmp_path / "store")[0] == {rid("good"): 1}
+
+
+class SwallowingACancellation(RecordingReplica):
+    """Consumes a cancellation of its own task while applying a batch, as a library call the replica
+    awaited was seen to: the task stays marked as cancelling, but the CancelledError never reaches it."""
+
+    async def apply_batches(self, batches):
+        asyncio.current_task().cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        return await super().apply_batches(batches)
+
+
+async def test_a_replica_whose_cancellation_something_swallowed_still_stops(services, topic, tmp_path):
+    async with RunningReplica(services, topic, tmp_path / "store", SwallowingACancellation(RuleIndex())) as running:
+        await publish(services, topic, upsert(rid("a"), 1))
+        await asyncio.wait([running._task], timeout=10)
+        # Before, it read on for ever, and a worker stopping waited for it.
+        assert running._task.cancelled()
+        assert running.index.held_version(rid("a")) == 1, "the batch it was applying is applied"
+
+
+async def test_a_cancellation_that_surfaced_as_another_error_stops_keep_running_instead_of_a_restart():
+    runs = 0
+
+    async def run_once() -> None:
+        nonlocal runs
+        runs += 1
+        asyncio.current_task().cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # taken for a request's timeout, say, by the library awaited
+        raise KafkaError("request timed out")
+
+    kept = asyncio.ensure_future(keep_running("test replica", run_once, lambda: False))
+    try:
+        await asyncio.wait([kept], timeout=5)
+        assert kept.cancelled() and runs == 1
+    finally:
+        kept.cancel()  # a second cancellation, delivered this time (before, it restarted for ever)
 
 
 class ServedSizes(RecordingReplica):
