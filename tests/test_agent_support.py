@@ -36,11 +36,20 @@ async def pipeline(services):
     from tables.silences import silence_replica
 
     # The worker's rule and silence replicas, reading the real topics, as evaluate needs them.
+    # They are module-level singletons: an earlier module's run left them marked caught up, which
+    # would let this module start before its own run has read anything. A worker runs them once.
+    for replica in (rule_replica, silence_replica):
+        replica._caught_up.clear()
     store = RuleStore(rule_store_path())
     replicas = [asyncio.ensure_future(rule_replica.run(settings.kafka_bootstrap_servers, "rule.changed", store)),
                 asyncio.ensure_future(silence_replica.run(settings.kafka_bootstrap_servers, "silence.changed"))]
-    await rule_replica.wait_until_caught_up()
-    await silence_replica.wait_until_caught_up()
+    try:
+        await caught_up(rule_replica, replicas[0])
+        await caught_up(silence_replica, replicas[1])
+    except BaseException:
+        for replica in replicas:
+            replica.cancel()
+        raise
     # The table changelogs, which a worker creates at start-up, with TOPIC_PARTITIONS partitions:
     # a test writing a table first would have the broker create one with its own count, and every
     # later worker of this APP_ID would refuse to start on it (alerting_app/startup_wait.py).
@@ -49,12 +58,25 @@ async def pipeline(services):
     yield app
     for replica in replicas:
         replica.cancel()
-    await asyncio.gather(*replicas, return_exceptions=True)
+    # A bound, not a measurement: a replica that ignored its cancellation would hang the whole run.
+    _, still_running = await asyncio.wait(replicas, timeout=30)
+    assert not still_running, f"{len(still_running)} replica(s) still running 30s after being cancelled"
     store.close()
     await db.close()
     await app.producer.stop()
     # Lets a later module start the producer again, in whatever loop it runs.
     app.producer.service_reset()
+
+
+async def caught_up(replica, running: asyncio.Future, timeout: float = 60.0) -> None:
+    """Wait until `replica` has caught up; fail, rather than hang, if its run ended first or it is too slow."""
+    waiting = asyncio.ensure_future(replica.wait_until_caught_up())
+    await asyncio.wait([waiting, running], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if running.done():
+        running.result()  # raises what stopped it
+        raise AssertionError(f"{replica.name} stopped before it caught up")
+    assert replica.is_caught_up, f"{replica.name} did not catch up in {timeout:.0f}s"
 
 
 @pytest_asyncio.fixture(loop_scope="session")
