@@ -39,28 +39,39 @@ def key_on_same_partition(key: bytes, prefix: str, partitions: int) -> bytes:
         n += 1
 
 
-async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes]]:
-    """Every message on the topic right now, from the beginning, in partition order."""
+async def read_topic(bootstrap: str, topic: str, timeout: float = 120.0) -> list[tuple[bytes | None, bytes]]:
+    """Every message on the topic right now, from the beginning, in partition order.
+
+    `timeout` only bounds a hang (a broker that stops answering fetches, or a partition whose end
+    offset is never reached): many helpers poll with this, and one stuck read would stop the run.
+    """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        out: list[tuple[bytes | None, bytes]] = []
-        for tp in tps:
-            while await consumer.position(tp) < ends[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                for record in batch.get(tp, []):
-                    out.append((record.key, record.value))
-        return out
+        async with asyncio.timeout(timeout):
+            return await _read_all(consumer, topic)
+    except TimeoutError:
+        raise AssertionError(f"could not read {topic} to its end within {timeout:.0f}s") from None
     finally:
         await consumer.stop()
+
+
+async def _read_all(consumer: AIOKafkaConsumer, topic: str) -> list[tuple[bytes | None, bytes]]:
+    partitions = consumer.partitions_for_topic(topic) or set()
+    if not partitions:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    ends = await consumer.end_offsets(tps)
+    out: list[tuple[bytes | None, bytes]] = []
+    for tp in tps:
+        while await consumer.position(tp) < ends[tp]:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            for record in batch.get(tp, []):
+                out.append((record.key, record.value))
+    return out
 
 
 async def read_json(bootstrap: str, topic: str) -> list[dict]:
