@@ -127,11 +127,12 @@ async def test_an_endpoint_created_while_its_rule_is_deleted_is_refused_for_its_
             {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://93.184.216.34/hook"}))
         # The delete commits only once the insert is waiting on its lock (else the insert would
         # not see the rule at all, the case every other test covers).
-        while not await pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE '%INSERT INTO endpoints%'"):
-            assert not creating.done(), (await creating).body
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(30):  # a bound only: a create blocked elsewhere would hang the run
+            while not await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%INSERT INTO endpoints%'"):
+                assert not creating.done(), (await creating).body
+                await asyncio.sleep(0.02)
         await transaction.commit()
     reply = await creating
     assert reply.failing_fields() == {"rule_id"}, reply.body

@@ -94,9 +94,10 @@ async def test_the_wait_answers_probes_until_redis_comes_up_then_ends(services, 
     redis_server = None
     try:
         async with aiohttp.ClientSession() as http:
-            while not port_accepts(settings.web_port):
-                assert not waiting.done(), waiting.exception()
-                await asyncio.sleep(0.1)
+            async with asyncio.timeout(60):  # a bound only
+                while not port_accepts(settings.web_port):
+                    assert not waiting.done(), waiting.exception()
+                    await asyncio.sleep(0.1)
             assert await _get(http, base + "/healthz") == (200, {"status": "alive",
                                                                  "phase": "waiting_for_dependencies"})
             status, readiness = await _get(http, base + "/readyz")
