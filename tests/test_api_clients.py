@@ -54,6 +54,7 @@ async def test_the_admin_lists_every_client(api, tenant, other_tenant):
         assert reply.status == 200
         assert len(reply.body["items"]) <= 10
         seen += [c["client_id"] for c in reply.body["items"]]
+        assert cursor is None or reply.body["next_cursor"] != cursor, "the same page again: paging would never end"
         cursor = reply.body["next_cursor"]
         if cursor is None:
             break

@@ -91,6 +91,7 @@ async def test_notifications_are_paged_newest_first(api, tenant):
         params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
         reply = await api.call("GET", "/api/v1/notifications", tenant.key, params=params)
         seen += [n["notification_id"] for n in reply.body["items"]]
+        assert cursor is None or reply.body["next_cursor"] != cursor, "the same page again: paging would never end"
         cursor = reply.body["next_cursor"]
         if cursor is None:
             break
@@ -181,6 +182,7 @@ async def all_pages(api, key: str, limit: int, **params: str) -> list[list[str]]
         reply = await api.call("GET", "/api/v1/notifications", key, params=page_params)
         assert reply.status == 200, reply.body
         pages.append([n["notification_id"] for n in reply.body["items"]])
+        assert cursor is None or reply.body["next_cursor"] != cursor, "the same page again: paging would never end"
         cursor = reply.body["next_cursor"]
         if cursor is None:
             return pages

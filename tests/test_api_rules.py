@@ -160,6 +160,7 @@ async def test_rules_are_listed_in_pages_that_together_hold_every_rule_once(api,
         reply = await api.call("GET", "/api/v1/rules", tenant.key, params=params)
         assert reply.status == 200
         pages.append([r["rule_id"] for r in reply.body["items"]])
+        assert cursor is None or reply.body["next_cursor"] != cursor, "the same page again: paging would never end"
         cursor = reply.body["next_cursor"]
         if cursor is None:
             break

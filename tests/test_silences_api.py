@@ -190,6 +190,7 @@ async def test_the_list_filters_by_state_and_pages_with_a_cursor(api, tenant):
             reply = await api.call("GET", "/api/v1/silences", tenant.key, params=params)
             assert reply.status == 200, reply.body
             found += [item["silence_id"] for item in reply.body["items"]]
+            assert cursor is None or reply.body["next_cursor"] != cursor, "the same page again: paging would never end"
             cursor = reply.body["next_cursor"]
             if cursor is None:
                 return found
