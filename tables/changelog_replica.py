@@ -231,6 +231,7 @@ async def _connected_consumer(broker: Broker, poll_ms: int) -> AIOKafkaConsumer:
             return consumer
         except KafkaError as exc:
             await consumer.stop()
+            stop_if_cancelled()  # a start cancelled (the worker stopping) that failed instead: no retry
             log.warning("changelog replica waiting for the broker (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -239,6 +240,7 @@ async def _connected_consumer(broker: Broker, poll_ms: int) -> AIOKafkaConsumer:
 async def _all_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     delay = 0.5
     while True:
+        stop_if_cancelled()
         partitions = consumer.partitions_for_topic(topic)
         if partitions:
             return [TopicPartition(topic, p) for p in sorted(partitions)]

@@ -348,6 +348,36 @@ async def test_a_cancellation_that_surfaced_as_another_error_stops_keep_running_
         kept.cancel()  # a second cancellation, delivered this time (before, it restarted for ever)
 
 
+
+@pytest.mark.parametrize("broker_is_down", [True, False])
+async def test_a_replica_whose_start_swallowed_its_cancellation_stops_while_it_waits(services, tmp_path, monkeypatch,
+                                                                                      broker_is_down):
+    # The worker stopping while the replica still starts its consumer: a start that swallowed the
+    # cancellation must not leave it waiting for ever for a broker that is down, or for a topic
+    # that does not exist yet.
+    real_start, starts = AIOKafkaConsumer.start, []
+
+    async def start_swallowing_the_first_cancellation(consumer):
+        starts.append(None)
+        if len(starts) == 1:
+            asyncio.current_task().cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+        await real_start(consumer)
+    monkeypatch.setattr(AIOKafkaConsumer, "start", start_swallowing_the_first_cancellation)
+
+    replica = RecordingReplica(RuleIndex())
+    bootstrap = f"127.0.0.1:{free_port()}" if broker_is_down else services.kafka_bootstrap_servers
+    topic = f"absent-{secrets.token_hex(4)}"
+    task = asyncio.ensure_future(replica.run(bootstrap, topic, RuleStore(tmp_path / "store"), poll_ms=50))
+    try:
+        await asyncio.wait([task], timeout=5)
+        assert task.cancelled() and len(starts) == 1, f"still retrying after {len(starts)} starts"
+    finally:
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+
+
 class ServedSizes(RecordingReplica):
     """Notes how many rules the served index holds each time a batch is applied."""
 
