@@ -490,6 +490,15 @@ def test_terraform_refuses_secrets_in_plain_environment_variables():
 def test_compose_publishes_no_host_port_a_local_postgres_or_redis_already_uses():
     # A developer machine often runs its own PostgreSQL and Redis (this one does): publishing the
     # containers' ports there would make `docker compose up` fail with "port is already allocated".
-    published = {str(mapping).split(":")[-2] for service in compose()["services"].values()
+    published = {host_port(mapping) for service in compose()["services"].values()
                  for mapping in service.get("ports", [])}
     assert published and not published & {"5432", "6379"}
+
+
+def host_port(mapping: str | int | dict) -> str:
+    """The host port(s) a compose port mapping publishes on: "[ip:]host:container", the long form's
+    `published`, or nothing fixed for a container port alone (the host picks one)."""
+    if isinstance(mapping, dict):
+        return str(mapping.get("published", ""))
+    parts = str(mapping).split(":")
+    return parts[-2] if len(parts) > 1 else ""
