@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
@@ -83,27 +82,37 @@ async def wait_until_consumed(bootstrap: str, group: str, topics: list[str], tim
 
     A new group first reads every earlier test's messages, thousands of them by the end of the suite,
     on a CI machine of 2 shared cores: the bound is generous (it only limits a wait, it times nothing).
+    The bound covers the whole wait, start-up and stop included, not only the time between polls: a
+    broker that stops answering makes aiokafka retry `committed()` / `end_offsets()` for ever.
     """
+    behind = ["(no offsets read yet)"]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            await consumer._client.force_metadata_update()
-            tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
-            ends = await consumer.end_offsets(tps)
-            behind = []
-            for tp in tps:
-                committed = await consumer.committed(tp) or 0
-                if committed < ends[tp]:
-                    behind.append(f"{tp.topic}[{tp.partition}] {committed}/{ends[tp]}")
-            if not behind:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"group {group} still behind: {', '.join(behind)}")
-            await asyncio.sleep(0.5)
+        async with asyncio.timeout(timeout):
+            await consumer.start()
+            while behind:
+                behind = await _partitions_behind(consumer, topics)
+                if behind:
+                    await asyncio.sleep(0.5)
+    except TimeoutError:
+        raise AssertionError(
+            f"group {group} did not commit everything on {', '.join(topics)} within {timeout:.0f}s;"
+            f" last seen behind: {', '.join(behind)}") from None
     finally:
         await consumer.stop()
+
+
+async def _partitions_behind(consumer: AIOKafkaConsumer, topics: list[str]) -> list[str]:
+    """Each partition of `topics` whose committed offset is short of its end, as "topic[p] committed/end"."""
+    await consumer._client.force_metadata_update()
+    tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+    ends = await consumer.end_offsets(tps)
+    behind = []
+    for tp in tps:
+        committed = await consumer.committed(tp) or 0
+        if committed < ends[tp]:
+            behind.append(f"{tp.topic}[{tp.partition}] {committed}/{ends[tp]}")
+    return behind
 
 
 async def retire_rules_left_on_topic(bootstrap: str, topic: str = "rule.changed") -> int:

@@ -202,7 +202,7 @@ async def test_deliveries_queued_behind_a_hanging_endpoint_hold_no_tokens_and_go
         await asyncio.sleep(1.0)
 
         release.set()
-        await asyncio.gather(*sending)
+        await asyncio.wait_for(asyncio.gather(*sending), 60)  # a guard against hanging only
 
         _, second, third = receiver.posts
         # Tokens taken while queued would let both go the moment the endpoint recovered.
@@ -222,7 +222,7 @@ async def test_deliveries_that_waited_for_a_full_worker_go_out_at_their_endpoint
         await asyncio.sleep(1.5)  # time enough for all four to have taken their tokens, and waited
 
         release.set()
-        await asyncio.gather(hanging, *sending)
+        await asyncio.wait_for(asyncio.gather(hanging, *sending), 60)  # a guard against hanging only
 
         arrivals = [post.received_at for post in receiver.posts_to("limited")]
         assert len(arrivals) == 4

@@ -205,18 +205,26 @@ async def wait_until_matched(bootstrap: str, alert_ids: set[str], timeout: float
 
 
 async def wait_until_group_has_members(bootstrap: str, group: str, members: int, timeout: float = 120.0) -> None:
-    """Wait until the consumer group is stable with `members` members (every worker rejoined it)."""
+    """Wait until the consumer group is stable with `members` members (every worker rejoined it).
+
+    The bound covers each request too, not only the time between them: the admin client can wait on an
+    unanswered `describe_consumer_groups` (or its start) for ever after the outage.
+    """
+    seen = "not described yet"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            [response] = await admin.describe_consumer_groups([group])
-            [(_, _, state, _, _, group_members, *_)] = response.groups
-            if state == "Stable" and len(group_members) == members:
-                return
-            assert time.monotonic() < deadline, f"group {group} is {state} with {len(group_members)} members"
-            await asyncio.sleep(0.5)
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            while True:
+                [response] = await admin.describe_consumer_groups([group])
+                [(_, _, state, _, _, group_members, *_)] = response.groups
+                if state == "Stable" and len(group_members) == members:
+                    return
+                seen = f"{state} with {len(group_members)} members"
+                await asyncio.sleep(0.5)
+    except TimeoutError:
+        raise AssertionError(f"group {group} not Stable with {members} members within {timeout:.0f}s;"
+                             f" last seen: {seen}") from None
     finally:
         await admin.close()
 

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from alerting_app.up import alerting_app_executable
+from pipe_lines import read_lines_until
 
 COMMAND_TIMEOUT_S = 120
 
@@ -169,7 +170,7 @@ async def test_tail_alerts_new_prints_the_alerts_produced_after_it_started(servi
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # The command says on stderr when it is positioned at the end; what follows is what it prints.
-        first_line = tail.stderr.readline()
+        [first_line] = read_lines_until(tail.stderr, lambda line: True, "first line on stderr", COMMAND_TIMEOUT_S)
         assert first_line.startswith("tailing alerts.new (9 partitions) from the end"), first_line
         alerts = [{"alert_id": f"tail-{n}-{secrets.token_hex(3)}", "schema_version": 1, "event_ts": time.time(),
                    "severity": "LOW", "source": "ops-test", "name": "Tail"} for n in range(3)]

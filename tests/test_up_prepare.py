@@ -10,6 +10,11 @@ import os
 from alerting_app.embedded import EmbeddedServices
 from alerting_app.settings import Settings
 from alerting_app.up import _prepare
+from pipe_lines import read_lines_until
+
+# The test's own bound on `up` printing "ready": beyond up's own (its services' start, then 300 s for the
+# worker), so that up's message is what a slow start shows, and a hang fails instead of stopping the run.
+UP_READY_TIMEOUT_S = 420.0
 
 
 def test_the_table_state_is_kept_for_the_same_broker_and_removed_for_a_new_one(services, tmp_path):
@@ -83,12 +88,7 @@ def test_up_with_a_blank_admin_token_generates_one_and_a_closed_terminal_stops_i
                           # As from a terminal: the suite itself may run under nohup, which `up` respects.
                           preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
-        output = []
-        for line in up.stdout:  # until it is up, or it ends
-            output.append(line)
-            if line.strip() == "ready":
-                break
-        assert output and output[-1].strip() == "ready", "".join(output)
+        output = read_lines_until(up.stdout, lambda line: line.strip() == "ready", '"ready"', UP_READY_TIMEOUT_S)
         printed = next(line.split()[1] for line in output if line.strip().startswith("ADMIN_TOKEN "))
         assert printed == (data_dir / "admin-token").read_text().strip()
 
@@ -118,12 +118,7 @@ def test_after_up_is_killed_a_new_run_waits_for_its_worker_to_stop(services, tmp
                                              "APP_ID": f"up-kill-{os.getpid()}"})
     worker = None
     try:
-        output = []
-        for line in first.stdout:
-            output.append(line)
-            if line.strip() == "ready":
-                break
-        assert output[-1].strip() == "ready", "".join(output)
+        read_lines_until(first.stdout, lambda line: line.strip() == "ready", '"ready"', UP_READY_TIMEOUT_S)
         [worker] = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True,
                                                        text=True).stdout.split()]
         os.kill(worker, signal.SIGSTOP)  # so that it is surely still there when the next run starts
