@@ -250,7 +250,7 @@ async def test_a_rate_limited_endpoint_is_served_at_its_rate_while_the_worker_st
             await asyncio.wait_for(asyncio.gather(*(attempt(job_for(limited), ctx) for _ in range(4))), 20)
         finally:
             stop.set()
-            await asyncio.gather(*filling)
+            await asyncio.wait_for(asyncio.gather(*filling), 60)  # a guard against hanging only
 
         arrivals = [post.received_at for post in receiver.posts_to("limited")]
         assert len(arrivals) == 4
