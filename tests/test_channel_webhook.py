@@ -88,6 +88,16 @@ async def test_a_5xx_is_retryable(status):
             await send(receiver.url())
 
 
+@pytest.mark.parametrize("status", [408, 409, 425])
+async def test_a_4xx_that_says_not_now_is_retryable(status):
+    # 408 request timeout, 409 a retry meeting its first request still in progress (Idempotency-Key
+    # draft), 425 too early: the same request may succeed later.
+    async with Receiver() as receiver:
+        receiver.answer("hook", status)
+        with pytest.raises(RetryableDeliveryError, match=f"HTTP {status}"):
+            await send(receiver.url())
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 413, 422])
 async def test_a_4xx_other_than_429_is_permanent(status):
     async with Receiver() as receiver:

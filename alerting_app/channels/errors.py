@@ -27,7 +27,7 @@ class DeliveryError(Exception):
 
 
 class RetryableDeliveryError(DeliveryError):
-    """A timeout, a lost connection, a 5xx or 429: the same send may succeed later.
+    """A timeout, a lost connection, a 5xx, 429, 408, 409 or 425: the same send may succeed later.
 
     `retry_after` is the endpoint's own request (429's Retry-After), in seconds, when it made one.
     """
@@ -38,4 +38,4 @@ class RetryableDeliveryError(DeliveryError):
 
 
 class PermanentDeliveryError(DeliveryError):
-    """The endpoint refused the notification itself (a 4xx): sending it again cannot help."""
+    """The endpoint refused the notification itself (another 4xx): sending it again cannot help."""

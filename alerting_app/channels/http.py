@@ -64,12 +64,19 @@ def error_text(exc: aiohttp.ClientError, url: str) -> str:
     return str(exc).replace(url, str(URL(url).origin()))
 
 
+# 4xx answers that say "not now" rather than "not this": 408 the receiver gave up waiting for the
+# request (RFC 9110 15.5.9, it may be repeated); 409 the answer the Idempotency-Key draft
+# (draft-ietf-httpapi-idempotency-key-header, 2.7) gives a retry while the first request with the
+# key is still being processed, as after our timeout; 425 Too Early (RFC 8470, retry later).
+_RETRYABLE_4XX = frozenset({408, 409, 425})
+
+
 def raise_for_status(status: int, retry_after: str | None = None) -> None:
     if 200 <= status < 300:
         return
     if status == 429:
         raise RetryableDeliveryError("HTTP 429", retry_after_seconds(retry_after))
-    if 500 <= status < 600:
+    if 500 <= status < 600 or status in _RETRYABLE_4XX:
         raise RetryableDeliveryError(f"HTTP {status}")
     if 300 <= status < 400:
         raise PermanentDeliveryError(f"HTTP {status} (redirects are not followed)")
