@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 
 import pytest
 import trustme
@@ -230,3 +231,20 @@ async def test_a_relay_that_answers_every_command_just_in_time_is_bounded_by_the
         with pytest.raises(RetryableDeliveryError, match="timed out after 1s"):
             await send_email(settings, "oncall@example.com", notification())
         assert smtp.messages == []
+
+
+async def test_a_message_carries_the_date_and_a_message_id_that_every_attempt_repeats():
+    # RFC 5322 requires Date; relays add neither header to mail from other hosts, and Gmail refuses
+    # mail without a Message-ID. The same id on a retry lets mail clients recognise the copy.
+    with SmtpServer() as smtp:
+        for _ in range(2):
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+
+        first, again = smtp.messages
+        assert abs(first["Date"].datetime.timestamp() - time.time()) < 60
+        assert first["Message-ID"] == again["Message-ID"]
+        assert first["Message-ID"].startswith("<6f1c2a34-0000-4000-8000-000000000002.")
+        assert first["Message-ID"].endswith("@alerting.example>")
+    other = email_message(notification(), "alerts@alerting.example", "other@example.com")
+    assert other["Message-ID"] != first["Message-ID"]
+

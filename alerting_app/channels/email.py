@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from datetime import datetime, timezone
 from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
 
 import aiosmtplib
 
@@ -17,6 +20,12 @@ def email_message(notification: NotificationReady, sender: str, recipient: str) 
     message["From"] = sender
     message["To"] = recipient
     message["Subject"] = one_line(headline(notification))
+    # RFC 5322 3.6 requires Date, and Message-ID should be there: a relay adds neither for mail from
+    # another host (Postfix's always_add_missing_headers=no), and Gmail refuses mail without a
+    # Message-ID. It is the same on every attempt, so a retry after a lost reply to DATA is a copy
+    # mail clients can recognise.
+    message["Date"] = format_datetime(datetime.now(timezone.utc))
+    message["Message-ID"] = message_id(notification.notification_id, recipient, sender)
     lines = [headline(notification), ""]
     for alert in notification.alerts:
         lines += [
@@ -31,6 +40,14 @@ def email_message(notification: NotificationReady, sender: str, recipient: str) 
     lines += [f"notification {notification.notification_id}", f"rules {', '.join(notification.rule_ids)}"]
     message.set_content("\n".join(lines) + "\n")
     return message
+
+
+def message_id(notification_id: str, recipient: str, sender: str) -> str:
+    """`<notification_id.recipient's hash@sender's domain>`: unique per message, stable per attempt."""
+    domain = parseaddr(sender)[1].rpartition("@")[2]
+    if not domain or not domain.isascii() or not all(c.isalnum() or c in ".-" for c in domain):
+        domain = "alerting.invalid"
+    return f"<{notification_id}.{hashlib.sha256(recipient.encode()).hexdigest()[:8]}@{domain}>"
 
 
 def one_line(text: str) -> str:
