@@ -6,6 +6,7 @@ import time
 
 import pytest
 import trustme
+from aiosmtplib.email import flatten_message
 from pydantic import SecretStr
 
 from alerting_app.channels.email import email_message, send_email
@@ -248,3 +249,10 @@ async def test_a_message_carries_the_date_and_a_message_id_that_every_attempt_re
     other = email_message(notification(), "alerts@alerting.example", "other@example.com")
     assert other["Message-ID"] != first["Message-ID"]
 
+
+def test_a_recipient_with_a_non_ascii_domain_is_addressed_by_its_idna_form():
+    # Stored as typed (email-validator's normalised form); sent so, the To header held an encoded
+    # word inside the address and the envelope needed a relay with SMTPUTF8.
+    message = email_message(notification(), "alerts@alerting.example", "ops@bücher.example")
+
+    assert b"\r\nTo: ops@xn--bcher-kva.example\r\n" in flatten_message(message, utf8=False, cte_type="7bit")

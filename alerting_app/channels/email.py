@@ -8,6 +8,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 
 import aiosmtplib
+from email_validator import EmailNotValidError, validate_email
 
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
 from alerting_app.channels.summary import describe, event_time, headline
@@ -18,7 +19,7 @@ from alerting_app.settings import Settings
 def email_message(notification: NotificationReady, sender: str, recipient: str) -> EmailMessage:
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = recipient
+    message["To"] = ascii_address(recipient)
     message["Subject"] = one_line(headline(notification))
     # RFC 5322 3.6 requires Date, and Message-ID should be there: a relay adds neither for mail from
     # another host (Postfix's always_add_missing_headers=no), and Gmail refuses mail without a
@@ -40,6 +41,19 @@ def email_message(notification: NotificationReady, sender: str, recipient: str) 
     lines += [f"notification {notification.notification_id}", f"rules {', '.join(notification.rule_ids)}"]
     message.set_content("\n".join(lines) + "\n")
     return message
+
+
+def ascii_address(address: str) -> str:
+    """`address` with its domain in IDNA (`ops@xn--bcher-kva.example`) where its local part is ASCII.
+
+    An endpoint's address is stored as email-validator normalised it, with a non-ASCII domain as
+    typed (`ops@bücher.example`): sent as it is, the envelope needs a relay with SMTPUTF8 and the
+    To header became an encoded word inside the address, which no mail reader takes as one.
+    """
+    try:
+        return validate_email(address, check_deliverability=False).ascii_email or address
+    except EmailNotValidError:
+        return address  # as stored: the relay's answer says what is wrong with it
 
 
 def message_id(notification_id: str, recipient: str, sender: str) -> str:
