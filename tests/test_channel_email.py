@@ -198,6 +198,14 @@ async def test_a_recipient_refused_for_now_is_retryable():
             await send_email(smtp_settings(smtp.port), "busy@example.com", notification())
 
 
+async def test_a_reply_the_relay_garbled_is_retryable():
+    # No reply code at all: aiosmtplib reports -1, the relay's trouble and no verdict on the message.
+    with SmtpServer() as smtp:
+        smtp.refuse("oncall@example.com", "garbled reply")
+        with pytest.raises(RetryableDeliveryError, match="Malformed SMTP response"):
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+
+
 async def test_an_smtp_server_that_is_not_there_is_retryable():
     with pytest.raises(RetryableDeliveryError):
         await send_email(smtp_settings(free_port()), "oncall@example.com", notification())

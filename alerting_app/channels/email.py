@@ -131,7 +131,9 @@ def start_tls(settings: Settings) -> bool | None:
 
 
 def _by_reply_code(code: int, reason: str) -> Exception:
-    # SMTP replies 4xx for transient conditions and 5xx for permanent ones (RFC 5321 4.2.1).
-    if 400 <= code < 500:
-        return RetryableDeliveryError(reason)
-    return PermanentDeliveryError(reason)
+    # SMTP replies 4xx for transient conditions and 5xx for permanent ones (RFC 5321 4.2.1). Anything
+    # else is no verdict on the message: aiosmtplib's -1 for a reply line it could not read (too long,
+    # no code), a relay's trouble like a lost connection.
+    if 500 <= code < 600:
+        return PermanentDeliveryError(reason)
+    return RetryableDeliveryError(reason)
