@@ -80,6 +80,10 @@ def test_text_from_alerts_cannot_inject_slack_markup():
     text = all_text(message)
     assert "<!channel>" not in text
     assert "&lt;!channel&gt; &amp; &lt;https://evil.example|click&gt;" in text
+    # Nor is a bare "@channel", "#general" or URL linked or parsed by Slack's pre-pass.
+    alert_text = [obj for block in message["blocks"] if block["type"] == "section"
+                  for obj in [*block.get("fields", []), *([block["text"]] if "text" in block else [])]]
+    assert alert_text and all(obj["verbatim"] is True for obj in alert_text)
 
 
 async def test_the_message_is_posted_as_json_to_the_incoming_webhook():

@@ -36,10 +36,12 @@ def _alert_blocks(alert: Alert) -> list[dict]:
         f"*When*\n{event_time(alert)}",
     ]
     context = "\n".join(f"• {escape(key)}: `{escape(value)}`" for key, value in sorted(alert.context.items()))
+    # verbatim: Slack's default pre-pass links bare URLs and channel names and parses some mentions
+    # in mrkdwn text; text from an alert is shown as written.
     return [
-        {"type": "section", "fields": [{"type": "mrkdwn", "text": _clip(f, 2000)} for f in fields]},
-        {"type": "section", "text": {"type": "mrkdwn",
-                                     "text": _clip(context or "_no context_", _TEXT_LIMIT)}},
+        {"type": "section", "fields": [{"type": "mrkdwn", "text": _clip(f, 2000), "verbatim": True} for f in fields]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": _clip(context or "_no context_", _TEXT_LIMIT),
+                                     "verbatim": True}},
     ]
 
 
