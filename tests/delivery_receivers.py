@@ -124,7 +124,7 @@ class Receiver:
 
 
 class _KeepMessages:
-    """aiosmtpd handler: accepts mail, except to recipients given a reply in `replies`; waits
+    """aiosmtpd handler: accepts mail, except from senders or to recipients given a reply in `replies`; waits
     `stall_s` before answering MAIL, RCPT and DATA."""
 
     def __init__(self) -> None:
@@ -136,6 +136,9 @@ class _KeepMessages:
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802 (aiosmtpd's name)
         await asyncio.sleep(self.stall_s)
+        reply = self.replies.get(address)
+        if reply is not None:
+            return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -198,7 +201,8 @@ class SmtpServer:
         return self._handler.received_at
 
     def refuse(self, recipient: str, reply: str | bytes) -> None:
-        """Answer RCPT TO for `recipient` with `reply` (e.g. "550 5.1.1 no such user"); bytes go out as
+        """Answer RCPT TO for `recipient`, or MAIL FROM for a sender, with `reply` (e.g. "550 5.1.1 no
+        such user"); bytes go out as
         they are, as a relay that does not speak UTF-8 sends them."""
         self._handler.replies[recipient] = reply
 

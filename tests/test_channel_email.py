@@ -198,6 +198,15 @@ async def test_a_recipient_refused_for_now_is_retryable():
             await send_email(smtp_settings(smtp.port), "busy@example.com", notification())
 
 
+async def test_a_relay_refusing_smtp_from_for_good_is_retried_and_names_the_setting():
+    # 553 is permanent for that sender, but the sender is our setting, the same for every message:
+    # failing each one for good would lose them all until the operator fixes it.
+    with SmtpServer() as smtp:
+        smtp.refuse("alerts@alerting.example", "553 5.7.1 sender address rejected")
+        with pytest.raises(RetryableDeliveryError, match=r"SMTP 553: .*sender address rejected.*check SMTP_FROM"):
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+
+
 async def test_a_reply_the_relay_garbled_is_retryable():
     # No reply code at all: aiosmtplib reports -1, the relay's trouble and no verdict on the message.
     with SmtpServer() as smtp:

@@ -101,6 +101,10 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         # One recipient per message here; the reply the relay gave, not the exception's repr.
         refusal = min(exc.recipients, key=lambda refused: refused.code)
         raise _by_reply_code(refusal.code, f"SMTP {refusal.code}: {refusal.message}") from None
+    except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPConnectResponseError) as exc:
+        # The relay refused SMTP_FROM, or refused us service in its greeting: the same for every
+        # message until its operator fixes SMTP_FROM or the relay, so retried like a relay that is down.
+        raise RetryableDeliveryError(f"SMTP {exc.code}: {exc.message} (check SMTP_FROM and the relay)") from None
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code in _RELAY_SETTINGS_REPLIES:
             # The relay refused our login or asks for TLS: SMTP_* settings its operator can fix,
