@@ -1,6 +1,7 @@
 """The email channel against a real SMTP server (aiosmtpd) started by the test."""
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 
@@ -205,6 +206,19 @@ async def test_a_relay_refusing_smtp_from_for_good_is_retried_and_names_the_sett
         smtp.refuse("alerts@alerting.example", "553 5.7.1 sender address rejected")
         with pytest.raises(RetryableDeliveryError, match=r"SMTP 553: .*sender address rejected.*check SMTP_FROM"):
             await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+
+
+async def test_a_relay_refusing_service_in_its_greeting_is_retried():
+    async def refuse_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"554 5.3.2 no SMTP service here\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse_service, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(RetryableDeliveryError, match=r"SMTP 554: .*no SMTP service here.*check SMTP_FROM"):
+            await send_email(smtp_settings(port), "oncall@example.com", notification())
 
 
 async def test_a_reply_the_relay_garbled_is_retryable():
