@@ -26,10 +26,19 @@ _one = TypeAdapter(Alert)
 _many = TypeAdapter(Annotated[list[Alert], Field(min_length=1, max_length=MAX_ALERTS_PER_REQUEST)])
 
 
+# How long a request waits for the broker's acknowledgements. The producer's own request timeout
+# is Faust's default, 20 minutes: with a broker that is down or hung, the request would outlast any
+# client's timeout, which then gets no 503 to retry on, while the worker holds the open requests.
+ACK_TIMEOUT_S = 30.0
+
+
 async def publish_alerts(alerts: list[Alert]) -> None:
-    """Send every alert keyed by alert_id and wait until the broker acknowledged all of them."""
-    acks = [await alerts_new.send(key=alert.alert_id.encode(), value=alert.encode()) for alert in alerts]
-    await asyncio.gather(*acks)
+    """Send every alert keyed by alert_id and wait until the broker acknowledged all of them, or
+    raise TimeoutError after ACK_TIMEOUT_S (the sends go on: an alert may still be published)."""
+    async with asyncio.timeout(ACK_TIMEOUT_S):
+        acks = [await alerts_new.send(key=alert.alert_id.encode(), value=alert.encode()) for alert in alerts]
+        # Shielded: giving up waiting must not cancel the producer's own futures for the messages.
+        await asyncio.gather(*(asyncio.shield(ack) for ack in acks))
 
 
 @app.page("/api/v1/alerts")
@@ -46,5 +55,8 @@ class AlertsView(ApiView):
             await publish_alerts(alerts)
         except KafkaError as exc:
             raise BrokerUnavailable(message=str(exc)) from None
+        except TimeoutError:
+            raise BrokerUnavailable(
+                message=f"the broker did not acknowledge every alert within {ACK_TIMEOUT_S:g} s") from None
         accepted = AlertsAccepted(alert_ids=[alert.alert_id for alert in alerts])
         return self.json(accepted.model_dump(mode="json"), status=202)
