@@ -114,10 +114,11 @@ async def test_a_redirect_is_not_followed_and_is_permanent():
         assert [post.path for post in receiver.posts] == ["hook"]
 
 
-async def test_a_429_is_retryable_after_the_delay_it_asks_for():
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_429_or_503_is_retryable_after_the_delay_it_asks_for(status):
     async with Receiver() as receiver:
-        receiver.answer("hook", Answer(429, {"Retry-After": "7"}))
-        with pytest.raises(RetryableDeliveryError, match="HTTP 429") as raised:
+        receiver.answer("hook", Answer(status, {"Retry-After": "7"}))
+        with pytest.raises(RetryableDeliveryError, match=f"HTTP {status}") as raised:
             await send(receiver.url())
         assert raised.value.retry_after == 7.0
 

@@ -29,7 +29,7 @@ class DeliveryError(Exception):
 class RetryableDeliveryError(DeliveryError):
     """A timeout, a lost connection, a 5xx, 429, 408, 409 or 425: the same send may succeed later.
 
-    `retry_after` is the endpoint's own request (429's Retry-After), in seconds, when it made one.
+    `retry_after` is the endpoint's own request (the Retry-After of a 429 or 503), in seconds, when it made one.
     """
 
     def __init__(self, reason: str, retry_after: float | None = None) -> None:

@@ -74,8 +74,9 @@ _RETRYABLE_4XX = frozenset({408, 409, 425})
 def raise_for_status(status: int, retry_after: str | None = None) -> None:
     if 200 <= status < 300:
         return
-    if status == 429:
-        raise RetryableDeliveryError("HTTP 429", retry_after_seconds(retry_after))
+    if status in (429, 503):
+        # Both may say how long to wait (RFC 9110 10.2.3): a receiver down for maintenance, say.
+        raise RetryableDeliveryError(f"HTTP {status}", retry_after_seconds(retry_after))
     if 500 <= status < 600 or status in _RETRYABLE_4XX:
         raise RetryableDeliveryError(f"HTTP {status}")
     if 300 <= status < 400:

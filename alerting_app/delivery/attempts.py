@@ -1,7 +1,7 @@
 """One delivery: take the endpoint's send slot, wait for a token, take the client's and a worker's
 send slots, claim the idempotency key, send, and retry what may succeed later.
 
-Retries follow tenacity: exponential backoff with jitter for retryable failures (a 429's
+Retries follow tenacity: exponential backoff with jitter for retryable failures (a 429's or 503's
 Retry-After is waited when longer, up to DELIVERY_BACKOFF_MAX_S), at most DELIVERY_MAX_ATTEMPTS
 in all, counting the attempts an earlier worker made. Waiting for a retry holds no send slot;
 waiting for the endpoint's token holds the endpoint's slot only; no token is waited for while
