@@ -83,10 +83,6 @@ MAX_KEY_CHARS = 1000
 MAX_REASON_CHARS = 10_000  # a reason may quote the bad value (require_uuids does)
 
 
-def max_letter_bytes() -> int:
-    return max_record_bytes()
-
-
 def bounded(letter: DeadLetter, *, limit: int | None = None, original_key: bytes | None = None,
             original_value: bytes | None = None) -> DeadLetter:
     """`letter`, or, when its key and encoded value exceed `limit` bytes, the letter with its
@@ -96,7 +92,7 @@ def bounded(letter: DeadLetter, *, limit: int | None = None, original_key: bytes
     `original_key` and `original_value` are the consumed bytes, when there are any: the letter's
     strings were decoded from them with replacement.
     """
-    limit = max_letter_bytes() if limit is None else limit
+    limit = max_record_bytes() if limit is None else limit
     if _record_bytes(letter) <= limit:
         return letter
     key, reason, notes = letter.key, letter.reason, []

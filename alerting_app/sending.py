@@ -16,12 +16,12 @@ _partitioner = DefaultPartitioner()
 # 1,000,000 bytes by default) when sent alone; record batches (send_batched) are not checked, and the
 # broker refuses one over its own limit (message.max.bytes, 1,048,588 by default) on every retry.
 # A record's key and value stay this far under the producer's limit, for the record's own framing.
-RECORD_FRAMING_BYTES = 1024
+_RECORD_FRAMING_BYTES = 1024
 
 
 def max_record_bytes() -> int:
     """The most bytes a record's key and value together may take."""
-    return app.conf.producer_max_request_size - RECORD_FRAMING_BYTES
+    return app.conf.producer_max_request_size - _RECORD_FRAMING_BYTES
 
 
 @lru_cache(maxsize=100_000)

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from alerting_app.contracts import DeadLetter
-from alerting_app.dead_letters import bounded, dead_letter_for, max_letter_bytes, send_dead_letters
+from alerting_app.dead_letters import bounded, dead_letter_for, send_dead_letters
+from alerting_app.sending import max_record_bytes
 from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
 
 
@@ -35,7 +36,7 @@ def test_a_small_letter_is_kept_whole():
 def test_a_huge_payload_is_cut_to_fit_and_the_reason_says_what_it_was(value):
     letter = dead_letter_for(consumed(b"k", value), "Invalid JSON")
 
-    assert record_bytes(letter) <= max_letter_bytes()
+    assert record_bytes(letter) <= max_record_bytes()
     assert value.decode().startswith(letter.payload) and len(letter.payload) < len(value.decode())
     assert letter.reason == (f"Invalid JSON [payload truncated: the original was {len(value)} bytes,"
                              f" sha256 {hashlib.sha256(value).hexdigest()}]")
@@ -46,7 +47,7 @@ def test_a_huge_key_is_cut_too():
     key = b"k" * 2_000_000
     letter = dead_letter_for(consumed(key, b"{}"), "key too long")
 
-    assert record_bytes(letter) <= max_letter_bytes()
+    assert record_bytes(letter) <= max_record_bytes()
     assert letter.key == "k" * 1000 and letter.payload == "{}"
     assert letter.reason == (f"key too long [key truncated: the original was {len(key)} bytes,"
                              f" sha256 {hashlib.sha256(key).hexdigest()}]")
@@ -68,7 +69,7 @@ async def test_a_letter_too_big_for_the_producer_is_acknowledged_by_the_broker_c
 
     [on_broker] = await sent_to("alerts.new.dlq", key)
     assert "payload truncated: the original was 2000016 bytes" in on_broker["reason"]
-    assert len(json.dumps(on_broker)) <= max_letter_bytes()
+    assert len(json.dumps(on_broker)) <= max_record_bytes()
 
 
 @AGENT_LOOP
