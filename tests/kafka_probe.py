@@ -1,4 +1,5 @@
-"""Talking to the real broker from tests: produce, read a topic, and wait for a consumer group.
+"""Talking to the real broker from tests: produce, read a topic, wait for a consumer group, and
+wait for a replica of a changelog topic to catch up.
 
 Waiting on the group's committed offsets, rather than sleeping, is what lets a test say
 "nothing more was sent" with certainty: once the worker has committed past every message, every
@@ -137,3 +138,14 @@ async def retire_rules_left_on_topic(bootstrap: str, topic: str = "rule.changed"
     ]
     await produce(bootstrap, topic, [(d.rule_id.encode(), d.encode()) for d in deletes])
     return len(deletes)
+
+
+async def caught_up(replica, running: asyncio.Future, timeout: float = 60.0) -> None:
+    """Wait until `replica` has caught up; fail, rather than hang, if its run ended first or it is too slow."""
+    waiting = asyncio.ensure_future(replica.wait_until_caught_up())
+    await asyncio.wait([waiting, running], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if running.done():
+        running.result()  # raises what stopped it
+        raise AssertionError(f"{replica.name} stopped before it caught up")
+    assert replica.is_caught_up, f"{replica.name} did not catch up in {timeout:.0f}s"

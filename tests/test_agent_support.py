@@ -20,7 +20,7 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from kafka_probe import read_topic
+from kafka_probe import caught_up, read_topic
 
 AGENT_LOOP = pytest.mark.asyncio(loop_scope="session")
 
@@ -66,17 +66,6 @@ async def pipeline(services):
     await app.producer.stop()
     # Lets a later module start the producer again, in whatever loop it runs.
     app.producer.service_reset()
-
-
-async def caught_up(replica, running: asyncio.Future, timeout: float = 60.0) -> None:
-    """Wait until `replica` has caught up; fail, rather than hang, if its run ended first or it is too slow."""
-    waiting = asyncio.ensure_future(replica.wait_until_caught_up())
-    await asyncio.wait([waiting, running], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    if running.done():
-        running.result()  # raises what stopped it
-        raise AssertionError(f"{replica.name} stopped before it caught up")
-    assert replica.is_caught_up, f"{replica.name} did not catch up in {timeout:.0f}s"
 
 
 @pytest_asyncio.fixture(loop_scope="session")

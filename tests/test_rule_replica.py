@@ -24,7 +24,7 @@ from alerting_app.contracts import DeadLetter, Rule, RuleChanged
 from alerting_app.matching import RuleIndex
 from alerting_app.sending import partition_for
 from alerting_app.embedded import free_port
-from kafka_probe import produce, read_topic
+from kafka_probe import caught_up, produce, read_topic
 from operations_support import start_tansu
 from tables.changelog_replica import BrokerTooSlow, keep_running, records_at
 from tables.rule_replica import RuleReplica, RuleStore
@@ -98,13 +98,7 @@ class RunningReplica:
 
     async def caught_up(self) -> None:
         """Return once the replica is caught up; raise what it failed with if it stops first."""
-        waiting = asyncio.ensure_future(self.replica.wait_until_caught_up())
-        await asyncio.wait([waiting, self._task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        if self._task.done():
-            self._task.result()  # raises the replica's failure
-            raise AssertionError("the replica stopped")
-        assert self.replica.is_caught_up, "the replica did not catch up in 30s"
+        await caught_up(self.replica, self._task, timeout=30)
 
     async def stop(self) -> None:
         self._task.cancel()
