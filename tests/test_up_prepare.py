@@ -149,6 +149,10 @@ def test_under_nohup_a_closed_terminal_leaves_up_running():
 
     saved = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        # As from a terminal under nohup: SIGINT and SIGTERM at their defaults (the suite itself may
+        # run as a background job, whose SIGINT its shell ignores, and up keeps an ignore it inherits).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
         _stop_on_signals()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
