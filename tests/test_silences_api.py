@@ -126,6 +126,24 @@ async def test_a_silence_may_start_just_after_1970_and_end_at_the_last_second_of
     assert datetime.fromisoformat(silence["ends_at"]) == datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
 
 
+async def test_a_silence_window_may_be_given_in_unix_seconds_as_json_numbers(api, tenant):
+    # docs/api.md: times are ISO 8601 with an offset, or unix seconds; a JSON number is the natural
+    # way to send seconds, and it is always seconds (not read as milliseconds past 2e10).
+    starts_at = int(datetime.now(timezone.utc).timestamp()) - 60
+    silence = await new_silence(api, tenant, starts_at=starts_at, ends_at=starts_at + 3600.5)
+    assert datetime.fromisoformat(silence["starts_at"]).timestamp() == starts_at
+    assert datetime.fromisoformat(silence["ends_at"]).timestamp() == starts_at + 3600.5
+    assert silence["state"] == "active"
+    far = await new_silence(api, tenant, source="far", ends_at=253402300799)  # 9999-12-31T23:59:59Z
+    assert datetime.fromisoformat(far["ends_at"]) == datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("ends_at", [True, 1e300, -1e15])
+async def test_a_unix_time_that_is_no_time_is_refused_naming_the_field(api, tenant, ends_at):
+    reply = await api.call("POST", "/api/v1/silences", tenant.key, body(ends_at=ends_at))
+    assert reply.failing_fields() == {"ends_at"}
+
+
 async def test_missing_ends_at_comment_and_creator_are_each_named(api, tenant):
     reply = await api.call("POST", "/api/v1/silences", tenant.key, {"source": "payments"})
     assert reply.failing_fields() == {"ends_at", "comment", "created_by"}

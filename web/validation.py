@@ -11,7 +11,7 @@ from uuid import UUID
 
 from aiohttp.web_protocol import RequestPayloadError
 from faust.web import Request
-from pydantic import AfterValidator, AwareDatetime, BaseModel, TypeAdapter, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Strict, TypeAdapter, ValidationError
 
 from web.errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 
@@ -69,8 +69,25 @@ def before_the_last_instant(value: datetime) -> datetime:
     return value
 
 
-# A timestamptz given by a client: with a UTC offset, and storable.
-StorableDatetime = Annotated[AwareDatetime, AfterValidator(in_utc), AfterValidator(before_the_last_instant)]
+def from_unix_seconds(value: Any) -> Any:
+    """A JSON number as the UTC instant it is in unix seconds (docs/api.md, "Cursors and times").
+
+    Bodies are strict, and strict pydantic takes a datetime from a JSON string only: without this,
+    `"ends_at": 1700000000` was refused while `"ends_at": "1700000000"` was taken. Always seconds,
+    as silence.changed carries them (pydantic would read a number past 2e10 as milliseconds).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value  # text is parsed by pydantic: ISO 8601, or unix seconds in a query string
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError("out of range: must lie between years 1 and 9999 in UTC") from None
+
+
+# A timestamptz given by a client: with a UTC offset (or unix seconds), and storable.
+# Strict(False): after the number is converted, text (ISO 8601) is parsed as before, in a strict body too.
+StorableDatetime = Annotated[AwareDatetime, Strict(False), BeforeValidator(from_unix_seconds), AfterValidator(in_utc),
+                             AfterValidator(before_the_last_instant)]
 
 
 class _DuplicateKey(ValueError):
