@@ -173,7 +173,8 @@ async def test_a_delivery_whose_sent_mark_fails_is_recorded_sent_not_sent_again(
 
 
 @pytest.mark.parametrize("attempts_before, low, high", [(0, 1, 2), (3, 8, 9)])
-async def test_redis_trouble_before_the_send_counts_an_attempt_and_backs_off(services, attempts_before, low, high):
+async def test_redis_trouble_before_the_send_counts_an_attempt_and_backs_off(services, attempts_before, low, high,
+                                                                            caplog):
     # Tokens come from a Redis that is not there; claims from the real one.
     async with Receiver() as receiver, delivery_context(services.redis_url,
                                                         token_redis_url="redis://127.0.0.1:1/0") as ctx:
@@ -186,6 +187,9 @@ async def test_redis_trouble_before_the_send_counts_an_attempt_and_backs_off(ser
         [change] = ctx.recorder.changes
         assert (change.status, change.attempts, change.release) == ("PENDING", 1, True)
         assert change.last_error.startswith("before sending: ConnectionError")
+        # The tenant reads the record: where our Redis is goes to the worker's log only.
+        assert "127.0.0.1:1" not in change.last_error
+        assert "127.0.0.1:1" in caplog.text
         # The backoff after the delivery's attempt (attempts_before + 1), not a fixed second.
         assert before + low <= change.next_attempt_at <= time.time() + high
         assert await claim_is_free(ctx, job)

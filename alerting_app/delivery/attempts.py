@@ -431,9 +431,11 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         # and no claim is left held (the claim is the last step before the send). Counted as an
         # attempt, with its reason, and retried after that attempt's backoff by any worker: trouble
         # that lasts shows in the delivery's record and backs off instead of spinning. It never
-        # fails the delivery by itself.
+        # fails the delivery by itself. The record says only what kind of trouble: the tenant reads
+        # it (GET /api/v1/notifications), and Redis's message names our host and port ("Error 111
+        # connecting to 10.0.3.4:6379"); the log line has the whole of it.
         log.exception("delivery %s to %s interrupted; retrying later", *job.key)
         metrics.notifications_retried.labels(channel=channel).inc()
         wait_s = backoff.after_attempt(max(1, job.attempts + attempts_made), None)
-        record(PENDING, 1, f"before sending: {type(exc).__name__}: {exc}", started,
-               next_attempt_at=time.time() + wait_s, release=True)
+        record(PENDING, 1, f"before sending: {type(exc).__name__} (the platform's trouble, not the endpoint's)",
+               started, next_attempt_at=time.time() + wait_s, release=True)
