@@ -12,7 +12,7 @@ import faust
 from alerting_app.broker_transport import Transport
 from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
 from alerting_app.http_errors import json_http_errors
-from alerting_app.kafka_connection import faust_credentials
+from alerting_app.kafka_connection import faust_credentials, kafka_connection
 from alerting_app.settings import BROKER_REQUEST_TIMEOUT_S, load_settings
 
 settings = load_settings()
@@ -48,7 +48,8 @@ app = faust.App(
     **FAUST_TUNING,  # less of Faust's own per-message cost: see the module
 )
 # Set before anything touches `app.transport` (declaring a topic does): see the module for why.
-app.transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms)
+app.transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms,
+                          broker=kafka_connection(settings, settings.kafka_bootstrap_servers or "localhost:9092"))
 
 
 def _raw_topic(name: str) -> faust.TopicT:

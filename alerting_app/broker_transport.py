@@ -2,7 +2,8 @@
 settings; a message is handed to its stream without Faust's per-message `wait_first` when the
 hand-over cannot block; stream records fetched while a rebalance ends are held, not thrown away
 (`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is made again at the
-next commit (`Consumer._commit_offsets`); after an agent crashed the worker commits nothing more and stops
+next commit (`Consumer._commit_offsets`); the end offsets the table recovery reads up to are the
+true ends, on the Tansu broker too (`Consumer.highwaters`); after an agent crashed the worker commits nothing more and stops
 (`Consumer.on_task_error`). tests/test_broker_transport.py fails when the installed Faust no
 longer matches what these rely on.
 
@@ -40,6 +41,8 @@ from faust.types import TP, Message
 from mode import Service, ServiceT
 
 from alerting_app import metrics
+from alerting_app.end_offsets import end_offsets
+from alerting_app.kafka_connection import Broker
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,24 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        """The end offset of each partition, found as `end_offsets` finds it (ListOffsets, raised to
+        a fetch's high watermark).
+
+        Faust's table recovery reads each changelog partition up to what this returns, then stops
+        reading it (faust/tables/recovery.py, `_build_highwaters`, 0.15.3). Faust asks ListOffsets
+        alone, which the Tansu broker answers with the first offset of the partition's last record
+        batch + 1: a worker taking over a partition whose last changelog batch held the groups of
+        several clients (one aggregate batch writes them together) recovered the first of them only,
+        and the others were never closed, their alerts never notified
+        (`test_a_new_worker_recovers_every_group_of_a_partition_written_in_one_batch`).
+        """
+        if not partitions:
+            return {}  # a worker assigned no partition of a table (more workers than partitions)
+        ends = await end_offsets(self.transport.broker,
+                                 [aiokafka.TopicPartition(tp.topic, tp.partition) for tp in partitions])
+        return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
 
     # Set at the first agent crash (see on_task_error): from then on this worker commits nothing.
     crashed_agent: str | None = None
@@ -302,10 +323,12 @@ class Consumer(faust_aiokafka.Consumer):
 
 
 class Transport(faust_aiokafka.Transport):
-    """Faust's aiokafka Transport whose worker consumer waits at most `fetch_max_wait_ms` per fetch."""
+    """Faust's aiokafka Transport whose worker consumer waits at most `fetch_max_wait_ms` per fetch,
+    and finds end offsets on `broker` (`Consumer.highwaters`)."""
 
     Consumer = Consumer
 
-    def __init__(self, *args, fetch_max_wait_ms: int, **kwargs) -> None:
+    def __init__(self, *args, fetch_max_wait_ms: int, broker: Broker, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.broker = broker

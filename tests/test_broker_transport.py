@@ -43,7 +43,8 @@ async def test_the_worker_consumer_fetches_with_the_configured_wait(services):
     assert app.transport.fetch_max_wait_ms == settings.broker_fetch_max_wait_ms
     # A transport of our own for this test: the app's transport and consumer stay bound to the
     # event loop that first uses them, and later tests of the session may run the app in another.
-    transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms)
+    transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms,
+                          broker=app.transport.broker)
     faust_consumer = transport.create_consumer(callback=_nothing, on_partitions_revoked=_nothing,
                                                on_partitions_assigned=_nothing)
     consumer = faust_consumer._thread._create_worker_consumer(transport)

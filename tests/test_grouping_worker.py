@@ -13,8 +13,9 @@ import uuid
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaProducer
 
-from alerting_app.app import settings
+from alerting_app.app import app, settings
 from alerting_app.contracts import Alert, AlertMatched
 from alerting_app.sending import partition_for
 from kafka_probe import produce, read_json, wait_until_consumed
@@ -169,3 +170,43 @@ async def test_two_workers_share_the_clients_and_emit_each_group_once_and_comple
     emitted = [m for m in await read_json(bootstrap, "notifications.ready") if m.get("client_id") in set(clients)]
     assert sorted(m["client_id"] for m in emitted) == sorted(clients)
     assert all(len(m["alerts"]) == 3 for m in emitted)
+
+
+
+async def test_a_new_worker_recovers_every_group_of_a_partition_written_in_one_batch(services, clean_db, start_worker):
+    """One aggregate batch writes the groups of a partition's clients together: one batch of
+    changelog records. A worker taking the partition over must recover every one of them, or the
+    groups it misses are never closed and their alerts never notified."""
+    from tables.groups import open_groups
+
+    group = f"grouping-batch-{secrets.token_hex(4)}"
+    bootstrap = services.kafka_bootstrap_servers
+    start_worker(APP_ID=group, ROLES="aggregate").stop()  # the changelog exists; nobody holds the table now
+    every = tuple(range(settings.topic_partitions))
+    clients = [await new_client(services.database_url) for _ in range(3)]
+    partition = partition_for(clients[0].encode(), every)
+    while len(clients) < 4 or any(partition_for(c.encode(), every) != partition for c in clients):
+        clients = [c for c in clients if partition_for(c.encode(), every) == partition]
+        clients.append(await new_client(services.database_url))
+    rule, opened_at = str(uuid.uuid4()), time.time() - 60  # their windows have passed
+    values = {client: {rule: {"notification_id": str(uuid.uuid4()), "opened_at": opened_at, "window_s": 1,
+                              "alerts": [grouped_matches(client, rule, 1, 1)[0].alert.model_dump(mode="json")],
+                              "rule_ids": [rule]}}
+              for client in clients}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=200)
+    await producer.start()
+    try:
+        sent = [await producer.send(f"{group}-notification-groups-changelog", key=client.encode(), partition=partition,
+                                    value=app.serializers.dumps_value(None, value, serializer=open_groups.value_serializer))
+                for client, value in values.items()]
+        offsets = [(await write).offset for write in sent]
+    finally:
+        await producer.stop()
+    assert offsets == list(range(offsets[0], offsets[0] + len(clients)))  # one batch
+
+    start_worker(APP_ID=group, ROLES="aggregate")  # its own DATA_DIR: the table comes from the changelog
+    rows = await wait_for_rows(services.database_url,
+                               "SELECT client_id::text FROM notifications WHERE emitted AND client_id = ANY($1::uuid[])",
+                               clients, count=len(clients), timeout=60)
+
+    assert sorted(row["client_id"] for row in rows) == sorted(clients)
