@@ -172,7 +172,6 @@ async def test_two_workers_share_the_clients_and_emit_each_group_once_and_comple
     assert all(len(m["alerts"]) == 3 for m in emitted)
 
 
-
 async def test_a_new_worker_recovers_every_group_of_a_partition_written_in_one_batch(services, clean_db, start_worker):
     """One aggregate batch writes the groups of a partition's clients together: one batch of
     changelog records. A worker taking the partition over must recover every one of them, or the

@@ -188,6 +188,32 @@ async def test_tail_alerts_new_prints_the_alerts_produced_after_it_started(servi
     assert all(m["topic"] == "alerts.new" and 0 <= m["partition"] < 9 for m in printed)
 
 
+async def test_tail_from_the_end_skips_all_of_a_last_batch_of_several_messages(services):
+    # The Tansu broker answers ListOffsets with the first offset of the last record batch + 1: a
+    # tail positioned there printed the rest of that batch as if it had just been produced.
+    bootstrap = services.kafka_bootstrap_servers
+    topic = await create_topic(bootstrap, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=200)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value=b'"old"', key=f"old-{n}".encode(), partition=0) for n in range(3)]
+        assert [(await write).offset for write in sent] == [0, 1, 2]
+    finally:
+        await producer.stop()
+    tail = subprocess.Popen([alerting_app_executable(), "tail", topic, "--limit", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_lines_until(tail.stderr, lambda line: line.startswith("tailing"), "the tailing line", COMMAND_TIMEOUT_S)
+        await produce(bootstrap, topic, [(0, b"new", b'"new"')])
+        out, err = tail.communicate(timeout=COMMAND_TIMEOUT_S)
+    finally:
+        tail.kill()
+        tail.wait()
+
+    assert tail.returncode == 0, err
+    assert [(m["key"], m["offset"]) for m in map(json.loads, out.splitlines())] == [("new", 3)]
+
+
 async def test_tail_of_an_unknown_topic_fails_without_creating_it(services):
     name = f"ops-no-such-{secrets.token_hex(4)}"
 
