@@ -8,6 +8,7 @@ refuses to start without them (see `require_services`).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
 import urllib.parse
@@ -17,7 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.asyncio.connection import parse_url as parse_redis_url
+from redis.asyncio.connection import ConnectionPool, SSLConnection, parse_url as parse_redis_url
+from redis.exceptions import RedisError
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
@@ -120,7 +122,47 @@ def _postgres_url(value: str) -> str:
     if "target_session_attrs" in query and query["target_session_attrs"] not in _SESSION_ATTRS:
         raise ValueError(f"target_session_attrs={query['target_session_attrs']!r} is not one of "
                          f"{', '.join(_SESSION_ATTRS)}")
+    _postgres_tls_files_load(query)
     return value
+
+
+def _postgres_default_key() -> str | None:
+    try:  # as asyncpg finds it: no home (HOME unset, a uid without a passwd entry) is no key
+        path = Path.home() / ".postgresql" / "postgresql.key"
+    except RuntimeError:
+        return None
+    return str(path) if path.exists() else None
+
+
+def _postgres_tls_files_load(query: dict[str, str]) -> None:
+    """The certificate files the URL names, loaded as asyncpg loads them when it connects.
+
+    asyncpg reads them at each connection attempt: one missing or not PEM failed every attempt with
+    "FileNotFoundError: [Errno 2] No such file or directory", naming neither the file nor the
+    variable, and the worker waited for ever. It loads the CA and CRL files only from sslmode=require
+    up, and the client certificate from sslmode=allow up (its default is PGSSLMODE, else prefer).
+    """
+    mode = (query.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer").replace("_", "-")
+    if mode == "disable":
+        return
+    if mode in ("require", "verify-ca", "verify-full"):
+        for key in ("sslrootcert", "sslcrl"):
+            if query.get(key):
+                try:
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=query[key])
+                except (OSError, ssl.SSLError) as exc:
+                    raise ValueError(f"{key}={query[key]!r} cannot be loaded: {exc}") from None
+    if query.get("sslcert"):
+        # Without sslkey, asyncpg takes ~/.postgresql/postgresql.key if there is one, else the
+        # key must be in the certificate's file.
+        keyfile = query.get("sslkey") or _postgres_default_key()
+        password = query.get("sslpassword", "")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(query["sslcert"], keyfile=keyfile,
+                                                                    password=lambda: password)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"sslcert={query['sslcert']!r} and sslkey={keyfile!r} cannot be loaded as a "
+                             f"certificate and its key: {exc}") from None
 
 
 def _redis_url(value: str) -> str:
@@ -136,7 +178,38 @@ def _redis_url(value: str) -> str:
     elif parsed.path not in ("", "/") and not parsed.path[1:].isdigit():
         # redis-py ignores a database that is not a number and uses database 0.
         raise ValueError(f"database {parsed.path[1:]!r} is not a number")
+    _redis_connection_can_be_made(value)
     return value
+
+
+def _redis_connection_can_be_made(url: str) -> None:
+    """The connection redis-py would make of the URL, built now (without connecting).
+
+    redis-py passes a query option it has no parser for on to the connection as it is, and builds
+    the TLS context at the first connection: an option the connection does not take (an `ssl_*`
+    one on redis://, a misspelt one) failed every connection with a TypeError, and a certificate
+    file that is missing with "Error 2 connecting to host:port. No such file or directory", as if
+    the server were not there; the worker waited for ever.
+    """
+    pool = ConnectionPool.from_url(url)
+    try:
+        connection = pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        option = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        raise ValueError(f"{option[1]!r} is not an option of a {url.partition('://')[0]}:// connection"
+                         if option else str(exc)) from None
+    except RedisError as exc:  # ssl_cert_reqs not one of none, optional, required
+        raise ValueError(str(exc)) from None
+    if isinstance(connection, SSLConnection):
+        try:
+            connection.ssl_context.get()
+        except (OSError, ssl.SSLError) as exc:
+            files = ", ".join(f"{option}={pool.connection_kwargs[option]!r}" for option in _REDIS_TLS_FILES
+                              if pool.connection_kwargs.get(option))
+            raise ValueError(f"{files} cannot be loaded: {exc}") from None
+
+
+_REDIS_TLS_FILES = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
 
 
 def _digits_only(value: object) -> object:

@@ -10,6 +10,7 @@ import pytest
 
 from alerting_app.settings import ConfigurationError, load_settings, require_services
 from alerting_app.up import alerting_app_executable
+from tls_certificates import certificate_files
 
 BAD_VALUES = [
     ("KAFKA_BOOTSTRAP_SERVERS", "localhost"),
@@ -136,6 +137,59 @@ def test_well_formed_service_urls_are_accepted(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
 
     assert getattr(load_settings(), variable.lower()) == value
+
+
+@pytest.mark.parametrize(("variable", "query", "refusal"), [
+    # asyncpg loads these at every connection attempt: the worker waited for ever on
+    # "FileNotFoundError: [Errno 2] No such file or directory", naming neither the file nor the variable.
+    ("DATABASE_URL", "?sslmode=verify-full&sslrootcert={missing}", "sslrootcert='{missing}' cannot be loaded"),
+    ("DATABASE_URL", "?sslmode=require&sslcrl={not_pem}", "sslcrl='{not_pem}' cannot be loaded"),
+    ("DATABASE_URL", "?sslcert={cert}&sslkey={missing}", "sslcert='{cert}' and sslkey='{missing}' cannot be loaded"),
+    # redis-py: "Error 2 connecting to host:port. No such file or directory", as if no server were there.
+    ("REDIS_URL", "?ssl_ca_certs={missing}", "ssl_ca_certs='{missing}' cannot be loaded"),
+    ("REDIS_URL", "?ssl_certfile={cert}&ssl_keyfile={not_pem}", "ssl_certfile='{cert}', ssl_keyfile='{not_pem}'"),
+])
+def test_a_certificate_file_of_a_service_url_that_cannot_be_loaded_is_refused_naming_it(monkeypatch, tmp_path,
+                                                                                        variable, query, refusal):
+    files = {**certificate_files(tmp_path), "missing": str(tmp_path / "missing.pem"), "not_pem": "/etc/hostname"}
+    url = {"DATABASE_URL": "postgresql://alerting@db.example.com/alerting", "REDIS_URL": "rediss://cache:6379/0"}
+
+    monkeypatch.setenv(variable, url[variable] + query.format(**files))
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert f"{variable}:" in str(error.value) and refusal.format(**files) in str(error.value), str(error.value)
+
+
+def test_certificate_files_of_service_urls_that_load_are_accepted(monkeypatch, tmp_path):
+    files = certificate_files(tmp_path)
+    database_url = (f"postgresql://alerting@db.example.com/alerting?sslmode=verify-full&sslrootcert={files['ca']}"
+                    f"&sslcert={files['cert']}&sslkey={files['key']}")
+    redis_url = f"rediss://cache:6379/0?ssl_ca_certs={files['ca']}&ssl_certfile={files['cert']}&ssl_keyfile={files['key']}"
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+
+    assert (load_settings().database_url, load_settings().redis_url) == (database_url, redis_url)
+    # asyncpg reads no CA file below sslmode=require: one that is not there stops nothing.
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://alerting@db.example.com/alerting?sslrootcert={tmp_path}/none.pem")
+    load_settings()
+
+
+@pytest.mark.parametrize("url", [
+    "redis://cache:6379/0?ssl_ca_certs=/certs/ca.pem",  # TLS options on a plaintext connection
+    "redis://cache:6379/0?sockettimeout=5",  # misspelt
+    "unix:///var/run/redis.sock?ssl_certfile=/certs/client.pem",
+])
+def test_a_redis_url_option_its_connection_does_not_take_is_refused_naming_it(monkeypatch, url):
+    # redis-py hands an option it has no parser for to the connection, which refused it with a
+    # TypeError at every connection attempt: the worker waited for ever.
+    monkeypatch.setenv("REDIS_URL", url)
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    option = url.partition("?")[2].partition("=")[0]
+    assert f"REDIS_URL: Value error, {option!r} is not an option of a" in str(error.value), str(error.value)
 
 
 @pytest.mark.parametrize(("env", "named"), [
