@@ -254,6 +254,18 @@ def _listen_address(value: str) -> str:
     return value.strip("[]")
 
 
+def _relay_host(value: str) -> str:
+    """A host name or an IP address: aiosmtplib takes the port from SMTP_PORT only, so `host:587` or
+    a URL was looked up as a host name at every delivery, and every e-mail failed after its retries."""
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        pass
+    if not value or any(c in value for c in ":/@?# \t\r\n"):
+        raise ValueError("must be a host name or an IP address, without a scheme or a port (the port is SMTP_PORT)")
+    return value
+
+
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
 Token = Annotated[Annotated[str, Field(min_length=16)] | None, BeforeValidator(_stripped_or_unset)]
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
@@ -399,7 +411,7 @@ class Settings(BaseSettings):
     max_endpoints_per_rule: int = Field(default=20, ge=1, le=1_000)
 
     # --- email (SMTP via aiosmtplib) ---
-    smtp_host: str = "localhost"
+    smtp_host: Annotated[str, AfterValidator(_relay_host)] = "localhost"
     smtp_port: int = Field(default=25, ge=1, le=65535)
     # Unset (the default): STARTTLS whenever the relay offers it, and required once there is a
     # login, so a password never crosses in clear; true: always required; false: never (a relay

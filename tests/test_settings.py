@@ -52,6 +52,9 @@ BAD_VALUES = [
     # The worker failed to listen with a traceback, after 200 lines of log.
     ("WEB_BIND", "not an address"),
     ("WEB_BIND", "-leading.example"),
+    # aiosmtplib looked these up as host names at every delivery: every e-mail failed after its retries.
+    ("SMTP_HOST", "email-smtp.eu-west-1.amazonaws.com:587"),
+    ("SMTP_HOST", "smtp://mail.example.com"),
 ]
 
 
@@ -215,6 +218,17 @@ def test_delivery_timings_at_their_limits_are_accepted(monkeypatch):
     monkeypatch.setenv("DELIVERY_SENT_MARKER_TTL_S", "60")
 
     assert load_settings().delivery_lease_s == 1.5
+
+
+@pytest.mark.parametrize(("value", "host"), [
+    ("email-smtp.eu-west-1.amazonaws.com", "email-smtp.eu-west-1.amazonaws.com"),
+    ("mail_relay", "mail_relay"),  # a compose service name may hold '_'
+    ("10.0.0.25", "10.0.0.25"), ("[::1]", "::1"),
+])
+def test_an_smtp_host_name_or_address_is_accepted(monkeypatch, value, host):
+    monkeypatch.setenv("SMTP_HOST", value)
+
+    assert load_settings().smtp_host == host
 
 
 def test_defaults_are_the_documented_ones(monkeypatch):
