@@ -40,6 +40,9 @@ def request(method: str, url: str, body: str | None, token: str | None, timeout_
         except ValueError as exc:
             raise ValueError(f"the body is not JSON: {exc}") from None
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    # Surrounding whitespace dropped, as the worker drops it from the tokens it is given: a line
+    # break cannot go into a header (urllib refused it with an error that showed the token).
+    token = token.strip() if token else token
     if token:
         headers["Authorization"] = f"Bearer {token}"
     call = urllib.request.Request(url, data=None if body is None else body.encode(), method=method.upper(),

@@ -258,7 +258,7 @@ async def _tail(broker: KafkaConnection, topic: str, from_beginning: bool, limit
     argument("method", type=click.Choice(api_call.METHODS, case_sensitive=False)),
     argument("url"),
     argument("body", required=False),
-    option("--token", default=None, help="the bearer token (default: $ADMIN_TOKEN)"),
+    option("--token", default=None, help="the bearer token (default: ADMIN_TOKEN)"),
     option("--field", default=None, help="print only this field of the JSON answer (e.g. api_key)"),
     base=_ForegroundCommand,
 )
@@ -266,8 +266,10 @@ def api(method: str, url: str, body: str | None, token: str | None, field: str |
     """One request to the REST API: METHOD URL [JSON BODY]; URL may be a path (/api/v1/clients) on
     this machine's worker. Prints the JSON answer; exits 1 unless it is a 2xx."""
     try:
+        # The default is the token the worker checks, as the settings read it: $ADMIN_TOKEN as given
+        # may end in a secret file's newline, which no header can carry (urllib refused it, showing it).
         status, answer = api_call.request(method, api_call.target(url, os.environ), body,
-                                          token if token is not None else os.environ.get("ADMIN_TOKEN"))
+                                          token if token is not None else settings.admin_token)
     except ValueError as exc:
         raise SystemExit(f"api: {exc}") from None
     if not 200 <= status < 300:

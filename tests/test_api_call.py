@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from alerting_app.api_call import request
+from alerting_app.up import alerting_app_executable
 
 
 @contextmanager
@@ -69,3 +72,23 @@ def test_a_redirect_is_the_answer_not_followed_with_the_token():
     assert status == 302  # not 2xx: the command exits 1
     assert len(seen) == 1
     assert seen_elsewhere == []  # the token went nowhere else
+
+
+def test_the_command_sends_admin_token_as_the_worker_reads_it_without_a_secret_files_newline():
+    # The worker drops the newline (settings.py); the command sent $ADMIN_TOKEN as given, which urllib
+    # refused with "Invalid header value b'Bearer <the token>\\n'": the request failed, showing the token.
+    token = "admin-token-from-a-secret-file"
+    with server(json_answer(200, {"items": []})) as (url, seen):
+        result = subprocess.run([alerting_app_executable(), "api", "GET", url + "/api/v1/clients"],
+                                env={**os.environ, "ADMIN_TOKEN": token + "\n"}, capture_output=True, text=True,
+                                timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert [sent["authorization"] for sent in seen] == [f"Bearer {token}"]
+    assert token not in result.stderr
+
+
+def test_a_token_given_with_surrounding_whitespace_is_sent_without_it():
+    with server(json_answer(200, {})) as (url, seen):
+        assert request("GET", url + "/api/v1/clients", None, " client-key-0123456789\n")[0] == 200
+    assert seen[0]["authorization"] == "Bearer client-key-0123456789"
