@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import asyncpg
 from aiokafka.errors import KafkaError
@@ -27,7 +27,7 @@ import web  # noqa: F401  registers the web views on the app
 import web.operations  # noqa: F401  registers /healthz, /readyz and /metrics
 from alerting_app import api_call, kafka_admin, load, topic_inspection
 from alerting_app.app import app, settings
-from alerting_app.embedded import EmbeddedServiceError
+from alerting_app.embedded import EmbeddedServiceError, hold_lock, lock_holder
 from alerting_app.gc_tuning import tune_garbage_collector
 from alerting_app.json_logs import faust_logging_config, log_to_stderr
 from alerting_app.kafka_connection import KafkaConnection, kafka_connection
@@ -71,6 +71,7 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
         except OSError as exc:
             raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: cannot create {settings.data_dir}: "
                                      f"{exc.strerror or exc}") from None
+        _hold_data_dir()
         check_before_waiting(settings)
         wait_before_start(settings, kafka_admin.topic_names(), kafka_admin.changelog_topic_names())
         tune_garbage_collector()
@@ -79,6 +80,23 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
     def on_worker_created(self, worker: Any) -> None:
         if settings.log_format == "text":  # Faust's banner is a table: not for a JSON log stream
             super().on_worker_created(worker)
+
+
+# The lock on DATA_DIR, held while this worker runs (the file stays open until the process ends).
+_data_dir_lock: IO | None = None
+
+
+def _hold_data_dir() -> None:
+    """One worker per DATA_DIR. A second one found the RocksDB stores (its rule replica's, Faust's
+    tables') locked by the first: it retried for ever without becoming ready, and the partitions it
+    was assigned were not processed."""
+    global _data_dir_lock
+    path = settings.data_dir / ".worker.lock"
+    _data_dir_lock = hold_lock(path)
+    if _data_dir_lock is None:
+        holder = lock_holder(path)
+        raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by another "
+                                 f"worker{f' (pid {holder})' if holder else ''}; give each worker a DATA_DIR of its own")
 
 
 class send(FaustSendCommand):  # noqa: N801  the class name is the command name; it replaces Faust's

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from alerting_app.embedded import free_port
 from alerting_app.settings import ConfigurationError, load_settings, require_services
 from alerting_app.up import alerting_app_executable
 from tls_certificates import certificate_files
@@ -376,3 +377,16 @@ def test_worker_stops_naming_web_port_when_another_process_listens_on_it():
 
     assert result.returncode == 1
     assert f"WEB_BIND, WEB_PORT: cannot listen on 127.0.0.1 port {port}" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_second_worker_on_the_data_dir_of_a_running_one_stops_at_once_naming_it(start_worker, tmp_path):
+    # It found the first one's RocksDB stores locked, retried for ever without becoming ready, and
+    # the partitions it was assigned were not processed.
+    shared = tmp_path / "shared"
+    first = start_worker(DATA_DIR=shared)
+
+    result = _run_worker(DATA_DIR=str(shared), WEB_PORT=str(free_port()))
+
+    assert result.returncode == 1
+    assert (f"DATA_DIR: {shared} is in use by another worker (pid {first.child.process.pid})"
+            in result.stderr), result.stderr[-2000:]
