@@ -500,6 +500,13 @@ class Settings(BaseSettings):
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"SMTP_SSL_CAFILE ({self.smtp_ssl_cafile}) cannot be loaded as CA certificates: "
                                  f"{exc}") from None
+            # The relay's certificate is checked only where TLS is required: set otherwise, the file
+            # was never read, and its operator believed the relay checked when nothing was.
+            if self.smtp_starttls is False or (self.smtp_starttls is None and self.smtp_user is None):
+                raise ValueError("SMTP_SSL_CAFILE set, but no relay certificate is checked: "
+                                 + ("SMTP_STARTTLS is false" if self.smtp_starttls is False else
+                                    "with SMTP_STARTTLS unset and no SMTP_USER, TLS is opportunistic (unchecked)")
+                                 + "; set SMTP_STARTTLS=true to require TLS and check it")
         if self.delivery_backoff_initial_s > self.delivery_backoff_max_s:
             raise ValueError("DELIVERY_BACKOFF_INITIAL_S must not exceed DELIVERY_BACKOFF_MAX_S")
         # Leases are renewed once per sweep loop, when a third of the lease has passed: a lease

@@ -390,3 +390,30 @@ def test_a_second_worker_on_the_data_dir_of_a_running_one_stops_at_once_naming_i
     assert result.returncode == 1
     assert (f"DATA_DIR: {shared} is in use by another worker (pid {first.child.process.pid})"
             in result.stderr), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ({"SMTP_STARTTLS": "false"}, "SMTP_STARTTLS is false"),
+    ({}, "TLS is opportunistic (unchecked)"),
+])
+def test_an_smtp_ca_file_that_would_check_nothing_is_refused(monkeypatch, tmp_path, env, reason):
+    # It was never read: the relay's certificate is checked only where TLS is required.
+    monkeypatch.setenv("SMTP_SSL_CAFILE", certificate_files(tmp_path)["ca"])
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert "SMTP_SSL_CAFILE set, but no relay certificate is checked" in str(error.value)
+    assert reason in str(error.value)
+
+
+@pytest.mark.parametrize("env", [{"SMTP_STARTTLS": "true"}, {"SMTP_USER": "alerts", "SMTP_PASSWORD": "s3cret"}])
+def test_an_smtp_ca_file_is_accepted_where_tls_is_required(monkeypatch, tmp_path, env):
+    ca = certificate_files(tmp_path)["ca"]
+    monkeypatch.setenv("SMTP_SSL_CAFILE", ca)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+
+    assert str(load_settings().smtp_ssl_cafile) == ca
