@@ -67,7 +67,12 @@ def read_migrations(directory: Path) -> list[Migration]:
 
 async def apply_migrations(database_url: str, migrations_dir: Path | None = None) -> list[str]:
     """Apply the migrations not applied yet; return their names (empty when up to date)."""
-    migrations = read_migrations(migrations_dir or default_migrations_dir())
+    directory = migrations_dir or default_migrations_dir()
+    migrations = read_migrations(directory)
+    if not migrations:
+        # A folder mounted over the image's, or a wrong MIGRATIONS_DIR: "up to date" would be false,
+        # and the workers would wait for a schema that never comes.
+        raise MigrationError(f"no migration files in {directory} (set MIGRATIONS_DIR)")
     conn = await asyncpg.connect(database_url)
     try:
         # Session-level lock, released when the connection closes, even if we fail half-way.

@@ -101,3 +101,10 @@ def test_badly_named_file_is_refused(tmp_path):
 
     with pytest.raises(MigrationError, match="NNN_name.sql"):
         asyncio.run(apply_migrations("postgresql://unused", tmp_path))
+
+
+def test_a_folder_without_migrations_is_refused_not_reported_up_to_date(tmp_path):
+    # `alerting-app migrate` printed "schema is up to date" having applied nothing; the workers
+    # then waited for a schema that never came.
+    with pytest.raises(MigrationError, match=f"no migration files in {tmp_path}"):
+        asyncio.run(apply_migrations("postgresql://unused", tmp_path))
