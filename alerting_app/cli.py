@@ -132,6 +132,9 @@ class _ForegroundCommand(AppCommand):
             # The decorated function itself, given the parsed options (as a method, `run` would
             # take the first option for `self`).
             code = type(self).__wrapped__(*self.args, **{**self.kwargs, **kwargs})
+        except asyncpg.ClientConfigurationError as exc:
+            # Refused by asyncpg before connecting (sslmode=verify-full without a root certificate).
+            raise SystemExit(f"{self.__class__.__name__} failed: DATABASE_URL: {exc}") from None
         except (OSError, KafkaError, asyncpg.PostgresError, MigrationError, EmbeddedServiceError) as exc:
             # A service that cannot be reached or a refused migration is a message, not a traceback.
             raise SystemExit(f"{self.__class__.__name__} failed: {exc}") from None

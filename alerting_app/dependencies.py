@@ -74,7 +74,12 @@ async def broker_topics_missing(broker: Broker, topics: Iterable[str] = (),
 
 async def postgres_ready(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """A fresh connection (before the app's pool exists) answers, and the schema is migrated."""
-    conn = await asyncpg.connect(url, timeout=timeout)
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout)
+    except asyncpg.ClientConfigurationError as exc:
+        # Refused before connecting, from the URL and this machine's files (sslmode=verify-full with
+        # no root certificate where asyncpg looks by default): the same at every attempt.
+        raise Misconfigured(f"DATABASE_URL: {exc}") from None
     try:
         return await schema_behind(conn)
     finally:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
+import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from alerting_app.kafka_admin import topic_names
 from alerting_app.migrate import apply_migrations, default_migrations_dir, read_migrations
 from alerting_app.settings import ConfigurationError, Settings
 from alerting_app.startup_wait import dependency_states, wait_for_dependencies
+from alerting_app.up import alerting_app_executable
 
 
 def settings_for(services, **overrides) -> Settings:
@@ -64,6 +67,21 @@ def test_a_redis_database_the_server_does_not_have_is_a_configuration_error_not_
     with pytest.raises(ConfigurationError, match="REDIS_URL: database 9999 does not exist"):
         # (SystemExit, as the worker's start-up errors are, leaves the loop as it is raised)
         asyncio.run(asyncio.wait_for(wait_for_dependencies(settings, topic_names()), 30))
+
+
+def test_a_database_url_asyncpg_refuses_before_connecting_is_a_configuration_error_not_a_wait(services, tmp_path,
+                                                                                              monkeypatch):
+    # sslmode=verify-full without sslrootcert: asyncpg looks for ~/.postgresql/root.crt at every
+    # attempt, and the worker waited for ever on a message that did not name DATABASE_URL.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    settings = settings_for(services, database_url=services.database_url + "?sslmode=verify-full")
+
+    states = by_name(asyncio.run(dependency_states(settings, topic_names())))
+
+    assert states["postgres"].misconfigured and not states["postgres"].ok
+    assert states["postgres"].detail.startswith(f'DATABASE_URL: root certificate file "{tmp_path}/.postgresql/root.crt" '
+                                                "does not exist"), states["postgres"].detail
 
 
 async def test_a_missing_topic_is_reported_and_not_created(services):
@@ -161,3 +179,16 @@ async def test_readiness_through_the_app_pool_follows_the_schema(empty_database,
     finally:
         await pool.close()
 
+
+
+def test_a_command_given_a_database_url_asyncpg_refuses_before_connecting_names_it_without_a_traceback(services,
+                                                                                                     tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "DATABASE_URL": services.database_url + "?sslmode=verify-full"}
+    env.pop("PGSSLROOTCERT", None)
+
+    result = subprocess.run([alerting_app_executable(), "migrate"], env=env, capture_output=True, text=True,
+                            timeout=120)
+
+    assert result.returncode == 1
+    assert "migrate failed: DATABASE_URL: root certificate file" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
