@@ -33,7 +33,7 @@ from alerting_app.json_logs import faust_logging_config, log_to_stderr
 from alerting_app.kafka_connection import KafkaConnection, kafka_connection
 from alerting_app.migrate import MigrationError, apply_migrations
 from alerting_app.roles import apply_roles, parse_roles
-from alerting_app.seed import MIXES
+from alerting_app.seed import MAX_RULES_PER_CLIENT as seed_rules_limit, MIXES
 from alerting_app.settings import ROLE_NAMES, ConfigurationError, require_services, roles_of
 from alerting_app.startup_wait import check_before_waiting, wait_before_start
 from alerting_app.up import run_up
@@ -181,8 +181,8 @@ def up() -> int:
 
 
 @app.command(
-    option("--clients", type=int, default=100, show_default=True, help="number of clients"),
-    option("--rules-per-client", type=int, default=288, show_default=True),
+    option("--clients", type=click.IntRange(min=0), default=100, show_default=True, help="number of clients"),
+    option("--rules-per-client", type=click.IntRange(0, seed_rules_limit), default=288, show_default=True),
     option("--mix", type=click.Choice(MIXES), default="realistic", show_default=True,
            help="realistic: 1-10 matching clients per generated alert; worst: every client matches"),
     option("--webhook-url", default=None, help="give every rule a webhook endpoint with this URL"),

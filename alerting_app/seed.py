@@ -28,6 +28,10 @@ SEVERITIES = [s.value for s in Severity]
 SOURCES = [f"svc-{n:02d}" for n in range(50)]
 NAMES = [f"metric-{n:02d}" for n in range(40)]
 MIXES = ("realistic", "worst")
+# Distinct criteria rule_criteria can draw for one client: 4 x 50 x 40 exact, 4 x 50 with name `*`,
+# 50 x 40 with severity `*`, 10,200 in all. Asked for more, it drew for ever; near that many, it
+# waits on the rarest ones for minutes. 10,000 (MAX_RULES_PER_CLIENT's default) takes about a second.
+MAX_RULES_PER_CLIENT = 10_000
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ async def seed(pool: asyncpg.Pool, *, clients: int, rules_per_client: int, mix: 
                webhook_url: str | None = None, random_seed: int = 42) -> SeedReport:
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {', '.join(MIXES)}")
+    if not 0 <= rules_per_client <= MAX_RULES_PER_CLIENT:
+        raise ValueError(f"rules per client must be 0 to {MAX_RULES_PER_CLIENT}")
     started = time.perf_counter()
     rng = random.Random(random_seed)
     client_rows, rule_rows, endpoint_rows, outbox_rows = [], [], [], []

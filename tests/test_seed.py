@@ -1,0 +1,24 @@
+"""`alerting-app seed`: its options are bounded by what it can generate."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import pytest
+
+from alerting_app.seed import MAX_RULES_PER_CLIENT, seed
+from alerting_app.up import alerting_app_executable
+
+
+def test_more_rules_per_client_than_there_are_distinct_criteria_is_refused_at_once():
+    # rule_criteria draws distinct (severity, source, name) triples from 10,200 possible: asked for
+    # more, the command spun for ever at full CPU without a word.
+    result = subprocess.run([alerting_app_executable(), "seed", "--clients", "1", "--rules-per-client", "20000"],
+                            env=os.environ, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert "--rules-per-client" in result.stderr and f"0<=x<={MAX_RULES_PER_CLIENT}" in result.stderr, result.stderr
+
+    with pytest.raises(ValueError, match=f"rules per client must be 0 to {MAX_RULES_PER_CLIENT}"):
+        asyncio.run(seed(None, clients=1, rules_per_client=MAX_RULES_PER_CLIENT + 1))
