@@ -92,7 +92,11 @@ def _hold_data_dir() -> None:
     was assigned were not processed."""
     global _data_dir_lock
     path = settings.data_dir / ".worker.lock"
-    _data_dir_lock = hold_lock(path)
+    try:
+        _data_dir_lock = hold_lock(path)
+    except OSError as exc:  # a volume owned by another user than the worker's: its stores could not be written either
+        raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: cannot write in {settings.data_dir}: "
+                                 f"{exc.strerror or exc}") from None
     if _data_dir_lock is None:
         holder = lock_holder(path)
         raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by another "

@@ -360,6 +360,8 @@ def test_data_dir_set_empty_is_the_default_not_the_current_folder(monkeypatch):
     ({"WEB_BIND": "192.0.2.1"}, "WEB_BIND, WEB_PORT: cannot listen on 192.0.2.1"),  # not this machine's
     ({"MIGRATIONS_DIR": "/nonexistent/migrations"}, "MIGRATIONS_DIR: migrations folder /nonexistent/migrations"),
     ({"DATA_DIR": "/proc/no-such-folder"}, "DATA_DIR: cannot create /proc/no-such-folder"),
+    # A folder that exists but takes no file (a volume owned by another user than the worker's).
+    ({"DATA_DIR": "/proc"}, "DATA_DIR: cannot write in /proc"),
 ])
 def test_worker_stops_at_once_naming_what_waiting_would_not_fix(env, named, tmp_path):
     result = _run_worker(**{"DATA_DIR": str(tmp_path / "data"), **env})
