@@ -542,6 +542,10 @@ class ConfigurationError(SystemExit):
 
 
 _SECRETS = ("ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD")
+# pydantic error types whose message states the rule broken, never the value: "String should have at
+# least 16 characters". Without it, a refused secret said only "a value that is not shown".
+_MESSAGES_WITHOUT_THE_VALUE = frozenset({"string_too_short", "string_too_long", "string_pattern_mismatch",
+                                         "string_type"})
 # Up to the last '@': a password may hold another (not URL-encoded, which the check refuses).
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
 _QUERY_PASSWORD = re.compile(r"(password=)[^&#]*")  # postgresql://db/alerts?user=app&password=...
@@ -569,8 +573,14 @@ def load_settings() -> Settings:
         for error in exc.errors():
             if error["loc"]:
                 variable = str(error["loc"][0]).upper()
-                # The message may quote part of the value too (a URL's database, say).
-                message = "a value that is not shown" if variable in _SECRETS else without_passwords(error["msg"])
+                # The message may quote part of the value too (a URL's database, say); for a secret it is
+                # shown only where pydantic's message never holds the value (a length, a pattern).
+                if variable not in _SECRETS:
+                    message = without_passwords(error["msg"])
+                elif error["type"] in _MESSAGES_WITHOUT_THE_VALUE:
+                    message = error["msg"]
+                else:
+                    message = "a value that is not shown"
                 lines.append(f"  {variable}: {message} (got {_shown(variable, error.get('input'))})")
             else:
                 # A check across settings: its message names the variables, and its input would be
