@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.connection import ConnectionPool, SSLConnection, parse_url as parse_redis_url
 from redis.exceptions import RedisError
@@ -267,7 +268,18 @@ def _relay_host(value: str) -> str:
 
 
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
-Token = Annotated[Annotated[str, Field(min_length=16)] | None, BeforeValidator(_stripped_or_unset)]
+def _sent_alike_by_every_client(value: str) -> str:
+    # A header's other characters go as each client encodes them (Python's urllib and requests as
+    # Latin-1, curl as the terminal's UTF-8), and the worker reads them as UTF-8: a token holding
+    # them answered 401 to `alerting-app api` and Python clients, and 200 to curl.
+    if not all(" " <= character <= "~" for character in value):
+        raise PydanticCustomError("token_characters", "must be printable ASCII (letters, digits, punctuation, "
+                                  "spaces): HTTP clients send other characters in a header differently")
+    return value
+
+
+Token = Annotated[Annotated[str, Field(min_length=16), AfterValidator(_sent_alike_by_every_client)] | None,
+                  BeforeValidator(_stripped_or_unset)]
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 _UPPER = BeforeValidator(lambda value: value.strip().upper() if isinstance(value, str) else value)
 SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT"], _UPPER]
@@ -545,7 +557,7 @@ _SECRETS = ("ADMIN_TOKEN", "INGEST_TOKEN", "SMTP_PASSWORD", "KAFKA_SASL_PASSWORD
 # pydantic error types whose message states the rule broken, never the value: "String should have at
 # least 16 characters". Without it, a refused secret said only "a value that is not shown".
 _MESSAGES_WITHOUT_THE_VALUE = frozenset({"string_too_short", "string_too_long", "string_pattern_mismatch",
-                                         "string_type"})
+                                         "string_type", "token_characters"})
 # Up to the last '@': a password may hold another (not URL-encoded, which the check refuses).
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
 _QUERY_PASSWORD = re.compile(r"(password=)[^&#]*")  # postgresql://db/alerts?user=app&password=...

@@ -81,6 +81,19 @@ def test_a_bad_secret_is_named_but_not_shown(monkeypatch):
     assert "too-short" not in str(error.value)
 
 
+@pytest.mark.parametrize("variable", ["ADMIN_TOKEN", "INGEST_TOKEN"])
+def test_a_token_only_some_http_clients_could_present_is_refused(monkeypatch, variable):
+    # Python's clients (`alerting-app api` among them) send a header's non-ASCII characters as
+    # Latin-1, curl as UTF-8, and the worker reads UTF-8: such a token answered 401 to some.
+    monkeypatch.setenv(variable, "pässwörter-für-den-admin")
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert f"{variable}: must be printable ASCII" in str(error.value)
+    assert "pässwörter" not in str(error.value)
+
+
 def test_a_bad_service_url_is_shown_without_its_password(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://alerting:s3cret@db:abc/alerting")
 
