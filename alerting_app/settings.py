@@ -13,6 +13,7 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Callable
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -267,6 +268,16 @@ def _relay_host(value: str) -> str:
     return value
 
 
+def _sender_address(value: str) -> str:
+    """An address with a local part and a domain, bare or with a display name. Without one, every
+    e-mail was offered with it as MAIL FROM, which relays that check it (SES: 501) refuse, and every
+    e-mail failed after its retries."""
+    local, at, domain = parseaddr(value)[1].rpartition("@")
+    if not (local and at and domain) or any(character in value for character in "\r\n"):
+        raise ValueError("must be an e-mail address: alerts@example.com, or Alerts <alerts@example.com>")
+    return value
+
+
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
 def _sent_alike_by_every_client(value: str) -> str:
     # A header's other characters go as each client encodes them (Python's urllib and requests as
@@ -435,7 +446,7 @@ class Settings(BaseSettings):
     # Empty (SMTP_USER= in a compose file) is "not set": no login, not a login with empty credentials.
     smtp_user: OptionalText = None
     smtp_password: OptionalSecret = None
-    smtp_from: str = "alerting@localhost"
+    smtp_from: Annotated[str, AfterValidator(_sender_address)] = "alerting@localhost"
     smtp_timeout_s: float = Field(default=30.0, gt=0, le=300)
 
     @model_validator(mode="after")

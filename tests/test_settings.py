@@ -56,6 +56,9 @@ BAD_VALUES = [
     # aiosmtplib looked these up as host names at every delivery: every e-mail failed after its retries.
     ("SMTP_HOST", "email-smtp.eu-west-1.amazonaws.com:587"),
     ("SMTP_HOST", "smtp://mail.example.com"),
+    # Offered as MAIL FROM with every e-mail and refused by the relay: every e-mail failed after its retries.
+    ("SMTP_FROM", "alerting"),
+    ("SMTP_FROM", "Alerting Platform"),
 ]
 
 
@@ -243,6 +246,13 @@ def test_an_smtp_host_name_or_address_is_accepted(monkeypatch, value, host):
     monkeypatch.setenv("SMTP_HOST", value)
 
     assert load_settings().smtp_host == host
+
+
+@pytest.mark.parametrize("value", ["alerts@example.com", "Alerts <alerts@example.com>", "alerting@localhost"])
+def test_an_smtp_sender_address_with_or_without_a_display_name_is_accepted(monkeypatch, value):
+    monkeypatch.setenv("SMTP_FROM", value)
+
+    assert load_settings().smtp_from == value
 
 
 def test_defaults_are_the_documented_ones(monkeypatch):
