@@ -90,15 +90,31 @@ def client_args(broker: Broker) -> dict[str, Any]:
     return args
 
 
+class EncryptedKey(OSError):
+    """KAFKA_SSL_KEYFILE needs a pass phrase, which no setting gives."""
+
+
+def _no_pass_phrase() -> str:
+    # Without a password callback OpenSSL asks for the pass phrase on the terminal: every command
+    # (even `alerting-app agents`) waited at "Enter PEM pass phrase:", and without a terminal the
+    # key was refused with "[Errno 22] Invalid argument". Called only for an encrypted key.
+    raise EncryptedKey("the key is encrypted (it needs a pass phrase, which no setting gives): "
+                       "give the key unencrypted, in a file only the worker can read")
+
+
 @functools.lru_cache(maxsize=8)
 def tls_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
-    """The client TLS context; raises ssl.SSLError or OSError for a file that is missing or not PEM.
+    """The client TLS context; raises ssl.SSLError or OSError for a file that is missing or not PEM,
+    and EncryptedKey for a key that needs a pass phrase.
 
     One per set of files for the process (a context serves any number of connections): the
     settings' check, Faust, the replicas and every readiness probe share it instead of each loading
     the CA bundle again. Certificates replaced on disk are read at the next start.
     """
-    return create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
+    context = create_ssl_context(cafile=cafile)
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile, password=_no_pass_phrase)
+    return context
 
 
 def tls_context_of(settings: Settings) -> ssl.SSLContext | None:

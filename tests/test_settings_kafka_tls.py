@@ -6,6 +6,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from alerting_app.kafka_connection import KafkaConnection, client_args, kafka_connection, tls_context_of
 from alerting_app.settings import ConfigurationError, load_settings
@@ -16,6 +17,19 @@ from tls_certificates import certificate_files
 def files(tmp_path):
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     return {**certificate_files(tmp_path), "junk": str(tmp_path / "junk.pem")}
+
+
+def test_a_client_key_that_needs_a_pass_phrase_is_refused_saying_so_without_asking_for_one(tls_env, files, tmp_path):
+    # OpenSSL asked for the pass phrase on the terminal ("Enter PEM pass phrase:"), holding every
+    # command, even `alerting-app agents`; without a terminal the refusal said "[Errno 22] Invalid argument".
+    key = serialization.load_pem_private_key(Path(files["key"]).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"pass phrase")))
+    tls_env.setenv("KAFKA_SSL_CERTFILE", files["cert"])
+    tls_env.setenv("KAFKA_SSL_KEYFILE", str(encrypted))
+
+    assert "KAFKA_SSL_KEYFILE" in refusal() and "the key is encrypted" in refusal()
 
 
 @pytest.fixture
