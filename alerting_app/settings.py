@@ -203,6 +203,9 @@ def _redis_connection_can_be_made(url: str) -> None:
     except RedisError as exc:  # ssl_cert_reqs not one of none, optional, required
         raise ValueError(str(exc)) from None
     if isinstance(connection, SSLConnection):
+        if connection.ssl_context.password is None:
+            # Else OpenSSL asks for a key's pass phrase on the terminal, holding the command there.
+            connection.ssl_context.password = _redis_key_without_pass_phrase
         try:
             connection.ssl_context.get()
         except (OSError, ssl.SSLError) as exc:
@@ -212,6 +215,10 @@ def _redis_connection_can_be_made(url: str) -> None:
 
 
 _REDIS_TLS_FILES = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+
+
+def _redis_key_without_pass_phrase() -> str:
+    raise OSError("the key is encrypted: give its pass phrase as ssl_password (URL-encoded)")
 
 
 def _digits_only(value: object) -> object:

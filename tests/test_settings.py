@@ -5,8 +5,10 @@ import os
 import re
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from alerting_app.embedded import free_port
 from alerting_app.settings import ConfigurationError, load_settings, require_services
@@ -179,6 +181,22 @@ def test_a_certificate_file_of_a_service_url_that_cannot_be_loaded_is_refused_na
         load_settings()
 
     assert f"{variable}:" in str(error.value) and refusal.format(**files) in str(error.value), str(error.value)
+
+
+def test_a_redis_client_key_that_needs_a_pass_phrase_is_refused_unless_the_url_gives_it(monkeypatch, tmp_path):
+    # OpenSSL asked for it on the terminal, holding every command at "Enter PEM pass phrase:".
+    files = certificate_files(tmp_path)
+    key = serialization.load_pem_private_key(Path(files["key"]).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"phrase")))
+    url = f"rediss://cache:6379/0?ssl_certfile={files['cert']}&ssl_keyfile={encrypted}"
+
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(ConfigurationError, match="the key is encrypted: give its pass phrase as ssl_password"):
+        load_settings()
+    monkeypatch.setenv("REDIS_URL", url + "&ssl_password=phrase")
+    assert load_settings().redis_url == url + "&ssl_password=phrase"
 
 
 def test_certificate_files_of_service_urls_that_load_are_accepted(monkeypatch, tmp_path):
