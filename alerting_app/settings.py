@@ -285,6 +285,16 @@ def _sender_address(value: str) -> str:
     return value
 
 
+def _not_the_smtps_port(value: int) -> int:
+    # 465 is SMTPS, TLS from the first byte; we speak SMTP and upgrade with STARTTLS. Each side
+    # waited for the other (our greeting, their TLS handshake) until SMTP_TIMEOUT_S, and every
+    # e-mail failed after its retries.
+    if value == 465:
+        raise ValueError("465 is the port of SMTPS (TLS from the first byte), which is not supported: use the "
+                         "relay's STARTTLS port, 587 (or 25), with SMTP_STARTTLS")
+    return value
+
+
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
 def _sent_alike_by_every_client(value: str) -> str:
     # A header's other characters go as each client encodes them (Python's urllib and requests as
@@ -442,7 +452,7 @@ class Settings(BaseSettings):
 
     # --- email (SMTP via aiosmtplib) ---
     smtp_host: Annotated[str, AfterValidator(_relay_host)] = "localhost"
-    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_port: Annotated[int, AfterValidator(_not_the_smtps_port)] = Field(default=25, ge=1, le=65535)
     # Unset (the default): STARTTLS whenever the relay offers it, and required once there is a
     # login, so a password never crosses in clear; true: always required; false: never (a relay
     # on the same host, say), the login included.

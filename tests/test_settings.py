@@ -61,6 +61,8 @@ BAD_VALUES = [
     # Offered as MAIL FROM with every e-mail and refused by the relay: every e-mail failed after its retries.
     ("SMTP_FROM", "alerting"),
     ("SMTP_FROM", "Alerting Platform"),
+    # SMTPS (TLS from the first byte): each side waited for the other until the timeout, every e-mail failed.
+    ("SMTP_PORT", "465"),
 ]
 
 
