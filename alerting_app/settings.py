@@ -211,7 +211,9 @@ def _redis_connection_can_be_made(url: str) -> None:
         except (OSError, ssl.SSLError) as exc:
             files = ", ".join(f"{option}={pool.connection_kwargs[option]!r}" for option in _REDIS_TLS_FILES
                               if pool.connection_kwargs.get(option))
-            raise ValueError(f"{files} cannot be loaded: {exc}") from None
+            raise ValueError(f"{files or 'its TLS options'} cannot be loaded: {exc}") from None
+        except (TypeError, ValueError) as exc:  # ssl_min_version or ssl_ciphers redis-py passes on unread
+            raise ValueError(f"its TLS options cannot be used: {exc}") from None
 
 
 _REDIS_TLS_FILES = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")

@@ -49,6 +49,8 @@ BAD_VALUES = [
     ("REDIS_URL", "redis://cache:6379/first"),
     ("REDIS_URL", "redis://"),
     ("REDIS_URL", "redis://cache:6379/0?socket_timeout=soon"),
+    # redis-py passes it on as text, and the TLS context it builds at each connection cannot take it.
+    ("REDIS_URL", "rediss://cache:6379/0?ssl_min_version=TLSv1_2"),
     # libpq options asyncpg would send to the server as settings: the worker would wait for ever.
     ("DATABASE_URL", "postgresql://alerting@db/alerting?connect_timeout=10"),
     ("DATABASE_URL", "postgresql://alerting@db/alerting?sslmode=require&keepalives=1"),
