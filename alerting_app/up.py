@@ -181,10 +181,7 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
             token_generated = settings.admin_token is None
             if token_generated:  # the one printed; not written when one is set
                 env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
-            env.setdefault("ALLOW_PRIVATE_ENDPOINTS", "true")  # the local run's webhooks are local
-            # This machine only, unless asked: with private endpoints allowed, the API would let
-            # anyone who reaches it make the worker POST into this machine's network.
-            env.setdefault("WEB_BIND", "127.0.0.1")
+            local_run_defaults(env)
             _prepare(env, settings)
             with WorkerProcess(env, data_dir / "worker.log", holding=lock_file) as worker:
                 print(f"starting the worker (log: {worker.log_path})…", flush=True)
@@ -200,6 +197,21 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
         except OSError:  # the terminal it was printing to is gone (SIGHUP)
             pass
         return 0
+
+
+def local_run_defaults(env: dict[str, str]) -> None:
+    """What the local run sets where `env` leaves it unset, or set empty: the worker reads an empty
+    variable as unset (settings.py), so kept as it is, WEB_BIND= served the API on every address
+    (its default) while `up` printed 127.0.0.1, private endpoints allowed."""
+    local = {
+        "ALLOW_PRIVATE_ENDPOINTS": "true",  # the local run's webhooks are local
+        # This machine only, unless asked: with private endpoints allowed, the API would let
+        # anyone who reaches it make the worker POST into this machine's network.
+        "WEB_BIND": "127.0.0.1",
+    }
+    for name, value in local.items():
+        if not env.get(name, "").strip():
+            env[name] = value
 
 
 def _missing(settings: Settings) -> dict[str, bool]:

@@ -9,7 +9,7 @@ import os
 
 from alerting_app.embedded import EmbeddedServices
 from alerting_app.settings import Settings
-from alerting_app.up import _prepare
+from alerting_app.up import _prepare, local_run_defaults
 from pipe_lines import read_lines_until
 
 # The test's own bound on `up` printing "ready": beyond up's own (its services' start, then 300 s for the
@@ -160,3 +160,15 @@ def test_under_nohup_a_closed_terminal_leaves_up_running():
     finally:
         for stop, handler in saved.items():
             signal.signal(stop, handler)
+
+
+def test_the_local_run_binds_to_this_machine_also_when_web_bind_is_set_empty():
+    # The worker reads WEB_BIND= as unset, i.e. every address: the API (private endpoints allowed)
+    # was served to the whole network while `up` printed 127.0.0.1.
+    env = {"WEB_BIND": "", "ALLOW_PRIVATE_ENDPOINTS": " "}
+    local_run_defaults(env)
+    assert env == {"WEB_BIND": "127.0.0.1", "ALLOW_PRIVATE_ENDPOINTS": "true"}
+
+    chosen = {"WEB_BIND": "0.0.0.0", "ALLOW_PRIVATE_ENDPOINTS": "false"}
+    local_run_defaults(chosen)
+    assert chosen == {"WEB_BIND": "0.0.0.0", "ALLOW_PRIVATE_ENDPOINTS": "false"}
