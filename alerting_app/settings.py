@@ -297,7 +297,6 @@ def _not_the_smtps_port(value: int) -> int:
     return value
 
 
-OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
 def _sent_alike_by_every_client(value: str) -> str:
     # A header's other characters go as each client encodes them (Python's urllib and requests as
     # Latin-1, curl as the terminal's UTF-8), and the worker reads them as UTF-8: a token holding
@@ -308,6 +307,7 @@ def _sent_alike_by_every_client(value: str) -> str:
     return value
 
 
+OptionalFile = Annotated[Path | None, BeforeValidator(_unset_if_empty)]
 Token = Annotated[Annotated[str, Field(min_length=16), AfterValidator(_sent_alike_by_every_client)] | None,
                   BeforeValidator(_stripped_or_unset)]
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
