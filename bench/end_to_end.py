@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from stack import BenchStack, machine_summary, percentile, rss_mib, wait_until_worker_holds
+from stack import BenchStack, machine_summary, rss_mib, wait_until_worker_holds
+from figures import percentile
 
 
 def produce(bootstrap: str, count: int, rate: float, prefix: str) -> None:

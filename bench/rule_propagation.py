@@ -18,7 +18,8 @@ import time
 import aiohttp
 import asyncpg
 
-from stack import ADMIN_TOKEN, BenchStack, machine_summary, percentile, wait_until_worker_holds
+from stack import ADMIN_TOKEN, BenchStack, machine_summary, wait_until_worker_holds
+from figures import percentile
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
