@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stack import BenchStack, machine_summary, rss_mib, wait_until_worker_holds
-from figures import percentile
+from figures import TooFewToMeasure, percentile, steady_rate
 
 
 def produce(bootstrap: str, count: int, rate: float, prefix: str) -> None:
@@ -185,10 +185,13 @@ def report(label: str, arrivals: Arrivals, expected: int, fan_out: float) -> Non
         print(f"{label}: only {got} of {expected} notifications arrived")
         return
     # Steady state: between the 10% and 90% arrivals (start-up and the tail are not the rate).
-    low, high = got // 10, got * 9 // 10
-    rate = (high - low) / fan_out / (arrivals.times[high] - arrivals.times[low])
+    arrived = list(zip(arrivals.times, range(1, got + 1)))  # (time, notifications so far)
+    try:
+        achieved = f"{steady_rate(arrived, got // 10, got * 9 // 10) / fan_out:,.0f} alerts/s achieved"
+    except TooFewToMeasure as exc:
+        achieved = f"rate not measured ({exc})"
     lat = arrivals.latencies
-    print(f"{label}: {rate:,.0f} alerts/s achieved ({got:,} of {expected:,} notifications), latency "
+    print(f"{label}: {achieved} ({got:,} of {expected:,} notifications), latency "
           f"p50 {percentile(lat, 0.5) * 1000:,.0f} ms, p99 {percentile(lat, 0.99) * 1000:,.0f} ms, "
           f"max {max(lat) * 1000:,.0f} ms")
     part = arrivals.until_aggregate

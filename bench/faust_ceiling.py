@@ -26,6 +26,7 @@ import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stack import BenchStack, machine_summary  # first: it keeps alerting_app's DATA_DIR out of the tree
+from figures import TooFewToMeasure, steady_window  # noqa: E402
 from alerting_app.embedded import ChildProcess  # noqa: E402
 from alerting_app.up import WorkerProcess  # noqa: E402
 
@@ -68,8 +69,7 @@ async def watch_worker(bootstrap: str, group: str, messages: int, pid: int, *, t
             samples.append((time.monotonic(), done, cpu.user + cpu.system))
     finally:
         await consumer.stop()
-    low = next(s for s in samples if s[1] >= messages // 10)
-    high = next(s for s in samples if s[1] >= messages * 9 // 10)
+    low, high = steady_window(samples, messages // 10, messages * 9 // 10)
     counted = high[1] - low[1]
     return counted / (high[0] - low[0]), (high[2] - low[2]) / counted * 1e6
 
@@ -121,11 +121,18 @@ def main() -> None:
             for label, env in variants.items():
                 runs += 1
                 load = os.getloadavg()[0]
-                rate, cpu_us = noop_worker_run(stack, f"noop-{runs}", args.messages, **env)
+                run = f"round {round_number}, Faust agent doing nothing (take_events(500)), {label}"
+                try:
+                    rate, cpu_us = noop_worker_run(stack, f"noop-{runs}", args.messages, **env)
+                except TooFewToMeasure as exc:
+                    print(f"{run}: not measured: {exc} (--messages)")
+                    continue
                 results[label].append((rate, cpu_us))
-                print(f"round {round_number}, Faust agent doing nothing (take_events(500)), {label}: "
-                      f"{rate:,.0f} messages/s, {cpu_us:.1f} us worker CPU per message (load average {load:.2f})")
+                print(f"{run}: {rate:,.0f} messages/s, {cpu_us:.1f} us worker CPU per message "
+                      f"(load average {load:.2f})")
         for label, figures in results.items():
+            if not figures:
+                continue
             rates, cpus = [rate for rate, _ in figures], [cpu for _, cpu in figures]
             print(f"Faust agent doing nothing, {label}: {min(rates):,.0f}-{max(rates):,.0f} messages/s, "
                   f"{min(cpus):.1f}-{max(cpus):.1f} us CPU per message ({len(figures)} runs)")

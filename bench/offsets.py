@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from figures import steady_rate
+
 
 async def end_offsets(bootstrap: str, topic: str) -> int:
     """The sum of the topic's end offsets: how many messages it has ever held."""
@@ -29,13 +31,10 @@ class CommitProgress:
     def rate_between(self, low: int, high: int) -> float:
         """Messages per second between the first samples at or past `low` and at or past `high`.
 
-        Faust commits every ~2.8 s, so the committed offset moves in steps: measure across many steps.
+        Faust commits every ~2.8 s, so the committed offset moves in steps: measure across many steps
+        (TooFewToMeasure when there is only one).
         """
-        t_low = next(t for t, done in self.samples if done >= low)
-        n_low = next(done for t, done in self.samples if done >= low)
-        t_high = next(t for t, done in self.samples if done >= high)
-        n_high = next(done for t, done in self.samples if done >= high)
-        return (n_high - n_low) / (t_high - t_low)
+        return steady_rate(self.samples, low, high)
 
     def seconds_until(self, count: int) -> float:
         return next(t for t, done in self.samples if done >= count)
