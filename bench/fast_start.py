@@ -29,8 +29,9 @@ def log_time(worker, text: str) -> float | None:
 
 
 def timed_start(stack: BenchStack, name: str, rules: int) -> dict[str, float]:
-    # At info: the phases below are read from the worker's info lines, whatever LOG_LEVEL says.
-    worker = stack.start_worker(name, roles="evaluate", wait=False, log_level="info")
+    # At info, as text: the phases below are read from the worker's info lines and their "[date time,ms]"
+    # prefix, whatever LOG_LEVEL and LOG_FORMAT say.
+    worker = stack.start_worker(name, roles="evaluate", wait=False, log_level="info", log_format="text")
     while REPLICA_CAUGHT_UP_LINE not in worker.log():
         if not worker.child.running():
             raise RuntimeError(f"worker exited:\n{worker.child.log_tail()}")
