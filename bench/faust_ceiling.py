@@ -1,6 +1,6 @@
 """What reading a topic costs before any work: a Faust agent that does nothing vs a bare aiokafka consumer.
 
-    .venv/bin/python bench/faust_ceiling.py [--messages 200000] [--rounds 3] [--compare-monitor]
+    .venv/bin/python bench/faust_ceiling.py [--messages 200000] [--rounds 1] [--compare-monitor]
 
 Both read the same preloaded alerts.new messages with a consumer group of their own; the Faust
 figure is how fast the group's committed offset advances (10% to 90%), and the worker process's
