@@ -19,6 +19,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -43,6 +44,16 @@ from alerting_app.up import WorkerProcess
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 REPLICA_CAUGHT_UP_LINE = "rule replica caught up"
 _EXPORTED = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "STORE_URL", "APP_ID")
+# A stop (SIGTERM: `kill`, a CI timeout) and a closed terminal (SIGHUP) end a run as Ctrl-C does, so
+# that leaving `with BenchStack` stops the workers and services and removes the folder: their default
+# ended the process at once, the services following it, and left the folder (a PostgreSQL cluster).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    for stop in _STOP_SIGNALS:  # a second one must not cut the clean-up short
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def machine_summary() -> str:
@@ -66,8 +77,12 @@ class BenchStack:
         self._server_url: str | None = None
         self._database: str | None = None
         self._saved_env: dict[str, str | None] = {}
+        self._saved_handlers: dict = {}
 
     def __enter__(self) -> "BenchStack":
+        # Not over an ignore: under `nohup`, a closed terminal must leave the run going.
+        self._saved_handlers = {stop: signal.signal(stop, _interrupt) for stop in _STOP_SIGNALS
+                                if signal.getsignal(stop) is not signal.SIG_IGN}
         try:
             self.start()
         except BaseException:
@@ -125,6 +140,9 @@ class BenchStack:
                 print(f"kept (BENCH_KEEP): workers' logs and data under {self.folder}")
             else:
                 shutil.rmtree(self.folder, ignore_errors=True)
+            for stop, handler in self._saved_handlers.items():
+                signal.signal(stop, handler)
+            self._saved_handlers = {}
 
     # --- workers -------------------------------------------------------------------------------
 
