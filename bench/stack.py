@@ -223,6 +223,23 @@ def worker_rules(worker, timeout: float = 60.0) -> dict | None:
         return None
 
 
+def wait_until_started(worker, timeout: float = 300.0, poll_s: float = 0.02) -> None:
+    """Until the worker's /startedz answers 200, asked every `poll_s`: where a clock starts at the
+    worker's readiness (start_worker's wait asks every 0.2 s; a relay has sent rows by then)."""
+    started = time.monotonic()
+    while True:
+        if not worker.child.running():
+            raise RuntimeError(f"worker exited; log {worker.log_path}:\n{worker.child.log_tail()}")
+        try:
+            urllib.request.urlopen(worker.url + "/startedz", timeout=2).close()
+            return
+        except OSError:  # not listening yet, or 503 (HTTPError)
+            pass
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"worker not started after {timeout:.0f}s; log {worker.log_path}")
+        time.sleep(poll_s)
+
+
 def wait_until_worker_holds(worker, enabled_rules: int, timeout: float = 1800.0, poll_s: float = 0.5) -> float:
     """Seconds until the worker's replica holds `enabled_rules` enabled rules."""
     started = time.monotonic()
