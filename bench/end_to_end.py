@@ -182,7 +182,7 @@ def run_phase(stack: BenchStack, rate: float, count: int, expected: int, stages:
 def report(label: str, arrivals: Arrivals, expected: int, fan_out: float) -> None:
     got = len(arrivals.times)
     if got < 10:
-        print(f"{label}: only {got} of {expected} notifications arrived")
+        print(f"{label}: {got} of {expected} notifications arrived, too few for figures")
         return
     # Steady state: between the 10% and 90% arrivals (start-up and the tail are not the rate).
     arrived = list(zip(arrivals.times, range(1, got + 1)))  # (time, notifications so far)
