@@ -212,7 +212,9 @@ def measure(stack: BenchStack, workers: list, port: int, receiver_pid: int, aler
         if pending == 0 and notifications and received >= sent == deliveries:
             break
         if time.monotonic() - last_progress > 120:
-            raise SystemExit(f"stalled: {received} received, {sent}/{deliveries} sent, {pending} pending")
+            # A small seed can match none of the alerts: nothing to deliver, rather than a stall.
+            hint = "; no notification at all: do the rules match none of the alerts?" if not notifications else ""
+            raise SystemExit(f"stalled: {received} received, {sent}/{deliveries} sent, {pending} pending{hint}")
     cpu_after, machine_after = cpu_seconds(processes), psutil.cpu_times()
     machine_busy = sum(machine_after) - sum(machine_before) - (machine_after.idle - machine_before.idle)
 
