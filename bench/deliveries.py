@@ -225,7 +225,7 @@ def measure(stack: BenchStack, workers: list, port: int, receiver_pid: int, aler
     print(f"notifications {notifications}, deliveries {deliveries} (SENT {sent}), POSTs received {len(times)}")
     print(f"POSTs per alert: {len(times) / alerts:.2f}; per notification: {len(times) / notifications:.2f}")
     print(f"delivered webhook notifications/s: {steady:,.0f} steady (10th-90th percentile of arrivals), "
-          f"{len(times) / span:,.0f} over the whole run ({span:.1f}s)")
+          + (f"{len(times) / span:,.0f} over the whole run ({span:.1f}s)" if span > 0 else "one instant in all"))
     print(f"CPU seconds during the run: {machine_busy:.1f} busy on the machine (all processes), of which:")
     print(f"  (worker: {len(workers)} process(es) together; per delivery "
           f"{1000 * (cpu_after['worker'] - cpu_before['worker']) / max(1, len(times)):.2f} ms)")
@@ -242,6 +242,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="worker processes in each measurement, one consumer group (default 1)")
     args = parser.parse_args()
+    if min(args.clients, args.rules_per_client, args.alerts, args.clients_per_alert, args.workers) < 1:
+        parser.error("every number must be at least 1")
+    if args.clients_per_alert > args.clients:
+        parser.error(f"--clients-per-alert ({args.clients_per_alert}) exceeds --clients ({args.clients})")
 
     print(f"machine: {machine_summary()}")
     port = free_port()

@@ -70,6 +70,10 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=20)
     args = parser.parse_args()
     rules = args.clients * args.rules_per_client
+    if min(args.clients, args.rules_per_client, args.changes) < 1:
+        parser.error("every number must be at least 1")
+    if args.changes > rules:
+        parser.error(f"--changes ({args.changes}) exceeds the {rules} rules seeded")
     print(f"machine: {machine_summary()}")
     with BenchStack("rule-propagation") as stack:
         stack.seed(args.clients, args.rules_per_client)
