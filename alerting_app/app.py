@@ -11,7 +11,7 @@ import faust
 
 from alerting_app.broker_transport import Transport
 from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
-from alerting_app.http_errors import json_http_errors
+from alerting_app.http_errors import database_unavailable, json_http_errors
 from alerting_app.kafka_connection import faust_credentials, kafka_connection
 from alerting_app.settings import BROKER_REQUEST_TIMEOUT_S, load_settings
 
@@ -43,7 +43,7 @@ app = faust.App(
     # (the tenants' open groups): our web server serves only our views.
     web_router_enabled=False,
     web_tables_enabled=False,
-    web_application_options={"middlewares": [json_http_errors]},
+    web_application_options={"middlewares": [json_http_errors, database_unavailable]},
     producer_acks=-1,
     **FAUST_TUNING,  # less of Faust's own per-message cost: see the module
 )

@@ -1,6 +1,7 @@
 """aiohttp middleware: the web server's own error answers (no such route, a method a route does not
 take) as JSON like every other API error (web/errors.py), not aiohttp's plain text: a client
-parsing `{"error": ...}` gets one shape whatever went wrong."""
+parsing `{"error": ...}` gets one shape whatever went wrong. Postgres away under a running worker
+answers 503 `database_unavailable`, which a client retries, not a plain-text 500."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
@@ -8,6 +9,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 _KEPT_HEADERS = ("Allow",)  # a 405 says which methods the route takes
+
+# What a 503 asks a client to wait before trying again: Postgres restarting or failing over
+# takes seconds to minutes.
+DATABASE_RETRY_AFTER_S = 5
 
 
 @web.middleware
@@ -21,3 +26,24 @@ async def json_http_errors(request: web.Request,
         code = exc.reason.lower().replace(" ", "_")  # "Not Found" -> "not_found", as web/errors.py names them
         headers = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
         return web.json_response({"error": code}, status=exc.status, headers=headers)
+
+
+@web.middleware
+async def database_unavailable(request: web.Request,
+                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """503 for a request that failed because Postgres is away (refused, restarting, the connection
+    lost), so that a client tries again later; without it aiohttp answered a plain-text 500.
+
+    The API's other I/O maps its own errors before they get here (the broker's: web/alerts.py; a
+    webhook host's DNS: channels/addresses.py), so what `db.is_transient` recognises is Postgres.
+    """
+    try:
+        return await handler(request)
+    except Exception as exc:
+        # Imported here: alerting_app.db reads the settings from alerting_app.app, which imports this module.
+        from alerting_app.db import is_transient
+
+        if not is_transient(exc):
+            raise
+        return web.json_response({"error": "database_unavailable", "message": f"{type(exc).__name__}: {exc}"},
+                                 status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
