@@ -451,3 +451,57 @@ async def test_an_endpoint_without_room_does_not_use_up_its_clients_room(clean_d
 
     leased = [job.endpoint_id for job in jobs]
     assert (leased.count(nearly_full), leased.count(other)) == (1, 5)
+
+
+async def test_outcomes_recorded_while_a_dead_letter_waits_for_the_broker_are_written_too(clean_db, conn,
+                                                                                          monkeypatch):
+    """A dead letter whose broker does not answer (down: the producer waits up to its request
+    timeout, 20 minutes) must not hold back what deliveries record after it: their SENT would stay
+    out of Postgres for the whole outage (the API showing them PENDING), and a worker stopped
+    meanwhile hands their rows back unrecorded. Sending is made to hang, as in the test above."""
+    from alerting_app.contracts import DeadLetter
+    from alerting_app.delivery import recorder as recorder_module
+    from alerting_app.delivery.recorder import Recorder
+
+    failed_key, later_key = await one_due_delivery(conn), await one_due_delivery(conn)
+    for key in (failed_key, later_key):
+        await conn.execute("UPDATE deliveries SET leased_by = 'test-recorder', lease_until = now() + interval '1 minute'"
+                           " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    broker_up, sends = asyncio.Event(), []
+
+    async def send_dead_letters(letters):
+        sends.append(list(letters))
+        await broker_up.wait()
+    monkeypatch.setattr(recorder_module, "send_dead_letters", send_dead_letters)
+    monkeypatch.setattr(recorder_module, "_RETRY_WRITE_S", 0.05)
+
+    async def status(key: tuple[str, str]) -> str:
+        return await conn.fetchval("SELECT status FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2",
+                                   *key)
+
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+
+    async def own_pool() -> asyncpg.Pool:
+        return pool
+    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
+    try:
+        recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook",
+                        DeadLetter(topic="notifications.ready", reason="400 Bad Request", payload="{}"))
+        async with asyncio.timeout(30):
+            while not sends:
+                await asyncio.sleep(0.01)
+        recorder.record(DeliveryChange(*later_key, "SENT", 1), "webhook")
+        async with asyncio.timeout(30):
+            while await status(later_key) != "SENT":
+                await asyncio.sleep(0.02)
+        assert await status(failed_key) == "PENDING"
+        assert recorder.pending_keys() == [failed_key]
+
+        broker_up.set()
+        async with asyncio.timeout(30):
+            await recorder.written()
+        assert await status(failed_key) == "FAILED"
+        assert len(sends) == 1  # the letter was sent once, not again while it waited
+    finally:
+        await recorder.close()
+        await pool.close()

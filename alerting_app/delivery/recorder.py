@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 SENT, FAILED, PENDING = "SENT", "FAILED", "PENDING"
 _RETRY_WRITE_S = 1.0
+# How long a batch waits for its dead letters' acknowledgement before the loop goes on (writing
+# what was recorded since) and looks again: a broker answers in milliseconds, or not for as long
+# as it is down (the producer waits up to its request timeout, 20 minutes).
+_LETTERS_WAIT_S = 1.0
 
 
 def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
@@ -46,6 +50,9 @@ class Recorder:
         # only once the letter is acknowledged (a crash in between sends it again, never loses it).
         self._letters: dict[tuple[str, str], DeadLetter] = {}
         self._in_hand: dict[tuple[str, str], DeliveryChange] = {}  # the batch being written
+        # The dead letters on their way to the broker (their deliveries, and the send), kept across
+        # batches: sent once, and waited for a moment per batch, not for as long as the broker is down.
+        self._sending: tuple[list[tuple[str, str]], asyncio.Future] | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -84,6 +91,11 @@ class Recorder:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._sending is not None:
+            _, sending = self._sending
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            self._sending = None
 
     async def _run(self) -> None:
         while True:
@@ -129,17 +141,39 @@ class Recorder:
         self._in_hand = failed  # the others are written
         if not letters:
             return {}, {}
+        acknowledged = await self._letters_acknowledged(letters)
+        unsent = {key: letter for key, letter in letters.items() if key not in acknowledged}
+        waiting = {key: change for key, change in failed.items() if key not in acknowledged}
+        done = [change for key, change in failed.items() if key in acknowledged]
         try:
-            await send_dead_letters(list(letters.values()))
+            if done:
+                await self._write(done)
         except Exception:
-            log.exception("sending %d dead letters failed; their FAILED outcomes wait for them", len(letters))
-            return failed, letters
-        try:
-            await self._write(list(failed.values()))
-        except Exception:
-            log.exception("recording %d delivery outcomes failed; retrying", len(failed))
-            return failed, {}  # the letters are sent: not again
-        return {}, {}
+            log.exception("recording %d delivery outcomes failed; retrying", len(done))
+            return failed, unsent  # the acknowledged letters are sent: not again
+        return waiting, unsent
+
+    async def _letters_acknowledged(self, letters: dict[tuple[str, str], DeadLetter]) -> set[tuple[str, str]]:
+        """The deliveries whose dead letters the broker has acknowledged: none while their send is
+        still on its way after _LETTERS_WAIT_S (the caller writes the other outcomes meanwhile, and
+        asks again), or failed (sent again next time).
+
+        A send in flight is not started again: waiting on it again does not queue the letters twice.
+        Letters recorded since it started go with the next one.
+        """
+        if self._sending is None:
+            keys = list(letters)
+            self._sending = keys, asyncio.ensure_future(send_dead_letters([letters[key] for key in keys]))
+        keys, sending = self._sending
+        done, _ = await asyncio.wait({sending}, timeout=_LETTERS_WAIT_S)
+        if not done:
+            return set()
+        self._sending = None
+        if sending.exception() is not None:
+            log.error("sending %d dead letters failed; their FAILED outcomes wait for them", len(keys),
+                      exc_info=sending.exception())
+            return set()
+        return set(keys)
 
     async def _write(self, changes: list[DeliveryChange]) -> None:
         pool = await self._get_pool()
