@@ -8,6 +8,12 @@ its own answer, so the code making the call reads as if it had Redis to itself.
 
 Errors stay per command: a command that fails gets its own exception; a lost connection fails every
 command of that pipeline. Commands are not a transaction (MULTI): each is atomic on its own.
+
+A write refused READONLY came over a connection to a server that is a replica now: a failover moved
+the Redis address to the promoted replica and demoted the old primary, which keeps its clients'
+connections open. The pool's idle connections are then dropped, so that the next commands connect
+to the address anew, reaching the new primary; kept, they reached the old one until the worker
+restarted, and no delivery went out.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 # A pipeline much longer than this waits for its last answer while callers could already go on.
 MAX_PIPELINE = 500
@@ -67,6 +73,9 @@ class PipelinedRedis:
             for _, answer in batch:
                 answer.cancel()
             raise
+        if any(refused_by_a_replica(value) for value in answers):
+            # Before the callers hear of it: their retries must not take a connection to the replica.
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
         for (_, answer), value in zip(batch, answers, strict=True):
             if answer.done():  # its caller was cancelled meanwhile
                 continue
@@ -74,3 +83,9 @@ class PipelinedRedis:
                 answer.set_exception(value)
             else:
                 answer.set_result(value)
+
+
+def refused_by_a_replica(answer: Any) -> bool:
+    """A write refused by a read-only replica: ReadOnlyError for a command, a ResponseError quoting
+    READONLY for a script's write (a rate limit's token)."""
+    return isinstance(answer, ReadOnlyError) or (isinstance(answer, ResponseError) and "READONLY" in str(answer))

@@ -66,6 +66,11 @@ class BrokerProxy:
         """Close every connection and refuse new ones: the broker is down."""
         self._run(self._cut())
 
+    def send_new_connections_to(self, port: int) -> None:
+        """New connections go to `port`, those open stay where they are: what a failover that moves
+        a DNS name to another server does to its clients."""
+        self._target_port = port
+
     @contextlib.contextmanager
     def down(self) -> Iterator[None]:
         """The broker is down inside the block, and back after it, even when the block fails

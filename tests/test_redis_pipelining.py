@@ -89,3 +89,45 @@ async def test_a_redis_that_stops_answering_fails_its_callers_instead_of_holding
         finally:
             os.kill(server.pid, signal.SIGCONT)
             await client.aclose()
+
+
+async def test_after_a_failover_that_demotes_the_old_primary_commands_reach_the_new_one(tmp_path):
+    """A failover (ElastiCache's, Sentinel's) moves the Redis address to the promoted replica and
+    turns the old primary into a read-only replica, which keeps its clients' connections open. The
+    pool's connections then reached the old primary for ever: every token, claim and sent mark was
+    refused READONLY, every delivery stayed PENDING, and /readyz (a fresh connection) said ready.
+    A write refused READONLY drops the pool's connections, so the next commands connect anew."""
+    from redis import Redis as SyncRedis
+
+    from alerting_app import redis_client
+    from alerting_app.embedded import EmbeddedServices
+    from test_e2e_outbox_broker_down import BrokerProxy
+
+    def port_of(url: str) -> int:
+        return int(url.rsplit(":", 1)[1].split("/")[0])
+
+    with EmbeddedServices(tmp_path / "a") as first, EmbeddedServices(tmp_path / "b") as second:
+        servers = [port_of(services.start(kafka=False, postgres=False)["REDIS_URL"]) for services in (first, second)]
+        proxy = BrokerProxy(servers[0]).start()  # the address clients know, as a DNS name
+        client = redis_client.client_for(f"redis://{proxy.address}/0")
+        pipelined = PipelinedRedis(client)
+        # A write in a script (as a rate limit's token is taken), and a plain one (a claim, a mark).
+        script = client.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
+        writes = [lambda: pipelined.script(script, ["test:failover"], ["1"]),
+                  lambda: pipelined.call(lambda pipe: pipe.set("test:failover", 2))]
+        try:
+            assert await writes[1]()
+            for now, write in ((1, writes[0]), (0, writes[1])):  # fail over, then back
+                proxy.send_new_connections_to(servers[now])
+                with SyncRedis(port=servers[now]) as promoted, SyncRedis(port=servers[1 - now]) as demoted:
+                    promoted.execute_command("REPLICAOF", "NO", "ONE")
+                    demoted.execute_command("REPLICAOF", "127.0.0.1", str(servers[now]))
+                # The first write may still go to the demoted server over a connection it keeps.
+                with pytest.raises(ResponseError, match="read only replica"):
+                    await write()
+                assert await write()  # reaches the promoted server
+                with SyncRedis(port=servers[now]) as promoted:
+                    assert promoted.get("test:failover") is not None
+        finally:
+            await client.aclose()
+            proxy.stop()
