@@ -104,6 +104,19 @@ class Consumer(faust_aiokafka.Consumer):
         # As `docker stop` would: the worker stops gracefully (deliveries in hand are handed back).
         os.kill(os.getpid(), signal.SIGTERM)
 
+    async def wait_empty(self) -> None:
+        """Faust's wait, before a stop or a rebalance commits, until every message in process is
+        acknowledged; none after an agent crashed, when nothing is committed any more.
+
+        An agent whose sink raised (a send the broker refused or timed out, a write Postgres
+        refused) stays suspended at its `yield`, holding its batch, which is never acknowledged:
+        the wait never ended, so the worker never finished stopping, its partitions were processed
+        by nobody, and its probes still answered 200 (nothing restarted it).
+        """
+        if self.crashed_agent is not None:
+            return
+        await super().wait_empty()
+
     # Offsets the broker refused to commit, by partition, to be committed at the next commit.
     @cached_property
     def _refused_commits(self) -> dict[TP, int]:

@@ -1,0 +1,74 @@
+"""A worker whose agent crashed in its sink (the sends or the writes after a batch) stops, as
+broker_transport.Consumer.on_task_error means it to, so that whoever runs it restarts it.
+
+A sink fails when the broker refuses or times out a send (after a broker outage longer than the
+producer's request timeout, 20 minutes), refuses a dead letter, or Postgres refuses the emitted
+mark. The worker then began to stop and never finished: Faust's stop waited for every message in
+process to be acknowledged, and the crashed agent's batch never is (its generator stays suspended
+at its `yield`, holding the batch). It answered /readyz and /startedz 200 the whole time, so no
+health check replaced it, and its partitions were processed by nobody.
+
+Here Postgres refuses the emitted mark: the worker's Postgres is a private embedded one whose
+`notifications.emitted` column is renamed under it (the session's database is never touched).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+
+import pytest
+
+from alerting_app.embedded import EmbeddedServices, free_port
+from alerting_app.migrate import apply_migrations
+from alerting_app.up import WorkerProcess
+from delivery_platform import produce_alerts
+from operations_support import wait_until
+from test_e2e_api_postgres_down import call
+
+pytestmark = pytest.mark.e2e
+
+
+async def rename_emitted_column(database_url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE notifications RENAME COLUMN emitted TO emitted_elsewhere")
+    finally:
+        await conn.close()
+
+
+def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, service_folder, tmp_path):
+    postgres = EmbeddedServices(service_folder)
+    worker = None
+    try:
+        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
+        asyncio.run(apply_migrations(database_url))
+        env = {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
+               "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"sink-crash-{secrets.token_hex(4)}"}
+        worker = WorkerProcess(env, tmp_path / "worker.log")
+        worker.wait_until_ready()
+        status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
+        assert status == 201, body
+        key = json.loads(body)["api_key"]
+        status, _, body = call("POST", worker.url + "/api/v1/rules", key,
+                               {"severity": "HIGH", "source": "payments", "name": "*"})
+        assert status == 201, body
+        rule_id = json.loads(body)["rule_id"]
+        wait_until(lambda: rule_id in call("GET", worker.url + "/api/v1/worker/rules", services.admin_token)[2].decode(),
+                   "holding the rule")
+
+        asyncio.run(rename_emitted_column(database_url))
+        asyncio.run(produce_alerts(services.kafka_bootstrap_servers, [f"sink-crash-{secrets.token_hex(4)}"]))
+
+        wait_until(lambda: "an agent crashed (UndefinedColumnError" in worker.log(), "crashing in its sink")
+        crashed_at = time.monotonic()
+        wait_until(lambda: not worker.child.running(), "stopping after the crash")
+        assert time.monotonic() - crashed_at < 60  # well within a stop timeout (ECS's default is 30 s)
+    finally:
+        if worker is not None:
+            worker.stop()
+        postgres.stop()
