@@ -4,9 +4,12 @@ parsing `{"error": ...}` gets one shape whatever went wrong. Postgres away under
 answers 503 `database_unavailable`, which a client retries, not a plain-text 500."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 _KEPT_HEADERS = ("Allow",)  # a 405 says which methods the route takes
 
@@ -45,5 +48,10 @@ async def database_unavailable(request: web.Request,
 
         if not is_transient(exc):
             raise
-        return web.json_response({"error": "database_unavailable", "message": f"{type(exc).__name__}: {exc}"},
+        # The caller may be any tenant: asyncpg's message names our database's host and port, so it
+        # goes to the worker's log, and the answer says only what kind of trouble it was.
+        log.warning("%s %s: the database is unavailable: %s: %s", request.method, request.path,
+                    type(exc).__name__, exc)
+        return web.json_response({"error": "database_unavailable",
+                                  "message": f"the database is unavailable ({type(exc).__name__}); try again later"},
                                  status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
