@@ -222,7 +222,7 @@ class SilenceChanged(Contract):
 
     Like RuleChanged: each event stands on its own, an older version than the one held is ignored.
     Expiring a silence is an upsert (its ends_at moves to the expiry time); a delete is sent only
-    when the silence itself is gone (its client was deleted).
+    when the silence itself is gone (its client was deleted, or retention deleted it once ended).
     """
 
     silence_id: str
@@ -287,7 +287,8 @@ class DeadLetter(Contract):
     reason: str
     payload: str = Field(description="the original value, decoded as UTF-8 with replacement")
     failed_at: StrictFloat = Field(default_factory=time.time)
-    # The record was already on its topic when this worker began reading it: rule.changed and
-    # silence.changed are read again by every worker at every start, so the same letter may have
-    # been sent before, by this worker or another. Counted apart, so a start is no new alarm.
+    # The record was already on its topic when this worker began reading it: silence.changed is
+    # read again by every worker at every start (rule.changed by a worker without a rule store), so
+    # the same letter may have been sent before, by this worker or another. Counted apart, so a
+    # start is no new alarm.
     from_history: StrictBool = False
