@@ -38,9 +38,10 @@ groups_closed_early = Counter("alerting_groups_closed_early_total",
 notifications_pruned = Counter("alerting_notifications_pruned_total",
                                "Settled notifications deleted, with their deliveries, past NOTIFICATION_RETENTION_DAYS")
 
-# Faust restarts a crashed agent but never acknowledges the batch it held (broker_transport.Consumer.on_task_error).
+# Faust would restart a crashed agent and acknowledge the batch nobody processed, so the worker then
+# commits nothing more and stops (broker_transport.Consumer.on_task_error).
 agent_crashes = Counter("alerting_agent_crashes_total",
-                        "Agents that raised: the partitions of the batch they held commit no further until a restart")
+                        "Agents that raised: after the first, this worker commits no offset and stops")
 
 # Observed by the agents: one evaluate or aggregate batch (stream.take_events), one delivery.
 STAGES = ("evaluate_batch", "aggregate_batch", "deliver")
