@@ -26,6 +26,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # 57P02, which a server may send to every session when another of its processes crashed (an
+    # out-of-memory kill, say) and it restarts; one that just closes them raises a PostgresConnectionError.
+    asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
     OSError,
 )

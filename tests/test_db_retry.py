@@ -168,3 +168,19 @@ async def test_any_other_internal_client_error_is_a_bug_and_propagates(own_pool)
     with pytest.raises(asyncpg.InternalClientError):
         await db.retry_transient(batch, "a test batch", get_pool=own_pool, initial_wait_s=0.01)
     assert len(calls) == 1
+
+
+async def test_a_session_ended_by_another_backends_crash_is_transient(own_pool):
+    # 57P02: what a server may send to every session while it restarts after one of its processes
+    # crashed (an out-of-memory kill, say); the same batch works once it is back.
+    crashed = asyncpg.CrashShutdownError("terminating connection because of crash of another server process")
+    calls = []
+
+    async def batch(pool) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise crashed
+        return await pool.fetchval("SELECT 1")
+
+    assert await db.retry_transient(batch, "a test batch", get_pool=own_pool, initial_wait_s=0.01) == 1
+    assert len(calls) == 2
