@@ -20,10 +20,13 @@ from agents.match_outcomes import closed_here, groups_lock, known_clients, lock_
 from alerting_app import db
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import NotificationReady
+from alerting_app.failure_streak import FailureStreak
 from alerting_app.sending import partition_for
 from tables import groups
 
 log = logging.getLogger(__name__)
+
+_closing_failures = FailureStreak(log, "closing groups")
 
 
 def table_is_current() -> bool:
@@ -145,8 +148,9 @@ async def close_groups() -> None:
     try:
         async with groups_lock:
             await close_due_groups(await db.pool(), time.time(), owned_partitions(), writable_partitions)
+        _closing_failures.succeeded()
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("closing groups failed; trying again")
+        _closing_failures.failed("closing groups failed; trying again")
 

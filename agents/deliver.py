@@ -26,6 +26,7 @@ from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decod
 from alerting_app.delivery import records
 from alerting_app.delivery.dispatcher import Dispatcher, close_dispatcher, dispatcher
 from alerting_app.delivery.jobs import DeliveryJob
+from alerting_app.failure_streak import FailureStreak
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class DeliverySweep(Service):
     @Service.task
     async def _sweep_and_renew(self) -> None:
         renewed_at = time.monotonic()
+        failures = FailureStreak(log, "delivery sweep")
         while not self.should_stop:
             try:
                 pool, delivery = await db.pool(), dispatcher()
@@ -134,10 +136,11 @@ class DeliverySweep(Service):
                     await records.renew_leases(pool, delivery.owner, settings.delivery_lease_s, delivery.held_keys())
                     renewed_at = time.monotonic()
                 await sweep(pool, delivery)
+                failures.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("delivery sweep failed; trying again")
+                failures.failed("delivery sweep failed; trying again")
             await self.sleep(settings.delivery_sweep_interval_s)
 
     async def on_stop(self) -> None:

@@ -25,10 +25,12 @@ from agents.match_outcomes import prune_fingerprints
 from agents.rule_outbox import record_silence_deleted, wake_up
 from alerting_app import db, metrics
 from alerting_app.app import app, settings
+from alerting_app.failure_streak import FailureStreak
 
 log = logging.getLogger(__name__)
 
 RETENTION_INTERVAL_S = 600.0
+_failures: dict[str, FailureStreak] = {}  # by kind of record: each kind fails and recovers on its own
 PRUNE_BATCH_SIZE = 5_000
 
 # Only settled notifications go: a PENDING one still has deliveries to make, and one not yet
@@ -114,13 +116,15 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
 
 
 async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]) -> None:
+    failures = _failures.setdefault(what, FailureStreak(log, what))
     try:
         pruned = await db.retry_transient(prune, what)
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("%s failed; trying again in %.0fs", what, RETENTION_INTERVAL_S)
+        failures.failed("%s failed; trying again in %.0fs", what, RETENTION_INTERVAL_S)
         return
+    failures.succeeded()
     if pruned:
         log.info("%s: %d rows", what, pruned)
 

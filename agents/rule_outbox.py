@@ -25,15 +25,19 @@ from faust.types import TopicT
 from alerting_app import db
 from alerting_app.app import app, rule_changed, silence_changed
 from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
+from alerting_app.failure_streak import FailureStreak
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
 from alerting_app.sending import all_acknowledged, send_batched
 
 log = logging.getLogger(__name__)
 
 RELAY_INTERVAL_S = 0.5
+# While the relay keeps failing, its timer backs off up to this; a wake-up (an API write) still relays at once.
+RELAY_MAX_BACKOFF_S = 5.0
 BATCH_SIZE = 1000
 
 _wake_up = asyncio.Event()
+_relay_failures = FailureStreak(log, "outbox relay")
 
 
 @dataclass(frozen=True)
@@ -239,15 +243,17 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
 
 @app.task
 async def relay_rule_outbox() -> None:
-    """Relay every RELAY_INTERVAL_S, or at once when woken; one loop, so batches go out in order."""
+    """Relay every RELAY_INTERVAL_S (backing off while it fails), or at once when woken; one loop, so
+    batches go out in order."""
     while not app.should_stop:
         try:
             pool = await db.pool()
             while await relay_pending(pool) > 0:
                 pass  # until every outbox is empty
+            _relay_failures.succeeded()
         except Exception:
             # Broker or database unavailable: the rows stay in the outbox and the next tick retries.
-            log.exception("outbox relay failed; retrying")
+            _relay_failures.failed("outbox relay failed; retrying")
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_wake_up.wait(), RELAY_INTERVAL_S)
+            await asyncio.wait_for(_wake_up.wait(), _relay_failures.backoff_s(RELAY_INTERVAL_S, RELAY_MAX_BACKOFF_S))
         _wake_up.clear()

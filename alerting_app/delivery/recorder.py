@@ -15,6 +15,7 @@ from alerting_app import db, metrics
 from alerting_app.contracts import DeadLetter
 from alerting_app.dead_letters import send_dead_letters
 from alerting_app.delivery.records import DeliveryChange, write_outcomes
+from alerting_app.failure_streak import FailureStreak
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Recorder:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
+        self._write_failures = FailureStreak(log, "recording delivery outcomes")
+        self._letter_failures = FailureStreak(log, "sending dead letters")
 
     def record(self, change: DeliveryChange, channel: str, dead_letter: DeadLetter | None = None) -> None:
         key = (change.notification_id, change.endpoint_id)
@@ -134,8 +137,9 @@ class Recorder:
         try:
             if ready:
                 await self._write(ready)
+                self._write_failures.succeeded()
         except Exception:
-            log.exception("recording %d delivery outcomes failed; retrying", len(changes))
+            self._write_failures.failed("recording %d delivery outcomes failed; retrying", len(changes))
             return changes, letters
         failed = {key: change for key, change in changes.items() if key in letters}
         self._in_hand = failed  # the others are written
@@ -148,8 +152,9 @@ class Recorder:
         try:
             if done:
                 await self._write(done)
+                self._write_failures.succeeded()
         except Exception:
-            log.exception("recording %d delivery outcomes failed; retrying", len(done))
+            self._write_failures.failed("recording %d delivery outcomes failed; retrying", len(done))
             return failed, unsent  # the acknowledged letters are sent: not again
         return waiting, unsent
 
@@ -169,10 +174,13 @@ class Recorder:
         if not done:
             return set()
         self._sending = None
-        if sending.exception() is not None:
-            log.error("sending %d dead letters failed; their FAILED outcomes wait for them", len(keys),
-                      exc_info=sending.exception())
+        try:
+            sending.result()
+        except Exception:
+            self._letter_failures.failed("sending %d dead letters failed; their FAILED outcomes wait for them",
+                                        len(keys))
             return set()
+        self._letter_failures.succeeded()
         return set(keys)
 
     async def _write(self, changes: list[DeliveryChange]) -> None:
