@@ -155,9 +155,9 @@ def _postgres_tls_files_load(query: dict[str, str]) -> None:
                 except (OSError, ssl.SSLError) as exc:
                     raise ValueError(f"{key}={query[key]!r} cannot be loaded: {exc}") from None
     if query.get("sslcert"):
-        # Without sslkey, asyncpg takes ~/.postgresql/postgresql.key if there is one, else the
-        # key must be in the certificate's file.
-        keyfile = query.get("sslkey") or _postgres_default_key()
+        # Without sslkey, asyncpg takes PGSSLKEY, else ~/.postgresql/postgresql.key if there is one,
+        # else the key must be in the certificate's file.
+        keyfile = query.get("sslkey") or os.environ.get("PGSSLKEY") or _postgres_default_key()
         password = query.get("sslpassword", "")
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(query["sslcert"], keyfile=keyfile,

@@ -217,6 +217,18 @@ def test_certificate_files_of_service_urls_that_load_are_accepted(monkeypatch, t
     load_settings()
 
 
+def test_a_postgres_client_certificate_whose_key_is_given_by_pgsslkey_is_accepted(monkeypatch, tmp_path):
+    # asyncpg takes the key of a URL's sslcert from PGSSLKEY when the URL gives no sslkey: the check
+    # loading the certificate without it refused a configuration that connects.
+    files = certificate_files(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.postgresql/postgresql.key to fall back on
+    monkeypatch.setenv("PGSSLKEY", files["key"])
+    database_url = f"postgresql://alerting@db.example.com/alerting?sslmode=require&sslcert={files['cert']}"
+    monkeypatch.setenv("DATABASE_URL", database_url)
+
+    assert load_settings().database_url == database_url
+
+
 @pytest.mark.parametrize("url", [
     "redis://cache:6379/0?ssl_ca_certs=/certs/ca.pem",  # TLS options on a plaintext connection
     "redis://cache:6379/0?sockettimeout=5",  # misspelt
