@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import secrets
-import time
 
 import pytest
 
@@ -65,9 +64,8 @@ def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, service_f
         asyncio.run(produce_alerts(services.kafka_bootstrap_servers, [f"sink-crash-{secrets.token_hex(4)}"]))
 
         wait_until(lambda: "an agent crashed (UndefinedColumnError" in worker.log(), "crashing in its sink")
-        crashed_at = time.monotonic()
+        # The bound only ends the test: before the fix the worker never stopped.
         wait_until(lambda: not worker.child.running(), "stopping after the crash")
-        assert time.monotonic() - crashed_at < 60  # well within a stop timeout (ECS's default is 30 s)
     finally:
         if worker is not None:
             worker.stop()
