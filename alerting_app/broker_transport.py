@@ -41,7 +41,7 @@ from faust.types import TP, Message
 from mode import Service, ServiceT
 
 from alerting_app import metrics
-from alerting_app.end_offsets import end_offsets
+from alerting_app.end_offsets import EndOffsetsUnknown, end_offsets
 from alerting_app.kafka_connection import Broker
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,12 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # if an upgrade of aiokafka or Faust stops that.
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
         return consumer
+
+
+# Tries of `end_offsets` (each waiting up to _END_OFFSETS_TIMEOUT_S for a fetch's answer) before table recovery
+# takes ListOffsets's answer alone.
+_END_OFFSETS_ATTEMPTS = 3
+_END_OFFSETS_TIMEOUT_S = 10.0
 
 
 class Consumer(faust_aiokafka.Consumer):
@@ -75,9 +81,21 @@ class Consumer(faust_aiokafka.Consumer):
         """
         if not partitions:
             return {}  # a worker assigned no partition of a table (more workers than partitions)
-        ends = await end_offsets(self.transport.broker,
-                                 [aiokafka.TopicPartition(tp.topic, tp.partition) for tp in partitions])
-        return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
+        tps = [aiokafka.TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        for attempt in range(1, _END_OFFSETS_ATTEMPTS + 1):
+            try:
+                ends = await end_offsets(self.transport.broker, tps, timeout_s=_END_OFFSETS_TIMEOUT_S)
+                return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
+            except EndOffsetsUnknown as exc:
+                # A loaded broker slow to answer a fetch. Faust's recovery stops the worker on any
+                # error here: after a few tries, ListOffsets alone (exact on Apache Kafka) instead.
+                log.warning("end offsets for table recovery, try %d of %d: %s", attempt, _END_OFFSETS_ATTEMPTS, exc)
+        return await self.listed_highwaters(*partitions)
+
+    async def listed_highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        """Faust's own end offsets: ListOffsets on the consumer's connection. Exact on Apache Kafka;
+        on the Tansu broker short of the end by the rest of a partition's last record batch."""
+        return await super().highwaters(*partitions)
 
     # Set at the first agent crash (see on_task_error): from then on this worker commits nothing.
     crashed_agent: str | None = None

@@ -21,6 +21,7 @@ from faust.agents.agent import Agent
 from faust.app.base import App as FaustApp
 from faust.streams import Stream
 from faust.tables.recovery import Recovery
+from faust.types import TP
 from faust.transport import conductor as faust_conductor
 from faust.transport import consumer as faust_consumer_module
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -28,6 +29,7 @@ from faust.transport.producer import ProducerBuffer
 from mode.utils.queues import FlowControlEvent
 
 from alerting_app.app import app, settings
+from alerting_app import broker_transport
 from alerting_app.broker_transport import Transport
 from alerting_app.settings import ConfigurationError, load_settings
 from kafka_probe import partition_of, produce, read_json, retire_rules_left_on_topic
@@ -54,6 +56,29 @@ async def test_the_worker_consumer_fetches_with_the_configured_wait(services):
         assert settings.broker_fetch_max_wait_ms != 1500, "Faust's own value would pass unnoticed"
     finally:
         await consumer.stop()
+
+
+async def test_table_recovery_takes_listoffsets_when_no_fetch_answers_in_time(services, monkeypatch):
+    """Faust's table recovery stops the worker on any error of `highwaters`: when `end_offsets`
+    cannot tell the true ends (no fetch answered in time; here it is given no time at all), the
+    ends come from ListOffsets instead, exact on Apache Kafka."""
+    monkeypatch.setattr(broker_transport, "_END_OFFSETS_TIMEOUT_S", 0.0)
+    transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms,
+                          broker=app.transport.broker)
+    faust_consumer = transport.create_consumer(callback=_nothing, on_partitions_revoked=_nothing,
+                                               on_partitions_assigned=_nothing)
+    thread = faust_consumer._thread
+    thread._consumer = thread._create_worker_consumer(transport)  # what the consumer thread's start makes
+    await thread._consumer.start()
+    try:
+        tps = [TP("alerts.new", partition) for partition in range(settings.topic_partitions)]
+        listed = await thread._highwaters(tps)
+        # The consumer thread is not started here: its calls run on this loop instead.
+        monkeypatch.setattr(thread, "call_thread", lambda method, *args: method(*args))
+
+        assert await faust_consumer.highwaters(*tps) == listed
+    finally:
+        await thread._consumer.stop()
 
 
 def test_fetch_wait_is_read_from_the_environment_and_validated(monkeypatch):

@@ -144,11 +144,14 @@ async def consumer_lag(consumer: ConsumerT, partitions: Iterable[TP]) -> dict[st
     The end offsets are asked of the broker at each scrape. The high-water mark the consumer learns
     from its fetches stands still when its stages are stuck (aiokafka fetches nothing more for a
     partition while what it fetched is unread), which would freeze the gauge as the backlog grows.
+    They are ListOffsets's answers on the consumer's own connection, not `end_offsets`' (a new
+    client, with its TLS handshake and SASL login, at every scrape of every worker): exact on
+    Apache Kafka, short by the rest of a partition's last record batch on the Tansu broker.
     """
     partitions = list(partitions)
     if not partitions:
         return {}
-    ends = await consumer.highwaters(*partitions)
+    ends = await consumer.listed_highwaters(*partitions)
     lag: dict[str, int] = {}
     for tp in partitions:
         done = consumer._committed_offset.get(tp)  # faust has no public accessor
