@@ -31,6 +31,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from functools import cached_property
 from typing import AsyncIterator, Iterable, Mapping, cast
 
@@ -61,6 +62,28 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 # takes ListOffsets's answer alone.
 _END_OFFSETS_ATTEMPTS = 3
 _END_OFFSETS_TIMEOUT_S = 10.0
+
+
+# How long a worker stopping itself after an agent crash may take before it exits outright. A stop
+# takes seconds (sends in flight end, deliveries are handed back), but one after a crash was seen
+# waiting for ever under load, in the crashed agent's supervisor: a worker that neither works nor
+# exits is never replaced, as its probes still answer 200. Below ECS's stopTimeout (60 s).
+CRASH_STOP_GRACE_S = 45.0
+
+
+def exit_unless_stopped_within(seconds: float) -> None:
+    """End the process with status 1 if it is still running `seconds` from now. A daemon thread, so
+    an event loop stuck in its stop cannot hold it, and a process that stops in time is not held
+    by it either."""
+    def exit_now() -> None:
+        log.error("the worker did not finish stopping within %gs of an agent crash: exiting now", seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 class Consumer(faust_aiokafka.Consumer):
@@ -121,6 +144,7 @@ class Consumer(faust_aiokafka.Consumer):
     def stop_worker(self) -> None:
         # As `docker stop` would: the worker stops gracefully (deliveries in hand are handed back).
         os.kill(os.getpid(), signal.SIGTERM)
+        exit_unless_stopped_within(CRASH_STOP_GRACE_S)
 
     async def wait_empty(self) -> None:
         """Faust's wait, before a stop or a rebalance commits, until every message in process is

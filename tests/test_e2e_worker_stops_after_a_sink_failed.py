@@ -17,6 +17,8 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +72,17 @@ def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, service_f
         if worker is not None:
             worker.stop()
         postgres.stop()
+
+
+def test_a_process_whose_stop_hangs_after_a_crash_exits_all_the_same():
+    # The backstop of that stop: seen once under load, the worker's stop after the crash waited for
+    # ever in the crashed agent's supervisor. Here the "stop" is a sleep that would last ten minutes.
+    program = ("import logging, time\n"
+               "logging.basicConfig()  # as the worker's logging is: to stderr\n"
+               "from alerting_app.broker_transport import exit_unless_stopped_within\n"
+               "exit_unless_stopped_within(0.5)\n"
+               "time.sleep(600)\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    assert "did not finish stopping within 0.5s of an agent crash" in result.stderr
