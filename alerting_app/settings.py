@@ -377,7 +377,9 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
 
     # The Faust application id is also the Kafka consumer group and the prefix of table changelogs.
-    app_id: str = Field(default="alerting-app", pattern=r"^[A-Za-z0-9._\-]+$")
+    # Kafka refuses topic names over 249 characters; the longest we derive from it is
+    # "<APP_ID>-notification-groups-changelog", 30 more.
+    app_id: str = Field(default="alerting-app", pattern=r"^[A-Za-z0-9._\-]+$", max_length=249 - 30)
     data_dir: Annotated[Path, BeforeValidator(_default_if_empty(".alerting-data"))] = Path(".alerting-data")
     store_url: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     # Short rebalance timeouts keep a dev broker (Tansu) joining quickly; Kafka/MSK can use more.

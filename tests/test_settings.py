@@ -29,6 +29,8 @@ BAD_VALUES = [
     ("TOPIC_PARTITIONS", "0"),
     ("TOPIC_REPLICATION_FACTOR", "none"),
     ("APP_ID", "two words"),
+    # Its table's changelog topic would be longer than Kafka takes: the worker failed to start its table.
+    ("APP_ID", "a" * 220),
     ("STORE_URL", "redis://"),
     ("BROKER_REBALANCE_TIMEOUT_S", "-1"),
     ("WEBHOOK_TIMEOUT_S", "soon"),

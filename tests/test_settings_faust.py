@@ -69,3 +69,27 @@ def test_the_longest_session_timeout_settings_accept_is_one_faust_accepts():
     conf = _faust_conf(BROKER_SESSION_TIMEOUT_S="90")
 
     assert conf["broker_session_timeout"] == 90.0 <= conf["broker_request_timeout"]
+
+
+_PRINT_DERIVED_TOPICS = """
+import json
+import alerting_app.cli  # registers the agents, and with them the tables
+from alerting_app.app import app
+names = [table.changelog_topic.get_topic_name() for table in app.tables.values()]
+names.append(app._leader_assignor._leader_topic_name)  # Faust's own, for its leader election
+print(json.dumps(names))
+"""
+
+
+def test_every_topic_named_after_the_longest_app_id_allowed_is_one_kafka_takes():
+    # Kafka refuses topic names over 249 characters; settings.py bounds APP_ID by the longest suffix.
+    from alerting_app.settings import Settings
+    [longest] = [rule.max_length for rule in Settings.model_fields["app_id"].metadata if hasattr(rule, "max_length")]
+    app_id = "a" * longest
+    result = subprocess.run([sys.executable, "-c", _PRINT_DERIVED_TOPICS], env={**os.environ, "APP_ID": app_id},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    names = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert names and all(name.startswith(app_id) for name in names), names
+    assert max(len(name) for name in names) <= 249
