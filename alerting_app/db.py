@@ -1,5 +1,5 @@
-"""The Postgres connection pool, created on first use inside the running event loop, and the
-retry of a stage's batch after a transient Postgres error."""
+"""The Postgres connection pools, created on first use inside the running event loop (the agents'
+and the API's), and the retry of a stage's batch after a transient Postgres error."""
 from __future__ import annotations
 
 import asyncio
@@ -60,7 +60,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc)
 
 _pool: asyncpg.Pool | None = None
+_api_pool: asyncpg.Pool | None = None
 _lock = asyncio.Lock()
+# Its own: the agents' pool may be connecting, with asyncpg's 60 s connect timeout, under _lock.
+_api_lock = asyncio.Lock()
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -78,11 +81,54 @@ async def pool() -> asyncpg.Pool:
     return _pool
 
 
+class _ApiPool(asyncpg.Pool):
+    """A pool whose acquire() waits at most API_DATABASE_TIMEOUT_S for a connection unless told
+    otherwise, also when called by its own fetch/fetchrow/fetchval, which take no acquire timeout.
+
+    Without it, a burst of requests while Postgres does not answer queues for connections behind
+    the stuck ones, the last answered many timeouts later. asyncpg also gives a connection's
+    release the timeout of its acquire: the cancel of a statement that timed out, then the reset,
+    are waited for at most that long, after which asyncpg terminates the connection, so a stuck
+    connection is never handed to the next request.
+    """
+
+    def acquire(self, *, timeout: float | None = None):  # type: ignore[override]
+        return super().acquire(timeout=settings.api_database_timeout_s if timeout is None else timeout)
+
+
+async def api_pool() -> asyncpg.Pool:
+    """The web views' pool: each statement, and each wait for a connection, is bounded by
+    API_DATABASE_TIMEOUT_S, so a request to a Postgres that accepts connections but does not
+    answer (a frozen server, a network dropping packets) fails with TimeoutError, which the API
+    answers 503 database_unavailable (alerting_app/http_errors.py), instead of waiting until TCP
+    gives up, many minutes later. A statement that times out is cancelled, and the cancel waited for
+    as long again before the connection is closed: the request answers within about twice the
+    setting.
+
+    Not the agents' pool: their batches are retried on transient errors (retry_transient), and a
+    timeout there would retry a batch that is slow, not stuck, for ever. None open until the first
+    request, so a worker that serves no API calls holds no more connections than before.
+    """
+    global _api_pool
+    if _api_pool is None:
+        async with _api_lock:
+            if _api_pool is None:
+                timeout = settings.api_database_timeout_s
+                # create_pool has no pool class to pass; these are its own defaults.
+                pool = _ApiPool(settings.database_url, min_size=0, max_size=10, max_queries=50_000,
+                                max_inactive_connection_lifetime=300.0, init=init_connection, loop=None,
+                                connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+                                command_timeout=timeout, timeout=timeout)
+                _api_pool = await pool
+    return _api_pool
+
+
 async def close() -> None:
-    global _pool
-    if _pool is not None:
-        await _pool.close()
-        _pool = None
+    global _pool, _api_pool
+    for pool in (_pool, _api_pool):
+        if pool is not None:
+            await pool.close()
+    _pool = _api_pool = None
 
 
 async def retry_transient(operation: Callable[[asyncpg.Pool], Awaitable[T]], what: str, *,

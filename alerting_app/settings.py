@@ -396,6 +396,10 @@ class Settings(BaseSettings):
     # json: one JSON object per log line, for log collectors (CloudWatch, Loki); text: for people.
     log_format: str = Field(default="text", pattern=r"^(text|json)$")
     roles: Roles = Field(default="all", validate_default=True)
+    # How long an API request waits for Postgres, per statement and for a connection, before it
+    # answers 503 database_unavailable (alerting_app/db.py, api_pool): a frozen server or a network
+    # dropping packets keeps the connection open without answering, until TCP gives up minutes later.
+    api_database_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
     # --- delivery (docs/delivery.md) ---
     # One HTTP request (webhook, Slack), connect to response, before it counts as a retryable failure.

@@ -1,5 +1,6 @@
 """The API while Postgres is away under a running worker: 503 with a JSON body saying so, then the
-same worker answers again once Postgres is back.
+same worker answers again once Postgres is back; also when Postgres is frozen, its connections
+open but nothing answering.
 
 Before, every API call answered aiohttp's plain-text "500 Internal Server Error ... Server got
 itself in trouble": neither the JSON every other error is, nor a status a client retries on.
@@ -12,10 +13,17 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from uuid import UUID
 
+import asyncpg
+import psutil
 import pytest
 
 from alerting_app.embedded import EmbeddedServices, free_port
@@ -24,6 +32,11 @@ from alerting_app.up import WorkerProcess
 from operations_support import wait_until
 
 pytestmark = pytest.mark.e2e
+
+
+def worker_env(database_url: str, tmp_path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
+            "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"api-pg-{secrets.token_hex(4)}", **extra}
 
 
 def call(method: str, url: str, token: str, body: object = None) -> tuple[int, dict[str, str], bytes]:
@@ -43,9 +56,7 @@ def test_the_api_answers_503_database_unavailable_while_postgres_is_away(service
         database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
         postgres_port = urllib.parse.urlsplit(database_url).port
         asyncio.run(apply_migrations(database_url))
-        env = {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
-               "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"api-pg-{secrets.token_hex(4)}"}
-        worker = WorkerProcess(env, tmp_path / "worker.log")
+        worker = WorkerProcess(worker_env(database_url, tmp_path), tmp_path / "worker.log")
         worker.wait_until_ready()
         status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
         assert status == 201, body
@@ -70,6 +81,99 @@ def test_the_api_answers_503_database_unavailable_while_postgres_is_away(service
         wait_until(lambda: call("GET", worker.url + "/api/v1/rules", client_key)[0] == 200, "answering again")
         assert worker.child.running()  # the same process throughout: no restart
     finally:
+        if worker is not None:
+            worker.stop()
+        postgres.stop()
+
+
+@contextmanager
+def frozen(postgres: EmbeddedServices) -> Iterator[None]:
+    """Every process of the server stopped (SIGSTOP), the postmaster first so that it forks no new one
+    meanwhile, and all of them continued (SIGCONT) on leaving, whatever happened.
+
+    Stopped processes keep their sockets open: a connection made, or being made, is neither refused
+    nor reset, as with a frozen server or a network dropping packets.
+    """
+    postmaster = psutil.Process(next(child for child in postgres.children if child.name == "PostgreSQL").pid)
+    stopped = [postmaster]
+    try:
+        postmaster.send_signal(signal.SIGSTOP)
+        stopped += postmaster.children(recursive=True)
+        for process in stopped[1:]:
+            process.send_signal(signal.SIGSTOP)
+        yield
+    finally:
+        for process in stopped:
+            process.send_signal(signal.SIGCONT)
+
+
+def assert_database_unavailable(reply: tuple[int, dict[str, str], bytes]) -> None:
+    status, headers, body = reply
+    assert status == 503, (status, body)
+    assert json.loads(body)["error"] == "database_unavailable", body
+    assert int(headers["Retry-After"]) > 0
+
+
+async def lock_row_of(database_url: str, client_id: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT 1 FROM clients WHERE client_id = $1 FOR UPDATE", UUID(client_id))
+    return conn
+
+
+WAITING_ON_A_LOCK = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+
+
+def test_the_api_answers_503_database_unavailable_while_postgres_does_not_answer(services, service_folder,
+                                                                                   tmp_path):
+    """Before, every request waited until TCP gave up, many minutes later; the `call`'s 60 s bound is
+    what fails the test then. Once Postgres answers again, so does the API: the connections that
+    were stuck are not handed out again."""
+    postgres = EmbeddedServices(service_folder)
+    worker = None
+    holder_loop = asyncio.new_event_loop()  # for the test's own connection, which outlives one asyncio.run
+    holder = None
+    try:
+        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
+        asyncio.run(apply_migrations(database_url))
+        worker = WorkerProcess(worker_env(database_url, tmp_path, API_DATABASE_TIMEOUT_S="2"), tmp_path / "worker.log")
+        worker.wait_until_ready()
+        status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
+        assert status == 201, body
+        client = json.loads(body)
+        rules = worker.url + "/api/v1/rules"
+        new_rule = {"severity": "HIGH", "source": "payments", "name": "*"}
+        assert call("GET", rules, client["api_key"])[0] == 200  # a connection in the API's pool
+
+        with frozen(postgres):
+            # The pool's idle connection (the client's key is looked up: the admin's is not), then
+            # connections the pool must make, for a read and for a write.
+            assert_database_unavailable(call("GET", rules, client["api_key"]))
+            assert_database_unavailable(call("GET", rules, services.admin_token))
+            assert_database_unavailable(call("POST", rules, services.admin_token,
+                                             {**new_rule, "client_id": client["client_id"]}))
+        wait_until(lambda: call("GET", rules, client["api_key"])[0] == 200, "answering again")
+
+        # A write inside its transaction when Postgres freezes (held up by the test's lock on the
+        # client's row): its statement times out, then its ROLLBACK waits for the cancel too.
+        holder = holder_loop.run_until_complete(lock_row_of(database_url, client["client_id"]))
+        with ThreadPoolExecutor(1) as requests:
+            writing = requests.submit(call, "POST", rules, client["api_key"], new_rule)
+            wait_until(lambda: holder_loop.run_until_complete(holder.fetchval(WAITING_ON_A_LOCK)),
+                       "the write waiting for the client's row")
+            with frozen(postgres):
+                assert_database_unavailable(writing.result())
+        holder_loop.run_until_complete(holder.close())
+        holder = None
+
+        wait_until(lambda: call("GET", rules, client["api_key"])[0] == 200, "answering again")
+        status, _, body = call("POST", rules, client["api_key"], new_rule)
+        assert status == 201, body
+        assert worker.child.running()
+    finally:
+        if holder is not None:
+            holder_loop.run_until_complete(holder.close())
+        holder_loop.close()
         if worker is not None:
             worker.stop()
         postgres.stop()

@@ -34,6 +34,9 @@ BAD_VALUES = [
     ("STORE_URL", "redis://"),
     ("BROKER_REBALANCE_TIMEOUT_S", "-1"),
     ("WEBHOOK_TIMEOUT_S", "soon"),
+    # 0 would fail every API call touching Postgres; over 5 minutes is the wait it exists to cut short.
+    ("API_DATABASE_TIMEOUT_S", "0"),
+    ("API_DATABASE_TIMEOUT_S", "301"),
     ("ALLOW_PRIVATE_ENDPOINTS", "perhaps"),
     ("LOG_LEVEL", "loud"),
     # Faust refuses more than its request timeout (90 s), Kafka less than 6 s: both only at start.

@@ -79,7 +79,7 @@ async def authenticate(request: Request) -> Caller:
     if ingest_token is not None and hmac.compare_digest(token.encode(), ingest_token.encode()):
         return ALERT_SOURCE
     # Looking up the hash, not the key, keeps the comparison independent of the key's bytes.
-    pool = await db.pool()
+    pool = await db.api_pool()
     client_id = await pool.fetchval("SELECT client_id FROM clients WHERE api_key_hash = $1", hash_api_key(token))
     if client_id is None:
         raise Unauthorized()

@@ -56,7 +56,7 @@ def client_out(row: Any) -> ClientOut:
 
 async def delete_client(client_id: UUID, caller: Caller) -> bool:
     """Delete the client, its rules and silences (each announced), endpoints and notifications."""
-    pool = await db.pool()
+    pool = await db.api_pool()
     async with pool.acquire() as conn, conn.transaction():
         # Locking the client first makes a concurrent rule insert for it wait (web/quotas.py), then
         # find no client: no rule can appear after its delete event was written.
@@ -79,14 +79,14 @@ class ClientsView(ApiView):
         self.caller(request).require_admin()
         body = parse_body(await self.read_request_content(request), ClientCreate)
         api_key = new_api_key()
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(INSERT, uuid4(), body.name, hash_api_key(api_key))
         created = ClientCreated(**client_out(row).model_dump(), api_key=api_key)
         return self.json(created.model_dump(mode="json"), status=201)
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, PageQuery)
-        pool = await db.pool()
+        pool = await db.api_pool()
         rows = await pool.fetch(LIST, self.caller(request).client_id, *query.after, query.limit + 1)
         return self.json(page_of(rows, query, client_out, "client_id").model_dump(mode="json"))
 
@@ -94,7 +94,7 @@ class ClientsView(ApiView):
 @app.page("/api/v1/clients/{client_id}")
 class ClientView(ApiView):
     async def get(self, request: Request, client_id: str) -> Response:
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(client_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()
@@ -103,7 +103,7 @@ class ClientView(ApiView):
     async def patch(self, request: Request, client_id: str) -> Response:
         id_ = path_id(client_id)
         body = parse_body(await self.read_request_content(request), ClientPatch)
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(RENAME, id_, self.caller(request).client_id, body.name)
         if row is None:
             raise NotFound()
@@ -122,7 +122,7 @@ class ClientKeyView(ApiView):
 
     async def post(self, request: Request, client_id: str) -> Response:
         api_key = new_api_key()
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(NEW_KEY, path_id(client_id), self.caller(request).client_id,
                                   hash_api_key(api_key))
         if row is None:

@@ -117,7 +117,7 @@ async def _normalised_value(type_: str, value: str) -> str:
 async def create_endpoint(caller: Caller, body: EndpointCreate) -> Any:
     # Unknown and other clients' rules answer alike, so a key learns nothing about other clients.
     no_such_rule = ValidationFailed.field("rule_id", "no such rule")
-    pool = await db.pool()
+    pool = await db.api_pool()
     # Checked before the address too: without a rule of its own, a key must not get our resolver
     # to look names up for it (which internal names exist, and what kind of address they have).
     if await pool.fetchval(RULE_OWNER, body.rule_id, caller.client_id) is None:
@@ -144,7 +144,7 @@ def address_after(current: Any, changes: dict[str, Any]) -> tuple[str, str]:
 
 
 async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, Any]) -> Any:
-    pool = await db.pool()
+    pool = await db.api_pool()
     while True:
         # The address is checked (a DNS lookup, for a URL) before the row is locked: a slow resolver
         # must hold neither a pool connection nor the lock that delivery and other changes wait on.
@@ -176,7 +176,7 @@ class EndpointsView(ApiView):
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, EndpointQuery)
-        pool = await db.pool()
+        pool = await db.api_pool()
         rows = await pool.fetch(LIST, self.caller(request).client_id, query.rule_id, *query.after,
                                 query.limit + 1)
         return self.json(page_of(rows, query, endpoint_out, "endpoint_id").model_dump(mode="json"))
@@ -185,7 +185,7 @@ class EndpointsView(ApiView):
 @app.page("/api/v1/endpoints/{endpoint_id}")
 class EndpointView(ApiView):
     async def get(self, request: Request, endpoint_id: str) -> Response:
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(endpoint_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()
@@ -200,7 +200,7 @@ class EndpointView(ApiView):
         return self.json(endpoint_out(row).model_dump(mode="json"))
 
     async def delete(self, request: Request, endpoint_id: str) -> Response:
-        pool = await db.pool()
+        pool = await db.api_pool()
         if await pool.fetchval(DELETE, path_id(endpoint_id), self.caller(request).client_id) is None:
             raise NotFound()
         return self.bytes(b"", status=204)
@@ -213,7 +213,7 @@ class EndpointSecretView(ApiView):
     signs with the new one. A receiver accepts both secrets for a while (docs/delivery.md)."""
 
     async def post(self, request: Request, endpoint_id: str) -> Response:
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(NEW_SECRET, path_id(endpoint_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()

@@ -79,7 +79,7 @@ async def with_deliveries(pool: asyncpg.Pool, rows: Sequence[Any]) -> list[dict[
 class NotificationsView(ApiView):
     async def get(self, request: Request) -> Response:
         query = parse_query(request, NotificationQuery)
-        pool = await db.pool()
+        pool = await db.api_pool()
         rows = await pool.fetch(LIST, self.caller(request).client_id, query.client_id, query.status,
                                 query.since, query.until, *query.after, query.limit + 1, PAGE_ALERT_BYTES)
         within = [row for row in rows if row["alerts_from"] < PAGE_ALERT_BYTES]
@@ -91,7 +91,7 @@ class NotificationsView(ApiView):
 @app.page("/api/v1/notifications/{notification_id}")
 class NotificationView(ApiView):
     async def get(self, request: Request, notification_id: str) -> Response:
-        return self.json(await notification_out(await db.pool(), path_id(notification_id),
+        return self.json(await notification_out(await db.api_pool(), path_id(notification_id),
                                                 self.caller(request).client_id))
 
 
@@ -107,7 +107,7 @@ async def notification_out(pool: asyncpg.Pool, notification_id: UUID, client_id:
 class NotificationRetryView(ApiView):
     async def post(self, request: Request, notification_id: str) -> Response:
         notification_id, client_id = path_id(notification_id), self.caller(request).client_id
-        pool = await db.pool()
+        pool = await db.api_pool()
         async with pool.acquire() as conn:
             try:
                 found = await records.retry_failed(conn, notification_id, client_id)

@@ -101,7 +101,7 @@ def owner_for_new_rule(caller: Caller, requested: UUID | None) -> UUID:
 async def create_rule(caller: Caller, body: RuleCreate) -> Any:
     client_id = owner_for_new_rule(caller, body.client_id)
     criteria = criteria_of(body.model_dump())
-    pool = await db.pool()
+    pool = await db.api_pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
             await lock_client_within_quota(conn, client_id, RULES)
@@ -116,7 +116,7 @@ async def create_rule(caller: Caller, body: RuleCreate) -> Any:
 
 async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict[str, Any]) -> Any:
     """Apply `changes` if the rule is still at `version` (optimistic concurrency)."""
-    pool = await db.pool()
+    pool = await db.api_pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(LOCK, rule_id, caller.client_id)
@@ -135,7 +135,7 @@ async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict
 
 
 async def delete_rule(rule_id: UUID, caller: Caller) -> bool:
-    pool = await db.pool()
+    pool = await db.api_pool()
     async with pool.acquire() as conn, conn.transaction():
         deleted = await conn.fetchrow(DELETE, rule_id, caller.client_id)
         if deleted is None:
@@ -158,7 +158,7 @@ class RulesView(ApiView):
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, RuleQuery)
-        pool = await db.pool()
+        pool = await db.api_pool()
         rows = await pool.fetch(LIST, self.caller(request).client_id, query.client_id, *query.after,
                                 query.limit + 1)
         return self.json(page_of(rows, query, rule_out, "rule_id").model_dump(mode="json"))
@@ -167,7 +167,7 @@ class RulesView(ApiView):
 @app.page("/api/v1/rules/{rule_id}")
 class RuleView(ApiView):
     async def get(self, request: Request, rule_id: str) -> Response:
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(rule_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()

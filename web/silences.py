@@ -156,7 +156,7 @@ async def create_silence(caller: Caller, body: SilenceCreate) -> Any:
     client_id = owner_for_new_silence(caller, body.client_id)
     matchers = matchers_of(body)
     starts_at, ends_at = window_of(body, datetime.now(timezone.utc))
-    pool = await db.pool()
+    pool = await db.api_pool()
     async with pool.acquire() as conn, conn.transaction():
         await lock_client_within_quota(conn, client_id, silences_quota())
         row = await conn.fetchrow(INSERT, uuid4(), client_id, *matchers.values(), starts_at, ends_at,
@@ -168,7 +168,7 @@ async def create_silence(caller: Caller, body: SilenceCreate) -> Any:
 
 async def expire_silence(silence_id: UUID, caller: Caller) -> bool:
     """End the silence now; False if the caller has no such silence. Expiring twice changes nothing."""
-    pool = await db.pool()
+    pool = await db.api_pool()
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(EXPIRE, silence_id, caller.client_id)
         if row is None:
@@ -193,7 +193,7 @@ class SilencesView(ApiView):
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, SilenceQuery)
-        pool = await db.pool()
+        pool = await db.api_pool()
         rows = await pool.fetch(LIST, self.caller(request).client_id, query.client_id, query.state, *query.after,
                                 query.limit + 1)
         return self.json(page_of(rows, query, silence_out, "silence_id").model_dump(mode="json"))
@@ -202,7 +202,7 @@ class SilencesView(ApiView):
 @app.page("/api/v1/silences/{silence_id}")
 class SilenceView(ApiView):
     async def get(self, request: Request, silence_id: str) -> Response:
-        pool = await db.pool()
+        pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(silence_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()
