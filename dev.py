@@ -2,7 +2,7 @@
 """The two commands of a fresh machine (Python 3.11+ and the package registries, nothing else).
 
     python3 dev.py run                 # install, then `alerting-app up`: the whole platform locally
-    python3 dev.py test [pytest args]  # install, then the whole test suite
+    python3 dev.py test [pytest args]  # install, then the whole test suite (in 4 processes)
 
 Both create `.venv` when it is missing and (re)install the project into it whenever pyproject.toml
 changed since the last install. Standard library only: this runs before anything is installed.
@@ -22,6 +22,11 @@ VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 # Records what the virtualenv was installed from; a different pyproject.toml means reinstall.
 STAMP = VENV / ".installed-from"
+# `dev.py test` with no arguments runs the suite in this many pytest-xdist processes, a test file
+# each at a time. Most of a test's time is spent waiting (a worker process starting, a consumer
+# group joining, a timeout running out): run one after another, the suite kept two cores about a
+# quarter busy. Each process starts services of its own (tests/conftest.py).
+TEST_PROCESSES = 4
 
 
 def _install_fingerprint() -> str:
@@ -58,7 +63,8 @@ def main(argv: list[str]) -> None:
     os.chdir(ROOT)
     if argv[0] == "run":
         os.execv(BIN / "alerting-app", ["alerting-app", "up"])
-    os.execv(BIN / "python", [str(BIN / "python"), "-m", "pytest", *argv[1:]])
+    pytest_args = argv[1:] or ["-n", str(TEST_PROCESSES), "--dist", "loadfile"]
+    os.execv(BIN / "python", [str(BIN / "python"), "-m", "pytest", *pytest_args])
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class _Session:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.option.help:
+    if config.option.help or _is_xdist_controller(config):
         return
     signal.signal(signal.SIGTERM, _interrupt)
     folder = Path(tempfile.mkdtemp(prefix="alerting-test-"))
@@ -66,6 +66,15 @@ def pytest_configure(config: pytest.Config) -> None:
         del config.stash[_SESSION]  # finished here; pytest_unconfigure has nothing left to do
         _finish(session)
         raise
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    """True in the process that, with pytest-xdist's `-n N`, only hands tests out to N workers.
+
+    It runs no test, so it starts nothing; each worker is a session of its own here, with its own
+    embedded services, database and APP_ID, so workers never share rows, offsets or Redis keys.
+    """
+    return not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
 
 
 def _interrupt(signum: int, frame: object) -> None:
