@@ -20,8 +20,10 @@ import atexit
 import ctypes
 import importlib
 import fcntl
+import itertools
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -31,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -52,11 +54,36 @@ class EmbeddedServiceError(RuntimeError):
     """An embedded service could not be started; the message says which and shows its log."""
 
 
+# Where free_port looks: None, any port the kernel picks (from its ephemeral range); or the ports of
+# range(first, last + 1), each once in a shuffled order before any is offered again. The test
+# session gives each pytest-xdist process a range of its own below the kernel's ephemeral ones
+# (tests/conftest.py): between a pick and the bind by whoever uses the port (a worker process
+# binds its WEB_PORT seconds later), another process would otherwise be free to pick it too.
+PORT_RANGE: tuple[int, int] | None = None
+_ranged_ports: Iterator[int] | None = None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    global _ranged_ports
+    if PORT_RANGE is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    if _ranged_ports is None:
+        first, last = PORT_RANGE
+        ports = list(range(first, last + 1))
+        random.shuffle(ports)
+        _ranged_ports = itertools.cycle(ports)
+    for _ in range(PORT_RANGE[1] - PORT_RANGE[0] + 1):
+        port = next(_ranged_ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use
+            return port
+    raise OSError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1]}")
 
 
 def port_accepts(port: int) -> bool:

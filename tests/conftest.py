@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 import asyncpg
 import pytest
 
+from alerting_app import embedded
 from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, with_database
 from alerting_app.migrate import apply_migrations
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from alerting_app.up import WorkerProcess
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+_FIRST_TEST_PORT = 10_000
 _SESSION = pytest.StashKey["_Session"]()
 
 
@@ -57,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or _is_xdist_controller(config):
         return
     signal.signal(signal.SIGTERM, _interrupt)
+    _ports_of_this_process(config)
     folder = Path(tempfile.mkdtemp(prefix="alerting-test-"))
     session = _Session(folder, EmbeddedServices(folder / "services"))
     config.stash[_SESSION] = session
@@ -75,6 +78,20 @@ def _is_xdist_controller(config: pytest.Config) -> bool:
     embedded services, database and APP_ID, so workers never share rows, offsets or Redis keys.
     """
     return not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
+
+
+def _ports_of_this_process(config: pytest.Config) -> None:
+    """Under pytest-xdist, each process picks ports (`free_port`) from a range of its own, below the
+    kernel's ephemeral ports, so that processes never race for the same one. (`alerting-app up`,
+    run by some tests, picks from the kernel's: not from any process's range either.)"""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    count, number = workerinput["workercount"], int(workerinput["workerid"].removeprefix("gw"))
+    span = (ephemeral_low - _FIRST_TEST_PORT) // count
+    if span >= 500:  # else leave it to the kernel
+        embedded.PORT_RANGE = (_FIRST_TEST_PORT + number * span, _FIRST_TEST_PORT + (number + 1) * span - 1)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -5,6 +5,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -122,3 +123,33 @@ def test_run_after_a_killed_run_starts_cleanly(service_folder):
     # The killed run's services went with it (parent-death signal), and ours are stopped.
     psutil.wait_procs(_processes_using(folder), timeout=30)
     assert _processes_using(folder) == []
+
+
+def _binds(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_free_port_within_a_range_offers_each_free_port_once_before_any_again(monkeypatch):
+    # The range the test session gives each pytest-xdist process: a port another part of this process
+    # picked, and has not bound yet, is not offered again at once; a port in use is never offered.
+    from alerting_app import embedded
+
+    # Ten ports no other process picks: the top of this process's range under pytest-xdist, and
+    # below the kernel's ephemeral ports otherwise (none of the session's services use those).
+    last = embedded.PORT_RANGE[1] if embedded.PORT_RANGE else 31_999
+    first = last - 9
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first + 3))
+        taken.listen()
+        free = {port for port in range(first, last + 1) if _binds(port)}
+        monkeypatch.setattr(embedded, "PORT_RANGE", (first, last))
+        monkeypatch.setattr(embedded, "_ranged_ports", None)
+        offered = [embedded.free_port() for _ in free]
+
+    assert first + 3 not in free and len(free) >= 5  # (the rest are free but for a rare exception)
+    assert sorted(offered) == sorted(free)
