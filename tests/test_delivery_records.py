@@ -4,14 +4,17 @@ workers at once, and what a sweep leases of each endpoint."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
 from alerting_app.db import init_connection
+from alerting_app.delivery.recorder import Recorder
 from alerting_app.delivery.records import DeliveryChange, lease_due, release, renew_leases, write_outcomes
 
 CLIENT_NAME = "test_delivery_records"
@@ -73,6 +76,32 @@ async def blocked_on_a_lock(observer: asyncpg.Connection, pid: int) -> None:
     async with asyncio.timeout(30):
         while await observer.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
             await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def recorder_on(database_url: str) -> AsyncIterator[Recorder]:
+    """A Recorder of the worker "test-recorder" on a pool of its own, closed after."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
+
+    async def own_pool() -> asyncpg.Pool:
+        return pool
+    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
+    try:
+        yield recorder
+    finally:
+        await recorder.close()
+        await pool.close()
+
+
+async def lease_to_the_recorder(conn: asyncpg.Connection, *keys: tuple[str, str]) -> None:
+    """Leased by the recorder's worker, as the sweep leases them."""
+    for key in keys:
+        await conn.execute("UPDATE deliveries SET leased_by = 'test-recorder', lease_until = now() + interval '1 minute'"
+                           " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+
+
+async def delivery_status(conn: asyncpg.Connection, key: tuple[str, str]) -> str:
+    return await conn.fetchval("SELECT status FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2", *key)
 
 
 async def test_two_workers_finishing_a_notifications_last_deliveries_at_once_settle_it(clean_db, conn):
@@ -345,7 +374,6 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
     # AlreadySent (the Redis mark of a send recorded by another worker, or before a crash) is
     # recorded SENT with no attempt; summed over workers, the counter must count the send once.
     from alerting_app import metrics
-    from alerting_app.delivery.recorder import Recorder
 
     def sent() -> float:
         return metrics.notifications_sent.labels(channel="webhook")._value.get()
@@ -353,20 +381,12 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
     def attempted() -> float:
         return metrics.deliveries.labels(channel="webhook", status="SENT")._value.get()
 
-    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
-
-    async def own_pool() -> asyncpg.Pool:
-        return pool
-    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
     before = (sent(), attempted())
-    try:
+    async with recorder_on(clean_db) as recorder:
         recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT"), "webhook")
         assert (sent(), attempted()) == before
         recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT", attempts=1), "webhook")
         assert (sent(), attempted()) == (before[0] + 1, before[1] + 1)
-    finally:
-        await recorder.close()
-        await pool.close()
 
 
 @pytest.mark.parametrize("broker", ["refuses", "hangs"])
@@ -378,12 +398,9 @@ async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_wr
     fail, as the broker's refusal would; Postgres is real."""
     from alerting_app.contracts import DeadLetter
     from alerting_app.delivery import recorder as recorder_module
-    from alerting_app.delivery.recorder import Recorder
 
     sent_key, failed_key = await one_due_delivery(conn), await one_due_delivery(conn)
-    for key in (sent_key, failed_key):  # leased by the recorder's worker, as the sweep leases them
-        await conn.execute("UPDATE deliveries SET leased_by = 'test-recorder', lease_until = now() + interval '1 minute'"
-                           " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    await lease_to_the_recorder(conn, sent_key, failed_key)
     broker_up, letters_sent = asyncio.Event(), []
 
     async def send_dead_letters(letters):
@@ -395,32 +412,20 @@ async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_wr
     monkeypatch.setattr(recorder_module, "send_dead_letters", send_dead_letters)
     monkeypatch.setattr(recorder_module, "_RETRY_WRITE_S", 0.05)
 
-    async def status(key: tuple[str, str]) -> str:
-        return await conn.fetchval("SELECT status FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2",
-                                   *key)
-
-    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
-
-    async def own_pool() -> asyncpg.Pool:
-        return pool
-    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
-    try:
+    async with recorder_on(clean_db) as recorder:
         recorder.record(DeliveryChange(*sent_key, "SENT", 1), "webhook")
         recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook",
                         DeadLetter(topic="notifications.ready", reason="400 Bad Request", payload="{}"))
         async with asyncio.timeout(30):
-            while await status(sent_key) != "SENT":
+            while await delivery_status(conn, sent_key) != "SENT":
                 await asyncio.sleep(0.02)
-        assert await status(failed_key) == "PENDING" and letters_sent == []
+        assert await delivery_status(conn, failed_key) == "PENDING" and letters_sent == []
         assert recorder.pending_keys() == [failed_key]  # its lease is renewed meanwhile (Dispatcher.held_keys)
 
         broker_up.set()
         async with asyncio.timeout(30):
             await recorder.written()
-        assert await status(failed_key) == "FAILED" and len(letters_sent) == 1
-    finally:
-        await recorder.close()
-        await pool.close()
+        assert await delivery_status(conn, failed_key) == "FAILED" and len(letters_sent) == 1
 
 
 async def test_endpoint_now_reads_the_endpoint_as_it_is_and_none_once_deleted(clean_db, conn):
@@ -461,12 +466,9 @@ async def test_outcomes_recorded_while_a_dead_letter_waits_for_the_broker_are_wr
     meanwhile hands their rows back unrecorded. Sending is made to hang, as in the test above."""
     from alerting_app.contracts import DeadLetter
     from alerting_app.delivery import recorder as recorder_module
-    from alerting_app.delivery.recorder import Recorder
 
     failed_key, later_key = await one_due_delivery(conn), await one_due_delivery(conn)
-    for key in (failed_key, later_key):
-        await conn.execute("UPDATE deliveries SET leased_by = 'test-recorder', lease_until = now() + interval '1 minute'"
-                           " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    await lease_to_the_recorder(conn, failed_key, later_key)
     broker_up, sends = asyncio.Event(), []
 
     async def send_dead_letters(letters):
@@ -475,16 +477,7 @@ async def test_outcomes_recorded_while_a_dead_letter_waits_for_the_broker_are_wr
     monkeypatch.setattr(recorder_module, "send_dead_letters", send_dead_letters)
     monkeypatch.setattr(recorder_module, "_RETRY_WRITE_S", 0.05)
 
-    async def status(key: tuple[str, str]) -> str:
-        return await conn.fetchval("SELECT status FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2",
-                                   *key)
-
-    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
-
-    async def own_pool() -> asyncpg.Pool:
-        return pool
-    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
-    try:
+    async with recorder_on(clean_db) as recorder:
         recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook",
                         DeadLetter(topic="notifications.ready", reason="400 Bad Request", payload="{}"))
         async with asyncio.timeout(30):
@@ -492,16 +485,13 @@ async def test_outcomes_recorded_while_a_dead_letter_waits_for_the_broker_are_wr
                 await asyncio.sleep(0.01)
         recorder.record(DeliveryChange(*later_key, "SENT", 1), "webhook")
         async with asyncio.timeout(30):
-            while await status(later_key) != "SENT":
+            while await delivery_status(conn, later_key) != "SENT":
                 await asyncio.sleep(0.02)
-        assert await status(failed_key) == "PENDING"
+        assert await delivery_status(conn, failed_key) == "PENDING"
         assert recorder.pending_keys() == [failed_key]
 
         broker_up.set()
         async with asyncio.timeout(30):
             await recorder.written()
-        assert await status(failed_key) == "FAILED"
+        assert await delivery_status(conn, failed_key) == "FAILED"
         assert len(sends) == 1  # the letter was sent once, not again while it waited
-    finally:
-        await recorder.close()
-        await pool.close()
