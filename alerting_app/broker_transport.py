@@ -57,6 +57,25 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
         return consumer
 
+    async def on_thread_stop(self) -> None:
+        """Faust's stop of the consumer, finished when aiokafka lets a cancellation of its own escape.
+
+        aiokafka's Fetcher.close (0.14.0, aiokafka/consumer/fetcher.py:455-457) cancels each fetch in
+        hand and awaits it: a fetch waiting to retry after a failed request (its broker unreachable, or
+        just back) ends cancelled, and CancelledError escapes AIOKafkaConsumer.stop before the consumer
+        closes its connections. mode's thread then never tells the worker it has stopped (it does so
+        after on_thread_stop, and its backstop catches Exception only), so a worker stopped while its
+        broker was unreachable waited 60 s (mode's shutdown_timeout), as long as ECS's stopTimeout,
+        and was killed (tests/test_consumer_thread_stop.py). What the stop had left undone is done
+        here; the fetches it had not cancelled yet are cancelled by mode's thread as it ends.
+        """
+        try:
+            await super().on_thread_stop()
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this stop itself was cancelled
+            await self._consumer._client.close()
+
 
 # Tries of `end_offsets` (each waiting up to _END_OFFSETS_TIMEOUT_S for a fetch's answer) before table recovery
 # takes ListOffsets's answer alone.

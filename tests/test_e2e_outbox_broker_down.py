@@ -66,6 +66,10 @@ class BrokerProxy:
         """Close every connection and refuse new ones: the broker is down."""
         self._run(self._cut())
 
+    def open_connections(self) -> int:
+        """How many client connections the proxy forwards right now."""
+        return self._run(self._count_connections())
+
     def send_new_connections_to(self, port: int) -> None:
         """New connections go to `port`, those open stay where they are: what a failover that moves
         a DNS name to another server does to its clients."""
@@ -73,8 +77,8 @@ class BrokerProxy:
 
     @contextlib.contextmanager
     def down(self) -> Iterator[None]:
-        """The broker is down inside the block, and back after it, even when the block fails
-        (workers stopped while the broker is unreachable take a minute each to give up)."""
+        """The broker is down inside the block, and back after it, even when the block fails: what
+        follows, the fixtures' teardown included, finds the broker as every other test does."""
         self.cut()
         try:
             yield
@@ -94,6 +98,9 @@ class BrokerProxy:
         if self._server is not None:
             return
         self._server = await asyncio.start_server(self._forward, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _count_connections(self) -> int:
+        return len(self._connections)
 
     async def _cut(self) -> None:
         if self._server is not None:
