@@ -8,6 +8,7 @@ which would override the validated values without a word.
 from __future__ import annotations
 
 import faust
+import mode
 
 from alerting_app.broker_transport import Transport
 from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
@@ -45,6 +46,11 @@ app = faust.App(
     web_tables_enabled=False,
     web_application_options={"middlewares": [json_http_errors, database_unavailable]},
     producer_acks=-1,
+    # An agent that crashed is not restarted: the worker stops instead (broker_transport.Consumer.
+    # on_task_error says why). Restarted, its new actor took over the crashed one's stream while
+    # the worker stopped, and the stop then waited for ever in the agent's supervisor whenever the
+    # stream still held a backlog (tests/test_e2e_worker_stops_after_a_sink_failed.py).
+    agent_supervisor=mode.ForfeitOneForOneSupervisor,
     **FAUST_TUNING,  # less of Faust's own per-message cost: see the module
 )
 # Set before anything touches `app.transport` (declaring a topic does): see the module for why.
