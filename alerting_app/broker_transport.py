@@ -85,8 +85,10 @@ _END_OFFSETS_TIMEOUT_S = 10.0
 
 # How long a worker stopping itself after an agent crash may take before it exits outright. A stop
 # takes seconds (sends in flight end, deliveries are handed back), but one after a crash was seen
-# waiting for ever under load, in the crashed agent's supervisor: a worker that neither works nor
-# exits is never replaced, as its probes still answer 200. Below ECS's stopTimeout (60 s).
+# waiting for ever, in the crashed agent's supervisor (which restarted the agent as the worker
+# stopped: no longer, see app.py `agent_supervisor`). A backstop against another such wait: a worker
+# that neither works nor exits is never replaced, as its probes still answer 200. Below ECS's
+# stopTimeout (60 s).
 CRASH_STOP_GRACE_S = 45.0
 
 
