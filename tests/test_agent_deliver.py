@@ -45,6 +45,13 @@ def quick_retries(monkeypatch):
     return settings
 
 
+@pytest.fixture
+def alone_in_the_database(clean_db):
+    """A sweep leases every due row of the database, and the session's database is shared: rows
+    other test modules left due (retention's, a stop's hand-back) would be leased and started with
+    this test's, or fail the sweep. Emptied first, what a sweep finds is this test's."""
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def receiver():
     async with Receiver() as running:
@@ -157,7 +164,7 @@ async def test_endpoint_answering_400_fails_after_one_attempt_and_is_dead_letter
 
 
 async def test_a_failed_notification_retried_by_its_tenant_is_delivered_to_the_endpoint_that_failed(
-        pool, dispatcher, receiver):
+        pool, dispatcher, alone_in_the_database, receiver):
     from alerting_app.delivery import records
 
     receiver.answer("hook", 400, 200)  # then the tenant fixes the endpoint
@@ -413,7 +420,7 @@ async def test_a_hanging_endpoint_does_not_hold_up_another_tenants_notification_
 
 
 async def test_deliveries_beyond_an_endpoints_backlog_wait_in_postgres_and_are_swept_up_later(
-        pool, dispatcher, receiver, monkeypatch, quick_retries):
+        pool, dispatcher, alone_in_the_database, receiver, monkeypatch, quick_retries):
     monkeypatch.setattr(quick_retries, "delivery_endpoint_backlog", 1)
     release = receiver.hold("hook")
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
@@ -444,7 +451,8 @@ async def open_abandoned_delivery(pool, notification: NotificationReady, endpoin
         notification.notification_id, endpoint, attempts)
 
 
-async def test_sweep_resumes_a_delivery_whose_worker_died_counting_its_attempts(pool, dispatcher, receiver):
+async def test_sweep_resumes_a_delivery_whose_worker_died_counting_its_attempts(pool, dispatcher, receiver,
+                                                                               alone_in_the_database):
     receiver.answer("hook", 503, 200)
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])
@@ -460,7 +468,8 @@ async def test_sweep_resumes_a_delivery_whose_worker_died_counting_its_attempts(
 
 
 async def test_a_resumed_delivery_fails_after_the_attempts_its_dead_worker_left_it(pool, dispatcher, receiver,
-                                                                                    quick_retries):
+                                                                                    quick_retries,
+                                                                                    alone_in_the_database):
     # DELIVERY_MAX_ATTEMPTS counts the whole delivery: with 2 of 4 made, a failing endpoint gets 2 more, not 4.
     receiver.answer("hook", 503)
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
@@ -477,7 +486,8 @@ async def test_a_resumed_delivery_fails_after_the_attempts_its_dead_worker_left_
     assert letter["reason"].endswith("HTTP 503; FAILED after 4 attempt(s)")
 
 
-async def test_a_delivery_sent_but_not_recorded_is_recorded_sent_without_posting_again(pool, dispatcher, receiver):
+async def test_a_delivery_sent_but_not_recorded_is_recorded_sent_without_posting_again(pool, dispatcher, receiver,
+                                                                                       alone_in_the_database):
     from alerting_app import redis_client
     from alerting_app.delivery.claims import SENT_MARK, claim_key
 
@@ -497,7 +507,8 @@ async def test_a_delivery_sent_but_not_recorded_is_recorded_sent_without_posting
 
 
 async def test_a_delivery_taken_over_is_found_sent_before_it_waits_for_its_endpoints_token(pool, dispatcher,
-                                                                                            receiver):
+                                                                                            receiver,
+                                                                                            alone_in_the_database):
     # Its sent mark lasts DELIVERY_SENT_MARKER_TTL_S; the token of a slow endpoint can take longer.
     # Looked for only after that wait, the mark would be gone, and the claim would send it again.
     from alerting_app import redis_client
@@ -597,7 +608,8 @@ async def test_a_sent_mark_redis_cannot_be_asked_for_is_no_attempt_and_no_error(
         await unreachable.aclose()
 
 
-async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, dispatcher, receiver):
+async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, dispatcher, receiver,
+                                                                         alone_in_the_database):
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])
     await open_abandoned_delivery(pool, notification, endpoint)
@@ -648,7 +660,7 @@ async def test_undecodable_notification_goes_to_the_dead_letter_topic(pool, disp
 
 
 async def test_a_delivery_sent_by_a_dead_worker_stays_sent_though_its_endpoint_was_disabled_since(
-        pool, dispatcher, receiver):
+        pool, dispatcher, alone_in_the_database, receiver):
     # The dead worker had the 2xx and its sent mark in Redis, not yet the SENT row; the tenant then
     # disabled the endpoint. It was delivered: not FAILED, and no dead letter saying so.
     from alerting_app import redis_client
