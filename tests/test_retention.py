@@ -7,6 +7,7 @@ import uuid
 
 import asyncpg
 import pytest
+import pytest_asyncio
 
 from agents.retention import prune_notifications, prune_silences
 from alerting_app import metrics
@@ -36,6 +37,16 @@ async def notification(pool, client_id: str, *, age_days: float, status: str = "
     return notification_id
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(pool):
+    """A client whose rows go with it after the test. Its PENDING deliveries are due, to endpoints
+    that do not exist, in notifications no contract would carry: left behind, any later sweep of
+    the session (tests/test_agent_deliver.py, ...) would lease them, and fail on them."""
+    client_id = await insert_client(pool)
+    yield client_id
+    await pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)  # cascades to all of them
+
+
 async def member(pool, client_id: str, notification_id: str, alert_id: str) -> None:
     await pool.execute("INSERT INTO notification_alerts (client_id, alert_id, notification_id) VALUES ($1, $2, $3)",
                        client_id, alert_id, notification_id)
@@ -54,8 +65,7 @@ async def left_of(pool, client_id: str) -> tuple[set, int, set]:
 
 
 @AGENT_LOOP
-async def test_old_settled_notifications_go_with_their_deliveries_and_memberships(pool):
-    client = await insert_client(pool)
+async def test_old_settled_notifications_go_with_their_deliveries_and_memberships(pool, client):
     old = [await notification(pool, client, age_days=31, status=status, members=2)
            for status in ("SENT", "FAILED", "SUPPRESSED", "SILENCED")]
     recent = await notification(pool, client, age_days=29, members=2)
@@ -72,8 +82,7 @@ async def test_old_settled_notifications_go_with_their_deliveries_and_membership
 
 
 @AGENT_LOOP
-async def test_what_the_pipeline_still_holds_is_kept_however_old(pool):
-    client = await insert_client(pool)
+async def test_what_the_pipeline_still_holds_is_kept_however_old(pool, client):
     pending = await notification(pool, client, age_days=40, status="PENDING")  # deliveries still to make
     unemitted = await notification(pool, client, age_days=40, status="SENT", emitted=False)
     # A group still open: its members are recorded, its notification row does not exist yet.
@@ -90,8 +99,7 @@ async def test_what_the_pipeline_still_holds_is_kept_however_old(pool):
 
 
 @AGENT_LOOP
-async def test_a_backlog_goes_in_batches_until_none_is_left(pool):
-    client = await insert_client(pool)
+async def test_a_backlog_goes_in_batches_until_none_is_left(pool, client):
     for _ in range(7):
         await notification(pool, client, age_days=100)
 
@@ -101,8 +109,7 @@ async def test_a_backlog_goes_in_batches_until_none_is_left(pool):
 
 
 @AGENT_LOOP
-async def test_a_row_another_transaction_holds_is_skipped_not_waited_for(pool, services):
-    client = await insert_client(pool)
+async def test_a_row_another_transaction_holds_is_skipped_not_waited_for(pool, client, services):
     held = await notification(pool, client, age_days=31)
     free = await notification(pool, client, age_days=31)
     other = await asyncpg.connect(services.database_url)
