@@ -130,7 +130,7 @@ async def test_an_endpoint_created_while_its_rule_is_deleted_is_refused_for_its_
         async with asyncio.timeout(30):  # a bound only: a create blocked elsewhere would hang the run
             while not await pool.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE '%INSERT INTO endpoints%'"):
+                    " AND datname = current_database() AND query LIKE '%INSERT INTO endpoints%'"):
                 assert not creating.done(), (await creating).body
                 await asyncio.sleep(0.02)
         await transaction.commit()

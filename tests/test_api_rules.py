@@ -344,7 +344,7 @@ async def test_a_create_that_waited_for_its_clients_lock_is_not_behind_a_page_al
                                                  {"severity": "HIGH", "source": "payments", "name": "late"}))
         async with asyncio.timeout(30):  # a bound only: a create blocked elsewhere would hang the run
             while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                          "AND query LIKE '%FOR NO KEY UPDATE%'"):
+                                          "AND datname = current_database() AND query LIKE '%FOR NO KEY UPDATE%'"):
                 assert not waiting.done(), waiting.result().body
                 await asyncio.sleep(0.02)
         seen = await api.new_rule(other_tenant, name="meanwhile")

@@ -322,7 +322,9 @@ async def test_grouped_alert_already_notified_at_once_does_not_join_and_the_reve
 
 
 async def a_lock_is_awaited(observer: asyncpg.Connection, condition: str) -> bool:
-    return await observer.fetchval(f"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND {condition}")
+    # pg_locks is the whole server's: another session's database may be on it (DATABASE_URL given).
+    return await observer.fetchval(f"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND {condition}"
+                                   " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
 
 
 @contextlib.asynccontextmanager
