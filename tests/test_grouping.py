@@ -30,6 +30,15 @@ from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_t
 ALL_PARTITIONS = set(range(64))
 
 
+async def closed_for(pool, clients: str | set[str], now: float, partitions: set[int] = ALL_PARTITIONS,
+                     **options) -> list:
+    """Close the due groups, as the closer does; return what was emitted for these clients. The
+    group table is this process's, shared by every test module: a group another module left open
+    (a failed test's, say) is closed too, and is not this test's to count."""
+    clients = {clients} if isinstance(clients, str) else clients
+    return [ready for ready in await close_due_groups(pool, now, partitions, **options) if ready.client_id in clients]
+
+
 def alert(n: int = 0, alert_id: str | None = None) -> Alert:
     return Alert(alert_id=alert_id or str(uuid.uuid4()), event_ts=time.time(), severity="HIGH", source="payments",
                  name="CheckoutLatency", context={"n": str(n)})
@@ -262,8 +271,8 @@ async def test_grouped_matches_become_one_notification_when_the_window_closes(po
 
     assert [a.ready for a in aggregations] == [[]] * 5
     assert await rows_of(pool, client) == []
-    assert await close_due_groups(pool, opened, ALL_PARTITIONS) == []  # not due yet
-    [ready] = await close_due_groups(pool, opened + 5, ALL_PARTITIONS)
+    assert await closed_for(pool, client, opened) == []  # not due yet
+    [ready] = await closed_for(pool, client, opened + 5)
     assert ready.alerts == [m.alert for m in matches]
     assert (ready.rule_ids, ready.group_rule_id, ready.truncated_alerts) == (sorted([rule, other_rule]), rule, 0)
     [row] = await rows_of(pool, client)
@@ -271,7 +280,7 @@ async def test_grouped_matches_become_one_notification_when_the_window_closes(po
         ready.notification_id, "PENDING", True, rule)
     assert [m["notification_id"] for m in await sent_to("notifications.ready", client)] == [ready.notification_id]
     assert groups.open_groups.get(client.encode()) is None
-    assert await close_due_groups(pool, opened + 10, ALL_PARTITIONS) == []
+    assert await closed_for(pool, client, opened + 10) == []
 
 
 @AGENT_LOOP
@@ -285,8 +294,8 @@ async def test_an_alert_resent_after_its_client_added_a_grouping_rule_is_notifie
 
     await aggregate(grouped(client, new_rule, window_s=60, the_alert=members[0].alert))  # the source sends it again
 
-    [sooner] = await close_due_groups(pool, opened + 60, ALL_PARTITIONS)
-    [later] = await close_due_groups(pool, opened + 300, ALL_PARTITIONS)
+    [sooner] = await closed_for(pool, client, opened + 60)
+    [later] = await closed_for(pool, client, opened + 300)
     assert sooner.alerts == [other.alert]
     assert later.alerts == [m.alert for m in members]
 
@@ -298,7 +307,7 @@ async def test_a_group_lists_at_most_the_maximum_and_counts_the_rest_as_truncate
     matches = [grouped(client, rule, the_alert=alert(n)) for n in range(50)]
 
     await aggregate(*matches)
-    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+    [ready] = await closed_for(pool, client, time.time() + 5)
 
     assert ready.alerts == [m.alert for m in matches[:20]]
     assert ready.truncated_alerts == 30
@@ -314,7 +323,7 @@ async def test_grouped_alert_already_notified_at_once_does_not_join_and_the_reve
 
     await aggregate(at_once, grouped(client, rule, the_alert=at_once.alert), member,
                     matched(client, [rule], the_alert=member.alert))
-    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+    [ready] = await closed_for(pool, client, time.time() + 5)
 
     assert ready.alerts == [member.alert]
     assert sorted(row["alert_id"] for row in await rows_of(pool, client)) == sorted(
@@ -364,7 +373,7 @@ async def test_an_alert_one_worker_adds_to_a_group_is_not_notified_at_once_by_an
     await joining
 
     assert await notifying == []
-    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+    [ready] = await closed_for(pool, client, time.time() + 5)
     assert ready.alerts == [member.alert]
     assert [row["notification_id"] for row in await rows_of(pool, client)] == [ready.notification_id]
 
@@ -422,7 +431,7 @@ async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(po
     # The closer inserted the notification and died before it was sent.
     first_built = await groups.record_closed_groups(pool, [due], time.time() + 5)
 
-    [ready] = await close_due_groups(pool, time.time() + 6, ALL_PARTITIONS)
+    [ready] = await closed_for(pool, client, time.time() + 6)
 
     assert [ready] == first_built
     assert len(await rows_of(pool, client)) == 1
@@ -562,7 +571,7 @@ async def test_the_group_of_a_client_deleted_while_it_was_open_is_dropped(pool):
     await aggregate(grouped(client, rule), grouped(other_client, rule))
     await pool.execute("DELETE FROM clients WHERE client_id = $1", client)
 
-    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)
+    [ready] = await closed_for(pool, {client, other_client}, time.time() + 5)
 
     assert ready.client_id == other_client
     assert groups.open_groups.get(client.encode()) is None
@@ -577,9 +586,9 @@ async def test_the_closer_leaves_alone_the_groups_of_partitions_this_worker_does
     partitions = tuple(range(settings.topic_partitions))
     own = partition_for(client.encode(), partitions)
 
-    assert await close_due_groups(pool, time.time() + 5, set(partitions) - {own}) == []  # a standby copy
+    assert await closed_for(pool, client, time.time() + 5, set(partitions) - {own}) == []  # a standby copy
     assert await rows_of(pool, client) == []
-    [ready] = await close_due_groups(pool, time.time() + 5, {own})
+    [ready] = await closed_for(pool, client, time.time() + 5, {own})
     assert ready.client_id == client
 
 
@@ -588,7 +597,7 @@ async def test_the_closer_forgets_the_closed_groups_of_a_partition_taken_away(po
     client, soon, later = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
     await aggregate(grouped(client, soon, window_s=5), grouped(client, later, window_s=300))
     opened = time.time()
-    [closed] = await close_due_groups(pool, opened + 5, ALL_PARTITIONS)
+    [closed] = await closed_for(pool, client, opened + 5)
     assert closed.notification_id in closed_here  # its client's value still holds the later group
 
     own = partition_for(client.encode(), tuple(range(settings.topic_partitions)))
@@ -596,8 +605,8 @@ async def test_the_closer_forgets_the_closed_groups_of_a_partition_taken_away(po
     assert closed.notification_id not in closed_here
 
     # Given back, the value still lists the closed group: closed again, it sends nothing.
-    assert await close_due_groups(pool, opened + 6, ALL_PARTITIONS) == []
-    [last] = await close_due_groups(pool, opened + 300, ALL_PARTITIONS)
+    assert await closed_for(pool, client, opened + 6) == []
+    [last] = await closed_for(pool, client, opened + 300)
     assert last.group_rule_id == later
     assert groups.open_groups.get(client.encode()) is None
     assert closed.notification_id not in closed_here
@@ -611,12 +620,12 @@ async def test_the_closer_leaves_the_table_alone_for_a_partition_moved_away_whil
     await aggregate(grouped(client, rule))
     value = groups.open_groups.get(client.encode())
 
-    [ready] = await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS, still_owned=set)
+    [ready] = await closed_for(pool, client, time.time() + 5, still_owned=set)
 
     assert groups.open_groups.get(client.encode()) == value  # not deleted: its owner's to write now
     assert ready.notification_id not in closed_here
     # Given back: closed again, it sends nothing, and the value is removed.
-    assert await close_due_groups(pool, time.time() + 6, ALL_PARTITIONS) == []
+    assert await closed_for(pool, client, time.time() + 6) == []
     assert groups.open_groups.get(client.encode()) is None
 
 

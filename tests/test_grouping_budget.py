@@ -17,6 +17,7 @@ from agents.close_groups import close_due_groups
 from alerting_app.contracts import MAX_CONTEXT_ENTRIES, Alert, AlertMatched
 from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
+from test_grouping import closed_for
 
 BROKER_MESSAGE_LIMIT = 1_000_000  # Faust's producer_max_request_size, the smaller of the two limits
 EMOJI = "\U0001F525"
@@ -97,7 +98,7 @@ async def test_the_agent_groups_and_the_closer_notifies_an_alert_too_large_for_a
     assert aggregation.dead_letters == []
     await groups.wait_until_written()  # the changelog write was accepted by the producer and broker
 
-    [ready] = await close_due_groups(pool, time.time() + 5, set(range(64)))
+    [ready] = await closed_for(pool, client, time.time() + 5)
 
     assert [a.alert_id for a in ready.alerts] == [big.alert_id] and ready.truncated_alerts == 0
     assert groups.open_groups.get(client.encode()) is None
@@ -177,8 +178,7 @@ async def test_a_client_whose_open_groups_outgrow_a_message_has_the_oldest_notif
     assert groups.encoded_size(value) <= groups.CLOSE_EARLY_BYTES
     assert sorted(value) == sorted(rules[len(early):])
 
-    closed = [ready for ready in await close_due_groups(pool, time.time() + 5, set(range(64)))
-              if ready.client_id == client]
+    closed = await closed_for(pool, client, time.time() + 5)
 
     notified = [a["alert_id"] for row in early for a in row["alerts"]] + [a.alert_id for r in closed for a in r.alerts]
     assert sorted(notified) == sorted(a.alert_id for a in alerts)  # each alert once, none lost

@@ -17,6 +17,7 @@ from alerting_app.contracts import Alert, AlertMatched
 from alerting_app.sending import partition_for
 from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
+from test_grouping import closed_for
 
 ALL_PARTITIONS = set(range(64))
 
@@ -54,7 +55,7 @@ async def test_a_group_postgres_refuses_is_a_dead_letter_and_the_other_groups_cl
     for key, client_value in plan.values.items():
         await open_directly(pool, key, client_value)
 
-    ready = await close_due_groups(pool, now + 5, ALL_PARTITIONS)
+    ready = await closed_for(pool, {client, other_client}, now + 5)
 
     assert sorted((r.client_id, r.group_rule_id) for r in ready) == sorted(
         [(client, good_rule), (other_client, good_rule)])
@@ -70,9 +71,9 @@ async def test_a_group_postgres_refuses_is_a_dead_letter_and_the_other_groups_cl
                                bad_group["notification_id"]) == 0
 
     # Closing again refuses nothing more: the bad group is gone, not retried for ever.
-    assert await close_due_groups(pool, now + 6, ALL_PARTITIONS) == []
+    assert await closed_for(pool, {client, other_client}, now + 6) == []
     assert len(await sent_to("alerts.matched.dlq", client)) == 1
-    [slow] = await close_due_groups(pool, now + 600, ALL_PARTITIONS)
+    [slow] = await closed_for(pool, client, now + 600)
     assert slow.group_rule_id == slow_rule
 
 
@@ -88,7 +89,7 @@ async def test_a_group_with_an_id_asyncpg_cannot_encode_does_not_stop_the_others
     for key, client_value in plan.values.items():
         await open_directly(pool, key, client_value)
 
-    [ready] = await close_due_groups(pool, now + 5, ALL_PARTITIONS)
+    [ready] = await closed_for(pool, {client, other_client}, now + 5)
 
     assert ready.client_id == other_client
     [letter] = await sent_to("alerts.matched.dlq", client)
@@ -107,7 +108,7 @@ async def test_a_group_whose_key_is_no_uuid_is_a_dead_letter_and_the_others_clos
     await groups.prepare_writes()
     groups.write_value_of_partition(bad_key, bad_value, partition_for(bad_key, tuple(range(64))))
 
-    [ready] = await close_due_groups(pool, now + 5, ALL_PARTITIONS)
+    [ready] = await closed_for(pool, {client, bad_key.decode()}, now + 5)
 
     assert ready.client_id == client
     [letter] = await sent_to("alerts.matched.dlq", bad_key.decode())
