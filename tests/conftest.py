@@ -19,19 +19,22 @@ import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+from typing import IO, TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 import asyncpg
 import pytest
 
 from alerting_app import embedded
-from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, with_database
+from alerting_app.embedded import (EmbeddedServices, create_database, drop_database, free_port, hold_lock,
+                                   with_database)
 from alerting_app.migrate import apply_migrations
 
 if TYPE_CHECKING:
     from alerting_app.up import WorkerProcess
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+_FOLDER_PREFIX = "alerting-test-"
+_SESSION_LOCK = "session.lock"
 _FIRST_TEST_PORT = 10_000
 _SESSION = pytest.StashKey["_Session"]()
 
@@ -52,16 +55,20 @@ class SessionServices:
 class _Session:
     folder: Path
     embedded: EmbeddedServices
+    lock: IO | None  # held while the session runs (_remove_folders_of_ended_sessions)
     services: SessionServices | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.option.help or _is_xdist_controller(config):
+    if config.option.help:
         return
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # in pytest-xdist's controller too: it then stops the workers
+    if _is_xdist_controller(config):
+        return
     _ports_of_this_process(config)
-    folder = Path(tempfile.mkdtemp(prefix="alerting-test-"))
-    session = _Session(folder, EmbeddedServices(folder / "services"))
+    _remove_folders_of_ended_sessions()
+    folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX))
+    session = _Session(folder, EmbeddedServices(folder / "services"), hold_lock(folder / _SESSION_LOCK))
     config.stash[_SESSION] = session
     try:
         session.services = _prepare(session)
@@ -92,6 +99,20 @@ def _ports_of_this_process(config: pytest.Config) -> None:
     span = (ephemeral_low - _FIRST_TEST_PORT) // count
     if span >= 500:  # else leave it to the kernel
         embedded.PORT_RANGE = (_FIRST_TEST_PORT + number * span, _FIRST_TEST_PORT + (number + 1) * span - 1)
+
+
+def _remove_folders_of_ended_sessions() -> None:
+    """Remove the folders (embedded services' data, some 50 MB) of sessions that ended without
+    removing their own: killed, by a CI timeout or by pytest-xdist ending its processes after an
+    interrupt. Their lock is free; a session still running holds its own, and one that has not yet
+    taken it has no lock file yet. (Their services ended with them: PR_SET_PDEATHSIG, embedded.py.)"""
+    for folder in Path(tempfile.gettempdir()).glob(_FOLDER_PREFIX + "*"):
+        if not (folder / _SESSION_LOCK).exists():
+            continue
+        lock = hold_lock(folder / _SESSION_LOCK)
+        if lock is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -161,6 +182,8 @@ def _finish(session: _Session) -> None:
     finally:
         session.embedded.stop()
         shutil.rmtree(session.folder, ignore_errors=True)
+        if session.lock is not None:
+            session.lock.close()
 
 
 @pytest.fixture(scope="session")
