@@ -6,7 +6,7 @@ otherwise an embedded Tansu broker, PostgreSQL or redis-server is started in a t
 Either way the session gets a fresh, migrated database of its own and a unique APP_ID (consumer
 group), so sessions never see each other's rows or offsets.
 
-Fixtures: `services` (session), `clean_db`, `empty_database`, `start_worker`; `free_port()` is
+Fixtures: `services` (session), `clean_db`, `empty_database`, `private_postgres`, `start_worker`; `free_port()` is
 `alerting_app.embedded.free_port`.
 """
 from __future__ import annotations
@@ -230,6 +230,25 @@ def service_folder() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="alerting-services-"))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class PrivatePostgres:
+    embedded: EmbeddedServices  # to stop it, start it again, freeze it
+    database_url: str  # migrated
+
+
+@pytest.fixture
+def private_postgres(service_folder: Path) -> Iterator[PrivatePostgres]:
+    """A migrated Postgres of the test's own, for tests that stop, freeze or break it: the session's is
+    never touched. Request it before `start_worker`, so that the worker stops before it does."""
+    postgres = EmbeddedServices(service_folder)
+    try:
+        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
+        asyncio.run(apply_migrations(database_url))
+        yield PrivatePostgres(postgres, database_url)
+    finally:
+        postgres.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import signal
 import urllib.error
@@ -26,17 +25,10 @@ import asyncpg
 import psutil
 import pytest
 
-from alerting_app.embedded import EmbeddedServices, free_port
-from alerting_app.migrate import apply_migrations
-from alerting_app.up import WorkerProcess
+from alerting_app.embedded import EmbeddedServices
 from operations_support import wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def worker_env(database_url: str, tmp_path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
-            "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"api-pg-{secrets.token_hex(4)}", **extra}
 
 
 def call(method: str, url: str, token: str, body: object = None) -> tuple[int, dict[str, str], bytes]:
@@ -49,41 +41,31 @@ def call(method: str, url: str, token: str, body: object = None) -> tuple[int, d
         return exc.code, dict(exc.headers), exc.read()
 
 
-def test_the_api_answers_503_database_unavailable_while_postgres_is_away(services, service_folder, tmp_path):
-    postgres = EmbeddedServices(service_folder)
-    worker = None
-    try:
-        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
-        postgres_port = urllib.parse.urlsplit(database_url).port
-        asyncio.run(apply_migrations(database_url))
-        worker = WorkerProcess(worker_env(database_url, tmp_path), tmp_path / "worker.log")
-        worker.wait_until_ready()
-        status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
-        assert status == 201, body
-        client_key = json.loads(body)["api_key"]
+def test_the_api_answers_503_database_unavailable_while_postgres_is_away(services, private_postgres, start_worker):
+    postgres_port = urllib.parse.urlsplit(private_postgres.database_url).port
+    worker = start_worker(DATABASE_URL=private_postgres.database_url, APP_ID=f"api-pg-{secrets.token_hex(4)}")
+    status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
+    assert status == 201, body
+    client_key = json.loads(body)["api_key"]
 
-        postgres.stop_postgres()
-        # The admin's token needs no Postgres to authenticate, a client's key does: both reach Postgres.
-        for method, path, token, request_body in [
-                ("GET", "/api/v1/rules", services.admin_token, None),
-                ("GET", "/api/v1/rules", client_key, None),
-                ("POST", "/api/v1/rules", client_key, {"severity": "HIGH", "source": "payments", "name": "*"})]:
-            status, headers, body = call(method, worker.url + path, token, request_body)
-            assert status == 503, (method, path, status, body)
-            answer = json.loads(body)
-            assert answer["error"] == "database_unavailable", answer
-            # Which kind of trouble, without asyncpg's text, which names the database's address.
-            assert answer["message"].startswith("the database is unavailable ("), answer
-            assert f":{postgres_port}" not in answer["message"] and "127.0.0.1" not in answer["message"], answer
-            assert int(headers["Retry-After"]) > 0
+    private_postgres.embedded.stop_postgres()
+    # The admin's token needs no Postgres to authenticate, a client's key does: both reach Postgres.
+    for method, path, token, request_body in [
+            ("GET", "/api/v1/rules", services.admin_token, None),
+            ("GET", "/api/v1/rules", client_key, None),
+            ("POST", "/api/v1/rules", client_key, {"severity": "HIGH", "source": "payments", "name": "*"})]:
+        status, headers, body = call(method, worker.url + path, token, request_body)
+        assert status == 503, (method, path, status, body)
+        answer = json.loads(body)
+        assert answer["error"] == "database_unavailable", answer
+        # Which kind of trouble, without asyncpg's text, which names the database's address.
+        assert answer["message"].startswith("the database is unavailable ("), answer
+        assert f":{postgres_port}" not in answer["message"] and "127.0.0.1" not in answer["message"], answer
+        assert int(headers["Retry-After"]) > 0
 
-        postgres.start_postgres_again()
-        wait_until(lambda: call("GET", worker.url + "/api/v1/rules", client_key)[0] == 200, "answering again")
-        assert worker.child.running()  # the same process throughout: no restart
-    finally:
-        if worker is not None:
-            worker.stop()
-        postgres.stop()
+    private_postgres.embedded.start_postgres_again()
+    wait_until(lambda: call("GET", worker.url + "/api/v1/rules", client_key)[0] == 200, "answering again")
+    assert worker.child.running()  # the same process throughout: no restart
 
 
 @contextmanager
@@ -124,20 +106,17 @@ async def lock_row_of(database_url: str, client_id: str) -> asyncpg.Connection:
 WAITING_ON_A_LOCK = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
 
 
-def test_the_api_answers_503_database_unavailable_while_postgres_does_not_answer(services, service_folder,
-                                                                                   tmp_path):
+def test_the_api_answers_503_database_unavailable_while_postgres_does_not_answer(services, private_postgres,
+                                                                                   start_worker):
     """Before, every request waited until TCP gave up, many minutes later; the `call`'s 60 s bound is
     what fails the test then. Once Postgres answers again, so does the API: the connections that
     were stuck are not handed out again."""
-    postgres = EmbeddedServices(service_folder)
-    worker = None
+    postgres, database_url = private_postgres.embedded, private_postgres.database_url
     holder_loop = asyncio.new_event_loop()  # for the test's own connection, which outlives one asyncio.run
     holder = None
     try:
-        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
-        asyncio.run(apply_migrations(database_url))
-        worker = WorkerProcess(worker_env(database_url, tmp_path, API_DATABASE_TIMEOUT_S="2"), tmp_path / "worker.log")
-        worker.wait_until_ready()
+        worker = start_worker(DATABASE_URL=database_url, APP_ID=f"api-pg-{secrets.token_hex(4)}",
+                              API_DATABASE_TIMEOUT_S="2")
         status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
         assert status == 201, body
         client = json.loads(body)
@@ -174,6 +153,3 @@ def test_the_api_answers_503_database_unavailable_while_postgres_does_not_answer
         if holder is not None:
             holder_loop.run_until_complete(holder.close())
         holder_loop.close()
-        if worker is not None:
-            worker.stop()
-        postgres.stop()

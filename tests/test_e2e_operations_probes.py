@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from alerting_app.dependencies import shipped_schema_version
-from alerting_app.embedded import EmbeddedServices, create_database, drop_database, free_port, with_database
+from alerting_app.embedded import create_database, drop_database, free_port, with_database
 from alerting_app.migrate import apply_migrations
 from alerting_app.up import WorkerProcess, _instructions, alerting_app_executable
 from operations_support import get_json, health_check, readiness, wait_until
@@ -82,16 +82,14 @@ def _status(url: str) -> int:
         return exc.code
 
 
-def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(services, service_folder, tmp_path):
-    postgres = EmbeddedServices(service_folder)
+def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(private_postgres, tmp_path):
+    postgres = private_postgres.embedded
     worker = None
     try:
-        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
-        asyncio.run(apply_migrations(database_url))
         postgres.stop_postgres()
 
         # Started while its Postgres is down: it waits, says so, and answers the probes meanwhile.
-        env = {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
+        env = {**os.environ, "DATABASE_URL": private_postgres.database_url, "WEB_PORT": str(free_port()),
                "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"ops-pg-{secrets.token_hex(4)}"}
         worker = WorkerProcess(env, tmp_path / "worker.log")
         wait_until(lambda: "waiting for postgres" in worker.log(), "logging that it waits for postgres")
@@ -122,7 +120,6 @@ def test_readyz_follows_postgres_stopping_and_returning_without_a_restart(servic
     finally:
         if worker is not None:
             worker.stop()
-        postgres.stop()
 
 
 def test_a_worker_on_an_unmigrated_schema_waits_and_starts_once_migrated(services, tmp_path):

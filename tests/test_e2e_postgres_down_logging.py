@@ -8,15 +8,10 @@ The worker's Postgres is a private embedded one (the session's is never stopped)
 """
 from __future__ import annotations
 
-import asyncio
-import os
 import secrets
 
 import pytest
 
-from alerting_app.embedded import EmbeddedServices, free_port
-from alerting_app.migrate import apply_migrations
-from alerting_app.up import WorkerProcess
 from operations_support import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -27,32 +22,22 @@ LOOPS = {  # each retrying loop's first failure, and the name its later lines gi
 }
 
 
-def test_a_worker_logs_one_traceback_per_retrying_loop_while_postgres_is_away(services, service_folder, tmp_path):
-    postgres = EmbeddedServices(service_folder)
-    worker = None
-    try:
-        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
-        asyncio.run(apply_migrations(database_url))
-        env = {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()), "LOG_LEVEL": "info",
-               "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"pg-logs-{secrets.token_hex(4)}"}
-        worker = WorkerProcess(env, tmp_path / "worker.log")
-        worker.wait_until_ready()
-        before = len(worker.log())
+def test_a_worker_logs_one_traceback_per_retrying_loop_while_postgres_is_away(private_postgres, start_worker):
+    postgres = private_postgres.embedded
+    worker = start_worker(DATABASE_URL=private_postgres.database_url, LOG_LEVEL="info",
+                          APP_ID=f"pg-logs-{secrets.token_hex(4)}")
+    before = len(worker.log())
 
-        postgres.stop_postgres()
-        # Retrying for a while: until the relay's first summary line (one interval after its first failure).
-        wait_until(lambda: "outbox relay still failing (" in worker.log()[before:],
-                   "the relay's summary line, not a traceback per retry")
-        postgres.start_postgres_again()
-        wait_until(lambda: all(f"{name} recovered after " in worker.log()[before:] for name in LOOPS.values()),
-                   "every loop recovered")
+    postgres.stop_postgres()
+    # Retrying for a while: until the relay's first summary line (one interval after its first failure).
+    wait_until(lambda: "outbox relay still failing (" in worker.log()[before:],
+               "the relay's summary line, not a traceback per retry")
+    postgres.start_postgres_again()
+    wait_until(lambda: all(f"{name} recovered after " in worker.log()[before:] for name in LOOPS.values()),
+               "every loop recovered")
 
-        during = worker.log()[before:]
-        for first, name in LOOPS.items():
-            assert during.count(first) == 1, (first, during.count(first))
-            failures = int(during.split(f"{name} recovered after ")[1].split()[0])
-            assert failures > 1, (name, failures)  # it did retry: quietly
-    finally:
-        if worker is not None:
-            worker.stop()
-        postgres.stop()
+    during = worker.log()[before:]
+    for first, name in LOOPS.items():
+        assert during.count(first) == 1, (first, during.count(first))
+        failures = int(during.split(f"{name} recovered after ")[1].split()[0])
+        assert failures > 1, (name, failures)  # it did retry: quietly

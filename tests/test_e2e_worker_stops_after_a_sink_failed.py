@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -32,9 +31,6 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from alerting_app.embedded import EmbeddedServices, free_port
-from alerting_app.migrate import apply_migrations
-from alerting_app.up import WorkerProcess
 from delivery_platform import produce_alerts
 from operations_support import wait_until
 from test_e2e_api_postgres_down import call
@@ -72,37 +68,25 @@ async def crash_amid_a_backlog(bootstrap: str, backlog: int = 20_000) -> None:
         await producer.stop()
 
 
-def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, service_folder, tmp_path):
-    postgres = EmbeddedServices(service_folder)
-    worker = None
-    try:
-        database_url = postgres.start(kafka=False, redis=False)["DATABASE_URL"]
-        asyncio.run(apply_migrations(database_url))
-        env = {**os.environ, "DATABASE_URL": database_url, "WEB_PORT": str(free_port()),
-               "DATA_DIR": str(tmp_path / "worker"), "APP_ID": f"sink-crash-{secrets.token_hex(4)}"}
-        worker = WorkerProcess(env, tmp_path / "worker.log")
-        worker.wait_until_ready()
-        status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
-        assert status == 201, body
-        key = json.loads(body)["api_key"]
-        status, _, body = call("POST", worker.url + "/api/v1/rules", key,
-                               {"severity": "HIGH", "source": "payments", "name": "*"})
-        assert status == 201, body
-        rule_id = json.loads(body)["rule_id"]
-        wait_until(lambda: rule_id in call("GET", worker.url + "/api/v1/worker/rules", services.admin_token)[2].decode(),
-                   "holding the rule")
+def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, private_postgres, start_worker):
+    worker = start_worker(DATABASE_URL=private_postgres.database_url, APP_ID=f"sink-crash-{secrets.token_hex(4)}")
+    status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
+    assert status == 201, body
+    key = json.loads(body)["api_key"]
+    status, _, body = call("POST", worker.url + "/api/v1/rules", key,
+                           {"severity": "HIGH", "source": "payments", "name": "*"})
+    assert status == 201, body
+    rule_id = json.loads(body)["rule_id"]
+    wait_until(lambda: rule_id in call("GET", worker.url + "/api/v1/worker/rules", services.admin_token)[2].decode(),
+               "holding the rule")
 
-        asyncio.run(rename_emitted_column(database_url))
-        asyncio.run(crash_amid_a_backlog(services.kafka_bootstrap_servers))
+    asyncio.run(rename_emitted_column(private_postgres.database_url))
+    asyncio.run(crash_amid_a_backlog(services.kafka_bootstrap_servers))
 
-        wait_until(lambda: "an agent crashed (UndefinedColumnError" in worker.log(), "crashing in its sink")
-        # The bound only ends the test: before the fix the worker never stopped.
-        wait_until(lambda: not worker.child.running(), "stopping after the crash")
-        assert "did not finish stopping" not in worker.log()  # it stopped, not the backstop
-    finally:
-        if worker is not None:
-            worker.stop()
-        postgres.stop()
+    wait_until(lambda: "an agent crashed (UndefinedColumnError" in worker.log(), "crashing in its sink")
+    # The bound only ends the test: before the fix the worker never stopped.
+    wait_until(lambda: not worker.child.running(), "stopping after the crash")
+    assert "did not finish stopping" not in worker.log()  # it stopped, not the backstop
 
 
 def test_a_process_whose_stop_hangs_after_a_crash_exits_all_the_same():
