@@ -68,7 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _ports_of_this_process(config)
     _remove_folders_of_ended_sessions()
     folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX))
-    session = _Session(folder, EmbeddedServices(folder / "services"), hold_lock(folder / _SESSION_LOCK))
+    session = _Session(folder, EmbeddedServices(folder / "services"), _lock_session_folder(folder))
     config.stash[_SESSION] = session
     try:
         session.services = _prepare(session)
@@ -113,6 +113,14 @@ def _remove_folders_of_ended_sessions() -> None:
         if lock is not None:
             shutil.rmtree(folder, ignore_errors=True)
             lock.close()
+
+
+def _lock_session_folder(folder: Path) -> IO | None:
+    # Taken under another name, then renamed: a lock file that exists is always held, so another
+    # session starting at the same moment never finds it free and removes this folder.
+    lock = hold_lock(folder / (_SESSION_LOCK + ".new"))
+    (folder / (_SESSION_LOCK + ".new")).rename(folder / _SESSION_LOCK)
+    return lock
 
 
 def _interrupt(signum: int, frame: object) -> None:
