@@ -254,6 +254,9 @@ async def relay_rule_outbox() -> None:
         except Exception:
             # Broker or database unavailable: the rows stay in the outbox and the next tick retries.
             _relay_failures.failed("outbox relay failed; retrying")
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_wake_up.wait(), _relay_failures.backoff_s(RELAY_INTERVAL_S, RELAY_MAX_BACKOFF_S))
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as
+        # the wake-up does, and the relay then went on for ever after its task was cancelled.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_relay_failures.backoff_s(RELAY_INTERVAL_S, RELAY_MAX_BACKOFF_S)):
+                await _wake_up.wait()
         _wake_up.clear()

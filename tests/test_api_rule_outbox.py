@@ -117,6 +117,28 @@ async def test_the_running_relay_publishes_a_change_made_through_the_api(api, te
     assert (event.action, event.version, event.client_id) == ("upsert", 1, tenant.client_id)
 
 
+async def test_the_relay_cancelled_as_it_is_woken_up_stops(api, tenant, broker):
+    """Python 3.11's asyncio.wait_for returns the result of what it waits for when that finished as
+    the task was cancelled, dropping the cancellation: the relay, waiting for its wake-up, then went
+    on relaying for ever (this module's previous test hung the suite when a wake-up met its cancel).
+    Here the wake-up and the cancel come together on purpose."""
+    from agents import rule_outbox
+
+    relay = asyncio.create_task(rule_outbox.relay_rule_outbox())
+    try:
+        rule = await api.new_rule(tenant)  # a change: the relay sends it, then waits to be woken up
+        await wait_until_relayed(rule["rule_id"])
+        await asyncio.sleep(0.2)
+        rule_outbox._wake_up.set()
+        await asyncio.sleep(0)  # the wake-up's wait ends ...
+        relay.cancel()  # ... and the cancel arrives before the relay resumes
+        async with asyncio.timeout(30):  # a bound only: before the fix the relay never ended
+            await asyncio.gather(relay, return_exceptions=True)
+        assert relay.cancelled()
+    finally:
+        relay.cancel()
+
+
 async def wait_until_relayed(rule_id: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while pending := await outbox_events(rule_id):
