@@ -255,7 +255,8 @@ async def relay_rule_outbox() -> None:
             # Broker or database unavailable: the rows stay in the outbox and the next tick retries.
             _relay_failures.failed("outbox relay failed; retrying")
         # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as
-        # the wake-up does, and the relay then went on for ever after its task was cancelled.
+        # the wake-up does (it returns the result instead), and the relay then went on for ever after
+        # its task was cancelled. The project's other bounded waits use asyncio.timeout for the same reason.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_relay_failures.backoff_s(RELAY_INTERVAL_S, RELAY_MAX_BACKOFF_S)):
                 await _wake_up.wait()

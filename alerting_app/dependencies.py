@@ -40,8 +40,9 @@ class DependencyState:
 async def probe(name: str, check: Awaitable[str | None], timeout: float = PROBE_TIMEOUT_S) -> DependencyState:
     """Run `check`; it returns None when all is well, or says what is missing."""
     try:
-        missing = await asyncio.wait_for(check, timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):  # not wait_for: see agents/rule_outbox.py
+            missing = await check
+    except TimeoutError:
         return DependencyState(name, False, f"no answer within {timeout:g}s")
     except Misconfigured as exc:
         return DependencyState(name, False, str(exc), misconfigured=True)

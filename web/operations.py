@@ -184,8 +184,9 @@ async def _update_consumer_lag() -> None:
     consumed = agent_topics()
     partitions = [tp for tp in assignment if tp.topic in consumed]
     try:
-        lag = await asyncio.wait_for(consumer_lag(app.consumer, partitions), PROBE_TIMEOUT_S)
-    except (asyncio.TimeoutError, KafkaError, ConsumerNotStarted) as exc:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
+            lag = await consumer_lag(app.consumer, partitions)
+    except (TimeoutError, KafkaError, ConsumerNotStarted) as exc:
         # The scrape still answers, with the lag of the last one that could ask the broker.
         log.warning("consumer lag not updated: the broker's end offsets not known within %gs (%s)",
                     PROBE_TIMEOUT_S, type(exc).__name__)

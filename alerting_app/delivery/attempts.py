@@ -206,7 +206,8 @@ async def _endpoint_read_again(job: DeliveryJob, ctx: DeliveryContext) -> Endpoi
     attempt is counted. Bounded: a delivery did not need Postgres before, and must not stall on it.
     """
     try:
-        endpoint = await asyncio.wait_for(ctx.endpoint_now(job), ENDPOINT_READ_TIMEOUT_S)
+        async with asyncio.timeout(ENDPOINT_READ_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
+            endpoint = await ctx.endpoint_now(job)
     except Exception:
         log.warning("could not read endpoint %s again; going on with it as it was", job.endpoint_id, exc_info=True)
         return None

@@ -158,7 +158,8 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            await asyncio.wait_for(self.recorder.written(), _CLOSE_WRITE_TIMEOUT_S)
+            async with asyncio.timeout(_CLOSE_WRITE_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
+                await self.recorder.written()
             await records.release(await db.pool(), self.owner, interrupted)
         except Exception:
             # Their leases then expire on their own, after DELIVERY_LEASE_S.
