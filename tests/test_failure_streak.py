@@ -13,9 +13,7 @@ import uuid
 import asyncpg
 
 from alerting_app.db import init_connection
-from alerting_app.embedded import EmbeddedServices
 from alerting_app.failure_streak import FailureStreak
-from alerting_app.migrate import apply_migrations
 
 log = logging.getLogger("tests.failure_streak")
 
@@ -82,16 +80,14 @@ def test_the_backoff_doubles_with_each_failure_up_to_its_cap_and_resets_on_succe
     assert streak.backoff_s(0.5, 5.0) == 0.5
 
 
-async def test_the_recorder_logs_one_traceback_while_postgres_is_away_not_one_per_retry(service_folder, caplog):
+async def test_the_recorder_logs_one_traceback_while_postgres_is_away_not_one_per_retry(private_postgres, caplog):
     from alerting_app.delivery.recorder import Recorder, log as recorder_log
     from alerting_app.delivery.records import DeliveryChange
 
-    postgres = EmbeddedServices(service_folder)  # a private one: the session's is never stopped
+    postgres = private_postgres.embedded  # the session's is never stopped
     pool = recorder = None
     try:
-        database_url = (await asyncio.to_thread(postgres.start, kafka=False, redis=False))["DATABASE_URL"]
-        await apply_migrations(database_url)
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
+        pool = await asyncpg.create_pool(private_postgres.database_url, min_size=1, max_size=2, init=init_connection)
         attempts = 0
 
         async def own_pool() -> asyncpg.Pool:
@@ -121,4 +117,3 @@ async def test_the_recorder_logs_one_traceback_while_postgres_is_away_not_one_pe
             await recorder.close()
         if pool is not None:
             pool.terminate()
-        await asyncio.to_thread(postgres.stop)
