@@ -199,6 +199,30 @@ async def test_a_sweep_loads_a_row_stored_under_an_earlier_looser_contract(clean
     assert job.notification.alerts[0].severity.value == "HIGH"
 
 
+@pytest.mark.parametrize("stored_alerts", ["[]", '[{"alert_id": "a", "source": "s"}]', '{"not": "a list"}'])
+async def test_a_sweep_fails_a_row_it_cannot_read_and_leases_the_others(clean_db, conn, stored_alerts):
+    # A row edited by hand (or by a bug) used to make every sweep raise after leasing its batch: the
+    # batch waited out its leases, then the same oldest rows were leased again, and raised again.
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    unreadable = await insert_notification(conn, client_id, stored_alerts)
+    await open_delivery(conn, unreadable, endpoint_id, due_seconds_ago=60.0)
+    readable = await insert_notification(conn, client_id)
+    await open_delivery(conn, readable, endpoint_id, due_seconds_ago=30.0)
+
+    [job] = await lease_due(conn, "this-worker", 60.0, {}, backlog=10, limit=10)
+
+    assert job.key == (readable, endpoint_id)
+    failed = await conn.fetchrow("SELECT status, last_error FROM deliveries WHERE notification_id = $1", unreadable)
+    assert failed["status"] == "FAILED"
+    assert failed["last_error"].startswith("the stored notification cannot be read: ")
+    settled = await conn.fetchrow("SELECT status, detail FROM notifications WHERE notification_id = $1", unreadable)
+    assert settled["status"] == "FAILED" and "cannot be read" in settled["detail"]
+    # Nothing is left for the next sweep.
+    assert await lease_due(conn, "this-worker", 60.0, {}, backlog=10, limit=10) == []
+
+
 async def lease_of(conn: asyncpg.Connection, notification_id: str, endpoint_id: str) -> asyncpg.Record:
     return await conn.fetchrow("SELECT status, attempts, leased_by, lease_until IS NOT NULL AS leased,"
                                " next_attempt_at <= now() AS due FROM deliveries"

@@ -5,6 +5,7 @@ room for a round trip per delivery.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -15,6 +16,8 @@ from alerting_app.contracts import Alert, NotificationReady
 from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 
 Conn = asyncpg.Pool | asyncpg.Connection
+
+log = logging.getLogger(__name__)
 
 _KNOWN = """
 SELECT n.notification_id::text, n.status
@@ -326,16 +329,39 @@ async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, i
     rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(held), list(held.values()), backlog, limit,
                             limit * _CANDIDATES_PER_LEASE, list(held_by_client), list(held_by_client.values()),
                             client_backlog)
-    jobs = []
+    jobs, unreadable = [], []
     for row in rows:
-        notification = NotificationReady(
-            notification_id=row["notification_id"], client_id=row["client_id"],
-            alerts=[Alert.from_stored(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
-            created_at=row["created_at"], truncated_alerts=row["truncated_alerts"],
-            group_rule_id=row["group_rule_id"],
-        )
+        try:
+            notification = _stored_notification(row)
+        except Exception as exc:  # whatever a row edited by hand holds: it must not stop the others
+            unreadable.append(DeliveryChange(row["notification_id"], row["endpoint_id"], "FAILED",
+                                             last_error=f"the stored notification cannot be read: {exc}"[:1000]))
+            continue
         jobs.append(DeliveryJob(notification, row["endpoint_id"], _endpoint(row), row["attempts"], row["resumed"]))
+    if unreadable:
+        # Leased above, so without this they would come back every sweep, after every lease ran out,
+        # and fail the whole sweep again: the oldest due rows are leased first, and these stay oldest.
+        log.error("failing %d deliveries whose stored notification cannot be read (first: %s)",
+                  len(unreadable), unreadable[0].last_error)
+        await _fail_unreadable(conn, owner, unreadable)
     return jobs
+
+
+def _stored_notification(row: asyncpg.Record) -> NotificationReady:
+    return NotificationReady(
+        notification_id=row["notification_id"], client_id=row["client_id"],
+        alerts=[Alert.from_stored(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
+        created_at=row["created_at"], truncated_alerts=row["truncated_alerts"],
+        group_rule_id=row["group_rule_id"],
+    )
+
+
+async def _fail_unreadable(conn: Conn, owner: str, changes: Sequence[DeliveryChange]) -> None:
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as connection:
+            await write_outcomes(connection, owner, changes)
+    else:
+        await write_outcomes(conn, owner, changes)
 
 
 async def release(conn: Conn, owner: str, keys: Sequence[tuple[str, str]]) -> None:
