@@ -130,14 +130,27 @@ async def _record_first_match(conn: asyncpg.Connection, matched: AlertMatched) -
     row = await conn.fetchrow(_EXISTING_NOTIFICATION, matched.client_id, matched.alert.alert_id)
     if row is None or row["emitted"]:
         return None
-    # Rebuilt from the row, not from this message, so the retry is the very notification first built.
-    return NotificationReady(
-        notification_id=str(row["notification_id"]),
-        client_id=matched.client_id,
-        alerts=[Alert.from_stored(alert) for alert in row["alerts"]],
-        rule_ids=[str(rule_id) for rule_id in row["rule_ids"]],
-        created_at=row["created_at"],
-    )
+    return rebuilt_from_row(row, ready)
+
+
+def rebuilt_from_row(row: asyncpg.Record, built_here: NotificationReady) -> NotificationReady:
+    """A notification inserted earlier and never emitted, rebuilt from its row, not from this
+    message, so that the retry is the very notification first built.
+
+    `built_here` (what this match would have inserted) fills in a row that cannot be read (edited by
+    hand: no alerts, an alert without a severity): raising would fail its batch at every redelivery
+    and stop the partition for good.
+    """
+    try:
+        return NotificationReady(notification_id=str(row["notification_id"]), client_id=built_here.client_id,
+                                 alerts=[Alert.from_stored(alert) for alert in row["alerts"]],
+                                 rule_ids=[str(rule_id) for rule_id in row["rule_ids"]],
+                                 created_at=row["created_at"])
+    except Exception as exc:
+        log.error("notification %s: its row cannot be read (%s); emitted with this match's alert and rules",
+                  row["notification_id"], exc)
+        return built_here.model_copy(update={"notification_id": str(row["notification_id"]),
+                                             "created_at": row["created_at"]})
 
 
 async def record_first_matches(conn: asyncpg.Connection | asyncpg.Pool,
@@ -181,11 +194,7 @@ async def _record_first_matches(conn: asyncpg.Connection, matches: list[AlertMat
         for row in rows:
             # The row's position is within `seen_before`, not within `candidates`.
             position, match = seen_before[row["position"] - 1]
-            # Rebuilt from the row, as in record_first_match, so the retry is the notification first built.
-            unemitted[position] = NotificationReady(
-                notification_id=row["notification_id"], client_id=match.client_id,
-                alerts=[Alert.from_stored(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
-                created_at=row["created_at"])
+            unemitted[position] = rebuilt_from_row(row, match)
     to_emit: dict[str, NotificationReady] = {}
     for position, ready in enumerate(candidates, 1):
         if ready.notification_id in inserted:
@@ -203,10 +212,10 @@ async def unemitted_notifications(conn: asyncpg.Connection | asyncpg.Pool,
                             [m.alert.alert_id for m in matches])
     found = {}
     for row in rows:
-        found.setdefault(row["notification_id"], NotificationReady(
-            notification_id=row["notification_id"], client_id=matches[row["position"] - 1].client_id,
-            alerts=[Alert.from_stored(alert) for alert in row["alerts"]], rule_ids=row["rule_ids"],
-            created_at=row["created_at"]))
+        if row["notification_id"] not in found:
+            match = matches[row["position"] - 1]
+            found[row["notification_id"]] = rebuilt_from_row(row, NotificationReady(
+                client_id=match.client_id, alerts=[match.alert], rule_ids=match.rule_ids))
     return list(found.values())
 
 

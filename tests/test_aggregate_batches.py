@@ -157,3 +157,39 @@ async def test_an_alert_grouped_and_matched_again_at_once_in_one_batch_stays_in_
     from test_grouping import ALL_PARTITIONS
     closed = await close_due_groups(pool, time.time() + 301, ALL_PARTITIONS)
     assert [ready.alerts for ready in closed if ready.client_id == client] == [[in_group.alert]]
+
+
+async def spoil_stored_alerts(pool, match: AlertMatched) -> None:
+    """Leave the match's notification row unreadable, as an edit by hand could: no alerts at all."""
+    await pool.execute("UPDATE notifications SET alerts = '[]' WHERE client_id = $1 AND alert_id = $2",
+                       match.client_id, match.alert.alert_id)
+
+
+async def test_an_unemitted_notification_whose_row_cannot_be_read_is_emitted_from_the_match(pool):
+    # Rebuilding it from its row raised, so its batch failed at every redelivery: the partition stopped.
+    client = await insert_client(pool)
+    left_unemitted = matched(client)
+    first_built = await record_first_match(pool, left_unemitted)
+    await spoil_stored_alerts(pool, left_unemitted)
+
+    one = await record_first_match(pool, left_unemitted)
+    [batched] = await record_first_matches(pool, [left_unemitted])
+
+    for ready in (one, batched):
+        assert ready.notification_id == first_built.notification_id
+        assert ready.alerts == [left_unemitted.alert]
+        assert ready.rule_ids == left_unemitted.rule_ids
+
+
+async def test_a_stateful_unemitted_notification_whose_row_cannot_be_read_is_emitted_from_the_match(pool):
+    client = await insert_client(pool)
+    left_unemitted = matched(client, repeat_checked=True)
+    first = await aggregate_batch(pool, [event(left_unemitted, 0)])
+    [first_built] = first.ready
+    await spoil_stored_alerts(pool, left_unemitted)
+
+    again = await aggregate_batch(pool, [event(left_unemitted, 1)])
+
+    assert again.dead_letters == []
+    [ready] = again.ready
+    assert (ready.notification_id, ready.alerts) == (first_built.notification_id, [left_unemitted.alert])
