@@ -7,7 +7,9 @@ function for each kind of record:
 - fingerprints too old to suppress anything are forgotten (`prune_fingerprints`);
 - silences ended longer ago than SILENCE_RETENTION_DAYS are deleted, and their deletion is
   announced on `silence.changed` (through the outbox, as the API announces changes), so every
-  worker's silence replica lets go of them too.
+  worker's silence replica lets go of them too;
+- rule deletions made longer ago than DELETED_RULE_RETENTION_DAYS are forgotten (`deleted_rules`),
+  as every worker's rule replica forgets them (tables/changelog_replica.py).
 
 The notifications row is also the deduplication record (one per client and alert): an alert whose
 notification was deleted would be notified again if it were matched again, so the retention is
@@ -115,6 +117,31 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
             return pruned
 
 
+# Remembered so that republishing carries the deletion to a topic that never got it (one recreated,
+# or the other cluster of a blue/green switch: docs/operations.md), and so that a relay that lost
+# its lock can queue it again (agents/rule_outbox.py): both happen within hours of the deletion
+# being relayed, never DELETED_RULE_RETENTION_DAYS later. A deletion still in the outbox (the
+# broker away all that time) is kept until relayed. Batched, as a million deletions may be due at once.
+_FORGET_RULE_DELETIONS = """
+DELETE FROM deleted_rules WHERE rule_id IN (
+    SELECT rule_id FROM deleted_rules
+    WHERE deleted_at < now() - make_interval(secs => $1)
+      AND rule_id NOT IN (SELECT rule_id FROM rule_outbox)
+    LIMIT $2
+)
+"""
+
+
+async def forget_rule_deletions(pool: asyncpg.Pool, older_than_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+    """Forget the rule deletions made more than `older_than_s` ago and relayed; how many."""
+    forgotten = 0
+    while True:
+        deleted = int((await pool.execute(_FORGET_RULE_DELETIONS, float(older_than_s), batch_size)).split()[-1])
+        forgotten += deleted
+        if deleted < batch_size:
+            return forgotten
+
+
 async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]) -> None:
     failures = _failures.setdefault(what, FailureStreak(log, what))
     try:
@@ -138,4 +165,7 @@ async def forget_old_records() -> None:
     if settings.silence_retention_days:
         await _run_logged("deleting silences ended more than SILENCE_RETENTION_DAYS ago",
                           lambda pool: prune_silences(pool, settings.silence_retention_days * 86_400))
+    if settings.deleted_rule_retention_days:
+        await _run_logged("forgetting rule deletions older than DELETED_RULE_RETENTION_DAYS",
+                          lambda pool: forget_rule_deletions(pool, settings.deleted_rule_retention_days * 86_400))
     await _run_logged("forgetting fingerprints too old to suppress anything", prune_fingerprints)

@@ -125,6 +125,7 @@ SaslMechanism = Annotated[Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN", "AW
 OptionalText = Annotated[str | None, BeforeValidator(_unset_if_empty)]
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_if_empty)]  # shown as ********
 MIN_NOTIFICATION_RETENTION_DAYS = 2
+MIN_DELETED_RULE_RETENTION_DAYS = 1
 WebPort = Annotated[int, BeforeValidator(_digits_only)]
 PostgresUrl = Annotated[str, AfterValidator(check_postgres_url)]
 RedisUrl = Annotated[str, AfterValidator(check_redis_url)]
@@ -256,6 +257,10 @@ class Settings(BaseSettings):
     # Silences ended longer ago than this are deleted, in Postgres and on every worker (agents/
     # retention.py); 0 keeps them for ever. Alertmanager's default is 5 days too.
     silence_retention_days: float = Field(default=5, ge=0, le=3_650)
+    # A deleted rule's deletion is remembered this long after it was made, in Postgres (`deleted_rules`,
+    # for republishing) and in every worker's rule replica (agents/retention.py, tables/
+    # changelog_replica.py); 0 keeps it for ever.
+    deleted_rule_retention_days: float = Field(default=30, ge=0, le=3_650)
 
     # --- per-tenant quotas (web/quotas.py) ---
     # Every worker holds every rule and every silence (an ended one until retention deletes it),
@@ -389,6 +394,15 @@ class Settings(BaseSettings):
                 f"NOTIFICATION_RETENTION_DAYS ({self.notification_retention_days:g}) must be 0 (keep for ever) "
                 f"or at least {MIN_NOTIFICATION_RETENTION_DAYS}: it is also how long an alert is remembered as "
                 "notified, and a closed group as closed"
+            )
+        # A day at least: a replica's tombstone must outlast by far the few minutes in which an older
+        # upsert of the rule can still reach the topic after its delete (a relay that lost its lock
+        # with sends in flight: tables/changelog_replica.py).
+        if 0 < self.deleted_rule_retention_days < MIN_DELETED_RULE_RETENTION_DAYS:
+            raise ValueError(
+                f"DELETED_RULE_RETENTION_DAYS ({self.deleted_rule_retention_days:g}) must be 0 (keep for ever) "
+                f"or at least {MIN_DELETED_RULE_RETENTION_DAYS}: a late older version of a deleted rule must "
+                "still find its deletion remembered"
             )
         return self
 

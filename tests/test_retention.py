@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from agents.retention import prune_notifications, prune_silences
+from agents.retention import forget_rule_deletions, prune_notifications, prune_silences
+from agents.rule_outbox import republish_rules
 from alerting_app import metrics
 from alerting_app.contracts import SilenceChanged
 from alerting_app.silencing import SilenceIndex, silence_of_row
@@ -170,6 +171,53 @@ async def test_remembered_silence_deletions_are_forgotten_after_the_silence_rete
     remembered = {row[0] for row in await pool.fetch(
         "SELECT silence_id::text FROM deleted_silences WHERE silence_id = ANY($1::uuid[])", [old, recent])}
     assert remembered == {recent}
+
+
+async def remembered_rule_deletion(pool, *, days_ago: float, in_outbox: bool = False) -> str:
+    rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
+                       " VALUES ($1, $2, 3, now() - make_interval(secs => $3))", rule_id, client_id, days_ago * DAY_S)
+    if in_outbox:  # its delete event not relayed yet (the broker away all that time)
+        await pool.execute("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, '{}')", rule_id)
+    return rule_id
+
+
+async def remembered_rules(pool, rule_ids: list[str]) -> set[str]:
+    return {row[0] for row in await pool.fetch(
+        "SELECT rule_id::text FROM deleted_rules WHERE rule_id = ANY($1::uuid[])", rule_ids)}
+
+
+@AGENT_LOOP
+async def test_rule_deletions_older_than_the_retention_are_forgotten_once_relayed(pool):
+    old = await remembered_rule_deletion(pool, days_ago=31)
+    young = await remembered_rule_deletion(pool, days_ago=29)
+    unrelayed = await remembered_rule_deletion(pool, days_ago=31, in_outbox=True)
+    try:
+        assert await forget_rule_deletions(pool, 30 * DAY_S, batch_size=1) >= 1
+
+        assert await remembered_rules(pool, [old, young, unrelayed]) == {young, unrelayed}
+        # Republishing now carries only the young deletion: the old one is gone from Postgres.
+        await republish_rules(pool, [old, young])
+        queued = [row[0] for row in await pool.fetch(
+            "SELECT payload->>'rule_id' FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, young])]
+        assert queued == [young]
+    finally:
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, young, unrelayed])
+
+
+@pytest.mark.parametrize("days", ["0.5", "-1", "3651", "a month"])
+def test_a_rule_deletion_retention_under_a_day_or_absurd_is_refused_by_name(monkeypatch, days):
+    monkeypatch.setenv("DELETED_RULE_RETENTION_DAYS", days)
+
+    with pytest.raises(ConfigurationError, match="DELETED_RULE_RETENTION_DAYS"):
+        load_settings()
+
+
+@pytest.mark.parametrize("days", ["0", "1", "30"])
+def test_a_rule_deletion_retention_of_0_or_a_day_or_more_is_accepted(monkeypatch, days):
+    monkeypatch.setenv("DELETED_RULE_RETENTION_DAYS", days)
+
+    assert load_settings().deleted_rule_retention_days == float(days)
 
 
 @pytest.mark.parametrize("days", ["0.5", "1.9", "-1", "3651"])
