@@ -12,6 +12,7 @@ to pick each client's group rule.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from alerting_app.contracts import WILDCARD, Alert, AlertMatched, Rule, RuleChanged, Severity, fingerprint_of
@@ -54,11 +55,13 @@ class RuleIndex:
 
     `apply` is idempotent and order-independent: an event whose version is not newer than the
     version held for that rule is ignored. A delete leaves a tombstone with its version, so an
-    older upsert arriving late cannot bring the rule back.
+    older upsert arriving late cannot bring the rule back. The tombstone is kept with the time of
+    the deletion until `forget_deletions` lets it go (tables/changelog_replica.py says when).
     """
 
     def __init__(self, changes: Iterable[RuleChanged] = ()) -> None:
         self._versions: dict[str, int] = {}
+        self._deleted_at: dict[str, float] = {}  # rule_id -> when it was deleted, for each tombstone
         self._rules: dict[str, HeldRule] = {}
         # criteria -> {rule_id: client_id}, enabled rules only: disabled rules never match.
         self._by_criteria: dict[Criteria, dict[str, str]] = {}
@@ -69,14 +72,20 @@ class RuleIndex:
         for change in changes:
             self.apply(change)
 
-    def apply(self, change: RuleChanged) -> bool:
-        """Apply the change if it is newer than what is held; True when it changed the index."""
+    def apply(self, change: RuleChanged, at: float | None = None) -> bool:
+        """Apply the change if it is newer than what is held; True when it changed the index.
+
+        `at`: when the change was made (unix seconds; default now), kept for a delete's tombstone.
+        """
         held = self._versions.get(change.rule_id)
         if held is not None and change.version <= held:
             return False
         self._versions[change.rule_id] = change.version
         self._unindex(change.rule_id)
-        if change.action == "upsert":
+        if change.action == "delete":
+            self._deleted_at[change.rule_id] = time.time() if at is None else at
+        else:
+            self._deleted_at.pop(change.rule_id, None)
             assert change.rule is not None  # guaranteed by the contract
             held = held_rule(change.rule)
             self._rules[change.rule_id] = held
@@ -97,7 +106,19 @@ class RuleIndex:
         be changed afterwards (the two share their contents).
         """
         self._versions, self._rules, self._by_criteria = other._versions, other._rules, other._by_criteria
-        self._grouping = other._grouping
+        self._grouping, self._deleted_at = other._grouping, other._deleted_at
+
+    def forget_deletions(self, deleted_before: float) -> list[str]:
+        """Drop the tombstones of rules deleted before `deleted_before` (unix seconds); their rule_ids."""
+        return forget_deletions(self._versions, self._deleted_at, deleted_before)
+
+    def deleted_at(self, rule_id: str) -> float | None:
+        """When the rule was deleted, if a tombstone of it is held."""
+        return self._deleted_at.get(rule_id)
+
+    def deleted_versions(self) -> dict[str, int]:
+        """rule_id -> version of every tombstone held."""
+        return {rule_id: self._versions[rule_id] for rule_id in self._deleted_at}
 
     def _unindex(self, rule_id: str) -> None:
         self._grouping.pop(rule_id, None)
@@ -211,6 +232,14 @@ def matched_messages(alert: Alert, index: RuleIndex, silenced_by: SilenceLookup 
             silenced_by=silence_id,
         ))
     return messages
+
+
+def forget_deletions(versions: dict[str, int], deleted_at: dict[str, float], deleted_before: float) -> list[str]:
+    """Drop from `versions` and `deleted_at` the tombstones dated before `deleted_before`; their ids."""
+    forgotten = [key for key, at in deleted_at.items() if at < deleted_before]
+    for key in forgotten:
+        del deleted_at[key], versions[key]
+    return forgotten
 
 
 def repeat_setting(rule_ids: list[str], grouping: Mapping[str, HeldRule]) -> tuple[int, tuple[str, ...]]:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from alerting_app.contracts import Alert, Silence, SilenceChanged
+from alerting_app.matching import forget_deletions
 
 # The columns of a `silences` row that make its Silence contract.
 SILENCE_COLUMNS = ("silence_id, client_id, severity, source, name, context_matchers, starts_at, ends_at, comment, "
@@ -35,25 +36,34 @@ class SilenceIndex:
     """The newest version of every silence, by client.
 
     `apply` is idempotent and order-independent, as for rules: an event whose version is not newer
-    than the one held is ignored, and a delete keeps its version so a late upsert cannot revive it.
+    than the one held is ignored, and a delete keeps its version so a late upsert cannot revive it,
+    until `forget_deletions` lets it go (tables/changelog_replica.py says when).
     Expired silences stay held (an expiry is an upsert) for `versions()`, but `silencing` stops
     scanning them once it has seen them expired for PRUNE_AFTER_EXPIRY_S.
     """
 
     def __init__(self, changes: Iterable[SilenceChanged] = ()) -> None:
         self._versions: dict[str, int] = {}
+        self._deleted_at: dict[str, float] = {}  # silence_id -> when it was deleted, for each tombstone
         self._silences: dict[str, Silence] = {}
         self._by_client: dict[str, dict[str, Silence]] = {}
         self._pruned_at = float("-inf")  # the latest clock reading at which `silencing` pruned one
         for change in changes:
             self.apply(change)
 
-    def apply(self, change: SilenceChanged) -> bool:
-        """Apply the change if it is newer than what is held; True when it changed the index."""
+    def apply(self, change: SilenceChanged, at: float | None = None) -> bool:
+        """Apply the change if it is newer than what is held; True when it changed the index.
+
+        `at`: when the change was made (unix seconds; default now), kept for a delete's tombstone.
+        """
         held = self._versions.get(change.silence_id)
         if held is not None and change.version <= held:
             return False
         self._versions[change.silence_id] = change.version
+        if change.action == "delete":
+            self._deleted_at[change.silence_id] = time.time() if at is None else at
+        else:
+            self._deleted_at.pop(change.silence_id, None)
         old = self._silences.pop(change.silence_id, None)
         bucket = self._by_client.get(old.client_id) if old is not None else None
         if bucket is not None:  # None: no longer scanned, since `silencing` saw it expired
@@ -101,6 +111,14 @@ class SilenceIndex:
         for silence_id, silence in self._silences.items():
             self._by_client.setdefault(silence.client_id, {})[silence_id] = silence
         self._pruned_at = float("-inf")
+
+    def forget_deletions(self, deleted_before: float) -> list[str]:
+        """Drop the tombstones of silences deleted before `deleted_before` (unix seconds); their ids."""
+        return forget_deletions(self._versions, self._deleted_at, deleted_before)
+
+    def deleted_versions(self) -> dict[str, int]:
+        """silence_id -> version of every tombstone held."""
+        return {silence_id: self._versions[silence_id] for silence_id in self._deleted_at}
 
     def versions(self) -> dict[str, int]:
         """silence_id -> version of every held silence (deleted ones not included): what workers compare."""

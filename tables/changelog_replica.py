@@ -12,6 +12,16 @@ replicas that read it and vanish from those that start later; and a non-UUID id 
 match it takes part in downstream. Such an event, like an undecodable one, goes to the topic's
 dead-letter topic; the letters of a batch are acknowledged by the broker before the batch counts as
 read (`apply_batches`), so a refused letter is sent again after the restart.
+
+A delete leaves a tombstone in the index (its id and version), so that an older upsert of the same
+id arriving after it is ignored. Ids are never reused, and once the delete is committed no upsert
+of that id can be made any more, nor republished (agents/rule_outbox.py); an older upsert can reach
+the topic after the delete only while a relay that lost its lock still has sends in flight (the
+producer's request timeout, minutes). So a tombstone is kept, with the time the delete was
+published (its record's timestamp), only `forget_deletions_after_s`: the index forgets the older
+ones once caught up and every FORGET_INTERVAL_S after. The delete itself stays on the compacted
+topic (it is an ordinary record, the key's last), so a replica that reads the topic again still
+sees it come after every upsert of its id.
 """
 from __future__ import annotations
 
@@ -35,9 +45,14 @@ log = logging.getLogger(__name__)
 # What a batch of records from getmany looks like: partition -> its records, in offset order.
 Batches = dict[TopicPartition, list[Any]]
 
+# How often a replica forgets the tombstones older than its `forget_deletions_after_s`.
+FORGET_INTERVAL_S = 600.0
+
 
 class ChangeIndex(Protocol):
-    def apply(self, change: Any) -> bool: ...
+    def apply(self, change: Any, at: float | None = None) -> bool: ...
+
+    def forget_deletions(self, deleted_before: float) -> list[str]: ...
 
     def __len__(self) -> int: ...
 
@@ -57,10 +72,13 @@ class ChangelogReplica:
     name: str
 
     def __init__(self, index: ChangeIndex,
-                 on_dead_letters: Callable[[list[DeadLetter]], Awaitable[None]] = send_dead_letters) -> None:
+                 on_dead_letters: Callable[[list[DeadLetter]], Awaitable[None]] = send_dead_letters,
+                 forget_deletions_after_s: float = 0) -> None:
         self.index = index
         self.filling = index
         self._on_dead_letters = on_dead_letters
+        # 0: tombstones are kept for ever.
+        self.forget_deletions_after_s = forget_deletions_after_s
         self._caught_up = asyncio.Event()
         self.caught_up_at_offsets: dict[int, int] = {}
 
@@ -93,7 +111,7 @@ class ChangelogReplica:
                 dead.append(dead_letter_for(
                     record, f"key: the record's key {key!r} is not the {self.key_field} it carries ({change_id!r})"))
                 continue
-            if self.filling.apply(change):
+            if self.filling.apply(change, published_at(record)):
                 changed[change_id] = record.value
         return changed, dead
 
@@ -116,6 +134,17 @@ class ChangelogReplica:
             return letter.model_copy(update={"from_history": True})
         return letter
 
+    def forget_old_deletions(self) -> list[str]:
+        """Drop from `filling` the tombstones of deletes published more than `forget_deletions_after_s`
+        ago; their ids."""
+        if not self.forget_deletions_after_s:
+            return []
+        forgotten = self.filling.forget_deletions(time.time() - self.forget_deletions_after_s)
+        if forgotten:
+            log.info("%s forgot %d deletions published more than %gs ago", self.name, len(forgotten),
+                     self.forget_deletions_after_s)
+        return forgotten
+
     def reached_end_offsets(self) -> None:
         """Called once per run, when `filling` has read up to the end offsets seen at its start."""
         if not self.is_caught_up:
@@ -124,12 +153,14 @@ class ChangelogReplica:
 
     async def follow(self, broker: Broker, topic: str, *,
                      start_at: Callable[[AIOKafkaConsumer, dict[TopicPartition, int]], Awaitable[dict[int, int]]],
-                     on_batches: Callable[[Batches], Awaitable[object]], poll_ms: int = 100) -> None:
+                     on_batches: Callable[[Batches], Awaitable[object]], poll_ms: int = 100,
+                     on_forgotten: Callable[[list[str]], object] = lambda ids: None) -> None:
         """Read every partition of `topic` for ever.
 
         `start_at(consumer, end offsets)` gives the offset to start each partition from (absent:
         its beginning), and may read with the consumer, assigned every partition, first;
-        `on_batches` handles each batch read (see `apply_batches`).
+        `on_batches` handles each batch read (see `apply_batches`); `on_forgotten` gets the ids
+        of the tombstones forgotten (`forget_old_deletions`), once caught up and every FORGET_INTERVAL_S.
         """
         consumer = await _connected_consumer(broker, poll_ms)
         try:
@@ -145,11 +176,17 @@ class ChangelogReplica:
             self.caught_up_at_offsets = {tp.partition: ends[tp] for tp in tps}
             # Per run: a restart inside a running worker must reach the end offsets again too.
             reached_end = False
+            forgot_at = float("-inf")
             while True:
                 stop_if_cancelled()
                 if not reached_end and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
                     reached_end = True
                     self.reached_end_offsets()
+                if reached_end and time.monotonic() - forgot_at >= FORGET_INTERVAL_S:
+                    forgot_at = time.monotonic()
+                    forgotten = self.forget_old_deletions()
+                    if forgotten:
+                        on_forgotten(forgotten)
                 batches = await consumer.getmany(timeout_ms=poll_ms, max_records=5000)
                 if batches:
                     await on_batches(batches)
@@ -163,6 +200,11 @@ def records_of(batches: Batches) -> list[Any]:
 
 async def from_the_beginning(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> dict[int, int]:
     return {}
+
+
+def published_at(record: Any) -> float | None:
+    """When the record was published (its timestamp, unix seconds), or None if it carries none."""
+    return record.timestamp / 1000 if record.timestamp is not None and record.timestamp > 0 else None
 
 
 def record_mark(record: Any) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,14 @@ from tables.changelog_replica import Batches, ChangelogReplica, record_mark, rec
 log = logging.getLogger(__name__)
 
 _RULE = "rule:"
+_DELETED_AT = "deleted-at:"  # when a rule whose stored event is its delete was deleted, unix seconds
 _OFFSET = "offset:"
 _LAST_READ = "last-read:"  # record_mark of the last record read, per partition
 
 
 class RuleStore:
-    """The local RocksDB copy: newest event per rule, and the next offset to read per partition."""
+    """The local RocksDB copy: newest event per rule (a delete with its time), and the next offset to
+    read per partition."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +71,11 @@ class RuleStore:
         offsets = {int(key[len(_OFFSET):]): value for key, value in self._prefixed(_OFFSET)}
         return (_stored_change(key, value) for key, value in self._prefixed(_RULE)), offsets
 
+    def deleted_at(self) -> dict[str, float]:
+        """rule_id -> when it was deleted, for the stored deletes (a store written before these times
+        were kept has none)."""
+        return {key[len(_DELETED_AT):]: value for key, value in self._prefixed(_DELETED_AT)}
+
     def _prefixed(self, prefix: str) -> Iterator[tuple[str, object]]:
         # Keys are kept sorted: the entries of one prefix are contiguous from the prefix itself.
         for key, value in self._db.items(from_key=prefix):
@@ -80,14 +88,33 @@ class RuleStore:
         written before marks were kept has none."""
         return {int(key[len(_LAST_READ):]): value for key, value in self._prefixed(_LAST_READ)}
 
-    def save(self, changes: dict[str, bytes], last_read: dict[int, Any]) -> None:
-        """Store the changes, and each partition's last record read: its next offset and its mark."""
+    def save(self, changes: dict[str, bytes], last_read: dict[int, Any],
+             deleted_at: dict[str, float] | None = None) -> None:
+        """Store the changes (and when those that are deletes were made), and each partition's last
+        record read: its next offset and its mark."""
         batch = WriteBatch()
         for rule_id, raw in changes.items():
             batch.put(_RULE + rule_id, raw)
+            if deleted_at and rule_id in deleted_at:
+                batch.put(_DELETED_AT + rule_id, deleted_at[rule_id])
         for partition, record in last_read.items():
             batch.put(_OFFSET + str(partition), record.offset + 1)
             batch.put(_LAST_READ + str(partition), record_mark(record))
+        self._db.write(batch)
+
+    def forget(self, rule_ids: list[str]) -> None:
+        """Remove these rules' entries (the deletions the index forgot)."""
+        batch = WriteBatch()
+        for rule_id in rule_ids:
+            batch.delete(_RULE + rule_id)
+            batch.delete(_DELETED_AT + rule_id)
+        self._db.write(batch)
+
+    def date_deletions(self, deleted_at: dict[str, float]) -> None:
+        """Store when these rules were deleted."""
+        batch = WriteBatch()
+        for rule_id, at in deleted_at.items():
+            batch.put(_DELETED_AT + rule_id, at)
         self._db.write(batch)
 
     def discard(self) -> None:
@@ -118,11 +145,21 @@ class RuleReplica(ChangelogReplica):
         """(a fresh index of the stored rules, the next offset per partition), or, when the store holds
         an entry the contract refuses, (an empty index, no offsets) and the store emptied."""
         changes, offsets = store.load()
+        deleted_at = store.deleted_at()
+        loaded_at = time.time()
+        undated: dict[str, float] = {}  # stored deletes without a time (an older release's store)
+        loaded = RuleIndex()
         try:
-            loaded = RuleIndex(changes)
+            for change in changes:
+                at = deleted_at.get(change.rule_id)
+                if at is None and change.action == "delete":
+                    at = undated[change.rule_id] = loaded_at
+                loaded.apply(change, at)
         except UndecodableMessage as exc:
             refused = str(exc)
         else:
+            # Dated now, once: a worker restarted more often than the retention still forgets them.
+            store.date_deletions(undated)
             log.info("rule replica loaded %d rules from %s", len(loaded), store.path)
             return loaded, offsets
         # Discarded out of the except block: its traceback holds the store's open iterator, and
@@ -172,6 +209,8 @@ class RuleReplica(ChangelogReplica):
             # Saved only once the batch's dead letters are acknowledged: offsets past a record whose
             # letter was lost would never read it again.
             to_store = await self.apply_batches(batches)
-            store.save(to_store, {tp.partition: tp_records[-1] for tp, tp_records in batches.items() if tp_records})
+            store.save(to_store, {tp.partition: tp_records[-1] for tp, tp_records in batches.items() if tp_records},
+                       {rule_id: at for rule_id in to_store if (at := self.filling.deleted_at(rule_id)) is not None})
 
-        await self.follow(broker, topic, start_at=start_at, on_batches=on_batches, poll_ms=poll_ms)
+        await self.follow(broker, topic, start_at=start_at, on_batches=on_batches, poll_ms=poll_ms,
+                          on_forgotten=store.forget)

@@ -13,7 +13,7 @@ from tables.changelog_replica import keep_running
 from tables.rule_replica import RuleReplica, RuleStore
 
 rule_index = RuleIndex()
-rule_replica = RuleReplica(rule_index)
+rule_replica = RuleReplica(rule_index, forget_deletions_after_s=settings.deleted_rule_retention_days * 86_400)
 
 
 def rule_store_path():

@@ -25,13 +25,16 @@ class SilenceReplica(ChangelogReplica):
         """Read every partition of `topic` from its beginning, for ever.
 
         A restart (after a failure) reads everything again into the same index: the events it held
-        already are stale versions, ignored, so matching meanwhile sees no silence disappear.
+        already are stale versions, ignored, so matching meanwhile sees no silence disappear. (A
+        deleted silence whose tombstone was forgotten may be held again until its delete is read
+        again: it mutes nothing, having ended long ago, or belonging to a client deleted with its rules.)
         """
         await self.follow(broker, topic, start_at=from_the_beginning, on_batches=self.apply_batches, poll_ms=poll_ms)
 
 
 silence_index = SilenceIndex()
-silence_replica = SilenceReplica(silence_index)
+# Forgotten when Postgres forgets them (agents/retention.py): a deleted silence had ended, or its client is gone.
+silence_replica = SilenceReplica(silence_index, forget_deletions_after_s=settings.silence_retention_days * 86_400)
 
 
 @app.task

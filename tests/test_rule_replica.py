@@ -15,7 +15,7 @@ import time
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
@@ -65,8 +65,8 @@ class RecordingReplica(RuleReplica):
     """A rule replica that notes (partition, offset) of every record it reads from the topic, and
     keeps its dead letters (the app's producer is not running in these tests)."""
 
-    def __init__(self, index: RuleIndex) -> None:
-        super().__init__(index, on_dead_letters=self.collect)
+    def __init__(self, index: RuleIndex, forget_deletions_after_s: float = 0) -> None:
+        super().__init__(index, on_dead_letters=self.collect, forget_deletions_after_s=forget_deletions_after_s)
         self.read: list[tuple[int, int]] = []
         self.letters: list[DeadLetter] = []
 
@@ -118,6 +118,18 @@ class RunningReplica:
 async def publish(services, topic: str, *changes: RuleChanged) -> None:
     await produce(services.kafka_bootstrap_servers, topic,
                   [(c.rule_id.encode(), c.encode()) for c in changes])
+
+
+async def publish_dated(services, topic: str, *changes: tuple[RuleChanged, float]) -> None:
+    """Publish each change with the record timestamp given (unix seconds), as if relayed then."""
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for change, at in changes:
+            await producer.send_and_wait(topic, value=change.encode(), key=change.rule_id.encode(),
+                                         timestamp_ms=int(at * 1000))
+    finally:
+        await producer.stop()
 
 
 def enabled_versions(index: RuleIndex) -> dict[str, int]:
@@ -436,6 +448,71 @@ def test_a_stored_rule_with_an_id_that_is_not_a_uuid_is_refused_too(tmp_path):
         loaded, offsets = RuleReplica(RuleIndex()).load(store)
         assert (len(loaded), offsets) == (0, {})
         assert store.load()[1] == {} and list(store.load()[0]) == [], "the store was emptied"
+    finally:
+        store.close()
+
+
+DAY_S = 86_400.0
+
+
+async def test_deletions_published_longer_ago_than_the_retention_are_forgotten_in_memory_and_on_disk(
+        services, topic, tmp_path):
+    now = time.time()
+    await publish_dated(services, topic,
+                        (upsert(rid("old"), 1), now - 45 * DAY_S), (delete(rid("old"), 2), now - 40 * DAY_S),
+                        (upsert(rid("young"), 1), now - 2 * DAY_S), (delete(rid("young"), 2), now - DAY_S),
+                        (upsert(rid("live"), 1), now - 45 * DAY_S))
+
+    async with RunningReplica(services, topic, tmp_path / "store",
+                              RecordingReplica(RuleIndex(), forget_deletions_after_s=30 * DAY_S)) as running:
+        assert running.index.deleted_versions() == {rid("young"): 2}
+        assert running.index.held_version(rid("old")) is None, "forgotten, as if never seen"
+        assert running.index.deleted_at(rid("young")) == pytest.approx(now - DAY_S, abs=0.01), "the record's time"
+        assert enabled_versions(running.index) == {rid("live"): 1}
+
+    assert stored(tmp_path / "store")[0] == {rid("young"): 2, rid("live"): 1}, "the old deletion left the disk too"
+    restarted = RunningReplica(services, topic, tmp_path / "store",
+                               RecordingReplica(RuleIndex(), forget_deletions_after_s=30 * DAY_S))
+    async with restarted:
+        assert restarted.index.deleted_versions() == {rid("young"): 2}
+        assert restarted.index.deleted_at(rid("young")) == pytest.approx(now - DAY_S, abs=0.01), (
+            "the deletion's time came back from the disk")
+
+
+async def test_an_older_version_of_a_rule_deleted_within_the_retention_cannot_bring_it_back(
+        services, topic, tmp_path):
+    """What the tombstone is for: a relay that lost its lock may land an older upsert after the delete."""
+    now = time.time()
+    await publish_dated(services, topic, (upsert(rid("deleted"), 1), now - 2 * DAY_S),
+                        (delete(rid("deleted"), 2), now - DAY_S))
+    replica = RecordingReplica(RuleIndex(), forget_deletions_after_s=30 * DAY_S)
+    async with RunningReplica(services, topic, tmp_path / "store", replica) as running:
+        await publish_dated(services, topic, (upsert(rid("deleted"), 1), now), (upsert(rid("marker"), 1), now))
+        await running.wait_for_versions({rid("marker"): 1})
+        assert running.index.held_version(rid("deleted")) == 2 and rid("deleted") not in running.index.rules()
+
+    async with RunningReplica(services, topic, tmp_path / "store", RecordingReplica(
+            RuleIndex(), forget_deletions_after_s=30 * DAY_S)) as restarted:
+        assert restarted.index.deleted_versions() == {rid("deleted"): 2}
+    # Read from scratch (a new worker), the topic ends the same.
+    async with RunningReplica(services, topic, tmp_path / "fresh", RecordingReplica(
+            RuleIndex(), forget_deletions_after_s=30 * DAY_S)) as fresh:
+        assert fresh.index.deleted_versions() == {rid("deleted"): 2}
+        assert set(fresh.index.rules()) == {rid("marker")}
+
+
+def test_a_stored_deletion_without_a_time_is_dated_when_first_loaded(tmp_path):
+    """A store an older release wrote keeps its deletions without a time: they are dated at the
+    first load and keep that date, so a worker restarted more often than the retention still forgets them."""
+    store = RuleStore(tmp_path / "store")
+    store.save({rid("deleted"): delete(rid("deleted"), 2).encode(), rid("live"): upsert(rid("live"), 1).encode()}, {})
+    try:
+        before = time.time()
+        first, _ = RuleReplica(RuleIndex()).load(store)
+        assert before <= first.deleted_at(rid("deleted")) <= time.time()
+        again, _ = RuleReplica(RuleIndex()).load(store)
+        assert again.deleted_at(rid("deleted")) == first.deleted_at(rid("deleted"))
+        assert store.deleted_at() == {rid("deleted"): first.deleted_at(rid("deleted"))}
     finally:
         store.close()
 

@@ -254,7 +254,7 @@ async def test_deleting_a_client_announces_the_deletion_of_its_silences(api):
 async def test_each_worker_reports_the_silences_it_holds_to_the_admin_only(api, tenant):
     reply = await api.call("GET", "/api/v1/worker/silences", api.admin_token)
     assert reply.status == 200
-    assert set(reply.body) == {"silences", "digest", "versions"}
+    assert set(reply.body) == {"silences", "digest", "versions", "deleted_versions"}
     assert (await api.call("GET", "/api/v1/worker/silences", tenant.key)).status == 403
 
 

@@ -221,4 +221,5 @@ class WorkerSilencesView(ApiView):
     async def get(self, request: Request) -> Response:
         self.caller(request).require_admin()
         versions = silence_index.versions()
-        return self.json({"silences": len(versions), "digest": rules_digest(versions), "versions": versions})
+        return self.json({"silences": len(versions), "digest": rules_digest(versions), "versions": versions,
+                          "deleted_versions": silence_index.deleted_versions()})

@@ -30,7 +30,8 @@ class WorkerRulesView(ApiView):
     async def get(self, request: Request) -> Response:
         self.caller(request).require_admin()
         enabled = rule_index.enabled_versions()
-        return self.json({"enabled_rules": len(enabled), "digest": rules_digest(enabled), "versions": enabled})
+        return self.json({"enabled_rules": len(enabled), "digest": rules_digest(enabled), "versions": enabled,
+                          "deleted_versions": rule_index.deleted_versions()})
 
 
 @app.page("/api/v1/worker/match")
