@@ -588,6 +588,33 @@ async def test_an_endpoint_disabled_while_a_delivery_waits_for_its_token_gets_no
     assert letter["reason"].endswith("endpoint was disabled; FAILED after 0 attempt(s)")  # as recorded
 
 
+@pytest.mark.parametrize("change", ["UPDATE endpoints SET enabled = false WHERE endpoint_id = $1",
+                                    "DELETE FROM endpoints WHERE endpoint_id = $1"])
+async def test_an_endpoint_disabled_or_deleted_while_a_delivery_waits_for_its_send_slot_gets_no_send(
+        pool, dispatcher, receiver, quick_retries, monkeypatch, change):
+    # A backlog behind a slow endpoint: the tenant turns it off, and what waits must not go out.
+    from alerting_app.delivery import attempts
+
+    monkeypatch.setattr(attempts, "ENDPOINT_RECHECK_S", 0.0)  # the wait here lasts as long as the test takes
+    release = receiver.hold("busy")
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url("busy"))
+    slots = quick_retries.delivery_endpoint_concurrency
+    notifications = [await pending_notification(pool, client, [rule]) for _ in range(slots + 1)]
+    await put(*(n.encode() for n in notifications))
+    await receiver.wait_for_posts(slots, "busy")  # every send slot of the endpoint is taken: one delivery waits
+
+    await pool.execute(change, endpoint)
+    release.set()
+    for notification in notifications:
+        await until_settled(pool, notification.notification_id)
+
+    posted = {post.body["notification_id"] for post in receiver.posts_to("busy")}
+    assert len(receiver.posts_to("busy")) == len(posted) == slots
+    [waited] = [n for n in notifications if n.notification_id not in posted]
+    reason = "endpoint was disabled" if change.startswith("UPDATE") else "endpoint was deleted"
+    assert await deliveries(pool, waited.notification_id) == {endpoint: ("webhook", "FAILED", 0, reason, False)}
+
+
 async def test_a_sent_mark_redis_cannot_be_asked_for_is_no_attempt_and_no_error():
     from alerting_app.delivery.attempts import DeliveryContext, _marked_sent
     from alerting_app.delivery.jobs import DeliveryJob

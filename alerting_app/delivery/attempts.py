@@ -42,6 +42,12 @@ _CLAIM_MARGIN_S = 5.0
 
 
 ENDPOINT_READ_TIMEOUT_S = 5.0
+# A delivery whose endpoint was read longer ago than this reads it again once it holds its slots
+# and tokens, before it sends: a tenant who disables or deletes an endpoint (a slow one, say, with
+# a backlog waiting for its send slots, or for tokens too near to be read again while waited for)
+# must not get what waited. Not every send: one Postgres read each, and a delivery that did not
+# wait was read a moment ago, when it was leased.
+ENDPOINT_RECHECK_S = 1.0
 
 
 class EndpointGone(PermanentDeliveryError):
@@ -68,8 +74,9 @@ class DeliveryContext:
     # Whether the worker is stopping: then no new send starts (a retry's, say, while the stop waits
     # for other sends in flight); the delivery is handed back instead.
     stopping: Callable[[], bool] = lambda: False
-    # The job's endpoint as it is now (None: deleted), read before each retry: the tenant may have
-    # fixed its URL, or disabled or deleted it, since the delivery was taken up.
+    # The job's endpoint as it is now (None: deleted), read before each retry and before a send
+    # that waited (ENDPOINT_RECHECK_S): the tenant may have fixed its URL, or disabled or deleted
+    # it, since the delivery was taken up.
     endpoint_now: Callable[[DeliveryJob], Awaitable[Endpoint | None]] = _as_taken_up
 
 
@@ -180,6 +187,7 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     async with slots.endpoint:
         await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared, lambda: _rate_now(job, ctx), job.read_at)
         try:
+            job = await _endpoint_before_send(job, ctx)
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
             if claim.state is claims.ClaimState.SENT:
                 raise AlreadySent()
@@ -216,6 +224,17 @@ async def _endpoint_read_again(job: DeliveryJob, ctx: DeliveryContext) -> Endpoi
     if not endpoint.enabled:
         raise EndpointGone("endpoint was disabled")
     return endpoint
+
+
+async def _endpoint_before_send(job: DeliveryJob, ctx: DeliveryContext) -> DeliveryJob:
+    """`job`, with its endpoint read again if that was longer than ENDPOINT_RECHECK_S ago.
+
+    Raises EndpointGone once the tenant deleted or disabled it meanwhile (see _endpoint_read_again).
+    """
+    if time.monotonic() - job.read_at <= ENDPOINT_RECHECK_S:
+        return job
+    endpoint = await _endpoint_read_again(job, ctx)
+    return job if endpoint is None else replace(job, endpoint=endpoint, read_at=time.monotonic())
 
 
 async def _marked_sent(job: DeliveryJob, ctx: DeliveryContext) -> bool:
@@ -380,7 +399,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         try:
             await attempt(job, ctx)
         except EndpointGone:
-            attempts_made -= 1  # found gone during the wait for its token: nothing was sent
+            attempts_made -= 1  # found gone while it waited for its token, or before its send: nothing was sent
             raise
 
     async def endpoint_as_it_is_now() -> None:
