@@ -27,6 +27,7 @@ from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.app import alerts_matched, app, notifications_ready
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
+from alerting_app.deleted_clients import deleted_clients, dropped
 from alerting_app.sending import send_batched
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,9 @@ class Aggregation:
 
     ready: list[NotificationReady] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    # Matches naming a client Postgres does not have: dropped if it was deleted, else dead letters
+    # (record_matches, at the end).
+    unknown_clients: list[tuple[EventT, AlertMatched]] = field(default_factory=list)
 
 
 async def aggregate_batch(conn: asyncpg.Pool, events: Iterable[EventT]) -> Aggregation:
@@ -296,6 +300,20 @@ async def record_matches(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMa
     # alone keeps that order already.
     if stateful:
         aggregation.ready.sort(key=input_order([matched for _, matched in decoded]))
+    await drop_matches_of_deleted_clients(conn, aggregation)
+
+
+async def drop_matches_of_deleted_clients(conn: asyncpg.Pool, aggregation: Aggregation) -> None:
+    """Drop the matches of clients deleted while they were in flight (alerting_app/deleted_clients.py);
+    the other matches naming an unknown client become dead letters."""
+    unknown = list(aggregation.unknown_clients)
+    aggregation.unknown_clients.clear()
+    if not unknown:
+        return
+    deleted = await deleted_clients(conn, [(matched.client_id, matched.rule_ids) for _, matched in unknown])
+    dropped("alerts.matched", [matched.client_id for _, matched in unknown if matched.client_id in deleted])
+    aggregation.dead_letters.extend(dead_letter_for(event.message, unknown_client(matched.client_id))
+                                    for event, matched in unknown if matched.client_id not in deleted)
 
 
 def input_order(matches: list[AlertMatched]) -> Callable[[NotificationReady], int]:
@@ -319,12 +337,13 @@ def refused_reason(exc: Exception) -> str:
     return f"refused by Postgres: {type(exc).__name__}: {exc}"
 
 
-def refused_letter(event: EventT, matched: AlertMatched, exc: Exception) -> DeadLetter:
-    """The dead letter of a match recorded on its own that Postgres refused: its client is unknown
-    (or was deleted meanwhile), or it holds what Postgres cannot store."""
+def refused(aggregation: Aggregation, event: EventT, matched: AlertMatched, exc: Exception) -> None:
+    """A match recorded on its own that Postgres refused: its client is unknown (or was deleted
+    meanwhile: judged at the end of the batch), or it holds what Postgres cannot store."""
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
-        return dead_letter_for(event.message, unknown_client(matched.client_id))
-    return dead_letter_for(event.message, refused_reason(exc))
+        aggregation.unknown_clients.append((event, matched))
+    else:
+        aggregation.dead_letters.append(dead_letter_for(event.message, refused_reason(exc)))
 
 
 async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
@@ -334,7 +353,7 @@ async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, Aler
         try:
             ready = await record_first_match(conn, matched)
         except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES) as exc:
-            aggregation.dead_letters.append(refused_letter(event, matched, exc))
+            refused(aggregation, event, matched, exc)
             continue
         # A match redelivered within the batch finds the row still unemitted: emit it once.
         if ready is not None and ready.notification_id not in to_emit:
@@ -360,7 +379,7 @@ async def record_stateful_isolating(conn: asyncpg.Pool, decoded: list[tuple[Even
         try:
             seen_before.extend(await _record_stateful_or_nothing(conn, [(event, matched)], aggregation))
         except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES) as exc:
-            aggregation.dead_letters.append(refused_letter(event, matched, exc))
+            refused(aggregation, event, matched, exc)
     return seen_before
 
 
@@ -371,6 +390,7 @@ async def _record_stateful_or_nothing(conn: asyncpg.Pool, decoded: list[tuple[Ev
     seen_before = await record_stateful(conn, decoded, attempt, emit_now)
     aggregation.ready[:] = attempt.ready
     aggregation.dead_letters.extend(attempt.dead_letters)
+    aggregation.unknown_clients.extend(attempt.unknown_clients)
     return seen_before
 
 

@@ -23,6 +23,7 @@ from alerting_app import db
 from alerting_app.app import app, notifications_ready, settings
 from alerting_app.contracts import DeadLetter, NotificationReady
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
+from alerting_app.deleted_clients import deleted_clients, dropped
 from alerting_app.delivery import records
 from alerting_app.delivery.dispatcher import Dispatcher, close_dispatcher, dispatcher
 from alerting_app.delivery.jobs import DeliveryJob
@@ -83,9 +84,14 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
             continue
         decoded.setdefault(notification.notification_id, (notification, event))
     known = await records.known_notifications(pool, [n for n, _ in decoded.values()])
-    for notification_id, (_, event) in decoded.items():
-        if notification_id not in known:
-            letters.append(dead_letter_for(event.message, f"notification_id: no such notification {notification_id}"))
+    unknown = [(notification, event) for notification_id, (notification, event) in decoded.items()
+               if notification_id not in known]
+    if unknown:
+        # Deleted with its client while it was in flight: dropped (alerting_app/deleted_clients.py).
+        deleted = await deleted_clients(pool, [(n.client_id, n.rule_ids) for n, _ in unknown])
+        dropped("notifications.ready", [n.client_id for n, _ in unknown if n.client_id in deleted])
+        letters.extend(dead_letter_for(event.message, f"notification_id: no such notification {n.notification_id}")
+                       for n, event in unknown if n.client_id not in deleted)
     # A settled one (SENT, FAILED, ...) has nothing left to deliver: the message is a redelivery or
     # a replay, and is acknowledged without a send.
     notifications = [n for n, _ in decoded.values() if known.get(n.notification_id) == "PENDING"]

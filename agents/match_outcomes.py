@@ -260,17 +260,17 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     accepted: list[tuple[EventT, AlertMatched]] = []
     for event, matched in decoded:
         if matched.client_id not in known:
-            reason = unknown_client(matched.client_id)
+            # Dropped if the client was deleted, else a dead letter: the caller judges (record_matches).
+            aggregation.unknown_clients.append((event, matched))
         elif event.message.key != matched.client_id.encode():
             # The group table is keyed, and partitioned, by the client_id (tables/groups.py), and any
             # match recorded here may join a group: a grouped one, or one whose alert is a member of
             # an open group (its client changed its rules since); written under another key's event,
             # its client's value would go to the wrong changelog partition.
-            reason = "key: a match must be keyed by its client_id (docs/contracts.md)"
+            aggregation.dead_letters.append(dead_letter_for(
+                event.message, "key: a match must be keyed by its client_id (docs/contracts.md)"))
         else:
             accepted.append((event, matched))
-            continue
-        aggregation.dead_letters.append(dead_letter_for(event.message, reason))
     if not accepted:
         return []
     matches = [matched for _, matched in accepted]

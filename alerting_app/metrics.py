@@ -37,6 +37,12 @@ groups_closed_early = Counter("alerting_groups_closed_early_total",
                               "groups outgrew one changelog message")
 notifications_pruned = Counter("alerting_notifications_pruned_total",
                                "Settled notifications deleted, with their deliveries, past NOTIFICATION_RETENTION_DAYS")
+# Not dead letters: nothing is wrong with such a message, its client is gone (alerting_app/deleted_clients.py).
+messages_of_deleted_clients = Counter("alerting_messages_of_deleted_clients_total",
+                                      "Matches and notifications of a client deleted while they were in flight, "
+                                      "dropped", ["topic"])
+for _topic in ("alerts.matched", "notifications.ready"):
+    messages_of_deleted_clients.labels(topic=_topic)
 
 # Faust would restart a crashed agent and acknowledge the batch nobody processed, so the worker then
 # commits nothing more and stops (broker_transport.Consumer.on_task_error).

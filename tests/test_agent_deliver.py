@@ -17,7 +17,7 @@ from agents.deliver import deliver_notifications, sweep
 from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Answer, Receiver, SmtpServer
 from test_agent_support import (  # noqa: F401  (fixtures)
-    AGENT_LOOP, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to,
+    AGENT_LOOP, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to,
 )
 
 pytestmark = AGENT_LOOP
@@ -648,6 +648,27 @@ async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, d
     assert receiver.posts == []
     assert await deliveries(pool, notification.notification_id) == {
         endpoint: ("webhook", "FAILED", 0, "endpoint was deleted", False)}
+
+
+async def test_a_notification_of_a_client_deleted_while_it_was_in_flight_is_dropped_not_dead_lettered(
+        pool, dispatcher, receiver):
+    # Deleting the client deleted its notification: nothing to deliver, and nothing wrong with the message.
+    from alerting_app import metrics
+
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    gone = await pending_notification(pool, client, [rule])
+    await delete_client_as_the_api_does(pool, client, [rule])
+    other_client, other_rule, other_endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    other = await pending_notification(pool, other_client, [other_rule])
+    dropped = metrics.messages_of_deleted_clients.labels(topic="notifications.ready")
+    dropped_before = dropped._value.get()
+
+    intakes = await deliver(dispatcher, gone.encode(), other.encode())
+
+    assert [intake.dead_letters for intake in intakes] == [[], []]
+    assert dropped._value.get() - dropped_before == 1
+    assert [post.body["notification_id"] for post in receiver.posts] == [other.notification_id]
+    assert await deliveries(pool, other.notification_id) == {other_endpoint: ("webhook", "SENT", 1, None, True)}
 
 
 def _ready(**fields) -> bytes:

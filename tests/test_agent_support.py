@@ -109,6 +109,14 @@ async def insert_endpoint(pool, client_id: str, rule_id: str, type_: str, value:
     return endpoint_id
 
 
+async def delete_client_as_the_api_does(pool, client_id: str, rule_ids: list[str]) -> None:
+    """The client's rows gone (its rules, endpoints and notifications with it), each rule's deletion
+    remembered (web/clients.py delete_client)."""
+    await pool.executemany("INSERT INTO deleted_rules (rule_id, client_id, version) VALUES ($1, $2, 2)",
+                           [(rule_id, client_id) for rule_id in rule_ids])
+    await pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)
+
+
 @dataclass
 class ReceivedPost:
     path: str

@@ -8,9 +8,13 @@ import time
 import uuid
 from types import SimpleNamespace
 
+import pytest
+
 from agents.aggregate import Aggregation, aggregate_batch, record_first_match, record_first_matches, record_matches
 from alerting_app.contracts import Alert, AlertMatched
-from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
+from test_agent_support import (  # noqa: F401  (fixtures)
+    AGENT_LOOP, delete_client_as_the_api_does, insert_client, pipeline, pool,
+)
 
 pytestmark = AGENT_LOOP
 
@@ -114,6 +118,27 @@ async def test_a_client_deleted_while_its_stateful_match_is_recorded_is_a_dead_l
     [letter] = aggregation.dead_letters
     assert letter.offset == 1 and letter.reason == f"client_id: no such client {deleted}"
     assert alert_ids(aggregation.ready) == [matches[0].alert.alert_id]
+
+
+@pytest.mark.parametrize("repeat_checked", [False, True], ids=["plain", "stateful"])
+async def test_the_matches_of_a_client_deleted_while_they_were_in_flight_are_dropped_not_dead_lettered(
+        pool, repeat_checked):
+    # Every replica matches a deleted client's rules until their deletions reach it, and matches
+    # already on alerts.matched still come: nothing to notify, and nothing wrong with the message.
+    from alerting_app import metrics
+
+    kept, deleted = await insert_client(pool), await insert_client(pool)
+    matches = [matched(deleted, repeat_checked=repeat_checked), matched(kept, repeat_checked=repeat_checked),
+               matched(deleted, repeat_checked=repeat_checked)]
+    await delete_client_as_the_api_does(pool, deleted, [*matches[0].rule_ids, *matches[2].rule_ids])
+    dropped = metrics.messages_of_deleted_clients.labels(topic="alerts.matched")
+    dropped_before = dropped._value.get()
+
+    aggregation = await aggregate_batch(pool, [event(match, offset) for offset, match in enumerate(matches)])
+
+    assert aggregation.dead_letters == []
+    assert alert_ids(aggregation.ready) == [matches[1].alert.alert_id]
+    assert dropped._value.get() - dropped_before == 2
 
 
 async def test_an_alert_silenced_and_matched_again_in_one_batch_keeps_its_first_fate(pool):
