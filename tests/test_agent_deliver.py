@@ -615,6 +615,27 @@ async def test_an_endpoint_disabled_or_deleted_while_a_delivery_waits_for_its_se
     assert await deliveries(pool, waited.notification_id) == {endpoint: ("webhook", "FAILED", 0, reason, False)}
 
 
+async def test_a_delivery_in_hand_when_its_client_is_deleted_gets_no_send_and_no_dead_letter(
+        pool, dispatcher, receiver, quick_retries, monkeypatch):
+    # Its row went with its client's notification: nobody is left to tell that it failed.
+    from alerting_app.delivery import attempts
+
+    monkeypatch.setattr(attempts, "ENDPOINT_RECHECK_S", 0.0)  # the wait here lasts as long as the test takes
+    release = receiver.hold("leaving")
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url("leaving"))
+    slots = quick_retries.delivery_endpoint_concurrency
+    notifications = [await pending_notification(pool, client, [rule]) for _ in range(slots + 1)]
+    await put(*(n.encode() for n in notifications))
+    await receiver.wait_for_posts(slots, "leaving")  # one delivery waits for a send slot
+
+    await delete_client_as_the_api_does(pool, client, [rule])
+    release.set()
+    await dispatcher.drained()
+
+    assert len(receiver.posts_to("leaving")) == slots
+    assert await sent_to("notifications.ready.dlq", client) == []
+
+
 async def test_a_sent_mark_redis_cannot_be_asked_for_is_no_attempt_and_no_error():
     from alerting_app.delivery.attempts import DeliveryContext, _marked_sent
     from alerting_app.delivery.jobs import DeliveryJob

@@ -14,6 +14,7 @@ import asyncpg
 from alerting_app import db, metrics
 from alerting_app.contracts import DeadLetter
 from alerting_app.dead_letters import send_dead_letters
+from alerting_app.delivery import records
 from alerting_app.delivery.records import DeliveryChange, write_outcomes
 from alerting_app.failure_streak import FailureStreak
 
@@ -25,6 +26,7 @@ _RETRY_WRITE_S = 1.0
 # what was recorded since) and looks again: a broker answers in milliseconds, or not for as long
 # as it is down (the producer waits up to its request timeout, 20 minutes).
 _LETTERS_WAIT_S = 1.0
+_GONE_LOOKUP_TIMEOUT_S = 5.0
 
 
 def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
@@ -161,27 +163,49 @@ class Recorder:
     async def _letters_acknowledged(self, letters: dict[tuple[str, str], DeadLetter]) -> set[tuple[str, str]]:
         """The deliveries whose dead letters the broker has acknowledged: none while their send is
         still on its way after _LETTERS_WAIT_S (the caller writes the other outcomes meanwhile, and
-        asks again), or failed (sent again next time).
+        asks again), or failed (sent again next time). With them, those that need no letter: their
+        row is gone with their client (`_of_deleted_clients`).
 
         A send in flight is not started again: waiting on it again does not queue the letters twice.
         Letters recorded since it started go with the next one.
         """
+        unneeded: set[tuple[str, str]] = set()
         if self._sending is None:
-            keys = list(letters)
-            self._sending = keys, asyncio.ensure_future(send_dead_letters([letters[key] for key in keys]))
+            unneeded = await self._of_deleted_clients(letters)
+            keys = [key for key in letters if key not in unneeded]
+            if keys:
+                self._sending = keys, asyncio.ensure_future(send_dead_letters([letters[key] for key in keys]))
+        if self._sending is None:
+            return unneeded
         keys, sending = self._sending
         done, _ = await asyncio.wait({sending}, timeout=_LETTERS_WAIT_S)
         if not done:
-            return set()
+            return unneeded
         self._sending = None
         try:
             sending.result()
         except Exception:
             self._letter_failures.failed("sending %d dead letters failed; their FAILED outcomes wait for them",
                                         len(keys))
-            return set()
+            return unneeded
         self._letter_failures.succeeded()
-        return set(keys)
+        return set(keys) | unneeded
+
+    async def _of_deleted_clients(self, letters: dict[tuple[str, str], DeadLetter]) -> set[tuple[str, str]]:
+        """The deliveries whose row is gone with their client (deleted while they were in hand): their
+        failure is nobody's to look at, and their letter would be a false alarm. None when Postgres
+        cannot say: then the letters are sent."""
+        try:
+            # Bounded: a frozen Postgres must not hold back letters the broker could take.
+            async with asyncio.timeout(_GONE_LOOKUP_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
+                gone = await records.gone(await self._get_pool(), list(letters))
+        except Exception:
+            log.warning("could not look for the deliveries of deleted clients among %d dead letters; sending them",
+                        len(letters), exc_info=True)
+            return set()
+        if gone:
+            log.info("no dead letter for %d failed deliveries of clients deleted while they were in hand", len(gone))
+        return gone
 
     async def _write(self, changes: list[DeliveryChange]) -> None:
         pool = await self._get_pool()

@@ -303,6 +303,22 @@ def _endpoint(row: asyncpg.Record) -> Endpoint | None:
                     row["enabled"])
 
 
+# Deliveries whose row is gone: deleted with their notification when its client was deleted
+# (retention deletes only settled notifications, none of whose deliveries a worker still holds).
+_GONE = """
+SELECT k.notification_id::text, k.endpoint_id::text
+FROM unnest($1::uuid[], $2::uuid[]) AS k(notification_id, endpoint_id)
+WHERE NOT EXISTS (SELECT 1 FROM deliveries d
+                  WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id)
+"""
+
+
+async def gone(conn: Conn, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Those of these deliveries (notification_id, endpoint_id) whose row is gone."""
+    rows = await conn.fetch(_GONE, [key[0] for key in keys], [key[1] for key in keys])
+    return {(row[0], row[1]) for row in rows}
+
+
 async def known_notifications(conn: Conn, notifications: Sequence[NotificationReady]) -> dict[str, str]:
     """notification_id -> status, of those of `notifications` that are in Postgres (for their client)."""
     rows = await conn.fetch(_KNOWN, [n.notification_id for n in notifications], [n.client_id for n in notifications])
