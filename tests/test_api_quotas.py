@@ -128,7 +128,7 @@ async def test_a_client_replaces_its_own_key_and_the_old_one_stops_working(api, 
 
 async def test_an_endpoint_gets_a_new_secret_which_deliveries_sign_with(api, tenant, other_tenant):
     from alerting_app import db
-    from alerting_app.delivery.records import endpoint_now
+    from alerting_app.delivery.records import endpoints_now
 
     rule = await api.new_rule(tenant)
     endpoint = await api.new_endpoint(tenant, rule["rule_id"])
@@ -142,5 +142,6 @@ async def test_an_endpoint_gets_a_new_secret_which_deliveries_sign_with(api, ten
 
     pool = await db.pool()
     async with pool.acquire() as conn:
-        assert (await endpoint_now(conn, endpoint["endpoint_id"])).secret == replaced.body["secret"]
+        [stored] = (await endpoints_now(conn, [endpoint["endpoint_id"]])).values()
+        assert stored.secret == replaced.body["secret"]
     assert "secret" not in (await api.call("GET", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key)).body

@@ -453,19 +453,34 @@ async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_wr
         assert await delivery_status(conn, failed_key) == "FAILED" and len(letters_sent) == 1
 
 
-async def test_endpoint_now_reads_the_endpoint_as_it_is_and_none_once_deleted(clean_db, conn):
-    from alerting_app.delivery.records import endpoint_now
+async def test_endpoints_asked_for_in_one_turn_are_read_in_one_statement_each_as_it_is_now(clean_db, conn):
+    from alerting_app.delivery.endpoint_reads import EndpointReads
 
     await init_connection(conn)
-    endpoint_id = await insert_endpoint(conn, await insert_client(conn))
+    client = await insert_client(conn)
+    kept, changed, deleted = [await insert_endpoint(conn, client) for _ in range(3)]
     await conn.execute("UPDATE endpoints SET value = 'https://hooks.example.com/fixed', enabled = false"
-                       " WHERE endpoint_id = $1", endpoint_id)
+                       " WHERE endpoint_id = $1", changed)
+    await conn.execute("DELETE FROM endpoints WHERE endpoint_id = $1", deleted)
+    statements = []
 
-    endpoint = await endpoint_now(conn, endpoint_id)
-    assert (endpoint.endpoint_id, endpoint.value, endpoint.enabled) == (endpoint_id, "https://hooks.example.com/fixed",
-                                                                        False)
-    await conn.execute("DELETE FROM endpoints WHERE endpoint_id = $1", endpoint_id)
-    assert await endpoint_now(conn, endpoint_id) is None
+    class CountedConnection:
+        """The test's connection, its statements counted."""
+
+        async def fetch(self, query, *args):
+            statements.append(query)
+            return await conn.fetch(query, *args)
+
+    async def get_pool():
+        return CountedConnection()
+
+    reads = EndpointReads(get_pool)
+    found = await asyncio.gather(*(reads.read(endpoint_id) for endpoint_id in (kept, changed, deleted, kept)))
+
+    assert len(statements) == 1
+    assert [endpoint and (endpoint.endpoint_id, endpoint.value, endpoint.enabled) for endpoint in found] == [
+        (kept, "http://127.0.0.1:1/hook", True), (changed, "https://hooks.example.com/fixed", False), None,
+        (kept, "http://127.0.0.1:1/hook", True)]
 
 
 async def test_an_endpoint_without_room_does_not_use_up_its_clients_room(clean_db, conn):

@@ -45,8 +45,8 @@ ENDPOINT_READ_TIMEOUT_S = 5.0
 # A delivery whose endpoint was read longer ago than this reads it again once it holds its slots
 # and tokens, before it sends: a tenant who disables or deletes an endpoint (a slow one, say, with
 # a backlog waiting for its send slots, or for tokens too near to be read again while waited for)
-# must not get what waited. Not every send: one Postgres read each, and a delivery that did not
-# wait was read a moment ago, when it was leased.
+# must not get what waited. Not every send: a delivery that did not wait was read a moment ago,
+# when it was leased (and each read costs the worker CPU: delivery/endpoint_reads.py).
 ENDPOINT_RECHECK_S = 1.0
 
 

@@ -21,7 +21,8 @@ from alerting_app import db, metrics, redis_client
 from alerting_app.channels.http import endpoint_session
 from alerting_app.delivery import records
 from alerting_app.delivery.attempts import DeliveryContext, SendSlots, deliver
-from alerting_app.delivery.jobs import DeliveryJob, Endpoint
+from alerting_app.delivery.endpoint_reads import EndpointReads
+from alerting_app.delivery.jobs import DeliveryJob
 from alerting_app.delivery.rate_limits import RateLimits
 from alerting_app.delivery.recorder import Recorder
 from alerting_app.redis_pipelining import PipelinedRedis
@@ -32,11 +33,6 @@ log = logging.getLogger(__name__)
 _CLOSE_WRITE_TIMEOUT_S = 10.0
 # How long a stop waits at most for sends in flight: their own timeout, but not past this.
 _CLOSE_SEND_GRACE_MAX_S = 30.0
-
-
-async def _endpoint_now(job: DeliveryJob) -> Endpoint | None:
-    """The job's endpoint as it is in Postgres now (read before a retry, attempts.deliver)."""
-    return await records.endpoint_now(await db.pool(), job.endpoint_id)
 
 
 class Dispatcher:
@@ -59,10 +55,12 @@ class Dispatcher:
                                          allow_private=settings.allow_private_endpoints)
         # Tokens, claims and sent marks of concurrent deliveries share Redis round trips.
         redis = PipelinedRedis(redis_client.redis())
+        # A job's endpoint as it is in Postgres now (attempts.DeliveryContext.endpoint_now).
+        endpoint_reads = EndpointReads(db.pool)
         self._context = DeliveryContext(settings, self._session, redis,
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots, self._in_send,
-                                        lambda: self._stopping, _endpoint_now)
+                                        lambda: self._stopping, lambda job: endpoint_reads.read(job.endpoint_id))
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
         return SendSlots(self._worker_slots, self._per_endpoint.slots(job.endpoint_id),

@@ -285,15 +285,15 @@ def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[
     return notification_ids, client_ids, rule_ids
 
 
-_ENDPOINT_NOW = """
-SELECT endpoint_id::text, type, value, secret, rate_limit_per_s, enabled FROM endpoints WHERE endpoint_id = $1
+_ENDPOINTS_NOW = """
+SELECT endpoint_id::text, type, value, secret, rate_limit_per_s, enabled FROM endpoints
+WHERE endpoint_id = ANY($1::uuid[])
 """
 
 
-async def endpoint_now(conn: Conn, endpoint_id: str) -> Endpoint | None:
-    """The endpoint as it is now; None once deleted."""
-    row = await conn.fetchrow(_ENDPOINT_NOW, endpoint_id)
-    return None if row is None else _endpoint(row)
+async def endpoints_now(conn: Conn, endpoint_ids: Sequence[str]) -> dict[str, Endpoint]:
+    """These endpoints as they are now, by id; a deleted one is missing."""
+    return {row["endpoint_id"]: _endpoint(row) for row in await conn.fetch(_ENDPOINTS_NOW, list(endpoint_ids))}
 
 
 def _endpoint(row: asyncpg.Record) -> Endpoint | None:
