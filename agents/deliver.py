@@ -95,7 +95,13 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
     # A settled one (SENT, FAILED, ...) has nothing left to deliver: the message is a redelivery or
     # a replay, and is acknowledged without a send.
     notifications = [n for n, _ in decoded.values() if known.get(n.notification_id) == "PENDING"]
-    started = await start_deliveries(pool, delivery, notifications) if notifications else []
+    try:
+        started = await start_deliveries(pool, delivery, notifications) if notifications else []
+    except asyncpg.ForeignKeyViolationError:
+        # A notification deleted with its client after it was found here, while its deliveries were
+        # being opened: that statement inserted nothing. Taken in again, the batch finds it gone.
+        log.info("a notification was deleted while its deliveries were opened; taking the batch in again")
+        return await take_in(pool, delivery, events)
     return Intake(started, letters)
 
 

@@ -692,6 +692,31 @@ async def test_a_notification_of_a_client_deleted_while_it_was_in_flight_is_drop
     assert await deliveries(pool, other.notification_id) == {other_endpoint: ("webhook", "SENT", 1, None, True)}
 
 
+async def test_a_notification_whose_client_is_deleted_while_its_deliveries_are_opened_is_dropped(
+        pool, dispatcher, receiver):
+    # The deletion commits while the insert of the notification's deliveries waits for its row,
+    # which the insert found (its statement began before): the foreign key then fails the insert.
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url("deleted-meanwhile"))
+    notification = await pending_notification(pool, client, [rule])
+
+    async with pool.acquire() as deleting:
+        async with deleting.transaction():
+            await deleting.execute("INSERT INTO deleted_rules (rule_id, client_id, version) VALUES ($1, $2, 2)",
+                                   rule, client)
+            await deleting.execute("DELETE FROM clients WHERE client_id = $1", client)
+            taking_in = asyncio.ensure_future(put(notification.encode()))
+            async with asyncio.timeout(30):
+                while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                              " AND wait_event_type = 'Lock'"):
+                    await asyncio.sleep(0.01)
+    async with asyncio.timeout(30):  # a bound: an agent that raised would never answer
+        [intake] = await taking_in
+    await dispatcher.drained()
+
+    assert (intake.started, intake.dead_letters) == ([], [])
+    assert receiver.posts_to("deleted-meanwhile") == []
+
+
 def _ready(**fields) -> bytes:
     alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
     return NotificationReady(**{"client_id": str(uuid.uuid4()), "alerts": [alert],
