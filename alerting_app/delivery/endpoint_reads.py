@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from alerting_app.delivery import records
-from alerting_app.delivery.jobs import Endpoint
 
 # A longer list waits for its last row while callers could already go on (as MAX_PIPELINE).
 MAX_READ = 500
