@@ -4,8 +4,9 @@ hand-over cannot block; stream records fetched while a rebalance ends are held, 
 (`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is made again at the
 next commit (`Consumer._commit_offsets`); the end offsets the table recovery reads up to are the
 true ends, on the Tansu broker too (`Consumer.highwaters`); after an agent crashed the worker commits nothing more and stops
-(`Consumer.on_task_error`). tests/test_broker_transport.py fails when the installed Faust no
-longer matches what these rely on.
+(`Consumer.on_task_error`); a stopping worker waits at most STOP_GRACE_S for the broker, then commits
+nothing more and fails the sends still pending (`Producer.give_up_on_the_broker`).
+tests/test_broker_transport.py fails when the installed Faust no longer matches what these rely on.
 
 The fetch wait. Why: every stage hop (alerts.new -> evaluate, alerts.matched -> aggregate) waits for a fetch, and
 Faust (faust-streaming 0.15.3) creates its worker consumer with `fetch_max_wait_ms=1500` written
@@ -28,14 +29,16 @@ otherwise the original path runs. Measured: 83-93 -> 57-65 us CPU per message fo
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import signal
 import threading
 from functools import cached_property
-from typing import AsyncIterator, Iterable, Mapping, cast
+from typing import Any, AsyncIterator, Awaitable, Iterable, Mapping, cast
 
 import aiokafka
+from aiokafka.errors import KafkaTimeoutError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
@@ -92,12 +95,24 @@ _END_OFFSETS_TIMEOUT_S = 10.0
 CRASH_STOP_GRACE_S = 45.0
 
 
-def exit_unless_stopped_within(seconds: float) -> None:
+# How long a stopping worker waits for the broker: for the acknowledgement of what it sent, and for
+# its offset commits. A reachable broker answers in milliseconds; an unreachable one made the stop wait
+# for the producer's request timeout (20 minutes: Faust's flush of the producer, the sinks' waits for
+# their acknowledgements) or for ever (aiokafka's commit waits for the group coordinator without a
+# bound), past ECS's stopTimeout (60 s), which then killed the worker. Then the worker gives up on the
+# broker (Producer.give_up_on_the_broker) and finishes stopping in seconds.
+STOP_GRACE_S = 15.0
+# A backstop once it gave up, as CRASH_STOP_GRACE_S is after a crash: STOP_GRACE_S and this stay below
+# ECS's stopTimeout. What is left of the stop after giving up took 1-3 s when measured.
+STOP_AFTER_GIVING_UP_S = 30.0
+
+
+def exit_unless_stopped_within(seconds: float, after: str = "an agent crash") -> None:
     """End the process with status 1 if it is still running `seconds` from now. A daemon thread, so
     an event loop stuck in its stop cannot hold it, and a process that stops in time is not held
     by it either."""
     def exit_now() -> None:
-        log.error("the worker did not finish stopping within %gs of an agent crash: exiting now", seconds)
+        log.error("the worker did not finish stopping within %gs of %s: exiting now", seconds, after)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(1)
@@ -176,9 +191,31 @@ class Consumer(faust_aiokafka.Consumer):
         the wait never ended, so the worker never finished stopping, its partitions were processed
         by nobody, and its probes still answered 200 (nothing restarted it).
         """
-        if self.crashed_agent is not None:
+        if self.crashed_agent is not None or self.gave_up_on_the_broker.is_set():
             return
-        await super().wait_empty()
+        await _unless_set(self.gave_up_on_the_broker, super().wait_empty())
+
+    # Set when a stopping worker gave up on its broker (Producer.give_up_on_the_broker): from then on
+    # it commits nothing.
+    @cached_property
+    def gave_up_on_the_broker(self) -> asyncio.Event:
+        return asyncio.Event()
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        """The commit at the broker, which Faust's `_commit_offsets` makes once it has flushed the
+        producer; none once the stopping worker gave up on the broker.
+
+        Giving up fails the sends still pending, which ends that flush: the commit that followed
+        would pass over input whose output never reached the broker. And aiokafka's commit waits
+        for the group coordinator for ever while the broker is unreachable (`commit_offsets` loops
+        on `ensure_coordinator_known`): giving up ends the wait here (the commit goes on in the
+        consumer thread until it closes; what it commits was flushed before it began, so it may
+        land or not).
+        """
+        if self.gave_up_on_the_broker.is_set():
+            return False
+        committed = await _unless_set(self.gave_up_on_the_broker, super()._commit(offsets))
+        return bool(committed)
 
     # Offsets the broker refused to commit, by partition, to be committed at the next commit.
     @cached_property
@@ -398,11 +435,109 @@ class Consumer(faust_aiokafka.Consumer):
             unset_flag(flag_consumer_fetching)
 
 
+async def _unless_set(event: asyncio.Event, awaitable: Awaitable[Any]) -> Any:
+    """The result of `awaitable`, or None if `event` is set first (`awaitable` is then cancelled)."""
+    work = asyncio.ensure_future(awaitable)
+    interrupted = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({work, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupted.cancel()
+        interrupted_first = not work.done()
+        if interrupted_first:
+            work.cancel()
+    return None if interrupted_first else work.result()
+
+
+class Producer(faust_aiokafka.Producer):
+    # The failure every send gets once the stopping worker gave up on the broker.
+    gave_up: KafkaTimeoutError | None = None
+
+    @Service.task
+    async def _give_up_on_the_broker_late_in_a_stop(self) -> None:
+        await self.app.wait_for_stopped()
+        # Cancelled (with this producer's other tasks) when the producer stops: it is the last
+        # service of the app to stop, so this runs only while the stop is still waiting.
+        await asyncio.sleep(STOP_GRACE_S)
+        self.give_up_on_the_broker()
+
+    def give_up_on_the_broker(self) -> None:
+        """Stop waiting for the broker: the worker commits no offset any more, and every send still
+        waiting for the broker's acknowledgement, and every later one, fails.
+
+        Nothing is lost. The consumer stops committing first, so no commit follows the failed sends
+        (Consumer._commit). Each stage acknowledges its input only once the broker has acknowledged
+        what it sent for it (a sink waits for its sends), and a failed send fails the sink: its
+        input stays uncommitted and is read again by the next worker (aggregate waits for its table's
+        changelog writes too: `groups.wait_until_written`). The outbox relay keeps its rows when a
+        send fails (its transaction rolls back), and whichever worker relays next sends them. A
+        send already on the wire may still reach the broker if it comes back before this worker
+        has exited: it is then sent twice, which every consumer of our topics handles.
+        """
+        if self.gave_up is not None:
+            return
+        log.warning("still stopping %gs after the stop began: giving up on the broker; this worker commits "
+                    "nothing more, and fails the sends the broker has not acknowledged (what they were sent "
+                    "for is read again by the next worker)", STOP_GRACE_S)
+        cast(Consumer, self.app.consumer).gave_up_on_the_broker.set()
+        self.gave_up = KafkaTimeoutError(f"not acknowledged by the broker within {STOP_GRACE_S:g}s "
+                                         "of the worker's stop")
+        if self._producer is not None:
+            fail_pending_sends(self._producer, self.gave_up)
+        exit_unless_stopped_within(STOP_AFTER_GIVING_UP_S, after="giving up on the broker")
+
+    async def send(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Faust's send (topics, table changelogs); once the worker gave up on the broker, a send
+        that has already failed. Raising instead would crash Faust's producer buffer, which sends
+        table changelog records: a crashed service crashes the whole worker."""
+        if self.gave_up is not None:
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(copy.copy(self.gave_up))
+            return failed
+        return await super().send(*args, **kwargs)
+
+
+class _TolerantBatchSet(set):
+    """aiokafka's set of the batches in flight, from which a batch failed by `fail_pending_sends`
+    may be removed twice."""
+
+    def remove(self, batch: Any) -> None:
+        self.discard(batch)
+
+
+def fail_pending_sends(producer: aiokafka.AIOKafkaProducer, failure: Exception) -> None:
+    """Fail every batch `producer` has not had acknowledged, waking whoever waits for one (the sinks,
+    the outbox relay, Faust's flush before a commit, the producer's own stop), and every later send.
+
+    aiokafka 0.14.0 (producer/message_accumulator.py, sender.py) fails batches only from its sender
+    task, and `fail_all` (its own way to fail everything, when that task dies) assumes as much. A
+    batch whose request failed waits out a back-off and is then queued again (`reenqueue`), which
+    takes it out of the set of batches in flight; but its future, failed here meanwhile, has already
+    done that (`_pop_batch`'s callback), and the second removal raised KeyError, which ended the sender
+    task. So the set tolerates a second removal, and a failed batch is not queued again: no batch
+    this worker gave up on is sent again (one already on the wire may still land).
+    tests/test_broker_transport.py fails when aiokafka changes these.
+    """
+    accumulator = producer._message_accumulator
+    requeue = accumulator.reenqueue
+
+    def requeue_unless_failed(batch: Any) -> None:
+        if not batch.future.done():
+            requeue(batch)
+
+    accumulator.reenqueue = requeue_unless_failed
+    accumulator._pending_batches = _TolerantBatchSet(accumulator._pending_batches)
+    accumulator.fail_all(failure)  # every later send raises it too
+    accumulator._batches.clear()  # failed: never to be sent
+
+
 class Transport(faust_aiokafka.Transport):
     """Faust's aiokafka Transport whose worker consumer waits at most `fetch_max_wait_ms` per fetch,
-    and finds end offsets on `broker` (`Consumer.highwaters`)."""
+    and finds end offsets on `broker` (`Consumer.highwaters`); whose producer stops waiting for the
+    broker late in a stop (`Producer.give_up_on_the_broker`)."""
 
     Consumer = Consumer
+    Producer = Producer
 
     def __init__(self, *args, fetch_max_wait_ms: int, broker: Broker, **kwargs) -> None:
         super().__init__(*args, **kwargs)
