@@ -193,6 +193,10 @@ class Consumer(faust_aiokafka.Consumer):
         """
         if self.crashed_agent is not None or self.gave_up_on_the_broker.is_set():
             return
+        # Giving up on the broker ends the wait too: it waits for the sinks' sends and commits
+        # (Faust's commit flushes the producer first, and aiokafka's commit waits for the group
+        # coordinator for ever while the broker is unreachable: `commit_offsets` loops on
+        # `ensure_coordinator_known`).
         await _unless_set(self.gave_up_on_the_broker, super().wait_empty())
 
     # Set when a stopping worker gave up on its broker (Producer.give_up_on_the_broker): from then on
@@ -206,16 +210,12 @@ class Consumer(faust_aiokafka.Consumer):
         producer; none once the stopping worker gave up on the broker.
 
         Giving up fails the sends still pending, which ends that flush: the commit that followed
-        would pass over input whose output never reached the broker. And aiokafka's commit waits
-        for the group coordinator for ever while the broker is unreachable (`commit_offsets` loops
-        on `ensure_coordinator_known`): giving up ends the wait here (the commit goes on in the
-        consumer thread until it closes; what it commits was flushed before it began, so it may
-        land or not).
+        would pass over input whose output never reached the broker, should the broker be back by
+        then. (A commit already past the flush may go on: what it covers was acknowledged.)
         """
         if self.gave_up_on_the_broker.is_set():
             return False
-        committed = await _unless_set(self.gave_up_on_the_broker, super()._commit(offsets))
-        return bool(committed)
+        return await super()._commit(offsets)
 
     # Offsets the broker refused to commit, by partition, to be committed at the next commit.
     @cached_property

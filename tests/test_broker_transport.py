@@ -20,6 +20,7 @@ import pytest
 from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.producer.message_accumulator import MessageAccumulator
 from aiokafka.producer.producer import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.producer.sender import SendProduceReqHandler
 from faust.agents.agent import Agent
 from faust.app.base import App as FaustApp
@@ -291,6 +292,49 @@ async def test_after_an_agent_crashed_the_worker_commits_nothing_more_and_stops(
     assert commit_calls == [()]
     assert await consumer._commit_offsets({tp: 9}) is False
     assert broker_commits == [{tp: 5}]  # nothing reached the broker after the crash
+
+
+async def test_a_commit_waiting_for_the_flush_when_the_stop_gives_up_on_the_broker_commits_nothing(monkeypatch):
+    # Faust's commit (Consumer._commit_offsets) flushes the producer, then commits at the broker.
+    # Giving up on the broker fails the sends still pending, which ends the flush: the commit must
+    # not follow, or it would pass over input whose output never reached the broker.
+    from aiokafka import TopicPartition
+    from faust.types import TP
+
+    consumer, producer = app.consumer, app.producer
+    assert isinstance(producer, broker_transport.Producer)
+    tp = TP("alerts.new", 0)
+    monkeypatch.setattr(consumer, "gave_up_on_the_broker", asyncio.Event())  # all restored after the test
+    monkeypatch.setattr(consumer, "_committed_offset", {})
+    monkeypatch.setattr(consumer, "_refused_commits", {})
+    monkeypatch.setattr(consumer, "assignment", lambda: {tp})
+    monkeypatch.setattr(producer, "gave_up", None)
+    monkeypatch.setattr(broker_transport, "exit_unless_stopped_within", lambda *args, **kwargs: None)
+    broker_commits = []
+
+    async def commit_at_broker(self, offsets):
+        broker_commits.append(dict(offsets))
+        return True
+
+    monkeypatch.setattr(faust_consumer_module.ThreadDelegateConsumer, "_commit", commit_at_broker)
+    # A send waiting in aiokafka's accumulator, as with the broker unreachable (never started: nothing sends it).
+    kafka_producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+    monkeypatch.setattr(producer, "_producer", kafka_producer)
+    sent = await kafka_producer._message_accumulator.add_message(
+        TopicPartition("alerts.new", 0), b"key", b"value", timeout=1.0)
+
+    committing = asyncio.ensure_future(consumer._commit_offsets({tp: 9}))
+    await asyncio.sleep(0.1)
+    assert not committing.done()  # waiting in the flush, for the send
+    producer.give_up_on_the_broker()
+
+    assert await committing is False
+    assert broker_commits == []
+    with pytest.raises(KafkaTimeoutError, match="not acknowledged by the broker"):
+        await sent
+    with pytest.raises(KafkaTimeoutError):  # and every later send
+        await kafka_producer._message_accumulator.add_message(TopicPartition("alerts.new", 0), b"key", b"value",
+                                                              timeout=1.0)
 
 
 async def test_records_held_during_a_rebalance_are_released_in_order_past_the_commit(monkeypatch):

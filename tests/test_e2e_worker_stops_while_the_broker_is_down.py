@@ -10,7 +10,7 @@ fails what was not acknowledged.
 
 The work in its producer: a backlog of alerts the worker is evaluating and aggregating when the
 broker goes (the sinks' sends), and a rule change made through its API during the outage (the outbox
-relay's send).
+relay's send). With nothing to send, a stop still waited for ever to commit what it had processed.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import time
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from test_e2e_outbox_broker_down import (  # noqa: F401  (private_broker: a fixture)
     Api, outbox_events, private_broker, wait_until_matched, wait_until_outbox_is_empty)
@@ -45,6 +46,14 @@ async def produce_alerts(bootstrap: str, alerts: list[dict]) -> None:
         await asyncio.gather(*sent)
     finally:
         await producer.stop()
+
+
+async def alerts_consumed(url: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "alerting_alerts_consumed_total")
 
 
 async def test_a_worker_stopped_while_the_broker_is_down_stops_and_the_next_one_does_its_work(
@@ -82,3 +91,24 @@ async def test_a_worker_stopped_while_the_broker_is_down_stops_and_the_next_one_
         await wait_until_workers_hold_postgres_rules(http, admin, [successor.url], services.database_url)
         matched = await wait_until_matched(private_broker.address, {alert["alert_id"] for alert in alerts})
         assert {client_id for _, client_id, _ in matched} == {client["client_id"]}
+
+
+async def test_a_worker_stopped_while_the_broker_is_down_with_offsets_to_commit_stops(
+        private_broker, start_worker):  # noqa: F811
+    # Alerts no rule matches: evaluated and acknowledged at once, nothing sent. Their offsets wait
+    # for the next commit (every 2.8 s), which finds the broker gone: aiokafka's commit waits for the
+    # group coordinator for ever, and the stop waited for it.
+    worker = start_worker(KAFKA_BOOTSTRAP_SERVERS=private_broker.address,
+                          APP_ID=f"stop-commit-broker-down-{secrets.token_hex(4)}")
+    alerts = [{"alert_id": f"unmatched-{n}", "event_ts": time.time(), "severity": "LOW",
+               "source": "nobody", "name": "Nothing"} for n in range(200)]
+    await produce_alerts(private_broker.address, alerts)
+    deadline = time.monotonic() + STOP_CEILING_S
+    while await alerts_consumed(worker.url) < len(alerts):
+        assert time.monotonic() < deadline, "the worker did not evaluate the alerts"
+        await asyncio.sleep(0.05)
+
+    with private_broker.down():
+        worker.child.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(worker.child.process.wait, STOP_CEILING_S)
+        assert worker.child.process.returncode == 0, worker.log()[-5000:]
