@@ -103,7 +103,10 @@ CRASH_STOP_GRACE_S = 45.0
 # broker (Producer.give_up_on_the_broker) and finishes stopping in seconds.
 STOP_GRACE_S = 15.0
 # A backstop once it gave up, as CRASH_STOP_GRACE_S is after a crash: STOP_GRACE_S and this stay below
-# ECS's stopTimeout. What is left of the stop after giving up took 1-3 s when measured.
+# ECS's stopTimeout. What is left of the stop after giving up took about 2 s with the broker's address
+# refusing connections; with a broker that accepts them but never answers, aiokafka's stop of the
+# producer waits for a metadata request in flight, up to the producer's request timeout, and this
+# ends it (status 1, nothing committed after giving up).
 STOP_AFTER_GIVING_UP_S = 30.0
 
 
