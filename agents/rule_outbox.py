@@ -8,8 +8,9 @@ in between sends a row twice, which consumers ignore by version.
 
 Order matters beyond consumers that follow the topic: the topics are compacted, keeping the last
 record of each key, so a replica reading from scratch sees only the version published last. Hence
-one relay at a time per outbox, across workers (`_relay_batch`), and each key's rows in version
-order in the outbox, republished ones included (`republish_all_rules`).
+one relay at a time per outbox, across workers (`_relay_batch`), each key's rows in version order
+in the outbox, republished ones included (`republish_all_rules`), and each key's current version
+queued again behind a batch whose sends may have landed after another relay's (`outbox_in_flight`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ BATCH_SIZE = 1000
 
 _wake_up = asyncio.Event()
 _relay_failures = FailureStreak(log, "outbox relay")
+_requeue_failures = FailureStreak(log, "queuing a stopped relay's keys again")
 
 
 @dataclass(frozen=True)
@@ -109,26 +111,31 @@ async def republish_all_rules(pool: asyncpg.Pool) -> int:
     return await republish_rules(pool, None)
 
 
-async def republish_rules(pool: asyncpg.Pool, rule_ids: list[str] | None, replacing: list[int] = ()) -> int:
-    """`republish_all_rules` for these rules only (None: all), deleting the outbox rows `replacing`."""
-    only = _ONLY.format(key="rule_id")
+async def republish_rules(pool: asyncpg.Pool, rule_ids: list[str] | None) -> int:
+    """`republish_all_rules` for these rules only (None: all)."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("DELETE FROM rule_outbox WHERE outbox_id = ANY($1::bigint[])", list(replacing))
-        # FOR SHARE: a change in flight commits first and is read at its new version, and a later
-        # one waits for this transaction, so no rule is queued here at an older version behind a
-        # newer one (which compaction would then keep). In key order, as the API locks them
-        # (web/clients.py), so a client's deletion and this wait for each other without deadlock.
-        rows = await conn.fetch("SELECT rule_id, client_id, severity, source, name, enabled, version,"
-                                " group_window_s, repeat_interval_s, fingerprint_keys FROM rules"
-                                f" WHERE {only} ORDER BY rule_id FOR SHARE", rule_ids)
-        events = [RuleChanged.upsert(Rule(**{**dict(row), "rule_id": str(row["rule_id"]),
-                                            "client_id": str(row["client_id"])})) for row in rows]
-        events += [RuleChanged(rule_id=str(row["rule_id"]), client_id=str(row["client_id"]),
-                               version=row["version"], action="delete")
-                   for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules"
-                                               f" WHERE {only} ORDER BY rule_id", rule_ids)]
-        await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
-                               [(event.rule_id, event.model_dump(mode="json")) for event in events])
+        return await queue_current_rules(conn, rule_ids)
+
+
+async def queue_current_rules(conn: asyncpg.Connection, rule_ids: list[str] | None) -> int:
+    """Queue these rules' current versions and remembered deletions (None: all of them) for
+    rule.changed, inside the caller's transaction; return how many events."""
+    only = _ONLY.format(key="rule_id")
+    # FOR SHARE: a change in flight commits first and is read at its new version, and a later
+    # one waits for this transaction, so no rule is queued here at an older version behind a
+    # newer one (which compaction would then keep). In key order, as the API locks them
+    # (web/clients.py), so a client's deletion and this wait for each other without deadlock.
+    rows = await conn.fetch("SELECT rule_id, client_id, severity, source, name, enabled, version,"
+                            " group_window_s, repeat_interval_s, fingerprint_keys FROM rules"
+                            f" WHERE {only} ORDER BY rule_id FOR SHARE", rule_ids)
+    events = [RuleChanged.upsert(Rule(**{**dict(row), "rule_id": str(row["rule_id"]),
+                                        "client_id": str(row["client_id"])})) for row in rows]
+    events += [RuleChanged(rule_id=str(row["rule_id"]), client_id=str(row["client_id"]),
+                           version=row["version"], action="delete")
+               for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules"
+                                           f" WHERE {only} ORDER BY rule_id", rule_ids)]
+    await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
+                           [(event.rule_id, event.model_dump(mode="json")) for event in events])
     return len(events)
 
 
@@ -142,24 +149,28 @@ async def republish_all_silences(pool: asyncpg.Pool) -> int:
     return await republish_silences(pool, None)
 
 
-async def republish_silences(pool: asyncpg.Pool, silence_ids: list[str] | None, replacing: list[int] = ()) -> int:
-    """`republish_all_silences` for these silences only (None: all), deleting the outbox rows `replacing`."""
-    only = _ONLY.format(key="silence_id")
+async def republish_silences(pool: asyncpg.Pool, silence_ids: list[str] | None) -> int:
+    """`republish_all_silences` for these silences only (None: all)."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("DELETE FROM silence_outbox WHERE outbox_id = ANY($1::bigint[])", list(replacing))
-        rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences WHERE {only} ORDER BY silence_id FOR SHARE",
-                                silence_ids)
-        events = [SilenceChanged.upsert(silence_of_row(row)) for row in rows]
-        events += [SilenceChanged(silence_id=str(row["silence_id"]), client_id=str(row["client_id"]),
-                                  version=row["version"], action="delete")
-                   for row in await conn.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
-                                               f" WHERE {only} ORDER BY silence_id", silence_ids)]
-        await conn.executemany("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
-                               [(event.silence_id, event.model_dump(mode="json")) for event in events])
+        return await queue_current_silences(conn, silence_ids)
+
+
+async def queue_current_silences(conn: asyncpg.Connection, silence_ids: list[str] | None) -> int:
+    """`queue_current_rules` for silences and silence.changed."""
+    only = _ONLY.format(key="silence_id")
+    rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences WHERE {only} ORDER BY silence_id FOR SHARE",
+                            silence_ids)
+    events = [SilenceChanged.upsert(silence_of_row(row)) for row in rows]
+    events += [SilenceChanged(silence_id=str(row["silence_id"]), client_id=str(row["client_id"]),
+                              version=row["version"], action="delete")
+               for row in await conn.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
+                                           f" WHERE {only} ORDER BY silence_id", silence_ids)]
+    await conn.executemany("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
+                           [(event.silence_id, event.model_dump(mode="json")) for event in events])
     return len(events)
 
 
-_REPUBLISH = {RULE_OUTBOX.table: republish_rules, SILENCE_OUTBOX.table: republish_silences}
+_QUEUE_CURRENT = {RULE_OUTBOX.table: queue_current_rules, SILENCE_OUTBOX.table: queue_current_silences}
 
 
 def wake_up() -> None:
@@ -179,43 +190,62 @@ async def lock_relay(conn: asyncpg.Connection, outbox: Outbox) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock($1::text::regclass::oid::bigint)", outbox.table)
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """A batch a relay has recorded in `outbox_in_flight` and is sending."""
+
+    in_flight_id: int
+    keys: list[str]
+    outbox_ids: list[int]
+
+
+def in_flight_at_most_s() -> float:
+    """How long after a relay recorded its batch in flight a send of it may still land.
+
+    aiokafka waits up to the producer's request timeout (Faust's producer_request_timeout, 20
+    minutes by default) for the topic's metadata before it queues a batch, and retries the batch
+    until it is that old; a request already at the broker when its worker dies lands within moments.
+    """
+    return 2 * app.conf.producer_request_timeout
+
+
 async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> int:
     """One relay at a time per outbox, across workers: two relays sending batches at once could put
     a key's newer version on the topic before its older one, and compaction would then keep the
-    older. The rows stay locked until the broker has acknowledged them, and a failure leaves them
+    older. The rows stay locked until the broker has answered every send, and a failure leaves them
     for the next try.
 
-    If the transaction fails transiently once everything was sent (its Postgres session was lost,
-    say), the lock may have gone with the session while the sends were in flight: another relay may have
-    sent newer versions of the same keys meanwhile, which ours then landed after. Each key's
-    current version is queued again, so that it comes last.
+    If the transaction fails transiently once everything was answered (its Postgres session was
+    lost, say), the lock may have gone with the session while the sends were in flight: another
+    relay may have sent newer versions of the same keys meanwhile, which ours then landed after.
+    Each key's current version is queued again, so that it comes last. A relay that cannot do so
+    (its worker killed first) leaves its batch recorded in `outbox_in_flight`, and a later relay
+    queues those keys again once none of its sends can still land (`_queue_abandoned_again`).
     """
-    sent: list[asyncpg.Record] = []
+    in_flight: list[_InFlight] = []
     try:
-        return await _send_and_delete(pool, outbox, batch_size, sent)
+        return await _send_and_delete(pool, outbox, batch_size, in_flight)
     except Exception as exc:
-        if not (sent and db.is_transient(exc)):  # a lost session, an aborted transaction
+        if not (in_flight and db.is_transient(exc)):  # a lost session, an aborted transaction
             raise
-        keys = sorted({str(row["key"]) for row in sent})
-        log.warning("the %s relay's transaction failed after its %d keys were sent; queuing their current "
-                    "versions again, so that they come last on %s", outbox.table, len(keys),
+        log.warning("the %s relay's transaction failed after the sends of its %d keys; queuing their current "
+                    "versions again, so that they come last on %s", outbox.table, len(in_flight[0].keys),
                     outbox.topic.get_topic_name(), exc_info=True)
 
     async def same_pool() -> asyncpg.Pool:
         return pool
-    # In place of the rows just sent (they are on the topic): a failure that keeps coming back
-    # after the sends sends the same keys again each time, and never grows the outbox.
-    replacing = [row["outbox_id"] for row in sent]
-    await db.retry_transient(lambda p: _REPUBLISH[outbox.table](p, keys, replacing),
+    await db.retry_transient(lambda p: _queue_again(p, outbox, in_flight[0]),
                              f"queuing {outbox.table} keys again", get_pool=same_pool)
     return 0
 
 
-async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, sent: list[asyncpg.Record]) -> int:
-    """One batch: locked, sent, acknowledged, deleted. `sent` gets the batch's rows once the broker
-    has acknowledged every send."""
+async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, in_flight: list[_InFlight]) -> int:
+    """One batch: locked, recorded in flight, sent, answered, deleted. `in_flight` holds the batch
+    from its record, before anything is sent, until that record is deleted with the lock held."""
+    refused: Exception | None = None
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
+        await _queue_abandoned_again(conn, outbox)
         # Read after the lock is held, so the rows the previous relay deleted are gone. FOR UPDATE
         # (not SKIP LOCKED): a relay of an older release holding rows is waited for, not overtaken.
         rows = await conn.fetch(
@@ -225,20 +255,78 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
         )
         if not rows:
             return 0
-        # Sent as stored: a payload the consumer cannot decode goes to its dead-letter topic
-        # there, instead of blocking every later change here.
-        # In record batches: per-message Topic.send made relaying 450,000 seeded rules take a minute.
-        # One key's rows keep their order: send_batched appends them to one partition's batches in turn.
-        acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), json.dumps(row["payload"]).encode())
-                                                 for row in rows))
-        # Every answer before the lock is released, failures included: a batch still in flight when
-        # the next relay sends the same keys' newer versions could land after them.
-        await all_acknowledged(acks)
-        sent.extend(rows)
-        await conn.execute(
-            f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", [row["outbox_id"] for row in rows]
-        )
+        batch = await _record_in_flight(pool, outbox, rows)
+        in_flight.append(batch)
+        try:
+            # Sent as stored: a payload the consumer cannot decode goes to its dead-letter topic
+            # there, instead of blocking every later change here.
+            # In record batches: per-message Topic.send made relaying 450,000 seeded rules take a minute.
+            # One key's rows keep their order: send_batched appends them to one partition's batches in turn.
+            acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), json.dumps(row["payload"]).encode())
+                                                     for row in rows))
+            # Every answer before the lock is released, failures included: a batch still in flight when
+            # the next relay sends the same keys' newer versions could land after them.
+            await all_acknowledged(acks)
+        except Exception as exc:  # the broker refused some (every send answered): the rows stay for the next try
+            refused = exc
+        # This session, and so the lock, lasted through the sends if this succeeds: no other relay
+        # sent meanwhile, and nothing needs queuing again.
+        await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = $1", batch.in_flight_id)
+        if refused is None:
+            await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", batch.outbox_ids)
+    in_flight.clear()  # seen through
+    if refused is not None:
+        raise refused
     return len(rows)
+
+
+async def _record_in_flight(pool: asyncpg.Pool, outbox: Outbox, rows: list[asyncpg.Record]) -> _InFlight:
+    """Record the batch's keys as in flight. On a connection of its own, committed before anything
+    is sent: the relay's transaction may be lost with its session, and the record must outlast it."""
+    keys = sorted({row["key"] for row in rows})
+    in_flight_id = await pool.fetchval("INSERT INTO outbox_in_flight (outbox, keys) VALUES ($1, $2::uuid[])"
+                                       " RETURNING in_flight_id", outbox.table, keys)
+    return _InFlight(in_flight_id, [str(key) for key in keys], [row["outbox_id"] for row in rows])
+
+
+async def _queue_again(pool: asyncpg.Pool, outbox: Outbox, batch: _InFlight) -> int:
+    """Queue the current version of each of the batch's keys, in place of its rows and its record
+    in flight: a failure that keeps coming back after the sends sends the same keys again each
+    time, and never grows the outbox."""
+    async with pool.acquire() as conn, conn.transaction():
+        # The record first, as `_queue_abandoned_again` locks it before the outbox rows: no deadlock.
+        await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = $1", batch.in_flight_id)
+        await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", batch.outbox_ids)
+        return await _QUEUE_CURRENT[outbox.table](conn, batch.keys)
+
+
+async def _queue_abandoned_again(conn: asyncpg.Connection, outbox: Outbox) -> None:
+    """Queue the current version of each key of the batches still recorded in flight long after
+    they were sent, when none of their sends can land any more. Such a batch was never seen
+    through: its relay may have lost its lock with the sends on their way (so they may have landed
+    after another relay's newer versions), and was killed or stopped before it could queue the
+    keys again itself. Called by the relay holding the lock, in its transaction."""
+    abandoned = await conn.fetch("SELECT in_flight_id, keys FROM outbox_in_flight WHERE outbox = $1"
+                                 " AND recorded_at < now() - make_interval(secs => $2)",
+                                 outbox.table, in_flight_at_most_s())
+    if not abandoned:
+        return
+    keys = sorted({str(key) for row in abandoned for key in row["keys"]})
+    try:
+        async with conn.transaction():  # a savepoint: a key that cannot be queued must not stop the relay
+            await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = ANY($1::bigint[])",
+                               [row["in_flight_id"] for row in abandoned])
+            await _QUEUE_CURRENT[outbox.table](conn, keys)
+    except Exception as exc:
+        if db.is_transient(exc):
+            raise
+        # A row the contract refuses (edited by hand): the batches stay recorded, for the next try.
+        _requeue_failures.failed("queuing again the keys of a stopped %s relay failed; relaying goes on",
+                                 outbox.table)
+    else:
+        _requeue_failures.succeeded()
+        log.warning("a %s relay stopped with %d keys in flight; their current versions queued again, to come "
+                    "last on %s", outbox.table, len(keys), outbox.topic.get_topic_name())
 
 
 @app.task

@@ -8,6 +8,7 @@ broker and the app's producer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import asyncpg
@@ -16,8 +17,9 @@ import pytest_asyncio
 from agents.rule_outbox import RULE_OUTBOX, lock_relay, record_rule_change, relay_pending, republish_all_rules
 from alerting_app import db
 from alerting_app.app import settings
-from alerting_app.contracts import Rule, RuleChanged
+from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
 from alerting_app.migrate import apply_migrations
+from alerting_app.sending import all_acknowledged
 from kafka_probe import read_topic
 from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
@@ -161,6 +163,8 @@ async def test_a_relay_whose_send_failed_keeps_its_lock_until_its_other_sends_ar
             raise AssertionError("the relay hid the broker's refusal")
         assert await relay_lock_is_free()
     assert await own_pool.fetchval("SELECT count(*) FROM rule_outbox WHERE rule_id = $1", rule_id) == 1
+    # Held throughout, the lock let no other relay send meanwhile: nothing is left to queue again later.
+    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
 
 
@@ -191,9 +195,7 @@ async def test_a_relay_that_lost_its_session_while_sending_queues_the_keys_curre
         async with asyncio.timeout(30):
             while len(in_flight) == rounds:  # until this round's batch is in flight, the lock held
                 await asyncio.sleep(0.01)
-        relay = await own_pool.fetchval("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                                        " AND objid = 'rule_outbox'::regclass::oid")
-        assert relay and await own_pool.fetchval("SELECT pg_terminate_backend($1)", relay)  # the session is lost
+        await terminate_the_relays_session(own_pool)
         in_flight[-1].set_result("acknowledged")
         await relaying
 
@@ -210,3 +212,149 @@ async def test_a_relay_that_lost_its_session_while_sending_queues_the_keys_curre
     assert await queued() == [("delete", 2)]
     assert [len(batch) for batch in sent] == [1, 1]
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
+
+
+async def test_a_relay_that_lost_its_session_while_a_send_was_refused_queues_the_keys_current_versions_again(
+        own_pool, monkeypatch):
+    """One partition's batch was refused and another's landed, after its lock had gone with its
+    session: that one may have landed after another relay's newer versions, as when all land."""
+    from agents import rule_outbox
+
+    rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, rule_versions(rule_id, client_id)[0])  # version 1, then deleted:
+        await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
+    await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1 AND payload->>'action' = 'delete'", rule_id)
+    loop = asyncio.get_running_loop()
+    refused, landed = loop.create_future(), loop.create_future()
+    refused.set_exception(BrokerRefused("partition 1: no leader"))
+    sending = asyncio.Event()
+
+    async def two_batches(topic, messages):
+        list(messages)
+        sending.set()
+        return [refused, landed]
+    monkeypatch.setattr(rule_outbox, "send_batched", two_batches)
+    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+    await asyncio.wait_for(sending.wait(), 30)
+    await terminate_the_relays_session(own_pool)
+    landed.set_result("acknowledged")
+    await relaying
+
+    queued = await own_pool.fetch("SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id", rule_id)
+    assert [(row["payload"]["action"], row["payload"]["version"]) for row in queued] == [("delete", 2)]
+    await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
+
+
+async def rule_records(rule_id: str) -> list[tuple[str, int]]:
+    """The rule's records on rule.changed, in order: the last is the one compaction keeps."""
+    return [(event.action, event.version) for event in (
+        RuleChanged.model_validate_json(value)
+        for key, value in await read_topic(settings.kafka_bootstrap_servers, "rule.changed")
+        if key == rule_id.encode())]
+
+
+async def terminate_the_relays_session(pool) -> None:
+    relay = await pool.fetchval("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                                " AND objid = 'rule_outbox'::regclass::oid")
+    assert relay and await pool.fetchval("SELECT pg_terminate_backend($1)", relay)
+
+
+async def test_a_deletion_that_a_killed_relays_late_send_landed_after_is_queued_again_by_the_next_relay(
+        pipeline, own_pool, monkeypatch):
+    """A relay lost its session, and its lock, while its send of a rule's version 1 was on its way,
+    and its worker was killed before it could queue the rule again. Meanwhile the rule was deleted
+    and the next relay sent the deletion; the late send landed after it. The topic is compacted:
+    left so, a replica reading it from scratch would hold the deleted rule for ever."""
+    from agents import rule_outbox
+
+    send_to_the_broker = rule_outbox.send_batched
+    rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, rule_versions(rule_id, client_id)[0])
+    reaches_the_broker = asyncio.Event()
+    on_the_way: list[asyncio.Future] = []
+    killed = asyncio.get_running_loop().create_future()  # the killed relay hears no answer, and does nothing more
+
+    async def held_on_the_way(topic, messages):
+        messages = list(messages)
+
+        async def send() -> None:  # a task of its own: like a request at the broker, it lands whatever the relay does
+            await reaches_the_broker.wait()
+            await all_acknowledged(await send_to_the_broker(topic, messages))
+        on_the_way.append(asyncio.ensure_future(send()))
+        return [killed]
+    monkeypatch.setattr(rule_outbox, "send_batched", held_on_the_way)
+    killed_relay = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+    try:
+        async with asyncio.timeout(30):
+            while not on_the_way:
+                await asyncio.sleep(0.01)
+        await terminate_the_relays_session(own_pool)
+
+        async with own_pool.acquire() as conn, conn.transaction():
+            await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2,
+                                                       action="delete"))
+        monkeypatch.setattr(rule_outbox, "send_batched", send_to_the_broker)
+        await relay_until_empty(own_pool)  # the next relay: version 1 again (its row is still there), the deletion
+        reaches_the_broker.set()  # the killed relay's send lands after them
+        await asyncio.wait_for(on_the_way[0], 60)
+        assert (await rule_records(rule_id))[-1] == ("upsert", 1)
+
+        # Once none of the killed relay's sends can still be on its way, the next relay queues each of
+        # their keys' current version again: here the deletion, which compaction then keeps.
+        await own_pool.execute("UPDATE outbox_in_flight SET recorded_at = recorded_at - make_interval(secs => $1)",
+                               rule_outbox.in_flight_at_most_s())
+        await relay_until_empty(own_pool)
+        assert (await rule_records(rule_id))[-1] == ("delete", 2)
+        assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
+    finally:
+        killed_relay.cancel()
+        killed.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await killed_relay
+
+
+async def test_a_key_of_a_killed_relay_that_cannot_be_queued_again_does_not_stop_the_relay(pipeline, own_pool):
+    """A rule row the contract refuses (edited by hand: a fingerprint key over 200 characters) among a
+    killed relay's keys fails their queuing on every try; every other change is still relayed."""
+    from agents import rule_outbox
+
+    client_id, broken, other = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    await own_pool.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'c', $2)",
+                           client_id, uuid.uuid4().hex)
+    await own_pool.execute("INSERT INTO rules (rule_id, client_id, severity, source, name, fingerprint_keys)"
+                           " VALUES ($1, $2, 'HIGH', 'outbox-ordering', 'broken', ARRAY[repeat('k', 300)])",
+                           broken, client_id)
+    await own_pool.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
+                           " VALUES ('rule_outbox', ARRAY[$1::uuid], now() - make_interval(secs => $2))",
+                           broken, rule_outbox.in_flight_at_most_s() + 60)
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, rule_versions(other, client_id)[0])
+
+    await relay_until_empty(own_pool)
+
+    assert await published_versions(other) == [1]
+    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 1  # for the next try
+    await own_pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)
+
+
+async def test_a_killed_relays_silence_keys_are_queued_again_too(pipeline, own_pool):
+    """The silence relay is the same code: a deleted silence among a killed relay's keys gets its
+    deletion sent again, last."""
+    from agents import rule_outbox
+
+    silence_id = str(uuid.uuid4())
+    await own_pool.execute("INSERT INTO deleted_silences (silence_id, client_id, version) VALUES ($1, $2, 3)",
+                           silence_id, str(uuid.uuid4()))
+    await own_pool.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
+                           " VALUES ('silence_outbox', ARRAY[$1::uuid], now() - make_interval(secs => $2))",
+                           silence_id, rule_outbox.in_flight_at_most_s() + 60)
+
+    await relay_until_empty(own_pool)
+
+    records = [SilenceChanged.model_validate_json(value)
+               for key, value in await read_topic(settings.kafka_bootstrap_servers, "silence.changed")
+               if key == silence_id.encode()]
+    assert [(event.action, event.version) for event in records] == [("delete", 3)]
+    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
