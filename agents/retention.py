@@ -121,12 +121,14 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
 # or the other cluster of a blue/green switch: docs/operations.md), and so that a relay that lost
 # its lock can queue it again (agents/rule_outbox.py): both happen within hours of the deletion
 # being relayed, never DELETED_RULE_RETENTION_DAYS later. A deletion still in the outbox (the
-# broker away all that time) is kept until relayed. Batched, as a million deletions may be due at once.
+# broker away all that time), or in a batch recorded in flight that a later relay is yet to queue
+# again (no relay running since), is kept until then. Batched, as a million deletions may be due at once.
 _FORGET_RULE_DELETIONS = """
 DELETE FROM deleted_rules WHERE rule_id IN (
     SELECT rule_id FROM deleted_rules
     WHERE deleted_at < now() - make_interval(secs => $1)
       AND rule_id NOT IN (SELECT rule_id FROM rule_outbox)
+      AND rule_id NOT IN (SELECT unnest(keys) FROM outbox_in_flight WHERE outbox = 'rule_outbox')
     LIMIT $2
 )
 """

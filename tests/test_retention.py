@@ -173,12 +173,15 @@ async def test_remembered_silence_deletions_are_forgotten_after_the_silence_rete
     assert remembered == {recent}
 
 
-async def remembered_rule_deletion(pool, *, days_ago: float, in_outbox: bool = False) -> str:
+async def remembered_rule_deletion(pool, *, days_ago: float, in_outbox: bool = False, in_flight: bool = False) -> str:
     rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
     await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
                        " VALUES ($1, $2, 3, now() - make_interval(secs => $3))", rule_id, client_id, days_ago * DAY_S)
     if in_outbox:  # its delete event not relayed yet (the broker away all that time)
         await pool.execute("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, '{}')", rule_id)
+    if in_flight:  # in a batch of a relay that lost its lock, and died, with its sends on their way
+        await pool.execute("INSERT INTO outbox_in_flight (outbox, keys) VALUES ('rule_outbox', ARRAY[$1::uuid])",
+                           rule_id)
     return rule_id
 
 
@@ -192,10 +195,12 @@ async def test_rule_deletions_older_than_the_retention_are_forgotten_once_relaye
     old = await remembered_rule_deletion(pool, days_ago=31)
     young = await remembered_rule_deletion(pool, days_ago=29)
     unrelayed = await remembered_rule_deletion(pool, days_ago=31, in_outbox=True)
+    # To be queued again by the next relay once the dead relay's sends cannot land any more.
+    in_flight = await remembered_rule_deletion(pool, days_ago=31, in_flight=True)
     try:
         assert await forget_rule_deletions(pool, 30 * DAY_S, batch_size=1) >= 1
 
-        assert await remembered_rules(pool, [old, young, unrelayed]) == {young, unrelayed}
+        assert await remembered_rules(pool, [old, young, unrelayed, in_flight]) == {young, unrelayed, in_flight}
         # Republishing now carries only the young deletion: the old one is gone from Postgres.
         await republish_rules(pool, [old, young])
         queued = [row[0] for row in await pool.fetch(
@@ -203,6 +208,7 @@ async def test_rule_deletions_older_than_the_retention_are_forgotten_once_relaye
         assert queued == [young]
     finally:
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, young, unrelayed])
+        await pool.execute("DELETE FROM outbox_in_flight WHERE $1::uuid = ANY(keys)", in_flight)
 
 
 @pytest.mark.parametrize("days", ["0.5", "-1", "3651", "a month"])
