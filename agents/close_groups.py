@@ -16,7 +16,7 @@ from collections.abc import Callable
 import asyncpg
 
 from agents.aggregate import Aggregation, publish_aggregation
-from agents.match_outcomes import closed_here, groups_lock, known_clients, lock_clients
+from agents.match_outcomes import closed_here, groups_lock, lock_clients
 from alerting_app import db
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import NotificationReady
@@ -63,21 +63,15 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int],
     items = [(key, value) for key, value in groups.open_groups.items()
              if partition_for(key, partitions) in owned]
     due = groups.due_groups(items, now, closed_here)
-    refused: list[tuple[groups.DueGroup, Exception]] = []
-    if due:
-        # A key that is no UUID cannot name a client (asyncpg would refuse the whole lookup below).
-        refused = [(d, ValueError(f"client_id: not a UUID: {d.key!r}")) for d in due if not is_uuid(d.key)]
-        due = [d for d in due if is_uuid(d.key)]
-        # A client deleted while its group was open took its members along (ON DELETE CASCADE):
-        # its group is dropped, not left to fail every close.
-        known = await known_clients(pool, [str(uuid.UUID(d.key.decode())) for d in due])
-        gone = [d for d in due if str(uuid.UUID(d.key.decode())) not in known]
-        due = [d for d in due if d not in gone]
-        closed_here.update(d.group["notification_id"] for d in gone)
+    # A key that is no UUID cannot name a client (asyncpg would refuse the whole lookup of clients).
+    refused: list[tuple[groups.DueGroup, Exception]] = [
+        (d, ValueError(f"client_id: not a UUID: {d.key!r}")) for d in due if not is_uuid(d.key)]
+    due = [d for d in due if is_uuid(d.key)]
     ready, refused_now = await record_due_groups(pool, due, now)
     refused += refused_now
     await publish_aggregation(Aggregation(ready=ready, dead_letters=[groups.refused_letter(d, exc) for d, exc in refused]))
-    closed_here.update(d.group["notification_id"] for d in due)  # the refused ones too: they are removed
+    # The refused ones too, and those of deleted clients (record_due_groups): they are removed.
+    closed_here.update(d.group["notification_id"] for d in due)
     closed_here.update(d.group["notification_id"] for d, _ in refused)
     if items:
         await groups.prepare_writes()
@@ -123,11 +117,24 @@ def is_uuid(key: bytes) -> bool:
     return True
 
 
+# The due groups' clients that exist, their rows locked as the foreign key of the notifications'
+# insert would lock them (FOR KEY SHARE), but before it: a client whose deletion is under way is
+# waited for, then not returned. Found by the insert's foreign key check instead, its deletion
+# would fail the insert, and the round, for every client's due groups.
+_LOCK_KNOWN_CLIENTS = """
+SELECT client_id::text FROM clients WHERE client_id = ANY($1::uuid[]) ORDER BY client_id FOR KEY SHARE
+"""
+
+
 async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now: float
                             ) -> tuple[list[NotificationReady], list[tuple[groups.DueGroup, Exception]]]:
     """Insert the due groups' notifications: those to emit, and the groups Postgres refused (a NUL
     in an alert, an id it cannot read), each group then on its own (`record_closed_groups_apart`,
     as the agent closes groups early). Transient errors propagate: the timer tries again.
+
+    The group of a client that does not exist is neither: a client deleted while its group was open
+    took its members along (ON DELETE CASCADE), and its group is dropped, not left to fail every
+    round.
     """
     if not due:
         return [], []
@@ -138,7 +145,14 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
         # group, neither listed nor counted, and never notified. With them, either that alert is
         # committed first and counted, or its batch waits, finds the group closed and opens another.
         await lock_clients(conn, [d.key.decode() for d in due])
-        return await groups.record_closed_groups_apart(conn, due, now)
+        known = {row[0] for row in await conn.fetch(_LOCK_KNOWN_CLIENTS,
+                                                    sorted({client_of(d) for d in due}))}
+        return await groups.record_closed_groups_apart(conn, [d for d in due if client_of(d) in known], now)
+
+
+def client_of(due: groups.DueGroup) -> str:
+    """The group's client_id, as Postgres writes it (the key is a UUID: see is_uuid)."""
+    return str(uuid.UUID(due.key.decode()))
 
 
 @app.timer(interval=settings.group_close_interval_s)

@@ -578,6 +578,29 @@ async def test_the_group_of_a_client_deleted_while_it_was_open_is_dropped(pool):
 
 
 @AGENT_LOOP
+async def test_the_group_of_a_client_deleted_while_it_closes_is_dropped_and_the_others_are_emitted(pool):
+    # The deletion commits while the closer waits for the client's row (its deleting transaction
+    # holds it): the client was there when the round began, and is gone by the insert.
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    other_client = await insert_client(pool)
+    await aggregate(grouped(client, rule), grouped(other_client, rule))
+
+    async with pool.acquire() as deleting:
+        async with deleting.transaction():
+            await deleting.execute("DELETE FROM clients WHERE client_id = $1", client)
+            closing = asyncio.ensure_future(closed_for(pool, {client, other_client}, time.time() + 5))
+            async with asyncio.timeout(30):
+                while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                              " AND wait_event_type = 'Lock'"):
+                    await asyncio.sleep(0.01)
+    async with asyncio.timeout(30):
+        [ready] = await closing
+
+    assert ready.client_id == other_client
+    assert groups.open_groups.get(client.encode()) is None
+
+
+@AGENT_LOOP
 async def test_the_closer_leaves_alone_the_groups_of_partitions_this_worker_does_not_own(pool):
     from alerting_app.sending import partition_for
 
