@@ -25,6 +25,7 @@ from faust.types import TopicT
 
 from alerting_app import db
 from alerting_app.app import app, rule_changed, silence_changed
+from alerting_app.broker_transport import GaveUpOnTheBroker
 from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
 from alerting_app.failure_streak import FailureStreak
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
@@ -241,7 +242,8 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
 
 async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, in_flight: list[_InFlight]) -> int:
     """One batch: locked, recorded in flight, sent, answered, deleted. `in_flight` holds the batch
-    from its record, before anything is sent, until that record is deleted with the lock held."""
+    from its record, before anything is sent, until that record is deleted with the lock held (or
+    left for a later relay, a send having had no answer: `_unanswered`)."""
     refused: Exception | None = None
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
@@ -257,6 +259,7 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
             return 0
         batch = await _record_in_flight(pool, outbox, rows)
         in_flight.append(batch)
+        acks: list[asyncio.Future] = []
         try:
             # Sent as stored: a payload the consumer cannot decode goes to its dead-letter topic
             # there, instead of blocking every later change here.
@@ -269,15 +272,33 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
             await all_acknowledged(acks)
         except Exception as exc:  # the broker refused some (every send answered): the rows stay for the next try
             refused = exc
-        # This session, and so the lock, lasted through the sends if this succeeds: no other relay
-        # sent meanwhile, and nothing needs queuing again.
-        await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = $1", batch.in_flight_id)
+        if _unanswered(refused, acks):
+            # Its request may still be written after the lock is released, even after the current
+            # versions were queued again at once (this session lost): left recorded, for a later
+            # relay to queue the keys again once it cannot land.
+            in_flight.clear()
+        else:
+            # This session, and so the lock, lasted through the sends if this succeeds: no other
+            # relay sent meanwhile, and nothing needs queuing again.
+            await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = $1", batch.in_flight_id)
         if refused is None:
             await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", batch.outbox_ids)
     in_flight.clear()  # seen through
     if refused is not None:
         raise refused
     return len(rows)
+
+
+def _unanswered(refused: Exception | None, acks: list[asyncio.Future]) -> bool:
+    """Whether a send failed because the stopping worker gave up on the broker
+    (broker_transport.Producer.give_up_on_the_broker), not by the broker's refusal. Its request may
+    be at a broker that writes it later, after the next relay's newer versions of the same keys:
+    the batch then stays recorded in flight, and its keys are queued again once it cannot land.
+
+    Only that failure: aiokafka's own timeouts come back every request timeout for as long as the
+    broker is away, and a record left by each would queue the same keys again, and again."""
+    failures = [refused, *(ack.exception() for ack in acks if ack.done() and not ack.cancelled())]
+    return any(isinstance(failure, GaveUpOnTheBroker) for failure in failures)
 
 
 async def _record_in_flight(pool: asyncpg.Pool, outbox: Outbox, rows: list[asyncpg.Record]) -> _InFlight:

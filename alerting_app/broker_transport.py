@@ -452,9 +452,14 @@ async def _unless_set(event: asyncio.Event, awaitable: Awaitable[Any]) -> Any:
     return None if interrupted_first else work.result()
 
 
+class GaveUpOnTheBroker(KafkaTimeoutError):
+    """The failure of the sends a stopping worker gave up on: not acknowledged, nor refused. A
+    request of one may be at a broker that writes it later (agents/rule_outbox.py, `_unanswered`)."""
+
+
 class Producer(faust_aiokafka.Producer):
     # The failure every send gets once the stopping worker gave up on the broker.
-    gave_up: KafkaTimeoutError | None = None
+    gave_up: GaveUpOnTheBroker | None = None
 
     @Service.task
     async def _give_up_on_the_broker_late_in_a_stop(self) -> None:
@@ -473,9 +478,11 @@ class Producer(faust_aiokafka.Producer):
         what it sent for it (a sink waits for its sends), and a failed send fails the sink: its
         input stays uncommitted and is read again by the next worker (aggregate waits for its table's
         changelog writes too: `groups.wait_until_written`). The outbox relay keeps its rows when a
-        send fails (its transaction rolls back), and whichever worker relays next sends them. A
-        send already on the wire may still reach the broker if it comes back before this worker
-        has exited: it is then sent twice, which every consumer of our topics handles.
+        send fails, and whichever worker relays next sends them. A send already on the wire may
+        still reach the broker if it comes back before this worker has exited: it is then sent
+        twice, which every consumer of our topics handles; and since it may land after the next
+        relay's newer versions of its keys, the relay leaves its batch recorded in flight, for
+        those keys to be queued again (agents/rule_outbox.py, `_unanswered`).
         """
         if self.gave_up is not None:
             return
@@ -483,7 +490,7 @@ class Producer(faust_aiokafka.Producer):
                     "nothing more, and fails the sends the broker has not acknowledged (what they were sent "
                     "for is read again by the next worker)", STOP_GRACE_S)
         cast(Consumer, self.app.consumer).gave_up_on_the_broker.set()
-        self.gave_up = KafkaTimeoutError(f"not acknowledged by the broker within {STOP_GRACE_S:g}s "
+        self.gave_up = GaveUpOnTheBroker(f"not acknowledged by the broker within {STOP_GRACE_S:g}s "
                                          "of the worker's stop")
         if self._producer is not None:
             fail_pending_sends(self._producer, self.gave_up)

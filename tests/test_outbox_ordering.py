@@ -358,3 +358,101 @@ async def test_a_killed_relays_silence_keys_are_queued_again_too(pipeline, own_p
                if key == silence_id.encode()]
     assert [(event.action, event.version) for event in records] == [("delete", 3)]
     assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
+
+
+async def test_a_send_given_up_on_is_no_answer_its_keys_are_queued_again_once_it_cannot_land(
+        pipeline, own_pool, monkeypatch):
+    """A stopping worker gave up on a broker that accepts requests but does not answer
+    (Producer.give_up_on_the_broker): the relay's send failed with GaveUpOnTheBroker while its
+    request was at the broker, and the relay let go of its lock, its session intact. That failure
+    is no refusal: the request can still be written after the next relay sent the rule's deletion,
+    so the batch stays recorded in flight, for its keys to be queued again once it cannot land."""
+    from agents import rule_outbox
+    from alerting_app.broker_transport import GaveUpOnTheBroker
+
+    send_to_the_broker = rule_outbox.send_batched
+    rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, rule_versions(rule_id, client_id)[0])
+    reaches_the_broker = asyncio.Event()
+    on_the_way: list[asyncio.Future] = []
+
+    async def given_up_on(topic, messages):
+        messages = list(messages)
+
+        async def send() -> None:  # a request at the broker: written whatever the relay does
+            await reaches_the_broker.wait()
+            await all_acknowledged(await send_to_the_broker(topic, messages))
+        on_the_way.append(asyncio.ensure_future(send()))
+        gave_up = asyncio.get_running_loop().create_future()  # what give_up_on_the_broker fails it with
+        gave_up.set_exception(GaveUpOnTheBroker("not acknowledged by the broker within 15s of the worker's stop"))
+        return [gave_up]
+    monkeypatch.setattr(rule_outbox, "send_batched", given_up_on)
+    try:
+        await rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,))
+        raise AssertionError("the relay hid the failed send")
+    except GaveUpOnTheBroker:
+        pass
+    monkeypatch.setattr(rule_outbox, "send_batched", send_to_the_broker)
+
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
+    await relay_until_empty(own_pool)  # the next relay: version 1 again (its row is still there), the deletion
+    reaches_the_broker.set()  # the request given up on is written after them
+    await asyncio.wait_for(on_the_way[0], 60)
+    assert (await rule_records(rule_id))[-1] == ("upsert", 1)
+
+    await own_pool.execute("UPDATE outbox_in_flight SET recorded_at = recorded_at - make_interval(secs => $1)",
+                           rule_outbox.in_flight_at_most_s())
+    await relay_until_empty(own_pool)
+    assert (await rule_records(rule_id))[-1] == ("delete", 2)
+    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
+
+
+async def test_a_relay_that_lost_its_session_while_its_send_was_given_up_on_leaves_the_keys_for_later(
+        pipeline, own_pool, monkeypatch):
+    """As above, and the relay's Postgres session was lost too. Queuing the keys' current versions
+    again at once would not do: the request given up on can still be written after them. The batch
+    stays recorded in flight instead, for its keys to be queued again once it cannot land."""
+    from agents import rule_outbox
+    from alerting_app.broker_transport import GaveUpOnTheBroker
+
+    send_to_the_broker = rule_outbox.send_batched
+    rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, rule_versions(rule_id, client_id)[0])
+    reaches_the_broker = asyncio.Event()
+    on_the_way: list[asyncio.Future] = []
+    gave_up = asyncio.get_running_loop().create_future()
+
+    async def given_up_on(topic, messages):
+        messages = list(messages)
+
+        async def send() -> None:  # a request at the broker: written whatever the relay does
+            await reaches_the_broker.wait()
+            await all_acknowledged(await send_to_the_broker(topic, messages))
+        on_the_way.append(asyncio.ensure_future(send()))
+        return [gave_up]
+    monkeypatch.setattr(rule_outbox, "send_batched", given_up_on)
+    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+    async with asyncio.timeout(30):
+        while not on_the_way:
+            await asyncio.sleep(0.01)
+    await terminate_the_relays_session(own_pool)
+    gave_up.set_exception(GaveUpOnTheBroker("not acknowledged by the broker within 15s of the worker's stop"))
+    with contextlib.suppress(Exception):
+        await relaying
+    monkeypatch.setattr(rule_outbox, "send_batched", send_to_the_broker)
+
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
+    await relay_until_empty(own_pool)
+    reaches_the_broker.set()  # the request given up on is written after them
+    await asyncio.wait_for(on_the_way[0], 60)
+    assert (await rule_records(rule_id))[-1] == ("upsert", 1)
+
+    await own_pool.execute("UPDATE outbox_in_flight SET recorded_at = recorded_at - make_interval(secs => $1)",
+                           rule_outbox.in_flight_at_most_s())
+    await relay_until_empty(own_pool)
+    assert (await rule_records(rule_id))[-1] == ("delete", 2)
+    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
