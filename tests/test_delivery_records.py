@@ -483,6 +483,38 @@ async def test_endpoints_asked_for_in_one_turn_are_read_in_one_statement_each_as
         (kept, "http://127.0.0.1:1/hook", True)]
 
 
+async def test_an_endpoint_read_nobody_waits_for_any_more_is_cancelled_with_its_statement(clean_db, conn):
+    """A delivery waits ENDPOINT_READ_TIMEOUT_S for its endpoint, then goes on without it. When
+    Postgres does not answer (here: the table locked), the read must not outlive its callers: left
+    running, each turn's read keeps one of the agents' pool connections (ten, shared by every
+    agent) and piles up behind the others for as long as Postgres does not answer, as the reads
+    of one statement per delivery, cancelled by the caller's timeout, did not."""
+    from alerting_app.delivery.endpoint_reads import EndpointReads
+
+    endpoint_id = await insert_endpoint(conn, await insert_client(conn))
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+
+    async def get_pool():
+        return pool
+
+    reads = EndpointReads(get_pool)
+    waiting_reads = ("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                     " AND relation = 'endpoints'::regclass")
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE endpoints IN ACCESS EXCLUSIVE MODE")
+            answer = reads.read(endpoint_id)
+            async with asyncio.timeout(30):
+                while not await pool.fetchval(waiting_reads):  # the read waits for the lock
+                    await asyncio.sleep(0.01)
+            answer.cancel()  # its caller gave up (its timeout, a stop)
+            async with asyncio.timeout(30):
+                while await pool.fetchval(waiting_reads):
+                    await asyncio.sleep(0.05)
+    finally:
+        await pool.close()
+
+
 async def test_an_endpoint_without_room_does_not_use_up_its_clients_room(clean_db, conn):
     await init_connection(conn)
     client_id = await insert_client(conn)

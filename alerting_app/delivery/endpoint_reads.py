@@ -25,6 +25,7 @@ class EndpointReads:
     def __init__(self, get_pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
         self._get_pool = get_pool
         self._queued: dict[str, list[asyncio.Future]] = {}  # endpoint_id -> its callers' answers
+        self._reading: set[asyncio.Task] = set()  # referenced while they run: asyncio keeps only weak references
 
     def read(self, endpoint_id: str) -> asyncio.Future:
         """The endpoint as it is now (None once deleted), read with the others asked for in this turn."""
@@ -39,7 +40,11 @@ class EndpointReads:
     def _read_queued(self) -> None:
         queued, self._queued = list(self._queued.items()), {}
         for start in range(0, len(queued), MAX_READ):
-            asyncio.ensure_future(self._read(dict(queued[start:start + MAX_READ])))
+            batch = dict(queued[start:start + MAX_READ])
+            reading = asyncio.ensure_future(self._read(batch))
+            self._reading.add(reading)
+            reading.add_done_callback(self._reading.discard)
+            _cancel_once_unawaited(reading, [answer for waiting in batch.values() for answer in waiting])
 
     async def _read(self, batch: dict[str, list[asyncio.Future]]) -> None:
         answers = [answer for waiting in batch.values() for answer in waiting]
@@ -58,3 +63,20 @@ class EndpointReads:
             for answer in waiting:
                 if not answer.done():
                     answer.set_result(found.get(endpoint_id))
+
+
+def _cancel_once_unawaited(reading: asyncio.Future, answers: list[asyncio.Future]) -> None:
+    """Cancel `reading` (its statement with it) once every one of its answers is done: its callers
+    gave up on them (their timeout, a stop) while Postgres did not answer. Left running, such a read
+    would hold one of the agents' pool connections, and each turn's read would add another, for as
+    long as Postgres does not answer. (Once `reading` has answered them, it is done already.)"""
+    remaining = len(answers)
+
+    def one_done(_: asyncio.Future) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            reading.cancel()
+
+    for answer in answers:
+        answer.add_done_callback(one_done)
