@@ -86,10 +86,11 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
     known = await records.known_notifications(pool, [n for n, _ in decoded.values()])
     unknown = [(notification, event) for notification_id, (notification, event) in decoded.items()
                if notification_id not in known]
+    of_deleted_clients: list[str] = []
     if unknown:
         # Deleted with its client while it was in flight: dropped (alerting_app/deleted_clients.py).
         deleted = await deleted_clients(pool, [(n.client_id, n.rule_ids) for n, _ in unknown])
-        dropped("notifications.ready", [n.client_id for n, _ in unknown if n.client_id in deleted])
+        of_deleted_clients = [n.client_id for n, _ in unknown if n.client_id in deleted]
         letters.extend(dead_letter_for(event.message, f"notification_id: no such notification {n.notification_id}")
                        for n, event in unknown if n.client_id not in deleted)
     # A settled one (SENT, FAILED, ...) has nothing left to deliver: the message is a redelivery or
@@ -102,6 +103,8 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
         # being opened: that statement inserted nothing. Taken in again, the batch finds it gone.
         log.info("a notification was deleted while its deliveries were opened; taking the batch in again")
         return await take_in(pool, delivery, events)
+    # Counted once taken in: a batch taken in again counts them then.
+    dropped("notifications.ready", of_deleted_clients)
     return Intake(started, letters)
 
 

@@ -717,6 +717,40 @@ async def test_a_notification_whose_client_is_deleted_while_its_deliveries_are_o
     assert receiver.posts_to("deleted-meanwhile") == []
 
 
+async def test_a_batch_taken_in_again_counts_each_dropped_notification_once(pool, dispatcher, receiver):
+    # One notification of a client deleted before the batch, one of a client deleted while the
+    # batch's deliveries are opened: the batch is taken in again, and each is dropped once.
+    from types import SimpleNamespace
+
+    from agents.deliver import take_in
+    from alerting_app import metrics
+
+    earlier_client, earlier_rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url("deleted-earlier"))
+    earlier = await pending_notification(pool, earlier_client, [earlier_rule])
+    await delete_client_as_the_api_does(pool, earlier_client, [earlier_rule])
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url("deleted-meanwhile"))
+    notification = await pending_notification(pool, client, [rule])
+    dropped = metrics.messages_of_deleted_clients.labels(topic="notifications.ready")
+    dropped_before = dropped._value.get()
+    events = [SimpleNamespace(message=SimpleNamespace(value=n.encode())) for n in (earlier, notification)]
+
+    async with pool.acquire() as deleting:
+        async with deleting.transaction():
+            await deleting.execute("INSERT INTO deleted_rules (rule_id, client_id, version) VALUES ($1, $2, 2)",
+                                   rule, client)
+            await deleting.execute("DELETE FROM clients WHERE client_id = $1", client)
+            taking_in = asyncio.ensure_future(take_in(pool, dispatcher, events))
+            async with asyncio.timeout(30):
+                while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                              " AND wait_event_type = 'Lock'"):
+                    await asyncio.sleep(0.01)
+    async with asyncio.timeout(30):
+        intake = await taking_in
+
+    assert (intake.started, intake.dead_letters) == ([], [])
+    assert dropped._value.get() - dropped_before == 2
+
+
 def _ready(**fields) -> bytes:
     alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
     return NotificationReady(**{"client_id": str(uuid.uuid4()), "alerts": [alert],
