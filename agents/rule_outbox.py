@@ -223,6 +223,7 @@ async def _relay_batch(pool: asyncpg.Pool, outbox: Outbox, batch_size: int) -> i
     (its worker killed first) leaves its batch recorded in `outbox_in_flight`, and a later relay
     queues those keys again once none of its sends can still land (`_queue_abandoned_again`).
     """
+    await _queue_abandoned(pool, outbox)
     in_flight: list[_InFlight] = []
     try:
         return await _send_and_delete(pool, outbox, batch_size, in_flight)
@@ -247,7 +248,6 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
     refused: Exception | None = None
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
-        await _queue_abandoned_again(conn, outbox)
         # Read after the lock is held, so the rows the previous relay deleted are gone. FOR UPDATE
         # (not SKIP LOCKED): a relay of an older release holding rows is waited for, not overtaken.
         rows = await conn.fetch(
@@ -321,33 +321,70 @@ async def _queue_again(pool: asyncpg.Pool, outbox: Outbox, batch: _InFlight) -> 
         return await _QUEUE_CURRENT[outbox.table](conn, batch.keys)
 
 
+_ABANDONED = "SELECT in_flight_id, keys FROM outbox_in_flight WHERE outbox = $1 AND recorded_at < now() - make_interval(secs => $2)"
+
+
+async def _queue_abandoned(pool: asyncpg.Pool, outbox: Outbox) -> None:
+    """Queue again the keys of the batches still recorded in flight long after they were sent
+    (`_queue_abandoned_again`), in a transaction of its own: the relay's own transaction holds its
+    rows until the broker has answered, up to the producer's request timeout while the broker is
+    away, and the API's changes of those rules (or silences) must not wait for that."""
+    if not await pool.fetchval(f"SELECT EXISTS ({_ABANDONED})", outbox.table, in_flight_at_most_s()):
+        return
+    async with pool.acquire() as conn, conn.transaction():
+        await lock_relay(conn, outbox)
+        await _queue_abandoned_again(conn, outbox)
+
+
 async def _queue_abandoned_again(conn: asyncpg.Connection, outbox: Outbox) -> None:
     """Queue the current version of each key of the batches still recorded in flight long after
     they were sent, when none of their sends can land any more. Such a batch was never seen
     through: its relay may have lost its lock with the sends on their way (so they may have landed
     after another relay's newer versions), and was killed or stopped before it could queue the
-    keys again itself. Called by the relay holding the lock, in its transaction."""
-    abandoned = await conn.fetch("SELECT in_flight_id, keys FROM outbox_in_flight WHERE outbox = $1"
-                                 " AND recorded_at < now() - make_interval(secs => $2)",
-                                 outbox.table, in_flight_at_most_s())
+    keys again itself. Called by the relay holding the lock, in its transaction.
+
+    A key whose row cannot be queued (the contract refuses it: edited by hand) stays recorded, alone,
+    for the next try; the others are queued all the same."""
+    abandoned = await conn.fetch(_ABANDONED, outbox.table, in_flight_at_most_s())
     if not abandoned:
         return
     keys = sorted({str(key) for row in abandoned for key in row["keys"]})
+    await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = ANY($1::bigint[])",
+                       [row["in_flight_id"] for row in abandoned])
+    refused: list[str] = []
     try:
-        async with conn.transaction():  # a savepoint: a key that cannot be queued must not stop the relay
-            await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = ANY($1::bigint[])",
-                               [row["in_flight_id"] for row in abandoned])
-            await _QUEUE_CURRENT[outbox.table](conn, keys)
+        await _queue_current_in_savepoint(conn, outbox, keys)
     except Exception as exc:
         if db.is_transient(exc):
             raise
-        # A row the contract refuses (edited by hand): the batches stay recorded, for the next try.
-        _requeue_failures.failed("queuing again the keys of a stopped %s relay failed; relaying goes on",
-                                 outbox.table)
+        _requeue_failures.failed("queuing again the %d keys of a stopped %s relay failed; each is tried alone, "
+                                 "and relaying goes on", len(keys), outbox.table)
+        refused = keys if len(keys) == 1 else [key for key in keys if not await _queued_alone(conn, outbox, key)]
+        # Recorded as old as it was, so the next relay tries it again at once.
+        await conn.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
+                           " VALUES ($1, $2::uuid[], now() - make_interval(secs => $3))",
+                           outbox.table, refused, in_flight_at_most_s() + 1)
     else:
         _requeue_failures.succeeded()
+    if len(refused) < len(keys):
         log.warning("a %s relay stopped with %d keys in flight; their current versions queued again, to come "
-                    "last on %s", outbox.table, len(keys), outbox.topic.get_topic_name())
+                    "last on %s", outbox.table, len(keys) - len(refused), outbox.topic.get_topic_name())
+
+
+async def _queue_current_in_savepoint(conn: asyncpg.Connection, outbox: Outbox, keys: list[str]) -> None:
+    async with conn.transaction():  # a savepoint: a key that cannot be queued must not stop the relay
+        await _QUEUE_CURRENT[outbox.table](conn, keys)
+
+
+async def _queued_alone(conn: asyncpg.Connection, outbox: Outbox, key: str) -> bool:
+    """Whether the key's current version could be queued (not: the contract refuses its row)."""
+    try:
+        await _queue_current_in_savepoint(conn, outbox, [key])
+    except Exception as exc:
+        if db.is_transient(exc):
+            raise
+        return False
+    return True
 
 
 @app.task

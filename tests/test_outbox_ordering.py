@@ -321,22 +321,72 @@ async def test_a_key_of_a_killed_relay_that_cannot_be_queued_again_does_not_stop
     from agents import rule_outbox
 
     client_id, broken, other = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    in_the_same_batch = str(uuid.uuid4())  # deleted: its deletion is what must come last
     await own_pool.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'c', $2)",
                            client_id, uuid.uuid4().hex)
     await own_pool.execute("INSERT INTO rules (rule_id, client_id, severity, source, name, fingerprint_keys)"
                            " VALUES ($1, $2, 'HIGH', 'outbox-ordering', 'broken', ARRAY[repeat('k', 300)])",
                            broken, client_id)
+    await own_pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version) VALUES ($1, $2, 3)",
+                           in_the_same_batch, client_id)
     await own_pool.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
-                           " VALUES ('rule_outbox', ARRAY[$1::uuid], now() - make_interval(secs => $2))",
-                           broken, rule_outbox.in_flight_at_most_s() + 60)
+                           " VALUES ('rule_outbox', ARRAY[$1::uuid, $2::uuid], now() - make_interval(secs => $3))",
+                           broken, in_the_same_batch, rule_outbox.in_flight_at_most_s() + 60)
     async with own_pool.acquire() as conn, conn.transaction():
         await record_rule_change(conn, rule_versions(other, client_id)[0])
 
     await relay_until_empty(own_pool)
 
     assert await published_versions(other) == [1]
-    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 1  # for the next try
+    # The broken key holds back none of the others of its batch.
+    assert (await rule_records(in_the_same_batch))[-1] == ("delete", 3)
+    # Only the broken key stays recorded, for the next try.
+    assert await own_pool.fetchval("SELECT keys::text[] FROM outbox_in_flight") == [broken]
+    await relay_until_empty(own_pool)
+    assert await own_pool.fetchval("SELECT keys::text[] FROM outbox_in_flight") == [broken]
+    assert await own_pool.fetchval("SELECT count(*) FROM rule_outbox") == 0
+    await own_pool.execute("DELETE FROM outbox_in_flight")
+    await own_pool.execute("DELETE FROM deleted_rules WHERE rule_id = $1", in_the_same_batch)
     await own_pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)
+
+
+async def test_queuing_a_killed_relays_keys_again_does_not_hold_their_rows_while_the_batch_is_sent(
+        own_pool, monkeypatch):
+    """The relay's transaction holds its rows until the broker has answered its batch: up to the
+    producer's request timeout while the broker is away. Queued again in that transaction, the killed
+    relay's rules stayed locked FOR SHARE all that time, and the API's changes of them waited."""
+    from agents import rule_outbox
+
+    client_id, rule_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await own_pool.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'c', $2)",
+                           client_id, uuid.uuid4().hex)
+    await own_pool.execute("INSERT INTO rules (rule_id, client_id, severity, source, name)"
+                           " VALUES ($1, $2, 'HIGH', 'outbox-ordering', 'n')", rule_id, client_id)
+    await own_pool.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
+                           " VALUES ('rule_outbox', ARRAY[$1::uuid], now() - make_interval(secs => $2))",
+                           rule_id, rule_outbox.in_flight_at_most_s() + 60)
+    unanswered = asyncio.get_running_loop().create_future()
+
+    async def broker_away(topic, messages):
+        list(messages)
+        broker_away.called = True
+        return [unanswered]
+    broker_away.called = False
+    monkeypatch.setattr(rule_outbox, "send_batched", broker_away)
+    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+    try:
+        async with asyncio.timeout(30):
+            while not broker_away.called:
+                await asyncio.sleep(0.01)
+        async with own_pool.acquire() as api, api.transaction():
+            # Fails with LockNotAvailableError while the relay holds the rule.
+            await api.execute("SET LOCAL lock_timeout = '5s'")
+            await api.execute("UPDATE rules SET name = 'changed', version = version + 1 WHERE rule_id = $1", rule_id)
+    finally:
+        unanswered.set_result("acknowledged")
+        await relaying
+        await own_pool.execute("DELETE FROM rule_outbox")
+        await own_pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)
 
 
 async def test_a_killed_relays_silence_keys_are_queued_again_too(pipeline, own_pool):
