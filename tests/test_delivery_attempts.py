@@ -344,3 +344,25 @@ async def test_a_retry_goes_to_the_endpoint_as_the_tenant_has_it_now(services, c
     else:
         assert paths == ["broken"] and outcomes[-1] == ("FAILED", f"endpoint was {change}")
         assert ctx.recorder.changes[-1].attempts == 0  # the one attempt made was recorded before
+
+
+async def test_sends_do_not_each_wait_for_an_endpoint_read_while_postgres_fails_them(services):
+    """A send that waited reads its endpoint again first (ENDPOINT_RECHECK_S). While Postgres fails
+    those reads (away, or frozen: each then waits ENDPOINT_READ_TIMEOUT_S), every send would wait for
+    its own failed read; once one failed, the next ENDPOINT_READ_PAUSE_S of sends go on without."""
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        reads = []
+
+        async def postgres_away(job):
+            reads.append(job.endpoint_id)
+            raise ConnectionRefusedError("Postgres is away")
+        ctx.endpoint_now = postgres_away
+        endpoint = webhook(receiver.url("hook"))
+        waited = [dataclasses.replace(job_for(endpoint), read_at=time.monotonic() - 60) for _ in range(3)]
+
+        for job in waited:
+            await deliver(job, ctx)
+
+    assert [c.status for c in ctx.recorder.changes] == ["SENT"] * 3
+    assert len(receiver.posts) == 3
+    assert reads == [endpoint.endpoint_id]  # the first send's; the others did not ask

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -32,6 +32,7 @@ from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint_bucket
 from alerting_app.delivery.recorder import FAILED, PENDING, SENT, Recorder
 from alerting_app.delivery.records import DeliveryChange
+from alerting_app.failure_streak import FailureStreak
 from alerting_app.redis_pipelining import PipelinedRedis
 from alerting_app.settings import Settings
 
@@ -48,6 +49,10 @@ ENDPOINT_READ_TIMEOUT_S = 5.0
 # must not get what waited. Not every send: a delivery that did not wait was read a moment ago,
 # when it was leased (and each read costs the worker CPU: delivery/endpoint_reads.py).
 ENDPOINT_RECHECK_S = 1.0
+# After a read of an endpoint failed (Postgres away or frozen), sends go on without reading it for
+# this long: each would otherwise wait ENDPOINT_READ_TIMEOUT_S for a Postgres that just failed, and
+# a worker's sends would slow to its slots every 5 s. Reads before a retry still happen.
+ENDPOINT_READ_PAUSE_S = 10.0
 
 
 class EndpointGone(PermanentDeliveryError):
@@ -78,6 +83,10 @@ class DeliveryContext:
     # that waited (ENDPOINT_RECHECK_S): the tenant may have fixed its URL, or disabled or deleted
     # it, since the delivery was taken up.
     endpoint_now: Callable[[DeliveryJob], Awaitable[Endpoint | None]] = _as_taken_up
+    # When a read of `endpoint_now` last failed (time.monotonic()), and the run of failures, logged
+    # once in full: while Postgres is away nearly every send would log a traceback.
+    endpoint_read_failed_at: float = float("-inf")
+    endpoint_read_failures: FailureStreak = field(default_factory=lambda: FailureStreak(log, "reading endpoints again"))
 
 
 @dataclass(frozen=True)
@@ -217,8 +226,11 @@ async def _endpoint_read_again(job: DeliveryJob, ctx: DeliveryContext) -> Endpoi
         async with asyncio.timeout(ENDPOINT_READ_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
             endpoint = await ctx.endpoint_now(job)
     except Exception:
-        log.warning("could not read endpoint %s again; going on with it as it was", job.endpoint_id, exc_info=True)
+        ctx.endpoint_read_failed_at = time.monotonic()
+        ctx.endpoint_read_failures.failed("could not read endpoint %s again; going on with it as it was",
+                                          job.endpoint_id)
         return None
+    ctx.endpoint_read_failures.succeeded()
     if endpoint is None:
         raise EndpointGone("endpoint was deleted")
     if not endpoint.enabled:
@@ -231,7 +243,8 @@ async def _endpoint_before_send(job: DeliveryJob, ctx: DeliveryContext) -> Deliv
 
     Raises EndpointGone once the tenant deleted or disabled it meanwhile (see _endpoint_read_again).
     """
-    if time.monotonic() - job.read_at <= ENDPOINT_RECHECK_S:
+    now = time.monotonic()
+    if now - job.read_at <= ENDPOINT_RECHECK_S or now - ctx.endpoint_read_failed_at < ENDPOINT_READ_PAUSE_S:
         return job
     endpoint = await _endpoint_read_again(job, ctx)
     return job if endpoint is None else replace(job, endpoint=endpoint, read_at=time.monotonic())
