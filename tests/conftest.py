@@ -7,7 +7,8 @@ Either way the session gets a fresh, migrated database of its own and a unique A
 group), so sessions never see each other's rows or offsets.
 
 Fixtures: `services` (session), `clean_db`, `empty_database`, `private_postgres`, `start_worker`; `free_port()` is
-`alerting_app.embedded.free_port`.
+`alerting_app.embedded.free_port`. A test that leaves the app or a pool bound to its own event loop,
+closed after it, fails (`pytest_runtest_teardown`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,51 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
     if session is not None:
         _finish(session)
+
+
+# The process-wide asyncio state of the code under test: the Faust app (its producer, consumer and
+# transport take its loop), the Postgres pools, module-level asyncio primitives. Each is bound to
+# the event loop that first uses it, as in a worker, whose one loop runs for as long as it does.
+_SHARED_LOOP_BOUND = {
+    "alerting_app.app": ("app",),
+    "alerting_app.db": ("_pool", "_api_pool", "_lock", "_api_lock"),
+    "agents.rule_outbox": ("_wake_up",),
+    "web.operations": ("_started", "_ready_once"),
+}
+_REPORTED_LOOPS = pytest.StashKey[set[tuple[str, asyncio.AbstractEventLoop]]]()
+
+
+def _left_bound_to_a_closed_loop() -> list[tuple[str, asyncio.AbstractEventLoop]]:
+    left = []
+    for module_name, names in _SHARED_LOOP_BOUND.items():
+        module = sys.modules.get(module_name)  # a module no test imported holds nothing
+        for name in names:
+            loop = getattr(getattr(module, name, None), "_loop", None)
+            if loop is not None and loop.is_closed():
+                left.append((f"{module_name}.{name}", loop))
+    return left
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Fails the test that left shared state bound to its own event loop, now closed.
+
+    Used in a test's own (function-scoped) loop, the app or a pool stays bound to that loop: every
+    later test of the process that uses it then fails with "Event loop is closed", in whichever
+    module pytest-xdist runs next in that process, and passes when run alone. Tests that use them
+    share the session's loop (AGENT_LOOP, API_LOOP) or close them in their own (`db.close()`).
+    """
+    yield
+    if nextitem is None:  # the last test: the session's own loop has just been closed
+        return
+    reported = item.config.stash.setdefault(_REPORTED_LOOPS, set())
+    left = set(_left_bound_to_a_closed_loop())
+    new = sorted(name for name, _ in left - reported)  # reported once, by the test that left it
+    reported |= left
+    if new:
+        pytest.fail(f"{item.nodeid} left {', '.join(new)} bound to its event loop, now closed: later tests "
+                    f"of this process that use them would fail with 'Event loop is closed'. Run it in the "
+                    f"session's loop (pytest.mark.asyncio(loop_scope=\"session\")).", pytrace=False)
 
 
 def _prepare(session: _Session) -> SessionServices:

@@ -38,18 +38,24 @@ from alerting_app import broker_transport
 from alerting_app.broker_transport import Transport
 from alerting_app.settings import ConfigurationError, load_settings
 from kafka_probe import partition_of, produce, read_json, retire_rules_left_on_topic
+from test_agent_support import AGENT_LOOP
 from test_e2e_pipeline import Platform, alert
+
+# The tests that use the app share the session's loop (AGENT_LOOP): even a consumer of a test's own
+# takes the app's producer, and with it the app's loop; left bound to a closed loop, the app fails
+# the later tests of the process (tests/conftest.py, pytest_runtest_teardown).
 
 
 async def _nothing(*args) -> None:
     """The callbacks a Faust consumer requires; this one never consumes."""
 
 
+@AGENT_LOOP
 async def test_the_worker_consumer_fetches_with_the_configured_wait(services):
     assert isinstance(app.transport, Transport)
     assert app.transport.fetch_max_wait_ms == settings.broker_fetch_max_wait_ms
-    # A transport of our own for this test: the app's transport and consumer stay bound to the
-    # event loop that first uses them, and later tests of the session may run the app in another.
+    # A transport and consumer of our own, started and stopped here: the app's stay as they were
+    # for the later tests of the process.
     transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms,
                           broker=app.transport.broker)
     faust_consumer = transport.create_consumer(callback=_nothing, on_partitions_revoked=_nothing,
@@ -63,6 +69,7 @@ async def test_the_worker_consumer_fetches_with_the_configured_wait(services):
         await consumer.stop()
 
 
+@AGENT_LOOP
 async def test_table_recovery_takes_listoffsets_when_no_fetch_answers_in_time(services, monkeypatch):
     """Faust's table recovery stops the worker on any error of `highwaters`: when `end_offsets`
     cannot tell the true ends (no fetch answered in time; here it is given no time at all), the
@@ -206,6 +213,7 @@ async def test_a_worker_evaluates_every_alert_of_a_partition_in_order_and_commit
     assert "Drain messages raised" not in worker.log()
 
 
+@AGENT_LOOP
 async def test_offsets_the_broker_refused_to_commit_are_committed_at_the_next_commit(monkeypatch):
     # faust-streaming 0.15.3 records refused commits as done (upstream PR #692) and drops the
     # acknowledgements they covered; our Consumer commits them again next time, with or without
@@ -252,6 +260,7 @@ async def test_offsets_the_broker_refused_to_commit_are_committed_at_the_next_co
     assert not consumer._refused_commits
 
 
+@AGENT_LOOP
 async def test_after_an_agent_crashed_the_worker_commits_nothing_more_and_stops(monkeypatch, caplog):
     # Faust's own path for an agent that raised: App._on_agent_error -> consumer.on_task_error. The
     # batch the agent held was not processed, but Faust's take_events acknowledges it as soon as the
@@ -294,6 +303,7 @@ async def test_after_an_agent_crashed_the_worker_commits_nothing_more_and_stops(
     assert broker_commits == [{tp: 5}]  # nothing reached the broker after the crash
 
 
+@AGENT_LOOP
 async def test_a_commit_waiting_for_the_flush_when_the_stop_gives_up_on_the_broker_commits_nothing(monkeypatch):
     # Faust's commit (Consumer._commit_offsets) flushes the producer, then commits at the broker.
     # Giving up on the broker fails the sends still pending, which ends the flush: the commit must
@@ -338,6 +348,7 @@ async def test_a_commit_waiting_for_the_flush_when_the_stop_gives_up_on_the_brok
                                                               timeout=1.0)
 
 
+@AGENT_LOOP
 async def test_records_held_during_a_rebalance_are_released_in_order_past_the_commit(monkeypatch):
     # What the drain loop hands over once `app.rebalancing` is over (alerting_app/broker_transport.py,
     # `_held_during_rebalance`): partitions still assigned, offsets ascending, none already committed.

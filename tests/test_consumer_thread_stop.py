@@ -18,7 +18,12 @@ from yarl import URL
 
 from alerting_app.app import app, settings
 from alerting_app.broker_transport import Transport
+from test_agent_support import AGENT_LOOP
 from test_e2e_outbox_broker_down import private_broker  # noqa: F401  (fixture)
+
+# Faust's consumer takes the app's producer, which takes the app's loop (tests/conftest.py,
+# pytest_runtest_teardown).
+pytestmark = AGENT_LOOP
 
 _BOUND_S = 30.0  # far beyond what each wait below takes; only a hang reaches it
 
