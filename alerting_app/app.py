@@ -10,7 +10,7 @@ from __future__ import annotations
 import faust
 import mode
 
-from alerting_app.broker_transport import Transport
+from alerting_app.broker_transport import Agent, Transport
 from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
 from alerting_app.http_errors import database_unavailable, json_http_errors
 from alerting_app.kafka_connection import faust_credentials, kafka_connection
@@ -51,6 +51,8 @@ app = faust.App(
     # the worker stopped, and the stop then waited for ever in the agent's supervisor whenever the
     # stream still held a backlog (tests/test_e2e_worker_stops_after_a_sink_failed.py).
     agent_supervisor=mode.ForfeitOneForOneSupervisor,
+    # Not a crash: an agent whose sends failed because the stopping worker gave up on the broker.
+    Agent=Agent,
     **FAUST_TUNING,  # less of Faust's own per-message cost: see the module
 )
 # Set before anything touches `app.transport` (declaring a topic does): see the module for why.

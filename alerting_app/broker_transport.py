@@ -5,7 +5,8 @@ hand-over cannot block; stream records fetched while a rebalance ends are held, 
 next commit (`Consumer._commit_offsets`); the end offsets the table recovery reads up to are the
 true ends, on the Tansu broker too (`Consumer.highwaters`); after an agent crashed the worker commits nothing more and stops
 (`Consumer.on_task_error`); a stopping worker waits at most STOP_GRACE_S for the broker, then commits
-nothing more and fails the sends still pending (`Producer.give_up_on_the_broker`).
+nothing more and fails the sends still pending (`Producer.give_up_on_the_broker`); an agent whose
+sends failed that way stops with a warning, not as a crash (`Agent`).
 tests/test_broker_transport.py fails when the installed Faust no longer matches what these rely on.
 
 The fetch wait. Why: every stage hop (alerts.new -> evaluate, alerts.matched -> aggregate) waits for a fetch, and
@@ -38,10 +39,12 @@ from functools import cached_property
 from typing import Any, AsyncIterator, Awaitable, Iterable, Mapping, cast
 
 import aiokafka
+import faust
 from aiokafka.errors import KafkaTimeoutError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
+from faust.types.agents import ActorRefT
 from mode import Service, ServiceT
 
 from alerting_app import metrics
@@ -453,8 +456,46 @@ async def _unless_set(event: asyncio.Event, awaitable: Awaitable[Any]) -> Any:
 
 
 class GaveUpOnTheBroker(KafkaTimeoutError):
-    """The failure of the sends a stopping worker gave up on: not acknowledged, nor refused. A
-    request of one may be at a broker that writes it later (agents/rule_outbox.py, `_unanswered`)."""
+    """The failure of every send once the stopping worker gave up on the broker
+    (`Producer.give_up_on_the_broker`): not acknowledged, nor refused. A request of one may be at a
+    broker that writes it later (agents/rule_outbox.py, `_unanswered`). Copies of it keep its type
+    (aiokafka raises copies)."""
+
+
+def failed_by_giving_up(exc: BaseException) -> bool:
+    """Whether `exc` is the failure of a send the stopping worker gave up on, or was raised from one
+    (`raise ... from`, as tables/groups.py `ChangelogWriteFailed` is)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, GaveUpOnTheBroker):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+class Agent(faust.Agent):
+    """Faust's agent, except that an actor whose sends failed because the stopping worker gave up on
+    the broker ends with one warning: it is no crash.
+
+    Faust handles any other exception of an actor as a crash: `on_error` (Consumer.on_task_error:
+    logged as an error, counted in alerting_agent_crashes_total, the worker stopped), then the
+    actor's own crash, logged with its traceback, and its supervisor's, logged as critical. Giving up
+    fails the sends of every agent busy with a batch, in a worker already stopping, and on purpose;
+    operators alert on that metric. What the agent held is not lost either way: nothing is committed
+    after giving up (Consumer._commit), so the next worker reads it again.
+    """
+
+    async def _execute_actor(self, coro: Awaitable, aref: ActorRefT) -> None:
+        await super()._execute_actor(self._ending_quietly_if_given_up(coro), aref)
+
+    async def _ending_quietly_if_given_up(self, coro: Awaitable) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            if not failed_by_giving_up(exc):
+                raise
+            log.warning("agent %s stopped: its sends failed when this worker gave up on the broker while "
+                        "stopping (%s); what it held is read again by the next worker", self.name, exc)
 
 
 class Producer(faust_aiokafka.Producer):

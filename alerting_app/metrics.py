@@ -45,7 +45,8 @@ for _topic in ("alerts.matched", "notifications.ready"):
     messages_of_deleted_clients.labels(topic=_topic)
 
 # Faust would restart a crashed agent and acknowledge the batch nobody processed, so the worker then
-# commits nothing more and stops (broker_transport.Consumer.on_task_error).
+# commits nothing more and stops (broker_transport.Consumer.on_task_error). Not counted: an agent whose
+# sends failed because the stopping worker gave up on the broker (broker_transport.Agent).
 agent_crashes = Counter("alerting_agent_crashes_total",
                         "Agents that raised: after the first, this worker commits no offset and stops")
 

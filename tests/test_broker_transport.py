@@ -7,10 +7,12 @@ silently undo it, and only this test would say so.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import secrets
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,6 +120,7 @@ _SOURCES_THE_DRAIN_OVERRIDE_RELIES_ON = {
     "faust App.on_rebalance_start": "5c1e23de30674082",
     "faust App.on_rebalance_end": "b7ff69e1e3772f30",
     # Consumer.on_task_error: take_events acks its batch in a finally; a crashed actor is replaced.
+    # Agent._execute_actor: what Faust does with an actor's exception, which Agent wraps.
     "faust Stream.take_events": "607d48aead118ba8",
     "faust Agent._execute_actor": "c750b828d2bda93e",
     # Producer.give_up_on_the_broker and fail_pending_sends: how aiokafka fails, re-queues and flushes
@@ -346,6 +349,101 @@ async def test_a_commit_waiting_for_the_flush_when_the_stop_gives_up_on_the_brok
     with pytest.raises(KafkaTimeoutError):  # and every later send
         await kafka_producer._message_accumulator.add_message(TopicPartition("alerts.new", 0), b"key", b"value",
                                                               timeout=1.0)
+
+
+async def _run_an_agent_until_its_actor_ends(monkeypatch, process) -> list[bool]:
+    """An agent of the app's Agent class, fed one value, whose actor runs `process(value)`; Faust's
+    error handling is the app's (App._on_agent_error, Consumer.on_task_error). Returns the worker
+    stops it asked for."""
+    consumer, producer = app.consumer, app.producer
+    monkeypatch.setattr(consumer, "gave_up_on_the_broker", asyncio.Event())  # all restored after the test
+    monkeypatch.setattr(consumer, "crashed_agent", None)
+    stops = []
+    monkeypatch.setattr(consumer, "stop_worker", lambda: stops.append(True))
+
+    async def commit(*args, **kwargs):  # Faust's on_task_error commits; its bookkeeping needs a running consumer
+        return True
+
+    monkeypatch.setattr(consumer, "commit", commit)
+    monkeypatch.setattr(producer, "gave_up", None)
+    monkeypatch.setattr(producer, "_producer", None)  # nothing for the give-up to fail but later sends
+    monkeypatch.setattr(broker_transport, "exit_unless_stopped_within", lambda *args, **kwargs: None)
+
+    async def agent_fun(stream):
+        async for value in stream:
+            await process(value)
+
+    channel = app.channel()
+    agent = app.conf.Agent(agent_fun, name=f"test-agent-{secrets.token_hex(4)}", app=app, channel=channel,
+                           on_error=app._on_agent_error)
+    assert isinstance(agent, broker_transport.Agent)
+    flowing = app.flow_control.is_active()
+    app.flow_control.resume()  # channels hold their values until it is: a worker resumes it once recovered
+    await agent.start()
+    try:
+        await agent.send(value=b"a batch")
+        actors = [aref.actor_task for aref in agent._actors]
+        # A bound, not a measurement: the actor ends as soon as it has handled the value.
+        _, still_running = await asyncio.wait(actors, timeout=30)
+        assert not still_running
+    finally:
+        await agent.stop()
+        if not flowing:
+            app.flow_control.suspend()
+    return stops
+
+
+@AGENT_LOOP
+async def test_an_agent_whose_sends_failed_because_the_stop_gave_up_on_the_broker_ends_without_a_crash(
+        monkeypatch, caplog):
+    from alerting_app import metrics
+
+    async def send_once_given_up(value):
+        app.producer.give_up_on_the_broker()
+        await (await app.producer.send("alerts.matched", b"key", value, None, None, None))
+    before = metrics.agent_crashes._value.get()
+
+    stops = await _run_an_agent_until_its_actor_ends(monkeypatch, send_once_given_up)
+
+    assert metrics.agent_crashes._value.get() == before
+    assert stops == [] and app.consumer.crashed_agent is None
+    # Nothing from our code, Faust's agent and its actor, or mode's supervisor (asyncio's own may
+    # report what an earlier test left to the garbage collector).
+    assert [record.getMessage() for record in caplog.records
+            if record.levelno >= logging.ERROR and record.name.split(".")[0] in ("alerting_app", "faust", "mode")] == []
+    stopped = [record for record in caplog.records
+               if "its sends failed when this worker gave up" in record.getMessage()]
+    assert len(stopped) == 1 and stopped[0].levelno == logging.WARNING and stopped[0].exc_info is None
+
+
+@AGENT_LOOP
+async def test_an_agent_that_raised_anything_else_still_crashes(monkeypatch, caplog):
+    from alerting_app import metrics
+
+    async def time_out(value):
+        raise KafkaTimeoutError("the broker did not answer")  # a broker that timed out, not a give-up
+    before = metrics.agent_crashes._value.get()
+
+    stops = await _run_an_agent_until_its_actor_ends(monkeypatch, time_out)
+
+    assert metrics.agent_crashes._value.get() == before + 1
+    assert stops == [True]
+    assert "an agent crashed (KafkaTimeoutError" in caplog.text
+
+
+def test_a_failure_raised_from_a_send_the_stop_gave_up_on_is_the_give_up():
+    from tables.groups import ChangelogWriteFailed
+
+    given_up = broker_transport.GaveUpOnTheBroker("not acknowledged by the broker within 15s of the worker's stop")
+    try:
+        raise ChangelogWriteFailed("1 of 1 changelog writes failed") from copy.copy(given_up)
+    except ChangelogWriteFailed as raised:
+        changelog_write_failed = raised
+
+    assert broker_transport.failed_by_giving_up(copy.copy(given_up))
+    assert broker_transport.failed_by_giving_up(changelog_write_failed)
+    assert not broker_transport.failed_by_giving_up(KafkaTimeoutError("the broker did not answer"))
+    assert not broker_transport.failed_by_giving_up(ChangelogWriteFailed("the producer's buffer crashed"))
 
 
 @AGENT_LOOP

@@ -84,6 +84,8 @@ async def test_a_worker_stopped_while_the_broker_is_down_stops_and_the_next_one_
             await asyncio.to_thread(worker.child.process.wait, STOP_CEILING_S)
             assert worker.child.process.returncode == 0, worker.log()[-5000:]
             assert "giving up on the broker" in worker.log()  # the stop did wait for it
+            # The agents whose sends that failed stopped; they did not crash (alerting_app/broker_transport.py, Agent).
+            assert "an agent crashed" not in worker.log() and "Crashed reason" not in worker.log()
             assert await outbox_events(services.database_url) == [(late_rule["rule_id"], "upsert", 1)]
 
         successor = start_worker(KAFKA_BOOTSTRAP_SERVERS=private_broker.address, APP_ID=group)
