@@ -25,7 +25,7 @@ from faust.types import TopicT
 
 from alerting_app import db
 from alerting_app.app import app, rule_changed, silence_changed
-from alerting_app.broker_transport import GaveUpOnTheBroker
+from alerting_app.broker_transport import GaveUpOnTheBroker, failed_by_giving_up
 from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
 from alerting_app.failure_streak import FailureStreak
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
@@ -397,9 +397,14 @@ async def relay_rule_outbox() -> None:
             while await relay_pending(pool) > 0:
                 pass  # until every outbox is empty
             _relay_failures.succeeded()
-        except Exception:
+        except Exception as exc:
             # Broker or database unavailable: the rows stay in the outbox and the next tick retries.
-            _relay_failures.failed("outbox relay failed; retrying")
+            if failed_by_giving_up(exc):
+                # The worker is stopping and gave up on the broker: no failure to report in full.
+                log.warning("outbox relay: its sends failed when this worker gave up on the broker while "
+                            "stopping; the rows stay for the next relay")
+            else:
+                _relay_failures.failed("outbox relay failed; retrying")
         # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as
         # the wake-up does (it returns the result instead), and the relay then went on for ever after
         # its task was cancelled. The project's other bounded waits use asyncio.timeout for the same reason.
