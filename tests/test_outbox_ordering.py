@@ -260,6 +260,54 @@ async def terminate_the_relays_session(pool) -> None:
     assert relay and await pool.fetchval("SELECT pg_terminate_backend($1)", relay)
 
 
+class HeldAtTheBroker:
+    """The relay's send as a request the broker holds: written once `reaches_the_broker` is set,
+    whatever the relay does meanwhile, while the relay gets `answer()` for it."""
+
+    def __init__(self, send_to_the_broker, answer) -> None:
+        self.reaches_the_broker = asyncio.Event()
+        self.on_the_way: list[asyncio.Future] = []
+        self._send_to_the_broker, self._answer = send_to_the_broker, answer
+
+    async def send_batched(self, topic, messages):
+        messages = list(messages)
+
+        async def send() -> None:  # a task of its own: like a request at the broker, it lands whatever the relay does
+            await self.reaches_the_broker.wait()
+            await all_acknowledged(await self._send_to_the_broker(topic, messages))
+        self.on_the_way.append(asyncio.ensure_future(send()))
+        return [self._answer()]
+
+    async def sent(self) -> None:
+        async with asyncio.timeout(30):
+            while not self.on_the_way:
+                await asyncio.sleep(0.01)
+
+
+async def the_late_send_lands_after_the_deletion_until_its_keys_are_queued_again(
+        own_pool, monkeypatch, held: HeldAtTheBroker, rule_id: str, client_id: str) -> None:
+    """The rule is deleted and the next relay sends the deletion; the held send of version 1 lands
+    after it, and stays the rule's last record until a relay finds the batch recorded in flight
+    since longer than its sends can land, and queues the rule's current version (its deletion) again."""
+    from agents import rule_outbox
+
+    monkeypatch.setattr(rule_outbox, "send_batched", held._send_to_the_broker)
+    async with own_pool.acquire() as conn, conn.transaction():
+        await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
+    await relay_until_empty(own_pool)  # the next relay: version 1 again (its row is still there), the deletion
+    held.reaches_the_broker.set()  # the held send lands after them
+    await asyncio.wait_for(held.on_the_way[0], 60)
+    assert (await rule_records(rule_id))[-1] == ("upsert", 1)
+
+    # Once none of its sends can still be on its way, the next relay queues each of the batch's keys'
+    # current version again: here the deletion, which compaction then keeps.
+    await own_pool.execute("UPDATE outbox_in_flight SET recorded_at = recorded_at - make_interval(secs => $1)",
+                           rule_outbox.in_flight_at_most_s())
+    await relay_until_empty(own_pool)
+    assert (await rule_records(rule_id))[-1] == ("delete", 2)
+    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
+
+
 async def test_a_deletion_that_a_killed_relays_late_send_landed_after_is_queued_again_by_the_next_relay(
         pipeline, own_pool, monkeypatch):
     """A relay lost its session, and its lock, while its send of a rule's version 1 was on its way,
@@ -268,46 +316,18 @@ async def test_a_deletion_that_a_killed_relays_late_send_landed_after_is_queued_
     left so, a replica reading it from scratch would hold the deleted rule for ever."""
     from agents import rule_outbox
 
-    send_to_the_broker = rule_outbox.send_batched
     rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
     async with own_pool.acquire() as conn, conn.transaction():
         await record_rule_change(conn, rule_versions(rule_id, client_id)[0])
-    reaches_the_broker = asyncio.Event()
-    on_the_way: list[asyncio.Future] = []
     killed = asyncio.get_running_loop().create_future()  # the killed relay hears no answer, and does nothing more
-
-    async def held_on_the_way(topic, messages):
-        messages = list(messages)
-
-        async def send() -> None:  # a task of its own: like a request at the broker, it lands whatever the relay does
-            await reaches_the_broker.wait()
-            await all_acknowledged(await send_to_the_broker(topic, messages))
-        on_the_way.append(asyncio.ensure_future(send()))
-        return [killed]
-    monkeypatch.setattr(rule_outbox, "send_batched", held_on_the_way)
+    held = HeldAtTheBroker(rule_outbox.send_batched, lambda: killed)
+    monkeypatch.setattr(rule_outbox, "send_batched", held.send_batched)
     killed_relay = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
     try:
-        async with asyncio.timeout(30):
-            while not on_the_way:
-                await asyncio.sleep(0.01)
+        await held.sent()
         await terminate_the_relays_session(own_pool)
-
-        async with own_pool.acquire() as conn, conn.transaction():
-            await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2,
-                                                       action="delete"))
-        monkeypatch.setattr(rule_outbox, "send_batched", send_to_the_broker)
-        await relay_until_empty(own_pool)  # the next relay: version 1 again (its row is still there), the deletion
-        reaches_the_broker.set()  # the killed relay's send lands after them
-        await asyncio.wait_for(on_the_way[0], 60)
-        assert (await rule_records(rule_id))[-1] == ("upsert", 1)
-
-        # Once none of the killed relay's sends can still be on its way, the next relay queues each of
-        # their keys' current version again: here the deletion, which compaction then keeps.
-        await own_pool.execute("UPDATE outbox_in_flight SET recorded_at = recorded_at - make_interval(secs => $1)",
-                               rule_outbox.in_flight_at_most_s())
-        await relay_until_empty(own_pool)
-        assert (await rule_records(rule_id))[-1] == ("delete", 2)
-        assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
+        await the_late_send_lands_after_the_deletion_until_its_keys_are_queued_again(
+            own_pool, monkeypatch, held, rule_id, client_id)
     finally:
         killed_relay.cancel()
         killed.cancel()
@@ -420,43 +440,23 @@ async def test_a_send_given_up_on_is_no_answer_its_keys_are_queued_again_once_it
     from agents import rule_outbox
     from alerting_app.broker_transport import GaveUpOnTheBroker
 
-    send_to_the_broker = rule_outbox.send_batched
     rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
     async with own_pool.acquire() as conn, conn.transaction():
         await record_rule_change(conn, rule_versions(rule_id, client_id)[0])
-    reaches_the_broker = asyncio.Event()
-    on_the_way: list[asyncio.Future] = []
 
-    async def given_up_on(topic, messages):
-        messages = list(messages)
-
-        async def send() -> None:  # a request at the broker: written whatever the relay does
-            await reaches_the_broker.wait()
-            await all_acknowledged(await send_to_the_broker(topic, messages))
-        on_the_way.append(asyncio.ensure_future(send()))
-        gave_up = asyncio.get_running_loop().create_future()  # what give_up_on_the_broker fails it with
-        gave_up.set_exception(GaveUpOnTheBroker("not acknowledged by the broker within 15s of the worker's stop"))
-        return [gave_up]
-    monkeypatch.setattr(rule_outbox, "send_batched", given_up_on)
+    def gave_up() -> asyncio.Future:  # what give_up_on_the_broker fails the send with
+        answer = asyncio.get_running_loop().create_future()
+        answer.set_exception(GaveUpOnTheBroker("not acknowledged by the broker within 15s of the worker's stop"))
+        return answer
+    held = HeldAtTheBroker(rule_outbox.send_batched, gave_up)
+    monkeypatch.setattr(rule_outbox, "send_batched", held.send_batched)
     try:
         await rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,))
         raise AssertionError("the relay hid the failed send")
     except GaveUpOnTheBroker:
         pass
-    monkeypatch.setattr(rule_outbox, "send_batched", send_to_the_broker)
-
-    async with own_pool.acquire() as conn, conn.transaction():
-        await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
-    await relay_until_empty(own_pool)  # the next relay: version 1 again (its row is still there), the deletion
-    reaches_the_broker.set()  # the request given up on is written after them
-    await asyncio.wait_for(on_the_way[0], 60)
-    assert (await rule_records(rule_id))[-1] == ("upsert", 1)
-
-    await own_pool.execute("UPDATE outbox_in_flight SET recorded_at = recorded_at - make_interval(secs => $1)",
-                           rule_outbox.in_flight_at_most_s())
-    await relay_until_empty(own_pool)
-    assert (await rule_records(rule_id))[-1] == ("delete", 2)
-    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
+    await the_late_send_lands_after_the_deletion_until_its_keys_are_queued_again(
+        own_pool, monkeypatch, held, rule_id, client_id)
 
 
 async def test_a_relay_that_lost_its_session_while_its_send_was_given_up_on_leaves_the_keys_for_later(
@@ -467,42 +467,17 @@ async def test_a_relay_that_lost_its_session_while_its_send_was_given_up_on_leav
     from agents import rule_outbox
     from alerting_app.broker_transport import GaveUpOnTheBroker
 
-    send_to_the_broker = rule_outbox.send_batched
     rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
     async with own_pool.acquire() as conn, conn.transaction():
         await record_rule_change(conn, rule_versions(rule_id, client_id)[0])
-    reaches_the_broker = asyncio.Event()
-    on_the_way: list[asyncio.Future] = []
     gave_up = asyncio.get_running_loop().create_future()
-
-    async def given_up_on(topic, messages):
-        messages = list(messages)
-
-        async def send() -> None:  # a request at the broker: written whatever the relay does
-            await reaches_the_broker.wait()
-            await all_acknowledged(await send_to_the_broker(topic, messages))
-        on_the_way.append(asyncio.ensure_future(send()))
-        return [gave_up]
-    monkeypatch.setattr(rule_outbox, "send_batched", given_up_on)
+    held = HeldAtTheBroker(rule_outbox.send_batched, lambda: gave_up)
+    monkeypatch.setattr(rule_outbox, "send_batched", held.send_batched)
     relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
-    async with asyncio.timeout(30):
-        while not on_the_way:
-            await asyncio.sleep(0.01)
+    await held.sent()
     await terminate_the_relays_session(own_pool)
     gave_up.set_exception(GaveUpOnTheBroker("not acknowledged by the broker within 15s of the worker's stop"))
     with contextlib.suppress(Exception):
         await relaying
-    monkeypatch.setattr(rule_outbox, "send_batched", send_to_the_broker)
-
-    async with own_pool.acquire() as conn, conn.transaction():
-        await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
-    await relay_until_empty(own_pool)
-    reaches_the_broker.set()  # the request given up on is written after them
-    await asyncio.wait_for(on_the_way[0], 60)
-    assert (await rule_records(rule_id))[-1] == ("upsert", 1)
-
-    await own_pool.execute("UPDATE outbox_in_flight SET recorded_at = recorded_at - make_interval(secs => $1)",
-                           rule_outbox.in_flight_at_most_s())
-    await relay_until_empty(own_pool)
-    assert (await rule_records(rule_id))[-1] == ("delete", 2)
-    assert await own_pool.fetchval("SELECT count(*) FROM outbox_in_flight") == 0
+    await the_late_send_lands_after_the_deletion_until_its_keys_are_queued_again(
+        own_pool, monkeypatch, held, rule_id, client_id)
