@@ -360,10 +360,11 @@ async def _queue_abandoned_again(conn: asyncpg.Connection, outbox: Outbox) -> No
         _requeue_failures.failed("queuing again the %d keys of a stopped %s relay failed; each is tried alone, "
                                  "and relaying goes on", len(keys), outbox.table)
         refused = keys if len(keys) == 1 else [key for key in keys if not await _queued_alone(conn, outbox, key)]
-        # Recorded as old as it was, so the next relay tries it again at once.
-        await conn.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
-                           " VALUES ($1, $2::uuid[], now() - make_interval(secs => $3))",
-                           outbox.table, refused, in_flight_at_most_s() + 1)
+        if refused:
+            # Recorded as old as it was, so the next relay tries it again at once.
+            await conn.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
+                               " VALUES ($1, $2::uuid[], now() - make_interval(secs => $3))",
+                               outbox.table, refused, in_flight_at_most_s() + 1)
     else:
         _requeue_failures.succeeded()
     if len(refused) < len(keys):
