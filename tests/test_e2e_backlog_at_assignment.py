@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import secrets
 
-import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from delivery_platform import produce_alerts
 from kafka_probe import wait_until_consumed
+from operations_support import alerts_consumed
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +34,6 @@ async def messages_on(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def alerts_evaluated(url: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "alerting_alerts_consumed_total")
-
 
 async def test_a_new_group_evaluates_every_alert_already_waiting_for_it(services, start_worker):
     bootstrap = services.kafka_bootstrap_servers
@@ -53,5 +45,5 @@ async def test_a_new_group_evaluates_every_alert_already_waiting_for_it(services
     await wait_until_consumed(bootstrap, group, ["alerts.new"])
 
     # At least once each (a record may be handed over twice around a rebalance, never zero times).
-    assert await alerts_evaluated(worker.url) >= await messages_on(bootstrap, "alerts.new")
+    assert await alerts_consumed(worker.url) >= await messages_on(bootstrap, "alerts.new")
 

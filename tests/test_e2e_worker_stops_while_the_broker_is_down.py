@@ -23,10 +23,10 @@ import time
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
 from test_e2e_outbox_broker_down import (  # noqa: F401  (private_broker: a fixture)
     Api, outbox_events, private_broker, wait_until_matched, wait_until_outbox_is_empty)
+from operations_support import alerts_consumed
 from worker_probe import wait_until_workers_hold_postgres_rules
 
 pytestmark = pytest.mark.e2e
@@ -47,13 +47,6 @@ async def produce_alerts(bootstrap: str, alerts: list[dict]) -> None:
     finally:
         await producer.stop()
 
-
-async def alerts_consumed(url: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "alerting_alerts_consumed_total")
 
 
 async def test_a_worker_stopped_while_the_broker_is_down_stops_and_the_next_one_does_its_work(
