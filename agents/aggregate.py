@@ -94,8 +94,7 @@ async def under_client_locks(conn: asyncpg.Connection | asyncpg.Pool,
     twice, and if it was the group's first, the group's notification refused as its duplicate.
     """
     async with AsyncExitStack() as stack:
-        if isinstance(conn, asyncpg.Pool):
-            conn = await stack.enter_async_context(conn.acquire())
+        conn = await stack.enter_async_context(db.connection_of(conn))
         await stack.enter_async_context(conn.transaction())
         # A statement of its own: the insert's snapshot must be taken once the lock is held, so that
         # it sees what a stateful batch holding the lock committed.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import asyncpg
@@ -32,6 +33,17 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     OSError,
 )
+
+
+@asynccontextmanager
+async def connection_of(conn: asyncpg.Connection | asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """`conn` itself, or a connection of the pool `conn` for the block: for what needs one
+    connection (a transaction) but may be given either."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as acquired:
+            yield acquired
+    else:
+        yield conn
 
 
 # What Postgres (or asyncpg, encoding it) refuses in data that was accepted: a NUL in a text or JSON

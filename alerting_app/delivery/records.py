@@ -12,6 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
+from alerting_app import db
 from alerting_app.contracts import Alert, NotificationReady
 from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 
@@ -359,7 +360,7 @@ async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, i
         # and fail the whole sweep again: the oldest due rows are leased first, and these stay oldest.
         log.error("failing %d deliveries whose stored notification cannot be read (first: %s)",
                   len(unreadable), unreadable[0].last_error)
-        await _fail_unreadable(conn, owner, unreadable)
+        await write_outcomes(conn, owner, unreadable)
     return jobs
 
 
@@ -370,14 +371,6 @@ def _stored_notification(row: asyncpg.Record) -> NotificationReady:
         created_at=row["created_at"], truncated_alerts=row["truncated_alerts"],
         group_rule_id=row["group_rule_id"],
     )
-
-
-async def _fail_unreadable(conn: Conn, owner: str, changes: Sequence[DeliveryChange]) -> None:
-    if isinstance(conn, asyncpg.Pool):
-        async with conn.acquire() as connection:
-            await write_outcomes(connection, owner, changes)
-    else:
-        await write_outcomes(conn, owner, changes)
 
 
 async def release(conn: Conn, owner: str, keys: Sequence[tuple[str, str]]) -> None:
@@ -402,7 +395,7 @@ async def settle_notifications(conn: Conn, notification_ids: Sequence[str]) -> N
         await conn.execute(_SETTLE, list(notification_ids))
 
 
-async def write_outcomes(conn: asyncpg.Connection, owner: str, changes: Sequence[DeliveryChange]) -> None:
+async def write_outcomes(conn: Conn, owner: str, changes: Sequence[DeliveryChange]) -> None:
     """Write a batch of `owner`'s outcomes and settle the notifications they finish, in one transaction.
 
     The notifications of final outcomes are locked first, in a statement of their own. In READ
@@ -413,7 +406,7 @@ async def write_outcomes(conn: asyncpg.Connection, owner: str, changes: Sequence
     settle start after the other worker committed.
     """
     settling = sorted({change.notification_id for change in changes if change.status != "PENDING"})
-    async with conn.transaction():
+    async with db.connection_of(conn) as conn, conn.transaction():
         if settling:
             await conn.execute(_LOCK_FOR_SETTLE, settling)
         await write_changes(conn, owner, changes)
