@@ -26,6 +26,8 @@ from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
+from alerting_app.turn_batches import TurnBatches
+
 # A pipeline much longer than this waits for its last answer while callers could already go on.
 MAX_PIPELINE = 500
 
@@ -33,17 +35,11 @@ MAX_PIPELINE = 500
 class PipelinedRedis:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._queued: list[tuple[Callable[[Pipeline], Any], asyncio.Future]] = []
+        self._commands = TurnBatches(self._send, MAX_PIPELINE)
 
     def call(self, queue_command: Callable[[Pipeline], Any]) -> asyncio.Future:
         """Queue the one command that `queue_command` puts on a pipeline; await its answer."""
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
-        self._queued.append((queue_command, answer))
-        if len(self._queued) == 1:
-            # Runs after the callbacks already due in this turn, so their commands join this pipeline.
-            loop.call_soon(self._send_queued)
-        return answer
+        return self._commands.submit(queue_command)
 
     async def script(self, script: AsyncScript, keys: list, args: list) -> Any:
         """EVALSHA `script`, loading it first when Redis does not have it (a new or restarted Redis)."""
@@ -53,36 +49,16 @@ class PipelinedRedis:
             await self.redis.script_load(script.script)
             return await self.call(lambda pipe: pipe.evalsha(script.sha, len(keys), *keys, *args))
 
-    def _send_queued(self) -> None:
-        queued, self._queued = self._queued, []
-        for start in range(0, len(queued), MAX_PIPELINE):
-            asyncio.ensure_future(self._send(queued[start:start + MAX_PIPELINE]))
-
-    async def _send(self, batch: list[tuple[Callable[[Pipeline], Any], asyncio.Future]]) -> None:
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for queue_command, _ in batch:
-                    queue_command(pipe)
-                answers = await pipe.execute(raise_on_error=False)
-        except Exception as exc:
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
-            return
-        except BaseException:  # cancelled (the loop is closing): nobody is left to answer
-            for _, answer in batch:
-                answer.cancel()
-            raise
+    async def _send(self, batch: list[Callable[[Pipeline], Any]]) -> list[Any]:
+        """One pipeline's answers, a command's failure among them as its exception."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue_command in batch:
+                queue_command(pipe)
+            answers = await pipe.execute(raise_on_error=False)
         if any(refused_by_a_replica(value) for value in answers):
             # Before the callers hear of it: their retries must not take a connection to the replica.
             await self.redis.connection_pool.disconnect(inuse_connections=False)
-        for (_, answer), value in zip(batch, answers, strict=True):
-            if answer.done():  # its caller was cancelled meanwhile
-                continue
-            if isinstance(value, Exception):
-                answer.set_exception(value)
-            else:
-                answer.set_result(value)
+        return answers
 
 
 def refused_by_a_replica(answer: Any) -> bool:

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from alerting_app.delivery import records
+from alerting_app.delivery.jobs import Endpoint
+from alerting_app.turn_batches import TurnBatches
 
 # A longer list waits for its last row while callers could already go on (as MAX_PIPELINE).
 MAX_READ = 500
@@ -24,59 +26,15 @@ MAX_READ = 500
 class EndpointReads:
     def __init__(self, get_pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
         self._get_pool = get_pool
-        self._queued: dict[str, list[asyncio.Future]] = {}  # endpoint_id -> its callers' answers
-        self._reading: set[asyncio.Task] = set()  # referenced while they run: asyncio keeps only weak references
+        # A read none of whose callers waits any more is cancelled, with its statement: left running
+        # while Postgres does not answer, each turn's read would keep one of the agents' pool
+        # connections (ten, shared by every agent) and pile up behind the others.
+        self._reads = TurnBatches(self._read, MAX_READ, cancel_unawaited=True)
 
     def read(self, endpoint_id: str) -> asyncio.Future:
         """The endpoint as it is now (None once deleted), read with the others asked for in this turn."""
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
-        if not self._queued:
-            # Runs after the callbacks already due in this turn, so their reads join this statement.
-            loop.call_soon(self._read_queued)
-        self._queued.setdefault(endpoint_id, []).append(answer)
-        return answer
+        return self._reads.submit(endpoint_id)
 
-    def _read_queued(self) -> None:
-        queued, self._queued = list(self._queued.items()), {}
-        for start in range(0, len(queued), MAX_READ):
-            batch = dict(queued[start:start + MAX_READ])
-            reading = asyncio.ensure_future(self._read(batch))
-            self._reading.add(reading)
-            reading.add_done_callback(self._reading.discard)
-            _cancel_once_unawaited(reading, [answer for waiting in batch.values() for answer in waiting])
-
-    async def _read(self, batch: dict[str, list[asyncio.Future]]) -> None:
-        answers = [answer for waiting in batch.values() for answer in waiting]
-        try:
-            found = await records.endpoints_now(await self._get_pool(), list(batch))
-        except Exception as exc:
-            for answer in answers:
-                if not answer.done():  # its caller was cancelled meanwhile (a timeout, a stop)
-                    answer.set_exception(exc)
-            return
-        except BaseException:  # cancelled (the loop is closing): nobody is left to answer
-            for answer in answers:
-                answer.cancel()
-            raise
-        for endpoint_id, waiting in batch.items():
-            for answer in waiting:
-                if not answer.done():
-                    answer.set_result(found.get(endpoint_id))
-
-
-def _cancel_once_unawaited(reading: asyncio.Future, answers: list[asyncio.Future]) -> None:
-    """Cancel `reading` (its statement with it) once every one of its answers is done: its callers
-    gave up on them (their timeout, a stop) while Postgres did not answer. Left running, such a read
-    would hold one of the agents' pool connections, and each turn's read would add another, for as
-    long as Postgres does not answer. (Once `reading` has answered them, it is done already.)"""
-    remaining = len(answers)
-
-    def one_done(_: asyncio.Future) -> None:
-        nonlocal remaining
-        remaining -= 1
-        if remaining == 0:
-            reading.cancel()
-
-    for answer in answers:
-        answer.add_done_callback(one_done)
+    async def _read(self, endpoint_ids: list[str]) -> list[Endpoint | None]:
+        found = await records.endpoints_now(await self._get_pool(), sorted(set(endpoint_ids)))
+        return [found.get(endpoint_id) for endpoint_id in endpoint_ids]
