@@ -11,11 +11,13 @@ import contextlib
 import json
 import time
 import uuid
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
 
 from agents.aggregate import aggregate_matches, record_first_matches
+from agents import match_outcomes
 from agents.close_groups import close_due_groups
 from agents.match_outcomes import Recorded, closed_here, decide, prune_fingerprints
 from alerting_app import metrics
@@ -281,6 +283,27 @@ async def test_grouped_matches_become_one_notification_when_the_window_closes(po
     assert [m["notification_id"] for m in await sent_to("notifications.ready", client)] == [ready.notification_id]
     assert groups.open_groups.get(client.encode()) is None
     assert await closed_for(pool, client, opened + 10) == []
+
+
+@AGENT_LOOP
+async def test_an_alert_arriving_as_the_window_ends_joins_the_group_until_it_is_closed(pool, monkeypatch):
+    # A group takes what arrives before the closer closes it, window end included (as Alertmanager's
+    # flush takes what arrived before it); the closer runs every GROUP_CLOSE_INTERVAL_S.
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    first, at_the_end, after_closing = (grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(3))
+    opened = time.time()
+    monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened))
+    await aggregate(first)
+    monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened + 5))
+
+    await aggregate(at_the_end)
+    [closed] = await closed_for(pool, client, opened + 5)
+    await aggregate(after_closing)
+
+    assert closed.alerts == [first.alert, at_the_end.alert]
+    assert await closed_for(pool, client, opened + 9.9) == []  # a new group, opened at the window's end
+    [next_group] = await closed_for(pool, client, opened + 10)
+    assert next_group.alerts == [after_closing.alert]
 
 
 @AGENT_LOOP

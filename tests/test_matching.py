@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 
 import pytest
@@ -278,6 +279,21 @@ def test_when_every_matching_rule_suppresses_the_shortest_interval_applies_whate
 
     assert message.repeat_interval_s == 300
     assert message.fingerprint == fingerprint_of("client-a", on_web_1, ["host"])
+
+
+def test_the_fingerprint_is_the_documented_hash_whatever_the_order_or_repeats_of_its_keys():
+    # docs/contracts.md: its example, and what it promises of missing keys, empty values and key order.
+    client = "0b7e0f5c-1d2a-4c55-8f7e-3a9b6c2d1e00"
+    example = alert(context={"region": "eu-west-1", "p99_ms": "2300"})
+    on_eu = alert(context={"region": "eu", "host": "web-1"})
+
+    assert fingerprint_of(client, example, ["region"]) == (
+        "ca478107108a97f2dc5eaf076e57159c1f62cfd4ade6089969111b5502c44b9f")
+    assert fingerprint_of(client, on_eu, ["region", "host"]) == fingerprint_of(client, on_eu, ["host", "region", "host"])
+    assert fingerprint_of(client, alert(context={}), ["region"]) != fingerprint_of(
+        client, alert(context={"region": ""}), ["region"])
+    assert fingerprint_of(client, alert(source="paiements-é"), []) == hashlib.sha256(
+        f'["{client}","HIGH","paiements-\\u00e9","CheckoutLatency",[]]'.encode()).hexdigest()
 
 
 def test_the_same_alert_has_a_different_fingerprint_for_each_client():
