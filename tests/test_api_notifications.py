@@ -147,6 +147,10 @@ async def test_another_clients_key_sees_none_of_a_clients_notifications(api, ten
     # Valid ISO 8601, but in UTC year 0 and year 10000, which no datetime (nor Postgres query) holds.
     ({"since": "0001-01-01T00:00:00+01:00"}, "since"),
     ({"until": "9999-12-31T23:59:59-01:00"}, "until"),
+    # Unix seconds past year 9999 and before year 1: pydantic took a number past 2e10 as milliseconds,
+    # a day of 1978 and of 1968.
+    ({"since": "253402300800"}, "since"),
+    ({"until": "-62135596801"}, "until"),
 ])
 async def test_bad_notification_filters_are_refused(api, tenant, params, field):
     reply = await api.call("GET", "/api/v1/notifications", tenant.key, params=params)
@@ -157,6 +161,15 @@ async def test_the_first_and_last_second_of_the_calendar_in_utc_are_valid_filter
     reply = await api.call("GET", "/api/v1/notifications", tenant.key,
                            params={"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59Z"})
     assert (reply.status, reply.body["items"]) == (200, [])
+
+
+async def test_a_time_filter_in_unix_seconds_is_always_read_as_seconds(api, tenant):
+    # 20000000001 s is in 2603; pydantic alone read such a number as milliseconds (August 1970),
+    # listing what was created since 1970 for a filter meaning "since 2603".
+    rule = await api.new_rule(tenant, source="unix-seconds-filter")
+    await store_notification(tenant.client_id, rule["rule_id"], "alert-unix-seconds")
+    assert await listed_ids(api, tenant.key, since="20000000001") == []
+    assert len(await listed_ids(api, tenant.key, until="20000000001")) == 1
 
 
 # --- statuses, time windows and grouping (issue 5) -----------------------------------------------

@@ -5,6 +5,7 @@ A body larger than MAX_BODY_BYTES is a 413.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -69,15 +70,23 @@ def before_the_last_instant(value: datetime) -> datetime:
     return value
 
 
+# A number written as text (a query string's `since=1700000000`, or `"ends_at": "1700000000"`).
+UNIX_SECONDS_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def from_unix_seconds(value: Any) -> Any:
-    """A JSON number as the UTC instant it is in unix seconds (docs/api.md, "Cursors and times").
+    """A number, or a number as text, as the UTC instant it is in unix seconds (docs/api.md,
+    "Cursors and times").
 
     Bodies are strict, and strict pydantic takes a datetime from a JSON string only: without this,
     `"ends_at": 1700000000` was refused while `"ends_at": "1700000000"` was taken. Always seconds,
-    as silence.changed carries them (pydantic would read a number past 2e10 as milliseconds).
+    as silence.changed carries them: pydantic reads a number past 2e10 as milliseconds, so
+    `since=253402300800` (seconds past year 9999) was taken as a day of 1978.
     """
+    if isinstance(value, str) and UNIX_SECONDS_TEXT.fullmatch(value):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value  # text is parsed by pydantic: ISO 8601, or unix seconds in a query string
+        return value  # other text is parsed by pydantic: ISO 8601
     try:
         return datetime.fromtimestamp(value, timezone.utc)
     except (OverflowError, OSError, ValueError):
