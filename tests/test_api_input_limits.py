@@ -92,6 +92,32 @@ async def test_a_patch_giving_null_where_null_means_nothing_is_refused_naming_th
     assert endpoint_reply.failing_fields() == {"value"}  # a null rate limit means: the default
 
 
+# --- lone surrogates ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/v1/clients", rb'{"name": "a\ud800b"}', "name"),
+    ("/api/v1/rules", rb'{"severity": "HIGH", "source": "s", "name": "n", "fingerprint_keys": ["ok", "\udc00"]}',
+     "fingerprint_keys.1"),
+    ("/api/v1/silences", rb'{"source": "s", "ends_at": 4102444800, "comment": "c", "created_by": "me", '
+                         rb'"context_matchers": {"region": "\uDE00\uD83D"}}', "context_matchers.region"),
+    ("/api/v1/silences", rb'{"source": "s", "ends_at": 4102444800, "comment": "c", "created_by": "me", '
+                         rb'"context_matchers": {"\ud800": "eu"}}', "context_matchers"),
+])
+async def test_a_lone_surrogate_is_refused_naming_its_field(api, tenant, path, body, field):
+    # JSON can escape half of a UTF-16 pair, which is no character: pydantic's parser refused it as
+    # invalid JSON naming the body ("unexpected end of hex escape"), not the field holding it.
+    reply = await api.call("POST", path, api.admin_token if path.endswith("clients") else tenant.key, data=body)
+    assert reply.failing_fields() == {field}
+    assert "lone surrogate" in reply.body["fields"][0]["message"]
+
+
+async def test_a_surrogate_pair_is_one_character_and_accepted(api):
+    reply = await api.call("POST", "/api/v1/clients", api.admin_token, data=rb'{"name": "pager \ud83d\udcdf"}')
+    assert reply.status == 201, reply.body
+    api.tenants.append(Tenant(reply.body["client_id"], reply.body["api_key"]))  # deleted with the module
+    assert reply.body["name"] == "pager \U0001f4df"
+
+
 # --- Authorization header -------------------------------------------------------------------------
 
 async def raw_request(api, request: bytes) -> bytes:

@@ -123,13 +123,57 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 
 def parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw or b"", object_pairs_hook=_refuse_duplicate_keys)
+        data = json.loads(raw or b"", object_pairs_hook=_refuse_duplicate_keys)
     except _DuplicateKey as exc:
         raise ValidationFailed.field("body", f"the key {str(exc)!r} is given more than once") from None
     except ValueError as exc:
         raise ValidationFailed.field("body", f"invalid JSON: {exc}") from None
     except RecursionError:
         raise ValidationFailed.field("body", "invalid JSON: nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        _refuse_lone_surrogates(data)
+    return data
+
+
+# A lone surrogate can only come from a \u escape: UTF-8 (and the UTF-16 json.loads detects)
+# cannot encode one. Without this check pydantic's JSON parser refused it as "invalid JSON" naming
+# the body (with a message about the escape ending), where it names the field for every other value.
+# The escape of a high surrogate not followed by a low one, or of a low one not preceded by a high
+# one (pairs, as emoji are often written, are one character): only then is the whole body walked.
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_SURROGATE_ESCAPE = re.compile(_HIGH + b"(?!" + _LOW + b")|(?<!" + _HIGH + b")" + _LOW)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(data: Any) -> None:
+    """422 naming the first string (or object key) holding a surrogate json.loads could not pair:
+    text that is no Unicode, which Postgres cannot store and no JSON encoder can write back out."""
+    # Iterative, each entry linked to its parent's path: JSON nested a thousand levels deep does
+    # not exhaust the stack, nor copies a path per value.
+    stack: list[tuple[Any, tuple | None]] = [(data, None)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            if any(_SURROGATE.search(key) for key in value):
+                raise _lone_surrogate(path, "a key")
+            children = list(value.items())
+        elif isinstance(value, list):
+            children = list(enumerate(value))
+        else:
+            if isinstance(value, str) and _SURROGATE.search(value):
+                raise _lone_surrogate(path, "the value")
+            continue
+        stack.extend((item, (path, name)) for name, item in reversed(children))  # in document order
+
+
+def _lone_surrogate(path: tuple | None, what: str) -> ValidationFailed:
+    names: list[str] = []
+    while path is not None:
+        path, name = path
+        names.append(str(name))
+    return ValidationFailed.field(".".join(reversed(names)) or "body",
+                                  f"{what} holds a lone surrogate (\\ud800-\\udfff without its pair), "
+                                  "which is not a character")
 
 
 def validate_as(data: Any, adapter: TypeAdapter[T]) -> T:
