@@ -71,7 +71,12 @@ def bearer_token(authorization: str | None) -> str:
 
 
 async def authenticate(request: Request) -> Caller:
-    token = bearer_token(request.headers.get("Authorization"))
+    authorizations = request.headers.getall("Authorization", [])
+    if len(authorizations) > 1:
+        # Which one a proxy in front of us checked is unknown: refused, rather than the first taken
+        # silently (as a JSON key or a query parameter given twice is refused).
+        raise Unauthorized()
+    token = bearer_token(authorizations[0] if authorizations else None)
     admin_token = settings.admin_token
     if admin_token is not None and hmac.compare_digest(token.encode(), admin_token.encode()):
         return ADMIN
