@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from alerting_app.contracts import NO_NUL, WILDCARD, Rule, Severity, Text
+from alerting_app.contracts import NO_NUL, WILDCARD, Rule, Severity, Text, Version
 from web.pagination import PageQuery
 from web.validation import StorableDatetime
 
@@ -98,7 +98,7 @@ class RuleCreate(RequestBody):
 class RuleReplace(RequestBody):
     """PUT: the whole rule, with the version the caller last read; omitted grouping settings are off."""
 
-    version: int = Field(ge=1)
+    version: Version
     severity: SeverityCriterion
     source: str = TextCriterion
     name: str = TextCriterion
@@ -111,7 +111,7 @@ class RuleReplace(RequestBody):
 class RulePatch(PatchBody):
     """PATCH: only the given fields change; `version` is the one the caller last read."""
 
-    version: int = Field(ge=1)
+    version: Version
     severity: SeverityCriterion | None = None
     source: Annotated[str, Text] | None = None
     name: Annotated[str, Text] | None = None
