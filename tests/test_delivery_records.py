@@ -1,21 +1,30 @@
 """The delivery rows in the real Postgres, with concurrent connections where the behaviour is about
 what one transaction sees of another: settling a notification whose last deliveries finish on two
-workers at once, and what a sweep leases of each endpoint."""
+workers at once, and what a sweep leases of each endpoint. The recorder's dead letters go to a broker
+of this module's own, reached through a front that can refuse connections or take them and never answer."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from alerting_app.contracts import DeadLetter
 from alerting_app.db import init_connection
+from alerting_app.dead_letters import send_dead_letters
 from alerting_app.delivery.recorder import Recorder
 from alerting_app.delivery.records import DeliveryChange, lease_due, release, renew_leases, write_outcomes
+from alerting_app.embedded import free_port
+from broker_front import OutageFront
+from kafka_probe import read_topic
+from operations_support import start_tansu
 
 CLIENT_NAME = "test_delivery_records"
 ALERTS = json.dumps([{"alert_id": "a", "severity": "HIGH", "source": "s", "name": "n", "event_ts": 1}])
@@ -79,18 +88,87 @@ async def blocked_on_a_lock(observer: asyncpg.Connection, pid: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def recorder_on(database_url: str) -> AsyncIterator[Recorder]:
+async def recorder_on(database_url: str, send_letters: Callable[[list[DeadLetter]], Awaitable[None]]
+                      = send_dead_letters) -> AsyncIterator[Recorder]:
     """A Recorder of the worker "test-recorder" on a pool of its own, closed after."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
 
     async def own_pool() -> asyncpg.Pool:
         return pool
-    recorder = Recorder("test-recorder", lambda: 0.01, own_pool)
+    recorder = Recorder("test-recorder", lambda: 0.01, own_pool, send_letters)
     try:
         yield recorder
     finally:
         await recorder.close()
         await pool.close()
+
+
+LETTERS_TOPIC = "notifications.ready.dlq"  # where the recorder's letters (of notifications.ready) go
+
+
+@pytest.fixture(scope="module")
+def letters_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageFront]:
+    """A broker of this module's own, reachable only through a front that can refuse or hang. The
+    session's broker is shared, and advertises its own address: a client that came through a front
+    to it would be sent on to that address after its first request, past the front."""
+    broker_port, front_port = free_port(), free_port()
+    with OutageFront(front_port, broker_port) as front:
+        broker = start_tansu(broker_port, tmp_path_factory.mktemp("letters-broker"), advertised_port=front_port)
+        try:
+            asyncio.run(create_topic(front.address, LETTERS_TOPIC))
+            yield front
+        finally:
+            broker.stop()
+
+
+async def create_topic(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+
+
+class LetterSending:
+    """Sends dead letters as `send_dead_letters` does (each to its topic's `.dlq`, then waits for every
+    acknowledgement, raising the first failure), with a producer of its own; counts its sends, and
+    keeps their failures."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self.sends = 0
+        self.failures: list[BaseException] = []
+
+    async def __call__(self, letters: list[DeadLetter]) -> None:
+        self.sends += 1
+        acks = [await self._producer.send(f"{letter.topic}.dlq", key=letter.key and letter.key.encode(),
+                                          value=letter.encode()) for letter in letters]
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            self.failures.append(failures[0])
+            raise failures[0]
+
+
+@contextlib.asynccontextmanager
+async def letters_sent_through(front: OutageFront, request_timeout_ms: int) -> AsyncIterator[LetterSending]:
+    """Dead-letter sending through `front`, connected to the broker before the front is told to fail;
+    the front lets everything through again after."""
+    producer = AIOKafkaProducer(bootstrap_servers=front.address, acks="all", request_timeout_ms=request_timeout_ms)
+    await producer.start()
+    try:
+        # The topic's leader known and connected to, as a worker's producer is: what follows is about sending.
+        await producer.send_and_wait(LETTERS_TOPIC, key=b"warm-up", value=b"{}")
+        yield LetterSending(producer)
+    finally:
+        front.let_through()
+        await producer.stop()
+
+
+async def letters_on_the_topic(front: OutageFront, letter: DeadLetter) -> list[DeadLetter]:
+    return [DeadLetter.model_validate_json(value) for key, value in await read_topic(front.address, LETTERS_TOPIC)
+            if key == letter.key.encode()]
 
 
 async def lease_to_the_recorder(conn: asyncpg.Connection, *keys: tuple[str, str]) -> None:
@@ -415,42 +493,39 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
 
 @pytest.mark.parametrize("broker", ["refuses", "hangs"])
 async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_written(clean_db, conn, monkeypatch,
-                                                                                     broker):
+                                                                                     letters_broker, broker):
     """A FAILED outcome waits for its dead letter; the others must not wait with it, or while the
     broker is down no outcome reaches Postgres, every lease lapses and other workers send again.
-    The test session's broker cannot be stopped under its producer: the letters' sending is made to
-    fail, as the broker's refusal would; Postgres is real."""
-    from alerting_app.contracts import DeadLetter
+    The broker is made to refuse connections (the send fails once its request timeout is over, here
+    a second, and is tried again) or to take them and never answer (the send waits for as long: 20
+    minutes in a worker); Postgres is real."""
     from alerting_app.delivery import recorder as recorder_module
 
     sent_key, failed_key = await one_due_delivery(conn), await one_due_delivery(conn)
     await lease_to_the_recorder(conn, sent_key, failed_key)
-    broker_up, letters_sent = asyncio.Event(), []
-
-    async def send_dead_letters(letters):
-        if letters and not broker_up.is_set():
-            if broker == "refuses":
-                raise ConnectionRefusedError("the broker is down")
-            await broker_up.wait()  # unreachable: the producer waits up to its request timeout
-        letters_sent.extend(letters)
-    monkeypatch.setattr(recorder_module, "send_dead_letters", send_dead_letters)
     monkeypatch.setattr(recorder_module, "_RETRY_WRITE_S", 0.05)
+    letter = DeadLetter(topic="notifications.ready", key=str(uuid.uuid4()), reason="400 Bad Request", payload="{}")
+    request_timeout_ms = 1000 if broker == "refuses" else 300_000
 
-    async with recorder_on(clean_db) as recorder:
+    async with (letters_sent_through(letters_broker, request_timeout_ms) as sending,
+                recorder_on(clean_db, sending) as recorder):
+        letters_broker.refuse() if broker == "refuses" else letters_broker.hang()
         recorder.record(DeliveryChange(*sent_key, "SENT", 1), "webhook")
-        recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook",
-                        DeadLetter(topic="notifications.ready", reason="400 Bad Request", payload="{}"))
+        recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook", letter)
         # The recorder lets go of the SENT one a moment after its commit is visible, hence both waited for.
         async with asyncio.timeout(30):
             while (await delivery_status(conn, sent_key) != "SENT"
                    or recorder.pending_keys() != [failed_key]):  # its lease is renewed meanwhile (Dispatcher.held_keys)
                 await asyncio.sleep(0.02)
-        assert await delivery_status(conn, failed_key) == "PENDING" and letters_sent == []
+            while broker == "refuses" and not sending.failures:  # a failed send is tried again
+                await asyncio.sleep(0.02)
+        assert await delivery_status(conn, failed_key) == "PENDING"
 
-        broker_up.set()
+        letters_broker.let_through()
         async with asyncio.timeout(30):
             await recorder.written()
-        assert await delivery_status(conn, failed_key) == "FAILED" and len(letters_sent) == 1
+        assert await delivery_status(conn, failed_key) == "FAILED"
+        assert await letters_on_the_topic(letters_broker, letter) == [letter]
 
 
 async def test_endpoints_asked_for_in_one_turn_are_read_in_one_statement_each_as_it_is_now(clean_db, conn):
@@ -531,29 +606,25 @@ async def test_an_endpoint_without_room_does_not_use_up_its_clients_room(clean_d
 
 
 async def test_outcomes_recorded_while_a_dead_letter_waits_for_the_broker_are_written_too(clean_db, conn,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, letters_broker):
     """A dead letter whose broker does not answer (down: the producer waits up to its request
     timeout, 20 minutes) must not hold back what deliveries record after it: their SENT would stay
     out of Postgres for the whole outage (the API showing them PENDING), and a worker stopped
-    meanwhile hands their rows back unrecorded. Sending is made to hang, as in the test above."""
-    from alerting_app.contracts import DeadLetter
+    meanwhile hands their rows back unrecorded. The broker takes the connections and never answers,
+    as in the test above."""
     from alerting_app.delivery import recorder as recorder_module
 
     failed_key, later_key = await one_due_delivery(conn), await one_due_delivery(conn)
     await lease_to_the_recorder(conn, failed_key, later_key)
-    broker_up, sends = asyncio.Event(), []
-
-    async def send_dead_letters(letters):
-        sends.append(list(letters))
-        await broker_up.wait()
-    monkeypatch.setattr(recorder_module, "send_dead_letters", send_dead_letters)
     monkeypatch.setattr(recorder_module, "_RETRY_WRITE_S", 0.05)
+    letter = DeadLetter(topic="notifications.ready", key=str(uuid.uuid4()), reason="400 Bad Request", payload="{}")
 
-    async with recorder_on(clean_db) as recorder:
-        recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook",
-                        DeadLetter(topic="notifications.ready", reason="400 Bad Request", payload="{}"))
+    async with (letters_sent_through(letters_broker, request_timeout_ms=300_000) as sending,
+                recorder_on(clean_db, sending) as recorder):
+        letters_broker.hang()
+        recorder.record(DeliveryChange(*failed_key, "FAILED", 1, "400 Bad Request"), "webhook", letter)
         async with asyncio.timeout(30):
-            while not sends:
+            while not sending.sends:
                 await asyncio.sleep(0.01)
         recorder.record(DeliveryChange(*later_key, "SENT", 1), "webhook")
         async with asyncio.timeout(30):
@@ -562,8 +633,10 @@ async def test_outcomes_recorded_while_a_dead_letter_waits_for_the_broker_are_wr
         assert await delivery_status(conn, failed_key) == "PENDING"
         assert recorder.pending_keys() == [failed_key]
 
-        broker_up.set()
+        letters_broker.let_through()
         async with asyncio.timeout(30):
             await recorder.written()
         assert await delivery_status(conn, failed_key) == "FAILED"
-        assert len(sends) == 1  # the letter was sent once, not again while it waited
+        # The letter was sent once, not again while it waited: a second send would have landed too.
+        assert sending.sends == 1
+        assert await letters_on_the_topic(letters_broker, letter) == [letter]

@@ -44,10 +44,13 @@ def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
 
 class Recorder:
     def __init__(self, owner: str, interval_s: Callable[[], float],
-                 get_pool: Callable[[], Awaitable[asyncpg.Pool]] = db.pool) -> None:
+                 get_pool: Callable[[], Awaitable[asyncpg.Pool]] = db.pool,
+                 send_letters: Callable[[list[DeadLetter]], Awaitable[None]] = send_dead_letters) -> None:
         self.owner = owner  # the worker whose leases the outcomes may change (records._WRITE)
         self._interval_s = interval_s  # read at each batch, so a test may change it
         self._get_pool = get_pool  # the worker's pool unless a test passes its own
+        # The worker's producer unless a test passes its own sending, to a broker it can make refuse or hang.
+        self._send_letters = send_letters
         self._changes: dict[tuple[str, str], DeliveryChange] = {}
         # The dead letter of each delivery that failed, by delivery: its FAILED outcome is written
         # only once the letter is acknowledged (a crash in between sends it again, never loses it).
@@ -174,7 +177,7 @@ class Recorder:
             unneeded = await self._of_deleted_clients(letters)
             keys = [key for key in letters if key not in unneeded]
             if keys:
-                self._sending = keys, asyncio.ensure_future(send_dead_letters([letters[key] for key in keys]))
+                self._sending = keys, asyncio.ensure_future(self._send_letters([letters[key] for key in keys]))
         if self._sending is None:
             return unneeded
         keys, sending = self._sending
