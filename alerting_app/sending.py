@@ -41,7 +41,9 @@ async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes]]) -
     aiokafka's batch API appends each message in C (about 3 us) to the partition its key hashes
     to, so messages land where `Topic.send` would have put them, in the same order per key.
     """
-    producer = (await app.maybe_start_producer())._ensure_producer()  # faust has no public accessor
+    # The topic's own app: in a worker every topic is `app`'s; a test's topic may be of an app sending
+    # to a broker of its own. Faust has no public accessor for the aiokafka producer.
+    producer = (await topic.app.maybe_start_producer())._ensure_producer()
     name = topic.get_topic_name()
     partitions = tuple(sorted(await producer.partitions_for(name)))
     batches: dict[int, object] = {}

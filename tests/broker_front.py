@@ -64,13 +64,15 @@ class OutageFront(BrokerFront):
     """Joins each connection to the broker, as a plain TCP front, until told otherwise: `refuse()` is
     a broker that is down (its connections cut, new ones refused), `hang()` one that is stuck (it
     takes connections, and nothing passes either way: no request is answered), until `let_through()`
-    (what was held then passes on, in order)."""
+    (what was held then passes on, in order). `held` says how many reads wait to pass now: a request
+    sent while it hangs is at the front."""
 
     def __init__(self, port: int, upstream_port: int) -> None:
         super().__init__(port, upstream_port)
         self.address = f"127.0.0.1:{port}"
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self.held = 0
         self._joined: set[asyncio.StreamWriter] = set()  # both sides of every open connection
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -93,7 +95,12 @@ class OutageFront(BrokerFront):
     async def _pass(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
-                await self._flowing.wait()
+                if not self._flowing.is_set():
+                    self.held += 1
+                    try:
+                        await self._flowing.wait()
+                    finally:
+                        self.held -= 1
                 writer.write(data)
                 await writer.drain()
         except ConnectionError:

@@ -3,24 +3,31 @@ is republished meanwhile: the topic is compacted, so the version published last 
 replica reading from scratch keeps.
 
 Against a database of their own (so relaying and republishing touch only these rows), the real
-broker and the app's producer.
+broker and the app's producer; where the broker must not answer, a broker of this module's own
+behind a front that can be made to hang, and a Faust app of its own sending to it.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
+import faust
 import pytest_asyncio
 
-from agents.rule_outbox import RULE_OUTBOX, lock_relay, record_rule_change, relay_pending, republish_all_rules
+from agents.rule_outbox import (RULE_OUTBOX, Outbox, lock_relay, record_rule_change, relay_pending,
+                                republish_all_rules)
 from alerting_app import db
 from alerting_app.app import settings
 from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
+from alerting_app.embedded import free_port
 from alerting_app.migrate import apply_migrations
-from alerting_app.sending import all_acknowledged
+from alerting_app.sending import all_acknowledged, send_batched
+from broker_front import OutageFront
 from kafka_probe import read_topic
+from operations_support import start_tansu
 from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
 pytestmark = AGENT_LOOP
@@ -34,6 +41,34 @@ async def own_pool(empty_database):
     pool = await asyncpg.create_pool(empty_database, min_size=1, max_size=6, init=db.init_connection)
     yield pool
     await pool.close()
+
+
+@dataclass(frozen=True)
+class RelayBroker:
+    front: OutageFront  # the only way to the broker: made to hang, the broker answers nothing
+    outbox: Outbox  # rule_outbox, relayed to rule.changed on that broker
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def relay_broker(tmp_path_factory):
+    """A broker of this module's own (the session's is shared, and advertises its own address: a
+    client would be sent on to it, past a front), and a Faust app sending rule_outbox to it."""
+    folder = tmp_path_factory.mktemp("relay-broker")
+    broker_port, front_port = free_port(), free_port()
+    with OutageFront(front_port, broker_port) as front:
+        broker = await asyncio.to_thread(start_tansu, broker_port, folder, advertised_port=front_port)
+        relay_app = faust.App("outbox-ordering-relay", env={}, broker=f"kafka://{front.address}",
+                              datadir=str(folder / "faust"))
+        try:
+            topic = relay_app.topic("rule.changed", partitions=settings.topic_partitions)
+            await topic.maybe_declare()
+            # Connected to the leader, metadata known, as a worker's producer is: what follows is about answers.
+            await all_acknowledged(await send_batched(topic, [(b"warm-up", b"{}")]))
+            yield RelayBroker(front, Outbox(RULE_OUTBOX.table, RULE_OUTBOX.key_column, topic))
+        finally:
+            front.let_through()
+            await relay_app.producer.stop()
+            broker.stop()
 
 
 def rule_versions(rule_id: str, client_id: str) -> list[RuleChanged]:
@@ -169,10 +204,11 @@ async def test_a_relay_whose_send_failed_keeps_its_lock_until_its_other_sends_ar
 
 
 async def test_a_relay_that_lost_its_session_while_sending_queues_the_keys_current_versions_again(
-        own_pool, monkeypatch):
+        own_pool, relay_broker):
     """Its lock went with the session while its sends were in flight: another relay may have sent
     the same keys' newer versions meanwhile, and ours landed after them. Queued again, each key's
-    current version (here the rule's deletion) comes last on the topic."""
+    current version (here the rule's deletion) comes last on the topic. The session ends while the
+    broker holds the relay's request unanswered."""
     from agents import rule_outbox
 
     rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -180,23 +216,18 @@ async def test_a_relay_that_lost_its_session_while_sending_queues_the_keys_curre
         await record_rule_change(conn, rule_versions(rule_id, client_id)[0])  # version 1, then deleted:
         await record_rule_change(conn, RuleChanged(rule_id=rule_id, client_id=client_id, version=2, action="delete"))
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1 AND payload->>'action' = 'delete'", rule_id)
-    sent: list[list[bytes]] = []
-    in_flight: list[asyncio.Future] = []
-
-    async def sending(topic, messages):
-        sent.append([value for _, value in messages])
-        in_flight.append(asyncio.get_running_loop().create_future())
-        return [in_flight[-1]]
-    monkeypatch.setattr(rule_outbox, "send_batched", sending)
+    front = relay_broker.front
 
     async def relay_losing_its_session() -> None:
-        rounds = len(in_flight)
-        relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
-        async with asyncio.timeout(30):
-            while len(in_flight) == rounds:  # until this round's batch is in flight, the lock held
-                await asyncio.sleep(0.01)
-        await terminate_the_relays_session(own_pool)
-        in_flight[-1].set_result("acknowledged")
+        front.hang()
+        relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(relay_broker.outbox,)))
+        try:
+            async with asyncio.timeout(30):
+                while not front.held:  # until this round's batch is at the broker, the lock held
+                    await asyncio.sleep(0.01)
+            await terminate_the_relays_session(own_pool)
+        finally:
+            front.let_through()
         await relaying
 
     async def queued() -> list[tuple[str, int]]:
@@ -210,7 +241,7 @@ async def test_a_relay_that_lost_its_session_while_sending_queues_the_keys_curre
     # Failing so again and again, it sends that version each time, and the outbox does not grow.
     await relay_losing_its_session()
     assert await queued() == [("delete", 2)]
-    assert [len(batch) for batch in sent] == [1, 1]
+    assert await rule_records(rule_id, front.address) == [("upsert", 1), ("delete", 2)]
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
 
 
@@ -246,11 +277,12 @@ async def test_a_relay_that_lost_its_session_while_a_send_was_refused_queues_the
     await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
 
 
-async def rule_records(rule_id: str) -> list[tuple[str, int]]:
-    """The rule's records on rule.changed, in order: the last is the one compaction keeps."""
+async def rule_records(rule_id: str, bootstrap: str | None = None) -> list[tuple[str, int]]:
+    """The rule's records on rule.changed (of the session's broker by default), in order: the last
+    is the one compaction keeps."""
     return [(event.action, event.version) for event in (
         RuleChanged.model_validate_json(value)
-        for key, value in await read_topic(settings.kafka_bootstrap_servers, "rule.changed")
+        for key, value in await read_topic(bootstrap or settings.kafka_bootstrap_servers, "rule.changed")
         if key == rule_id.encode())]
 
 
@@ -371,7 +403,7 @@ async def test_a_key_of_a_killed_relay_that_cannot_be_queued_again_does_not_stop
 
 
 async def test_queuing_a_killed_relays_keys_again_does_not_hold_their_rows_while_the_batch_is_sent(
-        own_pool, monkeypatch):
+        own_pool, relay_broker):
     """The relay's transaction holds its rows until the broker has answered its batch: up to the
     producer's request timeout while the broker is away. Queued again in that transaction, the killed
     relay's rules stayed locked FOR SHARE all that time, and the API's changes of them waited."""
@@ -385,25 +417,19 @@ async def test_queuing_a_killed_relays_keys_again_does_not_hold_their_rows_while
     await own_pool.execute("INSERT INTO outbox_in_flight (outbox, keys, recorded_at)"
                            " VALUES ('rule_outbox', ARRAY[$1::uuid], now() - make_interval(secs => $2))",
                            rule_id, rule_outbox.in_flight_at_most_s() + 60)
-    unanswered = asyncio.get_running_loop().create_future()
-
-    async def broker_away(topic, messages):
-        list(messages)
-        broker_away.called = True
-        return [unanswered]
-    broker_away.called = False
-    monkeypatch.setattr(rule_outbox, "send_batched", broker_away)
-    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(RULE_OUTBOX,)))
+    front = relay_broker.front
+    front.hang()
+    relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(relay_broker.outbox,)))
     try:
         async with asyncio.timeout(30):
-            while not broker_away.called:
+            while not front.held:  # the relay's batch is at the broker, unanswered
                 await asyncio.sleep(0.01)
         async with own_pool.acquire() as api, api.transaction():
             # Fails with LockNotAvailableError while the relay holds the rule.
             await api.execute("SET LOCAL lock_timeout = '5s'")
             await api.execute("UPDATE rules SET name = 'changed', version = version + 1 WHERE rule_id = $1", rule_id)
     finally:
-        unanswered.set_result("acknowledged")
+        front.let_through()
         await relaying
         await own_pool.execute("DELETE FROM rule_outbox")
         await own_pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)

@@ -8,7 +8,6 @@ import asyncio
 import faust
 import pytest
 
-from alerting_app import sending
 from alerting_app.embedded import free_port
 from alerting_app.sending import SendCancelled, all_acknowledged, send_batched
 from broker_front import BrokerFront, pipe
@@ -142,7 +141,6 @@ async def test_send_batched_cancelled_while_queueing_returns_only_once_the_batch
         broker = await asyncio.to_thread(start_tansu, broker_port, tmp_path, advertised_port=front_port)
         sending_app = faust.App("send-batched-cancel", env={}, broker=f"kafka://127.0.0.1:{front_port}",
                                 datadir=str(tmp_path / "faust"))
-        monkeypatch.setattr(sending, "app", sending_app)
         try:
             topic = sending_app.topic("send-batched-cancel", partitions=1)
             await topic.maybe_declare()
