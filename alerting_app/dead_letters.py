@@ -11,9 +11,10 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
+from faust.types import TopicT
 from pydantic import ValidationError
 
 from alerting_app import metrics
@@ -129,12 +130,16 @@ def _record_bytes(letter: DeadLetter) -> int:
     return len(letter.encode()) + (len(letter.key.encode()) if letter.key is not None else 0)
 
 
-async def send_dead_letters(letters: Iterable[DeadLetter]) -> None:
+async def send_dead_letters(letters: Iterable[DeadLetter],
+                            dead_letter_topics: Mapping[str, TopicT] = DEAD_LETTER_TOPICS) -> None:
     """Send each letter to its topic's `.dlq`; return once the broker acknowledged them all.
 
     Raises when the broker refuses one or cannot be reached in time: the caller must then not
     acknowledge the message the letter stands for (an agent's sink raising leaves its batch
     unacknowledged; the delivery recorder keeps the letter and tries again).
+
+    `dead_letter_topics`, by the topic the letters come from: the app's, unless a test passes topics
+    of an app of its own (a topic sends with its app's producer), to a broker it can make fail.
     """
     letters = [bounded(letter) for letter in letters]
     acks = []
@@ -142,7 +147,7 @@ async def send_dead_letters(letters: Iterable[DeadLetter]) -> None:
         log.warning("dead letter from %s[%s]@%s: %s", letter.topic, letter.partition, letter.offset, letter.reason)
         # force: never attached to the event being processed (Faust's stream_publish_on_commit),
         # whose future would resolve only when the event is committed, after this returns.
-        acks.append(await DEAD_LETTER_TOPICS[letter.topic].send(
+        acks.append(await dead_letter_topics[letter.topic].send(
             key=letter.key.encode() if letter.key is not None else None, value=letter.encode(), force=True))
     results = await asyncio.gather(*acks, return_exceptions=True)  # every outcome retrieved, none left unseen
     failures = [result for result in results if isinstance(result, BaseException)]

@@ -1,5 +1,6 @@
 """Sending dead letters: a letter too big for the producer is cut to fit and says so, a letter the
-real broker takes is acknowledged before the send returns, and a refused one raises."""
+real broker takes is acknowledged before the send returns, and one a broker refuses raises (a broker
+of the test's own, behind a front that refuses connections: the session's cannot be made to refuse)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +9,16 @@ import json
 import uuid
 from types import SimpleNamespace
 
+import faust
 import pytest
+from aiokafka.errors import KafkaError
 
 from alerting_app.contracts import DeadLetter
 from alerting_app.dead_letters import bounded, dead_letter_for, send_dead_letters
+from alerting_app.embedded import free_port
 from alerting_app.sending import max_record_bytes
+from broker_front import OutageFront
+from operations_support import start_tansu
 from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
 
 
@@ -73,17 +79,29 @@ async def test_a_letter_too_big_for_the_producer_is_acknowledged_by_the_broker_c
 
 
 @AGENT_LOOP
-async def test_a_letter_the_broker_refuses_raises(pipeline, monkeypatch):
-    from alerting_app import dead_letters
+async def test_a_letter_the_broker_refuses_raises(tmp_path):
+    """Refused, the producer gives the send up once its request timeout is over (20 minutes in a
+    worker, a second here): the caller sees the failure, and must not acknowledge the message."""
+    from alerting_app import metrics
 
-    class RefusingTopic:
-        """Stands in for the broker's answer, which a test broker cannot be made to refuse on demand."""
+    broker_port, front_port = free_port(), free_port()
+    with OutageFront(front_port, broker_port) as front:
+        broker = await asyncio.to_thread(start_tansu, broker_port, tmp_path, advertised_port=front_port)
+        letters_app = faust.App("dead-letter-refused", env={}, broker=f"kafka://{front.address}",
+                                datadir=str(tmp_path / "faust"), producer_request_timeout=1.0)
+        try:
+            topic = letters_app.topic("alerts.new.dlq", partitions=1)
+            await topic.maybe_declare()
+            # Connected to the leader, metadata known, as a worker's producer is: what follows is the refusal.
+            await (await topic.send(key=b"warm-up", value=b"{}", force=True))
+            counted = metrics.dead_letters.labels(topic="alerts.new", from_history="false")._value.get()
+            front.refuse()
 
-        async def send(self, **message) -> asyncio.Future:
-            refused = asyncio.get_running_loop().create_future()
-            refused.set_exception(RuntimeError("broker refused the record"))
-            return refused
-
-    monkeypatch.setitem(dead_letters.DEAD_LETTER_TOPICS, "alerts.new", RefusingTopic())
-    with pytest.raises(RuntimeError, match="broker refused the record"):
-        await send_dead_letters([dead_letter_for(consumed(b"k", b"{"), "Invalid JSON")])
+            with pytest.raises(KafkaError):
+                await send_dead_letters([dead_letter_for(consumed(b"k", b"{"), "Invalid JSON")],
+                                        {"alerts.new": topic})
+            assert metrics.dead_letters.labels(topic="alerts.new", from_history="false")._value.get() == counted
+        finally:
+            front.let_through()
+            await letters_app.producer.stop()
+            broker.stop()
