@@ -147,6 +147,14 @@ def roles_of(value: str) -> str:
 
 Roles = Annotated[str, AfterValidator(roles_of)]
 
+
+def _not_a_relative_folder(value: str) -> str:
+    # APP_ID also names the rule store's folder, DATA_DIR/rules/<APP_ID> (tables/rules.py): ".."
+    # made it DATA_DIR itself, and discarding that store (a recreated topic) deleted all of DATA_DIR.
+    if value in (".", ".."):
+        raise ValueError("must not be . or .. (it names a folder under DATA_DIR)")
+    return value
+
 # How long the worker's Kafka clients wait for any broker answer (Faust's default, passed to it).
 BROKER_REQUEST_TIMEOUT_S = 90.0
 
@@ -188,7 +196,8 @@ class Settings(BaseSettings):
     # The Faust application id is also the Kafka consumer group and the prefix of table changelogs.
     # Kafka refuses topic names over 249 characters; the longest we derive from it is
     # "<APP_ID>-notification-groups-changelog", 30 more.
-    app_id: str = Field(default="alerting-app", pattern=r"^[A-Za-z0-9._\-]+$", max_length=249 - 30)
+    app_id: Annotated[str, AfterValidator(_not_a_relative_folder)] = Field(
+        default="alerting-app", pattern=r"^[A-Za-z0-9._\-]+$", max_length=249 - 30)
     data_dir: Annotated[Path, BeforeValidator(_default_if_empty(".alerting-data"))] = Path(".alerting-data")
     store_url: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
     # Short rebalance timeouts keep a dev broker (Tansu) joining quickly; Kafka/MSK can use more.

@@ -31,6 +31,10 @@ BAD_VALUES = [
     ("APP_ID", "two words"),
     # Its table's changelog topic would be longer than Kafka takes: the worker failed to start its table.
     ("APP_ID", "a" * 220),
+    # It names the rule store's folder under DATA_DIR/rules: ".." made that DATA_DIR itself, and
+    # discarding the store (a recreated topic) deleted everything in DATA_DIR.
+    ("APP_ID", ".."),
+    ("APP_ID", "."),
     ("STORE_URL", "redis://"),
     ("BROKER_REBALANCE_TIMEOUT_S", "-1"),
     ("WEBHOOK_TIMEOUT_S", "soon"),
