@@ -61,8 +61,13 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int],
     written, each from the value the table holds now, not from the one read before the awaits.
     """
     partitions = tuple(range(settings.topic_partitions))
-    items = [(key, value) for key, value in groups.open_groups.items()
-             if partition_for(key, partitions) in owned]
+    items: list[tuple[bytes, groups.ClientGroups]] = []
+    malformed: list[groups.Malformed] = []
+    for key, value in groups.open_groups.items():
+        if partition_for(key, partitions) in owned:
+            well_formed, bad = groups.sorted_out(key, value)
+            items.append((key, well_formed))
+            malformed += bad
     due = groups.due_groups(items, now, closed_here)
     # A key that is no UUID cannot name a client (asyncpg would refuse the whole lookup of clients).
     refused: list[tuple[groups.DueGroup, Exception]] = [
@@ -70,21 +75,23 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int],
     due = [d for d in due if is_uuid(d.key)]
     ready, refused_now = await record_due_groups(pool, due, now)
     refused += refused_now
-    await publish_aggregation(Aggregation(ready=ready, dead_letters=[groups.refused_letter(d, exc) for d, exc in refused]))
+    await publish_aggregation(Aggregation(ready=ready, dead_letters=[groups.refused_letter(d, exc) for d, exc in refused]
+                                          + [groups.malformed_letter(m) for m in malformed]))
     # The refused ones too, and those of deleted clients (record_due_groups): they are removed.
     closed_here.update(d.group["notification_id"] for d in due)
     closed_here.update(d.group["notification_id"] for d, _ in refused)
     if items:
         await groups.prepare_writes()
     writable = still_owned() if still_owned is not None else owned
-    refused_keys = {d.key for d, _ in refused}
+    # Malformed parts, sent to the dead-letter topic above, are left out of what is written back.
+    refused_keys = {d.key for d, _ in refused} | {m.key for m in malformed}
     written = False
     in_table: set[str] = set()
     for key, _ in items:
         if partition_for(key, partitions) not in writable:
             continue  # moved away (or moving) meanwhile: left to its owner, and this set forgets it
-        value = groups.open_groups.get(key)
-        if not value:
+        value, bad = groups.sorted_out(key, groups.open_groups.get(key))
+        if not value and not bad:
             continue
         ids = {group["notification_id"] for group in value.values()}
         in_table |= ids

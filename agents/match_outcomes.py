@@ -281,7 +281,11 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         now = time.time()
         outcome = decide(matches, await read_recorded(conn, matches), await read_last_notified(conn, matches), now)
         keys = {join.matched.client_id.encode() for join in outcome.joins}
-        current = {key: groups.open_groups.get(key) for key in keys}
+        current: dict[bytes, groups.ClientGroups | None] = {}
+        malformed: list[groups.Malformed] = []
+        for key in keys:
+            current[key], bad = groups.sorted_out(key, groups.open_groups.get(key))
+            malformed += bad
         closed = await groups.closed_groups(conn, current.values())
         if closed or outcome.closed_groups:
             # A closed group is about to be dropped from the table, or a member of a closed group is
@@ -297,6 +301,9 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         closed_early = groups.close_early(plan)
         inserted = await write_outcome(conn, outcome, plan, round(now, 6))
         closed_early_ready, refused = await groups.record_closed_groups_apart(conn, closed_early, now)
+    if malformed:
+        # Sent before the client's value is written without them (tables/groups.py Malformed).
+        await emit([], [groups.malformed_letter(m) for m in malformed])
     if closed_early:
         await emit(closed_early_ready, [groups.refused_letter(d, exc) for d, exc in refused])
         metrics.groups_closed_early.inc(len(closed_early))

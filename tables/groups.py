@@ -24,6 +24,7 @@ import asyncio
 import copy
 import json
 import logging
+import math
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,7 @@ from faust.types.tuples import FutureMessage
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.db import REFUSED_BY_POSTGRES
+from alerting_app.dead_letters import UndecodableMessage, require_uuids
 from alerting_app.sending import partition_for
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,83 @@ open_groups: ChangelogCheckedTable = app.tables.add(ChangelogCheckedTable(
 
 Group = dict  # one open group, as stored (see the module docstring)
 ClientGroups = dict  # rule_id -> Group
+
+
+# A value the table recovers from its changelog is JSON that nothing checked: written by an older
+# release, or by hand. A value of another shape (a list, a group without its fields) made the closer
+# fail every round, closing no group of any client of the worker's partitions, and the agent fail
+# every batch of that client. Such a value, or group, is taken out and sent to the dead-letter topic.
+@dataclass(frozen=True)
+class Malformed:
+    """What of a client's value is not groups as this module writes them: a group (`rule_id` set), or
+    the whole value (`rule_id` None); `content` is what the table held."""
+
+    key: bytes
+    rule_id: str | None
+    content: object
+    reason: str
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _group_problem(group: object) -> str | None:
+    """Why `group` is not a group as `open_group` and `add_member` build it, or None."""
+    if not isinstance(group, dict):
+        return "not an object"
+    if not isinstance(group.get("notification_id"), str):
+        return "notification_id: not a string"
+    try:
+        require_uuids(notification_id=[group["notification_id"]])
+    except UndecodableMessage as exc:
+        return str(exc)
+    if not _is_number(group.get("opened_at")):
+        return "opened_at: not a number"
+    if not isinstance(group.get("window_s"), int) or isinstance(group["window_s"], bool):
+        return "window_s: not an integer"
+    alerts = group.get("alerts")
+    if not isinstance(alerts, list) or not all(
+            isinstance(alert, dict) and isinstance(alert.get("alert_id"), str) for alert in alerts):
+        return "alerts: not a list of alerts with an alert_id"
+    if not isinstance(group.get("rule_ids"), list) or not all(isinstance(r, str) for r in group["rule_ids"]):
+        return "rule_ids: not a list of strings"
+    if not isinstance(group.get("listed_bytes", 0), int):
+        return "listed_bytes: not an integer"
+    return None
+
+
+def sorted_out(key: bytes, value: object) -> tuple[ClientGroups, list[Malformed]]:
+    """(the well-formed groups of a value read from the table, what of it is malformed)."""
+    if value is None:
+        return {}, []
+    if not isinstance(value, dict):
+        return {}, [Malformed(key, None, value, "not an object of groups by rule_id")]
+    if all(_group_problem(group) is None for group in value.values()):
+        return value, []
+    good: ClientGroups = {}
+    bad = []
+    for rule_id, group in value.items():
+        problem = _group_problem(group)
+        if problem is None:
+            good[rule_id] = group
+        else:
+            bad.append(Malformed(key, rule_id, group, problem))
+    return good, bad
+
+
+def malformed_letter(malformed: Malformed) -> DeadLetter:
+    """The dead letter of what the table held in a shape this module does not write (see Malformed)."""
+    client = malformed.key.decode("utf-8", "replace")
+    what = f"group of rule {malformed.rule_id}" if malformed.rule_id is not None else "value"
+    log.error("dropping the %s of client %s from the groups table: %s", what, client, malformed.reason)
+    return DeadLetter(
+        topic=alerts_matched.get_topic_name(),
+        partition=partition_for(malformed.key, tuple(range(settings.topic_partitions))),
+        key=client,
+        reason=f"the groups table held a {what} of client {client} that is not a group: {malformed.reason}",
+        payload=json.dumps(malformed.content, separators=(",", ":")),
+    )
 
 
 def open_group(notification_id: str, window_s: int, now: float) -> Group:

@@ -151,3 +151,57 @@ async def aggregate(*matches: AlertMatched) -> list:
         for match in matches:
             await agent.put(match.encode(), key=match.client_id.encode())
         return [agent.results[i] for i in range(len(matches))]
+
+
+@AGENT_LOOP
+async def test_values_the_table_holds_in_another_shape_are_dead_letters_and_the_other_groups_close(pool):
+    # JSON of another shape, recovered from the changelog: the closer failed every round on it
+    # ('list' object has no attribute 'items'), closing no group of any client.
+    client, other_client, listed_client = (await insert_client(pool), await insert_client(pool),
+                                           await insert_client(pool))
+    rule, bad_rule = str(uuid.uuid4()), str(uuid.uuid4())
+    now = time.time()
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, rule)), groups.Join(grouped(other_client, rule))],
+                             set(), now, max_alerts=10)
+    for key, value in plan.values.items():
+        await open_directly(pool, key, value)
+    no_opened_at = {k: v for k, v in plan.values[client.encode()][rule].items() if k != "opened_at"}
+    with_bad_group = {**plan.values[client.encode()], bad_rule: no_opened_at}
+    await groups.prepare_writes()
+    for key, value in [(listed_client.encode(), [1, 2]), (client.encode(), with_bad_group)]:
+        groups.write_value_of_partition(key, value, partition_for(key, tuple(range(64))))
+
+    ready = await closed_for(pool, {client, other_client, listed_client}, now + 5)
+
+    assert sorted(r.client_id for r in ready) == sorted([client, other_client])
+    [group_letter] = await sent_to("alerts.matched.dlq", client)
+    assert f"group of rule {bad_rule}" in group_letter["reason"] and "opened_at" in group_letter["reason"]
+    assert json.loads(group_letter["payload"]) == no_opened_at
+    [value_letter] = await sent_to("alerts.matched.dlq", listed_client)
+    assert "not an object of groups" in value_letter["reason"] and json.loads(value_letter["payload"]) == [1, 2]
+    assert groups.open_groups.get(client.encode()) is None
+    assert groups.open_groups.get(listed_client.encode()) is None
+    # Taken out of the table: closing again sends nothing more.
+    assert await closed_for(pool, {client, other_client, listed_client}, now + 6) == []
+    assert len(await sent_to("alerts.matched.dlq", client)) == 1
+    assert len(await sent_to("alerts.matched.dlq", listed_client)) == 1
+
+
+@AGENT_LOOP
+async def test_a_group_the_table_holds_in_another_shape_is_a_dead_letter_and_the_match_joins_its_group(pool):
+    client = await insert_client(pool)
+    bad_rule, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    bad_group = {"notification_id": str(uuid.uuid4()), "opened_at": "yesterday", "window_s": 5, "alerts": [],
+                 "rule_ids": [bad_rule]}
+    await groups.prepare_writes()
+    groups.write_value_of_partition(client.encode(), {bad_rule: bad_group},
+                                    partition_for(client.encode(), tuple(range(64))))
+
+    [aggregation] = await aggregate(grouped(client, rule, window_s=600))
+
+    assert aggregation.dead_letters == []  # the match itself is recorded
+    [letter] = await sent_to("alerts.matched.dlq", client)
+    assert f"group of rule {bad_rule}" in letter["reason"] and "opened_at" in letter["reason"]
+    assert json.loads(letter["payload"]) == bad_group
+    assert list(groups.open_groups.get(client.encode())) == [rule]
+    await close_due_groups(pool, time.time() + 600, ALL_PARTITIONS)  # leave no group open
