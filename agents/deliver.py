@@ -74,7 +74,9 @@ async def start_deliveries(pool: asyncpg.Pool, delivery: Dispatcher,
 
 
 async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[EventT]) -> Intake:
-    decoded: dict[str, tuple[NotificationReady, EventT]] = {}
+    # By (notification_id, client_id): a message naming a notification with another client (a dead
+    # letter below) must not take the place of the notification's own message in the same batch.
+    decoded: dict[tuple[str, str], tuple[NotificationReady, EventT]] = {}
     letters = []
     for event in events:
         try:
@@ -82,10 +84,9 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
         except UndecodableMessage as exc:
             letters.append(dead_letter_for(event.message, str(exc)))
             continue
-        decoded.setdefault(notification.notification_id, (notification, event))
+        decoded.setdefault((notification.notification_id, notification.client_id), (notification, event))
     known = await records.known_notifications(pool, [n for n, _ in decoded.values()])
-    unknown = [(notification, event) for notification_id, (notification, event) in decoded.items()
-               if notification_id not in known]
+    unknown = [(notification, event) for ids, (notification, event) in decoded.items() if ids not in known]
     of_deleted_clients: list[str] = []
     if unknown:
         # Deleted with its client while it was in flight: dropped (alerting_app/deleted_clients.py).
@@ -95,7 +96,7 @@ async def take_in(pool: asyncpg.Pool, delivery: Dispatcher, events: Iterable[Eve
                        for n, event in unknown if n.client_id not in deleted)
     # A settled one (SENT, FAILED, ...) has nothing left to deliver: the message is a redelivery or
     # a replay, and is acknowledged without a send.
-    notifications = [n for n, _ in decoded.values() if known.get(n.notification_id) == "PENDING"]
+    notifications = [n for ids, (n, _) in decoded.items() if known.get(ids) == "PENDING"]
     try:
         started = await start_deliveries(pool, delivery, notifications) if notifications else []
     except asyncpg.ForeignKeyViolationError:

@@ -751,6 +751,32 @@ async def test_a_batch_taken_in_again_counts_each_dropped_notification_once(pool
     assert dropped._value.get() - dropped_before == 2
 
 
+async def test_a_message_naming_a_notification_with_another_client_does_not_take_the_place_of_the_true_one(
+        pool, dispatcher, receiver):
+    # Both in one batch, the bad one first: the batch kept one message per notification_id, the bad
+    # one, which became a dead letter, and the true one was acknowledged unread: never delivered.
+    from types import SimpleNamespace
+
+    from agents.deliver import take_in
+
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url("true-one"))
+    notification = await pending_notification(pool, client, [rule])
+    other_client, other_rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url("other-client"))
+    posing = notification.model_copy(update={"client_id": other_client, "rule_ids": [other_rule]})
+    events = [SimpleNamespace(message=SimpleNamespace(topic="notifications.ready", partition=0, offset=n, key=None,
+                                                      value=value.encode()))
+              for n, value in enumerate([posing, notification])]
+
+    intake = await take_in(pool, dispatcher, events)
+    await dispatcher.drained()
+
+    [letter] = intake.dead_letters
+    assert (letter.offset, letter.reason) == (0, f"notification_id: no such notification {notification.notification_id}")
+    assert [job.notification.client_id for job in intake.started] == [client]
+    assert [post.body["client_id"] for post in receiver.posts_to("true-one")] == [client]
+    assert receiver.posts_to("other-client") == []
+
+
 def _ready(**fields) -> bytes:
     alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
     return NotificationReady(**{"client_id": str(uuid.uuid4()), "alerts": [alert],

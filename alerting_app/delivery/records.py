@@ -21,7 +21,7 @@ Conn = asyncpg.Pool | asyncpg.Connection
 log = logging.getLogger(__name__)
 
 _KNOWN = """
-SELECT n.notification_id::text, n.status
+SELECT n.notification_id::text, n.client_id::text, n.status
 FROM unnest($1::uuid[], $2::uuid[]) AS b(notification_id, client_id)
 JOIN notifications n ON n.notification_id = b.notification_id AND n.client_id = b.client_id
 """
@@ -320,10 +320,11 @@ async def gone(conn: Conn, keys: Sequence[tuple[str, str]]) -> set[tuple[str, st
     return {(row[0], row[1]) for row in rows}
 
 
-async def known_notifications(conn: Conn, notifications: Sequence[NotificationReady]) -> dict[str, str]:
-    """notification_id -> status, of those of `notifications` that are in Postgres (for their client)."""
+async def known_notifications(conn: Conn, notifications: Sequence[NotificationReady]) -> dict[tuple[str, str], str]:
+    """(notification_id, client_id) -> status, of those of `notifications` that are in Postgres for
+    their client."""
     rows = await conn.fetch(_KNOWN, [n.notification_id for n in notifications], [n.client_id for n in notifications])
-    return {row[0]: row[1] for row in rows}
+    return {(row[0], row[1]): row[2] for row in rows}
 
 
 async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady], owner: str | None,
