@@ -129,28 +129,56 @@ def _postgres_tls_files_load(query: dict[str, str]) -> None:
     "FileNotFoundError: [Errno 2] No such file or directory", naming neither the file nor the
     variable, and the worker waited for ever. It loads the CA and CRL files only from sslmode=require
     up, and the client certificate from sslmode=allow up (its default is PGSSLMODE, else prefer).
+    With a key absent from the URL, asyncpg takes the libpq environment variable (PGSSLMODE,
+    PGSSLROOTCERT, PGSSLCRL, PGSSLCERT, PGSSLKEY): a file named there failed the same way, so it is
+    loaded too, and the error names that variable.
     """
-    mode = (query.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer").replace("_", "-")
+    # Set empty, PGSSLMODE is read too (and refused: asyncpg stopped every connection on it).
+    if not query.get("sslmode") and "PGSSLMODE" in os.environ:
+        mode_given: tuple[str, str] | None = ("PGSSLMODE", os.environ["PGSSLMODE"])
+        if os.environ["PGSSLMODE"].replace("_", "-") not in _SSLMODES:
+            raise ValueError(f"{_named(mode_given)} is not one of {', '.join(_SSLMODES)}")
+    else:
+        mode_given = _given(query, "sslmode")
+    mode = (mode_given[1] if mode_given else "prefer").replace("_", "-")
     if mode == "disable":
         return
     if mode in ("require", "verify-ca", "verify-full"):
         for key in ("sslrootcert", "sslcrl"):
-            if query.get(key):
+            given = _given(query, key)
+            if given:
                 try:
-                    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=query[key])
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=given[1])
                 except (OSError, ssl.SSLError) as exc:
-                    raise ValueError(f"{key}={query[key]!r} cannot be loaded: {exc}") from None
-    if query.get("sslcert"):
+                    raise ValueError(f"{_named(given)} cannot be loaded: {exc}") from None
+    certificate = _given(query, "sslcert")
+    if certificate:
         # Without sslkey, asyncpg takes PGSSLKEY, else ~/.postgresql/postgresql.key if there is one,
         # else the key must be in the certificate's file.
-        keyfile = query.get("sslkey") or os.environ.get("PGSSLKEY") or _postgres_default_key()
+        key = _given(query, "sslkey")
+        keyfile = key[1] if key else _postgres_default_key()
         password = query.get("sslpassword", "")
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(query["sslcert"], keyfile=keyfile,
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certificate[1], keyfile=keyfile,
                                                                     password=lambda: password)
         except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"sslcert={query['sslcert']!r} and sslkey={keyfile!r} cannot be loaded as a "
-                             f"certificate and its key: {exc}") from None
+            raise ValueError(f"{_named(certificate)} and {_named(key) if key else f'sslkey={keyfile!r}'} cannot be "
+                             f"loaded as a certificate and its key: {exc}") from None
+
+
+def _given(query: dict[str, str], key: str) -> tuple[str, str] | None:
+    """(where, value) of a libpq option as asyncpg reads it: the URL's `key`, else the environment's
+    PG<KEY>; None when neither gives one."""
+    if query.get(key):
+        return key, query[key]
+    variable = "PG" + key.upper()
+    return (variable, os.environ[variable]) if os.environ.get(variable) else None
+
+
+def _named(given: tuple[str, str]) -> str:
+    where, value = given
+    return f"{where}={value!r}" + (f" (the environment's, as the URL gives no {where[2:].lower()})"
+                                   if where.startswith("PG") else "")
 
 
 def check_redis_url(value: str) -> str:

@@ -196,6 +196,46 @@ def test_a_certificate_file_of_a_service_url_that_cannot_be_loaded_is_refused_na
     assert f"{variable}:" in str(error.value) and refusal.format(**files) in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize(("environment", "refusal"), [
+    # asyncpg reads these when the URL does not give them: every connection failed with
+    # "FileNotFoundError: [Errno 2] No such file or directory", or named DATABASE_URL's sslmode.
+    ({"PGSSLMODE": "verify-full", "PGSSLROOTCERT": "{missing}"}, "PGSSLROOTCERT='{missing}' (the environment's"),
+    ({"PGSSLMODE": "require", "PGSSLCRL": "{not_pem}"}, "PGSSLCRL='{not_pem}' (the environment's"),
+    ({"PGSSLCERT": "{missing}"}, "PGSSLCERT='{missing}' (the environment's"),
+    ({"PGSSLCERT": "{cert}", "PGSSLKEY": "{missing}"}, "PGSSLKEY='{missing}' (the environment's"),
+    ({"PGSSLMODE": "bogus"}, "PGSSLMODE='bogus' (the environment's, as the URL gives no sslmode) is not one of"),
+    ({"PGSSLMODE": ""}, "PGSSLMODE='' (the environment's"),
+])
+def test_a_libpq_variable_the_url_leaves_to_the_environment_that_cannot_be_used_is_refused_naming_it(
+        monkeypatch, tmp_path, environment, refusal):
+    files = {**certificate_files(tmp_path), "missing": str(tmp_path / "missing.pem"), "not_pem": "/etc/hostname"}
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value.format(**files))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://alerting@db.example.com/alerting")
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert "DATABASE_URL:" in str(error.value) and refusal.format(**files) in str(error.value), str(error.value)
+
+
+def test_libpq_variables_the_url_overrides_or_that_load_are_accepted(monkeypatch, tmp_path):
+    files = certificate_files(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.postgresql files to fall back on
+    for variable, value in {"PGSSLMODE": "verify-full", "PGSSLROOTCERT": files["ca"], "PGSSLCERT": files["cert"],
+                            "PGSSLKEY": files["key"]}.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://alerting@db.example.com/alerting")
+    load_settings()
+    # The URL's own options win: the environment's missing file is never read.
+    monkeypatch.setenv("PGSSLROOTCERT", str(tmp_path / "missing.pem"))
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://alerting@db.example.com/alerting?sslrootcert={files['ca']}")
+    load_settings()
+    monkeypatch.setenv("DATABASE_URL", "postgresql://alerting@db.example.com/alerting?sslmode=disable")
+    monkeypatch.setenv("PGSSLMODE", "bogus")
+    load_settings()
+
+
 def test_a_redis_client_key_that_needs_a_pass_phrase_is_refused_unless_the_url_gives_it(monkeypatch, tmp_path):
     # OpenSSL asked for it on the terminal, holding every command at "Enter PEM pass phrase:".
     files = certificate_files(tmp_path)
