@@ -99,6 +99,13 @@ def check_postgres_url(value: str) -> str:
             raise ValueError(f"{host!r} is not host, host:port or [ipv6]:port (a port is 1-65535)")
     if "port" in query and not all(_port_in_range(port) for port in query["port"].split(",")):
         raise ValueError(f"port={query['port']!r} is not a port (1-65535)")
+    # asyncpg reads PGPORT (the port of a host given without one) whenever the URL has no port=
+    # option: "abc" failed every connection with "ValueError: invalid literal for int()", and the
+    # worker waited for ever.
+    if ("port" not in query and os.environ.get("PGPORT")
+            and not all(_port_in_range(port.strip()) for port in os.environ["PGPORT"].split(","))):
+        raise ValueError(f"PGPORT={os.environ['PGPORT']!r} (the environment's, read when the URL has no port= "
+                         "option) is not a port (1-65535)")
     if "/" in parsed.path[1:]:
         raise ValueError(f"{parsed.path[1:]!r} is not one database name")
     if "sslmode" in query and query["sslmode"].replace("_", "-") not in _SSLMODES:

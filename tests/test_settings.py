@@ -205,6 +205,8 @@ def test_a_certificate_file_of_a_service_url_that_cannot_be_loaded_is_refused_na
     ({"PGSSLCERT": "{cert}", "PGSSLKEY": "{missing}"}, "PGSSLKEY='{missing}' (the environment's"),
     ({"PGSSLMODE": "bogus"}, "PGSSLMODE='bogus' (the environment's, as the URL gives no sslmode) is not one of"),
     ({"PGSSLMODE": ""}, "PGSSLMODE='' (the environment's"),
+    # Read unless the URL has port=: every connection failed with "invalid literal for int()".
+    ({"PGPORT": "abc"}, "PGPORT='abc' (the environment's, read when the URL has no port= option) is not a port"),
 ])
 def test_a_libpq_variable_the_url_leaves_to_the_environment_that_cannot_be_used_is_refused_naming_it(
         monkeypatch, tmp_path, environment, refusal):
