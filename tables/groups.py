@@ -38,7 +38,7 @@ from faust.types import EventT
 from faust.types.tuples import FutureMessage
 
 from alerting_app.app import alerts_matched, app, settings
-from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady
+from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady, Severity
 from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.dead_letters import UndecodableMessage, require_uuids
 from alerting_app.sending import partition_for
@@ -97,6 +97,9 @@ class Malformed:
     reason: str
 
 
+_SEVERITIES = frozenset(severity.value for severity in Severity)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -116,9 +119,12 @@ def _group_problem(group: object) -> str | None:
     if not isinstance(group.get("window_s"), int) or isinstance(group["window_s"], bool):
         return "window_s: not an integer"
     alerts = group.get("alerts")
+    # What a closed group's notification is rebuilt from (Alert.from_stored): without a severity it
+    # raised KeyError, no refusal, and the closer failed every round on it.
     if not isinstance(alerts, list) or not all(
-            isinstance(alert, dict) and isinstance(alert.get("alert_id"), str) for alert in alerts):
-        return "alerts: not a list of alerts with an alert_id"
+            isinstance(alert, dict) and isinstance(alert.get("alert_id"), str) and alert.get("severity") in _SEVERITIES
+            for alert in alerts):
+        return "alerts: not a list of alerts with an alert_id and a severity"
     if not isinstance(group.get("rule_ids"), list) or not all(isinstance(r, str) for r in group["rule_ids"]):
         return "rule_ids: not a list of strings"
     if not isinstance(group.get("listed_bytes", 0), int):
@@ -149,6 +155,8 @@ def malformed_letter(malformed: Malformed) -> DeadLetter:
     """The dead letter of what the table held in a shape this module does not write (see Malformed)."""
     client = malformed.key.decode("utf-8", "replace")
     what = f"group of rule {malformed.rule_id}" if malformed.rule_id is not None else "value"
+    if isinstance(malformed.content, dict) and isinstance(malformed.content.get("notification_id"), str):
+        what += f" (notification {malformed.content['notification_id']})"
     log.error("dropping the %s of client %s from the groups table: %s", what, client, malformed.reason)
     return DeadLetter(
         topic=alerts_matched.get_topic_name(),

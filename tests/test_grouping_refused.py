@@ -205,3 +205,28 @@ async def test_a_group_the_table_holds_in_another_shape_is_a_dead_letter_and_the
     assert json.loads(letter["payload"]) == bad_group
     assert list(groups.open_groups.get(client.encode())) == [rule]
     await close_due_groups(pool, time.time() + 600, ALL_PARTITIONS)  # leave no group open
+
+
+@AGENT_LOOP
+async def test_a_group_listing_an_alert_that_is_not_one_is_a_dead_letter_and_the_other_groups_close(pool):
+    # Inserted, then read back to be emitted: Alert.from_stored raised KeyError on the missing
+    # severity, which is no refusal, and every round of the closer failed on it.
+    client, other_client = await insert_client(pool), await insert_client(pool)
+    rule, bad_rule = str(uuid.uuid4()), str(uuid.uuid4())
+    now = time.time()
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, bad_rule)), groups.Join(grouped(other_client, rule))],
+                             set(), now, max_alerts=10)
+    bad_group = plan.values[client.encode()][bad_rule]
+    del bad_group["alerts"][0]["severity"]
+    for key, value in plan.values.items():
+        await open_directly(pool, key, value)
+
+    [ready] = await closed_for(pool, {client, other_client}, now + 5)
+
+    assert ready.client_id == other_client
+    [letter] = await sent_to("alerts.matched.dlq", client)
+    assert bad_group["notification_id"] in letter["reason"] and "severity" in letter["reason"]
+    assert json.loads(letter["payload"]) == bad_group
+    assert groups.open_groups.get(client.encode()) is None
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE notification_id = $1",
+                               bad_group["notification_id"]) == 0
