@@ -18,6 +18,7 @@ import asyncpg
 # Any fixed 64-bit number works; every process must use the same one.
 _ADVISORY_LOCK_KEY = 0x616C6572745F6D67  # "alert_mg"
 _FILE_NAME = re.compile(r"^(?P<version>\d+)_(?P<name>\w[\w\-]*)\.sql$")
+_MAX_VERSION = 2**31 - 1  # schema_migrations.version is an integer
 
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -55,9 +56,17 @@ def read_migrations(directory: Path) -> list[Migration]:
         match = _FILE_NAME.match(path.name)
         if match is None:
             raise MigrationError(f"{path.name}: migration files are named NNN_name.sql")
+        # Refused here, naming the file: a version over schema_migrations' integer failed its insert,
+        # and text that is not UTF-8 its decoding, each with a traceback (the worker's start too).
+        if int(match["version"]) > _MAX_VERSION:
+            raise MigrationError(f"{path.name}: a version number is at most {_MAX_VERSION}")
         raw = path.read_bytes()
         checksum = hashlib.sha256(raw).hexdigest()
-        migrations.append(Migration(int(match["version"]), path.stem, raw.decode(), checksum))
+        try:
+            sql = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise MigrationError(f"{path.name}: not UTF-8 text ({exc})") from None
+        migrations.append(Migration(int(match["version"]), path.stem, sql, checksum))
     migrations.sort(key=lambda m: m.version)
     for earlier, later in zip(migrations, migrations[1:]):
         if earlier.version == later.version:

@@ -108,3 +108,15 @@ def test_a_folder_without_migrations_is_refused_not_reported_up_to_date(tmp_path
     # then waited for a schema that never came.
     with pytest.raises(MigrationError, match=f"no migration files in {tmp_path}"):
         asyncio.run(apply_migrations("postgresql://unused", tmp_path))
+
+
+@pytest.mark.parametrize(("name", "content", "refusal"), [
+    # Each failed with a traceback: the insert into schema_migrations (an integer), or the decoding.
+    ("2147483648_big.sql", b"SELECT 1;", "2147483648_big.sql: a version number is at most 2147483647"),
+    ("009_latin1.sql", "SELECT 'caf\u00e9';".encode("latin-1"), "009_latin1.sql: not UTF-8 text"),
+])
+def test_a_file_that_cannot_be_a_migration_is_refused_naming_it(tmp_path, name, content, refusal):
+    (tmp_path / name).write_bytes(content)
+
+    with pytest.raises(MigrationError, match=refusal):
+        asyncio.run(apply_migrations("postgresql://unused", tmp_path))
