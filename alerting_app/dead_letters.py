@@ -40,7 +40,7 @@ def decode(contract: type[C], raw: bytes | None) -> C:
         raise UndecodableMessage(describe_validation_error(exc)) from None
 
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def require_uuids(**fields: list[str]) -> None:
@@ -53,7 +53,7 @@ def require_uuids(**fields: list[str]) -> None:
     """
     for name, values in fields.items():
         for value in values:
-            if not _CANONICAL_UUID.fullmatch(value):
+            if not CANONICAL_UUID.fullmatch(value):
                 raise UndecodableMessage(f"{name}: not a UUID in canonical form (lowercase, hyphenated): {value!r}")
 
 

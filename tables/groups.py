@@ -24,23 +24,24 @@ import asyncio
 import copy
 import json
 import logging
-import math
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired
 
 import asyncpg
 import faust
 from faust.streams import _current_event  # no public setter; see write_value
 from faust.types import EventT
 from faust.types.tuples import FutureMessage
+from pydantic import Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady, Severity
 from alerting_app.db import REFUSED_BY_POSTGRES
-from alerting_app.dead_letters import UndecodableMessage, require_uuids
+from alerting_app.dead_letters import CANONICAL_UUID, describe_validation_error
 from alerting_app.sending import partition_for
 
 log = logging.getLogger(__name__)
@@ -97,38 +98,35 @@ class Malformed:
     reason: str
 
 
-_SEVERITIES = frozenset(severity.value for severity in Severity)
+class _ListedAlert(TypedDict):
+    # What a closed group's notification is rebuilt from (Alert.from_stored): without a severity it
+    # raised KeyError, no refusal, and the closer failed every round on it. Other keys are not checked.
+    alert_id: StrictStr
+    severity: Literal[tuple(severity.value for severity in Severity)]  # type: ignore[valid-type]
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+class _StoredGroup(TypedDict):
+    """A group as `open_group` and `add_member` build it; what the closer and the agent rely on."""
+
+    notification_id: Annotated[StrictStr, Field(pattern=f"^{CANONICAL_UUID.pattern}$")]
+    opened_at: Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    window_s: StrictInt
+    alerts: list[_ListedAlert]
+    rule_ids: list[StrictStr]
+    listed_bytes: NotRequired[StrictInt]
+
+
+_STORED_GROUP = TypeAdapter(_StoredGroup)
 
 
 def _group_problem(group: object) -> str | None:
-    """Why `group` is not a group as `open_group` and `add_member` build it, or None."""
+    """Why `group` is not a group as this module writes it, or None."""
     if not isinstance(group, dict):
         return "not an object"
-    if not isinstance(group.get("notification_id"), str):
-        return "notification_id: not a string"
     try:
-        require_uuids(notification_id=[group["notification_id"]])
-    except UndecodableMessage as exc:
-        return str(exc)
-    if not _is_number(group.get("opened_at")):
-        return "opened_at: not a number"
-    if not isinstance(group.get("window_s"), int) or isinstance(group["window_s"], bool):
-        return "window_s: not an integer"
-    alerts = group.get("alerts")
-    # What a closed group's notification is rebuilt from (Alert.from_stored): without a severity it
-    # raised KeyError, no refusal, and the closer failed every round on it.
-    if not isinstance(alerts, list) or not all(
-            isinstance(alert, dict) and isinstance(alert.get("alert_id"), str) and alert.get("severity") in _SEVERITIES
-            for alert in alerts):
-        return "alerts: not a list of alerts with an alert_id and a severity"
-    if not isinstance(group.get("rule_ids"), list) or not all(isinstance(r, str) for r in group["rule_ids"]):
-        return "rule_ids: not a list of strings"
-    if not isinstance(group.get("listed_bytes", 0), int):
-        return "listed_bytes: not an integer"
+        _STORED_GROUP.validate_python(group)
+    except ValidationError as exc:
+        return describe_validation_error(exc)
     return None
 
 
