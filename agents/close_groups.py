@@ -23,6 +23,7 @@ from alerting_app.broker_transport import failed_by_giving_up
 from alerting_app.contracts import NotificationReady
 from alerting_app.failure_streak import FailureStreak
 from alerting_app.sending import partition_for
+from alerting_app.silencing import active_silences
 from tables import groups
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
                             ) -> tuple[list[NotificationReady], list[tuple[groups.DueGroup, Exception]]]:
     """Insert the due groups' notifications: those to emit, and the groups Postgres refused (a NUL
     in an alert, an id it cannot read), each group then on its own (`record_closed_groups_apart`,
-    as the agent closes groups early). Transient errors propagate: the timer tries again.
+    as the agent closes groups early). Their listed alerts that a silence in force now matches are
+    left out; a group with nothing left to notify is recorded SILENCED (tables/groups.py
+    listing_at_close). Transient errors propagate: the timer tries again.
 
     The group of a client that does not exist is neither: a client deleted while its group was open
     took its members along (ON DELETE CASCADE), and its group is dropped, not left to fail every
@@ -155,7 +158,12 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
         await lock_clients(conn, [d.key.decode() for d in due])
         known = {row[0] for row in await conn.fetch(_LOCK_KNOWN_CLIENTS,
                                                     sorted({client_of(d) for d in due}))}
-        return await groups.record_closed_groups_apart(conn, [d for d in due if client_of(d) in known], now)
+        # Silences are applied when a group closes, as Alertmanager applies them at each flush: one
+        # created while the group was open mutes the members it holds. Read from Postgres, one
+        # statement per round: this worker may keep no silence replica (evaluate role only).
+        silences = await active_silences(conn, known, now)
+        return await groups.record_closed_groups_apart(conn, [d for d in due if client_of(d) in known], now,
+                                                       silences)
 
 
 def client_of(due: groups.DueGroup) -> str:

@@ -22,6 +22,7 @@ from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import MAX_REPEAT_INTERVAL_S, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import dead_letter_for
+from alerting_app.silencing import SilenceIndex, active_silences
 from tables import groups
 
 if TYPE_CHECKING:
@@ -300,7 +301,10 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         # A client with too many open groups for one changelog message has its oldest closed now.
         closed_early = groups.close_early(plan)
         inserted = await write_outcome(conn, outcome, plan, round(now, 6))
-        closed_early_ready, refused = await groups.record_closed_groups_apart(conn, closed_early, now)
+        # Closed early or on time, a group's listed alerts are checked against the silences in force.
+        silences = (await active_silences(conn, {d.key.decode() for d in closed_early}, now) if closed_early
+                    else SilenceIndex())
+        closed_early_ready, refused = await groups.record_closed_groups_apart(conn, closed_early, now, silences)
     if malformed:
         # Sent before the client's value is written without them (tables/groups.py Malformed).
         await emit([], [groups.malformed_letter(m) for m in malformed])

@@ -3,15 +3,22 @@
 Silences arrive as `silence.changed` events (upserts and deletes, each with the silence's
 version). Unlike rules they are few (a tenant silences a handful of things during an incident),
 so `SilenceIndex` keeps them per client and checks a client's silences one by one.
+`active_silences` builds one from Postgres instead, for a worker that keeps no replica.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import asyncpg
+import pydantic
+
 from alerting_app.contracts import Alert, Silence, SilenceChanged
 from alerting_app.matching import forget_deletions
+
+log = logging.getLogger(__name__)
 
 # The columns of a `silences` row that make its Silence contract.
 SILENCE_COLUMNS = ("silence_id, client_id, severity, source, name, context_matchers, starts_at, ends_at, comment, "
@@ -26,6 +33,34 @@ def silence_of_row(row: Mapping[str, Any]) -> Silence:
         starts_at=row["starts_at"].timestamp(), ends_at=row["ends_at"].timestamp(), comment=row["comment"],
         created_by=row["created_by"], version=row["version"],
     )
+
+
+# The clients' silences in force at $2 (unix seconds); `SilenceIndex.silencing` checks the window again.
+_ACTIVE_SILENCES = f"""
+SELECT {SILENCE_COLUMNS} FROM silences
+WHERE client_id = ANY($1::uuid[]) AND starts_at <= to_timestamp($2) AND ends_at > to_timestamp($2)
+"""
+
+
+async def active_silences(conn: asyncpg.Connection | asyncpg.Pool, client_ids: Iterable[str], at: float
+                          ) -> "SilenceIndex":
+    """The index of these clients' silences in force at `at`, read from Postgres (the source of truth).
+
+    For the grouping closer (agents/close_groups.py): it runs on aggregate workers, and only the
+    evaluate role keeps a silence replica (alerting_app/roles.py). Ask the index with `at` given:
+    it holds only what was in force then.
+    """
+    changes = []
+    for row in await conn.fetch(_ACTIVE_SILENCES, sorted(set(client_ids)), at):
+        try:
+            changes.append(SilenceChanged.upsert(silence_of_row(row)))
+        except pydantic.ValidationError as exc:
+            # A row the contract no longer accepts must not stop the closing of every tenant's
+            # groups: that one silence mutes nothing at close time (the evaluator's replica would
+            # have dead-lettered it too).
+            log.warning("silence %s of client %s: not applied, the contract refuses it: %s",
+                        row["silence_id"], row["client_id"], exc)
+    return SilenceIndex(changes)
 
 
 # How long after its end a silence stops being scanned (see `SilenceIndex.silencing`).
@@ -103,6 +138,10 @@ class SilenceIndex:
             if not silences:
                 del self._by_client[client_id]
         return min(matching) if matching else None
+
+    def holds_any_of(self, client_id: str) -> bool:
+        """Whether the client has a silence that `silencing` scans: without one, nothing of it is silenced."""
+        return bool(self._by_client.get(client_id))
 
     def _scan_all_again(self) -> None:
         """Scan every held silence again: the clock went back by more than PRUNE_AFTER_EXPIRY_S

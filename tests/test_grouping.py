@@ -24,6 +24,7 @@ from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
 from alerting_app.sending import partition_for
+from alerting_app.silencing import SilenceIndex
 from kafka_probe import read_topic
 from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
@@ -338,6 +339,83 @@ async def test_a_group_lists_at_most_the_maximum_and_counts_the_rest_as_truncate
     assert (len(row["alerts"]), row["truncated_alerts"]) == (20, 30)
 
 
+async def insert_silence(pool, client_id: str, starts_at: float, ends_at: float, source: str = "payments",
+                         **matchers) -> str:
+    """A silence as the API stores it (the closer reads them from Postgres); `matchers`: context."""
+    silence_id = str(uuid.uuid4())
+    await pool.execute(
+        "INSERT INTO silences (silence_id, client_id, severity, source, name, context_matchers, starts_at, ends_at,"
+        " comment, created_by) VALUES ($1, $2, '*', $3, '*', $4::jsonb, to_timestamp($5), to_timestamp($6),"
+        " 'maintenance', 'ops')",
+        silence_id, client_id, source, matchers, starts_at, ends_at)
+    return silence_id
+
+
+@AGENT_LOOP
+async def test_a_silence_created_while_a_group_is_open_leaves_its_matching_members_out_at_close(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
+    await aggregate(*matches)
+    opened = time.time()
+    # Created while the group is open: one mutes alert 1 until well after the close; the other would
+    # mute alert 2 but ends before the group closes, so it mutes nothing there.
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+    await insert_silence(pool, client, opened - 60, opened + 2, n="2")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert ready.alerts == [matches[0].alert, matches[2].alert, matches[3].alert]
+    assert ready.truncated_alerts == 0  # a silenced member is left out, not counted
+    [row] = await rows_of(pool, client)
+    assert (row["status"], row["emitted"], len(row["alerts"])) == ("PENDING", True, 3)
+    [sent] = await sent_to("notifications.ready", client)
+    assert [a["alert_id"] for a in sent["alerts"]] == [m.alert.alert_id for m in (matches[0], matches[2], matches[3])]
+
+
+@AGENT_LOOP
+async def test_a_group_whose_members_are_all_silenced_at_close_is_recorded_silenced_and_not_emitted(pool):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(3)]
+    await aggregate(*matches)
+    opened = time.time()
+    silences = [await insert_silence(pool, client, opened - 60, opened + 3600, n=str(n)) for n in range(3)]
+    before = metrics.notifications_silenced._value.get()
+
+    assert await closed_for(pool, client, opened + 5) == []
+
+    [row] = await rows_of(pool, client)
+    assert (row["status"], row["emitted"], row["group_rule_id"]) == ("SILENCED", True, rule)
+    assert row["detail"] == "silenced by " + ", ".join(sorted(silences))
+    assert [a["alert_id"] for a in row["alerts"]] == [m.alert.alert_id for m in matches]
+    assert metrics.notifications_silenced._value.get() == before + 1
+    assert await sent_to("notifications.ready", client) == []
+    assert groups.open_groups.get(client.encode()) is None
+    assert await closed_for(pool, client, opened + 10) == []  # closed: nothing more
+
+
+@AGENT_LOOP
+async def test_unlisted_members_are_not_checked_against_silences_and_are_still_notified(pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 2)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    other_client, other_rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(3)]
+    others = [grouped(other_client, other_rule, window_s=5, the_alert=alert(n)) for n in range(3)]
+    await aggregate(*matches, *others)
+    opened = time.time()
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="0")
+    await insert_silence(pool, other_client, opened - 60, opened + 3600)  # all the other client's alerts
+
+    closed = await closed_for(pool, {client, other_client}, opened + 5)
+
+    [ready] = [r for r in closed if r.client_id == client]
+    assert (ready.alerts, ready.truncated_alerts) == ([matches[1].alert], 1)  # alert 2 is counted, unchecked
+    # Every listed alert is silenced, but the unlisted one may not be: notified as it stands.
+    [other] = [r for r in closed if r.client_id == other_client]
+    assert (other.alerts, other.truncated_alerts) == ([m.alert for m in others[:2]], 1)
+    [row] = await rows_of(pool, other_client)
+    assert (row["status"], row["detail"]) == ("PENDING", None)
+
+
 @AGENT_LOOP
 async def test_grouped_alert_already_notified_at_once_does_not_join_and_the_reverse(pool):
     client, rule = await insert_client(pool), str(uuid.uuid4())
@@ -452,7 +530,7 @@ async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(po
     value = groups.open_groups.get(client.encode())
     [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
     # The closer inserted the notification and died before it was sent.
-    first_built = await groups.record_closed_groups(pool, [due], time.time() + 5)
+    first_built = await groups.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
 
     [ready] = await closed_for(pool, client, time.time() + 6)
 
@@ -468,7 +546,7 @@ async def test_a_group_closed_but_not_emitted_is_emitted_by_the_agent_that_drops
     [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
     # The closer inserted the notification and died before it was sent; after the restart the agent
     # sees a new alert of the client before any closer runs, and drops the closed group.
-    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5)
+    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
 
     [aggregation] = await aggregate(grouped(client, rule, the_alert=alert(2)))
 
@@ -489,7 +567,7 @@ async def test_a_member_delivered_again_emits_its_closed_group_if_it_never_was(p
     [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
     # Closed (by the closer, or early by the agent) and not sent; then the table lost the group (the
     # agent closing it early had not written its value yet) and the member's message comes again.
-    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5)
+    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
     groups.write_value_of_partition(client.encode(), {}, partition_for(client.encode(), tuple(range(settings.topic_partitions))))
 
     [aggregation] = await aggregate(member)

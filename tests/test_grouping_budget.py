@@ -223,3 +223,32 @@ async def test_groups_closed_early_whose_emit_never_happened_are_emitted_by_the_
                                "AND emitted", list(closed)) == len(closed)
     assert not closed & {group["notification_id"] for group in groups.open_groups[client.encode()].values()}
     await close_due_groups(pool, time.time() + 5, set(range(64)))  # leave no group open
+
+
+@AGENT_LOOP
+async def test_a_group_closed_early_leaves_out_the_alerts_silenced_by_then(pool, monkeypatch):
+    client = await insert_client(pool)
+    # Small budgets, so that a few dozen groups of ordinary alerts outgrow them.
+    monkeypatch.setattr(groups, "MAX_VALUE_BYTES", 16 * 1024)
+    monkeypatch.setattr(groups, "CLOSE_EARLY_BYTES", 24 * 1024)
+    rules = [str(uuid.uuid4()) for _ in range(40)]
+    # Created after the evaluator matched the first alert (its match carries no silenced_by).
+    silence_id = str(uuid.uuid4())
+    await pool.execute(
+        "INSERT INTO silences (silence_id, client_id, severity, source, name, context_matchers, starts_at, ends_at,"
+        " comment, created_by) VALUES ($1, $2, '*', 'payments', '*', $3::jsonb, now() - interval '1 minute',"
+        " now() + interval '1 hour', 'maintenance', 'ops')", silence_id, client, {"n": "0"})
+
+    async with aggregate_matches.test_context() as agent:
+        for n, rule in enumerate(rules):
+            await agent.put(grouped(client, rule, sized_alert(n)).encode(), key=client.encode())
+        emitted = [ready for i in range(len(rules)) for ready in agent.results[i].ready]
+
+    rows = {row["group_rule_id"]: row for row in await pool.fetch(
+        "SELECT group_rule_id::text, status, detail, emitted FROM notifications WHERE client_id = $1", client)}
+    assert rules[0] in rows, "the oldest group was not closed early"
+    assert (rows[rules[0]]["status"], rows[rules[0]]["detail"], rows[rules[0]]["emitted"]) == (
+        "SILENCED", f"silenced by {silence_id}", True)
+    assert rules[0] not in {ready.group_rule_id for ready in emitted}
+    assert {row["status"] for rule, row in rows.items() if rule != rules[0]} == {"PENDING"}
+    await close_due_groups(pool, time.time() + 5, set(range(64)))  # leave no group open
