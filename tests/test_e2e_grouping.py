@@ -3,7 +3,9 @@ alerts on `alerts.new`, a real worker, and a real local webhook receiver.
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from typing import Any
 
 import aiohttp
@@ -13,6 +15,7 @@ import pytest
 from delivery_platform import Tenant, produce_alerts, wait_for_rules, wait_until_backlog_consumed, wait_until_notified
 from delivery_receivers import Receiver
 from kafka_probe import retire_rules_left_on_topic, wait_until_consumed
+from test_silences_support import retire_silences_left_on_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -121,3 +124,39 @@ async def test_the_same_fingerprint_ten_times_in_a_minute_is_delivered_once_and_
         assert status == 200 and len(suppressed["items"]) == 9
         status, sent = await tenant.call("GET", "/api/v1/notifications?status=SENT", tenant.key)
         assert status == 200 and len(sent["items"]) == 1
+
+
+async def test_a_silence_created_while_a_group_is_open_leaves_its_matching_members_out_of_the_delivery(
+        services, clean_db, start_worker):
+    await retire_silences_left_on_topic(services.kafka_bootstrap_servers)
+    worker, group = await start(services, start_worker)
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        # Long enough for the silence to be created while the group is open, even on a loaded machine.
+        tenant, [rule_id] = await tenant_with_rules(http, services, worker, receiver,
+                                                    {**PAYMENTS, "group_window_s": 30})
+        alert_ids = [f"maintenance-{secrets.token_hex(4)}-{n}" for n in range(4)]  # context n = 0..3
+
+        await produce_alerts(services.kafka_bootstrap_servers, alert_ids)
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            deadline = time.monotonic() + 120  # a bound against hanging, not a measurement
+            while await conn.fetchval("SELECT count(*) FROM notification_alerts WHERE client_id = $1",
+                                      tenant.client_id) < len(alert_ids):
+                assert time.monotonic() < deadline, "the alerts never joined their group"
+                await asyncio.sleep(0.2)
+            # Every alert is a member of the open group, matched before the silence existed.
+            assert await conn.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1",
+                                       tenant.client_id) == 0
+        finally:
+            await conn.close()
+        status, silence = await tenant.call("POST", "/api/v1/silences", tenant.key, {
+            "source": "payments", "context_matchers": {"n": "1"}, "ends_at": time.time() + 3600,
+            "comment": "payments maintenance", "created_by": "oncall"})
+        assert status == 201, silence
+        [notification_id] = await wait_until_notified(services.database_url, tenant.client_id, 1)
+        await wait_until_consumed(services.kafka_bootstrap_servers, group, STAGES)
+
+        [post] = receiver.posts_to("hook-0")
+        assert post.body["notification_id"] == notification_id
+        assert sorted(a["alert_id"] for a in post.body["alerts"]) == sorted(alert_ids[:1] + alert_ids[2:])
+        assert (post.body["truncated_alerts"], post.body["group_rule_id"]) == (0, rule_id)
