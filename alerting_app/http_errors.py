@@ -1,13 +1,18 @@
 """aiohttp middleware: the web server's own error answers (no such route, a method a route does not
 take) as JSON like every other API error (web/errors.py), not aiohttp's plain text: a client
 parsing `{"error": ...}` gets one shape whatever went wrong. Postgres away under a running worker
-answers 503 `database_unavailable`, which a client retries, not a plain-text 500."""
+answers 503 `database_unavailable`, which a client retries, not a plain-text 500.
+
+A request aiohttp's HTTP parser refuses never reaches the middlewares: aiohttp answers its own
+plain-text 400, and its log says so in one line below ERROR (ParserRefusalsBelowError)."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +60,39 @@ async def database_unavailable(request: web.Request,
         return web.json_response({"error": "database_unavailable",
                                   "message": f"the database is unavailable ({type(exc).__name__}); try again later"},
                                  status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
+# The longest part of the parser's message kept in the log line: it quotes the refused request.
+REFUSAL_MESSAGE_CHARS = 200
+
+
+class ParserRefusalsBelowError(logging.Filter):
+    """One INFO line, not an ERROR with a traceback, for a request aiohttp's HTTP parser refused.
+
+    aiohttp answers such a request (a URL or header line over 8,190 bytes, more than 128 headers, a
+    bad Content-Length or Transfer-Encoding) with a plain-text 400 before any view or middleware
+    sees it, and logs it with `logger.exception`: junk that anyone can send without a token filled
+    the worker's log with tracebacks at ERROR, where alarms look. What aiohttp itself logs at
+    DEBUG (an invalid method as a connection's first request) stays at DEBUG, in one line too.
+    The server's own failures (any other exception, or a 5xx) keep their level and traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not (isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500):
+            return True
+        level = min(record.levelno, logging.INFO)
+        # The logger let the record through at its own level: a worker logging at WARNING drops it.
+        if not logging.getLogger(record.name).isEnabledFor(level):
+            return False
+        # The parser's message quotes the request's bytes over several lines: one line, cut short.
+        detail = " ".join(exc.message.split())[:REFUSAL_MESSAGE_CHARS]
+        record.msg = f"{record.getMessage()}: refused with {exc.code} ({type(exc).__name__}: {detail})"
+        record.args = ()
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+# On the logger itself, which outlives the logging set-up Faust's worker does later.
+server_logger.addFilter(ParserRefusalsBelowError())

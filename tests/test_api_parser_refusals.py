@@ -1,0 +1,113 @@
+"""Requests aiohttp's HTTP parser refuses (a line over 8,190 bytes, more than 128 headers, a bad
+Content-Length or Transfer-Encoding, an invalid method) answer aiohttp's plain-text 400 before any
+view sees them, and the worker logs each in one INFO line: before, each was an ERROR with a
+traceback, so junk anyone can send without a token filled the log where alarms look.
+The server's own errors keep ERROR and their traceback (alerting_app/http_errors.py)."""
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from urllib.parse import urlsplit
+
+import pytest
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from alerting_app.http_errors import ParserRefusalsBelowError
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: worker\r\n\r\n"
+FOO_AFTER_HEALTHZ = b"FOO / HTTP/1.1\r\nHost: worker\r\n\r\n"
+REFUSED = {
+    "a URL over 8,190 bytes": b"GET /api/v1/clients?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: worker\r\n\r\n",
+    "a header over 8,190 bytes": b"GET /healthz HTTP/1.1\r\nHost: worker\r\nX-Junk: " + b"a" * 9000 + b"\r\n\r\n",
+    "more than 128 headers": b"GET /healthz HTTP/1.1\r\nHost: worker\r\n"
+                             + b"".join(b"X-Junk-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+    "a Content-Length that is no number": b"POST /api/v1/alerts HTTP/1.1\r\nHost: worker\r\n"
+                                          b"Content-Length: abc\r\n\r\n",
+    "a Transfer-Encoding aiohttp does not know": b"POST /api/v1/alerts HTTP/1.1\r\nHost: worker\r\n"
+                                                 b"Transfer-Encoding: foo\r\n\r\n",
+    # As a connection's first request aiohttp logs an invalid method at DEBUG already; once it has
+    # answered one, at ERROR like the rest.
+    "an invalid method after a valid request": FOO_AFTER_HEALTHZ,
+}
+
+
+def exchange(url: str, raw: bytes, served_first: bytes = b"") -> bytes:
+    """Everything the server sends back for `raw`, until it closes the connection; `served_first` is
+    sent and answered on the same connection before."""
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        if served_first:
+            connection.sendall(served_first)
+            first = b""
+            while b"\r\n\r\n" not in first:
+                first += connection.recv(65536)
+            head, _, body = first.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += connection.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+        connection.sendall(raw)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.e2e
+def test_requests_the_http_parser_refuses_are_400_and_one_info_line_each(start_worker):
+    worker = start_worker(LOG_LEVEL="info")
+    before = len(worker.log())
+
+    for what, raw in REFUSED.items():
+        answer = exchange(worker.url, raw, served_first=HEALTHZ if raw is FOO_AFTER_HEALTHZ else b"")
+        assert b" 400 Bad Request\r\n" in answer, (what, answer[:300])
+
+    log = worker.log()[before:]
+    refusals = [line for line in log.splitlines() if "Error handling request from" in line]
+    assert len(refusals) == len(REFUSED), log
+    assert all("[INFO]" in line and ": refused with 400 (" in line for line in refusals), refusals
+    assert "Traceback" not in log and "[ERROR]" not in log, log
+
+
+def record_of(exc: BaseException, level: int = logging.ERROR) -> logging.LogRecord:
+    try:
+        raise exc
+    except BaseException:
+        return logging.LogRecord("aiohttp.server", level, __file__, 1, "Error handling request from %s",
+                                 ("203.0.113.9",), sys.exc_info())
+
+
+@pytest.fixture
+def server_logger_at_info(caplog):
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+
+
+def test_a_refused_request_becomes_one_info_line_naming_what_was_refused(server_logger_at_info):
+    record = record_of(BadHttpMessage("Invalid character in Content-Length:\n\n  b'Content-Length: abc'\n   ^"))
+
+    assert ParserRefusalsBelowError().filter(record)
+    assert (record.levelname, record.exc_info) == ("INFO", None)
+    assert record.getMessage() == ("Error handling request from 203.0.113.9: refused with 400 (BadHttpMessage: "
+                                   "Invalid character in Content-Length: b'Content-Length: abc' ^)")
+
+
+def test_the_quoted_request_is_cut_short(server_logger_at_info):
+    record = record_of(LineTooLong("a" * 9000, 8190))
+    assert ParserRefusalsBelowError().filter(record)
+    assert len(record.getMessage()) < 400
+
+
+def test_a_refused_request_is_dropped_when_the_server_logger_is_above_info(caplog):
+    caplog.set_level(logging.WARNING, logger="aiohttp.server")
+    assert not ParserRefusalsBelowError().filter(record_of(BadHttpMessage("junk")))
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("a bug"), BadHttpMessage("x")])
+def test_the_servers_own_errors_stay_errors_with_their_traceback(server_logger_at_info, exc):
+    if isinstance(exc, BadHttpMessage):
+        exc.code = 500  # a 5xx is the server's failure, whatever raised it
+    record = record_of(exc)
+    assert ParserRefusalsBelowError().filter(record)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert record.getMessage() == "Error handling request from 203.0.113.9"
