@@ -155,6 +155,18 @@ async def test_a_unix_time_that_is_no_time_is_refused_naming_the_field(api, tena
     assert reply.failing_fields() == {"ends_at"}
 
 
+@pytest.mark.parametrize("fields, message", [
+    # Without starts_at the silence starts now: an end in the past is in the past, not "before starts_at".
+    ({"ends_at": iso(-60)}, "must be in the future"),
+    ({"starts_at": iso(-120), "ends_at": iso(-60)}, "must be in the future"),
+    ({"starts_at": iso(600), "ends_at": iso(300)}, "must be after starts_at"),
+])
+async def test_an_end_in_the_past_or_before_the_start_is_refused_saying_which(api, tenant, fields, message):
+    reply = await api.call("POST", "/api/v1/silences", tenant.key, body(**fields))
+    assert reply.failing_fields() == {"ends_at"}
+    assert reply.body["fields"][0]["message"] == message
+
+
 async def test_missing_ends_at_comment_and_creator_are_each_named(api, tenant):
     reply = await api.call("POST", "/api/v1/silences", tenant.key, {"source": "payments"})
     assert reply.failing_fields() == {"ends_at", "comment", "created_by"}

@@ -135,10 +135,12 @@ def window_of(body: SilenceCreate, now: datetime) -> tuple[datetime, datetime]:
     starts_at = body.starts_at or now
     if starts_at <= EPOCH:
         raise ValidationFailed.field("starts_at", "must be after 1970-01-01T00:00:00Z")
-    if body.ends_at <= starts_at:
-        raise ValidationFailed.field("ends_at", "must be after starts_at")
+    # The past first: without starts_at, starts_at is now, and an end in the past was refused
+    # as "must be after starts_at", naming a field the client never sent.
     if body.ends_at <= now:
         raise ValidationFailed.field("ends_at", "must be in the future")
+    if body.ends_at <= starts_at:
+        raise ValidationFailed.field("ends_at", "must be after starts_at")
     return starts_at, body.ends_at
 
 
