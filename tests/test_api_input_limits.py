@@ -192,6 +192,22 @@ async def test_an_alert_with_a_deeply_nested_context_value_is_refused(api):
     assert reply.status == 422, reply.body
 
 
+# --- numbers too long for Python --------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/v1/rules", b'{"source": "s", "group_window_s": 1' + b"0" * 5000 + b"}"),
+    ("/api/v1/alerts", b'{"alert_id": "a", "event_ts": -' + b"9" * 5000 + b', "severity": "HIGH", '
+                       b'"source": "s", "name": "n"}'),
+])
+async def test_an_integer_of_thousands_of_digits_is_refused_as_too_long_without_pythons_hint(api, path, body):
+    # json.loads refuses integers past 4,300 digits with a message telling the caller to call
+    # sys.set_int_max_str_digits(): an internal detail, which the answer passed on as it was.
+    reply = await api.call("POST", path, api.admin_token, data=body)
+    assert reply.failing_fields() == {"body"}
+    [failure] = reply.body["fields"]
+    assert failure["message"] == "a number too long: an integer has at most 4300 digits"
+
+
 @pytest.mark.parametrize("encoding", ["foo", "gzip, br", "compress"])
 async def test_a_content_encoding_the_api_does_not_undo_is_415_not_read_as_it_is(api, encoding):
     # aiohttp hands these over still encoded: read as JSON, a plain body was accepted.

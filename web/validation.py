@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import datetime, timezone
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -126,8 +127,13 @@ def parse_json(raw: bytes) -> Any:
         data = json.loads(raw or b"", object_pairs_hook=_refuse_duplicate_keys)
     except _DuplicateKey as exc:
         raise ValidationFailed.field("body", f"the key {str(exc)!r} is given more than once") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ValidationFailed.field("body", f"invalid JSON: {exc}") from None
+    except ValueError:
+        # The one other ValueError json.loads raises: an integer past Python's limit on converting
+        # text to int, whose message tells the caller to call sys.set_int_max_str_digits().
+        raise ValidationFailed.field("body", f"a number too long: an integer has at most "
+                                             f"{sys.get_int_max_str_digits()} digits") from None
     except RecursionError:
         raise ValidationFailed.field("body", "invalid JSON: nested too deeply") from None
     if _SURROGATE_ESCAPE.search(raw):
