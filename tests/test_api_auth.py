@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+from test_api_support import API_LOOP, api, other_tenant, served_api_routes, tenant  # noqa: F401  (fixtures)
 
 pytestmark = API_LOOP
 
@@ -28,17 +28,6 @@ DOCUMENTED_ROUTES = {
     ("POST", "/api/v1/alerts"),
     ("GET", "/api/v1/worker/rules"), ("GET", "/api/v1/worker/silences"), ("POST", "/api/v1/worker/match"),
 }
-
-
-def served_api_routes() -> set[tuple[str, str]]:
-    import web  # noqa: F401  (registers the views)
-    from alerting_app.app import app
-
-    return {
-        (method, path)
-        for path, view in app.web.views.items() if path.startswith("/api/v1")
-        for method in view.get_methods() - {"HEAD"}
-    }
 
 
 async def test_the_api_serves_exactly_the_documented_routes():

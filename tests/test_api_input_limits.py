@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from test_api_support import API_LOOP, Tenant, api, tenant  # noqa: F401  (fixtures)
+from test_api_support import API_LOOP, Tenant, api, served_api_routes, tenant  # noqa: F401  (fixtures)
 from web.validation import MAX_BODY_BYTES
 
 pytestmark = API_LOOP
@@ -190,6 +190,33 @@ async def test_an_alert_with_a_deeply_nested_context_value_is_refused(api):
             b'"context": {"k": ' + DEEP + b"}}"
     reply = await api.call("POST", "/api/v1/alerts", api.admin_token, data=alert)
     assert reply.status == 422, reply.body
+
+
+# --- query parameters ----------------------------------------------------------------------------
+
+async def test_every_route_refuses_a_query_parameter_it_does_not_take_naming_it_and_does_nothing(api, tenant):
+    # Only the lists read query parameters, and they refused unknown ones; every other route
+    # ignored them: `DELETE /api/v1/clients/{id}?dry_run=true` deleted the client.
+    rule = await api.new_rule(tenant, source="query-parameters")
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"])
+    silence = await api.call("POST", "/api/v1/silences", tenant.key,
+                             {"source": "query-parameters", "ends_at": 4102444800, "comment": "c", "created_by": "me"})
+    assert silence.status == 201, silence.body
+    ids = {"client_id": tenant.client_id, "rule_id": rule["rule_id"], "endpoint_id": endpoint["endpoint_id"],
+           "silence_id": silence.body["silence_id"], "notification_id": "00000000-0000-4000-8000-000000000000"}
+    objects = [f"/api/v1/clients/{tenant.client_id}", f"/api/v1/rules/{rule['rule_id']}",
+               f"/api/v1/endpoints/{endpoint['endpoint_id']}", f"/api/v1/silences/{silence.body['silence_id']}"]
+    before = [(await api.call("GET", path, tenant.key)).body for path in objects]
+
+    answers = {}
+    for method, template in sorted(served_api_routes()):
+        reply = await api.call(method, template.format(**ids), api.admin_token, {}, params={"dry_run": "true"})
+        answers[method, template] = (reply.status, reply.body)
+
+    refused = (422, {"error": "validation_failed",
+                     "fields": [{"field": "dry_run", "message": "Extra inputs are not permitted"}]})
+    assert {route: answer for route, answer in answers.items() if answer != refused} == {}
+    assert [(await api.call("GET", path, tenant.key)).body for path in objects] == before  # the old key still works
 
 
 # --- numbers too long for Python --------------------------------------------------------------------

@@ -87,6 +87,18 @@ class Api:
         return reply.body
 
 
+def served_api_routes() -> set[tuple[str, str]]:
+    """(method, path template) of every /api/v1 route the worker serves."""
+    import web  # noqa: F401  (registers the views)
+    from alerting_app.app import app
+
+    return {
+        (method, path)
+        for path, view in app.web.views.items() if path.startswith("/api/v1")
+        for method in view.get_methods() - {"HEAD"}
+    }
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def api(services) -> Api:
     # Imported here: the app reads its settings at import, after conftest has set the environment.

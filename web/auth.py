@@ -2,8 +2,8 @@
 (INGEST_TOKEN), which may only send alerts.
 
 Client keys are stored only as sha256 hashes; the key itself is shown once, when the client is
-created. Every /api/v1 view derives from `ApiView`, so no handler runs unauthenticated, and none reads
-an unbounded body.
+created. Every /api/v1 view derives from `ApiView`, so no handler runs unauthenticated, none reads
+an unbounded body, and none runs with a query parameter it does not read.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from faust.web.exceptions import WebError
 
 from alerting_app import db
 from alerting_app.app import settings
-from web.errors import Forbidden, Unauthorized
-from web.validation import read_body
+from web.errors import Forbidden, Unauthorized, ValidationFailed
+from web.validation import NoQuery, parse_query, read_body
 
 # Recognisable in logs and by secret scanners.
 API_KEY_PREFIX = "alk_"
@@ -99,6 +99,12 @@ class ApiView(View):
     # handler, everywhere but where it is meant to go.
     accepts_alert_sources = False
 
+    # The methods whose handler reads query parameters: a list's GET, through parse_query and a
+    # model that refuses unknown ones. Every other handler reads none: a parameter given to it is
+    # refused (422 naming it, as a list does) before it runs. Ignored, it let
+    # `DELETE /api/v1/clients/{id}?dry_run=true` delete the client.
+    query_methods: frozenset[str] = frozenset()
+
     async def dispatch(self, request: Any) -> Any:
         try:
             caller = await authenticate(request)
@@ -107,6 +113,12 @@ class ApiView(View):
         except (Unauthorized, Forbidden) as exc:
             return await self.on_request_error(request, exc)
         request[CALLER] = caller
+        method = "GET" if request.method == "HEAD" else request.method  # Faust's head() is get()
+        if request.query and method not in self.query_methods:
+            try:
+                parse_query(request, NoQuery)
+            except ValidationFailed as exc:
+                return await self.on_request_error(request, exc)
         return await super().dispatch(request)
 
     async def read_request_content(self, request: Request) -> bytes:

@@ -75,6 +75,8 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
 
 @app.page("/api/v1/clients")
 class ClientsView(ApiView):
+    query_methods = frozenset({"GET"})  # the list's filters and paging
+
     async def post(self, request: Request) -> Response:
         self.caller(request).require_admin()
         body = parse_body(await self.read_request_content(request), ClientCreate)

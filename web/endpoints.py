@@ -169,6 +169,8 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
 
 @app.page("/api/v1/endpoints")
 class EndpointsView(ApiView):
+    query_methods = frozenset({"GET"})  # the list's filters and paging
+
     async def post(self, request: Request) -> Response:
         body = parse_body(await self.read_request_content(request), EndpointCreate)
         row = await create_endpoint(self.caller(request), body)

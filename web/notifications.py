@@ -77,6 +77,8 @@ async def with_deliveries(pool: asyncpg.Pool, rows: Sequence[Any]) -> list[dict[
 
 @app.page("/api/v1/notifications")
 class NotificationsView(ApiView):
+    query_methods = frozenset({"GET"})  # the list's filters and paging
+
     async def get(self, request: Request) -> Response:
         query = parse_query(request, NotificationQuery)
         pool = await db.api_pool()

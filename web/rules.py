@@ -151,6 +151,8 @@ async def delete_rule(rule_id: UUID, caller: Caller) -> bool:
 
 @app.page("/api/v1/rules")
 class RulesView(ApiView):
+    query_methods = frozenset({"GET"})  # the list's filters and paging
+
     async def post(self, request: Request) -> Response:
         body = parse_body(await self.read_request_content(request), RuleCreate)
         row = await create_rule(self.caller(request), body)

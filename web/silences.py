@@ -188,6 +188,8 @@ async def record_silence_deletes(conn: asyncpg.Connection, client_id: UUID) -> N
 
 @app.page("/api/v1/silences")
 class SilencesView(ApiView):
+    query_methods = frozenset({"GET"})  # the list's filters and paging
+
     async def post(self, request: Request) -> Response:
         body = parse_body(await self.read_request_content(request), SilenceCreate)
         row = await create_silence(self.caller(request), body)

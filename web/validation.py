@@ -13,7 +13,8 @@ from uuid import UUID
 
 from aiohttp.web_protocol import RequestPayloadError
 from faust.web import Request
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Strict, TypeAdapter, ValidationError
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Strict, TypeAdapter,
+                      ValidationError)
 
 from web.errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 
@@ -199,6 +200,13 @@ def parse_query(request: Request, model: type[M]) -> M:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
         raise ValidationFailed.from_pydantic(exc, whole="query") from None
+
+
+class NoQuery(BaseModel):
+    """The query of a handler that reads none: every parameter is unknown, and refused as a list
+    refuses one it does not take (ApiView.dispatch)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def path_id(value: str) -> UUID:
