@@ -203,6 +203,43 @@ async def test_delete_expires_the_silence_now_and_keeps_it_readable(api, tenant)
     assert events[1].silence.ends_at == datetime.fromisoformat(expired["ends_at"]).timestamp()
 
 
+async def test_a_silence_expired_while_its_expiry_waited_is_not_expired_again(api, tenant):
+    """Two DELETEs at once: the one whose transaction began first, waiting on the other's lock,
+    found the silence ending at the other's now(), after its own: it expired it again, a version
+    and an event more, ending earlier. Here the other expiry is made with the table locked, so
+    that it lands after the waiting request's transaction began."""
+    import asyncio
+
+    from alerting_app import db
+
+    silence = await new_silence(api, tenant)
+    path = f"/api/v1/silences/{silence['silence_id']}"
+    pool = await db.pool()
+    async with pool.acquire() as other:
+        transaction = other.transaction()
+        await transaction.start()
+        # Its own UPDATE below is not held up by its own lock; the request's is.
+        await other.execute("LOCK TABLE silences IN SHARE MODE")
+        expiring = asyncio.ensure_future(api.call("DELETE", path, tenant.key))
+        async with asyncio.timeout(30):  # a bound only
+            while not await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database() AND query LIKE '%UPDATE silences SET starts_at%'"):
+                assert not expiring.done(), (await expiring).body
+                await asyncio.sleep(0.02)
+        await other.execute("UPDATE silences SET starts_at = least(starts_at, clock_timestamp()),"
+                            " ends_at = clock_timestamp(), version = version + 1 WHERE silence_id = $1",
+                            silence["silence_id"])
+        ended_at = await other.fetchval("SELECT ends_at FROM silences WHERE silence_id = $1", silence["silence_id"])
+        await transaction.commit()
+    assert (await expiring).status == 204
+
+    expired = (await api.call("GET", path, tenant.key)).body
+    assert (expired["state"], expired["version"]) == ("expired", 2)
+    assert datetime.fromisoformat(expired["ends_at"]) == ended_at
+    assert [event.version for event in await outbox_events(silence["silence_id"])] == [1]
+
+
 async def test_a_pending_silence_expired_before_it_starts_never_becomes_active(api, tenant):
     silence = await new_silence(api, tenant, starts_at=iso(600), ends_at=iso(1200))
     assert silence["state"] == "pending"

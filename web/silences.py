@@ -99,10 +99,13 @@ INSERT = f"""
     RETURNING {COLUMNS}
 """
 # A pending silence expired before it started keeps an empty window (starts_at = ends_at).
+# Ended is judged by the clock (clock_timestamp), not by now(), when this transaction began: an
+# expiry that waited on a concurrent one's lock then finds it ended, at that one's now(), which may
+# be after this one's, and leaves it (no second version, no second event, no earlier end).
 EXPIRE = f"""
     UPDATE silences SET starts_at = least(starts_at, now()), ends_at = now(),
                         version = version + 1, updated_at = now()
-    WHERE silence_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND ends_at > now()
+    WHERE silence_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND ends_at > clock_timestamp()
     RETURNING {COLUMNS}
 """
 
