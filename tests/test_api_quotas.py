@@ -126,6 +126,35 @@ async def test_a_client_replaces_its_own_key_and_the_old_one_stops_working(api, 
     assert (await api.call("GET", "/api/v1/rules", by_admin.body["api_key"])).status == 200
 
 
+async def test_a_key_replaced_while_a_replacement_with_it_waited_does_not_replace_the_new_one(api, tenant):
+    """The leaked key's holder asks for a new key as the owner replaces it: authenticated with the
+    old key a moment before the owner's replacement committed, its own replacement used to wait for
+    that one's lock, then replace the owner's new key with one for the leaked key's holder, who kept
+    access and locked the owner out. It is refused now, as the old key is from that moment."""
+    from alerting_app import db
+    from web.auth import hash_api_key, new_api_key
+
+    owners_key = new_api_key()
+    pool = await db.pool()
+    async with pool.acquire() as owner:
+        transaction = owner.transaction()
+        await transaction.start()
+        await owner.execute("UPDATE clients SET api_key_hash = $2 WHERE client_id = $1", tenant.client_id,
+                            hash_api_key(owners_key))
+        leaked = asyncio.ensure_future(api.call("POST", f"/api/v1/clients/{tenant.client_id}/key", tenant.key))
+        async with asyncio.timeout(30):  # a bound only
+            while not await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database() AND query LIKE '%UPDATE clients SET api_key_hash%'"):
+                assert not leaked.done(), (await leaked).body
+                await asyncio.sleep(0.02)
+        await transaction.commit()
+
+    assert (await leaked).status == 401, (await leaked).body
+    assert (await api.call("GET", "/api/v1/rules", owners_key)).status == 200
+    assert (await api.call("GET", "/api/v1/rules", tenant.key)).status == 401
+
+
 async def test_an_endpoint_gets_a_new_secret_which_deliveries_sign_with(api, tenant, other_tenant):
     from alerting_app import db
     from alerting_app.delivery.records import endpoints_now

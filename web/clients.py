@@ -11,7 +11,7 @@ from alerting_app import db
 from alerting_app.app import app
 from alerting_app.contracts import RuleChanged
 from web.auth import ApiView, Caller, hash_api_key, new_api_key
-from web.errors import NotFound
+from web.errors import NotFound, Unauthorized
 from web.pagination import PageQuery, page_of
 from web.schemas import ClientCreate, ClientCreated, ClientOut, ClientPatch
 from web.silences import record_silence_deletes
@@ -40,9 +40,13 @@ RENAME = f"""
     RETURNING {COLUMNS}
 """
 # A new key replaces the old one at once: authentication looks the hash up on every request.
+# Asked with a client key ($4, its hash; NULL for the admin), only while that key is still the
+# client's: a request authenticated a moment before another replacement committed would otherwise
+# replace the new key in turn, and a leaked key's holder, asking at the moment its owner replaces
+# it, would get a working key while the owner's stopped working.
 NEW_KEY = f"""
     UPDATE clients SET api_key_hash = $3, updated_at = now()
-    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND ($4::text IS NULL OR api_key_hash = $4)
     RETURNING {COLUMNS}
 """
 LOCK_CLIENT = "SELECT 1 FROM clients WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) FOR UPDATE"
@@ -123,11 +127,13 @@ class ClientKeyView(ApiView):
     answers 401 from now on. For a leaked key: before this, deleting the client was the only way."""
 
     async def post(self, request: Request, client_id: str) -> Response:
+        id_, caller = path_id(client_id), self.caller(request)
         api_key = new_api_key()
         pool = await db.api_pool()
-        row = await pool.fetchrow(NEW_KEY, path_id(client_id), self.caller(request).client_id,
-                                  hash_api_key(api_key))
+        row = await pool.fetchrow(NEW_KEY, id_, caller.client_id, hash_api_key(api_key), caller.key_hash)
         if row is None:
+            if caller.client_id is not None and caller.client_id == id_:
+                raise Unauthorized()  # its key was replaced (or its client deleted) since it was looked up
             raise NotFound()
         created = ClientCreated(**client_out(row).model_dump(), api_key=api_key)
         return self.json(created.model_dump(mode="json"))
