@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import asyncpg
 from faust.types import TopicT
@@ -57,42 +58,67 @@ SILENCE_OUTBOX = Outbox("silence_outbox", "silence_id", silence_changed)
 OUTBOXES = (RULE_OUTBOX, SILENCE_OUTBOX)
 
 
-# A deletion is also kept (migrations/007_deletions.sql), for republishing.
-_REMEMBER_DELETION = """
-INSERT INTO {table} AS d ({key_column}, client_id, version) VALUES ($1, $2, $3)
+# One statement per table however many events: a client's deletion queues one event per rule (up to
+# MAX_RULES_PER_CLIENT) and per silence in the transaction that holds its row, and a statement per
+# event made deleting a client with 10,000 rules and 1,000 silences take 6 to 10 s (under 1 s so).
+# In array order, so that a key's later version gets the larger outbox id, as from one call per event.
+_QUEUE = """
+INSERT INTO {table} ({key_column}, payload)
+SELECT key, payload FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY AS event(key, payload, n) ORDER BY n
+"""
+# A deletion is also kept (migrations/007_deletions.sql), for republishing; a key deleted twice in
+# one call keeps its greater version, as from one call per event.
+_REMEMBER_DELETIONS = """
+INSERT INTO {table} AS d ({key_column}, client_id, version)
+SELECT DISTINCT ON (key) key, client_id, version
+FROM unnest($1::uuid[], $2::uuid[], $3::integer[]) AS deleted(key, client_id, version) ORDER BY key, version DESC
 ON CONFLICT ({key_column}) DO UPDATE SET version = GREATEST(d.version, EXCLUDED.version)
 """
 
 
+async def _record_changes(conn: asyncpg.Connection, outbox: Outbox, deletions_table: str,
+                          events: Sequence[RuleChanged | SilenceChanged]) -> None:
+    if not events:
+        return
+    keys = [getattr(event, outbox.key_column) for event in events]
+    await conn.execute(_QUEUE.format(table=outbox.table, key_column=outbox.key_column),
+                       keys, [event.model_dump(mode="json") for event in events])
+    deleted = [(key, event.client_id, event.version) for key, event in zip(keys, events) if event.action == "delete"]
+    if deleted:
+        await conn.execute(_REMEMBER_DELETIONS.format(table=deletions_table, key_column=outbox.key_column),
+                           *(list(column) for column in zip(*deleted)))
+
+
 async def record_rule_change(conn: asyncpg.Connection, event: RuleChanged) -> None:
     """Queue `event` for rule.changed; call inside the transaction that makes the change."""
-    await conn.execute(
-        "INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
-        event.rule_id,
-        event.model_dump(mode="json"),
-    )
-    if event.action == "delete":
-        await conn.execute(_REMEMBER_DELETION.format(table="deleted_rules", key_column="rule_id"),
-                           event.rule_id, event.client_id, event.version)
+    await record_rule_changes(conn, [event])
+
+
+async def record_rule_changes(conn: asyncpg.Connection, events: Sequence[RuleChanged]) -> None:
+    """`record_rule_change` for each event, in order, in two statements at most."""
+    await _record_changes(conn, RULE_OUTBOX, "deleted_rules", events)
 
 
 async def record_silence_change(conn: asyncpg.Connection, event: SilenceChanged) -> None:
     """Queue `event` for silence.changed; call inside the transaction that makes the change."""
-    await conn.execute(
-        "INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
-        event.silence_id,
-        event.model_dump(mode="json"),
-    )
-    if event.action == "delete":
-        await conn.execute(_REMEMBER_DELETION.format(table="deleted_silences", key_column="silence_id"),
-                           event.silence_id, event.client_id, event.version)
+    await record_silence_changes(conn, [event])
+
+
+async def record_silence_changes(conn: asyncpg.Connection, events: Sequence[SilenceChanged]) -> None:
+    """`record_silence_change` for each event, in order, in two statements at most."""
+    await _record_changes(conn, SILENCE_OUTBOX, "deleted_silences", events)
+
+
+def silence_deleted(silence_id: str, client_id: str, version: int) -> SilenceChanged:
+    """The deletion of a silence held at `version`: its delete event is one version up, so no late
+    upsert revives it."""
+    return SilenceChanged(silence_id=silence_id, client_id=client_id, version=version + 1, action="delete")
 
 
 async def record_silence_deleted(conn: asyncpg.Connection, silence_id: str, client_id: str, version: int) -> None:
-    """Queue the deletion of a silence held at `version` (its delete event is one version up, so no
-    late upsert revives it); call inside the transaction that deletes the row."""
-    await record_silence_change(conn, SilenceChanged(
-        silence_id=silence_id, client_id=client_id, version=version + 1, action="delete"))
+    """Queue the deletion of a silence held at `version` (`silence_deleted`); call inside the
+    transaction that deletes the row."""
+    await record_silence_change(conn, silence_deleted(silence_id, client_id, version))
 
 
 # Each item's current state, or its remembered deletion; all of them when the ids are NULL.

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
-from alerting_app.contracts import RuleChanged
+from alerting_app.contracts import Rule, RuleChanged
 from kafka_probe import read_topic
 from test_api_support import API_LOOP, api, broker, other_tenant, tenant  # noqa: F401  (fixtures)
 
@@ -81,6 +82,78 @@ async def test_deleting_a_client_writes_a_delete_event_for_each_of_its_rules(api
         ("upsert", 1, True), ("upsert", 2, False), ("delete", 3, None),
     ]
     assert summary(await outbox_events(bystander["rule_id"])) == [("upsert", 1, True)]
+
+
+async def test_deleting_a_client_queues_and_remembers_the_deletion_of_each_rule_and_silence_one_version_up(
+        api, tenant, other_tenant):
+    """Written for all of the client's rules (and silences) at once: each event is the contract's
+    delete at the next version, after the key's earlier events, and remembered for republishing."""
+    from alerting_app import db
+    from alerting_app.contracts import SilenceChanged
+
+    rules = [await api.new_rule(tenant, source=f"s{n}") for n in range(3)]
+    for n, rule in enumerate(rules):  # held at versions 1, 2 and 3
+        for version in range(1, n + 1):
+            assert (await api.call("PATCH", f"/api/v1/rules/{rule['rule_id']}", tenant.key,
+                                   {"version": version, "enabled": version % 2 == 0})).status == 200
+    silence_body = {"source": "payments", "ends_at": time.time() + 3600, "comment": "deploying",
+                    "created_by": "ops@example.com"}
+    silences = [(await api.call("POST", "/api/v1/silences", who.key, silence_body)).body
+                for who in (tenant, tenant, other_tenant)]
+    assert (await api.call("DELETE", f"/api/v1/silences/{silences[1]['silence_id']}", tenant.key)).status == 204
+    bystander = await api.new_rule(other_tenant)
+
+    assert (await api.call("DELETE", f"/api/v1/clients/{tenant.client_id}", api.admin_token)).status == 204
+
+    def without_time(payload: dict) -> dict:
+        return {name: value for name, value in payload.items() if name != "changed_at"}
+
+    pool = await db.pool()
+    clients = [tenant.client_id, other_tenant.client_id]
+    for rule, held in zip(rules, (1, 2, 3)):
+        events = await outbox_events(rule["rule_id"])
+        assert [event.version for event in events] == list(range(1, held + 2))  # in outbox id order
+        assert without_time(events[-1].model_dump(mode="json")) == without_time(RuleChanged(
+            rule_id=rule["rule_id"], client_id=tenant.client_id, version=held + 1, action="delete").model_dump(mode="json"))
+    for silence, held in zip(silences[:2], (1, 2)):
+        rows = await pool.fetch("SELECT payload FROM silence_outbox WHERE silence_id = $1 ORDER BY outbox_id",
+                                silence["silence_id"])
+        assert [row["payload"]["version"] for row in rows] == list(range(1, held + 2))
+        assert without_time(rows[-1]["payload"]) == without_time(SilenceChanged(
+            silence_id=silence["silence_id"], client_id=tenant.client_id, version=held + 1,
+            action="delete").model_dump(mode="json"))
+    remembered = {str(row["rule_id"]): (str(row["client_id"]), row["version"])
+                  for row in await pool.fetch("SELECT rule_id, client_id, version FROM deleted_rules"
+                                             " WHERE client_id = ANY($1::uuid[])", clients)}
+    assert remembered == {rule["rule_id"]: (tenant.client_id, held + 1) for rule, held in zip(rules, (1, 2, 3))}
+    remembered = {str(row["silence_id"]): (str(row["client_id"]), row["version"])
+                  for row in await pool.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
+                                             " WHERE client_id = ANY($1::uuid[])", clients)}
+    assert remembered == {silence["silence_id"]: (tenant.client_id, held + 1)
+                          for silence, held in zip(silences[:2], (1, 2))}
+    assert summary(await outbox_events(bystander["rule_id"])) == [("upsert", 1, True)]
+
+
+async def test_events_recorded_together_keep_their_order_and_a_key_deleted_twice_keeps_its_greater_version(api):
+    from agents.rule_outbox import record_rule_changes
+    from alerting_app import db
+
+    first, second, client_id = (str(uuid.uuid4()) for _ in range(3))
+    rule = Rule(rule_id=first, client_id=client_id, severity="HIGH", source="payments", name="*", version=1)
+    events = [RuleChanged.upsert(rule),
+              RuleChanged(rule_id=first, client_id=client_id, version=2, action="delete"),
+              RuleChanged(rule_id=second, client_id=client_id, version=4, action="delete"),
+              RuleChanged(rule_id=first, client_id=client_id, version=3, action="delete")]
+    pool = await db.pool()
+    async with pool.acquire() as conn, conn.transaction():
+        await record_rule_changes(conn, events)
+
+    rows = await pool.fetch("SELECT payload FROM rule_outbox WHERE rule_id = ANY($1::uuid[]) ORDER BY outbox_id",
+                            [first, second])
+    assert [RuleChanged.model_validate(row["payload"]) for row in rows] == events
+    remembered = await pool.fetch("SELECT rule_id, version FROM deleted_rules WHERE rule_id = ANY($1::uuid[])",
+                                  [first, second])
+    assert {str(row["rule_id"]): row["version"] for row in remembered} == {first: 3, second: 4}
 
 
 async def test_the_relay_sends_events_to_rule_changed_in_order_then_deletes_them(api, tenant, broker):

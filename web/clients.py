@@ -6,7 +6,7 @@ from uuid import UUID, uuid4
 
 from faust.web import Request, Response
 
-from agents.rule_outbox import record_rule_change, wake_up
+from agents.rule_outbox import record_rule_changes, wake_up
 from alerting_app import db
 from alerting_app.app import app
 from alerting_app.contracts import RuleChanged
@@ -66,11 +66,11 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
         # find no client: no rule can appear after its delete event was written.
         if await conn.fetchval(LOCK_CLIENT, client_id, caller.client_id) is None:
             return False
-        for rule in await conn.fetch(LOCK_RULES, client_id):
-            await record_rule_change(conn, RuleChanged(
-                rule_id=str(rule["rule_id"]), client_id=str(client_id),
-                version=rule["version"] + 1, action="delete",
-            ))
+        await record_rule_changes(conn, [
+            RuleChanged(rule_id=str(rule["rule_id"]), client_id=str(client_id), version=rule["version"] + 1,
+                        action="delete")
+            for rule in await conn.fetch(LOCK_RULES, client_id)
+        ])
         await record_silence_deletes(conn, client_id)
         await conn.execute(DELETE, client_id)
     wake_up()

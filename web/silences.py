@@ -16,7 +16,7 @@ import asyncpg
 from faust.web import Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from agents.rule_outbox import record_silence_change, record_silence_deleted, wake_up
+from agents.rule_outbox import record_silence_change, record_silence_changes, silence_deleted, wake_up
 from alerting_app import db
 from alerting_app.app import app
 from alerting_app.contracts import (NO_NUL, WILDCARD, Comment, ContextKey, ContextValue, SilenceChanged,
@@ -185,8 +185,8 @@ async def expire_silence(silence_id: UUID, caller: Caller) -> bool:
 
 async def record_silence_deletes(conn: asyncpg.Connection, client_id: UUID) -> None:
     """Announce the deletion of every silence of a client being deleted, inside that transaction."""
-    for silence in await conn.fetch(LOCK_CLIENT_SILENCES, client_id):
-        await record_silence_deleted(conn, str(silence["silence_id"]), str(client_id), silence["version"])
+    await record_silence_changes(conn, [silence_deleted(str(silence["silence_id"]), str(client_id), silence["version"])
+                                        for silence in await conn.fetch(LOCK_CLIENT_SILENCES, client_id)])
 
 
 @app.page("/api/v1/silences")
