@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from uuid import UUID
 
 import asyncpg
 
@@ -44,38 +45,59 @@ PRUNE_BATCH_SIZE = 5_000
 # Memberships go in the same statement as their notification: a membership whose notification row
 # is missing means "group still open" (agents/match_outcomes.py `_RECORDED`), so one left behind
 # would reopen a group for a redelivered member.
-_PRUNE_NOTIFICATIONS = """
+# {which}: the notifications to consider, with parameters from $2 ($1 is the batch size).
+_DELETE_SETTLED_NOTIFICATIONS = """
 WITH doomed AS (
     SELECT notification_id FROM notifications
-    WHERE created_at < now() - make_interval(secs => $1) AND status <> 'PENDING' AND emitted
+    WHERE {which} AND status <> 'PENDING' AND emitted
       -- Settled, yet with a delivery still PENDING (opened as it settled: a race records._OPEN
       -- narrows but cannot close): kept until that delivery is done.
       AND NOT EXISTS (SELECT 1 FROM deliveries d
                       WHERE d.notification_id = notifications.notification_id AND d.status = 'PENDING')
     ORDER BY created_at
-    LIMIT $2
+    LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), members AS (
     DELETE FROM notification_alerts a USING doomed d WHERE a.notification_id = d.notification_id
 )
 DELETE FROM notifications n USING doomed d WHERE n.notification_id = d.notification_id
 """
+_PRUNE_NOTIFICATIONS = _DELETE_SETTLED_NOTIFICATIONS.format(which="created_at < now() - make_interval(secs => $2)")
+# A client's, for its deletion (web/clients.py): those created before the deletion began ($3), so
+# the batches end even while the pipeline keeps notifying the client.
+_DELETE_CLIENT_HISTORY = _DELETE_SETTLED_NOTIFICATIONS.format(which="client_id = $2 AND created_at < $3")
+
+
+async def _deleted_in_batches(pool: asyncpg.Pool, statement: str, batch_size: int, *args: object) -> AsyncIterator[int]:
+    """How many notifications each batch of `statement` deleted, one transaction each, until a
+    batch deletes fewer than `batch_size`.
+
+    Small batches keep each transaction, and the locks and WAL it holds, short, so a run over a
+    large backlog does not stall the pipeline's own writes.
+    """
+    while True:
+        deleted = int((await pool.execute(statement, batch_size, *args)).split()[-1])
+        yield deleted
+        if deleted < batch_size:
+            return
 
 
 async def prune_notifications(pool: asyncpg.Pool, older_than_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
-    """Delete the settled notifications created more than `older_than_s` ago, a batch per transaction; how many.
-
-    Small batches keep each transaction, and the locks and WAL it holds, short, so the first run
-    over a large backlog does not stall the pipeline's own writes.
-    """
+    """Delete the settled notifications created more than `older_than_s` ago, a batch per transaction; how many."""
     pruned = 0
-    while True:
-        status = await pool.execute(_PRUNE_NOTIFICATIONS, float(older_than_s), batch_size)
-        deleted = int(status.split()[-1])
+    async for deleted in _deleted_in_batches(pool, _PRUNE_NOTIFICATIONS, batch_size, float(older_than_s)):
         metrics.notifications_pruned.inc(deleted)
         pruned += deleted
-        if deleted < batch_size:
-            return pruned
+    return pruned
+
+
+async def delete_client_history(pool: asyncpg.Pool, client_id: UUID, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+    """Delete the client's settled notifications, as retention does but whatever their age, a batch
+    per transaction; how many. Those still in the pipeline's hands, and those created meanwhile,
+    are left to the cascade of the client's own deletion."""
+    began = await pool.fetchval("SELECT now()")
+    return sum([deleted async for deleted in _deleted_in_batches(pool, _DELETE_CLIENT_HISTORY, batch_size,
+                                                                  client_id, began)])
 
 
 # Locked, so an API change of the same silence waits and then finds it gone; SKIP LOCKED, so a

@@ -1,6 +1,8 @@
 """/api/v1/clients: the admin creates tenants; a tenant sees and renames only itself."""
 from __future__ import annotations
 
+import uuid
+
 from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
 
 pytestmark = API_LOOP
@@ -94,3 +96,69 @@ async def test_a_deleted_client_is_gone_with_its_rules(api, tenant):
 
 async def test_an_id_that_is_not_a_uuid_is_not_found(api):
     assert (await api.call("GET", "/api/v1/clients/not-a-uuid", api.admin_token)).status == 404
+
+
+async def history(pool, client_id: str) -> tuple[int, int, int]:
+    """How many notifications, deliveries and group memberships the client has."""
+    return (
+        await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", client_id),
+        await pool.fetchval("SELECT count(*) FROM deliveries d JOIN notifications n USING (notification_id)"
+                            " WHERE n.client_id = $1", client_id),
+        await pool.fetchval("SELECT count(*) FROM notification_alerts WHERE client_id = $1", client_id),
+    )
+
+
+async def insert_history(pool, client_id: str, settled: int) -> None:
+    """`settled` notifications the pipeline is done with, each with 2 deliveries and 2 memberships,
+    and one still PENDING (its delivery due): the deletion's own cascade takes that one."""
+    await pool.execute("""
+        WITH made AS (
+            INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, status, emitted,
+                                       created_at)
+            SELECT gen_random_uuid(), $1, 'alert-' || n, '[]', '{}', CASE WHEN n = 0 THEN 'PENDING' ELSE 'SENT' END,
+                   true, now() - make_interval(secs => n)
+            FROM generate_series(0, $2) AS n
+            RETURNING notification_id, status
+        ), deliveries AS (
+            INSERT INTO deliveries (notification_id, endpoint_id, channel, status, attempts)
+            SELECT notification_id, gen_random_uuid(), 'webhook', status, 1 FROM made, generate_series(1, 2)
+        )
+        INSERT INTO notification_alerts (client_id, alert_id, notification_id)
+        SELECT $1, 'member-' || m || '-' || notification_id, notification_id FROM made, generate_series(1, 2) AS m
+    """, client_id, settled)
+
+
+async def test_a_client_with_more_history_than_a_batch_is_deleted_a_batch_per_transaction(
+        api, tenant, other_tenant, monkeypatch):
+    # In one transaction, Postgres cascades to each notification's deliveries one at a time: a few
+    # hundred thousand outlasted API_DATABASE_TIMEOUT_S, and such a client could never be deleted.
+    import web.clients
+    from alerting_app import db
+
+    monkeypatch.setattr(web.clients, "HISTORY_BATCH_SIZE", 10)
+    pool = await db.pool()
+    await insert_history(pool, tenant.client_id, 35)
+    await insert_history(pool, other_tenant.client_id, 3)
+    # Which transaction deleted each of the client's notifications, as Postgres saw it.
+    log = f"deleting_transactions_{uuid.uuid4().hex}"
+    await pool.execute(f"""
+        CREATE TABLE {log} (xid bigint NOT NULL);
+        CREATE FUNCTION {log}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN INSERT INTO {log} VALUES (txid_current()); RETURN NULL; END $$;
+        CREATE TRIGGER {log} AFTER DELETE ON notifications FOR EACH ROW
+            WHEN (OLD.client_id = '{tenant.client_id}') EXECUTE FUNCTION {log}();
+    """)
+    try:
+        reply = await api.call("DELETE", f"/api/v1/clients/{tenant.client_id}", api.admin_token)
+        transactions = await pool.fetchval(f"SELECT count(DISTINCT xid) FROM {log}")
+        deleted = await pool.fetchval(f"SELECT count(*) FROM {log}")
+    finally:
+        await pool.execute(f"DROP TRIGGER {log} ON notifications; DROP FUNCTION {log}(); DROP TABLE {log}")
+
+    assert reply.status == 204, reply.body
+    assert (await api.call("GET", f"/api/v1/clients/{tenant.client_id}", api.admin_token)).status == 404
+    assert await history(pool, tenant.client_id) == (0, 0, 0)
+    assert deleted == 36
+    # 35 settled in batches of 10 (4 transactions), the PENDING one with the client (1 more).
+    assert transactions == 5
+    assert await history(pool, other_tenant.client_id) == (4, 8, 8)
