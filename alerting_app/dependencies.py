@@ -75,8 +75,21 @@ async def broker_topics_missing(broker: Broker, topics: Iterable[str] = (),
 
 async def postgres_ready(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """A fresh connection (before the app's pool exists) answers, and the schema is migrated."""
+    conn = await _postgres_connection(url, timeout)
     try:
-        conn = await asyncpg.connect(url, timeout=timeout)
+        return await schema_behind(conn)
+    finally:
+        await conn.close()
+
+
+async def postgres_answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """The server of `url` takes a login to its database (the schema may not be migrated yet)."""
+    await (await _postgres_connection(url, timeout)).close()
+
+
+async def _postgres_connection(url: str, timeout: float) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, timeout=timeout)
     except asyncpg.ClientConfigurationError as exc:
         # Refused before connecting, from the URL and this machine's files (sslmode=verify-full with
         # no root certificate where asyncpg looks by default): the same at every attempt.
@@ -88,10 +101,6 @@ async def postgres_ready(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | No
         # its reason only in its log. (The server's message names the user or database, never the
         # password.)
         raise Misconfigured(f"DATABASE_URL: the server refused the login: {exc}") from None
-    try:
-        return await schema_behind(conn)
-    finally:
-        await conn.close()
 
 
 async def pool_ready(pool: Awaitable[asyncpg.Pool]) -> str | None:

@@ -9,7 +9,9 @@ still committing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -20,17 +22,20 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Awaitable, Callable, Iterator
 
 from agents.rule_outbox import republish_all_silences
 from alerting_app.embedded import (ChildProcess, EmbeddedServices, hold_lock, lock_holder, port_accepts,
                                    process_alive)
+from alerting_app.dependencies import (DependencyState, broker_topics_missing, postgres_answers, probe,
+                                       redis_answers, redis_probe_client)
 from alerting_app.healthcheck import worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import republish
 from alerting_app.migrate import apply_migrations
 from alerting_app.settings import Settings, without_passwords
+from alerting_app.startup_wait import FIRST_DELAY_S, MAX_DELAY_S
 
 _WORKER_READY_TIMEOUT_S = 300.0
 
@@ -182,6 +187,7 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
             if token_generated:  # the one printed; not written when one is set
                 env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
             local_run_defaults(env)
+            wait_for_given_services(settings, missing)
             _prepare(env, settings)
             with WorkerProcess(env, data_dir / "worker.log", holding=lock_file) as worker:
                 print(f"starting the worker (log: {worker.log_path})…", flush=True)
@@ -220,6 +226,61 @@ def _missing(settings: Settings) -> dict[str, bool]:
         "postgres": settings.database_url is None,
         "redis": settings.redis_url is None,
     }
+
+
+def wait_for_given_services(settings: Settings, embedded: dict[str, bool]) -> None:
+    """Wait, saying so on the terminal, until each service of a URL the user set answers.
+
+    The migrations came first and failed at once, naming no variable ("up failed: [Errno 111]
+    Connect call failed"), while a Redis away made the worker wait silently for 5 minutes, its
+    reason only in worker.log. Like the worker, `up` now waits for them, naming each one it
+    waits for; what no wait fixes (a refused login, no such database) stops it at once.
+    """
+    given = {}  # variable: (its value, a probe of it)
+    if not embedded["kafka"]:
+        given["KAFKA_BOOTSTRAP_SERVERS"] = (settings.kafka_bootstrap_servers,
+                                            lambda: broker_topics_missing(kafka_connection(settings)))
+    if not embedded["postgres"]:
+        given["DATABASE_URL"] = (settings.database_url, lambda: postgres_answers(settings.database_url))
+    if not embedded["redis"]:
+        given["REDIS_URL"] = (settings.redis_url, lambda: _redis_probe(settings.redis_url))
+    delay = FIRST_DELAY_S
+    while given:
+        with _aiokafka_quiet():  # it logs an ERROR per refused connection; the line below says it once
+            states = asyncio.run(_probe_all(given))
+        wrong = [state.detail for state in states if state.misconfigured]
+        if wrong:
+            raise SystemExit("Invalid configuration:\n" + "\n".join(f"  {detail}" for detail in wrong))
+        waiting = [state for state in states if not state.ok]
+        if not waiting:
+            return
+        print("waiting for " + "; ".join(f"{state.name} {without_passwords(given[state.name][0])} ({state.detail})"
+                                         for state in waiting) + f"; retrying in {delay:.1f}s", flush=True)
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_DELAY_S)
+
+
+@contextlib.contextmanager
+def _aiokafka_quiet() -> Iterator[None]:
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        kafka_log.setLevel(level)
+
+
+async def _probe_all(given: dict[str, tuple[str, Callable[[], Awaitable[str | None]]]]) -> list[DependencyState]:
+    return list(await asyncio.gather(*(probe(variable, check()) for variable, (_, check) in given.items())))
+
+
+async def _redis_probe(url: str) -> None:
+    client = redis_probe_client(url)
+    try:
+        await redis_answers(client)
+    finally:
+        await client.aclose()
 
 
 def _prepare(env: dict[str, str], settings: Settings) -> None:

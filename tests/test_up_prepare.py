@@ -172,3 +172,46 @@ def test_the_local_run_binds_to_this_machine_also_when_web_bind_is_set_empty():
     chosen = {"WEB_BIND": "0.0.0.0", "ALLOW_PRIVATE_ENDPOINTS": "false"}
     local_run_defaults(chosen)
     assert chosen == {"WEB_BIND": "0.0.0.0", "ALLOW_PRIVATE_ENDPOINTS": "false"}
+
+
+def test_up_waits_for_a_service_url_that_does_not_answer_naming_it_and_ctrl_c_stops_it(services, tmp_path):
+    # The migrations came first and failed at once without naming the variable ("up failed: [Errno
+    # 111] Connect call failed"); a Redis away made the worker wait silently, its reason in worker.log.
+    import signal
+    import subprocess
+
+    from alerting_app.embedded import free_port
+    from alerting_app.up import alerting_app_executable
+
+    data_dir = tmp_path / "data"
+    nothing_there = f"postgresql://postgres@127.0.0.1:{free_port()}/alerting"
+    up = subprocess.Popen([alerting_app_executable(), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port()),
+                                          "DATABASE_URL": nothing_there},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        output = read_lines_until(up.stdout, lambda line: line.startswith("waiting for"), '"waiting for"', 120)
+        assert output[-1].startswith(f"waiting for DATABASE_URL {nothing_there} ("), output
+        read_lines_until(up.stdout, lambda line: line.startswith("waiting for"), 'a second "waiting for"', 60)
+
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 0 and rest.strip().endswith("stopped"), rest
+    assert not (data_dir / "worker.log").exists()
+
+
+def test_up_refuses_a_database_that_does_not_exist_at_once_naming_database_url(services, tmp_path):
+    import subprocess
+
+    from alerting_app.embedded import free_port, with_database
+    from alerting_app.up import alerting_app_executable
+
+    no_database = with_database(os.environ["DATABASE_URL"], f"no_such_database_{os.getpid()}")
+    up = subprocess.run([alerting_app_executable(), "up"], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "DATA_DIR": str(tmp_path / "data"), "WEB_PORT": str(free_port()),
+                             "DATABASE_URL": no_database})
+    assert up.returncode == 1
+    assert "DATABASE_URL: the server refused the login" in up.stderr and "does not exist" in up.stderr, up.stderr
