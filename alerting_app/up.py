@@ -137,6 +137,18 @@ def _interrupt(signum: int, frame: object) -> None:
 _PREVIOUS_WORKER_STOP_S = 60.0  # its stop, its services gone with the killed `up`, may wait on their timeouts
 
 
+def _create_data_dir(data_dir: Path) -> None:
+    # Named as the worker names it: a bare "up failed: [Errno 17] File exists: '/x'" said neither
+    # which setting nor what was wrong with a path that, indeed, exists.
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SystemExit(f"Invalid configuration:\n  DATA_DIR: {data_dir} is a file, not a folder") from None
+    except OSError as exc:
+        raise SystemExit(f"Invalid configuration:\n  DATA_DIR: cannot create {data_dir}: "
+                         f"{exc.strerror or exc}") from None
+
+
 def _lock_data_dir(data_dir: Path) -> IO:
     """Hold DATA_DIR for this run: a second `up` on it, with or without embedded services, would
     share the worker's table state (RocksDB) and log with the first.
@@ -148,7 +160,7 @@ def _lock_data_dir(data_dir: Path) -> IO:
     """
     path = data_dir / ".up.lock"
     deadline = None
-    while (lock_file := hold_lock(path)) is None:
+    while (lock_file := _hold_lock_in(data_dir, path)) is None:
         holder = lock_holder(path)
         if holder is None or process_alive(holder):
             raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`); "
@@ -163,9 +175,17 @@ def _lock_data_dir(data_dir: Path) -> IO:
     return lock_file
 
 
+def _hold_lock_in(data_dir: Path, path: Path) -> IO | None:
+    try:
+        return hold_lock(path)
+    except OSError as exc:  # a read-only file system, or a folder of another user
+        raise SystemExit(f"Invalid configuration:\n  DATA_DIR: cannot write in {data_dir}: "
+                         f"{exc.strerror or exc}") from None
+
+
 def run_up(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _create_data_dir(data_dir)
     with _lock_data_dir(data_dir) as lock_file:  # the lock goes with the file: closed, or this process gone
         return _run_up(settings, data_dir, lock_file)
 

@@ -215,3 +215,19 @@ def test_up_refuses_a_database_that_does_not_exist_at_once_naming_database_url(s
                              "DATABASE_URL": no_database})
     assert up.returncode == 1
     assert "DATABASE_URL: the server refused the login" in up.stderr and "does not exist" in up.stderr, up.stderr
+
+
+def test_a_data_dir_that_cannot_be_a_folder_is_named_as_data_dir(tmp_path):
+    # It was "up failed: [Errno 17] File exists: '…'", naming neither the setting nor the problem.
+    import subprocess
+
+    from alerting_app.embedded import free_port
+    from alerting_app.up import alerting_app_executable
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for data_dir, problem in ((a_file, f"DATA_DIR: {a_file} is a file, not a folder"),
+                              (a_file / "data", f"DATA_DIR: cannot create {a_file / 'data'}: Not a directory")):
+        up = subprocess.run([alerting_app_executable(), "up"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port())})
+        assert up.returncode == 1 and up.stderr.strip() == f"Invalid configuration:\n  {problem}", up.stderr
