@@ -27,7 +27,8 @@ import web  # noqa: F401  registers the web views on the app
 import web.operations  # noqa: F401  registers /healthz, /readyz and /metrics
 from alerting_app import api_call, kafka_admin, load, topic_inspection
 from alerting_app.app import app, settings
-from alerting_app.embedded import EmbeddedServiceError, hold_lock, lock_holder
+from alerting_app.data_dir import create_data_dir, hold_data_dir_lock
+from alerting_app.embedded import EmbeddedServiceError, lock_holder
 from alerting_app.gc_tuning import tune_garbage_collector
 from alerting_app.json_logs import faust_logging_config, log_to_stderr
 from alerting_app.kafka_connection import KafkaConnection, kafka_connection
@@ -66,11 +67,7 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
             app.conf.logging_config = faust_logging_config(settings.log_format)
         apply_roles(app, parse_roles(settings.roles))
         # Only the worker keeps state on disk; Faust creates its folder inside DATA_DIR, not DATA_DIR.
-        try:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: cannot create {settings.data_dir}: "
-                                     f"{exc.strerror or exc}") from None
+        create_data_dir(settings.data_dir)
         _hold_data_dir()
         check_before_waiting(settings)
         wait_before_start(settings, kafka_admin.topic_names(), kafka_admin.changelog_topic_names())
@@ -91,14 +88,9 @@ def _hold_data_dir() -> None:
     tables') locked by the first: it retried for ever without becoming ready, and the partitions it
     was assigned were not processed."""
     global _data_dir_lock
-    path = settings.data_dir / ".worker.lock"
-    try:
-        _data_dir_lock = hold_lock(path)
-    except OSError as exc:  # a volume owned by another user than the worker's: its stores could not be written either
-        raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: cannot write in {settings.data_dir}: "
-                                 f"{exc.strerror or exc}") from None
+    _data_dir_lock = hold_data_dir_lock(settings.data_dir, ".worker.lock")
     if _data_dir_lock is None:
-        holder = lock_holder(path)
+        holder = lock_holder(settings.data_dir / ".worker.lock")
         raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by another "
                                  f"worker{f' (pid {holder})' if holder else ''}; give each worker a DATA_DIR of its own")
 

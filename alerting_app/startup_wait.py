@@ -12,10 +12,11 @@ and hands over to Faust, whose web server serves the same paths from then on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 
 from aiohttp import web
 
@@ -37,6 +38,26 @@ log = logging.getLogger(__name__)
 
 FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 10.0
+
+
+def retry_delays() -> Iterator[float]:
+    """The waits between rounds of checks: doubling from FIRST_DELAY_S up to MAX_DELAY_S."""
+    delay = FIRST_DELAY_S
+    while True:
+        yield delay
+        delay = min(delay * 2, MAX_DELAY_S)
+
+
+@contextlib.contextmanager
+def aiokafka_quiet() -> Iterator[None]:
+    """aiokafka logs an ERROR for every refused connection; whoever waits says once what is missing."""
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        kafka_log.setLevel(level)
 WAITING = "waiting_for_dependencies"
 
 
@@ -78,38 +99,32 @@ class _Probes:
 
 
 async def wait_for_dependencies(settings: Settings, topics: Iterable[str]) -> None:
-    # aiokafka logs an ERROR for every refused connection; our warning already says what is missing.
-    kafka_log = logging.getLogger("aiokafka")
-    kafka_level = kafka_log.level
-    kafka_log.setLevel(logging.CRITICAL)
-    try:
+    with aiokafka_quiet():
         await _wait(settings, list(topics))
-    finally:
-        kafka_log.setLevel(kafka_level)
 
 
 async def _wait(settings: Settings, topics: list[str]) -> None:
     states = await dependency_states(settings, topics)
     if all(state.ok for state in states):
         return
-    _refuse_misconfigured(states)
+    refuse_misconfigured(states)
     probes = _Probes(states)
     runner = await probes.serve(settings.web_bind, settings.web_port)
     try:
-        delay = FIRST_DELAY_S
+        delays = retry_delays()
         while not all(state.ok for state in probes.states):
             waiting = "; ".join(f"{state.name} ({state.detail})" for state in probes.states if not state.ok)
+            delay = next(delays)
             log.warning("waiting for %s; retrying in %.1fs", waiting, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY_S)
             probes.states = await dependency_states(settings, topics)
-            _refuse_misconfigured(probes.states)
+            refuse_misconfigured(probes.states)
         log.info("broker, postgres and redis answer; starting the worker")
     finally:
         await runner.cleanup()
 
 
-def _refuse_misconfigured(states: list[DependencyState]) -> None:
+def refuse_misconfigured(states: list[DependencyState]) -> None:
     wrong = [state.detail for state in states if state.misconfigured]
     if wrong:
         raise ConfigurationError("Invalid configuration:\n" + "\n".join(f"  {detail}" for detail in wrong))

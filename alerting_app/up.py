@@ -9,9 +9,7 @@ still committing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
 import os
 import secrets
 import shlex
@@ -22,10 +20,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Awaitable, Callable, Iterator
+from typing import IO, Awaitable, Callable
 
 from agents.rule_outbox import republish_all_silences
-from alerting_app.embedded import (ChildProcess, EmbeddedServices, hold_lock, lock_holder, port_accepts,
+from alerting_app.data_dir import create_data_dir, hold_data_dir_lock
+from alerting_app.embedded import (ChildProcess, EmbeddedServices, lock_holder, port_accepts,
                                    process_alive)
 from alerting_app.dependencies import (DependencyState, broker_topics_missing, postgres_answers, probe,
                                        redis_answers, redis_probe_client)
@@ -35,7 +34,7 @@ from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import republish
 from alerting_app.migrate import apply_migrations
 from alerting_app.settings import Settings, without_passwords
-from alerting_app.startup_wait import FIRST_DELAY_S, MAX_DELAY_S
+from alerting_app.startup_wait import aiokafka_quiet, refuse_misconfigured, retry_delays
 
 _WORKER_READY_TIMEOUT_S = 300.0
 
@@ -137,18 +136,6 @@ def _interrupt(signum: int, frame: object) -> None:
 _PREVIOUS_WORKER_STOP_S = 60.0  # its stop, its services gone with the killed `up`, may wait on their timeouts
 
 
-def _create_data_dir(data_dir: Path) -> None:
-    # Named as the worker names it: a bare "up failed: [Errno 17] File exists: '/x'" said neither
-    # which setting nor what was wrong with a path that, indeed, exists.
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise SystemExit(f"Invalid configuration:\n  DATA_DIR: {data_dir} is a file, not a folder") from None
-    except OSError as exc:
-        raise SystemExit(f"Invalid configuration:\n  DATA_DIR: cannot create {data_dir}: "
-                         f"{exc.strerror or exc}") from None
-
-
 def _lock_data_dir(data_dir: Path) -> IO:
     """Hold DATA_DIR for this run: a second `up` on it, with or without embedded services, would
     share the worker's table state (RocksDB) and log with the first.
@@ -160,7 +147,7 @@ def _lock_data_dir(data_dir: Path) -> IO:
     """
     path = data_dir / ".up.lock"
     deadline = None
-    while (lock_file := _hold_lock_in(data_dir, path)) is None:
+    while (lock_file := hold_data_dir_lock(data_dir, path.name)) is None:
         holder = lock_holder(path)
         if holder is None or process_alive(holder):
             raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`); "
@@ -175,17 +162,9 @@ def _lock_data_dir(data_dir: Path) -> IO:
     return lock_file
 
 
-def _hold_lock_in(data_dir: Path, path: Path) -> IO | None:
-    try:
-        return hold_lock(path)
-    except OSError as exc:  # a read-only file system, or a folder of another user
-        raise SystemExit(f"Invalid configuration:\n  DATA_DIR: cannot write in {data_dir}: "
-                         f"{exc.strerror or exc}") from None
-
-
 def run_up(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
-    _create_data_dir(data_dir)
+    create_data_dir(data_dir)
     with _lock_data_dir(data_dir) as lock_file:  # the lock goes with the file: closed, or this process gone
         return _run_up(settings, data_dir, lock_file)
 
@@ -264,31 +243,18 @@ def wait_for_given_services(settings: Settings, embedded: dict[str, bool]) -> No
         given["DATABASE_URL"] = (settings.database_url, lambda: postgres_answers(settings.database_url))
     if not embedded["redis"]:
         given["REDIS_URL"] = (settings.redis_url, lambda: _redis_probe(settings.redis_url))
-    delay = FIRST_DELAY_S
+    delays = retry_delays()
     while given:
-        with _aiokafka_quiet():  # it logs an ERROR per refused connection; the line below says it once
+        with aiokafka_quiet():
             states = asyncio.run(_probe_all(given))
-        wrong = [state.detail for state in states if state.misconfigured]
-        if wrong:
-            raise SystemExit("Invalid configuration:\n" + "\n".join(f"  {detail}" for detail in wrong))
+        refuse_misconfigured(states)
         waiting = [state for state in states if not state.ok]
         if not waiting:
             return
+        delay = next(delays)
         print("waiting for " + "; ".join(f"{state.name} {without_passwords(given[state.name][0])} ({state.detail})"
                                          for state in waiting) + f"; retrying in {delay:.1f}s", flush=True)
         time.sleep(delay)
-        delay = min(delay * 2, MAX_DELAY_S)
-
-
-@contextlib.contextmanager
-def _aiokafka_quiet() -> Iterator[None]:
-    kafka_log = logging.getLogger("aiokafka")
-    level = kafka_log.level
-    kafka_log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        kafka_log.setLevel(level)
 
 
 async def _probe_all(given: dict[str, tuple[str, Callable[[], Awaitable[str | None]]]]) -> list[DependencyState]:
