@@ -212,7 +212,8 @@ class Settings(BaseSettings):
     allow_private_endpoints: bool = False
     log_level: str = Field(default="info", pattern=r"^(?i:debug|info|warning|error)$")
     # json: one JSON object per log line, for log collectors (CloudWatch, Loki); text: for people.
-    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    # Any case, as LOG_LEVEL; kept lower case, which is what the code compares with.
+    log_format: Annotated[str, AfterValidator(str.lower)] = Field(default="text", pattern=r"^(?i:text|json)$")
     roles: Roles = Field(default="all", validate_default=True)
     # How long an API request waits for Postgres, per statement and for a connection, before it
     # answers 503 database_unavailable (alerting_app/db.py, api_pool): a frozen server or a network

@@ -527,3 +527,10 @@ def test_an_smtp_ca_file_is_accepted_where_tls_is_required(monkeypatch, tmp_path
         monkeypatch.setenv(variable, value)
 
     assert str(load_settings().smtp_ssl_cafile) == ca
+
+
+@pytest.mark.parametrize("value", ["JSON", "Json", "TEXT"])
+def test_log_format_is_read_in_any_case_as_log_level_is(monkeypatch, value):
+    monkeypatch.setenv("LOG_FORMAT", value)
+
+    assert load_settings().log_format == value.lower()
