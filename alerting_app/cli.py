@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 from typing import IO, Any, ClassVar
@@ -193,9 +194,17 @@ def seed(clients: int, rules_per_client: int, mix: str, webhook_url: str | None)
     return 0
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # A range check lets nan through (no comparison with it is true): --rate nan sent as fast as possible.
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of alerts per second")
+    return value
+
+
 @app.command(
-    option("--count", type=int, default=1000, show_default=True, help="how many alerts"),
-    option("--rate", type=float, default=0, show_default=True, help="alerts per second; 0: as fast as possible"),
+    option("--count", type=click.IntRange(min=0), default=1000, show_default=True, help="how many alerts"),
+    option("--rate", type=click.FloatRange(min=0), callback=_finite, default=0, show_default=True,
+           help="alerts per second; 0: as fast as possible"),
     base=_ForegroundCommand,
 )
 def produce_alerts(count: int, rate: float) -> int:
