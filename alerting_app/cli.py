@@ -21,6 +21,7 @@ from click.core import ParameterSource
 from faust.cli import AppCommand, argument, option
 from faust.cli.send import send as FaustSendCommand
 from faust.cli.worker import worker as FaustWorkerCommand
+from faust.serializers.codecs import codecs, get_codec
 
 import agents  # noqa: F401  registers the agents on the app
 from agents.rule_outbox import republish_all_silences
@@ -100,11 +101,37 @@ class send(FaustSendCommand):  # noqa: N801  the class name is the command name;
     """Send a message to a topic (Faust's `send`), to the broker of KAFKA_BOOTSTRAP_SERVERS.
 
     Without the variable Faust would try its own default, localhost:9092, and end in a traceback.
+    The topic must exist: sent to a misspelt name, a broker that auto-creates topics (Tansu does)
+    created it with its own partition count and the message went there, exit 0.
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+        for option_name, serializer in (("--key-serializer", self.key_serializer),
+                                        ("--value-serializer", self.value_serializer)):
+            _check_codec(option_name, serializer)
+        topic = self.kwargs["entity"]
+        if topic.startswith("@"):
+            # Faust's form for an agent, which it looks up as a module of the app: never one here.
+            raise SystemExit(f"send: {topic}: sending to an agent is not supported; give its topic's name")
+        try:
+            known = asyncio.run(topic_inspection.topic_partitions(_broker()))
+        except (OSError, KafkaError) as exc:
+            raise SystemExit(f"send failed: {exc}") from None
+        if topic not in known:
+            raise SystemExit(f"send: {topic_inspection.UnknownTopic(topic, sorted(known))}")
         return super().__call__(*args, **kwargs)
+
+
+def _check_codec(option_name: str, codec: Any) -> None:
+    """Faust ignored a serializer it does not know for a text value and sent the text as it is."""
+    if not isinstance(codec, str):
+        return
+    try:
+        get_codec(codec)
+    except KeyError:
+        raise SystemExit(f"send: {option_name}: {codec!r} is not one of {', '.join(codecs)} "
+                         "(or several joined by |)") from None
 
 
 def _loglevel_given(ctx: click.Context | None) -> bool:

@@ -278,3 +278,38 @@ def test_send_without_a_broker_set_stops_naming_the_variable():
 
     assert result.returncode == 1
     assert "KAFKA_BOOTSTRAP_SERVERS must be set" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_send_to_an_unknown_topic_fails_without_creating_it(services):
+    # Tansu creates a topic on first use, with its own partition count: a misspelt name got the
+    # message, and the command exited 0.
+    name = f"ops-no-such-{secrets.token_hex(4)}"
+
+    result = run("send", name, "--key-serializer", "raw", "--value-serializer", "raw", "--key", "k", "{}")
+
+    assert result.returncode == 1, result.stdout
+    assert f"no such topic: {name}" in result.stderr and "Traceback" not in result.stderr
+    assert name not in await list_topics(services.kafka_bootstrap_servers)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--key-serializer", "bogus"], "--key-serializer: 'bogus'"),
+    (["--value-serializer", "json|nope"], "--value-serializer: 'json|nope'"),
+    # Faust's form for an agent ended in a traceback: our agents are not modules it can import.
+    (["@evaluate"], "@evaluate"),
+])
+def test_send_refuses_a_serializer_it_does_not_know_or_an_agent_naming_it(args, named):
+    before = end_offsets_of_alerts_new()
+    topic = [] if args[0].startswith("@") else ["alerts.new"]
+
+    result = run("send", *topic, *args, "--key", "k", "{}")
+
+    assert result.returncode == 1, result.stdout
+    assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert end_offsets_of_alerts_new() == before  # nothing was sent
+
+
+def end_offsets_of_alerts_new() -> int:
+    result = run("topics", "--json")
+    assert result.returncode == 0, result.stderr
+    return next(t["end_offsets"] for t in json.loads(result.stdout)["topics"] if t["topic"] == "alerts.new")
