@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +20,14 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 def target(url_or_path: str, environ: Mapping[str, str]) -> str:
     """A full URL as it is; a path (`/api/v1/clients`) on this machine's worker (WEB_BIND, WEB_PORT)."""
-    return worker_url(environ) + url_or_path if url_or_path.startswith("/") else url_or_path
+    if url_or_path.startswith("/"):
+        return worker_url(environ) + url_or_path
+    # Without a scheme urllib said "unknown url type: localhost"; with ftp:// or file:// it would
+    # have fetched that, not asked an API.
+    if urllib.parse.urlsplit(url_or_path).scheme.lower() not in ("http", "https") or "://" not in url_or_path:
+        raise ValueError(f"the URL must start with http://, https:// or / (a path on this machine's worker): "
+                         f"got {url_or_path!r}")
+    return url_or_path
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -52,6 +60,10 @@ def request(method: str, url: str, body: str | None, token: str | None, timeout_
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:  # 3xx, 4xx and 5xx: an answer, with its body
         status, raw = exc.code, exc.read()
+    except urllib.error.URLError as exc:  # no answer: said with the URL, not as "<urlopen error ...>"
+        raise OSError(f"{url}: {exc.reason}") from None
+    except TimeoutError:
+        raise OSError(f"{url}: no answer within {timeout_s:.0f}s") from None
     if not raw:
         return status, None
     text = raw.decode(errors="replace")

@@ -92,3 +92,31 @@ def test_a_token_given_with_surrounding_whitespace_is_sent_without_it():
     with server(json_answer(200, {})) as (url, seen):
         assert request("GET", url + "/api/v1/clients", None, " client-key-0123456789\n")[0] == 200
     assert seen[0]["authorization"] == "Bearer client-key-0123456789"
+
+
+def run_api(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([alerting_app_executable(), "api", *args], env=os.environ, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_url_without_http_or_https_is_refused_naming_it():
+    with server(json_answer(200, {})) as (url, seen):
+        without_scheme = url.removeprefix("http://") + "/api/v1/clients"  # 127.0.0.1:PORT/api/v1/clients
+
+        for given in (without_scheme, "ftp://127.0.0.1/api/v1/clients", "file:///etc/hostname"):
+            result = run_api("GET", given)
+
+            assert result.returncode == 1
+            assert result.stderr.strip() == (f"api: the URL must start with http://, https:// or / (a path on "
+                                             f"this machine's worker): got {given!r}"), result.stderr
+    assert seen == []
+
+
+def test_a_url_nothing_answers_at_is_named_with_the_reason():
+    with server(json_answer(200, {})) as (url, _):
+        pass  # closed: nothing listens on its port any more
+
+    result = run_api("GET", url + "/api/v1/clients")
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"api failed: {url}/api/v1/clients: [Errno 111] Connection refused", result.stderr
