@@ -27,6 +27,8 @@ import agents  # noqa: F401  registers the agents on the app
 from agents.rule_outbox import republish_all_silences
 import web  # noqa: F401  registers the web views on the app
 import web.operations  # noqa: F401  registers /healthz, /readyz and /metrics
+from web.endpoints import checked_value
+from web.errors import ValidationFailed
 from alerting_app import api_call, kafka_admin, load, topic_inspection
 from alerting_app.app import app, settings
 from alerting_app.data_dir import create_data_dir, hold_data_dir_lock
@@ -214,6 +216,14 @@ def up() -> int:
 )
 def seed(clients: int, rules_per_client: int, mix: str, webhook_url: str | None) -> int:
     """Create many clients and rules (and their rule.changed events), for demos and benchmarks."""
+    if webhook_url is not None:
+        # Checked as the API checks an endpoint's address: unchecked, any text was stored in every
+        # endpoint, and each delivery to it failed (or, unnoticed, went to a private address).
+        try:
+            webhook_url = asyncio.run(checked_value("webhook", webhook_url))
+        except ValidationFailed as exc:
+            raise SystemExit(f"seed: --webhook-url: {exc.extra_context['fields'][0]['message']} "
+                             f"(got {webhook_url!r})") from None
     report = asyncio.run(load.seed_database(_required(settings.database_url, "DATABASE_URL"), clients=clients,
                                             rules_per_client=rules_per_client, mix=mix, webhook_url=webhook_url))
     print(f"seeded {report.clients} clients, {report.rules} rules, {report.endpoints} endpoints "

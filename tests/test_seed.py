@@ -22,3 +22,20 @@ def test_more_rules_per_client_than_there_are_distinct_criteria_is_refused_at_on
 
     with pytest.raises(ValueError, match=f"rules per client must be 0 to {MAX_RULES_PER_CLIENT}"):
         asyncio.run(seed(None, clients=1, rules_per_client=MAX_RULES_PER_CLIENT + 1))
+
+
+@pytest.mark.parametrize("url, env, reason", [
+    ("notaurl", {}, "must be an http(s) URL"),
+    ("ftp://hooks.example.com/", {}, "must be an http(s) URL"),
+    ("http://127.0.0.1:9000/hook", {"ALLOW_PRIVATE_ENDPOINTS": "false"}, "ALLOW_PRIVATE_ENDPOINTS is off"),
+])
+def test_a_webhook_url_the_api_would_refuse_is_refused_before_seeding(url, env, reason):
+    # It was stored as given in every seeded endpoint, and each delivery to it failed.
+    result = subprocess.run([alerting_app_executable(), "seed", "--clients", "1", "--rules-per-client", "1",
+                             "--webhook-url", url], env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=60)
+
+    assert result.returncode == 1, result.stdout
+    [line] = result.stderr.splitlines()
+    assert line.startswith("seed: --webhook-url: ") and reason in line and repr(url) in line, line
+    assert "seeded" not in result.stdout
