@@ -12,8 +12,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
 from alerting_app.kafka_connection import Broker, client_args
+from alerting_app.settings import ConfigurationError
 
 _TOPIC_ALREADY_EXISTS = 36
+_INVALID_REPLICATION_FACTOR = 38
 
 # rule.changed is the changelog every worker rebuilds its rules from: keep the newest event of each
 # rule for ever (a new worker on an empty disk must still see rules created years ago). The same
@@ -53,6 +55,7 @@ async def create_topics(broker: Broker, partitions: int, replication: int) -> To
         present = set(await admin.list_topics())
         missing = [name for name in wanted if name not in present]
         if missing:
+            _check_replication(replication, len((await admin.describe_cluster())["brokers"]))
             new_topics = [NewTopic(name, partitions, replication, topic_configs=TOPIC_CONFIGS.get(name, {}))
                           for name in missing]
             response = await admin.create_topics(new_topics)
@@ -61,6 +64,9 @@ async def create_topics(broker: Broker, partitions: int, replication: int) -> To
                     report.created.append(name)
                 elif code == _TOPIC_ALREADY_EXISTS:  # created meanwhile by another process
                     present.add(name)
+                elif code == _INVALID_REPLICATION_FACTOR:  # brokers gone since they were counted
+                    raise ConfigurationError(f"Invalid configuration:\n  TOPIC_REPLICATION_FACTOR: the broker "
+                                             f"refused {replication} creating topic {name}: {message}")
                 else:
                     raise for_code(code)(f"creating topic {name}: {message}")
         report.existing = [name for name in wanted if name in present]
@@ -68,6 +74,15 @@ async def create_topics(broker: Broker, partitions: int, replication: int) -> To
     finally:
         await admin.close()
     return report
+
+
+def _check_replication(replication: int, brokers: int) -> None:
+    # Kafka refuses a topic with more replicas than brokers, and the refusal read as a Kafka error
+    # that did not name the variable; Tansu, with one broker, created them anyway.
+    if replication > brokers:
+        raise ConfigurationError(
+            f"Invalid configuration:\n  TOPIC_REPLICATION_FACTOR: {replication} is more than the {brokers} "
+            f"broker{'s' if brokers != 1 else ''} of the cluster at KAFKA_BOOTSTRAP_SERVERS (no topic was created)")
 
 
 def changelog_topic_names() -> list[str]:

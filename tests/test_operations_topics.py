@@ -313,3 +313,19 @@ def end_offsets_of_alerts_new() -> int:
     result = run("topics", "--json")
     assert result.returncode == 0, result.stderr
     return next(t["end_offsets"] for t in json.loads(result.stdout)["topics"] if t["topic"] == "alerts.new")
+
+
+def test_create_topics_with_more_replicas_than_brokers_is_refused_naming_the_variable(tmp_path):
+    # Kafka refuses such a topic with an error that did not name TOPIC_REPLICATION_FACTOR; Tansu,
+    # one broker, created every topic with it.
+    from alerting_app.embedded import EmbeddedServices
+
+    with EmbeddedServices(tmp_path / "services") as empty:
+        bootstrap = empty.start(postgres=False, redis=False)["KAFKA_BOOTSTRAP_SERVERS"]
+        result = run("create-topics", KAFKA_BOOTSTRAP_SERVERS=bootstrap, TOPIC_REPLICATION_FACTOR="2")
+        topics = asyncio.run(list_topics(bootstrap))
+
+    assert result.returncode == 1, result.stdout
+    assert "TOPIC_REPLICATION_FACTOR: 2 is more than the 1 broker of the cluster" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [name for name in topics if not name.startswith("__")] == []
