@@ -160,11 +160,16 @@ class _ForegroundCommand(AppCommand):
             code = type(self).__wrapped__(*self.args, **{**self.kwargs, **kwargs})
         except asyncpg.ClientConfigurationError as exc:
             # Refused by asyncpg before connecting (sslmode=verify-full without a root certificate).
-            raise SystemExit(f"{self.__class__.__name__} failed: DATABASE_URL: {exc}") from None
+            raise SystemExit(f"{self._name} failed: DATABASE_URL: {exc}") from None
         except (OSError, KafkaError, asyncpg.PostgresError, MigrationError, EmbeddedServiceError) as exc:
             # A service that cannot be reached or a refused migration is a message, not a traceback.
-            raise SystemExit(f"{self.__class__.__name__} failed: {exc}") from None
+            raise SystemExit(f"{self._name} failed: {exc or type(exc).__name__}") from None
         raise SystemExit(code)
+
+    @property
+    def _name(self) -> str:
+        # As it is typed (create-topics), not the function's name (create_topics).
+        return self.ctx.info_name or type(self).__name__
 
 
 def _required(value: Any, variable: str) -> Any:

@@ -10,11 +10,13 @@ from aiokafka import AIOKafkaProducer
 from agents.rule_outbox import republish_all_rules
 from alerting_app.db import init_connection
 from alerting_app.kafka_connection import Broker, client_args
+from alerting_app.migrate import naming_the_server
 from alerting_app.seed import SeedReport, alert_stream, seed
 
 
 async def _pool(database_url: str) -> asyncpg.Pool:
-    return await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
+    with naming_the_server(database_url):
+        return await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
 
 
 async def seed_database(database_url: str, **options) -> SeedReport:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+
+from alerting_app.settings import without_passwords
 
 # Any fixed 64-bit number works; every process must use the same one.
 _ADVISORY_LOCK_KEY = 0x616C6572745F6D67  # "alert_mg"
@@ -74,6 +78,17 @@ def read_migrations(directory: Path) -> list[Migration]:
     return migrations
 
 
+@contextmanager
+def naming_the_server(database_url: str) -> Iterator[None]:
+    """A connection that failed says to which server. asyncpg said "Connect call failed ('127.0.0.1',
+    5432)", or, timed out, nothing at all: a command ended, after a minute, in "migrate failed: "."""
+    try:
+        yield
+    except OSError as exc:  # TimeoutError included
+        reason = str(exc) or "no answer to the connection in time"
+        raise type(exc)(f"Postgres at {without_passwords(database_url)} (DATABASE_URL): {reason}") from None
+
+
 async def apply_migrations(database_url: str, migrations_dir: Path | None = None) -> list[str]:
     """Apply the migrations not applied yet; return their names (empty when up to date)."""
     directory = migrations_dir or default_migrations_dir()
@@ -82,7 +97,8 @@ async def apply_migrations(database_url: str, migrations_dir: Path | None = None
         # A folder mounted over the image's, or a wrong MIGRATIONS_DIR: "up to date" would be false,
         # and the workers would wait for a schema that never comes.
         raise MigrationError(f"no migration files in {directory} (set MIGRATIONS_DIR)")
-    conn = await asyncpg.connect(database_url)
+    with naming_the_server(database_url):
+        conn = await asyncpg.connect(database_url)
     try:
         # Session-level lock, released when the connection closes, even if we fail half-way.
         await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY)

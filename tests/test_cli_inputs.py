@@ -1,4 +1,5 @@
-"""Command-line options that make no sense are refused naming the option, before anything is done."""
+"""Command-line input that makes no sense is refused naming the option, before anything is done, and a
+service that cannot be reached is named in a one-line error."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import subprocess
 
 import pytest
 
+from alerting_app.embedded import free_port
 from alerting_app.up import alerting_app_executable
 
 COMMAND_TIMEOUT_S = 120
@@ -28,3 +30,17 @@ def test_produce_alerts_refuses_a_count_or_rate_below_zero_or_not_a_number(args,
 
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"Invalid value for '{option}'" in result.stderr and "sent" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["migrate", "republish-rules", "republish-silences", "seed"])
+def test_a_command_whose_postgres_refuses_names_the_command_as_typed_and_the_server(command):
+    # It said "republish_rules failed: [Errno 111] Connect call failed ('127.0.0.1', 5432)".
+    url = f"postgresql://alerting:secret@127.0.0.1:{free_port()}/alerting"
+
+    result = run(command, DATABASE_URL=url)
+
+    assert result.returncode == 1, result.stdout
+    [line] = result.stderr.splitlines()
+    hidden = url.replace(":secret@", ":***@")
+    assert line.startswith(f"{command} failed: Postgres at {hidden} (DATABASE_URL): "), line
+    assert "Connect call failed" in line

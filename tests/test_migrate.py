@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from alerting_app.migrate import MigrationError, apply_migrations, default_migrations_dir
+from alerting_app.migrate import MigrationError, apply_migrations, default_migrations_dir, naming_the_server
 
 APP_TABLES = {"clients", "rules", "endpoints", "rule_outbox", "notifications", "deliveries"}
 
@@ -120,3 +120,20 @@ def test_a_file_that_cannot_be_a_migration_is_refused_naming_it(tmp_path, name, 
 
     with pytest.raises(MigrationError, match=refusal):
         asyncio.run(apply_migrations("postgresql://unused", tmp_path))
+
+
+async def test_a_postgres_that_never_answers_is_named_when_the_connection_times_out():
+    # asyncpg's TimeoutError has no message: `migrate` ended, after a minute, in "migrate failed: ".
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, and never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"postgresql://alerting@127.0.0.1:{server.sockets[0].getsockname()[1]}/alerting"
+    try:
+        with pytest.raises(TimeoutError) as refused:
+            with naming_the_server(url):
+                await asyncpg.connect(url, timeout=1)
+    finally:
+        server.close()
+
+    assert str(refused.value) == f"Postgres at {url} (DATABASE_URL): no answer to the connection in time"
