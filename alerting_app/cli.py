@@ -38,7 +38,8 @@ from alerting_app.json_logs import faust_logging_config, log_to_stderr
 from alerting_app.kafka_connection import KafkaConnection, kafka_connection
 from alerting_app.migrate import MigrationError, apply_migrations
 from alerting_app.roles import apply_roles, parse_roles
-from alerting_app.seed import MAX_RULES_PER_CLIENT as seed_rules_limit, MIXES
+from alerting_app.seed import (MAX_CLIENTS as seed_clients_limit, MAX_RULES as seed_total_limit,
+                                MAX_RULES_PER_CLIENT as seed_rules_limit, MIXES)
 from alerting_app.settings import ROLE_NAMES, ConfigurationError, require_services, roles_of
 from alerting_app.startup_wait import check_before_waiting, wait_before_start
 from alerting_app.up import run_up
@@ -212,7 +213,8 @@ def up() -> int:
 
 
 @app.command(
-    option("--clients", type=click.IntRange(min=0), default=100, show_default=True, help="number of clients"),
+    option("--clients", type=click.IntRange(0, seed_clients_limit), default=100, show_default=True,
+           help=f"number of clients (clients x rules per client: at most {seed_total_limit:,})"),
     option("--rules-per-client", type=click.IntRange(0, seed_rules_limit), default=288, show_default=True),
     option("--mix", type=click.Choice(MIXES), default="realistic", show_default=True,
            help="realistic: 1-10 matching clients per generated alert; worst: every client matches"),
@@ -221,6 +223,10 @@ def up() -> int:
 )
 def seed(clients: int, rules_per_client: int, mix: str, webhook_url: str | None) -> int:
     """Create many clients and rules (and their rule.changed events), for demos and benchmarks."""
+    if clients * rules_per_client > seed_total_limit:
+        raise SystemExit(f"seed: --clients {clients} x --rules-per-client {rules_per_client} is "
+                         f"{clients * rules_per_client:,} rules, more than {seed_total_limit:,} at once "
+                         "(every row is held in memory until written); seed in several runs")
     if webhook_url is not None:
         # Checked as the API checks an endpoint's address: unchecked, any text was stored in every
         # endpoint, and each delivery to it failed (or, unnoticed, went to a private address).

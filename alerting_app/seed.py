@@ -32,6 +32,11 @@ MIXES = ("realistic", "worst")
 # 50 x 40 with severity `*`, 10,200 in all. Asked for more, it drew for ever; near that many, it
 # waits on the rarest ones for minutes. 10,000 (MAX_RULES_PER_CLIENT's default) takes about a second.
 MAX_RULES_PER_CLIENT = 10_000
+# Every row is built in memory before one COPY, about 2 KB per rule with its outbox event: asked for
+# 100,000 clients (28.8 million rules at the default 288), the command grew until the machine ran
+# out of memory. 1,000,000 rules (bench/fast_start.py seeds 450,000) take about 2 GB.
+MAX_RULES = 1_000_000
+MAX_CLIENTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,11 @@ async def seed(pool: asyncpg.Pool, *, clients: int, rules_per_client: int, mix: 
         raise ValueError(f"mix must be one of {', '.join(MIXES)}")
     if not 0 <= rules_per_client <= MAX_RULES_PER_CLIENT:
         raise ValueError(f"rules per client must be 0 to {MAX_RULES_PER_CLIENT}")
+    if not 0 <= clients <= MAX_CLIENTS:
+        raise ValueError(f"clients must be 0 to {MAX_CLIENTS:,}")
+    if clients * rules_per_client > MAX_RULES:
+        raise ValueError(f"{clients:,} clients x {rules_per_client:,} rules per client is "
+                         f"{clients * rules_per_client:,} rules, more than {MAX_RULES:,} at once")
     started = time.perf_counter()
     rng = random.Random(random_seed)
     client_rows, rule_rows, endpoint_rows, outbox_rows = [], [], [], []

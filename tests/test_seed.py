@@ -39,3 +39,20 @@ def test_a_webhook_url_the_api_would_refuse_is_refused_before_seeding(url, env, 
     [line] = result.stderr.splitlines()
     assert line.startswith("seed: --webhook-url: ") and reason in line and repr(url) in line, line
     assert "seeded" not in result.stdout
+
+
+def test_more_rules_in_all_than_it_can_hold_in_memory_is_refused_at_once():
+    # Every row is built in memory before it is written: --clients 100000 (28.8 million rules at the
+    # default 288 per client) grew until the machine ran out of memory.
+    from alerting_app.seed import MAX_RULES
+
+    clients = MAX_RULES // 288 + 1
+    result = subprocess.run([alerting_app_executable(), "seed", "--clients", str(clients)],
+                            env=os.environ, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"seed: --clients {clients} x --rules-per-client 288 is "
+                                    f"{clients * 288:,} rules, more than {MAX_RULES:,} at once"), result.stderr
+
+    with pytest.raises(ValueError, match=f"more than {MAX_RULES:,} at once"):
+        asyncio.run(seed(None, clients=clients, rules_per_client=288))
