@@ -15,7 +15,7 @@ import sys
 from typing import IO, Any, ClassVar
 
 import asyncpg
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 import click
 from click.core import ParameterSource
 from faust.cli import AppCommand, argument, option
@@ -162,6 +162,11 @@ class _ForegroundCommand(AppCommand):
         except asyncpg.ClientConfigurationError as exc:
             # Refused by asyncpg before connecting (sslmode=verify-full without a root certificate).
             raise SystemExit(f"{self._name} failed: DATABASE_URL: {exc}") from None
+        except KafkaConnectionError as exc:
+            # aiokafka names the address, not where it came from (`up`'s embedded broker: no variable).
+            given = settings.kafka_bootstrap_servers
+            where = f" (KAFKA_BOOTSTRAP_SERVERS={given})" if given is not None else ""
+            raise SystemExit(f"{self._name} failed: no connection to the broker{where}: {exc}") from None
         except (OSError, KafkaError, asyncpg.PostgresError, MigrationError, EmbeddedServiceError) as exc:
             # A service that cannot be reached or a refused migration is a message, not a traceback.
             raise SystemExit(f"{self._name} failed: {exc or type(exc).__name__}") from None

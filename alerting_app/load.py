@@ -43,7 +43,11 @@ async def produce_alerts(broker: Broker, *, count: int, rate: float, random_seed
     Alert ids are `<prefix>-<n>` (a random prefix by default), so a run's alerts can be told apart.
     """
     producer = AIOKafkaProducer(**client_args(broker), acks="all", linger_ms=5)
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()  # else the failed command also printed "Unclosed AIOKafkaProducer"
+        raise
     started = time.perf_counter()
     try:
         pending = []

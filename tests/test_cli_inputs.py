@@ -44,3 +44,18 @@ def test_a_command_whose_postgres_refuses_names_the_command_as_typed_and_the_ser
     hidden = url.replace(":secret@", ":***@")
     assert line.startswith(f"{command} failed: Postgres at {hidden} (DATABASE_URL): "), line
     assert "Connect call failed" in line
+
+
+@pytest.mark.parametrize("command", [["topics"], ["tail", "alerts.new"], ["create-topics"], ["produce-alerts"]])
+def test_a_command_whose_broker_refuses_names_the_variable_and_leaves_no_warnings(command):
+    # It said "topics failed: KafkaConnectionError: Unable to bootstrap from [...]"; produce-alerts
+    # then also printed "Unclosed AIOKafkaProducer" and the producer's repr.
+    address = f"127.0.0.1:{free_port()}"
+
+    result = run(*command, KAFKA_BOOTSTRAP_SERVERS=address)
+
+    assert result.returncode == 1, result.stdout
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"{command[0]} failed: no connection to the broker (KAFKA_BOOTSTRAP_SERVERS={address}): "
+                           "KafkaConnectionError: Unable to bootstrap"), result.stderr
+    assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
