@@ -123,6 +123,12 @@ class send(FaustSendCommand):  # noqa: N801  the class name is the command name;
             raise SystemExit(f"send failed: {exc}") from None
         if topic not in known:
             raise SystemExit(f"send: {topic_inspection.UnknownTopic(topic, sorted(known))}")
+        partition = self.kwargs.get("partition")
+        if partition is not None and partition not in known[topic]:  # aiokafka's assertion was a traceback
+            raise SystemExit(f"send: --partition: {topic} has no partition {partition} "
+                             f"(it has 0 to {max(known[topic])})")
+        if self.kwargs.get("repeat", 1) < 1:  # sent nothing, and exited 0
+            raise SystemExit(f"send: --repeat: must be 1 or more (got {self.kwargs['repeat']})")
         return super().__call__(*args, **kwargs)
 
 

@@ -297,8 +297,10 @@ async def test_send_to_an_unknown_topic_fails_without_creating_it(services):
     (["--value-serializer", "json|nope"], "--value-serializer: 'json|nope'"),
     # Faust's form for an agent ended in a traceback: our agents are not modules it can import.
     (["@evaluate"], "@evaluate"),
+    (["--partition", "99"], "--partition: alerts.new has no partition 99"),  # a traceback too
+    (["--repeat", "0"], "--repeat: must be 1 or more"),  # sent nothing, exit 0
 ])
-def test_send_refuses_a_serializer_it_does_not_know_or_an_agent_naming_it(args, named):
+def test_send_refuses_what_it_cannot_send_naming_it(args, named):
     before = end_offsets_of_alerts_new()
     topic = [] if args[0].startswith("@") else ["alerts.new"]
 
