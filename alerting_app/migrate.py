@@ -53,6 +53,8 @@ def default_migrations_dir() -> Path:
 
 
 def read_migrations(directory: Path) -> list[Migration]:
+    if directory.exists() and not directory.is_dir():  # it said "does not exist" of a file that does
+        raise MigrationError(f"migrations folder {directory} is not a folder (set MIGRATIONS_DIR)")
     if not directory.is_dir():
         raise MigrationError(f"migrations folder {directory} does not exist (set MIGRATIONS_DIR)")
     migrations = []

@@ -110,6 +110,14 @@ def test_a_folder_without_migrations_is_refused_not_reported_up_to_date(tmp_path
         asyncio.run(apply_migrations("postgresql://unused", tmp_path))
 
 
+
+def test_a_migrations_dir_that_is_a_file_is_refused_as_not_a_folder(tmp_path):
+    # It was refused as a folder that "does not exist", naming a file that does.
+    (tmp_path / "migrations").write_text("")
+
+    with pytest.raises(MigrationError, match=f"migrations folder {tmp_path / 'migrations'} is not a folder"):
+        asyncio.run(apply_migrations("postgresql://unused", tmp_path / "migrations"))
+
 @pytest.mark.parametrize(("name", "content", "refusal"), [
     # Each failed with a traceback: the insert into schema_migrations (an integer), or the decoding.
     ("2147483648_big.sql", b"SELECT 1;", "2147483648_big.sql: a version number is at most 2147483647"),
