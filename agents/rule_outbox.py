@@ -76,14 +76,20 @@ ON CONFLICT ({key_column}) DO UPDATE SET version = GREATEST(d.version, EXCLUDED.
 """
 
 
+async def _queue(conn: asyncpg.Connection, outbox: Outbox, events: Sequence[RuleChanged | SilenceChanged]) -> None:
+    """Insert the events into the outbox, in order, in one statement."""
+    await conn.execute(_QUEUE.format(table=outbox.table, key_column=outbox.key_column),
+                       [getattr(event, outbox.key_column) for event in events],
+                       [event.model_dump(mode="json") for event in events])
+
+
 async def _record_changes(conn: asyncpg.Connection, outbox: Outbox, deletions_table: str,
                           events: Sequence[RuleChanged | SilenceChanged]) -> None:
     if not events:
         return
-    keys = [getattr(event, outbox.key_column) for event in events]
-    await conn.execute(_QUEUE.format(table=outbox.table, key_column=outbox.key_column),
-                       keys, [event.model_dump(mode="json") for event in events])
-    deleted = [(key, event.client_id, event.version) for key, event in zip(keys, events) if event.action == "delete"]
+    await _queue(conn, outbox, events)
+    deleted = [(getattr(event, outbox.key_column), event.client_id, event.version)
+               for event in events if event.action == "delete"]
     if deleted:
         await conn.execute(_REMEMBER_DELETIONS.format(table=deletions_table, key_column=outbox.key_column),
                            *(list(column) for column in zip(*deleted)))
@@ -161,8 +167,7 @@ async def queue_current_rules(conn: asyncpg.Connection, rule_ids: list[str] | No
                            version=row["version"], action="delete")
                for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules"
                                            f" WHERE {only} ORDER BY rule_id", rule_ids)]
-    await conn.executemany("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2)",
-                           [(event.rule_id, event.model_dump(mode="json")) for event in events])
+    await _queue(conn, RULE_OUTBOX, events)
     return len(events)
 
 
@@ -192,8 +197,7 @@ async def queue_current_silences(conn: asyncpg.Connection, silence_ids: list[str
                               version=row["version"], action="delete")
                for row in await conn.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
                                            f" WHERE {only} ORDER BY silence_id", silence_ids)]
-    await conn.executemany("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, $2)",
-                           [(event.silence_id, event.model_dump(mode="json")) for event in events])
+    await _queue(conn, SILENCE_OUTBOX, events)
     return len(events)
 
 
