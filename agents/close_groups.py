@@ -24,7 +24,7 @@ from alerting_app.contracts import NotificationReady
 from alerting_app.failure_streak import FailureStreak
 from alerting_app.sending import partition_for
 from alerting_app.silencing import active_silences
-from tables import groups
+from tables import group_records, groups
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ async def close_due_groups(pool: asyncpg.Pool, now: float, owned: set[int],
     due = [d for d in due if is_uuid(d.key)]
     ready, refused_now = await record_due_groups(pool, due, now)
     refused += refused_now
-    await publish_aggregation(Aggregation(ready=ready, dead_letters=[groups.refused_letter(d, exc) for d, exc in refused]
+    await publish_aggregation(Aggregation(ready=ready, dead_letters=[group_records.refused_letter(d, exc) for d, exc in refused]
                                           + [groups.malformed_letter(m) for m in malformed]))
     # The refused ones too, and those of deleted clients (record_due_groups): they are removed.
     closed_here.update(d.group["notification_id"] for d in due)
@@ -162,7 +162,7 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
         # created while the group was open mutes the members it holds. Read from Postgres, one
         # statement per round: this worker may keep no silence replica (evaluate role only).
         silences = await active_silences(conn, known, now)
-        return await groups.record_closed_groups_apart(conn, [d for d in due if client_of(d) in known], now,
+        return await group_records.record_closed_groups_apart(conn, [d for d in due if client_of(d) in known], now,
                                                        silences)
 
 

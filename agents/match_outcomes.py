@@ -23,7 +23,7 @@ from alerting_app.app import settings
 from alerting_app.contracts import MAX_REPEAT_INTERVAL_S, AlertMatched, DeadLetter, NotificationReady
 from alerting_app.dead_letters import dead_letter_for
 from alerting_app.silencing import SilenceIndex, active_silences
-from tables import groups
+from tables import group_records, groups
 
 if TYPE_CHECKING:
     from agents.aggregate import Aggregation  # only a type here: agents.aggregate imports this module
@@ -231,7 +231,7 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
             [status for _, status, _ in built],
             [detail for _, _, detail in built],
         ))
-    await groups.record_memberships(conn, plan.memberships)
+    await group_records.record_memberships(conn, plan.memberships)
     if outcome.notified_fingerprints:
         keys = list(outcome.notified_fingerprints)
         await conn.execute(_REMEMBER_NOTIFIED, [k[0] for k in keys], [k[1] for k in keys],
@@ -287,7 +287,7 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         for key in keys:
             current[key], bad = groups.sorted_out(key, groups.open_groups.get(key))
             malformed += bad
-        closed = await groups.closed_groups(conn, current.values())
+        closed = await group_records.closed_groups(conn, current.values())
         if closed or outcome.closed_groups:
             # A closed group is about to be dropped from the table, or a member of a closed group is
             # delivered again; if the group's notification was inserted and its emitter died before
@@ -295,7 +295,7 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
             # again: emit it here.
             emitting = {ready.notification_id for ready in aggregation.ready}
             aggregation.ready.extend(
-                ready for ready in await groups.unemitted_groups(conn, sorted(closed | outcome.closed_groups))
+                ready for ready in await group_records.unemitted_groups(conn, sorted(closed | outcome.closed_groups))
                 if ready.notification_id not in emitting)
         plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
         # A client with too many open groups for one changelog message has its oldest closed now.
@@ -304,12 +304,12 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         # Closed early or on time, a group's listed alerts are checked against the silences in force.
         silences = (await active_silences(conn, {d.key.decode() for d in closed_early}, now) if closed_early
                     else SilenceIndex())
-        closed_early_ready, refused = await groups.record_closed_groups_apart(conn, closed_early, now, silences)
+        closed_early_ready, refused = await group_records.record_closed_groups_apart(conn, closed_early, now, silences)
     if malformed:
         # Sent before the client's value is written without them (tables/groups.py Malformed).
         await emit([], [groups.malformed_letter(m) for m in malformed])
     if closed_early:
-        await emit(closed_early_ready, [groups.refused_letter(d, exc) for d, exc in refused])
+        await emit(closed_early_ready, [group_records.refused_letter(d, exc) for d, exc in refused])
         metrics.groups_closed_early.inc(len(closed_early))
     events_by_key = {event.message.key: event for event, _ in accepted}
     if plan.values:

@@ -30,7 +30,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, NotRequired
 
-import asyncpg
 import faust
 from faust.streams import _current_event  # no public setter; see write_value
 from faust.types import EventT
@@ -38,13 +37,10 @@ from faust.types.tuples import FutureMessage
 from pydantic import Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from alerting_app import metrics
 from alerting_app.app import alerts_matched, app, settings
-from alerting_app.contracts import Alert, AlertMatched, DeadLetter, NotificationReady, Severity
-from alerting_app.db import REFUSED_BY_POSTGRES
+from alerting_app.contracts import AlertMatched, DeadLetter, Severity
 from alerting_app.dead_letters import CANONICAL_UUID, describe_validation_error
 from alerting_app.sending import partition_for
-from alerting_app.silencing import SilenceIndex
 
 log = logging.getLogger(__name__)
 
@@ -287,29 +283,6 @@ def _rule_key(matched: AlertMatched) -> str:
     return matched.group_rule_id or matched.rule_ids[0]
 
 
-# A membership moves only while its notification does not exist: once a group is closed, its
-# members are final.
-_UPSERT_MEMBERSHIPS = """
-INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[])
-ON CONFLICT (client_id, alert_id) DO UPDATE SET notification_id = EXCLUDED.notification_id
-    WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
-"""
-
-_CLOSED = "SELECT notification_id::text FROM notifications WHERE notification_id = ANY($1::uuid[])"
-
-
-async def record_memberships(conn: asyncpg.Connection, memberships: Sequence[tuple[str, str, str]]) -> None:
-    if memberships:
-        await conn.execute(_UPSERT_MEMBERSHIPS, *(list(column) for column in zip(*memberships)))
-
-
-async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterable[ClientGroups | None]) -> set[str]:
-    """The notification_ids of these groups that are closed (their notification exists)."""
-    ids = [group["notification_id"] for value in values for group in (value or {}).values()]
-    return {row[0] for row in await conn.fetch(_CLOSED, ids)} if ids else set()
-
-
 @dataclass(frozen=True)
 class DueGroup:
     key: bytes
@@ -353,147 +326,6 @@ def close_early(plan: JoinPlan) -> list[DueGroup]:
             # whole value again after each removal would be quadratic in its size.
             size -= encoded_size({rule_id: group}) - 1
     return taken
-
-
-# The truncated count is taken from the members in Postgres, not from the table: a member whose
-# table write was lost in a crash is still counted. Inserted once; closing again changes nothing.
-# `silenced` (the detail of a group whose listed alerts are all silenced, else NULL) makes it a
-# SILENCED row, settled and not emitted, only when it has no unlisted member: those have no content
-# kept to check against the silences. `listed` counts the group's listed alerts, silenced or not.
-_INSERT_GROUP_NOTIFICATIONS = """
-INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at,
-                           truncated_alerts, group_rule_id, status, detail, emitted)
-SELECT g.notification_id, g.client_id, g.alert_id, g.alerts::jsonb, g.rule_ids::uuid[], to_timestamp(g.created_at),
-       greatest(0, g.members - g.listed), g.group_rule_id,
-       CASE WHEN g.wholly_silenced THEN 'SILENCED' ELSE 'PENDING' END,
-       CASE WHEN g.wholly_silenced THEN g.silenced END,
-       g.wholly_silenced
-FROM (SELECT g.*, m.members, g.silenced IS NOT NULL AND m.members <= g.listed AS wholly_silenced
-      FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::int[], $8::uuid[],
-                  $9::text[])
-          AS g(notification_id, client_id, alert_id, alerts, rule_ids, created_at, listed, group_rule_id, silenced)
-      CROSS JOIN LATERAL (SELECT count(*) AS members FROM notification_alerts a
-                          WHERE a.notification_id = g.notification_id) m) g
-ON CONFLICT DO NOTHING
-RETURNING status
-"""
-
-
-@dataclass(frozen=True)
-class Listing:
-    """What a closing group's notification lists, once the silences in force are applied."""
-
-    alerts: list[dict]
-    silenced_by: str | None = None  # the detail of a group whose listed alerts are all silenced
-
-
-def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float) -> Listing:
-    """The group's listed alerts that no silence of its client in force at `at` matches.
-
-    A group whose listed alerts are all silenced keeps them listed: it is recorded SILENCED, with
-    them, unless it has unlisted members (the insert decides, from the members in Postgres), which
-    cannot be checked and must be notified; a notification lists at least one alert.
-    """
-    client = due.key.decode()
-    if not silences.holds_any_of(client):
-        return Listing(due.group["alerts"])
-    kept, silenced_by = [], set()
-    for alert in due.group["alerts"]:
-        silence_id = silences.silencing(client, Alert.from_stored(alert), at)
-        if silence_id is None:
-            kept.append(alert)
-        else:
-            silenced_by.add(silence_id)
-    if kept:
-        return Listing(kept)
-    return Listing(due.group["alerts"], "silenced by " + ", ".join(sorted(silenced_by)))
-
-
-# What to emit: the rows as stored, so a group closed again after a crash emits what it first built.
-_UNEMITTED_GROUPS = """
-SELECT notification_id::text, client_id::text, alerts, rule_ids::text[],
-       extract(epoch FROM created_at)::float8 AS created_at, truncated_alerts, group_rule_id::text
-FROM notifications WHERE notification_id = ANY($1::uuid[]) AND NOT emitted
-"""
-
-
-async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
-                               now: float, silences: SilenceIndex) -> list[NotificationReady]:
-    """Insert the notifications of these groups (once), without the listed alerts silenced at `now`
-    (`silences`: those of the groups' clients in force then, silencing.active_silences); return
-    those not emitted yet."""
-    if not due:
-        return []
-    created_at = round(now, 6)  # microseconds, as Postgres stores it
-    listings = [listing_at_close(d, silences, now) for d in due]
-    inserted = await conn.fetch(
-        _INSERT_GROUP_NOTIFICATIONS,
-        [d.group["notification_id"] for d in due],
-        [d.key.decode() for d in due],
-        [listing.alerts[0]["alert_id"] for listing in listings],
-        [json.dumps(listing.alerts, separators=(",", ":")) for listing in listings],
-        ["{" + ",".join(d.group["rule_ids"]) + "}" for d in due],
-        [created_at] * len(due),
-        [len(d.group["alerts"]) for d in due],
-        [d.group_rule_id for d in due],
-        [listing.silenced_by for listing in listings],
-    )
-    # Counted when inserted, as the agent counts its silenced matches; a transaction rolled back
-    # after this (a lost connection) counts them again when the group is closed again.
-    metrics.notifications_silenced.inc(sum(row["status"] == "SILENCED" for row in inserted))
-    return await unemitted_groups(conn, [d.group["notification_id"] for d in due])
-
-
-async def record_closed_groups_apart(conn: asyncpg.Connection, due: Sequence[DueGroup], now: float,
-                                     silences: SilenceIndex
-                                     ) -> tuple[list[NotificationReady], list[tuple[DueGroup, Exception]]]:
-    """`record_closed_groups` inside the caller's transaction: the groups to emit, and those Postgres
-    refused. All in one statement; if Postgres refuses it, one group at a time, each in a savepoint,
-    so that a refused group neither aborts the caller's transaction nor keeps the others out."""
-    if not due:
-        return [], []
-    try:
-        async with conn.transaction():
-            return await record_closed_groups(conn, due, now, silences), []
-    except REFUSED_BY_POSTGRES as exc:
-        log.warning("Postgres refused closing %d groups at once (%s: %s); closing them one by one",
-                    len(due), type(exc).__name__, exc)
-    ready: list[NotificationReady] = []
-    refused: list[tuple[DueGroup, Exception]] = []
-    for d in due:
-        try:
-            async with conn.transaction():
-                ready.extend(await record_closed_groups(conn, [d], now, silences))
-        except REFUSED_BY_POSTGRES as exc:
-            refused.append((d, exc))
-    return ready, refused
-
-
-def refused_letter(due: DueGroup, exc: Exception) -> DeadLetter:
-    """The dead letter of a group Postgres refuses: groups are built from `alerts.matched`, so it
-    goes to that topic's dead-letter topic, with the group as its payload."""
-    client = due.key.decode("utf-8", "replace")
-    log.error("dropping group %s (group rule %s) of client %s: Postgres refuses it: %s: %s",
-              due.group["notification_id"], due.group_rule_id, client, type(exc).__name__, exc)
-    return DeadLetter(
-        topic=alerts_matched.get_topic_name(),
-        partition=partition_for(due.key, tuple(range(settings.topic_partitions))),
-        key=client,
-        reason=f"group {due.group['notification_id']} (group rule {due.group_rule_id}) of client {client}: "
-               f"refused by Postgres: {type(exc).__name__}: {exc}",
-        payload=json.dumps(due.group, separators=(",", ":")),
-    )
-
-
-async def unemitted_groups(conn: asyncpg.Connection | asyncpg.Pool,
-                           notification_ids: Sequence[str]) -> list[NotificationReady]:
-    """The closed groups among these whose notification was inserted but not emitted yet."""
-    rows = await conn.fetch(_UNEMITTED_GROUPS, list(notification_ids))
-    return [NotificationReady(notification_id=row["notification_id"], client_id=row["client_id"],
-                              alerts=[Alert.from_stored(alert) for alert in row["alerts"]],
-                              rule_ids=row["rule_ids"], created_at=row["created_at"],
-                              truncated_alerts=row["truncated_alerts"], group_rule_id=row["group_rule_id"])
-            for row in rows]
 
 
 async def prepare_writes() -> None:

@@ -26,7 +26,7 @@ from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
 from alerting_app.sending import partition_for
 from alerting_app.silencing import SilenceIndex
 from kafka_probe import read_topic
-from tables import groups
+from tables import group_records, groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 
 # The group table's changelog is created by the `pipeline` fixture (test_agent_support.py).
@@ -530,7 +530,7 @@ async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(po
     value = groups.open_groups.get(client.encode())
     [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
     # The closer inserted the notification and died before it was sent.
-    first_built = await groups.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
+    first_built = await group_records.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
 
     [ready] = await closed_for(pool, client, time.time() + 6)
 
@@ -546,7 +546,7 @@ async def test_a_group_closed_but_not_emitted_is_emitted_by_the_agent_that_drops
     [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
     # The closer inserted the notification and died before it was sent; after the restart the agent
     # sees a new alert of the client before any closer runs, and drops the closed group.
-    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
+    [first_built] = await group_records.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
 
     [aggregation] = await aggregate(grouped(client, rule, the_alert=alert(2)))
 
@@ -567,7 +567,7 @@ async def test_a_member_delivered_again_emits_its_closed_group_if_it_never_was(p
     [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
     # Closed (by the closer, or early by the agent) and not sent; then the table lost the group (the
     # agent closing it early had not written its value yet) and the member's message comes again.
-    [first_built] = await groups.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
+    [first_built] = await group_records.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
     groups.write_value_of_partition(client.encode(), {}, partition_for(client.encode(), tuple(range(settings.topic_partitions))))
 
     [aggregation] = await aggregate(member)

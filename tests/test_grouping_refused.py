@@ -15,7 +15,7 @@ from agents.aggregate import aggregate_matches
 from agents.close_groups import close_due_groups
 from alerting_app.contracts import Alert, AlertMatched
 from alerting_app.sending import partition_for
-from tables import groups
+from tables import group_records, groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 from test_grouping import closed_for
 
@@ -34,7 +34,7 @@ async def open_directly(pool, key: bytes, value: groups.ClientGroups) -> None:
     await groups.prepare_writes()
     groups.write_value_of_partition(key, value, partition_for(key, tuple(range(64))))
     members = [(key.decode(), a["alert_id"], g["notification_id"]) for g in value.values() for a in g["alerts"]]
-    await groups.record_memberships(pool, members)
+    await group_records.record_memberships(pool, members)
 
 
 def with_nul_in_context(value: groups.ClientGroups, rule_id: str) -> None:
