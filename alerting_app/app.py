@@ -13,6 +13,7 @@ import mode
 from alerting_app.broker_transport import Agent, Transport
 from alerting_app.faust_tuning import APP_SETTINGS as FAUST_TUNING
 from alerting_app.http_errors import database_unavailable, json_http_errors
+from alerting_app.http_server import Web
 from alerting_app.kafka_connection import faust_credentials, kafka_connection
 from alerting_app.settings import BROKER_REQUEST_TIMEOUT_S, load_settings
 
@@ -55,6 +56,8 @@ app = faust.App(
     Agent=Agent,
     **FAUST_TUNING,  # less of Faust's own per-message cost: see the module
 )
+# Faust's aiohttp web driver, whose own error answers (a request its HTTP parser refuses) are JSON too.
+app.web = Web(app)
 # Set before anything touches `app.transport` (declaring a topic does): see the module for why.
 app.transport = Transport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.broker_fetch_max_wait_ms,
                           broker=kafka_connection(settings, settings.kafka_bootstrap_servers or "localhost:9092"))

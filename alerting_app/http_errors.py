@@ -3,8 +3,9 @@ take) as JSON like every other API error (web/errors.py), not aiohttp's plain te
 parsing `{"error": ...}` gets one shape whatever went wrong. Postgres away under a running worker
 answers 503 `database_unavailable`, which a client retries, not a plain-text 500.
 
-A request aiohttp's HTTP parser refuses never reaches the middlewares: aiohttp answers its own
-plain-text 400, and its log says so in one line below ERROR (ParserRefusalsBelowError)."""
+A request aiohttp's HTTP parser refuses never reaches the middlewares: the server answers it
+itself, in JSON too (http_server.py), and its log says so in one line below ERROR
+(ParserRefusalsBelowError)."""
 from __future__ import annotations
 
 import logging
@@ -31,9 +32,13 @@ async def json_http_errors(request: web.Request,
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and the like are not errors
-        code = exc.reason.lower().replace(" ", "_")  # "Not Found" -> "not_found", as web/errors.py names them
         headers = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
-        return web.json_response({"error": code}, status=exc.status, headers=headers)
+        return web.json_response({"error": error_code(exc.reason)}, status=exc.status, headers=headers)
+
+
+def error_code(reason: str) -> str:
+    """An HTTP reason phrase as web/errors.py names its codes: "Not Found" -> "not_found"."""
+    return reason.lower().replace(" ", "_")
 
 
 @web.middleware
@@ -62,17 +67,23 @@ async def database_unavailable(request: web.Request,
                                  status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
 
 
-# The longest part of the parser's message kept in the log line: it quotes the refused request.
+# The longest part of the parser's message kept in the log line and the answer: it quotes the
+# refused request.
 REFUSAL_MESSAGE_CHARS = 200
+
+
+def refusal_detail(exc: HttpProcessingError) -> str:
+    """The parser's message, which quotes the request's bytes over several lines: one line, cut short."""
+    return " ".join(exc.message.split())[:REFUSAL_MESSAGE_CHARS]
 
 
 class ParserRefusalsBelowError(logging.Filter):
     """One INFO line, not an ERROR with a traceback, for a request aiohttp's HTTP parser refused.
 
     aiohttp answers such a request (a URL or header line over 8,190 bytes, more than 128 headers, a
-    bad Content-Length or Transfer-Encoding) with a plain-text 400 before any view or middleware
-    sees it, and logs it with `logger.exception`: junk that anyone can send without a token filled
-    the worker's log with tracebacks at ERROR, where alarms look. What aiohttp itself logs at
+    bad Content-Length or Transfer-Encoding) with a 400 before any view or middleware sees it
+    (in JSON: http_server.py), and logs it with `logger.exception`: junk that anyone can send
+    without a token filled the worker's log with tracebacks at ERROR, where alarms look. What aiohttp itself logs at
     DEBUG (an invalid method as a connection's first request) stays at DEBUG, in one line too.
     The server's own failures (any other exception, or a 5xx) keep their level and traceback.
     """
@@ -85,9 +96,7 @@ class ParserRefusalsBelowError(logging.Filter):
         # The logger let the record through at its own level: a worker logging at WARNING drops it.
         if not logging.getLogger(record.name).isEnabledFor(level):
             return False
-        # The parser's message quotes the request's bytes over several lines: one line, cut short.
-        detail = " ".join(exc.message.split())[:REFUSAL_MESSAGE_CHARS]
-        record.msg = f"{record.getMessage()}: refused with {exc.code} ({type(exc).__name__}: {detail})"
+        record.msg = f"{record.getMessage()}: refused with {exc.code} ({type(exc).__name__}: {refusal_detail(exc)})"
         record.args = ()
         record.levelno, record.levelname = level, logging.getLevelName(level)
         record.exc_info, record.exc_text = None, None

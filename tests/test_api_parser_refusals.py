@@ -1,10 +1,12 @@
 """Requests aiohttp's HTTP parser refuses (a line over 8,190 bytes, more than 128 headers, a bad
-Content-Length or Transfer-Encoding, an invalid method) answer aiohttp's plain-text 400 before any
-view sees them, and the worker logs each in one INFO line: before, each was an ERROR with a
-traceback, so junk anyone can send without a token filled the log where alarms look.
+Content-Length or Transfer-Encoding, an invalid method) are answered before any view sees them:
+with the API's JSON error, not aiohttp's plain text (alerting_app/http_server.py), and the worker
+logs each in one INFO line: before, each was an ERROR with a traceback, so junk anyone can send
+without a token filled the log where alarms look.
 The server's own errors keep ERROR and their traceback (alerting_app/http_errors.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -26,9 +28,21 @@ REFUSED = {
                                           b"Content-Length: abc\r\n\r\n",
     "a Transfer-Encoding aiohttp does not know": b"POST /api/v1/alerts HTTP/1.1\r\nHost: worker\r\n"
                                                  b"Transfer-Encoding: foo\r\n\r\n",
+    "a header name with a character no header name has": b"GET /healthz HTTP/1.1\r\nHost: worker\r\n"
+                                                          b"X(Junk): 1\r\n\r\n",
+    # aiohttp undoes gzip and deflate; br and zstd only with packages we do not install.
+    "a Content-Encoding aiohttp cannot undo": b"POST /api/v1/alerts HTTP/1.1\r\nHost: worker\r\n"
+                                              b"Content-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+    "a chunk size that is no number": b"POST /api/v1/alerts HTTP/1.1\r\nHost: worker\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
     # As a connection's first request aiohttp logs an invalid method at DEBUG already; once it has
     # answered one, at ERROR like the rest.
     "an invalid method after a valid request": FOO_AFTER_HEALTHZ,
+}
+# Answered the same, but aiohttp logs it at DEBUG: a TLS hello sent to the plain-HTTP port.
+REFUSED_AT_DEBUG = {
+    "bytes that are no HTTP at all, as a connection's first request": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc"
+                                                                       b"\x03\x03\r\n\r\n",
 }
 
 
@@ -59,9 +73,14 @@ def test_requests_the_http_parser_refuses_are_400_and_one_info_line_each(start_w
     worker = start_worker(LOG_LEVEL="info")
     before = len(worker.log())
 
-    for what, raw in REFUSED.items():
+    for what, raw in {**REFUSED, **REFUSED_AT_DEBUG}.items():
         answer = exchange(worker.url, raw, served_first=HEALTHZ if raw is FOO_AFTER_HEALTHZ else b"")
-        assert b" 400 Bad Request\r\n" in answer, (what, answer[:300])
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), (what, answer[:300])
+        assert b"\r\nContent-Type: application/json" in head, (what, head)
+        error = json.loads(body)
+        assert error["error"] == "bad_request", (what, error)
+        assert error["message"].startswith("the HTTP server could not read the request: "), (what, error)
 
     log = worker.log()[before:]
     refusals = [line for line in log.splitlines() if "Error handling request from" in line]
