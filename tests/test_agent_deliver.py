@@ -16,6 +16,7 @@ import pytest_asyncio
 from agents.deliver import deliver_notifications, sweep
 from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Answer, Receiver, SmtpServer
+from postgres_waits import until_waiting_on_a_lock
 from test_agent_support import (  # noqa: F401  (fixtures)
     AGENT_LOOP, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to,
 )
@@ -705,10 +706,7 @@ async def test_a_notification_whose_client_is_deleted_while_its_deliveries_are_o
                                    rule, client)
             await deleting.execute("DELETE FROM clients WHERE client_id = $1", client)
             taking_in = asyncio.ensure_future(put(notification.encode()))
-            async with asyncio.timeout(30):
-                while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                              " AND wait_event_type = 'Lock'"):
-                    await asyncio.sleep(0.01)
+            await until_waiting_on_a_lock(pool)
     async with asyncio.timeout(30):  # a bound: an agent that raised would never answer
         [intake] = await taking_in
     await dispatcher.drained()
@@ -740,10 +738,7 @@ async def test_a_batch_taken_in_again_counts_each_dropped_notification_once(pool
                                    rule, client)
             await deleting.execute("DELETE FROM clients WHERE client_id = $1", client)
             taking_in = asyncio.ensure_future(take_in(pool, dispatcher, events))
-            async with asyncio.timeout(30):
-                while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                              " AND wait_event_type = 'Lock'"):
-                    await asyncio.sleep(0.01)
+            await until_waiting_on_a_lock(pool)
     async with asyncio.timeout(30):
         intake = await taking_in
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from postgres_waits import until_waiting_on_a_lock
 from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
 
 pytestmark = API_LOOP
@@ -127,12 +128,7 @@ async def test_an_endpoint_created_while_its_rule_is_deleted_is_refused_for_its_
             {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://93.184.216.34/hook"}))
         # The delete commits only once the insert is waiting on its lock (else the insert would
         # not see the rule at all, the case every other test covers).
-        async with asyncio.timeout(30):  # a bound only: a create blocked elsewhere would hang the run
-            while not await pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND datname = current_database() AND query LIKE '%INSERT INTO endpoints%'"):
-                assert not creating.done(), (await creating).body
-                await asyncio.sleep(0.02)
+        await until_waiting_on_a_lock(pool, query_like="%INSERT INTO endpoints%", unless_done=creating)
         await transaction.commit()
     reply = await creating
     assert reply.failing_fields() == {"rule_id"}, reply.body

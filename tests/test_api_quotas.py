@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
+from postgres_waits import until_waiting_on_a_lock
 from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
 
 pytestmark = API_LOOP
@@ -142,12 +143,7 @@ async def test_a_key_replaced_while_a_replacement_with_it_waited_does_not_replac
         await owner.execute("UPDATE clients SET api_key_hash = $2 WHERE client_id = $1", tenant.client_id,
                             hash_api_key(owners_key))
         leaked = asyncio.ensure_future(api.call("POST", f"/api/v1/clients/{tenant.client_id}/key", tenant.key))
-        async with asyncio.timeout(30):  # a bound only
-            while not await pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND datname = current_database() AND query LIKE '%UPDATE clients SET api_key_hash%'"):
-                assert not leaked.done(), (await leaked).body
-                await asyncio.sleep(0.02)
+        await until_waiting_on_a_lock(pool, query_like="%UPDATE clients SET api_key_hash%", unless_done=leaked)
         await transaction.commit()
 
     assert (await leaked).status == 401, (await leaked).body

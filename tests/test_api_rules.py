@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 
+from postgres_waits import until_waiting_on_a_lock
 from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
 
 pytestmark = API_LOOP
@@ -352,11 +353,7 @@ async def test_a_create_that_waited_for_its_clients_lock_is_not_behind_a_page_al
         await holder.execute("SELECT 1 FROM clients WHERE client_id = $1 FOR NO KEY UPDATE", tenant.client_id)
         waiting = asyncio.ensure_future(api.call("POST", "/api/v1/rules", tenant.key,
                                                  {"severity": "HIGH", "source": "payments", "name": "late"}))
-        async with asyncio.timeout(30):  # a bound only: a create blocked elsewhere would hang the run
-            while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                          "AND datname = current_database() AND query LIKE '%FOR NO KEY UPDATE%'"):
-                assert not waiting.done(), waiting.result().body
-                await asyncio.sleep(0.02)
+        await until_waiting_on_a_lock(pool, query_like="%FOR NO KEY UPDATE%", unless_done=waiting)
         seen = await api.new_rule(other_tenant, name="meanwhile")
         listed = await api.call("GET", "/api/v1/rules", api.admin_token, params={"limit": 500})
         while listed.body["items"][-1]["rule_id"] != seen["rule_id"]:

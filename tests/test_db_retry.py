@@ -10,6 +10,7 @@ import pytest
 
 from alerting_app import db
 from alerting_app.embedded import free_port
+from postgres_waits import until_waiting_on_a_lock
 
 
 @pytest.fixture
@@ -63,14 +64,9 @@ async def test_the_victim_of_a_real_deadlock_is_run_again_and_succeeds(clean_db,
     other_holds_row_2, other_wants_row_1 = asyncio.Event(), asyncio.Event()
 
     async def other_waits_on_a_lock() -> None:
-        # Seen from a third connection: a transaction sees pg_stat_activity as it was when it
-        # first looked. Polled, with a guard against hanging only.
-        observer = await asyncpg.connect(clean_db)
+        observer = await asyncpg.connect(clean_db)  # the other two are each inside a statement meanwhile
         try:
-            async with asyncio.timeout(30):
-                while not await observer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
-                                                  " AND wait_event_type = 'Lock'", other.get_server_pid()):
-                    await asyncio.sleep(0.01)
+            await until_waiting_on_a_lock(observer, pid=other.get_server_pid())
         finally:
             await observer.close()
 

@@ -25,6 +25,7 @@ from alerting_app.embedded import free_port
 from broker_front import OutageFront
 from kafka_probe import read_topic
 from operations_support import start_tansu
+from postgres_waits import until_waiting_on_a_lock
 
 CLIENT_NAME = "test_delivery_records"
 ALERTS = json.dumps([{"alert_id": "a", "severity": "HIGH", "source": "s", "name": "n", "event_ts": 1}])
@@ -79,12 +80,6 @@ async def one_due_delivery(conn: asyncpg.Connection) -> tuple[str, str]:
     notification_id = await insert_notification(conn, client_id)
     await open_delivery(conn, notification_id, endpoint_id, due_seconds_ago=1.0)
     return notification_id, endpoint_id
-
-
-async def blocked_on_a_lock(observer: asyncpg.Connection, pid: int) -> None:
-    async with asyncio.timeout(30):
-        while await observer.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
-            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -196,7 +191,7 @@ async def test_two_workers_finishing_a_notifications_last_deliveries_at_once_set
         await write_outcomes(worker_a, "worker-a", [DeliveryChange(notification_id, first, "SENT", 1)])
         b_writing = asyncio.ensure_future(
             write_outcomes(worker_b, "worker-b", [DeliveryChange(notification_id, second, "SENT", 1)]))
-        await blocked_on_a_lock(conn, worker_b.get_server_pid())
+        await until_waiting_on_a_lock(conn, pid=worker_b.get_server_pid())
         await a_transaction.commit()
         await b_writing
     finally:
@@ -460,7 +455,7 @@ async def test_a_retry_and_a_redelivered_notification_opening_a_new_endpoint_do_
                 " 'PENDING') ON CONFLICT (notification_id, endpoint_id) DO UPDATE SET leased_by = EXCLUDED.leased_by"
                 " WHERE d.status = 'PENDING'", notification_id, failed)
             retry = asyncio.create_task(retry_failed(retrier, notification_id, None))
-            await blocked_on_a_lock(conn, retrier.get_server_pid())  # holds the notification, waits for the row
+            await until_waiting_on_a_lock(conn, pid=retrier.get_server_pid())  # holds the notification, waits for the row
             await opener.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status)"
                                  " VALUES ($1, $2, 'webhook', 'PENDING')", notification_id, added)
         assert await asyncio.wait_for(retry, 30)

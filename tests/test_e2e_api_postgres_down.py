@@ -26,7 +26,8 @@ import psutil
 import pytest
 
 from alerting_app.embedded import EmbeddedServices
-from operations_support import wait_until
+from operations_support import WAIT_TIMEOUT_S, wait_until
+from postgres_waits import until_waiting_on_a_lock
 
 pytestmark = pytest.mark.e2e
 
@@ -103,9 +104,6 @@ async def lock_row_of(database_url: str, client_id: str) -> asyncpg.Connection:
     return conn
 
 
-WAITING_ON_A_LOCK = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-
-
 def test_the_api_answers_503_database_unavailable_while_postgres_does_not_answer(services, private_postgres,
                                                                                    start_worker):
     """Before, every request waited until TCP gave up, many minutes later; the `call`'s 60 s bound is
@@ -138,8 +136,8 @@ def test_the_api_answers_503_database_unavailable_while_postgres_does_not_answer
         holder = holder_loop.run_until_complete(lock_row_of(database_url, client["client_id"]))
         with ThreadPoolExecutor(1) as requests:
             writing = requests.submit(call, "POST", rules, client["api_key"], new_rule)
-            wait_until(lambda: holder_loop.run_until_complete(holder.fetchval(WAITING_ON_A_LOCK)),
-                       "the write waiting for the client's row")
+            # The write waiting for the client's row.
+            holder_loop.run_until_complete(until_waiting_on_a_lock(holder, bound_s=WAIT_TIMEOUT_S))
             with frozen(postgres):
                 assert_database_unavailable(writing.result())
         holder_loop.run_until_complete(holder.close())

@@ -26,6 +26,7 @@ from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
 from alerting_app.sending import partition_for
 from alerting_app.silencing import SilenceIndex
 from kafka_probe import read_topic
+from postgres_waits import until_waiting_on_a_lock
 from tables import group_records, groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 
@@ -690,10 +691,7 @@ async def test_the_group_of_a_client_deleted_while_it_closes_is_dropped_and_the_
         async with deleting.transaction():
             await deleting.execute("DELETE FROM clients WHERE client_id = $1", client)
             closing = asyncio.ensure_future(closed_for(pool, {client, other_client}, time.time() + 5))
-            async with asyncio.timeout(30):
-                while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                              " AND wait_event_type = 'Lock'"):
-                    await asyncio.sleep(0.01)
+            await until_waiting_on_a_lock(pool)
     async with asyncio.timeout(30):
         [ready] = await closing
 

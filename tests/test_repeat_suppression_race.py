@@ -21,6 +21,7 @@ from agents.aggregate import Aggregation, emit_now
 from agents.match_outcomes import client_lock_key, lock_clients, record_stateful
 from alerting_app.contracts import Alert, AlertMatched
 from alerting_app.db import init_connection
+from postgres_waits import until_waiting_on_a_lock
 
 WORKERS = ("race-worker-a", "race-worker-b")
 
@@ -65,14 +66,6 @@ def event(match: AlertMatched) -> SimpleNamespace:
         value=match.model_dump_json().encode()))
 
 
-async def both_workers_wait_on_a_lock(observer: asyncpg.Connection) -> None:
-    async with asyncio.timeout(30):
-        while await observer.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY($1::text[])"
-                " AND wait_event_type = 'Lock'", list(WORKERS)) < len(WORKERS):
-            await asyncio.sleep(0.01)
-
-
 async def test_two_workers_notify_a_repeated_fingerprint_once_and_suppress_the_other(observer, worker_pools):
     client = await insert_client(observer)
     fingerprint = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
@@ -86,7 +79,7 @@ async def test_two_workers_notify_a_repeated_fingerprint_once_and_suppress_the_o
     recording = [asyncio.ensure_future(record_stateful(pool, [(event(match), match)], aggregation, emit_now))
                  for pool, match, aggregation in zip(worker_pools, (first, second), aggregations)]
     try:
-        await both_workers_wait_on_a_lock(observer)
+        await until_waiting_on_a_lock(observer, application_names=list(WORKERS), sessions=len(WORKERS))
     finally:
         await holder.commit()
     await asyncio.gather(*recording)
@@ -95,13 +88,6 @@ async def test_two_workers_notify_a_repeated_fingerprint_once_and_suppress_the_o
                                     " GROUP BY status ORDER BY status", client)
     assert [tuple(row) for row in statuses] == [("PENDING", 1), ("SUPPRESSED", 1)]
     assert sum(len(aggregation.ready) for aggregation in aggregations) == 1
-
-
-async def worker_waits_on_a_lock(observer: asyncpg.Connection, worker: str) -> None:
-    async with asyncio.timeout(30):
-        while await observer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-                                      " AND wait_event_type = 'Lock'", worker) == 0:
-            await asyncio.sleep(0.01)
 
 
 async def test_two_workers_recording_the_same_clients_in_opposite_orders_do_not_deadlock(observer, worker_pools):
@@ -120,7 +106,7 @@ async def test_two_workers_recording_the_same_clients_in_opposite_orders_do_not_
         for worker in ("race-worker-b", "race-worker-a"):
             recording.append(asyncio.ensure_future(record_stateful(
                 pools[worker], [(event(match), match) for match in batches[worker]], Aggregation(), emit_now)))
-            await worker_waits_on_a_lock(observer, worker)
+            await until_waiting_on_a_lock(observer, application_names=[worker])
     finally:
         await holder.commit()
     await asyncio.gather(*recording)  # a deadlock would raise DeadlockDetectedError in one of them

@@ -7,6 +7,7 @@ import pytest
 
 from alerting_app.contracts import SilenceChanged
 from kafka_probe import read_topic
+from postgres_waits import until_waiting_on_a_lock
 from test_api_support import API_LOOP, api, broker, other_tenant, tenant  # noqa: F401  (fixtures)
 
 pytestmark = API_LOOP
@@ -221,12 +222,7 @@ async def test_a_silence_expired_while_its_expiry_waited_is_not_expired_again(ap
         # Its own UPDATE below is not held up by its own lock; the request's is.
         await other.execute("LOCK TABLE silences IN SHARE MODE")
         expiring = asyncio.ensure_future(api.call("DELETE", path, tenant.key))
-        async with asyncio.timeout(30):  # a bound only
-            while not await pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND datname = current_database() AND query LIKE '%UPDATE silences SET starts_at%'"):
-                assert not expiring.done(), (await expiring).body
-                await asyncio.sleep(0.02)
+        await until_waiting_on_a_lock(pool, query_like="%UPDATE silences SET starts_at%", unless_done=expiring)
         await other.execute("UPDATE silences SET starts_at = least(starts_at, clock_timestamp()),"
                             " ends_at = clock_timestamp(), version = version + 1 WHERE silence_id = $1",
                             silence["silence_id"])
