@@ -3,22 +3,19 @@ real broker takes is acknowledged before the send returns, and one a broker refu
 of the test's own, behind a front that refuses connections: the session's cannot be made to refuse)."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import uuid
 from types import SimpleNamespace
 
-import faust
 import pytest
 from aiokafka.errors import KafkaError
 
 from alerting_app.contracts import DeadLetter
 from alerting_app.dead_letters import bounded, dead_letter_for, send_dead_letters
-from alerting_app.embedded import free_port
 from alerting_app.sending import max_record_bytes
 from broker_front import OutageFront
-from operations_support import start_tansu
+from private_brokers import app_sending_behind
 from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
 
 
@@ -84,16 +81,9 @@ async def test_a_letter_the_broker_refuses_raises(tmp_path):
     worker, a second here): the caller sees the failure, and must not acknowledge the message."""
     from alerting_app import metrics
 
-    broker_port, front_port = free_port(), free_port()
-    with OutageFront(front_port, broker_port) as front:
-        broker = await asyncio.to_thread(start_tansu, broker_port, tmp_path, advertised_port=front_port)
-        letters_app = faust.App("dead-letter-refused", env={}, broker=f"kafka://{front.address}",
-                                datadir=str(tmp_path / "faust"), producer_request_timeout=1.0)
+    async with app_sending_behind(OutageFront, tmp_path, "dead-letter-refused", "alerts.new.dlq",
+                                  producer_request_timeout=1.0) as (front, topic):
         try:
-            topic = letters_app.topic("alerts.new.dlq", partitions=1)
-            await topic.maybe_declare()
-            # Connected to the leader, metadata known, as a worker's producer is: what follows is the refusal.
-            await (await topic.send(key=b"warm-up", value=b"{}", force=True))
             counted = metrics.dead_letters.labels(topic="alerts.new", from_history="false")._value.get()
             front.refuse()
 
@@ -103,5 +93,3 @@ async def test_a_letter_the_broker_refuses_raises(tmp_path):
             assert metrics.dead_letters.labels(topic="alerts.new", from_history="false")._value.get() == counted
         finally:
             front.let_through()
-            await letters_app.producer.stop()
-            broker.stop()

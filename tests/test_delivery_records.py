@@ -21,11 +21,10 @@ from alerting_app.db import init_connection
 from alerting_app.dead_letters import send_dead_letters
 from alerting_app.delivery.recorder import Recorder
 from alerting_app.delivery.records import DeliveryChange, lease_due, release, renew_leases, write_outcomes
-from alerting_app.embedded import free_port
 from broker_front import OutageFront
 from kafka_probe import read_topic
-from operations_support import start_tansu
 from postgres_waits import until_waiting_on_a_lock
+from private_brokers import private_broker_behind
 
 CLIENT_NAME = "test_delivery_records"
 ALERTS = json.dumps([{"alert_id": "a", "severity": "HIGH", "source": "s", "name": "n", "event_ts": 1}])
@@ -103,17 +102,11 @@ LETTERS_TOPIC = "notifications.ready.dlq"  # where the recorder's letters (of no
 
 @pytest.fixture(scope="module")
 def letters_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageFront]:
-    """A broker of this module's own, reachable only through a front that can refuse or hang. The
-    session's broker is shared, and advertises its own address: a client that came through a front
-    to it would be sent on to that address after its first request, past the front."""
-    broker_port, front_port = free_port(), free_port()
-    with OutageFront(front_port, broker_port) as front:
-        broker = start_tansu(broker_port, tmp_path_factory.mktemp("letters-broker"), advertised_port=front_port)
-        try:
-            asyncio.run(create_topic(front.address, LETTERS_TOPIC))
-            yield front
-        finally:
-            broker.stop()
+    """A broker of this module's own (the session's is shared), reachable only through a front that
+    can refuse or hang."""
+    with private_broker_behind(OutageFront, tmp_path_factory.mktemp("letters-broker")) as front:
+        asyncio.run(create_topic(front.address, LETTERS_TOPIC))
+        yield front
 
 
 async def create_topic(bootstrap: str, topic: str) -> None:

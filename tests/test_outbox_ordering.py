@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
-import faust
 import pytest_asyncio
 
 from agents.rule_outbox import (RULE_OUTBOX, Outbox, lock_relay, record_rule_change, relay_pending,
@@ -22,12 +21,11 @@ from agents.rule_outbox import (RULE_OUTBOX, Outbox, lock_relay, record_rule_cha
 from alerting_app import db
 from alerting_app.app import settings
 from alerting_app.contracts import Rule, RuleChanged, SilenceChanged
-from alerting_app.embedded import free_port
 from alerting_app.migrate import apply_migrations
-from alerting_app.sending import all_acknowledged, send_batched
+from alerting_app.sending import all_acknowledged
 from broker_front import OutageFront
 from kafka_probe import read_topic
-from operations_support import start_tansu
+from private_brokers import app_sending_behind
 from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
 pytestmark = AGENT_LOOP
@@ -51,24 +49,13 @@ class RelayBroker:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def relay_broker(tmp_path_factory):
-    """A broker of this module's own (the session's is shared, and advertises its own address: a
-    client would be sent on to it, past a front), and a Faust app sending rule_outbox to it."""
-    folder = tmp_path_factory.mktemp("relay-broker")
-    broker_port, front_port = free_port(), free_port()
-    with OutageFront(front_port, broker_port) as front:
-        broker = await asyncio.to_thread(start_tansu, broker_port, folder, advertised_port=front_port)
-        relay_app = faust.App("outbox-ordering-relay", env={}, broker=f"kafka://{front.address}",
-                              datadir=str(folder / "faust"))
+    """A broker of this module's own (the session's is shared), and a Faust app sending rule_outbox to it."""
+    async with app_sending_behind(OutageFront, tmp_path_factory.mktemp("relay-broker"), "outbox-ordering-relay",
+                                  "rule.changed", partitions=settings.topic_partitions) as (front, topic):
         try:
-            topic = relay_app.topic("rule.changed", partitions=settings.topic_partitions)
-            await topic.maybe_declare()
-            # Connected to the leader, metadata known, as a worker's producer is: what follows is about answers.
-            await all_acknowledged(await send_batched(topic, [(b"warm-up", b"{}")]))
             yield RelayBroker(front, Outbox(RULE_OUTBOX.table, RULE_OUTBOX.key_column, topic))
         finally:
             front.let_through()
-            await relay_app.producer.stop()
-            broker.stop()
 
 
 def rule_versions(rule_id: str, client_id: str) -> list[RuleChanged]:

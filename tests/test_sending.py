@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import faust
 import pytest
 
-from alerting_app.embedded import free_port
 from alerting_app.sending import SendCancelled, all_acknowledged, send_batched
 from broker_front import BrokerFront, pipe
-from operations_support import start_tansu
+from private_brokers import app_sending_behind
 from test_agent_support import AGENT_LOOP, pipeline  # noqa: F401  (fixtures)
 
 
@@ -136,18 +134,10 @@ async def test_send_batched_cancelled_while_queueing_returns_only_once_the_batch
     earlier batch: the relay releases its ordering lock once the cancellation is through, so the
     batches already queued must be answered by then, not land after another relay's newer versions.
     A private broker behind a front that holds its answers; a Faust app of its own sending to it."""
-    broker_port, front_port = free_port(), free_port()
-    with AnswerHoldingFront(front_port, broker_port) as front:
-        broker = await asyncio.to_thread(start_tansu, broker_port, tmp_path, advertised_port=front_port)
-        sending_app = faust.App("send-batched-cancel", env={}, broker=f"kafka://127.0.0.1:{front_port}",
-                                datadir=str(tmp_path / "faust"))
+    async with app_sending_behind(AnswerHoldingFront, tmp_path, "send-batched-cancel",
+                                  "send-batched-cancel") as (front, topic):
         try:
-            topic = sending_app.topic("send-batched-cancel", partitions=1)
-            await topic.maybe_declare()
-            # Connected to the partition's leader, metadata known: what follows waits only on answers.
-            await all_acknowledged(await send_batched(topic, [(b"warm-up", b"x")]))
-
-            producer = (await sending_app.maybe_start_producer())._ensure_producer()
+            producer = (await topic.app.maybe_start_producer())._ensure_producer()
             entered: list[None] = []
             queued: list[asyncio.Future] = []
             real_send_batch = producer.send_batch
@@ -176,5 +166,3 @@ async def test_send_batched_cancelled_while_queueing_returns_only_once_the_batch
             assert all(ack.done() and not ack.cancelled() and ack.exception() is None for ack in queued)
         finally:
             front.release()
-            await sending_app.producer.stop()
-            broker.stop()
