@@ -16,7 +16,9 @@ backlog when it crashed (first seen in full runs of the suite, where the worker'
 group reads every earlier test's `alerts.matched`): the supervisor restarted the crashed agent as
 the worker stopped, and its stop never ended (2 of 3 runs of this test; the worker exited only by
 the 45 s backstop, CRASH_STOP_GRACE_S). The crashed agent is no longer restarted
-(alerting_app/app.py, `agent_supervisor`), and the backlog is made here.
+(alerting_app/app.py, `agent_supervisor`), and the backlog is made here, on a broker of the test's
+own: left on the session's `alerts.matched`, its 20,000 messages were read by every later test's new
+consumer group.
 """
 from __future__ import annotations
 
@@ -27,15 +29,35 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from alerting_app.app import settings
+from alerting_app.embedded import free_port
+from alerting_app.kafka_admin import create_topics
 from delivery_platform import produce_alerts
-from operations_support import wait_until
+from operations_support import start_tansu, wait_until
 from test_e2e_api_postgres_down import call
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[str]:
+    """The bootstrap address of a broker of the test's own, its topics created. Request it before
+    `start_worker`, so that the worker stops before it does."""
+    port = free_port()
+    broker = start_tansu(port, tmp_path / "kafka")
+    try:
+        bootstrap = f"127.0.0.1:{port}"
+        report = asyncio.run(create_topics(bootstrap, settings.topic_partitions, settings.topic_replication_factor))
+        assert not report.mismatched, report.mismatch_message(settings.topic_partitions)
+        yield bootstrap
+    finally:
+        broker.stop()
 
 
 async def rename_emitted_column(database_url: str) -> None:
@@ -68,8 +90,10 @@ async def crash_amid_a_backlog(bootstrap: str, backlog: int = 20_000) -> None:
         await producer.stop()
 
 
-def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, private_postgres, start_worker):
-    worker = start_worker(DATABASE_URL=private_postgres.database_url, APP_ID=f"sink-crash-{secrets.token_hex(4)}")
+def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, private_postgres, private_broker,
+                                                             start_worker):
+    worker = start_worker(DATABASE_URL=private_postgres.database_url, KAFKA_BOOTSTRAP_SERVERS=private_broker,
+                          APP_ID=f"sink-crash-{secrets.token_hex(4)}")
     status, _, body = call("POST", worker.url + "/api/v1/clients", services.admin_token, {"name": "Acme"})
     assert status == 201, body
     key = json.loads(body)["api_key"]
@@ -81,7 +105,7 @@ def test_a_worker_whose_sink_failed_stops_instead_of_hanging(services, private_p
                "holding the rule")
 
     asyncio.run(rename_emitted_column(private_postgres.database_url))
-    asyncio.run(crash_amid_a_backlog(services.kafka_bootstrap_servers))
+    asyncio.run(crash_amid_a_backlog(private_broker))
 
     # Most of the backlog's dead letters go first (each logged and acknowledged): 85 s on a loaded
     # 2-core machine, where the general bound of 120 s failed the test under a heavier load.
