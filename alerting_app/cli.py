@@ -40,7 +40,8 @@ from alerting_app.migrate import MigrationError, apply_migrations
 from alerting_app.roles import apply_roles, parse_roles
 from alerting_app.seed import (MAX_CLIENTS as seed_clients_limit, MAX_RULES as seed_total_limit,
                                 MAX_RULES_PER_CLIENT as seed_rules_limit, MIXES)
-from alerting_app.settings import ROLE_NAMES, ConfigurationError, require_services, roles_of
+from alerting_app.settings import (COMMAND_BROKER_TIMEOUT_S, ROLE_NAMES, ConfigurationError, require_services,
+                                   roles_of)
 from alerting_app.startup_wait import check_before_waiting, wait_before_start
 from alerting_app.up import run_up
 
@@ -119,6 +120,8 @@ class send(FaustSendCommand):  # noqa: N801  the class name is the command name;
             raise SystemExit(f"send: {topic}: sending to an agent is not supported; give its topic's name")
         try:
             known = asyncio.run(topic_inspection.topic_partitions(_broker()))
+        except KafkaConnectionError as exc:
+            raise SystemExit(_no_broker("send", exc)) from None
         except (OSError, KafkaError) as exc:
             raise SystemExit(f"send failed: {exc}") from None
         if topic not in known:
@@ -169,10 +172,7 @@ class _ForegroundCommand(AppCommand):
             # Refused by asyncpg before connecting (sslmode=verify-full without a root certificate).
             raise SystemExit(f"{self._name} failed: DATABASE_URL: {exc}") from None
         except KafkaConnectionError as exc:
-            # aiokafka names the address, not where it came from (`up`'s embedded broker: no variable).
-            given = settings.kafka_bootstrap_servers
-            where = f" (KAFKA_BOOTSTRAP_SERVERS={given})" if given is not None else ""
-            raise SystemExit(f"{self._name} failed: no connection to the broker{where}: {exc}") from None
+            raise SystemExit(_no_broker(self._name, exc)) from None
         except (OSError, KafkaError, asyncpg.PostgresError, MigrationError, EmbeddedServiceError) as exc:
             # A service that cannot be reached or a refused migration is a message, not a traceback.
             raise SystemExit(f"{self._name} failed: {exc or type(exc).__name__}") from None
@@ -184,6 +184,16 @@ class _ForegroundCommand(AppCommand):
         return self.ctx.info_name or type(self).__name__
 
 
+def _no_broker(command: str, exc: KafkaConnectionError) -> str:
+    """One line for a broker a command could not start with. aiokafka says the same "Unable to
+    bootstrap" for a broker that refuses the connection and one that takes it and never answers, and
+    names the address, not where it came from (`up`'s embedded broker: no variable)."""
+    given = settings.kafka_bootstrap_servers
+    where = f" (KAFKA_BOOTSTRAP_SERVERS={given})" if given is not None else ""
+    return (f"{command} failed: no connection to the broker{where}, or no answer from it within "
+            f"{COMMAND_BROKER_TIMEOUT_S:g} s: {exc}")
+
+
 def _required(value: Any, variable: str) -> Any:
     if value is None:
         raise ConfigurationError(f"Missing configuration: {variable} must be set for this command.")
@@ -192,7 +202,7 @@ def _required(value: Any, variable: str) -> Any:
 
 def _broker() -> KafkaConnection:
     _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
-    return kafka_connection(settings)
+    return kafka_connection(settings, request_timeout_s=COMMAND_BROKER_TIMEOUT_S)
 
 
 @app.command(base=_ForegroundCommand)

@@ -60,7 +60,7 @@ def _described(exc: Exception) -> str:
 async def broker_topics_missing(broker: Broker, topics: Iterable[str] = (),
                                 timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the broker answers a metadata request and every topic in `topics` exists."""
-    admin = AIOKafkaAdminClient(**client_args(broker), request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(**{**client_args(broker), "request_timeout_ms": int(timeout * 1000)})
     try:
         await admin.start()
         # list_topics, not a metadata request naming topics: that would auto-create them.

@@ -69,6 +69,9 @@ class KafkaConnection:
     bootstrap_servers: str
     ssl_context: ssl.SSLContext | None = None  # None: no TLS
     sasl: SaslLogin | MskIamToken | None = None  # None: no login
+    # How long each request waits for the broker's answer, the bootstrap's connection and first
+    # metadata request included (each address in turn); None: aiokafka's own, 40 s.
+    request_timeout_s: float | None = None
 
 
 Broker = str | KafkaConnection
@@ -79,6 +82,8 @@ def client_args(broker: Broker) -> dict[str, Any]:
     if isinstance(broker, str):
         return {"bootstrap_servers": broker}
     args: dict[str, Any] = {"bootstrap_servers": broker.bootstrap_servers}
+    if broker.request_timeout_s is not None:
+        args["request_timeout_ms"] = int(broker.request_timeout_s * 1000)
     if broker.ssl_context is not None:
         args.update(security_protocol="SSL", ssl_context=broker.ssl_context)
     if isinstance(broker.sasl, MskIamToken):
@@ -135,12 +140,13 @@ def sasl_login_of(settings: Settings) -> SaslLogin | MskIamToken | None:
                      settings.kafka_sasl_password.get_secret_value())
 
 
-def kafka_connection(settings: Settings, bootstrap_servers: str | None = None) -> KafkaConnection:
+def kafka_connection(settings: Settings, bootstrap_servers: str | None = None, *,
+                     request_timeout_s: float | None = None) -> KafkaConnection:
     """The settings' broker (or `bootstrap_servers`), with the settings' TLS and SASL login."""
     bootstrap_servers = bootstrap_servers or settings.kafka_bootstrap_servers
     if bootstrap_servers is None:
         raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set")
-    return KafkaConnection(bootstrap_servers, tls_context_of(settings), sasl_login_of(settings))
+    return KafkaConnection(bootstrap_servers, tls_context_of(settings), sasl_login_of(settings), request_timeout_s)
 
 
 def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:

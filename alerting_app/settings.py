@@ -157,6 +157,11 @@ def _not_a_relative_folder(value: str) -> str:
 
 # How long the worker's Kafka clients wait for any broker answer (Faust's default, passed to it).
 BROKER_REQUEST_TIMEOUT_S = 90.0
+# How long the commands' Kafka clients (create-topics, topics, tail, send, produce-alerts, up) wait
+# for each broker answer, the connection's first one included: with aiokafka's 40 s a broker that
+# takes connections and answers nothing held a command 41 s before it failed. A broker that works
+# answers in well under a second, a first metadata request after Tansu starts in a few.
+COMMAND_BROKER_TIMEOUT_S = 15.0
 
 
 class Settings(BaseSettings):

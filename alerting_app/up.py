@@ -33,7 +33,7 @@ from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import republish
 from alerting_app.migrate import apply_migrations
-from alerting_app.settings import Settings, without_passwords
+from alerting_app.settings import COMMAND_BROKER_TIMEOUT_S, Settings, without_passwords
 from alerting_app.startup_wait import aiokafka_quiet, refuse_misconfigured, retry_delays
 
 _WORKER_READY_TIMEOUT_S = 300.0
@@ -274,7 +274,7 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}", flush=True)
     # TLS and SASL only for a broker of the settings: the embedded one speaks plaintext (Settings
     # refuses any other KAFKA_SECURITY_PROTOCOL without KAFKA_BOOTSTRAP_SERVERS).
-    broker = kafka_connection(settings, env["KAFKA_BOOTSTRAP_SERVERS"])
+    broker = kafka_connection(settings, env["KAFKA_BOOTSTRAP_SERVERS"], request_timeout_s=COMMAND_BROKER_TIMEOUT_S)
     report = asyncio.run(create_topics(broker, settings.topic_partitions, settings.topic_replication_factor))
     if report.mismatched:
         raise SystemExit(report.mismatch_message(settings.topic_partitions))

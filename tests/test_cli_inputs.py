@@ -2,13 +2,19 @@
 service that cannot be reached is named in a one-line error."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from alerting_app.embedded import free_port
+from alerting_app.settings import COMMAND_BROKER_TIMEOUT_S
 from alerting_app.up import alerting_app_executable
+from broker_front import BrokerFront, pipe
 
 COMMAND_TIMEOUT_S = 120
 
@@ -46,7 +52,8 @@ def test_a_command_whose_postgres_refuses_names_the_command_as_typed_and_the_ser
     assert "Connect call failed" in line
 
 
-@pytest.mark.parametrize("command", [["topics"], ["tail", "alerts.new"], ["create-topics"], ["produce-alerts"]])
+@pytest.mark.parametrize("command", [["topics"], ["tail", "alerts.new"], ["create-topics"], ["produce-alerts"],
+                                     ["send", "alerts.new", "{}"]])
 def test_a_command_whose_broker_refuses_names_the_variable_and_leaves_no_warnings(command):
     # It said "topics failed: KafkaConnectionError: Unable to bootstrap from [...]"; produce-alerts
     # then also printed "Unclosed AIOKafkaProducer" and the producer's repr.
@@ -56,6 +63,85 @@ def test_a_command_whose_broker_refuses_names_the_variable_and_leaves_no_warning
 
     assert result.returncode == 1, result.stdout
     last = result.stderr.splitlines()[-1]
-    assert last.startswith(f"{command[0]} failed: no connection to the broker (KAFKA_BOOTSTRAP_SERVERS={address}): "
-                           "KafkaConnectionError: Unable to bootstrap"), result.stderr
+    assert last.startswith(f"{command[0]} failed: {no_broker(address)}"), result.stderr
     assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def no_broker(address: str) -> str:
+    return (f"no connection to the broker (KAFKA_BOOTSTRAP_SERVERS={address}), or no answer from it within "
+            f"{COMMAND_BROKER_TIMEOUT_S:g} s: KafkaConnectionError: Unable to bootstrap")
+
+
+class SilentBroker(BrokerFront):
+    """Takes connections and never answers: a stuck broker, or a port some other program listens on."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port, upstream_port=0)
+        self.address = f"127.0.0.1:{port}"
+        self.first_connection_at: float | None = None  # time.monotonic()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.first_connection_at is None:
+            self.first_connection_at = time.monotonic()
+        await reader.read()  # until the client gives up
+
+
+BROKER_COMMANDS = [["topics"], ["tail", "alerts.new"], ["create-topics"], ["produce-alerts", "--count", "1"],
+                   ["send", "alerts.new", "{}"]]
+
+
+def test_a_command_whose_broker_never_answers_gives_up_after_the_command_timeout_naming_the_variable():
+    # Each waited 41 s (aiokafka's 40 s request timeout) before it failed.
+    with contextlib.ExitStack() as stack:
+        brokers = [stack.enter_context(SilentBroker(free_port())) for _ in BROKER_COMMANDS]
+
+        def run_timed(command: list[str], broker: SilentBroker) -> tuple[subprocess.CompletedProcess, float]:
+            result = run(*command, KAFKA_BOOTSTRAP_SERVERS=broker.address)
+            return result, time.monotonic()
+
+        # At once: each takes the timeout, which is what is measured from its broker's first connection.
+        with ThreadPoolExecutor(len(BROKER_COMMANDS)) as commands:
+            outcomes = list(commands.map(run_timed, BROKER_COMMANDS, brokers))
+
+    for command, broker, (result, ended_at) in zip(BROKER_COMMANDS, brokers, outcomes):
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith(f"{command[0]} failed: {no_broker(broker.address)}"), (command, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        waited = ended_at - broker.first_connection_at
+        assert COMMAND_BROKER_TIMEOUT_S - 1 < waited < COMMAND_BROKER_TIMEOUT_S + 10, (command, waited)
+
+
+# Well above what a working broker takes, below the commands' timeout.
+SLOW_ANSWER_S = 6.0
+
+
+class SlowBroker(BrokerFront):
+    """The session's broker, whose first answer on each connection through here comes SLOW_ANSWER_S late:
+    a broker slow to answer a new client (Tansu's first metadata after it starts can take seconds)."""
+
+    connections = 0  # how many clients came through here
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        await asyncio.gather(pipe(reader, upstream_writer), self._answers(upstream_reader, writer))
+
+    async def _answers(self, upstream_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await upstream_reader.read(65536)
+        await asyncio.sleep(SLOW_ANSWER_S)
+        writer.write(first)
+        await pipe(upstream_reader, writer)
+
+
+def test_a_command_whose_broker_answers_slowly_but_within_the_timeout_still_works(services):
+    # The bootstrap's answers (API versions, then the first metadata) come through the slow front;
+    # the broker's metadata then names its own address, which the rest of the command uses.
+    upstream_port = int(services.kafka_bootstrap_servers.rsplit(":", 1)[1])
+    with SlowBroker(free_port(), upstream_port) as slow:
+        started = time.monotonic()
+        result = run("topics", "--json", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{slow.port}")
+
+    assert result.returncode == 0, result.stderr
+    assert '"alerts.new"' in result.stdout
+    assert slow.connections and time.monotonic() - started > SLOW_ANSWER_S
