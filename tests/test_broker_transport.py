@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -40,6 +39,7 @@ from alerting_app import broker_transport
 from alerting_app.broker_transport import Transport
 from alerting_app.settings import ConfigurationError, load_settings
 from kafka_probe import partition_of, produce, read_json, retire_rules_left_on_topic
+from pinned_sources import changed_sources
 from test_agent_support import AGENT_LOOP
 from test_e2e_pipeline import Platform, alert
 
@@ -174,8 +174,7 @@ def _installed_sources() -> dict[str, str]:
 
 
 def test_the_drain_override_still_matches_the_installed_faust():
-    changed = [name for name, source in _installed_sources().items()
-               if hashlib.sha256(source.encode()).hexdigest()[:16] != _SOURCES_THE_DRAIN_OVERRIDE_RELIES_ON[name]]
+    changed = changed_sources(_installed_sources(), _SOURCES_THE_DRAIN_OVERRIDE_RELIES_ON)
     assert not changed, (
         f"{changed} changed since faust-streaming 0.15.3 (aiokafka 0.14.0): re-check Consumer._drain_messages, "
         "_delivery_cannot_wait and Producer.give_up_on_the_broker in alerting_app/broker_transport.py "

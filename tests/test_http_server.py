@@ -3,7 +3,6 @@ code that relies on is pinned here. Requests the HTTP parser refuses, sent to a 
 tests/test_api_parser_refusals.py."""
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 
@@ -14,6 +13,7 @@ from faust.web.drivers import aiohttp as faust_aiohttp
 
 from alerting_app.app import app
 from alerting_app.http_server import JsonErrorsAppRunner, Web
+from pinned_sources import changed_sources
 
 # What http_server.py overrides or relies on, by sha256 of the source (aiohttp 3.14.5, faust-streaming
 # 0.15.3): that aiohttp answers a parser refusal, a view's crash and its timeout from handle_error,
@@ -46,8 +46,7 @@ def _installed_sources() -> dict[str, str]:
 
 
 def test_the_json_error_answers_still_match_the_installed_aiohttp_and_faust():
-    changed = [name for name, source in _installed_sources().items()
-               if hashlib.sha256(source.encode()).hexdigest()[:16] != _PINNED_SOURCES[name]]
+    changed = changed_sources(_installed_sources(), _PINNED_SOURCES)
     assert not changed, (
         f"{changed} changed since aiohttp 3.14.5 / faust-streaming 0.15.3: re-check alerting_app/http_server.py "
         "against the installed code (tests/test_api_parser_refusals.py sends it refused requests), "
