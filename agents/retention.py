@@ -9,7 +9,9 @@ function for each kind of record:
   announced on `silence.changed` (through the outbox, as the API announces changes), so every
   worker's silence replica lets go of them too;
 - rule deletions made longer ago than DELETED_RULE_RETENTION_DAYS are forgotten (`deleted_rules`),
-  as every worker's rule replica forgets them (tables/changelog_replica.py).
+  as every worker's rule replica forgets them (tables/changelog_replica.py); so are silence deletions
+  after SILENCE_RETENTION_DAYS. Each forgotten deletion queues a tombstone (a null value) for its key,
+  so that compaction removes the key from the topic (`forget_deletions`).
 
 The notifications row is also the deduplication record (one per client and alert): an alert whose
 notification was deleted would be notified again if it were matched again, so the retention is
@@ -25,7 +27,7 @@ from uuid import UUID
 import asyncpg
 
 from agents.match_outcomes import prune_fingerprints
-from agents.rule_outbox import record_silence_deleted, wake_up
+from agents.rule_outbox import RULE_OUTBOX, SILENCE_OUTBOX, Outbox, record_silence_deleted, wake_up
 from alerting_app import db, metrics
 from alerting_app.app import app, settings
 from alerting_app.failure_streak import FailureStreak
@@ -110,11 +112,6 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED
 """
 _DELETE_SILENCES = "DELETE FROM silences WHERE silence_id = ANY($1::uuid[])"
-# The remembered deletions (for republishing, migrations/007_deletions.sql) of silences are kept only
-# as long as ended silences: a silence deleted by retention had ended, and one deleted with its
-# client can mute nothing once that client's rules are gone, so a replica that never hears of its
-# deletion matches no differently; it only keeps a little memory.
-_FORGET_SILENCE_DELETIONS = "DELETE FROM deleted_silences WHERE deleted_at < now() - make_interval(secs => $1)"
 
 
 async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
@@ -135,35 +132,63 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
         if ended:
             wake_up()  # the relay, when this worker runs it
         if len(ended) < batch_size:
-            await pool.execute(_FORGET_SILENCE_DELETIONS, float(ended_before_s))
+            # The remembered deletions of silences (for republishing) are kept only as long as ended
+            # silences: a silence deleted by retention had ended, and one deleted with its client can
+            # mute nothing once that client's rules are gone, so a replica that never hears of its
+            # deletion matches no differently; it only keeps a little memory.
+            await forget_deletions(pool, SILENCE_OUTBOX, "deleted_silences", ended_before_s, batch_size)
             return pruned
 
 
 # Remembered so that republishing carries the deletion to a topic that never got it (one recreated,
 # or the other cluster of a blue/green switch: docs/operations.md), and so that a relay that lost
 # its lock can queue it again (agents/rule_outbox.py): both happen within hours of the deletion
-# being relayed, never DELETED_RULE_RETENTION_DAYS later. A deletion still in the outbox (the
-# broker away all that time), or in a batch recorded in flight that a later relay is yet to queue
-# again (no relay running since), is kept until then. Batched, as a million deletions may be due at once.
-_FORGET_RULE_DELETIONS = """
-DELETE FROM deleted_rules WHERE rule_id IN (
-    SELECT rule_id FROM deleted_rules
-    WHERE deleted_at < now() - make_interval(secs => $1)
-      AND rule_id NOT IN (SELECT rule_id FROM rule_outbox)
-      AND rule_id NOT IN (SELECT unnest(keys) FROM outbox_in_flight WHERE outbox = 'rule_outbox')
-    LIMIT $2
+# being relayed, never the retention later. A deletion still in the outbox (the broker away all
+# that time), or in a batch recorded in flight that a later relay is yet to queue again (no relay
+# running since), is kept until then. Batched, as a million deletions may be due at once.
+#
+# Each deletion forgotten queues a tombstone (a null payload, relayed as a null value) for its key
+# in the same statement: it follows the key's delete on the compacted topic, every replica forgets
+# the key on reading it (tables/changelog_replica.py), and compaction removes the delete, then the
+# tombstone itself (after the topic's delete.retention.ms), so the topic does not keep every
+# deletion ever made. Locked in key order, SKIP LOCKED: a republish holding a deletion FOR SHARE
+# (`queue_current_rules`) queues it before this queues the tombstone, or finds it gone; never after.
+# {table}, {key}: the deletions table and its key column; {outbox}: the key's outbox.
+_FORGET_DELETIONS = """
+WITH forgotten AS (
+    DELETE FROM {table} WHERE {key} IN (
+        SELECT {key} FROM {table}
+        WHERE deleted_at < now() - make_interval(secs => $1)
+          AND {key} NOT IN (SELECT {key} FROM {outbox})
+          AND {key} NOT IN (SELECT unnest(keys) FROM outbox_in_flight WHERE outbox = '{outbox}')
+        ORDER BY {key}
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING {key}
 )
+INSERT INTO {outbox} ({key}, payload) SELECT {key}, NULL FROM forgotten ORDER BY {key}
 """
 
 
-async def forget_rule_deletions(pool: asyncpg.Pool, older_than_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
-    """Forget the rule deletions made more than `older_than_s` ago and relayed; how many."""
+async def forget_deletions(pool: asyncpg.Pool, outbox: Outbox, table: str, older_than_s: float,
+                           batch_size: int = PRUNE_BATCH_SIZE) -> int:
+    """Forget the deletions in `table` made more than `older_than_s` ago and relayed, queuing a
+    tombstone for each on `outbox`, a batch per transaction; how many."""
+    statement = _FORGET_DELETIONS.format(table=table, key=outbox.key_column, outbox=outbox.table)
     forgotten = 0
     while True:
-        deleted = int((await pool.execute(_FORGET_RULE_DELETIONS, float(older_than_s), batch_size)).split()[-1])
-        forgotten += deleted
-        if deleted < batch_size:
+        done = int((await pool.execute(statement, float(older_than_s), batch_size)).split()[-1])
+        forgotten += done
+        if done:
+            wake_up()  # the relay, when this worker runs it
+        if done < batch_size:
             return forgotten
+
+
+async def forget_rule_deletions(pool: asyncpg.Pool, older_than_s: float, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+    """Forget the rule deletions made more than `older_than_s` ago and relayed (`forget_deletions`); how many."""
+    return await forget_deletions(pool, RULE_OUTBOX, "deleted_rules", older_than_s, batch_size)
 
 
 async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]) -> None:

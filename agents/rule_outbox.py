@@ -4,7 +4,8 @@ The API writes each change's event into an outbox table in the same transaction 
 (`record_rule_change` into `rule_outbox`, `record_silence_change` into `silence_outbox`), so an
 accepted change is never lost when the broker is down. This relay sends each outbox's rows, oldest
 first, keyed by their id, waits for the broker's acknowledgement and only then deletes them: a crash
-in between sends a row twice, which consumers ignore by version.
+in between sends a row twice, which consumers ignore by version. A row without a payload is sent
+as a tombstone (a null value): retention queues one when it forgets a deletion (agents/retention.py).
 
 Order matters beyond consumers that follow the topic: the topics are compacted, keeping the last
 record of each key, so a replica reading from scratch sees only the version published last. Hence
@@ -165,8 +166,10 @@ async def queue_current_rules(conn: asyncpg.Connection, rule_ids: list[str] | No
                                         "client_id": str(row["client_id"])})) for row in rows]
     events += [RuleChanged(rule_id=str(row["rule_id"]), client_id=str(row["client_id"]),
                            version=row["version"], action="delete")
+               # FOR SHARE too: retention forgetting a deletion queues a tombstone after it
+               # (agents/retention.py), which must not come before this queues the deletion again.
                for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules"
-                                           f" WHERE {only} ORDER BY rule_id", rule_ids)]
+                                           f" WHERE {only} ORDER BY rule_id FOR SHARE", rule_ids)]
     await _queue(conn, RULE_OUTBOX, events)
     return len(events)
 
@@ -196,7 +199,7 @@ async def queue_current_silences(conn: asyncpg.Connection, silence_ids: list[str
     events += [SilenceChanged(silence_id=str(row["silence_id"]), client_id=str(row["client_id"]),
                               version=row["version"], action="delete")
                for row in await conn.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
-                                           f" WHERE {only} ORDER BY silence_id", silence_ids)]
+                                           f" WHERE {only} ORDER BY silence_id FOR SHARE", silence_ids)]
     await _queue(conn, SILENCE_OUTBOX, events)
     return len(events)
 
@@ -295,7 +298,7 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
             # there, instead of blocking every later change here.
             # In record batches: per-message Topic.send made relaying 450,000 seeded rules take a minute.
             # One key's rows keep their order: send_batched appends them to one partition's batches in turn.
-            acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), json.dumps(row["payload"]).encode())
+            acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), _value_of(row["payload"]))
                                                      for row in rows))
             # Every answer before the lock is released, failures included: a batch still in flight when
             # the next relay sends the same keys' newer versions could land after them.
@@ -317,6 +320,12 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
     if refused is not None:
         raise refused
     return len(rows)
+
+
+def _value_of(payload: object) -> bytes | None:
+    """The message value of an outbox row's payload: a row without one (a forgotten deletion's,
+    agents/retention.py) is a tombstone, a null value."""
+    return None if payload is None else json.dumps(payload).encode()
 
 
 def _unanswered(refused: Exception | None, acks: list[asyncio.Future]) -> bool:

@@ -33,8 +33,9 @@ def partition_for(key: bytes, partitions: tuple[int, ...]) -> int:
     return _partitioner(key, list(partitions), list(partitions))
 
 
-async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes]]) -> list[asyncio.Future]:
-    """Queue keyed messages as one record batch per partition; return the broker acknowledgements.
+async def send_batched(topic: TopicT, messages: Iterable[tuple[bytes, bytes | None]]) -> list[asyncio.Future]:
+    """Queue keyed messages (a None value: a tombstone) as one record batch per partition; return the broker
+    acknowledgements.
 
     Faust's `Topic.send` costs about 40 us per message (a future, callbacks and sensor calls per
     message), which made it most of the evaluator's time at six or seven messages per alert.

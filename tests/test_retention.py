@@ -10,12 +10,14 @@ import pytest
 import pytest_asyncio
 
 from agents.retention import forget_rule_deletions, prune_notifications, prune_silences
-from agents.rule_outbox import republish_rules
+from agents.rule_outbox import RULE_OUTBOX, SILENCE_OUTBOX, Outbox, queue_current_rules, relay_pending, republish_rules
 from alerting_app import metrics
 from alerting_app.contracts import SilenceChanged
 from alerting_app.silencing import SilenceIndex, silence_of_row
 from alerting_app.settings import ConfigurationError, load_settings
+from kafka_probe import read_topic
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
+from test_outbox_ordering import own_pool  # noqa: F401  (fixture)
 
 DAY_S = 86_400.0
 
@@ -160,17 +162,68 @@ async def test_silences_ended_long_ago_are_deleted_and_their_deletion_announced_
 
 
 @AGENT_LOOP
-async def test_remembered_silence_deletions_are_forgotten_after_the_silence_retention(pool):
-    old, recent = str(uuid.uuid4()), str(uuid.uuid4())
+async def test_remembered_silence_deletions_are_forgotten_after_the_silence_retention_behind_a_tombstone(pool):
+    old, recent, unrelayed = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
     await pool.execute("INSERT INTO deleted_silences (silence_id, client_id, version, deleted_at)"
-                       " VALUES ($1, $3, 2, now() - interval '6 days'), ($2, $3, 2, now() - interval '4 days')",
-                       old, recent, str(uuid.uuid4()))
+                       " VALUES ($1, $4, 2, now() - interval '6 days'), ($2, $4, 2, now() - interval '4 days'),"
+                       " ($3, $4, 2, now() - interval '6 days')",
+                       old, recent, unrelayed, str(uuid.uuid4()))
+    # Its delete event not relayed yet (the broker away all that time): the tombstone must come after it.
+    await pool.execute("INSERT INTO silence_outbox (silence_id, payload) VALUES ($1, '{}')", unrelayed)
+    try:
+        await prune_silences(pool, 5 * DAY_S)
 
-    await prune_silences(pool, 5 * DAY_S)
+        remembered = {row[0] for row in await pool.fetch(
+            "SELECT silence_id::text FROM deleted_silences WHERE silence_id = ANY($1::uuid[])", [old, recent, unrelayed])}
+        assert remembered == {recent, unrelayed}
+        assert await queued(pool, SILENCE_OUTBOX, [old, recent, unrelayed]) == [(unrelayed, {}), (old, None)]
+    finally:
+        await pool.execute("DELETE FROM silence_outbox WHERE silence_id = ANY($1::uuid[])", [old, unrelayed])
 
-    remembered = {row[0] for row in await pool.fetch(
-        "SELECT silence_id::text FROM deleted_silences WHERE silence_id = ANY($1::uuid[])", [old, recent])}
-    assert remembered == {recent}
+
+@AGENT_LOOP
+async def test_a_deletion_a_republish_is_queuing_is_left_for_the_next_round(pool):
+    """The republish's delete must reach the outbox before the tombstone, or the delete would be the
+    key's last record on the topic again."""
+    deleted = await remembered_rule_deletion(pool, days_ago=31)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            assert await queue_current_rules(conn, [deleted]) == 1
+            async with asyncio.timeout(30):  # a retention waiting for this transaction would wait for ever
+                await forget_rule_deletions(pool, 30 * DAY_S)
+            assert await remembered_rules(pool, [deleted]) == {deleted}, "forgotten while the republish held it"
+        assert await remembered_rules(pool, [deleted]) == {deleted}
+        # The republished delete is still to be relayed: the tombstone waits for that too.
+        await forget_rule_deletions(pool, 30 * DAY_S)
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", deleted)  # relayed
+        await forget_rule_deletions(pool, 30 * DAY_S)
+        assert await remembered_rules(pool, [deleted]) == set()
+        assert await queued(pool, RULE_OUTBOX, [deleted]) == [(deleted, None)]
+    finally:
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", deleted)
+
+
+@AGENT_LOOP
+async def test_the_relay_sends_a_forgotten_deletions_tombstone_as_a_null_value(pipeline, own_pool, services):
+    """On a database of its own, so that the relay sends only this test's rows, to a topic of its own."""
+    from alerting_app.app import app
+
+    rule_id = await remembered_rule_deletion(own_pool, days_ago=31)
+    topic = app.topic(f"rule.changed.test-{uuid.uuid4().hex[:8]}", partitions=1)
+    await topic.maybe_declare()
+    assert await forget_rule_deletions(own_pool, 30 * DAY_S) == 1
+
+    assert await relay_pending(own_pool, outboxes=(Outbox(RULE_OUTBOX.table, RULE_OUTBOX.key_column, topic),)) == 1
+
+    assert await read_topic(services.kafka_bootstrap_servers, topic.get_topic_name()) == [(rule_id.encode(), None)]
+    assert await queued(own_pool, RULE_OUTBOX, [rule_id]) == []
+
+
+async def queued(pool, outbox: Outbox, keys: list[str]) -> list[tuple[str, dict | None]]:
+    """(key, payload) of the outbox's rows for these keys, in the order they are relayed."""
+    return [(str(row[0]), row[1]) for row in await pool.fetch(
+        f"SELECT {outbox.key_column}, payload FROM {outbox.table} WHERE {outbox.key_column} = ANY($1::uuid[])"
+        " ORDER BY outbox_id", keys)]
 
 
 async def remembered_rule_deletion(pool, *, days_ago: float, in_outbox: bool = False, in_flight: bool = False) -> str:
@@ -201,11 +254,13 @@ async def test_rule_deletions_older_than_the_retention_are_forgotten_once_relaye
         assert await forget_rule_deletions(pool, 30 * DAY_S, batch_size=1) >= 1
 
         assert await remembered_rules(pool, [old, young, unrelayed, in_flight]) == {young, unrelayed, in_flight}
+        # A tombstone (no payload) queued behind the forgotten deletion's delete, and only for it.
+        assert await queued(pool, RULE_OUTBOX, [old, young, unrelayed, in_flight]) == [(unrelayed, {}), (old, None)]
         # Republishing now carries only the young deletion: the old one is gone from Postgres.
         await republish_rules(pool, [old, young])
-        queued = [row[0] for row in await pool.fetch(
-            "SELECT payload->>'rule_id' FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, young])]
-        assert queued == [young]
+        queued_now = await queued(pool, RULE_OUTBOX, [old, young])
+        assert [(rule_id, payload and payload["action"]) for rule_id, payload in queued_now] == [
+            (old, None), (young, "delete")]
     finally:
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, young, unrelayed])
         await pool.execute("DELETE FROM outbox_in_flight WHERE $1::uuid = ANY(keys)", in_flight)
