@@ -154,28 +154,41 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
 # deletion ever made. Locked in key order, SKIP LOCKED: a republish holding a deletion FOR SHARE
 # (`queue_current_rules`) queues it before this queues the tombstone, or finds it gone; never after.
 # {table}, {key}: the deletions table and its key column; {outbox}: the key's outbox.
-_FORGET_DELETIONS = """
+_UNRELAYED = ("({key} IN (SELECT {key} FROM {outbox})"
+              " OR {key} IN (SELECT unnest(keys) FROM outbox_in_flight WHERE outbox = '{outbox}'))")
+_FORGET_DELETIONS = f"""
 WITH forgotten AS (
-    DELETE FROM {table} WHERE {key} IN (
-        SELECT {key} FROM {table}
-        WHERE deleted_at < now() - make_interval(secs => $1)
-          AND {key} NOT IN (SELECT {key} FROM {outbox})
-          AND {key} NOT IN (SELECT unnest(keys) FROM outbox_in_flight WHERE outbox = '{outbox}')
-        ORDER BY {key}
+    DELETE FROM {{table}} WHERE {{key}} IN (
+        SELECT {{key}} FROM {{table}}
+        WHERE deleted_at < now() - make_interval(secs => $1) AND NOT {_UNRELAYED}
+        ORDER BY {{key}}
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING {key}
+    RETURNING {{key}}
 )
-INSERT INTO {outbox} ({key}, payload) SELECT {key}, NULL FROM forgotten ORDER BY {key}
+INSERT INTO {{outbox}} ({{key}}, payload) SELECT {{key}}, NULL FROM forgotten ORDER BY {{key}}
+"""
+# The tombstone must come the retention after the delete was *relayed*, not only after it was made:
+# a worker's rule store is trusted for that long (tables/rule_replica.py `outdated`), and one
+# stopped before a delete that was relayed late, and so followed at once by its tombstone, could
+# find both compacted away. So a deletion still waiting to be relayed is dated again, every round
+# (RETENTION_INTERVAL_S), and is then dated within a round of its relaying. Normally the outbox is
+# empty and this touches nothing. In key order, SKIP LOCKED, as above.
+_DATE_UNRELAYED_DELETIONS = f"""
+UPDATE {{table}} SET deleted_at = now() WHERE {{key}} IN (
+    SELECT {{key}} FROM {{table}} WHERE {_UNRELAYED} ORDER BY {{key}} FOR UPDATE SKIP LOCKED
+)
 """
 
 
 async def forget_deletions(pool: asyncpg.Pool, outbox: Outbox, table: str, older_than_s: float,
                            batch_size: int = PRUNE_BATCH_SIZE) -> int:
-    """Forget the deletions in `table` made more than `older_than_s` ago and relayed, queuing a
-    tombstone for each on `outbox`, a batch per transaction; how many."""
-    statement = _FORGET_DELETIONS.format(table=table, key=outbox.key_column, outbox=outbox.table)
+    """Forget the deletions in `table` made (or last seen waiting to be relayed) more than
+    `older_than_s` ago, queuing a tombstone for each on `outbox`, a batch per transaction; how many."""
+    names = {"table": table, "key": outbox.key_column, "outbox": outbox.table}
+    await pool.execute(_DATE_UNRELAYED_DELETIONS.format(**names))
+    statement = _FORGET_DELETIONS.format(**names)
     forgotten = 0
     while True:
         done = int((await pool.execute(statement, float(older_than_s), batch_size)).split()[-1])

@@ -182,6 +182,26 @@ async def test_remembered_silence_deletions_are_forgotten_after_the_silence_rete
 
 
 @AGENT_LOOP
+async def test_a_deletion_relayed_late_is_forgotten_only_the_retention_after_it_was_relayed(pool):
+    """Its tombstone must not follow the delete at once: a worker stopped before the relay, and
+    whose store is trusted for the retention, could find both compacted away (tables/rule_replica.py)."""
+    late = await remembered_rule_deletion(pool, days_ago=31, in_outbox=True)
+    try:
+        await forget_rule_deletions(pool, 30 * DAY_S)
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", late)  # relayed at last
+
+        await forget_rule_deletions(pool, 30 * DAY_S)
+
+        assert await remembered_rules(pool, [late]) == {late}
+        assert await queued(pool, RULE_OUTBOX, [late]) == []
+        age_s = await pool.fetchval("SELECT extract(epoch FROM now() - deleted_at) FROM deleted_rules"
+                                    " WHERE rule_id = $1", late)
+        assert age_s < 60, "dated when it was last seen waiting to be relayed"
+    finally:
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", late)
+
+
+@AGENT_LOOP
 async def test_a_deletion_a_republish_is_queuing_is_left_for_the_next_round(pool):
     """The republish's delete must reach the outbox before the tombstone, or the delete would be the
     key's last record on the topic again."""
@@ -196,6 +216,9 @@ async def test_a_deletion_a_republish_is_queuing_is_left_for_the_next_round(pool
         # The republished delete is still to be relayed: the tombstone waits for that too.
         await forget_rule_deletions(pool, 30 * DAY_S)
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", deleted)  # relayed
+        # Dated again when it was seen waiting to be relayed; the retention has passed since.
+        await pool.execute("UPDATE deleted_rules SET deleted_at = now() - interval '31 days' WHERE rule_id = $1",
+                           deleted)
         await forget_rule_deletions(pool, 30 * DAY_S)
         assert await remembered_rules(pool, [deleted]) == set()
         assert await queued(pool, RULE_OUTBOX, [deleted]) == [(deleted, None)]
