@@ -112,6 +112,15 @@ class RuleIndex:
         """Drop the tombstones of rules deleted before `deleted_before` (unix seconds); their rule_ids."""
         return forget_deletions(self._versions, self._deleted_at, deleted_before)
 
+    def forget(self, rule_id: str) -> bool:
+        """Drop whatever is held of the rule, its tombstone or the rule itself, as if it had never
+        been seen; whether anything was. For a null record (a Kafka tombstone) on rule.changed."""
+        if self._versions.pop(rule_id, None) is None:
+            return False
+        self._deleted_at.pop(rule_id, None)
+        self._unindex(rule_id)
+        return True
+
     def deleted_at(self, rule_id: str) -> float | None:
         """When the rule was deleted, if a tombstone of it is held."""
         return self._deleted_at.get(rule_id)

@@ -99,17 +99,29 @@ class SilenceIndex:
             self._deleted_at[change.silence_id] = time.time() if at is None else at
         else:
             self._deleted_at.pop(change.silence_id, None)
-        old = self._silences.pop(change.silence_id, None)
-        bucket = self._by_client.get(old.client_id) if old is not None else None
-        if bucket is not None:  # None: no longer scanned, since `silencing` saw it expired
-            bucket.pop(change.silence_id, None)
-            if not bucket:
-                del self._by_client[old.client_id]
+        self._unindex(change.silence_id)
         if change.action == "upsert":
             assert change.silence is not None  # guaranteed by the contract
             self._silences[change.silence_id] = change.silence
             self._by_client.setdefault(change.client_id, {})[change.silence_id] = change.silence
         return True
+
+    def forget(self, silence_id: str) -> bool:
+        """Drop whatever is held of the silence, its tombstone or the silence itself, as if it had
+        never been seen; whether anything was. For a null record (a Kafka tombstone) on silence.changed."""
+        if self._versions.pop(silence_id, None) is None:
+            return False
+        self._deleted_at.pop(silence_id, None)
+        self._unindex(silence_id)
+        return True
+
+    def _unindex(self, silence_id: str) -> None:
+        old = self._silences.pop(silence_id, None)
+        bucket = self._by_client.get(old.client_id) if old is not None else None
+        if bucket is not None:  # None: no longer scanned, since `silencing` saw it expired
+            bucket.pop(silence_id, None)
+            if not bucket:
+                del self._by_client[old.client_id]
 
     def silencing(self, client_id: str, alert: Alert, at: float | None = None) -> str | None:
         """The smallest silence_id of the client's silences active at `at` (default now) matching the alert."""

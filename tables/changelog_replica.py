@@ -19,9 +19,14 @@ of that id can be made any more, nor republished (agents/rule_outbox.py); an old
 the topic after the delete only while a relay that lost its lock still has sends in flight (the
 producer's request timeout, minutes). So a tombstone is kept, with the time the delete was
 published (its record's timestamp), only `forget_deletions_after_s`: the index forgets the older
-ones once caught up and every FORGET_INTERVAL_S after. The delete itself stays on the compacted
-topic (it is an ordinary record, the key's last), so a replica that reads the topic again still
-sees it come after every upsert of its id.
+ones once caught up and every FORGET_INTERVAL_S after. Postgres forgets the deletion after the same
+time, and then queues a null record (a Kafka tombstone) for the key behind its delete
+(agents/retention.py): a replica that reads one forgets whatever it holds of the key, tombstone
+or rule (only a replica that missed the delete can still hold the rule), and compaction removes
+the delete, then the null itself after the topic's delete.retention.ms. Until then a replica that
+reads the topic again still sees the delete come after every upsert of its id. A null for a key
+the replica does not hold changes nothing (no dead letter: an operator's tombstone for a bad
+record's key is one, docs/operations.md).
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ class ChangeIndex(Protocol):
     def apply(self, change: Any, at: float | None = None) -> bool: ...
 
     def forget_deletions(self, deleted_before: float) -> list[str]: ...
+
+    def forget(self, key: str) -> bool: ...
 
     def __len__(self) -> int: ...
 
@@ -95,11 +102,18 @@ class ChangelogReplica:
         require_uuids(**{field: [getattr(change, field)] for field in cls.id_fields})
         return change
 
-    def apply_records(self, records) -> tuple[dict[str, bytes], list[DeadLetter]]:
-        """Apply records to `filling`; return (key -> raw event that changed it, dead letters)."""
-        changed: dict[str, bytes] = {}
+    def apply_records(self, records) -> tuple[dict[str, bytes | None], list[DeadLetter]]:
+        """Apply records to `filling`; return (key -> raw event that changed it, None for a key a
+        null record made it forget; dead letters)."""
+        changed: dict[str, bytes | None] = {}
         dead = []
         for record in records:
+            if record.value is None:
+                # Held keys are canonical UUIDs: a key that is not UTF-8 cannot be one.
+                key = record.key.decode("utf-8", "replace") if record.key is not None else None
+                if key is not None and self.filling.forget(key):
+                    changed[key] = None
+                continue
             try:
                 change = self.checked(decode(self.contract, record.value))
             except UndecodableMessage as exc:
@@ -115,8 +129,8 @@ class ChangelogReplica:
                 changed[change_id] = record.value
         return changed, dead
 
-    async def apply_batches(self, batches: Batches) -> dict[str, bytes]:
-        """Apply a batch read; return key -> raw event that changed `filling`.
+    async def apply_batches(self, batches: Batches) -> dict[str, bytes | None]:
+        """Apply a batch read; return key -> raw event that changed `filling` (None: forgotten).
 
         Returns only once the broker acknowledged the batch's dead letters: the caller may then
         record the batch as read. Raises if one is refused, so the batch is read again after the
@@ -154,18 +168,22 @@ class ChangelogReplica:
     async def follow(self, broker: Broker, topic: str, *,
                      start_at: Callable[[AIOKafkaConsumer, dict[TopicPartition, int]], Awaitable[dict[int, int]]],
                      on_batches: Callable[[Batches], Awaitable[object]], poll_ms: int = 100,
-                     on_forgotten: Callable[[list[str]], object] = lambda ids: None) -> None:
+                     on_forgotten: Callable[[list[str]], object] = lambda ids: None,
+                     on_read_up_to: Callable[[float], object] = lambda at: None) -> None:
         """Read every partition of `topic` for ever.
 
         `start_at(consumer, end offsets)` gives the offset to start each partition from (absent:
         its beginning), and may read with the consumer, assigned every partition, first;
         `on_batches` handles each batch read (see `apply_batches`); `on_forgotten` gets the ids
-        of the tombstones forgotten (`forget_old_deletions`), once caught up and every FORGET_INTERVAL_S.
+        of the tombstones forgotten (`forget_old_deletions`), once caught up and every FORGET_INTERVAL_S;
+        `on_read_up_to` gets, as often, a time (unix seconds) before which every record written to
+        the topic has been read and handled (`read_up_to`), when there is one.
         """
         consumer = await _connected_consumer(broker, poll_ms)
         try:
             tps = await _all_partitions(consumer, topic)
             consumer.assign(tps)
+            asked_ends_at = time.time()
             ends = await end_offsets(broker, tps)
             offsets = await start_at(consumer, ends)
             for tp in tps:
@@ -182,16 +200,33 @@ class ChangelogReplica:
                 if not reached_end and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
                     reached_end = True
                     self.reached_end_offsets()
+                    on_read_up_to(asked_ends_at)  # what was written before, is below the ends
                 if reached_end and time.monotonic() - forgot_at >= FORGET_INTERVAL_S:
                     forgot_at = time.monotonic()
                     forgotten = self.forget_old_deletions()
                     if forgotten:
                         on_forgotten(forgotten)
+                    if (read_to := await read_up_to(consumer, tps)) is not None:
+                        on_read_up_to(read_to)
                 batches = await consumer.getmany(timeout_ms=poll_ms, max_records=5000)
                 if batches:
                     await on_batches(batches)
         finally:
             await consumer.stop()
+
+
+async def read_up_to(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> float | None:
+    """A time (unix seconds) before which every record written to these partitions has been read:
+    the earliest of their last fetch answers, if each partition's position has reached the high
+    watermark its answer gave; None otherwise (records fetched but not read yet, or no answer yet).
+    Called between batches, so what was read has been handled too."""
+    answered = []
+    for tp in tps:
+        highwater, polled_ms = consumer.highwater(tp), consumer.last_poll_timestamp(tp)
+        if highwater is None or polled_ms is None or await consumer.position(tp) < highwater:
+            return None
+        answered.append(polled_ms / 1000)
+    return min(answered, default=None)
 
 
 def records_of(batches: Batches) -> list[Any]:

@@ -17,7 +17,14 @@ what it read in a local RocksDB store:
   another time); or if the store holds an entry the current contract refuses (it would fail every
   start alike), the store is discarded and rebuilt from the topic. Compaction can also remove that
   last message (once a newer one of the same rule is written after it): the store is then rebuilt
-  without need, which costs one read of the compacted topic and nothing else.
+  without need, which costs one read of the compacted topic and nothing else;
+- nor is a store used that had read the topic only up to longer ago than the replica keeps
+  deletions (DELETED_RULE_RETENTION_DAYS; a store of an older release, which did not record it,
+  neither): a deletion made since was followed, that long after, by a null record for the rule
+  (agents/retention.py), and compaction may have removed both by now; a worker resuming from such
+  a store would never hear of the deletion and would match the rule for ever. It is discarded and
+  rebuilt from the topic, as above. The store records that time (`read_up_to`) when the replica
+  reaches the end offsets it saw at start, and every FORGET_INTERVAL_S after, while it keeps up.
 
 Matching must not start before the replica has read up to the end offsets it saw at start-up
 (`wait_until_caught_up`), or alerts would be matched against a partial rule set. Nor may a
@@ -50,6 +57,7 @@ _RULE = "rule:"
 _DELETED_AT = "deleted-at:"  # when a rule whose stored event is its delete was deleted, unix seconds
 _OFFSET = "offset:"
 _LAST_READ = "last-read:"  # record_mark of the last record read, per partition
+_READ_UP_TO = "read-up-to"  # a time (unix seconds) before which the store holds every record of the topic
 
 
 class RuleStore:
@@ -68,8 +76,19 @@ class RuleStore:
         would hold every decoded event at once, doubling the worker's memory at start-up. Iterating
         raises UndecodableMessage, naming the entry, at one the rule contract refuses.
         """
-        offsets = {int(key[len(_OFFSET):]): value for key, value in self._prefixed(_OFFSET)}
-        return (_stored_change(key, value) for key, value in self._prefixed(_RULE)), offsets
+        return (_stored_change(key, value) for key, value in self._prefixed(_RULE)), self.offsets()
+
+    def offsets(self) -> dict[int, int]:
+        """The next offset to read, per partition read."""
+        return {int(key[len(_OFFSET):]): value for key, value in self._prefixed(_OFFSET)}
+
+    def read_up_to(self) -> float | None:
+        """A time (unix seconds) before which every record of the topic is in the store, if one was
+        recorded (`mark_read_up_to`; a store of an older release has none)."""
+        return self._db.get(_READ_UP_TO)
+
+    def mark_read_up_to(self, at: float) -> None:
+        self._db[_READ_UP_TO] = at
 
     def deleted_at(self) -> dict[str, float]:
         """rule_id -> when it was deleted, for the stored deletes (a store written before these times
@@ -88,12 +107,16 @@ class RuleStore:
         written before marks were kept has none."""
         return {int(key[len(_LAST_READ):]): value for key, value in self._prefixed(_LAST_READ)}
 
-    def save(self, changes: dict[str, bytes], last_read: dict[int, Any],
+    def save(self, changes: dict[str, bytes | None], last_read: dict[int, Any],
              deleted_at: dict[str, float] | None = None) -> None:
-        """Store the changes (and when those that are deletes were made), and each partition's last
-        record read: its next offset and its mark."""
+        """Store the changes (and when those that are deletes were made; a rule whose change is None
+        is removed), and each partition's last record read: its next offset and its mark."""
         batch = WriteBatch()
         for rule_id, raw in changes.items():
+            if raw is None:  # forgotten on a null record (changelog_replica.apply_records)
+                batch.delete(_RULE + rule_id)
+                batch.delete(_DELETED_AT + rule_id)
+                continue
             batch.put(_RULE + rule_id, raw)
             if deleted_at and rule_id in deleted_at:
                 batch.put(_DELETED_AT + rule_id, deleted_at[rule_id])
@@ -170,6 +193,26 @@ class RuleReplica(ChangelogReplica):
         store.discard()
         return RuleIndex(), {}
 
+    def outdated(self, store: RuleStore) -> str | None:
+        """Why the store must not be used, for the deletions it may have missed; None if it may.
+
+        A rule deleted while this worker was stopped is followed on the topic, once Postgres forgets
+        the deletion (`forget_deletions_after_s` after it was made), by a null record; compaction
+        then removes the delete, and the null after the topic's delete.retention.ms. A store that
+        had read the topic up to less than `forget_deletions_after_s` ago reads on from before the
+        delete was written, while the delete, or else the null, is still there. With deletions kept
+        for ever, no null is sent and every store may be used."""
+        if not self.forget_deletions_after_s or not store.offsets():
+            return None
+        read_up_to = store.read_up_to()
+        if read_up_to is None:
+            return "it does not record how far it had read (an older release wrote it)"
+        if time.time() - read_up_to > self.forget_deletions_after_s:
+            return (f"it had read the topic only up to {(time.time() - read_up_to) / 86_400:.1f} days ago, longer "
+                    f"ago than deletions are kept ({self.forget_deletions_after_s / 86_400:g} days): it may "
+                    "have missed a deletion and the null record after it, both compacted away since")
+        return None
+
     def reached_end_offsets(self) -> None:
         if self.filling is not self.index:
             if self.is_caught_up:
@@ -181,6 +224,9 @@ class RuleReplica(ChangelogReplica):
 
     async def run(self, broker: Broker, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever, keeping the index and the store current."""
+        if (outdated := self.outdated(store)) is not None:
+            log.warning("discarding the local rule store %s and rebuilding it from the topic: %s", store.path, outdated)
+            store.discard()
         self.filling, offsets = self.load(store)
 
         def rebuild(reason: str) -> dict[int, int]:
@@ -213,4 +259,4 @@ class RuleReplica(ChangelogReplica):
                        {rule_id: at for rule_id in to_store if (at := self.filling.deleted_at(rule_id)) is not None})
 
         await self.follow(broker, topic, start_at=start_at, on_batches=on_batches, poll_ms=poll_ms,
-                          on_forgotten=store.forget)
+                          on_forgotten=store.forget, on_read_up_to=store.mark_read_up_to)

@@ -1,6 +1,7 @@
 """What the rule and silence replicas take from their changelog topics, as plain functions: a record
 is applied only if it is keyed by the id it carries and its ids are canonical UUIDs; otherwise it
-is a dead letter naming why. No broker: the records are built by hand."""
+is a dead letter naming why. A null record (a Kafka tombstone) makes the replica forget its key.
+No broker: the records are built by hand."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ import uuid
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from alerting_app.contracts import DeadLetter, Rule, RuleChanged, Silence, SilenceChanged
+from alerting_app.contracts import Alert, DeadLetter, Rule, RuleChanged, Silence, SilenceChanged
 from alerting_app.matching import RuleIndex
 from alerting_app.silencing import SilenceIndex
 from tables.rule_replica import RuleReplica
@@ -20,10 +21,10 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def record(key: bytes | None, value: bytes, topic: str = "rule.changed", offset: int = 0) -> ConsumerRecord:
+def record(key: bytes | None, value: bytes | None, topic: str = "rule.changed", offset: int = 0) -> ConsumerRecord:
     return ConsumerRecord(topic=topic, partition=0, offset=offset, timestamp=0, timestamp_type=0, key=key,
                           value=value, checksum=None, serialized_key_size=len(key or b""),
-                          serialized_value_size=len(value), headers=[])
+                          serialized_value_size=len(value or b""), headers=[])
 
 
 def rule_upsert(rule_id: str, client_id: str) -> RuleChanged:
@@ -92,3 +93,61 @@ def test_a_silence_under_another_key_or_with_a_non_uuid_id_is_a_dead_letter_and_
     assert replica.index.versions() == {good.silence_id: 1}
     assert [(letter.offset, letter.reason.split(":")[0]) for letter in dead] == [(0, "key"), (1, "silence_id")]
 
+
+
+def test_a_null_record_after_a_rules_delete_leaves_nothing_of_it_and_is_no_dead_letter():
+    """Retention queues the null once Postgres forgets the deletion (agents/retention.py)."""
+    replica = RuleReplica(RuleIndex(), on_dead_letters=no_sending)
+    rule, kept = rule_upsert(new_id(), new_id()), rule_upsert(new_id(), new_id())
+    deleted = RuleChanged(rule_id=rule.rule_id, client_id=rule.client_id, version=2, action="delete")
+    key = rule.rule_id.encode()
+
+    changed, dead = replica.apply_records([record(key, rule.encode(), offset=0), record(key, deleted.encode(), offset=1),
+                                           record(kept.rule_id.encode(), kept.encode(), offset=2),
+                                           record(key, None, offset=3)])
+
+    assert (changed, dead) == ({rule.rule_id: None, kept.rule_id: kept.encode()}, [])
+    assert replica.index.held_version(rule.rule_id) is None and replica.index.deleted_versions() == {}
+    assert set(replica.index.rules()) == {kept.rule_id}
+
+
+def test_a_null_record_drops_a_rule_whose_delete_the_replica_missed():
+    """A replica that resumed after compaction removed the delete reads only the null behind it."""
+    replica = RuleReplica(RuleIndex(), on_dead_letters=no_sending)
+    rule = rule_upsert(new_id(), new_id())
+    replica.apply_records([record(rule.rule_id.encode(), rule.encode())])
+
+    changed, dead = replica.apply_records([record(rule.rule_id.encode(), None, offset=1)])
+
+    assert (changed, dead) == ({rule.rule_id: None}, [])
+    assert replica.index.held_version(rule.rule_id) is None
+    assert len(replica.index) == 0 and replica.index.enabled_versions() == {}
+
+
+@pytest.mark.parametrize("key", [str(uuid.uuid4()).encode(), b"a bad record's key", b"\xff", None])
+def test_a_null_record_for_a_key_never_seen_changes_nothing_and_is_no_dead_letter(key):
+    replica = RuleReplica(RuleIndex(), on_dead_letters=no_sending)
+
+    assert replica.apply_records([record(key, None)]) == ({}, [])
+    assert replica.index.held_version(key.decode("utf-8", "replace") if key else "") is None
+
+
+def test_a_null_record_makes_the_silence_replica_forget_the_silence_and_its_tombstone():
+    replica = SilenceReplica(SilenceIndex(), on_dead_letters=no_sending)
+    missed, deleted, kept = (silence_upsert(new_id(), new_id()) for _ in range(3))
+    deletion = SilenceChanged(silence_id=deleted.silence_id, client_id=deleted.client_id, version=2, action="delete")
+    replica.apply_records([record(change.silence_id.encode(), change.encode(), "silence.changed", offset)
+                           for offset, change in enumerate([missed, deleted, deletion, kept])])
+    assert replica.index.deleted_versions() == {deleted.silence_id: 2}
+
+    changed, dead = replica.apply_records([record(missed.silence_id.encode(), None, "silence.changed", 4),
+                                           record(deleted.silence_id.encode(), None, "silence.changed", 5)])
+
+    assert (set(changed), dead) == ({missed.silence_id, deleted.silence_id}, [])
+    assert replica.index.versions() == {kept.silence_id: 1} and replica.index.deleted_versions() == {}
+    assert replica.index.silencing(missed.client_id, alert()) is None
+    assert replica.index.silencing(kept.client_id, alert()) == kept.silence_id
+
+
+def alert() -> Alert:
+    return Alert(alert_id="a-1", event_ts=time.time(), severity="HIGH", source="payments", name="Latency")

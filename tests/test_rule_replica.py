@@ -633,3 +633,117 @@ async def test_a_broker_that_does_not_answer_is_not_taken_for_a_recreated_topic(
             with contextlib.suppress(KafkaError, asyncio.CancelledError):
                 await consumer.stop()
         broker.stop()
+
+
+async def publish_null(services, topic: str, rule_id: str) -> None:
+    """A null record (Kafka tombstone) for the rule, as the relay sends once retention forgets its deletion."""
+    await produce(services.kafka_bootstrap_servers, topic, [(rule_id.encode(), None)])
+
+
+def retention_replica() -> RecordingReplica:
+    return RecordingReplica(RuleIndex(), forget_deletions_after_s=30 * DAY_S)
+
+
+async def test_a_null_record_after_a_delete_leaves_nothing_of_the_rule_in_memory_or_on_disk(
+        services, topic, tmp_path):
+    replica = retention_replica()
+    async with RunningReplica(services, topic, tmp_path / "store", replica) as running:
+        await publish(services, topic, upsert(rid("deleted"), 1), delete(rid("deleted"), 2), upsert(rid("kept"), 1))
+        await running.wait_for_versions({rid("deleted"): 2, rid("kept"): 1})
+        await publish_null(services, topic, rid("deleted"))
+        await publish(services, topic, upsert(rid("marker"), 1))
+        await running.wait_for_versions({rid("marker"): 1, rid("deleted"): None})
+        assert running.index.deleted_versions() == {}
+
+    assert replica.letters == [], "a null record is no dead letter"
+    assert stored(tmp_path / "store")[0] == {rid("kept"): 1, rid("marker"): 1}
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as restarted:
+        assert restarted.index.held_version(rid("deleted")) is None
+    async with RunningReplica(services, topic, tmp_path / "fresh", retention_replica()) as fresh:
+        assert fresh.index.held_version(rid("deleted")) is None and fresh.replica.letters == []
+        assert set(fresh.index.rules()) == {rid("kept"), rid("marker")}
+
+
+async def test_a_restarted_replica_that_missed_the_delete_drops_the_rule_on_the_null_record(
+        services, topic, tmp_path):
+    """Compaction removes the delete once the null is behind it: a worker that was stopped before
+    the delete reads only the null (the broker here does not compact: the delete is left out)."""
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as running:
+        await publish(services, topic, upsert(rid("deleted"), 1), upsert(rid("kept"), 1))
+        await running.wait_for_versions({rid("deleted"): 1, rid("kept"): 1})
+    await publish_null(services, topic, rid("deleted"))
+
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as restarted:
+        assert set(restarted.index.rules()) == {rid("kept")}
+        assert restarted.replica.letters == []
+    assert stored(tmp_path / "store")[0] == {rid("kept"): 1}
+
+
+def stored_read_up_to(store_path) -> float | None:
+    store = RuleStore(store_path)
+    try:
+        return store.read_up_to()
+    finally:
+        store.close()
+
+
+async def test_a_store_records_up_to_when_it_has_read_the_topic_at_catch_up_and_while_it_keeps_up(
+        services, topic, tmp_path, monkeypatch):
+    monkeypatch.setattr("tables.changelog_replica.FORGET_INTERVAL_S", 0.05)
+    before = time.time()
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as running:
+        deadline = time.monotonic() + 30
+        while (at_start := running.store.read_up_to()) is None:
+            assert time.monotonic() < deadline, "nothing recorded at catch-up"
+            await asyncio.sleep(0.02)
+        assert before <= at_start <= time.time()
+        await publish(services, topic, upsert(rid("later"), 1))
+        published = time.time()
+        await running.wait_for_versions({rid("later"): 1})
+        while running.store.read_up_to() < published:
+            assert time.monotonic() < deadline, "not recorded again while it keeps up"
+            await asyncio.sleep(0.02)
+
+
+def store_dated(store_path, read_up_to: float | None, *, ghost: str) -> None:
+    """Put in the store a rule the topic no longer holds anything of (its upsert, delete and null
+    compacted away while the worker was stopped), and date how far the store had read."""
+    store = RuleStore(store_path)
+    try:
+        store.save({ghost: upsert(ghost, 1).encode()}, {})
+        store._db.delete("read-up-to")
+        if read_up_to is not None:
+            store.mark_read_up_to(read_up_to)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("read_days_ago", [31, None])
+async def test_a_store_that_read_the_topic_longer_ago_than_deletions_are_kept_is_rebuilt_from_the_topic(
+        services, topic, tmp_path, read_days_ago):
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as running:
+        await publish(services, topic, *[upsert(rid(f"rule-{n}"), 1) for n in range(5)])
+        await running.wait_for_versions({rid(f"rule-{n}"): 1 for n in range(5)})
+    # None: a store of an older release, which did not record it.
+    store_dated(tmp_path / "store", None if read_days_ago is None else time.time() - read_days_ago * DAY_S,
+                ghost=rid("ghost"))
+
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as rebuilt:
+        assert set(rebuilt.index.rules()) == {rid(f"rule-{n}") for n in range(5)}, "the ghost is not matched"
+        assert len(rebuilt.replica.read) == 5, "the topic read again from its start"
+    assert stored(tmp_path / "store")[0] == {rid(f"rule-{n}"): 1 for n in range(5)}
+    assert stored_read_up_to(tmp_path / "store") > time.time() - 60
+
+
+@pytest.mark.parametrize("read_days_ago, retention_days", [(29, 30), (400, 0)])
+async def test_a_store_that_read_the_topic_within_the_retention_or_with_deletions_kept_for_ever_is_used(
+        services, topic, tmp_path, read_days_ago, retention_days):
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as running:
+        await publish(services, topic, *[upsert(rid(f"rule-{n}"), 1) for n in range(5)])
+        await running.wait_for_versions({rid(f"rule-{n}"): 1 for n in range(5)})
+    store_dated(tmp_path / "store", time.time() - read_days_ago * DAY_S, ghost=rid("ghost"))
+
+    replica = RecordingReplica(RuleIndex(), forget_deletions_after_s=retention_days * DAY_S)
+    async with RunningReplica(services, topic, tmp_path / "store", replica) as restarted:
+        assert rid("ghost") in restarted.index.rules(), "loaded from the store, which was kept"
+        assert restarted.replica.read == [], "nothing read again"
