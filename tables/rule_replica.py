@@ -20,7 +20,7 @@ what it read in a local RocksDB store:
   without need, which costs one read of the compacted topic and nothing else;
 - nor is a store used that had read the topic only up to longer ago than the replica keeps
   deletions (DELETED_RULE_RETENTION_DAYS; a store of an older release, which did not record it,
-  neither): a deletion made since was followed, that long after, by a null record for the rule
+  neither): a delete relayed since was followed, that long after, by a null record for the rule
   (agents/retention.py), and compaction may have removed both by now; a worker resuming from such
   a store would never hear of the deletion and would match the rule for ever. It is discarded and
   rebuilt from the topic, as above. The store records that time (`read_up_to`) when the replica
@@ -197,7 +197,7 @@ class RuleReplica(ChangelogReplica):
         """Why the store must not be used, for the deletions it may have missed; None if it may.
 
         A rule deleted while this worker was stopped is followed on the topic, once Postgres forgets
-        the deletion (`forget_deletions_after_s` after it was made), by a null record; compaction
+        the deletion (`forget_deletions_after_s` after its delete was relayed), by a null record; compaction
         then removes the delete, and the null after the topic's delete.retention.ms. A store that
         had read the topic up to less than `forget_deletions_after_s` ago reads on from before the
         delete was written, while the delete, or else the null, is still there. With deletions kept

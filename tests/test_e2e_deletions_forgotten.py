@@ -5,7 +5,8 @@ that an older version arriving late cannot bring it back. The tombstone is kept
 DELETED_RULE_RETENTION_DAYS (SILENCE_RETENTION_DAYS for silences) after the delete was published,
 by the record's time, then forgotten: here deletions published long ago and recently are put on the
 real topics, and each worker is asked what it still holds, after a start from scratch and after a
-restart from its rule store.
+restart from its rule store; then a null record (what retention sends once Postgres forgets a
+deletion) makes each forget the deletion at once.
 """
 from __future__ import annotations
 
@@ -97,3 +98,22 @@ async def test_every_worker_forgets_the_deletions_older_than_the_retention_and_k
         second.stop()
         restarted = start_worker(**env, DATA_DIR=kept_dir)
         await assert_held_everywhere([first, restarted], deleted_now)
+
+        # The null record retention sends once Postgres forgets a deletion: every worker forgets the key.
+        await send_null(services.kafka_bootstrap_servers, "rule.changed", rules["young"])
+        await send_null(services.kafka_bootstrap_servers, "silence.changed", silences["young"])
+        deadline = time.monotonic() + 30
+        for worker in (first, restarted):
+            while (rules["young"] in await held_deletions(http, admin, worker, "rules")
+                   or silences["young"] in await held_deletions(http, admin, worker, "silences")):
+                assert time.monotonic() < deadline, f"{worker.url} still holds the deletions a null record followed"
+                await asyncio.sleep(0.1)
+
+
+async def send_null(bootstrap: str, topic: str, key: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value=None, key=key.encode())
+    finally:
+        await producer.stop()

@@ -178,6 +178,8 @@ async def test_remembered_silence_deletions_are_forgotten_after_the_silence_rete
         assert remembered == {recent, unrelayed}
         assert await queued(pool, SILENCE_OUTBOX, [old, recent, unrelayed]) == [(unrelayed, {}), (old, None)]
     finally:
+        # Nothing left for a later test's retention to forget, with a null for the shared topic.
+        await pool.execute("DELETE FROM deleted_silences WHERE silence_id = ANY($1::uuid[])", [old, recent, unrelayed])
         await pool.execute("DELETE FROM silence_outbox WHERE silence_id = ANY($1::uuid[])", [old, unrelayed])
 
 
@@ -198,6 +200,7 @@ async def test_a_deletion_relayed_late_is_forgotten_only_the_retention_after_it_
                                     " WHERE rule_id = $1", late)
         assert age_s < 60, "dated when it was last seen waiting to be relayed"
     finally:
+        await pool.execute("DELETE FROM deleted_rules WHERE rule_id = $1", late)
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", late)
 
 
@@ -223,6 +226,7 @@ async def test_a_deletion_a_republish_is_queuing_is_left_for_the_next_round(pool
         assert await remembered_rules(pool, [deleted]) == set()
         assert await queued(pool, RULE_OUTBOX, [deleted]) == [(deleted, None)]
     finally:
+        await pool.execute("DELETE FROM deleted_rules WHERE rule_id = $1", deleted)
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", deleted)
 
 
@@ -285,6 +289,7 @@ async def test_rule_deletions_older_than_the_retention_are_forgotten_once_relaye
         assert [(rule_id, payload and payload["action"]) for rule_id, payload in queued_now] == [
             (old, None), (young, "delete")]
     finally:
+        await pool.execute("DELETE FROM deleted_rules WHERE rule_id = ANY($1::uuid[])", [young, unrelayed, in_flight])
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, young, unrelayed])
         await pool.execute("DELETE FROM outbox_in_flight WHERE $1::uuid = ANY(keys)", in_flight)
 
