@@ -139,9 +139,9 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
                             ) -> tuple[list[NotificationReady], list[tuple[groups.DueGroup, Exception]]]:
     """Insert the due groups' notifications: those to emit, and the groups Postgres refused (a NUL
     in an alert, an id it cannot read), each group then on its own (`record_closed_groups_apart`,
-    as the agent closes groups early). Their listed alerts that a silence in force now matches are
-    left out; a group with nothing left to notify is recorded SILENCED (tables/groups.py
-    listing_at_close). Transient errors propagate: the timer tries again.
+    as the agent closes groups early). Their members, listed or not, that a silence in force now
+    matches are left out; a group with nothing left to notify is recorded SILENCED
+    (tables/group_records.py listing_at_close). Transient errors propagate: the timer tries again.
 
     The group of a client that does not exist is neither: a client deleted while its group was open
     took its members along (ON DELETE CASCADE), and its group is dropped, not left to fail every

@@ -1,5 +1,6 @@
-"""The groups' records in Postgres: who is a member of which group, and the notification of each
-closed group, inserted once with the silences in force applied.
+"""The groups' records in Postgres: who is a member of which group (with the alert of each member
+its group does not list), and the notification of each closed group, inserted once with the
+silences in force applied to every member, listed or not.
 
 tables/groups.py holds the open groups themselves (the changelog-backed table and the plans that
 change it); this module holds what outlives them. A group is closed exactly when its notification
@@ -20,24 +21,29 @@ from alerting_app.contracts import Alert, DeadLetter, NotificationReady
 from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.sending import partition_for
 from alerting_app.silencing import SilenceIndex
-from tables.groups import ClientGroups, DueGroup
+from tables.groups import ClientGroups, DueGroup, fill_listing
 
 log = logging.getLogger(__name__)
 
 
 # A membership moves only while its notification does not exist: once a group is closed, its
-# members are final.
+# members are final. Its unlisted alert moves with it: a member the group it moves to lists has none
+# (the table holds its alert), one it does not list has its alert kept here for the closer.
 _UPSERT_MEMBERSHIPS = """
-INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[])
-ON CONFLICT (client_id, alert_id) DO UPDATE SET notification_id = EXCLUDED.notification_id
+INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id, unlisted_alert)
+SELECT m.client_id, m.alert_id, m.notification_id, m.unlisted_alert::jsonb
+FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[]) AS m(client_id, alert_id, notification_id, unlisted_alert)
+ON CONFLICT (client_id, alert_id) DO UPDATE
+    SET notification_id = EXCLUDED.notification_id, unlisted_alert = EXCLUDED.unlisted_alert
     WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
 """
 
 _CLOSED = "SELECT notification_id::text FROM notifications WHERE notification_id = ANY($1::uuid[])"
 
 
-async def record_memberships(conn: asyncpg.Connection, memberships: Sequence[tuple[str, str, str]]) -> None:
+async def record_memberships(conn: asyncpg.Connection,
+                             memberships: Sequence[tuple[str, str, str, str | None]]) -> None:
+    """Upsert (client_id, alert_id, notification_id, the alert as JSON if its group does not list it)."""
     if memberships:
         await conn.execute(_UPSERT_MEMBERSHIPS, *(list(column) for column in zip(*memberships)))
 
@@ -50,21 +56,25 @@ async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterabl
 
 # The truncated count is taken from the members in Postgres, not from the table: a member whose
 # table write was lost in a crash is still counted. Inserted once; closing again changes nothing.
-# `silenced` (the detail of a group whose listed alerts are all silenced, else NULL) makes it a
-# SILENCED row, settled and not emitted, only when it has no unlisted member: those have no content
-# kept to check against the silences. `listed` counts the group's listed alerts, silenced or not.
+# `accounted` counts the members the closer checked (listing_at_close): the listed ones and the
+# unlisted ones whose alert it read; `counted`, those of them not silenced that it had no place to
+# list. Any other member (one whose alert is in neither, its table write lost in a crash) cannot be
+# checked, so it is counted and notified. `silenced` (the detail of a group whose checked members are
+# all silenced, else NULL) makes it a SILENCED row, settled and not emitted, only when no member was
+# left unchecked.
 _INSERT_GROUP_NOTIFICATIONS = """
 INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at,
                            truncated_alerts, group_rule_id, status, detail, emitted)
 SELECT g.notification_id, g.client_id, g.alert_id, g.alerts::jsonb, g.rule_ids::uuid[], to_timestamp(g.created_at),
-       greatest(0, g.members - g.listed), g.group_rule_id,
+       greatest(0, g.members - g.accounted) + g.counted, g.group_rule_id,
        CASE WHEN g.wholly_silenced THEN 'SILENCED' ELSE 'PENDING' END,
        CASE WHEN g.wholly_silenced THEN g.silenced END,
        g.wholly_silenced
-FROM (SELECT g.*, m.members, g.silenced IS NOT NULL AND m.members <= g.listed AS wholly_silenced
-      FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::int[], $8::uuid[],
-                  $9::text[])
-          AS g(notification_id, client_id, alert_id, alerts, rule_ids, created_at, listed, group_rule_id, silenced)
+FROM (SELECT g.*, m.members, g.silenced IS NOT NULL AND m.members <= g.accounted AS wholly_silenced
+      FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::int[], $8::int[],
+                  $9::uuid[], $10::text[])
+          AS g(notification_id, client_id, alert_id, alerts, rule_ids, created_at, accounted, counted, group_rule_id,
+               silenced)
       CROSS JOIN LATERAL (SELECT count(*) AS members FROM notification_alerts a
                           WHERE a.notification_id = g.notification_id) m) g
 ON CONFLICT DO NOTHING
@@ -77,29 +87,65 @@ class Listing:
     """What a closing group's notification lists, once the silences in force are applied."""
 
     alerts: list[dict]
-    silenced_by: str | None = None  # the detail of a group whose listed alerts are all silenced
+    accounted: int  # the members checked: listed, or unlisted with their alert read
+    counted: int = 0  # of those, the ones not silenced that have no place in the listing
+    silenced_by: str | None = None  # the detail of a group whose checked members are all silenced
 
 
-def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float) -> Listing:
-    """The group's listed alerts that no silence of its client in force at `at` matches.
+def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float, unlisted: Sequence[dict] = ()) -> Listing:
+    """The group's members that no silence of its client in force at `at` matches: the listed ones,
+    then, in the places the silenced ones freed (and within the listing's byte budget), the unlisted
+    ones (`unlisted`: their alerts, unlisted_members), in the order they joined; the rest counted.
 
-    A group whose listed alerts are all silenced keeps them listed: it is recorded SILENCED, with
-    them, unless it has unlisted members (the insert decides, from the members in Postgres), which
-    cannot be checked and must be notified; a notification lists at least one alert.
+    A group whose members are all silenced keeps its listed alerts listed: it is recorded SILENCED,
+    with them, unless it has members that could not be checked (the insert decides, from the members
+    in Postgres), which must be notified; a notification lists at least one alert.
     """
+    listed = due.group["alerts"]
     client = due.key.decode()
     if not silences.holds_any_of(client):
-        return Listing(due.group["alerts"])
-    kept, silenced_by = [], set()
-    for alert in due.group["alerts"]:
-        silence_id = silences.silencing(client, Alert.from_stored(alert), at)
-        if silence_id is None:
-            kept.append(alert)
-        else:
-            silenced_by.add(silence_id)
+        return Listing(listed, accounted=len(listed))
+    listed_ids = {alert["alert_id"] for alert in listed}
+    # A member listed by the table and kept as unlisted too (a crash between the two writes) is one member.
+    unlisted = [alert for alert in unlisted if alert["alert_id"] not in listed_ids]
+    silenced_by: set[str] = set()
+
+    def not_silenced(alerts: Iterable[dict]) -> list[dict]:
+        kept = []
+        for alert in alerts:
+            silence_id = silences.silencing(client, Alert.from_stored(alert), at)
+            if silence_id is None:
+                kept.append(alert)
+            else:
+                silenced_by.add(silence_id)
+        return kept
+
+    kept = not_silenced(listed)
+    left_out = fill_listing(kept, not_silenced(unlisted), places=len(listed))
+    accounted = len(listed) + len(unlisted)
     if kept:
-        return Listing(kept)
-    return Listing(due.group["alerts"], "silenced by " + ", ".join(sorted(silenced_by)))
+        return Listing(kept, accounted, counted=len(left_out))
+    return Listing(listed, accounted, silenced_by="silenced by " + ", ".join(sorted(silenced_by)))
+
+
+# The alerts of the unlisted members of some groups, in the order they joined (one batch's by alert_id).
+_UNLISTED_MEMBERS = """
+SELECT notification_id::text, unlisted_alert FROM notification_alerts
+WHERE notification_id = ANY($1::uuid[]) AND unlisted_alert IS NOT NULL
+ORDER BY joined_at, alert_id
+"""
+
+
+async def unlisted_members(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
+                           silences: SilenceIndex) -> dict[str, list[dict]]:
+    """notification_id -> the alerts of its unlisted members, for the groups whose client has a
+    silence in force (one statement); the others' are not read: no silence can mute any of them."""
+    ids = [d.group["notification_id"] for d in due if silences.holds_any_of(d.key.decode())]
+    unlisted: dict[str, list[dict]] = {}
+    if ids:
+        for row in await conn.fetch(_UNLISTED_MEMBERS, ids):
+            unlisted.setdefault(row["notification_id"], []).append(row["unlisted_alert"])
+    return unlisted
 
 
 # What to emit: the rows as stored, so a group closed again after a crash emits what it first built.
@@ -112,13 +158,14 @@ FROM notifications WHERE notification_id = ANY($1::uuid[]) AND NOT emitted
 
 async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
                                now: float, silences: SilenceIndex) -> list[NotificationReady]:
-    """Insert the notifications of these groups (once), without the listed alerts silenced at `now`
+    """Insert the notifications of these groups (once), without the members silenced at `now`
     (`silences`: those of the groups' clients in force then, silencing.active_silences); return
     those not emitted yet."""
     if not due:
         return []
     created_at = round(now, 6)  # microseconds, as Postgres stores it
-    listings = [listing_at_close(d, silences, now) for d in due]
+    unlisted = await unlisted_members(conn, due, silences)
+    listings = [listing_at_close(d, silences, now, unlisted.get(d.group["notification_id"], ())) for d in due]
     inserted = await conn.fetch(
         _INSERT_GROUP_NOTIFICATIONS,
         [d.group["notification_id"] for d in due],
@@ -127,7 +174,8 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
         [json.dumps(listing.alerts, separators=(",", ":")) for listing in listings],
         ["{" + ",".join(d.group["rule_ids"]) + "}" for d in due],
         [created_at] * len(due),
-        [len(d.group["alerts"]) for d in due],
+        [listing.accounted for listing in listings],
+        [listing.counted for listing in listings],
         [d.group_rule_id for d in due],
         [listing.silenced_by for listing in listings],
     )

@@ -11,7 +11,8 @@ The value (JSON) maps each open group's rule_id to the group:
 `{"notification_id", "opened_at", "window_s", "alerts": [alert, ...], "rule_ids": [...]}`.
 `alerts` holds at most GROUP_MAX_ALERTS, within byte budgets (MAX_VALUE_BYTES), so a changelog
 message stays under the broker's limit; the members themselves (all of them) are rows of
-`notification_alerts` in Postgres.
+`notification_alerts` in Postgres, those not listed with their alert (`unlisted_alert`), which the
+closer checks against the silences in force.
 
 A closed group may stay in its client's value until the agent next writes that key, or until all
 the client's groups are closed and the closer deletes the key: Faust's RocksDB store files a
@@ -191,6 +192,17 @@ def encoded_size(value: object) -> int:
     return len(app.serializers.dumps_value(None, value, serializer=open_groups.value_serializer))
 
 
+def listing_size(alert: dict) -> int:
+    """Bytes an alert takes in a listing: encoded, and the comma that separates it from the previous one."""
+    return encoded_size(alert) + 1
+
+
+def without_context(alert: dict) -> dict:
+    """An alert too large for a listing, as it is listed when it must be (the first of one): what the
+    contract leaves of it is a few KB at most."""
+    return {**alert, "context": {}}
+
+
 def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room: int) -> int:
     """List the alert (while there is room) and its rules; adding it again changes nothing.
 
@@ -200,15 +212,15 @@ def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room:
     listed = {alert["alert_id"] for alert in group["alerts"]}
     if matched.alert.alert_id not in listed and len(group["alerts"]) < max_alerts:
         alert = matched.alert.model_dump(mode="json")
-        size = encoded_size(alert) + 1  # and the comma that separates it from the previous one
+        size = listing_size(alert)
         if group.get("listed_bytes", 0) + size <= MAX_LISTED_BYTES and size <= value_room:
             group["alerts"].append(alert)
             group["listed_bytes"] = group.get("listed_bytes", 0) + size
             added = size
         elif not group["alerts"]:
-            shortened = {**alert, "context": {}}
+            shortened = without_context(alert)
             group["alerts"].append(shortened)
-            added = encoded_size(shortened) + 1
+            added = listing_size(shortened)
             log.warning("alert %r of client %s is too large for its group's listing (%d bytes): listed without "
                         "its context", matched.alert.alert_id, matched.client_id, size)
     rule_ids = sorted(set(group["rule_ids"]) | set(matched.rule_ids))
@@ -216,6 +228,48 @@ def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room:
         added += encoded_size(rule_ids) - encoded_size(group["rule_ids"])
         group["rule_ids"] = rule_ids
     return added
+
+
+def is_listed(group: Group, alert_id: str) -> bool:
+    return any(alert["alert_id"] == alert_id for alert in group["alerts"])
+
+
+def unlisted_record(matched: AlertMatched) -> str:
+    """The alert of a member its group does not list, as Postgres keeps it (JSON) for the closer.
+
+    Bounded as a listing is: an alert over MAX_LISTED_BYTES could never be listed in full, and is
+    kept without its context (a few KB at most), so no member's row grows past that.
+    """
+    alert = matched.alert.model_dump(mode="json")
+    if listing_size(alert) > MAX_LISTED_BYTES:
+        alert = without_context(alert)
+    return json.dumps(alert, separators=(",", ":"))
+
+
+def fill_listing(listed: list[dict], candidates: Iterable[dict], places: int) -> list[dict]:
+    """Append to `listed` the candidates there is room for, in order: up to `places` alerts, within
+    MAX_LISTED_BYTES as add_member lists them; return those left out.
+
+    For the closer, when the silences in force left some listed alerts out: the unlisted members
+    not silenced take their places. The notification goes out in one `notifications.ready`
+    message, so its listing keeps the table's budget; the client's value no longer counts, the
+    group is leaving it.
+    """
+    if len(listed) >= places:
+        return list(candidates)
+    used = sum(listing_size(alert) for alert in listed)
+    left_out = []
+    for alert in candidates:
+        size = listing_size(alert)
+        if len(listed) < places and used + size <= MAX_LISTED_BYTES:
+            listed.append(alert)
+            used += size
+        elif not listed:
+            listed.append(without_context(alert))  # a notification lists at least one alert
+            used += listing_size(listed[0])
+        else:
+            left_out.append(alert)
+    return left_out
 
 
 @dataclass(frozen=True)
@@ -230,7 +284,8 @@ class Join:
 @dataclass
 class JoinPlan:
     values: dict[bytes, ClientGroups]  # the table values to write, by key
-    memberships: list[tuple[str, str, str]]  # (client_id, alert_id, notification_id) to upsert
+    # (client_id, alert_id, notification_id, unlisted_record or None when listed) to upsert
+    memberships: list[tuple[str, str, str, str | None]]
     sizes: dict[bytes, int] = field(default_factory=dict)  # the encoded size of each value joined to
 
 
@@ -263,7 +318,10 @@ def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join],
         if key not in sizes:
             sizes[key] = encoded_size(groups)
         sizes[key] += add_member(group, matched, max_alerts, MAX_VALUE_BYTES - sizes[key])
-        memberships.append((matched.client_id, matched.alert.alert_id, group["notification_id"]))
+        # A listing only grows: a member unlisted here stays so in this plan (a later batch that
+        # finds room for it, redelivered, lists it and empties its record).
+        unlisted = None if is_listed(group, matched.alert.alert_id) else unlisted_record(matched)
+        memberships.append((matched.client_id, matched.alert.alert_id, group["notification_id"], unlisted))
     return JoinPlan(values, memberships, sizes)
 
 

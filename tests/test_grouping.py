@@ -24,7 +24,7 @@ from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
 from alerting_app.sending import partition_for
-from alerting_app.silencing import SilenceIndex
+from alerting_app.silencing import SilenceIndex, active_silences
 from kafka_probe import read_topic
 from postgres_waits import until_waiting_on_a_lock
 from tables import group_records, groups
@@ -158,7 +158,7 @@ def test_a_member_of_an_open_group_stays_in_it_when_its_clients_rules_changed(ne
     replan = groups.plan_joins(plan.values, [groups.Join(resent, member_of=first_group["notification_id"])],
                                set(), now=2.0, max_alerts=10)
 
-    assert replan.memberships == [(client, members[0].alert.alert_id, first_group["notification_id"])]
+    assert replan.memberships == [(client, members[0].alert.alert_id, first_group["notification_id"], None)]
     value = replan.values[client.encode()]
     assert [a["alert_id"] for a in value[first_rule]["alerts"]] == [m.alert.alert_id for m in members]
     listed = [a["alert_id"] for group in value.values() for a in group["alerts"]]
@@ -394,27 +394,132 @@ async def test_a_group_whose_members_are_all_silenced_at_close_is_recorded_silen
     assert await closed_for(pool, client, opened + 10) == []  # closed: nothing more
 
 
+async def unlisted_alerts(pool, client_id: str) -> dict[str, dict | None]:
+    """alert_id -> the alert Postgres keeps of each of the client's members (None: a listed member)."""
+    return {row["alert_id"]: row["unlisted_alert"] for row in await pool.fetch(
+        "SELECT alert_id, unlisted_alert FROM notification_alerts WHERE client_id = $1", client_id)}
+
+
 @AGENT_LOOP
-async def test_unlisted_members_are_not_checked_against_silences_and_are_still_notified(pool, monkeypatch):
+async def test_postgres_keeps_the_alerts_of_the_unlisted_members_only(pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 2)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
+
+    await aggregate(*matches)
+
+    kept = await unlisted_alerts(pool, client)
+    assert kept == {matches[0].alert.alert_id: None, matches[1].alert.alert_id: None,
+                    **{m.alert.alert_id: m.alert.model_dump(mode="json") for m in matches[2:]}}
+    await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # leave none open
+
+
+@AGENT_LOOP
+async def test_a_group_whose_listed_and_unlisted_members_are_all_silenced_is_recorded_silenced_and_not_emitted(
+        pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 2)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
+    await aggregate(*matches)
+    opened = time.time()
+    # Created while the group is open: each mutes one member, listed (0, 1) or not (2, 3).
+    silences = [await insert_silence(pool, client, opened - 60, opened + 3600, n=str(n)) for n in range(4)]
+    before = metrics.notifications_silenced._value.get()
+
+    assert await closed_for(pool, client, opened + 5) == []
+
+    [row] = await rows_of(pool, client)
+    assert (row["status"], row["emitted"], row["truncated_alerts"]) == ("SILENCED", True, 0)
+    assert row["detail"] == "silenced by " + ", ".join(sorted(silences))
+    assert [a["alert_id"] for a in row["alerts"]] == [m.alert.alert_id for m in matches[:2]]
+    assert metrics.notifications_silenced._value.get() == before + 1
+    assert await sent_to("notifications.ready", client) == []
+    assert await closed_for(pool, client, opened + 10) == []  # closed: nothing more
+
+
+@AGENT_LOOP
+async def test_an_unlisted_member_no_silence_mutes_is_listed_when_the_listed_ones_are_silenced(pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 2)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
+    await aggregate(*matches)
+    opened = time.time()
+    for n in (0, 1, 3):  # both listed members and one of the two unlisted
+        await insert_silence(pool, client, opened - 60, opened + 3600, n=str(n))
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert (ready.alerts, ready.truncated_alerts) == ([matches[2].alert], 0)
+    [row] = await rows_of(pool, client)
+    assert (row["status"], row["detail"], row["alert_id"], row["truncated_alerts"]) == (
+        "PENDING", None, matches[2].alert.alert_id, 0)
+    [sent] = await sent_to("notifications.ready", client)
+    assert ([a["alert_id"] for a in sent["alerts"]], sent["truncated_alerts"]) == ([matches[2].alert.alert_id], 0)
+
+
+@AGENT_LOOP
+async def test_unlisted_members_take_the_places_silenced_ones_freed_and_only_the_unsilenced_rest_is_counted(
+        pool, monkeypatch):
     monkeypatch.setattr(settings, "group_max_alerts", 2)
     client, rule = await insert_client(pool), str(uuid.uuid4())
     other_client, other_rule = await insert_client(pool), str(uuid.uuid4())
-    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(3)]
-    others = [grouped(other_client, other_rule, window_s=5, the_alert=alert(n)) for n in range(3)]
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(6)]
+    others = [grouped(other_client, other_rule, window_s=5, the_alert=alert(n)) for n in range(4)]
     await aggregate(*matches, *others)
     opened = time.time()
-    await insert_silence(pool, client, opened - 60, opened + 3600, n="0")
-    await insert_silence(pool, other_client, opened - 60, opened + 3600)  # all the other client's alerts
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="0")  # listed
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="3")  # unlisted
 
     closed = await closed_for(pool, {client, other_client}, opened + 5)
 
+    # Alert 1 stays listed, alert 2 takes alert 0's place; of 4 and 5, neither silenced, no place: counted.
     [ready] = [r for r in closed if r.client_id == client]
-    assert (ready.alerts, ready.truncated_alerts) == ([matches[1].alert], 1)  # alert 2 is counted, unchecked
-    # Every listed alert is silenced, but the unlisted one may not be: notified as it stands.
+    assert (ready.alerts, ready.truncated_alerts) == ([matches[1].alert, matches[2].alert], 2)
+    # A client without a silence in force: listed and counted as the table holds them.
     [other] = [r for r in closed if r.client_id == other_client]
-    assert (other.alerts, other.truncated_alerts) == ([m.alert for m in others[:2]], 1)
-    [row] = await rows_of(pool, other_client)
-    assert (row["status"], row["detail"]) == ("PENDING", None)
+    assert (other.alerts, other.truncated_alerts) == ([m.alert for m in others[:2]], 2)
+
+
+@AGENT_LOOP
+async def test_a_group_closed_again_after_a_crash_keeps_the_listing_its_first_close_built(pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 1)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(3)]
+    await aggregate(*matches)
+    opened = time.time()
+    silence_id = await insert_silence(pool, client, opened - 60, opened + 3600, n="0")
+    [due] = groups.due_groups([(client.encode(), groups.open_groups.get(client.encode()))], opened + 5, set())
+    # The closer inserted the notification and died before it was sent; the silence is deleted since.
+    [first_built] = await group_records.record_closed_groups(
+        pool, [due], opened + 5, await active_silences(pool, {client}, opened + 5))
+    await pool.execute("DELETE FROM silences WHERE silence_id = $1", silence_id)
+
+    [ready] = await closed_for(pool, client, opened + 6)
+
+    assert ready == first_built
+    assert (ready.alerts, ready.truncated_alerts) == ([matches[1].alert], 1)
+
+
+@AGENT_LOOP
+async def test_a_member_moved_to_another_group_is_checked_against_the_silences_there(pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 1)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    moved, newcomer = (grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(2))
+    await aggregate(moved)  # listed in its group, so Postgres keeps no alert of it
+    key = client.encode()
+    groups.write_value_of_partition(key, {}, partition_for(key, tuple(range(settings.topic_partitions))))  # lost
+    await aggregate(newcomer)  # opens the rule's group anew, listed there
+    [new_group] = groups.open_groups.get(key).values()
+
+    await aggregate(moved)  # delivered again: joins the group open now, with no place left to list it
+
+    assert await pool.fetchval("SELECT notification_id::text FROM notification_alerts WHERE alert_id = $1",
+                               moved.alert.alert_id) == new_group["notification_id"]
+    assert (await unlisted_alerts(pool, client))[moved.alert.alert_id] == moved.alert.model_dump(mode="json")
+    opened = time.time()
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="0")
+    [ready] = await closed_for(pool, client, opened + 5)
+    assert (ready.alerts, ready.truncated_alerts) == ([newcomer.alert], 0)
 
 
 @AGENT_LOOP

@@ -7,6 +7,7 @@ and Postgres (a value over the limit is refused by the producer there).
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -83,6 +84,41 @@ def test_a_value_near_its_budget_lists_a_new_groups_first_alert_without_context(
     assert groups.encoded_size(value) <= groups.MAX_VALUE_BYTES + 1_000
     [listed] = value[late_rule]["alerts"]
     assert listed["context"] == {}
+
+
+def test_an_unlisted_member_too_large_for_a_listing_is_kept_in_postgres_without_its_context():
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    small, big = sized_alert(0), emoji_alert()
+
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, rule, small)), groups.Join(grouped(client, rule, big))],
+                             set(), now=1.0, max_alerts=100)
+
+    listed, unlisted = plan.memberships
+    assert (listed[1], listed[3]) == (small.alert_id, None)  # its alert is in the table
+    assert unlisted[1] == big.alert_id
+    assert json.loads(unlisted[3]) == {**big.model_dump(mode="json"), "context": {}}
+    assert groups.listing_size(json.loads(unlisted[3])) <= groups.MAX_LISTED_BYTES
+
+
+def test_unlisted_alerts_fill_a_listing_only_within_its_byte_budget():
+    listed = [sized_alert(n).model_dump(mode="json") for n in range(30)]
+    candidates = [sized_alert(n).model_dump(mode="json") for n in range(30, 40)]
+
+    left_out = groups.fill_listing(listed, candidates, places=100)
+
+    assert 30 < len(listed) < 40 and listed[30:] == candidates[:len(listed) - 30]
+    assert left_out == candidates[len(listed) - 30:]
+    used = sum(groups.listing_size(alert) for alert in listed)
+    assert used <= groups.MAX_LISTED_BYTES < used + groups.listing_size(left_out[0])
+
+
+def test_an_unlisted_alert_too_large_for_an_emptied_listing_is_listed_without_its_context():
+    big, small = emoji_alert().model_dump(mode="json"), sized_alert(0).model_dump(mode="json")
+    listed: list[dict] = []
+
+    left_out = groups.fill_listing(listed, [big, small], places=1)
+
+    assert listed == [{**big, "context": {}}] and left_out == [small]
 
 
 @AGENT_LOOP

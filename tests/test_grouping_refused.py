@@ -33,7 +33,7 @@ async def open_directly(pool, key: bytes, value: groups.ClientGroups) -> None:
     """Put a client's groups in the table (and their members in Postgres), as the agent would have."""
     await groups.prepare_writes()
     groups.write_value_of_partition(key, value, partition_for(key, tuple(range(64))))
-    members = [(key.decode(), a["alert_id"], g["notification_id"]) for g in value.values() for a in g["alerts"]]
+    members = [(key.decode(), a["alert_id"], g["notification_id"], None) for g in value.values() for a in g["alerts"]]
     await group_records.record_memberships(pool, members)
 
 
