@@ -352,11 +352,16 @@ async def _record_in_flight(pool: asyncpg.Pool, outbox: Outbox, rows: list[async
 async def _queue_again(pool: asyncpg.Pool, outbox: Outbox, batch: _InFlight) -> int:
     """Queue the current version of each of the batch's keys, in place of its rows and its record
     in flight: a failure that keeps coming back after the sends sends the same keys again each
-    time, and never grows the outbox."""
+    time, and never grows the outbox.
+
+    A tombstone (a row without payload) stays: its key has no current version to queue (retention
+    forgot the deletion when it queued it), and the broker may have refused it; sent twice, it
+    changes nothing."""
     async with pool.acquire() as conn, conn.transaction():
         # The record first, as `_queue_abandoned_again` locks it before the outbox rows: no deadlock.
         await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = $1", batch.in_flight_id)
-        await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", batch.outbox_ids)
+        await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[]) AND payload IS NOT NULL",
+                           batch.outbox_ids)
         return await _QUEUE_CURRENT[outbox.table](conn, batch.keys)
 
 

@@ -15,9 +15,11 @@ from alerting_app import metrics
 from alerting_app.contracts import SilenceChanged
 from alerting_app.silencing import SilenceIndex, silence_of_row
 from alerting_app.settings import ConfigurationError, load_settings
+from broker_front import OutageFront
 from kafka_probe import read_topic
+from private_brokers import app_sending_behind
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
-from test_outbox_ordering import own_pool  # noqa: F401  (fixture)
+from test_outbox_ordering import own_pool, terminate_the_relays_session  # noqa: F401  (fixture)
 
 DAY_S = 86_400.0
 
@@ -244,6 +246,36 @@ async def test_the_relay_sends_a_forgotten_deletions_tombstone_as_a_null_value(p
 
     assert await read_topic(services.kafka_bootstrap_servers, topic.get_topic_name()) == [(rule_id.encode(), None)]
     assert await queued(own_pool, RULE_OUTBOX, [rule_id]) == []
+
+
+@AGENT_LOOP
+async def test_a_tombstone_the_broker_refused_while_the_relay_lost_its_session_stays_queued(own_pool, tmp_path):
+    """The relay queues each key's current version in place of a batch whose session was lost
+    after its sends: a forgotten deletion has none, so its tombstone is kept, not dropped (the
+    delete would then stay on the topic for ever). The broker holds the send while the session
+    ends, then refuses it (a producer request timeout of a second, as in the dead-letter tests)."""
+    from agents import rule_outbox
+
+    rule_id = await remembered_rule_deletion(own_pool, days_ago=31)
+    assert await forget_rule_deletions(own_pool, 30 * DAY_S) == 1
+    async with app_sending_behind(OutageFront, tmp_path, "tombstone-refused", "rule.changed",
+                                  producer_request_timeout=1.0) as (front, topic):
+        outbox = Outbox(RULE_OUTBOX.table, RULE_OUTBOX.key_column, topic)
+        try:
+            front.hang()
+            relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(outbox,)))
+            async with asyncio.timeout(30):
+                while not front.held:  # the tombstone at the broker, the relay's lock held
+                    await asyncio.sleep(0.01)
+            await terminate_the_relays_session(own_pool)
+            front.refuse()
+            await relaying
+        finally:
+            front.let_through()
+
+        assert await queued(own_pool, RULE_OUTBOX, [rule_id]) == [(rule_id, None)]
+        assert await relay_pending(own_pool, outboxes=(outbox,)) == 1
+        assert (rule_id.encode(), None) in await read_topic(front.address, topic.get_topic_name())
 
 
 async def queued(pool, outbox: Outbox, keys: list[str]) -> list[tuple[str, dict | None]]:
