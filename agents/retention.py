@@ -27,7 +27,7 @@ from uuid import UUID
 import asyncpg
 
 from agents.match_outcomes import prune_fingerprints
-from agents.rule_outbox import RULE_OUTBOX, SILENCE_OUTBOX, Outbox, record_silence_deleted, wake_up
+from agents.rule_outbox import RULE_OUTBOX, SILENCE_OUTBOX, Outbox, queue_tombstones, record_silence_deleted, wake_up
 from alerting_app import db, metrics
 from alerting_app.app import app, settings
 from alerting_app.failure_streak import FailureStreak
@@ -147,8 +147,8 @@ async def prune_silences(pool: asyncpg.Pool, ended_before_s: float, batch_size: 
 # that time), or in a batch recorded in flight that a later relay is yet to queue again (no relay
 # running since), is kept until then. Batched, as a million deletions may be due at once.
 #
-# Each deletion forgotten queues a tombstone (a null payload, relayed as a null value) for its key
-# in the same statement: it follows the key's delete on the compacted topic, every replica forgets
+# Each deletion forgotten queues a tombstone (relayed as a null value: rule_outbox.queue_tombstones)
+# for its key in the same transaction: it follows the key's delete on the compacted topic, every replica forgets
 # the key on reading it (tables/changelog_replica.py), and compaction removes the delete, then the
 # tombstone itself (after the topic's delete.retention.ms), so the topic does not keep every
 # deletion ever made. Locked in key order, SKIP LOCKED: a republish holding a deletion FOR SHARE
@@ -165,9 +165,9 @@ WITH forgotten AS (
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING {{key}}
+    RETURNING {{key}}, client_id, version
 )
-INSERT INTO {{outbox}} ({{key}}, payload) SELECT {{key}}, NULL FROM forgotten ORDER BY {{key}}
+SELECT * FROM forgotten ORDER BY {{key}}
 """
 # The tombstone must come the retention after the delete was *relayed*, not only after it was made:
 # a worker's rule store is trusted for that long (tables/rule_replica.py `outdated`), and one
@@ -191,7 +191,10 @@ async def forget_deletions(pool: asyncpg.Pool, outbox: Outbox, table: str, older
     statement = _FORGET_DELETIONS.format(**names)
     forgotten = 0
     while True:
-        done = int((await pool.execute(statement, float(older_than_s), batch_size)).split()[-1])
+        async with pool.acquire() as conn, conn.transaction():
+            deleted = await conn.fetch(statement, float(older_than_s), batch_size)
+            await queue_tombstones(conn, outbox, deleted)
+        done = len(deleted)
         forgotten += done
         if done:
             wake_up()  # the relay, when this worker runs it

@@ -4,8 +4,8 @@ The API writes each change's event into an outbox table in the same transaction 
 (`record_rule_change` into `rule_outbox`, `record_silence_change` into `silence_outbox`), so an
 accepted change is never lost when the broker is down. This relay sends each outbox's rows, oldest
 first, keyed by their id, waits for the broker's acknowledgement and only then deletes them: a crash
-in between sends a row twice, which consumers ignore by version. A row without a payload is sent
-as a tombstone (a null value): retention queues one when it forgets a deletion (agents/retention.py).
+in between sends a row twice, which consumers ignore by version. A row marked `tombstone` is sent
+as a null value: retention queues one when it forgets a deletion (agents/retention.py).
 
 Order matters beyond consumers that follow the topic: the topics are compacted, keeping the last
 record of each key, so a replica reading from scratch sees only the version published last. Hence
@@ -47,15 +47,17 @@ _requeue_failures = FailureStreak(log, "queuing a stopped relay's keys again")
 
 @dataclass(frozen=True)
 class Outbox:
-    """An outbox table, the column its messages are keyed by, and the topic it is relayed to."""
+    """An outbox table, the column its messages are keyed by, the topic it is relayed to, and the
+    contract of its events."""
 
     table: str
     key_column: str
     topic: TopicT
+    event: type[RuleChanged] | type[SilenceChanged]
 
 
-RULE_OUTBOX = Outbox("rule_outbox", "rule_id", rule_changed)
-SILENCE_OUTBOX = Outbox("silence_outbox", "silence_id", silence_changed)
+RULE_OUTBOX = Outbox("rule_outbox", "rule_id", rule_changed, RuleChanged)
+SILENCE_OUTBOX = Outbox("silence_outbox", "silence_id", silence_changed, SilenceChanged)
 OUTBOXES = (RULE_OUTBOX, SILENCE_OUTBOX)
 
 
@@ -64,8 +66,8 @@ OUTBOXES = (RULE_OUTBOX, SILENCE_OUTBOX)
 # event made deleting a client with 10,000 rules and 1,000 silences take 6 to 10 s (under 1 s so).
 # In array order, so that a key's later version gets the larger outbox id, as from one call per event.
 _QUEUE = """
-INSERT INTO {table} ({key_column}, payload)
-SELECT key, payload FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY AS event(key, payload, n) ORDER BY n
+INSERT INTO {table} ({key_column}, payload, tombstone)
+SELECT key, payload, $3 FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY AS event(key, payload, n) ORDER BY n
 """
 # A deletion is also kept (migrations/007_deletions.sql), for republishing; a key deleted twice in
 # one call keeps its greater version, as from one call per event.
@@ -77,11 +79,27 @@ ON CONFLICT ({key_column}) DO UPDATE SET version = GREATEST(d.version, EXCLUDED.
 """
 
 
-async def _queue(conn: asyncpg.Connection, outbox: Outbox, events: Sequence[RuleChanged | SilenceChanged]) -> None:
-    """Insert the events into the outbox, in order, in one statement."""
+async def _queue(conn: asyncpg.Connection, outbox: Outbox, events: Sequence[RuleChanged | SilenceChanged],
+                 tombstone: bool = False) -> None:
+    """Insert the events into the outbox, in order, in one statement (`tombstone`: each to be sent
+    as a null value, queue_tombstones)."""
     await conn.execute(_QUEUE.format(table=outbox.table, key_column=outbox.key_column),
                        [getattr(event, outbox.key_column) for event in events],
-                       [event.model_dump(mode="json") for event in events])
+                       [event.model_dump(mode="json") for event in events], tombstone)
+
+
+async def queue_tombstones(conn: asyncpg.Connection, outbox: Outbox, deleted: Sequence[asyncpg.Record]) -> None:
+    """Queue a tombstone (a null value) for each of these forgotten deletions (rows of the key,
+    client_id and version), in order: agents/retention.py.
+
+    The row keeps the key's delete event as its payload, which this release's relay does not send:
+    a relay of a release before migration 009 (in a rolling deployment, or after a rollback) sends
+    it instead, a delete every replica ignores by its version, rather than a JSON null each would
+    dead-letter, and that compaction would keep as the key's last record."""
+    await _queue(conn, outbox, [outbox.event(**{outbox.key_column: str(row[outbox.key_column])},
+                                             client_id=str(row["client_id"]), version=row["version"],
+                                             action="delete")
+                                for row in deleted], tombstone=True)
 
 
 async def _record_changes(conn: asyncpg.Connection, outbox: Outbox, deletions_table: str,
@@ -284,7 +302,7 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
         # Read after the lock is held, so the rows the previous relay deleted are gone. FOR UPDATE
         # (not SKIP LOCKED): a relay of an older release holding rows is waited for, not overtaken.
         rows = await conn.fetch(
-            f"SELECT outbox_id, {outbox.key_column} AS key, payload FROM {outbox.table}"
+            f"SELECT outbox_id, {outbox.key_column} AS key, payload, tombstone FROM {outbox.table}"
             " ORDER BY outbox_id LIMIT $1 FOR UPDATE",
             batch_size,
         )
@@ -298,7 +316,7 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
             # there, instead of blocking every later change here.
             # In record batches: per-message Topic.send made relaying 450,000 seeded rules take a minute.
             # One key's rows keep their order: send_batched appends them to one partition's batches in turn.
-            acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), _value_of(row["payload"]))
+            acks = await send_batched(outbox.topic, ((str(row["key"]).encode(), _value_of(row))
                                                      for row in rows))
             # Every answer before the lock is released, failures included: a batch still in flight when
             # the next relay sends the same keys' newer versions could land after them.
@@ -322,10 +340,10 @@ async def _send_and_delete(pool: asyncpg.Pool, outbox: Outbox, batch_size: int, 
     return len(rows)
 
 
-def _value_of(payload: object) -> bytes | None:
-    """The message value of an outbox row's payload: a row without one (a forgotten deletion's,
-    agents/retention.py) is a tombstone, a null value."""
-    return None if payload is None else json.dumps(payload).encode()
+def _value_of(row: asyncpg.Record) -> bytes | None:
+    """The message value of an outbox row: its payload, or a null value for a tombstone (a forgotten
+    deletion's, `queue_tombstones`)."""
+    return None if row["tombstone"] else json.dumps(row["payload"]).encode()
 
 
 def _unanswered(refused: Exception | None, acks: list[asyncio.Future]) -> bool:
@@ -354,13 +372,13 @@ async def _queue_again(pool: asyncpg.Pool, outbox: Outbox, batch: _InFlight) -> 
     in flight: a failure that keeps coming back after the sends sends the same keys again each
     time, and never grows the outbox.
 
-    A tombstone (a row without payload) stays: its key has no current version to queue (retention
+    A tombstone stays: its key has no current version to queue (retention
     forgot the deletion when it queued it), and the broker may have refused it; sent twice, it
     changes nothing."""
     async with pool.acquire() as conn, conn.transaction():
         # The record first, as `_queue_abandoned_again` locks it before the outbox rows: no deadlock.
         await conn.execute("DELETE FROM outbox_in_flight WHERE in_flight_id = $1", batch.in_flight_id)
-        await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[]) AND payload IS NOT NULL",
+        await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[]) AND NOT tombstone",
                            batch.outbox_ids)
         return await _QUEUE_CURRENT[outbox.table](conn, batch.keys)
 

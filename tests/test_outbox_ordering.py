@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ async def relay_broker(tmp_path_factory):
     async with app_sending_behind(OutageFront, tmp_path_factory.mktemp("relay-broker"), "outbox-ordering-relay",
                                   "rule.changed", partitions=settings.topic_partitions) as (front, topic):
         try:
-            yield RelayBroker(front, Outbox(RULE_OUTBOX.table, RULE_OUTBOX.key_column, topic))
+            yield RelayBroker(front, dataclasses.replace(RULE_OUTBOX, topic=topic))
         finally:
             front.let_through()
 

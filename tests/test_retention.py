@@ -3,6 +3,8 @@ memberships; nothing still in the pipeline's hands does. Against the real Postgr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import uuid
 
 import asyncpg
@@ -12,7 +14,8 @@ import pytest_asyncio
 from agents.retention import forget_rule_deletions, prune_notifications, prune_silences
 from agents.rule_outbox import RULE_OUTBOX, SILENCE_OUTBOX, Outbox, queue_current_rules, relay_pending, republish_rules
 from alerting_app import metrics
-from alerting_app.contracts import SilenceChanged
+from alerting_app.contracts import RuleChanged, SilenceChanged
+from alerting_app.matching import RuleIndex
 from alerting_app.silencing import SilenceIndex, silence_of_row
 from alerting_app.settings import ConfigurationError, load_settings
 from broker_front import OutageFront
@@ -242,7 +245,7 @@ async def test_the_relay_sends_a_forgotten_deletions_tombstone_as_a_null_value(p
     await topic.maybe_declare()
     assert await forget_rule_deletions(own_pool, 30 * DAY_S) == 1
 
-    assert await relay_pending(own_pool, outboxes=(Outbox(RULE_OUTBOX.table, RULE_OUTBOX.key_column, topic),)) == 1
+    assert await relay_pending(own_pool, outboxes=(dataclasses.replace(RULE_OUTBOX, topic=topic),)) == 1
 
     assert await read_topic(services.kafka_bootstrap_servers, topic.get_topic_name()) == [(rule_id.encode(), None)]
     assert await queued(own_pool, RULE_OUTBOX, [rule_id]) == []
@@ -260,7 +263,7 @@ async def test_a_tombstone_the_broker_refused_while_the_relay_lost_its_session_s
     assert await forget_rule_deletions(own_pool, 30 * DAY_S) == 1
     async with app_sending_behind(OutageFront, tmp_path, "tombstone-refused", "rule.changed",
                                   producer_request_timeout=1.0) as (front, topic):
-        outbox = Outbox(RULE_OUTBOX.table, RULE_OUTBOX.key_column, topic)
+        outbox = dataclasses.replace(RULE_OUTBOX, topic=topic)
         try:
             front.hang()
             relaying = asyncio.ensure_future(rule_outbox.relay_pending(own_pool, outboxes=(outbox,)))
@@ -279,10 +282,32 @@ async def test_a_tombstone_the_broker_refused_while_the_relay_lost_its_session_s
 
 
 async def queued(pool, outbox: Outbox, keys: list[str]) -> list[tuple[str, dict | None]]:
-    """(key, payload) of the outbox's rows for these keys, in the order they are relayed."""
-    return [(str(row[0]), row[1]) for row in await pool.fetch(
-        f"SELECT {outbox.key_column}, payload FROM {outbox.table} WHERE {outbox.key_column} = ANY($1::uuid[])"
-        " ORDER BY outbox_id", keys)]
+    """(key, payload) of the outbox's rows for these keys, in the order they are relayed; the
+    payload of a tombstone is None, as it is relayed."""
+    return [(str(row[0]), None if row[2] else row[1]) for row in await pool.fetch(
+        f"SELECT {outbox.key_column}, payload, tombstone FROM {outbox.table}"
+        f" WHERE {outbox.key_column} = ANY($1::uuid[]) ORDER BY outbox_id", keys)]
+
+
+@AGENT_LOOP
+async def test_a_tombstone_row_holds_the_delete_a_relay_of_an_earlier_release_sends_instead(pool):
+    """A relay of a release before migration 009 (a rolling deployment, a rollback) reads the
+    outbox's key and payload and sends the payload: it must be the key's delete, which replicas
+    ignore by its version, not a JSON null, which they would dead-letter, and compaction keep."""
+    rule_id = await remembered_rule_deletion(pool, days_ago=31)
+    client_id = await pool.fetchval("SELECT client_id::text FROM deleted_rules WHERE rule_id = $1", rule_id)
+    try:
+        await forget_rule_deletions(pool, 30 * DAY_S)
+
+        [row] = await pool.fetch("SELECT payload, tombstone FROM rule_outbox WHERE rule_id = $1", rule_id)
+        assert row["tombstone"]
+        sent_by_an_earlier_relay = json.dumps(row["payload"]).encode()
+        event = RuleChanged.model_validate_json(sent_by_an_earlier_relay)
+        assert (event.rule_id, event.client_id, event.version, event.action) == (rule_id, client_id, 3, "delete")
+        replica = RuleIndex([event.model_copy(update={"version": 3})])
+        assert not replica.apply(event), "a replica holding the deletion ignores it"
+    finally:
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rule_id)
 
 
 async def remembered_rule_deletion(pool, *, days_ago: float, in_outbox: bool = False, in_flight: bool = False) -> str:
