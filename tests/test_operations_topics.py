@@ -271,6 +271,35 @@ async def test_send_puts_a_corrected_message_on_a_topic_as_docs_operations_says(
     assert (line["key"], line["value"]) == ("a-1", {"alert_id": "a-1"})
 
 
+async def test_send_without_a_value_sends_a_tombstone_as_docs_operations_says(services):
+    # docs/operations.md, "Dead-letter topics": a bad record whose key names nothing is removed with a
+    # tombstone. Without a value Faust sent the JSON text `null`: a dead letter at every worker, and
+    # a record compaction keeps.
+    topic = await create_topic(services.kafka_bootstrap_servers, partitions=1)
+
+    sent = run("send", topic, "--key", "names-nothing")
+    assert sent.returncode == 0, sent.stderr[-2000:]
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=services.kafka_bootstrap_servers,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), 30)
+    finally:
+        await consumer.stop()
+    assert (record.key, record.value) == (b"names-nothing", None)
+
+
+def test_send_without_a_value_or_a_key_sends_nothing():
+    before = end_offsets_of_alerts_new()
+
+    result = run("send", "alerts.new")
+
+    assert result.returncode == 1, result.stdout
+    assert "needs --key" in result.stderr and "Traceback" not in result.stderr
+    assert end_offsets_of_alerts_new() == before
+
+
 def test_send_without_a_broker_set_stops_naming_the_variable():
     environment = {name: value for name, value in os.environ.items() if name != "KAFKA_BOOTSTRAP_SERVERS"}
     result = subprocess.run([alerting_app_executable(), "send", "alerts.new", "{}"], env=environment,
