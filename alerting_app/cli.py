@@ -40,7 +40,7 @@ from alerting_app.kafka_connection import KafkaConnection, client_args, kafka_co
 from alerting_app.migrate import MigrationError, apply_migrations
 from alerting_app.roles import apply_roles, parse_roles
 from alerting_app.seed import (MAX_CLIENTS as seed_clients_limit, MAX_RULES as seed_total_limit,
-                                MAX_RULES_PER_CLIENT as seed_rules_limit, MIXES)
+                                MAX_RULES_PER_CLIENT as seed_rules_limit, MIXES, SEVERITIES)
 from alerting_app.settings import (COMMAND_BROKER_TIMEOUT_S, ROLE_NAMES, ConfigurationError, require_services,
                                    roles_of)
 from alerting_app.startup_wait import check_before_waiting, wait_before_start
@@ -266,6 +266,9 @@ def seed(clients: int, rules_per_client: int, mix: str, webhook_url: str | None)
         raise SystemExit(f"seed: --clients {clients} x --rules-per-client {rules_per_client} is "
                          f"{clients * rules_per_client:,} rules, more than {seed_total_limit:,} at once "
                          "(every row is held in memory until written); seed in several runs")
+    if mix == "worst" and 0 < rules_per_client < len(SEVERITIES):
+        raise SystemExit(f"seed: --mix worst needs --rules-per-client {len(SEVERITIES)} or more (one per "
+                         f"severity, so that every client matches every alert); got {rules_per_client}")
     if webhook_url is not None:
         # Checked as the API checks an endpoint's address: unchecked, any text was stored in every
         # endpoint, and each delivery to it failed (or, unnoticed, went to a private address).

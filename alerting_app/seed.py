@@ -77,6 +77,11 @@ async def seed(pool: asyncpg.Pool, *, clients: int, rules_per_client: int, mix: 
         raise ValueError(f"rules per client must be 0 to {MAX_RULES_PER_CLIENT}")
     if not 0 <= clients <= MAX_CLIENTS:
         raise ValueError(f"clients must be 0 to {MAX_CLIENTS:,}")
+    if mix == "worst" and 0 < rules_per_client < len(SEVERITIES):
+        # One rule per severity is what makes every alert match every client (a rule cannot be `*`
+        # three times); with fewer, the other severities' alerts matched nobody.
+        raise ValueError(f"the worst mix needs at least {len(SEVERITIES)} rules per client, one per severity "
+                         f"(got {rules_per_client})")
     if clients * rules_per_client > MAX_RULES:
         raise ValueError(f"{clients:,} clients x {rules_per_client:,} rules per client is "
                          f"{clients * rules_per_client:,} rules, more than {MAX_RULES:,} at once")

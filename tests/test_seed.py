@@ -56,3 +56,17 @@ def test_more_rules_in_all_than_it_can_hold_in_memory_is_refused_at_once():
 
     with pytest.raises(ValueError, match=f"more than {MAX_RULES:,} at once"):
         asyncio.run(seed(None, clients=clients, rules_per_client=288))
+
+
+def test_the_worst_mix_with_fewer_rules_than_severities_is_refused_at_once():
+    # README: `worst` makes every client match. Its rules are one per severity, cut to the count:
+    # with 3 rules per client, every CRITICAL alert matched nobody.
+    result = subprocess.run([alerting_app_executable(), "seed", "--clients", "1", "--rules-per-client", "3",
+                             "--mix", "worst"], env=os.environ, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("seed: --mix worst needs --rules-per-client 4 or more"), result.stderr
+    assert "seeded" not in result.stdout
+
+    with pytest.raises(ValueError, match="the worst mix needs at least 4 rules per client"):
+        asyncio.run(seed(None, clients=1, rules_per_client=3, mix="worst"))
