@@ -162,3 +162,13 @@ async def test_a_client_with_more_history_than_a_batch_is_deleted_a_batch_per_tr
     # 35 settled in batches of 10 (4 transactions), the PENDING one with the client (1 more).
     assert transactions == 5
     assert await history(pool, other_tenant.client_id) == (4, 8, 8)
+
+
+async def test_renaming_to_null_is_refused_as_every_patch_refuses_a_null(api, tenant):
+    # docs/api.md: in a PATCH, a field given as null is refused naming it, "may not be null"; a
+    # client's PATCH said "Input should be a valid string" instead.
+    reply = await api.call("PATCH", f"/api/v1/clients/{tenant.client_id}", tenant.key, {"name": None})
+
+    assert reply.status == 422
+    assert reply.body["fields"] == [{"field": "name", "message": "Value error, may not be null: leave the "
+                                                                "field out to keep its value"}]

@@ -53,7 +53,9 @@ class PatchBody(RequestBody):
 
     NULLABLE: ClassVar[frozenset[str]] = frozenset()
 
-    @field_validator("*")
+    # Before the type's own check, so a field that cannot be null at all (a client's name) is refused
+    # with the same words as one whose type allows null for "not given".
+    @field_validator("*", mode="before")
     @classmethod
     def _null_only_where_it_means_something(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None and info.field_name not in cls.NULLABLE:
@@ -67,8 +69,8 @@ class ClientCreate(RequestBody):
     name: str = Name
 
 
-class ClientPatch(RequestBody):
-    name: str = Name
+class ClientPatch(PatchBody):
+    name: str = Name  # the only thing a client's PATCH changes, so required
 
 
 class ClientOut(BaseModel):
