@@ -60,6 +60,7 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
     ]
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_datadir_option(self.ctx)
         require_services(settings)
         roles = self.kwargs.pop("roles", None)
         if roles is not None:
@@ -169,11 +170,22 @@ def _loglevel_given(ctx: click.Context | None) -> bool:
 
     Asked of click, not of Faust's state, which cannot tell `-l warn` from no option at all.
     """
+    return _option_given(ctx, "loglevel")
+
+
+def _option_given(ctx: click.Context | None, name: str) -> bool:
     while ctx is not None:
-        if ctx.get_parameter_source("loglevel") not in (None, ParameterSource.DEFAULT):
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
             return True
         ctx = ctx.parent
     return False
+
+
+def _refuse_datadir_option(ctx: click.Context | None) -> None:
+    """Faust's global -D/--datadir, which `--help` lists, was ignored: the state went to DATA_DIR."""
+    if _option_given(ctx, "datadir"):
+        raise ConfigurationError("Invalid configuration:\n  -D/--datadir: not read here (the state, the lock "
+                                 "and the rule store live in DATA_DIR); set DATA_DIR instead")
 
 
 class _ForegroundCommand(AppCommand):
@@ -248,6 +260,7 @@ def create_topics() -> int:
 @app.command(base=_ForegroundCommand)
 def up() -> int:
     """Run everything locally: embedded Kafka/Postgres/Redis for unset URLs, migrations, topics, a worker."""
+    _refuse_datadir_option(click.get_current_context())
     return run_up(settings)
 
 

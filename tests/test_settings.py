@@ -414,6 +414,25 @@ def test_commands_that_keep_no_state_create_no_data_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no ./.alerting-data
 
 
+@pytest.mark.parametrize("command", [["-D", "{folder}", "worker"], ["--datadir={folder}", "worker"],
+                                     ["--datadir", "{folder}", "up"]])
+def test_fausts_datadir_option_is_refused_naming_data_dir(tmp_path, command):
+    # `alerting-app --help` lists Faust's -D/--datadir; it was ignored, the state going to DATA_DIR.
+    # DATA_DIR is a file here, so a command that went on would fail on it, naming something else.
+    data_dir = tmp_path / "not-a-folder"
+    data_dir.write_text("")
+    folder = tmp_path / "asked-for"
+    environment = {**{name: value for name, value in os.environ.items() if name != "DATABASE_URL"},
+                   "DATA_DIR": str(data_dir)}
+
+    result = subprocess.run([alerting_app_executable(), *(arg.format(folder=folder) for arg in command)],
+                            env=environment, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1, result.stdout
+    assert "-D/--datadir: not read here" in result.stderr and "set DATA_DIR" in result.stderr, result.stderr
+    assert not folder.exists()
+
+
 def test_an_ingest_token_is_a_secret_of_its_own(monkeypatch):
     monkeypatch.setenv("ADMIN_TOKEN", "admin-token-of-the-platform")
     monkeypatch.setenv("INGEST_TOKEN", "tiny-secret")
