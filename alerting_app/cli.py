@@ -346,7 +346,8 @@ def topics(by_partition: bool, as_json: bool) -> int:
     """Each topic: partitions, end offsets and the lag of this app's consumer group (APP_ID)."""
     figures = asyncio.run(topic_inspection.topic_figures(_broker(), settings.app_id,
                                                          web.operations.agent_topics()))
-    if as_json:
+    # Faust's global --json (`alerting-app --json topics`), which `--help` lists, asks for the same.
+    if as_json or _option_given(click.get_current_context(), "json"):
         print(json.dumps({"group": settings.app_id, "topics": [f.as_json() for f in figures]}))
     else:
         print(topic_inspection.figures_table(figures, settings.app_id, by_partition=by_partition))

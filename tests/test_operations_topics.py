@@ -245,6 +245,17 @@ def test_topics_on_a_broker_without_topics_prints_none_and_succeeds(tmp_path):
     assert json.loads(result.stdout)["topics"] == []
 
 
+def test_fausts_global_json_option_gives_topics_as_json(services):
+    # `alerting-app --help` lists Faust's global --json ("Return output in machine-readable JSON
+    # format"); `alerting-app --json topics` printed the table.
+    global_option = run("--json", "topics")
+    own_option = run("topics", "--json")
+
+    assert global_option.returncode == own_option.returncode == 0, global_option.stderr
+    assert {t["topic"] for t in json.loads(global_option.stdout)["topics"]} == \
+        {t["topic"] for t in json.loads(own_option.stdout)["topics"]}
+
+
 @pytest.mark.parametrize("value", [b'{"event_ts": NaN}', b'{"a": Infinity}', b"[" * 100_000 + b"]" * 100_000])
 def test_a_value_that_is_not_json_after_all_is_shown_raw_and_the_line_stays_json(value):
     from aiokafka.structs import ConsumerRecord
