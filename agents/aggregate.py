@@ -414,6 +414,7 @@ async def publish_aggregation(aggregation: Aggregation) -> None:
 
 @app.agent(alerts_matched, sink=[publish_aggregation])
 async def aggregate_matches(stream: StreamT) -> AsyncIterator[Aggregation]:
+    """Matches to notifications, once per client and alert: at once, grouped, suppressed or silenced."""
     async for events in stream.take_events(MATCH_BATCH_SIZE, within=MATCH_BATCH_WITHIN_S):
         # The sink runs before the generator resumes: the time covers recording and sending.
         with metrics.stage_seconds.labels(stage="aggregate_batch").time():

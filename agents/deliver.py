@@ -116,6 +116,7 @@ async def publish_intake(intake: Intake) -> None:
 
 @app.agent(notifications_ready, sink=[publish_intake])
 async def deliver_notifications(stream: StreamT) -> AsyncIterator[Intake]:
+    """Notifications to one delivery per endpoint, kept in Postgres and sent by this worker's dispatcher."""
     # take_events acknowledges a batch after the sink has run, once its rows are in Postgres.
     async for events in stream.take_events(NOTIFICATION_BATCH_SIZE, within=NOTIFICATION_BATCH_WITHIN_S):
         yield await db.retry_transient(lambda pool: take_in(pool, dispatcher(), events), "taking in notifications")

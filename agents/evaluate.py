@@ -94,6 +94,7 @@ async def publish_evaluation(evaluation: Evaluation) -> None:
 
 @app.agent(alerts_new, sink=[publish_evaluation])
 async def match_alerts(stream: StreamT) -> AsyncIterator[Evaluation]:
+    """Alerts to one alerts.matched per matching client, against every rule and silence this worker holds."""
     # Matching against a partial rule set would silently drop notifications: wait for the replica.
     # Likewise for silences, or alerts a tenant silenced would be delivered after each restart.
     await rule_replica.wait_until_caught_up()

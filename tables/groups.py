@@ -70,6 +70,7 @@ class ChangelogCheckedTable(faust.Table):
 open_groups: ChangelogCheckedTable = app.tables.add(ChangelogCheckedTable(
     app,
     name="notification-groups",
+    help="Each client's open notification groups (docs/grouping.md), keyed by client_id.",
     beacon=app.tables.beacon,
     key_type=bytes,  # raw bytes; values are JSON (Faust's default)
     partitions=settings.topic_partitions,

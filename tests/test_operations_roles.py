@@ -1,11 +1,16 @@
 """Roles select the agents, tasks and services a worker runs; everything the app registers has one."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 import faust
 import pytest
 from mode import Service
 
 from alerting_app.roles import UnassignedComponent, apply_roles, parse_roles, role_of
+from alerting_app.up import alerting_app_executable
 
 
 def test_everything_the_app_registers_belongs_to_a_role():
@@ -19,6 +24,19 @@ def test_everything_the_app_registers_belongs_to_a_role():
     roles = {module: role_of(module) for module in modules}  # raises for a module without a role
 
     assert {"evaluate", "aggregate", "deliver", "relay"} <= set(roles.values())
+
+
+def test_alerting_app_agents_and_tables_describe_everything_they_list():
+    # README: `alerting-app agents` / `tables` list them; they said "<N/A>" for every agent and
+    # 'Missing description: use Table(.., help="str")' for the table.
+    listed = {command: json.loads(subprocess.run([alerting_app_executable(), "--json", command], env=os.environ,
+                                                 capture_output=True, text=True, timeout=120, check=True).stdout)
+              for command in ("agents", "tables")}
+
+    assert len(listed["agents"]) == 3 and len(listed["tables"]) == 1
+    for command, entries in listed.items():
+        for entry in entries:
+            assert entry["help"] not in ("", "<N/A>") and "Missing description" not in entry["help"], (command, entry)
 
 
 def _app_with_one_of_each(modules: list[str]) -> faust.App:
