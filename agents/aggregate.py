@@ -35,9 +35,13 @@ log = logging.getLogger(__name__)
 MATCH_BATCH_SIZE = 1000
 MATCH_BATCH_WITHIN_S = 0.05
 
+# A notification's created_at is the worker's clock; its updated_at starts from the same value and
+# never goes below it (greatest(now(), created_at) when it changes): Postgres's now(), the start of
+# its transaction on another clock, was up to milliseconds (or the clocks' skew) earlier, and a row
+# read as updated before it was created.
 _INSERT_NOTIFICATION = """
-INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at)
-SELECT $1, $2, $3, $4, $5, to_timestamp($6)
+INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at)
+SELECT $1, $2, $3, $4, $5, to_timestamp($6), to_timestamp($6)
 WHERE NOT EXISTS (SELECT 1 FROM notification_alerts a WHERE a.client_id = $2 AND a.alert_id = $3)
 ON CONFLICT (client_id, alert_id) DO NOTHING
 RETURNING notification_id
@@ -46,9 +50,9 @@ RETURNING notification_id
 # One statement for a whole batch: per-row round trips to Postgres were the aggregate stage's cost.
 # Arrays of text, cast in SQL, because asyncpg has no codec for arrays of arrays (rule_ids).
 _INSERT_NOTIFICATIONS = """
-INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at)
+INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at)
 SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[],
-       to_timestamp(n.created_at)
+       to_timestamp(n.created_at), to_timestamp(n.created_at)
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[])
     AS n(notification_id, client_id, alert_id, alerts, rule_ids, created_at)
 -- An alert that joined a group is notified by its group (tables/groups.py), not again at once.
@@ -228,7 +232,7 @@ WITH locked AS (
     ORDER BY notification_id
     FOR UPDATE
 )
-UPDATE notifications n SET emitted = true, updated_at = now()
+UPDATE notifications n SET emitted = true, updated_at = greatest(now(), n.created_at)
 FROM locked WHERE n.notification_id = locked.notification_id
 """
 

@@ -115,10 +115,10 @@ async def prune_fingerprints(pool: asyncpg.Pool) -> int:
 
 # Notified at once (PENDING), or recorded and settled here (SILENCED, SUPPRESSED: nothing to emit).
 _INSERT_OUTCOMES = """
-INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, status, detail,
-                           emitted)
+INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at,
+                           status, detail, emitted)
 SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[], to_timestamp($6),
-       n.status, n.detail, n.status <> 'PENDING'
+       to_timestamp($6), n.status, n.detail, n.status <> 'PENDING'
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $7::text[], $8::text[])
     AS n(notification_id, client_id, alert_id, alerts, rule_ids, status, detail)
 ON CONFLICT (client_id, alert_id) DO NOTHING

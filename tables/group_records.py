@@ -63,9 +63,10 @@ async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterabl
 # all silenced, else NULL) makes it a SILENCED row, settled and not emitted, only when no member was
 # left unchecked.
 _INSERT_GROUP_NOTIFICATIONS = """
-INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at,
+INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at,
                            truncated_alerts, group_rule_id, status, detail, emitted)
 SELECT g.notification_id, g.client_id, g.alert_id, g.alerts::jsonb, g.rule_ids::uuid[], to_timestamp(g.created_at),
+       to_timestamp(g.created_at),
        greatest(0, g.members - g.accounted) + g.counted, g.group_rule_id,
        CASE WHEN g.wholly_silenced THEN 'SILENCED' ELSE 'PENDING' END,
        CASE WHEN g.wholly_silenced THEN g.silenced END,

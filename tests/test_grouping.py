@@ -394,6 +394,24 @@ async def test_a_group_whose_members_are_all_silenced_at_close_is_recorded_silen
     assert await closed_for(pool, client, opened + 10) == []  # closed: nothing more
 
 
+@AGENT_LOOP
+async def test_a_closed_groups_row_is_never_updated_before_it_was_created(pool):
+    """created_at is the closing worker's clock (here 5 s ahead of Postgres's, as the closer's `now`
+    past a window is); updated_at, set at the insert and by the emitted mark, must not read earlier."""
+    silenced_client, notified_client, rule = await insert_client(pool), await insert_client(pool), str(uuid.uuid4())
+    await aggregate(grouped(silenced_client, rule, window_s=5, the_alert=alert(0)),
+                    grouped(notified_client, rule, window_s=5, the_alert=alert(1)))
+    opened = time.time()
+    await insert_silence(pool, silenced_client, opened - 60, opened + 3600, n="0")
+
+    await closed_for(pool, {silenced_client, notified_client}, opened + 5)
+
+    rows = await pool.fetch("SELECT status, emitted, created_at, updated_at FROM notifications"
+                            " WHERE client_id = ANY($1::uuid[]) ORDER BY status", [silenced_client, notified_client])
+    assert [(row["status"], row["emitted"]) for row in rows] == [("PENDING", True), ("SILENCED", True)]
+    assert all(row["updated_at"] >= row["created_at"] for row in rows), [dict(row) for row in rows]
+
+
 async def unlisted_alerts(pool, client_id: str) -> dict[str, dict | None]:
     """alert_id -> the alert Postgres keeps of each of the client's members (None: a listed member)."""
     return {row["alert_id"]: row["unlisted_alert"] for row in await pool.fetch(

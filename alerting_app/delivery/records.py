@@ -205,7 +205,7 @@ UPDATE notifications n SET
     detail = CASE WHEN s.total = 0 THEN 'no enabled endpoint on the matched rules'
                   WHEN s.failed > 0 THEN s.failed || ' of ' || s.total || ' deliveries failed: ' || s.reasons
              END,
-    updated_at = now()
+    updated_at = greatest(now(), n.created_at)
 FROM summary s
 WHERE n.notification_id = s.notification_id AND s.pending = 0
 """
@@ -233,7 +233,8 @@ WHERE d.notification_id = $1 AND d.status = 'FAILED' AND e.endpoint_id = d.endpo
 """
 _ANY_FAILED = "SELECT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = $1 AND status = 'FAILED')"
 _REOPEN_NOTIFICATION = """
-UPDATE notifications SET status = 'PENDING', detail = NULL, updated_at = now() WHERE notification_id = $1
+UPDATE notifications SET status = 'PENDING', detail = NULL, updated_at = greatest(now(), created_at)
+WHERE notification_id = $1
 """
 
 
