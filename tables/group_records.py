@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -93,60 +93,95 @@ class Listing:
     silenced_by: str | None = None  # the detail of a group whose checked members are all silenced
 
 
-def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float, unlisted: Sequence[dict] = ()) -> Listing:
+def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float, unlisted: Iterable[dict] = ()) -> Listing:
     """The group's members that no silence of its client in force at `at` matches: the listed ones,
     then, in the places the silenced ones freed (and within the listing's byte budget), the unlisted
-    ones (`unlisted`: their alerts, unlisted_members), in the order they joined; the rest counted.
+    ones (`unlisted`: their alerts, as `unlisted_pages` reads them), in the order they joined; the
+    rest counted.
 
     A group whose members are all silenced keeps its listed alerts listed: it is recorded SILENCED,
     with them, unless it has members that could not be checked (the insert decides, from the members
     in Postgres), which must be notified; a notification lists at least one alert.
     """
-    listed = due.group["alerts"]
-    client = due.key.decode()
-    if not silences.holds_any_of(client):
-        return Listing(listed, accounted=len(listed))
-    listed_ids = {alert["alert_id"] for alert in listed}
-    # A member listed by the table and kept as unlisted too (a crash between the two writes) is one member.
-    unlisted = [alert for alert in unlisted if alert["alert_id"] not in listed_ids]
-    silenced_by: set[str] = set()
+    if not silences.holds_any_of(due.key.decode()):
+        return Listing(due.group["alerts"], accounted=len(due.group["alerts"]))
+    closing = ListingAtClose(due, silences, at)
+    closing.check(unlisted)
+    return closing.listing()
 
-    def not_silenced(alerts: Iterable[dict]) -> list[dict]:
+
+class ListingAtClose:
+    """listing_at_close, fed the unlisted members a page at a time: it keeps what it lists and
+    counts the rest, so a group's members need not all be held at once."""
+
+    def __init__(self, due: DueGroup, silences: SilenceIndex, at: float) -> None:
+        self._listed = due.group["alerts"]
+        self._client = due.key.decode()
+        self._silences, self._at = silences, at
+        self._listed_ids = {alert["alert_id"] for alert in self._listed}
+        self._silenced_by: set[str] = set()
+        self._kept = self._not_silenced(self._listed)
+        self._accounted = len(self._listed)
+        self._counted = 0
+
+    def _not_silenced(self, alerts: Iterable[dict]) -> list[dict]:
         kept = []
         for alert in alerts:
-            silence_id = silences.silencing(client, Alert.from_stored(alert), at)
+            silence_id = self._silences.silencing(self._client, Alert.from_stored(alert), self._at)
             if silence_id is None:
                 kept.append(alert)
             else:
-                silenced_by.add(silence_id)
+                self._silenced_by.add(silence_id)
         return kept
 
-    kept = not_silenced(listed)
-    left_out = fill_listing(kept, not_silenced(unlisted), places=len(listed))
-    accounted = len(listed) + len(unlisted)
-    if kept:
-        return Listing(kept, accounted, counted=len(left_out))
-    return Listing(listed, accounted, silenced_by="silenced by " + ", ".join(sorted(silenced_by)))
+    def check(self, unlisted: Iterable[dict]) -> None:
+        """Check the next unlisted members, in the order they joined."""
+        # A member listed by the table and kept as unlisted too (a crash between the two writes) is one member.
+        fresh = [alert for alert in unlisted if alert["alert_id"] not in self._listed_ids]
+        self._accounted += len(fresh)
+        self._counted += len(fill_listing(self._kept, self._not_silenced(fresh), places=len(self._listed)))
+
+    def listing(self) -> Listing:
+        if self._kept:
+            return Listing(self._kept, self._accounted, counted=self._counted)
+        return Listing(self._listed, self._accounted, silenced_by="silenced by " + ", ".join(sorted(self._silenced_by)))
 
 
-# The alerts of the unlisted members of some groups, in the order they joined (one batch's by alert_id).
+# The alerts of a group's unlisted members, in the order they joined (one batch's by alert_id).
 _UNLISTED_MEMBERS = """
-SELECT notification_id::text, unlisted_alert FROM notification_alerts
-WHERE notification_id = ANY($1::uuid[]) AND unlisted_alert IS NOT NULL
+SELECT unlisted_alert FROM notification_alerts
+WHERE notification_id = $1 AND unlisted_alert IS NOT NULL
 ORDER BY joined_at, alert_id
 """
+# A storm can leave a group any number of unlisted members, each kept up to MAX_LISTED_BYTES: read
+# at once, they were all held in the worker's memory (20 MB for 1,000 alerts of 20 KB), in a loop
+# that answered nothing else meanwhile. A page of them is 6.4 MB at most as stored.
+UNLISTED_PAGE_ROWS = 100
 
 
-async def unlisted_members(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
-                           silences: SilenceIndex) -> dict[str, list[dict]]:
-    """notification_id -> the alerts of its unlisted members, for the groups whose client has a
-    silence in force (one statement); the others' are not read: no silence can mute any of them."""
-    ids = [d.group["notification_id"] for d in due if silences.holds_any_of(d.key.decode())]
-    unlisted: dict[str, list[dict]] = {}
-    if ids:
-        for row in await conn.fetch(_UNLISTED_MEMBERS, ids):
-            unlisted.setdefault(row["notification_id"], []).append(row["unlisted_alert"])
-    return unlisted
+async def unlisted_pages(conn: asyncpg.Connection | asyncpg.Pool, notification_id: str) -> AsyncIterator[list[dict]]:
+    """The alerts of the group's unlisted members, a page at a time, through a cursor (in the
+    caller's transaction; a pool's connection gets one of its own)."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as own, own.transaction():
+            async for page in unlisted_pages(own, notification_id):
+                yield page
+        return
+    cursor = await conn.cursor(_UNLISTED_MEMBERS, notification_id)
+    while page := await cursor.fetch(UNLISTED_PAGE_ROWS):
+        yield [row["unlisted_alert"] for row in page]
+
+
+async def listing_of(conn: asyncpg.Connection | asyncpg.Pool, due: DueGroup, silences: SilenceIndex,
+                     at: float) -> Listing:
+    """listing_at_close, reading the unlisted members only of a group whose client has a silence in
+    force: the others' lose nothing to a silence."""
+    if not silences.holds_any_of(due.key.decode()):
+        return listing_at_close(due, silences, at)
+    closing = ListingAtClose(due, silences, at)
+    async for page in unlisted_pages(conn, due.group["notification_id"]):
+        closing.check(page)
+    return closing.listing()
 
 
 # What to emit: the rows as stored, so a group closed again after a crash emits what it first built.
@@ -165,8 +200,7 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     if not due:
         return []
     created_at = round(now, 6)  # microseconds, as Postgres stores it
-    unlisted = await unlisted_members(conn, due, silences)
-    listings = [listing_at_close(d, silences, now, unlisted.get(d.group["notification_id"], ())) for d in due]
+    listings = [await listing_of(conn, d, silences, now) for d in due]
     inserted = await conn.fetch(
         _INSERT_GROUP_NOTIFICATIONS,
         [d.group["notification_id"] for d in due],

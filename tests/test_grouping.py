@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
+import tracemalloc
 import uuid
 from types import SimpleNamespace
 
@@ -538,6 +539,36 @@ async def test_a_member_moved_to_another_group_is_checked_against_the_silences_t
     await insert_silence(pool, client, opened - 60, opened + 3600, n="0")
     [ready] = await closed_for(pool, client, opened + 5)
     assert (ready.alerts, ready.truncated_alerts) == ([newcomer.alert], 0)
+
+
+@AGENT_LOOP
+async def test_the_closer_reads_a_large_groups_unlisted_members_a_page_at_a_time(pool, monkeypatch):
+    """A storm can leave a group any number of unlisted members, each kept up to MAX_LISTED_BYTES:
+    read all at once, a client's single silence had the closer hold them all in memory."""
+    monkeypatch.setattr(settings, "group_max_alerts", 1)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    first = grouped(client, rule, window_s=5, the_alert=alert(0))
+    await aggregate(first)
+    [group] = groups.open_groups.get(client.encode()).values()
+    padding = {f"pad{i}": "x" * 2000 for i in range(10)}  # about 20 KB an alert
+    storm = [grouped(client, rule, window_s=5, the_alert=Alert(
+        alert_id=str(uuid.uuid4()), event_ts=time.time(), severity="HIGH", source="payments",
+        name="CheckoutLatency", context={"n": "muted" if n % 2 else "kept", **padding})) for n in range(1000)]
+    await group_records.record_memberships(pool, [(m.client_id, m.alert.alert_id, group["notification_id"],
+                                                   groups.unlisted_record(m)) for m in storm])
+    opened = time.time()
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="muted")
+    tracemalloc.start()
+    try:
+        [ready] = await closed_for(pool, client, opened + 5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert (ready.alerts, ready.truncated_alerts) == ([first.alert], 500)
+    stored = await pool.fetchval("SELECT sum(octet_length(unlisted_alert::text)) FROM notification_alerts"
+                                 " WHERE notification_id = $1", group["notification_id"])
+    assert peak < stored / 2, (peak, stored)  # a page of 100 at a time: about 5 MB here, whatever the count
 
 
 @AGENT_LOOP
