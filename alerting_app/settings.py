@@ -433,12 +433,16 @@ _MESSAGES_WITHOUT_THE_VALUE = frozenset({"string_too_short", "string_too_long", 
                                          "string_type", "token_characters"})
 # Up to the last '@': a password may hold another (not URL-encoded, which service_urls.py refuses).
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
+# A user holding '@' (Azure's `user@server`), its password running to an '@' before any '/' or space:
+# `user@host:5432/db` has none, and a line naming several URLs keeps its hosts.
+_URL_PASSWORD_OF_AN_AT_USER = re.compile(r"(://[^:/@\s]*@[^:/@\s]*:)[^/\s]*@")
 _QUERY_PASSWORD = re.compile(r"(password=)[^&#]*")  # postgresql://db/alerts?user=app&password=...
 
 
 def without_passwords(text: str) -> str:
     """`text` with the passwords of the URLs in it (`user:***@`, `password=***`) left out."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+    text = _URL_PASSWORD_OF_AN_AT_USER.sub(r"\1***@", _URL_PASSWORD.sub(r"\1***@", text))
+    return _QUERY_PASSWORD.sub(r"\1***", text)
 
 
 def _shown(variable: str, value: object) -> str:

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from alerting_app.embedded import free_port
-from alerting_app.settings import ConfigurationError, load_settings, require_services
+from alerting_app.settings import ConfigurationError, load_settings, require_services, without_passwords
 from alerting_app.up import alerting_app_executable
 from tls_certificates import certificate_files
 
@@ -131,6 +131,8 @@ def test_a_bad_service_url_is_shown_without_its_password(monkeypatch):
     ("REDIS_URL", "redis://user:1234/5678@host:6379/0", "1234/5678"),
     ("DATABASE_URL", "postgresql://app:1234/pw99@db:5432/alerts", "1234/pw99"),
     ("DATABASE_URL", "postgresql://app:1234#5678@db.example/alerts", "1234#5678"),
+    # A user holding '@' (Azure's `user@server` form): the password after it was shown as it is.
+    ("DATABASE_URL", "postgresql://alerting@myserver:Xq7zWk3v@db/alerting", "Xq7zWk3v"),
 ])
 def test_a_password_that_is_not_url_encoded_is_refused_without_showing_any_of_it(monkeypatch, variable, url,
                                                                                  password):
@@ -142,6 +144,14 @@ def test_a_password_that_is_not_url_encoded_is_refused_without_showing_any_of_it
     message = str(error.value)
     assert f"{variable}:" in message and "URL-encode" in message
     assert not any(part in message for part in re.split(r"[@/?#]", password)), message
+
+
+def test_urls_without_a_password_keep_their_hosts_where_another_one_has_one():
+    # As `up` prints what it waits for: every URL on one line.
+    line = "postgres postgresql://postgres@db:5432/alerting (refused); redis redis://:Xq7z@cache:6379/0 (refused)"
+
+    assert without_passwords(line) == ("postgres postgresql://postgres@db:5432/alerting (refused); "
+                                       "redis redis://:***@cache:6379/0 (refused)")
 
 
 def test_a_password_in_the_query_is_not_shown_with_an_error(monkeypatch):
