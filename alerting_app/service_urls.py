@@ -44,11 +44,14 @@ def _login_is_encoded(url: str) -> None:
     rest = url.partition("://")[2][len(netloc):]
     looks_like_a_login = ":" in netloc and not netloc.startswith("[") and not all(
         host.rpartition(":")[2].isdigit() for host in netloc.split(","))
-    # An '@' in the path is one too, even where the login's start looks like host:port
-    # (`user:1234/5678@host`): an error about the path would show the rest of the password.
-    if "@" not in netloc and ("@" in parts.path or "@" in parts.fragment or ("@" in rest and looks_like_a_login)):
+    # An '@' in the path, the fragment or a query key is one too, even where the login's start
+    # looks like host:port (`user:1234/5678@host`), or an '@' already ended it (`user:a@b#c@host`:
+    # the "host" would be `b`): an error about it would show the rest of the password.
+    stray_at = "@" in parts.path or "@" in parts.fragment or any(
+        "@" in key for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    if stray_at or ("@" not in netloc and "@" in rest and looks_like_a_login):
         raise ValueError("the user or password holds '/', '?' or '#' as it is: URL-encode them "
-                         "(%2F, %3F, %23)")
+                         "(%2F, %3F, %23; and an '@': %40)")
 
 
 # What asyncpg accepts for these query parameters; any other key becomes a server setting.

@@ -133,6 +133,12 @@ def test_a_bad_service_url_is_shown_without_its_password(monkeypatch):
     ("DATABASE_URL", "postgresql://app:1234#5678@db.example/alerts", "1234#5678"),
     # A user holding '@' (Azure's `user@server` form): the password after it was shown as it is.
     ("DATABASE_URL", "postgresql://alerting@myserver:Xq7zWk3v@db/alerting", "Xq7zWk3v"),
+    # An '@' and then a '#', '/' or '?': the login ended at the first '@' and the rest passed as a
+    # fragment, path or query, so the URL was taken, and its "host" was part of the password.
+    ("DATABASE_URL", "postgresql://alerting:Xq7z@Wk3v#Jm5r@db/alerting", "Xq7z@Wk3v#Jm5r"),
+    ("DATABASE_URL", "postgresql://alerting:Xq7z@Wk3v/Jm5r@db/alerting", "Xq7z@Wk3v/Jm5r"),
+    ("DATABASE_URL", "postgresql://alerting:Xq7z@Wk3v?Jm5r@db/alerting", "Xq7z@Wk3v?Jm5r"),
+    ("REDIS_URL", "redis://:Xq7z@Wk3v#Jm5r@cache:6379/0", "Xq7z@Wk3v#Jm5r"),
 ])
 def test_a_password_that_is_not_url_encoded_is_refused_without_showing_any_of_it(monkeypatch, variable, url,
                                                                                  password):
