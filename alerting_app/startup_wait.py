@@ -177,12 +177,27 @@ async def _stopped_by_sigterm(loop: asyncio.AbstractEventLoop, waiting: Awaitabl
     """
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # ignored or handled by whoever started us
         return await waiting
-    task = asyncio.ensure_future(waiting)
+    task = asyncio.ensure_future(_refusal_returned(waiting))
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        return await task
+        outcome = await task
     except asyncio.CancelledError:
         log.warning("SIGTERM while waiting for the services: stopping")
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         loop.remove_signal_handler(signal.SIGTERM)  # back to the default: Faust installs its own
+    if isinstance(outcome, SystemExit):
+        raise outcome
+    return outcome
+
+
+async def _refusal_returned(waiting: Awaitable[str | None]) -> str | None | SystemExit:
+    """`waiting`, its SystemExit (a ConfigurationError) returned instead of raised.
+
+    Raised inside a task, a SystemExit leaves the loop at once and the task holding it, which
+    asyncio then logged as "Task exception was never retrieved" with a traceback, after the message.
+    """
+    try:
+        return await waiting
+    except SystemExit as exc:
+        return exc

@@ -70,6 +70,21 @@ def test_a_redis_database_the_server_does_not_have_is_a_configuration_error_not_
         asyncio.run(asyncio.wait_for(wait_for_dependencies(settings, topic_names()), 30))
 
 
+def test_a_worker_refused_at_its_wait_prints_the_refusal_without_a_traceback(services, tmp_path):
+    # The ConfigurationError (a SystemExit) left the wait's task holding it: after the message,
+    # asyncio logged "Task exception was never retrieved" and a 40-line traceback.
+    no_such_database = urllib.parse.urlsplit(services.redis_url)._replace(path="/9999").geturl()
+    env = {**os.environ, "REDIS_URL": no_such_database, "DATA_DIR": str(tmp_path / "data"),
+           "WEB_BIND": "127.0.0.1", "WEB_PORT": str(free_port())}
+
+    result = subprocess.run([alerting_app_executable(), "worker"], env=env, capture_output=True, text=True,
+                            timeout=120)
+
+    assert result.returncode == 1
+    assert "REDIS_URL: database 9999 does not exist" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr, result.stderr[-2000:]
+
+
 def with_login(url: str, user: str, password: str | None = None) -> str:
     parts = urllib.parse.urlsplit(url)
     login = user if password is None else f"{user}:{password}"
