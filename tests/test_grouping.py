@@ -72,6 +72,15 @@ async def aggregate(*matches: AlertMatched) -> list:
         return [agent.results[i] for i in range(len(matches))]
 
 
+async def open_group(pool, members: int) -> tuple[str, str, list]:
+    """A new client's group of `members` alerts (alert(0), alert(1), ...), open for 5 s: (client,
+    group rule, matches)."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(members)]
+    await aggregate(*matches)
+    return client, rule, matches
+
+
 async def rows_of(pool, client_id: str) -> list:
     return await pool.fetch(
         "SELECT notification_id::text, alert_id, alerts, rule_ids::text[], status, detail, emitted, "
@@ -355,9 +364,7 @@ async def insert_silence(pool, client_id: str, starts_at: float, ends_at: float,
 
 @AGENT_LOOP
 async def test_a_silence_created_while_a_group_is_open_leaves_its_matching_members_out_at_close(pool):
-    client, rule = await insert_client(pool), str(uuid.uuid4())
-    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
-    await aggregate(*matches)
+    client, rule, matches = await open_group(pool, 4)
     opened = time.time()
     # Created while the group is open: one mutes alert 1 until well after the close; the other would
     # mute alert 2 but ends before the group closes, so it mutes nothing there.
@@ -376,9 +383,7 @@ async def test_a_silence_created_while_a_group_is_open_leaves_its_matching_membe
 
 @AGENT_LOOP
 async def test_a_group_whose_members_are_all_silenced_at_close_is_recorded_silenced_and_not_emitted(pool):
-    client, rule = await insert_client(pool), str(uuid.uuid4())
-    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(3)]
-    await aggregate(*matches)
+    client, rule, matches = await open_group(pool, 3)
     opened = time.time()
     silences = [await insert_silence(pool, client, opened - 60, opened + 3600, n=str(n)) for n in range(3)]
     before = metrics.notifications_silenced._value.get()
@@ -422,10 +427,7 @@ async def unlisted_alerts(pool, client_id: str) -> dict[str, dict | None]:
 @AGENT_LOOP
 async def test_postgres_keeps_the_alerts_of_the_unlisted_members_only(pool, monkeypatch):
     monkeypatch.setattr(settings, "group_max_alerts", 2)
-    client, rule = await insert_client(pool), str(uuid.uuid4())
-    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
-
-    await aggregate(*matches)
+    client, rule, matches = await open_group(pool, 4)
 
     kept = await unlisted_alerts(pool, client)
     assert kept == {matches[0].alert.alert_id: None, matches[1].alert.alert_id: None,
@@ -437,9 +439,7 @@ async def test_postgres_keeps_the_alerts_of_the_unlisted_members_only(pool, monk
 async def test_a_group_whose_listed_and_unlisted_members_are_all_silenced_is_recorded_silenced_and_not_emitted(
         pool, monkeypatch):
     monkeypatch.setattr(settings, "group_max_alerts", 2)
-    client, rule = await insert_client(pool), str(uuid.uuid4())
-    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
-    await aggregate(*matches)
+    client, rule, matches = await open_group(pool, 4)
     opened = time.time()
     # Created while the group is open: each mutes one member, listed (0, 1) or not (2, 3).
     silences = [await insert_silence(pool, client, opened - 60, opened + 3600, n=str(n)) for n in range(4)]
@@ -459,9 +459,7 @@ async def test_a_group_whose_listed_and_unlisted_members_are_all_silenced_is_rec
 @AGENT_LOOP
 async def test_an_unlisted_member_no_silence_mutes_is_listed_when_the_listed_ones_are_silenced(pool, monkeypatch):
     monkeypatch.setattr(settings, "group_max_alerts", 2)
-    client, rule = await insert_client(pool), str(uuid.uuid4())
-    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(4)]
-    await aggregate(*matches)
+    client, rule, matches = await open_group(pool, 4)
     opened = time.time()
     for n in (0, 1, 3):  # both listed members and one of the two unlisted
         await insert_silence(pool, client, opened - 60, opened + 3600, n=str(n))
@@ -502,9 +500,7 @@ async def test_unlisted_members_take_the_places_silenced_ones_freed_and_only_the
 @AGENT_LOOP
 async def test_a_group_closed_again_after_a_crash_keeps_the_listing_its_first_close_built(pool, monkeypatch):
     monkeypatch.setattr(settings, "group_max_alerts", 1)
-    client, rule = await insert_client(pool), str(uuid.uuid4())
-    matches = [grouped(client, rule, window_s=5, the_alert=alert(n)) for n in range(3)]
-    await aggregate(*matches)
+    client, rule, matches = await open_group(pool, 3)
     opened = time.time()
     silence_id = await insert_silence(pool, client, opened - 60, opened + 3600, n="0")
     [due] = groups.due_groups([(client.encode(), groups.open_groups.get(client.encode()))], opened + 5, set())
