@@ -174,11 +174,14 @@ def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return totals
 
 
-def service_processes(stack: BenchStack, workers: list, receiver_pid: int) -> dict[str, list[psutil.Process]]:
-    """The processes to account CPU to: the workers, the receiver, and the embedded services (their
-    main processes, found by the run's folder on their command line; children are counted with them)."""
-    groups: dict[str, list[psutil.Process]] = {"worker": [psutil.Process(w.child.pid) for w in workers],
-                                               "receiver": [psutil.Process(receiver_pid)]}
+def service_processes(stack: BenchStack, workers: list,
+                      receiver_pid: int | None) -> dict[str, list[psutil.Process]]:
+    """The processes to account CPU to: the workers, the receiver (if there is one), and the embedded
+    services (their main processes, found by the run's folder on their command line; children are
+    counted with them)."""
+    groups: dict[str, list[psutil.Process]] = {"worker": [psutil.Process(w.child.pid) for w in workers]}
+    if receiver_pid is not None:
+        groups["receiver"] = [psutil.Process(receiver_pid)]
     # Redis rewrites its process title to "redis-server host:port"; Tansu is told its listener URL.
     ports = {"redis": urlsplit(os.environ["REDIS_URL"]).port, "broker": urlsplit(f"//{stack.bootstrap}").port}
     for process in psutil.process_iter(["cmdline"]):

@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, each on a private platform of its own.
 
-    .venv/bin/python bench/run_all.py            # about 15 minutes on a 2-core machine
+    .venv/bin/python bench/run_all.py            # about 17 minutes on a 2-core machine
 
 Each script prints its figures (and the machine) as it measures them; docs/performance.md
 records a run and what the figures mean. The scripts can be run on their own, with options.
@@ -24,6 +24,7 @@ RUNS = [
     ["fast_start.py"],
     ["deliveries.py", "--alerts", "4000"],
     ["deliveries.py", "--alerts", "4000", "--workers", "2"],
+    ["grouping.py"],
     ["http_floor.py"],
 ]
 
