@@ -204,14 +204,17 @@ def without_context(alert: dict) -> dict:
     return {**alert, "context": {}}
 
 
-def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room: int) -> int:
+def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room: int) -> tuple[int, bool]:
     """List the alert (while there is room) and its rules; adding it again changes nothing.
 
-    `value_room` is how many bytes the client's value may still grow by; returns how many it grew.
+    `value_room` is how many bytes the client's value may still grow by; returns how many it grew,
+    and whether the alert is listed (now or before).
     """
     added = 0
     listed = {alert["alert_id"] for alert in group["alerts"]}
-    if matched.alert.alert_id not in listed and len(group["alerts"]) < max_alerts:
+    if matched.alert.alert_id in listed:
+        is_listed = True
+    elif len(group["alerts"]) < max_alerts:
         alert = matched.alert.model_dump(mode="json")
         size = listing_size(alert)
         if group.get("listed_bytes", 0) + size <= MAX_LISTED_BYTES and size <= value_room:
@@ -224,15 +227,14 @@ def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room:
             added = listing_size(shortened)
             log.warning("alert %r of client %s is too large for its group's listing (%d bytes): listed without "
                         "its context", matched.alert.alert_id, matched.client_id, size)
+        is_listed = added > 0
+    else:
+        is_listed = False
     rule_ids = sorted(set(group["rule_ids"]) | set(matched.rule_ids))
     if rule_ids != group["rule_ids"]:
         added += encoded_size(rule_ids) - encoded_size(group["rule_ids"])
         group["rule_ids"] = rule_ids
-    return added
-
-
-def is_listed(group: Group, alert_id: str) -> bool:
-    return any(alert["alert_id"] == alert_id for alert in group["alerts"])
+    return added, is_listed
 
 
 def unlisted_record(matched: AlertMatched) -> str:
@@ -241,10 +243,15 @@ def unlisted_record(matched: AlertMatched) -> str:
     Bounded as a listing is: an alert over MAX_LISTED_BYTES could never be listed in full, and is
     kept without its context (a few KB at most), so no member's row grows past that.
     """
-    alert = matched.alert.model_dump(mode="json")
-    if listing_size(alert) > MAX_LISTED_BYTES:
-        alert = without_context(alert)
-    return json.dumps(alert, separators=(",", ":"))
+    # On a storm's path, once per member past GROUP_MAX_ALERTS: pydantic's own JSON, and the
+    # table's encoding measured only for an alert that might be near the bound (that encoding
+    # escapes non-ASCII, at most 12 bytes for a 4-byte character, and spaces its separators).
+    text = matched.alert.model_dump_json()
+    if 3 * len(text.encode()) + 1 > MAX_LISTED_BYTES:
+        alert = matched.alert.model_dump(mode="json")
+        if listing_size(alert) > MAX_LISTED_BYTES:
+            text = json.dumps(without_context(alert), separators=(",", ":"), ensure_ascii=False)
+    return text
 
 
 def fill_listing(listed: list[dict], candidates: Iterable[dict], places: int) -> list[dict]:
@@ -318,10 +325,11 @@ def plan_joins(current: dict[bytes, ClientGroups | None], joins: Sequence[Join],
             sizes.pop(key, None)  # measured again below, with the new group
         if key not in sizes:
             sizes[key] = encoded_size(groups)
-        sizes[key] += add_member(group, matched, max_alerts, MAX_VALUE_BYTES - sizes[key])
+        added, listed = add_member(group, matched, max_alerts, MAX_VALUE_BYTES - sizes[key])
+        sizes[key] += added
         # A listing only grows: a member unlisted here stays so in this plan (a later batch that
         # finds room for it, redelivered, lists it and empties its record).
-        unlisted = None if is_listed(group, matched.alert.alert_id) else unlisted_record(matched)
+        unlisted = None if listed else unlisted_record(matched)
         memberships.append((matched.client_id, matched.alert.alert_id, group["notification_id"], unlisted))
     return JoinPlan(values, memberships, sizes)
 
