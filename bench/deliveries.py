@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import psutil
 
-from stack import BenchStack, machine_summary, wait_until_worker_holds
+from stack import BenchStack, machine_summary, produce_keyed, wait_until_worker_holds
 
 from alerting_app.embedded import free_port
 from alerting_app.seed import alert_stream, seed
@@ -84,18 +84,8 @@ def forget_arrivals(port: int) -> None:
 
 async def produce(bootstrap: str, count: int) -> float:
     """Put `count` alerts on alerts.new, not waiting for each; return the seconds it took."""
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
-    await producer.start()
-    started = time.monotonic()
-    try:
-        pending = [await producer.send("alerts.new", key=alert.alert_id.encode(), value=alert.encode())
-                   for alert in alert_stream(count)]
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return time.monotonic() - started
+    return await produce_keyed(bootstrap, "alerts.new",
+                               ((alert.alert_id.encode(), alert.encode()) for alert in alert_stream(count)))
 
 
 async def delivery_counts(database_url: str, since: float) -> tuple[int, int, int, int]:
@@ -118,8 +108,6 @@ async def put_notifications(stack: BenchStack, alerts: int, clients_per_alert: i
     """Notifications as aggregate leaves them: rows in Postgres and messages on notifications.ready."""
     import random
 
-    from aiokafka import AIOKafkaProducer
-
     from alerting_app.contracts import NotificationReady
 
     rng = random.Random(11)
@@ -139,14 +127,7 @@ async def put_notifications(stack: BenchStack, alerts: int, clients_per_alert: i
                      for n in ready])
     finally:
         await conn.close()
-    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, acks=1, linger_ms=5)
-    await producer.start()
-    try:
-        pending = [await producer.send("notifications.ready", key=n.client_id.encode(), value=n.encode())
-                   for n in ready]
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
+    await produce_keyed(stack.bootstrap, "notifications.ready", ((n.client_id.encode(), n.encode()) for n in ready))
     print(f"put {len(ready)} notifications on notifications.ready")
 
 

@@ -42,7 +42,7 @@ import psutil
 from deliveries import cpu_seconds, service_processes
 from figures import TooFewToMeasure, steady_rate
 from offsets import end_offsets
-from stack import BenchStack, machine_summary
+from stack import BenchStack, machine_summary, produce_keyed
 
 from alerting_app.contracts import WILDCARD, Alert, AlertMatched
 
@@ -88,18 +88,7 @@ def storm(rules: list[dict], count: int, window_s: int) -> list[AlertMatched]:
 
 
 async def produce(bootstrap: str, matches: list[AlertMatched]) -> float:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
-    await producer.start()
-    started = time.monotonic()
-    try:
-        pending = [await producer.send("alerts.matched", key=m.client_id.encode(), value=m.encode())
-                   for m in matches]
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return time.monotonic() - started
+    return await produce_keyed(bootstrap, "alerts.matched", ((m.client_id.encode(), m.encode()) for m in matches))
 
 
 async def members_recorded(conn: asyncpg.Connection) -> int:

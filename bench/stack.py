@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 import asyncpg
@@ -259,3 +260,18 @@ def rss_mib(worker) -> float:
     process = psutil.Process(worker.child.pid)
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
 
+
+async def produce_keyed(bootstrap: str, topic: str, messages: Iterable[tuple[bytes, bytes]]) -> float:
+    """Put keyed messages on `topic` without waiting for each, then for every acknowledgement;
+    return the seconds it took."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
+    await producer.start()
+    started = time.monotonic()
+    try:
+        pending = [await producer.send(topic, key=key, value=value) for key, value in messages]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
