@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import asyncpg
 from faust.types import EventT, StreamT
 
-from agents.match_outcomes import groups_lock, lock_clients, needs_state, record_stateful, unknown_client
+from agents.match_outcomes import (groups_lock, known_clients, lock_clients, needs_state, record_stateful,
+                                   unknown_client)
 from alerting_app import db, metrics
 from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.app import alerts_matched, app, notifications_ready
@@ -281,6 +282,13 @@ async def record_matches(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMa
         stateful_paths = [first_path[(matched.client_id, matched.alert.alert_id)] for _, matched in decoded]
     plain = [pair for pair, stateful_path in zip(decoded, stateful_paths) if not stateful_path]
     stateful = [pair for pair, stateful_path in zip(decoded, stateful_paths) if stateful_path]
+    if plain:
+        # A client being deleted keeps its row for its history's sake (web/clients.py): only this
+        # lookup, not the foreign key, tells its matches apart, which are dropped like those of a
+        # client gone (at the end, drop_matches_of_deleted_clients), not recorded.
+        known = await known_clients(conn, [matched.client_id for _, matched in plain])
+        aggregation.unknown_clients.extend(pair for pair in plain if pair[1].client_id not in known)
+        plain = [pair for pair in plain if pair[1].client_id in known]
     if plain:
         try:
             aggregation.ready.extend(await record_first_matches(conn, [matched for _, matched in plain]))

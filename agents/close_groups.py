@@ -126,12 +126,13 @@ def is_uuid(key: bytes) -> bool:
     return True
 
 
-# The due groups' clients that exist, their rows locked as the foreign key of the notifications'
-# insert would lock them (FOR KEY SHARE), but before it: a client whose deletion is under way is
-# waited for, then not returned. Found by the insert's foreign key check instead, its deletion
-# would fail the insert, and the round, for every client's due groups.
+# The due groups' clients that exist and are not being deleted, their rows locked as the foreign key
+# of the notifications' insert would lock them (FOR KEY SHARE), but before it: a client whose
+# deletion is under way is waited for, then not returned. Found by the insert's foreign key check
+# instead, its deletion would fail the insert, and the round, for every client's due groups.
 _LOCK_KNOWN_CLIENTS = """
-SELECT client_id::text FROM clients WHERE client_id = ANY($1::uuid[]) ORDER BY client_id FOR KEY SHARE
+SELECT client_id::text FROM clients WHERE client_id = ANY($1::uuid[]) AND deleting_since IS NULL
+ORDER BY client_id FOR KEY SHARE
 """
 
 
@@ -143,9 +144,9 @@ async def record_due_groups(pool: asyncpg.Pool, due: list[groups.DueGroup], now:
     matches are left out; a group with nothing left to notify is recorded SILENCED
     (tables/group_records.py listing_at_close). Transient errors propagate: the timer tries again.
 
-    The group of a client that does not exist is neither: a client deleted while its group was open
-    took its members along (ON DELETE CASCADE), and its group is dropped, not left to fail every
-    round.
+    The group of a client that does not exist, or is being deleted, is neither: a client deleted
+    while its group was open takes its members along (ON DELETE CASCADE) when its row goes, and its
+    group is dropped, not left to fail every round.
     """
     if not due:
         return [], []

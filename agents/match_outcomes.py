@@ -47,7 +47,9 @@ groups_lock = asyncio.Lock()
 # Groups this worker has closed whose key may still be in the table (see tables/groups.py).
 closed_here: set[str] = set()
 
-_KNOWN_CLIENTS = "SELECT client_id::text FROM clients WHERE client_id = ANY($1::uuid[])"
+# A client being deleted (web/clients.py) is not known: nothing new is recorded for it, and its
+# matches are dropped (alerting_app/deleted_clients.py).
+_KNOWN_CLIENTS = "SELECT client_id::text FROM clients WHERE client_id = ANY($1::uuid[]) AND deleting_since IS NULL"
 
 # Two workers may record the same client at once (a rebalance overlap: the partition's old owner
 # finishing a batch while its new owner starts), and `groups_lock` serialises one worker only. Each

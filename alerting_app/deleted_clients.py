@@ -1,13 +1,14 @@
 """Messages about a client (tenant) deleted while they were in flight: dropped, not dead-lettered.
 
-DELETE /api/v1/clients/{id} deletes the client's rules, endpoints and notifications at once, but
-every worker's rule replica matches its rules until their deletions arrive (a few hundred ms), and
-its matches and notifications already on alerts.matched and notifications.ready still come. They
-name a client that is gone: there is nothing to record or deliver, and nothing wrong with the
-message, so a dead letter (counted in alerting_dead_letters_total, which operators alert on) would
-be a false alarm. Each deleted rule is remembered with its client (deleted_rules, for
-republishing): a message naming a rule deleted with its client, which is gone, is about a deleted
-client; one naming a client that never existed (hand-written, corrupted) is still a dead letter.
+DELETE /api/v1/clients/{id} deletes the client's rules and endpoints at once and marks the client
+being deleted (its notifications follow, then its row: agents/retention.py), but every worker's
+rule replica matches its rules until their deletions arrive (a few hundred ms), and its matches and
+notifications already on alerts.matched and notifications.ready still come. They name a client
+that is gone: there is nothing to record or deliver, and nothing wrong with the message, so a dead
+letter (counted in alerting_dead_letters_total, which operators alert on) would be a false alarm.
+Each deleted rule is remembered with its client (deleted_rules, for republishing): a message naming
+a rule deleted with its client, which is gone or being deleted, is about a deleted client; one
+naming a client that never existed (hand-written, corrupted) is still a dead letter.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ _DELETED = """
 SELECT DISTINCT m.client_id::text
 FROM unnest($1::uuid[], $2::uuid[]) AS m(client_id, rule_id)
 JOIN deleted_rules d ON d.rule_id = m.rule_id AND d.client_id = m.client_id
-WHERE NOT EXISTS (SELECT 1 FROM clients c WHERE c.client_id = m.client_id)
+WHERE NOT EXISTS (SELECT 1 FROM clients c WHERE c.client_id = m.client_id AND c.deleting_since IS NULL)
 """
 
 

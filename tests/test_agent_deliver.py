@@ -18,7 +18,7 @@ from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Answer, Receiver, SmtpServer
 from postgres_waits import until_waiting_on_a_lock
 from test_agent_support import (  # noqa: F401  (fixtures)
-    AGENT_LOOP, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to,
+    AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to,
 )
 
 pytestmark = AGENT_LOOP
@@ -616,9 +616,11 @@ async def test_an_endpoint_disabled_or_deleted_while_a_delivery_waits_for_its_se
     assert await deliveries(pool, waited.notification_id) == {endpoint: ("webhook", "FAILED", 0, reason, False)}
 
 
+@DELETIONS
 async def test_a_delivery_in_hand_when_its_client_is_deleted_gets_no_send_and_no_dead_letter(
-        pool, dispatcher, receiver, quick_retries, monkeypatch):
-    # Its row went with its client's notification: nobody is left to tell that it failed.
+        pool, dispatcher, receiver, quick_retries, monkeypatch, finished):
+    # Its endpoint went with its client's rules (and its row with its client's notification, once
+    # the client is gone): nobody is left to tell that it failed.
     from alerting_app.delivery import attempts
 
     monkeypatch.setattr(attempts, "ENDPOINT_RECHECK_S", 0.0)  # the wait here lasts as long as the test takes
@@ -629,7 +631,7 @@ async def test_a_delivery_in_hand_when_its_client_is_deleted_gets_no_send_and_no
     await put(*(n.encode() for n in notifications))
     await receiver.wait_for_posts(slots, "leaving")  # one delivery waits for a send slot
 
-    await delete_client_as_the_api_does(pool, client, [rule])
+    await delete_client_as_the_api_does(pool, client, [rule], finished=finished)
     release.set()
     await dispatcher.drained()
 
@@ -672,14 +674,16 @@ async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, d
         endpoint: ("webhook", "FAILED", 0, "endpoint was deleted", False)}
 
 
+@DELETIONS
 async def test_a_notification_of_a_client_deleted_while_it_was_in_flight_is_dropped_not_dead_lettered(
-        pool, dispatcher, receiver):
-    # Deleting the client deleted its notification: nothing to deliver, and nothing wrong with the message.
+        pool, dispatcher, receiver, finished):
+    # Its client is being deleted, or gone with its notification: nothing to deliver, and nothing
+    # wrong with the message.
     from alerting_app import metrics
 
     client, rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url())
     gone = await pending_notification(pool, client, [rule])
-    await delete_client_as_the_api_does(pool, client, [rule])
+    await delete_client_as_the_api_does(pool, client, [rule], finished=finished)
     other_client, other_rule, other_endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     other = await pending_notification(pool, other_client, [other_rule])
     dropped = metrics.messages_of_deleted_clients.labels(topic="notifications.ready")
@@ -691,6 +695,7 @@ async def test_a_notification_of_a_client_deleted_while_it_was_in_flight_is_drop
     assert dropped._value.get() - dropped_before == 1
     assert [post.body["notification_id"] for post in receiver.posts] == [other.notification_id]
     assert await deliveries(pool, other.notification_id) == {other_endpoint: ("webhook", "SENT", 1, None, True)}
+    assert await deliveries(pool, gone.notification_id) == {}
 
 
 async def test_a_notification_whose_client_is_deleted_while_its_deliveries_are_opened_is_dropped(

@@ -109,12 +109,22 @@ async def insert_endpoint(pool, client_id: str, rule_id: str, type_: str, value:
     return endpoint_id
 
 
-async def delete_client_as_the_api_does(pool, client_id: str, rule_ids: list[str]) -> None:
-    """The client's rows gone (its rules, endpoints and notifications with it), each rule's deletion
-    remembered (web/clients.py delete_client)."""
+async def delete_client_as_the_api_does(pool, client_id: str, rule_ids: list[str], *, finished: bool = False) -> None:
+    """The client as DELETE /api/v1/clients/{id} leaves it (web/clients.py delete_client): each rule's
+    deletion remembered, its rules and their endpoints gone, its key gone, the client marked being
+    deleted with its notifications still there. `finished`: then its row gone too, with its
+    notifications, as retention finishes the deletion (agents/retention.py finish_client_deletion)."""
     await pool.executemany("INSERT INTO deleted_rules (rule_id, client_id, version) VALUES ($1, $2, 2)",
                            [(rule_id, client_id) for rule_id in rule_ids])
-    await pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)
+    await pool.execute("DELETE FROM rules WHERE client_id = $1", client_id)
+    await pool.execute("UPDATE clients SET deleting_since = now(), api_key_hash = NULL WHERE client_id = $1",
+                       client_id)
+    if finished:
+        await pool.execute("DELETE FROM clients WHERE client_id = $1", client_id)
+
+
+# Both states a deleted client is in: marked being deleted (its history still there), then gone.
+DELETIONS = pytest.mark.parametrize("finished", [False, True], ids=["being-deleted", "deleted"])
 
 
 @dataclass

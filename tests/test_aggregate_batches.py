@@ -13,7 +13,7 @@ import pytest
 from agents.aggregate import Aggregation, aggregate_batch, record_first_match, record_first_matches, record_matches
 from alerting_app.contracts import Alert, AlertMatched
 from test_agent_support import (  # noqa: F401  (fixtures)
-    AGENT_LOOP, delete_client_as_the_api_does, insert_client, pipeline, pool,
+    AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, pipeline, pool,
 )
 
 pytestmark = AGENT_LOOP
@@ -120,9 +120,10 @@ async def test_a_client_deleted_while_its_stateful_match_is_recorded_is_a_dead_l
     assert alert_ids(aggregation.ready) == [matches[0].alert.alert_id]
 
 
+@DELETIONS
 @pytest.mark.parametrize("repeat_checked", [False, True], ids=["plain", "stateful"])
 async def test_the_matches_of_a_client_deleted_while_they_were_in_flight_are_dropped_not_dead_lettered(
-        pool, repeat_checked):
+        pool, repeat_checked, finished):
     # Every replica matches a deleted client's rules until their deletions reach it, and matches
     # already on alerts.matched still come: nothing to notify, and nothing wrong with the message.
     from alerting_app import metrics
@@ -130,7 +131,8 @@ async def test_the_matches_of_a_client_deleted_while_they_were_in_flight_are_dro
     kept, deleted = await insert_client(pool), await insert_client(pool)
     matches = [matched(deleted, repeat_checked=repeat_checked), matched(kept, repeat_checked=repeat_checked),
                matched(deleted, repeat_checked=repeat_checked)]
-    await delete_client_as_the_api_does(pool, deleted, [*matches[0].rule_ids, *matches[2].rule_ids])
+    await delete_client_as_the_api_does(pool, deleted, [*matches[0].rule_ids, *matches[2].rule_ids],
+                                        finished=finished)
     dropped = metrics.messages_of_deleted_clients.labels(topic="alerts.matched")
     dropped_before = dropped._value.get()
 
@@ -139,6 +141,7 @@ async def test_the_matches_of_a_client_deleted_while_they_were_in_flight_are_dro
     assert aggregation.dead_letters == []
     assert alert_ids(aggregation.ready) == [matches[1].alert.alert_id]
     assert dropped._value.get() - dropped_before == 2
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", deleted) == 0
 
 
 async def test_an_alert_silenced_and_matched_again_in_one_batch_keeps_its_first_fate(pool):

@@ -29,7 +29,9 @@ from alerting_app.silencing import SilenceIndex, active_silences
 from kafka_probe import read_topic
 from postgres_waits import until_waiting_on_a_lock
 from tables import group_records, groups
-from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
+from test_agent_support import (  # noqa: F401  (fixtures)
+    AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, pipeline, pool, sent_to,
+)
 
 # The group table's changelog is created by the `pipeline` fixture (test_agent_support.py).
 ALL_PARTITIONS = set(range(64))
@@ -817,11 +819,12 @@ def test_a_worker_without_the_aggregate_role_does_not_hold_the_group_table():
 
 
 @AGENT_LOOP
-async def test_the_group_of_a_client_deleted_while_it_was_open_is_dropped(pool):
+@DELETIONS
+async def test_the_group_of_a_client_deleted_while_it_was_open_is_dropped(pool, finished):
     client, rule = await insert_client(pool), str(uuid.uuid4())
     other_client = await insert_client(pool)
     await aggregate(grouped(client, rule), grouped(other_client, rule))
-    await pool.execute("DELETE FROM clients WHERE client_id = $1", client)
+    await delete_client_as_the_api_does(pool, client, [rule], finished=finished)
 
     [ready] = await closed_for(pool, {client, other_client}, time.time() + 5)
 
@@ -830,16 +833,20 @@ async def test_the_group_of_a_client_deleted_while_it_was_open_is_dropped(pool):
 
 
 @AGENT_LOOP
-async def test_the_group_of_a_client_deleted_while_it_closes_is_dropped_and_the_others_are_emitted(pool):
+@pytest.mark.parametrize("deletion", [
+    "UPDATE clients SET deleting_since = now(), api_key_hash = NULL WHERE client_id = $1",  # the API's
+    "DELETE FROM clients WHERE client_id = $1",  # retention's, finishing it
+], ids=["being-deleted", "deleted"])
+async def test_the_group_of_a_client_deleted_while_it_closes_is_dropped_and_the_others_are_emitted(pool, deletion):
     # The deletion commits while the closer waits for the client's row (its deleting transaction
-    # holds it): the client was there when the round began, and is gone by the insert.
+    # holds it): the client was there when the round began, and is gone (or being deleted) by the insert.
     client, rule = await insert_client(pool), str(uuid.uuid4())
     other_client = await insert_client(pool)
     await aggregate(grouped(client, rule), grouped(other_client, rule))
 
     async with pool.acquire() as deleting:
         async with deleting.transaction():
-            await deleting.execute("DELETE FROM clients WHERE client_id = $1", client)
+            await deleting.execute(deletion, client)
             closing = asyncio.ensure_future(closed_for(pool, {client, other_client}, time.time() + 5))
             await until_waiting_on_a_lock(pool)
     async with asyncio.timeout(30):

@@ -20,10 +20,18 @@ Conn = asyncpg.Pool | asyncpg.Connection
 
 log = logging.getLogger(__name__)
 
+# A notification of a client being deleted (web/clients.py) is gone to the API: its history waits
+# only for retention to delete it (agents/retention.py finish_client_deletions).
+OF_A_LIVE_CLIENT = """NOT EXISTS (SELECT 1 FROM clients c
+                                  WHERE c.client_id = notifications.client_id AND c.deleting_since IS NOT NULL)"""
+
+# Not one of a client being deleted: its message is dropped like that of a client gone
+# (alerting_app/deleted_clients.py), and nothing is recorded for it.
 _KNOWN = """
 SELECT n.notification_id::text, n.client_id::text, n.status
 FROM unnest($1::uuid[], $2::uuid[]) AS b(notification_id, client_id)
 JOIN notifications n ON n.notification_id = b.notification_id AND n.client_id = b.client_id
+JOIN clients c ON c.client_id = n.client_id AND c.deleting_since IS NULL
 """
 
 # One row per (notification, enabled endpoint of its matched rules), while the notification is
@@ -218,9 +226,9 @@ WHERE n.notification_id = s.notification_id AND s.pending = 0
 # FAILED row (its ON CONFLICT) and then needs the notification's FOR KEY SHARE (the foreign key);
 # FOR UPDATE would block that while waiting for the row: a deadlock. The recorder's FOR UPDATE
 # still waits for this lock, and this one for it.
-_LOCK_FOR_RETRY = """
+_LOCK_FOR_RETRY = f"""
 SELECT status FROM notifications
-WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND {OF_A_LIVE_CLIENT}
 FOR NO KEY UPDATE
 """
 # Only deliveries whose endpoint is still there and enabled: one deleted or disabled since would
@@ -305,25 +313,27 @@ def _endpoint(row: asyncpg.Record) -> Endpoint | None:
                     row["enabled"])
 
 
-# Deliveries whose row is gone: deleted with their notification when its client was deleted
-# (retention deletes only settled notifications, none of whose deliveries a worker still holds).
-_GONE = """
+# Deliveries gone with their client: their row deleted with their notification, or their client
+# being deleted (web/clients.py), its endpoints gone and its history soon (agents/retention.py
+# finish_client_deletions). Retention deletes no other notification a worker may still hold.
+_GONE = f"""
 SELECT k.notification_id::text, k.endpoint_id::text
 FROM unnest($1::uuid[], $2::uuid[]) AS k(notification_id, endpoint_id)
-WHERE NOT EXISTS (SELECT 1 FROM deliveries d
-                  WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id)
+WHERE NOT EXISTS (SELECT 1 FROM deliveries d JOIN notifications USING (notification_id)
+                  WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
+                    AND {OF_A_LIVE_CLIENT})
 """
 
 
 async def gone(conn: Conn, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Those of these deliveries (notification_id, endpoint_id) whose row is gone."""
+    """Those of these deliveries (notification_id, endpoint_id) gone with their client (`_GONE`)."""
     rows = await conn.fetch(_GONE, [key[0] for key in keys], [key[1] for key in keys])
     return {(row[0], row[1]) for row in rows}
 
 
 async def known_notifications(conn: Conn, notifications: Sequence[NotificationReady]) -> dict[tuple[str, str], str]:
     """(notification_id, client_id) -> status, of those of `notifications` that are in Postgres for
-    their client."""
+    their client, a client not being deleted."""
     rows = await conn.fetch(_KNOWN, [n.notification_id for n in notifications], [n.client_id for n in notifications])
     return {(row[0], row[1]): row[2] for row in rows}
 
