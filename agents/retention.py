@@ -13,6 +13,11 @@ function for each kind of record:
   after SILENCE_RETENTION_DAYS. Each forgotten deletion queues a tombstone (a null value) for its key,
   so that compaction removes the key from the topic (`forget_deletions`).
 
+Another timer, every CLIENT_DELETION_INTERVAL_S, finishes the deletion of clients the API marked
+being deleted (web/clients.py): their notification history in batches, then their row
+(`finish_client_deletions`). A worker stopped midway leaves the rest to the next round, its own or
+another's.
+
 The notifications row is also the deduplication record (one per client and alert): an alert whose
 notification was deleted would be notified again if it were matched again, so the retention is
 the deduplication window, and it is days where redelivery of a Kafka message is minutes.
@@ -35,27 +40,25 @@ from alerting_app.failure_streak import FailureStreak
 log = logging.getLogger(__name__)
 
 RETENTION_INTERVAL_S = 600.0
+# How soon a deleted client's history starts to go (web/clients.py): the look-up is one index scan of
+# normally no rows.
+CLIENT_DELETION_INTERVAL_S = 10.0
 _failures: dict[str, FailureStreak] = {}  # by kind of record: each kind fails and recovers on its own
 PRUNE_BATCH_SIZE = 5_000
 
-# Only settled notifications go: a PENDING one still has deliveries to make, and one not yet
-# emitted is still the aggregate stage's to send. SKIP LOCKED: a notification the recorder, the
-# emitted mark or a retry holds is left for the next round, and workers pruning at once take
-# different rows. The cascade to its deliveries and the delete of its memberships can still wait
-# for a row lock (a redelivered message opening deliveries, say); a deadlock there is detected by
-# Postgres and the batch runs again (db.retry_transient).
+# SKIP LOCKED: a notification the recorder, the emitted mark or a retry holds is left for the next
+# round, and workers deleting at once take different rows. The cascade to its deliveries and the
+# delete of its memberships can still wait for a row lock (a redelivered message opening
+# deliveries, say); a deadlock there is detected by Postgres and the batch runs again
+# (db.retry_transient).
 # Memberships go in the same statement as their notification: a membership whose notification row
 # is missing means "group still open" (agents/match_outcomes.py `_RECORDED`), so one left behind
 # would reopen a group for a redelivered member.
 # {which}: the notifications to consider, with parameters from $2 ($1 is the batch size).
-_DELETE_SETTLED_NOTIFICATIONS = """
+_DELETE_NOTIFICATIONS = """
 WITH doomed AS (
     SELECT notification_id FROM notifications
-    WHERE {which} AND status <> 'PENDING' AND emitted
-      -- Settled, yet with a delivery still PENDING (opened as it settled: a race records._OPEN
-      -- narrows but cannot close): kept until that delivery is done.
-      AND NOT EXISTS (SELECT 1 FROM deliveries d
-                      WHERE d.notification_id = notifications.notification_id AND d.status = 'PENDING')
+    WHERE {which}
     ORDER BY created_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -64,10 +67,18 @@ WITH doomed AS (
 )
 DELETE FROM notifications n USING doomed d WHERE n.notification_id = d.notification_id
 """
-_PRUNE_NOTIFICATIONS = _DELETE_SETTLED_NOTIFICATIONS.format(which="created_at < now() - make_interval(secs => $2)")
-# A client's, for its deletion (web/clients.py): those created before the deletion began ($3), so
-# the batches end even while the pipeline keeps notifying the client.
-_DELETE_CLIENT_HISTORY = _DELETE_SETTLED_NOTIFICATIONS.format(which="client_id = $2 AND created_at < $3")
+# Only settled notifications are pruned: a PENDING one still has deliveries to make, and one not yet
+# emitted is still the aggregate stage's to send.
+_PRUNE_NOTIFICATIONS = _DELETE_NOTIFICATIONS.format(which="""
+    created_at < now() - make_interval(secs => $2) AND status <> 'PENDING' AND emitted
+    -- Settled, yet with a delivery still PENDING (opened as it settled: a race records._OPEN
+    -- narrows but cannot close): kept until that delivery is done.
+    AND NOT EXISTS (SELECT 1 FROM deliveries d
+                    WHERE d.notification_id = notifications.notification_id AND d.status = 'PENDING')""")
+# A client being deleted: all of its history, whatever the status, as the cascade of its row would
+# take it. Nothing is delivered to it any more (its endpoints are gone), and the pipeline drops what
+# it still holds of it, not dead-lettered (alerting_app/deleted_clients.py, records.gone).
+_DELETE_CLIENT_HISTORY = _DELETE_NOTIFICATIONS.format(which="client_id = $2")
 
 
 async def _deleted_in_batches(pool: asyncpg.Pool, statement: str, batch_size: int, *args: object) -> AsyncIterator[int]:
@@ -93,13 +104,27 @@ async def prune_notifications(pool: asyncpg.Pool, older_than_s: float, batch_siz
     return pruned
 
 
-async def delete_client_history(pool: asyncpg.Pool, client_id: UUID, batch_size: int = PRUNE_BATCH_SIZE) -> int:
-    """Delete the client's settled notifications, as retention does but whatever their age, a batch
-    per transaction; how many. Those still in the pipeline's hands, and those created meanwhile,
-    are left to the cascade of the client's own deletion."""
-    began = await pool.fetchval("SELECT now()")
-    return sum([deleted async for deleted in _deleted_in_batches(pool, _DELETE_CLIENT_HISTORY, batch_size,
-                                                                  client_id, began)])
+_CLIENTS_BEING_DELETED = "SELECT client_id FROM clients WHERE deleting_since IS NOT NULL ORDER BY deleting_since"
+# Last, once its history is gone: what is left (rows the pipeline held during the batches, the
+# memberships of groups still open, fingerprints) goes with it (ON DELETE CASCADE), and is little.
+_DELETE_CLIENT = "DELETE FROM clients WHERE client_id = $1 AND deleting_since IS NOT NULL"
+
+
+async def finish_client_deletion(pool: asyncpg.Pool, client_id: UUID, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+    """Delete the notification history of a client being deleted (web/clients.py), a batch per
+    transaction, then its row; how many notifications. Stopped midway, it leaves the rest to the
+    next call: each batch is committed on its own, and the client stays marked until its row goes."""
+    deleted = sum([deleted async for deleted in _deleted_in_batches(pool, _DELETE_CLIENT_HISTORY, batch_size,
+                                                                     client_id)])
+    await pool.execute(_DELETE_CLIENT, client_id)
+    return deleted
+
+
+async def finish_client_deletions(pool: asyncpg.Pool, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+    """`finish_client_deletion` for every client being deleted, oldest deletion first; how many
+    notifications. Workers running it at once share the batches (SKIP LOCKED)."""
+    return sum([await finish_client_deletion(pool, row[0], batch_size)
+                for row in await pool.fetch(_CLIENTS_BEING_DELETED)])
 
 
 # Locked, so an API change of the same silence waits and then finds it gone; SKIP LOCKED, so a
@@ -219,6 +244,11 @@ async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]
     failures.succeeded()
     if pruned:
         log.info("%s: %d rows", what, pruned)
+
+
+@app.timer(interval=CLIENT_DELETION_INTERVAL_S)
+async def delete_clients_history() -> None:
+    await _run_logged("deleting the history of deleted clients", finish_client_deletions)
 
 
 @app.timer(interval=RETENTION_INTERVAL_S)

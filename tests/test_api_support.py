@@ -103,6 +103,7 @@ def served_api_routes() -> set[tuple[str, str]]:
 async def api(services) -> Api:
     # Imported here: the app reads its settings at import, after conftest has set the environment.
     import web  # noqa: F401  (registers the views)
+    from agents.retention import finish_client_deletions
     from agents.rule_outbox import relay_pending
     from alerting_app import db
     from alerting_app.app import app
@@ -114,6 +115,8 @@ async def api(services) -> Api:
         # every rule made here deleted there, so none of them matches those tests' alerts.
         await api.delete_tenants()
     pool = await db.pool()
+    # What the aggregate workers' retention would do: no client left half deleted for later tests.
+    await finish_client_deletions(pool)
     while await relay_pending(pool):
         pass
     await db.close()

@@ -6,7 +6,6 @@ from uuid import UUID, uuid4
 
 from faust.web import Request, Response
 
-from agents.retention import PRUNE_BATCH_SIZE, delete_client_history
 from agents.rule_outbox import record_rule_changes, wake_up
 from alerting_app import db
 from alerting_app.app import app
@@ -20,15 +19,19 @@ from web.validation import parse_body, parse_query, path_id
 
 COLUMNS = "client_id, name, created_at, updated_at"
 
-# $1 is the caller's own client_id, NULL for the admin: every query is scoped by it.
+# $1 is the caller's own client_id, NULL for the admin: every query is scoped by it. A client being
+# deleted (`deleting_since` set: delete_client) is gone to every one of them.
 LIST = f"""
     SELECT {COLUMNS} FROM clients
-    WHERE ($1::uuid IS NULL OR client_id = $1)
+    WHERE deleting_since IS NULL AND ($1::uuid IS NULL OR client_id = $1)
       AND ($2::timestamptz IS NULL OR (created_at, client_id) > ($2, $3::uuid))
     ORDER BY created_at, client_id
     LIMIT $4
 """
-GET = f"SELECT {COLUMNS} FROM clients WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
+GET = f"""
+    SELECT {COLUMNS} FROM clients
+    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND deleting_since IS NULL
+"""
 # Dated when inserted (clock_timestamp), as rules are (web/rules.py says why).
 INSERT = f"""
     INSERT INTO clients (client_id, name, api_key_hash, created_at, updated_at)
@@ -37,7 +40,7 @@ INSERT = f"""
 """
 RENAME = f"""
     UPDATE clients SET name = $3, updated_at = now()
-    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND deleting_since IS NULL
     RETURNING {COLUMNS}
 """
 # A new key replaces the old one at once: authentication looks the hash up on every request.
@@ -48,13 +51,19 @@ RENAME = f"""
 NEW_KEY = f"""
     UPDATE clients SET api_key_hash = $3, updated_at = now()
     WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND ($4::text IS NULL OR api_key_hash = $4)
+      AND deleting_since IS NULL
     RETURNING {COLUMNS}
 """
-LOCK_CLIENT = "SELECT 1 FROM clients WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) FOR UPDATE"
+LOCK_CLIENT = """
+    SELECT 1 FROM clients
+    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND deleting_since IS NULL
+    FOR UPDATE
+"""
 LOCK_RULES = "SELECT rule_id, version FROM rules WHERE client_id = $1 ORDER BY rule_id FOR UPDATE"
-DELETE = "DELETE FROM clients WHERE client_id = $1"
-# Notifications deleted per transaction before the client's own deletion (retention's batch).
-HISTORY_BATCH_SIZE = PRUNE_BATCH_SIZE
+DELETE_RULES = "DELETE FROM rules WHERE client_id = $1"  # their endpoints with them (ON DELETE CASCADE)
+DELETE_SILENCES = "DELETE FROM silences WHERE client_id = $1"
+# No key hashes to NULL: the key answers 401 from the commit on (web/auth.py looks it up every request).
+MARK_BEING_DELETED = "UPDATE clients SET deleting_since = now(), api_key_hash = NULL WHERE client_id = $1"
 
 
 def client_out(row: Any) -> ClientOut:
@@ -62,18 +71,16 @@ def client_out(row: Any) -> ClientOut:
 
 
 async def delete_client(client_id: UUID, caller: Caller) -> bool:
-    """Delete the client, its rules and silences (each announced), endpoints and notifications.
+    """Delete the client's rules and silences (each announced) and endpoints, and its key; mark it
+    being deleted, so that it is gone to the API and to the pipeline from the commit on.
 
-    Its settled notification history goes first, in batches of a short transaction each: in the
-    client's own transaction, Postgres cascades to each notification's deliveries one notification
-    at a time, which for a few hundred thousand outlasted API_DATABASE_TIMEOUT_S, so such a client
-    could never be deleted. The batches lock neither the client nor anything in flight; a request
-    abandoned midway leaves the client with part of its history gone, and asking again finishes.
+    Its notification history is deleted afterwards, in batches, and then its row, by the aggregate
+    workers (agents/retention.py `finish_client_deletions`): in one transaction Postgres cascades
+    to each notification's deliveries one notification at a time, and a client with a few hundred
+    thousand outlasted API_DATABASE_TIMEOUT_S (and millions, any HTTP timeout in front of the API).
+    This transaction touches only what the workers match with and the client's own row.
     """
     pool = await db.api_pool()
-    if await pool.fetchrow(GET, client_id, caller.client_id) is None:
-        return False
-    await delete_client_history(pool, client_id, HISTORY_BATCH_SIZE)
     async with pool.acquire() as conn, conn.transaction():
         # Locking the client first makes a concurrent rule insert for it wait (web/quotas.py), then
         # find no client: no rule can appear after its delete event was written.
@@ -85,7 +92,9 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
             for rule in await conn.fetch(LOCK_RULES, client_id)
         ])
         await record_silence_deletes(conn, client_id)
-        await conn.execute(DELETE, client_id)
+        await conn.execute(DELETE_RULES, client_id)
+        await conn.execute(DELETE_SILENCES, client_id)
+        await conn.execute(MARK_BEING_DELETED, client_id)
     wake_up()
     return True
 

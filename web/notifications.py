@@ -47,6 +47,7 @@ LIST = f"""
             FROM notifications
             WHERE ($1::uuid IS NULL OR client_id = $1)
               AND ($2::uuid IS NULL OR client_id = $2)
+              AND {records.OF_A_LIVE_CLIENT}
               AND ($3::text IS NULL OR status = $3)
               AND ($4::timestamptz IS NULL OR created_at >= $4)
               AND ($5::timestamptz IS NULL OR created_at < $5)
@@ -58,7 +59,10 @@ LIST = f"""
     WHERE previous_from < $9
     ORDER BY created_at DESC, notification_id
 """
-GET = f"SELECT {COLUMNS} FROM notifications WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
+GET = f"""
+    SELECT {COLUMNS} FROM notifications
+    WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND {records.OF_A_LIVE_CLIENT}
+"""
 DELIVERIES = """
     SELECT notification_id, endpoint_id, channel, status, attempts, last_error, created_at, first_attempt_at,
            last_attempt_at, CASE WHEN status = 'PENDING' THEN next_attempt_at END AS next_attempt_at

@@ -21,8 +21,9 @@ from alerting_app.app import settings
 from web.errors import Conflict, ValidationFailed
 
 # NO KEY UPDATE: other clients' creations, whose foreign keys share-lock the row, are not held up;
-# creations for this client, and its deletion (FOR UPDATE), wait for this transaction.
-LOCK_CLIENT = "SELECT 1 FROM clients WHERE client_id = $1 FOR NO KEY UPDATE"
+# creations for this client, and its deletion (FOR UPDATE), wait for this transaction. A client being
+# deleted (web/clients.py) is no client: nothing is created for it.
+LOCK_CLIENT = "SELECT 1 FROM clients WHERE client_id = $1 AND deleting_since IS NULL FOR NO KEY UPDATE"
 
 
 @dataclass(frozen=True)
