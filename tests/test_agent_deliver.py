@@ -18,7 +18,8 @@ from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Answer, Receiver, SmtpServer
 from postgres_waits import until_waiting_on_a_lock
 from test_agent_support import (  # noqa: F401  (fixtures)
-    AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool, sent_to,
+    AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool,
+    sent_to,
 )
 
 pytestmark = AGENT_LOOP
