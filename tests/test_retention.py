@@ -107,6 +107,33 @@ async def test_what_the_pipeline_still_holds_is_kept_however_old(pool, client):
 
 
 @AGENT_LOOP
+async def test_workers_finishing_a_client_deletion_at_once_share_it_and_leave_nothing(pool):
+    # Every aggregate worker runs the round: two at once take different batches (SKIP LOCKED), and
+    # the second to delete the client's row finds it gone. What the pipeline still held goes too
+    # (the client's endpoints are gone: nothing will deliver it), as does a group still open.
+    from agents.retention import finish_client_deletions
+
+    leaving, staying = await insert_client(pool), await insert_client(pool)
+    for _ in range(30):
+        await notification(pool, leaving, age_days=0, deliveries=2, members=1)
+    await notification(pool, leaving, age_days=0, status="PENDING")
+    await notification(pool, leaving, age_days=0, emitted=False)
+    await member(pool, leaving, str(uuid.uuid4()), "in-an-open-group")
+    kept = await notification(pool, staying, age_days=0)
+    await pool.execute("UPDATE clients SET deleting_since = now(), api_key_hash = NULL WHERE client_id = $1",
+                       leaving)
+
+    deleted = await asyncio.gather(finish_client_deletions(pool, batch_size=4),
+                                   finish_client_deletions(pool, batch_size=4))
+
+    assert sum(deleted) >= 32  # a client left being deleted by another test may go too
+    assert await left_of(pool, leaving) == (set(), 0, set())
+    assert await pool.fetchval("SELECT count(*) FROM clients WHERE client_id = $1", leaving) == 0
+    assert await left_of(pool, staying) == ({kept}, 1, set())
+    await pool.execute("DELETE FROM clients WHERE client_id = $1", staying)
+
+
+@AGENT_LOOP
 async def test_a_backlog_goes_in_batches_until_none_is_left(pool, client):
     for _ in range(7):
         await notification(pool, client, age_days=100)

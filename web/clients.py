@@ -78,7 +78,8 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
     workers (agents/retention.py `finish_client_deletions`): in one transaction Postgres cascades
     to each notification's deliveries one notification at a time, and a client with a few hundred
     thousand outlasted API_DATABASE_TIMEOUT_S (and millions, any HTTP timeout in front of the API).
-    This transaction touches only what the workers match with and the client's own row.
+    This transaction touches only what the workers match with (rules, silences), the endpoints and
+    the client's own row.
     """
     pool = await db.api_pool()
     async with pool.acquire() as conn, conn.transaction():
