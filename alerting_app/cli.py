@@ -78,7 +78,8 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
         create_data_dir(settings.data_dir)
         _hold_data_dir()
         check_before_waiting(settings)
-        wait_before_start(settings, kafka_admin.topic_names(), kafka_admin.changelog_topic_names())
+        wait_before_start(settings, kafka_admin.topic_names(), kafka_admin.changelog_topic_names(),
+                          kafka_admin.faust_topic_names())
         tune_garbage_collector()
         super().__call__(*args, **kwargs)
 

@@ -92,6 +92,36 @@ def changelog_topic_names() -> list[str]:
     return [table.changelog_topic.get_topic_name() for table in app.tables.values()]
 
 
+def faust_topic_names() -> list[str]:
+    """The topics Faust itself creates when the worker starts, with TOPIC_REPLICATION_FACTOR: the
+    changelogs of the tables this worker keeps and, unless it consumes nothing (`--roles api`),
+    `<APP_ID>-__assignor-__leader`, the one-partition topic of its leader election. Call after
+    `apply_roles`, which decides both."""
+    from alerting_app.app import app
+
+    if app.producer_only:  # no consumer: no leader election, and no table (roles.apply_roles)
+        return changelog_topic_names()
+    return [*changelog_topic_names(), app._leader_assignor._leader_topic_name]  # no public name
+
+
+async def check_replication_for(broker: Broker, names: list[str], replication: int) -> None:
+    """Raise ConfigurationError, naming TOPIC_REPLICATION_FACTOR, when one of `names` is missing (so
+    a worker would create it) and `replication` is above the cluster's broker count.
+
+    Faust creates them as the worker starts (`faust_topic_names`): Kafka refused them there, and the
+    worker stopped with a traceback that did not name the variable. When all exist nothing is
+    created, and the setting does not matter: it never changes a topic's replicas.
+    """
+    admin = AIOKafkaAdminClient(**client_args(broker))
+    await admin.start()
+    try:
+        present = set(await admin.list_topics())
+        if any(name not in present for name in names):
+            _check_replication(replication, len((await admin.describe_cluster())["brokers"]))
+    finally:
+        await admin.close()
+
+
 async def partition_mismatch(broker: Broker, names: list[str], partitions: int) -> str | None:
     """None when every topic of `names` that exists has `partitions` partitions, else what differs.
 

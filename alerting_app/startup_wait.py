@@ -29,7 +29,7 @@ from alerting_app.dependencies import (
     redis_probe_client,
     shipped_schema_version,
 )
-from alerting_app.kafka_admin import partition_mismatch
+from alerting_app.kafka_admin import check_replication_for, partition_mismatch
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.migrate import MigrationError
 from alerting_app.settings import ConfigurationError, Settings
@@ -148,14 +148,18 @@ def check_before_waiting(settings: Settings) -> None:
         raise ConfigurationError(f"Invalid configuration:\n  MIGRATIONS_DIR: {exc}") from None
 
 
-def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Iterable[str] = ()) -> None:
+def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Iterable[str] = (),
+                      faust_topics: Iterable[str] = ()) -> None:
     """Block until the services answer, on a loop of its own, closed before Faust makes its own;
     then stop, naming TOPIC_PARTITIONS, if `topics` or the existing `changelogs` have another
-    partition count (waiting would not change it)."""
+    partition count, or naming TOPIC_REPLICATION_FACTOR, if one of `faust_topics` (which Faust
+    creates as it starts) is missing and the factor is above the broker count (waiting would not
+    change either)."""
     topics = list(topics)
     loop = asyncio.new_event_loop()
     try:
-        mismatch = loop.run_until_complete(_stopped_by_sigterm(loop, _wait_and_compare(settings, topics, changelogs)))
+        mismatch = loop.run_until_complete(_stopped_by_sigterm(
+            loop, _wait_and_compare(settings, topics, changelogs, list(faust_topics))))
     finally:
         loop.close()
     if mismatch:
@@ -163,9 +167,14 @@ def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Ite
                                  "partition count the topics were created with (`alerting-app topics` shows it).")
 
 
-async def _wait_and_compare(settings: Settings, topics: list[str], changelogs: Iterable[str]) -> str | None:
+async def _wait_and_compare(settings: Settings, topics: list[str], changelogs: Iterable[str],
+                            faust_topics: list[str]) -> str | None:
     await wait_for_dependencies(settings, topics)
-    return await partition_mismatch(kafka_connection(settings), [*topics, *changelogs], settings.topic_partitions)
+    broker = kafka_connection(settings)
+    mismatch = await partition_mismatch(broker, [*topics, *changelogs], settings.topic_partitions)
+    if not mismatch:
+        await check_replication_for(broker, faust_topics, settings.topic_replication_factor)
+    return mismatch
 
 
 async def _stopped_by_sigterm(loop: asyncio.AbstractEventLoop, waiting: Awaitable[str | None]) -> str | None:

@@ -94,20 +94,55 @@ def test_a_worker_stops_on_a_table_changelog_with_another_partition_count(servic
     group = f"ops-parts-{secrets.token_hex(4)}"
     changelog = f"{group}-notification-groups-changelog"
 
-    async def create_changelog() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(changelog, settings.topic_partitions + 2, 1)])
-        finally:
-            await admin.close()
-
-    asyncio.run(create_changelog())
+    asyncio.run(create_plain_topics(services.kafka_bootstrap_servers, {changelog: settings.topic_partitions + 2}))
     result = start_worker_until_it_exits({"APP_ID": group, "DATA_DIR": str(tmp_path / "worker"),
                                           "WEB_PORT": str(free_port())})
 
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"topic {changelog} has {settings.topic_partitions + 2} partitions" in result.stderr
+
+
+async def create_plain_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    """Topics by name -> partition count, one replica each."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1) for name, partitions in topics.items()])
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("existing", ["none", "changelog"])
+def test_a_worker_that_would_create_its_topics_with_more_replicas_than_brokers_stops_naming_the_setting(
+        services, tmp_path, existing):
+    # Faust creates its table changelogs and its leader-election topic as the worker starts: Kafka
+    # refused them with an error that did not name the variable, and the worker stopped with a
+    # traceback. Tansu reports one broker (and would have created them all the same).
+    group = f"ops-repl-{secrets.token_hex(4)}"
+    if existing == "changelog":  # only the leader-election topic is left to create
+        changelog = f"{group}-notification-groups-changelog"
+        asyncio.run(create_plain_topics(services.kafka_bootstrap_servers, {changelog: settings.topic_partitions}))
+    result = start_worker_until_it_exits({"TOPIC_REPLICATION_FACTOR": "2", "APP_ID": group,
+                                          "DATA_DIR": str(tmp_path / "worker"), "WEB_PORT": str(free_port())})
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().endswith(
+        "Invalid configuration:\n  TOPIC_REPLICATION_FACTOR: 2 is more than the 1 broker of the cluster at "
+        "KAFKA_BOOTSTRAP_SERVERS (no topic was created)"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_worker_whose_topics_all_exist_starts_whatever_its_replication_factor(services, start_worker):
+    # It creates nothing, and the factor never changes an existing topic: refusing would stop a
+    # worker that has nothing to do with it (a cluster shrunk since, a value meant for another).
+    group = f"ops-repl-{secrets.token_hex(4)}"
+    # What a worker of every role creates as it starts (alerting_app.kafka_admin.faust_topic_names).
+    asyncio.run(create_plain_topics(services.kafka_bootstrap_servers, {
+        f"{group}-notification-groups-changelog": settings.topic_partitions, f"{group}-__assignor-__leader": 1}))
+
+    worker = start_worker(APP_ID=group, TOPIC_REPLICATION_FACTOR="2")
+
+    assert readiness(worker.url)[0] == 200
 
 
 def test_a_waiting_worker_that_is_pid_1_stops_on_sigterm(tmp_path):
