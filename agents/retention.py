@@ -190,16 +190,27 @@ WITH forgotten AS (
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING {{key}}, client_id, version
+    RETURNING {{key}}, client_id, version, deleted_at
 )
 SELECT * FROM forgotten ORDER BY {{key}}
+"""
+# Every deletion forgotten was relayed before this: its deleted_at, plus the retention round within
+# which a deletion is dated again while it waits to be relayed (below). Workers trust their rule store
+# only if it read the topic up to a later time (migrations/011, tables/rule_replica.py `outdated`).
+# Raised, never lowered: a worker with a longer retention forgets older deletions.
+_RECORD_FORGOTTEN = f"""
+INSERT INTO forgotten_deletions (deletions, relayed_before)
+VALUES ($1, $2::timestamptz + make_interval(secs => {RETENTION_INTERVAL_S}))
+ON CONFLICT (deletions) DO UPDATE
+SET relayed_before = GREATEST(forgotten_deletions.relayed_before, EXCLUDED.relayed_before)
 """
 # The tombstone must come the retention after the delete was *relayed*, not only after it was made:
 # a worker's rule store is trusted for that long (tables/rule_replica.py `outdated`), and one
 # stopped before a delete that was relayed late, and so followed at once by its tombstone, could
 # find both compacted away. So a deletion still waiting to be relayed is dated again, every round
-# (RETENTION_INTERVAL_S), and is then dated within a round of its relaying. Normally the outbox is
-# empty and this touches nothing. In key order, SKIP LOCKED, as above.
+# (RETENTION_INTERVAL_S), and is then dated within a round of its relaying (which
+# `forgotten_deletions.relayed_before` counts on). Normally the outbox is empty and this touches
+# nothing. In key order, SKIP LOCKED, as above.
 _DATE_UNRELAYED_DELETIONS = f"""
 UPDATE {{table}} SET deleted_at = now() WHERE {{key}} IN (
     SELECT {{key}} FROM {{table}} WHERE {_UNRELAYED} ORDER BY {{key}} FOR UPDATE SKIP LOCKED
@@ -210,7 +221,8 @@ UPDATE {{table}} SET deleted_at = now() WHERE {{key}} IN (
 async def forget_deletions(pool: asyncpg.Pool, outbox: Outbox, table: str, older_than_s: float,
                            batch_size: int = PRUNE_BATCH_SIZE) -> int:
     """Forget the deletions in `table` made (or last seen waiting to be relayed) more than
-    `older_than_s` ago, queuing a tombstone for each on `outbox`, a batch per transaction; how many."""
+    `older_than_s` ago, queuing a tombstone for each on `outbox` and raising the table's
+    `forgotten_deletions.relayed_before` past them, a batch per transaction; how many."""
     names = {"table": table, "key": outbox.key_column, "outbox": outbox.table}
     await pool.execute(_DATE_UNRELAYED_DELETIONS.format(**names))
     statement = _FORGET_DELETIONS.format(**names)
@@ -219,6 +231,8 @@ async def forget_deletions(pool: asyncpg.Pool, outbox: Outbox, table: str, older
         async with pool.acquire() as conn, conn.transaction():
             deleted = await conn.fetch(statement, float(older_than_s), batch_size)
             await queue_tombstones(conn, outbox, deleted)
+            if deleted:
+                await conn.execute(_RECORD_FORGOTTEN, table, max(row["deleted_at"] for row in deleted))
         done = len(deleted)
         forgotten += done
         if done:

@@ -18,13 +18,13 @@ what it read in a local RocksDB store:
   start alike), the store is discarded and rebuilt from the topic. Compaction can also remove that
   last message (once a newer one of the same rule is written after it): the store is then rebuilt
   without need, which costs one read of the compacted topic and nothing else;
-- nor is a store used that had read the topic only up to longer ago than the replica keeps
-  deletions (DELETED_RULE_RETENTION_DAYS; a store of an older release, which did not record it,
-  neither): a delete relayed since was followed, that long after, by a null record for the rule
-  (agents/retention.py), and compaction may have removed both by now; a worker resuming from such
-  a store would never hear of the deletion and would match the rule for ever. It is discarded and
-  rebuilt from the topic, as above. The store records that time (`read_up_to`) when the replica
-  reaches the end offsets it saw at start, and every FORGET_INTERVAL_S after, while it keeps up.
+- nor is a store used that had read the topic only up to before a delete that retention has
+  since forgotten was relayed (a store of an older release, which did not record how far it had
+  read, neither): that delete was followed by a null record for the rule (agents/retention.py), and
+  compaction may have removed both by now; a worker resuming from such a store would never hear of
+  the deletion and would match the rule for ever. It is discarded and rebuilt from the topic, as
+  above (`outdated`). The store records that time (`read_up_to`) when the replica reaches the end
+  offsets it saw at start, and every FORGET_INTERVAL_S after, while it keeps up.
 
 Matching must not start before the replica has read up to the end offsets it saw at start-up
 (`wait_until_caught_up`), or alerts would be matched against a partial rule set. Nor may a
@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,11 +149,19 @@ class RuleStore:
         self._db.close()
 
 
+def _days_ago(at: float) -> str:
+    return f"{(time.time() - at) / 86_400:.1f}"
+
+
 def _stored_change(key: str, raw: object) -> RuleChanged:
     try:
         return RuleReplica.checked(decode(RuleChanged, raw))
     except UndecodableMessage as exc:
         raise UndecodableMessage(f"stored entry {key!r}: {exc}") from None
+
+
+async def _none_forgotten() -> float | None:
+    return None
 
 
 class RuleReplica(ChangelogReplica):
@@ -163,6 +171,15 @@ class RuleReplica(ChangelogReplica):
     name = "rule replica"
     index: RuleIndex
     filling: RuleIndex
+
+    def __init__(self, index: RuleIndex, *,
+                 forgotten_relayed_before: Callable[[], Awaitable[float | None]] = _none_forgotten,
+                 **kwargs: Any) -> None:
+        """`forgotten_relayed_before()`: a time (unix seconds) before which every delete that
+        retention has forgotten was relayed, None if it forgot none (Postgres's
+        `forgotten_deletions`, tables/rules.py); asked at each run's start."""
+        super().__init__(index, **kwargs)
+        self.forgotten_relayed_before = forgotten_relayed_before
 
     def load(self, store: RuleStore) -> tuple[RuleIndex, dict[int, int]]:
         """(a fresh index of the stored rules, the next offset per partition), or, when the store holds
@@ -193,24 +210,33 @@ class RuleReplica(ChangelogReplica):
         store.discard()
         return RuleIndex(), {}
 
-    def outdated(self, store: RuleStore) -> str | None:
+    def outdated(self, store: RuleStore, forgotten_relayed_before: float | None) -> str | None:
         """Why the store must not be used, for the deletions it may have missed; None if it may.
 
         A rule deleted while this worker was stopped is followed on the topic, once Postgres forgets
-        the deletion (`forget_deletions_after_s` after its delete was relayed), by a null record; compaction
-        then removes the delete, and the null after the topic's delete.retention.ms. A store that
-        had read the topic up to less than `forget_deletions_after_s` ago reads on from before the
-        delete was written, while the delete, or else the null, is still there. With deletions kept
-        for ever, no null is sent and every store may be used."""
-        if not self.forget_deletions_after_s or not store.offsets():
+        the deletion (DELETED_RULE_RETENTION_DAYS after its delete was relayed, by the setting of the
+        worker that runs the retention), by a null record; compaction then removes the delete, and
+        the null after the topic's delete.retention.ms. A store that had read the topic up to a time
+        after every delete retention has forgotten was relayed (`forgotten_relayed_before`, which
+        that retention records in Postgres) reads on from before any delete it missed, and that
+        delete is still there, as no null follows it yet: whatever DELETED_RULE_RETENTION_DAYS this
+        worker has. Its own (`forget_deletions_after_s`) covers a retention of an older release,
+        which records nothing, when the settings are equal: a store that had read the topic only up
+        to longer ago is not used either. With no deletion forgotten, every store may be used."""
+        kept_since = time.time() - self.forget_deletions_after_s if self.forget_deletions_after_s else None
+        if (forgotten_relayed_before is None and kept_since is None) or not store.offsets():
             return None
         read_up_to = store.read_up_to()
         if read_up_to is None:
             return "it does not record how far it had read (an older release wrote it)"
-        if time.time() - read_up_to > self.forget_deletions_after_s:
-            return (f"it had read the topic only up to {(time.time() - read_up_to) / 86_400:.1f} days ago, longer "
-                    f"ago than deletions are kept ({self.forget_deletions_after_s / 86_400:g} days): it may "
-                    "have missed a deletion and the null record after it, both compacted away since")
+        if forgotten_relayed_before is not None and read_up_to < forgotten_relayed_before:
+            return (f"it had read the topic only up to {_days_ago(read_up_to)} days ago, and a delete relayed "
+                    f"up to {_days_ago(forgotten_relayed_before)} days ago has been forgotten since (forgotten_deletions "
+                    "in Postgres): it may have missed that deletion and the null record after it, both compacted away")
+        if kept_since is not None and read_up_to < kept_since:
+            return (f"it had read the topic only up to {_days_ago(read_up_to)} days ago, longer ago than deletions "
+                    f"are kept ({self.forget_deletions_after_s / 86_400:g} days): it may have missed a deletion "
+                    "and the null record after it, both compacted away since")
         return None
 
     def reached_end_offsets(self) -> None:
@@ -224,7 +250,7 @@ class RuleReplica(ChangelogReplica):
 
     async def run(self, broker: Broker, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever, keeping the index and the store current."""
-        if (outdated := self.outdated(store)) is not None:
+        if (outdated := self.outdated(store, await self.forgotten_relayed_before())) is not None:
             log.warning("discarding the local rule store %s and rebuilding it from the topic: %s", store.path, outdated)
             store.discard()
         self.filling, offsets = self.load(store)

@@ -17,10 +17,14 @@ import time
 import uuid
 
 import aiohttp
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from agents.retention import forget_rule_deletions
 from alerting_app.contracts import RuleChanged, SilenceChanged
+from alerting_app.db import init_connection
+from test_rule_replica import CLIENT, store_dated, upsert
 
 pytestmark = pytest.mark.e2e
 
@@ -117,3 +121,36 @@ async def send_null(bootstrap: str, topic: str, key: str) -> None:
         await producer.send_and_wait(topic, value=None, key=key.encode())
     finally:
         await producer.stop()
+
+
+async def test_a_worker_keeping_deletions_longer_than_the_retention_rebuilds_a_store_that_may_have_missed_one(
+        services, clean_db, start_worker, tmp_path):
+    """The retention runs on a worker with DELETED_RULE_RETENTION_DAYS=1; this one keeps deletions 30
+    days, and its rule store had read `rule.changed` up to 3 days ago, before a delete relayed 2 days
+    ago that the retention has forgotten since: the delete and the null behind it may be compacted
+    away (here: neither is on the topic). Its own setting would trust the store for 30 days; what
+    Postgres recorded of the forgotten deletions makes it rebuild."""
+    group, ghost = f"deletions-forgotten-{secrets.token_hex(4)}", str(uuid.uuid4())
+    env = {"APP_ID": group, "DELETED_RULE_RETENTION_DAYS": "30", "DATA_DIR": str(tmp_path / "kept-data"),
+           "ROLES": "evaluate"}  # no relay of its own: the null below is never sent
+    kept = str(uuid.uuid4())  # read by the worker: its store holds an offset of the topic
+    await publish_dated(services.kafka_bootstrap_servers, "rule.changed", [(upsert(kept, 1), time.time())])
+    start_worker(**env).stop()
+    store_dated(tmp_path / "kept-data" / "rules" / group, time.time() - 3 * DAY_S, ghost=ghost)
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+    try:
+        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
+                           " VALUES ($1, $2, 2, now() - interval '2 days')", ghost, CLIENT)
+        assert await forget_rule_deletions(pool, 1 * DAY_S) == 1
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", ghost)  # its null: compacted away
+
+        restarted = start_worker(**env)
+    finally:
+        await pool.close()
+
+    assert "discarding the local rule store" in restarted.log()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{restarted.url}/api/v1/worker/rules",
+                            headers={"Authorization": f"Bearer {services.admin_token}"}) as response:
+            held = (await response.json())["versions"]
+    assert ghost not in held and held[kept] == 1

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from agents.retention import forget_rule_deletions, prune_notifications, prune_silences
+from agents.retention import RETENTION_INTERVAL_S, forget_rule_deletions, prune_notifications, prune_silences
 from agents.rule_outbox import RULE_OUTBOX, SILENCE_OUTBOX, Outbox, queue_current_rules, relay_pending, republish_rules
 from alerting_app import metrics
 from alerting_app.contracts import RuleChanged, SilenceChanged
@@ -414,3 +414,39 @@ def test_no_retention_or_two_days_or_more_is_accepted(monkeypatch, days):
     monkeypatch.setenv("NOTIFICATION_RETENTION_DAYS", days)
 
     assert load_settings().notification_retention_days == float(days)
+
+
+async def forgotten_relayed_before(pool) -> float | None:
+    return await pool.fetchval("SELECT extract(epoch FROM relayed_before)::float8 FROM forgotten_deletions"
+                               " WHERE deletions = 'deleted_rules'")
+
+
+async def dated(pool, rule_id: str) -> float:
+    return await pool.fetchval("SELECT extract(epoch FROM deleted_at)::float8 FROM deleted_rules WHERE rule_id = $1",
+                               rule_id)
+
+
+@AGENT_LOOP
+async def test_forgetting_records_a_round_after_the_newest_deletion_it_forgot_and_never_lowers_it(pool):
+    """Every worker trusts its rule store only if it read the topic past that time (tables/rule_replica.py
+    `outdated`), whatever DELETED_RULE_RETENTION_DAYS each has: a retention with a shorter one forgets
+    younger deletions, one with a longer one older deletions, which must not lower it."""
+    await pool.execute("DELETE FROM forgotten_deletions")
+    old, older, oldest = [await remembered_rule_deletion(pool, days_ago=days) for days in (3, 5, 40)]
+    deleted_at = {rule_id: await dated(pool, rule_id) for rule_id in (old, older, oldest)}
+    try:
+        await pool.execute("DELETE FROM deleted_rules WHERE rule_id = $1", oldest)  # not there yet
+        assert await forget_rule_deletions(pool, 4 * DAY_S) >= 1
+        assert await forgotten_relayed_before(pool) == pytest.approx(deleted_at[older] + RETENTION_INTERVAL_S)
+
+        assert await forget_rule_deletions(pool, 2 * DAY_S) >= 1
+        assert await forgotten_relayed_before(pool) == pytest.approx(deleted_at[old] + RETENTION_INTERVAL_S)
+
+        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
+                           " VALUES ($1, $2, 3, to_timestamp($3))", oldest, str(uuid.uuid4()), deleted_at[oldest])
+        assert await forget_rule_deletions(pool, 30 * DAY_S) >= 1
+        assert await remembered_rules(pool, [oldest]) == set()
+        assert await forgotten_relayed_before(pool) == pytest.approx(deleted_at[old] + RETENTION_INTERVAL_S)
+    finally:
+        await pool.execute("DELETE FROM deleted_rules WHERE rule_id = ANY($1::uuid[])", [old, older, oldest])
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, older, oldest])

@@ -14,13 +14,16 @@ import secrets
 import time
 import uuid
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
+from agents.retention import forget_rule_deletions
 from alerting_app.contracts import DeadLetter, Rule, RuleChanged
+from alerting_app.db import init_connection
 from alerting_app.matching import RuleIndex
 from alerting_app.sending import partition_for
 from alerting_app.embedded import free_port
@@ -28,6 +31,7 @@ from kafka_probe import caught_up, produce, read_topic
 from operations_support import start_tansu
 from tables.changelog_replica import BrokerTooSlow, keep_running, records_at
 from tables.rule_replica import RuleReplica, RuleStore
+from tables.rules import forgotten_rule_deletions_relayed_before
 from web.worker_state import rules_digest
 
 PARTITIONS = 3
@@ -65,8 +69,9 @@ class RecordingReplica(RuleReplica):
     """A rule replica that notes (partition, offset) of every record it reads from the topic, and
     keeps its dead letters (the app's producer is not running in these tests)."""
 
-    def __init__(self, index: RuleIndex, forget_deletions_after_s: float = 0) -> None:
-        super().__init__(index, on_dead_letters=self.collect, forget_deletions_after_s=forget_deletions_after_s)
+    def __init__(self, index: RuleIndex, forget_deletions_after_s: float = 0, **kwargs) -> None:
+        super().__init__(index, on_dead_letters=self.collect, forget_deletions_after_s=forget_deletions_after_s,
+                         **kwargs)
         self.read: list[tuple[int, int]] = []
         self.letters: list[DeadLetter] = []
 
@@ -747,3 +752,34 @@ async def test_a_store_that_read_the_topic_within_the_retention_or_with_deletion
     async with RunningReplica(services, topic, tmp_path / "store", replica) as restarted:
         assert rid("ghost") in restarted.index.rules(), "loaded from the store, which was kept"
         assert restarted.replica.read == [], "nothing read again"
+
+
+@pytest.mark.parametrize("read_days_ago, rebuilt", [(3, True), (1, False)])
+async def test_a_store_is_rebuilt_when_another_workers_retention_forgot_a_delete_it_may_have_missed(
+        services, topic, tmp_path, clean_db, read_days_ago, rebuilt):
+    """The retention runs on a worker with DELETED_RULE_RETENTION_DAYS=1, this worker has 30: it must
+    go by the deletions Postgres forgot (migrations/011), not by its own setting. Its store read the
+    topic 3 days ago, before the delete (relayed 2 days ago) that was forgotten since; the delete and
+    its null may be compacted away (here: nothing of the ghost is on the topic)."""
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as running:
+        await publish(services, topic, *[upsert(rid(f"rule-{n}"), 1) for n in range(5)])
+        await running.wait_for_versions({rid(f"rule-{n}"): 1 for n in range(5)})
+    store_dated(tmp_path / "store", time.time() - read_days_ago * DAY_S, ghost=rid("ghost"))
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+    try:
+        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
+                           " VALUES ($1, $2, 2, now() - interval '2 days')", rid("ghost"), CLIENT)
+        assert await forget_rule_deletions(pool, 1 * DAY_S) == 1
+
+        replica = RecordingReplica(RuleIndex(), forget_deletions_after_s=30 * DAY_S,
+                                   forgotten_relayed_before=lambda: forgotten_rule_deletions_relayed_before(pool))
+        async with RunningReplica(services, topic, tmp_path / "store", replica) as restarted:
+            if rebuilt:
+                assert set(restarted.index.rules()) == {rid(f"rule-{n}") for n in range(5)}, "the ghost is not matched"
+                assert len(restarted.replica.read) == 5, "the topic read again from its start"
+            else:  # it read the topic after that delete was relayed: it has seen it
+                assert rid("ghost") in restarted.index.rules(), "loaded from the store, which was kept"
+                assert restarted.replica.read == [], "nothing read again"
+    finally:
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rid("ghost"))  # the null queued
+        await pool.close()
