@@ -222,7 +222,7 @@ class RuleReplica(ChangelogReplica):
         delete is still there, as no null follows it yet: whatever DELETED_RULE_RETENTION_DAYS this
         worker has. Its own (`forget_deletions_after_s`) covers a retention of an older release,
         which records nothing, when the settings are equal: a store that had read the topic only up
-        to longer ago is not used either. With no deletion forgotten, every store may be used."""
+        to longer ago is not used either. With deletions kept for ever everywhere, every store may be used."""
         kept_since = time.time() - self.forget_deletions_after_s if self.forget_deletions_after_s else None
         if (forgotten_relayed_before is None and kept_since is None) or not store.offsets():
             return None
