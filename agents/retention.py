@@ -196,7 +196,7 @@ SELECT * FROM forgotten ORDER BY {{key}}
 """
 # Every deletion forgotten was relayed before this: its deleted_at, plus the retention round within
 # which a deletion is dated again while it waits to be relayed (below). Workers trust their rule store
-# only if it read the topic up to a later time (migrations/011, tables/rule_replica.py `outdated`).
+# only if it read the topic up to a later time (migrations/012, tables/rule_replica.py `outdated`).
 # Raised, never lowered: a worker with a longer retention forgets older deletions.
 _RECORD_FORGOTTEN = f"""
 INSERT INTO forgotten_deletions (deletions, relayed_before)

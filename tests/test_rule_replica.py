@@ -758,7 +758,7 @@ async def test_a_store_that_read_the_topic_within_the_retention_or_with_deletion
 async def test_a_store_is_rebuilt_when_another_workers_retention_forgot_a_delete_it_may_have_missed(
         services, topic, tmp_path, clean_db, read_days_ago, rebuilt):
     """The retention runs on a worker with DELETED_RULE_RETENTION_DAYS=1, this worker has 30: it must
-    go by the deletions Postgres forgot (migrations/011), not by its own setting. Its store read the
+    go by the deletions Postgres forgot (migrations/012), not by its own setting. Its store read the
     topic 3 days ago, before the delete (relayed 2 days ago) that was forgotten since; the delete and
     its null may be compacted away (here: nothing of the ghost is on the topic)."""
     async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as running:
