@@ -4,7 +4,7 @@
 script (`answer(path, 500, 500, 200)`: one status per request, the last one repeating; 200 when
 unscripted), and a path can be held (`hold(path)`: requests wait, unanswered, until released).
 `SmtpServer` is aiosmtpd's SMTP server in its own thread, keeping every message it accepts; it can
-refuse a recipient (`refuse`) or answer slowly (`stall`).
+refuse a recipient (`refuse`), answer slowly (`stall`) or be slow to say goodbye (`stall_goodbye`).
 
 This module holds no tests.
 """
@@ -125,7 +125,7 @@ class Receiver:
 
 class _KeepMessages:
     """aiosmtpd handler: accepts mail, except from senders or to recipients given a reply in `replies`; waits
-    `stall_s` before answering MAIL, RCPT and DATA."""
+    `stall_s` before answering MAIL, RCPT and DATA, and `goodbye_stall_s` before answering QUIT."""
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
@@ -133,6 +133,7 @@ class _KeepMessages:
         self.received_at: list[float] = []  # for each message, time.monotonic() when its DATA was taken
         self.replies: dict[str, str | bytes] = {}
         self.stall_s = 0.0
+        self.goodbye_stall_s = 0.0
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802 (aiosmtpd's name)
         await asyncio.sleep(self.stall_s)
@@ -157,6 +158,10 @@ class _KeepMessages:
         self.over_tls.append(session.ssl is not None)
         self.received_at.append(time.monotonic())
         return "250 Message accepted for delivery"
+
+    async def handle_QUIT(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        await asyncio.sleep(self.goodbye_stall_s)
+        return "221 Bye"
 
 
 class SmtpServer:
@@ -209,3 +214,7 @@ class SmtpServer:
     def stall(self, seconds: float) -> None:
         """Wait `seconds` before each reply to MAIL, RCPT and DATA: a slow relay."""
         self._handler.stall_s = seconds
+
+    def stall_goodbye(self, seconds: float) -> None:
+        """Wait `seconds` before answering QUIT: a relay slow to close a conversation it is done with."""
+        self._handler.goodbye_stall_s = seconds

@@ -265,6 +265,42 @@ async def test_a_relay_that_answers_every_command_just_in_time_is_bounded_by_the
         assert smtp.messages == []
 
 
+async def test_a_message_the_relay_took_is_delivered_however_slow_the_relay_is_to_say_goodbye():
+    # The relay answered DATA with 250: the message is its. Before, the QUIT after it was still within
+    # SMTP_TIMEOUT_S, so a relay slow to answer QUIT made a delivered message a timeout, retried:
+    # the recipient got it again.
+    with SmtpServer() as smtp:
+        smtp.stall_goodbye(5)
+        settings = smtp_settings(smtp.port).model_copy(update={"smtp_timeout_s": 1})
+        await send_email(settings, "oncall@example.com", notification())
+        assert len(smtp.messages) == 1
+
+
+async def test_a_relay_that_stops_answering_is_left_at_the_timeout_not_asked_for_a_goodbye():
+    # Before, the timeout's cancellation went through aiosmtplib's `async with`, which then sent QUIT
+    # and waited for its answer for up to its per-command timeout: a hanging relay held each email
+    # send (its worker slot, its claim) for twice SMTP_TIMEOUT_S, and the claim, made to outlive one
+    # SMTP_TIMEOUT_S, could expire while the send still went on.
+    commands: list[bytes] = []
+
+    async def answer_until_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 relay.example\r\n")
+        while line := await reader.readline():
+            commands.append(line.split()[0].upper())
+            if commands[-1] in (b"EHLO", b"HELO", b"MAIL", b"RCPT"):
+                writer.write(b"250 OK\r\n")
+            # DATA and anything after it: never answered, as a relay that hangs
+
+    relay = await asyncio.start_server(answer_until_data, "127.0.0.1", 0)
+    try:
+        settings = smtp_settings(relay.sockets[0].getsockname()[1]).model_copy(update={"smtp_timeout_s": 1})
+        with pytest.raises(RetryableDeliveryError, match="timed out after 1s"):
+            await send_email(settings, "oncall@example.com", notification())
+        assert b"DATA" in commands and b"QUIT" not in commands, commands
+    finally:
+        relay.close()
+
+
 async def test_a_message_carries_the_date_and_a_message_id_that_every_attempt_repeats():
     # RFC 5322 requires Date; relays add neither header to mail from other hosts, and Gmail refuses
     # mail without a Message-ID. The same id on a retry lets mail clients recognise the copy.

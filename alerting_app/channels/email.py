@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from datetime import datetime, timezone
 from email.message import EmailMessage
@@ -79,24 +80,29 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
     except (ValueError, TypeError) as exc:
         # The same notification would make the same message again: not worth a retry.
         raise PermanentDeliveryError(f"the message could not be built: {type(exc).__name__}: {exc}") from None
+    relay = aiosmtplib.SMTP(
+        hostname=settings.smtp_host,
+        port=settings.smtp_port,
+        start_tls=start_tls(settings),
+        # Opportunistic TLS (no setting, no login) encrypts without checking whose certificate it
+        # is, as mail servers do with each other: a relay's self-signed certificate must not stop
+        # mail that would otherwise go in clear.
+        validate_certs=start_tls(settings) is not None,
+        cert_bundle=str(settings.smtp_ssl_cafile) if settings.smtp_ssl_cafile else None,
+        username=settings.smtp_user,
+        password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+        timeout=settings.smtp_timeout_s,
+    )
     try:
         # aiosmtplib's `timeout` bounds each command; SMTP_TIMEOUT_S is for the whole conversation,
         # so a relay answering every command just in time cannot hold a delivery for many times it.
+        # Not aiosmtplib.send: its `async with` sends QUIT after any failure but a lost connection,
+        # our timeout included, and waits for the answer (a hanging relay then held a send for
+        # twice SMTP_TIMEOUT_S); and its QUIT after the message counted within our timeout.
         async with asyncio.timeout(settings.smtp_timeout_s):
-            await aiosmtplib.send(
-                message,
-                hostname=settings.smtp_host,
-                port=settings.smtp_port,
-                start_tls=start_tls(settings),
-                # Opportunistic TLS (no setting, no login) encrypts without checking whose
-                # certificate it is, as mail servers do with each other: a relay's self-signed
-                # certificate must not stop mail that would otherwise go in clear.
-                validate_certs=start_tls(settings) is not None,
-                cert_bundle=str(settings.smtp_ssl_cafile) if settings.smtp_ssl_cafile else None,
-                username=settings.smtp_user,
-                password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-                timeout=settings.smtp_timeout_s,
-            )
+            await relay.connect()
+            await relay.send_message(message)
+        await _goodbye(relay)
     except aiosmtplib.SMTPRecipientsRefused as exc:
         # One recipient per message here; the reply the relay gave, not the exception's repr.
         refusal = min(exc.recipients, key=lambda refused: refused.code)
@@ -118,6 +124,19 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         # Connection refused or lost, timeouts, and a relay that lacks what the settings require
         # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.
         raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        relay.close()  # after a failure, without QUIT: nothing more is asked of a relay that failed
+
+
+# How long the QUIT after a message is waited for. The message is the relay's once it answered DATA
+# with 250: a goodbye it is slow to answer, or answers with an error, changes nothing.
+_GOODBYE_S = 1.0
+
+
+async def _goodbye(relay: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_GOODBYE_S):
+            await relay.quit()
 
 
 # RFC 4954 and 3207: 530 authentication (or STARTTLS) required, 534 mechanism too weak, 535
