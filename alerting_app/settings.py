@@ -235,6 +235,7 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = Field(default=300.0, gt=0, le=86_400)
     # Sends in flight per worker, per endpoint and per client (tenant) per worker: a hanging endpoint
     # holds at most its share, and a tenant whose many endpoints hang at most a quarter of the worker.
+    # The SMTP relay, where every tenant's email goes, counts as one endpoint.
     delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
     delivery_endpoint_concurrency: int = Field(default=16, ge=1, le=1_000)
     delivery_client_concurrency: int = Field(default=64, ge=1, le=10_000)

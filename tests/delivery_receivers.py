@@ -134,8 +134,10 @@ class _KeepMessages:
         self.replies: dict[str, str | bytes] = {}
         self.stall_s = 0.0
         self.goodbye_stall_s = 0.0
+        self.envelopes_begun = 0  # MAIL commands received, answered or not (a stalled send counts)
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802 (aiosmtpd's name)
+        self.envelopes_begun += 1
         await asyncio.sleep(self.stall_s)
         reply = self.replies.get(address)
         if reply is not None:
@@ -195,6 +197,11 @@ class SmtpServer:
     @property
     def messages(self) -> list[EmailMessage]:
         return self._handler.messages
+
+    @property
+    def envelopes_begun(self) -> int:
+        """How many messages were begun (MAIL received), including those the relay is stalling."""
+        return self._handler.envelopes_begun
 
     @property
     def over_tls(self) -> list[bool]:

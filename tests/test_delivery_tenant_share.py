@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from alerting_app.delivery import records
-from delivery_receivers import Receiver
+from delivery_receivers import Receiver, SmtpServer
 from test_agent_deliver import pending_notification
 from test_agent_support import AGENT_LOOP, insert_client, insert_endpoint, insert_rule, pipeline, pool  # noqa: F401
 
@@ -123,3 +123,51 @@ async def test_a_tenant_holding_its_backlog_of_deliveries_gets_no_more_and_anoth
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                [n.notification_id for n in (first, later, other)])
+
+
+async def test_a_hanging_smtp_relay_leaves_the_worker_room_for_another_tenants_webhook(pool, settings, monkeypatch):
+    """The relay is one destination for every tenant's email: it takes what one endpoint may take
+    of a worker (DELIVERY_ENDPOINT_CONCURRENCY), not every slot. Before, each tenant's email could
+    take its client's share, so a relay that hangs (ours, not a tenant's) filled the worker with
+    email sends of a few tenants, and every other tenant's webhook waited SMTP_TIMEOUT_S for a slot."""
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_concurrency", 2)
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    async with Receiver() as receiver:
+        with SmtpServer() as relay:
+            relay.stall(300)  # the sends hang for the whole test
+            monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+            monkeypatch.setattr(settings, "smtp_port", relay.port)
+            monkeypatch.setattr(settings, "smtp_starttls", False)
+            monkeypatch.setattr(settings, "smtp_timeout_s", 300.0)
+            notifications = []
+            for _ in range(2):  # two tenants' email: each within its own share of the worker
+                tenant = await insert_client(pool)
+                rule = await insert_rule(pool, tenant)
+                await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
+                notifications.append(await pending_notification(pool, tenant, [rule]))
+            other_tenant = await insert_client(pool)
+            other_rule = await insert_rule(pool, other_tenant)
+            await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
+            webhook_notification = await pending_notification(pool, other_tenant, [other_rule])
+            dispatcher = Dispatcher(settings)
+            try:
+                emails = await records.open_deliveries(pool, notifications, dispatcher.owner,
+                                                       settings.delivery_lease_s, [])
+                assert dispatcher.submit(emails) == []
+                async with asyncio.timeout(60):  # a guard against hanging only
+                    while relay.envelopes_begun < 1:
+                        await asyncio.sleep(0.01)
+                webhook_jobs = await records.open_deliveries(pool, [webhook_notification], dispatcher.owner,
+                                                             settings.delivery_lease_s, [])
+                assert dispatcher.submit(webhook_jobs) == []
+                # The webhook gets the worker's other slot (were both the relay's, it would wait for
+                # good, and the guard fail) ...
+                await receiver.wait_for_posts(1, "other", timeout=60)
+                # ... and the second email waits for the relay's slot, not at the relay.
+                assert relay.envelopes_begun == 1
+            finally:
+                await dispatcher.close()
+                await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                                   [n.notification_id for n in [*notifications, webhook_notification]])

@@ -98,15 +98,23 @@ class SendSlots:
     endpoint's slot: deliveries queued behind a hanging endpoint hold no tokens, so when it
     recovers they go out at its rate, not all at once. The client's slot: a tenant whose many
     endpoints hang fills its own share of the worker's slots, not all of them. The order of the
-    tokens between them: `_send_slots_with_tokens`.
+    tokens between them: `_send_slots_with_tokens`. An email takes the relay's slot after its
+    client's: what waits for a hanging relay holds its own tenant's share, not others'.
     """
 
     worker: asyncio.Semaphore
     endpoint: asyncio.Semaphore
     client: asyncio.Semaphore
+    # Email's only: the SMTP relay is one destination for every tenant's email, so its sends take
+    # what one endpoint may take of the worker. Without it a relay that hangs filled the worker with
+    # the sends of a few tenants' email, each within its client's share.
+    relay: asyncio.Semaphore | None = None
 
-    def for_the_send(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
-        return self.client, self.worker
+    def before_the_shared_token(self) -> tuple[asyncio.Semaphore, ...]:
+        return (self.client,) if self.relay is None else (self.client, self.relay)
+
+    def for_the_send(self) -> tuple[asyncio.Semaphore, ...]:
+        return *self.before_the_shared_token(), self.worker
 
 
 class AlreadySent(Exception):
@@ -277,8 +285,8 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own
     bucket and of the shared one (all email), where there are limits, taken for this send.
 
     In this order, each waited for while holding what comes before it: the endpoint's token (in
-    its turn: one delivery of the endpoint at a time takes one), the client's slot, the shared
-    token (in its turn), the worker's slot. So waiting for an endpoint's token holds nothing of its
+    its turn: one delivery of the endpoint at a time takes one), the client's slot, for email the
+    relay's slot, the shared token (in its turn), the worker's slot. So waiting for an endpoint's token holds nothing of its
     client's or of anyone's (a tenant's slow endpoint does not keep its own other endpoints, nor
     other tenants' email, waiting), and a tenant whose share is full does not hold the shared
     turn. The turns are kept until the worker's slot is held: the next delivery of the endpoint
@@ -298,8 +306,11 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own
 
 async def _client_then_shared(slots: SendSlots, rate_limits: RateLimits, shared: Bucket | None,
                               taken: list[tuple[str, float, float]]) -> None:
-    await slots.client.acquire()
+    acquired: list[asyncio.Semaphore] = []
     try:
+        for slot in slots.before_the_shared_token():
+            await slot.acquire()
+            acquired.append(slot)
         if shared is None:
             await _worker_slot_with_fresh_tokens(slots.worker, rate_limits, taken)
         else:
@@ -308,7 +319,8 @@ async def _client_then_shared(slots: SendSlots, rate_limits: RateLimits, shared:
                 taken.append((*shared, time.monotonic()))
                 await _worker_slot_with_fresh_tokens(slots.worker, rate_limits, taken)
     except BaseException:
-        slots.client.release()
+        for slot in acquired:
+            slot.release()
         raise
 
 

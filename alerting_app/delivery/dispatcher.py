@@ -1,8 +1,8 @@
 """The deliveries one worker holds, each run as a background task, within bounds.
 
 A delivery is held from its lease until its outcome is recorded. Bounds, all per worker: sends in
-flight (DELIVERY_CONCURRENCY), sends in flight per endpoint (DELIVERY_ENDPOINT_CONCURRENCY) and per
-client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held per endpoint (DELIVERY_ENDPOINT_BACKLOG) and
+flight (DELIVERY_CONCURRENCY), sends in flight per endpoint and to the SMTP relay (every email)
+(DELIVERY_ENDPOINT_CONCURRENCY) and per client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held per endpoint (DELIVERY_ENDPOINT_BACKLOG) and
 in all (DELIVERY_MAX_HELD). An endpoint that hangs or fails fills its own share only, a tenant whose
 endpoints all do its own: other deliveries start at once.
 What does not fit waits in Postgres, unleased, for the sweep.
@@ -44,6 +44,8 @@ class Dispatcher:
         self._worker_slots = asyncio.Semaphore(settings.delivery_concurrency)
         self._per_endpoint = _SlotsPerKey(settings.delivery_endpoint_concurrency)
         self._per_client = _SlotsPerKey(settings.delivery_client_concurrency)
+        # Every email goes to the one SMTP relay: it is one endpoint's worth of the worker's slots.
+        self._relay_slots = asyncio.Semaphore(settings.delivery_endpoint_concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
         self._sending: set[tuple[str, str]] = set()  # deliveries whose request may be on the wire
@@ -63,8 +65,9 @@ class Dispatcher:
                                         lambda: self._stopping, lambda job: endpoint_reads.read(job.endpoint_id))
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
+        email = job.endpoint is not None and job.endpoint.channel == "email"
         return SendSlots(self._worker_slots, self._per_endpoint.slots(job.endpoint_id),
-                         self._per_client.slots(job.notification.client_id))
+                         self._per_client.slots(job.notification.client_id), self._relay_slots if email else None)
 
     @contextmanager
     def _in_send(self, key: tuple[str, str]) -> Iterator[None]:
