@@ -94,15 +94,7 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         timeout=settings.smtp_timeout_s,
     )
     try:
-        # aiosmtplib's `timeout` bounds each command; SMTP_TIMEOUT_S is for the whole conversation,
-        # so a relay answering every command just in time cannot hold a delivery for many times it.
-        # Not aiosmtplib.send: its `async with` sends QUIT after any failure but a lost connection,
-        # our timeout included, and waits for the answer (a hanging relay then held a send for
-        # twice SMTP_TIMEOUT_S); and its QUIT after the message counted within our timeout.
-        async with asyncio.timeout(settings.smtp_timeout_s):
-            await relay.connect()
-            await relay.send_message(message)
-        await _goodbye(relay)
+        await _converse(relay, message, settings.smtp_timeout_s)
     except aiosmtplib.SMTPRecipientsRefused as exc:
         # One recipient per message here; the reply the relay gave, not the exception's repr.
         refusal = min(exc.recipients, key=lambda refused: refused.code)
@@ -124,19 +116,49 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         # Connection refused or lost, timeouts, and a relay that lacks what the settings require
         # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.
         raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
-    finally:
-        relay.close()  # after a failure, without QUIT: nothing more is asked of a relay that failed
+    _say_goodbye(relay)
+
+
+async def _converse(relay: aiosmtplib.SMTP, message: EmailMessage, timeout_s: float) -> None:
+    """Connect and send `message`, within `timeout_s` in all; after a failure the connection is
+    closed without QUIT, nothing more asked of a relay that failed.
+
+    aiosmtplib's `timeout` bounds each command; SMTP_TIMEOUT_S is for the whole conversation, so a
+    relay answering every command just in time cannot hold a delivery for many times it. Not
+    aiosmtplib.send: its `async with` sends QUIT after any failure but a lost connection, our
+    timeout included, and waits for the answer (a hanging relay held a send for twice
+    SMTP_TIMEOUT_S); and its QUIT after the message counted within our timeout (a relay slow to
+    answer it made a delivered message a timeout, and the delivery was retried).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await relay.connect()
+            await relay.send_message(message)
+    except BaseException:
+        relay.close()
+        raise
 
 
 # How long the QUIT after a message is waited for. The message is the relay's once it answered DATA
-# with 250: a goodbye it is slow to answer, or answers with an error, changes nothing.
+# with 250: the goodbye is said apart from the send, which is over, and whatever the relay answers
+# to it (or a worker stopping meanwhile) changes nothing.
 _GOODBYE_S = 1.0
+_goodbyes: set[asyncio.Task] = set()  # referenced while they run: asyncio keeps only weak references
+
+
+def _say_goodbye(relay: aiosmtplib.SMTP) -> None:
+    goodbye = asyncio.ensure_future(_goodbye(relay))
+    _goodbyes.add(goodbye)
+    goodbye.add_done_callback(_goodbyes.discard)
 
 
 async def _goodbye(relay: aiosmtplib.SMTP) -> None:
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_GOODBYE_S):
-            await relay.quit()
+    try:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_GOODBYE_S):
+                await relay.quit()
+    finally:
+        relay.close()
 
 
 # RFC 4954 and 3207: 530 authentication (or STARTTLS) required, 534 mechanism too weak, 535
