@@ -234,6 +234,20 @@ async def test_an_smtp_server_that_is_not_there_is_retryable():
         await send_email(smtp_settings(free_port()), "oncall@example.com", notification())
 
 
+async def test_a_relay_that_cannot_be_reached_is_not_named_to_the_tenant(caplog):
+    # The reason is the delivery's last_error, which the tenant reads (GET /api/v1/notifications).
+    # The relay is ours: its name, address and port are for the worker's log, as Redis's are. Before,
+    # aiosmtplib's "Error connecting to <SMTP_HOST> on port <port>: ... ('<address>', <port>)" was it.
+    port = free_port()
+    with pytest.raises(RetryableDeliveryError) as failure:
+        await send_email(smtp_settings(port), "oncall@example.com", notification())
+
+    reason = str(failure.value)
+    assert reason.startswith("could not connect to the SMTP relay: ConnectionRefusedError"), reason
+    assert "127.0.0.1" not in reason and str(port) not in reason, reason
+    assert f"Error connecting to 127.0.0.1 on port {port}" in caplog.text
+
+
 async def test_requiring_starttls_from_a_server_without_it_sends_nothing_in_clear():
     with SmtpServer() as smtp:
         settings = smtp_settings(smtp.port).model_copy(update={"smtp_starttls": True})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -15,6 +16,8 @@ from alerting_app.channels.errors import PermanentDeliveryError, RetryableDelive
 from alerting_app.channels.summary import describe, event_time, headline
 from alerting_app.contracts import NotificationReady
 from alerting_app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def email_message(notification: NotificationReady, sender: str, recipient: str) -> EmailMessage:
@@ -112,6 +115,17 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
     except TimeoutError:
         # Ours or one of aiosmtplib's per-command timeouts (SMTPTimeoutError is a TimeoutError too).
         raise RetryableDeliveryError(f"timed out after {settings.smtp_timeout_s:g}s") from None
+    except aiosmtplib.SMTPConnectError as exc:
+        # aiosmtplib's text names the relay's host, address and port: ours, not the tenant's, who
+        # reads the reason (the delivery's last_error). The kind of trouble, and a certificate
+        # check's verdict (e.g. CERTIFICATE_VERIFY_FAILED), are the tenant's; the rest goes to the log.
+        log.warning("email: %s", exc)
+        cause = exc.__cause__
+        kind = type(cause).__name__ if cause is not None else type(exc).__name__
+        verdict = getattr(cause, "reason", None)
+        raise RetryableDeliveryError(f"could not connect to the SMTP relay: {kind}"
+                                     f"{f' {verdict}' if isinstance(verdict, str) else ''}"
+                                     " (the platform's trouble, not the endpoint's)") from None
     except (aiosmtplib.SMTPException, OSError) as exc:
         # Connection refused or lost, timeouts, and a relay that lacks what the settings require
         # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.
