@@ -326,6 +326,27 @@ async def test_a_worker_whose_lease_ran_out_does_not_drop_the_new_holders_lease(
     assert (row["leased"], row["due"]) == (False, True)
 
 
+async def test_a_hand_back_that_sent_nothing_keeps_the_reason_the_delivery_is_not_sent_yet(clean_db, conn):
+    # A delivery that met another attempt's claim (a lease taken over mid-send, a dead worker's claim)
+    # hands itself back without an error of its own. Before, that wrote last_error NULL: the tenant
+    # saw a PENDING delivery with attempts and no reason why it is not sent yet.
+    notification_id, endpoint_id = await one_due_delivery(conn)
+    [_] = await lease_due(conn, "worker", 60.0, {}, backlog=10, limit=10)
+    await write_outcomes(conn, "worker", [DeliveryChange(notification_id, endpoint_id, "PENDING", 1, "HTTP 503",
+                                                         next_attempt_at=0.0)])
+
+    await write_outcomes(conn, "worker", [DeliveryChange(notification_id, endpoint_id, "PENDING",
+                                                         next_attempt_at=0.0, release=True)])
+
+    assert await conn.fetchval("SELECT last_error FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2",
+                               notification_id, endpoint_id) == "HTTP 503"
+    # A send clears it: a SENT delivery has no error left.
+    [_] = await lease_due(conn, "worker", 60.0, {}, backlog=10, limit=10)
+    await write_outcomes(conn, "worker", [DeliveryChange(notification_id, endpoint_id, "SENT", 1)])
+    assert await conn.fetchval("SELECT last_error FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2",
+                               notification_id, endpoint_id) is None
+
+
 async def test_renewing_leases_does_not_take_back_a_delivery_handed_back_meanwhile(clean_db, conn):
     # The sweep lists what it holds, then renews: a hand-back that lands in between must stay one.
     notification_id, endpoint_id = await one_due_delivery(conn)

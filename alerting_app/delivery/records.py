@@ -167,11 +167,13 @@ WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
 # was taken over, or a tenant's retry reopened the row since: retry_failed clears the holder; or
 # the recorder writing a batch again whose first commit was not acknowledged) it would end the
 # attempts of whoever holds the row now, so it leaves the row PENDING; the attempt still counts.
+# A PENDING without an error (a hand-back that met another attempt's claim: nothing was tried)
+# keeps the last one: it is still why the delivery is not sent yet. A SENT clears it.
 _WRITE = """
 UPDATE deliveries d SET
     status = CASE WHEN c.status = 'FAILED' AND d.leased_by IS DISTINCT FROM $10 THEN d.status ELSE c.status END,
     attempts = d.attempts + c.attempts,
-    last_error = c.last_error,
+    last_error = CASE WHEN c.status = 'PENDING' THEN coalesce(c.last_error, d.last_error) ELSE c.last_error END,
     first_attempt_at = coalesce(d.first_attempt_at, to_timestamp(c.first_attempt_at)),
     last_attempt_at = coalesce(to_timestamp(c.last_attempt_at), d.last_attempt_at),
     next_attempt_at = CASE WHEN d.leased_by = $10 THEN coalesce(to_timestamp(c.next_attempt_at), d.next_attempt_at)
