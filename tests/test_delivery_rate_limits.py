@@ -112,6 +112,33 @@ async def test_a_rate_raised_while_a_delivery_waits_for_its_token_reaches_it(ser
         await asyncio.wait_for(limits.take_in_turn(bucket, slow, read_at=time.monotonic()), 1.0)
 
 
+async def test_a_delivery_that_waited_its_turn_reads_its_endpoint_before_it_waits_a_step(services, monkeypatch):
+    # A slow endpoint's backlog queues for the bucket's turn, each delivery behind the one before it.
+    # When the tenant disables or deletes the endpoint, each learns it from its read: before, each
+    # waited a whole step (RATE_RECHECK_S) after taking the turn before reading, so a held backlog of
+    # 1,000 took 1,000 steps, 83 minutes, to fail, holding its places in the worker all that time.
+    from alerting_app.delivery import rate_limits as module
+
+    class Gone(Exception):
+        pass
+
+    monkeypatch.setattr(module, "RATE_RECHECK_S", 600.0)
+    limits = rate_limits(services.redis_url, burst_s=1.0)
+    bucket, slow = f"endpoint:{uuid.uuid4()}", 1 / 3600
+    await limits.take_in_turn(bucket, slow)  # the bucket's one token
+
+    async def gone() -> float | None:
+        raise Gone()
+
+    async with asyncio.timeout(30):  # a guard: a step is 600 s here
+        with pytest.raises(Gone):
+            # Its endpoint read more than a step ago (it waited for the turn that long).
+            await limits.take_in_turn(bucket, slow, gone, read_at=time.monotonic() - 3600)
+    # One read a moment ago waits its step first, as before: its read is news enough.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(limits.take_in_turn(bucket, slow, gone, read_at=time.monotonic()), 1.0)
+
+
 async def test_a_rate_read_is_kept_only_while_the_buckets_turn_is_held_or_awaited(services, monkeypatch):
     # Not one entry per endpoint ever rate-changed, for the worker's lifetime.
     from alerting_app.delivery import rate_limits as module
