@@ -171,3 +171,60 @@ async def test_a_hanging_smtp_relay_leaves_the_worker_room_for_another_tenants_w
                 await dispatcher.close()
                 await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                    [n.notification_id for n in [*notifications, webhook_notification]])
+
+
+async def test_a_slow_endpoints_backlog_waits_in_postgres_leaving_the_worker_room_for_other_tenants(
+        pool, settings, monkeypatch, clean_db):
+    """A rate-limited endpoint is held no more than its rate sends in ENDPOINT_HELD_RATE_S (at least
+    its send slots): the rest of its backlog waits in Postgres, unleased, not in the worker. Before,
+    an endpoint at 0.001/s held DELIVERY_ENDPOINT_BACKLOG (1,000) deliveries, each waiting up to
+    11 days for its token; four tenants with five such endpoints held all 20,000 places of every
+    worker, and every other tenant's notifications waited in Postgres for days. (Here: two slow
+    tenants, a worker of four places.)"""
+    from agents.deliver import start_deliveries
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_max_held", 4)
+    monkeypatch.setattr(settings, "delivery_client_backlog", 2)
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    async with Receiver() as receiver:
+        # The first send of each slow endpoint hangs for the whole test: each holds one delivery
+        # in flight, and its next waits 1,000 s for its token.
+        hung = [receiver.hold(f"slow-{n}") for n in range(2)]
+        slow = []
+        for n in range(2):
+            tenant = await insert_client(pool)
+            rule = await insert_rule(pool, tenant)
+            endpoint = await insert_endpoint(pool, tenant, rule, "webhook", receiver.url(f"slow-{n}"))
+            await pool.execute("UPDATE endpoints SET rate_limit_per_s = 0.001 WHERE endpoint_id = $1", endpoint)
+            slow += [await pending_notification(pool, tenant, [rule]) for _ in range(2)]
+        other_tenant = await insert_client(pool)
+        other_rule = await insert_rule(pool, other_tenant)
+        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
+        other = await pending_notification(pool, other_tenant, [other_rule])
+        dispatcher = Dispatcher(settings)
+        try:
+            started = await start_deliveries(pool, dispatcher, slow)
+            # One of each slow endpoint: 0.001/s sends none in 10 s, and its one send slot is the least.
+            assert len(started) == 2
+            async with asyncio.timeout(60):  # a guard against hanging only
+                while sum(len(receiver.posts_to(f"slow-{n}")) for n in range(2)) < 2:
+                    await asyncio.sleep(0.01)
+            started = await start_deliveries(pool, dispatcher, [other])
+
+            assert [job.notification.notification_id for job in started] == [other.notification_id]
+            await receiver.wait_for_posts(1, "other", timeout=10.0)
+            unleased = await pool.fetchval(
+                "SELECT count(*) FROM deliveries WHERE notification_id = ANY($1::uuid[]) AND lease_until IS NULL",
+                [n.notification_id for n in slow])
+            assert unleased == 2
+            jobs = await records.lease_due(pool, dispatcher.owner, settings.delivery_lease_s,
+                                           dispatcher.held_per_endpoint(), settings.delivery_endpoint_backlog, 10,
+                                           dispatcher.held_per_client(), settings.delivery_client_backlog)
+            assert jobs == []  # nor does the sweep take them while their endpoints hold their share
+        finally:
+            for held in hung:
+                held.set()
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in (*slow, other)])

@@ -2,15 +2,17 @@
 
 A delivery is held from its lease until its outcome is recorded. Bounds, all per worker: sends in
 flight (DELIVERY_CONCURRENCY), sends in flight per endpoint and to the SMTP relay (every email)
-(DELIVERY_ENDPOINT_CONCURRENCY) and per client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held per endpoint (DELIVERY_ENDPOINT_BACKLOG) and
-in all (DELIVERY_MAX_HELD). An endpoint that hangs or fails fills its own share only, a tenant whose
-endpoints all do its own: other deliveries start at once.
+(DELIVERY_ENDPOINT_CONCURRENCY) and per client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held
+per endpoint (DELIVERY_ENDPOINT_BACKLOG, fewer for a slow rate: ENDPOINT_HELD_RATE_S), per client
+(DELIVERY_CLIENT_BACKLOG) and in all (DELIVERY_MAX_HELD). An endpoint that hangs or fails fills its
+own share only, a tenant whose endpoints all do its own: other deliveries start at once.
 What does not fit waits in Postgres, unleased, for the sweep.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import secrets
 import socket
@@ -30,6 +32,11 @@ from alerting_app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A rate-limited endpoint is held no more than its rate sends in this many seconds (at least its
+# send slots, at most DELIVERY_ENDPOINT_BACKLOG); the rest of its backlog waits in Postgres. Held, a
+# delivery only waits for its token: at 0.001/s, 1,000 held deliveries held their places in the
+# worker for up to 11 days, and four tenants with five such endpoints held all of them.
+ENDPOINT_HELD_RATE_S = 10.0
 _CLOSE_WRITE_TIMEOUT_S = 10.0
 # How long a stop waits at most for sends in flight: their own timeout, but not past this.
 _CLOSE_SEND_GRACE_MAX_S = 30.0
@@ -43,6 +50,9 @@ class Dispatcher:
         self._held: dict[tuple[str, str], asyncio.Task] = {}
         self._worker_slots = asyncio.Semaphore(settings.delivery_concurrency)
         self._per_endpoint = _SlotsPerKey(settings.delivery_endpoint_concurrency)
+        # How many deliveries of each endpoint held here it may have (`held_at_most`), as its latest
+        # job read its rate; kept while any is held.
+        self._endpoint_held_at_most: dict[str, int] = {}
         self._per_client = _SlotsPerKey(settings.delivery_client_concurrency)
         # Every email goes to the one SMTP relay: it is one endpoint's worth of the worker's slots.
         self._relay_slots = asyncio.Semaphore(settings.delivery_endpoint_concurrency)
@@ -83,9 +93,23 @@ class Dispatcher:
         """How many more deliveries this worker takes now."""
         return max(0, self.settings.delivery_max_held - len(self._held))
 
+    def held_at_most(self, job: DeliveryJob) -> int:
+        """How many deliveries of `job`'s endpoint this worker may hold: DELIVERY_ENDPOINT_BACKLOG, or
+        for a rate-limited endpoint what its rate sends in ENDPOINT_HELD_RATE_S, if fewer (at least
+        its send slots)."""
+        settings, endpoint = self.settings, job.endpoint
+        rate = settings.endpoint_rate_limit_per_s
+        if endpoint is not None and endpoint.rate_limit_per_s is not None:
+            rate = endpoint.rate_limit_per_s
+        if rate <= 0:
+            return settings.delivery_endpoint_backlog
+        return min(settings.delivery_endpoint_backlog,
+                   max(settings.delivery_endpoint_concurrency, math.ceil(rate * ENDPOINT_HELD_RATE_S)))
+
     def full_endpoints(self) -> list[str]:
         """Endpoints this worker holds as many deliveries of as it may: lease no more of them."""
-        return self._per_endpoint.holding_at_least(self.settings.delivery_endpoint_backlog)
+        return [endpoint_id for endpoint_id, held in self._per_endpoint.held.items()
+                if held >= self._endpoint_held_at_most[endpoint_id]]
 
     def full_clients(self) -> list[str]:
         """Clients (tenants) this worker holds as many deliveries of as it may: lease no more of them."""
@@ -96,8 +120,12 @@ class Dispatcher:
         return dict(self._per_client.held)
 
     def held_per_endpoint(self) -> dict[str, int]:
-        """How many deliveries this worker holds per endpoint (only endpoints it holds any of)."""
-        return dict(self._per_endpoint.held)
+        """How many deliveries this worker holds per endpoint (only endpoints it holds any of), as
+        the sweep counts them against DELIVERY_ENDPOINT_BACKLOG: a rate-limited endpoint's places
+        that its rate does not give it count as held, so the sweep leases no more than its room."""
+        backlog = self.settings.delivery_endpoint_backlog
+        return {endpoint_id: held + backlog - self._endpoint_held_at_most[endpoint_id]
+                for endpoint_id, held in self._per_endpoint.held.items()}
 
     def held_keys(self) -> list[tuple[str, str]]:
         """The deliveries whose leases this worker renews: those in hand, and those whose outcome
@@ -113,11 +141,13 @@ class Dispatcher:
         for job in jobs:
             if job.key in self._held:
                 continue  # already in hand here (a redelivered message)
+            held_at_most = self.held_at_most(job)
             if (len(self._held) >= self.settings.delivery_max_held
-                    or self._per_endpoint.held.get(job.endpoint_id, 0) >= self.settings.delivery_endpoint_backlog
+                    or self._per_endpoint.held.get(job.endpoint_id, 0) >= held_at_most
                     or self._per_client.held.get(job.notification.client_id, 0) >= self.settings.delivery_client_backlog):
                 refused.append(job)
                 continue
+            self._endpoint_held_at_most[job.endpoint_id] = held_at_most
             self._per_endpoint.hold(job.endpoint_id)
             self._per_client.hold(job.notification.client_id)
             self._held[job.key] = asyncio.ensure_future(self._run(job))
@@ -131,6 +161,8 @@ class Dispatcher:
         finally:
             del self._held[job.key]
             self._per_endpoint.let_go(job.endpoint_id)
+            if job.endpoint_id not in self._per_endpoint.held:
+                del self._endpoint_held_at_most[job.endpoint_id]
             self._per_client.let_go(job.notification.client_id)
             if not self._held:
                 self._idle.set()
