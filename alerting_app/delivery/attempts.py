@@ -286,10 +286,10 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own
 
     In this order, each waited for while holding what comes before it: the endpoint's token (in
     its turn: one delivery of the endpoint at a time takes one), the client's slot, for email the
-    relay's slot, the shared token (in its turn), the worker's slot. So waiting for an endpoint's token holds nothing of its
-    client's or of anyone's (a tenant's slow endpoint does not keep its own other endpoints, nor
-    other tenants' email, waiting), and a tenant whose share is full does not hold the shared
-    turn. The turns are kept until the worker's slot is held: the next delivery of the endpoint
+    relay's slot, the shared token (in its turn), the worker's slot. So waiting for an endpoint's
+    token holds nothing of its client's or of anyone's (a tenant's slow endpoint does not keep its
+    own other endpoints, nor other tenants' email, waiting), and a tenant whose share is full does
+    not hold the shared turn. The turns are kept until the worker's slot is held: the next delivery of the endpoint
     takes no token while this one waits for a full worker, or the tokens taken meanwhile would
     all be spent the moment slots freed up, a burst over the rate.
     """
