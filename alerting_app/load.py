@@ -1,4 +1,5 @@
-"""The `seed`, `produce-alerts` and `republish-rules` commands: data in, outside any worker."""
+"""The `seed`, `produce-alerts` and `republish-rules` commands, and what `up` puts back on a new
+broker: data in, outside any worker."""
 from __future__ import annotations
 
 import asyncio
@@ -7,11 +8,13 @@ import time
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from agents.aggregate import mark_emitted
 from agents.rule_outbox import republish_all_rules
 from alerting_app.db import init_connection
 from alerting_app.kafka_connection import Broker, client_args
 from alerting_app.migrate import naming_the_server
 from alerting_app.seed import SeedReport, alert_stream, seed
+from tables.group_records import NOTIFICATION_READY_COLUMNS, notification_ready
 
 
 async def _pool(database_url: str) -> asyncpg.Pool:
@@ -34,6 +37,54 @@ async def republish(database_url: str, queue_all=republish_all_rules) -> int:
         return await queue_all(pool)
     finally:
         await pool.close()
+
+
+# PENDING without a single delivery row: its notifications.ready message was never taken in (the
+# deliver stage opens a row per endpoint, or settles the notification, as soon as it takes it in).
+# A page at a time, in notification_id order.
+_UNDELIVERED = f"""
+SELECT {NOTIFICATION_READY_COLUMNS}
+FROM notifications n
+WHERE status = 'PENDING' AND notification_id > $1::uuid
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.notification_id)
+ORDER BY notification_id
+LIMIT $2
+"""
+_UNDELIVERED_PAGE = 1000
+
+
+async def emit_undelivered_notifications(database_url: str, broker: Broker) -> tuple[int, list[str]]:
+    """Send every notification still PENDING without a delivery to notifications.ready again, and mark
+    it emitted; return how many were sent, and the ids of those whose row cannot be read (left as they are).
+
+    For a new broker (`up`'s embedded one keeps messages in memory): the messages of those
+    notifications went with the old one, so nothing would ever deliver or settle them, and, the
+    notification being the deduplication record, the alert would never be notified again. Taking
+    one in twice sends nothing twice (agents/deliver.py).
+    """
+    pool = await _pool(database_url)
+    producer = AIOKafkaProducer(**client_args(broker), acks="all")
+    sent, unreadable = 0, []
+    try:
+        await producer.start()
+        after = "00000000-0000-0000-0000-000000000000"
+        while rows := await pool.fetch(_UNDELIVERED, after, _UNDELIVERED_PAGE):
+            after = rows[-1]["notification_id"]
+            ready = []
+            for row in rows:
+                try:
+                    ready.append(notification_ready(row))
+                except (KeyError, TypeError, ValueError):  # edited by hand (no alert, no rule): not ours to guess
+                    unreadable.append(row["notification_id"])
+            acks = [await producer.send("notifications.ready", key=notification.client_id.encode(),
+                                        value=notification.encode()) for notification in ready]
+            await asyncio.gather(*acks)
+            await mark_emitted(pool, [notification.notification_id for notification in ready])
+            sent += len(ready)
+    finally:
+        await producer.stop()
+        await pool.close()
+    return sent, unreadable
 
 
 async def produce_alerts(broker: Broker, *, count: int, rate: float, random_seed: int = 7,

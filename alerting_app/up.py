@@ -31,7 +31,7 @@ from alerting_app.dependencies import (DependencyState, broker_topics_missing, p
 from alerting_app.healthcheck import worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
-from alerting_app.load import republish
+from alerting_app.load import emit_undelivered_notifications, republish
 from alerting_app.migrate import apply_migrations
 from alerting_app.settings import COMMAND_BROKER_TIMEOUT_S, Settings, without_passwords
 from alerting_app.startup_wait import aiokafka_quiet, refuse_misconfigured, retry_delays
@@ -287,6 +287,12 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     if "silence.changed" in report.created:
         count = asyncio.run(republish(env["DATABASE_URL"], republish_all_silences))
         print(f"silences queued for silence.changed from Postgres: {count}", flush=True)
+    if "notifications.ready" in report.created:
+        count, unreadable = asyncio.run(emit_undelivered_notifications(env["DATABASE_URL"], broker))
+        print(f"notifications sent again to notifications.ready from Postgres (pending, no delivery opened): "
+              f"{count}", flush=True)
+        if unreadable:
+            print(f"left pending, their rows cannot be read: {', '.join(unreadable)}", flush=True)
 
 
 def discard_table_state_of_another_broker(data_dir: Path) -> None:

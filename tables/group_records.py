@@ -184,10 +184,13 @@ async def listing_of(conn: asyncpg.Connection | asyncpg.Pool, due: DueGroup, sil
     return closing.listing()
 
 
+# A notification's columns as `notification_ready` rebuilds its message from them.
+NOTIFICATION_READY_COLUMNS = """notification_id::text, client_id::text, alerts, rule_ids::text[],
+       extract(epoch FROM created_at)::float8 AS created_at, truncated_alerts, group_rule_id::text"""
+
 # What to emit: the rows as stored, so a group closed again after a crash emits what it first built.
-_UNEMITTED_GROUPS = """
-SELECT notification_id::text, client_id::text, alerts, rule_ids::text[],
-       extract(epoch FROM created_at)::float8 AS created_at, truncated_alerts, group_rule_id::text
+_UNEMITTED_GROUPS = f"""
+SELECT {NOTIFICATION_READY_COLUMNS}
 FROM notifications WHERE notification_id = ANY($1::uuid[]) AND NOT emitted
 """
 
@@ -264,9 +267,12 @@ def refused_letter(due: DueGroup, exc: Exception) -> DeadLetter:
 async def unemitted_groups(conn: asyncpg.Connection | asyncpg.Pool,
                            notification_ids: Sequence[str]) -> list[NotificationReady]:
     """The closed groups among these whose notification was inserted but not emitted yet."""
-    rows = await conn.fetch(_UNEMITTED_GROUPS, list(notification_ids))
-    return [NotificationReady(notification_id=row["notification_id"], client_id=row["client_id"],
-                              alerts=[Alert.from_stored(alert) for alert in row["alerts"]],
-                              rule_ids=row["rule_ids"], created_at=row["created_at"],
-                              truncated_alerts=row["truncated_alerts"], group_rule_id=row["group_rule_id"])
-            for row in rows]
+    return [notification_ready(row) for row in await conn.fetch(_UNEMITTED_GROUPS, list(notification_ids))]
+
+
+def notification_ready(row: asyncpg.Record) -> NotificationReady:
+    """The `notifications.ready` message of a notification row (read with NOTIFICATION_READY_COLUMNS)."""
+    return NotificationReady(notification_id=row["notification_id"], client_id=row["client_id"],
+                             alerts=[Alert.from_stored(alert) for alert in row["alerts"]],
+                             rule_ids=row["rule_ids"], created_at=row["created_at"],
+                             truncated_alerts=row["truncated_alerts"], group_rule_id=row["group_rule_id"])

@@ -5,7 +5,10 @@ changelogs; Faust refuses to start on table state that remembers offsets past th
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import uuid
 
 from alerting_app.embedded import EmbeddedServices
 from alerting_app.settings import Settings
@@ -35,6 +38,73 @@ def test_the_table_state_is_kept_for_the_same_broker_and_removed_for_a_new_one(s
     assert not (data_dir / "faust").exists()
     # The rule store checks by itself which broker it read (tables/rule_replica.py).
     assert rule_store_file.exists()
+
+
+async def _notification(conn, client_id: str, *, status: str = "PENDING", emitted: bool = True,
+                        alerts: str | None = None, delivery: str | None = None, group_rule_id: str | None = None) -> str:
+    """A notifications row, with one delivery row in status `delivery` (None: no delivery opened)."""
+    notification_id = str(uuid.uuid4())
+    alert = {"alert_id": f"alert-{notification_id}", "event_ts": 1700000000.0, "severity": "HIGH",
+             "source": "payments", "name": "CheckoutLatency"}
+    await conn.execute(
+        "INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, status, emitted,"
+        " truncated_alerts, group_rule_id) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)",
+        notification_id, client_id, alert["alert_id"], alerts or json.dumps([alert]), [uuid.uuid4()], status,
+        emitted, 3 if group_rule_id else 0, group_rule_id)
+    if delivery is not None:
+        await conn.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status)"
+                           " VALUES ($1, $2, 'webhook', $3)", notification_id, uuid.uuid4(), delivery)
+    return notification_id
+
+
+def test_a_new_broker_gets_the_notifications_whose_deliveries_were_never_opened(services, tmp_path, capsys):
+    # The embedded broker keeps messages in memory: a notification emitted to notifications.ready
+    # but not yet taken in by the deliver stage when `up` stopped (or inserted and not yet emitted)
+    # stayed PENDING for ever after the next start, nothing left to deliver or settle it, and its
+    # alert, deduplicated by it, was never notified again.
+    import asyncpg
+
+    from kafka_probe import read_topic
+
+    async def insert() -> dict[str, str]:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            client_id = str(uuid.uuid4())
+            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
+                               client_id, uuid.uuid4().hex)
+            return {
+                "client_id": client_id,
+                "emitted": await _notification(conn, client_id),
+                "not emitted": await _notification(conn, client_id, emitted=False),
+                "group": await _notification(conn, client_id, emitted=False, group_rule_id=str(uuid.uuid4())),
+                "being delivered": await _notification(conn, client_id, delivery="PENDING"),
+                "settled": await _notification(conn, client_id, status="SENT", delivery="SENT"),
+                "unreadable": await _notification(conn, client_id, alerts="[{}]"),
+            }
+        finally:
+            await conn.close()
+
+    async def emitted(ids: list[str]) -> dict[str, bool]:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            return {str(row[0]): row[1] for row in await conn.fetch(
+                "SELECT notification_id, emitted FROM notifications WHERE notification_id = ANY($1::uuid[])", ids)}
+        finally:
+            await conn.close()
+
+    ids = asyncio.run(insert())
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as new_broker:
+        env.update(new_broker.start(postgres=False, redis=False))
+        _prepare(env, Settings())
+        messages = [json.loads(value) for _, value in
+                    asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], "notifications.ready"))]
+
+    ours = {message["notification_id"]: message for message in messages if message["client_id"] == ids["client_id"]}
+    assert set(ours) == {ids["emitted"], ids["not emitted"], ids["group"]}
+    assert ours[ids["group"]]["truncated_alerts"] == 3 and ours[ids["group"]]["alerts"][0]["source"] == "payments"
+    assert asyncio.run(emitted([ids["not emitted"], ids["group"]])) == {ids["not emitted"]: True, ids["group"]: True}
+    assert f"left pending, their rows cannot be read: {ids['unreadable']}" in capsys.readouterr().out
 
 
 def test_a_second_up_on_the_same_data_dir_stops_at_once_and_says_why(services, tmp_path):
