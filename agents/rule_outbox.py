@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import asyncpg
 from faust.types import TopicT
@@ -172,6 +172,14 @@ async def republish_rules(pool: asyncpg.Pool, rule_ids: list[str] | None) -> int
 async def queue_current_rules(conn: asyncpg.Connection, rule_ids: list[str] | None) -> int:
     """Queue these rules' current versions and remembered deletions (None: all of them) for
     rule.changed, inside the caller's transaction; return how many events."""
+    events = await current_rule_events(conn, rule_ids)
+    await _queue(conn, RULE_OUTBOX, events)
+    return len(events)
+
+
+async def current_rule_events(conn: asyncpg.Connection, rule_ids: list[str] | None) -> list[RuleChanged]:
+    """These rules' current versions and remembered deletions (None: all of them), as rule.changed
+    events, read inside the caller's transaction."""
     only = _ONLY.format(key="rule_id")
     # FOR SHARE: a change in flight commits first and is read at its new version, and a later
     # one waits for this transaction, so no rule is queued here at an older version behind a
@@ -188,8 +196,7 @@ async def queue_current_rules(conn: asyncpg.Connection, rule_ids: list[str] | No
                # (agents/retention.py), which must not come before this queues the deletion again.
                for row in await conn.fetch("SELECT rule_id, client_id, version FROM deleted_rules"
                                            f" WHERE {only} ORDER BY rule_id FOR SHARE", rule_ids)]
-    await _queue(conn, RULE_OUTBOX, events)
-    return len(events)
+    return events
 
 
 async def republish_all_silences(pool: asyncpg.Pool) -> int:
@@ -210,6 +217,13 @@ async def republish_silences(pool: asyncpg.Pool, silence_ids: list[str] | None) 
 
 async def queue_current_silences(conn: asyncpg.Connection, silence_ids: list[str] | None) -> int:
     """`queue_current_rules` for silences and silence.changed."""
+    events = await current_silence_events(conn, silence_ids)
+    await _queue(conn, SILENCE_OUTBOX, events)
+    return len(events)
+
+
+async def current_silence_events(conn: asyncpg.Connection, silence_ids: list[str] | None) -> list[SilenceChanged]:
+    """`current_rule_events` for silences and silence.changed."""
     only = _ONLY.format(key="silence_id")
     rows = await conn.fetch(f"SELECT {SILENCE_COLUMNS} FROM silences WHERE {only} ORDER BY silence_id FOR SHARE",
                             silence_ids)
@@ -218,11 +232,37 @@ async def queue_current_silences(conn: asyncpg.Connection, silence_ids: list[str
                               version=row["version"], action="delete")
                for row in await conn.fetch("SELECT silence_id, client_id, version FROM deleted_silences"
                                            f" WHERE {only} ORDER BY silence_id FOR SHARE", silence_ids)]
-    await _queue(conn, SILENCE_OUTBOX, events)
-    return len(events)
+    return events
 
 
 _QUEUE_CURRENT = {RULE_OUTBOX.table: queue_current_rules, SILENCE_OUTBOX.table: queue_current_silences}
+_CURRENT_EVENTS = {RULE_OUTBOX.table: current_rule_events, SILENCE_OUTBOX.table: current_silence_events}
+
+
+async def publish_current_to_new_topic(pool: asyncpg.Pool, outbox: Outbox,
+                                       send: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]) -> int:
+    """For `outbox`'s topic just created (empty: `alerting-app up`'s in-memory broker is new at
+    each start): every current event of its kind, and every remembered deletion, sent at once with
+    `send` (keyed messages; it returns once the broker acknowledged them all), in place of what the
+    outbox holds, which they supersede; return how many events.
+
+    Queued for the relay instead (`republish_all_rules`), they reached the topic only once a worker
+    was running, its replica already caught up with the near-empty topic: for seconds (a minute
+    for a million rules) it matched alerts against part of the rules, and `up` said it was ready.
+    On the topic before any worker starts, they are read in full before matching begins.
+
+    Under the relay's lock, so no relay sends meanwhile. The outbox rows read first are deleted
+    once the events are acknowledged: each is superseded by the current state read after it (FOR
+    SHARE: a change in flight commits first). A row committed since stays, for the relay to send
+    after these, as the newer version it is.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await lock_relay(conn, outbox)
+        superseded = [row[0] for row in await conn.fetch(f"SELECT outbox_id FROM {outbox.table} FOR UPDATE")]
+        events = await _CURRENT_EVENTS[outbox.table](conn, None)
+        await send([(getattr(event, outbox.key_column).encode(), event.encode()) for event in events])
+        await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", superseded)
+    return len(events)
 
 
 def wake_up() -> None:

@@ -3,13 +3,15 @@ broker: data in, outside any worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from agents.aggregate import mark_emitted
-from agents.rule_outbox import republish_all_rules
+from agents.rule_outbox import Outbox, publish_current_to_new_topic, republish_all_rules
 from alerting_app.db import init_connection
 from alerting_app.kafka_connection import Broker, client_args
 from alerting_app.migrate import naming_the_server
@@ -62,11 +64,8 @@ async def emit_undelivered_notifications(database_url: str, broker: Broker) -> t
     notification being the deduplication record, the alert would never be notified again. Taking
     one in twice sends nothing twice (agents/deliver.py).
     """
-    pool = await _pool(database_url)
-    producer = AIOKafkaProducer(**client_args(broker), acks="all")
     sent, unreadable = 0, []
-    try:
-        await producer.start()
+    async with _pool_and_producer(database_url, broker) as (pool, producer):
         after = "00000000-0000-0000-0000-000000000000"
         while rows := await pool.fetch(_UNDELIVERED, after, _UNDELIVERED_PAGE):
             after = rows[-1]["notification_id"]
@@ -76,15 +75,36 @@ async def emit_undelivered_notifications(database_url: str, broker: Broker) -> t
                     ready.append(notification_ready(row))
                 except (KeyError, TypeError, ValueError):  # edited by hand (no alert, no rule): not ours to guess
                     unreadable.append(row["notification_id"])
-            acks = [await producer.send("notifications.ready", key=notification.client_id.encode(),
-                                        value=notification.encode()) for notification in ready]
-            await asyncio.gather(*acks)
+            await _send_all(producer, "notifications.ready",
+                            [(notification.client_id.encode(), notification.encode()) for notification in ready])
             await mark_emitted(pool, [notification.notification_id for notification in ready])
             sent += len(ready)
+    return sent, unreadable
+
+
+async def publish_current_state(database_url: str, broker: Broker, outbox: Outbox) -> int:
+    """Every rule (RULE_OUTBOX) or silence (SILENCE_OUTBOX) Postgres holds, and every deletion it
+    remembers, put on the topic just created for them (`publish_current_to_new_topic`); how many."""
+    async with _pool_and_producer(database_url, broker) as (pool, producer):
+        return await publish_current_to_new_topic(
+            pool, outbox, lambda messages: _send_all(producer, outbox.topic.get_topic_name(), messages))
+
+
+@contextlib.asynccontextmanager
+async def _pool_and_producer(database_url: str, broker: Broker) -> AsyncIterator[tuple[asyncpg.Pool, AIOKafkaProducer]]:
+    pool = await _pool(database_url)
+    producer = AIOKafkaProducer(**client_args(broker), acks="all")
+    try:
+        await producer.start()
+        yield pool, producer
     finally:
         await producer.stop()
         await pool.close()
-    return sent, unreadable
+
+
+async def _send_all(producer: AIOKafkaProducer, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    """Send keyed messages, in order, and return once the broker acknowledged every one."""
+    await asyncio.gather(*[await producer.send(topic, key=key, value=value) for key, value in messages])
 
 
 async def produce_alerts(broker: Broker, *, count: int, rate: float, random_seed: int = 7,

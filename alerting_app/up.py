@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Awaitable, Callable
 
-from agents.rule_outbox import republish_all_silences
+from agents.rule_outbox import RULE_OUTBOX, SILENCE_OUTBOX
 from alerting_app.data_dir import create_data_dir, hold_data_dir_lock
 from alerting_app.embedded import (ChildProcess, EmbeddedServices, lock_holder, port_accepts,
                                    process_alive)
@@ -31,7 +31,7 @@ from alerting_app.dependencies import (DependencyState, broker_topics_missing, p
 from alerting_app.healthcheck import worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
-from alerting_app.load import emit_undelivered_notifications, republish
+from alerting_app.load import emit_undelivered_notifications, publish_current_state
 from alerting_app.migrate import apply_migrations
 from alerting_app.settings import COMMAND_BROKER_TIMEOUT_S, Settings, without_passwords
 from alerting_app.startup_wait import aiokafka_quiet, refuse_misconfigured, retry_delays
@@ -281,12 +281,13 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     print(f"topics created: {', '.join(report.created) or 'none (all present)'}", flush=True)
     if "rule.changed" in report.created:
         discard_table_state_of_another_broker(Path(env["DATA_DIR"]))
-        # A new (or restarted in-memory) broker: put the rules Postgres holds back on the topic.
-        count = asyncio.run(republish(env["DATABASE_URL"]))
-        print(f"rules queued for rule.changed from Postgres: {count}", flush=True)
-    if "silence.changed" in report.created:
-        count = asyncio.run(republish(env["DATABASE_URL"], republish_all_silences))
-        print(f"silences queued for silence.changed from Postgres: {count}", flush=True)
+    # A new (or restarted in-memory) broker: the rules and silences Postgres holds go back on their
+    # topics before the worker starts, so that it matches no alert before it holds them all.
+    for outbox, kind in ((RULE_OUTBOX, "rules"), (SILENCE_OUTBOX, "silences")):
+        topic = outbox.topic.get_topic_name()
+        if topic in report.created:
+            count = asyncio.run(publish_current_state(env["DATABASE_URL"], broker, outbox))
+            print(f"{kind} put on {topic} from Postgres: {count}", flush=True)
     if "notifications.ready" in report.created:
         count, unreadable = asyncio.run(emit_undelivered_notifications(env["DATABASE_URL"], broker))
         print(f"notifications sent again to notifications.ready from Postgres (pending, no delivery opened): "

@@ -40,6 +40,59 @@ def test_the_table_state_is_kept_for_the_same_broker_and_removed_for_a_new_one(s
     assert rule_store_file.exists()
 
 
+def test_a_new_broker_holds_every_rule_and_silence_before_the_worker_starts(services, tmp_path):
+    # Queued for the relay, the rules reached the new broker only once the worker ran, its rule
+    # replica already caught up with the near-empty topic: `up` said "ready" while the worker held
+    # 6,898 of 50,005 seeded rules, and matched alerts against those alone.
+    import asyncpg
+
+    from alerting_app.contracts import Rule, RuleChanged
+    from kafka_probe import read_topic
+
+    async def insert() -> dict[str, str]:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            ids = {name: str(uuid.uuid4()) for name in ("client", "rule", "silence")}
+            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
+                               ids["client"], uuid.uuid4().hex)
+            await conn.execute("INSERT INTO rules (rule_id, client_id, severity, source, name, version)"
+                               " VALUES ($1, $2, 'HIGH', 'payments', '*', 2)", ids["rule"], ids["client"])
+            # Its version 1, queued by the API and not relayed when the last run stopped.
+            version_1 = RuleChanged.upsert(Rule(rule_id=ids["rule"], client_id=ids["client"], severity="HIGH",
+                                                source="payments", name="*", enabled=False, version=1))
+            await conn.execute("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2::jsonb)", ids["rule"],
+                               version_1.model_dump_json())
+            await conn.execute("INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at,"
+                               " ends_at, comment, created_by) VALUES ($1, $2, '*', 'payments', '*', now(),"
+                               " now() + interval '1 day', 'maintenance', 'ops')", ids["silence"], ids["client"])
+            return ids
+        finally:
+            await conn.close()
+
+    async def queued(rule_id: str) -> int:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM rule_outbox WHERE rule_id = $1", rule_id)
+        finally:
+            await conn.close()
+
+    ids = asyncio.run(insert())
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as new_broker:
+        env.update(new_broker.start(postgres=False, redis=False))
+        _prepare(env, Settings())
+        on_topics = {topic: [json.loads(value) for key, value in
+                             asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], topic)) if key == ids[kind].encode()]
+                     for topic, kind in (("rule.changed", "rule"), ("silence.changed", "silence"))}
+
+    [rule] = on_topics["rule.changed"]
+    assert (rule["action"], rule["version"], rule["rule"]["enabled"]) == ("upsert", 2, True)
+    [silence] = on_topics["silence.changed"]
+    assert silence["action"] == "upsert" and silence["silence"]["comment"] == "maintenance"
+    # The stale version 1 it supersedes is not relayed after it (compaction would keep that one).
+    assert asyncio.run(queued(ids["rule"])) == 0
+
+
 async def _notification(conn, client_id: str, *, status: str = "PENDING", emitted: bool = True,
                         alerts: str | None = None, delivery: str | None = None, group_rule_id: str | None = None) -> str:
     """A notifications row, with one delivery row in status `delivery` (None: no delivery opened)."""
