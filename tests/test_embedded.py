@@ -101,6 +101,29 @@ def test_second_user_of_a_folder_is_refused(service_folder):
             EmbeddedServices(service_folder).start(kafka=False, postgres=False)
 
 
+def test_a_restart_listens_on_the_same_ports_unless_one_was_taken_meanwhile(service_folder):
+    # A new port at each run: the addresses `up` printed (its "Try it" lines, a worker or a psql
+    # started beside it) pointed at nothing after a restart, or at whatever had taken the port.
+    def run() -> dict[str, str]:
+        with EmbeddedServices(service_folder) as services:
+            urls = services.start()
+            with redis.Redis.from_url(urls["REDIS_URL"]) as client:
+                assert client.ping()
+            return urls
+
+    first = run()
+    assert run() == first
+
+    redis_port = int(first["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", redis_port))
+        taken.listen()
+        third = run()
+    assert third["REDIS_URL"] != first["REDIS_URL"]
+    assert {name: third[name] for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")} == {
+        name: first[name] for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on Linux parent-death signals")
 def test_run_after_a_killed_run_starts_cleanly(service_folder):
     folder = service_folder
@@ -125,15 +148,6 @@ def test_run_after_a_killed_run_starts_cleanly(service_folder):
     assert _processes_using(folder) == []
 
 
-def _binds(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def test_free_port_within_a_range_offers_each_free_port_once_before_any_again(monkeypatch):
     # The range the test session gives each pytest-xdist process: a port another part of this process
     # picked, and has not bound yet, is not offered again at once; a port in use is never offered.
@@ -146,7 +160,7 @@ def test_free_port_within_a_range_offers_each_free_port_once_before_any_again(mo
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", first + 3))
         taken.listen()
-        free = {port for port in range(first, last + 1) if _binds(port)}
+        free = {port for port in range(first, last + 1) if embedded.port_free(port)}
         monkeypatch.setattr(embedded, "PORT_RANGE", (first, last))
         monkeypatch.setattr(embedded, "_ranged_ports", None)
         offered = [embedded.free_port() for _ in free]
