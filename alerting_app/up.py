@@ -143,7 +143,9 @@ def _lock_data_dir(data_dir: Path) -> IO:
     The worker holds the lock too (it inherits the file), so it is free only once both are gone.
     An `up` killed outright (kill -9) leaves its worker stopping on its own for a few seconds: a
     new run waits for that, rather than clearing the table state under it and starting a second
-    worker beside it. Another `up` still running is refused at once.
+    worker beside it. Another `up` still running is refused at once, and so is an `alerting-app
+    worker` started by hand on the folder: `up` went on to remove its table state under it, and
+    only then did its own worker stop, finding the folder in use.
     """
     path = data_dir / ".up.lock"
     deadline = None
@@ -159,6 +161,14 @@ def _lock_data_dir(data_dir: Path) -> IO:
             raise SystemExit(f"DATA_DIR {data_dir} is still held by the worker of a run that ended "
                              f"{_PREVIOUS_WORKER_STOP_S:.0f}s ago (its `alerting-app worker` process); stop it.")
         time.sleep(0.2)
+    # Free now unless a worker of no `up` holds it (one of an `up` holds that `up`'s lock too).
+    worker_lock = hold_data_dir_lock(data_dir, ".worker.lock")
+    if worker_lock is None:
+        lock_file.close()
+        holder = lock_holder(data_dir / ".worker.lock")
+        raise SystemExit(f"DATA_DIR {data_dir} is in use by an `alerting-app worker`"
+                         f"{f' (pid {holder})' if holder else ''}; stop it, or set DATA_DIR to another folder.")
+    worker_lock.close()  # for this run's worker to take
     return lock_file
 
 

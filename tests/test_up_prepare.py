@@ -181,6 +181,33 @@ def test_a_second_up_on_the_same_data_dir_stops_at_once_and_says_why(services, t
     assert not (data_dir / "worker.log").exists()
 
 
+def test_up_on_a_data_dir_a_worker_runs_on_stops_at_once_and_leaves_its_table_state(services, tmp_path):
+    # `up` removed the running worker's table state (a new broker's, as the embedded one is at
+    # each start), and only then did its own worker stop, finding the folder in use.
+    import fcntl
+    import subprocess
+
+    from alerting_app.embedded import free_port
+    from alerting_app.up import alerting_app_executable
+
+    data_dir = tmp_path / "data"
+    table_file = data_dir / "faust" / "v1" / "tables" / "CURRENT"
+    table_file.parent.mkdir(parents=True)
+    table_file.write_text("MANIFEST-000001\n")
+    environment = {name: value for name, value in os.environ.items() if name != "KAFKA_BOOTSTRAP_SERVERS"}
+    with open(data_dir / ".worker.lock", "w") as running:  # what `alerting-app worker` holds
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running.write("4242\n")
+        running.flush()
+        up = subprocess.run([alerting_app_executable(), "up"], capture_output=True, text=True, timeout=120,
+                            env={**environment, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port())})
+
+    assert up.returncode != 0
+    assert f"DATA_DIR {data_dir} is in use by an `alerting-app worker` (pid 4242)" in up.stderr, up.stderr
+    assert table_file.exists()
+    assert not (data_dir / "services").exists() and not (data_dir / "worker.log").exists()
+
+
 def test_the_generated_admin_token_is_kept_and_one_cut_short_is_replaced(tmp_path):
     from alerting_app.up import persistent_admin_token
 
