@@ -159,17 +159,23 @@ def _lock_data_dir(data_dir: Path) -> IO:
             deadline = time.monotonic() + _PREVIOUS_WORKER_STOP_S
         elif time.monotonic() > deadline:
             raise SystemExit(f"DATA_DIR {data_dir} is still held by the worker of a run that ended "
-                             f"{_PREVIOUS_WORKER_STOP_S:.0f}s ago (its `alerting-app worker` process); stop it.")
+                             f"{_PREVIOUS_WORKER_STOP_S:.0f}s ago (its `alerting-app worker` process"
+                             f"{_worker_pid(data_dir)}); stop it.")
         time.sleep(0.2)
     # Free now unless a worker of no `up` holds it (one of an `up` holds that `up`'s lock too).
     worker_lock = hold_data_dir_lock(data_dir, ".worker.lock")
     if worker_lock is None:
         lock_file.close()
-        holder = lock_holder(data_dir / ".worker.lock")
-        raise SystemExit(f"DATA_DIR {data_dir} is in use by an `alerting-app worker`"
-                         f"{f' (pid {holder})' if holder else ''}; stop it, or set DATA_DIR to another folder.")
+        raise SystemExit(f"DATA_DIR {data_dir} is in use by an `alerting-app worker`{_worker_pid(data_dir)}; "
+                         "stop it, or set DATA_DIR to another folder.")
     worker_lock.close()  # for this run's worker to take
     return lock_file
+
+
+def _worker_pid(data_dir: Path) -> str:
+    """", pid N" of the worker holding DATA_DIR, as it wrote it, or nothing."""
+    holder = lock_holder(data_dir / ".worker.lock")
+    return f", pid {holder}" if holder else ""
 
 
 def run_up(settings: Settings) -> int:

@@ -203,7 +203,7 @@ def test_up_on_a_data_dir_a_worker_runs_on_stops_at_once_and_leaves_its_table_st
                             env={**environment, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port())})
 
     assert up.returncode != 0
-    assert f"DATA_DIR {data_dir} is in use by an `alerting-app worker` (pid 4242)" in up.stderr, up.stderr
+    assert f"DATA_DIR {data_dir} is in use by an `alerting-app worker`, pid 4242;" in up.stderr, up.stderr
     assert table_file.exists()
     assert not (data_dir / "services").exists() and not (data_dir / "worker.log").exists()
 
@@ -252,13 +252,16 @@ def test_up_with_a_blank_admin_token_generates_one_and_a_closed_terminal_stops_i
     assert "Traceback" not in (data_dir / "worker.log").read_text()
 
 
-def test_after_up_is_killed_a_new_run_waits_for_its_worker_to_stop(services, tmp_path):
+def test_after_up_is_killed_a_new_run_waits_for_its_worker_to_stop(services, tmp_path, monkeypatch):
     # kill -9 of `up` leaves its worker stopping on its own (PR_SET_PDEATHSIG): a new run must not
     # clear the table state under it, nor start a second worker beside it, until it is gone.
     import signal
     import subprocess
     import threading
 
+    import pytest
+
+    from alerting_app import up as up_module
     from alerting_app.embedded import free_port, process_alive
     from alerting_app.up import _lock_data_dir, alerting_app_executable
 
@@ -280,6 +283,10 @@ def test_after_up_is_killed_a_new_run_waits_for_its_worker_to_stop(services, tmp
         next_run.start()
         next_run.join(2.0)
         assert not taken and process_alive(worker)  # waiting for the worker, not refused, not taken
+        # A worker that never stops is named, so that it can be stopped.
+        monkeypatch.setattr(up_module, "_PREVIOUS_WORKER_STOP_S", 0.0)
+        with pytest.raises(SystemExit, match=rf"the worker of a run that ended .*, pid {worker}\); stop it"):
+            _lock_data_dir(data_dir)
 
         os.kill(worker, signal.SIGCONT)  # it now stops, on the signal its parent's death sent
         next_run.join(60)
