@@ -207,6 +207,38 @@ async def test_endpoint_failing_every_attempt_is_failed_after_the_last_and_dead_
     assert letter["reason"].endswith("HTTP 503; FAILED after 4 attempt(s)")
 
 
+async def test_a_delivery_handed_back_for_each_retry_is_sent_each_attempt_once_then_failed_and_dead_lettered(
+        pool, dispatcher, receiver, quick_retries, alone_in_the_database, monkeypatch):
+    """Every retry handed back (attempts.HAND_BACK_AFTER_S at 0 here): the sweep takes the delivery
+    up again each time it is due, with its attempts counted, so the endpoint gets exactly
+    DELIVERY_MAX_ATTEMPTS posts, one per attempt, and the last ends it FAILED and dead-lettered as if
+    it had stayed in the worker."""
+    from alerting_app.delivery import attempts
+
+    monkeypatch.setattr(attempts, "HAND_BACK_AFTER_S", 0.0)
+    receiver.answer("hook", 503)
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+
+    await deliver(dispatcher, notification.encode())
+    # Handed back after its first attempt, released, due after its backoff.
+    assert await pool.fetchrow("SELECT status, attempts, lease_until IS NULL AS released FROM deliveries"
+                               " WHERE notification_id = $1", notification.notification_id) == ("PENDING", 1, True)
+    async with asyncio.timeout(30):  # a guard against hanging only
+        while (await notification_state(pool, notification.notification_id))[0] == "PENDING":
+            await sweep(pool, dispatcher)
+            await dispatcher.drained()
+            await asyncio.sleep(0.01)
+
+    assert len(receiver.posts) == quick_retries.delivery_max_attempts == 4
+    key = f"{notification.notification_id}:{endpoint}"
+    assert {post.headers["Idempotency-Key"] for post in receiver.posts} == {key}
+    assert await deliveries(pool, notification.notification_id) == {
+        endpoint: ("webhook", "FAILED", 4, "HTTP 503", True)}
+    [letter] = await sent_to("notifications.ready.dlq", client)
+    assert letter["reason"].endswith("HTTP 503; FAILED after 4 attempt(s)")
+
+
 async def test_a_send_that_raises_unexpectedly_is_failed_once_with_its_reason_and_dead_lettered(
         pool, dispatcher, receiver, monkeypatch):
     from alerting_app.delivery import attempts

@@ -93,7 +93,11 @@ async def test_a_stop_during_a_slow_post_records_it_sent_and_does_not_send_it_ag
 
 async def test_a_stop_hands_a_delivery_waiting_for_its_retry_back_at_once(pool, settings, receiver, opened, monkeypatch,
                                                                          caplog):
-    monkeypatch.setattr(settings, "delivery_backoff_initial_s", 30.0)
+    from alerting_app.delivery.attempts import HAND_BACK_AFTER_S
+
+    # A retry due within HAND_BACK_AFTER_S (here half of it, plus up to as much jitter) is waited
+    # for in the worker; a later one the delivery hands back itself, before any stop.
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", HAND_BACK_AFTER_S / 2)
     monkeypatch.setattr(settings, "delivery_backoff_max_s", 60.0)
     receiver.answer("failing", 503)
     dispatcher, notification = await delivering(pool, settings, opened, receiver.url("failing"))
@@ -111,8 +115,11 @@ async def test_a_stop_hands_a_delivery_waiting_for_its_retry_back_at_once(pool, 
     assert "sends still in flight" not in caplog.text
 
     row = await delivery_row(pool, notification.notification_id)
-    # Handed back (its lease let go, records.release): the next worker takes it up once its retry is due.
+    # Handed back (its lease let go, records.release): the next worker takes it up once its retry is due,
     assert (row["status"], row["attempts"], row["leased"]) == ("PENDING", 1, False)
+    # not before.
+    assert await pool.fetchval("SELECT next_attempt_at > now() FROM deliveries WHERE notification_id = $1",
+                               notification.notification_id)
 
 
 async def stopped_while_waiting_for_a_retry(pool, dispatcher, notification_id: str, attempts: int) -> float:
@@ -136,7 +143,9 @@ async def stopped_while_waiting_for_a_retry(pool, dispatcher, notification_id: s
 async def test_a_delivery_handed_back_at_a_stop_waits_out_its_retry_with_the_next_worker(
         pool, settings, receiver, opened, monkeypatch, answer, backoff_initial_s, retry_wait_s):
     """Handed back, it is anyone's, but only once its retry is due: not at once (the next worker's
-    sweep within a second, a Retry-After ignored across every rolling deploy)."""
+    sweep within a second, a Retry-After ignored across every rolling deploy). (A retry due this
+    late, beyond attempts.HAND_BACK_AFTER_S, is handed back by the delivery itself, before the stop;
+    one due sooner is handed back by the stop: the test above.)"""
     monkeypatch.setattr(settings, "delivery_backoff_initial_s", backoff_initial_s)
     monkeypatch.setattr(settings, "delivery_backoff_max_s", 60.0)
     receiver.answer("failing", answer)

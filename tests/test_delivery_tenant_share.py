@@ -228,3 +228,77 @@ async def test_a_slow_endpoints_backlog_waits_in_postgres_leaving_the_worker_roo
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                [n.notification_id for n in (*slow, other)])
+
+
+async def test_deliveries_whose_retry_is_due_later_wait_in_postgres_leaving_the_worker_room_for_another_tenant(
+        pool, settings, monkeypatch, clean_db):
+    """A delivery whose next retry is due later than HAND_BACK_AFTER_S waits for it in Postgres, not in
+    the worker: its failed attempt, when the next is due and its lease given up are written together,
+    and its place is free. Before, it held its place through its whole backoff (about 2 minutes by
+    default): four tenants whose many endpoints all answered 500 held every place of a worker
+    (DELIVERY_CLIENT_BACKLOG each, DELIVERY_MAX_HELD in all), and every other tenant's notifications
+    waited in Postgres for the few places that freed up. (Here: a worker of four places, two failing
+    tenants of two places each, each with more failing deliveries than that, every retry due 300 s
+    later.)"""
+    from agents.deliver import start_deliveries, sweep
+    from alerting_app.delivery.attempts import HAND_BACK_AFTER_S
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_max_held", 4)
+    monkeypatch.setattr(settings, "delivery_client_backlog", 2)
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", HAND_BACK_AFTER_S * 30)
+    monkeypatch.setattr(settings, "delivery_backoff_max_s", HAND_BACK_AFTER_S * 30)
+    async with Receiver() as receiver:
+        failing, failing_paths = [], []
+        for n in range(2):
+            tenant = await insert_client(pool)
+            rule = await insert_rule(pool, tenant)
+            for m in range(2):
+                failing_paths.append(f"failing-{n}-{m}")
+                receiver.answer(failing_paths[-1], 500)
+                await insert_endpoint(pool, tenant, rule, "webhook", receiver.url(failing_paths[-1]))
+            failing += [await pending_notification(pool, tenant, [rule]) for _ in range(3)]
+        other_tenant = await insert_client(pool)
+        other_rule = await insert_rule(pool, other_tenant)
+        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
+        other = await pending_notification(pool, other_tenant, [other_rule])
+        dispatcher = Dispatcher(settings)
+
+        async def sweeping() -> None:  # the worker's sweep loop, faster
+            while True:
+                await sweep(pool, dispatcher)
+                await asyncio.sleep(0.05)
+
+        sweeps = None
+        try:
+            # The failing tenants fill the worker: two places each, four in all.
+            assert len(await start_deliveries(pool, dispatcher, failing)) == 4
+            await start_deliveries(pool, dispatcher, [other])
+            sweeps = asyncio.ensure_future(sweeping())
+            # The other tenant's notification is delivered (were the failing deliveries held through
+            # their retries, no place would free up for 300 s, and the guard fail) ...
+            await receiver.wait_for_posts(1, "other", timeout=60)
+            # ... and every failing delivery made its first attempt, each handed back after it.
+            await receiver.wait_for_posts(len(failing) * 2 + 1, timeout=60)
+            sweeps.cancel()
+            await asyncio.gather(sweeps, return_exceptions=True)
+            await dispatcher.drained()
+
+            rows = await pool.fetch(
+                "SELECT status, attempts, lease_until IS NULL AS released,"
+                " next_attempt_at > now() + make_interval(secs => $2) AS retry_later"
+                " FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                [n.notification_id for n in failing], HAND_BACK_AFTER_S * 20)
+            # Each waits for its retry where the sweep finds it when due: its attempt counted, its
+            # backoff kept, its lease given up; no retry was sent early.
+            assert [tuple(row) for row in rows] == [("PENDING", 1, True, True)] * len(failing) * 2
+            assert [len(receiver.posts_to(path)) for path in failing_paths] == [3] * 4
+            assert await records.lease_due(pool, dispatcher.owner, settings.delivery_lease_s, {},
+                                           settings.delivery_endpoint_backlog, 10) == []
+        finally:
+            if sweeps is not None:
+                sweeps.cancel()
+                await asyncio.gather(sweeps, return_exceptions=True)
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in (*failing, other)])

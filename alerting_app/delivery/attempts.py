@@ -1,9 +1,10 @@
 """One delivery: take the endpoint's send slot, wait for a token, take the client's and a worker's
 send slots, claim the idempotency key, send, and retry what may succeed later.
 
-Retries follow tenacity: exponential backoff with jitter for retryable failures (a 429's or 503's
-Retry-After is waited when longer, up to DELIVERY_BACKOFF_MAX_S), at most DELIVERY_MAX_ATTEMPTS
-in all, counting the attempts an earlier worker made. Waiting for a retry holds no send slot;
+Retries: exponential backoff with jitter for retryable failures (a 429's or 503's Retry-After is
+waited when longer, up to DELIVERY_BACKOFF_MAX_S), at most DELIVERY_MAX_ATTEMPTS in all, counting
+the attempts an earlier worker made. A retry due within HAND_BACK_AFTER_S is waited for here; a
+later one is handed back to Postgres, for the sweep. Waiting for a retry holds no send slot;
 waiting for the endpoint's token holds the endpoint's slot only; no token is waited for while
 holding a worker slot.
 """
@@ -18,8 +19,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_base, wait_exponential_jitter
+from tenacity.wait import wait_exponential_jitter
 
 from alerting_app import metrics
 from alerting_app.channels.email import send_email
@@ -40,6 +40,15 @@ log = logging.getLogger(__name__)
 
 # A claim outlives its send by this much, so that only a dead holder's claim ever expires.
 _CLAIM_MARGIN_S = 5.0
+# A retry due later than this is not waited for in the worker: the delivery is handed back (its
+# failed attempt, when the next is due and its lease given up, in one write) and the sweep of any
+# worker takes it up when it is due. Waiting, it kept its place in the worker's bounds
+# (DELIVERY_ENDPOINT_BACKLOG, DELIVERY_CLIENT_BACKLOG, DELIVERY_MAX_HELD) through its whole backoff,
+# about 2 minutes under the default schedule: four tenants whose endpoints all failed held every
+# place of a worker, and other tenants' notifications waited in Postgres for the few that freed up.
+# Shorter waits are kept: handed back, a retry goes out up to a sweep late (DELIVERY_SWEEP_INTERVAL_S,
+# 1 s) and costs a sweep's read of its row and notification, too much for a wait of a second or two.
+HAND_BACK_AFTER_S = 10.0
 
 
 ENDPOINT_READ_TIMEOUT_S = 5.0
@@ -131,44 +140,35 @@ class ClaimedElsewhere(Exception):
         self.busy_for_s = busy_for_s
 
 
-class wait_backoff_or_retry_after(wait_base):  # noqa: N801  (tenacity's naming of wait strategies)
-    """Exponential backoff with jitter, or the endpoint's Retry-After when that is longer.
+class Backoff:
+    """Exponential backoff with jitter (tenacity's), or the endpoint's Retry-After when that is longer."""
 
-    `earlier_attempts` failed before tenacity took over (the first attempt runs without it), so
-    tenacity's attempt n is the delivery's attempt n + earlier_attempts.
-    """
-
-    def __init__(self, initial_s: float, max_s: float, earlier_attempts: int = 0) -> None:
+    def __init__(self, initial_s: float, max_s: float) -> None:
         self._backoff = wait_exponential_jitter(initial=initial_s, max=max_s, jitter=initial_s)
         self._max_s = max_s
-        self._earlier = earlier_attempts
 
     def after_attempt(self, attempt_number: int, failure: BaseException | None) -> float:
+        """The wait after the delivery's attempt `attempt_number` (1: its first) failed with `failure`."""
         backoff = self._backoff(_AttemptNumber(attempt_number))
         asked = getattr(failure, "retry_after", None)
         if asked is None:
             return backoff
         # Capped like the backoff: a Retry-After of years (or '9' * 400, infinity) would park the
-        # delivery, and its place in the endpoint's backlog, for good.
+        # delivery for good.
         return min(max(backoff, asked), self._max_s)
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        return self.after_attempt(retry_state.attempt_number + self._earlier, exc)
 
 
 @dataclass(frozen=True)
 class _AttemptNumber:
-    """All of a RetryCallState that tenacity's exponential wait reads."""
+    """All of a tenacity RetryCallState that its exponential wait reads."""
 
     attempt_number: int
 
 
 @functools.lru_cache(maxsize=64)
-def _backoff(initial_s: float, max_s: float, earlier_attempts: int) -> wait_backoff_or_retry_after:
-    # Built once per setting and attempt count: building it per delivery cost more than the rest of
-    # the retry logic.
-    return wait_backoff_or_retry_after(initial_s, max_s, earlier_attempts=earlier_attempts)
+def _backoff(initial_s: float, max_s: float) -> Backoff:
+    # Built once per setting: building it per delivery cost more than the rest of the retry logic.
+    return Backoff(initial_s, max_s)
 
 
 async def send(job: DeliveryJob, ctx: DeliveryContext) -> None:
@@ -411,11 +411,12 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
         return
 
-    def failed_attempt(failure: BaseException, wait_s: float) -> None:
+    def failed_attempt(failure: BaseException, wait_s: float, hand_back: bool = False) -> None:
         metrics.notifications_retried.labels(channel=channel).inc()
         # The retry's time goes into the row: a worker that stops (handing the delivery back) or
         # dies before it retries leaves the next one to wait for it too, Retry-After included.
-        record(PENDING, 1, str(failure), started, next_attempt_at=time.time() + wait_s)
+        # Handed back (HAND_BACK_AFTER_S), the lease is given up with it, in the same write.
+        record(PENDING, 1, str(failure), started, next_attempt_at=time.time() + wait_s, release=hand_back)
 
     async def attempt_once() -> None:
         nonlocal attempts_made, started
@@ -435,31 +436,25 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
             job = replace(job, endpoint=endpoint, read_at=time.monotonic())
 
     allowed = max(1, settings.delivery_max_attempts - job.attempts)
-    # A delivery taken up again (by a sweep) goes on with its schedule: its first attempt here is
-    # its attempt job.attempts + 1, and tenacity's attempt n is its attempt n + job.attempts + 1.
-    backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s, job.attempts + 1)
+    backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s)
     started = time.time()
     try:
-        try:
-            # The first attempt without the retry machinery: nearly every delivery needs no more,
-            # and a tenacity loop per delivery was a tenth of the worker's CPU.
-            await attempt_once()
-        except RetryableDeliveryError as failure:
-            if allowed == 1:
-                raise
-            wait_s = backoff.after_attempt(job.attempts + 1, failure)
-            failed_attempt(failure, wait_s)
-            await asyncio.sleep(wait_s)
-            async for retry in AsyncRetrying(
-                stop=stop_after_attempt(allowed - 1),
-                wait=backoff,
-                retry=retry_if_exception_type(RetryableDeliveryError),
-                before_sleep=lambda state: failed_attempt(state.outcome.exception(), state.next_action.sleep),
-                reraise=True,
-            ):
-                with retry:
-                    await endpoint_as_it_is_now()
-                    await attempt_once()
+        while True:
+            try:
+                await attempt_once()
+                break
+            except RetryableDeliveryError as failure:
+                if attempts_made >= allowed:
+                    raise
+                # A delivery taken up again goes on with its schedule: its attempts here follow
+                # the job.attempts recorded before.
+                wait_s = backoff.after_attempt(job.attempts + attempts_made, failure)
+                if wait_s > HAND_BACK_AFTER_S:
+                    failed_attempt(failure, wait_s, hand_back=True)
+                    return
+                failed_attempt(failure, wait_s)
+                await asyncio.sleep(wait_s)
+                await endpoint_as_it_is_now()
         record(SENT, 1, None, started)
     except WorkerStopping:
         pass  # the stop hands it back (Dispatcher.close), due when its last failed attempt said

@@ -1,8 +1,9 @@
 """The deliveries one worker holds, each run as a background task, within bounds.
 
-A delivery is held from its lease until its outcome is recorded. Bounds, all per worker: sends in
-flight (DELIVERY_CONCURRENCY), sends in flight per endpoint and to the SMTP relay (every email)
-(DELIVERY_ENDPOINT_CONCURRENCY) and per client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held
+A delivery is held from its lease until its outcome is recorded, or until it is handed back to
+wait in Postgres for a retry due later than attempts.HAND_BACK_AFTER_S. Bounds, all per worker:
+sends in flight (DELIVERY_CONCURRENCY), sends in flight per endpoint and to the SMTP relay (every
+email) (DELIVERY_ENDPOINT_CONCURRENCY) and per client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held
 per endpoint (DELIVERY_ENDPOINT_BACKLOG, fewer for a slow rate: ENDPOINT_HELD_RATE_S), per client
 (DELIVERY_CLIENT_BACKLOG) and in all (DELIVERY_MAX_HELD). An endpoint that hangs or fails fills its
 own share only, a tenant whose endpoints all do its own: other deliveries start at once.
