@@ -302,3 +302,64 @@ async def test_deliveries_whose_retry_is_due_later_wait_in_postgres_leaving_the_
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                [n.notification_id for n in (*failing, other)])
+
+
+async def test_a_delivery_whose_endpoint_becomes_email_while_it_waits_takes_the_relays_slot(pool, settings,
+                                                                                            monkeypatch):
+    """The tenant changes a webhook endpoint to email (PATCH) while a delivery waits for its send
+    slot: read again before the send, the endpoint is email, and the attempt begins again as an
+    email's, taking the SMTP relay's slot (and the all-email token), not sending past them; the
+    row's channel is the one it went by. Before, what it held had been taken for a webhook, and the
+    email went to the relay beside the relay's full share of sends."""
+    from alerting_app.delivery import attempts
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    monkeypatch.setattr(attempts, "ENDPOINT_RECHECK_S", 0.0)  # read again before every send, however short the wait
+    async with Receiver() as receiver:
+        with SmtpServer() as relay:
+            monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+            monkeypatch.setattr(settings, "smtp_port", relay.port)
+            monkeypatch.setattr(settings, "smtp_starttls", False)
+            answer = receiver.hold("hook")
+            tenant = await insert_client(pool)
+            rule = await insert_rule(pool, tenant)
+            endpoint = await insert_endpoint(pool, tenant, rule, "webhook", receiver.url("hook"))
+            notifications = [await pending_notification(pool, tenant, [rule]) for _ in range(2)]
+            dispatcher = Dispatcher(settings)
+            relay_slot_taken = False
+            try:
+                jobs = await records.open_deliveries(pool, notifications, dispatcher.owner,
+                                                     settings.delivery_lease_s, [])
+                assert dispatcher.submit(jobs) == []
+                # One sends, held by the endpoint; the other waits for the endpoint's one send slot.
+                await receiver.wait_for_posts(1, "hook", timeout=60)
+                # The relay's one slot is taken, as another tenant's email in flight takes it.
+                await dispatcher._relay_slots.acquire()
+                relay_slot_taken = True
+                await pool.execute("UPDATE endpoints SET type = 'email', value = 'ops@example.com'"
+                                   " WHERE endpoint_id = $1", endpoint)
+                answer.set()
+
+                def waiting_for_the_relay() -> bool:
+                    return bool(dispatcher._relay_slots._waiters)
+
+                async with asyncio.timeout(60):  # a guard against hanging only
+                    while not waiting_for_the_relay() and relay.envelopes_begun == 0:
+                        await asyncio.sleep(0.01)
+                assert relay.envelopes_begun == 0  # it waits for the relay's slot, not at the relay
+                dispatcher._relay_slots.release()
+                relay_slot_taken = False
+                await dispatcher.drained()
+
+                assert len(relay.messages) == 1 and len(receiver.posts_to("hook")) == 1
+                channels = await pool.fetch("SELECT channel, status FROM deliveries WHERE endpoint_id = $1"
+                                            " ORDER BY channel", endpoint)
+                assert [tuple(row) for row in channels] == [("email", "SENT"), ("webhook", "SENT")]
+            finally:
+                answer.set()
+                if relay_slot_taken:
+                    dispatcher._relay_slots.release()
+                await dispatcher.close()
+                await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                                   [n.notification_id for n in notifications])

@@ -134,6 +134,15 @@ class WorkerStopping(Exception):
     """The worker began to stop before this attempt's send: nothing was sent."""
 
 
+class ChannelChanged(Exception):
+    """Read again before the send, the endpoint has another type (PATCH): what the attempt holds was
+    taken for the old channel. Nothing was sent."""
+
+    def __init__(self, job: DeliveryJob) -> None:
+        super().__init__(f"endpoint {job.endpoint_id} is now {job.endpoint.channel}")
+        self.job = job  # with the endpoint as read
+
+
 class ClaimedElsewhere(Exception):
     def __init__(self, busy_for_s: float) -> None:
         super().__init__(f"claimed by another attempt for {busy_for_s:.1f}s more")
@@ -189,7 +198,8 @@ def _send_timeout_s(job: DeliveryJob, settings: Settings) -> float:
 
 
 async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
-    """One attempt; raises AlreadySent, ClaimedElsewhere, WorkerStopping or a DeliveryError when it did not send.
+    """One attempt; raises AlreadySent, ClaimedElsewhere, ChannelChanged, WorkerStopping or a DeliveryError
+    when it did not send.
 
     Any other exception of the send is a PermanentDeliveryError naming it: a message the code
     cannot format or send fails the same way on every retry. Exceptions before the send (Redis
@@ -204,7 +214,12 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     async with slots.endpoint:
         await _send_slots_with_tokens(slots, ctx.rate_limits, own, shared, lambda: _rate_now(job, ctx), job.read_at)
         try:
-            job = await _endpoint_before_send(job, ctx)
+            read_again = await _endpoint_before_send(job, ctx)
+            if read_again.endpoint.channel != endpoint.channel:
+                # The tenant changed the endpoint's type while this waited: an email takes the relay's
+                # slot and the all-email token, a webhook neither, so the attempt begins again.
+                raise ChannelChanged(read_again)
+            job = read_again
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
             if claim.state is claims.ClaimState.SENT:
                 raise AlreadySent()
@@ -391,13 +406,18 @@ def _failure_letter(job: DeliveryJob, reason: str, attempts: int) -> DeadLetter:
 async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     """Deliver `job`, retrying as the settings say, and record every attempt and the outcome."""
     settings, recorder = ctx.settings, ctx.recorder
-    channel = job.endpoint.channel if job.endpoint else "unknown"
+
+    def channel() -> str:
+        """The endpoint's type as last read: the tenant may change it (PATCH) while the delivery waits."""
+        return job.endpoint.channel if job.endpoint else "unknown"
 
     def record(status: str, attempts: int = 0, error: str | None = None, at: float | None = None, **extra) -> None:
         error = None if error is None else recordable(error)
-        change = DeliveryChange(*job.key, status, attempts, error, at, at, **extra)
+        # The row's channel is its latest attempt's.
+        attempted_by = job.endpoint.channel if attempts and job.endpoint else None
+        change = DeliveryChange(*job.key, status, attempts, error, at, at, channel=attempted_by, **extra)
         letter = _failure_letter(job, error or "", job.attempts + attempts_made) if status == FAILED else None
-        recorder.record(change, channel, letter)
+        recorder.record(change, channel(), letter)
 
     attempts_made = 0
     if job.resumed and await _marked_sent(job, ctx):
@@ -412,18 +432,23 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         return
 
     def failed_attempt(failure: BaseException, wait_s: float, hand_back: bool = False) -> None:
-        metrics.notifications_retried.labels(channel=channel).inc()
+        metrics.notifications_retried.labels(channel=channel()).inc()
         # The retry's time goes into the row: a worker that stops (handing the delivery back) or
         # dies before it retries leaves the next one to wait for it too, Retry-After included.
         # Handed back (HAND_BACK_AFTER_S), the lease is given up with it, in the same write.
         record(PENDING, 1, str(failure), started, next_attempt_at=time.time() + wait_s, release=hand_back)
 
     async def attempt_once() -> None:
-        nonlocal attempts_made, started
+        nonlocal attempts_made, started, job
         attempts_made += 1
         started = time.time()
         try:
-            await attempt(job, ctx)
+            while True:
+                try:
+                    await attempt(job, ctx)
+                    return
+                except ChannelChanged as changed:
+                    job = changed.job  # nothing was sent: again, taking what the new channel takes
         except EndpointGone:
             attempts_made -= 1  # found gone while it waited for its token, or before its send: nothing was sent
             raise
@@ -475,7 +500,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         # it (GET /api/v1/notifications), and Redis's message names our host and port ("Error 111
         # connecting to 10.0.3.4:6379"); the log line has the whole of it.
         log.exception("delivery %s to %s interrupted; retrying later", *job.key)
-        metrics.notifications_retried.labels(channel=channel).inc()
+        metrics.notifications_retried.labels(channel=channel()).inc()
         wait_s = backoff.after_attempt(max(1, job.attempts + attempts_made), None)
         record(PENDING, 1, f"before sending: {type(exc).__name__} (the platform's trouble, not the endpoint's)",
                started, next_attempt_at=time.time() + wait_s, release=True)

@@ -39,6 +39,7 @@ def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
         last_attempt_at=later.last_attempt_at or earlier.last_attempt_at,
         next_attempt_at=later.next_attempt_at,
         release=later.release,
+        channel=later.channel or earlier.channel,
     )
 
 

@@ -158,9 +158,10 @@ WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
   AND d.leased_by = $1 AND d.status = 'PENDING' AND d.lease_until IS NOT NULL
 """
 
-# What happened ($1-$7: status, attempts, error, times) is written whoever writes it: a SENT from
+# What happened ($1-$7: status, attempts, error, times; $10: the channel of the attempt, which
+# follows the endpoint's type when the tenant changes it) is written whoever writes it: a SENT from
 # any worker is the truth, and an attempt made was made. The schedule and the lease (next attempt,
-# release) belong to the row's holder ($10) alone: a worker whose lease ran out while it sent (the
+# release) belong to the row's holder ($11) alone: a worker whose lease ran out while it sent (the
 # sweep gave the row to another, whose claim it then met) must not move the new holder's next
 # attempt or drop its lease, or a third worker would lease the row while the second still holds it.
 # So does FAILED, which ends the delivery: from a worker that no longer holds the row (its lease
@@ -171,18 +172,19 @@ WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
 # keeps the last one: it is still why the delivery is not sent yet. A SENT clears it.
 _WRITE = """
 UPDATE deliveries d SET
-    status = CASE WHEN c.status = 'FAILED' AND d.leased_by IS DISTINCT FROM $10 THEN d.status ELSE c.status END,
+    status = CASE WHEN c.status = 'FAILED' AND d.leased_by IS DISTINCT FROM $11 THEN d.status ELSE c.status END,
     attempts = d.attempts + c.attempts,
     last_error = CASE WHEN c.status = 'PENDING' THEN coalesce(c.last_error, d.last_error) ELSE c.last_error END,
     first_attempt_at = coalesce(d.first_attempt_at, to_timestamp(c.first_attempt_at)),
     last_attempt_at = coalesce(to_timestamp(c.last_attempt_at), d.last_attempt_at),
-    next_attempt_at = CASE WHEN d.leased_by = $10 THEN coalesce(to_timestamp(c.next_attempt_at), d.next_attempt_at)
+    next_attempt_at = CASE WHEN d.leased_by = $11 THEN coalesce(to_timestamp(c.next_attempt_at), d.next_attempt_at)
                            ELSE d.next_attempt_at END,
-    lease_until = CASE WHEN c.release AND d.leased_by = $10 THEN NULL ELSE d.lease_until END
+    lease_until = CASE WHEN c.release AND d.leased_by = $11 THEN NULL ELSE d.lease_until END,
+    channel = coalesce(c.channel, d.channel)
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::float8[], $7::float8[],
-            $8::float8[], $9::bool[])
+            $8::float8[], $9::bool[], $10::text[])
     AS c(notification_id, endpoint_id, status, attempts, last_error, first_attempt_at, last_attempt_at,
-         next_attempt_at, release)
+         next_attempt_at, release, channel)
 WHERE d.notification_id = c.notification_id AND d.endpoint_id = c.endpoint_id AND d.status = 'PENDING'
 """
 
@@ -285,6 +287,7 @@ class DeliveryChange:
     last_attempt_at: float | None = None
     next_attempt_at: float | None = None
     release: bool = False  # give the lease up: any worker may take the row when it is due
+    channel: str | None = None  # the endpoint's type its attempt went by; None: no attempt, kept as it was
 
 
 def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[str], list[str]]:
@@ -400,7 +403,7 @@ async def renew_leases(conn: Conn, owner: str, lease_s: float, keys: Sequence[tu
 async def write_changes(conn: Conn, owner: str, changes: Sequence[DeliveryChange]) -> None:
     """Write `changes` as `owner` wrote them: their schedule and lease only where `owner` holds the row."""
     columns = ("notification_id", "endpoint_id", "status", "attempts", "last_error", "first_attempt_at",
-               "last_attempt_at", "next_attempt_at", "release")
+               "last_attempt_at", "next_attempt_at", "release", "channel")
     await conn.execute(_WRITE, *([getattr(change, column) for change in changes] for column in columns), owner)
 
 
