@@ -464,6 +464,10 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     backoff = _backoff(settings.delivery_backoff_initial_s, settings.delivery_backoff_max_s)
     started = time.time()
     try:
+        # The schedule is a durable one, not an in-process retry loop: each failed attempt and when
+        # the next is due go into the row, a later retry leaves the worker (HAND_BACK_AFTER_S) and
+        # any worker's sweep continues it. tenacity computes the waits (Backoff); its retry loop,
+        # which keeps the schedule in memory, could not hand a delivery back midway.
         while True:
             try:
                 await attempt_once()
