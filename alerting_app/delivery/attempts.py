@@ -466,8 +466,8 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     try:
         # The schedule is a durable one, not an in-process retry loop: each failed attempt and when
         # the next is due go into the row, a later retry leaves the worker (HAND_BACK_AFTER_S) and
-        # any worker's sweep continues it. tenacity computes the waits (Backoff); its retry loop,
-        # which keeps the schedule in memory, could not hand a delivery back midway.
+        # any worker's sweep continues it. tenacity computes the waits (Backoff); its retry loop
+        # keeps the attempt count in memory, while here the row's count is the one that holds.
         while True:
             try:
                 await attempt_once()
