@@ -185,18 +185,21 @@ _FORGET_DELETIONS = f"""
 WITH forgotten AS (
     DELETE FROM {{table}} WHERE {{key}} IN (
         SELECT {{key}} FROM {{table}}
-        WHERE deleted_at < now() - make_interval(secs => $1) AND NOT {_UNRELAYED}
+        WHERE deleted_at < now() - make_interval(secs => $1) AND relayed_by IS NOT NULL AND NOT {_UNRELAYED}
         ORDER BY {{key}}
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING {{key}}, client_id, version, deleted_at
+    RETURNING {{key}}, client_id, version, relayed_by
 )
 SELECT * FROM forgotten ORDER BY {{key}}
 """
-# Every deletion forgotten was relayed before this: its deleted_at, plus the retention round within
-# which a deletion is dated again while it waits to be relayed (below). Workers trust their rule store
-# only if it read the topic up to a later time (migrations/012, tables/rule_replica.py `outdated`).
+# Every deletion forgotten was relayed before this: the newest time a round found one of them relayed
+# (`relayed_by`, below), plus a round's length for the workers' clocks, by which their stores date
+# what they read, against Postgres's. Workers trust their rule store only if it read the topic up to
+# a later time (migrations/012, tables/rule_replica.py `outdated`). Not deleted_at plus a round:
+# that holds only while rounds run every RETENTION_INTERVAL_S, and a delete relayed while none ran
+# (the aggregate workers down along with the relay) was relayed after it (migrations/013).
 # Raised, never lowered: a worker with a longer retention forgets older deletions.
 _RECORD_FORGOTTEN = f"""
 INSERT INTO forgotten_deletions (deletions, relayed_before)
@@ -208,12 +211,20 @@ SET relayed_before = GREATEST(forgotten_deletions.relayed_before, EXCLUDED.relay
 # a worker's rule store is trusted for that long (tables/rule_replica.py `outdated`), and one
 # stopped before a delete that was relayed late, and so followed at once by its tombstone, could
 # find both compacted away. So a deletion still waiting to be relayed is dated again, every round
-# (RETENTION_INTERVAL_S), and is then dated within a round of its relaying (which
-# `forgotten_deletions.relayed_before` counts on). Normally the outbox is empty and this touches
-# nothing. In key order, SKIP LOCKED, as above.
+# (RETENTION_INTERVAL_S), and is then dated within a round of its relaying while rounds run. Normally
+# the outbox is empty and this touches nothing. In key order, SKIP LOCKED, as above.
 _DATE_UNRELAYED_DELETIONS = f"""
 UPDATE {{table}} SET deleted_at = now() WHERE {{key}} IN (
     SELECT {{key}} FROM {{table}} WHERE {_UNRELAYED} ORDER BY {{key}} FOR UPDATE SKIP LOCKED
+)
+"""
+# Then each deletion found relayed for the first time is stamped: it was on the topic by now, however
+# long ago the last round ran. Normally the few made since the last round (a partial index holds the
+# unstamped ones). A deletion relayed after this statement is stamped, and forgotten, a round later.
+_STAMP_RELAYED_DELETIONS = f"""
+UPDATE {{table}} SET relayed_by = now() WHERE {{key}} IN (
+    SELECT {{key}} FROM {{table}} WHERE relayed_by IS NULL AND NOT {_UNRELAYED}
+    ORDER BY {{key}} FOR UPDATE SKIP LOCKED
 )
 """
 
@@ -221,10 +232,11 @@ UPDATE {{table}} SET deleted_at = now() WHERE {{key}} IN (
 async def forget_deletions(pool: asyncpg.Pool, outbox: Outbox, table: str, older_than_s: float,
                            batch_size: int = PRUNE_BATCH_SIZE) -> int:
     """Forget the deletions in `table` made (or last seen waiting to be relayed) more than
-    `older_than_s` ago, queuing a tombstone for each on `outbox` and raising the table's
-    `forgotten_deletions.relayed_before` past them, a batch per transaction; how many."""
+    `older_than_s` ago and found relayed by a round, queuing a tombstone for each on `outbox` and
+    raising the table's `forgotten_deletions.relayed_before` past them, a batch per transaction; how many."""
     names = {"table": table, "key": outbox.key_column, "outbox": outbox.table}
     await pool.execute(_DATE_UNRELAYED_DELETIONS.format(**names))
+    await pool.execute(_STAMP_RELAYED_DELETIONS.format(**names))
     statement = _FORGET_DELETIONS.format(**names)
     forgotten = 0
     while True:
@@ -232,7 +244,7 @@ async def forget_deletions(pool: asyncpg.Pool, outbox: Outbox, table: str, older
             deleted = await conn.fetch(statement, float(older_than_s), batch_size)
             await queue_tombstones(conn, outbox, deleted)
             if deleted:
-                await conn.execute(_RECORD_FORGOTTEN, table, max(row["deleted_at"] for row in deleted))
+                await conn.execute(_RECORD_FORGOTTEN, table, max(row["relayed_by"] for row in deleted))
         done = len(deleted)
         forgotten += done
         if done:

@@ -139,8 +139,8 @@ async def test_a_worker_keeping_deletions_longer_than_the_retention_rebuilds_a_s
     store_dated(tmp_path / "kept-data" / "rules" / group, time.time() - 3 * DAY_S, ghost=ghost)
     pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
     try:
-        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
-                           " VALUES ($1, $2, 2, now() - interval '2 days')", ghost, CLIENT)
+        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at, relayed_by)"
+                           " VALUES ($1, $2, 2, now() - interval '2 days', now() - interval '2 days')", ghost, CLIENT)
         assert await forget_rule_deletions(pool, 1 * DAY_S) == 1
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", ghost)  # its null: compacted away
 

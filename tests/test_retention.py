@@ -433,6 +433,9 @@ async def test_forgetting_records_a_round_after_the_newest_deletion_it_forgot_an
     younger deletions, one with a longer one older deletions, which must not lower it."""
     await pool.execute("DELETE FROM forgotten_deletions")
     old, older, oldest = [await remembered_rule_deletion(pool, days_ago=days) for days in (3, 5, 40)]
+    # Each found relayed by the round that dated it (migrations/013).
+    await pool.execute("UPDATE deleted_rules SET relayed_by = deleted_at WHERE rule_id = ANY($1::uuid[])",
+                       [old, older, oldest])
     deleted_at = {rule_id: await dated(pool, rule_id) for rule_id in (old, older, oldest)}
     try:
         await pool.execute("DELETE FROM deleted_rules WHERE rule_id = $1", oldest)  # not there yet
@@ -442,11 +445,29 @@ async def test_forgetting_records_a_round_after_the_newest_deletion_it_forgot_an
         assert await forget_rule_deletions(pool, 2 * DAY_S) >= 1
         assert await forgotten_relayed_before(pool) == pytest.approx(deleted_at[old] + RETENTION_INTERVAL_S)
 
-        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
-                           " VALUES ($1, $2, 3, to_timestamp($3))", oldest, str(uuid.uuid4()), deleted_at[oldest])
+        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at, relayed_by)"
+                           " VALUES ($1, $2, 3, to_timestamp($3), to_timestamp($3))", oldest, str(uuid.uuid4()),
+                           deleted_at[oldest])
         assert await forget_rule_deletions(pool, 30 * DAY_S) >= 1
         assert await remembered_rules(pool, [oldest]) == set()
         assert await forgotten_relayed_before(pool) == pytest.approx(deleted_at[old] + RETENTION_INTERVAL_S)
     finally:
         await pool.execute("DELETE FROM deleted_rules WHERE rule_id = ANY($1::uuid[])", [old, older, oldest])
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", [old, older, oldest])
+
+
+@AGENT_LOOP
+async def test_a_deletion_relayed_while_no_round_ran_is_recorded_relayed_only_as_of_the_round_that_found_it(pool):
+    """Dated 2 days ago by a round that found it waiting to be relayed, and found relayed only by this
+    round: none ran in between (the aggregate workers down, as was the relay), so Postgres knows only
+    that it was relayed before now. Recorded as relayed within a round of its date, a store that read
+    the topic before its relay, a day ago say, would be trusted without it."""
+    await pool.execute("DELETE FROM forgotten_deletions")
+    waited = await remembered_rule_deletion(pool, days_ago=2)
+    try:
+        round_began = await pool.fetchval("SELECT extract(epoch FROM now())::float8")
+        assert await forget_rule_deletions(pool, 1 * DAY_S) >= 1
+        assert await remembered_rules(pool, [waited]) == set()
+        assert await forgotten_relayed_before(pool) >= round_began
+    finally:
+        await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", waited)

@@ -754,9 +754,14 @@ async def test_a_store_that_read_the_topic_within_the_retention_or_with_deletion
         assert restarted.replica.read == [], "nothing read again"
 
 
-@pytest.mark.parametrize("read_days_ago, rebuilt", [(3, True), (1, False)])
+@pytest.mark.parametrize("read_days_ago, found_relayed, rebuilt", [
+    (3, "now() - interval '2 days'", True),
+    (1, "now() - interval '2 days'", False),
+    # Dated 2 days ago, and found relayed by no round since: it may have been relayed after the store read.
+    (1, "NULL", True),
+], ids=["read-before-its-relay", "read-after-its-relay", "read-before-a-round-found-it-relayed"])
 async def test_a_store_is_rebuilt_when_another_workers_retention_forgot_a_delete_it_may_have_missed(
-        services, topic, tmp_path, clean_db, read_days_ago, rebuilt):
+        services, topic, tmp_path, clean_db, read_days_ago, found_relayed, rebuilt):
     """The retention runs on a worker with DELETED_RULE_RETENTION_DAYS=1, this worker has 30: it must
     go by the deletions Postgres forgot (migrations/012), not by its own setting. Its store read the
     topic 3 days ago, before the delete (relayed 2 days ago) that was forgotten since; the delete and
@@ -767,8 +772,8 @@ async def test_a_store_is_rebuilt_when_another_workers_retention_forgot_a_delete
     store_dated(tmp_path / "store", time.time() - read_days_ago * DAY_S, ghost=rid("ghost"))
     pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
     try:
-        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
-                           " VALUES ($1, $2, 2, now() - interval '2 days')", rid("ghost"), CLIENT)
+        await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at, relayed_by)"
+                           f" VALUES ($1, $2, 2, now() - interval '2 days', {found_relayed})", rid("ghost"), CLIENT)
         assert await forget_rule_deletions(pool, 1 * DAY_S) == 1
 
         replica = RecordingReplica(RuleIndex(), forget_deletions_after_s=30 * DAY_S,
