@@ -35,6 +35,7 @@ then matching goes on with the rules it had. The cost: two indexes in memory dur
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -149,6 +150,13 @@ class RuleStore:
         self._db.close()
 
 
+# How long a run waits for Postgres to say how far back deletes have been forgotten
+# (`forgotten_relayed_before`); past that, a store is not trusted, and is rebuilt from the topic, which
+# needs only the broker. Waiting on, a replica restarted during a Postgres outage read no rule change
+# until Postgres was back, and a starting worker did not match, where nothing else of it needs Postgres.
+FORGOTTEN_LOOKUP_TIMEOUT_S = 10.0
+
+
 def _days_ago(at: float) -> str:
     return f"{(time.time() - at) / 86_400:.1f}"
 
@@ -177,7 +185,7 @@ class RuleReplica(ChangelogReplica):
                  **kwargs: Any) -> None:
         """`forgotten_relayed_before()`: a time (unix seconds) before which every delete that
         retention has forgotten was relayed, None if it forgot none (Postgres's
-        `forgotten_deletions`, tables/rules.py); asked at each run's start."""
+        `forgotten_deletions`, tables/rules.py); asked at each run's start (`outdated_now`)."""
         super().__init__(index, **kwargs)
         self.forgotten_relayed_before = forgotten_relayed_before
 
@@ -239,6 +247,19 @@ class RuleReplica(ChangelogReplica):
                     "and the null record after it, both compacted away since")
         return None
 
+    async def outdated_now(self, store: RuleStore) -> str | None:
+        """`outdated`, with what Postgres says of forgotten deletes; a reason too when it does not
+        say within FORGOTTEN_LOOKUP_TIMEOUT_S."""
+        try:
+            async with asyncio.timeout(FORGOTTEN_LOOKUP_TIMEOUT_S):
+                forgotten_relayed_before = await self.forgotten_relayed_before()
+        except TimeoutError:
+            if not store.offsets():
+                return None
+            return (f"Postgres did not say within {FORGOTTEN_LOOKUP_TIMEOUT_S:g}s how far back deletes have been "
+                    "forgotten (forgotten_deletions): it may have missed one and the null record after it")
+        return self.outdated(store, forgotten_relayed_before)
+
     def reached_end_offsets(self) -> None:
         if self.filling is not self.index:
             if self.is_caught_up:
@@ -250,7 +271,7 @@ class RuleReplica(ChangelogReplica):
 
     async def run(self, broker: Broker, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever, keeping the index and the store current."""
-        if (outdated := self.outdated(store, await self.forgotten_relayed_before())) is not None:
+        if (outdated := await self.outdated_now(store)) is not None:
             log.warning("discarding the local rule store %s and rebuilding it from the topic: %s", store.path, outdated)
             store.discard()
         self.filling, offsets = self.load(store)

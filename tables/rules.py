@@ -27,8 +27,8 @@ async def forgotten_rule_deletions_relayed_before(pool: asyncpg.Pool) -> float |
 
 
 async def _forgotten_relayed_before() -> float | None:
-    # Waits while Postgres is away (a worker starts only once it answered): a store must not be
-    # trusted without it. Meanwhile a running worker matches with the rules it holds.
+    # Waits while Postgres is away, as long as the replica lets it (rule_replica.FORGOTTEN_LOOKUP_TIMEOUT_S):
+    # past that the store is rebuilt from the topic, not trusted without it.
     return await db.retry_transient(forgotten_rule_deletions_relayed_before,
                                     "reading when rule deletions were last forgotten")
 

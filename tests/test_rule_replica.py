@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
 from agents.retention import forget_rule_deletions
+from alerting_app import db
 from alerting_app.contracts import DeadLetter, Rule, RuleChanged
 from alerting_app.db import init_connection
 from alerting_app.matching import RuleIndex
@@ -30,6 +31,7 @@ from alerting_app.embedded import free_port
 from kafka_probe import caught_up, produce, read_topic
 from operations_support import start_tansu
 from tables.changelog_replica import BrokerTooSlow, keep_running, records_at
+from tables import rule_replica
 from tables.rule_replica import RuleReplica, RuleStore
 from tables.rules import forgotten_rule_deletions_relayed_before
 from web.worker_state import rules_digest
@@ -788,3 +790,27 @@ async def test_a_store_is_rebuilt_when_another_workers_retention_forgot_a_delete
     finally:
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", rid("ghost"))  # the null queued
         await pool.close()
+
+
+async def test_a_store_is_rebuilt_rather_than_waited_on_when_postgres_does_not_say_what_was_forgotten(
+        services, topic, tmp_path, monkeypatch):
+    """A replica (re)started while Postgres is away (here: nothing listens on its port) cannot know
+    whether a delete its store missed has been forgotten. Waiting for Postgres, it would read no rule
+    change until Postgres came back (and a starting worker would not match), where nothing else of
+    it needs Postgres: it rebuilds the store from the topic instead, which needs only the broker."""
+    async with RunningReplica(services, topic, tmp_path / "store", retention_replica()) as running:
+        await publish(services, topic, *[upsert(rid(f"rule-{n}"), 1) for n in range(3)])
+        await running.wait_for_versions({rid(f"rule-{n}"): 1 for n in range(3)})
+    monkeypatch.setattr(rule_replica, "FORGOTTEN_LOOKUP_TIMEOUT_S", 1.0)
+    postgres_away = f"postgresql://alerting@127.0.0.1:{free_port()}/alerting"
+
+    async def away_pool() -> asyncpg.Pool:
+        return await asyncpg.create_pool(postgres_away, min_size=0, max_size=1)
+
+    replica = RecordingReplica(RuleIndex(), forget_deletions_after_s=30 * DAY_S,
+                               forgotten_relayed_before=lambda: db.retry_transient(
+                                   forgotten_rule_deletions_relayed_before, "reading forgotten deletions",
+                                   get_pool=away_pool))
+    async with RunningReplica(services, topic, tmp_path / "store", replica) as restarted:
+        assert set(restarted.index.rules()) == {rid(f"rule-{n}") for n in range(3)}
+        assert len(restarted.replica.read) == 3, "the topic read again from its start"
