@@ -145,3 +145,38 @@ async def test_a_postgres_that_never_answers_is_named_when_the_connection_times_
         server.close()
 
     assert str(refused.value) == f"Postgres at {url} (DATABASE_URL): no answer to the connection in time"
+
+
+async def test_deletions_relayed_before_migration_013_keep_their_time_and_those_waiting_get_none(
+        empty_database, tmp_path):
+    """A deletion already relayed is forgotten as it would have been (relayed_by: its deleted_at, to
+    which retention adds a round), so that no rule store is rebuilt for it; one still in its outbox or
+    in a batch in flight is stamped by the round that first finds it relayed (agents/retention.py)."""
+    folder = _copy_of_migrations(tmp_path)
+    later = sorted(path for path in folder.glob("*.sql") if path.stem >= "013")
+    held_back = {path: path.read_text() for path in later}
+    for path in later:
+        path.unlink()
+    await apply_migrations(empty_database, folder)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        relayed, queued, in_flight, silence = [await conn.fetchval("SELECT gen_random_uuid()") for _ in range(4)]
+        for rule_id in (relayed, queued, in_flight):
+            await conn.execute("INSERT INTO deleted_rules (rule_id, client_id, version, deleted_at)"
+                               " VALUES ($1, gen_random_uuid(), 2, now() - interval '3 days')", rule_id)
+        await conn.execute("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, '{}')", queued)
+        await conn.execute("INSERT INTO outbox_in_flight (outbox, keys) VALUES ('rule_outbox', ARRAY[$1::uuid])",
+                           in_flight)
+        await conn.execute("INSERT INTO deleted_silences (silence_id, client_id, version, deleted_at)"
+                           " VALUES ($1, gen_random_uuid(), 2, now() - interval '3 days')", silence)
+        for path, text in held_back.items():
+            path.write_text(text)
+
+        assert "013_deletions_found_relayed" in await apply_migrations(empty_database, folder)
+
+        stamped = {row[0]: row[1] for row in await conn.fetch(
+            "SELECT rule_id, relayed_by = deleted_at FROM deleted_rules"
+            " UNION ALL SELECT silence_id, relayed_by = deleted_at FROM deleted_silences")}
+        assert stamped == {relayed: True, queued: None, in_flight: None, silence: True}
+    finally:
+        await conn.close()
