@@ -258,14 +258,17 @@ async def forget_rule_deletions(pool: asyncpg.Pool, older_than_s: float, batch_s
     return await forget_deletions(pool, RULE_OUTBOX, "deleted_rules", older_than_s, batch_size)
 
 
-async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]) -> None:
+async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]],
+                      interval_s: float = RETENTION_INTERVAL_S) -> None:
+    """`prune`, retried while Postgres is away; another failure is logged, saying when its timer
+    (every `interval_s`) tries again."""
     failures = _failures.setdefault(what, FailureStreak(log, what))
     try:
         pruned = await db.retry_transient(prune, what)
     except asyncio.CancelledError:
         raise
     except Exception:
-        failures.failed("%s failed; trying again in %.0fs", what, RETENTION_INTERVAL_S)
+        failures.failed("%s failed; trying again in %.0fs", what, interval_s)
         return
     failures.succeeded()
     if pruned:
@@ -274,7 +277,7 @@ async def _run_logged(what: str, prune: Callable[[asyncpg.Pool], Awaitable[int]]
 
 @app.timer(interval=CLIENT_DELETION_INTERVAL_S)
 async def delete_clients_history() -> None:
-    await _run_logged("deleting the history of deleted clients", finish_client_deletions)
+    await _run_logged("deleting the history of deleted clients", finish_client_deletions, CLIENT_DELETION_INTERVAL_S)
 
 
 @app.timer(interval=RETENTION_INTERVAL_S)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import uuid
 
@@ -471,3 +472,26 @@ async def test_a_deletion_relayed_while_no_round_ran_is_recorded_relayed_only_as
         assert await forgotten_relayed_before(pool) >= round_began
     finally:
         await pool.execute("DELETE FROM rule_outbox WHERE rule_id = $1", waited)
+
+
+
+@AGENT_LOOP
+async def test_a_failed_round_of_deleting_clients_history_says_it_is_tried_again_in_10_seconds(pool, caplog):
+    """Its timer runs every CLIENT_DELETION_INTERVAL_S, not every RETENTION_INTERVAL_S as the others.
+    Here the client's row cannot go: a table (the test's) refers to it without cascading."""
+    from agents.retention import delete_clients_history
+
+    stuck = await insert_client(pool)
+    holder = f"holds_a_client_{uuid.uuid4().hex[:8]}"
+    await pool.execute(f"CREATE TABLE {holder} (client_id uuid REFERENCES clients)")
+    try:
+        await pool.execute(f"INSERT INTO {holder} VALUES ($1)", stuck)
+        await pool.execute("UPDATE clients SET deleting_since = now(), api_key_hash = NULL WHERE client_id = $1",
+                           stuck)
+
+        await inspect.unwrap(delete_clients_history)()  # one round of the timer: its body, without its loop
+
+        assert "deleting the history of deleted clients failed; trying again in 10s" in caplog.text
+    finally:
+        await pool.execute(f"DROP TABLE {holder}")
+        await pool.execute("DELETE FROM clients WHERE client_id = $1", stuck)
