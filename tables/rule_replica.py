@@ -239,8 +239,9 @@ class RuleReplica(ChangelogReplica):
             return "it does not record how far it had read (an older release wrote it)"
         if forgotten_relayed_before is not None and read_up_to < forgotten_relayed_before:
             return (f"it had read the topic only up to {_days_ago(read_up_to)} days ago, and a delete relayed "
-                    f"up to {_days_ago(forgotten_relayed_before)} days ago has been forgotten since (forgotten_deletions "
-                    "in Postgres): it may have missed that deletion and the null record after it, both compacted away")
+                    f"up to {_days_ago(forgotten_relayed_before)} days ago has been forgotten since "
+                    "(forgotten_deletions in Postgres): it may have missed that deletion and the null record after "
+                    "it, both compacted away")
         if kept_since is not None and read_up_to < kept_since:
             return (f"it had read the topic only up to {_days_ago(read_up_to)} days ago, longer ago than deletions "
                     f"are kept ({self.forget_deletions_after_s / 86_400:g} days): it may have missed a deletion "
