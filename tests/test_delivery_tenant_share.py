@@ -16,6 +16,15 @@ from test_agent_support import AGENT_LOOP, insert_client, insert_endpoint, inser
 pytestmark = AGENT_LOOP
 
 
+
+async def other_tenants_notification(pool, receiver: Receiver):
+    """Another tenant, whose one webhook endpoint answers at once (the receiver's path "other"),
+    and a notification of it waiting to be delivered."""
+    tenant = await insert_client(pool)
+    rule = await insert_rule(pool, tenant)
+    await insert_endpoint(pool, tenant, rule, "webhook", receiver.url("other"))
+    return await pending_notification(pool, tenant, [rule])
+
 @pytest.fixture
 def settings(monkeypatch):
     from alerting_app.app import settings
@@ -48,11 +57,8 @@ async def test_a_tenant_whose_endpoints_all_hang_leaves_the_worker_room_for_anot
         hung = [receiver.hold(f"hanging-{n}") for n in range(4)]  # as many endpoints as the worker has slots
         for n in range(4):
             await insert_endpoint(pool, hanging_tenant, rule, "webhook", receiver.url(f"hanging-{n}"))
-        other_tenant = await insert_client(pool)
-        other_rule = await insert_rule(pool, other_tenant)
-        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
         notifications = [await pending_notification(pool, hanging_tenant, [rule]),
-                         await pending_notification(pool, other_tenant, [other_rule])]
+                         await other_tenants_notification(pool, receiver)]
         dispatcher = Dispatcher(settings)
         try:
             jobs = await records.open_deliveries(pool, notifications, dispatcher.owner, settings.delivery_lease_s, [])
@@ -95,12 +101,9 @@ async def test_a_tenant_holding_its_backlog_of_deliveries_gets_no_more_and_anoth
         hung = [receiver.hold(f"failing-{n}") for n in range(4)]
         for n in range(4):
             await insert_endpoint(pool, failing_tenant, rule, "webhook", receiver.url(f"failing-{n}"))
-        other_tenant = await insert_client(pool)
-        other_rule = await insert_rule(pool, other_tenant)
-        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
         first, later = (await pending_notification(pool, failing_tenant, [rule]),
                         await pending_notification(pool, failing_tenant, [rule]))
-        other = await pending_notification(pool, other_tenant, [other_rule])
+        other = await other_tenants_notification(pool, receiver)
         dispatcher = Dispatcher(settings)
         try:
             started = await start_deliveries(pool, dispatcher, [first])
@@ -147,10 +150,7 @@ async def test_a_hanging_smtp_relay_leaves_the_worker_room_for_another_tenants_w
                 rule = await insert_rule(pool, tenant)
                 await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
                 notifications.append(await pending_notification(pool, tenant, [rule]))
-            other_tenant = await insert_client(pool)
-            other_rule = await insert_rule(pool, other_tenant)
-            await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
-            webhook_notification = await pending_notification(pool, other_tenant, [other_rule])
+            webhook_notification = await other_tenants_notification(pool, receiver)
             dispatcher = Dispatcher(settings)
             try:
                 emails = await records.open_deliveries(pool, notifications, dispatcher.owner,
@@ -198,10 +198,7 @@ async def test_a_slow_endpoints_backlog_waits_in_postgres_leaving_the_worker_roo
             endpoint = await insert_endpoint(pool, tenant, rule, "webhook", receiver.url(f"slow-{n}"))
             await pool.execute("UPDATE endpoints SET rate_limit_per_s = 0.001 WHERE endpoint_id = $1", endpoint)
             slow += [await pending_notification(pool, tenant, [rule]) for _ in range(2)]
-        other_tenant = await insert_client(pool)
-        other_rule = await insert_rule(pool, other_tenant)
-        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
-        other = await pending_notification(pool, other_tenant, [other_rule])
+        other = await other_tenants_notification(pool, receiver)
         dispatcher = Dispatcher(settings)
         try:
             started = await start_deliveries(pool, dispatcher, slow)
@@ -258,10 +255,7 @@ async def test_deliveries_whose_retry_is_due_later_wait_in_postgres_leaving_the_
                 receiver.answer(failing_paths[-1], 500)
                 await insert_endpoint(pool, tenant, rule, "webhook", receiver.url(failing_paths[-1]))
             failing += [await pending_notification(pool, tenant, [rule]) for _ in range(3)]
-        other_tenant = await insert_client(pool)
-        other_rule = await insert_rule(pool, other_tenant)
-        await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
-        other = await pending_notification(pool, other_tenant, [other_rule])
+        other = await other_tenants_notification(pool, receiver)
         dispatcher = Dispatcher(settings)
 
         async def sweeping() -> None:  # the worker's sweep loop, faster

@@ -20,6 +20,30 @@ from pipe_lines import read_lines_until
 UP_READY_TIMEOUT_S = 420.0
 
 
+def _fetch(database_url: str, query: str, *args: object) -> list:
+    """The rows of one query, on a connection of its own."""
+    import asyncpg
+
+    async def fetch() -> list:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+    return asyncio.run(fetch())
+
+
+def _prepared_on_a_new_broker(tmp_path, topics: list[str]) -> dict[str, list[tuple[bytes, bytes]]]:
+    """What `up`'s preparation put on these topics of a new broker, (key, value) by topic."""
+    from kafka_probe import read_topic
+
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as new_broker:
+        env.update(new_broker.start(postgres=False, redis=False))
+        _prepare(env, Settings())
+        return {topic: asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], topic)) for topic in topics}
+
+
 def test_the_table_state_is_kept_for_the_same_broker_and_removed_for_a_new_one(services, tmp_path):
     data_dir = tmp_path / "data"
     table_file = data_dir / "faust" / "alerting-app-data" / "v1" / "tables" / "notification-groups-8.db" / "CURRENT"
@@ -47,7 +71,6 @@ def test_a_new_broker_holds_every_rule_and_silence_before_the_worker_starts(serv
     import asyncpg
 
     from alerting_app.contracts import Rule, RuleChanged
-    from kafka_probe import read_topic
 
     async def insert() -> dict[str, str]:
         conn = await asyncpg.connect(services.database_url)
@@ -69,28 +92,17 @@ def test_a_new_broker_holds_every_rule_and_silence_before_the_worker_starts(serv
         finally:
             await conn.close()
 
-    async def queued(rule_id: str) -> int:
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            return await conn.fetchval("SELECT count(*) FROM rule_outbox WHERE rule_id = $1", rule_id)
-        finally:
-            await conn.close()
-
     ids = asyncio.run(insert())
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
-    with EmbeddedServices(tmp_path / "services") as new_broker:
-        env.update(new_broker.start(postgres=False, redis=False))
-        _prepare(env, Settings())
-        on_topics = {topic: [json.loads(value) for key, value in
-                             asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], topic)) if key == ids[kind].encode()]
-                     for topic, kind in (("rule.changed", "rule"), ("silence.changed", "silence"))}
+    messages = _prepared_on_a_new_broker(tmp_path, ["rule.changed", "silence.changed"])
+    on_topics = {topic: [json.loads(value) for key, value in messages[topic] if key == ids[kind].encode()]
+                 for topic, kind in (("rule.changed", "rule"), ("silence.changed", "silence"))}
 
     [rule] = on_topics["rule.changed"]
     assert (rule["action"], rule["version"], rule["rule"]["enabled"]) == ("upsert", 2, True)
     [silence] = on_topics["silence.changed"]
     assert silence["action"] == "upsert" and silence["silence"]["comment"] == "maintenance"
     # The stale version 1 it supersedes is not relayed after it (compaction would keep that one).
-    assert asyncio.run(queued(ids["rule"])) == 0
+    assert _fetch(services.database_url, "SELECT 1 FROM rule_outbox WHERE rule_id = $1", ids["rule"]) == []
 
 
 async def _notification(conn, client_id: str, *, status: str = "PENDING", emitted: bool = True,
@@ -117,8 +129,6 @@ def test_a_new_broker_gets_the_notifications_whose_deliveries_were_never_opened(
     # alert, deduplicated by it, was never notified again.
     import asyncpg
 
-    from kafka_probe import read_topic
-
     async def insert() -> dict[str, str]:
         conn = await asyncpg.connect(services.database_url)
         try:
@@ -137,26 +147,16 @@ def test_a_new_broker_gets_the_notifications_whose_deliveries_were_never_opened(
         finally:
             await conn.close()
 
-    async def emitted(ids: list[str]) -> dict[str, bool]:
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            return {str(row[0]): row[1] for row in await conn.fetch(
-                "SELECT notification_id, emitted FROM notifications WHERE notification_id = ANY($1::uuid[])", ids)}
-        finally:
-            await conn.close()
-
     ids = asyncio.run(insert())
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
-    with EmbeddedServices(tmp_path / "services") as new_broker:
-        env.update(new_broker.start(postgres=False, redis=False))
-        _prepare(env, Settings())
-        messages = [json.loads(value) for _, value in
-                    asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], "notifications.ready"))]
+    messages = [json.loads(value) for _, value in _prepared_on_a_new_broker(tmp_path, ["notifications.ready"])
+                ["notifications.ready"]]
 
     ours = {message["notification_id"]: message for message in messages if message["client_id"] == ids["client_id"]}
     assert set(ours) == {ids["emitted"], ids["not emitted"], ids["group"]}
     assert ours[ids["group"]]["truncated_alerts"] == 3 and ours[ids["group"]]["alerts"][0]["source"] == "payments"
-    assert asyncio.run(emitted([ids["not emitted"], ids["group"]])) == {ids["not emitted"]: True, ids["group"]: True}
+    emitted = _fetch(services.database_url, "SELECT notification_id::text, emitted FROM notifications"
+                     " WHERE notification_id = ANY($1::uuid[])", [ids["not emitted"], ids["group"]])
+    assert dict(emitted) == {ids["not emitted"]: True, ids["group"]: True}
     # Other tests' rows share the database: ours must be among those named.
     unreadable_line = next(line for line in capsys.readouterr().out.splitlines()
                            if line.startswith("left pending, their rows cannot be read: "))
