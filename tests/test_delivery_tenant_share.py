@@ -357,3 +357,54 @@ async def test_a_delivery_whose_endpoint_becomes_email_while_it_waits_takes_the_
                 await dispatcher.close()
                 await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                    [n.notification_id for n in notifications])
+
+
+async def test_an_email_endpoints_backlog_held_is_what_the_all_email_rate_sends_in_10_s(
+        pool, settings, monkeypatch, clean_db):
+    """Every email also waits for the all-email bucket (EMAIL_RATE_LIMIT_PER_S): an email endpoint
+    sends no faster than that, whatever its own rate, so it is held no more than that rate sends in
+    ENDPOINT_HELD_RATE_S (at least its send slots). Before, an email endpoint at the default rate
+    (100/s) was held DELIVERY_ENDPOINT_BACKLOG (1,000) deliveries, draining at the all-email 10/s:
+    a tenant with five email endpoints held its whole client backlog (5,000) for over 8 minutes,
+    four such tenants every place of a worker, while other tenants' notifications waited in
+    Postgres. (Here: an all-email rate sending none in 10 s, two tenants, a worker of four places.)"""
+    from agents.deliver import start_deliveries
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_max_held", 4)
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    monkeypatch.setattr(settings, "email_rate_limit_per_s", 0.001)
+    async with Receiver() as receiver:
+        with SmtpServer() as relay:
+            relay.stall(300)  # what is sent hangs for the whole test
+            monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+            monkeypatch.setattr(settings, "smtp_port", relay.port)
+            monkeypatch.setattr(settings, "smtp_starttls", False)
+            monkeypatch.setattr(settings, "smtp_timeout_s", 300.0)
+            emails = []
+            for _ in range(2):
+                tenant = await insert_client(pool)
+                rule = await insert_rule(pool, tenant)
+                await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
+                emails += [await pending_notification(pool, tenant, [rule]) for _ in range(2)]
+            other_tenant = await insert_client(pool)
+            other_rule = await insert_rule(pool, other_tenant)
+            await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
+            other = await pending_notification(pool, other_tenant, [other_rule])
+            dispatcher = Dispatcher(settings)
+            try:
+                started = await start_deliveries(pool, dispatcher, emails)
+                # One of each email endpoint: 0.001/s sends none in 10 s, and its one send slot is the least.
+                assert len(started) == 2
+                started = await start_deliveries(pool, dispatcher, [other])
+
+                assert [job.notification.notification_id for job in started] == [other.notification_id]
+                await receiver.wait_for_posts(1, "other", timeout=10.0)
+                jobs = await records.lease_due(pool, dispatcher.owner, settings.delivery_lease_s,
+                                               dispatcher.held_per_endpoint(), settings.delivery_endpoint_backlog,
+                                               10, dispatcher.held_per_client(), settings.delivery_client_backlog)
+                assert jobs == []  # nor does the sweep take the rest while their endpoints hold their share
+            finally:
+                await dispatcher.close()
+                await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                                   [n.notification_id for n in (*emails, other)])

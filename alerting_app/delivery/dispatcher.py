@@ -97,11 +97,14 @@ class Dispatcher:
     def held_at_most(self, job: DeliveryJob) -> int:
         """How many deliveries of `job`'s endpoint this worker may hold: DELIVERY_ENDPOINT_BACKLOG, or
         for a rate-limited endpoint what its rate sends in ENDPOINT_HELD_RATE_S, if fewer (at least
-        its send slots)."""
+        its send slots). An email endpoint's rate is at most the all-email one
+        (EMAIL_RATE_LIMIT_PER_S): every email also waits for that bucket's token."""
         settings, endpoint = self.settings, job.endpoint
         rate = settings.endpoint_rate_limit_per_s
         if endpoint is not None and endpoint.rate_limit_per_s is not None:
             rate = endpoint.rate_limit_per_s
+        if endpoint is not None and endpoint.channel == "email" and settings.email_rate_limit_per_s > 0:
+            rate = min(rate, settings.email_rate_limit_per_s) if rate > 0 else settings.email_rate_limit_per_s
         if rate <= 0:
             return settings.delivery_endpoint_backlog
         return min(settings.delivery_endpoint_backlog,
