@@ -240,7 +240,8 @@ _CURRENT_EVENTS = {RULE_OUTBOX.table: current_rule_events, SILENCE_OUTBOX.table:
 
 
 async def publish_current_to_new_topic(pool: asyncpg.Pool, outbox: Outbox,
-                                       send: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]) -> int:
+                                       send: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
+                                       queued_first: bool = True) -> int:
     """For `outbox`'s topic just created (empty: `alerting-app up`'s in-memory broker is new at
     each start): every current event of its kind, and every remembered deletion, sent at once with
     `send` (keyed messages; it returns once the broker acknowledged them all), in place of what the
@@ -255,7 +256,18 @@ async def publish_current_to_new_topic(pool: asyncpg.Pool, outbox: Outbox,
     once the events are acknowledged: each is superseded by the current state read after it (FOR
     SHARE: a change in flight commits first). A row committed since stays, for the relay to send
     after these, as the newer version it is.
+
+    `queued_first`: the same events are first queued for the relay and committed (they are among
+    the rows then deleted), so that a publish that fails partway (the broker refusing a batch, a
+    Ctrl-C, a kill) leaves them for the relay, which puts them on the topic after whatever part
+    landed. Without, a broker that outlives the run (KAFKA_BOOTSTRAP_SERVERS given) kept that part,
+    and the next `up`, finding the topic there, published nothing: the other rules were missing
+    from it for good, and matched no alert. Only a broker that goes with the run (`up`'s embedded
+    one: each start has a new, empty one) may go without, saving the outbox the writes.
     """
+    if queued_first:
+        async with pool.acquire() as conn, conn.transaction():
+            await _QUEUE_CURRENT[outbox.table](conn, None)
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
         superseded = [row[0] for row in await conn.fetch(f"SELECT outbox_id FROM {outbox.table} FOR UPDATE")]

@@ -82,12 +82,15 @@ async def emit_undelivered_notifications(database_url: str, broker: Broker) -> t
     return sent, unreadable
 
 
-async def publish_current_state(database_url: str, broker: Broker, outbox: Outbox) -> int:
+async def publish_current_state(database_url: str, broker: Broker, outbox: Outbox, *,
+                                queued_first: bool = True) -> int:
     """Every rule (RULE_OUTBOX) or silence (SILENCE_OUTBOX) Postgres holds, and every deletion it
-    remembers, put on the topic just created for them (`publish_current_to_new_topic`); how many."""
+    remembers, put on the topic just created for them (`publish_current_to_new_topic`, which says
+    when `queued_first` may be False); how many."""
     async with _pool_and_producer(database_url, broker) as (pool, producer):
         return await publish_current_to_new_topic(
-            pool, outbox, lambda messages: _send_all(producer, outbox.topic.get_topic_name(), messages))
+            pool, outbox, lambda messages: _send_all(producer, outbox.topic.get_topic_name(), messages),
+            queued_first=queued_first)
 
 
 @contextlib.asynccontextmanager

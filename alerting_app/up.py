@@ -299,10 +299,14 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
         discard_table_state_of_another_broker(Path(env["DATA_DIR"]))
     # A new (or restarted in-memory) broker: the rules and silences Postgres holds go back on their
     # topics before the worker starts, so that it matches no alert before it holds them all.
+    # The embedded broker goes with the run: a publish that fails partway leaves nothing behind on
+    # it, and the next run publishes everything again. One of the settings keeps what landed.
+    embedded_broker = settings.kafka_bootstrap_servers is None
     for outbox, kind in ((RULE_OUTBOX, "rules"), (SILENCE_OUTBOX, "silences")):
         topic = outbox.topic.get_topic_name()
         if topic in report.created:
-            count = asyncio.run(publish_current_state(env["DATABASE_URL"], broker, outbox))
+            count = asyncio.run(publish_current_state(env["DATABASE_URL"], broker, outbox,
+                                                      queued_first=not embedded_broker))
             print(f"{kind} put on {topic} from Postgres: {count}", flush=True)
     if "notifications.ready" in report.created:
         count, unreadable = asyncio.run(emit_undelivered_notifications(env["DATABASE_URL"], broker))

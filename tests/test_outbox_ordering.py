@@ -495,3 +495,36 @@ async def test_a_relay_that_lost_its_session_while_its_send_was_given_up_on_leav
         await relaying
     await the_late_send_lands_after_the_deletion_until_its_keys_are_queued_again(
         own_pool, monkeypatch, held, rule_id, client_id)
+
+
+async def test_a_publish_to_a_new_topic_that_fails_partway_leaves_every_rule_queued_for_the_relay(own_pool):
+    """`up` on a broker of the settings (one that outlives the run), whose rule.changed it created:
+    a publish of the rules that failed partway (the broker refusing a batch, a Ctrl-C, a kill) left
+    the topic with the part that landed, and the next `up`, finding the topic there, published
+    nothing. The other rules were missing from it for good, and no alert matched them. Queued for
+    the relay first, they reach the topic after that part."""
+    from agents.rule_outbox import publish_current_to_new_topic
+
+    client_id, rule_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
+    await own_pool.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'c', $2)",
+                           client_id, uuid.uuid4().hex)
+    for rule_id in rule_ids:
+        await own_pool.execute("INSERT INTO rules (rule_id, client_id, severity, source, name, version) "
+                               "VALUES ($1, $2, 'HIGH', 'outbox-ordering', $3, 2)", rule_id, client_id, rule_id)
+    landed: list[tuple[bytes, bytes]] = []
+
+    async def refused_after_the_first(messages: list[tuple[bytes, bytes]]) -> None:
+        landed.extend(messages[:1])
+        raise RuntimeError("the broker refused the rest")
+
+    try:
+        await publish_current_to_new_topic(own_pool, RULE_OUTBOX, refused_after_the_first)
+    except RuntimeError:
+        pass
+    assert len(landed) == 1
+
+    queued = await own_pool.fetch("SELECT rule_id::text, payload FROM rule_outbox WHERE rule_id = ANY($1::uuid[])",
+                                  rule_ids)
+    assert sorted((row["rule_id"], row["payload"]["version"]) for row in queued) == sorted(
+        (rule_id, 2) for rule_id in rule_ids)
+    await own_pool.execute("DELETE FROM rule_outbox WHERE rule_id = ANY($1::uuid[])", rule_ids)
