@@ -127,11 +127,12 @@ async def sweep(pool: asyncpg.Pool, delivery: Dispatcher) -> list[DeliveryJob]:
     fit when opened) as far as this worker has room, and start them."""
     if not delivery.room:
         return []
-    # Of each endpoint and each client no more than it has room for here: what would be refused is
-    # not leased.
+    # Of each endpoint and each client no more than it has room for here, and no email once this
+    # worker holds all it may: what would be refused is not leased.
     jobs = await records.lease_due(pool, delivery.owner, settings.delivery_lease_s, delivery.held_per_endpoint(),
                                    settings.delivery_endpoint_backlog, min(delivery.room, SWEEP_BATCH_SIZE),
-                                   delivery.held_per_client(), settings.delivery_client_backlog)
+                                   delivery.held_per_client(), settings.delivery_client_backlog,
+                                   delivery.email_full())
     refused = {job.key for job in delivery.submit(jobs)}
     await records.release(pool, delivery.owner, list(refused))
     return [job for job in jobs if job.key not in refused]

@@ -242,7 +242,8 @@ class Settings(BaseSettings):
     # Deliveries one worker holds in memory, per endpoint, per client and in all (sending, or waiting
     # for a token or a retry); beyond that they wait in Postgres, so neither one endpoint's backlog
     # nor one tenant's many failing endpoints fill a worker. A rate-limited endpoint's is lower
-    # (dispatcher.ENDPOINT_HELD_RATE_S): what its rate sends in 10 s, at least its send slots.
+    # (dispatcher.ENDPOINT_HELD_RATE_S): what its rate sends in 10 s, at least its send slots. So is
+    # all email together, the SMTP relay's: what EMAIL_RATE_LIMIT_PER_S sends in 10 s.
     delivery_endpoint_backlog: int = Field(default=1_000, ge=1, le=1_000_000)
     delivery_client_backlog: int = Field(default=5_000, ge=1, le=10_000_000)
     delivery_max_held: int = Field(default=20_000, ge=1, le=10_000_000)

@@ -410,7 +410,7 @@ async def test_a_sweep_reads_a_bounded_part_of_a_large_due_backlog(clean_db, con
     async with conn.transaction():
         [plan] = json.loads(await conn.fetchval(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + records._LEASE_DUE,
-            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE, [], [], 5000))
+            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE, [], [], 5000, False))
 
     # Ten leased of 2,000 due: what the sweep reads is bounded by what it may lease, not the backlog.
     assert await conn.fetchval("SELECT count(*) FROM deliveries WHERE leased_by = 'this-worker'") == 10

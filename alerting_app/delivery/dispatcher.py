@@ -5,7 +5,8 @@ wait in Postgres for a retry due later than attempts.HAND_BACK_AFTER_S. Bounds, 
 sends in flight (DELIVERY_CONCURRENCY), sends in flight per endpoint and to the SMTP relay (every
 email) (DELIVERY_ENDPOINT_CONCURRENCY) and per client (DELIVERY_CLIENT_CONCURRENCY), and deliveries held
 per endpoint (DELIVERY_ENDPOINT_BACKLOG, fewer for a slow rate: ENDPOINT_HELD_RATE_S), per client
-(DELIVERY_CLIENT_BACKLOG) and in all (DELIVERY_MAX_HELD). An endpoint that hangs or fails fills its
+(DELIVERY_CLIENT_BACKLOG), as email (the all-email rate's: ENDPOINT_HELD_RATE_S) and in all
+(DELIVERY_MAX_HELD). An endpoint that hangs or fails fills its
 own share only, a tenant whose endpoints all do its own: other deliveries start at once.
 What does not fit waits in Postgres, unleased, for the sweep.
 """
@@ -57,6 +58,8 @@ class Dispatcher:
         self._per_client = _SlotsPerKey(settings.delivery_client_concurrency)
         # Every email goes to the one SMTP relay: it is one endpoint's worth of the worker's slots.
         self._relay_slots = asyncio.Semaphore(settings.delivery_endpoint_concurrency)
+        # The deliveries held here as email (`email_held_at_most`).
+        self._email_held: set[tuple[str, str]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._sending: set[tuple[str, str]] = set()  # deliveries whose request may be on the wire
@@ -97,18 +100,30 @@ class Dispatcher:
     def held_at_most(self, job: DeliveryJob) -> int:
         """How many deliveries of `job`'s endpoint this worker may hold: DELIVERY_ENDPOINT_BACKLOG, or
         for a rate-limited endpoint what its rate sends in ENDPOINT_HELD_RATE_S, if fewer (at least
-        its send slots). An email endpoint's rate is at most the all-email one
-        (EMAIL_RATE_LIMIT_PER_S): every email also waits for that bucket's token."""
+        its send slots). (Email is bounded in all, too: `email_held_at_most`.)"""
         settings, endpoint = self.settings, job.endpoint
         rate = settings.endpoint_rate_limit_per_s
         if endpoint is not None and endpoint.rate_limit_per_s is not None:
             rate = endpoint.rate_limit_per_s
-        if endpoint is not None and endpoint.channel == "email" and settings.email_rate_limit_per_s > 0:
-            rate = min(rate, settings.email_rate_limit_per_s) if rate > 0 else settings.email_rate_limit_per_s
         if rate <= 0:
             return settings.delivery_endpoint_backlog
         return min(settings.delivery_endpoint_backlog,
                    max(settings.delivery_endpoint_concurrency, math.ceil(rate * ENDPOINT_HELD_RATE_S)))
+
+    def email_held_at_most(self) -> int:
+        """How many email deliveries, every tenant's, this worker may hold: every email waits for the
+        all-email bucket's token, so what EMAIL_RATE_LIMIT_PER_S sends in ENDPOINT_HELD_RATE_S (at
+        least the relay's send slots, at most DELIVERY_ENDPOINT_BACKLOG: the relay is one destination)."""
+        settings = self.settings
+        if settings.email_rate_limit_per_s <= 0:
+            return settings.delivery_endpoint_backlog
+        return min(settings.delivery_endpoint_backlog,
+                   max(settings.delivery_endpoint_concurrency,
+                       math.ceil(settings.email_rate_limit_per_s * ENDPOINT_HELD_RATE_S)))
+
+    def email_full(self) -> bool:
+        """Whether this worker holds as much email as it may: lease no more."""
+        return len(self._email_held) >= self.email_held_at_most()
 
     def full_endpoints(self) -> list[str]:
         """Endpoints this worker holds as many deliveries of as it may: lease no more of them."""
@@ -146,11 +161,15 @@ class Dispatcher:
             if job.key in self._held:
                 continue  # already in hand here (a redelivered message)
             held_at_most = self.held_at_most(job)
+            email = job.endpoint is not None and job.endpoint.channel == "email"
             if (len(self._held) >= self.settings.delivery_max_held
                     or self._per_endpoint.held.get(job.endpoint_id, 0) >= held_at_most
-                    or self._per_client.held.get(job.notification.client_id, 0) >= self.settings.delivery_client_backlog):
+                    or self._per_client.held.get(job.notification.client_id, 0) >= self.settings.delivery_client_backlog
+                    or (email and self.email_full())):
                 refused.append(job)
                 continue
+            if email:
+                self._email_held.add(job.key)
             self._endpoint_held_at_most[job.endpoint_id] = held_at_most
             self._per_endpoint.hold(job.endpoint_id)
             self._per_client.hold(job.notification.client_id)
@@ -164,6 +183,7 @@ class Dispatcher:
                 await deliver(job, self._context)
         finally:
             del self._held[job.key]
+            self._email_held.discard(job.key)
             self._per_endpoint.let_go(job.endpoint_id)
             if job.endpoint_id not in self._per_endpoint.held:
                 del self._endpoint_held_at_most[job.endpoint_id]

@@ -75,6 +75,9 @@ _CANDIDATES_PER_LEASE = 4
 # Due rows nobody holds, oldest first, and of each endpoint no more than the room this worker has
 # for it ($5, DELIVERY_ENDPOINT_BACKLOG, less what it holds: $3/$4): one endpoint with a large
 # backlog would otherwise take the whole batch every sweep and other endpoints' due rows would wait.
+# No email ($11) once this worker holds all the email it may (dispatcher.email_held_at_most): an
+# email backlog older than other rows would otherwise fill the candidates, leased and refused each
+# sweep, while the other rows waited.
 # Only the oldest $7 due rows of endpoints with room are ranked (`candidates`, read in the order of
 # deliveries_due_idx and stopped there): ranking every due row cost each sweep of each worker, every
 # second, a read and a sort of the whole waiting backlog (docs/delivery.md, "The sweep's cost").
@@ -101,6 +104,7 @@ WITH held AS (
         WHERE d.status = 'PENDING' AND d.next_attempt_at <= now()
           AND (d.lease_until IS NULL OR d.lease_until < now())
           AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = d.endpoint_id AND h.held >= $5)
+          AND NOT ($11::bool AND d.channel = 'email')
         ORDER BY d.next_attempt_at
     ) due_rows
     WHERE NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = due_rows.client_id AND h.held >= $10)
@@ -356,13 +360,13 @@ async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady]
 
 async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, int], backlog: int,
                     limit: int, held_by_client: Mapping[str, int] | None = None,
-                    client_backlog: int = 2**31 - 1) -> list[DeliveryJob]:
+                    client_backlog: int = 2**31 - 1, no_email: bool = False) -> list[DeliveryJob]:
     """Lease up to `limit` due rows nobody holds, at most `backlog - held[endpoint]` of an endpoint
-    and `client_backlog - held_by_client[client]` of a client."""
+    and `client_backlog - held_by_client[client]` of a client, and no email with `no_email`."""
     held_by_client = held_by_client or {}
     rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(held), list(held.values()), backlog, limit,
                             limit * _CANDIDATES_PER_LEASE, list(held_by_client), list(held_by_client.values()),
-                            client_backlog)
+                            client_backlog, no_email)
     jobs, unreadable = [], []
     for row in rows:
         try:
