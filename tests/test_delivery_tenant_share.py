@@ -390,10 +390,7 @@ async def test_email_held_in_all_is_what_the_all_email_rate_sends_in_10_s_leavin
                 rule = await insert_rule(pool, tenant)
                 await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
                 emails.append(await pending_notification(pool, tenant, [rule]))
-            other_tenant = await insert_client(pool)
-            other_rule = await insert_rule(pool, other_tenant)
-            await insert_endpoint(pool, other_tenant, other_rule, "webhook", receiver.url("other"))
-            other = await pending_notification(pool, other_tenant, [other_rule])
+            other = await other_tenants_notification(pool, receiver)
             dispatcher = Dispatcher(settings)
             try:
                 started = await start_deliveries(pool, dispatcher, emails)
