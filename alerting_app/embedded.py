@@ -273,6 +273,9 @@ class EmbeddedServices:
             kept: int | None = int(path.read_text())
         except (OSError, ValueError):  # the first run, or a file cut short
             kept = None
+        if kept is not None and not 0 < kept < 65536:
+            # Edited by hand: 0 would bind any port, one past the range raises OverflowError at bind.
+            kept = None
         # The last run's connections to it may still be closing: those do not hold it.
         port = kept if kept is not None and port_free(kept, reuse_address=True) else free_port()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,18 @@ def test_a_restart_listens_on_the_same_ports_unless_one_was_taken_meanwhile(serv
         name: first[name] for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")}
 
 
+
+@pytest.mark.parametrize("written", ["0", "70000", "-5", "redis"])
+def test_a_port_file_that_names_no_port_is_replaced_by_a_free_port(service_folder, written):
+    (service_folder / "redis").mkdir(parents=True)
+    (service_folder / "redis" / "port").write_text(written)
+    with EmbeddedServices(service_folder) as services:
+        urls = services.start(kafka=False, postgres=False)
+        with redis.Redis.from_url(urls["REDIS_URL"]) as client:
+            assert client.ping()
+    port = int(urls["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    assert 0 < port < 65536 and (service_folder / "redis" / "port").read_text() == f"{port}\n"
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on Linux parent-death signals")
 def test_run_after_a_killed_run_starts_cleanly(service_folder):
     folder = service_folder
