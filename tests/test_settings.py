@@ -391,7 +391,9 @@ def test_require_services_accepts_a_complete_configuration():
 
 
 def _run_worker(**env: str | None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, **env}
+    # A free WEB_PORT unless the test names one: the default, 6066, may be a running platform's
+    # (`python3 dev.py run` beside the suite), and the worker would stop on that instead.
+    environment = {**os.environ, "WEB_PORT": str(free_port()), **env}
     for name in [name for name, value in env.items() if value is None]:
         del environment[name]
     # The timeout only guards the suite against a worker that wrongly starts and keeps running.
