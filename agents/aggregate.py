@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from faust.types import EventT, StreamT
 
-from agents.match_outcomes import (groups_lock, known_clients, lock_clients, needs_state, record_stateful,
+from agents.match_outcomes import (groups_lock, lock_clients_shared_reading_deletions, needs_state, record_stateful,
                                    unknown_client)
 from alerting_app import db, metrics
 from alerting_app.db import REFUSED_BY_POSTGRES
@@ -89,12 +89,26 @@ def decode_matched(raw: bytes | None) -> AlertMatched:
     return matched
 
 
+class ClientsBeingDeleted(Exception):
+    """Matches of clients being deleted (web/clients.py) were handed to the plain path, which then
+    recorded nothing: their row stays for their history's sake, so the foreign key lets such a match
+    through, and only this tells it apart. They are dropped like those of a client gone
+    (drop_matches_of_deleted_clients), not recorded; a client marked between this check and the
+    insert gets a notification nothing delivers (agents/deliver.py leaves its clients out) and
+    its history's deletion takes it."""
+
+    def __init__(self, client_ids: set[str]) -> None:
+        super().__init__(f"clients being deleted: {', '.join(sorted(client_ids))}")
+        self.client_ids = client_ids
+
+
 @asynccontextmanager
 async def under_client_locks(conn: asyncpg.Connection | asyncpg.Pool,
                              client_ids: Iterable[str]) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction holding these clients' locks shared (agents/match_outcomes.py `_LOCK_CLIENTS`).
+    """A transaction holding these clients' locks shared (agents/match_outcomes.py `_LOCK_CLIENTS`);
+    raises ClientsBeingDeleted, having written nothing, if some of them are being deleted.
 
-    Without them, during a rebalance overlap, one worker could notify an alert at once while the
+    Without the locks, during a rebalance overlap, one worker could notify an alert at once while the
     other, recording it as a group's member, did not see that uncommitted row: the alert notified
     twice, and if it was the group's first, the group's notification refused as its duplicate.
     """
@@ -103,7 +117,8 @@ async def under_client_locks(conn: asyncpg.Connection | asyncpg.Pool,
         await stack.enter_async_context(conn.transaction())
         # A statement of its own: the insert's snapshot must be taken once the lock is held, so that
         # it sees what a stateful batch holding the lock committed.
-        await lock_clients(conn, client_ids, shared=True)
+        if being_deleted := await lock_clients_shared_reading_deletions(conn, client_ids):
+            raise ClientsBeingDeleted(being_deleted)
         yield conn
 
 
@@ -282,21 +297,20 @@ async def record_matches(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMa
         stateful_paths = [first_path[(matched.client_id, matched.alert.alert_id)] for _, matched in decoded]
     plain = [pair for pair, stateful_path in zip(decoded, stateful_paths) if not stateful_path]
     stateful = [pair for pair, stateful_path in zip(decoded, stateful_paths) if stateful_path]
-    if plain:
-        # A client being deleted keeps its row for its history's sake (web/clients.py): only this
-        # lookup, not the foreign key, tells its matches apart, which are dropped like those of a
-        # client gone (at the end, drop_matches_of_deleted_clients), not recorded.
-        known = await known_clients(conn, [matched.client_id for _, matched in plain])
-        aggregation.unknown_clients.extend(pair for pair in plain if pair[1].client_id not in known)
-        plain = [pair for pair in plain if pair[1].client_id in known]
-    if plain:
+    while plain:
         try:
             aggregation.ready.extend(await record_first_matches(conn, [matched for _, matched in plain]))
+        except ClientsBeingDeleted as exc:
+            # Dropped at the end (drop_matches_of_deleted_clients); the others are recorded again.
+            aggregation.unknown_clients.extend(pair for pair in plain if pair[1].client_id in exc.client_ids)
+            plain = [pair for pair in plain if pair[1].client_id not in exc.client_ids]
+            continue
         except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES):
             # Some match names an unknown client, or holds what Postgres refuses, and the batch
             # statement inserted nothing: record the matches one by one, so only that one becomes a
             # dead letter.
             await record_one_by_one(conn, plain, aggregation)
+        break
     if stateful:
         async with groups_lock:
             seen_before = await record_stateful_isolating(conn, stateful, aggregation)
@@ -351,7 +365,7 @@ def refused_reason(exc: Exception) -> str:
 def refused(aggregation: Aggregation, event: EventT, matched: AlertMatched, exc: Exception) -> None:
     """A match recorded on its own that Postgres refused: its client is unknown (or was deleted
     meanwhile: judged at the end of the batch), or it holds what Postgres cannot store."""
-    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+    if isinstance(exc, (asyncpg.ForeignKeyViolationError, ClientsBeingDeleted)):
         aggregation.unknown_clients.append((event, matched))
     else:
         aggregation.dead_letters.append(dead_letter_for(event.message, refused_reason(exc)))
@@ -363,7 +377,7 @@ async def record_one_by_one(conn: asyncpg.Pool, decoded: list[tuple[EventT, Aler
     for event, matched in decoded:
         try:
             ready = await record_first_match(conn, matched)
-        except (asyncpg.ForeignKeyViolationError, *REFUSED_BY_POSTGRES) as exc:
+        except (asyncpg.ForeignKeyViolationError, ClientsBeingDeleted, *REFUSED_BY_POSTGRES) as exc:
             refused(aggregation, event, matched, exc)
             continue
         # A match redelivered within the batch finds the row still unemitted: emit it once.

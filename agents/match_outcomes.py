@@ -64,6 +64,16 @@ _LOCK_CLIENTS = "SELECT pg_advisory_xact_lock($1::int4, key) FROM unnest($2::int
 # each other, but a stateful batch and a plain one of the same client take turns, so an alert is
 # never notified at once by one worker while another adds it to a group.
 _LOCK_CLIENTS_SHARED = "SELECT pg_advisory_xact_lock_shared($1::int4, key) FROM unnest($2::int4[]) AS key"
+# The same, and in the same round trip, which of the clients ($3) are being deleted (web/clients.py):
+# the plain path records nothing for them, and a look-up of its own cost every batch a round trip.
+# Both subqueries are output, so both run; the deletion mark is read as the statement began, as a
+# look-up before the lock would read it (a client marked meanwhile: agents/aggregate.py says why it
+# does no harm).
+_LOCK_CLIENTS_SHARED_READING_DELETIONS = """
+SELECT (SELECT count(pg_advisory_xact_lock_shared($1::int4, key)) FROM unnest($2::int4[]) AS key) AS locked,
+       array(SELECT client_id::text FROM clients
+             WHERE client_id = ANY($3::uuid[]) AND deleting_since IS NOT NULL) AS being_deleted
+"""
 
 
 def client_lock_key(client_id: str) -> int:
@@ -77,6 +87,14 @@ async def lock_clients(conn: asyncpg.Connection, client_ids: Iterable[str], *, s
     `shared`: held with other shared holders, never with an exclusive one."""
     await conn.execute(_LOCK_CLIENTS_SHARED if shared else _LOCK_CLIENTS, _CLIENT_LOCK_CLASS,
                        sorted({client_lock_key(c) for c in client_ids}))
+
+
+async def lock_clients_shared_reading_deletions(conn: asyncpg.Connection, client_ids: Iterable[str]) -> set[str]:
+    """`lock_clients(shared=True)`; return those of the clients that are being deleted."""
+    client_ids = set(client_ids)
+    row = await conn.fetchrow(_LOCK_CLIENTS_SHARED_READING_DELETIONS, _CLIENT_LOCK_CLASS,
+                              sorted({client_lock_key(c) for c in client_ids}), list(client_ids))
+    return set(row["being_deleted"])
 
 # What is recorded already for each match: the group it joined (and whether that group is closed),
 # or its own notification row.

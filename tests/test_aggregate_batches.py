@@ -144,6 +144,36 @@ async def test_the_matches_of_a_client_deleted_while_they_were_in_flight_are_dro
     assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", deleted) == 0
 
 
+async def test_a_batch_with_an_unknown_client_and_one_being_deleted_drops_the_one_and_dead_letters_the_other(pool):
+    # The batch statement meets the client being deleted first (the lock statement says so), then,
+    # without it, the unknown client (the foreign key): the matches go one by one, and the client
+    # being deleted must still be told apart there, as the foreign key lets its match through.
+    kept, being_deleted, unknown = await insert_client(pool), await insert_client(pool), str(uuid.uuid4())
+    matches = [matched(being_deleted), matched(unknown), matched(kept)]
+    await delete_client_as_the_api_does(pool, being_deleted, matches[0].rule_ids)
+
+    aggregation = await aggregate_batch(pool, [event(match, offset) for offset, match in enumerate(matches)])
+
+    assert [letter.reason for letter in aggregation.dead_letters] == [f"client_id: no such client {unknown}"]
+    assert alert_ids(aggregation.ready) == [matches[2].alert.alert_id]
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", being_deleted) == 0
+
+
+async def test_a_match_recorded_on_its_own_for_a_client_being_deleted_is_not_recorded(pool):
+    # record_one_by_one, as after a refused batch: the client marked since the batch's check.
+    from agents.aggregate import record_one_by_one
+
+    client = await insert_client(pool)
+    match = matched(client)
+    await delete_client_as_the_api_does(pool, client, match.rule_ids)
+    aggregation = Aggregation()
+
+    await record_one_by_one(pool, [(event(match, 0), match)], aggregation)
+
+    assert aggregation.ready == [] and aggregation.dead_letters == []
+    assert [unknown for _, unknown in aggregation.unknown_clients] == [match]
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", client) == 0
+
 async def test_an_alert_silenced_and_matched_again_in_one_batch_keeps_its_first_fate(pool):
     # Sent again once its silence ended, both matches in one batch (aggregate lagging): the plain
     # path runs first, and used to notify the second before the first was recorded SILENCED.
