@@ -25,6 +25,26 @@ async def other_tenants_notification(pool, receiver: Receiver):
     await insert_endpoint(pool, tenant, rule, "webhook", receiver.url("other"))
     return await pending_notification(pool, tenant, [rule])
 
+
+def send_email_to(relay: SmtpServer, settings, monkeypatch, *, timeout_s: float | None = None) -> None:
+    """The worker's email goes to this local relay, in clear (and within `timeout_s`, if given)."""
+    monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+    monkeypatch.setattr(settings, "smtp_port", relay.port)
+    monkeypatch.setattr(settings, "smtp_starttls", False)
+    if timeout_s is not None:
+        monkeypatch.setattr(settings, "smtp_timeout_s", timeout_s)
+
+
+async def email_tenants_notifications(pool, tenants: int) -> list:
+    """As many tenants, each with one email endpoint, and a notification of each waiting to be delivered."""
+    notifications = []
+    for _ in range(tenants):
+        tenant = await insert_client(pool)
+        rule = await insert_rule(pool, tenant)
+        await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
+        notifications.append(await pending_notification(pool, tenant, [rule]))
+    return notifications
+
 @pytest.fixture
 def settings(monkeypatch):
     from alerting_app.app import settings
@@ -140,16 +160,9 @@ async def test_a_hanging_smtp_relay_leaves_the_worker_room_for_another_tenants_w
     async with Receiver() as receiver:
         with SmtpServer() as relay:
             relay.stall(300)  # the sends hang for the whole test
-            monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
-            monkeypatch.setattr(settings, "smtp_port", relay.port)
-            monkeypatch.setattr(settings, "smtp_starttls", False)
-            monkeypatch.setattr(settings, "smtp_timeout_s", 300.0)
-            notifications = []
-            for _ in range(2):  # two tenants' email: each within its own share of the worker
-                tenant = await insert_client(pool)
-                rule = await insert_rule(pool, tenant)
-                await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
-                notifications.append(await pending_notification(pool, tenant, [rule]))
+            send_email_to(relay, settings, monkeypatch, timeout_s=300.0)
+            # Two tenants' email: each within its own share of the worker.
+            notifications = await email_tenants_notifications(pool, 2)
             webhook_notification = await other_tenants_notification(pool, receiver)
             dispatcher = Dispatcher(settings)
             try:
@@ -312,9 +325,7 @@ async def test_a_delivery_whose_endpoint_becomes_email_while_it_waits_takes_the_
     monkeypatch.setattr(attempts, "ENDPOINT_RECHECK_S", 0.0)  # read again before every send, however short the wait
     async with Receiver() as receiver:
         with SmtpServer() as relay:
-            monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
-            monkeypatch.setattr(settings, "smtp_port", relay.port)
-            monkeypatch.setattr(settings, "smtp_starttls", False)
+            send_email_to(relay, settings, monkeypatch)
             answer = receiver.hold("hook")
             tenant = await insert_client(pool)
             rule = await insert_rule(pool, tenant)
@@ -380,16 +391,8 @@ async def test_email_held_in_all_is_what_the_all_email_rate_sends_in_10_s_leavin
     async with Receiver() as receiver:
         with SmtpServer() as relay:
             relay.stall(300)  # what is sent hangs for the whole test
-            monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
-            monkeypatch.setattr(settings, "smtp_port", relay.port)
-            monkeypatch.setattr(settings, "smtp_starttls", False)
-            monkeypatch.setattr(settings, "smtp_timeout_s", 300.0)
-            emails = []
-            for _ in range(2):
-                tenant = await insert_client(pool)
-                rule = await insert_rule(pool, tenant)
-                await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
-                emails.append(await pending_notification(pool, tenant, [rule]))
+            send_email_to(relay, settings, monkeypatch, timeout_s=300.0)
+            emails = await email_tenants_notifications(pool, 2)
             other = await other_tenants_notification(pool, receiver)
             dispatcher = Dispatcher(settings)
             try:
