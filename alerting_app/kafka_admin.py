@@ -104,36 +104,27 @@ def faust_topic_names() -> list[str]:
     return [*changelog_topic_names(), app._leader_assignor._leader_topic_name]  # no public name
 
 
-async def check_replication_for(broker: Broker, names: list[str], replication: int) -> None:
-    """Raise ConfigurationError, naming TOPIC_REPLICATION_FACTOR, when one of `names` is missing (so
-    a worker would create it) and `replication` is above the cluster's broker count.
-
-    Faust creates them as the worker starts (`faust_topic_names`): Kafka refused them there, and the
-    worker stopped with a traceback that did not name the variable. When all exist nothing is
-    created, and the setting does not matter: it never changes a topic's replicas.
-    """
-    admin = AIOKafkaAdminClient(**client_args(broker))
-    await admin.start()
-    try:
-        present = set(await admin.list_topics())
-        if any(name not in present for name in names):
-            _check_replication(replication, len((await admin.describe_cluster())["brokers"]))
-    finally:
-        await admin.close()
-
-
-async def partition_mismatch(broker: Broker, names: list[str], partitions: int) -> str | None:
-    """None when every topic of `names` that exists has `partitions` partitions, else what differs.
+async def check_before_start(broker: Broker, names: list[str], partitions: int, faust_topics: list[str],
+                             replication: int) -> str | None:
+    """What a worker checks of the topics before it starts, on one admin connection and one listing:
+    None when every topic of `names` that exists has `partitions` partitions, else what differs;
+    and ConfigurationError, naming TOPIC_REPLICATION_FACTOR, when one of `faust_topics` is missing
+    (so the worker would create it) and `replication` is above the cluster's broker count.
 
     A worker whose TOPIC_PARTITIONS differs from the topics' would create its table changelogs with
     its own count, and write a client's open group to a changelog partition that is not its
-    `alerts.matched` partition: the group is then never closed, and nothing says so.
+    `alerts.matched` partition: the group is then never closed, and nothing says so. Faust creates
+    `faust_topics` as the worker starts: Kafka refused them there, and the worker stopped with a
+    traceback that did not name the variable. When all exist nothing is created, and the factor
+    does not matter: it never changes a topic's replicas.
     """
     admin = AIOKafkaAdminClient(**client_args(broker))
     await admin.start()
     try:
         present = set(await admin.list_topics())
         report = TopicReport(mismatched=await _mismatched(admin, [n for n in names if n in present], partitions))
+        if not report.mismatched and any(name not in present for name in faust_topics):
+            _check_replication(replication, len((await admin.describe_cluster())["brokers"]))
     finally:
         await admin.close()
     return report.mismatch_message(partitions) or None

@@ -29,7 +29,7 @@ from alerting_app.dependencies import (
     redis_probe_client,
     shipped_schema_version,
 )
-from alerting_app.kafka_admin import check_replication_for, partition_mismatch
+from alerting_app.kafka_admin import check_before_start
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.migrate import MigrationError
 from alerting_app.settings import ConfigurationError, Settings
@@ -170,11 +170,8 @@ def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Ite
 async def _wait_and_compare(settings: Settings, topics: list[str], changelogs: Iterable[str],
                             faust_topics: list[str]) -> str | None:
     await wait_for_dependencies(settings, topics)
-    broker = kafka_connection(settings)
-    mismatch = await partition_mismatch(broker, [*topics, *changelogs], settings.topic_partitions)
-    if not mismatch:
-        await check_replication_for(broker, faust_topics, settings.topic_replication_factor)
-    return mismatch
+    return await check_before_start(kafka_connection(settings), [*topics, *changelogs], settings.topic_partitions,
+                                    faust_topics, settings.topic_replication_factor)
 
 
 async def _stopped_by_sigterm(loop: asyncio.AbstractEventLoop, waiting: Awaitable[str | None]) -> str | None:
