@@ -101,25 +101,25 @@ class Dispatcher:
         """How many deliveries of `job`'s endpoint this worker may hold: DELIVERY_ENDPOINT_BACKLOG, or
         for a rate-limited endpoint what its rate sends in ENDPOINT_HELD_RATE_S, if fewer (at least
         its send slots). (Email is bounded in all, too: `email_held_at_most`.)"""
-        settings, endpoint = self.settings, job.endpoint
-        rate = settings.endpoint_rate_limit_per_s
-        if endpoint is not None and endpoint.rate_limit_per_s is not None:
-            rate = endpoint.rate_limit_per_s
-        if rate <= 0:
-            return settings.delivery_endpoint_backlog
-        return min(settings.delivery_endpoint_backlog,
-                   max(settings.delivery_endpoint_concurrency, math.ceil(rate * ENDPOINT_HELD_RATE_S)))
+        rate = self.settings.endpoint_rate_limit_per_s
+        if job.endpoint is not None and job.endpoint.rate_limit_per_s is not None:
+            rate = job.endpoint.rate_limit_per_s
+        return self._held_for_rate(rate)
 
     def email_held_at_most(self) -> int:
         """How many email deliveries, every tenant's, this worker may hold: every email waits for the
         all-email bucket's token, so what EMAIL_RATE_LIMIT_PER_S sends in ENDPOINT_HELD_RATE_S (at
         least the relay's send slots, at most DELIVERY_ENDPOINT_BACKLOG: the relay is one destination)."""
+        return self._held_for_rate(self.settings.email_rate_limit_per_s)
+
+    def _held_for_rate(self, rate_per_s: float) -> int:
+        """What a rate (0: none) sends in ENDPOINT_HELD_RATE_S, at least one destination's send slots
+        (DELIVERY_ENDPOINT_CONCURRENCY), at most DELIVERY_ENDPOINT_BACKLOG."""
         settings = self.settings
-        if settings.email_rate_limit_per_s <= 0:
+        if rate_per_s <= 0:
             return settings.delivery_endpoint_backlog
         return min(settings.delivery_endpoint_backlog,
-                   max(settings.delivery_endpoint_concurrency,
-                       math.ceil(settings.email_rate_limit_per_s * ENDPOINT_HELD_RATE_S)))
+                   max(settings.delivery_endpoint_concurrency, math.ceil(rate_per_s * ENDPOINT_HELD_RATE_S)))
 
     def email_full(self) -> bool:
         """Whether this worker holds as much email as it may: lease no more."""
