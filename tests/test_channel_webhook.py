@@ -72,6 +72,29 @@ async def test_a_tampered_body_does_not_match_the_signature():
     assert not verifies(json.dumps({**post.body, "client_id": "someone-else"}).encode())
 
 
+async def test_the_timestamped_signature_covers_the_time_of_sending_so_a_replay_can_be_refused():
+    sent_from = int(time.time())
+    async with Receiver() as receiver:
+        await send(receiver.url())
+        [post] = receiver.posts
+    sent_until = int(time.time())
+    timestamp = post.headers["X-Alerting-Timestamp"]
+    received = post.headers["X-Alerting-Signature-Timestamped"]
+
+    def verifies(stamp: str, body: bytes) -> bool:
+        # What a receiver does: HMAC-SHA256 of "<timestamp>.<raw body>" with the secret, compared in
+        # constant time, then refuses a timestamp older than its tolerance (docs/delivery.md).
+        expected = hmac.new(SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(received, f"sha256={expected}")
+
+    # The timestamp is the time of sending, in whole seconds since the epoch.
+    assert sent_from <= int(timestamp) <= sent_until
+    assert verifies(timestamp, post.raw)
+    # A replayer cannot make a captured request look recent: a newer timestamp no longer verifies.
+    assert not verifies(str(int(timestamp) + 600), post.raw)
+    assert not verifies(timestamp, json.dumps({**post.body, "client_id": "someone-else"}).encode())
+
+
 @pytest.mark.parametrize("status", [200, 201, 202, 204])
 async def test_any_2xx_is_a_delivery(status):
     async with Receiver() as receiver:

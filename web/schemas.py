@@ -186,7 +186,7 @@ class EndpointOut(BaseModel):
 
 
 class EndpointCreated(EndpointOut):
-    secret: str = Field(description="the HMAC-SHA256 key of X-Alerting-Signature; shown only in this response")
+    secret: str = Field(description="the HMAC-SHA256 key of X-Alerting-Signature-Timestamped and X-Alerting-Signature; shown only in this response")
 
 
 class EndpointQuery(PageQuery):
