@@ -411,13 +411,21 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         """The endpoint's type as last read: the tenant may change it (PATCH) while the delivery waits."""
         return job.endpoint.channel if job.endpoint else "unknown"
 
-    def record(status: str, attempts: int = 0, error: str | None = None, at: float | None = None, **extra) -> None:
+    def record(status: str, attempts: int = 0, error: str | None = None, at: float | None = None,
+               dead_letter: bool = True, **extra) -> None:
         error = None if error is None else recordable(error)
         # The row's channel is its latest attempt's.
         attempted_by = job.endpoint.channel if attempts and job.endpoint else None
         change = DeliveryChange(*job.key, status, attempts, error, at, at, channel=attempted_by, **extra)
-        letter = _failure_letter(job, error or "", job.attempts + attempts_made) if status == FAILED else None
+        letter = (_failure_letter(job, error or "", job.attempts + attempts_made)
+                  if status == FAILED and dead_letter else None)
         recorder.record(change, channel(), letter)
+
+    def endpoint_gone(reason: str) -> None:
+        # The tenant disabled or deleted the endpoint: its choice, not a failure for the operators'
+        # dead-letter alarm. The row says why, and POST .../retry sends it once the endpoint is
+        # enabled again (records.retry_failed). Counted in notifications_failed all the same.
+        record(FAILED, error=reason, dead_letter=False)
 
     attempts_made = 0
     if job.resumed and await _marked_sent(job, ctx):
@@ -428,7 +436,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         record(SENT)
         return
     if job.endpoint is None or not job.endpoint.enabled:
-        record(FAILED, error="endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
+        endpoint_gone("endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
         return
 
     def failed_attempt(failure: BaseException, wait_s: float, hand_back: bool = False) -> None:
@@ -492,7 +500,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     except ClaimedElsewhere as busy:
         record(PENDING, next_attempt_at=time.time() + busy.busy_for_s, release=True)
     except EndpointGone as gone:
-        record(FAILED, 0, str(gone))  # no attempt was made
+        endpoint_gone(str(gone))  # no attempt was made
     except DeliveryError as exc:
         record(FAILED, 1, str(exc), started)
     except Exception as exc:
