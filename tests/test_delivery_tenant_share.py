@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from alerting_app.delivery import records
 from delivery_receivers import Receiver, SmtpServer
-from test_agent_deliver import pending_notification
+from test_agent_deliver import pending_notification, until_settled
 from test_agent_support import AGENT_LOOP, insert_client, insert_endpoint, insert_rule, pipeline, pool  # noqa: F401
 
 pytestmark = AGENT_LOOP
@@ -309,6 +309,67 @@ async def test_deliveries_whose_retry_is_due_later_wait_in_postgres_leaving_the_
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                [n.notification_id for n in (*failing, other)])
+
+
+async def test_a_tenant_holding_half_its_backlog_waits_for_its_retries_in_postgres_leaving_room_for_its_other_deliveries(
+        pool, settings, monkeypatch, clean_db):
+    """A retry due soon (within HAND_BACK_AFTER_S) is handed back to Postgres all the same when its
+    client holds half its DELIVERY_CLIENT_BACKLOG in the worker: its place goes to a delivery that
+    can be sent now. Before, a delivery to a failing endpoint held its place for its first five
+    attempts (about 17 s with the default backoff): a tenant putting more than its backlog into
+    failing endpoints per 17 s held its whole share, and its deliveries to a healthy endpoint waited
+    in Postgres until the failing ones ran out of attempts. (Here: a backlog of four, four deliveries
+    to an endpoint answering 500, every retry due in 2-3 s, three attempts each.)"""
+    from agents.deliver import start_deliveries, sweep
+    from alerting_app.delivery.attempts import HAND_BACK_AFTER_S
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_client_backlog", 4)
+    monkeypatch.setattr(settings, "delivery_client_concurrency", 4)
+    monkeypatch.setattr(settings, "delivery_max_attempts", 3)
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", 2.0)
+    monkeypatch.setattr(settings, "delivery_backoff_max_s", 3.0)
+    assert settings.delivery_backoff_max_s + 1 < HAND_BACK_AFTER_S  # every wait is one the worker would keep
+    async with Receiver() as receiver:
+        receiver.answer("failing", 500)
+        tenant = await insert_client(pool)
+        failing_rule, healthy_rule = await insert_rule(pool, tenant), await insert_rule(pool, tenant, source="billing")
+        await insert_endpoint(pool, tenant, failing_rule, "webhook", receiver.url("failing"))
+        await insert_endpoint(pool, tenant, healthy_rule, "webhook", receiver.url("healthy"))
+        failing = [await pending_notification(pool, tenant, [failing_rule]) for _ in range(4)]
+        healthy = await pending_notification(pool, tenant, [healthy_rule])
+        dispatcher = Dispatcher(settings)
+
+        async def sweeping() -> None:  # the worker's sweep loop, faster
+            while True:
+                await sweep(pool, dispatcher)
+                await asyncio.sleep(0.05)
+
+        sweeps = None
+        try:
+            # The failing deliveries take the tenant's whole backlog; the healthy one waits in Postgres.
+            assert len(await start_deliveries(pool, dispatcher, failing)) == 4
+            await start_deliveries(pool, dispatcher, [healthy])
+            sweeps = asyncio.ensure_future(sweeping())
+            await receiver.wait_for_posts(1, "healthy", timeout=60)
+            # It went out while the failing deliveries still had retries to make: their places were
+            # given up after their first attempt, not kept through their whole schedule.
+            rows = await pool.fetch("SELECT status, attempts FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                                    [n.notification_id for n in failing])
+            assert sorted(row["status"] for row in rows) == ["PENDING"] * 4
+            assert all(row["attempts"] < settings.delivery_max_attempts for row in rows)
+            # Handed back, each still makes its three attempts, each once, then fails.
+            for notification in failing:
+                await until_settled(pool, notification.notification_id)
+            assert len(receiver.posts_to("failing")) == 4 * 3
+            assert sorted(receiver.idempotency_keys().values()) == [1] + [3] * 4
+        finally:
+            if sweeps is not None:
+                sweeps.cancel()
+                await asyncio.gather(sweeps, return_exceptions=True)
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in (*failing, healthy)])
 
 
 async def test_a_delivery_whose_endpoint_becomes_email_while_it_waits_takes_the_relays_slot(pool, settings,

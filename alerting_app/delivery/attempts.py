@@ -3,8 +3,8 @@ send slots, claim the idempotency key, send, and retry what may succeed later.
 
 Retries: exponential backoff with jitter for retryable failures (a 429's or 503's Retry-After is
 waited when longer, up to DELIVERY_BACKOFF_MAX_S), at most DELIVERY_MAX_ATTEMPTS in all, counting
-the attempts an earlier worker made. A retry due within HAND_BACK_AFTER_S is waited for here; a
-later one is handed back to Postgres, for the sweep. Waiting for a retry holds no send slot;
+the attempts an earlier worker made. A retry due within HAND_BACK_AFTER_S is waited for here
+unless the worker is crowded for its client; a later one is handed back to Postgres, for the sweep. Waiting for a retry holds no send slot;
 waiting for the endpoint's token holds the endpoint's slot only; no token is waited for while
 holding a worker slot.
 """
@@ -88,6 +88,9 @@ class DeliveryContext:
     # Whether the worker is stopping: then no new send starts (a retry's, say, while the stop waits
     # for other sends in flight); the delivery is handed back instead.
     stopping: Callable[[], bool] = lambda: False
+    # Whether the worker is crowded for this job's client (dispatcher.Dispatcher.crowded): then a
+    # retry, however soon it is due, is handed back to Postgres rather than waited for here.
+    crowded: Callable[[DeliveryJob], bool] = lambda job: False
     # The job's endpoint as it is now (None: deleted), read before each retry and before a send
     # that waited (ENDPOINT_RECHECK_S): the tenant may have fixed its URL, or disabled or deleted
     # it, since the delivery was taken up.
@@ -486,7 +489,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 # A delivery taken up again goes on with its schedule: its attempts here follow
                 # the job.attempts recorded before.
                 wait_s = backoff.after_attempt(job.attempts + attempts_made, failure)
-                if wait_s > HAND_BACK_AFTER_S:
+                if wait_s > HAND_BACK_AFTER_S or ctx.crowded(job):
                     failed_attempt(failure, wait_s, hand_back=True)
                     return
                 failed_attempt(failure, wait_s)

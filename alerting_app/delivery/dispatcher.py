@@ -76,7 +76,8 @@ class Dispatcher:
         self._context = DeliveryContext(settings, self._session, redis,
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots, self._in_send,
-                                        lambda: self._stopping, lambda job: endpoint_reads.read(job.endpoint_id))
+                                        lambda: self._stopping, self.crowded,
+                                        lambda job: endpoint_reads.read(job.endpoint_id))
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
         email = job.endpoint is not None and job.endpoint.channel == "email"
@@ -129,6 +130,16 @@ class Dispatcher:
         """Endpoints this worker holds as many deliveries of as it may: lease no more of them."""
         return [endpoint_id for endpoint_id, held in self._per_endpoint.held.items()
                 if held >= self._endpoint_held_at_most[endpoint_id]]
+
+    def crowded(self, job: DeliveryJob) -> bool:
+        """Whether the job's client holds half its DELIVERY_CLIENT_BACKLOG here, or the worker half its
+        DELIVERY_MAX_HELD: then its retries wait in Postgres, however soon they are due, and their
+        places go to deliveries that can be sent now. Before, a delivery to a failing endpoint held
+        its place for its first five attempts (about 17 s): a tenant putting more than its backlog
+        into failing endpoints per 17 s held its whole share (its own healthy endpoints' deliveries
+        waiting in Postgres behind its retries), and four such tenants the worker."""
+        return (self._per_client.held.get(job.notification.client_id, 0) * 2 >= self.settings.delivery_client_backlog
+                or len(self._held) * 2 >= self.settings.delivery_max_held)
 
     def full_clients(self) -> list[str]:
         """Clients (tenants) this worker holds as many deliveries of as it may: lease no more of them."""
