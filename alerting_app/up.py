@@ -285,6 +285,10 @@ async def _redis_probe(url: str) -> None:
         await client.aclose()
 
 
+# In DATA_DIR while `up` sends the notifications a new notifications.ready lacks (`_prepare`).
+RESEND_MARK = "notifications-to-send-again"
+
+
 def _prepare(env: dict[str, str], settings: Settings) -> None:
     applied = asyncio.run(apply_migrations(env["DATABASE_URL"]))
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}", flush=True)
@@ -308,8 +312,15 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
             count = asyncio.run(publish_current_state(env["DATABASE_URL"], broker, outbox,
                                                       queued_first=not embedded_broker))
             print(f"{kind} put on {topic} from Postgres: {count}", flush=True)
-    if "notifications.ready" in report.created:
+    # Marked in DATA_DIR while under way: on a broker of KAFKA_BOOTSTRAP_SERVERS, which keeps its
+    # topics, an `up` stopped partway finds notifications.ready there next time, and without the mark
+    # would leave the rest PENDING for ever. Sending one again is harmless (agents/deliver.py).
+    resend_mark = Path(env["DATA_DIR"]) / RESEND_MARK
+    if "notifications.ready" in report.created or resend_mark.exists():
+        resend_mark.parent.mkdir(parents=True, exist_ok=True)
+        resend_mark.touch()
         count, unreadable = asyncio.run(emit_undelivered_notifications(env["DATABASE_URL"], broker))
+        resend_mark.unlink()
         print(f"notifications sent again to notifications.ready from Postgres (pending, no delivery opened): "
               f"{count}", flush=True)
         if unreadable:

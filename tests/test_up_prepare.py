@@ -163,6 +163,52 @@ def test_a_new_broker_gets_the_notifications_whose_deliveries_were_never_opened(
     assert ids["unreadable"] in unreadable_line.split(": ", 1)[1].split(", ")
 
 
+def test_an_up_stopped_while_it_sends_pending_notifications_again_sends_them_at_the_next_run(services, tmp_path,
+                                                                                            monkeypatch):
+    # On a broker that keeps its topics (one of KAFKA_BOOTSTRAP_SERVERS), the next `up` finds
+    # notifications.ready there: before, it sent none, and what the stopped one had not sent stayed
+    # PENDING for ever.
+    import asyncpg
+    import pytest
+
+    from alerting_app import load
+    from alerting_app.up import RESEND_MARK
+    from kafka_probe import read_topic
+
+    async def insert() -> tuple[str, str]:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            client_id = str(uuid.uuid4())
+            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
+                               client_id, uuid.uuid4().hex)
+            return client_id, await _notification(conn, client_id, emitted=False)
+        finally:
+            await conn.close()
+
+    client_id, pending = asyncio.run(insert())
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as kept_broker:
+        env.update(kept_broker.start(postgres=False, redis=False))
+
+        send_all = load._send_all
+
+        async def stopped(producer, topic: str, messages) -> None:
+            if topic == "notifications.ready":
+                raise KeyboardInterrupt  # Ctrl-C while the pending notifications are sent
+            await send_all(producer, topic, messages)
+        with monkeypatch.context() as interrupted:
+            interrupted.setattr(load, "_send_all", stopped)
+            with pytest.raises(KeyboardInterrupt):
+                _prepare(env, Settings())
+        assert (tmp_path / "data" / RESEND_MARK).exists()
+
+        _prepare(env, Settings())  # the next run: notifications.ready is there now
+        sent = [json.loads(value) for _, value in asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"],
+                                                                         "notifications.ready"))]
+    assert [message["notification_id"] for message in sent if message["client_id"] == client_id] == [pending]
+    assert not (tmp_path / "data" / RESEND_MARK).exists()
+
+
 def test_a_second_up_on_the_same_data_dir_stops_at_once_and_says_why(services, tmp_path):
     # Even with every service given (nothing embedded, so no services folder is locked): two
     # workers would share DATA_DIR's table state and log.
