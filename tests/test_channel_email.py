@@ -290,6 +290,37 @@ async def test_a_message_the_relay_took_is_delivered_however_slow_the_relay_is_t
         assert len(smtp.messages) == 1
 
 
+async def test_goodbyes_to_a_relay_slow_to_answer_them_hold_no_more_connections_than_its_send_slots():
+    # Each email's send ends at the relay's 250 to DATA, giving up its relay slot; its QUIT goes on in
+    # the background. Before, every one did: a relay slow to answer QUIT held a connection open for
+    # each email sent meanwhile, however many, past the relay's slots (and its connection limit).
+    import psutil
+
+    from alerting_app.channels import email
+
+    def open_to_the_relay() -> int:
+        return sum(1 for connection in psutil.Process().net_connections("tcp")
+                   if connection.raddr and connection.raddr.port == smtp.port
+                   and connection.status == psutil.CONN_ESTABLISHED)
+
+    with SmtpServer() as smtp, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(email, "_GOODBYE_S", 60.0)  # every goodbye under way stays so for the whole test
+        smtp.stall_goodbye(60)
+        settings = smtp_settings(smtp.port).model_copy(update={"delivery_endpoint_concurrency": 2,
+                                                                "smtp_timeout_s": 60})  # aiosmtplib's bound on QUIT too
+        for _ in range(6):
+            await send_email(settings, "oncall@example.com", notification())
+        assert len(smtp.messages) == 6
+        # Two goodbyes wait for the relay; the other connections are closed (by the next turns of
+        # the event loop: waited for, with a bound).
+        async with asyncio.timeout(10):
+            while open_to_the_relay() > 2:
+                await asyncio.sleep(0.01)
+        assert open_to_the_relay() == 2 == len(email._goodbyes)
+        for goodbye in list(email._goodbyes):
+            goodbye.cancel()
+
+
 async def test_a_relay_that_stops_answering_is_left_at_the_timeout_not_asked_for_a_goodbye():
     # Before, the timeout's cancellation went through aiosmtplib's `async with`, which then sent QUIT
     # and waited for its answer for up to its per-command timeout: a hanging relay held each email

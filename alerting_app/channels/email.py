@@ -130,7 +130,7 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         # Connection refused or lost, timeouts, and a relay that lacks what the settings require
         # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.
         raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
-    _say_goodbye(relay)
+    _say_goodbye(relay, settings.delivery_endpoint_concurrency)
 
 
 async def _converse(relay: aiosmtplib.SMTP, message: EmailMessage, timeout_s: float) -> None:
@@ -160,7 +160,14 @@ _GOODBYE_S = 1.0
 _goodbyes: set[asyncio.Task] = set()  # referenced while they run: asyncio keeps only weak references
 
 
-def _say_goodbye(relay: aiosmtplib.SMTP) -> None:
+def _say_goodbye(relay: aiosmtplib.SMTP, most: int) -> None:
+    """QUIT in the background, while fewer than `most` (the relay's send slots) are under way; else
+    close at once. A goodbye holds a connection to the relay for up to _GOODBYE_S after its send
+    gave up its slot: unbounded, a relay slow to answer QUIT held a connection per email sent in
+    that time (hundreds, with EMAIL_RATE_LIMIT_PER_S=0), past any connection limit it has."""
+    if len(_goodbyes) >= most:
+        relay.close()  # RFC 5321 asks for QUIT, but a relay takes a closed connection as its end too
+        return
     goodbye = asyncio.ensure_future(_goodbye(relay))
     _goodbyes.add(goodbye)
     goodbye.add_done_callback(_goodbyes.discard)
