@@ -21,6 +21,7 @@ DOCUMENTED_ROUTES = {
     ("POST", "/api/v1/endpoints"), ("GET", "/api/v1/endpoints"),
     ("GET", "/api/v1/endpoints/{endpoint_id}"), ("PATCH", "/api/v1/endpoints/{endpoint_id}"),
     ("DELETE", "/api/v1/endpoints/{endpoint_id}"), ("POST", "/api/v1/endpoints/{endpoint_id}/secret"),
+    ("POST", "/api/v1/endpoints/{endpoint_id}/test"),
     ("GET", "/api/v1/notifications"), ("GET", "/api/v1/notifications/{notification_id}"),
     ("POST", "/api/v1/notifications/{notification_id}/retry"),
     ("POST", "/api/v1/silences"), ("GET", "/api/v1/silences"),

@@ -2,4 +2,4 @@
 
 Importing this package registers every view on `alerting_app.app.app`.
 """
-from web import alerts, clients, endpoints, notifications, rules, silences, worker_state  # noqa: F401
+from web import alerts, clients, endpoint_trial, endpoints, notifications, rules, silences, worker_state  # noqa: F401

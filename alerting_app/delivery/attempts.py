@@ -26,7 +26,7 @@ from alerting_app.channels.email import send_email
 from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError, recordable
 from alerting_app.channels.slack import send_slack
 from alerting_app.channels.webhook import send_webhook
-from alerting_app.contracts import DeadLetter
+from alerting_app.contracts import DeadLetter, NotificationReady
 from alerting_app.delivery import claims
 from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint_bucket
@@ -183,15 +183,16 @@ def _backoff(initial_s: float, max_s: float) -> Backoff:
     return Backoff(initial_s, max_s)
 
 
-async def send(job: DeliveryJob, ctx: DeliveryContext) -> None:
-    endpoint, settings = job.endpoint, ctx.settings
+async def send_to(endpoint: Endpoint, notification: NotificationReady, session: aiohttp.ClientSession,
+                  settings: Settings) -> None:
+    """Send `notification` to `endpoint` by its channel, once (a delivery's attempt, and an API test)."""
     if endpoint.channel == "webhook":
-        await send_webhook(ctx.session, endpoint.value, endpoint.secret, endpoint.endpoint_id, job.notification,
+        await send_webhook(session, endpoint.value, endpoint.secret, endpoint.endpoint_id, notification,
                            settings.webhook_timeout_s)
     elif endpoint.channel == "slack":
-        await send_slack(ctx.session, endpoint.value, job.notification, settings.webhook_timeout_s)
+        await send_slack(session, endpoint.value, notification, settings.webhook_timeout_s)
     elif endpoint.channel == "email":
-        await send_email(settings, endpoint.value, job.notification)
+        await send_email(settings, endpoint.value, notification)
     else:
         raise PermanentDeliveryError(f"unknown channel {endpoint.channel!r}")
 
@@ -367,7 +368,7 @@ async def _worker_slot_with_fresh_tokens(worker_slots: asyncio.Semaphore, rate_l
 
 async def _send_claimed(job: DeliveryJob, ctx: DeliveryContext, claim: claims.Claim) -> None:
     try:
-        await send(job, ctx)
+        await send_to(job.endpoint, job.notification, ctx.session, ctx.settings)
     except asyncio.CancelledError:
         # The worker is stopping: the request may have left, so the claim stays until its TTL, as a
         # dead worker's would, and the resend (if any) carries the same Idempotency-Key.

@@ -1,0 +1,135 @@
+"""POST /api/v1/endpoints/{id}/test: a test notification sent now by the endpoint's channel, to real
+local receivers (HTTP and SMTP), with the tokens taken from the real Redis."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+import pytest_asyncio
+
+from delivery_receivers import Receiver, SmtpServer
+from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+
+pytestmark = API_LOOP
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def redis_closed_after_the_module():
+    from alerting_app import redis_client
+
+    yield
+    await redis_client.close()
+
+
+async def endpoint_to(api, tenant, type_: str, value: str, **extra) -> dict:
+    rule = await api.new_rule(tenant)
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {"rule_id": rule["rule_id"], "type": type_, "value": value, **extra})
+    assert reply.status == 201, reply.body
+    return reply.body
+
+
+async def test_a_webhook_test_is_signed_with_the_endpoints_secret_and_leaves_no_record(api, tenant):
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url())
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+
+        assert reply.status == 200, reply.body
+        assert reply.body == {"endpoint_id": endpoint["endpoint_id"], "notification_id": reply.body["notification_id"],
+                              "channel": "webhook", "delivered": True, "error": None, "retryable": None}
+        [post] = receiver.posts
+    # What a receiver checks, with the secret shown at the endpoint's creation.
+    mac = hmac.new(endpoint["secret"].encode(), post.headers["X-Alerting-Timestamp"].encode() + b"." + post.raw,
+                   hashlib.sha256)
+    assert post.headers["X-Alerting-Signature-Timestamped"] == "sha256=" + mac.hexdigest()
+    assert post.headers["Idempotency-Key"] == f"{reply.body['notification_id']}:{endpoint['endpoint_id']}"
+    [alert] = post.body["alerts"]
+    assert (alert["name"], alert["source"], alert["context"]) == (
+        "Test notification", "alerting-app", {"test": "true", "endpoint_id": endpoint["endpoint_id"]})
+    assert (post.body["client_id"], post.body["rule_ids"]) == (tenant.client_id, [endpoint["rule_id"]])
+    # A test is no notification: nothing in the tenant's history, nothing to deliver again.
+    listed = await api.call("GET", "/api/v1/notifications", tenant.key)
+    assert listed.body["items"] == []
+
+
+@pytest.mark.parametrize("status, retryable", [(500, True), (429, True), (404, False)])
+async def test_a_test_the_endpoint_refuses_says_why_and_whether_a_delivery_would_retry(api, tenant, status,
+                                                                                         retryable):
+    async with Receiver() as receiver:
+        receiver.answer("hook", status)
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url())
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+
+        assert reply.status == 200, reply.body
+        assert (reply.body["delivered"], reply.body["retryable"]) == (False, retryable)
+        assert reply.body["error"].startswith(f"HTTP {status}")
+        assert len(receiver.posts) == 1  # once: a test is not retried
+
+
+async def test_a_second_test_within_the_interval_is_refused_with_retry_after_and_sends_nothing(api, tenant):
+    from web.endpoint_trial import TEST_INTERVAL_S
+
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url())
+        path = f"/api/v1/endpoints/{endpoint['endpoint_id']}/test"
+        first = await api.call("POST", path, tenant.key)
+        second = await api.call("POST", path, tenant.key)
+
+        assert first.status == 200 and first.body["delivered"]
+        assert second.status == 429
+        assert second.body["error"] == "rate_limited"
+        assert f"one test per {TEST_INTERVAL_S:g} s" in second.body["message"]
+        assert 1 <= int(second.headers["Retry-After"]) <= TEST_INTERVAL_S
+        assert len(receiver.posts) == 1
+
+
+async def test_a_test_takes_the_endpoints_own_rate_limit_token_as_a_delivery_does(api, tenant):
+    # A tenant's key cannot make the platform send to an address faster than its endpoint allows.
+    from alerting_app import redis_client
+    from alerting_app.app import settings
+    from alerting_app.delivery.rate_limits import RateLimits, endpoint_bucket
+    from alerting_app.redis_pipelining import PipelinedRedis
+
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url(), rate_limit_per_s=0.001)
+        # A delivery took the endpoint's one token.
+        limits = RateLimits(PipelinedRedis(redis_client.redis()), settings.endpoint_rate_burst_s)
+        assert await limits.try_take(endpoint_bucket(settings.app_id, endpoint["endpoint_id"]), 0.001)
+
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+        assert reply.status == 429
+        assert "the endpoint's rate limit" in reply.body["message"]
+        assert receiver.posts == []
+
+
+async def test_an_email_test_reaches_the_relay_with_the_test_in_its_subject(api, tenant, monkeypatch):
+    from alerting_app.app import settings
+
+    with SmtpServer() as relay:
+        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+        monkeypatch.setattr(settings, "smtp_port", relay.port)
+        monkeypatch.setattr(settings, "smtp_starttls", False)
+        endpoint = await endpoint_to(api, tenant, "email", "oncall@example.com")
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+
+        assert reply.status == 200 and reply.body["delivered"], reply.body
+        [message] = relay.messages
+    assert message["To"] == "oncall@example.com"
+    assert "Test notification" in message["Subject"]
+
+
+async def test_a_disabled_endpoint_can_be_tested_before_it_is_enabled(api, tenant):
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url(), enabled=False)
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+        assert reply.status == 200 and reply.body["delivered"]
+        assert len(receiver.posts) == 1
+
+
+async def test_another_tenants_endpoint_cannot_be_tested(api, tenant, other_tenant):
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url())
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", other_tenant.key)
+        assert reply.status == 404
+        assert receiver.posts == []

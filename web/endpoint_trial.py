@@ -1,0 +1,113 @@
+"""POST /api/v1/endpoints/{endpoint_id}/test: send the endpoint a test notification now, and say how it went.
+
+A tenant checks an endpoint (its URL and secret, a Slack webhook, a mail address) before an alert
+depends on it. The test goes by the endpoint's channel as a delivery does, signed with its secret,
+through the same checks of the address (ALLOW_PRIVATE_ENDPOINTS), and the answer says whether the
+endpoint took it, or the reason it did not, as a delivery's `last_error` would. It is sent once: not
+recorded, not retried, not dead-lettered. A disabled endpoint can be tested, so that it can be
+checked before it is enabled.
+
+Every test takes a token of the endpoint's own rate limit (and, for email, of the all-email one),
+as a delivery does, and of a bucket of tests of its own, one per TEST_INTERVAL_S: a tenant's key
+cannot make the platform send to an address faster than the endpoint allows, or test it in a
+loop. Without a token the answer is 429, with Retry-After, and nothing is sent.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from uuid import uuid4
+
+from faust.web import Request, Response
+from redis.exceptions import RedisError
+
+from alerting_app import db, redis_client
+from alerting_app.app import app, settings
+from alerting_app.channels.errors import DeliveryError, RetryableDeliveryError, recordable
+from alerting_app.channels.http import endpoint_session
+from alerting_app.contracts import Alert, NotificationReady
+from alerting_app.delivery.attempts import send_to
+from alerting_app.delivery.jobs import Endpoint
+from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint_bucket
+from alerting_app.redis_pipelining import PipelinedRedis
+from web.auth import ApiView
+from web.errors import NotFound
+from web.validation import path_id
+
+log = logging.getLogger(__name__)
+
+# One test per endpoint per this many seconds, whatever its rate limit.
+TEST_INTERVAL_S = 5.0
+
+ENDPOINT = """
+    SELECT endpoint_id::text, rule_id::text, client_id::text, type, value, secret, rate_limit_per_s, enabled
+    FROM endpoints WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+"""
+
+
+def trial_bucket(app_id: str, endpoint_id: str) -> str:
+    return f"{app_id}:endpoint-test:{endpoint_id}"
+
+
+def trial_notification(client_id: str, rule_id: str, endpoint_id: str) -> NotificationReady:
+    """A notification that says what it is in every channel's text: a test, of this endpoint."""
+    now = time.time()
+    alert = Alert(alert_id=f"test-{uuid4()}", event_ts=now, severity="LOW", source="alerting-app",
+                  name="Test notification", context={"test": "true", "endpoint_id": endpoint_id})
+    return NotificationReady(client_id=client_id, rule_ids=[rule_id], alerts=[alert], created_at=now)
+
+
+class _Throttled(Exception):
+    def __init__(self, retry_after_s: float, what: str) -> None:
+        super().__init__(what)
+        self.retry_after_s = retry_after_s
+
+
+async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint) -> None:
+    """The tokens a test spends, or _Throttled naming the first bucket that has none now."""
+    limits = RateLimits(redis, settings.endpoint_rate_burst_s)
+    rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
+    buckets = [(trial_bucket(settings.app_id, endpoint.endpoint_id), 1 / TEST_INTERVAL_S,
+                f"one test per {TEST_INTERVAL_S:g} s per endpoint"),
+               (endpoint_bucket(settings.app_id, endpoint.endpoint_id), rate, "the endpoint's rate limit")]
+    if endpoint.channel == "email":
+        buckets.append((email_bucket(settings.app_id), settings.email_rate_limit_per_s,
+                        "the rate limit of all email (EMAIL_RATE_LIMIT_PER_S)"))
+    for bucket, rate_per_s, what in buckets:
+        if not await limits.try_take(bucket, rate_per_s):
+            raise _Throttled(1 / rate_per_s, what)
+
+
+@app.page("/api/v1/endpoints/{endpoint_id}/test")
+class EndpointTestView(ApiView):
+    async def post(self, request: Request, endpoint_id: str) -> Response:
+        pool = await db.api_pool()
+        row = await pool.fetchrow(ENDPOINT, path_id(endpoint_id), self.caller(request).client_id)
+        if row is None:
+            raise NotFound()
+        endpoint = Endpoint(row["endpoint_id"], row["type"], row["value"], row["secret"], row["rate_limit_per_s"],
+                            row["enabled"])
+        redis = PipelinedRedis(redis_client.redis())
+        try:
+            await _take_tokens(redis, endpoint)
+        except _Throttled as throttled:
+            wait_s = max(1, math.ceil(throttled.retry_after_s))
+            return self.error(429, "rate_limited", message=f"no test now: {throttled}; try again in {wait_s} s",
+                              headers={"Retry-After": str(wait_s)})
+        except RedisError as exc:
+            log.warning("endpoint test: the rate-limit tokens could not be taken: %s", exc)
+            return self.error(503, "redis_unavailable", message="the rate limits cannot be checked now; nothing was sent")
+        notification = trial_notification(row["client_id"], row["rule_id"], endpoint.endpoint_id)
+        error, retryable = None, None
+        async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints) as session:
+            try:
+                await send_to(endpoint, notification, session, settings)
+            except DeliveryError as exc:
+                error, retryable = recordable(str(exc)), isinstance(exc, RetryableDeliveryError)
+            except Exception as exc:  # ours, not the endpoint's: as a delivery, its type and message
+                log.exception("endpoint test %s: the send raised %s", endpoint.endpoint_id, type(exc).__name__)
+                error, retryable = recordable(f"{type(exc).__name__}: {exc}"), False
+        return self.json({"endpoint_id": endpoint.endpoint_id, "notification_id": notification.notification_id,
+                          "channel": endpoint.channel, "delivered": error is None, "error": error,
+                          "retryable": retryable})
