@@ -15,7 +15,8 @@ what it read in a local RocksDB store:
   a partition holds fewer messages than the store has read, or the last message the store read of
   a partition is no longer at its offset (another record there, or the same content written at
   another time); or if the store holds an entry the current contract refuses (it would fail every
-  start alike), the store is discarded and rebuilt from the topic. Compaction can also remove that
+  start alike), or RocksDB finds the store corrupted (`StoreCorrupted`), the store is discarded and
+  rebuilt from the topic. Compaction can also remove that
   last message (once a newer one of the same rule is written after it): the store is then rebuilt
   without need, which costs one read of the compacted topic and nothing else;
 - nor is a store used that had read the topic only up to before a delete that retention has
@@ -61,6 +62,17 @@ _LAST_READ = "last-read:"  # record_mark of the last record read, per partition
 _READ_UP_TO = "read-up-to"  # a time (unix seconds) before which the store holds every record of the topic
 
 
+class StoreCorrupted(Exception):
+    """RocksDB found the local store corrupted (a checksum that fails, a damaged file): it is rebuilt
+    from the topic, of which it is only a copy."""
+
+
+def _is_corruption(exc: Exception) -> bool:
+    # rocksdict raises a plain Exception carrying RocksDB's status, "Corruption: ..." for this one
+    # (and e.g. "IO error: ..." for a lock another process holds, which must not discard anything).
+    return str(exc).startswith("Corruption")
+
+
 class RuleStore:
     """The local RocksDB copy: newest event per rule (a delete with its time), and the next offset to
     read per partition."""
@@ -68,7 +80,16 @@ class RuleStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = Rdict(str(path))
+        try:
+            self._db = Rdict(str(path))
+        except Exception as exc:
+            if not _is_corruption(exc):
+                raise
+            # Failing here on every start, the replica never caught up and the worker never matched.
+            log.error("the local rule store %s is corrupted, RocksDB cannot open it (%s); discarding it and "
+                      "rebuilding it from the topic", path, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            self._db = Rdict(str(path))
 
     def load(self) -> tuple[Iterator[RuleChanged], dict[int, int]]:
         """(the stored events, the next offset per partition).
@@ -86,7 +107,12 @@ class RuleStore:
     def read_up_to(self) -> float | None:
         """A time (unix seconds) before which every record of the topic is in the store, if one was
         recorded (`mark_read_up_to`; a store of an older release has none)."""
-        return self._db.get(_READ_UP_TO)
+        try:
+            return self._db.get(_READ_UP_TO)
+        except Exception as exc:
+            if _is_corruption(exc):
+                raise StoreCorrupted(f"the store is corrupted: {exc}") from None
+            raise
 
     def mark_read_up_to(self, at: float) -> None:
         self._db[_READ_UP_TO] = at
@@ -97,11 +123,28 @@ class RuleStore:
         return {key[len(_DELETED_AT):]: value for key, value in self._prefixed(_DELETED_AT)}
 
     def _prefixed(self, prefix: str) -> Iterator[tuple[str, object]]:
+        """The entries whose key starts with `prefix`; raises StoreCorrupted where RocksDB finds the
+        store corrupted."""
         # Keys are kept sorted: the entries of one prefix are contiguous from the prefix itself.
+        last = None
         for key, value in self._db.items(from_key=prefix):
             if not key.startswith(prefix):
                 return
+            last = key
             yield key, value
+        # The items ran out: at the end of the store, or at a block RocksDB found corrupted, where
+        # `Rdict.items` ends too, as if nothing followed (a worker loaded part of its rules, and read
+        # on from offsets past the others). An iterator of our own, stepped there again, says which.
+        entries = self._db.iter()
+        entries.seek(prefix if last is None else last)
+        if last is not None and entries.valid():
+            entries.next()
+        try:
+            entries.status()  # raises what stopped the iteration, if anything did
+        except Exception as exc:
+            if _is_corruption(exc):
+                raise StoreCorrupted(f"the store is corrupted: {exc}") from None
+            raise
 
     def last_read(self) -> dict[int, str]:
         """The mark (changelog_replica.record_mark) of the last record read, per partition; a store
@@ -191,19 +234,21 @@ class RuleReplica(ChangelogReplica):
 
     def load(self, store: RuleStore) -> tuple[RuleIndex, dict[int, int]]:
         """(a fresh index of the stored rules, the next offset per partition), or, when the store holds
-        an entry the contract refuses, (an empty index, no offsets) and the store emptied."""
-        changes, offsets = store.load()
-        deleted_at = store.deleted_at()
+        an entry the contract refuses or RocksDB finds it corrupted, (an empty index, no offsets) and
+        the store emptied."""
+        changes = None
         loaded_at = time.time()
         undated: dict[str, float] = {}  # stored deletes without a time (an older release's store)
         loaded = RuleIndex()
         try:
+            changes, offsets = store.load()
+            deleted_at = store.deleted_at()
             for change in changes:
                 at = deleted_at.get(change.rule_id)
                 if at is None and change.action == "delete":
                     at = undated[change.rule_id] = loaded_at
                 loaded.apply(change, at)
-        except UndecodableMessage as exc:
+        except (UndecodableMessage, StoreCorrupted) as exc:
             refused = str(exc)
         else:
             # Dated now, once: a worker restarted more often than the retention still forgets them.
@@ -213,7 +258,7 @@ class RuleReplica(ChangelogReplica):
         # Discarded out of the except block: its traceback holds the store's open iterator, and
         # RocksDB keeps its lock while an iterator lives.
         del changes
-        log.error("the local rule store %s holds an entry the rule contract refuses (%s); "
+        log.error("the local rule store %s holds an entry the rule contract refuses, or is corrupted (%s); "
                   "discarding the store and rebuilding it from the topic", store.path, refused)
         store.discard()
         return RuleIndex(), {}
@@ -272,21 +317,29 @@ class RuleReplica(ChangelogReplica):
 
     async def run(self, broker: Broker, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` for ever, keeping the index and the store current."""
-        if (outdated := await self.outdated_now(store)) is not None:
+        try:
+            outdated = await self.outdated_now(store)
+        except StoreCorrupted as exc:
+            outdated = str(exc)
+        if outdated is not None:
             log.warning("discarding the local rule store %s and rebuilding it from the topic: %s", store.path, outdated)
             store.discard()
         self.filling, offsets = self.load(store)
 
         def rebuild(reason: str) -> dict[int, int]:
-            log.warning("%s: the topic was recreated; rebuilding the local rule store from the topic", reason)
+            log.warning("%s; rebuilding the local rule store from the topic", reason)
             store.discard()
             self.filling = RuleIndex()
             return {}
 
         async def start_at(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> dict[int, int]:
             if any(offsets.get(tp.partition, 0) > end for tp, end in ends.items()):
-                return rebuild(f"{topic} holds fewer messages than the local rule store has read")
-            marks = store.last_read()
+                return rebuild(f"{topic} holds fewer messages than the local rule store has read: "
+                               "the topic was recreated")
+            try:
+                marks = store.last_read()
+            except StoreCorrupted as exc:
+                return rebuild(f"the local rule store {store.path}: {exc}")
             last = {tp: offsets[tp.partition] - 1 for tp in ends if offsets.get(tp.partition, 0) > 0
                     and tp.partition in marks}
             # A broker too slow to answer raises (the replica is run again), rather than counting as
@@ -296,7 +349,7 @@ class RuleReplica(ChangelogReplica):
                            if tp not in found or record_mark(found[tp]) != marks[tp.partition])
             if moved:
                 return rebuild(f"the last message the local rule store read of {topic} is not at its offset any "
-                               f"more (partitions {', '.join(map(str, moved))})")
+                               f"more (partitions {', '.join(map(str, moved))}): the topic was recreated")
             return offsets
 
         async def on_batches(batches: Batches) -> None:
