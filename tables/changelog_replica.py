@@ -327,19 +327,32 @@ async def _all_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicP
         await consumer._client.force_metadata_update()
 
 
+# keep_running's pauses before a restart: doubled after each failure up to the longest, and back to
+# the first once a run lasted this long.
+RESTART_FIRST_PAUSE_S = 1.0
+RESTART_LONGEST_PAUSE_S = 30.0
+RESTART_PAUSE_RESET_AFTER_S = 60.0
+
+
 async def keep_running(name: str, run_once: Callable[[], Awaitable[None]], should_stop: Callable[[], bool]) -> None:
     """Run a replica until the worker stops, restarting it after a failure with a growing pause.
 
     A replica must not die quietly: matching would go on with rules or silences that no longer change.
     """
-    delay = 1.0
+    delay = RESTART_FIRST_PAUSE_S
     while not should_stop():
+        started = time.monotonic()
         try:
             await run_once()
         except asyncio.CancelledError:
             raise
         except Exception:
             stop_if_cancelled()  # a cancellation that surfaced as another error stops it, not restarts it
-            log.exception("%s failed; restarting in %.0fs", name, delay)
+            if time.monotonic() - started >= RESTART_PAUSE_RESET_AFTER_S:
+                # It ran well before this failure: a new trouble, not the same one again. Before,
+                # the pause never shrank, and after five failures in a worker's life every later
+                # one left its rules or silences unchanged for 30 s.
+                delay = RESTART_FIRST_PAUSE_S
+            log.exception("%s failed; restarting in %gs", name, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, RESTART_LONGEST_PAUSE_S)

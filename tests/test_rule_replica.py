@@ -7,6 +7,7 @@ Each test uses a topic of its own, so the offsets it checks are its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import json
 import random
@@ -361,6 +362,30 @@ async def test_a_cancellation_that_surfaced_as_another_error_stops_keep_running_
     finally:
         kept.cancel()  # a second cancellation, delivered this time (before, it restarted for ever)
 
+
+
+async def test_keep_running_pauses_from_the_first_pause_again_after_a_run_that_went_well(monkeypatch, caplog):
+    # Before, the pause only grew: after five failures in a worker's life, every later failure,
+    # however far apart, left the replica (and the rules or silences it keeps current) stopped for 30 s.
+    from tables import changelog_replica
+
+    monkeypatch.setattr(changelog_replica, "RESTART_FIRST_PAUSE_S", 0.01)
+    monkeypatch.setattr(changelog_replica, "RESTART_LONGEST_PAUSE_S", 0.08)
+    monkeypatch.setattr(changelog_replica, "RESTART_PAUSE_RESET_AFTER_S", 0.2)
+    runs = 0
+
+    async def run_once() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 7:
+            await asyncio.sleep(0.3)  # a run that went well for longer than the reset, then failed
+        raise KafkaError(f"failure {runs}")
+
+    with caplog.at_level(logging.ERROR, logger=changelog_replica.__name__):
+        await keep_running("test replica", run_once, lambda: runs >= 8)
+    pauses = [float(record.getMessage().rsplit(" ", 1)[1].rstrip("s")) for record in caplog.records
+              if "restarting in" in record.getMessage()]
+    assert pauses == [0.01, 0.02, 0.04, 0.08, 0.08, 0.08, 0.01, 0.02]
 
 
 @pytest.mark.parametrize("broker_is_down", [True, False])
