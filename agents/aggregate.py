@@ -344,16 +344,14 @@ async def drop_matches_of_deleted_clients(conn: asyncpg.Pool, aggregation: Aggre
 def input_order(matches: list[AlertMatched]) -> Callable[[NotificationReady], int]:
     """A sort key putting each notification at the position of its match's first occurrence.
 
-    A closed group's notification, re-emitted here because its closer died before emitting it,
-    goes first: its alerts arrived before anything of this batch.
+    (A closed group's notification found never emitted is not among them: record_stateful emits
+    it before anything of this batch, as its alerts arrived first.)
     """
     positions: dict[tuple[str, str], int] = {}
     for position, matched in enumerate(matches):
         positions.setdefault((matched.client_id, matched.alert.alert_id), position)
 
     def position_of(ready: NotificationReady) -> int:
-        if ready.group_rule_id is not None:
-            return -1
         return positions.get((ready.client_id, ready.alerts[0].alert_id), -1)
     return position_of
 
@@ -411,16 +409,17 @@ async def record_stateful_isolating(conn: asyncpg.Pool, decoded: list[tuple[Even
 async def _record_stateful_or_nothing(conn: asyncpg.Pool, decoded: list[tuple[EventT, AlertMatched]],
                                       aggregation: Aggregation) -> list[AlertMatched]:
     """`record_stateful`, adding its notifications and dead letters to `aggregation` only if it succeeds."""
-    attempt = Aggregation(ready=list(aggregation.ready))  # it skips closed groups being emitted already
+    attempt = Aggregation()
     seen_before = await record_stateful(conn, decoded, attempt, emit_now)
-    aggregation.ready[:] = attempt.ready
+    aggregation.ready.extend(attempt.ready)
     aggregation.dead_letters.extend(attempt.dead_letters)
     aggregation.unknown_clients.extend(attempt.unknown_clients)
     return seen_before
 
 
 async def emit_now(ready: list[NotificationReady], dead_letters: list[DeadLetter]) -> None:
-    """Emit before the batch's own notifications (groups closed early, record_stateful)."""
+    """Emit before the batch's own notifications (groups closed early, or closed and never emitted:
+    record_stateful)."""
     await publish_aggregation(Aggregation(ready=ready, dead_letters=dead_letters))
 
 

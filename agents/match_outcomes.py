@@ -271,9 +271,10 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
     Runs under `groups_lock`; reads, decides and writes Postgres in one transaction holding the
     clients' advisory locks (see _LOCK_CLIENTS). The table is written after it commits: a crash in
     between leaves members in Postgres that the redelivered messages put back in their group.
-    Groups closed early (tables/groups.py close_early) are emitted with `emit` between the two: the
-    table forgets them only once they are emitted, so until then a redelivered batch finds them in
-    the table, closed, and emits them (the check of `closed` below).
+    Groups closed early (tables/groups.py close_early), and closed groups found never emitted (their
+    emitter died), are emitted with `emit` between the two: the table forgets them only once they
+    are emitted, so until then a redelivered batch finds them in the table, closed, and emits them
+    (the check of `closed` below).
     Returns the matches notified at once before, whose notification may never have been emitted:
     emitting them again is the plain path's business (agents/aggregate.py).
     """
@@ -308,15 +309,12 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
             current[key], bad = groups.sorted_out(key, groups.open_groups.get(key))
             malformed += bad
         closed = await group_records.closed_groups(conn, current.values())
-        if closed or outcome.closed_groups:
-            # A closed group is about to be dropped from the table, or a member of a closed group is
-            # delivered again; if the group's notification was inserted and its emitter died before
-            # emitting it (the closer, or this agent closing it early), no closer would ever see it
-            # again: emit it here.
-            emitting = {ready.notification_id for ready in aggregation.ready}
-            aggregation.ready.extend(
-                ready for ready in await group_records.unemitted_groups(conn, sorted(closed | outcome.closed_groups))
-                if ready.notification_id not in emitting)
+        # A closed group is about to be dropped from the table, or a member of a closed group is
+        # delivered again; if the group's notification was inserted and its emitter died before
+        # emitting it (the closer, or this agent closing it early), no closer would ever see it
+        # again: emit it here.
+        left_unemitted = (await group_records.unemitted_groups(conn, sorted(closed | outcome.closed_groups))
+                          if closed or outcome.closed_groups else [])
         plan = groups.plan_joins(current, outcome.joins, closed, now, settings.group_max_alerts)
         # A client with too many open groups for one changelog message has its oldest closed now.
         closed_early = groups.close_early(plan)
@@ -325,6 +323,11 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         silences = (await active_silences(conn, {d.key.decode() for d in closed_early}, now) if closed_early
                     else SilenceIndex())
         closed_early_ready, refused = await group_records.record_closed_groups_apart(conn, closed_early, now, silences)
+    if left_unemitted:
+        # Before the table forgets them, as groups closed early are: left to the batch's sink, they
+        # were lost for good when the worker died once the table was written, as the batch
+        # delivered again may hold none of their members, and its clients' values no longer hold them.
+        await emit(left_unemitted, [])
     if malformed:
         # Sent before the client's value is written without them (tables/groups.py Malformed).
         await emit([], [groups.malformed_letter(m) for m in malformed])

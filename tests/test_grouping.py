@@ -701,14 +701,46 @@ async def test_a_group_closed_but_not_emitted_is_emitted_by_the_agent_that_drops
     # sees a new alert of the client before any closer runs, and drops the closed group.
     [first_built] = await group_records.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
 
-    [aggregation] = await aggregate(grouped(client, rule, the_alert=alert(2)))
+    await aggregate(grouped(client, rule, the_alert=alert(2)))
 
-    assert first_built in aggregation.ready
+    assert first_built.notification_id in [m["notification_id"] for m in await sent_to("notifications.ready", client)]
     [row] = [r for r in await rows_of(pool, client) if r["notification_id"] == first_built.notification_id]
     assert row["emitted"]
     assert first_built.notification_id not in {
         group["notification_id"] for group in (groups.open_groups.get(client.encode()) or {}).values()}
     await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # the second alert's group: leave none open
+
+
+@AGENT_LOOP
+async def test_a_closed_group_the_agent_drops_is_emitted_before_the_table_forgets_it(pool, monkeypatch):
+    """The agent drops a closed, never emitted group from its client's value (as above), and the
+    worker dies once that value is in the changelog. The batch delivered again holds no member of
+    that group and finds no trace of it in the table: had it been left to the batch's sink, which
+    never ran, the group would never be notified."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    await aggregate(grouped(client, rule, the_alert=alert(1)))
+    value = groups.open_groups.get(client.encode())
+    [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
+    [first_built] = await group_records.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
+    next_alert = grouped(client, rule, the_alert=alert(2))
+    written = groups.wait_until_written
+
+    async def dies_once_written() -> None:
+        await written()
+        raise RuntimeError("the worker died once the table was written, before its sink ran")
+    monkeypatch.setattr(groups, "wait_until_written", dies_once_written)
+    with pytest.raises(RuntimeError, match="the worker died"):
+        await aggregate(next_alert)
+    monkeypatch.undo()
+    assert first_built.notification_id not in {
+        group["notification_id"] for group in (groups.open_groups.get(client.encode()) or {}).values()}
+
+    await aggregate(next_alert)  # the batch, delivered again after the restart
+    await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # the second alert's group: leave none open
+
+    [row] = [r for r in await rows_of(pool, client) if r["notification_id"] == first_built.notification_id]
+    assert row["emitted"]
+    assert first_built.notification_id in [m["notification_id"] for m in await sent_to("notifications.ready", client)]
 
 
 @AGENT_LOOP
@@ -725,7 +757,8 @@ async def test_a_member_delivered_again_emits_its_closed_group_if_it_never_was(p
 
     [aggregation] = await aggregate(member)
 
-    assert aggregation.ready == [first_built]
+    assert aggregation.ready == []  # emitted at once, not by the batch's sink
+    assert [m["notification_id"] for m in await sent_to("notifications.ready", client)] == [first_built.notification_id]
     [row] = await rows_of(pool, client)
     assert row["emitted"]
     [again] = await aggregate(member)  # emitted now: nothing more

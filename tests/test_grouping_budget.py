@@ -17,7 +17,7 @@ from agents.aggregate import aggregate_matches
 from agents.close_groups import close_due_groups
 from alerting_app.contracts import MAX_CONTEXT_ENTRIES, Alert, AlertMatched
 from tables import groups
-from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool  # noqa: F401  (fixtures)
+from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 from test_grouping import closed_for
 
 BROKER_MESSAGE_LIMIT = 1_000_000  # Faust's producer_max_request_size, the smaller of the two limits
@@ -252,9 +252,8 @@ async def test_groups_closed_early_whose_emit_never_happened_are_emitted_by_the_
     # The client's next batch (after a restart, the same batch again; here another alert will do).
     async with aggregate_matches.test_context() as agent:
         await agent.put(grouped(client, str(uuid.uuid4()), sized_alert(999)).encode(), key=client.encode())
-        aggregation = agent.results[0]
 
-    assert closed <= {ready.notification_id for ready in aggregation.ready}
+    assert closed <= {m["notification_id"] for m in await sent_to("notifications.ready", client)}
     assert await pool.fetchval("SELECT count(*) FROM notifications WHERE notification_id = ANY($1::uuid[]) "
                                "AND emitted", list(closed)) == len(closed)
     assert not closed & {group["notification_id"] for group in groups.open_groups[client.encode()].values()}
