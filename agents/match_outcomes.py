@@ -164,6 +164,9 @@ class Outcome:
     notified_fingerprints: dict[tuple[str, str], float] = field(default_factory=dict)
     seen_before: list[AlertMatched] = field(default_factory=list)  # notified at once earlier: maybe unemitted
     closed_groups: set[str] = field(default_factory=set)  # groups of members seen before: maybe unemitted
+    # (client_id, alert_id) -> (fingerprint, time) of a grouped match that notified its fingerprint
+    # by joining: kept with its membership, forgotten if a silence mutes it at close (tables/group_records.py).
+    joined_fingerprints: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
 
 
 def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified: dict[tuple[str, str], float],
@@ -201,6 +204,8 @@ def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified:
                 outcome.notified_fingerprints[(client, matched.fingerprint)] = now
             if is_grouped(matched):
                 outcome.joins.append(groups.Join(matched))
+                if is_repeat_checked(matched):
+                    outcome.joined_fingerprints[(client, matched.alert.alert_id)] = (matched.fingerprint, now)
             else:
                 outcome.rows.append((matched, "PENDING", None))
     return outcome
@@ -251,7 +256,7 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
             [status for _, status, _ in built],
             [detail for _, _, detail in built],
         ))
-    await group_records.record_memberships(conn, plan.memberships)
+    await group_records.record_memberships(conn, plan.memberships, outcome.joined_fingerprints)
     if outcome.notified_fingerprints:
         keys = list(outcome.notified_fingerprints)
         await conn.execute(_REMEMBER_NOTIFIED, [k[0] for k in keys], [k[1] for k in keys],

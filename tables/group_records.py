@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -28,11 +28,14 @@ log = logging.getLogger(__name__)
 
 # A membership moves only while its notification does not exist: once a group is closed, its
 # members are final. Its unlisted alert moves with it: a member the group it moves to lists has none
-# (the table holds its alert), one it does not list has its alert kept here for the closer.
+# (the table holds its alert), one it does not list has its alert kept here for the closer. Its
+# fingerprint is the one it notified when it first joined (migrations/014), kept when it moves.
 _UPSERT_MEMBERSHIPS = """
-INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id, unlisted_alert)
-SELECT m.client_id, m.alert_id, m.notification_id, m.unlisted_alert::jsonb
-FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[]) AS m(client_id, alert_id, notification_id, unlisted_alert)
+INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id, unlisted_alert, fingerprint,
+                                      fingerprint_notified_at)
+SELECT m.client_id, m.alert_id, m.notification_id, m.unlisted_alert::jsonb, m.fingerprint, to_timestamp(m.notified_at)
+FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::float8[])
+    AS m(client_id, alert_id, notification_id, unlisted_alert, fingerprint, notified_at)
 ON CONFLICT (client_id, alert_id) DO UPDATE
     SET notification_id = EXCLUDED.notification_id, unlisted_alert = EXCLUDED.unlisted_alert
     WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
@@ -42,10 +45,16 @@ _CLOSED = "SELECT notification_id::text FROM notifications WHERE notification_id
 
 
 async def record_memberships(conn: asyncpg.Connection,
-                             memberships: Sequence[tuple[str, str, str, str | None]]) -> None:
-    """Upsert (client_id, alert_id, notification_id, the alert as JSON if its group does not list it)."""
+                             memberships: Sequence[tuple[str, str, str, str | None]],
+                             fingerprints: Mapping[tuple[str, str], tuple[str, float]] | None = None) -> None:
+    """Upsert (client_id, alert_id, notification_id, the alert as JSON if its group does not list it);
+    `fingerprints`: by (client_id, alert_id), the fingerprint a member joining for the first time
+    notified, and when (the time written to `fingerprints`)."""
     if memberships:
-        await conn.execute(_UPSERT_MEMBERSHIPS, *(list(column) for column in zip(*memberships)))
+        noted = [(fingerprints or {}).get((client_id, alert_id), (None, None))
+                 for client_id, alert_id, _, _ in memberships]
+        await conn.execute(_UPSERT_MEMBERSHIPS, *(list(column) for column in zip(*memberships)),
+                           [fingerprint for fingerprint, _ in noted], [at for _, at in noted])
 
 
 async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterable[ClientGroups | None]) -> set[str]:
@@ -79,7 +88,19 @@ FROM (SELECT g.*, m.members, g.silenced IS NOT NULL AND m.members <= g.accounted
       CROSS JOIN LATERAL (SELECT count(*) AS members FROM notification_alerts a
                           WHERE a.notification_id = g.notification_id) m) g
 ON CONFLICT DO NOTHING
-RETURNING status
+RETURNING notification_id::text, status
+"""
+
+# A member silenced when its group closed was notified to nobody: the fingerprint it counted as
+# notified when it joined is forgotten, unless a later notification of that fingerprint wrote it
+# since (another time). Its repeats are then notified once the silence ended, as those of a match
+# silenced when it is matched are (agents/match_outcomes.py decide).
+_FORGET_SILENCED_FINGERPRINTS = """
+DELETE FROM fingerprints f
+USING unnest($1::uuid[], $2::uuid[], $3::text[]) AS s(notification_id, client_id, alert_id)
+JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
+                          AND a.notification_id = s.notification_id
+WHERE f.client_id = a.client_id AND f.fingerprint = a.fingerprint AND f.last_notified_at = a.fingerprint_notified_at
 """
 
 
@@ -91,6 +112,16 @@ class Listing:
     accounted: int  # the members checked: listed, or unlisted with their alert read
     counted: int = 0  # of those, the ones not silenced that have no place in the listing
     silenced_by: str | None = None  # the detail of a group whose checked members are all silenced
+    silenced: tuple[str, ...] = ()  # the alert_ids of the members a silence matched
+
+    def notified_to_nobody(self, status: str) -> list[str]:
+        """The silenced members the notification, inserted with `status`, does not notify: all of them
+        in a SILENCED one; in a PENDING one, those it does not list (it lists silenced alerts only
+        when it must be notified for a member that could not be checked)."""
+        if status == "SILENCED":
+            return list(self.silenced)
+        listed = {alert["alert_id"] for alert in self.alerts}
+        return [alert_id for alert_id in self.silenced if alert_id not in listed]
 
 
 def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float, unlisted: Iterable[dict] = ()) -> Listing:
@@ -120,6 +151,7 @@ class ListingAtClose:
         self._silences, self._at = silences, at
         self._listed_ids = {alert["alert_id"] for alert in self._listed}
         self._silenced_by: set[str] = set()
+        self._silenced: list[str] = []
         self._kept = self._not_silenced(self._listed)
         self._accounted = len(self._listed)
         self._counted = 0
@@ -132,6 +164,7 @@ class ListingAtClose:
                 kept.append(alert)
             else:
                 self._silenced_by.add(silence_id)
+                self._silenced.append(alert["alert_id"])
         return kept
 
     def check(self, unlisted: Iterable[dict]) -> None:
@@ -143,8 +176,9 @@ class ListingAtClose:
 
     def listing(self) -> Listing:
         if self._kept:
-            return Listing(self._kept, self._accounted, counted=self._counted)
-        return Listing(self._listed, self._accounted, silenced_by="silenced by " + ", ".join(sorted(self._silenced_by)))
+            return Listing(self._kept, self._accounted, counted=self._counted, silenced=tuple(self._silenced))
+        return Listing(self._listed, self._accounted, silenced_by="silenced by " + ", ".join(sorted(self._silenced_by)),
+                       silenced=tuple(self._silenced))
 
 
 # The alerts of a group's unlisted members, in the order they joined (one batch's by alert_id).
@@ -220,6 +254,13 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     # Counted when inserted, as the agent counts its silenced matches; a transaction rolled back
     # after this (a lost connection) counts them again when the group is closed again.
     metrics.notifications_silenced.inc(sum(row["status"] == "SILENCED" for row in inserted))
+    # Only at the first close, in its transaction: a group closed again decides nothing anew.
+    listing_of_group = {d.group["notification_id"]: (d, listing) for d, listing in zip(due, listings)}
+    forgotten = [(row["notification_id"], listing_of_group[row["notification_id"]][0].key.decode(), alert_id)
+                 for row in inserted
+                 for alert_id in listing_of_group[row["notification_id"]][1].notified_to_nobody(row["status"])]
+    if forgotten:
+        await conn.execute(_FORGET_SILENCED_FINGERPRINTS, *(list(column) for column in zip(*forgotten)))
     return await unemitted_groups(conn, [d.group["notification_id"] for d in due])
 
 

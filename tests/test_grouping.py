@@ -402,6 +402,53 @@ async def test_a_group_whose_members_are_all_silenced_at_close_is_recorded_silen
     assert await closed_for(pool, client, opened + 10) == []  # closed: nothing more
 
 
+def grouped_repeating(client_id: str, rule_id: str, the_alert: Alert, window_s: int = 5,
+                      interval_s: int = 3600) -> AlertMatched:
+    """A match of a rule that groups and suppresses repeats (the fingerprint: client, severity, source, name)."""
+    return matched(client_id, [rule_id], the_alert, group_rule_id=rule_id, group_window_s=window_s,
+                   repeat_interval_s=interval_s, fingerprint=fingerprint_of(client_id, the_alert, []))
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize("others", ["alone", "with a member notified"])
+async def test_an_alert_silenced_as_its_group_closes_does_not_suppress_its_repeats_once_the_silence_ended(
+        pool, monkeypatch, others):
+    """An alert silenced when it is matched is notified to nobody, and suppresses no repeat: once the
+    silence ended, the next alert of its fingerprint is notified. So must one silenced when its group
+    closes (a silence created while the group was open), whether the whole group is silenced or not:
+    as Alertmanager records in its notification log only what it notified."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    opened = time.time()
+    monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened))
+    muted = grouped_repeating(client, rule, alert(1))
+    notified = grouped_repeating(client, rule, alert(2).model_copy(update={"name": "OtherCheck"}))
+    await aggregate(muted, *([notified] if others == "with a member notified" else []))
+    await insert_silence(pool, client, opened - 60, opened + 10, n="1")
+    assert [ready.alerts for ready in await closed_for(pool, client, opened + 5)] == (
+        [[notified.alert]] if others == "with a member notified" else [])
+
+    monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened + 20))  # the silence ended
+    repeat_of_muted = grouped_repeating(client, rule, alert(3))
+    repeat_of_notified = grouped_repeating(client, rule, alert(4).model_copy(update={"name": "OtherCheck"}))
+    await aggregate(repeat_of_muted, repeat_of_notified)
+
+    [ready] = await closed_for(pool, client, opened + 25)
+    assert ready.alerts == [repeat_of_muted.alert] + ([] if others == "with a member notified"
+                                                      else [repeat_of_notified.alert])
+    assert [row["status"] for row in await rows_of(pool, client) if row["alert_id"] == repeat_of_notified.alert.alert_id
+            ] == (["SUPPRESSED"] if others == "with a member notified" else [])
+
+
+def test_a_silenced_member_its_notification_lists_all_the_same_keeps_its_fingerprint():
+    """A group whose checked members are all silenced is notified when it has a member that could not
+    be checked, listing its silenced alerts: those are notified, the unlisted silenced ones are not."""
+    listing = group_records.Listing([{"alert_id": "a"}], accounted=2, silenced_by="silenced by s",
+                                    silenced=("a", "b"))
+
+    assert listing.notified_to_nobody("SILENCED") == ["a", "b"]
+    assert listing.notified_to_nobody("PENDING") == ["b"]
+
+
 @AGENT_LOOP
 async def test_a_closed_groups_row_is_never_updated_before_it_was_created(pool):
     """created_at is the closing worker's clock (here 5 s ahead of Postgres's, as the closer's `now`
