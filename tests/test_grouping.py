@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import asyncpg
 import pytest
 
+from agents import aggregate as aggregate_module
 from agents.aggregate import aggregate_matches, record_first_matches
 from agents import match_outcomes
 from agents.close_groups import close_due_groups
@@ -785,6 +786,34 @@ async def test_a_closed_group_the_agent_drops_is_emitted_before_the_table_forget
     await aggregate(next_alert)  # the batch, delivered again after the restart
     await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # the second alert's group: leave none open
 
+    [row] = [r for r in await rows_of(pool, client) if r["notification_id"] == first_built.notification_id]
+    assert row["emitted"]
+    assert first_built.notification_id in [m["notification_id"] for m in await sent_to("notifications.ready", client)]
+
+
+@AGENT_LOOP
+async def test_a_closed_group_the_agent_drops_is_emitted_when_its_batch_is_recorded_again(pool, monkeypatch):
+    """A transient Postgres error once the table was written has the whole batch recorded again
+    (db.retry_transient), into a new aggregation: the closed group it dropped from the table was
+    not emitted by the first attempt's, and the second no longer finds it there."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    await aggregate(grouped(client, rule, the_alert=alert(1)))
+    value = groups.open_groups.get(client.encode())
+    [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
+    [first_built] = await group_records.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
+    dropping = aggregate_module.drop_matches_of_deleted_clients
+    failures = [ConnectionResetError("Postgres went away")]
+
+    async def fails_once(conn, aggregation) -> None:
+        if failures:
+            raise failures.pop()
+        await dropping(conn, aggregation)
+    monkeypatch.setattr(aggregate_module, "drop_matches_of_deleted_clients", fails_once)
+
+    await aggregate(grouped(client, rule, the_alert=alert(2)))
+    await close_due_groups(pool, time.time() + 5, ALL_PARTITIONS)  # the second alert's group: leave none open
+
+    assert not failures
     [row] = [r for r in await rows_of(pool, client) if r["notification_id"] == first_built.notification_id]
     assert row["emitted"]
     assert first_built.notification_id in [m["notification_id"] for m in await sent_to("notifications.ready", client)]
