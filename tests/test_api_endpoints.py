@@ -248,3 +248,34 @@ async def test_an_address_changed_meanwhile_is_checked_again_before_it_is_stored
                            {"value": "https://hooks.example.com/new"})
     assert (reply.status, reply.body["type"], reply.body["value"]) == (200, "slack", "https://hooks.example.com/new")
     assert resolved == ["hooks.example.com", "hooks.example.com"]
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_a_refused_name_reads_the_same_whether_it_resolves_inside_our_network_or_not_at_all(
+        api, tenant, private_endpoints_refused, method):
+    """Otherwise any key with a rule maps our network's names: which exist (`localhost` here, a
+    database's name in production) and what kind of address they have, from our resolver's answers."""
+    rule = await api.new_rule(tenant, source="name-oracle")
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://93.184.216.34/hook")
+    messages = {}
+    for host in ("localhost", "no-such-name.invalid"):
+        url = f"http://{host}/hook"
+        if method == "POST":
+            reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                                   {"rule_id": rule["rule_id"], "type": "webhook", "value": url})
+        else:
+            reply = await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                                   {"value": url})
+        assert reply.failing_fields() == {"value"}
+        messages[host] = reply.body["fields"][0]["message"].replace(host, "<host>")
+    assert messages["localhost"] == messages["no-such-name.invalid"], messages
+    assert "ALLOW_PRIVATE_ENDPOINTS is off" in messages["localhost"]
+
+
+async def test_an_address_written_in_the_url_is_refused_saying_what_kind_it_is(api, tenant, private_endpoints_refused):
+    # The tenant wrote the address itself: its kind tells it nothing about our network.
+    rule = await api.new_rule(tenant, source="literal-kind")
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {"rule_id": rule["rule_id"], "type": "webhook", "value": "http://127.0.0.1/hook"})
+    assert reply.failing_fields() == {"value"}
+    assert "127.0.0.1 is a loopback address" in reply.body["fields"][0]["message"]
