@@ -15,7 +15,9 @@ import subprocess
 import urllib.error
 import urllib.request
 
+import aiohttp
 import pytest
+import redis
 
 from alerting_app.dependencies import shipped_schema_version
 from alerting_app.embedded import create_database, drop_database, free_port, with_database
@@ -72,6 +74,33 @@ def test_a_worker_bound_to_one_address_is_waited_for_there(start_worker):
 
     assert worker.url == f"http://[::1]:{worker.port}"
     assert get_json(worker.url + "/healthz") == (200, {"status": "alive"})
+
+
+
+def test_a_flood_of_readiness_probes_opens_no_connection_per_request(start_worker, services):
+    """/readyz answers anyone on WEB_PORT, without a token: each request asked Postgres (on the
+    agents' pool), Redis and the broker (a new connection and login) for itself, so a flood of them
+    opened a Redis connection per concurrent request, kept after, and a broker login per request."""
+    worker = start_worker(APP_ID=f"ops-flood-{secrets.token_hex(4)}", ROLES="api")
+    wait_until(lambda: readiness(worker.url)[0] == 200, "ready")
+    server = redis.Redis.from_url(services.redis_url)
+
+    async def flood() -> list[int]:
+        async with aiohttp.ClientSession() as http:
+            async def probe() -> int:
+                async with http.get(worker.url + "/readyz") as response:
+                    await response.read()
+                    return response.status
+            return await asyncio.gather(*(probe() for _ in range(40)))
+
+    try:
+        before = server.info("clients")["connected_clients"]
+        statuses = asyncio.run(flood())
+        after = server.info("clients")["connected_clients"]
+    finally:
+        server.close()
+    assert set(statuses) == {200}
+    assert after - before <= 1, (before, after)
 
 
 def _status(url: str) -> int:

@@ -7,7 +7,8 @@
   least to this release's newest migration, the rule and silence replicas have caught up (on a
   worker that evaluates) and the Faust worker has fully started; otherwise 503. The JSON says the
   state of each, so the answer explains itself. (That the pipeline topics exist is checked once,
-  before the worker starts: alerting_app/startup_wait.py.)
+  before the worker starts: alerting_app/startup_wait.py.) The services' states are probed once
+  for requests arriving together, and reused for a second (`dependency_states`).
 - `/startedz`: 200 once this worker has been ready (as /readyz says) at least once, whatever its
   dependencies do since; 503 before. ECS's health check uses it by default: a revision that never
   gets ready is rolled back, and an outage of Postgres, Redis or the broker later restarts nothing.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 from aiokafka.errors import KafkaError
@@ -71,12 +73,45 @@ def roles() -> frozenset[str]:
     return parse_roles(settings.roles)
 
 
-async def readiness() -> list[DependencyState]:
-    states = list(await asyncio.gather(
+# /readyz (and /startedz until ready) answer anyone on WEB_PORT, without a token. Each request
+# probed the services for itself: a flood of them opened a Redis connection per concurrent request
+# (kept after), a broker connection and login per request, and queued on the agents' Postgres pool.
+# Concurrent requests now share one probe, and an answer is reused for this long.
+DEPENDENCY_PROBE_REUSE_S = 1.0
+_probing: asyncio.Future[list[DependencyState]] | None = None
+_probed: tuple[float, list[DependencyState]] | None = None  # (when, what) of the last probe
+
+
+async def _probe_dependencies() -> list[DependencyState]:
+    return list(await asyncio.gather(
         probe("broker", broker_topics_missing(kafka_connection(settings))),
         probe("postgres", pool_ready(db.pool())),
         probe("redis", redis_answers(_redis_client())),
     ))
+
+
+def _keep_probe(probing: asyncio.Future[list[DependencyState]]) -> None:
+    global _probing, _probed
+    _probing = None
+    if not probing.cancelled() and probing.exception() is None:
+        _probed = (time.monotonic(), probing.result())
+
+
+async def dependency_states() -> list[DependencyState]:
+    """The broker's, Postgres's and Redis's states, probed at most once at a time, and at most once
+    every DEPENDENCY_PROBE_REUSE_S."""
+    global _probing
+    if _probed is not None and time.monotonic() - _probed[0] < DEPENDENCY_PROBE_REUSE_S:
+        return _probed[1]
+    if _probing is None:
+        _probing = asyncio.ensure_future(_probe_dependencies())
+        _probing.add_done_callback(_keep_probe)
+    # Shielded: one request given up (its client gone) does not cancel the others' probe.
+    return await asyncio.shield(_probing)
+
+
+async def readiness() -> list[DependencyState]:
+    states = list(await dependency_states())
     states.append(DependencyState("worker", _started.is_set(), "started" if _started.is_set() else "starting"))
     if "evaluate" in roles():
         caught_up = rule_replica.is_caught_up
