@@ -211,7 +211,7 @@ async def test_a_changed_address_is_resolved_before_the_endpoint_is_locked(api, 
     pool = await db.pool()
     lock_free_while_resolving = []
 
-    async def resolving(host: str, port: int) -> None:
+    async def resolving(host: str, port: int, executor: object = None) -> None:
         async with pool.acquire() as conn, conn.transaction():
             try:
                 await conn.execute("SELECT 1 FROM endpoints WHERE endpoint_id = $1 FOR UPDATE NOWAIT",
@@ -238,7 +238,7 @@ async def test_an_address_changed_meanwhile_is_checked_again_before_it_is_stored
     pool = await db.pool()
     resolved = []
 
-    async def resolving(host: str, port: int) -> None:
+    async def resolving(host: str, port: int, executor: object = None) -> None:
         if not resolved:  # another change makes it a Slack endpoint while the first lookup runs
             await pool.execute("UPDATE endpoints SET type = 'slack' WHERE endpoint_id = $1", endpoint["endpoint_id"])
         resolved.append(host)
@@ -279,3 +279,73 @@ async def test_an_address_written_in_the_url_is_refused_saying_what_kind_it_is(a
                            {"rule_id": rule["rule_id"], "type": "webhook", "value": "http://127.0.0.1/hook"})
     assert reply.failing_fields() == {"value"}
     assert "127.0.0.1 is a loopback address" in reply.body["fields"][0]["message"]
+
+
+# --- a tenant's slow DNS holds nobody else's lookups --------------------------------------------
+
+SLOW_DOMAIN = ".slow-dns.test"
+
+
+@pytest.fixture
+def slow_dns(monkeypatch):
+    """Names under SLOW_DOMAIN take until `release` is set to fail to resolve, as names under a
+    tenant's own name server that answers late or never; every other name resolves as it does."""
+    import socket
+    import threading
+
+    real = socket.getaddrinfo
+    release, started = threading.Event(), []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(SLOW_DOMAIN):
+            started.append(host)
+            release.wait(120)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield release, started
+    release.set()
+
+
+async def test_a_tenants_slow_lookups_leave_the_deliveries_resolver_free(api, tenant, private_endpoints_refused,
+                                                                          slow_dns):
+    """The API's lookups ran on the event loop's default executor (six threads here), which every
+    delivery's connection resolves its host on (aiohttp's ThreadedResolver): a few endpoint changes
+    naming hosts under a slow name server held every tenant's deliveries for as long."""
+    import asyncio
+
+    from aiohttp.resolver import ThreadedResolver
+
+    release, started = slow_dns
+    rule = await api.new_rule(tenant, source="slow-dns")
+    creating = [asyncio.create_task(api.call("POST", "/api/v1/endpoints", tenant.key,
+                                             {"rule_id": rule["rule_id"], "type": "webhook",
+                                              "value": f"https://n{number}{SLOW_DOMAIN}/hook"}))
+                for number in range(40)]
+    while len(started) < 4:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # the other requests reach their lookups too (or the test is blind, not failing)
+    resolver = ThreadedResolver()
+    resolving = asyncio.create_task(resolver.resolve("localhost", 80))
+    # Bounds a hang only: with the lookups sharing the deliveries' threads, it waits for `release`.
+    done, _ = await asyncio.wait({resolving}, timeout=60)
+    release.set()
+    replies = await asyncio.gather(*creating)
+    await resolver.close()
+    assert done, "a delivery's lookup waited behind the tenant's"
+    assert resolving.result()
+    assert {reply.status for reply in replies} == {422}
+
+
+async def test_a_lookup_that_does_not_answer_in_time_is_refused_naming_the_value(api, tenant,
+                                                                                 private_endpoints_refused,
+                                                                                 slow_dns, monkeypatch):
+    import web.endpoints
+
+    monkeypatch.setattr(web.endpoints, "ENDPOINT_LOOKUP_TIMEOUT_S", 0.2)
+    rule = await api.new_rule(tenant, source="dns-timeout")
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {"rule_id": rule["rule_id"], "type": "webhook", "value": f"https://n{SLOW_DOMAIN}/hook"})
+    assert reply.failing_fields() == {"value"}
+    assert f"n{SLOW_DOMAIN} did not resolve within 0.2 s" in reply.body["fields"][0]["message"]

@@ -6,7 +6,9 @@ is a public address (unless ALLOW_PRIVATE_ENDPOINTS), or a valid email address.
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -27,6 +29,15 @@ from web.schemas import (MAX_ENDPOINT_VALUE_CHARS, EndpointCreate, EndpointCreat
 from web.validation import parse_body, parse_query, path_id
 
 _http_url = TypeAdapter(HttpUrl)
+
+# The lookups of the addresses tenants give run on threads of their own, never on the event loop's
+# default executor: every delivery's connection resolves its host there (aiohttp's ThreadedResolver),
+# and a few changes naming hosts under a name server that answers late or never (a tenant's own)
+# held every tenant's deliveries for as long. A lookup not answered within ENDPOINT_LOOKUP_TIMEOUT_S
+# is refused; its thread is given back when the system's resolver gives up.
+ENDPOINT_LOOKUP_THREADS = 4
+ENDPOINT_LOOKUP_TIMEOUT_S = 10.0
+_lookups = ThreadPoolExecutor(max_workers=ENDPOINT_LOOKUP_THREADS, thread_name_prefix="endpoint-lookup")
 
 COLUMNS = "endpoint_id, rule_id, client_id, type, value, enabled, rate_limit_per_s, created_at, updated_at"
 
@@ -108,7 +119,11 @@ async def _normalised_value(type_: str, value: str) -> str:
         raise ValidationFailed.field("value", str(exc)) from None
     if not settings.allow_private_endpoints:
         try:
-            await check_public_host(url.host, url.port)
+            async with asyncio.timeout(ENDPOINT_LOOKUP_TIMEOUT_S):
+                await check_public_host(url.host, url.port, _lookups)
+        except TimeoutError:
+            raise ValidationFailed.field(
+                "value", f"{url.host} did not resolve within {ENDPOINT_LOOKUP_TIMEOUT_S:g} s") from None
         except RefusedAddress as exc:
             raise ValidationFailed.field(
                 "value", f"{refusal_told(url.host, exc)}; endpoints must be public addresses "

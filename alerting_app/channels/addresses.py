@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from concurrent.futures import Executor
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -71,15 +72,17 @@ def non_public_kind(ip: IPAddress) -> str | None:
     return None if ip.is_global else "non-public"
 
 
-async def check_public_host(host: str, port: int) -> None:
-    """Raise RefusedAddress unless every address `host` resolves to is public."""
+async def check_public_host(host: str, port: int, executor: Executor | None = None) -> None:
+    """Raise RefusedAddress unless every address `host` resolves to is public; the lookup runs on
+    `executor` (the loop's default one, which deliveries resolve on too, if None)."""
     literal = host.strip("[]")  # an IPv6 literal comes bracketed in a URL
     try:
         addresses = {ipaddress.ip_address(literal)}
     except ValueError:
         refuse_invalid_name(host)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().run_in_executor(
+                executor, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise RefusedAddress(f"{host} does not resolve ({exc.strerror})") from None
         addresses = {_address(info[4][0]) for info in infos}
