@@ -112,3 +112,23 @@ async def test_without_an_ingest_token_set_none_is_accepted(api):
     reply = await api.call("POST", "/api/v1/alerts", INGEST_TOKEN, an_alert())
 
     assert reply.status == 401
+
+
+async def test_alerts_sent_while_the_workers_producer_is_stopped_answer_503_to_send_again(api, broker):
+    """A worker without agents (`--roles api`) stops its producer before its web server: alerts that
+    came in between answered 500, which a client takes for a fault of ours, not a 503 to retry."""
+    from alerting_app.app import app
+
+    await api.call("POST", "/api/v1/alerts", api.admin_token, an_alert())  # the producer is running
+    await app.producer.stop()
+    try:
+        async with api.client.post("/api/v1/alerts", json=an_alert(),
+                                   headers={"Authorization": f"Bearer {api.admin_token}"}) as response:
+            status, text = response.status, await response.text()
+    finally:
+        app.producer.service_reset()  # started again by the next send, as after a restart
+    assert status == 503, text
+    assert json.loads(text)["error"] == "broker_unavailable"
+    alert = an_alert()
+    assert (await api.call("POST", "/api/v1/alerts", api.admin_token, alert)).status == 202
+    assert set(await published(broker, {alert["alert_id"]})) == {alert["alert_id"]}

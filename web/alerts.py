@@ -9,6 +9,7 @@ import asyncio
 from typing import Annotated
 
 from aiokafka.errors import KafkaError
+from faust.exceptions import NotReady, ProducerSendError
 from faust.web import Request, Response
 from pydantic import Field, TypeAdapter
 
@@ -53,8 +54,13 @@ class AlertsView(ApiView):
         alerts = validate_as(data, _many) if isinstance(data, list) else [validate_as(data, _one)]
         try:
             await publish_alerts(alerts)
-        except KafkaError as exc:
+        except (KafkaError, ProducerSendError) as exc:  # Faust wraps aiokafka's errors raised by a send
             raise BrokerUnavailable(message=str(exc)) from None
+        except NotReady:
+            # The producer stopped, the web server not yet: a worker without agents (`--roles api`)
+            # stops them in that order. Another worker, or this one restarted, takes them.
+            raise BrokerUnavailable(message="this worker is not sending to the broker now (it is stopping); "
+                                            "send the alerts again") from None
         except TimeoutError:
             raise BrokerUnavailable(
                 message=f"the broker did not acknowledge every alert within {ACK_TIMEOUT_S:g} s") from None
