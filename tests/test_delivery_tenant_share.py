@@ -372,6 +372,57 @@ async def test_a_tenant_holding_half_its_backlog_waits_for_its_retries_in_postgr
                                [n.notification_id for n in (*failing, healthy)])
 
 
+async def test_a_tenants_endpoints_under_a_hanging_name_server_leave_other_tenants_lookups_a_thread(
+        pool, settings, monkeypatch):
+    """aiohttp resolves a host on the event loop's default executor, six threads on two cores:
+    a tenant's endpoints whose names hang in the resolver (its own name server answering late or
+    never) held them all, and another tenant's delivery to a name waited for a thread until those
+    lookups gave up. The dispatcher gives the loop a thread for every send in flight."""
+    import socket
+    import threading
+
+    from agents.deliver import start_deliveries
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_concurrency", 32)
+    monkeypatch.setattr(settings, "delivery_client_concurrency", 16)
+    real, release, hanging = socket.getaddrinfo, threading.Event(), []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".hanging-dns.test"):
+            hanging.append(host)
+            release.wait(120)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    async with Receiver() as receiver:
+        tenant = await insert_client(pool)
+        rule = await insert_rule(pool, tenant)
+        for n in range(12):  # twice the default executor's threads here
+            await insert_endpoint(pool, tenant, rule, "webhook", f"http://n{n}.hanging-dns.test:{receiver.port}/hook")
+        hanging_one = await pending_notification(pool, tenant, [rule])
+        other_tenant = await insert_client(pool)
+        other_rule = await insert_rule(pool, other_tenant)
+        await insert_endpoint(pool, other_tenant, other_rule, "webhook", f"http://localhost:{receiver.port}/other")
+        other = await pending_notification(pool, other_tenant, [other_rule])
+        dispatcher = Dispatcher(settings)
+        try:
+            assert len(await start_deliveries(pool, dispatcher, [hanging_one])) == 12
+            async with asyncio.timeout(30):
+                while len(hanging) < 12:
+                    await asyncio.sleep(0.01)
+            await start_deliveries(pool, dispatcher, [other])
+            # Bounds a hang only: sharing six threads with the hanging lookups, it waits for `release`.
+            await receiver.wait_for_posts(1, "other", timeout=60)
+            assert not release.is_set() and receiver.posts_to("hook") == []
+        finally:
+            release.set()
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [hanging_one.notification_id, other.notification_id])
+
+
 async def test_a_delivery_whose_endpoint_becomes_email_while_it_waits_takes_the_relays_slot(pool, settings,
                                                                                             monkeypatch):
     """The tenant changes a webhook endpoint to email (PATCH) while a delivery waits for its send
