@@ -349,3 +349,35 @@ async def test_a_lookup_that_does_not_answer_in_time_is_refused_naming_the_value
                            {"rule_id": rule["rule_id"], "type": "webhook", "value": f"https://n{SLOW_DOMAIN}/hook"})
     assert reply.failing_fields() == {"value"}
     assert f"n{SLOW_DOMAIN} did not resolve within 0.2 s" in reply.body["fields"][0]["message"]
+
+
+async def test_a_rule_has_one_endpoint_per_address_a_second_answers_409_naming_the_first(api, tenant):
+    # Each endpoint is a delivery of its own: a creation retried after its answer was lost made a
+    # second endpoint, and every notification of the rule went to the address twice.
+    import asyncio
+
+    rule, other_rule = await api.new_rule(tenant), await api.new_rule(tenant, source="billing")
+    body = {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/same"}
+    replies = await asyncio.gather(*(api.call("POST", "/api/v1/endpoints", tenant.key, body) for _ in range(5)))
+
+    assert sorted(reply.status for reply in replies) == [201, 409, 409, 409, 409]
+    [created] = [reply.body for reply in replies if reply.status == 201]
+    assert all(created["endpoint_id"] in reply.body["message"] for reply in replies if reply.status == 409)
+    # Another address on the rule, and the same address on another rule, are other endpoints.
+    assert (await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {**body, "value": "https://hooks.example.com/other"})).status == 201
+    assert (await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {**body, "rule_id": other_rule["rule_id"]})).status == 201
+
+
+async def test_readdressing_an_endpoint_to_another_endpoints_address_on_its_rule_answers_409(api, tenant):
+    rule = await api.new_rule(tenant)
+    first = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/first")
+    second = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/second")
+    path = f"/api/v1/endpoints/{second['endpoint_id']}"
+
+    taken = await api.call("PATCH", path, tenant.key, {"value": "https://hooks.example.com/first"})
+    assert taken.status == 409 and first["endpoint_id"] in taken.body["message"]
+    # Its own address again, or one no other endpoint of the rule has, is no conflict.
+    assert (await api.call("PATCH", path, tenant.key, {"value": "https://hooks.example.com/second"})).status == 200
+    assert (await api.call("PATCH", path, tenant.key, {"value": "https://hooks.example.com/third"})).status == 200

@@ -24,7 +24,7 @@ def private_endpoints_refused(monkeypatch):
 async def test_creating_an_endpoint_returns_its_signing_secret_once(api, tenant):
     rule = await api.new_rule(tenant)
     created = await api.new_endpoint(tenant, rule["rule_id"])
-    other = await api.new_endpoint(tenant, rule["rule_id"])
+    other = await api.new_endpoint(tenant, rule["rule_id"], value="https://hooks.example.com/other")
 
     assert len(created["secret"]) >= 32 and created["secret"] != other["secret"]
     read = await api.call("GET", f"/api/v1/endpoints/{created['endpoint_id']}", tenant.key)

@@ -21,7 +21,7 @@ from alerting_app import db
 from alerting_app.app import app, settings
 from alerting_app.channels.addresses import RefusedAddress, check_public_host, refuse_invalid_name
 from web.auth import ApiView, Caller
-from web.errors import NotFound, ValidationFailed
+from web.errors import Conflict, NotFound, ValidationFailed
 from web.pagination import page_of
 from web.quotas import ENDPOINTS, check_quota, lock_client
 from web.schemas import (MAX_ENDPOINT_VALUE_CHARS, EndpointCreate, EndpointCreated, EndpointOut, EndpointPatch,
@@ -76,6 +76,23 @@ NEW_SECRET = f"""
     RETURNING {COLUMNS}, secret
 """
 DELETE = "DELETE FROM endpoints WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2) RETURNING 1"
+# Another endpoint of the rule with this address (checked under the client's lock, which every
+# creation and readdressing takes first, so two of them cannot both find none).
+SAME_ADDRESS = """
+    SELECT endpoint_id::text FROM endpoints
+    WHERE rule_id = $1 AND type = $2 AND value = $3 AND endpoint_id IS DISTINCT FROM $4::uuid
+    LIMIT 1
+"""
+
+
+async def refuse_same_address(conn: asyncpg.Connection, rule_id: Any, type_: str, value: str,
+                              endpoint_id: Any = None) -> None:
+    """409 if another endpoint of the rule has this type and value. Each endpoint is a delivery of
+    its own: a second one with the same address (a creation retried after its answer was lost,
+    say) sent every notification of the rule there twice, under two idempotency keys."""
+    same = await conn.fetchval(SAME_ADDRESS, rule_id, type_, value, endpoint_id)
+    if same is not None:
+        raise Conflict(f"the rule already has a {type_} endpoint with this value: {same}")
 
 
 def endpoint_out(row: Any) -> EndpointOut:
@@ -160,6 +177,7 @@ async def create_endpoint(caller: Caller, body: EndpointCreate) -> Any:
             if owner is None or not await lock_client(conn, owner):
                 raise no_such_rule
             await check_quota(conn, ENDPOINTS, body.rule_id)
+            await refuse_same_address(conn, body.rule_id, body.type, value)
             row = await conn.fetchrow(INSERT, uuid4(), body.rule_id, body.type, value, body.enabled,
                                       caller.client_id, body.rate_limit_per_s)
     except asyncpg.ForeignKeyViolationError:
@@ -186,6 +204,9 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
         address = address_after(current, changes)
         checked = await checked_value(*address) if readdressed else None
         async with pool.acquire() as conn, conn.transaction():
+            # The client's lock before the row's, as a client's deletion takes them.
+            if readdressed and not await lock_client(conn, current["client_id"]):
+                raise NotFound()
             locked = await conn.fetchrow(GET + " FOR UPDATE", endpoint_id, caller.client_id)
             if locked is None:
                 raise NotFound()
@@ -194,6 +215,7 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
                 if address_after(locked, changes) != address:
                     continue  # changed by someone else since it was checked: check the new address
                 merged["value"] = checked
+                await refuse_same_address(conn, locked["rule_id"], merged["type"], checked, endpoint_id)
             return await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
                                        merged["rate_limit_per_s"])
 
