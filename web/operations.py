@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, TypeVar
 
 from aiokafka.errors import KafkaError
 from faust.exceptions import ConsumerNotStarted
@@ -73,13 +74,36 @@ def roles() -> frozenset[str]:
     return parse_roles(settings.roles)
 
 
-# /readyz (and /startedz until ready) answer anyone on WEB_PORT, without a token. Each request
-# probed the services for itself: a flood of them opened a Redis connection per concurrent request
-# (kept after), a broker connection and login per request, and queued on the agents' Postgres pool.
-# Concurrent requests now share one probe, and an answer is reused for this long.
-DEPENDENCY_PROBE_REUSE_S = 1.0
-_probing: asyncio.Future[list[DependencyState]] | None = None
-_probed: tuple[float, list[DependencyState]] | None = None  # (when, what) of the last probe
+T = TypeVar("T")
+
+
+class SharedProbe(Generic[T]):
+    """`probe()` run once for the requests arriving together, its answer reused for `reuse_s`.
+
+    /readyz, /startedz and /metrics answer anyone on WEB_PORT, without a token. Each request asked
+    the services for itself: a flood of /readyz opened a Redis connection per concurrent request
+    (kept after), a broker connection and login per request, and queued on the agents' Postgres
+    pool; a flood of /metrics asked the broker for every partition's end offsets per request.
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[T]], reuse_s: float) -> None:
+        self._probe, self._reuse_s = probe, reuse_s
+        self._probing: asyncio.Future[T] | None = None
+        self._probed: tuple[float, T] | None = None  # (when, what) of the last answer
+
+    def _keep(self, probing: asyncio.Future[T]) -> None:
+        self._probing = None
+        if not probing.cancelled() and probing.exception() is None:
+            self._probed = (time.monotonic(), probing.result())
+
+    async def __call__(self) -> T:
+        if self._probed is not None and time.monotonic() - self._probed[0] < self._reuse_s:
+            return self._probed[1]
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(self._probe())
+            self._probing.add_done_callback(self._keep)
+        # Shielded: one request given up (its client gone) does not cancel the others' probe.
+        return await asyncio.shield(self._probing)
 
 
 async def _probe_dependencies() -> list[DependencyState]:
@@ -90,24 +114,9 @@ async def _probe_dependencies() -> list[DependencyState]:
     ))
 
 
-def _keep_probe(probing: asyncio.Future[list[DependencyState]]) -> None:
-    global _probing, _probed
-    _probing = None
-    if not probing.cancelled() and probing.exception() is None:
-        _probed = (time.monotonic(), probing.result())
-
-
-async def dependency_states() -> list[DependencyState]:
-    """The broker's, Postgres's and Redis's states, probed at most once at a time, and at most once
-    every DEPENDENCY_PROBE_REUSE_S."""
-    global _probing
-    if _probed is not None and time.monotonic() - _probed[0] < DEPENDENCY_PROBE_REUSE_S:
-        return _probed[1]
-    if _probing is None:
-        _probing = asyncio.ensure_future(_probe_dependencies())
-        _probing.add_done_callback(_keep_probe)
-    # Shielded: one request given up (its client gone) does not cancel the others' probe.
-    return await asyncio.shield(_probing)
+# The broker's, Postgres's and Redis's states, probed at most once at a time and once a second.
+DEPENDENCY_PROBE_REUSE_S = 1.0
+dependency_states = SharedProbe(_probe_dependencies, DEPENDENCY_PROBE_REUSE_S)
 
 
 async def readiness() -> list[DependencyState]:
@@ -231,9 +240,13 @@ async def _update_consumer_lag() -> None:
         metrics.consumer_lag.labels(topic=topic).set(messages)
 
 
+# The consumer lag a scrape reports: asked of the broker at most once at a time and once a second.
+_consumer_lag_updated = SharedProbe(_update_consumer_lag, DEPENDENCY_PROBE_REUSE_S)
+
+
 @app.page("/metrics")
 class MetricsView(View):
     async def get(self, request: Request) -> Response:
-        await _update_consumer_lag()
+        await _consumer_lag_updated()
         # Set as a header: aiohttp refuses a charset inside its content_type argument.
         return self.bytes(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
