@@ -6,6 +6,7 @@ lacked).
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.error
 import urllib.parse
@@ -13,7 +14,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from alerting_app.healthcheck import worker_url
+from alerting_app.healthcheck import direct_opener, worker_url
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
@@ -38,10 +39,26 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _opener = urllib.request.build_opener(_NoRedirects)
+# A worker on this machine is asked directly: a proxy the environment names cannot reach its loopback
+# (healthcheck.direct_opener). Any other URL goes through that proxy, as with any HTTP client.
+_direct = direct_opener(_NoRedirects)
 
 
-def request(method: str, url: str, body: str | None, token: str | None, timeout_s: float = 30.0) -> tuple[int, Any]:
-    """(status, the answer's JSON, or its text when it is not JSON, or None when empty)."""
+def on_this_machine(url: str) -> bool:
+    """Is the URL's host this machine's loopback (localhost, 127.0.0.0/8, ::1)?"""
+    host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def request(method: str, url: str, body: str | None, token: str | None, timeout_s: float = 30.0,
+            direct: bool = False) -> tuple[int, Any]:
+    """(status, the answer's JSON, or its text when it is not JSON, or None when empty). `direct`, or a
+    URL on this machine's loopback: without the environment's proxy."""
     if body is not None:
         try:
             json.loads(body)
@@ -56,7 +73,7 @@ def request(method: str, url: str, body: str | None, token: str | None, timeout_
     call = urllib.request.Request(url, data=None if body is None else body.encode(), method=method.upper(),
                                   headers=headers)
     try:
-        with _opener.open(call, timeout=timeout_s) as response:
+        with (_direct if direct or on_this_machine(url) else _opener).open(call, timeout=timeout_s) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:  # 3xx, 4xx and 5xx: an answer, with its body
         status, raw = exc.code, exc.read()

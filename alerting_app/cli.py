@@ -399,8 +399,10 @@ def api(method: str, url: str, body: str | None, token: str | None, field: str |
     try:
         # The default is the token the worker checks, as the settings read it: $ADMIN_TOKEN as given
         # may end in a secret file's newline, which no header can carry (urllib refused it, showing it).
+        # A path is this machine's worker (WEB_BIND, WEB_PORT), asked directly whatever its address.
         status, answer = api_call.request(method, api_call.target(url, os.environ), body,
-                                          token if token is not None else settings.admin_token)
+                                          token if token is not None else settings.admin_token,
+                                          direct=url.startswith("/"))
     except ValueError as exc:
         raise SystemExit(f"api: {exc}") from None
     if not 200 <= status < 300:

@@ -4,6 +4,7 @@ Python itself, standard library only, so it works in any image that runs the app
 replace called `wget`, which its Alpine image lacked). It asks this container's worker on
 $WEB_BIND:$WEB_PORT (loopback when it listens on every address) and exits 0 when the answer is
 200, 1 otherwise (ECS and Docker read only the exit code; the printed line is for `docker inspect`).
+It asks the worker directly, whatever proxy the environment names (`direct_opener`).
 
 - `live` (default): /healthz, the process is alive. Use it for the container health check: a
   worker that waits for Postgres is still healthy, and restarting it would not help.
@@ -22,6 +23,27 @@ import urllib.request
 
 PATHS = {"live": "/healthz", "ready": "/readyz", "started": "/startedz"}
 TIMEOUT_S = 5.0  # the worker's own probes answer within ~2 s
+
+
+def direct_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
+    """urllib without the environment's proxy, for a worker on this machine. urllib sends every
+    http:// request through $HTTP_PROXY unless $NO_PROXY names the host (`localhost` there does not
+    cover 127.0.0.1), and a proxy cannot reach this machine's loopback: with Docker's client configured
+    with a proxy (which puts it in every container's environment), every check of a healthy worker
+    failed, and ECS replaced its tasks until the deployment rolled back."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), *handlers)
+
+
+_DIRECT = direct_opener()
+
+
+def get_directly(url: str, timeout: float = TIMEOUT_S) -> tuple[int, bytes]:
+    """(status, body) of a GET to a worker on this machine, asked directly; OSError when no answer."""
+    try:
+        with _DIRECT.open(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:  # 503 and the like: an answer, with its body
+        return exc.code, exc.read()
 
 
 def probe_url(environ: Mapping[str, str], check: str) -> str:
@@ -60,10 +82,7 @@ def main(argv: list[str]) -> int:
         print(f"{check}: {exc}", file=sys.stderr)
         return 1
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:  # 503 and the like: an answer, with its body
-        status, body = exc.code, exc.read()
+        status, body = get_directly(url)
     except (OSError, ValueError) as exc:  # nothing listens, timeout, a WEB_BIND that is no host
         print(f"{check}: {url}: {exc}", file=sys.stderr)
         return 1

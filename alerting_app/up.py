@@ -17,8 +17,6 @@ import shutil
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import IO, Awaitable, Callable
 
@@ -28,7 +26,7 @@ from alerting_app.embedded import (ChildProcess, EmbeddedServices, lock_holder, 
                                    process_alive)
 from alerting_app.dependencies import (DependencyState, broker_topics_missing, postgres_answers, probe,
                                        redis_answers, redis_probe_client)
-from alerting_app.healthcheck import worker_url
+from alerting_app.healthcheck import get_directly, worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import emit_undelivered_notifications, publish_current_state
@@ -84,10 +82,9 @@ class WorkerProcess:
 
 def _answers_200(url: str) -> bool:
     try:
-        urllib.request.urlopen(url, timeout=2).close()
-    except (OSError, ValueError):  # HTTPError (a 503) included
+        return get_directly(url, timeout=2)[0] == 200  # whatever proxy the environment names
+    except (OSError, ValueError):
         return False
-    return True
 
 
 def persistent_admin_token(data_dir: Path) -> str:

@@ -120,3 +120,28 @@ def test_a_url_nothing_answers_at_is_named_with_the_reason():
 
     assert result.returncode == 1
     assert result.stderr.strip() == f"api failed: {url}/api/v1/clients: [Errno 111] Connection refused", result.stderr
+
+
+def test_a_request_to_this_machine_goes_to_it_and_any_other_through_the_environments_proxy():
+    # urllib sent every http:// request through $HTTP_PROXY unless $NO_PROXY named the host (its
+    # `localhost` does not cover 127.0.0.1): a proxy cannot reach this machine's loopback, so the lines
+    # `up` prints, and `api GET /api/v1/...`, failed on a machine with a proxy configured.
+    with server(json_answer(200, {"via": "proxy"})) as (proxy, through_proxy), \
+            server(json_answer(200, {"items": []})) as (url, seen):
+        port = url.rsplit(":", 1)[1]
+        environment = {**os.environ, "HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "localhost",
+                       "WEB_BIND": "127.0.0.1", "WEB_PORT": port}
+        for given in ("/api/v1/clients", url + "/api/v1/clients", f"http://localhost:{port}/api/v1/clients"):
+            result = subprocess.run([alerting_app_executable(), "api", "GET", given], env=environment,
+                                    capture_output=True, text=True, timeout=60)
+
+            assert result.returncode == 0, (given, result.stderr)
+            assert json.loads(result.stdout) == {"items": []}, given
+        assert len(seen) == 3 and through_proxy == []
+
+        # Elsewhere, the proxy the environment names is used, as any HTTP client would.
+        result = subprocess.run([alerting_app_executable(), "api", "GET", "http://api.example.invalid/api/v1/clients"],
+                                env=environment, capture_output=True, text=True, timeout=60)
+
+        assert result.returncode == 0, result.stderr
+        assert [sent["path"] for sent in through_proxy] == ["http://api.example.invalid/api/v1/clients"]

@@ -257,12 +257,18 @@ def health_check_commands() -> list[list[str]]:
     return [healthcheck_argv(), *(command[1:] for command in terraform_locals()["health_check_commands"].values())]
 
 
-def run_health_check(argv: list[str], web_port: int) -> subprocess.CompletedProcess:
+def run_health_check(argv: list[str], web_port: int, **env: str) -> subprocess.CompletedProcess:
     # In the image `python` is the virtualenv's (PATH starts with /opt/venv/bin); here it is this one.
     # The container's other settings are left out: the check must need none but WEB_PORT.
     assert argv[0] == "python"
-    return subprocess.run([sys.executable, *argv[1:]], env={"WEB_PORT": str(web_port), "PATH": os.environ["PATH"]},
+    return subprocess.run([sys.executable, *argv[1:]], env={"WEB_PORT": str(web_port), "PATH": os.environ["PATH"], **env},
                           capture_output=True, text=True, timeout=60)
+
+
+# What Docker puts in every container's environment when its client is configured with a proxy
+# (~/.docker/config.json `proxies`), and what an ECS task gets whose egress goes through one: a proxy
+# that cannot reach the container's loopback (here: nothing listens at it).
+PROXY_ENVIRONMENT = {"HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "NO_PROXY": "localhost"}
 
 
 def start_period_s() -> float:
@@ -282,6 +288,9 @@ def test_image_health_check_passes_against_a_ready_worker(start_worker):
     for argv in health_check_commands():
         result = run_health_check(argv, worker.port)
         assert result.returncode == 0, (argv, result.stdout + result.stderr)
+        # A proxy in the environment does not take the check away from the worker (every check failed).
+        result = run_health_check(argv, worker.port, **PROXY_ENVIRONMENT)
+        assert result.returncode == 0, (argv, PROXY_ENVIRONMENT, result.stdout + result.stderr)
 
 
 def test_image_health_check_fails_when_nothing_answers():

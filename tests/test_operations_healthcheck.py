@@ -72,3 +72,55 @@ def test_the_check_passes_against_a_worker_listening_on_ipv6(ipv6_worker, bind):
 def _health_check(**env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "alerting_app.healthcheck"],
                           env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60)
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy that reaches nothing: what a proxy does with a request for its own loopback."""
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+        _Proxy.seen.append(self.path)
+        self.send_response(502)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy() -> Iterator[str]:
+    """An HTTP proxy on this machine, as Docker puts one in every container's environment when the
+    Docker client is configured with one (HTTP_PROXY, http_proxy); yields its URL."""
+    _Proxy.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def ipv4_worker() -> Iterator[int]:
+    """A stand-in for a worker's /healthz on 127.0.0.1; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_check_asks_the_worker_itself_whatever_proxy_the_environment_names(ipv4_worker, proxy):
+    # urllib sends every http:// request through $HTTP_PROXY unless $NO_PROXY names the host, and
+    # `localhost` there does not cover 127.0.0.1: a proxy cannot reach the container's loopback, so
+    # every check of a healthy worker failed ("Connection refused", naming the worker's URL).
+    result = _health_check(WEB_PORT=str(ipv4_worker), HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY="localhost")
+
+    assert result.returncode == 0, result.stderr
+    assert f"127.0.0.1:{ipv4_worker}/healthz: 200" in result.stdout
+    assert _Proxy.seen == []

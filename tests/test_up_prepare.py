@@ -437,3 +437,34 @@ def test_a_data_dir_that_cannot_be_a_folder_is_named_as_data_dir(tmp_path):
         up = subprocess.run([alerting_app_executable(), "up"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port())})
         assert up.returncode == 1 and up.stderr.strip() == f"Invalid configuration:\n  {problem}", up.stderr
+
+
+def test_up_sees_its_worker_ready_whatever_proxy_the_environment_names():
+    # `up` (and the tests' workers) wait for /startedz with urllib, which went through $HTTP_PROXY:
+    # a proxy cannot reach this machine's loopback, so `python3 dev.py run` on a machine with a proxy
+    # configured waited its 300 s for a worker that was ready, then stopped it.
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    class Started(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+            self.send_response(200 if self.path == "/startedz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    worker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Started)  # a stand-in for the worker's /startedz
+    threading.Thread(target=worker.serve_forever, daemon=True).start()
+    try:
+        check = "import sys; from alerting_app.up import _answers_200; sys.exit(0 if _answers_200(sys.argv[1]) else 1)"
+        result = subprocess.run([sys.executable, "-c", check, f"http://127.0.0.1:{worker.server_address[1]}/startedz"],
+                                env={**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        worker.shutdown()
+        worker.server_close()
+
+    assert result.returncode == 0, result.stderr
