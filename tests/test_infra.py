@@ -332,6 +332,20 @@ def test_compose_health_checks_use_tools_inside_their_images():
     assert services["redis"]["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
 
 
+def test_compose_postgres_is_healthy_only_once_it_takes_connections_over_tcp():
+    # On a fresh volume the image's entrypoint first runs a temporary server on the Unix socket only
+    # (listen_addresses=''), to create the database, then restarts it: pg_isready on the socket said
+    # "accepting connections" meanwhile, `setup` was started, its `migrate` was refused over TCP, and
+    # no worker ever started (docker-library/postgres#146). Over TCP it is ready only once it really is.
+    [shell, command] = compose()["services"]["postgres"]["healthcheck"]["test"]
+    assert shell == "CMD-SHELL"
+    argv = shlex.split(command)
+    assert argv[0] == "pg_isready"
+    hosts = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in ("-h", "--host")]
+    hosts += [word.split("=", 1)[1] for word in argv if word.startswith("--host=")]
+    assert hosts == ["127.0.0.1"], command
+
+
 def test_compose_starts_workers_only_after_the_setup_job_succeeded():
     services = compose()["services"]
     setup = [name for name, s in services.items() if runs(s, "alerting-app migrate", "alerting-app create-topics")]
