@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import create_conn
+from aiokafka.errors import (AuthenticationFailedError, KafkaConnectionError, KafkaError, SaslAuthenticationFailed,
+                             UnsupportedSaslMechanismError)
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 
-from alerting_app.kafka_connection import Broker, client_args
+from alerting_app.kafka_connection import Broker, MskIamToken, client_args
 from alerting_app.migrate import MigrationError, default_migrations_dir, read_migrations
 
 PROBE_TIMEOUT_S = 2.0
@@ -62,7 +66,11 @@ async def broker_topics_missing(broker: Broker, topics: Iterable[str] = (),
     """None when the broker answers a metadata request and every topic in `topics` exists."""
     admin = AIOKafkaAdminClient(**{**client_args(broker), "request_timeout_ms": int(timeout * 1000)})
     try:
-        await admin.start()
+        try:
+            await admin.start()
+        except KafkaConnectionError:
+            await _why_no_connection(broker, timeout)
+            raise
         # list_topics, not a metadata request naming topics: that would auto-create them.
         present = set(await admin.list_topics())
     finally:
@@ -71,6 +79,43 @@ async def broker_topics_missing(broker: Broker, topics: Iterable[str] = (),
     if missing:
         return f"topics missing: {', '.join(missing)} (run `alerting-app create-topics`)"
     return None
+
+
+async def _why_no_connection(broker: Broker, timeout: float) -> None:
+    """aiokafka says "Unable to bootstrap" whatever went wrong at each address (its own log, which
+    the start-up wait silences, had the reason): a login the broker refused and a certificate not
+    trusted read as a broker not there yet, and a worker waited for ever, alive and never ready.
+    Asked again one address at a time: Misconfigured for what no wait changes, naming the variable;
+    else a KafkaConnectionError with the first address's reason; None when one connects now."""
+    args = {key: value for key, value in client_args(broker).items() if key != "bootstrap_servers"}
+    args["request_timeout_ms"] = int(timeout * 1000)
+    reasons = []
+    for address in client_args(broker)["bootstrap_servers"].split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            connection = await create_conn(host.strip("[]"), int(port), **args)
+        except (SaslAuthenticationFailed, AuthenticationFailedError) as exc:
+            if isinstance(args.get("sasl_oauth_token_provider"), MskIamToken):
+                # IAM grants take effect a while after they are made (a first deployment): waited for.
+                raise KafkaConnectionError(f"{address} refused the IAM login (the task role's kafka-cluster "
+                                           f"permissions): {exc}") from None
+            raise Misconfigured(f"KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD: the broker refused the login "
+                                f"({address}): {exc}") from None
+        except UnsupportedSaslMechanismError:
+            raise Misconfigured(f"KAFKA_SASL_MECHANISM: the broker does not take {args['sasl_mechanism']} "
+                                f"({address})") from None
+        except ssl.SSLCertVerificationError as exc:
+            if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                raise Misconfigured(f"KAFKA_BOOTSTRAP_SERVERS: {host} is not a name the broker's certificate "
+                                    f"holds ({address}): {exc.verify_message}") from None
+            raise Misconfigured(f"KAFKA_SSL_CAFILE: the broker's certificate is not trusted ({address}): "
+                                f"{exc.verify_message}") from None
+        except (OSError, TimeoutError, KafkaError) as exc:
+            reasons.append(f"{address}: {_described(exc)}")
+            continue
+        connection.close()
+        return
+    raise KafkaConnectionError(f"no connection to the broker: {'; '.join(reasons)}")
 
 
 async def postgres_ready(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import ssl
+import subprocess
 import urllib.parse
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ import pytest
 from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import free_port
 from alerting_app.kafka_connection import KafkaConnection, MskIamToken, SaslLogin, tls_context
+from alerting_app.up import alerting_app_executable
 from kafka_sasl_proxy import LoginRefused, SaslLoginBroker
 from operations_support import start_tansu
 from test_e2e_kafka_tls import (  # noqa: F401  (certificates: a fixture)
@@ -132,4 +134,34 @@ def test_a_worker_and_the_commands_sign_in_to_msk_with_iam_end_to_end(services, 
         finally:
             if worker is not None:
                 worker.stop()
+            broker.stop()
+
+
+def test_a_worker_whose_login_the_broker_refuses_stops_at_once_naming_the_variables(tmp_path):
+    # aiokafka reports a refused login as "Unable to bootstrap", as for a broker that is not there (the
+    # reason went only to its own log, which the wait silences): the worker waited for ever, alive and
+    # never ready, and said only that it waited for the broker. A refused login is refused again at
+    # every try, as Postgres's and Redis's are, which stop the worker at once naming the variable.
+    plaintext_port, login_port = free_port(), free_port()
+    address = f"127.0.0.1:{login_port}"
+    logged_in = KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", USER, PASSWORD))
+    with SaslLoginBroker(login_port, plaintext_port, {USER: PASSWORD}, mechanism="SCRAM-SHA-256") as login:
+        broker = start_tansu(plaintext_port, tmp_path / "kafka", advertised_port=login_port, probe=logged_in)
+        try:
+            login_settings = {"KAFKA_BOOTSTRAP_SERVERS": address, "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                              "KAFKA_SASL_USERNAME": USER, "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"}
+            for wrong, named in (({"KAFKA_SASL_PASSWORD": "not-the-password"},
+                                  "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD: the broker refused the login"),
+                                 ({"KAFKA_SASL_PASSWORD": PASSWORD, "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"},
+                                  "KAFKA_SASL_MECHANISM: the broker does not take SCRAM-SHA-512")):
+                result = subprocess.run(
+                    [alerting_app_executable(), "worker"], capture_output=True, text=True, timeout=120,
+                    env={**os.environ, **login_settings, **wrong, "WEB_PORT": str(free_port()),
+                         "DATA_DIR": str(tmp_path / "worker")})
+
+                assert result.returncode == 1, result.stderr[-2000:]
+                assert f"Invalid configuration:\n  {named}" in result.stderr, result.stderr[-2000:]
+                assert "not-the-password" not in result.stderr
+            assert login.refusals > 0
+        finally:
             broker.stop()

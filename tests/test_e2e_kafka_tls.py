@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 
 from alerting_app.dependencies import broker_topics_missing
 from alerting_app.embedded import free_port
@@ -148,3 +149,36 @@ def test_a_worker_and_the_commands_use_tls_with_a_client_certificate_end_to_end(
             if worker is not None:
                 worker.stop()
             broker.stop()
+
+
+def test_a_worker_that_does_not_trust_the_brokers_certificate_stops_at_once_naming_the_variable(
+        tmp_path, certificates):
+    # aiokafka reports a certificate it refuses as "Unable to bootstrap", as for a broker that is not
+    # there: the worker waited for ever, alive and never ready, saying only that it waited for the broker.
+    plaintext_port, tls_port = free_port(), free_port()
+    tls_address = f"127.0.0.1:{tls_port}"
+    other_ca = trustme.CA()
+    other_ca.cert_pem.write_to_path(tmp_path / "other-ca.pem")
+    only_localhost = trustme.CA()  # a broker certificate that names localhost, not 127.0.0.1
+    only_localhost.cert_pem.write_to_path(tmp_path / "localhost-ca.pem")
+    only_localhost.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(tmp_path / "localhost.pem")
+    client = {"KAFKA_BOOTSTRAP_SERVERS": tls_address, "KAFKA_SECURITY_PROTOCOL": "SSL",
+              "KAFKA_SSL_CERTFILE": certificates["cert"], "KAFKA_SSL_KEYFILE": certificates["key"]}
+    cases = [(server_context(certificates), {"KAFKA_SSL_CAFILE": str(tmp_path / "other-ca.pem")},
+              "KAFKA_SSL_CAFILE: the broker's certificate is not trusted"),
+             (server_context({**certificates, "server": str(tmp_path / "localhost.pem")}),
+              {"KAFKA_SSL_CAFILE": str(tmp_path / "localhost-ca.pem")},
+              "KAFKA_BOOTSTRAP_SERVERS: 127.0.0.1 is not a name the broker's certificate holds")]
+    broker = start_tansu(plaintext_port, tmp_path / "kafka")
+    try:
+        for context, trusted, named in cases:
+            with TlsTerminator(tls_port, plaintext_port, context):
+                result = subprocess.run(
+                    [alerting_app_executable(), "worker"], capture_output=True, text=True, timeout=120,
+                    env={**os.environ, **client, **trusted, "WEB_PORT": str(free_port()),
+                         "DATA_DIR": str(tmp_path / "worker")})
+
+            assert result.returncode == 1, result.stderr[-2000:]
+            assert f"Invalid configuration:\n  {named} ({tls_address})" in result.stderr, result.stderr[-2000:]
+    finally:
+        broker.stop()
