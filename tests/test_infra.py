@@ -261,7 +261,8 @@ def run_health_check(argv: list[str], web_port: int, **env: str) -> subprocess.C
     # In the image `python` is the virtualenv's (PATH starts with /opt/venv/bin); here it is this one.
     # The container's other settings are left out: the check must need none but WEB_PORT.
     assert argv[0] == "python"
-    return subprocess.run([sys.executable, *argv[1:]], env={"WEB_PORT": str(web_port), "PATH": os.environ["PATH"], **env},
+    return subprocess.run([sys.executable, *argv[1:]],
+                          env={"WEB_PORT": str(web_port), "PATH": os.environ["PATH"], **env},
                           capture_output=True, text=True, timeout=60)
 
 

@@ -460,8 +460,9 @@ def test_up_sees_its_worker_ready_whatever_proxy_the_environment_names():
     threading.Thread(target=worker.serve_forever, daemon=True).start()
     try:
         check = "import sys; from alerting_app.up import _answers_200; sys.exit(0 if _answers_200(sys.argv[1]) else 1)"
+        proxy = "http://127.0.0.1:9"  # nothing listens there
         result = subprocess.run([sys.executable, "-c", check, f"http://127.0.0.1:{worker.server_address[1]}/startedz"],
-                                env={**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
+                                env={**os.environ, "HTTP_PROXY": proxy, "http_proxy": proxy},
                                 capture_output=True, text=True, timeout=60)
     finally:
         worker.shutdown()
