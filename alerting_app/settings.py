@@ -123,7 +123,14 @@ _UPPER = BeforeValidator(lambda value: value.strip().upper() if isinstance(value
 SecurityProtocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT"], _UPPER]
 SaslMechanism = Annotated[Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN", "AWS_MSK_IAM"], _UPPER]
 OptionalText = Annotated[str | None, BeforeValidator(_unset_if_empty)]
-OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_if_empty)]  # shown as ********
+def _without_final_line_break(value: object) -> object:
+    # A password read from a secret file or an env file often ends in a line break, which no
+    # password is meant to: kept, every Kafka login or email was refused. Other spaces are kept:
+    # they may be the password's own.
+    return _unset_if_empty(value.rstrip("\r\n") if isinstance(value, str) else value)
+
+
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_without_final_line_break)]  # shown as ********
 MIN_NOTIFICATION_RETENTION_DAYS = 2
 MIN_DELETED_RULE_RETENTION_DAYS = 1
 WebPort = Annotated[int, BeforeValidator(_digits_only)]

@@ -485,6 +485,23 @@ def test_a_token_set_empty_is_unset_and_one_with_a_trailing_newline_is_stripped(
     assert getattr(load_settings(), variable.lower()) == "token-from-a-secret-file"
 
 
+@pytest.mark.parametrize("variable", ["SMTP_PASSWORD", "KAFKA_SASL_PASSWORD"])
+def test_a_password_from_a_secret_file_loses_its_final_line_break_and_keeps_its_spaces(monkeypatch, variable):
+    # Before, the line break was sent as part of the password: every login was refused.
+    monkeypatch.setenv("SMTP_USER", "alerts")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker.example.com:9096")
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "alerts")
+    monkeypatch.setenv("SMTP_PASSWORD", "placeholder")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "placeholder")
+    monkeypatch.setenv(variable, " pass word \n")
+    assert getattr(load_settings(), variable.lower()).get_secret_value() == " pass word "
+    monkeypatch.setenv(variable, "\r\n")
+    with pytest.raises(SystemExit, match=variable):
+        load_settings()  # set empty: its user is set, and it is not
+
+
 @pytest.mark.parametrize(("variable", "field", "default"), [
     ("WEB_PORT", "web_port", 6066), ("WEB_BIND", "web_bind", "0.0.0.0"), ("LOG_LEVEL", "log_level", "info"),
     ("TOPIC_PARTITIONS", "topic_partitions", 9),
