@@ -32,6 +32,12 @@ for _channel in CHANNELS:
     # Known label values are exported at 0 from the start, so rates and alerts see the series at once.
     for _counter in (notifications_sent, notifications_failed, notifications_retried):
         _counter.labels(channel=_channel)
+# A replica keeps every worker's rules or silences current; one failing again and again leaves them
+# stale while the worker still answers /readyz (it caught up once): alert on this rising.
+replica_failures = Counter("alerting_replica_failures_total",
+                           "Rule or silence replica runs that failed (each is restarted after a pause)", ["replica"])
+for _replica in ("rule replica", "silence replica"):
+    replica_failures.labels(replica=_replica)
 groups_closed_early = Counter("alerting_groups_closed_early_total",
                               "Notification groups closed before their window ended: their client's open "
                               "groups outgrew one changelog message")

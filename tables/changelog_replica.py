@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from alerting_app import metrics
 from alerting_app.contracts import Contract, DeadLetter
 from alerting_app.dead_letters import UndecodableMessage, dead_letter_for, decode, require_uuids, send_dead_letters
 from alerting_app.end_offsets import end_offsets
@@ -353,6 +354,7 @@ async def keep_running(name: str, run_once: Callable[[], Awaitable[None]], shoul
                 # the pause never shrank, and after five failures in a worker's life every later
                 # one left its rules or silences unchanged for 30 s.
                 delay = RESTART_FIRST_PAUSE_S
+            metrics.replica_failures.labels(replica=name).inc()
             log.exception("%s failed; restarting in %gs", name, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_LONGEST_PAUSE_S)

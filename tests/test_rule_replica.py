@@ -381,8 +381,13 @@ async def test_keep_running_pauses_from_the_first_pause_again_after_a_run_that_w
             await asyncio.sleep(0.3)  # a run that went well for longer than the reset, then failed
         raise KafkaError(f"failure {runs}")
 
+    from alerting_app import metrics
+
+    failures = metrics.replica_failures.labels(replica="test replica")
+    failed_before = failures._value.get()
     with caplog.at_level(logging.ERROR, logger=changelog_replica.__name__):
         await keep_running("test replica", run_once, lambda: runs >= 8)
+    assert failures._value.get() - failed_before == 8  # each failure counted, for operators to alert on
     pauses = [float(record.getMessage().rsplit(" ", 1)[1].rstrip("s")) for record in caplog.records
               if "restarting in" in record.getMessage()]
     assert pauses == [0.01, 0.02, 0.04, 0.08, 0.08, 0.08, 0.01, 0.02]
