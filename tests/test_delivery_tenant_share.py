@@ -4,6 +4,8 @@ own share of the worker's send slots (DELIVERY_CLIENT_CONCURRENCY), not all of t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -44,6 +46,24 @@ async def email_tenants_notifications(pool, tenants: int) -> list:
         await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
         notifications.append(await pending_notification(pool, tenant, [rule]))
     return notifications
+
+@contextlib.asynccontextmanager
+async def sweeping(pool, dispatcher) -> AsyncIterator[None]:
+    """The worker's sweep loop, faster, while the block runs."""
+    from agents.deliver import sweep
+
+    async def sweep_for_ever() -> None:
+        while True:
+            await sweep(pool, dispatcher)
+            await asyncio.sleep(0.05)
+
+    sweeps = asyncio.ensure_future(sweep_for_ever())
+    try:
+        yield
+    finally:
+        sweeps.cancel()
+        await asyncio.gather(sweeps, return_exceptions=True)
+
 
 @pytest.fixture
 def settings(monkeypatch):
@@ -250,7 +270,7 @@ async def test_deliveries_whose_retry_is_due_later_wait_in_postgres_leaving_the_
     waited in Postgres for the few places that freed up. (Here: a worker of four places, two failing
     tenants of two places each, each with more failing deliveries than that, every retry due 300 s
     later.)"""
-    from agents.deliver import start_deliveries, sweep
+    from agents.deliver import start_deliveries
     from alerting_app.delivery.attempts import HAND_BACK_AFTER_S
     from alerting_app.delivery.dispatcher import Dispatcher
 
@@ -270,25 +290,16 @@ async def test_deliveries_whose_retry_is_due_later_wait_in_postgres_leaving_the_
             failing += [await pending_notification(pool, tenant, [rule]) for _ in range(3)]
         other = await other_tenants_notification(pool, receiver)
         dispatcher = Dispatcher(settings)
-
-        async def sweeping() -> None:  # the worker's sweep loop, faster
-            while True:
-                await sweep(pool, dispatcher)
-                await asyncio.sleep(0.05)
-
-        sweeps = None
         try:
             # The failing tenants fill the worker: two places each, four in all.
             assert len(await start_deliveries(pool, dispatcher, failing)) == 4
             await start_deliveries(pool, dispatcher, [other])
-            sweeps = asyncio.ensure_future(sweeping())
-            # The other tenant's notification is delivered (were the failing deliveries held through
-            # their retries, no place would free up for 300 s, and the guard fail) ...
-            await receiver.wait_for_posts(1, "other", timeout=60)
-            # ... and every failing delivery made its first attempt, each handed back after it.
-            await receiver.wait_for_posts(len(failing) * 2 + 1, timeout=60)
-            sweeps.cancel()
-            await asyncio.gather(sweeps, return_exceptions=True)
+            async with sweeping(pool, dispatcher):
+                # The other tenant's notification is delivered (were the failing deliveries held
+                # through their retries, no place would free up for 300 s, and the guard fail) ...
+                await receiver.wait_for_posts(1, "other", timeout=60)
+                # ... and every failing delivery made its first attempt, each handed back after it.
+                await receiver.wait_for_posts(len(failing) * 2 + 1, timeout=60)
             await dispatcher.drained()
 
             rows = await pool.fetch(
@@ -303,9 +314,6 @@ async def test_deliveries_whose_retry_is_due_later_wait_in_postgres_leaving_the_
             assert await records.lease_due(pool, dispatcher.owner, settings.delivery_lease_s, {},
                                            settings.delivery_endpoint_backlog, 10) == []
         finally:
-            if sweeps is not None:
-                sweeps.cancel()
-                await asyncio.gather(sweeps, return_exceptions=True)
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                [n.notification_id for n in (*failing, other)])
@@ -320,7 +328,7 @@ async def test_a_tenant_holding_half_its_backlog_waits_for_its_retries_in_postgr
     failing endpoints per 17 s held its whole share, and its deliveries to a healthy endpoint waited
     in Postgres until the failing ones ran out of attempts. (Here: a backlog of four, four deliveries
     to an endpoint answering 500, every retry due in 2-3 s, three attempts each.)"""
-    from agents.deliver import start_deliveries, sweep
+    from agents.deliver import start_deliveries
     from alerting_app.delivery.attempts import HAND_BACK_AFTER_S
     from alerting_app.delivery.dispatcher import Dispatcher
 
@@ -339,34 +347,24 @@ async def test_a_tenant_holding_half_its_backlog_waits_for_its_retries_in_postgr
         failing = [await pending_notification(pool, tenant, [failing_rule]) for _ in range(4)]
         healthy = await pending_notification(pool, tenant, [healthy_rule])
         dispatcher = Dispatcher(settings)
-
-        async def sweeping() -> None:  # the worker's sweep loop, faster
-            while True:
-                await sweep(pool, dispatcher)
-                await asyncio.sleep(0.05)
-
-        sweeps = None
         try:
             # The failing deliveries take the tenant's whole backlog; the healthy one waits in Postgres.
             assert len(await start_deliveries(pool, dispatcher, failing)) == 4
             await start_deliveries(pool, dispatcher, [healthy])
-            sweeps = asyncio.ensure_future(sweeping())
-            await receiver.wait_for_posts(1, "healthy", timeout=60)
-            # It went out while the failing deliveries still had retries to make: their places were
-            # given up after their first attempt, not kept through their whole schedule.
-            rows = await pool.fetch("SELECT status, attempts FROM deliveries WHERE notification_id = ANY($1::uuid[])",
-                                    [n.notification_id for n in failing])
-            assert sorted(row["status"] for row in rows) == ["PENDING"] * 4
-            assert all(row["attempts"] < settings.delivery_max_attempts for row in rows)
-            # Handed back, each still makes its three attempts, each once, then fails.
-            for notification in failing:
-                await until_settled(pool, notification.notification_id)
+            async with sweeping(pool, dispatcher):
+                await receiver.wait_for_posts(1, "healthy", timeout=60)
+                # It went out while the failing deliveries still had retries to make: their places
+                # were given up after their first attempt, not kept through their whole schedule.
+                rows = await pool.fetch("SELECT status, attempts FROM deliveries"
+                                        " WHERE notification_id = ANY($1::uuid[])", [n.notification_id for n in failing])
+                assert sorted(row["status"] for row in rows) == ["PENDING"] * 4
+                assert all(row["attempts"] < settings.delivery_max_attempts for row in rows)
+                # Handed back, each still makes its three attempts, each once, then fails.
+                for notification in failing:
+                    await until_settled(pool, notification.notification_id)
             assert len(receiver.posts_to("failing")) == 4 * 3
             assert sorted(receiver.idempotency_keys().values()) == [1] + [3] * 4
         finally:
-            if sweeps is not None:
-                sweeps.cancel()
-                await asyncio.gather(sweeps, return_exceptions=True)
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                [n.notification_id for n in (*failing, healthy)])
