@@ -9,6 +9,7 @@ advertises the login port, so every client, after its first request, is sent bac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import os
 import re
@@ -16,7 +17,7 @@ import secrets
 import ssl
 import subprocess
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -34,23 +35,31 @@ pytestmark = pytest.mark.e2e
 USER, PASSWORD = "alerting-app", "a-scram-password-" + secrets.token_hex(8)
 
 
-def test_our_kafka_clients_log_in_with_scram_and_nothing_else_gets_in(tmp_path):
+@contextlib.contextmanager
+def scram_broker(tmp_path) -> Iterator[tuple[str, KafkaConnection, SaslLoginBroker]]:
+    """Tansu behind a SCRAM-SHA-256 login for USER; yields its address, a connection logged in as
+    USER, and the login server (its logins and refusals)."""
     plaintext_port, login_port = free_port(), free_port()
     address = f"127.0.0.1:{login_port}"
     logged_in = KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", USER, PASSWORD))
     with SaslLoginBroker(login_port, plaintext_port, {USER: PASSWORD}, mechanism="SCRAM-SHA-256") as login:
         broker = start_tansu(plaintext_port, tmp_path / "kafka", advertised_port=login_port, probe=logged_in)
         try:
-            assert "alerts.new" in asyncio.run(broker_topics_missing(logged_in, ["alerts.new"]))
-            assert login.logins and set(login.logins) == {USER}
-
-            assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", USER, "not-the-password")))
-            assert login.refusals > 0
-            assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", "someone-else", PASSWORD)))
-            assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-512", USER, PASSWORD)))  # wrong mechanism
-            assert refused(address)  # no login at all
+            yield address, logged_in, login
         finally:
             broker.stop()
+
+
+def test_our_kafka_clients_log_in_with_scram_and_nothing_else_gets_in(tmp_path):
+    with scram_broker(tmp_path) as (address, logged_in, login):
+        assert "alerts.new" in asyncio.run(broker_topics_missing(logged_in, ["alerts.new"]))
+        assert login.logins and set(login.logins) == {USER}
+
+        assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", USER, "not-the-password")))
+        assert login.refusals > 0
+        assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", "someone-else", PASSWORD)))
+        assert refused(KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-512", USER, PASSWORD)))  # wrong mechanism
+        assert refused(address)  # no login at all
 
 
 def test_a_worker_and_the_commands_log_in_with_scram_over_tls_end_to_end(services, clean_db, tmp_path, certificates):
@@ -142,26 +151,19 @@ def test_a_worker_whose_login_the_broker_refuses_stops_at_once_naming_the_variab
     # reason went only to its own log, which the wait silences): the worker waited for ever, alive and
     # never ready, and said only that it waited for the broker. A refused login is refused again at
     # every try, as Postgres's and Redis's are, which stop the worker at once naming the variable.
-    plaintext_port, login_port = free_port(), free_port()
-    address = f"127.0.0.1:{login_port}"
-    logged_in = KafkaConnection(address, sasl=SaslLogin("SCRAM-SHA-256", USER, PASSWORD))
-    with SaslLoginBroker(login_port, plaintext_port, {USER: PASSWORD}, mechanism="SCRAM-SHA-256") as login:
-        broker = start_tansu(plaintext_port, tmp_path / "kafka", advertised_port=login_port, probe=logged_in)
-        try:
-            login_settings = {"KAFKA_BOOTSTRAP_SERVERS": address, "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-                              "KAFKA_SASL_USERNAME": USER, "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"}
-            for wrong, named in (({"KAFKA_SASL_PASSWORD": "not-the-password"},
-                                  "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD: the broker refused the login"),
-                                 ({"KAFKA_SASL_PASSWORD": PASSWORD, "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"},
-                                  "KAFKA_SASL_MECHANISM: the broker does not take SCRAM-SHA-512")):
-                result = subprocess.run(
-                    [alerting_app_executable(), "worker"], capture_output=True, text=True, timeout=120,
-                    env={**os.environ, **login_settings, **wrong, "WEB_PORT": str(free_port()),
-                         "DATA_DIR": str(tmp_path / "worker")})
+    with scram_broker(tmp_path) as (address, _, login):
+        login_settings = {"KAFKA_BOOTSTRAP_SERVERS": address, "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                          "KAFKA_SASL_USERNAME": USER, "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"}
+        for wrong, named in (({"KAFKA_SASL_PASSWORD": "not-the-password"},
+                              "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD: the broker refused the login"),
+                             ({"KAFKA_SASL_PASSWORD": PASSWORD, "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"},
+                              "KAFKA_SASL_MECHANISM: the broker does not take SCRAM-SHA-512")):
+            result = subprocess.run(
+                [alerting_app_executable(), "worker"], capture_output=True, text=True, timeout=120,
+                env={**os.environ, **login_settings, **wrong, "WEB_PORT": str(free_port()),
+                     "DATA_DIR": str(tmp_path / "worker")})
 
-                assert result.returncode == 1, result.stderr[-2000:]
-                assert f"Invalid configuration:\n  {named}" in result.stderr, result.stderr[-2000:]
-                assert "not-the-password" not in result.stderr
-            assert login.refusals > 0
-        finally:
-            broker.stop()
+            assert result.returncode == 1, result.stderr[-2000:]
+            assert f"Invalid configuration:\n  {named}" in result.stderr, result.stderr[-2000:]
+            assert "not-the-password" not in result.stderr
+        assert login.refusals > 0

@@ -48,10 +48,8 @@ class _IPv6Server(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
 
-@pytest.fixture
-def ipv6_worker() -> Iterator[int]:
-    """A stand-in for a worker's /healthz, listening on [::1] only; yields its port."""
-    server = _IPv6Server(("::1", 0), _Healthy)
+def _serving(server: http.server.HTTPServer) -> Iterator[int]:
+    """Serve in a thread until the test ends; yields the server's port."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -59,6 +57,12 @@ def ipv6_worker() -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def ipv6_worker() -> Iterator[int]:
+    """A stand-in for a worker's /healthz, listening on [::1] only; yields its port."""
+    yield from _serving(_IPv6Server(("::1", 0), _Healthy))
 
 
 @pytest.mark.parametrize("bind", ["::1", "::", " ::1 "])
@@ -92,27 +96,14 @@ def proxy() -> Iterator[str]:
     """An HTTP proxy on this machine, as Docker puts one in every container's environment when the
     Docker client is configured with one (HTTP_PROXY, http_proxy); yields its URL."""
     _Proxy.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    for port in _serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
 def ipv4_worker() -> Iterator[int]:
     """A stand-in for a worker's /healthz on 127.0.0.1; yields its port."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from _serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy))
 
 
 def test_the_check_asks_the_worker_itself_whatever_proxy_the_environment_names(ipv4_worker, proxy):
