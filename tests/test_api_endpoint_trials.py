@@ -133,3 +133,41 @@ async def test_another_tenants_endpoint_cannot_be_tested(api, tenant, other_tena
         reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", other_tenant.key)
         assert reply.status == 404
         assert receiver.posts == []
+
+
+async def test_a_clients_tests_of_many_endpoints_are_limited_together(api, tenant, monkeypatch):
+    # The per-endpoint interval alone bounded nothing: MAX_ENDPOINTS_PER_RULE endpoints on each of
+    # MAX_RULES_PER_CLIENT rules, each tested once per 5 s, and three rules of email endpoints (60
+    # tests per 5 s) took every token of EMAIL_RATE_LIMIT_PER_S (10/s): every tenant's email waited.
+    from alerting_app.app import settings
+    from web.endpoint_trial import TEST_CLIENT_INTERVAL_S
+
+    monkeypatch.setattr(settings, "email_rate_limit_per_s", 1_000.0)  # not the limit this is about
+    with SmtpServer() as relay:
+        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+        monkeypatch.setattr(settings, "smtp_port", relay.port)
+        monkeypatch.setattr(settings, "smtp_starttls", False)
+        first = await endpoint_to(api, tenant, "email", "first@example.com")
+        second = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                                {"rule_id": first["rule_id"], "type": "email", "value": "second@example.com"})
+        assert second.status == 201, second.body
+        second = second.body
+        tested = await api.call("POST", f"/api/v1/endpoints/{first['endpoint_id']}/test", tenant.key)
+        refused = await api.call("POST", f"/api/v1/endpoints/{second['endpoint_id']}/test", tenant.key)
+
+        assert tested.status == 200 and tested.body["delivered"], tested.body
+        assert refused.status == 429, refused.body
+        assert f"one test per {TEST_CLIENT_INTERVAL_S:g} s per client" in refused.body["message"]
+        assert 1 <= int(refused.headers["Retry-After"]) <= max(1, TEST_CLIENT_INTERVAL_S)
+        assert [message["To"] for message in relay.messages] == ["first@example.com"]
+
+
+async def test_another_clients_tests_are_not_held_by_a_clients_limit(api, tenant, other_tenant):
+    async with Receiver() as receiver:
+        mine = await endpoint_to(api, tenant, "webhook", receiver.url("mine"))
+        theirs = await endpoint_to(api, other_tenant, "webhook", receiver.url("theirs"))
+        first = await api.call("POST", f"/api/v1/endpoints/{mine['endpoint_id']}/test", tenant.key)
+        second = await api.call("POST", f"/api/v1/endpoints/{theirs['endpoint_id']}/test", other_tenant.key)
+        assert (first.status, second.status) == (200, 200), (first.body, second.body)
+        assert first.body["delivered"] and second.body["delivered"]
+

@@ -8,9 +8,13 @@ recorded, not retried, not dead-lettered. A disabled endpoint can be tested, so 
 checked before it is enabled.
 
 Every test takes a token of the endpoint's own rate limit (and, for email, of the all-email one),
-as a delivery does, and of a bucket of tests of its own, one per TEST_INTERVAL_S: a tenant's key
-cannot make the platform send to an address faster than the endpoint allows, or test it in a
-loop. Without a token the answer is 429, with Retry-After, and nothing is sent.
+as a delivery does, and of two buckets of tests of their own: one test per endpoint per
+TEST_INTERVAL_S, and one per client per TEST_CLIENT_INTERVAL_S, whatever endpoint. The endpoint's
+rate limit is the tenant's to set, and a tenant may hold MAX_RULES_PER_CLIENT rules of
+MAX_ENDPOINTS_PER_RULE endpoints each: without the client's bucket a key testing its endpoints in
+turn made the platform send as fast as the API answered, and took every token of the all-email
+limit (60 email endpoints, 12 tests a second against 10 by default) that every tenant's email waits
+for. Without a token the answer is 429, with Retry-After, and nothing is sent.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # One test per endpoint per this many seconds, whatever its rate limit.
 TEST_INTERVAL_S = 5.0
+# One test per client per this many seconds, whichever of its endpoints.
+TEST_CLIENT_INTERVAL_S = 1.0
 
 ENDPOINT = """
     SELECT endpoint_id::text, rule_id::text, client_id::text, type, value, secret, rate_limit_per_s, enabled
@@ -48,6 +54,10 @@ ENDPOINT = """
 
 def trial_bucket(app_id: str, endpoint_id: str) -> str:
     return f"{app_id}:endpoint-test:{endpoint_id}"
+
+
+def client_trial_bucket(app_id: str, client_id: str) -> str:
+    return f"{app_id}:client-endpoint-tests:{client_id}"
 
 
 def trial_notification(client_id: str, rule_id: str, endpoint_id: str) -> NotificationReady:
@@ -64,12 +74,15 @@ class _Throttled(Exception):
         self.retry_after_s = retry_after_s
 
 
-async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint) -> None:
-    """The tokens a test spends, or _Throttled naming the first bucket that has none now."""
+async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint, client_id: str) -> None:
+    """The tokens a test spends, or _Throttled naming the first bucket that has none now (the tests'
+    own first, then those deliveries share)."""
     limits = RateLimits(redis, settings.endpoint_rate_burst_s)
     rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
     buckets = [(trial_bucket(settings.app_id, endpoint.endpoint_id), 1 / TEST_INTERVAL_S,
                 f"one test per {TEST_INTERVAL_S:g} s per endpoint"),
+               (client_trial_bucket(settings.app_id, client_id), 1 / TEST_CLIENT_INTERVAL_S,
+                f"one test per {TEST_CLIENT_INTERVAL_S:g} s per client"),
                (endpoint_bucket(settings.app_id, endpoint.endpoint_id), rate, "the endpoint's rate limit")]
     if endpoint.channel == "email":
         buckets.append((email_bucket(settings.app_id), settings.email_rate_limit_per_s,
@@ -90,7 +103,7 @@ class EndpointTestView(ApiView):
                             row["enabled"])
         redis = PipelinedRedis(redis_client.redis())
         try:
-            await _take_tokens(redis, endpoint)
+            await _take_tokens(redis, endpoint, row["client_id"])
         except _Throttled as throttled:
             wait_s = max(1, math.ceil(throttled.retry_after_s))
             return self.error(429, "rate_limited", message=f"no test now: {throttled}; try again in {wait_s} s",
