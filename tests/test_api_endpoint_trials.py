@@ -171,3 +171,35 @@ async def test_another_clients_tests_are_not_held_by_a_clients_limit(api, tenant
         assert (first.status, second.status) == (200, 200), (first.body, second.body)
         assert first.body["delivered"] and second.body["delivered"]
 
+
+
+async def test_a_tests_host_lookup_does_not_wait_for_the_threads_deliveries_resolve_on(api, tenant, monkeypatch):
+    # Deliveries resolve their endpoints' hosts on the event loop's default executor. A test's
+    # lookup ran there too: a tenant testing endpoints under a name server that answers late or
+    # never held those threads, and every delivery's new connection waited. Here every thread of
+    # the default executor is held: the test still resolves its host and is delivered.
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alerting_app import redis_client
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "webhook_timeout_s", 3.0)
+    await redis_client.redis().ping()  # its connection made before the threads are held
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url().replace("127.0.0.1", "localhost"))
+        loop = asyncio.get_running_loop()
+        previous = loop._default_executor
+        held, release = ThreadPoolExecutor(max_workers=1), threading.Event()
+        loop.set_default_executor(held)
+        holding = loop.run_in_executor(None, release.wait)
+        try:
+            reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+        finally:
+            release.set()
+            await holding
+            loop._default_executor = previous
+            held.shutdown()
+        assert reply.status == 200 and reply.body["delivered"], reply.body["error"]
+        assert len(receiver.posts) == 1

@@ -36,6 +36,7 @@ from alerting_app.delivery.jobs import Endpoint
 from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint_bucket
 from alerting_app.redis_pipelining import PipelinedRedis
 from web.auth import ApiView
+from web.endpoints import address_lookups
 from web.errors import NotFound
 from web.validation import path_id
 
@@ -113,7 +114,11 @@ class EndpointTestView(ApiView):
             return self.error(503, "redis_unavailable", message="the rate limits cannot be checked now; nothing was sent")
         notification = trial_notification(row["client_id"], row["rule_id"], endpoint.endpoint_id)
         error, retryable = None, None
-        async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints) as session:
+        # Its host resolved on the API's threads for address lookups, not on those every delivery
+        # resolves on (the loop's default executor): a tenant testing endpoints under a name server
+        # that answers late or never held those, and every tenant's new delivery connections waited.
+        async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints,
+                                    lookups=address_lookups) as session:
             try:
                 await send_to(endpoint, notification, session, settings)
             except DeliveryError as exc:

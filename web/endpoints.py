@@ -34,10 +34,11 @@ _http_url = TypeAdapter(HttpUrl)
 # default executor: every delivery's connection resolves its host there (aiohttp's ThreadedResolver),
 # and a few changes naming hosts under a name server that answers late or never (a tenant's own)
 # held every tenant's deliveries for as long. A lookup not answered within ENDPOINT_LOOKUP_TIMEOUT_S
-# is refused; its thread is given back when the system's resolver gives up.
+# is refused; its thread is given back when the system's resolver gives up. An endpoint's test
+# (web/endpoint_trial.py) resolves its host on them too.
 ENDPOINT_LOOKUP_THREADS = 4
 ENDPOINT_LOOKUP_TIMEOUT_S = 10.0
-_lookups = ThreadPoolExecutor(max_workers=ENDPOINT_LOOKUP_THREADS, thread_name_prefix="endpoint-lookup")
+address_lookups = ThreadPoolExecutor(max_workers=ENDPOINT_LOOKUP_THREADS, thread_name_prefix="endpoint-lookup")
 
 COLUMNS = "endpoint_id, rule_id, client_id, type, value, enabled, rate_limit_per_s, created_at, updated_at"
 
@@ -137,7 +138,7 @@ async def _normalised_value(type_: str, value: str) -> str:
     if not settings.allow_private_endpoints:
         try:
             async with asyncio.timeout(ENDPOINT_LOOKUP_TIMEOUT_S):
-                await check_public_host(url.host, url.port, _lookups)
+                await check_public_host(url.host, url.port, address_lookups)
         except TimeoutError:
             raise ValidationFailed.field(
                 "value", f"{url.host} did not resolve within {ENDPOINT_LOOKUP_TIMEOUT_S:g} s") from None

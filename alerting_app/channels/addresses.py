@@ -10,6 +10,7 @@ resolved to a public address at creation may resolve into our network later (DNS
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -129,8 +130,8 @@ class PublicAddressResolver(AbstractResolver):
     The connector caches only answers this returned (10 s by default): a refusal is not cached.
     """
 
-    def __init__(self) -> None:
-        self._resolver = ThreadedResolver()
+    def __init__(self, lookups: Executor | None = None) -> None:
+        self._resolver = resolver_on(lookups)
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
@@ -140,6 +141,28 @@ class PublicAddressResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._resolver.close()
+
+
+class _LookupsOn:
+    """The two calls ThreadedResolver makes of its loop, on `executor` rather than the loop's default one."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._loop, self._executor = asyncio.get_running_loop(), executor
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        return await self._loop.run_in_executor(
+            self._executor, functools.partial(socket.getaddrinfo, host, port, family, type, proto, flags))
+
+    async def getnameinfo(self, sockaddr, flags=0):
+        return await self._loop.run_in_executor(self._executor, socket.getnameinfo, sockaddr, flags)
+
+
+def resolver_on(lookups: Executor | None) -> ThreadedResolver:
+    """aiohttp's ThreadedResolver, its lookups on `lookups` (None: the loop's default executor, where
+    deliveries resolve their hosts)."""
+    if lookups is None:
+        return ThreadedResolver()
+    return ThreadedResolver(loop=_LookupsOn(lookups))  # type: ignore[arg-type]
 
 
 async def refuse_non_public_literal(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
