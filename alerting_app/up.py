@@ -292,7 +292,18 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     # TLS and SASL only for a broker of the settings: the embedded one speaks plaintext (Settings
     # refuses any other KAFKA_SECURITY_PROTOCOL without KAFKA_BOOTSTRAP_SERVERS).
     broker = kafka_connection(settings, env["KAFKA_BOOTSTRAP_SERVERS"], request_timeout_s=COMMAND_BROKER_TIMEOUT_S)
+    # Marked in DATA_DIR from before notifications.ready may be created until the notifications it
+    # lacks are sent: on a broker of KAFKA_BOOTSTRAP_SERVERS, which keeps its topics, an `up` stopped
+    # anywhere in between (the rules' publish below, say) finds notifications.ready there next time,
+    # and without the mark left the rest PENDING for ever. Sending one again is harmless
+    # (agents/deliver.py). Taken back at once when the topic was there already.
+    resend_mark = Path(env["DATA_DIR"]) / RESEND_MARK
+    marked_before = resend_mark.exists()
+    resend_mark.parent.mkdir(parents=True, exist_ok=True)
+    resend_mark.touch()
     report = asyncio.run(create_topics(broker, settings.topic_partitions, settings.topic_replication_factor))
+    if "notifications.ready" not in report.created and not marked_before:
+        resend_mark.unlink()
     if report.mismatched:
         raise SystemExit(report.mismatch_message(settings.topic_partitions))
     print(f"topics created: {', '.join(report.created) or 'none (all present)'}", flush=True)
@@ -309,13 +320,7 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
             count = asyncio.run(publish_current_state(env["DATABASE_URL"], broker, outbox,
                                                       queued_first=not embedded_broker))
             print(f"{kind} put on {topic} from Postgres: {count}", flush=True)
-    # Marked in DATA_DIR while under way: on a broker of KAFKA_BOOTSTRAP_SERVERS, which keeps its
-    # topics, an `up` stopped partway finds notifications.ready there next time, and without the mark
-    # would leave the rest PENDING for ever. Sending one again is harmless (agents/deliver.py).
-    resend_mark = Path(env["DATA_DIR"]) / RESEND_MARK
-    if "notifications.ready" in report.created or resend_mark.exists():
-        resend_mark.parent.mkdir(parents=True, exist_ok=True)
-        resend_mark.touch()
+    if resend_mark.exists():
         count, unreadable = asyncio.run(emit_undelivered_notifications(env["DATABASE_URL"], broker))
         resend_mark.unlink()
         print(f"notifications sent again to notifications.ready from Postgres (pending, no delivery opened): "

@@ -209,6 +209,61 @@ def test_an_up_stopped_while_it_sends_pending_notifications_again_sends_them_at_
     assert not (tmp_path / "data" / RESEND_MARK).exists()
 
 
+def test_an_up_stopped_after_creating_notifications_ready_but_before_sending_sends_them_at_the_next_run(
+        services, tmp_path, monkeypatch):
+    # Stopped after the topics were created, while the rules went back on theirs (the longest step
+    # before the sending): the mark was not written yet, and the next run, finding notifications.ready
+    # on a broker that keeps its topics, left the pending notifications PENDING for ever.
+    import asyncpg
+    import pytest
+
+    from alerting_app import up
+    from alerting_app.up import RESEND_MARK
+    from kafka_probe import read_topic
+
+    async def insert() -> tuple[str, str]:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            client_id = str(uuid.uuid4())
+            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
+                               client_id, uuid.uuid4().hex)
+            return client_id, await _notification(conn, client_id, emitted=False)
+        finally:
+            await conn.close()
+
+    async def stopped(*args, **kwargs) -> int:
+        raise KeyboardInterrupt  # Ctrl-C while the rules go back on rule.changed
+
+    client_id, pending = asyncio.run(insert())
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as kept_broker:
+        env.update(kept_broker.start(postgres=False, redis=False))
+        with monkeypatch.context() as interrupted:
+            interrupted.setattr(up, "publish_current_state", stopped)
+            with pytest.raises(KeyboardInterrupt):
+                _prepare(env, Settings())
+
+        _prepare(env, Settings())  # the next run: notifications.ready is there now
+        sent = [json.loads(value) for _, value in asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"],
+                                                                         "notifications.ready"))]
+    assert [message["notification_id"] for message in sent if message["client_id"] == client_id] == [pending]
+    assert not (tmp_path / "data" / RESEND_MARK).exists()
+
+
+def test_an_up_finding_notifications_ready_present_sends_nothing_again(services, tmp_path):
+    # The mark written before the topics are created is taken back when notifications.ready was
+    # there already: a restart on a broker that keeps its topics sends no pending notification again.
+    from alerting_app.up import RESEND_MARK
+
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as kept_broker:
+        env.update(kept_broker.start(postgres=False, redis=False))
+        _prepare(env, Settings())
+        assert not (tmp_path / "data" / RESEND_MARK).exists()
+        _prepare(env, Settings())
+    assert not (tmp_path / "data" / RESEND_MARK).exists()
+
+
 def test_a_second_up_on_the_same_data_dir_stops_at_once_and_says_why(services, tmp_path):
     # Even with every service given (nothing embedded, so no services folder is locked): two
     # workers would share DATA_DIR's table state and log.
