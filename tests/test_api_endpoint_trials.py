@@ -203,3 +203,18 @@ async def test_a_tests_host_lookup_does_not_wait_for_the_threads_deliveries_reso
             held.shutdown()
         assert reply.status == 200 and reply.body["delivered"], reply.body["error"]
         assert len(receiver.posts) == 1
+
+
+async def test_a_test_connects_to_public_addresses_only_as_a_delivery_does(api, tenant, monkeypatch):
+    # The endpoint's name resolves into our network now (created while ALLOW_PRIVATE_ENDPOINTS was
+    # on, say): the test's own lookup is checked as a delivery's is, and nothing is sent.
+    from alerting_app.app import settings
+
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url().replace("127.0.0.1", "localhost"))
+        monkeypatch.setattr(settings, "allow_private_endpoints", False)
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+        assert reply.status == 200, reply.body
+        assert (reply.body["delivered"], reply.body["retryable"]) == (False, False)
+        assert reply.body["error"].startswith("localhost resolves to a loopback address"), reply.body["error"]
+        assert receiver.posts == []
