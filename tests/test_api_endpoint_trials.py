@@ -218,3 +218,31 @@ async def test_a_test_connects_to_public_addresses_only_as_a_delivery_does(api, 
         assert (reply.body["delivered"], reply.body["retryable"]) == (False, False)
         assert reply.body["error"].startswith("localhost resolves to a loopback address"), reply.body["error"]
         assert receiver.posts == []
+
+
+async def test_email_tests_hold_no_more_of_the_relay_than_a_workers_deliveries_may(api, tenant, other_tenant,
+                                                                                  monkeypatch):
+    # Every email goes to the one SMTP relay: before, each tenant's test to a relay that hangs held a
+    # connection for SMTP_TIMEOUT_S, beyond the relay's send slots, however many tenants tested.
+    import asyncio
+
+    from alerting_app.app import settings
+
+    with SmtpServer() as relay:
+        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+        monkeypatch.setattr(settings, "smtp_port", relay.port)
+        monkeypatch.setattr(settings, "smtp_starttls", False)
+        monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+        relay.stall(2)  # the relay is slow: the first test holds its one slot meanwhile
+        first = await endpoint_to(api, tenant, "email", "oncall@example.com")
+        second = await endpoint_to(api, other_tenant, "email", "oncall@example.com")
+        holding = asyncio.ensure_future(api.call("POST", f"/api/v1/endpoints/{first['endpoint_id']}/test", tenant.key))
+        async with asyncio.timeout(30):
+            while relay.envelopes_begun < 1:
+                await asyncio.sleep(0.01)
+        refused = await api.call("POST", f"/api/v1/endpoints/{second['endpoint_id']}/test", other_tenant.key)
+
+        assert refused.status == 429, refused.body
+        assert "tests to the SMTP relay" in refused.body["message"]
+        assert (await holding).body["delivered"]
+        assert relay.envelopes_begun == 1

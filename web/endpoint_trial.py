@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 TEST_INTERVAL_S = 5.0
 # One test per client per this many seconds, whichever of its endpoints.
 TEST_CLIENT_INTERVAL_S = 1.0
+# Tests a worker sends at once: every tenant's (each waits up to WEBHOOK_TIMEOUT_S for a hanging
+# endpoint), and the email ones, which all go to the one SMTP relay, no more than the relay's send
+# slots a worker's deliveries take (DELIVERY_ENDPOINT_CONCURRENCY). Past them a test answers 429.
+TESTS_IN_FLIGHT_MAX = 64
+_in_flight: dict[str, int] = {"all": 0, "email": 0}
 
 ENDPOINT = """
     SELECT endpoint_id::text, rule_id::text, client_id::text, type, value, secret, rate_limit_per_s, enabled
@@ -93,6 +98,15 @@ async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint, client_id: str
             raise _Throttled(1 / rate_per_s, what)
 
 
+def _no_room_for(channel: str) -> str | None:
+    """Why a test by `channel` cannot be sent now by this worker (TESTS_IN_FLIGHT_MAX), or None."""
+    if _in_flight["all"] >= TESTS_IN_FLIGHT_MAX:
+        return f"this worker is already sending {TESTS_IN_FLIGHT_MAX} tests"
+    if channel == "email" and _in_flight["email"] >= settings.delivery_endpoint_concurrency:
+        return f"this worker is already sending {settings.delivery_endpoint_concurrency} tests to the SMTP relay"
+    return None
+
+
 @app.page("/api/v1/endpoints/{endpoint_id}/test")
 class EndpointTestView(ApiView):
     async def post(self, request: Request, endpoint_id: str) -> Response:
@@ -102,6 +116,10 @@ class EndpointTestView(ApiView):
             raise NotFound()
         endpoint = Endpoint(row["endpoint_id"], row["type"], row["value"], row["secret"], row["rate_limit_per_s"],
                             row["enabled"])
+        busy = _no_room_for(endpoint.channel)
+        if busy is not None:
+            return self.error(429, "rate_limited", message=f"no test now: {busy}; try again in 1 s",
+                              headers={"Retry-After": "1"})
         redis = PipelinedRedis(redis_client.redis())
         try:
             await _take_tokens(redis, endpoint, row["client_id"])
@@ -117,15 +135,21 @@ class EndpointTestView(ApiView):
         # Its host resolved on the API's threads for address lookups, not on those every delivery
         # resolves on (the loop's default executor): a tenant testing endpoints under a name server
         # that answers late or never held those, and every tenant's new delivery connections waited.
-        async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints,
-                                    lookups=address_lookups) as session:
-            try:
+        kinds = ("all", "email") if endpoint.channel == "email" else ("all",)
+        for kind in kinds:
+            _in_flight[kind] += 1
+        try:
+            async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints,
+                                        lookups=address_lookups) as session:
                 await send_to(endpoint, notification, session, settings)
-            except DeliveryError as exc:
-                error, retryable = recordable(str(exc)), isinstance(exc, RetryableDeliveryError)
-            except Exception as exc:  # ours, not the endpoint's: as a delivery, its type and message
-                log.exception("endpoint test %s: the send raised %s", endpoint.endpoint_id, type(exc).__name__)
-                error, retryable = recordable(f"{type(exc).__name__}: {exc}"), False
+        except DeliveryError as exc:
+            error, retryable = recordable(str(exc)), isinstance(exc, RetryableDeliveryError)
+        except Exception as exc:  # ours, not the endpoint's: as a delivery, its type and message
+            log.exception("endpoint test %s: the send raised %s", endpoint.endpoint_id, type(exc).__name__)
+            error, retryable = recordable(f"{type(exc).__name__}: {exc}"), False
+        finally:
+            for kind in kinds:
+                _in_flight[kind] -= 1
         return self.json({"endpoint_id": endpoint.endpoint_id, "notification_id": notification.notification_id,
                           "channel": endpoint.channel, "delivered": error is None, "error": error,
                           "retryable": retryable})
