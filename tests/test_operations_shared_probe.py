@@ -1,4 +1,4 @@
-"""web.operations.SharedProbe: what /readyz, /startedz and /metrics ask the services, once for the
+"""alerting_app.shared_probe.SharedProbe: what /readyz, /startedz and /metrics ask the services, once for the
 requests arriving together and reused for a moment (anyone on WEB_PORT may call them, without a
 token). The e2e flood of /readyz is in test_e2e_operations_probes.py."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def counting_probe(answers: list, gate: asyncio.Event | None = None):
 
 
 async def test_requests_arriving_together_share_one_probe():
-    from web.operations import SharedProbe
+    from alerting_app.shared_probe import SharedProbe
 
     gate = asyncio.Event()
     probe, calls = counting_probe(["up"], gate)
@@ -36,7 +36,7 @@ async def test_requests_arriving_together_share_one_probe():
 
 
 async def test_an_answer_is_reused_within_its_time_and_asked_again_after():
-    from web.operations import SharedProbe
+    from alerting_app.shared_probe import SharedProbe
 
     probe, calls = counting_probe(["first", "second"])
     reused = SharedProbe(probe, reuse_s=60)
@@ -47,7 +47,7 @@ async def test_an_answer_is_reused_within_its_time_and_asked_again_after():
 
 
 async def test_a_failed_probe_is_not_kept():
-    from web.operations import SharedProbe
+    from alerting_app.shared_probe import SharedProbe
 
     probe, calls = counting_probe([ConnectionError("broker away"), "up"])
     shared = SharedProbe(probe, reuse_s=60)
@@ -57,7 +57,7 @@ async def test_a_failed_probe_is_not_kept():
 
 
 async def test_a_request_given_up_does_not_cancel_the_probe_the_others_wait_for():
-    from web.operations import SharedProbe
+    from alerting_app.shared_probe import SharedProbe
 
     gate = asyncio.Event()
     probe, calls = counting_probe(["up"], gate)
