@@ -10,6 +10,8 @@ import json
 import os
 import uuid
 
+import pytest
+
 from alerting_app.embedded import EmbeddedServices
 from alerting_app.settings import Settings
 from alerting_app.up import _prepare, local_run_defaults
@@ -163,15 +165,16 @@ def test_a_new_broker_gets_the_notifications_whose_deliveries_were_never_opened(
     assert ids["unreadable"] in unreadable_line.split(": ", 1)[1].split(", ")
 
 
-def test_an_up_stopped_while_it_sends_pending_notifications_again_sends_them_at_the_next_run(services, tmp_path,
-                                                                                            monkeypatch):
+@pytest.mark.parametrize("stopped_while", ["sending the pending notifications", "putting the rules back"])
+def test_an_up_stopped_before_it_sent_every_pending_notification_sends_them_at_the_next_run(services, tmp_path,
+                                                                                           monkeypatch, stopped_while):
     # On a broker that keeps its topics (one of KAFKA_BOOTSTRAP_SERVERS), the next `up` finds
     # notifications.ready there: before, it sent none, and what the stopped one had not sent stayed
-    # PENDING for ever.
+    # PENDING for ever. Stopped while the rules went back on their topic (the longest step before
+    # the sending), it had not even marked that anything was left to send.
     import asyncpg
-    import pytest
 
-    from alerting_app import load
+    from alerting_app import load, up
     from alerting_app.up import RESEND_MARK
     from kafka_probe import read_topic
 
@@ -185,53 +188,14 @@ def test_an_up_stopped_while_it_sends_pending_notifications_again_sends_them_at_
         finally:
             await conn.close()
 
-    client_id, pending = asyncio.run(insert())
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
-    with EmbeddedServices(tmp_path / "services") as kept_broker:
-        env.update(kept_broker.start(postgres=False, redis=False))
+    send_all = load._send_all
 
-        send_all = load._send_all
+    async def sending_stopped(producer, topic: str, messages) -> None:
+        if topic == "notifications.ready":
+            raise KeyboardInterrupt  # Ctrl-C while the pending notifications are sent
+        await send_all(producer, topic, messages)
 
-        async def stopped(producer, topic: str, messages) -> None:
-            if topic == "notifications.ready":
-                raise KeyboardInterrupt  # Ctrl-C while the pending notifications are sent
-            await send_all(producer, topic, messages)
-        with monkeypatch.context() as interrupted:
-            interrupted.setattr(load, "_send_all", stopped)
-            with pytest.raises(KeyboardInterrupt):
-                _prepare(env, Settings())
-        assert (tmp_path / "data" / RESEND_MARK).exists()
-
-        _prepare(env, Settings())  # the next run: notifications.ready is there now
-        sent = [json.loads(value) for _, value in asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"],
-                                                                         "notifications.ready"))]
-    assert [message["notification_id"] for message in sent if message["client_id"] == client_id] == [pending]
-    assert not (tmp_path / "data" / RESEND_MARK).exists()
-
-
-def test_an_up_stopped_after_creating_notifications_ready_but_before_sending_sends_them_at_the_next_run(
-        services, tmp_path, monkeypatch):
-    # Stopped after the topics were created, while the rules went back on theirs (the longest step
-    # before the sending): the mark was not written yet, and the next run, finding notifications.ready
-    # on a broker that keeps its topics, left the pending notifications PENDING for ever.
-    import asyncpg
-    import pytest
-
-    from alerting_app import up
-    from alerting_app.up import RESEND_MARK
-    from kafka_probe import read_topic
-
-    async def insert() -> tuple[str, str]:
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            client_id = str(uuid.uuid4())
-            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
-                               client_id, uuid.uuid4().hex)
-            return client_id, await _notification(conn, client_id, emitted=False)
-        finally:
-            await conn.close()
-
-    async def stopped(*args, **kwargs) -> int:
+    async def publish_stopped(*args, **kwargs) -> int:
         raise KeyboardInterrupt  # Ctrl-C while the rules go back on rule.changed
 
     client_id, pending = asyncio.run(insert())
@@ -239,9 +203,13 @@ def test_an_up_stopped_after_creating_notifications_ready_but_before_sending_sen
     with EmbeddedServices(tmp_path / "services") as kept_broker:
         env.update(kept_broker.start(postgres=False, redis=False))
         with monkeypatch.context() as interrupted:
-            interrupted.setattr(up, "publish_current_state", stopped)
+            if stopped_while == "sending the pending notifications":
+                interrupted.setattr(load, "_send_all", sending_stopped)
+            else:
+                interrupted.setattr(up, "publish_current_state", publish_stopped)
             with pytest.raises(KeyboardInterrupt):
                 _prepare(env, Settings())
+        assert (tmp_path / "data" / RESEND_MARK).exists()
 
         _prepare(env, Settings())  # the next run: notifications.ready is there now
         sent = [json.loads(value) for _, value in asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"],
