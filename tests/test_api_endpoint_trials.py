@@ -84,6 +84,46 @@ async def test_a_second_test_within_the_interval_is_refused_with_retry_after_and
         assert len(receiver.posts) == 1
 
 
+async def test_one_test_per_interval_holds_however_large_the_endpoints_burst_setting(api, tenant, monkeypatch):
+    # ENDPOINT_RATE_BURST_S sizes the endpoints' buckets, not the tests' own: at 10 s it made the
+    # tests' bucket two tokens deep (at 3,600 s, 720), and two tests went out at once.
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "endpoint_rate_burst_s", 10.0)
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url())
+        path = f"/api/v1/endpoints/{endpoint['endpoint_id']}/test"
+        first = await api.call("POST", path, tenant.key)
+        second = await api.call("POST", path, tenant.key)
+
+        assert first.status == 200 and first.body["delivered"]
+        assert second.status == 429, second.body
+        assert len(receiver.posts) == 1
+
+
+async def test_retry_after_is_the_time_left_until_the_endpoints_next_token(api, tenant):
+    # At 0.01/s a token comes every 100 s: a test refused 2 s after a delivery took the token is
+    # told to come back when the next one is there, not a whole interval later (at 0.001/s, 1,000 s).
+    import asyncio
+
+    from alerting_app import redis_client
+    from alerting_app.app import settings
+    from alerting_app.delivery.rate_limits import RateLimits, endpoint_bucket
+    from alerting_app.redis_pipelining import PipelinedRedis
+
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url(), rate_limit_per_s=0.01)
+        limits = RateLimits(PipelinedRedis(redis_client.redis()), settings.endpoint_rate_burst_s)
+        assert await limits.try_take(endpoint_bucket(settings.app_id, endpoint["endpoint_id"]), 0.01)
+        await asyncio.sleep(2)
+
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+        assert reply.status == 429
+        assert 1 <= int(reply.headers["Retry-After"]) <= 99
+        assert f"try again in {reply.headers['Retry-After']} s" in reply.body["message"]
+        assert receiver.posts == []
+
+
 async def test_a_test_takes_the_endpoints_own_rate_limit_token_as_a_delivery_does(api, tenant):
     # A tenant's key cannot make the platform send to an address faster than its endpoint allows.
     from alerting_app import redis_client

@@ -81,21 +81,30 @@ class _Throttled(Exception):
 
 
 async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint, client_id: str) -> None:
-    """The tokens a test spends, or _Throttled naming the first bucket that has none now (the tests'
-    own first, then those deliveries share)."""
+    """The tokens a test spends, or _Throttled naming the first bucket that has none now, and how
+    long until it has one.
+
+    The tests' own buckets are one token deep, whatever ENDPOINT_RATE_BURST_S (which sizes the
+    endpoints' buckets): at 10 s it let two tests of an endpoint through at once, at 3,600 s 720.
+    They are taken first: a test they refuse spends none of the endpoint's tokens, which its
+    deliveries need."""
     limits = RateLimits(redis, settings.endpoint_rate_burst_s)
+    # Burst: round(rate × burst_s) = 1 for a bucket of one per TEST_INTERVAL_S (TEST_CLIENT_INTERVAL_S).
+    one_deep, one_deep_per_client = RateLimits(redis, TEST_INTERVAL_S), RateLimits(redis, TEST_CLIENT_INTERVAL_S)
     rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
-    buckets = [(trial_bucket(settings.app_id, endpoint.endpoint_id), 1 / TEST_INTERVAL_S,
+    buckets = [(one_deep, trial_bucket(settings.app_id, endpoint.endpoint_id), 1 / TEST_INTERVAL_S,
                 f"one test per {TEST_INTERVAL_S:g} s per endpoint"),
-               (client_trial_bucket(settings.app_id, client_id), 1 / TEST_CLIENT_INTERVAL_S,
+               (one_deep_per_client, client_trial_bucket(settings.app_id, client_id), 1 / TEST_CLIENT_INTERVAL_S,
                 f"one test per {TEST_CLIENT_INTERVAL_S:g} s per client"),
-               (endpoint_bucket(settings.app_id, endpoint.endpoint_id), rate, "the endpoint's rate limit")]
+               (limits, endpoint_bucket(settings.app_id, endpoint.endpoint_id), rate, "the endpoint's rate limit")]
     if endpoint.channel == "email":
-        buckets.append((email_bucket(settings.app_id), settings.email_rate_limit_per_s,
+        buckets.append((limits, email_bucket(settings.app_id), settings.email_rate_limit_per_s,
                         "the rate limit of all email (EMAIL_RATE_LIMIT_PER_S)"))
-    for bucket, rate_per_s, what in buckets:
-        if not await limits.try_take(bucket, rate_per_s):
-            raise _Throttled(1 / rate_per_s, what)
+    for bucket_limits, bucket, rate_per_s, what in buckets:
+        wait_s = await bucket_limits.take_or_wait_s(bucket, rate_per_s)
+        if wait_s:
+            # When its next token comes, not a whole interval of its rate later (1,000 s at 0.001/s).
+            raise _Throttled(wait_s, what)
 
 
 def _no_room_for(channel: str) -> str | None:

@@ -86,7 +86,12 @@ class RateLimits:
 
     async def try_take(self, bucket: str, rate_per_s: float) -> bool:
         """Take a token of `bucket` if there is one now; whether there was (a rate of 0 is unlimited)."""
-        return rate_per_s <= 0 or not await self._try_at(bucket, rate_per_s)
+        return not await self.take_or_wait_s(bucket, rate_per_s)
+
+    async def take_or_wait_s(self, bucket: str, rate_per_s: float) -> float:
+        """Take a token of `bucket` if there is one now: 0.0, else the seconds until there is one
+        (a rate of 0 is unlimited)."""
+        return 0.0 if rate_per_s <= 0 else await self._try_at(bucket, rate_per_s)
 
     def turn(self, bucket: str) -> "_Turn":
         """This worker's turn at `bucket` (`async with`): one delivery at a time waits for its token
