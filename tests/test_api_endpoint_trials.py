@@ -286,3 +286,23 @@ async def test_email_tests_hold_no_more_of_the_relay_than_a_workers_deliveries_m
         assert "tests to the SMTP relay" in refused.body["message"]
         assert (await holding).body["delivered"]
         assert relay.envelopes_begun == 1
+
+
+async def test_a_test_while_redis_does_not_answer_is_refused_with_503_and_retry_after_and_sends_nothing(
+        api, tenant, monkeypatch):
+    from redis.asyncio import Redis
+
+    from alerting_app import redis_client
+    from alerting_app.embedded import free_port
+
+    async with Receiver() as receiver:
+        endpoint = await endpoint_to(api, tenant, "webhook", receiver.url())
+        unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+        monkeypatch.setattr(redis_client, "_client", unreachable)
+        try:
+            reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
+        finally:
+            await unreachable.aclose()
+        assert reply.status == 503 and reply.body["error"] == "redis_unavailable"
+        assert int(reply.headers["Retry-After"]) >= 1
+        assert receiver.posts == []

@@ -34,6 +34,7 @@ from alerting_app.contracts import Alert, NotificationReady
 from alerting_app.delivery.attempts import send_to
 from alerting_app.delivery.jobs import Endpoint
 from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint_bucket
+from alerting_app.http_errors import DATABASE_RETRY_AFTER_S
 from alerting_app.redis_pipelining import PipelinedRedis
 from web.auth import ApiView
 from web.endpoints import address_lookups
@@ -138,7 +139,8 @@ class EndpointTestView(ApiView):
                               headers={"Retry-After": str(wait_s)})
         except RedisError as exc:
             log.warning("endpoint test: the rate-limit tokens could not be taken: %s", exc)
-            return self.error(503, "redis_unavailable", message="the rate limits cannot be checked now; nothing was sent")
+            return self.error(503, "redis_unavailable", message="the rate limits cannot be checked now; nothing was sent",
+                              headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})  # as database_unavailable
         notification = trial_notification(row["client_id"], row["rule_id"], endpoint.endpoint_id)
         error, retryable = None, None
         # Its host resolved on the API's threads for address lookups, not on those every delivery
