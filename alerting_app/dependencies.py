@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import ssl
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
@@ -36,9 +37,29 @@ class DependencyState:
     ok: bool
     detail: str
     misconfigured: bool = False  # waiting would not change it: a start-up error naming the setting
+    # The detail anyone who reaches WEB_PORT may read (the probes need no token, and a load balancer
+    # may route /readyz from anywhere): without an exception's text, which names our hosts, their
+    # addresses and ports. None: the detail names none of them.
+    public_detail: str | None = None
 
-    def as_json(self) -> dict:
-        return {"ok": self.ok, "detail": self.detail}
+    def as_json(self, full: bool = True) -> dict:
+        """`full`: the whole detail, for the admin (`shows_full_detail`); else the public one."""
+        return {"ok": self.ok, "detail": self.detail if full or self.public_detail is None else self.public_detail}
+
+
+_ASK_THE_ADMIN = "send ADMIN_TOKEN as a Bearer token for the detail"
+
+
+def shows_full_detail(authorization: str | None, admin_token: str | None) -> bool:
+    """Whether a probe's answer may hold the services' full details: asked with ADMIN_TOKEN."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or admin_token is None:
+        return False
+    try:
+        return hmac.compare_digest(token.encode(), admin_token.encode())
+    except UnicodeEncodeError:  # aiohttp's lone surrogates for bytes that are not UTF-8: no token of ours
+        return False
 
 
 async def probe(name: str, check: Awaitable[str | None], timeout: float = PROBE_TIMEOUT_S) -> DependencyState:
@@ -49,9 +70,12 @@ async def probe(name: str, check: Awaitable[str | None], timeout: float = PROBE_
     except TimeoutError:
         return DependencyState(name, False, f"no answer within {timeout:g}s")
     except Misconfigured as exc:
-        return DependencyState(name, False, str(exc), misconfigured=True)
+        variables = str(exc).split(":", 1)[0]
+        return DependencyState(name, False, str(exc), misconfigured=True,
+                               public_detail=f"{variables}: misconfigured ({_ASK_THE_ADMIN})")
     except Exception as exc:  # any failure means "not reachable"; the detail says which
-        return DependencyState(name, False, _described(exc))
+        return DependencyState(name, False, _described(exc),
+                               public_detail=f"{type(exc).__name__} ({_ASK_THE_ADMIN})")
     return DependencyState(name, missing is None, missing or "ok")
 
 

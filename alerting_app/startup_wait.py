@@ -28,6 +28,7 @@ from alerting_app.dependencies import (
     redis_answers,
     redis_probe_client,
     shipped_schema_version,
+    shows_full_detail,
 )
 from alerting_app.kafka_admin import check_before_start
 from alerting_app.kafka_connection import kafka_connection
@@ -76,15 +77,17 @@ async def dependency_states(settings: Settings, topics: Iterable[str]) -> list[D
 class _Probes:
     """/healthz and /readyz while waiting, from the latest round of checks."""
 
-    def __init__(self, states: list[DependencyState]) -> None:
-        self.states = states
+    def __init__(self, states: list[DependencyState], admin_token: str | None) -> None:
+        self.states, self._admin_token = states, admin_token
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive", "phase": WAITING})
 
     async def readyz(self, request: web.Request) -> web.Response:
         body = {"status": "not_ready", "phase": WAITING,
-                "dependencies": {state.name: state.as_json() for state in self.states}}
+                "dependencies": {state.name: state.as_json(shows_full_detail(request.headers.get("Authorization"),
+                                                                             self._admin_token))
+                                 for state in self.states}}
         return web.json_response(body, status=503)
 
     async def serve(self, bind: str, port: int) -> web.AppRunner:
@@ -108,7 +111,7 @@ async def _wait(settings: Settings, topics: list[str]) -> None:
     if all(state.ok for state in states):
         return
     refuse_misconfigured(states)
-    probes = _Probes(states)
+    probes = _Probes(states, settings.admin_token)
     runner = await probes.serve(settings.web_bind, settings.web_port)
     try:
         delays = retry_delays()

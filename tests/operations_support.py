@@ -36,10 +36,12 @@ async def alerts_consumed(url: str) -> float:
                if sample.name == "alerting_alerts_consumed_total")
 
 
-def get_json(url: str) -> tuple[int, Any]:
-    """(status, JSON body) of a GET; (0, reason) when nothing answers."""
+def get_json(url: str, token: str | None = None) -> tuple[int, Any]:
+    """(status, JSON body) of a GET, with `token` as a Bearer token if given; (0, reason) when
+    nothing answers."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())

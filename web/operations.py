@@ -39,6 +39,7 @@ from alerting_app.dependencies import (
     probe,
     redis_answers,
     redis_probe_client,
+    shows_full_detail,
 )
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.roles import parse_roles
@@ -97,6 +98,11 @@ async def readiness() -> list[DependencyState]:
     return states
 
 
+def _full(request: Request) -> bool:
+    """The services' full details (exception texts naming our hosts) go to the admin only."""
+    return shows_full_detail(request.headers.get("Authorization"), settings.admin_token)
+
+
 @app.page("/healthz")
 class HealthView(View):
     async def get(self, request: Request) -> Response:
@@ -112,7 +118,8 @@ class StartedView(View):
         if all(state.ok for state in states):
             _ready_once.set()
             return self.json({"status": "started"})
-        return self.json({"status": "starting", "dependencies": {state.name: state.as_json() for state in states}},
+        return self.json({"status": "starting",
+                          "dependencies": {state.name: state.as_json(_full(request)) for state in states}},
                          status=503)
 
 
@@ -125,7 +132,7 @@ class ReadinessView(View):
             _ready_once.set()
         body = {
             "status": "ready" if ready else "not_ready",
-            "dependencies": {state.name: state.as_json() for state in states},
+            "dependencies": {state.name: state.as_json(_full(request)) for state in states},
             # What this worker does, for operators checking a role split.
             "roles": sorted(roles()),
             "agents": sorted(app.agents),
