@@ -92,7 +92,7 @@ async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint, client_id: str
     limits = RateLimits(redis, settings.endpoint_rate_burst_s)
     # Burst: round(rate × burst_s) = 1 for a bucket of one per TEST_INTERVAL_S (TEST_CLIENT_INTERVAL_S).
     one_deep, one_deep_per_client = RateLimits(redis, TEST_INTERVAL_S), RateLimits(redis, TEST_CLIENT_INTERVAL_S)
-    rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
+    rate = endpoint.rate_per_s(settings.endpoint_rate_limit_per_s)
     buckets = [(one_deep, trial_bucket(settings.app_id, endpoint.endpoint_id), 1 / TEST_INTERVAL_S,
                 f"one test per {TEST_INTERVAL_S:g} s per endpoint"),
                (one_deep_per_client, client_trial_bucket(settings.app_id, client_id), 1 / TEST_CLIENT_INTERVAL_S,

@@ -210,7 +210,7 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
     trouble taking the token or the claim) pass through, for `deliver` to retry later.
     """
     endpoint, settings = job.endpoint, ctx.settings
-    rate = endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else settings.endpoint_rate_limit_per_s
+    rate = endpoint.rate_per_s(settings.endpoint_rate_limit_per_s)
     own = (endpoint_bucket(settings.app_id, endpoint.endpoint_id), rate) if rate > 0 else None
     email_rate = settings.email_rate_limit_per_s
     shared = (email_bucket(settings.app_id), email_rate) if endpoint.channel == "email" and email_rate > 0 else None
@@ -293,7 +293,7 @@ async def _rate_now(job: DeliveryJob, ctx: DeliveryContext) -> float | None:
     endpoint = await _endpoint_read_again(job, ctx)
     if endpoint is None:
         return None
-    return endpoint.rate_limit_per_s if endpoint.rate_limit_per_s is not None else ctx.settings.endpoint_rate_limit_per_s
+    return endpoint.rate_per_s(ctx.settings.endpoint_rate_limit_per_s)
 
 
 async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own: Bucket | None,

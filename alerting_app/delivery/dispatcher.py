@@ -127,10 +127,8 @@ class Dispatcher:
         """How many deliveries of `job`'s endpoint this worker may hold: DELIVERY_ENDPOINT_BACKLOG, or
         for a rate-limited endpoint what its rate sends in ENDPOINT_HELD_RATE_S, if fewer (at least
         its send slots). (Email is bounded in all, too: `email_held_at_most`.)"""
-        rate = self.settings.endpoint_rate_limit_per_s
-        if job.endpoint is not None and job.endpoint.rate_limit_per_s is not None:
-            rate = job.endpoint.rate_limit_per_s
-        return self._held_for_rate(rate)
+        default = self.settings.endpoint_rate_limit_per_s
+        return self._held_for_rate(job.endpoint.rate_per_s(default) if job.endpoint is not None else default)
 
     def email_held_at_most(self) -> int:
         """How many email deliveries, every tenant's, this worker may hold: every email waits for the

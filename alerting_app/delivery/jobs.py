@@ -16,6 +16,10 @@ class Endpoint:
     rate_limit_per_s: float | None  # None: ENDPOINT_RATE_LIMIT_PER_S
     enabled: bool = True
 
+    def rate_per_s(self, default_per_s: float) -> float:
+        """Its rate limit: its own, else `default_per_s` (ENDPOINT_RATE_LIMIT_PER_S); 0 is unlimited."""
+        return self.rate_limit_per_s if self.rate_limit_per_s is not None else default_per_s
+
 
 @dataclass(frozen=True)
 class DeliveryJob:
