@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import ssl
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from aiokafka.errors import (AuthenticationFailedError, KafkaConnectionError, Ka
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 
+from alerting_app.bearer import bearer, is_token
 from alerting_app.kafka_connection import Broker, MskIamToken, client_args
 from alerting_app.migrate import MigrationError, default_migrations_dir, read_migrations
 
@@ -52,14 +52,8 @@ _ASK_THE_ADMIN = "send ADMIN_TOKEN as a Bearer token for the detail"
 
 def shows_full_detail(authorization: str | None, admin_token: str | None) -> bool:
     """Whether a probe's answer may hold the services' full details: asked with ADMIN_TOKEN."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or admin_token is None:
-        return False
-    try:
-        return hmac.compare_digest(token.encode(), admin_token.encode())
-    except UnicodeEncodeError:  # aiohttp's lone surrogates for bytes that are not UTF-8: no token of ours
-        return False
+    token = bearer(authorization)
+    return token is not None and is_token(token, admin_token)
 
 
 async def probe(name: str, check: Awaitable[str | None], timeout: float = PROBE_TIMEOUT_S) -> DependencyState:

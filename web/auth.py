@@ -8,7 +8,6 @@ an unbounded body, and none runs with a query parameter it does not read.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from faust.web.exceptions import WebError
 
 from alerting_app import db
 from alerting_app.app import settings
+from alerting_app.bearer import bearer, is_token
 from web.errors import Forbidden, Unauthorized, ValidationFailed
 from web.validation import NoQuery, parse_query, read_body
 
@@ -60,16 +60,9 @@ def hash_api_key(key: str) -> str:
 
 
 def bearer_token(authorization: str | None) -> str:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer(authorization)
+    if token is None:
         raise Unauthorized()
-    token = token.strip()
-    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates, which cannot be encoded
-    # for hashing or comparison; no token we issue or accept contains them.
-    try:
-        token.encode()
-    except UnicodeEncodeError:
-        raise Unauthorized() from None
     return token
 
 
@@ -80,11 +73,9 @@ async def authenticate(request: Request) -> Caller:
         # silently (as a JSON key or a query parameter given twice is refused).
         raise Unauthorized()
     token = bearer_token(authorizations[0] if authorizations else None)
-    admin_token = settings.admin_token
-    if admin_token is not None and hmac.compare_digest(token.encode(), admin_token.encode()):
+    if is_token(token, settings.admin_token):
         return ADMIN
-    ingest_token = settings.ingest_token
-    if ingest_token is not None and hmac.compare_digest(token.encode(), ingest_token.encode()):
+    if is_token(token, settings.ingest_token):
         return ALERT_SOURCE
     # Looking up the hash, not the key, keeps the comparison independent of the key's bytes.
     pool = await db.api_pool()
