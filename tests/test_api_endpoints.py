@@ -381,3 +381,29 @@ async def test_readdressing_an_endpoint_to_another_endpoints_address_on_its_rule
     # Its own address again, or one no other endpoint of the rule has, is no conflict.
     assert (await api.call("PATCH", path, tenant.key, {"value": "https://hooks.example.com/second"})).status == 200
     assert (await api.call("PATCH", path, tenant.key, {"value": "https://hooks.example.com/third"})).status == 200
+
+
+@pytest.mark.parametrize("type_, value", [
+    ("slack", "https://hooks.slack.com/services/T000/B000/XXXX"),
+    ("email", "oncall@example.com"),
+])
+async def test_a_slack_or_email_endpoint_has_no_secret_which_it_gets_once_it_becomes_a_webhook(api, tenant,
+                                                                                                 type_, value):
+    # Only webhooks are signed: a secret shown for the others read as if it signed something.
+    rule = await api.new_rule(tenant)
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"], type_, value)
+    assert endpoint["secret"] is None
+    path = f"/api/v1/endpoints/{endpoint['endpoint_id']}"
+    refused = await api.call("POST", path + "/secret", tenant.key)
+    assert refused.status == 409 and "not signed" in refused.body["message"]
+
+    webhook = await api.call("PATCH", path, tenant.key, {"type": "webhook", "value": "https://hooks.example.com/now"})
+
+    assert webhook.status == 200
+    # Never shown before: the answer that makes it a webhook shows the secret it is signed with.
+    from alerting_app import db
+    pool = await db.pool()
+    stored = await pool.fetchval("SELECT secret FROM endpoints WHERE endpoint_id = $1", endpoint["endpoint_id"])
+    assert webhook.body["secret"] == stored
+    # A change that leaves it a webhook shows none.
+    assert "secret" not in (await api.call("PATCH", path, tenant.key, {"enabled": False})).body

@@ -1,7 +1,8 @@
 """/api/v1/endpoints: where a rule's notifications go (webhook, slack or email).
 
-An endpoint belongs to a rule, and to that rule's client. Creating one returns, once, the secret
-its webhooks are signed with. Its address is checked whenever it is set: an http(s) URL whose host
+An endpoint belongs to a rule, and to that rule's client. Creating a webhook returns, once, the
+secret its notifications are signed with (Slack messages and emails are not signed: their `secret`
+is null). Its address is checked whenever it is set: an http(s) URL whose host
 is a public address (unless ALLOW_PRIVATE_ENDPOINTS), or a valid email address.
 """
 from __future__ import annotations
@@ -70,10 +71,10 @@ UPDATE = f"""
     WHERE endpoint_id = $1
     RETURNING {COLUMNS}
 """
-# A new secret from the column's default (migrations/002), as at creation.
+# A new secret from the column's default (migrations/002), as at creation; a webhook's only.
 NEW_SECRET = f"""
     UPDATE endpoints SET secret = DEFAULT, updated_at = now()
-    WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2)
+    WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND type = 'webhook'
     RETURNING {COLUMNS}, secret
 """
 DELETE = "DELETE FROM endpoints WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2) RETURNING 1"
@@ -217,8 +218,13 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
                     continue  # changed by someone else since it was checked: check the new address
                 merged["value"] = checked
                 await refuse_same_address(conn, locked["rule_id"], merged["type"], checked, endpoint_id)
-            return await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
-                                       merged["rate_limit_per_s"])
+            row = await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
+                                      merged["rate_limit_per_s"])
+            if locked["type"] != "webhook" and row["type"] == "webhook":
+                # Its secret was never shown (a Slack or email endpoint's is null): a new one, shown
+                # in this answer, else every notification was signed with a key nobody holds.
+                row = await conn.fetchrow(NEW_SECRET, endpoint_id, caller.client_id)
+            return row
 
 
 @app.page("/api/v1/endpoints")
@@ -228,7 +234,7 @@ class EndpointsView(ApiView):
     async def post(self, request: Request) -> Response:
         body = parse_body(await self.read_request_content(request), EndpointCreate)
         row = await create_endpoint(self.caller(request), body)
-        return self.json(EndpointCreated.model_validate(dict(row)).model_dump(mode="json"), status=201)
+        return self.json(EndpointCreated.of(row).model_dump(mode="json"), status=201)
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, EndpointQuery)
@@ -253,7 +259,9 @@ class EndpointView(ApiView):
         # The fields given; only rate_limit_per_s may be null (EndpointPatch): back to the default.
         changes = body.model_dump(exclude_unset=True)
         row = await change_endpoint(id_, self.caller(request), changes)
-        return self.json(endpoint_out(row).model_dump(mode="json"))
+        # With its new secret when it has just become a webhook (change_endpoint).
+        out = EndpointCreated.of(row) if "secret" in row.keys() else endpoint_out(row)
+        return self.json(out.model_dump(mode="json"))
 
     async def delete(self, request: Request, endpoint_id: str) -> Response:
         pool = await db.api_pool()
@@ -264,13 +272,19 @@ class EndpointView(ApiView):
 
 @app.page("/api/v1/endpoints/{endpoint_id}/secret")
 class EndpointSecretView(ApiView):
-    """A new signing secret for the endpoint, shown once. A delivery a worker had already taken up
+    """A new signing secret for the webhook endpoint, shown once. A delivery a worker had already taken up
     makes its first attempt with the secret it read then; every retry reads the endpoint again and
-    signs with the new one. A receiver accepts both secrets for a while (docs/delivery.md)."""
+    signs with the new one. A receiver accepts both secrets for a while (docs/delivery.md). A Slack or
+    email endpoint is not signed: 409, rather than a secret that would read as if it signed something."""
 
     async def post(self, request: Request, endpoint_id: str) -> Response:
+        id_, caller = path_id(endpoint_id), self.caller(request)
         pool = await db.api_pool()
-        row = await pool.fetchrow(NEW_SECRET, path_id(endpoint_id), self.caller(request).client_id)
-        if row is None:
-            raise NotFound()
-        return self.json(EndpointCreated.model_validate(dict(row)).model_dump(mode="json"))
+        while (row := await pool.fetchrow(NEW_SECRET, id_, caller.client_id)) is None:
+            current = await pool.fetchrow(GET, id_, caller.client_id)
+            if current is None:
+                raise NotFound()
+            if current["type"] != "webhook":  # else made a webhook meanwhile: replace its secret
+                raise Conflict(f"a {current['type']} endpoint's notifications are not signed: it has no secret "
+                               "(a webhook's is shown when it becomes one)")
+        return self.json(EndpointCreated.of(row).model_dump(mode="json"))

@@ -186,7 +186,18 @@ class EndpointOut(BaseModel):
 
 
 class EndpointCreated(EndpointOut):
-    secret: str = Field(description="the HMAC-SHA256 key of X-Alerting-Signature-Timestamped and X-Alerting-Signature; shown only in this response")
+    # Null for Slack and email: only webhooks are signed, and a secret that signs nothing read as if
+    # it did (docs/api.md, "Endpoint secrets").
+    secret: str | None = Field(description="the HMAC-SHA256 key of X-Alerting-Signature-Timestamped and "
+                                           "X-Alerting-Signature; shown only in this response; null for a "
+                                           "slack or email endpoint, which is not signed")
+
+    @classmethod
+    def of(cls, row: Any) -> "EndpointCreated":
+        data = dict(row)
+        if data["type"] != "webhook":
+            data["secret"] = None
+        return cls.model_validate(data)
 
 
 class EndpointQuery(PageQuery):
