@@ -407,3 +407,31 @@ async def test_a_slack_or_email_endpoint_has_no_secret_which_it_gets_once_it_bec
     assert webhook.body["secret"] == stored
     # A change that leaves it a webhook shows none.
     assert "secret" not in (await api.call("PATCH", path, tenant.key, {"enabled": False})).body
+
+
+@pytest.mark.parametrize("type_, first, second", [
+    # One inbox: the domain is case-insensitive, and mailboxes' local parts are in practice.
+    ("email", "Ops@Example.com", "ops@example.com"),
+    ("email", "ops@example.com", "OPS@EXAMPLE.COM"),
+    # Scheme and host are case-insensitive: the URL is stored normalised, so these are one value.
+    ("webhook", "https://Hooks.Example.com/x", "https://hooks.example.com/x"),
+    ("webhook", "HTTPS://hooks.example.com:443/x", "https://hooks.example.com/x"),
+])
+async def test_addresses_that_differ_only_where_case_does_not_matter_are_one_address(api, tenant, type_, first,
+                                                                                    second):
+    rule = await api.new_rule(tenant)
+    created = await api.new_endpoint(tenant, rule["rule_id"], type_, first)
+    body = {"rule_id": rule["rule_id"], "type": type_, "value": second}
+
+    again = await api.call("POST", "/api/v1/endpoints", tenant.key, body)
+    assert again.status == 409 and created["endpoint_id"] in again.body["message"]
+    other = await api.new_endpoint(tenant, rule["rule_id"], type_,
+                                   "elsewhere@example.com" if type_ == "email" else "https://hooks.example.com/y")
+    readdressed = await api.call("PATCH", f"/api/v1/endpoints/{other['endpoint_id']}", tenant.key, {"value": second})
+    assert readdressed.status == 409 and created["endpoint_id"] in readdressed.body["message"]
+
+
+async def test_a_url_path_differing_in_case_is_another_address(api, tenant):
+    rule = await api.new_rule(tenant)
+    await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/Team")
+    await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/team")

@@ -78,23 +78,33 @@ NEW_SECRET = f"""
     RETURNING {COLUMNS}, secret
 """
 DELETE = "DELETE FROM endpoints WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2) RETURNING 1"
-# Another endpoint of the rule with this address (checked under the client's lock, which every
-# creation and readdressing takes first, so two of them cannot both find none).
-SAME_ADDRESS = """
-    SELECT endpoint_id::text FROM endpoints
-    WHERE rule_id = $1 AND type = $2 AND value = $3 AND endpoint_id IS DISTINCT FROM $4::uuid
-    LIMIT 1
+# The rule's other endpoints of a type, whose addresses a new one is compared with (read under the
+# client's lock, which every creation and readdressing takes first, so two of them cannot both find
+# none). At most MAX_ENDPOINTS_PER_RULE rows.
+SAME_TYPE = """
+    SELECT endpoint_id::text, value FROM endpoints
+    WHERE rule_id = $1 AND type = $2 AND endpoint_id IS DISTINCT FROM $3::uuid
+    ORDER BY created_at, endpoint_id
 """
+
+
+def address_key(type_: str, value: str) -> str:
+    """What makes two stored values one address. URLs are stored normalised (scheme and host lower
+    case, default port dropped: checked_value), their paths case-sensitive. An email address's
+    domain is case-insensitive (RFC 5321), and mailboxes' local parts are in practice: Ops@Example.com
+    and ops@example.com reach one inbox. Stored as given, compared without case."""
+    return value.casefold() if type_ == "email" else value
 
 
 async def refuse_same_address(conn: asyncpg.Connection, rule_id: Any, type_: str, value: str,
                               endpoint_id: Any = None) -> None:
-    """409 if another endpoint of the rule has this type and value. Each endpoint is a delivery of
+    """409 if another endpoint of the rule has this type and address. Each endpoint is a delivery of
     its own: a second one with the same address (a creation retried after its answer was lost,
     say) sent every notification of the rule there twice, under two idempotency keys."""
-    same = await conn.fetchval(SAME_ADDRESS, rule_id, type_, value, endpoint_id)
-    if same is not None:
-        raise Conflict(f"the rule already has a {type_} endpoint with this value: {same}")
+    key = address_key(type_, value)
+    for other in await conn.fetch(SAME_TYPE, rule_id, type_, endpoint_id):
+        if address_key(type_, other["value"]) == key:
+            raise Conflict(f"the rule already has a {type_} endpoint with this value: {other['endpoint_id']}")
 
 
 def endpoint_out(row: Any) -> EndpointOut:
