@@ -2,7 +2,8 @@
 
 Python itself, standard library only, so it works in any image that runs the app (the system we
 replace called `wget`, which its Alpine image lacked). It asks this container's worker on
-$WEB_BIND:$WEB_PORT (loopback when it listens on every address) and exits 0 when the answer is
+$WEB_BIND:$WEB_PORT, read in any case as the settings read them (loopback when it listens on every
+address), and exits 0 when the answer is
 200, 1 otherwise (ECS and Docker read only the exit code; the printed line is for `docker inspect`).
 It asks the worker directly, whatever proxy the environment names (`direct_opener`).
 
@@ -51,13 +52,28 @@ def probe_url(environ: Mapping[str, str], check: str) -> str:
     return worker_url(environ) + PATHS[check]
 
 
+def setting(environ: Mapping[str, str], name: str) -> str:
+    """The variable `name` as the worker's settings read it from `environ`, or "" when unset.
+
+    Settings (pydantic-settings, case_sensitive=False) take a variable in any case, `web_port` as
+    `WEB_PORT`, an empty one as unset, and of several spellings the last in the environment's order.
+    Reading only WEB_PORT, the health check asked port 6066 of a worker told `web_port=7000`, and
+    failed until the container was replaced.
+    """
+    found = ""
+    for key, value in environ.items():
+        if key.lower() == name.lower() and value != "":
+            found = value
+    return found
+
+
 def worker_url(environ: Mapping[str, str]) -> str:
     """Where a worker given `environ` (WEB_BIND, WEB_PORT) answers on this machine; ValueError when
     WEB_PORT is not a port."""
-    port = (environ.get("WEB_PORT") or "").strip() or "6066"
+    port = setting(environ, "WEB_PORT").strip() or "6066"
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"WEB_PORT {port!r} is not a port")
-    return f"http://{_probe_host(environ.get('WEB_BIND') or '')}:{int(port)}"
+    return f"http://{_probe_host(setting(environ, 'WEB_BIND'))}:{int(port)}"
 
 
 def _probe_host(bind: str) -> str:

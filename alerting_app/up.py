@@ -26,7 +26,7 @@ from alerting_app.embedded import (ChildProcess, EmbeddedServices, lock_holder, 
                                    process_alive)
 from alerting_app.dependencies import (DependencyState, broker_topics_missing, postgres_answers, probe,
                                        redis_answers, redis_probe_client)
-from alerting_app.healthcheck import get_directly, worker_url
+from alerting_app.healthcheck import get_directly, setting, worker_url
 from alerting_app.kafka_admin import create_topics
 from alerting_app.kafka_connection import kafka_connection
 from alerting_app.load import emit_undelivered_notifications, publish_current_state
@@ -228,7 +228,8 @@ def local_run_defaults(env: dict[str, str]) -> None:
         "WEB_BIND": "127.0.0.1",
     }
     for name, value in local.items():
-        if not env.get(name, "").strip():
+        # In any case, as the worker reads it: `allow_private_endpoints=false` is the user's choice.
+        if not setting(env, name).strip():
             env[name] = value
 
 

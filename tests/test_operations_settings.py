@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
 import pytest
 
 from alerting_app.embedded import free_port
-from alerting_app.healthcheck import probe_url
+from alerting_app.healthcheck import probe_url, worker_url
 from alerting_app.json_logs import JsonLogFormatter
 from alerting_app.settings import ConfigurationError, load_settings
 from alerting_app.up import alerting_app_executable
@@ -74,6 +75,27 @@ def test_health_check_asks_loopback_on_web_port_unless_bound_to_one_address():
     assert probe_url({"WEB_PORT": "7001"}, "live") == "http://127.0.0.1:7001/healthz"
     assert probe_url({}, "ready") == "http://127.0.0.1:6066/readyz"
     assert probe_url({"WEB_PORT": "7001", "WEB_BIND": "10.0.3.7"}, "ready") == "http://10.0.3.7:7001/readyz"
+
+
+@pytest.mark.parametrize("environ, url", [
+    ({"web_port": "7002"}, "http://127.0.0.1:7002"),
+    ({"Web_Port": "7003", "web_bind": "127.0.0.2"}, "http://127.0.0.2:7003"),
+    ({"WEB_PORT": "", "web_port": "7004"}, "http://127.0.0.1:7004"),  # empty is unset, in any case
+    ({"WEB_PORT": "7005", "web_port": "7006"}, "http://127.0.0.1:7006"),  # the last spelling, as Settings
+])
+def test_health_check_asks_the_port_and_address_the_worker_reads_in_any_case(monkeypatch, environ, url):
+    # Settings take a variable in any case: reading only WEB_PORT, the check asked 6066 of a worker
+    # told web_port=7002, and failed until the container was replaced.
+    for name in list(os.environ):
+        if name.lower() in ("web_port", "web_bind"):
+            monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+
+    assert worker_url(os.environ) == url
+    assert url.endswith(f":{settings.web_port}")
+    assert settings.web_bind in url or settings.web_bind == "0.0.0.0"
 
 
 def _health_check(*args: str, port: int) -> subprocess.CompletedProcess:

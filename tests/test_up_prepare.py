@@ -403,6 +403,14 @@ def test_the_local_run_binds_to_this_machine_also_when_web_bind_is_set_empty():
     assert chosen == {"WEB_BIND": "0.0.0.0", "ALLOW_PRIVATE_ENDPOINTS": "false"}
 
 
+def test_the_local_run_keeps_settings_chosen_in_lower_case():
+    # The worker reads them in any case: ALLOW_PRIVATE_ENDPOINTS=true added after the user's
+    # allow_private_endpoints=false came later in the environment, and won.
+    chosen = {"web_bind": "0.0.0.0", "allow_private_endpoints": "false"}
+    local_run_defaults(chosen)
+    assert chosen == {"web_bind": "0.0.0.0", "allow_private_endpoints": "false"}
+
+
 def test_up_waits_for_a_service_url_that_does_not_answer_naming_it_and_ctrl_c_stops_it(services, tmp_path):
     # The migrations came first and failed at once without naming the variable ("up failed: [Errno
     # 111] Connect call failed"); a Redis away made the worker wait silently, its reason in worker.log.
