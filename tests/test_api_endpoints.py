@@ -416,9 +416,11 @@ async def test_a_slack_or_email_endpoint_has_no_secret_which_it_gets_once_it_bec
     # Scheme and host are case-insensitive: the URL is stored normalised, so these are one value.
     ("webhook", "https://Hooks.Example.com/x", "https://hooks.example.com/x"),
     ("webhook", "HTTPS://hooks.example.com:443/x", "https://hooks.example.com/x"),
+    # A fragment is never sent (the request is to /x either way), and %2f is %2F (RFC 3986 6.2.2.1).
+    ("webhook", "https://hooks.example.com/x#team-a", "https://hooks.example.com/x#team-b"),
+    ("webhook", "https://hooks.example.com/a%2fb", "https://hooks.example.com/a%2Fb"),
 ])
-async def test_addresses_that_differ_only_where_case_does_not_matter_are_one_address(api, tenant, type_, first,
-                                                                                    second):
+async def test_addresses_that_reach_one_place_are_one_address(api, tenant, type_, first, second):
     rule = await api.new_rule(tenant)
     created = await api.new_endpoint(tenant, rule["rule_id"], type_, first)
     body = {"rule_id": rule["rule_id"], "type": type_, "value": second}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from uuid import UUID, uuid4
@@ -90,10 +91,18 @@ SAME_TYPE = """
 
 def address_key(type_: str, value: str) -> str:
     """What makes two stored values one address. URLs are stored normalised (scheme and host lower
-    case, default port dropped: checked_value), their paths case-sensitive. An email address's
-    domain is case-insensitive (RFC 5321), and mailboxes' local parts are in practice: Ops@Example.com
-    and ops@example.com reach one inbox. Stored as given, compared without case."""
-    return value.casefold() if type_ == "email" else value
+    case, default port dropped: checked_value), their paths case-sensitive; what is never sent is
+    left out (the fragment: `/x#a` and `/x#b` are one request target), and a percent-escape's hex
+    digits are one case (`%2f` is `%2F`, RFC 3986 6.2.2.1). An email address's domain is
+    case-insensitive (RFC 5321), and mailboxes' local parts are in practice: Ops@Example.com and
+    ops@example.com reach one inbox. Stored as given, compared without case."""
+    if type_ == "email":
+        return value.casefold()
+    # Normalised, the URL holds '#' only where its fragment starts (any other is percent-encoded).
+    return _PERCENT_ESCAPE.sub(lambda escape: escape[0].upper(), value.partition("#")[0])
+
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 
 
 async def refuse_same_address(conn: asyncpg.Connection, rule_id: Any, type_: str, value: str,
