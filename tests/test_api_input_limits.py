@@ -219,6 +219,44 @@ async def test_every_route_refuses_a_query_parameter_it_does_not_take_naming_it_
     assert [(await api.call("GET", path, tenant.key)).body for path in objects] == before  # the old key still works
 
 
+# --- bodies ----------------------------------------------------------------------------------------
+
+# The routes whose handler reads a body.
+ROUTES_WITH_A_BODY = {("POST", "/api/v1/alerts"), ("POST", "/api/v1/clients"), ("PATCH", "/api/v1/clients/{client_id}"),
+                      ("POST", "/api/v1/rules"), ("PUT", "/api/v1/rules/{rule_id}"), ("PATCH", "/api/v1/rules/{rule_id}"),
+                      ("POST", "/api/v1/endpoints"), ("PATCH", "/api/v1/endpoints/{endpoint_id}"),
+                      ("POST", "/api/v1/silences"), ("POST", "/api/v1/worker/match")}
+
+
+async def test_every_route_without_a_body_refuses_one_naming_it_and_does_nothing(api, tenant):
+    # Ignored, a body read as accepted: DELETE /api/v1/silences/{id} with {"comment": "fixed"}
+    # answered 204 and kept no comment; DELETE /api/v1/clients/{id} with {"dry_run": true} deleted.
+    rule = await api.new_rule(tenant, source="bodies")
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"])
+    silence = await api.call("POST", "/api/v1/silences", tenant.key,
+                             {"source": "bodies", "ends_at": 4102444800, "comment": "c", "created_by": "me"})
+    assert silence.status == 201, silence.body
+    ids = {"client_id": tenant.client_id, "rule_id": rule["rule_id"], "endpoint_id": endpoint["endpoint_id"],
+           "silence_id": silence.body["silence_id"], "notification_id": "00000000-0000-4000-8000-000000000000"}
+    objects = [f"/api/v1/clients/{tenant.client_id}", f"/api/v1/rules/{rule['rule_id']}",
+               f"/api/v1/endpoints/{endpoint['endpoint_id']}", f"/api/v1/silences/{silence.body['silence_id']}"]
+    before = [(await api.call("GET", path, tenant.key)).body for path in objects]
+
+    answers = {}
+    for method, template in sorted(served_api_routes() - ROUTES_WITH_A_BODY):
+        reply = await api.call(method, template.format(**ids), api.admin_token, {"dry_run": True})
+        answers[method, template] = (reply.status, reply.body)
+
+    refused = (422, {"error": "validation_failed", "fields": [
+        {"field": "body", "message": "this request takes no body, and nothing in it would be read: send it without one"}]})
+    assert {route: answer for route, answer in answers.items() if answer != refused} == {}
+    assert [(await api.call("GET", path, tenant.key)).body for path in objects] == before  # the old key still works
+    # Nothing in it: some clients send {} or null with every request.
+    for body in (b"{}", b"null", b""):
+        assert (await api.call("GET", objects[1], tenant.key, data=body)).status == 200
+    assert (await api.call("DELETE", objects[3], tenant.key, data=b" ")).status == 204
+
+
 # --- numbers too long for Python --------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, body", [

@@ -44,6 +44,7 @@ async def publish_alerts(alerts: list[Alert]) -> None:
 
 @app.page("/api/v1/alerts")
 class AlertsView(ApiView):
+    body_methods = frozenset({"POST"})
     accepts_alert_sources = True
 
     async def post(self, request: Request) -> Response:

@@ -102,6 +102,7 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
 
 @app.page("/api/v1/clients")
 class ClientsView(ApiView):
+    body_methods = frozenset({"POST"})
     query_methods = frozenset({"GET"})  # the list's filters and paging
 
     async def post(self, request: Request) -> Response:
@@ -122,6 +123,8 @@ class ClientsView(ApiView):
 
 @app.page("/api/v1/clients/{client_id}")
 class ClientView(ApiView):
+    body_methods = frozenset({"PATCH"})
+
     async def get(self, request: Request, client_id: str) -> Response:
         pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(client_id), self.caller(request).client_id)

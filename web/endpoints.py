@@ -248,6 +248,7 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
 
 @app.page("/api/v1/endpoints")
 class EndpointsView(ApiView):
+    body_methods = frozenset({"POST"})
     query_methods = frozenset({"GET"})  # the list's filters and paging
 
     async def post(self, request: Request) -> Response:
@@ -265,6 +266,8 @@ class EndpointsView(ApiView):
 
 @app.page("/api/v1/endpoints/{endpoint_id}")
 class EndpointView(ApiView):
+    body_methods = frozenset({"PATCH"})
+
     async def get(self, request: Request, endpoint_id: str) -> Response:
         pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(endpoint_id), self.caller(request).client_id)

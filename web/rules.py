@@ -151,6 +151,7 @@ async def delete_rule(rule_id: UUID, caller: Caller) -> bool:
 
 @app.page("/api/v1/rules")
 class RulesView(ApiView):
+    body_methods = frozenset({"POST"})
     query_methods = frozenset({"GET"})  # the list's filters and paging
 
     async def post(self, request: Request) -> Response:
@@ -168,6 +169,8 @@ class RulesView(ApiView):
 
 @app.page("/api/v1/rules/{rule_id}")
 class RuleView(ApiView):
+    body_methods = frozenset({"PUT", "PATCH"})
+
     async def get(self, request: Request, rule_id: str) -> Response:
         pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(rule_id), self.caller(request).client_id)

@@ -191,6 +191,7 @@ async def record_silence_deletes(conn: asyncpg.Connection, client_id: UUID) -> N
 
 @app.page("/api/v1/silences")
 class SilencesView(ApiView):
+    body_methods = frozenset({"POST"})
     query_methods = frozenset({"GET"})  # the list's filters and paging
 
     async def post(self, request: Request) -> Response:

@@ -123,6 +123,13 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         raise ValidationFailed.from_pydantic(exc) from None
 
 
+def refuse_a_body(raw: bytes) -> None:
+    """422 naming `body` unless `raw` holds nothing: empty, `{}` or `null` (ApiView.body_methods)."""
+    if raw.strip() and parse_json(raw) not in ({}, None):
+        raise ValidationFailed.field("body", "this request takes no body, and nothing in it would be read: "
+                                             "send it without one")
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         data = json.loads(raw or b"", object_pairs_hook=_refuse_duplicate_keys)

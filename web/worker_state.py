@@ -36,6 +36,8 @@ class WorkerRulesView(ApiView):
 
 @app.page("/api/v1/worker/match")
 class WorkerMatchView(ApiView):
+    body_methods = frozenset({"POST"})
+
     async def post(self, request: Request) -> Response:
         self.caller(request).require_admin()
         alert = validate_as(parse_json(await self.read_request_content(request)), _alert)
