@@ -97,7 +97,8 @@ def address_key(type_: str, value: str) -> str:
     case-insensitive (RFC 5321), and mailboxes' local parts are in practice: Ops@Example.com and
     ops@example.com reach one inbox. Stored as given, compared without case."""
     if type_ == "email":
-        return value.casefold()
+        # lower(), not casefold(): casefold makes Straße@ strasse@, two mailboxes as far as anyone knows.
+        return value.lower()
     # Normalised, the URL holds '#' only where its fragment starts (any other is percent-encoded).
     return _PERCENT_ESCAPE.sub(lambda escape: escape[0].upper(), value.partition("#")[0])
 
