@@ -192,13 +192,8 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
             if any(missing.values()):
                 names = ", ".join(service for service, wanted in missing.items() if wanted)
                 print(f"starting embedded {names} under {services.folder}…", flush=True)
-            env = {**os.environ, **services.start(**missing)}
-            env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
-            # As the worker reads it: "" or whitespace is unset (settings.py), and gets a token.
+            env = worker_environment(settings, services.start(**missing), data_dir)
             token_generated = settings.admin_token is None
-            if token_generated:  # the one printed; not written when one is set
-                env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
-            local_run_defaults(env)
             wait_for_given_services(settings, missing)
             _prepare(env, settings)
             with WorkerProcess(env, data_dir / "worker.log", holding=lock_file) as worker:
@@ -215,6 +210,18 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
         except OSError:  # the terminal it was printing to is gone (SIGHUP)
             pass
         return 0
+
+
+def worker_environment(settings: Settings, started: dict[str, str], data_dir: Path) -> dict[str, str]:
+    """The environment the worker (and `up`'s preparation) runs with: ours, with the URLs of the
+    services `up` started, DATA_DIR, WEB_PORT, a generated ADMIN_TOKEN and the local run's defaults."""
+    env = {**os.environ, **started}
+    env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
+    # As the worker reads it: "" or whitespace is unset (settings.py), and gets a token.
+    if settings.admin_token is None:  # the one printed; not written when one is set
+        env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
+    local_run_defaults(env)
+    return env
 
 
 def local_run_defaults(env: dict[str, str]) -> None:
