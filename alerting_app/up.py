@@ -215,7 +215,11 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
 def worker_environment(settings: Settings, started: dict[str, str], data_dir: Path) -> dict[str, str]:
     """The environment the worker (and `up`'s preparation) runs with: ours, with the URLs of the
     services `up` started, DATA_DIR, WEB_PORT, a generated ADMIN_TOKEN and the local run's defaults."""
-    env = {**os.environ, **started}
+    # The services given, under the names the preparation reads, as the settings read them: in any
+    # case (`database_url=...` stopped it with a KeyError), stripped and joined as validated.
+    given = {"KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers, "DATABASE_URL": settings.database_url,
+             "REDIS_URL": settings.redis_url}
+    env = {**os.environ, **{name: url for name, url in given.items() if url is not None}, **started}
     env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
     # As the worker reads it: "" or whitespace is unset (settings.py), and gets a token.
     if settings.admin_token is None:  # the one printed; not written when one is set

@@ -14,7 +14,7 @@ import pytest
 
 from alerting_app.embedded import EmbeddedServices
 from alerting_app.settings import Settings
-from alerting_app.up import _prepare, local_run_defaults
+from alerting_app.up import _missing, _prepare, local_run_defaults, worker_environment
 from pipe_lines import read_lines_until
 
 # The test's own bound on `up` printing "ready": beyond up's own (its services' start, then 300 s for the
@@ -409,6 +409,21 @@ def test_the_local_run_keeps_settings_chosen_in_lower_case():
     chosen = {"web_bind": "0.0.0.0", "allow_private_endpoints": "false"}
     local_run_defaults(chosen)
     assert chosen == {"web_bind": "0.0.0.0", "allow_private_endpoints": "false"}
+
+
+def test_service_urls_given_in_lower_case_are_the_ones_up_prepares_and_the_worker_uses(monkeypatch, tmp_path):
+    # The worker's settings read them in any case; up's preparation read env["DATABASE_URL"] (and
+    # the broker's, Redis's), and stopped with a KeyError on `database_url=...`.
+    urls = {name: os.environ[name] for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL")}
+    for name, url in urls.items():
+        monkeypatch.delenv(name)
+        monkeypatch.setenv(name.lower(), url)
+    settings = Settings()
+    assert not any(_missing(settings).values())  # none started: they are given
+
+    env = worker_environment(settings, {}, tmp_path / "data")
+
+    assert {name: env.get(name) for name in urls} == urls
 
 
 def test_up_waits_for_a_service_url_that_does_not_answer_naming_it_and_ctrl_c_stops_it(services, tmp_path):
