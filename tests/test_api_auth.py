@@ -105,3 +105,78 @@ async def test_no_such_route_and_a_method_a_route_does_not_take_answer_json_erro
     assert wrong_method.status == 405
     assert wrong_method.body == {"error": "method_not_allowed"}
     assert "POST" in wrong_method.headers["Allow"]
+
+
+# What a valid request of each route changing something sends, so that what refuses another client's
+# key is its scoping, not its body.
+VALID_BODIES = {
+    ("PATCH", "/api/v1/clients/{client_id}"): {"name": "taken over"},
+    ("PUT", "/api/v1/rules/{rule_id}"): {"version": 1, "severity": "LOW", "source": "s", "name": "n", "enabled": False},
+    ("PATCH", "/api/v1/rules/{rule_id}"): {"version": 1, "enabled": False},
+    ("PATCH", "/api/v1/endpoints/{endpoint_id}"): {"enabled": False},
+}
+
+
+async def stored_failed_notification(client_id: str, rule_id: str, endpoint_id: str) -> str:
+    """A FAILED notification of the client, with its endpoint's FAILED delivery, as the pipeline stores one."""
+    import uuid
+
+    from alerting_app import db
+
+    notification_id = str(uuid.uuid4())
+    alert = {"alert_id": f"isolation-{notification_id}", "schema_version": 1, "event_ts": 1.0, "severity": "HIGH",
+             "source": "payments", "name": "n", "context": {}}
+    pool = await db.pool()
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, status)"
+                           " VALUES ($1, $2, $3, $4, $5, 'FAILED')",
+                           notification_id, client_id, alert["alert_id"], [alert], [rule_id])
+        await conn.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status, attempts, last_error)"
+                           " VALUES ($1, $2, 'webhook', 'FAILED', 8, 'HTTP 500')", notification_id, endpoint_id)
+    return notification_id
+
+
+async def test_another_clients_key_reaches_none_of_a_clients_objects_on_any_route(api, tenant, other_tenant):
+    # Every route naming an object answers another client's key 404, as for an unknown id, and
+    # changes nothing; the lists and creations naming the client show and make nothing of its.
+    rule = await api.new_rule(tenant, source="isolation")
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/isolation")
+    silence = await api.call("POST", "/api/v1/silences", tenant.key,
+                             {"source": "isolation", "ends_at": 4102444800, "comment": "c", "created_by": "me"})
+    assert silence.status == 201, silence.body
+    notification_id = await stored_failed_notification(tenant.client_id, rule["rule_id"], endpoint["endpoint_id"])
+    ids = {"client_id": tenant.client_id, "rule_id": rule["rule_id"], "endpoint_id": endpoint["endpoint_id"],
+           "silence_id": silence.body["silence_id"], "notification_id": notification_id}
+    objects = [f"/api/v1/clients/{tenant.client_id}", f"/api/v1/rules/{rule['rule_id']}",
+               f"/api/v1/endpoints/{endpoint['endpoint_id']}", f"/api/v1/silences/{silence.body['silence_id']}",
+               f"/api/v1/notifications/{notification_id}"]
+    before = [(await api.call("GET", path, tenant.key)).body for path in objects]
+
+    answers = {}
+    for method, template in sorted(route for route in served_api_routes() if "{" in route[1]):
+        body = VALID_BODIES.get((method, template))
+        reply = await (api.call(method, template.format(**ids), other_tenant.key, body) if body is not None
+                       else api.call(method, template.format(**ids), other_tenant.key))
+        answers[method, template] = (reply.status, reply.body)
+    lists = {path: (await api.call("GET", path, other_tenant.key, params=params)).body["items"]
+             for path, params in [("/api/v1/clients", {}), ("/api/v1/rules", {"client_id": tenant.client_id}),
+                                  ("/api/v1/endpoints", {"rule_id": rule["rule_id"]}),
+                                  ("/api/v1/silences", {"client_id": tenant.client_id}),
+                                  ("/api/v1/notifications", {"client_id": tenant.client_id})]}
+    creations = [
+        await api.call("POST", "/api/v1/rules", other_tenant.key,
+                       {"client_id": tenant.client_id, "severity": "LOW", "source": "isolation", "name": "n"}),
+        await api.call("POST", "/api/v1/silences", other_tenant.key,
+                       {"client_id": tenant.client_id, "source": "isolation", "ends_at": 4102444800, "comment": "c",
+                        "created_by": "me"}),
+        await api.call("POST", "/api/v1/endpoints", other_tenant.key,
+                       {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/theirs"}),
+    ]
+
+    assert {route: answer for route, answer in answers.items() if answer != (404, {"error": "not_found"})} == {}
+    assert lists == {"/api/v1/clients": [(await api.call("GET", f"/api/v1/clients/{other_tenant.client_id}",
+                                                         other_tenant.key)).body],
+                     "/api/v1/rules": [], "/api/v1/endpoints": [], "/api/v1/silences": [], "/api/v1/notifications": []}
+    assert [reply.status for reply in creations] == [403, 403, 422]
+    assert [(await api.call("GET", path, tenant.key)).body for path in objects] == before  # its key works still
+    assert (await api.call("GET", "/api/v1/rules", tenant.key)).body["items"] == [before[1]]
