@@ -203,11 +203,12 @@ async def test_another_clients_tests_are_not_held_by_a_clients_limit(api, tenant
 
 
 
-async def test_a_tests_host_lookup_does_not_wait_for_the_threads_deliveries_resolve_on(api, tenant, monkeypatch):
-    # Deliveries resolve their endpoints' hosts on the event loop's default executor. A test's
-    # lookup ran there too: a tenant testing endpoints under a name server that answers late or
-    # never held those threads, and every delivery's new connection waited. Here every thread of
-    # the default executor is held: the test still resolves its host and is delivered.
+async def test_a_tests_host_lookup_does_not_wait_for_the_event_loops_threads(api, tenant, monkeypatch):
+    # A test's lookup ran on the event loop's default executor, where deliveries resolved their
+    # endpoints' hosts too: a tenant testing endpoints under a name server that answers late or
+    # never held those threads, and every delivery's new connection waited. Tests and deliveries
+    # now look hosts up with c-ares: here every thread of the default executor is held, and the
+    # test still resolves its host and is delivered.
     import asyncio
     import threading
     from concurrent.futures import ThreadPoolExecutor

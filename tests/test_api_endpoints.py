@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import pytest_asyncio
 
+from name_servers import SilentNameServer
 from postgres_waits import until_waiting_on_a_lock
 from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
 
@@ -286,55 +288,46 @@ async def test_an_address_written_in_the_url_is_refused_saying_what_kind_it_is(a
 SLOW_DOMAIN = ".slow-dns.test"
 
 
-@pytest.fixture
-def slow_dns(monkeypatch):
-    """Names under SLOW_DOMAIN take until `release` is set to fail to resolve, as names under a
-    tenant's own name server that answers late or never; every other name resolves as it does."""
-    import socket
-    import threading
-
-    real = socket.getaddrinfo
-    release, started = threading.Event(), []
-
-    def getaddrinfo(host, *args, **kwargs):
-        if isinstance(host, str) and host.endswith(SLOW_DOMAIN):
-            started.append(host)
-            release.wait(120)
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield release, started
-    release.set()
+@pytest_asyncio.fixture(loop_scope="session")
+async def slow_dns(monkeypatch):
+    """Names under SLOW_DOMAIN never resolve, as names under a tenant's own name server that is
+    down: every lookup asks a name server that never answers (name_servers.py); /etc/hosts still
+    answers first."""
+    async with SilentNameServer() as name_server:
+        name_server.resolving_here(monkeypatch, SLOW_DOMAIN)
+        yield name_server
 
 
-async def test_a_tenants_slow_lookups_leave_the_deliveries_resolver_free(api, tenant, private_endpoints_refused,
-                                                                          slow_dns):
-    """The API's lookups ran on the event loop's default executor (six threads here), which every
-    delivery's connection resolves its host on (aiohttp's ThreadedResolver): a few endpoint changes
-    naming hosts under a slow name server held every tenant's deliveries for as long."""
+async def test_a_tenants_slow_lookups_hold_no_thread_of_anyones(api, tenant, private_endpoints_refused, slow_dns,
+                                                                 monkeypatch):
+    """The API's lookups ran on threads, first the event loop's default executor (which every
+    delivery's connection resolved its host on), then four of their own: a few endpoint changes
+    naming hosts under a name server that never answers held them until the system's resolver
+    gave up, every tenant's deliveries or every other endpoint change waiting as long. c-ares
+    queries hold none: while forty wait, a delivery's lookup answers."""
     import asyncio
 
-    from aiohttp.resolver import ThreadedResolver
+    import web.endpoints
+    from alerting_app.channels.addresses import host_resolver
 
-    release, started = slow_dns
+    monkeypatch.setattr(web.endpoints, "ENDPOINT_LOOKUP_TIMEOUT_S", 3.0)  # the creations' end, sooner
     rule = await api.new_rule(tenant, source="slow-dns")
     creating = [asyncio.create_task(api.call("POST", "/api/v1/endpoints", tenant.key,
                                              {"rule_id": rule["rule_id"], "type": "webhook",
                                               "value": f"https://n{number}{SLOW_DOMAIN}/hook"}))
                 for number in range(40)]
-    while len(started) < 4:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.5)  # the other requests reach their lookups too (or the test is blind, not failing)
-    resolver = ThreadedResolver()
-    resolving = asyncio.create_task(resolver.resolve("localhost", 80))
-    # Bounds a hang only: with the lookups sharing the deliveries' threads, it waits for `release`.
-    done, _ = await asyncio.wait({resolving}, timeout=60)
-    release.set()
+    async with asyncio.timeout(60):  # a guard against hanging only
+        while len({name for name in slow_dns.asked if name.endswith(SLOW_DOMAIN)}) < 40:
+            await asyncio.sleep(0.01)
+    resolver = host_resolver()
+    try:
+        # Bounds a hang only: were the lookups on threads, it would wait for the creations' timeout.
+        async with asyncio.timeout(5):
+            assert await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()
+    assert slow_dns.threads_held == 0
     replies = await asyncio.gather(*creating)
-    await resolver.close()
-    assert done, "a delivery's lookup waited behind the tenant's"
-    assert resolving.result()
     assert {reply.status for reply in replies} == {422}
 
 

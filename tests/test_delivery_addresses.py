@@ -10,12 +10,13 @@ import pytest
 from alerting_app.channels.addresses import (
     PublicAddressResolver, RefusedAddress, check_public_host, non_public_kind, refuse_non_public,
 )
-from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError
+from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from alerting_app.channels.http import endpoint_session
 from alerting_app.channels.slack import send_slack
 from alerting_app.channels.webhook import send_webhook
 from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Receiver
+from name_servers import SilentNameServer
 
 
 @pytest.mark.parametrize(("address", "kind"), [
@@ -108,6 +109,26 @@ async def test_a_private_address_in_the_url_is_refused_when_sending(send):
         assert receiver.posts == []
 
 
+@pytest.mark.parametrize("allow_private", [False, True], ids=["private-refused", "private-allowed"])
+async def test_a_name_its_name_server_never_answers_ends_in_a_retryable_timeout_holding_no_thread(
+        monkeypatch, allow_private):
+    """A send's lookup is a c-ares query, which the send's timeout ends: no thread waits on for the
+    system's resolver to give up. /etc/hosts is still read first: localhost resolves (and, private
+    endpoints refused, is refused) while the name server answers nothing."""
+    async with Receiver() as receiver, SilentNameServer() as name_server:
+        name_server.resolving_here(monkeypatch, ".silent-dns.test")
+        async with endpoint_session(concurrency=4, allow_private=allow_private) as session:
+            with pytest.raises(RetryableDeliveryError, match=r"^timed out after 0\.5s$"):
+                await send_to_webhook(session, f"http://n1.silent-dns.test:{receiver.port}/hook", timeout_s=0.5)
+            if allow_private:
+                await send_to_webhook(session, f"http://localhost:{receiver.port}/hook")
+            else:
+                with pytest.raises(PermanentDeliveryError, match="localhost resolves to a loopback address"):
+                    await send_to_webhook(session, f"http://localhost:{receiver.port}/hook")
+        assert "n1.silent-dns.test" in name_server.asked and name_server.threads_held == 0
+        assert len(receiver.posts) == (1 if allow_private else 0)
+
+
 async def test_the_same_sends_reach_a_private_receiver_when_private_endpoints_are_allowed():
     async with Receiver() as receiver, endpoint_session(concurrency=4, allow_private=True) as session:
         await send_to_webhook(session, f"http://localhost:{receiver.port}/hook")
@@ -123,6 +144,14 @@ async def test_a_public_address_is_not_refused_when_sending():
             await send_to_webhook(session, "http://93.184.216.34:9/hook", timeout_s=1.0)
         except DeliveryError as exc:
             assert "ALLOW_PRIVATE_ENDPOINTS" not in str(exc)
+
+
+async def test_a_name_in_etc_hosts_is_checked_at_creation_whatever_the_name_server(monkeypatch):
+    async with SilentNameServer() as name_server:
+        name_server.resolving_here(monkeypatch, ".silent-dns.test")
+        with pytest.raises(RefusedAddress, match="localhost resolves to a loopback address"):
+            await check_public_host("localhost", 80)
+    assert name_server.asked == []
 
 
 async def test_the_resolver_refuses_a_name_with_a_private_address():

@@ -12,10 +12,13 @@ import pytest_asyncio
 
 from alerting_app.delivery import records
 from delivery_receivers import Receiver, SmtpServer
+from name_servers import SilentNameServer
 from test_agent_deliver import pending_notification, until_settled
 from test_agent_support import AGENT_LOOP, insert_client, insert_endpoint, insert_rule, pipeline, pool  # noqa: F401
 
 pytestmark = AGENT_LOOP
+
+SILENT_DOMAIN = ".silent-dns.test"
 
 
 
@@ -370,55 +373,51 @@ async def test_a_tenant_holding_half_its_backlog_waits_for_its_retries_in_postgr
                                [n.notification_id for n in (*failing, healthy)])
 
 
-async def test_a_tenants_endpoints_under_a_hanging_name_server_leave_other_tenants_lookups_a_thread(
+async def test_a_tenants_endpoints_under_a_silent_name_server_hold_no_thread_nor_another_tenants_delivery(
         pool, settings, monkeypatch):
-    """aiohttp resolves a host on the event loop's default executor, six threads on two cores:
-    a tenant's endpoints whose names hang in the resolver (its own name server answering late or
-    never) held them all, and another tenant's delivery to a name waited for a thread until those
-    lookups gave up. The dispatcher gives the loop a thread for every send in flight."""
-    import socket
-    import threading
-
+    """A tenant's endpoints whose names its name server never answers. aiohttp looked a host up
+    with the system's getaddrinfo on the event loop's default executor (its ThreadedResolver): each
+    lookup held its thread until the system's resolver gave up, long after the send's timeout had
+    freed the send's slots, so a tenant naming more hosts than there were threads held them all,
+    and another tenant's delivery to a name waited for one. Looked up by c-ares, a hanging lookup
+    holds no thread: each of the tenant's sends ends in a retryable timeout, and the other
+    tenant's delivery to localhost (/etc/hosts) goes out."""
     from agents.deliver import start_deliveries
     from alerting_app.delivery.dispatcher import Dispatcher
 
-    monkeypatch.setattr(settings, "delivery_concurrency", 32)
-    monkeypatch.setattr(settings, "delivery_client_concurrency", 16)
-    real, release, hanging = socket.getaddrinfo, threading.Event(), []
-
-    def getaddrinfo(host, *args, **kwargs):
-        if isinstance(host, str) and host.endswith(".hanging-dns.test"):
-            hanging.append(host)
-            release.wait(120)
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    async with Receiver() as receiver:
+    monkeypatch.setattr(settings, "webhook_timeout_s", 0.3)
+    monkeypatch.setattr(settings, "delivery_max_attempts", 1)  # one attempt each, ended by the send's timeout
+    monkeypatch.setattr(settings, "delivery_client_concurrency", 3)  # of the worker's 4: one left for the other
+    async with Receiver() as receiver, SilentNameServer() as name_server:
+        name_server.resolving_here(monkeypatch, SILENT_DOMAIN)
         tenant = await insert_client(pool)
         rule = await insert_rule(pool, tenant)
-        for n in range(12):  # twice the default executor's threads here
-            await insert_endpoint(pool, tenant, rule, "webhook", f"http://n{n}.hanging-dns.test:{receiver.port}/hook")
-        hanging_one = await pending_notification(pool, tenant, [rule])
+        # More names than the threads the dispatcher gave the loop for lookups (DELIVERY_CONCURRENCY
+        # + 16), when they were threads.
+        names = [f"n{n}{SILENT_DOMAIN}" for n in range(24)]
+        for name in names:
+            await insert_endpoint(pool, tenant, rule, "webhook", f"http://{name}:{receiver.port}/hook")
+        unanswered = await pending_notification(pool, tenant, [rule])
         other_tenant = await insert_client(pool)
         other_rule = await insert_rule(pool, other_tenant)
         await insert_endpoint(pool, other_tenant, other_rule, "webhook", f"http://localhost:{receiver.port}/other")
         other = await pending_notification(pool, other_tenant, [other_rule])
         dispatcher = Dispatcher(settings)
         try:
-            assert len(await start_deliveries(pool, dispatcher, [hanging_one])) == 12
-            async with asyncio.timeout(30):
-                while len(hanging) < 12:
-                    await asyncio.sleep(0.01)
+            assert len(await start_deliveries(pool, dispatcher, [unanswered])) == len(names)
+            await until_settled(pool, unanswered.notification_id, timeout=60)
             await start_deliveries(pool, dispatcher, [other])
-            # Bounds a hang only: sharing six threads with the hanging lookups, it waits for `release`.
-            await receiver.wait_for_posts(1, "other", timeout=60)
-            assert not release.is_set() and receiver.posts_to("hook") == []
+            # Bounds a hang only: were the lookups held on threads, it would wait until the server closed.
+            await receiver.wait_for_posts(1, "other", timeout=30)
+            rows = await pool.fetch("SELECT status, last_error FROM deliveries WHERE notification_id = $1",
+                                    unanswered.notification_id)
+            assert {(row["status"], row["last_error"]) for row in rows} == {("FAILED", "timed out after 0.3s")}
+            assert set(names) <= set(name_server.asked)  # the lookups were made, and went unanswered
+            assert name_server.threads_held == 0 and receiver.posts_to("hook") == []
         finally:
-            release.set()
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
-                               [hanging_one.notification_id, other.notification_id])
+                               [unanswered.notification_id, other.notification_id])
 
 
 async def test_a_delivery_whose_endpoint_becomes_email_while_it_waits_takes_the_relays_slot(pool, settings,

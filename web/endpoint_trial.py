@@ -37,7 +37,6 @@ from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint
 from alerting_app.http_errors import DATABASE_RETRY_AFTER_S
 from alerting_app.redis_pipelining import PipelinedRedis
 from web.auth import ApiView
-from web.endpoints import address_lookups
 from web.errors import NotFound
 from web.validation import path_id
 
@@ -143,15 +142,13 @@ class EndpointTestView(ApiView):
                               headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})  # as database_unavailable
         notification = trial_notification(row["client_id"], row["rule_id"], endpoint.endpoint_id)
         error, retryable = None, None
-        # Its host resolved on the API's threads for address lookups, not on those every delivery
-        # resolves on (the loop's default executor): a tenant testing endpoints under a name server
-        # that answers late or never held those, and every tenant's new delivery connections waited.
+        # Its host is a c-ares query, as a delivery's (channels/addresses.py host_resolver): a tenant
+        # testing endpoints under a name server that answers late or never holds no thread.
         kinds = ("all", "email") if endpoint.channel == "email" else ("all",)
         for kind in kinds:
             _in_flight[kind] += 1
         try:
-            async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints,
-                                        lookups=address_lookups) as session:
+            async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints) as session:
                 await send_to(endpoint, notification, session, settings)
         except DeliveryError as exc:
             error, retryable = recordable(str(exc)), isinstance(exc, RetryableDeliveryError)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -32,15 +31,10 @@ from web.validation import parse_body, parse_query, path_id
 
 _http_url = TypeAdapter(HttpUrl)
 
-# The lookups of the addresses tenants give run on threads of their own, never on the event loop's
-# default executor: every delivery's connection resolves its host there (aiohttp's ThreadedResolver),
-# and a few changes naming hosts under a name server that answers late or never (a tenant's own)
-# held every tenant's deliveries for as long. A lookup not answered within ENDPOINT_LOOKUP_TIMEOUT_S
-# is refused; its thread is given back when the system's resolver gives up. An endpoint's test
-# (web/endpoint_trial.py) resolves its host on them too.
-ENDPOINT_LOOKUP_THREADS = 4
+# A lookup of an address a tenant gives, not answered within this, is refused. It is a c-ares query
+# (alerting_app/channels/addresses.py host_resolver), ended with the request: a tenant naming hosts
+# under a name server that answers late or never holds no thread, its own or anyone's deliveries'.
 ENDPOINT_LOOKUP_TIMEOUT_S = 10.0
-address_lookups = ThreadPoolExecutor(max_workers=ENDPOINT_LOOKUP_THREADS, thread_name_prefix="endpoint-lookup")
 
 COLUMNS = "endpoint_id, rule_id, client_id, type, value, enabled, rate_limit_per_s, created_at, updated_at"
 
@@ -159,7 +153,7 @@ async def _normalised_value(type_: str, value: str) -> str:
     if not settings.allow_private_endpoints:
         try:
             async with asyncio.timeout(ENDPOINT_LOOKUP_TIMEOUT_S):
-                await check_public_host(url.host, url.port, address_lookups)
+                await check_public_host(url.host, url.port)
         except TimeoutError:
             raise ValidationFailed.field(
                 "value", f"{url.host} did not resolve within {ENDPOINT_LOOKUP_TIMEOUT_S:g} s") from None

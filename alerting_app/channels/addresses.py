@@ -9,18 +9,36 @@ resolved to a public address at creation may resolve into our network later (DNS
 """
 from __future__ import annotations
 
-import asyncio
-import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
-from concurrent.futures import Executor
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
+from aiohttp.resolver import AsyncResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# The name servers endpoint hosts are looked up on: None, the system's (/etc/resolv.conf, with its
+# search domains and options, after /etc/hosts). Tests point it at a name server of their own.
+NAMESERVERS: list[str] | None = None
+
+
+def host_resolver() -> AsyncResolver:
+    """The resolver of tenants' endpoint hosts: aiohttp's AsyncResolver, c-ares through aiodns.
+
+    Not the system's getaddrinfo on threads (aiohttp's ThreadedResolver, what we used before): a
+    lookup there holds its thread until the system's resolver gives up (resolv.conf's timeout times
+    its attempts, 10-30 s), long after the send's timeout, so a few tenants naming many hosts under
+    a name server that never answers held every thread and every other tenant's deliveries waited.
+    A c-ares lookup is a query on the channel's one socket: a send that times out leaves a pending
+    query, not a held thread. c-ares reads /etc/hosts (localhost included) and /etc/resolv.conf
+    (name servers, search domains, ndots, timeout and attempts) as glibc does; it does not ask
+    other NSS sources (mDNS, LDAP), which no public endpoint's name needs.
+    """
+    if NAMESERVERS is None:
+        return AsyncResolver()  # aiohttp shares one c-ares channel per event loop among these
+    return AsyncResolver(nameservers=NAMESERVERS)
 
 
 class RefusedAddress(ValueError):
@@ -73,20 +91,22 @@ def non_public_kind(ip: IPAddress) -> str | None:
     return None if ip.is_global else "non-public"
 
 
-async def check_public_host(host: str, port: int, executor: Executor | None = None) -> None:
-    """Raise RefusedAddress unless every address `host` resolves to is public; the lookup runs on
-    `executor` (the loop's default one, which deliveries resolve on too, if None)."""
+async def check_public_host(host: str, port: int) -> None:
+    """Raise RefusedAddress unless every address `host` resolves to is public. The lookup is the
+    one a delivery makes (`host_resolver`); the caller bounds how long it may take."""
     literal = host.strip("[]")  # an IPv6 literal comes bracketed in a URL
     try:
         addresses = {ipaddress.ip_address(literal)}
     except ValueError:
         refuse_invalid_name(host)
+        resolver = host_resolver()
         try:
-            infos = await asyncio.get_running_loop().run_in_executor(
-                executor, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-        except socket.gaierror as exc:
+            results = await resolver.resolve(host, port, socket.AF_UNSPEC)
+        except OSError as exc:  # AsyncResolver's for any DNS error, its text the strerror
             raise RefusedAddress(f"{host} does not resolve ({exc.strerror})") from None
-        addresses = {_address(info[4][0]) for info in infos}
+        finally:
+            await resolver.close()
+        addresses = {_address(result["host"]) for result in results}
     refuse_non_public(host, addresses)
 
 
@@ -125,13 +145,12 @@ class PublicAddressResolver(AbstractResolver):
     """aiohttp's resolver for delivery connections, refusing a name if any address it resolves to
     is not public (RefusedAddress, raised out of the request).
 
-    Wraps aiohttp's ThreadedResolver (its default without aiodns, which we do not install): the
-    system's getaddrinfo, the lookup `check_public_host` makes at creation (/etc/hosts included).
+    Wraps `host_resolver`, the lookup `check_public_host` makes at creation (/etc/hosts included).
     The connector caches only answers this returned (10 s by default): a refusal is not cached.
     """
 
-    def __init__(self, lookups: Executor | None = None) -> None:
-        self._resolver = resolver_on(lookups)
+    def __init__(self) -> None:
+        self._resolver = host_resolver()
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
@@ -141,28 +160,6 @@ class PublicAddressResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._resolver.close()
-
-
-class _LookupsOn:
-    """The two calls ThreadedResolver makes of its loop, on `executor` rather than the loop's default one."""
-
-    def __init__(self, executor: Executor) -> None:
-        self._loop, self._executor = asyncio.get_running_loop(), executor
-
-    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
-        return await self._loop.run_in_executor(
-            self._executor, functools.partial(socket.getaddrinfo, host, port, family, type, proto, flags))
-
-    async def getnameinfo(self, sockaddr, flags=0):
-        return await self._loop.run_in_executor(self._executor, socket.getnameinfo, sockaddr, flags)
-
-
-def resolver_on(lookups: Executor | None) -> ThreadedResolver:
-    """aiohttp's ThreadedResolver, its lookups on `lookups` (None: the loop's default executor, where
-    deliveries resolve their hosts)."""
-    if lookups is None:
-        return ThreadedResolver()
-    return ThreadedResolver(loop=_LookupsOn(lookups))  # type: ignore[arg-type]
 
 
 async def refuse_non_public_literal(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:

@@ -4,34 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import Executor
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 
 import aiohttp
 from yarl import URL
 
-from alerting_app.channels.addresses import (PublicAddressResolver, RefusedAddress, refuse_non_public_literal,
-                                             resolver_on)
+from alerting_app.channels.addresses import (PublicAddressResolver, RefusedAddress, host_resolver,
+                                             refuse_non_public_literal)
 from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
 
 # Enough of an answer to keep the connection reusable; a receiver's body is never used.
 _MAX_ANSWER_BYTES = 64 * 1024
 
 
-def endpoint_session(*, concurrency: int, allow_private: bool, lookups: Executor | None = None) -> aiohttp.ClientSession:
+def endpoint_session(*, concurrency: int, allow_private: bool) -> aiohttp.ClientSession:
     """The session every HTTP delivery of a worker shares (one connection pool).
 
     Unless `allow_private` (ALLOW_PRIVATE_ENDPOINTS), it connects to public addresses only, checked
     as it connects: the endpoint's URL was checked at creation, but its name may resolve elsewhere
-    now (alerting_app/channels/addresses.py). Its host lookups run on `lookups`, or on the loop's
-    default executor (the deliveries', alerting_app/delivery/dispatcher.py) if None.
+    now (alerting_app/channels/addresses.py). Either way its host lookups are c-ares queries
+    (`host_resolver`), which the send's timeout ends holding no thread.
     """
     if allow_private:
-        own_lookups = {} if lookups is None else {"resolver": resolver_on(lookups)}
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, **own_lookups))
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, resolver=host_resolver()))
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, resolver=PublicAddressResolver(lookups)),
+        connector=aiohttp.TCPConnector(limit=concurrency, resolver=PublicAddressResolver()),
         middlewares=(refuse_non_public_literal,))
 
 

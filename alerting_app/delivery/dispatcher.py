@@ -18,9 +18,7 @@ import math
 import os
 import secrets
 import socket
-import weakref
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from alerting_app import db, metrics, redis_client
@@ -46,32 +44,9 @@ _CLOSE_WRITE_TIMEOUT_S = 10.0
 _CLOSE_SEND_GRACE_MAX_S = 30.0
 
 
-# Per event loop, the default executor a Dispatcher gave it (`_threads_for_every_lookup`).
-_lookup_executors: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecutor]" = \
-    weakref.WeakKeyDictionary()
-
-
-def _threads_for_every_lookup(settings: Settings) -> None:
-    """Give the running loop a default executor with a thread for every send in flight.
-
-    aiohttp resolves an endpoint's host name on the loop's default executor (ThreadedResolver,
-    getaddrinfo), which has min(32, CPUs + 4) threads: 6 on two cores. A tenant's endpoints under a
-    name server that answers late or never held all of them, for the resolver's timeout at each
-    attempt, and every other tenant's new connections waited for a thread. With a thread per send
-    (DELIVERY_CONCURRENCY, made only when needed, plus room for the loop's other users), a hanging
-    lookup holds its own send's slots, which its endpoint's and client's shares bound.
-    """
-    loop = asyncio.get_running_loop()
-    if loop not in _lookup_executors:
-        executor = ThreadPoolExecutor(max_workers=settings.delivery_concurrency + 16, thread_name_prefix="lookup")
-        _lookup_executors[loop] = executor
-        loop.set_default_executor(executor)
-
-
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        _threads_for_every_lookup(settings)
         # Names this worker's leases; unique per process, so a restarted worker is a new owner.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._held: dict[tuple[str, str], asyncio.Task] = {}
