@@ -129,6 +129,25 @@ async def test_a_name_its_name_server_never_answers_ends_in_a_retryable_timeout_
         assert len(receiver.posts) == (1 if allow_private else 0)
 
 
+@pytest.mark.parametrize("allow_private", [False, True], ids=["private-refused", "private-allowed"])
+async def test_a_lookup_in_flight_ends_when_its_session_closes(monkeypatch, allow_private):
+    """aiohttp closes only a resolver it made: ours was left open with the session, its queries to
+    a name server that never answers going on until c-ares gave up, and answering into an event
+    loop that may be closed by then (a worker's stop, an endpoint test's end)."""
+    import asyncio
+
+    async with SilentNameServer() as name_server:
+        name_server.resolving_here(monkeypatch, ".silent-dns.test")
+        session = endpoint_session(concurrency=1, allow_private=allow_private)
+        lookup = asyncio.ensure_future(session.connector._resolver.resolve("n1.silent-dns.test", 80))
+        async with asyncio.timeout(30):  # a guard against hanging only
+            while "n1.silent-dns.test" not in name_server.asked:
+                await asyncio.sleep(0.01)
+            await session.close()
+            with pytest.raises(OSError, match="cancel"):
+                await lookup
+
+
 async def test_the_same_sends_reach_a_private_receiver_when_private_endpoints_are_allowed():
     async with Receiver() as receiver, endpoint_session(concurrency=4, allow_private=True) as session:
         await send_to_webhook(session, f"http://localhost:{receiver.port}/hook")

@@ -6,8 +6,10 @@ import contextlib
 import time
 from datetime import timezone
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from alerting_app.channels.addresses import (PublicAddressResolver, RefusedAddress, host_resolver,
@@ -27,10 +29,28 @@ def endpoint_session(*, concurrency: int, allow_private: bool) -> aiohttp.Client
     (`host_resolver`), which the send's timeout ends holding no thread.
     """
     if allow_private:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, resolver=host_resolver()))
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, resolver=PublicAddressResolver()),
-        middlewares=(refuse_non_public_literal,))
+        return aiohttp.ClientSession(connector=_EndpointConnector(concurrency, host_resolver()))
+    return aiohttp.ClientSession(connector=_EndpointConnector(concurrency, PublicAddressResolver()),
+                                 middlewares=(refuse_non_public_literal,))
+
+
+class _EndpointConnector(aiohttp.TCPConnector):
+    """A connector that closes the resolver it is given when it closes, as it would one it made.
+
+    aiohttp closes only a resolver of its own making; ours, left open, kept its c-ares channel (and
+    the channel's queries still waiting on a silent name server) after the session, one per
+    endpoint test.
+    """
+
+    def __init__(self, concurrency: int, resolver: AbstractResolver) -> None:
+        super().__init__(limit=concurrency, resolver=resolver)
+        self._given_resolver = resolver
+
+    async def close(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().close(*args, **kwargs)
+        finally:
+            await self._given_resolver.close()
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
