@@ -149,6 +149,36 @@ async def test_an_email_test_reaches_the_relay_with_the_test_in_its_subject(api,
     assert "Test notification" in message["Subject"]
 
 
+async def test_a_test_refused_by_the_all_email_limit_spends_no_token_so_its_retry_goes(api, tenant, monkeypatch):
+    # Taken one by one, the refused test had spent the endpoint's one test token (and the client's):
+    # the retry the answer's Retry-After asked for was refused again, for one test per 5 s.
+    from alerting_app import redis_client
+    from alerting_app.app import settings
+    from alerting_app.delivery.rate_limits import RateLimits, email_bucket
+    from alerting_app.redis_pipelining import PipelinedRedis
+
+    with SmtpServer() as relay:
+        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+        monkeypatch.setattr(settings, "smtp_port", relay.port)
+        monkeypatch.setattr(settings, "smtp_starttls", False)
+        endpoint = await endpoint_to(api, tenant, "email", "oncall@example.com")
+        path = f"/api/v1/endpoints/{endpoint['endpoint_id']}/test"
+        # Every tenant's email took the all-email limit's token.
+        monkeypatch.setattr(settings, "email_rate_limit_per_s", 0.001)
+        limits = RateLimits(PipelinedRedis(redis_client.redis()), settings.endpoint_rate_burst_s)
+        await limits.try_take(email_bucket(settings.app_id), 0.001)
+
+        refused = await api.call("POST", path, tenant.key)
+        assert refused.status == 429, refused.body
+        assert "EMAIL_RATE_LIMIT_PER_S" in refused.body["message"]
+        # The all-email limit has a token again (here: a higher rate, a bucket of its own).
+        monkeypatch.setattr(settings, "email_rate_limit_per_s", 1_000.0)
+        retried = await api.call("POST", path, tenant.key)
+
+        assert retried.status == 200 and retried.body["delivered"], retried.body
+        assert [message["To"] for message in relay.messages] == ["oncall@example.com"]
+
+
 async def test_a_disabled_endpoint_can_be_tested_before_it_is_enabled(api, tenant):
     async with Receiver() as receiver:
         endpoint = await endpoint_to(api, tenant, "webhook", receiver.url(), enabled=False)

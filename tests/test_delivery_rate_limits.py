@@ -78,6 +78,24 @@ async def test_the_buckets_are_throttled_pys_own(services):
     assert 0.5 < await ours._try(bucket, 1.0) <= 1.0  # the next token is a second after the first
 
 
+async def test_looking_at_a_bucket_takes_no_token_and_tells_the_wait(services):
+    # An endpoint test looks at every bucket it needs before taking any (web/endpoint_trial.py).
+    bucket = f"endpoint:{uuid.uuid4()}"
+    limits = rate_limits(services.redis_url, burst_s=1.0)  # 1/s, a bucket of one token
+
+    assert await limits.wait_s(bucket, 1.0) == 0.0
+    assert await limits.wait_s(bucket, 1.0) == 0.0  # looked at twice, still there
+    assert await limits.try_take(bucket, 1.0)
+    assert 0.5 < await limits.wait_s(bucket, 1.0) <= 1.0
+    assert await limits.wait_s(bucket, 0) == 0.0  # unlimited
+
+    deep = f"endpoint:{uuid.uuid4()}"
+    deeper = rate_limits(services.redis_url, burst_s=2.0)  # 1/s, a bucket of two
+    assert await deeper.try_take(deep, 1.0) and await deeper.wait_s(deep, 1.0) == 0.0
+    assert await deeper.try_take(deep, 1.0)
+    assert 0.5 < await deeper.wait_s(deep, 1.0) <= 1.0
+
+
 async def test_a_rate_below_one_an_hour_is_one_an_hour(services):
     # 1e-5/s rounds to 0 per 3,600 s, which the library divides by.
     limits = rate_limits(services.redis_url, burst_s=1.0)

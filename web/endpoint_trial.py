@@ -18,6 +18,7 @@ for. Without a token the answer is 429, with Retry-After, and nothing is sent.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -86,8 +87,8 @@ async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint, client_id: str
 
     The tests' own buckets are one token deep, whatever ENDPOINT_RATE_BURST_S (which sizes the
     endpoints' buckets): at 10 s it let two tests of an endpoint through at once, at 3,600 s 720.
-    They are taken first: a test they refuse spends none of the endpoint's tokens, which its
-    deliveries need."""
+    A test refused spends no token: neither the endpoint's, which its deliveries need, nor the
+    tests' own."""
     limits = RateLimits(redis, settings.endpoint_rate_burst_s)
     # Burst: round(rate × burst_s) = 1 for a bucket of one per TEST_INTERVAL_S (TEST_CLIENT_INTERVAL_S).
     one_deep, one_deep_per_client = RateLimits(redis, TEST_INTERVAL_S), RateLimits(redis, TEST_CLIENT_INTERVAL_S)
@@ -100,10 +101,20 @@ async def _take_tokens(redis: PipelinedRedis, endpoint: Endpoint, client_id: str
     if endpoint.channel == "email":
         buckets.append((limits, email_bucket(settings.app_id), settings.email_rate_limit_per_s,
                         "the rate limit of all email (EMAIL_RATE_LIMIT_PER_S)"))
+    # Looked at first, all in one round trip, and taken only when each has one: taken one by one,
+    # a test refused by a later bucket (the client's, the endpoint's rate, the all-email limit) had
+    # spent the earlier ones' tokens, and its retry after Retry-After was refused again, by the 5 s
+    # test interval. (Two tests racing between the look and the take can still spend a token for
+    # nothing; the library takes one bucket per call.)
+    waits = await asyncio.gather(*(bucket_limits.wait_s(bucket, rate_per_s)
+                                   for bucket_limits, bucket, rate_per_s, _ in buckets))
+    if any(waits):
+        # Until every bucket has its token: not a whole interval of its rate (1,000 s at 0.001/s).
+        wait_s, what = max((wait_s, what) for wait_s, (_, _, _, what) in zip(waits, buckets))
+        raise _Throttled(wait_s, what)
     for bucket_limits, bucket, rate_per_s, what in buckets:
         wait_s = await bucket_limits.take_or_wait_s(bucket, rate_per_s)
         if wait_s:
-            # When its next token comes, not a whole interval of its rate later (1,000 s at 0.001/s).
             raise _Throttled(wait_s, what)
 
 

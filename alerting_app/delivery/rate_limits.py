@@ -19,7 +19,7 @@ from datetime import timedelta
 from fractions import Fraction
 
 from throttled.asyncio import RateLimiterType, Throttled, rate_limiter, store
-from throttled.rate_limiter.gcra import RedisLimitAtomicActionSpec
+from throttled.rate_limiter.gcra import RedisLimitAtomicActionSpec, RedisPeekAtomicActionSpec
 
 from alerting_app.redis_pipelining import PipelinedRedis
 
@@ -46,6 +46,7 @@ class RateLimits:
         self._redis = redis
         self._burst_s = burst_s
         self._script = redis.redis.register_script(RedisLimitAtomicActionSpec.SCRIPTS)
+        self._peek_script = redis.redis.register_script(RedisPeekAtomicActionSpec.SCRIPTS)
         # The library's limiters, for their key and quota arithmetic only: tokens are taken below.
         self._limiters: dict[tuple[int, int, int], rate_limiter.BaseRateLimiter] = {}
         # One waiter per bucket in this worker polls Redis; the others queue behind it here, so
@@ -83,6 +84,21 @@ class RateLimits:
         # Each rate a bucket has had gets a Redis key of its own, so a changed rate starts on a
         # schedule of its own, not on the old rate's (one an hour, raised, would wait out the hour).
         return await self._try(f"{bucket}:{rate_per_s:g}", rate_per_s)
+
+    async def wait_s(self, bucket: str, rate_per_s: float) -> float:
+        """The seconds until `bucket` has a token (0.0: it has one now; a rate of 0 is unlimited),
+        taking none: throttled-py's own peek script, on the key `take_or_wait_s` takes from."""
+        if rate_per_s <= 0:
+            return 0.0
+        key, emission_interval, capacity = self._limiter(rate_per_s)._prepare(f"{bucket}:{rate_per_s:g}")
+        limited, _remaining, reset_after, _retry_after = await self._redis.script(
+            self._peek_script, [key], [emission_interval, capacity])
+        if not limited:
+            return 0.0
+        # The script's own retry_after is off by the bucket's depth: it counts `capacity`
+        # intervals back from the bucket's full time, where the next token is `capacity - 1` back.
+        # A bucket of one just taken at 1/s answered 0.0002 s, not 1 s.
+        return max(0.0, float(reset_after) - (capacity - 1) * emission_interval)
 
     async def try_take(self, bucket: str, rate_per_s: float) -> bool:
         """Take a token of `bucket` if there is one now; whether there was (a rate of 0 is unlimited)."""
