@@ -256,7 +256,9 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
             [status for _, status, _ in built],
             [detail for _, _, detail in built],
         ))
-    await group_records.record_memberships(conn, plan.memberships, outcome.joined_fingerprints)
+    await group_records.record_memberships(conn, plan.memberships, outcome.joined_fingerprints,
+                                           {(join.matched.client_id, join.matched.alert.alert_id): join.matched.rule_ids
+                                            for join in outcome.joins})
     if outcome.notified_fingerprints:
         keys = list(outcome.notified_fingerprints)
         await conn.execute(_REMEMBER_NOTIFIED, [k[0] for k in keys], [k[1] for k in keys],

@@ -29,15 +29,20 @@ log = logging.getLogger(__name__)
 # A membership moves only while its notification does not exist: once a group is closed, its
 # members are final. Its unlisted alert moves with it: a member the group it moves to lists has none
 # (the table holds its alert), one it does not list has its alert kept here for the closer. Its
-# fingerprint is the one it notified when it first joined (migrations/014), kept when it moves.
+# fingerprint is the one it notified when it first joined (migrations/014), kept when it moves. Its
+# rules (migrations/016) gather those of each of its matches, as its group's rule_ids do (a member
+# that joined before 016 keeps NULL: every rule of its group).
 _UPSERT_MEMBERSHIPS = """
 INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id, unlisted_alert, fingerprint,
-                                      fingerprint_notified_at)
-SELECT m.client_id, m.alert_id, m.notification_id, m.unlisted_alert::jsonb, m.fingerprint, to_timestamp(m.notified_at)
-FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::float8[])
-    AS m(client_id, alert_id, notification_id, unlisted_alert, fingerprint, notified_at)
+                                      fingerprint_notified_at, rule_ids)
+SELECT m.client_id, m.alert_id, m.notification_id, m.unlisted_alert::jsonb, m.fingerprint, to_timestamp(m.notified_at),
+       m.rule_ids::uuid[]
+FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::float8[], $7::text[])
+    AS m(client_id, alert_id, notification_id, unlisted_alert, fingerprint, notified_at, rule_ids)
 ON CONFLICT (client_id, alert_id) DO UPDATE
-    SET notification_id = EXCLUDED.notification_id, unlisted_alert = EXCLUDED.unlisted_alert
+    SET notification_id = EXCLUDED.notification_id, unlisted_alert = EXCLUDED.unlisted_alert,
+        rule_ids = CASE WHEN a.rule_ids IS NOT NULL AND EXCLUDED.rule_ids IS NOT NULL
+                        THEN ARRAY(SELECT DISTINCT r FROM unnest(a.rule_ids || EXCLUDED.rule_ids) AS r ORDER BY r) END
     WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
 """
 
@@ -46,15 +51,19 @@ _CLOSED = "SELECT notification_id::text FROM notifications WHERE notification_id
 
 async def record_memberships(conn: asyncpg.Connection,
                              memberships: Sequence[tuple[str, str, str, str | None]],
-                             fingerprints: Mapping[tuple[str, str], tuple[str, float]] | None = None) -> None:
+                             fingerprints: Mapping[tuple[str, str], tuple[str, float]] | None = None,
+                             rule_ids: Mapping[tuple[str, str], Sequence[str]] | None = None) -> None:
     """Upsert (client_id, alert_id, notification_id, the alert as JSON if its group does not list it);
     `fingerprints`: by (client_id, alert_id), the fingerprint a member joining for the first time
-    notified, and when (the time written to `fingerprints`)."""
+    notified, and when (the time written to `fingerprints`); `rule_ids`: by (client_id, alert_id), the
+    rules the member matched (one missing: unknown, every rule of its group)."""
     if memberships:
-        noted = [(fingerprints or {}).get((client_id, alert_id), (None, None))
-                 for client_id, alert_id, _, _ in memberships]
+        keys = [(client_id, alert_id) for client_id, alert_id, _, _ in memberships]
+        noted = [(fingerprints or {}).get(key, (None, None)) for key in keys]
+        rules = [(rule_ids or {}).get(key) for key in keys]
         await conn.execute(_UPSERT_MEMBERSHIPS, *(list(column) for column in zip(*memberships)),
-                           [fingerprint for fingerprint, _ in noted], [at for _, at in noted])
+                           [fingerprint for fingerprint, _ in noted], [at for _, at in noted],
+                           [None if r is None else "{" + ",".join(r) + "}" for r in rules])
 
 
 async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterable[ClientGroups | None]) -> set[str]:
@@ -218,6 +227,42 @@ async def listing_of(conn: asyncpg.Connection | asyncpg.Pool, due: DueGroup, sil
     return closing.listing()
 
 
+# The rules of a closing group's members that no silence muted (`$2`, `$3`: the muted members), for
+# the groups that have muted members: the notification goes to their endpoints only, as a rule only
+# muted members matched has nothing to notify. `unknown`: a member recorded before migrations/016,
+# whose rules are not kept (it counts as matching every rule of its group).
+_NOTIFIED_RULES = """
+SELECT a.notification_id::text, array_agg(DISTINCT r.rule_id::text) FILTER (WHERE r.rule_id IS NOT NULL) AS rule_ids,
+       bool_or(a.rule_ids IS NULL) AS unknown
+FROM notification_alerts a LEFT JOIN LATERAL unnest(a.rule_ids) AS r(rule_id) ON true
+WHERE a.notification_id = ANY($1::uuid[])
+  AND NOT EXISTS (SELECT 1 FROM unnest($2::uuid[], $3::text[]) AS s(notification_id, alert_id)
+                  WHERE s.notification_id = a.notification_id AND s.alert_id = a.alert_id)
+GROUP BY a.notification_id
+"""
+
+
+async def notified_rules(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
+                         listings: Sequence[Listing]) -> list[list[str]]:
+    """Each closing group's rule_ids: every rule a member matched (the table's), less those only
+    members a silence muted matched. A group whose members are all muted keeps them all: it is
+    recorded SILENCED, and its row names what its members matched, as a silenced match's row does."""
+    muted = [(d.group["notification_id"], alert_id) for d, listing in zip(due, listings) for alert_id in listing.silenced]
+    if not muted:
+        return [d.group["rule_ids"] for d in due]
+    rows = {row["notification_id"]: row for row in await conn.fetch(
+        _NOTIFIED_RULES, sorted({notification_id for notification_id, _ in muted}),
+        [notification_id for notification_id, _ in muted], [alert_id for _, alert_id in muted])}
+    rule_ids = []
+    for d in due:
+        row = rows.get(d.group["notification_id"])
+        if row is None or row["unknown"] or not row["rule_ids"]:
+            rule_ids.append(d.group["rule_ids"])
+        else:
+            rule_ids.append(sorted(row["rule_ids"]))
+    return rule_ids
+
+
 # A notification's columns as `notification_ready` rebuilds its message from them.
 NOTIFICATION_READY_COLUMNS = """notification_id::text, client_id::text, alerts, rule_ids::text[],
        extract(epoch FROM created_at)::float8 AS created_at, truncated_alerts, group_rule_id::text"""
@@ -238,13 +283,14 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
         return []
     created_at = round(now, 6)  # microseconds, as Postgres stores it
     listings = [await listing_of(conn, d, silences, now) for d in due]
+    rule_ids = await notified_rules(conn, due, listings)
     inserted = await conn.fetch(
         _INSERT_GROUP_NOTIFICATIONS,
         [d.group["notification_id"] for d in due],
         [d.key.decode() for d in due],
         [listing.alerts[0]["alert_id"] for listing in listings],
         [json.dumps(listing.alerts, separators=(",", ":")) for listing in listings],
-        ["{" + ",".join(d.group["rule_ids"]) + "}" for d in due],
+        ["{" + ",".join(rules) + "}" for rules in rule_ids],
         [created_at] * len(due),
         [listing.accounted for listing in listings],
         [listing.counted for listing in listings],

@@ -25,13 +25,15 @@ from agents.match_outcomes import Recorded, closed_here, decide, prune_fingerpri
 from alerting_app import metrics
 from alerting_app.app import settings
 from alerting_app.contracts import Alert, AlertMatched, fingerprint_of
+from alerting_app.delivery.records import open_deliveries
 from alerting_app.sending import partition_for
 from alerting_app.silencing import SilenceIndex, active_silences
 from kafka_probe import read_topic
 from postgres_waits import until_waiting_on_a_lock
 from tables import group_records, groups
 from test_agent_support import (  # noqa: F401  (fixtures)
-    AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, pipeline, pool, sent_to,
+    AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool,
+    sent_to,
 )
 
 # The group table's changelog is created by the `pipeline` fixture (test_agent_support.py).
@@ -401,6 +403,52 @@ async def test_a_group_whose_members_are_all_silenced_at_close_is_recorded_silen
     assert await sent_to("notifications.ready", client) == []
     assert groups.open_groups.get(client.encode()) is None
     assert await closed_for(pool, client, opened + 10) == []  # closed: nothing more
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize("muted", ["listed", "unlisted"])
+async def test_a_rule_only_members_silenced_at_close_matched_is_left_out_of_the_groups_notification(
+        pool, monkeypatch, muted):
+    """The notification goes to the endpoints of its rule_ids: a rule that only members muted at close
+    matched has nothing to notify, so neither its rule nor its endpoints get the group's notification."""
+    monkeypatch.setattr(settings, "group_max_alerts", 1 if muted == "unlisted" else 100)
+    client = await insert_client(pool)
+    digest, checkout = await insert_rule(pool, client), await insert_rule(pool, client, name="CheckoutLatency")
+    endpoints = {rule: await insert_endpoint(pool, client, rule, "webhook", f"https://hooks.example/{rule}")
+                 for rule in (digest, checkout)}
+    # Alert 0 matches the grouping rule only; alert 1 that rule and another, whose endpoint it alone
+    # would reach (listed, or unlisted past GROUP_MAX_ALERTS).
+    notified = grouped(client, digest, the_alert=alert(0))
+    muted_match = grouped(client, digest, the_alert=alert(1), rule_ids=sorted([digest, checkout]))
+    await aggregate(notified, muted_match)
+    opened = time.time()
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert (ready.alerts, ready.rule_ids) == ([notified.alert], [digest])
+    [row] = await rows_of(pool, client)
+    assert (row["status"], row["rule_ids"]) == ("PENDING", [digest])
+    jobs = await open_deliveries(pool, [ready], owner=None, lease_s=30, unleased_endpoints=[])
+    assert jobs == []  # no owner: every row left for the sweep
+    assert await pool.fetchval("SELECT array_agg(endpoint_id::text) FROM deliveries WHERE notification_id = $1",
+                               ready.notification_id) == [endpoints[digest]]
+
+
+@AGENT_LOOP
+async def test_a_rule_a_member_no_silence_muted_matched_keeps_the_groups_notification(pool):
+    """A rule some muted member matched is still notified when a member no silence muted matched it too."""
+    client = await insert_client(pool)
+    digest, checkout = await insert_rule(pool, client), await insert_rule(pool, client, name="CheckoutLatency")
+    both = sorted([digest, checkout])
+    notified = grouped(client, digest, the_alert=alert(0), rule_ids=both)
+    await aggregate(notified, grouped(client, digest, the_alert=alert(1), rule_ids=both))
+    opened = time.time()
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert (ready.alerts, ready.rule_ids) == ([notified.alert], both)
 
 
 def grouped_repeating(client_id: str, rule_id: str, the_alert: Alert, window_s: int = 5,
