@@ -134,13 +134,16 @@ async def prune_fingerprints(pool: asyncpg.Pool) -> int:
 
 
 # Notified at once (PENDING), or recorded and settled here (SILENCED, SUPPRESSED: nothing to emit).
+# A SUPPRESSED row keeps the fingerprint it repeated (migrations/017): if the group member that
+# notified it is silenced when its group closes, the closer notifies the repeat instead
+# (tables/group_records.py revive_repeats).
 _INSERT_OUTCOMES = """
 INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at,
-                           status, detail, emitted)
+                           status, detail, emitted, fingerprint)
 SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[], to_timestamp($6),
-       to_timestamp($6), n.status, n.detail, n.status <> 'PENDING'
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $7::text[], $8::text[])
-    AS n(notification_id, client_id, alert_id, alerts, rule_ids, status, detail)
+       to_timestamp($6), n.status, n.detail, n.status <> 'PENDING', n.fingerprint
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $7::text[], $8::text[], $9::text[])
+    AS n(notification_id, client_id, alert_id, alerts, rule_ids, status, detail, fingerprint)
 ON CONFLICT (client_id, alert_id) DO NOTHING
 RETURNING notification_id::text, status
 """
@@ -243,6 +246,7 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
     """
     built = [(NotificationReady(client_id=m.client_id, alerts=[m.alert], rule_ids=m.rule_ids, created_at=created_at),
               status, detail) for m, status, detail in outcome.rows]
+    repeated = [m.fingerprint if status == "SUPPRESSED" else None for m, status, _ in outcome.rows]
     inserted = {}
     if built:
         inserted = dict(await conn.fetch(
@@ -255,6 +259,7 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
             created_at,
             [status for _, status, _ in built],
             [detail for _, _, detail in built],
+            repeated,
         ))
     await group_records.record_memberships(conn, plan.memberships, outcome.joined_fingerprints,
                                            {(join.matched.client_id, join.matched.alert.alert_id): join.matched.rule_ids

@@ -21,7 +21,7 @@ from alerting_app.contracts import Alert, DeadLetter, NotificationReady
 from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.sending import partition_for
 from alerting_app.silencing import SilenceIndex
-from tables.groups import ClientGroups, DueGroup, fill_listing
+from tables.groups import MAX_LISTED_BYTES, ClientGroups, DueGroup, fill_listing, listing_size, without_context
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,104 @@ async def notified_rules(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
     return rule_ids
 
 
+# The muted members of groups closing for the first time whose fingerprint is still the one they
+# notified (no later notification of it since): they alone suppressed its repeats meanwhile.
+_MUTED_NOTIFIERS = """
+SELECT s.position, a.client_id::text, a.fingerprint, a.fingerprint_notified_at
+FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS s(notification_id, alert_id, position)
+JOIN notification_alerts a ON a.notification_id = s.notification_id AND a.alert_id = s.alert_id
+JOIN fingerprints f ON f.client_id = a.client_id AND f.fingerprint = a.fingerprint
+                   AND f.last_notified_at = a.fingerprint_notified_at
+WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
+"""
+
+# The repeats those members suppressed: the SUPPRESSED rows of their fingerprints since they notified
+# them (migrations/017), oldest first. One suppressed in the member's own batch has its batch's time,
+# written as created_at rounded to microseconds and as the member's time unrounded: Postgres rounds
+# both to the same microsecond, give or take one.
+_SUPPRESSED_REPEATS = """
+SELECT m.position, n.notification_id::text, n.alerts, n.rule_ids::text[],
+       extract(epoch FROM n.created_at)::float8 AS created_at
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) WITH ORDINALITY AS m(client_id, fingerprint, since, position)
+JOIN notifications n ON n.client_id = m.client_id AND n.fingerprint = m.fingerprint AND n.status = 'SUPPRESSED'
+                    AND n.created_at >= m.since - interval '1 microsecond'
+ORDER BY m.position, n.created_at, n.alert_id
+"""
+
+_FORGET_REPEAT = "DELETE FROM notifications WHERE notification_id = ANY($1::uuid[]) AND status = 'SUPPRESSED'"
+
+# As the agent remembers a fingerprint it notifies (agents/match_outcomes.py), never back in time.
+_REMEMBER_REVIVED = """
+INSERT INTO fingerprints AS f (client_id, fingerprint, last_notified_at)
+SELECT client_id, fingerprint, to_timestamp(at) FROM unnest($1::uuid[], $2::text[], $3::float8[])
+    AS b(client_id, fingerprint, at)
+ON CONFLICT (client_id, fingerprint) DO UPDATE
+    SET last_notified_at = GREATEST(f.last_notified_at, EXCLUDED.last_notified_at)
+"""
+
+
+async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
+                         listings: Sequence[Listing], silences: SilenceIndex, now: float
+                         ) -> tuple[set[int], set[tuple[str, str]]]:
+    """Make the repeats that members muted at close suppressed, and that no silence mutes now,
+    members of the closing group; return the positions in `due` of the groups they joined, and the
+    (notification_id, alert_id) of the muted members whose fingerprint such a repeat notified (it
+    is not to be forgotten: the repeat's time, maybe the very same, is what `fingerprints` holds).
+
+    A member counted its fingerprint as notified when it joined, and its repeats were suppressed
+    meanwhile; muted at close, it was notified to nobody, and the repeats would be lost with it. As
+    if it had been silenced when it was matched, of its repeats since (each within the repeat
+    interval of its rules from it, so from any later one too), the first no silence mutes now is
+    notified, in this group's notification (late, or early if its own group rule's window is longer,
+    rather than never), and the later ones stay suppressed by it; those before it, muted now, stay
+    suppressed, notified to nobody either way. Only at a group's first close (its notification does
+    not exist yet): what a close decided is never decided again."""
+    muted = [(position, d.group["notification_id"], alert_id) for position, (d, listing) in enumerate(zip(due, listings))
+             for alert_id in listing.silenced]
+    if not muted:
+        return set(), set()
+    notifiers = await conn.fetch(_MUTED_NOTIFIERS, [nid for _, nid, _ in muted], [alert_id for _, _, alert_id in muted])
+    if not notifiers:
+        return set(), set()
+    repeats = await conn.fetch(_SUPPRESSED_REPEATS, [row["client_id"] for row in notifiers],
+                               [row["fingerprint"] for row in notifiers],
+                               [row["fingerprint_notified_at"] for row in notifiers])
+    revived: dict[int, tuple[int, asyncpg.Record]] = {}  # notifier's row -> (group position, repeat)
+    for repeat in repeats:
+        notifier = notifiers[repeat["position"] - 1]
+        if repeat["position"] in revived:
+            continue
+        alert = repeat["alerts"][0]
+        if silences.silencing(notifier["client_id"], Alert.from_stored(alert), now) is None:
+            revived[repeat["position"]] = (muted[notifier["position"] - 1][0], repeat)
+    if not revived:
+        return set(), set()
+    await conn.execute(_FORGET_REPEAT, [repeat["notification_id"] for _, repeat in revived.values()])
+    joining = {}
+    for notifier_row, (position, repeat) in revived.items():
+        client = notifiers[notifier_row - 1]["client_id"]
+        joining[(client, repeat["alerts"][0]["alert_id"])] = (due[position].group["notification_id"], repeat,
+                                                              notifiers[notifier_row - 1]["fingerprint"])
+    await record_memberships(
+        conn, [(client, alert_id, nid, json.dumps(kept_unlisted(repeat["alerts"][0]), separators=(",", ":")))
+               for (client, alert_id), (nid, repeat, _) in joining.items()],
+        {key: (fingerprint, repeat["created_at"]) for key, (_, repeat, fingerprint) in joining.items()},
+        {key: repeat["rule_ids"] for key, (_, repeat, _) in joining.items()})
+    # Its fingerprint notified when the repeat came: the member's, forgotten at the close, no longer is
+    # the one `fingerprints` holds, and later repeats within its interval stay suppressed.
+    await conn.execute(_REMEMBER_REVIVED, [client for client, _ in joining],
+                       [fingerprint for _, _, fingerprint in joining.values()],
+                       [repeat["created_at"] for _, repeat, _ in joining.values()])
+    return ({position for position, _ in revived.values()},
+            {muted[notifiers[row - 1]["position"] - 1][1:] for row in revived})
+
+
+def kept_unlisted(alert: dict) -> dict:
+    """An alert as an unlisted member keeps it (tables/groups.py unlisted_record): within
+    MAX_LISTED_BYTES as the table encodes it, else without its context."""
+    return without_context(alert) if listing_size(alert) > MAX_LISTED_BYTES else alert
+
+
 # A notification's columns as `notification_ready` rebuilds its message from them.
 NOTIFICATION_READY_COLUMNS = """notification_id::text, client_id::text, alerts, rule_ids::text[],
        extract(epoch FROM created_at)::float8 AS created_at, truncated_alerts, group_rule_id::text"""
@@ -283,6 +381,11 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
         return []
     created_at = round(now, 6)  # microseconds, as Postgres stores it
     listings = [await listing_of(conn, d, silences, now) for d in due]
+    # A repeat a muted member suppressed joins its group as an unlisted member: listed again, in a
+    # place the muted ones freed.
+    relisted, renotified = await revive_repeats(conn, due, listings, silences, now)
+    for position in relisted:
+        listings[position] = await listing_of(conn, due[position], silences, now)
     rule_ids = await notified_rules(conn, due, listings)
     inserted = await conn.fetch(
         _INSERT_GROUP_NOTIFICATIONS,
@@ -304,7 +407,8 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     listing_of_group = {d.group["notification_id"]: (d, listing) for d, listing in zip(due, listings)}
     forgotten = [(row["notification_id"], listing_of_group[row["notification_id"]][0].key.decode(), alert_id)
                  for row in inserted
-                 for alert_id in listing_of_group[row["notification_id"]][1].notified_to_nobody(row["status"])]
+                 for alert_id in listing_of_group[row["notification_id"]][1].notified_to_nobody(row["status"])
+                 if (row["notification_id"], alert_id) not in renotified]
     if forgotten:
         await conn.execute(_FORGET_SILENCED_FINGERPRINTS, *(list(column) for column in zip(*forgotten)))
     return await unemitted_groups(conn, [d.group["notification_id"] for d in due])

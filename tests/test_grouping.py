@@ -488,6 +488,63 @@ async def test_an_alert_silenced_as_its_group_closes_does_not_suppress_its_repea
             ] == (["SUPPRESSED"] if others == "with a member notified" else [])
 
 
+@AGENT_LOOP
+@pytest.mark.parametrize("repeats_come", ["in the member's batch", "in later batches"])
+async def test_the_repeats_a_member_silenced_at_close_suppressed_are_not_lost(pool, monkeypatch, repeats_come):
+    """A member counts its fingerprint as notified when it joins, so its repeats are suppressed; if a
+    silence then mutes it at close, it was notified to nobody. As if it had been silenced when it was
+    matched, the first of its repeats no silence mutes is notified (with its group), and the later
+    ones stay suppressed by that one; one the silence mutes too stays suppressed, notified to nobody."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    opened = time.time()
+    # One fingerprint (client, severity, source, name); the silence mutes context n=1.
+    member, muted_repeat, repeat, later_repeat = (grouped_repeating(client, rule, alert(n)) for n in (1, 1, 2, 3))
+    if repeats_come == "in the member's batch":
+        monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened))
+        await aggregate(member, muted_repeat, repeat, later_repeat)
+    else:
+        for seconds, match in enumerate((member, muted_repeat, repeat, later_repeat)):
+            monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened + seconds))
+            await aggregate(match)
+    assert [row["status"] for row in await rows_of(pool, client)] == ["SUPPRESSED"] * 3
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    # Repeats of one batch came at the same time, as far as the stage knows: either is the first.
+    first, then = (repeat, later_repeat) if repeats_come == "in later batches" or (
+        ready.alerts[0].alert_id == repeat.alert.alert_id) else (later_repeat, repeat)
+    assert (ready.alerts, ready.truncated_alerts, ready.rule_ids) == ([first.alert], 0, [rule])
+    rows = {row["alert_id"]: row for row in await rows_of(pool, client)}
+    assert {alert_id: row["status"] for alert_id, row in rows.items()} == {
+        first.alert.alert_id: "PENDING", muted_repeat.alert.alert_id: "SUPPRESSED", then.alert.alert_id: "SUPPRESSED"}
+    # The group's row (named by its first listed alert): the repeat's own SUPPRESSED row is gone.
+    assert rows[first.alert.alert_id]["notification_id"] == ready.notification_id
+    # The repeat notified its fingerprint: the next one within the interval is suppressed.
+    monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened + 20))
+    next_repeat = grouped_repeating(client, rule, alert(4))
+    await aggregate(next_repeat)
+    assert [row["status"] for row in await rows_of(pool, client)
+            if row["alert_id"] == next_repeat.alert.alert_id] == ["SUPPRESSED"]
+    assert await closed_for(pool, client, opened + 30) == []
+
+
+@AGENT_LOOP
+async def test_a_repeat_suppressed_by_a_member_notified_at_close_stays_suppressed(pool, monkeypatch):
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    opened = time.time()
+    monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: opened))
+    member, repeat = (grouped_repeating(client, rule, alert(n)) for n in (1, 2))
+    await aggregate(member, repeat, grouped_repeating(client, rule, alert(3).model_copy(update={"name": "Other"})))
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="3")  # mutes another member only
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert ready.alerts == [member.alert]
+    assert [row["status"] for row in await rows_of(pool, client) if row["alert_id"] == repeat.alert.alert_id
+            ] == ["SUPPRESSED"]
+
+
 def test_a_silenced_member_its_notification_lists_all_the_same_keeps_its_fingerprint():
     """A group whose checked members are all silenced is notified when it has a member that could not
     be checked, listing its silenced alerts: those are notified, the unlisted silenced ones are not."""
