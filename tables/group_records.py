@@ -227,18 +227,34 @@ async def listing_of(conn: asyncpg.Connection | asyncpg.Pool, due: DueGroup, sil
     return closing.listing()
 
 
-# The rules of a closing group's members that no silence muted (`$2`, `$3`: the muted members), for
-# the groups that have muted members: the notification goes to their endpoints only, as a rule only
-# muted members matched has nothing to notify. `unknown`: a member recorded before migrations/016,
-# whose rules are not kept (it counts as matching every rule of its group).
-_NOTIFIED_RULES = """
-SELECT a.notification_id::text, array_agg(DISTINCT r.rule_id::text) FILTER (WHERE r.rule_id IS NOT NULL) AS rule_ids,
-       bool_or(a.rule_ids IS NULL) AS unknown
-FROM notification_alerts a LEFT JOIN LATERAL unnest(a.rule_ids) AS r(rule_id) ON true
-WHERE a.notification_id = ANY($1::uuid[])
-  AND NOT EXISTS (SELECT 1 FROM unnest($2::uuid[], $3::text[]) AS s(notification_id, alert_id)
-                  WHERE s.notification_id = a.notification_id AND s.alert_id = a.alert_id)
-GROUP BY a.notification_id
+# The rules of a closing group's members that no silence muted, for the groups that have muted
+# members ($2-$4: their keys): the notification goes to their endpoints only, as a rule only muted
+# members matched has nothing to notify. A rule is kept when more members matched it than muted ones
+# did: counted per rule, the members read by their group's index and the muted ones by the primary
+# key, so a storm's group with any number of muted members costs two linear reads (an anti-join of
+# the members against the muted list could be planned as a nested loop, quadratic). A member recorded
+# before migrations/016 has no rules kept: it counts as the nil UUID, and a group where one such is
+# notified keeps every rule of its group.
+UNKNOWN_RULES = "00000000-0000-0000-0000-000000000000"
+_NOTIFIED_RULES = f"""
+WITH every AS (
+    SELECT a.notification_id, r.rule_id, count(*) AS members
+    FROM notification_alerts a
+    CROSS JOIN LATERAL unnest(coalesce(a.rule_ids, '{{{UNKNOWN_RULES}}}'::uuid[])) AS r(rule_id)
+    WHERE a.notification_id = ANY($1::uuid[])
+    GROUP BY 1, 2
+), muted AS (
+    SELECT a.notification_id, r.rule_id, count(*) AS members
+    FROM unnest($2::uuid[], $3::uuid[], $4::text[]) AS s(notification_id, client_id, alert_id)
+    JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
+                              AND a.notification_id = s.notification_id
+    CROSS JOIN LATERAL unnest(coalesce(a.rule_ids, '{{{UNKNOWN_RULES}}}'::uuid[])) AS r(rule_id)
+    GROUP BY 1, 2
+)
+SELECT e.notification_id::text, array_agg(e.rule_id::text ORDER BY e.rule_id) AS rule_ids
+FROM every e LEFT JOIN muted m ON m.notification_id = e.notification_id AND m.rule_id = e.rule_id
+WHERE e.members > coalesce(m.members, 0)
+GROUP BY e.notification_id
 """
 
 
@@ -247,28 +263,27 @@ async def notified_rules(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
     """Each closing group's rule_ids: every rule a member matched (the table's), less those only
     members a silence muted matched. A group whose members are all muted keeps them all: it is
     recorded SILENCED, and its row names what its members matched, as a silenced match's row does."""
-    muted = [(d.group["notification_id"], alert_id) for d, listing in zip(due, listings) for alert_id in listing.silenced]
+    muted = [(d.group["notification_id"], d.key.decode(), alert_id)
+             for d, listing in zip(due, listings) for alert_id in listing.silenced]
     if not muted:
         return [d.group["rule_ids"] for d in due]
-    rows = {row["notification_id"]: row for row in await conn.fetch(
-        _NOTIFIED_RULES, sorted({notification_id for notification_id, _ in muted}),
-        [notification_id for notification_id, _ in muted], [alert_id for _, alert_id in muted])}
+    notified = dict(await conn.fetch(_NOTIFIED_RULES, sorted({notification_id for notification_id, _, _ in muted}),
+                                     *(list(column) for column in zip(*muted))))
     rule_ids = []
     for d in due:
-        row = rows.get(d.group["notification_id"])
-        if row is None or row["unknown"] or not row["rule_ids"]:
-            rule_ids.append(d.group["rule_ids"])
-        else:
-            rule_ids.append(sorted(row["rule_ids"]))
+        rules = notified.get(d.group["notification_id"])
+        rule_ids.append(d.group["rule_ids"] if not rules or UNKNOWN_RULES in rules else rules)
     return rule_ids
 
 
 # The muted members of groups closing for the first time whose fingerprint is still the one they
-# notified (no later notification of it since): they alone suppressed its repeats meanwhile.
+# notified (no later notification of it since): they alone suppressed its repeats meanwhile. Found by
+# the primary key: a storm's group may have any number of muted members.
 _MUTED_NOTIFIERS = """
 SELECT s.position, a.client_id::text, a.fingerprint, a.fingerprint_notified_at
-FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS s(notification_id, alert_id, position)
-JOIN notification_alerts a ON a.notification_id = s.notification_id AND a.alert_id = s.alert_id
+FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS s(notification_id, client_id, alert_id, position)
+JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
+                          AND a.notification_id = s.notification_id AND a.fingerprint IS NOT NULL
 JOIN fingerprints f ON f.client_id = a.client_id AND f.fingerprint = a.fingerprint
                    AND f.last_notified_at = a.fingerprint_notified_at
 WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
@@ -319,7 +334,9 @@ async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
              for alert_id in listing.silenced]
     if not muted:
         return set(), set()
-    notifiers = await conn.fetch(_MUTED_NOTIFIERS, [nid for _, nid, _ in muted], [alert_id for _, _, alert_id in muted])
+    notifiers = await conn.fetch(_MUTED_NOTIFIERS, [nid for _, nid, _ in muted],
+                                 [due[position].key.decode() for position, _, _ in muted],
+                                 [alert_id for _, _, alert_id in muted])
     if not notifiers:
         return set(), set()
     repeats = await conn.fetch(_SUPPRESSED_REPEATS, [row["client_id"] for row in notifiers],

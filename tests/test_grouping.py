@@ -451,6 +451,24 @@ async def test_a_rule_a_member_no_silence_muted_matched_keeps_the_groups_notific
     assert (ready.alerts, ready.rule_ids) == ([notified.alert], both)
 
 
+@AGENT_LOOP
+async def test_a_member_whose_rules_are_not_kept_counts_as_matching_every_rule_of_its_group(pool):
+    """A member that joined before migrations/016 has no rules kept: notified, it may have matched any
+    rule of its group, so none is left out."""
+    client, digest, checkout = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    both = sorted([digest, checkout])
+    older, newer = grouped(client, digest, the_alert=alert(0)), grouped(client, digest, the_alert=alert(2))
+    await aggregate(older, grouped(client, digest, the_alert=alert(1), rule_ids=both), newer)
+    await pool.execute("UPDATE notification_alerts SET rule_ids = NULL WHERE client_id = $1 AND alert_id = $2",
+                       client, older.alert.alert_id)
+    opened = time.time()
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert (ready.alerts, ready.rule_ids) == ([older.alert, newer.alert], both)
+
+
 def grouped_repeating(client_id: str, rule_id: str, the_alert: Alert, window_s: int = 5,
                       interval_s: int = 3600) -> AlertMatched:
     """A match of a rule that groups and suppresses repeats (the fingerprint: client, severity, source, name)."""
