@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -194,6 +195,32 @@ async def test_redis_trouble_before_the_send_counts_an_attempt_and_backs_off(ser
         # The backoff after the delivery's attempt (attempts_before + 1), not a fixed second.
         assert before + low <= change.next_attempt_at <= time.time() + high
         assert await claim_is_free(ctx, job)
+
+
+async def test_deliveries_meeting_a_redis_that_is_away_log_one_traceback_then_one_line_when_it_is_back(
+        own_redis, caplog):
+    """Before, every delivery a worker held logged a traceback at each of its retries while Redis was
+    away, and another each time the sweep took it up again (its look for a sent mark): a 12 s
+    outage with 45 deliveries in hand was 66,000 lines of one worker's log."""
+    server, redis_url = own_redis
+    caplog.set_level(logging.INFO, logger=attempts.log.name)
+    async with Receiver() as receiver, delivery_context(redis_url) as ctx:
+        endpoint = webhook(receiver.url())
+        server.stop()
+        for _ in range(3):
+            await deliver(job_for(endpoint), ctx)  # a first attempt: its token and claim
+            await deliver(dataclasses.replace(job_for(endpoint), resumed=True), ctx)  # its sent mark first
+        assert [c.status for c in ctx.recorder.changes] == ["PENDING"] * 6
+        assert len([record for record in caplog.records if record.exc_info]) == 1
+
+        again = ChildProcess(server.name, server.process.args, server.log_path)  # on the same port
+        try:
+            again.wait_until(lambda: port_accepts(int(redis_url.split(":")[2].split("/")[0])), "accepting again")
+            await deliver(job_for(endpoint), ctx)
+        finally:
+            again.stop()
+    assert ctx.recorder.changes[-1].status == "SENT"
+    assert "Redis calls recovered after 9 failures" in caplog.text
 
 
 async def test_deliveries_queued_behind_a_hanging_endpoint_hold_no_tokens_and_go_out_at_its_rate(services):
