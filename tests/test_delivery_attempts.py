@@ -174,26 +174,33 @@ async def test_a_delivery_whose_sent_mark_fails_is_recorded_sent_not_sent_again(
         assert (change.status, change.attempts, change.last_error) == ("SENT", 1, None)
 
 
-@pytest.mark.parametrize("attempts_before, low, high", [(0, 1, 2), (3, 8, 9)])
-async def test_redis_trouble_before_the_send_counts_an_attempt_and_backs_off(services, attempts_before, low, high,
-                                                                            caplog):
+async def test_redis_trouble_before_the_send_counts_no_attempt_and_backs_off_while_it_lasts(services, caplog):
+    """Redis's trouble is not the endpoint's: the delivery keeps its attempts for the endpoint, and
+    waits as the worker's run of Redis failures says, doubling up to REDIS_RETRY_MAX_S. Before, each
+    failure was one of the delivery's attempts and its wait grew with them: after a Redis outage of a
+    few minutes, every delivery held waited up to DELIVERY_BACKOFF_MAX_S more, with one try left."""
     # Tokens come from a Redis that is not there; claims from the real one.
-    async with Receiver() as receiver, delivery_context(services.redis_url,
+    async with Receiver() as receiver, delivery_context(services.redis_url, delivery_max_attempts=8,
                                                         token_redis_url="redis://127.0.0.1:1/0") as ctx:
-        job = job_for(webhook(receiver.url(), rate_limit_per_s=10), attempts_made=attempts_before)
+        job = job_for(webhook(receiver.url(), rate_limit_per_s=10), attempts_made=7)  # one try left
 
-        before = time.time()
-        await deliver(job, ctx)
+        waits = []
+        for _ in range(8):
+            before = time.time()
+            await deliver(job, ctx)
+            waits.append((before, ctx.recorder.changes[-1].next_attempt_at, time.time()))
 
         assert receiver.posts == []
-        [change] = ctx.recorder.changes
-        assert (change.status, change.attempts, change.release) == ("PENDING", 1, True)
+        assert {(c.status, c.attempts, c.release) for c in ctx.recorder.changes} == {("PENDING", 0, True)}
+        change = ctx.recorder.changes[0]
         assert change.last_error.startswith("before sending: ConnectionError")
         # The tenant reads the record: where our Redis is goes to the worker's log only.
         assert "127.0.0.1:1" not in change.last_error
         assert "127.0.0.1:1" in caplog.text
-        # The backoff after the delivery's attempt (attempts_before + 1), not a fixed second.
-        assert before + low <= change.next_attempt_at <= time.time() + high
+        # 1, 2, 4, 8, 16 s, then 30 s (REDIS_RETRY_MAX_S) for as long as it lasts, each with up to
+        # DELIVERY_BACKOFF_INITIAL_S of jitter; not the delivery's 8th attempt's 128 s and more.
+        for (before, due, after), expected in zip(waits, [1, 2, 4, 8, 16, 30, 30, 30]):
+            assert before + expected <= due <= after + expected + 1
         assert await claim_is_free(ctx, job)
 
 

@@ -1,6 +1,7 @@
 """Redis or Postgres restarted under a running worker in the middle of a burst of deliveries: every
 notification reaches the receiver once, ends SENT (not FAILED, not dead-lettered, not stuck
-PENDING), and the worker goes on by itself, the same process throughout.
+PENDING) after one attempt (the service's trouble uses up none of its retries for the endpoint),
+and the worker goes on by itself, the same process throughout.
 
 Redis is one of the test's own, without persistence: killed, it comes back empty, as a Redis
 restarted without a dump or an append-only file does, its sent marks, claims and rate-limit
@@ -89,12 +90,15 @@ async def delivered_once_each(database_url: str, tenant: Tenant, receiver: Recei
     conn = await asyncpg.connect(database_url)
     try:
         statuses = await conn.fetch(
-            "SELECT n.status AS notification, d.status AS delivery FROM notifications n"
+            "SELECT n.status AS notification, d.status AS delivery, d.attempts FROM notifications n"
             " JOIN deliveries d USING (notification_id) WHERE n.client_id = $1", tenant.client_id)
     finally:
         await conn.close()
     assert len(statuses) == count
     assert {(row["notification"], row["delivery"]) for row in statuses} == {("SENT", "SENT")}
+    # One attempt each, its send: a service's trouble is not the endpoint's, and uses up none of the
+    # delivery's DELIVERY_MAX_ATTEMPTS.
+    assert {row["attempts"] for row in statuses} == {1}
 
 
 @pytest.mark.parametrize("away_s", [0, 12], ids=["restarted_at_once", "away_for_12s"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -50,6 +51,13 @@ _CLAIM_MARGIN_S = 5.0
 # Shorter waits are kept: handed back, a retry goes out up to a sweep late (DELIVERY_SWEEP_INTERVAL_S,
 # 1 s) and costs a sweep's read of its row and notification, too much for a wait of a second or two.
 HAND_BACK_AFTER_S = 10.0
+# The longest wait after Redis trouble before the send (or DELIVERY_BACKOFF_MAX_S, if lower). The
+# wait doubles with the worker's run of failed Redis calls, not with the delivery's attempts, so a
+# delivery taken up after Redis came back waits no longer than this. Before, each failure counted
+# as one of the delivery's attempts and its backoff grew with them: after a Redis outage of a few
+# minutes every delivery held waited up to DELIVERY_BACKOFF_MAX_S (5 minutes) more, with one try
+# left for its endpoint.
+REDIS_RETRY_MAX_S = 30.0
 
 
 ENDPOINT_READ_TIMEOUT_S = 5.0
@@ -517,18 +525,28 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     except DeliveryError as exc:
         record(FAILED, 1, str(exc), started)
     except Exception as exc:
-        # Redis trouble before the send (the token, the claim), not the endpoint's: nothing was sent
-        # and no claim is left held (the claim is the last step before the send). Counted as an
-        # attempt, with its reason, and retried after that attempt's backoff by any worker: trouble
-        # that lasts shows in the delivery's record and backs off instead of spinning. It never
-        # fails the delivery by itself. The record says only what kind of trouble: the tenant reads
-        # it (GET /api/v1/notifications), and Redis's message names our host and port ("Error 111
+        # Trouble before the send (Redis's, taking the token or the claim), not the endpoint's:
+        # nothing was sent and no claim is left held (the claim is the last step before the send).
+        # Recorded with its reason and retried later by any worker, handed back; it never fails
+        # the delivery by itself. The record says only what kind of trouble: the tenant reads it
+        # (GET /api/v1/notifications), and Redis's message names our host and port ("Error 111
         # connecting to 10.0.3.4:6379"); the log line has the whole of it.
-        if isinstance(exc, RedisError):
-            ctx.redis_failures.failed("delivery %s to %s interrupted by Redis; retrying later", *job.key)
-        else:
-            log.exception("delivery %s to %s interrupted; retrying later", *job.key)
         metrics.notifications_retried.labels(channel=channel()).inc()
-        wait_s = backoff.after_attempt(max(1, job.attempts + attempts_made), None)
-        record(PENDING, 1, f"before sending: {type(exc).__name__} (the platform's trouble, not the endpoint's)",
+        if isinstance(exc, RedisError):
+            # Redis's trouble is no attempt to reach the endpoint: the delivery keeps its attempts
+            # for the endpoint. The worker's run of Redis failures sets the wait, doubling up to
+            # REDIS_RETRY_MAX_S: backing off while Redis stays away, and going on soon once it is back.
+            ctx.redis_failures.failed("delivery %s to %s interrupted by Redis; retrying later", *job.key)
+            counted = 0
+            wait_s = ctx.redis_failures.backoff_s(
+                settings.delivery_backoff_initial_s, min(REDIS_RETRY_MAX_S, settings.delivery_backoff_max_s))
+            wait_s += random.uniform(0, settings.delivery_backoff_initial_s)  # not all due at once
+        else:
+            # Our own code failing before the send: counted, so that it backs off as the delivery's
+            # attempts grow rather than trying again every few seconds for ever.
+            log.exception("delivery %s to %s interrupted; retrying later", *job.key)
+            counted = 1
+            wait_s = backoff.after_attempt(max(1, job.attempts + attempts_made), None)
+        record(PENDING, counted,
+               f"before sending: {type(exc).__name__} (the platform's trouble, not the endpoint's)",
                started, next_attempt_at=time.time() + wait_s, release=True)
