@@ -204,6 +204,25 @@ async def test_redis_trouble_before_the_send_counts_no_attempt_and_backs_off_whi
         assert await claim_is_free(ctx, job)
 
 
+async def test_redis_refusing_a_command_for_the_deliverys_key_counts_an_attempt_and_backs_off_with_them(services):
+    """Not trouble that passes by itself: counted, so that its wait grows with the delivery's attempts
+    rather than coming back every few seconds for ever."""
+    async with Receiver() as receiver, delivery_context(services.redis_url, delivery_max_attempts=8) as ctx:
+        job = job_for(webhook(receiver.url()), attempts_made=3)
+        await ctx.redis.redis.rpush(claims.claim_key(*job.key), "not a claim")  # its GET: WRONGTYPE
+        try:
+            before = time.time()
+            await deliver(job, ctx)
+        finally:
+            await ctx.redis.redis.delete(claims.claim_key(*job.key))
+
+        assert receiver.posts == []
+        [change] = ctx.recorder.changes
+        assert (change.status, change.attempts, change.release) == ("PENDING", 1, True)
+        assert change.last_error.startswith("before sending: ResponseError")
+        assert before + 8 <= change.next_attempt_at <= time.time() + 9  # after its 4th attempt
+
+
 async def test_deliveries_meeting_a_redis_that_is_away_log_one_traceback_then_one_line_when_it_is_back(
         own_redis, caplog):
     """Before, every delivery a worker held logged a traceback at each of its retries while Redis was

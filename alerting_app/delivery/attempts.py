@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import aiohttp
-from redis.exceptions import RedisError
+from redis import exceptions as redis_errors
 from tenacity.wait import wait_exponential_jitter
 
 from alerting_app import metrics
@@ -35,7 +35,7 @@ from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint
 from alerting_app.delivery.recorder import FAILED, PENDING, SENT, Recorder
 from alerting_app.delivery.records import DeliveryChange
 from alerting_app.failure_streak import FailureStreak
-from alerting_app.redis_pipelining import PipelinedRedis
+from alerting_app.redis_pipelining import PipelinedRedis, refused_by_a_replica
 from alerting_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -414,6 +414,12 @@ async def _release(ctx: DeliveryContext, claim: claims.Claim) -> None:
         log.warning("could not release the claim %s; it expires by itself", claim.key, exc_info=True)
 
 
+def redis_away(exc: BaseException) -> bool:
+    """Redis unreachable, not answering, loading its data after a restart, or a replica now (a
+    failover): trouble that passes, whatever the delivery."""
+    return isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)) or refused_by_a_replica(exc)
+
+
 def _failure_letter(job: DeliveryJob, reason: str, attempts: int) -> DeadLetter:
     return DeadLetter(
         topic="notifications.ready",
@@ -532,7 +538,7 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         # (GET /api/v1/notifications), and Redis's message names our host and port ("Error 111
         # connecting to 10.0.3.4:6379"); the log line has the whole of it.
         metrics.notifications_retried.labels(channel=channel()).inc()
-        if isinstance(exc, RedisError):
+        if redis_away(exc):
             # Redis's trouble is no attempt to reach the endpoint: the delivery keeps its attempts
             # for the endpoint. The worker's run of Redis failures sets the wait, doubling up to
             # REDIS_RETRY_MAX_S: backing off while Redis stays away, and going on soon once it is back.
@@ -542,8 +548,9 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 settings.delivery_backoff_initial_s, min(REDIS_RETRY_MAX_S, settings.delivery_backoff_max_s))
             wait_s += random.uniform(0, settings.delivery_backoff_initial_s)  # not all due at once
         else:
-            # Our own code failing before the send: counted, so that it backs off as the delivery's
-            # attempts grow rather than trying again every few seconds for ever.
+            # Our own code failing before the send, or Redis refusing a command for this delivery's
+            # key (WRONGTYPE, say): not trouble that passes by itself. Counted, so that it backs off
+            # as the delivery's attempts grow rather than trying again every few seconds for ever.
             log.exception("delivery %s to %s interrupted; retrying later", *job.key)
             counted = 1
             wait_s = backoff.after_attempt(max(1, job.attempts + attempts_made), None)
