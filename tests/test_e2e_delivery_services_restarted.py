@@ -152,3 +152,48 @@ async def test_deliveries_and_alerts_in_flight_when_postgres_restarts_are_each_s
 
         await delivered_once_each(database_url, tenant, receiver, BURST + BURST // 2)
         assert worker.child.running()
+
+
+async def count_notifications(database_url: str, client_id: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", client_id)
+    finally:
+        await conn.close()
+
+
+async def test_notifications_taken_in_while_postgres_is_away_are_each_sent_once_it_is_back(
+        services, private_postgres, start_worker):
+    """The deliver stage's intake meets the outage: its worker is frozen while the other worker's
+    aggregate stage records the burst and emits it, Postgres stops, and then it reads the
+    `notifications.ready` backlog, and cannot open its deliveries until Postgres is back."""
+    postgres, database_url = private_postgres.embedded, private_postgres.database_url
+    private = SimpleNamespace(kafka_bootstrap_servers=services.kafka_bootstrap_servers,
+                              admin_token=services.admin_token, database_url=database_url)
+    await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
+    group = f"pg-intake-{secrets.token_hex(4)}"
+    matching = start_worker(APP_ID=group, DATABASE_URL=database_url, ROLES="evaluate,aggregate,relay,api")
+    delivering = start_worker(APP_ID=group, DATABASE_URL=database_url, ROLES="deliver", **QUICK_RETRIES)
+    await wait_until_backlog_consumed(services, group)
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        tenant = await Tenant(http, matching.url).create(services.admin_token, receiver.url())
+        await wait_for_rules(http, private, matching)
+
+        # Frozen for a few seconds only, within its group session (BROKER_SESSION_TIMEOUT_S, 10 s).
+        delivering.child.process.send_signal(signal.SIGSTOP)
+        try:
+            await produce_alerts(services.kafka_bootstrap_servers, [f"pg-intake-{n}" for n in range(BURST)])
+            async with asyncio.timeout(60):  # a bound only
+                while await count_notifications(database_url, tenant.client_id) < BURST:
+                    await asyncio.sleep(0.1)
+            await asyncio.to_thread(postgres.stop_postgres)
+        finally:
+            delivering.child.process.send_signal(signal.SIGCONT)
+        await until_ready_says(delivering.url, "postgres", False)
+        await asyncio.sleep(3)
+        assert receiver.posts == []  # nothing sent that has no row in Postgres
+        await asyncio.to_thread(postgres.start_postgres_again)
+
+        await delivered_once_each(database_url, tenant, receiver, BURST)
+        assert matching.child.running() and delivering.child.running()
+        assert "taking in notifications failed" in delivering.log()
