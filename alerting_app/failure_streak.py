@@ -28,6 +28,7 @@ class FailureStreak:
         self._summary_interval_s = summary_interval_s
         self._clock = clock  # a test's own, so no test waits for the interval
         self._started_at = 0.0  # wall clock, for the operator
+        self._began = 0.0  # self._clock's time of the streak's first failure
         self._logged_at = 0.0  # self._clock's time of the last line
 
     def failed(self, message: str, *args: object) -> None:
@@ -37,7 +38,7 @@ class FailureStreak:
         now = self._clock()
         if self.failures == 1:
             self._started_at = time.time()
-            self._logged_at = now
+            self._began = self._logged_at = now
             self._log.exception(message, *args)
             return
         if now - self._logged_at < self._summary_interval_s:
@@ -51,6 +52,10 @@ class FailureStreak:
         if self.failures:
             self._log.info("%s recovered after %d failures", self.what, self.failures)
         self.failures = 0
+
+    def failing_for_s(self) -> float:
+        """How long the current streak has lasted, from its first failure; 0 while none."""
+        return self._clock() - self._began if self.failures else 0.0
 
     def backoff_s(self, interval_s: float, max_s: float) -> float:
         """How long a loop that runs every `interval_s` waits now: doubling with each failure of

@@ -52,8 +52,12 @@ _CLAIM_MARGIN_S = 5.0
 # 1 s) and costs a sweep's read of its row and notification, too much for a wait of a second or two.
 HAND_BACK_AFTER_S = 10.0
 # The longest wait after Redis trouble before the send (or DELIVERY_BACKOFF_MAX_S, if lower). The
-# wait doubles with the worker's run of failed Redis calls, not with the delivery's attempts, so a
-# delivery taken up after Redis came back waits no longer than this. Before, each failure counted
+# wait is as long as Redis has been failing this worker's calls so far (at least
+# DELIVERY_BACKOFF_INITIAL_S), not a count of the delivery's attempts: a restart of a second costs
+# the deliveries in hand a second or two, a long outage has each try again every 30 s, and a
+# delivery waits no longer than this once Redis is back. (Not the count of the worker's failed
+# calls either: a worker holding a thousand deliveries counts a thousand in the first second of a
+# blip.) Before, each failure counted
 # as one of the delivery's attempts and its backoff grew with them: after a Redis outage of a few
 # minutes every delivery held waited up to DELIVERY_BACKOFF_MAX_S (5 minutes) more, with one try
 # left for its endpoint.
@@ -540,12 +544,12 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         metrics.notifications_retried.labels(channel=channel()).inc()
         if redis_away(exc):
             # Redis's trouble is no attempt to reach the endpoint: the delivery keeps its attempts
-            # for the endpoint. The worker's run of Redis failures sets the wait, doubling up to
-            # REDIS_RETRY_MAX_S: backing off while Redis stays away, and going on soon once it is back.
+            # for the endpoint. How long Redis has been failing sets the wait (REDIS_RETRY_MAX_S):
+            # backing off while it stays away, and going on soon once it is back.
             ctx.redis_failures.failed("delivery %s to %s interrupted by Redis; retrying later", *job.key)
             counted = 0
-            wait_s = ctx.redis_failures.backoff_s(
-                settings.delivery_backoff_initial_s, min(REDIS_RETRY_MAX_S, settings.delivery_backoff_max_s))
+            wait_s = min(max(settings.delivery_backoff_initial_s, ctx.redis_failures.failing_for_s()),
+                         REDIS_RETRY_MAX_S, settings.delivery_backoff_max_s)
             wait_s += random.uniform(0, settings.delivery_backoff_initial_s)  # not all due at once
         else:
             # Our own code failing before the send, or Redis refusing a command for this delivery's
