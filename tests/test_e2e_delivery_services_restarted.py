@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -197,3 +198,53 @@ async def test_notifications_taken_in_while_postgres_is_away_are_each_sent_once_
         await delivered_once_each(database_url, tenant, receiver, BURST)
         assert matching.child.running() and delivering.child.running()
         assert "taking in notifications failed" in delivering.log()
+
+
+async def test_a_group_open_when_postgres_restarts_delivers_each_alert_once(services, private_postgres, start_worker):
+    """The grouping path: a window open when Postgres stops, alerts added while it is away, and the
+    window's end passing meanwhile (the closer cannot record the notification): once Postgres is
+    back, every alert reaches the receiver in exactly one notification, and each notification once."""
+    postgres, database_url = private_postgres.embedded, private_postgres.database_url
+    private = SimpleNamespace(kafka_bootstrap_servers=services.kafka_bootstrap_servers,
+                              admin_token=services.admin_token, database_url=database_url)
+    await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
+    group = f"pg-group-{secrets.token_hex(4)}"
+    worker = start_worker(APP_ID=group, DATABASE_URL=database_url, **QUICK_RETRIES)
+    await wait_until_backlog_consumed(services, group)
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        tenant = Tenant(http, worker.url)
+        status, client = await tenant.call("POST", "/api/v1/clients", services.admin_token, {"name": "Acme"})
+        assert status == 201, client
+        tenant.client_id, tenant.key = client["client_id"], client["api_key"]
+        status, rule = await tenant.call("POST", "/api/v1/rules", tenant.key,
+                                         {"severity": "HIGH", "source": "payments", "name": "*", "group_window_s": 3})
+        assert status == 201, rule
+        status, endpoint = await tenant.call("POST", "/api/v1/endpoints", tenant.key,
+                                             {"rule_id": rule["rule_id"], "type": "webhook", "value": receiver.url()})
+        assert status == 201, endpoint
+        tenant.endpoint_id = endpoint["endpoint_id"]
+        await wait_for_rules(http, private, worker)
+
+        before = [f"group-{n}" for n in range(20)]
+        away = [f"group-away-{n}" for n in range(10)]
+        await produce_alerts(services.kafka_bootstrap_servers, before)
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with asyncio.timeout(60):  # a bound only: until the stage has recorded them all
+                while await conn.fetchval("SELECT count(*) FROM notification_alerts WHERE client_id = $1",
+                                          uuid.UUID(tenant.client_id)) < len(before):
+                    await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        await asyncio.to_thread(postgres.stop_postgres)
+        await until_ready_says(worker.url, "postgres", False)
+        await produce_alerts(services.kafka_bootstrap_servers, away)
+        await asyncio.sleep(5)  # past the window's end
+        await asyncio.to_thread(postgres.start_postgres_again)
+
+        async with asyncio.timeout(120):  # a bound only
+            while sorted(a["alert_id"] for post in receiver.posts for a in post.body["alerts"]) != sorted(before + away):
+                await asyncio.sleep(0.2)
+        keys = receiver.accepted()
+        assert [key for key, times in keys.items() if times > 1] == []
+        assert worker.child.running()
