@@ -2,6 +2,7 @@
 local receivers (HTTP and SMTP), with the tokens taken from the real Redis."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 
@@ -10,6 +11,18 @@ import pytest_asyncio
 
 from delivery_receivers import Receiver, SmtpServer
 from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+
+
+@contextlib.contextmanager
+def relay_of_the_api(monkeypatch):
+    """A local SMTP relay (plain SMTP, no STARTTLS) that the API's settings send email to."""
+    from alerting_app.app import settings
+
+    with SmtpServer() as relay:
+        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
+        monkeypatch.setattr(settings, "smtp_port", relay.port)
+        monkeypatch.setattr(settings, "smtp_starttls", False)
+        yield relay
 
 pytestmark = API_LOOP
 
@@ -134,12 +147,7 @@ async def test_a_test_takes_the_endpoints_own_rate_limit_token_as_a_delivery_doe
 
 
 async def test_an_email_test_reaches_the_relay_with_the_test_in_its_subject(api, tenant, monkeypatch):
-    from alerting_app.app import settings
-
-    with SmtpServer() as relay:
-        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
-        monkeypatch.setattr(settings, "smtp_port", relay.port)
-        monkeypatch.setattr(settings, "smtp_starttls", False)
+    with relay_of_the_api(monkeypatch) as relay:
         endpoint = await endpoint_to(api, tenant, "email", "oncall@example.com")
         reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
 
@@ -157,10 +165,7 @@ async def test_a_test_refused_by_the_all_email_limit_spends_no_token_so_its_retr
     from alerting_app.delivery.rate_limits import RateLimits, email_bucket
     from alerting_app.redis_pipelining import PipelinedRedis
 
-    with SmtpServer() as relay:
-        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
-        monkeypatch.setattr(settings, "smtp_port", relay.port)
-        monkeypatch.setattr(settings, "smtp_starttls", False)
+    with relay_of_the_api(monkeypatch) as relay:
         endpoint = await endpoint_to(api, tenant, "email", "oncall@example.com")
         path = f"/api/v1/endpoints/{endpoint['endpoint_id']}/test"
         # Every tenant's email took the all-email limit's token.
@@ -203,10 +208,7 @@ async def test_a_clients_tests_of_many_endpoints_are_limited_together(api, tenan
     from web.endpoint_trial import TEST_CLIENT_INTERVAL_S
 
     monkeypatch.setattr(settings, "email_rate_limit_per_s", 1_000.0)  # not the limit this is about
-    with SmtpServer() as relay:
-        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
-        monkeypatch.setattr(settings, "smtp_port", relay.port)
-        monkeypatch.setattr(settings, "smtp_starttls", False)
+    with relay_of_the_api(monkeypatch) as relay:
         first = await endpoint_to(api, tenant, "email", "first@example.com")
         second = await api.call("POST", "/api/v1/endpoints", tenant.key,
                                 {"rule_id": first["rule_id"], "type": "email", "value": "second@example.com"})
@@ -289,10 +291,7 @@ async def test_email_tests_hold_no_more_of_the_relay_than_a_workers_deliveries_m
 
     from alerting_app.app import settings
 
-    with SmtpServer() as relay:
-        monkeypatch.setattr(settings, "smtp_host", "127.0.0.1")
-        monkeypatch.setattr(settings, "smtp_port", relay.port)
-        monkeypatch.setattr(settings, "smtp_starttls", False)
+    with relay_of_the_api(monkeypatch) as relay:
         monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
         relay.stall(2)  # the relay is slow: the first test holds its one slot meanwhile
         first = await endpoint_to(api, tenant, "email", "oncall@example.com")

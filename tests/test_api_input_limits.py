@@ -194,19 +194,26 @@ async def test_an_alert_with_a_deeply_nested_context_value_is_refused(api):
 
 # --- query parameters ----------------------------------------------------------------------------
 
-async def test_every_route_refuses_a_query_parameter_it_does_not_take_naming_it_and_does_nothing(api, tenant):
-    # Only the lists read query parameters, and they refused unknown ones; every other route
-    # ignored them: `DELETE /api/v1/clients/{id}?dry_run=true` deleted the client.
-    rule = await api.new_rule(tenant, source="query-parameters")
+async def one_of_each_object(api, tenant, source: str) -> tuple[dict[str, str], list[str], list]:
+    """A rule, endpoint and silence of `tenant`: the ids each route template takes, the paths of the
+    client and those three, and what a GET of each answers now (to show a refused call changed nothing)."""
+    rule = await api.new_rule(tenant, source=source)
     endpoint = await api.new_endpoint(tenant, rule["rule_id"])
     silence = await api.call("POST", "/api/v1/silences", tenant.key,
-                             {"source": "query-parameters", "ends_at": 4102444800, "comment": "c", "created_by": "me"})
+                             {"source": source, "ends_at": 4102444800, "comment": "c", "created_by": "me"})
     assert silence.status == 201, silence.body
     ids = {"client_id": tenant.client_id, "rule_id": rule["rule_id"], "endpoint_id": endpoint["endpoint_id"],
            "silence_id": silence.body["silence_id"], "notification_id": "00000000-0000-4000-8000-000000000000"}
     objects = [f"/api/v1/clients/{tenant.client_id}", f"/api/v1/rules/{rule['rule_id']}",
                f"/api/v1/endpoints/{endpoint['endpoint_id']}", f"/api/v1/silences/{silence.body['silence_id']}"]
     before = [(await api.call("GET", path, tenant.key)).body for path in objects]
+    return ids, objects, before
+
+
+async def test_every_route_refuses_a_query_parameter_it_does_not_take_naming_it_and_does_nothing(api, tenant):
+    # Only the lists read query parameters, and they refused unknown ones; every other route
+    # ignored them: `DELETE /api/v1/clients/{id}?dry_run=true` deleted the client.
+    ids, objects, before = await one_of_each_object(api, tenant, "query-parameters")
 
     answers = {}
     for method, template in sorted(served_api_routes()):
@@ -231,16 +238,7 @@ ROUTES_WITH_A_BODY = {("POST", "/api/v1/alerts"), ("POST", "/api/v1/clients"), (
 async def test_every_route_without_a_body_refuses_one_naming_it_and_does_nothing(api, tenant):
     # Ignored, a body read as accepted: DELETE /api/v1/silences/{id} with {"comment": "fixed"}
     # answered 204 and kept no comment; DELETE /api/v1/clients/{id} with {"dry_run": true} deleted.
-    rule = await api.new_rule(tenant, source="bodies")
-    endpoint = await api.new_endpoint(tenant, rule["rule_id"])
-    silence = await api.call("POST", "/api/v1/silences", tenant.key,
-                             {"source": "bodies", "ends_at": 4102444800, "comment": "c", "created_by": "me"})
-    assert silence.status == 201, silence.body
-    ids = {"client_id": tenant.client_id, "rule_id": rule["rule_id"], "endpoint_id": endpoint["endpoint_id"],
-           "silence_id": silence.body["silence_id"], "notification_id": "00000000-0000-4000-8000-000000000000"}
-    objects = [f"/api/v1/clients/{tenant.client_id}", f"/api/v1/rules/{rule['rule_id']}",
-               f"/api/v1/endpoints/{endpoint['endpoint_id']}", f"/api/v1/silences/{silence.body['silence_id']}"]
-    before = [(await api.call("GET", path, tenant.key)).body for path in objects]
+    ids, objects, before = await one_of_each_object(api, tenant, "bodies")
 
     answers = {}
     for method, template in sorted(served_api_routes() - ROUTES_WITH_A_BODY):
