@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Annotated, Literal
 from uuid import uuid4
@@ -121,6 +121,22 @@ def fingerprint_of(client_id: str, alert: Alert, context_keys: Iterable[str]) ->
     return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 
 
+def context_digest(text: str) -> str:
+    """Hex SHA-256 of a context key or value (UTF-8), as an alert kept without its context keeps them."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def context_digests(context: Mapping[str, str]) -> dict[str, str]:
+    """What an alert kept without its context (tables/groups.py `without_context`) keeps of it for the
+    silences: each key's digest -> its value's. A silence decides on it as on the context itself
+    (`SilenceMatchers.matches`): a key is present, a value equal, exactly when their digests are.
+    Its size is bounded whatever the context (64 entries of 2 x 64 hex characters), where the
+    context itself, or only its keys, may take far more than a group's listing holds (an emoji key
+    of 200 characters is 2.4 KB as the group table encodes it), and a matcher's value may be as
+    long as any context value, so no cut of the values could tell every matcher apart."""
+    return {context_digest(key): context_digest(value) for key, value in context.items()}
+
+
 def check_versioned_change(action: str, noun: str, item: object | None, event_ids: tuple, item_ids: tuple | None) -> None:
     """What `rule.changed` and `silence.changed` events share: an upsert carries the whole item, with
     the event's id, client_id and version; a delete carries none."""
@@ -181,7 +197,10 @@ class SilenceMatchers(Contract):
             raise ValueError("at least one of severity, source, name must not be '*', or a context matcher given")
         return self
 
-    def matches(self, alert: Alert) -> bool:
+    def matches(self, alert: Alert, context_digests: Mapping[str, str] | None = None) -> bool:
+        """Whether the silence mutes the alert. `context_digests`: of an alert kept without its
+        context (`context_digests()`), what a context matcher is decided on for a key its context
+        lacks, exactly as on the value it lost."""
         if self.severity != WILDCARD and self.severity != alert.severity:
             return False
         if self.source != WILDCARD and self.source != alert.source:
@@ -190,7 +209,12 @@ class SilenceMatchers(Contract):
             return False
         for key, wanted in self.context_matchers.items():
             value = alert.context.get(key)
-            if value is None or (wanted != WILDCARD and value != wanted):
+            if value is not None:
+                if wanted != WILDCARD and value != wanted:
+                    return False
+                continue
+            kept = context_digests.get(context_digest(key)) if context_digests else None
+            if kept is None or (wanted != WILDCARD and kept != context_digest(wanted)):
                 return False
         return True
 

@@ -123,8 +123,10 @@ class SilenceIndex:
             if not bucket:
                 del self._by_client[old.client_id]
 
-    def silencing(self, client_id: str, alert: Alert, at: float | None = None) -> str | None:
-        """The smallest silence_id of the client's silences active at `at` (default now) matching the alert."""
+    def silencing(self, client_id: str, alert: Alert, at: float | None = None,
+                  context_digests: Mapping[str, str] | None = None) -> str | None:
+        """The smallest silence_id of the client's silences active at `at` (default now) matching the
+        alert (`context_digests`: of an alert kept without its context, SilenceMatchers.matches)."""
         asked_now = at is None
         at = time.time() if at is None else at
         if asked_now and at < self._pruned_at - PRUNE_AFTER_EXPIRY_S:
@@ -133,7 +135,7 @@ class SilenceIndex:
         if not silences:
             return None
         matching = [silence_id for silence_id, silence in silences.items()
-                    if silence.is_active(at) and silence.matches(alert)]
+                    if silence.is_active(at) and silence.matches(alert, context_digests)]
         if asked_now:
             # A silence long expired can only come back as a newer version (which `apply` indexes
             # again), so stop scanning it, or a tenant creating a silence per deploy slows every

@@ -21,7 +21,9 @@ from alerting_app.contracts import Alert, DeadLetter, NotificationReady
 from alerting_app.db import REFUSED_BY_POSTGRES
 from alerting_app.sending import partition_for
 from alerting_app.silencing import SilenceIndex
-from tables.groups import MAX_LISTED_BYTES, ClientGroups, DueGroup, fill_listing, listing_size, without_context
+from tables.groups import (
+    CONTEXT_DIGESTS, MAX_LISTED_BYTES, ClientGroups, DueGroup, as_listed, fill_listing, listing_size, without_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float, unlisted:
     in Postgres), which must be notified; a notification lists at least one alert.
     """
     if not silences.holds_any_of(due.key.decode()):
-        return Listing(due.group["alerts"], accounted=len(due.group["alerts"]))
+        return Listing([as_listed(alert) for alert in due.group["alerts"]], accounted=len(due.group["alerts"]))
     closing = ListingAtClose(due, silences, at)
     closing.check(unlisted)
     return closing.listing()
@@ -168,7 +170,11 @@ class ListingAtClose:
     def _not_silenced(self, alerts: Iterable[dict]) -> list[dict]:
         kept = []
         for alert in alerts:
-            silence_id = self._silences.silencing(self._client, Alert.from_stored(alert), self._at)
+            # An alert kept without its context (too large for a listing) is checked on the digests
+            # of its context (tables/groups.py without_context), as a silence would check the context.
+            digests = alert.get(CONTEXT_DIGESTS)
+            silence_id = self._silences.silencing(self._client, Alert.from_stored(alert), self._at,
+                                                  digests if isinstance(digests, dict) else None)
             if silence_id is None:
                 kept.append(alert)
             else:
@@ -185,9 +191,10 @@ class ListingAtClose:
 
     def listing(self) -> Listing:
         if self._kept:
-            return Listing(self._kept, self._accounted, counted=self._counted, silenced=tuple(self._silenced))
-        return Listing(self._listed, self._accounted, silenced_by="silenced by " + ", ".join(sorted(self._silenced_by)),
-                       silenced=tuple(self._silenced))
+            return Listing([as_listed(alert) for alert in self._kept], self._accounted, counted=self._counted,
+                           silenced=tuple(self._silenced))
+        return Listing([as_listed(alert) for alert in self._listed], self._accounted,
+                       silenced_by="silenced by " + ", ".join(sorted(self._silenced_by)), silenced=tuple(self._silenced))
 
 
 # The alerts of a group's unlisted members, in the order they joined (one batch's by alert_id).

@@ -10,9 +10,10 @@ partition (both murmur2 of the same bytes) and recovers on the worker that proce
 The value (JSON) maps each open group's rule_id to the group:
 `{"notification_id", "opened_at", "window_s", "alerts": [alert, ...], "rule_ids": [...]}`.
 `alerts` holds at most GROUP_MAX_ALERTS, within byte budgets (MAX_VALUE_BYTES), so a changelog
-message stays under the broker's limit; the members themselves (all of them) are rows of
-`notification_alerts` in Postgres, those not listed with their alert (`unlisted_alert`), which the
-closer checks against the silences in force.
+message stays under the broker's limit (a first alert too large for them is listed without its
+context, keeping its digests for the silences: `without_context`); the members themselves (all
+of them) are rows of `notification_alerts` in Postgres, those not listed with their alert
+(`unlisted_alert`), which the closer checks against the silences in force.
 
 A closed group may stay in its client's value until the agent next writes that key, or until all
 the client's groups are closed and the closer deletes the key: Faust's RocksDB store files a
@@ -39,7 +40,7 @@ from pydantic import Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from alerting_app.app import alerts_matched, app, settings
-from alerting_app.contracts import AlertMatched, DeadLetter, Severity
+from alerting_app.contracts import AlertMatched, DeadLetter, Severity, context_digests
 from alerting_app.dead_letters import CANONICAL_UUID, describe_validation_error
 from alerting_app.sending import partition_for
 
@@ -181,9 +182,9 @@ def deadline(group: Group) -> float:
 # bytes). An alert is listed in full only while its group's listing stays within MAX_LISTED_BYTES
 # (so one group does not take the client's whole budget) and the client's value within
 # MAX_VALUE_BYTES; the rest are counted as truncated. The first alert of a group is always listed
-# (a notification lists at least one), without its context if it does not fit: what is left of an
-# alert is bounded by the contract (a few KB at most), and the margin between MAX_VALUE_BYTES and
-# the limit holds those of many groups.
+# (a notification lists at least one), without its context if it does not fit (keeping its digests,
+# `without_context`): what is left of an alert is bounded by the contract (16 KB at most), and the
+# margin between MAX_VALUE_BYTES and the limit holds those of many groups.
 MAX_LISTED_BYTES = 64 * 1024
 MAX_VALUE_BYTES = 512 * 1024
 
@@ -198,10 +199,28 @@ def listing_size(alert: dict) -> int:
     return encoded_size(alert) + 1
 
 
+# Where an alert kept without its context keeps, for the silences checked at close, the digests of
+# its context (contracts.context_digests): a silence matching on a context value it lost would
+# otherwise not mute it. Never listed in a notification (`as_listed`).
+CONTEXT_DIGESTS = "context_sha256"
+
+
 def without_context(alert: dict) -> dict:
-    """An alert too large for a listing, as it is listed when it must be (the first of one): what the
-    contract leaves of it is a few KB at most."""
-    return {**alert, "context": {}}
+    """An alert too large for a listing, as it is listed when it must be (the first of one) and as an
+    unlisted member keeps it: without its context, which it keeps as digests, so that the closer's
+    silence check decides on it as on the whole alert. What the contract leaves of it is 7.3 KB at
+    most as the table encodes it (ids and names of 200 emoji), the digests 8.6 KB (64 entries)."""
+    if not alert.get("context"):  # nothing to lose (or lost already, its digests kept)
+        return {**alert, "context": {}}
+    return {**alert, "context": {}, CONTEXT_DIGESTS: context_digests(alert["context"])}
+
+
+def as_listed(alert: dict) -> dict:
+    """The alert as its notification lists it: the digests of a context it lost are for the closer's
+    silence check only."""
+    if CONTEXT_DIGESTS not in alert:
+        return alert
+    return {key: value for key, value in alert.items() if key != CONTEXT_DIGESTS}
 
 
 def add_member(group: Group, matched: AlertMatched, max_alerts: int, value_room: int) -> tuple[int, bool]:
@@ -241,7 +260,8 @@ def unlisted_record(matched: AlertMatched) -> str:
     """The alert of a member its group does not list, as Postgres keeps it (JSON) for the closer.
 
     Bounded as a listing is: an alert over MAX_LISTED_BYTES could never be listed in full, and is
-    kept without its context (a few KB at most), so no member's row grows past that.
+    kept without its context but with its digests (`without_context`, 16 KB at most), so no
+    member's row grows past that.
     """
     # On a storm's path, once per member past GROUP_MAX_ALERTS: pydantic's own JSON, and the
     # table's encoding measured only for an alert that might be near the bound (that encoding
@@ -365,9 +385,10 @@ def due_groups(items: Iterable[tuple[bytes, ClientGroups]], now: float, skip: se
 
 # Past this, a client's value closes its oldest groups at once, before their window ends. The byte
 # budgets bound each group's listing, not how many groups a client has open: each holds at least its
-# first alert (without context, up to about 7.5 KB as encoded) and its rule_ids, so about 130 groups
-# of the largest alerts the contract accepts, or a few thousand of typical ones, would outgrow the
-# broker's limit; the client's writes would then fail on every redelivery and stop its partition.
+# first alert (without context, up to about 16 KB as encoded with its context's digests) and its
+# rule_ids, so about 60 groups of the largest alerts the contract accepts, or a few thousand of
+# typical ones, would outgrow the broker's limit; the client's writes would then fail on every
+# redelivery and stop its partition.
 CLOSE_EARLY_BYTES = 768 * 1024
 
 

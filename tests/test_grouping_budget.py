@@ -11,14 +11,16 @@ import json
 import time
 import uuid
 
+import pytest
+
 
 from agents import aggregate
 from agents.aggregate import aggregate_matches
 from agents.close_groups import close_due_groups
-from alerting_app.contracts import MAX_CONTEXT_ENTRIES, Alert, AlertMatched
+from alerting_app.contracts import MAX_CONTEXT_ENTRIES, Alert, AlertMatched, Silence, context_digests
 from tables import groups
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
-from test_grouping import closed_for
+from test_grouping import closed_for, insert_silence, rows_of
 
 BROKER_MESSAGE_LIMIT = 1_000_000  # Faust's producer_max_request_size, the smaller of the two limits
 EMOJI = "\U0001F525"
@@ -96,7 +98,8 @@ def test_an_unlisted_member_too_large_for_a_listing_is_kept_in_postgres_without_
     listed, unlisted = plan.memberships
     assert (listed[1], listed[3]) == (small.alert_id, None)  # its alert is in the table
     assert unlisted[1] == big.alert_id
-    assert json.loads(unlisted[3]) == {**big.model_dump(mode="json"), "context": {}}
+    assert json.loads(unlisted[3]) == {**big.model_dump(mode="json"), "context": {},
+                                       groups.CONTEXT_DIGESTS: context_digests(big.context)}
     assert groups.listing_size(json.loads(unlisted[3])) <= groups.MAX_LISTED_BYTES
 
 
@@ -118,7 +121,74 @@ def test_an_unlisted_alert_too_large_for_an_emptied_listing_is_listed_without_it
 
     left_out = groups.fill_listing(listed, [big, small], places=1)
 
-    assert listed == [{**big, "context": {}}] and left_out == [small]
+    assert listed == [{**big, "context": {}, groups.CONTEXT_DIGESTS: context_digests(big["context"])}]
+    assert left_out == [small]
+
+
+# A silence matching the emoji alert on a context value it keeps only as digests, on a key's presence,
+# or not at all (a value of the same length that differs in its last character; a key it lacks).
+EMOJI_KEY = f"7{EMOJI * 190}"
+CONTEXT_SILENCES = {
+    "the value": ({EMOJI_KEY: EMOJI * 2000}, True),
+    "the key's presence": ({EMOJI_KEY: "*"}, True),
+    "another value": ({EMOJI_KEY: EMOJI * 1999 + "x"}, False),
+    "a key it lacks": ({"region": "*"}, False),
+}
+
+
+@pytest.mark.parametrize("matchers, mutes", CONTEXT_SILENCES.values(), ids=CONTEXT_SILENCES.keys())
+def test_an_alert_kept_without_its_context_is_silenced_as_the_whole_alert_is(matchers, mutes):
+    big = emoji_alert()
+    silence = Silence(silence_id="s", client_id="c", severity="*", source="*", name="*", context_matchers=matchers,
+                      starts_at=1.0, ends_at=2.0, comment="maintenance", created_by="ops", version=1)
+    kept = groups.without_context(big.model_dump(mode="json"))
+    assert silence.matches(big) is mutes
+    assert silence.matches(Alert.from_stored(kept), kept[groups.CONTEXT_DIGESTS]) is mutes
+    # Within a listing's budget whatever the context: 64 entries of two digests.
+    assert groups.listing_size(kept) <= groups.MAX_LISTED_BYTES // 4
+    assert groups.as_listed(kept) == {**big.model_dump(mode="json"), "context": {}}
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize("matcher", ["the value", "the key's presence"])
+async def test_a_silence_on_the_context_an_unlisted_member_lost_mutes_it_at_close(pool, matcher):
+    """An unlisted member over a listing's budget is kept without its context; a silence created while
+    its group is open that matches that context mutes it at close, as it would the whole alert."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    small, big = sized_alert(0), emoji_alert()
+    async with aggregate_matches.test_context() as agent:
+        for match in (grouped(client, rule, small), grouped(client, rule, big)):
+            await agent.put(match.encode(), key=client.encode())
+    await groups.wait_until_written()
+    opened = time.time()
+    await insert_silence(pool, client, opened - 60, opened + 3600, **CONTEXT_SILENCES[matcher][0])
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert [a.alert_id for a in ready.alerts] == [small.alert_id]
+    assert ready.truncated_alerts == 0  # muted, not counted
+    [row] = await rows_of(pool, client)
+    assert [a["alert_id"] for a in row["alerts"]] == [small.alert_id]
+
+
+@AGENT_LOOP
+async def test_a_silence_on_the_context_a_groups_first_alert_lost_mutes_it_at_close(pool):
+    """A group's first alert too large for its listing is listed without its context, and checked at
+    close as the whole alert is: a silence on that context records the group silenced. Its
+    notification does not carry the digests."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    big = emoji_alert()
+    async with aggregate_matches.test_context() as agent:
+        await agent.put(grouped(client, rule, big).encode(), key=client.encode())
+    await groups.wait_until_written()
+    opened = time.time()
+    silence = await insert_silence(pool, client, opened - 60, opened + 3600, **CONTEXT_SILENCES["the value"][0])
+
+    assert await closed_for(pool, client, opened + 5) == []
+
+    [row] = await rows_of(pool, client)
+    assert (row["status"], row["detail"]) == ("SILENCED", f"silenced by {silence}")
+    assert row["alerts"] == [{**big.model_dump(mode="json"), "context": {}}]
 
 
 @AGENT_LOOP
@@ -137,6 +207,8 @@ async def test_the_agent_groups_and_the_closer_notifies_an_alert_too_large_for_a
     [ready] = await closed_for(pool, client, time.time() + 5)
 
     assert [a.alert_id for a in ready.alerts] == [big.alert_id] and ready.truncated_alerts == 0
+    [row] = await rows_of(pool, client)
+    assert row["alerts"] == [{**big.model_dump(mode="json"), "context": {}}]  # the digests are not notified
     assert groups.open_groups.get(client.encode()) is None
 
 
