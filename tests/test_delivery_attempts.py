@@ -255,6 +255,33 @@ async def test_deliveries_meeting_a_redis_that_is_away_log_one_traceback_then_on
     assert "Redis calls recovered after 9 failures" in caplog.text
 
 
+async def test_a_redis_that_answers_reads_and_refuses_writes_backs_off_as_long_as_it_lasts(own_redis, caplog):
+    """A Redis that became a replica (READONLY, a failover whose address did not move) answers the
+    look for a sent mark of a delivery taken over from a dead worker, and refuses every token and claim. That
+    answer is no sign Redis is back: before, it ended the run of failures, so the next delivery
+    waited a second again however long the claims had been refused, and logged another traceback."""
+    server, redis_url = own_redis
+    now = [0.0]  # the streak's clock, moved by the test
+    async with Receiver() as receiver, delivery_context(redis_url) as ctx:
+        ctx.redis_failures = FailureStreak(attempts.log, "deliveries' Redis calls", clock=lambda: now[0])
+        await ctx.redis.redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there
+        try:
+            endpoint = webhook(receiver.url())
+            await deliver(job_for(endpoint), ctx)  # its token refused: READONLY
+            now[0] = 20.0
+            before = time.time()
+            await deliver(dataclasses.replace(job_for(endpoint), resumed=True), ctx)  # its sent mark read
+        finally:
+            await ctx.redis.redis.execute_command("REPLICAOF", "NO", "ONE")
+        assert receiver.posts == []
+        assert [(c.status, c.attempts) for c in ctx.recorder.changes] == [("PENDING", 0)] * 2
+        # Its token refused (the rate limit's script writes): a ResponseError quoting READONLY.
+        assert ctx.recorder.changes[-1].last_error.startswith("before sending: ResponseError")
+        # As long as the writes have been refused (20 s), with up to a second of jitter; not a second.
+        assert before + 20 <= ctx.recorder.changes[-1].next_attempt_at <= time.time() + 21
+        assert len([record for record in caplog.records if record.exc_info]) == 1
+
+
 async def test_deliveries_queued_behind_a_hanging_endpoint_hold_no_tokens_and_go_out_at_its_rate(services):
     async with Receiver() as receiver, delivery_context(services.redis_url, endpoint_concurrency=1,
                                                         burst_s=0.25) as ctx:

@@ -298,14 +298,17 @@ async def _endpoint_before_send(job: DeliveryJob, ctx: DeliveryContext) -> Deliv
 
 async def _marked_sent(job: DeliveryJob, ctx: DeliveryContext) -> bool:
     """Whether Redis marks the delivery sent; False when Redis cannot say (the claim, which comes
-    later, is what decides: a look that failed is no attempt)."""
+    later, is what decides: a look that failed is no attempt).
+
+    A look that succeeds does not end a run of Redis failures: a Redis that became a replica (READONLY)
+    answers it and refuses every token and claim, and ended there, the run restarted at each take-up
+    of a dead worker's delivery (a traceback logged again, and every delivery's next wait back to a
+    second, REDIS_RETRY_MAX_S). The claim, a write, ends it."""
     try:
-        marked = await claims.is_sent(ctx.redis, *job.key)
+        return await claims.is_sent(ctx.redis, *job.key)
     except Exception:
         ctx.redis_failures.failed("could not look for delivery %s to %s's sent mark; the claim will", *job.key)
         return False
-    ctx.redis_failures.succeeded()
-    return marked
 
 
 async def _rate_now(job: DeliveryJob, ctx: DeliveryContext) -> float | None:
