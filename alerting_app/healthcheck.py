@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import urllib.error
 import urllib.request
 
@@ -48,28 +48,49 @@ def get_directly(url: str, timeout: float = TIMEOUT_S) -> tuple[int, bytes]:
 
 
 def probe_url(environ: Mapping[str, str], check: str) -> str:
-    """The URL of this container's worker; ValueError when WEB_PORT is not a port."""
+    """The URL of this container's worker; ValueError when WEB_PORT is not a port, or WEB_PORT or
+    WEB_BIND is set in two spellings with different values."""
     return worker_url(environ) + PATHS[check]
 
 
+def spellings(environ: Mapping[str, str], name: str) -> dict[str, str]:
+    """Each spelling of the variable `name` set in `environ` (in any case, an empty one being unset),
+    with its value: as the worker's settings (pydantic-settings, case_sensitive=False) read them."""
+    return {key: value for key, value in environ.items() if key.lower() == name.lower() and value != ""}
+
+
+def spelling_conflict(name: str, found: Mapping[str, str], show: Callable[[str], str] | None = repr) -> str | None:
+    """Why the spellings `found` of `name` are refused, or None: two set to different values. Settings
+    take the last in the environment's order, which nobody sees (a compose file's, a task
+    definition's, a shell's), so which value the worker ran with, and the health check asked, was
+    chance. The same value twice is no question, and is taken. `show` shows a value in the message
+    (None: not at all, for a secret)."""
+    if len(set(found.values())) < 2:
+        return None
+    given = " and ".join(f"{key}={show(value)}" if show else key for key, value in found.items())
+    return (f"{name.upper()}: set twice with different values, as {given}: which one counts would depend on "
+            "the order of the environment; set it once")
+
+
 def setting(environ: Mapping[str, str], name: str) -> str:
-    """The variable `name` as the worker's settings read it from `environ`, or "" when unset.
+    """The variable `name` as the worker's settings read it from `environ`, or "" when unset;
+    ValueError, naming each spelling, when two spellings are set to different values (the worker
+    refuses to start then: settings.load_settings).
 
     Settings (pydantic-settings, case_sensitive=False) take a variable in any case, `web_port` as
-    `WEB_PORT`, an empty one as unset, and of several spellings the last in the environment's order.
-    Reading only WEB_PORT, the health check asked port 6066 of a worker told `web_port=7000`, and
-    failed until the container was replaced.
+    `WEB_PORT`, and an empty one as unset. Reading only WEB_PORT, the health check asked port 6066 of
+    a worker told `web_port=7000`, and failed until the container was replaced.
     """
-    found = ""
-    for key, value in environ.items():
-        if key.lower() == name.lower() and value != "":
-            found = value
-    return found
+    found = spellings(environ, name)
+    conflict = spelling_conflict(name, found)
+    if conflict:
+        raise ValueError(conflict)
+    return next(iter(found.values()), "")
 
 
 def worker_url(environ: Mapping[str, str]) -> str:
     """Where a worker given `environ` (WEB_BIND, WEB_PORT) answers on this machine; ValueError when
-    WEB_PORT is not a port."""
+    WEB_PORT is not a port, or either is set in two spellings with different values."""
     port = setting(environ, "WEB_PORT").strip() or "6066"
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"WEB_PORT {port!r} is not a port")

@@ -8,9 +8,10 @@ refuses to start without them (see `require_services`).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +20,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, Validati
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from alerting_app.healthcheck import spelling_conflict, spellings
 from alerting_app.service_urls import check_postgres_url, check_redis_url
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -464,11 +466,23 @@ def _shown(variable: str, value: object) -> str:
     return repr(value)
 
 
+def _spelling_conflicts(environ: Mapping[str, str]) -> list[str]:
+    """A line for each setting given in two spellings with different values (healthcheck.py)."""
+    lines = []
+    for name in Settings.model_fields:
+        variable = name.upper()
+        conflict = spelling_conflict(name, spellings(environ, name),
+                                     None if variable in _SECRETS else lambda value: _shown(variable, value))
+        if conflict:
+            lines.append(f"  {conflict}")
+    return lines
+
+
 def load_settings() -> Settings:
+    lines = _spelling_conflicts(os.environ)
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
-        lines = []
         for error in exc.errors():
             if error["loc"]:
                 variable = str(error["loc"][0]).upper()
@@ -485,7 +499,9 @@ def load_settings() -> Settings:
                 # A check across settings: its message names the variables, and its input would be
                 # every setting given, secrets included.
                 lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
+    if lines:
         raise ConfigurationError("Invalid configuration:\n" + "\n".join(lines)) from None
+    return settings
 
 
 def require_services(settings: Settings) -> None:

@@ -219,13 +219,25 @@ def worker_environment(settings: Settings, started: dict[str, str], data_dir: Pa
     # case (`database_url=...` stopped it with a KeyError), stripped and joined as validated.
     given = {"KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers, "DATABASE_URL": settings.database_url,
              "REDIS_URL": settings.redis_url}
-    env = {**os.environ, **{name: url for name, url in given.items() if url is not None}, **started}
-    env.update(DATA_DIR=str(data_dir), WEB_PORT=str(settings.web_port))
+    env = dict(os.environ)
+    written = {**{name: url for name, url in given.items() if url is not None}, **started,
+               "DATA_DIR": str(data_dir), "WEB_PORT": str(settings.web_port)}
     # As the worker reads it: "" or whitespace is unset (settings.py), and gets a token.
     if settings.admin_token is None:  # the one printed; not written when one is set
-        env["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
+        written["ADMIN_TOKEN"] = persistent_admin_token(data_dir)
+    for name, value in written.items():
+        put(env, name, value)
     local_run_defaults(env)
     return env
+
+
+def put(env: dict[str, str], name: str, value: str) -> None:
+    """Set `name` in `env` in place of each of its spellings: a worker given the user's `web_port= 7001`
+    beside our `WEB_PORT=7001` (or `admin_token=" "`, unset, beside the generated ADMIN_TOKEN) would
+    refuse two spellings with different values (settings.load_settings)."""
+    for key in [key for key in env if key.lower() == name.lower()]:
+        del env[key]
+    env[name] = value
 
 
 def local_run_defaults(env: dict[str, str]) -> None:
@@ -241,7 +253,7 @@ def local_run_defaults(env: dict[str, str]) -> None:
     for name, value in local.items():
         # In any case, as the worker reads it: `allow_private_endpoints=false` is the user's choice.
         if not setting(env, name).strip():
-            env[name] = value
+            put(env, name, value)
 
 
 def _missing(settings: Settings) -> dict[str, bool]:

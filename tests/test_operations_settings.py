@@ -81,21 +81,67 @@ def test_health_check_asks_loopback_on_web_port_unless_bound_to_one_address():
     ({"web_port": "7002"}, "http://127.0.0.1:7002"),
     ({"Web_Port": "7003", "web_bind": "127.0.0.2"}, "http://127.0.0.2:7003"),
     ({"WEB_PORT": "", "web_port": "7004"}, "http://127.0.0.1:7004"),  # empty is unset, in any case
-    ({"WEB_PORT": "7005", "web_port": "7006"}, "http://127.0.0.1:7006"),  # the last spelling, as Settings
+    ({"WEB_PORT": "7005", "web_port": "7005"}, "http://127.0.0.1:7005"),  # two spellings, one value
 ])
 def test_health_check_asks_the_port_and_address_the_worker_reads_in_any_case(monkeypatch, environ, url):
     # Settings take a variable in any case: reading only WEB_PORT, the check asked 6066 of a worker
     # told web_port=7002, and failed until the container was replaced.
-    for name in list(os.environ):
-        if name.lower() in ("web_port", "web_bind"):
-            monkeypatch.delenv(name)
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
+    _only(monkeypatch, {"WEB_PORT": "", "WEB_BIND": "", **environ})
     settings = load_settings()
 
     assert worker_url(os.environ) == url
     assert url.endswith(f":{settings.web_port}")
     assert settings.web_bind in url or settings.web_bind == "0.0.0.0"
+
+
+def _only(monkeypatch, environ: dict[str, str]) -> None:
+    """`environ` in place of every spelling of its variables."""
+    for name in list(os.environ):
+        if name.lower() in {key.lower() for key in environ}:
+            monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_setting_given_in_two_spellings_with_different_values_stops_start_up_naming_both(monkeypatch):
+    # Settings take the last spelling in the environment's order, which nobody sees: the worker ran
+    # with one port and the health check, reading another order, could ask the other.
+    _only(monkeypatch, {"WEB_PORT": "7000", "web_port": "7001", "LOG_LEVEL": "info", "Log_Level": "info",
+                        "ADMIN_TOKEN": "a-token-of-sixteen-or-more", "admin_token": "another-token-of-sixteen",
+                        "DATABASE_URL": "postgresql://app:first-secret@db/alerting",
+                        "database_url": "postgresql://app:second-secret@db/alerting"})
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    message = str(error.value)
+    assert "WEB_PORT: set twice with different values, as WEB_PORT='7000' and web_port='7001'" in message
+    assert "ADMIN_TOKEN: set twice with different values, as ADMIN_TOKEN and admin_token:" in message
+    assert "DATABASE_URL: set twice" in message
+    assert "LOG_LEVEL" not in message  # the same value twice is no question
+    assert not any(secret in message for secret in ("token-of", "first-secret", "second-secret"))
+
+
+def test_the_same_value_in_two_spellings_or_an_empty_one_is_taken(monkeypatch):
+    _only(monkeypatch, {"WEB_PORT": "7000", "web_port": "7000", "WEB_BIND": "", "web_bind": "127.0.0.1"})
+
+    settings = load_settings()
+
+    assert (settings.web_port, settings.web_bind) == (7000, "127.0.0.1")
+    assert worker_url(os.environ) == "http://127.0.0.1:7000"
+
+
+def test_health_check_refuses_two_spellings_with_different_values_naming_both():
+    with pytest.raises(ValueError, match="WEB_PORT: set twice with different values, as WEB_PORT='7000' and "
+                                         "web_port='7001'"):
+        worker_url({"WEB_PORT": "7000", "web_port": "7001"})
+
+    result = subprocess.run([sys.executable, "-m", "alerting_app.healthcheck"],
+                            env={"WEB_BIND": "127.0.0.1", "web_bind": "::1", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert "WEB_BIND: set twice with different values, as WEB_BIND='127.0.0.1' and web_bind='::1'" in result.stderr
 
 
 def _health_check(*args: str, port: int) -> subprocess.CompletedProcess:

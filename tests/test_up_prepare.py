@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from alerting_app.embedded import EmbeddedServices
-from alerting_app.settings import Settings
+from alerting_app.settings import Settings, load_settings
 from alerting_app.up import _missing, _prepare, local_run_defaults, worker_environment
 from pipe_lines import read_lines_until
 
@@ -424,6 +424,30 @@ def test_service_urls_given_in_lower_case_are_the_ones_up_prepares_and_the_worke
     env = worker_environment(settings, {}, tmp_path / "data")
 
     assert {name: env.get(name) for name in urls} == urls
+
+
+def test_the_worker_takes_the_environment_up_gives_it_when_the_user_spelt_settings_in_lower_case(
+        monkeypatch, tmp_path):
+    # up writes WEB_PORT, DATA_DIR, ADMIN_TOKEN, the service URLs as it read them: beside the user's
+    # `web_port= 7001` (or an `admin_token` of spaces, unset), two spellings with different values,
+    # which the worker refuses.
+    for name in list(os.environ):
+        if name.lower() in ("web_port", "admin_token", "data_dir", "web_bind"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("web_port", " 7001")
+    monkeypatch.setenv("admin_token", "   ")
+    monkeypatch.setenv("data_dir", f"{tmp_path}/data/")
+    settings = load_settings()
+
+    env = worker_environment(settings, {}, settings.data_dir)
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    given = load_settings()  # as the worker reads it
+    assert (given.web_port, given.data_dir, given.web_bind) == (7001, tmp_path / "data", "127.0.0.1")
+    assert given.admin_token == env["ADMIN_TOKEN"]
 
 
 def test_up_waits_for_a_service_url_that_does_not_answer_naming_it_and_ctrl_c_stops_it(services, tmp_path):
