@@ -176,7 +176,10 @@ COMMAND_BROKER_TIMEOUT_S = 15.0
 class Settings(BaseSettings):
     # env_ignore_empty: VAR= (a compose file's or task definition's way of leaving it out) is not
     # set, for every variable: the default, as the image's health check reads WEB_BIND and WEB_PORT.
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_ignore_empty=True)
+    # allow_inf_nan=False: DELIVERY_BACKOFF_INITIAL_S=nan is "not a finite number", not "less than or
+    # equal to 3600", which left its reader looking for a value that was too large.
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_ignore_empty=True,
+                                      allow_inf_nan=False)
 
     # Empty (`VAR=`) is unset, as for every optional setting: `alerting-app up` then starts one.
     kafka_bootstrap_servers: Annotated[KafkaServers | None, BeforeValidator(_unset_if_empty)] = None

@@ -292,3 +292,30 @@ async def test_the_content_encodings_the_api_undoes_are_read(api, encoding):
         assert response.status == 201, await response.text()
         created = await response.json()
     api.tenants.append(Tenant(created["client_id"], created["api_key"]))  # deleted with the module
+
+
+# --- numbers that are not finite ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+async def test_a_number_that_is_not_finite_is_refused_as_such_naming_its_field(api, tenant, number):
+    # Python's JSON reader takes NaN and Infinity, which JSON has not (and 1e400 as infinity): against
+    # a bound, NaN was refused as "less than or equal to 100000", and a silence's end as out of the
+    # calendar's range.
+    rule = await api.new_rule(tenant, source="not-finite")
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"])
+    replies = {
+        "created": await api.call("POST", "/api/v1/endpoints", tenant.key,
+                                  data=b'{"rule_id": "%s", "type": "webhook", "value": "https://hooks.example.com/nan", '
+                                       b'"rate_limit_per_s": %s}' % (rule["rule_id"].encode(), number)),
+        "patched": await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                                  data=b'{"rate_limit_per_s": %s}' % number),
+        "silenced": await api.call("POST", "/api/v1/silences", tenant.key,
+                                   data=b'{"source": "s", "ends_at": %s, "comment": "c", "created_by": "me"}' % number),
+    }
+
+    for reply in replies.values():
+        [failure] = reply.body["fields"]
+        assert reply.failing_fields() == {"rate_limit_per_s" if reply is not replies["silenced"] else "ends_at"}
+        assert failure["message"] == "Input should be a finite number"
+    assert (await api.call("GET", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key)).body[
+        "rate_limit_per_s"] is None

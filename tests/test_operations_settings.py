@@ -173,3 +173,16 @@ def test_worker_refuses_unknown_roles_naming_the_option():
     assert result.returncode == 1
     assert "--roles: must be all or a comma-separated list of evaluate, aggregate" in result.stderr
     assert "'evaluate,notify'" in result.stderr
+
+
+@pytest.mark.parametrize("variable", ["DELIVERY_BACKOFF_INITIAL_S", "ENDPOINT_RATE_LIMIT_PER_S",
+                                      "NOTIFICATION_RETENTION_DAYS", "GROUP_CLOSE_INTERVAL_S"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-infinity", "1e400"])
+def test_a_number_that_is_not_finite_stops_start_up_as_such(monkeypatch, variable, value):
+    # Against its bounds, nan was refused as "less than or equal to 3600", which it is not over.
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+
+    assert f"{variable}: Input should be a finite number (got {value!r})" in str(error.value)

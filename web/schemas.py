@@ -44,7 +44,9 @@ NotificationStatus = Literal["PENDING", "SENT", "FAILED", "SUPPRESSED", "SILENCE
 class RequestBody(BaseModel):
     # Strict, as the contracts are (docs/contracts.md): "enabled": "off" or 0, "version": "2",
     # 300.0 for a number of seconds are refused naming the field, not read as what they might mean.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # NaN and Infinity (which JSON has not, and Python's reader takes, as 1e400) are refused as not
+    # finite: against a bound, NaN was refused as "less than or equal to 100000", which it is not over.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class PatchBody(RequestBody):

@@ -5,6 +5,7 @@ A body larger than MAX_BODY_BYTES is a 413.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from faust.web import Request
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Strict, TypeAdapter,
                       ValidationError)
+from pydantic_core import PydanticCustomError
 
 from web.errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 
@@ -89,6 +91,8 @@ def from_unix_seconds(value: Any) -> Any:
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value  # other text is parsed by pydantic: ISO 8601
+    if not math.isfinite(value):  # NaN, Infinity, 1e400: not "out of range" of the calendar, not a time at all
+        raise PydanticCustomError("finite_number", "Input should be a finite number")
     try:
         return datetime.fromtimestamp(value, timezone.utc)
     except (OverflowError, OSError, ValueError):
