@@ -278,9 +278,30 @@ async def test_a_test_connects_to_public_addresses_only_as_a_delivery_does(api, 
         monkeypatch.setattr(settings, "allow_private_endpoints", False)
         reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", tenant.key)
         assert reply.status == 200, reply.body
-        assert (reply.body["delivered"], reply.body["retryable"]) == (False, False)
-        assert reply.body["error"].startswith("localhost resolves to a loopback address"), reply.body["error"]
+        assert (reply.body["delivered"], reply.body["retryable"]) == (False, True)
+        # As a name that does not resolve reads (test_a_test_tells_a_name_into_our_network_as_one_that_does_not_resolve).
+        assert reply.body["error"].startswith("localhost does not resolve to public addresses only"), reply.body
         assert receiver.posts == []
+
+
+async def test_a_test_tells_a_name_into_our_network_as_one_that_does_not_resolve(api, tenant, other_tenant,
+                                                                                   monkeypatch):
+    # Its `error` and `retryable` said "resolves to a loopback address", not retryable, against a
+    # retryable DNS error: at once and without an alert, a tenant whose public name it had turned
+    # into a CNAME of one of ours learnt whether that internal name exists.
+    from alerting_app.app import settings
+
+    answers = {}
+    # One host per tenant: a client's tests are one per second.
+    for host, owner in (("localhost", tenant), ("no-such-name.invalid", other_tenant)):
+        endpoint = await endpoint_to(api, owner, "webhook", f"http://{host}:9/hook")
+        monkeypatch.setattr(settings, "allow_private_endpoints", False)
+        reply = await api.call("POST", f"/api/v1/endpoints/{endpoint['endpoint_id']}/test", owner.key)
+        monkeypatch.setattr(settings, "allow_private_endpoints", True)
+        assert reply.status == 200, reply.body
+        answers[host] = (reply.body["delivered"], reply.body["retryable"], reply.body["error"].replace(host, "<host>"))
+    assert answers["localhost"] == answers["no-such-name.invalid"], answers
+    assert answers["localhost"][:2] == (False, True)
 
 
 async def test_email_tests_hold_no_more_of_the_relay_than_a_workers_deliveries_may(api, tenant, other_tenant,

@@ -89,15 +89,33 @@ async def send_to_slack(session: aiohttp.ClientSession, url: str) -> None:
 
 
 @pytest.mark.parametrize("send", [send_to_webhook, send_to_slack], ids=["webhook", "slack"])
-async def test_a_name_resolving_to_a_private_address_is_refused_when_sending(send):
+async def test_a_name_resolving_to_a_private_address_is_refused_when_sending(send, caplog):
     """What DNS rebinding looks like to the worker: a name whose address is private *now*."""
     async with Receiver() as receiver, endpoint_session(concurrency=4, allow_private=False) as session:
-        with pytest.raises(PermanentDeliveryError) as refused:
+        with pytest.raises(RetryableDeliveryError) as refused:
             await send(session, f"http://localhost:{receiver.port}/hook")
         assert receiver.posts == []
-    assert "localhost resolves to a loopback address" in str(refused.value)
-    assert "127.0.0.1" not in str(refused.value)  # the tenant reads it: no address of ours
-    assert "ALLOW_PRIVATE_ENDPOINTS is off" in str(refused.value)
+    assert str(refused.value) == ("localhost does not resolve to public addresses only; endpoints must be public "
+                                  "addresses (ALLOW_PRIVATE_ENDPOINTS is off)")
+    assert "localhost resolves to a loopback address" in caplog.text  # the operator's log says which
+
+
+@pytest.mark.parametrize("send", [send_to_webhook, send_to_slack], ids=["webhook", "slack"])
+async def test_a_name_resolving_into_our_network_fails_as_a_name_that_does_not_resolve(send, caplog):
+    """A tenant's public name turned into a CNAME of an internal one after its endpoint's creation:
+    told "resolves to a loopback address", permanently, against a DNS error retried, the delivery
+    said which of our internal names exist. Both read the same and are retried alike."""
+    failures = {}
+    async with endpoint_session(concurrency=4, allow_private=False) as session:
+        for host in ("localhost", "no-such-name.invalid"):
+            with pytest.raises(DeliveryError) as failed:
+                await send(session, f"http://{host}:9/hook")
+            failures[host] = (type(failed.value), getattr(failed.value, "retry_after", None),
+                             str(failed.value).replace(host, "<host>"))
+    assert failures["localhost"] == failures["no-such-name.invalid"], failures
+    assert failures["localhost"][0] is RetryableDeliveryError
+    assert "localhost resolves to a loopback address" in caplog.text
+    assert "no-such-name.invalid" in caplog.text and "ClientConnectorDNSError" in caplog.text
 
 
 @pytest.mark.parametrize("send", [send_to_webhook, send_to_slack], ids=["webhook", "slack"])
@@ -123,7 +141,7 @@ async def test_a_name_its_name_server_never_answers_ends_in_a_retryable_timeout_
             if allow_private:
                 await send_to_webhook(session, f"http://localhost:{receiver.port}/hook")
             else:
-                with pytest.raises(PermanentDeliveryError, match="localhost resolves to a loopback address"):
+                with pytest.raises(RetryableDeliveryError, match="localhost does not resolve to public addresses only"):
                     await send_to_webhook(session, f"http://localhost:{receiver.port}/hook")
         assert "n1.silent-dns.test" in name_server.asked and name_server.threads_held == 0
         assert len(receiver.posts) == (1 if allow_private else 0)

@@ -8,7 +8,6 @@ is a public address (unless ALLOW_PRIVATE_ENDPOINTS), or a valid email address.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 from typing import Any
 from uuid import UUID, uuid4
@@ -20,7 +19,7 @@ from pydantic import HttpUrl, TypeAdapter, ValidationError
 
 from alerting_app import db
 from alerting_app.app import app, settings
-from alerting_app.channels.addresses import RefusedAddress, check_public_host, refuse_invalid_name
+from alerting_app.channels.addresses import RefusedAddress, check_public_host, refusal_told, refuse_invalid_name
 from web.auth import ApiView, Caller
 from web.errors import Conflict, NotFound, ValidationFailed
 from web.pagination import page_of
@@ -162,20 +161,6 @@ async def _normalised_value(type_: str, value: str) -> str:
                 "value", f"{refusal_told(url.host, exc)}; endpoints must be public addresses "
                          "(ALLOW_PRIVATE_ENDPOINTS is off)") from None
     return str(url)
-
-
-def refusal_told(host: str, refusal: RefusedAddress) -> str:
-    """What a tenant is told of a refused host: the reason for an address it wrote itself, but one
-    answer for every name, whether it does not resolve or resolves into our network.
-
-    Saying which (and what kind of address) told any key with a rule which names exist inside our
-    network (`db.internal resolves to a private address`, `nosuch.internal does not resolve`).
-    """
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return f"{host} does not resolve to public addresses only"
-    return str(refusal)
 
 
 async def create_endpoint(caller: Caller, body: EndpointCreate) -> Any:

@@ -136,6 +136,30 @@ def refuse_non_public(host: str, addresses: Iterable[IPAddress]) -> None:
             raise RefusedAddress(f"{host} resolves to {a_kind}")
 
 
+def refusal_told(host: str, refusal: Exception) -> str:
+    """What a tenant is told of a refused host, at creation (a 422) and at delivery (`last_error`, an
+    endpoint test's `error`): the reason for an address it wrote itself, but one answer for every
+    name, whether it does not resolve or resolves into our network.
+
+    Saying which (and what kind of address) told any key with a rule which names exist inside our
+    network (`db.internal resolves to a private address`, `nosuch.internal does not resolve`), at
+    creation or, through a public name of its own turned into a CNAME of an internal one, at the
+    next delivery. The operator's log has the detail (channels/http.py).
+    """
+    if is_address_literal(host):
+        return str(refusal)
+    return f"{host} does not resolve to public addresses only"
+
+
+def is_address_literal(host: str) -> bool:
+    """Whether `host` is an IP address (an IPv6 one bracketed or not), not a name."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _address(text: str) -> IPAddress:
     # The scope of an IPv6 link-local address ("fe80::1%eth0") is not part of the address.
     return ipaddress.ip_address(text.split("%")[0])

@@ -3,6 +3,7 @@ session those POSTs share."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from datetime import timezone
 from email.utils import parsedate_to_datetime
@@ -13,8 +14,10 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from alerting_app.channels.addresses import (PublicAddressResolver, RefusedAddress, host_resolver,
-                                             refuse_non_public_literal)
-from alerting_app.channels.errors import PermanentDeliveryError, RetryableDeliveryError
+                                             is_address_literal, refusal_told, refuse_non_public_literal)
+from alerting_app.channels.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+
+log = logging.getLogger(__name__)
 
 # Enough of an answer to keep the connection reusable; a receiver's body is never used.
 _MAX_ANSWER_BYTES = 64 * 1024
@@ -45,6 +48,8 @@ class _EndpointConnector(aiohttp.TCPConnector):
     def __init__(self, concurrency: int, resolver: AbstractResolver) -> None:
         super().__init__(limit=concurrency, resolver=resolver)
         self._given_resolver = resolver
+        # Public addresses only: a DNS error is then told as a refusal is (`refused`).
+        self.public_only = isinstance(resolver, PublicAddressResolver)
 
     async def close(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -67,15 +72,40 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 await response.content.read(_MAX_ANSWER_BYTES)
     except RefusedAddress as exc:
-        # Where a name points may change back, but a tenant's endpoint aimed into our network is not
-        # a failure worth retrying eight times.
-        raise PermanentDeliveryError(
-            f"{exc}; endpoints must be public addresses (ALLOW_PRIVATE_ENDPOINTS is off)") from None
+        raise refused(url, exc) from None
     except TimeoutError:
         raise RetryableDeliveryError(f"timed out after {timeout_s:g}s") from None
+    except aiohttp.ClientConnectorDNSError as exc:
+        if isinstance(session.connector, _EndpointConnector) and session.connector.public_only:
+            raise refused(url, exc) from None
+        raise RetryableDeliveryError(f"{type(exc).__name__}: {error_text(exc, url)}") from None
     except aiohttp.ClientError as exc:
         raise RetryableDeliveryError(f"{type(exc).__name__}: {error_text(exc, url)}") from None
     raise_for_status(status, retry_after)
+
+
+def refused(url: str, exc: RefusedAddress | aiohttp.ClientConnectorDNSError) -> DeliveryError:
+    """The delivery error of a host refused as not public (RefusedAddress) or not found by DNS.
+
+    An address written in the URL is refused for good, saying what kind of address it is: the tenant
+    wrote it. A name is told as the API tells it (`refusal_told`), one answer whether it does not
+    resolve or resolves into our network, and retried either way: told "a private address" for good
+    against "Domain name not found" retried, a tenant could learn which of our internal names exist
+    by turning a public name of its own into a CNAME of one. A name that does not resolve must be
+    retried (a DNS outage, a record not yet published), so one pointing inward is too: each retry
+    only looks the name up again, and connects nowhere unless the name has turned public. The
+    operator's log has which it was.
+    """
+    host = URL(url).host or ""
+    if isinstance(exc, RefusedAddress) and is_address_literal(host):
+        return PermanentDeliveryError(f"{exc}; {_PUBLIC_ONLY}")
+    detail = str(exc) if isinstance(exc, RefusedAddress) else f"{type(exc).__name__}: {error_text(exc, url)}"
+    log.warning("endpoint host refused (the tenant reads only that it does not resolve to public addresses "
+                "only, retried): %s", detail)
+    return RetryableDeliveryError(f"{refusal_told(host, exc)}; {_PUBLIC_ONLY}")
+
+
+_PUBLIC_ONLY = "endpoints must be public addresses (ALLOW_PRIVATE_ENDPOINTS is off)"
 
 
 def error_text(exc: aiohttp.ClientError, url: str) -> str:
