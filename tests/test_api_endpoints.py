@@ -412,6 +412,9 @@ async def test_a_slack_or_email_endpoint_has_no_secret_which_it_gets_once_it_bec
     # A fragment is never sent (the request is to /x either way), and %2f is %2F (RFC 3986 6.2.2.1).
     ("webhook", "https://hooks.example.com/x#team-a", "https://hooks.example.com/x#team-b"),
     ("webhook", "https://hooks.example.com/a%2fb", "https://hooks.example.com/a%2Fb"),
+    # A host name's final dot roots it in DNS: the same name, looked up and connected to alike.
+    ("webhook", "https://hooks.example.com./x", "https://hooks.example.com/x"),
+    ("webhook", "https://ops@hooks.example.com:8443/x", "https://ops@Hooks.Example.com.:8443/x"),
 ])
 async def test_addresses_that_reach_one_place_are_one_address(api, tenant, type_, first, second):
     rule = await api.new_rule(tenant)

@@ -85,17 +85,24 @@ SAME_TYPE = """
 def address_key(type_: str, value: str) -> str:
     """What makes two stored values one address. URLs are stored normalised (scheme and host lower
     case, default port dropped: checked_value), their paths case-sensitive; what is never sent is
-    left out (the fragment: `/x#a` and `/x#b` are one request target), and a percent-escape's hex
-    digits are one case (`%2f` is `%2F`, RFC 3986 6.2.2.1). An email address's domain is
+    left out (the fragment: `/x#a` and `/x#b` are one request target), a percent-escape's hex
+    digits are one case (`%2f` is `%2F`, RFC 3986 6.2.2.1), and a host name's final dot is left out
+    (`hooks.example.com.` is `hooks.example.com`). An email address's domain is
     case-insensitive (RFC 5321), and mailboxes' local parts are in practice: Ops@Example.com and
     ops@example.com reach one inbox. Stored as given, compared without case."""
     if type_ == "email":
         # lower(), not casefold(): casefold makes Straße@ strasse@, two mailboxes as far as anyone knows.
         return value.lower()
     # Normalised, the URL holds '#' only where its fragment starts (any other is percent-encoded).
-    return _PERCENT_ESCAPE.sub(lambda escape: escape[0].upper(), value.partition("#")[0])
+    key = _PERCENT_ESCAPE.sub(lambda escape: escape[0].upper(), value.partition("#")[0])
+    return _ROOTED_HOST.sub(r"\1", key, count=1)
 
 
+# A host name's final dot (`hooks.example.com.`, the name rooted in DNS): the same name, looked up
+# and connected to alike (a name with a dot in it is tried as it is before any search domain), so
+# each notification reached the same receiver twice. The value is stored as given: its Host header
+# keeps the dot, which a receiver's virtual hosting may care about.
+_ROOTED_HOST = re.compile(r"^([a-z][a-z0-9+.-]*://(?:[^@/]*@)?[^@/:\[\]]+)\.(?=[:/]|$)")
 _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 
 
