@@ -401,6 +401,15 @@ def _run_worker(**env: str | None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def test_worker_given_a_port_in_two_spellings_with_different_values_exits_naming_both():
+    # Which one counted depended on the environment's order: the health check could ask another port.
+    result = _run_worker(WEB_PORT="7000", web_port="7001")
+
+    assert result.returncode != 0
+    assert "WEB_PORT: set twice with different values, as WEB_PORT='7000' and web_port='7001'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_worker_with_a_bad_kafka_address_exits_naming_the_variable():
     result = _run_worker(KAFKA_BOOTSTRAP_SERVERS="no-port-here")
 
