@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import ctypes
 import importlib
 import fcntl
@@ -307,6 +308,21 @@ class EmbeddedServices:
         """Stop only PostgreSQL, keeping its cluster and port (tests of what a worker does meanwhile)."""
         child = next(child for child in self.children if child.name == "PostgreSQL")
         child.stop()
+        self.children.remove(child)
+
+    def crash_postgres(self) -> None:
+        """Kill PostgreSQL as a crash would (SIGKILL to the postmaster and every backend at once),
+        keeping its cluster and port: `start_postgres_again` then runs crash recovery from the WAL,
+        and what was not committed is gone (tests of a worker meeting a Postgres that crashed)."""
+        child = next(child for child in self.children if child.name == "PostgreSQL")
+        # Each backend is a process group of its own (Postgres calls setsid in every child): listed
+        # first, then killed right after the postmaster, before it can notice and stop them itself.
+        backends = psutil.Process(child.pid).children(recursive=True)
+        for process in [psutil.Process(child.pid), *backends]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
+        child.process.wait()
+        psutil.wait_procs(backends, timeout=_STOP_TIMEOUT_S)
         self.children.remove(child)
 
     def start_postgres_again(self) -> str:

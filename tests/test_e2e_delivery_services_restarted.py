@@ -6,8 +6,10 @@ and the worker goes on by itself, the same process throughout.
 Redis is one of the test's own, without persistence: killed, it comes back empty, as a Redis
 restarted without a dump or an append-only file does, its sent marks, claims and rate-limit
 buckets gone. What keeps a delivery from being sent twice then is its row in Postgres. Postgres is
-a private embedded one (the session's is never stopped); alerts arrive while it is away too, so the
-aggregate stage meets the outage as well as the deliver stage.
+a private embedded one (the session's is never stopped), stopped (a fast shutdown) or crashed (the
+postmaster and its backends killed; started again, it recovers from its WAL and what was not
+committed is gone); alerts arrive as it goes and while it is away too, so the aggregate stage meets
+the outage as well as the deliver stage.
 
 The endpoint is rate-limited so that the burst is still going out when the service goes away.
 """
@@ -126,8 +128,22 @@ async def test_deliveries_in_flight_when_redis_restarts_empty_are_each_sent_once
         assert worker.child.running()
 
 
+def take_postgres_down(postgres, how: str) -> None:
+    """`stopped`: a fast shutdown (SIGINT), whose sessions are ended and whose server checkpoints.
+    `crashed`: the postmaster and its backends killed at once; started again, it runs crash recovery,
+    and transactions that were open are gone, committed ones kept."""
+    if how == "crashed":
+        postgres.crash_postgres()
+    else:
+        postgres.stop_postgres()
+
+
+POSTGRES_GOING = pytest.mark.parametrize("how", ["stopped", "crashed"])
+
+
+@POSTGRES_GOING
 async def test_deliveries_and_alerts_in_flight_when_postgres_restarts_are_each_sent_once(
-        services, private_postgres, start_worker):
+        services, private_postgres, start_worker, how):
     postgres, database_url = private_postgres.embedded, private_postgres.database_url
     private = SimpleNamespace(kafka_bootstrap_servers=services.kafka_bootstrap_servers,
                               admin_token=services.admin_token, database_url=database_url)
@@ -143,7 +159,10 @@ async def test_deliveries_and_alerts_in_flight_when_postgres_restarts_are_each_s
 
         await produce_alerts(services.kafka_bootstrap_servers, [f"pg-{n}" for n in range(BURST)])
         await receiver.wait_for_posts(BURST // 4)
-        await asyncio.to_thread(postgres.stop_postgres)
+        # Alerts the aggregate stage is recording when Postgres goes: a crash rolls back its open
+        # transaction, and the batch must be run again, not acknowledged.
+        await produce_alerts(services.kafka_bootstrap_servers, [f"pg-going-{n}" for n in range(BURST // 2)])
+        await asyncio.to_thread(take_postgres_down, postgres, how)
         await until_ready_says(worker.url, "postgres", False)
         # Alerts the aggregate stage takes while Postgres is away.
         await produce_alerts(services.kafka_bootstrap_servers, [f"pg-away-{n}" for n in range(BURST // 2)])
@@ -151,7 +170,7 @@ async def test_deliveries_and_alerts_in_flight_when_postgres_restarts_are_each_s
         await asyncio.to_thread(postgres.start_postgres_again)
         await until_ready_says(worker.url, "postgres", True)
 
-        await delivered_once_each(database_url, tenant, receiver, BURST + BURST // 2)
+        await delivered_once_each(database_url, tenant, receiver, BURST + BURST)
         assert worker.child.running()
 
 
@@ -200,7 +219,9 @@ async def test_notifications_taken_in_while_postgres_is_away_are_each_sent_once_
         assert "taking in notifications failed" in delivering.log()
 
 
-async def test_a_group_open_when_postgres_restarts_delivers_each_alert_once(services, private_postgres, start_worker):
+@POSTGRES_GOING
+async def test_a_group_open_when_postgres_restarts_delivers_each_alert_once(services, private_postgres, start_worker,
+                                                                            how):
     """The grouping path: a window open when Postgres stops, alerts added while it is away, and the
     window's end passing meanwhile (the closer cannot record the notification): once Postgres is
     back, every alert reaches the receiver in exactly one notification, and each notification once."""
@@ -236,7 +257,7 @@ async def test_a_group_open_when_postgres_restarts_delivers_each_alert_once(serv
                     await asyncio.sleep(0.1)
         finally:
             await conn.close()
-        await asyncio.to_thread(postgres.stop_postgres)
+        await asyncio.to_thread(take_postgres_down, postgres, how)
         await until_ready_says(worker.url, "postgres", False)
         await produce_alerts(services.kafka_bootstrap_servers, away)
         await asyncio.sleep(5)  # past the window's end
@@ -248,3 +269,4 @@ async def test_a_group_open_when_postgres_restarts_delivers_each_alert_once(serv
         keys = receiver.accepted()
         assert [key for key, times in keys.items() if times > 1] == []
         assert worker.child.running()
+
