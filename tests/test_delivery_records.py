@@ -20,7 +20,8 @@ from alerting_app.contracts import DeadLetter
 from alerting_app.db import init_connection
 from alerting_app.dead_letters import send_dead_letters
 from alerting_app.delivery.recorder import Recorder
-from alerting_app.delivery.records import DeliveryChange, lease_due, release, renew_leases, write_outcomes
+from alerting_app.delivery.records import (DeliveryChange, fence_sends, lease_due, release, renew_leases,
+                                           write_outcomes)
 from broker_front import OutageFront
 from kafka_probe import read_topic
 from postgres_waits import until_waiting_on_a_lock
@@ -357,6 +358,44 @@ async def test_renewing_leases_does_not_take_back_a_delivery_handed_back_meanwhi
 
     assert (await lease_of(conn, notification_id, endpoint_id))["leased"] is False
     assert len(await lease_due(conn, "other-worker", 60.0, {}, backlog=10, limit=10)) == 1
+
+
+async def lease_left_s(conn: asyncpg.Connection, key: tuple[str, str]) -> float:
+    return await conn.fetchval("SELECT extract(epoch FROM lease_until - now()) FROM deliveries"
+                               " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+
+
+async def test_a_send_is_fenced_while_its_worker_holds_the_row_even_past_its_lease(clean_db, conn):
+    # The holder stalled past its lease, and nobody leased the row since: nobody else can have sent
+    # it, so it is still the holder's, and its lease now covers the send; no sweep takes it meanwhile.
+    key = await one_due_delivery(conn)
+    [_] = await lease_due(conn, "worker", 1.0, {}, backlog=10, limit=10)
+    await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'")
+
+    assert await fence_sends(conn, "worker", [(key, 15.0)]) == {key}
+
+    assert await lease_left_s(conn, key) > 14.0
+    assert await lease_due(conn, "other-worker", 1.0, {}, backlog=10, limit=10) == []
+    # Renewals (DELIVERY_LEASE_S, shorter here) do not cut the send's cover short.
+    await renew_leases(conn, "worker", 1.0, [key])
+    assert await lease_left_s(conn, key) > 14.0
+
+
+async def test_a_send_is_not_fenced_once_another_worker_leased_the_row_or_it_is_settled(clean_db, conn):
+    taken_over = await one_due_delivery(conn)
+    [_] = await lease_due(conn, "worker", 1.0, {}, backlog=10, limit=10)
+    await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'"
+                       " WHERE notification_id = $1", taken_over[0])
+    [_] = await lease_due(conn, "other-worker", 60.0, {}, backlog=10, limit=10)
+    settled = await one_due_delivery(conn)
+    [_] = await lease_due(conn, "worker", 60.0, {}, backlog=10, limit=10)
+    await write_outcomes(conn, "other-worker", [DeliveryChange(*settled, "SENT", 1)])
+
+    assert await fence_sends(conn, "worker", [(taken_over, 15.0), (settled, 15.0)]) == set()
+
+    assert await lease_left_s(conn, taken_over) > 50.0  # the new holder's lease, untouched
+    row = await lease_of(conn, *taken_over)
+    assert (row["status"], row["leased_by"]) == ("PENDING", "other-worker")
 
 
 async def test_a_send_recorded_by_a_worker_whose_lease_ran_out_is_recorded_sent(clean_db, conn):

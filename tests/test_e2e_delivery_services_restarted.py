@@ -270,3 +270,49 @@ async def test_a_group_open_when_postgres_restarts_delivers_each_alert_once(serv
         assert [key for key, times in keys.items() if times > 1] == []
         assert worker.child.running()
 
+
+async def holder_of(database_url: str, client_id: str) -> str:
+    """The owner (dispatcher.Dispatcher.owner: host:pid:token) leasing the client's one delivery."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT d.leased_by FROM deliveries d JOIN notifications n USING (notification_id)"
+                                   " WHERE n.client_id = $1", uuid.UUID(client_id))
+    finally:
+        await conn.close()
+
+
+async def test_a_send_in_flight_when_redis_restarts_empty_is_not_sent_again_by_another_worker(
+        services, clean_db, forgetful_redis, start_worker):
+    """Two workers; one is sending to a slow receiver when Redis restarts empty (its claim gone) and
+    then stalls (frozen, as a long GC pause or a starved VM would) for longer than DELIVERY_LEASE_S.
+    The other worker's sweep finds the lease run out: before the lease fence (the holder's lease
+    made to cover its send, in Postgres, right before the send) it leased the row, found no claim
+    in the empty Redis, and sent the notification a second time while the first send was in flight."""
+    await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
+    group = f"redis-two-{secrets.token_hex(4)}"
+    env = dict(APP_ID=group, REDIS_URL=forgetful_redis.url, DELIVERY_LEASE_S="1", **QUICK_RETRIES)
+    workers = [start_worker(**env), start_worker(**env)]
+    await wait_until_backlog_consumed(services, group)
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        tenant = await Tenant(http, workers[0].url).create(services.admin_token, receiver.url())
+        await wait_for_rules(http, services, *workers)
+        answer = receiver.hold("hook")
+
+        await produce_alerts(services.kafka_bootstrap_servers, ["two-workers-0"])
+        await receiver.wait_for_posts(1)
+        holder_pid = int((await holder_of(services.database_url, tenant.client_id)).split(":")[1])
+        holder = next(worker for worker in workers if worker.child.pid == holder_pid)
+        forgetful_redis.kill()
+        forgetful_redis.start()
+        holder.child.process.send_signal(signal.SIGSTOP)
+        try:
+            # Four leases' worth, within the send's timeout (WEBHOOK_TIMEOUT_S, 10 s) and the
+            # holder's group session (BROKER_SESSION_TIMEOUT_S, 10 s).
+            await asyncio.sleep(4)
+            assert len(receiver.posts) == 1  # not sent again while the first send is in flight
+        finally:
+            holder.child.process.send_signal(signal.SIGCONT)
+        answer.set()
+
+        await delivered_once_each(services.database_url, tenant, receiver, 1)
+        assert all(worker.child.running() for worker in workers)

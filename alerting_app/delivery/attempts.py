@@ -85,6 +85,17 @@ async def _as_taken_up(job: DeliveryJob) -> Endpoint | None:
     return job.endpoint
 
 
+async def _held_throughout(job: DeliveryJob, cover_s: float) -> bool:
+    return True
+
+
+# How long a send waits at most for its lease fence; unanswered, it goes out on its Redis claim
+# alone, as it did before the fence, and the next sends do not wait for the fence for
+# LEASE_FENCE_PAUSE_S: a Postgres away must not hold back the sends in hand (docs/operations.md).
+LEASE_FENCE_TIMEOUT_S = 5.0
+LEASE_FENCE_PAUSE_S = 10.0
+
+
 @dataclass
 class DeliveryContext:
     """What a delivery uses of its worker."""
@@ -108,6 +119,12 @@ class DeliveryContext:
     # that waited (ENDPOINT_RECHECK_S): the tenant may have fixed its URL, or disabled or deleted
     # it, since the delivery was taken up.
     endpoint_now: Callable[[DeliveryJob], Awaitable[Endpoint | None]] = _as_taken_up
+    # Right before the send: whether the worker still holds the job's row, its lease in Postgres
+    # now covering the send for the seconds given (lease_fences.py). False: another worker leased
+    # it since, or it is settled: no send.
+    lease_covers: Callable[[DeliveryJob, float], Awaitable[bool]] = _held_throughout
+    lease_fence_failed_at: float = float("-inf")
+    lease_fence_failures: FailureStreak = field(default_factory=lambda: FailureStreak(log, "fencing sends' leases"))
     # When a read of `endpoint_now` last failed (time.monotonic()), and the run of failures, logged
     # once in full: while Postgres is away nearly every send would log a traceback.
     endpoint_read_failed_at: float = float("-inf")
@@ -149,6 +166,11 @@ class SendSlots:
 
 class AlreadySent(Exception):
     """Redis says an earlier attempt, perhaps of a dead worker, delivered it."""
+
+
+class LeaseLost(Exception):
+    """Right before the send, the row is found another worker's (this one stalled past its lease),
+    or settled: nothing was sent, and nothing is this worker's to record."""
 
 
 class WorkerStopping(Exception):
@@ -248,6 +270,10 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 raise AlreadySent()
             if claim.state is claims.ClaimState.BUSY:
                 raise ClaimedElsewhere(claim.busy_for_s)
+            # The claim's span: the send's timeout and its margin.
+            if not await _lease_covers(job, ctx, _send_timeout_s(job, settings) + _CLAIM_MARGIN_S):
+                await _release(ctx, claim)
+                raise LeaseLost()
             if ctx.stopping():
                 # Checked with nothing awaited before the send begins: no send starts once a stop has.
                 await _release(ctx, claim)
@@ -294,6 +320,22 @@ async def _endpoint_before_send(job: DeliveryJob, ctx: DeliveryContext) -> Deliv
         return job
     endpoint = await _endpoint_read_again(job, ctx)
     return job if endpoint is None else replace(job, endpoint=endpoint, read_at=time.monotonic())
+
+
+async def _lease_covers(job: DeliveryJob, ctx: DeliveryContext, cover_s: float) -> bool:
+    """Whether the send may go: its row still this worker's, its lease covering `cover_s`; True
+    when Postgres cannot say (the claim alone then decides, as before the fence)."""
+    if time.monotonic() - ctx.lease_fence_failed_at < LEASE_FENCE_PAUSE_S:
+        return True
+    try:
+        async with asyncio.timeout(LEASE_FENCE_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
+            held = await ctx.lease_covers(job, cover_s)
+    except Exception:
+        ctx.lease_fence_failed_at = time.monotonic()
+        ctx.lease_fence_failures.failed("could not fence delivery %s to %s's lease; sending on its claim", *job.key)
+        return True
+    ctx.lease_fence_failures.succeeded()
+    return held
 
 
 async def _marked_sent(job: DeliveryJob, ctx: DeliveryContext) -> bool:
@@ -529,6 +571,11 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         record(SENT, 1, None, started)
     except WorkerStopping:
         pass  # the stop hands it back (Dispatcher.close), due when its last failed attempt said
+    except LeaseLost:
+        # Its row is another worker's now (or settled): that worker's to record. Attempts made
+        # here before are recorded already (failed_attempt).
+        log.info("delivery %s to %s: its row was taken over (this worker stalled past its lease); not sending",
+                 *job.key)
     except AlreadySent:
         record(SENT)
     except ClaimedElsewhere as busy:

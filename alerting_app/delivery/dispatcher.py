@@ -27,6 +27,7 @@ from alerting_app.delivery import records
 from alerting_app.delivery.attempts import DeliveryContext, SendSlots, deliver
 from alerting_app.delivery.endpoint_reads import EndpointReads
 from alerting_app.delivery.jobs import DeliveryJob
+from alerting_app.delivery.lease_fences import LeaseFences
 from alerting_app.delivery.rate_limits import RateLimits
 from alerting_app.delivery.recorder import Recorder
 from alerting_app.redis_pipelining import PipelinedRedis
@@ -73,11 +74,13 @@ class Dispatcher:
         redis = PipelinedRedis(redis_client.redis())
         # A job's endpoint as it is in Postgres now (attempts.DeliveryContext.endpoint_now).
         endpoint_reads = EndpointReads(db.pool)
+        lease_fences = LeaseFences(self.owner, db.pool)
         self._context = DeliveryContext(settings, self._session, redis,
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots, self._in_send,
                                         lambda: self._stopping, self.crowded,
-                                        lambda job: endpoint_reads.read(job.endpoint_id))
+                                        lambda job: endpoint_reads.read(job.endpoint_id),
+                                        lambda job, cover_s: lease_fences.fence(job.key, cover_s))
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
         email = job.endpoint is not None and job.endpoint.channel == "email"

@@ -155,11 +155,29 @@ WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id AN
 # Only a lease still held: the sweep renews what it listed a moment before, and a delivery handed
 # back since (lease_until NULL, leased_by kept) would otherwise be leased again by a worker that no
 # longer holds it, and wait out DELIVERY_LEASE_S before any sweep took it up.
+# Never shortens a lease: a send's fence (_FENCE) may have made it longer than DELIVERY_LEASE_S.
 _RENEW = """
-UPDATE deliveries d SET lease_until = now() + make_interval(secs => $2)
+UPDATE deliveries d SET lease_until = greatest(d.lease_until, now() + make_interval(secs => $2))
 FROM unnest($3::uuid[], $4::uuid[]) AS k(notification_id, endpoint_id)
 WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
   AND d.leased_by = $1 AND d.status = 'PENDING' AND d.lease_until IS NOT NULL
+"""
+
+# Right before a send, its holder makes its lease cover the send (its timeout and the claim's
+# margin: $4, per row), whatever DELIVERY_LEASE_S and the renewals say, and learns that the row is
+# still its own: the rows returned. A row another worker leased since (the holder stalled past its
+# lease), or one settled since, is not returned, and its send does not happen. Under the row's lock,
+# so a sweep leasing the row and this fence are one after the other: either the sweep leased it
+# first (this finds another holder) or it finds the lease running until after the send. Before,
+# the Redis claim alone kept the two apart, and a Redis restarted empty (claims gone) while a
+# stalled holder's lease ran out let both send. A lease already run out with nobody leasing it
+# since is still the holder's: nobody else can have sent.
+_FENCE = """
+UPDATE deliveries d SET lease_until = greatest(d.lease_until, now() + make_interval(secs => k.cover_s))
+FROM unnest($2::uuid[], $3::uuid[], $4::float8[]) AS k(notification_id, endpoint_id, cover_s)
+WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
+  AND d.leased_by = $1 AND d.status = 'PENDING' AND d.lease_until IS NOT NULL
+RETURNING d.notification_id::text, d.endpoint_id::text
 """
 
 # What happened ($1-$7: status, attempts, error, times; $10: the channel of the attempt, which
@@ -402,6 +420,14 @@ async def release(conn: Conn, owner: str, keys: Sequence[tuple[str, str]]) -> No
 async def renew_leases(conn: Conn, owner: str, lease_s: float, keys: Sequence[tuple[str, str]]) -> None:
     if keys:
         await conn.execute(_RENEW, owner, lease_s, [k[0] for k in keys], [k[1] for k in keys])
+
+
+async def fence_sends(conn: Conn, owner: str, sends: Sequence[tuple[tuple[str, str], float]]) -> set[tuple[str, str]]:
+    """Of these deliveries ((notification_id, endpoint_id), seconds their send needs), those `owner`
+    still holds, their leases now covering their sends (`_FENCE`)."""
+    rows = await conn.fetch(_FENCE, owner, [key[0] for key, _ in sends], [key[1] for key, _ in sends],
+                            [cover_s for _, cover_s in sends])
+    return {(row[0], row[1]) for row in rows}
 
 
 async def write_changes(conn: Conn, owner: str, changes: Sequence[DeliveryChange]) -> None:
