@@ -104,28 +104,36 @@ async def delivered_once_each(database_url: str, tenant: Tenant, receiver: Recei
     assert {row["attempts"] for row in statuses} == {1}
 
 
-@pytest.mark.parametrize("away_s", [0, 12], ids=["restarted_at_once", "away_for_12s"])
+@pytest.mark.parametrize(("away_s", "worker_count"), [(0, 1), (12, 1), (0, 2)],
+                         ids=["restarted_at_once", "away_for_12s", "restarted_at_once_under_two_workers"])
 async def test_deliveries_in_flight_when_redis_restarts_empty_are_each_sent_once(
-        services, clean_db, forgetful_redis, start_worker, away_s):
+        services, clean_db, forgetful_redis, start_worker, away_s, worker_count):
+    """Under two workers, each one's claims are gone too: the rows' leases keep them apart (and
+    the lease fence, should one stall past its lease: the test below)."""
     await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
     group = f"redis-restart-{secrets.token_hex(4)}"
-    worker = start_worker(APP_ID=group, REDIS_URL=forgetful_redis.url, **QUICK_RETRIES)
+    # Short leases, so that the workers' sweeps meet each other's rows, renewed as they go.
+    leases = {"DELIVERY_LEASE_S": "1"} if worker_count > 1 else {}
+    workers = [start_worker(APP_ID=group, REDIS_URL=forgetful_redis.url, **leases, **QUICK_RETRIES)
+               for _ in range(worker_count)]
     await wait_until_backlog_consumed(services, group)
     async with Receiver() as receiver, aiohttp.ClientSession() as http:
-        tenant = await Tenant(http, worker.url).create(services.admin_token, receiver.url(),
-                                                       rate_limit_per_s=RATE_PER_S)
-        await wait_for_rules(http, services, worker)
+        tenant = await Tenant(http, workers[0].url).create(services.admin_token, receiver.url(),
+                                                           rate_limit_per_s=RATE_PER_S)
+        await wait_for_rules(http, services, *workers)
 
         await produce_alerts(services.kafka_bootstrap_servers, [f"redis-{n}" for n in range(BURST)])
         await receiver.wait_for_posts(BURST // 4)
         forgetful_redis.kill()
-        await until_ready_says(worker.url, "redis", False)
+        for worker in workers:
+            await until_ready_says(worker.url, "redis", False)
         await asyncio.sleep(away_s)
         forgetful_redis.start()
-        await until_ready_says(worker.url, "redis", True)
+        for worker in workers:
+            await until_ready_says(worker.url, "redis", True)
 
         await delivered_once_each(services.database_url, tenant, receiver, BURST)
-        assert worker.child.running()
+        assert all(worker.child.running() for worker in workers)
 
 
 def take_postgres_down(postgres, how: str) -> None:
@@ -268,6 +276,8 @@ async def test_a_group_open_when_postgres_restarts_delivers_each_alert_once(serv
                 await asyncio.sleep(0.2)
         keys = receiver.accepted()
         assert [key for key, times in keys.items() if times > 1] == []
+        # Every notification posted is recorded settled: none stuck PENDING, none with no post.
+        await wait_until_notified(database_url, tenant.client_id, len(keys))
         assert worker.child.running()
 
 
