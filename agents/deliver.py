@@ -60,9 +60,10 @@ async def start_deliveries(pool: asyncpg.Pool, delivery: Dispatcher,
                            notifications: list[NotificationReady]) -> list[DeliveryJob]:
     """Open the deliveries of `notifications` and start those this worker has room for."""
     owner = delivery.owner if delivery.room else None
+    leased_at = time.monotonic()  # before the statement: the lease runs at least DELIVERY_LEASE_S from here
     jobs = await records.open_deliveries(pool, notifications, owner, settings.delivery_lease_s,
                                          delivery.full_endpoints(), delivery.full_clients())
-    refused = {job.key for job in delivery.submit(jobs)}
+    refused = {job.key for job in delivery.submit(jobs, leased_at)}
     await records.release(pool, delivery.owner, list(refused))
     started = [job for job in jobs if job.key not in refused]
     # Settles what has nothing (left) to deliver: no enabled endpoint, or all done before. A
@@ -129,11 +130,12 @@ async def sweep(pool: asyncpg.Pool, delivery: Dispatcher) -> list[DeliveryJob]:
         return []
     # Of each endpoint and each client no more than it has room for here, and no email once this
     # worker holds all it may: what would be refused is not leased.
+    leased_at = time.monotonic()
     jobs = await records.lease_due(pool, delivery.owner, settings.delivery_lease_s, delivery.held_per_endpoint(),
                                    settings.delivery_endpoint_backlog, min(delivery.room, SWEEP_BATCH_SIZE),
                                    delivery.held_per_client(), settings.delivery_client_backlog,
                                    delivery.email_full())
-    refused = {job.key for job in delivery.submit(jobs)}
+    refused = {job.key for job in delivery.submit(jobs, leased_at)}
     await records.release(pool, delivery.owner, list(refused))
     return [job for job in jobs if job.key not in refused]
 
@@ -151,7 +153,10 @@ class DeliverySweep(Service):
             try:
                 pool, delivery = await db.pool(), dispatcher()
                 if time.monotonic() - renewed_at >= settings.delivery_lease_s / 3:
-                    await records.renew_leases(pool, delivery.owner, settings.delivery_lease_s, delivery.held_keys())
+                    asked_at = time.monotonic()
+                    renewed = await records.renew_leases(pool, delivery.owner, settings.delivery_lease_s,
+                                                         delivery.held_keys())
+                    delivery.renewed(renewed, asked_at)
                     renewed_at = time.monotonic()
                 await sweep(pool, delivery)
                 failures.succeeded()

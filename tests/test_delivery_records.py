@@ -354,7 +354,9 @@ async def test_renewing_leases_does_not_take_back_a_delivery_handed_back_meanwhi
     [_] = await lease_due(conn, "worker", 60.0, {}, backlog=10, limit=10)
     await release(conn, "worker", [(notification_id, endpoint_id)])
 
-    await renew_leases(conn, "worker", 60.0, [(notification_id, endpoint_id)])
+    # Not among those renewed either: the worker must not count on a lease it no longer has
+    # (dispatcher.Dispatcher.renewed: a send it covers goes without its fence).
+    assert await renew_leases(conn, "worker", 60.0, [(notification_id, endpoint_id)]) == set()
 
     assert (await lease_of(conn, notification_id, endpoint_id))["leased"] is False
     assert len(await lease_due(conn, "other-worker", 60.0, {}, backlog=10, limit=10)) == 1
@@ -387,6 +389,8 @@ async def test_a_send_is_not_fenced_once_another_worker_leased_the_row_or_it_is_
     await conn.execute("UPDATE deliveries SET lease_until = now() - interval '1 second'"
                        " WHERE notification_id = $1", taken_over[0])
     [_] = await lease_due(conn, "other-worker", 60.0, {}, backlog=10, limit=10)
+    assert await renew_leases(conn, "worker", 60.0, [taken_over]) == set()  # renewed only by its holder
+    assert await renew_leases(conn, "other-worker", 60.0, [taken_over]) == {taken_over}
     settled = await one_due_delivery(conn)
     [_] = await lease_due(conn, "worker", 60.0, {}, backlog=10, limit=10)
     await write_outcomes(conn, "other-worker", [DeliveryChange(*settled, "SENT", 1)])

@@ -18,6 +18,7 @@ import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -74,13 +75,39 @@ class Dispatcher:
         redis = PipelinedRedis(redis_client.redis())
         # A job's endpoint as it is in Postgres now (attempts.DeliveryContext.endpoint_now).
         endpoint_reads = EndpointReads(db.pool)
-        lease_fences = LeaseFences(self.owner, db.pool)
+        self._lease_fences = LeaseFences(self.owner, db.pool)
+        # How long each held delivery's lease runs at least, as this worker knows it (time.monotonic(),
+        # taken before the statement that leased, renewed or fenced it): a send it covers needs no
+        # fence. Unknown (a job submitted without `leased_at`): fenced.
+        self._lease_known_until: dict[tuple[str, str], float] = {}
         self._context = DeliveryContext(settings, self._session, redis,
                                         RateLimits(redis, settings.endpoint_rate_burst_s),
                                         self.recorder, self._send_slots, self._in_send,
                                         lambda: self._stopping, self.crowded,
                                         lambda job: endpoint_reads.read(job.endpoint_id),
-                                        lambda job, cover_s: lease_fences.fence(job.key, cover_s))
+                                        self._lease_covers)
+
+    async def _lease_covers(self, job: DeliveryJob, cover_s: float) -> bool:
+        """Whether the job's row is still this worker's, its lease covering `cover_s` more at least
+        (attempts.DeliveryContext.lease_covers): known here, or fenced in Postgres (lease_fences.py).
+        With the default DELIVERY_LEASE_S (60 s) renewed every 20 s, a lease always covers a send
+        of the default timeouts: the fence's statement is for short leases, or renewals failing."""
+        if self._lease_known_until.get(job.key, float("-inf")) - time.monotonic() >= cover_s:
+            return True
+        asked_at = time.monotonic()
+        held = await self._lease_fences.fence(job.key, cover_s)
+        if held and job.key in self._held:
+            self._lease_known_until[job.key] = max(self._lease_known_until.get(job.key, float("-inf")),
+                                                   asked_at + cover_s)
+        return held
+
+    def renewed(self, keys: Iterable[tuple[str, str]], asked_at: float) -> None:
+        """`keys`' leases were renewed by a statement sent at `asked_at` (time.monotonic()): only
+        those the statement said it renewed, never one taken over meanwhile."""
+        until = asked_at + self.settings.delivery_lease_s
+        for key in keys:
+            if key in self._held:
+                self._lease_known_until[key] = max(self._lease_known_until.get(key, float("-inf")), until)
 
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
         email = job.endpoint is not None and job.endpoint.channel == "email"
@@ -164,8 +191,9 @@ class Dispatcher:
         is down)."""
         return list(dict.fromkeys([*self._held, *self.recorder.pending_keys()]))
 
-    def submit(self, jobs: Iterable[DeliveryJob]) -> list[DeliveryJob]:
-        """Start delivering `jobs`; return those refused for lack of room (their leases are to be released)."""
+    def submit(self, jobs: Iterable[DeliveryJob], leased_at: float | None = None) -> list[DeliveryJob]:
+        """Start delivering `jobs`; return those refused for lack of room (their leases are to be released).
+        `leased_at`: when (time.monotonic()) the statement that leased them was sent, if known."""
         if self._stopping:
             return [job for job in jobs if job.key not in self._held]
         refused = []
@@ -185,6 +213,8 @@ class Dispatcher:
             self._endpoint_held_at_most[job.endpoint_id] = held_at_most
             self._per_endpoint.hold(job.endpoint_id)
             self._per_client.hold(job.notification.client_id)
+            if leased_at is not None:
+                self._lease_known_until[job.key] = leased_at + self.settings.delivery_lease_s
             self._held[job.key] = asyncio.ensure_future(self._run(job))
             self._idle.clear()
         return refused
@@ -195,6 +225,7 @@ class Dispatcher:
                 await deliver(job, self._context)
         finally:
             del self._held[job.key]
+            self._lease_known_until.pop(job.key, None)
             self._email_held.discard(job.key)
             self._per_endpoint.let_go(job.endpoint_id)
             if job.endpoint_id not in self._per_endpoint.held:

@@ -161,6 +161,7 @@ UPDATE deliveries d SET lease_until = greatest(d.lease_until, now() + make_inter
 FROM unnest($3::uuid[], $4::uuid[]) AS k(notification_id, endpoint_id)
 WHERE d.notification_id = k.notification_id AND d.endpoint_id = k.endpoint_id
   AND d.leased_by = $1 AND d.status = 'PENDING' AND d.lease_until IS NOT NULL
+RETURNING d.notification_id::text, d.endpoint_id::text
 """
 
 # Right before a send, its holder makes its lease cover the send (its timeout and the claim's
@@ -417,9 +418,13 @@ async def release(conn: Conn, owner: str, keys: Sequence[tuple[str, str]]) -> No
         await conn.execute(_RELEASE, owner, [k[0] for k in keys], [k[1] for k in keys])
 
 
-async def renew_leases(conn: Conn, owner: str, lease_s: float, keys: Sequence[tuple[str, str]]) -> None:
-    if keys:
-        await conn.execute(_RENEW, owner, lease_s, [k[0] for k in keys], [k[1] for k in keys])
+async def renew_leases(conn: Conn, owner: str, lease_s: float,
+                       keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Renew `owner`'s leases of `keys`; return those renewed (not one handed back, taken over or settled)."""
+    if not keys:
+        return set()
+    rows = await conn.fetch(_RENEW, owner, lease_s, [k[0] for k in keys], [k[1] for k in keys])
+    return {(row[0], row[1]) for row in rows}
 
 
 async def fence_sends(conn: Conn, owner: str, sends: Sequence[tuple[tuple[str, str], float]]) -> set[tuple[str, str]]:
