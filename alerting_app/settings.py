@@ -133,6 +133,9 @@ def _without_final_line_break(value: object) -> object:
 
 
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_without_final_line_break)]  # shown as ********
+# A delivery's Redis claim outlives its send by this much, so that only a dead holder's claim ever
+# expires; its lease is made to cover as much right before the send (delivery/lease_fences.py).
+CLAIM_MARGIN_S = 5.0
 MIN_NOTIFICATION_RETENTION_DAYS = 2
 MIN_DELETED_RULE_RETENTION_DAYS = 1
 WebPort = Annotated[int, BeforeValidator(_digits_only)]
@@ -413,6 +416,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DELIVERY_SENT_MARKER_TTL_S ({self.delivery_sent_marker_ttl_s}) must be at least "
                 f"DELIVERY_LEASE_S ({self.delivery_lease_s:g}): the marker must outlive a lease"
+            )
+        # A send's lease is made to cover its timeout plus CLAIM_MARGIN_S (delivery/lease_fences.py),
+        # however short DELIVERY_LEASE_S: the marker must outlive that lease too.
+        longest_cover_s = max(self.webhook_timeout_s, self.smtp_timeout_s) + CLAIM_MARGIN_S
+        if self.delivery_sent_marker_ttl_s < longest_cover_s:
+            raise ValueError(
+                f"DELIVERY_SENT_MARKER_TTL_S ({self.delivery_sent_marker_ttl_s}) must be at least the longest "
+                f"send timeout (WEBHOOK_TIMEOUT_S {self.webhook_timeout_s:g}, SMTP_TIMEOUT_S "
+                f"{self.smtp_timeout_s:g}) plus {CLAIM_MARGIN_S:g} s: a send's lease lasts that long, and the "
+                f"marker must outlive a lease"
             )
         # Two days at least. A redelivered alerts.matched (minutes behind at worst) must still find
         # its notification, or it would be notified twice; and a closed group can stay in its

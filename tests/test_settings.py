@@ -319,6 +319,9 @@ def test_a_redis_url_option_its_connection_does_not_take_is_refused_naming_it(mo
     # The sent marker must outlive a lease, or a crashed worker's delivery is sent twice.
     ({"DELIVERY_LEASE_S": "600", "DELIVERY_SENT_MARKER_TTL_S": "300"},
      ("DELIVERY_SENT_MARKER_TTL_S", "DELIVERY_LEASE_S")),
+    # ... and the lease a send's fence makes (its timeout plus 5 s), however short DELIVERY_LEASE_S.
+    ({"DELIVERY_LEASE_S": "30", "WEBHOOK_TIMEOUT_S": "120", "DELIVERY_SENT_MARKER_TTL_S": "60"},
+     ("DELIVERY_SENT_MARKER_TTL_S", "WEBHOOK_TIMEOUT_S")),
 ])
 def test_delivery_timings_that_contradict_each_other_are_refused_naming_both(monkeypatch, env, named):
     for variable, value in env.items():

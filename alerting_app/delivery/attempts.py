@@ -36,12 +36,13 @@ from alerting_app.delivery.recorder import FAILED, PENDING, SENT, Recorder
 from alerting_app.delivery.records import DeliveryChange
 from alerting_app.failure_streak import FailureStreak
 from alerting_app.redis_pipelining import PipelinedRedis, refused_by_a_replica
-from alerting_app.settings import Settings
+from alerting_app.settings import CLAIM_MARGIN_S, Settings
 
 log = logging.getLogger(__name__)
 
-# A claim outlives its send by this much, so that only a dead holder's claim ever expires.
-_CLAIM_MARGIN_S = 5.0
+# A claim outlives its send by this much, so that only a dead holder's claim ever expires; the
+# send's lease fence covers as much.
+_CLAIM_MARGIN_S = CLAIM_MARGIN_S
 # A retry due later than this is not waited for in the worker: the delivery is handed back (its
 # failed attempt, when the next is due and its lease given up, in one write) and the sweep of any
 # worker takes it up when it is due. Waiting, it kept its place in the worker's bounds
