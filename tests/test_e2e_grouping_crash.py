@@ -23,7 +23,8 @@ import asyncpg
 import pytest
 
 from delivery_platform import (
-    STAGES, Tenant, produce_alerts, wait_for_rules, wait_until_backlog_consumed, wait_until_notified,
+    STAGES, Tenant, count_notifications, produce_alerts, wait_for_rules, wait_until_backlog_consumed,
+    wait_until_notified,
 )
 from delivery_receivers import Receiver
 from kafka_probe import retire_rules_left_on_topic, wait_until_consumed
@@ -63,14 +64,6 @@ async def wait_until_members(database_url: str, client_id: str, count: int, time
             if time.monotonic() > deadline:
                 raise AssertionError(f"{members} of {count} alerts joined the group")
             await asyncio.sleep(0.2)
-    finally:
-        await conn.close()
-
-
-async def count_notifications(database_url: str, client_id: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", client_id)
     finally:
         await conn.close()
 
