@@ -199,6 +199,9 @@ async def test_redis_trouble_before_the_send_counts_no_attempt_and_backs_off_whi
 
         assert receiver.posts == []
         assert {(c.status, c.attempts, c.release) for c in ctx.recorder.changes} == {("PENDING", 0, True)}
+        # Nothing was attempted against the endpoint: no attempt's time either (the tenant read
+        # `attempts: 0` beside a first_attempt_at).
+        assert {(c.first_attempt_at, c.last_attempt_at) for c in ctx.recorder.changes} == {(None, None)}
         change = ctx.recorder.changes[0]
         assert change.last_error.startswith("before sending: ConnectionError")
         # The tenant reads the record: where our Redis is goes to the worker's log only.

@@ -491,8 +491,12 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
     def record(status: str, attempts: int = 0, error: str | None = None, at: float | None = None,
                dead_letter: bool = True, **extra) -> None:
         error = None if error is None else recordable(error)
-        # The row's channel is its latest attempt's.
+        # The row's channel is its latest attempt's, and so are its times: a change counting no
+        # attempt (Redis's trouble before the send) leaves first_attempt_at and last_attempt_at as
+        # they were. Before, such a hand-back showed the tenant `attempts: 0` with a first_attempt_at,
+        # and moved last_attempt_at of a delivery already tried to a moment nothing was tried.
         attempted_by = job.endpoint.channel if attempts and job.endpoint else None
+        at = at if attempts else None
         change = DeliveryChange(*job.key, status, attempts, error, at, at, channel=attempted_by, **extra)
         letter = (_failure_letter(job, error or "", job.attempts + attempts_made)
                   if status == FAILED and dead_letter else None)
