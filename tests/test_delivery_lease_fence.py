@@ -86,3 +86,40 @@ async def test_a_delivery_another_worker_leased_meanwhile_is_not_sent(pool, sett
         assert (row["status"], row["attempts"], row["leased_by"]) == ("PENDING", 0, "other-worker")
     finally:
         await dispatcher.close()
+
+
+async def test_a_stop_while_a_send_waits_for_its_fence_frees_the_sends_claim(pool, settings, receiver, opened):
+    """A stop cancels what is not sending (Dispatcher.close), a send waiting for its fence included:
+    it had its claim, and sent nothing. Left until its TTL (the send's timeout and margin), the
+    claim made the worker that took the row up next hand it back to wait it out."""
+    from alerting_app.delivery import claims
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    receiver.answer("fenced-stop", 200)
+    dispatcher = Dispatcher(settings)
+    notification, [job], _ = await opened_for(pool, dispatcher, opened, receiver.url("fenced-stop"))
+    closing = None
+    async with pool.acquire() as locker:
+        transaction = locker.transaction()
+        await transaction.start()
+        try:
+            # Its fence's statement waits for the row's lock: the send waits for its fence.
+            await locker.execute("SELECT 1 FROM deliveries WHERE notification_id = $1 FOR UPDATE",
+                                 notification.notification_id)
+            assert dispatcher.submit([job]) == []  # its lease not known here: fenced
+            async with asyncio.timeout(20):  # a guard against hanging, not a measurement
+                while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                              " AND query LIKE '%k.cover_s%'"):
+                    await asyncio.sleep(0.01)
+            closing = asyncio.ensure_future(dispatcher.close())
+            async with asyncio.timeout(20):
+                while dispatcher.held_keys():
+                    await asyncio.sleep(0.01)
+            claim = await claims.claim(dispatcher._context.redis, *job.key, ttl_s=5)
+            await claims.release(dispatcher._context.redis, claim)
+            assert claim.state is claims.ClaimState.CLAIMED
+        finally:
+            await transaction.rollback()
+            if closing is not None:
+                await asyncio.wait_for(closing, 30)
+    assert receiver.posts_to("fenced-stop") == []

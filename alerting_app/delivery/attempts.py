@@ -272,7 +272,15 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
             if claim.state is claims.ClaimState.BUSY:
                 raise ClaimedElsewhere(claim.busy_for_s)
             # The claim's span: the send's timeout and its margin.
-            if not await _lease_covers(job, ctx, _send_timeout_s(job, settings) + _CLAIM_MARGIN_S):
+            try:
+                covered = await _lease_covers(job, ctx, _send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
+            except asyncio.CancelledError:
+                # A stop (Dispatcher.close cancels what is not sending) while the fence's statement
+                # was out: nothing was sent, so the claim goes now. Left until its TTL, it made the
+                # worker that took the row up next hand it back to wait it out.
+                await _release(ctx, claim)
+                raise
+            if not covered:
                 await _release(ctx, claim)
                 raise LeaseLost()
             if ctx.stopping():
