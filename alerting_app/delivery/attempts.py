@@ -40,9 +40,6 @@ from alerting_app.settings import CLAIM_MARGIN_S, Settings
 
 log = logging.getLogger(__name__)
 
-# A claim outlives its send by this much, so that only a dead holder's claim ever expires; the
-# send's lease fence covers as much.
-_CLAIM_MARGIN_S = CLAIM_MARGIN_S
 # A retry due later than this is not waited for in the worker: the delivery is handed back (its
 # failed attempt, when the next is due and its lease given up, in one write) and the sweep of any
 # worker takes it up when it is due. Waiting, it kept its place in the worker's bounds
@@ -265,15 +262,17 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 # slot and the all-email token, a webhook neither, so the attempt begins again.
                 raise ChannelChanged(read_again)
             job = read_again
-            claim = await claims.claim(ctx.redis, *job.key, ttl_s=_send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
+            # The claim outlives the send by CLAIM_MARGIN_S, so that only a dead holder's claim ever
+            # expires; the lease fence below makes the row's lease cover as much.
+            claim_span_s = _send_timeout_s(job, settings) + CLAIM_MARGIN_S
+            claim = await claims.claim(ctx.redis, *job.key, ttl_s=claim_span_s)
             ctx.redis_failures.succeeded()
             if claim.state is claims.ClaimState.SENT:
                 raise AlreadySent()
             if claim.state is claims.ClaimState.BUSY:
                 raise ClaimedElsewhere(claim.busy_for_s)
-            # The claim's span: the send's timeout and its margin.
             try:
-                covered = await _lease_covers(job, ctx, _send_timeout_s(job, settings) + _CLAIM_MARGIN_S)
+                covered = await _lease_covers(job, ctx, claim_span_s)
             except asyncio.CancelledError:
                 # A stop (Dispatcher.close cancels what is not sending) while the fence's statement
                 # was out: nothing was sent, so the claim goes now. Left until its TTL, it made the
