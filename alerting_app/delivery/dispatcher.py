@@ -85,15 +85,18 @@ class Dispatcher:
                                         self.recorder, self._send_slots, self._in_send,
                                         lambda: self._stopping, self.crowded,
                                         lambda job: endpoint_reads.read(job.endpoint_id),
-                                        self._lease_covers)
+                                        self._lease_covers, lease_known=self._lease_known)
+
+    def _lease_known(self, job: DeliveryJob, cover_s: float) -> bool:
+        """Whether this worker knows the job's lease covers `cover_s` more at least
+        (attempts.DeliveryContext.lease_known). With the default DELIVERY_LEASE_S (60 s) renewed
+        every 20 s, a lease always covers a send of the default timeouts: the fence's statement
+        (`_lease_covers`) is for short leases, or renewals failing."""
+        return self._lease_known_until.get(job.key, float("-inf")) - time.monotonic() >= cover_s
 
     async def _lease_covers(self, job: DeliveryJob, cover_s: float) -> bool:
-        """Whether the job's row is still this worker's, its lease covering `cover_s` more at least
-        (attempts.DeliveryContext.lease_covers): known here, or fenced in Postgres (lease_fences.py).
-        With the default DELIVERY_LEASE_S (60 s) renewed every 20 s, a lease always covers a send
-        of the default timeouts: the fence's statement is for short leases, or renewals failing."""
-        if self._lease_known_until.get(job.key, float("-inf")) - time.monotonic() >= cover_s:
-            return True
+        """Whether the job's row is still this worker's, its lease now covering `cover_s` more at
+        least, fenced in Postgres (attempts.DeliveryContext.lease_covers, lease_fences.py)."""
         asked_at = time.monotonic()
         held = await self._lease_fences.fence(job.key, cover_s)
         if held and job.key in self._held:
