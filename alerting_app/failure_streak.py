@@ -30,12 +30,13 @@ class FailureStreak:
         self._started_at = 0.0  # wall clock, for the operator
         self._began = 0.0  # self._clock's time of the streak's first failure
         self._logged_at = 0.0  # self._clock's time of the last line
+        self._last_failed_at = float("-inf")  # self._clock's time of the last failure, kept past a success
 
     def failed(self, message: str, *args: object) -> None:
         """Call in the `except` block: the first failure is logged as `log.exception(message, *args)`,
         later ones as one short line per interval (the exception being handled, without traceback)."""
         self.failures += 1
-        now = self._clock()
+        now = self._last_failed_at = self._clock()
         if self.failures == 1:
             self._started_at = time.time()
             self._began = self._logged_at = now
@@ -52,6 +53,11 @@ class FailureStreak:
         if self.failures:
             self._log.info("%s recovered after %d failures", self.what, self.failures)
         self.failures = 0
+
+    def failed_within(self, seconds: float) -> bool:
+        """Whether the last failure was less than `seconds` ago, whatever succeeded since: a call
+        skipped for a while after it fails (one waiting on a Postgres that is away) asks this."""
+        return self._clock() - self._last_failed_at < seconds
 
     def failing_for_s(self) -> float:
         """How long the current streak has lasted, from its first failure; 0 while none."""

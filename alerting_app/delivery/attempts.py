@@ -129,11 +129,10 @@ class DeliveryContext:
     # no fence (with the default DELIVERY_LEASE_S, every send). Checked before `lease_covers` and its
     # timeout, which cost a tenth of a millisecond a send in the deliver stage's benchmark.
     lease_known: Callable[[DeliveryJob, float], bool] = _known_throughout
-    lease_fence_failed_at: float = float("-inf")
+    # The runs of failed fences and failed reads of `endpoint_now`, logged once in full (while
+    # Postgres is away nearly every send would log a traceback); each is skipped for a while after
+    # its last failure (`FailureStreak.failed_within`).
     lease_fence_failures: FailureStreak = field(default_factory=lambda: FailureStreak(log, "fencing sends' leases"))
-    # When a read of `endpoint_now` last failed (time.monotonic()), and the run of failures, logged
-    # once in full: while Postgres is away nearly every send would log a traceback.
-    endpoint_read_failed_at: float = float("-inf")
     endpoint_read_failures: FailureStreak = field(default_factory=lambda: FailureStreak(log, "reading endpoints again"))
     # The run of failed Redis calls (a token, a claim, a look for a sent mark), logged once in full:
     # while Redis is away every delivery held fails at each retry, and the sweep's take-up of each
@@ -314,7 +313,6 @@ async def _endpoint_read_again(job: DeliveryJob, ctx: DeliveryContext) -> Endpoi
         async with asyncio.timeout(ENDPOINT_READ_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
             endpoint = await ctx.endpoint_now(job)
     except Exception:
-        ctx.endpoint_read_failed_at = time.monotonic()
         ctx.endpoint_read_failures.failed("could not read endpoint %s again; going on with it as it was",
                                           job.endpoint_id)
         return None
@@ -332,7 +330,7 @@ async def _endpoint_before_send(job: DeliveryJob, ctx: DeliveryContext) -> Deliv
     Raises EndpointGone once the tenant deleted or disabled it meanwhile (see _endpoint_read_again).
     """
     now = time.monotonic()
-    if now - job.read_at <= ENDPOINT_RECHECK_S or now - ctx.endpoint_read_failed_at < ENDPOINT_READ_PAUSE_S:
+    if now - job.read_at <= ENDPOINT_RECHECK_S or ctx.endpoint_read_failures.failed_within(ENDPOINT_READ_PAUSE_S):
         return job
     endpoint = await _endpoint_read_again(job, ctx)
     return job if endpoint is None else replace(job, endpoint=endpoint, read_at=time.monotonic())
@@ -341,13 +339,12 @@ async def _endpoint_before_send(job: DeliveryJob, ctx: DeliveryContext) -> Deliv
 async def _lease_covers(job: DeliveryJob, ctx: DeliveryContext, cover_s: float) -> bool:
     """Whether the send may go: its row still this worker's, its lease covering `cover_s`; True
     when Postgres cannot say (the claim alone then decides, as before the fence)."""
-    if time.monotonic() - ctx.lease_fence_failed_at < LEASE_FENCE_PAUSE_S:
+    if ctx.lease_fence_failures.failed_within(LEASE_FENCE_PAUSE_S):
         return True
     try:
         async with asyncio.timeout(LEASE_FENCE_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
             held = await ctx.lease_covers(job, cover_s)
     except Exception:
-        ctx.lease_fence_failed_at = time.monotonic()
         ctx.lease_fence_failures.failed("could not fence delivery %s to %s's lease; sending on its claim", *job.key)
         return True
     ctx.lease_fence_failures.succeeded()
