@@ -106,6 +106,12 @@ class SilenceIndex:
             self._by_client.setdefault(change.client_id, {})[change.silence_id] = change.silence
         return True
 
+    def take_over(self, other: SilenceIndex) -> None:
+        """Hold what `other` holds from now on, in one step: readers of this index never see a mix.
+        `other` must not be changed afterwards (the two share their contents)."""
+        self._versions, self._deleted_at, self._silences = other._versions, other._deleted_at, other._silences
+        self._by_client, self._pruned_at = other._by_client, other._pruned_at
+
     def forget(self, silence_id: str) -> bool:
         """Drop whatever is held of the silence, its tombstone or the silence itself, as if it had
         never been seen; whether anything was. For a null record (a Kafka tombstone) on silence.changed."""

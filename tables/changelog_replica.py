@@ -62,6 +62,8 @@ class ChangeIndex(Protocol):
 
     def forget(self, key: str) -> bool: ...
 
+    def take_over(self, other: Any) -> None: ...
+
     def __len__(self) -> int: ...
 
 
@@ -69,7 +71,7 @@ class ChangelogReplica:
     """Follows one changelog topic into `index`; subclasses name the event contract and its key field.
 
     `index` is what matching reads. Records are applied to `filling`: `index` itself, or a fresh
-    index the rule replica rebuilds while `index` keeps serving (tables/rule_replica.py).
+    index a run fills while `index` keeps serving, until it has caught up (`reached_end_offsets`).
     """
 
     contract: type[Contract]
@@ -161,7 +163,11 @@ class ChangelogReplica:
         return forgotten
 
     def reached_end_offsets(self) -> None:
-        """Called once per run, when `filling` has read up to the end offsets seen at its start."""
+        """Called once per run, when `filling` has read up to the end offsets seen at its start: a
+        fresh `filling` then takes the place of `index`, in one step."""
+        if self.filling is not self.index:
+            self.index.take_over(self.filling)
+            self.filling = self.index
         if not self.is_caught_up:
             log.info("%s caught up: %d held", self.name, len(self.index))
         self._caught_up.set()

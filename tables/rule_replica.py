@@ -307,12 +307,8 @@ class RuleReplica(ChangelogReplica):
         return self.outdated(store, forgotten_relayed_before)
 
     def reached_end_offsets(self) -> None:
-        if self.filling is not self.index:
-            if self.is_caught_up:
-                log.info("rule replica caught up again: %d rules now matched (were %d)",
-                         len(self.filling), len(self.index))
-            self.index.take_over(self.filling)
-            self.filling = self.index
+        if self.filling is not self.index and self.is_caught_up:
+            log.info("rule replica caught up again: %d rules now matched (were %d)", len(self.filling), len(self.index))
         super().reached_end_offsets()
 
     async def run(self, broker: Broker, topic: str, store: RuleStore, *, poll_ms: int = 100) -> None:

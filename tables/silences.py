@@ -24,11 +24,14 @@ class SilenceReplica(ChangelogReplica):
     async def run(self, broker: Broker, topic: str, *, poll_ms: int = 100) -> None:
         """Read every partition of `topic` from its beginning, for ever.
 
-        A restart (after a failure) reads everything again into the same index: the events it held
-        already are stale versions, ignored, so matching meanwhile sees no silence disappear. (A
-        deleted silence whose tombstone was forgotten may be held again until its delete is read
-        again: it mutes nothing, having ended long ago, or belonging to a client deleted with its rules.)
+        Each run reads into a fresh index, which takes the place of the one matching reads only once
+        it has read up to the end offsets (`reached_end_offsets`), as the rule replica does. A restart
+        (after a failure) once read everything again into the served index: a silence it had
+        forgotten (its delete, then the null record behind it, read) came back from its first
+        upsert until its later records were read again, and a silence expired early is in force in
+        that upsert: for a while the restart muted alerts it no longer muted.
         """
+        self.filling = SilenceIndex()
         await self.follow(broker, topic, start_at=from_the_beginning, on_batches=self.apply_batches, poll_ms=poll_ms)
 
 
