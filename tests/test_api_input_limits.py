@@ -271,6 +271,21 @@ async def test_an_integer_of_thousands_of_digits_is_refused_as_too_long_without_
     assert failure["message"] == "a number too long: an integer has at most 4300 digits"
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/api/v1/clients", '{"name": "Café"}'.encode("latin-1")),
+    ("/api/v1/alerts", '{"alert_id": "é", "event_ts": 1, "severity": "HIGH", "source": "s", "name": "n"}'
+                       .encode("latin-1")),
+])
+async def test_a_body_that_is_not_utf8_is_refused_saying_so(api, path, body):
+    # json.loads raises UnicodeDecodeError, a ValueError like its refusal of a too long integer:
+    # a Latin-1 body was told "a number too long: an integer has at most 4300 digits".
+    reply = await api.call("POST", path, api.admin_token, data=body)
+    assert reply.failing_fields() == {"body"}
+    [failure] = reply.body["fields"]
+    where = body.index("é".encode("latin-1"))
+    assert failure["message"] == f"not UTF-8 text (invalid continuation byte at byte {where}): JSON is read as UTF-8"
+
+
 @pytest.mark.parametrize("encoding", ["foo", "gzip, br", "compress"])
 async def test_a_content_encoding_the_api_does_not_undo_is_415_not_read_as_it_is(api, encoding):
     # aiohttp hands these over still encoded: read as JSON, a plain body was accepted.

@@ -141,6 +141,10 @@ def parse_json(raw: bytes) -> Any:
         raise ValidationFailed.field("body", f"the key {str(exc)!r} is given more than once") from None
     except json.JSONDecodeError as exc:
         raise ValidationFailed.field("body", f"invalid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # A ValueError too: without its own answer, a Latin-1 body was told its integer was too long.
+        raise ValidationFailed.field("body", f"not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                                             "JSON is read as UTF-8") from None
     except ValueError:
         # The one other ValueError json.loads raises: an integer past Python's limit on converting
         # text to int, whose message tells the caller to call sys.set_int_max_str_digits().
