@@ -8,6 +8,7 @@ import gzip
 import json
 
 import pytest
+from multidict import CIMultiDict
 
 from test_api_support import API_LOOP, Tenant, api, served_api_routes, tenant  # noqa: F401  (fixtures)
 from web.validation import MAX_BODY_BYTES
@@ -295,6 +296,23 @@ async def test_a_content_encoding_the_api_does_not_undo_is_415_not_read_as_it_is
         assert response.status == 415
         body = await response.json()
     assert body["error"] == "unsupported_media_type" and encoding in body["message"]
+
+
+@pytest.mark.parametrize("first, second", [("gzip", "gzip"), ("identity", "gzip"), ("gzip", "identity")])
+async def test_content_encoding_given_in_two_header_lines_is_415_as_a_list_is(api, first, second):
+    # Two lines are one list of codings (RFC 9110, 5.3). The API read the first line, aiohttp undoes
+    # the coding of the last: a body gzipped once under `gzip` twice was read as if gzipped once,
+    # and `gzip` then `identity` was checked as gzip and read as it came.
+    name = f"two-codings-{first}-{second}"
+    headers = CIMultiDict([("Authorization", f"Bearer {api.admin_token}"), ("Content-Type", "application/json"),
+                           ("Content-Encoding", first), ("Content-Encoding", second)])
+    async with api.client.post("/api/v1/clients", data=gzip.compress(json.dumps({"name": name}).encode()),
+                               headers=headers) as response:
+        assert response.status == 415, await response.text()
+        body = await response.json()
+    assert body["error"] == "unsupported_media_type" and f"{first}, {second}" in body["message"]
+    listed = await api.call("GET", "/api/v1/clients", api.admin_token, params={"limit": 500})
+    assert name not in {client["name"] for client in listed.body["items"]}
 
 
 @pytest.mark.parametrize("encoding", ["identity", "GZIP"])

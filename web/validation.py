@@ -39,7 +39,10 @@ async def read_body(request: Request) -> bytes:
     Read in chunks rather than trusting Content-Length alone: a chunked or compressed body has no
     length that bounds what it decodes to.
     """
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    # Every line of the header, as one list (RFC 9110, 5.3): aiohttp undoes the coding of the last
+    # line, so the first alone was not what the body is read as (`gzip` then `identity` was checked
+    # as gzip and read as it came; `gzip` twice, a list of two codings, was undone once).
+    encoding = ", ".join(request.headers.getall("Content-Encoding", [])).strip().lower()
     if encoding not in READABLE_ENCODINGS:
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not read here: send the body as it is, "
                                    "or gzip- or deflate-compressed")
