@@ -329,6 +329,41 @@ async def test_email_tests_hold_no_more_of_the_relay_than_a_workers_deliveries_m
         assert relay.envelopes_begun == 1
 
 
+async def test_a_test_taking_its_tokens_already_holds_its_slot_of_the_relay(api, tenant, other_tenant, monkeypatch):
+    # The slot was taken only once the tokens were, after their Redis round trip: tests arriving
+    # together all found the slots free, and all were sent, past the relay's slots (and past 64).
+    import asyncio
+
+    from alerting_app.app import settings
+    from web import endpoint_trial
+
+    taking_tokens, let_the_first_on = asyncio.Event(), asyncio.Event()
+    take_tokens = endpoint_trial._take_tokens
+
+    async def first_test_waits_between_its_room_and_its_tokens(*args):
+        if not taking_tokens.is_set():
+            taking_tokens.set()
+            await let_the_first_on.wait()
+        else:
+            let_the_first_on.set()  # unless the second is refused first, it lets the first on
+        return await take_tokens(*args)
+
+    with relay_of_the_api(monkeypatch) as relay:
+        monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+        monkeypatch.setattr(endpoint_trial, "_take_tokens", first_test_waits_between_its_room_and_its_tokens)
+        first = await endpoint_to(api, tenant, "email", "oncall@example.com")
+        second = await endpoint_to(api, other_tenant, "email", "oncall@example.com")
+        holding = asyncio.ensure_future(api.call("POST", f"/api/v1/endpoints/{first['endpoint_id']}/test", tenant.key))
+        await taking_tokens.wait()
+        refused = await api.call("POST", f"/api/v1/endpoints/{second['endpoint_id']}/test", other_tenant.key)
+        let_the_first_on.set()
+
+        assert refused.status == 429, refused.body
+        assert "tests to the SMTP relay" in refused.body["message"]
+        assert (await holding).body["delivered"]
+        assert relay.envelopes_begun == 1
+
+
 async def test_a_test_while_redis_does_not_answer_is_refused_with_503_and_retry_after_and_sends_nothing(
         api, tenant, monkeypatch):
     from redis.asyncio import Redis

@@ -140,32 +140,36 @@ class EndpointTestView(ApiView):
         if busy is not None:
             return self.error(429, "rate_limited", message=f"no test now: {busy}; try again in 1 s",
                               headers={"Retry-After": "1"})
-        redis = PipelinedRedis(redis_client.redis())
-        try:
-            await _take_tokens(redis, endpoint, row["client_id"])
-        except _Throttled as throttled:
-            wait_s = max(1, math.ceil(throttled.retry_after_s))
-            return self.error(429, "rate_limited", message=f"no test now: {throttled}; try again in {wait_s} s",
-                              headers={"Retry-After": str(wait_s)})
-        except RedisError as exc:
-            log.warning("endpoint test: the rate-limit tokens could not be taken: %s", exc)
-            return self.error(503, "redis_unavailable", message="the rate limits cannot be checked now; nothing was sent",
-                              headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})  # as database_unavailable
-        notification = trial_notification(row["client_id"], row["rule_id"], endpoint.endpoint_id)
-        error, retryable = None, None
-        # Its host is a c-ares query, as a delivery's (channels/addresses.py host_resolver): a tenant
-        # testing endpoints under a name server that answers late or never holds no thread.
+        # Held from the look at the room on, before any await: taken once the tokens were (a Redis
+        # round trip later), tests arriving together all found the room free and were all sent.
         kinds = ("all", "email") if endpoint.channel == "email" else ("all",)
         for kind in kinds:
             _in_flight[kind] += 1
         try:
-            async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints) as session:
-                await send_to(endpoint, notification, session, settings)
-        except DeliveryError as exc:
-            error, retryable = recordable(str(exc)), isinstance(exc, RetryableDeliveryError)
-        except Exception as exc:  # ours, not the endpoint's: as a delivery, its type and message
-            log.exception("endpoint test %s: the send raised %s", endpoint.endpoint_id, type(exc).__name__)
-            error, retryable = recordable(f"{type(exc).__name__}: {exc}"), False
+            redis = PipelinedRedis(redis_client.redis())
+            try:
+                await _take_tokens(redis, endpoint, row["client_id"])
+            except _Throttled as throttled:
+                wait_s = max(1, math.ceil(throttled.retry_after_s))
+                return self.error(429, "rate_limited", message=f"no test now: {throttled}; try again in {wait_s} s",
+                                  headers={"Retry-After": str(wait_s)})
+            except RedisError as exc:
+                log.warning("endpoint test: the rate-limit tokens could not be taken: %s", exc)
+                return self.error(503, "redis_unavailable",
+                                  message="the rate limits cannot be checked now; nothing was sent",
+                                  headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})  # as database_unavailable
+            notification = trial_notification(row["client_id"], row["rule_id"], endpoint.endpoint_id)
+            error, retryable = None, None
+            # Its host is a c-ares query, as a delivery's (channels/addresses.py host_resolver): a tenant
+            # testing endpoints under a name server that answers late or never holds no thread.
+            try:
+                async with endpoint_session(concurrency=1, allow_private=settings.allow_private_endpoints) as session:
+                    await send_to(endpoint, notification, session, settings)
+            except DeliveryError as exc:
+                error, retryable = recordable(str(exc)), isinstance(exc, RetryableDeliveryError)
+            except Exception as exc:  # ours, not the endpoint's: as a delivery, its type and message
+                log.exception("endpoint test %s: the send raised %s", endpoint.endpoint_id, type(exc).__name__)
+                error, retryable = recordable(f"{type(exc).__name__}: {exc}"), False
         finally:
             for kind in kinds:
                 _in_flight[kind] -= 1
