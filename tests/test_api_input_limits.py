@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import gzip
 import json
 
@@ -285,6 +286,35 @@ async def test_a_body_that_is_not_utf8_is_refused_saying_so(api, path, body):
     [failure] = reply.body["fields"]
     where = body.index("é".encode("latin-1"))
     assert failure["message"] == f"not UTF-8 text (invalid continuation byte at byte {where}): JSON is read as UTF-8"
+
+
+_AN_ALERT = '{"alert_id": "bom", "event_ts": 1, "severity": "HIGH", "source": "s", "name": "n"}'
+
+
+@pytest.mark.parametrize("path, text", [("/api/v1/clients", '{"name": "UTF-16"}'), ("/api/v1/alerts", _AN_ALERT)])
+@pytest.mark.parametrize("codec, nul_at", [("utf-16-le", 1), ("utf-16", 3), ("utf-32-be", 0)])
+async def test_a_body_in_utf16_or_utf32_is_refused_as_not_utf8_on_every_route(api, path, text, codec, nul_at):
+    # json.loads detects UTF-16 and UTF-32 in bytes: POST /alerts read them, while the routes that
+    # go on to pydantic answered "invalid JSON: expected value at line 1 column 1".
+    reply = await api.call("POST", path, api.admin_token, data=text.encode(codec))
+    assert reply.failing_fields() == {"body"}
+    [failure] = reply.body["fields"]
+    assert failure["message"] == (f"not UTF-8 text (a NUL byte at byte {nul_at}): JSON is read as UTF-8, "
+                                  "not UTF-16 or UTF-32")
+
+
+async def test_a_leading_utf8_byte_order_mark_is_ignored_on_every_route(api):
+    # RFC 8259 lets a parser ignore it: POST /alerts did (json.loads), POST /clients answered
+    # "invalid JSON: expected value at line 1 column 1" (pydantic).
+    bom = codecs.BOM_UTF8
+    created = await api.call("POST", "/api/v1/clients", api.admin_token, data=bom + '{"name": "Bömer"}'.encode())
+    assert created.status == 201 and created.body["name"] == "Bömer"
+    api.tenants.append(Tenant(created.body["client_id"], created.body["api_key"]))  # deleted with the module
+    assert (await api.call("POST", "/api/v1/alerts", api.admin_token, data=bom + _AN_ALERT.encode())).status == 202
+    # Where the bad byte is, counted in the body as sent, the mark included.
+    refused = await api.call("POST", "/api/v1/clients", api.admin_token, data=bom + b'{"name": "Caf\xe9"}')
+    [failure] = refused.body["fields"]
+    assert failure["message"] == "not UTF-8 text (invalid continuation byte at byte 16): JSON is read as UTF-8"
 
 
 @pytest.mark.parametrize("encoding", ["foo", "gzip, br", "compress"])

@@ -4,6 +4,7 @@ A body larger than MAX_BODY_BYTES is a 413.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -125,7 +126,7 @@ def parse_body(raw: bytes, model: type[M]) -> M:
     # invalid JSON fails here too (pydantic's json_invalid, reported against "body").
     parse_json(raw)
     try:
-        return model.model_validate_json(raw or b"")
+        return model.model_validate_json(raw.removeprefix(codecs.BOM_UTF8) or b"")
     except ValidationError as exc:
         raise ValidationFailed.from_pydantic(exc) from None
 
@@ -138,16 +139,25 @@ def refuse_a_body(raw: bytes) -> None:
 
 
 def parse_json(raw: bytes) -> Any:
+    # Read as UTF-8 on every route, a leading byte order mark ignored (RFC 8259, 8.1, allows either):
+    # json.loads on bytes also detects UTF-16 and UTF-32, which pydantic then refused as "invalid
+    # JSON ... column 1", so POST /alerts took what every other route refused, with a message that
+    # did not say why. A NUL byte is never in JSON text but is in every UTF-16 or UTF-32 one.
+    if b"\0" in raw:
+        raise ValidationFailed.field("body", f"not UTF-8 text (a NUL byte at byte {raw.index(0)}): JSON is read as "
+                                             "UTF-8, not UTF-16 or UTF-32")
     try:
-        data = json.loads(raw or b"", object_pairs_hook=_refuse_duplicate_keys)
+        text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        raise ValidationFailed.field("body", f"not UTF-8 text ({exc.reason} at byte {start}): "
+                                             "JSON is read as UTF-8") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
     except _DuplicateKey as exc:
         raise ValidationFailed.field("body", f"the key {str(exc)!r} is given more than once") from None
     except json.JSONDecodeError as exc:
         raise ValidationFailed.field("body", f"invalid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:
-        # A ValueError too: without its own answer, a Latin-1 body was told its integer was too long.
-        raise ValidationFailed.field("body", f"not UTF-8 text ({exc.reason} at byte {exc.start}): "
-                                             "JSON is read as UTF-8") from None
     except ValueError:
         # The one other ValueError json.loads raises: an integer past Python's limit on converting
         # text to int, whose message tells the caller to call sys.set_int_max_str_digits().
@@ -160,9 +170,9 @@ def parse_json(raw: bytes) -> Any:
     return data
 
 
-# A lone surrogate can only come from a \u escape: UTF-8 (and the UTF-16 json.loads detects)
-# cannot encode one. Without this check pydantic's JSON parser refused it as "invalid JSON" naming
-# the body (with a message about the escape ending), where it names the field for every other value.
+# A lone surrogate can only come from a \u escape: UTF-8 cannot encode one. Without this check
+# pydantic's JSON parser refused it as "invalid JSON" naming the body (with a message about the
+# escape ending), where it names the field for every other value.
 # The escape of a high surrogate not followed by a low one, or of a low one not preceded by a high
 # one (pairs, as emoji are often written, are one character): only then is the whole body walked.
 _HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
