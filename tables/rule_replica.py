@@ -335,7 +335,13 @@ class RuleReplica(ChangelogReplica):
             try:
                 marks = store.last_read()
             except StoreCorrupted as exc:
-                return rebuild(f"the local rule store {store.path}: {exc}")
+                corrupted: str | None = str(exc)
+            else:
+                corrupted = None
+            if corrupted is not None:
+                # Rebuilt out of the except block: its traceback holds the store's open iterator, and
+                # RocksDB keeps its lock while an iterator lives, so reopening the store there failed.
+                return rebuild(f"the local rule store {store.path}: {corrupted}")
             last = {tp: offsets[tp.partition] - 1 for tp in ends if offsets.get(tp.partition, 0) > 0
                     and tp.partition in marks}
             # A broker too slow to answer raises (the replica is run again), rather than counting as

@@ -886,3 +886,31 @@ async def test_a_store_rocksdb_cannot_open_as_corrupted_is_rebuilt_from_the_topi
 
     async with RunningReplica(services, topic, tmp_path / "store") as running:
         assert enabled_versions(running.index) == {rid("kept"): 1}
+
+
+def mark_of_a_partition_elsewhere(partition: int) -> ConsumerRecord:
+    """A record of a partition the test topic does not have: its last-read mark is stored, but no
+    offset of the topic's own partitions is, so the run goes on to read the marks."""
+    return ConsumerRecord(topic="rule.changed", partition=partition, offset=7, timestamp=1, timestamp_type=0,
+                          key=f"r-{partition}".encode(), value=b"", checksum=None, serialized_key_size=6,
+                          serialized_value_size=0, headers=())
+
+
+async def test_a_store_corrupted_where_the_last_read_marks_are_is_rebuilt_in_the_same_run(services, topic, tmp_path):
+    # The rules, offsets and deletion times load; the read of the last-read marks, after the
+    # replica connected, finds a block corrupted. The store was then discarded inside the except
+    # block, whose traceback still held RocksDB's iterator, so RocksDB kept its lock and reopening
+    # the store failed ("lock hold by current process"): the run died, to be tried again a pause later.
+    store = RuleStore(tmp_path / "store")
+    # Thousands of marks fill the middle of the table file (keys sort "last-read:" < "offset:" < "rule:").
+    store.save({}, {partition: mark_of_a_partition_elsewhere(partition) for partition in range(1000, 4000)})
+    store.close()
+    corrupt_the_middle_of_the_largest_table_file(tmp_path / "store")
+    await publish(services, topic, upsert(rid("on-topic-after-corruption"), 1))
+
+    async with RunningReplica(services, topic, tmp_path / "store") as running:
+        await running.wait_for_versions({rid("on-topic-after-corruption"): 1})
+
+    rules_on_disk, offsets_on_disk = stored(tmp_path / "store")
+    assert rules_on_disk == {rid("on-topic-after-corruption"): 1}
+    assert set(offsets_on_disk) <= set(range(PARTITIONS)), "the store was rebuilt from the topic"
