@@ -496,6 +496,47 @@ def test_terraform_keeps_logs_and_exposes_what_operators_need():
             "log_group_name", "security_group_id"} <= outputs
 
 
+def terraform_references(text: str) -> set[str]:
+    """The resources (`type.name`), data sources (`data.type.name`) and locals (`local.name`) `text` names."""
+    return (set(re.findall(r"(?<![\w.])(aws_[a-z0-9_]+\.[a-z_][a-z0-9_]*)", text))
+            | set(re.findall(r"\b(data\.aws_[a-z0-9_]+\.[a-z_][a-z0-9_]*)", text))
+            | set(re.findall(r"\b(local\.[a-z_][a-z0-9_]*)", text)))
+
+
+def terraform_dependencies(address: str) -> set[str]:
+    """Every resource and data source `address` derives from, through locals too, itself included."""
+    bodies = {f"{type_}.{name}": body for block in terraform_blocks("resource")
+              for type_, named in block.items() for name, body in named.items()}
+    bodies |= {f"data.{type_}.{name}": body for block in terraform_blocks("data")
+               for type_, named in block.items() for name, body in named.items()}
+    bodies |= {f"local.{name}": value for name, value in terraform_locals().items()}
+    found, queue = set(), [address]
+    while queue:
+        current = queue.pop()
+        if current in found:
+            continue
+        found.add(current)
+        queue.extend(terraform_references(json.dumps(bodies[current])) - found)
+    return {name for name in found if not name.startswith("local.")}
+
+
+def test_the_migration_command_output_runs_the_new_release_after_the_targeted_apply_of_a_deploy():
+    """A later deploy (docs/operations.md) applies `-target=aws_ecs_task_definition.migrate`, then
+    runs `terraform output -raw run_migrations_command`. Terraform updates an output in a targeted
+    apply only when every resource it derives from is targeted (its TargetsTransformer); this one
+    also derives from the cluster and the security group, so it keeps the value of the last full
+    apply. Naming the task definition's revision (`.arn`), it ran the previous release's revision,
+    deregistered by then (ECS runs no task of an INACTIVE revision), and the new release's
+    migrations were not applied. Named by its family, ECS runs the family's latest revision, the
+    one just registered, and the value is the same in every release."""
+    [output] = [block["run_migrations_command"] for block in terraform_blocks("output")
+                if "run_migrations_command" in block]
+    targeted = terraform_dependencies("aws_ecs_task_definition.migrate")
+    assert terraform_references(output["value"]) - targeted, "the output would be updated: no need to check"
+    varies_by_release = re.findall(r"aws_ecs_task_definition\.migrate\.(\w+)", output["value"])
+    assert varies_by_release == ["family"]
+
+
 def test_terraform_refuses_secrets_in_plain_environment_variables():
     # Plain environment variables are readable in the task definition and in the Terraform state.
     variables = {name: body for block in terraform_blocks("variable") for name, body in block.items()}

@@ -35,9 +35,12 @@ output "log_group_name" {
 
 output "run_migrations_command" {
   description = "Run before each deployment; wait for exit code 0 (docs/operations.md)."
+  # The family, not the revision's ARN: ECS runs its latest revision. A deploy registers the new one
+  # with a targeted apply, which leaves this output as it was (it also derives from the cluster and
+  # the security group, not targeted); with the ARN it named the previous revision, deregistered.
   value = join(" ", [
     "aws ecs run-task --region ${var.region} --cluster ${aws_ecs_cluster.this.name}",
-    "--launch-type FARGATE --task-definition ${aws_ecs_task_definition.migrate.arn}",
+    "--launch-type FARGATE --task-definition ${aws_ecs_task_definition.migrate.family}",
     "--network-configuration 'awsvpcConfiguration={subnets=[${join(",", var.subnet_ids)}],securityGroups=[${aws_security_group.tasks.id}],assignPublicIp=${var.assign_public_ip ? "ENABLED" : "DISABLED"}}'",
   ])
 }
