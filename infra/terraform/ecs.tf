@@ -79,7 +79,8 @@ resource "aws_ecs_task_definition" "service" {
 # Migrations and topic creation, run once before each deployment:
 #   aws ecs run-task ... (see outputs.run_migrations_command)
 # The same task definition runs any other one-off command through a command override, e.g.
-#   alerting-app republish-rules | alerting-app topics | alerting-app tail alerts.new.dlq --limit 20
+#   alerting-app republish-rules | alerting-app topics | alerting-app tail alerts.new.dlq --from-beginning --limit 20
+# (`tail` without --from-beginning waits for new messages: a task that would run until N more arrive)
 resource "aws_ecs_task_definition" "migrate" {
   family                   = "${var.name}-migrate"
   requires_compatibilities = ["FARGATE"]
