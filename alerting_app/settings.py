@@ -219,7 +219,9 @@ class Settings(BaseSettings):
     app_id: Annotated[str, AfterValidator(_not_a_relative_folder)] = Field(
         default="alerting-app", pattern=r"^[A-Za-z0-9._\-]+$", max_length=249 - 30)
     data_dir: Annotated[Path, BeforeValidator(_default_if_empty(".alerting-data"))] = Path(".alerting-data")
-    store_url: str = Field(default="rocksdb://", pattern=r"^(rocksdb|memory)://")
+    # Exactly these: Faust reads a rocksdb:// URL's path as the table files' name, and an absolute one
+    # replaced the folder too (rocksdb://data/tables wrote /tables-0.db), outside DATA_DIR.
+    store_url: Literal["rocksdb://", "memory://"] = "rocksdb://"
     # Short rebalance timeouts keep a dev broker (Tansu) joining quickly; Kafka/MSK can use more.
     broker_rebalance_timeout_s: float = Field(default=10.0, gt=0, le=600)
     # Kafka refuses sessions shorter than its group.min.session.timeout.ms (6 s by default), and

@@ -36,6 +36,11 @@ BAD_VALUES = [
     ("APP_ID", ".."),
     ("APP_ID", "."),
     ("STORE_URL", "redis://"),
+    # Faust takes a rocksdb:// URL's path as the table files' name, an absolute one in place of the
+    # folder: the tables went to /tables-0.db, outside DATA_DIR (its lock, `up`'s clearing of a
+    # previous broker's table state), and the image's worker failed to open them on its read-only root.
+    ("STORE_URL", "rocksdb://data/tables"),
+    ("STORE_URL", "rocksdb:///var/lib/alerting"),
     ("BROKER_REBALANCE_TIMEOUT_S", "-1"),
     ("WEBHOOK_TIMEOUT_S", "soon"),
     # 0 would fail every API call touching Postgres; over 5 minutes is the wait it exists to cut short.
