@@ -161,7 +161,7 @@ def wait_before_start(settings: Settings, topics: Iterable[str], changelogs: Ite
     topics = list(topics)
     loop = asyncio.new_event_loop()
     try:
-        mismatch = loop.run_until_complete(_stopped_by_sigterm(
+        mismatch = loop.run_until_complete(_stopped_by_signals(
             loop, _wait_and_compare(settings, topics, changelogs, list(faust_topics))))
     finally:
         loop.close()
@@ -177,24 +177,41 @@ async def _wait_and_compare(settings: Settings, topics: list[str], changelogs: I
                                     faust_topics, settings.topic_replication_factor)
 
 
-async def _stopped_by_sigterm(loop: asyncio.AbstractEventLoop, waiting: Awaitable[str | None]) -> str | None:
-    """`waiting`, ended by SIGTERM: the process exits (143, as killed by it) after closing its port.
+# The stop signals a waiting worker handles, each with the disposition it has when nobody else set
+# one: another (an ignore inherited from a shell, a handler of whoever embeds us) is left alone.
+_STOP_SIGNALS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+
+
+async def _stopped_by_signals(loop: asyncio.AbstractEventLoop, waiting: Awaitable[str | None]) -> str | None:
+    """`waiting`, ended by SIGTERM or SIGINT (Ctrl-C): the process exits (143 or 130, as killed by
+    it) after closing its port.
 
     Without a handler of its own, PID 1 of a container that has no init (compose, Kubernetes,
     `docker run`) never gets SIGTERM: the kernel drops it, and a worker still waiting would be
-    killed only after the stop timeout. (Faust installs its own handler once it runs.)
+    killed only after the stop timeout. Ctrl-C raised KeyboardInterrupt out of the loop with the
+    wait still pending: click's "Aborted!", exit code 1, "Task was destroyed but it is pending!" and
+    a traceback. (Faust installs its own handlers once it runs.)
     """
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # ignored or handled by whoever started us
+    handled = [stop for stop, default in _STOP_SIGNALS.items() if signal.getsignal(stop) is default]
+    if not handled:
         return await waiting
     task = asyncio.ensure_future(_refusal_returned(waiting))
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    received: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        received.append(signum)
+        task.cancel()
+
+    for signum in handled:
+        loop.add_signal_handler(signum, stop, signum)
     try:
         outcome = await task
     except asyncio.CancelledError:
-        log.warning("SIGTERM while waiting for the services: stopping")
-        raise SystemExit(128 + signal.SIGTERM) from None
+        log.warning("%s while waiting for the services: stopping", received[0].name)
+        raise SystemExit(128 + received[0]) from None
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)  # back to the default: Faust installs its own
+        for signum in handled:
+            loop.remove_signal_handler(signum)  # back to the default (SIGINT's too): Faust installs its own
     if isinstance(outcome, SystemExit):
         raise outcome
     return outcome

@@ -180,3 +180,39 @@ def test_a_waiting_worker_that_is_pid_1_stops_on_sigterm(tmp_path):
         if namespace.poll() is None:
             namespace.kill()  # --kill-child: the worker goes with it
             namespace.wait()
+
+
+def sigint_at_its_default() -> None:
+    # As in a terminal: a test run as a background job inherits an ignored SIGINT, which Python keeps.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_waiting_worker_stopped_with_ctrl_c_closes_its_port_and_exits_without_a_traceback(tmp_path):
+    """Ctrl-C on a worker still waiting for its services (`alerting-app worker` in a terminal, started
+    before them) ended in click's "Aborted!", exit code 1, an ERROR "Task was destroyed but it is
+    pending!" and a traceback ("coroutine ignored GeneratorExit"), its probe port closed by the
+    process's end rather than by the wait."""
+    port = free_port()
+    closed = free_port()  # nothing listens there: the worker keeps waiting
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed}", "WEB_PORT": str(port),
+           "DATABASE_URL": f"postgresql://alerting@127.0.0.1:{closed}/alerting",
+           "REDIS_URL": f"redis://127.0.0.1:{closed}/0", "DATA_DIR": str(tmp_path / "worker")}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([alerting_app_executable(), "worker"], env=env, stdout=log, stderr=log,
+                                  preexec_fn=sigint_at_its_default)
+    try:
+        wait_until(lambda: "waiting for" in log_path.read_text() or worker.poll() is not None,
+                   "waiting for its services")
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=60) == 128 + signal.SIGINT, log_path.read_text()[-2000:]
+        output = log_path.read_text()
+        assert "SIGINT while waiting for the services: stopping" in output
+        assert "Traceback" not in output and "Task was destroyed" not in output, output[-2000:]
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("0.0.0.0", port))
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
