@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 import click
 from click.core import ParameterSource
 from faust.cli import AppCommand, argument, option
+from faust.cli.reset import reset as FaustResetCommand
 from faust.cli.send import send as FaustSendCommand
 from faust.cli.worker import worker as FaustWorkerCommand
 from faust.serializers.codecs import codecs, get_codec
@@ -102,6 +103,28 @@ def _hold_data_dir() -> None:
         holder = lock_holder(settings.data_dir / ".worker.lock")
         raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by another "
                                  f"worker{f' (pid {holder})' if holder else ''}; give each worker a DATA_DIR of its own")
+
+
+class reset(FaustResetCommand):  # noqa: N801  the class name is the command name; it replaces Faust's
+    """Delete the local table state in DATA_DIR (a worker rebuilds it from the changelogs as it starts).
+
+    Refused while a worker runs on DATA_DIR: Faust removed that worker's table files from under it.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_datadir_option(self.ctx)
+        if not settings.data_dir.is_dir():  # Faust's reset would create it, to remove nothing
+            print(f"nothing to reset: DATA_DIR {settings.data_dir} does not exist")
+            return None
+        held = hold_data_dir_lock(settings.data_dir, ".worker.lock")
+        if held is None:
+            holder = lock_holder(settings.data_dir / ".worker.lock")
+            raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by a "
+                                     f"worker{f' (pid {holder})' if holder else ''}; stop it before `reset`")
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            held.close()
 
 
 class send(FaustSendCommand):  # noqa: N801  the class name is the command name; it replaces Faust's

@@ -145,3 +145,26 @@ def test_a_command_whose_broker_answers_slowly_but_within_the_timeout_still_work
     assert result.returncode == 0, result.stderr
     assert '"alerts.new"' in result.stdout
     assert slow.connections and time.monotonic() - started > SLOW_ANSWER_S
+
+
+@pytest.mark.e2e
+def test_reset_refuses_the_table_state_of_a_running_worker_and_removes_it_once_the_worker_stopped(start_worker):
+    """`alerting-app reset` (Faust's, listed in `--help`) removed the RocksDB table files of the worker
+    running on the same DATA_DIR from under it, which every other command that touches that state
+    (`up`, a second worker) refuses while a worker holds the folder."""
+    worker = start_worker(STORE_URL="rocksdb://")
+    data_dir = worker.log_path.with_suffix("")  # the fixture's DATA_DIR, beside the worker's log
+    tables = data_dir / "faust" / "v1" / "tables"
+    assert list(tables.iterdir()), "the worker's table state"
+
+    refused = run("reset", DATA_DIR=str(data_dir), STORE_URL="rocksdb://")
+
+    assert refused.returncode != 0
+    assert f"DATA_DIR: {data_dir} is in use by a worker (pid {worker.child.process.pid})" in refused.stderr
+    assert list(tables.iterdir())
+
+    worker.stop()
+    done = run("reset", DATA_DIR=str(data_dir), STORE_URL="rocksdb://")
+
+    assert done.returncode == 0, done.stderr
+    assert not tables.exists()
