@@ -207,6 +207,8 @@ async def _stopped_by_signals(loop: asyncio.AbstractEventLoop, waiting: Awaitabl
     try:
         outcome = await task
     except asyncio.CancelledError:
+        if not received:  # cancelled by whoever runs us, not by a signal
+            raise
         log.warning("%s while waiting for the services: stopping", received[0].name)
         raise SystemExit(128 + received[0]) from None
     finally:
