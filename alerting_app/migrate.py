@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 
+from alerting_app.healthcheck import setting
 from alerting_app.settings import without_passwords
 
 # Any fixed 64-bit number works; every process must use the same one.
@@ -47,8 +48,15 @@ class Migration:
 
 
 def default_migrations_dir() -> Path:
-    """MIGRATIONS_DIR, else `migrations/` beside the package (the repository, installed editable)."""
-    configured = os.environ.get("MIGRATIONS_DIR")
+    """MIGRATIONS_DIR, else `migrations/` beside the package (the repository, installed editable).
+
+    In any case, as every setting (`migrations_dir` is MIGRATIONS_DIR): read in upper case only, a
+    worker told `migrations_dir=...` looked in the default folder.
+    """
+    try:
+        configured = setting(os.environ, "MIGRATIONS_DIR")
+    except ValueError as exc:  # two spellings, two folders
+        raise MigrationError(str(exc).removeprefix("MIGRATIONS_DIR: ")) from None  # said by whoever shows it
     return Path(configured) if configured else Path(__file__).resolve().parent.parent / "migrations"
 
 

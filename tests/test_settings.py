@@ -538,6 +538,11 @@ def test_data_dir_set_empty_is_the_default_not_the_current_folder(monkeypatch):
 @pytest.mark.parametrize(("env", "named"), [
     ({"WEB_BIND": "192.0.2.1"}, "WEB_BIND, WEB_PORT: cannot listen on 192.0.2.1"),  # not this machine's
     ({"MIGRATIONS_DIR": "/nonexistent/migrations"}, "MIGRATIONS_DIR: migrations folder /nonexistent/migrations"),
+    # In any case, as every setting: read in upper case only, it was not read at all.
+    ({"migrations_dir": "/nonexistent/migrations"}, "MIGRATIONS_DIR: migrations folder /nonexistent/migrations"),
+    ({"MIGRATIONS_DIR": "/a/migrations", "migrations_dir": "/b/migrations"},
+     "MIGRATIONS_DIR: set twice with different values, as MIGRATIONS_DIR='/a/migrations' and "
+     "migrations_dir='/b/migrations'"),
     ({"DATA_DIR": "/proc/no-such-folder"}, "DATA_DIR: cannot create /proc/no-such-folder"),
     # A folder that exists but takes no file (a volume owned by another user than the worker's).
     ({"DATA_DIR": "/proc"}, "DATA_DIR: cannot write in /proc"),
