@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,20 +107,36 @@ LEFT JOIN notification_alerts a ON a.client_id = b.client_id AND a.alert_id = b.
 LEFT JOIN notifications n ON n.client_id = b.client_id AND n.alert_id = b.alert_id
 """
 
+# `final`: whether that notification is final (migrations/018): made at once or notified at close, or
+# a member of a group since closed (a member a silence muted at close had its time taken back then);
+# not a member of a group still open, which a silence may yet mute, nor one a release before 018
+# recorded (`notified_as_of` left behind). A grouped match joining after it keeps its time, and
+# whether it is final, should a silence mute it at close (tables/group_records.py revive_repeats).
 _LAST_NOTIFIED = """
-SELECT f.client_id::text, f.fingerprint, extract(epoch FROM f.last_notified_at)::float8
+SELECT f.client_id::text, f.fingerprint, extract(epoch FROM f.last_notified_at)::float8,
+       coalesce(f.notified_as_of = f.last_notified_at
+                AND (f.notified_in_group IS NULL
+                     OR EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = f.notified_in_group)),
+                false) AS final
 FROM fingerprints f JOIN unnest($1::uuid[], $2::text[]) AS b(client_id, fingerprint)
     ON f.client_id = b.client_id AND f.fingerprint = b.fingerprint
 """
 
+# `notified_in_group` (migrations/018): the group a member joined, NULL for a notification made at
+# once; it and `notified_as_of` describe the notification last_notified_at records, so they change
+# only with it.
 _REMEMBER_NOTIFIED = """
-INSERT INTO fingerprints AS f (client_id, fingerprint, last_notified_at)
-SELECT client_id, fingerprint, to_timestamp(at) FROM unnest($1::uuid[], $2::text[], $3::float8[])
-    AS b(client_id, fingerprint, at)
+INSERT INTO fingerprints AS f (client_id, fingerprint, last_notified_at, notified_in_group, notified_as_of)
+SELECT client_id, fingerprint, to_timestamp(at), notified_in_group, to_timestamp(at)
+FROM unnest($1::uuid[], $2::text[], $3::float8[], $4::uuid[]) AS b(client_id, fingerprint, at, notified_in_group)
 ON CONFLICT (client_id, fingerprint) DO UPDATE
     -- Never back in time: two workers (a rebalance overlap) or a clock stepped back must not make a
     -- fingerprint look notified earlier than it was, which would let a repeat through.
-    SET last_notified_at = GREATEST(f.last_notified_at, EXCLUDED.last_notified_at)
+    SET last_notified_at = GREATEST(f.last_notified_at, EXCLUDED.last_notified_at),
+        notified_in_group = CASE WHEN EXCLUDED.last_notified_at > f.last_notified_at
+                                 THEN EXCLUDED.notified_in_group ELSE f.notified_in_group END,
+        notified_as_of = CASE WHEN EXCLUDED.last_notified_at > f.last_notified_at
+                              THEN EXCLUDED.notified_as_of ELSE f.notified_as_of END
 """
 
 # No rule suppresses for longer than MAX_REPEAT_INTERVAL_S: an older fingerprint can suppress nothing.
@@ -134,16 +150,18 @@ async def prune_fingerprints(pool: asyncpg.Pool) -> int:
 
 
 # Notified at once (PENDING), or recorded and settled here (SILENCED, SUPPRESSED: nothing to emit).
-# A SUPPRESSED row keeps the fingerprint it repeated (migrations/017): if the group member that
-# notified it is silenced when its group closes, the closer notifies the repeat instead
-# (tables/group_records.py revive_repeats).
+# A SUPPRESSED row keeps the fingerprint it repeated (migrations/017) and the interval it was
+# suppressed within (migrations/018): if the group member that notified it is silenced when its group
+# closes, the closer decides the repeat again, and may notify it instead (tables/group_records.py
+# revive_repeats).
 _INSERT_OUTCOMES = """
 INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at,
-                           status, detail, emitted, fingerprint)
+                           status, detail, emitted, fingerprint, repeat_interval_s)
 SELECT n.notification_id, n.client_id, n.alert_id, n.alerts::jsonb, n.rule_ids::uuid[], to_timestamp($6),
-       to_timestamp($6), n.status, n.detail, n.status <> 'PENDING', n.fingerprint
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $7::text[], $8::text[], $9::text[])
-    AS n(notification_id, client_id, alert_id, alerts, rule_ids, status, detail, fingerprint)
+       to_timestamp($6), n.status, n.detail, n.status <> 'PENDING', n.fingerprint, n.repeat_interval_s
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $7::text[], $8::text[], $9::text[],
+            $10::int[])
+    AS n(notification_id, client_id, alert_id, alerts, rule_ids, status, detail, fingerprint, repeat_interval_s)
 ON CONFLICT (client_id, alert_id) DO NOTHING
 RETURNING notification_id::text, status
 """
@@ -167,19 +185,21 @@ class Outcome:
     notified_fingerprints: dict[tuple[str, str], float] = field(default_factory=dict)
     seen_before: list[AlertMatched] = field(default_factory=list)  # notified at once earlier: maybe unemitted
     closed_groups: set[str] = field(default_factory=set)  # groups of members seen before: maybe unemitted
-    # (client_id, alert_id) -> (fingerprint, time) of a grouped match that notified its fingerprint
-    # by joining: kept with its membership, forgotten if a silence mutes it at close (tables/group_records.py).
-    joined_fingerprints: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
+    # (client_id, alert_id) -> (fingerprint, time, time of the fingerprint's notification before it,
+    # whether that one is final) of a grouped match that notified its fingerprint by joining: kept with
+    # its membership, taken back if a silence mutes it at close (tables/group_records.py).
+    joined_fingerprints: dict[tuple[str, str], group_records.JoinedFingerprint] = field(default_factory=dict)
 
 
 def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified: dict[tuple[str, str], float],
-           now: float) -> Outcome:
+           now: float, final: Collection[tuple[str, str]] = ()) -> Outcome:
     """Silenced, suppressed, grouped or notified at once: each match's fate, in order.
 
     A match recorded before keeps its first fate (a member of an open group stays in it). Then a
     silence wins; then a fingerprint notified within the repeat interval (earlier in this batch
     too) is suppressed; what is left joins its group or is notified at once, and its fingerprint
-    counts as notified from now.
+    counts as notified from now. `final`: the (client_id, fingerprint) of `last_notified` whose
+    notification is final (see _LAST_NOTIFIED); a member joining keeps its time, and whether it is.
     """
     outcome = Outcome()
     seen: set[tuple[str, str]] = set()
@@ -202,13 +222,15 @@ def decide(matches: list[AlertMatched], recorded: list[Recorded], last_notified:
             outcome.rows.append((matched, "SUPPRESSED", f"repeats fingerprint {matched.fingerprint} notified "
                                                        f"within {matched.repeat_interval_s}s"))
         else:
+            previous = last_notified.get((client, matched.fingerprint))
             if is_repeat_checked(matched):
                 last_notified[(client, matched.fingerprint)] = now
                 outcome.notified_fingerprints[(client, matched.fingerprint)] = now
             if is_grouped(matched):
                 outcome.joins.append(groups.Join(matched))
                 if is_repeat_checked(matched):
-                    outcome.joined_fingerprints[(client, matched.alert.alert_id)] = (matched.fingerprint, now)
+                    outcome.joined_fingerprints[(client, matched.alert.alert_id)] = (
+                        matched.fingerprint, now, previous, (client, matched.fingerprint) in final)
             else:
                 outcome.rows.append((matched, "PENDING", None))
     return outcome
@@ -230,12 +252,15 @@ async def read_recorded(conn: asyncpg.Pool, matches: list[AlertMatched]) -> list
     return [by_position[position] for position in range(1, len(matches) + 1)]
 
 
-async def read_last_notified(conn: asyncpg.Pool, matches: list[AlertMatched]) -> dict[tuple[str, str], float]:
+async def read_last_notified(conn: asyncpg.Pool, matches: list[AlertMatched]
+                             ) -> tuple[dict[tuple[str, str], float], set[tuple[str, str]]]:
+    """When each (client_id, fingerprint) of the repeat-checked matches was last notified, and which of
+    those notifications are final (see _LAST_NOTIFIED)."""
     checked = [m for m in matches if is_repeat_checked(m)]
     if not checked:
-        return {}
+        return {}, set()
     rows = await conn.fetch(_LAST_NOTIFIED, [m.client_id for m in checked], [m.fingerprint for m in checked])
-    return {(row[0], row[1]): row[2] for row in rows}
+    return {(row[0], row[1]): row[2] for row in rows}, {(row[0], row[1]) for row in rows if row["final"]}
 
 
 async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups.JoinPlan,
@@ -247,6 +272,7 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
     built = [(NotificationReady(client_id=m.client_id, alerts=[m.alert], rule_ids=m.rule_ids, created_at=created_at),
               status, detail) for m, status, detail in outcome.rows]
     repeated = [m.fingerprint if status == "SUPPRESSED" else None for m, status, _ in outcome.rows]
+    within = [m.repeat_interval_s if status == "SUPPRESSED" else None for m, status, _ in outcome.rows]
     inserted = {}
     if built:
         inserted = dict(await conn.fetch(
@@ -260,14 +286,19 @@ async def write_outcome(conn: asyncpg.Connection, outcome: Outcome, plan: groups
             [status for _, status, _ in built],
             [detail for _, _, detail in built],
             repeated,
+            within,
         ))
     await group_records.record_memberships(conn, plan.memberships, outcome.joined_fingerprints,
                                            {(join.matched.client_id, join.matched.alert.alert_id): join.matched.rule_ids
                                             for join in outcome.joins})
     if outcome.notified_fingerprints:
+        # A fingerprint a member notified by joining is final only once its group is closed.
+        group_of = {(client_id, alert_id): notification_id for client_id, alert_id, notification_id, _ in plan.memberships}
+        joined_in = {(client_id, fingerprint): group_of[(client_id, alert_id)]
+                     for (client_id, alert_id), (fingerprint, _, _, _) in outcome.joined_fingerprints.items()}
         keys = list(outcome.notified_fingerprints)
         await conn.execute(_REMEMBER_NOTIFIED, [k[0] for k in keys], [k[1] for k in keys],
-                           [outcome.notified_fingerprints[k] for k in keys])
+                           [outcome.notified_fingerprints[k] for k in keys], [joined_in.get(k) for k in keys])
     return [(ready, status) for ready, status, _ in built if ready.notification_id in inserted]
 
 
@@ -313,7 +344,8 @@ async def record_stateful(pool: asyncpg.Pool, decoded: list[tuple[EventT, AlertM
         # not just within this one.
         await lock_clients(conn, [m.client_id for m in matches])
         now = time.time()
-        outcome = decide(matches, await read_recorded(conn, matches), await read_last_notified(conn, matches), now)
+        last_notified, final = await read_last_notified(conn, matches)
+        outcome = decide(matches, await read_recorded(conn, matches), last_notified, now, final)
         keys = {join.matched.client_id.encode() for join in outcome.joins}
         current: dict[bytes, groups.ClientGroups | None] = {}
         malformed: list[groups.Malformed] = []

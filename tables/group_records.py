@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 
@@ -31,16 +32,21 @@ log = logging.getLogger(__name__)
 # A membership moves only while its notification does not exist: once a group is closed, its
 # members are final. Its unlisted alert moves with it: a member the group it moves to lists has none
 # (the table holds its alert), one it does not list has its alert kept here for the closer. Its
-# fingerprint is the one it notified when it first joined (migrations/014), kept when it moves. Its
-# rules (migrations/016) gather those of each of its matches, as its group's rule_ids do (a member
+# fingerprint is the one it notified when it first joined (migrations/014), with the time of the
+# fingerprint's notification before it and whether that one was final (migrations/018), kept when it
+# moves.
+# Its rules (migrations/016) gather those of each of its matches, as its group's rule_ids do (a member
 # that joined before 016 keeps NULL: every rule of its group).
 _UPSERT_MEMBERSHIPS = """
 INSERT INTO notification_alerts AS a (client_id, alert_id, notification_id, unlisted_alert, fingerprint,
-                                      fingerprint_notified_at, rule_ids)
+                                      fingerprint_notified_at, rule_ids, fingerprint_previous_at,
+                                      fingerprint_previous_final)
 SELECT m.client_id, m.alert_id, m.notification_id, m.unlisted_alert::jsonb, m.fingerprint, to_timestamp(m.notified_at),
-       m.rule_ids::uuid[]
-FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::float8[], $7::text[])
-    AS m(client_id, alert_id, notification_id, unlisted_alert, fingerprint, notified_at, rule_ids)
+       m.rule_ids::uuid[], to_timestamp(m.previous_at), m.previous_final
+FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::float8[], $7::text[], $8::float8[],
+            $9::boolean[])
+    AS m(client_id, alert_id, notification_id, unlisted_alert, fingerprint, notified_at, rule_ids, previous_at,
+         previous_final)
 ON CONFLICT (client_id, alert_id) DO UPDATE
     SET notification_id = EXCLUDED.notification_id, unlisted_alert = EXCLUDED.unlisted_alert,
         rule_ids = CASE WHEN a.rule_ids IS NOT NULL AND EXCLUDED.rule_ids IS NOT NULL
@@ -50,22 +56,27 @@ ON CONFLICT (client_id, alert_id) DO UPDATE
 
 _CLOSED = "SELECT notification_id::text FROM notifications WHERE notification_id = ANY($1::uuid[])"
 
+# (fingerprint, when the member notified it, when the fingerprint was notified before (None: never),
+# whether that notification was final): what a member keeps of the fingerprint it notified by joining.
+JoinedFingerprint = tuple[str, float, float | None, bool]
+
 
 async def record_memberships(conn: asyncpg.Connection,
                              memberships: Sequence[tuple[str, str, str, str | None]],
-                             fingerprints: Mapping[tuple[str, str], tuple[str, float]] | None = None,
+                             fingerprints: Mapping[tuple[str, str], JoinedFingerprint] | None = None,
                              rule_ids: Mapping[tuple[str, str], Sequence[str]] | None = None) -> None:
     """Upsert (client_id, alert_id, notification_id, the alert as JSON if its group does not list it);
     `fingerprints`: by (client_id, alert_id), the fingerprint a member joining for the first time
-    notified, and when (the time written to `fingerprints`); `rule_ids`: by (client_id, alert_id), the
-    rules the member matched (one missing: unknown, every rule of its group)."""
+    notified (the time written to `fingerprints`, and the one it replaced); `rule_ids`: by
+    (client_id, alert_id), the rules the member matched (one missing: unknown, every rule of its group)."""
     if memberships:
         keys = [(client_id, alert_id) for client_id, alert_id, _, _ in memberships]
-        noted = [(fingerprints or {}).get(key, (None, None)) for key in keys]
+        noted = [(fingerprints or {}).get(key, (None, None, None, None)) for key in keys]
         rules = [(rule_ids or {}).get(key) for key in keys]
         await conn.execute(_UPSERT_MEMBERSHIPS, *(list(column) for column in zip(*memberships)),
-                           [fingerprint for fingerprint, _ in noted], [at for _, at in noted],
-                           [None if r is None else "{" + ",".join(r) + "}" for r in rules])
+                           [fingerprint for fingerprint, _, _, _ in noted], [at for _, at, _, _ in noted],
+                           [None if r is None else "{" + ",".join(r) + "}" for r in rules],
+                           [previous for _, _, previous, _ in noted], [final for _, _, _, final in noted])
 
 
 async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterable[ClientGroups | None]) -> set[str]:
@@ -101,19 +112,6 @@ FROM (SELECT g.*, m.members, g.silenced IS NOT NULL AND m.members <= g.accounted
 ON CONFLICT DO NOTHING
 RETURNING notification_id::text, status
 """
-
-# A member silenced when its group closed was notified to nobody: the fingerprint it counted as
-# notified when it joined is forgotten, unless a later notification of that fingerprint wrote it
-# since (another time). Its repeats are then notified once the silence ended, as those of a match
-# silenced when it is matched are (agents/match_outcomes.py decide).
-_FORGET_SILENCED_FINGERPRINTS = """
-DELETE FROM fingerprints f
-USING unnest($1::uuid[], $2::uuid[], $3::text[]) AS s(notification_id, client_id, alert_id)
-JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
-                          AND a.notification_id = s.notification_id
-WHERE f.client_id = a.client_id AND f.fingerprint = a.fingerprint AND f.last_notified_at = a.fingerprint_notified_at
-"""
-
 
 @dataclass(frozen=True)
 class Listing:
@@ -283,26 +281,41 @@ async def notified_rules(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
     return rule_ids
 
 
-# The muted members of groups closing for the first time whose fingerprint is still the one they
-# notified (no later notification of it since): they alone suppressed its repeats meanwhile. Found by
-# the primary key: a storm's group may have any number of muted members.
-_MUTED_NOTIFIERS = """
-SELECT s.position, a.client_id::text, a.fingerprint, a.fingerprint_notified_at
-FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS s(notification_id, client_id, alert_id, position)
-JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
-                          AND a.notification_id = s.notification_id AND a.fingerprint IS NOT NULL
-JOIN fingerprints f ON f.client_id = a.client_id AND f.fingerprint = a.fingerprint
-                   AND f.last_notified_at = a.fingerprint_notified_at
-WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
+# The muted members of groups closing for the first time, of the fingerprints one of them still holds
+# in `fingerprints` (`holds`: no later notification of it since), oldest first: the last notifications
+# of each such fingerprint may be several of them (a group window longer than the repeat interval
+# collects a fingerprint more than once). Found by the primary key: a storm's group may have any
+# number of muted members.
+_MUTED_OF_HELD_FINGERPRINTS = """
+WITH muted AS (
+    SELECT s.position, a.client_id, a.fingerprint, a.fingerprint_notified_at, a.fingerprint_previous_at,
+           a.fingerprint_previous_final
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS s(notification_id, client_id, alert_id, position)
+    JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
+                              AND a.notification_id = s.notification_id AND a.fingerprint IS NOT NULL
+    WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
+), held AS (
+    SELECT DISTINCT m.client_id, m.fingerprint, f.last_notified_at
+    FROM muted m JOIN fingerprints f ON f.client_id = m.client_id AND f.fingerprint = m.fingerprint
+                                    AND f.last_notified_at = m.fingerprint_notified_at
+)
+SELECT m.position, m.client_id::text, m.fingerprint, m.fingerprint_notified_at,
+       extract(epoch FROM m.fingerprint_notified_at)::float8 AS notified_at,
+       extract(epoch FROM m.fingerprint_previous_at)::float8 AS previous_at, m.fingerprint_previous_at,
+       coalesce(m.fingerprint_previous_final, false) AS previous_final,
+       m.fingerprint_notified_at = h.last_notified_at AS holds
+FROM muted m JOIN held h ON h.client_id = m.client_id AND h.fingerprint = m.fingerprint
+ORDER BY m.client_id, m.fingerprint, m.fingerprint_notified_at, m.position
 """
 
-# The repeats those members suppressed: the SUPPRESSED rows of their fingerprints since they notified
-# them (migrations/017), oldest first. One suppressed in the member's own batch has its batch's time,
-# written as created_at rounded to microseconds and as the member's time unrounded: Postgres rounds
-# both to the same microsecond, give or take one.
+# The repeats those members suppressed: the SUPPRESSED rows of their fingerprints since the first of
+# them notified (migrations/017), oldest first, with the interval each was suppressed within
+# (migrations/018; NULL: suppressed by a release before it). One suppressed in a member's own batch
+# has its batch's time, written as created_at rounded to microseconds and as the member's time
+# unrounded: Postgres rounds both to the same microsecond, give or take one.
 _SUPPRESSED_REPEATS = """
 SELECT m.position, n.notification_id::text, n.alerts, n.rule_ids::text[],
-       extract(epoch FROM n.created_at)::float8 AS created_at
+       extract(epoch FROM n.created_at)::float8 AS created_at, n.repeat_interval_s
 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) WITH ORDINALITY AS m(client_id, fingerprint, since, position)
 JOIN notifications n ON n.client_id = m.client_id AND n.fingerprint = m.fingerprint AND n.status = 'SUPPRESSED'
                     AND n.created_at >= m.since - interval '1 microsecond'
@@ -311,72 +324,148 @@ ORDER BY m.position, n.created_at, n.alert_id
 
 _FORGET_REPEAT = "DELETE FROM notifications WHERE notification_id = ANY($1::uuid[]) AND status = 'SUPPRESSED'"
 
-# As the agent remembers a fingerprint it notifies (agents/match_outcomes.py), never back in time.
-_REMEMBER_REVIVED = """
-INSERT INTO fingerprints AS f (client_id, fingerprint, last_notified_at)
-SELECT client_id, fingerprint, to_timestamp(at) FROM unnest($1::uuid[], $2::text[], $3::float8[])
-    AS b(client_id, fingerprint, at)
-ON CONFLICT (client_id, fingerprint) DO UPDATE
-    SET last_notified_at = GREATEST(f.last_notified_at, EXCLUDED.last_notified_at)
+# A member silenced when its group closed was notified to nobody: the fingerprint it counted as
+# notified when it joined is taken back, unless a later notification of that fingerprint wrote it
+# since (another time), as a match silenced when it is matched never counts (agents/match_outcomes.py
+# decide). What the fingerprint the muted members held ($3) is then: the last repeat notified instead
+# (revive_repeats), or the notification before them when final (migrations/018), or, with none
+# ($4 NULL), nothing: deleted, and the next alert of that fingerprint is notified. Under the
+# clients' locks (the closer's), so what was read is what is changed.
+_SETTLE_HELD_FINGERPRINTS = """
+WITH settled AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+        AS b(client_id, fingerprint, held_at, notified_at)
+), restored AS (
+    UPDATE fingerprints f SET last_notified_at = b.notified_at, notified_in_group = NULL, notified_as_of = b.notified_at
+    FROM settled b
+    WHERE f.client_id = b.client_id AND f.fingerprint = b.fingerprint AND f.last_notified_at = b.held_at
+      AND b.notified_at IS NOT NULL
+)
+DELETE FROM fingerprints f USING settled b
+WHERE f.client_id = b.client_id AND f.fingerprint = b.fingerprint AND f.last_notified_at = b.held_at
+  AND b.notified_at IS NULL
 """
+
+@dataclass(frozen=True)
+class HeldFingerprint:
+    """A fingerprint that members muted at close held in `fingerprints`: what it is to hold instead."""
+
+    client_id: str
+    fingerprint: str
+    held_at: datetime  # the last of those members' time, which `fingerprints` holds
+    settled_at: datetime | None  # the last notification as if they had been silenced when matched; None: none
+    # (notification_id, alert_id) of those members: each must be notified to nobody for the
+    # notification before them to count as the last one (a group that could not check all its members
+    # lists silenced ones, notified after all).
+    members: tuple[tuple[str, str], ...]
+
+
+# Microseconds, as Postgres stores times: a member's time and the one the next member kept as its
+# previous were written from the same float, and read back through one (give or take one).
+_SAME_TIME_S = 2e-6
+
+
+def _muted_chain(members: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    """Of one fingerprint's muted members (oldest first), the one `fingerprints` holds and those before
+    it that were its notifications just before, each the previous of the next: notified to nobody,
+    they all are taken back together. Oldest first."""
+    chain = [next(member for member in reversed(members) if member["holds"])]
+    while chain[0]["previous_at"] is not None:
+        before = [member for member in members if member not in chain
+                  and abs(member["notified_at"] - chain[0]["previous_at"]) <= _SAME_TIME_S]
+        if not before:
+            break
+        chain.insert(0, before[0])
+    return chain
 
 
 async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
                          listings: Sequence[Listing], silences: SilenceIndex, now: float
                          ) -> tuple[set[int], set[tuple[str, str]]]:
-    """Make the repeats that members muted at close suppressed, and that no silence mutes now,
-    members of the closing group; return the positions in `due` of the groups they joined, and the
-    (notification_id, alert_id) of the muted members whose fingerprint such a repeat notified (it
-    is not to be forgotten: the repeat's time, maybe the very same, is what `fingerprints` holds).
+    """Make the repeats that members muted at close suppressed, and that a match silenced when it was
+    matched would not have, members of the closing groups, and settle the fingerprints they were
+    repeats of; return the positions in `due` of the groups the repeats joined, and the fingerprints
+    muted members held that no repeat was notified for, to be settled once the groups' notifications
+    are inserted (`HeldFingerprint`).
 
     A member counted its fingerprint as notified when it joined, and its repeats were suppressed
-    meanwhile; muted at close, it was notified to nobody, and the repeats would be lost with it. As
-    if it had been silenced when it was matched, of its repeats since (each within the repeat
-    interval of its rules from it, so from any later one too), the first no silence mutes now is
-    notified, in this group's notification (late, or early if its own group rule's window is longer,
-    rather than never), and the later ones stay suppressed by it; those before it, muted now, stay
-    suppressed, notified to nobody either way. Only at a group's first close (its notification does
-    not exist yet): what a close decided is never decided again."""
+    meanwhile; muted at close, it was notified to nobody, and the repeats would be lost with it. So
+    are the members of that fingerprint muted with it whose notifications came just before it, each
+    the one before the next (`_muted_chain`). As if they had been silenced when they were matched,
+    the repeats since the first of them are decided again in order, as the agent decides a repeat:
+    one no silence mutes now is notified (in the closing group of the member that suppressed it:
+    late, or early if its own group rule's window is longer, rather than never) unless the last
+    notification so far suppresses it within the repeat's own interval (rules with different
+    intervals may share a fingerprint). That last notification is, at first, the fingerprint's
+    notification before the first member when it was final as that member joined (migrations/018),
+    else none; then the last repeat notified here. A repeat after a member and after a repeat
+    notified here since that member stays suppressed whatever its interval: within it from the
+    member, so from that later repeat too. Without its interval (suppressed by a release before 018)
+    a repeat is notified unless that holds. Only at a group's first close (its notification does not
+    exist yet): what a close decided is never decided again."""
     muted = [(position, d.group["notification_id"], alert_id) for position, (d, listing) in enumerate(zip(due, listings))
              for alert_id in listing.silenced]
     if not muted:
-        return set(), set()
-    notifiers = await conn.fetch(_MUTED_NOTIFIERS, [nid for _, nid, _ in muted],
-                                 [due[position].key.decode() for position, _, _ in muted],
-                                 [alert_id for _, _, alert_id in muted])
-    if not notifiers:
-        return set(), set()
-    repeats = await conn.fetch(_SUPPRESSED_REPEATS, [row["client_id"] for row in notifiers],
-                               [row["fingerprint"] for row in notifiers],
-                               [row["fingerprint_notified_at"] for row in notifiers])
-    revived: dict[int, tuple[int, asyncpg.Record]] = {}  # notifier's row -> (group position, repeat)
+        return set(), []
+    rows = await conn.fetch(_MUTED_OF_HELD_FINGERPRINTS, [nid for _, nid, _ in muted],
+                            [due[position].key.decode() for position, _, _ in muted],
+                            [alert_id for _, _, alert_id in muted])
+    if not rows:
+        return set(), []
+    by_fingerprint: dict[tuple[str, str], list[asyncpg.Record]] = {}
+    for row in rows:
+        by_fingerprint.setdefault((row["client_id"], row["fingerprint"]), []).append(row)
+    chains = [_muted_chain(members) for members in by_fingerprint.values()]
+    repeats = await conn.fetch(_SUPPRESSED_REPEATS, [chain[0]["client_id"] for chain in chains],
+                               [chain[0]["fingerprint"] for chain in chains],
+                               [chain[0]["fingerprint_notified_at"] for chain in chains])
+    repeats_of: dict[int, list[asyncpg.Record]] = {}
     for repeat in repeats:
-        notifier = notifiers[repeat["position"] - 1]
-        if repeat["position"] in revived:
-            continue
-        alert = repeat["alerts"][0]
-        if silences.silencing(notifier["client_id"], Alert.from_stored(alert), now) is None:
-            revived[repeat["position"]] = (muted[notifier["position"] - 1][0], repeat)
-    if not revived:
-        return set(), set()
-    await conn.execute(_FORGET_REPEAT, [repeat["notification_id"] for _, repeat in revived.values()])
-    joining = {}
-    for notifier_row, (position, repeat) in revived.items():
-        client = notifiers[notifier_row - 1]["client_id"]
-        joining[(client, repeat["alerts"][0]["alert_id"])] = (due[position].group["notification_id"], repeat,
-                                                              notifiers[notifier_row - 1]["fingerprint"])
-    await record_memberships(
-        conn, [(client, alert_id, nid, json.dumps(kept_unlisted(repeat["alerts"][0]), separators=(",", ":")))
-               for (client, alert_id), (nid, repeat, _) in joining.items()],
-        {key: (fingerprint, repeat["created_at"]) for key, (_, repeat, fingerprint) in joining.items()},
-        {key: repeat["rule_ids"] for key, (_, repeat, _) in joining.items()})
-    # Its fingerprint notified when the repeat came: the member's, forgotten at the close, no longer is
-    # the one `fingerprints` holds, and later repeats within its interval stay suppressed.
-    await conn.execute(_REMEMBER_REVIVED, [client for client, _ in joining],
-                       [fingerprint for _, _, fingerprint in joining.values()],
-                       [repeat["created_at"] for _, repeat, _ in joining.values()])
-    return ({position for position, _ in revived.values()},
-            {muted[notifiers[row - 1]["position"] - 1][1:] for row in revived})
+        repeats_of.setdefault(repeat["position"] - 1, []).append(repeat)
+    revived: list[tuple[int, asyncpg.Record, str, str]] = []  # (group position, repeat, client_id, fingerprint)
+    settled: list[HeldFingerprint] = []  # with a repeat notified instead
+    unsettled: list[HeldFingerprint] = []
+    for index, chain in enumerate(chains):
+        client, fingerprint = chain[0]["client_id"], chain[0]["fingerprint"]
+        final = chain[0]["previous_final"]
+        last = chain[0]["previous_at"] if final else None  # the last notification, as the agent reads it
+        last_at = chain[0]["fingerprint_previous_at"] if final else None  # the same, as Postgres holds it
+        any_notified = False
+        for repeat in repeats_of.get(index, []):
+            at, interval_s = repeat["created_at"], repeat["repeat_interval_s"]
+            # The member whose notification it repeated: the last of them at or before it.
+            member = [m for m in chain if m["notified_at"] - _SAME_TIME_S <= at][-1]
+            if last is not None and last >= member["notified_at"] - _SAME_TIME_S:
+                continue  # after a repeat notified since that member: suppressed by it too
+            if last is not None and interval_s is not None and at - last < interval_s:
+                continue  # suppressed by the last notification, as the agent decides
+            if silences.silencing(client, Alert.from_stored(repeat["alerts"][0]), now) is not None:
+                continue  # muted now: notified to nobody either way
+            revived.append((muted[member["position"] - 1][0], repeat, client, fingerprint))
+            last, last_at, any_notified = at, datetime.fromtimestamp(at, timezone.utc), True
+        # The fingerprint as if its muted members had been silenced when matched.
+        (settled if any_notified else unsettled).append(HeldFingerprint(
+            client, fingerprint, chain[-1]["fingerprint_notified_at"], last_at,
+            tuple(muted[m["position"] - 1][1:] for m in chain)))
+    if revived:
+        await conn.execute(_FORGET_REPEAT, [repeat["notification_id"] for _, repeat, _, _ in revived])
+        await record_memberships(
+            conn,
+            [(client, repeat["alerts"][0]["alert_id"], due[position].group["notification_id"],
+              json.dumps(kept_unlisted(repeat["alerts"][0]), separators=(",", ":")))
+             for position, repeat, client, _ in revived],
+            {(client, repeat["alerts"][0]["alert_id"]): (fingerprint, repeat["created_at"], None, False)
+             for _, repeat, client, fingerprint in revived},
+            {(client, repeat["alerts"][0]["alert_id"]): repeat["rule_ids"] for _, repeat, client, _ in revived})
+        # The fingerprint notified by a repeat, whatever the groups' notifications turn out to be.
+        await settle_held_fingerprints(conn, settled)
+    return {position for position, _, _, _ in revived}, unsettled
+
+
+async def settle_held_fingerprints(conn: asyncpg.Connection | asyncpg.Pool, held: Sequence[HeldFingerprint]) -> None:
+    if held:
+        await conn.execute(_SETTLE_HELD_FINGERPRINTS, [h.client_id for h in held], [h.fingerprint for h in held],
+                           [h.held_at for h in held], [h.settled_at for h in held])
 
 
 def kept_unlisted(alert: dict) -> dict:
@@ -407,7 +496,7 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     listings = [await listing_of(conn, d, silences, now) for d in due]
     # A repeat a muted member suppressed joins its group as an unlisted member: listed again, in a
     # place the muted ones freed.
-    relisted, renotified = await revive_repeats(conn, due, listings, silences, now)
+    relisted, held = await revive_repeats(conn, due, listings, silences, now)
     for position in relisted:
         listings[position] = await listing_of(conn, due[position], silences, now)
     rule_ids = await notified_rules(conn, due, listings)
@@ -428,13 +517,15 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     # after this (a lost connection) counts them again when the group is closed again.
     metrics.notifications_silenced.inc(sum(row["status"] == "SILENCED" for row in inserted))
     # Only at the first close, in its transaction: a group closed again decides nothing anew.
-    listing_of_group = {d.group["notification_id"]: (d, listing) for d, listing in zip(due, listings)}
-    forgotten = [(row["notification_id"], listing_of_group[row["notification_id"]][0].key.decode(), alert_id)
-                 for row in inserted
-                 for alert_id in listing_of_group[row["notification_id"]][1].notified_to_nobody(row["status"])
-                 if (row["notification_id"], alert_id) not in renotified]
-    if forgotten:
-        await conn.execute(_FORGET_SILENCED_FINGERPRINTS, *(list(column) for column in zip(*forgotten)))
+    listing_of_group = {d.group["notification_id"]: listing for d, listing in zip(due, listings)}
+    nobody = {(row["notification_id"], alert_id) for row in inserted
+              for alert_id in listing_of_group[row["notification_id"]].notified_to_nobody(row["status"])}
+    # The fingerprints muted members held, no repeat notified instead: set back to the notification
+    # before them when they all were notified to nobody; when only the last was (a group that could
+    # not check all its members lists the others), forgotten (set back no further than it knows).
+    await settle_held_fingerprints(
+        conn, [h if all(member in nobody for member in h.members) else replace(h, settled_at=None)
+               for h in held if h.members[-1] in nobody])
     return await unemitted_groups(conn, [d.group["notification_id"] for d in due])
 
 

@@ -563,6 +563,137 @@ async def test_a_repeat_suppressed_by_a_member_notified_at_close_stays_suppresse
             ] == ["SUPPRESSED"]
 
 
+def notified_at_once(client_id: str, rule_id: str, the_alert: Alert, interval_s: int) -> AlertMatched:
+    """A match of a rule that suppresses repeats and does not group (the fingerprint as grouped_repeating's)."""
+    return matched(client_id, [rule_id], the_alert, group_rule_id=rule_id, repeat_interval_s=interval_s,
+                   fingerprint=fingerprint_of(client_id, the_alert, []))
+
+
+async def aggregate_at(monkeypatch, at: float, *matches: AlertMatched) -> None:
+    monkeypatch.setattr(match_outcomes, "time", SimpleNamespace(time=lambda: at))
+    await aggregate(*matches)
+
+
+# What a release before migrations/018 leaves NULL, in a rolling deployment or a rollback.
+WRITTEN_BEFORE_018 = {
+    "the notification before the member": "UPDATE fingerprints SET notified_as_of = NULL WHERE client_id = $1",
+    "the member": "UPDATE notification_alerts SET fingerprint_previous_at = NULL, fingerprint_previous_final = NULL"
+                  " WHERE client_id = $1",
+    "the repeats": "UPDATE notifications SET repeat_interval_s = NULL WHERE client_id = $1 AND status = 'SUPPRESSED'",
+}
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize("written_before_018", ["nothing", *WRITTEN_BEFORE_018])
+async def test_a_repeat_the_notification_before_a_member_muted_at_close_suppresses_stays_suppressed(
+        pool, monkeypatch, written_before_018):
+    """Rules with different repeat intervals share a fingerprint. An hourly rule's alert is notified;
+    100 s later a minutely rule's alert joins a group (its interval has passed), suppressing the
+    repeats that follow, and a silence mutes it at close. As if it had been silenced when matched, its
+    repeats are decided again against the hourly alert's notification, each within its own interval,
+    as the agent decides any repeat: the hourly rule's repeat stays suppressed, the minutely rule's is
+    notified. What a release before migrations/018 wrote is decided as that release did: the first
+    repeat no silence mutes is notified."""
+    client, hourly, minutely = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    opened = time.time()
+    before = notified_at_once(client, hourly, alert(0), 3600)
+    await aggregate_at(monkeypatch, opened - 100, before)
+    if written_before_018 == "the notification before the member":
+        await pool.execute(WRITTEN_BEFORE_018[written_before_018], client)
+    member = grouped_repeating(client, minutely, alert(1), interval_s=60)
+    hourly_repeat = notified_at_once(client, hourly, alert(2), 3600)
+    minutely_repeat = grouped_repeating(client, minutely, alert(3), interval_s=60)
+    for seconds, match in enumerate((member, hourly_repeat, minutely_repeat)):
+        await aggregate_at(monkeypatch, opened + seconds, match)
+    if written_before_018 in ("the member", "the repeats"):
+        await pool.execute(WRITTEN_BEFORE_018[written_before_018], client)
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    notified, suppressed = ((minutely_repeat, hourly_repeat) if written_before_018 == "nothing"
+                            else (hourly_repeat, minutely_repeat))
+    assert ready.alerts == [notified.alert]
+    assert {row["alert_id"]: row["status"] for row in await rows_of(pool, client)} == {
+        before.alert.alert_id: "PENDING", notified.alert.alert_id: "PENDING", suppressed.alert.alert_id: "SUPPRESSED"}
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize("muted_members", ["one", "two in one group"])
+async def test_the_notification_before_a_member_muted_at_close_suppresses_the_next_alert_within_its_interval(
+        pool, monkeypatch, muted_members):
+    """A member muted at close takes its notification back, and the fingerprint's notification before
+    it is the last one again: an hourly rule's alert 20 s after the close is suppressed by the hourly
+    alert notified 100 s before the member, as it would have been had the member been silenced when
+    matched; a minutely rule's is notified. So too when the minutely rule's group (its window longer
+    than its interval) collected the fingerprint twice, both muted."""
+    client, hourly, minutely = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    opened = time.time()
+    await aggregate_at(monkeypatch, opened - 100, notified_at_once(client, hourly, alert(0), 3600))
+    await aggregate_at(monkeypatch, opened, grouped_repeating(client, minutely, alert(1), window_s=100, interval_s=60))
+    if muted_members == "two in one group":
+        await aggregate_at(monkeypatch, opened + 70,
+                           grouped_repeating(client, minutely, alert(1), window_s=100, interval_s=60))
+    await insert_silence(pool, client, opened - 60, opened + 110, n="1")
+    assert await closed_for(pool, client, opened + 100) == []
+
+    hourly_alert = notified_at_once(client, hourly, alert(2), 3600)
+    await aggregate_at(monkeypatch, opened + 120, hourly_alert)
+    minutely_alert = notified_at_once(client, minutely, alert(3), 60)
+    await aggregate_at(monkeypatch, opened + 121, minutely_alert)
+
+    statuses = {row["alert_id"]: row["status"] for row in await rows_of(pool, client)}
+    assert (statuses[hourly_alert.alert.alert_id], statuses[minutely_alert.alert.alert_id]) == ("SUPPRESSED", "PENDING")
+
+
+@AGENT_LOOP
+async def test_a_member_before_a_member_muted_at_close_that_may_yet_be_muted_suppresses_none_of_its_repeats(
+        pool, monkeypatch):
+    """The notification before the muted member is a member of a group still open, which a silence
+    may yet mute at its own close: it is not taken as notified, and the first repeat no silence mutes
+    is notified (one more, should that member be notified after all; never one lost)."""
+    client, hourly, minutely = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    opened = time.time()
+    await aggregate_at(monkeypatch, opened - 100,
+                       grouped_repeating(client, hourly, alert(1), window_s=300, interval_s=3600))
+    await aggregate_at(monkeypatch, opened, grouped_repeating(client, minutely, alert(1), interval_s=60))
+    hourly_repeat = notified_at_once(client, hourly, alert(2), 3600)
+    await aggregate_at(monkeypatch, opened + 1, hourly_repeat)
+    await insert_silence(pool, client, opened - 200, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+    assert ready.alerts == [hourly_repeat.alert]
+    # The hourly group's member is muted too: the repeat was rightly notified.
+    assert await closed_for(pool, client, opened + 200) == []
+
+
+@AGENT_LOOP
+async def test_the_repeats_of_members_of_one_fingerprint_all_muted_at_close_are_decided_again_together(
+        pool, monkeypatch):
+    """A group window longer than the repeat interval collects a fingerprint twice: a member at 0 s,
+    and one at 70 s (60 s interval). A silence mutes both at close: neither reached the client. As if
+    both had been silenced when matched, the repeats since the first are decided again in order: the
+    one at 30 s is notified, the one at 80 s is suppressed by it (50 s later), the one at 100 s is
+    notified (70 s later), and the fingerprint is last notified at 100 s."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    opened = time.time()
+    first, second = (grouped_repeating(client, rule, alert(1), window_s=300, interval_s=60) for _ in range(2))
+    at_30, at_80, at_100 = (grouped_repeating(client, rule, alert(n), window_s=300, interval_s=60) for n in (2, 3, 4))
+    for seconds, match in ((0, first), (30, at_30), (70, second), (80, at_80), (100, at_100)):
+        await aggregate_at(monkeypatch, opened + seconds, match)
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 305)
+
+    # Revived in one statement, they joined at once: listed in the order of their alert_ids.
+    assert sorted(ready.alerts, key=lambda a: a.context["n"]) == [at_30.alert, at_100.alert]
+    assert [row["alert_id"] for row in await rows_of(pool, client) if row["status"] == "SUPPRESSED"
+            ] == [at_80.alert.alert_id]
+    last = await pool.fetchval("SELECT extract(epoch FROM last_notified_at)::float8 FROM fingerprints"
+                               " WHERE client_id = $1", client)
+    assert last == pytest.approx(opened + 100, abs=1e-3)
+
+
 def test_a_silenced_member_its_notification_lists_all_the_same_keeps_its_fingerprint():
     """A group whose checked members are all silenced is notified when it has a member that could not
     be checked, listing its silenced alerts: those are notified, the unlisted silenced ones are not."""
@@ -1022,14 +1153,17 @@ async def test_a_fingerprint_is_never_remembered_as_notified_earlier_than_it_was
     # Two workers in a rebalance overlap, or a clock stepped back, write an older time last.
     from agents.match_outcomes import _REMEMBER_NOTIFIED
 
-    client = await insert_client(pool)
+    client, group = await insert_client(pool), str(uuid.uuid4())
     now = time.time()
-    await pool.execute(_REMEMBER_NOTIFIED, [client], ["fp"], [now])
-    await pool.execute(_REMEMBER_NOTIFIED, [client], ["fp"], [now - 3600])
+    await pool.execute(_REMEMBER_NOTIFIED, [client], ["fp"], [now], [group])  # a member joining
+    await pool.execute(_REMEMBER_NOTIFIED, [client], ["fp"], [now - 3600], [None])  # one notified at once
 
-    last = await pool.fetchval("SELECT extract(epoch FROM last_notified_at) FROM fingerprints"
-                               " WHERE client_id = $1 AND fingerprint = 'fp'", client)
-    assert float(last) == pytest.approx(now, abs=1e-3)
+    row = await pool.fetchrow("SELECT extract(epoch FROM last_notified_at) AS last, notified_in_group::text,"
+                              " notified_as_of = last_notified_at AS described FROM fingerprints"
+                              " WHERE client_id = $1 AND fingerprint = 'fp'", client)
+    assert float(row["last"]) == pytest.approx(now, abs=1e-3)
+    # What says whether that notification is final describes it, not the older one.
+    assert (row["notified_in_group"], row["described"]) == (group, True)
 
 
 def test_a_worker_without_the_aggregate_role_does_not_hold_the_group_table():
