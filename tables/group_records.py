@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 
 import asyncpg
 
@@ -346,6 +346,7 @@ WHERE f.client_id = b.client_id AND f.fingerprint = b.fingerprint AND f.last_not
   AND b.notified_at IS NULL
 """
 
+
 @dataclass(frozen=True)
 class HeldFingerprint:
     """A fingerprint that members muted at close held in `fingerprints`: what it is to hold instead."""
@@ -381,7 +382,7 @@ def _muted_chain(members: list[asyncpg.Record]) -> list[asyncpg.Record]:
 
 async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
                          listings: Sequence[Listing], silences: SilenceIndex, now: float
-                         ) -> tuple[set[int], set[tuple[str, str]]]:
+                         ) -> tuple[set[int], list[HeldFingerprint]]:
     """Make the repeats that members muted at close suppressed, and that a match silenced when it was
     matched would not have, members of the closing groups, and settle the fingerprints they were
     repeats of; return the positions in `due` of the groups the repeats joined, and the fingerprints
