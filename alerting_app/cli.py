@@ -98,11 +98,18 @@ def _hold_data_dir() -> None:
     tables') locked by the first: it retried for ever without becoming ready, and the partitions it
     was assigned were not processed."""
     global _data_dir_lock
-    _data_dir_lock = hold_data_dir_lock(settings.data_dir, ".worker.lock")
-    if _data_dir_lock is None:
+    _data_dir_lock = _worker_lock_on_data_dir("another worker", "give each worker a DATA_DIR of its own")
+
+
+def _worker_lock_on_data_dir(holder_is: str, remedy: str) -> IO:
+    """The lock a worker holds on DATA_DIR while it runs, held now; else ConfigurationError naming the
+    folder, the worker holding it (`holder_is`, with its pid) and `remedy`."""
+    lock = hold_data_dir_lock(settings.data_dir, ".worker.lock")
+    if lock is None:
         holder = lock_holder(settings.data_dir / ".worker.lock")
-        raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by another "
-                                 f"worker{f' (pid {holder})' if holder else ''}; give each worker a DATA_DIR of its own")
+        raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by {holder_is}"
+                                 f"{f' (pid {holder})' if holder else ''}; {remedy}")
+    return lock
 
 
 class reset(FaustResetCommand):  # noqa: N801  the class name is the command name; it replaces Faust's
@@ -116,11 +123,7 @@ class reset(FaustResetCommand):  # noqa: N801  the class name is the command nam
         if not settings.data_dir.is_dir():  # Faust's reset would create it, to remove nothing
             print(f"nothing to reset: DATA_DIR {settings.data_dir} does not exist")
             return None
-        held = hold_data_dir_lock(settings.data_dir, ".worker.lock")
-        if held is None:
-            holder = lock_holder(settings.data_dir / ".worker.lock")
-            raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by a "
-                                     f"worker{f' (pid {holder})' if holder else ''}; stop it before `reset`")
+        held = _worker_lock_on_data_dir("a worker", "stop it before `reset`")
         try:
             return super().__call__(*args, **kwargs)
         finally:

@@ -154,10 +154,7 @@ def test_a_waiting_worker_that_is_pid_1_stops_on_sigterm(tmp_path):
         pytest.skip("no unshare(1) to run the worker as PID 1 of a PID namespace")
     as_root = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     port = free_port()
-    closed = free_port()  # nothing listens there: the worker keeps waiting
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed}", "WEB_PORT": str(port),
-           "DATABASE_URL": f"postgresql://alerting@127.0.0.1:{closed}/alerting",
-           "REDIS_URL": f"redis://127.0.0.1:{closed}/0", "DATA_DIR": str(tmp_path / "worker")}
+    env = waiting_worker_environment(port, tmp_path)
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         namespace = subprocess.Popen([unshare, *as_root, "--pid", "--fork", "--kill-child",
@@ -182,6 +179,15 @@ def test_a_waiting_worker_that_is_pid_1_stops_on_sigterm(tmp_path):
             namespace.wait()
 
 
+def waiting_worker_environment(port: int, tmp_path) -> dict[str, str]:
+    """A worker's environment whose services are all on a port nothing listens on: it keeps waiting,
+    its probe on `port`."""
+    closed = free_port()
+    return {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed}", "WEB_PORT": str(port),
+            "DATABASE_URL": f"postgresql://alerting@127.0.0.1:{closed}/alerting",
+            "REDIS_URL": f"redis://127.0.0.1:{closed}/0", "DATA_DIR": str(tmp_path / "worker")}
+
+
 def sigint_at_its_default() -> None:
     # As in a terminal: a test run as a background job inherits an ignored SIGINT, which Python keeps.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -193,10 +199,7 @@ def test_a_waiting_worker_stopped_with_ctrl_c_closes_its_port_and_exits_without_
     pending!" and a traceback ("coroutine ignored GeneratorExit"), its probe port closed by the
     process's end rather than by the wait."""
     port = free_port()
-    closed = free_port()  # nothing listens there: the worker keeps waiting
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed}", "WEB_PORT": str(port),
-           "DATABASE_URL": f"postgresql://alerting@127.0.0.1:{closed}/alerting",
-           "REDIS_URL": f"redis://127.0.0.1:{closed}/0", "DATA_DIR": str(tmp_path / "worker")}
+    env = waiting_worker_environment(port, tmp_path)
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen([alerting_app_executable(), "worker"], env=env, stdout=log, stderr=log,
