@@ -11,9 +11,20 @@ import asyncio
 import json
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 
 from alerting_app.end_offsets import EndOffsetsUnknown, end_offsets
+
+
+async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
+    """Create each topic of `partitions` (name -> partition count), replication factor 1."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, count, 1) for name, count in partitions.items()])
+    finally:
+        await admin.close()
 
 
 async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:

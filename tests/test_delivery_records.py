@@ -14,7 +14,6 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from alerting_app.contracts import DeadLetter
 from alerting_app.db import init_connection
@@ -23,7 +22,7 @@ from alerting_app.delivery.recorder import Recorder
 from alerting_app.delivery.records import (DeliveryChange, fence_sends, lease_due, release, renew_leases,
                                            write_outcomes)
 from broker_front import OutageFront
-from kafka_probe import read_topic
+from kafka_probe import create_topics, read_topic
 from postgres_waits import until_waiting_on_a_lock
 from private_brokers import private_broker_behind
 
@@ -111,12 +110,7 @@ def letters_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageF
 
 
 async def create_topic(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+    await create_topics(bootstrap, {topic: 1})
 
 
 class LetterSending:

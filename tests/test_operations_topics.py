@@ -10,9 +10,10 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from alerting_app.up import alerting_app_executable
+from kafka_probe import create_topics
 from pipe_lines import read_lines_until
 
 COMMAND_TIMEOUT_S = 120
@@ -25,12 +26,7 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 async def create_topic(bootstrap: str, partitions: int) -> str:
     name = f"ops-test-{secrets.token_hex(4)}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
+    await create_topics(bootstrap, {name: partitions})
     return name
 
 

@@ -30,7 +30,7 @@ from alerting_app.db import init_connection
 from alerting_app.matching import RuleIndex
 from alerting_app.sending import partition_for
 from alerting_app.embedded import free_port
-from kafka_probe import caught_up, produce, read_topic
+from kafka_probe import caught_up, create_topics, produce, read_topic
 from operations_support import start_tansu
 from tables.changelog_replica import BrokerTooSlow, keep_running, records_at
 from tables import rule_replica
@@ -50,12 +50,7 @@ def rid(name: str) -> str:
 @pytest.fixture
 async def topic(services):
     name = f"rule.changed.test-{secrets.token_hex(4)}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, PARTITIONS, 1), NewTopic(f"{name}.dlq", 1, 1)])
-    finally:
-        await admin.close()
+    await create_topics(services.kafka_bootstrap_servers, {name: PARTITIONS, f"{name}.dlq": 1})
     return name
 
 

@@ -12,11 +12,10 @@ import time
 import uuid
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from alerting_app.contracts import Alert, DeadLetter, Silence, SilenceChanged
 from alerting_app.silencing import SilenceIndex
-from kafka_probe import caught_up, produce
+from kafka_probe import caught_up, create_topics, produce
 from tables.silences import SilenceReplica
 
 
@@ -27,12 +26,7 @@ def new_id() -> str:
 @pytest.fixture
 async def topic(services):
     name = f"silence.changed.test-{secrets.token_hex(4)}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, 3, 1)])
-    finally:
-        await admin.close()
+    await create_topics(services.kafka_bootstrap_servers, {name: 3})
     return name
 
 
