@@ -248,6 +248,28 @@ async def test_a_relay_that_cannot_be_reached_is_not_named_to_the_tenant(caplog)
     assert f"Error connecting to 127.0.0.1 on port {port}" in caplog.text
 
 
+async def test_a_relay_whose_certificate_is_for_another_name_is_not_named_to_the_tenant(tmp_path, monkeypatch,
+                                                                                        caplog):
+    # OpenSSL's text for the STARTTLS handshake names the relay we asked for ("IP address
+    # mismatch, certificate is not valid for '127.0.0.1'", or SMTP_HOST's name): before, it was the
+    # delivery's last_error as it came, read by the tenant.
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("relay.example").configure_cert(context)
+    with SmtpServer(starttls=context) as smtp:
+        settings = smtp_settings(smtp.port).model_copy(update={"smtp_starttls": True})
+        with pytest.raises(RetryableDeliveryError) as failure:
+            await send_email(settings, "oncall@example.com", notification())
+        assert smtp.messages == []
+
+    reason = str(failure.value)
+    assert reason == ("TLS with the SMTP relay failed: SSLCertVerificationError CERTIFICATE_VERIFY_FAILED"
+                      " (the platform's trouble, not the endpoint's)"), reason
+    assert "127.0.0.1" in caplog.text  # the operator's log has the whole of it
+
+
 async def test_requiring_starttls_from_a_server_without_it_sends_nothing_in_clear():
     with SmtpServer() as smtp:
         settings = smtp_settings(smtp.port).model_copy(update={"smtp_starttls": True})

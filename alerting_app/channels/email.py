@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import ssl
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -120,17 +121,28 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         # reads the reason (the delivery's last_error). The kind of trouble, and a certificate
         # check's verdict (e.g. CERTIFICATE_VERIFY_FAILED), are the tenant's; the rest goes to the log.
         log.warning("email: %s", exc)
-        cause = exc.__cause__
-        kind = type(cause).__name__ if cause is not None else type(exc).__name__
-        verdict = getattr(cause, "reason", None)
-        raise RetryableDeliveryError(f"could not connect to the SMTP relay: {kind}"
-                                     f"{f' {verdict}' if isinstance(verdict, str) else ''}"
+        raise RetryableDeliveryError(f"could not connect to the SMTP relay: {_kind_and_verdict(exc.__cause__ or exc)}"
+                                     " (the platform's trouble, not the endpoint's)") from None
+    except ssl.SSLError as exc:
+        # The TLS handshake after STARTTLS: OpenSSL's text names the relay ("Hostname mismatch,
+        # certificate is not valid for 'smtp.internal'", or its IP address), ours, not the
+        # tenant's, who reads the reason. The kind and the verdict are the tenant's; the rest is logged.
+        log.warning("email: TLS with the SMTP relay failed: %s", exc)
+        raise RetryableDeliveryError(f"TLS with the SMTP relay failed: {_kind_and_verdict(exc)}"
                                      " (the platform's trouble, not the endpoint's)") from None
     except (aiosmtplib.SMTPException, OSError) as exc:
         # Connection refused or lost, timeouts, and a relay that lacks what the settings require
         # (STARTTLS): the relay's trouble, not the message's, and one its operator can fix.
         raise RetryableDeliveryError(f"{type(exc).__name__}: {exc}") from None
     _say_goodbye(relay, settings.delivery_endpoint_concurrency)
+
+
+def _kind_and_verdict(exc: BaseException) -> str:
+    """What a tenant may read of the relay's trouble: the exception's kind, and an SSL error's
+    verdict (`SSLCertVerificationError CERTIFICATE_VERIFY_FAILED`), without its text, which names
+    the relay."""
+    verdict = getattr(exc, "reason", None)
+    return f"{type(exc).__name__}{f' {verdict}' if isinstance(verdict, str) else ''}"
 
 
 async def _converse(relay: aiosmtplib.SMTP, message: EmailMessage, timeout_s: float) -> None:
