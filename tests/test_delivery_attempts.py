@@ -285,6 +285,61 @@ async def test_a_redis_that_answers_reads_and_refuses_writes_backs_off_as_long_a
         assert len([record for record in caplog.records if record.exc_info]) == 1
 
 
+async def refusing_every_write(redis: Redis, how: str) -> None:
+    """Make `redis` refuse every write: full under noeviction (OOM), or unable to save (MISCONF: its
+    snapshot failed, written where no file can be, and stop-writes-on-bgsave-error is on)."""
+    if how == "full":
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")
+        return
+    await redis.config_set("save", "3600 1")
+    await redis.config_set("dir", "/proc")
+    await redis.bgsave()
+    async with asyncio.timeout(30):  # a guard against hanging only
+        while (await redis.info("persistence"))["rdb_last_bgsave_status"] != "err":
+            await asyncio.sleep(0.02)
+
+
+async def writing_again(redis: Redis, tmp_path) -> None:
+    await redis.config_set("maxmemory", "0")
+    await redis.config_set("dir", str(tmp_path))
+    await redis.config_set("save", "")
+    await redis.config_set("stop-writes-on-bgsave-error", "no")  # the failed snapshot stays the last one
+
+
+@pytest.mark.parametrize("how", ["full", "unable_to_save"])
+async def test_a_redis_refusing_every_write_counts_no_attempt_and_backs_off_while_it_lasts(own_redis, tmp_path,
+                                                                                          caplog, how):
+    """A Redis full under noeviction (the policy docs/delivery.md asks for), or unable to save its
+    snapshot, refuses every write, whatever the key: its tokens and claims. That is the platform's
+    trouble, passing once marks expire or its operator acts, as a Redis away is. Before, each
+    refusal counted one of the delivery's attempts and logged a traceback, and its wait grew with
+    them: a delivery with one try left waited 128 s, and a few minutes of a full Redis left every
+    delivery held a single try for its endpoint once Redis had room again."""
+    server, redis_url = own_redis
+    async with Receiver() as receiver, delivery_context(redis_url, delivery_max_attempts=8) as ctx:
+        # One whose token's script is refused, one without a rate limit whose claim is.
+        jobs = [job_for(webhook(receiver.url(), rate_limit_per_s=rate), attempts_made=7) for rate in (10, 0)]
+        await refusing_every_write(ctx.redis.redis, how)
+        try:
+            for job in jobs:
+                await deliver(job, ctx)
+            refused_until = time.time()
+        finally:
+            await writing_again(ctx.redis.redis, tmp_path)
+
+        assert receiver.posts == []
+        assert [(c.status, c.attempts, c.release) for c in ctx.recorder.changes] == [("PENDING", 0, True)] * 2
+        # A second of backoff (Redis has failed for less than that so far) and up to a second of jitter.
+        assert all(c.next_attempt_at <= refused_until + 2 for c in ctx.recorder.changes)
+        assert len([record for record in caplog.records if record.exc_info]) == 1
+        # Writing again, each still has its last try for the endpoint.
+        for job in jobs:
+            await deliver(job, ctx)
+        assert [c.status for c in ctx.recorder.changes[2:]] == ["SENT"] * 2
+        assert len(receiver.posts) == 2
+
+
 async def test_deliveries_queued_behind_a_hanging_endpoint_hold_no_tokens_and_go_out_at_its_rate(services):
     async with Receiver() as receiver, delivery_context(services.redis_url, endpoint_concurrency=1,
                                                         burst_s=0.25) as ctx:

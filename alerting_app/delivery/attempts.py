@@ -476,10 +476,22 @@ async def _release(ctx: DeliveryContext, claim: claims.Claim) -> None:
         log.warning("could not release the claim %s; it expires by itself", claim.key, exc_info=True)
 
 
+# Redis refusing every write, whatever the key: full (maxmemory with noeviction, the policy
+# docs/delivery.md asks for) or unable to save its snapshot (stop-writes-on-bgsave-error, the
+# default). A command's refusal is an OutOfMemoryError, or a ResponseError saying MISCONF; the
+# tokens' script's is a ResponseError quoting the refusal of its write.
+_REFUSING_EVERY_WRITE = ("OOM command not allowed", "MISCONF ")
+
+
 def redis_away(exc: BaseException) -> bool:
-    """Redis unreachable, not answering, loading its data after a restart, or a replica now (a
-    failover): trouble that passes, whatever the delivery."""
-    return isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)) or refused_by_a_replica(exc)
+    """Redis unreachable, not answering, loading its data after a restart, a replica now (a
+    failover), or refusing every write (full, or unable to save): trouble that passes, whatever the
+    delivery. Not a command refused for the delivery's own key (WRONGTYPE)."""
+    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.OutOfMemoryError)):
+        return True
+    if refused_by_a_replica(exc):
+        return True
+    return isinstance(exc, redis_errors.ResponseError) and any(refusal in str(exc) for refusal in _REFUSING_EVERY_WRITE)
 
 
 def _failure_letter(job: DeliveryJob, reason: str, attempts: int) -> DeadLetter:
