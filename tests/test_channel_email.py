@@ -208,17 +208,39 @@ async def test_a_relay_refusing_smtp_from_for_good_is_retried_and_names_the_sett
             await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
 
 
-async def test_a_relay_refusing_service_in_its_greeting_is_retried():
+@pytest.mark.parametrize("greeting", [b"554 5.3.2 relay.internal no SMTP service here",
+                                      b"421 relay.internal Service not available, closing transmission channel"])
+async def test_a_relay_refusing_service_in_its_greeting_is_retried_without_naming_it_to_the_tenant(greeting,
+                                                                                                 caplog):
+    # A refusal in the greeting is about the relay, ours, and its text names it (RFC 5321's
+    # "421 <domain> Service not available"): before, it was the delivery's last_error as it came.
     async def refuse_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"554 5.3.2 no SMTP service here\r\n")
+        writer.write(greeting + b"\r\n")
         await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(refuse_service, "127.0.0.1", 0)
     async with server:
         port = server.sockets[0].getsockname()[1]
-        with pytest.raises(RetryableDeliveryError, match=r"SMTP 554: .*no SMTP service here.*check SMTP_FROM"):
+        with pytest.raises(RetryableDeliveryError) as failure:
             await send_email(smtp_settings(port), "oncall@example.com", notification())
+
+    code = greeting[:3].decode()
+    assert str(failure.value) == (f"SMTP {code}: the SMTP relay refused service"
+                                  " (the platform's trouble, not the endpoint's)")
+    assert "relay.internal" in caplog.text  # the operator's log has the whole reply
+
+
+async def test_a_relay_closing_the_conversation_at_any_command_is_retried_without_naming_it_to_the_tenant(caplog):
+    # Postfix's answer to a worker over its connection limit: "421 4.7.0 <its name> Error: too many
+    # connections from <our worker's address>". Before, it read as a refusal of SMTP_FROM, quoted.
+    with SmtpServer() as smtp:
+        smtp.refuse("alerts@alerting.example", "421 4.7.0 relay.internal Error: too many connections from 10.0.3.7")
+        with pytest.raises(RetryableDeliveryError) as failure:
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+
+    assert str(failure.value) == "SMTP 421: the SMTP relay refused service (the platform's trouble, not the endpoint's)"
+    assert "relay.internal" in caplog.text and "10.0.3.7" in caplog.text
 
 
 async def test_a_reply_the_relay_garbled_is_retryable():

@@ -102,12 +102,18 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
     except aiosmtplib.SMTPRecipientsRefused as exc:
         # One recipient per message here; the reply the relay gave, not the exception's repr.
         refusal = min(exc.recipients, key=lambda refused: refused.code)
+        if refusal.code == _CLOSING:
+            raise _service_refused(refusal.code, refusal.message) from None
         raise _by_reply_code(refusal.code, f"SMTP {refusal.code}: {refusal.message}") from None
     except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPConnectResponseError) as exc:
-        # The relay refused SMTP_FROM, or refused us service in its greeting: the same for every
-        # message until its operator fixes SMTP_FROM or the relay, so retried like a relay that is down.
+        if exc.code == _CLOSING or isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+            raise _service_refused(exc.code, exc.message) from None
+        # The relay refused SMTP_FROM: the same for every message until its operator fixes
+        # SMTP_FROM or the relay, so retried like a relay that is down.
         raise RetryableDeliveryError(f"SMTP {exc.code}: {exc.message} (check SMTP_FROM and the relay)") from None
     except aiosmtplib.SMTPResponseException as exc:
+        if exc.code == _CLOSING:
+            raise _service_refused(exc.code, exc.message) from None
         if exc.code in _RELAY_SETTINGS_REPLIES:
             # The relay refused our login or asks for TLS: SMTP_* settings its operator can fix,
             # not this message's fault, so it is retried like a relay that is down.
@@ -206,6 +212,21 @@ def start_tls(settings: Settings) -> bool | None:
     if settings.smtp_starttls is None and settings.smtp_user is not None:
         return True  # a password is never sent in clear unless SMTP_STARTTLS=false says so
     return settings.smtp_starttls
+
+
+# 421: the relay closes the conversation, whatever the command (RFC 5321 4.2.3).
+_CLOSING = 421
+
+
+def _service_refused(code: int, message: str) -> RetryableDeliveryError:
+    """The relay refusing us service, in its greeting or with a 421 to any command: its own state,
+    not this message's, and retried like a relay that is down. Its text goes to the worker's log:
+    it names the relay (RFC 5321's "421 <domain> Service not available", Postfix's "421 4.7.0 <its
+    name> Error: too many connections from <our worker's address>"), ours, not the tenant's, who
+    reads the reason."""
+    log.warning("email: the SMTP relay refused service: %s %s", code, message)
+    return RetryableDeliveryError(f"SMTP {code}: the SMTP relay refused service (the platform's trouble,"
+                                  " not the endpoint's)")
 
 
 def _by_reply_code(code: int, reason: str) -> Exception:
