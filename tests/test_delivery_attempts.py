@@ -456,6 +456,24 @@ async def test_email_to_many_endpoints_goes_out_at_the_all_email_rate(services):
         assert max(arrivals) - min(arrivals) >= (count - 1) / rate * 0.95, arrivals
 
 
+async def test_an_attempts_recorded_time_is_when_its_request_went_out_not_when_it_began_to_wait(services):
+    """`first_attempt_at` and `last_attempt_at` say when the endpoint was tried. Before, they were
+    when the attempt began to wait for its slots and tokens: two deliveries to an endpoint of one
+    per 4 s, taken up together, were both recorded as tried at once, the second 4 s before its
+    request went out (a backlog behind a slow rate, hours before)."""
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        endpoint = webhook(receiver.url(), rate_limit_per_s=0.25)  # a bucket of one token
+        await asyncio.wait_for(asyncio.gather(deliver(job_for(endpoint), ctx), deliver(job_for(endpoint), ctx)),
+                               60)  # a guard against hanging only
+
+        assert [c.status for c in ctx.recorder.changes] == ["SENT"] * 2
+        sent_at = {post.body["notification_id"]: int(post.headers["X-Alerting-Timestamp"]) for post in receiver.posts}
+        for change in ctx.recorder.changes:
+            # The request's own timestamp (whole seconds, when it was signed) is the moment it went out.
+            assert change.first_attempt_at == change.last_attempt_at
+            assert sent_at[change.notification_id] - 1 <= change.last_attempt_at < sent_at[change.notification_id] + 1
+
+
 async def test_deliveries_waiting_for_their_endpoints_tokens_hold_none_of_their_clients_slots(services):
     """A tenant's rate-limited endpoint with a backlog must not keep the tenant's other endpoints
     waiting for tokens they do not need: the client's slot is taken after the endpoint's token."""

@@ -246,9 +246,14 @@ def _send_timeout_s(job: DeliveryJob, settings: Settings) -> float:
     return settings.smtp_timeout_s if job.endpoint.channel == "email" else settings.webhook_timeout_s
 
 
-async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
+def _no_note() -> None:
+    pass
+
+
+async def attempt(job: DeliveryJob, ctx: DeliveryContext, sending: Callable[[], None] = _no_note) -> None:
     """One attempt; raises AlreadySent, ClaimedElsewhere, ChannelChanged, WorkerStopping or a DeliveryError
-    when it did not send.
+    when it did not send. `sending` is called as the send begins, once the slots, tokens, claim and
+    fence are held: the moment the endpoint is tried.
 
     Any other exception of the send is a PermanentDeliveryError naming it: a message the code
     cannot format or send fails the same way on every retry. Exceptions before the send (Redis
@@ -293,6 +298,7 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext) -> None:
                 # Checked with nothing awaited before the send begins: no send starts once a stop has.
                 await _release(ctx, claim)
                 raise WorkerStopping()
+            sending()
             with ctx.sending(job.key):
                 await _send_claimed(job, ctx, claim)
         finally:
@@ -551,14 +557,20 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         # Handed back (HAND_BACK_AFTER_S), the lease is given up with it, in the same write.
         record(PENDING, 1, str(failure), started, next_attempt_at=time.time() + wait_s, release=hand_back)
 
+    def sending() -> None:
+        # The attempt's time is when its request goes out, not when it began to wait for its slots
+        # and tokens (behind a slow rate, hours before): the tenant reads it as when we tried.
+        nonlocal started
+        started = time.time()
+
     async def attempt_once() -> None:
         nonlocal attempts_made, started, job
         attempts_made += 1
-        started = time.time()
+        started = time.time()  # an attempt ended before its send (our own error) is dated when it began
         try:
             while True:
                 try:
-                    await attempt(job, ctx)
+                    await attempt(job, ctx, sending)
                     return
                 except ChannelChanged as changed:
                     job = changed.job  # nothing was sent: again, taking what the new channel takes
