@@ -185,7 +185,10 @@ class SmtpServer:
 
             options |= {"authenticator": authenticate, "auth_required": True,
                         "auth_require_tls": starttls is not None}
-        self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port, **options)
+        # The name it greets with is its own (aiosmtpd looks this machine's up otherwise, for every
+        # connection, which a test counting our own look-ups would count too).
+        self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port,
+                                      server_hostname="relay.test", **options)
 
     def __enter__(self) -> "SmtpServer":
         self._controller.start()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 
@@ -412,3 +413,21 @@ def test_a_recipient_with_a_non_ascii_domain_is_addressed_by_its_idna_form():
     message = email_message(notification(), "alerts@alerting.example", "ops@bücher.example")
 
     assert b"\r\nTo: ops@xn--bcher-kva.example\r\n" in flatten_message(message, utf8=False, cte_type="7bit")
+
+
+async def test_our_host_name_is_looked_up_once_per_process_not_for_every_email(monkeypatch):
+    # aiosmtplib looked it up (socket.getfqdn, reverse DNS on a thread) for every connection, to greet
+    # the relay: under a slow name server each email held a thread for the lookup's timeout.
+    lookups = []
+    real_getfqdn = socket.getfqdn
+
+    def counted_getfqdn(name: str = "") -> str:
+        lookups.append(name)
+        return real_getfqdn(name)
+
+    monkeypatch.setattr(socket, "getfqdn", counted_getfqdn)
+    with SmtpServer() as smtp:
+        for _ in range(3):
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+        assert len(smtp.messages) == 3
+    assert len(lookups) <= 1

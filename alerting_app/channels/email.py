@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 import ssl
 from datetime import datetime, timezone
 from email.message import EmailMessage
@@ -78,6 +79,20 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+_host_name: str | None = None
+
+
+async def _our_host_name() -> str:
+    """This machine's name, as we greet the relay with (EHLO): looked up once per process.
+    aiosmtplib looks it up for every connection (socket.getfqdn, a reverse DNS lookup on a thread of
+    the default executor), where it never changes: under a slow name server each email held a
+    thread for the lookup's timeout."""
+    global _host_name
+    if _host_name is None:
+        _host_name = await asyncio.to_thread(socket.getfqdn)
+    return _host_name
+
+
 async def send_email(settings: Settings, recipient: str, notification: NotificationReady) -> None:
     try:
         message = email_message(notification, settings.smtp_from, recipient)
@@ -96,6 +111,7 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         username=settings.smtp_user,
         password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
         timeout=settings.smtp_timeout_s,
+        local_hostname=await _our_host_name(),
     )
     try:
         await _converse(relay, message, settings.smtp_timeout_s)
