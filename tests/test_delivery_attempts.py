@@ -285,6 +285,39 @@ async def test_a_redis_that_answers_reads_and_refuses_writes_backs_off_as_long_a
         assert len([record for record in caplog.records if record.exc_info]) == 1
 
 
+async def test_redis_trouble_long_after_an_outage_no_claim_saw_end_waits_a_second_not_as_long_as_that_outage(
+        own_redis):
+    """Only a claim ends a run of Redis failures. A worker whose deliveries all went elsewhere after
+    an outage (handed back, taken by another worker) saw no claim succeed, and its next blip, an hour
+    later, was timed from that outage's start: its first deliveries waited REDIS_RETRY_MAX_S (30 s)
+    instead of a second."""
+    server, redis_url = own_redis
+    now = [0.0]  # the streak's clock, moved by the test
+    async with Receiver() as receiver, delivery_context(redis_url) as ctx:
+        ctx.redis_failures = FailureStreak(attempts.log, "deliveries' Redis calls", clock=lambda: now[0])
+        await ctx.redis.redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there
+        try:
+            endpoint = webhook(receiver.url())
+            await deliver(job_for(endpoint), ctx)  # the outage: its token refused
+            now[0] = 3600.0  # an hour without a failure
+            before = time.time()
+            await deliver(job_for(endpoint), ctx)  # a blip
+        finally:
+            await ctx.redis.redis.execute_command("REPLICAOF", "NO", "ONE")
+        assert [(c.status, c.attempts) for c in ctx.recorder.changes] == [("PENDING", 0)] * 2
+        # A second of backoff and up to a second of jitter; not the 30 s of a streak an hour long.
+        assert before + 1 <= ctx.recorder.changes[-1].next_attempt_at <= time.time() + 2
+        # Still one run while the refusals follow each other: 20 s later, 20 s.
+        now[0] = 3620.0
+        await ctx.redis.redis.execute_command("REPLICAOF", "127.0.0.1", "1")
+        try:
+            before = time.time()
+            await deliver(job_for(endpoint), ctx)
+        finally:
+            await ctx.redis.redis.execute_command("REPLICAOF", "NO", "ONE")
+        assert before + 20 <= ctx.recorder.changes[-1].next_attempt_at <= time.time() + 21
+
+
 async def refusing_every_write(redis: Redis, how: str) -> None:
     """Make `redis` refuse every write: full under noeviction (OOM), or unable to save (MISCONF: its
     snapshot failed, written where no file can be, and stop-writes-on-bgsave-error is on)."""

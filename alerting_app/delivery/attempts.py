@@ -60,6 +60,10 @@ HAND_BACK_AFTER_S = 10.0
 # minutes every delivery held waited up to DELIVERY_BACKOFF_MAX_S (5 minutes) more, with one try
 # left for its endpoint.
 REDIS_RETRY_MAX_S = 30.0
+# While Redis stays away, every delivery in hand fails again within REDIS_RETRY_MAX_S (and a second
+# of jitter), and the sweep takes up what waits in Postgres: a quiet of three times that means the
+# outage ended, though no claim said so.
+REDIS_QUIET_ENDS_STREAK_S = 3 * REDIS_RETRY_MAX_S
 
 
 ENDPOINT_READ_TIMEOUT_S = 5.0
@@ -637,6 +641,11 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
             # Redis's trouble is no attempt to reach the endpoint: the delivery keeps its attempts
             # for the endpoint. How long Redis has been failing sets the wait (REDIS_RETRY_MAX_S):
             # backing off while it stays away, and going on soon once it is back.
+            if ctx.redis_failures.failures and not ctx.redis_failures.failed_within(REDIS_QUIET_ENDS_STREAK_S):
+                # An outage that ended unseen (no claim since: its deliveries went to other workers,
+                # or there were none) is over: timed from its start, this blip's first deliveries
+                # waited REDIS_RETRY_MAX_S instead of a second.
+                ctx.redis_failures.succeeded()
             ctx.redis_failures.failed("delivery %s to %s interrupted by Redis; retrying later", *job.key)
             counted = 0
             wait_s = min(max(settings.delivery_backoff_initial_s, ctx.redis_failures.failing_for_s()),
