@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -281,31 +281,41 @@ async def notified_rules(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
     return rule_ids
 
 
-# The muted members of groups closing for the first time, of the fingerprints one of them still holds
-# in `fingerprints` (`holds`: no later notification of it since), oldest first: the last notifications
-# of each such fingerprint may be several of them (a group window longer than the repeat interval
-# collects a fingerprint more than once). Found by the primary key: a storm's group may have any
-# number of muted members.
-_MUTED_OF_HELD_FINGERPRINTS = """
+# The members of the fingerprints that members of groups closing for the first time muted, since the
+# first of those muted ones or the first member muted at an earlier close whose repeats are still to
+# decide (migrations/019), oldest first, with what `fingerprints` holds: whether a notification of
+# that fingerprint since then reached the client, or may yet, is read from them (_muted_run). A
+# group window longer than the repeat interval collects a fingerprint more than once, and groups
+# of different windows close in another order than their members joined. Found by the primary key
+# and the fingerprint's index: a storm's group may have any number of muted members.
+_MEMBERS_OF_MUTED_FINGERPRINTS = """
 WITH muted AS (
-    SELECT s.position, a.client_id, a.fingerprint, a.fingerprint_notified_at, a.fingerprint_previous_at,
-           a.fingerprint_previous_final
-    FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS s(notification_id, client_id, alert_id, position)
+    SELECT DISTINCT a.client_id, a.fingerprint, a.fingerprint_notified_at
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS s(notification_id, client_id, alert_id)
     JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
                               AND a.notification_id = s.notification_id AND a.fingerprint IS NOT NULL
     WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
-), held AS (
-    SELECT DISTINCT m.client_id, m.fingerprint, f.last_notified_at
-    FROM muted m JOIN fingerprints f ON f.client_id = m.client_id AND f.fingerprint = m.fingerprint
-                                    AND f.last_notified_at = m.fingerprint_notified_at
+), touched AS (
+    SELECT m.client_id, m.fingerprint,
+           least(min(m.fingerprint_notified_at),
+                 (SELECT min(u.fingerprint_notified_at) FROM notification_alerts u
+                  WHERE u.client_id = m.client_id AND u.fingerprint = m.fingerprint
+                    AND u.muted_repeats_decided = false)) AS since
+    FROM muted m
+    GROUP BY m.client_id, m.fingerprint
 )
-SELECT m.position, m.client_id::text, m.fingerprint, m.fingerprint_notified_at,
-       extract(epoch FROM m.fingerprint_notified_at)::float8 AS notified_at,
-       extract(epoch FROM m.fingerprint_previous_at)::float8 AS previous_at, m.fingerprint_previous_at,
-       coalesce(m.fingerprint_previous_final, false) AS previous_final,
-       m.fingerprint_notified_at = h.last_notified_at AS holds
-FROM muted m JOIN held h ON h.client_id = m.client_id AND h.fingerprint = m.fingerprint
-ORDER BY m.client_id, m.fingerprint, m.fingerprint_notified_at, m.position
+SELECT t.client_id::text, t.fingerprint, a.alert_id, a.notification_id::text, a.fingerprint_notified_at,
+       extract(epoch FROM a.fingerprint_notified_at)::float8 AS notified_at,
+       extract(epoch FROM a.fingerprint_previous_at)::float8 AS previous_at, a.fingerprint_previous_at,
+       coalesce(a.fingerprint_previous_final, false) AS previous_final, a.muted_repeats_decided,
+       EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id) AS closed,
+       f.last_notified_at, extract(epoch FROM f.last_notified_at)::float8 AS last_notified
+FROM touched t
+JOIN notification_alerts a ON a.client_id = t.client_id AND a.fingerprint = t.fingerprint
+                          AND a.fingerprint IS NOT NULL
+                          AND a.fingerprint_notified_at >= t.since - interval '1 microsecond'
+LEFT JOIN fingerprints f ON f.client_id = t.client_id AND f.fingerprint = t.fingerprint
+ORDER BY t.client_id, t.fingerprint, a.fingerprint_notified_at, a.alert_id
 """
 
 # The repeats those members suppressed: the SUPPRESSED rows of their fingerprints since the first of
@@ -365,89 +375,170 @@ class HeldFingerprint:
 # previous were written from the same float, and read back through one (give or take one).
 _SAME_TIME_S = 2e-6
 
+# What a close muted (migrations/019): each member a silence muted, notified to nobody, and whether
+# its repeats were decided again (or never will be: a later notification reached the client).
+_MARK_MUTED = """
+UPDATE notification_alerts a SET muted_repeats_decided = m.decided
+FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::boolean[]) AS m(client_id, alert_id, notification_id, decided)
+WHERE a.client_id = m.client_id AND a.alert_id = m.alert_id AND a.notification_id = m.notification_id
+"""
 
-def _muted_chain(members: list[asyncpg.Record]) -> list[asyncpg.Record]:
-    """Of one fingerprint's muted members (oldest first), the one `fingerprints` holds and those before
-    it that were its notifications just before, each the previous of the next: notified to nobody,
-    they all are taken back together. Oldest first."""
-    chain = [next(member for member in reversed(members) if member["holds"])]
-    while chain[0]["previous_at"] is not None:
-        before = [member for member in members if member not in chain
-                  and abs(member["notified_at"] - chain[0]["previous_at"]) <= _SAME_TIME_S]
-        if not before:
-            break
-        chain.insert(0, before[0])
-    return chain
+# A repeat notified for members muted at different closes, whose fingerprint none of the members
+# muted now holds (taken back at an earlier close): notified as of the repeat's time, unless a later
+# notification is recorded.
+_NOTIFIED_BY_REPEAT = """
+INSERT INTO fingerprints AS f (client_id, fingerprint, last_notified_at, notified_in_group, notified_as_of)
+SELECT client_id, fingerprint, at, NULL, at FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+    AS b(client_id, fingerprint, at)
+ON CONFLICT (client_id, fingerprint) DO UPDATE
+    SET last_notified_at = EXCLUDED.last_notified_at, notified_in_group = NULL, notified_as_of = EXCLUDED.last_notified_at
+    WHERE f.last_notified_at < EXCLUDED.last_notified_at
+"""
+
+# (client_id, alert_id, notification_id) of a member muted at close -> whether its repeats are decided.
+MutedMarks = dict[tuple[str, str, str], bool]
+
+
+@dataclass(frozen=True)
+class _MutedRun:
+    """Of one fingerprint's members (_MEMBERS_OF_MUTED_FINGERPRINTS), the muted ones after the last
+    notification of it that reached the client or may yet: all notified to nobody."""
+
+    members: list[asyncpg.Record]  # oldest first
+    reached_at: float | None  # the last notification since the first member that reached the client
+
+
+def _muted_run(members: list[asyncpg.Record], muted_now: Collection[tuple[str, str]],
+               closing: Collection[str]) -> _MutedRun:
+    """A member reached the client unless a close muted it (now, or marked by an earlier close: a
+    release before 019 marks none, and its muted members count as notified); one of a group still
+    open may yet. A notification made at once is recorded by no member, but is never lost from
+    view: it is the time the next member kept as its previous, or the one `fingerprints` holds (only
+    the time of a muted member is ever taken back from it)."""
+    def is_muted(member: asyncpg.Record) -> bool:
+        return ((member["notification_id"], member["alert_id"]) in muted_now
+                or member["muted_repeats_decided"] is not None)
+
+    def is_member(at: float) -> bool:
+        return any(abs(at - member["notified_at"]) <= _SAME_TIME_S for member in members)
+
+    since = members[0]["notified_at"]
+    reached: list[float] = []
+    may_reach: list[float] = []
+    for member in members:
+        if not is_muted(member):
+            closed = member["closed"] or member["notification_id"] in closing
+            (reached if closed else may_reach).append(member["notified_at"])
+        previous = member["previous_at"]
+        if previous is not None and previous > since + _SAME_TIME_S and not is_member(previous):
+            reached.append(previous)
+    held = members[0]["last_notified"]
+    if held is not None and held > since + _SAME_TIME_S and not is_member(held):
+        reached.append(held)
+    after = max(reached + may_reach, default=None)
+    return _MutedRun([member for member in members if after is None or member["notified_at"] > after + _SAME_TIME_S],
+                     max(reached, default=None))
 
 
 async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[DueGroup],
                          listings: Sequence[Listing], silences: SilenceIndex, now: float
-                         ) -> tuple[set[int], list[HeldFingerprint]]:
+                         ) -> tuple[set[int], list[HeldFingerprint], MutedMarks]:
     """Make the repeats that members muted at close suppressed, and that a match silenced when it was
     matched would not have, members of the closing groups, and settle the fingerprints they were
-    repeats of; return the positions in `due` of the groups the repeats joined, and the fingerprints
+    repeats of; return the positions in `due` of the groups the repeats joined, the fingerprints
     muted members held that no repeat was notified for, to be settled once the groups' notifications
-    are inserted (`HeldFingerprint`).
+    are inserted (`HeldFingerprint`), and what to mark on the muted members (`mark_muted`).
 
     A member counted its fingerprint as notified when it joined, and its repeats were suppressed
     meanwhile; muted at close, it was notified to nobody, and the repeats would be lost with it. So
-    are the members of that fingerprint muted with it whose notifications came just before it, each
-    the one before the next (`_muted_chain`). As if they had been silenced when they were matched,
-    the repeats since the first of them are decided again in order, as the agent decides a repeat:
-    one no silence mutes now is notified (in the closing group of the member that suppressed it:
-    late, or early if its own group rule's window is longer, rather than never) unless the last
-    notification so far suppresses it within the repeat's own interval (rules with different
-    intervals may share a fingerprint). That last notification is, at first, the fingerprint's
-    notification before the first member when it was final as that member joined (migrations/018),
-    else none; then the last repeat notified here. A repeat after a member and after a repeat
-    notified here since that member stays suppressed whatever its interval: within it from the
-    member, so from that later repeat too. Without its interval (suppressed by a release before 018)
-    a repeat is notified unless that holds. Only at a group's first close (its notification does not
-    exist yet): what a close decided is never decided again."""
+    are the members of that fingerprint muted with it, or at an earlier close, when no notification
+    of it since the first of them reached the client (or may yet: `_muted_run`). As if they had been
+    silenced when they were matched, the repeats since the first of them are decided again in order,
+    as the agent decides a repeat: one no silence mutes now is notified (in the closing group of a
+    member muted now: late, or early if its own group rule's window is longer, rather than never)
+    unless the last notification so far suppresses it within the repeat's own interval (rules with
+    different intervals may share a fingerprint). That last notification is, at first, the
+    fingerprint's notification before the first member when it was final as that member joined
+    (migrations/018), else none; then the last repeat notified here. A repeat after a member and
+    after a repeat notified here since that member stays suppressed whatever its interval: within it
+    from the member, so from that later repeat too. Without its interval (suppressed by a release
+    before 018) a repeat is notified unless that holds. The repeats of a member an earlier close
+    decided are not decided again, nor any at a group's later close: what a close decided is never
+    decided again. The muted members before a member of a group still open wait for its close."""
     muted = [(position, d.group["notification_id"], alert_id) for position, (d, listing) in enumerate(zip(due, listings))
              for alert_id in listing.silenced]
     if not muted:
-        return set(), []
-    rows = await conn.fetch(_MUTED_OF_HELD_FINGERPRINTS, [nid for _, nid, _ in muted],
+        return set(), [], {}
+    rows = await conn.fetch(_MEMBERS_OF_MUTED_FINGERPRINTS, [nid for _, nid, _ in muted],
                             [due[position].key.decode() for position, _, _ in muted],
                             [alert_id for _, _, alert_id in muted])
     if not rows:
-        return set(), []
+        return set(), [], {}
+    position_of = {(nid, alert_id): position for position, nid, alert_id in muted}
+    closing = {d.group["notification_id"] for d in due}
     by_fingerprint: dict[tuple[str, str], list[asyncpg.Record]] = {}
     for row in rows:
         by_fingerprint.setdefault((row["client_id"], row["fingerprint"]), []).append(row)
-    chains = [_muted_chain(members) for members in by_fingerprint.values()]
-    repeats = await conn.fetch(_SUPPRESSED_REPEATS, [chain[0]["client_id"] for chain in chains],
-                               [chain[0]["fingerprint"] for chain in chains],
-                               [chain[0]["fingerprint_notified_at"] for chain in chains])
+    marks: MutedMarks = {}
+    runs: list[list[asyncpg.Record]] = []  # each with a member muted now, to join its group
+    for members in by_fingerprint.values():
+        run = _muted_run(members, position_of, closing)
+        decided = {id(member) for member in run.members} if any(
+            (m["notification_id"], m["alert_id"]) in position_of for m in run.members) else set()
+        for member in members:
+            key = (member["notification_id"], member["alert_id"])
+            if key not in position_of and member["muted_repeats_decided"] is not False:
+                continue  # not muted, or decided already
+            mark = id(member) in decided or (
+                run.reached_at is not None and member["notified_at"] <= run.reached_at + _SAME_TIME_S)
+            if key in position_of or mark:
+                marks[(member["client_id"], member["alert_id"], member["notification_id"])] = mark
+        if decided:
+            runs.append(run.members)
+    if not runs:
+        return set(), [], marks
+    repeats = await conn.fetch(_SUPPRESSED_REPEATS, [run[0]["client_id"] for run in runs],
+                               [run[0]["fingerprint"] for run in runs],
+                               [run[0]["fingerprint_notified_at"] for run in runs])
     repeats_of: dict[int, list[asyncpg.Record]] = {}
     for repeat in repeats:
         repeats_of.setdefault(repeat["position"] - 1, []).append(repeat)
     revived: list[tuple[int, asyncpg.Record, str, str]] = []  # (group position, repeat, client_id, fingerprint)
     settled: list[HeldFingerprint] = []  # with a repeat notified instead
     unsettled: list[HeldFingerprint] = []
-    for index, chain in enumerate(chains):
-        client, fingerprint = chain[0]["client_id"], chain[0]["fingerprint"]
-        final = chain[0]["previous_final"]
-        last = chain[0]["previous_at"] if final else None  # the last notification, as the agent reads it
-        last_at = chain[0]["fingerprint_previous_at"] if final else None  # the same, as Postgres holds it
+    notified_apart: list[tuple[str, str, datetime]] = []  # not held by a member muted now
+    for index, run in enumerate(runs):
+        client, fingerprint = run[0]["client_id"], run[0]["fingerprint"]
+        muted_now = [m for m in run if (m["notification_id"], m["alert_id"]) in position_of]
+        final = run[0]["previous_final"]
+        last = run[0]["previous_at"] if final else None  # the last notification, as the agent reads it
+        last_at = run[0]["fingerprint_previous_at"] if final else None  # the same, as Postgres holds it
         any_notified = False
         for repeat in repeats_of.get(index, []):
             at, interval_s = repeat["created_at"], repeat["repeat_interval_s"]
             # The member whose notification it repeated: the last of them at or before it.
-            member = [m for m in chain if m["notified_at"] - _SAME_TIME_S <= at][-1]
+            member = [m for m in run if m["notified_at"] - _SAME_TIME_S <= at][-1]
+            if member["muted_repeats_decided"]:
+                continue  # decided at the member's own close
             if last is not None and last >= member["notified_at"] - _SAME_TIME_S:
                 continue  # after a repeat notified since that member: suppressed by it too
             if last is not None and interval_s is not None and at - last < interval_s:
                 continue  # suppressed by the last notification, as the agent decides
             if silences.silencing(client, Alert.from_stored(repeat["alerts"][0]), now) is not None:
                 continue  # muted now: notified to nobody either way
-            revived.append((muted[member["position"] - 1][0], repeat, client, fingerprint))
+            # In the closing group of the member, or of a member muted now after it (else the last).
+            joins = next((m for m in muted_now if m["notified_at"] >= member["notified_at"] - _SAME_TIME_S),
+                         muted_now[-1])
+            revived.append((position_of[(joins["notification_id"], joins["alert_id"])], repeat, client, fingerprint))
             last, last_at, any_notified = at, datetime.fromtimestamp(at, timezone.utc), True
-        # The fingerprint as if its muted members had been silenced when matched.
-        (settled if any_notified else unsettled).append(HeldFingerprint(
-            client, fingerprint, chain[-1]["fingerprint_notified_at"], last_at,
-            tuple(muted[m["position"] - 1][1:] for m in chain)))
+        holder = run[0]["last_notified"]
+        if holder is not None and any(abs(m["notified_at"] - holder) <= _SAME_TIME_S for m in muted_now):
+            # The fingerprint as if its muted members had been silenced when matched.
+            (settled if any_notified else unsettled).append(HeldFingerprint(
+                client, fingerprint, run[0]["last_notified_at"], last_at,
+                tuple((m["notification_id"], m["alert_id"]) for m in muted_now)))
+        elif any_notified:
+            notified_apart.append((client, fingerprint, last_at))
     if revived:
         await conn.execute(_FORGET_REPEAT, [repeat["notification_id"] for _, repeat, _, _ in revived])
         await record_memberships(
@@ -460,7 +551,21 @@ async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
             {(client, repeat["alerts"][0]["alert_id"]): repeat["rule_ids"] for _, repeat, client, _ in revived})
         # The fingerprint notified by a repeat, whatever the groups' notifications turn out to be.
         await settle_held_fingerprints(conn, settled)
-    return {position for position, _, _, _ in revived}, unsettled
+        if notified_apart:
+            await conn.execute(_NOTIFIED_BY_REPEAT, *(list(column) for column in zip(*notified_apart)))
+    return {position for position, _, _, _ in revived}, unsettled, marks
+
+
+async def mark_muted(conn: asyncpg.Connection | asyncpg.Pool, marks: MutedMarks, closing: Collection[str],
+                     nobody: Collection[tuple[str, str]]) -> None:
+    """Write the marks `revive_repeats` decided: on a member of a group closing now (`closing`: their
+    notification_ids) only when its notification notified it to nobody (`nobody`: (notification_id,
+    alert_id); a group that could not check all its members lists muted ones); on a member of a
+    group closed before, always."""
+    kept = [(client, alert_id, nid, decided) for (client, alert_id, nid), decided in marks.items()
+            if nid not in closing or (nid, alert_id) in nobody]
+    if kept:
+        await conn.execute(_MARK_MUTED, *(list(column) for column in zip(*kept)))
 
 
 async def settle_held_fingerprints(conn: asyncpg.Connection | asyncpg.Pool, held: Sequence[HeldFingerprint]) -> None:
@@ -497,7 +602,7 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     listings = [await listing_of(conn, d, silences, now) for d in due]
     # A repeat a muted member suppressed joins its group as an unlisted member: listed again, in a
     # place the muted ones freed.
-    relisted, held = await revive_repeats(conn, due, listings, silences, now)
+    relisted, held, marks = await revive_repeats(conn, due, listings, silences, now)
     for position in relisted:
         listings[position] = await listing_of(conn, due[position], silences, now)
     rule_ids = await notified_rules(conn, due, listings)
@@ -527,6 +632,7 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     await settle_held_fingerprints(
         conn, [h if all(member in nobody for member in h.members) else replace(h, settled_at=None)
                for h in held if h.members[-1] in nobody])
+    await mark_muted(conn, marks, {d.group["notification_id"] for d in due}, nobody)
     return await unemitted_groups(conn, [d.group["notification_id"] for d in due])
 
 

@@ -1296,3 +1296,69 @@ def test_grouping_settings_default_to_the_documented_values(monkeypatch):
     settings = load_settings()
 
     assert (settings.group_max_alerts, settings.group_close_interval_s) == (100, 0.5)
+
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize("closing_first", ["the later member's group", "the first member's group"])
+async def test_the_repeats_of_members_of_one_fingerprint_muted_at_different_closes_are_not_lost(
+        pool, monkeypatch, closing_first):
+    """Members of one fingerprint muted at different closes (groups of different windows): a member at
+    0 s, a repeat at 30 s it suppresses, and a member at 70 s (60 s interval), both muted by a silence
+    when their groups close. Neither reached the client: when the second of the two groups closes,
+    the repeat at 30 s, suppressed by a member notified to nobody, is decided again, and notified.
+    Closing first, the later member's group decides the repeats since it joined (none); the first
+    member's, the later member's group still open (it may yet be notified), decides nothing yet."""
+    client, first_rule, later_rule = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    first_window, later_window = (300, 5) if closing_first == "the later member's group" else (100, 300)
+    opened = time.time()
+    first = grouped_repeating(client, first_rule, alert(1), window_s=first_window, interval_s=60)
+    at_30 = grouped_repeating(client, first_rule, alert(2), window_s=first_window, interval_s=60)
+    later = grouped_repeating(client, later_rule, alert(1), window_s=later_window, interval_s=60)
+    for seconds, match in ((0, first), (30, at_30), (70, later)):
+        await aggregate_at(monkeypatch, opened + seconds, match)
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+    first_close, second_close = sorted((first_window, 70 + later_window))
+    assert await closed_for(pool, client, opened + first_close) == []
+
+    [ready] = await closed_for(pool, client, opened + second_close)
+
+    assert (ready.alerts, ready.rule_ids) == ([at_30.alert], [first_rule])
+    assert [row["alert_id"] for row in await rows_of(pool, client) if row["status"] == "SUPPRESSED"] == []
+    last = await pool.fetchval("SELECT extract(epoch FROM last_notified_at)::float8 FROM fingerprints"
+                               " WHERE client_id = $1", client)
+    assert last == pytest.approx(opened + 30, abs=1e-3)
+
+
+@AGENT_LOOP
+@pytest.mark.parametrize("in_between", ["a later member notified", "a notification at once",
+                                        "a later member muted by a release before 019"])
+async def test_the_repeats_of_a_member_muted_after_a_later_notification_reached_the_client_stay_suppressed(
+        pool, monkeypatch, in_between):
+    """As when a later notification of the fingerprint is made before the member is muted: one that
+    reached the client since the member (a later member notified at its close, or a notification
+    made at once, which no member records) leaves the member's repeats suppressed, and so does a
+    later member that a release before migrations/019 muted (not known to be muted)."""
+    client, slow, fast = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    opened = time.time()
+    first = grouped_repeating(client, slow, alert(1), window_s=300, interval_s=60)
+    at_30 = grouped_repeating(client, slow, alert(2), window_s=300, interval_s=60)
+    await aggregate_at(monkeypatch, opened, first)
+    await aggregate_at(monkeypatch, opened + 30, at_30)
+    later_at = 70
+    if in_between == "a notification at once":
+        await aggregate_at(monkeypatch, opened + 65, notified_at_once(client, fast, alert(3), 60))
+        later_at = 130
+    later = grouped_repeating(client, fast, alert(5 if in_between == "a later member notified" else 1),
+                              interval_s=60)
+    await aggregate_at(monkeypatch, opened + later_at, later)
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+    assert [ready.alerts for ready in await closed_for(pool, client, opened + later_at + 5)] == (
+        [[later.alert]] if in_between == "a later member notified" else [])
+    if in_between == "a later member muted by a release before 019":
+        await pool.execute("UPDATE notification_alerts SET muted_repeats_decided = NULL WHERE client_id = $1", client)
+
+    assert await closed_for(pool, client, opened + 305) == []
+
+    assert [row["alert_id"] for row in await rows_of(pool, client) if row["status"] == "SUPPRESSED"
+            ] == [at_30.alert.alert_id]
