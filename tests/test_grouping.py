@@ -1330,6 +1330,33 @@ async def test_the_repeats_of_members_of_one_fingerprint_muted_at_different_clos
     assert last == pytest.approx(opened + 30, abs=1e-3)
 
 
+
+@AGENT_LOOP
+async def test_the_repeats_an_earlier_close_decided_again_are_not_decided_again_at_a_later_close(pool, monkeypatch):
+    """A member at 0 s (5-minute group), a repeat at 30 s, a member at 70 s (40-second group) and its
+    repeat at 95 s, which a second silence mutes when the 40-second group closes: it stays
+    SUPPRESSED, notified to nobody. That silence has ended when the 5-minute group closes: the
+    repeat at 30 s is decided again and notified, the one at 95 s (65 s after it) is not decided a
+    second time."""
+    client, slow, fast = await insert_client(pool), str(uuid.uuid4()), str(uuid.uuid4())
+    opened = time.time()
+    first = grouped_repeating(client, slow, alert(1), window_s=300, interval_s=60)
+    at_30 = grouped_repeating(client, slow, alert(2), window_s=300, interval_s=60)
+    later = grouped_repeating(client, fast, alert(1), window_s=40, interval_s=60)
+    at_95 = grouped_repeating(client, fast, alert(3), window_s=40, interval_s=60)
+    for seconds, match in ((0, first), (30, at_30), (70, later), (95, at_95)):
+        await aggregate_at(monkeypatch, opened + seconds, match)
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+    await insert_silence(pool, client, opened - 60, opened + 200, n="3")
+    assert await closed_for(pool, client, opened + 110) == []
+
+    [ready] = await closed_for(pool, client, opened + 305)
+
+    assert ready.alerts == [at_30.alert]
+    assert [row["alert_id"] for row in await rows_of(pool, client) if row["status"] == "SUPPRESSED"
+            ] == [at_95.alert.alert_id]
+
+
 @AGENT_LOOP
 @pytest.mark.parametrize("in_between", ["a later member notified", "a notification at once",
                                         "a later member muted by a release before 019"])
