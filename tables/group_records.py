@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -419,8 +420,11 @@ def _muted_run(members: list[asyncpg.Record], muted_now: Collection[tuple[str, s
         return ((member["notification_id"], member["alert_id"]) in muted_now
                 or member["muted_repeats_decided"] is not None)
 
+    times = [member["notified_at"] for member in members]  # oldest first, as read
+
     def is_member(at: float) -> bool:
-        return any(abs(at - member["notified_at"]) <= _SAME_TIME_S for member in members)
+        nearest = bisect_left(times, at - _SAME_TIME_S)
+        return nearest < len(times) and times[nearest] <= at + _SAME_TIME_S
 
     since = members[0]["notified_at"]
     reached: list[float] = []
