@@ -299,7 +299,12 @@ async def test_a_send_in_flight_when_redis_restarts_empty_is_not_sent_again_by_a
     in the empty Redis, and sent the notification a second time while the first send was in flight."""
     await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
     group = f"redis-two-{secrets.token_hex(4)}"
-    env = dict(APP_ID=group, REDIS_URL=forgetful_redis.url, DELIVERY_LEASE_S="1", **QUICK_RETRIES)
+    # The held send must not time out before the receiver answers it (a timed-out send is tried
+    # again, and rightly, by its holder): Redis restarted and the holder frozen 4 s take some 5 s,
+    # more on a loaded machine, against the default 10 s. The fence makes the lease cover the send's
+    # timeout, whatever it is; without it the lease is still DELIVERY_LEASE_S, 1 s.
+    env = dict(APP_ID=group, REDIS_URL=forgetful_redis.url, DELIVERY_LEASE_S="1", WEBHOOK_TIMEOUT_S="30",
+               **QUICK_RETRIES)
     workers = [start_worker(**env), start_worker(**env)]
     await wait_until_backlog_consumed(services, group)
     async with Receiver() as receiver, aiohttp.ClientSession() as http:
@@ -315,8 +320,8 @@ async def test_a_send_in_flight_when_redis_restarts_empty_is_not_sent_again_by_a
         forgetful_redis.start()
         holder.child.process.send_signal(signal.SIGSTOP)
         try:
-            # Four leases' worth, within the send's timeout (WEBHOOK_TIMEOUT_S, 10 s) and the
-            # holder's group session (BROKER_SESSION_TIMEOUT_S, 10 s).
+            # Four leases' worth, within the send's timeout (WEBHOOK_TIMEOUT_S, 30 s here) and the
+            # holder's group session (BROKER_SESSION_TIMEOUT_S, 6 s in tests).
             await asyncio.sleep(4)
             assert len(receiver.posts) == 1  # not sent again while the first send is in flight
         finally:
