@@ -47,10 +47,16 @@ async def test_an_endpoints_rate_limit_holds_across_two_workers(services, clean_
 
         arrivals = [post.received_at for post in receiver.posts]
         assert len(receiver.accepted()) == len(arrivals) == ALERTS
-        # One token at a time, RATE_PER_S a second: the last can come no sooner than this after the first.
-        assert max(arrivals) - min(arrivals) >= (ALERTS - 1) / RATE_PER_S * 0.95
-        # And no stretch of two seconds saw more than the rate allows (one more for arrival jitter).
-        assert most_in_any_window(arrivals, 2.0) <= 2 * RATE_PER_S + 2
+        # One token at a time, RATE_PER_S a second: the last token comes 5.8 s after the first, and
+        # a stretch of two seconds holds 10 of them. An arrival follows its token by the
+        # worker's endpoint read, claim and round trip, which a loaded machine stretches unevenly:
+        # with two cores kept busy the span was 5.83 s and the most in two seconds 11, against the
+        # earlier bounds of 5.51 s and 12, which a first send a third of a second late, or a few
+        # sends bunched by as much, would have failed. A bucket per worker (twice the rate) gave
+        # spans of 2.8-2.9 s and 21-22 in two seconds; the bounds leave 0.9 s for a late first
+        # arrival, and three arrivals (some 0.6 s of bunching) over the window's ten.
+        assert max(arrivals) - min(arrivals) >= (ALERTS - 1) / RATE_PER_S * 0.85, sorted(arrivals)
+        assert most_in_any_window(arrivals, 2.0) <= 2 * RATE_PER_S + 3, sorted(arrivals)
         conn = await asyncpg.connect(services.database_url)
         try:
             senders = await conn.fetchval("SELECT count(DISTINCT leased_by) FROM deliveries"
