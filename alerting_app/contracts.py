@@ -13,7 +13,8 @@ from enum import Enum
 from typing import Annotated, Literal
 from uuid import uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
 
 WILDCARD = "*"
 
@@ -36,6 +37,19 @@ MAX_CONTEXT_ENTRIES = 64
 # 9999-12-31T23:59:59Z, the last second Python's datetime (and so every time shown in a Slack message
 # or an email) can represent. Milliseconds since the epoch, a common mistake, lie beyond it.
 MAX_UNIX_S = 253_402_300_800
+
+
+def _before_year_10000(value: float) -> float:
+    # Not Field(lt=...): its message, `Input should be less than 253402300800`, left the sender to work
+    # out that its time was in milliseconds, the one mistake that reaches the bound.
+    if value >= MAX_UNIX_S:
+        raise PydanticCustomError(
+            "unix_seconds", "Input should be unix seconds before year 10000 (less than {limit}): "
+            "a time in milliseconds is a thousand times too large", {"limit": MAX_UNIX_S})
+    return value
+
+
+UnixSeconds = Annotated[StrictFloat, Field(gt=0), AfterValidator(_before_year_10000)]
 
 
 class Severity(str, Enum):
@@ -62,7 +76,7 @@ class Alert(Contract):
 
     alert_id: str = Text
     schema_version: StrictInt = Field(default=1, ge=1, le=1, description="1, the only version so far")
-    event_ts: StrictFloat = Field(gt=0, lt=MAX_UNIX_S, description="unix seconds (not milliseconds)")
+    event_ts: UnixSeconds = Field(description="unix seconds (not milliseconds)")
     severity: Severity
     source: str = Text
     name: str = Text

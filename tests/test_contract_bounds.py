@@ -93,6 +93,17 @@ async def test_the_api_refuses_an_alert_with_a_nul_character_naming_the_field(ap
     assert reply.failing_fields() == {"context.region"}
 
 
+def test_an_event_ts_in_milliseconds_is_refused_saying_it_wants_seconds():
+    # The mistake the bound is for: the message said only `Input should be less than 253402300800`,
+    # which leaves the sender to work out that its time is in milliseconds.
+    with pytest.raises(ValidationError) as refused:
+        Alert.model_validate({**GOOD, "event_ts": 1764000000500})
+    [error] = refused.value.errors()
+    assert error["loc"] == ("event_ts",)
+    assert "unix seconds" in error["msg"] and "milliseconds" in error["msg"], error["msg"]
+    assert Alert.model_validate({**GOOD, "event_ts": 253402300799.5}).event_ts == 253402300799.5
+
+
 @API_LOOP
 async def test_the_api_refuses_an_event_ts_in_milliseconds_or_infinite(api):
     reply = await api.call("POST", "/api/v1/alerts", api.admin_token, {**GOOD, "event_ts": 1764000000500})
