@@ -422,17 +422,22 @@ async def _tail(broker: KafkaConnection, topic: str, from_beginning: bool, limit
 def api(method: str, url: str, body: str | None, token: str | None, field: str | None) -> int:
     """One request to the REST API: METHOD URL [JSON BODY]; URL may be a path (/api/v1/clients) on
     this machine's worker. Prints the JSON answer; exits 1 unless it is a 2xx."""
+    # The default is the token the worker checks, as the settings read it: $ADMIN_TOKEN as given
+    # may end in a secret file's newline, which no header can carry (urllib refused it, showing it).
+    token = token if token is not None else settings.admin_token
     try:
-        # The default is the token the worker checks, as the settings read it: $ADMIN_TOKEN as given
-        # may end in a secret file's newline, which no header can carry (urllib refused it, showing it).
         # A path is this machine's worker (WEB_BIND, WEB_PORT), asked directly whatever its address.
-        status, answer = api_call.request(method, api_call.target(url, os.environ), body,
-                                          token if token is not None else settings.admin_token,
+        status, answer = api_call.request(method, api_call.target(url, os.environ), body, token,
                                           direct=url.startswith("/"))
     except ValueError as exc:
         raise SystemExit(f"api: {exc}") from None
     if not 200 <= status < 300:
         print(f"HTTP {status}: {json.dumps(answer) if not isinstance(answer, str) else answer}", file=sys.stderr)
+        if status == 401 and not (token or "").strip():
+            # A shell other than the one `up` was started from has no ADMIN_TOKEN: the 401 alone read
+            # as a wrong token.
+            print("api: no token was sent: give --token, or set ADMIN_TOKEN (`alerting-app up` prints it, "
+                  "and keeps it in DATA_DIR/admin-token)", file=sys.stderr)
         return 1
     if field is not None:
         if not isinstance(answer, dict) or field not in answer:

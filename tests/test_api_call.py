@@ -99,6 +99,22 @@ def run_api(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
+def test_a_401_to_a_request_sent_without_a_token_says_how_to_give_one():
+    # A new shell after `up` has no ADMIN_TOKEN: the command sent no Authorization header and showed
+    # only `HTTP 401: {"error": "unauthorized"}`, as for a wrong token.
+    without_token = {name: value for name, value in os.environ.items() if name.upper() != "ADMIN_TOKEN"}
+    with server(json_answer(401, {"error": "unauthorized"})) as (url, seen):
+        result = subprocess.run([alerting_app_executable(), "api", "GET", url + "/api/v1/clients"],
+                                env=without_token, capture_output=True, text=True, timeout=60)
+
+    assert [sent["authorization"] for sent in seen] == [None]
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        'HTTP 401: {"error": "unauthorized"}',
+        "api: no token was sent: give --token, or set ADMIN_TOKEN (`alerting-app up` prints it, and keeps it "
+        "in DATA_DIR/admin-token)"], result.stderr
+
+
 def test_a_url_without_http_or_https_is_refused_naming_it():
     with server(json_answer(200, {})) as (url, seen):
         without_scheme = url.removeprefix("http://") + "/api/v1/clients"  # 127.0.0.1:PORT/api/v1/clients
