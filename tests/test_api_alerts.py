@@ -73,7 +73,12 @@ async def test_an_alert_body_that_is_not_json_is_refused(api):
 
 async def test_a_client_key_may_not_post_alerts_and_nothing_is_sent(api, tenant, broker):
     alert = an_alert()
-    assert (await api.call("POST", "/api/v1/alerts", tenant.key, alert)).status == 403
+    reply = await api.call("POST", "/api/v1/alerts", tenant.key, alert)
+    # A tenant trying its key here was told only "forbidden", as if the key were wrong.
+    assert (reply.status, reply.body) == (403, {
+        "error": "forbidden",
+        "message": "alerts are sent with the admin token (ADMIN_TOKEN) or the ingest token (INGEST_TOKEN), "
+                   "not a client key"})
     assert await published(broker, {alert["alert_id"]}) == {}
 
 
@@ -105,7 +110,9 @@ async def test_the_ingest_token_opens_no_other_route(api, tenant, monkeypatch):
         path = template.format(client_id=tenant.client_id, rule_id=UNKNOWN, endpoint_id=UNKNOWN,
                                notification_id=UNKNOWN, silence_id=UNKNOWN)
         reply = await api.call(method, path, token, {})
-        assert (reply.status, reply.body) == (403, {"error": "forbidden"}), (method, path)
+        assert (reply.status, reply.body) == (403, {
+            "error": "forbidden",
+            "message": "the ingest token (INGEST_TOKEN) may only send alerts (POST /api/v1/alerts)"}), (method, path)
 
 
 async def test_without_an_ingest_token_set_none_is_accepted(api):

@@ -81,7 +81,8 @@ async def test_a_client_key_is_accepted_and_only_its_hash_is_stored(api, tenant)
 async def test_a_client_key_cannot_create_clients(api, tenant):
     reply = await api.call("POST", "/api/v1/clients", tenant.key, {"name": "sneaky"})
     assert reply.status == 403
-    assert reply.body == {"error": "forbidden"}
+    # Saying what was refused: a bare "forbidden" read as a key gone wrong.
+    assert reply.body == {"error": "forbidden", "message": "creating a client needs the admin token (ADMIN_TOKEN)"}
 
 
 async def test_a_client_key_cannot_post_alerts(api, tenant):

@@ -44,7 +44,9 @@ async def test_a_rule_for_a_client_that_does_not_exist_is_refused(api):
 async def test_a_client_key_cannot_create_a_rule_for_another_client(api, tenant, other_tenant):
     body = {"client_id": other_tenant.client_id, "severity": "LOW", "source": "a", "name": "b"}
     reply = await api.call("POST", "/api/v1/rules", tenant.key, body)
-    assert reply.status == 403
+    assert (reply.status, reply.body) == (403, {
+        "error": "forbidden",
+        "message": "a client key creates rules for its own client only (leave client_id out)"})
     listed = await api.call("GET", "/api/v1/rules", other_tenant.key)
     assert listed.body["items"] == []
 

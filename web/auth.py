@@ -39,10 +39,13 @@ class Caller:
     def is_admin(self) -> bool:
         return self.client_id is None and not self.alert_source
 
-    def require_admin(self) -> None:
+    def require_admin(self, what: str) -> None:
+        """Refuse any caller but the admin; `what` names the request (`creating a client`)."""
         if not self.is_admin:
-            raise Forbidden()
+            raise Forbidden(f"{what} needs the admin token (ADMIN_TOKEN)")
 
+
+INGEST_TOKEN_ONLY_SENDS_ALERTS = "the ingest token (INGEST_TOKEN) may only send alerts (POST /api/v1/alerts)"
 
 ADMIN = Caller(client_id=None)
 ALERT_SOURCE = Caller(client_id=None, alert_source=True)
@@ -109,7 +112,7 @@ class ApiView(View):
         try:
             caller = await authenticate(request)
             if caller.alert_source and not self.accepts_alert_sources:
-                raise Forbidden()
+                raise Forbidden(INGEST_TOKEN_ONLY_SENDS_ALERTS)
         except (Unauthorized, Forbidden) as exc:
             return await self.on_request_error(request, exc)
         request[CALLER] = caller

@@ -106,7 +106,7 @@ class ClientsView(ApiView):
     query_methods = frozenset({"GET"})  # the list's filters and paging
 
     async def post(self, request: Request) -> Response:
-        self.caller(request).require_admin()
+        self.caller(request).require_admin("creating a client")
         body = parse_body(await self.read_request_content(request), ClientCreate)
         api_key = new_api_key()
         pool = await db.api_pool()

@@ -20,6 +20,11 @@ class Forbidden(WebError):
     code = HTTPStatus.FORBIDDEN
     detail = "forbidden"
 
+    # Says what the token may not do: a bare `{"error": "forbidden"}` left a tenant whose key was
+    # refused (sending an alert, say) to guess whether the key was wrong or the route closed to it.
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)
+
 
 class NotFound(WebError):
     code = HTTPStatus.NOT_FOUND

@@ -94,7 +94,7 @@ def owner_for_new_rule(caller: Caller, requested: UUID | None) -> UUID:
             raise ValidationFailed.field("client_id", "required when creating a rule with the admin token")
         return requested
     if requested is not None and requested != caller.client_id:
-        raise Forbidden()
+        raise Forbidden("a client key creates rules for its own client only (leave client_id out)")
     return caller.client_id
 
 

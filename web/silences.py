@@ -153,7 +153,7 @@ def owner_for_new_silence(caller: Caller, requested: UUID | None) -> UUID:
             raise ValidationFailed.field("client_id", "required when creating a silence with the admin token")
         return requested
     if requested is not None and requested != caller.client_id:
-        raise Forbidden()
+        raise Forbidden("a client key creates silences for its own client only (leave client_id out)")
     return caller.client_id
 
 
@@ -227,7 +227,7 @@ class WorkerSilencesView(ApiView):
     """What this worker holds (admin only): the multi-worker tests ask each worker directly."""
 
     async def get(self, request: Request) -> Response:
-        self.caller(request).require_admin()
+        self.caller(request).require_admin("reading a worker's silences")
         versions = silence_index.versions()
         return self.json({"silences": len(versions), "digest": rules_digest(versions), "versions": versions,
                           "deleted_versions": silence_index.deleted_versions()})

@@ -28,7 +28,7 @@ def rules_digest(versions: dict[str, int]) -> str:
 @app.page("/api/v1/worker/rules")
 class WorkerRulesView(ApiView):
     async def get(self, request: Request) -> Response:
-        self.caller(request).require_admin()
+        self.caller(request).require_admin("reading a worker's rules")
         enabled = rule_index.enabled_versions()
         return self.json({"enabled_rules": len(enabled), "digest": rules_digest(enabled), "versions": enabled,
                           "deleted_versions": rule_index.deleted_versions()})
@@ -39,6 +39,6 @@ class WorkerMatchView(ApiView):
     body_methods = frozenset({"POST"})
 
     async def post(self, request: Request) -> Response:
-        self.caller(request).require_admin()
+        self.caller(request).require_admin("matching an alert on a worker")
         alert = validate_as(parse_json(await self.read_request_content(request)), _alert)
         return self.json({"matches": rule_index.match(alert)})
