@@ -429,6 +429,16 @@ async def test_addresses_that_reach_one_place_are_one_address(api, tenant, type_
     assert readdressed.status == 409 and created["endpoint_id"] in readdressed.body["message"]
 
 
+async def test_the_409_of_a_second_email_endpoint_reads_an_email_endpoint(api, tenant):
+    # It read "the rule already has a email endpoint ...".
+    rule = await api.new_rule(tenant)
+    created = await api.new_endpoint(tenant, rule["rule_id"], "email", "ops@example.com")
+    again = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                           {"rule_id": rule["rule_id"], "type": "email", "value": "Ops@example.com"})
+    assert (again.status, again.body["message"]) == (
+        409, f"the rule already has an email endpoint with this value: {created['endpoint_id']}")
+
+
 async def test_a_url_path_differing_in_case_is_another_address(api, tenant):
     rule = await api.new_rule(tenant)
     await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/Team")

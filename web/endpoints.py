@@ -114,7 +114,8 @@ async def refuse_same_address(conn: asyncpg.Connection, rule_id: Any, type_: str
     key = address_key(type_, value)
     for other in await conn.fetch(SAME_TYPE, rule_id, type_, endpoint_id):
         if address_key(type_, other["value"]) == key:
-            raise Conflict(f"the rule already has a {type_} endpoint with this value: {other['endpoint_id']}")
+            article = "an" if type_ == "email" else "a"
+            raise Conflict(f"the rule already has {article} {type_} endpoint with this value: {other['endpoint_id']}")
 
 
 def endpoint_out(row: Any) -> EndpointOut:
