@@ -253,7 +253,10 @@ def _no_broker(command: str, exc: KafkaConnectionError) -> str:
 
 def _required(value: Any, variable: str) -> Any:
     if value is None:
-        raise ConfigurationError(f"Missing configuration: {variable} must be set for this command.")
+        # `up` sets these for its worker only: a new shell beside it has none, and the message did not
+        # say where the value is to be found.
+        raise ConfigurationError(f"Missing configuration: {variable} must be set for this command "
+                                 f"(for the embedded services of `alerting-app up`, the address it printed).")
     return value
 
 

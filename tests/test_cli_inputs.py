@@ -38,6 +38,21 @@ def test_produce_alerts_refuses_a_count_or_rate_below_zero_or_not_a_number(args,
     assert f"Invalid value for '{option}'" in result.stderr and "sent" not in result.stdout
 
 
+@pytest.mark.parametrize("command, variable", [(["topics"], "KAFKA_BOOTSTRAP_SERVERS"),
+                                               (["tail", "alerts.new"], "KAFKA_BOOTSTRAP_SERVERS"),
+                                               (["migrate"], "DATABASE_URL")])
+def test_a_command_without_its_service_variable_says_where_up_shows_it(command, variable):
+    # Beside `alerting-app up`, whose worker alone gets the embedded services' addresses, a new shell
+    # has none: the message named the variable but not where its value is.
+    unset = {name: value for name, value in os.environ.items() if name.upper() != variable}
+    result = subprocess.run([alerting_app_executable(), *command], env=unset, capture_output=True, text=True,
+                            timeout=COMMAND_TIMEOUT_S)
+
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"Missing configuration: {variable} must be set for this command (for the "
+                                     f"embedded services of `alerting-app up`, the address it printed)."), result.stderr
+
+
 @pytest.mark.parametrize("command", ["migrate", "republish-rules", "republish-silences", "seed"])
 def test_a_command_whose_postgres_refuses_names_the_command_as_typed_and_the_server(command):
     # It said "republish_rules failed: [Errno 111] Connect call failed ('127.0.0.1', 5432)".
