@@ -144,7 +144,13 @@ async def send_dead_letters(letters: Iterable[DeadLetter],
     letters = [bounded(letter) for letter in letters]
     acks = []
     for letter in letters:
-        log.warning("dead letter from %s[%s]@%s: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+        if letter.partition is None:
+            # A delivery's FAILED letter (delivery/attempts.py) stands for no one consumed message: the
+            # line read `notifications.ready[None]@None`.
+            log.warning("dead letter from %s (a delivery, not a consumed message): %s", letter.topic, letter.reason)
+        else:
+            log.warning("dead letter from %s[%s]@%s: %s", letter.topic, letter.partition, letter.offset,
+                        letter.reason)
         # force: never attached to the event being processed (Faust's stream_publish_on_commit),
         # whose future would resolve only when the event is committed, after this returns.
         acks.append(await dead_letter_topics[letter.topic].send(

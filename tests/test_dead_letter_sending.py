@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from types import SimpleNamespace
 
@@ -73,6 +74,19 @@ async def test_a_letter_too_big_for_the_producer_is_acknowledged_by_the_broker_c
     [on_broker] = await sent_to("alerts.new.dlq", key)
     assert "payload truncated: the original was 2000016 bytes" in on_broker["reason"]
     assert len(json.dumps(on_broker)) <= max_record_bytes()
+
+
+@AGENT_LOOP
+async def test_a_failed_deliverys_letter_is_logged_without_a_partition_or_offset(pipeline, caplog):
+    # A delivery's letter comes from no consumed message: the warning read `notifications.ready[None]@None`.
+    reason = f"endpoint {uuid.uuid4()} (webhook): HTTP 500; FAILED after 8 attempt(s)"
+    letter = DeadLetter(topic="notifications.ready", key=str(uuid.uuid4()), reason=reason, payload="{}")
+
+    with caplog.at_level(logging.WARNING, logger="alerting_app.dead_letters"):
+        await send_dead_letters([letter])
+
+    assert [record.getMessage() for record in caplog.records if record.name == "alerting_app.dead_letters"] == [
+        f"dead letter from notifications.ready (a delivery, not a consumed message): {reason}"]
 
 
 @AGENT_LOOP
