@@ -157,6 +157,14 @@ async def test_bad_notification_filters_are_refused(api, tenant, params, field):
     assert reply.failing_fields() == {field}
 
 
+async def test_a_time_filter_in_milliseconds_is_refused_saying_it_wants_seconds(api, tenant):
+    # The message gave only the calendar's bounds, leaving the sender to work out its unit was wrong.
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key, params={"since": "1700000000000"})
+    assert reply.body["fields"] == [{"field": "since", "message": (
+        "Value error, out of range: must lie between years 1 and 9999 in UTC: unix seconds, not milliseconds "
+        "(a time in milliseconds is a thousand times too large)")}]
+
+
 async def test_the_first_and_last_second_of_the_calendar_in_utc_are_valid_filters(api, tenant):
     reply = await api.call("GET", "/api/v1/notifications", tenant.key,
                            params={"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59Z"})

@@ -100,7 +100,10 @@ def from_unix_seconds(value: Any) -> Any:
     try:
         return datetime.fromtimestamp(value, timezone.utc)
     except (OverflowError, OSError, ValueError):
-        raise ValueError("out of range: must lie between years 1 and 9999 in UTC") from None
+        # Past year 9999, the likely mistake is milliseconds (`since=1700000000000`): say so, as the
+        # calendar's bounds alone left the sender to find it.
+        hint = ": unix seconds, not milliseconds (a time in milliseconds is a thousand times too large)" if value > 0 else ""
+        raise ValueError(f"out of range: must lie between years 1 and 9999 in UTC{hint}") from None
 
 
 # A timestamptz given by a client: with a UTC offset (or unix seconds), and storable.
