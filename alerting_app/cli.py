@@ -215,6 +215,20 @@ def _refuse_datadir_option(ctx: click.Context | None) -> None:
                                  "and the rule store live in DATA_DIR); set DATA_DIR instead")
 
 
+class _ReaderGone(Exception):
+    """Standard output's reader stopped reading (`alerting-app topics | head -1`)."""
+
+
+def _out(text: str) -> None:
+    """Print `text` to standard output, flushed: a reader that has stopped reading ends the command
+    quietly (_ForegroundCommand), not as `topics failed: [Errno 32] Broken pipe`, which read as the
+    broker's failure."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise _ReaderGone() from None
+
+
 class _ForegroundCommand(AppCommand):
     """A command that runs outside Faust's worker loop: it owns its child processes and signals."""
 
@@ -225,6 +239,11 @@ class _ForegroundCommand(AppCommand):
             # The decorated function itself, given the parsed options (as a method, `run` would
             # take the first option for `self`).
             code = type(self).__wrapped__(*self.args, **{**self.kwargs, **kwargs})
+        except _ReaderGone:
+            # As Python's own recipe for EPIPE: exit 1 (not all was printed), without a message, and with
+            # standard output on /dev/null, so that the interpreter's last flush cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
         except asyncpg.ClientConfigurationError as exc:
             # Refused by asyncpg before connecting (sslmode=verify-full without a root certificate).
             raise SystemExit(f"{self._name} failed: DATABASE_URL: {exc}") from None
@@ -378,9 +397,9 @@ def topics(by_partition: bool, as_json: bool) -> int:
                                                          web.operations.agent_topics()))
     # Faust's global --json (`alerting-app --json topics`), which `--help` lists, asks for the same.
     if as_json or _option_given(click.get_current_context(), "json"):
-        print(json.dumps({"group": settings.app_id, "topics": [f.as_json() for f in figures]}))
+        _out(json.dumps({"group": settings.app_id, "topics": [f.as_json() for f in figures]}))
     else:
-        print(topic_inspection.figures_table(figures, settings.app_id, by_partition=by_partition))
+        _out(topic_inspection.figures_table(figures, settings.app_id, by_partition=by_partition))
     return 0
 
 
@@ -411,7 +430,7 @@ async def _tail(broker: KafkaConnection, topic: str, from_beginning: bool, limit
         print(f"tailing {topic} ({len(tail.partitions)} partitions) from {where}", file=sys.stderr, flush=True)
         # --from-beginning --limit N on a topic holding fewer (a few dead letters): print them and end.
         async for message in tail.messages(limit, until_end=from_beginning and limit is not None):
-            print(json.dumps(message), flush=True)
+            _out(json.dumps(message))
 
 
 @app.command(
@@ -447,7 +466,7 @@ def api(method: str, url: str, body: str | None, token: str | None, field: str |
             raise SystemExit(f"api: the answer has no field {field!r}: {json.dumps(answer)}")
         answer = answer[field]
     if answer is not None:
-        print(answer if isinstance(answer, str) else json.dumps(answer, indent=2))
+        _out(answer if isinstance(answer, str) else json.dumps(answer, indent=2))
     return 0
 
 

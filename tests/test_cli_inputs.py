@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -160,6 +161,27 @@ def test_a_command_whose_broker_answers_slowly_but_within_the_timeout_still_work
     assert result.returncode == 0, result.stderr
     assert '"alerts.new"' in result.stdout
     assert slow.connections and time.monotonic() - started > SLOW_ANSWER_S
+
+
+@pytest.mark.parametrize("command", [["topics"], ["topics", "--json"],
+                                     ["tail", "rule.changed", "--from-beginning", "--limit", "1"]])
+def test_a_command_whose_reader_stopped_reading_ends_without_an_error_message(services, command):
+    # `alerting-app topics | head -1` said "topics failed: [Errno 32] Broken pipe": a reader that has
+    # what it wants is no failure of the broker's. A pipe whose reading end is closed stands for it.
+    if command[0] == "tail":  # one message there at least, whatever ran before
+        run("send", "rule.changed", "--key", f"broken-pipe-{uuid.uuid4()}",
+            KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap_servers)
+    reading, writing = os.pipe()
+    os.close(reading)
+    try:
+        result = subprocess.run([alerting_app_executable(), *command], stdout=writing, stderr=subprocess.PIPE,
+                                text=True, timeout=COMMAND_TIMEOUT_S,
+                                env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": services.kafka_bootstrap_servers})
+    finally:
+        os.close(writing)
+
+    assert [line for line in result.stderr.splitlines() if not line.startswith("tailing ")] == [], result.stderr
+    assert result.returncode == 1  # as Python's own recipe for EPIPE exits: what was asked was not all printed
 
 
 @pytest.mark.e2e
