@@ -338,12 +338,14 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     # The embedded broker goes with the run: a publish that fails partway leaves nothing behind on
     # it, and the next run publishes everything again. One of the settings keeps what landed.
     embedded_broker = settings.kafka_bootstrap_servers is None
-    for outbox, kind in ((RULE_OUTBOX, "rules"), (SILENCE_OUTBOX, "silences")):
+    for outbox, kind in ((RULE_OUTBOX, "rule"), (SILENCE_OUTBOX, "silence")):
         topic = outbox.topic.get_topic_name()
         if topic in report.created:
             count = asyncio.run(publish_current_state(env["DATABASE_URL"], broker, outbox,
                                                       queued_first=not embedded_broker))
-            print(f"{kind} put on {topic} from Postgres: {count}", flush=True)
+            # Deletions count too (as republish-rules says): "rules ... 12" of 11 rules read as one too many.
+            print(f"{kind} events put on {topic} from Postgres (every {kind}, and every deleted {kind}'s "
+                  f"deletion): {count}", flush=True)
     if resend_mark.exists():
         count, unreadable = asyncio.run(emit_undelivered_notifications(env["DATABASE_URL"], broker))
         resend_mark.unlink()
