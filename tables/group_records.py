@@ -323,7 +323,10 @@ ORDER BY t.client_id, t.fingerprint, a.fingerprint_notified_at, a.alert_id
 # them notified (migrations/017), oldest first, with the interval each was suppressed within
 # (migrations/018; NULL: suppressed by a release before it). One suppressed in a member's own batch
 # has its batch's time, written as created_at rounded to microseconds and as the member's time
-# unrounded: Postgres rounds both to the same microsecond, give or take one.
+# unrounded: Postgres rounds both to the same microsecond, give or take one. A storm of one
+# fingerprint's repeats while its member's group is open leaves any number of them, each with its
+# alert, and a silence muting the member usually mutes them too, so that every one is decided: they
+# are read a page at a time (UNLISTED_PAGE_ROWS), as a group's unlisted members are.
 _SUPPRESSED_REPEATS = """
 SELECT m.position, n.notification_id::text, n.alerts, n.rule_ids::text[],
        extract(epoch FROM n.created_at)::float8 AS created_at, n.repeat_interval_s
@@ -501,48 +504,28 @@ async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
             runs.append(run.members)
     if not runs:
         return set(), [], marks
-    repeats = await conn.fetch(_SUPPRESSED_REPEATS, [run[0]["client_id"] for run in runs],
-                               [run[0]["fingerprint"] for run in runs],
-                               [run[0]["fingerprint_notified_at"] for run in runs])
-    repeats_of: dict[int, list[asyncpg.Record]] = {}
-    for repeat in repeats:
-        repeats_of.setdefault(repeat["position"] - 1, []).append(repeat)
+    replays = [_Replay(run, [m for m in run if (m["notification_id"], m["alert_id"]) in position_of])
+               for run in runs]
     revived: list[tuple[int, asyncpg.Record, str, str]] = []  # (group position, repeat, client_id, fingerprint)
+    async for repeat in _suppressed_repeats(conn, runs):
+        replay = replays[repeat["position"] - 1]
+        joins = replay.decide(repeat, silences, now)
+        if joins is not None:
+            revived.append((position_of[(joins["notification_id"], joins["alert_id"])], repeat,
+                            replay.client, replay.fingerprint))
     settled: list[HeldFingerprint] = []  # with a repeat notified instead
     unsettled: list[HeldFingerprint] = []
     notified_apart: list[tuple[str, str, datetime]] = []  # not held by a member muted now
-    for index, run in enumerate(runs):
-        client, fingerprint = run[0]["client_id"], run[0]["fingerprint"]
-        muted_now = [m for m in run if (m["notification_id"], m["alert_id"]) in position_of]
-        final = run[0]["previous_final"]
-        last = run[0]["previous_at"] if final else None  # the last notification, as the agent reads it
-        last_at = run[0]["fingerprint_previous_at"] if final else None  # the same, as Postgres holds it
-        any_notified = False
-        for repeat in repeats_of.get(index, []):
-            at, interval_s = repeat["created_at"], repeat["repeat_interval_s"]
-            # The member whose notification it repeated: the last of them at or before it.
-            member = [m for m in run if m["notified_at"] - _SAME_TIME_S <= at][-1]
-            if member["muted_repeats_decided"]:
-                continue  # decided at the member's own close
-            if last is not None and last >= member["notified_at"] - _SAME_TIME_S:
-                continue  # after a repeat notified since that member: suppressed by it too
-            if last is not None and interval_s is not None and at - last < interval_s:
-                continue  # suppressed by the last notification, as the agent decides
-            if silences.silencing(client, Alert.from_stored(repeat["alerts"][0]), now) is not None:
-                continue  # muted now: notified to nobody either way
-            # In the closing group of the member, or of a member muted now after it (else the last).
-            joins = next((m for m in muted_now if m["notified_at"] >= member["notified_at"] - _SAME_TIME_S),
-                         muted_now[-1])
-            revived.append((position_of[(joins["notification_id"], joins["alert_id"])], repeat, client, fingerprint))
-            last, last_at, any_notified = at, datetime.fromtimestamp(at, timezone.utc), True
+    for replay in replays:
+        run, muted_now = replay.run, replay.muted_now
         holder = run[0]["last_notified"]
         if holder is not None and any(abs(m["notified_at"] - holder) <= _SAME_TIME_S for m in muted_now):
             # The fingerprint as if its muted members had been silenced when matched.
-            (settled if any_notified else unsettled).append(HeldFingerprint(
-                client, fingerprint, run[0]["last_notified_at"], last_at,
+            (settled if replay.any_notified else unsettled).append(HeldFingerprint(
+                replay.client, replay.fingerprint, run[0]["last_notified_at"], replay.last_at,
                 tuple((m["notification_id"], m["alert_id"]) for m in muted_now)))
-        elif any_notified:
-            notified_apart.append((client, fingerprint, last_at))
+        elif replay.any_notified:
+            notified_apart.append((replay.client, replay.fingerprint, replay.last_at))
     if revived:
         await conn.execute(_FORGET_REPEAT, [repeat["notification_id"] for _, repeat, _, _ in revived])
         await record_memberships(
@@ -558,6 +541,62 @@ async def revive_repeats(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
         if notified_apart:
             await conn.execute(_NOTIFIED_BY_REPEAT, *(list(column) for column in zip(*notified_apart)))
     return {position for position, _, _, _ in revived}, unsettled, marks
+
+
+async def _suppressed_repeats(conn: asyncpg.Connection | asyncpg.Pool,
+                              runs: Sequence[list[asyncpg.Record]]) -> AsyncIterator[asyncpg.Record]:
+    """The SUPPRESSED repeats since the first member of each run (its position in `runs`, from 1),
+    oldest first, read through a cursor a page at a time (in the caller's transaction; a pool's
+    connection gets one of its own)."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as own, own.transaction():
+            async for repeat in _suppressed_repeats(own, runs):
+                yield repeat
+        return
+    cursor = await conn.cursor(_SUPPRESSED_REPEATS, [run[0]["client_id"] for run in runs],
+                               [run[0]["fingerprint"] for run in runs],
+                               [run[0]["fingerprint_notified_at"] for run in runs])
+    while page := await cursor.fetch(UNLISTED_PAGE_ROWS):
+        for repeat in page:
+            yield repeat
+
+
+class _Replay:
+    """The repeats of one run of muted members (_muted_run) decided again in order, as the agent
+    decides a repeat (revive_repeats): fed them oldest first, it keeps only where it stands, so a
+    storm's repeats need not all be held, and finds each one's member by walking the run along."""
+
+    def __init__(self, run: list[asyncpg.Record], muted_now: list[asyncpg.Record]) -> None:
+        self.run, self.muted_now = run, muted_now  # oldest first; muted_now: those muted at this close
+        self.client, self.fingerprint = run[0]["client_id"], run[0]["fingerprint"]
+        final = run[0]["previous_final"]
+        self.last = run[0]["previous_at"] if final else None  # the last notification, as the agent reads it
+        self.last_at = run[0]["fingerprint_previous_at"] if final else None  # the same, as Postgres holds it
+        self.any_notified = False
+        self._member = 0  # the member whose notification the repeats so far repeated: the last at or before them
+        self._joins = 0  # the first member muted now at or after it
+
+    def decide(self, repeat: asyncpg.Record, silences: SilenceIndex, now: float) -> asyncpg.Record | None:
+        """The member muted now whose closing group the repeat joins, notified; None: it stays SUPPRESSED."""
+        at, interval_s = repeat["created_at"], repeat["repeat_interval_s"]
+        while self._member + 1 < len(self.run) and self.run[self._member + 1]["notified_at"] - _SAME_TIME_S <= at:
+            self._member += 1
+        member = self.run[self._member]
+        if member["muted_repeats_decided"]:
+            return None  # decided at the member's own close
+        if self.last is not None and self.last >= member["notified_at"] - _SAME_TIME_S:
+            return None  # after a repeat notified since that member: suppressed by it too
+        if self.last is not None and interval_s is not None and at - self.last < interval_s:
+            return None  # suppressed by the last notification, as the agent decides
+        if silences.silencing(self.client, Alert.from_stored(repeat["alerts"][0]), now) is not None:
+            return None  # muted now: notified to nobody either way
+        # In the closing group of the member, or of a member muted now after it (else the last).
+        while (self._joins < len(self.muted_now)
+               and self.muted_now[self._joins]["notified_at"] < member["notified_at"] - _SAME_TIME_S):
+            self._joins += 1
+        joins = self.muted_now[min(self._joins, len(self.muted_now) - 1)]
+        self.last, self.last_at, self.any_notified = at, datetime.fromtimestamp(at, timezone.utc), True
+        return joins
 
 
 async def mark_muted(conn: asyncpg.Connection | asyncpg.Pool, marks: MutedMarks, closing: Collection[str],

@@ -1389,3 +1389,44 @@ async def test_the_repeats_of_a_member_muted_after_a_later_notification_reached_
 
     assert [row["alert_id"] for row in await rows_of(pool, client) if row["status"] == "SUPPRESSED"
             ] == [at_30.alert.alert_id]
+
+
+@AGENT_LOOP
+async def test_the_closer_reads_the_repeats_a_muted_member_suppressed_a_page_at_a_time(pool, monkeypatch):
+    """A storm of one fingerprint's repeats while its member's group is open leaves any number of
+    SUPPRESSED rows, each with its alert. A silence that mutes the member at close usually mutes
+    them too, and then every one is decided again: read at once, they were all held in the worker's
+    memory (20 MB for 1,000 alerts of 20 KB). The last of them, which the silence does not mute, is
+    still the one notified."""
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    opened = time.time()
+    member = grouped_repeating(client, rule, alert(1), interval_s=60)
+    await aggregate_at(monkeypatch, opened, member)
+    padding = {f"pad{i}": "x" * 2000 for i in range(10)}  # about 20 KB an alert
+    storm = [Alert(alert_id=str(uuid.uuid4()), event_ts=opened, severity="HIGH", source="payments",
+                   name="CheckoutLatency", context={"n": "1", **padding}) for _ in range(1000)]
+    kept = alert(2)  # the same fingerprint, which the silence does not mute
+    repeats = [*storm, kept]
+    # As the agent writes a suppressed repeat (agents/match_outcomes.py write_outcome), a millisecond apart.
+    await pool.execute(
+        "INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at,"
+        " status, detail, emitted, fingerprint, repeat_interval_s)"
+        " SELECT gen_random_uuid(), $1, r.alert_id, r.alerts::jsonb, ARRAY[$2::uuid], to_timestamp(r.at),"
+        " to_timestamp(r.at), 'SUPPRESSED', 'repeat', true, $3, 60"
+        " FROM unnest($4::text[], $5::text[], $6::float8[]) AS r(alert_id, alerts, at)",
+        client, rule, member.fingerprint, [a.alert_id for a in repeats],
+        ["[" + a.model_dump_json() + "]" for a in repeats], [opened + 1 + n / 1000 for n in range(len(repeats))])
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+    tracemalloc.start()
+    try:
+        [ready] = await closed_for(pool, client, opened + 5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert ready.alerts == [kept]
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1 AND status = 'SUPPRESSED'",
+                               client) == len(storm)
+    stored = await pool.fetchval("SELECT sum(octet_length(alerts::text)) FROM notifications"
+                                 " WHERE client_id = $1 AND status = 'SUPPRESSED'", client)
+    assert peak < stored / 2, (peak, stored)  # a page of 100 at a time: about 2 MB here, whatever the count
