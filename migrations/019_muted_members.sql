@@ -2,7 +2,8 @@
 -- closed was notified to nobody, and so may be one that a member of its fingerprint muted at another
 -- close (groups of different windows) counted as a later notification. The closer finds a
 -- fingerprint's members by the first index, and those whose repeats are still to decide by the
--- second (a handful: only while a member of a group still open stands after them).
+-- second (few: a member is marked so while a member of a group still open stands after it, and stays
+-- so, harmlessly, until its fingerprint is next muted at a close or retention deletes it).
 
 -- NULL: not known to be muted at close (notified, still open, or closed by a release before this
 -- one), which counts as reaching the client; false: muted, the repeats it suppressed not decided
