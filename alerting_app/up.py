@@ -308,6 +308,10 @@ async def _redis_probe(url: str) -> None:
 
 # In DATA_DIR while `up` sends the notifications a new notifications.ready lacks (`_prepare`).
 RESEND_MARK = "notifications-to-send-again"
+# In DATA_DIR while `up` puts Postgres's rules (or silences) on a new rule.changed (silence.changed),
+# by topic: `_prepare`.
+PUBLISH_MARKS = {RULE_OUTBOX.topic.get_topic_name(): "rules-to-publish-again",
+                 SILENCE_OUTBOX.topic.get_topic_name(): "silences-to-publish-again"}
 
 
 def _prepare(env: dict[str, str], settings: Settings) -> None:
@@ -322,12 +326,20 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     # and without the mark left the rest PENDING for ever. Sending one again is harmless
     # (agents/deliver.py). Taken back at once when the topic was there already.
     resend_mark = Path(env["DATA_DIR"]) / RESEND_MARK
-    marked_before = resend_mark.exists()
+    # Likewise rule.changed and silence.changed: an `up` stopped after creating them, before it had
+    # queued their rules or silences (its pool or producer still starting, a Ctrl-C), left them
+    # empty, and the next one, finding them there, put nothing on them: the worker matched no alert
+    # against those rules until someone ran republish-rules. Each is marked until its publish is done.
+    publish_marks = {topic: Path(env["DATA_DIR"]) / mark for topic, mark in PUBLISH_MARKS.items()}
+    marks = {"notifications.ready": resend_mark, **publish_marks}
+    marked_before = {topic for topic, mark in marks.items() if mark.exists()}
     resend_mark.parent.mkdir(parents=True, exist_ok=True)
-    resend_mark.touch()
+    for mark in marks.values():
+        mark.touch()
     report = asyncio.run(create_topics(broker, settings.topic_partitions, settings.topic_replication_factor))
-    if "notifications.ready" not in report.created and not marked_before:
-        resend_mark.unlink()
+    for topic, mark in marks.items():
+        if topic not in report.created and topic not in marked_before:
+            mark.unlink()
     if report.mismatched:
         raise SystemExit(report.mismatch_message(settings.topic_partitions))
     print(f"topics created: {', '.join(report.created) or 'none (all present)'}", flush=True)
@@ -340,9 +352,10 @@ def _prepare(env: dict[str, str], settings: Settings) -> None:
     embedded_broker = settings.kafka_bootstrap_servers is None
     for outbox, kind in ((RULE_OUTBOX, "rule"), (SILENCE_OUTBOX, "silence")):
         topic = outbox.topic.get_topic_name()
-        if topic in report.created:
+        if publish_marks[topic].exists():  # created now, or by a run stopped before it was done with it
             count = asyncio.run(publish_current_state(env["DATABASE_URL"], broker, outbox,
                                                       queued_first=not embedded_broker))
+            publish_marks[topic].unlink()
             # Deletions count too (as republish-rules says): "rules ... 12" of 11 rules read as one too many.
             print(f"{kind} events put on {topic} from Postgres (every {kind}, and every deleted {kind}'s "
                   f"deletion): {count}", flush=True)

@@ -218,6 +218,57 @@ def test_an_up_stopped_before_it_sent_every_pending_notification_sends_them_at_t
     assert not (tmp_path / "data" / RESEND_MARK).exists()
 
 
+@pytest.mark.parametrize("stopped_on", ["rule.changed", "silence.changed"])
+def test_an_up_stopped_before_it_put_the_rules_or_silences_back_puts_them_back_at_the_next_run(
+        services, tmp_path, monkeypatch, stopped_on):
+    # On a broker that keeps its topics (one of KAFKA_BOOTSTRAP_SERVERS), an `up` stopped after it
+    # created rule.changed and silence.changed, before it had queued what goes on them (its pool or
+    # producer still starting, a Ctrl-C), left them empty; the next `up`, finding them there, put
+    # nothing on them, and the worker matched no alert against those rules (nor muted by those
+    # silences) until someone ran republish-rules.
+    import asyncpg
+
+    from alerting_app import up
+    from kafka_probe import read_topic
+
+    async def insert() -> dict[str, str]:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            ids = {name: str(uuid.uuid4()) for name in ("client", "rule", "silence")}
+            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
+                               ids["client"], uuid.uuid4().hex)
+            await conn.execute("INSERT INTO rules (rule_id, client_id, severity, source, name)"
+                               " VALUES ($1, $2, 'HIGH', 'payments', '*')", ids["rule"], ids["client"])
+            await conn.execute("INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at,"
+                               " ends_at, comment, created_by) VALUES ($1, $2, '*', 'payments', '*', now(),"
+                               " now() + interval '1 day', 'maintenance', 'ops')", ids["silence"], ids["client"])
+            return ids
+        finally:
+            await conn.close()
+
+    publish = up.publish_current_state
+
+    async def publish_stopped(database_url, broker, outbox, **kwargs) -> int:
+        if outbox.topic.get_topic_name() == stopped_on:
+            raise KeyboardInterrupt  # Ctrl-C before anything is queued or sent
+        return await publish(database_url, broker, outbox, **kwargs)
+
+    ids = asyncio.run(insert())
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as kept_broker:
+        env.update(kept_broker.start(postgres=False, redis=False))
+        with monkeypatch.context() as interrupted:
+            interrupted.setattr(up, "publish_current_state", publish_stopped)
+            with pytest.raises(KeyboardInterrupt):
+                _prepare(env, Settings())
+
+        _prepare(env, Settings())  # the next run: both topics are there now
+        on_topics = {topic: [key for key, _ in asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], topic))]
+                     for topic in ("rule.changed", "silence.changed")}
+    assert ids["rule"].encode() in on_topics["rule.changed"]
+    assert ids["silence"].encode() in on_topics["silence.changed"]
+
+
 def test_an_up_finding_notifications_ready_present_sends_nothing_again(services, tmp_path):
     # The mark written before the topics are created is taken back when notifications.ready was
     # there already: a restart on a broker that keeps its topics sends no pending notification again.
