@@ -243,7 +243,8 @@ async def publish_current_to_new_topic(pool: asyncpg.Pool, outbox: Outbox,
                                        send: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
                                        queued_first: bool = True) -> int:
     """For `outbox`'s topic just created (empty: `alerting-app up`'s in-memory broker is new at
-    each start): every current event of its kind, and every remembered deletion, sent at once with
+    each start; or created by an `up` stopped before it had done this, which leaves a mark for the
+    next: alerting_app/up.py `PUBLISH_MARKS`): every current event of its kind, and every remembered deletion, sent at once with
     `send` (keyed messages; it returns once the broker acknowledged them all), in place of what the
     outbox holds, which they supersede; return how many events.
 
