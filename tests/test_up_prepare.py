@@ -267,6 +267,7 @@ def test_an_up_stopped_before_it_put_the_rules_or_silences_back_puts_them_back_a
                      for topic in ("rule.changed", "silence.changed")}
     assert ids["rule"].encode() in on_topics["rule.changed"]
     assert ids["silence"].encode() in on_topics["silence.changed"]
+    assert not any((tmp_path / "data" / mark).exists() for mark in up.PUBLISH_MARKS.values())
 
 
 def test_an_up_finding_notifications_ready_present_sends_nothing_again(services, tmp_path):
