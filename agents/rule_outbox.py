@@ -256,7 +256,11 @@ async def publish_current_to_new_topic(pool: asyncpg.Pool, outbox: Outbox,
     Under the relay's lock, so no relay sends meanwhile. The outbox rows read first are deleted
     once the events are acknowledged: each is superseded by the current state read after it (FOR
     SHARE: a change in flight commits first). A row committed since stays, for the relay to send
-    after these, as the newer version it is.
+    after these, as the newer version it is. A tombstone stays too, for the relay: the current
+    state holds nothing of its key (retention forgot the deletion as it queued it), so nothing
+    supersedes it, and the topic may hold the key's delete, which only the null removes: the topic
+    an `up` left marked is not new at the next, and a relay may have put the delete there since.
+    On a new topic it is a null for a key never written, which compaction removes.
 
     `queued_first`: the same events are first queued for the relay and committed (they are among
     the rows then deleted), so that a publish that fails partway (the broker refusing a batch, a
@@ -271,7 +275,8 @@ async def publish_current_to_new_topic(pool: asyncpg.Pool, outbox: Outbox,
             await _QUEUE_CURRENT[outbox.table](conn, None)
     async with pool.acquire() as conn, conn.transaction():
         await lock_relay(conn, outbox)
-        superseded = [row[0] for row in await conn.fetch(f"SELECT outbox_id FROM {outbox.table} FOR UPDATE")]
+        superseded = [row[0] for row in await conn.fetch(f"SELECT outbox_id FROM {outbox.table} WHERE NOT tombstone"
+                                                         " FOR UPDATE")]
         events = await _CURRENT_EVENTS[outbox.table](conn, None)
         await send([(getattr(event, outbox.key_column).encode(), event.encode()) for event in events])
         await conn.execute(f"DELETE FROM {outbox.table} WHERE outbox_id = ANY($1::bigint[])", superseded)

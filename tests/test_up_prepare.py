@@ -270,6 +270,48 @@ def test_an_up_stopped_before_it_put_the_rules_or_silences_back_puts_them_back_a
     assert not any((tmp_path / "data" / mark).exists() for mark in up.PUBLISH_MARKS.values())
 
 
+def test_putting_the_rules_back_on_a_topic_an_up_left_marked_keeps_the_tombstones_queued(services, tmp_path,
+                                                                                           monkeypatch):
+    # The topic an `up` stopped before publishing left marked is not new at the next `up`: a relay may
+    # have put a rule's delete on it since, and retention queued its tombstone. The current state
+    # supersedes every queued upsert and delete, not that null: dropped, it left the delete on the
+    # compacted topic for good.
+    import asyncpg
+
+    from agents.rule_outbox import RULE_OUTBOX, queue_tombstones
+    from alerting_app import up
+    from kafka_probe import read_topic
+
+    async def publish_stopped(*args, **kwargs) -> int:
+        raise KeyboardInterrupt  # Ctrl-C before anything is queued or sent
+
+    async def queue_forgotten_deletion() -> str:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+            rule_id, client_id = str(uuid.uuid4()), str(uuid.uuid4())
+            await queue_tombstones(conn, RULE_OUTBOX, [{"rule_id": rule_id, "client_id": client_id, "version": 2}])
+            return rule_id
+        finally:
+            await conn.close()
+
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    with EmbeddedServices(tmp_path / "services") as kept_broker:
+        env.update(kept_broker.start(postgres=False, redis=False))
+        with monkeypatch.context() as interrupted:
+            interrupted.setattr(up, "publish_current_state", publish_stopped)
+            with pytest.raises(KeyboardInterrupt):
+                _prepare(env, Settings())
+        forgotten = asyncio.run(queue_forgotten_deletion())
+
+        _prepare(env, Settings())  # the next run puts the rules on the topic it finds there
+        on_topic = asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], "rule.changed"))
+    queued = _fetch(services.database_url, "SELECT tombstone FROM rule_outbox WHERE rule_id = $1", forgotten)
+    # Left for the relay, to come after the delete; not sent here, and not dropped.
+    assert [row["tombstone"] for row in queued] == [True]
+    assert forgotten.encode() not in [key for key, _ in on_topic]
+
+
 def test_an_up_finding_notifications_ready_present_sends_nothing_again(services, tmp_path):
     # The mark written before the topics are created is taken back when notifications.ready was
     # there already: a restart on a broker that keeps its topics sends no pending notification again.
