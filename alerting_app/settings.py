@@ -87,6 +87,20 @@ def _relay_host(value: str) -> str:
     return value
 
 
+# A domain (RFC 5321 4.1.2: letters, digits and hyphens between dots) or an address literal
+# (`[192.0.2.1]`, `[IPv6:2001:db8::1]`).
+_HELO_NAME = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                        r"|\[[0-9.]+\]|\[IPv6:[0-9A-Fa-f:.]+\])$")
+
+
+def _helo_name(value: str | None) -> str | None:
+    """The name the relay is greeted with (EHLO); refused at start rather than at every email."""
+    if value is not None and not _HELO_NAME.match(value):
+        raise ValueError("must be a host name (letters, digits and hyphens between dots) or an address literal "
+                         "such as [192.0.2.1]: the name the SMTP relay is greeted with (EHLO)")
+    return value
+
+
 def _sender_address(value: str) -> str:
     """An address with a local part and a domain, bare or with a display name. Without one, every
     e-mail was offered with it as MAIL FROM, which relays that check it (SES: 501) refuse, and every
@@ -321,6 +335,11 @@ class Settings(BaseSettings):
     smtp_password: OptionalSecret = None
     smtp_from: Annotated[str, AfterValidator(_sender_address)] = "alerting@localhost"
     smtp_timeout_s: float = Field(default=30.0, gt=0, le=300)
+    # The name the relay is greeted with (EHLO). Unset: this machine's name (socket.getfqdn()), which
+    # in a container is often a bare container id that relays checking it refuse (Postfix's
+    # reject_non_fqdn_helo_hostname: "504 Helo command rejected: need fully-qualified hostname",
+    # told at RCPT, so every email failed for good).
+    smtp_helo_name: Annotated[str | None, BeforeValidator(_unset_if_empty), AfterValidator(_helo_name)] = None
 
     @model_validator(mode="after")
     def _kafka_connection_can_be_made(self) -> "Settings":

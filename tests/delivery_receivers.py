@@ -135,9 +135,11 @@ class _KeepMessages:
         self.stall_s = 0.0
         self.goodbye_stall_s = 0.0
         self.envelopes_begun = 0  # MAIL commands received, answered or not (a stalled send counts)
+        self.greeted_as: list[str] = []  # for each MAIL command, the name the sender greeted with (EHLO)
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802 (aiosmtpd's name)
         self.envelopes_begun += 1
+        self.greeted_as.append(session.host_name)
         await asyncio.sleep(self.stall_s)
         reply = self.replies.get(address)
         if reply is not None:
@@ -209,6 +211,11 @@ class SmtpServer:
     @property
     def over_tls(self) -> list[bool]:
         return self._handler.over_tls
+
+    @property
+    def greeted_as(self) -> list[str]:
+        """For each message begun, the name its sender greeted the relay with (EHLO)."""
+        return self._handler.greeted_as
 
     @property
     def received_at(self) -> list[float]:

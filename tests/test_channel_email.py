@@ -431,3 +431,14 @@ async def test_our_host_name_is_looked_up_once_per_process_not_for_every_email(m
             await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
         assert len(smtp.messages) == 3
     assert len(lookups) <= 1
+
+
+async def test_the_relay_is_greeted_with_smtp_helo_name_when_set_else_this_machines_name():
+    # In a container this machine's name is often a bare id, which relays checking the greeting
+    # refuse (Postfix: "504 Helo command rejected: need fully-qualified hostname", at RCPT): every
+    # email failed for good, with no setting to give another name.
+    with SmtpServer() as smtp:
+        await send_email(smtp_settings(smtp.port).model_copy(update={"smtp_helo_name": "mail.alerting.example"}),
+                         "oncall@example.com", notification())
+        await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+        assert smtp.greeted_as == ["mail.alerting.example", socket.getfqdn()]

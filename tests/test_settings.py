@@ -79,6 +79,10 @@ BAD_VALUES = [
     ("SMTP_FROM", "Alerting Platform"),
     # SMTPS (TLS from the first byte): each side waited for the other until the timeout, every e-mail failed.
     ("SMTP_PORT", "465"),
+    # Refused by aiosmtplib (whitespace) or by the relay as no host name, at every e-mail.
+    ("SMTP_HELO_NAME", "mail relay"),
+    ("SMTP_HELO_NAME", "mail.example.com:25"),
+    ("SMTP_HELO_NAME", "-leading.example"),
 ]
 
 

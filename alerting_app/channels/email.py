@@ -111,7 +111,7 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         username=settings.smtp_user,
         password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
         timeout=settings.smtp_timeout_s,
-        local_hostname=await _our_host_name(),
+        local_hostname=settings.smtp_helo_name or await _our_host_name(),
     )
     try:
         await _converse(relay, message, settings.smtp_timeout_s)
