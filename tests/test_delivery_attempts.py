@@ -259,6 +259,17 @@ async def test_deliveries_meeting_a_redis_that_is_away_log_one_traceback_then_on
     assert "Redis calls recovered after 9 failures" in caplog.text
 
 
+@asynccontextmanager
+async def refusing_writes_as_a_replica(redis: Redis):
+    """`redis` a replica of a primary that is not there (a failover whose address did not move):
+    it answers reads and refuses every write (READONLY); a primary again on the way out."""
+    await redis.execute_command("REPLICAOF", "127.0.0.1", "1")
+    try:
+        yield
+    finally:
+        await redis.execute_command("REPLICAOF", "NO", "ONE")
+
+
 async def test_a_redis_that_answers_reads_and_refuses_writes_backs_off_as_long_as_it_lasts(own_redis, caplog):
     """A Redis that became a replica (READONLY, a failover whose address did not move) answers the
     look for a sent mark of a delivery taken over from a dead worker, and refuses every token and claim. That
@@ -268,15 +279,12 @@ async def test_a_redis_that_answers_reads_and_refuses_writes_backs_off_as_long_a
     now = [0.0]  # the streak's clock, moved by the test
     async with Receiver() as receiver, delivery_context(redis_url) as ctx:
         ctx.redis_failures = FailureStreak(attempts.log, "deliveries' Redis calls", clock=lambda: now[0])
-        await ctx.redis.redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there
-        try:
+        async with refusing_writes_as_a_replica(ctx.redis.redis):
             endpoint = webhook(receiver.url())
             await deliver(job_for(endpoint), ctx)  # its token refused: READONLY
             now[0] = 20.0
             before = time.time()
             await deliver(dataclasses.replace(job_for(endpoint), resumed=True), ctx)  # its sent mark read
-        finally:
-            await ctx.redis.redis.execute_command("REPLICAOF", "NO", "ONE")
         assert receiver.posts == []
         assert [(c.status, c.attempts) for c in ctx.recorder.changes] == [("PENDING", 0)] * 2
         # Its token refused (the rate limit's script writes): a ResponseError quoting READONLY.
@@ -296,26 +304,20 @@ async def test_redis_trouble_long_after_an_outage_no_claim_saw_end_waits_a_secon
     now = [0.0]  # the streak's clock, moved by the test
     async with Receiver() as receiver, delivery_context(redis_url) as ctx:
         ctx.redis_failures = FailureStreak(attempts.log, "deliveries' Redis calls", clock=lambda: now[0])
-        await ctx.redis.redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there
-        try:
-            endpoint = webhook(receiver.url())
+        endpoint = webhook(receiver.url())
+        async with refusing_writes_as_a_replica(ctx.redis.redis):
             await deliver(job_for(endpoint), ctx)  # the outage: its token refused
             now[0] = 3600.0  # an hour without a failure
             before = time.time()
             await deliver(job_for(endpoint), ctx)  # a blip
-        finally:
-            await ctx.redis.redis.execute_command("REPLICAOF", "NO", "ONE")
         assert [(c.status, c.attempts) for c in ctx.recorder.changes] == [("PENDING", 0)] * 2
         # A second of backoff and up to a second of jitter; not the 30 s of a streak an hour long.
         assert before + 1 <= ctx.recorder.changes[-1].next_attempt_at <= time.time() + 2
         # Still one run while the refusals follow each other: 20 s later, 20 s.
         now[0] = 3620.0
-        await ctx.redis.redis.execute_command("REPLICAOF", "127.0.0.1", "1")
-        try:
+        async with refusing_writes_as_a_replica(ctx.redis.redis):
             before = time.time()
             await deliver(job_for(endpoint), ctx)
-        finally:
-            await ctx.redis.redis.execute_command("REPLICAOF", "NO", "ONE")
         assert before + 20 <= ctx.recorder.changes[-1].next_attempt_at <= time.time() + 21
 
 

@@ -40,6 +40,16 @@ from test_agent_support import (  # noqa: F401  (fixtures)
 ALL_PARTITIONS = set(range(64))
 
 
+async def closed_with_peak_memory(pool, client: str, at: float):
+    """The one notification `closed_for` closes at `at`, and the peak of Python's memory meanwhile."""
+    tracemalloc.start()
+    try:
+        [ready] = await closed_for(pool, client, at)
+        return ready, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 async def closed_for(pool, clients: str | set[str], now: float, partitions: set[int] = ALL_PARTITIONS,
                      **options) -> list:
     """Close the due groups, as the closer does; return what was emitted for these clients. The
@@ -858,12 +868,7 @@ async def test_the_closer_reads_a_large_groups_unlisted_members_a_page_at_a_time
                                                    groups.unlisted_record(m)) for m in storm])
     opened = time.time()
     await insert_silence(pool, client, opened - 60, opened + 3600, n="muted")
-    tracemalloc.start()
-    try:
-        [ready] = await closed_for(pool, client, opened + 5)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    ready, peak = await closed_with_peak_memory(pool, client, opened + 5)
 
     assert (ready.alerts, ready.truncated_alerts) == ([first.alert], 500)
     stored = await pool.fetchval("SELECT sum(octet_length(unlisted_alert::text)) FROM notification_alerts"
@@ -1417,12 +1422,7 @@ async def test_the_closer_reads_the_repeats_a_muted_member_suppressed_a_page_at_
         client, rule, member.fingerprint, [a.alert_id for a in repeats],
         ["[" + a.model_dump_json() + "]" for a in repeats], [opened + 1 + n / 1000 for n in range(len(repeats))])
     await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
-    tracemalloc.start()
-    try:
-        [ready] = await closed_for(pool, client, opened + 5)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    ready, peak = await closed_with_peak_memory(pool, client, opened + 5)
 
     assert ready.alerts == [kept]
     assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1 AND status = 'SUPPRESSED'",

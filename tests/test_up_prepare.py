@@ -22,6 +22,20 @@ from pipe_lines import read_lines_until
 UP_READY_TIMEOUT_S = 420.0
 
 
+async def insert_a_client_rule_and_silence(conn, rule_version: int = 1) -> dict[str, str]:
+    """A client with a rule (HIGH, payments, *) at `rule_version` and a silence in force for a day,
+    written straight into Postgres as a release's data; their ids by kind."""
+    ids = {name: str(uuid.uuid4()) for name in ("client", "rule", "silence")}
+    await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
+                       ids["client"], uuid.uuid4().hex)
+    await conn.execute("INSERT INTO rules (rule_id, client_id, severity, source, name, version)"
+                       " VALUES ($1, $2, 'HIGH', 'payments', '*', $3)", ids["rule"], ids["client"], rule_version)
+    await conn.execute("INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at,"
+                       " ends_at, comment, created_by) VALUES ($1, $2, '*', 'payments', '*', now(),"
+                       " now() + interval '1 day', 'maintenance', 'ops')", ids["silence"], ids["client"])
+    return ids
+
+
 def _fetch(database_url: str, query: str, *args: object) -> list:
     """The rows of one query, on a connection of its own."""
     import asyncpg
@@ -77,19 +91,12 @@ def test_a_new_broker_holds_every_rule_and_silence_before_the_worker_starts(serv
     async def insert() -> dict[str, str]:
         conn = await asyncpg.connect(services.database_url)
         try:
-            ids = {name: str(uuid.uuid4()) for name in ("client", "rule", "silence")}
-            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
-                               ids["client"], uuid.uuid4().hex)
-            await conn.execute("INSERT INTO rules (rule_id, client_id, severity, source, name, version)"
-                               " VALUES ($1, $2, 'HIGH', 'payments', '*', 2)", ids["rule"], ids["client"])
+            ids = await insert_a_client_rule_and_silence(conn, rule_version=2)
             # Its version 1, queued by the API and not relayed when the last run stopped.
             version_1 = RuleChanged.upsert(Rule(rule_id=ids["rule"], client_id=ids["client"], severity="HIGH",
                                                 source="payments", name="*", enabled=False, version=1))
             await conn.execute("INSERT INTO rule_outbox (rule_id, payload) VALUES ($1, $2::jsonb)", ids["rule"],
                                version_1.model_dump_json())
-            await conn.execute("INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at,"
-                               " ends_at, comment, created_by) VALUES ($1, $2, '*', 'payments', '*', now(),"
-                               " now() + interval '1 day', 'maintenance', 'ops')", ids["silence"], ids["client"])
             return ids
         finally:
             await conn.close()
@@ -234,15 +241,7 @@ def test_an_up_stopped_before_it_put_the_rules_or_silences_back_puts_them_back_a
     async def insert() -> dict[str, str]:
         conn = await asyncpg.connect(services.database_url)
         try:
-            ids = {name: str(uuid.uuid4()) for name in ("client", "rule", "silence")}
-            await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'up', $2)",
-                               ids["client"], uuid.uuid4().hex)
-            await conn.execute("INSERT INTO rules (rule_id, client_id, severity, source, name)"
-                               " VALUES ($1, $2, 'HIGH', 'payments', '*')", ids["rule"], ids["client"])
-            await conn.execute("INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at,"
-                               " ends_at, comment, created_by) VALUES ($1, $2, '*', 'payments', '*', now(),"
-                               " now() + interval '1 day', 'maintenance', 'ops')", ids["silence"], ids["client"])
-            return ids
+            return await insert_a_client_rule_and_silence(conn)
         finally:
             await conn.close()
 
