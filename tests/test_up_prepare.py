@@ -36,6 +36,17 @@ async def insert_a_client_rule_and_silence(conn, rule_version: int = 1) -> dict[
     return ids
 
 
+def prepare_stopped_by(publish_stopped, env: dict[str, str], monkeypatch) -> None:
+    """`up`'s preparation on `env`, stopped (KeyboardInterrupt, a Ctrl-C) by `publish_stopped` standing
+    for its publish of the rules or silences."""
+    from alerting_app import up
+
+    with monkeypatch.context() as interrupted:
+        interrupted.setattr(up, "publish_current_state", publish_stopped)
+        with pytest.raises(KeyboardInterrupt):
+            _prepare(env, Settings())
+
+
 def _fetch(database_url: str, query: str, *args: object) -> list:
     """The rows of one query, on a connection of its own."""
     import asyncpg
@@ -256,10 +267,7 @@ def test_an_up_stopped_before_it_put_the_rules_or_silences_back_puts_them_back_a
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
     with EmbeddedServices(tmp_path / "services") as kept_broker:
         env.update(kept_broker.start(postgres=False, redis=False))
-        with monkeypatch.context() as interrupted:
-            interrupted.setattr(up, "publish_current_state", publish_stopped)
-            with pytest.raises(KeyboardInterrupt):
-                _prepare(env, Settings())
+        prepare_stopped_by(publish_stopped, env, monkeypatch)
 
         _prepare(env, Settings())  # the next run: both topics are there now
         on_topics = {topic: [key for key, _ in asyncio.run(read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], topic))]
@@ -278,7 +286,6 @@ def test_putting_the_rules_back_on_a_topic_an_up_left_marked_keeps_the_tombstone
     import asyncpg
 
     from agents.rule_outbox import RULE_OUTBOX, queue_tombstones
-    from alerting_app import up
     from kafka_probe import read_topic
 
     async def publish_stopped(*args, **kwargs) -> int:
@@ -297,10 +304,7 @@ def test_putting_the_rules_back_on_a_topic_an_up_left_marked_keeps_the_tombstone
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
     with EmbeddedServices(tmp_path / "services") as kept_broker:
         env.update(kept_broker.start(postgres=False, redis=False))
-        with monkeypatch.context() as interrupted:
-            interrupted.setattr(up, "publish_current_state", publish_stopped)
-            with pytest.raises(KeyboardInterrupt):
-                _prepare(env, Settings())
+        prepare_stopped_by(publish_stopped, env, monkeypatch)
         forgotten = asyncio.run(queue_forgotten_deletion())
 
         _prepare(env, Settings())  # the next run puts the rules on the topic it finds there
