@@ -416,7 +416,8 @@ Try it (in another shell):
   # a rule of that client: severity=HIGH, source=payments, any name
   RULE=$("$APP" api POST $API/rules '{{"severity":"HIGH","source":"payments","name":"*"}}' \\
       --token "$KEY" --field rule_id)
-  # a webhook endpoint on the rule (any URL that accepts a POST)
+  # a webhook endpoint on the rule (any URL that accepts a POST; to watch its notifications arrive,
+  # run "$APP" receive --port 9000 in a third shell first, with --secret <the answer's secret>)
   "$APP" api POST $API/endpoints '{{"rule_id":"'$RULE'","type":"webhook","value":"http://127.0.0.1:9000/hook"}}' \\
       --token "$KEY"
   # an alert, over HTTP ...

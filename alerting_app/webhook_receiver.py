@@ -1,0 +1,51 @@
+"""A webhook receiver to watch notifications arrive while trying the platform locally
+(`alerting-app receive`): the endpoint that `up`'s "Try it" lines create posts to it.
+
+Each POST is answered 200 and printed as one JSON line: when it came, its path, its
+`Idempotency-Key`, whether its signature holds (given the endpoint's secret; the timestamped one,
+as a receiver should check it: alerting_app/channels/webhook.py) and the notification. Without a
+receiver there, those notifications were retried for two minutes and then FAILED, and the first
+delivery a new user saw was a failure. Not for production: it keeps nothing and checks nothing it
+is not asked to.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Callable, Mapping
+
+from aiohttp import web
+
+from alerting_app.channels.webhook import TIMESTAMP_HEADER, TIMESTAMPED_SIGNATURE_HEADER, timestamped_signature
+
+
+def describe(path: str, headers: Mapping[str, str], body: bytes, secret: str | None, now: float) -> dict:
+    """What one POST brought, as `receive` prints it."""
+    if secret is None:
+        verdict = "not checked (give --secret, the endpoint's secret)"
+    else:
+        timestamp = headers.get(TIMESTAMP_HEADER, "")
+        expected = timestamped_signature(secret, timestamp, body)
+        verdict = "valid" if hmac.compare_digest(expected, headers.get(TIMESTAMPED_SIGNATURE_HEADER, "")) else "INVALID"
+    try:
+        notification: object = json.loads(body)
+    except ValueError:
+        notification = body.decode("utf-8", "replace")
+    return {"received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "path": path,
+            "idempotency_key": headers.get("Idempotency-Key"), "signature": verdict, "notification": notification}
+
+
+def receiver_app(secret: str | None, show: Callable[[dict], None]) -> web.Application:
+    """An aiohttp application answering every POST 200, after `show`ing `describe` of it."""
+    async def received(request: web.Request) -> web.Response:
+        show(describe(request.path, request.headers, await request.read(), secret, time.time()))
+        return web.json_response({"received": True})
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="alerting-app receive: POST webhooks here\n")
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", received)
+    app.router.add_get("/{path:.*}", hello)
+    return app
