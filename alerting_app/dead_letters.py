@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from alerting_app import metrics
 from alerting_app.app import DEAD_LETTER_TOPICS
 from alerting_app.contracts import Contract, DeadLetter
+from alerting_app.json_logs import one_line_for_log
 from alerting_app.sending import max_record_bytes
 
 log = logging.getLogger(__name__)
@@ -147,10 +148,13 @@ async def send_dead_letters(letters: Iterable[DeadLetter],
         if letter.partition is None:
             # A delivery's FAILED letter (delivery/attempts.py) stands for no one consumed message: the
             # line read `notifications.ready[None]@None`.
-            log.warning("dead letter from %s (a delivery, not a consumed message): %s", letter.topic, letter.reason)
+            log.warning("dead letter from %s (a delivery, not a consumed message): %s", letter.topic,
+                        one_line_for_log(letter.reason))
         else:
+            # The reason may quote the message (a context key the contract refused): its line breaks
+            # are escaped in the log, which one line per record keeps readable and unforgeable.
             log.warning("dead letter from %s[%s]@%s: %s", letter.topic, letter.partition, letter.offset,
-                        letter.reason)
+                        one_line_for_log(letter.reason))
         # force: never attached to the event being processed (Faust's stream_publish_on_commit),
         # whose future would resolve only when the event is committed, after this returns.
         acks.append(await dead_letter_topics[letter.topic].send(

@@ -15,6 +15,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 
+from alerting_app.json_logs import one_line_for_log
+
 log = logging.getLogger(__name__)
 
 _KEPT_HEADERS = ("Allow",)  # a 405 says which methods the route takes
@@ -59,9 +61,11 @@ async def database_unavailable(request: web.Request,
         if not is_transient(exc):
             raise
         # The caller may be any tenant: asyncpg's message names our database's host and port, so it
-        # goes to the worker's log, and the answer says only what kind of trouble it was.
-        log.warning("%s %s: the database is unavailable: %s: %s", request.method, request.path,
-                    type(exc).__name__, exc)
+        # goes to the worker's log, and the answer says only what kind of trouble it was. The path as
+        # it came, percent-encoded, on one line: decoded (request.path), any caller's `%0A` began a log
+        # line of its own, which read as one of ours (a forged `[ERROR] ...`).
+        path = one_line_for_log(request.raw_path.partition("?")[0])
+        log.warning("%s %s: the database is unavailable: %s: %s", request.method, path, type(exc).__name__, exc)
         return web.json_response({"error": "database_unavailable",
                                   "message": f"the database is unavailable ({type(exc).__name__}); try again later"},
                                  status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})

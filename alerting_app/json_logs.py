@@ -6,10 +6,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+
+# What str.splitlines (and log collectors, terminals) take as the end of a line.
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line_for_log(text: str) -> str:
+    """`text` for a log line: each line break written as its escape (`\\n`), as repr would.
+
+    For text that others chose (a request's path, an alert's context key quoted by a dead letter's
+    reason): in the text format one log record is one line, and a line break in such text began a
+    line of its own, which read as a record of ours (`[...] [ERROR] ...`) forged by whoever wrote it.
+    """
+    return _LINE_BREAKS.sub(lambda line_break: repr(line_break[0])[1:-1], text)
 
 
 class JsonLogFormatter(logging.Formatter):

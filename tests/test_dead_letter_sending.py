@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 from aiokafka.errors import KafkaError
 
-from alerting_app.contracts import DeadLetter
-from alerting_app.dead_letters import bounded, dead_letter_for, send_dead_letters
+from alerting_app.contracts import Alert, DeadLetter
+from alerting_app.dead_letters import UndecodableMessage, bounded, dead_letter_for, decode, send_dead_letters
 from alerting_app.sending import max_record_bytes
 from broker_front import OutageFront
 from private_brokers import app_sending_behind
@@ -107,3 +107,24 @@ async def test_a_letter_the_broker_refuses_raises(tmp_path):
             assert metrics.dead_letters.labels(topic="alerts.new", from_history="false")._value.get() == counted
         finally:
             front.let_through()
+
+
+@AGENT_LOOP
+async def test_a_line_break_an_alert_brings_into_the_reason_is_logged_escaped(pipeline, caplog):
+    # An alert's context key is quoted by the reason it is refused with: its line break began a log
+    # line of its own, which read as the worker's (a forged ERROR), whoever produced to alerts.new.
+    key = f"forged-{uuid.uuid4()}"
+    forged = "[2026-11-29 07:00:00,000] [1] [ERROR] the database password is hunter2"
+    value = json.dumps({"alert_id": key, "event_ts": 1, "severity": "LOW", "source": "s", "name": "n",
+                        "context": {f"k\n{forged}": 5}}).encode()
+    with pytest.raises(UndecodableMessage) as refused:
+        decode(Alert, value)
+
+    with caplog.at_level(logging.WARNING, logger="alerting_app.dead_letters"):
+        await send_dead_letters([dead_letter_for(consumed(key.encode(), value), str(refused.value))])
+
+    [logged] = [record.getMessage() for record in caplog.records if record.name == "alerting_app.dead_letters"]
+    assert logged.splitlines() == [logged]
+    assert f"context.k\\n{forged}: Input should be a valid string" in logged
+    [on_broker] = await sent_to("alerts.new.dlq", key)
+    assert f"context.k\n{forged}" in on_broker["reason"]  # the letter itself keeps the reason as it was

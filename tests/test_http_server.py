@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import socket
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from faust.web.drivers import aiohttp as faust_aiohttp
+from yarl import URL
 
 from alerting_app.app import app
+from alerting_app.http_errors import database_unavailable
 from alerting_app.http_server import JsonErrorsAppRunner, Web
 from pinned_sources import changed_sources
 
@@ -81,3 +85,42 @@ async def test_a_crash_answers_a_json_500_that_does_not_say_what_crashed(caplog)
         await runner.cleanup()
     # The log keeps aiohttp's ERROR with the traceback.
     assert any(record.levelno == logging.ERROR and record.exc_info for record in caplog.records)
+
+
+def _closed_port() -> int:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        return unused.getsockname()[1]
+
+
+async def _postgres_away(request: web.Request) -> web.Response:
+    # A Postgres that is not there: the connection is refused, as with one stopped under a worker.
+    await asyncpg.connect(host="127.0.0.1", port=request.app[_POSTGRES_PORT], user="nobody", timeout=10)
+    return web.Response()
+
+
+_POSTGRES_PORT = web.AppKey("postgres_port", int)
+
+
+async def test_the_path_of_a_request_postgres_failed_is_logged_on_one_line(caplog):
+    # Any caller reaches Postgres (a key is looked up there), and a request's path is its own text:
+    # decoded, `%0A` began a log line of its own, which read as the worker's (a forged ERROR).
+    caplog.set_level(logging.WARNING, logger="alerting_app.http_errors")
+    failing = web.Application(middlewares=[database_unavailable])
+    failing[_POSTGRES_PORT] = _closed_port()
+    failing.router.add_get("/api/v1/rules/{rule_id}", _postgres_away)
+    runner = web.AppRunner(failing, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    forged = "%0A[2026-11-29%2007:00:00,000]%20[1]%20[ERROR]%20forged"
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.get(URL(f"http://127.0.0.1:{port}/api/v1/rules/x{forged}", encoded=True)) as answer:
+            assert answer.status == 503
+    finally:
+        await runner.cleanup()
+    [logged] = [record.getMessage() for record in caplog.records if record.name == "alerting_app.http_errors"]
+    assert logged.splitlines() == [logged]
+    assert logged.startswith(f"GET /api/v1/rules/x{forged}: the database is unavailable"), logged
