@@ -16,6 +16,7 @@ import asyncpg
 import pydantic
 
 from alerting_app.contracts import Alert, Silence, SilenceChanged
+from alerting_app.json_logs import one_line_for_log
 from alerting_app.matching import forget_deletions
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ async def active_silences(conn: asyncpg.Connection | asyncpg.Pool, client_ids: I
             # groups: that one silence mutes nothing at close time (the evaluator's replica would
             # have dead-lettered it too).
             log.warning("silence %s of client %s: not applied, the contract refuses it: %s",
-                        row["silence_id"], row["client_id"], exc)
+                        row["silence_id"], row["client_id"], one_line_for_log(str(exc)))  # it may quote the row
     return SilenceIndex(changes)
 
 

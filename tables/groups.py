@@ -42,6 +42,7 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 from alerting_app.app import alerts_matched, app, settings
 from alerting_app.contracts import AlertMatched, DeadLetter, Severity, context_digests
 from alerting_app.dead_letters import CANONICAL_UUID, describe_validation_error
+from alerting_app.json_logs import one_line_for_log
 from alerting_app.sending import partition_for
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def malformed_letter(malformed: Malformed) -> DeadLetter:
     what = f"group of rule {malformed.rule_id}" if malformed.rule_id is not None else "value"
     if isinstance(malformed.content, dict) and isinstance(malformed.content.get("notification_id"), str):
         what += f" (notification {malformed.content['notification_id']})"
-    log.error("dropping the %s of client %s from the groups table: %s", what, client, malformed.reason)
+    log.error("dropping the %s of client %s from the groups table: %s", what, one_line_for_log(client),
+              one_line_for_log(malformed.reason))  # both may quote what the table held
     return DeadLetter(
         topic=alerts_matched.get_topic_name(),
         partition=partition_for(malformed.key, tuple(range(settings.topic_partitions))),

@@ -230,3 +230,14 @@ async def test_a_group_listing_an_alert_that_is_not_one_is_a_dead_letter_and_the
     assert groups.open_groups.get(client.encode()) is None
     assert await pool.fetchval("SELECT count(*) FROM notifications WHERE notification_id = $1",
                                bad_group["notification_id"]) == 0
+
+
+def test_a_line_break_in_what_the_groups_table_held_is_logged_escaped(caplog):
+    # The key and the reason quote what the table held: a line break in them began a log line of
+    # its own, which read as one of ours.
+    malformed = groups.Malformed(key=b"client\n[ERROR] forged", rule_id=None, content="x",
+                                 reason="not an object:\n[ERROR] forged")
+    letter = groups.malformed_letter(malformed)
+    [record] = [r for r in caplog.records if r.name == groups.log.name]
+    assert "\n" not in record.getMessage() and "\\n[ERROR] forged" in record.getMessage()
+    assert "\n[ERROR] forged" in letter.reason  # the letter itself keeps it as it was
