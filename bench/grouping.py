@@ -1,6 +1,7 @@
 """The aggregate stage under an alert storm whose clients group their alerts (Alertmanager's case).
 
     .venv/bin/python bench/grouping.py [--clients 20] [--alerts 20000] [--window-s 60] [--silenced]
+        [--repeat-interval-s N [--muting]]
 
 Seeds `--clients` clients with one rule each (alerting_app.seed), gives every rule a grouping window
 of `--window-s` seconds, starts one worker with ROLES=aggregate only, and puts a storm of `--alerts`
@@ -29,6 +30,17 @@ With `--silenced`, every client also has a silence in force that matches none of
 alerts: the closer then checks every member, listed and unlisted, against it (docs/grouping.md).
 The window must outlast recording the storm, or a client's later members open a second group
 (the figures say so).
+
+With `--repeat-interval-s N`, every rule also has that repeat interval, with the fingerprint keyed
+on the context's `host` (`fingerprint_keys = {host}`), and the matches carry the interval and the
+fingerprint as the evaluator sets them (contracts.fingerprint_of): each client's alerts have hosts
+of their own, except that 1 in 10 repeats the host of that client's alert 5 before it, so 1 in 10
+of the storm is a repeat the aggregate stage suppresses (a SUPPRESSED notification, not a member;
+"recorded" then counts both). With `--muting` as well, every client has a silence on
+`team=muted` starting half a window after the bench starts (as if made while the groups are
+open), and the alerts that are repeated later carry that team: the closer mutes them (1 in 9
+members), and as the suppressed repeats would be lost with them, decides those repeats again
+(tables/group_records.py revive_repeats), notifying them in the closing groups.
 """
 from __future__ import annotations
 
@@ -44,15 +56,25 @@ from figures import TooFewToMeasure, steady_rate
 from offsets import end_offsets
 from stack import BenchStack, machine_summary, produce_keyed
 
-from alerting_app.contracts import WILDCARD, Alert, AlertMatched
+from alerting_app.contracts import WILDCARD, Alert, AlertMatched, fingerprint_of
 
 # A context of a typical size (a few hundred bytes as encoded): unlisted members store it.
 CONTEXT = {"host": "node-0000.example.internal", "region": "eu-west-1", "team": "payments",
            "runbook": "https://runbooks.example.internal/storm", "summary": "disk usage above 90% " * 4}
 
+# --repeat-interval-s: the one context key of every rule's fingerprint, and which of a client's alerts
+# (its position among them, modulo REPEAT_EVERY) repeats the fingerprint of the one REPEAT_BACK before
+# it (whose team is MUTED_TEAM with --muting).
+FINGERPRINT_KEYS = ["host"]
+REPEAT_EVERY, REPEAT_AT, REPEAT_BACK = 10, 9, 5
+MUTED_TEAM = "muted"
 
-async def storm_rules(stack: BenchStack, clients: int, window_s: int, silenced: bool) -> list[dict]:
-    """Seed one rule per client, give each the window, and (--silenced) a silence matching nothing."""
+
+async def storm_rules(stack: BenchStack, clients: int, window_s: int, silenced: bool, repeat_interval_s: int,
+                      muting: bool) -> list[dict]:
+    """Seed one rule per client, give each the window (and --repeat-interval-s, keyed on the host),
+    (--silenced) a silence matching nothing, and (--muting) a silence on MUTED_TEAM from half a
+    window on."""
     from alerting_app.seed import seed
 
     pool = await stack.pool()
@@ -60,30 +82,50 @@ async def storm_rules(stack: BenchStack, clients: int, window_s: int, silenced: 
         await seed(pool, clients=clients, rules_per_client=1)
         async with pool.acquire() as conn:
             rules = [dict(row) for row in await conn.fetch(
-                "UPDATE rules SET group_window_s = $1"
-                " RETURNING rule_id::text, client_id::text, severity, source, name", window_s)]
+                "UPDATE rules SET group_window_s = $1, repeat_interval_s = $2,"
+                " fingerprint_keys = CASE WHEN $2 > 0 THEN $3::text[] ELSE '{}' END"
+                " RETURNING rule_id::text, client_id::text, severity, source, name", window_s, repeat_interval_s,
+                FINGERPRINT_KEYS)]
             if silenced:
                 await conn.execute(
                     "INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at, ends_at,"
                     " comment, created_by)"
                     " SELECT gen_random_uuid(), client_id, '*', 'no-such-source', '*', now() - interval '1 minute',"
                     " now() + interval '1 day', 'bench: matches none of the storm', 'bench' FROM clients")
+            if muting:
+                await conn.execute(
+                    "INSERT INTO silences (silence_id, client_id, severity, source, name, context_matchers,"
+                    " starts_at, ends_at, comment, created_by)"
+                    " SELECT gen_random_uuid(), client_id, '*', '*', '*', jsonb_build_object('team', $1::text),"
+                    " now() + make_interval(secs => $2), now() + interval '1 day',"
+                    " 'bench: mutes the repeated alerts at close', 'bench' FROM clients", MUTED_TEAM, window_s / 2)
         return rules
     finally:
         await pool.close()
 
 
-def storm(rules: list[dict], count: int, window_s: int) -> list[AlertMatched]:
-    """`count` matches, client after client in turn, each of an alert its client's rule matches."""
+def storm(rules: list[dict], count: int, window_s: int, repeat_interval_s: int = 0,
+          muting: bool = False) -> list[AlertMatched]:
+    """`count` matches, client after client in turn, each of an alert its client's rule matches
+    (--repeat-interval-s: 1 in 10 of a client's a repeat, see FINGERPRINT_KEYS)."""
     matches = []
     for n in range(count):
         rule = rules[n % len(rules)]
+        context = {**CONTEXT, "seq": str(n)}
+        if repeat_interval_s:
+            nth = n // len(rules)  # among its client's alerts
+            of = nth - REPEAT_BACK if nth % REPEAT_EVERY == REPEAT_AT else nth
+            context["host"] = f"node-{n % len(rules):04d}-{of:06d}.example.internal"
+            if muting and nth % REPEAT_EVERY == REPEAT_AT - REPEAT_BACK:
+                context["team"] = MUTED_TEAM
         alert = Alert(alert_id=f"storm-{n}", event_ts=time.time(),
                       severity="CRITICAL" if rule["severity"] == WILDCARD else rule["severity"],
                       source=rule["source"], name="disk-full" if rule["name"] == WILDCARD else rule["name"],
-                      context={**CONTEXT, "seq": str(n)})
-        matches.append(AlertMatched(alert=alert, client_id=rule["client_id"], rule_ids=[rule["rule_id"]],
-                                    group_rule_id=rule["rule_id"], group_window_s=window_s))
+                      context=context)
+        matches.append(AlertMatched(
+            alert=alert, client_id=rule["client_id"], rule_ids=[rule["rule_id"]], group_rule_id=rule["rule_id"],
+            group_window_s=window_s, repeat_interval_s=repeat_interval_s,
+            fingerprint=fingerprint_of(rule["client_id"], alert, FINGERPRINT_KEYS) if repeat_interval_s else None))
     return matches
 
 
@@ -92,7 +134,9 @@ async def produce(bootstrap: str, matches: list[AlertMatched]) -> float:
 
 
 async def members_recorded(conn: asyncpg.Connection) -> int:
-    return await conn.fetchval("SELECT count(*) FROM notification_alerts")
+    """Group members, and the repeats suppressed (--repeat-interval-s) rather than made members."""
+    return await conn.fetchval("SELECT (SELECT count(*) FROM notification_alerts)"
+                               " + (SELECT count(*) FROM notifications WHERE status = 'SUPPRESSED')")
 
 
 async def group_figures(conn: asyncpg.Connection, keeps_unlisted: bool) -> asyncpg.Record:
@@ -103,9 +147,10 @@ async def group_figures(conn: asyncpg.Connection, keeps_unlisted: bool) -> async
         f" {kept} AS kept_unlisted,"
         " count(*) AS notifications, count(*) FILTER (WHERE emitted) AS emitted,"
         " count(*) FILTER (WHERE status = 'SILENCED') AS silenced,"
+        " (SELECT count(*) FROM notifications WHERE status = 'SUPPRESSED') AS suppressed,"
         " coalesce(sum(jsonb_array_length(alerts)), 0) AS listed, coalesce(sum(truncated_alerts), 0) AS truncated,"
         " pg_total_relation_size('notification_alerts') AS members_bytes"
-        " FROM notifications WHERE group_rule_id IS NOT NULL")
+        " FROM notifications WHERE group_rule_id IS NOT NULL AND status <> 'SUPPRESSED'")
 
 
 async def has_unlisted_column(conn: asyncpg.Connection) -> bool:
@@ -137,10 +182,15 @@ def machine_busy_since(before) -> float:
 
 
 async def run(stack: BenchStack, args: argparse.Namespace) -> None:
-    rules = await storm_rules(stack, args.clients, args.window_s, args.silenced)
+    rules = await storm_rules(stack, args.clients, args.window_s, args.silenced, args.repeat_interval_s,
+                              args.muting)
     print(f"seeded {len(rules)} clients, one rule each with group_window_s={args.window_s}"
-          + (", each with a silence in force matching none of the storm" if args.silenced else ""))
-    matches = storm(rules, args.alerts, args.window_s)
+          + (f", repeat_interval_s={args.repeat_interval_s} keyed on {FINGERPRINT_KEYS} (1 in {REPEAT_EVERY}"
+             f" of the storm a repeat)" if args.repeat_interval_s else "")
+          + (", each with a silence in force matching none of the storm" if args.silenced else "")
+          + (f", each with a silence on team={MUTED_TEAM} from half a window on (1 in {REPEAT_EVERY - 1} members)"
+             if args.muting else ""))
+    matches = storm(rules, args.alerts, args.window_s, args.repeat_interval_s, args.muting)
     worker = stack.start_worker("aggregate", roles="aggregate")
     processes = service_processes(stack, [worker], receiver_pid=None)
     conn = await asyncpg.connect(stack.database_url)
@@ -198,7 +248,8 @@ async def run(stack: BenchStack, args: argparse.Namespace) -> None:
         ready = await end_offsets(stack.bootstrap, "notifications.ready") - ready_before
         print(f"\nclosing the groups (all closed {closed_s - recorded_s:.1f}s after the storm was recorded):")
         print(f"  groups {figures['groups']}, notifications {figures['notifications']} (emitted "
-              f"{figures['emitted']}, silenced {figures['silenced']}), messages on notifications.ready {ready}"
+              f"{figures['emitted']}, silenced {figures['silenced']}), repeats still suppressed "
+              f"{figures['suppressed']:,}, messages on notifications.ready {ready}"
               + ("" if ready == figures["groups"] else "  <-- not one per group"))
         kept = f"{figures['kept_unlisted']:,}" if keeps_unlisted else "none (no unlisted_alert column)"
         print(f"  members listed {figures['listed']:,}, counted in truncated_alerts {figures['truncated']:,} "
@@ -220,12 +271,19 @@ def main() -> None:
     parser.add_argument("--window-s", type=int, default=60, help="every rule's group_window_s")
     parser.add_argument("--silenced", action="store_true",
                         help="give every client a silence in force that matches none of the storm")
+    parser.add_argument("--repeat-interval-s", type=int, default=0,
+                        help="every rule's repeat_interval_s, keyed on the host; 1 in 10 of the storm a repeat")
+    parser.add_argument("--muting", action="store_true",
+                        help="with --repeat-interval-s: a silence from half a window on mutes the repeated "
+                             "members at close, whose repeats the closer decides again")
     parser.add_argument("--timeout-s", type=float, default=600, help="give up recording the storm after this")
     args = parser.parse_args()
     if min(args.clients, args.alerts, args.window_s) < 1:
         parser.error("--clients, --alerts and --window-s must be at least 1")
     if args.clients > args.alerts:
         parser.error("--clients exceeds --alerts: some client would have no member")
+    if args.muting and not args.repeat_interval_s:
+        parser.error("--muting needs --repeat-interval-s")
     print(f"machine: {machine_summary()}")
     with BenchStack("grouping") as stack:
         asyncio.run(run(stack, args))
