@@ -173,7 +173,7 @@ def print_cpu(used: dict[str, float], machine_busy: float) -> None:
     total = sum(used.values())
     print(f"  CPU seconds: {machine_busy:.1f} busy on the machine (all processes), of which")
     for name in sorted(used, key=used.get, reverse=True):
-        print(f"    {name:14s} {used[name]:7.1f}  ({100 * used[name] / total if total else 0:.0f}% of these)")
+        print(f"    {name:14s} {used[name]:7.2f}  ({100 * used[name] / total if total else 0:.0f}% of these)")
 
 
 def machine_busy_since(before) -> float:
@@ -223,8 +223,8 @@ async def run(stack: BenchStack, args: argparse.Namespace) -> None:
         used = cpu_used(cpu_before, cpu_recorded)
         print(f"\nrecording the storm: members recorded {steady}, {args.alerts / recorded_s:,.0f}/s over the "
               f"whole storm ({recorded_s:.1f}s from the first produced)")
-        print(f"  worker CPU per member: {1000 * used['worker'] / args.alerts:.2f} ms; Postgres CPU per member: "
-              f"{1000 * used.get('postgres', 0.0) / args.alerts:.2f} ms")
+        print(f"  worker CPU per member: {1000 * used['worker'] / args.alerts:.3f} ms; Postgres CPU per member: "
+              f"{1000 * used.get('postgres', 0.0) / args.alerts:.3f} ms")
         print_cpu(used, busy_recorded)
         if recorded_s > args.window_s:
             print(f"  (the storm took longer than the {args.window_s}s window: clients' later members open "
