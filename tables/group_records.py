@@ -289,13 +289,21 @@ async def notified_rules(conn: asyncpg.Connection | asyncpg.Pool, due: Sequence[
 # group window longer than the repeat interval collects a fingerprint more than once, and groups
 # of different windows close in another order than their members joined. Found by the primary key
 # and the fingerprint's index: a storm's group may have any number of muted members.
+#
+# The muted members are found by the primary key first, alone (MATERIALIZED), then told from closed
+# ones: planned as one, the "not closed" anti-join was estimated at one row of the whole table, and
+# the plan compared every member with every muted one (36,000 x 4,000 rows: 8-17 s of Postgres
+# CPU in one close of 40 groups with 100 muted members each, bench/grouping.py --muting).
 _MEMBERS_OF_MUTED_FINGERPRINTS = """
-WITH muted AS (
-    SELECT DISTINCT a.client_id, a.fingerprint, a.fingerprint_notified_at
+WITH given AS MATERIALIZED (
+    SELECT a.client_id, a.fingerprint, a.fingerprint_notified_at, a.notification_id
     FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS s(notification_id, client_id, alert_id)
     JOIN notification_alerts a ON a.client_id = s.client_id AND a.alert_id = s.alert_id
                               AND a.notification_id = s.notification_id AND a.fingerprint IS NOT NULL
-    WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = a.notification_id)
+), muted AS (
+    SELECT DISTINCT g.client_id, g.fingerprint, g.fingerprint_notified_at
+    FROM given g
+    WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.notification_id = g.notification_id)
 ), touched AS (
     SELECT m.client_id, m.fingerprint,
            least(min(m.fingerprint_notified_at),
