@@ -15,12 +15,12 @@ from collections import Counter
 import aiohttp
 import psutil
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from alerting_app.app import settings
 from alerting_app.embedded import free_port
 from alerting_app.kafka_admin import create_topics
 from alerting_app.up import WorkerProcess, alerting_app_executable
+from kafka_probe import create_topics as create_plain_topics  # not the app's, kafka_admin.create_topics
 from operations_support import get_json, health_check, readiness, start_tansu, wait_until
 from test_e2e_pipeline import Platform, WebhookReceiver, alert, create_tenant_with_webhook
 
@@ -100,16 +100,6 @@ def test_a_worker_stops_on_a_table_changelog_with_another_partition_count(servic
 
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"topic {changelog} has {settings.topic_partitions + 2} partitions" in result.stderr
-
-
-async def create_plain_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    """Topics by name -> partition count, one replica each."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1) for name, partitions in topics.items()])
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize("existing", ["none", "changelog"])
