@@ -540,6 +540,64 @@ async def test_a_delivery_sent_but_not_recorded_is_recorded_sent_without_posting
     assert await notification_state(pool, notification.notification_id) == ("SENT", None)
 
 
+async def test_a_delivery_its_dead_worker_sent_is_recorded_with_that_attempt_dated_when_it_was_sent(
+        pool, dispatcher, receiver, alone_in_the_database):
+    """The worker that sent it marked it sent in Redis and was killed before its outcome reached
+    Postgres. The worker that takes the row over records it SENT without sending, with that send
+    among its attempts, dated when it was sent, not when it was found. Before, the tenant read a
+    SENT delivery with `attempts: 0` and no attempt time: sent, and never tried."""
+    import aiohttp
+
+    from alerting_app import metrics, redis_client
+    from alerting_app.app import settings
+    from alerting_app.delivery import claims, records
+    from alerting_app.delivery.attempts import DeliveryContext, SendSlots, attempt
+    from alerting_app.delivery.jobs import DeliveryJob
+    from alerting_app.delivery.rate_limits import RateLimits
+    from alerting_app.redis_pipelining import PipelinedRedis
+
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    notification = await pending_notification(pool, client, [rule])
+    await open_abandoned_delivery(pool, notification, endpoint, attempts=1)  # a failed attempt recorded before
+    await pool.execute("UPDATE deliveries SET first_attempt_at = now() - interval '1 hour',"
+                       " last_attempt_at = now() - interval '1 hour' WHERE notification_id = $1",
+                       notification.notification_id)
+    # The dead worker's next attempt, as its deliveries make it (claim, send, sent mark); its
+    # outcome never reached Postgres.
+    redis = PipelinedRedis(redis_client.redis())
+    slots = SendSlots(asyncio.Semaphore(1), asyncio.Semaphore(1), asyncio.Semaphore(1))
+    job = DeliveryJob(notification, endpoint, (await records.endpoints_now(pool, [endpoint]))[endpoint], 1)
+    async with aiohttp.ClientSession() as session:
+        before = time.time()
+        await attempt(job, DeliveryContext(settings, session, redis, RateLimits(redis, 1.0), None,
+                                           lambda job: slots))
+        after = time.time()
+    assert len(receiver.posts) == 1
+    # The worker that takes it over comes a lease or more later: the mark has aged as Redis ages it.
+    aged_s = 30
+    key = claims.claim_key(notification.notification_id, endpoint)
+    await redis_client.redis().pexpire(key, await redis_client.redis().pttl(key) - aged_s * 1000)
+
+    sends_counted = metrics.notifications_sent.labels(channel="webhook")._value.get()
+
+    [taken_over] = await sweep(pool, dispatcher)
+    await dispatcher.drained()
+
+    assert taken_over.resumed and len(receiver.posts) == 1  # not sent again
+    # Counted by the worker that sent it (in its metrics, gone with it), not again by this one.
+    assert metrics.notifications_sent.labels(channel="webhook")._value.get() == sends_counted
+    row = await pool.fetchrow(
+        "SELECT status, attempts, extract(epoch FROM first_attempt_at) AS first_at,"
+        " extract(epoch FROM last_attempt_at) AS last_at FROM deliveries WHERE notification_id = $1",
+        notification.notification_id)
+    assert (row["status"], row["attempts"]) == ("SENT", 2)
+    assert row["first_at"] < before - 3000  # the failed attempt's, kept
+    # When its mark was written, read off the mark's TTL (a few milliseconds off at most; the
+    # upper bound leaves the take-over's own delays room).
+    assert before - aged_s - 1 <= float(row["last_at"]) <= after - aged_s + 5
+    assert await notification_state(pool, notification.notification_id) == ("SENT", None)
+
+
 async def test_a_delivery_taken_over_is_found_sent_before_it_waits_for_its_endpoints_token(pool, dispatcher,
                                                                                             receiver,
                                                                                             alone_in_the_database):
@@ -687,7 +745,7 @@ async def test_a_sent_mark_redis_cannot_be_asked_for_is_no_attempt_and_no_error(
     job = DeliveryJob(notification=notification, endpoint_id=str(uuid.uuid4()), endpoint=None, attempts=0,
                       resumed=True)
     try:
-        assert await _marked_sent(job, ctx) is False
+        assert await _marked_sent(job, ctx) is None
     finally:
         await unreachable.aclose()
 

@@ -41,7 +41,8 @@ class Outcomes:
     changes: list[DeliveryChange] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
 
-    def record(self, change: DeliveryChange, channel: str, dead_letter: DeadLetter | None = None) -> None:
+    def record(self, change: DeliveryChange, channel: str, dead_letter: DeadLetter | None = None,
+               already_counted: bool = False) -> None:
         self.changes.append(change)
         if dead_letter is not None:
             self.letters.append(dead_letter)

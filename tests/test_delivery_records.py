@@ -520,7 +520,8 @@ async def test_a_retry_and_a_redelivered_notification_opening_a_new_endpoint_do_
 
 async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_db):
     # AlreadySent (the Redis mark of a send recorded by another worker, or before a crash) is
-    # recorded SENT with no attempt; summed over workers, the counter must count the send once.
+    # recorded SENT with the send as an attempt (attempts.deliver), already counted by the worker
+    # that made it; summed over workers, the counter must count the send once.
     from alerting_app import metrics
 
     def sent() -> float:
@@ -532,6 +533,8 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
     before = (sent(), attempted())
     async with recorder_on(clean_db) as recorder:
         recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT"), "webhook")
+        recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT", attempts=1), "webhook",
+                        already_counted=True)
         assert (sent(), attempted()) == before
         recorder.record(DeliveryChange(str(uuid.uuid4()), str(uuid.uuid4()), "SENT", attempts=1), "webhook")
         assert (sent(), attempted()) == (before[0] + 1, before[1] + 1)

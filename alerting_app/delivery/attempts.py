@@ -176,6 +176,10 @@ class SendSlots:
 class AlreadySent(Exception):
     """Redis says an earlier attempt, perhaps of a dead worker, delivered it."""
 
+    def __init__(self, mark: claims.SentMark) -> None:
+        super().__init__("marked sent")
+        self.mark = mark
+
 
 class LeaseLost(Exception):
     """Right before the send, the row is found another worker's (this one stalled past its lease),
@@ -284,7 +288,7 @@ async def attempt(job: DeliveryJob, ctx: DeliveryContext, sending: Callable[[], 
             claim = await claims.claim(ctx.redis, *job.key, ttl_s=claim_span_s)
             ctx.redis_failures.succeeded()
             if claim.state is claims.ClaimState.SENT:
-                raise AlreadySent()
+                raise AlreadySent(claim.mark)
             if claim.state is claims.ClaimState.BUSY:
                 raise ClaimedElsewhere(claim.busy_for_s)
             try:
@@ -361,19 +365,19 @@ async def _lease_covers(job: DeliveryJob, ctx: DeliveryContext, cover_s: float) 
     return held
 
 
-async def _marked_sent(job: DeliveryJob, ctx: DeliveryContext) -> bool:
-    """Whether Redis marks the delivery sent; False when Redis cannot say (the claim, which comes
-    later, is what decides: a look that failed is no attempt).
+async def _marked_sent(job: DeliveryJob, ctx: DeliveryContext) -> claims.SentMark | None:
+    """The delivery's sent mark in Redis; None when there is none, or Redis cannot say (the claim,
+    which comes later, is what decides: a look that failed is no attempt).
 
     A look that succeeds does not end a run of Redis failures: a Redis that became a replica (READONLY)
     answers it and refuses every token and claim, and ended there, the run restarted at each take-up
     of a dead worker's delivery (a traceback logged again, and every delivery's next wait back to a
     second, REDIS_RETRY_MAX_S). The claim, a write, ends it."""
     try:
-        return await claims.is_sent(ctx.redis, *job.key)
+        return await claims.sent_mark(ctx.redis, *job.key)
     except Exception:
         ctx.redis_failures.failed("could not look for delivery %s to %s's sent mark; the claim will", *job.key)
-        return False
+        return None
 
 
 async def _rate_now(job: DeliveryJob, ctx: DeliveryContext) -> float | None:
@@ -523,18 +527,26 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         return job.endpoint.channel if job.endpoint else "unknown"
 
     def record(status: str, attempts: int = 0, error: str | None = None, at: float | None = None,
-               dead_letter: bool = True, **extra) -> None:
+               dead_letter: bool = True, found_sent: bool = False, **extra) -> None:
         error = None if error is None else recordable(error)
         # The row's channel is its latest attempt's, and so are its times: a change counting no
         # attempt (Redis's trouble before the send) leaves first_attempt_at and last_attempt_at as
         # they were. Before, such a hand-back showed the tenant `attempts: 0` with a first_attempt_at,
-        # and moved last_attempt_at of a delivery already tried to a moment nothing was tried.
-        attempted_by = job.endpoint.channel if attempts and job.endpoint else None
+        # and moved last_attempt_at of a delivery already tried to a moment nothing was tried. A
+        # send found sent was made by the endpoint as it was then: the row's channel stays.
+        attempted_by = job.endpoint.channel if attempts and job.endpoint and not found_sent else None
         at = at if attempts else None
         change = DeliveryChange(*job.key, status, attempts, error, at, at, channel=attempted_by, **extra)
         letter = (_failure_letter(job, error or "", job.attempts + attempts_made)
                   if status == FAILED and dead_letter else None)
-        recorder.record(change, channel(), letter)
+        recorder.record(change, channel(), letter, already_counted=found_sent)
+
+    def sent_before(mark: claims.SentMark) -> None:
+        # An earlier attempt sent it, and its worker died (or stalled) before recording it: SENT,
+        # with that send counted as one more attempt than the row has, dated when its mark was
+        # written. Before, the tenant read a SENT delivery with `attempts: 0` and no attempt time.
+        # Its worker counted the send in its metrics as it made it.
+        record(SENT, 1, at=mark.marked_at(settings.delivery_sent_marker_ttl_s, time.time()), found_sent=True)
 
     def endpoint_gone(reason: str) -> None:
         # The tenant disabled or deleted the endpoint: its choice, not a failure for the operators'
@@ -543,12 +555,12 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         record(FAILED, error=reason, dead_letter=False)
 
     attempts_made = 0
-    if job.resumed and await _marked_sent(job, ctx):
+    if job.resumed and (mark := await _marked_sent(job, ctx)) is not None:
         # Sent by the row's earlier holder, which died before recording it: SENT, even if the
         # tenant disabled or deleted the endpoint since. Looked for before the wait for slots and
         # tokens too: the claim after that wait (a rate-limited backlog can take hours) may find
         # the mark expired, and send again.
-        record(SENT)
+        sent_before(mark)
         return
     if job.endpoint is None or not job.endpoint.enabled:
         endpoint_gone("endpoint was deleted" if job.endpoint is None else "endpoint was disabled")
@@ -621,8 +633,8 @@ async def deliver(job: DeliveryJob, ctx: DeliveryContext) -> None:
         # here before are recorded already (failed_attempt).
         log.info("delivery %s to %s: its row was taken over (this worker stalled past its lease); not sending",
                  *job.key)
-    except AlreadySent:
-        record(SENT)
+    except AlreadySent as sent:
+        sent_before(sent.mark)
     except ClaimedElsewhere as busy:
         record(PENDING, next_attempt_at=time.time() + busy.busy_for_s, release=True)
     except EndpointGone as gone:

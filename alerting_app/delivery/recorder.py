@@ -67,19 +67,22 @@ class Recorder:
         self._write_failures = FailureStreak(log, "recording delivery outcomes")
         self._letter_failures = FailureStreak(log, "sending dead letters")
 
-    def record(self, change: DeliveryChange, channel: str, dead_letter: DeadLetter | None = None) -> None:
+    def record(self, change: DeliveryChange, channel: str, dead_letter: DeadLetter | None = None,
+               already_counted: bool = False) -> None:
+        """`already_counted`: a delivery found sent already (its Redis mark: a sweep after a crash, a
+        redelivered notification), its send recorded here as an attempt, and counted in the metrics
+        when it was sent, not again."""
         key = (change.notification_id, change.endpoint_id)
         earlier = self._changes.get(key)
         self._changes[key] = change if earlier is None else merge(earlier, change)
         if dead_letter is not None:
             self._letters[key] = dead_letter
-        # A SENT without an attempt is a delivery found sent already (its Redis mark: a redelivered
-        # notification, a sweep after a crash): counted when it was sent, not again.
-        if change.status == SENT and change.attempts:
+        counted_attempts = 0 if already_counted else change.attempts
+        if change.status == SENT and counted_attempts:
             metrics.notifications_sent.labels(channel=channel).inc()
         elif change.status == FAILED:
             metrics.notifications_failed.labels(channel=channel).inc()
-        if change.attempts or change.status == FAILED:
+        if counted_attempts or change.status == FAILED:
             metrics.deliveries.labels(channel=channel, status=change.status).inc()
         self._idle.clear()
         self._wake.set()
