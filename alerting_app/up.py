@@ -149,8 +149,11 @@ def _lock_data_dir(data_dir: Path) -> IO:
     while (lock_file := hold_data_dir_lock(data_dir, path.name)) is None:
         holder = lock_holder(path)
         if holder is None or process_alive(holder):
-            raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`); "
-                             "stop that one, or set DATA_DIR to another folder.")
+            # Its pid: "stop that one" named no process, and one started in the background
+            # (`... &`, nohup) has no terminal to press Ctrl-C in; it is stopped with kill <pid>.
+            running = f", pid {holder}" if holder is not None else ""
+            raise SystemExit(f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`)"
+                             f"{running}; stop that one, or set DATA_DIR to another folder.")
         if deadline is None:
             print("waiting for the worker of a run that ended to stop…", flush=True)
             deadline = time.monotonic() + _PREVIOUS_WORKER_STOP_S

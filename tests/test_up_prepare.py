@@ -340,13 +340,17 @@ def test_a_second_up_on_the_same_data_dir_stops_at_once_and_says_why(services, t
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    with open(data_dir / ".up.lock", "w") as running:  # what the first `up` holds
+    with open(data_dir / ".up.lock", "w") as running:  # what the first `up` holds, and the pid it wrote
         fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running.write(f"{os.getpid()}\n")
+        running.flush()
         second = subprocess.run([alerting_app_executable(), "up"], capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "DATA_DIR": str(data_dir), "WEB_PORT": str(free_port())})
 
     assert second.returncode != 0
-    assert f"DATA_DIR {data_dir} is in use by another `alerting-app up`" in second.stderr, second.stderr
+    # Named, so that it can be stopped: one started in the background has no terminal for a Ctrl-C.
+    assert (f"DATA_DIR {data_dir} is in use by another `alerting-app up` (`python3 dev.py run`), pid {os.getpid()}; "
+            "stop that one") in second.stderr, second.stderr
     assert not (data_dir / "worker.log").exists()
 
 
