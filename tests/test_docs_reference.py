@@ -193,3 +193,38 @@ def test_the_readme_names_every_route_with_its_methods_and_no_document_names_ano
     assert served - readme == set(), "served, but not in README.md"
     for document in DOCUMENTS:
         assert documented_routes(document) - served == set(), f"named in {document.name}, but not served"
+
+
+# A path of this repository, not one inside another package (`faust/tables/base.py`).
+_REPOSITORY_PATH = re.compile(r"(?<![\w/.-])((?:alerting_app|agents|tables|web|tests|migrations|infra|bench)/[\w./-]*\w)")
+# Named, not shipped: the operator's own env file, and the form of a migration's name.
+_NOT_IN_THE_REPOSITORY = {"infra/.env", "migrations/NNN_name.sql"}
+
+
+def missing_paths(documents: list[Path], root: Path) -> dict[str, list[str]]:
+    """Each repository path the documents name that does not exist, with where; `migrations/012`
+    names the migration numbered so."""
+    missing: dict[str, list[str]] = {}
+    for document in documents:
+        for number, line in enumerate(document.read_text().splitlines(), 1):
+            for path in _REPOSITORY_PATH.findall(line):
+                if path in _NOT_IN_THE_REPOSITORY or (root / path).exists():
+                    continue
+                if re.fullmatch(r"migrations/\d{3}", path) and any((root / "migrations").glob(f"{path[11:]}_*.sql")):
+                    continue
+                missing.setdefault(path, []).append(f"{document.name}:{number}")
+    return missing
+
+
+def test_every_file_the_docs_name_exists() -> None:
+    assert not missing_paths(DOCUMENTS, ROOT), "named in the docs, but not in the repository"
+
+
+def test_a_renamed_file_is_told_and_another_package_s_is_not(tmp_path) -> None:
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "012_forgotten_deletions.sql").write_text("")
+    page = tmp_path / "page.md"
+    page.write_text("See `alerting_app/settings.py`, migrations/012 and migrations/013, "
+                    "not faust/tables/base.py.\n")
+    assert missing_paths([page], tmp_path) == {"alerting_app/settings.py": ["page.md:1"],
+                                               "migrations/013": ["page.md:1"]}
