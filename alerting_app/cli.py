@@ -62,6 +62,7 @@ class worker(FaustWorkerCommand):  # noqa: N801  the class name is the command n
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         _refuse_datadir_option(self.ctx)
+        _refuse_web_options(self.ctx)
         require_services(settings)
         roles = self.kwargs.pop("roles", None)
         if roles is not None:
@@ -213,6 +214,24 @@ def _refuse_datadir_option(ctx: click.Context | None) -> None:
     if _option_given(ctx, "datadir"):
         raise ConfigurationError("Invalid configuration:\n  -D/--datadir: not read here (the state, the lock "
                                  "and the rule store live in DATA_DIR); set DATA_DIR instead")
+
+
+# Faust's worker options that move or stop the web server, with what says where it listens: taken,
+# `--web-port 7000` served the API and the probes on 7000 while the health check and `alerting-app api`
+# asked WEB_PORT (every check failed), `--web-bind 0.0.0.0` served on every address where
+# WEB_BIND=127.0.0.1 (`up`'s, with private endpoints allowed) kept the API to this machine, and
+# `--without-web` served no probe at all.
+_WEB_OPTIONS = {"web_port": ("-p/--web-port", "set WEB_PORT instead"),
+                "web_bind": ("-b/--web-bind", "set WEB_BIND instead"),
+                "web_transport": ("--web-transport", "set WEB_BIND and WEB_PORT instead"),
+                "with_web": ("--with-web/--without-web", "every worker serves the REST API and the probes")}
+
+
+def _refuse_web_options(ctx: click.Context | None) -> None:
+    refused = [f"  {flags}: not read here (the API and the probes listen on WEB_BIND:WEB_PORT, where the health "
+               f"check asks); {remedy}" for name, (flags, remedy) in _WEB_OPTIONS.items() if _option_given(ctx, name)]
+    if refused:
+        raise ConfigurationError("Invalid configuration:\n" + "\n".join(refused))
 
 
 class _ReaderGone(Exception):

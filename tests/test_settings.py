@@ -472,6 +472,24 @@ def test_fausts_datadir_option_is_refused_naming_data_dir(tmp_path, command):
     assert not folder.exists()
 
 
+@pytest.mark.parametrize("options, named, remedy", [
+    (["-p", "7000"], "-p/--web-port", "set WEB_PORT"), (["--web-port=7000"], "-p/--web-port", "set WEB_PORT"),
+    (["-b", "0.0.0.0"], "-b/--web-bind", "set WEB_BIND"), (["--web-bind", "0.0.0.0"], "-b/--web-bind", "set WEB_BIND"),
+    (["--web-transport", "unix:///tmp/alerting.sock"], "--web-transport", "set WEB_BIND and WEB_PORT"),
+    (["--without-web"], "--with-web/--without-web", "every worker serves the REST API")])
+def test_fausts_web_options_are_refused_by_the_worker_naming_the_settings(options, named, remedy):
+    # Taken, `--web-port 7000` served the API and the probes on 7000 while the health check asked
+    # WEB_PORT, and `--web-bind 0.0.0.0` served on every address where WEB_BIND kept it to one.
+    # Without DATABASE_URL, a worker that went on would stop naming that instead.
+    environment = {name: value for name, value in os.environ.items() if name != "DATABASE_URL"}
+
+    result = subprocess.run([alerting_app_executable(), "worker", *options], env=environment,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1, result.stdout
+    assert f"{named}: not read here" in result.stderr and remedy in result.stderr, result.stderr
+
+
 def test_an_ingest_token_is_a_secret_of_its_own(monkeypatch):
     monkeypatch.setenv("ADMIN_TOKEN", "admin-token-of-the-platform")
     monkeypatch.setenv("INGEST_TOKEN", "tiny-secret")
