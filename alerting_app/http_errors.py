@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
+from aiohttp.web_protocol import RequestPayloadError
 
 from alerting_app.json_logs import one_line_for_log
 
@@ -90,17 +91,30 @@ class ParserRefusalsBelowError(logging.Filter):
     without a token filled the worker's log with tracebacks at ERROR, where alarms look. What aiohttp itself logs at
     DEBUG (an invalid method as a connection's first request) stays at DEBUG, in one line too.
     The server's own failures (any other exception, or a 5xx) keep their level and traceback.
+
+    So does a body the parser cannot read once the request is answered: data that is not the
+    `Content-Encoding` it names (`gzip` that is not gzip). aiohttp reads what the view left of the
+    body after the answer, meets the error again (the view that read it answered 422 already, one
+    that did not, 401 or a probe's 200), and logged "Unhandled exception" at ERROR with three
+    chained tracebacks, for a request with no token too.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        unread_body = isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError)
+        if unread_body:
+            exc = exc.__cause__
         if not (isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500):
             return True
         level = min(record.levelno, logging.INFO)
         # The logger let the record through at its own level: a worker logging at WARNING drops it.
         if not logging.getLogger(record.name).isEnabledFor(level):
             return False
-        record.msg = f"{record.getMessage()}: refused with {exc.code} ({type(exc).__name__}: {refusal_detail(exc)})"
+        if unread_body:
+            record.msg = (f"a request's body could not be read, its connection closed after the answer "
+                          f"({type(exc).__name__}: {refusal_detail(exc)})")
+        else:
+            record.msg = f"{record.getMessage()}: refused with {exc.code} ({type(exc).__name__}: {refusal_detail(exc)})"
         record.args = ()
         record.levelno, record.levelname = level, logging.getLevelName(level)
         record.exc_info, record.exc_text = None, None

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
+import time
 from urllib.parse import urlsplit
 
 import pytest
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, LineTooLong
+from aiohttp.web_protocol import RequestPayloadError
 
 from alerting_app.http_errors import ParserRefusalsBelowError
 
@@ -87,6 +90,59 @@ def test_requests_the_http_parser_refuses_are_400_and_one_info_line_each(start_w
     assert len(refusals) == len(REFUSED), log
     assert all("[INFO]" in line and ": refused with 400 (" in line for line in refusals), refusals
     assert "Traceback" not in log and "[ERROR]" not in log, log
+
+
+def not_its_encoding(path: str, token: str | None = None) -> bytes:
+    """A request whose body is not the gzip its Content-Encoding names."""
+    body = b"this is no gzip data"
+    authorization = f"Authorization: Bearer {token}\r\n".encode() if token else b""
+    return (f"POST {path} HTTP/1.1\r\nHost: worker\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode() + authorization + b"\r\n" + body
+
+
+@pytest.mark.e2e
+def test_a_body_that_is_not_its_content_encoding_is_one_info_line_whoever_sends_it(start_worker):
+    # The view that reads the body answers 422, one that does not 401 (no token) or 200 (a probe);
+    # then aiohttp read the rest of the body and logged "Unhandled exception" at ERROR with three
+    # chained tracebacks, for a request anyone can send without a token.
+    worker = start_worker(LOG_LEVEL="info")
+    before = len(worker.log())
+    requests = [(not_its_encoding("/api/v1/clients"), b" 401 "),
+                (not_its_encoding("/api/v1/clients", os.environ["ADMIN_TOKEN"]), b" 422 "),
+                (not_its_encoding("/healthz"), b" 405 ")]
+
+    for raw, status in requests:
+        answer = exchange(worker.url, raw)
+        assert status in answer.split(b"\r\n")[0], answer[:300]
+
+    def unread_bodies() -> list[str]:
+        return [line for line in worker.log()[before:].splitlines() if "body could not be read" in line]
+
+    deadline = time.monotonic() + 30  # the line is written as the connection closes, after the answer
+    while len(unread_bodies()) < len(requests) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = worker.log()[before:]
+    assert len(unread_bodies()) == len(requests), log
+    assert all("[INFO]" in line and "(ContentEncodingError: Can not decode content-encoding: gzip)" in line
+               for line in unread_bodies()), log
+    assert "Traceback" not in log and "[ERROR]" not in log, log
+
+
+def test_a_body_that_cannot_be_read_becomes_one_info_line(server_logger_at_info):
+    exc = RequestPayloadError("400, message:\n  Can not decode content-encoding: gzip")
+    exc.__cause__ = ContentEncodingError("Can not decode content-encoding: gzip")
+    record = record_of(exc)
+
+    assert ParserRefusalsBelowError().filter(record)
+    assert (record.levelname, record.exc_info) == ("INFO", None)
+    assert record.getMessage() == ("a request's body could not be read, its connection closed after the answer "
+                                   "(ContentEncodingError: Can not decode content-encoding: gzip)")
+
+
+def test_a_payload_error_of_the_server_itself_stays_an_error(server_logger_at_info):
+    record = record_of(RequestPayloadError("no cause that is the client's"))
+    assert ParserRefusalsBelowError().filter(record)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
 def record_of(exc: BaseException, level: int = logging.ERROR) -> logging.LogRecord:
