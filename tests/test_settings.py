@@ -476,7 +476,8 @@ def test_fausts_datadir_option_is_refused_naming_data_dir(tmp_path, command):
     (["-p", "7000"], "-p/--web-port", "set WEB_PORT"), (["--web-port=7000"], "-p/--web-port", "set WEB_PORT"),
     (["-b", "0.0.0.0"], "-b/--web-bind", "set WEB_BIND"), (["--web-bind", "0.0.0.0"], "-b/--web-bind", "set WEB_BIND"),
     (["--web-transport", "unix:///tmp/alerting.sock"], "--web-transport", "set WEB_BIND and WEB_PORT"),
-    (["--without-web"], "--with-web/--without-web", "every worker serves the REST API")])
+    (["--without-web"], "--with-web/--without-web", "every worker serves the REST API")],
+    ids=["-p", "--web-port=", "-b", "--web-bind", "--web-transport", "--without-web"])
 def test_fausts_web_options_are_refused_by_the_worker_naming_the_settings(options, named, remedy):
     # Taken, `--web-port 7000` served the API and the probes on 7000 while the health check asked
     # WEB_PORT, and `--web-bind 0.0.0.0` served on every address where WEB_BIND kept it to one.
