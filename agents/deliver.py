@@ -62,7 +62,8 @@ async def start_deliveries(pool: asyncpg.Pool, delivery: Dispatcher,
     owner = delivery.owner if delivery.room else None
     leased_at = time.monotonic()  # before the statement: the lease runs at least DELIVERY_LEASE_S from here
     jobs = await records.open_deliveries(pool, notifications, owner, settings.delivery_lease_s,
-                                         delivery.full_endpoints(), delivery.full_clients())
+                                         delivery.full_endpoints(), delivery.full_clients(),
+                                         delivery.email_to_the_sweep())
     refused = {job.key for job in delivery.submit(jobs, leased_at)}
     await records.release(pool, delivery.owner, list(refused))
     started = [job for job in jobs if job.key not in refused]
@@ -128,13 +129,16 @@ async def sweep(pool: asyncpg.Pool, delivery: Dispatcher) -> list[DeliveryJob]:
     fit when opened) as far as this worker has room, and start them."""
     if not delivery.room:
         return []
-    # Of each endpoint and each client no more than it has room for here, and no email once this
-    # worker holds all it may: what would be refused is not leased.
+    # Of each endpoint and each client no more than it has room for here, and of email (every
+    # tenant's, round-robin per tenant) no more than the room left for it: what would be refused is
+    # not leased.
     leased_at = time.monotonic()
+    limit, email_room = min(delivery.room, SWEEP_BATCH_SIZE), delivery.email_room()
     jobs = await records.lease_due(pool, delivery.owner, settings.delivery_lease_s, delivery.held_per_endpoint(),
-                                   settings.delivery_endpoint_backlog, min(delivery.room, SWEEP_BATCH_SIZE),
-                                   delivery.held_per_client(), settings.delivery_client_backlog,
-                                   delivery.email_full())
+                                   settings.delivery_endpoint_backlog, limit, delivery.held_per_client(),
+                                   settings.delivery_client_backlog, email_room)
+    delivery.swept_email(min(email_room, limit), sum(job.endpoint is not None and job.endpoint.channel == "email"
+                                                     for job in jobs))
     refused = {job.key for job in delivery.submit(jobs, leased_at)}
     await records.release(pool, delivery.owner, list(refused))
     return [job for job in jobs if job.key not in refused]

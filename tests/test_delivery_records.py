@@ -428,6 +428,12 @@ def rows_read(plan: dict) -> int:
     return own + sum(rows_read(child) for child in plan.get("Plans", []))
 
 
+def rows_read_by_index(plan: dict, index: str) -> float:
+    """Rows the plan's scans of `index` produced, over every loop."""
+    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Index Name") == index else 0
+    return own + sum(rows_read_by_index(child, index) for child in plan.get("Plans", []))
+
+
 async def test_a_sweep_reads_a_bounded_part_of_a_large_due_backlog(clean_db, conn):
     await init_connection(conn)
     client_id = await insert_client(conn)
@@ -447,11 +453,55 @@ async def test_a_sweep_reads_a_bounded_part_of_a_large_due_backlog(clean_db, con
     async with conn.transaction():
         [plan] = json.loads(await conn.fetchval(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + records._LEASE_DUE,
-            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE, [], [], 5000, False))
+            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE, [], [], 5000, 0))
 
     # Ten leased of 2,000 due: what the sweep reads is bounded by what it may lease, not the backlog.
     assert await conn.fetchval("SELECT count(*) FROM deliveries WHERE leased_by = 'this-worker'") == 10
     assert rows_read(plan["Plan"]) <= 200
+
+
+async def test_a_sweep_leases_email_round_robin_per_client_reading_a_bounded_part_of_a_storms_backlog(
+        clean_db, conn):
+    # One tenant's storm: 2,000 emails queued over its ten email endpoints, all older than another
+    # tenant's one email and than a webhook's delivery. Oldest first, the sweep leased the storm's
+    # emails until none was left, and the other tenant's waited behind all of them.
+    await init_connection(conn)
+    flooding, other = await insert_client(conn), await insert_client(conn)
+    endpoints = [await insert_endpoint(conn, flooding) for _ in range(10)]
+    other_endpoint, webhook = await insert_endpoint(conn, other), await insert_endpoint(conn, other)
+    await conn.execute("UPDATE endpoints SET type = 'email', value = 'oncall@example.com'"
+                       " WHERE endpoint_id = ANY($1::uuid[])", [*endpoints, other_endpoint])
+    await conn.execute(
+        "WITH n AS (INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids)"
+        "  SELECT gen_random_uuid(), $1, i::text, $2::text::jsonb, ARRAY[gen_random_uuid()]"
+        "  FROM generate_series(1, 2000) i RETURNING notification_id, alert_id::int AS i)"
+        " INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at)"
+        " SELECT n.notification_id, ($3::uuid[])[1 + n.i % 10], 'email', 'PENDING', now() - make_interval(secs => 60 + n.i)"
+        " FROM n", flooding, ALERTS, endpoints)
+    others_email, others_webhook = await insert_notification(conn, other), await insert_notification(conn, other)
+    await conn.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at)"
+                       " VALUES ($1, $2, 'email', 'PENDING', now() - interval '30 seconds'),"
+                       "        ($3, $4, 'webhook', 'PENDING', now() - interval '30 seconds')",
+                       others_email, other_endpoint, others_webhook, webhook)
+    await conn.execute("ANALYZE deliveries, notifications")
+
+    from alerting_app.delivery import records
+    async with conn.transaction():
+        # Room for ten, four of them email.
+        [plan] = json.loads(await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + records._LEASE_DUE,
+            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE, [], [], 5000, 4))
+    leased = await conn.fetch("SELECT d.notification_id::text, d.channel, n.client_id::text FROM deliveries d"
+                              " JOIN notifications n USING (notification_id) WHERE d.leased_by = 'this-worker'")
+
+    # The other tenant's email and webhook, and three of the storm's email: the four email turns are
+    # the storm's first, the other tenant's, then the storm's next two.
+    assert len(leased) == 5
+    assert {row["notification_id"] for row in leased if row["client_id"] == other} == {others_email, others_webhook}
+    assert [row["channel"] for row in leased if row["client_id"] == flooding] == ["email"] * 3
+    # What the sweep reads of the email waiting is bounded by the endpoints mailing and the email
+    # room, not the storm: an entry per endpoint to find them, and at most the room of each.
+    assert rows_read_by_index(plan["Plan"], "deliveries_email_idx") <= 11 * 2 + 11 * 4
 
 
 async def test_a_failure_from_a_worker_that_no_longer_holds_the_row_does_not_end_it(clean_db, conn):

@@ -523,3 +523,98 @@ async def test_email_held_in_all_is_what_the_all_email_rate_sends_in_10_s_leavin
                 await dispatcher.close()
                 await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
                                    [n.notification_id for n in (*emails, other)])
+
+
+
+async def email_tenant(pool, address: str) -> tuple[str, str]:
+    """A new tenant (client, rule) whose one endpoint mails `address`."""
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    await insert_endpoint(pool, client, rule, "email", address)
+    return client, rule
+
+
+def recipients(relay: SmtpServer) -> list[str]:
+    """Whom the messages the relay took were for, in the order it took them."""
+    return [str(message["To"]) for message in relay.messages]
+
+
+async def storm_before(relay: SmtpServer, pool, dispatcher, address: str) -> int:
+    """With the worker sweeping, wait until the relay takes a message for `address`: how many
+    it took before."""
+    async with sweeping(pool, dispatcher), asyncio.timeout(60):  # a guard against hanging only
+        while address not in recipients(relay):
+            await asyncio.sleep(0.01)
+    return recipients(relay).index(address)
+
+
+@pytest.fixture
+def four_emails_held(settings, monkeypatch):
+    """A worker holding four emails at most (and nothing else), sending one at a time."""
+    monkeypatch.setattr(settings, "delivery_max_held", 4)
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    monkeypatch.setattr(settings, "delivery_endpoint_backlog", 4)
+    monkeypatch.setattr(settings, "email_rate_limit_per_s", 1_000.0)
+    return settings
+
+
+async def test_a_tenants_email_storm_queued_in_postgres_keeps_no_other_tenants_email_waiting_behind_it(
+        pool, four_emails_held, monkeypatch, clean_db):
+    """Every tenant's email waits for the one all-email rate, and a worker holds only what that rate
+    sends in 10 s: the rest waits in Postgres. Leased from there oldest first, one tenant's storm
+    (thousands of emails queued) kept every other tenant's first email waiting behind all of it,
+    minutes at the default 10/s. The sweep now leases email round-robin per tenant: the other
+    tenant's one email is among the first at the relay, whatever the storm queued before it.
+    (Here: a worker holding four emails, a storm of forty, counted by their order at the relay.)"""
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    settings = four_emails_held
+    with SmtpServer() as relay:
+        send_email_to(relay, settings, monkeypatch)
+        flooding_tenant, rule = await email_tenant(pool, "flood@example.com")
+        storm = [await pending_notification(pool, flooding_tenant, [rule]) for _ in range(40)]
+        other_tenant, other_rule = await email_tenant(pool, "other@example.com")
+        other = await pending_notification(pool, other_tenant, [other_rule])
+        # Opened as a full worker opens them, none leased: the storm's rows first, the other's after.
+        assert await records.open_deliveries(pool, storm, None, settings.delivery_lease_s, []) == []
+        assert await records.open_deliveries(pool, [other], None, settings.delivery_lease_s, []) == []
+        dispatcher = Dispatcher(settings)
+        try:
+            # The storm's oldest only, whose turn came first: before, all forty (its rows were older).
+            assert await storm_before(relay, pool, dispatcher, "other@example.com") <= 1, recipients(relay)
+        finally:
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in (*storm, other)])
+
+
+async def test_a_tenants_email_arriving_while_another_tenants_waits_for_its_turn_is_left_to_the_sweep_behind_it(
+        pool, four_emails_held, monkeypatch, clean_db):
+    """Taken in as it arrived, a storm's new email took every place an email sent freed up in the
+    worker before the sweep could give it to another tenant's email waiting in Postgres: the other
+    tenant waited as long as the storm went on. Once this worker has refused email (or its sweep
+    took all the email room it had), new email is left to the sweep, which takes it in turn."""
+    from agents.deliver import start_deliveries
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    settings = four_emails_held
+    with SmtpServer() as relay:
+        relay.stall(0.05)  # the first four are still held when the other tenant's email arrives
+        send_email_to(relay, settings, monkeypatch)
+        flooding_tenant, rule = await email_tenant(pool, "flood@example.com")
+        storm = [await pending_notification(pool, flooding_tenant, [rule]) for _ in range(16)]
+        other_tenant, other_rule = await email_tenant(pool, "other@example.com")
+        other = await pending_notification(pool, other_tenant, [other_rule])
+        dispatcher = Dispatcher(settings)
+        try:
+            assert len(await start_deliveries(pool, dispatcher, storm[:8])) == 4
+            assert await start_deliveries(pool, dispatcher, [other]) == []
+            await dispatcher.drained()  # the four sent: the worker has room for four emails again
+            # The storm goes on: none of it before the other tenant's, waiting (before, four of it).
+            assert await start_deliveries(pool, dispatcher, storm[8:]) == []
+            # The four held before, then the storm's oldest waiting, whose turn came first.
+            assert await storm_before(relay, pool, dispatcher, "other@example.com") <= 5, recipients(relay)
+        finally:
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in (*storm, other)])

@@ -62,6 +62,9 @@ class Dispatcher:
         self._relay_slots = asyncio.Semaphore(settings.delivery_endpoint_concurrency)
         # The deliveries held here as email (`email_held_at_most`).
         self._email_held: set[tuple[str, str]] = set()
+        # Whether email may be waiting in Postgres for its turn, as this worker last saw
+        # (`email_to_the_sweep`).
+        self._email_waiting = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._sending: set[tuple[str, str]] = set()  # deliveries whose request may be on the wire
@@ -155,7 +158,23 @@ class Dispatcher:
 
     def email_full(self) -> bool:
         """Whether this worker holds as much email as it may: lease no more."""
-        return len(self._email_held) >= self.email_held_at_most()
+        return not self.email_room()
+
+    def email_room(self) -> int:
+        """How many more email deliveries, every tenant's, this worker takes now."""
+        return max(0, self.email_held_at_most() - len(self._email_held))
+
+    def email_to_the_sweep(self) -> bool:
+        """Whether the intake leaves new email to the sweep: this worker has no room for email, or
+        email may be waiting in Postgres (this worker refused some, or its last sweep took all the
+        email room it had). The sweep takes email round-robin per client; taken at the intake, a
+        tenant's storm arriving went before every other tenant's email waiting for its turn."""
+        return self._email_waiting or self.email_full()
+
+    def swept_email(self, room: int, leased: int) -> None:
+        """A sweep with `room` for email leased `leased` of it: fewer, and no email was left waiting."""
+        if room:
+            self._email_waiting = leased >= room
 
     def full_endpoints(self) -> list[str]:
         """Endpoints this worker holds as many deliveries of as it may: lease no more of them."""
@@ -210,6 +229,7 @@ class Dispatcher:
                     or self._per_client.held.get(job.notification.client_id, 0) >= self.settings.delivery_client_backlog
                     or (email and self.email_full())):
                 refused.append(job)
+                self._email_waiting = self._email_waiting or email
                 continue
             if email:
                 self._email_held.add(job.key)

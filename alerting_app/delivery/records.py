@@ -40,7 +40,9 @@ JOIN clients c ON c.client_id = n.client_id AND c.deleting_since IS NULL
 # due, and nobody holds it: a redelivered message resumes what a dead worker left and leaves alone
 # what is SENT, FAILED or in hand elsewhere.
 # Endpoints in $5 and clients in $7 (those this worker holds enough of) get an unleased row, for the
-# sweep; with no owner ($4 NULL: the worker is full) every row is left for the sweep.
+# sweep, and so does email with $8 (email waits in Postgres for its turn: the sweep takes it
+# round-robin per client, and new email taken here would go before it); with no owner ($4 NULL: the
+# worker is full) every row is left for the sweep.
 _OPEN = """
 WITH wanted AS (
     SELECT DISTINCT b.notification_id, e.endpoint_id, e.type, b.client_id
@@ -50,9 +52,11 @@ WITH wanted AS (
 ), opened AS (
     INSERT INTO deliveries AS d (notification_id, endpoint_id, channel, status, leased_by, lease_until)
     SELECT notification_id, endpoint_id, type, 'PENDING',
-           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) OR client_id = ANY($7::uuid[]) THEN NULL
+           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) OR client_id = ANY($7::uuid[])
+                     OR ($8::bool AND type = 'email') THEN NULL
                 ELSE $4 END,
-           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) OR client_id = ANY($7::uuid[]) THEN NULL
+           CASE WHEN $4::text IS NULL OR endpoint_id = ANY($5::uuid[]) OR client_id = ANY($7::uuid[])
+                     OR ($8::bool AND type = 'email') THEN NULL
                 ELSE now() + make_interval(secs => $6) END
     FROM wanted
     ON CONFLICT (notification_id, endpoint_id) DO UPDATE
@@ -75,9 +79,6 @@ _CANDIDATES_PER_LEASE = 4
 # Due rows nobody holds, oldest first, and of each endpoint no more than the room this worker has
 # for it ($5, DELIVERY_ENDPOINT_BACKLOG, less what it holds: $3/$4): one endpoint with a large
 # backlog would otherwise take the whole batch every sweep and other endpoints' due rows would wait.
-# No email ($11) once this worker holds all the email it may (dispatcher.email_held_at_most): an
-# email backlog older than other rows would otherwise fill the candidates, leased and refused each
-# sweep, while the other rows waited.
 # Only the oldest $7 due rows of endpoints with room are ranked (`candidates`, read in the order of
 # deliveries_due_idx and stopped there): ranking every due row cost each sweep of each worker, every
 # second, a read and a sort of the whole waiting backlog (docs/delivery.md, "The sweep's cost").
@@ -87,12 +88,19 @@ _CANDIDATES_PER_LEASE = 4
 # concurrent sweep leased in between is checked again against the outer WHERE (READ COMMITTED
 # re-checks a locked row's conditions) and dropped. Rows another sweep holds locked are skipped, so
 # an endpoint may get fewer than its room, never more.
+# Email is not among those candidates: no more than the email room this worker has left ($11,
+# dispatcher.email_room) is leased, round-robin per client (`email_candidates`): each client's
+# oldest due email first, then each one's second, and so on. Oldest first, one tenant's storm of
+# queued email (thousands, draining at the all-email rate) kept every other tenant's first email
+# waiting behind all of it. The endpoints with email waiting are found by deliveries_email_idx,
+# skipping from one to the next (`email_endpoints`: one probe each), and of each only its oldest
+# $11 due rows are read. Taken first in a batch short of room: they are no more than the email room.
 _LEASE_DUE = """
-WITH held AS (
+WITH RECURSIVE held AS (
     SELECT * FROM unnest($3::uuid[], $4::int[]) AS h(endpoint_id, held)
 ), held_by_client AS (
     SELECT * FROM unnest($8::uuid[], $9::int[]) AS h(client_id, held)
-), candidates AS (
+), other_candidates AS (
     SELECT * FROM (
         -- The client by a scalar subquery, not a join: a join lets the planner start from
         -- notifications (when they are about as many as the due rows, say) and read every due
@@ -104,38 +112,74 @@ WITH held AS (
         WHERE d.status = 'PENDING' AND d.next_attempt_at <= now()
           AND (d.lease_until IS NULL OR d.lease_until < now())
           AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = d.endpoint_id AND h.held >= $5)
-          AND NOT ($11::bool AND d.channel = 'email')
+          AND d.channel <> 'email'
         ORDER BY d.next_attempt_at
     ) due_rows
     WHERE NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = due_rows.client_id AND h.held >= $10)
     LIMIT $7
+), email_endpoints AS (
+    (SELECT d.endpoint_id FROM deliveries d
+     WHERE d.status = 'PENDING' AND d.channel = 'email' AND $11::int > 0
+     ORDER BY d.endpoint_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT d.endpoint_id FROM deliveries d
+            WHERE d.status = 'PENDING' AND d.channel = 'email' AND d.endpoint_id > m.endpoint_id
+            ORDER BY d.endpoint_id LIMIT 1)
+    FROM email_endpoints m WHERE m.endpoint_id IS NOT NULL
+), email_rows AS (
+    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at,
+           (SELECT n.client_id FROM notifications n WHERE n.notification_id = d.notification_id) AS client_id
+    FROM email_endpoints m
+    CROSS JOIN LATERAL (
+        SELECT d.notification_id, d.endpoint_id, d.next_attempt_at FROM deliveries d
+        WHERE d.endpoint_id = m.endpoint_id AND d.status = 'PENDING' AND d.channel = 'email'
+          AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())
+        ORDER BY d.next_attempt_at
+        LIMIT $11
+    ) d
+    WHERE m.endpoint_id IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = m.endpoint_id AND h.held >= $5)
+), email_candidates AS (
+    SELECT notification_id, endpoint_id, next_attempt_at, client_id, email_turn FROM (
+        SELECT e.notification_id, e.endpoint_id, e.next_attempt_at, e.client_id,
+               row_number() OVER (PARTITION BY e.client_id ORDER BY e.next_attempt_at) AS email_turn
+        FROM email_rows e
+        WHERE NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = e.client_id AND h.held >= $10)
+    ) turns
+    ORDER BY email_turn, next_attempt_at
+    LIMIT $11
+), candidates AS (
+    SELECT notification_id, endpoint_id, next_attempt_at, client_id, NULL::bigint AS email_turn
+    FROM other_candidates
+    UNION ALL
+    SELECT * FROM email_candidates
 ), ranked AS (
-    SELECT c.notification_id, c.endpoint_id, c.next_attempt_at, c.client_id,
+    SELECT c.notification_id, c.endpoint_id, c.next_attempt_at, c.client_id, c.email_turn,
            row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS nth,
            $5::int - coalesce(h.held, 0) AS room
     FROM candidates c LEFT JOIN held h ON h.endpoint_id = c.endpoint_id
 ), within_endpoint_room AS (
     -- Ranked per client among the rows its endpoints have room for: a full endpoint's rows must
     -- not use up its client's room, leaving the client's other endpoints nothing.
-    SELECT r.notification_id, r.endpoint_id, r.next_attempt_at,
+    SELECT r.notification_id, r.endpoint_id, r.next_attempt_at, r.email_turn,
            row_number() OVER (PARTITION BY r.client_id ORDER BY r.next_attempt_at) AS nth_of_client,
            $10::int - coalesce(hc.held, 0) AS client_room
     FROM ranked r LEFT JOIN held_by_client hc ON hc.client_id = r.client_id
     WHERE r.nth <= r.room
 ), due AS (
-    SELECT d.notification_id, d.endpoint_id, d.leased_by IS NOT NULL AS resumed
+    SELECT d.notification_id, d.endpoint_id, d.leased_by IS NOT NULL AS resumed, r.email_turn, r.next_attempt_at
     FROM within_endpoint_room r JOIN deliveries d ON d.notification_id = r.notification_id
                                                  AND d.endpoint_id = r.endpoint_id
     WHERE r.nth_of_client <= r.client_room
       AND d.status = 'PENDING' AND d.next_attempt_at <= now()
       AND (d.lease_until IS NULL OR d.lease_until < now())
-    ORDER BY r.next_attempt_at
+    ORDER BY r.email_turn NULLS LAST, r.next_attempt_at
     LIMIT $6
     FOR UPDATE OF d SKIP LOCKED
 ), leased AS (
     UPDATE deliveries d SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
     FROM due WHERE d.notification_id = due.notification_id AND d.endpoint_id = due.endpoint_id
-    RETURNING d.notification_id, d.endpoint_id, d.attempts, due.resumed
+    RETURNING d.notification_id, d.endpoint_id, d.attempts, due.resumed, due.email_turn, due.next_attempt_at
 )
 SELECT l.notification_id::text, l.attempts, l.endpoint_id::text, e.type, e.value, e.secret,
        e.rate_limit_per_s, e.enabled, l.resumed,
@@ -144,6 +188,8 @@ SELECT l.notification_id::text, l.attempts, l.endpoint_id::text, e.type, e.value
 FROM leased l
 JOIN notifications n ON n.notification_id = l.notification_id
 LEFT JOIN endpoints e ON e.endpoint_id = l.endpoint_id
+-- In the order leased: the dispatcher starts them so, and email queues for the relay's slots in it.
+ORDER BY l.email_turn NULLS LAST, l.next_attempt_at
 """
 
 _RELEASE = """
@@ -368,24 +414,27 @@ async def known_notifications(conn: Conn, notifications: Sequence[NotificationRe
 
 async def open_deliveries(conn: Conn, notifications: Sequence[NotificationReady], owner: str | None,
                           lease_s: float, unleased_endpoints: Sequence[str],
-                          unleased_clients: Sequence[str] = ()) -> list[DeliveryJob]:
-    """Open a PENDING row per endpoint to deliver to; return the jobs now leased to `owner`."""
+                          unleased_clients: Sequence[str] = (), unleased_email: bool = False) -> list[DeliveryJob]:
+    """Open a PENDING row per endpoint to deliver to; return the jobs now leased to `owner` (none of
+    `unleased_endpoints`, of `unleased_clients`, nor with `unleased_email` any email)."""
     by_id = {n.notification_id: n for n in notifications}
     rows = await conn.fetch(_OPEN, *_pairs(notifications), owner, list(unleased_endpoints), lease_s,
-                            list(unleased_clients))
+                            list(unleased_clients), unleased_email)
     return [DeliveryJob(by_id[row["notification_id"]], row["endpoint_id"], _endpoint(row), row["attempts"],
                         row["resumed"]) for row in rows]
 
 
 async def lease_due(conn: Conn, owner: str, lease_s: float, held: Mapping[str, int], backlog: int,
                     limit: int, held_by_client: Mapping[str, int] | None = None,
-                    client_backlog: int = 2**31 - 1, no_email: bool = False) -> list[DeliveryJob]:
+                    client_backlog: int = 2**31 - 1, email_room: int | None = None) -> list[DeliveryJob]:
     """Lease up to `limit` due rows nobody holds, at most `backlog - held[endpoint]` of an endpoint
-    and `client_backlog - held_by_client[client]` of a client, and no email with `no_email`."""
+    and `client_backlog - held_by_client[client]` of a client, and no more than `email_room` email
+    (None: `limit`), taken round-robin per client."""
     held_by_client = held_by_client or {}
+    email_room = limit if email_room is None else min(email_room, limit)
     rows = await conn.fetch(_LEASE_DUE, owner, lease_s, list(held), list(held.values()), backlog, limit,
                             limit * _CANDIDATES_PER_LEASE, list(held_by_client), list(held_by_client.values()),
-                            client_backlog, no_email)
+                            client_backlog, email_room)
     jobs, unreadable = [], []
     for row in rows:
         try:
