@@ -449,14 +449,14 @@ async def test_a_delivery_whose_endpoint_becomes_email_while_it_waits_takes_the_
                 # One sends, held by the endpoint; the other waits for the endpoint's one send slot.
                 await receiver.wait_for_posts(1, "hook", timeout=60)
                 # The relay's one slot is taken, as another tenant's email in flight takes it.
-                await dispatcher._relay_slots.acquire()
+                await dispatcher._relay_slots.acquire("another tenant")
                 relay_slot_taken = True
                 await pool.execute("UPDATE endpoints SET type = 'email', value = 'ops@example.com'"
                                    " WHERE endpoint_id = $1", endpoint)
                 answer.set()
 
                 def waiting_for_the_relay() -> bool:
-                    return bool(dispatcher._relay_slots._waiters)
+                    return bool(dispatcher._relay_slots.waiting())
 
                 async with asyncio.timeout(60):  # a guard against hanging only
                     while not waiting_for_the_relay() and relay.envelopes_begun == 0:
@@ -614,6 +614,44 @@ async def test_a_tenants_email_arriving_while_another_tenants_waits_for_its_turn
             assert await start_deliveries(pool, dispatcher, storm[8:]) == []
             # The four held before, then the storm's oldest waiting, whose turn came first.
             assert await storm_before(relay, pool, dispatcher, "other@example.com") <= 5, recipients(relay)
+        finally:
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                               [n.notification_id for n in (*storm, other)])
+
+
+async def test_a_tenants_email_queued_in_the_worker_for_the_relay_keeps_no_other_tenants_email_behind_it(
+        pool, settings, monkeypatch, clean_db):
+    """Every tenant's email takes one of the SMTP relay's send slots. Given to whoever had waited
+    longest, a slot freed went to a tenant whose many email endpoints had queued their emails for
+    the relay, one after another, and another tenant's email held in the same worker waited behind
+    all of them (up to what the worker holds of email: 10 s at the default all-email rate). A slot
+    freed now goes to the tenants waiting in turn. (Here: the relay's one slot, a tenant with eight
+    email endpoints and two notifications, sixteen emails held before the other tenant's one.)"""
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_concurrency", 32)
+    monkeypatch.setattr(settings, "delivery_client_concurrency", 16)
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    monkeypatch.setattr(settings, "email_rate_limit_per_s", 1_000.0)
+    with SmtpServer() as relay:
+        send_email_to(relay, settings, monkeypatch)
+        flooding_tenant, rule = await email_tenant(pool, "flood@example.com")
+        for _ in range(7):
+            await insert_endpoint(pool, flooding_tenant, rule, "email", "flood@example.com")
+        storm = [await pending_notification(pool, flooding_tenant, [rule]) for _ in range(2)]
+        other_tenant, other_rule = await email_tenant(pool, "other@example.com")
+        other = await pending_notification(pool, other_tenant, [other_rule])
+        dispatcher = Dispatcher(settings)
+        try:
+            jobs = [*await records.open_deliveries(pool, storm, dispatcher.owner, settings.delivery_lease_s, []),
+                    *await records.open_deliveries(pool, [other], dispatcher.owner, settings.delivery_lease_s, [])]
+            assert len(jobs) == 17 and dispatcher.submit(jobs) == []
+            await dispatcher.drained()
+
+            # The storm's email holding the slot and the next of the storm waiting, whose turn came
+            # first: before, the eight of its endpoints waiting for the slot before the other's.
+            assert recipients(relay).index("other@example.com") <= 2, recipients(relay)
         finally:
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",

@@ -34,6 +34,7 @@ from alerting_app.delivery.jobs import DeliveryJob, Endpoint
 from alerting_app.delivery.rate_limits import RateLimits, email_bucket, endpoint_bucket
 from alerting_app.delivery.recorder import FAILED, PENDING, SENT, Recorder
 from alerting_app.delivery.records import DeliveryChange
+from alerting_app.delivery.relay_slots import ClientRelaySlot
 from alerting_app.failure_streak import FailureStreak
 from alerting_app.redis_pipelining import PipelinedRedis, refused_by_a_replica
 from alerting_app.settings import CLAIM_MARGIN_S, Settings
@@ -163,13 +164,14 @@ class SendSlots:
     client: asyncio.Semaphore
     # Email's only: the SMTP relay is one destination for every tenant's email, so its sends take
     # what one endpoint may take of the worker. Without it a relay that hangs filled the worker with
-    # the sends of a few tenants' email, each within its client's share.
-    relay: asyncio.Semaphore | None = None
+    # the sends of a few tenants' email, each within its client's share. Given in turn per tenant
+    # (relay_slots.py).
+    relay: ClientRelaySlot | None = None
 
-    def before_the_shared_token(self) -> tuple[asyncio.Semaphore, ...]:
+    def before_the_shared_token(self) -> tuple[asyncio.Semaphore | ClientRelaySlot, ...]:
         return (self.client,) if self.relay is None else (self.client, self.relay)
 
-    def for_the_send(self) -> tuple[asyncio.Semaphore, ...]:
+    def for_the_send(self) -> tuple[asyncio.Semaphore | ClientRelaySlot, ...]:
         return *self.before_the_shared_token(), self.worker
 
 
@@ -418,7 +420,7 @@ async def _send_slots_with_tokens(slots: SendSlots, rate_limits: RateLimits, own
 
 async def _client_then_shared(slots: SendSlots, rate_limits: RateLimits, shared: Bucket | None,
                               taken: list[tuple[str, float, float]]) -> None:
-    acquired: list[asyncio.Semaphore] = []
+    acquired: list[asyncio.Semaphore | ClientRelaySlot] = []
     try:
         for slot in slots.before_the_shared_token():
             await slot.acquire()

@@ -31,6 +31,7 @@ from alerting_app.delivery.jobs import DeliveryJob
 from alerting_app.delivery.lease_fences import LeaseFences
 from alerting_app.delivery.rate_limits import RateLimits
 from alerting_app.delivery.recorder import Recorder
+from alerting_app.delivery.relay_slots import RelaySlots
 from alerting_app.redis_pipelining import PipelinedRedis
 from alerting_app.settings import Settings
 
@@ -58,8 +59,9 @@ class Dispatcher:
         # job read its rate; kept while any is held.
         self._endpoint_held_at_most: dict[str, int] = {}
         self._per_client = _SlotsPerKey(settings.delivery_client_concurrency)
-        # Every email goes to the one SMTP relay: it is one endpoint's worth of the worker's slots.
-        self._relay_slots = asyncio.Semaphore(settings.delivery_endpoint_concurrency)
+        # Every email goes to the one SMTP relay: it is one endpoint's worth of the worker's slots,
+        # given to the tenants waiting in turn.
+        self._relay_slots = RelaySlots(settings.delivery_endpoint_concurrency)
         # The deliveries held here as email (`email_held_at_most`).
         self._email_held: set[tuple[str, str]] = set()
         # Whether email may be waiting in Postgres for its turn, as this worker last saw
@@ -118,7 +120,8 @@ class Dispatcher:
     def _send_slots(self, job: DeliveryJob) -> SendSlots:
         email = job.endpoint is not None and job.endpoint.channel == "email"
         return SendSlots(self._worker_slots, self._per_endpoint.slots(job.endpoint_id),
-                         self._per_client.slots(job.notification.client_id), self._relay_slots if email else None)
+                         self._per_client.slots(job.notification.client_id),
+                         self._relay_slots.of(job.notification.client_id) if email else None)
 
     @contextmanager
     def _in_send(self, key: tuple[str, str]) -> Iterator[None]:
