@@ -138,6 +138,18 @@ def test_a_silence_seen_expired_by_a_clock_stepped_ahead_mutes_again_once_the_cl
     assert index._by_client == {}, "long past its end: no longer scanned"
 
 
+def test_a_silence_seen_just_past_its_end_mutes_again_after_a_small_step_back_of_the_clock(monkeypatch):
+    # Only a silence PRUNE_AFTER_EXPIRY_S past its end leaves the scan: a step back smaller than that
+    # (NTP's), which does not have every silence scanned again, must still find one in force.
+    index = SilenceIndex([upsert(starts_at=T0, ends_at=T0 + 3600)])
+    clock = [T0 + 3600 + 60]  # a minute past its end
+    monkeypatch.setattr(silencing.time, "time", lambda: clock[0])
+    assert index.silencing("client-a", alert()) is None
+
+    clock[0] = T0 + 3600 - 60  # stepped back two minutes: inside the silence again
+    assert index.silencing("client-a", alert()) == "s1"
+
+
 def test_a_silence_dropped_from_the_scan_by_a_clock_far_ahead_mutes_again_once_the_clock_is_back(monkeypatch):
     index = SilenceIndex([upsert(starts_at=T0, ends_at=T0 + 3600)])
     clock = [T0 + 3600 + PRUNE_AFTER_EXPIRY_S + 60]  # a step of more than PRUNE_AFTER_EXPIRY_S past its end
