@@ -15,7 +15,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from alerting_app.contracts import Alert, Silence
+from alerting_app.contracts import MAX_UNIX_S, Alert, Silence
 from alerting_app.dead_letters import UndecodableMessage, decode
 from test_api_support import API_LOOP, api, tenant  # noqa: F401  (fixtures)
 
@@ -102,6 +102,15 @@ def test_an_event_ts_in_milliseconds_is_refused_saying_it_wants_seconds():
     assert error["loc"] == ("event_ts",)
     assert "unix seconds" in error["msg"] and "milliseconds" in error["msg"], error["msg"]
     assert Alert.model_validate({**GOOD, "event_ts": 253402300799.5}).event_ts == 253402300799.5
+
+
+def test_an_event_ts_of_the_first_second_of_year_10000_is_refused_as_its_message_says():
+    # "less than 253402300800": the bound itself is year 10000, which no time shown in a Slack
+    # message or an email can represent.
+    with pytest.raises(ValidationError) as refused:
+        Alert.model_validate({**GOOD, "event_ts": float(MAX_UNIX_S)})
+    [error] = refused.value.errors()
+    assert error["loc"] == ("event_ts",) and f"less than {MAX_UNIX_S}" in error["msg"], error
 
 
 @API_LOOP
