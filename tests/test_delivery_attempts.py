@@ -142,6 +142,20 @@ async def test_a_claim_outlives_the_longest_its_send_may_still_take(services):
     assert claim_left_ms >= (timeout_s + 1) * 1000, claim_left_ms
 
 
+async def test_a_sent_delivery_taken_up_again_before_it_was_recorded_posts_nothing_and_is_recorded_sent(services):
+    """The send marks the delivery's key sent: a redelivered notification, or a sweep after its worker
+    died before recording it, claims the key again, finds the mark, and records it SENT without
+    posting it a second time."""
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        job = job_for(webhook(receiver.url()))
+
+        await deliver(job, ctx)
+        await deliver(job, ctx)  # not `resumed`: the claim is what finds the mark
+
+        assert len(receiver.posts) == 1
+        assert [(change.status, change.attempts) for change in ctx.recorder.changes] == [("SENT", 1), ("SENT", 0)]
+
+
 @pytest.fixture
 def own_redis(tmp_path):
     """A Redis of this test's own, to stop while a delivery is in flight (the shared one stays up)."""
