@@ -105,6 +105,25 @@ async def test_a_change_carrying_a_stale_version_is_a_conflict_and_changes_nothi
     assert (current.body["name"], current.body["version"]) == ("First", 2)
 
 
+async def test_a_put_without_enabled_is_refused_naming_it_and_changes_nothing(api, tenant):
+    # PUT is the whole rule: an `enabled` left out and taken as true would turn a disabled rule back on.
+    rule = await api.new_rule(tenant, enabled=False)
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    reply = await api.call("PUT", path, tenant.key, {"version": 1, "severity": "HIGH", "source": "payments", "name": "*"})
+    assert reply.failing_fields() == {"enabled"}
+    current = await api.call("GET", path, tenant.key)
+    assert (current.body["enabled"], current.body["version"]) == (False, 1)
+
+
+async def test_a_field_a_body_does_not_take_is_refused_naming_it_not_ignored(api, tenant):
+    # Ignored, a misspelt field would look accepted: `"enable": false` would create an enabled rule.
+    reply = await api.call("POST", "/api/v1/rules", tenant.key,
+                           {"severity": "HIGH", "source": "payments", "name": "*", "enable": False})
+    assert reply.failing_fields() == {"enable"}
+    assert reply.body["fields"][0]["message"] == "Extra inputs are not permitted"
+    assert (await api.call("GET", "/api/v1/rules", tenant.key)).body["items"] == []
+
+
 async def test_a_change_must_carry_the_version(api, tenant):
     rule = await api.new_rule(tenant)
     reply = await api.call("PATCH", f"/api/v1/rules/{rule['rule_id']}", tenant.key, {"enabled": False})
