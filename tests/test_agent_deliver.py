@@ -750,8 +750,8 @@ async def test_a_sent_mark_redis_cannot_be_asked_for_is_no_attempt_and_no_error(
         await unreachable.aclose()
 
 
-async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, dispatcher, receiver,
-                                                                         alone_in_the_database):
+async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed_without_a_dead_letter(
+        pool, dispatcher, receiver, alone_in_the_database):
     client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", receiver.url())
     notification = await pending_notification(pool, client, [rule])
     await open_abandoned_delivery(pool, notification, endpoint)
@@ -763,6 +763,8 @@ async def test_a_delivery_whose_endpoint_was_deleted_meanwhile_is_failed(pool, d
     assert receiver.posts == []
     assert await deliveries(pool, notification.notification_id) == {
         endpoint: ("webhook", "FAILED", 0, "endpoint was deleted", False)}
+    # The tenant's choice, found as the delivery is taken up: not a failure for the operators' alarm.
+    assert await sent_to("notifications.ready.dlq", client) == []
 
 
 @DELETIONS
