@@ -590,6 +590,22 @@ async def test_a_delivery_found_sent_already_is_not_counted_as_sent_again(clean_
         assert (sent(), attempted()) == (before[0] + 1, before[1] + 1)
 
 
+async def test_attempts_recorded_before_their_batch_is_written_all_count(clean_db, conn):
+    # A failed attempt and the retry that sent it, recorded within one batch interval, are written as
+    # one change: the row must count both attempts, as the tenant reads them.
+    key = await one_due_delivery(conn)
+    await lease_to_the_recorder(conn, key)
+    async with recorder_on(clean_db) as recorder:
+        recorder.record(DeliveryChange(*key, "PENDING", 1, "HTTP 503", 1_700_000_000.0, 1_700_000_000.0,
+                                       1_700_000_000.1, channel="webhook"), "webhook")
+        recorder.record(DeliveryChange(*key, "SENT", 1, None, 1_700_000_000.1, 1_700_000_000.1,
+                                       channel="webhook"), "webhook")
+        await recorder.written()
+    row = await conn.fetchrow("SELECT status, attempts, last_error FROM deliveries"
+                              " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    assert tuple(row) == ("SENT", 2, None)
+
+
 @pytest.mark.parametrize("broker", ["refuses", "hangs"])
 async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_written(clean_db, conn, monkeypatch,
                                                                                      letters_broker, broker):
