@@ -102,6 +102,19 @@ def test_a_stale_version_is_ignored_and_a_delete_is_final():
     assert len(index) == 0 and index.versions() == {}
 
 
+def test_an_event_of_the_version_held_is_ignored():
+    # Only a newer version changes a silence: one event of the same version with other content (a
+    # replay beside a newer producer's, a hand-written one) must not win by arriving last.
+    index = SilenceIndex([upsert(version=3, source="search")])
+
+    assert not index.apply(upsert(version=3, source="payments"))
+    assert index.silencing("client-a", alert(source="search"), at=T0) == "s1"
+    assert index.silencing("client-a", alert(source="payments"), at=T0) is None
+    assert index.apply(delete(version=4))
+    assert not index.apply(upsert(version=4))
+    assert index.silencing("client-a", alert(), at=T0) is None
+
+
 def test_an_expiry_is_an_upsert_with_an_earlier_end():
     index = SilenceIndex([upsert(ends_at=T0 + 3600)])
 
