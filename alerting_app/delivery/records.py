@@ -92,9 +92,13 @@ _CANDIDATES_PER_LEASE = 4
 # dispatcher.email_room) is leased, round-robin per client (`email_candidates`): each client's
 # oldest due email first, then each one's second, and so on. Oldest first, one tenant's storm of
 # queued email (thousands, draining at the all-email rate) kept every other tenant's first email
-# waiting behind all of it. The endpoints with email waiting are found by deliveries_email_idx,
-# skipping from one to the next (`email_endpoints`: one probe each), and of each only its oldest
-# $11 due rows are read. Taken first in a batch short of room: they are no more than the email room.
+# waiting behind all of it. The clients with email waiting are found by deliveries_email_client_idx
+# (migration 021: the row's client_id, set for PENDING email), skipping from one to the next
+# (`email_clients`: one probe each), and of each only its oldest $11 due rows, across all its
+# endpoints, are read. Found per endpoint (migration 020), a storm over 28,800 email endpoints cost
+# each sweep a probe of each and up to $11 rows of each, with their clients: 0.3 s to seconds per
+# sweep (bench/email_sweep.py). Taken first in a batch short of room: they are no more than the
+# email room.
 _LEASE_DUE = """
 WITH RECURSIVE held AS (
     SELECT * FROM unnest($3::uuid[], $4::int[]) AS h(endpoint_id, held)
@@ -117,34 +121,30 @@ WITH RECURSIVE held AS (
     ) due_rows
     WHERE NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = due_rows.client_id AND h.held >= $10)
     LIMIT $7
-), email_endpoints AS (
-    (SELECT d.endpoint_id FROM deliveries d
-     WHERE d.status = 'PENDING' AND d.channel = 'email' AND $11::int > 0
-     ORDER BY d.endpoint_id LIMIT 1)
+), email_clients AS (
+    (SELECT d.client_id FROM deliveries d
+     WHERE d.status = 'PENDING' AND d.channel = 'email' AND d.client_id IS NOT NULL AND $11::int > 0
+     ORDER BY d.client_id LIMIT 1)
     UNION ALL
-    SELECT (SELECT d.endpoint_id FROM deliveries d
-            WHERE d.status = 'PENDING' AND d.channel = 'email' AND d.endpoint_id > m.endpoint_id
-            ORDER BY d.endpoint_id LIMIT 1)
-    FROM email_endpoints m WHERE m.endpoint_id IS NOT NULL
-), email_rows AS (
-    SELECT d.notification_id, d.endpoint_id, d.next_attempt_at,
-           (SELECT n.client_id FROM notifications n WHERE n.notification_id = d.notification_id) AS client_id
-    FROM email_endpoints m
-    CROSS JOIN LATERAL (
-        SELECT d.notification_id, d.endpoint_id, d.next_attempt_at FROM deliveries d
-        WHERE d.endpoint_id = m.endpoint_id AND d.status = 'PENDING' AND d.channel = 'email'
-          AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())
-        ORDER BY d.next_attempt_at
-        LIMIT $11
-    ) d
-    WHERE m.endpoint_id IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = m.endpoint_id AND h.held >= $5)
+    SELECT (SELECT d.client_id FROM deliveries d
+            WHERE d.status = 'PENDING' AND d.channel = 'email' AND d.client_id > m.client_id
+            ORDER BY d.client_id LIMIT 1)
+    FROM email_clients m WHERE m.client_id IS NOT NULL
 ), email_candidates AS (
     SELECT notification_id, endpoint_id, next_attempt_at, client_id, email_turn FROM (
-        SELECT e.notification_id, e.endpoint_id, e.next_attempt_at, e.client_id,
-               row_number() OVER (PARTITION BY e.client_id ORDER BY e.next_attempt_at) AS email_turn
-        FROM email_rows e
-        WHERE NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = e.client_id AND h.held >= $10)
+        SELECT e.notification_id, e.endpoint_id, e.next_attempt_at, m.client_id,
+               row_number() OVER (PARTITION BY m.client_id ORDER BY e.next_attempt_at) AS email_turn
+        FROM email_clients m
+        CROSS JOIN LATERAL (
+            SELECT d.notification_id, d.endpoint_id, d.next_attempt_at FROM deliveries d
+            WHERE d.client_id = m.client_id AND d.status = 'PENDING' AND d.channel = 'email'
+              AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())
+              AND NOT EXISTS (SELECT 1 FROM held h WHERE h.endpoint_id = d.endpoint_id AND h.held >= $5)
+            ORDER BY d.next_attempt_at
+            LIMIT $11
+        ) e
+        WHERE m.client_id IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM held_by_client h WHERE h.client_id = m.client_id AND h.held >= $10)
     ) turns
     ORDER BY email_turn, next_attempt_at
     LIMIT $11
