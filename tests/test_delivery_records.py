@@ -428,6 +428,13 @@ def rows_read(plan: dict) -> int:
     return own + sum(rows_read(child) for child in plan.get("Plans", []))
 
 
+def rows_scanned(plan: dict) -> float:
+    """Rows the plan's scans of `deliveries` read, those their filters dropped too, over every loop."""
+    own = ((plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)) * plan["Actual Loops"]
+           if plan.get("Relation Name") == "deliveries" else 0)
+    return own + sum(rows_scanned(child) for child in plan.get("Plans", []))
+
+
 def rows_read_by_index(plan: dict, index: str) -> float:
     """Rows the plan's scans of `index` produced, over every loop."""
     own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Index Name") == index else 0
@@ -505,6 +512,36 @@ async def test_a_sweep_leases_email_round_robin_per_client_reading_a_bounded_par
     # fifty (and their clients): in a storm over 28,800 endpoints, 0.3 s or more every sweep.
     assert rows_read_by_index(plan["Plan"], "deliveries_email_client_idx") <= 3 * 2 + 2 * 4
     assert rows_read(plan["Plan"]) <= 50
+
+
+async def test_a_sweep_finds_webhooks_behind_an_email_storm_without_reading_the_storm(clean_db, conn):
+    # 2,000 emails queued, all older than a webhook's delivery, and no room for email. Read from
+    # deliveries_due_idx, leaving email out, every sweep read every email row to reach the webhook.
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    mail, webhook = await insert_endpoint(conn, client_id), await insert_endpoint(conn, client_id)
+    await conn.execute("UPDATE endpoints SET type = 'email', value = 'oncall@example.com' WHERE endpoint_id = $1",
+                       mail)
+    await conn.execute(
+        "WITH n AS (INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids)"
+        "  SELECT gen_random_uuid(), $1, i::text, $2::text::jsonb, ARRAY[gen_random_uuid()]"
+        "  FROM generate_series(1, 2000) i RETURNING notification_id, alert_id::int AS i)"
+        " INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at)"
+        " SELECT n.notification_id, $3, 'email', 'PENDING', now() - make_interval(secs => 60 + n.i) FROM n",
+        client_id, ALERTS, mail)
+    hook_notification = await insert_notification(conn, client_id)
+    await open_delivery(conn, hook_notification, webhook, due_seconds_ago=1)
+    await conn.execute("ANALYZE deliveries, notifications")
+
+    from alerting_app.delivery import records
+    async with conn.transaction():
+        [plan] = json.loads(await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + records._LEASE_DUE,
+            "this-worker", 60.0, [], [], 1000, 10, 10 * records._CANDIDATES_PER_LEASE, [], [], 5000, 0))
+
+    assert await conn.fetch("SELECT notification_id::text FROM deliveries WHERE leased_by = 'this-worker'") == [
+        (hook_notification,)]
+    assert rows_scanned(plan["Plan"]) <= 20
 
 
 async def test_a_retried_email_that_failed_before_migration_021_is_found_by_the_sweep(clean_db, conn):
