@@ -159,6 +159,19 @@ async def test_a_batch_with_an_unknown_client_and_one_being_deleted_drops_the_on
     assert await pool.fetchval("SELECT count(*) FROM notifications WHERE client_id = $1", being_deleted) == 0
 
 
+async def test_a_match_repeated_in_a_batch_recorded_one_by_one_is_notified_once(pool):
+    # The unknown client makes the batch statement insert nothing: the matches go one by one, and
+    # the repeat then finds the row its first occurrence inserted, still unemitted.
+    client = await insert_client(pool)
+    repeated, unknown = matched(client), matched(str(uuid.uuid4()))
+    matches = [repeated, unknown, repeated]
+
+    aggregation = await aggregate_batch(pool, [event(match, offset) for offset, match in enumerate(matches)])
+
+    assert alert_ids(aggregation.ready) == [repeated.alert.alert_id]
+    assert [letter.reason for letter in aggregation.dead_letters] == [f"client_id: no such client {unknown.client_id}"]
+
+
 async def test_a_match_recorded_on_its_own_for_a_client_being_deleted_is_not_recorded(pool):
     # record_one_by_one, as after a refused batch: the client marked since the batch's check.
     from agents.aggregate import record_one_by_one

@@ -999,6 +999,26 @@ async def test_a_group_closed_again_after_a_crash_sends_the_same_notification(po
 
 
 @AGENT_LOOP
+async def test_a_member_sent_again_ungrouped_leaves_its_closed_groups_notification_to_the_closer(pool, monkeypatch):
+    """The group's row carries its first member's alert_id: the plain path must not take it for that
+    alert's own unemitted notification and emit it rebuilt from the row, without its truncated count."""
+    monkeypatch.setattr(settings, "group_max_alerts", 1)
+    client, rule = await insert_client(pool), str(uuid.uuid4())
+    members = [grouped(client, rule, the_alert=alert(n)) for n in range(3)]
+    await aggregate(*members)
+    value = groups.open_groups.get(client.encode())
+    [due] = groups.due_groups([(client.encode(), value)], time.time() + 5, set())
+    # The closer inserted the notification and died before it was sent.
+    [first_built] = await group_records.record_closed_groups(pool, [due], time.time() + 5, SilenceIndex())
+    # The client's rule no longer groups: the source sends the first member again, down the plain path.
+    again = matched(client, [rule], members[0].alert)
+
+    assert await record_first_matches(pool, [again]) == []
+    [ready] = await closed_for(pool, client, time.time() + 6)
+    assert ready == first_built and ready.truncated_alerts == 2
+
+
+@AGENT_LOOP
 async def test_a_group_closed_but_not_emitted_is_emitted_by_the_agent_that_drops_it(pool):
     client, rule = await insert_client(pool), str(uuid.uuid4())
     await aggregate(grouped(client, rule, the_alert=alert(1)))
