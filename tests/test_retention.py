@@ -108,6 +108,18 @@ async def test_what_the_pipeline_still_holds_is_kept_however_old(pool, client):
 
 
 @AGENT_LOOP
+async def test_a_pending_notification_whose_deliveries_are_not_opened_yet_is_kept_however_old(pool, client):
+    # Emitted, but the deliver stage has not opened its deliveries yet (a backlog, the stage down),
+    # or has settled them all and not yet the notification: no PENDING delivery protects it, only
+    # its own status.
+    waiting = await notification(pool, client, age_days=40, status="PENDING", deliveries=0)
+
+    await prune_notifications(pool, 30 * DAY_S)
+
+    assert await left_of(pool, client) == ({waiting}, 0, set())
+
+
+@AGENT_LOOP
 async def test_workers_finishing_a_client_deletion_at_once_share_it_and_leave_nothing(pool):
     # Every aggregate worker runs the round: two at once take different batches (SKIP LOCKED), and
     # the second to delete the client's row finds it gone. What the pipeline still held goes too
