@@ -2,13 +2,18 @@
 notification per (client, alert), emitted once, re-emitted unchanged if it was never sent."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 import pytest
+from aiokafka.errors import KafkaError
 
-from agents.aggregate import aggregate_matches, mark_emitted, record_first_match
+from agents import aggregate as aggregate_module
+from agents.aggregate import Aggregation, aggregate_matches, mark_emitted, publish_aggregation, record_first_match
 from alerting_app.contracts import Alert, AlertMatched
+from broker_front import OutageFront
+from private_brokers import app_sending_behind
 from test_agent_support import AGENT_LOOP, insert_client, pipeline, pool, sent_to  # noqa: F401  (fixtures)
 
 pytestmark = AGENT_LOOP
@@ -141,3 +146,24 @@ async def test_undecodable_alerts_matched_goes_to_the_dead_letter_topic(pool, ma
     assert len(good.ready) == 1
     [on_broker] = await sent_to("alerts.matched.dlq", key)
     assert on_broker["reason"] == letter.reason
+
+
+async def test_a_notification_the_broker_never_acknowledged_is_not_marked_emitted(pool, tmp_path, monkeypatch):
+    """Marked emitted only once the broker holds it: marked before, a broker that then refuses it
+    loses it for good, as the redelivered match finds it emitted and sends nothing."""
+    client = await insert_client(pool)
+    ready = await record_first_match(pool, matched(client, [str(uuid.uuid4())]))
+    async with app_sending_behind(OutageFront, tmp_path, f"never-acknowledged-{uuid.uuid4()}", "notifications.ready",
+                                  producer_request_timeout=1.0) as (front, topic):
+        monkeypatch.setattr(aggregate_module, "notifications_ready", topic)
+        front.refuse()
+        try:
+            with pytest.raises(KafkaError):
+                async with asyncio.timeout(60):  # a send that never fails would otherwise hang the test
+                    await publish_aggregation(Aggregation(ready=[ready]))
+        finally:
+            front.let_through()
+
+    [row] = await notification_rows(pool, client)
+    assert row["emitted"] is False
+    assert await record_first_match(pool, matched(client, ready.rule_ids, ready.alerts[0].alert_id)) == ready
