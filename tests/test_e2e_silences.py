@@ -62,7 +62,7 @@ class Stage:
                                     tenant.client_id)
             deliveries = await conn.fetchval(
                 "SELECT count(*) FROM deliveries JOIN notifications USING (notification_id)"
-                " WHERE client_id = $1 AND notifications.status = 'SILENCED'", tenant.client_id)
+                " WHERE notifications.client_id = $1 AND notifications.status = 'SILENCED'", tenant.client_id)
         finally:
             await conn.close()
         assert deliveries == 0, "a silenced notification must have no delivery"
