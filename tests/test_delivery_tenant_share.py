@@ -40,13 +40,19 @@ def send_email_to(relay: SmtpServer, settings, monkeypatch, *, timeout_s: float 
         monkeypatch.setattr(settings, "smtp_timeout_s", timeout_s)
 
 
+async def email_tenant(pool, address: str) -> tuple[str, str]:
+    """A new tenant (client, rule) whose one endpoint mails `address`."""
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    await insert_endpoint(pool, client, rule, "email", address)
+    return client, rule
+
+
 async def email_tenants_notifications(pool, tenants: int) -> list:
     """As many tenants, each with one email endpoint, and a notification of each waiting to be delivered."""
     notifications = []
     for _ in range(tenants):
-        tenant = await insert_client(pool)
-        rule = await insert_rule(pool, tenant)
-        await insert_endpoint(pool, tenant, rule, "email", "oncall@example.com")
+        tenant, rule = await email_tenant(pool, "oncall@example.com")
         notifications.append(await pending_notification(pool, tenant, [rule]))
     return notifications
 
@@ -526,14 +532,6 @@ async def test_email_held_in_all_is_what_the_all_email_rate_sends_in_10_s_leavin
 
 
 
-async def email_tenant(pool, address: str) -> tuple[str, str]:
-    """A new tenant (client, rule) whose one endpoint mails `address`."""
-    client = await insert_client(pool)
-    rule = await insert_rule(pool, client)
-    await insert_endpoint(pool, client, rule, "email", address)
-    return client, rule
-
-
 def recipients(relay: SmtpServer) -> list[str]:
     """Whom the messages the relay took were for, in the order it took them."""
     return [str(message["To"]) for message in relay.messages]
@@ -546,6 +544,29 @@ async def storm_before(relay: SmtpServer, pool, dispatcher, address: str) -> int
         while address not in recipients(relay):
             await asyncio.sleep(0.01)
     return recipients(relay).index(address)
+
+
+@contextlib.asynccontextmanager
+async def storm_beside_another_tenant(pool, settings, notifications: int, more_endpoints: int = 0):
+    """A flooding tenant's `notifications` (to flood@example.com, on one email endpoint and
+    `more_endpoints` more), then another tenant's one (to other@example.com), all PENDING with no
+    delivery opened, and a worker's dispatcher: (storm, other, dispatcher). Their deliveries go
+    with the block."""
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    flooding_tenant, rule = await email_tenant(pool, "flood@example.com")
+    for _ in range(more_endpoints):
+        await insert_endpoint(pool, flooding_tenant, rule, "email", "flood@example.com")
+    storm = [await pending_notification(pool, flooding_tenant, [rule]) for _ in range(notifications)]
+    other_tenant, other_rule = await email_tenant(pool, "other@example.com")
+    other = await pending_notification(pool, other_tenant, [other_rule])
+    dispatcher = Dispatcher(settings)
+    try:
+        yield storm, other, dispatcher
+    finally:
+        await dispatcher.close()
+        await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                           [n.notification_id for n in (*storm, other)])
 
 
 @pytest.fixture
@@ -566,26 +587,15 @@ async def test_a_tenants_email_storm_queued_in_postgres_keeps_no_other_tenants_e
     minutes at the default 10/s. The sweep now leases email round-robin per tenant: the other
     tenant's one email is among the first at the relay, whatever the storm queued before it.
     (Here: a worker holding four emails, a storm of forty, counted by their order at the relay.)"""
-    from alerting_app.delivery.dispatcher import Dispatcher
-
     settings = four_emails_held
     with SmtpServer() as relay:
         send_email_to(relay, settings, monkeypatch)
-        flooding_tenant, rule = await email_tenant(pool, "flood@example.com")
-        storm = [await pending_notification(pool, flooding_tenant, [rule]) for _ in range(40)]
-        other_tenant, other_rule = await email_tenant(pool, "other@example.com")
-        other = await pending_notification(pool, other_tenant, [other_rule])
-        # Opened as a full worker opens them, none leased: the storm's rows first, the other's after.
-        assert await records.open_deliveries(pool, storm, None, settings.delivery_lease_s, []) == []
-        assert await records.open_deliveries(pool, [other], None, settings.delivery_lease_s, []) == []
-        dispatcher = Dispatcher(settings)
-        try:
+        async with storm_beside_another_tenant(pool, settings, 40) as (storm, other, dispatcher):
+            # Opened as a full worker opens them, none leased: the storm's rows first, the other's after.
+            assert await records.open_deliveries(pool, storm, None, settings.delivery_lease_s, []) == []
+            assert await records.open_deliveries(pool, [other], None, settings.delivery_lease_s, []) == []
             # The storm's oldest only, whose turn came first: before, all forty (its rows were older).
             assert await storm_before(relay, pool, dispatcher, "other@example.com") <= 1, recipients(relay)
-        finally:
-            await dispatcher.close()
-            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
-                               [n.notification_id for n in (*storm, other)])
 
 
 async def test_a_tenants_email_arriving_while_another_tenants_waits_for_its_turn_is_left_to_the_sweep_behind_it(
@@ -595,18 +605,12 @@ async def test_a_tenants_email_arriving_while_another_tenants_waits_for_its_turn
     tenant waited as long as the storm went on. Once this worker has refused email (or its sweep
     took all the email room it had), new email is left to the sweep, which takes it in turn."""
     from agents.deliver import start_deliveries
-    from alerting_app.delivery.dispatcher import Dispatcher
 
     settings = four_emails_held
     with SmtpServer() as relay:
         relay.stall(0.05)  # the first four are still held when the other tenant's email arrives
         send_email_to(relay, settings, monkeypatch)
-        flooding_tenant, rule = await email_tenant(pool, "flood@example.com")
-        storm = [await pending_notification(pool, flooding_tenant, [rule]) for _ in range(16)]
-        other_tenant, other_rule = await email_tenant(pool, "other@example.com")
-        other = await pending_notification(pool, other_tenant, [other_rule])
-        dispatcher = Dispatcher(settings)
-        try:
+        async with storm_beside_another_tenant(pool, settings, 16) as (storm, other, dispatcher):
             assert len(await start_deliveries(pool, dispatcher, storm[:8])) == 4
             assert await start_deliveries(pool, dispatcher, [other]) == []
             await dispatcher.drained()  # the four sent: the worker has room for four emails again
@@ -614,10 +618,6 @@ async def test_a_tenants_email_arriving_while_another_tenants_waits_for_its_turn
             assert await start_deliveries(pool, dispatcher, storm[8:]) == []
             # The four held before, then the storm's oldest waiting, whose turn came first.
             assert await storm_before(relay, pool, dispatcher, "other@example.com") <= 5, recipients(relay)
-        finally:
-            await dispatcher.close()
-            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
-                               [n.notification_id for n in (*storm, other)])
 
 
 async def test_a_tenants_email_queued_in_the_worker_for_the_relay_keeps_no_other_tenants_email_behind_it(
@@ -628,22 +628,13 @@ async def test_a_tenants_email_queued_in_the_worker_for_the_relay_keeps_no_other
     all of them (up to what the worker holds of email: 10 s at the default all-email rate). A slot
     freed now goes to the tenants waiting in turn. (Here: the relay's one slot, a tenant with eight
     email endpoints and two notifications, sixteen emails held before the other tenant's one.)"""
-    from alerting_app.delivery.dispatcher import Dispatcher
-
     monkeypatch.setattr(settings, "delivery_concurrency", 32)
     monkeypatch.setattr(settings, "delivery_client_concurrency", 16)
     monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
     monkeypatch.setattr(settings, "email_rate_limit_per_s", 1_000.0)
     with SmtpServer() as relay:
         send_email_to(relay, settings, monkeypatch)
-        flooding_tenant, rule = await email_tenant(pool, "flood@example.com")
-        for _ in range(7):
-            await insert_endpoint(pool, flooding_tenant, rule, "email", "flood@example.com")
-        storm = [await pending_notification(pool, flooding_tenant, [rule]) for _ in range(2)]
-        other_tenant, other_rule = await email_tenant(pool, "other@example.com")
-        other = await pending_notification(pool, other_tenant, [other_rule])
-        dispatcher = Dispatcher(settings)
-        try:
+        async with storm_beside_another_tenant(pool, settings, 2, more_endpoints=7) as (storm, other, dispatcher):
             jobs = [*await records.open_deliveries(pool, storm, dispatcher.owner, settings.delivery_lease_s, []),
                     *await records.open_deliveries(pool, [other], dispatcher.owner, settings.delivery_lease_s, [])]
             assert len(jobs) == 17 and dispatcher.submit(jobs) == []
@@ -652,7 +643,3 @@ async def test_a_tenants_email_queued_in_the_worker_for_the_relay_keeps_no_other
             # The storm's email holding the slot and the next of the storm waiting, whose turn came
             # first: before, the eight of its endpoints waiting for the slot before the other's.
             assert recipients(relay).index("other@example.com") <= 2, recipients(relay)
-        finally:
-            await dispatcher.close()
-            await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
-                               [n.notification_id for n in (*storm, other)])
