@@ -566,6 +566,32 @@ async def test_a_retried_email_that_failed_before_migration_021_is_found_by_the_
     assert job.key == (notification_id, endpoint_id)
 
 
+async def test_a_retried_delivery_whose_endpoint_became_email_since_it_failed_is_leased_as_email(clean_db, conn):
+    # The tenant made the endpoint an email after its webhook delivery failed, then retries the
+    # notification: the delivery goes by the endpoint's type now, and waits for the worker's email
+    # room and its tenant's email turn as an email. Before, it kept the webhook's channel, and the
+    # sweep leased it among the webhooks (docs/delivery.md, "Retries").
+    from alerting_app.delivery.records import retry_failed
+
+    await init_connection(conn)
+    client_id = await insert_client(conn)
+    endpoint_id = await insert_endpoint(conn, client_id)
+    notification_id = await insert_notification(conn, client_id)
+    await conn.execute("UPDATE notifications SET status = 'FAILED' WHERE notification_id = $1", notification_id)
+    await conn.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status, attempts)"
+                       " VALUES ($1, $2, 'webhook', 'FAILED', 3)", notification_id, endpoint_id)
+    await conn.execute("UPDATE endpoints SET type = 'email', value = 'oncall@example.com' WHERE endpoint_id = $1",
+                       endpoint_id)
+
+    assert await retry_failed(conn, notification_id, None)
+
+    assert tuple(await conn.fetchrow("SELECT channel, client_id::text FROM deliveries WHERE notification_id = $1",
+                                     notification_id)) == ("email", client_id)
+    assert await lease_due(conn, "this-worker", 60.0, {}, backlog=10, limit=10, email_room=0) == []
+    [job] = await lease_due(conn, "this-worker", 60.0, {}, backlog=10, limit=10, email_room=1)
+    assert job.key == (notification_id, endpoint_id)
+
+
 async def test_a_failure_from_a_worker_that_no_longer_holds_the_row_does_not_end_it(clean_db, conn):
     notification_id, endpoint_id = await taken_over_delivery(conn)
 

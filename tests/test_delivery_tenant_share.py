@@ -643,3 +643,117 @@ async def test_a_tenants_email_queued_in_the_worker_for_the_relay_keeps_no_other
             # The storm's email holding the slot and the next of the storm waiting, whose turn came
             # first: before, the eight of its endpoints waiting for the slot before the other's.
             assert recipients(relay).index("other@example.com") <= 2, recipients(relay)
+
+
+async def retyped_as_the_api_does(endpoint_id: str, client_id: str, type_: str, value: str) -> None:
+    """The tenant's PATCH /api/v1/endpoints/{endpoint_id} with a new type and value."""
+    from uuid import UUID
+
+    from web.auth import Caller
+    from web.endpoints import change_endpoint
+
+    await change_endpoint(UUID(endpoint_id), Caller(UUID(client_id)), {"type": type_, "value": value})
+
+
+async def test_a_waiting_delivery_whose_endpoint_becomes_email_is_mailed_in_its_tenants_email_turn(
+        pool, four_emails_held, monkeypatch, clean_db):
+    """The other tenant's delivery was opened for a webhook endpoint and waits in Postgres; the
+    tenant makes the endpoint an email (PATCH) while another tenant's storm of email is queued. The
+    delivery goes by the endpoint as it is now, so it is an email, mailed in its tenant's email
+    turn: among the first at the relay. Before, its row kept the webhook's channel: the sweep took it
+    among the webhooks, after every email turn, and the worker, finding it an email with its email
+    room taken, handed it back, sweep after sweep, until the storm had drained."""
+    settings = four_emails_held
+    with SmtpServer() as relay:
+        send_email_to(relay, settings, monkeypatch)
+        async with storm_beside_another_tenant(pool, settings, 40) as (storm, _, dispatcher):
+            tenant = await insert_client(pool)
+            rule = await insert_rule(pool, tenant)
+            endpoint = await insert_endpoint(pool, tenant, rule, "webhook", "https://hooks.example.com/x")
+            other = await pending_notification(pool, tenant, [rule])
+            try:
+                # Opened as a full worker opens them, none leased: the storm's rows first, the other's after.
+                assert await records.open_deliveries(pool, storm, None, settings.delivery_lease_s, []) == []
+                assert await records.open_deliveries(pool, [other], None, settings.delivery_lease_s, []) == []
+                await retyped_as_the_api_does(endpoint, tenant, "email", "retyped@example.com")
+
+                assert await pool.fetchval("SELECT channel FROM deliveries WHERE endpoint_id = $1", endpoint) == "email"
+                # The storm's oldest only, whose turn came first: before, the whole storm.
+                assert await storm_before(relay, pool, dispatcher, "retyped@example.com") <= 1, recipients(relay)
+            finally:
+                await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", other.notification_id)
+
+
+async def test_a_waiting_delivery_whose_endpoint_becomes_a_webhook_waits_for_no_email_room(
+        pool, settings, monkeypatch, clean_db):
+    """The tenant makes an email endpoint a webhook (PATCH) while its delivery waits in Postgres
+    and the worker holds all the email it may (a relay that hangs, the all-email rate slow): the
+    delivery is a webhook's now, leased and sent by the next sweep. Before, its row kept the email's
+    channel, and the sweep leased it only within the worker's email room: it waited for another
+    tenant's email to get through the relay."""
+    from agents.deliver import start_deliveries, sweep
+    from alerting_app.delivery import dispatcher as dispatcher_module
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    # The stop at the end cancels the hanging send at once, instead of giving it 30 s to finish.
+    monkeypatch.setattr(dispatcher_module, "_CLOSE_SEND_GRACE_MAX_S", 0.0)
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    monkeypatch.setattr(settings, "email_rate_limit_per_s", 0.001)  # one email held, the relay's one slot
+    async with Receiver() as receiver:
+        with SmtpServer() as relay:
+            relay.stall(300)  # what is sent hangs for the whole test
+            send_email_to(relay, settings, monkeypatch, timeout_s=300.0)
+            [hanging] = await email_tenants_notifications(pool, 1)
+            tenant, rule = await email_tenant(pool, "ops@example.com")
+            [endpoint] = await pool.fetchval("SELECT array_agg(endpoint_id::text) FROM endpoints WHERE rule_id = $1",
+                                             rule)
+            waiting = await pending_notification(pool, tenant, [rule])
+            dispatcher = Dispatcher(settings)
+            try:
+                assert len(await start_deliveries(pool, dispatcher, [hanging])) == 1
+                assert dispatcher.email_full()
+                assert await start_deliveries(pool, dispatcher, [waiting]) == []  # no email room: left to the sweep
+                await retyped_as_the_api_does(endpoint, tenant, "webhook", receiver.url("retyped"))
+
+                assert [job.notification.notification_id for job in await sweep(pool, dispatcher)] == [
+                    waiting.notification_id]
+                await receiver.wait_for_posts(1, "retyped", timeout=10.0)
+            finally:
+                await dispatcher.close()
+                await pool.execute("DELETE FROM deliveries WHERE notification_id = ANY($1::uuid[])",
+                                   [hanging.notification_id, waiting.notification_id])
+
+
+async def test_an_attempt_made_by_the_old_type_leaves_a_waiting_delivery_the_new_type_as_its_channel(
+        pool, settings, monkeypatch):
+    """A webhook's attempt is under way when the tenant makes the endpoint an email (PATCH); it
+    fails and the delivery waits in Postgres for its retry. Its row keeps the new type as its
+    channel, so the sweep takes it up as the email it now is. Before, the failed attempt wrote its
+    own channel back, webhook, and the delivery waited for its retry among the webhooks."""
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    monkeypatch.setattr(settings, "delivery_backoff_initial_s", 20.0)  # the retry is handed back to Postgres
+    async with Receiver() as receiver:
+        receiver.answer("hook", 500)
+        answer = receiver.hold("hook")
+        tenant = await insert_client(pool)
+        rule = await insert_rule(pool, tenant)
+        endpoint = await insert_endpoint(pool, tenant, rule, "webhook", receiver.url("hook"))
+        notification = await pending_notification(pool, tenant, [rule])
+        dispatcher = Dispatcher(settings)
+        try:
+            jobs = await records.open_deliveries(pool, [notification], dispatcher.owner, settings.delivery_lease_s, [])
+            assert dispatcher.submit(jobs) == []
+            await receiver.wait_for_posts(1, "hook", timeout=60)
+            await retyped_as_the_api_does(endpoint, tenant, "email", "ops@example.com")
+            answer.set()
+            await dispatcher.drained()
+
+            row = await pool.fetchrow("SELECT status, channel, attempts, last_error, client_id::text FROM deliveries"
+                                      " WHERE endpoint_id = $1", endpoint)
+            # The webhook's attempt counted, and its error kept; the email's turn is its tenant's.
+            assert tuple(row) == ("PENDING", "email", 1, "HTTP 500", tenant)
+        finally:
+            answer.set()
+            await dispatcher.close()
+            await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)

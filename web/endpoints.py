@@ -20,6 +20,7 @@ from pydantic import HttpUrl, TypeAdapter, ValidationError
 from alerting_app import db
 from alerting_app.app import app, settings
 from alerting_app.channels.addresses import RefusedAddress, check_public_host, refusal_told, refuse_invalid_name
+from alerting_app.delivery import records
 from web.auth import ApiView, Caller
 from web.errors import Conflict, NotFound, ValidationFailed
 from web.pagination import page_of
@@ -227,6 +228,10 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
                 await refuse_same_address(conn, locked["rule_id"], merged["type"], checked, endpoint_id)
             row = await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
                                       merged["rate_limit_per_s"])
+            if locked["type"] != row["type"]:
+                # Its waiting deliveries go by the new type, and are leased as such (email in its
+                # tenant's turn): in this transaction, so no sweep reads the endpoint new and them old.
+                await records.retype_waiting(conn, endpoint_id, locked["client_id"], locked["type"], row["type"])
             if locked["type"] != "webhook" and row["type"] == "webhook":
                 # Its secret was never shown (a Slack or email endpoint's is null): a new one, shown
                 # in this answer, else every notification was signed with a key nobody holds.

@@ -229,7 +229,11 @@ RETURNING d.notification_id::text, d.endpoint_id::text
 
 # What happened ($1-$7: status, attempts, error, times; $10: the channel of the attempt, which
 # follows the endpoint's type when the tenant changes it) is written whoever writes it: a SENT from
-# any worker is the truth, and an attempt made was made. The schedule and the lease (next attempt,
+# any worker is the truth, and an attempt made was made. The attempt's channel becomes the row's
+# only when it settles the row: a row still PENDING keeps the channel it has, its endpoint's type
+# (`retype_waiting`), which the sweep leases it by (email in turn per tenant). An attempt that
+# went by the old type while the tenant changed it wrote the old channel back, and the delivery
+# waited for its retry among the wrong kind. The schedule and the lease (next attempt,
 # release) belong to the row's holder ($11) alone: a worker whose lease ran out while it sent (the
 # sweep gave the row to another, whose claim it then met) must not move the new holder's next
 # attempt or drop its lease, or a third worker would lease the row while the second still holds it.
@@ -249,7 +253,8 @@ UPDATE deliveries d SET
     next_attempt_at = CASE WHEN d.leased_by = $11 THEN coalesce(to_timestamp(c.next_attempt_at), d.next_attempt_at)
                            ELSE d.next_attempt_at END,
     lease_until = CASE WHEN c.release AND d.leased_by = $11 THEN NULL ELSE d.lease_until END,
-    channel = coalesce(c.channel, d.channel)
+    channel = CASE WHEN c.status = 'SENT' OR (c.status = 'FAILED' AND d.leased_by = $11)
+                   THEN coalesce(c.channel, d.channel) ELSE d.channel END
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::float8[], $7::float8[],
             $8::float8[], $9::bool[], $10::text[])
     AS c(notification_id, endpoint_id, status, attempts, last_error, first_attempt_at, last_attempt_at,
@@ -305,10 +310,11 @@ WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND {OF_A_LI
 FOR NO KEY UPDATE
 """
 # Only deliveries whose endpoint is still there and enabled: one deleted or disabled since would
-# fail again at once, and the tenant would have been told 202 for nothing.
+# fail again at once, and the tenant would have been told 202 for nothing. Waiting again, a delivery
+# takes its endpoint's type as its channel (the tenant may have changed it since: `retype_waiting`).
 _REOPEN_FAILED = """
 UPDATE deliveries d SET status = 'PENDING', attempts = 0, next_attempt_at = now(), leased_by = NULL,
-                        lease_until = NULL
+                        lease_until = NULL, channel = e.type
 FROM endpoints e
 WHERE d.notification_id = $1 AND d.status = 'FAILED' AND e.endpoint_id = d.endpoint_id AND e.enabled
 """
@@ -367,6 +373,34 @@ def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[
             client_ids.append(notification.client_id)
             rule_ids.append(rule_id)
     return notification_ids, client_ids, rule_ids
+
+
+# An endpoint's waiting deliveries take its new type as their channel, in the transaction of the
+# change (web/endpoints.py change_endpoint): the sweep leases email by its rows' channel, in turn per
+# tenant and within the worker's email room, the rest apart. Before, a webhook's delivery waiting
+# when its endpoint became email was leased among the webhooks, after every email turn, and handed
+# back by a worker whose email room was taken, until a storm of other tenants' email had drained;
+# an email's delivery whose endpoint became a webhook waited for email room.
+# Each statement reads one partial index: the tenant's PENDING email (deliveries_email_client_idx),
+# or every PENDING row that is not email (deliveries_other_due_idx: there is no index by endpoint,
+# which would cost every delivery's insert a write), read only when the new or old type is not email.
+_RETYPE_EMAIL = """
+UPDATE deliveries SET channel = $3
+WHERE client_id = $2 AND status = 'PENDING' AND channel = 'email' AND endpoint_id = $1
+"""
+_RETYPE_OTHER = """
+UPDATE deliveries SET channel = $2
+WHERE status = 'PENDING' AND channel <> 'email' AND endpoint_id = $1 AND channel <> $2
+"""
+
+
+async def retype_waiting(conn: Conn, endpoint_id: UUID | str, client_id: UUID | str, old_type: str,
+                         new_type: str) -> None:
+    """The endpoint's PENDING deliveries go by `new_type` from now on: it becomes their channel."""
+    if old_type == "email" and new_type != "email":
+        await conn.execute(_RETYPE_EMAIL, endpoint_id, client_id, new_type)
+    elif old_type != "email":
+        await conn.execute(_RETYPE_OTHER, endpoint_id, new_type)
 
 
 _ENDPOINTS_NOW = """
