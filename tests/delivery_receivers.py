@@ -136,6 +136,20 @@ class _KeepMessages:
         self.goodbye_stall_s = 0.0
         self.envelopes_begun = 0  # MAIL commands received, answered or not (a stalled send counts)
         self.greeted_as: list[str] = []  # for each MAIL command, the name the sender greeted with (EHLO)
+        self.greeting_refusal: str | None = None  # the reply to EHLO and HELO, if they are refused
+        self.fqdn_helo_required = False  # Postfix's reject_non_fqdn_helo_hostname, at RCPT
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: N802 (aiosmtpd's name)
+        if self.greeting_refusal is not None:
+            return [self.greeting_refusal]
+        session.host_name = hostname
+        return responses
+
+    async def handle_HELO(self, server, session, envelope, hostname):  # noqa: N802 (aiosmtpd's name)
+        if self.greeting_refusal is not None:
+            return self.greeting_refusal
+        session.host_name = hostname
+        return f"250 {server.hostname}"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802 (aiosmtpd's name)
         self.envelopes_begun += 1
@@ -150,6 +164,9 @@ class _KeepMessages:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802 (aiosmtpd's name)
         await asyncio.sleep(self.stall_s)
+        if self.fqdn_helo_required and "." not in session.host_name and not session.host_name.startswith("["):
+            # Postfix's restrictions are applied at RCPT (smtpd_delay_reject), whatever they check.
+            return f"504 5.5.2 <{session.host_name}>: Helo command rejected: need fully-qualified hostname"
         reply = self.replies.get(address)
         if reply is not None:
             return reply
@@ -227,6 +244,15 @@ class SmtpServer:
         such user"); bytes go out as
         they are, as a relay that does not speak UTF-8 sends them."""
         self._handler.replies[recipient] = reply
+
+    def refuse_greetings(self, reply: str) -> None:
+        """Answer EHLO and HELO with `reply` (e.g. "550 5.7.1 go away")."""
+        self._handler.greeting_refusal = reply
+
+    def require_fqdn_helo(self) -> None:
+        """Refuse every recipient of a sender that greeted with a name without a dot, as Postfix's
+        reject_non_fqdn_helo_hostname does (at RCPT: smtpd_delay_reject)."""
+        self._handler.fqdn_helo_required = True
 
     def stall(self, seconds: float) -> None:
         """Wait `seconds` before each reply to MAIL, RCPT and DATA: a slow relay."""

@@ -244,6 +244,83 @@ async def test_a_relay_closing_the_conversation_at_any_command_is_retried_withou
     assert "relay.internal" in caplog.text and "10.0.3.7" in caplog.text
 
 
+REFUSED_ITS_GREETING = ("the SMTP relay refused its greeting (EHLO: check SMTP_HELO_NAME, a fully-qualified name"
+                        " the relay takes) (the platform's trouble, not the endpoint's)")
+
+
+async def test_a_relay_refusing_our_helo_name_at_rcpt_retries_naming_smtp_helo_name_not_our_host(caplog):
+    # Postfix's reject_non_fqdn_helo_hostname refuses at RCPT (smtpd_delay_reject), in a reply
+    # that reads like the recipient's: "504 5.5.2 <name>: Helo command rejected: need
+    # fully-qualified hostname". A container's name is often a bare id: before, every email failed
+    # for good, its reason quoting our host's name to the tenant. It is the worker's greeting, the
+    # same for every email: retried, until the operator sets SMTP_HELO_NAME.
+    with SmtpServer() as smtp:
+        smtp.require_fqdn_helo()
+        settings = smtp_settings(smtp.port)
+        with pytest.raises(RetryableDeliveryError) as failure:
+            await send_email(settings.model_copy(update={"smtp_helo_name": "c0ffee42"}), "oncall@example.com",
+                             notification())
+        assert str(failure.value) == f"SMTP 504: {REFUSED_ITS_GREETING}"
+        assert "<c0ffee42>: Helo command rejected" in caplog.text  # the operator's log has the whole reply
+
+        await send_email(settings.model_copy(update={"smtp_helo_name": "c0ffee42.alerting.example"}),
+                         "oncall@example.com", notification())
+        assert len(smtp.messages) == 1
+
+
+@pytest.mark.parametrize("reply", ["550 5.7.1 <c0ffee42>: go away", "450 4.7.1 <c0ffee42>: try again later"],
+                         ids=["5xx", "4xx"])
+async def test_a_relay_refusing_our_greeting_retries_without_naming_our_host(reply, caplog):
+    # EHLO refused, and HELO after it: the worker's greeting, not the message. Before, a 5xx failed
+    # every email for good, and either reply was the tenant's reason as it came.
+    with SmtpServer() as smtp:
+        smtp.refuse_greetings(reply)
+        with pytest.raises(RetryableDeliveryError) as failure:
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+    assert str(failure.value) == f"SMTP {reply[:3]}: {REFUSED_ITS_GREETING}"
+    assert reply in caplog.text
+
+
+@pytest.mark.parametrize(("reply", "refused"), [
+    ("450 4.7.1 Client host rejected: cannot find your hostname, [10.0.3.7]", "this worker's address"),
+    ("554 5.7.1 Service unavailable; Client host [10.0.3.7] blocked using zen.spamhaus.org",
+     "this worker's address"),
+    ("553 5.1.8 <alerts@alerting.example>: Sender address rejected: Domain not found",
+     "the sender (check SMTP_FROM)"),
+    ("554 5.7.1 <oncall@example.com>: Relay access denied", "relaying for this worker"),
+], ids=["client-unknown", "client-blocklisted", "sender-domain", "relay-denied"])
+async def test_a_postfix_restriction_on_this_worker_at_rcpt_is_retried_as_the_platforms_trouble(reply, refused,
+                                                                                               caplog):
+    # Postfix's other restrictions on the client and the sender answer at RCPT too, naming which
+    # refused: about this worker, the same for every email, not the recipient's.
+    with SmtpServer() as smtp:
+        smtp.refuse("oncall@example.com", reply)
+        with pytest.raises(RetryableDeliveryError) as failure:
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+    assert str(failure.value) == (f"SMTP {reply[:3]}: the SMTP relay refused {refused}"
+                                  " (the platform's trouble, not the endpoint's)")
+    assert reply in caplog.text
+
+
+async def test_a_relay_refusing_starttls_for_good_is_retried_and_names_the_settings():
+    # A refusal of STARTTLS (or of AUTH) is about the relay and the SMTP_* settings, the same for
+    # every email: before, a 5xx failed each one for good.
+    async def refuse_starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 relay.test ESMTP\r\n")
+        replies = {b"EHLO": b"250-relay.test\r\n250 STARTTLS\r\n", b"STARTTLS": b"554 5.7.3 TLS not available\r\n"}
+        while line := await reader.readline():
+            writer.write(replies.get(line.split()[0].upper(), b"502 5.5.1 not here\r\n"))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse_starttls, "127.0.0.1", 0)
+    async with server:
+        settings = smtp_settings(server.sockets[0].getsockname()[1]).model_copy(update={"smtp_starttls": True})
+        with pytest.raises(RetryableDeliveryError,
+                           match=r"^SMTP 554: 5\.7\.3 TLS not available \(check the SMTP_\* settings\)$"):
+            await send_email(settings, "oncall@example.com", notification())
+
+
 async def test_a_reply_the_relay_garbled_is_retryable():
     # No reply code at all: aiosmtplib reports -1, the relay's trouble and no verdict on the message.
     with SmtpServer() as smtp:

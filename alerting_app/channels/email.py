@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import socket
 import ssl
 from datetime import datetime, timezone
@@ -120,6 +121,8 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         refusal = min(exc.recipients, key=lambda refused: refused.code)
         if refusal.code == _CLOSING:
             raise _service_refused(refusal.code, refusal.message) from None
+        if (refused := _refused_us(refusal.message)) is not None:
+            raise _worker_refused(refusal.code, refusal.message, refused) from None
         raise _by_reply_code(refusal.code, f"SMTP {refusal.code}: {refusal.message}") from None
     except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPConnectResponseError) as exc:
         if exc.code == _CLOSING or isinstance(exc, aiosmtplib.SMTPConnectResponseError):
@@ -130,10 +133,19 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code == _CLOSING:
             raise _service_refused(exc.code, exc.message) from None
-        if exc.code in _RELAY_SETTINGS_REPLIES:
-            # The relay refused our login or asks for TLS: SMTP_* settings its operator can fix,
-            # not this message's fault, so it is retried like a relay that is down.
+        if isinstance(exc, aiosmtplib.SMTPHeloError):
+            # Our greeting (EHLO, then HELO) refused: nothing about this message, the same for
+            # every one until its operator sets another name (SMTP_HELO_NAME) or the relay.
+            raise _worker_refused(exc.code, exc.message, _GREETING) from None
+        # A reply to STARTTLS or AUTH, the other commands before the message (a garbled reply, -1,
+        # is none: aiosmtplib reads it before it knows whose it is).
+        before_the_message = not isinstance(exc, aiosmtplib.SMTPDataError) and 400 <= exc.code < 600
+        if exc.code in _RELAY_SETTINGS_REPLIES or before_the_message:
+            # The relay refused our login or STARTTLS, or asks for TLS: SMTP_* settings its
+            # operator can fix, not this message's fault, so it is retried like a relay that is
+            # down. Before, another 5xx there (504 to an AUTH mechanism, say) failed every email for good.
             raise RetryableDeliveryError(f"SMTP {exc.code}: {exc.message} (check the SMTP_* settings)") from None
+        # DATA's reply: about the message.
         raise _by_reply_code(exc.code, f"SMTP {exc.code}: {exc.message}") from None
     except TimeoutError:
         # Ours or one of aiosmtplib's per-command timeouts (SMTPTimeoutError is a TimeoutError too).
@@ -243,6 +255,41 @@ def _service_refused(code: int, message: str) -> RetryableDeliveryError:
     log.warning("email: the SMTP relay refused service: %s %s", code, message)
     return RetryableDeliveryError(f"SMTP {code}: the SMTP relay refused service (the platform's trouble,"
                                   " not the endpoint's)")
+
+
+# Postfix applies its restrictions on the client, its greeting and the sender at RCPT
+# (smtpd_delay_reject, the default), and names which one refused in its reply: "504 5.5.2 <name>:
+# Helo command rejected: need fully-qualified hostname" (reject_non_fqdn_helo_hostname), "450 4.7.1
+# Client host rejected: cannot find your hostname, [10.0.3.7]", "553 5.1.8 <alerts@...>: Sender
+# address rejected: Domain not found", "554 5.7.1 <ops@...>: Relay access denied" (the relay does
+# not relay for this worker). Each is about this worker, the same for every email, not the
+# recipient's: read as the recipient's, a 5xx failed every email for good.
+_GREETING = "its greeting (EHLO: check SMTP_HELO_NAME, a fully-qualified name the relay takes)"
+_REFUSED_US = (
+    (re.compile(r"\bHelo command rejected\b", re.IGNORECASE), _GREETING),
+    (re.compile(r"\bClient host rejected\b|\bClient host \[[^]]*\] blocked\b", re.IGNORECASE),
+     "this worker's address"),
+    (re.compile(r"\bSender address rejected\b", re.IGNORECASE), "the sender (check SMTP_FROM)"),
+    (re.compile(r"\bRelay access denied\b", re.IGNORECASE), "relaying for this worker"),
+)
+
+
+def _refused_us(reply: str) -> str | None:
+    """What of this worker a reply to RCPT says the relay refused (_REFUSED_US); None: the recipient."""
+    for pattern, refused in _REFUSED_US:
+        if pattern.search(reply):
+            return refused
+    return None
+
+
+def _worker_refused(code: int, message: str, refused: str) -> RetryableDeliveryError:
+    """The relay refusing this worker (`refused`: what of it), not the message: retried like a
+    relay that is down, every email failing until its operator fixes it. The reply goes to the
+    worker's log: it names this worker (its host name, its address), ours, not the tenant's, who
+    reads the reason."""
+    log.warning("email: the SMTP relay refused %s: %s %s", refused, code, message)
+    return RetryableDeliveryError(f"SMTP {code}: the SMTP relay refused {refused}"
+                                  " (the platform's trouble, not the endpoint's)")
 
 
 def _by_reply_code(code: int, reason: str) -> Exception:
