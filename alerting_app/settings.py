@@ -338,7 +338,7 @@ class Settings(BaseSettings):
     # The name the relay is greeted with (EHLO). Unset: this machine's name (socket.getfqdn()), which
     # in a container is often a bare container id that relays checking it refuse (Postfix's
     # reject_non_fqdn_helo_hostname: "504 Helo command rejected: need fully-qualified hostname",
-    # told at RCPT, so every email failed for good).
+    # told at RCPT: every email is retried naming this setting, channels/email.py _REFUSED_US).
     smtp_helo_name: Annotated[str | None, BeforeValidator(_unset_if_empty), AfterValidator(_helo_name)] = None
 
     @model_validator(mode="after")
