@@ -704,9 +704,9 @@ async def test_a_waiting_delivery_whose_endpoint_becomes_a_webhook_waits_for_no_
             relay.stall(300)  # what is sent hangs for the whole test
             send_email_to(relay, settings, monkeypatch, timeout_s=300.0)
             [hanging] = await email_tenants_notifications(pool, 1)
-            tenant, rule = await email_tenant(pool, "ops@example.com")
-            [endpoint] = await pool.fetchval("SELECT array_agg(endpoint_id::text) FROM endpoints WHERE rule_id = $1",
-                                             rule)
+            tenant = await insert_client(pool)
+            rule = await insert_rule(pool, tenant)
+            endpoint = await insert_endpoint(pool, tenant, rule, "email", "ops@example.com")
             waiting = await pending_notification(pool, tenant, [rule])
             dispatcher = Dispatcher(settings)
             try:
