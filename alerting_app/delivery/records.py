@@ -383,7 +383,7 @@ def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[
 # an email's delivery whose endpoint became a webhook waited for email room.
 # Each statement reads one partial index: the tenant's PENDING email (deliveries_email_client_idx),
 # or every PENDING row that is not email (deliveries_other_due_idx: there is no index by endpoint,
-# which would cost every delivery's insert a write), read only when the new or old type is not email.
+# which would cost every delivery's insert a write), read only when the endpoint was not email.
 _RETYPE_EMAIL = """
 UPDATE deliveries SET channel = $3
 WHERE client_id = $2 AND status = 'PENDING' AND channel = 'email' AND endpoint_id = $1
