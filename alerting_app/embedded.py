@@ -178,6 +178,16 @@ class ChildProcess:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def how_it_ended(self) -> str:
+        """"exited with code N", or "was killed by SIGKILL" (Popen's negative code is a signal)."""
+        code = self.process.returncode
+        if code is None or code >= 0:
+            return f"exited with code {code}"
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal, which has no name
+            return f"was killed by signal {-code}"
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -190,7 +200,7 @@ class ChildProcess:
         while not ready():
             if not self.running():
                 raise EmbeddedServiceError(
-                    f"{self.name} exited with code {self.process.returncode} before {what}; "
+                    f"{self.name} {self.how_it_ended()} before {what}; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
@@ -255,6 +265,12 @@ class EmbeddedServices:
             self._lock_file.close()
             self._lock_file = None
         atexit.unregister(self.stop)
+
+    def exited(self) -> ChildProcess | None:
+        """The first service started and not stopped since that is no longer running, or None.
+        Each is meant to run until stopped: one that exited was killed (the OOM killer, a kill) or
+        crashed."""
+        return next((child for child in self.children if not child.running()), None)
 
     def _lock_folder(self) -> None:
         # Two runs on one folder would fight over the Postgres cluster; the second one stops clearly.

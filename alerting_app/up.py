@@ -4,7 +4,8 @@ For each of KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL that is not set,
 service is started under DATA_DIR; then the schema is migrated, the topics are created and a worker
 (agents + web API) runs as a child process. Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops
 the worker first, then the embedded services, so the worker never loses its services while it is
-still committing.
+still committing. So does an embedded service that exits meanwhile (killed, crashed), which `up`
+names; the worker exiting stops the rest too. Either way `up` exits non-zero.
 """
 from __future__ import annotations
 
@@ -64,11 +65,16 @@ class WorkerProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def wait_until_ready(self, timeout: float = _WORKER_READY_TIMEOUT_S) -> None:
-        # /startedz, not Faust's "Ready" log line, which a LOG_LEVEL above info leaves out: 200 once
-        # the worker has joined its group, recovered its tables and found its dependencies ready.
-        self.child.wait_until(lambda: _answers_200(self.url + "/startedz"),
-                              f"ready and serving HTTP on port {self.port}", timeout)
+    def wait_until_ready(self, timeout: float = _WORKER_READY_TIMEOUT_S,
+                         meanwhile: Callable[[], None] = lambda: None) -> None:
+        """Wait for the worker, calling `meanwhile` at each look (it may raise to stop waiting)."""
+        def ready() -> bool:
+            meanwhile()
+            # /startedz, not Faust's "Ready" log line, which a LOG_LEVEL above info leaves out: 200
+            # once the worker has joined its group, recovered its tables and found its dependencies ready.
+            return _answers_200(self.url + "/startedz")
+
+        self.child.wait_until(ready, f"ready and serving HTTP on port {self.port}", timeout)
 
     def log(self) -> str:
         """What this worker wrote (not what earlier runs appended to the same file)."""
@@ -124,10 +130,14 @@ def _stop_on_signals() -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    # Further signals are ignored so that they cannot cut the orderly shutdown short.
+    _ignore_stop_signals()
+    raise KeyboardInterrupt
+
+
+def _ignore_stop_signals() -> None:
+    # Once the platform stops, further signals are ignored so that they cannot cut that short.
     for stop in _STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 _PREVIOUS_WORKER_STOP_S = 60.0  # its stop, its services gone with the killed `up`, may wait on their timeouts
@@ -201,18 +211,56 @@ def _run_up(settings: Settings, data_dir: Path, lock_file: IO) -> int:
             _prepare(env, settings)
             with WorkerProcess(env, data_dir / "worker.log", holding=lock_file) as worker:
                 print(f"starting the worker (log: {worker.log_path})…", flush=True)
-                worker.wait_until_ready()
+                worker.wait_until_ready(meanwhile=lambda: _stop_if_a_service_exited(services))
                 print(_instructions(env, worker.url, data_dir, token_generated), flush=True)
                 print("ready", flush=True)
-                code = worker.child.process.wait()
-                print(f"the worker exited with code {code}; see {worker.log_path}", file=sys.stderr)
-                return code or 1  # the worker is meant to run until we stop it
+                return _run_until_one_exits(worker, services)
+    except _ServiceExited:
+        return 1
     except KeyboardInterrupt:
         try:
             print("stopped", flush=True)
         except OSError:  # the terminal it was printing to is gone (SIGHUP)
             pass
         return 0
+
+
+_WATCH_INTERVAL_S = 1.0  # how often `up` looks whether its worker and embedded services still run
+
+
+def _run_until_one_exits(worker: WorkerProcess, services: EmbeddedServices) -> int:
+    """Wait until the worker or an embedded service exits: each is meant to run until we stop it.
+
+    Waiting on the worker alone, `up` missed a service that died under it (the OOM killer, a
+    kill): the worker went on retrying it, its reasons in worker.log only, the terminal silent.
+    The services come first: a worker that exits is more likely to follow one than to precede it.
+    """
+    while True:
+        _stop_if_a_service_exited(services)
+        code = worker.child.process.poll()
+        if code is not None:
+            print(f"the worker exited with code {code}; see {worker.log_path}", file=sys.stderr)
+            return code or 1
+        time.sleep(_WATCH_INTERVAL_S)
+
+
+class _ServiceExited(Exception):
+    """An embedded service exited while `up` ran; said on the terminal already."""
+
+
+def _stop_if_a_service_exited(services: EmbeddedServices) -> None:
+    """Raise _ServiceExited, having said which service exited and how, when one did.
+
+    It is not restarted: the broker keeps its topics in memory, so a new one would have none, and
+    the worker's table state would refer to the lost one; stopping, saying why, is what is honest.
+    """
+    exited = services.exited()
+    if exited is None:
+        return
+    _ignore_stop_signals()
+    print(f"the embedded {exited.name} {exited.how_it_ended()} (log: {exited.log_path}); "
+          f"stopping the worker and the other services", file=sys.stderr, flush=True)
+    raise _ServiceExited
 
 
 def worker_environment(settings: Settings, started: dict[str, str], data_dir: Path) -> dict[str, str]:
