@@ -5,10 +5,13 @@
     python3 dev.py test [pytest args]  # install, then the whole test suite (in 4 processes)
 
 Both create `.venv` when it is missing and (re)install the project into it whenever pyproject.toml
-changed since the last install. Standard library only: this runs before anything is installed.
+changed since the last install, one at a time (the second of two started at once waits, under the
+lock file .venv.lock). Standard library only: this runs before anything is installed.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -22,6 +25,9 @@ VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 # Records what the virtualenv was installed from; a different pyproject.toml means reinstall.
 STAMP = VENV / ".installed-from"
+# Held while .venv is checked, created or installed into (`install_lock`); beside it, not in it,
+# as it must exist before .venv does.
+LOCK = ROOT / ".venv.lock"
 # `dev.py test` with no arguments runs the suite in this many pytest-xdist processes, a test file
 # each at a time. Most of a test's time is spent waiting (a worker process starting, a consumer
 # group joining, a timeout running out): run one after another, the suite kept two cores about a
@@ -35,9 +41,28 @@ def _install_fingerprint() -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def install_lock(path: Path | None = None):
+    """One dev.py at a time in here: two started at once in a fresh checkout (`run` in one shell,
+    `test` in another) each created .venv and ran pip into it at the same time. The second now
+    waits, then finds the first one's install done."""
+    with open(path or LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another dev.py installing into {VENV}…", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # released when the file closes
+
+
 def ensure_installed() -> None:
     if sys.version_info < (3, 11):
         sys.exit(f"alerting-app needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    with install_lock():
+        _install()
+
+
+def _install() -> None:
     if not (BIN / "python").exists():
         print(f"creating {VENV}", flush=True)
         try:
