@@ -104,6 +104,9 @@ async def test_a_patch_giving_null_where_null_means_nothing_is_refused_naming_th
                          rb'"context_matchers": {"region": "\uDE00\uD83D"}}', "context_matchers.region"),
     ("/api/v1/silences", rb'{"source": "s", "ends_at": 4102444800, "comment": "c", "created_by": "me", '
                          rb'"context_matchers": {"\ud800": "eu"}}', "context_matchers"),
+    # An escaped backslash, the text "ud83d", then a lone low half: the six bytes before that escape
+    # read as a high half's escape, and the half was taken for the second of a pair.
+    ("/api/v1/clients", rb'{"name": "a\\ud83d\udcdf"}', "name"),
 ])
 async def test_a_lone_surrogate_is_refused_naming_its_field(api, tenant, path, body, field):
     # JSON can escape half of a UTF-16 pair, which is no character: pydantic's parser refused it as
@@ -113,11 +116,16 @@ async def test_a_lone_surrogate_is_refused_naming_its_field(api, tenant, path, b
     assert "lone surrogate" in reply.body["fields"][0]["message"]
 
 
-async def test_a_surrogate_pair_is_one_character_and_accepted(api):
-    reply = await api.call("POST", "/api/v1/clients", api.admin_token, data=rb'{"name": "pager \ud83d\udcdf"}')
+@pytest.mark.parametrize("body, name", [
+    (rb'{"name": "pager \ud83d\udcdf"}', "pager \U0001f4df"),
+    # An escaped backslash before the pair: a backslash, then the pager.
+    (rb'{"name": "pager \\\ud83d\udcdf"}', "pager \\\U0001f4df"),
+])
+async def test_a_surrogate_pair_is_one_character_and_accepted(api, body, name):
+    reply = await api.call("POST", "/api/v1/clients", api.admin_token, data=body)
     assert reply.status == 201, reply.body
     api.tenants.append(Tenant(reply.body["client_id"], reply.body["api_key"]))  # deleted with the module
-    assert reply.body["name"] == "pager \U0001f4df"
+    assert reply.body["name"] == name
 
 
 # --- Authorization header -------------------------------------------------------------------------

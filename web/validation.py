@@ -179,7 +179,11 @@ def parse_json(raw: bytes) -> Any:
 # The escape of a high surrogate not followed by a low one, or of a low one not preceded by a high
 # one (pairs, as emoji are often written, are one character): only then is the whole body walked.
 _HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-_SURROGATE_ESCAPE = re.compile(_HIGH + b"(?!" + _LOW + b")|(?<!" + _HIGH + b")" + _LOW)
+# The bytes before a low half's escape can look like a high half's without being one: in
+# `"\\ud83d\udcdf"` they are an escaped backslash and the text "ud83d", and the low half is alone.
+# Such a body is walked too (the walk tells which it is).
+_SURROGATE_ESCAPE = re.compile(_HIGH + b"(?!" + _LOW + b")|(?<!" + _HIGH + b")" + _LOW
+                               + b"|" + rb"\\" + _HIGH + _LOW)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
