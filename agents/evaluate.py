@@ -56,9 +56,10 @@ def evaluate_alerts(events: Iterable[EventT]) -> Evaluation:
     return evaluation
 
 
-# A match carries the alert and every matching rule of its client: thousands of one client's rules
-# matching a large alert make a message the broker refuses, on every redelivery of the batch, which
-# would stop the partition for every tenant. Such a match is a dead letter (the alert's other
+# A match carries the alert and every matching rule of its client (7 at most: criteria are unique
+# per client, never all wildcards): an alert that nearly fills a message on its own makes a match
+# the broker refuses, on every redelivery of the batch, which would stop the partition for every
+# tenant. Such a match is a dead letter (the alert's other
 # clients still get theirs; replaying the letter matches them again, which aggregate ignores).
 # The notification aggregate builds from a match is smaller than the match, so it fits too.
 # An upper bound of its size: the alert as received (re-encoding adds a few bytes at most: the
