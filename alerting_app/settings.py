@@ -255,6 +255,12 @@ class Settings(BaseSettings):
     # answers 503 database_unavailable (alerting_app/db.py, api_pool): a frozen server or a network
     # dropping packets keeps the connection open without answering, until TCP gives up minutes later.
     api_database_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Requests per second each token (a client's key, the admin's, the ingest token) may make, in
+    # bursts of up to API_RATE_BURST, counted across every worker (web/request_limits.py); past it,
+    # 429. 0 means unlimited. Far above what a person or a sync script needs: it is there to stop a
+    # runaway one from taking the Postgres pool every tenant's calls share.
+    api_rate_limit_per_s: float = Field(default=50.0, ge=0, le=100_000)
+    api_rate_burst: int = Field(default=500, ge=1, le=1_000_000)
 
     # --- delivery (docs/delivery.md) ---
     # One HTTP request (webhook, Slack), connect to response, before it counts as a retryable failure.

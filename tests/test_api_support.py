@@ -105,7 +105,7 @@ async def api(services) -> Api:
     import web  # noqa: F401  (registers the views)
     from agents.retention import finish_client_deletions
     from agents.rule_outbox import relay_pending
-    from alerting_app import db
+    from alerting_app import db, redis_client
     from alerting_app.app import app
 
     async with TestClient(TestServer(await app.web.wsgi())) as client:
@@ -120,6 +120,9 @@ async def api(services) -> Api:
     while await relay_pending(pool):
         pass
     await db.close()
+    # Every API request takes a token of its rate limit (web/request_limits.py) through this client,
+    # which would stay bound to this loop for later modules' own.
+    await redis_client.close()
     await app.producer.stop()
     # Lets a later module start the producer again, in whatever loop it runs.
     app.producer.service_reset()

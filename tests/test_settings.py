@@ -46,6 +46,11 @@ BAD_VALUES = [
     # 0 would fail every API call touching Postgres; over 5 minutes is the wait it exists to cut short.
     ("API_DATABASE_TIMEOUT_S", "0"),
     ("API_DATABASE_TIMEOUT_S", "301"),
+    # The API's request rate limit: 0 is "unlimited"; below it, or a burst of no request, means nothing.
+    ("API_RATE_LIMIT_PER_S", "-1"),
+    ("API_RATE_LIMIT_PER_S", "fast"),
+    ("API_RATE_BURST", "0"),
+    ("API_RATE_BURST", "2.5"),
     ("ALLOW_PRIVATE_ENDPOINTS", "perhaps"),
     ("LOG_LEVEL", "loud"),
     # Faust refuses more than its request timeout (90 s), Kafka less than 6 s: both only at start.

@@ -2,8 +2,9 @@
 (INGEST_TOKEN), which may only send alerts.
 
 Client keys are stored only as sha256 hashes; the key itself is shown once, when the client is
-created. Every /api/v1 view derives from `ApiView`, so no handler runs unauthenticated, none reads
-an unbounded body, and none runs with a query parameter it does not read.
+created. Every /api/v1 view derives from `ApiView`, so no handler runs unauthenticated or past its
+token's rate limit (web/request_limits.py), none reads an unbounded body, and none runs with a
+query parameter it does not read.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from faust.web.exceptions import WebError
 from alerting_app import db
 from alerting_app.app import settings
 from alerting_app.bearer import bearer, is_token
-from web.errors import Forbidden, Unauthorized, ValidationFailed
+from web.errors import Forbidden, RateLimited, Unauthorized, ValidationFailed
+from web.request_limits import request_limit
 from web.validation import NoQuery, parse_query, read_body, refuse_a_body
 
 # Recognisable in logs and by secret scanners.
@@ -76,13 +78,18 @@ async def authenticate(request: Request) -> Caller:
         # silently (as a JSON key or a query parameter given twice is refused).
         raise Unauthorized()
     token = bearer_token(authorizations[0] if authorizations else None)
+    # Each token spends a request of its own budget first (web/request_limits.py): RateLimited past it.
     if is_token(token, settings.admin_token):
+        await request_limit.spend("admin", "admin")
         return ADMIN
     if is_token(token, settings.ingest_token):
+        await request_limit.spend("ingest", "ingest")
         return ALERT_SOURCE
+    key_hash = hash_api_key(token)
+    # Before the key is looked up: requests past the budget cost Postgres nothing.
+    await request_limit.spend(f"key:{key_hash}", "client")
     # Looking up the hash, not the key, keeps the comparison independent of the key's bytes.
     pool = await db.api_pool()
-    key_hash = hash_api_key(token)
     client_id = await pool.fetchval("SELECT client_id FROM clients WHERE api_key_hash = $1", key_hash)
     if client_id is None:
         raise Unauthorized()
@@ -113,7 +120,7 @@ class ApiView(View):
             caller = await authenticate(request)
             if caller.alert_source and not self.accepts_alert_sources:
                 raise Forbidden(INGEST_TOKEN_ONLY_SENDS_ALERTS)
-        except (Unauthorized, Forbidden) as exc:
+        except (Unauthorized, Forbidden, RateLimited) as exc:
             return await self.on_request_error(request, exc)
         request[CALLER] = caller
         method = "GET" if request.method == "HEAD" else request.method  # Faust's head() is get()
@@ -135,7 +142,11 @@ class ApiView(View):
         return await read_body(request)
 
     async def on_request_error(self, request: Request, exc: WebError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.code == Unauthorized.code else None
+        headers = None
+        if exc.code == Unauthorized.code:
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return self.error(exc.code, exc.detail, headers=headers, **exc.extra_context)
 
     @staticmethod

@@ -55,6 +55,15 @@ class UnsupportedMediaType(WebError):
         super().__init__(message=message)
 
 
+class RateLimited(WebError):
+    code = HTTPStatus.TOO_MANY_REQUESTS
+    detail = "rate_limited"
+
+    def __init__(self, retry_after_s: int, message: str) -> None:
+        super().__init__(message=message)
+        self.retry_after_s = retry_after_s  # whole seconds: the Retry-After header
+
+
 class BrokerUnavailable(WebError):
     code = HTTPStatus.SERVICE_UNAVAILABLE
     detail = "broker_unavailable"
