@@ -16,7 +16,7 @@ GCRA, one atomic Lua call timed by Redis's clock, so every worker spends from th
 Redis not answering is no reason to refuse the API (fail open): the request goes on unchecked, with
 a WARNING and alerting_api_requests_unchecked_total. This worker then asks Redis again only after
 UNCHECKED_FOR_S: a Redis that is down costs the log one line per that, not one per request, and a
-Redis that hangs holds one request CHECK_TIMEOUT_S, not every one.
+Redis that hangs holds the requests that asked it CHECK_TIMEOUT_S, then none for UNCHECKED_FOR_S.
 """
 from __future__ import annotations
 
@@ -73,10 +73,11 @@ class RequestLimit:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 wait_s = await limits.take_or_wait_s(caller_bucket(settings.app_id, caller), rate_per_s)
         except (RedisError, TimeoutError) as exc:
-            self.unchecked_until = time.monotonic() + UNCHECKED_FOR_S
             metrics.api_requests_unchecked.inc()
-            log.warning("API rate limit: Redis did not answer (%s: %s); requests go on unchecked for %g s",
-                        type(exc).__name__, exc, UNCHECKED_FOR_S)
+            if time.monotonic() >= self.unchecked_until:  # not told already by a request that asked with it
+                log.warning("API rate limit: Redis did not answer (%s: %s); requests go on unchecked for %g s",
+                            type(exc).__name__, exc or f"nothing within {CHECK_TIMEOUT_S:g} s", UNCHECKED_FOR_S)
+            self.unchecked_until = time.monotonic() + UNCHECKED_FOR_S
             return
         if wait_s:
             metrics.api_requests_limited.labels(caller=kind).inc()
