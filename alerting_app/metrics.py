@@ -56,12 +56,9 @@ for _topic in ("alerts.matched", "notifications.ready"):
 agent_crashes = Counter("alerting_agent_crashes_total",
                         "Agents that raised: after the first, this worker commits no offset and stops")
 
-# The API's request rate limit (web/request_limits.py), by who the token is.
-API_CALLERS = ("admin", "ingest", "client")
+# The API's request rate limit on client keys (web/request_limits.py).
 api_requests_limited = Counter("alerting_api_requests_limited_total",
-                               "API requests answered 429: their token was over its rate limit", ["caller"])
-for _caller in API_CALLERS:
-    api_requests_limited.labels(caller=_caller)
+                               "API requests answered 429: their key was over its rate limit")
 api_requests_unchecked = Counter("alerting_api_requests_unchecked_total",
                                  "API requests let through without their rate limit checked: Redis did not answer")
 

@@ -255,7 +255,7 @@ class Settings(BaseSettings):
     # answers 503 database_unavailable (alerting_app/db.py, api_pool): a frozen server or a network
     # dropping packets keeps the connection open without answering, until TCP gives up minutes later.
     api_database_timeout_s: float = Field(default=10.0, gt=0, le=300)
-    # Requests per second each token (a client's key, the admin's, the ingest token) may make, in
+    # Requests per second each client key may make (the admin and ingest tokens are not limited), in
     # bursts of up to API_RATE_BURST, counted across every worker (web/request_limits.py); past it,
     # 429. 0 means unlimited. Far above what a person or a sync script needs: it is there to stop a
     # runaway one from taking the Postgres pool every tenant's calls share.

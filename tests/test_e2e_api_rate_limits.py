@@ -1,4 +1,4 @@
-"""The API's request rate limit with real processes: two API workers spend one budget per token,
+"""The API's request rate limit with real processes: two API workers spend one budget per client key,
 kept in Redis (web/request_limits.py), not one each."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def test_two_workers_spend_one_budget_per_token(services, start_worker):
+async def test_two_workers_spend_one_budget_per_client_key(services, start_worker):
     # A request per 1,000 s after the burst: none comes back while the test runs.
     limited = {"APP_ID": f"api-limit-{secrets.token_hex(4)}", "ROLES": "api",
                "API_RATE_LIMIT_PER_S": "0.001", "API_RATE_BURST": str(BURST)}
@@ -25,7 +25,7 @@ async def test_two_workers_spend_one_budget_per_token(services, start_worker):
 
     async with aiohttp.ClientSession() as http:
         clients = []
-        for name in ("Acme", "Globex"):  # two of the admin's own budget
+        for name in ("Acme", "Globex"):  # the admin's token is not limited
             async with http.post(first.url + "/api/v1/clients", json={"name": name}, headers=admin) as response:
                 assert response.status == 201
                 body = await response.json()
@@ -42,7 +42,7 @@ async def test_two_workers_spend_one_budget_per_token(services, start_worker):
         for worker in (first, second):
             async with http.get(worker.url + "/api/v1/rules", headers=bearer(globex_key)) as response:
                 assert response.status == 200
-        for client_id in (acme_id, globex_id):  # two more of the admin's budget, on the other worker
+        for client_id in (acme_id, globex_id):
             async with http.delete(f"{second.url}/api/v1/clients/{client_id}", headers=admin) as response:
                 assert response.status == 204
 

@@ -1,12 +1,12 @@
 """The API's request rate limit: a budget per token, shared by every worker through Redis.
 
 One tenant's key in a runaway script must not take the Postgres pool every tenant's API calls
-share. Each token has a budget of its own (each client's key, the admin token, the ingest token):
-API_RATE_LIMIT_PER_S requests a second, in bursts of up to API_RATE_BURST, reads and writes alike.
-Past it the answer is 429 `rate_limited` with Retry-After. The probes and /metrics are not API
-views (web/operations.py) and spend nothing.
+share. Each client key has a budget of its own: API_RATE_LIMIT_PER_S requests a second, in bursts
+of up to API_RATE_BURST, reads and writes alike. Past it the answer is 429 `rate_limited` with
+Retry-After. The operator's tokens (ADMIN_TOKEN, INGEST_TOKEN: alerts from the monitored systems)
+are not limited (web/auth.py), and the probes and /metrics are not API views (web/operations.py).
 
-The budget is the token's, not the client's it names: it is spent before the key is looked up
+The budget is the key's, not the client's it names: it is spent before the key is looked up
 (web/auth.py), so requests past it cost Redis one call each and Postgres nothing. A token that is
 none of ours spends a budget of its own, never a tenant's: 401 within it, 429 past it.
 
@@ -58,10 +58,9 @@ class RequestLimit:
             self._limits = (redis, burst_s, RateLimits(PipelinedRedis(redis), burst_s))
         return self._limits[2]
 
-    async def spend(self, caller: str, kind: str) -> None:
-        """Spend one request of `caller`'s budget, or raise RateLimited saying when it has one again.
-
-        `caller` names the token's bucket; `kind` (metrics.API_CALLERS) labels the metric."""
+    async def spend(self, caller: str) -> None:
+        """Spend one request of `caller`'s budget (it names the key's bucket), or raise RateLimited
+        saying when it has one again."""
         rate_per_s = settings.api_rate_limit_per_s
         if rate_per_s <= 0:
             return
@@ -80,7 +79,7 @@ class RequestLimit:
             self.unchecked_until = time.monotonic() + UNCHECKED_FOR_S
             return
         if wait_s:
-            metrics.api_requests_limited.labels(caller=kind).inc()
+            metrics.api_requests_limited.inc()
             retry_after_s = math.ceil(wait_s)
             raise RateLimited(retry_after_s, f"this token made more requests than the API's rate limit "
                                              f"(API_RATE_LIMIT_PER_S {rate_per_s:g} a second, in bursts of up to "
