@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 API_LOOP = pytest.mark.asyncio(loop_scope="session")
 
@@ -48,8 +49,11 @@ class Api:
         self.tenants: list[Tenant] = []
 
     async def call(self, method: str, path: str, token: str | None, json: Any = _NO_BODY, *,
-                   data: bytes | None = None, params: Any = None) -> Reply:
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+                   data: bytes | None = None, params: Any = None, headers: Any = ()) -> Reply:
+        # `headers`: a dict, or (name, value) pairs for a header sent on several lines.
+        headers = CIMultiDict(headers)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         kwargs: dict[str, Any] = {"headers": headers, "params": params}
         if json is not _NO_BODY:
             kwargs["json"] = json

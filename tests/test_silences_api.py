@@ -207,8 +207,8 @@ async def test_delete_expires_the_silence_now_and_keeps_it_readable(api, tenant)
 async def test_a_silence_expired_while_its_expiry_waited_is_not_expired_again(api, tenant):
     """Two DELETEs at once: the one whose transaction began first, waiting on the other's lock,
     found the silence ending at the other's now(), after its own: it expired it again, a version
-    and an event more, ending earlier. Here the other expiry is made with the table locked, so
-    that it lands after the waiting request's transaction began."""
+    and an event more, ending earlier. Here the other expiry is made holding the silence's row
+    lock, once the request waits on it: it lands after the waiting request's transaction began."""
     import asyncio
 
     from alerting_app import db
@@ -219,10 +219,11 @@ async def test_a_silence_expired_while_its_expiry_waited_is_not_expired_again(ap
     async with pool.acquire() as other:
         transaction = other.transaction()
         await transaction.start()
-        # Its own UPDATE below is not held up by its own lock; the request's is.
-        await other.execute("LOCK TABLE silences IN SHARE MODE")
+        # Its own UPDATE below is not held up by its own lock; the request's is (wherever the
+        # request takes the row: web/silences.py locks it before expiring it, for If-Match).
+        await other.execute("SELECT 1 FROM silences WHERE silence_id = $1 FOR UPDATE", silence["silence_id"])
         expiring = asyncio.ensure_future(api.call("DELETE", path, tenant.key))
-        await until_waiting_on_a_lock(pool, query_like="%UPDATE silences SET starts_at%", unless_done=expiring)
+        await until_waiting_on_a_lock(pool, query_like="%silences%", unless_done=expiring)
         await other.execute("UPDATE silences SET starts_at = least(starts_at, clock_timestamp()),"
                             " ends_at = clock_timestamp(), version = version + 1 WHERE silence_id = $1",
                             silence["silence_id"])

@@ -3,8 +3,8 @@
 
 Client keys are stored only as sha256 hashes; the key itself is shown once, when the client is
 created. Every /api/v1 view derives from `ApiView`, so no handler runs unauthenticated or past its
-token's rate limit (web/request_limits.py), none reads an unbounded body, and none runs with a
-query parameter it does not read.
+key's rate limit (web/request_limits.py), none reads an unbounded body, none runs with a query
+parameter it does not read, and none ignores an If-Match it would not evaluate (web/preconditions.py).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from alerting_app import db
 from alerting_app.app import settings
 from alerting_app.bearer import bearer, is_token
 from web.errors import Forbidden, RateLimited, Unauthorized, ValidationFailed
+from web.preconditions import PRECONDITIONS, read_preconditions
 from web.request_limits import request_limit
 from web.validation import NoQuery, parse_query, read_body, refuse_a_body
 
@@ -114,6 +115,10 @@ class ApiView(View):
     # accepted: `DELETE /api/v1/silences/{id}` with `{"comment": "fixed"}` answered 204 and kept no
     # comment. An empty body, `{}` and `null` hold nothing, and pass (some clients send one always).
     body_methods: frozenset[str] = frozenset()
+    # The methods whose handler evaluates If-Match and If-None-Match (web/preconditions.py): a single
+    # rule's, endpoint's, silence's or client's. Elsewhere If-Match is refused (422 naming it) before
+    # the handler runs: ignored, `DELETE` with a stale If-Match answered 204.
+    conditional_methods: frozenset[str] = frozenset()
 
     async def dispatch(self, request: Any) -> Any:
         try:
@@ -134,6 +139,10 @@ class ApiView(View):
                 refuse_a_body(await read_body(request))
             except WebError as exc:  # 422, or 413 and 415 as for any body
                 return await self.on_request_error(request, exc)
+        try:
+            request[PRECONDITIONS] = read_preconditions(request, method, method in self.conditional_methods)
+        except ValidationFailed as exc:
+            return await self.on_request_error(request, exc)
         return await super().dispatch(request)
 
     async def read_request_content(self, request: Request) -> bytes:

@@ -13,6 +13,7 @@ from alerting_app.contracts import RuleChanged
 from web.auth import ApiView, Caller, hash_api_key, new_api_key
 from web.errors import NotFound, Unauthorized
 from web.pagination import PageQuery, page_of
+from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.schemas import ClientCreate, ClientCreated, ClientOut, ClientPatch
 from web.silences import record_silence_deletes
 from web.validation import parse_body, parse_query, path_id
@@ -38,11 +39,7 @@ INSERT = f"""
     SELECT $1, $2, $3, at, at FROM clock_timestamp() AS at
     RETURNING {COLUMNS}
 """
-RENAME = f"""
-    UPDATE clients SET name = $3, updated_at = now()
-    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND deleting_since IS NULL
-    RETURNING {COLUMNS}
-"""
+RENAME = f"UPDATE clients SET name = $2, updated_at = now() WHERE client_id = $1 RETURNING {COLUMNS}"
 # A new key replaces the old one at once: authentication looks the hash up on every request.
 # Asked with a client key ($4, its hash; NULL for the admin), only while that key is still the
 # client's: a request authenticated a moment before another replacement committed would otherwise
@@ -54,11 +51,7 @@ NEW_KEY = f"""
       AND deleting_since IS NULL
     RETURNING {COLUMNS}
 """
-LOCK_CLIENT = """
-    SELECT 1 FROM clients
-    WHERE client_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND deleting_since IS NULL
-    FOR UPDATE
-"""
+LOCK_CLIENT = GET + " FOR UPDATE"
 LOCK_RULES = "SELECT rule_id, version FROM rules WHERE client_id = $1 ORDER BY rule_id FOR UPDATE"
 DELETE_RULES = "DELETE FROM rules WHERE client_id = $1"  # their endpoints with them (ON DELETE CASCADE)
 DELETE_SILENCES = "DELETE FROM silences WHERE client_id = $1"
@@ -70,7 +63,17 @@ def client_out(row: Any) -> ClientOut:
     return ClientOut.model_validate(dict(row))
 
 
-async def delete_client(client_id: UUID, caller: Caller) -> bool:
+async def rename_client(client_id: UUID, caller: Caller, name: str, expected: Preconditions = NONE) -> Any:
+    pool = await db.api_pool()
+    async with pool.acquire() as conn, conn.transaction():
+        current = await conn.fetchrow(LOCK_CLIENT, client_id, caller.client_id)
+        if current is None:
+            raise NotFound()
+        expected.check(client_out(current), "client")
+        return await conn.fetchrow(RENAME, client_id, name)
+
+
+async def delete_client(client_id: UUID, caller: Caller, expected: Preconditions = NONE) -> bool:
     """Delete the client's rules and silences (each announced) and endpoints, and its key; mark it
     being deleted, so that it is gone to the API and to the pipeline from the commit on.
 
@@ -85,8 +88,10 @@ async def delete_client(client_id: UUID, caller: Caller) -> bool:
     async with pool.acquire() as conn, conn.transaction():
         # Locking the client first makes a concurrent rule insert for it wait (web/quotas.py), then
         # find no client: no rule can appear after its delete event was written.
-        if await conn.fetchval(LOCK_CLIENT, client_id, caller.client_id) is None:
+        current = await conn.fetchrow(LOCK_CLIENT, client_id, caller.client_id)
+        if current is None:
             return False
+        expected.check(client_out(current), "client")
         await record_rule_changes(conn, [
             RuleChanged(rule_id=str(rule["rule_id"]), client_id=str(client_id), version=rule["version"] + 1,
                         action="delete")
@@ -112,7 +117,7 @@ class ClientsView(ApiView):
         pool = await db.api_pool()
         row = await pool.fetchrow(INSERT, uuid4(), body.name, hash_api_key(api_key))
         created = ClientCreated(**client_out(row).model_dump(), api_key=api_key)
-        return self.json(created.model_dump(mode="json"), status=201)
+        return representation(self, request, created, tagged=client_out(row), status=201, what="client")
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, PageQuery)
@@ -124,25 +129,23 @@ class ClientsView(ApiView):
 @app.page("/api/v1/clients/{client_id}")
 class ClientView(ApiView):
     body_methods = frozenset({"PATCH"})
+    conditional_methods = RESOURCE_METHODS
 
     async def get(self, request: Request, client_id: str) -> Response:
         pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(client_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()
-        return self.json(client_out(row).model_dump(mode="json"))
+        return representation(self, request, client_out(row), what="client")
 
     async def patch(self, request: Request, client_id: str) -> Response:
         id_ = path_id(client_id)
         body = parse_body(await self.read_request_content(request), ClientPatch)
-        pool = await db.api_pool()
-        row = await pool.fetchrow(RENAME, id_, self.caller(request).client_id, body.name)
-        if row is None:
-            raise NotFound()
-        return self.json(client_out(row).model_dump(mode="json"))
+        row = await rename_client(id_, self.caller(request), body.name, preconditions(request))
+        return representation(self, request, client_out(row), what="client")
 
     async def delete(self, request: Request, client_id: str) -> Response:
-        if not await delete_client(path_id(client_id), self.caller(request)):
+        if not await delete_client(path_id(client_id), self.caller(request), preconditions(request)):
             raise NotFound()
         return self.bytes(b"", status=204)
 

@@ -24,6 +24,7 @@ from alerting_app.delivery import records
 from web.auth import ApiView, Caller
 from web.errors import Conflict, NotFound, ValidationFailed
 from web.pagination import page_of
+from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.quotas import ENDPOINTS, check_quota, lock_client
 from web.schemas import (MAX_ENDPOINT_VALUE_CHARS, EndpointCreate, EndpointCreated, EndpointOut, EndpointPatch,
                          EndpointQuery)
@@ -72,7 +73,8 @@ NEW_SECRET = f"""
     WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND type = 'webhook'
     RETURNING {COLUMNS}, secret
 """
-DELETE = "DELETE FROM endpoints WHERE endpoint_id = $1 AND ($2::uuid IS NULL OR client_id = $2) RETURNING 1"
+LOCK = GET + " FOR UPDATE"
+DELETE = "DELETE FROM endpoints WHERE endpoint_id = $1"
 # The rule's other endpoints of a type, whose addresses a new one is compared with (read under the
 # client's lock, which every creation and readdressing takes first, so two of them cannot both find
 # none). At most MAX_ENDPOINTS_PER_RULE rows.
@@ -202,7 +204,8 @@ def address_after(current: Any, changes: dict[str, Any]) -> tuple[str, str]:
     return changes.get("type", current["type"]), changes.get("value", current["value"])
 
 
-async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, Any]) -> Any:
+async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, Any],
+                          expected: Preconditions = NONE) -> Any:
     pool = await db.api_pool()
     while True:
         # The address is checked (a DNS lookup, for a URL) before the row is locked: a slow resolver
@@ -210,6 +213,7 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
         current = await pool.fetchrow(GET, endpoint_id, caller.client_id)
         if current is None:
             raise NotFound()
+        expected.check(endpoint_out(current), "endpoint")  # already stale: no lookup for it
         readdressed = "type" in changes or "value" in changes
         address = address_after(current, changes)
         checked = await checked_value(*address) if readdressed else None
@@ -217,9 +221,10 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
             # The client's lock before the row's, as a client's deletion takes them.
             if readdressed and not await lock_client(conn, current["client_id"]):
                 raise NotFound()
-            locked = await conn.fetchrow(GET + " FOR UPDATE", endpoint_id, caller.client_id)
+            locked = await conn.fetchrow(LOCK, endpoint_id, caller.client_id)
             if locked is None:
                 raise NotFound()
+            expected.check(endpoint_out(locked), "endpoint")
             merged = {**dict(locked), **changes}
             if readdressed:
                 if address_after(locked, changes) != address:
@@ -239,6 +244,17 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
             return row
 
 
+async def delete_endpoint(endpoint_id: UUID, caller: Caller, expected: Preconditions = NONE) -> bool:
+    pool = await db.api_pool()
+    async with pool.acquire() as conn, conn.transaction():
+        current = await conn.fetchrow(LOCK, endpoint_id, caller.client_id)
+        if current is None:
+            return False
+        expected.check(endpoint_out(current), "endpoint")
+        await conn.execute(DELETE, endpoint_id)
+    return True
+
+
 @app.page("/api/v1/endpoints")
 class EndpointsView(ApiView):
     body_methods = frozenset({"POST"})
@@ -247,7 +263,8 @@ class EndpointsView(ApiView):
     async def post(self, request: Request) -> Response:
         body = parse_body(await self.read_request_content(request), EndpointCreate)
         row = await create_endpoint(self.caller(request), body)
-        return self.json(EndpointCreated.of(row).model_dump(mode="json"), status=201)
+        return representation(self, request, EndpointCreated.of(row), tagged=endpoint_out(row), status=201,
+                              what="endpoint")
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, EndpointQuery)
@@ -260,27 +277,27 @@ class EndpointsView(ApiView):
 @app.page("/api/v1/endpoints/{endpoint_id}")
 class EndpointView(ApiView):
     body_methods = frozenset({"PATCH"})
+    conditional_methods = RESOURCE_METHODS
 
     async def get(self, request: Request, endpoint_id: str) -> Response:
         pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(endpoint_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()
-        return self.json(endpoint_out(row).model_dump(mode="json"))
+        return representation(self, request, endpoint_out(row), what="endpoint")
 
     async def patch(self, request: Request, endpoint_id: str) -> Response:
         id_ = path_id(endpoint_id)
         body = parse_body(await self.read_request_content(request), EndpointPatch)
         # The fields given; only rate_limit_per_s may be null (EndpointPatch): back to the default.
         changes = body.model_dump(exclude_unset=True)
-        row = await change_endpoint(id_, self.caller(request), changes)
+        row = await change_endpoint(id_, self.caller(request), changes, preconditions(request))
         # With its new secret when it has just become a webhook (change_endpoint).
         out = EndpointCreated.of(row) if "secret" in row.keys() else endpoint_out(row)
-        return self.json(out.model_dump(mode="json"))
+        return representation(self, request, out, tagged=endpoint_out(row), what="endpoint")
 
     async def delete(self, request: Request, endpoint_id: str) -> Response:
-        pool = await db.api_pool()
-        if await pool.fetchval(DELETE, path_id(endpoint_id), self.caller(request).client_id) is None:
+        if not await delete_endpoint(path_id(endpoint_id), self.caller(request), preconditions(request)):
             raise NotFound()
         return self.bytes(b"", status=204)
 

@@ -88,3 +88,13 @@ class ValidationFailed(WebError):
             name = ".".join(str(part) for part in error["loc"]) or whole
             fields.append({"field": name, "message": error["msg"]})
         return cls(fields)
+
+
+class PreconditionFailed(WebError):
+    """412: an If-Match or If-None-Match the resource as it stands does not meet (web/preconditions.py)."""
+
+    code = HTTPStatus.PRECONDITION_FAILED
+    detail = "precondition_failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)

@@ -19,6 +19,7 @@ from alerting_app.contracts import Rule, RuleChanged, RuleCriteria
 from web.auth import ApiView, Caller
 from web.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from web.pagination import page_of
+from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.quotas import RULES, lock_client_within_quota
 from web.schemas import RuleCreate, RuleOut, RulePatch, RuleQuery, RuleReplace
 from web.validation import parse_body, parse_query, path_id
@@ -124,14 +125,16 @@ async def create_rule(caller: Caller, body: RuleCreate) -> Any:
     return row
 
 
-async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict[str, Any]) -> Any:
-    """Apply `changes` if the rule is still at `version` (optimistic concurrency)."""
+async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict[str, Any],
+                      expected: Preconditions = NONE) -> Any:
+    """Apply `changes` if the rule is still at `version` and meets `expected` (optimistic concurrency)."""
     pool = await db.api_pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(LOCK, rule_id, caller.client_id)
             if current is None:
                 raise NotFound()
+            expected.check(rule_out(current), "rule")
             if current["version"] != version:
                 raise Conflict(f"the rule is at version {current['version']}, not {version}; read it again")
             merged = {**dict(current), **changes}
@@ -144,12 +147,14 @@ async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict
     return row
 
 
-async def delete_rule(rule_id: UUID, caller: Caller) -> bool:
+async def delete_rule(rule_id: UUID, caller: Caller, expected: Preconditions = NONE) -> bool:
     pool = await db.api_pool()
     async with pool.acquire() as conn, conn.transaction():
-        deleted = await conn.fetchrow(DELETE, rule_id, caller.client_id)
-        if deleted is None:
+        current = await conn.fetchrow(LOCK, rule_id, caller.client_id)
+        if current is None:
             return False
+        expected.check(rule_out(current), "rule")
+        deleted = await conn.fetchrow(DELETE, rule_id, caller.client_id)
         # The deletion marker takes the next version, so it supersedes every upsert before it.
         await record_rule_change(conn, RuleChanged(
             rule_id=str(deleted["rule_id"]), client_id=str(deleted["client_id"]),
@@ -167,7 +172,7 @@ class RulesView(ApiView):
     async def post(self, request: Request) -> Response:
         body = parse_body(await self.read_request_content(request), RuleCreate)
         row = await create_rule(self.caller(request), body)
-        return self.json(rule_out(row).model_dump(mode="json"), status=201)
+        return representation(self, request, rule_out(row), status=201, what="rule")
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, RuleQuery)
@@ -180,29 +185,31 @@ class RulesView(ApiView):
 @app.page("/api/v1/rules/{rule_id}")
 class RuleView(ApiView):
     body_methods = frozenset({"PUT", "PATCH"})
+    conditional_methods = RESOURCE_METHODS
 
     async def get(self, request: Request, rule_id: str) -> Response:
         pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(rule_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()
-        return self.json(rule_out(row).model_dump(mode="json"))
+        return representation(self, request, rule_out(row), what="rule")
 
     async def put(self, request: Request, rule_id: str) -> Response:
         id_ = path_id(rule_id)
         body = parse_body(await self.read_request_content(request), RuleReplace)
-        row = await change_rule(id_, self.caller(request), body.version, body.model_dump(exclude={"version"}))
-        return self.json(rule_out(row).model_dump(mode="json"))
+        row = await change_rule(id_, self.caller(request), body.version, body.model_dump(exclude={"version"}),
+                                preconditions(request))
+        return representation(self, request, rule_out(row), what="rule")
 
     async def patch(self, request: Request, rule_id: str) -> Response:
         id_ = path_id(rule_id)
         body = parse_body(await self.read_request_content(request), RulePatch)
         # null counts as "not given": every rule field is required in the stored rule.
         changes = body.model_dump(exclude={"version"}, exclude_none=True)
-        row = await change_rule(id_, self.caller(request), body.version, changes)
-        return self.json(rule_out(row).model_dump(mode="json"))
+        row = await change_rule(id_, self.caller(request), body.version, changes, preconditions(request))
+        return representation(self, request, rule_out(row), what="rule")
 
     async def delete(self, request: Request, rule_id: str) -> Response:
-        if not await delete_rule(path_id(rule_id), self.caller(request)):
+        if not await delete_rule(path_id(rule_id), self.caller(request), preconditions(request)):
             raise NotFound()
         return self.bytes(b"", status=204)

@@ -26,6 +26,7 @@ from tables.silences import silence_index
 from web.auth import ApiView, Caller
 from web.errors import Forbidden, NotFound, ValidationFailed
 from web.pagination import PageQuery, page_of
+from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.quotas import lock_client_within_quota, silences_quota
 from web.schemas import RequestBody, SeverityCriterion
 from web.validation import StorableDatetime, parse_body, parse_query, path_id
@@ -89,6 +90,7 @@ LIST = f"""
     LIMIT $6
 """
 GET = f"SELECT {COLUMNS} FROM silences WHERE silence_id = $1 AND ($2::uuid IS NULL OR client_id = $2)"
+LOCK = GET + " FOR UPDATE"
 # Dated when inserted (clock_timestamp), after the client's lock, not when the transaction began
 # (now()): a create that waited for that lock would otherwise land behind rows committed while it
 # waited, behind a page a reader has already read (docs/api.md, "Cursors and times").
@@ -171,13 +173,17 @@ async def create_silence(caller: Caller, body: SilenceCreate) -> Any:
     return row
 
 
-async def expire_silence(silence_id: UUID, caller: Caller) -> bool:
+async def expire_silence(silence_id: UUID, caller: Caller, expected: Preconditions = NONE) -> bool:
     """End the silence now; False if the caller has no such silence. Expiring twice changes nothing."""
     pool = await db.api_pool()
     async with pool.acquire() as conn, conn.transaction():
+        current = await conn.fetchrow(LOCK, silence_id, caller.client_id)
+        if current is None:
+            return False
+        expected.check(silence_out(current), "silence")
         row = await conn.fetchrow(EXPIRE, silence_id, caller.client_id)
         if row is None:
-            return await conn.fetchval(GET, silence_id, caller.client_id) is not None
+            return True  # ended already
         await record_silence_change(conn, upsert_event(row))
     wake_up()
     return True
@@ -197,7 +203,7 @@ class SilencesView(ApiView):
     async def post(self, request: Request) -> Response:
         body = parse_body(await self.read_request_content(request), SilenceCreate)
         row = await create_silence(self.caller(request), body)
-        return self.json(silence_out(row).model_dump(mode="json"), status=201)
+        return representation(self, request, silence_out(row), status=201, what="silence")
 
     async def get(self, request: Request) -> Response:
         query = parse_query(request, SilenceQuery)
@@ -209,15 +215,17 @@ class SilencesView(ApiView):
 
 @app.page("/api/v1/silences/{silence_id}")
 class SilenceView(ApiView):
+    conditional_methods = RESOURCE_METHODS
+
     async def get(self, request: Request, silence_id: str) -> Response:
         pool = await db.api_pool()
         row = await pool.fetchrow(GET, path_id(silence_id), self.caller(request).client_id)
         if row is None:
             raise NotFound()
-        return self.json(silence_out(row).model_dump(mode="json"))
+        return representation(self, request, silence_out(row), what="silence")
 
     async def delete(self, request: Request, silence_id: str) -> Response:
-        if not await expire_silence(path_id(silence_id), self.caller(request)):
+        if not await expire_silence(path_id(silence_id), self.caller(request), preconditions(request)):
             raise NotFound()
         return self.bytes(b"", status=204)
 

@@ -1,0 +1,248 @@
+"""Conditional requests: every single rule, endpoint, silence and client carries an ETag, and
+If-Match / If-None-Match are evaluated against the locked row in the change's own transaction
+(web/preconditions.py), so two writers editing one resource cannot overwrite each other unseen."""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from postgres_waits import until_waiting_on_a_lock
+from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+
+pytestmark = API_LOOP
+
+
+async def stored_rule(rule_id: str) -> dict:
+    from alerting_app import db
+
+    pool = await db.pool()
+    return dict(await pool.fetchrow("SELECT name, enabled, version FROM rules WHERE rule_id = $1", rule_id))
+
+
+async def outbox_versions(rule_id: str) -> list[int]:
+    """The versions of the rule.changed events written for the rule (the relay is not running here)."""
+    from alerting_app import db
+
+    pool = await db.pool()
+    rows = await pool.fetch("SELECT payload FROM rule_outbox WHERE rule_id = $1 ORDER BY outbox_id", rule_id)
+    return [row["payload"]["version"] for row in rows]
+
+
+def silence_body() -> dict:
+    ends_at = datetime.now(timezone.utc) + timedelta(hours=1)
+    return {"source": "payments", "ends_at": ends_at.isoformat(), "comment": "maintenance", "created_by": "ops"}
+
+
+def is_strong_etag(value: str | None) -> bool:
+    return value is not None and value.startswith('"') and value.endswith('"') and len(value) > 2
+
+
+async def test_a_rule_read_carries_a_strong_etag_and_each_change_answers_the_new_one(api, tenant):
+    created = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": "etag", "name": "*"})
+    path = f"/api/v1/rules/{created.body['rule_id']}"
+    read = await api.call("GET", path, tenant.key)
+    assert is_strong_etag(read.headers.get("ETag"))
+    assert created.headers.get("ETag") == read.headers["ETag"]  # the 201's tag is the rule's as GET shows it
+
+    patched = await api.call("PATCH", path, tenant.key, {"version": 1, "name": "Latency"},
+                             headers={"If-Match": read.headers["ETag"]})
+    assert patched.status == 200, patched.body
+    assert patched.headers["ETag"] not in (None, read.headers["ETag"])
+    assert (await api.call("GET", path, tenant.key)).headers["ETag"] == patched.headers["ETag"]
+
+    replaced = await api.call("PUT", path, tenant.key,
+                              {"version": 2, "severity": "HIGH", "source": "etag", "name": "Errors", "enabled": True},
+                              headers={"If-Match": patched.headers["ETag"]})
+    assert replaced.status == 200, replaced.body
+    assert (await api.call("GET", path, tenant.key)).headers["ETag"] == replaced.headers["ETag"]
+
+
+async def test_a_patch_with_a_stale_etag_is_refused_412_and_changes_nothing(api, tenant):
+    rule = await api.new_rule(tenant, source="stale")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    first_read = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    # The other operator's change, made with the ETag both read.
+    assert (await api.call("PATCH", path, tenant.key, {"version": 1, "name": "Theirs"},
+                           headers={"If-Match": first_read})).status == 200
+    # This one read version 2 from somewhere (the body's version is current): only the ETag is stale.
+    refused = await api.call("PATCH", path, tenant.key, {"version": 2, "name": "Mine", "enabled": False},
+                             headers={"If-Match": first_read})
+    assert refused.status == 412, refused.body
+    assert refused.body["error"] == "precondition_failed"
+    assert "read it again" in refused.body["message"]
+    assert await stored_rule(rule["rule_id"]) == {"name": "Theirs", "enabled": True, "version": 2}
+    assert await outbox_versions(rule["rule_id"]) == [1, 2]  # no event for the refused change
+
+
+async def test_a_delete_with_a_stale_etag_is_refused_412_and_one_with_the_current_etag_deletes(api, tenant):
+    rule = await api.new_rule(tenant, source="delete-stale")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    old = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    current = (await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False})).headers["ETag"]
+    refused = await api.call("DELETE", path, tenant.key, headers={"If-Match": old})
+    assert refused.status == 412, refused.body
+    assert (await api.call("GET", path, tenant.key)).status == 200
+    assert await outbox_versions(rule["rule_id"]) == [1, 2]
+    # A list of tags matches when any of them is the current one.
+    assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": f"{old}, {current}"})).status == 204
+    assert (await api.call("GET", path, tenant.key)).status == 404
+
+
+async def test_if_match_star_matches_an_existing_rule_and_a_missing_one_stays_404(api, tenant):
+    rule = await api.new_rule(tenant, source="star")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    assert (await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False},
+                           headers={"If-Match": "*"})).status == 200
+    assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": "*"})).status == 204
+    assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": "*"})).status == 404
+    assert (await api.call("GET", path, tenant.key, headers={"If-Match": "*"})).status == 404
+
+
+async def test_a_weak_etag_never_satisfies_if_match(api, tenant):
+    rule = await api.new_rule(tenant, source="weak")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    tag = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    refused = await api.call("DELETE", path, tenant.key, headers={"If-Match": f"W/{tag}"})
+    assert refused.status == 412, refused.body
+    assert (await api.call("GET", path, tenant.key)).status == 200
+
+
+async def test_a_malformed_if_match_is_refused_naming_it_and_changes_nothing(api, tenant):
+    rule = await api.new_rule(tenant, source="malformed")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    tag = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    for value in ("1", tag[1:-1], f"{tag} junk", f"*, {tag}", "", '"a"b"'):
+        refused = await api.call("DELETE", path, tenant.key, headers={"If-Match": value})
+        assert refused.failing_fields() == {"If-Match"}, value
+        assert "quoted entity tags" in refused.body["fields"][0]["message"]
+    refused = await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False},
+                             headers={"If-None-Match": "v1"})
+    assert refused.failing_fields() == {"If-None-Match"}
+    assert await stored_rule(rule["rule_id"]) == {"name": "*", "enabled": True, "version": 1}
+    # Two header lines are one list (RFC 9110 5.3): the second line's tag is read, not dropped.
+    changed = (await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False})).headers["ETag"]
+    assert (await api.call("DELETE", path, tenant.key,
+                           headers=[("If-Match", tag), ("If-Match", changed)])).status == 204
+
+
+async def test_if_none_match_naming_the_current_etag_answers_304_without_a_body(api, tenant):
+    rule = await api.new_rule(tenant, source="cache")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    tag = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    for value in (tag, f"W/{tag}", f'"other", {tag}', "*"):  # weak comparison, as for a cache
+        unchanged = await api.call("GET", path, tenant.key, headers={"If-None-Match": value})
+        assert (unchanged.status, unchanged.body, unchanged.headers.get("ETag")) == (304, None, tag), value
+    changed = await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False})
+    again = await api.call("GET", path, tenant.key, headers={"If-None-Match": tag})
+    assert (again.status, again.headers["ETag"], again.body["enabled"]) == (200, changed.headers["ETag"], False)
+    # On a change, If-None-Match naming the current state refuses it.
+    refused = await api.call("DELETE", path, tenant.key, headers={"If-None-Match": "*"})
+    assert refused.status == 412, refused.body
+
+
+async def test_if_unmodified_since_is_refused_naming_it_unless_if_match_comes_with_it(api, tenant):
+    rule = await api.new_rule(tenant, source="dates")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    future = "Fri, 01 Jan 2100 00:00:00 GMT"
+    refused = await api.call("DELETE", path, tenant.key, headers={"If-Unmodified-Since": future})
+    assert refused.failing_fields() == {"If-Unmodified-Since"}
+    assert "If-Match" in refused.body["fields"][0]["message"]
+    assert (await api.call("GET", path, tenant.key)).status == 200
+    # With If-Match it is ignored (RFC 9110 13.1.4): If-Match decides.
+    past = "Sat, 01 Jan 2000 00:00:00 GMT"
+    assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": "*", "If-Unmodified-Since": past})
+            ).status == 204
+
+
+async def test_if_match_on_a_request_that_does_not_evaluate_it_is_refused_not_ignored(api, tenant):
+    refused = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": "refused", "name": "*"},
+                             headers={"If-Match": '"x"'})
+    assert refused.failing_fields() == {"If-Match"}
+    listed = await api.call("GET", "/api/v1/rules", tenant.key)
+    assert [rule for rule in listed.body["items"] if rule["source"] == "refused"] == []
+    key_refused = await api.call("POST", f"/api/v1/clients/{tenant.client_id}/key", tenant.key,
+                                 headers={"If-Match": "*"})
+    assert key_refused.failing_fields() == {"If-Match"}
+    assert (await api.call("GET", f"/api/v1/clients/{tenant.client_id}", tenant.key)).status == 200  # key unchanged
+    # A list has no ETag: If-None-Match on its GET is a cache's question, answered in full.
+    assert (await api.call("GET", "/api/v1/rules", tenant.key, headers={"If-None-Match": '"x"'})).status == 200
+
+
+async def test_another_clients_rule_stays_404_whatever_the_preconditions(api, tenant, other_tenant):
+    theirs = await api.new_rule(other_tenant, source="theirs")
+    path = f"/api/v1/rules/{theirs['rule_id']}"
+    tag = (await api.call("GET", path, other_tenant.key)).headers["ETag"]
+    for headers in ({"If-Match": "*"}, {"If-Match": tag}, {"If-None-Match": tag}, {"If-None-Match": '"x"'}):
+        assert (await api.call("GET", path, tenant.key, headers=headers)).status == 404, headers
+        assert (await api.call("DELETE", path, tenant.key, headers=headers)).status == 404, headers
+        assert (await api.call("PATCH", path, tenant.key, {"version": 1, "enabled": False},
+                               headers=headers)).status == 404, headers
+    assert await stored_rule(theirs["rule_id"]) == {"name": "*", "enabled": True, "version": 1}
+
+
+async def test_renames_waiting_on_the_locked_client_are_each_checked_against_the_one_before(api, tenant):
+    """The check is made on the row as locked, not as read before: the renames queue on the row's
+    lock, and each that comes after the first finds the client renamed (412), rather than every one
+    of them passing a check made before the first wrote."""
+    from alerting_app import db
+
+    path = f"/api/v1/clients/{tenant.client_id}"
+    tag = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    pool = await db.pool()
+    async with pool.acquire() as holder:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM clients WHERE client_id = $1 FOR UPDATE", tenant.client_id)
+            renames = [asyncio.create_task(api.call("PATCH", path, tenant.key, {"name": f"name-{n}"},
+                                                    headers={"If-Match": tag})) for n in range(3)]
+            # Each waits on the row, wherever it takes it (a lock before the check, or the write after it).
+            await until_waiting_on_a_lock(pool, query_like="%clients%", sessions=3)
+        replies = await asyncio.gather(*renames)
+    assert sorted(reply.status for reply in replies) == [200, 412, 412], [reply.body for reply in replies]
+    [winner] = [reply for reply in replies if reply.status == 200]
+    assert (await api.call("GET", path, tenant.key)).body["name"] == winner.body["name"]
+
+
+async def test_an_endpoint_carries_its_etag_and_a_stale_one_changes_or_deletes_nothing(api, tenant):
+    rule = await api.new_rule(tenant, source="endpoint-etag")
+    created = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                             {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/e"})
+    path = f"/api/v1/endpoints/{created.body['endpoint_id']}"
+    read = await api.call("GET", path, tenant.key)
+    assert created.headers["ETag"] == read.headers["ETag"]  # the endpoint's, not that of its shown-once secret
+    patched = await api.call("PATCH", path, tenant.key, {"enabled": False}, headers={"If-Match": read.headers["ETag"]})
+    assert patched.status == 200, patched.body
+    assert (await api.call("GET", path, tenant.key)).headers["ETag"] == patched.headers["ETag"]
+    stale = await api.call("PATCH", path, tenant.key, {"value": "https://hooks.example.com/other"},
+                           headers={"If-Match": read.headers["ETag"]})
+    assert stale.status == 412, stale.body
+    assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": read.headers["ETag"]})).status == 412
+    now = await api.call("GET", path, tenant.key)
+    assert (now.body["value"], now.body["enabled"]) == ("https://hooks.example.com/e", False)
+    assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": patched.headers["ETag"]})).status == 204
+
+
+async def test_a_silence_carries_its_etag_and_a_stale_one_does_not_expire_it(api, tenant):
+    created = await api.call("POST", "/api/v1/silences", tenant.key, silence_body())
+    path = f"/api/v1/silences/{created.body['silence_id']}"
+    read = await api.call("GET", path, tenant.key)
+    assert created.headers["ETag"] == read.headers["ETag"]
+    refused = await api.call("DELETE", path, tenant.key, headers={"If-Match": '"not-its-tag"'})
+    assert refused.status == 412, refused.body
+    assert (await api.call("GET", path, tenant.key)).body["state"] == "active"
+    assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": read.headers["ETag"]})).status == 204
+    expired = await api.call("GET", path, tenant.key)
+    assert expired.body["state"] == "expired" and expired.headers["ETag"] != read.headers["ETag"]
+
+
+async def test_a_client_carries_its_etag_and_a_stale_one_neither_renames_nor_deletes_it(api):
+    tenant = await api.new_tenant("etag-client")
+    path = f"/api/v1/clients/{tenant.client_id}"
+    read = await api.call("GET", path, tenant.key)
+    renamed = await api.call("PATCH", path, api.admin_token, {"name": "renamed"},
+                             headers={"If-Match": read.headers["ETag"]})
+    assert renamed.status == 200, renamed.body
+    assert (await api.call("GET", path, tenant.key)).headers["ETag"] == renamed.headers["ETag"]
+    assert (await api.call("PATCH", path, tenant.key, {"name": "mine"},
+                           headers={"If-Match": read.headers["ETag"]})).status == 412
+    assert (await api.call("DELETE", path, api.admin_token, headers={"If-Match": read.headers["ETag"]})).status == 412
+    assert (await api.call("GET", path, tenant.key)).body["name"] == "renamed"
