@@ -43,6 +43,7 @@ async def test_a_rule_read_carries_a_strong_etag_and_each_change_answers_the_new
     read = await api.call("GET", path, tenant.key)
     assert is_strong_etag(read.headers.get("ETag"))
     assert created.headers.get("ETag") == read.headers["ETag"]  # the 201's tag is the rule's as GET shows it
+    assert (await api.call("HEAD", path, tenant.key)).headers.get("ETag") == read.headers["ETag"]
 
     patched = await api.call("PATCH", path, tenant.key, {"version": 1, "name": "Latency"},
                              headers={"If-Match": read.headers["ETag"]})
@@ -72,6 +73,8 @@ async def test_a_patch_with_a_stale_etag_is_refused_412_and_changes_nothing(api,
     assert "read it again" in refused.body["message"]
     assert await stored_rule(rule["rule_id"]) == {"name": "Theirs", "enabled": True, "version": 2}
     assert await outbox_versions(rule["rule_id"]) == [1, 2]  # no event for the refused change
+    # A GET with If-Match is refused alike, rather than showing a rule that is not the one named.
+    assert (await api.call("GET", path, tenant.key, headers={"If-Match": first_read})).status == 412
 
 
 async def test_a_delete_with_a_stale_etag_is_refused_412_and_one_with_the_current_etag_deletes(api, tenant):
