@@ -302,6 +302,37 @@ async def test_a_postfix_restriction_on_this_worker_at_rcpt_is_retried_as_the_pl
     assert reply in caplog.text
 
 
+@pytest.mark.parametrize("reply", [
+    "550 5.1.1 <oncall@example.com>: Recipient address rejected: undeliverable address: host"
+    " mx.example.com[192.0.2.1] said: 554 5.7.1 <oncall@example.com>: Relay access denied (in reply to RCPT TO command)",
+    "550 5.1.1 <oncall@example.com>: Recipient address rejected: undeliverable address: host"
+    " mx.example.com[192.0.2.1] said: 550 5.7.1 Client host rejected: cannot find your hostname"
+    " (in reply to RCPT TO command)",
+], ids=["quoting-relay-denied", "quoting-client-rejected"])
+async def test_a_recipient_refused_by_its_own_mail_server_fails_though_the_reply_quotes_a_restriction(reply):
+    # Postfix's address verification (reject_unverified_recipient) refuses the recipient quoting
+    # what the recipient's own mail server told the relay: its verdict, "Recipient address
+    # rejected", comes first. That server's refusal is about that address, not this worker: the
+    # relay itself would bounce the message. Read as ours, it was retried for minutes.
+    with SmtpServer() as smtp:
+        smtp.refuse("oncall@example.com", reply)
+        with pytest.raises(PermanentDeliveryError, match="Recipient address rejected"):
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+
+
+async def test_a_sender_refused_by_address_verification_is_retried_though_the_reply_quotes_a_recipient(caplog):
+    # reject_unverified_sender: the relay asked SMTP_FROM's domain, whose server answered about a
+    # recipient (the relay's probe of our sender). The relay's verdict, first, is on the sender.
+    reply = ("550 5.1.7 <alerts@alerting.example>: Sender address rejected: undeliverable address: host"
+             " mx.alerting.example[192.0.2.2] said: 550 5.1.1 <alerts@alerting.example>: Recipient address"
+             " rejected: User unknown (in reply to RCPT TO command)")
+    with SmtpServer() as smtp:
+        smtp.refuse("oncall@example.com", reply)
+        with pytest.raises(RetryableDeliveryError, match=r"refused the sender \(check SMTP_FROM\)"):
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+    assert reply in caplog.text
+
+
 async def test_a_relay_refusing_starttls_for_good_is_retried_and_names_the_settings():
     # A refusal of STARTTLS (or of AUTH) is about the relay and the SMTP_* settings, the same for
     # every email: before, a 5xx failed each one for good.

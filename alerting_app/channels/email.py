@@ -264,6 +264,11 @@ def _service_refused(code: int, message: str) -> RetryableDeliveryError:
 # address rejected: Domain not found", "554 5.7.1 <ops@...>: Relay access denied" (the relay does
 # not relay for this worker). Each is about this worker, the same for every email, not the
 # recipient's: read as the recipient's, a 5xx failed every email for good.
+# The relay's own verdict comes first; a reply it quotes comes after it: address verification
+# (reject_unverified_recipient) answers "550 5.1.1 <ops@...>: Recipient address rejected:
+# undeliverable address: host mx...[...] said: 554 5.7.1 ...: Relay access denied", the recipient's
+# own server refusing that address, which the relay would bounce. So the first phrase found says
+# whose refusal it is, "Recipient address rejected" (None) among them.
 _GREETING = "its greeting (EHLO: check SMTP_HELO_NAME, a fully-qualified name the relay takes)"
 _REFUSED_US = (
     (re.compile(r"\bHelo command rejected\b", re.IGNORECASE), _GREETING),
@@ -271,15 +276,15 @@ _REFUSED_US = (
      "this worker's address"),
     (re.compile(r"\bSender address rejected\b", re.IGNORECASE), "the sender (check SMTP_FROM)"),
     (re.compile(r"\bRelay access denied\b", re.IGNORECASE), "relaying for this worker"),
+    (re.compile(r"\bRecipient address rejected\b", re.IGNORECASE), None),
 )
 
 
 def _refused_us(reply: str) -> str | None:
-    """What of this worker a reply to RCPT says the relay refused (_REFUSED_US); None: the recipient."""
-    for pattern, refused in _REFUSED_US:
-        if pattern.search(reply):
-            return refused
-    return None
+    """What of this worker a reply to RCPT says the relay refused (_REFUSED_US: the first phrase
+    in the reply); None: the recipient."""
+    found = [(match.start(), refused) for pattern, refused in _REFUSED_US if (match := pattern.search(reply))]
+    return min(found, key=lambda at: at[0], default=(0, None))[1]
 
 
 def _worker_refused(code: int, message: str, refused: str) -> RetryableDeliveryError:
