@@ -304,7 +304,8 @@ async def test_a_postfix_restriction_on_this_worker_at_rcpt_is_retried_as_the_pl
 
 @pytest.mark.parametrize("reply", [
     "550 5.1.1 <oncall@example.com>: Recipient address rejected: undeliverable address: host"
-    " mx.example.com[192.0.2.1] said: 554 5.7.1 <oncall@example.com>: Relay access denied (in reply to RCPT TO command)",
+    " mx.example.com[192.0.2.1] said: 554 5.7.1 <oncall@example.com>: Relay access denied"
+    " (in reply to RCPT TO command)",
     "550 5.1.1 <oncall@example.com>: Recipient address rejected: undeliverable address: host"
     " mx.example.com[192.0.2.1] said: 550 5.7.1 Client host rejected: cannot find your hostname"
     " (in reply to RCPT TO command)",

@@ -757,3 +757,53 @@ async def test_an_attempt_made_by_the_old_type_leaves_a_waiting_delivery_the_new
             answer.set()
             await dispatcher.close()
             await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)
+
+
+async def until_a_statement_waits_for_a_lock(pool, statement_start: str) -> None:
+    """Until a session runs a statement beginning `statement_start` and waits for a row lock."""
+    for _ in range(600):
+        waiting = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND ltrim(query, E' \\n') LIKE $1 || '%'", statement_start)
+        if waiting:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no statement {statement_start!r} waited for a lock")
+
+
+async def test_a_patch_of_the_type_deadlocked_with_the_recorder_is_done_not_answered_503(pool, clean_db):
+    """The PATCH retypes the endpoint's waiting deliveries in the order of its scan; the recorder
+    writes a batch's outcomes in the batch's order. Each holding a row the other wants next, Postgres
+    ends one of them: here the PATCH (the recorder waits longer before it checks). Before, the
+    tenant got 503 database_unavailable for the PATCH, none of it done; it goes through now, and
+    the recorder's write with it."""
+    from alerting_app.delivery.records import DeliveryChange
+
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    endpoint = await insert_endpoint(pool, client, rule, "webhook", "https://hooks.example.com/ops")
+    first, second = [await pending_notification(pool, client, [rule]) for _ in range(2)]
+    for notification, due in ((first, "2 min"), (second, "1 min")):  # the PATCH's scan: first, then second
+        await pool.execute(
+            "INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at, leased_by,"
+            " lease_until) VALUES ($1, $2, 'webhook', 'PENDING', now() - $3::text::interval, 'w1',"
+            " now() + interval '1 min')",
+            notification.notification_id, endpoint, due)
+
+    def failed_attempt(notification) -> DeliveryChange:
+        return DeliveryChange(notification.notification_id, endpoint, "PENDING", attempts=1,
+                              last_error="HTTP 503", channel="webhook")
+
+    async with pool.acquire() as recorder:
+        await recorder.execute("SET deadlock_timeout = '30s'")  # the PATCH's check comes first
+        async with recorder.transaction():
+            await records.write_changes(recorder, "w1", [failed_attempt(second)])
+            patch = asyncio.ensure_future(retyped_as_the_api_does(endpoint, client, "email", "ops@example.com"))
+            await until_a_statement_waits_for_a_lock(pool, "UPDATE deliveries SET channel")
+            await records.write_changes(recorder, "w1", [failed_attempt(first)])
+        await recorder.execute("RESET deadlock_timeout")
+    await patch
+
+    assert await pool.fetchval("SELECT type FROM endpoints WHERE endpoint_id = $1", endpoint) == "email"
+    rows = await pool.fetch("SELECT channel, attempts FROM deliveries WHERE endpoint_id = $1", endpoint)
+    assert [(row["channel"], row["attempts"]) for row in rows] == [("email", 1), ("email", 1)]

@@ -204,9 +204,14 @@ def address_after(current: Any, changes: dict[str, Any]) -> tuple[str, str]:
     return changes.get("type", current["type"]), changes.get("value", current["value"])
 
 
+# How many tries a change gets that deadlocks with a delivery write before it is answered 503.
+_DEADLOCKED_TRIES = 3
+
+
 async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, Any],
                           expected: Preconditions = NONE) -> Any:
     pool = await db.api_pool()
+    deadlocks = 0
     while True:
         # The address is checked (a DNS lookup, for a URL) before the row is locked: a slow resolver
         # must hold neither a pool connection nor the lock that delivery and other changes wait on.
@@ -217,31 +222,41 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
         readdressed = "type" in changes or "value" in changes
         address = address_after(current, changes)
         checked = await checked_value(*address) if readdressed else None
-        async with pool.acquire() as conn, conn.transaction():
-            # The client's lock before the row's, as a client's deletion takes them.
-            if readdressed and not await lock_client(conn, current["client_id"]):
-                raise NotFound()
-            locked = await conn.fetchrow(LOCK, endpoint_id, caller.client_id)
-            if locked is None:
-                raise NotFound()
-            expected.check(endpoint_out(locked), "endpoint")
-            merged = {**dict(locked), **changes}
-            if readdressed:
-                if address_after(locked, changes) != address:
-                    continue  # changed by someone else since it was checked: check the new address
-                merged["value"] = checked
-                await refuse_same_address(conn, locked["rule_id"], merged["type"], checked, endpoint_id)
-            row = await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
-                                      merged["rate_limit_per_s"])
-            if locked["type"] != row["type"]:
-                # Its waiting deliveries go by the new type, and are leased as such (email in its
-                # tenant's turn): in this transaction, so no sweep reads the endpoint new and them old.
-                await records.retype_waiting(conn, endpoint_id, locked["client_id"], locked["type"], row["type"])
-            if locked["type"] != "webhook" and row["type"] == "webhook":
-                # Its secret was never shown (a Slack or email endpoint's is null): a new one, shown
-                # in this answer, else every notification was signed with a key nobody holds.
-                row = await conn.fetchrow(NEW_SECRET, endpoint_id, caller.client_id)
-            return row
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                # The client's lock before the row's, as a client's deletion takes them.
+                if readdressed and not await lock_client(conn, current["client_id"]):
+                    raise NotFound()
+                locked = await conn.fetchrow(LOCK, endpoint_id, caller.client_id)
+                if locked is None:
+                    raise NotFound()
+                expected.check(endpoint_out(locked), "endpoint")
+                merged = {**dict(locked), **changes}
+                if readdressed:
+                    if address_after(locked, changes) != address:
+                        continue  # changed by someone else since it was checked: check the new address
+                    merged["value"] = checked
+                    await refuse_same_address(conn, locked["rule_id"], merged["type"], checked, endpoint_id)
+                row = await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
+                                          merged["rate_limit_per_s"])
+                if locked["type"] != row["type"]:
+                    # Its waiting deliveries go by the new type, and are leased as such (email in its
+                    # tenant's turn): in this transaction, so no sweep reads the endpoint new and them old.
+                    await records.retype_waiting(conn, endpoint_id, locked["client_id"], locked["type"], row["type"])
+                if locked["type"] != "webhook" and row["type"] == "webhook":
+                    # Its secret was never shown (a Slack or email endpoint's is null): a new one, shown
+                    # in this answer, else every notification was signed with a key nobody holds.
+                    row = await conn.fetchrow(NEW_SECRET, endpoint_id, caller.client_id)
+                return row
+        except asyncpg.DeadlockDetectedError:
+            # Retyping the waiting deliveries locks them in the order of its scan, a worker
+            # recording a batch of their outcomes in the batch's: each may hold a row the other
+            # wants next, and Postgres ends one of them, most often this one (it waited first).
+            # Nothing of it was done; made again, it waits for the worker's write. Before, the
+            # tenant got 503 database_unavailable for it.
+            deadlocks += 1
+            if deadlocks >= _DEADLOCKED_TRIES:
+                raise
 
 
 async def delete_endpoint(endpoint_id: UUID, caller: Caller, expected: Preconditions = NONE) -> bool:
