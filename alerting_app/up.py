@@ -239,6 +239,9 @@ def _run_until_one_exits(worker: WorkerProcess, services: EmbeddedServices) -> i
         _stop_if_a_service_exited(services)
         code = worker.child.process.poll()
         if code is not None:
+            # The services are stopped next: a Ctrl-C meanwhile cut that short, and `up` said
+            # "stopped" and exited 0 for a worker that had failed.
+            _ignore_stop_signals()
             print(f"the worker exited with code {code}; see {worker.log_path}", file=sys.stderr)
             return code or 1
         time.sleep(_WATCH_INTERVAL_S)

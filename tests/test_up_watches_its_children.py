@@ -11,12 +11,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import psutil
 
-from alerting_app.embedded import free_port
+from alerting_app import up as up_module
+from alerting_app.embedded import ChildProcess, EmbeddedServices, free_port
 from alerting_app.up import alerting_app_executable
 from pipe_lines import read_lines_until
 
@@ -122,3 +124,25 @@ def test_up_still_reports_its_worker_exiting(services, tmp_path):
     assert f"the worker exited with code -9; see {data_dir / 'worker.log'}" in rest.splitlines(), rest
     assert "redis-server" not in rest, rest  # stopped by `up`, not reported as exited
     assert left_running(started, data_dir) == set()
+
+
+def test_once_its_worker_exited_up_stops_its_services_whatever_signal_comes(tmp_path):
+    """The worker's exit is reported, and the stop of the services that follows is not cut short
+    by a Ctrl-C (which said "stopped" and exited 0 for a failed worker): the stop signals are
+    ignored from then on, as they are once a service has exited."""
+    previous = {stop: signal.getsignal(stop) for stop in up_module._STOP_SIGNALS}
+    try:
+        up_module._stop_on_signals()
+        # A real child process that exits at once, as the worker of `up` (its argv aside).
+        worker = object.__new__(up_module.WorkerProcess)
+        worker.log_path = tmp_path / "worker.log"
+        worker.child = ChildProcess("worker", [sys.executable, "-c", "raise SystemExit(3)"], worker.log_path)
+        with EmbeddedServices(tmp_path / "services") as services:
+            code = up_module._run_until_one_exits(worker, services)
+
+        assert code == 3
+        assert {stop: signal.getsignal(stop) for stop in up_module._STOP_SIGNALS} == \
+            {stop: signal.SIG_IGN for stop in up_module._STOP_SIGNALS}
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
