@@ -655,6 +655,14 @@ async def retyped_as_the_api_does(endpoint_id: str, client_id: str, type_: str, 
     await change_endpoint(UUID(endpoint_id), Caller(UUID(client_id)), {"type": type_, "value": value})
 
 
+async def retyped_and_its_waiting_deliveries(endpoint_id: str, client_id: str, type_: str, value: str) -> None:
+    """The PATCH, and the retyping of its waiting deliveries that it starts after its commit."""
+    from web.endpoints import retyping_finished
+
+    await retyped_as_the_api_does(endpoint_id, client_id, type_, value)
+    await retyping_finished()
+
+
 async def test_a_waiting_delivery_whose_endpoint_becomes_email_is_mailed_in_its_tenants_email_turn(
         pool, four_emails_held, monkeypatch, clean_db):
     """The other tenant's delivery was opened for a webhook endpoint and waits in Postgres; the
@@ -675,7 +683,7 @@ async def test_a_waiting_delivery_whose_endpoint_becomes_email_is_mailed_in_its_
                 # Opened as a full worker opens them, none leased: the storm's rows first, the other's after.
                 assert await records.open_deliveries(pool, storm, None, settings.delivery_lease_s, []) == []
                 assert await records.open_deliveries(pool, [other], None, settings.delivery_lease_s, []) == []
-                await retyped_as_the_api_does(endpoint, tenant, "email", "retyped@example.com")
+                await retyped_and_its_waiting_deliveries(endpoint, tenant, "email", "retyped@example.com")
 
                 assert await pool.fetchval("SELECT channel FROM deliveries WHERE endpoint_id = $1", endpoint) == "email"
                 # The storm's oldest only, whose turn came first: before, the whole storm.
@@ -713,7 +721,7 @@ async def test_a_waiting_delivery_whose_endpoint_becomes_a_webhook_waits_for_no_
                 assert len(await start_deliveries(pool, dispatcher, [hanging])) == 1
                 assert dispatcher.email_full()
                 assert await start_deliveries(pool, dispatcher, [waiting]) == []  # no email room: left to the sweep
-                await retyped_as_the_api_does(endpoint, tenant, "webhook", receiver.url("retyped"))
+                await retyped_and_its_waiting_deliveries(endpoint, tenant, "webhook", receiver.url("retyped"))
 
                 assert [job.notification.notification_id for job in await sweep(pool, dispatcher)] == [
                     waiting.notification_id]
@@ -745,7 +753,7 @@ async def test_an_attempt_made_by_the_old_type_leaves_a_waiting_delivery_the_new
             jobs = await records.open_deliveries(pool, [notification], dispatcher.owner, settings.delivery_lease_s, [])
             assert dispatcher.submit(jobs) == []
             await receiver.wait_for_posts(1, "hook", timeout=60)
-            await retyped_as_the_api_does(endpoint, tenant, "email", "ops@example.com")
+            await retyped_and_its_waiting_deliveries(endpoint, tenant, "email", "ops@example.com")
             answer.set()
             await dispatcher.drained()
 
@@ -759,51 +767,111 @@ async def test_an_attempt_made_by_the_old_type_leaves_a_waiting_delivery_the_new
             await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)
 
 
-async def until_a_statement_waits_for_a_lock(pool, statement_start: str) -> None:
-    """Until a session runs a statement beginning `statement_start` and waits for a row lock."""
+async def until_done_or_a_statement_waits_for_a_lock(pool, done: asyncio.Future, statement_start: str) -> None:
+    """Until `done` is, or a session runs a statement beginning `statement_start` and waits for a row lock."""
     for _ in range(600):
+        if done.done():
+            return
         waiting = await pool.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND wait_event_type = 'Lock' AND ltrim(query, E' \\n') LIKE $1 || '%'", statement_start)
         if waiting:
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"no statement {statement_start!r} waited for a lock")
+    raise AssertionError(f"neither done nor a statement {statement_start!r} waiting for a lock")
+
+
+def failed_attempt(notification, endpoint: str):
+    """A webhook's attempt at `notification` that failed and is to be retried (the row stays PENDING)."""
+    return records.DeliveryChange(notification.notification_id, endpoint, "PENDING", attempts=1,
+                                  last_error="HTTP 503", channel="webhook")
+
+
+async def waiting_webhook_deliveries(pool, client: str, rule: str, endpoint: str, count: int) -> list:
+    """`count` notifications each with a delivery to the webhook `endpoint`, PENDING and leased by
+    w1, due one a minute apart: the oldest first in the retyping's scan."""
+    notifications = [await pending_notification(pool, client, [rule]) for _ in range(count)]
+    for nth, notification in enumerate(notifications):
+        await pool.execute(
+            "INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at, leased_by,"
+            " lease_until) VALUES ($1, $2, 'webhook', 'PENDING', now() - make_interval(mins => $3), 'w1',"
+            " now() + interval '1 min')",
+            notification.notification_id, endpoint, count - nth)
+    return notifications
 
 
 async def test_a_patch_of_the_type_deadlocked_with_the_recorder_is_done_not_answered_503(pool, clean_db):
-    """The PATCH retypes the endpoint's waiting deliveries in the order of its scan; the recorder
-    writes a batch's outcomes in the batch's order. Each holding a row the other wants next, Postgres
-    ends one of them: here the PATCH (the recorder waits longer before it checks). Before, the
-    tenant got 503 database_unavailable for the PATCH, none of it done; it goes through now, and
-    the recorder's write with it."""
-    from alerting_app.delivery.records import DeliveryChange
+    """Retyping the endpoint's waiting deliveries in the PATCH's transaction locked them in the
+    order of its scan, while the recorder wrote a batch's outcomes in the batch's: each holding a
+    row the other wanted next, Postgres ended one of them, and the tenant got 503
+    database_unavailable for the PATCH (made again up to 3 times since, for that). The PATCH now
+    touches no delivery, and the retyping after it waits for no row: it skips the recorder's and
+    takes them in a later pass. The PATCH answers, the recorder's write goes through, and every
+    waiting row ends up email."""
+    from web.endpoints import retyping_finished
 
     client = await insert_client(pool)
     rule = await insert_rule(pool, client)
     endpoint = await insert_endpoint(pool, client, rule, "webhook", "https://hooks.example.com/ops")
-    first, second = [await pending_notification(pool, client, [rule]) for _ in range(2)]
-    for notification, due in ((first, "2 min"), (second, "1 min")):  # the PATCH's scan: first, then second
-        await pool.execute(
-            "INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at, leased_by,"
-            " lease_until) VALUES ($1, $2, 'webhook', 'PENDING', now() - $3::text::interval, 'w1',"
-            " now() + interval '1 min')",
-            notification.notification_id, endpoint, due)
-
-    def failed_attempt(notification) -> DeliveryChange:
-        return DeliveryChange(notification.notification_id, endpoint, "PENDING", attempts=1,
-                              last_error="HTTP 503", channel="webhook")
+    first, second = await waiting_webhook_deliveries(pool, client, rule, endpoint, 2)
 
     async with pool.acquire() as recorder:
-        await recorder.execute("SET deadlock_timeout = '30s'")  # the PATCH's check comes first
+        await recorder.execute("SET deadlock_timeout = '30s'")  # a retyping waiting for a row is the one ended
         async with recorder.transaction():
-            await records.write_changes(recorder, "w1", [failed_attempt(second)])
+            await records.write_changes(recorder, "w1", [failed_attempt(second, endpoint)])
             patch = asyncio.ensure_future(retyped_as_the_api_does(endpoint, client, "email", "ops@example.com"))
-            await until_a_statement_waits_for_a_lock(pool, "UPDATE deliveries SET channel")
-            await records.write_changes(recorder, "w1", [failed_attempt(first)])
+            await until_done_or_a_statement_waits_for_a_lock(pool, patch, "UPDATE deliveries SET channel")
+            await records.write_changes(recorder, "w1", [failed_attempt(first, endpoint)])
         await recorder.execute("RESET deadlock_timeout")
     await patch
+    await retyping_finished()
 
     assert await pool.fetchval("SELECT type FROM endpoints WHERE endpoint_id = $1", endpoint) == "email"
     rows = await pool.fetch("SELECT channel, attempts FROM deliveries WHERE endpoint_id = $1", endpoint)
     assert [(row["channel"], row["attempts"]) for row in rows] == [("email", 1), ("email", 1)]
+
+
+async def test_a_type_change_over_a_backlog_of_many_batches_answers_at_once_and_retypes_every_waiting_row(
+        pool, monkeypatch, caplog, clean_db):
+    """A dead webhook's backlog made email (here eleven waiting deliveries, batches of three), while
+    a worker's recorder holds two of them in its write, mid-scan. Retyped in the PATCH's
+    transaction, the backlog took the PATCH's time (half a million rows passed
+    API_DATABASE_TIMEOUT_S: 503 on every try), and it waited for the recorder's rows. The PATCH
+    answers with the recorder's transaction still open, and one pass of the retyping takes every
+    waiting row, batch after batch, but the two it skipped, waiting for neither: they are left,
+    logged, for a later pass (test_a_patch_of_the_type_deadlocked_with_the_recorder_is_done_not_answered_503),
+    which finds them once the recorder let them go. The settled one keeps its attempt's channel."""
+    from web.endpoints import retyping_finished
+
+    monkeypatch.setattr(records, "RETYPE_BATCH_ROWS", 3)
+    monkeypatch.setattr(records, "RETYPE_PASSES", 1)
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    endpoint = await insert_endpoint(pool, client, rule, "webhook", "https://hooks.example.com/dead")
+    waiting = await waiting_webhook_deliveries(pool, client, rule, endpoint, 12)
+    sent = waiting.pop(0)
+    await pool.execute("UPDATE deliveries SET status = 'SENT' WHERE notification_id = $1", sent.notification_id)
+    held = {waiting[4].notification_id, waiting[7].notification_id}
+
+    async def channels() -> list[tuple[str, str]]:
+        rows = await pool.fetch("SELECT notification_id::text, status, channel FROM deliveries"
+                                " WHERE endpoint_id = $1 ORDER BY next_attempt_at", endpoint)
+        return [(row["status"], row["channel"] if row["notification_id"] not in held else "held: " + row["channel"])
+                for row in rows]
+
+    async with pool.acquire() as recorder, recorder.transaction():
+        await records.write_changes(recorder, "w1", [failed_attempt(waiting[4], endpoint),
+                                                     failed_attempt(waiting[7], endpoint)])
+        # Answered, and retyped, while the recorder holds its rows: before, the PATCH waited for
+        # them (and with no end to the recorder's transaction, until API_DATABASE_TIMEOUT_S: 503).
+        await retyped_as_the_api_does(endpoint, client, "email", "ops@example.com")
+        await retyping_finished()
+        assert await channels() == [("SENT", "webhook")] + [("PENDING", "email")] * 4 + [
+            ("PENDING", "held: webhook")] + [("PENDING", "email")] * 2 + [("PENDING", "held: webhook")] + [
+            ("PENDING", "email")] * 3
+        assert "2 waiting deliveries of endpoint" in caplog.text
+
+    assert await records.retype_waiting(pool, endpoint, client, "webhook") == 0
+    assert await channels() == [("SENT", "webhook")] + [("PENDING", "email")] * 4 + [
+        ("PENDING", "held: email")] + [("PENDING", "email")] * 2 + [("PENDING", "held: email")] + [
+        ("PENDING", "email")] * 3

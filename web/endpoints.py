@@ -8,6 +8,7 @@ is a public address (unless ALLOW_PRIVATE_ENDPOINTS), or a valid email address.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any
 from uuid import UUID, uuid4
@@ -31,6 +32,7 @@ from web.schemas import (MAX_ENDPOINT_VALUE_CHARS, EndpointCreate, EndpointCreat
 from web.validation import parse_body, parse_query, path_id
 
 _http_url = TypeAdapter(HttpUrl)
+log = logging.getLogger(__name__)
 
 # A lookup of an address a tenant gives, not answered within this, is refused. It is a c-ares query
 # (alerting_app/channels/addresses.py host_resolver), ended with the request: a tenant naming hosts
@@ -204,14 +206,45 @@ def address_after(current: Any, changes: dict[str, Any]) -> tuple[str, str]:
     return changes.get("type", current["type"]), changes.get("value", current["value"])
 
 
-# How many tries a change gets that deadlocks with a delivery write before it is answered 503.
-_DEADLOCKED_TRIES = 3
+# The retyping of waiting deliveries under way (retype_in_background): held here, as asyncio holds
+# a task it runs only weakly, and awaited by `retyping_finished`.
+_retyping: set[asyncio.Task] = set()
+
+
+def retype_in_background(endpoint_id: UUID, client_id: UUID, old_type: str) -> None:
+    """Give the endpoint's waiting deliveries its new type as their channel, after the PATCH that
+    changed it has answered: in batches, however large its backlog (records.retype_waiting).
+
+    Not in the PATCH's transaction: retyping a dead webhook's 100,000 waiting deliveries there took
+    1.2-2 s, half a million passed API_DATABASE_TIMEOUT_S and the tenant got 503 on every try, just
+    when it moved the webhook to email; and it deadlocked with workers recording those deliveries'
+    outcomes. Not in the request either, after its commit: the answer would still wait for the
+    whole backlog, and a client giving up would cut it short. The change is
+    committed before this starts, and a row retyped late (or never: this process stopping part-way,
+    Postgres away) is only late, since its send goes by the endpoint's type read when it is leased.
+    """
+    task = asyncio.ensure_future(_retype(endpoint_id, client_id, old_type))
+    _retyping.add(task)
+    task.add_done_callback(_retyping.discard)
+
+
+async def _retype(endpoint_id: UUID, client_id: UUID, old_type: str) -> None:
+    try:
+        await records.retype_waiting(await db.api_pool(), endpoint_id, client_id, old_type)
+    except Exception:
+        log.exception("retyping endpoint %s's waiting deliveries stopped part-way; those left are leased by "
+                      "their old channel, and sent by the endpoint's type", endpoint_id)
+
+
+async def retyping_finished() -> None:
+    """Until every retyping started so far (and any started meanwhile) has ended."""
+    while _retyping:
+        await asyncio.gather(*_retyping)
 
 
 async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, Any],
                           expected: Preconditions = NONE) -> Any:
     pool = await db.api_pool()
-    deadlocks = 0
     while True:
         # The address is checked (a DNS lookup, for a URL) before the row is locked: a slow resolver
         # must hold neither a pool connection nor the lock that delivery and other changes wait on.
@@ -222,41 +255,31 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
         readdressed = "type" in changes or "value" in changes
         address = address_after(current, changes)
         checked = await checked_value(*address) if readdressed else None
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                # The client's lock before the row's, as a client's deletion takes them.
-                if readdressed and not await lock_client(conn, current["client_id"]):
-                    raise NotFound()
-                locked = await conn.fetchrow(LOCK, endpoint_id, caller.client_id)
-                if locked is None:
-                    raise NotFound()
-                expected.check(endpoint_out(locked), "endpoint")
-                merged = {**dict(locked), **changes}
-                if readdressed:
-                    if address_after(locked, changes) != address:
-                        continue  # changed by someone else since it was checked: check the new address
-                    merged["value"] = checked
-                    await refuse_same_address(conn, locked["rule_id"], merged["type"], checked, endpoint_id)
-                row = await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
-                                          merged["rate_limit_per_s"])
-                if locked["type"] != row["type"]:
-                    # Its waiting deliveries go by the new type, and are leased as such (email in its
-                    # tenant's turn): in this transaction, so no sweep reads the endpoint new and them old.
-                    await records.retype_waiting(conn, endpoint_id, locked["client_id"], locked["type"], row["type"])
-                if locked["type"] != "webhook" and row["type"] == "webhook":
-                    # Its secret was never shown (a Slack or email endpoint's is null): a new one, shown
-                    # in this answer, else every notification was signed with a key nobody holds.
-                    row = await conn.fetchrow(NEW_SECRET, endpoint_id, caller.client_id)
-                return row
-        except asyncpg.DeadlockDetectedError:
-            # Retyping the waiting deliveries locks them in the order of its scan, a worker
-            # recording a batch of their outcomes in the batch's: each may hold a row the other
-            # wants next, and Postgres ends one of them, most often this one (it waited first).
-            # Nothing of it was done; made again, it waits for the worker's write. Before, the
-            # tenant got 503 database_unavailable for it.
-            deadlocks += 1
-            if deadlocks >= _DEADLOCKED_TRIES:
-                raise
+        async with pool.acquire() as conn, conn.transaction():
+            # The client's lock before the row's, as a client's deletion takes them.
+            if readdressed and not await lock_client(conn, current["client_id"]):
+                raise NotFound()
+            locked = await conn.fetchrow(LOCK, endpoint_id, caller.client_id)
+            if locked is None:
+                raise NotFound()
+            expected.check(endpoint_out(locked), "endpoint")
+            merged = {**dict(locked), **changes}
+            if readdressed:
+                if address_after(locked, changes) != address:
+                    continue  # changed by someone else since it was checked: check the new address
+                merged["value"] = checked
+                await refuse_same_address(conn, locked["rule_id"], merged["type"], checked, endpoint_id)
+            row = await conn.fetchrow(UPDATE, endpoint_id, merged["type"], merged["value"], merged["enabled"],
+                                      merged["rate_limit_per_s"])
+            if locked["type"] != "webhook" and row["type"] == "webhook":
+                # Its secret was never shown (a Slack or email endpoint's is null): a new one, shown
+                # in this answer, else every notification was signed with a key nobody holds.
+                row = await conn.fetchrow(NEW_SECRET, endpoint_id, caller.client_id)
+        if locked["type"] != row["type"]:
+            # Its waiting deliveries go by the new type, and are leased as such (email in its
+            # tenant's turn), once they are retyped: after this commit, touching none of them here.
+            retype_in_background(endpoint_id, locked["client_id"], locked["type"])
+        return row
 
 
 async def delete_endpoint(endpoint_id: UUID, caller: Caller, expected: Preconditions = NONE) -> bool:

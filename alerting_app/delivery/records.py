@@ -1,10 +1,11 @@
 """The delivery rows in Postgres: opened PENDING, leased to one worker at a time, then SENT or FAILED.
 
 Every function here is one statement for a whole batch: delivering thousands a second leaves no
-room for a round trip per delivery.
+room for a round trip per delivery (retype_waiting, a loop of such batches, is no worker's path).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -375,32 +376,80 @@ def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[
     return notification_ids, client_ids, rule_ids
 
 
-# An endpoint's waiting deliveries take its new type as their channel, in the transaction of the
-# change (web/endpoints.py change_endpoint): the sweep leases email by its rows' channel, in turn per
-# tenant and within the worker's email room, the rest apart. Before, a webhook's delivery waiting
-# when its endpoint became email was leased among the webhooks, after every email turn, and handed
-# back by a worker whose email room was taken, until a storm of other tenants' email had drained;
-# an email's delivery whose endpoint became a webhook waited for email room.
-# Each statement reads one partial index: the tenant's PENDING email (deliveries_email_client_idx),
-# or every PENDING row that is not email (deliveries_other_due_idx: there is no index by endpoint,
-# which would cost every delivery's insert a write), read only when the endpoint was not email.
-_RETYPE_EMAIL = """
-UPDATE deliveries SET channel = $3
-WHERE client_id = $2 AND status = 'PENDING' AND channel = 'email' AND endpoint_id = $1
+# An endpoint's waiting deliveries take its type as their channel once a PATCH changed it
+# (web/endpoints.py change_endpoint, after its commit): the sweep leases email by its rows'
+# channel, in turn per tenant and within the worker's email room, the rest apart. Before, a
+# webhook's delivery waiting when its endpoint became email was leased among the webhooks, after
+# every email turn, and handed back by a worker whose email room was taken, until a storm of other
+# tenants' email had drained; an email's delivery whose endpoint became a webhook waited for email
+# room. The channel decides only when a row is leased: its send goes by the endpoint's type read as
+# it is leased and again before the send (delivery/attempts.py), so a row retyped late is late,
+# never sent by the wrong channel.
+# In batches of RETYPE_BATCH_ROWS, each a statement (a transaction) of its own: done in the PATCH's
+# transaction, 100,000 rows took 1.2-2 s and half a million would pass API_DATABASE_TIMEOUT_S, and
+# the PATCH, locking them in its scan's order, deadlocked with a worker recording their outcomes.
+# Rows another transaction holds (a recorder's write, a sweep's lease) are skipped, never waited
+# for: a batch waits on no lock, so it is in no deadlock. The recorder leaves a PENDING row the
+# channel it has (_WRITE), so what was skipped is taken by a later pass; a row settled meanwhile
+# has its attempt's channel and is no longer sought.
+# The channel set is the endpoint's type as the batch reads it, not the PATCH's: a second change of
+# type while the first one's batches run leaves no row of the first.
+# Each batch reads one partial index, from where the last one stopped (next_attempt_at, ties read
+# again): the tenant's PENDING email (deliveries_email_client_idx), or every PENDING row that is not
+# email (deliveries_other_due_idx: there is no index by endpoint, which would cost every delivery's
+# insert a write), read only when the endpoint was not email.
+RETYPE_BATCH_ROWS = 2_000
+# Passes over the waiting rows, RETYPE_PASS_PAUSE_S apart, for the rows each found held by another
+# transaction (held for milliseconds: a batch of outcomes, a lease): what is still left after the
+# last is logged and goes by its old channel until its next attempt settles it (late, not lost).
+RETYPE_PASSES = 10
+RETYPE_PASS_PAUSE_S = 0.5
+
+_WAITING_EMAIL = "d.client_id = $2 AND d.status = 'PENDING' AND d.channel = 'email' AND d.endpoint_id = $1"
+# The other rows are found by their endpoint alone (their client_id is set on email only); the
+# client ($2) is named here so that both kinds' statements take the same arguments.
+_WAITING_OTHER = "d.status = 'PENDING' AND d.channel <> 'email' AND d.endpoint_id = $1 AND $2::uuid IS NOT NULL"
+_MISTYPED = "d.channel <> (SELECT e.type FROM endpoints e WHERE e.endpoint_id = $1)"
+_RETYPE_BATCH = """
+WITH batch AS (
+    SELECT d.notification_id, d.endpoint_id FROM deliveries d
+    WHERE {waiting} AND {mistyped} AND d.next_attempt_at >= coalesce($3::timestamptz, '-infinity')
+    ORDER BY d.next_attempt_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries d SET channel = e.type
+FROM batch b, endpoints e
+WHERE d.notification_id = b.notification_id AND d.endpoint_id = b.endpoint_id AND e.endpoint_id = $1
+RETURNING d.next_attempt_at
 """
-_RETYPE_OTHER = """
-UPDATE deliveries SET channel = $2
-WHERE status = 'PENDING' AND channel <> 'email' AND endpoint_id = $1 AND channel <> $2
-"""
+_LEFT = "SELECT count(*) FROM deliveries d WHERE {waiting} AND {mistyped}"
 
 
-async def retype_waiting(conn: Conn, endpoint_id: UUID | str, client_id: UUID | str, old_type: str,
-                         new_type: str) -> None:
-    """The endpoint's PENDING deliveries go by `new_type` from now on: it becomes their channel."""
-    if old_type == "email" and new_type != "email":
-        await conn.execute(_RETYPE_EMAIL, endpoint_id, client_id, new_type)
-    elif old_type != "email":
-        await conn.execute(_RETYPE_OTHER, endpoint_id, new_type)
+async def retype_waiting(pool: asyncpg.Pool, endpoint_id: UUID | str, client_id: UUID | str,
+                         old_type: str) -> int:
+    """Give the endpoint's PENDING deliveries its type as their channel, a batch at a time; return
+    how many are left with another (0: all done), held by others through every pass."""
+    waiting = _WAITING_EMAIL if old_type == "email" else _WAITING_OTHER
+    batch = _RETYPE_BATCH.format(waiting=waiting, mistyped=_MISTYPED)
+    left_sql = _LEFT.format(waiting=waiting, mistyped=_MISTYPED)
+    left = 0
+    for pass_ in range(RETYPE_PASSES):
+        if pass_:
+            await asyncio.sleep(RETYPE_PASS_PAUSE_S)
+        after = None
+        while True:
+            rows = await pool.fetch(batch, endpoint_id, client_id, after, RETYPE_BATCH_ROWS)
+            if len(rows) < RETYPE_BATCH_ROWS:
+                break
+            after = max(row["next_attempt_at"] for row in rows)
+        left = await pool.fetchval(left_sql, endpoint_id, client_id)
+        if not left:
+            return 0
+    log.warning("%d waiting deliveries of endpoint %s keep their channel, held by others through %d passes: "
+                "each goes by its endpoint's type when sent, leased as before until then", left, endpoint_id,
+                RETYPE_PASSES)
+    return left
 
 
 _ENDPOINTS_NOW = """
