@@ -247,7 +247,7 @@ class Dispatcher:
 
     async def _run(self, job: DeliveryJob) -> None:
         try:
-            with metrics.stage_seconds.labels(stage="deliver").time():
+            with metrics.labelled(metrics.stage_seconds, "deliver").time():
                 await deliver(job, self._context)
         finally:
             del self._held[job.key]

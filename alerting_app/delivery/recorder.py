@@ -79,11 +79,11 @@ class Recorder:
             self._letters[key] = dead_letter
         counted_attempts = 0 if already_counted else change.attempts
         if change.status == SENT and counted_attempts:
-            metrics.notifications_sent.labels(channel=channel).inc()
+            metrics.labelled(metrics.notifications_sent, channel).inc()
         elif change.status == FAILED:
-            metrics.notifications_failed.labels(channel=channel).inc()
+            metrics.labelled(metrics.notifications_failed, channel).inc()
         if counted_attempts or change.status == FAILED:
-            metrics.deliveries.labels(channel=channel, status=change.status).inc()
+            metrics.labelled(metrics.deliveries, channel, change.status).inc()
         self._idle.clear()
         self._wake.set()
         if self._task is None:
