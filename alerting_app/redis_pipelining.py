@@ -36,6 +36,7 @@ class PipelinedRedis:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._commands = TurnBatches(self._send, MAX_PIPELINE)
+        self._loading: dict[str, asyncio.Future] = {}  # script sha -> its SCRIPT LOAD in flight
 
     def call(self, queue_command: Callable[[Pipeline], Any]) -> asyncio.Future:
         """Queue the one command that `queue_command` puts on a pipeline; await its answer."""
@@ -46,8 +47,30 @@ class PipelinedRedis:
         try:
             return await self.call(lambda pipe: pipe.evalsha(script.sha, len(keys), *keys, *args))
         except NoScriptError:
-            await self.redis.script_load(script.script)
+            await self._load(script)
             return await self.call(lambda pipe: pipe.evalsha(script.sha, len(keys), *keys, *args))
+
+    async def _load(self, script: AsyncScript) -> None:
+        """Load `script` into Redis once for every caller that found it missing meanwhile.
+
+        After a Redis restart or a failover every delivery in hand finds the token's script missing
+        at once. Each loaded it itself, on a connection of its own (outside the pipeline): a worker
+        holding thousands of deliveries opened thousands of connections to Redis in that moment
+        (Redis refuses clients past its maxclients, 10,000 by default), one SCRIPT LOAD each.
+        """
+        loading = self._loading.get(script.sha)
+        if loading is None:
+            loading = self._loading[script.sha] = asyncio.ensure_future(self.redis.script_load(script.script))
+            loading.add_done_callback(self._loaded)
+        # Shielded: a caller cancelled (its worker stopping) does not cancel the others' load.
+        await asyncio.shield(loading)
+
+    def _loaded(self, loading: asyncio.Future) -> None:
+        for sha, future in list(self._loading.items()):
+            if future is loading:
+                del self._loading[sha]  # a later NOSCRIPT (Redis restarted again) loads it again
+        if not loading.cancelled():
+            loading.exception()  # read: asyncio logs an exception nobody retrieved (every waiter cancelled)
 
     async def _send(self, batch: list[Callable[[Pipeline], Any]]) -> list[Any]:
         """One pipeline's answers, a command's failure among them as its exception."""

@@ -131,3 +131,24 @@ async def test_after_a_failover_that_demotes_the_old_primary_commands_reach_the_
         finally:
             await client.aclose()
             proxy.stop()
+
+
+async def test_callers_that_find_a_script_missing_at_once_load_it_once(tmp_path):
+    # After a Redis restart every delivery in hand finds the token's script gone at the same moment:
+    # each loaded it on a connection of its own, a worker's thousands of deliveries thousands of
+    # connections. A private Redis: its command counts are this test's alone.
+    from alerting_app import redis_client
+    from alerting_app.embedded import EmbeddedServices
+
+    with EmbeddedServices(tmp_path) as services:
+        client = redis_client.client_for(services.start(kafka=False, postgres=False)["REDIS_URL"])
+        try:
+            pipelined = PipelinedRedis(client)
+            script = client.register_script(f"-- {uuid.uuid4()}\nreturn ARGV[1] .. KEYS[1]")
+            answers = await asyncio.gather(*(pipelined.script(script, [f"k{n}"], ["v"]) for n in range(100)))
+            assert answers == [f"vk{n}".encode() for n in range(100)]
+            stats = await client.info("commandstats")  # SCRIPT LOAD: cmdstat_script, from Redis 7 cmdstat_script|load
+            assert sum(stat["calls"] for name, stat in stats.items() if name.startswith("cmdstat_script")) == 1
+            assert (await client.info("stats"))["total_connections_received"] <= 2  # the pipeline's, INFO's
+        finally:
+            await client.aclose()
