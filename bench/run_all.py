@@ -26,6 +26,7 @@ RUNS = [
     ["deliveries.py", "--alerts", "4000", "--workers", "2"],
     ["grouping.py"],
     ["http_floor.py"],
+    ["dispatch_path.py"],
 ]
 
 # Passed on to the running script, which ends its run on them as on Ctrl-C (bench/stack.py).
