@@ -181,3 +181,23 @@ async def test_another_clients_key_reaches_none_of_a_clients_objects_on_any_rout
     assert [reply.status for reply in creations] == [403, 403, 422]
     assert [(await api.call("GET", path, tenant.key)).body for path in objects] == before  # its key works still
     assert (await api.call("GET", "/api/v1/rules", tenant.key)).body["items"] == [before[1]]
+
+
+@pytest.mark.parametrize("token", ["the admin token with its last character changed", "the admin token and one more",
+                                   "the admin token less its last character"])
+async def test_a_token_differing_from_the_admin_token_only_at_its_end_answers_401(api, token):
+    # All of the token counts: one compared on a prefix alone let in whoever guessed that much.
+    admin = api.admin_token
+    token = {"the admin token with its last character changed": admin[:-1] + ("x" if admin[-1] != "x" else "y"),
+             "the admin token and one more": admin + "x",
+             "the admin token less its last character": admin[:-1]}[token]
+    reply = await api.call("GET", "/api/v1/clients", token)
+    assert reply.status == 401, reply.body
+
+
+@pytest.mark.parametrize("authorization", ["bearer {token}", "BEARER {token}", "Bearer  {token}"])
+async def test_the_bearer_scheme_is_read_in_any_case_and_after_any_spaces(api, authorization):
+    # RFC 7235 2.1: the scheme is case-insensitive; RFC 6750 2.1: one or more spaces before the token.
+    headers = {"Authorization": authorization.format(token=api.admin_token)}
+    async with api.client.get("/api/v1/clients", headers=headers) as response:
+        assert response.status == 200
