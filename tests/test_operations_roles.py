@@ -117,3 +117,17 @@ def test_with_every_role_nothing_is_removed_or_looked_up():
     apply_roles(app, parse_roles("all"))
 
     assert _kept(app)[0] == {"agents.evaluate", "agents.grouping"}
+
+
+def test_only_an_aggregate_worker_keeps_the_group_table_and_its_changelog():
+    # Its changelog partitions go with the topics of the workers that hold the table: held by a
+    # worker without the aggregate agent, they would not follow that agent's partitions.
+    held = {}
+    for roles in ("deliver", "evaluate,relay,api", "aggregate"):
+        app = _app_with_one_of_each(MODULES)
+        changelog = app.Table("notification-groups", default=dict, help="groups").changelog_topic.get_topic_name()
+
+        apply_roles(app, parse_roles(roles))
+
+        held[roles] = ("notification-groups" in app.tables, changelog in app.tables._changelogs)
+    assert held == {"deliver": (False, False), "evaluate,relay,api": (False, False), "aggregate": (True, True)}
