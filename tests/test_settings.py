@@ -18,6 +18,7 @@ from tls_certificates import certificate_files
 BAD_VALUES = [
     ("KAFKA_BOOTSTRAP_SERVERS", "localhost"),
     ("KAFKA_BOOTSTRAP_SERVERS", "localhost:99999"),
+    ("KAFKA_BOOTSTRAP_SERVERS", "localhost:65536"),
     ("KAFKA_BOOTSTRAP_SERVERS", "broker-1:9092,"),
     ("DATABASE_URL", "mysql://db/alerting"),
     ("REDIS_URL", "http://cache:6379"),
@@ -53,6 +54,8 @@ BAD_VALUES = [
     ("API_RATE_BURST", "2.5"),
     ("ALLOW_PRIVATE_ENDPOINTS", "perhaps"),
     ("LOG_LEVEL", "loud"),
+    # `all` stands alone: beside roles it would silently mean every one of them.
+    ("ROLES", "all,deliver"),
     # Faust refuses more than its request timeout (90 s), Kafka less than 6 s: both only at start.
     ("BROKER_SESSION_TIMEOUT_S", "600"),
     ("BROKER_SESSION_TIMEOUT_S", "90.5"),
@@ -82,6 +85,8 @@ BAD_VALUES = [
     # Offered as MAIL FROM with every e-mail and refused by the relay: every e-mail failed after its retries.
     ("SMTP_FROM", "alerting"),
     ("SMTP_FROM", "Alerting Platform"),
+    # A line break (an env file's, say) would end the From: header early: every e-mail malformed.
+    ("SMTP_FROM", "alerts@example.com\r\nBcc: everyone@example.com"),
     # SMTPS (TLS from the first byte): each side waited for the other until the timeout, every e-mail failed.
     ("SMTP_PORT", "465"),
     # Refused by aiosmtplib (whitespace) or by the relay as no host name, at every e-mail.
@@ -336,6 +341,9 @@ def test_a_redis_url_option_its_connection_does_not_take_is_refused_naming_it(mo
     # ... and the lease a send's fence makes (its timeout plus 5 s), however short DELIVERY_LEASE_S.
     ({"DELIVERY_LEASE_S": "30", "WEBHOOK_TIMEOUT_S": "120", "DELIVERY_SENT_MARKER_TTL_S": "60"},
      ("DELIVERY_SENT_MARKER_TTL_S", "WEBHOOK_TIMEOUT_S")),
+    # ... an e-mail's send too, whose timeout is SMTP_TIMEOUT_S.
+    ({"DELIVERY_LEASE_S": "30", "SMTP_TIMEOUT_S": "120", "DELIVERY_SENT_MARKER_TTL_S": "60"},
+     ("DELIVERY_SENT_MARKER_TTL_S", "SMTP_TIMEOUT_S")),
 ])
 def test_delivery_timings_that_contradict_each_other_are_refused_naming_both(monkeypatch, env, named):
     for variable, value in env.items():
@@ -401,6 +409,14 @@ def test_require_services_names_every_missing_variable(monkeypatch):
     message = str(error.value)
     assert "DATABASE_URL" in message and "REDIS_URL" in message
     assert "KAFKA_BOOTSTRAP_SERVERS" not in message and "ADMIN_TOKEN" not in message
+
+
+def test_require_services_names_a_missing_admin_token(monkeypatch):
+    # Without it, a worker would start with no one able to create a client.
+    monkeypatch.delenv("ADMIN_TOKEN")
+
+    with pytest.raises(ConfigurationError, match="Missing configuration: ADMIN_TOKEN must be set"):
+        require_services(load_settings())
 
 
 def test_require_services_accepts_a_complete_configuration():
