@@ -128,3 +128,23 @@ async def test_a_line_break_an_alert_brings_into_the_reason_is_logged_escaped(pi
     assert f"context.k\\n{forged}: Input should be a valid string" in logged
     [on_broker] = await sent_to("alerts.new.dlq", key)
     assert f"context.k\n{forged}" in on_broker["reason"]  # the letter itself keeps the reason as it was
+
+
+def test_a_payload_that_is_not_utf8_is_described_by_its_own_bytes():
+    # The note's length and sha256 find the original message: those of the text decoded with
+    # replacement characters (three bytes each for one byte here) would match no message.
+    value = b"\xff" * 3_000_000
+    letter = dead_letter_for(consumed(b"k", value), "Invalid JSON")
+
+    assert record_bytes(letter) <= max_record_bytes()
+    assert letter.reason == (f"Invalid JSON [payload truncated: the original was {len(value)} bytes,"
+                             f" sha256 {hashlib.sha256(value).hexdigest()}]")
+
+
+def test_a_reason_too_long_for_the_producer_is_cut_too():
+    # A reason may quote the bad value: whole, the letter was refused on every redelivery.
+    letter = dead_letter_for(consumed(b"k", b"{}"), "alert_id: not a UUID: " + "x" * 3_000_000)
+
+    assert record_bytes(letter) <= max_record_bytes()
+    assert letter.reason == "alert_id: not a UUID: " + "x" * (10_000 - 22) + "..."
+    assert letter.payload == "{}"
