@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import asyncpg
@@ -117,3 +118,37 @@ async def test_the_recorder_logs_one_traceback_while_postgres_is_away_not_one_pe
             await recorder.close()
         if pool is not None:
             pool.terminate()
+
+
+def test_after_a_summary_line_the_next_waits_a_whole_interval_again(caplog):
+    caplog.set_level(logging.INFO, logger=log.name)
+    clock = Clock()
+    streak = FailureStreak(log, "the relay", summary_interval_s=30, clock=clock)
+    fail(streak, ConnectionRefusedError("connection refused"))
+    clock.now += 30
+    fail(streak, ConnectionRefusedError("connection refused"))
+    assert len(caplog.records) == 2  # the first in full, then the first summary
+
+    for _ in range(29):  # every second of the next interval: silent, not a line per retry
+        clock.now += 1
+        fail(streak, ConnectionRefusedError("connection refused"))
+    assert len(caplog.records) == 2
+
+    clock.now += 1
+    fail(streak, ConnectionRefusedError("connection refused"))
+    assert len(caplog.records) == 3
+    assert caplog.records[-1].getMessage().startswith("the relay still failing (32 times since ")
+
+
+def test_a_summary_line_gives_the_wall_clock_time_the_streak_began(caplog):
+    caplog.set_level(logging.INFO, logger=log.name)
+    clock = Clock()  # the interval's: not the time of day the line shows
+    streak = FailureStreak(log, "the relay", summary_interval_s=30, clock=clock)
+    began = time.time()
+    fail(streak, ConnectionRefusedError("connection refused"))
+    first_logged = caplog.records[0].created
+    clock.now += 30
+    fail(streak, ConnectionRefusedError("connection refused"))
+
+    since = caplog.records[-1].getMessage().partition(" since ")[2].partition(" UTC")[0]
+    assert since in {time.strftime("%H:%M:%S", time.gmtime(at)) for at in (began, first_logged)}, since
