@@ -928,3 +928,23 @@ async def test_a_delivery_sent_by_a_dead_worker_stays_sent_though_its_endpoint_w
     assert await notification_state(pool, notification.notification_id) == ("SENT", None)
     assert not [letter for letter in await sent_to("notifications.ready.dlq", client)
                 if notification.notification_id in letter["payload"]]
+
+
+async def test_a_missing_notification_is_dead_lettered_unless_its_own_client_was_deleted(pool, dispatcher, receiver):
+    # A deleted rule alone explains nothing: a live client deletes its rules too, and a message may
+    # name a client that never existed beside a rule another, deleted, client had.
+    live_client, deleted_rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    await pool.execute("INSERT INTO deleted_rules (rule_id, client_id, version) VALUES ($1, $2, 2)", deleted_rule,
+                       live_client)
+    await pool.execute("DELETE FROM rules WHERE rule_id = $1", deleted_rule)
+    gone_client, gone_rule, _ = await tenant_with_endpoint(pool, "webhook", receiver.url())
+    await delete_client_as_the_api_does(pool, gone_client, [gone_rule], finished=True)
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
+    strays = [NotificationReady(client_id=live_client, alerts=[alert], rule_ids=[deleted_rule]),
+              NotificationReady(client_id=str(uuid.uuid4()), alerts=[alert], rule_ids=[gone_rule])]
+
+    intakes = await deliver(dispatcher, *(stray.encode() for stray in strays))
+
+    assert [[letter.reason for letter in intake.dead_letters] for intake in intakes] == [
+        [f"notification_id: no such notification {stray.notification_id}"] for stray in strays]
+    assert receiver.posts == []
