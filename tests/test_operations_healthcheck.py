@@ -115,3 +115,14 @@ def test_the_check_asks_the_worker_itself_whatever_proxy_the_environment_names(i
     assert result.returncode == 0, result.stderr
     assert f"127.0.0.1:{ipv4_worker}/healthz: 200" in result.stdout
     assert _Proxy.seen == []
+
+
+def test_an_answer_other_than_200_fails_the_check_showing_its_status_and_body(ipv4_worker):
+    # The stand-in serves /healthz only: its 404 for /readyz is what another process on WEB_PORT, not
+    # our worker, would answer. Only a 200 passes; the line shows what did answer, for `docker inspect`.
+    result = subprocess.run([sys.executable, "-m", "alerting_app.healthcheck", "ready"],
+                            env={"PATH": "/usr/bin:/bin", "WEB_PORT": str(ipv4_worker)}, capture_output=True,
+                            text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert result.stdout == f'ready: http://127.0.0.1:{ipv4_worker}/readyz: 404 {{"status": "alive"}}\n'
