@@ -180,3 +180,12 @@ async def test_deletions_relayed_before_migration_013_keep_their_time_and_those_
         assert stamped == {relayed: True, queued: None, in_flight: None, silence: True}
     finally:
         await conn.close()
+
+
+def test_two_files_of_one_version_number_are_refused_naming_both(tmp_path):
+    # Both would run: the second's statements, then its record, refused by schema_migrations' key.
+    (tmp_path / "007_add_index.sql").write_text("SELECT 1;")
+    (tmp_path / "007_add_column.sql").write_text("SELECT 2;")
+
+    with pytest.raises(MigrationError, match="007_add_column and 007_add_index have the same version number"):
+        asyncio.run(apply_migrations("postgresql://unused", tmp_path))
