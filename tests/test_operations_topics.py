@@ -367,3 +367,13 @@ def test_create_topics_with_more_replicas_than_brokers_is_refused_naming_the_var
     assert "TOPIC_REPLICATION_FACTOR: 2 is more than the 1 broker of the cluster" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert [name for name in topics if not name.startswith("__")] == []
+
+
+def test_a_partitions_lag_counts_only_the_messages_still_there_to_read():
+    from alerting_app.topic_inspection import PartitionFigures
+
+    # Retention deleted messages the group never read: it reads from the start offset now.
+    assert PartitionFigures(partition=0, start_offset=100, end_offset=150, committed=40).lag(True) == 50
+    # A topic recreated under a group's old offsets: nothing to read, not a negative lag.
+    assert PartitionFigures(partition=0, start_offset=0, end_offset=10, committed=15).lag(True) == 0
+    assert PartitionFigures(partition=0, start_offset=0, end_offset=10, committed=4).lag(True) == 6
