@@ -21,7 +21,7 @@ from alerting_app.embedded import ChildProcess, free_port, port_accepts
 from alerting_app.kafka_admin import topic_names
 from alerting_app.migrate import apply_migrations, default_migrations_dir, read_migrations
 from alerting_app.settings import ConfigurationError, Settings
-from alerting_app.startup_wait import dependency_states, wait_for_dependencies
+from alerting_app.startup_wait import dependency_states, retry_delays, wait_for_dependencies
 from alerting_app.up import alerting_app_executable
 
 
@@ -273,3 +273,10 @@ def test_a_probe_shows_its_full_detail_for_the_admin_token_only(authorization):
 
     assert shows_full_detail(f"Bearer {admin}", admin)
     assert not shows_full_detail(given, admin)
+
+
+def test_the_wait_retries_doubling_from_half_a_second_up_to_ten_seconds():
+    # Capped: a worker started during a long outage must still see its services soon after they return.
+    delays = retry_delays()
+
+    assert [next(delays) for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
