@@ -64,6 +64,8 @@ BAD_VALUES = [
     ("DATABASE_URL", "postgresql://alerting@db:abc/alerting"),
     ("DATABASE_URL", "postgresql://alerting@db:5432/alerting?sslmode=bogus"),
     ("DATABASE_URL", "postgresql://alerting@db:70000/alerting"),
+    # asyncpg would ask for a database named "alerting/extra", which no server has: a wait for ever.
+    ("DATABASE_URL", "postgresql://alerting@db:5432/alerting/extra"),
     ("DATABASE_URL", "postgresql://alerting@/alerting"),
     ("DATABASE_URL", "postgresql://alerting@db1:5432,/alerting"),
     ("DATABASE_URL", "postgresql://alerting@db/alerting?target_session_attrs=leader"),
