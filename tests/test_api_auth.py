@@ -201,3 +201,16 @@ async def test_the_bearer_scheme_is_read_in_any_case_and_after_any_spaces(api, a
     headers = {"Authorization": authorization.format(token=api.admin_token)}
     async with api.client.get("/api/v1/clients", headers=headers) as response:
         assert response.status == 200
+
+
+async def test_a_client_key_cannot_read_what_a_worker_holds_of_every_client(api, tenant):
+    # These views list every client's rules, and match an alert against them all: the admin's only.
+    alert = {"alert_id": "a-1", "event_ts": 1.0, "severity": "HIGH", "source": "s", "name": "n"}
+    replies = [await api.call("GET", "/api/v1/worker/rules", tenant.key),
+               await api.call("POST", "/api/v1/worker/match", tenant.key, alert)]
+
+    assert [(reply.status, reply.body) for reply in replies] == [
+        (403, {"error": "forbidden", "message": "reading a worker's rules needs the admin token (ADMIN_TOKEN)"}),
+        (403, {"error": "forbidden", "message": "matching an alert on a worker needs the admin token (ADMIN_TOKEN)"}),
+    ]
+    assert (await api.call("GET", "/api/v1/worker/rules", api.admin_token)).status == 200
