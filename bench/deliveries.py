@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -34,7 +36,7 @@ import psutil
 
 from stack import BenchStack, machine_summary, produce_keyed, wait_until_worker_holds
 
-from alerting_app.embedded import free_port
+from alerting_app.embedded import free_port, port_accepts
 from alerting_app.seed import alert_stream, seed
 
 
@@ -65,6 +67,21 @@ def run_receiver(port: int) -> None:
     application.router.add_get("/arrivals/count", count)
     application.router.add_delete("/arrivals", reset)
     web.run_app(application, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+@contextlib.contextmanager
+def started_receiver(port: int) -> Iterator[multiprocessing.Process]:
+    """`run_receiver` in a process of its own, listening on `port` once this yields; ended after."""
+    receiver = multiprocessing.Process(target=run_receiver, args=(port,), daemon=True)
+    receiver.start()
+    try:
+        while not port_accepts(port):
+            if not receiver.is_alive():
+                raise SystemExit(f"the receiver exited (code {receiver.exitcode}) before listening on {port}")
+            time.sleep(0.05)
+        yield receiver
+    finally:
+        receiver.terminate()
 
 
 def arrivals(port: int) -> list[float]:

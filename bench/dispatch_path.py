@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
 import random
 import time
@@ -28,7 +27,7 @@ import psutil
 
 from stack import BenchStack, machine_summary  # first: it keeps alerting_app's DATA_DIR out of the tree
 
-from alerting_app.embedded import free_port, port_accepts  # noqa: E402
+from alerting_app.embedded import free_port  # noqa: E402
 
 
 async def deliver_rounds(url: str, args: argparse.Namespace, port: int, receiver: psutil.Process) -> None:
@@ -114,20 +113,12 @@ def main() -> None:
     os.environ["ALLOW_PRIVATE_ENDPOINTS"] = "true"  # the receiver is on 127.0.0.1
     port = free_port()
     with BenchStack("dispatch-path") as stack:
-        from deliveries import run_receiver
+        from deliveries import started_receiver
 
-        receiver = multiprocessing.Process(target=run_receiver, args=(port,), daemon=True)
-        receiver.start()
-        try:
-            while not port_accepts(port):
-                if not receiver.is_alive():
-                    raise SystemExit(f"the receiver exited (code {receiver.exitcode}) before listening on {port}")
-                time.sleep(0.05)
+        with started_receiver(port) as receiver:
             print(f"{args.deliveries} webhook deliveries per round to {args.endpoints} endpoints of "
                   f"{args.clients} clients, Redis and PostgreSQL of {stack.folder}")
             asyncio.run(deliver_rounds(f"http://127.0.0.1:{port}/hook", args, port, psutil.Process(receiver.pid)))
-        finally:
-            receiver.terminate()
 
 
 if __name__ == "__main__":

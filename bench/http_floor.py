@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import time
 import uuid
 
 import psutil
 
 from stack import machine_summary  # first: it keeps alerting_app's DATA_DIR out of the tree
-from deliveries import arrival_count, forget_arrivals, run_receiver  # noqa: E402
+from deliveries import arrival_count, forget_arrivals, started_receiver  # noqa: E402
 
 from alerting_app.channels.http import endpoint_session  # noqa: E402
 from alerting_app.channels.webhook import send_webhook  # noqa: E402
 from alerting_app.contracts import Alert, NotificationReady  # noqa: E402
-from alerting_app.embedded import free_port, port_accepts  # noqa: E402
+from alerting_app.embedded import free_port  # noqa: E402
 from alerting_app.gc_tuning import tune_garbage_collector  # noqa: E402
 
 
@@ -64,13 +63,7 @@ def main() -> None:
     print(f"machine: {machine_summary()}")
     tune_garbage_collector()  # as a worker does
     port = free_port()
-    receiver = multiprocessing.Process(target=run_receiver, args=(port,), daemon=True)
-    receiver.start()
-    try:
-        while not port_accepts(port):
-            if not receiver.is_alive():
-                raise SystemExit(f"the receiver exited (code {receiver.exitcode}) before listening on {port}")
-            time.sleep(0.05)
+    with started_receiver(port) as receiver:
         ready, endpoint_ids = notifications(args.posts), [str(uuid.uuid4()) for _ in range(args.posts)]
         asyncio.run(send_all(f"http://127.0.0.1:{port}/hook", ready[:500], endpoint_ids, args.concurrency))  # warm-up
         forget_arrivals(port)
@@ -79,8 +72,6 @@ def main() -> None:
         seconds = asyncio.run(send_all(f"http://127.0.0.1:{port}/hook", ready, endpoint_ids, args.concurrency))
         receiver_after, sender_after = sum(receiver_cpu.cpu_times()[:2]), sum(sender_cpu.cpu_times()[:2])
         received = arrival_count(port)
-    finally:
-        receiver.terminate()
     if received != args.posts:
         raise SystemExit(f"the receiver counted {received} POSTs, not {args.posts}")
     print(f"{args.posts} POSTs, {args.concurrency} in flight: {args.posts / seconds:,.0f} POSTs/s")
