@@ -224,6 +224,49 @@ async def test_an_endpoint_carries_its_etag_and_a_stale_one_changes_or_deletes_n
     assert (await api.call("DELETE", path, tenant.key, headers={"If-Match": patched.headers["ETag"]})).status == 204
 
 
+async def test_a_patch_making_an_endpoint_a_webhook_answers_the_etag_get_then_shows_not_its_secrets(api, tenant):
+    """The answer shows the new signing secret once; its ETag is the endpoint's as GET shows it
+    (without the secret), or an If-Match with it would be refused at once."""
+    rule = await api.new_rule(tenant, source="endpoint-becomes-webhook")
+    created = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                             {"rule_id": rule["rule_id"], "type": "slack", "value": "https://hooks.example.com/s"})
+    path = f"/api/v1/endpoints/{created.body['endpoint_id']}"
+    patched = await api.call("PATCH", path, tenant.key, {"type": "webhook", "value": "https://hooks.example.com/w"},
+                             headers={"If-Match": created.headers["ETag"]})
+    assert patched.status == 200, patched.body
+    assert patched.body["secret"]
+    read = await api.call("GET", path, tenant.key)
+    assert "secret" not in read.body
+    assert patched.headers["ETag"] == read.headers["ETag"]
+    assert (await api.call("PATCH", path, tenant.key, {"enabled": False},
+                           headers={"If-Match": patched.headers["ETag"]})).status == 200
+
+
+async def test_endpoint_patches_waiting_on_its_locked_row_are_each_checked_against_the_one_before(api, tenant):
+    """Each PATCH checks If-Match on the row it has read before the lock (no address lookup for a
+    stale one) and again on the row as locked: the three queue on the row's lock with the same
+    ETag, and the two after the first find it changed (412), rather than passing the early check."""
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant, source="endpoint-lock")
+    created = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                             {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/l"})
+    path = f"/api/v1/endpoints/{created.body['endpoint_id']}"
+    pool = await db.pool()
+    async with pool.acquire() as holder:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM endpoints WHERE endpoint_id = $1 FOR UPDATE",
+                                 created.body["endpoint_id"])
+            patches = [asyncio.create_task(api.call("PATCH", path, tenant.key, {"rate_limit_per_s": float(n + 1)},
+                                                    headers={"If-Match": created.headers["ETag"]}))
+                       for n in range(3)]
+            await until_waiting_on_a_lock(pool, query_like="%endpoints%FOR UPDATE%", sessions=3)
+        replies = await asyncio.gather(*patches)
+    assert sorted(reply.status for reply in replies) == [200, 412, 412], [reply.body for reply in replies]
+    [winner] = [reply for reply in replies if reply.status == 200]
+    assert (await api.call("GET", path, tenant.key)).body["rate_limit_per_s"] == winner.body["rate_limit_per_s"]
+
+
 async def test_a_silence_carries_its_etag_and_a_stale_one_does_not_expire_it(api, tenant):
     created = await api.call("POST", "/api/v1/silences", tenant.key, silence_body())
     path = f"/api/v1/silences/{created.body['silence_id']}"
