@@ -875,3 +875,27 @@ async def test_a_type_change_over_a_backlog_of_many_batches_answers_at_once_and_
     assert await channels() == [("SENT", "webhook")] + [("PENDING", "email")] * 4 + [
         ("PENDING", "held: email")] + [("PENDING", "email")] * 2 + [("PENDING", "held: email")] + [
         ("PENDING", "email")] * 3
+
+
+async def test_waiting_deliveries_due_at_one_instant_across_batches_are_all_retyped_in_one_pass(
+        pool, monkeypatch, clean_db):
+    """Deliveries inserted in one transaction are due at one instant (its now()): a backlog of them
+    spans batches with a single next_attempt_at. Each batch goes on from the last one's latest time,
+    that time included (the rows it retyped are no longer found), so one pass retypes them all; from
+    after it, the rest of the instant was left to later passes, a batch a pass."""
+    monkeypatch.setattr(records, "RETYPE_BATCH_ROWS", 2)
+    monkeypatch.setattr(records, "RETYPE_PASSES", 1)
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    endpoint = await insert_endpoint(pool, client, rule, "webhook", "https://hooks.example.com/instant")
+    notifications = [await pending_notification(pool, client, [rule]) for _ in range(5)]
+    await pool.execute(
+        "INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at)"
+        " SELECT n, $2, 'webhook', 'PENDING', '2026-01-01T00:00:00Z' FROM unnest($1::uuid[]) AS n",
+        [notification.notification_id for notification in notifications], endpoint)
+    await pool.execute("UPDATE endpoints SET type = 'email', value = 'ops@example.com' WHERE endpoint_id = $1",
+                       endpoint)
+
+    assert await records.retype_waiting(pool, endpoint, client, "webhook") == 0
+    assert await pool.fetchval("SELECT array_agg(DISTINCT channel) FROM deliveries WHERE endpoint_id = $1",
+                               endpoint) == ["email"]
