@@ -59,6 +59,23 @@ async def test_a_tenant_past_its_limit_gets_429_with_retry_after_while_other_tok
     assert (await api.call("GET", "/api/v1/rules", tenant.key)).body["items"] == []
 
 
+async def test_a_wait_shorter_than_a_second_is_told_as_retry_after_1_never_0(api, tenant, monkeypatch):
+    """At more than one request a second, a refused request's wait is under a second: Retry-After
+    (whole seconds) rounds it up, since 0 reads as "at once" and a client retrying at once is
+    refused again."""
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "api_rate_limit_per_s", 1.25)  # one back each 0.8 s
+    monkeypatch.setattr(settings, "api_rate_burst", 1)
+    for _ in range(50):  # until one is refused: the next token is never more than 0.8 s away
+        refused = await api.call("GET", "/api/v1/rules", tenant.key)
+        if refused.status == 429:
+            break
+    assert refused.status == 429, refused.body
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.body["message"].endswith("try again in 1 s")
+
+
 async def test_requests_without_a_valid_token_spend_no_tenants_budget(api, tenant, monkeypatch):
     limit_to_a_few_requests(monkeypatch)
     unknown = f"alk_{secrets.token_urlsafe(32)}"
