@@ -267,6 +267,48 @@ async def test_endpoint_patches_waiting_on_its_locked_row_are_each_checked_again
     assert (await api.call("GET", path, tenant.key)).body["rate_limit_per_s"] == winner.body["rate_limit_per_s"]
 
 
+async def deleted_while_another_change_commits(api, key: str, path: str, change: str, *args) -> int:
+    """The status of a DELETE of `path` with the ETag read before `change` (SQL, in a transaction
+    of its own) was made: sent while that transaction holds the row, answered after it commits."""
+    from alerting_app import db
+
+    tag = (await api.call("GET", path, key)).headers["ETag"]
+    pool = await db.pool()
+    async with pool.acquire() as other, other.transaction():
+        await other.execute(change, *args)
+        deletion = asyncio.create_task(api.call("DELETE", path, key, headers={"If-Match": tag}))
+        await until_waiting_on_a_lock(pool, unless_done=deletion)
+    return (await deletion).status
+
+
+async def test_a_delete_waiting_on_a_change_is_checked_against_the_change_not_the_row_before_it(api, tenant):
+    """Each DELETE checks If-Match on the row as locked: one read before the lock, as it stood
+    before a change still being committed, passed the check and then deleted the changed row."""
+    rule = await api.new_rule(tenant, source="delete-race")
+    endpoint = (await api.call("POST", "/api/v1/endpoints", tenant.key,
+                               {"rule_id": rule["rule_id"], "type": "webhook",
+                                "value": "https://hooks.example.com/race"})).body
+    silence = (await api.call("POST", "/api/v1/silences", tenant.key, silence_body())).body
+    changes = {
+        f"/api/v1/endpoints/{endpoint['endpoint_id']}":
+            ("UPDATE endpoints SET enabled = false, updated_at = clock_timestamp() WHERE endpoint_id = $1",
+             endpoint["endpoint_id"]),
+        f"/api/v1/silences/{silence['silence_id']}":
+            ("UPDATE silences SET comment = 'theirs', updated_at = clock_timestamp() WHERE silence_id = $1",
+             silence["silence_id"]),
+        f"/api/v1/rules/{rule['rule_id']}":
+            ("UPDATE rules SET enabled = false, version = version + 1, updated_at = clock_timestamp()"
+             " WHERE rule_id = $1", rule["rule_id"]),
+        f"/api/v1/clients/{tenant.client_id}":
+            ("UPDATE clients SET name = 'theirs', updated_at = clock_timestamp() WHERE client_id = $1",
+             tenant.client_id),
+    }
+    for path, (change, id_) in changes.items():
+        assert await deleted_while_another_change_commits(api, tenant.key, path, change, id_) == 412, path
+        still = await api.call("GET", path, tenant.key)
+        assert still.status == 200 and still.body.get("state", "active") == "active", path
+
+
 async def test_a_silence_carries_its_etag_and_a_stale_one_does_not_expire_it(api, tenant):
     created = await api.call("POST", "/api/v1/silences", tenant.key, silence_body())
     path = f"/api/v1/silences/{created.body['silence_id']}"
