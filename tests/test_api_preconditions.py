@@ -7,7 +7,7 @@ import asyncio
 from datetime import datetime, timedelta, timezone
 
 from postgres_waits import until_waiting_on_a_lock
-from test_api_support import API_LOOP, api, other_tenant, tenant  # noqa: F401  (fixtures)
+from test_api_support import API_LOOP, Tenant, api, other_tenant, tenant  # noqa: F401  (fixtures)
 
 pytestmark = API_LOOP
 
@@ -323,9 +323,13 @@ async def test_a_silence_carries_its_etag_and_a_stale_one_does_not_expire_it(api
 
 
 async def test_a_client_carries_its_etag_and_a_stale_one_neither_renames_nor_deletes_it(api):
-    tenant = await api.new_tenant("etag-client")
+    created = await api.call("POST", "/api/v1/clients", api.admin_token, {"name": "etag-client"})
+    assert created.status == 201, created.body
+    tenant = Tenant(created.body["client_id"], created.body["api_key"])
+    api.tenants.append(tenant)  # deleted after the test, as api.new_tenant's are
     path = f"/api/v1/clients/{tenant.client_id}"
     read = await api.call("GET", path, tenant.key)
+    assert created.headers["ETag"] == read.headers["ETag"]  # the client's, not that of its shown-once key
     renamed = await api.call("PATCH", path, api.admin_token, {"name": "renamed"},
                              headers={"If-Match": read.headers["ETag"]})
     assert renamed.status == 200, renamed.body
