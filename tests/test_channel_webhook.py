@@ -137,6 +137,13 @@ async def test_a_redirect_is_not_followed_and_is_permanent():
         assert [post.path for post in receiver.posts] == ["hook"]
 
 
+@pytest.mark.parametrize("status", [300, 304, 399])
+def test_a_3xx_at_either_end_of_the_range_is_no_delivery(status):
+    # 300 Multiple Choices sits on the 2xx range's upper bound: it is not delivered, and not retried.
+    with pytest.raises(PermanentDeliveryError, match=f"HTTP {status} \\(redirects are not followed\\)"):
+        raise_for_status(status)
+
+
 @pytest.mark.parametrize("status", [429, 503])
 async def test_a_429_or_503_is_retryable_after_the_delay_it_asks_for(status):
     async with Receiver() as receiver:

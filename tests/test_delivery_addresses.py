@@ -23,6 +23,11 @@ from name_servers import SilentNameServer
     ("8.8.8.8", None), ("2001:4860:4860::8888", None), ("127.0.0.53", "loopback"), ("fe80::1", "link-local"),
     ("172.16.5.4", "private"), ("fd00::1", "private"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
     ("192.0.2.1", "private"), ("::ffff:127.0.0.1", "loopback"), ("fec0::1", "site-local"),
+    # Shared address space (CGNAT, RFC 6598): neither private nor global to Python, a carrier's
+    # internal network; and the same in its IPv4-mapped form.
+    ("100.64.0.1", "non-public"), ("100.127.255.254", "non-public"), ("::ffff:100.64.0.1", "non-public"),
+    ("::ffff:10.0.0.1", "private"), ("::ffff:169.254.169.254", "link-local"), ("ff02::1", "multicast"),
+    ("239.255.255.250", "multicast"), ("100.128.0.1", None),
 ])
 def test_addresses_are_classified_public_or_not(address, kind):
     assert non_public_kind(ipaddress.ip_address(address)) == kind
@@ -60,6 +65,8 @@ async def test_a_host_name_is_checked_by_every_address_it_resolves_to():
     # order) and a private one after it must be refused for the private one.
     with pytest.raises(RefusedAddress, match="h.example resolves to a private address"):
         refuse_non_public("h.example", {ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("192.168.0.1")})
+    with pytest.raises(RefusedAddress, match="h.example resolves to a non-public address"):
+        refuse_non_public("h.example", {ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("100.64.0.7")})
 
 
 @pytest.mark.parametrize("host", ["a..com", "a" * 64 + ".example.com", ".example.com"])
