@@ -382,3 +382,30 @@ async def test_a_test_while_redis_does_not_answer_is_refused_with_503_and_retry_
         assert reply.status == 503 and reply.body["error"] == "redis_unavailable"
         assert int(reply.headers["Retry-After"]) >= 1
         assert receiver.posts == []
+
+
+async def test_a_test_past_the_workers_tests_in_flight_is_refused_with_retry_after_and_sends_nothing(
+        api, tenant, other_tenant, monkeypatch):
+    # TESTS_IN_FLIGHT_MAX bounds every channel's tests a worker sends at once (each may wait up to
+    # WEBHOOK_TIMEOUT_S on an endpoint that hangs), the email relay's slots aside.
+    import asyncio
+
+    from web import endpoint_trial
+
+    monkeypatch.setattr(endpoint_trial, "TESTS_IN_FLIGHT_MAX", 1)
+    async with Receiver() as receiver:
+        release = receiver.hold("hanging")
+        first = await endpoint_to(api, tenant, "webhook", receiver.url("hanging"))
+        second = await endpoint_to(api, other_tenant, "webhook", receiver.url("answering"))
+        holding = asyncio.ensure_future(api.call("POST", f"/api/v1/endpoints/{first['endpoint_id']}/test", tenant.key))
+        async with asyncio.timeout(30):  # a guard against hanging only
+            while receiver.in_flight["hanging"] < 1:
+                await asyncio.sleep(0.01)
+        refused = await api.call("POST", f"/api/v1/endpoints/{second['endpoint_id']}/test", other_tenant.key)
+        release.set()
+
+        assert refused.status == 429, refused.body
+        assert "this worker is already sending 1 tests" in refused.body["message"]
+        assert refused.headers["Retry-After"] == "1"
+        assert (await holding).body["delivered"]
+        assert receiver.posts_to("answering") == []
