@@ -69,6 +69,21 @@ async def test_a_script_redis_does_not_know_is_loaded_and_run(redis):
     assert await pipelined.script(script, ["k2"], ["v"]) == b"vk2"
 
 
+async def test_a_caller_cancelled_while_a_script_loads_does_not_cancel_the_others_load(redis):
+    # The load is shared by every caller that found the script missing: one of them stopping (its
+    # delivery's timeout, a worker's stop) must not fail the others with its cancellation.
+    pipelined = PipelinedRedis(redis)
+    script = redis.register_script(f"-- {uuid.uuid4()}\nreturn ARGV[1] .. KEYS[1]")
+    first = asyncio.ensure_future(pipelined.script(script, ["k1"], ["v"]))
+    second = asyncio.ensure_future(pipelined.script(script, ["k2"], ["v"]))
+    async with asyncio.timeout(30):  # a guard against hanging only
+        while script.sha not in pipelined._loading:  # both found it missing; its SCRIPT LOAD is in flight
+            await asyncio.sleep(0)
+        first.cancel()
+        assert await second == b"vk2"
+    assert first.cancelled()
+
+
 async def test_a_redis_that_stops_answering_fails_its_callers_instead_of_holding_them(tmp_path):
     # A paused Redis VM, or a failover that leaves the connection open: the deliveries waiting on
     # it must fail (to be retried later), not hold their send slots for ever.
