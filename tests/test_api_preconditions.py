@@ -33,6 +33,11 @@ def silence_body() -> dict:
     return {"source": "payments", "ends_at": ends_at.isoformat(), "comment": "maintenance", "created_by": "ops"}
 
 
+def whole_rule(source: str, name: str, **fields) -> dict:
+    """A PUT body of a rule, without its version unless given."""
+    return {"severity": "HIGH", "source": source, "name": name, "enabled": True, **fields}
+
+
 def is_strong_etag(value: str | None) -> bool:
     return value is not None and value.startswith('"') and value.endswith('"') and len(value) > 2
 
@@ -75,6 +80,97 @@ async def test_a_patch_with_a_stale_etag_is_refused_412_and_changes_nothing(api,
     assert await outbox_versions(rule["rule_id"]) == [1, 2]  # no event for the refused change
     # A GET with If-Match is refused alike, rather than showing a rule that is not the one named.
     assert (await api.call("GET", path, tenant.key, headers={"If-Match": first_read})).status == 412
+
+
+async def test_a_put_or_patch_with_only_if_match_changes_the_rule_and_bumps_its_version(api, tenant):
+    """If-Match with the ETag read says which rule the change was made to, as the body's version
+    does: a client using HTTP preconditions need not send the version too."""
+    rule = await api.new_rule(tenant, source="etag-only")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    read = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    replaced = await api.call("PUT", path, tenant.key, whole_rule("etag-only", "Replaced"), headers={"If-Match": read})
+    assert replaced.status == 200, replaced.body
+    assert (replaced.body["name"], replaced.body["version"]) == ("Replaced", 2)
+    patched = await api.call("PATCH", path, tenant.key, {"enabled": False},
+                             headers={"If-Match": replaced.headers["ETag"]})
+    assert patched.status == 200, patched.body
+    assert (patched.body["enabled"], patched.body["version"]) == (False, 3)
+    assert await stored_rule(rule["rule_id"]) == {"name": "Replaced", "enabled": False, "version": 3}
+    assert await outbox_versions(rule["rule_id"]) == [1, 2, 3]  # each change published, as with a version
+
+
+async def test_a_stale_if_match_without_a_version_is_refused_412_and_changes_nothing(api, tenant):
+    rule = await api.new_rule(tenant, source="etag-only-stale")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    read = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    assert (await api.call("PATCH", path, tenant.key, {"name": "Theirs"}, headers={"If-Match": read})).status == 200
+    for method, body in (("PUT", whole_rule("etag-only-stale", "Mine")), ("PATCH", {"name": "Mine"})):
+        refused = await api.call(method, path, tenant.key, body, headers={"If-Match": read})
+        assert (refused.status, refused.body["error"]) == (412, "precondition_failed"), (method, refused.body)
+    assert await stored_rule(rule["rule_id"]) == {"name": "Theirs", "enabled": True, "version": 2}
+    assert await outbox_versions(rule["rule_id"]) == [1, 2]
+
+
+async def test_a_rule_change_with_neither_version_nor_an_etag_is_refused_naming_version(api, tenant):
+    """Without either, the change would overwrite whatever the rule has become since it was read.
+    `If-Match: *` names no ETag (any rule matches it), and a null version is not one."""
+    rule = await api.new_rule(tenant, source="neither")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    for method, body in (("PUT", whole_rule("neither", "Mine")), ("PATCH", {"name": "Mine"})):
+        for headers in ({}, {"If-Match": "*"}):
+            refused = await api.call(method, path, tenant.key, body, headers=headers)
+            assert refused.failing_fields() == {"version"}, (method, headers, refused.body)
+            assert "If-Match" in refused.body["fields"][0]["message"]
+        refused = await api.call(method, path, tenant.key, {**body, "version": None}, headers={"If-Match": "*"})
+        assert refused.failing_fields() == {"version"}, (method, refused.body)
+    assert await stored_rule(rule["rule_id"]) == {"name": "*", "enabled": True, "version": 1}
+    assert await outbox_versions(rule["rule_id"]) == [1]
+
+
+async def test_an_if_match_and_a_version_that_disagree_are_refused_409_and_change_nothing(api, tenant):
+    """The rule meets the If-Match, so no header failed (not a 412, which would send the client for
+    an ETag it has): the body's version is wrong, as a stale version is without If-Match (409)."""
+    rule = await api.new_rule(tenant, source="disagree")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    changed = await api.call("PATCH", path, tenant.key, {"version": 1, "name": "Theirs"})
+    current = changed.headers["ETag"]  # of version 2
+    for method, body in (("PUT", whole_rule("disagree", "Mine")), ("PATCH", {"name": "Mine"})):
+        for version in (1, 3):  # behind the ETag's version, and ahead of it
+            refused = await api.call(method, path, tenant.key, {**body, "version": version},
+                                     headers={"If-Match": current})
+            assert (refused.status, refused.body["error"]) == (409, "conflict"), (method, version, refused.body)
+            assert "disagree" in refused.body["message"] and "version 2" in refused.body["message"]
+    # `If-Match: *` names no version: a stale one with it is stale as without it.
+    starred = await api.call("PATCH", path, tenant.key, {"version": 1, "name": "Mine"}, headers={"If-Match": "*"})
+    assert (starred.status, starred.body["message"]) == (409, "the rule is at version 2, not 1; read it again")
+    assert await stored_rule(rule["rule_id"]) == {"name": "Theirs", "enabled": True, "version": 2}
+    assert await outbox_versions(rule["rule_id"]) == [1, 2]
+    # Agreeing, they change it.
+    agreed = await api.call("PATCH", path, tenant.key, {"version": 2, "name": "Mine"}, headers={"If-Match": current})
+    assert (agreed.status, agreed.body["version"]) == (200, 3), agreed.body
+
+
+async def test_rule_changes_with_only_if_match_waiting_on_its_locked_row_are_each_checked_against_the_one_before(
+        api, tenant):
+    """Without a version, If-Match alone guards the rule: checked on the row as locked, the PUTs that
+    queue behind the first with the same ETag find it changed (412), rather than each overwriting it."""
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant, source="etag-only-lock")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    tag = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    pool = await db.pool()
+    async with pool.acquire() as holder:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM rules WHERE rule_id = $1 FOR UPDATE", rule["rule_id"])
+            puts = [asyncio.create_task(api.call("PUT", path, tenant.key, whole_rule("etag-only-lock", f"name-{n}"),
+                                                 headers={"If-Match": tag})) for n in range(3)]
+            await until_waiting_on_a_lock(pool, query_like="%rules%FOR UPDATE%", sessions=3)
+        replies = await asyncio.gather(*puts)
+    assert sorted(reply.status for reply in replies) == [200, 412, 412], [reply.body for reply in replies]
+    [winner] = [reply for reply in replies if reply.status == 200]
+    assert await stored_rule(rule["rule_id"]) == {"name": winner.body["name"], "enabled": True, "version": 2}
+    assert await outbox_versions(rule["rule_id"]) == [1, 2]
 
 
 async def test_a_delete_with_a_stale_etag_is_refused_412_and_one_with_the_current_etag_deletes(api, tenant):

@@ -19,7 +19,7 @@ from alerting_app.contracts import Rule, RuleChanged, RuleCriteria
 from web.auth import ApiView, Caller
 from web.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from web.pagination import page_of
-from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
+from web.preconditions import ANY, NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.quotas import RULES, lock_client_within_quota
 from web.schemas import RuleCreate, RuleOut, RulePatch, RuleQuery, RuleReplace
 from web.validation import parse_body, parse_query, path_id
@@ -125,9 +125,30 @@ async def create_rule(caller: Caller, body: RuleCreate) -> Any:
     return row
 
 
-async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict[str, Any],
+def stale_version(current: int, version: int, expected: Preconditions) -> Conflict:
+    """The 409 for a body `version` the rule is not at. 409 and not 412 also when it disagrees with
+    an If-Match that the rule meets (the ETag of version `current`): 412 says a precondition
+    header failed (RFC 9110 13.1), and sends the client to read a new ETag, but the one it sent is
+    current; it is the body's version that is wrong, and a wrong version is a 409 (docs/api.md,
+    "Concurrent changes"). An If-Match the rule does not meet is a 412 before this, whatever the version."""
+    if expected.if_match not in (None, ANY):  # `*` names no version to disagree with
+        return Conflict(f"If-Match names the rule as it stands, at version {current}, but the body's version is "
+                        f"{version}: they disagree; send the version read with that ETag, or leave version out; "
+                        f"nothing was changed")
+    return Conflict(f"the rule is at version {current}, not {version}; read it again")
+
+
+async def change_rule(rule_id: UUID, caller: Caller, version: int | None, changes: dict[str, Any],
                       expected: Preconditions = NONE) -> Any:
-    """Apply `changes` if the rule is still at `version` and meets `expected` (optimistic concurrency)."""
+    """Apply `changes` if the rule is still at `version` and meets `expected` (optimistic concurrency).
+
+    Either one is enough: `version` None stands for "as If-Match names it". Neither is refused,
+    before anything is read: a change must say which state of the rule it was made to, or two
+    writers overwrite each other unseen. If-Match `*` names none (it matches any version)."""
+    if version is None and expected.if_match in (None, ANY):
+        raise ValidationFailed.field("version", "required unless If-Match names the ETag of the rule as last "
+                                                "read (If-Match: * names none): give the version last read, or "
+                                                "that ETag; nothing was changed")
     pool = await db.api_pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
@@ -135,8 +156,8 @@ async def change_rule(rule_id: UUID, caller: Caller, version: int, changes: dict
             if current is None:
                 raise NotFound()
             expected.check(rule_out(current), "rule")
-            if current["version"] != version:
-                raise Conflict(f"the rule is at version {current['version']}, not {version}; read it again")
+            if version is not None and current["version"] != version:
+                raise stale_version(current["version"], version, expected)
             merged = {**dict(current), **changes}
             criteria = criteria_of(merged)
             row = await conn.fetchrow(UPDATE, rule_id, *criteria.values(), *(merged[setting] for setting in SETTINGS))

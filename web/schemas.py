@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from alerting_app.contracts import NO_NUL, WILDCARD, Rule, Severity, Text, Version
 from web.pagination import PageQuery
@@ -99,10 +99,25 @@ class RuleCreate(RequestBody):
     fingerprint_keys: FingerprintKeys = Field(default_factory=list)
 
 
-class RuleReplace(RequestBody):
-    """PUT: the whole rule, with the version the caller last read; omitted grouping settings are off."""
+def _version_not_null(value: Any) -> Any:
+    if value is None:
+        raise ValueError("may not be null: give the version last read, or leave it out and send If-Match "
+                         "with the ETag last read")
+    return value
 
-    version: Version
+
+# The version a change was made to, as the caller last read it. Optional in the body: an If-Match
+# naming the ETag read says the same, and a client using HTTP preconditions should not have to send
+# both; web/rules.py refuses a change that gives neither. Null is refused, not taken for "not
+# given", in PUT as in PATCH: a client sending null meant something, and it is not "any version".
+ExpectedVersion = Annotated[Version | None, BeforeValidator(_version_not_null)]
+
+
+class RuleReplace(RequestBody):
+    """PUT: the whole rule, with the version the caller last read (or If-Match with the ETag read);
+    omitted grouping settings are off."""
+
+    version: ExpectedVersion = None
     severity: SeverityCriterion
     source: str = TextCriterion
     name: str = TextCriterion
@@ -113,9 +128,10 @@ class RuleReplace(RequestBody):
 
 
 class RulePatch(PatchBody):
-    """PATCH: only the given fields change; `version` is the one the caller last read."""
+    """PATCH: only the given fields change; `version` is the one the caller last read (or If-Match
+    with the ETag read)."""
 
-    version: Version
+    version: ExpectedVersion = None
     severity: SeverityCriterion | None = None
     source: Annotated[str, Text] | None = None
     name: Annotated[str, Text] | None = None
