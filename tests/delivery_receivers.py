@@ -138,6 +138,7 @@ class _KeepMessages:
         self.greeted_as: list[str] = []  # for each MAIL command, the name the sender greeted with (EHLO)
         self.greeting_refusal: str | None = None  # the reply to EHLO and HELO, if they are refused
         self.fqdn_helo_required = False  # Postfix's reject_non_fqdn_helo_hostname, at RCPT
+        self.message_refusal: str | None = None  # the reply to the end of DATA, if messages are refused
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: N802 (aiosmtpd's name)
         if self.greeting_refusal is not None:
@@ -175,6 +176,8 @@ class _KeepMessages:
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
         await asyncio.sleep(self.stall_s)
+        if self.message_refusal is not None:
+            return self.message_refusal
         self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
         self.over_tls.append(session.ssl is not None)
         self.received_at.append(time.monotonic())
@@ -244,6 +247,11 @@ class SmtpServer:
         such user"); bytes go out as
         they are, as a relay that does not speak UTF-8 sends them."""
         self._handler.replies[recipient] = reply
+
+    def refuse_messages(self, reply: str) -> None:
+        """Answer the end of DATA with `reply` (e.g. "554 Message rejected: ..."): the message refused
+        once the relay has it, as Amazon SES refuses an unverified sender."""
+        self._handler.message_refusal = reply
 
     def refuse_greetings(self, reply: str) -> None:
         """Answer EHLO and HELO with `reply` (e.g. "550 5.7.1 go away")."""

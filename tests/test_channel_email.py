@@ -334,6 +334,159 @@ async def test_a_sender_refused_by_address_verification_is_retried_though_the_re
     assert reply in caplog.text
 
 
+def refused_us(code: str, refused: str) -> str:
+    return f"SMTP {code}: the SMTP relay refused {refused} (the platform's trouble, not the endpoint's)"
+
+
+RELAYING = "relaying for this worker"
+SENDER = "the sender (check SMTP_FROM)"
+SENDER_AUTHENTICATION = "the sender's authentication (SPF, DKIM or DMARC of SMTP_FROM's domain)"
+LOGIN = "this worker without a login or TLS (check SMTP_USER, SMTP_PASSWORD and SMTP_STARTTLS)"
+
+
+@pytest.mark.parametrize(("reply", "refused"), [
+    # Exim's default configuration (src/configure.default, "relay not permitted"), and its sender
+    # verification (Exim's test suite: "rejected RCPT <...>: Sender verify failed"; a bounce:
+    # "550-Verification failed for <...> 550-Unrouteable address 550 Sender verify failed").
+    ("550 relay not permitted", RELAYING),
+    ("550-Verification failed for <alerts@alerting.example>\r\n550-Unrouteable address\r\n550 Sender verify failed",
+     SENDER),
+    # Sendmail's check_rcpt (a log: "reject=550 5.7.1 ...... Relaying denied. IP name lookup failed").
+    ("550 5.7.1 <oncall@example.com>... Relaying denied", RELAYING),
+    ("550 5.7.1 <oncall@example.com>... Relaying denied. Proper authentication required.", RELAYING),
+    # qmail's rcpthosts, as an Exim bounce quotes it.
+    ("553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)", RELAYING),
+    # Microsoft: "Allow anonymous relay on Exchange servers" (RCPT TO answered "550 5.7.1 Unable to
+    # relay"), Exchange Online's 5.7.54 and its "550 5.7.64 Relay Access Denied ATTR36".
+    ("550 5.7.1 Unable to relay", RELAYING),
+    ("550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain", RELAYING),
+    ("550 5.7.64 TenantAttribution; Relay Access Denied", RELAYING),
+    # 530 to RCPT: RFC 4954 6 and RFC 3207 4 (to any command); Exchange Online's 5.7.57 (logged
+    # "in reply to MAIL FROM", the same at RCPT); a relay's "530 SMTP authentication is required.
+    # (in reply to RCPT TO command)".
+    ("530 5.7.57 Client not authenticated to send mail.", LOGIN),
+    ("530 5.7.0 Must issue a STARTTLS command first.", LOGIN),
+    ("530 SMTP authentication is required.", LOGIN),
+    # Google Workspace's SMTP relay (Google's SMTP error reference and relay help).
+    ("550 5.7.0 Mail relay denied [10.0.3.7]. Invalid credentials for relay for one of the domains in:"
+     " alerting.example", RELAYING),
+    ("550 5.7.1 Invalid credentials for relay [10.0.3.7]. The IP address you've registered in your Workspace SMTP"
+     " Relay service doesn't match domain of the account this email is being sent from.", RELAYING),
+    ("555 5.7.1 Authentication required for relay", RELAYING),
+    ("550 5.7.0 Mail Sending denied", SENDER),
+    ("550 5.7.1 The IP you're using to send mail is not authorized to send email directly to our servers.",
+     "this worker's address"),
+    # Postfix with pypolicyd-spf, which Postfix files under the recipient's restrictions: its
+    # wording in a real log, with 5.7.23 (RFC 7372's SPF validation failed) and, older, 5.7.1.
+    ("550 5.7.23 <oncall@example.com>: Recipient address rejected: Message rejected due to: SPF fail - not"
+     " authorized.", SENDER_AUTHENTICATION),
+    ("550 5.7.1 <oncall@example.com>: Recipient address rejected: Message rejected due to: SPF fail - not"
+     " authorized. Please see http://www.openspf.org/Why?s=mfrom;id=alerts@alerting.example;ip=10.0.3.7",
+     SENDER_AUTHENTICATION),
+    # Postfix refusing to relay, filed under the recipient's restrictions (a real log: "554 5.7.1
+    # <...>: Recipient address rejected: Relay access denied").
+    ("554 5.7.1 <oncall@example.com>: Recipient address rejected: Relay access denied", RELAYING),
+    # Enhanced status codes whose subject is this worker or the sender, whatever the words: RFC
+    # 7372's X.7.25 (its text: "Reverse DNS validation failed"), RFC 7505's X.7.27, RFC 3463's X.1.8
+    # (bad sender's system address; Sendmail's check_mail, as logged: "553 5.1.8 <...>... Domain of
+    # sender address ... does not exist").
+    ("550 5.7.25 Reverse DNS validation failed.", "this worker's address"),
+    ("550 5.7.27 Sender address has null MX", SENDER),
+    ("553 5.1.8 <alerts@alerting.example>... Domain of sender address alerts@alerting.example does not exist",
+     SENDER),
+    # SendGrid ("SMTP Errors and Troubleshooting"): SMTP_FROM not a verified Sender Identity.
+    ("403 You are not authorized to send from that email address", SENDER),
+], ids=["exim-relay", "exim-sender-verify", "sendmail-relay", "sendmail-authentication", "qmail-rcpthosts",
+        "exchange-relay", "exchange-online-relay", "exchange-online-tenant", "exchange-online-anonymous",
+        "starttls-required", "authentication-required", "gmail-relay-denied", "gmail-relay-credentials",
+        "gmail-relay-authentication", "gmail-sending-denied", "gmail-direct", "postfix-spf-5.7.23",
+        "postfix-spf-5.7.1", "postfix-relay-as-recipient", "reverse-dns", "null-mx-sender", "sendmail-sender-domain",
+        "sendgrid-sender-identity"])
+async def test_another_relays_refusal_of_this_worker_at_rcpt_is_retried_as_the_platforms_trouble(reply, refused,
+                                                                                                caplog):
+    # Before, only Postfix's words were recognised: another relay refusing this worker at RCPT read
+    # as refusing the recipient, and a 5xx failed every email for good at its first attempt, quoting
+    # our address or sender to the tenant.
+    with SmtpServer() as smtp:
+        smtp.refuse("oncall@example.com", reply)
+        with pytest.raises(RetryableDeliveryError) as failure:
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+    assert str(failure.value) == refused_us(reply[:3], refused)
+    assert reply.splitlines()[-1][4:] in caplog.text  # the operator's log has the reply
+
+
+@pytest.mark.parametrize("reply", [
+    "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found",
+    "550 5.1.1 The email account that you tried to reach does not exist.",
+    "550 5.1.1 <oncall@example.com>: Recipient address rejected: User unknown in relay recipient table",
+    "550 Unrouteable address",
+    # The recipient's own policy, in X.7.x: Postfix's check_recipient_access, Exchange Online's
+    # directory-based edge blocking, Exchange's delivery restrictions (5.7.133's "authentication
+    # required" is the group's: it takes only authenticated senders), Gmail's.
+    "554 5.7.1 <oncall@example.com>: Recipient address rejected: Access denied",
+    "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)",
+    "550 5.7.1 RESOLVER.RST.NotAuthorized; not authorized",
+    "550 5.7.133 RESOLVER.RST.SenderNotAuthenticatedForGroup; authentication required; Delivery restriction check"
+    " failed because the sender was not authenticated when sending to this group",
+    "550 5.7.1 The user or domain that you are sending to (or from) has a policy that prohibits the mail that you"
+    " sent.",
+    # Postfix's address verification quoting the recipient's server, in words recognised as ours.
+    "550 5.1.1 <oncall@example.com>: Recipient address rejected: undeliverable address: host"
+    " mx.example.com[192.0.2.1] said: 550 5.7.1 Unable to relay (in reply to RCPT TO command)",
+    "550 5.1.1 <oncall@example.com>: Recipient address rejected: undeliverable address: host"
+    " mx.example.com[192.0.2.1] said: 550 5.7.25 Reverse DNS validation failed (in reply to RCPT TO command)",
+], ids=["exchange-unknown", "gmail-unknown", "postfix-relay-recipient-table", "exim-unrouteable",
+        "postfix-access-denied", "exchange-online-edge-blocking", "exchange-restricted", "exchange-group",
+        "gmail-policy", "quoting-unable-to-relay", "quoting-reverse-dns"])
+async def test_a_recipient_refused_in_any_relays_words_fails_for_good(reply):
+    with SmtpServer() as smtp:
+        smtp.refuse("oncall@example.com", reply)
+        with pytest.raises(PermanentDeliveryError) as failure:
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+    assert str(failure.value) == f"SMTP {reply[:3]}: {reply[4:]}"  # the tenant reads why, as the relay said it
+
+
+@pytest.mark.parametrize(("reply", "refused"), [
+    # Amazon SES refuses an unverified identity at the end of DATA (an Exim log: "SMTP error from
+    # remote mail server after end of data: 554 Message rejected: Email address is not verified").
+    ("554 Message rejected: Email address is not verified. The following identities failed the check in region"
+     " EU-WEST-1: alerts@alerting.example",
+     "an address its account has not verified (SMTP_FROM, or any recipient while in SES's sandbox)"),
+    # Exchange's SmtpResponse.SendAsDenied; Exchange Online's 5.7.60 (a log: after BDAT LAST).
+    ("550 5.7.1 Client does not have permission to send as this sender", SENDER),
+    ("550 5.7.60 SMTP; Client does not have permissions to send as this sender", SENDER),
+    # Gmail (Google's SMTP error reference), after the message: RFC 7372's 5.7.26, over two lines.
+    ("550-5.7.26 This message does not have authentication information or fails to\r\n"
+     "550 5.7.26 pass authentication checks.", SENDER_AUTHENTICATION),
+    ("550 5.7.1 Unauthenticated email is not accepted from this domain.", SENDER_AUTHENTICATION),
+], ids=["ses-unverified", "exchange-send-as", "exchange-online-send-as", "gmail-unauthenticated",
+        "gmail-unauthenticated-domain"])
+async def test_a_relay_refusing_this_worker_once_it_has_the_message_is_retried_as_the_platforms_trouble(
+        reply, refused, caplog):
+    # Before, DATA's reply was always the message's: SES's refusal of an unverified SMTP_FROM failed
+    # every email for good at its first attempt, naming our sender to the tenant.
+    with SmtpServer() as smtp:
+        smtp.refuse_messages(reply)
+        with pytest.raises(RetryableDeliveryError) as failure:
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+        assert smtp.messages == []
+    assert str(failure.value) == refused_us(reply[:3], refused)
+    assert reply.splitlines()[-1][4:] in caplog.text
+
+
+@pytest.mark.parametrize("reply", [
+    "550 5.7.1 Our system has detected that this message is likely unsolicited mail. To reduce the amount of spam"
+    " sent to Gmail, this message has been blocked.",
+    "552 5.2.3 Your message exceeded Google's message size limits.",
+], ids=["gmail-spam", "gmail-size"])
+async def test_a_message_refused_for_what_it_is_fails_for_good(reply):
+    with SmtpServer() as smtp:
+        smtp.refuse_messages(reply)
+        with pytest.raises(PermanentDeliveryError) as failure:
+            await send_email(smtp_settings(smtp.port), "oncall@example.com", notification())
+    assert str(failure.value) == f"SMTP {reply[:3]}: {reply[4:]}"
+
+
 async def test_a_relay_refusing_starttls_for_good_is_retried_and_names_the_settings():
     # A refusal of STARTTLS (or of AUTH) is about the relay and the SMTP_* settings, the same for
     # every email: before, a 5xx failed each one for good.

@@ -121,7 +121,7 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
         refusal = min(exc.recipients, key=lambda refused: refused.code)
         if refusal.code == _CLOSING:
             raise _service_refused(refusal.code, refusal.message) from None
-        if (refused := _refused_us(refusal.message)) is not None:
+        if (refused := _refused_us(refusal.code, refusal.message)) is not None:
             raise _worker_refused(refusal.code, refusal.message, refused) from None
         raise _by_reply_code(refusal.code, f"SMTP {refusal.code}: {refusal.message}") from None
     except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPConnectResponseError) as exc:
@@ -145,6 +145,10 @@ async def send_email(settings: Settings, recipient: str, notification: Notificat
             # operator can fix, not this message's fault, so it is retried like a relay that is
             # down. Before, another 5xx there (504 to an AUTH mechanism, say) failed every email for good.
             raise RetryableDeliveryError(f"SMTP {exc.code}: {exc.message} (check the SMTP_* settings)") from None
+        if isinstance(exc, aiosmtplib.SMTPDataError) and (refused := _refused_us(exc.code, exc.message)) is not None:
+            # DATA's reply refusing what is this worker's, not the message's (Amazon SES's unverified
+            # SMTP_FROM, Gmail's unauthenticated sender): before, every email failed for good.
+            raise _worker_refused(exc.code, exc.message, refused) from None
         # DATA's reply: about the message.
         raise _by_reply_code(exc.code, f"SMTP {exc.code}: {exc.message}") from None
     except TimeoutError:
@@ -257,33 +261,116 @@ def _service_refused(code: int, message: str) -> RetryableDeliveryError:
                                   " not the endpoint's)")
 
 
-# Postfix applies its restrictions on the client, its greeting and the sender at RCPT
-# (smtpd_delay_reject, the default), and names which one refused in its reply: "504 5.5.2 <name>:
-# Helo command rejected: need fully-qualified hostname" (reject_non_fqdn_helo_hostname), "450 4.7.1
-# Client host rejected: cannot find your hostname, [10.0.3.7]", "553 5.1.8 <alerts@...>: Sender
-# address rejected: Domain not found", "554 5.7.1 <ops@...>: Relay access denied" (the relay does
-# not relay for this worker). Each is about this worker, the same for every email, not the
-# recipient's: read as the recipient's, a 5xx failed every email for good.
-# The relay's own verdict comes first; a reply it quotes comes after it: address verification
-# (reject_unverified_recipient) answers "550 5.1.1 <ops@...>: Recipient address rejected:
-# undeliverable address: host mx...[...] said: 554 5.7.1 ...: Relay access denied", the recipient's
-# own server refusing that address, which the relay would bounce. So the first phrase found says
-# whose refusal it is, "Recipient address rejected" (None) among them.
+# A relay refuses this worker, not the recipient, at RCPT in words that read like the recipient's:
+# Postfix applies its restrictions on the client, its greeting and the sender there
+# (smtpd_delay_reject, the default), and other relays refuse relaying there. Each is about this
+# worker, the same for every email: read as the recipient's, a 5xx failed every email for good. A
+# few relays refuse what is ours only once they have the message (DATA): Amazon SES an unverified
+# SMTP_FROM, Exchange a sender our login may not send as, Gmail a sender without SPF or DKIM.
+# What is recognised: the phrases of _REFUSED_US, each the documented or logged reply of a widely
+# deployed relay (the source is named at each), and the enhanced status codes of
+# _REFUSED_US_BY_STATUS. Not X.7.x as a whole (RFC 3463's security or policy status): relays
+# answer the recipient's own policy with it too, e.g. Postfix's check_recipient_access ("554 5.7.1
+# <ops@...>: Recipient address rejected: Access denied") and Exchange's delivery restrictions ("550
+# 5.7.1 RESOLVER.RST.NotAuthorized; not authorized", "550 5.7.133
+# RESOLVER.RST.SenderNotAuthenticatedForGroup; authentication required; ... sending to this
+# group"), which stay the recipient's; so no phrase as wide as "authentication required" either.
 _GREETING = "its greeting (EHLO: check SMTP_HELO_NAME, a fully-qualified name the relay takes)"
-_REFUSED_US = (
-    (re.compile(r"\bHelo command rejected\b", re.IGNORECASE), _GREETING),
-    (re.compile(r"\bClient host rejected\b|\bClient host \[[^]]*\] blocked\b", re.IGNORECASE),
-     "this worker's address"),
-    (re.compile(r"\bSender address rejected\b", re.IGNORECASE), "the sender (check SMTP_FROM)"),
-    (re.compile(r"\bRelay access denied\b", re.IGNORECASE), "relaying for this worker"),
-    (re.compile(r"\bRecipient address rejected\b", re.IGNORECASE), None),
-)
+_ADDRESS = "this worker's address"
+_SENDER = "the sender (check SMTP_FROM)"
+_SENDER_AUTHENTICATION = "the sender's authentication (SPF, DKIM or DMARC of SMTP_FROM's domain)"
+_UNVERIFIED = "an address its account has not verified (SMTP_FROM, or any recipient while in SES's sandbox)"
+_RELAYING = "relaying for this worker"
+_LOGIN = "this worker without a login or TLS (check SMTP_USER, SMTP_PASSWORD and SMTP_STARTTLS)"
+_REFUSED_US = tuple((re.compile(phrase, re.IGNORECASE), refused) for phrase, refused in (
+    # Postfix: "504 5.5.2 <name>: Helo command rejected: need fully-qualified hostname"
+    # (reject_non_fqdn_helo_hostname), "450 4.7.1 Client host rejected: cannot find your hostname,
+    # [10.0.3.7]", "554 5.7.1 Service unavailable; Client host [10.0.3.7] blocked using
+    # zen.spamhaus.org", "553 5.1.8 <alerts@...>: Sender address rejected: Domain not found", "554
+    # 5.7.1 <ops@...>: Relay access denied" (reject_unauth_destination). Exchange Online's "550 5.7.64
+    # TenantAttribution; Relay Access Denied" too (Microsoft: "550 5.7.64 Relay Access Denied ATTR36").
+    (r"\bHelo command rejected\b", _GREETING),
+    (r"\bClient host rejected\b|\bClient host \[[^]]*\] blocked\b", _ADDRESS),
+    (r"\bSender address rejected\b", _SENDER),
+    (r"\bRelay access denied\b", _RELAYING),
+    # Postfix with pypolicyd-spf, which Postfix reports as the recipient's restriction: "550 5.7.1
+    # <ops@...>: Recipient address rejected: Message rejected due to: SPF fail - not authorized"
+    # (newer versions say 5.7.23, which _REFUSED_US_BY_STATUS knows).
+    (r"\bMessage rejected due to: SPF fail\b", _SENDER_AUTHENTICATION),
+    # Exim's default configuration (src/configure.default: "require message = relay not permitted";
+    # Exim's test suite: "550 relay not permitted"), "Relaying not permitted" in others' ACLs; its
+    # "require verify = sender": "550-Verification failed for <alerts@...>", "550-Unrouteable
+    # address", "550 Sender verify failed".
+    (r"\brelay(?:ing)? not permitted\b", _RELAYING),
+    (r"\bSender verify failed\b", _SENDER),
+    # Sendmail's check_rcpt: "550 5.7.1 <ops@...>... Relaying denied", "... Relaying denied. Proper
+    # authentication required.", "... Relaying denied. IP name lookup failed [10.0.3.7]".
+    (r"\bRelaying denied\b", _RELAYING),
+    # qmail's rcpthosts: "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)".
+    (r"\bisn't in my list of allowed rcpthosts\b", _RELAYING),
+    # Microsoft Exchange ("Allow anonymous relay on Exchange servers": RCPT TO answered "550 5.7.1
+    # Unable to relay") and Exchange Online ("550 5.7.54 SMTP; Unable to relay recipient in
+    # non-accepted domain"); Exchange's SmtpResponse.SendAsDenied, "550 5.7.1 Client does not have
+    # permission to send as this sender" (and AnonymousSendAsDenied: "Anonymous client does not ..."),
+    # Exchange Online's "550 5.7.60 SMTP; Client does not have permissions to send as this sender".
+    (r"\bUnable to relay\b", _RELAYING),
+    (r"\bdoes not have permissions? to send as this sender\b", _SENDER),
+    # Google Workspace's SMTP relay and Gmail (Google's SMTP error reference, and its "SMTP relay"
+    # help): "550 5.7.0 Mail relay denied [<ip>]. Invalid credentials for relay for one of the
+    # domains in: ...", "550 5.7.1 Invalid credentials for relay [<ip>]. The IP address you've
+    # registered in your Workspace SMTP Relay service doesn't match ...", "555 5.7.1 Authentication
+    # required for relay", "550 5.7.0 Mail Sending denied" (the sender not in the Workspace domain),
+    # "550 5.7.1 The IP you're using to send mail is not authorized to send email directly to our
+    # servers", "550 5.7.1 Unauthenticated email is not accepted from this domain".
+    (r"\bMail relay denied\b|\bInvalid credentials for relay\b|\bAuthentication required for relay\b", _RELAYING),
+    (r"\bMail Sending denied\b", _SENDER),
+    (r"\bnot authorized to send email directly to our servers\b", _ADDRESS),
+    (r"\bUnauthenticated email is not accepted from this domain\b", _SENDER_AUTHENTICATION),
+    # Amazon SES refuses an identity its account has not verified once it has the message ("SMTP
+    # error from remote mail server after end of data: 554 Message rejected: Email address is not
+    # verified. The following identities failed the check in region EU-WEST-1: ..."): SMTP_FROM,
+    # and in its sandbox the recipient too, which is the platform's account, not the endpoint.
+    (r"\bEmail address is not verified\b", _UNVERIFIED),
+    # SendGrid ("SMTP Errors and Troubleshooting"): "403 You are not authorized to send from that
+    # email address", SMTP_FROM not a verified Sender Identity.
+    (r"\bnot authorized to send from that email address\b", _SENDER),
+))
+# Enhanced status codes (RFC 3463, and the IANA registry) whose subject is the sender or this
+# worker, never the recipient: X.1.7 bad sender's mailbox address syntax, X.1.8 bad sender's
+# system address (RFC 3463); X.7.20-22 no passing, acceptable or author-matched DKIM signature,
+# X.7.23 SPF validation failed, X.7.24 SPF validation error, X.7.25 reverse DNS validation failed
+# (of the SMTP client's address), X.7.26 multiple authentication checks failed (RFC 7372); X.7.27
+# sender address has null MX (RFC 7505). Postfix's "Recipient address rejected" from a policy
+# service names only where the restriction sat: "550 5.7.23 <ops@...>: Recipient address
+# rejected: Message rejected due to: SPF fail - not authorized" (pypolicyd-spf).
+_REFUSED_US_BY_STATUS = {
+    "1.7": _SENDER, "1.8": _SENDER, "7.27": _SENDER, "7.25": _ADDRESS,
+    **dict.fromkeys(("7.20", "7.21", "7.22", "7.23", "7.24", "7.26"), _SENDER_AUTHENTICATION),
+}
+_ENHANCED_STATUS = re.compile(r"\s*[245]\.(\d{1,3}\.\d{1,3})(?![\d.])")
+# Postfix's address verification (reject_unverified_recipient) refuses a recipient quoting what
+# the recipient's own server told it: "550 5.1.1 <ops@...>: Recipient address rejected:
+# undeliverable address: host mx...[...] said: 554 5.7.1 <ops@...>: Relay access denied (in reply
+# to RCPT TO command)". That server refused that address, and the relay itself would bounce the
+# message: the recipient's. What follows "host ... said:" is not the relay's own words.
+_QUOTED_REPLY = re.compile(r"\bhost \S+ said:", re.IGNORECASE)
+# RFC 4954 6 ("530 5.7.0 Authentication required") and RFC 3207 4 ("530 Must issue a STARTTLS
+# command first"), answers to any command a relay takes only with a login or TLS, RCPT among them:
+# "530 SMTP authentication is required. (in reply to RCPT TO command)"; Exchange Online's "530
+# 5.7.57 Client not authenticated to send mail". The relay settings, not the recipient.
+_LOGIN_REQUIRED = 530
 
 
-def _refused_us(reply: str) -> str | None:
-    """What of this worker a reply to RCPT says the relay refused (_REFUSED_US: the first phrase
-    in the reply); None: the recipient."""
-    found = [(match.start(), refused) for pattern, refused in _REFUSED_US if (match := pattern.search(reply))]
+def _refused_us(code: int, reply: str) -> str | None:
+    """What of this worker a reply to RCPT or DATA says the relay refused; None: not this worker,
+    the recipient or the message. The reply's own enhanced status code, if one of
+    _REFUSED_US_BY_STATUS, else the first phrase of _REFUSED_US in the relay's own words."""
+    if code == _LOGIN_REQUIRED:
+        return _LOGIN
+    own_words = _QUOTED_REPLY.split(reply, maxsplit=1)[0]
+    if (status := _ENHANCED_STATUS.match(own_words)) and status[1] in _REFUSED_US_BY_STATUS:
+        return _REFUSED_US_BY_STATUS[status[1]]
+    found = [(match.start(), refused) for pattern, refused in _REFUSED_US if (match := pattern.search(own_words))]
     return min(found, key=lambda at: at[0], default=(0, None))[1]
 
 
