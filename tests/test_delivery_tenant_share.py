@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -899,3 +900,60 @@ async def test_waiting_deliveries_due_at_one_instant_across_batches_are_all_rety
     assert await records.retype_waiting(pool, endpoint, client, "webhook") == 0
     assert await pool.fetchval("SELECT array_agg(DISTINCT channel) FROM deliveries WHERE endpoint_id = $1",
                                endpoint) == ["email"]
+
+
+@contextlib.asynccontextmanager
+async def retyping_paused(pool, endpoint: str) -> AsyncIterator[asyncpg.Connection]:
+    """While the block runs, a statement rewriting a channel of `endpoint`'s deliveries waits at its
+    first row (for an advisory lock the block holds), its snapshot taken: the moment of a batch in
+    which another change of type can commit. A trigger of this test's own, dropped afterwards."""
+    key = 7_202_611
+    await pool.execute(f"""
+        CREATE FUNCTION paused_retyping() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_advisory_xact_lock_shared({key}); RETURN NEW; END $$;
+        CREATE TRIGGER paused_retyping BEFORE UPDATE OF channel ON deliveries FOR EACH ROW
+            WHEN (OLD.endpoint_id = '{endpoint}' AND NEW.channel <> OLD.channel) EXECUTE FUNCTION paused_retyping();
+    """)
+    try:
+        async with pool.acquire() as holder:
+            await holder.execute("SELECT pg_advisory_lock($1)", key)
+            try:
+                yield holder
+            finally:
+                await holder.execute("SELECT pg_advisory_unlock($1)", key)
+    finally:
+        await pool.execute("DROP TRIGGER paused_retyping ON deliveries; DROP FUNCTION paused_retyping()")
+
+
+async def test_two_type_changes_in_quick_succession_leave_every_waiting_row_on_the_last_type(
+        pool, monkeypatch, clean_db):
+    """The tenant makes its webhook an email, then a Slack endpoint, while the first change's
+    retyping is in the middle of a batch (here seven waiting deliveries, batches of three). That
+    batch's statement had read the endpoint's type, email, before the second change committed, and
+    wrote it after the second change's retyping had looked for email (finding none yet) and ended;
+    the first one's later batches read Slack but seek only the rows that were not email: the batch
+    was left email for good, leased in the tenant's email turn. A batch now reads the type under a
+    lock held until it commits: the second change waits for the batch, and its retyping finds it."""
+    monkeypatch.setattr(records, "RETYPE_BATCH_ROWS", 3)
+    monkeypatch.setattr(records, "RETYPE_PASSES", 1)
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    endpoint = await insert_endpoint(pool, client, rule, "webhook", "https://hooks.example.com/moved")
+    await waiting_webhook_deliveries(pool, client, rule, endpoint, 7)
+    await pool.execute("UPDATE endpoints SET type = 'email', value = 'ops@example.com' WHERE endpoint_id = $1",
+                       endpoint)
+
+    async with retyping_paused(pool, endpoint):
+        first = asyncio.ensure_future(records.retype_waiting(pool, endpoint, client, "webhook"))
+        await until_done_or_a_statement_waits_for_a_lock(pool, first, "WITH batch")
+        assert not first.done()
+        # The second PATCH, and the retyping it starts (awaited: the first one's is no task of the API).
+        second = asyncio.ensure_future(retyped_and_its_waiting_deliveries(endpoint, client, "slack",
+                                                                          "http://127.0.0.1:9/slack"))
+        await until_done_or_a_statement_waits_for_a_lock(pool, second, "SELECT endpoint_id, rule_id")
+    await second
+    await first
+
+    assert await pool.fetchval("SELECT type FROM endpoints WHERE endpoint_id = $1", endpoint) == "slack"
+    rows = await pool.fetch("SELECT channel FROM deliveries WHERE endpoint_id = $1 ORDER BY next_attempt_at", endpoint)
+    assert [row["channel"] for row in rows] == ["slack"] * 7

@@ -385,15 +385,22 @@ def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[
 # room. The channel decides only when a row is leased: its send goes by the endpoint's type read as
 # it is leased and again before the send (delivery/attempts.py), so a row retyped late is late,
 # never sent by the wrong channel.
-# In batches of RETYPE_BATCH_ROWS, each a statement (a transaction) of its own: done in the PATCH's
+# In batches of RETYPE_BATCH_ROWS, each a short transaction of its own: done in the PATCH's
 # transaction, 100,000 rows took 1.2-2 s and half a million would pass API_DATABASE_TIMEOUT_S, and
 # the PATCH, locking them in its scan's order, deadlocked with a worker recording their outcomes.
 # Rows another transaction holds (a recorder's write, a sweep's lease) are skipped, never waited
-# for: a batch waits on no lock, so it is in no deadlock. The recorder leaves a PENDING row the
-# channel it has (_WRITE), so what was skipped is taken by a later pass; a row settled meanwhile
-# has its attempt's channel and is no longer sought.
-# The channel set is the endpoint's type as the batch reads it, not the PATCH's: a second change of
-# type while the first one's batches run leaves no row of the first.
+# for: a batch waits for no delivery's lock (only for its endpoint's, taken first: below), so it is
+# in no deadlock. The recorder leaves a PENDING row the channel it has (_WRITE), so what was skipped
+# is taken by a later pass; a row settled meanwhile has its attempt's channel and is no longer sought.
+# The channel set is the endpoint's type as the batch reads it, not the PATCH's, and the batch reads
+# it FOR SHARE, first, in its own statement (`_TYPE_NOW`), holding it until the batch commits. Read
+# by the batch's UPDATE alone, the type was the one of the statement's start: a second change of type
+# committed while a batch of the first one's ran (webhook -> email -> Slack), whose retyping read the
+# email rows before that batch committed (finding none) and ended, left that whole batch email for
+# good, since the first one's later batches seek only the rows that were not email. Under the lock a
+# second change waits for the batch (one batch: milliseconds), so its retyping, started after it
+# commits, finds that batch's rows; and a batch waiting for a change under way reads its new type.
+# No deadlock: the lock is the transaction's first, and the batch then waits for no row (SKIP LOCKED).
 # Each batch reads one partial index, from where the last one stopped (next_attempt_at, ties read
 # again): the tenant's PENDING email (deliveries_email_client_idx), or every PENDING row that is not
 # email (deliveries_other_due_idx: there is no index by endpoint, which would cost every delivery's
@@ -410,17 +417,19 @@ _WAITING_EMAIL = "d.client_id = $2 AND d.status = 'PENDING' AND d.channel = 'ema
 # client ($2) is named here so that both kinds' statements take the same arguments.
 _WAITING_OTHER = "d.status = 'PENDING' AND d.channel <> 'email' AND d.endpoint_id = $1 AND $2::uuid IS NOT NULL"
 _MISTYPED = "d.channel <> (SELECT e.type FROM endpoints e WHERE e.endpoint_id = $1)"
+_TYPE_NOW = "SELECT type FROM endpoints WHERE endpoint_id = $1 FOR SHARE"
+# $5: the endpoint's type, read under _TYPE_NOW's lock in the same transaction.
 _RETYPE_BATCH = """
 WITH batch AS (
     SELECT d.notification_id, d.endpoint_id FROM deliveries d
-    WHERE {waiting} AND {mistyped} AND d.next_attempt_at >= coalesce($3::timestamptz, '-infinity')
+    WHERE {waiting} AND d.channel <> $5 AND d.next_attempt_at >= coalesce($3::timestamptz, '-infinity')
     ORDER BY d.next_attempt_at
     LIMIT $4
     FOR UPDATE SKIP LOCKED
 )
-UPDATE deliveries d SET channel = e.type
-FROM batch b, endpoints e
-WHERE d.notification_id = b.notification_id AND d.endpoint_id = b.endpoint_id AND e.endpoint_id = $1
+UPDATE deliveries d SET channel = $5
+FROM batch b
+WHERE d.notification_id = b.notification_id AND d.endpoint_id = b.endpoint_id
 RETURNING d.next_attempt_at
 """
 _LEFT = "SELECT count(*) FROM deliveries d WHERE {waiting} AND {mistyped}"
@@ -431,7 +440,7 @@ async def retype_waiting(pool: asyncpg.Pool, endpoint_id: UUID | str, client_id:
     """Give the endpoint's PENDING deliveries its type as their channel, a batch at a time; return
     how many are left with another (0: all done), held by others through every pass."""
     waiting = _WAITING_EMAIL if old_type == "email" else _WAITING_OTHER
-    batch = _RETYPE_BATCH.format(waiting=waiting, mistyped=_MISTYPED)
+    batch = _RETYPE_BATCH.format(waiting=waiting)
     left_sql = _LEFT.format(waiting=waiting, mistyped=_MISTYPED)
     left = 0
     for pass_ in range(RETYPE_PASSES):
@@ -439,7 +448,11 @@ async def retype_waiting(pool: asyncpg.Pool, endpoint_id: UUID | str, client_id:
             await asyncio.sleep(RETYPE_PASS_PAUSE_S)
         after = None
         while True:
-            rows = await pool.fetch(batch, endpoint_id, client_id, after, RETYPE_BATCH_ROWS)
+            async with pool.acquire() as conn, conn.transaction():
+                type_now = await conn.fetchval(_TYPE_NOW, endpoint_id)
+                if type_now is None:
+                    return 0  # deleted: its deliveries fail at their send, whatever their channel
+                rows = await conn.fetch(batch, endpoint_id, client_id, after, RETYPE_BATCH_ROWS, type_now)
             if len(rows) < RETYPE_BATCH_ROWS:
                 break
             after = max(row["next_attempt_at"] for row in rows)
