@@ -957,3 +957,48 @@ async def test_two_type_changes_in_quick_succession_leave_every_waiting_row_on_t
     assert await pool.fetchval("SELECT type FROM endpoints WHERE endpoint_id = $1", endpoint) == "slack"
     rows = await pool.fetch("SELECT channel FROM deliveries WHERE endpoint_id = $1 ORDER BY next_attempt_at", endpoint)
     assert [row["channel"] for row in rows] == ["slack"] * 7
+
+
+async def delivery_left_on_its_old_channel(pool) -> tuple[str, str, object]:
+    """A tenant's webhook made email, and a delivery of it, due and nobody's, still on the webhook's
+    channel: a retyping that did not reach it (its process stopped part-way, the row held through
+    every pass). Returns (client, endpoint, notification)."""
+    client = await insert_client(pool)
+    rule = await insert_rule(pool, client)
+    endpoint = await insert_endpoint(pool, client, rule, "email", "ops@example.com")
+    notification = await pending_notification(pool, client, [rule])
+    await pool.execute("INSERT INTO deliveries (notification_id, endpoint_id, channel, status, next_attempt_at)"
+                       " VALUES ($1, $2, 'webhook', 'PENDING', now() - interval '1 min')",
+                       notification.notification_id, endpoint)
+    return client, endpoint, notification
+
+
+async def test_a_delivery_a_retyping_did_not_reach_is_leased_by_its_old_channel_once(pool, clean_db):
+    """A worker with no email room left sweeps: the row, still a webhook's by its channel, is
+    leased among the webhooks, found an email, and handed back. Before, it kept the webhook's
+    channel until an attempt settled it, so every sweep of every such worker leased it and handed it
+    back, and it waited outside its tenant's email turns. Leased, it takes its endpoint's type: the
+    next sweep without email room leaves it, and it waits among its tenant's email."""
+    owner = "w-retype-lease"
+    client, endpoint, notification = await delivery_left_on_its_old_channel(pool)
+
+    [job] = await records.lease_due(pool, owner, 60, {}, 100, 10, email_room=0)
+    assert job.endpoint.channel == "email"
+    await records.release(pool, owner, [job.key])
+
+    row = await pool.fetchrow("SELECT channel, client_id::text FROM deliveries WHERE endpoint_id = $1", endpoint)
+    assert tuple(row) == ("email", client)
+    assert await records.lease_due(pool, owner, 60, {}, 100, 10, email_room=0) == []
+    [again] = await records.lease_due(pool, owner, 60, {}, 100, 10, email_room=1)
+    assert again.key == job.key
+
+
+async def test_a_delivery_a_retyping_did_not_reach_takes_its_endpoints_type_when_a_redelivery_resumes_it(
+        pool, clean_db):
+    """A redelivered notifications.ready resumes the waiting row (a dead worker's): leased so, it
+    takes its endpoint's type as its channel, as a row the sweep leases does."""
+    client, endpoint, notification = await delivery_left_on_its_old_channel(pool)
+
+    [job] = await records.open_deliveries(pool, [notification], "w-retype-open", 60, [])
+    assert job.resumed and job.endpoint.channel == "email"
+    assert await pool.fetchval("SELECT channel FROM deliveries WHERE endpoint_id = $1", endpoint) == "email"

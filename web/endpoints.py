@@ -221,7 +221,8 @@ def retype_in_background(endpoint_id: UUID, client_id: UUID, old_type: str) -> N
     outcomes. Not in the request either, after its commit: the answer would still wait for the
     whole backlog, and a client giving up would cut it short. The change is
     committed before this starts, and a row retyped late (or never: this process stopping part-way,
-    Postgres away) is only late, since its send goes by the endpoint's type read when it is leased.
+    Postgres away) is only late, since its send goes by the endpoint's type read when it is leased,
+    and it takes that type as its channel then (records._LEASE_DUE).
     """
     task = asyncio.ensure_future(_retype(endpoint_id, client_id, old_type))
     _retyping.add(task)
@@ -233,7 +234,7 @@ async def _retype(endpoint_id: UUID, client_id: UUID, old_type: str) -> None:
         await records.retype_waiting(await db.api_pool(), endpoint_id, client_id, old_type)
     except Exception:
         log.exception("retyping endpoint %s's waiting deliveries stopped part-way; those left are leased by "
-                      "their old channel, and sent by the endpoint's type", endpoint_id)
+                      "their old channel once, taking the endpoint's type then, and sent by it", endpoint_id)
 
 
 async def retyping_finished() -> None:

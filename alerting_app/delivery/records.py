@@ -39,7 +39,8 @@ JOIN clients c ON c.client_id = n.client_id AND c.deleting_since IS NULL
 # PENDING: a settled one gets no new row, so a redelivered or replayed message does not send it
 # to an endpoint added since. A row already there is leased again only if it is still PENDING,
 # due, and nobody holds it: a redelivered message resumes what a dead worker left and leaves alone
-# what is SENT, FAILED or in hand elsewhere.
+# what is SENT, FAILED or in hand elsewhere. Leased so, it takes its endpoint's type as its channel,
+# as a row the sweep leases does (_LEASE_DUE).
 # Endpoints in $5 and clients in $7 (those this worker holds enough of) get an unleased row, for the
 # sweep, and so does email with $8 (email waits in Postgres for its turn: the sweep takes it
 # round-robin per client, and new email taken here would go before it); with no owner ($4 NULL: the
@@ -61,7 +62,7 @@ WITH wanted AS (
                 ELSE now() + make_interval(secs => $6) END
     FROM wanted
     ON CONFLICT (notification_id, endpoint_id) DO UPDATE
-        SET leased_by = EXCLUDED.leased_by, lease_until = EXCLUDED.lease_until
+        SET leased_by = EXCLUDED.leased_by, lease_until = EXCLUDED.lease_until, channel = EXCLUDED.channel
         WHERE d.status = 'PENDING' AND EXCLUDED.leased_by IS NOT NULL AND d.next_attempt_at <= now()
           AND (d.lease_until IS NULL OR d.lease_until < now())
     -- xmax is 0 on a row this statement inserted, set on one it updated (found already there).
@@ -178,7 +179,11 @@ WITH RECURSIVE held AS (
     LIMIT $6
     FOR UPDATE OF d SKIP LOCKED
 ), leased AS (
-    UPDATE deliveries d SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
+    -- The row takes its endpoint's type as its channel: one left by a retyping that did not reach
+    -- it (retype_waiting) is leased by its old channel once, not every time until an attempt settles it.
+    UPDATE deliveries d SET leased_by = $1, lease_until = now() + make_interval(secs => $2),
+                            channel = coalesce((SELECT e.type FROM endpoints e WHERE e.endpoint_id = d.endpoint_id),
+                                               d.channel)
     FROM due WHERE d.notification_id = due.notification_id AND d.endpoint_id = due.endpoint_id
     RETURNING d.notification_id, d.endpoint_id, d.attempts, due.resumed, due.email_turn, due.next_attempt_at
 )
@@ -408,7 +413,8 @@ def _pairs(notifications: Iterable[NotificationReady]) -> tuple[list[str], list[
 RETYPE_BATCH_ROWS = 2_000
 # Passes over the waiting rows, RETYPE_PASS_PAUSE_S apart, for the rows each found held by another
 # transaction (held for milliseconds: a batch of outcomes, a lease): what is still left after the
-# last is logged and goes by its old channel until its next attempt settles it (late, not lost).
+# last is logged and is leased by its old channel once (late, not lost), taking its endpoint's type
+# as it is leased (_LEASE_DUE).
 RETYPE_PASSES = 10
 RETYPE_PASS_PAUSE_S = 0.5
 
@@ -460,8 +466,8 @@ async def retype_waiting(pool: asyncpg.Pool, endpoint_id: UUID | str, client_id:
         if not left:
             return 0
     log.warning("%d waiting deliveries of endpoint %s keep their channel, held by others through %d passes: "
-                "each goes by its endpoint's type when sent, leased as before until then", left, endpoint_id,
-                RETYPE_PASSES)
+                "each is leased by it once, taking its endpoint's type then, and sent by that type", left,
+                endpoint_id, RETYPE_PASSES)
     return left
 
 
