@@ -156,3 +156,45 @@ async def test_a_notification_shows_each_endpoints_delivery_state(api, tenant):
     assert (sent["channel"], sent["status"], sent["attempts"], sent["last_error"]) == ("email", "SENT", 1, None)
     assert sent["first_attempt_at"] == sent["last_attempt_at"] and sent["next_attempt_at"] is None
     assert retrying["created_at"] and sent["created_at"]
+
+
+async def test_a_waiting_delivery_shows_its_endpoints_type_before_the_retyping_reaches_its_row(api, tenant):
+    """A notification read right after its endpoints' types were changed, before the retyping
+    that follows each PATCH reached their rows (here: the rows not retyped at all). The waiting
+    delivery shows the type its next attempt goes by; before, its row's old channel, for a moment
+    after the PATCH, or until an attempt settled it when the retyping never reached it. The sent
+    one shows the channel it was sent by."""
+    from alerting_app import db
+    from alerting_app.contracts import Alert, NotificationReady
+    from alerting_app.delivery.records import DeliveryChange, open_deliveries, write_changes
+
+    rule = await api.new_rule(tenant)
+    hook = await api.new_endpoint(tenant, rule["rule_id"])
+    mail = await api.new_endpoint(tenant, rule["rule_id"], "email", "ops@example.com")
+    alert = Alert(alert_id="a-retyped", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
+    notification = NotificationReady(client_id=tenant.client_id, alerts=[alert], rule_ids=[rule["rule_id"]])
+    pool = await db.pool()
+    await pool.execute("INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids)"
+                       " VALUES ($1, $2, $3, $4, $5)", notification.notification_id, tenant.client_id, "a-retyped",
+                       [alert.model_dump(mode="json")], [rule["rule_id"]])
+    owner = f"test-{uuid.uuid4()}"
+    await open_deliveries(pool, [notification], owner, 60, [])
+    now = time.time()
+    await write_changes(pool, owner, [
+        DeliveryChange(notification.notification_id, hook["endpoint_id"], "PENDING", 1, "HTTP 503", now, now,
+                       next_attempt_at=now + 30, release=True),
+        DeliveryChange(notification.notification_id, mail["endpoint_id"], "SENT", 1, None, now, now,
+                       channel="email"),
+    ])
+    await pool.execute("UPDATE endpoints SET type = 'email', value = 'hook@example.com' WHERE endpoint_id = $1",
+                       hook["endpoint_id"])
+    await pool.execute("UPDATE endpoints SET type = 'slack', value = 'https://hooks.example.com/s'"
+                       " WHERE endpoint_id = $1", mail["endpoint_id"])
+
+    one = await api.call("GET", f"/api/v1/notifications/{notification.notification_id}", tenant.key)
+    listed = await api.call("GET", "/api/v1/notifications", tenant.key)
+
+    [in_list] = [n for n in listed.body["items"] if n["notification_id"] == notification.notification_id]
+    for shown in (one.body, in_list):
+        assert {d["endpoint_id"]: (d["status"], d["channel"]) for d in shown["deliveries"]} == {
+            hook["endpoint_id"]: ("PENDING", "email"), mail["endpoint_id"]: ("SENT", "email")}

@@ -63,12 +63,18 @@ GET = f"""
     SELECT {COLUMNS} FROM notifications
     WHERE notification_id = $1 AND ($2::uuid IS NULL OR client_id = $2) AND {records.OF_A_LIVE_CLIENT}
 """
+# A waiting delivery's channel is its endpoint's type, which its next attempt goes by, whether or
+# not the retyping after a change of type (records.retype_waiting) has reached its row yet: the row's
+# showed the old type for a moment after the PATCH's answer, or until an attempt settled it. A
+# settled one's is its last attempt's; one whose endpoint is gone keeps the row's.
 DELIVERIES = """
-    SELECT notification_id, endpoint_id, channel, status, attempts, last_error, created_at, first_attempt_at,
-           last_attempt_at, CASE WHEN status = 'PENDING' THEN next_attempt_at END AS next_attempt_at
-    FROM deliveries
-    WHERE notification_id = ANY($1::uuid[])
-    ORDER BY notification_id, endpoint_id
+    SELECT d.notification_id, d.endpoint_id,
+           CASE WHEN d.status = 'PENDING' THEN coalesce(e.type, d.channel) ELSE d.channel END AS channel,
+           d.status, d.attempts, d.last_error, d.created_at, d.first_attempt_at, d.last_attempt_at,
+           CASE WHEN d.status = 'PENDING' THEN d.next_attempt_at END AS next_attempt_at
+    FROM deliveries d LEFT JOIN endpoints e ON e.endpoint_id = d.endpoint_id
+    WHERE d.notification_id = ANY($1::uuid[])
+    ORDER BY d.notification_id, d.endpoint_id
 """
 
 
