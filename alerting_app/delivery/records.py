@@ -466,7 +466,7 @@ async def retype_waiting(pool: asyncpg.Pool, endpoint_id: UUID | str, client_id:
         if not left:
             return 0
     log.warning("%d waiting deliveries of endpoint %s keep their channel, held by others through %d passes: "
-                "each is leased by it once, taking its endpoint's type then, and sent by that type", left,
+                "each is leased by that channel once, then takes its endpoint's type, which it is sent by", left,
                 endpoint_id, RETYPE_PASSES)
     return left
 
