@@ -59,11 +59,17 @@ for _topic in ("alerts.matched", "notifications.ready"):
 agent_crashes = Counter("alerting_agent_crashes_total",
                         "Agents that raised: after the first, this worker commits no offset and stops")
 
-# The API's request rate limit on client keys (web/request_limits.py).
+# The API's request rate limits (web/request_limits.py): per client key, and on failed
+# authentications per client address.
 api_requests_limited = Counter("alerting_api_requests_limited_total",
                                "API requests answered 429: their key was over its rate limit")
 api_requests_unchecked = Counter("alerting_api_requests_unchecked_total",
                                  "API requests let through without their rate limit checked: Redis did not answer")
+api_failed_authentications = Counter("alerting_api_failed_authentications_total",
+                                     "API requests answered 401 after their token was looked up: none of ours")
+api_requests_limited_by_address = Counter(
+    "alerting_api_requests_limited_by_address_total",
+    "API requests answered 429 before their token was looked up: their address had too many failed authentications")
 
 # Observed by the agents: one evaluate or aggregate batch (stream.take_events), one delivery.
 STAGES = ("evaluate_batch", "aggregate_batch", "deliver")

@@ -261,6 +261,17 @@ class Settings(BaseSettings):
     # runaway one from taking the Postgres pool every tenant's calls share.
     api_rate_limit_per_s: float = Field(default=50.0, ge=0, le=100_000)
     api_rate_burst: int = Field(default=500, ge=1, le=1_000_000)
+    # Failed authentications (a token that is none of ours) per second each client address may make,
+    # in bursts of up to API_FAILED_AUTH_BURST, counted across every worker (web/request_limits.py);
+    # past it, every request from that address with a token, any token, answers 429 before its token is
+    # looked up, until the allowance refills. A key's own budget above limits one made-up token; this
+    # limits a flood of ever new ones. 0 means unlimited.
+    api_failed_auth_limit_per_s: float = Field(default=10.0, ge=0, le=100_000)
+    api_failed_auth_burst: int = Field(default=100, ge=1, le=1_000_000)
+    # How many proxies in front of the workers append the address they were called from to
+    # X-Forwarded-For (an ALB: 1): the client address is the N-th from the right. 0 ignores the
+    # header, which anyone can write: the address is the connection's own.
+    api_trusted_proxies: Annotated[int, BeforeValidator(_digits_only)] = Field(default=0, ge=0, le=10)
 
     # --- delivery (docs/delivery.md) ---
     # One HTTP request (webhook, Slack), connect to response, before it counts as a retryable failure.

@@ -52,6 +52,16 @@ BAD_VALUES = [
     ("API_RATE_LIMIT_PER_S", "fast"),
     ("API_RATE_BURST", "0"),
     ("API_RATE_BURST", "2.5"),
+    ("API_FAILED_AUTH_LIMIT_PER_S", "-1"),
+    ("API_FAILED_AUTH_LIMIT_PER_S", "many"),
+    ("API_FAILED_AUTH_BURST", "0"),
+    # Proxies in front of the workers, each appending to X-Forwarded-For: a count, no fraction of one,
+    # and no chain longer than any deployment has.
+    ("API_TRUSTED_PROXIES", "-1"),
+    ("API_TRUSTED_PROXIES", "1.0"),
+    ("API_TRUSTED_PROXIES", "yes"),
+    ("API_TRUSTED_PROXIES", "alb"),
+    ("API_TRUSTED_PROXIES", "11"),
     ("ALLOW_PRIVATE_ENDPOINTS", "perhaps"),
     ("LOG_LEVEL", "loud"),
     # `all` stands alone: beside roles it would silently mean every one of them.
@@ -395,6 +405,13 @@ def test_defaults_are_the_documented_ones(monkeypatch):
     )
 
 
+def test_the_trusted_proxies_are_a_count_of_them_0_by_default(monkeypatch):
+    monkeypatch.delenv("API_TRUSTED_PROXIES", raising=False)
+    assert load_settings().api_trusted_proxies == 0  # X-Forwarded-For, which anyone can write, ignored
+    monkeypatch.setenv("API_TRUSTED_PROXIES", "2")
+    assert load_settings().api_trusted_proxies == 2
+
+
 def test_several_kafka_servers_are_accepted(monkeypatch):
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker-1:9092, broker-2:9093")
 
@@ -450,6 +467,15 @@ def test_worker_with_a_bad_kafka_address_exits_naming_the_variable():
 
     assert result.returncode != 0
     assert "KAFKA_BOOTSTRAP_SERVERS" in result.stderr
+
+
+def test_worker_with_a_count_of_trusted_proxies_that_is_none_exits_naming_it():
+    # Behind a load balancer, the one setting that says which X-Forwarded-For entry is the client's.
+    result = _run_worker(API_TRUSTED_PROXIES="alb")
+
+    assert result.returncode != 0
+    assert re.search(r"API_TRUSTED_PROXIES: .*must be a whole number.*\(got 'alb'\)", result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_worker_with_a_malformed_database_url_exits_naming_it_instead_of_waiting():

@@ -23,7 +23,7 @@ from alerting_app.app import settings
 from alerting_app.bearer import bearer, is_token
 from web.errors import Forbidden, RateLimited, Unauthorized, ValidationFailed
 from web.preconditions import PRECONDITIONS, read_preconditions
-from web.request_limits import request_limit
+from web.request_limits import client_address, request_limit
 from web.validation import NoQuery, parse_query, read_body, refuse_a_body
 
 # Recognisable in logs and by secret scanners.
@@ -79,20 +79,25 @@ async def authenticate(request: Request) -> Caller:
         # silently (as a JSON key or a query parameter given twice is refused).
         raise Unauthorized()
     token = bearer_token(authorizations[0] if authorizations else None)
-    # The operator's own tokens are not limited: neither asks Postgres, and the ingest token carries
-    # the monitored systems' alerts, one per request from many of them in a storm, when a 429 hurts most.
+    # The operator's own tokens are not limited, not even from an address past its failed
+    # authentications: neither asks Postgres, and the ingest token carries the monitored systems'
+    # alerts, one per request from many of them in a storm, when a 429 hurts most. A wrong guess at
+    # either is a token none of ours, below.
     if is_token(token, settings.admin_token):
         return ADMIN
     if is_token(token, settings.ingest_token):
         return ALERT_SOURCE
     key_hash = hash_api_key(token)
-    # Each key spends a request of its own budget (web/request_limits.py), before it is looked up:
-    # requests past the budget cost Postgres nothing.
-    await request_limit.spend(f"key:{key_hash}")
+    address = client_address(request)
+    # Each key spends a request of its own budget (web/request_limits.py), before it is looked up,
+    # and an address that failed to authenticate too often is refused then, whatever its token:
+    # requests past either cost Postgres nothing.
+    await request_limit.admit(address, f"key:{key_hash}")
     # Looking up the hash, not the key, keeps the comparison independent of the key's bytes.
     pool = await db.api_pool()
     client_id = await pool.fetchval("SELECT client_id FROM clients WHERE api_key_hash = $1", key_hash)
     if client_id is None:
+        await request_limit.count_failed_authentication(address)
         raise Unauthorized()
     return Caller(client_id=client_id, key_hash=key_hash)
 

@@ -10,6 +10,14 @@ The budget is the key's, not the client's it names: it is spent before the key i
 (web/auth.py), so requests past it cost Redis one call each and Postgres nothing. A token that is
 none of ours spends a budget of its own, never a tenant's: 401 within it, 429 past it.
 
+A flood of ever new made-up tokens spends a new budget each: each address has a budget of failed
+authentications too, API_FAILED_AUTH_LIMIT_PER_S a second in bursts of up to API_FAILED_AUTH_BURST,
+spent by each token looked up and found none of ours (401). While it is spent, every request from
+that address with a token answers 429 before the token is looked up, a valid client key's too (telling
+them apart is the lookup the limit saves), until it refills; the operator's tokens, valid, still pass.
+The address is the connection's, or with API_TRUSTED_PROXIES=N the N-th from the right of
+X-Forwarded-For (`client_address`).
+
 The buckets are the delivery rate limits' (alerting_app/delivery/rate_limits.py): throttled-py's
 GCRA, one atomic Lua call timed by Redis's clock, so every worker spends from the same bucket.
 
@@ -21,6 +29,7 @@ Redis that hangs holds the requests that asked it CHECK_TIMEOUT_S, then none for
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import time
@@ -39,6 +48,11 @@ log = logging.getLogger(__name__)
 # Redis answers a token in a millisecond; one that takes this long is taken for away.
 CHECK_TIMEOUT_S = 1.0
 UNCHECKED_FOR_S = 10.0
+# An IPv6 client is its /64: a single host is commonly given a whole /64, and with an address
+# of it per request a flood would spend a new budget each, as with a new token each.
+IPV6_CLIENT_PREFIX = 64
+# What of an address that is none (a proxy's own notation, `host:port`) names its bucket.
+_ADDRESS_TEXT_KEPT = 100
 
 
 def caller_bucket(app_id: str, caller: str) -> str:
@@ -46,45 +60,131 @@ def caller_bucket(app_id: str, caller: str) -> str:
     return f"{app_id}:api-requests:{caller}"
 
 
+def address_bucket(app_id: str, address: str) -> str:
+    return f"{app_id}:api-failed-authentications:{address}"
+
+
+def client_address(request) -> str:
+    """The address `request` came from, as the failed authentications' budget is counted by.
+
+    With API_TRUSTED_PROXIES=N, N proxies in front of the workers each append the address they were
+    called from to X-Forwarded-For, and the client's is the N-th from the right (the connection's
+    own is the nearest proxy's). The entries left of it were written by the client itself: read, they
+    would let a client name a new address with each request. A chain shorter than that (the request did not
+    come through every proxy) gives its farthest address. 0 ignores the header: the connection's.
+    """
+    chain = [entry.strip() for header in request.headers.getall("X-Forwarded-For", [])
+             for entry in header.split(",") if entry.strip()]
+    chain.append(request.remote or "")
+    return _client_of(chain[-1 - settings.api_trusted_proxies] if len(chain) > settings.api_trusted_proxies
+                      else chain[0])
+
+
+def _client_of(address: str) -> str:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:_ADDRESS_TEXT_KEPT]
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:  # ::ffff:192.0.2.1, on a dual-stack socket, is 192.0.2.1
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/{IPV6_CLIENT_PREFIX}", strict=False))
+    return str(parsed)
+
+
 class RequestLimit:
     def __init__(self) -> None:
-        self._limits: tuple[Redis, float, RateLimits] | None = None
+        # The Redis client they were made for; one PipelinedRedis, so that a request's two checks
+        # share one round trip, and a RateLimits per burst (in seconds): the keys', the addresses'.
+        self._redis: tuple[Redis, PipelinedRedis] | None = None
+        self._limits: dict[float, RateLimits] = {}
         self.unchecked_until = 0.0  # time.monotonic()
 
-    def _limits_for(self, burst_s: float) -> RateLimits:
+    def _limits_for(self, burst: int, rate_per_s: float) -> RateLimits:
         # Made again for a new Redis client (redis_client.close() drops the old one) or burst.
         redis = redis_client.redis()
-        if self._limits is None or self._limits[0] is not redis or self._limits[1] != burst_s:
-            self._limits = (redis, burst_s, RateLimits(PipelinedRedis(redis), burst_s))
-        return self._limits[2]
+        if self._redis is None or self._redis[0] is not redis:
+            self._redis, self._limits = (redis, PipelinedRedis(redis)), {}
+        burst_s = burst / rate_per_s  # the library's burst is in seconds
+        if burst_s not in self._limits:
+            if len(self._limits) >= 2:
+                self._limits.clear()  # one kept per limit, not one per burst ever set
+            self._limits[burst_s] = RateLimits(self._redis[1], burst_s)
+        return self._limits[burst_s]
 
-    async def spend(self, caller: str) -> None:
-        """Spend one request of `caller`'s budget (it names the key's bucket), or raise RateLimited
-        saying when it has one again."""
-        rate_per_s = settings.api_rate_limit_per_s
+    async def _take_or_wait_s(self, bucket: str, burst: int, rate_per_s: float) -> float:
         if rate_per_s <= 0:
+            return 0.0
+        return await self._limits_for(burst, rate_per_s).take_or_wait_s(bucket, rate_per_s)
+
+    async def _wait_s(self, bucket: str, burst: int, rate_per_s: float) -> float:
+        if rate_per_s <= 0:
+            return 0.0
+        return await self._limits_for(burst, rate_per_s).wait_s(bucket, rate_per_s)
+
+    def _redis_did_not_answer(self, exc: BaseException) -> None:
+        if time.monotonic() >= self.unchecked_until:  # not told already by a request that asked with it
+            log.warning("API rate limit: Redis did not answer (%s: %s); requests go on unchecked for %g s",
+                        type(exc).__name__, exc or f"nothing within {CHECK_TIMEOUT_S:g} s", UNCHECKED_FOR_S)
+        self.unchecked_until = time.monotonic() + UNCHECKED_FOR_S
+
+    async def admit(self, address: str, caller: str) -> None:
+        """Before `caller`'s key (it names the key's bucket) is looked up: raise RateLimited, saying
+        when to try again, if `address` is past its failed authentications, or else if the key is
+        past its budget; spend one request of the key's budget."""
+        key_rate_per_s = settings.api_rate_limit_per_s
+        failed_rate_per_s = settings.api_failed_auth_limit_per_s
+        if key_rate_per_s <= 0 and failed_rate_per_s <= 0:
             return
         if time.monotonic() < self.unchecked_until:
             metrics.api_requests_unchecked.inc()
             return
-        limits = self._limits_for(settings.api_rate_burst / rate_per_s)  # the library's burst is in seconds
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
-                wait_s = await limits.take_or_wait_s(caller_bucket(settings.app_id, caller), rate_per_s)
+                # At once, in one pipeline. The address's is peeked, not spent: only a failed lookup
+                # spends one. Each answer is awaited, so none is left failing unread.
+                answers = await asyncio.gather(
+                    self._wait_s(address_bucket(settings.app_id, address), settings.api_failed_auth_burst,
+                                 failed_rate_per_s),
+                    self._take_or_wait_s(caller_bucket(settings.app_id, caller), settings.api_rate_burst,
+                                         key_rate_per_s),
+                    return_exceptions=True)
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
         except (RedisError, TimeoutError) as exc:
             metrics.api_requests_unchecked.inc()
-            if time.monotonic() >= self.unchecked_until:  # not told already by a request that asked with it
-                log.warning("API rate limit: Redis did not answer (%s: %s); requests go on unchecked for %g s",
-                            type(exc).__name__, exc or f"nothing within {CHECK_TIMEOUT_S:g} s", UNCHECKED_FOR_S)
-            self.unchecked_until = time.monotonic() + UNCHECKED_FOR_S
+            self._redis_did_not_answer(exc)
             return
-        if wait_s:
+        address_wait_s, key_wait_s = answers
+        if address_wait_s:
+            metrics.api_requests_limited_by_address.inc()
+            retry_after_s = math.ceil(address_wait_s)
+            raise RateLimited(retry_after_s, f"too many requests from this address failed to authenticate "
+                                             f"(API_FAILED_AUTH_LIMIT_PER_S {failed_rate_per_s:g} a second, in "
+                                             f"bursts of up to API_FAILED_AUTH_BURST "
+                                             f"{settings.api_failed_auth_burst}); try again in {retry_after_s} s")
+        if key_wait_s:
             metrics.api_requests_limited.inc()
-            retry_after_s = math.ceil(wait_s)
+            retry_after_s = math.ceil(key_wait_s)
             raise RateLimited(retry_after_s, f"this token made more requests than the API's rate limit "
-                                             f"(API_RATE_LIMIT_PER_S {rate_per_s:g} a second, in bursts of up to "
+                                             f"(API_RATE_LIMIT_PER_S {key_rate_per_s:g} a second, in bursts of up to "
                                              f"API_RATE_BURST {settings.api_rate_burst}); try again in "
                                              f"{retry_after_s} s")
+
+    async def count_failed_authentication(self, address: str) -> None:
+        """Spend one of `address`'s failed authentications: its token was looked up, none of ours."""
+        metrics.api_failed_authentications.inc()
+        if time.monotonic() < self.unchecked_until:
+            return
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                # Taken if there is one: past the burst, concurrent failures that all passed `admit`
+                # find none, and the next request is refused.
+                await self._take_or_wait_s(address_bucket(settings.app_id, address), settings.api_failed_auth_burst,
+                                           settings.api_failed_auth_limit_per_s)
+        except (RedisError, TimeoutError) as exc:
+            self._redis_did_not_answer(exc)
 
 
 # One per worker: its Redis client, and when it asks Redis again after it did not answer.
