@@ -1,5 +1,6 @@
-"""The API's request rate limit with real processes: two API workers spend one budget per client key,
-kept in Redis (web/request_limits.py), not one each."""
+"""The API's request rate limits with real processes: two API workers spend one budget per client key,
+and count one client address's failed authentications together, kept in Redis (web/request_limits.py),
+not one each."""
 from __future__ import annotations
 
 import secrets
@@ -51,3 +52,26 @@ async def test_two_workers_spend_one_budget_per_client_key(services, start_worke
     retry_after, body = refusal
     assert retry_after.isdigit() and int(retry_after) >= 1
     assert body["error"] == "rate_limited"
+
+
+async def test_two_workers_count_one_clients_failed_authentications_together(services, start_worker):
+    """Behind a load balancer (API_TRUSTED_PROXIES=1) spreading one client's made-up tokens over two
+    workers: the client's failed authentications are counted once, in Redis, not once per worker."""
+    limited = {"APP_ID": f"api-failed-auth-{secrets.token_hex(4)}", "ROLES": "api",
+               "API_FAILED_AUTH_LIMIT_PER_S": "0.001", "API_FAILED_AUTH_BURST": str(BURST),
+               "API_TRUSTED_PROXIES": "1"}
+    first, second = start_worker(**limited), start_worker(**limited)
+
+    async with aiohttp.ClientSession() as http:
+        async def status(worker, forwarded_for: str) -> int:
+            headers = {**bearer(f"alk_{secrets.token_urlsafe(32)}"), "X-Forwarded-For": forwarded_for}
+            async with http.get(worker.url + "/api/v1/rules", headers=headers) as response:
+                return response.status
+
+        # Each with a new address of its own in front of the one the load balancer appends.
+        flood = [await status((first, second)[n % 2], f"10.0.0.{n}, 203.0.113.50") for n in range(BURST + 2)]
+        other_client = [await status(worker, "203.0.113.51") for worker in (first, second)]
+
+    # Counted per worker, each would have let BURST through: each saw BURST / 2 + 1.
+    assert flood == [401] * BURST + [429] * 2
+    assert other_client == [401, 401]

@@ -1,4 +1,5 @@
-"""The API's request rate limit: a budget per token, shared by every worker through Redis.
+"""The API's request rate limits, shared by every worker through Redis: a budget per token, and one
+of failed authentications per client address.
 
 One tenant's key in a runaway script must not take the Postgres pool every tenant's API calls
 share. Each client key has a budget of its own: API_RATE_LIMIT_PER_S requests a second, in bursts
