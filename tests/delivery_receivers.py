@@ -2,7 +2,9 @@
 
 `Receiver` is an aiohttp server on 127.0.0.1 that records every POST. Each path answers from its
 script (`answer(path, 500, 500, 200)`: one status per request, the last one repeating; 200 when
-unscripted), and a path can be held (`hold(path)`: requests wait, unanswered, until released).
+unscripted), and a path can be held (`hold(path)`: requests wait, unanswered, until released),
+slowed (`delay(path, seconds)`: each request answered that long after it arrived) or made to hang
+(`hang(path, count)`: the next `count` requests are never answered; the sender times out).
 `SmtpServer` is aiosmtpd's SMTP server in its own thread, keeping every message it accepts; it can
 refuse a recipient (`refuse`), answer slowly (`stall`) or be slow to say goodbye (`stall_goodbye`).
 
@@ -39,7 +41,7 @@ class Post:
     headers: dict[str, str]
     raw: bytes
     received_at: float  # time.monotonic()
-    status: int  # what the receiver answers (or will, once released)
+    status: int  # what the receiver answers (or will, once released); 0: never answered (`hang`)
 
     @property
     def body(self) -> Any:
@@ -52,6 +54,9 @@ class Receiver:
         self.port = free_port()
         self._scripts: dict[str, list[Answer]] = {}
         self._held: dict[str, asyncio.Event] = {}
+        self._delays: dict[str, float] = {}
+        self._hangs: Counter[str] = Counter()  # requests per path still to leave unanswered
+        self._closing = asyncio.Event()
         self.in_flight: Counter[str] = Counter()  # requests per path received and not yet answered
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -65,7 +70,7 @@ class Receiver:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for gate in self._held.values():
+        for gate in [*self._held.values(), self._closing]:
             gate.set()
         await self._runner.cleanup()
 
@@ -79,6 +84,14 @@ class Receiver:
         """Requests to `path` wait unanswered until the returned event is set."""
         self._held[path] = asyncio.Event()
         return self._held[path]
+
+    def delay(self, path: str, seconds: float) -> None:
+        """Answer each request to `path` `seconds` after it arrived: a slow endpoint, its sends in flight meanwhile."""
+        self._delays[path] = seconds
+
+    def hang(self, path: str, count: int) -> None:
+        """Never answer the next `count` requests to `path` (recorded with status 0: no answer)."""
+        self._hangs[path] = count
 
     def posts_to(self, path: str = "hook") -> list[Post]:
         return [post for post in self.posts if post.path == path]
@@ -111,9 +124,20 @@ class Receiver:
         raw = await request.read()
         script = self._scripts.get(path) or [Answer(200)]
         answer = script.pop(0) if len(script) > 1 else script[0]
-        self.posts.append(Post(path, dict(request.headers), raw, time.monotonic(), answer.status))
+        hangs = self._hangs[path] > 0
+        if hangs:
+            self._hangs[path] -= 1
+        self.posts.append(Post(path, dict(request.headers), raw, time.monotonic(), 0 if hangs else answer.status))
         async with self._arrived:
             self._arrived.notify_all()
+        if hangs:
+            await self._closing.wait()  # the sender gives up meanwhile
+        if path in self._delays:
+            self.in_flight[path] += 1
+            try:
+                await asyncio.sleep(self._delays[path])
+            finally:
+                self.in_flight[path] -= 1
         if path in self._held:
             self.in_flight[path] += 1
             try:
