@@ -204,3 +204,89 @@ async def test_a_send_failing_during_a_stop_is_not_retried_while_the_stop_waits_
                               " WHERE notification_id = $1", notifications[1].notification_id)
     assert (row["status"], row["attempts"], row["released"]) == ("PENDING", 1, True)
     assert len(receiver.posts_to("failing")) == 1
+
+
+async def opened_by_one_dispatcher(pool, settings, opened, urls: list[str]):
+    """One worker's dispatcher delivering a new notification to each of `urls`; returns both."""
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    dispatcher = Dispatcher(settings)
+    notifications = []
+    for url in urls:
+        client, rule, _ = await tenant_with_endpoint(pool, "webhook", url)
+        notifications.append(await pending_notification(pool, client, [rule]))
+        opened.append(notifications[-1].notification_id)
+    jobs = await records.open_deliveries(pool, notifications, dispatcher.owner, settings.delivery_lease_s, [])
+    assert dispatcher.submit(jobs) == []
+    return dispatcher, notifications
+
+
+async def test_a_stop_hands_what_waits_for_a_send_slot_back_while_a_send_is_still_in_flight(
+        pool, settings, receiver, opened, monkeypatch):
+    """A rolling deployment's stop lets a send in flight run up to its timeout (up to 30 s, an
+    email's); a delivery that has sent nothing, here one waiting for its endpoint's send slot behind
+    it, goes back to the other workers at once. Before, it was handed back only once the send had
+    ended, its lease keeping every other worker's sweep from taking it up until then."""
+    from alerting_app.delivery import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 1)
+    # The send in flight ends when the receiver answers, and not before.
+    monkeypatch.setattr(settings, "webhook_timeout_s", 300.0)
+    monkeypatch.setattr(dispatcher_module, "_CLOSE_SEND_GRACE_MAX_S", 300.0)
+    answer = receiver.hold("one-slot")
+    url = receiver.url("one-slot")
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", url)
+    notifications = [await pending_notification(pool, client, [rule]) for _ in range(2)]
+    opened.extend(n.notification_id for n in notifications)
+    dispatcher = dispatcher_module.Dispatcher(settings)
+    jobs = await records.open_deliveries(pool, notifications, dispatcher.owner, settings.delivery_lease_s, [])
+    assert dispatcher.submit(jobs) == []
+    [in_flight] = await receiver.wait_for_posts(1, "one-slot")
+    [waiting] = [n.notification_id for n in notifications
+                 if not in_flight.headers["Idempotency-Key"].startswith(n.notification_id)]
+
+    closing = asyncio.ensure_future(dispatcher.close())
+    async with asyncio.timeout(20):  # a guard against waiting for ever, not a measurement
+        while (await delivery_row(pool, waiting))["leased"]:
+            await asyncio.sleep(0.01)
+    assert not closing.done()  # the send in flight still holds the stop
+    assert (await delivery_row(pool, waiting))["status"] == "PENDING"
+    answer.set()
+    await asyncio.wait_for(closing, 20)
+
+    assert [tuple(await delivery_row(pool, n.notification_id)) for n in notifications] == [
+        ("PENDING", 0, False) if n.notification_id == waiting else ("SENT", 1, False) for n in notifications]
+    assert len(receiver.posts_to("one-slot")) == 1
+
+
+async def test_a_stop_hands_back_what_is_written_when_a_dead_letter_holds_up_the_write(
+        pool, settings, receiver, opened):
+    """A delivery that failed for good is written FAILED only once its dead letter is acknowledged
+    (recorder.py). A stop whose write waited for such a letter in vain (the broker away, or given up
+    on: broker_transport.STOP_GRACE_S) used to hand nothing back: every delivery it held waited for
+    its lease to run out (DELIVERY_LEASE_S). Now only the one whose outcome is not written does.
+    (The stop waits for the write up to _CLOSE_WRITE_TIMEOUT_S, 10 s, meanwhile writing the other
+    outcomes: recorder.py writes them first.)"""
+    receiver.answer("refusing", 400)
+    retry_answer = receiver.hold("retried")
+    receiver.answer("retried", 503)
+    dispatcher, (failed, retried) = await opened_by_one_dispatcher(
+        pool, settings, opened, [receiver.url("refusing"), receiver.url("retried")])
+
+    async def never_acknowledged(letters) -> None:
+        await asyncio.Event().wait()
+
+    dispatcher.recorder._send_letters = never_acknowledged
+    await receiver.wait_for_posts(1, "retried")
+    async with asyncio.timeout(20):  # the refused one recorded FAILED, its letter not acknowledged
+        while not any(key[0] == failed.notification_id for key in dispatcher.recorder.pending_keys()):
+            await asyncio.sleep(0.01)
+
+    closing = asyncio.ensure_future(dispatcher.close())
+    await asyncio.sleep(0.2)
+    retry_answer.set()  # 503 while stopping: handed back, due when that failure said
+    await asyncio.wait_for(closing, 20)
+
+    assert tuple(await delivery_row(pool, retried.notification_id)) == ("PENDING", 1, False)
+    # Its FAILED not written, the refused one keeps its lease: taken over, it would not hold.
+    assert tuple(await delivery_row(pool, failed.notification_id)) == ("PENDING", 0, True)

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # worker for up to 11 days, and four tenants with five such endpoints held all of them.
 ENDPOINT_HELD_RATE_S = 10.0
 _CLOSE_WRITE_TIMEOUT_S = 10.0
+_CLOSE_HAND_BACK_MIN_S = 2.0
 # How long a stop waits at most for sends in flight: their own timeout, but not past this.
 _CLOSE_SEND_GRACE_MAX_S = 30.0
 
@@ -271,27 +272,53 @@ class Dispatcher:
 
         A send is let finish (up to its own timeout): cancelling it would leave its request
         perhaps received, its claim to expire, and the delivery to be sent again. Everything else
-        (waiting for a slot, a token or a retry) is cancelled at once: none of it has sent anything.
+        (waiting for a slot, a token or a retry) is cancelled at once, none of it having sent
+        anything, and handed back at once too, while the sends in flight finish: held until then
+        (up to SMTP_TIMEOUT_S, 30 s), its lease kept every other worker's sweep from taking it up.
         """
         self._stopping = True
         interrupted = self.held_keys()
-        for key, task in self._held.items():
-            if key not in self._sending:
-                task.cancel()
+        waiting = {key: task for key, task in self._held.items() if key not in self._sending}
+        for task in waiting.values():
+            task.cancel()
+        handing_back = asyncio.ensure_future(self._hand_back_once_ended(waiting))
         await self._sends_finished(self._send_grace_s())
         tasks = list(self._held.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, handing_back, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        write_by = loop.time() + _CLOSE_WRITE_TIMEOUT_S
         try:
-            async with asyncio.timeout(_CLOSE_WRITE_TIMEOUT_S):  # not wait_for: see agents/rule_outbox.py
+            async with asyncio.timeout_at(write_by):  # not wait_for: see agents/rule_outbox.py
                 await self.recorder.written()
-            await records.release(await db.pool(), self.owner, interrupted)
-        except Exception:
-            # Their leases then expire on their own, after DELIVERY_LEASE_S.
-            log.exception("could not hand back %d deliveries on close", len(interrupted))
+        except TimeoutError:
+            log.warning("stopping: delivery outcomes not written after %.0fs; handing back the others",
+                        _CLOSE_WRITE_TIMEOUT_S)
+        # What is left of that time, or a moment when the write took it all: the stop stays within
+        # ECS's stopTimeout (a send's grace, at most 30 s, then this).
+        await self._hand_back(interrupted, max(write_by - loop.time(), _CLOSE_HAND_BACK_MIN_S))
         await self.recorder.close()
         await self._session.close()
+
+    async def _hand_back_once_ended(self, cancelled: dict[tuple[str, str], asyncio.Task]) -> None:
+        await asyncio.gather(*cancelled.values(), return_exceptions=True)
+        await self._hand_back(list(cancelled), _CLOSE_WRITE_TIMEOUT_S)
+
+    async def _hand_back(self, keys: list[tuple[str, str]], within_s: float) -> None:
+        """Let go of the leases of `keys`, but not of one whose outcome is still to be written: that
+        outcome (a retry's due time, a SENT, a FAILED waiting for its dead letter while the broker is
+        away) would not hold once another worker had taken the row up. Its lease then runs out on its
+        own. Before, one such outcome (the write waited for it in vain) kept every lease this worker
+        held: all waited for DELIVERY_LEASE_S."""
+        unwritten = set(self.recorder.pending_keys())
+        keys = [key for key in keys if key not in unwritten]
+        try:
+            async with asyncio.timeout(within_s):
+                await records.release(await db.pool(), self.owner, keys)
+        except Exception:
+            # Their leases then expire on their own, after DELIVERY_LEASE_S.
+            log.exception("could not hand back %d deliveries on close", len(keys))
 
     def _send_grace_s(self) -> float:
         longest = max(self.settings.webhook_timeout_s, self.settings.smtp_timeout_s)
