@@ -208,6 +208,30 @@ async def test_an_ipv6_client_is_limited_by_its_64_and_an_ipv4_mapped_address_as
     assert mapped == [401] * BURST + [429]
 
 
+async def test_a_port_or_a_zone_id_with_the_forwarded_address_is_no_new_budget(api, monkeypatch):
+    """Some proxies append the address with the port they were called from (Azure's Application
+    Gateway: `203.0.113.7:50123`, `[2001:db8::1]:50123`): each new connection of one client comes
+    from a new port, and counted with it, each would be a new budget. So would each zone id after
+    an IPv6 address (`%eth0`), which names an interface of the host that wrote it, not the client."""
+    limit_failed_authentications(monkeypatch)
+    trust_proxies(monkeypatch, 1)
+
+    async with calling_from(api, "127.0.0.20") as load_balancer:
+        ipv4 = [(await load_balancer.get(made_up_token(), forwarded_for=f"203.0.113.70:{40_000 + n}")).status
+                for n in range(BURST + 1)]
+        ipv6 = [(await load_balancer.get(made_up_token(), forwarded_for=f"[2001:db8:70::{n + 1:x}]:{50_000 + n}"))
+                .status for n in range(BURST + 1)]
+        # The same client without a port, as another proxy of the chain may write it: one address.
+        bare = await load_balancer.get(made_up_token(), forwarded_for="203.0.113.70")
+        zoned = [(await load_balancer.get(made_up_token(), forwarded_for=f"2001:db8:71::%{zone}")).status
+                 for zone in range(BURST + 1)]
+
+    assert ipv4 == [401] * BURST + [429]
+    assert ipv6 == [401] * BURST + [429]
+    assert bare.status == 429
+    assert zoned == [401] * BURST + [429]
+
+
 async def test_with_redis_refusing_connections_failed_authentications_go_on_unchecked(api, tenant, monkeypatch,
                                                                                       caplog):
     """As the key's limit, the address's fails open: 401 for each made-up token, and a valid key

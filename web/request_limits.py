@@ -33,6 +33,7 @@ import asyncio
 import ipaddress
 import logging
 import math
+import re
 import time
 
 from redis.asyncio import Redis
@@ -52,8 +53,12 @@ UNCHECKED_FOR_S = 10.0
 # An IPv6 client is its /64: a single host is commonly given a whole /64, and with an address
 # of it per request a flood would spend a new budget each, as with a new token each.
 IPV6_CLIENT_PREFIX = 64
-# What of an address that is none (a proxy's own notation, `host:port`) names its bucket.
+# What of an entry that is no address (`unknown`, a proxy's obfuscated identifier) names its bucket.
 _ADDRESS_TEXT_KEPT = 100
+# An address with the port it came from, as some proxies append it (Azure's Application Gateway:
+# `203.0.113.7:50123`, `[2001:db8::1]:50123`), or an IPv6 one in brackets: the port is left out.
+# Each new connection of a client comes from a new port: counted with it, it was a new budget each.
+_WITH_PORT = re.compile(r"\[(?P<ipv6>[^]]*)\](?::\d+)?|(?P<ipv4>[\d.]+):\d+")
 
 
 def caller_bucket(app_id: str, caller: str) -> str:
@@ -82,6 +87,8 @@ def client_address(request) -> str:
 
 
 def _client_of(address: str) -> str:
+    if with_port := _WITH_PORT.fullmatch(address):
+        address = with_port["ipv4"] if with_port["ipv6"] is None else with_port["ipv6"]
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:
@@ -89,7 +96,9 @@ def _client_of(address: str) -> str:
     if isinstance(parsed, ipaddress.IPv6Address):
         if parsed.ipv4_mapped is not None:  # ::ffff:192.0.2.1, on a dual-stack socket, is 192.0.2.1
             return str(parsed.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{parsed}/{IPV6_CLIENT_PREFIX}", strict=False))
+        # From its number: ip_network kept a zone id (`2001:db8::%a/64`) where the address has
+        # nothing past its /64, a budget of its own for each zone id written after it.
+        return str(ipaddress.IPv6Network((int(parsed), IPV6_CLIENT_PREFIX), strict=False))
     return str(parsed)
 
 
