@@ -123,6 +123,9 @@ async def test_a_rule_change_with_neither_version_nor_an_etag_is_refused_naming_
             assert "If-Match" in refused.body["fields"][0]["message"]
         refused = await api.call(method, path, tenant.key, {**body, "version": None}, headers={"If-Match": "*"})
         assert refused.failing_fields() == {"version"}, (method, refused.body)
+        # What to send instead, in PATCH as in PUT: not a PATCH's "leave the field out to keep its
+        # value", which for the version is the refusal just above.
+        assert "If-Match" in refused.body["fields"][0]["message"], (method, refused.body)
     assert await stored_rule(rule["rule_id"]) == {"name": "*", "enabled": True, "version": 1}
     assert await outbox_versions(rule["rule_id"]) == [1]
 

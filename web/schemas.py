@@ -131,6 +131,10 @@ class RulePatch(PatchBody):
     """PATCH: only the given fields change; `version` is the one the caller last read (or If-Match
     with the ETag read)."""
 
+    # Not that null means something for the version: ExpectedVersion refuses it itself, saying what
+    # to send instead. A PATCH's "leave the field out to keep its value" is, for it, another refusal.
+    NULLABLE: ClassVar[frozenset[str]] = frozenset({"version"})
+
     version: ExpectedVersion = None
     severity: SeverityCriterion | None = None
     source: Annotated[str, Text] | None = None
