@@ -3,7 +3,8 @@
 
 Each POST is answered 200 and printed as one JSON line: when it came, its path, its
 `Idempotency-Key`, whether its signature holds (given the endpoint's secret; the timestamped one,
-as a receiver should check it: alerting_app/channels/webhook.py) and the notification. Without a
+as a receiver should check it: alerting_app/channels/webhook.py; a POST without one, a Slack
+message, is shown as not signed) and the notification. Without a
 receiver there, those notifications were retried for two minutes and then FAILED, and the first
 delivery a new user saw was a failure. Not for production: it keeps nothing and checks nothing it
 is not asked to.
@@ -24,6 +25,9 @@ def describe(path: str, headers: Mapping[str, str], body: bytes, secret: str | N
     """What one POST brought, as `receive` prints it."""
     if secret is None:
         verdict = "not checked (give --secret, the endpoint's secret)"
+    elif TIMESTAMPED_SIGNATURE_HEADER not in headers:
+        # A Slack endpoint pointed here posts unsigned messages: "INVALID" read as a wrong secret.
+        verdict = "none (not signed: a Slack message, or not sent by a webhook endpoint)"
     else:
         timestamp = headers.get(TIMESTAMP_HEADER, "")
         expected = timestamped_signature(secret, timestamp, body)

@@ -11,6 +11,7 @@ import uuid
 import aiohttp
 from aiohttp.test_utils import TestServer
 
+from alerting_app.channels.slack import send_slack
 from alerting_app.channels.webhook import send_webhook
 from alerting_app.contracts import Alert, NotificationReady
 from alerting_app.embedded import free_port
@@ -48,6 +49,17 @@ async def test_a_notification_signed_with_another_secret_is_shown_as_invalid():
 
 async def test_without_a_secret_the_signature_is_shown_as_not_checked():
     assert (await received_by_a_receiver_of(None, sent_with="s3cret"))["signature"].startswith("not checked")
+
+
+async def test_a_slack_message_to_a_receiver_with_a_secret_is_shown_as_not_signed_not_invalid():
+    # A Slack endpoint pointed at `receive` (as a user trying the channels does) posts no signature:
+    # "INVALID" read as a wrong secret.
+    shown: list[dict] = []
+    async with TestServer(receiver_app("s3cret", shown.append)) as server, aiohttp.ClientSession() as session:
+        await send_slack(session, str(server.make_url("/slack")), a_notification(), timeout_s=10)
+    [received] = shown
+    assert received["signature"].startswith("none (not signed")
+    assert received["notification"]["text"].startswith("[HIGH] payments")
 
 
 def test_the_receive_command_prints_each_post_as_a_json_line_and_stops_on_ctrl_c():
