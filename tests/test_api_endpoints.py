@@ -439,6 +439,15 @@ async def test_the_409_of_a_second_email_endpoint_reads_an_email_endpoint(api, t
         409, f"the rule already has an email endpoint with this value: {created['endpoint_id']}")
 
 
+async def test_the_409_of_an_email_endpoints_secret_reads_an_email_endpoint(api, tenant):
+    # It read "a email endpoint's notifications are not signed".
+    rule = await api.new_rule(tenant)
+    created = await api.new_endpoint(tenant, rule["rule_id"], "email", "ops@example.com")
+    refused = await api.call("POST", f"/api/v1/endpoints/{created['endpoint_id']}/secret", tenant.key)
+    assert refused.status == 409
+    assert refused.body["message"].startswith("an email endpoint's notifications are not signed: it has no secret")
+
+
 async def test_a_url_path_differing_in_case_is_another_address(api, tenant):
     rule = await api.new_rule(tenant)
     await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/Team")

@@ -356,6 +356,7 @@ class EndpointSecretView(ApiView):
             if current is None:
                 raise NotFound()
             if current["type"] != "webhook":  # else made a webhook meanwhile: replace its secret
-                raise Conflict(f"a {current['type']} endpoint's notifications are not signed: it has no secret "
+                article = "an" if current["type"] == "email" else "a"
+                raise Conflict(f"{article} {current['type']} endpoint's notifications are not signed: it has no secret "
                                "(a webhook's is shown when it becomes one)")
         return self.json(EndpointCreated.of(row).model_dump(mode="json"))
