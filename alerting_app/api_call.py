@@ -78,7 +78,8 @@ def request(method: str, url: str, body: str | None, token: str | None, timeout_
     except urllib.error.HTTPError as exc:  # 3xx, 4xx and 5xx: an answer, with its body
         status, raw = exc.code, exc.read()
     except urllib.error.URLError as exc:  # no answer: said with the URL, not as "<urlopen error ...>"
-        raise OSError(f"{url}: {exc.reason}") from None
+        refused = isinstance(exc.reason, ConnectionRefusedError)
+        raise (ConnectionRefusedError if refused else OSError)(f"{url}: {exc.reason}") from None
     except TimeoutError:
         raise OSError(f"{url}: no answer within {timeout_s:.0f}s") from None
     if not raw:

@@ -494,6 +494,13 @@ def api(method: str, url: str, body: str | None, token: str | None, field: str |
                                           direct=url.startswith("/"))
     except ValueError as exc:
         raise SystemExit(f"api: {exc}") from None
+    except ConnectionRefusedError as exc:
+        if not url.startswith("/"):
+            raise
+        # A shell other than the one `up` was started from with its own WEB_PORT asked 6066: the
+        # refusal alone did not say which setting chose that port.
+        raise SystemExit(f"api failed: {exc}: no worker listens at this shell's WEB_BIND and WEB_PORT; "
+                         f"set them as the worker has them, or give the API URL `up` printed") from None
     if not 200 <= status < 300:
         print(f"HTTP {status}: {json.dumps(answer) if not isinstance(answer, str) else answer}", file=sys.stderr)
         if status == 401 and not (token or "").strip():

@@ -138,6 +138,24 @@ def test_a_url_nothing_answers_at_is_named_with_the_reason():
     assert result.stderr.strip() == f"api failed: {url}/api/v1/clients: [Errno 111] Connection refused", result.stderr
 
 
+def test_a_path_nothing_answers_at_names_the_settings_that_chose_its_port():
+    # `up` started with WEB_PORT=7000, then `api GET /api/v1/...` in another shell asked 6066 and said
+    # only "Connection refused".
+    with server(json_answer(200, {})) as (url, _):
+        pass  # closed: nothing listens on its port any more
+    port = url.rsplit(":", 1)[1]
+    environ = {name: value for name, value in os.environ.items() if name.upper() not in ("WEB_PORT", "WEB_BIND")}
+
+    result = subprocess.run([alerting_app_executable(), "api", "GET", "/api/v1/clients"],
+                            env={**environ, "WEB_BIND": "127.0.0.1", "WEB_PORT": port},
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"api failed: {url}/api/v1/clients: [Errno 111] Connection refused: no worker listens at this shell's "
+        f"WEB_BIND and WEB_PORT; set them as the worker has them, or give the API URL `up` printed"), result.stderr
+
+
 def test_a_request_to_this_machine_goes_to_it_and_any_other_through_the_environments_proxy():
     # urllib sent every http:// request through $HTTP_PROXY unless $NO_PROXY named the host (its
     # `localhost` does not cover 127.0.0.1): a proxy cannot reach this machine's loopback, so the lines
