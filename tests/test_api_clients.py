@@ -252,5 +252,5 @@ async def test_renaming_to_null_is_refused_as_every_patch_refuses_a_null(api, te
     reply = await api.call("PATCH", f"/api/v1/clients/{tenant.client_id}", tenant.key, {"name": None})
 
     assert reply.status == 422
-    assert reply.body["fields"] == [{"field": "name", "message": "Value error, may not be null: leave the "
+    assert reply.body["fields"] == [{"field": "name", "message": "may not be null: leave the "
                                                                 "field out to keep its value"}]

@@ -161,7 +161,7 @@ async def test_a_time_filter_in_milliseconds_is_refused_saying_it_wants_seconds(
     # The message gave only the calendar's bounds, leaving the sender to work out its unit was wrong.
     reply = await api.call("GET", "/api/v1/notifications", tenant.key, params={"since": "1700000000000"})
     assert reply.body["fields"] == [{"field": "since", "message": (
-        "Value error, out of range: must lie between years 1 and 9999 in UTC: unix seconds, not milliseconds "
+        "out of range: must lie between years 1 and 9999 in UTC: unix seconds, not milliseconds "
         "(a time in milliseconds is a thousand times too large)")}]
 
 

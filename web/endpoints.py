@@ -23,7 +23,7 @@ from alerting_app.app import app, settings
 from alerting_app.channels.addresses import RefusedAddress, check_public_host, refusal_told, refuse_invalid_name
 from alerting_app.delivery import records
 from web.auth import ApiView, Caller
-from web.errors import Conflict, NotFound, ValidationFailed
+from web.errors import Conflict, NotFound, ValidationFailed, pydantic_message
 from web.pagination import page_of
 from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.quotas import ENDPOINTS, check_quota, lock_client
@@ -153,7 +153,7 @@ async def _normalised_value(type_: str, value: str) -> str:
     try:
         url = _http_url.validate_python(value)
     except ValidationError as exc:
-        reason = "; ".join(error["msg"] for error in exc.errors(include_url=False))
+        reason = "; ".join(pydantic_message(error) for error in exc.errors(include_url=False))
         raise ValidationFailed.field("value", f"must be an http(s) URL for a {type_} endpoint: {reason}") from None
     if url.port == 0:
         raise ValidationFailed.field("value", "port 0 cannot be connected to")

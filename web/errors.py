@@ -69,6 +69,12 @@ class BrokerUnavailable(WebError):
     detail = "broker_unavailable"
 
 
+def pydantic_message(error: Any) -> str:
+    """One pydantic error's text as the API shows it: our validators' own message, without the
+    "Value error, " pydantic puts before it (a Python exception class's name, noise to a tenant)."""
+    return error["msg"].removeprefix("Value error, ")
+
+
 class ValidationFailed(WebError):
     code = HTTPStatus.UNPROCESSABLE_ENTITY
     detail = "validation_failed"
@@ -86,7 +92,7 @@ class ValidationFailed(WebError):
         fields: list[dict[str, Any]] = []
         for error in exc.errors(include_url=False):
             name = ".".join(str(part) for part in error["loc"]) or whole
-            fields.append({"field": name, "message": error["msg"]})
+            fields.append({"field": name, "message": pydantic_message(error)})
         return cls(fields)
 
 

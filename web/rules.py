@@ -17,7 +17,7 @@ from alerting_app import db
 from alerting_app.app import app
 from alerting_app.contracts import Rule, RuleChanged, RuleCriteria
 from web.auth import ApiView, Caller
-from web.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from web.errors import Conflict, Forbidden, NotFound, ValidationFailed, pydantic_message
 from web.pagination import page_of
 from web.preconditions import ANY, NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.quotas import RULES, lock_client_within_quota
@@ -84,7 +84,7 @@ def criteria_of(values: dict[str, Any]) -> dict[str, str]:
         criteria = RuleCriteria(**{field: values[field] for field in CRITERIA})
     except ValidationError as exc:
         # Each field was checked on its own already; what is left concerns the three together.
-        message = "; ".join(error["msg"] for error in exc.errors(include_url=False))
+        message = "; ".join(pydantic_message(error) for error in exc.errors(include_url=False))
         raise ValidationFailed([{"field": field, "message": message} for field in CRITERIA]) from None
     return criteria.model_dump(mode="json")
 

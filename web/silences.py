@@ -24,7 +24,7 @@ from alerting_app.contracts import (NO_NUL, WILDCARD, Comment, ContextKey, Conte
 from alerting_app.silencing import SILENCE_COLUMNS, silence_of_row
 from tables.silences import silence_index
 from web.auth import ApiView, Caller
-from web.errors import Forbidden, NotFound, ValidationFailed
+from web.errors import Forbidden, NotFound, ValidationFailed, pydantic_message
 from web.pagination import PageQuery, page_of
 from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.quotas import lock_client_within_quota, silences_quota
@@ -127,7 +127,7 @@ def matchers_of(body: SilenceCreate) -> dict[str, Any]:
     try:
         matchers = SilenceMatchers(**{field: getattr(body, field) for field in MATCHERS})
     except ValidationError as exc:
-        message = "; ".join(error["msg"] for error in exc.errors(include_url=False))
+        message = "; ".join(pydantic_message(error) for error in exc.errors(include_url=False))
         raise ValidationFailed([{"field": field, "message": message} for field in MATCHERS]) from None
     return matchers.model_dump(mode="json")
 
