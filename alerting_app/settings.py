@@ -542,10 +542,12 @@ def load_settings() -> Settings:
                 variable = str(error["loc"][0]).upper()
                 # The message may quote part of the value too (a URL's database, say); for a secret it is
                 # shown only where pydantic's message never holds the value (a length, a pattern).
+                # Our validators' own message, without the "Value error, " pydantic puts before it.
+                text = error["msg"].removeprefix("Value error, ")
                 if variable not in _SECRETS:
-                    message = without_passwords(error["msg"])
+                    message = without_passwords(text)
                 elif error["type"] in _MESSAGES_WITHOUT_THE_VALUE:
-                    message = error["msg"]
+                    message = text
                 else:
                     message = "a value that is not shown"
                 lines.append(f"  {variable}: {message} (got {_shown(variable, error.get('input'))})")

@@ -341,7 +341,15 @@ def test_a_redis_url_option_its_connection_does_not_take_is_refused_naming_it(mo
         load_settings()
 
     option = url.partition("?")[2].partition("=")[0]
-    assert f"REDIS_URL: Value error, {option!r} is not an option of a" in str(error.value), str(error.value)
+    assert f"REDIS_URL: {option!r} is not an option of a" in str(error.value), str(error.value)
+
+
+def test_a_bad_value_is_told_in_our_validators_words_without_pydantics_value_error(monkeypatch):
+    # It read "WEB_PORT: Value error, must be a whole number, digits only (got 'abc')".
+    monkeypatch.setenv("WEB_PORT", "abc")
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+    assert "  WEB_PORT: must be a whole number, digits only (got 'abc')" in str(error.value).splitlines()
 
 
 @pytest.mark.parametrize(("env", "named"), [
