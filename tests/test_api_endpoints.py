@@ -448,6 +448,27 @@ async def test_the_409_of_an_email_endpoints_secret_reads_an_email_endpoint(api,
     assert refused.body["message"].startswith("an email endpoint's notifications are not signed: it has no secret")
 
 
+async def test_a_new_type_without_a_value_its_old_value_does_not_fit_asks_for_one(api, tenant):
+    # PATCH {"type": "email"} of a webhook answered "value: must be an email address ...", about a
+    # value the request did not send.
+    rule = await api.new_rule(tenant)
+    created = await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/x")
+    path = f"/api/v1/endpoints/{created['endpoint_id']}"
+
+    refused = await api.call("PATCH", path, tenant.key, {"type": "email"})
+
+    assert refused.status == 422
+    [failed] = refused.body["fields"]
+    assert failed["field"] == "value"
+    assert failed["message"].startswith("the endpoint's value does not fit an email endpoint: give a new value "
+                                        "with the new type (must be an email address")
+    assert (await api.call("GET", path, tenant.key)).body["type"] == "webhook"
+    # With a value of that type it is made, and a bad value given with it is told as any value is.
+    bad = await api.call("PATCH", path, tenant.key, {"type": "email", "value": "nobody"})
+    assert bad.body["fields"][0]["message"].startswith("must be an email address")
+    assert (await api.call("PATCH", path, tenant.key, {"type": "email", "value": "ops@example.com"})).status == 200
+
+
 async def test_a_url_path_differing_in_case_is_another_address(api, tenant):
     rule = await api.new_rule(tenant)
     await api.new_endpoint(tenant, rule["rule_id"], "webhook", "https://hooks.example.com/Team")

@@ -119,8 +119,12 @@ async def refuse_same_address(conn: asyncpg.Connection, rule_id: Any, type_: str
     key = address_key(type_, value)
     for other in await conn.fetch(SAME_TYPE, rule_id, type_, endpoint_id):
         if address_key(type_, other["value"]) == key:
-            article = "an" if type_ == "email" else "a"
-            raise Conflict(f"the rule already has {article} {type_} endpoint with this value: {other['endpoint_id']}")
+            raise Conflict(f"the rule already has {a_type(type_)} endpoint with this value: {other['endpoint_id']}")
+
+
+def a_type(type_: str) -> str:
+    """The type with its article, as a message reads it: "an email", "a webhook"."""
+    return f"{'an' if type_ == 'email' else 'a'} {type_}"
 
 
 def endpoint_out(row: Any) -> EndpointOut:
@@ -255,7 +259,17 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
         expected.check(endpoint_out(current), "endpoint")  # already stale: no lookup for it
         readdressed = "type" in changes or "value" in changes
         address = address_after(current, changes)
-        checked = await checked_value(*address) if readdressed else None
+        try:
+            checked = await checked_value(*address) if readdressed else None
+        except ValidationFailed as exc:
+            if "value" in changes:
+                raise
+            # A new type alone keeps the old type's address, which the tenant did not send: "value:
+            # must be an email address" did not say that the PATCH needs one.
+            [failed] = exc.extra_context["fields"]
+            raise ValidationFailed.field("value", f"the endpoint's value does not fit {a_type(changes['type'])} "
+                                                  f"endpoint: give a new value with the new type "
+                                                  f"({failed['message']})") from None
         async with pool.acquire() as conn, conn.transaction():
             # The client's lock before the row's, as a client's deletion takes them.
             if readdressed and not await lock_client(conn, current["client_id"]):
@@ -356,7 +370,6 @@ class EndpointSecretView(ApiView):
             if current is None:
                 raise NotFound()
             if current["type"] != "webhook":  # else made a webhook meanwhile: replace its secret
-                article = "an" if current["type"] == "email" else "a"
-                raise Conflict(f"{article} {current['type']} endpoint's notifications are not signed: it has no secret "
+                raise Conflict(f"{a_type(current['type'])} endpoint's notifications are not signed: it has no secret "
                                "(a webhook's is shown when it becomes one)")
         return self.json(EndpointCreated.of(row).model_dump(mode="json"))
