@@ -12,7 +12,7 @@ import json
 import logging
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import asyncpg
@@ -93,21 +93,23 @@ async def closed_groups(conn: asyncpg.Connection | asyncpg.Pool, values: Iterabl
 # list. Any other member (one whose alert is in neither, its table write lost in a crash) cannot be
 # checked, so it is counted and notified. `silenced` (the detail of a group whose checked members are
 # all silenced, else NULL) makes it a SILENCED row, settled and not emitted, only when no member was
-# left unchecked.
+# left unchecked. `silenced_alerts` and `truncated_silenced_alerts` (migrations/022): the members
+# muted that it does not list (Listing.left_out), listed up to GROUP_MAX_ALERTS, the rest counted.
 _INSERT_GROUP_NOTIFICATIONS = """
 INSERT INTO notifications (notification_id, client_id, alert_id, alerts, rule_ids, created_at, updated_at,
-                           truncated_alerts, group_rule_id, status, detail, emitted)
+                           truncated_alerts, group_rule_id, status, detail, emitted, silenced_alerts,
+                           truncated_silenced_alerts)
 SELECT g.notification_id, g.client_id, g.alert_id, g.alerts::jsonb, g.rule_ids::uuid[], to_timestamp(g.created_at),
        to_timestamp(g.created_at),
        greatest(0, g.members - g.accounted) + g.counted, g.group_rule_id,
        CASE WHEN g.wholly_silenced THEN 'SILENCED' ELSE 'PENDING' END,
        CASE WHEN g.wholly_silenced THEN g.silenced END,
-       g.wholly_silenced
+       g.wholly_silenced, g.silenced_alerts::jsonb, g.truncated_silenced_alerts
 FROM (SELECT g.*, m.members, g.silenced IS NOT NULL AND m.members <= g.accounted AS wholly_silenced
       FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::int[], $8::int[],
-                  $9::uuid[], $10::text[])
+                  $9::uuid[], $10::text[], $11::text[], $12::int[])
           AS g(notification_id, client_id, alert_id, alerts, rule_ids, created_at, accounted, counted, group_rule_id,
-               silenced)
+               silenced, silenced_alerts, truncated_silenced_alerts)
       CROSS JOIN LATERAL (SELECT count(*) AS members FROM notification_alerts a
                           WHERE a.notification_id = g.notification_id) m) g
 ON CONFLICT DO NOTHING
@@ -122,7 +124,8 @@ class Listing:
     accounted: int  # the members checked: listed, or unlisted with their alert read
     counted: int = 0  # of those, the ones not silenced that have no place in the listing
     silenced_by: str | None = None  # the detail of a group whose checked members are all silenced
-    silenced: tuple[str, ...] = ()  # the alert_ids of the members a silence matched
+    # The members a silence matched, in the order they joined: alert_id -> the silence that matched it.
+    silenced: Mapping[str, str] = field(default_factory=dict)
 
     def notified_to_nobody(self, status: str) -> list[str]:
         """The silenced members the notification, inserted with `status`, does not notify: all of them
@@ -130,8 +133,15 @@ class Listing:
         when it must be notified for a member that could not be checked)."""
         if status == "SILENCED":
             return list(self.silenced)
+        return [left["alert_id"] for left in self.left_out()]
+
+    def left_out(self) -> list[dict]:
+        """The silenced members the notification does not list, each {alert_id, silence_id}, stored
+        with it (migrations/022): a group's members are its listed alerts, those counted in
+        `truncated_alerts`, and these, so a tenant finds what became of each one."""
         listed = {alert["alert_id"] for alert in self.alerts}
-        return [alert_id for alert_id in self.silenced if alert_id not in listed]
+        return [{"alert_id": alert_id, "silence_id": silence_id}
+                for alert_id, silence_id in self.silenced.items() if alert_id not in listed]
 
 
 def listing_at_close(due: DueGroup, silences: SilenceIndex, at: float, unlisted: Iterable[dict] = ()) -> Listing:
@@ -160,8 +170,7 @@ class ListingAtClose:
         self._client = due.key.decode()
         self._silences, self._at = silences, at
         self._listed_ids = {alert["alert_id"] for alert in self._listed}
-        self._silenced_by: set[str] = set()
-        self._silenced: list[str] = []
+        self._silenced: dict[str, str] = {}  # alert_id -> the silence that matched it
         self._kept = self._not_silenced(self._listed)
         self._accounted = len(self._listed)
         self._counted = 0
@@ -177,8 +186,7 @@ class ListingAtClose:
             if silence_id is None:
                 kept.append(alert)
             else:
-                self._silenced_by.add(silence_id)
-                self._silenced.append(alert["alert_id"])
+                self._silenced[alert["alert_id"]] = silence_id
         return kept
 
     def check(self, unlisted: Iterable[dict]) -> None:
@@ -191,9 +199,10 @@ class ListingAtClose:
     def listing(self) -> Listing:
         if self._kept:
             return Listing([as_listed(alert) for alert in self._kept], self._accounted, counted=self._counted,
-                           silenced=tuple(self._silenced))
+                           silenced=dict(self._silenced))
         return Listing([as_listed(alert) for alert in self._listed], self._accounted,
-                       silenced_by="silenced by " + ", ".join(sorted(self._silenced_by)), silenced=tuple(self._silenced))
+                       silenced_by="silenced by " + ", ".join(sorted(set(self._silenced.values()))),
+                       silenced=dict(self._silenced))
 
 
 # The alerts of a group's unlisted members, in the order they joined (one batch's by alert_id).
@@ -657,6 +666,7 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
     for position in relisted:
         listings[position] = await listing_of(conn, due[position], silences, now)
     rule_ids = await notified_rules(conn, due, listings)
+    left_out = [listing.left_out() for listing in listings]
     inserted = await conn.fetch(
         _INSERT_GROUP_NOTIFICATIONS,
         [d.group["notification_id"] for d in due],
@@ -669,6 +679,8 @@ async def record_closed_groups(conn: asyncpg.Connection | asyncpg.Pool, due: Seq
         [listing.counted for listing in listings],
         [d.group_rule_id for d in due],
         [listing.silenced_by for listing in listings],
+        [json.dumps(left[:settings.group_max_alerts], separators=(",", ":")) for left in left_out],
+        [max(0, len(left) - settings.group_max_alerts) for left in left_out],
     )
     # Counted when inserted, as the agent counts its silenced matches; a transaction rolled back
     # after this (a lost connection) counts them again when the group is closed again.

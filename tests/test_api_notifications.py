@@ -68,6 +68,28 @@ async def test_a_notification_is_listed_with_each_endpoints_delivery(api, tenant
     assert single.body == listed
 
 
+async def test_a_groups_members_a_silence_left_out_at_close_are_listed_with_it(api, tenant):
+    """As the closer stores them (migrations/022); a notification not of a group leaves none out,
+    and a group closed by a release before 022 does not know (null)."""
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant)
+    silence_id = str(uuid.uuid4())
+    group = await store_notification(tenant.client_id, rule["rule_id"], "a-0", group_rule_id=rule["rule_id"])
+    await (await db.pool()).execute(
+        "UPDATE notifications SET silenced_alerts = $2, truncated_silenced_alerts = 3 WHERE notification_id = $1",
+        group, [{"alert_id": "c-1", "silence_id": silence_id}])
+    older_group = await store_notification(tenant.client_id, rule["rule_id"], "b-0", group_rule_id=rule["rule_id"])
+    at_once = await store_notification(tenant.client_id, rule["rule_id"], "d-0")
+
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key)
+    shown = {n["notification_id"]: (n["silenced_alerts"], n["truncated_silenced_alerts"]) for n in reply.body["items"]}
+    assert shown == {group: ([{"alert_id": "c-1", "silence_id": silence_id}], 3), older_group: (None, None),
+                     at_once: ([], 0)}
+    single = await api.call("GET", f"/api/v1/notifications/{group}", tenant.key)
+    assert (single.body["silenced_alerts"], single.body["truncated_silenced_alerts"]) == shown[group]
+
+
 async def test_notifications_are_filtered_by_status(api, tenant):
     rule = await api.new_rule(tenant)
     sent = await store_notification(tenant.client_id, rule["rule_id"], "a-sent", "SENT")

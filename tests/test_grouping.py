@@ -31,6 +31,7 @@ from alerting_app.silencing import SilenceIndex, active_silences
 from kafka_probe import read_topic
 from postgres_waits import until_waiting_on_a_lock
 from tables import group_records, groups
+from web.notifications import notification_out
 from test_agent_support import (  # noqa: F401  (fixtures)
     AGENT_LOOP, DELETIONS, delete_client_as_the_api_does, insert_client, insert_endpoint, insert_rule, pipeline, pool,
     sent_to,
@@ -396,6 +397,55 @@ async def test_a_silence_created_while_a_group_is_open_leaves_its_matching_membe
     assert [a["alert_id"] for a in sent["alerts"]] == [m.alert.alert_id for m in (matches[0], matches[2], matches[3])]
 
 
+async def shown(pool, client: str, notification_id: str) -> dict:
+    """The notification as GET /api/v1/notifications/{id} answers the client."""
+    return await notification_out(pool, uuid.UUID(notification_id), uuid.UUID(client))
+
+
+@AGENT_LOOP
+async def test_a_groups_notification_shows_each_member_a_silence_left_out_at_close_with_its_silence(
+        pool, monkeypatch):
+    """Notified to nobody, a muted member of a group notified PENDING was found nowhere: not in its
+    group's notification, not among the SILENCED ones. Listed (1) or not (3), it is shown there."""
+    monkeypatch.setattr(settings, "group_max_alerts", 2)
+    client, rule, matches = await open_group(pool, 4)
+    opened = time.time()
+    muting = {n: await insert_silence(pool, client, opened - 60, opened + 3600, n=str(n)) for n in (1, 3)}
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    # The unmuted members are notified as before: 2 takes the place 1 freed.
+    assert (ready.alerts, ready.truncated_alerts) == ([matches[0].alert, matches[2].alert], 0)
+    [sent] = await sent_to("notifications.ready", client)
+    assert [a["alert_id"] for a in sent["alerts"]] == [matches[0].alert.alert_id, matches[2].alert.alert_id]
+    assert "silenced_alerts" not in sent  # the payload's contract stays
+    notification = await shown(pool, client, ready.notification_id)
+    assert (notification["status"], [a["alert_id"] for a in notification["alerts"]]) == (
+        "PENDING", [matches[0].alert.alert_id, matches[2].alert.alert_id])
+    assert notification["silenced_alerts"] == [{"alert_id": matches[n].alert.alert_id, "silence_id": muting[n]}
+                                               for n in (1, 3)]
+    assert notification["truncated_silenced_alerts"] == 0
+
+
+@AGENT_LOOP
+async def test_the_silenced_members_a_group_shows_are_bounded_by_group_max_alerts_and_the_rest_counted(
+        pool, monkeypatch):
+    monkeypatch.setattr(settings, "group_max_alerts", 1)
+    client, rule, matches = await open_group(pool, 4)
+    opened = time.time()
+    silence_id = await insert_silence(pool, client, opened - 60, opened + 3600)  # every member
+
+    assert await closed_for(pool, client, opened + 5) == []
+
+    # Recorded SILENCED, listing its listed member; the unlisted ones are shown as silenced.
+    [row] = await rows_of(pool, client)
+    notification = await shown(pool, client, row["notification_id"])
+    assert (notification["status"], [a["alert_id"] for a in notification["alerts"]]) == (
+        "SILENCED", [matches[0].alert.alert_id])
+    assert (notification["silenced_alerts"], notification["truncated_silenced_alerts"]) == (
+        [{"alert_id": matches[1].alert.alert_id, "silence_id": silence_id}], 2)
+
+
 @AGENT_LOOP
 async def test_a_group_whose_members_are_all_silenced_at_close_is_recorded_silenced_and_not_emitted(pool):
     client, rule, matches = await open_group(pool, 3)
@@ -708,7 +758,7 @@ def test_a_silenced_member_its_notification_lists_all_the_same_keeps_its_fingerp
     """A group whose checked members are all silenced is notified when it has a member that could not
     be checked, listing its silenced alerts: those are notified, the unlisted silenced ones are not."""
     listing = group_records.Listing([{"alert_id": "a"}], accounted=2, silenced_by="silenced by s",
-                                    silenced=("a", "b"))
+                                    silenced={"a": "s", "b": "s"})
 
     assert listing.notified_to_nobody("SILENCED") == ["a", "b"]
     assert listing.notified_to_nobody("PENDING") == ["b"]

@@ -242,6 +242,13 @@ class DeliveryOut(BaseModel):
     next_attempt_at: datetime | None = Field(description="when a PENDING delivery is tried next")
 
 
+class SilencedAlert(BaseModel):
+    """A group member a silence muted when its group closed."""
+
+    alert_id: str
+    silence_id: UUID = Field(description="the silence that muted it (of several in force, the smallest id)")
+
+
 class NotificationOut(BaseModel):
     notification_id: UUID
     client_id: UUID
@@ -255,6 +262,11 @@ class NotificationOut(BaseModel):
     truncated_alerts: int = Field(description="alerts of the group beyond those listed in `alerts`")
     group_rule_id: UUID | None = Field(description="the rule whose group window collected the alerts; "
                                                    "null when notified at once")
+    silenced_alerts: list[SilencedAlert] | None = Field(
+        description="a group's members that a silence muted when it closed and that `alerts` does not list: "
+                    "notified to nobody; empty for a notification not of a group, null for a group closed "
+                    "before this was recorded")
+    truncated_silenced_alerts: int | None = Field(description="silenced members beyond those in `silenced_alerts`")
     deliveries: list[DeliveryOut]
 
 
