@@ -171,4 +171,13 @@ class DeliverySweep(Service):
             await self.sleep(settings.delivery_sweep_interval_s)
 
     async def on_stop(self) -> None:
+        # Leave the consumer group before waiting out the sends in flight, so that the other workers
+        # take this worker's partitions now, not once its slowest send has ended (up to 30 s: every
+        # new notification on them waited that long). By now Faust has stopped fetching, waited for
+        # the batches in process and committed them (App._stop_consumer); stopping the consumer
+        # commits what is left and leaves (it would, later in the app's stop). Nothing here needs the
+        # partitions: what keeps a delivery sent once is its row's lease in Postgres and its claim
+        # in Redis, as in any rebalance while sends are in flight (docs/delivery.md); a message read
+        # again by the partition's next owner finds its rows leased by this worker, or settled.
+        await app.consumer.stop()
         await close_dispatcher()

@@ -84,17 +84,19 @@ async def group_members(bootstrap: str, group: str) -> int:
         await admin.close()
 
 
-async def two_workers_and_tenants(services, start_worker, http, receiver):
-    """Two workers of one group, and TENANTS tenants whose endpoints are `receiver`'s hook-0, hook-1, ..."""
+async def two_workers_and_tenants(services, start_worker, http, receiver, workers: int = 2, tenants: int = TENANTS,
+                                  **env: str):
+    """Two workers of one group (or `workers`), and TENANTS tenants (or `tenants`) whose endpoints are
+    `receiver`'s hook-0, hook-1, ...; `env` for the workers."""
     await retire_rules_left_on_topic(services.kafka_bootstrap_servers)
     group = f"rolling-{secrets.token_hex(4)}"
-    workers = [start_worker(APP_ID=group, **LONG_LEASE)]
+    started = [start_worker(APP_ID=group, **LONG_LEASE, **env)]
     await wait_until_backlog_consumed(services, group)
-    workers.append(start_worker(APP_ID=group, **LONG_LEASE))
-    tenants = [await Tenant(http, workers[0].url).create(services.admin_token, receiver.url(f"hook-{n}"))
-               for n in range(TENANTS)]
-    await wait_for_rules(http, services, *workers)
-    return group, workers, tenants
+    started += [start_worker(APP_ID=group, **LONG_LEASE, **env) for _ in range(workers - 1)]
+    made = [await Tenant(http, started[0].url).create(services.admin_token, receiver.url(f"hook-{n}"))
+            for n in range(tenants)]
+    await wait_for_rules(http, services, *started)
+    return group, started, made
 
 
 async def the_one_holding_most(services, workers, client_id: str | None = None):
@@ -160,3 +162,44 @@ async def test_a_worker_stopped_while_its_endpoint_hangs_exits_and_the_other_sen
         assert {key for key, times in posted.items() if times > 1} == {post.headers["Idempotency-Key"]
                                                                        for post in hung}
         assert max(posted.values()) == 2
+
+
+# What a worker's log says when Faust has been given partitions, and when Dispatcher.close has
+# waited for the sends in flight.
+ASSIGNED = "Setting newly assigned partitions"
+SENDS_WAITED_FOR = "stopping: done waiting for the sends in flight"
+
+
+async def test_a_stopping_worker_hands_its_partitions_over_before_its_hung_sends_end(
+        services, clean_db, start_worker):
+    # Before, the stop waited out its sends in flight (a hung webhook's: WEBHOOK_TIMEOUT_S) before it
+    # left its consumer group, and every new notification on its partitions waited that long for
+    # the other worker. Hung sends last 20 s here, a wide margin over the rebalance.
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        receiver.hang("hook-0", ENDPOINT_CONCURRENCY)
+        group, workers, tenants = await two_workers_and_tenants(services, start_worker, http, receiver,
+                                                                tenants=1, WEBHOOK_TIMEOUT_S="20")
+        await produce_alerts(services.kafka_bootstrap_servers, [f"burst-{n}" for n in range(BURST)])
+        posts = await receiver.wait_for_posts(ENDPOINT_CONCURRENCY, "hook-0")
+        hung = {post.headers["Idempotency-Key"] for post in posts}
+        # The one with the most hung sends (both may have some): sending them, it holds them.
+        held = {worker: hung & set(await held_by(services.database_url, worker)) for worker in workers}
+        stopped = max(workers, key=lambda worker: len(held[worker]))
+        assert held[stopped], "neither worker holds a hung send"
+        [other] = [worker for worker in workers if worker is not stopped]
+        assignments_before = other.log().count(ASSIGNED)
+
+        stopping = asyncio.ensure_future(stop_as_ecs_does(stopped))
+        while other.log().count(ASSIGNED) == assignments_before and not stopping.done():
+            await asyncio.sleep(0.05)
+        # The order of events: the other worker had the partitions while the stopped one still waited
+        # for its hung sends.
+        waited_for_sends_first = SENDS_WAITED_FOR in stopped.log()
+        assert await stopping == 0, stopped.log()[-5000:]
+        assert other.log().count(ASSIGNED) > assignments_before, other.log()[-5000:]
+        assert not waited_for_sends_first, stopped.log()[-5000:]
+        log = stopped.log()
+        assert log.index("LeaveGroup request succeeded") < log.index(SENDS_WAITED_FOR)
+        assert await held_by(services.database_url, stopped) == []
+        await delivered_once(services, receiver, tenants, BURST)
+

@@ -282,7 +282,11 @@ class Dispatcher:
         for task in waiting.values():
             task.cancel()
         handing_back = asyncio.ensure_future(self._hand_back_once_ended(waiting))
-        await self._sends_finished(self._send_grace_s())
+        if self._sending:
+            grace_s = self._send_grace_s()
+            log.info("stopping: waiting up to %.0fs for %d sends in flight", grace_s, len(self._sending))
+            await self._sends_finished(grace_s)
+            log.info("stopping: done waiting for the sends in flight")
         tasks = list(self._held.values())
         for task in tasks:
             task.cancel()
