@@ -4,8 +4,8 @@ hand-over cannot block; stream records fetched while a rebalance ends are held, 
 (`Consumer._drain_messages` and `_held_during_rebalance`); a refused commit is made again at the
 next commit (`Consumer._commit_offsets`); the end offsets the table recovery reads up to are the
 true ends, on the Tansu broker too (`Consumer.highwaters`); after an agent crashed the worker commits nothing more and stops
-(`Consumer.on_task_error`); a stopping worker waits at most STOP_GRACE_S for the broker, then commits
-nothing more and fails the sends still pending (`Producer.give_up_on_the_broker`); an agent whose
+(`Consumer.on_task_error`); a stopping worker waits for the broker as long as alerting_app/stop_budget.py
+says, then commits nothing more and fails the sends still pending (`Producer.give_up_on_the_broker`); an agent whose
 sends failed that way stops with a warning, not as a crash (`Agent`).
 tests/test_broker_transport.py fails when the installed Faust no longer matches what these rely on.
 
@@ -50,6 +50,7 @@ from mode import Service, ServiceT
 from alerting_app import metrics
 from alerting_app.end_offsets import EndOffsetsUnknown, end_offsets
 from alerting_app.kafka_connection import Broker
+from alerting_app.stop_budget import worker_stop
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +99,12 @@ _END_OFFSETS_TIMEOUT_S = 10.0
 CRASH_STOP_GRACE_S = 45.0
 
 
-# How long a stopping worker waits for the broker: for the acknowledgement of what it sent, and for
-# its offset commits. A reachable broker answers in milliseconds; an unreachable one made the stop wait
-# for the producer's request timeout (20 minutes: Faust's flush of the producer, the sinks' waits for
-# their acknowledgements) or for ever (aiokafka's commit waits for the group coordinator without a
-# bound), past ECS's stopTimeout (60 s), which then killed the worker. Then the worker gives up on the
-# broker (Producer.give_up_on_the_broker) and finishes stopping in seconds.
-STOP_GRACE_S = 15.0
-# A backstop once it gave up, as CRASH_STOP_GRACE_S is after a crash: STOP_GRACE_S and this stay below
-# ECS's stopTimeout. What is left of the stop after giving up took about 2 s with the broker's address
-# refusing connections; with a broker that accepts them but never answers, aiokafka's stop of the
-# producer waits for a metadata request in flight, up to the producer's request timeout, and this
-# ends it (status 1, nothing committed after giving up).
-STOP_AFTER_GIVING_UP_S = 30.0
-
-
 def exit_unless_stopped_within(seconds: float, after: str = "an agent crash") -> None:
     """End the process with status 1 if it is still running `seconds` from now. A daemon thread, so
     an event loop stuck in its stop cannot hold it, and a process that stops in time is not held
     by it either."""
     def exit_now() -> None:
-        log.error("the worker did not finish stopping within %gs of %s: exiting now", seconds, after)
+        log.error("the worker did not finish stopping within %.0fs of %s: exiting now", seconds, after)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(1)
@@ -506,8 +492,16 @@ class Producer(faust_aiokafka.Producer):
     async def _give_up_on_the_broker_late_in_a_stop(self) -> None:
         await self.app.wait_for_stopped()
         # Cancelled (with this producer's other tasks) when the producer stops: it is the last
-        # service of the app to stop, so this runs only while the stop is still waiting.
-        await asyncio.sleep(STOP_GRACE_S)
+        # service of the app to stop, so this runs only while the stop is still waiting. The time
+        # the stop waits for sends in flight is not the broker's (alerting_app/stop_budget.py).
+        worker_stop.begin()
+        while (wait_s := worker_stop.broker_wait_left_s()) > 0:
+            worker_stop.changed.clear()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await worker_stop.changed.wait()
+            except TimeoutError:
+                pass
         self.give_up_on_the_broker()
 
     def give_up_on_the_broker(self) -> None:
@@ -527,15 +521,20 @@ class Producer(faust_aiokafka.Producer):
         """
         if self.gave_up is not None:
             return
-        log.warning("still stopping %gs after the stop began: giving up on the broker; this worker commits "
+        elapsed_s = worker_stop.elapsed_s()
+        log.warning("still stopping %.0fs after the stop began: giving up on the broker; this worker commits "
                     "nothing more, and fails the sends the broker has not acknowledged (what they were sent "
-                    "for is read again by the next worker)", STOP_GRACE_S)
+                    "for is read again by the next worker)", elapsed_s)
         cast(Consumer, self.app.consumer).gave_up_on_the_broker.set()
-        self.gave_up = GaveUpOnTheBroker(f"not acknowledged by the broker within {STOP_GRACE_S:g}s "
+        self.gave_up = GaveUpOnTheBroker(f"not acknowledged by the broker within {elapsed_s:.0f}s "
                                          "of the worker's stop")
         if self._producer is not None:
             fail_pending_sends(self._producer, self.gave_up)
-        exit_unless_stopped_within(STOP_AFTER_GIVING_UP_S, after="giving up on the broker")
+        # A backstop: what is left of the stop's budget (STOP_BUDGET_S). With a broker that accepts
+        # connections but never answers, aiokafka's stop of the producer waits for a metadata
+        # request in flight, up to the producer's request timeout, and this ends it (status 1,
+        # nothing committed after giving up).
+        exit_unless_stopped_within(max(worker_stop.left_s(), 0.0), after="giving up on the broker")
 
     async def send(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         """Faust's send (topics, table changelogs); once the worker gave up on the broker, a send

@@ -27,7 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from delivery_platform import Tenant, produce_alerts, wait_for_rules, wait_until_backlog_consumed, wait_until_notified
 from delivery_receivers import Receiver
-from kafka_probe import retire_rules_left_on_topic
+from kafka_probe import read_json, retire_rules_left_on_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -203,3 +203,31 @@ async def test_a_stopping_worker_hands_its_partitions_over_before_its_hung_sends
         assert await held_by(services.database_url, stopped) == []
         await delivered_once(services, receiver, tenants, BURST)
 
+
+async def test_a_stop_whose_sends_outlast_the_brokers_grace_still_sends_their_dead_letters(
+        services, clean_db, start_worker):
+    # One attempt allowed, and it hangs for 20 s: its dead letter is due 20 s into the stop, later than
+    # the broker's 15 s (alerting_app/stop_budget.py). Before, that 15 s ran while the stop waited for
+    # the send: the stop gave up on the broker, which answered, and the dead letter failed to send.
+    async with Receiver() as receiver, aiohttp.ClientSession() as http:
+        receiver.hang("hook-0", 1)
+        _, [worker], [tenant] = await two_workers_and_tenants(
+            services, start_worker, http, receiver, workers=1, tenants=1,
+            WEBHOOK_TIMEOUT_S="20", DELIVERY_MAX_ATTEMPTS="1")
+        await produce_alerts(services.kafka_bootstrap_servers, ["last-attempt"])
+        await receiver.wait_for_posts(1, "hook-0")
+
+        assert await stop_as_ecs_does(worker) == 0, worker.log()[-5000:]
+        assert "giving up on the broker" not in worker.log(), worker.log()[-5000:]
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            [(notification_id, status)] = await conn.fetch(
+                "SELECT d.notification_id::text, d.status FROM deliveries d JOIN notifications n"
+                " USING (notification_id) WHERE n.client_id = $1", tenant.client_id)
+        finally:
+            await conn.close()
+        # Recorded by the stopped worker once its dead letter was sent (nobody else runs).
+        assert status == "FAILED", worker.log()[-5000:]
+        letters = [letter for letter in await read_json(services.kafka_bootstrap_servers, "notifications.ready.dlq")
+                   if tenant.endpoint_id in letter["reason"]]
+        assert len(letters) == 1 and notification_id in letters[0]["payload"]

@@ -34,6 +34,7 @@ from alerting_app.delivery.recorder import Recorder
 from alerting_app.delivery.relay_slots import RelaySlots
 from alerting_app.redis_pipelining import PipelinedRedis
 from alerting_app.settings import Settings
+from alerting_app.stop_budget import worker_stop
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +284,12 @@ class Dispatcher:
             task.cancel()
         handing_back = asyncio.ensure_future(self._hand_back_once_ended(waiting))
         if self._sending:
-            grace_s = self._send_grace_s()
+            # The stop's time spent here is not the broker's, and the sends end in time for what
+            # the stop does after them (alerting_app/stop_budget.py).
+            grace_s = worker_stop.for_sends_s(self._send_grace_s())
             log.info("stopping: waiting up to %.0fs for %d sends in flight", grace_s, len(self._sending))
-            await self._sends_finished(grace_s)
+            with worker_stop.waiting_for_sends():
+                await self._sends_finished(grace_s)
             log.info("stopping: done waiting for the sends in flight")
         tasks = list(self._held.values())
         for task in tasks:
