@@ -104,7 +104,7 @@ def exit_unless_stopped_within(seconds: float, after: str = "an agent crash") ->
     an event loop stuck in its stop cannot hold it, and a process that stops in time is not held
     by it either."""
     def exit_now() -> None:
-        log.error("the worker did not finish stopping within %.0fs of %s: exiting now", seconds, after)
+        log.error("the worker did not finish stopping within %gs of %s: exiting now", seconds, after)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(1)
@@ -534,7 +534,7 @@ class Producer(faust_aiokafka.Producer):
         # connections but never answers, aiokafka's stop of the producer waits for a metadata
         # request in flight, up to the producer's request timeout, and this ends it (status 1,
         # nothing committed after giving up).
-        exit_unless_stopped_within(max(worker_stop.left_s(), 0.0), after="giving up on the broker")
+        exit_unless_stopped_within(round(max(worker_stop.left_s(), 0.0), 1), after="giving up on the broker")
 
     async def send(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         """Faust's send (topics, table changelogs); once the worker gave up on the broker, a send
