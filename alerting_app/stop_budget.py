@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # From the start of the stop to the backstop's exit: below ECS's stopTimeout (60 s).
@@ -37,8 +37,9 @@ GIVE_UP_BY_S = 40.0
 class StopBudget:
     """One worker's stop: when it began, and how long it has waited for sends in flight."""
 
-    def __init__(self) -> None:
-        self.began_at: float | None = None  # time.monotonic()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.began_at: float | None = None  # on `clock`
         self._sends_since: float | None = None
         self._sends_waited_s = 0.0
         # Set whenever a wait for sends begins or ends: the broker's wait counts again, or stops counting.
@@ -46,10 +47,10 @@ class StopBudget:
 
     def begin(self) -> None:
         if self.began_at is None:
-            self.began_at = time.monotonic()
+            self.began_at = self._clock()
 
     def elapsed_s(self) -> float:
-        return 0.0 if self.began_at is None else time.monotonic() - self.began_at
+        return 0.0 if self.began_at is None else self._clock() - self.began_at
 
     def left_s(self) -> float:
         """What is left of STOP_BUDGET_S (all of it before the stop began)."""
@@ -64,12 +65,12 @@ class StopBudget:
     @contextmanager
     def waiting_for_sends(self) -> Iterator[None]:
         """The stop waits for sends in flight meanwhile: that time is not the broker's."""
-        self._sends_since = time.monotonic()
+        self._sends_since = self._clock()
         self.changed.set()
         try:
             yield
         finally:
-            self._sends_waited_s += time.monotonic() - self._sends_since
+            self._sends_waited_s += self._clock() - self._sends_since
             self._sends_since = None
             self.changed.set()
 
@@ -78,7 +79,7 @@ class StopBudget:
         it does not begin or end a wait for sends meanwhile (`changed`)."""
         if self.began_at is None:
             return math.inf
-        now = time.monotonic()
+        now = self._clock()
         by_the_cap = self.began_at + GIVE_UP_BY_S - now
         if self._sends_since is not None:
             return by_the_cap
