@@ -456,12 +456,14 @@ async def _tail(broker: KafkaConnection, topic: str, from_beginning: bool, limit
     option("--port", type=click.IntRange(1, 65535), default=9000, show_default=True,
            help="the port to listen on (the \"Try it\" endpoint posts to 9000)"),
     option("--bind", default="127.0.0.1", show_default=True, help="the address to listen on"),
-    option("--secret", default=None, help="the endpoint's secret, to check each POST's signature"),
+    option("--secret", "secrets", multiple=True,
+           help="an endpoint's secret, to check each POST's signature; repeat it for several endpoints "
+                "(a POST is valid when one verifies it, shown by its position: valid (--secret #2))"),
     base=_ForegroundCommand,
 )
-def receive(port: int, bind: str, secret: str | None) -> int:
+def receive(port: int, bind: str, secrets: tuple[str, ...]) -> int:
     """A webhook receiver to watch notifications arrive locally: each POST answered 200 and printed
-    as one JSON line (path, Idempotency-Key, signature checked with --secret, the notification)."""
+    as one JSON line (path, Idempotency-Key, signature checked with each --secret, the notification)."""
     from aiohttp import web
 
     from alerting_app.webhook_receiver import receiver_app
@@ -469,7 +471,7 @@ def receive(port: int, bind: str, secret: str | None) -> int:
     def listening(text: str) -> None:
         print(f"receiving webhooks on http://{bind}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
 
-    web.run_app(receiver_app(secret, lambda received: _out(json.dumps(received))), host=bind, port=port,
+    web.run_app(receiver_app(secrets, lambda received: _out(json.dumps(received))), host=bind, port=port,
                 print=listening)
     return 0
 

@@ -472,7 +472,7 @@ Try it (in another shell):
       --token "$KEY" --field rule_id)
   # a webhook endpoint on the rule (any URL that accepts a POST; to watch its notifications arrive,
   # run "$APP" receive --port 9000 in a third shell first, and to check their signatures too,
-  # start it again with --secret <the "secret" of this answer>)
+  # start it again with --secret <the "secret" of this answer>, one --secret per endpoint)
   "$APP" api POST $API/endpoints '{{"rule_id":"'$RULE'","type":"webhook","value":"http://127.0.0.1:9000/hook"}}' \\
       --token "$KEY"
   # an alert, over HTTP ...
