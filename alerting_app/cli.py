@@ -298,6 +298,11 @@ def _required(value: Any, variable: str) -> Any:
     return value
 
 
+def _counted(count: int, noun: str) -> str:
+    """`1 event`, `2 events`: the commands said "queued 1 events", which read as a slip."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _broker() -> KafkaConnection:
     _required(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
     return kafka_connection(settings, request_timeout_s=COMMAND_BROKER_TIMEOUT_S)
@@ -360,7 +365,8 @@ def seed(clients: int, rules_per_client: int, mix: str, webhook_url: str | None)
                              f"(got {webhook_url!r})") from None
     report = asyncio.run(load.seed_database(_required(settings.database_url, "DATABASE_URL"), clients=clients,
                                             rules_per_client=rules_per_client, mix=mix, webhook_url=webhook_url))
-    print(f"seeded {report.clients} clients, {report.rules} rules, {report.endpoints} endpoints "
+    print(f"seeded {_counted(report.clients, 'client')}, {_counted(report.rules, 'rule')}, "
+          f"{_counted(report.endpoints, 'endpoint')} "
           f"in {report.seconds:.1f}s; the workers receive the rules through rule.changed")
     return 0
 
@@ -382,7 +388,7 @@ def produce_alerts(count: int, rate: float) -> int:
     """Send generated alerts (over the seeded sources and names) to alerts.new."""
     sent, seconds = asyncio.run(load.produce_alerts(
         _broker(), count=count, rate=rate))
-    print(f"sent {sent} alerts in {seconds:.2f}s ({sent / seconds:,.0f}/s)")
+    print(f"sent {_counted(sent, 'alert')} in {seconds:.2f}s ({sent / seconds:,.0f}/s)")
     return 0
 
 
@@ -390,7 +396,7 @@ def produce_alerts(count: int, rate: float) -> int:
 def republish_rules() -> int:
     """Queue every rule in Postgres for rule.changed (after the topic was recreated or emptied)."""
     count = asyncio.run(load.republish(_required(settings.database_url, "DATABASE_URL")))
-    print(f"queued {count} events (every rule, and every deleted rule's deletion) for rule.changed; "
+    print(f"queued {_counted(count, 'event')} (every rule, and every deleted rule's deletion) for rule.changed; "
           "a running worker relays them")
     return 0
 
@@ -399,8 +405,8 @@ def republish_rules() -> int:
 def republish_silences() -> int:
     """Queue every silence in Postgres for silence.changed (after the topic was recreated or emptied)."""
     count = asyncio.run(load.republish(_required(settings.database_url, "DATABASE_URL"), republish_all_silences))
-    print(f"queued {count} events (every silence, and every deleted silence's deletion) for silence.changed; "
-          "a running worker relays them")
+    print(f"queued {_counted(count, 'event')} (every silence, and every deleted silence's deletion) for "
+          "silence.changed; a running worker relays them")
     return 0
 
 

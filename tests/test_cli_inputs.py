@@ -39,6 +39,14 @@ def test_produce_alerts_refuses_a_count_or_rate_below_zero_or_not_a_number(args,
     assert f"Invalid value for '{option}'" in result.stderr and "sent" not in result.stdout
 
 
+def test_produce_alerts_sending_one_alert_says_one_alert(services):
+    # It said "sent 1 alerts". Its sources (svc-NN) are the seeded ones, which no other test's rule names.
+    result = run("produce-alerts", "--count", "1", KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap_servers)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("sent 1 alert in "), result.stdout
+
+
 @pytest.mark.parametrize("command, variable", [(["topics"], "KAFKA_BOOTSTRAP_SERVERS"),
                                                (["tail", "alerts.new"], "KAFKA_BOOTSTRAP_SERVERS"),
                                                (["migrate"], "DATABASE_URL")])

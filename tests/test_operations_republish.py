@@ -42,3 +42,29 @@ async def test_republish_silences_queues_every_silence_at_its_current_version(em
             ("upsert", 3), ("delete", 5)]
     finally:
         await conn.close()
+
+
+async def test_republishing_one_rule_or_one_silence_says_one_event(empty_database):
+    # It said "queued 1 events".
+    await apply_migrations(empty_database)
+    client_id = uuid.uuid4()
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute("INSERT INTO clients (client_id, name, api_key_hash) VALUES ($1, 'acme', 'hash')", client_id)
+        await conn.execute("INSERT INTO rules (rule_id, client_id, severity, source, name) "
+                           "VALUES ($1, $2, 'HIGH', 'payments', '*')", uuid.uuid4(), client_id)
+        await conn.execute(
+            "INSERT INTO silences (silence_id, client_id, severity, source, name, starts_at, ends_at, comment,"
+            " created_by) VALUES ($1, $2, 'HIGH', 'payments', '*', now(), now() + interval '1 hour',"
+            " 'maintenance', 'ops')", uuid.uuid4(), client_id)
+    finally:
+        await conn.close()
+
+    said = {}
+    for command in ("republish-rules", "republish-silences"):
+        result = subprocess.run([alerting_app_executable(), command], env={**os.environ, "DATABASE_URL": empty_database},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        said[command] = result.stdout.split(" (")[0]
+
+    assert said == {"republish-rules": "queued 1 event", "republish-silences": "queued 1 event"}

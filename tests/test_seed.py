@@ -70,3 +70,16 @@ def test_the_worst_mix_with_fewer_rules_than_severities_is_refused_at_once():
 
     with pytest.raises(ValueError, match="the worst mix needs at least 4 rules per client"):
         asyncio.run(seed(None, clients=1, rules_per_client=3, mix="worst"))
+
+
+async def test_seeding_one_client_with_one_rule_says_one_of_each(empty_database):
+    # It said "seeded 1 clients, 1 rules, 0 endpoints".
+    from alerting_app.migrate import apply_migrations
+
+    await apply_migrations(empty_database)
+    result = subprocess.run([alerting_app_executable(), "seed", "--clients", "1", "--rules-per-client", "1"],
+                            env={**os.environ, "DATABASE_URL": empty_database}, capture_output=True, text=True,
+                            timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("seeded 1 client, 1 rule, 0 endpoints in "), result.stdout
