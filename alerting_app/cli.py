@@ -99,18 +99,21 @@ def _hold_data_dir() -> None:
     tables') locked by the first: it retried for ever without becoming ready, and the partitions it
     was assigned were not processed."""
     global _data_dir_lock
-    _data_dir_lock = _worker_lock_on_data_dir("another worker", "give each worker a DATA_DIR of its own")
+    _data_dir_lock = _worker_lock_on_data_dir()
+    if _data_dir_lock is None:
+        raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {_data_dir_in_use('another worker')}; "
+                                 "give each worker a DATA_DIR of its own")
 
 
-def _worker_lock_on_data_dir(holder_is: str, remedy: str) -> IO:
-    """The lock a worker holds on DATA_DIR while it runs, held now; else ConfigurationError naming the
-    folder, the worker holding it (`holder_is`, with its pid) and `remedy`."""
-    lock = hold_data_dir_lock(settings.data_dir, ".worker.lock")
-    if lock is None:
-        holder = lock_holder(settings.data_dir / ".worker.lock")
-        raise ConfigurationError(f"Invalid configuration:\n  DATA_DIR: {settings.data_dir} is in use by {holder_is}"
-                                 f"{f' (pid {holder})' if holder else ''}; {remedy}")
-    return lock
+def _worker_lock_on_data_dir() -> IO | None:
+    """The lock a worker holds on DATA_DIR while it runs, held now; None while another process holds it."""
+    return hold_data_dir_lock(settings.data_dir, ".worker.lock")
+
+
+def _data_dir_in_use(holder_is: str) -> str:
+    """`<DATA_DIR> is in use by <holder_is> (pid N)`, the worker holding the folder's lock."""
+    holder = lock_holder(settings.data_dir / ".worker.lock")
+    return f"{settings.data_dir} is in use by {holder_is}{f' (pid {holder})' if holder else ''}"
 
 
 class reset(FaustResetCommand):  # noqa: N801  the class name is the command name; it replaces Faust's
@@ -124,7 +127,11 @@ class reset(FaustResetCommand):  # noqa: N801  the class name is the command nam
         if not settings.data_dir.is_dir():  # Faust's reset would create it, to remove nothing
             print(f"nothing to reset: DATA_DIR {settings.data_dir} does not exist")
             return None
-        held = _worker_lock_on_data_dir("a worker", "stop it before `reset`")
+        held = _worker_lock_on_data_dir()
+        if held is None:
+            # Not "Invalid configuration", as it said: the folder is right, and taken for now.
+            raise SystemExit(f"reset: DATA_DIR {_data_dir_in_use('a running worker')}; stop the worker first "
+                             "(reset would remove its table files from under it)")
         try:
             return super().__call__(*args, **kwargs)
         finally:

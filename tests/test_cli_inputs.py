@@ -205,7 +205,10 @@ def test_reset_refuses_the_table_state_of_a_running_worker_and_removes_it_once_t
     refused = run("reset", DATA_DIR=str(data_dir), STORE_URL="rocksdb://")
 
     assert refused.returncode != 0
-    assert f"DATA_DIR: {data_dir} is in use by a worker (pid {worker.child.process.pid})" in refused.stderr
+    # Under no "Invalid configuration" heading, as it was: nothing is wrong with the settings.
+    assert refused.stderr.strip() == (f"reset: DATA_DIR {data_dir} is in use by a running worker (pid "
+                                      f"{worker.child.process.pid}); stop the worker first (reset would remove its "
+                                      f"table files from under it)"), refused.stderr
     assert list(tables.iterdir())
 
     worker.stop()
