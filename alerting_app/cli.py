@@ -489,24 +489,37 @@ def receive(port: int, bind: str, secrets: tuple[str, ...]) -> int:
     return 0
 
 
+def _headers(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    # A malformed -H is a usage error, before anything is sent.
+    try:
+        return api_call.parse_headers(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @app.command(
     argument("method", type=click.Choice(api_call.METHODS, case_sensitive=False)),
     argument("url"),
     argument("body", required=False),
     option("--token", default=None, help="the bearer token (default: ADMIN_TOKEN)"),
     option("--field", default=None, help="print only this field of the JSON answer (e.g. api_key)"),
+    option("-H", "--header", "headers", multiple=True, callback=_headers, metavar="'NAME: VALUE'",
+           help="a header to send, such as 'If-Match: \"<etag>\"'; repeatable (one given as Authorization "
+                "replaces --token)"),
     base=_ForegroundCommand,
 )
-def api(method: str, url: str, body: str | None, token: str | None, field: str | None) -> int:
+def api(method: str, url: str, body: str | None, token: str | None, field: str | None,
+        headers: dict[str, str]) -> int:
     """One request to the REST API: METHOD URL [JSON BODY]; URL may be a path (/api/v1/clients) on
-    this machine's worker. Prints the JSON answer; exits 1 unless it is a 2xx."""
+    this machine's worker. Prints the JSON answer (and its ETag, on stderr); exits 1 unless it is a
+    2xx, or a 304 to an If-None-Match."""
     # The default is the token the worker checks, as the settings read it: $ADMIN_TOKEN as given
     # may end in a secret file's newline, which no header can carry (urllib refused it, showing it).
     token = token if token is not None else settings.admin_token
     try:
         # A path is this machine's worker (WEB_BIND, WEB_PORT), asked directly whatever its address.
-        status, answer = api_call.request(method, api_call.target(url, os.environ), body, token,
-                                          direct=url.startswith("/"))
+        status, answer, etag = api_call.request(method, api_call.target(url, os.environ), body, token,
+                                                direct=url.startswith("/"), headers=headers)
     except ValueError as exc:
         raise SystemExit(f"api: {exc}") from None
     except ConnectionRefusedError as exc:
@@ -516,9 +529,16 @@ def api(method: str, url: str, body: str | None, token: str | None, field: str |
         # refusal alone did not say which setting chose that port.
         raise SystemExit(f"api failed: {exc}: no worker listens at this shell's WEB_BIND and WEB_PORT; "
                          f"set them as the worker has them, or give the API URL `up` printed") from None
+    if status == 304:
+        # What an If-None-Match asked, answered: the resource still has that ETag. Not a failure.
+        print("HTTP 304: not modified (the resource still has the ETag If-None-Match names)", file=sys.stderr)
+        if etag is not None:
+            print(f"ETag: {etag}", file=sys.stderr)
+        return 0
     if not 200 <= status < 300:
         print(f"HTTP {status}: {json.dumps(answer) if not isinstance(answer, str) else answer}", file=sys.stderr)
-        if status == 401 and not (token or "").strip():
+        sent_authorization = (token or "").strip() or any(name.lower() == "authorization" for name in headers)
+        if status == 401 and not sent_authorization:
             # A shell other than the one `up` was started from has no ADMIN_TOKEN: the 401 alone read
             # as a wrong token.
             print("api: no token was sent: give --token, or set ADMIN_TOKEN (`alerting-app up` prints it, "
@@ -528,6 +548,10 @@ def api(method: str, url: str, body: str | None, token: str | None, field: str |
         if not isinstance(answer, dict) or field not in answer:
             raise SystemExit(f"api: the answer has no field {field!r}: {json.dumps(answer)}")
         answer = answer[field]
+    elif etag is not None:
+        # On stderr, so that standard output stays the JSON answer alone: what an If-Match or
+        # If-None-Match names next (docs/api.md). Not with --field, which asks for one value.
+        print(f"ETag: {etag}", file=sys.stderr)
     if answer is not None:
         _out(answer if isinstance(answer, str) else json.dumps(answer, indent=2))
     return 0

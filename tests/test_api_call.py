@@ -22,10 +22,10 @@ def server(answer) -> Iterator[tuple[str, list[dict]]]:
         def _any(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             seen.append({"method": self.command, "path": self.path, "authorization": self.headers.get("Authorization"),
-                         "body": self.rfile.read(length)})
+                         "body": self.rfile.read(length), "headers": self.headers})
             answer(self)
 
-        do_GET = do_POST = _any
+        do_GET = do_POST = do_PATCH = do_DELETE = _any
 
         def log_message(self, *args) -> None:
             pass
@@ -40,10 +40,12 @@ def server(answer) -> Iterator[tuple[str, list[dict]]]:
         httpd.server_close()
 
 
-def json_answer(status: int, body: dict):
+def json_answer(status: int, body: dict, etag: str | None = None):
     def answer(handler: BaseHTTPRequestHandler) -> None:
         raw = json.dumps(body).encode()
         handler.send_response(status)
+        if etag is not None:
+            handler.send_header("ETag", etag)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(raw)))
         handler.end_headers()
@@ -53,9 +55,9 @@ def json_answer(status: int, body: dict):
 
 def test_a_request_sends_the_body_and_the_token_and_returns_the_json_answer():
     with server(json_answer(201, {"client_id": "c1"})) as (url, seen):
-        assert request("post", url + "/api/v1/clients", '{"name": "acme"}', "T0KEN") == (201, {"client_id": "c1"})
-    assert seen == [{"method": "POST", "path": "/api/v1/clients", "authorization": "Bearer T0KEN",
-                     "body": b'{"name": "acme"}'}]
+        assert request("post", url + "/api/v1/clients", '{"name": "acme"}', "T0KEN")[:2] == (201, {"client_id": "c1"})
+    assert [{name: value for name, value in sent.items() if name != "headers"} for sent in seen] == [
+        {"method": "POST", "path": "/api/v1/clients", "authorization": "Bearer T0KEN", "body": b'{"name": "acme"}'}]
 
 
 def test_a_redirect_is_the_answer_not_followed_with_the_token():
@@ -67,7 +69,7 @@ def test_a_redirect_is_the_answer_not_followed_with_the_token():
             handler.end_headers()
 
         with server(redirect) as (url, seen):
-            status, _ = request("POST", url + "/api/v1/clients", '{"name": "acme"}', "ADMIN-SECRET")
+            status = request("POST", url + "/api/v1/clients", '{"name": "acme"}', "ADMIN-SECRET").status
 
     assert status == 302  # not 2xx: the command exits 1
     assert len(seen) == 1
@@ -180,3 +182,69 @@ def test_a_request_to_this_machine_goes_to_it_and_any_other_through_the_environm
 
         assert result.returncode == 0, result.stderr
         assert [sent["path"] for sent in through_proxy] == [elsewhere]
+
+
+def test_headers_given_with_h_are_sent_and_the_answers_etag_is_shown_on_stderr_beside_the_json():
+    # docs/api.md's If-Match and If-None-Match examples needed curl: the command sent no header of
+    # the caller's, and showed no ETag to name in one.
+    with server(json_answer(200, {"rule_id": "r1"}, etag='"v2"')) as (url, seen):
+        result = run_api("PATCH", url + "/api/v1/rules/r1", '{"enabled": false}', "--token", "client-key-0123456789",
+                         "-H", 'If-Match: "v1"', "--header", "X-Request-Id:  trace-1 ")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"rule_id": "r1"}  # standard output: the JSON answer alone, as before
+    assert result.stderr.splitlines() == ['ETag: "v2"']
+    [sent] = seen
+    assert (sent["headers"]["If-Match"], sent["headers"]["X-Request-Id"]) == ('"v1"', "trace-1")
+    assert sent["authorization"] == "Bearer client-key-0123456789"
+    assert sent["headers"]["Content-Type"] == "application/json"
+
+
+def test_a_header_given_twice_is_sent_as_one_list_and_an_authorization_header_replaces_the_token():
+    with server(json_answer(204, {})) as (url, seen):
+        result = run_api("DELETE", url + "/api/v1/rules/r1", "--token", "client-key-0123456789",
+                         "-H", 'If-Match: "v1"', "-H", 'if-match: "v2"', "-H", "Authorization: Bearer other-key")
+
+    assert result.returncode == 0, result.stderr
+    [sent] = seen
+    assert sent["headers"].get_all("If-Match") == ['"v1", "v2"']
+    assert sent["headers"].get_all("Authorization") == ["Bearer other-key"]
+
+
+def test_with_field_only_the_field_is_printed_not_the_etag():
+    with server(json_answer(201, {"client_id": "c1", "api_key": "k"}, etag='"v1"')) as (url, _):
+        result = run_api("POST", url + "/api/v1/clients", '{"name": "acme"}', "--field", "api_key")
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, "k\n", "")
+
+
+def test_a_304_to_an_if_none_match_says_not_modified_and_exits_0():
+    def not_modified(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(304)
+        handler.send_header("ETag", '"v1"')
+        handler.end_headers()
+
+    with server(not_modified) as (url, seen):
+        result = run_api("GET", url + "/api/v1/rules/r1", "-H", 'If-None-Match: "v1"')
+
+    assert seen[0]["headers"]["If-None-Match"] == '"v1"'
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert result.stderr.splitlines() == ["HTTP 304: not modified (the resource still has the ETag If-None-Match names)",
+                                          'ETag: "v1"']
+
+
+def test_a_malformed_header_is_a_usage_error_naming_it_and_nothing_is_sent():
+    with server(json_answer(200, {})) as (url, seen):
+        results = {given: run_api("GET", url + "/api/v1/clients", "-H", given)
+                   for given in ("If-Match", 'If Match: "v1"', ': "v1"', "If-Match: \"v1\"\nX-Other: 1",
+                                 'If-Match: "v\u00e9"')}
+
+    assert seen == []
+    for given, result in results.items():
+        assert result.returncode == 2, (given, result.stderr)
+        [error] = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert error.startswith("Error: Invalid value for '-H' / '--header': "), error
+        if "\n" in given or "\u00e9" in given:
+            assert error.endswith("holds a character a header cannot carry (only printable ASCII, spaces and tabs)")
+        else:
+            assert error.endswith(f"{given!r} is not a header: give it as 'Name: value' (e.g. 'If-Match: \"<etag>\"')")
