@@ -36,7 +36,13 @@ async def json_http_errors(request: web.Request,
         if exc.status < 400:
             raise  # redirects and the like are not errors
         headers = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
-        return web.json_response({"error": error_code(exc.reason)}, status=exc.status, headers=headers)
+        body = {"error": error_code(exc.reason)}
+        # A message, as every other error has: the bare code left a caller to guess what was wrong.
+        if exc.status == 404:
+            body["message"] = "no route of the API at this path (docs/api.md lists them)"
+        elif exc.status == 405 and "Allow" in headers:
+            body["message"] = f"this route does not take {request.method}; it takes {headers['Allow']}"
+        return web.json_response(body, status=exc.status, headers=headers)
 
 
 def error_code(reason: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 
 import pytest
 
@@ -98,14 +99,17 @@ async def test_the_key_of_a_deleted_client_stops_working(api, tenant):
 
 
 async def test_no_such_route_and_a_method_a_route_does_not_take_answer_json_errors(api, tenant):
+    # Each with a message, as every other error has.
     unknown = await api.call("GET", "/api/v1/nothing-here", tenant.key)
-    assert (unknown.status, unknown.body) == (404, {"error": "not_found"})
+    assert (unknown.status, unknown.body) == (404, {"error": "not_found", "message": "no route of the API at this "
+                                                                                     "path (docs/api.md lists them)"})
     assert unknown.headers["Content-Type"].startswith("application/json")
 
     wrong_method = await api.call("PUT", "/api/v1/clients", api.admin_token, {"name": "x"})
     assert wrong_method.status == 405
-    assert wrong_method.body == {"error": "method_not_allowed"}
     assert "POST" in wrong_method.headers["Allow"]
+    assert wrong_method.body == {"error": "method_not_allowed",
+                                 "message": f"this route does not take PUT; it takes {wrong_method.headers['Allow']}"}
 
 
 # What a valid request of each route changing something sends, so that what refuses another client's
@@ -120,8 +124,6 @@ VALID_BODIES = {
 
 async def stored_failed_notification(client_id: str, rule_id: str, endpoint_id: str) -> str:
     """A FAILED notification of the client, with its endpoint's FAILED delivery, as the pipeline stores one."""
-    import uuid
-
     from alerting_app import db
 
     notification_id = str(uuid.uuid4())
@@ -153,12 +155,14 @@ async def test_another_clients_key_reaches_none_of_a_clients_objects_on_any_rout
                f"/api/v1/notifications/{notification_id}"]
     before = [(await api.call("GET", path, tenant.key)).body for path in objects]
 
-    answers = {}
+    answers, unknown_answers = {}, {}
+    unknown_ids = {name: str(uuid.uuid4()) for name in ids}
     for method, template in sorted(route for route in served_api_routes() if "{" in route[1]):
         body = VALID_BODIES.get((method, template))
-        reply = await (api.call(method, template.format(**ids), other_tenant.key, body) if body is not None
-                       else api.call(method, template.format(**ids), other_tenant.key))
-        answers[method, template] = (reply.status, reply.body)
+        for asked, answered in ((ids, answers), (unknown_ids, unknown_answers)):
+            reply = await (api.call(method, template.format(**asked), other_tenant.key, body) if body is not None
+                           else api.call(method, template.format(**asked), other_tenant.key))
+            answered[method, template] = (reply.status, reply.body)
     lists = {path: (await api.call("GET", path, other_tenant.key, params=params)).body["items"]
              for path, params in [("/api/v1/clients", {}), ("/api/v1/rules", {"client_id": tenant.client_id}),
                                   ("/api/v1/endpoints", {"rule_id": rule["rule_id"]}),
@@ -174,7 +178,12 @@ async def test_another_clients_key_reaches_none_of_a_clients_objects_on_any_rout
                        {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/theirs"}),
     ]
 
-    assert {route: answer for route, answer in answers.items() if answer != (404, {"error": "not_found"})} == {}
+    # The very answer an id naming nothing gets, message included: nothing says the object exists.
+    assert answers == unknown_answers
+    assert {route: answer for route, answer in answers.items() if answer[0] != 404} == {}
+    assert {answer[1]["message"] for answer in answers.values()} == {
+        f"no {what} with this id that this token may see"
+        for what in ("client", "rule", "endpoint", "silence", "notification")}
     assert lists == {"/api/v1/clients": [(await api.call("GET", f"/api/v1/clients/{other_tenant.client_id}",
                                                          other_tenant.key)).body],
                      "/api/v1/rules": [], "/api/v1/endpoints": [], "/api/v1/silences": [], "/api/v1/notifications": []}

@@ -229,8 +229,8 @@ def test_a_304_to_an_if_none_match_says_not_modified_and_exits_0():
 
     assert seen[0]["headers"]["If-None-Match"] == '"v1"'
     assert (result.returncode, result.stdout) == (0, ""), result.stderr
-    assert result.stderr.splitlines() == ["HTTP 304: not modified (the resource still has the ETag If-None-Match names)",
-                                          'ETag: "v1"']
+    assert result.stderr.splitlines() == [
+        "HTTP 304: not modified (the resource still has the ETag If-None-Match names)", 'ETag: "v1"']
 
 
 def test_a_malformed_header_is_a_usage_error_naming_it_and_nothing_is_sent():

@@ -99,7 +99,9 @@ async def test_a_deleted_client_is_gone_with_its_rules(api, tenant):
 
 
 async def test_an_id_that_is_not_a_uuid_is_not_found(api):
-    assert (await api.call("GET", "/api/v1/clients/not-a-uuid", api.admin_token)).status == 404
+    reply = await api.call("GET", "/api/v1/clients/not-a-uuid", api.admin_token)
+    assert (reply.status, reply.body) == (404, {"error": "not_found",
+                                                "message": "no client with this id that this token may see"})
 
 
 def in_an_hour() -> str:

@@ -232,7 +232,10 @@ async def test_a_repeated_list_parameter_is_refused(api, tenant):
 
 
 async def test_an_unknown_rule_is_not_found(api, tenant):
-    assert (await api.call("GET", "/api/v1/rules/00000000-0000-4000-8000-000000000000", tenant.key)).status == 404
+    # With a message saying what was not found, as every other error has one.
+    reply = await api.call("GET", "/api/v1/rules/00000000-0000-4000-8000-000000000000", tenant.key)
+    assert (reply.status, reply.body) == (404, {"error": "not_found",
+                                                "message": "no rule with this id that this token may see"})
 
 
 # --- grouping and repeat suppression (issue 5) ---------------------------------------------------

@@ -62,8 +62,9 @@ async def test_republishing_one_rule_or_one_silence_says_one_event(empty_databas
 
     said = {}
     for command in ("republish-rules", "republish-silences"):
-        result = subprocess.run([alerting_app_executable(), command], env={**os.environ, "DATABASE_URL": empty_database},
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run([alerting_app_executable(), command],
+                                env={**os.environ, "DATABASE_URL": empty_database}, capture_output=True, text=True,
+                                timeout=120)
         assert result.returncode == 0, result.stderr
         said[command] = result.stdout.split(" (")[0]
 

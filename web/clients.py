@@ -68,7 +68,7 @@ async def rename_client(client_id: UUID, caller: Caller, name: str, expected: Pr
     async with pool.acquire() as conn, conn.transaction():
         current = await conn.fetchrow(LOCK_CLIENT, client_id, caller.client_id)
         if current is None:
-            raise NotFound()
+            raise NotFound("client")
         expected.check(client_out(current), "client")
         return await conn.fetchrow(RENAME, client_id, name)
 
@@ -133,20 +133,20 @@ class ClientView(ApiView):
 
     async def get(self, request: Request, client_id: str) -> Response:
         pool = await db.api_pool()
-        row = await pool.fetchrow(GET, path_id(client_id), self.caller(request).client_id)
+        row = await pool.fetchrow(GET, path_id(client_id, "client"), self.caller(request).client_id)
         if row is None:
-            raise NotFound()
+            raise NotFound("client")
         return representation(self, request, client_out(row), what="client")
 
     async def patch(self, request: Request, client_id: str) -> Response:
-        id_ = path_id(client_id)
+        id_ = path_id(client_id, "client")
         body = parse_body(await self.read_request_content(request), ClientPatch)
         row = await rename_client(id_, self.caller(request), body.name, preconditions(request))
         return representation(self, request, client_out(row), what="client")
 
     async def delete(self, request: Request, client_id: str) -> Response:
-        if not await delete_client(path_id(client_id), self.caller(request), preconditions(request)):
-            raise NotFound()
+        if not await delete_client(path_id(client_id, "client"), self.caller(request), preconditions(request)):
+            raise NotFound("client")
         return self.bytes(b"", status=204)
 
 
@@ -156,13 +156,13 @@ class ClientKeyView(ApiView):
     answers 401 from now on. For a leaked key: before this, deleting the client was the only way."""
 
     async def post(self, request: Request, client_id: str) -> Response:
-        id_, caller = path_id(client_id), self.caller(request)
+        id_, caller = path_id(client_id, "client"), self.caller(request)
         api_key = new_api_key()
         pool = await db.api_pool()
         row = await pool.fetchrow(NEW_KEY, id_, caller.client_id, hash_api_key(api_key), caller.key_hash)
         if row is None:
             if caller.client_id is not None and caller.client_id == id_:
                 raise Unauthorized()  # its key was replaced (or its client deleted) since it was looked up
-            raise NotFound()
+            raise NotFound("client")
         created = ClientCreated(**client_out(row).model_dump(), api_key=api_key)
         return self.json(created.model_dump(mode="json"))

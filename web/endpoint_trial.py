@@ -131,9 +131,9 @@ def _no_room_for(channel: str) -> str | None:
 class EndpointTestView(ApiView):
     async def post(self, request: Request, endpoint_id: str) -> Response:
         pool = await db.api_pool()
-        row = await pool.fetchrow(ENDPOINT, path_id(endpoint_id), self.caller(request).client_id)
+        row = await pool.fetchrow(ENDPOINT, path_id(endpoint_id, "endpoint"), self.caller(request).client_id)
         if row is None:
-            raise NotFound()
+            raise NotFound("endpoint")
         endpoint = Endpoint(row["endpoint_id"], row["type"], row["value"], row["secret"], row["rate_limit_per_s"],
                             row["enabled"])
         busy = _no_room_for(endpoint.channel)

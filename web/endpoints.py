@@ -255,7 +255,7 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
         # must hold neither a pool connection nor the lock that delivery and other changes wait on.
         current = await pool.fetchrow(GET, endpoint_id, caller.client_id)
         if current is None:
-            raise NotFound()
+            raise NotFound("endpoint")
         expected.check(endpoint_out(current), "endpoint")  # already stale: no lookup for it
         readdressed = "type" in changes or "value" in changes
         address = address_after(current, changes)
@@ -273,10 +273,10 @@ async def change_endpoint(endpoint_id: UUID, caller: Caller, changes: dict[str, 
         async with pool.acquire() as conn, conn.transaction():
             # The client's lock before the row's, as a client's deletion takes them.
             if readdressed and not await lock_client(conn, current["client_id"]):
-                raise NotFound()
+                raise NotFound("endpoint")
             locked = await conn.fetchrow(LOCK, endpoint_id, caller.client_id)
             if locked is None:
-                raise NotFound()
+                raise NotFound("endpoint")
             expected.check(endpoint_out(locked), "endpoint")
             merged = {**dict(locked), **changes}
             if readdressed:
@@ -334,13 +334,13 @@ class EndpointView(ApiView):
 
     async def get(self, request: Request, endpoint_id: str) -> Response:
         pool = await db.api_pool()
-        row = await pool.fetchrow(GET, path_id(endpoint_id), self.caller(request).client_id)
+        row = await pool.fetchrow(GET, path_id(endpoint_id, "endpoint"), self.caller(request).client_id)
         if row is None:
-            raise NotFound()
+            raise NotFound("endpoint")
         return representation(self, request, endpoint_out(row), what="endpoint")
 
     async def patch(self, request: Request, endpoint_id: str) -> Response:
-        id_ = path_id(endpoint_id)
+        id_ = path_id(endpoint_id, "endpoint")
         body = parse_body(await self.read_request_content(request), EndpointPatch)
         # The fields given; only rate_limit_per_s may be null (EndpointPatch): back to the default.
         changes = body.model_dump(exclude_unset=True)
@@ -350,8 +350,8 @@ class EndpointView(ApiView):
         return representation(self, request, out, tagged=endpoint_out(row), what="endpoint")
 
     async def delete(self, request: Request, endpoint_id: str) -> Response:
-        if not await delete_endpoint(path_id(endpoint_id), self.caller(request), preconditions(request)):
-            raise NotFound()
+        if not await delete_endpoint(path_id(endpoint_id, "endpoint"), self.caller(request), preconditions(request)):
+            raise NotFound("endpoint")
         return self.bytes(b"", status=204)
 
 
@@ -363,12 +363,12 @@ class EndpointSecretView(ApiView):
     email endpoint is not signed: 409, rather than a secret that would read as if it signed something."""
 
     async def post(self, request: Request, endpoint_id: str) -> Response:
-        id_, caller = path_id(endpoint_id), self.caller(request)
+        id_, caller = path_id(endpoint_id, "endpoint"), self.caller(request)
         pool = await db.api_pool()
         while (row := await pool.fetchrow(NEW_SECRET, id_, caller.client_id)) is None:
             current = await pool.fetchrow(GET, id_, caller.client_id)
             if current is None:
-                raise NotFound()
+                raise NotFound("endpoint")
             if current["type"] != "webhook":  # else made a webhook meanwhile: replace its secret
                 raise Conflict(f"{a_type(current['type'])} endpoint's notifications are not signed: it has no secret "
                                "(a webhook's is shown when it becomes one)")

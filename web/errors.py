@@ -30,6 +30,11 @@ class NotFound(WebError):
     code = HTTPStatus.NOT_FOUND
     detail = "not_found"
 
+    # The same words for an id that names nothing and one that names another client's object: a
+    # tenant must not learn that the object exists. Before, the 404 alone had no message.
+    def __init__(self, what: str) -> None:
+        super().__init__(message=f"no {what} with this id that this token may see")
+
 
 class Conflict(WebError):
     code = HTTPStatus.CONFLICT

@@ -109,14 +109,14 @@ class NotificationsView(ApiView):
 @app.page("/api/v1/notifications/{notification_id}")
 class NotificationView(ApiView):
     async def get(self, request: Request, notification_id: str) -> Response:
-        return self.json(await notification_out(await db.api_pool(), path_id(notification_id),
+        return self.json(await notification_out(await db.api_pool(), path_id(notification_id, "notification"),
                                                 self.caller(request).client_id))
 
 
 async def notification_out(pool: asyncpg.Pool, notification_id: UUID, client_id: UUID | None) -> dict[str, Any]:
     row = await pool.fetchrow(GET, notification_id, client_id)
     if row is None:
-        raise NotFound()
+        raise NotFound("notification")
     [notification] = await with_deliveries(pool, [row])
     return NotificationOut.model_validate(notification).model_dump(mode="json")
 
@@ -124,7 +124,7 @@ async def notification_out(pool: asyncpg.Pool, notification_id: UUID, client_id:
 @app.page("/api/v1/notifications/{notification_id}/retry")
 class NotificationRetryView(ApiView):
     async def post(self, request: Request, notification_id: str) -> Response:
-        notification_id, client_id = path_id(notification_id), self.caller(request).client_id
+        notification_id, client_id = path_id(notification_id, "notification"), self.caller(request).client_id
         pool = await db.api_pool()
         async with pool.acquire() as conn:
             try:
@@ -132,5 +132,5 @@ class NotificationRetryView(ApiView):
             except records.NotRetryable as exc:
                 raise Conflict(str(exc)) from None
         if not found:
-            raise NotFound()
+            raise NotFound("notification")
         return self.json(await notification_out(pool, notification_id, client_id), status=202)

@@ -154,7 +154,7 @@ async def change_rule(rule_id: UUID, caller: Caller, version: int | None, change
         async with pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(LOCK, rule_id, caller.client_id)
             if current is None:
-                raise NotFound()
+                raise NotFound("rule")
             expected.check(rule_out(current), "rule")
             if version is not None and current["version"] != version:
                 raise stale_version(current["version"], version, expected)
@@ -210,20 +210,20 @@ class RuleView(ApiView):
 
     async def get(self, request: Request, rule_id: str) -> Response:
         pool = await db.api_pool()
-        row = await pool.fetchrow(GET, path_id(rule_id), self.caller(request).client_id)
+        row = await pool.fetchrow(GET, path_id(rule_id, "rule"), self.caller(request).client_id)
         if row is None:
-            raise NotFound()
+            raise NotFound("rule")
         return representation(self, request, rule_out(row), what="rule")
 
     async def put(self, request: Request, rule_id: str) -> Response:
-        id_ = path_id(rule_id)
+        id_ = path_id(rule_id, "rule")
         body = parse_body(await self.read_request_content(request), RuleReplace)
         row = await change_rule(id_, self.caller(request), body.version, body.model_dump(exclude={"version"}),
                                 preconditions(request))
         return representation(self, request, rule_out(row), what="rule")
 
     async def patch(self, request: Request, rule_id: str) -> Response:
-        id_ = path_id(rule_id)
+        id_ = path_id(rule_id, "rule")
         body = parse_body(await self.read_request_content(request), RulePatch)
         # null counts as "not given": every rule field is required in the stored rule.
         changes = body.model_dump(exclude={"version"}, exclude_none=True)
@@ -231,6 +231,6 @@ class RuleView(ApiView):
         return representation(self, request, rule_out(row), what="rule")
 
     async def delete(self, request: Request, rule_id: str) -> Response:
-        if not await delete_rule(path_id(rule_id), self.caller(request), preconditions(request)):
-            raise NotFound()
+        if not await delete_rule(path_id(rule_id, "rule"), self.caller(request), preconditions(request)):
+            raise NotFound("rule")
         return self.bytes(b"", status=204)

@@ -219,14 +219,14 @@ class SilenceView(ApiView):
 
     async def get(self, request: Request, silence_id: str) -> Response:
         pool = await db.api_pool()
-        row = await pool.fetchrow(GET, path_id(silence_id), self.caller(request).client_id)
+        row = await pool.fetchrow(GET, path_id(silence_id, "silence"), self.caller(request).client_id)
         if row is None:
-            raise NotFound()
+            raise NotFound("silence")
         return representation(self, request, silence_out(row), what="silence")
 
     async def delete(self, request: Request, silence_id: str) -> Response:
-        if not await expire_silence(path_id(silence_id), self.caller(request), preconditions(request)):
-            raise NotFound()
+        if not await expire_silence(path_id(silence_id, "silence"), self.caller(request), preconditions(request)):
+            raise NotFound("silence")
         return self.bytes(b"", status=204)
 
 

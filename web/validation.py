@@ -244,9 +244,10 @@ class NoQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def path_id(value: str) -> UUID:
-    # An id that cannot exist is simply not found, like any other unknown id.
+def path_id(value: str, what: str) -> UUID:
+    """The id of the `what` (rule, endpoint...) a path names. One that cannot exist is simply not
+    found, like any other unknown id."""
     try:
         return UUID(value)
     except ValueError:
-        raise NotFound() from None
+        raise NotFound(what) from None
