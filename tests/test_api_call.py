@@ -5,9 +5,12 @@ import json
 import os
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 from alerting_app.api_call import request
 from alerting_app.up import alerting_app_executable
@@ -248,3 +251,36 @@ def test_a_malformed_header_is_a_usage_error_naming_it_and_nothing_is_sent():
             assert error.endswith("holds a character a header cannot carry (only printable ASCII, spaces and tabs)")
         else:
             assert error.endswith(f"{given!r} is not a header: give it as 'Name: value' (e.g. 'If-Match: \"<etag>\"')")
+
+
+@pytest.mark.e2e
+def test_the_etag_examples_of_docs_api_md_run_against_a_worker_with_this_command_alone(start_worker):
+    # docs/api.md: read a rule's ETag, ask again with If-None-Match (304), change it with If-Match,
+    # then delete it with the ETag the change gave, a stale one refused 412.
+    worker = start_worker(APP_ID=f"api-call-{uuid.uuid4().hex[:8]}", ROLES="api")
+    api = worker.url + "/api/v1"
+    key = run_api("POST", api + "/clients", json.dumps({"name": f"etag-{uuid.uuid4()}"}), "--field", "api_key")
+    assert key.returncode == 0, key.stderr
+    token = ("--token", key.stdout.strip())
+    rule_id = run_api("POST", api + "/rules", '{"severity": "HIGH", "source": "etag-docs", "name": "*"}', *token,
+                      "--field", "rule_id").stdout.strip()
+
+    read = run_api("GET", f"{api}/rules/{rule_id}", *token)
+    [etag_line] = read.stderr.splitlines()
+    etag = etag_line.removeprefix("ETag: ")
+    assert json.loads(read.stdout)["rule_id"] == rule_id and etag.startswith('"'), read.stderr
+
+    unchanged = run_api("GET", f"{api}/rules/{rule_id}", *token, "-H", f"If-None-Match: {etag}")
+    assert (unchanged.returncode, unchanged.stdout) == (0, ""), unchanged.stderr
+    assert unchanged.stderr.splitlines()[0].startswith("HTTP 304: not modified")
+
+    changed = run_api("PATCH", f"{api}/rules/{rule_id}", '{"enabled": false}', *token, "-H", f"If-Match: {etag}")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["enabled"] is False
+    new_etag = changed.stderr.splitlines()[0].removeprefix("ETag: ")
+    assert new_etag != etag
+
+    stale = run_api("DELETE", f"{api}/rules/{rule_id}", *token, "-H", f"If-Match: {etag}")
+    assert stale.returncode == 1 and stale.stderr.startswith('HTTP 412: {"error": "precondition_failed"'), stale.stderr
+    deleted = run_api("DELETE", f"{api}/rules/{rule_id}", *token, "-H", f"If-Match: {new_etag}")
+    assert (deleted.returncode, deleted.stdout) == (0, ""), deleted.stderr
