@@ -103,6 +103,10 @@ async def test_any_2xx_is_a_delivery(status):
         assert len(receiver.posts) == 1
 
 
+@pytest.mark.parametrize("status", [200, 299])
+def test_a_2xx_at_either_end_of_the_range_is_a_delivery(status):
+    raise_for_status(status)  # returns: no DeliveryError
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 async def test_a_5xx_is_retryable(status):
     async with Receiver() as receiver:
@@ -206,6 +210,14 @@ def test_the_body_keeps_the_documented_field_order_and_sends_text_as_utf8():
                                            "truncated_alerts": 0})
     assert list(json.loads(webhook_body(grouped)))[-2:] == ["group_rule_id", "truncated_alerts"]
     assert json.loads(webhook_body(grouped))["truncated_alerts"] == 0
+
+
+
+def test_a_grouped_notifications_body_names_its_rule_and_counts_the_alerts_it_does_not_list():
+    grouped = notification().model_copy(update={"group_rule_id": "1d2e3f40-0000-4000-8000-000000000004",
+                                                "truncated_alerts": 7})
+    body = json.loads(webhook_body(grouped))
+    assert (body["group_rule_id"], body["truncated_alerts"]) == ("1d2e3f40-0000-4000-8000-000000000004", 7)
 
 
 class RawReceiver:
