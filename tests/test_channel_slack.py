@@ -7,7 +7,7 @@ import pytest
 from slack_sdk.models.blocks import Block
 
 from alerting_app.channels.errors import RetryableDeliveryError
-from alerting_app.channels.slack import MAX_ALERTS_SHOWN, send_slack, slack_message
+from alerting_app.channels.slack import send_slack, slack_message
 from alerting_app.contracts import Alert, NotificationReady
 from delivery_receivers import Receiver
 
@@ -70,7 +70,32 @@ def test_a_large_group_stays_within_slacks_limits_and_counts_what_it_leaves_out(
     message = slack_message(notification(*(alert(n, note="x" * 200) for n in range(1, 31))))
 
     assert_valid_incoming_webhook_message(message)
-    assert f"and {30 - MAX_ALERTS_SHOWN} more not shown" in all_text(message)
+    # Up to 20 alerts shown, as docs/delivery.md says (not MAX_ALERTS_SHOWN, whatever it becomes).
+    assert "and 10 more not shown" in all_text(message)
+    assert "CheckoutLatency20" in all_text(message) and "CheckoutLatency21" not in all_text(message)
+
+
+def test_a_group_of_two_says_it_holds_two_alerts():
+    message = slack_message(notification(alert(1), alert(2)))
+
+    assert "*2 alerts* grouped in this notification" in all_text(message)
+
+
+@pytest.mark.parametrize("alerts", [1, 20], ids=["one alert", "as many as are shown"])
+def test_a_notification_whose_alerts_are_all_shown_says_nothing_is_left_out(alerts):
+    message = slack_message(notification(*(alert(n) for n in range(1, alerts + 1))))
+
+    assert "not shown" not in all_text(message)
+
+
+def test_a_headline_of_the_header_blocks_length_is_kept_whole_and_a_longer_one_is_clipped_to_it():
+    def header(name_length: int) -> str:
+        named = alert().model_copy(update={"source": "s", "name": "n" * name_length})
+        return slack_message(notification(named))["blocks"][0]["text"]["text"]
+
+    fits = 150 - len("[HIGH] s: ")  # the header block holds 150 characters
+    assert header(fits) == "[HIGH] s: " + "n" * fits
+    assert header(fits + 1) == "[HIGH] s: " + "n" * (fits - 1) + "…"
 
 
 def test_text_from_alerts_cannot_inject_slack_markup():
@@ -85,6 +110,21 @@ def test_text_from_alerts_cannot_inject_slack_markup():
                   for obj in [*block.get("fields", []), *([block["text"]] if "text" in block else [])]]
     assert alert_text and all(obj["verbatim"] is True for obj in alert_text)
 
+
+def test_a_source_or_name_cannot_inject_slack_markup_in_the_notifications_text():
+    named = alert().model_copy(update={"source": "<!channel>", "name": "<https://evil.example|click> & co"})
+
+    message = slack_message(notification(named))
+
+    assert message["text"] == "[HIGH] &lt;!channel&gt;: &lt;https://evil.example|click&gt; &amp; co"
+
+
+def test_an_alert_with_more_context_than_a_section_holds_is_clipped_to_a_valid_message():
+    message = slack_message(notification(alert(1, **{f"key{n}": "v" * 100 for n in range(40)})))
+
+    assert_valid_incoming_webhook_message(message)
+    context = message["blocks"][2]["text"]["text"]
+    assert len(context) == 3000 and context.endswith("…")
 
 async def test_the_message_is_posted_as_json_to_the_incoming_webhook():
     async with Receiver() as receiver, aiohttp.ClientSession() as session:
@@ -114,6 +154,14 @@ def test_a_truncated_group_counts_the_alerts_it_does_not_list():
     assert "and 30 more not shown" in text
     assert message["text"].startswith("[HIGH] 32 alerts:")
 
+
+def test_a_truncated_group_listing_one_alert_reads_as_the_group_it_stands_for():
+    grouped = notification(alert(1)).model_copy(update={"truncated_alerts": 4})
+
+    message = slack_message(grouped)
+
+    assert message["text"] == "[HIGH] 5 alerts: payments: CheckoutLatency1, +4 more"
+    assert "*5 alerts* grouped in this notification" in all_text(message)
 
 def test_a_time_out_of_range_is_shown_as_its_raw_number_instead_of_failing_the_message():
     # Milliseconds sent as seconds: no date Python can print. (The contract now refuses such alerts;
