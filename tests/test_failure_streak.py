@@ -81,6 +81,34 @@ def test_the_backoff_doubles_with_each_failure_up_to_its_cap_and_resets_on_succe
     assert streak.backoff_s(0.5, 5.0) == 0.5
 
 
+def test_a_streak_lasts_from_its_first_failure_and_not_past_its_recovery():
+    clock = Clock()
+    streak = FailureStreak(log, "the relay", clock=clock)
+    assert streak.failing_for_s() == 0.0
+
+    fail(streak, ConnectionRefusedError("connection refused"))
+    clock.now += 5
+    fail(streak, ConnectionRefusedError("connection refused"))
+    clock.now += 2
+    assert streak.failing_for_s() == 7.0  # from the first failure, not the latest
+
+    streak.succeeded()
+    assert streak.failing_for_s() == 0.0
+
+
+def test_a_failure_is_within_the_seconds_asked_until_they_have_passed_whatever_succeeded_since():
+    clock = Clock()
+    streak = FailureStreak(log, "the relay", clock=clock)
+    assert not streak.failed_within(10)  # never failed
+
+    fail(streak, ConnectionRefusedError("connection refused"))
+    streak.succeeded()
+    clock.now += 9.5
+    assert streak.failed_within(10)
+    clock.now += 0.5
+    assert not streak.failed_within(10)  # 10 s ago is no longer within 10 s
+
+
 async def test_the_recorder_logs_one_traceback_while_postgres_is_away_not_one_per_retry(private_postgres, caplog):
     from alerting_app.delivery.recorder import Recorder, log as recorder_log
     from alerting_app.delivery.records import DeliveryChange
