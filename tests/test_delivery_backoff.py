@@ -15,6 +15,14 @@ def test_the_wait_doubles_per_attempt_with_up_to_initial_jitter_and_a_cap(attemp
         assert low <= wait.after_attempt(attempt, None) <= high
 
 
+def test_deliveries_failing_together_do_not_all_retry_together():
+    # The jitter spreads the waits over DELIVERY_BACKOFF_INITIAL_S: without it, every delivery that
+    # failed on an endpoint's outage would retry at one instant, a burst at the endpoint as it
+    # comes back. (Of 200 waits, all within half the jitter of each other by chance: about 2**-199.)
+    wait = Backoff(1.0, 300.0)
+    waits = [wait.after_attempt(2, None) for _ in range(200)]
+    assert max(waits) - min(waits) > 0.5
+
 def test_a_longer_retry_after_wins_and_a_shorter_one_does_not():
     wait = Backoff(1.0, 300.0)
     assert wait.after_attempt(1, RetryableDeliveryError("HTTP 429", 30.0)) == 30.0
