@@ -609,3 +609,59 @@ async def test_sends_do_not_each_wait_for_an_endpoint_read_while_postgres_fails_
     assert [c.status for c in ctx.recorder.changes] == ["SENT"] * 3
     assert len(receiver.posts) == 3
     assert reads == [endpoint.endpoint_id]  # the first send's; the others did not ask
+
+
+def test_a_sent_mark_is_dated_by_the_ttl_it_has_used_up_and_not_when_it_cannot_have_been_written_so():
+    marker_ttl_s, now = 3_600, 1_700_000_000.0
+    assert claims.SentMark(ttl_left_ms=3_570_000).marked_at(marker_ttl_s, now) == now - 30
+    assert claims.SentMark(ttl_left_ms=-1).marked_at(marker_ttl_s, now) is None  # written by hand, no TTL
+    # More TTL left than a mark is written with: another setting wrote it; its age is unknown.
+    assert claims.SentMark(ttl_left_ms=3_700_000).marked_at(marker_ttl_s, now) is None
+
+
+async def test_a_claim_held_by_another_attempt_is_busy_for_the_seconds_left_of_its_ttl(services):
+    async with delivery_context(services.redis_url) as ctx:
+        job = job_for(webhook("http://127.0.0.1:9/hook"))
+        held = await claims.claim(ctx.redis, *job.key, ttl_s=20)
+
+        busy = await claims.claim(ctx.redis, *job.key, ttl_s=20)
+
+        assert (held.state, busy.state) == (claims.ClaimState.CLAIMED, claims.ClaimState.BUSY)
+        assert 15 < busy.busy_for_s <= 20  # seconds, not milliseconds
+        await claims.release(ctx.redis, held)
+
+
+async def test_a_claim_in_progress_is_no_sent_mark(services):
+    """A delivery taken up again looks for its sent mark first: another attempt's claim, still
+    sending, is not one (it may yet fail), and the delivery must not be recorded SENT on it."""
+    async with delivery_context(services.redis_url) as ctx:
+        job = job_for(webhook("http://127.0.0.1:9/hook"))
+        held = await claims.claim(ctx.redis, *job.key, ttl_s=20)
+
+        assert await claims.sent_mark(ctx.redis, *job.key) is None
+
+        await claims.mark_sent(ctx.redis, held, 3_600)
+        assert await claims.sent_mark(ctx.redis, *job.key) is not None
+
+
+async def test_a_sent_mark_lasts_delivery_sent_marker_ttl_s(services):
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        job = job_for(webhook(receiver.url()))
+
+        await deliver(job, ctx)
+
+        mark_left_ms = await ctx.redis.redis.pttl(claims.claim_key(*job.key))
+        assert ctx.settings.delivery_sent_marker_ttl_s * 1000 - 60_000 < mark_left_ms, mark_left_ms
+
+
+async def test_a_notification_sent_to_one_endpoint_is_still_sent_to_its_others(services):
+    """The claim and the sent mark are per delivery (notification and endpoint), not per notification."""
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        first = job_for(webhook(receiver.url("first")))
+        other = webhook(receiver.url("other"))
+        second = dataclasses.replace(first, endpoint_id=other.endpoint_id, endpoint=other)
+
+        await deliver(first, ctx)
+        await deliver(second, ctx)
+
+        assert sorted(post.path for post in receiver.posts) == ["first", "other"]
