@@ -650,6 +650,7 @@ async def test_a_sent_mark_lasts_delivery_sent_marker_ttl_s(services):
 
         await deliver(job, ctx)
 
+        assert [(change.status, change.last_error) for change in ctx.recorder.changes] == [("SENT", None)]
         mark_left_ms = await ctx.redis.redis.pttl(claims.claim_key(*job.key))
         assert ctx.settings.delivery_sent_marker_ttl_s * 1000 - 60_000 < mark_left_ms, mark_left_ms
 
