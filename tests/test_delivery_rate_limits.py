@@ -63,6 +63,16 @@ async def test_a_rate_of_zero_is_unlimited(services):
     await take_all([limits], "email", rate=0, count=1000)
 
 
+def test_an_endpoints_own_rate_of_zero_is_unlimited_whatever_the_default():
+    from alerting_app.delivery.jobs import Endpoint
+
+    def endpoint(rate_limit_per_s: float | None) -> Endpoint:
+        return Endpoint(str(uuid.uuid4()), "webhook", "https://hooks.example.com/x", "secret", rate_limit_per_s)
+
+    assert endpoint(0).rate_per_s(100.0) == 0  # the tenant lifted the limit of this endpoint
+    assert endpoint(None).rate_per_s(100.0) == 100.0  # ENDPOINT_RATE_LIMIT_PER_S
+    assert endpoint(2.5).rate_per_s(100.0) == 2.5
+
 async def test_the_buckets_are_throttled_pys_own(services):
     """Tokens are taken with the library's script and key: a bucket drained through the library's own
     limiter is drained for us, and the other way round."""
