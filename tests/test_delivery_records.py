@@ -844,3 +844,33 @@ async def test_outcomes_recorded_while_a_dead_letter_waits_for_the_broker_are_wr
         # The letter was sent once, not again while it waited: a second send would have landed too.
         assert sending.sends == 1
         assert await letters_on_the_topic(letters_broker, letter) == [letter]
+
+
+async def test_a_lease_fence_nobody_waits_for_any_more_is_cancelled_with_its_statement(clean_db, conn):
+    """As an endpoint's read (above): a send waits LEASE_FENCE_TIMEOUT_S for its fence, then goes
+    on its claim alone. When Postgres does not answer (here: the table locked), the fence's statement
+    must not outlive its callers, each turn's fence keeping one of the agents' pool connections."""
+    from alerting_app.delivery.lease_fences import LeaseFences
+
+    key = await one_due_delivery(conn)
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+
+    async def get_pool():
+        return pool
+
+    fences = LeaseFences("this-worker", get_pool)
+    waiting_fences = ("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                      " AND relation = 'deliveries'::regclass")
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+            answer = fences.fence(key, 20.0)
+            async with asyncio.timeout(30):
+                while not await pool.fetchval(waiting_fences):  # the fence waits for the lock
+                    await asyncio.sleep(0.01)
+            answer.cancel()  # its caller gave up (its timeout, a stop)
+            async with asyncio.timeout(30):
+                while await pool.fetchval(waiting_fences):
+                    await asyncio.sleep(0.05)
+    finally:
+        await pool.close()
