@@ -24,6 +24,7 @@ async def test_a_slot_freed_goes_to_the_tenants_waiting_in_turn_not_to_the_longe
     await slots.acquire("storm")
     tasks = [await waiting_for(slots, "storm", served) for _ in range(3)]
     tasks.append(await waiting_for(slots, "other", served))
+    assert slots.waiting() == 4  # emails, not tenants
 
     for _ in tasks:
         slots.release()
