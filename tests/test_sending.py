@@ -91,6 +91,22 @@ async def test_send_batched_raises_only_once_the_batches_it_queued_are_answered(
     assert queued and all(ack.done() and ack.exception() is None for ack in queued)
 
 
+@AGENT_LOOP
+async def test_send_batched_delivers_every_message_across_full_batches_in_order(pipeline):
+    """A message that finds its partition's batch full starts the next batch: it is sent, not dropped."""
+    import uuid
+
+    from alerting_app.app import app, settings
+    from kafka_probe import read_topic
+
+    topic = app.topic(f"sending-test-{uuid.uuid4().hex[:8]}", partitions=1)
+    await topic.maybe_declare()
+    values = [str(n).encode() + b":" + b"x" * 1000 for n in range(200)]  # 200 KB: several full batches
+
+    await all_acknowledged(await send_batched(topic, [(b"key", value) for value in values]))
+
+    assert [value for _, value in await read_topic(settings.kafka_bootstrap_servers, topic.get_topic_name())] == values
+
 class AnswerHoldingFront(BrokerFront):
     """Passes requests on to the broker at once; its answers wait while `hold()` is in force, until `release()`:
     a broker slow to acknowledge, on demand."""
