@@ -140,6 +140,22 @@ async def test_a_rate_raised_while_a_delivery_waits_for_its_token_reaches_it(ser
         await asyncio.wait_for(limits.take_in_turn(bucket, slow, read_at=time.monotonic()), 1.0)
 
 
+async def test_a_token_due_within_a_step_is_waited_for_without_reading_the_rate_again(services):
+    # Reading the rate is for a token further off than RATE_RECHECK_S: one due sooner is simply
+    # waited for, not a whole step (5 s) and a read of the endpoint.
+    limits = rate_limits(services.redis_url, burst_s=1.0)
+    bucket = f"endpoint:{uuid.uuid4()}"
+    await limits.take_in_turn(bucket, 1.0)  # the bucket's one token: the next in a second
+    reads = []
+
+    async def rate_now() -> float:
+        reads.append(1.0)
+        return 1.0
+
+    async with asyncio.timeout(30):  # a guard against hanging only
+        assert await limits.take_in_turn(bucket, 1.0, rate_now, read_at=time.monotonic()) == 1.0
+    assert reads == []
+
 async def test_a_delivery_that_waited_its_turn_reads_its_endpoint_before_it_waits_a_step(services, monkeypatch):
     # A slow endpoint's backlog queues for the bucket's turn, each delivery behind the one before it.
     # When the tenant disables or deletes the endpoint, each learns it from its read: before, each
