@@ -30,6 +30,15 @@ async def test_a_failed_send_is_raised_only_once_every_other_send_is_answered():
         await waiting
 
 
+async def test_of_several_failed_sends_the_first_is_raised():
+    loop = asyncio.get_running_loop()
+    first, second = loop.create_future(), loop.create_future()
+    first.set_exception(BrokerRefused("partition 0 has no leader"))
+    second.set_exception(BrokerRefused("partition 1 has no leader"))
+
+    with pytest.raises(BrokerRefused, match="partition 0"):
+        await all_acknowledged([first, second])
+
 async def test_cancelled_it_still_waits_for_the_sends_in_flight_and_leaves_them_alone():
     in_flight = asyncio.get_running_loop().create_future()
     waiting = asyncio.ensure_future(all_acknowledged([in_flight]))
