@@ -689,9 +689,11 @@ async def test_attempts_recorded_before_their_batch_is_written_all_count(clean_d
         recorder.record(DeliveryChange(*key, "SENT", 1, None, 1_700_000_000.1, 1_700_000_000.1,
                                        channel="webhook"), "webhook")
         await recorder.written()
-    row = await conn.fetchrow("SELECT status, attempts, last_error FROM deliveries"
+    row = await conn.fetchrow("SELECT status, attempts, last_error, extract(epoch FROM first_attempt_at)::float8,"
+                              " extract(epoch FROM last_attempt_at)::float8 FROM deliveries"
                               " WHERE notification_id = $1 AND endpoint_id = $2", *key)
-    assert tuple(row) == ("SENT", 2, None)
+    # Dated from the first of them to the last.
+    assert tuple(row) == ("SENT", 2, None, 1_700_000_000.0, 1_700_000_000.1)
 
 
 @pytest.mark.parametrize("broker", ["refuses", "hangs"])
