@@ -696,6 +696,22 @@ async def test_attempts_recorded_before_their_batch_is_written_all_count(clean_d
     assert tuple(row) == ("SENT", 2, None, 1_700_000_000.0, 1_700_000_000.1)
 
 
+async def test_a_hand_back_written_in_one_batch_with_the_failed_attempt_before_it_keeps_its_error_and_time(
+        clean_db, conn):
+    # A failed attempt, then a hand-back that met another attempt's claim (nothing tried: no times),
+    # within one batch interval: the row is dated by the attempt.
+    key = await one_due_delivery(conn)
+    await lease_to_the_recorder(conn, key)
+    async with recorder_on(clean_db) as recorder:
+        recorder.record(DeliveryChange(*key, "PENDING", 1, "HTTP 503", 1_700_000_000.0, 1_700_000_000.0,
+                                       1_700_000_001.0, channel="webhook"), "webhook")
+        recorder.record(DeliveryChange(*key, "PENDING", next_attempt_at=1_700_000_002.0, release=True), "webhook")
+        await recorder.written()
+    row = await conn.fetchrow("SELECT attempts, last_error, extract(epoch FROM first_attempt_at)::float8,"
+                              " extract(epoch FROM last_attempt_at)::float8 FROM deliveries"
+                              " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    assert tuple(row) == (1, "HTTP 503", 1_700_000_000.0, 1_700_000_000.0)
+
 @pytest.mark.parametrize("broker", ["refuses", "hangs"])
 async def test_while_dead_letters_cannot_be_sent_the_other_outcomes_are_still_written(clean_db, conn, monkeypatch,
                                                                                      letters_broker, broker):

@@ -30,11 +30,14 @@ _GONE_LOOKUP_TIMEOUT_S = 5.0
 
 
 def merge(earlier: DeliveryChange, later: DeliveryChange) -> DeliveryChange:
-    """Two changes of one delivery as one: attempts add up, the later state and error win."""
+    """Two changes of one delivery as one: attempts add up, the later state and error win, except
+    that a PENDING without an error keeps the earlier one, as its write would (records._WRITE)."""
     return DeliveryChange(
         later.notification_id, later.endpoint_id, later.status,
         attempts=earlier.attempts + later.attempts,
-        last_error=later.last_error,
+        # A hand-back that met another attempt's claim tried nothing: the earlier failure is still
+        # why the delivery is not sent. Merged away, the row lost it (kept only when written apart).
+        last_error=earlier.last_error if later.status == PENDING and later.last_error is None else later.last_error,
         first_attempt_at=earlier.first_attempt_at or later.first_attempt_at,
         last_attempt_at=later.last_attempt_at or earlier.last_attempt_at,
         next_attempt_at=later.next_attempt_at,
