@@ -666,3 +666,16 @@ async def test_a_notification_sent_to_one_endpoint_is_still_sent_to_its_others(s
         await deliver(second, ctx)
 
         assert sorted(post.path for post in receiver.posts) == ["first", "other"]
+
+
+async def test_a_delivery_taken_up_for_a_disabled_endpoint_sends_nothing_and_fails_without_a_dead_letter(services):
+    """The sweep leases a row whatever its endpoint's state, and a send reads its endpoint again only
+    after a wait: a disabled endpoint is refused before anything, as a deleted one is."""
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        disabled = dataclasses.replace(webhook(receiver.url()), enabled=False)
+
+        await deliver(job_for(disabled), ctx)
+
+        assert receiver.posts == [] and ctx.recorder.letters == []
+        [change] = ctx.recorder.changes
+        assert (change.status, change.attempts, change.last_error) == ("FAILED", 0, "endpoint was disabled")
