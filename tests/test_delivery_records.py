@@ -892,3 +892,40 @@ async def test_a_lease_fence_nobody_waits_for_any_more_is_cancelled_with_its_sta
                     await asyncio.sleep(0.05)
     finally:
         await pool.close()
+
+
+async def test_an_outcome_recorded_while_its_earlier_change_fails_to_be_written_is_written_over_it(clean_db, conn):
+    """A change whose write fails (Postgres away) is kept and written again, merged with what was
+    recorded meanwhile: the later outcome wins. While its batch is being written its lease stays
+    renewed (Recorder.pending_keys), or another worker's sweep could take the delivery up again."""
+    key = await one_due_delivery(conn)
+    await lease_to_the_recorder(conn, key)
+    pool = await asyncpg.create_pool(clean_db, min_size=1, max_size=2, init=init_connection)
+    writing, fail_it = asyncio.Event(), asyncio.Event()
+    calls = []
+
+    async def failing_once() -> asyncpg.Pool:
+        calls.append(None)
+        if len(calls) == 1:
+            writing.set()
+            await fail_it.wait()
+            raise ConnectionRefusedError("Postgres is away")
+        return pool
+
+    recorder = Recorder("test-recorder", lambda: 0.01, failing_once)
+    try:
+        recorder.record(DeliveryChange(*key, "PENDING", 1, "HTTP 503", 1_700_000_000.0, 1_700_000_000.0,
+                                       1_700_000_001.0, channel="webhook"), "webhook")
+        async with asyncio.timeout(30):  # guards against hanging only
+            await writing.wait()
+            assert recorder.pending_keys() == [key]  # its batch, being written
+            recorder.record(DeliveryChange(*key, "SENT", 1, None, 1_700_000_001.0, 1_700_000_001.0,
+                                           channel="webhook"), "webhook")
+            fail_it.set()
+            await recorder.written()
+    finally:
+        await recorder.close()
+        await pool.close()
+    row = await conn.fetchrow("SELECT status, attempts, last_error FROM deliveries"
+                              " WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    assert tuple(row) == ("SENT", 2, None)
