@@ -638,6 +638,31 @@ async def test_a_row_a_redelivered_message_finds_is_resumed_and_a_new_one_is_not
     await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)
 
 
+async def test_a_redelivered_message_leaves_a_row_whose_retry_is_not_due_yet_to_wait(pool):
+    from alerting_app.delivery import records
+
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", "http://127.0.0.1:1/hook")
+    notification = await pending_notification(pool, client, [rule])
+    await records.open_deliveries(pool, [notification], "worker-a", 60.0, [])
+    # Handed back, its next attempt due in a minute (its backoff, or the endpoint's Retry-After).
+    await pool.execute("UPDATE deliveries SET lease_until = NULL, next_attempt_at = now() + interval '1 minute'"
+                       " WHERE notification_id = $1", notification.notification_id)
+
+    assert await records.open_deliveries(pool, [notification], "worker-b", 60.0, []) == []
+    await pool.execute("DELETE FROM deliveries WHERE notification_id = $1", notification.notification_id)
+
+
+async def test_a_disabled_endpoint_of_the_notifications_rule_gets_no_delivery_row(pool):
+    from alerting_app.delivery import records
+
+    client, rule, endpoint = await tenant_with_endpoint(pool, "webhook", "http://127.0.0.1:1/hook")
+    await pool.execute("UPDATE endpoints SET enabled = false WHERE endpoint_id = $1", endpoint)
+    notification = await pending_notification(pool, client, [rule])
+
+    assert await records.open_deliveries(pool, [notification], "worker-a", 60.0, []) == []
+    assert await pool.fetchval("SELECT count(*) FROM deliveries WHERE notification_id = $1",
+                               notification.notification_id) == 0
+
 async def test_a_rate_the_tenant_raises_reaches_a_delivery_already_waiting_for_its_token(pool, dispatcher, receiver,
                                                                                           monkeypatch):
     from alerting_app.delivery import rate_limits
