@@ -679,3 +679,18 @@ async def test_a_delivery_taken_up_for_a_disabled_endpoint_sends_nothing_and_fai
         assert receiver.posts == [] and ctx.recorder.letters == []
         [change] = ctx.recorder.changes
         assert (change.status, change.attempts, change.last_error) == ("FAILED", 0, "endpoint was disabled")
+
+
+async def test_a_delivery_meeting_another_attempts_claim_is_handed_back_until_that_claim_ends(services):
+    async with Receiver() as receiver, delivery_context(services.redis_url) as ctx:
+        job = job_for(webhook(receiver.url()))
+        held = await claims.claim(ctx.redis, *job.key, ttl_s=20)  # another worker's attempt, sending
+        before = time.time()
+
+        await deliver(job, ctx)
+
+        assert receiver.posts == []
+        [change] = ctx.recorder.changes
+        assert (change.status, change.attempts, change.release) == ("PENDING", 0, True)
+        assert before + 15 < change.next_attempt_at <= time.time() + 20  # not due before the claim ends
+        await claims.release(ctx.redis, held)
