@@ -1006,3 +1006,42 @@ async def test_a_delivery_a_retyping_did_not_reach_takes_its_endpoints_type_when
     [job] = await records.open_deliveries(pool, [notification], "w-retype-open", 60, [])
     assert job.resumed and job.endpoint.channel == "email"
     assert await pool.fetchval("SELECT channel FROM deliveries WHERE endpoint_id = $1", endpoint) == "email"
+
+
+async def test_a_worker_holds_what_a_rate_sends_in_10_s_at_least_one_destinations_send_slots_at_most_its_backlog(
+        settings, monkeypatch):
+    """dispatcher.ENDPOINT_HELD_RATE_S, as docs/delivery.md's table of bounds says it."""
+    from alerting_app.delivery.dispatcher import Dispatcher
+    from alerting_app.delivery.jobs import DeliveryJob, Endpoint
+
+    monkeypatch.setattr(settings, "delivery_endpoint_concurrency", 16)
+    monkeypatch.setattr(settings, "delivery_endpoint_backlog", 1_000)
+    monkeypatch.setattr(settings, "endpoint_rate_limit_per_s", 100.0)
+    monkeypatch.setattr(settings, "email_rate_limit_per_s", 10.0)
+    dispatcher = Dispatcher(settings)
+    try:
+        def held_at_most(rate_limit_per_s: float | None) -> int:
+            endpoint = Endpoint("e", "webhook", "https://hooks.example.com/x", "secret", rate_limit_per_s)
+            return dispatcher.held_at_most(DeliveryJob(None, endpoint.endpoint_id, endpoint, 0))
+
+        assert held_at_most(None) == 1_000  # ENDPOINT_RATE_LIMIT_PER_S: 100/s sends 1,000 in 10 s
+        assert held_at_most(50.0) == 500
+        assert held_at_most(0.1) == 16  # one in 10 s: held as many as it has send slots
+        assert held_at_most(0) == 1_000  # no limit: its backlog
+        assert dispatcher.email_held_at_most() == 100
+    finally:
+        await dispatcher.close()
+
+
+async def test_a_sweep_that_took_all_its_email_room_leaves_new_email_to_the_sweep_and_one_that_did_not_does_not(
+        settings):
+    from alerting_app.delivery.dispatcher import Dispatcher
+
+    dispatcher = Dispatcher(settings)
+    try:
+        dispatcher.swept_email(room=5, leased=5)  # more may wait in Postgres for its turn
+        assert dispatcher.email_to_the_sweep()
+        dispatcher.swept_email(room=5, leased=4)  # none left waiting
+        assert not dispatcher.email_to_the_sweep()
+    finally:
+        await dispatcher.close()
