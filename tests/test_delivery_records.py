@@ -929,3 +929,20 @@ async def test_an_outcome_recorded_while_its_earlier_change_fails_to_be_written_
     row = await conn.fetchrow("SELECT status, attempts, last_error FROM deliveries"
                               " WHERE notification_id = $1 AND endpoint_id = $2", *key)
     assert tuple(row) == ("SENT", 2, None)
+
+
+async def test_a_change_written_to_a_settled_delivery_changes_nothing(clean_db, conn):
+    """A late change (a worker whose lease ran out, a batch written again) to a delivery SENT or
+    FAILED since: the row is final, and is neither reopened nor counted more attempts."""
+    key = await one_due_delivery(conn)
+    await lease_to_the_recorder(conn, key)
+    await write_outcomes(conn, "test-recorder", [DeliveryChange(*key, "SENT", 1, None, 1_700_000_000.0,
+                                                                1_700_000_000.0, channel="webhook")])
+
+    await write_outcomes(conn, "test-recorder", [DeliveryChange(*key, "PENDING", 1, "HTTP 503", 1_700_000_001.0,
+                                                                1_700_000_001.0, 1_700_000_002.0, release=True,
+                                                                channel="webhook")])
+
+    row = await conn.fetchrow("SELECT status, attempts, last_error, extract(epoch FROM last_attempt_at)::float8"
+                              " FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2", *key)
+    assert tuple(row) == ("SENT", 1, None, 1_700_000_000.0)
