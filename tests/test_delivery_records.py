@@ -946,3 +946,15 @@ async def test_a_change_written_to_a_settled_delivery_changes_nothing(clean_db, 
     row = await conn.fetchrow("SELECT status, attempts, last_error, extract(epoch FROM last_attempt_at)::float8"
                               " FROM deliveries WHERE notification_id = $1 AND endpoint_id = $2", *key)
     assert tuple(row) == ("SENT", 1, None, 1_700_000_000.0)
+
+
+async def test_a_delivery_of_a_client_being_deleted_is_gone_though_its_row_is_still_there(clean_db, conn):
+    """Its failure needs no dead letter (Recorder._of_deleted_clients): the client's history waits
+    only for retention to delete it."""
+    from alerting_app.delivery.records import gone
+
+    being_deleted, kept = await one_due_delivery(conn), await one_due_delivery(conn)
+    await conn.execute("UPDATE clients SET deleting_since = now(), api_key_hash = NULL WHERE client_id ="
+                       " (SELECT client_id FROM notifications WHERE notification_id = $1)", being_deleted[0])
+
+    assert await gone(conn, [being_deleted, kept]) == {being_deleted}
