@@ -1045,3 +1045,28 @@ async def test_a_sweep_that_took_all_its_email_room_leaves_new_email_to_the_swee
         assert not dispatcher.email_to_the_sweep()
     finally:
         await dispatcher.close()
+
+
+async def test_email_refused_for_lack_of_room_is_still_waiting_after_a_webhook_is_refused_too(settings, monkeypatch):
+    """Refused email waits in Postgres for its turn, so new email is left to the sweep behind it;
+    a refused webhook says nothing about email."""
+    from alerting_app.contracts import Alert, NotificationReady
+    from alerting_app.delivery.dispatcher import Dispatcher
+    from alerting_app.delivery.jobs import DeliveryJob, Endpoint
+
+    monkeypatch.setattr(settings, "delivery_max_held", 0)  # a full worker: every job is refused
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
+    notification = NotificationReady(client_id="0c3f5d6e-0000-4000-8000-000000000003", alerts=[alert],
+                                     rule_ids=["1d2e3f40-0000-4000-8000-000000000004"])
+
+    def job(channel: str, value: str) -> DeliveryJob:
+        endpoint = Endpoint(f"{channel}-endpoint", channel, value, "secret", None)
+        return DeliveryJob(notification, endpoint.endpoint_id, endpoint, 0)
+
+    dispatcher = Dispatcher(settings)
+    try:
+        assert len(dispatcher.submit([job("email", "oncall@example.com")])) == 1
+        assert len(dispatcher.submit([job("webhook", "https://hooks.example.com/x")])) == 1
+        assert dispatcher.email_to_the_sweep()
+    finally:
+        await dispatcher.close()
