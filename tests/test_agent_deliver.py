@@ -663,6 +663,18 @@ async def test_a_disabled_endpoint_of_the_notifications_rule_gets_no_delivery_ro
     assert await pool.fetchval("SELECT count(*) FROM deliveries WHERE notification_id = $1",
                                notification.notification_id) == 0
 
+async def test_a_retry_of_a_notification_that_is_not_failed_is_refused_saying_what_it_is(pool):
+    from alerting_app.delivery import records
+
+    client, rule, _ = await tenant_with_endpoint(pool, "webhook", "http://127.0.0.1:1/hook")
+    notification = await pending_notification(pool, client, [rule])
+    await pool.execute("UPDATE notifications SET status = 'SENT' WHERE notification_id = $1",
+                       notification.notification_id)
+
+    async with pool.acquire() as conn:
+        with pytest.raises(records.NotRetryable, match="the notification is SENT; only a FAILED one can be retried"):
+            await records.retry_failed(conn, notification.notification_id, client)
+
 async def test_a_rate_the_tenant_raises_reaches_a_delivery_already_waiting_for_its_token(pool, dispatcher, receiver,
                                                                                           monkeypatch):
     from alerting_app.delivery import rate_limits
