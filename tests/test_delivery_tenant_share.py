@@ -1070,3 +1070,22 @@ async def test_email_refused_for_lack_of_room_is_still_waiting_after_a_webhook_i
         assert dispatcher.email_to_the_sweep()
     finally:
         await dispatcher.close()
+
+
+async def test_a_worker_that_has_stopped_takes_no_more_deliveries(settings):
+    """What comes after the stop (a batch taken in as the agent stops) is refused, to be handed back:
+    nothing is started that the stop would not wait for nor hand back."""
+    from alerting_app.contracts import Alert, NotificationReady
+    from alerting_app.delivery.dispatcher import Dispatcher
+    from alerting_app.delivery.jobs import DeliveryJob, Endpoint
+
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
+    notification = NotificationReady(client_id="0c3f5d6e-0000-4000-8000-000000000003", alerts=[alert],
+                                     rule_ids=["1d2e3f40-0000-4000-8000-000000000004"])
+    endpoint = Endpoint("webhook-endpoint", "webhook", "https://hooks.example.com/x", "secret", None)
+    job = DeliveryJob(notification, endpoint.endpoint_id, endpoint, 0)
+    dispatcher = Dispatcher(settings)
+    await dispatcher.close()
+
+    assert dispatcher.submit([job]) == [job]
+    assert dispatcher.held_keys() == []
