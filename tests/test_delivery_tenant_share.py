@@ -1089,3 +1089,26 @@ async def test_a_worker_that_has_stopped_takes_no_more_deliveries(settings):
 
     assert dispatcher.submit([job]) == [job]
     assert dispatcher.held_keys() == []
+
+
+async def test_a_worker_holding_an_endpoints_backlog_refuses_the_next_delivery_of_it(settings, monkeypatch):
+    from alerting_app.contracts import Alert, NotificationReady
+    from alerting_app.delivery.dispatcher import Dispatcher
+    from alerting_app.delivery.jobs import DeliveryJob, Endpoint
+
+    monkeypatch.setattr(settings, "delivery_endpoint_backlog", 2)
+    alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
+    async with Receiver() as receiver:
+        release = receiver.hold("hanging")
+        endpoint = Endpoint("hanging-endpoint", "webhook", receiver.url("hanging"), "secret", None)
+        jobs = [DeliveryJob(NotificationReady(client_id="0c3f5d6e-0000-4000-8000-000000000003", alerts=[alert],
+                                              rule_ids=["1d2e3f40-0000-4000-8000-000000000004"]),
+                            endpoint.endpoint_id, endpoint, 0) for _ in range(3)]
+        dispatcher = Dispatcher(settings)
+        try:
+            refused = dispatcher.submit(jobs)
+
+            assert refused == jobs[2:] and dispatcher.held_per_endpoint() == {endpoint.endpoint_id: 2}
+        finally:
+            release.set()
+            await dispatcher.close()
