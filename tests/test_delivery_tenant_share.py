@@ -1100,7 +1100,7 @@ async def test_a_worker_holding_an_endpoints_backlog_refuses_the_next_delivery_o
     alert = Alert(alert_id="a-1", event_ts=1_700_000_000, severity="HIGH", source="payments", name="Checkout")
     async with Receiver() as receiver:
         release = receiver.hold("hanging")
-        endpoint = Endpoint("hanging-endpoint", "webhook", receiver.url("hanging"), "secret", None)
+        endpoint = Endpoint("7a1b4c9e-0000-4000-8000-000000000009", "webhook", receiver.url("hanging"), "secret", None)
         jobs = [DeliveryJob(NotificationReady(client_id="0c3f5d6e-0000-4000-8000-000000000003", alerts=[alert],
                                               rule_ids=["1d2e3f40-0000-4000-8000-000000000004"]),
                             endpoint.endpoint_id, endpoint, 0) for _ in range(3)]
