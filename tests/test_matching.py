@@ -124,12 +124,42 @@ def test_delete_tombstone_blocks_a_late_older_upsert():
     assert index.held_version("r1") == 2
 
 
+
+def test_only_tombstones_deleted_before_the_cutoff_are_forgotten():
+    index = RuleIndex([upsert("r1", version=1), upsert("r2", version=1)])
+    index.apply(delete("r1", version=2), at=1_000.0)
+    index.apply(delete("r2", version=2), at=999.0)
+
+    assert index.forget_deletions(1_000.0) == ["r2"]
+    assert (index.deleted_at("r1"), index.held_version("r1")) == (1_000.0, 2)
+    assert index.held_version("r2") is None
+
 def test_upsert_newer_than_the_delete_brings_the_rule_back():
     index = RuleIndex([upsert("r1", version=1), delete("r1", version=2)])
 
     assert index.apply(upsert("r1", version=3)) is True
     assert index.match(alert()) == {"client-a": ["r1"]}
 
+
+
+def test_a_rule_brought_back_after_its_delete_is_no_tombstone_any_more():
+    # Were the delete's date kept, forgetting old deletions would forget the live rule's version, and
+    # a late older upsert would then replace it.
+    index = RuleIndex([upsert("r1", version=1, source="search")])
+    index.apply(delete("r1", version=2), at=1_000.0)
+    index.apply(upsert("r1", version=3), at=2_000.0)
+
+    assert (index.deleted_versions(), index.deleted_at("r1")) == ({}, None)
+    assert index.forget_deletions(3_000.0) == []
+    assert index.apply(upsert("r1", version=1, source="search")) is False
+    assert index.match(alert()) == {"client-a": ["r1"]}
+
+
+def test_enabled_versions_leave_out_disabled_and_deleted_rules():
+    index = RuleIndex([upsert("r1", version=4), upsert("r2", version=2, enabled=False),
+                       upsert("r3", version=1), delete("r3", version=2)])
+
+    assert index.enabled_versions() == {"r1": 4}
 
 def test_replaying_the_same_events_in_any_order_builds_the_same_index():
     events = [
@@ -280,6 +310,18 @@ def test_when_every_matching_rule_suppresses_the_shortest_interval_applies_whate
     assert message.repeat_interval_s == 300
     assert message.fingerprint == fingerprint_of("client-a", on_web_1, ["host"])
 
+
+
+@pytest.mark.parametrize(("smallest_id_keys", "other_keys"), [(("host",), ("region",)), (("region",), ("host",))])
+def test_of_equal_repeat_intervals_the_smallest_rule_id_gives_the_fingerprint_keys(smallest_id_keys, other_keys):
+    index = RuleIndex([upsert("r2", name=WILDCARD, repeat_interval_s=300, fingerprint_keys=other_keys),
+                       upsert("r1", repeat_interval_s=300, fingerprint_keys=smallest_id_keys)])
+    on_web_1 = alert(context={"host": "web-1", "region": "eu"})
+
+    [message] = matched_messages(on_web_1, index)
+
+    assert message.repeat_interval_s == 300
+    assert message.fingerprint == fingerprint_of("client-a", on_web_1, smallest_id_keys)
 
 def test_the_fingerprint_is_the_documented_hash_whatever_the_order_or_repeats_of_its_keys():
     # docs/contracts.md: its example, and what it promises of missing keys, empty values and key order.
