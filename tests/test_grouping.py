@@ -378,6 +378,24 @@ async def insert_silence(pool, client_id: str, starts_at: float, ends_at: float,
     return silence_id
 
 
+
+@AGENT_LOOP
+async def test_the_closer_reads_the_silences_in_force_from_their_first_second_and_leaves_out_one_it_cannot_read(pool):
+    client = await insert_client(pool)
+    at = float(int(time.time()))  # whole seconds: to_timestamp and back keep them exactly
+    starting_now = await insert_silence(pool, client, at, at + 60, source="starting")
+    await insert_silence(pool, client, at - 60, at, source="ended")
+    await insert_silence(pool, client, at + 1, at + 60, source="later")
+    # Postgres holds any JSON object; the contract wants text values: this row must not stop the close.
+    await insert_silence(pool, client, at - 60, at + 60, source="unreadable", n=5)
+
+    silences = await active_silences(pool, {client}, at)
+
+    assert set(silences.versions()) == {starting_now}
+    from_there = Alert(alert_id=str(uuid.uuid4()), event_ts=at, severity="HIGH", source="starting",
+                       name="CheckoutLatency")
+    assert silences.silencing(client, from_there, at=at) == starting_now
+
 @AGENT_LOOP
 async def test_a_silence_created_while_a_group_is_open_leaves_its_matching_members_out_at_close(pool):
     client, rule, matches = await open_group(pool, 4)

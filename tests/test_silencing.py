@@ -102,6 +102,20 @@ def test_a_stale_version_is_ignored_and_a_delete_is_final():
     assert len(index) == 0 and index.versions() == {}
 
 
+
+def test_a_silence_upserted_after_its_delete_is_no_tombstone_any_more():
+    # Were the delete's date kept, forgetting old deletions would forget the live silence's version,
+    # and a late older upsert would then replace it.
+    index = SilenceIndex([upsert(version=1, source="search")])
+    index.apply(delete(version=2), at=1_000.0)
+    index.apply(upsert(version=3), at=2_000.0)
+
+    assert index.deleted_versions() == {}
+    assert index.forget_deletions(3_000.0) == []
+    assert not index.apply(upsert(version=1, source="search"))
+    assert index.silencing("client-a", alert(), at=T0) == "s1"
+    assert index.versions() == {"s1": 3}
+
 def test_an_event_of_the_version_held_is_ignored():
     # Only a newer version changes a silence: one event of the same version with other content (a
     # replay beside a newer producer's, a hand-written one) must not win by arriving last.
