@@ -13,10 +13,11 @@ import uuid
 
 import pytest
 
-from agents.evaluate import match_alerts
-from alerting_app.contracts import Alert, Rule, RuleChanged
+from agents.evaluate import match_alerts, oversized
+from alerting_app.contracts import Alert, AlertMatched, Rule, RuleChanged
 from kafka_probe import produce
-from tables.rules import rule_index
+from tables.rules import rule_index, rule_replica
+from tables.silences import silence_replica
 from test_agent_support import AGENT_LOOP, pipeline, sent_to  # noqa: F401  (fixtures)
 
 pytestmark = AGENT_LOOP
@@ -131,6 +132,30 @@ async def test_deleted_rule_no_longer_matches(pipeline):
     assert evaluation.matched == []
 
 
+
+@pytest.mark.parametrize("replica", ["rules", "silences"])
+async def test_no_alert_is_matched_until_the_rule_and_silence_replicas_have_caught_up(pipeline, replica):
+    # After a restart, matching against rules or silences not read yet would drop notifications, or
+    # deliver what a tenant silenced.
+    client, rule, source = new_id(), new_id(), f"payments-{new_id()}"
+    await apply_changes(upsert(rule, client, source=source))
+    reading = {"rules": rule_replica, "silences": silence_replica}[replica]
+    reading._caught_up.clear()  # as a worker that has just started
+    try:
+        async with match_alerts.test_context() as agent:
+            await agent.put(alert(source).encode(), key=b"alert-key", wait=False)
+            for _ in range(50):  # many turns of the loop: time enough to match, were it not waiting
+                await asyncio.sleep(0.01)
+            assert agent.results == {}
+            reading._caught_up.set()
+            deadline = time.monotonic() + 30
+            while not agent.results:
+                assert time.monotonic() < deadline, "the alert was not matched once the replica caught up"
+                await asyncio.sleep(0.05)
+            assert matches(agent.results[0]) == [(client, [rule])]
+    finally:
+        reading._caught_up.set()
+
 @pytest.mark.parametrize(("value", "reason_names"), [
     (b"this is not json", "Invalid JSON"),
     (b'{"alert_id": "a-1", "event_ts": 1700000000, "severity": "URGENT", "source": "s", "name": "n"}',
@@ -183,3 +208,15 @@ async def test_a_match_too_large_for_one_message_is_a_dead_letter_and_other_clie
     assert await sent_to("alerts.matched", crowded) == []
     [on_broker] = await sent_to("alerts.new.dlq", key)
     assert on_broker["reason"] == letter.reason
+
+
+async def test_a_match_is_oversized_from_one_byte_over_the_limit_key_included():
+    client = new_id()
+    matched = AlertMatched(alert=alert(f"payments-{new_id()}"), client_id=client, rule_ids=[new_id() for _ in range(7)])
+    record_bytes = len(matched.encode()) + len(client.encode())  # value and key, as the producer counts them
+    alert_bytes = len(matched.alert.encode())
+
+    assert oversized(matched, alert_bytes, record_bytes) is None
+    reason = oversized(matched, alert_bytes, record_bytes - 1)
+    assert reason == (f"alerts.matched: the match for client {client} (7 matching rules) would be {record_bytes} "
+                      f"bytes, more than the {record_bytes - 1} one message may hold")
