@@ -55,6 +55,15 @@ def test_an_infinite_event_ts_on_alerts_new_is_undecodable_with_the_reason():
         decode(Alert, raw)
 
 
+
+def test_the_reason_an_alert_is_undecodable_names_every_field_at_fault():
+    raw = json.dumps({**GOOD, "severity": "URGENT", "name": None}).encode()
+
+    with pytest.raises(UndecodableMessage) as refused:
+        decode(Alert, raw)
+
+    assert str(refused.value).startswith("severity: Input should be 'LOW', 'MEDIUM', 'HIGH' or 'CRITICAL'; name: ")
+
 @pytest.mark.parametrize("field, value", [("event_ts", True), ("event_ts", "1764000000.5"), ("schema_version", 1.0),
                                           ("schema_version", "1")])
 def test_a_number_given_as_a_boolean_string_or_float_is_undecodable_naming_it(field, value):

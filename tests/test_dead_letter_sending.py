@@ -47,6 +47,15 @@ def test_a_huge_payload_is_cut_to_fit_and_the_reason_says_what_it_was(value):
     assert (letter.topic, letter.partition, letter.offset, letter.key) == ("alerts.new", 3, 42, "k")
 
 
+
+def test_a_letter_of_exactly_the_limit_is_kept_whole_and_one_byte_more_is_cut():
+    letter = DeadLetter(topic="alerts.new", key="k", reason="bad", payload="p" * 5000, failed_at=1.0)
+
+    assert bounded(letter, limit=record_bytes(letter)) == letter
+    cut = bounded(letter, limit=record_bytes(letter) - 1)
+    assert record_bytes(cut) < record_bytes(letter)
+    assert cut.payload.startswith("p") and len(cut.payload) < 5000 and "[payload truncated" in cut.reason
+
 def test_a_huge_key_is_cut_too():
     key = b"k" * 2_000_000
     letter = dead_letter_for(consumed(key, b"{}"), "key too long")
@@ -75,6 +84,21 @@ async def test_a_letter_too_big_for_the_producer_is_acknowledged_by_the_broker_c
     assert "payload truncated: the original was 2000016 bytes" in on_broker["reason"]
     assert len(json.dumps(on_broker)) <= max_record_bytes()
 
+
+
+@AGENT_LOOP
+async def test_a_letter_built_without_dead_letter_for_is_cut_when_sent(pipeline):
+    # Letters of what a table held (tables/groups.py malformed_letter) or of a group Postgres refused
+    # are built directly, of any size: sending is what cuts them to fit.
+    key = f"built-{uuid.uuid4()}"
+    payload = "\x01" * 2_000_000
+    letter = DeadLetter(topic="alerts.matched", partition=0, key=key, reason="not a group", payload=payload)
+
+    await send_dead_letters([letter])
+
+    [on_broker] = await sent_to("alerts.matched.dlq", key)
+    assert on_broker["reason"].startswith("not a group [payload truncated: the original was 2000000 bytes")
+    assert payload.startswith(on_broker["payload"]) and len(json.dumps(on_broker)) <= max_record_bytes()
 
 @AGENT_LOOP
 async def test_a_failed_deliverys_letter_is_logged_without_a_partition_or_offset(pipeline, caplog):
