@@ -172,6 +172,21 @@ async def test_a_match_repeated_in_a_batch_recorded_one_by_one_is_notified_once(
     assert [letter.reason for letter in aggregation.dead_letters] == [f"client_id: no such client {unknown.client_id}"]
 
 
+
+async def test_an_alert_matched_again_in_a_batch_by_other_rules_is_notified_once_with_the_first_rules(pool):
+    # As recorded one by one: the first match inserts the row, the later one finds it. (The client
+    # changed its rules between the two matches of an alert sent twice.)
+    client = await insert_client(pool)
+    first = matched(client)
+    again = first.model_copy(update={"rule_ids": [str(uuid.uuid4())]})
+
+    [ready] = await record_first_matches(pool, [first, again])
+
+    assert (ready.alerts, ready.rule_ids) == ([first.alert], first.rule_ids)
+    row = await pool.fetchrow("SELECT rule_ids::text[] FROM notifications WHERE notification_id = $1",
+                              uuid.UUID(ready.notification_id))
+    assert row[0] == first.rule_ids
+
 async def test_a_match_recorded_on_its_own_for_a_client_being_deleted_is_not_recorded(pool):
     # record_one_by_one, as after a refused batch: the client marked since the batch's check.
     from agents.aggregate import record_one_by_one
