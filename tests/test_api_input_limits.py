@@ -46,6 +46,41 @@ async def test_a_chunked_body_without_length_is_cut_off_at_the_limit(api):
         assert (await response.json())["error"] == "payload_too_large"
 
 
+async def test_a_chunked_body_of_the_limit_is_read_and_one_byte_more_is_413(api):
+    """The limit of a body without Content-Length is counted as it is read: exactly, not about."""
+    async def chunked(body: bytes):
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    headers = {"Authorization": f"Bearer {api.admin_token}", "Content-Type": "application/json"}
+    async with api.client.post("/api/v1/clients", data=chunked(padded_client_body(MAX_BODY_BYTES)),
+                               headers=headers) as response:
+        accepted = await response.json()
+        assert response.status == 201, accepted
+    api.tenants.append(Tenant(accepted["client_id"], accepted["api_key"]))  # deleted with the module
+    async with api.client.post("/api/v1/clients", data=chunked(padded_client_body(MAX_BODY_BYTES + 1)),
+                               headers=headers) as response:
+        assert response.status == 413
+        assert (await response.json())["error"] == "payload_too_large"
+
+
+async def test_a_content_length_over_the_limit_is_413_before_the_body_is_sent(api):
+    """The answer comes from the header alone: the worker neither waits for nor buffers the body."""
+    headers = {"Authorization": f"Bearer {api.admin_token}", "Content-Type": "application/json",
+               "Content-Length": str(MAX_BODY_BYTES + 1)}
+    reader, writer = await asyncio.open_connection(api.client.host, api.client.port)
+    try:
+        request = "POST /api/v1/clients HTTP/1.1\r\nHost: api\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+        writer.write(request.encode() + b'{"name": "never sent whole"')  # and nothing more
+        await writer.drain()
+        # Bounded only so that a worker waiting for the rest fails the test rather than hanging it.
+        status_line = await asyncio.wait_for(reader.readline(), timeout=30)
+    finally:
+        writer.close()
+    assert status_line.split()[1] == b"413", status_line
+
+
 async def test_a_compressed_body_is_limited_by_its_decompressed_size(api):
     # 2 MiB of spaces compress to a few KB: Content-Length alone would let it through.
     compressed = gzip.compress(b"[" + b" " * (2 * MAX_BODY_BYTES) + b"]")
