@@ -156,6 +156,13 @@ async def test_a_unix_time_that_is_no_time_is_refused_naming_the_field(api, tena
     assert reply.failing_fields() == {"ends_at"}
 
 
+@pytest.mark.parametrize("starts_at", [True, False])
+async def test_a_boolean_start_is_refused_not_read_as_a_second_of_1970(api, tenant, starts_at):
+    # true is an int to Python: read as unix seconds it was 1970-01-01T00:00:01Z, a valid start.
+    reply = await api.call("POST", "/api/v1/silences", tenant.key, body(starts_at=starts_at, ends_at=iso(3600)))
+    assert reply.failing_fields() == {"starts_at"}
+
+
 @pytest.mark.parametrize("fields, message", [
     # Without starts_at the silence starts now: an end in the past is in the past, not "before starts_at".
     ({"ends_at": iso(-60)}, "must be in the future"),
