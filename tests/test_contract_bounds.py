@@ -153,6 +153,17 @@ async def test_the_api_refuses_an_endpoint_rate_limit_below_one_per_thousand_sec
 
 
 @API_LOOP
+async def test_the_api_refuses_an_endpoint_rate_limit_above_100000_a_second(api, tenant):
+    # docs/delivery.md: 0.001 to 100,000 per second.
+    rule = await api.new_rule(tenant)
+    body = {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/alerts"}
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key, {**body, "rate_limit_per_s": 100_000.5})
+    assert reply.failing_fields() == {"rate_limit_per_s"}
+    reply = await api.call("POST", "/api/v1/endpoints", tenant.key, {**body, "rate_limit_per_s": 100_000})
+    assert reply.status == 201, reply.body
+
+
+@API_LOOP
 async def test_the_api_refuses_nul_characters_in_silence_fields(api, tenant):
     body = {"source": "payments", "ends_at": "2999-01-01T00:00:00Z", "comment": "deploy", "created_by": "ops"}
     for field in ("source", "comment", "created_by"):
