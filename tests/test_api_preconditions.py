@@ -130,6 +130,20 @@ async def test_a_rule_change_with_neither_version_nor_an_etag_is_refused_naming_
     assert await outbox_versions(rule["rule_id"]) == [1]
 
 
+async def test_a_null_version_is_refused_even_with_the_current_etag(api, tenant):
+    """docs/api.md: a null version is refused, not taken for "not given", which the ETag alone
+    would then guard: a client sending null meant something, and it is no version."""
+    rule = await api.new_rule(tenant, source="null-version")
+    path = f"/api/v1/rules/{rule['rule_id']}"
+    current = (await api.call("GET", path, tenant.key)).headers["ETag"]
+    for method, body in (("PUT", whole_rule("null-version", "Mine")), ("PATCH", {"name": "Mine"})):
+        refused = await api.call(method, path, tenant.key, {**body, "version": None}, headers={"If-Match": current})
+        assert refused.failing_fields() == {"version"}, (method, refused.body)
+        assert "may not be null" in refused.body["fields"][0]["message"]
+    assert await stored_rule(rule["rule_id"]) == {"name": "*", "enabled": True, "version": 1}
+    assert await outbox_versions(rule["rule_id"]) == [1]
+
+
 async def test_an_if_match_and_a_version_that_disagree_are_refused_409_and_change_nothing(api, tenant):
     """The rule meets the If-Match, so no header failed (not a 412, which would send the client for
     an ETag it has): the body's version is wrong, as a stale version is without If-Match (409)."""
