@@ -66,6 +66,18 @@ async def test_an_empty_list_of_alerts_is_refused(api):
     assert (await api.call("POST", "/api/v1/alerts", api.admin_token, [])).status == 422
 
 
+async def test_a_list_of_the_most_alerts_is_published_and_one_more_is_refused_whole(api, broker):
+    # docs/api.md: a list of 1 to 1,000 (MAX_ALERTS_PER_REQUEST).
+    from web.alerts import MAX_ALERTS_PER_REQUEST
+
+    too_many = [an_alert() for _ in range(MAX_ALERTS_PER_REQUEST + 1)]
+    assert (await api.call("POST", "/api/v1/alerts", api.admin_token, too_many)).failing_fields() == {"body"}
+    most = too_many[1:]
+    reply = await api.call("POST", "/api/v1/alerts", api.admin_token, most)
+    assert reply.status == 202, reply.body
+    assert set(await published(broker, {a["alert_id"] for a in too_many})) == {a["alert_id"] for a in most}
+
+
 async def test_an_alert_body_that_is_not_json_is_refused(api):
     reply = await api.call("POST", "/api/v1/alerts", api.admin_token, data=b"HIGH payments CheckoutLatency")
     assert reply.failing_fields() == {"body"}
