@@ -205,6 +205,14 @@ async def test_rules_are_listed_in_pages_that_together_hold_every_rule_once(api,
     assert [rule_id for page in pages for rule_id in page] == [r["rule_id"] for r in created]
 
 
+async def test_a_last_page_that_is_full_has_no_next_cursor(api, tenant):
+    # A cursor promises more: one after a page holding exactly the last `limit` rows led to an empty page.
+    created = [await api.new_rule(tenant, "HIGH", f"full-page-{i}", "*") for i in range(2)]
+    reply = await api.call("GET", "/api/v1/rules", tenant.key, params={"limit": "2"})
+    assert [r["rule_id"] for r in reply.body["items"]] == [r["rule_id"] for r in created]
+    assert reply.body["next_cursor"] is None
+
+
 async def test_the_admin_filters_rules_by_client(api, tenant, other_tenant):
     mine = await api.new_rule(tenant)
     await api.new_rule(other_tenant)
