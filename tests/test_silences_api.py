@@ -96,6 +96,7 @@ async def test_a_context_matcher_takes_any_value_an_alert_can_carry(api, tenant)
     ({"context_matchers": {"region": "r" * 2001}}, {"context_matchers.region"}),  # longer than any alert's
     ({"context_matchers": {"region": "eu\u0000"}}, {"context_matchers.region"}),
     ({"context_matchers": ["region"]}, {"context_matchers"}),
+    ({"context_matchers": {f"key-{i}": "*" for i in range(21)}}, {"context_matchers"}),  # 20 at most
     ({"muted": True}, {"muted"}),
     ({"source": "*"}, {"severity", "source", "name", "context_matchers"}),
 ])
