@@ -63,6 +63,15 @@ async def test_an_endpoint_cannot_be_attached_to_another_clients_rule(api, tenan
     assert listed.body["items"] == []
 
 
+async def test_another_clients_rule_is_refused_before_the_address_is_checked(api, tenant, other_tenant):
+    # Checked first, the rule keeps a key without a rule of its own from having our resolver look
+    # names up for it: an address refused for what it is (`value`) showed the check had run.
+    rule = await api.new_rule(tenant)
+    reply = await api.call("POST", "/api/v1/endpoints", other_tenant.key,
+                           {"rule_id": rule["rule_id"], "type": "webhook", "value": "http://a..com/hook"})
+    assert reply.failing_fields() == {"rule_id"}
+
+
 async def test_endpoints_are_listed_per_rule(api, tenant):
     first_rule, second_rule = await api.new_rule(tenant, source="a"), await api.new_rule(tenant, source="b")
     first = await api.new_endpoint(tenant, first_rule["rule_id"])
