@@ -183,9 +183,14 @@ async def test_a_url_too_long_once_normalised_is_refused(api, tenant):
     for reply in (created, patched):
         assert reply.failing_fields() == {"value"}, reply.body
         assert "2062" in reply.body["fields"][0]["message"]
-    fits = "https://93.184.216.34/" + "\u00e9" * 329  # 22 + 329 * 6 = 1,996 characters
+    # At the limit exactly: 22 + 329 * 6 + 4 = 2,000 characters fit, one more does not.
+    one_over = await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                              {"value": "https://93.184.216.34/" + "\u00e9" * 329 + "abcde"})
+    assert one_over.failing_fields() == {"value"}, one_over.body
+    assert "it is 2001" in one_over.body["fields"][0]["message"]
+    fits = "https://93.184.216.34/" + "\u00e9" * 329 + "abcd"
     assert (await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
-                           {"value": fits})).body["value"] == "https://93.184.216.34/" + "%C3%A9" * 329
+                           {"value": fits})).body["value"] == "https://93.184.216.34/" + "%C3%A9" * 329 + "abcd"
 
 
 @pytest.mark.parametrize("private", ["allowed", "refused"])
