@@ -100,6 +100,24 @@ async def test_a_rule_at_its_endpoint_quota_gets_409(api, tenant, monkeypatch):
     await api.new_endpoint(tenant, other_rule["rule_id"])  # the quota is per rule
 
 
+async def test_disabled_rules_and_endpoints_count_against_their_quotas(api, tenant, monkeypatch):
+    # Every worker holds a disabled rule too, and an endpoint is re-enabled without a quota check:
+    # counted only while enabled, a key could create any number and then enable them.
+    from alerting_app.app import settings
+    monkeypatch.setattr(settings, "max_rules_per_client", 2)
+    monkeypatch.setattr(settings, "max_endpoints_per_rule", 1)
+    rule = await api.new_rule(tenant, source="a", enabled=False)
+    await api.new_rule(tenant, source="b", enabled=False)
+    refused = await api.call("POST", "/api/v1/rules", tenant.key, {"severity": "HIGH", "source": "c", "name": "*"})
+    assert refused.status == 409, refused.body
+    endpoint = await api.new_endpoint(tenant, rule["rule_id"], value="https://hooks.example.com/0")
+    assert (await api.call("PATCH", f"/api/v1/endpoints/{endpoint['endpoint_id']}", tenant.key,
+                           {"enabled": False})).status == 200
+    refused = await api.call("POST", "/api/v1/endpoints", tenant.key,
+                             {"rule_id": rule["rule_id"], "type": "webhook", "value": "https://hooks.example.com/1"})
+    assert refused.status == 409, refused.body
+
+
 async def test_an_unknown_client_is_still_a_422_naming_client_id(api):
     missing = "00000000-0000-4000-8000-000000000000"
     rule = await api.call("POST", "/api/v1/rules", api.admin_token,
