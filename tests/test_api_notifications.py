@@ -298,6 +298,99 @@ async def test_a_grouped_notification_shows_its_group_rule_and_the_alerts_left_o
     assert single.body == items[grouped]
 
 
+# --- ?alert_id=: what became of one alert ----------------------------------------------------------
+
+async def store_members(client_id: str, notification_id: str, *alert_ids: str) -> None:
+    """Members of a group, as the aggregate stage records them (migrations/005)."""
+    from alerting_app import db
+
+    await (await db.pool()).executemany(
+        "INSERT INTO notification_alerts (client_id, alert_id, notification_id) VALUES ($1, $2, $3)",
+        [(client_id, alert_id, notification_id) for alert_id in alert_ids])
+
+
+async def test_an_alert_notified_alone_is_found_by_its_id(api, tenant):
+    rule = await api.new_rule(tenant)
+    mine = await store_notification(tenant.client_id, rule["rule_id"], "alone-1", "SENT")
+    await store_notification(tenant.client_id, rule["rule_id"], "alone-2", "SENT")
+
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key, params={"alert_id": "alone-1", "limit": "1"})
+
+    assert reply.status == 200, reply.body
+    assert ([n["notification_id"] for n in reply.body["items"]], reply.body["next_cursor"]) == ([mine], None)
+    # The other filters still apply with it.
+    assert await listed_ids(api, tenant.key, alert_id="alone-1", status="FAILED") == []
+    assert await listed_ids(api, tenant.key, alert_id="alone-unknown") == []
+
+
+async def test_a_member_of_a_group_is_found_by_its_id_in_the_groups_notification(api, tenant):
+    """The group's notification carries its first listed member's alert_id; the others are found
+    through their membership (notification_alerts), each once."""
+    rule = await api.new_rule(tenant, group_window_s=300)
+    group = await store_notification(tenant.client_id, rule["rule_id"], "member-1", group_rule_id=rule["rule_id"],
+                                     truncated_alerts=1)
+    await store_members(tenant.client_id, group, "member-1", "member-2", "member-unlisted")
+    # A member of a group still open has no notification yet: nothing to show.
+    await store_members(tenant.client_id, str(uuid.uuid4()), "member-open")
+
+    for alert_id in ("member-1", "member-2", "member-unlisted"):
+        assert await listed_ids(api, tenant.key, alert_id=alert_id) == [group], alert_id
+    assert await listed_ids(api, tenant.key, alert_id="member-open") == []
+
+
+async def test_a_member_a_silence_muted_at_close_is_found_in_its_groups_silenced_alerts(api, tenant):
+    from alerting_app import db
+
+    rule = await api.new_rule(tenant, group_window_s=300)
+    silence_id = str(uuid.uuid4())
+    group = await store_notification(tenant.client_id, rule["rule_id"], "kept-1", group_rule_id=rule["rule_id"])
+    await (await db.pool()).execute(
+        "UPDATE notifications SET silenced_alerts = $2, truncated_silenced_alerts = 0 WHERE notification_id = $1",
+        group, [{"alert_id": "muted-1", "silence_id": silence_id}])
+    await store_members(tenant.client_id, group, "kept-1", "muted-1")
+
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key, params={"alert_id": "muted-1"})
+
+    assert [(n["notification_id"], n["silenced_alerts"]) for n in reply.body["items"]] == [
+        (group, [{"alert_id": "muted-1", "silence_id": silence_id}])]
+
+
+async def test_another_clients_alert_of_the_same_id_is_not_shown(api, tenant, other_tenant):
+    their_rule = (await api.new_rule(other_tenant))["rule_id"]
+    theirs = await store_notification(other_tenant.client_id, their_rule, "same-1")
+    their_group = await store_notification(other_tenant.client_id, their_rule, "same-0", group_rule_id=their_rule)
+    await store_members(other_tenant.client_id, their_group, "same-0", "same-2")
+    mine = await store_notification(tenant.client_id, (await api.new_rule(tenant))["rule_id"], "same-2")
+
+    assert await listed_ids(api, tenant.key, alert_id="same-1") == []
+    assert await listed_ids(api, tenant.key, alert_id="same-2") == [mine]
+    # Naming the other client with a key lists nothing either, as for any other filter.
+    assert await listed_ids(api, tenant.key, alert_id="same-1", client_id=other_tenant.client_id) == []
+    assert await listed_ids(api, api.admin_token, alert_id="same-2", client_id=tenant.client_id) == [mine]
+    assert await listed_ids(api, api.admin_token, alert_id="same-2", client_id=other_tenant.client_id) == [their_group]
+    assert await listed_ids(api, api.admin_token, alert_id="same-1", client_id=other_tenant.client_id) == [theirs]
+
+
+async def test_the_admin_must_name_the_client_of_an_alert_id(api, tenant):
+    await store_notification(tenant.client_id, (await api.new_rule(tenant))["rule_id"], "admin-1")
+
+    reply = await api.call("GET", "/api/v1/notifications", api.admin_token, params={"alert_id": "admin-1"})
+
+    assert reply.body["fields"] == [{"field": "client_id", "message": "required with alert_id: alert ids are per client"}]
+
+
+@pytest.mark.parametrize("alert_id, message", [
+    ("x" * 201, "String should have at most 200 characters"),
+    ("", "String should have at least 1 character"),
+    ("a\x00b", "String should match pattern '^[^\\x00]*$'"),
+], ids=["201 characters", "empty", "a NUL"])
+async def test_an_alert_id_the_alert_contract_refuses_is_refused_naming_it(api, tenant, alert_id, message):
+    reply = await api.call("GET", "/api/v1/notifications", tenant.key, params={"alert_id": alert_id})
+    assert reply.body["fields"] == [{"field": "alert_id", "message": message}]
+    # As long as an alert's id may be (alerting_app/contracts.py): taken.
+    assert await listed_ids(api, tenant.key, alert_id="x" * 200) == []
+
+
 # --- POST /api/v1/notifications/{notification_id}/retry ---------------------------------------------
 
 async def test_retrying_a_failed_notification_makes_its_failed_deliveries_due_again(api, tenant):

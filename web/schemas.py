@@ -277,6 +277,10 @@ class NotificationQuery(PageQuery):
     # the server's time zone.
     since: StorableDatetime | None = Field(default=None, description="created at or after")
     until: StorableDatetime | None = Field(default=None, description="created before")
+    # As the Alert contract's alert_id (1-200 characters, no NUL): the notifications that concern
+    # that alert of the caller's client (web/notifications.py). Alert ids are per client, so the admin
+    # must name the client too (checked by the view, which knows the caller).
+    alert_id: Annotated[str, Text] | None = Field(default=None, description="of this alert, alone or in a group")
 
     @field_validator("until")
     @classmethod
