@@ -6,7 +6,8 @@ ECS kills a task `stopTimeout` (60 s, infra/terraform/ecs.tf) after its SIGTERM.
 STOP_BUDGET_S from its start: once it gave up on the broker, a stop still going then ends the process
 (status 1, a backstop). Within that budget the broker is waited for STOP_GRACE_S of the stop's time
 spent on anything but the sends in flight, and given up on GIVE_UP_BY_S into the stop at the latest;
-the sends in flight are waited for until SENDS_END_BY_S into the stop at the latest. Before, the
+the sends in flight are waited for until SENDS_END_BY_S into the stop at the latest, and what they
+leave to write (their outcomes, a FAILED one's dead letter) until WRITES_END_BY_S. Before, the
 broker's STOP_GRACE_S ran while the stop waited for the sends: a stop whose sends took longer (an
 SMTP relay that stalls: SMTP_TIMEOUT_S, 30 s) gave up on a broker that answered, skipped its last
 offset commit and failed the dead letters due after that.
@@ -29,6 +30,12 @@ STOP_GRACE_S = 15.0
 # The sends in flight end by then (cancelled if they have not): what is left of the budget records
 # them, sends their dead letters and hands back what the worker held.
 SENDS_END_BY_S = 35.0
+# What the sends in flight left to write (their outcomes) is waited for until then, and the stop then
+# hands back what the worker held (its own floor: _CLOSE_HAND_BACK_MIN_S in delivery/dispatcher.py).
+# Before, that write had 10 s of its own whatever was left: with the broker away and sends that ran
+# until SENDS_END_BY_S, a FAILED delivery waiting for its dead letter held the stop until the backstop
+# (status 1).
+WRITES_END_BY_S = 40.0
 # The broker is given up on by then whatever the sends took: what is left of the stop after giving up
 # took about 2 s with the broker's address refusing connections.
 GIVE_UP_BY_S = 40.0
@@ -61,6 +68,13 @@ class StopBudget:
         if self.began_at is None:
             return grace_s
         return max(0.0, min(grace_s, SENDS_END_BY_S - self.elapsed_s()))
+
+    def for_writes_s(self, limit_s: float) -> float:
+        """How long the stop may wait now for what its sends left to write: `limit_s`, ending by
+        WRITES_END_BY_S."""
+        if self.began_at is None:
+            return limit_s
+        return max(0.0, min(limit_s, WRITES_END_BY_S - self.elapsed_s()))
 
     @contextmanager
     def waiting_for_sends(self) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 import pytest_asyncio
@@ -289,4 +290,37 @@ async def test_a_stop_hands_back_what_is_written_when_a_dead_letter_holds_up_the
 
     assert tuple(await delivery_row(pool, retried.notification_id)) == ("PENDING", 1, False)
     # Its FAILED not written, the refused one keeps its lease: taken over, it would not hold.
+    assert tuple(await delivery_row(pool, failed.notification_id)) == ("PENDING", 0, True)
+
+
+async def test_a_stop_late_in_its_budget_waits_for_a_dead_letter_only_until_writes_end_by(
+        pool, settings, receiver, opened, monkeypatch):
+    """With the broker away and sends that ran until SENDS_END_BY_S (35 s into the stop), the write
+    of a FAILED delivery waiting for its dead letter had its own 10 s: the stop ran into the budget's
+    backstop (STOP_BUDGET_S, 45 s: status 1). Now that write ends by WRITES_END_BY_S and the hand-back
+    after it takes its floor at most, so the stop ends by itself first."""
+    from alerting_app.delivery import dispatcher as dispatcher_module
+    from alerting_app.stop_budget import STOP_BUDGET_S, WRITES_END_BY_S, StopBudget
+
+    receiver.answer("refused-late", 400)
+    dispatcher, (failed,) = await opened_by_one_dispatcher(pool, settings, opened, [receiver.url("refused-late")])
+
+    async def never_acknowledged(letters) -> None:
+        await asyncio.Event().wait()
+
+    dispatcher.recorder._send_letters = never_acknowledged
+    async with asyncio.timeout(20):  # the refused one recorded FAILED, its letter not acknowledged
+        while not any(key[0] == failed.notification_id for key in dispatcher.recorder.pending_keys()):
+            await asyncio.sleep(0.01)
+
+    # A stop 1 s short of WRITES_END_BY_S, as one whose sends ran until SENDS_END_BY_S and more.
+    skipped_s = WRITES_END_BY_S - 1.0
+    stop = StopBudget(lambda: time.monotonic() + skipped_s)
+    stop.began_at = time.monotonic()
+    monkeypatch.setattr(dispatcher_module, "worker_stop", stop)
+    await asyncio.wait_for(dispatcher.close(), 30)
+
+    # The documented bound: the write by WRITES_END_BY_S, then the hand-back's floor.
+    assert stop.elapsed_s() <= WRITES_END_BY_S + dispatcher_module._CLOSE_HAND_BACK_MIN_S < STOP_BUDGET_S
+    # Its FAILED not written, it keeps its lease, to run out: nothing is lost.
     assert tuple(await delivery_row(pool, failed.notification_id)) == ("PENDING", 0, True)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from alerting_app.stop_budget import GIVE_UP_BY_S, SENDS_END_BY_S, STOP_BUDGET_S, STOP_GRACE_S, StopBudget
+from alerting_app.stop_budget import (GIVE_UP_BY_S, SENDS_END_BY_S, STOP_BUDGET_S, STOP_GRACE_S, WRITES_END_BY_S,
+                                      StopBudget)
 
 
 class Clock:
@@ -72,3 +73,20 @@ def test_the_budget_ends_within_ecs_stop_timeout():
     stop_timeout_s = float(re.search(r"stopTimeout\s*=\s*(\d+)",
                                      (Path(__file__).parents[1] / "infra/terraform/ecs.tf").read_text()).group(1))
     assert STOP_GRACE_S < SENDS_END_BY_S < GIVE_UP_BY_S < STOP_BUDGET_S < stop_timeout_s
+
+
+def test_what_the_sends_left_to_write_is_waited_for_until_writes_end_by(clock):
+    budget = StopBudget(clock)
+    assert budget.for_writes_s(10.0) == 10.0  # before the stop began
+    budget.begin()
+    clock.now += SENDS_END_BY_S  # sends that ran as long as they may
+    assert budget.for_writes_s(10.0) == WRITES_END_BY_S - SENDS_END_BY_S
+    clock.now += 10.0
+    assert budget.for_writes_s(10.0) == 0.0
+
+
+def test_the_write_and_the_hand_back_after_it_end_before_the_backstop():
+    from alerting_app.delivery.dispatcher import _CLOSE_HAND_BACK_MIN_S
+
+    assert SENDS_END_BY_S < WRITES_END_BY_S <= GIVE_UP_BY_S
+    assert WRITES_END_BY_S + _CLOSE_HAND_BACK_MIN_S < STOP_BUDGET_S

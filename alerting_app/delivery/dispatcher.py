@@ -296,22 +296,25 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*tasks, handing_back, return_exceptions=True)
         loop = asyncio.get_running_loop()
-        write_by = loop.time() + _CLOSE_WRITE_TIMEOUT_S
+        # Up to _CLOSE_WRITE_TIMEOUT_S, but within what is left of the stop's budget: sends that ran
+        # until SENDS_END_BY_S leave it 5 s (alerting_app/stop_budget.py, WRITES_END_BY_S).
+        write_s = worker_stop.for_writes_s(_CLOSE_WRITE_TIMEOUT_S)
+        write_by = loop.time() + write_s
         try:
             async with asyncio.timeout_at(write_by):  # not wait_for: see agents/rule_outbox.py
                 await self.recorder.written()
         except TimeoutError:
-            log.warning("stopping: delivery outcomes not written after %.0fs; handing back the others",
-                        _CLOSE_WRITE_TIMEOUT_S)
-        # What is left of that time, or a moment when the write took it all: the stop stays within
-        # ECS's stopTimeout (a send's grace, at most 30 s, then this).
+            log.warning("stopping: delivery outcomes not written after %.0fs; handing back the others", write_s)
+        # What is left of that time, or a moment when the write took it all: a hand-back is always
+        # tried, and the stop ends before its budget's backstop (STOP_BUDGET_S) all the same.
         await self._hand_back(interrupted, max(write_by - loop.time(), _CLOSE_HAND_BACK_MIN_S))
         await self.recorder.close()
         await self._session.close()
 
     async def _hand_back_once_ended(self, cancelled: dict[tuple[str, str], asyncio.Task]) -> None:
         await asyncio.gather(*cancelled.values(), return_exceptions=True)
-        await self._hand_back(list(cancelled), _CLOSE_WRITE_TIMEOUT_S)
+        await self._hand_back(list(cancelled),
+                              max(worker_stop.for_writes_s(_CLOSE_WRITE_TIMEOUT_S), _CLOSE_HAND_BACK_MIN_S))
 
     async def _hand_back(self, keys: list[tuple[str, str]], within_s: float) -> None:
         """Let go of the leases of `keys`, but not of one whose outcome is still to be written: that
