@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from test_api_support import API_LOOP, api, other_tenant, served_api_routes, tenant  # noqa: F401  (fixtures)
+from web.errors import NO_TOKEN, NOT_OUR_TOKEN, TWO_AUTHORIZATIONS
 
 pytestmark = API_LOOP
 
@@ -42,14 +43,21 @@ async def test_every_api_route_answers_401_without_a_token(api):
                                silence_id=UNKNOWN)
         reply = await api.call(method, path, None, {})
         assert reply.status == 401, (method, path, reply.body)
-        assert reply.body == {"error": "unauthorized"}
+        assert reply.body == {"error": "unauthorized", "message": NO_TOKEN}
         assert reply.headers["WWW-Authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("authorization", ["Bearer not-a-key", "Basic YWRtaW46YWRtaW4=", "Bearer ", "token"])
-async def test_a_wrong_or_malformed_authorization_header_answers_401(api, authorization):
+@pytest.mark.parametrize(("authorization", "message"), [
+    ("Bearer not-a-key", NOT_OUR_TOKEN), ("Basic YWRtaW46YWRtaW4=", NO_TOKEN), ("Bearer ", NO_TOKEN),
+    ("token", NO_TOKEN)])
+async def test_a_wrong_or_malformed_authorization_header_answers_401_saying_what_to_send(api, authorization,
+                                                                                        message):
+    # Before, a 401 had no message, unlike every other error: a header without a token read as a
+    # wrong token.
     async with api.client.get("/api/v1/rules", headers={"Authorization": authorization}) as response:
         assert response.status == 401
+        assert await response.json() == {"error": "unauthorized", "message": message}
+        assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize("second", ["not-a-key", "the admin token again"])
@@ -60,7 +68,7 @@ async def test_two_authorization_headers_answer_401(api, second):
     headers = [("Authorization", f"Bearer {api.admin_token}"), ("Authorization", f"Bearer {second}")]
     async with api.client.get("/api/v1/clients", headers=headers) as response:
         assert response.status == 401
-        assert await response.json() == {"error": "unauthorized"}
+        assert await response.json() == {"error": "unauthorized", "message": TWO_AUTHORIZATIONS}
 
 
 async def test_the_admin_token_is_accepted(api):
@@ -96,6 +104,7 @@ async def test_the_key_of_a_deleted_client_stops_working(api, tenant):
     assert (await api.call("DELETE", f"/api/v1/clients/{tenant.client_id}", api.admin_token)).status == 204
     reply = await api.call("GET", "/api/v1/rules", tenant.key)
     assert reply.status == 401
+    assert reply.body == {"error": "unauthorized", "message": NOT_OUR_TOKEN}
 
 
 async def test_no_such_route_and_a_method_a_route_does_not_take_answer_json_errors(api, tenant):
@@ -223,3 +232,24 @@ async def test_a_client_key_cannot_read_what_a_worker_holds_of_every_client(api,
         (403, {"error": "forbidden", "message": "matching an alert on a worker needs the admin token (ADMIN_TOKEN)"}),
     ]
     assert (await api.call("GET", "/api/v1/worker/rules", api.admin_token)).status == 200
+
+
+async def test_every_kind_of_token_none_of_ours_gets_the_very_same_401(api, tenant, other_tenant, monkeypatch):
+    # The message helps a caller whose token is wrong without saying which kind it is: nothing tells a
+    # guess nearly right at the admin or ingest token from a random one, nor a replaced or deleted
+    # client's key (its client existed) from a key that never was.
+    from alerting_app.app import settings
+
+    monkeypatch.setattr(settings, "ingest_token", "ingest-token-of-the-test-" + uuid.uuid4().hex)
+    replaced = tenant.key
+    assert (await api.call("POST", f"/api/v1/clients/{tenant.client_id}/key", api.admin_token)).status == 200
+    deleted = other_tenant.key
+    assert (await api.call("DELETE", f"/api/v1/clients/{other_tenant.client_id}", api.admin_token)).status == 204
+    tokens = {"a key that never was": "alk_" + uuid.uuid4().hex, "a replaced key": replaced,
+              "a deleted client's key": deleted, "the admin token and one more": api.admin_token + "x",
+              "the ingest token less its last character": settings.ingest_token[:-1]}
+    answers = {}
+    for kind, token in tokens.items():
+        reply = await api.call("GET", "/api/v1/rules", token)
+        answers[kind] = (reply.status, reply.body, reply.headers.get("WWW-Authenticate"))
+    assert answers == {kind: (401, {"error": "unauthorized", "message": NOT_OUR_TOKEN}, "Bearer") for kind in tokens}

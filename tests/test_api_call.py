@@ -14,6 +14,7 @@ import pytest
 
 from alerting_app.api_call import request
 from alerting_app.up import alerting_app_executable
+from web.errors import NO_TOKEN
 
 
 @contextmanager
@@ -108,14 +109,14 @@ def test_a_401_to_a_request_sent_without_a_token_says_how_to_give_one():
     # A new shell after `up` has no ADMIN_TOKEN: the command sent no Authorization header and showed
     # only `HTTP 401: {"error": "unauthorized"}`, as for a wrong token.
     without_token = {name: value for name, value in os.environ.items() if name.upper() != "ADMIN_TOKEN"}
-    with server(json_answer(401, {"error": "unauthorized"})) as (url, seen):
+    with server(json_answer(401, {"error": "unauthorized", "message": NO_TOKEN})) as (url, seen):
         result = subprocess.run([alerting_app_executable(), "api", "GET", url + "/api/v1/clients"],
                                 env=without_token, capture_output=True, text=True, timeout=60)
 
     assert [sent["authorization"] for sent in seen] == [None]
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        'HTTP 401: {"error": "unauthorized"}',
+        f'HTTP 401: {{"error": "unauthorized", "message": "{NO_TOKEN}"}}',
         "api: no token was sent: give --token, or set ADMIN_TOKEN (`alerting-app up` prints it, and keeps it "
         "in DATA_DIR/admin-token)"], result.stderr
 

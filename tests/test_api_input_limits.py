@@ -12,6 +12,7 @@ import pytest
 from multidict import CIMultiDict
 
 from test_api_support import API_LOOP, Tenant, api, served_api_routes, tenant  # noqa: F401  (fixtures)
+from web.errors import NOT_OUR_TOKEN
 from web.validation import MAX_BODY_BYTES
 
 pytestmark = API_LOOP
@@ -182,6 +183,8 @@ async def test_an_authorization_header_that_is_not_utf8_answers_401(api, token):
     answer = await raw_request(api, b"GET /api/v1/rules HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer "
                                + token + b"\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    # As any token none of ours: bytes that are not UTF-8 are no missing token.
+    assert NOT_OUR_TOKEN.encode() in answer, answer
 
 
 # --- pagination cursors ---------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from faust.web.exceptions import WebError
 from alerting_app import db
 from alerting_app.app import settings
 from alerting_app.bearer import bearer, is_token
-from web.errors import Forbidden, RateLimited, Unauthorized, ValidationFailed
+from web.errors import (NO_TOKEN, NOT_OUR_TOKEN, TWO_AUTHORIZATIONS, Forbidden, RateLimited, Unauthorized,
+                        ValidationFailed)
 from web.preconditions import PRECONDITIONS, read_preconditions
 from web.request_limits import client_address, request_limit
 from web.validation import NoQuery, parse_query, read_body, refuse_a_body
@@ -68,7 +69,10 @@ def hash_api_key(key: str) -> str:
 def bearer_token(authorization: str | None) -> str:
     token = bearer(authorization)
     if token is None:
-        raise Unauthorized()
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer" and given.strip():
+            raise Unauthorized(NOT_OUR_TOKEN)  # not UTF-8: no token of ours, as any unknown one
+        raise Unauthorized(NO_TOKEN)
     return token
 
 
@@ -77,7 +81,7 @@ async def authenticate(request: Request) -> Caller:
     if len(authorizations) > 1:
         # Which one a proxy in front of us checked is unknown: refused, rather than the first taken
         # silently (as a JSON key or a query parameter given twice is refused).
-        raise Unauthorized()
+        raise Unauthorized(TWO_AUTHORIZATIONS)
     token = bearer_token(authorizations[0] if authorizations else None)
     # The operator's own tokens are not limited, not even from an address past its failed
     # authentications: neither asks Postgres, and the ingest token carries the monitored systems'
@@ -98,7 +102,7 @@ async def authenticate(request: Request) -> Caller:
     client_id = await pool.fetchval("SELECT client_id FROM clients WHERE api_key_hash = $1", key_hash)
     if client_id is None:
         await request_limit.count_failed_authentication(address)
-        raise Unauthorized()
+        raise Unauthorized(NOT_OUR_TOKEN)
     return Caller(client_id=client_id, key_hash=key_hash)
 
 

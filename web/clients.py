@@ -11,7 +11,7 @@ from alerting_app import db
 from alerting_app.app import app
 from alerting_app.contracts import RuleChanged
 from web.auth import ApiView, Caller, hash_api_key, new_api_key
-from web.errors import NotFound, Unauthorized
+from web.errors import NOT_OUR_TOKEN, NotFound, Unauthorized
 from web.pagination import PageQuery, page_of
 from web.preconditions import NONE, RESOURCE_METHODS, Preconditions, preconditions, representation
 from web.schemas import ClientCreate, ClientCreated, ClientOut, ClientPatch
@@ -162,7 +162,7 @@ class ClientKeyView(ApiView):
         row = await pool.fetchrow(NEW_KEY, id_, caller.client_id, hash_api_key(api_key), caller.key_hash)
         if row is None:
             if caller.client_id is not None and caller.client_id == id_:
-                raise Unauthorized()  # its key was replaced (or its client deleted) since it was looked up
+                raise Unauthorized(NOT_OUR_TOKEN)  # its key was replaced (or its client deleted) since it was looked up
             raise NotFound("client")
         created = ClientCreated(**client_out(row).model_dump(), api_key=api_key)
         return self.json(created.model_dump(mode="json"))

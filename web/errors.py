@@ -15,6 +15,20 @@ class Unauthorized(WebError):
     code = HTTPStatus.UNAUTHORIZED
     detail = "unauthorized"
 
+    # Says what to send, never why a token was refused (one of the messages below). Before, a 401
+    # alone had no message, unlike every other error.
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)
+
+
+# No token at all, or an Authorization header that holds none (another scheme, an empty token).
+NO_TOKEN = "send Authorization: Bearer <token>"
+# The same words for every token that is none of ours: a mistyped or stale client key, one whose
+# client was deleted, a wrong guess at the admin or ingest token, bytes that are not UTF-8. Nothing
+# says which kind of token was nearly right, or whether a client existed.
+NOT_OUR_TOKEN = "this token is not valid (a client key replaced or deleted, or mistyped)"
+TWO_AUTHORIZATIONS = "send one Authorization header, not several"
+
 
 class Forbidden(WebError):
     code = HTTPStatus.FORBIDDEN
