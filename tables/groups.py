@@ -113,7 +113,11 @@ class _StoredGroup(TypedDict):
     notification_id: Annotated[StrictStr, Field(pattern=f"^{CANONICAL_UUID.pattern}$")]
     opened_at: Annotated[float, Field(strict=True, allow_inf_nan=False)]
     window_s: StrictInt
-    alerts: list[_ListedAlert]
+    # At least one: GROUP_MAX_ALERTS is 1 or more and a group's first alert is always listed
+    # (add_member), so an empty listing is from a value this release did not write. Closing it would
+    # notify nothing (a notification lists at least one alert): it sat in the table for good, never
+    # due (due_groups), its client's key never deleted.
+    alerts: Annotated[list[_ListedAlert], Field(min_length=1)]
     rule_ids: list[StrictStr]
     listed_bytes: NotRequired[StrictInt]
 
@@ -380,9 +384,10 @@ class DueGroup:
 
 
 def due_groups(items: Iterable[tuple[bytes, ClientGroups]], now: float, skip: set[str]) -> list[DueGroup]:
+    """The groups of `items` (well-formed: `sorted_out`) whose window has passed, but those in `skip`."""
     return [DueGroup(key, rule_id, group)
             for key, value in items for rule_id, group in (value or {}).items()
-            if deadline(group) <= now and group["notification_id"] not in skip and group["alerts"]]
+            if deadline(group) <= now and group["notification_id"] not in skip]
 
 
 # Past this, a client's value closes its oldest groups at once, before their window ends. The byte

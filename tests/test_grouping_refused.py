@@ -232,6 +232,39 @@ async def test_a_group_listing_an_alert_that_is_not_one_is_a_dead_letter_and_the
                                bad_group["notification_id"]) == 0
 
 
+@AGENT_LOOP
+async def test_a_group_listing_no_alert_is_a_dead_letter_and_its_unlisted_members_stay_in_postgres(pool):
+    # Every group this release writes lists its first alert; one listing none (an older release's,
+    # or written by hand) was never due, never a dead letter, and its client's key never deleted.
+    client, other_client = await insert_client(pool), await insert_client(pool)
+    rule, bad_rule = str(uuid.uuid4()), str(uuid.uuid4())
+    now = time.time()
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, bad_rule)), groups.Join(grouped(client, bad_rule)),
+                                  groups.Join(grouped(other_client, rule))], set(), now, max_alerts=1)
+    await group_records.record_memberships(pool, plan.memberships)
+    bad_group = plan.values[client.encode()][bad_rule]
+    bad_group["alerts"] = []  # its first member listed no more; the second one is unlisted in Postgres
+    for key, value in plan.values.items():
+        await groups.prepare_writes()
+        groups.write_value_of_partition(key, value, partition_for(key, tuple(range(64))))
+
+    [ready] = await closed_for(pool, {client, other_client}, now + 5)
+
+    assert ready.client_id == other_client
+    [letter] = await sent_to("alerts.matched.dlq", client)
+    assert bad_group["notification_id"] in letter["reason"] and "alerts" in letter["reason"]
+    assert json.loads(letter["payload"]) == bad_group
+    assert groups.open_groups.get(client.encode()) is None
+    # Nothing is notified for it, and nothing of it deleted: its members, the unlisted one with its
+    # alert, stay under the notification_id the letter names (docs/grouping.md).
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE notification_id = $1",
+                               bad_group["notification_id"]) == 0
+    assert await pool.fetchval("SELECT count(*) FROM notification_alerts WHERE notification_id = $1 "
+                               "AND unlisted_alert IS NOT NULL", bad_group["notification_id"]) == 1
+    assert await closed_for(pool, {client, other_client}, now + 6) == []
+    assert len(await sent_to("alerts.matched.dlq", client)) == 1
+
+
 def test_a_line_break_in_what_the_groups_table_held_is_logged_escaped(caplog):
     # The key and the reason quote what the table held: a line break in them began a log line of
     # its own, which read as one of ours.
