@@ -1561,3 +1561,21 @@ async def test_the_closer_returns_only_once_the_broker_acknowledged_its_changelo
 
     assert groups.open_groups.get(client.encode()) is None
     assert groups.open_groups.unchecked_writes == []  # the deletion's write, checked
+
+
+@AGENT_LOOP
+async def test_a_listed_member_kept_as_unlisted_too_is_listed_once_in_the_place_a_silence_freed(pool):
+    # A crash between a member's two writes can leave it listed by the table and kept unlisted in
+    # Postgres: read among the unlisted members at close, it took the place a silenced one freed,
+    # and the notification listed it twice.
+    client, _, matches = await open_group(pool, 2)
+    opened = time.time()
+    await pool.execute("UPDATE notification_alerts SET unlisted_alert = $3::text::jsonb"
+                       " WHERE client_id = $1 AND alert_id = $2",
+                       uuid.UUID(client), matches[0].alert.alert_id, matches[0].alert.model_dump_json())
+    await insert_silence(pool, client, opened - 60, opened + 3600, n="1")
+
+    [ready] = await closed_for(pool, client, opened + 5)
+
+    assert ready.alerts == [matches[0].alert]
+    assert ready.truncated_alerts == 0
