@@ -125,6 +125,41 @@ def test_an_unlisted_alert_too_large_for_an_emptied_listing_is_listed_without_it
     assert left_out == [small]
 
 
+def alert_of_listing_size(size: int) -> dict:
+    """An alert (as listed) that takes exactly `size` bytes of a listing."""
+    the_alert = sized_alert(0).model_dump(mode="json")
+    context = the_alert["context"]
+    while size - groups.listing_size(the_alert) > 1990:  # a context value holds 2,000 characters at most
+        context[f"pad{len(context)}"] = "x" * 1900
+    context["last"] = ""
+    context["last"] = "x" * (size - groups.listing_size(the_alert))
+    assert groups.listing_size(Alert.model_validate(the_alert).model_dump(mode="json")) == size
+    return the_alert
+
+
+def test_an_alert_that_fills_a_listing_to_its_last_byte_is_listed():
+    # The budget is MAX_LISTED_BYTES inclusive: the tests' alerts never met it exactly, so listing
+    # only below it went unnoticed, both as a member joins and as the closer fills freed places.
+    first = sized_alert(1).model_dump(mode="json")
+    last = alert_of_listing_size(groups.MAX_LISTED_BYTES - groups.listing_size(first))
+    listed = [first]
+
+    assert groups.fill_listing(listed, [last], places=100) == []
+    assert listed == [first, last]
+
+    group = groups.open_group(str(uuid.uuid4()), 5, time.time())
+    group["alerts"] = [first]
+    group["listed_bytes"] = groups.listing_size(first)
+    client, rule = str(uuid.uuid4()), str(uuid.uuid4())
+    member = grouped(client, rule, Alert.model_validate(last))  # the alert exactly as it is listed
+
+    added, is_listed = groups.add_member(group, member, max_alerts=100, value_room=groups.MAX_VALUE_BYTES)
+
+    assert is_listed and group["alerts"] == [first, last]
+    assert group["listed_bytes"] == groups.MAX_LISTED_BYTES
+    assert added == groups.listing_size(last) + groups.encoded_size([rule]) - groups.encoded_size([])
+
+
 # A silence matching the emoji alert on a context value it keeps only as digests, on a key's presence,
 # or not at all (a value of the same length that differs in its last character; a key it lacks).
 EMOJI_KEY = f"7{EMOJI * 190}"
