@@ -394,3 +394,42 @@ async def test_a_group_closed_early_leaves_out_the_alerts_silenced_by_then(pool,
     assert rules[0] not in {ready.group_rule_id for ready in emitted}
     assert {row["status"] for rule, row in rows.items() if rule != rules[0]} == {"PENDING"}
     await close_due_groups(pool, time.time() + 5, set(range(64)))  # leave no group open
+
+
+def group_listing(opened_at: float, pad: int) -> groups.Group:
+    """A group opened at `opened_at` listing one alert of `pad` bytes of padding (close_early reads sizes only)."""
+    group = groups.open_group(str(uuid.uuid4()), 5, opened_at)
+    group["alerts"] = [{"alert_id": str(uuid.uuid4()), "pad": "x" * pad}]
+    return group
+
+
+def padded_to(value: groups.ClientGroups, rule_id: str, size: int) -> groups.ClientGroups:
+    """`value`, its group `rule_id` padded so that the value encodes to exactly `size` bytes."""
+    value[rule_id]["alerts"][0]["pad"] += "x" * (size - groups.encoded_size(value))
+    assert groups.encoded_size(value) == size
+    return value
+
+
+def test_closing_early_takes_the_oldest_groups_until_the_value_is_within_max_value_bytes_to_the_byte():
+    # Its size kept up to date as groups are taken, not measured again: one byte off per group taken,
+    # it stopped with the value one byte over MAX_VALUE_BYTES.
+    key = str(uuid.uuid4()).encode()
+    rest = padded_to({"r1": group_listing(2.0, 100_000), "r2": group_listing(3.0, 400_000)}, "r2",
+                     groups.MAX_VALUE_BYTES + 1)
+    value = {"r0": group_listing(1.0, 300_000), **rest}
+    plan = groups.JoinPlan(values={key: value}, memberships=[])
+
+    taken = groups.close_early(plan)
+
+    assert [d.group_rule_id for d in taken] == ["r0", "r1"]
+    assert list(plan.values[key]) == ["r2"]
+
+
+def test_a_value_of_close_early_bytes_exactly_closes_no_group_early():
+    key = str(uuid.uuid4()).encode()
+    value = padded_to({"r0": group_listing(1.0, 300_000), "r1": group_listing(2.0, 400_000)}, "r1",
+                      groups.CLOSE_EARLY_BYTES)
+    plan = groups.JoinPlan(values={key: value}, memberships=[])
+
+    assert groups.close_early(plan) == []
+    assert list(plan.values[key]) == ["r0", "r1"]
