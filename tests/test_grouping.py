@@ -1579,3 +1579,18 @@ async def test_a_listed_member_kept_as_unlisted_too_is_listed_once_in_the_place_
 
     assert ready.alerts == [matches[0].alert]
     assert ready.truncated_alerts == 0
+
+
+@AGENT_LOOP
+async def test_a_listed_member_whose_row_is_gone_counts_no_negative_truncated_alerts(pool):
+    # The table's listing and the members in Postgres are two writes: a listed alert with no member
+    # row (removed by hand, or a release that wrote them otherwise) made the count of the members
+    # not checked negative.
+    client, _, matches = await open_group(pool, 2)
+    await pool.execute("DELETE FROM notification_alerts WHERE client_id = $1 AND alert_id = $2",
+                       uuid.UUID(client), matches[1].alert.alert_id)
+
+    [ready] = await closed_for(pool, client, time.time() + 5)
+
+    assert ready.alerts == [matches[0].alert, matches[1].alert]
+    assert ready.truncated_alerts == 0
