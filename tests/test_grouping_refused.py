@@ -265,6 +265,32 @@ async def test_a_group_listing_no_alert_is_a_dead_letter_and_its_unlisted_member
     assert len(await sent_to("alerts.matched.dlq", client)) == 1
 
 
+@AGENT_LOOP
+async def test_a_malformed_group_beside_a_group_still_open_is_taken_out_once_and_the_open_one_kept(pool):
+    # The value must be written back without it even though no group of the client closed: left
+    # in, it was a dead letter again every round of the closer.
+    client = await insert_client(pool)
+    rule, bad_rule = str(uuid.uuid4()), str(uuid.uuid4())
+    now = time.time()
+    plan = groups.plan_joins({}, [groups.Join(grouped(client, rule, window_s=600))], set(), now, max_alerts=10)
+    value = plan.values[client.encode()]
+    await open_directly(pool, client.encode(), value)
+    bad_group = {"notification_id": str(uuid.uuid4()), "opened_at": now, "window_s": 5, "alerts": [],
+                 "rule_ids": [bad_rule]}
+    await groups.prepare_writes()
+    groups.write_value_of_partition(client.encode(), {**value, bad_rule: bad_group},
+                                    partition_for(client.encode(), tuple(range(64))))
+
+    assert await closed_for(pool, client, now + 5) == []
+    assert await closed_for(pool, client, now + 6) == []
+
+    [letter] = await sent_to("alerts.matched.dlq", client)
+    assert json.loads(letter["payload"]) == bad_group
+    assert groups.open_groups.get(client.encode()) == value
+    [ready] = await closed_for(pool, client, now + 600)  # leave no group open
+    assert ready.group_rule_id == rule
+
+
 def test_a_line_break_in_what_the_groups_table_held_is_logged_escaped(caplog):
     # The key and the reason quote what the table held: a line break in them began a log line of
     # its own, which read as one of ours.
