@@ -55,6 +55,8 @@ UNCHECKED_FOR_S = 10.0
 IPV6_CLIENT_PREFIX = 64
 # What of an entry that is no address (`unknown`, a proxy's obfuscated identifier) names its bucket.
 _ADDRESS_TEXT_KEPT = 100
+# The two limits: the client keys' request budgets, the addresses' failed authentications.
+KEYS, ADDRESSES = "keys", "addresses"
 # An address with the port it came from, as some proxies append it (Azure's Application Gateway:
 # `203.0.113.7:50123`, `[2001:db8::1]:50123`), or an IPv6 one in brackets: the port is left out.
 # Each new connection of a client comes from a new port: counted with it, it was a new budget each.
@@ -105,32 +107,31 @@ def _client_of(address: str) -> str:
 class RequestLimit:
     def __init__(self) -> None:
         # The Redis client they were made for; one PipelinedRedis, so that a request's two checks
-        # share one round trip, and a RateLimits per burst (in seconds): the keys', the addresses'.
+        # share one round trip, and per limit (KEYS, ADDRESSES) its burst in seconds and RateLimits.
         self._redis: tuple[Redis, PipelinedRedis] | None = None
-        self._limits: dict[float, RateLimits] = {}
+        self._limits: dict[str, tuple[float, RateLimits]] = {}
         self.unchecked_until = 0.0  # time.monotonic()
 
-    def _limits_for(self, burst: int, rate_per_s: float) -> RateLimits:
+    def _limits_for(self, limit: str, burst: int, rate_per_s: float) -> RateLimits:
         # Made again for a new Redis client (redis_client.close() drops the old one) or burst.
         redis = redis_client.redis()
         if self._redis is None or self._redis[0] is not redis:
             self._redis, self._limits = (redis, PipelinedRedis(redis)), {}
         burst_s = burst / rate_per_s  # the library's burst is in seconds
-        if burst_s not in self._limits:
-            if len(self._limits) >= 2:
-                self._limits.clear()  # one kept per limit, not one per burst ever set
-            self._limits[burst_s] = RateLimits(self._redis[1], burst_s)
-        return self._limits[burst_s]
+        made = self._limits.get(limit)
+        if made is None or made[0] != burst_s:
+            made = self._limits[limit] = (burst_s, RateLimits(self._redis[1], burst_s))
+        return made[1]
 
-    async def _take_or_wait_s(self, bucket: str, burst: int, rate_per_s: float) -> float:
+    async def _take_or_wait_s(self, limit: str, bucket: str, burst: int, rate_per_s: float) -> float:
+        if rate_per_s <= 0:  # unlimited (and no burst in seconds to make its RateLimits with)
+            return 0.0
+        return await self._limits_for(limit, burst, rate_per_s).take_or_wait_s(bucket, rate_per_s)
+
+    async def _wait_s(self, limit: str, bucket: str, burst: int, rate_per_s: float) -> float:
         if rate_per_s <= 0:
             return 0.0
-        return await self._limits_for(burst, rate_per_s).take_or_wait_s(bucket, rate_per_s)
-
-    async def _wait_s(self, bucket: str, burst: int, rate_per_s: float) -> float:
-        if rate_per_s <= 0:
-            return 0.0
-        return await self._limits_for(burst, rate_per_s).wait_s(bucket, rate_per_s)
+        return await self._limits_for(limit, burst, rate_per_s).wait_s(bucket, rate_per_s)
 
     def _redis_did_not_answer(self, exc: BaseException) -> None:
         if time.monotonic() >= self.unchecked_until:  # not told already by a request that asked with it
@@ -154,9 +155,9 @@ class RequestLimit:
                 # At once, in one pipeline. The address's is peeked, not spent: only a failed lookup
                 # spends one. Each answer is awaited, so none is left failing unread.
                 answers = await asyncio.gather(
-                    self._wait_s(address_bucket(settings.app_id, address), settings.api_failed_auth_burst,
+                    self._wait_s(ADDRESSES, address_bucket(settings.app_id, address), settings.api_failed_auth_burst,
                                  failed_rate_per_s),
-                    self._take_or_wait_s(caller_bucket(settings.app_id, caller), settings.api_rate_burst,
+                    self._take_or_wait_s(KEYS, caller_bucket(settings.app_id, caller), settings.api_rate_burst,
                                          key_rate_per_s),
                     return_exceptions=True)
             for answer in answers:
@@ -191,8 +192,8 @@ class RequestLimit:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 # Taken if there is one: past the burst, concurrent failures that all passed `admit`
                 # find none, and the next request is refused.
-                await self._take_or_wait_s(address_bucket(settings.app_id, address), settings.api_failed_auth_burst,
-                                           settings.api_failed_auth_limit_per_s)
+                await self._take_or_wait_s(ADDRESSES, address_bucket(settings.app_id, address),
+                                           settings.api_failed_auth_burst, settings.api_failed_auth_limit_per_s)
         except (RedisError, TimeoutError) as exc:
             self._redis_did_not_answer(exc)
 
