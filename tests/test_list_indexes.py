@@ -73,5 +73,7 @@ async def test_the_notifications_of_one_alert_are_read_by_the_alerts_indexes_not
     for plan in plans.values():
         for index in ("notifications_once_per_client_alert", "notification_alerts_pkey", "notifications_pkey"):
             assert f"Index Scan using {index}" in plan, plan
-        assert "Seq Scan" not in plan, plan
+        # Neither history is scanned. The clients table may be (the live-client check): with a
+        # handful of rows, as on a fresh database, a scan of it is the planner's right choice.
+        assert "Seq Scan on notifications" not in plan and "Seq Scan on notification_alerts" not in plan, plan
         assert "notifications_client_idx" not in plan and "notifications_created_idx" not in plan, plan
